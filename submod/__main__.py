@@ -1,0 +1,7 @@
+"""``python -m submod`` runs the ``submod`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

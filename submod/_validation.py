@@ -1,0 +1,84 @@
+"""Input checks shared by the public entry points of :mod:`submod`.
+
+Every check raises :class:`ValueError` (or :class:`TypeError`) with a message that names the problem and the
+fix, so that the numerical kernels below the public boundary can trust their inputs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """Return ``x`` as a float64 array, checking its dimension and that it is finite.
+
+    The caller's array is never modified: a copy is made whenever the conversion needs one, and callers that
+    later write into the result must copy it themselves.
+    """
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric array; got {type(x).__name__} that numpy cannot convert "
+                         f"to float64 ({exc}).") from exc
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if arr.ndim not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s); got shape "
+                             f"{arr.shape}. Reshape it, e.g. with np.atleast_2d or .reshape(-1, 1).")
+    # One pass: a finite sum proves every entry finite; only a non-finite sum needs the element-wise check.
+    if not np.isfinite(arr.sum()) and not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s); remove or impute them first.")
+    return arr
+
+
+def check_ground_set_size(n: object, name: str = "n") -> int:
+    """Check that ``n`` is a positive integer ground-set size."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer; got {n!r}.")
+    if int(n) <= 0:
+        raise ValueError(f"{name} must be positive: the ground set is empty (n = {n}). Pass at least one item.")
+    return int(n)
+
+
+def check_k(k: object, n: int, allow_none: bool = False) -> int | None:
+    """Check a budget ``0 <= k <= n``."""
+    if k is None and allow_none:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"k must be a non-negative integer; got {k!r}.")
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"k must be non-negative; got k = {k}.")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the ground-set size n = {n}; pass k <= {n}.")
+    return k
+
+
+def as_index_array(S: Iterable[int] | ArrayLike, n: int, name: str = "S") -> np.ndarray:
+    """Return ``S`` as a sorted-unique-free int64 array of indices in ``[0, n)``, keeping order.
+
+    Raises if an index is out of range or repeated.
+    """
+    idx = np.asarray(list(S) if not isinstance(S, np.ndarray) else S)
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise ValueError(f"boolean mask {name} must have shape ({n},); got {idx.shape}.")
+        return np.flatnonzero(idx).astype(np.int64)
+    if not np.issubdtype(idx.dtype, np.integer):
+        if np.issubdtype(idx.dtype, np.floating) and np.all(np.mod(idx, 1) == 0):
+            idx = idx.astype(np.int64)
+        else:
+            raise ValueError(f"{name} must hold integer indices; got dtype {idx.dtype}.")
+    idx = idx.astype(np.int64).ravel()
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"{name} holds an index outside [0, {n}): min {idx.min()}, max {idx.max()}.")
+    if np.unique(idx).size != idx.size:
+        raise ValueError(f"{name} holds repeated indices; a set has each element once.")
+    return idx

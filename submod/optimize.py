@@ -1,0 +1,419 @@
+"""Greedy maximization of monotone (weakly) submodular set functions: exact, lazy and stochastic greedy."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._validation import check_k
+from .base import GainState, SetFunction
+from .certificates import Certificate
+from .constraints import Cardinality, Constraint, Knapsack
+
+__all__ = ["maximize", "SelectionResult", "METHODS", "DEFAULT_EPS"]
+
+METHODS = ("greedy", "lazy", "stochastic")
+#: Default ``eps`` of stochastic greedy: samples of ``ceil((n / k) ln(1 / eps))`` candidates per step, an
+#: expected value ``>= (1 - 1/e - eps) OPT`` for monotone submodular functions (Mirzasoleiman et al. 2015).
+DEFAULT_EPS = 0.05
+
+
+class NonMonotoneWarning(UserWarning):
+    """A negative marginal gain was observed: the function is not monotone."""
+
+
+class StaleBoundWarning(UserWarning):
+    """Plain lazy greedy met a fresh gain larger than its stale bound: its result may be worse than greedy."""
+
+
+@dataclass
+class SelectionResult:
+    """Result of :func:`submod.maximize`; the same fields for every method.
+
+    Attributes
+    ----------
+    selected : ndarray of int
+        Chosen elements in pick order.
+    gains : ndarray of float
+        Marginal gain of each pick when it was made.
+    values : ndarray of float
+        ``F`` after each pick (the prefix value curve).
+    value : float
+        ``F(selected)``.
+    n_evaluations : int
+        Number of marginal-gain evaluations (one per candidate per evaluation).
+    wall_time : float
+        Seconds spent in :func:`maximize`.
+    certificate : Certificate or None
+        A proven upper bound on the optimum, when one is known (see :mod:`submod.certificates`).
+    method : str
+        The method used.
+    violations : list of tuple
+        ``(step, element, stale_bound, fresh_gain)`` for every observed fresh gain larger than its stale bound
+        (a violation of diminishing returns that plain lazy greedy would have trusted).
+    negative_gains : list of tuple
+        ``(step, element, gain)`` for observed negative gains (the function is not monotone).
+    stopped_early : bool
+        True when no feasible candidate had a positive gain before the budget was used up.
+    """
+
+    selected: np.ndarray
+    gains: np.ndarray
+    values: np.ndarray
+    value: float
+    n_evaluations: int
+    wall_time: float
+    certificate: Certificate | None
+    method: str
+    violations: list[tuple[int, int, float, float]] = field(default_factory=list)
+    negative_gains: list[tuple[int, int, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def __repr__(self) -> str:
+        cert = "none" if self.certificate is None else f"OPT <= {self.certificate.upper_bound:.6g}"
+        return (f"SelectionResult(method={self.method!r}, k={self.selected.size}, value={self.value:.6g}, "
+                f"certificate: {cert}, n_evaluations={self.n_evaluations}, wall_time={self.wall_time:.3g}s, "
+                f"violations={len(self.violations)}, negative_gains={len(self.negative_gains)})")
+
+
+class _Run:
+    """Book-keeping shared by the three methods: picks, certificate bounds, diagnostics."""
+
+    def __init__(self, f: SetFunction, k: int, constraint: Constraint, gamma: float | None) -> None:
+        self.f = f
+        self.k = k
+        self.constraint = constraint
+        self.state: GainState = f.init_state()
+        self.tracker = constraint._tracker(f.n)
+        self.gamma = gamma
+        self.gains: list[float] = []
+        self.values: list[float] = []
+        self.n_eval = 0
+        self.violations: list[tuple[int, int, float, float]] = []
+        self.negative: list[tuple[int, int, float]] = []
+        self.best_bound = math.inf
+        self.best_prefix = 0
+        self.singletons: np.ndarray | None = None
+
+    @property
+    def step(self) -> int:
+        return len(self.gains)
+
+    def feasible(self) -> np.ndarray:
+        return self.tracker.allowed & ~self.state._in_set
+
+    def note_negative(self, cand: np.ndarray, g: np.ndarray, tol: float) -> None:
+        bad = np.flatnonzero(g < -tol)
+        for i in bad[: max(0, 20 - len(self.negative))]:
+            self.negative.append((self.step, int(cand[i]), float(g[i])))
+
+    def bound(self, gains_all: np.ndarray, slack: float = 0.0) -> None:
+        """Record the certificate at the current prefix from (upper bounds on) the gains of all elements."""
+        if self.gamma is None:
+            return
+        g = np.where(self.feasible_for_bound(), gains_all, 0.0)
+        b = self.state.value + (self.constraint._max_total_gain(g, self.k) + self.k * slack) / self.gamma
+        if b < self.best_bound:
+            self.best_bound, self.best_prefix = b, self.step
+
+    def feasible_for_bound(self) -> np.ndarray:
+        # OPT is any feasible set of the original problem: every element outside A may be in it.
+        return ~self.state._in_set
+
+    def pick(self, j: int, gain: float) -> None:
+        self.state.add(j)
+        self.tracker.add(j)
+        self.gains.append(float(gain))
+        self.values.append(float(self.state.value))
+
+
+def _check_gamma(f: SetFunction, gamma_lower: float | None) -> float | None:
+    if gamma_lower is None:
+        return 1.0 if f.submodular else None
+    if isinstance(gamma_lower, bool) or not isinstance(gamma_lower, (int, float, np.floating)):
+        raise ValueError("gamma_lower must be a number: a proven lower bound on the submodularity ratio, e.g. "
+                         "verification.submodularity_ratio(f, k, method='spectral').value.")
+    if not (0.0 < float(gamma_lower) <= 1.0):
+        raise ValueError(f"gamma_lower must be in (0, 1]; got {gamma_lower}. Pass a proven lower bound on gamma.")
+    return float(gamma_lower)
+
+
+def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: Constraint | None = None,
+             seed: int | np.random.Generator | None = None, *, eps: float = DEFAULT_EPS,
+             gamma_lower: float | None = None, lazy_fallback: bool = True) -> SelectionResult:
+    r"""Maximize a monotone set function under a cardinality (and optional extra) constraint.
+
+    Parameters
+    ----------
+    f : SetFunction
+        The objective (normalised, monotone).
+    k : int or None
+        Cardinality budget, ``0 <= k <= n``. ``None`` means no cardinality limit (only with ``constraint``).
+    method : {"greedy", "lazy", "stochastic"}, default "greedy"
+        ``"greedy"`` evaluates every feasible gain at every step (vectorised). ``"lazy"`` keeps stale gains in a
+        priority queue (Minoux 1978); it is exact for submodular ``f``. For a function *not declared
+        submodular*, stale gains are not upper bounds; with ``lazy_fallback=True`` (default) lazy then evaluates
+        every gain at each step, returns exactly greedy's set and lists every stale-bound violation it saw;
+        with ``lazy_fallback=False`` it runs plain lazy greedy, which can return a worse set, and reports the
+        violations it detected with a warning. ``"stochastic"`` evaluates a random sample of
+        ``ceil((n / k) ln(1 / eps))`` feasible candidates per step (Mirzasoleiman et al. 2015).
+    constraint : Knapsack or PartitionMatroid, optional
+        Extra constraint. With :class:`Knapsack`, greedy and lazy use the cost-benefit rule with the
+        best-singleton fix; stochastic greedy does not support it.
+    seed : int or numpy Generator, optional
+        Randomness of stochastic greedy.
+    eps : float, default 0.05
+        Accuracy of stochastic greedy, in ``(0, 1)``.
+    gamma_lower : float, optional
+        A *proven lower* bound on the submodularity ratio, which enables the certificate for a function not
+        declared submodular. Never pass an estimate: ``gamma = 1`` on a non-submodular function can give a
+        "bound" below the optimum.
+    lazy_fallback : bool, default True
+        See ``method``.
+
+    Returns
+    -------
+    SelectionResult
+
+    Notes
+    -----
+    Greedy stops early when no feasible candidate has a positive gain. Ties are broken by the lowest index.
+    The certificate is the minimum over prefixes ``A`` of ``F(A) + (1/gamma) * (best feasible total of gains at
+    A)`` (see :mod:`submod.certificates`); lazy greedy uses its stale bounds (valid upper bounds for submodular
+    functions) and stochastic greedy certifies its final set only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import submod
+    >>> X = np.random.default_rng(0).standard_normal((200, 5))
+    >>> f = submod.FacilityLocation(X)
+    >>> res = submod.maximize(f, 10, method="lazy")
+    >>> res.selected.size, bool(res.certificate.upper_bound >= res.value)
+    (10, True)
+    >>> bool(np.array_equal(res.selected, submod.maximize(f, 10).selected))
+    True
+    """
+    start = time.perf_counter()
+    if not isinstance(f, SetFunction):
+        raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}. Wrap a value oracle with "
+                         "submod.from_callable(value, n).")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if constraint is not None and not isinstance(constraint, Constraint):
+        raise ValueError(f"constraint must be a submod.Knapsack or submod.PartitionMatroid; got "
+                         f"{type(constraint).__name__}. For a plain cardinality budget pass k.")
+    if k is None and constraint is None:
+        raise ValueError("k is required without a constraint; pass the number of elements to select.")
+    kk = check_k(k, f.n, allow_none=True)
+    budget = f.n if kk is None else kk
+    cons = constraint if constraint is not None else Cardinality()
+    cons._check(f.n)
+    if not (0.0 < eps < 1.0):
+        raise ValueError(f"eps must be in (0, 1); got {eps}.")
+    gamma = _check_gamma(f, gamma_lower)
+    run = _Run(f, budget, cons, gamma)
+    knapsack = isinstance(cons, Knapsack)
+    if method == "stochastic":
+        if knapsack:
+            raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
+                             "method='greedy' or 'lazy' with a Knapsack.")
+        _stochastic(run, eps, np.random.default_rng(seed))
+    elif method == "lazy" and (f.submodular or not lazy_fallback):
+        _lazy(run, knapsack)
+    else:
+        _greedy(run, knapsack, track_violations=(method == "lazy"))
+    if method == "lazy" and not lazy_fallback and not f.submodular:
+        # Plain lazy greedy only sees the violations of the candidates it re-evaluates: absence proves nothing.
+        warnings.warn(f"plain lazy greedy on a function not declared submodular trusts stale gains that need not "
+                      f"be upper bounds; it detected {len(run.violations)} stale-bound violation(s), and its set may "
+                      "be worse than exact greedy's even when it detected none. Use lazy_fallback=True or "
+                      "method='greedy' for greedy's result.", StaleBoundWarning, stacklevel=2)
+    if run.negative:
+        warnings.warn(f"observed {len(run.negative)} negative marginal gain(s): the function is not monotone, "
+                      "so greedy's guarantees and the certificate do not apply. See result.negative_gains.",
+                      NonMonotoneWarning, stacklevel=2)
+
+    selected = np.asarray(run.state.selected, dtype=np.int64)
+    gains = np.asarray(run.gains)
+    values = np.asarray(run.values)
+    value = float(values[-1]) if values.size else 0.0
+    stopped_early = bool(selected.size < budget and run.feasible().any())
+    if knapsack:
+        selected, gains, values, value = _best_singleton_fix(run, selected, gains, values, value)
+    certificate = None
+    if gamma is not None and not run.negative and math.isfinite(run.best_bound):
+        what = "submodular online bound (Leskovec et al. 2007)" if gamma_lower is None else \
+            f"online bound with proven gamma >= {gamma:g} (Das & Kempe 2011)"
+        certificate = Certificate(upper_bound=max(run.best_bound, value), value=value, gamma_lower=gamma,
+                                  prefix_size=run.best_prefix,
+                                  kind=f"proven upper bound on OPT: {what}, minimised over prefixes")
+    return SelectionResult(selected=selected, gains=gains, values=values, value=value,
+                           n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
+                           certificate=certificate, method=method, violations=run.violations,
+                           negative_gains=run.negative, stopped_early=stopped_early)
+
+
+def _scale_tol(g: np.ndarray) -> float:
+    return 1e-12 * max(1.0, float(np.abs(g).max(initial=0.0)))
+
+
+def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
+    """Exact greedy; with ``track_violations``, also list where gains grew (lazy's fallback mode)."""
+    state = run.state
+    n = run.f.n
+    costs = run.constraint.costs if knapsack else None
+    incremental = hasattr(state, "_incremental_init")
+    g = state._incremental_init() if incremental else state.gains()
+    run.n_eval += n
+    run.singletons = g.copy()
+    # Incremental gains carry rounding error: candidates within ``slack`` of the best are re-evaluated exactly,
+    # and the certificate adds the slack to every gain.
+    slack = 1e-9 * max(1.0, float(np.abs(g).max(initial=0.0))) if incremental else 0.0
+    prev = g.copy() if track_violations else None
+    while True:
+        feas = run.feasible()
+        run.note_negative(np.flatnonzero(feas), g[feas], _scale_tol(g) + slack)
+        run.bound(g, slack)
+        if run.step >= run.k or not feas.any():
+            break
+        score = np.where(feas, g / costs if knapsack else g, -np.inf)
+        best = score.max()
+        if incremental or knapsack:
+            near = np.flatnonzero(score >= best - slack / (costs.min() if knapsack else 1.0))
+            fresh = state.gains(near)
+            run.n_eval += near.size
+            i = int(np.argmax(fresh / costs[near] if knapsack else fresh))
+            j, gj = int(near[i]), float(fresh[i])
+        else:
+            j = int(np.argmax(score))
+            gj = float(g[j])
+        if gj <= 0.0:
+            break
+        run.pick(j, gj)
+        g = state._incremental_update() if incremental else state.gains()
+        run.n_eval += n
+        if track_violations:
+            feas = run.feasible()
+            for c in np.flatnonzero(feas & (g > prev + _scale_tol(prev))):
+                run.violations.append((run.step, int(c), float(prev[c]), float(g[c])))
+            prev = np.where(feas, g, prev)
+
+
+def _lazy(run: _Run, knapsack: bool) -> None:
+    """Lazy greedy (Minoux 1978): stale gains (gain/cost ratios for a knapsack) as upper bounds.
+
+    Each step first re-evaluates the candidate with the largest bound, then, in one vectorised call, every
+    stale candidate whose bound still beats the best fresh score (all of them would be re-evaluated one by one by
+    the textbook priority-queue version); a pick is made when the best fresh score beats
+    every stale bound, ties going to the lowest index, so the result equals exact greedy's whenever stale gains
+    are upper bounds (submodular functions).
+    """
+    state = run.state
+    n = run.f.n
+    costs = run.constraint.costs if knapsack else None
+    if hasattr(state, "_upper_bounds"):
+        ub = state._upper_bounds()
+        fresh_at = np.full(n, -1, dtype=np.int64)   # bounds only: nothing evaluated yet
+    else:
+        ub = state.gains()
+        run.n_eval += n
+        fresh_at = np.zeros(n, dtype=np.int64)      # step at which ub[j] was computed exactly
+        feas = run.feasible()
+        run.note_negative(np.flatnonzero(feas), ub[feas], _scale_tol(ub))
+    run.singletons = ub.copy() if fresh_at[0] == 0 else None   # exact singleton values, when known
+    run.bound(ub)
+    while run.step < run.k:
+        feas = run.feasible()
+        if not feas.any():
+            break
+        score = np.where(feas, ub / costs if knapsack else ub, -np.inf)
+        fresh = feas & (fresh_at == run.step)
+        stale_score = np.where(fresh, -np.inf, score)
+        best_fresh = int(np.argmax(np.where(fresh, score, -np.inf))) if fresh.any() else -1
+        best_stale = int(np.argmax(stale_score))
+        if best_fresh >= 0 and (score[best_fresh] > stale_score[best_stale] or (
+                score[best_fresh] == stale_score[best_stale] and best_fresh < best_stale)):
+            if ub[best_fresh] <= 0.0:
+                break
+            run.pick(best_fresh, float(ub[best_fresh]))
+            run.bound(ub)
+            continue
+        if best_fresh < 0:
+            # Nothing fresh yet this step: evaluate the candidate with the largest bound.
+            _evaluate_lazy(run, np.array([best_stale]), ub, fresh_at)
+            continue
+        # Every stale candidate whose bound beats the best fresh score needs a fresh value; go through them by
+        # decreasing bound in chunks, dropping those whose bound falls below the best fresh score found so far.
+        # A stale bound equal to the best fresh score (a possible tie, won by the lower index) counts too.
+        todo = np.flatnonzero(stale_score >= score[best_fresh])
+        todo = todo[np.lexsort((todo, -stale_score[todo]))]
+        best = score[best_fresh]
+        while todo.size:
+            chunk = np.sort(todo[:32])
+            g = _evaluate_lazy(run, chunk, ub, fresh_at)
+            best = max(best, float((g / costs[chunk] if knapsack else g).max()))
+            todo = todo[32:]
+            todo = todo[stale_score[todo] >= best]
+    # Certify the final set: stale gains are valid upper bounds for submodular F, for every element outside A.
+    run.bound(ub)
+
+
+def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, fresh_at: np.ndarray) -> np.ndarray:
+    """Fresh gains of ``top``; record stale-bound violations and negative gains, then refresh the bounds."""
+    g = run.state.gains(top)
+    run.n_eval += top.size
+    tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
+    for i in np.flatnonzero((g > ub[top] + tol) & (fresh_at[top] >= 0)):
+        run.violations.append((run.step, int(top[i]), float(ub[top[i]]), float(g[i])))
+    for i in np.flatnonzero(g < -tol):
+        run.negative.append((run.step, int(top[i]), float(g[i])))
+    ub[top] = g
+    fresh_at[top] = run.step
+    return g
+
+
+def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
+    """Stochastic greedy (Mirzasoleiman et al. 2015): the best of a random sample of candidates per step."""
+    state = run.state
+    n = run.f.n
+    s = max(1, math.ceil(n / max(run.k, 1) * math.log(1.0 / eps)))
+    while run.step < run.k:
+        feas = np.flatnonzero(run.feasible())
+        if feas.size == 0:
+            break
+        cand = np.sort(rng.choice(feas, size=min(s, feas.size), replace=False))
+        g = state.gains(cand)
+        run.n_eval += cand.size
+        run.note_negative(cand, g, _scale_tol(g))
+        i = int(np.argmax(g))
+        if g[i] <= 0.0:
+            # The sample saw no positive gain: look at every feasible candidate before stopping.
+            cand = feas
+            g = state.gains(cand)
+            run.n_eval += cand.size
+            i = int(np.argmax(g))
+            if g[i] <= 0.0:
+                break
+        run.pick(int(cand[i]), float(g[i]))
+    if run.gamma is not None:
+        g_all = state.gains()
+        run.n_eval += n
+        run.bound(g_all)
+
+
+def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, values: np.ndarray,
+                        value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Return the better of the cost-benefit greedy set and the best affordable singleton."""
+    c = run.constraint
+    singletons = run.singletons if run.singletons is not None else run.f.init_state().gains()
+    single = np.where(c.costs <= c.budget, singletons, -np.inf)
+    j = int(np.argmax(single))
+    if np.isfinite(single[j]) and single[j] > value:
+        v = float(run.f.value([j]))
+        return np.array([j]), np.array([v]), np.array([v]), v
+    return selected, gains, values, value

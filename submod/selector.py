@@ -1,0 +1,127 @@
+"""A scikit-learn estimator that selects representative rows or informative columns with :func:`maximize`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ._validation import as_float_array, check_k
+from .base import SetFunction
+from .objectives import FacilityLocation, FeatureBased, GraphCut, LogDeterminant
+from .optimize import METHODS, SelectionResult, maximize
+
+__all__ = ["SubmodularSelector"]
+
+_OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determinant")
+
+
+class SubmodularSelector:
+    """Select ``k`` representative samples (rows of ``X``) by maximizing a submodular objective built from ``X``.
+
+    A scikit-learn style estimator: ``fit`` runs :func:`submod.maximize`, ``get_support`` returns the boolean
+    mask (or the indices) of the chosen rows and ``transform`` returns those rows. Fitted attributes end in
+    ``_``.
+
+    Parameters
+    ----------
+    k : int
+        Number of samples to select.
+    objective : {"facility-location", "feature-based", "graph-cut", "log-determinant"}, default
+        "facility-location"
+        How the set function is built from ``X`` (rows are items; feature-based needs ``X >= 0``).
+    method : {"greedy", "lazy", "stochastic"}, default "lazy"
+    metric : str, default "sqeuclidean"
+        Similarity for facility location and graph cut.
+    seed : int, optional
+        For stochastic greedy.
+
+    Attributes
+    ----------
+    ranking_ : ndarray of int
+        Selected row indices in pick order.
+    result_ : SelectionResult
+        The full optimizer result (gains, value curve, certificate).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from submod import SubmodularSelector
+    >>> X = np.random.default_rng(0).standard_normal((100, 4))
+    >>> sel = SubmodularSelector(k=5).fit(X)
+    >>> sel.transform(X).shape
+    (5, 4)
+    >>> int(sel.get_support().sum())
+    5
+    """
+
+    def __init__(self, k: int, objective: str = "facility-location", method: str = "lazy",
+                 metric: str = "sqeuclidean", seed: int | None = None) -> None:
+        self.k = k
+        self.objective = objective
+        self.method = method
+        self.metric = metric
+        self.seed = seed
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {"k": self.k, "objective": self.objective, "method": self.method, "metric": self.metric,
+                "seed": self.seed}
+
+    def set_params(self, **params: Any) -> SubmodularSelector:
+        for name, value in params.items():
+            if name not in self.get_params():
+                raise ValueError(f"unknown parameter {name!r}; valid ones are {sorted(self.get_params())}.")
+            setattr(self, name, value)
+        return self
+
+    def _build(self, X: np.ndarray) -> SetFunction:
+        if self.objective == "facility-location":
+            return FacilityLocation(X, metric=self.metric)
+        if self.objective == "feature-based":
+            return FeatureBased(X)
+        if self.objective == "graph-cut":
+            return GraphCut(X, metric=self.metric)
+        return LogDeterminant(X)
+
+    def fit(self, X: ArrayLike, y: object = None) -> SubmodularSelector:
+        """Select ``k`` rows of ``X``; ``y`` is ignored."""
+        if self.objective not in _OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {_OBJECTIVES}.")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}.")
+        Xa = as_float_array(X, "X", ndim=2)
+        if Xa.shape[0] == 0:
+            raise ValueError("X has no rows; pass at least one sample.")
+        check_k(self.k, Xa.shape[0])
+        result: SelectionResult = maximize(self._build(Xa), self.k, method=self.method, seed=self.seed)
+        self.n_samples_in_ = Xa.shape[0]
+        self.n_features_in_ = Xa.shape[1]
+        self.ranking_ = result.selected
+        self.result_ = result
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "ranking_"):
+            raise ValueError("this SubmodularSelector is not fitted yet; call fit(X) first.")
+
+    def get_support(self, indices: bool = False) -> np.ndarray:
+        """Boolean mask of the selected rows, or their indices (in pick order) with ``indices=True``."""
+        self._check_fitted()
+        if indices:
+            return self.ranking_.copy()
+        mask = np.zeros(self.n_samples_in_, dtype=bool)
+        mask[self.ranking_] = True
+        return mask
+
+    def transform(self, X: ArrayLike) -> np.ndarray:
+        """The selected rows of ``X`` (in pick order); ``X`` must be the data passed to ``fit``."""
+        self._check_fitted()
+        Xa = np.asarray(X)
+        if Xa.ndim != 2 or Xa.shape[0] != self.n_samples_in_:
+            raise ValueError(f"transform expects the {self.n_samples_in_} rows passed to fit; got shape "
+                             f"{Xa.shape}.")
+        return Xa[self.ranking_]
+
+    def fit_transform(self, X: ArrayLike, y: object = None) -> np.ndarray:
+        return self.fit(X, y).transform(X)

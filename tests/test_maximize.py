@@ -1,0 +1,276 @@
+"""Optimizers against brute force: greedy, lazy (bit for bit), stochastic, constraints, certificates, bad input."""
+
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import submod
+
+nonneg = st.floats(0.0, 10.0, allow_nan=False, width=64)
+
+
+@st.composite
+def submodular_instances(draw):
+    """Small instances of every built-in submodular objective."""
+    n = draw(st.integers(1, 8))
+    kind = draw(st.sampled_from(["facility", "sparse-facility", "feature", "coverage", "logdet", "graphcut",
+                                 "modular", "sum"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "facility":
+        K = draw(arrays(np.float64, (n, n), elements=nonneg))
+        return submod.FacilityLocation(similarity=K)
+    if kind == "sparse-facility":
+        import scipy.sparse as sp
+        K = np.where(rng.random((n, n)) < 0.5, rng.random((n, n)), 0.0)
+        return submod.FacilityLocation(similarity=sp.csr_matrix(K))
+    if kind == "feature":
+        X = draw(arrays(np.float64, (n, 3), elements=nonneg))
+        return submod.FeatureBased(X, concave=draw(st.sampled_from(["sqrt", "log1p", "inverse"])))
+    if kind == "coverage":
+        return submod.Coverage(rng.random((n, 6)) < 0.4, weights=rng.random(6))
+    if kind == "logdet":
+        X = rng.standard_normal((n, 3))
+        return submod.LogDeterminant(X, ridge=0.5)
+    if kind == "graphcut":
+        A = rng.random((n, n))
+        return submod.GraphCut(similarity=A + A.T, lam=0.4)
+    if kind == "modular":
+        return submod.Modular(draw(arrays(np.float64, (n,), elements=nonneg)))
+    X = rng.random((n, 2))
+    return submod.FeatureBased(X) + 0.5 * submod.FacilityLocation(similarity=rng.random((n, n)))
+
+
+def brute_force_greedy(f, k):
+    """Textbook greedy from the value oracle alone: largest gain, lowest index on ties, stop at gain <= 0."""
+    S, val = [], 0.0
+    for _ in range(k):
+        best, best_gain = None, 0.0
+        for j in range(f.n):
+            if j in S:
+                continue
+            g = f.value(S + [j]) - val
+            if g > best_gain + 1e-9 * max(1.0, abs(val)):
+                best, best_gain = j, g
+        if best is None:
+            break
+        S.append(best)
+        val = f.value(S)
+    return S, val
+
+
+def brute_opt(f, k, feasible=lambda S: True):
+    return max(f.value(list(S)) for r in range(k + 1) for S in itertools.combinations(range(f.n), r)
+               if feasible(S))
+
+
+@settings(max_examples=60, deadline=None)
+@given(submodular_instances(), st.integers(0, 8))
+def test_greedy_matches_brute_force_greedy_and_lazy_matches_greedy_bit_for_bit(f, k):
+    k = min(k, f.n)
+    greedy = submod.maximize(f, k)
+    S, val = brute_force_greedy(f, k)
+    assert greedy.value == pytest.approx(val, rel=1e-9, abs=1e-9)
+    # Same set up to exact ties in value (the brute force sees ties only to 1e-9).
+    assert greedy.value == pytest.approx(f.value(S), rel=1e-9, abs=1e-9)
+    lazy = submod.maximize(f, k, method="lazy")
+    np.testing.assert_array_equal(lazy.selected, greedy.selected)
+    np.testing.assert_array_equal(lazy.gains, greedy.gains)
+    np.testing.assert_array_equal(lazy.values, greedy.values)
+    assert lazy.violations == []
+    assert lazy.n_evaluations <= greedy.n_evaluations + f.n
+
+
+@settings(max_examples=40, deadline=None)
+@given(submodular_instances(), st.integers(1, 8))
+def test_certificates_bound_brute_force_opt(f, k):
+    k = min(k, f.n)
+    opt = brute_opt(f, k)
+    for method in submod.METHODS:
+        res = submod.maximize(f, k, method=method, seed=1)
+        assert res.certificate is not None
+        assert res.certificate.upper_bound >= opt - 1e-9 * max(1.0, opt)
+        assert res.value <= opt + 1e-9 * max(1.0, opt)
+        assert res.certificate.ratio <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(submodular_instances(), st.integers(1, 8))
+def test_greedy_reaches_one_minus_one_over_e(f, k):
+    k = min(k, f.n)
+    opt = brute_opt(f, k)
+    assert submod.maximize(f, k).value >= (1 - 1 / math.e) * opt - 1e-9
+
+
+@settings(max_examples=15, deadline=None)
+@given(submodular_instances(), st.integers(1, 4))
+def test_stochastic_greedy_mean_over_seeds_meets_its_bound(f, k):
+    k = min(k, f.n)
+    opt = brute_opt(f, k)
+    eps = submod.DEFAULT_EPS
+    mean = np.mean([submod.maximize(f, k, method="stochastic", seed=s).value for s in range(30)])
+    assert mean >= (1 - 1 / math.e - eps) * opt - 1e-9
+
+
+def test_stochastic_greedy_is_seeded_and_samples_the_documented_number():
+    f = submod.FacilityLocation(np.random.default_rng(0).standard_normal((300, 4)))
+    a = submod.maximize(f, 10, method="stochastic", seed=7)
+    b = submod.maximize(f, 10, method="stochastic", seed=7)
+    np.testing.assert_array_equal(a.selected, b.selected)
+    per_step = math.ceil(300 / 10 * math.log(1 / submod.DEFAULT_EPS))
+    # per-step samples plus one full pass for the certificate
+    assert a.n_evaluations == 10 * per_step + 300
+
+
+def lstsq_value(A, y):
+    def value(S):
+        if len(S) == 0:
+            return 0.0
+        coef, *_ = np.linalg.lstsq(A[:, S], y, rcond=None)
+        return float(y @ y - np.sum((y - A[:, S] @ coef) ** 2))
+    return value
+
+
+def suppressor_instance():
+    """y = t; x0 = s is useless alone but decisive next to x1 = t + s; x2, x3 are noisy copies of t."""
+    rng = np.random.default_rng(0)
+    t, s = rng.standard_normal(500), rng.standard_normal(500)
+    A = np.column_stack([s, t + s, t + 1.2 * rng.standard_normal(500), t + 1.2 * rng.standard_normal(500)])
+    return A, t
+
+
+def test_lazy_with_fallback_equals_greedy_where_plain_lazy_fails():
+    A, y = suppressor_instance()
+    f = submod.from_callable(lstsq_value(A, y), n=4)   # least squares: not submodular
+    greedy = submod.maximize(f, 2)
+    assert greedy.selected.tolist() == [1, 0]          # the pair explains y exactly
+    assert greedy.value == pytest.approx(y @ y, rel=1e-9)
+    with pytest.warns(UserWarning, match="stale gains"):
+        plain = submod.maximize(f, 2, method="lazy", lazy_fallback=False)
+    assert plain.value < 0.9 * greedy.value            # plain lazy trusted x0's stale gain of ~0
+    assert 0 not in plain.selected.tolist()
+    safe = submod.maximize(f, 2, method="lazy")
+    np.testing.assert_array_equal(safe.selected, greedy.selected)
+    assert safe.value == greedy.value
+    assert any(step == 1 and j == 0 for step, j, _, _ in safe.violations)
+    assert all(fresh > stale for _, _, stale, fresh in safe.violations)
+    # No certificate without a proven gamma; the gamma = 1 online bound would even be wrong here.
+    assert greedy.certificate is None
+    assert submod.online_bound(f.gains([1]), f.value([1]), 2) >= y @ y  # at A = {x1} it happens to hold
+    assert submod.online_bound(f.gains([]), 0.0, 2) < y @ y              # at A = {} it is below OPT
+
+
+def test_gamma_lower_enables_a_sound_certificate():
+    A, y = suppressor_instance()
+    f = submod.from_callable(lstsq_value(A, y), n=4)
+    res = submod.maximize(f, 2, gamma_lower=0.01)
+    assert res.certificate is not None and res.certificate.gamma_lower == 0.01
+    assert res.certificate.upper_bound >= brute_opt(f, 2)
+
+
+def test_non_monotone_function_is_reported():
+    f = submod.from_callable(lambda S: float(len(S) - 0.4 * len(S) ** 2), n=5)
+    with pytest.warns(UserWarning, match="not monotone"):
+        res = submod.maximize(f, 3)
+    assert res.negative_gains and res.certificate is None
+    assert res.selected.size == 1 and res.stopped_early
+
+
+def test_stops_when_no_candidate_has_positive_gain_and_breaks_ties_by_lowest_index():
+    res = submod.maximize(submod.Modular([0.0, 2.0, 2.0, 0.0, 1.0]), 5)
+    assert res.selected.tolist() == [1, 2, 4]
+    assert res.stopped_early
+    f = submod.Coverage(np.array([[1, 0], [1, 0], [0, 1], [0, 1]]))
+    for method in submod.METHODS:
+        assert submod.maximize(f, 4, method=method, seed=0).selected.size == 2
+    assert submod.maximize(f, 2, method="lazy").selected.tolist() == [0, 2]
+
+
+def test_k_zero_returns_the_empty_set():
+    res = submod.maximize(submod.Modular([1.0, 2.0]), 0)
+    assert res.selected.size == 0 and res.value == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(submodular_instances(), st.floats(0.5, 3.0))
+def test_knapsack_guarantee_and_certificate(f, budget):
+    rng = np.random.default_rng(f.n)
+    costs = rng.uniform(0.2, 1.5, f.n)
+    c = submod.Knapsack(costs, budget)
+    opt = brute_opt(f, f.n, lambda S: costs[list(S)].sum() <= budget)
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(f, None, method=method, constraint=c)
+        assert costs[res.selected].sum() <= budget + 1e-12
+        assert res.value >= (1 - 1 / math.e) / 2 * opt - 1e-9
+        assert res.certificate.upper_bound >= opt - 1e-9 * max(1, opt)
+    g, lz = (submod.maximize(f, None, method=m, constraint=c) for m in ("greedy", "lazy"))
+    np.testing.assert_array_equal(g.selected, lz.selected)
+
+
+def test_knapsack_best_singleton_fix():
+    # Cost-benefit greedy takes the cheap item first and then cannot afford the valuable one.
+    f = submod.Modular([1.0, 10.0])
+    res = submod.maximize(f, None, constraint=submod.Knapsack([0.1, 1.0], budget=1.0))
+    assert res.selected.tolist() == [1] and res.value == 10.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(submodular_instances(), st.integers(0, 2), st.integers(1, 8))
+def test_partition_matroid_guarantee_and_certificate(f, budget, k):
+    k = min(k, f.n)
+    groups = np.arange(f.n) % 3
+    c = submod.PartitionMatroid(groups, budget)
+
+    def feasible(S):
+        return all(np.sum(groups[list(S)] == g) <= budget for g in range(3))
+
+    opt = brute_opt(f, k, feasible)
+    for method in submod.METHODS:
+        res = submod.maximize(f, k, method=method, constraint=c, seed=0)
+        assert feasible(res.selected.tolist()) and res.selected.size <= k
+        if method != "stochastic":
+            assert res.value >= 0.5 * opt - 1e-9
+        assert res.certificate.upper_bound >= opt - 1e-9 * max(1, opt)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": -1}, "non-negative"),
+    ({"k": 4}, "exceeds"),
+    ({"k": 2.5}, "integer"),
+    ({"k": None}, "k is required"),
+    ({"k": 1, "method": "fast"}, "unknown method"),
+    ({"k": 1, "eps": 0.0}, "eps"),
+    ({"k": 1, "gamma_lower": 1.5}, "gamma_lower"),
+    ({"k": 1, "gamma_lower": "0.5"}, "gamma_lower"),
+    ({"k": 1, "constraint": "knapsack"}, "constraint"),
+    ({"k": 1, "constraint": submod.Knapsack([1.0, 1.0], 1.0)}, "one cost per element"),
+    ({"k": 1, "constraint": submod.PartitionMatroid([0, 1], 1)}, "one label per element"),
+    ({"k": 1, "method": "stochastic", "constraint": submod.Knapsack([1.0] * 3, 1.0)}, "Knapsack"),
+])
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        submod.maximize(submod.Modular([1.0, 2.0, 3.0]), **kwargs)
+
+
+def test_bad_objective_and_constraints_are_rejected():
+    with pytest.raises(ValueError, match="from_callable"):
+        submod.maximize(lambda S: 1.0, 1)
+    with pytest.raises(ValueError, match="positive"):
+        submod.Knapsack([1.0, 0.0], 1.0)
+    with pytest.raises(ValueError, match="budget"):
+        submod.Knapsack([1.0], -1.0)
+    with pytest.raises(ValueError, match="one per group"):
+        submod.PartitionMatroid([0, 1, 1], [1])
+
+
+def test_value_oracle_returning_nan_is_rejected():
+    f = submod.from_callable(lambda S: float("nan") if len(S) == 2 else float(len(S)), n=3)
+    with pytest.raises(ValueError, match="finite"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            submod.maximize(f, 2)

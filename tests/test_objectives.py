@@ -1,0 +1,178 @@
+"""Each objective equals its brute-force definition, on values and on marginal gains at random sets."""
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import submod
+
+finite = st.floats(0.0, 10.0, allow_nan=False, width=64)
+
+
+def brute_facility(K, S):
+    return float(sum(max((K[i, j] for j in S), default=0.0) for i in range(K.shape[0])))
+
+
+def brute_feature(X, w, phi, S):
+    return float(sum(w[f] * phi(sum(X[j, f] for j in S)) for f in range(X.shape[1])))
+
+
+def brute_coverage(M, w, S):
+    covered = {c for j in S for c in range(M.shape[1]) if M[j, c] != 0}
+    return float(sum(w[c] for c in covered))
+
+
+def brute_logdet(K, S, ridge):
+    S = list(S)
+    if not S:
+        return 0.0
+    return float(np.log(np.linalg.det(np.eye(len(S)) + K[np.ix_(S, S)] / ridge)))
+
+
+def brute_graphcut(K, lam, S):
+    S = list(S)
+    return float(sum(K[i, j] for i in range(K.shape[0]) for j in S) - lam * sum(K[i, j] for i in S for j in S))
+
+
+def all_subsets(n, max_size=None):
+    for r in range((max_size or n) + 1):
+        yield from itertools.combinations(range(n), r)
+
+
+def check_against(f, brute, n):
+    """Values on every subset and gains at every subset equal the brute-force definition."""
+    for S in all_subsets(n):
+        assert f.value(list(S)) == pytest.approx(brute(S), rel=1e-10, abs=1e-10)
+    rng = np.random.default_rng(0)
+    for S in [(), tuple(rng.choice(n, size=min(2, n), replace=False))]:
+        g = f.gains(list(S))
+        for j in range(n):
+            expected = 0.0 if j in S else brute(tuple(S) + (j,)) - brute(S)
+            assert g[j] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.just(6)), elements=finite))
+def test_facility_location_dense_matches_definition(A):
+    n = A.shape[0]
+    K = np.abs(A[:, :n])
+    check_against(submod.FacilityLocation(similarity=K), lambda S: brute_facility(K, S), n)
+
+
+@settings(max_examples=15, deadline=None)
+@given(arrays(np.float64, (6, 6), elements=finite), st.floats(0.0, 1.0))
+def test_facility_location_sparse_matches_definition(K, density):
+    mask = np.random.default_rng(int(density * 1000)).random(K.shape) < density
+    Ks = np.where(mask, K, 0.0)
+    f = submod.FacilityLocation(similarity=sp.csr_matrix(Ks))
+    check_against(f, lambda S: brute_facility(Ks, S), 6)
+
+
+def test_facility_location_asymmetric_similarity_uses_columns_as_candidates():
+    K = np.array([[1.0, 5.0, 0.0], [0.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
+    f = submod.FacilityLocation(similarity=K)
+    check_against(f, lambda S: brute_facility(K, S), 3)
+    assert submod.maximize(f, 1).selected.tolist() == [1]  # column sums 3, 6, 1
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+def test_facility_location_from_features(metric):
+    X = np.random.default_rng(1).standard_normal((7, 3))
+    diff = X[:, None, :] - X[None, :, :]
+    if metric == "cosine":
+        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+        K = 1.0 + Xn @ Xn.T
+    else:
+        D = (diff ** 2).sum(-1)
+        if metric == "euclidean":
+            D = np.sqrt(D)
+        K = D.max() - D
+    f = submod.FacilityLocation(X, metric=metric)
+    check_against(f, lambda S: brute_facility(K, S), 7)
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 4)), elements=finite),
+       st.sampled_from(["sqrt", "log1p", "inverse"]))
+def test_feature_based_matches_definition(X, name):
+    phi = {"sqrt": np.sqrt, "log1p": np.log1p, "inverse": lambda x: x / (1 + x)}[name]
+    w = np.arange(1, X.shape[1] + 1, dtype=float)
+    f = submod.FeatureBased(X, concave=name, weights=w)
+    check_against(f, lambda S: brute_feature(X, w, phi, S), X.shape[0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.int8, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=st.integers(0, 1)))
+def test_coverage_matches_definition(M):
+    w = np.linspace(0.5, 2.0, M.shape[1])
+    check_against(submod.Coverage(M, weights=w), lambda S: brute_coverage(M, w, S), M.shape[0])
+    check_against(submod.Coverage(sp.csr_matrix(M), weights=w), lambda S: brute_coverage(M, w, S), M.shape[0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 4)),
+              elements=st.floats(-3, 3, allow_nan=False)), st.floats(0.1, 5.0))
+def test_log_determinant_matches_definition(X, ridge):
+    K = X @ X.T
+    check_against(submod.LogDeterminant(similarity=K, ridge=ridge), lambda S: brute_logdet(K, S, ridge), X.shape[0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.float64, (5, 5), elements=finite), st.floats(0.0, 0.5))
+def test_graph_cut_matches_definition(A, lam):
+    K = (A + A.T) / 2
+    check_against(submod.GraphCut(similarity=K, lam=lam), lambda S: brute_graphcut(K, lam, S), 5)
+
+
+def test_modular_and_weighted_sum_match_definition():
+    w = np.array([1.0, 0.0, 2.5, 4.0])
+    K = np.abs(np.random.default_rng(3).standard_normal((4, 4)))
+    f = 2.0 * submod.Modular(w) + submod.FacilityLocation(similarity=K)
+    assert f.submodular and isinstance(f, submod.WeightedSum)
+    check_against(f, lambda S: 2.0 * sum(w[j] for j in S) + brute_facility(K, S), 4)
+
+
+def test_from_callable_normalises_and_flags():
+    f = submod.from_callable(lambda S: 3.0 + len(S), n=4)
+    assert f.value([]) == 0.0 and f.value([1, 2]) == 2.0
+    assert not f.submodular
+    np.testing.assert_array_equal(f.gains([0]), [0.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: submod.FacilityLocation(similarity=-np.ones((3, 3))), "negative"),
+    (lambda: submod.FacilityLocation(similarity=np.ones((3, 2))), "square"),
+    (lambda: submod.FacilityLocation(similarity=np.array([[1.0, np.nan], [0.0, 1.0]])), "NaN"),
+    (lambda: submod.FacilityLocation(similarity=np.array([[1.0, np.inf], [0.0, 1.0]])), "NaN"),
+    (lambda: submod.FacilityLocation(np.zeros((0, 3))), "empty"),
+    (lambda: submod.FacilityLocation(np.ones((3, 2)), metric="manhattan"), "unknown metric"),
+    (lambda: submod.FacilityLocation(), "exactly one"),
+    (lambda: submod.FeatureBased(-np.ones((2, 2))), "non-negative"),
+    (lambda: submod.FeatureBased(np.ones((2, 2)), concave="square"), "unknown concave"),
+    (lambda: submod.FeatureBased(np.ones((2, 2)), concave=lambda x: x ** 2), "concave"),
+    (lambda: submod.Coverage(np.ones((2, 2)), weights=[-1.0, 1.0]), "non-negative"),
+    (lambda: submod.LogDeterminant(similarity=-np.eye(2)), "positive semidefinite"),
+    (lambda: submod.LogDeterminant(similarity=np.eye(2), ridge=0.0), "ridge"),
+    (lambda: submod.GraphCut(similarity=np.ones((2, 2)), lam=0.9), "monotone"),
+    (lambda: submod.Modular([1.0, -1.0]), "non-negative"),
+    (lambda: submod.Modular([]), "empty"),
+    (lambda: submod.from_callable(3, n=2), "callable"),
+    (lambda: submod.from_callable(len, n=0), "empty"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_caller_arrays_are_not_modified():
+    K = np.abs(np.random.default_rng(0).standard_normal((20, 20)))
+    K_copy = K.copy()
+    f = submod.FacilityLocation(similarity=K)
+    for method in submod.METHODS:
+        submod.maximize(f, 5, method=method, seed=0)
+    np.testing.assert_array_equal(K, K_copy)
