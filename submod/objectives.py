@@ -459,9 +459,12 @@ class LogDeterminant(SetFunction):
             K = Xa @ Xa.T
         if K.shape[0] == 0:
             raise ValueError("the ground set is empty. Pass at least one item.")
-        lam_min = float(np.linalg.eigvalsh(K)[0]) if K.shape[0] <= 4000 else 0.0
-        if lam_min < -1e-8 * max(1.0, float(np.abs(np.diag(K)).max())):
-            raise ValueError(f"similarity is not positive semidefinite (smallest eigenvalue {lam_min:.3g}); "
+        # Small kernels are checked here; on large ones the greedy state checks the conditional variances it
+        # computes anyway (a negative one proves K is not PSD).
+        scale = max(1.0, float(np.abs(np.diag(K)).max()))
+        lam_min = float(np.linalg.eigvalsh(K)[0]) if K.shape[0] <= 500 else float(np.diag(K).min())
+        if lam_min < -1e-8 * scale:
+            raise ValueError(f"similarity is not positive semidefinite (eigenvalue or diagonal {lam_min:.3g}); "
                              "log-determinant needs a PSD kernel (e.g. X @ X.T or an RBF kernel).")
         super().__init__(K.shape[0])
         self.similarity = K
@@ -499,6 +502,10 @@ class _LogDetState(GainState):
         self.value += float(np.log(max(self._d2[j], 1.0)))
         self._C = np.vstack([self._C, e])
         self._d2 = self._d2 - e * e
+        # 1 + conditional variance below 1 means a negative conditional variance: K is not PSD.
+        if self._d2.min(initial=1.0) < 1.0 - 1e-8 * (1.0 + float(np.abs(np.diag(self._K)).max())):
+            raise ValueError("similarity is not positive semidefinite (a conditional variance became negative); "
+                             "log-determinant needs a PSD kernel (e.g. X @ X.T or an RBF kernel).")
 
 
 class GraphCut(SetFunction):

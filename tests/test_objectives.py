@@ -176,3 +176,11 @@ def test_caller_arrays_are_not_modified():
     for method in submod.METHODS:
         submod.maximize(f, 5, method=method, seed=0)
     np.testing.assert_array_equal(K, K_copy)
+
+
+def test_log_determinant_detects_non_psd_kernels_during_the_run():
+    # Large enough to skip the construction-time eigenvalue check; [[1, 2], [2, 1]] blocks are indefinite.
+    K = np.kron(np.eye(300), np.array([[1.0, 2.0], [2.0, 1.0]]))
+    f = submod.LogDeterminant(similarity=K)
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        submod.maximize(f, 600)

@@ -1,0 +1,70 @@
+"""The scikit-learn face and the ``submod select`` command."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import submod
+from submod.cli import main
+
+
+def test_selector_matches_maximize_and_follows_the_estimator_protocol():
+    X = load_digits().data[:300]
+    sel = submod.SubmodularSelector(k=8, method="greedy").fit(X)
+    res = submod.maximize(submod.FacilityLocation(X), 8)
+    np.testing.assert_array_equal(sel.ranking_, res.selected)
+    np.testing.assert_array_equal(sel.get_support(indices=True), res.selected)
+    assert sel.get_support().sum() == 8 and sel.get_support()[res.selected].all()
+    np.testing.assert_array_equal(sel.transform(X), X[res.selected])
+    assert sel.get_params()["k"] == 8 and sel.set_params(k=3).k == 3
+
+
+@pytest.mark.parametrize("objective", ["facility-location", "feature-based", "graph-cut", "log-determinant"])
+def test_selector_objectives(objective):
+    X = np.abs(np.random.default_rng(0).standard_normal((40, 3)))
+    assert submod.SubmodularSelector(k=4, objective=objective).fit_transform(X).shape == (4, 3)
+
+
+def test_selector_errors():
+    with pytest.raises(ValueError, match="not fitted"):
+        submod.SubmodularSelector(k=2).get_support()
+    with pytest.raises(ValueError, match="unknown objective"):
+        submod.SubmodularSelector(k=2, objective="nope").fit(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="exceeds"):
+        submod.SubmodularSelector(k=5).fit(np.ones((3, 2)))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        submod.SubmodularSelector(k=2).set_params(K=3)
+
+
+def test_select_command_on_digits_writes_json(tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert main(["select", "-k", "5", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    X = load_digits().data
+    res = submod.maximize(submod.FacilityLocation(X), 5, method="lazy")
+    assert payload["selected"] == res.selected.tolist()
+    assert payload["values"] == pytest.approx(res.values.tolist())
+    assert payload["certificate"]["upper_bound_on_opt"] >= payload["value"]
+    assert "certificate: OPT <=" in capsys.readouterr().out
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_select_command_reads_files(tmp_path, suffix):
+    X = np.abs(np.random.default_rng(1).standard_normal((30, 4)))
+    path = tmp_path / f"X{suffix}"
+    np.save(path, X) if suffix == ".npy" else np.savetxt(path, X, delimiter=",")
+    out = tmp_path / "r.json"
+    assert main(["select", "--data", str(path), "-k", "3", "--objective", "feature-based", "--method", "greedy",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["selected"] == submod.maximize(submod.FeatureBased(X), 3).selected.tolist()
+
+
+def test_select_command_reports_bad_input(tmp_path, capsys):
+    assert main(["select", "--data", str(tmp_path / "missing.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "9"]) == 2
+    assert "exceeds" in capsys.readouterr().err
