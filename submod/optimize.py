@@ -307,74 +307,77 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
 def _lazy(run: _Run, knapsack: bool) -> None:
     """Lazy greedy (Minoux 1978): stale gains (gain/cost ratios for a knapsack) as upper bounds.
 
-    Each step first re-evaluates the candidate with the largest bound, then, in one vectorised call, every
-    stale candidate whose bound still beats the best fresh score (all of them would be re-evaluated one by one by
-    the textbook priority-queue version); a pick is made when the best fresh score beats
-    every stale bound, ties going to the lowest index, so the result equals exact greedy's whenever stale gains
-    are upper bounds (submodular functions).
+    Each step re-evaluates the candidate with the largest bound, then, by decreasing bound and in vectorised
+    chunks, every stale candidate whose bound still reaches the best fresh score (the ones the textbook
+    priority-queue version would re-evaluate one by one). The best fresh candidate then beats every stale bound;
+    ties go to the lowest index, so the result equals exact greedy's whenever stale gains are upper bounds
+    (submodular functions).
     """
     state = run.state
     n = run.f.n
     costs = run.constraint.costs if knapsack else None
     if hasattr(state, "_upper_bounds"):
         ub = state._upper_bounds()
-        fresh_at = np.full(n, -1, dtype=np.int64)   # bounds only: nothing evaluated yet
+        evaluated = np.zeros(n, dtype=bool)          # bounds only: nothing evaluated yet
     else:
         ub = state.gains()
         run.n_eval += n
-        fresh_at = np.zeros(n, dtype=np.int64)      # step at which ub[j] was computed exactly
+        evaluated = np.ones(n, dtype=bool)
         feas = run.feasible()
         run.note_negative(np.flatnonzero(feas), ub[feas], _scale_tol(ub))
-    run.singletons = ub.copy() if fresh_at[0] == 0 else None   # exact singleton values, when known
+        run.singletons = ub.copy()                   # exact singleton values
     run.bound(ub)
+    # ``stale[j]``: bound on the score of a feasible candidate not evaluated at this step, -inf otherwise.
+    stale = np.where(run.feasible(), ub / costs if knapsack else ub, -np.inf)
     while run.step < run.k:
-        feas = run.feasible()
-        if not feas.any():
+        j0 = int(np.argmax(stale))
+        if stale[j0] == -np.inf:
             break
-        score = np.where(feas, ub / costs if knapsack else ub, -np.inf)
-        fresh = feas & (fresh_at == run.step)
-        stale_score = np.where(fresh, -np.inf, score)
-        best_fresh = int(np.argmax(np.where(fresh, score, -np.inf))) if fresh.any() else -1
-        best_stale = int(np.argmax(stale_score))
-        if best_fresh >= 0 and (score[best_fresh] > stale_score[best_stale] or (
-                score[best_fresh] == stale_score[best_stale] and best_fresh < best_stale)):
-            if ub[best_fresh] <= 0.0:
+        fresh = [j0]
+        best_j, best = j0, _evaluate_lazy(run, np.array([j0]), ub, evaluated, stale, costs)[0]
+        while True:
+            todo = np.flatnonzero(stale >= best)
+            if todo.size == 0:
                 break
-            run.pick(best_fresh, float(ub[best_fresh]))
-            run.bound(ub)
-            continue
-        if best_fresh < 0:
-            # Nothing fresh yet this step: evaluate the candidate with the largest bound.
-            _evaluate_lazy(run, np.array([best_stale]), ub, fresh_at)
-            continue
-        # Every stale candidate whose bound beats the best fresh score needs a fresh value; go through them by
-        # decreasing bound in chunks, dropping those whose bound falls below the best fresh score found so far.
-        # A stale bound equal to the best fresh score (a possible tie, won by the lower index) counts too.
-        todo = np.flatnonzero(stale_score >= score[best_fresh])
-        todo = todo[np.lexsort((todo, -stale_score[todo]))]
-        best = score[best_fresh]
-        while todo.size:
-            chunk = np.sort(todo[:32])
-            g = _evaluate_lazy(run, chunk, ub, fresh_at)
-            best = max(best, float((g / costs[chunk] if knapsack else g).max()))
-            todo = todo[32:]
-            todo = todo[stale_score[todo] >= best]
+            todo = todo[np.lexsort((todo, -stale[todo]))]
+            while todo.size:
+                chunk = np.sort(todo[:32])
+                scores = _evaluate_lazy(run, chunk, ub, evaluated, stale, costs)
+                fresh.extend(chunk.tolist())
+                i = int(np.argmax(scores))
+                if scores[i] > best or (scores[i] == best and chunk[i] < best_j):
+                    best_j, best = int(chunk[i]), float(scores[i])
+                todo = todo[32:]
+                todo = todo[stale[todo] >= best]
+        # Lowest index among the fresh candidates that reach the best score.
+        fr = np.array(fresh)
+        fr_scores = ub[fr] / costs[fr] if knapsack else ub[fr]
+        best_j = int(fr[fr_scores == best].min())
+        if ub[best_j] <= 0.0:
+            break
+        run.pick(best_j, float(ub[best_j]))
+        run.bound(ub)
+        # Fresh values become the next step's stale bounds; infeasible candidates leave the race.
+        stale[fr] = fr_scores
+        stale[~run.feasible()] = -np.inf
     # Certify the final set: stale gains are valid upper bounds for submodular F, for every element outside A.
     run.bound(ub)
 
 
-def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, fresh_at: np.ndarray) -> np.ndarray:
-    """Fresh gains of ``top``; record stale-bound violations and negative gains, then refresh the bounds."""
+def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, evaluated: np.ndarray, stale: np.ndarray,
+                   costs: np.ndarray | None) -> np.ndarray:
+    """Fresh gains of ``top``: record violations and negative gains, refresh the bounds, return the scores."""
     g = run.state.gains(top)
     run.n_eval += top.size
     tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
-    for i in np.flatnonzero((g > ub[top] + tol) & (fresh_at[top] >= 0)):
+    for i in np.flatnonzero((g > ub[top] + tol) & evaluated[top]):
         run.violations.append((run.step, int(top[i]), float(ub[top[i]]), float(g[i])))
     for i in np.flatnonzero(g < -tol):
         run.negative.append((run.step, int(top[i]), float(g[i])))
     ub[top] = g
-    fresh_at[top] = run.step
-    return g
+    evaluated[top] = True
+    stale[top] = -np.inf
+    return g / costs[top] if costs is not None else g
 
 
 def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
