@@ -158,8 +158,9 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
         priority queue (Minoux 1978); it is exact for submodular ``f``. For a function *not declared
         submodular*, stale gains are not upper bounds; with ``lazy_fallback=True`` (default) lazy then evaluates
         every gain at each step, returns exactly greedy's set and lists every stale-bound violation it saw;
-        with ``lazy_fallback=False`` it runs plain lazy greedy, which can return a worse set, and reports the
-        violations it detected with a warning. ``"stochastic"`` evaluates a random sample of
+        with ``lazy_fallback=False`` it runs plain lazy greedy, which can return a worse set, and always warns:
+        it only detects the violations of candidates it re-evaluates, so an empty ``violations`` list does not
+        show that its set equals greedy's. ``"stochastic"`` evaluates a random sample of
         ``ceil((n / k) ln(1 / eps))`` feasible candidates per step (Mirzasoleiman et al. 2015).
     constraint : Knapsack or PartitionMatroid, optional
         Extra constraint. With :class:`Knapsack`, greedy and lazy use the cost-benefit rule with the

@@ -1,0 +1,127 @@
+"""Error decay along the greedy path: measured curves below every sound bound, oracle residuals from
+numpy.linalg.lstsq, preconditions flagged, contraction fitted on a closed-form instance (THEORY.md, "Error decay")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from submod.sparse_regression import SparseRegression
+from verification import error_decay
+from verification import strategies as vst
+from verification._kernels import exp_rate_bound, path_bound
+
+
+def lstsq_residual(A: np.ndarray, Y: np.ndarray, cols: np.ndarray) -> float:
+    if cols.size == 0:
+        return float((Y ** 2).sum())
+    M = np.linalg.lstsq(A[:, cols], Y, rcond=None)[0]
+    return float(((Y - A[:, cols] @ M) ** 2).sum())
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(2, 9), group_size=st.sampled_from([1, 1, 2])),
+       ridge=st.sampled_from([0.0, 0.0, 0.2]), intercept=st.booleans())
+def test_measured_error_below_every_sound_bound(data, ridge, intercept):
+    f = SparseRegression(data.A, data.Y, ridge=ridge, groups=data.groups, fit_intercept=intercept)
+    dec = error_decay(f)
+    names = [b.name for b in dec.bounds]
+    assert {"a-priori spectral", "per-step spectral", "per-step path ratio"} <= set(names)
+    assert any(n.startswith("bicriteria") for n in names)
+    tol = 1e-9 * max(dec.y_norm2, 1e-300)
+    for b in dec.bounds:
+        assert b.kind == "proven upper bound"
+        assert np.all(dec.errors <= b.values + tol), b.name
+        assert b.holds
+        assert np.all(np.diff(b.values) <= tol)  # every factor is in [0, 1]
+    assert dec.all_hold
+    # the residualised lambda_min is a proven lower bound on the exact path ratio toward V, step by step
+    lams = np.array(dec.parameters["per_step_lambdas"])
+    ratios = np.array(dec.parameters["path_ratios_to_V"])
+    assert np.all(lams <= ratios + 1e-7)
+    # so the per-step spectral curve is never tighter than the path-ratio curve
+    np.testing.assert_array_less(dec.bound("per-step path ratio").values - tol, dec.bound("per-step spectral").values
+                                 + 2 * tol)
+    if ridge == 0.0 and not intercept:  # independent oracle for the measured curve
+        cols = [np.asarray(data.groups[u]) if data.groups else np.array([u]) for u in dec.selected]
+        for k in range(dec.kept.size):
+            c = np.concatenate(cols[:k]) if k else np.zeros(0, dtype=int)
+            assert dec.errors[k] == pytest.approx(lstsq_residual(data.A, data.Y, c), rel=1e-6,
+                                                  abs=1e-8 * dec.y_norm2)
+
+
+def test_contraction_fitted_on_geometric_decay():
+    # Orthonormal columns with squared coefficients rho^j: greedy picks by size, err_k = sum_{j>=k} rho^j.
+    rho = 0.6
+    # With 30 columns the tail sum is rho^k / (1 - rho) up to rho^30 ~ 2e-7: a geometric sequence.
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((60, 30)))
+    coef = np.sqrt(rho ** np.arange(30))
+    Y = Q @ coef
+    dec = error_decay(SparseRegression(Q, Y), 6)
+    assert dec.selected.tolist() == list(range(6))
+    want = np.array([np.sum(rho ** np.arange(k, 30)) for k in range(7)])
+    np.testing.assert_allclose(dec.errors, want, rtol=1e-9)
+    assert dec.contraction == pytest.approx(rho, rel=1e-4)
+    assert dec.contraction_points == 7
+    assert dec.lambda_min == pytest.approx(1.0)
+    assert dec.preconditions == []
+
+
+def test_preconditions_flag_dead_duplicate_and_few_rows():
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((50, 5))
+    A[:, 4] = A[:, 1]
+    A[:, 3] = 0.0
+    Y = rng.standard_normal((50, 2))
+    dec = error_decay(SparseRegression(A, Y), 3)
+    text = " ".join(dec.preconditions)
+    assert "dead units" in text and "[3]" in text
+    assert "duplicate" in text and "(1, 4)" in text
+    assert dec.lambda_min == pytest.approx(0.0, abs=1e-8)
+    assert dec.bound("a-priori spectral").vacuous
+    assert dec.all_hold
+    few = error_decay(SparseRegression(rng.standard_normal((4, 6)), rng.standard_normal((4, 1))), 3)
+    assert any("fewer samples (4) than columns (6)" in p for p in few.preconditions)
+
+
+def test_path_bound_kernels_match_hand_computation():
+    # err_T = 1, F(T) = 4, ratios 1 and 2 toward sets of sizes 2 and 2: factors 1/2 and 0.
+    np.testing.assert_allclose(path_bound(1.0, 4.0, np.array([1.0, 2.0]), np.array([2, 2])), [5.0, 3.0, 1.0])
+    b = exp_rate_bound(0.0, 1.0, 0.5, 10, 4)
+    np.testing.assert_allclose(b, np.exp(-0.05 * np.arange(5)))
+    # the product form is below the exponential form (THEORY: prod (1 - lam/(d-t)) <= exp(-lam k / d))
+    prod = path_bound(0.0, 1.0, np.full(4, 0.5), 10 - np.arange(4))
+    assert np.all(prod <= b + 1e-15)
+    assert math.isclose(prod[1], 1 - 0.05)
+
+
+def test_user_comparators_and_bad_input():
+    data = vst.suppressor_data()
+    f = SparseRegression(data.A, data.Y)
+    dec = error_decay(f, 4, comparators=[[0, 1], np.array([2, 3, 4])], per_step_spectral=False)
+    names = [b.name for b in dec.bounds]
+    assert "comparator 0 (s=2)" in names and "per-step spectral" not in names
+    # T = {0, 1} is exact (err 0) and the path reaches it in two steps: bound 0 from k = 2 on.
+    assert dec.bound("comparator 0 (s=2)").values[2] == pytest.approx(0.0, abs=1e-9 * dec.y_norm2)
+    with pytest.raises(ValueError, match="SparseRegression"):
+        import submod
+
+        error_decay(submod.Modular([1.0, 2.0]))
+    with pytest.raises(ValueError, match="k_max"):
+        error_decay(f, 0)
+    with pytest.raises(ValueError, match="comparators"):
+        error_decay(f, 2, comparators="best")
+
+
+def test_plot_is_written_with_agg(tmp_path):
+    data = vst.suppressor_data()
+    dec = error_decay(SparseRegression(data.A, data.Y))
+    fig = dec.plot()
+    out = tmp_path / "decay.png"
+    fig.savefig(out)
+    assert out.stat().st_size > 1000
+    assert len(fig.axes[0].lines) == 1 + len(dec.bounds) + (1 if math.isfinite(dec.contraction) else 0)

@@ -1,0 +1,144 @@
+"""Guarantees against brute force and sound certificates (THEORY.md, "Certificates" and the greedy guarantee)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import submod
+from submod.sparse_regression import SparseRegression
+from verification import certify, check_guarantee, submodularity_ratio
+from verification import strategies as vst
+from verification.guarantee import bian_bound
+
+
+def brute_opt(f: submod.SetFunction, k: int) -> float:
+    return max(f.value(list(T)) for T in itertools.combinations(range(f.n), k))
+
+
+@settings(max_examples=30, deadline=None)
+@given(f=st.one_of(vst.set_functions(n=st.integers(2, 8)),
+                   vst.sparse_regression(vst.regression_data(n_units=st.integers(2, 8), suppressor=st.just(True)))),
+       k=st.integers(1, 4))
+def test_greedy_meets_das_kempe_and_bian_bounds(f, k):
+    k = min(k, f.n)
+    chk = check_guarantee(f, k, n_seeds=3)
+    opt = brute_opt(f, k)
+    assert chk.opt == pytest.approx(opt, rel=1e-9, abs=1e-9)
+    gamma = submodularity_ratio(f, k, U=chk.row("greedy").selected, method="exact").value
+    assert chk.gamma == pytest.approx(min(gamma, 1.0), abs=1e-9)
+    greedy = chk.row("greedy")
+    slack = 1e-9 * max(1.0, abs(opt))
+    assert greedy.value >= (1 - math.exp(-chk.gamma)) * opt - slack
+    assert greedy.value >= bian_bound(chk.gamma, chk.alpha) * opt - slack
+    assert 0.0 <= chk.alpha <= 1.0
+    # every subset of the greedy prefix of size k - 1 is reachable by stochastic greedy
+    prefix = list(chk.row("greedy").selected[: k - 1])
+    assert chk.gamma_reachable <= submodularity_ratio(f, k, U=prefix, method="exact").value + 1e-9
+    assert chk.all_hold
+    for row in chk.rows:
+        assert row.value <= opt + slack
+
+
+def test_bian_bound_is_between_das_kempe_and_gamma():
+    for gamma in (0.1, 0.5, 1.0):
+        for alpha in (0.0, 0.3, 1.0):
+            b = bian_bound(gamma, alpha)
+            assert 1 - math.exp(-gamma) - 1e-12 <= b <= gamma + 1e-12
+    assert bian_bound(0.7, 1.0) == pytest.approx(1 - math.exp(-0.7))
+
+
+def test_modular_function_has_zero_curvature_and_greedy_is_optimal():
+    f = submod.Modular([5.0, 1.0, 3.0, 2.0])
+    chk = check_guarantee(f, 2, methods=("greedy",))
+    assert chk.alpha == 0.0 and chk.gamma == 1.0
+    assert chk.row("greedy").value == chk.opt == 8.0
+    assert chk.row("greedy").bian_factor == 1.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(2, 7), group_size=st.sampled_from([1, 2])),
+       k=st.integers(1, 3), method=st.sampled_from(["greedy", "lazy", "stochastic"]))
+def test_certificates_with_proven_gamma_are_above_brute_force_opt(data, k, method):
+    f = SparseRegression(data.A, data.Y, groups=data.groups)
+    k = min(k, f.n)
+    res = submod.maximize(f, k, method=method, seed=0)
+    opt = brute_opt(f, k)
+    slack = 1e-9 * max(1.0, opt)
+    U = res.selected
+    for how in ("exact", "spectral"):
+        g = submodularity_ratio(f, k, U=U, method=how)
+        if g.value <= 0:
+            with pytest.raises(ValueError, match="no certificate"):
+                certify(f, res, g)
+            continue
+        cert = certify(f, res, g)
+        assert cert.upper_bound >= opt - slack
+        assert cert.value <= cert.upper_bound + slack
+        assert cert.upper_bound <= cert.full_set_value + slack
+
+
+@settings(max_examples=20, deadline=None)
+@given(f=vst.set_functions(n=st.integers(2, 8)).filter(lambda f: f.submodular), k=st.integers(1, 4))
+def test_submodular_certificate_is_above_opt(f, k):
+    k = min(k, f.n)
+    cert = certify(f, submod.maximize(f, k, method="lazy"))
+    assert cert.gamma_lower == 1.0
+    assert cert.upper_bound >= brute_opt(f, k) - 1e-9 * max(1.0, cert.upper_bound)
+
+
+def test_certify_refuses_unsound_gamma():
+    data = vst.suppressor_data()
+    f = SparseRegression(data.A, data.Y)
+    res = submod.maximize(f, 2)
+    with pytest.raises(ValueError, match="not declared submodular"):
+        certify(f, res)
+    with pytest.raises(ValueError, match="invalid for non-submodular"):
+        certify(f, res, 1.0)
+    sampled = submodularity_ratio(f, 2, U=res.selected, method="sampled", n_samples=20, seed=0)
+    with pytest.raises(ValueError, match="upper bound"):
+        certify(f, res, sampled)
+    with pytest.raises(ValueError, match="k >= 4"):
+        certify(f, res, submodularity_ratio(f, 2, U=res.selected, method="spectral"), k=4)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        certify(f, res, 1.5)
+    with pytest.raises(ValueError, match="RatioEstimate or a number"):
+        certify(f, res, "0.5")
+    # The gamma = 1 bound really is below OPT here, which is why it is refused.
+    from verification.certify import prefix_bounds
+
+    b1, _ = prefix_bounds(f, res.selected, 2, 1.0)
+    assert b1.min() < brute_opt(f, 2) * 0.9
+
+
+def test_certify_uses_only_prefixes_inside_U():
+    data = vst.suppressor_data()
+    f = SparseRegression(data.A, data.Y)
+    res = submod.maximize(f, 3)
+    g = submodularity_ratio(f, 3, U=res.selected[:1], method="spectral")  # covers prefixes of size 0 and 1
+    cert = certify(f, res, g, use_full_set=False)
+    assert cert.prefix_bounds.size == 2
+    assert cert.upper_bound >= brute_opt(f, 3) - 1e-9
+
+
+def test_check_guarantee_refuses_large_or_bad_input():
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        check_guarantee(submod.Modular(np.ones(15)), 2)
+    with pytest.raises(ValueError, match="unknown method"):
+        check_guarantee(submod.Modular(np.ones(5)), 2, methods=("greedy", "best"))
+    with pytest.raises(ValueError, match="k = 9 exceeds"):
+        check_guarantee(submod.Modular(np.ones(5)), 9)
+
+
+def test_plain_lazy_is_not_claimed_as_a_theorem_on_non_submodular_functions():
+    data = vst.suppressor_data()
+    f = SparseRegression(data.A, data.Y)
+    chk = check_guarantee(f, 2, methods=("greedy", "lazy"), lazy_fallback=False)
+    lazy = chk.row("lazy")
+    assert not lazy.theorem and lazy.violations >= 1
+    assert chk.gamma < 1.0

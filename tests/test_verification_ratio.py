@@ -1,0 +1,195 @@
+"""Submodularity ratio: exact enumeration against an independent brute force, and the ordering
+lower bounds <= exact <= upper bounds on random instances (THEORY.md, "Weak submodularity")."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import submod
+from submod.sparse_regression import SparseRegression
+from verification import strategies as vst
+from verification import submodularity_ratio
+from verification._kernels import sparse_lambda_min, whitened_gram
+
+TOL = 1e-7
+
+
+def brute_gamma(f: submod.SetFunction, k: int, U: list[int] | None = None) -> float:
+    """The definition, literally: loops over (L, S) with f.value (no tables, no vectorisation)."""
+    n = f.n
+    U = list(range(n)) if U is None else list(U)
+    scale = max(abs(f.value(list(range(n)))), 1e-300)
+    best = math.inf
+    for l_size in range(len(U) + 1):
+        for L in itertools.combinations(U, l_size):
+            fl = f.value(list(L))
+            rest = [j for j in range(n) if j not in L]
+            single = {j: f.value(list(L) + [j]) - fl for j in rest}
+            for s in range(1, k + 1):
+                for S in itertools.combinations(rest, s):
+                    num = sum(single[j] for j in S)
+                    den = f.value(list(L) + list(S)) - fl
+                    if abs(den) <= 1e-9 * scale:
+                        r = 1.0 if abs(num) <= 1e-9 * scale else math.inf
+                    else:
+                        r = num / den
+                    best = min(best, r)
+    return best
+
+
+def test_exact_closed_forms():
+    # F(S) = |S|^2: ratio (2l + 1) / (2l + s), minimal at l = 0, s = k.
+    f = submod.from_callable(lambda S: float(len(S) ** 2), n=5)
+    for k in (1, 2, 3, 5):
+        assert submodularity_ratio(f, k).value == pytest.approx(1.0 / k)
+    # Restricted to L within U of size 2 and |S| <= 2: still l = 0 gives 1/2.
+    assert submodularity_ratio(f, 2, U=[1, 3]).value == pytest.approx(0.5)
+    assert submodularity_ratio(submod.Modular([1.0, 0.0, 2.0]), 3).value == pytest.approx(1.0)
+
+
+def test_exact_zero_ratio_with_xor_like_function():
+    # Two elements useless alone and perfect together: F({0})=F({1})=0, F({0,1})=1 -> gamma = 0.
+    f = submod.from_callable(lambda S: 1.0 if len(set(S.tolist()) & {0, 1}) == 2 else 0.0, n=3)
+    r = submodularity_ratio(f, 2)
+    assert r.value == 0.0 and r.kind == "exact"
+    assert sorted(r.parameters["witness_S"]) == [0, 1]
+
+
+@settings(max_examples=20, deadline=None)
+@given(f=vst.set_functions(n=st.integers(1, 5)), k=st.integers(1, 3), data=st.data())
+def test_exact_matches_brute_force_definition(f, k, data):
+    k = min(k, f.n)
+    U = data.draw(st.none() | st.lists(st.integers(0, f.n - 1), unique=True, max_size=f.n))
+    got = submodularity_ratio(f, k, U=U, method="exact").value
+    want = brute_gamma(f, k, U)
+    assert got == pytest.approx(want, abs=1e-6)
+    if f.submodular:  # gamma = 1 for submodular functions
+        assert got == pytest.approx(1.0, abs=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(2, 7), group_size=st.sampled_from([1, 1, 2])),
+       ridge=st.sampled_from([0.0, 0.0, 0.3]), intercept=st.booleans(), k=st.integers(1, 3), seed=st.integers(0, 99))
+def test_lower_bounds_below_exact_below_upper_bounds(data, ridge, intercept, k, seed):
+    f = SparseRegression(data.A, data.Y, ridge=ridge, groups=data.groups, fit_intercept=intercept)
+    k = min(k, f.n)
+    greedy = submod.maximize(f, k)
+    U = greedy.selected
+    exact = submodularity_ratio(f, k, U=U, method="exact")
+    spectral = submodularity_ratio(f, k, U=U, method="spectral")
+    full_spec = submodularity_ratio(f, k, U=U, method="spectral", max_subsets=0)  # forces full lambda_min
+    sampled = submodularity_ratio(f, k, U=U, method="sampled", n_samples=40, seed=seed)
+    assert exact.kind == "exact" and spectral.kind == "lower bound" and sampled.kind == "upper bound"
+    assert 0.0 <= full_spec.value <= spectral.value + TOL
+    assert spectral.value <= exact.value + TOL
+    assert exact.value <= sampled.value + TOL
+    assert exact.value <= 1.0 + TOL
+    # Greedy-path ratios toward any k-set are exact ratios of admissible pairs: an upper bound on gamma_{U,k}.
+    T = np.random.default_rng(seed).choice(f.n, size=k, replace=False)
+    path = submodularity_ratio(f, k, method="greedy-path", result=greedy, comparator=T)
+    assert path.kind == "upper bound" and path.k == k
+    assert exact.value <= path.value + TOL
+
+
+def test_spectral_ridge_dominates_theory_formula():
+    # THEORY.md: gamma >= (lambda_min(G, s) + lam) / (max_j G_jj + lam); our normalised bound is at least that.
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((40, 5)) @ (np.eye(5) + 0.6 * rng.standard_normal((5, 5)))
+    Y = rng.standard_normal((40, 2))
+    lam = 0.5
+    f = SparseRegression(A, Y, ridge=lam)
+    G = A.T @ A
+    for k in (1, 2, 3):
+        U = np.array([0, 2])
+        spec = submodularity_ratio(f, k, U=U, method="spectral").value
+        worst = min(np.linalg.eigvalsh(G[np.ix_(T, T)])[0]
+                    for T in itertools.combinations(range(5), 2 + k))
+        formula = (worst + lam) / (np.diag(G).max() + lam)
+        assert spec >= formula - 1e-10
+        assert spec <= submodularity_ratio(f, k, U=U, method="exact").value + TOL
+
+
+def test_spectral_orthogonal_columns_is_one_and_independent_of_targets():
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((30, 4)))
+    A = Q * np.array([1.0, 5.0, 0.1, 2.0])  # scaling does not matter after normalisation
+    r1 = submodularity_ratio(SparseRegression(A, np.ones((30, 1))), 2, method="spectral")
+    r2 = submodularity_ratio(SparseRegression(A, np.arange(30.0)), 2, method="spectral")
+    assert r1.value == pytest.approx(1.0) and r2.value == pytest.approx(1.0)
+
+
+def test_sparse_lambda_min_matches_enumeration_with_groups():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((50, 6))
+    X[:, 5] = X[:, 0] + 0.1 * X[:, 5]
+    G = X.T @ X
+    groups = [np.array([0, 1]), np.array([2]), np.array([3, 4]), np.array([5])]
+    C, cols, dead = whitened_gram(G, groups)
+    assert dead == []
+    for c in cols:  # whitened blocks are identities
+        np.testing.assert_allclose(C[np.ix_(c, c)], np.eye(c.size), atol=1e-12)
+    val, exact, count = sparse_lambda_min(C, cols, 2, containing=np.array([1]))
+    want = min(np.linalg.eigvalsh(C[np.ix_(T, T)])[0] for T in
+               (np.concatenate([cols[1], cols[a], cols[b]]) for a, b in itertools.combinations([0, 2, 3], 2)))
+    assert exact and count == 3 and val == pytest.approx(want)
+
+
+def test_sampled_is_reproducible_and_reports_cost():
+    f = submod.from_callable(lambda S: float(len(S) ** 2), n=6)
+    a = submodularity_ratio(f, 3, method="sampled", n_samples=50, seed=7)
+    b = submodularity_ratio(f, 3, method="sampled", n_samples=50, seed=7)
+    assert a.value == b.value and a.kind == "upper bound"
+    assert a.cost["gain_evaluations"] > 0 and a.cost["seconds"] >= 0
+    assert a.value >= 1.0 / 3 - 1e-12
+
+
+def test_greedy_path_reports_lazy_violations_as_dr_upper_bound():
+    data = vst.suppressor_data()
+    f = SparseRegression(data.A, data.Y)
+    r = submodularity_ratio(f, 2, method="greedy-path")
+    assert r.details["violations"], "plain lazy greedy must see the suppressor's gain jump"
+    _, _, stale, fresh = r.details["violations"][0]
+    assert r.details["dr_ratio_upper"] == pytest.approx(stale / fresh) and stale < fresh
+
+
+def test_bad_inputs_are_refused_clearly():
+    f = submod.Modular(np.ones(25))
+    with pytest.raises(ValueError, match="exceeds the limit|limit is"):
+        submodularity_ratio(f, 3, method="exact")
+    with pytest.raises(ValueError, match="max_pairs"):
+        submodularity_ratio(submod.Modular(np.ones(12)), 6, method="exact", max_pairs=1000)
+    with pytest.raises(ValueError, match="SparseRegression"):
+        submodularity_ratio(submod.Modular(np.ones(4)), 2, method="spectral")
+    with pytest.raises(ValueError, match="unknown method"):
+        submodularity_ratio(submod.Modular(np.ones(4)), 2, method="magic")
+    with pytest.raises(ValueError, match="at least 1"):
+        submodularity_ratio(submod.Modular(np.ones(4)), 0)
+    with pytest.raises(ValueError, match="U holds"):
+        submodularity_ratio(submod.Modular(np.ones(4)), 2, U=[0, 9])
+    with pytest.raises(ValueError, match="not monotone"):
+        submodularity_ratio(submod.from_callable(lambda S: -float(len(S)), n=3, monotone=False), 2)
+
+
+def test_spectral_bound_must_contain_U():
+    # a = x, b = x + w + d z, c = -x + w: b and c are uncorrelated, but after regressing out a their residuals
+    # (w + d z and w) are nearly collinear, and the target z lies along their difference. So gamma_{{a},2} ~ d^2
+    # while the smallest eigenvalue over 2-column submatrices that ignore U is about 0.29: a bound over sets
+    # without U would be unsound; the bound over sets containing U must stay below the exact ratio.
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.standard_normal((50, 3)))
+    x, w, z = Q.T
+    delta = 0.1
+    A = np.column_stack([x, x + w + delta * z, -x + w])
+    f = SparseRegression(A, z)
+    exact = submodularity_ratio(f, 2, U=[0], method="exact").value
+    spec = submodularity_ratio(f, 2, U=[0], method="spectral").value
+    G = A.T @ A
+    C = G / np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    ignore_U = min(np.linalg.eigvalsh(C[np.ix_(T, T)])[0] for T in itertools.combinations(range(3), 2))
+    assert exact < 0.05 < ignore_U
+    assert spec <= exact + TOL

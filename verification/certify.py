@@ -1,0 +1,193 @@
+"""Proven upper bounds on the optimum from any run, with the submodularity ratio checked for soundness.
+
+For a monotone ``F``, any set ``A`` and a *proven lower* bound ``gamma`` on ``gamma_{A,k}``,
+``OPT_k <= F(A) + (1/gamma) * (sum of the k largest gains F(j|A))`` (Das & Kempe 2011; with ``gamma = 1`` the
+online bound of Leskovec et al. 2007). Minimising over the prefixes of a run certifies greedy, lazy, stochastic
+or any other output. ``OPT_k <= F(V)`` too.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+import submod
+from submod import SetFunction
+from submod._validation import as_index_array, check_k
+
+from .ratio import RatioEstimate
+
+__all__ = ["CertificateCheck", "certify", "prefix_bounds"]
+
+#: ``F(V)`` is added to the certificate automatically up to this ground-set size (one state with ``n`` adds).
+FULL_SET_AUTO_N = 2000
+
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    """A proven upper bound on ``OPT_k`` and what it rests on.
+
+    Attributes
+    ----------
+    upper_bound : float
+        ``OPT_k <= upper_bound`` (a proven upper bound, given ``gamma_lower``).
+    value : float
+        ``F`` of the certified set.
+    k : int
+        The budget of ``OPT_k``.
+    gamma_lower : float
+        The proven lower bound on the submodularity ratio used.
+    gamma_source : str
+        Why ``gamma_lower`` is a proven lower bound.
+    prefix_size : int
+        The prefix at which the minimum is attained (``-1`` when ``F(V)`` is smaller).
+    prefix_bounds : ndarray
+        The bound at each prefix used.
+    full_set_value : float or None
+        ``F(V)`` when computed.
+    cost : dict
+    """
+
+    upper_bound: float
+    value: float
+    k: int
+    gamma_lower: float
+    gamma_source: str
+    prefix_size: int
+    prefix_bounds: np.ndarray
+    full_set_value: float | None
+    cost: dict[str, float] = field(default_factory=dict)
+    kind: str = "proven upper bound on OPT_k"
+
+    @property
+    def ratio(self) -> float:
+        """Proven lower bound on ``value / OPT_k`` (1.0 when the bound is 0)."""
+        return 1.0 if self.upper_bound <= 0 else min(1.0, self.value / self.upper_bound)
+
+
+def _resolve_gamma(f: SetFunction, gamma_lower: object, k: int, selected: np.ndarray) -> tuple[float, str, int]:
+    """Return ``(gamma, source, usable prefixes)`` or raise a ValueError saying what to pass instead."""
+    how = ("Pass a proven lower bound: verification.submodularity_ratio(f, k, U=result.selected, "
+           "method='spectral') for a submod.SparseRegression, or method='exact' on a small ground set.")
+    n_prefix = selected.size + 1
+    if gamma_lower is None:
+        if f.submodular:
+            return 1.0, "f is declared submodular (gamma = 1)", n_prefix
+        raise ValueError(f"{type(f).__name__} is not declared submodular, so gamma = 1 (the submodular online "
+                         "bound) is not valid: on non-submodular functions it can fall below the optimum. " + how)
+    if isinstance(gamma_lower, RatioEstimate):
+        if not gamma_lower.sound_lower:
+            raise ValueError(f"gamma_lower is an {gamma_lower.kind} (method {gamma_lower.method!r}); a certificate "
+                             "needs a proven LOWER bound (kind 'exact' or 'lower bound'). " + how)
+        if gamma_lower.k < k:
+            raise ValueError(f"gamma_lower was computed for |S| <= {gamma_lower.k} but the certificate bounds "
+                             f"OPT_{k}; recompute it with k >= {k}.")
+        if gamma_lower.U is not None:
+            inside = np.isin(selected, np.asarray(gamma_lower.U, dtype=np.int64))
+            n_prefix = int(np.argmin(inside)) + 1 if not inside.all() else selected.size + 1
+        g = float(gamma_lower.value)
+        if not (0.0 < g <= 1.0):
+            raise ValueError(f"the proven lower bound on gamma is {g:g}, which gives no certificate (it must be "
+                             "in (0, 1]); the function may be degenerate (dead or duplicate units).")
+        return g, f"{gamma_lower.kind} from verification.submodularity_ratio(method={gamma_lower.method!r})", \
+            n_prefix
+    if isinstance(gamma_lower, bool) or not isinstance(gamma_lower, numbers.Real):
+        raise ValueError(f"gamma_lower must be None, a RatioEstimate or a number; got {type(gamma_lower).__name__}.")
+    g = float(gamma_lower)
+    if not (0.0 < g <= 1.0):
+        raise ValueError(f"gamma_lower must be in (0, 1]; got {g}. " + how)
+    if g == 1.0 and not f.submodular:
+        raise ValueError(f"gamma_lower = 1 on {type(f).__name__}, which is not declared submodular: that is the "
+                         "submodular online bound, invalid for non-submodular functions. If F is proven "
+                         "submodular, set its submodular attribute to True; otherwise " + how[0].lower() + how[1:])
+    return g, "number supplied by the caller as a proven lower bound (the caller's responsibility)", n_prefix
+
+
+def prefix_bounds(f: SetFunction, selected: np.ndarray, k: int, gamma: float, n_prefix: int | None = None
+                  ) -> tuple[np.ndarray, int]:
+    """``F(A_t) + (1/gamma) * (sum of the k largest gains at A_t)`` for the prefixes ``A_t``, ``t < n_prefix``.
+
+    Soundness is the caller's business (``gamma`` must be a proven lower bound). Returns the bounds and the
+    number of gain evaluations.
+    """
+    n_prefix = selected.size + 1 if n_prefix is None else n_prefix
+    state = f.init_state()
+    out = np.empty(n_prefix)
+    evals = 0
+    for t in range(n_prefix):
+        g = np.asarray(state.gains(), dtype=np.float64)
+        evals += g.size
+        out[t] = submod.online_bound(g, float(state.value), k, gamma)
+        if t < selected.size:
+            state.add(int(selected[t]))
+    return out, evals
+
+
+def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lower: object = None, *,
+            k: int | None = None, use_full_set: bool | None = None) -> CertificateCheck:
+    r"""A proven upper bound on ``OPT_k``, minimised over the prefixes of ``result``.
+
+    Parameters
+    ----------
+    f : submod.SetFunction
+        Monotone set function.
+    result : submod.SelectionResult or array of int
+        The run to certify (its pick order defines the prefixes).
+    gamma_lower : None, RatioEstimate or float
+        A *proven lower* bound on ``gamma_{U,k}`` with ``U`` containing the prefixes used. ``None`` is accepted
+        only for functions declared submodular (``gamma = 1``). A :class:`RatioEstimate` is accepted only if its
+        kind is ``"exact"`` or ``"lower bound"``, with ``k`` at least the budget; when its ``U`` misses part of
+        the run, only the prefixes inside ``U`` are used. A number is trusted as a proven lower bound, except
+        ``1`` on a function not declared submodular, which is refused.
+    k : int, optional
+        Budget of ``OPT_k``; default the size of ``result``.
+    use_full_set : bool, optional
+        Also use ``OPT_k <= F(V)``; default when ``n <= 2000``.
+
+    Returns
+    -------
+    CertificateCheck
+
+    Raises
+    ------
+    ValueError
+        When ``gamma_lower`` is not a proven lower bound (an upper bound, an estimate, or ``gamma = 1`` on a
+        function that is not declared submodular), with the way to obtain one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import submod, verification as vf
+    >>> f = submod.Modular([3.0, 1.0, 2.0])
+    >>> cert = vf.certify(f, submod.maximize(f, 2))
+    >>> cert.upper_bound, cert.ratio
+    (5.0, 1.0)
+    >>> g = submod.from_callable(lambda S: float(len(S) ** 2), n=3)
+    >>> vf.certify(g, [0, 1])
+    Traceback (most recent call last):
+    ...
+    ValueError: CallableFunction is not declared submodular, so gamma = 1 ...
+    """
+    start = time.perf_counter()
+    if not isinstance(f, SetFunction):
+        raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}.")
+    raw = result.selected if isinstance(result, submod.SelectionResult) else result
+    selected = as_index_array(raw, f.n, "result")
+    kk = selected.size if k is None else check_k(k, f.n)
+    gamma, source, n_prefix = _resolve_gamma(f, gamma_lower, kk, selected)
+    bounds, evals = prefix_bounds(f, selected, kk, gamma, n_prefix)
+    value = f.value(selected)
+    full = None
+    if use_full_set if use_full_set is not None else f.n <= FULL_SET_AUTO_N:
+        full = f.value(np.arange(f.n))
+    best = int(np.argmin(bounds))
+    upper, prefix = float(bounds[best]), best
+    if full is not None and full < upper:
+        upper, prefix = float(full), -1
+    return CertificateCheck(upper_bound=upper, value=float(value), k=kk, gamma_lower=gamma, gamma_source=source,
+                            prefix_size=prefix, prefix_bounds=bounds, full_set_value=full,
+                            cost={"gain_evaluations": evals, "seconds": time.perf_counter() - start})
