@@ -1,0 +1,64 @@
+"""Calibration data: normalise a tensor or an iterable of batches into a list of (inputs, labels or None)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def as_batches(data: object, device: torch.device | None = None, batch_size: int = 256,
+               name: str = "calibration_data") -> list[Batch]:
+    """Return the calibration data as a list of ``(inputs, labels)`` batches (labels may be ``None``).
+
+    ``data`` is a tensor of inputs (split into batches of ``batch_size``), a ``(inputs, labels)`` tuple of two
+    tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a
+    ``DataLoader`` over a ``TensorDataset`` gives these). The batches are materialised once (calibration sets are
+    small by design; the sequential methods read them several times). Inputs are checked to be finite.
+    """
+    if data is None:
+        raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
+                         "over a few hundred unlabeled samples).")
+    if isinstance(data, torch.Tensor):
+        chunks = [(x, None) for x in torch.split(data, batch_size)] if data.shape[0] > 0 else []
+    elif (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+          and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]):
+        chunks = list(zip(torch.split(data[0], batch_size), torch.split(data[1], batch_size), strict=True))
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        chunks = []
+        for i, item in enumerate(data):
+            if isinstance(item, torch.Tensor):
+                chunks.append((item, None))
+            elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+                y = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
+                chunks.append((item[0], y))
+            elif isinstance(item, dict):
+                raise ValueError(f"batch {i} of {name} is a dict; models taking dict inputs are handled by "
+                                 "nn_adapters.transformer (pass target=...) or pass tensors.")
+            else:
+                raise ValueError(f"batch {i} of {name} is a {type(item).__name__}; each batch must be a tensor or "
+                                 "an (inputs, labels) pair of tensors.")
+    else:
+        raise ValueError(f"{name} must be a tensor or an iterable of batches; got {type(data).__name__}.")
+    out: list[Batch] = []
+    for i, (x, y) in enumerate(chunks):
+        if x.ndim == 0 or x.shape[0] == 0:
+            continue
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"batch {i} of {name} contains NaN or infinite inputs; clean the data first.")
+        if device is not None:
+            x = x.to(device)
+            y = y.to(device) if y is not None else None
+        out.append((x, y))
+    if not out:
+        raise ValueError(f"{name} holds no samples; pass at least one batch (a few hundred samples is typical).")
+    shapes = {tuple(x.shape[1:]) for x, _ in out}
+    if len(shapes) > 1:
+        raise ValueError(f"{name} batches have different sample shapes {sorted(shapes)}; use one input shape.")
+    return out
+
+
+def n_samples(batches: list[Batch]) -> int:
+    return int(sum(x.shape[0] for x, _ in batches))

@@ -1,0 +1,207 @@
+"""Budgets: how many units each prunable layer keeps.
+
+Three ways to say it:
+
+* ``keep=0.5`` (or ``{pair name: fraction}``): a keep fraction per layer, ``k_l = max(1, round(f * n_l))``.
+* ``compression=4.0`` with ``allocation="uniform"``: the largest common keep fraction whose pruned network has at
+  most ``P / compression`` parameters (``P`` counts every parameter of the model, prunable or not).
+* ``compression=4.0`` with ``allocation="error"``: a label-free non-uniform allocation. Each layer's nested greedy
+  path (LayerInChange statistics of the original network) gives its relative reconstruction error
+  ``e_l(k) = ||Y_l - A_S M||^2 / ||Y_l||^2`` for every size ``k`` at once. Starting from the full network, the
+  allocation removes one unit at a time from the layer with the smallest error increase per parameter saved,
+  ``(e_l(k_l - 1) - e_l(k_l)) / (P(k) - P(k - e_l))``, until the parameter budget is met: a greedy (marginal
+  analysis) heuristic for ``min sum_l e_l(k_l)`` subject to ``P(k) <= P / compression``. It is exact when the
+  curves are convex and the costs additive; otherwise it is a heuristic (no optimality claim).
+
+The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (:class:`ParamModel`), so
+budgets are met exactly, without building candidate networks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .pairs import PrunablePair
+
+__all__ = ["ParamModel", "keep_counts", "uniform_counts", "error_allocation", "count_flops"]
+
+
+class ParamModel:
+    """Exact parameter count of the network as a function of the kept units ``k`` of every pair.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The unpruned network.
+    pairs : list of PrunablePair
+    adds_bias : bool
+        Whether consumers without a bias get one (the least-squares refit with intercept adds it).
+    """
+
+    def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False) -> None:
+        self.n_units = np.array([p.n_units for p in pairs], dtype=np.int64)
+        prod = {p.producer: i for i, p in enumerate(pairs)}
+        cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
+        bn = {b: i for i, p in enumerate(pairs) for b in p.between}
+        const = 0
+        terms = []  # (coef, in_idx, in_mult, out_idx, out_mult); value = coef * kk[in]*in_mult * kk[out]*out_mult
+        for name, m in model.named_modules():
+            direct = sum(p.numel() for p in m.parameters(recurse=False))
+            if name in prod or name in cons:
+                W = m.weight
+                out_fixed = W.shape[0]
+                in_fixed = W[0].numel()
+                o_idx, o_mult = (prod[name], 1) if name in prod else (-1, out_fixed)
+                if name in cons:
+                    i_idx, cpu = cons[name]
+                    i_mult = cpu
+                else:
+                    i_idx, i_mult = -1, in_fixed
+                terms.append((1, i_idx, i_mult, o_idx, o_mult))
+                if m.bias is not None or (adds_bias and name in cons):
+                    terms.append((1, -1, 1, o_idx, o_mult))
+                const += direct - W.numel() - (m.bias.numel() if m.bias is not None else 0)
+            elif name in bn:
+                n_aff = sum(p.numel() for p in m.parameters(recurse=False))
+                if n_aff:
+                    terms.append((n_aff // m.num_features, -1, 1, bn[name], 1))
+            else:
+                const += direct
+        self.const = int(const)
+        t = np.array(terms, dtype=np.int64).reshape(-1, 5)
+        self._coef, self._in, self._in_mult, self._out, self._out_mult = t.T
+
+    def count(self, k: np.ndarray) -> np.ndarray:
+        """Parameter count for kept counts ``k`` (shape ``(L,)`` or a batch ``(B, L)``)."""
+        k = np.asarray(k, dtype=np.int64)
+        kk = np.concatenate([k, np.ones(k.shape[:-1] + (1,), dtype=np.int64)], axis=-1)
+        vals = self._coef * kk[..., self._in] * self._in_mult * kk[..., self._out] * self._out_mult
+        return self.const + vals.sum(axis=-1)
+
+    def total(self) -> int:
+        return int(self.count(self.n_units))
+
+
+def _check_compression(compression: object) -> float:
+    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not math.isfinite(compression):
+        raise ValueError(f"compression must be a number >= 1 (e.g. 4.0 for 4x fewer parameters); got {compression!r}.")
+    if compression < 1:
+        raise ValueError(f"compression must be >= 1 (the ratio of parameters before / after); got {compression}.")
+    return float(compression)
+
+
+def _unreachable(pm: ParamModel, compression: float) -> ValueError:
+    floor = int(pm.count(np.ones_like(pm.n_units)))
+    return ValueError(
+        f"compression {compression:g}x is not reachable: keeping one unit in every prunable layer still leaves "
+        f"{floor} of {pm.total()} parameters (at most {pm.total() / floor:.2f}x), because the layers that cannot be "
+        "pruned (first input, outputs, residual branches) hold the rest. Ask for a lower compression or declare "
+        "more prunable pairs.")
+
+
+def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]) -> np.ndarray:
+    """Kept counts from a keep fraction (or ``{pair name or producer: fraction}``), at least 1 per layer."""
+    fr = []
+    for p in pairs:
+        if isinstance(keep, Mapping):
+            f = keep.get(p.name, keep.get(p.producer, 1.0))
+        else:
+            f = keep
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
+            raise ValueError(f"keep fractions must be in (0, 1]; got {f!r} for {p.name}.")
+        fr.append(f)
+    if isinstance(keep, Mapping):
+        known = {p.name for p in pairs} | {p.producer for p in pairs}
+        unknown = set(keep) - known
+        if unknown:
+            raise ValueError(f"keep names {sorted(unknown)} are not prunable pairs; known: {sorted(known)}.")
+    return np.array([max(1, int(round(f * p.n_units))) for f, p in zip(fr, pairs, strict=True)], dtype=np.int64)
+
+
+def uniform_counts(pm: ParamModel, compression: float) -> np.ndarray:
+    """Largest common keep fraction meeting ``P(k) <= P / compression`` (bisection on the fraction)."""
+    compression = _check_compression(compression)
+    budget = pm.total() / compression
+    n = pm.n_units
+
+    def ks(f: float) -> np.ndarray:
+        return np.maximum(1, np.floor(f * n + 1e-9)).astype(np.int64)
+
+    if pm.count(ks(0.0)) > budget:
+        raise _unreachable(pm, compression)
+    if pm.count(n) <= budget:
+        return n.copy()
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if pm.count(ks(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return ks(lo)
+
+
+def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: float) -> np.ndarray:
+    """Greedy marginal allocation of kept units from per-layer error curves (see the module docstring).
+
+    Parameters
+    ----------
+    pm : ParamModel
+    curves : list of arrays
+        ``curves[l][k]`` = relative error of layer ``l`` keeping its first ``k`` greedy units (length ``n_l + 1``).
+    compression : float
+    """
+    compression = _check_compression(compression)
+    budget = pm.total() / compression
+    if pm.count(np.ones_like(pm.n_units)) > budget:
+        raise _unreachable(pm, compression)
+    k = pm.n_units.copy()
+    L = k.size
+    eye = np.eye(L, dtype=np.int64)
+    curves = [np.asarray(c, dtype=np.float64) for c in curves]
+    current = int(pm.count(k))
+    while current > budget:
+        cand = k[None, :] - eye  # row l: remove one unit from layer l
+        saved = current - pm.count(cand)
+        d_err = np.array([curves[i][k[i] - 1] - curves[i][k[i]] if k[i] > 1 else np.inf for i in range(L)])
+        d_err = np.maximum(d_err, 0.0)
+        score = np.where((k > 1) & (saved > 0), d_err / np.maximum(saved, 1), np.inf)
+        i = int(np.argmin(score))
+        if not np.isfinite(score[i]):
+            raise _unreachable(pm, compression)
+        k[i] -= 1
+        current = int(pm.count(k))
+    return k
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass per sample, counting Conv2d and Linear layers only
+    (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted)."""
+    total = [0]
+    handles = []
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            per_out = m.in_features
+        total[0] += 2 * out.numel() * per_out
+
+    try:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                handles.append(m.register_forward_hook(hook))
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example[:1])
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total[0])

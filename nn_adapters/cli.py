@@ -1,0 +1,128 @@
+"""Subcommands ``submod demo`` and ``submod prune`` (registered into the ``submod`` command by submod.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` and ``prune`` subcommands to ``subparsers``."""
+    demo = subparsers.add_parser(
+        "demo", help="prune a digits CNN with every method from a few unlabeled images; table, plot, report",
+        description="Train (or load from the cache) a small CNN on scikit-learn's digits, prune it at 2x-16x "
+        "parameter compression from 50/100/500 unlabeled images with every method and no fine-tuning, and write "
+        "a table, a plot and a Markdown report.")
+    demo.add_argument("--out", default="submod_demo_out", help="output directory (default ./submod_demo_out)")
+    demo.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8, 16])
+    demo.add_argument("--calib", type=int, nargs="+", default=[50, 100, 500], help="calibration set sizes")
+    demo.add_argument("--retrain", action="store_true", help="ignore the cached model and train again")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch/BLAS threads (default 1: fastest for this small model on a shared machine)")
+    demo.set_defaults(func=_run_demo)
+
+    pr = subparsers.add_parser(
+        "prune", help="prune your model: module:function returning (model, calibration loader[, eval loader])",
+        description="Import MODULE:FUNCTION (from the current directory or PYTHONPATH); it must return "
+        "(model, calibration_loader) or (model, calibration_loader, eval_loader). Prune the model, print the "
+        "report (and the accuracy before/after on the eval loader of (inputs, labels) batches), save the pruned "
+        "model with nn_adapters.save_pruned.")
+    pr.add_argument("spec", help="module:function, e.g. mymodels:build")
+    grp = pr.add_mutually_exclusive_group()
+    grp.add_argument("--compression", type=float, help="whole-network parameter compression, e.g. 4")
+    grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5")
+    pr.add_argument("--method", default="asym",
+                    choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad"))
+    pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
+    pr.add_argument("--allocation", choices=("uniform", "error"), default="uniform")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")
+    pr.add_argument("--progress", action="store_true", help="show a progress bar")
+    pr.set_defaults(func=_run_prune)
+
+
+def _set_threads(n: int) -> object:
+    import torch
+
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1; got {n}.")
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: BLAS keeps its own default
+        return None
+    return threadpool_limits(n)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    limits = _set_threads(args.threads)
+    try:
+        run_demo(args.out, compressions=args.compressions, calib_sizes=args.calib, retrain=args.retrain)
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+    return 0
+
+
+def _load_user(spec: str) -> tuple:
+    if ":" not in spec:
+        raise ValueError(f"expected module:function, got {spec!r} (e.g. mymodels:build).")
+    mod_name, fn_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {mod_name!r} ({exc}); run from its directory or set "
+                         "PYTHONPATH.") from exc
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{mod_name!r} has no callable {fn_name!r}.")
+    out = fn()
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise ValueError(f"{spec} must return (model, calibration_loader) or (model, calibration_loader, "
+                         f"eval_loader); got {type(out).__name__}.")
+    return out
+
+
+def _eval_accuracy(model: object, loader: object) -> float:
+    import torch
+
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
+            x, y = batch[0], batch[1]
+            correct += int((model(x).argmax(dim=-1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("the evaluation loader is empty.")
+    return correct / total
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from . import prune, save_pruned
+
+    if args.compression is None and args.keep is None:
+        args.compression = 4.0
+    model, calib, *rest = _load_user(args.spec)
+    before = _eval_accuracy(model, rest[0]) if rest else None
+    pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,
+                           reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
+                           progress=args.progress)
+    print(report.summary())
+    if rest:
+        after = _eval_accuracy(pruned, rest[0])
+        print(f"accuracy on the evaluation loader: {100 * before:.2f}% -> {100 * after:.2f}% (no fine-tuning)")
+    path = save_pruned(pruned, Path(args.out))
+    print(f"saved the pruned model to {path} (load with nn_adapters.load_pruned(path, base_model=...))")
+    return 0

@@ -1,0 +1,118 @@
+"""The scikit-learn digits data set and the small CNN trained on it for ``submod demo`` (cached on disk).
+
+The data ship with scikit-learn (1797 8x8 grey images, no download). The split is fixed (stratified 80/20, seed
+0); pixels are scaled to [0, 1]. Training takes a few seconds on one CPU core; the trained weights are cached in
+``$SUBMOD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/submod`` or ``~/.cache/submod``), written atomically with
+:func:`nn_adapters.save_pruned`, and reloaded safely with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import zoo
+from .io import load_pruned, save_pruned
+
+__all__ = ["load_digits_split", "train_digits_cnn", "pretrained_digits_cnn", "accuracy", "cache_dir"]
+
+_CACHE_VERSION = "v1"
+
+
+def cache_dir() -> Path:
+    """The user cache directory of submod (``$SUBMOD_CACHE_DIR``, else ``$XDG_CACHE_HOME/submod``, else
+    ``~/.cache/submod``)."""
+    if os.environ.get("SUBMOD_CACHE_DIR"):
+        return Path(os.environ["SUBMOD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "submod"
+
+
+def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(X_train, y_train, X_test, y_test)``: images ``(N, 1, 8, 8)`` float32 in [0, 1] and int64 labels.
+
+    Examples
+    --------
+    >>> Xtr, ytr, Xte, yte = load_digits_split()
+    >>> tuple(Xtr.shape), tuple(Xte.shape)
+    ((1437, 1, 8, 8), (360, 1, 8, 8))
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    X = (d.images.astype(np.float32) / 16.0)[:, None]
+    Xtr, Xte, ytr, yte = train_test_split(X, d.target, test_size=0.2, random_state=seed, stratify=d.target)
+    return (torch.from_numpy(Xtr), torch.from_numpy(ytr).long(), torch.from_numpy(Xte), torch.from_numpy(yte).long())
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (evaluated in eval mode, then restored)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(X), batch_size):
+            correct += int((model(X[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]).sum())
+    model.train(was)
+    return correct / len(X)
+
+
+def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False) -> nn.Module:
+    """Train :func:`nn_adapters.zoo.digits_cnn` on the digits training split (Adam, cosine learning rate)."""
+    Xtr, ytr, _, _ = load_digits_split()
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = zoo.digits_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    n = len(Xtr)
+    for ep in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if verbose:
+            print(f"epoch {ep + 1}/{epochs} loss {total / n:.4f}")
+    return model.eval()
+
+
+def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple[nn.Module, dict]:
+    """The trained digits CNN, from the cache or trained now (and cached atomically).
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode.
+    info : dict
+        ``path``, ``cached`` (bool), ``train_time_s``.
+    """
+    path = cache_dir() / f"digits_cnn-{_CACHE_VERSION}-seed0.pt"
+    if path.exists() and not retrain:
+        try:
+            return load_pruned(path), {"path": str(path), "cached": True, "train_time_s": 0.0}
+        except (ValueError, RuntimeError) as exc:  # a stale or corrupt cache entry: retrain below
+            if verbose:
+                print(f"ignoring unreadable cache {path}: {exc}")
+    t0 = time.perf_counter()
+    model = train_digits_cnn(verbose=verbose)
+    took = time.perf_counter() - t0
+    try:
+        save_pruned(model, path)
+    except OSError as exc:  # read-only home: run without the cache
+        if verbose:
+            print(f"could not cache the model at {path}: {exc}")
+    return model, {"path": str(path), "cached": False, "train_time_s": took}

@@ -1,0 +1,141 @@
+"""Save and load pruned models without unpickling code.
+
+A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
+architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv2d/BatchNorm
+layer) and a plain ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses
+arbitrary pickled objects, then rebuilds the architecture (from the zoo, or from an unpruned instance you pass),
+resizes the layers and loads the tensors strictly. The file is written to a temporary name and moved into place
+with ``os.replace``, so an interrupted save never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+
+__all__ = ["save_pruned", "load_pruned", "architecture_spec"]
+
+FORMAT = "submod-pruned-v1"
+
+
+def architecture_spec(model: nn.Module) -> dict:
+    """The JSON-able description of ``model``'s layer sizes (and its zoo builder if it has one)."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            shapes[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+        elif isinstance(m, nn.Conv2d):
+            shapes[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels,
+                            "bias": m.bias is not None}
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            shapes[name] = {"type": type(m).__name__, "num_features": m.num_features}
+    return {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Save ``model`` (pruned or not) to ``path`` atomically; see the module docstring for the format.
+
+    Examples
+    --------
+    >>> import tempfile, os, torch
+    >>> import nn_adapters as nna
+    >>> net = nna.zoo.mlp(8, [16], 2)
+    >>> pruned, _ = nna.prune(net, torch.randn(64, 8), keep=0.5, method="layer")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = nna.save_pruned(pruned, os.path.join(d, "net.pt"))
+    ...     back = nna.load_pruned(p)
+    >>> back[1].out_features
+    8
+    """
+    path = Path(path)
+    spec = architecture_spec(model)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"spec": json.dumps(spec), "state_dict": state}, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _resize(model: nn.Module, name: str, shape: dict) -> None:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
+                         "architecture the model was pruned from as base_model=.") from exc
+    kind = shape["type"]
+    if type(m).__name__ != kind:
+        raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
+    dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
+    if kind in ("Linear", "Conv2d"):
+        tail = () if kind == "Linear" else m.weight.shape[2:]
+        m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"], *tail, **dev))
+        m.bias = nn.Parameter(torch.empty(shape["out"], **dev)) if shape["bias"] else None
+        if kind == "Linear":
+            m.in_features, m.out_features = shape["in"], shape["out"]
+        else:
+            m.in_channels, m.out_channels = shape["in"], shape["out"]
+    else:
+        n = shape["num_features"]
+        if m.weight is not None:
+            m.weight = nn.Parameter(torch.empty(n, **dev))
+            m.bias = nn.Parameter(torch.empty(n, **dev))
+        if m.running_mean is not None:
+            m.running_mean = torch.zeros(n)
+            m.running_var = torch.ones(n)
+        m.num_features = n
+
+
+def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
+                map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a model written by :func:`save_pruned` (``torch.load(weights_only=True)``: no code is unpickled).
+
+    Parameters
+    ----------
+    path : path-like
+    base_model : nn.Module, optional
+        An instance of the unpruned architecture (copied, never modified). Not needed for zoo models.
+    map_location : str or torch.device
+
+    Returns
+    -------
+    nn.Module
+        The model with the saved layer sizes and weights, in eval mode.
+    """
+    try:
+        data = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path} is not a model saved by nn_adapters.save_pruned "
+                         f"({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(data, dict) or "spec" not in data or "state_dict" not in data:
+        raise ValueError(f"{path} is not a model saved by nn_adapters.save_pruned (missing spec/state_dict).")
+    spec = json.loads(data["spec"])
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {spec.get('format')!r}; this version reads {FORMAT!r}.")
+    if base_model is not None:
+        model = copy.deepcopy(base_model)
+    elif spec.get("builder"):
+        model = zoo.build(spec["builder"]["name"], **spec["builder"]["kwargs"])
+    else:
+        raise ValueError(f"{path} holds a custom architecture; pass base_model= (an instance of the unpruned model "
+                         "class) so it can be rebuilt without unpickling code.")
+    for name, shape in spec["shapes"].items():
+        _resize(model, name, shape)
+    model.load_state_dict(data["state_dict"], strict=True)
+    return model.to(map_location).eval()

@@ -1,0 +1,382 @@
+"""Discovery of prunable (producer, consumer) layer pairs in a PyTorch model.
+
+A *pair* is a producer layer whose output units (neurons of a ``Linear``, channels of a ``Conv2d``) feed exactly
+one consumer layer through channel-wise operations only (BatchNorm, element-wise activations, pooling, dropout,
+flatten). Removing a producer unit then removes its row/channel from the producer, its entries from every
+BatchNorm on the way, and its input columns from the consumer, and nothing else in the network changes. This is
+the setting of El Halabi, Srinivas & Lacoste-Julien, "Data-Efficient Structured Pruning via Submodular
+Optimization" (NeurIPS 2022).
+
+Supported pair kinds
+--------------------
+``linear->linear``
+    one unit = one input column of the consumer.
+``conv->conv``
+    one unit = a channel = ``kh * kw`` columns of the consumer's unfolded input.
+``conv->linear``
+    a convolution followed (after pooling) by a flatten and a ``Linear``: one channel = ``H * W`` columns of the
+    consumer's input (grouped by spatial position).
+
+Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
+prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
+prunable, as in the paper).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
+
+# Modules that act on each channel (or neuron) separately, so that dropping a channel before them is the same as
+# dropping it after them.
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.AlphaDropout,
+)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
+    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone"}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_SHAPE_QUERIES = {"size", "dim"}
+_RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A pair declared by the user: ``producer`` feeds ``consumer`` through channel-wise ops only.
+
+    Parameters
+    ----------
+    producer, consumer : str
+        Qualified module names (as in ``model.named_modules()``).
+    between : tuple of str
+        Names of the BatchNorm modules on the way, whose entries are removed with the producer's units.
+
+    Examples
+    --------
+    >>> import torch.nn as nn
+    >>> from nn_adapters import Pair
+    >>> Pair("0", "2")
+    Pair(producer='0', consumer='2', between=())
+    """
+
+    producer: str
+    consumer: str
+    between: tuple[str, ...] = ()
+
+
+@dataclass
+class PrunablePair:
+    """A resolved prunable pair.
+
+    Attributes
+    ----------
+    producer, consumer : str
+        Module names.
+    between : tuple of str
+        BatchNorm modules between them (their entries follow the producer's units).
+    kind : str
+        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"``.
+    n_units : int
+        Output units of the producer (the ground-set size of the selection problem).
+    cols_per_unit : int
+        Consumer input columns per unit: 1, ``kh * kw`` or ``H * W``.
+    consumer_node : str or None
+        Name of the consumer's node in the traced graph (``None`` for untraceable models).
+    """
+
+    producer: str
+    consumer: str
+    between: tuple[str, ...]
+    kind: str
+    n_units: int
+    cols_per_unit: int
+    consumer_node: str | None = None
+    ops: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.producer}->{self.consumer}"
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps user subclasses of the supported layers (e.g. a custom ``nn.Linear``) as leaf modules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot)."""
+    try:
+        graph = _LeafTracer().trace(model)
+        return fx.GraphModule(model, graph)
+    except Exception as exc:  # fx raises many exception types for data-dependent control flow
+        raise ValueError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Automatic pair "
+            "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
+            "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
+            "method='layer'.") from exc
+
+
+def _unit_count(mod: nn.Module) -> int:
+    return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+
+
+def _conv_ok(mod: nn.Module) -> str | None:
+    if mod.groups != 1:
+        return f"grouped convolution (groups={mod.groups}) is not supported"
+    if mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
+    if isinstance(mod.padding, str):
+        return f"padding={mod.padding!r} is not supported; pass explicit integer padding"
+    return None
+
+
+def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[PrunablePair], list[tuple[str, str]]]:
+    """Find the prunable pairs of a traceable model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network (not modified; a traced copy is used).
+    example_input : torch.Tensor
+        A small batch of inputs, used to read activation shapes.
+
+    Returns
+    -------
+    pairs : list of PrunablePair
+        In the order their consumers run.
+    skipped : list of (str, str)
+        ``(module name, reason)`` for every Linear/Conv2d that is not a prunable producer.
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn
+    >>> from nn_adapters import find_pairs
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> pairs, skipped = find_pairs(net, torch.zeros(2, 4))
+    >>> [(p.name, p.kind, p.n_units) for p in pairs]
+    [('0->2', 'linear->linear', 8)]
+    >>> skipped
+    [('2', 'its output is the network output')]
+    """
+    gm = trace(model)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise ValueError(f"running the model on a calibration batch of shape {tuple(example_input.shape)} failed "
+                         f"({type(exc).__name__}: {exc}); check that the calibration data matches the model's input."
+                         ) from exc
+    finally:
+        gm.train(was_training)
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    pairs: list[PrunablePair] = []
+    skipped: list[tuple[str, str]] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = modules[node.target]
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        result = _follow(node, mod, modules, calls)
+        if isinstance(result, str):
+            skipped.append((node.target, result))
+        else:
+            pairs.append(result)
+    pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
+    return pairs, skipped
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the tensor's values (shape queries such as ``x.size(0)`` do not)."""
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target in _SHAPE_QUERIES:
+            continue
+        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] == "shape":
+            continue
+        out.append(u)
+    return out
+
+
+def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
+            calls: dict[str, int]) -> PrunablePair | str:
+    """Walk from a producer node to its consumer; return the pair or the reason it is not prunable."""
+    if calls[node.target] > 1:
+        return f"module is called {calls[node.target]} times (shared weights)"
+    is_conv = isinstance(producer, nn.Conv2d)
+    if is_conv and (why := _conv_ok(producer)) is not None:
+        return why
+    n_units = _unit_count(producer)
+    between: list[str] = []
+    ops: list[str] = []
+    flattened_hw: int | None = None
+    cur = node
+    while True:
+        users = _value_users(cur)
+        if not users:
+            return "its output is not used"
+        if len(users) > 1:
+            return f"its output feeds {len(users)} operations (a branch or a residual connection)"
+        (u,) = users
+        if u.op == "output":
+            return "its output is the network output"
+        if not u.args or u.args[0] is not cur:
+            return f"operation {u.name} does not take the producer's output as its first argument"
+        if u.op == "call_module":
+            m = modules[u.target]
+            if calls[u.target] > 1:
+                return f"module {u.target!r} on the way is called several times (shared weights)"
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units)
+            if isinstance(m, _BN_MODULES):
+                if m.num_features != n_units:
+                    return f"BatchNorm {u.target!r} has {m.num_features} features, expected {n_units}"
+                between.append(u.target)
+            elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
+                pass
+            elif isinstance(m, nn.Flatten):
+                flat = _flatten_hw(cur, u, n_units)
+                if isinstance(flat, str):
+                    return flat
+                flattened_hw = flat
+            else:
+                return f"unsupported module {type(m).__name__} ({u.target!r}) between producer and consumer"
+            ops.append(type(m).__name__)
+        elif u.op == "call_function":
+            if u.target in _RESIDUAL_FUNCTIONS:
+                return f"its output feeds {getattr(u.target, '__name__', u.target)} (a residual sum or concatenation)"
+            if u.target in _FLATTEN_FUNCTIONS:
+                flat = _flatten_hw(cur, u, n_units)
+                if isinstance(flat, str):
+                    return flat
+                flattened_hw = flat
+            elif u.target not in _ELEMENTWISE_FUNCTIONS:
+                return f"unsupported operation {getattr(u.target, '__name__', u.target)} after the producer"
+            ops.append(getattr(u.target, "__name__", str(u.target)))
+        elif u.op == "call_method":
+            if u.target in _FLATTEN_METHODS:
+                flat = _flatten_hw(cur, u, n_units)
+                if isinstance(flat, str):
+                    return flat
+                flattened_hw = flat
+            elif u.target not in _ELEMENTWISE_METHODS:
+                return f"unsupported method .{u.target}() after the producer"
+            ops.append(u.target)
+        else:
+            return f"unsupported graph node {u.op} after the producer"
+        cur = u
+
+
+def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
+    s_in, s_out = _shape(before), _shape(flat_node)
+    if s_in is None or s_out is None:
+        return "could not read activation shapes around a flatten"
+    if s_out == s_in:  # a no-op reshape
+        return 1 if len(s_in) == 2 else "reshape keeps a spatial layout"
+    if len(s_in) == 4 and len(s_out) == 2 and s_in[1] == n_units and s_out[1] == s_in[1] * s_in[2] * s_in[3]:
+        return s_in[2] * s_in[3]
+    return f"reshape from {s_in} to {s_out} is not a flatten of (N, C, H, W) to (N, C*H*W)"
+
+
+def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
+               ops: list[str], flattened_hw: int | None, n_units: int) -> PrunablePair | str:
+    p_conv = isinstance(producer, nn.Conv2d)
+    if isinstance(consumer, nn.Conv2d):
+        if not p_conv or flattened_hw is not None:
+            return f"unsupported path from {type(producer).__name__} to Conv2d {cnode.target!r}"
+        if (why := _conv_ok(consumer)) is not None:
+            return f"consumer {cnode.target!r}: {why}"
+        if consumer.in_channels != n_units:
+            return f"consumer {cnode.target!r} expects {consumer.in_channels} channels, producer gives {n_units}"
+        kind, cpu = "conv->conv", consumer.kernel_size[0] * consumer.kernel_size[1]
+    elif p_conv:
+        if flattened_hw is None:
+            return f"Conv2d feeds Linear {cnode.target!r} without a flatten of (N, C, H, W)"
+        kind, cpu = "conv->linear", flattened_hw
+        if consumer.in_features != n_units * cpu:
+            return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, got {n_units} x {cpu}"
+    else:
+        kind, cpu = "linear->linear", 1
+        if consumer.in_features != n_units:
+            return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, producer gives {n_units}"
+    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops)
+
+
+def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
+                  graph: fx.GraphModule | None = None) -> list[PrunablePair]:
+    """Check user-declared pairs and turn them into :class:`PrunablePair` objects.
+
+    ``declared`` items are :class:`Pair` objects or ``(producer, consumer[, between])`` tuples. Conv->Linear
+    pairs read ``H * W`` as ``consumer.in_features // producer.out_channels``.
+    """
+    modules = dict(model.named_modules())
+    out = []
+    for item in declared:
+        p = item if isinstance(item, Pair) else Pair(item[0], item[1], tuple(item[2]) if len(item) > 2 else ())
+        for nm in (p.producer, p.consumer, *p.between):
+            if nm not in modules:
+                raise ValueError(f"declared pair {p}: no module named {nm!r}; use names from model.named_modules().")
+        prod, cons = modules[p.producer], modules[p.consumer]
+        if not isinstance(prod, (nn.Linear, nn.Conv2d)) or not isinstance(cons, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear or nn.Conv2d; got "
+                             f"{type(prod).__name__} and {type(cons).__name__}.")
+        for m in (prod, cons):
+            if isinstance(m, nn.Conv2d) and (why := _conv_ok(m)) is not None:
+                raise ValueError(f"declared pair {p}: {why}.")
+        n = _unit_count(prod)
+        for b in p.between:
+            bn = modules[b]
+            if not isinstance(bn, _BN_MODULES) or bn.num_features != n:
+                raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features.")
+        if isinstance(cons, nn.Conv2d):
+            if not isinstance(prod, nn.Conv2d) or cons.in_channels != n:
+                raise ValueError(f"declared pair {p}: Conv2d consumer needs a Conv2d producer with "
+                                 f"{cons.in_channels} channels.")
+            kind, cpu = "conv->conv", cons.kernel_size[0] * cons.kernel_size[1]
+        elif isinstance(prod, nn.Conv2d):
+            if cons.in_features % n:
+                raise ValueError(f"declared pair {p}: Linear in_features {cons.in_features} is not a multiple of "
+                                 f"the producer's {n} channels.")
+            kind, cpu = "conv->linear", cons.in_features // n
+        else:
+            if cons.in_features != n:
+                raise ValueError(f"declared pair {p}: consumer has {cons.in_features} inputs, producer {n} outputs.")
+            kind, cpu = "linear->linear", 1
+        node = None
+        if graph is not None:
+            node = next((nd.name for nd in graph.graph.nodes if nd.op == "call_module" and nd.target == p.consumer),
+                        None)
+        out.append(PrunablePair(p.producer, p.consumer, tuple(p.between), kind, n, cpu, node))
+    names = [p.producer for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError("a producer appears in two declared pairs; declare each producer once.")
+    return out

@@ -1,0 +1,504 @@
+"""Structured pruning of MLPs and CNNs from a few unlabeled samples: LayerInChange, SeqInChange, AsymInChange.
+
+For each prunable pair (producer -> consumer) the kept producer units ``S`` and the consumer's new weights are
+chosen so that the consumer's input changes as little as possible:
+
+    min_{|S| <= k, M, b} || Y - A_S M - b ||^2,    Y = A_target W^T,
+
+which is the weakly submodular least-squares objective ``submod.SparseRegression`` maximised by greedy forward
+selection (El Halabi, Srinivas & Lacoste-Julien, "Data-Efficient Structured Pruning via Submodular
+Optimization", NeurIPS 2022). The three methods differ only in where ``A`` and ``Y`` come from:
+
+``layer`` (LayerInChange)
+    ``A`` and ``Y`` from the original network; every pair independently (one forward pass with hooks).
+``seq`` (SeqInChange)
+    ``A`` from the network pruned so far, ``Y = A W^T`` (the unpruned consumer on that input).
+``asym`` (AsymInChange)
+    ``A`` from the network pruned so far, ``Y`` from the original network, so each refit also compensates the
+    error of the earlier layers.
+
+The sequential methods run the calibration set through the traced graph once, node by node, in lock step for
+the pruned and (``asym``) the original network: when a consumer is reached its input (already computed with the
+pruned prefix) feeds the statistics, the pair is pruned, and the cached input is sliced to the kept units. This is
+O(L) layer evaluations in total (as SparseGPT-style calibration), at the cost of holding the activations of the
+calibration set at the current frontier of the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import budget as _budget
+from ._data import as_batches, n_samples
+from ._stats import PairStats, capture_hooks, slice_units
+from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
+from .shrink import keep_bn, keep_outputs, set_inputs
+
+__all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
+
+SUBMODULAR_METHODS = ("asym", "seq", "layer")
+BASELINE_METHODS = ("random", "weight_norm", "act_norm", "actgrad")
+METHODS = SUBMODULAR_METHODS + BASELINE_METHODS
+LABELLED_METHODS = ("actgrad",)
+_TRANSFORMER_CLASSES = {"BertModel", "BertEncoder", "TransformerEncoderLayer"}
+
+
+@dataclass
+class LayerReport:
+    """What happened to one prunable pair.
+
+    ``relative_error`` is the empirical relative reconstruction error ``||Y - A_S M - b||^2 / ||Y - mean||^2`` of
+    the least-squares refit on the calibration data (with ``reweight=False`` the kept original weights do no better
+    than this, up to the ridge). ``None`` when no refit was computed.
+    """
+
+    pair: str
+    kind: str
+    n_units: int
+    kept: int
+    kept_units: list[int]
+    pick_order: list[int]
+    relative_error: float | None
+    time_s: float
+
+
+@dataclass
+class PruneReport:
+    """Summary of a pruning run (all error figures are empirical, measured on the calibration data)."""
+
+    method: str
+    reweight: bool
+    labelled: bool
+    statistics: str
+    allocation: str
+    n_samples: int
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    time_s: float = 0.0
+
+    @property
+    def compression(self) -> float:
+        """Achieved parameter compression (params before / after; exact count)."""
+        return self.params_before / max(self.params_after, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compression"] = self.compression
+        return d
+
+    def summary(self) -> str:
+        """A short human-readable table."""
+        lines = [f"method={self.method} reweight={self.reweight} statistics={self.statistics} "
+                 f"allocation={self.allocation} samples={self.n_samples}"
+                 + (" [uses labels]" if self.labelled else ""),
+                 f"params {self.params_before} -> {self.params_after} ({self.compression:.2f}x), "
+                 f"FLOPs/sample {self.flops_before} -> {self.flops_after}, time {self.time_s:.2f}s"]
+        for r in self.layers:
+            err = "n/a" if r.relative_error is None else f"{r.relative_error:.4f}"
+            lines.append(f"  {r.pair:<28} {r.kind:<15} kept {r.kept:>4}/{r.n_units:<4} rel.err {err}")
+        for name, why in self.skipped:
+            lines.append(f"  skipped {name}: {why}")
+        return "\n".join(lines)
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    return any(type(m).__name__ in _TRANSFORMER_CLASSES for m in model.modules())
+
+
+def _check_args(method: str, compression: object, keep: object, allocation: str, ridge: float,
+                refit_from: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if (compression is None) == (keep is None):
+        raise ValueError("pass exactly one of compression= (whole-network parameter ratio, e.g. 4.0) or keep= "
+                         "(fraction of units kept in every prunable layer, e.g. 0.5).")
+    if allocation not in ("uniform", "error"):
+        raise ValueError(f"allocation must be 'uniform' or 'error'; got {allocation!r}.")
+    if keep is not None and allocation != "uniform":
+        raise ValueError("allocation= applies to compression=; with keep= every layer keeps that fraction.")
+    if not isinstance(ridge, (int, float)) or not np.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0 (relative to the mean activation variance); "
+                         f"got {ridge!r}.")
+    if refit_from not in SUBMODULAR_METHODS:
+        raise ValueError(f"refit_from must be one of {SUBMODULAR_METHODS}; got {refit_from!r}.")
+
+
+def prune(model: nn.Module, calibration_data: object, compression: float | None = None,
+          keep: float | Mapping[str, float] | None = None, method: str = "asym", reweight: bool = True,
+          seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
+          pairs: Sequence[Pair | tuple] | None = None, ridge: float = 1e-3, refit_from: str = "asym",
+          loss_fn: Callable | None = None, progress: bool = False, **kwargs: object) -> tuple[nn.Module, PruneReport]:
+    """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network. It is never modified (a deep copy is pruned).
+    calibration_data : tensor or iterable of batches
+        Inputs, an ``(inputs, labels)`` pair of tensors, or an iterable of batches (tensors or ``(inputs, labels)``;
+        labels are ignored except by ``method="actgrad"``).
+    compression : float, optional
+        Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
+    keep : float or dict, optional
+        Fraction of units kept in every prunable layer (or per pair name / producer name). Exactly one of
+        ``compression`` and ``keep``.
+    method : str, default "asym"
+        ``"asym"``, ``"seq"``, ``"layer"`` (greedy on the submodular-style objective), or a baseline:
+        ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters), ``"act_norm"`` (Wanda-like
+        ``sum |W| * ||X||``) and ``"actgrad"`` (``|activation * gradient|``; uses LABELS).
+    reweight : bool, default True
+        Refit the consumer's weights and bias by least squares on the kept units; ``False`` keeps the original
+        weights of the kept columns (plain structured pruning).
+    seed : int, default 0
+        Seed of the random baseline (the other methods are deterministic).
+    target : str, optional
+        Transformer target (``"ffn"``, ``"heads"``); given, or for BERT/``nn.TransformerEncoderLayer`` models, the
+        call is delegated to :func:`nn_adapters.transformer.prune_transformer`.
+    allocation : {"uniform", "error"}
+        How ``compression`` is split between layers (see :mod:`nn_adapters.budget`).
+    pairs : list of Pair, optional
+        Declare the prunable pairs yourself (for models that cannot be traced, or to restrict pruning).
+    ridge : float, default 1e-3
+        Ridge relative to the mean activation variance; guards singular Gram matrices (fewer samples than
+        columns, dead or duplicate units). 0 gives plain least squares.
+    refit_from : {"asym", "seq", "layer"}
+        Statistics the baselines use for their refit (their selection ignores them except ``act_norm``).
+    loss_fn : callable, optional
+        Loss for ``actgrad`` (default cross-entropy).
+    progress : bool
+        Show a progress bar (tqdm if installed).
+
+    Returns
+    -------
+    pruned : torch.nn.Module
+        A new model with fewer units (real smaller tensors, not masks), in the same train/eval mode as ``model``.
+    report : PruneReport
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn
+    >>> import nn_adapters as nna
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    >>> pruned, report = nna.prune(net, torch.randn(200, 10), keep=0.5, method="asym")
+    >>> [m.out_features for m in pruned if isinstance(m, nn.Linear)]
+    [16, 16, 3]
+    >>> net[0].out_features  # the input model is untouched
+    32
+    """
+    if target is not None or _is_transformer(model):
+        from . import transformer
+
+        if compression is not None:
+            raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
+                             "compression=; pass e.g. keep=0.5.")
+        return transformer.prune_transformer(model, calibration_data, keep=keep, target=target or "ffn",
+                                             method=method, reweight=reweight, seed=seed, **kwargs)
+    if kwargs:
+        raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    _check_args(method, compression, keep, allocation, ridge, refit_from)
+    t_start = time.perf_counter()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    batches = as_batches(calibration_data, device=device)
+    flags = {name: m.training for name, m in model.named_modules()}
+    orig = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model).eval()
+    x0 = batches[0][0]
+
+    gm, trace_error = None, None
+    try:
+        gm = trace(work)
+    except ValueError as exc:
+        trace_error = exc
+    if pairs is None:
+        if gm is None:
+            raise trace_error
+        found, skipped = find_pairs(work, x0[:2])
+    else:
+        found = resolve_pairs(work, list(pairs), x0, gm)
+        declared = {p.producer for p in found}
+        skipped = [(n, "not declared in pairs=") for n, m in work.named_modules()
+                   if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in declared]
+    if not found:
+        reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or "the model has no Linear or Conv2d layer"
+        raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
+                         "Linear->Linear, Conv2d->Conv2d and Conv2d->Flatten->Linear through BatchNorm, activations, "
+                         "pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other layouts.")
+    stats_mode = method if method in SUBMODULAR_METHODS else refit_from
+    if stats_mode != "layer" and gm is None:
+        raise ValueError(f"method {method!r} with statistics {stats_mode!r} needs a model traceable by torch.fx "
+                         f"({trace_error}); use method='layer' (or refit_from='layer' for baselines).")
+    if stats_mode != "layer":
+        for p in found:
+            if p.consumer_node is None:
+                raise ValueError(f"consumer {p.consumer!r} of pair {p.name} is not called in the traced graph.")
+
+    pm = _budget.ParamModel(work, found, adds_bias=reweight)
+    layer_stats: dict[str, PairStats] | None = None
+    full_paths: dict[str, object] = {}
+    if keep is not None:
+        ks = _budget.keep_counts(found, keep)
+    elif allocation == "uniform":
+        ks = _budget.uniform_counts(pm, compression)
+    else:
+        layer_stats = _layer_stats(orig, found, batches, progress)
+        curves = []
+        for p in found:
+            path = layer_stats[p.name].objective(ridge).greedy_path(p.n_units)
+            full_paths[p.name] = path
+            curves.append(np.asarray(path.relative_errors, dtype=np.float64))
+        ks = _budget.error_allocation(pm, curves, compression)
+
+    scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
+    rng = np.random.default_rng(seed)
+    reports: list[LayerReport] = []
+    bar = _progress_bar(len(found), f"prune[{method}]", progress)
+
+    def decide(i: int, pair: PrunablePair, st: PairStats) -> torch.Tensor:
+        t0 = time.perf_counter()
+        k = int(ks[i])
+        f = st.objective(ridge) if (reweight or method in SUBMODULAR_METHODS) else None
+        if method in SUBMODULAR_METHODS:
+            path = full_paths.get(pair.name) if method == "layer" else None
+            if path is None or len(path.selected) < k:
+                path = f.greedy_path(k)
+            order = np.asarray(path.selected[:k], dtype=np.int64)
+        else:
+            order = _baseline_order(method, pair, st, orig, k, rng, scores)
+        kept = np.sort(order)
+        idx = torch.as_tensor(kept, dtype=torch.long, device=device)
+        weight = bias = None
+        rel = None
+        if reweight:
+            M, b = f.refit(kept)
+            cons = work.get_submodule(pair.consumer)
+            weight = torch.as_tensor(np.ascontiguousarray(np.asarray(M).T), dtype=torch.float64)
+            base_bias = cons.bias.detach().to(torch.float64).cpu() if cons.bias is not None else 0.0
+            bias = base_bias + (torch.as_tensor(np.asarray(b), dtype=torch.float64) if b is not None else 0.0)
+            rel = float(f.reconstruction_error(kept) / f.y_norm2) if f.y_norm2 > 0 else 0.0
+        keep_outputs(work.get_submodule(pair.producer), idx)
+        for b_name in pair.between:
+            keep_bn(work.get_submodule(b_name), idx)
+        set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
+        reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), order.tolist(), rel,
+                                   time.perf_counter() - t0))
+        bar.update(1)
+        return idx
+
+    try:
+        if stats_mode == "layer":
+            if layer_stats is None:
+                layer_stats = _layer_stats(orig, found, batches, progress)
+            for i, p in enumerate(found):
+                decide(i, p, layer_stats[p.name])
+        else:
+            _run_staged(gm, orig, work, batches, found, stats_mode, decide)
+    finally:
+        bar.close()
+    for name, m in work.named_modules():
+        m.training = flags.get(name, m.training)
+    report = PruneReport(
+        method=method, reweight=bool(reweight), labelled=method in LABELLED_METHODS, statistics=stats_mode,
+        allocation="keep" if keep is not None else allocation, n_samples=n_samples(batches),
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in work.parameters()),
+        flops_before=_budget.count_flops(orig, x0), flops_after=_budget.count_flops(work, x0),
+        layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start)
+    return work, report
+
+
+def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool) -> dict[str, PairStats]:
+    """LayerInChange statistics of every pair in one forward pass of the original network, through hooks."""
+    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer)) for p in pairs}
+    bar = _progress_bar(len(batches), "calibration", progress)
+    try:
+        with capture_hooks(orig, pairs, stats), torch.no_grad():
+            for x, _ in batches:
+                orig(x)
+                bar.update(1)
+    finally:
+        bar.close()
+    return stats
+
+
+def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Module, k: int,
+                    rng: np.random.Generator, scores: dict[str, np.ndarray] | None) -> np.ndarray:
+    n = pair.n_units
+    if method == "random":
+        return rng.choice(n, size=k, replace=False).astype(np.int64)
+    if method == "weight_norm":
+        W = orig.get_submodule(pair.producer).weight.detach().to(torch.float64)
+        score = W.reshape(W.shape[0], -1).norm(dim=1).cpu().numpy()
+    elif method == "act_norm":
+        W = st.W.abs().sum(dim=0).cpu().numpy()  # sum_i |W_ic| per input column
+        score = (W * st.unit_input_norms()).reshape(n, pair.cols_per_unit).sum(axis=1)
+    else:
+        score = scores[pair.name]
+    return np.argsort(-score, kind="stable")[:k].astype(np.int64)
+
+
+def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
+                    loss_fn: Callable | None) -> dict[str, np.ndarray]:
+    """ActGrad (first-order Taylor) importance ``sum_samples |sum_positions a * dL/da|`` of every unit, computed
+    on the original network with LABELS (Molchanov et al., "Pruning Convolutional Neural Networks for Resource
+    Efficient Inference", ICLR 2017)."""
+    if any(y is None for _, y in batches):
+        raise ValueError("method='actgrad' is the labelled baseline: pass calibration batches as (inputs, labels).")
+    loss_fn = loss_fn or F.cross_entropy
+    acc = {p.name: torch.zeros(p.n_units, dtype=torch.float64) for p in pairs}
+    handles = []
+
+    def make_hook(p: PrunablePair) -> Callable:
+        def pre(_m: nn.Module, inp: tuple) -> None:
+            x = inp[0]
+            if x.requires_grad:
+                xd = x.detach()
+
+                def grad_hook(g: torch.Tensor) -> None:
+                    ag = (xd.to(torch.float64) * g.to(torch.float64))
+                    if p.kind == "conv->conv":
+                        s = ag.sum(dim=(2, 3)).abs().sum(dim=0)
+                    elif p.kind == "conv->linear":
+                        s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
+                    else:
+                        s = ag.reshape(-1, p.n_units).abs().sum(dim=0)
+                    acc[p.name] += s.cpu()
+
+                x.register_hook(grad_hook)
+        return pre
+
+    try:
+        for p in pairs:
+            handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(make_hook(p)))
+        with torch.enable_grad():
+            for x, y in batches:
+                xi = x.clone().requires_grad_(True) if x.is_floating_point() else x
+                loss = loss_fn(model(xi), y)
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for prm in model.parameters():
+            prm.grad = None
+    return {k: v.numpy() for k, v in acc.items()}
+
+
+def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: list, pairs: list[PrunablePair],
+                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor]) -> None:
+    """Run the calibration set through the traced graph once, node by node, pruning each pair at its consumer.
+
+    ``work`` is pruned in place; ``orig`` (only evaluated for ``mode="asym"``) gives the targets.
+    """
+    nodes = list(gm.graph.nodes)
+    by_node = {p.consumer_node: (i, p) for i, p in enumerate(pairs)}
+    last_use: dict[fx.Node, int] = {}
+    for t, node in enumerate(nodes):
+        for a in node.all_input_nodes:
+            last_use[a] = t
+    nb = len(batches)
+    need_orig = mode == "asym"
+    env_w: dict[fx.Node, list] = {}
+    env_o: dict[fx.Node, list] = {}
+    first_input = True
+    with torch.no_grad():
+        for t, node in enumerate(nodes):
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                if first_input:
+                    vals = [x for x, _ in batches]
+                    first_input = False
+                elif node.args:
+                    vals = [node.args[0]] * nb
+                else:
+                    raise ValueError(f"the model's forward() takes a second input {node.target!r}; the sequential "
+                                     "methods support single-input models (use method='layer').")
+                env_w[node] = vals
+                if need_orig:
+                    env_o[node] = list(vals)
+                continue
+            if node.name in by_node:
+                i, p = by_node[node.name]
+                src = node.args[0]
+                if not isinstance(src, fx.Node) or len(src.users) != 1:
+                    raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
+                                     f"{p.name} cannot be pruned sequentially (use method='layer').")
+                st = PairStats(p, orig.get_submodule(p.consumer))
+                for b in range(nb):
+                    st.update(env_w[src][b], env_o[src][b] if need_orig else None)
+                idx = decide(i, p, st)
+                env_w[src] = [slice_units(x, p, idx) for x in env_w[src]]
+            env_w[node] = _execute(node, work, env_w, nb)
+            if need_orig:
+                env_o[node] = _execute(node, orig, env_o, nb)
+            for a in node.all_input_nodes:
+                if last_use.get(a) == t:
+                    env_w.pop(a, None)
+                    env_o.pop(a, None)
+
+
+def _execute(node: fx.Node, model: nn.Module, env: dict, nb: int) -> list:
+    if node.op == "get_attr":
+        obj = model
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return [obj] * nb
+    out = []
+    for b in range(nb):
+        args = fx.node.map_arg(node.args, lambda n, b=b: env[n][b])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n, b=b: env[n][b])
+        if node.op == "call_module":
+            out.append(model.get_submodule(node.target)(*args, **kwargs))
+        elif node.op == "call_function":
+            out.append(node.target(*args, **kwargs))
+        elif node.op == "call_method":
+            out.append(getattr(args[0], node.target)(*args[1:], **kwargs))
+        else:
+            raise ValueError(f"unsupported graph node {node.op}")
+    return out
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> object:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        import sys
+
+        class _Plain(_NoBar):
+            def __init__(self) -> None:
+                self.done = 0
+
+            def update(self, n: int = 1) -> None:
+                self.done += n
+                print(f"\r{desc}: {self.done}/{total}", end="", file=sys.stderr, flush=True)
+
+            def close(self) -> None:
+                print(file=sys.stderr)
+
+        return _Plain()
+    return tqdm(total=total, desc=desc, leave=False)

@@ -1,0 +1,77 @@
+"""Physically shrink modules in place: keep some output units of a producer, the matching BatchNorm entries,
+and the matching input columns of a consumer (optionally with new, refitted weights and bias).
+
+Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
+(``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
+traced graph that references them keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["keep_outputs", "keep_bn", "set_inputs"]
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(dtype=like.dtype, device=like.device).clone(), requires_grad=like.requires_grad)
+
+
+def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
+    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear`` or ``Conv2d``."""
+    module.weight = _param(module.weight[idx], module.weight)
+    if module.bias is not None:
+        module.bias = _param(module.bias[idx], module.bias)
+    if isinstance(module, nn.Linear):
+        module.out_features = int(idx.numel())
+    else:
+        module.out_channels = int(idx.numel())
+
+
+def keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
+    """Keep the channels ``idx`` of a BatchNorm (affine parameters and running statistics)."""
+    if bn.weight is not None:
+        bn.weight = _param(bn.weight[idx], bn.weight)
+        bn.bias = _param(bn.bias[idx], bn.bias)
+    if bn.running_mean is not None:
+        bn.running_mean = bn.running_mean[idx].clone()
+        bn.running_var = bn.running_var[idx].clone()
+    bn.num_features = int(idx.numel())
+
+
+def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> None:
+    """Keep the input units ``idx`` of a consumer, optionally replacing its weights and bias.
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv2d
+    idx : torch.Tensor
+        Kept units (sorted).
+    cols_per_unit : int
+        Input columns per unit (1, ``H*W`` for conv->linear; for a Conv2d consumer a unit is an input channel).
+    weight : torch.Tensor, optional
+        New weights as a matrix ``(out, len(idx) * cols_per_unit)`` in the order of the kept columns. ``None``
+        keeps the original weights of the kept columns.
+    bias : torch.Tensor, optional
+        New bias ``(out,)``; added as a parameter if the module had none. ``None`` leaves the bias as it is.
+    """
+    W = module.weight
+    out = W.shape[0]
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        new = W[:, idx] if weight is None else weight.reshape(out, idx.numel(), kh, kw)
+        module.in_channels = int(idx.numel())
+    else:
+        if weight is None:
+            cols = (idx[:, None] * cols_per_unit + torch.arange(cols_per_unit, device=idx.device)).reshape(-1)
+            new = W[:, cols]
+        else:
+            new = weight
+        module.in_features = int(idx.numel()) * cols_per_unit
+    module.weight = _param(new, W)
+    if bias is not None:
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(out, dtype=W.dtype, device=W.device), requires_grad=W.requires_grad)
+        module.bias = _param(bias, module.bias)

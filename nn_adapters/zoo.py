@@ -1,0 +1,171 @@
+"""Small model zoo for the paper's settings (no torchvision): MLP (LeNet-300-100), LeNet-5, VGG-11 and
+ResNet-20/56 for CIFAR-sized inputs, and the digits CNN of ``submod demo``.
+
+Every builder records its name and arguments in ``model._submod_spec`` so that :func:`nn_adapters.save_pruned`
+can rebuild the architecture on load without pickling code.
+
+Examples
+--------
+>>> import torch
+>>> from nn_adapters import zoo
+>>> zoo.resnet20()(torch.zeros(2, 3, 32, 32)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "digits_cnn", "BUILDERS", "build"]
+
+
+def _tag(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
+    model._submod_spec = {"name": name, "kwargs": kwargs}
+    return model
+
+
+def mlp(in_features: int = 784, hidden: Sequence[int] = (300, 100), out_features: int = 10) -> nn.Sequential:
+    """Fully connected ReLU network (default LeNet-300-100)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    prev = in_features
+    for h in hidden:
+        layers += [nn.Linear(prev, h), nn.ReLU()]
+        prev = h
+    layers.append(nn.Linear(prev, out_features))
+    return _tag(nn.Sequential(*layers), "mlp", in_features=in_features, hidden=list(hidden),
+                out_features=out_features)
+
+
+def lenet5(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Sequential:
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling; ``input_size`` 28 pads the first convolution."""
+    pad = 2 if input_size == 28 else 0
+    side = ((input_size + 2 * pad - 4) // 2 - 4) // 2
+    model = nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+    return _tag(model, "lenet5", in_channels=in_channels, num_classes=num_classes, input_size=input_size)
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm for 32x32 inputs (CIFAR variant: one 512-wide hidden classifier layer)."""
+
+    def __init__(self, cfg: Sequence[int | str], num_classes: int = 10, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                w = max(1, int(round(int(v) * width)))
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c = w
+        self.features = nn.Sequential(*layers)
+        hidden = max(1, int(round(512 * width)))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, hidden), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+_VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def vgg11_cifar(num_classes: int = 10, width: float = 1.0) -> VGG:
+    """VGG-11 with BatchNorm for CIFAR (32x32); ``width`` scales every layer (e.g. 0.25 for quick tests)."""
+    return _tag(VGG(_VGG11, num_classes, width), "vgg11_cifar", num_classes=num_classes, width=width)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016) with the parameter-free option-A shortcut of the CIFAR ResNets."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = stride != 1 or in_planes != planes
+        self.pad = (planes - in_planes) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)) if self.downsample else x
+        return F.relu(out + shortcut)
+
+
+class ResNetCifar(nn.Module):
+    """CIFAR ResNet-(6n+2): 16-32-64 channels, ``n`` basic blocks per stage."""
+
+    def __init__(self, n: int, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages = []
+        c = width
+        for i, planes in enumerate((width, 2 * width, 4 * width)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(BasicBlock(c, planes, stride))
+                c = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def resnet_cifar(depth: int = 20, num_classes: int = 10, width: int = 16) -> ResNetCifar:
+    """CIFAR ResNet of depth ``6n + 2`` (20, 32, 44, 56, 110 ...)."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 56, ...); got {depth}.")
+    return _tag(ResNetCifar((depth - 2) // 6, num_classes, width), "resnet_cifar", depth=depth,
+                num_classes=num_classes, width=width)
+
+
+def resnet20(num_classes: int = 10, width: int = 16) -> ResNetCifar:
+    """ResNet-20 for CIFAR (0.27M parameters at width 16)."""
+    return resnet_cifar(20, num_classes, width)
+
+
+def resnet56(num_classes: int = 10, width: int = 16) -> ResNetCifar:
+    """ResNet-56 for CIFAR (0.85M parameters at width 16)."""
+    return resnet_cifar(56, num_classes, width)
+
+
+def digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: int = 10) -> nn.Sequential:
+    """The LeNet-style CNN of ``submod demo`` for scikit-learn's 8x8 digits.
+
+    conv3x3(1->c1) BN ReLU, conv3x3(c1->c2) BN ReLU, maxpool 2, flatten (c2 x 4 x 4), Linear(->hidden), ReLU,
+    Linear(->10). Its three prunable pairs cover conv->conv (through BatchNorm), conv->linear (through pooling and
+    flatten) and linear->linear.
+    """
+    c1, c2 = channels
+    model = nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    return _tag(model, "digits_cnn", channels=list(channels), hidden=hidden, num_classes=num_classes)
+
+
+BUILDERS = {"mlp": mlp, "lenet5": lenet5, "vgg11_cifar": vgg11_cifar, "resnet_cifar": resnet_cifar,
+            "digits_cnn": digits_cnn}
+
+
+def build(name: str, **kwargs: object) -> nn.Module:
+    """Build a zoo model by name (used when loading a saved pruned model)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown zoo model {name!r}; known: {sorted(BUILDERS)}.")
+    return BUILDERS[name](**kwargs)

@@ -1,0 +1,140 @@
+"""Tests of saving/loading pruned models, the ``demo`` and ``prune`` subcommands, and the digits helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import nn_adapters as nna
+from nn_adapters import cli, demo, digits, zoo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="submod")
+    cli.register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_save_load_roundtrip_zoo_model(tmp_path):
+    net = zoo.digits_cnn().eval()
+    x = torch.randn(64, 1, 8, 8)
+    pruned, _ = nna.prune(net, x, compression=4.0, method="asym")
+    path = nna.save_pruned(pruned, tmp_path / "m.pt")
+    back = nna.load_pruned(path)
+    assert [tuple(p.shape) for p in back.parameters()] == [tuple(p.shape) for p in pruned.parameters()]
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned.eval()(x))
+    assert [f for f in os.listdir(tmp_path)] == ["m.pt"]  # no temporary file left behind
+
+
+def test_save_load_custom_model_needs_base_model(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    base = Net().eval()
+    pruned, _ = nna.prune(base, torch.randn(40, 3), keep=0.5, method="seq")
+    path = nna.save_pruned(pruned, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="base_model"):
+        nna.load_pruned(path)
+    back = nna.load_pruned(path, base_model=base)
+    assert back.a.out_features == 4 and base.a.out_features == 8  # base copied, not modified
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned(x))
+
+
+def test_load_refuses_arbitrary_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "bad.pt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"spec": "{}", "state_dict": Evil()}, fh)
+    with pytest.raises(ValueError, match="not a model saved"):
+        nna.load_pruned(bad)
+
+
+def test_cli_prune_user_model(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom nn_adapters import zoo\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    x = torch.randn(80, 10); y = torch.randint(0, 3, (80,))\n"
+        "    loader = [(x[:40], y[:40]), (x[40:], y[40:])]\n"
+        "    return zoo.mlp(10, [16, 16], 3).eval(), loader, loader\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = _parser().parse_args(["prune", "mymodels:build", "--compression", "2", "--method", "seq",
+                                 "--out", "p.pt"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "method=seq" in out and "accuracy on the evaluation loader" in out
+    assert nna.load_pruned(tmp_path / "p.pt")[1].out_features < 16
+    args = _parser().parse_args(["prune", "mymodels"])
+    with pytest.raises(ValueError, match="module:function"):
+        args.func(args)
+
+
+def test_demo_writes_table_plot_and_report(tmp_path, monkeypatch):
+    """The demo pipeline end to end on an untrained net (training is covered by the slow test)."""
+    net = zoo.digits_cnn().eval()
+    monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: (net, {"path": "-", "cached": True,
+                                                                                     "train_time_s": 0.0}))
+    res = demo.run_demo(tmp_path / "out", compressions=(2, 8), calib_sizes=(50,),
+                        methods=[("asym", "asym", True), ("magnitude (no refit)", "weight_norm", False)],
+                        verbose=False)
+    assert len(res["rows"]) == 4
+    assert all(r["achieved"] >= r["compression"] for r in res["rows"])
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["accuracy_vs_compression.png", "report.md", "results.json"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["label"] == "asym"
+    assert "| magnitude (no refit) |" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_digits_split_is_fixed_and_stratified():
+    Xtr, ytr, Xte, yte = digits.load_digits_split()
+    assert Xtr.shape == (1437, 1, 8, 8) and Xte.shape == (360, 1, 8, 8)
+    assert float(Xtr.min()) >= 0.0 and float(Xtr.max()) <= 1.0
+    assert torch.bincount(yte).min() >= 35
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUBMOD_CACHE_DIR", str(tmp_path))
+    assert digits.cache_dir() == tmp_path
+
+
+@pytest.mark.slow
+def test_demo_full_with_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBMOD_CACHE_DIR", str(tmp_path / "cache"))
+    args = _parser().parse_args(["demo", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["dense"]["accuracy"] > 0.95
+    assert res["total_time_s"] < 300
+    asym16 = [r for r in res["rows"] if r["label"] == "asym" and r["compression"] == 16.0 and r["n_calib"] == 100]
+    mag16 = [r for r in res["rows"] if r["label"] == "magnitude (no refit)" and r["compression"] == 16.0
+             and r["n_calib"] == 100]
+    assert asym16[0]["accuracy"] > mag16[0]["accuracy"] + 0.3
+    assert os.listdir(tmp_path / "cache") == ["digits_cnn-v1-seed0.pt"]

@@ -1,0 +1,378 @@
+"""Tests of nn_adapters.prune: exactness when keeping everything, refit vs an independent lstsq, model untouched,
+hooks removed, every pair kind, residual blocks, budgets, baselines and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nn_adapters as nna
+from nn_adapters import zoo
+from nn_adapters._stats import PairStats, capture_hooks
+from nn_adapters.budget import ParamModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+class FunctionalNet(nn.Module):
+    """Conv -> F.relu -> F.max_pool2d -> x.view(x.size(0), -1) -> Linear: the functional spellings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6 * 2 * 2, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+CASES = {
+    "mlp": (lambda: zoo.mlp(12, [24, 16], 4), (300, 12)),
+    "digits_cnn": (lambda: _randomise_bn(zoo.digits_cnn(channels=(6, 8), hidden=16)), (200, 1, 8, 8)),
+    "functional": (FunctionalNet, (200, 2, 4, 4)),
+    "resnet20": (lambda: _randomise_bn(zoo.resnet20(width=4)), (6, 3, 16, 16)),
+    "vgg11": (lambda: _randomise_bn(zoo.vgg11_cifar(width=1 / 16)), (12, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("method", ["layer", "seq", "asym"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_keep_everything_reproduces_outputs(case, method):
+    build, shape = CASES[case]
+    net = build().eval()
+    x = torch.randn(*shape)
+    pruned, report = nna.prune(net, x, keep=1.0, method=method, ridge=0.0)
+    assert all(r.kept == r.n_units for r in report.layers)
+    with torch.no_grad():
+        ref, out = net(x), pruned.eval()(x)
+    scale = ref.abs().max().item()
+    assert torch.allclose(out, ref, atol=1e-4 * scale, rtol=0), (out - ref).abs().max()
+
+
+def test_pair_kinds_and_residual_blocks():
+    pairs, skipped = nna.find_pairs(zoo.digits_cnn(), torch.zeros(2, 1, 8, 8))
+    assert [(p.producer, p.consumer, p.kind, p.cols_per_unit, p.between) for p in pairs] == [
+        ("0", "3", "conv->conv", 9, ("1",)), ("3", "8", "conv->linear", 16, ("4",)),
+        ("8", "10", "linear->linear", 1, ())]
+    pairs, _ = nna.find_pairs(FunctionalNet(), torch.zeros(2, 2, 4, 4))
+    assert [(p.kind, p.cols_per_unit) for p in pairs] == [("conv->linear", 4), ("linear->linear", 1)]
+    # ResNet: only conv1 of every BasicBlock is prunable; conv2 feeds the residual sum, the stem feeds a branch.
+    pairs, skipped = nna.find_pairs(zoo.resnet20(width=4), torch.zeros(2, 3, 16, 16))
+    assert [p.producer for p in pairs] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    reasons = dict(skipped)
+    assert all("residual" in reasons[f"layer{s}.{b}.conv2"] for s in (1, 2, 3) for b in range(3))
+    assert "branch" in reasons["conv1"]
+    assert "network output" in reasons["fc"]
+
+
+def test_residual_network_prunes_and_runs():
+    net = _randomise_bn(zoo.resnet20(width=4))
+    x = torch.randn(6, 3, 16, 16)
+    pruned, report = nna.prune(net, x, keep=0.5, method="asym")
+    blk = pruned.layer2.get_submodule("1")
+    assert blk.conv1.out_channels == 4 and blk.bn1.num_features == 4 and blk.conv2.in_channels == 4
+    assert blk.conv2.out_channels == 8  # residual branch untouched
+    assert pruned(x).shape == (6, 10)
+    assert any("residual" in why for _, why in report.skipped)
+
+
+def test_refit_equals_lstsq_on_captured_activations_linear():
+    net = zoo.mlp(10, [20, 12], 3).eval()
+    x = torch.randn(150, 10)
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
+    kept, kept_out = report.layers[0].kept_units, report.layers[1].kept_units
+    with torch.no_grad():
+        A = torch.relu(net[1](x)).double().numpy()          # input of consumer net[3] (net[0] is a Flatten)
+    W = net[3].weight.detach().double().numpy()
+    Y = A @ W.T
+    design = np.hstack([A[:, kept], np.ones((len(A), 1))])
+    sol = np.linalg.lstsq(design, Y, rcond=None)[0]
+    # net[3] is also the producer of the next pair: only its kept output rows remain
+    np.testing.assert_allclose(pruned[3].weight.detach().double().numpy(), sol[:-1].T[kept_out], atol=1e-4)
+    np.testing.assert_allclose(pruned[3].bias.detach().double().numpy(),
+                               (net[3].bias.detach().double().numpy() + sol[-1])[kept_out], atol=1e-4)
+    resid = ((Y - design @ sol) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum()
+    assert report.layers[0].relative_error == pytest.approx(resid, rel=1e-6, abs=1e-9)
+    # producer rows and biases of the kept units are the original ones
+    np.testing.assert_array_equal(pruned[1].weight.detach().numpy(), net[1].weight.detach().numpy()[kept])
+
+
+def test_refit_equals_lstsq_conv_patches_built_by_loops():
+    net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 2, stride=2, padding=1)).eval()
+    x = torch.randn(30, 2, 5, 5)
+    pruned, report = nna.prune(net, x, keep=0.6, method="layer", ridge=0.0)
+    kept = report.layers[0].kept_units
+    with torch.no_grad():
+        h = F.pad(torch.relu(net[0](x)), (1, 1, 1, 1)).double().numpy()
+    rows = []
+    for n in range(h.shape[0]):
+        for i in range(0, h.shape[2] - 1, 2):
+            for j in range(0, h.shape[3] - 1, 2):
+                rows.append(h[n, :, i:i + 2, j:j + 2].reshape(-1))  # channel-major, then kernel taps
+    A = np.array(rows)
+    W = net[2].weight.detach().double().numpy().reshape(4, -1)
+    Y = A @ W.T
+    cols = np.concatenate([np.arange(c * 4, c * 4 + 4) for c in kept])
+    design = np.hstack([A[:, cols], np.ones((len(A), 1))])
+    sol = np.linalg.lstsq(design, Y, rcond=None)[0]
+    np.testing.assert_allclose(pruned[2].weight.detach().double().numpy().reshape(4, -1), sol[:-1].T, atol=1e-4)
+    np.testing.assert_allclose(pruned[2].bias.detach().double().numpy(),
+                               net[2].bias.detach().double().numpy() + sol[-1], atol=1e-4)
+
+
+def test_asym_targets_come_from_the_original_network():
+    """AsymInChange refits the second consumer on the PRUNED network's input against the ORIGINAL targets."""
+    net = zoo.mlp(8, [16, 16], 3).eval()
+    x = torch.randn(200, 8)
+    pruned, report = nna.prune(net, x, keep=0.5, method="asym", ridge=0.0)
+    k2 = report.layers[1].kept_units
+    with torch.no_grad():
+        A_pruned = torch.relu(pruned[3](torch.relu(pruned[1](x)))).double().numpy()   # pruned input of net[5]
+        # the pruned net[3] only has the kept rows, so its output units are k2
+        A_orig = torch.relu(net[3](torch.relu(net[1](x)))).double().numpy()
+    Y = A_orig @ net[5].weight.detach().double().numpy().T
+    design = np.hstack([A_pruned, np.ones((len(x), 1))])
+    sol = np.linalg.lstsq(design, Y, rcond=None)[0]
+    assert A_pruned.shape[1] == len(k2)
+    np.testing.assert_allclose(pruned[5].weight.detach().double().numpy(), sol[:-1].T, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", nna.METHODS)
+def test_input_model_unchanged_and_mode_kept(method):
+    net = _randomise_bn(zoo.digits_cnn())
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = [(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))) for _ in range(2)]
+    pruned, report = nna.prune(net, data, compression=3.0, method=method)
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert net.training and pruned.training
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+    assert report.compression >= 3.0
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    assert report.labelled == (method == "actgrad")
+
+
+def test_hooks_removed_when_capture_fails():
+    net = zoo.mlp(4, [8], 2).eval()
+    pairs, _ = nna.find_pairs(net, torch.zeros(2, 4))
+    stats = {pairs[0].name: PairStats(pairs[0], net[3])}
+    with pytest.raises(ValueError, match="NaN"):
+        with capture_hooks(net, pairs, stats):
+            net[1].weight.data[0, 0] = float("nan")
+            net(torch.randn(5, 4))
+    assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_sequential_methods_evaluate_each_layer_a_constant_number_of_times():
+    """O(L): each layer runs a fixed number of times per batch, whatever the depth (no forward per layer)."""
+    calls: dict[int, int] = {}
+
+    class CountingLinear(nn.Linear):
+        def forward(self, x):
+            calls[id(self)] = calls.get(id(self), 0) + 1
+            return super().forward(x)
+
+    def build(depth):
+        layers = [CountingLinear(6, 16), nn.ReLU()]
+        for _ in range(depth):
+            layers += [CountingLinear(16, 16), nn.ReLU()]
+        return nn.Sequential(*layers, CountingLinear(16, 2)).eval()
+
+    x = torch.randn(64, 6)
+    counts = []
+    for depth in (2, 8):
+        calls.clear()
+        nna.prune(build(depth), [x[:32], x[32:]], keep=0.5, method="asym")
+        counts.append(max(calls.values()))
+    assert counts[0] == counts[1] <= 2 * 2 + 3  # orig + pruned per batch, + shape probe and two FLOP counts
+
+
+def test_reweight_false_keeps_original_columns():
+    net = zoo.mlp(6, [12], 3).eval()
+    pruned, report = nna.prune(net, torch.randn(100, 6), keep=0.5, method="seq", reweight=False)
+    kept = report.layers[0].kept_units
+    assert torch.equal(pruned[3].weight, net[3].weight[:, kept])
+    assert torch.equal(pruned[3].bias, net[3].bias)
+
+
+def test_param_model_matches_built_networks_and_budgets():
+    net = _randomise_bn(zoo.digits_cnn())
+    pairs, _ = nna.find_pairs(net, torch.zeros(2, 1, 8, 8))
+    pm = ParamModel(net, pairs)
+    assert pm.total() == sum(p.numel() for p in net.parameters())
+    x = torch.randn(120, 1, 8, 8)
+    for c in (2.0, 8.0, 16.0):
+        for alloc in ("uniform", "error"):
+            pruned, rep = nna.prune(net, x, compression=c, method="layer", allocation=alloc)
+            ks = np.array([r.kept for r in rep.layers])
+            assert rep.params_after == sum(p.numel() for p in pruned.parameters())
+            assert rep.compression >= c
+            assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after
+
+
+def test_error_allocation_prefers_layers_with_low_error():
+    """Marginal allocation: a layer whose units are redundant (duplicated) is pruned harder."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    with torch.no_grad():  # make the 16 hidden units of layer 2 copies of 2 units -> 2 units explain everything
+        net[2].weight.copy_(net[2].weight[:2].repeat(8, 1))
+        net[2].bias.copy_(net[2].bias[:2].repeat(8))
+    # 218 params; removing a unit of layer 2 saves 11, of layer 1 saves 21; 2.5x needs 131 fewer params: the
+    # zero-error removals of layer 2 (14 available) suffice, so layer 1 must stay whole.
+    _, rep = nna.prune(net, torch.randn(300, 4), compression=2.5, method="layer", allocation="error")
+    kept = {r.pair: r.kept for r in rep.layers}
+    assert kept == {"0->2": 8, "2->4": 4}
+    _, rep = nna.prune(net, torch.randn(300, 4), compression=2.5, method="layer", allocation="uniform")
+    assert min(r.kept / r.n_units for r in rep.layers) < 1.0
+
+
+def test_submodular_beats_random_on_a_trained_net():
+    """Sanity of quality on a tiny trained regression MLP (held-out output error below random's, with refit)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 8, generator=g)
+    y = torch.sin(X @ torch.randn(8, 3, generator=g))
+    net = zoo.mlp(8, [32, 32], 3)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        F.mse_loss(net(X), y).backward()
+        opt.step()
+    net.eval()
+    def err(method, seed=0):
+        pruned, _ = nna.prune(net, X[:200], keep=0.25, method=method, seed=seed)
+        with torch.no_grad():
+            return F.mse_loss(pruned(X[200:]), net(X[200:])).item()
+
+    assert err("asym") < np.mean([err("random", s) for s in range(3)])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("data, match", [
+    (None, "None"), (torch.zeros(0, 4), "no samples"), ([], "no samples"),
+    (torch.full((5, 4), float("nan")), "NaN"), ("abc", "tensor or an iterable"), ([{"x": 1}], "dict"),
+])
+def test_bad_calibration_data(data, match):
+    with pytest.raises(ValueError, match=match):
+        nna.prune(zoo.mlp(4, [8], 2), data, keep=0.5)
+
+
+def test_nan_activations_name_the_layer():
+    net = zoo.mlp(4, [8, 8], 2).eval()
+    with torch.no_grad():
+        net[1].weight[0, 0] = float("nan")
+    for method in ("layer", "asym"):
+        with pytest.raises(ValueError, match=r"consumer '3'.*NaN or infinite activations"):
+            nna.prune(net, torch.randn(20, 4), keep=0.5, method=method)
+
+
+def test_impossible_compression_and_bad_budgets():
+    net = zoo.mlp(50, [8], 10)
+    with pytest.raises(ValueError, match="not reachable"):
+        nna.prune(net, torch.randn(20, 50), compression=100.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        nna.prune(net, torch.randn(20, 50))
+    with pytest.raises(ValueError, match="exactly one"):
+        nna.prune(net, torch.randn(20, 50), compression=2.0, keep=0.5)
+    with pytest.raises(ValueError, match=">= 1"):
+        nna.prune(net, torch.randn(20, 50), compression=0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        nna.prune(net, torch.randn(20, 50), keep=1.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        nna.prune(net, torch.randn(20, 50), keep=0.5, method="greedy")
+
+
+def test_unsupported_layers_give_a_clear_error():
+    class Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(dim=(2, 3, 4)))
+
+    with pytest.raises(ValueError, match="no prunable layer pair"):
+        nna.prune(Rnn(), torch.randn(4, 1, 5, 5, 5), keep=0.5)
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8))
+    with pytest.raises(ValueError, match="grouped convolution"):
+        nna.prune(grouped, torch.randn(4, 4, 8, 8), keep=0.5)
+
+
+def test_untraceable_model_declared_pairs():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 10), nn.Linear(10, 2)
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace it
+                return x
+            return self.b(torch.relu(self.a(x)))
+
+    net = Branchy().eval()
+    x = torch.randn(60, 5)
+    with pytest.raises(ValueError, match="could not trace"):
+        nna.prune(net, x, keep=0.5)
+    with pytest.raises(ValueError, match="traceable"):
+        nna.prune(net, x, keep=0.5, method="asym", pairs=[nna.Pair("a", "b")])
+    pruned, rep = nna.prune(net, x, keep=1.0, method="layer", pairs=[nna.Pair("a", "b")], ridge=0.0)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), net(x), atol=1e-5)
+    with pytest.raises(ValueError, match="no module named"):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[("a", "zz")])
+
+
+def test_actgrad_needs_labels():
+    with pytest.raises(ValueError, match="labelled"):
+        nna.prune(zoo.mlp(4, [8], 2), torch.randn(10, 4), keep=0.5, method="actgrad")
+
+
+def test_transformer_models_are_delegated(monkeypatch):
+    from nn_adapters import transformer
+
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen.update(kw)
+        return "pruned", "report"
+
+    monkeypatch.setattr(transformer, "prune_transformer", fake)
+    enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    assert nna.prune(enc, torch.randn(3, 4, 8), keep=0.5, method="seq") == ("pruned", "report")
+    assert seen == {"keep": 0.5, "target": "ffn", "method": "seq", "reweight": True, "seed": 0}
+    nna.prune(zoo.mlp(4, [8], 2), torch.randn(3, 4), keep=0.5, target="heads")
+    assert seen["target"] == "heads"
+
+
+def test_random_baseline_is_seeded():
+    net = zoo.mlp(6, [30], 2).eval()
+    x = torch.randn(50, 6)
+    a = nna.prune(net, x, keep=0.3, method="random", seed=1)[1].layers[0].kept_units
+    b = nna.prune(net, x, keep=0.3, method="random", seed=1)[1].layers[0].kept_units
+    c = nna.prune(net, x, keep=0.3, method="random", seed=2)[1].layers[0].kept_units
+    assert a == b and a != c
