@@ -1,0 +1,695 @@
+r"""Sparse multi-output least-squares regression as a (weakly submodular) set function.
+
+For a design ``A`` (N x p) and targets ``Y`` (N x m), the units of the ground set are groups of columns of ``A``
+(one column for a neuron, ``kh * kw`` columns for a convolution channel, ``head_dim`` columns for an attention
+head) and
+
+.. math::  F(S) = \|Y\|^2 - \min_M \|Y - A_S M\|^2 = \operatorname{tr}(B_S^T G_{SS}^{-1} B_S),
+           \qquad G = A^T A,\ B = A^T Y,
+
+where ``A_S`` holds the columns of the units in ``S``. ``F`` is normalised, monotone and weakly submodular but
+*not* submodular (Das & Kempe, ICML 2011; Elenberg et al., Ann. Stat. 2018). Ridge replaces ``G_SS`` by
+``G_SS + ridge I`` (the augmented design ``[A; sqrt(ridge) I]``, ``[Y; 0]``); an intercept centres ``A`` and ``Y``
+and refits the bias from the means (the bias is not penalised).
+
+Everything is computed from the sufficient statistics ``(G, B, ||Y||^2)`` (plus means and count for the
+intercept), which :class:`GramAccumulator` streams in float64 from batches of rows. Greedy selection is forward
+regression with exact gains, computed for all candidates at once by incremental, blocked Gram-Schmidt updates in
+Gram space (see :mod:`submod._sr_kernels`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.linalg import blas
+
+from ._sr_kernels import (
+    ForwardRegressionState,
+    Problem,
+    factor_in_order,
+    inplace,
+    solve_factored,
+)
+from ._sr_threads import one_blas_thread
+from ._validation import as_float_array, as_index_array, check_k
+from .base import GainState, SetFunction
+
+__all__ = ["GramAccumulator", "RegressionPath", "SparseRegression"]
+
+#: Default relative tolerance: a column whose squared residual norm is ``<= tol * (G_jj + ridge)`` is degenerate.
+DEFAULT_TOL = 1e-10
+
+
+# ---------------------------------------------------------------------------------------------- validation helpers
+def _check_ridge(ridge: object) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real):
+        raise ValueError(f"ridge must be a non-negative real number; got {ridge!r}.")
+    r = float(ridge)
+    if not np.isfinite(r) or r < 0:
+        raise ValueError(f"ridge must be finite and >= 0 (it is the weight of the penalty ridge * ||M||^2); got "
+                         f"{ridge!r}. Pass ridge=0.0 for ordinary least squares.")
+    return r
+
+
+def _check_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0.0 <= float(tol) < 1.0):
+        raise ValueError(f"tol must be a real number in [0, 1); got {tol!r}. The default {DEFAULT_TOL} suits "
+                         "float64 statistics.")
+    return float(tol)
+
+
+def _check_groups(groups: object, p: int) -> list[np.ndarray]:
+    """Return the units as a list of int64 column arrays that partition ``range(p)``."""
+    if groups is None:
+        return [np.array([j], dtype=np.int64) for j in range(p)]
+    if isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
+        s = int(groups)
+        if s <= 0 or p % s:
+            raise ValueError(f"groups={s} asks for consecutive blocks of {s} columns, but the design has {p} "
+                             f"columns, not a positive multiple of {s}. Pass a list of column-index lists instead.")
+        return [np.arange(u * s, (u + 1) * s, dtype=np.int64) for u in range(p // s)]
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise ValueError(f"groups must be None, an int (block size) or a sequence of column-index sequences; got "
+                         f"{type(groups).__name__}.")
+    out: list[np.ndarray] = []
+    owner = np.full(p, -1, dtype=np.int64)
+    for u, g in enumerate(groups):
+        if isinstance(g, (numbers.Integral, np.integer)):
+            raise ValueError(f"groups[{u}] is the single integer {g!r}; each unit must be a sequence of column "
+                             f"indices, e.g. [[0, 1], [2]] (use [[j] for j in range(p)] for single columns).")
+        try:
+            arr = np.asarray(list(g) if not isinstance(g, np.ndarray) else g)
+        except TypeError as exc:
+            raise ValueError(f"groups[{u}] must be a sequence of column indices; got {g!r}.") from exc
+        arr = arr.ravel()
+        if arr.size == 0:
+            raise ValueError(f"groups[{u}] is empty; every unit needs at least one column. Remove it.")
+        if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
+                                     or (np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0))):
+            raise ValueError(f"groups[{u}] must hold integer column indices; got dtype {arr.dtype}.")
+        arr = arr.astype(np.int64)
+        if arr.min() < 0 or arr.max() >= p:
+            raise ValueError(f"groups[{u}] holds column index {int(arr.min() if arr.min() < 0 else arr.max())} "
+                             f"outside [0, {p}); the design has {p} columns.")
+        if np.unique(arr).size != arr.size:
+            raise ValueError(f"groups[{u}] repeats a column; list each column once.")
+        taken = owner[arr] >= 0
+        if taken.any():
+            c = int(arr[np.argmax(taken)])
+            raise ValueError(f"groups overlap: column {c} is in groups[{int(owner[c])}] and groups[{u}]. Units "
+                             "must be disjoint; assign each column to exactly one group.")
+        owner[arr] = u
+        out.append(arr)
+    if not out:
+        raise ValueError("groups is empty; pass None for one unit per column.")
+    missing = np.flatnonzero(owner < 0)
+    if missing.size:
+        raise ValueError(f"groups do not cover columns {missing[:10].tolist()}{' ...' if missing.size > 10 else ''} "
+                         f"({missing.size} of {p}). Every column must belong to a unit: add them as their own "
+                         "groups, or drop them from the design.")
+    return out
+
+
+def _as_targets(Y: ArrayLike, name: str) -> np.ndarray:
+    y = as_float_array(Y, name, (1, 2))
+    return y[:, None] if y.ndim == 1 else y
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+class SparseRegression(SetFunction):
+    r"""Explained target energy of least squares on a subset of column groups.
+
+    ``F(S) = ||Y||^2 - min_{M, b} ||Y - A_S M - 1 b^T||^2 - ridge ||M||^2`` (the bias ``b`` only with
+    ``fit_intercept``), i.e. ``tr(B_S^T (G_SS + ridge I)^{-1} B_S)`` with centred statistics when fitting an
+    intercept. Monotone and weakly submodular, not submodular (``submodular = False``).
+
+    Parameters
+    ----------
+    A : array_like, shape (N, p)
+        Design (e.g. the inputs of the consumer layer, one row per sample or sample x position).
+    Y : array_like, shape (N, m) or (N,)
+        Targets. They may come from another source than ``A`` (asymmetric pruning: ``A`` from the pruned network,
+        ``Y`` from the original one).
+    ridge : float, default 0.0
+        Ridge penalty ``ridge * ||M||^2`` (never on the bias); equals least squares on the augmented design.
+    groups : None, int, or sequence of sequences of int
+        Units: ``None`` for one unit per column, an int ``s`` for consecutive blocks of ``s`` columns, or a list of
+        disjoint column-index lists covering all ``p`` columns.
+    fit_intercept : bool, default False
+        Fit an unpenalised bias: centre ``A`` and ``Y``; ``y_norm2`` is then the centred target energy.
+    tol : float, default 1e-10
+        Relative tolerance for degenerate columns (see Notes).
+
+    Attributes
+    ----------
+    n : int
+        Number of units.
+    n_features, n_targets : int
+        ``p`` and ``m``.
+    y_norm2 : float
+        Total target energy ``||Y||^2`` (centred with an intercept): ``F(S) <= y_norm2``.
+    groups : list of int arrays
+        The columns of each unit.
+
+    Notes
+    -----
+    *Degenerate columns.* When the units of ``S`` are added in order, a column whose squared residual norm on the
+    columns before it is ``<= tol * (G_jj + ridge)`` (all-zero, duplicate, in the span of earlier columns, or past
+    the rank when ``N < p``) brings no new direction: it contributes exactly 0 to gains and values and gets weight
+    0 in :meth:`refit` (a basic solution, not the minimum-norm one; the fitted values ``A_S M`` equal those of
+    ``numpy.linalg.lstsq``). A unit made only of degenerate columns has gain exactly 0, so it is never picked ahead
+    of a unit with a positive gain; :meth:`greedy_path` picks it only when no non-degenerate unit remains.
+
+    *Accuracy.* Gains are exact up to float64 rounding in Gram space: the absolute error is about
+    ``eps * k * ||Y||^2 * (G_jj / residual_jj)``, so a column that is nearly (but not within ``tol``) collinear
+    with the selected ones has a less accurate gain, as with any normal-equations method.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import submod
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.standard_normal((200, 6))
+    >>> Y = A[:, [1, 4]] @ np.array([[2.0, 0.0], [1.0, -1.0]])
+    >>> f = SparseRegression(A, Y)
+    >>> path = f.greedy_path(2)
+    >>> sorted(path.selected.tolist())
+    [1, 4]
+    >>> float(path.relative_errors[-1]) < 1e-12
+    True
+    >>> M, bias = f.refit([1, 4])
+    >>> np.round(M, 6) + 0.0
+    array([[ 2.,  0.],
+           [ 1., -1.]])
+    """
+
+    submodular = False
+    monotone = True
+
+    def __init__(self, A: ArrayLike, Y: ArrayLike, ridge: float = 0.0, groups: object = None,
+                 fit_intercept: bool = False, *, tol: float = DEFAULT_TOL) -> None:
+        a = as_float_array(A, "A", 2)
+        y = _as_targets(Y, "Y")
+        if a.shape[0] != y.shape[0]:
+            raise ValueError(f"A has {a.shape[0]} rows but Y has {y.shape[0]}; pass one target row per design row.")
+        if a.shape[0] == 0 or a.shape[1] == 0 or y.shape[1] == 0:
+            raise ValueError(f"A (shape {a.shape}) and Y (shape {y.shape}) must have at least one row and column.")
+        count = a.shape[0]
+        mean_a = a.mean(axis=0)
+        mean_y = y.mean(axis=0)
+        if fit_intercept:
+            ac = a - mean_a
+            yc = y - mean_y
+            gram, cross, y_norm2 = ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc))
+        else:
+            gram, cross, y_norm2 = a.T @ a, a.T @ y, float(np.vdot(y, y))
+        self._setup(gram, cross, y_norm2, ridge, groups, bool(fit_intercept), mean_a, mean_y, count, tol)
+
+    @classmethod
+    def from_gram(cls, G: ArrayLike, B: ArrayLike, y_norm2: float, *, ridge: float = 0.0, groups: object = None,
+                  fit_intercept: bool = False, mean_a: ArrayLike | None = None, mean_y: ArrayLike | None = None,
+                  count: int | None = None, tol: float = DEFAULT_TOL) -> SparseRegression:
+        r"""Build the objective from raw sufficient statistics.
+
+        Parameters
+        ----------
+        G : array_like, shape (p, p)
+            ``A^T A`` (raw, uncentred), symmetric positive semi-definite.
+        B : array_like, shape (p, m) or (p,)
+            ``A^T Y``.
+        y_norm2 : float
+            ``||Y||^2`` (raw).
+        ridge, groups, tol
+            As in :class:`SparseRegression`.
+        fit_intercept : bool, default False
+            Centre the statistics with ``mean_a``, ``mean_y`` and ``count`` (all required then):
+            ``G - count * mean_a mean_a^T`` etc. Centring raw sums loses digits when the means are large compared
+            with the spread; :class:`GramAccumulator` keeps centred statistics and avoids this.
+        mean_a, mean_y : array_like, optional
+            Column means of ``A`` and ``Y``.
+        count : int, optional
+            Number of rows.
+
+        Returns
+        -------
+        SparseRegression
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(1)
+        >>> A, Y = rng.standard_normal((50, 4)), rng.standard_normal((50, 2))
+        >>> f = SparseRegression.from_gram(A.T @ A, A.T @ Y, float((Y ** 2).sum()))
+        >>> bool(np.isclose(f.value([0, 2]), SparseRegression(A, Y).value([0, 2])))
+        True
+        """
+        g = as_float_array(G, "G", 2)
+        if g.shape[0] != g.shape[1] or g.shape[0] == 0:
+            raise ValueError(f"G must be a square (p, p) Gram matrix A^T A; got shape {g.shape}.")
+        p = g.shape[0]
+        b = as_float_array(B, "B", (1, 2))
+        b = b[:, None] if b.ndim == 1 else b
+        if b.shape[0] != p or b.shape[1] == 0:
+            raise ValueError(f"B must have shape ({p}, m) to match G ({p} x {p}); got {b.shape}. B is A^T Y.")
+        y2 = as_float_array(y_norm2, "y_norm2")
+        if y2.ndim != 0:
+            raise ValueError(f"y_norm2 must be a scalar (the total energy ||Y||^2); got shape {y2.shape}.")
+        y2 = float(y2)
+        if y2 < 0:
+            raise ValueError(f"y_norm2 = {y2} is negative; it must be ||Y||^2 >= 0 (a sum of squares).")
+        scale = float(np.abs(g).max(initial=0.0))
+        if np.abs(g - g.T).max(initial=0.0) > 1e-10 * max(scale, 1e-300):
+            raise ValueError("G is not symmetric; a Gram matrix A^T A is. Pass (G + G.T) / 2 if the asymmetry is "
+                             "rounding, or check that G = A^T A.")
+        if np.diag(g).min() < -1e-12 * scale:
+            raise ValueError("G has a negative diagonal entry, so it is not a Gram matrix A^T A (diagonal = squared "
+                             "column norms). Check the statistics.")
+        g = 0.5 * (g + g.T)
+        ma = mb = None
+        if mean_a is not None:
+            ma = as_float_array(mean_a, "mean_a", 1)
+            if ma.shape != (p,):
+                raise ValueError(f"mean_a must have shape ({p},); got {ma.shape}.")
+        if mean_y is not None:
+            mb = as_float_array(mean_y, "mean_y", (0, 1)).reshape(-1)
+            if mb.shape != (b.shape[1],):
+                raise ValueError(f"mean_y must have shape ({b.shape[1]},) like the columns of B; got {mb.shape}.")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count <= 0):
+            raise ValueError(f"count must be a positive integer (the number of rows); got {count!r}.")
+        if fit_intercept:
+            if ma is None or mb is None or count is None:
+                raise ValueError("fit_intercept=True needs mean_a, mean_y and count to centre the raw statistics; "
+                                 "pass them, or build the objective with GramAccumulator.to_objective.")
+            n = float(count)
+            g = g - n * np.outer(ma, ma)
+            b = b - n * np.outer(ma, mb)
+            y2 = max(y2 - n * float(mb @ mb), 0.0)
+        # Cauchy-Schwarz, per column: ||B_j||^2 <= G_jj ||Y||^2. A violation means mismatched statistics.
+        lhs = np.einsum("ij,ij->i", b, b)
+        rhs = np.maximum(np.diag(g), 0.0) * y2
+        if np.any(lhs > rhs * (1 + 1e-8) + 1e-12 * max(float(lhs.max(initial=0.0)), 1e-300)):
+            j = int(np.argmax(lhs - rhs))
+            raise ValueError(f"inconsistent statistics: ||B[{j}]||^2 = {lhs[j]:.6g} exceeds G[{j},{j}] * y_norm2 = "
+                             f"{rhs[j]:.6g}, impossible for G = A^T A, B = A^T Y, y_norm2 = ||Y||^2 (did you pass "
+                             "||Y|| instead of its square, or statistics of different rows?).")
+        obj = cls.__new__(cls)
+        obj._setup(g, b, y2, ridge, groups, bool(fit_intercept), ma, mb, count, tol)
+        return obj
+
+    @classmethod
+    def _from_centred(cls, gram: np.ndarray, cross: np.ndarray, y_norm2: float, *, ridge: float, groups: object,
+                      mean_a: np.ndarray, mean_y: np.ndarray, count: int, tol: float) -> SparseRegression:
+        obj = cls.__new__(cls)
+        obj._setup(gram, cross, y_norm2, ridge, groups, True, mean_a, mean_y, count, tol)
+        return obj
+
+    def _setup(self, gram: np.ndarray, cross: np.ndarray, y_norm2: float, ridge: object, groups: object,
+               fit_intercept: bool, mean_a: np.ndarray | None, mean_y: np.ndarray | None, count: int | None,
+               tol: object) -> None:
+        p = gram.shape[0]
+        ridge = _check_ridge(ridge)
+        tol = _check_tol(tol)
+        units = _check_groups(groups, p)
+        super().__init__(len(units))
+        # Every caller passes a freshly computed gram; cross may be the caller's array: copy it (then both are
+        # made read-only, so the objective's statistics cannot change under its states).
+        gram = np.ascontiguousarray(gram, dtype=np.float64)
+        cross = np.array(cross, dtype=np.float64, order="C", copy=True)
+        gram.flags.writeable = False
+        cross.flags.writeable = False
+        self._prob = Problem(gram, cross, float(y_norm2), ridge, units, tol)
+        self.fit_intercept = fit_intercept
+        self.mean_a = mean_a
+        self.mean_y = mean_y
+        self.count = count
+        self._mode: str | None = None     # "h" / "b" to force a state representation (tests); None = automatic
+        self._block: int | None = None   # columns per BLAS-3 block; None = automatic
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def n_features(self) -> int:
+        """Number of columns ``p`` of the design."""
+        return self._prob.p
+
+    @property
+    def n_targets(self) -> int:
+        """Number of target columns ``m``."""
+        return self._prob.m
+
+    @property
+    def y_norm2(self) -> float:
+        """Total target energy ``||Y||^2`` (centred when ``fit_intercept``); ``F(S) <= y_norm2``."""
+        return self._prob.y_norm2
+
+    @property
+    def ridge(self) -> float:
+        """Ridge penalty."""
+        return self._prob.ridge
+
+    @property
+    def tol(self) -> float:
+        """Relative tolerance for degenerate columns."""
+        return self._prob.tol
+
+    @property
+    def groups(self) -> list[np.ndarray]:
+        """The columns of each unit (copies)."""
+        return [g.copy() for g in self._prob.groups]
+
+    @property
+    def gram(self) -> np.ndarray:
+        """The Gram matrix used (centred with an intercept, without the ridge); read-only."""
+        return self._prob.gram
+
+    @property
+    def cross(self) -> np.ndarray:
+        """The cross term ``A^T Y`` used (centred with an intercept); read-only."""
+        return self._prob.cross
+
+    def __repr__(self) -> str:
+        return (f"SparseRegression(n={self.n}, n_features={self.n_features}, n_targets={self.n_targets}, "
+                f"ridge={self.ridge}, fit_intercept={self.fit_intercept})")
+
+    # ----------------------------------------------------------------------------------------- set function
+    def init_state(self) -> GainState:
+        """A fresh incremental state at the empty set; its ``gains()`` gives all exact gains in one call."""
+        return ForwardRegressionState(self._prob, mode=self._mode, block=self._block)
+
+    def columns_of(self, S: Iterable[int] | ArrayLike) -> np.ndarray:
+        """Column indices of the units in ``S``, unit by unit in the order given.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> f = SparseRegression(np.eye(4), np.ones((4, 1)), groups=[[0, 1], [2], [3]])
+        >>> f.columns_of([2, 0]).tolist()
+        [3, 0, 1]
+        """
+        idx = as_index_array(S, self.n)
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([self._prob.groups[u] for u in idx])
+
+    def _factor(self, S: Iterable[int] | ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = self.columns_of(S)
+        low, kept = factor_in_order(self._prob, cols)
+        return cols, low, kept
+
+    def value(self, S: Iterable[int] | ArrayLike) -> float:
+        """``F(S)``, from a Cholesky factorisation of ``G_SS + ridge I`` (degenerate columns skipped in order)."""
+        cols, low, kept = self._factor(S)
+        z, _ = solve_factored(low, self._prob.cross[cols[kept]])
+        return float(min(max(np.vdot(z, z), 0.0), self.y_norm2))
+
+    def residual(self, S: Iterable[int] | ArrayLike) -> float:
+        """``y_norm2 - F(S)``: the least-squares residual ``min ||Y - A_S M - b||^2`` (plus ``ridge ||M||^2``).
+
+        With ``ridge > 0`` this is the residual of the augmented design (it includes the penalty); see
+        :meth:`reconstruction_error` for the plain residual of the ridge fit.
+        """
+        return max(self.y_norm2 - self.value(S), 0.0)
+
+    def reconstruction_error(self, S: Iterable[int] | ArrayLike) -> float:
+        """``||Y - A_S M - b||^2`` at the refit ``(M, b)``, without the ridge penalty (equals :meth:`residual`
+        when ``ridge == 0``)."""
+        cols, low, kept = self._factor(S)
+        kc = cols[kept]
+        z, m = solve_factored(low, self._prob.cross[kc])
+        if not self.ridge:
+            return max(self.y_norm2 - float(np.vdot(z, z)), 0.0)
+        fitted = float(np.vdot(m, self._prob.gram[np.ix_(kc, kc)] @ m))
+        return max(self.y_norm2 - 2.0 * float(np.vdot(m, self._prob.cross[kc])) + fitted, 0.0)
+
+    def refit(self, S: Iterable[int] | ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
+        """Least-squares weights (and bias) on the columns of ``S``: ``M = (G_SS + ridge I)^-1 B_S``.
+
+        Returns
+        -------
+        M : ndarray, shape (len(columns_of(S)), m)
+            Rows in the order of :meth:`columns_of`; degenerate columns get zero rows.
+        bias : ndarray, shape (m,), or None
+            ``mean_y - mean_a[cols] @ M`` when ``fit_intercept``, else None.
+        """
+        cols, low, kept = self._factor(S)
+        _, m_kept = solve_factored(low, self._prob.cross[cols[kept]])
+        M = np.zeros((cols.size, self.n_targets))
+        M[kept] = m_kept
+        return M, self._bias(cols, M)
+
+    def _bias(self, cols: np.ndarray, M: np.ndarray) -> np.ndarray | None:
+        if not self.fit_intercept:
+            return None
+        return self.mean_y - self.mean_a[cols] @ M
+
+    def greedy_path(self, k_max: int, rule: str = "greedy") -> RegressionPath:
+        """Nested forward selection of ``k_max`` units; every prefix is the selection for its budget.
+
+        Parameters
+        ----------
+        k_max : int
+            Number of units to pick (``0 <= k_max <= n``).
+        rule : {"greedy", "omp"}
+            ``"greedy"``: forward regression, the unit with the largest exact gain ``F(u | S)`` (the rule with the
+            ``1 - exp(-gamma)`` guarantee). ``"omp"``: orthogonal matching pursuit, the unit with the largest
+            ``sum_c ||a_c^T R||^2 / ||a_c||^2`` (correlation of the original, not residualised, columns with the
+            residual ``R``); a weaker rule, given for comparison. Both refit all weights after each pick.
+
+        Returns
+        -------
+        RegressionPath
+
+        Notes
+        -----
+        Ties and degenerate units: among the units not yet picked, a unit with at least one non-degenerate column is
+        always preferred to one without (ties in score go to the lowest index). When only degenerate units remain
+        the path continues with them at gain 0 (values and errors stay flat), so the path always has ``k_max``
+        units; ``n_useful`` counts the picks made while a non-degenerate unit was available.
+        """
+        k_max = check_k(k_max, self.n)
+        if rule not in ("greedy", "omp"):
+            raise ValueError(f"rule must be 'greedy' or 'omp'; got {rule!r}.")
+        state = ForwardRegressionState(self._prob, mode=self._mode, block=self._block)
+        selected = np.zeros(k_max, dtype=np.int64)
+        values = np.zeros(k_max + 1)
+        kept_counts = np.zeros(k_max + 1, dtype=np.int64)
+        n_useful = 0
+        with one_blas_thread():
+            for t in range(k_max):
+                gains, useful = state._ensure()
+                score = gains if rule == "greedy" else state.omp_scores()
+                if useful.any():
+                    j = int(np.argmax(np.where(useful, score, -np.inf)))
+                    n_useful += 1
+                else:
+                    j = int(np.flatnonzero(~state._in_set)[0])
+                state.add(j)
+                selected[t] = j
+                values[t + 1] = state.value
+                kept_counts[t + 1] = len(state.kept)
+        return RegressionPath(self, selected, values, np.array(state.kept, dtype=np.int64), kept_counts, rule,
+                              n_useful)
+
+
+# ---------------------------------------------------------------------------------------------- the path
+@dataclass(eq=False)
+class RegressionPath:
+    """The nested path of a forward selection (:meth:`SparseRegression.greedy_path`).
+
+    Attributes
+    ----------
+    selected : int64 array (k,)
+        Units in pick order; ``selected[:j]`` is the selection for budget ``j``.
+    values : float array (k + 1,)
+        ``F`` of every prefix, ``values[0] = 0``.
+    gains : float array (k,)
+        ``values[1:] - values[:-1]``: the exact gain of each pick.
+    errors : float array (k + 1,)
+        ``y_norm2 - values``: the least-squares residual ``||Y - A_S M - b||^2`` of every prefix (with a ridge,
+        of the augmented design, i.e. including ``ridge ||M||^2``).
+    relative_errors : float array (k + 1,)
+        ``errors / y_norm2`` (0 when ``y_norm2 == 0``).
+    rule : str
+        ``"greedy"`` or ``"omp"``.
+    n_useful : int
+        Number of leading picks made while a unit with a non-degenerate column was available.
+    """
+
+    objective: SparseRegression
+    selected: np.ndarray
+    values: np.ndarray
+    kept_columns: np.ndarray
+    kept_counts: np.ndarray
+    rule: str
+    n_useful: int
+    gains: np.ndarray = field(init=False)
+    errors: np.ndarray = field(init=False)
+    relative_errors: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        y2 = self.objective.y_norm2
+        self.gains = np.diff(self.values)
+        self.errors = np.maximum(y2 - self.values, 0.0)
+        self.relative_errors = self.errors / y2 if y2 > 0 else np.zeros_like(self.errors)
+        self._factor: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.selected.size)
+
+    def _full_factor(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._factor is None:
+            low, pos = factor_in_order(self.objective._prob, self.kept_columns)
+            self._factor = (low, pos)
+        return self._factor
+
+    def weights(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Refit ``(M, bias)`` for the first ``k`` picked units (rows ordered like ``columns_of(selected[:k])``).
+
+        One Cholesky factorisation of the whole path serves every prefix (the factor of a prefix is the leading
+        block of the factor in pick order).
+        """
+        k = check_k(k, len(self))
+        f = self.objective
+        cols = f.columns_of(self.selected[:k])
+        low, pos = self._full_factor()
+        q = int(np.searchsorted(pos, self.kept_counts[k]))     # kept columns that belong to the first k picks
+        kept_cols = self.kept_columns[pos[:q]]
+        _, m_kept = solve_factored(low[:q, :q], f._prob.cross[kept_cols])
+        M = np.zeros((cols.size, f.n_targets))
+        if q:
+            where = {int(c): i for i, c in enumerate(cols)}
+            M[[where[int(c)] for c in kept_cols]] = m_kept
+        return M, f._bias(cols, M)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+class GramAccumulator:
+    """Stream batches of rows into float64 sufficient statistics (memory O(d^2 + d m), independent of rows).
+
+    Keeps the running means and the *centred* co-moments, merged batch by batch with the pairwise update of Chan,
+    Golub & LeVeque (1979), which is stable when the means are large compared with the spread; the raw statistics
+    ``A^T A = C + count * mean mean^T`` are recovered exactly when no intercept is fitted.
+
+    Parameters
+    ----------
+    n_features : int
+        ``d``, columns of the inputs.
+    n_targets : int
+        ``m``, columns of the targets.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> A, Y = rng.standard_normal((300, 5)), rng.standard_normal((300, 2))
+    >>> acc = GramAccumulator(5, 2)
+    >>> for lo in range(0, 300, 64):
+    ...     acc.update(A[lo:lo + 64], Y[lo:lo + 64])
+    >>> acc.count
+    300
+    >>> f = acc.to_objective(fit_intercept=True)
+    >>> bool(np.isclose(f.value([0, 3]), SparseRegression(A, Y, fit_intercept=True).value([0, 3])))
+    True
+    """
+
+    def __init__(self, n_features: int, n_targets: int) -> None:
+        for name, v in (("n_features", n_features), ("n_targets", n_targets)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        self.n_features = int(n_features)
+        self.n_targets = int(n_targets)
+        self.count = 0
+        self.mean_a = np.zeros(self.n_features)
+        self.mean_y = np.zeros(self.n_targets)
+        self._caa = np.zeros((self.n_features, self.n_features))
+        self._cay = np.zeros((self.n_features, self.n_targets))
+        self._cyy = 0.0
+
+    def update(self, A_batch: ArrayLike, Y_batch: ArrayLike) -> None:
+        """Add a batch of rows: ``A_batch`` (b, d) inputs and ``Y_batch`` (b, m) targets (any float dtype)."""
+        a = as_float_array(A_batch, "A_batch", 2)
+        y = _as_targets(Y_batch, "Y_batch")
+        if a.shape[1] != self.n_features:
+            raise ValueError(f"A_batch has {a.shape[1]} columns but the accumulator was built for "
+                             f"n_features={self.n_features}; reshape the batch to (rows, {self.n_features}).")
+        if y.shape[1] != self.n_targets:
+            raise ValueError(f"Y_batch has {y.shape[1]} columns but the accumulator was built for "
+                             f"n_targets={self.n_targets}; reshape the batch to (rows, {self.n_targets}).")
+        if a.shape[0] != y.shape[0]:
+            raise ValueError(f"A_batch has {a.shape[0]} rows but Y_batch has {y.shape[0]}; pass matching rows.")
+        nb = a.shape[0]
+        if nb == 0:
+            return
+        ma = a.mean(axis=0)
+        my = y.mean(axis=0)
+        ac = a - ma
+        yc = y - my
+        self._merge(nb, ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
+
+    def merge(self, other: GramAccumulator) -> None:
+        """Add the statistics of another accumulator (e.g. one filled in parallel on other rows)."""
+        if not isinstance(other, GramAccumulator) or (other.n_features, other.n_targets) != (
+                self.n_features, self.n_targets):
+            raise ValueError("merge needs a GramAccumulator with the same n_features and n_targets.")
+        if other.count:
+            self._merge(other.count, other.mean_a, other.mean_y, other._caa, other._cay, other._cyy)
+
+    def _merge(self, nb: int, ma: np.ndarray, my: np.ndarray, caa: np.ndarray, cay: np.ndarray, cyy: float) -> None:
+        na = self.count
+        n = na + nb
+        da = ma - self.mean_a
+        dy = my - self.mean_y
+        w = na * nb / n
+        self._caa += caa
+        self._cay += cay
+        if na:
+            # In-place rank-1 corrections (no d x d temporaries, so the peak memory does not depend on the number
+            # of batches). The C-ordered arrays are updated through their F-ordered transposes.
+            caa_t, cay_t = self._caa.T, self._cay.T
+            inplace(blas.dger(w, da, da, a=caa_t, overwrite_a=1), caa_t)
+            inplace(blas.dger(w, dy, da, a=cay_t, overwrite_a=1), cay_t)
+            self._cyy += cyy + w * float(dy @ dy)
+        else:
+            self._cyy += cyy
+        self.mean_a += da * (nb / n)
+        self.mean_y += dy * (nb / n)
+        self.count = n
+
+    def gram(self, centered: bool = False) -> np.ndarray:
+        """``A^T A`` over all rows seen (``centered=True``: of the centred rows)."""
+        g = self._caa.copy()
+        if not centered:
+            g += self.count * np.outer(self.mean_a, self.mean_a)
+        return 0.5 * (g + g.T)
+
+    def cross(self, centered: bool = False) -> np.ndarray:
+        """``A^T Y`` over all rows seen (``centered=True``: of the centred rows)."""
+        b = self._cay.copy()
+        if not centered:
+            b += self.count * np.outer(self.mean_a, self.mean_y)
+        return b
+
+    def y_norm2(self, centered: bool = False) -> float:
+        """``||Y||^2`` over all rows seen (``centered=True``: of the centred targets)."""
+        return float(self._cyy + (0.0 if centered else self.count * float(self.mean_y @ self.mean_y)))
+
+    def to_objective(self, ridge: float = 0.0, groups: object = None, fit_intercept: bool = False, *,
+                     tol: float = DEFAULT_TOL) -> SparseRegression:
+        """The :class:`SparseRegression` of the rows streamed so far."""
+        if self.count == 0:
+            raise ValueError("the accumulator has seen no rows; call update(A_batch, Y_batch) first.")
+        if fit_intercept:
+            return SparseRegression._from_centred(self.gram(True), self.cross(True), self.y_norm2(True),
+                                                  ridge=ridge, groups=groups, mean_a=self.mean_a.copy(),
+                                                  mean_y=self.mean_y.copy(), count=self.count, tol=tol)
+        f = SparseRegression.__new__(SparseRegression)
+        f._setup(self.gram(), self.cross(), self.y_norm2(), ridge, groups, False, self.mean_a.copy(),
+                 self.mean_y.copy(), self.count, tol)
+        return f
+
+    def __repr__(self) -> str:
+        return f"GramAccumulator(n_features={self.n_features}, n_targets={self.n_targets}, count={self.count})"
