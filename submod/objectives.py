@@ -193,7 +193,7 @@ class _DenseFacilityState(GainState):
 
     def _add(self, j: int) -> None:
         self._old = self._cur
-        self._cur = np.maximum(self._cur, self._K[:, j])
+        self._cur = np.maximum(self._cur, self._Kt[j])   # column j of K, read as a contiguous row
         self.value = float(self._cur.sum())
 
     def _upper_bounds(self) -> np.ndarray:

@@ -340,15 +340,18 @@ def _lazy(run: _Run, knapsack: bool) -> None:
             todo = np.flatnonzero(stale >= best)
             if todo.size == 0:
                 break
-            todo = todo[np.lexsort((todo, -stale[todo]))]
+            # Decreasing bound, lowest index first on ties (a stable sort of increasing indices).
+            todo = todo[np.argsort(-stale[todo], kind="stable")]
+            # Chunks grow with the backlog: after the first pick nearly every bound is stale and loose.
+            size = max(32, todo.size // 8)
             while todo.size:
-                chunk = np.sort(todo[:32])
+                chunk = np.sort(todo[:size])
                 scores = _evaluate_lazy(run, chunk, ub, evaluated, stale, costs)
                 fresh.extend(chunk.tolist())
                 i = int(np.argmax(scores))
                 if scores[i] > best or (scores[i] == best and chunk[i] < best_j):
                     best_j, best = int(chunk[i]), float(scores[i])
-                todo = todo[32:]
+                todo = todo[size:]
                 todo = todo[stale[todo] >= best]
         # Lowest index among the fresh candidates that reach the best score.
         fr = np.array(fresh)
@@ -371,10 +374,13 @@ def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, evaluated: np.nda
     g = run.state.gains(top)
     run.n_eval += top.size
     tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
-    for i in np.flatnonzero((g > ub[top] + tol) & evaluated[top]):
-        run.violations.append((run.step, int(top[i]), float(ub[top[i]]), float(g[i])))
-    for i in np.flatnonzero(g < -tol):
-        run.negative.append((run.step, int(top[i]), float(g[i])))
+    grew = (g > ub[top] + tol) & evaluated[top]
+    if grew.any():
+        for i in np.flatnonzero(grew):
+            run.violations.append((run.step, int(top[i]), float(ub[top[i]]), float(g[i])))
+    if g.min(initial=0.0) < -tol:
+        for i in np.flatnonzero(g < -tol):
+            run.negative.append((run.step, int(top[i]), float(g[i])))
     ub[top] = g
     evaluated[top] = True
     stale[top] = -np.inf
