@@ -7,7 +7,8 @@ asym >= seq >= layer, checks whether each submodular method with reweighting bea
 reweighting and magnitude pruning without reweighting by a wide margin (>= 5 accuracy points on the mean), and
 prints accuracy and pruning-time RATIOS against the weight-norm baseline measured in the same run.
 
-Run:  python benchmarks/bench_prune_digits.py [--seeds 5] [--calib 100] [--plot docs/_static/pruning_digits.png]
+Run:  python benchmarks/bench_prune_digits.py [--seeds 5] [--calib 100] [--ridge cv|1e-3]
+      [--plot docs/_static/pruning_digits.png]
 All figures are empirical estimates on this data set (no guarantee is involved).
 """
 
@@ -40,14 +41,61 @@ BASES = ("random+refit", "weight_norm+refit", "magnitude (no refit)")
 WIDE = 0.05
 
 
+def layer_errors(orig: torch.nn.Module, pruned: torch.nn.Module, rep: nna.PruneReport, X: torch.Tensor) -> list[float]:
+    """Relative error ``||out_pruned - out_orig||^2 / ||out_orig - mean||^2`` of every pair's consumer output
+    (restricted to the kept output units when the consumer is itself pruned), i.e. the AsymInChange objective
+    measured on the images ``X``: an empirical estimate, label-free."""
+    outs = []
+    for net in (orig, pruned):
+        got, hooks = {}, []
+        for lr in rep.layers:
+            cons = lr.pair.split("->")[1]
+            hooks.append(net.get_submodule(cons).register_forward_hook(
+                lambda _m, _i, o, c=cons, g=got: g.__setitem__(c, o.detach().double())))
+        with torch.no_grad():
+            net.eval()(X)
+        for h in hooks:
+            h.remove()
+        outs.append(got)
+    kept_out = {lr.pair.split("->")[0]: lr.kept_units for lr in rep.layers}
+    res = []
+    for lr in rep.layers:
+        cons = lr.pair.split("->")[1]
+        a, b = outs[0][cons], outs[1][cons]
+        if cons in kept_out:
+            a = a[:, kept_out[cons]]
+        a, b = a.transpose(0, 1).reshape(a.shape[1], -1).T, b.transpose(0, 1).reshape(b.shape[1], -1).T
+        res.append(float(((a - b) ** 2).sum() / ((a - a.mean(0)) ** 2).sum()))
+    return res
+
+
+def output_agreement(orig: torch.nn.Module, pruned: torch.nn.Module, X: torch.Tensor) -> list[float]:
+    """Label-free: the fraction of images where the pruned network predicts the original network's class, and the
+    95th percentile over images of ``||logits_pruned - logits_orig||^2 / mean_images ||logits_orig - mean||^2``."""
+    with torch.no_grad():
+        a, b = orig.eval()(X).double(), pruned.eval()(X).double()
+    e = ((a - b) ** 2).sum(1) / ((a - a.mean(0)) ** 2).sum(1).mean()
+    return [float((a.argmax(1) == b.argmax(1)).double().mean()), float(torch.quantile(e, 0.95))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--calib", type=int, default=100)
     ap.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--ridge", default="cv", help="'cv' (default: per-layer cross-validated ridge) or a fixed relative "
+                    "ridge such as 1e-3 (the value used before the cross-validated choice existed)")
+    ap.add_argument("--layer-errors", action="store_true",
+                    help="also print, for asym/seq/layer, each consumer's relative output error against the ORIGINAL "
+                         "network in-sample (calibration images) and held-out (500 other training images)")
     ap.add_argument("--plot", help="write a PNG plot here")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw --plot from the --json file of an earlier run")
     args = ap.parse_args()
+    ridge = args.ridge if args.ridge == "cv" else float(args.ridge)
+    if args.replot:
+        replot(args.replot, args.plot or "pruning_digits.png")
+        return
     torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
@@ -58,19 +106,26 @@ def main() -> None:
     model, _ = pretrained_digits_cnn()
     Xtr, ytr, Xte, yte = load_digits_split()
     dense = accuracy(model, Xte, yte)
-    print(f"unpruned accuracy {100 * dense:.1f}%; {args.calib} calibration images; {args.seeds} seeds; no fine-tuning")
+    print(f"unpruned accuracy {100 * dense:.1f}%; {args.calib} calibration images; {args.seeds} seeds; no fine-tuning; "
+          f"ridge {ridge}")
     acc = {(m[0], c): [] for m in METHODS for c in args.compressions}
     tim = {m[0]: [] for m in METHODS}
+    lerr: dict = {}
     for c in args.compressions:
         for s in range(args.seeds):
-            idx = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(s))[:args.calib]
+            perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(s))
+            idx, held = perm[:args.calib], perm[args.calib:args.calib + 500]
             calib = [(Xtr[idx], ytr[idx])]
             for label, method, rw, alloc in METHODS:
                 t0 = time.perf_counter()
                 pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s,
-                                        allocation=alloc)
+                                        allocation=alloc, ridge=ridge)
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
+                if args.layer_errors and label in SUBMOD:
+                    lerr.setdefault((label, c), []).append(
+                        layer_errors(model, pruned, rep, Xtr[idx]) + layer_errors(model, pruned, rep, Xtr[held])
+                        + output_agreement(model, pruned, Xtr[held]))
     mean = {k: float(np.mean(v)) for k, v in acc.items()}
     std = {k: float(np.std(v)) for k, v in acc.items()}
 
@@ -95,6 +150,17 @@ def main() -> None:
             cells.append(f"{m}[{' '.join(wins)}]")
         print(f"  {c:>4g}x: " + "  ".join(cells))
 
+    if lerr:
+        names = [lr.pair for lr in rep.layers]
+        print("\nper-consumer relative output error vs the original network (mean over seeds; in-sample | held-out):")
+        for (label, c), v in lerr.items():
+            m = np.mean(v, axis=0)
+            k = len(names)
+            print(f"  {c:>4g}x {label:<6} " + " ".join(f"{n}:{m[i]:.3f}" for i, n in enumerate(names)) + "  |  "
+                  + " ".join(f"{n}:{m[k + i]:.3f}" for i, n in enumerate(names))
+                  + f"  | held-out: same prediction as the original {100 * m[2 * k]:.1f}%, per-image logit error "
+                    f"p95 {m[2 * k + 1]:.3f}")
+
     ref = "weight_norm+refit"
     print(f"\nratios against {ref} measured in this run (accuracy ratio at each compression; pruning-time ratio):")
     for label, *_ in METHODS:
@@ -103,30 +169,52 @@ def main() -> None:
               f"(median {np.median(tim[label]):.2f}s per pruning)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"dense": dense, "acc": {f"{k[0]}@{k[1]:g}": v for k, v in acc.items()},
-                       "time": tim}, fh, indent=1)
+            json.dump({"dense": dense, "calib": args.calib, "ridge": ridge,
+                       "acc": {f"{k[0]}@{k[1]:g}": v for k, v in acc.items()}, "time": tim}, fh, indent=1)
     if args.plot:
-        import matplotlib
+        plot(args.plot, args.compressions, mean, std, dense, args.calib, args.seeds)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, *_ in METHODS:
-            ys = np.array([100 * mean[(label, c)] for c in args.compressions])
-            es = np.array([100 * std[(label, c)] for c in args.compressions])
-            ax.errorbar(args.compressions, ys, yerr=es, fmt="-o" if label in SUBMOD else "--s", ms=4, capsize=2,
-                        label=label)
+def plot(path: str, compressions: list[float], mean: dict, std: dict, dense: float, calib: int, seeds: int) -> None:
+    """Accuracy against compression: every method (left) and the top of the range (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for i, (label, *_) in enumerate(METHODS):
+            ys = np.array([100 * mean[(label, c)] for c in compressions])
+            if zoom and ys.min() < 80:
+                continue
+            es = np.array([100 * std[(label, c)] for c in compressions])
+            ax.errorbar(compressions, ys, yerr=es, fmt="-o" if label in SUBMOD else "--s", ms=4, capsize=2,
+                        label=label, color=f"C{i}")
         ax.axhline(100 * dense, color="k", ls=":", lw=0.8, label="unpruned")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("parameter compression (x)")
-        ax.set_ylabel("test accuracy % (no fine-tuning)")
-        ax.set_title(f"digits CNN, {args.calib} calibration images, mean +- std over {args.seeds} seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        print(f"wrote {args.plot}")
+    axes[0].set_ylabel("test accuracy % (no fine-tuning)")
+    axes[0].set_title("all methods")
+    axes[1].set_title("methods above 80% (zoom)")
+    fig.suptitle(f"digits CNN, {calib} calibration images, mean +- std over {seeds} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def replot(json_path: str, path: str) -> None:
+    """Redraw the plot from a ``--json`` file of an earlier run (no pruning)."""
+    with open(json_path) as fh:
+        res = json.load(fh)
+    acc = {tuple(k.split("@")): v for k, v in res["acc"].items()}
+    comps = sorted({float(c) for _, c in acc})
+    mean = {(lab, float(c)): float(np.mean(v)) for (lab, c), v in acc.items()}
+    std = {(lab, float(c)): float(np.std(v)) for (lab, c), v in acc.items()}
+    seeds = len(next(iter(acc.values())))
+    plot(path, comps, mean, std, res["dense"], res.get("calib", 100), seeds)
 
 
 if __name__ == "__main__":

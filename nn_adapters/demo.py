@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -157,24 +158,78 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
                              "reweight": reweight, "labelled": rep.labelled, "accuracy": accuracy(pruned, Xte, yte),
                              "params": rep.params_after, "achieved": rep.compression, "flops": rep.flops_after,
                              "latency_s": measure_latency(pruned, Xte), "prune_s": took,
-                             "kept": [lr.kept for lr in rep.layers]})
+                             "kept": [lr.kept for lr in rep.layers],
+                             "layers": [asdict(lr) for lr in rep.layers] if label == "asym" else None})
             if verbose:
                 best = max((r for r in rows if r["n_calib"] == n and r["compression"] == c),
                            key=lambda r: r["accuracy"])
                 print(f"  {n:>4} images, {c:>4g}x: best {best['label']} {100 * best['accuracy']:.1f}%")
+    verified = None
+    if any(m == "asym" for _, m, _ in methods):
+        # what verification says about one AsymInChange pruning (the largest compression, the middle image count)
+        n_v, c_v = sorted(calib_sizes)[len(calib_sizes) // 2], max(compressions)
+        idx = perm[:n_v]
+        try:
+            _, rep = prune(model, [(Xtr[idx], ytr[idx])], compression=float(c_v), method="asym", verify=True)
+            verified = {"n_calib": int(n_v), "compression": float(c_v),
+                        "layers": [{"pair": lr.pair, "kept": lr.kept, "n_units": lr.n_units,
+                                    "verification": lr.verification} for lr in rep.layers]}
+        except ImportError:  # verification is optional
+            verified = None
     table = format_table(rows)
     if verbose:
         print(table)
     plot_path = out / "accuracy_vs_compression.png"
     _plot(rows, dense["accuracy"], calib_sizes, plot_path)
     total = time.perf_counter() - t_all
-    result = {"dense": dense, "rows": rows, "total_time_s": total, "model_cache": info["path"],
+    result = {"dense": dense, "rows": rows, "verified": verified, "total_time_s": total, "model_cache": info["path"],
               "files": {"json": str(out / "results.json"), "plot": str(plot_path), "report": str(out / "report.md")}}
     _write_atomic(out / "results.json", json.dumps(result, indent=2))
     _write_atomic(out / "report.md", _markdown(result, compressions, calib_sizes))
     if verbose:
         print(f"wrote {out / 'report.md'}, {plot_path}, {out / 'results.json'} in {total:.1f}s")
     return result
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _layer_sections(result: dict, compressions: Sequence[float], calib_sizes: Sequence[int]) -> list[str]:
+    """Per-layer error curves of the asym runs and what verification says (each number labelled with its kind)."""
+    n = sorted(calib_sizes)[len(calib_sizes) // 2]
+    asym = [r for r in result["rows"] if r["label"] == "asym" and r["n_calib"] == n and r.get("layers")]
+    if not asym:
+        return []
+    lines = [f"## Per-layer reconstruction error, asym, {n} calibration images", "",
+             "`in-sample` is the relative error `||Y - A_S M - b||^2 / ||Y - mean||^2` of the refit on the calibration "
+             "images (exact on those images); `held-out` its 5-fold cross-validated estimate on calibration images "
+             "left out of the fit (an empirical estimate of the error on new images); `ridge` the relative ridge "
+             "chosen by that cross-validation. `greedy path` is the in-sample relative error after the first "
+             "1/4, 1/2, 3/4 and all kept units of the nested greedy selection (exact on the calibration images).", "",
+             "| compression | pair | kept | in-sample | held-out (estimate) | ridge | greedy path |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(asym, key=lambda r: r["compression"]):
+        for lr in r["layers"]:
+            curve = lr.get("error_curve") or []
+            k = len(curve) - 1
+            pts = sorted({int(round(q * k)) for q in (0.25, 0.5, 0.75, 1.0)} - {0}) if k > 0 else []
+            path = ", ".join(f"{j}: {curve[j]:.3f}" for j in pts)
+            ridge = "-" if lr.get("ridge") is None else f"{lr['ridge']:.0e}"
+            lines.append(f"| {r['compression']:g}x | {lr['pair']} | {lr['kept']}/{lr['n_units']} | "
+                         f"{_fmt(lr['relative_error'])} | {_fmt(lr.get('cv_relative_error'))} | {ridge} | {path} |")
+    lines.append("")
+    ver = result.get("verified")
+    if ver:
+        lines += [f"## What verification says (asym, {ver['compression']:g}x, {ver['n_calib']} images)", "",
+                  "From `verification.error_decay` on each layer's selection objective (calibration data). "
+                  "Each number is labelled: proven lower bound, proven upper bound, exact, or estimate.", ""]
+        for lr in ver["layers"]:
+            items = "; ".join(f"{name} = {v if isinstance(v, str) else f'{v:.4g}'} ({kind})"
+                              for name, (v, kind) in (lr["verification"] or {}).items())
+            lines.append(f"- {lr['pair']} (kept {lr['kept']}/{lr['n_units']}): {items}")
+        lines.append("")
+    return lines
 
 
 def _markdown(result: dict, compressions: Sequence[float], calib_sizes: Sequence[int]) -> str:
@@ -198,6 +253,7 @@ def _markdown(result: dict, compressions: Sequence[float], calib_sizes: Sequence
             lines.append(f"| {lab} | " + " | ".join(f"{100 * acc[float(c)]:.1f}" if float(c) in acc else "-"
                                                      for c in compressions) + " |")
         lines.append("")
+    lines += _layer_sections(result, compressions, calib_sizes)
     lines += ["## All runs", "", format_table(rows, markdown=True), "",
               f"Total demo time: {result['total_time_s']:.1f}s (includes training when the model was not cached)."]
     return "\n".join(lines) + "\n"

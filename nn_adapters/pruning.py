@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from . import budget as _budget
 from ._data import as_batches, n_samples
-from ._stats import PairStats, capture_hooks, slice_units
+from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
 from .shrink import keep_bn, keep_outputs, set_inputs
 
@@ -58,6 +58,14 @@ class LayerReport:
     ``relative_error`` is the empirical relative reconstruction error ``||Y - A_S M - b||^2 / ||Y - mean||^2`` of
     the least-squares refit on the calibration data (with ``reweight=False`` the kept original weights do no better
     than this, up to the ridge). ``None`` when no refit was computed.
+
+    ``ridge`` is the relative ridge of the refit and ``ridge_choice`` how it was chosen (``"5-fold cv"`` or
+    ``"fixed"``); ``cv_relative_error`` is the cross-validated (held-out) relative error of the refit at that ridge,
+    an empirical estimate of the error on new samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the
+    in-sample relative error of the nested greedy path after ``j`` picks, ``j = 0..kept`` (exact on the
+    calibration data, at the selection's ridge; submodular methods only). ``verification`` (with ``verify=True``)
+    maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``, ``"proven upper bound"``
+    or ``"estimate"``; see :func:`prune`.
     """
 
     pair: str
@@ -68,6 +76,11 @@ class LayerReport:
     pick_order: list[int]
     relative_error: float | None
     time_s: float
+    ridge: float | None = None
+    ridge_choice: str | None = None
+    cv_relative_error: float | None = None
+    error_curve: list[float] | None = None
+    verification: dict[str, tuple] | None = None
 
 
 @dataclass
@@ -107,7 +120,16 @@ class PruneReport:
                  f"FLOPs/sample {self.flops_before} -> {self.flops_after}, time {self.time_s:.2f}s"]
         for r in self.layers:
             err = "n/a" if r.relative_error is None else f"{r.relative_error:.4f}"
-            lines.append(f"  {r.pair:<28} {r.kind:<15} kept {r.kept:>4}/{r.n_units:<4} rel.err {err}")
+            line = f"  {r.pair:<28} {r.kind:<15} kept {r.kept:>4}/{r.n_units:<4} rel.err {err}"
+            if r.cv_relative_error is not None:
+                line += f" (held-out est. {r.cv_relative_error:.4f}, ridge {r.ridge:.0e} by {r.ridge_choice})"
+            lines.append(line)
+            if r.error_curve:
+                pts = sorted({int(round(q * r.kept)) for q in (0.25, 0.5, 0.75, 1.0)} - {0})
+                lines.append("    greedy-path rel.err (in-sample) " + ", ".join(
+                    f"k={j}: {r.error_curve[j]:.3f}" for j in pts))
+            for name, (val, kind) in (r.verification or {}).items():
+                lines.append(f"    {name} = {val if isinstance(val, str) else f'{val:.4g}'} [{kind}]")
         for name, why in self.skipped:
             lines.append(f"  skipped {name}: {why}")
         return "\n".join(lines)
@@ -117,7 +139,7 @@ def _is_transformer(model: nn.Module) -> bool:
     return any(type(m).__name__ in _TRANSFORMER_CLASSES for m in model.modules())
 
 
-def _check_args(method: str, compression: object, keep: object, allocation: str, ridge: float,
+def _check_args(method: str, compression: object, keep: object, allocation: str, ridge: float | str,
                 refit_from: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -128,9 +150,13 @@ def _check_args(method: str, compression: object, keep: object, allocation: str,
         raise ValueError(f"allocation must be 'uniform' or 'error'; got {allocation!r}.")
     if keep is not None and allocation != "uniform":
         raise ValueError("allocation= applies to compression=; with keep= every layer keeps that fraction.")
-    if not isinstance(ridge, (int, float)) or not np.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0 (relative to the mean activation variance); "
-                         f"got {ridge!r}.")
+    if isinstance(ridge, str):
+        if ridge != "cv":
+            raise ValueError(f"ridge must be 'cv' (chosen per layer by cross-validation on the calibration data) or "
+                             f"a finite number >= 0 (relative to the mean activation variance); got {ridge!r}.")
+    elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not np.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be 'cv' (chosen per layer by cross-validation on the calibration data) or a "
+                         f"finite number >= 0 (relative to the mean activation variance); got {ridge!r}.")
     if refit_from not in SUBMODULAR_METHODS:
         raise ValueError(f"refit_from must be one of {SUBMODULAR_METHODS}; got {refit_from!r}.")
 
@@ -138,8 +164,9 @@ def _check_args(method: str, compression: object, keep: object, allocation: str,
 def prune(model: nn.Module, calibration_data: object, compression: float | None = None,
           keep: float | Mapping[str, float] | None = None, method: str = "asym", reweight: bool = True,
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
-          pairs: Sequence[Pair | tuple] | None = None, ridge: float = 1e-3, refit_from: str = "asym",
-          loss_fn: Callable | None = None, progress: bool = False, **kwargs: object) -> tuple[nn.Module, PruneReport]:
+          pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
+          loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
+          **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
     Parameters
@@ -170,15 +197,27 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         How ``compression`` is split between layers (see :mod:`nn_adapters.budget`).
     pairs : list of Pair, optional
         Declare the prunable pairs yourself (for models that cannot be traced, or to restrict pruning).
-    ridge : float, default 1e-3
-        Ridge relative to the mean activation variance; guards singular Gram matrices (fewer samples than
-        columns, dead or duplicate units). 0 gives plain least squares.
+    ridge : "cv" or float, default "cv"
+        Ridge of the least-squares selection and refit, relative to the mean activation variance (times the number
+        of rows). ``"cv"`` chooses it per layer, label-free, by 5-fold cross-validation over the calibration
+        samples (held-out reconstruction error computed in closed form from per-fold sufficient statistics;
+        grid ``1e-6 ... 10``): for the greedy selection, on a first greedy selection of the kept size (the path is
+        then recomputed with that ridge), and for the refit, on the finally kept units. This matters when a
+        consumer has more input columns than calibration samples (e.g. conv -> flatten -> linear), where an almost
+        unregularised refit interpolates the calibration set. With fewer than 5 samples it falls back to
+        ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares.
     refit_from : {"asym", "seq", "layer"}
         Statistics the baselines use for their refit (their selection ignores them except ``act_norm``).
     loss_fn : callable, optional
         Loss for ``actgrad`` (default cross-entropy).
     progress : bool
         Show a progress bar (tqdm if installed).
+    verify : bool, default False
+        Also run :func:`verification.error_decay` on each layer's selection objective (submodular methods; layers
+        with at most 64 units) and store in ``LayerReport.verification``: ``lambda_min`` (proven lower bound on
+        every submodularity ratio toward the full set), ``bound_rel_err_at_k`` (proven upper bound on the
+        in-sample relative error of the greedy selection, per-step path-ratio bound), ``rel_err_at_k`` (exact,
+        in-sample) and ``contraction`` (fitted per-unit error contraction, an estimate). Needs ``verification``.
 
     Returns
     -------
@@ -248,6 +287,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             if p.consumer_node is None:
                 raise ValueError(f"consumer {p.consumer!r} of pair {p.name} is not called in the traced graph.")
 
+    folds = CV_FOLDS if ridge == "cv" else 1
     pm = _budget.ParamModel(work, found, adds_bias=reweight)
     layer_stats: dict[str, PairStats] | None = None
     full_paths: dict[str, object] = {}
@@ -256,10 +296,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     elif allocation == "uniform":
         ks = _budget.uniform_counts(pm, compression)
     else:
-        layer_stats = _layer_stats(orig, found, batches, progress)
+        layer_stats = _layer_stats(orig, found, batches, progress, folds)
         curves = []
         for p in found:
-            path = layer_stats[p.name].objective(ridge).greedy_path(p.n_units)
+            path = layer_stats[p.name].objective(FALLBACK_RIDGE if ridge == "cv" else ridge).greedy_path(p.n_units)
             full_paths[p.name] = path
             curves.append(np.asarray(path.relative_errors, dtype=np.float64))
         ks = _budget.error_allocation(pm, curves, compression)
@@ -272,42 +312,47 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     def decide(i: int, pair: PrunablePair, st: PairStats) -> torch.Tensor:
         t0 = time.perf_counter()
         k = int(ks[i])
-        f = st.objective(ridge) if (reweight or method in SUBMODULAR_METHODS) else None
+        path = None
         if method in SUBMODULAR_METHODS:
-            path = full_paths.get(pair.name) if method == "layer" else None
-            if path is None or len(path.selected) < k:
-                path = f.greedy_path(k)
+            path = _select(st, ridge, k, full_paths.get(pair.name) if method == "layer" else None)
             order = np.asarray(path.selected[:k], dtype=np.int64)
         else:
             order = _baseline_order(method, pair, st, orig, k, rng, scores)
         kept = np.sort(order)
         idx = torch.as_tensor(kept, dtype=torch.long, device=device)
         weight = bias = None
-        rel = None
+        rel = cv_err = None
+        lam, how = _refit_ridge(st, ridge, kept)
         if reweight:
+            f = st.objective(lam[0])
             M, b = f.refit(kept)
             cons = work.get_submodule(pair.consumer)
             weight = torch.as_tensor(np.ascontiguousarray(np.asarray(M).T), dtype=torch.float64)
             base_bias = cons.bias.detach().to(torch.float64).cpu() if cons.bias is not None else 0.0
             bias = base_bias + (torch.as_tensor(np.asarray(b), dtype=torch.float64) if b is not None else 0.0)
             rel = float(f.reconstruction_error(kept) / f.y_norm2) if f.y_norm2 > 0 else 0.0
+            cv_err = lam[1]
         keep_outputs(work.get_submodule(pair.producer), idx)
         for b_name in pair.between:
             keep_bn(work.get_submodule(b_name), idx)
         set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
+        curve = None if path is None else [float(e) for e in path.relative_errors[:k + 1]]
+        ver = _verify(path.objective, k) if (verify and path is not None) else None
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), order.tolist(), rel,
-                                   time.perf_counter() - t0))
+                                   time.perf_counter() - t0, ridge=lam[0] if reweight else None,
+                                   ridge_choice=how if reweight else None, cv_relative_error=cv_err,
+                                   error_curve=curve, verification=ver))
         bar.update(1)
         return idx
 
     try:
         if stats_mode == "layer":
             if layer_stats is None:
-                layer_stats = _layer_stats(orig, found, batches, progress)
+                layer_stats = _layer_stats(orig, found, batches, progress, folds)
             for i, p in enumerate(found):
                 decide(i, p, layer_stats[p.name])
         else:
-            _run_staged(gm, orig, work, batches, found, stats_mode, decide)
+            _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds)
     finally:
         bar.close()
     for name, m in work.named_modules():
@@ -322,9 +367,31 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     return work, report
 
 
-def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool) -> dict[str, PairStats]:
+#: Largest number of units for which ``verify=True`` runs :func:`verification.error_decay` on a layer.
+VERIFY_MAX_UNITS = 64
+
+
+def _verify(f: object, k: int) -> dict[str, tuple]:
+    """What :func:`verification.error_decay` says about one layer's greedy selection (each number with its kind)."""
+    if f.n > VERIFY_MAX_UNITS or k < 1:
+        return {"skipped": (f"{f.n} units > {VERIFY_MAX_UNITS}" if k >= 1 else "no unit kept", "n/a")}
+    import verification as vf  # optional dependency of the report, imported lazily
+
+    dec = vf.error_decay(f, k_max=k, comparators=None, per_step_spectral=False)
+    y2 = dec.y_norm2 if dec.y_norm2 > 0 else 1.0
+    out = {"lambda_min": (float(dec.lambda_min), "proven lower bound"),
+           "rel_err_at_k": (float(dec.errors[-1] / y2), "exact"),
+           "bound_rel_err_at_k": (float(dec.bound("per-step path ratio").values[-1] / y2), "proven upper bound"),
+           "contraction": (float(dec.contraction), "estimate")}
+    if dec.preconditions:
+        out["preconditions"] = ("; ".join(dec.preconditions), "n/a")
+    return out
+
+
+def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool,
+                 folds: int = 1) -> dict[str, PairStats]:
     """LayerInChange statistics of every pair in one forward pass of the original network, through hooks."""
-    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer)) for p in pairs}
+    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds) for p in pairs}
     bar = _progress_bar(len(batches), "calibration", progress)
     try:
         with capture_hooks(orig, pairs, stats), torch.no_grad():
@@ -334,6 +401,33 @@ def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, prog
     finally:
         bar.close()
     return stats
+
+
+#: Relative ridge used when ``ridge="cv"`` cannot cross-validate (fewer calibration samples than folds).
+FALLBACK_RIDGE = 1e-3
+def _select(st: PairStats, ridge: float | str, k: int, path: object = None) -> object:
+    """The nested greedy path of ``k`` picks (``path``: an existing path to reuse when it is long enough).
+
+    With ``ridge="cv"`` the selection's ridge is cross-validated at the size that is kept: a first path at
+    :data:`FALLBACK_RIDGE` gives a set ``S0`` of ``k`` units, the ridge is chosen by cross-validation on ``S0``,
+    and the path is recomputed with it (a ridge cross-validated on all units does not transfer: with more
+    columns than samples the minimum-norm fit of all units needs less shrinkage than a ``k``-unit fit).
+    """
+    if path is None or len(path.selected) < k:
+        path = st.objective(FALLBACK_RIDGE if ridge == "cv" else float(ridge)).greedy_path(k)
+    if ridge == "cv" and k > 0 and st.can_cross_validate():
+        path = st.objective(st.cv_ridge(path.selected[:k])[0]).greedy_path(k)
+    return path
+
+
+def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray) -> tuple[tuple[float, float | None], str]:
+    """``((relative ridge, held-out relative error or None), how it was chosen)`` for the refit on ``kept``."""
+    if ridge != "cv":
+        return (float(ridge), None), "fixed"
+    if not st.can_cross_validate():
+        return (FALLBACK_RIDGE, None), f"fixed {FALLBACK_RIDGE:g} (too few samples to cross-validate)"
+    lam, errs = st.cv_ridge(kept)
+    return (lam, float(errs.min())), f"{st.n_folds}-fold cv"
 
 
 def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Module, k: int,
@@ -399,7 +493,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
 
 def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: list, pairs: list[PrunablePair],
-                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor]) -> None:
+                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor], folds: int = 1) -> None:
     """Run the calibration set through the traced graph once, node by node, pruning each pair at its consumer.
 
     ``work`` is pruned in place; ``orig`` (only evaluated for ``mode="asym"``) gives the targets.
@@ -438,7 +532,7 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
                 if not isinstance(src, fx.Node) or len(src.users) != 1:
                     raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
                                      f"{p.name} cannot be pruned sequentially (use method='layer').")
-                st = PairStats(p, orig.get_submodule(p.consumer))
+                st = PairStats(p, orig.get_submodule(p.consumer), folds)
                 for b in range(nb):
                     st.update(env_w[src][b], env_o[src][b] if need_orig else None)
                 idx = decide(i, p, st)

@@ -109,7 +109,11 @@ def test_demo_writes_table_plot_and_report(tmp_path, monkeypatch):
     files = sorted(os.listdir(tmp_path / "out"))
     assert files == ["accuracy_vs_compression.png", "report.md", "results.json"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["label"] == "asym"
-    assert "| magnitude (no refit) |" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| magnitude (no refit) |" in report
+    # per-layer error curves of the asym runs, and verification numbers labelled with their kind
+    assert "## Per-layer reconstruction error, asym" in report and "| 8x | 3->8 |" in report
+    assert "(proven upper bound)" in report and "(proven lower bound)" in report and "(estimate)" in report
     assert (tmp_path / "out" / "accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"
 
 

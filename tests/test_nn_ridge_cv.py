@@ -1,0 +1,168 @@
+"""Tests of the cross-validated ridge (``ridge="cv"``) and of the per-layer report (error curves, verification).
+
+Oracles are independent: an explicit K-fold ridge regression with intercept on the raw rows (numpy.linalg.solve),
+and numpy ridge regression on the captured activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nn_adapters as nna
+from nn_adapters._stats import CV_GRID, PairStats
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(n)
+
+
+def _kfold_oracle(A: np.ndarray, Y: np.ndarray, sample_of_row: np.ndarray, cols: np.ndarray, K: int) -> np.ndarray:
+    """Held-out relative error of ridge-with-intercept for every grid value, by brute force on the rows."""
+    fold = sample_of_row % K
+    out = []
+    for g in CV_GRID:
+        err = energy = 0.0
+        for h in range(K):
+            tr, te = fold != h, fold == h
+            mt = A[tr].mean(0)
+            scale = np.mean(((A[tr] - mt) ** 2).sum(0))          # ridge relative to the mean centred diagonal
+            X = A[tr][:, cols] - mt[cols]
+            yt = Y[tr].mean(0)
+            M = np.linalg.solve(X.T @ X + g * scale * np.eye(cols.size), X.T @ (Y[tr] - yt))
+            b = yt - mt[cols] @ M
+            err += ((Y[te] - A[te][:, cols] @ M - b) ** 2).sum()
+            energy += ((Y[te] - yt) ** 2).sum()
+        out.append(err / energy)
+    return np.array(out)
+
+
+def test_cv_ridge_matches_kfold_oracle_linear():
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4)).eval()
+    pair = nna.find_pairs(net, torch.zeros(2, 6))[0][0]
+    with torch.no_grad():
+        h = torch.relu(net[0](torch.randn(23, 6)))
+    st = PairStats(pair, net[2], folds=5)
+    st.update(h[:7])          # two batches: the round-robin fold assignment continues across batches
+    st.update(h[7:])
+    A = h.double().numpy()
+    Y = A @ net[2].weight.detach().double().numpy().T
+    units = np.array([1, 4, 5, 8])
+    best, rel = st.cv_ridge(units)
+    want = _kfold_oracle(A, Y, np.arange(23), units, 5)
+    np.testing.assert_allclose(rel, want, rtol=1e-8)
+    assert best == CV_GRID[int(np.argmin(want))]
+
+
+def test_cv_ridge_matches_kfold_oracle_conv_keeps_the_patches_of_a_sample_together():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, stride=2)).eval()
+    pair = nna.find_pairs(net, torch.zeros(2, 2, 6, 6))[0][0]
+    with torch.no_grad():
+        h = torch.relu(net[0](torch.randn(11, 2, 6, 6)))
+    st = PairStats(pair, net[2], folds=3)
+    st.update(h)
+    cols = F.unfold(h.double(), 2, stride=2)                          # (N, C*4, L)
+    L = cols.shape[2]
+    A = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+    Y = A @ net[2].weight.detach().double().reshape(3, -1).numpy().T
+    units = np.array([0, 2, 3])
+    col_idx = np.concatenate([np.arange(4 * u, 4 * u + 4) for u in units])
+    _, rel = st.cv_ridge(units)
+    np.testing.assert_allclose(rel, _kfold_oracle(A, Y, np.repeat(np.arange(11), L), col_idx, 3), rtol=1e-8)
+
+
+def test_cv_refit_equals_ridge_regression_with_the_reported_ridge():
+    net = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 3)).eval()
+    x = torch.randn(30, 5)                     # 30 samples < 40 columns: the refit needs a ridge
+    pruned, rep = nna.prune(net, x, keep=0.9, method="layer")
+    lay = rep.layers[0]
+    assert lay.ridge_choice == "5-fold cv" and lay.ridge in CV_GRID
+    assert lay.cv_relative_error is not None and lay.cv_relative_error >= 0
+    with torch.no_grad():
+        A = torch.relu(net[0](x)).double().numpy()
+    Y = A @ net[2].weight.detach().double().numpy().T
+    kept = lay.kept_units
+    mu = A.mean(0)
+    lam = lay.ridge * np.mean(((A - mu) ** 2).sum(0))
+    X = A[:, kept] - mu[kept]
+    M = np.linalg.solve(X.T @ X + lam * np.eye(len(kept)), X.T @ (Y - Y.mean(0)))
+    b = Y.mean(0) - mu[kept] @ M
+    np.testing.assert_allclose(pruned[2].weight.detach().double().numpy(), M.T, atol=1e-4)
+    np.testing.assert_allclose(pruned[2].bias.detach().double().numpy(),
+                               net[2].bias.detach().double().numpy() + b, atol=1e-4)
+    resid = ((Y - A[:, kept] @ M - b) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum()
+    assert lay.relative_error == pytest.approx(resid, rel=1e-6, abs=1e-9)
+
+
+def test_cv_shrinks_more_when_samples_are_scarce():
+    """Held-out error, not in-sample error, picks the ridge: with fewer samples than columns and noisy targets the
+    chosen ridge is larger than with many samples, and the held-out estimate exceeds the in-sample error."""
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 60), nn.Tanh(), nn.Linear(60, 4)).eval()
+    x_many, x_few = torch.randn(2000, 8, generator=g), torch.randn(40, 8, generator=g)
+    # asym with a pruned first layer is the noisy case (targets outside the span of the kept units)
+    ridges = {}
+    for name, x in (("many", x_many), ("few", x_few)):
+        _, rep = nna.prune(net, x, keep={"0->2": 0.5, "2->4": 0.8}, method="asym")
+        ridges[name] = rep.layers[1]
+    assert ridges["few"].ridge > ridges["many"].ridge
+    assert ridges["few"].cv_relative_error > ridges["few"].relative_error
+
+
+def test_too_few_samples_fall_back_to_a_fixed_ridge_and_say_so():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    _, rep = nna.prune(net, torch.randn(3, 4), keep=0.5)
+    assert rep.layers[0].ridge == pytest.approx(1e-3)
+    assert "too few samples" in rep.layers[0].ridge_choice and rep.layers[0].cv_relative_error is None
+
+
+@pytest.mark.parametrize("bad", ["auto", -1.0, float("nan"), True])
+def test_bad_ridge_is_rejected(bad):
+    with pytest.raises(ValueError, match="ridge must be 'cv'"):
+        nna.prune(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), torch.randn(20, 4), keep=0.5,
+                  ridge=bad)
+
+
+def test_error_curve_is_the_nested_greedy_path():
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(200, 6)
+    _, rep = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
+    lay = rep.layers[0]
+    curve = np.array(lay.error_curve)
+    assert curve.shape == (lay.kept + 1,) and curve[0] == pytest.approx(1.0)
+    assert np.all(np.diff(curve) <= 1e-12)
+    # independent check of every prefix: plain lstsq with intercept on the captured activations
+    with torch.no_grad():
+        A = torch.relu(net[0](x)).double().numpy()
+    Y = A @ net[2].weight.detach().double().numpy().T
+    Yc = Y - Y.mean(0)
+    for j in range(1, lay.kept + 1):
+        D = np.hstack([A[:, lay.pick_order[:j]], np.ones((len(A), 1))])
+        r = Y - D @ np.linalg.lstsq(D, Y, rcond=None)[0]
+        assert curve[j] == pytest.approx((r ** 2).sum() / (Yc ** 2).sum(), rel=1e-6, abs=1e-10)
+    assert curve[-1] == pytest.approx(lay.relative_error, rel=1e-6, abs=1e-10)
+    assert "greedy-path rel.err" in rep.summary()
+
+
+def test_verify_labels_every_number_and_the_bound_holds():
+    pytest.importorskip("verification")
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    _, rep = nna.prune(net, torch.randn(150, 6), keep=0.5, method="asym", ridge=0.0, verify=True)
+    for lay in rep.layers:
+        v = lay.verification
+        assert v["lambda_min"][1] == "proven lower bound" and v["lambda_min"][0] >= 0
+        assert v["rel_err_at_k"][1] == "exact" and v["contraction"][1] == "estimate"
+        assert v["bound_rel_err_at_k"][1] == "proven upper bound"
+        assert v["rel_err_at_k"][0] <= v["bound_rel_err_at_k"][0] + 1e-9
+        assert v["rel_err_at_k"][0] == pytest.approx(lay.error_curve[-1], rel=1e-6, abs=1e-10)
+    assert "[proven upper bound]" in rep.summary()
+    _, rep = nna.prune(net, torch.randn(150, 6), keep=0.5, method="random")
+    assert all(lay.verification is None and lay.error_curve is None for lay in rep.layers)
