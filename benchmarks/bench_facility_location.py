@@ -94,7 +94,7 @@ def main() -> None:
     lazy, greedy = rows["submod lazy"]["seconds"], rows["submod greedy"]["seconds"]
     print("\nratios (peer seconds / submod seconds, same process):")
     for name, row in rows.items():
-        if not name.startswith("submod"):
+        if not name.startswith("submod "):
             ours_t = greedy if "aive" in name else lazy
             print(f"  {name:<22} / submod {'greedy' if 'aive' in name else 'lazy':<7} = "
                   f"{row['seconds'] / ours_t:6.1f}x")

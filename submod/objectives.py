@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
+from ._sr_threads import one_blas_thread
 from ._validation import as_float_array, check_ground_set_size
 from .base import GainState, SetFunction
 
@@ -139,23 +140,31 @@ class _Scan(NamedTuple):
     column_bounds: np.ndarray
 
 
-def _scan_similarity(K: np.ndarray) -> _Scan:
-    """Check a square ``K`` in three memory passes: finiteness, minimum, symmetry, column-sum bounds.
+def _scan_similarity(K: np.ndarray, block: int = 64) -> _Scan:
+    """Check a square ``K`` in one pass over memory: finiteness, minimum, symmetry, column-sum bounds.
 
     With a fixed random probe ``v`` in ``[1, 1.001)``, the matrix-vector products ``K v`` and ``K^T v`` are
     non-finite if any entry is (then confirmed element by element, so an overflow cannot raise a false alarm),
     and ``K^T v >= K^T 1`` bounds the column sums from above when ``K >= 0`` (lazy greedy's first bounds). ``K``
     is treated as symmetric when ``|K v - K^T v| <= 1e-12 (K v + K^T v)`` entrywise: symmetric up to rounding,
-    all that the row-wise gain evaluation needs; an asymmetric ``K`` is transposed once instead.
+    all that the row-wise gain evaluation needs; an asymmetric ``K`` is transposed once instead. Both products
+    and the minimum are taken block by block of rows, so each block is read from memory once and reused from
+    cache, on one BLAS thread (several threads on such small products only add synchronisation).
     """
     n = K.shape[0]
     v = 1.0 + 1e-3 * np.random.default_rng(20221128).random(n)
-    right = K @ v
-    left = K.T @ v
+    right = np.empty(n)
+    left = np.zeros(n)
+    minimum = np.inf
+    with one_blas_thread():
+        for lo in range(0, n, block):
+            rows = K[lo:lo + block]
+            right[lo:lo + block] = rows @ v
+            left += v[lo:lo + block] @ rows
+            minimum = min(minimum, float(rows.min()))
     finite = bool(np.isfinite(right).all() and np.isfinite(left).all()) or bool(np.isfinite(K).all())
     if not finite:
         return _Scan(False, np.nan, False, left)
-    minimum = float(K.min()) if K.size else 0.0
     symmetric = bool(np.all(np.abs(right - left) <= 1e-12 * (np.abs(right) + np.abs(left)) + 1e-300))
     return _Scan(True, minimum, symmetric, left)
 
