@@ -1,0 +1,534 @@
+"""Transformer block adapters: find blocks, run them, capture unit activations, and shrink them physically.
+
+One small adapter class per block kind behind a common interface (the Torch-Pruning habit of one handler per
+module type), so that :mod:`nn_adapters.transformer` only orchestrates:
+
+``_HFBertBlock``
+    A Hugging Face BERT-style layer (``BertLayer`` and look-alikes: ``attention.self.{query,key,value}``,
+    ``attention.output.dense``, ``intermediate.dense``, ``output.dense``). Post-LN.
+``_TorchEncoderBlock``
+    :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
+
+Units: an FFN unit is one intermediate neuron, i.e. one column of the down projection's input; an attention
+unit is one head, i.e. ``head_dim`` consecutive columns of the output projection's input (rows ``h*head_dim ...
+(h+1)*head_dim - 1`` of the query, key and value projections).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PrunedMultiheadAttention"]
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Multi-head self-attention whose inner width ``num_heads * head_dim`` may be smaller than ``embed_dim``.
+
+    :class:`torch.nn.MultiheadAttention` ties the inner width to ``embed_dim`` (``head_dim = embed_dim //
+    num_heads``), so removing heads while keeping ``head_dim`` cannot be expressed with it. This module takes
+    its place in a :class:`torch.nn.TransformerEncoderLayer` with the same call signature and the same packed
+    ``in_proj_weight`` layout (query rows, then key rows, then value rows; head-major inside each).
+
+    ``_qkv_same_embed_dim`` is ``False`` on purpose: it switches off PyTorch's fused encoder fast path, which
+    assumes an unpruned :class:`~torch.nn.MultiheadAttention`.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Model width (input and output size).
+    num_heads : int
+        Number of heads kept.
+    head_dim : int
+        Width of one head (unchanged by pruning).
+    bias : bool
+        Whether the input projection has a bias (the output projection follows ``out_bias``).
+    batch_first : bool
+        Layout of inputs, as in :class:`~torch.nn.MultiheadAttention`.
+    dropout : float
+        Dropout on the attention weights in training mode.
+    out_bias : bool
+        Whether the output projection has a bias.
+
+    Examples
+    --------
+    >>> import torch
+    >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    >>> pm = PrunedMultiheadAttention.from_multihead_attention(mha).eval()
+    >>> x = torch.randn(3, 5, 8)
+    >>> torch.allclose(pm(x, x, x)[0], mha(x, x, x)[0], atol=1e-5)
+    True
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"num_heads and head_dim must be >= 1, got {num_heads} and {head_dim}")
+        self.embed_dim = int(embed_dim)
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+        self.inner_dim = self.num_heads * self.head_dim
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self._qkv_same_embed_dim = False  # disables the fused fast path of nn.TransformerEncoderLayer
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * self.inner_dim, self.embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * self.inner_dim)) if bias else None
+        self.out_proj = nn.Linear(self.inner_dim, self.embed_dim, bias=out_bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
+        """An exact copy of an unpruned :class:`~torch.nn.MultiheadAttention` (self-attention layout)."""
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("only MultiheadAttention with kdim == vdim == embed_dim can be converted; "
+                             "build it without kdim/vdim")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported "
+                             "for head pruning; prune target='ffn' instead")
+        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
+                  batch_first=mha.batch_first, dropout=mha.dropout, out_bias=mha.out_proj.bias is not None)
+        new.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(mha.in_proj_weight)
+            if new.in_proj_bias is not None:
+                new.in_proj_bias.copy_(mha.in_proj_bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Same contract as :meth:`torch.nn.MultiheadAttention.forward` (2-D or per-head 3-D ``attn_mask``)."""
+        if query.dim() != 3:
+            raise ValueError(f"expected batched 3-D inputs, got query of shape {tuple(query.shape)}")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, tq, _ = query.shape
+        tk = key.shape[1]
+        w = self.in_proj_weight
+        bias = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if bias is None else bias.chunk(3)
+        wq, wk, wv = w.chunk(3)
+        h, d = self.num_heads, self.head_dim
+        q = F.linear(query, wq, bq).view(b, tq, h, d).transpose(1, 2)
+        k = F.linear(key, wk, bk).view(b, tk, h, d).transpose(1, 2)
+        v = F.linear(value, wv, bv).view(b, tk, h, d).transpose(1, 2)
+        mask = _additive_mask(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype, is_causal)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            probs = F.dropout(probs, p=self.dropout)
+        ctx = (probs @ v).transpose(1, 2).reshape(b, tq, h * d)
+        out = self.out_proj(ctx)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+        return out, weights
+
+
+def _additive_mask(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    b: int,
+    h: int,
+    tq: int,
+    tk: int,
+    dtype: torch.dtype,
+    is_causal: bool,
+) -> torch.Tensor | None:
+    """Combine MultiheadAttention-style masks into one additive ``(b, h, tq, tk)`` (broadcastable) mask."""
+
+    def to_additive(m: torch.Tensor) -> torch.Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    total = None
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(tq, tk, dtype=torch.bool).triu(1)
+    if attn_mask is not None:
+        m = to_additive(attn_mask)
+        if m.dim() == 2:
+            m = m.view(1, 1, tq, tk)
+        elif m.dim() == 3 and m.shape[0] == b * h:
+            m = m.view(b, h, tq, tk)
+        else:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not fit {h} heads: pass a 2-D "
+                             f"(tq, tk) mask or a 3-D (batch * {h}, tq, tk) mask")
+        total = m
+    if key_padding_mask is not None:
+        m = to_additive(key_padding_mask).view(b, 1, 1, tk)
+        total = m if total is None else total + m
+    return total
+
+
+def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A new Linear with the given weight (out, in) and bias, on the old one's device and dtype."""
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight.to(old.weight.dtype))
+        if bias is not None:
+            new.bias.copy_(bias.to(old.weight.dtype))
+    new.train(old.training)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of the given heads in a head-major projection."""
+    return (heads.view(-1, 1) * head_dim + torch.arange(head_dim, device=heads.device).view(1, -1)).reshape(-1)
+
+
+class _Block:
+    """Common interface of one transformer block (see module docstring)."""
+
+    kind: str
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+
+    # --- running -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        """(module, positional index) whose input is the residual stream that the stage's consumer output is
+        added to (``None``: the block input itself, the case of the attention stage)."""
+        return None
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        """The LayerNorm applied right after the stage's residual sum (post-LN), or ``None`` (pre-LN)."""
+        return None
+
+    def single_call(self) -> bool:
+        """Whether each consumer is called once per block forward (so a capture may stop early)."""
+        return True
+
+    def batch_first(self, stage: str = "block") -> bool:
+        """Whether tensors of ``stage`` ("block", "ffn" or "heads") are laid out (batch, tokens, features)."""
+        return True
+
+    # --- FFN -----------------------------------------------------------------------------------------------
+    @property
+    def up(self) -> nn.Linear:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def down(self) -> nn.Linear:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep intermediate neurons ``keep`` (sorted); new down weights (out, len(keep)) if given."""
+        up, down = self.up, self.down
+        keep = keep.to(up.weight.device)
+        new_up = _linear_like(up, up.weight[keep], None if up.bias is None else up.bias[keep])
+        w = down.weight[:, keep] if down_weight is None else down_weight
+        b = down.bias if down_weight is None else down_bias
+        self.set_ffn(new_up, _linear_like(down, w, b))
+
+    # --- heads ---------------------------------------------------------------------------------------------
+    num_heads: int
+    head_dim: int
+
+    def prepare_heads(self) -> None:
+        """Make the attention prunable (torch: swap in :class:`PrunedMultiheadAttention`, exact)."""
+
+    @property
+    def out_proj(self) -> nn.Linear:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "intermediate_size": self.up.out_features,
+                "num_heads": self.num_heads, "head_dim": self.head_dim}
+
+
+class _HFBertBlock(_Block):
+    kind = "hf_bert"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        att = getattr(module, "attention", None)
+        sa = getattr(att, "self", None)
+        return (
+            sa is not None
+            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value"))
+            and isinstance(getattr(getattr(att, "output", None), "dense", None), nn.Linear)
+            and isinstance(getattr(getattr(module, "intermediate", None), "dense", None), nn.Linear)
+            and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)
+            and hasattr(sa, "attention_head_size")
+        )
+
+    def single_call(self) -> bool:
+        return not getattr(self.module, "chunk_size_feed_forward", 0)
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        norm = self.module.output.LayerNorm if stage == "ffn" else self.module.attention.output.LayerNorm
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        # BertOutput.forward(hidden_states, input_tensor): LayerNorm(dense(hidden) + input_tensor)
+        return (self.module.output, 1) if stage == "ffn" else None
+
+    def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        out = self.module(x, *ctx["args"], **ctx["kwargs"])
+        return out[0] if isinstance(out, tuple) else out
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.module.intermediate.dense
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.module.output.dense
+
+    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:
+        self.module.intermediate.dense = up
+        self.module.output.dense = down
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.attention.self.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.module.attention.self.attention_head_size)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.module.attention.output.dense
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        sa = self.module.attention.self
+        return [sa.query.weight, sa.key.weight, sa.value.weight]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = self.module.attention.self
+        rows = _head_rows(keep.to(sa.query.weight.device), self.head_dim)
+        for name in ("query", "key", "value"):
+            lin = getattr(sa, name)
+            setattr(sa, name, _linear_like(lin, lin.weight[rows], None if lin.bias is None else lin.bias[rows]))
+        out = self.out_proj
+        w = out.weight[:, rows] if out_weight is None else out_weight
+        b = out.bias if out_weight is None else out_bias
+        self.module.attention.output.dense = _linear_like(out, w, b)
+        sa.num_attention_heads = int(keep.numel())
+        sa.all_head_size = sa.num_attention_heads * sa.attention_head_size
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        """Give the block the shapes of a pruned one (weights to be loaded from a state dict)."""
+        self.shrink_ffn(torch.arange(intermediate_size))
+        self.shrink_heads(torch.arange(num_heads))
+
+
+class _TorchEncoderBlock(_Block):
+    kind = "torch_encoder_layer"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, nn.TransformerEncoderLayer)
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        if self.module.norm_first:
+            return None
+        norm = self.module.norm2 if stage == "ffn" else self.module.norm1
+        return norm if isinstance(norm, nn.LayerNorm) else None
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage != "ffn":
+            return None
+        # post-LN: norm2(x + ff(x)), the FFN input is the residual; pre-LN: x + ff(norm2(x))
+        return (self.module.norm2, 0) if self.module.norm_first else (self.module.linear1, 0)
+
+    def batch_first(self, stage: str = "block") -> bool:
+        # PrunedMultiheadAttention works internally in (batch, tokens, features) whatever the layer layout.
+        return True if stage == "heads" else bool(self.module.self_attn.batch_first)
+
+    def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        # The explicit slow path of nn.TransformerEncoderLayer.forward (Fig. 1 of Xiong et al. 2020), so that
+        # forward hooks on linear2 and out_proj fire (the fused fast path bypasses submodule calls).
+        layer = self.module
+        kw = ctx["kwargs"]
+        src_mask = kw.get("src_mask")
+        kpm = kw.get("src_key_padding_mask")
+        causal = bool(kw.get("is_causal", False))
+        if kpm is not None:
+            kpm = F._canonical_mask(mask=kpm, mask_name="src_key_padding_mask",
+                                    other_type=F._none_or_dtype(src_mask), other_name="src_mask",
+                                    target_type=x.dtype)
+        if src_mask is not None:
+            src_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+                                         target_type=x.dtype, check_other=False)
+        if layer.norm_first:
+            x = x + layer._sa_block(layer.norm1(x), src_mask, kpm, is_causal=causal)
+            x = x + layer._ff_block(layer.norm2(x))
+        else:
+            x = layer.norm1(x + layer._sa_block(x, src_mask, kpm, is_causal=causal))
+            x = layer.norm2(x + layer._ff_block(x))
+        return x
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.module.linear1
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.module.linear2
+
+    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:
+        self.module.linear1 = up
+        self.module.linear2 = down
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.module.self_attn.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.module.self_attn.head_dim)
+
+    def prepare_heads(self) -> None:
+        if not isinstance(self.module.self_attn, PrunedMultiheadAttention):
+            self.module.self_attn = PrunedMultiheadAttention.from_multihead_attention(self.module.self_attn)
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.module.self_attn.out_proj
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        return list(self.module.self_attn.in_proj_weight.chunk(3))
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        self.prepare_heads()
+        att = self.module.self_attn
+        d = att.head_dim
+        rows = _head_rows(keep.to(att.in_proj_weight.device), d)
+        inner = att.inner_dim
+        all_rows = torch.cat([rows, rows + inner, rows + 2 * inner])
+        new = PrunedMultiheadAttention(att.embed_dim, int(keep.numel()), d, bias=att.in_proj_bias is not None,
+                                       batch_first=att.batch_first, dropout=att.dropout,
+                                       out_bias=att.out_proj.bias is not None)
+        new.to(device=att.in_proj_weight.device, dtype=att.in_proj_weight.dtype)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(att.in_proj_weight[all_rows])
+            if new.in_proj_bias is not None:
+                new.in_proj_bias.copy_(att.in_proj_bias[all_rows])
+        out = att.out_proj
+        w = out.weight[:, rows] if out_weight is None else out_weight
+        b = out.bias if out_weight is None else out_bias
+        new.out_proj = _linear_like(out, w, b)
+        new.train(att.training)
+        self.module.self_attn = new
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        self.shrink_ffn(torch.arange(intermediate_size))
+        if num_heads != self.num_heads or isinstance(self.module.self_attn, PrunedMultiheadAttention):
+            self.shrink_heads(torch.arange(num_heads))
+
+
+_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _TorchEncoderBlock)
+
+
+def find_blocks(model: nn.Module) -> list[_Block]:
+    """Transformer blocks of ``model`` in registration order (blocks nested in a block are not searched)."""
+    blocks: list[_Block] = []
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        for kind in _BLOCK_KINDS:
+            if kind.matches(module):
+                blocks.append(kind(name, module))
+                taken.append(name)
+                break
+    return blocks
+
+
+def disable_nested_fast_path(model: nn.Module) -> None:
+    """Stop nn.TransformerEncoder from converting inputs to nested tensors (needs an unpruned attention)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(layer.self_attn, PrunedMultiheadAttention) for layer in m.layers
+        ):
+            m.use_nested_tensor = False
+
+
+class _StopCapture(Exception):
+    """Raised by a capture hook once every wanted input is recorded (the rest of the forward is not needed)."""
+
+
+def capture_inputs(modules: dict[str, nn.Module | tuple[nn.Module, int]], run: Callable[[], torch.Tensor], *,
+                   stop: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Run ``run()`` while recording the input of each module (hooks always removed).
+
+    ``modules`` maps names to a module (its first positional input is recorded) or to ``(module, index)``.
+    Several calls of one module in one run (chunked feed-forward) are concatenated along the sequence axis.
+    ``stop=True`` abandons the forward as soon as every module has been called once (the output is then ``None``);
+    use it only when each module is called once per run.
+    """
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+    handles = []
+    out = None
+    try:
+        for key, entry in modules.items():
+            mod, pos = entry if isinstance(entry, tuple) else (entry, 0)
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], _key: str = key, _pos: int = pos) -> None:
+                seen[_key].append(args[_pos].detach())
+                if stop and all(seen.values()):
+                    raise _StopCapture
+
+            handles.append(mod.register_forward_pre_hook(hook))
+        out = run()
+    except _StopCapture:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    got = {}
+    for key, parts in seen.items():
+        if not parts:
+            raise RuntimeError(f"module {key!r} was not called by the block forward; its structure is not supported")
+        got[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    return out, got

@@ -1,0 +1,811 @@
+"""Structured pruning of transformer encoders: FFN neurons and attention heads, from unlabeled token batches.
+
+For every block, the units are chosen and the consumer layer refitted by least squares so that the consumer's
+output changes as little as possible (El Halabi, Srinivas and Lacoste-Julien, "Data-Efficient Structured Pruning
+via Submodular Optimization", NeurIPS 2022), then the modules are physically shrunk:
+
+* FFN: a unit is one intermediate neuron (``up -> activation -> down``): one column of the down projection's
+  input. Kept neurons keep their rows of ``up``; the down projection's weights and bias are refitted.
+* Heads: a unit is one attention head: ``head_dim`` columns of the output projection's input (a group in
+  :class:`submod.SparseRegression`). Kept heads keep their query/key/value rows; the output projection is refitted.
+
+Statistics are float64 Gram matrices streamed token batch by token batch (optionally token-weighted, see
+``weighting``) and handed to :meth:`submod.SparseRegression.from_gram`; padding tokens (``attention_mask == 0``
+for Hugging Face models, ``src_key_padding_mask`` for :class:`torch.nn.TransformerEncoderLayer`) are excluded.
+
+Modes (``method``):
+
+``"layer"``  (LayerInChange)
+    Inputs and targets from the original network.
+``"seq"``    (SeqInChange)
+    Inputs from the network pruned so far; targets: the original consumer applied to those inputs.
+``"asym"``   (AsymInChange, default)
+    Inputs from the network pruned so far, targets from the original network, so that each refit also
+    compensates the error made upstream.
+
+Block inputs are cached once (the first block's inputs, from one forward pass of the model per batch) and
+propagated block by block through the original and the pruned blocks: a bounded number of block forwards per
+block, ``O(L)`` in total, never a full-model forward per layer.
+
+Baselines under the same API (selection only; the refit, if ``reweight=True``, uses the statistics of the
+``propagation`` mode, ``"asym"`` by default): ``"magnitude"`` (Torch-Pruning-style group L2 norm of the unit's
+weights in the producer and consumer), ``"wanda"`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for
+Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights) and ``"random"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import submod.sparse_regression
+
+from ._transformer_blocks import (
+    PrunedMultiheadAttention,
+    _Block,
+    capture_inputs,
+    disable_nested_fast_path,
+    find_blocks,
+)
+
+__all__ = [
+    "prune_transformer",
+    "TransformerPruneReport",
+    "UnitRecord",
+    "save_pruned",
+    "load_pruned",
+    "PrunedMultiheadAttention",
+    "GREEDY_METHODS",
+    "BASELINE_METHODS",
+]
+
+GREEDY_METHODS = ("asym", "seq", "layer")
+BASELINE_METHODS = ("magnitude", "wanda", "random")
+_ALIASES = {"weight_norm": "magnitude", "activation_norm": "wanda", "asyminchange": "asym",
+            "seqinchange": "seq", "layerinchange": "layer"}
+_TARGETS = ("ffn", "heads", "all")
+SPEC_FILE = "submod_pruning.json"
+_SPEC_FORMAT = "submod.transformer-pruning"
+
+
+@dataclass
+class UnitRecord:
+    """What was done to one prunable stage (the FFN or the attention heads) of one block.
+
+    ``relative_error`` is the least-squares residual of the consumer's target on the calibration tokens
+    divided by the target's (centred) energy, for the kept units and refitted weights: a measured value on the
+    calibration data (exact for that data, an empirical estimate for new data); ``None`` without refit.
+    """
+
+    block: str
+    stage: str
+    n_units: int
+    n_kept: int
+    kept: list[int]
+    relative_error: float | None
+    time_s: float
+
+
+@dataclass
+class TransformerPruneReport:
+    """Result of :func:`prune_transformer` (all counts exact; errors measured on the calibration tokens)."""
+
+    method: str
+    target: str
+    keep: float
+    reweight: bool
+    seed: int
+    propagation: str | None
+    units: list[UnitRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    n_tokens: int = 0
+    n_padding_excluded: int = 0
+    block_forwards: int = 0
+    n_blocks: int = 0
+    wall_time: float = 0.0
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        """Parameter compression ``params_before / params_after`` of the whole model (exact)."""
+        return self.params_before / max(self.params_after, 1)
+
+    def summary(self) -> str:
+        """A short human-readable table."""
+        lines = [f"method={self.method} target={self.target} keep={self.keep} reweight={self.reweight} "
+                 f"tokens={self.n_tokens} (padding excluded: {self.n_padding_excluded}) "
+                 f"params {self.params_before} -> {self.params_after} ({self.compression:.2f}x) "
+                 f"time {self.wall_time:.1f}s, {self.block_forwards} block forwards for {self.n_blocks} blocks"]
+        for u in self.units:
+            err = "-" if u.relative_error is None else f"{u.relative_error:.4f}"
+            lines.append(f"  {u.block:<28} {u.stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
+        return "\n".join(lines)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation and calibration capture
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: Any, ridge: Any) -> tuple[str, str]:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0.0 < float(keep) <= 1.0):
+        raise ValueError(f"keep must be a fraction in (0, 1] of the units kept in every block, got {keep!r}; "
+                         "e.g. keep=0.5 removes half of the neurons")
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    m = _ALIASES.get(str(method).lower(), str(method).lower()) if isinstance(method, str) else method
+    if m not in GREEDY_METHODS + BASELINE_METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {GREEDY_METHODS} (greedy selection) or "
+                         f"{BASELINE_METHODS} (baselines)")
+    if propagation not in GREEDY_METHODS:
+        raise ValueError(f"propagation must be one of {GREEDY_METHODS}, got {propagation!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite number >= 0 (relative to the mean input variance), got {ridge!r}")
+    return m, propagation
+
+
+def _batches(calibration_data: Any) -> list[Any]:
+    if calibration_data is None:
+        raise ValueError("calibration_data is None: pass token batches (dicts of tensors, e.g. tokenizer "
+                         "outputs with an attention_mask) or input tensors")
+    if isinstance(calibration_data, (torch.Tensor, Mapping)):
+        return [calibration_data]
+    if not isinstance(calibration_data, Iterable):
+        raise ValueError(f"calibration_data must be a batch or an iterable of batches, "
+                         f"got {type(calibration_data).__name__}")
+    batches = list(calibration_data)
+    if not batches:
+        raise ValueError("calibration_data is empty: pass at least one batch of unlabeled inputs")
+    return batches
+
+
+def _call_model(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
+        return _call_model(model, batch[0])  # (inputs, labels): labels ignored
+    raise ValueError(f"cannot feed a calibration batch of type {type(batch).__name__}: use a dict of tensors "
+                     "(passed as keyword arguments), a tensor, or an (inputs, labels) pair")
+
+
+def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    """(batch, tokens) bool mask of real (non-padding) tokens of a captured block input."""
+    bf = block.batch_first("block")
+    b, t = (x.shape[0], x.shape[1]) if bf else (x.shape[1], x.shape[0])
+    inner = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(inner, Mapping) and inner.get("attention_mask") is not None:
+        m = torch.as_tensor(inner["attention_mask"])
+        if m.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, tokens) with 1 for real tokens and 0 for padding, "
+                             f"got shape {tuple(m.shape)}")
+        valid = m != 0
+    elif ctx["kwargs"].get("src_key_padding_mask") is not None:
+        m = ctx["kwargs"]["src_key_padding_mask"]
+        valid = ~m if m.dtype == torch.bool else m == 0
+    else:
+        valid = torch.ones(b, t, dtype=torch.bool)
+    if tuple(valid.shape) != (b, t):
+        raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
+                         f"(batch {b}, tokens {t})")
+    return valid.to(x.device)
+
+
+def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) -> list[dict[str, Any]]:
+    """One model forward per batch, stopped at the first block: its input, call context and token mask."""
+    cached: list[dict[str, Any]] = []
+    for batch in batches:
+        got: dict[str, Any] = {}
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], got: dict[str, Any] = got) -> None:
+            if "src" in kwargs:  # nn.TransformerEncoderLayer called with keywords
+                kwargs = dict(kwargs)
+                args = (kwargs.pop("src"), *args)
+            got["x"] = args[0].detach()
+            got["ctx"] = {"args": tuple(args[1:]), "kwargs": dict(kwargs)}
+            raise _StopForward
+
+        handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            _call_model(model, batch)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "x" not in got:
+            raise ValueError(f"the model's forward never reached its first transformer block {block.name!r}")
+        x = got["x"]
+        if x.is_nested:
+            raise ValueError("the first block received a nested tensor; disable the nested-tensor fast path "
+                             "(nn.TransformerEncoder(enable_nested_tensor=False))")
+        valid = _token_mask(batch, block, x, got["ctx"])
+        cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
+    return cached
+
+
+def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """Token rows (n_valid, features) of a (batch, tokens, f) or (tokens, batch, f) activation."""
+    if not batch_first:
+        t = t.transpose(0, 1)
+    return t[valid]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Stats:
+    """Float64 sufficient statistics of a (token-)weighted least-squares problem, streamed batch by batch.
+
+    Rows ``t`` carry weights ``w_t`` and target columns are scaled by ``c`` (see ``weighting`` in
+    :func:`prune_transformer`): the objective is ``sum_t w_t ||(y_t - M^T a_t - b) * c||^2``. With the intercept,
+    the statistics are centred with the weighted means, which gives exactly the weighted least-squares fit with a
+    free bias; :meth:`objective` hands the centred statistics to :meth:`submod.SparseRegression.from_gram`.
+    (``submod.GramAccumulator`` takes unweighted rows, hence this small weighted variant.)
+    """
+
+    def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None) -> None:
+        self.gram = torch.zeros(n_features, n_features, dtype=torch.float64)
+        self.cross = torch.zeros(n_features, n_targets, dtype=torch.float64)
+        self.sum_a = torch.zeros(n_features, dtype=torch.float64)
+        self.sum_y = torch.zeros(n_targets, dtype=torch.float64)
+        self.col_sq = np.zeros(n_features)  # unweighted, for the Wanda scores
+        self.yy = 0.0
+        self.weight = 0.0
+        self.count = 0
+        self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float64).cpu()
+
+    def update(self, a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        a64 = a.detach().to(torch.float64).cpu()
+        y64 = y.detach().to(torch.float64).cpu()
+        if not (torch.isfinite(a64).all() and torch.isfinite(y64).all()):
+            raise ValueError("non-finite (NaN/inf) activations in the calibration statistics: check the model and "
+                             "the calibration inputs")
+        if self.col_scale is not None:
+            y64 = y64 * self.col_scale
+        w64 = torch.ones(a64.shape[0], dtype=torch.float64) if w is None else w.detach().to(torch.float64).cpu()
+        aw = a64 * w64[:, None]
+        self.gram += aw.T @ a64
+        self.cross += aw.T @ y64
+        self.sum_a += aw.sum(0)
+        self.sum_y += (y64 * w64[:, None]).sum(0)
+        self.yy += float((w64 * (y64 * y64).sum(1)).sum())
+        self.weight += float(w64.sum())
+        self.col_sq += (a64 * a64).sum(0).numpy()
+        self.count += a64.shape[0]
+
+    def _centred(self, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, float]:
+        g, c, yy = self.gram.numpy(), self.cross.numpy(), self.yy
+        if fit_intercept:
+            sa, sy, wt = self.sum_a.numpy(), self.sum_y.numpy(), self.weight
+            g = g - np.outer(sa, sa) / wt
+            c = c - np.outer(sa, sy) / wt
+            yy = max(yy - float(sy @ sy) / wt, 0.0)
+        return 0.5 * (g + g.T), c, yy
+
+    def objective(self, ridge_rel: float, groups: list[np.ndarray] | None,
+                  fit_intercept: bool) -> submod.sparse_regression.SparseRegression:
+        g, c, yy = self._centred(fit_intercept)
+        ridge = float(ridge_rel * max(float(np.mean(np.diag(g))), 0.0))
+        return submod.sparse_regression.SparseRegression.from_gram(g, c, yy, ridge=ridge, groups=groups)
+
+    def refit(self, f: submod.sparse_regression.SparseRegression, kept: np.ndarray,
+              fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Consumer weight (out, n_cols) and bias of the weighted least-squares fit on ``kept`` units."""
+        m_rows, _ = f.refit(kept)
+        cols = f.columns_of(kept)
+        bias = None
+        if fit_intercept:
+            bias = (self.sum_y.numpy() - self.sum_a.numpy()[cols] @ m_rows) / self.weight
+        if self.col_scale is not None:
+            scale = self.col_scale.numpy()
+            m_rows = m_rows / scale
+            bias = None if bias is None else bias / scale
+        return (torch.as_tensor(np.ascontiguousarray(m_rows.T)),
+                None if bias is None else torch.as_tensor(np.asarray(bias)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------------------------
+
+def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | None]:
+    if stage == "ffn":
+        return block.up.out_features, None
+    d = block.head_dim
+    return block.num_heads, [np.arange(h * d, (h + 1) * d) for h in range(block.num_heads)]
+
+
+def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
+    """Torch-Pruning-style group importance: mean over the coupled layers of the unit's squared L2 norm."""
+    with torch.no_grad():
+        if stage == "ffn":
+            up, down = block.up, block.down
+            s = up.weight.double().pow(2).sum(1)
+            if up.bias is not None:
+                s = s + up.bias.double().pow(2)
+            s = (s + down.weight.double().pow(2).sum(0)) / 2
+            return s.cpu().numpy()
+        d, h = block.head_dim, block.num_heads
+        s = torch.zeros(h, dtype=torch.float64)
+        for w in block.qkv_weights():
+            s += w.detach().double().pow(2).view(h, d, -1).sum((1, 2)).cpu()
+        s += block.out_proj.weight.detach().double().pow(2).view(-1, h, d).sum((0, 2)).cpu()
+        return (s / 4).numpy()
+
+
+def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
+    """Wanda-style structured score: sum over the unit's consumer weights of |W_ij| * ||X_j||_2."""
+    consumer = block.down if stage == "ffn" else block.out_proj
+    w1 = consumer.weight.detach().double().abs().sum(0).cpu().numpy()  # per input column
+    per_col = w1 * np.sqrt(np.maximum(stats.col_sq, 0.0))
+    if stage == "ffn":
+        return per_col
+    return per_col.reshape(block.num_heads, block.head_dim).sum(1)
+
+
+def _n_keep(keep: float, n_units: int) -> int:
+    return int(min(n_units, max(1, round(keep * n_units))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def prune_transformer(
+    model: nn.Module,
+    calibration_data: Any,
+    keep: float = 0.5,
+    target: str = "ffn",
+    method: str = "asym",
+    reweight: bool = True,
+    seed: int = 0,
+    *,
+    propagation: str = "asym",
+    ridge: float = 1e-4,
+    rule: str = "greedy",
+    residual: bool = True,
+    weighting: str = "layernorm",
+) -> tuple[nn.Module, TransformerPruneReport]:
+    """Prune FFN neurons and/or attention heads of every transformer block; return a smaller copy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model containing Hugging Face BERT-style layers (``BertLayer`` and look-alikes) or
+        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``) applied one after
+        another. Not modified (a deep copy is pruned).
+    calibration_data : batch or iterable of batches
+        Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
+        ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
+        never enter the statistics.
+    keep : float
+        Fraction in (0, 1] of the units kept in every block (at least one unit is kept).
+    target : {"ffn", "heads", "all"}
+        Which units to prune. With ``"all"`` the heads of a block are pruned first, then its FFN sees the
+        pruned attention.
+    method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
+        Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
+    reweight : bool
+        Refit the consumer (down projection or attention output projection) weights and bias by least squares
+        on the kept units. ``False`` keeps the original weights of the kept units.
+    seed : int
+        Seed of the ``"random"`` baseline (the greedy methods are deterministic).
+    propagation : {"asym", "seq", "layer"}
+        Statistics used by the baselines for the refit and the Wanda activation norms.
+    ridge : float
+        Ridge added to the Gram matrices, relative to the mean diagonal of the centred Gram matrix of the
+        consumer's inputs (guards dead and duplicate units, and regularises the refit).
+    rule : {"greedy", "omp"}
+        Selection rule of the greedy path.
+    residual : bool
+        ``asym`` only: targets are the original residual sum minus the pruned network's residual input, so the
+        refit also compensates the error carried by the residual stream.
+    weighting : {"layernorm", "none"}
+        ``"layernorm"``: measure the error after the post-LN LayerNorm that follows the stage (tokens weighted by
+        ``1 / sigma_t^2``, output dimensions by ``gamma^2``); pre-LN blocks are not weighted.
+
+    Returns
+    -------
+    pruned : torch.nn.Module
+        A physically smaller deep copy, in the input model's training mode.
+    report : TransformerPruneReport
+        Kept units per block, relative reconstruction errors, parameter counts, timings and the pruning spec
+        used by :func:`save_pruned`/:func:`load_pruned`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True, dropout=0.0)
+    >>> model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    >>> x = torch.randn(8, 10, 16)
+    >>> pruned, report = prune_transformer(model, [x], keep=0.5, target="all")
+    >>> [b["intermediate_size"] for b in report.spec["blocks"]], [b["num_heads"] for b in report.spec["blocks"]]
+    ([16, 16], [2, 2])
+    >>> pruned(x).shape
+    torch.Size([8, 10, 16])
+    """
+    t_start = time.perf_counter()
+    method, propagation = _check_args(model, keep, target, method, propagation, ridge)
+    if weighting not in ("layernorm", "none"):
+        raise ValueError(f"weighting must be 'layernorm' or 'none', got {weighting!r}")
+    if rule not in ("greedy", "omp"):
+        raise ValueError(f"rule must be 'greedy' or 'omp', got {rule!r}")
+    keep = float(keep)
+    mode = method if method in GREEDY_METHODS else propagation
+    needs_data = method in GREEDY_METHODS or reweight or method == "wanda"
+    stages = ["heads", "ffn"] if target == "all" else [target]
+
+    was_training = model.training
+    work = copy.deepcopy(model).eval()
+    blocks = find_blocks(work)
+    if not blocks:
+        raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
+                         "and look-alikes) and torch.nn.TransformerEncoderLayer")
+    if "heads" in stages:
+        for blk in blocks:
+            blk.prepare_heads()
+        disable_nested_fast_path(work)
+    report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
+                                    seed=int(seed), propagation=None if method in GREEDY_METHODS else propagation,
+                                    params_before=_n_params(model), n_blocks=len(blocks))
+    rng = np.random.default_rng(seed)
+    counter = [0]
+
+    with torch.no_grad():
+        if needs_data:
+            batches = _batches(calibration_data)
+            orig = copy.deepcopy(model).eval()
+            orig_blocks = find_blocks(orig)
+            if "heads" in stages:
+                for blk in orig_blocks:
+                    blk.prepare_heads()
+                disable_nested_fast_path(orig)
+            fast = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                cache = _capture_first_block(orig, orig_blocks[0], batches)
+                chain = _capture_chain(orig, orig_blocks, batches[0])
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fast)
+            report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
+            report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
+            if report.n_tokens == 0:
+                raise ValueError("the calibration batches contain no real token (attention mask all zero)")
+            xo = [c["x"] for c in cache]
+            xp = [c["x"] for c in cache]
+            for i, blk in enumerate(blocks):
+                oblk = orig_blocks[i]
+                scale = float(chain[i].nan_to_num().abs().max()) + 1.0
+                if not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
+                    raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
+                                     "blocks applied one after another (an encoder stack) are supported")
+                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), keep, ridge, rule, rng,
+                                       xo, xp, cache, counter, report, bool(residual),
+                                       weighting == "layernorm")
+                if mode != "layer" and i + 1 < len(blocks):
+                    xp = [_fwd(blk, xp[b], cache[b]["ctx"], counter) for b in range(len(cache))]
+                xo = xo_next
+        else:
+            for blk in blocks:
+                for stage in stages:
+                    t0 = time.perf_counter()
+                    _apply_selection(blk, stage, method, False, keep, None, ridge, rule, rng, report, t0)
+
+    work.train(was_training)
+    report.params_after = _n_params(work)
+    report.block_forwards = counter[0]
+    report.spec = make_spec(work)
+    report.wall_time = time.perf_counter() - t_start
+    return work, report
+
+
+def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> torch.Tensor:
+    counter[0] += 1
+    return block.forward(x, ctx)
+
+
+def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any) -> list[torch.Tensor]:
+    """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain)."""
+    _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
+    return [got[str(i)] for i in range(len(blocks))]
+
+
+def _consumer(block: _Block, stage: str) -> nn.Linear:
+    return block.down if stage == "ffn" else block.out_proj
+
+
+def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor:
+    """Rows of the residual stream that the stage's consumer output is added to."""
+    if block.residual_input(stage) is None:
+        return _rows(x, valid, block.batch_first("block"))
+    return _rows(got["res_" + stage], valid, block.batch_first(stage))
+
+
+def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, Any]:
+    mods: dict[str, Any] = {s: _consumer(block, s) for s in stages}
+    if residual:
+        for s in stages:
+            entry = block.residual_input(s)
+            if entry is not None:
+                mods["res_" + s] = entry
+    return mods
+
+
+def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Row weights ``1 / sigma_t^2`` and column scales ``|gamma|`` of the post-LN LayerNorm that follows the stage.
+
+    A LayerNorm output moves by about ``gamma_i / sigma_t`` per unit change of its input ``z_{t,i}``, so an error
+    measured in the LayerNorm's output space weighs token ``t`` by ``1 / sigma_t^2`` and dimension ``i`` by
+    ``gamma_i^2``. Without it, the few tokens and dimensions with massive activations (e.g. [CLS] in BERT) dominate
+    the least-squares fit. Pre-LN blocks (no LayerNorm after the sum) are not weighted.
+    """
+    norm = block.post_norm(stage)
+    if norm is None:
+        return None, None
+    var = z.double().var(dim=1, unbiased=False) + norm.eps
+    scale = None
+    if norm.weight is not None:
+        g = norm.weight.detach().double().abs().cpu()
+        scale = g.clamp_min(1e-6 * float(g.max()) + 1e-30)
+    return 1.0 / var, scale
+
+
+def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,
+                 keep: float, ridge: float, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
+                 xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int],
+                 report: TransformerPruneReport, residual: bool, weighting: bool) -> list[torch.Tensor]:
+    """Prune the stages of one block; return the original network's outputs of this block (next inputs)."""
+    n_b = len(cache)
+    residual = residual and mode == "asym"
+    # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
+    # and targets (layer), and the LayerNorm weights of the tokens
+    orig_mods = _capture_map(oblk, stages, residual or weighting)
+    xo_next: list[torch.Tensor] = []
+    t0s = {s: time.perf_counter() for s in stages}
+    stats: dict[str, _Stats] = {}
+    targets: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
+    row_w: dict[str, list[torch.Tensor | None]] = {s: [] for s in stages}
+    col_scale: dict[str, torch.Tensor | None] = {s: None for s in stages}
+    for b in range(n_b):
+        out, got = capture_inputs(orig_mods, lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
+        xo_next.append(out)
+        valid = cache[b]["valid"]
+        for s in stages:
+            a = _rows(got[s], valid, oblk.batch_first(s))
+            y = orig_mods[s](a)
+            res = _residual_rows(oblk, s, got, xo[b], valid) if (residual or weighting) else None
+            w = None
+            if weighting:
+                w, col_scale[s] = _norm_weights(oblk, s, y + res)
+            if mode == "layer":
+                if s not in stats:
+                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s])
+                stats[s].update(a, y, w)
+            else:
+                targets[s].append(y + res if residual else y)
+                row_w[s].append(w)
+    for s in stages:
+        t0 = t0s[s] if mode == "layer" else time.perf_counter()
+        if mode != "layer":
+            mods = _capture_map(blk, [s], residual)
+            for b in range(n_b):
+                valid = cache[b]["valid"]
+                _, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
+                                        stop=blk.single_call())
+                a = _rows(got[s], valid, blk.batch_first(s))
+                if mode == "asym":
+                    y = targets[s][b]
+                    if residual:
+                        y = y - _residual_rows(blk, s, got, xp[b], valid)
+                else:
+                    y = mods[s](a)
+                if s not in stats:
+                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s])
+                stats[s].update(a, y, row_w[s][b])
+            targets[s] = []
+        _apply_selection(blk, s, method, reweight, keep, stats[s], ridge, rule, rng, report, t0)
+    return xo_next
+
+
+def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, keep: float, stats: _Stats | None,
+                     ridge: float, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
+                     t0: float) -> None:
+    n_units, groups = _unit_columns(stage, blk)
+    k = _n_keep(keep, n_units)
+    consumer = _consumer(blk, stage)
+    has_bias = consumer.bias is not None
+    f = None
+    if stats is not None and (reweight or method in GREEDY_METHODS):
+        f = stats.objective(ridge, groups, has_bias)
+    if method in GREEDY_METHODS:
+        path = f.greedy_path(k, rule=rule)
+        chosen = np.asarray(path.selected[:k], dtype=np.int64)
+    elif method == "magnitude":
+        chosen = np.argsort(-_magnitude_scores(stage, blk), kind="stable")[:k]
+    elif method == "wanda":
+        chosen = np.argsort(-_wanda_scores(stage, blk, stats), kind="stable")[:k]
+    else:
+        chosen = rng.choice(n_units, size=k, replace=False)
+    kept = np.sort(chosen)
+    rel_err = None
+    weight = bias = None
+    if reweight:
+        weight, bias = stats.refit(f, kept, has_bias)
+        y_norm2 = float(f.y_norm2)
+        rel_err = float(f.reconstruction_error(kept)) / y_norm2 if y_norm2 > 0 else 0.0
+    keep_t = torch.as_tensor(kept, dtype=torch.long)
+    if stage == "ffn":
+        blk.shrink_ffn(keep_t, weight, bias)
+    else:
+        blk.shrink_heads(keep_t, weight, bias)
+    report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
+                                   kept=[int(j) for j in kept], relative_error=rel_err,
+                                   time_s=time.perf_counter() - t0))
+
+
+def _n_params(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving and loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_spec(model: nn.Module) -> dict[str, Any]:
+    """The per-block sizes of a (pruned) model: what :func:`load_pruned` applies to a freshly built model."""
+    return {"format": _SPEC_FORMAT, "version": 1, "blocks": [b.spec() for b in find_blocks(model)]}
+
+
+def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """Shrink a freshly built model, in place, to the block sizes of ``spec`` (weights are left to be loaded)."""
+    if spec.get("format") != _SPEC_FORMAT:
+        raise ValueError(f"not a pruning spec (format {spec.get('format')!r}); expected {_SPEC_FORMAT!r}")
+    blocks = find_blocks(model)
+    wanted = spec["blocks"]
+    if [b.name for b in blocks] != [w["name"] for w in wanted]:
+        raise ValueError(f"the model's blocks {[b.name for b in blocks]} do not match the spec's "
+                         f"{[w['name'] for w in wanted]}: build the same architecture as the pruned model's origin")
+    with torch.no_grad():
+        for b, w in zip(blocks, wanted, strict=True):
+            if w["kind"] != b.kind or w["head_dim"] != b.head_dim:
+                raise ValueError(f"block {b.name}: spec kind/head_dim {w['kind']}/{w['head_dim']} do not match "
+                                 f"the model's {b.kind}/{b.head_dim}")
+            b.set_sizes(int(w["intermediate_size"]), int(w["num_heads"]))
+    disable_nested_fast_path(model)
+    return model
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Save a pruned transformer: its weights and a JSON spec of the per-block sizes.
+
+    Hugging Face models are written with ``save_pretrained`` (``config.json`` + ``model.safetensors``); other
+    models as a state dict (``weights.pt``, read back with ``torch.load(weights_only=True)``, no arbitrary
+    pickle). The spec (``submod_pruning.json``) lists each block's intermediate size and number of heads. The
+    directory is written under a temporary name and renamed into place, so nothing half-written is left.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    >>> small, _ = prune_transformer(layer, [torch.randn(4, 5, 8)], keep=0.5, target="all")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = save_pruned(small, d + "/m")
+    ...     fresh = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    ...     back = load_pruned(d + "/m", fresh)
+    >>> back.linear1.out_features, back.self_attn.num_heads
+    (8, 1)
+    """
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not an empty directory: choose a new path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+            model.save_pretrained(tmp)
+        else:
+            torch.save(model.state_dict(), tmp / "weights.pt")
+        (tmp / SPEC_FILE).write_text(json.dumps(make_spec(model), indent=1))
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Load a model written by :func:`save_pruned`.
+
+    ``model``: a freshly built, unpruned instance of the original architecture (required for plain torch models;
+    for Hugging Face models it is built from ``config.json`` when omitted, and optional top-level parts absent
+    from the saved weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``).
+    It is shrunk to the saved sizes
+    (:func:`apply_spec`) and then receives the saved weights (strict: every tensor must match). No arbitrary
+    pickle is executed. See :func:`save_pruned` for an example.
+    """
+    src = Path(directory)
+    spec_path = src / SPEC_FILE
+    if not spec_path.is_file():
+        raise ValueError(f"{src} has no {SPEC_FILE}: it was not written by save_pruned")
+    spec = json.loads(spec_path.read_text())
+    built_here = model is None
+    if model is None:
+        if not (src / "config.json").is_file():
+            raise ValueError("pass model=<a freshly built instance of the original architecture> to load a plain "
+                             "torch model")
+        import transformers  # lazy: only Hugging Face models need it
+
+        config = transformers.AutoConfig.from_pretrained(src)
+        archs = getattr(config, "architectures", None) or []
+        if not archs or not hasattr(transformers, archs[0]):
+            raise ValueError(f"cannot tell the model class from {src / 'config.json'}: pass model=")
+        model = getattr(transformers, archs[0])(config)
+    apply_spec(model, spec)
+    if (src / "weights.pt").is_file():
+        state = torch.load(src / "weights.pt", weights_only=True, map_location="cpu")
+    else:
+        from safetensors.torch import load_file
+
+        state = {}
+        for fname in sorted(src.glob("*.safetensors")):
+            state.update(load_file(fname))
+    if built_here:
+        # Optional top-level parts the saved model did not have (e.g. BertModel(add_pooling_layer=False) has no
+        # pooler, which config.json does not record): drop them, as the saved model had them set to None.
+        fresh = list(model.state_dict())
+        for child, _ in list(model.named_children()):
+            keys = [k for k in fresh if k.startswith(child + ".")]
+            if keys and not any(k in state for k in keys):
+                setattr(model, child, None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_keys(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"saved weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier parameter (tied weights are saved once)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        else:
+            seen[p.data_ptr()] = name
+    return tied

