@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
+from ._parallel import parallel_map, workers
 from ._sr_threads import one_blas_thread
 from ._validation import as_float_array, check_ground_set_size
 from .base import GainState, SetFunction
@@ -149,19 +150,27 @@ def _scan_similarity(K: np.ndarray, block: int = 64) -> _Scan:
     is treated as symmetric when ``|K v - K^T v| <= 1e-12 (K v + K^T v)`` entrywise: symmetric up to rounding,
     all that the row-wise gain evaluation needs; an asymmetric ``K`` is transposed once instead. Both products
     and the minimum are taken block by block of rows, so each block is read from memory once and reused from
-    cache, on one BLAS thread (several threads on such small products only add synchronisation).
+    cache; the two halves of the rows go to two threads, each calling BLAS on one thread (several BLAS threads
+    on such small products only add synchronisation).
     """
     n = K.shape[0]
     v = 1.0 + 1e-3 * np.random.default_rng(20221128).random(n)
     right = np.empty(n)
-    left = np.zeros(n)
-    minimum = np.inf
+
+    def scan_rows(bounds: tuple[int, int]) -> tuple[np.ndarray, float]:
+        left_part, low = np.zeros(n), np.inf
+        for lo in range(bounds[0], bounds[1], block):
+            rows = K[lo:min(lo + block, bounds[1])]
+            right[lo:lo + rows.shape[0]] = rows @ v
+            left_part += v[lo:lo + rows.shape[0]] @ rows
+            low = min(low, float(rows.min()))
+        return left_part, low
+
+    cut = (n // (2 * block)) * block if n >= 4 * block else n
     with one_blas_thread():
-        for lo in range(0, n, block):
-            rows = K[lo:lo + block]
-            right[lo:lo + block] = rows @ v
-            left += v[lo:lo + block] @ rows
-            minimum = min(minimum, float(rows.min()))
+        halves = parallel_map(scan_rows, [(0, cut), (cut, n)] if cut < n else [(0, n)])
+    left = sum(h[0] for h in halves)
+    minimum = min(h[1] for h in halves)
     finite = bool(np.isfinite(right).all() and np.isfinite(left).all()) or bool(np.isfinite(K).all())
     if not finite:
         return _Scan(False, np.nan, False, left)
@@ -188,16 +197,24 @@ class _DenseFacilityState(GainState):
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
         cand = self._all(candidates)
+        base = self._cur.sum()
+        # Large batches (lazy greedy's first re-evaluation after a pick, stochastic samples) are split over the
+        # cores; each row's sum is computed the same way in any split.
+        parts = np.array_split(cand, workers()) if cand.size >= 512 else [cand]
+        out = np.concatenate(parallel_map(self._row_sums, parts)) - base
+        np.maximum(out, 0.0, out=out)
+        out[self._in_set[cand]] = 0.0
+        return out
+
+    def _row_sums(self, cand: np.ndarray) -> np.ndarray:
+        """``sum_i max(K[i, c], cur_i)`` for each candidate ``c``, block by block of cache-sized rows."""
         out = np.empty(cand.size)
         block = max(1, (1 << 17) // self.n)
         buf = np.empty((min(block, cand.size), self.n))
-        base = self._cur.sum()
         for lo in range(0, cand.size, block):
             c = cand[lo:lo + block]
-            sub = np.maximum(self._Kt[c], self._cur, out=buf[:c.size])  # gain = sum_i max(K[i, c], cur_i) - sum_i cur_i
-            out[lo:lo + c.size] = sub.sum(axis=1) - base
-        np.maximum(out, 0.0, out=out)
-        out[self._in_set[cand]] = 0.0
+            sub = np.maximum(self._Kt[c], self._cur, out=buf[:c.size])
+            out[lo:lo + c.size] = sub.sum(axis=1)
         return out
 
     def _add(self, j: int) -> None:

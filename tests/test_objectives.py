@@ -184,3 +184,19 @@ def test_log_determinant_detects_non_psd_kernels_during_the_run():
     f = submod.LogDeterminant(similarity=K)
     with pytest.raises(ValueError, match="positive semidefinite"):
         submod.maximize(f, 600)
+
+
+def test_facility_location_gains_are_batch_independent_bit_for_bit():
+    # Batches of >= 512 candidates are split over threads; each gain must keep its bits in any batch.
+    rng = np.random.default_rng(5)
+    K = np.abs(rng.standard_normal((700, 700)))
+    for sim in (K, K + K.T):                     # asymmetric (transposed copy) and symmetric (rows of K)
+        state = submod.FacilityLocation(similarity=sim).init_state()
+        for j in (3, 500, 42):
+            state.add(j)
+        full = state.gains()
+        one_by_one = np.concatenate([state.gains(np.array([c])) for c in range(700)])
+        np.testing.assert_array_equal(full, one_by_one)
+        expected = np.maximum(sim - sim[:, [3, 500, 42]].max(axis=1, keepdims=True), 0.0).sum(axis=0)
+        expected[[3, 500, 42]] = 0.0
+        np.testing.assert_allclose(full, expected, rtol=1e-9, atol=1e-9)
