@@ -200,7 +200,7 @@ class _DenseFacilityState(GainState):
         base = self._cur.sum()
         # Large batches (lazy greedy's first re-evaluation after a pick, stochastic samples) are split over the
         # cores; each row's sum is computed the same way in any split.
-        parts = np.array_split(cand, workers()) if cand.size >= 512 else [cand]
+        parts = np.array_split(cand, workers()) if cand.size >= 128 else [cand]
         out = np.concatenate(parallel_map(self._row_sums, parts)) - base
         np.maximum(out, 0.0, out=out)
         out[self._in_set[cand]] = 0.0

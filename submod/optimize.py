@@ -343,7 +343,7 @@ def _lazy(run: _Run, knapsack: bool) -> None:
             # Decreasing bound, lowest index first on ties (a stable sort of increasing indices).
             todo = todo[np.argsort(-stale[todo], kind="stable")]
             # Chunks grow with the backlog: after the first pick nearly every bound is stale and loose.
-            size = max(32, todo.size // 8)
+            size = max(64, todo.size // 8)
             while todo.size:
                 chunk = np.sort(todo[:size])
                 scores = _evaluate_lazy(run, chunk, ub, evaluated, stale, costs)
