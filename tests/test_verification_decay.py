@@ -125,3 +125,13 @@ def test_plot_is_written_with_agg(tmp_path):
     fig.savefig(out)
     assert out.stat().st_size > 1000
     assert len(fig.axes[0].lines) == 1 + len(dec.bounds) + (1 if math.isfinite(dec.contraction) else 0)
+
+
+def test_wide_design_with_ridge_is_flagged_weak_not_vacuous():
+    rng = np.random.default_rng(0)
+    A, Y = rng.standard_normal((6, 10)), rng.standard_normal((6, 2))
+    plain = error_decay(SparseRegression(A, Y), 4)
+    ridged = error_decay(SparseRegression(A, Y, ridge=0.5), 4)
+    assert any("fewer samples" in p and "vacuous;" in p for p in plain.preconditions)
+    assert any("fewer samples" in p and "not vacuous" in p for p in ridged.preconditions)
+    assert ridged.lambda_min > 0

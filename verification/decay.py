@@ -336,13 +336,26 @@ def _preconditions(f: SetFunction, C: np.ndarray, unit_cols: list[np.ndarray], d
         i, j = np.nonzero(np.triu(off, 1))
         pairs = sorted({(int(min(owner[a], owner[b])), int(max(owner[a], owner[b]))) for a, b in zip(i, j,
                                                                                                        strict=True)})
+        ridge = float(getattr(f, "ridge", 0.0) or 0.0)
+        # With a ridge the regularised Gram stays positive definite: the bounds weaken but are not vacuous.
+        consequence = (f"the ridge ({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the "
+                       "spectral bounds are weak but not vacuous") if ridge > 0 else \
+            "lambda_min(C) = 0 so the spectral bounds are vacuous"
         if pairs:
             out.append(f"duplicate (collinear) units: {pairs[:10]}{' ...' if len(pairs) > 10 else ''}; "
-                       "lambda_min(C) = 0 so the spectral bounds are vacuous")
+                       f"{consequence}")
+    else:
+        ridge = float(getattr(f, "ridge", 0.0) or 0.0)
     count = getattr(f, "count", None)
     if count is not None and count < n_cols:
-        out.append(f"fewer samples ({count}) than columns ({n_cols}): the Gram is singular, lambda_min(C) = 0 and "
-                   "the spectral bounds are vacuous; collect at least as many samples as columns or add a ridge")
+        if ridge > 0:
+            out.append(f"fewer samples ({count}) than columns ({n_cols}): the Gram alone is singular; the ridge "
+                       f"({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the spectral bounds "
+                       "are weak but not vacuous")
+        else:
+            out.append(f"fewer samples ({count}) than columns ({n_cols}): the Gram is singular, lambda_min(C) = 0 "
+                       "and the spectral bounds are vacuous; collect at least as many samples as columns or add a "
+                       "ridge")
     if lam <= 1e-10 and not any("vacuous" in s for s in out):
         out.append(f"lambda_min(C) = {lam:.3g}: the columns are (numerically) linearly dependent, so the a-priori "
                    "spectral bound is vacuous")
