@@ -14,14 +14,7 @@ from torch import nn
 import nn_adapters as nna
 from nn_adapters import cli, demo, digits, zoo
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,14 +14,7 @@ from nn_adapters import zoo
 from nn_adapters._stats import PairStats, capture_hooks
 from nn_adapters.budget import ParamModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
