@@ -148,8 +148,8 @@ def block_params(model: torch.nn.Module) -> int:
 
 
 RUNS_FULL = [
-    # (target, fraction removed, method, reweight)
-    ("ffn", 0.50, "asym", True), ("ffn", 0.50, "layer", True),
+    # (target, fraction removed, method, reweight[, allocation]); allocation "uniform" unless given
+    ("ffn", 0.50, "asym", True), ("ffn", 0.50, "asym", True, "error-curve"), ("ffn", 0.50, "layer", True),
     ("ffn", 0.50, "magnitude", False), ("ffn", 0.50, "magnitude", True), ("ffn", 0.50, "wanda", True),
     ("ffn", 0.25, "asym", True), ("ffn", 0.25, "magnitude", False), ("ffn", 0.25, "wanda", True),
     ("ffn", 0.75, "asym", True), ("ffn", 0.75, "magnitude", False), ("ffn", 0.75, "wanda", True),
@@ -186,21 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     p0, b0 = sum(p.numel() for p in model.parameters()), block_params(model)
 
     print()
-    print("| target | removed | method | refit | mean cos | min cos | top-5 overlap | prune s | params | "
+    print("| target | removed | method | alloc | refit | mean cos | min cos | top-5 overlap | prune s | params | "
           "block params | latency |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for target, removed, method, reweight in (RUNS_QUICK if args.quick else RUNS_FULL):
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    notes = []
+    for target, removed, method, reweight, *rest in (RUNS_QUICK if args.quick else RUNS_FULL):
+        allocation = rest[0] if rest else "uniform"
         t0 = time.perf_counter()
         pruned, report = prune_transformer(model, calib, keep=1.0 - removed, target=target, method=method,
-                                           reweight=reweight, seed=args.seed)
+                                           reweight=reweight, seed=args.seed, allocation=allocation)
         t_prune = time.perf_counter() - t0
         mean_c, min_c, ov = fidelity(e0, embed(pruned, evalb))
         lat = latency_ratio(model, pruned, evalb)
         p1, b1 = sum(p.numel() for p in pruned.parameters()), block_params(pruned)
-        print(f"| {target} | {removed:.0%} | {method} | {'yes' if reweight else 'no'} | {mean_c:.4f} | "
+        print(f"| {target} | {removed:.0%} | {method} | {allocation} | {'yes' if reweight else 'no'} | {mean_c:.4f} | "
               f"{min_c:.4f} | {ov:.3f} | {t_prune:.1f} | {p1 / p0:.3f} | {b1 / b0:.3f} | {lat:.2f} |", flush=True)
+        if allocation != "uniform":
+            notes.append(f"{target} {removed:.0%} {method} {allocation}: kept per block "
+                         f"{[u.n_kept for u in report.units]} (total {sum(u.n_kept for u in report.units)} of "
+                         f"{sum(u.n_units for u in report.units)})")
     print()
-    print("params, block params, latency: ratios pruned / original (latency: median of 3 interleaved passes over "
+    for line in notes:
+        print(line)
+    print("alloc: split of the kept units across blocks (error-curve: same total as uniform). "
+          "params, block params, latency: ratios pruned / original (latency: median of 3 interleaved passes over "
           "the evaluation set, measured in this run). Cosines and overlaps are empirical, on the evaluation set.")
     return 0
 

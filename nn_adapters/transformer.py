@@ -70,6 +70,7 @@ __all__ = [
     "PrunedMultiheadAttention",
     "GREEDY_METHODS",
     "BASELINE_METHODS",
+    "allocate_units",
 ]
 
 GREEDY_METHODS = ("asym", "seq", "layer")
@@ -118,6 +119,7 @@ class TransformerPruneReport:
     n_blocks: int = 0
     wall_time: float = 0.0
     spec: dict[str, Any] = field(default_factory=dict)
+    allocation: str = "uniform"
 
     @property
     def compression(self) -> float:
@@ -126,7 +128,8 @@ class TransformerPruneReport:
 
     def summary(self) -> str:
         """A short human-readable table."""
-        lines = [f"method={self.method} target={self.target} keep={self.keep} reweight={self.reweight} "
+        lines = [f"method={self.method} target={self.target} keep={self.keep} ({self.allocation}) "
+                 f"reweight={self.reweight} "
                  f"tokens={self.n_tokens} (padding excluded: {self.n_padding_excluded}) "
                  f"params {self.params_before} -> {self.params_after} ({self.compression:.2f}x) "
                  f"time {self.wall_time:.1f}s, {self.block_forwards} block forwards for {self.n_blocks} blocks"]
@@ -368,6 +371,75 @@ def _n_keep(keep: float, n_units: int) -> int:
     return int(min(n_units, max(1, round(keep * n_units))))
 
 
+def _hull_decrements(errors: np.ndarray) -> np.ndarray:
+    """Per-unit error decrease along the lower convex hull of the points ``(k, errors[k])``, ``k = 0..n``.
+
+    ``out[k]`` is the decrease credited to the ``(k+1)``-th unit: constant along each hull segment, hence
+    non-increasing in ``k`` (the hull is convex). One monotone-chain pass, ``O(n)``.
+    """
+    e = np.asarray(errors, dtype=np.float64)
+    hull = [0]
+    for k in range(1, e.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (e[b] - e[a]) * (k - a) >= (e[k] - e[a]) * (b - a):  # b on or above the chord a -> k
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    out = np.empty(e.size - 1)
+    for a, b in zip(hull[:-1], hull[1:], strict=False):
+        out[a:b] = (e[a] - e[b]) / (b - a)
+    return out
+
+
+def allocate_units(curves: list[np.ndarray], total: int, floors: list[int] | np.ndarray) -> np.ndarray:
+    """Split ``total`` kept units across layers from their nested error curves (marginal-gain allocation).
+
+    ``curves[l][k]`` is the error of layer ``l`` when it keeps ``k`` units (``k = 0..n_l``, a nested greedy
+    path gives all of them at once). Each curve is replaced by its lower convex hull; starting from ``floors``,
+    units are handed out one at a time to the layer whose (hull) error drops most, which is a sort of all the
+    per-unit decrements. For convex curves this minimises ``sum_l curves[l][k_l]`` exactly subject to
+    ``sum_l k_l = total`` and ``floors[l] <= k_l <= n_l`` (the classical marginal-allocation result, Fox 1966,
+    "Discrete optimization via marginal analysis"); otherwise it is optimal for the hulls. Ties go to the lower
+    layer index.
+
+    Parameters
+    ----------
+    curves : list of 1-d arrays
+        Non-negative errors, ``len(curves[l]) = n_l + 1``.
+    total : int
+        Units kept over all layers, ``sum(floors) <= total <= sum(n_l)``.
+    floors : sequence of int
+        Minimum units per layer, ``0 <= floors[l] <= n_l``.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        Units kept per layer; sums to ``total`` exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> flat = np.array([4.0, 3.0, 2.0, 1.0, 0.0])    # one unit saves 1
+    >>> steep = np.array([40.0, 10.0, 5.0, 2.0, 0.0])  # first units save much more
+    >>> allocate_units([flat, steep], total=4, floors=[1, 1]).tolist()
+    [1, 3]
+    """
+    floors = np.asarray(floors, dtype=np.int64)
+    sizes = np.array([len(c) - 1 for c in curves], dtype=np.int64)
+    if floors.shape != sizes.shape or (floors < 0).any() or (floors > sizes).any():
+        raise ValueError(f"floors {floors.tolist()} must give one count in [0, n_l] per curve (n_l = "
+                         f"{sizes.tolist()})")
+    if not int(floors.sum()) <= total <= int(sizes.sum()):
+        raise ValueError(f"total {total} must lie between sum(floors) = {int(floors.sum())} and the number of "
+                         f"units {int(sizes.sum())}")
+    dec = [_hull_decrements(c)[f:] for c, f in zip(curves, floors, strict=True)]
+    layer = np.concatenate([np.full(d.size, i, dtype=np.int64) for i, d in enumerate(dec)])
+    order = np.lexsort((layer, -np.concatenate(dec)))[: total - int(floors.sum())]
+    return floors + np.bincount(layer[order], minlength=len(curves))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the driver
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,6 +458,8 @@ def prune_transformer(
     rule: str = "greedy",
     residual: bool = True,
     weighting: str = "layernorm",
+    allocation: str = "uniform",
+    min_keep: float = 0.1,
 ) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune FFN neurons and/or attention heads of every transformer block; return a smaller copy.
 
@@ -400,7 +474,8 @@ def prune_transformer(
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
         never enter the statistics.
     keep : float
-        Fraction in (0, 1] of the units kept in every block (at least one unit is kept).
+        Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
+        ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
     target : {"ffn", "heads", "all"}
         Which units to prune. With ``"all"`` the heads of a block are pruned first, then its FFN sees the
         pruned attention.
@@ -424,6 +499,16 @@ def prune_transformer(
     weighting : {"layernorm", "none"}
         ``"layernorm"``: measure the error after the post-LN LayerNorm that follows the stage (tokens weighted by
         ``1 / sigma_t^2``, output dimensions by ``gamma^2``); pre-LN blocks are not weighted.
+    allocation : {"uniform", "error-curve"}
+        ``"uniform"``: every block keeps ``round(keep * n)`` units of each stage. ``"error-curve"``: the same
+        total number of kept units per stage (exactly), split across blocks by :func:`allocate_units` from
+        per-block error curves: a first pass over the original network computes, per block and stage, the
+        layer-mode statistics (``weighting`` applied, absolute errors so that blocks are comparable) and one
+        nested greedy path over all units, whose prefix errors give the error of every kept size. Costs one
+        extra forward of each original block per batch, one more Gram matrix and one greedy path per block.
+    min_keep : float
+        ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
+        (capped at its uniform count), in (0, 1].
 
     Returns
     -------
@@ -453,9 +538,15 @@ def prune_transformer(
         raise ValueError(f"weighting must be 'layernorm' or 'none', got {weighting!r}")
     if rule not in ("greedy", "omp"):
         raise ValueError(f"rule must be 'greedy' or 'omp', got {rule!r}")
+    if allocation not in ("uniform", "error-curve"):
+        raise ValueError(f"allocation must be 'uniform' or 'error-curve', got {allocation!r}")
+    if (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float))
+            or not (0.0 < float(min_keep) <= 1.0)):
+        raise ValueError(f"min_keep must be a fraction in (0, 1] (the per-block floor of allocation='error-curve'), "
+                         f"got {min_keep!r}; e.g. min_keep=0.1")
     keep = float(keep)
     mode = method if method in GREEDY_METHODS else propagation
-    needs_data = method in GREEDY_METHODS or reweight or method == "wanda"
+    needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
     was_training = model.training
@@ -470,7 +561,8 @@ def prune_transformer(
         disable_nested_fast_path(work)
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=int(seed), propagation=None if method in GREEDY_METHODS else propagation,
-                                    params_before=_n_params(model), n_blocks=len(blocks))
+                                    params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
+    budgets = [{s: _n_keep(keep, _unit_columns(s, blk)[0]) for s in stages} for blk in blocks]
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -494,6 +586,9 @@ def prune_transformer(
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
             if report.n_tokens == 0:
                 raise ValueError("the calibration batches contain no real token (attention mask all zero)")
+            if allocation == "error-curve":
+                budgets = _error_curve_budgets(orig_blocks, stages, budgets, cache, counter, ridge, rule,
+                                               weighting == "layernorm", float(min_keep))
             xo = [c["x"] for c in cache]
             xp = [c["x"] for c in cache]
             for i, blk in enumerate(blocks):
@@ -502,17 +597,18 @@ def prune_transformer(
                 if not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported")
-                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), keep, ridge, rule, rng,
+                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i], ridge, rule, rng,
                                        xo, xp, cache, counter, report, bool(residual),
                                        weighting == "layernorm")
                 if mode != "layer" and i + 1 < len(blocks):
                     xp = [_fwd(blk, xp[b], cache[b]["ctx"], counter) for b in range(len(cache))]
                 xo = xo_next
         else:
-            for blk in blocks:
+            for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
-                    _apply_selection(blk, stage, method, False, keep, None, ridge, rule, rng, report, t0)
+                    _apply_selection(blk, stage, method, False, budgets[i][stage], None, ridge, rule, rng, report,
+                                     t0)
 
     work.train(was_training)
     report.params_after = _n_params(work)
@@ -520,6 +616,28 @@ def prune_transformer(
     report.spec = make_spec(work)
     report.wall_time = time.perf_counter() - t_start
     return work, report
+
+
+def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: list[dict[str, int]],
+                         cache: list[dict[str, Any]], counter: list[int], ridge: float, rule: str, weighting: bool,
+                         min_keep: float) -> list[dict[str, int]]:
+    """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``)."""
+    xo = [c["x"] for c in cache]
+    curves: dict[str, list[np.ndarray]] = {s: [] for s in stages}
+    for oblk in orig_blocks:
+        xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
+        for s in stages:
+            n_units, groups = _unit_columns(s, oblk)
+            f = side["stats"][s].objective(ridge, groups, _consumer(oblk, s).bias is not None)
+            curves[s].append(f.greedy_path(n_units, rule=rule).errors)
+        xo = xo_next
+    out: list[dict[str, int]] = [{} for _ in orig_blocks]
+    for s in stages:
+        ks = [u[s] for u in uniform]
+        floors = [min(k, max(1, math.ceil(min_keep * (len(c) - 1)))) for k, c in zip(ks, curves[s], strict=True)]
+        for i, k in enumerate(allocate_units(curves[s], sum(ks), floors)):
+            out[i][s] = int(k)
+    return out
 
 
 def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> torch.Tensor:
@@ -574,23 +692,16 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
     return 1.0 / var, scale
 
 
-def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,
-                 keep: float, ridge: float, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
-                 xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int],
-                 report: TransformerPruneReport, residual: bool, weighting: bool) -> list[torch.Tensor]:
-    """Prune the stages of one block; return the original network's outputs of this block (next inputs)."""
-    n_b = len(cache)
-    residual = residual and mode == "asym"
-    # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
-    # and targets (layer), and the LayerNorm weights of the tokens
+def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Tensor],
+                   cache: list[dict[str, Any]], counter: list[int], residual: bool,
+                   weighting: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
+    the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens."""
     orig_mods = _capture_map(oblk, stages, residual or weighting)
     xo_next: list[torch.Tensor] = []
-    t0s = {s: time.perf_counter() for s in stages}
-    stats: dict[str, _Stats] = {}
-    targets: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
-    row_w: dict[str, list[torch.Tensor | None]] = {s: [] for s in stages}
-    col_scale: dict[str, torch.Tensor | None] = {s: None for s in stages}
-    for b in range(n_b):
+    side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
+                            "col_scale": {s: None for s in stages}}
+    for b in range(len(cache)):
         out, got = capture_inputs(orig_mods, lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
         xo_next.append(out)
         valid = cache[b]["valid"]
@@ -600,14 +711,30 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
             res = _residual_rows(oblk, s, got, xo[b], valid) if (residual or weighting) else None
             w = None
             if weighting:
-                w, col_scale[s] = _norm_weights(oblk, s, y + res)
+                w, side["col_scale"][s] = _norm_weights(oblk, s, y + res)
             if mode == "layer":
-                if s not in stats:
-                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s])
-                stats[s].update(a, y, w)
+                if s not in side["stats"]:
+                    side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s])
+                side["stats"][s].update(a, y, w)
             else:
-                targets[s].append(y + res if residual else y)
-                row_w[s].append(w)
+                side["targets"][s].append(y + res if residual else y)
+                side["row_w"][s].append(w)
+    return xo_next, side
+
+
+def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,
+                 budgets: dict[str, int], ridge: float, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
+                 xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int],
+                 report: TransformerPruneReport, residual: bool, weighting: bool) -> list[torch.Tensor]:
+    """Prune the stages of one block; return the original network's outputs of this block (next inputs)."""
+    n_b = len(cache)
+    residual = residual and mode == "asym"
+    # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
+    # and targets (layer), and the LayerNorm weights of the tokens
+    t0s = {s: time.perf_counter() for s in stages}
+    xo_next, side = _original_pass(oblk, stages, mode, xo, cache, counter, residual, weighting)
+    stats: dict[str, _Stats] = side["stats"]
+    targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
@@ -627,15 +754,14 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                     stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s])
                 stats[s].update(a, y, row_w[s][b])
             targets[s] = []
-        _apply_selection(blk, s, method, reweight, keep, stats[s], ridge, rule, rng, report, t0)
+        _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0)
     return xo_next
 
 
-def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, keep: float, stats: _Stats | None,
+def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: int, stats: _Stats | None,
                      ridge: float, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
                      t0: float) -> None:
     n_units, groups = _unit_columns(stage, blk)
-    k = _n_keep(keep, n_units)
     consumer = _consumer(blk, stage)
     has_bias = consumer.bias is not None
     f = None
