@@ -271,26 +271,20 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             else:
                 return f"unsupported module {type(m).__name__} ({u.target!r}) between producer and consumer"
             ops.append(type(m).__name__)
-        elif u.op == "call_function":
-            if u.target in _RESIDUAL_FUNCTIONS:
-                return f"its output feeds {getattr(u.target, '__name__', u.target)} (a residual sum or concatenation)"
-            if u.target in _FLATTEN_FUNCTIONS:
+        elif u.op in ("call_function", "call_method"):
+            is_function = u.op == "call_function"
+            name = getattr(u.target, "__name__", str(u.target)) if is_function else u.target
+            if is_function and u.target in _RESIDUAL_FUNCTIONS:
+                return f"its output feeds {name} (a residual sum or concatenation)"
+            if u.target in (_FLATTEN_FUNCTIONS if is_function else _FLATTEN_METHODS):
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
                 flattened_hw = flat
-            elif u.target not in _ELEMENTWISE_FUNCTIONS:
-                return f"unsupported operation {getattr(u.target, '__name__', u.target)} after the producer"
-            ops.append(getattr(u.target, "__name__", str(u.target)))
-        elif u.op == "call_method":
-            if u.target in _FLATTEN_METHODS:
-                flat = _flatten_hw(cur, u, n_units)
-                if isinstance(flat, str):
-                    return flat
-                flattened_hw = flat
-            elif u.target not in _ELEMENTWISE_METHODS:
-                return f"unsupported method .{u.target}() after the producer"
-            ops.append(u.target)
+            elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
+                what = f"operation {name}" if is_function else f"method .{name}()"
+                return f"unsupported {what} after the producer"
+            ops.append(name)
         else:
             return f"unsupported graph node {u.op} after the producer"
         cur = u

@@ -60,7 +60,7 @@ def check_k(k: object, n: int, allow_none: bool = False) -> int | None:
 
 
 def as_index_array(S: Iterable[int] | ArrayLike, n: int, name: str = "S") -> np.ndarray:
-    """Return ``S`` as a sorted-unique-free int64 array of indices in ``[0, n)``, keeping order.
+    """Return ``S`` as an int64 array of distinct indices in ``[0, n)``, in the order given.
 
     Raises if an index is out of range or repeated.
     """

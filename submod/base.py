@@ -227,11 +227,7 @@ class CallableFunction(SetFunction):
         self._oracle = value
         self.submodular = bool(submodular)
         self.monotone = bool(monotone)
-        empty = self._call(np.zeros(0, dtype=np.int64))
-        if abs(empty) > 0:
-            self._offset = empty
-        else:
-            self._offset = 0.0
+        self._offset = self._call(np.zeros(0, dtype=np.int64))  # normalises F(empty) to 0
 
     def _call(self, S: np.ndarray) -> float:
         v = self._oracle(S)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from numpy.typing import ArrayLike
 
 from ._validation import as_float_array
+from .constraints import _top_sum
 
 __all__ = ["Certificate", "online_bound"]
 
@@ -50,9 +50,7 @@ def online_bound(gains_at_A: ArrayLike, value_A: float, k: int, gamma_lower: flo
         raise ValueError(f"gamma_lower must be in (0, 1]; got {gamma_lower}.")
     if k < 0:
         raise ValueError(f"k must be non-negative; got {k}.")
-    v = np.maximum(g, 0.0)
-    top = float(v.sum()) if k >= v.size else float(np.partition(v, v.size - k)[v.size - k:].sum()) if k else 0.0
-    return float(value_A) + top / gamma_lower
+    return float(value_A) + _top_sum(g, k) / gamma_lower
 
 
 @dataclass(frozen=True)

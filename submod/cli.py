@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determinant", "coverage")
+from .selector import OBJECTIVES, build_objective
 
 
 def load_matrix(path: str) -> np.ndarray:
@@ -48,20 +48,6 @@ def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def build_objective(name: str, X: np.ndarray, metric: str):
-    import submod
-
-    if name == "facility-location":
-        return submod.FacilityLocation(X, metric=metric)
-    if name == "feature-based":
-        return submod.FeatureBased(X)
-    if name == "graph-cut":
-        return submod.GraphCut(X, metric=metric)
-    if name == "log-determinant":
-        return submod.LogDeterminant(X)
-    return submod.Coverage(X)
 
 
 def result_payload(res, objective: str, data: str) -> dict:

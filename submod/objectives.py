@@ -17,7 +17,7 @@ from numpy.typing import ArrayLike
 
 from ._parallel import parallel_map, workers
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, check_ground_set_size
+from ._validation import as_float_array, as_index_array, check_ground_set_size
 from .base import GainState, SetFunction
 
 __all__ = ["FacilityLocation", "FeatureBased", "Coverage", "LogDeterminant", "GraphCut", "Modular"]
@@ -497,7 +497,6 @@ class LogDeterminant(SetFunction):
         self.ridge = float(ridge)
 
     def value(self, S: ArrayLike) -> float:
-        from ._validation import as_index_array
         idx = as_index_array(S, self.n)
         if idx.size == 0:
             return 0.0

@@ -115,14 +115,11 @@ class _Run:
         """Record the certificate at the current prefix from (upper bounds on) the gains of all elements."""
         if self.gamma is None:
             return
-        g = np.where(self.feasible_for_bound(), gains_all, 0.0)
+        # OPT is any feasible set of the original problem: every element outside A may be in it.
+        g = np.where(self.state._in_set, 0.0, gains_all)
         b = self.state.value + (self.constraint._max_total_gain(g, self.k) + self.k * slack) / self.gamma
         if b < self.best_bound:
             self.best_bound, self.best_prefix = b, self.step
-
-    def feasible_for_bound(self) -> np.ndarray:
-        # OPT is any feasible set of the original problem: every element outside A may be in it.
-        return ~self.state._in_set
 
     def pick(self, j: int, gain: float) -> None:
         self.state.add(j)
@@ -423,7 +420,11 @@ def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, valu
     singletons = run.singletons if run.singletons is not None else run.f.init_state().gains()
     single = np.where(c.costs <= c.budget, singletons, -np.inf)
     j = int(np.argmax(single))
-    if np.isfinite(single[j]) and single[j] > value:
-        v = float(run.f.value([j]))
+    if not np.isfinite(single[j]):
+        return selected, gains, values, value
+    # Exact value of the candidate singleton; the greedy set wins ties (singleton values from an incremental or
+    # differently ordered sum can exceed an equal set value in the last bit).
+    v = float(run.f.value([j]))
+    if v > value + 1e-12 * max(1.0, abs(value)):
         return np.array([j]), np.array([v]), np.array([v]), v
     return selected, gains, values, value

@@ -9,12 +9,29 @@ from numpy.typing import ArrayLike
 
 from ._validation import as_float_array, check_k
 from .base import SetFunction
-from .objectives import FacilityLocation, FeatureBased, GraphCut, LogDeterminant
+from .objectives import Coverage, FacilityLocation, FeatureBased, GraphCut, LogDeterminant
 from .optimize import METHODS, SelectionResult, maximize
 
 __all__ = ["SubmodularSelector"]
 
 _OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determinant")
+#: Objectives :func:`build_objective` builds from an items x features matrix (coverage reads it as incidence).
+OBJECTIVES = (*_OBJECTIVES, "coverage")
+
+
+def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean") -> SetFunction:
+    """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`)."""
+    if name == "facility-location":
+        return FacilityLocation(X, metric=metric)
+    if name == "feature-based":
+        return FeatureBased(X)
+    if name == "graph-cut":
+        return GraphCut(X, metric=metric)
+    if name == "log-determinant":
+        return LogDeterminant(X)
+    if name == "coverage":
+        return Coverage(X)
+    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}.")
 
 
 class SubmodularSelector:
@@ -75,15 +92,6 @@ class SubmodularSelector:
             setattr(self, name, value)
         return self
 
-    def _build(self, X: np.ndarray) -> SetFunction:
-        if self.objective == "facility-location":
-            return FacilityLocation(X, metric=self.metric)
-        if self.objective == "feature-based":
-            return FeatureBased(X)
-        if self.objective == "graph-cut":
-            return GraphCut(X, metric=self.metric)
-        return LogDeterminant(X)
-
     def fit(self, X: ArrayLike, y: object = None) -> SubmodularSelector:
         """Select ``k`` rows of ``X``; ``y`` is ignored."""
         if self.objective not in _OBJECTIVES:
@@ -94,7 +102,8 @@ class SubmodularSelector:
         if Xa.shape[0] == 0:
             raise ValueError("X has no rows; pass at least one sample.")
         check_k(self.k, Xa.shape[0])
-        result: SelectionResult = maximize(self._build(Xa), self.k, method=self.method, seed=self.seed)
+        f = build_objective(self.objective, Xa, self.metric)
+        result: SelectionResult = maximize(f, self.k, method=self.method, seed=self.seed)
         self.n_samples_in_ = Xa.shape[0]
         self.n_features_in_ = Xa.shape[1]
         self.ranking_ = result.selected

@@ -212,6 +212,15 @@ def test_knapsack_guarantee_and_certificate(f, budget):
     np.testing.assert_array_equal(g.selected, lz.selected)
 
 
+def test_knapsack_keeps_the_greedy_set_when_the_best_singleton_only_ties():
+    # Every item is worth the same: cost-benefit greedy takes the cheapest (index 2) and no singleton beats it.
+    f = submod.FacilityLocation(similarity=np.full((8, 8), 3.27268851))
+    costs = np.array([0.625, 1.48, 0.614, 1.23, 1.33, 0.708, 0.769, 0.685])
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(f, None, method=method, constraint=submod.Knapsack(costs, 1.0))
+        assert res.selected.tolist() == [2]
+
+
 def test_knapsack_best_singleton_fix():
     # Cost-benefit greedy takes the cheap item first and then cannot afford the valuable one.
     f = submod.Modular([1.0, 10.0])
