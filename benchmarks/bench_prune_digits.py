@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--ridge", default="cv", help="'cv' (default: per-layer cross-validated ridge) or a fixed relative "
                     "ridge such as 1e-3 (the value used before the cross-validated choice existed)")
+    ap.add_argument("--refit-prior", default="original", choices=["original", "zero"],
+                    help="what the refit's ridge shrinks toward (nn_adapters.prune refit_prior); 'zero' reproduces "
+                         "the ordinary-ridge configuration")
     ap.add_argument("--layer-errors", action="store_true",
                     help="also print, for asym/seq/layer, each consumer's relative output error against the ORIGINAL "
                          "network in-sample (calibration images) and held-out (500 other training images)")
@@ -107,7 +110,7 @@ def main() -> None:
     Xtr, ytr, Xte, yte = load_digits_split()
     dense = accuracy(model, Xte, yte)
     print(f"unpruned accuracy {100 * dense:.1f}%; {args.calib} calibration images; {args.seeds} seeds; no fine-tuning; "
-          f"ridge {ridge}")
+          f"ridge {ridge}, refit prior {args.refit_prior}")
     acc = {(m[0], c): [] for m in METHODS for c in args.compressions}
     tim = {m[0]: [] for m in METHODS}
     lerr: dict = {}
@@ -119,7 +122,8 @@ def main() -> None:
             for label, method, rw, alloc in METHODS:
                 t0 = time.perf_counter()
                 pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s,
-                                        allocation=alloc, ridge=ridge)
+                                        allocation=alloc, ridge=ridge,
+                                        refit_prior=args.refit_prior)
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
                 if args.layer_errors and label in SUBMOD:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from submod._sr_threads import one_blas_thread
 from submod.sparse_regression import GramAccumulator, SparseRegression
 
 from .pairs import PrunablePair
@@ -128,8 +129,7 @@ class PairStats:
 
     def ridge_scale(self) -> float:
         """``mean_j`` of the centred Gram diagonal (``count x`` the mean input variance); ``1`` if it is zero."""
-        scale = float(np.mean(np.diag(self.acc.gram(centered=True))))
-        return scale if scale > 0 else 1.0
+        return ridge_scale(self.acc)
 
     def objective(self, ridge: float) -> SparseRegression:
         """The ``SparseRegression`` over units (column groups), with intercept and a scale-free ridge.
@@ -146,43 +146,134 @@ class PairStats:
 
     def can_cross_validate(self) -> bool:
         """Whether every fold holds at least one sample (and there are at least two folds)."""
-        return self.n_folds >= 2 and all(a.count > 0 for a in self.fold_accs)
+        return self.n_folds >= 2 and all(a.weight_sum > 0 for a in self.fold_accs)
 
-    def cv_ridge(self, units: np.ndarray | None = None, grid: np.ndarray = CV_GRID) -> tuple[float, np.ndarray]:
+    def _columns(self, units: np.ndarray | None) -> np.ndarray:
+        if units is None:
+            return np.arange(self.fold_accs[0].n_features)
+        return columns_of_units(unit_groups(self.pair), units)
+
+    def cv_ridge(self, units: np.ndarray | None = None, grid: np.ndarray = CV_GRID, *,
+                 prior: bool = False) -> tuple[float, np.ndarray]:
         """Relative ridge of the refit on ``units`` (default: all) chosen by K-fold cross-validation.
 
-        For every fold ``h`` the ridge regression with intercept is fitted on the other folds' statistics and its
-        squared error on fold ``h``'s held-out samples is computed in closed form from fold ``h``'s statistics:
-        ``||Y_h - A_h M - b||^2 = ||Y_h^c||^2 - 2 tr(M^T B_h) + tr(M^T G_h M) + n_h ||dy - M^T da||^2`` (centred
-        statistics of fold ``h``; ``da``, ``dy`` the differences of its means from the training means). One
-        eigendecomposition of the training Gram per fold serves the whole grid. Label-free: only the
-        calibration inputs and the targets ``Y`` are used.
-
-        Returns
-        -------
-        ridge : float
-            The grid value (relative, as in :meth:`objective`) with the smallest held-out error.
-        cv_errors : ndarray
-            Held-out relative error ``sum_h err_h / sum_h ||Y_h - mean_train||^2`` for every grid value (an
-            empirical estimate of the refit's error on new samples).
+        See :func:`cv_ridge`; ``prior=True`` cross-validates the refit that shrinks toward the consumer's original
+        weights (:meth:`refit`).
         """
-        with _one_blas_thread():
-            return self._cv_ridge(units, grid)
-
-    def _cv_ridge(self, units: np.ndarray | None, grid: np.ndarray) -> tuple[float, np.ndarray]:
         if not self.can_cross_validate():
             raise ValueError("cross-validation needs at least two folds with one sample each; pass more "
                              "calibration samples or a fixed ridge.")
-        cols = (np.arange(self.fold_accs[0].n_features) if units is None
-                else np.concatenate([unit_groups(self.pair)[int(u)] for u in units]))
+        cols = self._columns(units)
+        return cv_ridge(self.fold_accs, cols, grid, self.W[:, cols].T.cpu().numpy() if prior else None)
+
+    def refit(self, units: np.ndarray, ridge: float, *, prior: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        """Ridge refit with intercept on the columns of ``units``: ``(M (c, m), b (m,), relative error)``.
+
+        See :func:`ridge_refit`; ``prior=True`` shrinks toward ``W_S^T``, the consumer's original weights of the
+        kept columns.
+        """
+        cols = self._columns(np.asarray(units))
+        return ridge_refit(self.acc, cols, ridge, self.W[:, cols].T.cpu().numpy() if prior else None)
+
+
+def columns_of_units(groups: list[np.ndarray], units: np.ndarray) -> np.ndarray:
+    """The input columns of ``units`` (in unit order), from the column groups of every unit."""
+    units = np.asarray(units)
+    if units.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([groups[int(u)] for u in units])
+
+
+def _stats_of(acc: GramAccumulator, cols: np.ndarray, intercept: bool) -> tuple:
+    """``(weight, mean_a, mean_y, G, B, yy)`` of ``acc`` on ``cols``: centred with intercept, raw (zero means)
+    without."""
+    G = acc.gram(centered=intercept, columns=cols)
+    B = acc.cross(centered=intercept, columns=cols)
+    if intercept:
+        return acc.weight_sum, acc.mean_a[cols], acc.mean_y, G, B, acc.y_norm2(centered=True)
+    return acc.weight_sum, np.zeros(cols.size), np.zeros(acc.n_targets), G, B, acc.y_norm2()
+
+
+def ridge_scale(acc: GramAccumulator, intercept: bool = True) -> float:
+    """Mean of the (centred) Gram diagonal over all columns: the unit of the relative ridges; ``1`` if zero."""
+    scale = float(np.mean(acc.gram_diagonal(centered=intercept)))
+    return scale if scale > 0 else 1.0
+
+
+def _shift_by_prior(part: tuple, M0: np.ndarray) -> tuple:
+    """Statistics of the residual target ``Y - A M0`` from those of ``Y`` (exact: the map is linear per row)."""
+    n, ma, my, G, B, yy = part
+    GM = G @ M0
+    return (n, ma, my - ma @ M0, G, B - GM, max(yy - 2.0 * float(np.vdot(M0, B)) + float(np.vdot(M0, GM)), 0.0))
+
+
+def ridge_refit(acc: GramAccumulator, cols: np.ndarray, ridge: float, prior: np.ndarray | None = None, *,
+                intercept: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ridge least-squares refit of ``Y`` on the columns ``cols``: ``(M (c, m), b (m,), relative error)``.
+
+    Minimises ``||Y - A_S M - 1 b^T||^2 + lam ||M - M0||^2`` (rows weighted as in ``acc``), with
+    ``lam = ridge * ridge_scale(acc)`` and ``M0 = prior`` (``0`` when ``None``: ordinary ridge). A prior equal to
+    the consumer's original weights of the kept columns is a Gaussian prior centred on the trained network: a
+    strong ridge then keeps the kept units' own weights and damps only the compensation for the removed units,
+    which is the part estimated from few samples. Both tend to plain least squares as ``lam -> 0``. Without
+    ``intercept`` the bias is ``0`` and raw statistics are used. The relative error is the in-sample
+    ``||Y - A_S M - b||^2 / ||Y - mean(Y)||^2``.
+    """
+    n, ma, my, G, B, yy = _stats_of(acc, cols, intercept)
+    lam = float(ridge) * ridge_scale(acc, intercept) if ridge > 0 else 0.0
+    M0 = np.zeros_like(B) if prior is None else np.asarray(prior, dtype=np.float64)
+    rhs = B - G @ M0
+    if cols.size == 0:
+        delta = rhs
+    else:
+        try:
+            delta = np.linalg.solve(G + lam * np.eye(cols.size), rhs)
+        except np.linalg.LinAlgError:  # lam == 0 on dead or duplicate columns: the minimum-norm fit
+            delta = np.linalg.lstsq(G, rhs, rcond=None)[0]
+    M = M0 + delta
+    b = my - ma @ M
+    err = max(yy - 2.0 * float(np.vdot(M, B)) + float(np.vdot(M, G @ M)), 0.0)
+    return M, b, (err / yy if yy > 0 else 0.0)
+
+
+def cv_ridge(fold_accs: list[GramAccumulator], cols: np.ndarray, grid: np.ndarray = CV_GRID,
+             prior: np.ndarray | None = None, *, intercept: bool = True) -> tuple[float, np.ndarray]:
+    """The relative ridge of :func:`ridge_refit` on ``cols`` chosen by K-fold cross-validation over the folds.
+
+    For every fold ``h`` the ridge regression (with intercept) is fitted on the other folds' statistics and its
+    squared error on fold ``h``'s held-out rows is computed in closed form from fold ``h``'s statistics:
+    ``||Y_h - A_h M - b||^2 = ||Y_h^c||^2 - 2 tr(M^T B_h) + tr(M^T G_h M) + n_h ||dy - M^T da||^2`` (centred
+    statistics of fold ``h``; ``da``, ``dy`` the differences of its means from the training means). One
+    eigendecomposition of the training Gram per fold serves the whole grid. With a ``prior`` ``M0`` the refit is
+    the ordinary ridge regression of the residual target ``Y - A_S M0``, so the same closed form applies to the
+    statistics shifted by ``M0``. Label-free: only the calibration inputs and the targets ``Y`` are used.
+
+    Returns
+    -------
+    ridge : float
+        The grid value (relative, as in :func:`ridge_refit`) with the smallest held-out error.
+    cv_errors : ndarray
+        Held-out relative error ``sum_h err_h / sum_h ||Y_h - mean_train(Y)||^2`` for every grid value (an
+        empirical estimate of the refit's error on new samples).
+    """
+    with one_blas_thread():  # small eigenproblems: one thread is faster, and far faster on shared cores
         grid = np.asarray(grid, dtype=np.float64)
-        parts = [(a.count, a.mean_a[cols], a.mean_y, a.gram(centered=True)[np.ix_(cols, cols)],
-                  a.cross(centered=True)[cols], a.y_norm2(centered=True)) for a in self.fold_accs]
-        diags = [(a.count, a.mean_a, np.diag(a.gram(centered=True))) for a in self.fold_accs]
-        err = np.zeros(grid.size)
+        parts = [_stats_of(a, cols, intercept) for a in fold_accs]
+        # the energy of the plain targets normalises the errors (the same meaning with and without the prior)
+        wts = np.array([q[0] for q in parts], dtype=np.float64)
+        sums_y = np.array([q[0] * q[2] for q in parts])
         energy = 0.0
+        for h, q in enumerate(parts):
+            my_train = (sums_y.sum(0) - sums_y[h]) / (wts.sum() - wts[h])
+            energy += q[5] + q[0] * float(np.sum((q[2] - my_train) ** 2))
+        if prior is not None:
+            M0 = np.asarray(prior, dtype=np.float64)
+            parts = [_shift_by_prior(q, M0) for q in parts]
+        diags = [(a.weight_sum, a.mean_a if intercept else np.zeros(a.n_features), a.gram_diagonal(intercept))
+                 for a in fold_accs]
+        err = np.zeros(grid.size)
         for h in range(len(parts)):
-            nt, mat, myt, Gt, Bt, _ = _combine([q for i, q in enumerate(parts) if i != h])
+            _, mat, myt, Gt, Bt, _ = _combine([q for i, q in enumerate(parts) if i != h])
             scale = _ridge_scale([q for i, q in enumerate(diags) if i != h])
             nh, mah, myh, Gh, Bh, yyh = parts[h]
             D, V = np.linalg.eigh(Gt)
@@ -198,29 +289,12 @@ class PairStats:
             q = (W * u[None, :]) @ P                       # (g, m): M^T da
             err += (yyh - 2.0 * (W @ r) + np.sum((W @ H) * W, axis=1)
                     + nh * np.sum((dy[None, :] - q) ** 2, axis=1))
-            energy += yyh + nh * float(dy @ dy)
         rel = np.maximum(err, 0.0) / max(energy, 1e-300)
         return float(grid[int(np.argmin(rel))]), rel
 
 
-@contextmanager
-def _one_blas_thread():
-    """One BLAS thread for the small eigenproblems of :meth:`PairStats.cv_ridge` (when threadpoolctl is installed).
-
-    On a shared machine multi-threaded OpenBLAS next to torch's threads made them 10-20x slower (measured: a
-    digits-CNN pruning took 16.7 s instead of 0.9 s).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional (it comes with scikit-learn)
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
-        yield
-
-
 def _ridge_scale(parts: list[tuple]) -> float:
-    """:meth:`PairStats.ridge_scale` of the union of row sets ``(count, mean_a, centred Gram diagonal)``."""
+    """:func:`ridge_scale` of the union of row sets ``(weight, mean_a, centred Gram diagonal)``."""
     n = sum(p[0] for p in parts)
     ma = sum(p[0] * p[1] for p in parts) / n
     diag = sum(p[2] + p[0] * (p[1] - ma) ** 2 for p in parts)
@@ -229,7 +303,7 @@ def _ridge_scale(parts: list[tuple]) -> float:
 
 
 def _combine(parts: list[tuple]) -> tuple:
-    """Merge centred statistics ``(count, mean_a, mean_y, C_aa, C_ay, C_yy)`` of disjoint row sets (exact)."""
+    """Merge centred statistics ``(weight, mean_a, mean_y, C_aa, C_ay, C_yy)`` of disjoint row sets (exact)."""
     n = sum(p[0] for p in parts)
     ma = sum(p[0] * p[1] for p in parts) / n
     my = sum(p[0] * p[2] for p in parts) / n

@@ -165,7 +165,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
           keep: float | Mapping[str, float] | None = None, method: str = "asym", reweight: bool = True,
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
           pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
-          loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
+          refit_prior: str = "original", loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
           **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
@@ -208,6 +208,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares.
     refit_from : {"asym", "seq", "layer"}
         Statistics the baselines use for their refit (their selection ignores them except ``act_norm``).
+    refit_prior : {"original", "zero"}, default "original"
+        What the refit's ridge shrinks toward: ``"original"``, the consumer's trained weights of the kept units
+        (``min ||Y - A_S M - b||^2 + lam ||M - W_S^T||^2``, a Gaussian prior centred on the trained network: the
+        ridge then damps only the compensation for the removed units, which is what is estimated from few
+        samples), or ``"zero"`` (ordinary ridge). Both tend to plain least squares as the ridge goes to 0; with
+        ``ridge="cv"`` the ridge is cross-validated for the chosen prior. The selection is not affected.
     loss_fn : callable, optional
         Loss for ``actgrad`` (default cross-entropy).
     progress : bool
@@ -250,6 +256,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     _check_args(method, compression, keep, allocation, ridge, refit_from)
+    if refit_prior not in ("original", "zero"):
+        raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "
+                         f"(ordinary ridge); got {refit_prior!r}.")
+    prior = refit_prior == "original"
     t_start = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -322,15 +332,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         idx = torch.as_tensor(kept, dtype=torch.long, device=device)
         weight = bias = None
         rel = cv_err = None
-        lam, how = _refit_ridge(st, ridge, kept)
+        lam, how = _refit_ridge(st, ridge, kept, prior)
         if reweight:
-            f = st.objective(lam[0])
-            M, b = f.refit(kept)
+            M, b, rel = st.refit(kept, lam[0], prior=prior)
             cons = work.get_submodule(pair.consumer)
-            weight = torch.as_tensor(np.ascontiguousarray(np.asarray(M).T), dtype=torch.float64)
+            weight = torch.as_tensor(np.ascontiguousarray(M.T), dtype=torch.float64)
             base_bias = cons.bias.detach().to(torch.float64).cpu() if cons.bias is not None else 0.0
-            bias = base_bias + (torch.as_tensor(np.asarray(b), dtype=torch.float64) if b is not None else 0.0)
-            rel = float(f.reconstruction_error(kept) / f.y_norm2) if f.y_norm2 > 0 else 0.0
+            bias = base_bias + torch.as_tensor(b, dtype=torch.float64)
             cv_err = lam[1]
         keep_outputs(work.get_submodule(pair.producer), idx)
         for b_name in pair.between:
@@ -420,13 +428,14 @@ def _select(st: PairStats, ridge: float | str, k: int, path: object = None) -> o
     return path
 
 
-def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray) -> tuple[tuple[float, float | None], str]:
+def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray,
+                 prior: bool) -> tuple[tuple[float, float | None], str]:
     """``((relative ridge, held-out relative error or None), how it was chosen)`` for the refit on ``kept``."""
     if ridge != "cv":
         return (float(ridge), None), "fixed"
     if not st.can_cross_validate():
         return (FALLBACK_RIDGE, None), f"fixed {FALLBACK_RIDGE:g} (too few samples to cross-validate)"
-    lam, errs = st.cv_ridge(kept)
+    lam, errs = st.cv_ridge(kept, prior=prior)
     return (lam, float(errs.min())), f"{st.n_folds}-fold cv"
 
 

@@ -52,7 +52,12 @@ import torch
 from torch import nn
 
 import submod.sparse_regression
+from submod._sr_threads import one_blas_thread as _one_blas_thread
 
+from ._stats import CV_FOLDS, CV_GRID
+from ._stats import cv_ridge as _cv_ridge
+from ._stats import ridge_refit as _ridge_refit
+from ._stats import ridge_scale as _ridge_scale
 from ._transformer_blocks import (
     PrunedMultiheadAttention,
     _Block,
@@ -78,6 +83,10 @@ BASELINE_METHODS = ("magnitude", "wanda", "random")
 _ALIASES = {"weight_norm": "magnitude", "activation_norm": "wanda", "asyminchange": "asym",
             "seqinchange": "seq", "layerinchange": "layer"}
 _TARGETS = ("ffn", "heads", "all")
+#: Relative ridge of the greedy selection when ``ridge="cv"`` (the cross-validated ridge is the refit's): on
+#: all-MiniLM-L6-v2 the units selected at this ridge on the calibration sentences did as well on held-out
+#: sentences as units selected on those sentences themselves; the refit is what needs the held-out choice.
+SELECTION_RIDGE = 1e-4
 SPEC_FILE = "submod_pruning.json"
 _SPEC_FORMAT = "submod.transformer-pruning"
 
@@ -89,6 +98,8 @@ class UnitRecord:
     ``relative_error`` is the least-squares residual of the consumer's target on the calibration tokens
     divided by the target's (centred) energy, for the kept units and refitted weights: a measured value on the
     calibration data (exact for that data, an empirical estimate for new data); ``None`` without refit.
+    ``ridge`` is the refit's relative ridge; with ``ridge="cv"``, ``cv_relative_error`` is its cross-validated
+    relative error over the calibration sentences (an empirical estimate of the error on new sentences).
     """
 
     block: str
@@ -98,6 +109,8 @@ class UnitRecord:
     kept: list[int]
     relative_error: float | None
     time_s: float
+    ridge: float | None = None
+    cv_relative_error: float | None = None
 
 
 @dataclass
@@ -135,6 +148,8 @@ class TransformerPruneReport:
                  f"time {self.wall_time:.1f}s, {self.block_forwards} block forwards for {self.n_blocks} blocks"]
         for u in self.units:
             err = "-" if u.relative_error is None else f"{u.relative_error:.4f}"
+            if u.cv_relative_error is not None:
+                err += f" (held-out est. {u.cv_relative_error:.4f}, ridge {u.ridge:.0e} by cv)"
             lines.append(f"  {u.block:<28} {u.stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
         return "\n".join(lines)
 
@@ -161,8 +176,10 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
                          f"{BASELINE_METHODS} (baselines)")
     if propagation not in GREEDY_METHODS:
         raise ValueError(f"propagation must be one of {GREEDY_METHODS}, got {propagation!r}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or not math.isfinite(ridge):
-        raise ValueError(f"ridge must be a finite number >= 0 (relative to the mean input variance), got {ridge!r}")
+    if ridge != "cv" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0
+                          or not math.isfinite(ridge)):
+        raise ValueError(f"ridge must be 'cv' (the refit's ridge chosen by cross-validation over the calibration "
+                         f"sentences) or a finite number >= 0 (relative to the mean input variance), got {ridge!r}")
     return m, propagation
 
 
@@ -258,74 +275,77 @@ def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 
 class _Stats:
-    """Float64 sufficient statistics of a (token-)weighted least-squares problem, streamed batch by batch.
+    """Float64 sufficient statistics of a token-weighted least-squares problem, streamed batch by batch and kept
+    per cross-validation fold (sentences are dealt round-robin into :data:`CV_FOLDS` folds, so all tokens of a
+    sentence stay in one fold).
 
     Rows ``t`` carry weights ``w_t`` and target columns are scaled by ``c`` (see ``weighting`` in
-    :func:`prune_transformer`): the objective is ``sum_t w_t ||(y_t - M^T a_t - b) * c||^2``. With the intercept,
-    the statistics are centred with the weighted means, which gives exactly the weighted least-squares fit with a
-    free bias; :meth:`objective` hands the centred statistics to :meth:`submod.SparseRegression.from_gram`.
-    (``submod.GramAccumulator`` takes unweighted rows, hence this small weighted variant.)
+    :func:`prune_transformer`): the objective is ``sum_t w_t ||(y_t - M^T a_t - b) * c||^2``. Each fold is a
+    weighted :class:`submod.GramAccumulator`; the selection objective, the refit and its cross-validated ridge
+    come from the shared kernels of :mod:`nn_adapters._stats`.
     """
 
-    def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None) -> None:
-        self.gram = torch.zeros(n_features, n_features, dtype=torch.float64)
-        self.cross = torch.zeros(n_features, n_targets, dtype=torch.float64)
-        self.sum_a = torch.zeros(n_features, dtype=torch.float64)
-        self.sum_y = torch.zeros(n_targets, dtype=torch.float64)
+    def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None,
+                 folds: int = 1) -> None:
+        self.folds = [submod.GramAccumulator(n_features, n_targets) for _ in range(max(1, folds))]
         self.col_sq = np.zeros(n_features)  # unweighted, for the Wanda scores
-        self.yy = 0.0
-        self.weight = 0.0
-        self.count = 0
-        self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float64).cpu()
+        self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float64).cpu().numpy()
+        self._total: submod.GramAccumulator | None = None
 
-    def update(self, a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> None:
-        a64 = a.detach().to(torch.float64).cpu()
-        y64 = y.detach().to(torch.float64).cpu()
-        if not (torch.isfinite(a64).all() and torch.isfinite(y64).all()):
+    def update(self, a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, fold: torch.Tensor) -> None:
+        a64 = a.detach().to(torch.float64).cpu().numpy()
+        y64 = y.detach().to(torch.float64).cpu().numpy()
+        if not (np.isfinite(a64).all() and np.isfinite(y64).all()):
             raise ValueError("non-finite (NaN/inf) activations in the calibration statistics: check the model and "
                              "the calibration inputs")
         if self.col_scale is not None:
             y64 = y64 * self.col_scale
-        w64 = torch.ones(a64.shape[0], dtype=torch.float64) if w is None else w.detach().to(torch.float64).cpu()
-        aw = a64 * w64[:, None]
-        self.gram += aw.T @ a64
-        self.cross += aw.T @ y64
-        self.sum_a += aw.sum(0)
-        self.sum_y += (y64 * w64[:, None]).sum(0)
-        self.yy += float((w64 * (y64 * y64).sum(1)).sum())
-        self.weight += float(w64.sum())
-        self.col_sq += (a64 * a64).sum(0).numpy()
-        self.count += a64.shape[0]
+        w64 = None if w is None else w.detach().to(torch.float64).cpu().numpy()
+        fold = fold.cpu().numpy() % len(self.folds)
+        with _one_blas_thread():  # next to torch's threads, multi-threaded OpenBLAS ran these products 5-10x slower
+            for h, acc in enumerate(self.folds):
+                sel = fold == h
+                if sel.any():
+                    acc.update(a64[sel], y64[sel], None if w64 is None else w64[sel])
+        self.col_sq += np.einsum("ij,ij->j", a64, a64)
+        self._total = None
 
-    def _centred(self, fit_intercept: bool) -> tuple[np.ndarray, np.ndarray, float]:
-        g, c, yy = self.gram.numpy(), self.cross.numpy(), self.yy
-        if fit_intercept:
-            sa, sy, wt = self.sum_a.numpy(), self.sum_y.numpy(), self.weight
-            g = g - np.outer(sa, sa) / wt
-            c = c - np.outer(sa, sy) / wt
-            yy = max(yy - float(sy @ sy) / wt, 0.0)
-        return 0.5 * (g + g.T), c, yy
+    @property
+    def total(self) -> submod.GramAccumulator:
+        if self._total is None:
+            tot = submod.GramAccumulator(self.folds[0].n_features, self.folds[0].n_targets)
+            for acc in self.folds:
+                tot.merge(acc)
+            self._total = tot
+        return self._total
 
     def objective(self, ridge_rel: float, groups: list[np.ndarray] | None,
                   fit_intercept: bool) -> submod.sparse_regression.SparseRegression:
-        g, c, yy = self._centred(fit_intercept)
-        ridge = float(ridge_rel * max(float(np.mean(np.diag(g))), 0.0))
-        return submod.sparse_regression.SparseRegression.from_gram(g, c, yy, ridge=ridge, groups=groups)
+        lam = float(ridge_rel) * _ridge_scale(self.total, fit_intercept)
+        return self.total.to_objective(ridge=lam, groups=groups, fit_intercept=fit_intercept)
 
-    def refit(self, f: submod.sparse_regression.SparseRegression, kept: np.ndarray,
-              fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Consumer weight (out, n_cols) and bias of the weighted least-squares fit on ``kept`` units."""
-        m_rows, _ = f.refit(kept)
-        cols = f.columns_of(kept)
-        bias = None
-        if fit_intercept:
-            bias = (self.sum_y.numpy() - self.sum_a.numpy()[cols] @ m_rows) / self.weight
+    def refit(self, cols: np.ndarray, ridge: float | str, prior: np.ndarray | None,
+              fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float, float | None]:
+        """Consumer weight (out, n_cols) and bias of the weighted ridge fit on the columns ``cols`` (toward
+        ``prior``, the original weights ``(c, m)``, when given); also the in-sample relative error, the relative
+        ridge used and, with ``ridge="cv"``, the cross-validated relative error."""
+        if self.col_scale is not None and prior is not None:
+            prior = prior * self.col_scale
+        cv_err = None
+        if ridge == "cv":
+            if len(self.folds) >= 2 and all(acc.weight_sum > 0 for acc in self.folds):
+                lam, errs = _cv_ridge(self.folds, cols, CV_GRID, prior, intercept=fit_intercept)
+                cv_err = float(errs.min())
+            else:
+                lam = SELECTION_RIDGE
+        else:
+            lam = float(ridge)
+        m_rows, bias, rel = _ridge_refit(self.total, cols, lam, prior, intercept=fit_intercept)
         if self.col_scale is not None:
-            scale = self.col_scale.numpy()
-            m_rows = m_rows / scale
-            bias = None if bias is None else bias / scale
+            m_rows = m_rows / self.col_scale
+            bias = bias / self.col_scale
         return (torch.as_tensor(np.ascontiguousarray(m_rows.T)),
-                None if bias is None else torch.as_tensor(np.asarray(bias)))
+                torch.as_tensor(np.asarray(bias)) if fit_intercept else None, rel, lam, cv_err)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,6 +464,29 @@ def allocate_units(curves: list[np.ndarray], total: int, floors: list[int] | np.
 # the driver
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Ridge:
+    """The ridge option of :func:`prune_transformer`: a number, or ``"cv"`` (refit ridge by cross-validation)."""
+
+    value: float | str
+    prior: bool
+
+    @property
+    def selection(self) -> float:
+        return SELECTION_RIDGE if self.value == "cv" else float(self.value)
+
+
+def _assign_folds(cache: list[dict[str, Any]]) -> None:
+    """Deal the calibration sequences round-robin into :data:`CV_FOLDS` folds: ``fold`` holds the fold of every
+    real token row (the order of :func:`_rows`), so all tokens of a sequence share a fold."""
+    seen = 0
+    for c in cache:
+        valid = c["valid"]
+        seq = torch.arange(seen, seen + valid.shape[0], device=valid.device)
+        c["fold"] = (seq[:, None].expand_as(valid)[valid] % CV_FOLDS).cpu()
+        seen += valid.shape[0]
+
+
 def prune_transformer(
     model: nn.Module,
     calibration_data: Any,
@@ -454,7 +497,8 @@ def prune_transformer(
     seed: int = 0,
     *,
     propagation: str = "asym",
-    ridge: float = 1e-4,
+    ridge: float | str = "cv",
+    refit_prior: str = "original",
     rule: str = "greedy",
     residual: bool = True,
     weighting: str = "layernorm",
@@ -488,9 +532,16 @@ def prune_transformer(
         Seed of the ``"random"`` baseline (the greedy methods are deterministic).
     propagation : {"asym", "seq", "layer"}
         Statistics used by the baselines for the refit and the Wanda activation norms.
-    ridge : float
+    ridge : "cv" or float, default "cv"
         Ridge added to the Gram matrices, relative to the mean diagonal of the centred Gram matrix of the
-        consumer's inputs (guards dead and duplicate units, and regularises the refit).
+        consumer's inputs (guards dead and duplicate units, and regularises the refit). ``"cv"``: the greedy
+        selection uses :data:`SELECTION_RIDGE` and the refit's ridge is chosen per block and stage by 5-fold
+        cross-validation over the calibration sentences (all tokens of a sentence in one fold; held-out errors
+        in closed form from per-fold statistics, see :func:`nn_adapters._stats.cv_ridge`). A number fixes both.
+    refit_prior : {"original", "zero"}, default "original"
+        What the refit's ridge shrinks toward: the consumer's trained weights of the kept units (a Gaussian prior
+        centred on the trained network, so that a strong ridge damps only the compensation for the removed units,
+        the part estimated from the calibration tokens) or zero (ordinary ridge).
     rule : {"greedy", "omp"}
         Selection rule of the greedy path.
     residual : bool
@@ -534,6 +585,9 @@ def prune_transformer(
     """
     t_start = time.perf_counter()
     method, propagation = _check_args(model, keep, target, method, propagation, ridge)
+    if refit_prior not in ("original", "zero"):
+        raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "
+                         f"(ordinary ridge), got {refit_prior!r}")
     if weighting not in ("layernorm", "none"):
         raise ValueError(f"weighting must be 'layernorm' or 'none', got {weighting!r}")
     if rule not in ("greedy", "omp"):
@@ -582,6 +636,7 @@ def prune_transformer(
                 chain = _capture_chain(orig, orig_blocks, batches[0])
             finally:
                 torch.backends.mha.set_fastpath_enabled(fast)
+            _assign_folds(cache)
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
             if report.n_tokens == 0:
@@ -597,9 +652,9 @@ def prune_transformer(
                 if not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported")
-                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i], ridge, rule, rng,
-                                       xo, xp, cache, counter, report, bool(residual),
-                                       weighting == "layernorm")
+                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
+                                       _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache, counter,
+                                       report, bool(residual), weighting == "layernorm")
                 if mode != "layer" and i + 1 < len(blocks):
                     xp = [_fwd(blk, xp[b], cache[b]["ctx"], counter) for b in range(len(cache))]
                 xo = xo_next
@@ -607,8 +662,8 @@ def prune_transformer(
             for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
-                    _apply_selection(blk, stage, method, False, budgets[i][stage], None, ridge, rule, rng, report,
-                                     t0)
+                    _apply_selection(blk, stage, method, False, budgets[i][stage], None,
+                                     _Ridge(ridge, False), rule, rng, report, t0)
 
     work.train(was_training)
     report.params_after = _n_params(work)
@@ -619,8 +674,8 @@ def prune_transformer(
 
 
 def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: list[dict[str, int]],
-                         cache: list[dict[str, Any]], counter: list[int], ridge: float, rule: str, weighting: bool,
-                         min_keep: float) -> list[dict[str, int]]:
+                         cache: list[dict[str, Any]], counter: list[int], ridge: float | str, rule: str,
+                         weighting: bool, min_keep: float) -> list[dict[str, int]]:
     """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``)."""
     xo = [c["x"] for c in cache]
     curves: dict[str, list[np.ndarray]] = {s: [] for s in stages}
@@ -628,7 +683,7 @@ def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: 
         xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
         for s in stages:
             n_units, groups = _unit_columns(s, oblk)
-            f = side["stats"][s].objective(ridge, groups, _consumer(oblk, s).bias is not None)
+            f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
             curves[s].append(f.greedy_path(n_units, rule=rule).errors)
         xo = xo_next
     out: list[dict[str, int]] = [{} for _ in orig_blocks]
@@ -714,8 +769,8 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 w, side["col_scale"][s] = _norm_weights(oblk, s, y + res)
             if mode == "layer":
                 if s not in side["stats"]:
-                    side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s])
-                side["stats"][s].update(a, y, w)
+                    side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS)
+                side["stats"][s].update(a, y, w, cache[b]["fold"])
             else:
                 side["targets"][s].append(y + res if residual else y)
                 side["row_w"][s].append(w)
@@ -723,7 +778,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
 
 
 def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,
-                 budgets: dict[str, int], ridge: float, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
+                 budgets: dict[str, int], ridge: _Ridge, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
                  xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int],
                  report: TransformerPruneReport, residual: bool, weighting: bool) -> list[torch.Tensor]:
     """Prune the stages of one block; return the original network's outputs of this block (next inputs)."""
@@ -751,22 +806,22 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 else:
                     y = mods[s](a)
                 if s not in stats:
-                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s])
-                stats[s].update(a, y, row_w[s][b])
+                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s], CV_FOLDS)
+                stats[s].update(a, y, row_w[s][b], cache[b]["fold"])
             targets[s] = []
         _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0)
     return xo_next
 
 
 def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: int, stats: _Stats | None,
-                     ridge: float, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
+                     ridge: _Ridge, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
                      t0: float) -> None:
     n_units, groups = _unit_columns(stage, blk)
     consumer = _consumer(blk, stage)
     has_bias = consumer.bias is not None
     f = None
     if stats is not None and (reweight or method in GREEDY_METHODS):
-        f = stats.objective(ridge, groups, has_bias)
+        f = stats.objective(ridge.selection, groups, has_bias)
     if method in GREEDY_METHODS:
         path = f.greedy_path(k, rule=rule)
         chosen = np.asarray(path.selected[:k], dtype=np.int64)
@@ -777,12 +832,12 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     else:
         chosen = rng.choice(n_units, size=k, replace=False)
     kept = np.sort(chosen)
-    rel_err = None
+    rel_err = lam = cv_err = None
     weight = bias = None
     if reweight:
-        weight, bias = stats.refit(f, kept, has_bias)
-        y_norm2 = float(f.y_norm2)
-        rel_err = float(f.reconstruction_error(kept)) / y_norm2 if y_norm2 > 0 else 0.0
+        cols = np.concatenate([groups[int(j)] for j in kept]) if groups is not None else kept
+        prior = consumer.weight.detach().double().cpu().numpy()[:, cols].T if ridge.prior else None
+        weight, bias, rel_err, lam, cv_err = stats.refit(cols, ridge.value, prior, has_bias)
     keep_t = torch.as_tensor(kept, dtype=torch.long)
     if stage == "ffn":
         blk.shrink_ffn(keep_t, weight, bias)
@@ -790,7 +845,7 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
         blk.shrink_heads(keep_t, weight, bias)
     report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
                                    kept=[int(j) for j in kept], relative_error=rel_err,
-                                   time_s=time.perf_counter() - t0))
+                                   time_s=time.perf_counter() - t0, ridge=lam, cv_relative_error=cv_err))
 
 
 def _n_params(model: nn.Module) -> int:

@@ -574,6 +574,11 @@ class GramAccumulator:
     Golub & LeVeque (1979), which is stable when the means are large compared with the spread; the raw statistics
     ``A^T A = C + count * mean mean^T`` are recovered exactly when no intercept is fitted.
 
+    Rows may carry non-negative weights (``sample_weight`` in :meth:`update`): the statistics are then those of
+    the weighted least-squares problem ``sum_t w_t ||y_t - M^T a_t - b||^2``, i.e. of the rows scaled by
+    ``sqrt(w_t)``, with weighted means for the intercept. ``count`` stays the number of rows; ``weight_sum`` is
+    the sum of the weights (equal to ``count`` without weights) and takes its place in every formula.
+
     Parameters
     ----------
     n_features : int
@@ -594,6 +599,16 @@ class GramAccumulator:
     >>> f = acc.to_objective(fit_intercept=True)
     >>> bool(np.isclose(f.value([0, 3]), SparseRegression(A, Y, fit_intercept=True).value([0, 3])))
     True
+
+    Weights act like repeated rows:
+
+    >>> w = rng.integers(0, 3, size=300).astype(float)
+    >>> acc_w = GramAccumulator(5, 2)
+    >>> acc_w.update(A, Y, sample_weight=w)
+    >>> rep = np.repeat(np.arange(300), w.astype(int))
+    >>> bool(np.isclose(acc_w.to_objective(fit_intercept=True).value([0, 3]),
+    ...                 SparseRegression(A[rep], Y[rep], fit_intercept=True).value([0, 3])))
+    True
     """
 
     def __init__(self, n_features: int, n_targets: int) -> None:
@@ -603,14 +618,18 @@ class GramAccumulator:
         self.n_features = int(n_features)
         self.n_targets = int(n_targets)
         self.count = 0
+        self.weight_sum = 0.0
         self.mean_a = np.zeros(self.n_features)
         self.mean_y = np.zeros(self.n_targets)
         self._caa = np.zeros((self.n_features, self.n_features))
         self._cay = np.zeros((self.n_features, self.n_targets))
         self._cyy = 0.0
 
-    def update(self, A_batch: ArrayLike, Y_batch: ArrayLike) -> None:
-        """Add a batch of rows: ``A_batch`` (b, d) inputs and ``Y_batch`` (b, m) targets (any float dtype)."""
+    def update(self, A_batch: ArrayLike, Y_batch: ArrayLike, sample_weight: ArrayLike | None = None) -> None:
+        """Add a batch of rows: ``A_batch`` (b, d) inputs and ``Y_batch`` (b, m) targets (any float dtype).
+
+        ``sample_weight`` (b,): optional finite, non-negative weight of each row (default 1).
+        """
         a = as_float_array(A_batch, "A_batch", 2)
         y = _as_targets(Y_batch, "Y_batch")
         if a.shape[1] != self.n_features:
@@ -624,29 +643,51 @@ class GramAccumulator:
         nb = a.shape[0]
         if nb == 0:
             return
-        ma = a.mean(axis=0)
-        my = y.mean(axis=0)
+        if sample_weight is None:
+            ma = a.mean(axis=0)
+            my = y.mean(axis=0)
+            ac = a - ma
+            yc = y - my
+            self._merge(nb, float(nb), ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
+            return
+        w = as_float_array(sample_weight, "sample_weight", 1)
+        if w.shape[0] != nb:
+            raise ValueError(f"sample_weight has {w.shape[0]} entries but the batch has {nb} rows; pass one "
+                             "weight per row.")
+        if np.any(w < 0):
+            raise ValueError("sample_weight must be non-negative (a weight per row of the least-squares problem).")
+        wsum = float(w.sum())
+        if wsum <= 0.0:
+            self.count += nb  # rows of weight zero are seen but change no statistic
+            return
+        ma = (w @ a) / wsum
+        my = (w @ y) / wsum
         ac = a - ma
         yc = y - my
-        self._merge(nb, ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
+        aw = ac * w[:, None]
+        self._merge(nb, wsum, ma, my, aw.T @ ac, aw.T @ yc, float(np.vdot(yc * w[:, None], yc)))
 
     def merge(self, other: GramAccumulator) -> None:
         """Add the statistics of another accumulator (e.g. one filled in parallel on other rows)."""
         if not isinstance(other, GramAccumulator) or (other.n_features, other.n_targets) != (
                 self.n_features, self.n_targets):
             raise ValueError("merge needs a GramAccumulator with the same n_features and n_targets.")
-        if other.count:
-            self._merge(other.count, other.mean_a, other.mean_y, other._caa, other._cay, other._cyy)
+        if other.weight_sum > 0:
+            self._merge(other.count, other.weight_sum, other.mean_a, other.mean_y, other._caa, other._cay,
+                        other._cyy)
+        else:
+            self.count += other.count
 
-    def _merge(self, nb: int, ma: np.ndarray, my: np.ndarray, caa: np.ndarray, cay: np.ndarray, cyy: float) -> None:
-        na = self.count
-        n = na + nb
+    def _merge(self, nb: int, wb: float, ma: np.ndarray, my: np.ndarray, caa: np.ndarray, cay: np.ndarray,
+               cyy: float) -> None:
+        wa = self.weight_sum
+        wt = wa + wb
         da = ma - self.mean_a
         dy = my - self.mean_y
-        w = na * nb / n
+        w = wa * wb / wt
         self._caa += caa
         self._cay += cay
-        if na:
+        if wa > 0:
             # In-place rank-1 corrections (no d x d temporaries, so the peak memory does not depend on the number
             # of batches). The C-ordered arrays are updated through their F-ordered transposes.
             caa_t, cay_t = self._caa.T, self._cay.T
@@ -655,33 +696,60 @@ class GramAccumulator:
             self._cyy += cyy + w * float(dy @ dy)
         else:
             self._cyy += cyy
-        self.mean_a += da * (nb / n)
-        self.mean_y += dy * (nb / n)
-        self.count = n
+        self.mean_a += da * (wb / wt)
+        self.mean_y += dy * (wb / wt)
+        self.count += nb
+        self.weight_sum = wt
 
-    def gram(self, centered: bool = False) -> np.ndarray:
-        """``A^T A`` over all rows seen (``centered=True``: of the centred rows)."""
-        g = self._caa.copy()
+    def gram(self, centered: bool = False, columns: ArrayLike | None = None) -> np.ndarray:
+        """``A^T A`` over all rows seen (``centered=True``: of the centred rows); ``columns``: only the
+        ``(c, c)`` block of those columns (no full copy)."""
+        if columns is None:
+            g, ma = self._caa.copy(), self.mean_a
+        else:
+            cols = self._columns(columns)
+            g, ma = self._caa[np.ix_(cols, cols)], self.mean_a[cols]
         if not centered:
-            g += self.count * np.outer(self.mean_a, self.mean_a)
+            g += self.weight_sum * np.outer(ma, ma)
         return 0.5 * (g + g.T)
 
-    def cross(self, centered: bool = False) -> np.ndarray:
-        """``A^T Y`` over all rows seen (``centered=True``: of the centred rows)."""
-        b = self._cay.copy()
+    def gram_diagonal(self, centered: bool = False) -> np.ndarray:
+        """The diagonal of :meth:`gram` (the columns' sums of squares)."""
+        diag = np.diag(self._caa).copy()
         if not centered:
-            b += self.count * np.outer(self.mean_a, self.mean_y)
+            diag += self.weight_sum * self.mean_a ** 2
+        return diag
+
+    def cross(self, centered: bool = False, columns: ArrayLike | None = None) -> np.ndarray:
+        """``A^T Y`` over all rows seen (``centered=True``: of the centred rows); ``columns``: only those rows of
+        it."""
+        if columns is None:
+            b, ma = self._cay.copy(), self.mean_a
+        else:
+            cols = self._columns(columns)
+            b, ma = self._cay[cols], self.mean_a[cols]
+        if not centered:
+            b += self.weight_sum * np.outer(ma, self.mean_y)
         return b
+
+    def _columns(self, columns: ArrayLike) -> np.ndarray:
+        cols = np.asarray(columns)
+        if cols.ndim != 1 or (cols.size and (cols.dtype.kind not in "iu" or cols.min() < 0
+                                            or cols.max() >= self.n_features)):
+            raise ValueError(f"columns must be a 1-D array of column indices in [0, {self.n_features}); got "
+                             f"{columns!r}.")
+        return cols
 
     def y_norm2(self, centered: bool = False) -> float:
         """``||Y||^2`` over all rows seen (``centered=True``: of the centred targets)."""
-        return float(self._cyy + (0.0 if centered else self.count * float(self.mean_y @ self.mean_y)))
+        return float(self._cyy + (0.0 if centered else self.weight_sum * float(self.mean_y @ self.mean_y)))
 
     def to_objective(self, ridge: float = 0.0, groups: object = None, fit_intercept: bool = False, *,
                      tol: float = DEFAULT_TOL) -> SparseRegression:
         """The :class:`SparseRegression` of the rows streamed so far."""
-        if self.count == 0:
-            raise ValueError("the accumulator has seen no rows; call update(A_batch, Y_batch) first.")
+        if self.weight_sum <= 0:
+            raise ValueError("the accumulator has seen no rows of positive weight; call update(A_batch, Y_batch) "
+                             "first.")
         if fit_intercept:
             return SparseRegression._from_centred(self.gram(True), self.cross(True), self.y_norm2(True),
                                                   ridge=ridge, groups=groups, mean_a=self.mean_a.copy(),

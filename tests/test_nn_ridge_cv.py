@@ -13,27 +13,37 @@ import torch.nn.functional as F
 from torch import nn
 
 import nn_adapters as nna
-from nn_adapters._stats import CV_GRID, PairStats
+from nn_adapters._stats import CV_GRID, PairStats, cv_ridge, ridge_refit
+from submod.sparse_regression import GramAccumulator
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _kfold_oracle(A: np.ndarray, Y: np.ndarray, sample_of_row: np.ndarray, cols: np.ndarray, K: int) -> np.ndarray:
-    """Held-out relative error of ridge-with-intercept for every grid value, by brute force on the rows."""
+def _kfold_oracle(A: np.ndarray, Y: np.ndarray, sample_of_row: np.ndarray, cols: np.ndarray, K: int,
+                  prior: np.ndarray | None = None, w: np.ndarray | None = None) -> np.ndarray:
+    """Held-out relative error of ridge-with-intercept for every grid value, by brute force on the rows.
+
+    ``prior``: the ridge pulls ``M`` toward it (``min sum_t w_t ||y_t - M^T a_t - b||^2 + lam ||M - prior||^2``,
+    solved from its normal equations); ``w``: row weights (weighted means, weighted squared errors).
+    """
     fold = sample_of_row % K
+    w = np.ones(len(A)) if w is None else w
+    M0 = np.zeros((cols.size, Y.shape[1])) if prior is None else prior
     out = []
     for g in CV_GRID:
         err = energy = 0.0
         for h in range(K):
             tr, te = fold != h, fold == h
-            mt = A[tr].mean(0)
-            scale = np.mean(((A[tr] - mt) ** 2).sum(0))          # ridge relative to the mean centred diagonal
+            wt = w[tr]
+            mt = wt @ A[tr] / wt.sum()
+            scale = np.mean((wt[:, None] * (A[tr] - mt) ** 2).sum(0))   # ridge relative to the mean centred diagonal
             X = A[tr][:, cols] - mt[cols]
-            yt = Y[tr].mean(0)
-            M = np.linalg.solve(X.T @ X + g * scale * np.eye(cols.size), X.T @ (Y[tr] - yt))
+            yt = wt @ Y[tr] / wt.sum()
+            lhs = (X * wt[:, None]).T @ X + g * scale * np.eye(cols.size)
+            M = np.linalg.solve(lhs, (X * wt[:, None]).T @ (Y[tr] - yt) + g * scale * M0)
             b = yt - mt[cols] @ M
-            err += ((Y[te] - A[te][:, cols] @ M - b) ** 2).sum()
-            energy += ((Y[te] - yt) ** 2).sum()
+            err += (w[te][:, None] * (Y[te] - A[te][:, cols] @ M - b) ** 2).sum()
+            energy += (w[te][:, None] * (Y[te] - yt) ** 2).sum()
         out.append(err / energy)
     return np.array(out)
 
@@ -72,27 +82,66 @@ def test_cv_ridge_matches_kfold_oracle_conv_keeps_the_patches_of_a_sample_togeth
     np.testing.assert_allclose(rel, _kfold_oracle(A, Y, np.repeat(np.arange(11), L), col_idx, 3), rtol=1e-8)
 
 
-def test_cv_refit_equals_ridge_regression_with_the_reported_ridge():
+@pytest.mark.parametrize("refit_prior", ["original", "zero"])
+def test_cv_refit_equals_ridge_regression_with_the_reported_ridge(refit_prior):
     net = nn.Sequential(nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 3)).eval()
     x = torch.randn(30, 5)                     # 30 samples < 40 columns: the refit needs a ridge
-    pruned, rep = nna.prune(net, x, keep=0.9, method="layer")
+    pruned, rep = nna.prune(net, x, keep=0.9, method="layer", refit_prior=refit_prior)
     lay = rep.layers[0]
     assert lay.ridge_choice == "5-fold cv" and lay.ridge in CV_GRID
     assert lay.cv_relative_error is not None and lay.cv_relative_error >= 0
     with torch.no_grad():
         A = torch.relu(net[0](x)).double().numpy()
-    Y = A @ net[2].weight.detach().double().numpy().T
+    W = net[2].weight.detach().double().numpy()
+    Y = A @ W.T
     kept = lay.kept_units
+    M0 = W[:, kept].T if refit_prior == "original" else np.zeros((len(kept), 3))
     mu = A.mean(0)
     lam = lay.ridge * np.mean(((A - mu) ** 2).sum(0))
     X = A[:, kept] - mu[kept]
-    M = np.linalg.solve(X.T @ X + lam * np.eye(len(kept)), X.T @ (Y - Y.mean(0)))
+    M = np.linalg.solve(X.T @ X + lam * np.eye(len(kept)), X.T @ (Y - Y.mean(0)) + lam * M0)
     b = Y.mean(0) - mu[kept] @ M
     np.testing.assert_allclose(pruned[2].weight.detach().double().numpy(), M.T, atol=1e-4)
     np.testing.assert_allclose(pruned[2].bias.detach().double().numpy(),
                                net[2].bias.detach().double().numpy() + b, atol=1e-4)
     resid = ((Y - A[:, kept] @ M - b) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum()
     assert lay.relative_error == pytest.approx(resid, rel=1e-6, abs=1e-9)
+
+
+def test_cv_with_prior_and_row_weights_matches_kfold_oracle():
+    """The shared CV kernel (used by the transformer adapter too) with a prior and weighted rows, against the
+    brute-force K-fold fit of the penalised, weighted normal equations; and the refit at the chosen ridge."""
+    rng = np.random.default_rng(4)
+    n, d, m, K = 60, 9, 3, 4
+    A = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 2.0
+    Y = A @ rng.standard_normal((d, m)) + 0.3 * rng.standard_normal((n, m))
+    w = rng.uniform(0.2, 3.0, n)
+    sample = np.repeat(np.arange(n // 3), 3)          # three rows per "sentence", one fold per sentence
+    folds = [GramAccumulator(d, m) for _ in range(K)]
+    for h in range(K):
+        rows = sample % K == h
+        folds[h].update(A[rows], Y[rows], sample_weight=w[rows])
+    cols = np.array([0, 2, 3, 7])
+    prior = rng.standard_normal((cols.size, m))
+    for M0 in (None, prior):
+        best, rel = cv_ridge(folds, cols, CV_GRID, M0)
+        want = _kfold_oracle(A, Y, sample, cols, K, M0, w)
+        np.testing.assert_allclose(rel, want, rtol=1e-8)
+        assert best == CV_GRID[int(np.argmin(want))]
+    total = GramAccumulator(d, m)
+    for f in folds:
+        total.merge(f)
+    M, b, rel_in = ridge_refit(total, cols, 0.1, prior)
+    mu, my = w @ A / w.sum(), w @ Y / w.sum()
+    lam = 0.1 * np.mean((w[:, None] * (A - mu) ** 2).sum(0))
+    X = A[:, cols] - mu[cols]
+    want = np.linalg.solve((X * w[:, None]).T @ X + lam * np.eye(cols.size),
+                           (X * w[:, None]).T @ (Y - my) + lam * prior)
+    np.testing.assert_allclose(M, want, rtol=1e-9)
+    np.testing.assert_allclose(b, my - mu[cols] @ want, rtol=1e-9, atol=1e-12)
+    resid = (w[:, None] * (Y - A[:, cols] @ M - b) ** 2).sum() / (w[:, None] * (Y - my) ** 2).sum()
+    assert rel_in == pytest.approx(resid, rel=1e-9)
+    assert 0 < rel.min() < 1
 
 
 def test_cv_shrinks_more_when_samples_are_scarce():

@@ -335,6 +335,68 @@ def test_accumulator_equals_one_shot_statistics(seed, sizes, intercept, offset):
         assert f.value(S) == pytest.approx(g.value(S), abs=1e-8 * y2)
 
 
+@given(st.integers(0, 2 ** 32 - 1), st.lists(st.integers(0, 30), min_size=1, max_size=5), st.booleans(),
+       st.sampled_from([0.0, 1e3]))
+def test_weighted_accumulator_equals_scaled_rows_and_weighted_lstsq(seed, sizes, intercept, offset):
+    """Oracle: weighted least squares = ordinary least squares on rows scaled by sqrt(w), with a weighted mean
+    (the intercept column scaled too); checked through the statistics and through F(S) against lstsq."""
+    rng = np.random.default_rng(seed)
+    n = max(sum(sizes), 1)
+    sizes = sizes if sum(sizes) else [1]
+    d, m = 4, 2
+    A = rng.standard_normal((n, d)) + offset
+    Y = rng.standard_normal((n, m)) + 0.5 * A[:, :m]
+    w = rng.uniform(0.0, 3.0, n)
+    w[rng.random(n) < 0.2] = 0.0           # some rows of weight zero
+    w[0] = 1.5                             # at least one positive weight
+    acc = GramAccumulator(d, m)
+    lo = 0
+    for s in sizes:
+        acc.update(A[lo:lo + s], Y[lo:lo + s], sample_weight=w[lo:lo + s])
+        lo += s
+    assert acc.count == n
+    assert acc.weight_sum == pytest.approx(w.sum(), rel=1e-12)
+    mu_a, mu_y = w @ A / w.sum(), w @ Y / w.sum()
+    sw = np.sqrt(w)[:, None]
+    Ac, Yc = (A - mu_a) * sw, (Y - mu_y) * sw
+    np.testing.assert_allclose(acc.mean_a, mu_a, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(acc.gram(centered=True), Ac.T @ Ac, rtol=1e-8, atol=1e-8 * n)
+    np.testing.assert_allclose(acc.cross(centered=True), Ac.T @ Yc, rtol=1e-8, atol=1e-8 * n)
+    np.testing.assert_allclose(acc.gram(), (A * sw).T @ (A * sw), rtol=1e-10, atol=1e-10 * n * (1 + offset) ** 2)
+    f = acc.to_objective(fit_intercept=intercept)
+    design = np.hstack([A, np.ones((n, 1))]) if intercept else A
+    for S in ([0], [1, 3], [0, 1, 2, 3]):
+        cols = list(S) + ([d] if intercept else [])
+        base = [d] if intercept else []
+        def err(c):
+            if not c:
+                return float(((Y * sw) ** 2).sum())
+            X = design[:, c] * sw
+            M = np.linalg.lstsq(X, Y * sw, rcond=None)[0]
+            return float(((Y * sw - X @ M) ** 2).sum())
+        expected = err(base) - err(cols)
+        assert f.value(S) == pytest.approx(expected, rel=1e-6, abs=1e-7 * (1.0 + err(base)))
+
+
+def test_weighted_accumulator_bad_weights_and_zero_weight_batches():
+    acc = GramAccumulator(2, 1)
+    with pytest.raises(ValueError, match="one weight per row"):
+        acc.update(np.ones((3, 2)), np.ones((3, 1)), sample_weight=np.ones(2))
+    with pytest.raises(ValueError, match="non-negative"):
+        acc.update(np.ones((3, 2)), np.ones((3, 1)), sample_weight=np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(np.ones((3, 2)), np.ones((3, 1)), sample_weight=np.array([1.0, np.nan, 1.0]))
+    acc.update(np.ones((3, 2)), np.ones((3, 1)), sample_weight=np.zeros(3))
+    assert acc.count == 3 and acc.weight_sum == 0.0
+    with pytest.raises(ValueError, match="positive weight"):
+        acc.to_objective()
+    other = GramAccumulator(2, 1)
+    other.update(np.arange(8.0).reshape(4, 2), np.ones((4, 1)), sample_weight=np.full(4, 2.0))
+    acc.merge(other)                       # merging into an all-zero-weight accumulator
+    assert acc.count == 7 and acc.weight_sum == 8.0
+    np.testing.assert_allclose(acc.mean_a, [3.0, 4.0])
+
+
 def test_accumulator_centred_statistics_are_stable_with_large_means():
     """Raw sums lose all digits at mean 1e8; the pairwise update keeps the centred statistics exact-ish."""
     rng = np.random.default_rng(5)
