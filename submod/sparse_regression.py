@@ -662,10 +662,10 @@ class GramAccumulator:
             return
         ma = (w @ a) / wsum
         my = (w @ y) / wsum
-        ac = a - ma
-        yc = y - my
-        aw = ac * w[:, None]
-        self._merge(nb, wsum, ma, my, aw.T @ ac, aw.T @ yc, float(np.vdot(yc * w[:, None], yc)))
+        root = np.sqrt(w)[:, None]  # rows scaled by sqrt(w): x^T x is a symmetric product (BLAS syrk in numpy)
+        ac = (a - ma) * root
+        yc = (y - my) * root
+        self._merge(nb, wsum, ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
 
     def merge(self, other: GramAccumulator) -> None:
         """Add the statistics of another accumulator (e.g. one filled in parallel on other rows)."""
@@ -704,11 +704,12 @@ class GramAccumulator:
     def gram(self, centered: bool = False, columns: ArrayLike | None = None) -> np.ndarray:
         """``A^T A`` over all rows seen (``centered=True``: of the centred rows); ``columns``: only the
         ``(c, c)`` block of those columns (no full copy)."""
+        caa = self._caa
         if columns is None:
-            g, ma = self._caa.copy(), self.mean_a
+            g, ma = caa.copy(), self.mean_a
         else:
             cols = self._columns(columns)
-            g, ma = self._caa[np.ix_(cols, cols)], self.mean_a[cols]
+            g, ma = caa[np.ix_(cols, cols)], self.mean_a[cols]
         if not centered:
             g += self.weight_sum * np.outer(ma, ma)
         return 0.5 * (g + g.T)
