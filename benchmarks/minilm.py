@@ -148,8 +148,10 @@ def block_params(model: torch.nn.Module) -> int:
 
 
 RUNS_FULL = [
-    # (target, fraction removed, method, reweight[, allocation]); allocation "uniform" unless given
-    ("ffn", 0.50, "asym", True), ("ffn", 0.50, "asym", True, "error-curve"), ("ffn", 0.50, "layer", True),
+    # (target, fraction removed, method, reweight[, options of prune_transformer]); defaults unless given
+    ("ffn", 0.50, "asym", True), ("ffn", 0.50, "asym", True, {"allocation": "error-curve"}),
+    ("ffn", 0.50, "asym", True, {"refit_prior": "zero"}), ("ffn", 0.50, "asym", True, {"ridge": 1e-4}),
+    ("ffn", 0.50, "layer", True),
     ("ffn", 0.50, "magnitude", False), ("ffn", 0.50, "magnitude", True), ("ffn", 0.50, "wanda", True),
     ("ffn", 0.25, "asym", True), ("ffn", 0.25, "magnitude", False), ("ffn", 0.25, "wanda", True),
     ("ffn", 0.75, "asym", True), ("ffn", 0.75, "magnitude", False), ("ffn", 0.75, "wanda", True),
@@ -186,29 +188,31 @@ def main(argv: list[str] | None = None) -> int:
     p0, b0 = sum(p.numel() for p in model.parameters()), block_params(model)
 
     print()
-    print("| target | removed | method | alloc | refit | mean cos | min cos | top-5 overlap | prune s | params | "
+    print("| target | removed | method | options | refit | mean cos | min cos | top-5 overlap | prune s | params | "
           "block params | latency |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for target, removed, method, reweight, *rest in (RUNS_QUICK if args.quick else RUNS_FULL):
-        allocation = rest[0] if rest else "uniform"
+        options = rest[0] if rest else {}
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "default"
         t0 = time.perf_counter()
         pruned, report = prune_transformer(model, calib, keep=1.0 - removed, target=target, method=method,
-                                           reweight=reweight, seed=args.seed, allocation=allocation)
+                                           reweight=reweight, seed=args.seed, **options)
         t_prune = time.perf_counter() - t0
         mean_c, min_c, ov = fidelity(e0, embed(pruned, evalb))
         lat = latency_ratio(model, pruned, evalb)
         p1, b1 = sum(p.numel() for p in pruned.parameters()), block_params(pruned)
-        print(f"| {target} | {removed:.0%} | {method} | {allocation} | {'yes' if reweight else 'no'} | {mean_c:.4f} | "
+        print(f"| {target} | {removed:.0%} | {method} | {shown} | {'yes' if reweight else 'no'} | {mean_c:.4f} | "
               f"{min_c:.4f} | {ov:.3f} | {t_prune:.1f} | {p1 / p0:.3f} | {b1 / b0:.3f} | {lat:.2f} |", flush=True)
-        if allocation != "uniform":
-            notes.append(f"{target} {removed:.0%} {method} {allocation}: kept per block "
+        if options.get("allocation", "uniform") != "uniform":
+            notes.append(f"{target} {removed:.0%} {method} {shown}: kept per block "
                          f"{[u.n_kept for u in report.units]} (total {sum(u.n_kept for u in report.units)} of "
                          f"{sum(u.n_units for u in report.units)})")
     print()
     for line in notes:
         print(line)
-    print("alloc: split of the kept units across blocks (error-curve: same total as uniform). "
+    print("options: non-default arguments of prune_transformer (defaults: allocation='uniform', ridge='cv', "
+          "refit_prior='original'; error-curve keeps the same total as uniform). "
           "params, block params, latency: ratios pruned / original (latency: median of 3 interleaved passes over "
           "the evaluation set, measured in this run). Cosines and overlaps are empirical, on the evaluation set.")
     return 0

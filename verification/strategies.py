@@ -147,13 +147,17 @@ def _regression_arrays(rng: np.random.Generator, n_units: int, n_samples: int, n
     sup = None
     Y = A @ W
     if suppressor and n_units >= 2:
-        # unit 0 = u + v is relevant alone; unit 1 = v + 0.3 u is nearly useless alone but cancels v with unit 0.
+        # unit 0 = u + v is relevant alone; unit 1 = v + 0.05 u is nearly useless alone but cancels v with unit 0.
         u = rng.standard_normal(n_samples)
         v = rng.standard_normal(n_samples)
         c0, c1 = 0, group_size
         A[:, c0] = u + v
-        A[:, c1] = v + 0.3 * u
-        Y = Y * 0.2 + np.outer(u, rng.choice([-1.0, 1.0], n_targets) * 2.0)
+        A[:, c1] = v + 0.05 * u
+        # the rest of the target comes from the other units only (the replaced columns' old values would act as
+        # noise aligned with nothing and could, in small samples, swamp the planted pair)
+        W[c0:c0 + group_size] = 0.0
+        W[c1:c1 + group_size] = 0.0
+        Y = (A @ W) * 0.2 + np.outer(u, rng.choice([-1.0, 1.0], n_targets) * 2.0)
         sup = (0, 1)
     if rank_deficient == "duplicate" and n_units >= 3:
         A[:, (n_units - 1) * group_size:] = A[:, (n_units - 2) * group_size:(n_units - 1) * group_size]
