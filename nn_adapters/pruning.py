@@ -194,7 +194,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         Transformer target (``"ffn"``, ``"heads"``); given, or for BERT/``nn.TransformerEncoderLayer`` models, the
         call is delegated to :func:`nn_adapters.transformer.prune_transformer`.
     allocation : {"uniform", "error"}
-        How ``compression`` is split between layers (see :mod:`nn_adapters.budget`).
+        How ``compression`` is split between layers (see :mod:`nn_adapters.budget`). For transformers (passed on,
+        as are ``ridge`` and ``refit_prior``): ``"uniform"`` or ``"error-curve"``.
     pairs : list of Pair, optional
         Declare the prunable pairs yourself (for models that cannot be traced, or to restrict pruning).
     ridge : "cv" or float, default "cv"
@@ -250,7 +251,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
                              "compression=; pass e.g. keep=0.5.")
         return transformer.prune_transformer(model, calibration_data, keep=keep, target=target or "ffn",
-                                             method=method, reweight=reweight, seed=seed, **kwargs)
+                                             method=method, reweight=reweight, seed=seed, ridge=ridge,
+                                             refit_prior=refit_prior, allocation=allocation, **kwargs)
     if kwargs:
         raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
     if not isinstance(model, nn.Module):

@@ -302,7 +302,7 @@ class _Stats:
             y64 = y64 * self.col_scale
         w64 = None if w is None else w.detach().to(torch.float64).cpu().numpy()
         fold = fold.cpu().numpy() % len(self.folds)
-        with _one_blas_thread():  # next to torch's threads, multi-threaded OpenBLAS ran these products 5-10x slower
+        with _one_blas_thread():  # no BLAS threads competing with torch's own on a small machine (see submod)
             for h, acc in enumerate(self.folds):
                 sel = fold == h
                 if sel.any():

@@ -190,6 +190,17 @@ def test_ffn_refit_equals_weighted_lstsq(method: str, residual: bool, weighting:
         assert report.units[layer].relative_error == pytest.approx(rel, rel=1e-3, abs=1e-6)
 
 
+def _prior_ridge_fit(A, Y, w, kept, W0, ridge):
+    """Weighted ridge-with-intercept fit on the columns ``kept`` pulled toward ``W0``, from its normal equations
+    (ridge relative to the mean weighted centred variance of all columns times the weight)."""
+    mu, my = w @ A / w.sum(), w @ Y / w.sum()
+    lam = ridge * np.mean((w[:, None] * (A - mu) ** 2).sum(0))
+    X = A[:, kept] - mu[kept]
+    M = np.linalg.solve((X * w[:, None]).T @ X + lam * np.eye(kept.size),
+                        (X * w[:, None]).T @ (Y - my) + lam * W0)
+    return M, my - mu[kept] @ M
+
+
 def test_default_refit_is_the_cross_validated_ridge_toward_the_trained_weights() -> None:
     """ridge="cv", refit_prior="original" (defaults), layer mode: the refit is the weighted ridge fit pulled toward
     the original down-projection weights at the reported ridge, and that ridge is the argmin of a brute-force
@@ -211,31 +222,33 @@ def test_default_refit_is_the_cross_validated_ridge_toward_the_trained_weights()
         gamma = ln.weight.detach().double().abs().numpy()
         W0 = model.encoder.layer[layer].output.dense.weight.detach().double().numpy()[:, kept].T * gamma
         A, Y = orig["a"], orig["y"] * gamma
-
-        def fit(rows, ridge):
-            wt = w[rows]
-            mu, my = wt @ A[rows] / wt.sum(), wt @ Y[rows] / wt.sum()
-            lam = ridge * np.mean((wt[:, None] * (A[rows] - mu) ** 2).sum(0))
-            X = A[rows][:, kept] - mu[kept]
-            M = np.linalg.solve((X * wt[:, None]).T @ X + lam * np.eye(kept.size),
-                                (X * wt[:, None]).T @ (Y[rows] - my) + lam * W0)
-            return M, my - mu[kept] @ M
-
         cv = []
         for r in CV_GRID:
             err = 0.0
             for h in range(5):
-                M, b = fit(fold != h, r)
+                M, b = _prior_ridge_fit(A[fold != h], Y[fold != h], w[fold != h], kept, W0, r)
                 te = fold == h
                 err += (w[te][:, None] * (Y[te] - A[te][:, kept] @ M - b) ** 2).sum()
             cv.append(err)
         assert unit.ridge == CV_GRID[int(np.argmin(cv))]
         assert unit.cv_relative_error is not None and 0.0 < unit.cv_relative_error
-        M, b = fit(np.ones(len(A), dtype=bool), unit.ridge)
+        M, b = _prior_ridge_fit(A, Y, w, kept, W0, unit.ridge)
         dense = pruned.encoder.layer[layer].output.dense
         np.testing.assert_allclose(dense.weight.detach().double().numpy(), (M / gamma[None, :]).T, atol=2e-4,
                                    rtol=1e-3)
         np.testing.assert_allclose(dense.bias.detach().double().numpy(), b / gamma, atol=2e-4, rtol=1e-3)
+
+
+def test_prune_entry_point_passes_the_refit_options_to_transformers() -> None:
+    import nn_adapters as nna
+
+    model, data = tiny_bert(), token_batches(n_batches=2)
+    _, direct = prune_transformer(model, data, keep=0.5, method="layer", ridge=0.3, refit_prior="zero")
+    _, via = nna.prune(model, data, keep=0.5, target="ffn", method="layer", ridge=0.3, refit_prior="zero")
+    assert [u.ridge for u in via.units] == [0.3] * LAYERS
+    assert [u.relative_error for u in via.units] == pytest.approx([u.relative_error for u in direct.units])
+    _, curve = nna.prune(model, data, keep=0.5, target="ffn", allocation="error-curve")
+    assert curve.allocation == "error-curve"
 
 
 def _partially_pruned(model: nn.Module, pruned: nn.Module, layer: int) -> nn.Module:
