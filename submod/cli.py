@@ -16,23 +16,41 @@ import numpy as np
 from .selector import OBJECTIVES, build_objective
 
 
-def load_matrix(path: str) -> np.ndarray:
-    """Load a 2-D float array from ``.npy`` or ``.csv`` (comma-separated, optional header row)."""
+def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool = False) -> np.ndarray:
+    """Load a float array from ``.npy``, ``.csv`` (comma-separated) or ``.txt`` (whitespace- or comma-separated).
+
+    Text files may start with one header row. ``what`` names the argument in error messages (e.g. ``"--data"``);
+    the result is 2-D (items x features), or also 1-D with ``allow_1d`` (e.g. a single target column).
+    """
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"data file {path!r} does not exist.")
-    if p.suffix == ".npy":
-        arr = np.load(p, allow_pickle=False)
-    elif p.suffix in (".csv", ".txt"):
-        try:
-            arr = np.loadtxt(p, delimiter=",", ndmin=2)
-        except ValueError:
-            arr = np.loadtxt(p, delimiter=",", ndmin=2, skiprows=1)
-    else:
-        raise ValueError(f"unsupported data format {p.suffix!r}; pass a .npy or .csv file.")
-    if arr.ndim != 2:
-        raise ValueError(f"data must be a 2-D array (items x features); got shape {arr.shape}.")
+        raise ValueError(f"{what} file {str(path)!r} does not exist; pass an existing .npy, .csv or .txt file.")
+    suffix = p.suffix.lower()
+    if suffix not in (".npy", ".csv", ".txt"):
+        raise ValueError(f"{what} file {str(path)!r} must be .npy, .csv or .txt; got {suffix or 'no extension'}.")
+    try:
+        if suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        else:
+            arr = _load_text(p, "," if suffix == ".csv" else None)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read {what} from {str(path)!r}: {exc}") from exc
+    if not (arr.ndim == 2 or (allow_1d and arr.ndim == 1)):
+        shape = "a 1-D or 2-D array" if allow_1d else "a 2-D array (items x features)"
+        raise ValueError(f"{what} must be {shape}; got shape {arr.shape}.")
     return np.asarray(arr, dtype=np.float64)
+
+
+def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
+    """``np.loadtxt`` with an optional header row; ``delimiter=None`` (``.txt``) also accepts commas."""
+    errors: list[ValueError] = []
+    for delim in ([delimiter] if delimiter is not None else [None, ","]):
+        for skip in (0, 1):
+            try:
+                return np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
+            except ValueError as exc:
+                errors.append(exc)
+    raise errors[0]
 
 
 def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:

@@ -68,3 +68,28 @@ def test_select_command_reports_bad_input(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((3, 2)))
     assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "9"]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_load_matrix_formats_and_errors(tmp_path):
+    """One loader for both CLIs: .npy, .csv (optional header), .txt (whitespace or commas), 1-D only on request."""
+    from submod.cli import load_matrix
+
+    X = np.arange(6.0).reshape(3, 2)
+    np.save(tmp_path / "x.npy", X)
+    (tmp_path / "x.csv").write_text("a,b\n0,1\n2,3\n4,5\n")
+    (tmp_path / "x.txt").write_text("0 1\n2 3\n4 5\n")
+    (tmp_path / "c.txt").write_text("0,1\n2,3\n4,5\n")
+    for name in ("x.npy", "x.csv", "x.txt", "c.txt"):
+        np.testing.assert_array_equal(load_matrix(tmp_path / name), X)
+    np.save(tmp_path / "y.npy", np.arange(3.0))
+    assert load_matrix(tmp_path / "y.npy", "--targets", allow_1d=True).shape == (3,)
+    with pytest.raises(ValueError, match="--data must be a 2-D array"):
+        load_matrix(tmp_path / "y.npy", "--data")
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(ValueError, match="must be .npy, .csv or .txt"):
+        load_matrix(tmp_path / "x.json")
+    (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
+    with pytest.raises(ValueError, match="could not read data"):
+        load_matrix(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_matrix(tmp_path / "missing.npy")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from submod.cli import load_matrix
+
 OBJECTIVES = ("sparse-regression", "facility-location", "feature-based", "coverage", "modular")
 
 
@@ -40,31 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load(path: Path, what: str) -> np.ndarray:
-    if not path.exists():
-        raise ValueError(f"{what} file {str(path)!r} does not exist; pass an existing .npy or .csv file.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix in (".csv", ".txt"):
-            return np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not read {what} from {str(path)!r}: {exc}") from exc
-    raise ValueError(f"{what} file {str(path)!r} must be .npy, .csv or .txt; got {suffix or 'no extension'}.")
-
-
 def build_objective(args: argparse.Namespace):
     """The :class:`submod.SetFunction` described by the command-line arguments."""
     import submod
     from submod.sparse_regression import SparseRegression
 
-    X = _load(args.data, "--data")
+    X = load_matrix(args.data, "--data")
     if args.objective == "sparse-regression":
         if args.targets is None:
             raise ValueError("--objective sparse-regression needs --targets Y.npy (the outputs to reconstruct; "
                              "for self-reconstruction pass the --data file again).")
-        Y = _load(args.targets, "--targets")
+        Y = load_matrix(args.targets, "--targets", allow_1d=True)
         return SparseRegression(X, Y, ridge=args.ridge, groups=args.group_size,
                                        fit_intercept=args.fit_intercept)
     if args.targets is not None:
