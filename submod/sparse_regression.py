@@ -715,7 +715,19 @@ class GramAccumulator:
         return 0.5 * (g + g.T)
 
     def gram_diagonal(self, centered: bool = False) -> np.ndarray:
-        """The diagonal of :meth:`gram` (the columns' sums of squares)."""
+        """The diagonal of :meth:`gram` (the columns' sums of squares), without forming the matrix.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> A = np.arange(12.0).reshape(4, 3)
+        >>> acc = GramAccumulator(3, 1)
+        >>> acc.update(A, A[:, :1])
+        >>> acc.gram_diagonal().tolist(), np.diag(acc.gram()).tolist()
+        ([126.0, 166.0, 214.0], [126.0, 166.0, 214.0])
+        >>> acc.gram(columns=[2, 0]).tolist()            # the block of columns 2 and 0, in that order
+        [[214.0, 162.0], [162.0, 126.0]]
+        """
         diag = np.diag(self._caa).copy()
         if not centered:
             diag += self.weight_sum * self.mean_a ** 2

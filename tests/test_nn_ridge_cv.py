@@ -208,3 +208,9 @@ def test_verify_labels_every_number_and_the_bound_holds():
     assert "[proven upper bound]" in rep.summary()
     _, rep = nna.prune(net, torch.randn(150, 6), keep=0.5, method="random")
     assert all(lay.verification is None and lay.error_curve is None for lay in rep.layers)
+
+
+def test_bad_refit_prior_is_rejected():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    with pytest.raises(ValueError, match="refit_prior must be 'original'"):
+        nna.prune(net, torch.randn(20, 4), keep=0.5, refit_prior="weights")
