@@ -537,7 +537,9 @@ def prune_transformer(
         consumer's inputs (guards dead and duplicate units, and regularises the refit). ``"cv"``: the greedy
         selection uses :data:`SELECTION_RIDGE` and the refit's ridge is chosen per block and stage by 5-fold
         cross-validation over the calibration sentences (all tokens of a sentence in one fold; held-out errors
-        in closed form from per-fold statistics, see :func:`nn_adapters._stats.cv_ridge`). A number fixes both.
+        in closed form from per-fold statistics, see :func:`nn_adapters._stats.cv_ridge`); with fewer than 5
+        calibration sequences it falls back to :data:`SELECTION_RIDGE` (``cv_relative_error`` is then ``None``
+        in the report). A number fixes both.
     refit_prior : {"original", "zero"}, default "original"
         What the refit's ridge shrinks toward: the consumer's trained weights of the kept units (a Gaussian prior
         centred on the trained network, so that a strong ridge damps only the compensation for the removed units,
@@ -835,7 +837,7 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     rel_err = lam = cv_err = None
     weight = bias = None
     if reweight:
-        cols = np.concatenate([groups[int(j)] for j in kept]) if groups is not None else kept
+        cols = f.columns_of(kept)
         prior = consumer.weight.detach().double().cpu().numpy()[:, cols].T if ridge.prior else None
         weight, bias, rel_err, lam, cv_err = stats.refit(cols, ridge.value, prior, has_bias)
     keep_t = torch.as_tensor(kept, dtype=torch.long)

@@ -239,6 +239,13 @@ def test_default_refit_is_the_cross_validated_ridge_toward_the_trained_weights()
         np.testing.assert_allclose(dense.bias.detach().double().numpy(), b / gamma, atol=2e-4, rtol=1e-3)
 
 
+def test_cv_ridge_falls_back_with_fewer_sequences_than_folds() -> None:
+    from nn_adapters.transformer import SELECTION_RIDGE
+
+    _, report = prune_transformer(tiny_bert(), token_batches(n_batches=1, b=3), keep=0.5, method="layer")
+    assert all(u.ridge == SELECTION_RIDGE and u.cv_relative_error is None for u in report.units)
+
+
 def test_prune_entry_point_passes_the_refit_options_to_transformers() -> None:
     import nn_adapters as nna
 
