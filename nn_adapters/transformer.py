@@ -119,7 +119,7 @@ class TransformerPruneReport:
 
     method: str
     target: str
-    keep: float
+    keep: float | dict[str, float]
     reweight: bool
     seed: int
     propagation: str | None
@@ -165,9 +165,11 @@ class _StopForward(Exception):
 def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: Any, ridge: Any) -> tuple[str, str]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0.0 < float(keep) <= 1.0):
-        raise ValueError(f"keep must be a fraction in (0, 1] of the units kept in every block, got {keep!r}; "
-                         "e.g. keep=0.5 removes half of the neurons")
+    for f in (keep.values() if isinstance(keep, Mapping) else [keep]):
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) <= 1.0):
+            raise ValueError(f"keep must be a fraction in (0, 1] of the units kept in every block, or a dict "
+                             f"{{block name or index: fraction}}, got {keep!r}; e.g. keep=0.5 removes half of the "
+                             "neurons, keep={'encoder.layer.5': 0.75} prunes only that block")
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     m = _ALIASES.get(str(method).lower(), str(method).lower()) if isinstance(method, str) else method
@@ -387,6 +389,25 @@ def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
     return per_col.reshape(block.num_heads, block.head_dim).sum(1)
 
 
+def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Block]) -> list[float]:
+    """The kept fraction of every block: ``keep`` itself, or from ``{block name or index: fraction}`` (blocks not
+    named keep every unit)."""
+    if not isinstance(keep, Mapping):
+        return [float(keep)] * len(blocks)
+    names = [b.name for b in blocks]
+    out = [1.0] * len(blocks)
+    for key, f in keep.items():
+        if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(blocks):
+            i = key
+        elif isinstance(key, str) and key in names:
+            i = names.index(key)
+        else:
+            raise ValueError(f"keep names an unknown block {key!r}: use a block name from {names} or an index "
+                             f"0..{len(blocks) - 1}")
+        out[i] = float(f)
+    return out
+
+
 def _n_keep(keep: float, n_units: int) -> int:
     return int(min(n_units, max(1, round(keep * n_units))))
 
@@ -490,7 +511,7 @@ def _assign_folds(cache: list[dict[str, Any]]) -> None:
 def prune_transformer(
     model: nn.Module,
     calibration_data: Any,
-    keep: float = 0.5,
+    keep: float | Mapping[str | int, float] = 0.5,
     target: str = "ffn",
     method: str = "asym",
     reweight: bool = True,
@@ -517,9 +538,12 @@ def prune_transformer(
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
         never enter the statistics.
-    keep : float
+    keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
+        A dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only);
+        blocks it does not name keep every unit (and, with ``reweight=True``, are still refitted, which in
+        ``asym`` mode compensates the error arriving from the pruned blocks before them).
     target : {"ffn", "heads", "all"}
         Which units to prune. With ``"all"`` the heads of a block are pruned first, then its FFN sees the
         pruned attention.
@@ -600,7 +624,9 @@ def prune_transformer(
             or not (0.0 < float(min_keep) <= 1.0)):
         raise ValueError(f"min_keep must be a fraction in (0, 1] (the per-block floor of allocation='error-curve'), "
                          f"got {min_keep!r}; e.g. min_keep=0.1")
-    keep = float(keep)
+    if isinstance(keep, Mapping) and allocation != "uniform":
+        raise ValueError("keep given per block (a dict) fixes the allocation: use allocation='uniform', or a single "
+                         "keep fraction with allocation='error-curve'")
     mode = method if method in GREEDY_METHODS else propagation
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
@@ -615,10 +641,13 @@ def prune_transformer(
         for blk in blocks:
             blk.prepare_heads()
         disable_nested_fast_path(work)
+    fractions = _block_fractions(keep, blocks)
+    keep = {b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep)
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=int(seed), propagation=None if method in GREEDY_METHODS else propagation,
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
-    budgets = [{s: _n_keep(keep, _unit_columns(s, blk)[0]) for s in stages} for blk in blocks]
+    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0]) for s in stages} for f, blk in zip(fractions, blocks,
+                                                                                            strict=True)]
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -824,7 +853,9 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     f = None
     if stats is not None and (reweight or method in GREEDY_METHODS):
         f = stats.objective(ridge.selection, groups, has_bias)
-    if method in GREEDY_METHODS:
+    if method in GREEDY_METHODS and k >= n_units:
+        chosen = np.arange(n_units)  # every unit kept: nothing to select
+    elif method in GREEDY_METHODS:
         path = f.greedy_path(k, rule=rule)
         chosen = np.asarray(path.selected[:k], dtype=np.int64)
     elif method == "magnitude":

@@ -504,6 +504,30 @@ def test_error_curve_allocation_keeping_everything_is_exact(target: str) -> None
     assert rep.params_after == rep.params_before
 
 
+@pytest.mark.parametrize("key", ["encoder.layer.1", 1])
+def test_keep_per_block(key: str | int) -> None:
+    # keep by block name or index: the named block keeps round(0.25 * INTER) neurons, the other keeps all; without
+    # refit the untouched block keeps its weights exactly (its own units and the previous block are unchanged)
+    model, data = tiny_bert(), token_batches()
+    pruned, rep = prune_transformer(model, data, keep={key: 0.25}, target="ffn", method="asym", reweight=False)
+    assert [u.n_kept for u in rep.units] == [INTER, round(0.25 * INTER)]
+    assert rep.keep == {"encoder.layer.0": 1.0, "encoder.layer.1": 0.25}
+    sizes = [layer.intermediate.dense.out_features for layer in pruned.encoder.layer]
+    assert sizes == [INTER, round(0.25 * INTER)]
+    for name in ("intermediate.dense.weight", "output.dense.weight", "output.dense.bias"):
+        torch.testing.assert_close(pruned.encoder.layer[0].get_parameter(name),
+                                   model.encoder.layer[0].get_parameter(name))
+    kept = rep.units[1].kept
+    torch.testing.assert_close(pruned.encoder.layer[1].output.dense.weight,
+                               model.encoder.layer[1].output.dense.weight[:, kept])
+    # a single fraction and the same fraction named for every block give the same pruning
+    a, ra = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    b, rb = prune_transformer(model, data, keep={0: 0.5, "encoder.layer.1": 0.5}, target="all", method="asym")
+    assert [u.kept for u in ra.units] == [u.kept for u in rb.units]
+    for x in data:
+        torch.testing.assert_close(bert_out(a, x), bert_out(b, x))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -522,6 +546,10 @@ def test_error_curve_allocation_keeping_everything_is_exact(target: str) -> None
         ({"propagation": "x", "method": "wanda"}, "propagation must be"),
         ({"allocation": "greedy"}, "allocation must be"),
         ({"allocation": "error-curve", "min_keep": 0.0}, "min_keep must be"),
+        ({"keep": {"encoder.layer.0": 0.0}}, "keep must be a fraction"),
+        ({"keep": {"encoder.layer.9": 0.5}}, "unknown block 'encoder.layer.9'"),
+        ({"keep": {LAYERS: 0.5}}, "unknown block"),
+        ({"keep": {0: 0.5}, "allocation": "error-curve"}, "allocation='uniform'"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
