@@ -396,6 +396,7 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
         return [float(keep)] * len(blocks)
     names = [b.name for b in blocks]
     out = [1.0] * len(blocks)
+    seen: set[int] = set()
     for key, f in keep.items():
         if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(blocks):
             i = key
@@ -404,6 +405,9 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
         else:
             raise ValueError(f"keep names an unknown block {key!r}: use a block name from {names} or an index "
                              f"0..{len(blocks) - 1}")
+        if i in seen:
+            raise ValueError(f"keep names block {names[i]!r} twice (by name and by index): name it once")
+        seen.add(i)
         out[i] = float(f)
     return out
 

@@ -549,6 +549,7 @@ def test_keep_per_block(key: str | int) -> None:
         ({"keep": {"encoder.layer.0": 0.0}}, "keep must be a fraction"),
         ({"keep": {"encoder.layer.9": 0.5}}, "unknown block 'encoder.layer.9'"),
         ({"keep": {LAYERS: 0.5}}, "unknown block"),
+        ({"keep": {0: 0.5, "encoder.layer.0": 0.25}}, "twice"),
         ({"keep": {0: 0.5}, "allocation": "error-curve"}, "allocation='uniform'"),
     ],
 )
