@@ -612,6 +612,12 @@ def prune_transformer(
     ([16, 16], [2, 2])
     >>> pruned(x).shape
     torch.Size([8, 10, 16])
+
+    Per block (by index or name; blocks not named keep every unit):
+
+    >>> _, report = prune_transformer(model, [x], keep={1: 0.25})
+    >>> [b["intermediate_size"] for b in report.spec["blocks"]]
+    [32, 8]
     """
     t_start = time.perf_counter()
     method, propagation = _check_args(model, keep, target, method, propagation, ridge)
