@@ -85,7 +85,7 @@ def output_agreement(orig: torch.nn.Module, pruned: torch.nn.Module, X: torch.Te
     return [float((a.argmax(1) == b.argmax(1)).double().mean()), float(torch.quantile(e, 0.95))]
 
 
-def test_outputs(orig_logits: torch.Tensor, pruned: torch.nn.Module, X: torch.Tensor,
+def outputs_on_test_set(orig_logits: torch.Tensor, pruned: torch.nn.Module, X: torch.Tensor,
                  y: torch.Tensor) -> dict[str, np.ndarray | float]:
     """Per test image: correct (against the labels) and same class as the unpruned network; and the mean over
     images of ``KL(softmax(orig) || softmax(pruned))`` in nats (label-free)."""
@@ -157,7 +157,7 @@ def main() -> None:
                                         refit_prior=args.refit_prior)
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
-                outs[(label, c)].append(test_outputs(orig_logits, pruned, Xte, yte))
+                outs[(label, c)].append(outputs_on_test_set(orig_logits, pruned, Xte, yte))
                 if args.layer_errors and label in SUBMOD:
                     lerr.setdefault((label, c), []).append(
                         layer_errors(model, pruned, rep, Xtr[idx]) + layer_errors(model, pruned, rep, Xtr[held])
