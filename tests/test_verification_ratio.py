@@ -193,3 +193,19 @@ def test_spectral_bound_must_contain_U():
     ignore_U = min(np.linalg.eigvalsh(C[np.ix_(T, T)])[0] for T in itertools.combinations(range(3), 2))
     assert exact < 0.05 < ignore_U
     assert spec <= exact + TOL
+
+
+def test_path_ratio_with_one_unit_left_is_exactly_one():
+    # A near-duplicate column makes the last gain tiny; its two routes (residual gain, difference of values) then
+    # disagree by rounding, yet with one unit left the ratio is the same quantity over itself: 1 by definition.
+    from verification.ratio import path_ratios
+
+    for seed in (86, 0, 1):
+        rng = np.random.default_rng(seed)
+        A = rng.normal(size=(30, 5))
+        A = np.hstack([A, A[:, :1] + 1e-7 * rng.normal(size=(30, 1))])
+        f = SparseRegression(A, 3 * rng.normal(size=(30, 1)))
+        ratios, sizes, _, _ = path_ratios(f, np.asarray(f.greedy_path(6).selected), np.arange(6))
+        assert sizes.tolist() == [6, 5, 4, 3, 2, 1]
+        assert ratios[-1] == 1.0
+        assert np.all(ratios[:-1] >= 0)

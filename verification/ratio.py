@@ -404,4 +404,8 @@ def path_ratios(f: SetFunction, selected: np.ndarray, T: np.ndarray, rtol: float
         updates += 1
     atol = rtol * max(abs(float(probe.value)), np.finfo(float).tiny)
     ratios = _ratio_array(np.array(numers), np.array(denoms), atol) if numers else np.zeros(0)
-    return ratios, np.array(sizes, dtype=np.int64), updates, gain_evals
+    sizes_arr = np.array(sizes, dtype=np.int64)
+    # with one element left, numerator and denominator are the same gain F(j|S_t) computed by two routes: the
+    # ratio is exactly 1 (0/0 := 1 included), whereas their rounding errors can give anything when it is tiny
+    ratios[sizes_arr == 1] = 1.0
+    return ratios, sizes_arr, updates, gain_evals
