@@ -20,7 +20,8 @@ from torch import nn
 from . import zoo
 from .io import load_pruned, save_pruned
 
-__all__ = ["load_digits_split", "train_digits_cnn", "pretrained_digits_cnn", "accuracy", "cache_dir"]
+__all__ = ["load_digits_split", "load_digits_fold", "train_digits_cnn", "pretrained_digits_cnn", "accuracy",
+           "cache_dir"]
 
 _CACHE_VERSION = "v1"
 
@@ -52,6 +53,32 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
     return (torch.from_numpy(Xtr), torch.from_numpy(ytr).long(), torch.from_numpy(Xte), torch.from_numpy(yte).long())
 
 
+def load_digits_fold(fold: int, n_folds: int = 5, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(X_train, y_train, X_test, y_test)`` for fold ``fold`` of a stratified ``n_folds``-fold split of all 1797
+    images (shuffled with ``seed``): the test parts of the ``n_folds`` folds partition the data set, so a
+    cross-validated benchmark tests on every image exactly once.
+
+    Examples
+    --------
+    >>> sizes = [len(load_digits_fold(f)[2]) for f in range(5)]
+    >>> sizes, sum(sizes)
+    ([360, 360, 359, 359, 359], 1797)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedKFold
+
+    if not isinstance(n_folds, int) or n_folds < 2:
+        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    if not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be an integer in [0, {n_folds}), got {fold!r}")
+    d = load_digits()
+    X = (d.images.astype(np.float32) / 16.0)[:, None]
+    tr, te = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(X, d.target))[fold]
+    return (torch.from_numpy(X[tr]), torch.from_numpy(d.target[tr]).long(), torch.from_numpy(X[te]),
+            torch.from_numpy(d.target[te]).long())
+
+
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (evaluated in eval mode, then restored)."""
     was = model.training
@@ -64,9 +91,11 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(X)
 
 
-def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False) -> nn.Module:
-    """Train :func:`nn_adapters.zoo.digits_cnn` on the digits training split (Adam, cosine learning rate)."""
-    Xtr, ytr, _, _ = load_digits_split()
+def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False,
+                     data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """Train :func:`nn_adapters.zoo.digits_cnn` (Adam, cosine learning rate) on ``data = (X, y)``, by default the
+    training part of :func:`load_digits_split`."""
+    Xtr, ytr = load_digits_split()[:2] if data is None else data
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = zoo.digits_cnn()

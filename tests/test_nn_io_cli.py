@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -115,6 +116,32 @@ def test_digits_split_is_fixed_and_stratified():
     assert Xtr.shape == (1437, 1, 8, 8) and Xte.shape == (360, 1, 8, 8)
     assert float(Xtr.min()) >= 0.0 and float(Xtr.max()) <= 1.0
     assert torch.bincount(yte).min() >= 35
+
+
+def test_digits_folds_partition_the_data_and_are_stratified():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+
+    def rows(X, y):  # images with their label, as a sorted multiset of rows
+        r = np.hstack([X.reshape(len(X), -1).numpy() * 16.0, y.numpy()[:, None]]).round().astype(int)
+        return r[np.lexsort(r.T[::-1])]
+
+    everything = rows(torch.from_numpy(d.images.astype(np.float32) / 16.0), torch.from_numpy(d.target))
+    tests = []
+    for f in range(5):
+        Xtr, ytr, Xte, yte = digits.load_digits_fold(f)
+        assert Xte.shape[1:] == (1, 8, 8) and float(Xte.max()) <= 1.0
+        np.testing.assert_array_equal(rows(torch.cat([Xtr, Xte]), torch.cat([ytr, yte])), everything)
+        counts = np.bincount(yte.numpy(), minlength=10)
+        assert np.abs(counts - np.bincount(d.target) / 5).max() < 1  # stratified: a fifth of each class
+        tests.append((Xte, yte))
+    np.testing.assert_array_equal(rows(torch.cat([t[0] for t in tests]), torch.cat([t[1] for t in tests])),
+                                  everything)  # the test parts partition the data set
+    with pytest.raises(ValueError, match="fold must be"):
+        digits.load_digits_fold(5)
+    with pytest.raises(ValueError, match="n_folds"):
+        digits.load_digits_fold(0, n_folds=1)
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
