@@ -244,8 +244,8 @@ def per_block(model: torch.nn.Module, calib: list[dict], evalb: list[dict], e0: 
     print(f"| every block | {total:.4f} | {time.perf_counter() - t0:.1f} |")
     print(f"\nsum of the single-block losses {sum(losses):.4f}; loss of pruning every block {total:.4f} "
           f"(ratio {total / sum(losses):.3f}: near 1 means the blocks' errors add up, neither compounding nor "
-          "cancelling). The blocks that keep every neuron are still refitted, so each single-block loss includes "
-          "the later blocks' compensation.")
+          "cancelling). The blocks after the pruned one keep every neuron and are refitted, so each single-block "
+          "loss includes their compensation; the blocks before it are left as they are (exact).")
     return 0
 
 

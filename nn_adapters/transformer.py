@@ -99,7 +99,9 @@ class UnitRecord:
     divided by the target's (centred) energy, for the kept units and refitted weights: a measured value on the
     calibration data (exact for that data, an empirical estimate for new data); ``None`` without refit.
     ``ridge`` is the refit's relative ridge; with ``ridge="cv"``, ``cv_relative_error`` is its cross-validated
-    relative error over the calibration sentences (an empirical estimate of the error on new sentences).
+    relative error over the calibration sentences (an empirical estimate of the error on new sentences). A stage
+    of a block left as it is (it keeps every unit and its refit would reproduce its trained weights, see ``keep`` in
+    :func:`prune_transformer`) records ``relative_error=0.0`` with ``reweight=True`` (exact) and ``ridge=None``.
     """
 
     block: str
@@ -546,8 +548,12 @@ def prune_transformer(
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
         A dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only);
-        blocks it does not name keep every unit (and, with ``reweight=True``, are still refitted, which in
-        ``asym`` mode compensates the error arriving from the pruned blocks before them).
+        blocks it does not name keep every unit. A block that keeps every unit is still refitted where the refit
+        can change it: in ``asym`` mode after a changed block (the refit then compensates the error arriving from
+        the pruned blocks before it), or with ``refit_prior="zero"``. Where the refit would return its trained
+        weights exactly (``reweight=False``, or ``refit_prior="original"`` with the block's inputs those of the
+        original network, or in ``seq`` mode whose targets are the block's own outputs) it is left as it is and
+        its statistics are not gathered: pruning only the last blocks costs little for the blocks before them.
     target : {"ffn", "heads", "all"}
         Which units to prune. With ``"all"`` the heads of a block are pruned first, then its FFN sees the
         pruned attention.
@@ -687,12 +693,30 @@ def prune_transformer(
                                                weighting == "layernorm", float(min_keep))
             xo = [c["x"] for c in cache]
             xp = [c["x"] for c in cache]
+            changed = False  # has an earlier block been changed (then asym-mode inputs differ from the original's)
             for i, blk in enumerate(blocks):
                 oblk = orig_blocks[i]
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
                 if not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported")
+                full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages)
+                if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
+                    # keeps every unit and its refit would return the trained weights exactly: leave it as it is
+                    t0 = time.perf_counter()
+                    xo_next = [_fwd(oblk, xo[b], cache[b]["ctx"], counter) for b in range(len(cache))]
+                    for s in stages:
+                        n_units = _unit_columns(s, blk)[0]
+                        report.units.append(UnitRecord(block=blk.name, stage=s, n_units=n_units, n_kept=n_units,
+                                                       kept=list(range(n_units)),
+                                                       relative_error=0.0 if reweight else None,
+                                                       time_s=time.perf_counter() - t0))
+                    if mode != "layer" and i + 1 < len(blocks):
+                        xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
+                                                          for b in range(len(cache))]
+                    xo = xo_next
+                    continue
+                changed = True
                 xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
                                        _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache, counter,
                                        report, bool(residual), weighting == "layernorm")

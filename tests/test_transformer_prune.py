@@ -128,7 +128,10 @@ def test_keep_everything_with_exact_refit_reproduces_outputs() -> None:
     # Y = A W + b exactly in layer mode, so an unregularised refit on every unit returns W and b (full column rank:
     # more real tokens than columns).
     model, data = tiny_bert(), token_batches(n_batches=4)
-    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method="layer", ridge=0.0)
+    # refit_prior="zero": with the default prior a block that keeps everything is left as it is, not refitted
+    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method="layer", ridge=0.0,
+                                       refit_prior="zero")
+    assert all(u.ridge == 0.0 for u in report.units)  # the refit ran
     assert report.n_tokens > INTER
     assert all(u.relative_error is not None and abs(u.relative_error) < 1e-6 for u in report.units)
     for b in data:
@@ -526,6 +529,42 @@ def test_keep_per_block(key: str | int) -> None:
     assert [u.kept for u in ra.units] == [u.kept for u in rb.units]
     for x in data:
         torch.testing.assert_close(bert_out(a, x), bert_out(b, x))
+
+
+@pytest.mark.parametrize("method", ["asym", "seq", "layer"])
+def test_blocks_keeping_everything_are_left_as_they_are_when_the_refit_cannot_change_them(method: str) -> None:
+    # keep={1: 0.25}: block 0 keeps every neuron and sees the original inputs, so its prior-centred refit would
+    # return its trained weights: it is left bit for bit, without its statistics (fewer block forwards)
+    model, data = tiny_bert(), token_batches()
+    pruned, rep = prune_transformer(model, data, keep={1: 0.25}, target="ffn", method=method)
+    for name, p in model.encoder.layer[0].named_parameters():
+        assert torch.equal(pruned.encoder.layer[0].get_parameter(name), p), name
+    assert rep.units[0].relative_error == 0.0 and rep.units[0].ridge is None and rep.units[0].n_kept == INTER
+    assert rep.units[1].n_kept == round(0.25 * INTER) and rep.units[1].ridge is not None
+    full, rep_full = prune_transformer(model, data, keep={1: 0.25}, target="ffn", method=method,
+                                       refit_prior="zero")  # block 0 refitted (ordinary ridge shrinks it)
+    assert rep_full.units[0].ridge is not None
+    if method != "layer":  # layer mode forwards only the original blocks either way
+        assert rep.block_forwards < rep_full.block_forwards
+    if method == "asym":
+        # with an untouched prefix, asym sees what layer mode sees: the same inputs and targets
+        lay, rep_lay = prune_transformer(model, data, keep={1: 0.25}, target="ffn", method="layer")
+        assert rep.units[1].kept == rep_lay.units[1].kept
+        torch.testing.assert_close(pruned.encoder.layer[1].output.dense.weight,
+                                   lay.encoder.layer[1].output.dense.weight)
+
+
+def test_block_keeping_everything_after_a_pruned_block_is_refitted_in_asym_mode() -> None:
+    # keep={0: 0.25}: block 1 keeps every neuron but its inputs changed, so asym refits it (compensation) and it
+    # moves closer to the original network's outputs than leaving it as it is
+    model, data = tiny_bert(), token_batches(n_batches=4)
+    pruned, rep = prune_transformer(model, data, keep={0: 0.25}, target="ffn", method="asym")
+    assert rep.units[1].n_kept == INTER and rep.units[1].ridge is not None
+    assert not torch.equal(pruned.encoder.layer[1].output.dense.weight, model.encoder.layer[1].output.dense.weight)
+    seq, rep_seq = prune_transformer(model, data, keep={0: 0.25}, target="ffn", method="seq")
+    assert rep_seq.units[1].ridge is None  # seq's targets are the block's own outputs: nothing to compensate
+    err = [sum(float(((bert_out(m, b) - bert_out(model, b)) ** 2).sum()) for b in data) for m in (pruned, seq)]
+    assert err[0] < err[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
