@@ -35,7 +35,7 @@ from scipy.stats import binomtest
 import nn_adapters as nna
 from nn_adapters.digits import accuracy, load_digits_fold, load_digits_split, pretrained_digits_cnn, train_digits_cnn
 
-METHODS = [  # label, method, reweight, allocation
+METHODS = [  # label, method, reweight, allocation[, refit_from: the statistics a baseline's refit uses]
     ("asym", "asym", True, "uniform"),
     ("seq", "seq", True, "uniform"),
     ("layer", "layer", True, "uniform"),
@@ -46,6 +46,12 @@ METHODS = [  # label, method, reweight, allocation
     ("magnitude (no refit)", "weight_norm", False, "uniform"),
     ("act_norm+refit", "act_norm", True, "uniform"),
     ("actgrad+refit [labels]", "actgrad", True, "uniform"),
+    # matched refit: the baselines refitted from seq's / layer's own statistics, so that against seq and layer
+    # only the selection differs (the rows above refit every baseline from the asym statistics, the default)
+    ("random+refit (seq stats)", "random", True, "uniform", "seq"),
+    ("weight_norm+refit (seq stats)", "weight_norm", True, "uniform", "seq"),
+    ("random+refit (layer stats)", "random", True, "uniform", "layer"),
+    ("weight_norm+refit (layer stats)", "weight_norm", True, "uniform", "layer"),
 ]
 SUBMOD = ("asym", "seq", "layer")
 BASES = ("random+refit", "weight_norm+refit", "magnitude (no refit)")
@@ -172,11 +178,11 @@ def main() -> None:
             perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(s))
             idx, held = perm[:args.calib], perm[args.calib:args.calib + 500]
             calib = [(Xtr[idx], ytr[idx])]
-            for label, method, rw, alloc in METHODS:
+            for label, method, rw, alloc, *refit_from in METHODS:
                 t0 = time.perf_counter()
                 pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s,
-                                        allocation=alloc, ridge=ridge,
-                                        refit_prior=args.refit_prior)
+                                        allocation=alloc, ridge=ridge, refit_prior=args.refit_prior,
+                                        refit_from=(refit_from or ["asym"])[0])
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
                 outs[(label, c)].append(outputs_on_test_set(orig_logits[s], pruned, Xte, yte))
@@ -187,10 +193,10 @@ def main() -> None:
     mean = {k: float(np.mean(v)) for k, v in acc.items()}
     std = {k: float(np.std(v)) for k, v in acc.items()}
 
-    head = f"{'method':<24}" + "".join(f"{f'{c:g}x':>15}" for c in args.compressions)
+    head = f"{'method':<32}" + "".join(f"{f'{c:g}x':>15}" for c in args.compressions)
     print("\ntest accuracy %, mean +- std over seeds\n" + head)
     for label, *_ in METHODS:
-        print(f"{label:<24}" + "".join(f"{100 * mean[(label, c)]:>8.1f} +-{100 * std[(label, c)]:>4.1f}"
+        print(f"{label:<32}" + "".join(f"{100 * mean[(label, c)]:>8.1f} +-{100 * std[(label, c)]:>4.1f}"
                                        for c in args.compressions))
 
     print("\nordering asym >= seq >= layer (on the means):")
@@ -208,10 +214,23 @@ def main() -> None:
             cells.append(f"{m}[{' '.join(wins)}]")
         print(f"  {c:>4g}x: " + "  ".join(cells))
 
+    print("\nmatched refit (each method against random and weight norm refitted from ITS statistics, so that only "
+          "the selection differs; asym's are the default rows): difference of mean accuracy in points, and the "
+          "paired sign test on correctness (only-method vs only-baseline images, p)")
+    for c in args.compressions:
+        cells = []
+        for m in SUBMOD:
+            tag = "" if m == "asym" else f" ({m} stats)"
+            for b in ("random+refit", "weight_norm+refit"):
+                na, nb, pv = sign_test([o["correct"] for o in outs[(m, c)]], [o["correct"] for o in outs[(b + tag, c)]])
+                cells.append(f"{m} vs {b.split('+')[0]}: {100 * (mean[(m, c)] - mean[(b + tag, c)]):+.1f} "
+                             f"({na} vs {nb}, p={pv:.2f})")
+        print(f"  {c:>4g}x: " + "; ".join(cells))
+
     print("\nfidelity to the unpruned network on the test images (label-free; mean over seeds): "
           "% same predicted class, mean KL(unpruned || pruned) in millinats\n" + head)
     for label, *_ in METHODS:
-        print(f"{label:<24}" + "".join(
+        print(f"{label:<32}" + "".join(
             f"{100 * np.mean([o['same'].mean() for o in outs[(label, c)]]):>6.1f}%"
             f"{1000 * np.mean([o['kl'] for o in outs[(label, c)]]):>7.1f}m" for c in args.compressions))
 
@@ -221,7 +240,7 @@ def main() -> None:
           "images it gets right that the pruned network gets wrong (broken) / images it gets wrong that the pruned "
           "network gets right (fixed)\n" + head)
     for label, *_ in METHODS:
-        print(f"{label:<24}" + "".join(
+        print(f"{label:<32}" + "".join(
             f"{np.mean([(b & ~o['correct']).sum() for b, o in zip(base, outs[(label, c)], strict=True)]):>8.1f} /"
             f"{np.mean([(~b & o['correct']).sum() for b, o in zip(base, outs[(label, c)], strict=True)]):>5.1f}"
             for c in args.compressions))
@@ -253,7 +272,7 @@ def main() -> None:
     print(f"\nratios against {ref} measured in this run (accuracy ratio at each compression; pruning-time ratio):")
     for label, *_ in METHODS:
         r = " ".join(f"{mean[(label, c)] / mean[(ref, c)]:.3f}" for c in args.compressions)
-        print(f"  {label:<24} accuracy x[{r}]  time x{np.mean(tim[label]) / np.mean(tim[ref]):.2f} "
+        print(f"  {label:<32} accuracy x[{r}]  time x{np.mean(tim[label]) / np.mean(tim[ref]):.2f} "
               f"(median {np.median(tim[label]):.2f}s per pruning)")
     if args.json:
         with open(args.json, "w") as fh:
@@ -277,6 +296,8 @@ def plot(path: str, compressions: list[float], mean: dict, std: dict, dense: flo
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, zoom in zip(axes, (False, True), strict=True):
         for i, (label, *_) in enumerate(METHODS):
+            if "stats)" in label:  # the matched-refit baselines are in the printed tables only
+                continue
             ys = np.array([100 * mean[(label, c)] for c in compressions])
             if zoom and ys.min() < 80:
                 continue
