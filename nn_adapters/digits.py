@@ -35,6 +35,14 @@ def cache_dir() -> Path:
     return Path(base) / "submod"
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 images ``(N, 1, 8, 8)`` float32 in [0, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images.astype(np.float32) / 16.0)[:, None], d.target
+
+
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(X_train, y_train, X_test, y_test)``: images ``(N, 1, 8, 8)`` float32 in [0, 1] and int64 labels.
 
@@ -44,12 +52,10 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
     >>> tuple(Xtr.shape), tuple(Xte.shape)
     ((1437, 1, 8, 8), (360, 1, 8, 8))
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    d = load_digits()
-    X = (d.images.astype(np.float32) / 16.0)[:, None]
-    Xtr, Xte, ytr, yte = train_test_split(X, d.target, test_size=0.2, random_state=seed, stratify=d.target)
+    X, y = _digits_arrays()
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=seed, stratify=y)
     return (torch.from_numpy(Xtr), torch.from_numpy(ytr).long(), torch.from_numpy(Xte), torch.from_numpy(yte).long())
 
 
@@ -65,18 +71,16 @@ def load_digits_fold(fold: int, n_folds: int = 5, seed: int = 0
     >>> sizes, sum(sizes)
     ([360, 360, 359, 359, 359], 1797)
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import StratifiedKFold
 
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     if not isinstance(fold, int) or not 0 <= fold < n_folds:
         raise ValueError(f"fold must be an integer in [0, {n_folds}), got {fold!r}")
-    d = load_digits()
-    X = (d.images.astype(np.float32) / 16.0)[:, None]
-    tr, te = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(X, d.target))[fold]
-    return (torch.from_numpy(X[tr]), torch.from_numpy(d.target[tr]).long(), torch.from_numpy(X[te]),
-            torch.from_numpy(d.target[te]).long())
+    X, y = _digits_arrays()
+    tr, te = list(StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(X, y))[fold]
+    return (torch.from_numpy(X[tr]), torch.from_numpy(y[tr]).long(), torch.from_numpy(X[te]),
+            torch.from_numpy(y[te]).long())
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:

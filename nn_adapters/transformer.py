@@ -711,17 +711,14 @@ def prune_transformer(
                                                        kept=list(range(n_units)),
                                                        relative_error=0.0 if reweight else None,
                                                        time_s=time.perf_counter() - t0))
-                    if mode != "layer" and i + 1 < len(blocks):
-                        xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
-                                                          for b in range(len(cache))]
-                    xo = xo_next
-                    continue
-                changed = True
-                xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
-                                       _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache, counter,
-                                       report, bool(residual), weighting == "layernorm")
-                if mode != "layer" and i + 1 < len(blocks):
-                    xp = [_fwd(blk, xp[b], cache[b]["ctx"], counter) for b in range(len(cache))]
+                else:
+                    changed = True
+                    xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
+                                           _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,
+                                           counter, report, bool(residual), weighting == "layernorm")
+                if mode != "layer" and i + 1 < len(blocks):  # pruned-network inputs of the next block
+                    xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
+                                                      for b in range(len(cache))]
                 xo = xo_next
         else:
             for i, blk in enumerate(blocks):
