@@ -155,9 +155,10 @@ def main() -> None:
             Xtr, ytr, Xte, yte = load_digits_fold(f, args.folds)
             nets.append((train_digits_cnn(seed=f, data=(Xtr, ytr)), Xtr, ytr, Xte, yte))
         n_test = sum(len(n[3]) for n in nets)
-        dense = sum(accuracy(n[0], n[3], n[4]) * len(n[3]) for n in nets) / n_test
+        per_fold = [accuracy(n[0], n[3], n[4]) for n in nets]
+        dense = sum(a * len(n[3]) for a, n in zip(per_fold, nets, strict=True)) / n_test
         print(f"{args.folds}-fold protocol: one CNN per fold, {n_test} distinct test images in all; unpruned accuracy "
-              f"per fold " + " ".join(f"{100 * accuracy(n[0], n[3], n[4]):.1f}" for n in nets) + " %")
+              f"per fold " + " ".join(f"{100 * a:.1f}" for a in per_fold) + " %")
     else:
         model, _ = pretrained_digits_cnn()
         nets = [(model, *load_digits_split())] * args.seeds
@@ -295,8 +296,8 @@ def plot(path: str, compressions: list[float], mean: dict, std: dict, dense: flo
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, zoom in zip(axes, (False, True), strict=True):
-        for i, (label, *_) in enumerate(METHODS):
-            if "stats)" in label:  # the matched-refit baselines are in the printed tables only
+        for i, (label, *rest) in enumerate(METHODS):
+            if len(rest) > 3:  # a refit_from entry: the matched-refit baselines are in the printed tables only
                 continue
             ys = np.array([100 * mean[(label, c)] for c in compressions])
             if zoom and ys.min() < 80:
