@@ -59,6 +59,8 @@ def test_modular_function_has_zero_curvature_and_greedy_is_optimal():
     assert chk.alpha == 0.0 and chk.gamma == 1.0
     assert chk.row("greedy").value == chk.opt == 8.0
     assert chk.row("greedy").bian_factor == 1.0
+    # one method may be named by a plain string (not iterated letter by letter)
+    assert [r.method for r in check_guarantee(f, 2, methods="greedy").rows] == ["greedy"]
 
 
 @settings(max_examples=20, deadline=None)

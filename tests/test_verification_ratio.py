@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import submod
 from submod.sparse_regression import SparseRegression
+from verification import certify as vf_certify
 from verification import strategies as vst
 from verification import submodularity_ratio
 from verification._kernels import sparse_lambda_min, whitened_gram
@@ -97,6 +98,37 @@ def test_lower_bounds_below_exact_below_upper_bounds(data, ridge, intercept, k, 
     assert exact.value <= path.value + TOL
 
 
+@settings(max_examples=25, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(3, 6), group_size=st.sampled_from([1, 1, 2])),
+       log_scales=st.lists(st.floats(-6.0, 6.0), min_size=12, max_size=12), k=st.integers(1, 2))
+def test_spectral_bounds_ignore_column_scales_and_stay_sound(data, log_scales, k):
+    # F depends only on the span of the columns, so rescaling columns (here over 12 orders of magnitude) changes
+    # no ratio: a tiny column counts as much as any other. A bound that called small columns "dead" relative to
+    # the largest one came out above the exact ratio, and a certificate built on it fell below OPT.
+    scales = 10.0 ** np.asarray(log_scales[:data.A.shape[1]])
+    f = SparseRegression(data.A, data.Y, groups=data.groups)
+    g = SparseRegression(data.A * scales, data.Y, groups=data.groups)
+    U = submod.maximize(g, k).selected
+    spec_f = submodularity_ratio(f, k, U=U, method="spectral")
+    spec_g = submodularity_ratio(g, k, U=U, method="spectral")
+    assert spec_g.value == pytest.approx(spec_f.value, rel=1e-6, abs=1e-9)
+    assert spec_g.value <= brute_gamma(g, k, list(U)) + 1e-6
+    if spec_g.value > 0:  # duplicate or dead units give the bound 0, and no certificate
+        opt = max(g.value(list(S)) for S in itertools.combinations(range(g.n), k))
+        assert vf_certify(g, U, spec_g, k=k).upper_bound >= opt * (1 - 1e-9)
+
+
+def test_spectral_bound_counts_a_tiny_suppressor_column():
+    # Reviewer's case: unit 1 is a suppressor of unit 0 at 1e-8 of the scale of units 2-3; both are live columns.
+    u, v, w, w2 = np.random.default_rng(0).standard_normal((4, 200))
+    A = np.column_stack([1e-5 * (u + 10 * v), 1e-5 * v, 1e3 * w, 1e3 * w2])
+    f = SparseRegression(A, u)
+    spec = submodularity_ratio(f, 2, U=[], method="spectral")
+    assert spec.parameters["dead_units"] == []
+    assert spec.value <= brute_gamma(f, 2, []) + 1e-9   # exact ratio about 0.005 (suppressor pair)
+    assert vf_certify(f, [3], spec, k=2).upper_bound >= f.value([0, 1]) * (1 - 1e-9)
+
+
 def test_spectral_ridge_dominates_theory_formula():
     # THEORY.md: gamma >= (lambda_min(G, s) + lam) / (max_j G_jj + lam); our normalised bound is at least that.
     rng = np.random.default_rng(3)
@@ -173,6 +205,11 @@ def test_bad_inputs_are_refused_clearly():
         submodularity_ratio(submod.Modular(np.ones(4)), 2, U=[0, 9])
     with pytest.raises(ValueError, match="not monotone"):
         submodularity_ratio(submod.from_callable(lambda S: -float(len(S)), n=3, monotone=False), 2)
+    for bad in (-1.0, float("nan"), 1.0, "1e-9", True):
+        with pytest.raises(ValueError, match="rtol must be"):
+            submodularity_ratio(submod.Modular(np.ones(4)), 2, rtol=bad)
+    with pytest.raises(ValueError, match="does not take U"):  # its U is the greedy set, not the caller's
+        submodularity_ratio(submod.Modular(np.ones(4)), 2, U=[0], method="greedy-path")
 
 
 def test_spectral_bound_must_contain_U():

@@ -51,6 +51,38 @@ def test_planted_suppressor_makes_gamma_smaller_than_one(data):
     assert r.value < 0.95  # the pair {0, 1} at L = {} is worth far more together than apart
 
 
+def _explained(A: np.ndarray, Y: np.ndarray) -> float:
+    """||P_A Y||^2 by lstsq (independent of submod's kernels)."""
+    if A.shape[1] == 0:
+        return 0.0
+    coef = np.linalg.lstsq(A, Y, rcond=None)[0]
+    return float(np.sum((A @ coef) ** 2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(3, 6), group_size=st.sampled_from([1, 2]), noise=0.0,
+                                suppressor=st.booleans(),
+                                rank_deficient=st.sampled_from(["none", "duplicate", "dead", "combination"])))
+def test_noise_free_targets_lie_in_the_span_of_the_columns(data):
+    # The docstring's promise: noise = 0 gives Y = A W, so err(V) = 0, whatever rank deficiency was planted.
+    resid = np.sum(data.Y ** 2) - _explained(data.A, data.Y)
+    assert resid <= 1e-9 * np.sum(data.Y ** 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=vst.regression_data(n_units=st.integers(2, 6), suppressor=True, n_targets=st.integers(1, 3),
+                                noise=st.sampled_from([0.0, 0.1]),
+                                rank_deficient=st.sampled_from(["none", "duplicate", "dead", "combination"])))
+def test_planted_suppressor_is_one_at_every_default_sample_size(data):
+    # Default rows go down to columns + 2: the pair must still be a suppressor there (with little noise: noise of
+    # the target's own size can swamp any planted structure in 4 rows). Unit 1 alone explains
+    # almost none of what the pair explains; together the pair explains twice what its singletons add up to.
+    A, Y = data.A, data.Y
+    f0, f1, f01 = _explained(A[:, [0]], Y), _explained(A[:, [1]], Y), _explained(A[:, [0, 1]], Y)
+    assert f1 <= 0.01 * f01
+    assert (f0 + f1) / f01 <= 0.55  # 0.5025 without noise
+
+
 @settings(max_examples=20, deadline=None)
 @given(f=vst.set_functions(n=st.integers(1, 6)))
 def test_set_functions_are_valid_monotone_instances(f):

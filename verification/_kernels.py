@@ -21,9 +21,13 @@ too (a ratio of sums is at least the smallest ratio). Minimising over the allowe
 ``gamma_{U,k} >= min_{|S| = k} lambda_min(C_{U u S})`` (``S`` ranges over unions of ``k`` units outside ``U``),
 which is at least Das & Kempe's ``lambda_min(C, |U| + k)`` and at least ``lambda_min(C)``.
 
-Directions of a block with eigenvalue ``<= tol * scale`` are dropped: such a unit is treated as exactly dead
-(its columns as exactly in the span of the others inside the unit). The bound is sound for the function with
-those directions zeroed; callers report the units affected.
+Whitening is done on the *normalised* Gram ``D^-1/2 G D^-1/2`` (``D`` its diagonal): ``F`` depends only on the
+span of the columns, so a column's scale is irrelevant, and a column with a tiny but non-zero norm contributes to
+``F`` as much as any other. Only an all-zero column (``G_jj = 0``, no ridge) is dead. Inside a unit of several
+columns, directions whose eigenvalue of the normalised block is ``<= tol`` (a column within ``tol`` of the span of
+the unit's other columns, relative to its own norm, as :class:`submod.SparseRegression` decides degeneracy) are
+dropped; the bound is sound for the function with those directions zeroed, and callers report the units left
+without any direction.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from itertools import combinations, islice
 
 import numpy as np
 
-#: Relative eigenvalue threshold below which a direction of a unit's block counts as numerically zero.
+#: Eigenvalue threshold (normalised block, unit diagonal) below which a direction of a unit counts as numerically zero.
 DEAD_TOL = 1e-12
 
 
@@ -50,7 +54,8 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
     ridge : float
         Ridge added to the diagonal (the least-squares problem on ``[A; sqrt(ridge) I]``).
     tol : float
-        Relative threshold (times the largest diagonal entry) for a numerically zero direction.
+        Threshold on the eigenvalues of a unit's normalised block (unit diagonal) below which a direction is
+        numerically zero. Column scales play no part: only all-zero columns are dead.
 
     Returns
     -------
@@ -71,18 +76,20 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
     G = np.asarray(G, dtype=np.float64)
     d = G.shape[0]
     Gr = G + ridge * np.eye(d) if ridge else G
-    scale = max(float(np.max(np.diag(Gr), initial=0.0)), np.finfo(float).tiny)
+    diag = np.diag(Gr).copy()
+    live = diag > 0.0
+    inv_s = np.zeros(d)
+    inv_s[live] = 1.0 / np.sqrt(diag[live])
+    Gn = Gr * np.outer(inv_s, inv_s)  # normalised Gram: unit diagonal on live columns, zero rows for dead ones
     blocks, unit_cols, dead = [], [], []
     start = 0
     for u, cols in enumerate(groups):
         cols = np.asarray(cols, dtype=np.int64)
         if cols.size == 1:
-            g = float(Gr[cols[0], cols[0]])
-            keep = g > tol * scale
-            W = np.full((1, 1), 1.0 / math.sqrt(g)) if keep else np.zeros((1, 0))
+            W = np.ones((1, 1)) if live[cols[0]] else np.zeros((1, 0))
         else:
-            w, Q = np.linalg.eigh(Gr[np.ix_(cols, cols)])
-            keep_mask = w > tol * scale
+            w, Q = np.linalg.eigh(Gn[np.ix_(cols, cols)])
+            keep_mask = w > tol * max(float(w[-1]), 1.0)
             W = Q[:, keep_mask] / np.sqrt(w[keep_mask])
         r = W.shape[1]
         if r == 0:
@@ -94,7 +101,7 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
     for (cols, W), uc in zip(blocks, unit_cols, strict=True):
         if uc.size:
             T[np.ix_(cols, uc)] = W
-    C = T.T @ Gr @ T
+    C = T.T @ Gn @ T
     C = 0.5 * (C + C.T)
     for uc in unit_cols:  # exact identities on the diagonal blocks (removes round-off)
         if uc.size:

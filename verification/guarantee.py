@@ -144,7 +144,7 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
         Monotone, with ``n <= 14``.
     k : int
         Budget.
-    methods : tuple of str
+    methods : str or tuple of str
         Optimizers to check.
     n_seeds : int, default 10
         Seeds ``0..n_seeds-1`` for stochastic greedy.
@@ -179,6 +179,8 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     kk = check_k(k, f.n)
     if kk == 0:
         raise ValueError("k must be at least 1.")
+    if isinstance(methods, str):  # one method name, not its letters
+        methods = (methods,)
     bad = [m for m in methods if m not in submod.METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {submod.METHODS}.")

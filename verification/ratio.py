@@ -237,7 +237,15 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
     kk = check_k(k, f.n)
     if kk == 0:
         raise ValueError("k must be at least 1: the ratio is a minimum over non-empty sets S.")
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be a number in [0, 1) (relative zero threshold); got {rtol!r}. The default 1e-9 "
+                         "suits float64 values.")
+    rtol = float(rtol)
     Uarr = _check_U(U, f.n)
+    if method == "greedy-path" and Uarr is not None:
+        raise ValueError("method='greedy-path' bounds the ratio at the greedy run's own prefixes (U = the greedy set); "
+                         "it does not take U. Pass result= (a run) and comparator= instead, or use 'exact', "
+                         "'sampled' or 'spectral' for a given U.")
     if method == "exact":
         return _exact(f, kk, Uarr, max_pairs, rtol)
     if method == "sampled":

@@ -138,26 +138,45 @@ class RegressionData:
     suppressor: tuple[int, int] | None
 
 
+def _orthonormal_pair(rng: np.random.Generator, others: np.ndarray, n_samples: int) -> tuple[np.ndarray, ...]:
+    """Two sample vectors of norm ``sqrt(n_samples)`` orthogonal to each other and (when possible) to ``others``.
+
+    Exact sample orthogonality keeps the planted suppressor pair a suppressor at any sample size: with
+    ``u, v`` orthonormal and orthogonal to the other units, unit 1 alone explains ``0.05^2 / 1.0025`` (0.25%) of
+    the ``u`` part of the target, unit 0 alone half of it, and both together all of it.
+    """
+    if n_samples < 2:
+        raise ValueError(f"a suppressor pair needs n_samples >= 2 (two orthogonal columns); got {n_samples}.")
+    basis = others[:, np.linalg.norm(others, axis=0) > 0]
+    Q = np.linalg.qr(basis)[0] if basis.shape[1] else np.zeros((n_samples, 0))
+    out = []
+    for _ in range(2):
+        x = rng.standard_normal(n_samples)
+        for _ in range(2):  # twice, for orthogonality to round-off
+            x = x - Q @ (Q.T @ x)
+            for y in out:
+                x = x - (y @ x) * y  # y has unit norm here
+        out.append(x / np.linalg.norm(x))
+    return tuple(np.sqrt(n_samples) * x for x in out)
+
+
 def _regression_arrays(rng: np.random.Generator, n_units: int, n_samples: int, n_targets: int, correlation: float,
                        suppressor: bool, group_size: int, rank_deficient: str, noise: float) -> RegressionData:
     cols = n_units * group_size
     common = rng.standard_normal((n_samples, 1))
     A = np.sqrt(correlation) * common + np.sqrt(1.0 - correlation) * rng.standard_normal((n_samples, cols))
     W = rng.standard_normal((cols, n_targets)) * (rng.random((cols, 1)) < 0.7)
-    sup = None
-    Y = A @ W
+    sup = u = None
     if suppressor and n_units >= 2:
         # unit 0 = u + v is relevant alone; unit 1 = v + 0.05 u is nearly useless alone but cancels v with unit 0.
-        u = rng.standard_normal(n_samples)
-        v = rng.standard_normal(n_samples)
         c0, c1 = 0, group_size
+        others = np.delete(A, [c0, c1], axis=1)
+        u, v = _orthonormal_pair(rng, others if n_samples >= cols + 2 else others[:, :0], n_samples)
         A[:, c0] = u + v
         A[:, c1] = v + 0.05 * u
-        # the rest of the target comes from the other units only (the replaced columns' old values would act as
-        # noise aligned with nothing and could, in small samples, swamp the planted pair)
+        # the target comes from the other units and u only (the replaced columns' weights are dropped)
         W[c0:c0 + group_size] = 0.0
         W[c1:c1 + group_size] = 0.0
-        Y = (A @ W) * 0.2 + np.outer(u, rng.choice([-1.0, 1.0], n_targets) * 2.0)
         sup = (0, 1)
     if rank_deficient == "duplicate" and n_units >= 3:
         A[:, (n_units - 1) * group_size:] = A[:, (n_units - 2) * group_size:(n_units - 1) * group_size]
@@ -165,6 +184,11 @@ def _regression_arrays(rng: np.random.Generator, n_units: int, n_samples: int, n
         A[:, (n_units - 1) * group_size:] = 0.0
     elif rank_deficient == "combination" and n_units >= 3:
         A[:, -1] = A[:, 0] - 2.0 * A[:, group_size]
+    if rank_deficient != "none" and n_units >= 3:
+        W[(n_units - 1) * group_size:] = 0.0  # the rewritten last unit carries no target of its own
+    Y = A @ W  # after the edits above, so that noise = 0 gives Y in the span of A (err(V) = 0)
+    if u is not None:
+        Y = 0.2 * Y + np.outer(u, rng.choice([-1.0, 1.0], n_targets) * 2.0)
     Y = Y + noise * rng.standard_normal(Y.shape)
     groups = None if group_size == 1 else [np.arange(u * group_size, (u + 1) * group_size) for u in range(n_units)]
     return RegressionData(A=A, Y=Y, groups=groups, n_units=n_units, suppressor=sup)
@@ -241,18 +265,27 @@ def set_functions(n: int | SearchStrategy[int] = _SIZES) -> SearchStrategy[submo
 def suppressor_data(n_samples: int = 200, n_noise: int = 4, seed: int = 0) -> RegressionData:
     """A fixed correlated least-squares instance with a suppressor pair, where ``gamma < 1``.
 
-    Units: 0 = ``u + v`` (relevant alone: ``R^2`` about 0.5), 1 = ``v + 0.3 u`` (nearly useless alone, ``R^2``
-    about 0.08; with unit 0 it cancels ``v`` and recovers the target ``y = u`` exactly), then ``n_noise`` weakly
-    relevant noisy units ``0.25 u + noise``. So ``OPT_2 = ||y||^2`` while the submodular online bound
-    (``gamma = 1``) at the empty set is about ``0.58 ||y||^2``: invalid. Plain lazy greedy re-evaluates unit 1
-    after picking unit 0 and sees its gain jump from its stale value: a stale-bound violation.
+    Units: 0 = ``u + v`` (relevant alone: ``R^2`` about 0.5 in the population, 0.43 with the default seed),
+    1 = ``v + 0.3 u`` (nearly useless alone: ``R^2`` about 0.08 in the population, 0.04 with the default seed;
+    with unit 0 it cancels ``v`` and recovers the target ``y = u`` exactly), then ``n_noise`` weakly relevant noisy
+    units ``0.25 u + noise``. So ``OPT_2 = ||y||^2`` while the submodular online bound (``gamma = 1``) at the empty
+    set, the sum of the two largest singleton gains, is about half of it (0.52 ``||y||^2`` with the default seed):
+    invalid. Plain lazy greedy re-evaluates unit 1 after picking unit 0 and sees its gain jump from its stale value:
+    a stale-bound violation.
 
     Examples
     --------
+    >>> from submod import SparseRegression
     >>> from verification.strategies import suppressor_data
     >>> d = suppressor_data()
     >>> d.A.shape, d.suppressor
     ((200, 6), (0, 1))
+    >>> f = SparseRegression(d.A, d.Y)
+    >>> r2 = [f.value([j]) / f.y_norm2 for j in range(6)]
+    >>> bool(r2[1] < 0.1), bool(f.value([0, 1]) / f.y_norm2 > 0.999999)
+    (True, True)
+    >>> bool(sum(sorted(r2)[-2:]) < 0.6)   # the gamma = 1 online bound, far below OPT_2 = 1
+    True
     """
     rng = np.random.default_rng(seed)
     u = rng.standard_normal(n_samples)
@@ -268,16 +301,24 @@ def lazy_trap_data(n_samples: int = 200, seed: int = 0) -> RegressionData:
     """A least-squares instance where plain lazy greedy returns a worse set *without seeing any violation*.
 
     Units: 0 = ``u + v``, 1 = ``v + 0.3 u`` (the suppressor), 2 = ``w``; target ``y = u + 0.4 w``. With
-    ``k = 2``, greedy picks ``{0, 1}`` (``R^2`` about 0.86, optimal). Plain lazy greedy picks unit 0, then
-    re-evaluates only unit 2 (largest stale gain, about 0.16), finds it still above unit 1's stale gain (about
-    0.08) and takes it: ``R^2`` about 0.53, and unit 1's jump is never observed. So "no violation seen" is no
-    evidence that a lazy run equals greedy; only re-evaluating every gain (``lazy_fallback=True``) is.
+    ``k = 2``, greedy picks ``{0, 1}`` (``R^2`` 0.86 with the default seed, optimal). Plain lazy greedy picks unit
+    0, then re-evaluates only unit 2 (largest stale gain: ``R^2`` 0.19 alone), finds its fresh gain (0.14) still
+    above unit 1's stale gain (0.05) and takes it: ``R^2`` 0.53, and unit 1's jump (to 0.47) is never observed. So
+    "no violation seen" is no evidence that a lazy run equals greedy; only re-evaluating every gain
+    (``lazy_fallback=True``) is.
 
     Examples
     --------
+    >>> from submod import SparseRegression
     >>> from verification.strategies import lazy_trap_data
-    >>> lazy_trap_data().A.shape
+    >>> d = lazy_trap_data()
+    >>> d.A.shape
     (200, 3)
+    >>> f = SparseRegression(d.A, d.Y)
+    >>> stale = [f.value([j]) for j in (1, 2)]
+    >>> fresh = [f.value([0, j]) - f.value([0]) for j in (1, 2)]
+    >>> bool(fresh[1] > stale[0]), bool(fresh[0] > fresh[1])   # lazy takes unit 2; unit 1 was worth more
+    (True, True)
     """
     rng = np.random.default_rng(seed)
     u, v, w = rng.standard_normal((3, n_samples))
