@@ -19,6 +19,9 @@ def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None =
     The caller's array is never modified: a copy is made whenever the conversion needs one, and callers that
     later write into the result must copy it themselves.
     """
+    if np.iscomplexobj(x):
+        raise ValueError(f"{name} must be real; got complex values. Pass the real part, the modulus or the real "
+                         "and imaginary parts as separate features.")
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -42,14 +42,22 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
 
 
 def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
-    """``np.loadtxt`` with an optional header row; ``delimiter=None`` (``.txt``) also accepts commas."""
+    """``np.loadtxt`` with an optional header row (a first row that is not all numbers); ``delimiter=None``
+    (``.txt``) also accepts commas. A numeric first row is data, never dropped as a header."""
+    with open(p) as fh:
+        first = fh.readline()
     errors: list[ValueError] = []
     for delim in ([delimiter] if delimiter is not None else [None, ","]):
-        for skip in (0, 1):
-            try:
-                return np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
-            except ValueError as exc:
-                errors.append(exc)
+        tokens = [t.strip() for t in (first.split() if delim is None else first.split(delim))]
+        try:
+            [float(t) for t in tokens if t]
+            skip = 0
+        except ValueError:
+            skip = 1
+        try:
+            return np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
+        except ValueError as exc:
+            errors.append(exc)
     raise errors[0]
 
 
@@ -158,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad input, or an unreadable input / unwritable output path
         print(f"submod {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

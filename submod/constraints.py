@@ -94,6 +94,8 @@ class Knapsack(Constraint):
         c = as_float_array(costs, "costs", ndim=1)
         if np.any(c <= 0):
             raise ValueError("knapsack costs must be positive; give free elements a tiny positive cost.")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+            raise ValueError(f"budget must be a number (the largest total cost allowed); got {budget!r}.")
         if not np.isfinite(budget) or budget < 0:
             raise ValueError(f"budget must be a finite non-negative number; got {budget}.")
         self.costs = c
@@ -108,18 +110,21 @@ class Knapsack(Constraint):
         return _KnapsackTracker(self)
 
     def _max_total_gain(self, gains: np.ndarray, k: int) -> float:
-        # Fractional knapsack (the LP relaxation) over the positive gains, with at most k items.
+        # Two relaxations of "at most k items within the budget", each an upper bound on the best feasible total:
+        # the fractional knapsack (LP relaxation, no count limit) and the k largest gains (no budget); the
+        # smaller one is the bound.
         g = np.maximum(gains, 0.0)
-        order = np.argsort(-g / self.costs, kind="stable")
-        total, room, count = 0.0, self.budget, 0
-        for j in order:
-            if g[j] <= 0 or room <= 0 or count >= k:
-                break
-            take = min(1.0, room / self.costs[j])
-            total += take * g[j]
-            room -= take * self.costs[j]
-            count += 1
-        return total
+        pos = np.flatnonzero(g > 0)
+        if pos.size == 0 or self.budget <= 0:
+            return 0.0
+        order = pos[np.argsort(-g[pos] / self.costs[pos], kind="stable")]
+        cum = np.cumsum(self.costs[order])
+        whole = int(np.searchsorted(cum, self.budget, side="right"))  # items that fit entirely
+        total = float(g[order[:whole]].sum())
+        if whole < order.size:
+            room = self.budget - (float(cum[whole - 1]) if whole else 0.0)
+            total += room / float(self.costs[order[whole]]) * float(g[order[whole]])
+        return min(total, _top_sum(g, k))
 
 
 class _KnapsackTracker(_Tracker):
@@ -167,8 +172,8 @@ class PartitionMatroid(Constraint):
             raise ValueError("group labels must be non-negative integers.")
         n_groups = int(g.max()) + 1
         b = np.asarray(budgets)
-        if b.ndim == 0:
-            b = np.full(n_groups, int(b))
+        if b.ndim == 0 and np.issubdtype(b.dtype, np.integer):
+            b = np.full(n_groups, b)
         if b.shape != (n_groups,) or not np.issubdtype(b.dtype, np.integer):
             raise ValueError(f"budgets must be an int or {n_groups} integers (one per group); got {budgets!r}.")
         if np.any(b < 0):
@@ -187,13 +192,11 @@ class PartitionMatroid(Constraint):
     def _max_total_gain(self, gains: np.ndarray, k: int) -> float:
         g = np.maximum(gains, 0.0)
         keep = np.zeros(g.size, dtype=bool)
-        order = np.lexsort((-g, self.groups))
-        counts = np.zeros(self.budgets.size, dtype=np.int64)
-        for j in order:
-            grp = self.groups[j]
-            if counts[grp] < self.budgets[grp]:
-                keep[j] = True
-                counts[grp] += 1
+        order = np.lexsort((-g, self.groups))                     # by group, then by decreasing gain
+        grp = self.groups[order]
+        first = np.searchsorted(grp, grp, side="left")            # position of each group's first element
+        rank = np.arange(order.size) - first                      # rank of the gain inside its group
+        keep[order] = rank < self.budgets[grp]
         return _top_sum(g[keep], k)
 
 

@@ -27,18 +27,24 @@ _DISTANCE_METRICS = ("sqeuclidean", "euclidean", "cosine")
 
 def _pairwise_similarity(X: np.ndarray, metric: str) -> np.ndarray:
     """Dense similarity ``K`` (n x n, non-negative) from features ``X`` (n x p)."""
+    if X.shape[0] == 0:
+        raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
     if metric == "cosine":
         norms = np.linalg.norm(X, axis=1)
         norms[norms == 0] = 1.0
         Xn = X / norms[:, None]
         # Shift cosine similarity from [-1, 1] to [0, 2] so facility location stays monotone.
         return 1.0 + Xn @ Xn.T
-    sq = np.einsum("ij,ij->i", X, X)
-    D = sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError below
+        sq = np.einsum("ij,ij->i", X, X)
+        D = sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)
     np.maximum(D, 0.0, out=D)
     np.fill_diagonal(D, 0.0)
     if metric == "euclidean":
         np.sqrt(D, out=D)
+    if not np.isfinite(D).all():
+        raise ValueError("the pairwise distances of X overflow float64: its values are too large (beyond about "
+                         "1e150). Rescale X (e.g. divide by its largest magnitude).")
     return D.max() - D
 
 
@@ -81,7 +87,7 @@ class FacilityLocation(SetFunction):
         scan = None
         if similarity is not None:
             if sp.issparse(similarity):
-                K = sp.csc_matrix(similarity, dtype=np.float64)
+                K = sp.csc_matrix(similarity, dtype=np.float64, copy=True)  # sum_duplicates works in place
                 if K.shape[0] != K.shape[1]:
                     raise ValueError(f"similarity must be square (n x n); got shape {K.shape}.")
                 K.sum_duplicates()
@@ -396,7 +402,7 @@ class Coverage(SetFunction):
 
     def __init__(self, incidence: ArrayLike | sp.spmatrix, weights: ArrayLike | None = None) -> None:
         if sp.issparse(incidence):
-            M = sp.csr_matrix(incidence)
+            M = sp.csr_matrix(incidence, copy=True)  # eliminate_zeros works in place
             if not np.all(np.isfinite(M.data)):
                 raise ValueError("incidence contains NaN or infinite values.")
         else:
@@ -572,7 +578,7 @@ class GraphCut(SetFunction):
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:
                 raise ValueError(f"similarity must be square; got shape {K.shape}.")
-            if not np.allclose(K, K.T):
+            if not np.allclose(K, K.T, rtol=1e-10, atol=1e-12 * float(np.abs(K).max(initial=0.0))):
                 raise ValueError("similarity must be symmetric; symmetrise it with (K + K.T) / 2.")
             if K.size and K.min() < 0:
                 raise ValueError("similarity must be non-negative for graph cut; shift or clip it.")

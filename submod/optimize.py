@@ -182,7 +182,10 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     Greedy stops early when no feasible candidate has a positive gain. Ties are broken by the lowest index.
     The certificate is the minimum over prefixes ``A`` of ``F(A) + (1/gamma) * (best feasible total of gains at
     A)`` (see :mod:`submod.certificates`); lazy greedy uses its stale bounds (valid upper bounds for submodular
-    functions) and stochastic greedy certifies its final set only.
+    functions) and stochastic greedy certifies its final set only. There is no certificate (``None``) for a
+    function declared ``monotone=False`` or seen to have a negative gain, nor for plain lazy greedy
+    (``lazy_fallback=False``) on a function not declared submodular, whose stale gains bound nothing;
+    :func:`verification.certify` certifies any returned set from fresh gains.
 
     Examples
     --------
@@ -244,10 +247,14 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     if knapsack:
         selected, gains, values, value = _best_singleton_fix(run, selected, gains, values, value)
     certificate = None
-    if gamma is not None and not run.negative and math.isfinite(run.best_bound):
+    # A certificate needs a monotone f (declared and observed) and gains that bound the true ones: plain lazy
+    # greedy on a function not declared submodular only has stale gains, which need not be upper bounds.
+    plain_lazy = method == "lazy" and not lazy_fallback and not f.submodular
+    if (gamma is not None and f.monotone and not plain_lazy and not run.negative
+            and math.isfinite(run.best_bound)):
         what = "submodular online bound (Leskovec et al. 2007)" if gamma_lower is None else \
             f"online bound with proven gamma >= {gamma:g} (Das & Kempe 2011)"
-        certificate = Certificate(upper_bound=max(run.best_bound, value), value=value, gamma_lower=gamma,
+        certificate = Certificate(upper_bound=float(max(run.best_bound, value)), value=value, gamma_lower=gamma,
                                   prefix_size=run.best_prefix,
                                   kind=f"proven upper bound on OPT: {what}, minimised over prefixes")
     return SelectionResult(selected=selected, gains=gains, values=values, value=value,

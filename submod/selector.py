@@ -19,6 +19,16 @@ _OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determina
 OBJECTIVES = (*_OBJECTIVES, "coverage")
 
 
+def _not_fitted_error(message: str) -> ValueError:
+    """scikit-learn's ``NotFittedError`` when scikit-learn is installed (a ValueError and an AttributeError, which
+    sklearn's tools expect), else a plain ValueError."""
+    try:
+        from sklearn.exceptions import NotFittedError
+    except ImportError:
+        return ValueError(message)
+    return NotFittedError(message)
+
+
 def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean") -> SetFunction:
     """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`)."""
     if name == "facility-location":
@@ -81,6 +91,12 @@ class SubmodularSelector:
         self.metric = metric
         self.seed = seed
 
+    def __repr__(self) -> str:
+        defaults = {"objective": "facility-location", "method": "lazy", "metric": "sqeuclidean", "seed": None}
+        shown = [f"k={self.k!r}"] + [f"{name}={value!r}" for name, value in self.get_params().items()
+                                     if name != "k" and defaults.get(name) != value]
+        return f"SubmodularSelector({', '.join(shown)})"
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {"k": self.k, "objective": self.objective, "method": self.method, "metric": self.metric,
                 "seed": self.seed}
@@ -93,7 +109,9 @@ class SubmodularSelector:
         return self
 
     def fit(self, X: ArrayLike, y: object = None) -> SubmodularSelector:
-        """Select ``k`` rows of ``X``; ``y`` is ignored."""
+        """Select ``k`` rows of ``X``; ``y`` is ignored. A failed fit leaves the selector unfitted."""
+        for name in ("n_samples_in_", "n_features_in_", "ranking_", "result_"):
+            self.__dict__.pop(name, None)
         if self.objective not in _OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {_OBJECTIVES}.")
         if self.method not in METHODS:
@@ -112,7 +130,7 @@ class SubmodularSelector:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "ranking_"):
-            raise ValueError("this SubmodularSelector is not fitted yet; call fit(X) first.")
+            raise _not_fitted_error("this SubmodularSelector is not fitted yet; call fit(X) first.")
 
     def get_support(self, indices: bool = False) -> np.ndarray:
         """Boolean mask of the selected rows, or their indices (in pick order) with ``indices=True``."""

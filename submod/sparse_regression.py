@@ -202,12 +202,13 @@ class SparseRegression(SetFunction):
         count = a.shape[0]
         mean_a = a.mean(axis=0)
         mean_y = y.mean(axis=0)
-        if fit_intercept:
-            ac = a - mean_a
-            yc = y - mean_y
-            gram, cross, y_norm2 = ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc))
-        else:
-            gram, cross, y_norm2 = a.T @ a, a.T @ y, float(np.vdot(y, y))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError by _setup
+            if fit_intercept:
+                ac = a - mean_a
+                yc = y - mean_y
+                gram, cross, y_norm2 = ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc))
+            else:
+                gram, cross, y_norm2 = a.T @ a, a.T @ y, float(np.vdot(y, y))
         self._setup(gram, cross, y_norm2, ridge, groups, bool(fit_intercept), mean_a, mean_y, count, tol)
 
     @classmethod
@@ -320,6 +321,10 @@ class SparseRegression(SetFunction):
         # made read-only, so the objective's statistics cannot change under its states).
         gram = np.ascontiguousarray(gram, dtype=np.float64)
         cross = np.array(cross, dtype=np.float64, order="C", copy=True)
+        if not (np.isfinite(gram).all() and np.isfinite(cross).all() and np.isfinite(y_norm2)):
+            raise ValueError("the statistics A^T A, A^T Y or ||Y||^2 overflow float64: the values are too large "
+                             "(beyond about 1e150). Rescale A and Y (e.g. divide by their largest magnitude); "
+                             "the selection does not depend on the scale.")
         gram.flags.writeable = False
         cross.flags.writeable = False
         self._prob = Problem(gram, cross, float(y_norm2), ridge, units, tol)

@@ -173,6 +173,53 @@ def test_gamma_lower_enables_a_sound_certificate():
     assert res.certificate.upper_bound >= brute_opt(f, 2)
 
 
+def exact_gamma_by_enumeration(value, n, k):
+    """gamma_{V,k} from its definition: min over L and disjoint non-empty S, |S| <= k (0/0 := 1)."""
+    best = 1.0
+    for r in range(n + 1):
+        for L in itertools.combinations(range(n), r):
+            fl = value(list(L))
+            rest = [j for j in range(n) if j not in L]
+            for s in range(1, k + 1):
+                for S in itertools.combinations(rest, s):
+                    den = value(list(L) + list(S)) - fl
+                    num = sum(value(list(L) + [j]) - fl for j in S)
+                    if den > 1e-12:
+                        best = min(best, num / den)
+    return best
+
+
+def test_no_certificate_from_stale_gains_of_a_non_submodular_function():
+    # Plain lazy greedy keeps stale gains; for least squares they are not upper bounds, so a certificate built
+    # from them (even with a proven gamma) can fall below OPT. Exact greedy and lazy with fallback keep theirs.
+    A = np.array([[2.0, -3, -2], [-2, -2, 2], [3, 1, -3], [-3, -1, 0]])
+    y = np.array([1.0, 0, -2, -2])
+    f = submod.SparseRegression(A, y)
+    gamma = exact_gamma_by_enumeration(lstsq_value(A, y), 3, 2)  # about 0.1955: proven, as it is exact
+    with pytest.warns(submod.optimize.StaleBoundWarning):
+        plain = submod.maximize(f, 2, method="lazy", lazy_fallback=False, gamma_lower=gamma)
+    assert plain.certificate is None
+    for kw in ({"method": "greedy"}, {"method": "lazy"}):
+        res = submod.maximize(f, 2, gamma_lower=gamma, **kw)
+        assert res.certificate.upper_bound >= brute_opt(f, 2) * (1 - 1e-9)
+
+
+def test_function_declared_non_monotone_gets_no_certificate():
+    # Submodular but not monotone; no negative gain shows on the greedy path, yet the online bound needs
+    # monotonicity (here it would be 6.45 < OPT = 7.57).
+    C = np.array([[1, 1, 1, 1, 0], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]], bool)
+    a, b = np.array([1.137, 1.009, 2.823]), np.array([0.605, 0.87, 0.099])
+
+    def val(S):
+        c = C[:, list(S)].sum(1)
+        return float((a * c - b * c ** 2).sum())
+
+    f = submod.from_callable(val, 5, submodular=True, monotone=False)
+    res = submod.maximize(f, 3)
+    assert res.certificate is None
+    assert brute_opt(f, 3) > 7.5
+
+
 def test_non_monotone_function_is_reported():
     f = submod.from_callable(lambda S: float(len(S) - 0.4 * len(S) ** 2), n=5)
     with pytest.warns(UserWarning, match="not monotone"):
@@ -210,6 +257,28 @@ def test_knapsack_guarantee_and_certificate(f, budget):
         assert res.certificate.upper_bound >= opt - 1e-9 * max(1, opt)
     g, lz = (submod.maximize(f, None, method=m, constraint=c) for m in ("greedy", "lazy"))
     np.testing.assert_array_equal(g.selected, lz.selected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(submodular_instances(), st.floats(0.3, 3.0), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_knapsack_with_a_cardinality_limit_certificate_bounds_opt(f, budget, k, seed):
+    # Both limits at once: the bound must hold for the best set of at most k items within the budget. (Filling
+    # the fractional knapsack by gain/cost and stopping after k items is not an upper bound: a cheap low-gain
+    # item can use up one of the k places.)
+    k = min(k, f.n)
+    costs = np.random.default_rng(seed).uniform(0.01, 1.5, f.n)
+    opt = brute_opt(f, k, lambda S: costs[list(S)].sum() <= budget)
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(f, k, method=method, constraint=submod.Knapsack(costs, budget))
+        assert res.selected.size <= k and costs[res.selected].sum() <= budget + 1e-12
+        assert res.certificate.upper_bound >= opt - 1e-9 * max(1, opt)
+
+
+def test_knapsack_with_cardinality_counterexample():
+    # A cheap, nearly worthless item has the best gain/cost ratio; with k = 2 the optimum is the two others.
+    f = submod.Modular([1.0, 100.0, 100.0])
+    res = submod.maximize(f, 2, constraint=submod.Knapsack([0.01, 50.0, 50.0], 100.01))
+    assert res.certificate.upper_bound >= 200.0
 
 
 def test_knapsack_keeps_the_greedy_set_when_the_best_singleton_only_ties():
@@ -273,8 +342,15 @@ def test_bad_objective_and_constraints_are_rejected():
         submod.Knapsack([1.0, 0.0], 1.0)
     with pytest.raises(ValueError, match="budget"):
         submod.Knapsack([1.0], -1.0)
+    for bad in ("3", None, True):
+        with pytest.raises(ValueError, match="budget must be a number"):
+            submod.Knapsack([1.0], bad)
     with pytest.raises(ValueError, match="one per group"):
         submod.PartitionMatroid([0, 1, 1], [1])
+    for bad in (1.5, -0.5, True):  # a fractional scalar budget used to be truncated silently
+        with pytest.raises(ValueError, match="budgets"):
+            submod.PartitionMatroid([0, 0, 1, 1], bad)
+    assert submod.PartitionMatroid([0, 0, 1, 1], np.int32(2)).budgets.tolist() == [2, 2]
 
 
 def test_value_oracle_returning_nan_is_rejected():

@@ -163,6 +163,11 @@ def test_from_callable_normalises_and_flags():
     (lambda: submod.Modular([]), "empty"),
     (lambda: submod.from_callable(3, n=2), "callable"),
     (lambda: submod.from_callable(len, n=0), "empty"),
+    (lambda: submod.GraphCut(np.zeros((0, 3))), "empty"),
+    (lambda: submod.GraphCut(similarity=1e-9 * np.array([[0.0, 1, 0], [0, 0, 0], [0, 0, 0]])), "symmetric"),
+    (lambda: submod.FeatureBased(np.ones((2, 2)) * (1 + 1j)), "real"),
+    (lambda: submod.SparseRegression(1e200 * np.eye(3), np.ones(3)), "overflow"),
+    (lambda: submod.FacilityLocation(1e200 * np.eye(3)), "overflow"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(make, match):
     with pytest.raises(ValueError, match=match):
@@ -176,6 +181,19 @@ def test_caller_arrays_are_not_modified():
     for method in submod.METHODS:
         submod.maximize(f, 5, method=method, seed=0)
     np.testing.assert_array_equal(K, K_copy)
+
+
+def test_caller_sparse_matrices_are_not_modified():
+    # Unsorted indices, a duplicate entry and an explicit zero: the objectives canonicalise their own copy.
+    M = sp.csr_matrix((np.array([1.0, 0.0, 1.0]), np.array([0, 1, 1]), np.array([0, 2, 3])), shape=(2, 2))
+    K = sp.csc_matrix((np.array([2.0, 1.0, 0.5]), np.array([1, 0, 1]), np.array([0, 3, 3])), shape=(2, 2))
+    before = [(a.data.copy(), a.indices.copy(), a.indptr.copy()) for a in (M, K)]
+    submod.maximize(submod.Coverage(M), 1)
+    submod.maximize(submod.FacilityLocation(similarity=K), 1)
+    for a, (data, indices, indptr) in zip((M, K), before, strict=True):
+        np.testing.assert_array_equal(a.data, data)
+        np.testing.assert_array_equal(a.indices, indices)
+        np.testing.assert_array_equal(a.indptr, indptr)
 
 
 def test_log_determinant_detects_non_psd_kernels_during_the_run():

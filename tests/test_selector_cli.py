@@ -36,6 +36,15 @@ def test_selector_errors():
         submod.SubmodularSelector(k=5).fit(np.ones((3, 2)))
     with pytest.raises(ValueError, match="unknown parameter"):
         submod.SubmodularSelector(k=2).set_params(K=3)
+    from sklearn.exceptions import NotFittedError
+    with pytest.raises(NotFittedError):  # what scikit-learn's tools expect of an unfitted estimator
+        submod.SubmodularSelector(k=2).transform(np.ones((3, 2)))
+    sel = submod.SubmodularSelector(k=2).fit(np.eye(4))
+    with pytest.raises(ValueError, match="exceeds"):
+        sel.set_params(k=9).fit(np.eye(4))
+    with pytest.raises(NotFittedError):  # a failed re-fit does not leave the previous selection in place
+        sel.get_support()
+    assert repr(submod.SubmodularSelector(k=3, method="greedy")) == "SubmodularSelector(k=3, method='greedy')"
 
 
 def test_select_command_on_digits_writes_json(tmp_path, capsys):
@@ -93,3 +102,20 @@ def test_load_matrix_formats_and_errors(tmp_path):
         load_matrix(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="does not exist"):
         load_matrix(tmp_path / "missing.npy")
+    # A numeric first row is data: a ragged file is an error, not a file whose first row is dropped as a header.
+    (tmp_path / "ragged.csv").write_text("1,2,3\n4,5\n6,7\n")
+    with pytest.raises(ValueError, match="could not read data"):
+        load_matrix(tmp_path / "ragged.csv")
+    (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n6 7\n")
+    with pytest.raises(ValueError, match="could not read data"):
+        load_matrix(tmp_path / "ragged.txt")
+
+
+def test_select_command_reports_an_unwritable_output_path(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.eye(4))
+    assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2", "--out", str(tmp_path)]) == 2
+    assert "error" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2",
+                 "--out", str(tmp_path / "file" / "picks.json")]) == 2
+    assert "error" in capsys.readouterr().err
