@@ -4,7 +4,8 @@ Three ways to say it:
 
 * ``keep=0.5`` (or ``{pair name: fraction}``): a keep fraction per layer, ``k_l = max(1, round(f * n_l))``.
 * ``compression=4.0`` with ``allocation="uniform"``: the largest common keep fraction whose pruned network has at
-  most ``P / compression`` parameters (``P`` counts every parameter of the model, prunable or not).
+  most ``P / compression`` parameters (``P`` counts every parameter of the model, prunable or not; the pruned
+  count includes the biases a refit adds to consumers that had none).
 * ``compression=4.0`` with ``allocation="error"``: a label-free non-uniform allocation. Each layer's nested greedy
   path (LayerInChange statistics of the original network) gives its relative reconstruction error
   ``e_l(k) = ||Y_l - A_S M||^2 / ||Y_l||^2`` for every size ``k`` at once. Starting from the full network, the
@@ -45,6 +46,9 @@ class ParamModel:
 
     def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False) -> None:
         self.n_units = np.array([p.n_units for p in pairs], dtype=np.int64)
+        #: Parameters of the network as it is (the "before" of every compression ratio). With ``adds_bias`` the
+        #: full-size count ``total()`` can exceed it: the refit adds a bias to consumers that have none.
+        self.original = int(sum(p.numel() for p in model.parameters()))
         prod = {p.producer: i for i, p in enumerate(pairs)}
         cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
         bn = {b: i for i, p in enumerate(pairs) for b in p.between}
@@ -84,6 +88,7 @@ class ParamModel:
         return self.const + vals.sum(axis=-1)
 
     def total(self) -> int:
+        """Parameter count when every unit is kept (including the biases a refit would add)."""
         return int(self.count(self.n_units))
 
 
@@ -99,7 +104,7 @@ def _unreachable(pm: ParamModel, compression: float) -> ValueError:
     floor = int(pm.count(np.ones_like(pm.n_units)))
     return ValueError(
         f"compression {compression:g}x is not reachable: keeping one unit in every prunable layer still leaves "
-        f"{floor} of {pm.total()} parameters (at most {pm.total() / floor:.2f}x), because the layers that cannot be "
+        f"{floor} of {pm.original} parameters (at most {pm.original / floor:.2f}x), because the layers that cannot be "
         "pruned (first input, outputs, residual branches) hold the rest. Ask for a lower compression or declare "
         "more prunable pairs.")
 
@@ -126,7 +131,7 @@ def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]
 def uniform_counts(pm: ParamModel, compression: float) -> np.ndarray:
     """Largest common keep fraction meeting ``P(k) <= P / compression`` (bisection on the fraction)."""
     compression = _check_compression(compression)
-    budget = pm.total() / compression
+    budget = pm.original / compression
     n = pm.n_units
 
     def ks(f: float) -> np.ndarray:
@@ -157,7 +162,7 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
     compression : float
     """
     compression = _check_compression(compression)
-    budget = pm.total() / compression
+    budget = pm.original / compression
     if pm.count(np.ones_like(pm.n_units)) > budget:
         raise _unreachable(pm, compression)
     k = pm.n_units.copy()
@@ -198,10 +203,11 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
                 handles.append(m.register_forward_hook(hook))
         was = model.training
         model.eval()
+        batch = example[:2]  # two samples: a BatchNorm that uses batch statistics needs more than one
         with torch.no_grad():
-            model(example[:1])
+            model(batch)
         model.train(was)
     finally:
         for h in handles:
             h.remove()
-    return int(total[0])
+    return int(total[0]) // int(batch.shape[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from submod._atomic import atomic_path
 
 from .budget import count_flops
 from .digits import accuracy, load_digits_split, pretrained_digits_cnn
@@ -56,16 +57,8 @@ def measure_latency(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> floa
 
 
 def _write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
@@ -110,15 +103,11 @@ def _plot(rows: list[dict], dense_acc: float, calib_sizes: Sequence[int], path: 
     axes[0][0].set_ylabel("test accuracy % (no fine-tuning)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Sequence[float] = (2, 4, 8, 16),

@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from submod._atomic import atomic_path
 
 from . import zoo
 
@@ -58,16 +59,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     spec = architecture_spec(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"spec": json.dumps(spec), "state_dict": state}, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"spec": json.dumps(spec), "state_dict": state}, tmp)
     return path
 
 
@@ -137,5 +130,5 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
                          "class) so it can be rebuilt without unpickling code.")
     for name, shape in spec["shapes"].items():
         _resize(model, name, shape)
-    model.load_state_dict(data["state_dict"], strict=True)
+    model.load_state_dict(data["state_dict"], strict=True, assign=True)  # keeps the saved dtypes (e.g. float64)
     return model.to(map_location).eval()

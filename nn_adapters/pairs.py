@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
 
@@ -137,9 +138,21 @@ def _unit_count(mod: nn.Module) -> int:
     return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
 
 
-def _conv_ok(mod: nn.Module) -> str | None:
+def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
+    """Why a Linear/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
+
+    A producer only loses output units, so its padding does not matter; a consumer's input is unfolded with
+    explicit zero padding, and neither may be grouped or have a parametrized (weight-normalised) weight.
+    """
+    if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
+        return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
+                "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
+    if not isinstance(mod, nn.Conv2d):
+        return None
     if mod.groups != 1:
         return f"grouped convolution (groups={mod.groups}) is not supported"
+    if not consumer:
+        return None
     if mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
     if isinstance(mod.padding, str):
@@ -233,7 +246,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     if calls[node.target] > 1:
         return f"module is called {calls[node.target]} times (shared weights)"
     is_conv = isinstance(producer, nn.Conv2d)
-    if is_conv and (why := _conv_ok(producer)) is not None:
+    if (why := _layer_ok(producer, consumer=False)) is not None:
         return why
     n_units = _unit_count(producer)
     between: list[str] = []
@@ -253,7 +266,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             return f"operation {u.name} does not take the producer's output as its first argument"
         if u.op == "call_module":
             m = modules[u.target]
-            if calls[u.target] > 1:
+            stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+            if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units)
@@ -261,6 +275,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 if m.num_features != n_units:
                     return f"BatchNorm {u.target!r} has {m.num_features} features, expected {n_units}"
                 between.append(u.target)
+            elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
+                        "consumer is not supported; use nn.PReLU() with one shared parameter, or another activation")
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
             elif isinstance(m, nn.Flatten):
@@ -277,6 +294,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
                 return f"its output feeds {name} (a residual sum or concatenation)"
             if u.target in (_FLATTEN_FUNCTIONS if is_function else _FLATTEN_METHODS):
+                if not is_function and u.target in ("view", "reshape") and (why := _fixed_size_reshape(u)):
+                    return why
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
@@ -288,6 +307,18 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         else:
             return f"unsupported graph node {u.op} after the producer"
         cur = u
+
+
+def _fixed_size_reshape(node: fx.Node) -> str | None:
+    """Why ``x.view(...)`` / ``x.reshape(...)`` would break once units are removed: a constant feature size such as
+    ``x.view(-1, 16 * 5 * 5)`` (the pruned layer no longer has that many inputs). ``x.view(x.size(0), -1)`` is fine."""
+    shape = node.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if len(shape) >= 2 and isinstance(shape[-1], int) and shape[-1] != -1:
+        return (f"x.{node.target}{tuple(shape)} hard-codes the feature size, which changes when units are removed; "
+                f"write x.flatten(1) or x.{node.target}(x.size(0), -1) in forward()")
+    return None
 
 
 def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
@@ -304,11 +335,11 @@ def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
                ops: list[str], flattened_hw: int | None, n_units: int) -> PrunablePair | str:
     p_conv = isinstance(producer, nn.Conv2d)
+    if (why := _layer_ok(consumer)) is not None:
+        return f"consumer {cnode.target!r}: {why}"
     if isinstance(consumer, nn.Conv2d):
         if not p_conv or flattened_hw is not None:
             return f"unsupported path from {type(producer).__name__} to Conv2d {cnode.target!r}"
-        if (why := _conv_ok(consumer)) is not None:
-            return f"consumer {cnode.target!r}: {why}"
         if consumer.in_channels != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_channels} channels, producer gives {n_units}"
         kind, cpu = "conv->conv", consumer.kernel_size[0] * consumer.kernel_size[1]
@@ -343,8 +374,8 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
         if not isinstance(prod, (nn.Linear, nn.Conv2d)) or not isinstance(cons, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear or nn.Conv2d; got "
                              f"{type(prod).__name__} and {type(cons).__name__}.")
-        for m in (prod, cons):
-            if isinstance(m, nn.Conv2d) and (why := _conv_ok(m)) is not None:
+        for m, as_consumer in ((prod, False), (cons, True)):
+            if (why := _layer_ok(m, consumer=as_consumer)) is not None:
                 raise ValueError(f"declared pair {p}: {why}.")
         n = _unit_count(prod)
         for b in p.between:

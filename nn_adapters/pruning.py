@@ -56,8 +56,8 @@ class LayerReport:
     """What happened to one prunable pair.
 
     ``relative_error`` is the empirical relative reconstruction error ``||Y - A_S M - b||^2 / ||Y - mean||^2`` of
-    the least-squares refit on the calibration data (with ``reweight=False`` the kept original weights do no better
-    than this, up to the ridge). ``None`` when no refit was computed.
+    the least-squares refit on the calibration data. It is ``None`` with ``reweight=False``, where no refit is
+    computed (the refit's error would bound the kept original weights' error from below, up to the ridge).
 
     ``ridge`` is the relative ridge of the refit and ``ridge_choice`` how it was chosen (``"5-fold cv"`` or
     ``"fixed"``); ``cv_relative_error`` is the cross-validated (held-out) relative error of the refit at that ridge,
@@ -268,8 +268,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     device = param.device if param is not None else torch.device("cpu")
     batches = as_batches(calibration_data, device=device)
     flags = {name: m.training for name, m in model.named_modules()}
-    orig = copy.deepcopy(model).eval()
-    work = copy.deepcopy(model).eval()
+    orig, work = _copy_model(model), _copy_model(model)
     x0 = batches[0][0]
 
     gm, trace_error = None, None
@@ -376,6 +375,18 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         flops_before=_budget.count_flops(orig, x0), flops_after=_budget.count_flops(work, x0),
         layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start)
     return work, report
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode (pruning never touches the caller's model), or a clear error when it cannot be
+    copied (e.g. the old ``torch.nn.utils.weight_norm``, whose derived weight refuses ``deepcopy``)."""
+    try:
+        return copy.deepcopy(model).eval()
+    except RuntimeError as exc:
+        raise ValueError(f"could not copy {type(model).__name__} to prune it ({exc}). If it uses "
+                         "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
+                         "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
+                         ) from exc
 
 
 #: Largest number of units for which ``verify=True`` runs :func:`verification.error_decay` on a layer.

@@ -7,12 +7,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_path
 from .selector import OBJECTIVES, build_objective
 
 
@@ -63,17 +63,8 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
 
 def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
     """Write ``payload`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2)
 
 
 def result_payload(res, objective: str, data: str) -> dict:

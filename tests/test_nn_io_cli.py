@@ -57,6 +57,20 @@ def test_save_load_custom_model_needs_base_model(tmp_path):
         assert torch.equal(back(x), pruned(x))
 
 
+def test_save_load_keeps_dtype_and_file_permissions(tmp_path):
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).double().eval()
+    x = torch.randn(64, 10, dtype=torch.float64)
+    pruned, _ = nna.prune(net, x, keep=0.5)
+    path = nna.save_pruned(pruned, tmp_path / "m.pt")
+    back = nna.load_pruned(path, base_model=net)
+    assert {p.dtype for p in back.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned(x))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # as a plain open() would create it, not 0600
+
+
 def test_load_refuses_arbitrary_pickles(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -229,6 +229,29 @@ def test_param_model_matches_built_networks_and_budgets():
             assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "error"])
+def test_compression_is_met_when_the_refit_adds_biases(allocation):
+    # Bias-free consumers get a bias from the refit; the promise params_before / params_after >= compression is
+    # about the network as given, so the added biases must fit in the budget too.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.ReLU(),
+                        nn.Linear(64, 3, bias=False)).eval()
+    x = torch.randn(300, 10)
+    for c in (1.01, 1.05, 1.111, 1.5, 2.0, 3.0):
+        pruned, rep = nna.prune(net, x, compression=c, method="layer", allocation=allocation)
+        assert rep.params_before == sum(p.numel() for p in net.parameters())
+        assert rep.params_after == sum(p.numel() for p in pruned.parameters())
+        assert rep.params_before / rep.params_after >= c
+
+
+def test_flops_are_counted_with_batch_statistics_batchnorm():
+    net = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.ReLU(),
+                        nn.Linear(16, 4))
+    pruned, rep = nna.prune(net, torch.randn(100, 10), keep=0.5)
+    assert rep.flops_before == 2 * (10 * 16 + 16 * 4) and rep.flops_after == 2 * (10 * 8 + 8 * 4)
+    assert pruned[1].num_features == 8
+
+
 def test_error_allocation_prefers_layers_with_low_error():
     """Marginal allocation: a layer whose units are redundant (duplicated) is pruned harder."""
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
@@ -314,6 +337,59 @@ def test_unsupported_layers_give_a_clear_error():
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8))
     with pytest.raises(ValueError, match="grouped convolution"):
         nna.prune(grouped, torch.randn(4, 4, 8, 8), keep=0.5)
+    prelu = nn.Sequential(nn.Linear(10, 16), nn.PReLU(16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="per-channel PReLU"):
+        nna.prune(prelu, torch.randn(50, 10), keep=0.5)
+    wn = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(16, 16)),
+                       nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="parametrized"):
+        nna.prune(wn, torch.randn(50, 10), keep=0.5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
+        old_wn = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.utils.weight_norm(nn.Linear(16, 3)))
+    with pytest.raises(ValueError, match="remove_weight_norm"):
+        nna.prune(old_wn, torch.randn(50, 10), keep=0.5)
+
+
+def test_tutorial_style_cnn_prunes_what_it_can():
+    # The PyTorch tutorial's idioms: one pooling module used twice, and x.view(-1, C*H*W) with a constant size.
+    class Tutorial(nn.Module):
+        def __init__(self, constant_view: bool):
+            super().__init__()
+            self.constant_view = constant_view
+            self.c1, self.pool, self.c2 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5)
+            self.fc1, self.fc2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.pool(F.relu(self.c2(self.pool(F.relu(self.c1(x))))))
+            x = x.view(-1, 16 * 5 * 5) if self.constant_view else x.view(x.size(0), -1)
+            return self.fc2(F.relu(self.fc1(x)))
+
+    x = torch.randn(40, 3, 32, 32)
+    for constant_view in (False, True):
+        torch.manual_seed(0)
+        net = Tutorial(constant_view).eval()
+        pairs, skipped = nna.find_pairs(net, x[:2])
+        names = [p.name for p in pairs]
+        assert "c1->c2" in names and "fc1->fc2" in names          # the reused pool is no obstacle
+        assert ("c2->fc1" in names) != constant_view               # a hard-coded view size is
+        if constant_view:
+            assert any(n == "c2" and "hard-codes the feature size" in why for n, why in skipped)
+        pruned, _ = nna.prune(net, x, keep=0.5, method="asym")
+        assert pruned(x).shape == (40, 10)
+
+
+def test_producer_padding_does_not_matter():
+    # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(60, 3, 6, 6)
+    pairs, _ = nna.find_pairs(net, x[:2])
+    assert [p.name for p in pairs] == ["0->2", "2->5"]
+    full, _ = nna.prune(net, x, keep=1.0, method="layer", reweight=False)
+    with torch.no_grad():
+        assert torch.allclose(full(x), net(x), atol=1e-6)
 
 
 def test_untraceable_model_declared_pairs():

@@ -17,6 +17,7 @@ from typing import Any
 
 import submod
 from submod import SetFunction
+from submod._atomic import file_mode
 from submod._validation import check_k
 
 from ._values import MAX_TABLE_N
@@ -202,17 +203,11 @@ def _write_atomically(md_path: Path, text: str, figs: list[tuple[Path, Any]]) ->
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
-    mode = _file_mode()
+    mode = file_mode()
     for tmp, final in tmp_files:
         os.chmod(tmp, mode)  # mkstemp creates 0600; give the report the permissions a plain open() would
         os.replace(tmp, final)
 
-
-def _file_mode() -> int:
-    """``0o666`` minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _ratio_figure(rep: Report) -> Any:
