@@ -54,6 +54,22 @@ def test_measured_error_below_every_sound_bound(data, ridge, intercept):
                                                   abs=1e-8 * dec.y_norm2)
 
 
+def test_bicriteria_comparator_error_is_evaluated_exactly_on_near_collinear_columns():
+    # Columns 0-2 agree to 3e-5: incremental gains carry rounding of the size of err(T) itself. The comparator's
+    # error must come from a fresh evaluation, checked here against numpy's lstsq; with the table's value (0.0)
+    # the proven bound was reported as violated.
+    rng = np.random.default_rng(1)
+    x, z, q, w, w2 = rng.standard_normal((5, 200))
+    A = np.column_stack([x, x + 3e-5 * (z + 10 * q), x + 3e-5 * q, 30 * w, 30 * w2])
+    y = 2 * x + 1e-4 * z
+    d = error_decay(SparseRegression(A, y))
+    for comp in d.parameters["comparators"]:
+        T = np.asarray(comp["T"])
+        resid = y - A[:, T] @ np.linalg.lstsq(A[:, T], y, rcond=None)[0]
+        assert comp["err_T"] == pytest.approx(float(resid @ resid), rel=1e-3)
+    assert d.all_hold
+
+
 def test_contraction_fitted_on_geometric_decay():
     # Orthonormal columns with squared coefficients rho^j: greedy picks by size, err_k = sum_{j>=k} rho^j.
     rho = 0.6
