@@ -48,7 +48,6 @@ SUBMODULAR_METHODS = ("asym", "seq", "layer")
 BASELINE_METHODS = ("random", "weight_norm", "act_norm", "actgrad")
 METHODS = SUBMODULAR_METHODS + BASELINE_METHODS
 LABELLED_METHODS = ("actgrad",)
-_TRANSFORMER_CLASSES = {"BertModel", "BertEncoder", "TransformerEncoderLayer"}
 
 
 @dataclass
@@ -136,7 +135,11 @@ class PruneReport:
 
 
 def _is_transformer(model: nn.Module) -> bool:
-    return any(type(m).__name__ in _TRANSFORMER_CLASSES for m in model.modules())
+    """Whether ``model`` holds a transformer block the transformer adapter handles: a BERT-style layer (Hugging Face
+    BERT, RoBERTa and other models with the same layer layout) or a ``torch.nn.TransformerEncoderLayer``."""
+    from ._transformer_blocks import find_blocks
+
+    return bool(find_blocks(model))
 
 
 def _check_args(method: str, compression: object, keep: object, allocation: str, ridge: float | str,
@@ -251,9 +254,11 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if compression is not None:
             raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
                              "compression=; pass e.g. keep=0.5.")
-        return transformer.prune_transformer(model, calibration_data, keep=keep, target=target or "ffn",
-                                             method=method, reweight=reweight, seed=seed, ridge=ridge,
-                                             refit_prior=refit_prior, allocation=allocation, **kwargs)
+        if keep is not None:
+            kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
+        return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,
+                                             reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
+                                             allocation=allocation, **kwargs)
     if kwargs:
         raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
     if not isinstance(model, nn.Module):

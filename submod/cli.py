@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select k items from a data file (or the digits data) and certify",
                          description="Select k items (rows) maximizing a submodular objective; print the picks, "
                          "the value curve and the certificate, and optionally write them as JSON.")
-    sel.add_argument("--data", help=".npy or .csv file, rows are items (default: scikit-learn digits)")
+    sel.add_argument("--data", help=".npy, .csv or .txt file, rows are items (default: scikit-learn digits)")
     sel.add_argument("--objective", choices=OBJECTIVES, default="facility-location")
     sel.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean", "cosine"))
     sel.add_argument("-k", type=int, default=10, help="number of items to select (default 10)")

@@ -437,6 +437,16 @@ def test_transformer_models_are_delegated(monkeypatch):
                     "refit_prior": "original", "allocation": "uniform"}
     nna.prune(zoo.mlp(4, [8], 2), torch.randn(3, 4), keep=0.5, target="heads")
     assert seen["target"] == "heads"
+    seen.clear()
+    nna.prune(enc, torch.randn(3, 4, 8), target="ffn")
+    assert "keep" not in seen  # prune_transformer's own default applies
+    # Recognised by structure, not by class name: a RoBERTa encoder has BERT's layer layout.
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=40)
+    seen.clear()
+    nna.prune(transformers.RobertaModel(cfg), [{"input_ids": torch.randint(3, 50, (2, 6))}], keep=0.5)
+    assert seen["target"] == "ffn"
 
 
 def test_random_baseline_is_seeded():

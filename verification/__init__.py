@@ -22,3 +22,13 @@ from .report import report
 
 __all__ = ["CertificateCheck", "ErrorDecay", "GuaranteeCheck", "RatioEstimate", "certify", "check_guarantee",
            "error_decay", "report", "submodularity_ratio"]
+
+
+def __getattr__(name: str) -> object:
+    """``vf.strategies`` after a plain ``import verification as vf``: imported on first use, since it needs
+    hypothesis (the ``test`` extra), which the rest of the package does not."""
+    if name == "strategies":
+        import importlib
+
+        return importlib.import_module(".strategies", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

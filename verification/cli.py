@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``verify`` subcommand to the ``submod`` command line."""
     p = subparsers.add_parser(
         "verify", help="check greedy's guarantees on an objective and write a Markdown + PNG report",
-        description="Build an objective from arrays (.npy or .csv), compute the submodularity ratio (exact, "
+        description="Build an objective from arrays (.npy, .csv or .txt), compute the submodularity ratio (exact, "
                     "proven lower bound, upper bounds), check the guarantees against brute force on small "
                     "ground sets, certify the optimum, and (least squares) check the exponential error decay. "
                     "The report says which statements are guaranteed and which are estimates.",
