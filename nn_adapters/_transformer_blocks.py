@@ -111,6 +111,7 @@ class PrunedMultiheadAttention(nn.Module):
             if new.out_proj.bias is not None:
                 new.out_proj.bias.copy_(mha.out_proj.bias)
         new.train(mha.training)
+        _same_grad_flags(new, mha)
         return new
 
     def forward(
@@ -139,7 +140,7 @@ class PrunedMultiheadAttention(nn.Module):
         q = F.linear(query, wq, bq).view(b, tq, h, d).transpose(1, 2)
         k = F.linear(key, wk, bk).view(b, tk, h, d).transpose(1, 2)
         v = F.linear(value, wv, bv).view(b, tk, h, d).transpose(1, 2)
-        mask = _additive_mask(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype, is_causal)
+        mask = _additive_mask(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype, is_causal, q.device)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
         if mask is not None:
             scores = scores + mask
@@ -165,6 +166,7 @@ def _additive_mask(
     tk: int,
     dtype: torch.dtype,
     is_causal: bool,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Combine MultiheadAttention-style masks into one additive ``(b, h, tq, tk)`` (broadcastable) mask."""
 
@@ -175,7 +177,7 @@ def _additive_mask(
 
     total = None
     if attn_mask is None and is_causal:
-        attn_mask = torch.ones(tq, tk, dtype=torch.bool).triu(1)
+        attn_mask = torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1)  # on the queries' device
     if attn_mask is not None:
         m = to_additive(attn_mask)
         if m.dim() == 2:
@@ -202,7 +204,17 @@ def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
             new.bias.copy_(bias.to(old.weight.dtype))
     new.train(old.training)
     new.weight.requires_grad_(old.weight.requires_grad)
+    if new.bias is not None:  # a bias the old layer lacked (added by a refit) follows its weight
+        new.bias.requires_grad_((old.bias if old.bias is not None else old.weight).requires_grad)
     return new
+
+
+def _same_grad_flags(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new``'s parameters the ``requires_grad`` of ``old``'s parameters of the same name (frozen stay frozen)."""
+    flags = {name: p.requires_grad for name, p in old.named_parameters()}
+    for name, p in new.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -459,6 +471,7 @@ class _TorchEncoderBlock(_Block):
         b = out.bias if out_weight is None else out_bias
         new.out_proj = _linear_like(out, w, b)
         new.train(att.training)
+        _same_grad_flags(new, att)
         self.module.self_attn = new
 
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:

@@ -254,6 +254,16 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if compression is not None:
             raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
                              "compression=; pass e.g. keep=0.5.")
+        unsupported = [name for name, value, default in (("pairs", pairs, None), ("loss_fn", loss_fn, None),
+                                                           ("progress", progress, False), ("verify", verify, False))
+                       if value is not default]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} apply to MLP/CNN pruning only; transformer pruning "
+                             "(nn_adapters.transformer.prune_transformer) does not take them.")
+        if refit_from != "asym":  # the baselines' statistics: prune_transformer calls it propagation
+            if kwargs.setdefault("propagation", refit_from) != refit_from:
+                raise ValueError(f"refit_from={refit_from!r} and propagation={kwargs['propagation']!r} disagree; "
+                                 "pass one of them.")
         if keep is not None:
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
         return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,

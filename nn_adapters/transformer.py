@@ -36,8 +36,10 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -52,6 +54,7 @@ import torch
 from torch import nn
 
 import submod.sparse_regression
+from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
 from ._stats import CV_FOLDS, CV_GRID
@@ -80,7 +83,7 @@ __all__ = [
 
 GREEDY_METHODS = ("asym", "seq", "layer")
 BASELINE_METHODS = ("magnitude", "wanda", "random")
-_ALIASES = {"weight_norm": "magnitude", "activation_norm": "wanda", "asyminchange": "asym",
+_ALIASES = {"weight_norm": "magnitude", "act_norm": "wanda", "activation_norm": "wanda", "asyminchange": "asym",
             "seqinchange": "seq", "layerinchange": "layer"}
 _TARGETS = ("ffn", "heads", "all")
 #: Relative ridge of the greedy selection when ``ridge="cv"`` (the cross-validated ridge is the refit's): on
@@ -123,7 +126,7 @@ class TransformerPruneReport:
     target: str
     keep: float | dict[str, float]
     reweight: bool
-    seed: int
+    seed: int | None
     propagation: str | None
     units: list[UnitRecord] = field(default_factory=list)
     params_before: int = 0
@@ -168,7 +171,7 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for f in (keep.values() if isinstance(keep, Mapping) else [keep]):
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0.0 < float(f) <= 1.0):
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0.0 < float(f) <= 1.0):
             raise ValueError(f"keep must be a fraction in (0, 1] of the units kept in every block, or a dict "
                              f"{{block name or index: fraction}}, got {keep!r}; e.g. keep=0.5 removes half of the "
                              "neurons, keep={'encoder.layer.5': 0.75} prunes only that block")
@@ -242,9 +245,11 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
         got: dict[str, Any] = {}
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], got: dict[str, Any] = got) -> None:
-            if "src" in kwargs:  # nn.TransformerEncoderLayer called with keywords
-                kwargs = dict(kwargs)
-                args = (kwargs.pop("src"), *args)
+            if block.kind == "torch_encoder_layer":
+                # bind to the layer's signature, so that masks passed positionally (layer(x, None, kpm)) are seen
+                # by name, like the keywords nn.TransformerEncoder passes
+                named = dict(inspect.signature(block.module.forward).bind(*args, **kwargs).arguments)
+                args, kwargs = (named.pop("src"),), named
             got["x"] = args[0].detach()
             got["ctx"] = {"args": tuple(args[1:]), "kwargs": dict(kwargs)}
             raise _StopForward
@@ -400,8 +405,8 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
     out = [1.0] * len(blocks)
     seen: set[int] = set()
     for key, f in keep.items():
-        if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(blocks):
-            i = key
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool) and 0 <= key < len(blocks):
+            i = int(key)
         elif isinstance(key, str) and key in names:
             i = names.index(key)
         else:
@@ -521,7 +526,7 @@ def prune_transformer(
     target: str = "ffn",
     method: str = "asym",
     reweight: bool = True,
-    seed: int = 0,
+    seed: int | None = 0,
     *,
     propagation: str = "asym",
     ridge: float | str = "cv",
@@ -647,7 +652,7 @@ def prune_transformer(
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
-    was_training = model.training
+    flags = {name: m.training for name, m in model.named_modules()}
     work = copy.deepcopy(model).eval()
     blocks = find_blocks(work)
     if not blocks:
@@ -660,7 +665,8 @@ def prune_transformer(
     fractions = _block_fractions(keep, blocks)
     keep = {b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep)
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
-                                    seed=int(seed), propagation=None if method in GREEDY_METHODS else propagation,
+                                    seed=None if seed is None else int(seed),
+                                    propagation=None if method in GREEDY_METHODS else propagation,
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
     budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0]) for s in stages} for f, blk in zip(fractions, blocks,
                                                                                             strict=True)]
@@ -697,7 +703,8 @@ def prune_transformer(
             for i, blk in enumerate(blocks):
                 oblk = orig_blocks[i]
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
-                if not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale, equal_nan=True):
+                if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
+                                                                       equal_nan=True):
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported")
                 full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages)
@@ -727,7 +734,8 @@ def prune_transformer(
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
                                      _Ridge(ridge, False), rule, rng, report, t0)
 
-    work.train(was_training)
+    for name, m in work.named_modules():  # the caller's train/eval mode, module by module
+        m.training = flags.get(name, flags[""])
     report.params_after = _n_params(work)
     report.block_forwards = counter[0]
     report.spec = make_spec(work)
@@ -976,6 +984,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it owner-only; give it a plain mkdir's permissions
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
             model.save_pretrained(tmp)
         else:
@@ -1034,6 +1043,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
             keys = [k for k in fresh if k.startswith(child + ".")]
             if keys and not any(k in state for k in keys):
                 setattr(model, child, None)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # the saved precision (e.g. float64), not the default of a freshly built model
+        model.to(dtypes.pop())
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]

@@ -14,14 +14,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "file_mode"]
+__all__ = ["atomic_path", "dir_mode", "file_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def file_mode() -> int:
     """``0o666`` minus the process umask (the mode ``open(path, "w")`` creates files with)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """``0o777`` minus the process umask (the mode ``os.mkdir`` creates directories with)."""
+    return 0o777 & ~_umask()
 
 
 @contextmanager

@@ -259,6 +259,14 @@ def test_prune_entry_point_passes_the_refit_options_to_transformers() -> None:
     assert [u.relative_error for u in via.units] == pytest.approx([u.relative_error for u in direct.units])
     _, curve = nna.prune(model, data, keep=0.5, target="ffn", allocation="error-curve")
     assert curve.allocation == "error-curve"
+    # the CNN path's names mean the same here: act_norm is the Wanda-style baseline, refit_from its statistics
+    _, wanda = nna.prune(model, data, keep=0.5, method="act_norm", refit_from="layer")
+    assert wanda.method == "wanda" and wanda.propagation == "layer"
+    _, rnd = nna.prune(model, data, keep=0.5, method="random", seed=None)
+    assert rnd.seed is None
+    for option in ({"verify": True}, {"progress": True}, {"loss_fn": torch.nn.functional.mse_loss}):
+        with pytest.raises(ValueError, match="MLP/CNN pruning only"):
+            nna.prune(model, data, keep=0.5, **option)
 
 
 def _partially_pruned(model: nn.Module, pruned: nn.Module, layer: int) -> nn.Module:
@@ -357,6 +365,55 @@ def test_padding_tokens_are_excluded_torch() -> None:
     assert [u.kept for u in r1.units] == [u.kept for u in r2.units]
     for t1, t2 in zip(p1.state_dict().values(), p2.state_dict().values(), strict=True):
         torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
+
+
+class PositionalMaskEncoder(nn.Module):
+    """Calls its encoder layers with the padding mask as a positional argument: layer(x, None, kpm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = tel_model(norm_first=False).layers
+
+    def forward(self, x: torch.Tensor, kpm: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, None, kpm)
+        return x
+
+
+def test_padding_mask_passed_positionally_is_seen() -> None:
+    model = PositionalMaskEncoder().eval()
+    data = [{"x": b["src"], "kpm": b["src_key_padding_mask"]} for b in tel_batches()]
+    dirty = [{"x": b["src"], "kpm": b["src_key_padding_mask"]} for b in tel_batches(garbage=50.0)]
+    p1, r1 = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    p2, r2 = prune_transformer(model, dirty, keep=0.5, target="all", method="asym")
+    assert r1.n_padding_excluded == sum(int(b["kpm"].sum()) for b in data) > 0
+    for t1, t2 in zip(p1.state_dict().values(), p2.state_dict().values(), strict=True):
+        torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_flags_and_module_modes_are_kept() -> None:
+    for model, data in ((tiny_bert(), token_batches()), (tel_model(norm_first=True), tel_batches())):
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        first = next(iter(model.children()))
+        first.eval()  # a per-module mode, kept module by module
+        pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+        assert not any(p.requires_grad for p in pruned.parameters())
+        assert pruned.training and not next(iter(pruned.children())).training
+
+
+def test_float64_bert_saves_and_reloads_in_float64(tmp_path) -> None:
+    model, data = tiny_bert().double(), token_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    path = save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(path)
+    assert {p.dtype for p in back.parameters()} == {torch.float64}
+    for b in data:
+        assert torch.equal(bert_out(back, b), bert_out(pruned, b))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask  # a plain mkdir's permissions, not mkdtemp's 0700
 
 
 def test_input_model_is_unchanged() -> None:
@@ -507,12 +564,13 @@ def test_error_curve_allocation_keeping_everything_is_exact(target: str) -> None
     assert rep.params_after == rep.params_before
 
 
-@pytest.mark.parametrize("key", ["encoder.layer.1", 1])
+@pytest.mark.parametrize("key", ["encoder.layer.1", 1, np.int64(1)])
 def test_keep_per_block(key: str | int) -> None:
     # keep by block name or index: the named block keeps round(0.25 * INTER) neurons, the other keeps all; without
     # refit the untouched block keeps its weights exactly (its own units and the previous block are unchanged)
     model, data = tiny_bert(), token_batches()
-    pruned, rep = prune_transformer(model, data, keep={key: 0.25}, target="ffn", method="asym", reweight=False)
+    pruned, rep = prune_transformer(model, data, keep={key: np.float32(0.25)}, target="ffn", method="asym",
+                                    reweight=False)  # numpy scalars are numbers too
     assert [u.n_kept for u in rep.units] == [INTER, round(0.25 * INTER)]
     assert rep.keep == {"encoder.layer.0": 1.0, "encoder.layer.1": 0.25}
     sizes = [layer.intermediate.dense.out_features for layer in pruned.encoder.layer]
@@ -604,6 +662,18 @@ def test_bad_data_and_models() -> None:
         prune_transformer(tiny_bert(), [])
     with pytest.raises(ValueError, match="no transformer block"):
         prune_transformer(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)])
+
+    class Shared(nn.Module):  # one block applied twice: not a stack of blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = tel_model(norm_first=False).layers[0]
+
+        def forward(self, src: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+            return self.a(self.a(src, src_key_padding_mask=src_key_padding_mask),
+                          src_key_padding_mask=src_key_padding_mask)
+
+    with pytest.raises(ValueError, match="applied one after another"):
+        prune_transformer(Shared().eval(), tel_batches(n_batches=1), keep=0.5)
     batch = token_batches(1)[0]
     with pytest.raises(ValueError, match="no real token"):
         prune_transformer(tiny_bert(), [{"input_ids": batch["input_ids"],
