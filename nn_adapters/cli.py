@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model with nn_adapters.save_pruned.")
     pr.add_argument("spec", help="module:function, e.g. mymodels:build")
     grp = pr.add_mutually_exclusive_group()
-    grp.add_argument("--compression", type=float, help="whole-network parameter compression, e.g. 4")
+    grp.add_argument("--compression", type=float,
+                     help="whole-network parameter compression, e.g. 4 (the default when --keep is not given)")
     grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5")
     pr.add_argument("--method", default="asym",
                     choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad"))
@@ -82,13 +83,24 @@ def _load_user(spec: str) -> tuple:
     except ImportError as exc:
         raise ValueError(f"cannot import module {mod_name!r} ({exc}); run from its directory or set "
                          "PYTHONPATH.") from exc
+    except Exception as exc:  # the user's module failed while importing: say so in one line
+        raise ValueError(f"importing {mod_name!r} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"{mod_name!r} has no callable {fn_name!r}.")
-    out = fn()
+    try:
+        out = fn()
+    except Exception as exc:
+        raise ValueError(f"{spec}() failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(out, tuple) or len(out) not in (2, 3):
         raise ValueError(f"{spec} must return (model, calibration_loader) or (model, calibration_loader, "
                          f"eval_loader); got {type(out).__name__}.")
+    import torch
+
+    if not isinstance(out[0], torch.nn.Module):
+        raise ValueError(f"{spec} must return a torch.nn.Module first; got {type(out[0]).__name__}.")
+    if len(out) == 3:  # read a one-shot eval loader (a generator) once, before and after pruning alike
+        out = (out[0], out[1], list(out[2]))
     return out
 
 
@@ -96,14 +108,27 @@ def _eval_accuracy(model: object, loader: object) -> float:
     import torch
 
     correct = total = 0
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
-            x, y = batch[0], batch[1]
-            correct += int((model(x).argmax(dim=-1) == y).sum())
-            total += len(y)
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
+                x, y = batch[0], batch[1]
+                logits = model(x)
+                if not isinstance(logits, torch.Tensor):
+                    raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
+                                     f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")
+                try:
+                    correct += int((logits.argmax(dim=-1) == y).sum())
+                except RuntimeError as exc:
+                    raise ValueError(f"the labels of the evaluation loader do not match the model's outputs "
+                                     f"({exc}).") from exc
+                total += len(y)
+    finally:
+        for m, was in flags:  # the user's model keeps its train/eval mode
+            m.training = was
     if total == 0:
         raise ValueError("the evaluation loader is empty.")
     return correct / total
@@ -114,6 +139,8 @@ def _run_prune(args: argparse.Namespace) -> int:
 
     if args.compression is None and args.keep is None:
         args.compression = 4.0
+    if Path(args.out).is_dir():  # found now, not after the pruning
+        raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/pruned_model.pt.")
     model, calib, *rest = _load_user(args.spec)
     before = _eval_accuracy(model, rest[0]) if rest else None
     pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,

@@ -10,6 +10,7 @@ and a Markdown report. All files are written atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -110,6 +111,19 @@ def _plot(rows: list[dict], dense_acc: float, calib_sizes: Sequence[int], path: 
         plt.close(fig)
 
 
+def _check_demo_args(compressions: Sequence[float], calib_sizes: Sequence[int], n_train: int) -> None:
+    """Refuse bad sizes before any work (and before the output directory is created)."""
+    if not len(compressions) or not len(calib_sizes):
+        raise ValueError("give at least one compression and one calibration size.")
+    for c in compressions:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 1:
+            raise ValueError(f"compressions must be numbers >= 1 (e.g. 2 4 8 16); got {c!r}.")
+    for n in calib_sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_train:
+            raise ValueError(f"calibration sizes must be integers from 1 to {n_train} (the training images); "
+                             f"got {n!r}.")
+
+
 def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Sequence[float] = (2, 4, 8, 16),
              calib_sizes: Sequence[int] = (50, 100, 500), methods: Sequence[tuple[str, str, bool]] | None = None,
              seed: int = 0, retrain: bool = False, verbose: bool = True) -> dict:
@@ -121,11 +135,12 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
         ``dense`` (unpruned accuracy, params, FLOPs, latency), ``rows`` (one dict per run) and ``files``.
     """
     methods = DEMO_METHODS if methods is None else list(methods)
+    Xtr, ytr, Xte, yte = load_digits_split()
+    _check_demo_args(compressions, calib_sizes, len(Xtr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     model, info = pretrained_digits_cnn(retrain=retrain)
-    Xtr, ytr, Xte, yte = load_digits_split()
     if verbose:
         how = "loaded from cache" if info["cached"] else f"trained in {info['train_time_s']:.1f}s"
         print(f"digits CNN {how} ({info['path']})")
@@ -169,12 +184,14 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
     if verbose:
         print(table)
     plot_path = out / "accuracy_vs_compression.png"
-    _plot(rows, dense["accuracy"], calib_sizes, plot_path)
     total = time.perf_counter() - t_all
     result = {"dense": dense, "rows": rows, "verified": verified, "total_time_s": total, "model_cache": info["path"],
               "files": {"json": str(out / "results.json"), "plot": str(plot_path), "report": str(out / "report.md")}}
-    _write_atomic(out / "results.json", json.dumps(result, indent=2))
-    _write_atomic(out / "report.md", _markdown(result, compressions, calib_sizes))
+    # every file's content is made before any file is replaced, so a failure leaves the previous run's set intact
+    text_json, text_md = json.dumps(result, indent=2), _markdown(result, compressions, calib_sizes)
+    _plot(rows, dense["accuracy"], calib_sizes, plot_path)
+    _write_atomic(out / "results.json", text_json)
+    _write_atomic(out / "report.md", text_md)
     if verbose:
         print(f"wrote {out / 'report.md'}, {plot_path}, {out / 'results.json'} in {total:.1f}s")
     return result

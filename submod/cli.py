@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_path
+from ._validation import as_float_array
 from .selector import OBJECTIVES, build_objective
 
 
@@ -38,7 +39,7 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
     if not (arr.ndim == 2 or (allow_1d and arr.ndim == 1)):
         shape = "a 1-D or 2-D array" if allow_1d else "a 2-D array (items x features)"
         raise ValueError(f"{what} must be {shape}; got shape {arr.shape}.")
-    return np.asarray(arr, dtype=np.float64)
+    return as_float_array(arr, what)  # numeric, real and finite, or a clear error
 
 
 def _load_text(p: Path, delimiter: str | None) -> np.ndarray:

@@ -41,6 +41,9 @@ from .base import GainState, SetFunction
 
 __all__ = ["GramAccumulator", "RegressionPath", "SparseRegression"]
 
+#: Non-zero columns of A or Y whose largest magnitude is below this are refused: their squares underflow float64.
+_UNDERFLOW = 1e-150
+
 #: Default relative tolerance: a column whose squared residual norm is ``<= tol * (G_jj + ridge)`` is degenerate.
 DEFAULT_TOL = 1e-10
 
@@ -199,6 +202,14 @@ class SparseRegression(SetFunction):
             raise ValueError(f"A has {a.shape[0]} rows but Y has {y.shape[0]}; pass one target row per design row.")
         if a.shape[0] == 0 or a.shape[1] == 0 or y.shape[1] == 0:
             raise ValueError(f"A (shape {a.shape}) and Y (shape {y.shape}) must have at least one row and column.")
+        for name, arr in (("A", a), ("Y", y)):
+            colmax = np.abs(arr).max(axis=0)
+            tiny = np.flatnonzero((colmax > 0) & (colmax < _UNDERFLOW))
+            if tiny.size:
+                raise ValueError(f"{name} column {int(tiny[0])} (and {tiny.size - 1} more) has values below "
+                                 f"{_UNDERFLOW:g} in magnitude: their squares underflow float64 and the statistics "
+                                 f"lose all precision. Rescale {name} (columns may be scaled one by one: F depends "
+                                 "only on the span of A's columns).")
         count = a.shape[0]
         mean_a = a.mean(axis=0)
         mean_y = y.mean(axis=0)

@@ -104,6 +104,47 @@ def test_cli_prune_user_model(tmp_path, monkeypatch, capsys):
         args.func(args)
 
 
+def test_cli_prune_reports_user_code_problems_and_leaves_the_model_alone(tmp_path, monkeypatch, capsys):
+    from submod.cli import main
+
+    (tmp_path / "usermods.py").write_text(
+        "import torch\nfrom nn_adapters import zoo\n"
+        "torch.manual_seed(0)\n"
+        "X = torch.randn(80, 10); Y = torch.randint(0, 3, (80,))\n"
+        "MODEL = zoo.mlp(10, [16, 16], 3).train()\n"
+        "def raises():\n    raise RuntimeError('no data here')\n"
+        "def not_a_model():\n    return 'model', X\n"
+        "def one_shot():\n    return MODEL, X, ((X[i:i + 20], Y[i:i + 20]) for i in range(0, 80, 20))\n"
+        "def bad_labels():\n    return MODEL, X, [(X[:20], Y[:10])]\n")
+    (tmp_path / "broken.py").write_text("raise KeyError('at import')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, match in (("usermods:raises", "RuntimeError: no data here"), ("usermods:not_a_model", "nn.Module"),
+                        ("broken:build", "importing 'broken' failed"), ("usermods:bad_labels", "labels")):
+        assert main(["prune", spec, "--keep", "0.5", "--out", "x.pt"]) == 2  # one line, no traceback
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and err.count("\n") == 1
+    os.mkdir("adir")
+    assert main(["prune", "usermods:one_shot", "--keep", "0.5", "--out", "adir"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    # a generator as evaluation loader is read once and serves both accuracies; the user's model keeps its mode
+    assert main(["prune", "usermods:one_shot", "--keep", "0.5", "--out", "p.pt"]) == 0
+    assert "accuracy on the evaluation loader" in capsys.readouterr().out
+    import usermods
+    assert usermods.MODEL.training and all(m.training for m in usermods.MODEL.modules())
+    assert [m.out_features for m in usermods.MODEL if isinstance(m, torch.nn.Linear)] == [16, 16, 3]
+
+
+def test_demo_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: pytest.fail("loaded the model"))
+    for kwargs, match in (({"calib_sizes": (-5,)}, "calibration sizes"), ({"calib_sizes": (5000,)}, "1437"),
+                          ({"calib_sizes": (0,)}, "calibration sizes"), ({"compressions": (0.5,)}, ">= 1"),
+                          ({"compressions": ()}, "at least one")):
+        with pytest.raises(ValueError, match=match):
+            demo.run_demo(tmp_path / "out", verbose=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_writes_table_plot_and_report(tmp_path, monkeypatch):
     """The demo pipeline end to end on an untrained net (training is covered by the slow test)."""
     net = zoo.digits_cnn().eval()

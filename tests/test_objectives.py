@@ -167,6 +167,7 @@ def test_from_callable_normalises_and_flags():
     (lambda: submod.GraphCut(similarity=1e-9 * np.array([[0.0, 1, 0], [0, 0, 0], [0, 0, 0]])), "symmetric"),
     (lambda: submod.FeatureBased(np.ones((2, 2)) * (1 + 1j)), "real"),
     (lambda: submod.SparseRegression(1e200 * np.eye(3), np.ones(3)), "overflow"),
+    (lambda: submod.SparseRegression(1e-170 * np.eye(3), np.ones(3)), "underflow"),
     (lambda: submod.FacilityLocation(1e200 * np.eye(3)), "overflow"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(make, match):

@@ -109,6 +109,9 @@ def test_load_matrix_formats_and_errors(tmp_path):
     (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n6 7\n")
     with pytest.raises(ValueError, match="could not read data"):
         load_matrix(tmp_path / "ragged.txt")
+    np.save(tmp_path / "complex.npy", np.ones((3, 2)) * (1 + 1j))
+    with pytest.raises(ValueError, match="must be real"):  # not silently cast to its real part
+        load_matrix(tmp_path / "complex.npy")
 
 
 def test_select_command_reports_an_unwritable_output_path(tmp_path, capsys):

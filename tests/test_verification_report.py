@@ -102,6 +102,10 @@ def test_submod_main_dispatches_verify(tmp_path):
     assert rc == 0
     text = (tmp_path / "rep" / "verify_report.md").read_text()
     assert "OPT_2 = 5 (**exact**" in text and "declared submodular: True" in text
+    np.save(tmp_path / "w1.npy", np.array([3.0, 1.0, 2.0, 0.5]))  # the weights as a plain vector, as --help says
+    assert main(["verify", "--data", str(tmp_path / "w1.npy"), "--objective", "modular", "-k", "2", "--out",
+                 str(tmp_path / "rep1"), "--no-figures", "--samples", "50"]) == 0
+    assert "OPT_2 = 5 (**exact**" in (tmp_path / "rep1" / "verify_report.md").read_text()
 
 
 def test_verify_command_reports_bad_input(tmp_path, capsys):

@@ -47,7 +47,7 @@ def build_objective(args: argparse.Namespace):
     import submod
     from submod.sparse_regression import SparseRegression
 
-    X = load_matrix(args.data, "--data")
+    X = load_matrix(args.data, "--data", allow_1d=args.objective == "modular")  # modular: a weight vector
     if args.objective == "sparse-regression":
         if args.targets is None:
             raise ValueError("--objective sparse-regression needs --targets Y.npy (the outputs to reconstruct; "
