@@ -228,7 +228,9 @@ def _layer_sections(result: dict, compressions: Sequence[float], calib_sizes: Se
     ver = result.get("verified")
     if ver:
         lines += [f"## What verification says (asym, {ver['compression']:g}x, {ver['n_calib']} images)", "",
-                  "From `verification.error_decay` on each layer's selection objective (calibration data). "
+                  "From `verification.error_decay` on each layer's selection objective (calibration data, at the "
+                  "selection's ridge): `rel_err_at_k` and its bound are about the greedy selection, not the refit "
+                  "whose in-sample error the table above reports (the refit uses its own, cross-validated ridge). "
                   "Each number is labelled: proven lower bound, proven upper bound, exact, or estimate.", ""]
         for lr in ver["layers"]:
             items = "; ".join(f"{name} = {v if isinstance(v, str) else f'{v:.4g}'} ({kind})"
