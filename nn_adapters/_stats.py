@@ -6,7 +6,8 @@ one row per sample for a ``Linear`` consumer, one row per sample and output posi
 ``kh * kw`` taps of that channel). The targets are ``Y = A_target W^T`` (the consumer's output without its
 bias), where ``A_target`` is the same input in the original network (``asym``, ``layer``) or in the network
 pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``), so
-memory does not grow with the number of samples.
+the statistics' memory does not grow with the number of samples (the sequential modes' cached activations, held
+by :mod:`nn_adapters.pruning`, do).
 """
 
 from __future__ import annotations

@@ -687,6 +687,7 @@ def prune_transformer(
             try:
                 cache = _capture_first_block(orig, orig_blocks[0], batches)
                 chain = _capture_chain(orig, orig_blocks, batches[0])
+                counter[0] += len(orig_blocks)  # that full forward ran every block once
             finally:
                 torch.backends.mha.set_fastpath_enabled(fast)
             _assign_folds(cache)
