@@ -230,7 +230,7 @@ class CallableFunction(SetFunction):
         self._offset = self._call(np.zeros(0, dtype=np.int64))  # normalises F(empty) to 0
 
     def _call(self, S: np.ndarray) -> float:
-        v = self._oracle(S)
+        v = self._oracle(S.copy())  # the oracle's own array: sorting or editing it cannot corrupt the caller's set
         try:
             v = float(v)
         except (TypeError, ValueError) as exc:

@@ -30,6 +30,10 @@ class Constraint:
         """Largest total of ``max(gains, 0)`` over a relaxation of the feasible sets of size <= k."""
         raise NotImplementedError
 
+    def _max_picks(self, n: int) -> int:
+        """Most elements a feasible set can hold (``n`` unless the constraint says fewer)."""
+        return n
+
 
 class _Tracker:
     def __init__(self, n: int) -> None:
@@ -188,6 +192,10 @@ class PartitionMatroid(Constraint):
 
     def _tracker(self, n: int) -> _PartitionTracker:
         return _PartitionTracker(self)
+
+    def _max_picks(self, n: int) -> int:
+        sizes = np.bincount(self.groups, minlength=self.budgets.size)
+        return int(np.minimum(sizes, self.budgets).sum())  # the matroid's rank
 
     def _max_total_gain(self, gains: np.ndarray, k: int) -> float:
         g = np.maximum(gains, 0.0)

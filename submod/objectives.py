@@ -407,6 +407,7 @@ class Coverage(SetFunction):
                 raise ValueError("incidence contains NaN or infinite values.")
         else:
             M = sp.csr_matrix(as_float_array(incidence, "incidence", ndim=2))
+        M.sum_duplicates()  # one entry per (item, concept), so a concept's weight is counted once
         M.eliminate_zeros()
         M = sp.csr_matrix((np.ones_like(M.data), M.indices, M.indptr), shape=M.shape)
         if M.shape[0] == 0:
@@ -440,8 +441,10 @@ class _CoverageState(GainState):
 
     def _add(self, j: int) -> None:
         M = self._f.incidence
-        self._open[M.indices[M.indptr[j]:M.indptr[j + 1]]] = 0.0
-        self.value = float(self._f.weights.sum() - self._open.sum())
+        concepts = M.indices[M.indptr[j]:M.indptr[j + 1]]
+        # add the newly covered weight (total - open would cancel digits when weights differ widely in size)
+        self.value += float(self._open[concepts].sum())
+        self._open[concepts] = 0.0
 
 
 class LogDeterminant(SetFunction):
@@ -508,6 +511,9 @@ class LogDeterminant(SetFunction):
             return 0.0
         sub = self.similarity[np.ix_(idx, idx)] / self.ridge + np.eye(idx.size)
         sign, logdet = np.linalg.slogdet(sub)
+        if sign <= 0:  # det(I + K_SS / ridge) >= 1 for a PSD kernel: K is not PSD on S
+            raise ValueError(f"the similarity is not positive semidefinite on S = {idx.tolist()} (det(I + K_SS / "
+                             "ridge) <= 0); pass a PSD kernel, e.g. K = X @ X.T or an RBF kernel.")
         return float(logdet)
 
     def init_state(self) -> GainState:

@@ -56,7 +56,7 @@ class SelectionResult:
         ``(step, element, stale_bound, fresh_gain)`` for every observed fresh gain larger than its stale bound
         (a violation of diminishing returns that plain lazy greedy would have trusted).
     negative_gains : list of tuple
-        ``(step, element, gain)`` for observed negative gains (the function is not monotone).
+        ``(step, element, gain)`` for observed negative gains (the function is not monotone); the first 20.
     stopped_early : bool
         True when no feasible candidate had a positive gain before the budget was used up.
     """
@@ -263,6 +263,17 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
                            negative_gains=run.negative, stopped_early=stopped_early)
 
 
+def _finite(g: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
+    """``g`` itself, or a clear error when an objective's gains hold NaN or infinity (``argmax`` would pick them)."""
+    g = np.asarray(g, dtype=np.float64)
+    if not np.isfinite(g).all():
+        i = int(np.flatnonzero(~np.isfinite(g))[0])
+        j = i if cand is None else int(cand[i])
+        raise ValueError(f"the objective returned a non-finite gain ({g[i]}) for element {j}; gains must be finite "
+                         "numbers. Check the function's GainState.gains (or value oracle) for 0/0, log(0) or overflow.")
+    return g
+
+
 def _scale_tol(g: np.ndarray) -> float:
     return 1e-12 * max(1.0, float(np.abs(g).max(initial=0.0)))
 
@@ -273,7 +284,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
     n = run.f.n
     costs = run.constraint.costs if knapsack else None
     incremental = hasattr(state, "_incremental_init")
-    g = state._incremental_init() if incremental else state.gains()
+    g = _finite(state._incremental_init() if incremental else state.gains())
     run.n_eval += n
     run.singletons = g.copy()
     # Incremental gains carry rounding error: candidates within ``slack`` of the best are re-evaluated exactly,
@@ -290,7 +301,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
         best = score.max()
         if incremental or knapsack:
             near = np.flatnonzero(score >= best - slack / (costs.min() if knapsack else 1.0))
-            fresh = state.gains(near)
+            fresh = _finite(state.gains(near), near)
             run.n_eval += near.size
             i = int(np.argmax(fresh / costs[near] if knapsack else fresh))
             j, gj = int(near[i]), float(fresh[i])
@@ -300,7 +311,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
         if gj <= 0.0:
             break
         run.pick(j, gj)
-        g = state._incremental_update() if incremental else state.gains()
+        g = _finite(state._incremental_update() if incremental else state.gains())
         run.n_eval += n
         if track_violations:
             feas = run.feasible()
@@ -375,16 +386,14 @@ def _lazy(run: _Run, knapsack: bool) -> None:
 def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, evaluated: np.ndarray, stale: np.ndarray,
                    costs: np.ndarray | None) -> np.ndarray:
     """Fresh gains of ``top``: record violations and negative gains, refresh the bounds, return the scores."""
-    g = run.state.gains(top)
+    g = _finite(run.state.gains(top), top)
     run.n_eval += top.size
     tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
     grew = (g > ub[top] + tol) & evaluated[top]
     if grew.any():
         for i in np.flatnonzero(grew):
             run.violations.append((run.step, int(top[i]), float(ub[top[i]]), float(g[i])))
-    if g.min(initial=0.0) < -tol:
-        for i in np.flatnonzero(g < -tol):
-            run.negative.append((run.step, int(top[i]), float(g[i])))
+    run.note_negative(top, g, tol)
     ub[top] = g
     evaluated[top] = True
     stale[top] = -np.inf
@@ -395,28 +404,33 @@ def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
     """Stochastic greedy (Mirzasoleiman et al. 2015): the best of a random sample of candidates per step."""
     state = run.state
     n = run.f.n
-    s = max(1, math.ceil(n / max(run.k, 1) * math.log(1.0 / eps)))
+    # The number of picks the run can make: k, or the rank of a partition matroid if smaller.
+    picks = min(run.k, run.constraint._max_picks(n))
+    s = max(1, math.ceil(n / max(picks, 1) * math.log(1.0 / eps)))
     while run.step < run.k:
         feas = np.flatnonzero(run.feasible())
         if feas.size == 0:
             break
         cand = np.sort(rng.choice(feas, size=min(s, feas.size), replace=False))
-        g = state.gains(cand)
+        g = _finite(state.gains(cand), cand)
         run.n_eval += cand.size
         run.note_negative(cand, g, _scale_tol(g))
         i = int(np.argmax(g))
         if g[i] <= 0.0:
             # The sample saw no positive gain: look at every feasible candidate before stopping.
             cand = feas
-            g = state.gains(cand)
+            g = _finite(state.gains(cand), cand)
             run.n_eval += cand.size
+            run.note_negative(cand, g, _scale_tol(g))
             i = int(np.argmax(g))
             if g[i] <= 0.0:
                 break
         run.pick(int(cand[i]), float(g[i]))
     if run.gamma is not None:
-        g_all = state.gains()
+        g_all = _finite(state.gains())
         run.n_eval += n
+        feas = run.feasible()
+        run.note_negative(np.flatnonzero(feas), g_all[feas], _scale_tol(g_all))  # a certificate needs monotone F
         run.bound(g_all)
 
 

@@ -204,6 +204,69 @@ def test_no_certificate_from_stale_gains_of_a_non_submodular_function():
         assert res.certificate.upper_bound >= brute_opt(f, 2) * (1 - 1e-9)
 
 
+def test_stochastic_greedy_reports_negative_gains_and_gives_no_certificate_then():
+    # Declared submodular and (by default) monotone, but F drops by 300 when 0 and 99 are both in: at the final
+    # set of this seed the gain of 99 is -180 and a certificate from those gains would be 119 < F = 129 reachable.
+    w = np.ones(100)
+    w[0], w[99] = 100.0, 120.0
+
+    def value(S):
+        S = list(S)
+        return float(w[S].sum() - (300.0 if (0 in S and 99 in S) else 0.0))
+
+    f = submod.from_callable(value, n=100, submodular=True)
+    with pytest.warns(UserWarning, match="not monotone"):
+        res = submod.maximize(f, 10, method="stochastic", seed=17)
+    assert res.negative_gains and res.certificate is None
+
+
+def test_stochastic_sample_size_follows_the_matroid_rank():
+    # n = 60 in 6 groups of 10, one pick per group: 6 picks at most, so ceil((60 / 6) ln(1 / 0.05)) = 30 samples
+    # per step (capped by the feasible candidates left), not ceil((60 / 60) ln 20) = 3 as k = n would give.
+    f = submod.Modular(np.random.default_rng(0).uniform(1.0, 2.0, 60))
+    c = submod.PartitionMatroid(np.repeat(np.arange(6), 10), 1)
+    res = submod.maximize(f, None, method="stochastic", constraint=c, seed=0)
+    per_step = [min(30, 60 - 10 * t) for t in range(6)]
+    assert res.selected.size == 6
+    assert res.n_evaluations == sum(per_step) + 60  # + one full pass for the final-set certificate
+
+
+@pytest.mark.parametrize("method", submod.METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gains_are_refused(method, bad):
+    class Bad(submod.SetFunction):
+        submodular = True
+
+        def init_state(self):
+            return _BadState(self.n)
+
+    class _BadState(submod.GainState):
+        def gains(self, candidates=None):
+            c = self._all(candidates)
+            g = (~self._in_set[c]).astype(float)
+            g[c == 1] = bad
+            return g
+
+        def _add(self, j):
+            self.value += 1.0
+
+    with pytest.raises(ValueError, match="non-finite gain"):
+        submod.maximize(Bad(4), 2, method=method, seed=0)
+
+
+def test_value_oracle_may_modify_its_argument():
+    # An oracle that sorts S in place must not corrupt the base set of the next candidates.
+    w = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
+
+    def value(S):
+        S.sort()
+        return float(w[S].sum())
+
+    f = submod.from_callable(value, n=5, submodular=True)
+    np.testing.assert_allclose(f.gains([4]), [5.0, 1.0, 4.0, 2.0, 0.0])
+    assert submod.maximize(f, 3).selected.tolist() == [0, 2, 4]
+
+
 def test_function_declared_non_monotone_gets_no_certificate():
     # Submodular but not monotone; no negative gain shows on the greedy path, yet the online bound needs
     # monotonicity (here it would be 6.45 < OPT = 7.57).

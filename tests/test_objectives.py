@@ -184,6 +184,25 @@ def test_caller_arrays_are_not_modified():
     np.testing.assert_array_equal(K, K_copy)
 
 
+def test_coverage_values_keep_small_weights_next_to_huge_ones():
+    # value = sum of covered weights, accumulated directly (total - uncovered cancels the small ones to 0)
+    f = submod.Coverage([[0, 1, 0], [0, 0, 1]], weights=[1e17, 1.0, 2.0])
+    assert f.value([0]) == 1.0 and f.value([0, 1]) == 3.0
+    res = submod.maximize(f, 2)
+    assert res.values.tolist() == [2.0, 3.0] and res.certificate.upper_bound >= 3.0
+    # a duplicate (item, concept) entry in a sparse incidence counts its concept once
+    M = sp.csr_matrix((np.ones(3), np.array([0, 0, 1]), np.array([0, 3])), shape=(1, 2))
+    assert submod.Coverage(M, weights=[5.0, 7.0]).value([0]) == 12.0
+
+
+def test_log_determinant_value_refuses_a_kernel_that_is_not_psd_on_the_set():
+    K = np.eye(600)  # large enough to skip the construction-time eigenvalue check
+    K[0, 1] = K[1, 0] = 5.0
+    f = submod.LogDeterminant(similarity=K)
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        f.value([0, 1])  # log|det| would be log 21 = 3.04
+
+
 def test_caller_sparse_matrices_are_not_modified():
     # Unsorted indices, a duplicate entry and an explicit zero: the objectives canonicalise their own copy.
     M = sp.csr_matrix((np.array([1.0, 0.0, 1.0]), np.array([0, 1, 1]), np.array([0, 2, 3])), shape=(2, 2))
