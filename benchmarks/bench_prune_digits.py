@@ -195,7 +195,7 @@ def main() -> None:
     std = {k: float(np.std(v)) for k, v in acc.items()}
 
     head = f"{'method':<32}" + "".join(f"{f'{c:g}x':>15}" for c in args.compressions)
-    print("\ntest accuracy %, mean +- std over seeds\n" + head)
+    print("\ntest accuracy %, mean +- std over seeds (population std, ddof=0)\n" + head)
     for label, *_ in METHODS:
         print(f"{label:<32}" + "".join(f"{100 * mean[(label, c)]:>8.1f} +-{100 * std[(label, c)]:>4.1f}"
                                        for c in args.compressions))

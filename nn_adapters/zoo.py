@@ -91,14 +91,19 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        if planes < in_planes:
+            raise ValueError(f"the option-A shortcut only adds channels: planes ({planes}) < in_planes ({in_planes})")
         self.downsample = stride != 1 or in_planes != planes
-        self.pad = (planes - in_planes) // 2
+        self.stride = stride
+        # zero channels before and after the input's (odd differences put the extra one after)
+        self.pad = ((planes - in_planes) // 2, planes - in_planes - (planes - in_planes) // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)) if self.downsample else x
-        return F.relu(out + shortcut)
+        if self.downsample:
+            x = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, *self.pad))
+        return F.relu(out + x)
 
 
 class ResNetCifar(nn.Module):

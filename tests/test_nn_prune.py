@@ -93,6 +93,21 @@ def test_residual_network_prunes_and_runs():
     assert any("residual" in why for _, why in report.skipped)
 
 
+@pytest.mark.parametrize("width", [3, 5, 7])
+def test_resnet_with_odd_width_runs_and_its_shortcut_is_option_a(width):
+    # option A: the shortcut subsamples and pads zero channels, width -> 2 width -> 4 width, odd differences too
+    net = zoo.resnet20(width=width).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert net(x).shape == (2, 10)
+    blk = net.layer2[0]
+    h = torch.randn(2, width, 8, 8)
+    sc = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, *blk.pad))
+    assert sc.shape[1] == 2 * width and torch.equal(sc[:, blk.pad[0]:blk.pad[0] + width], h[:, :, ::2, ::2])
+    assert not sc[:, :blk.pad[0]].any() and not sc[:, blk.pad[0] + width:].any()
+    with pytest.raises(ValueError, match="only adds channels"):
+        zoo.BasicBlock(8, 4)
+
+
 def test_refit_equals_lstsq_on_captured_activations_linear():
     net = zoo.mlp(10, [20, 12], 3).eval()
     x = torch.randn(150, 10)
