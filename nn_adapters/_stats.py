@@ -208,6 +208,10 @@ def _shift_by_prior(part: tuple, M0: np.ndarray) -> tuple:
     return (n, ma, my - ma @ M0, G, B - GM, max(yy - 2.0 * float(np.vdot(M0, B)) + float(np.vdot(M0, GM)), 0.0))
 
 
+#: Relative eigenvalue cut-off of the plain (ridge 0) least-squares refit: directions of ``G`` below it are null.
+PINV_RTOL = 1e-10
+
+
 def ridge_refit(acc: GramAccumulator, cols: np.ndarray, ridge: float, prior: np.ndarray | None = None, *,
                 intercept: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Ridge least-squares refit of ``Y`` on the columns ``cols``: ``(M (c, m), b (m,), relative error)``.
@@ -226,11 +230,15 @@ def ridge_refit(acc: GramAccumulator, cols: np.ndarray, ridge: float, prior: np.
     rhs = B - G @ M0
     if cols.size == 0:
         delta = rhs
+    elif lam > 0:
+        delta = np.linalg.solve(G + lam * np.eye(cols.size), rhs)
     else:
-        try:
-            delta = np.linalg.solve(G + lam * np.eye(cols.size), rhs)
-        except np.linalg.LinAlgError:  # lam == 0 on dead or duplicate columns: the minimum-norm fit
-            delta = np.linalg.lstsq(G, rhs, rcond=None)[0]
+        # Plain least squares: the minimum-norm solution, from the eigenvalues of G above a relative cut-off.
+        # (np.linalg.solve raises only on an exactly zero pivot; a G that is singular in floating point, e.g.
+        # fewer samples than columns, or dead or duplicate units, would give an arbitrary huge interpolant.)
+        w, V = np.linalg.eigh(G)
+        keep = w > PINV_RTOL * max(float(w[-1]), 0.0)
+        delta = V[:, keep] @ ((V[:, keep].T @ rhs) / w[keep, None])
     M = M0 + delta
     b = my - ma @ M
     err = max(yy - 2.0 * float(np.vdot(M, B)) + float(np.vdot(M, G @ M)), 0.0)

@@ -274,6 +274,11 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if isinstance(m, _BN_MODULES):
                 if m.num_features != n_units:
                     return f"BatchNorm {u.target!r} has {m.num_features} features, expected {n_units}"
+                shape = _shape(cur)
+                if not is_conv and shape is not None and len(shape) != 2:
+                    # BatchNorm normalises dim 1; a Linear's units are the last dim of (N, T, F)
+                    return (f"BatchNorm {u.target!r} normalises dim 1 of a {len(shape)}-D tensor {shape}, not the "
+                            f"producer's units (its last dim)")
                 between.append(u.target)
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
