@@ -70,17 +70,18 @@ def test_noise_free_targets_lie_in_the_span_of_the_columns(data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=vst.regression_data(n_units=st.integers(2, 6), suppressor=True, n_targets=st.integers(1, 3),
-                                noise=st.sampled_from([0.0, 0.1]),
-                                rank_deficient=st.sampled_from(["none", "duplicate", "dead", "combination"])))
-def test_planted_suppressor_is_one_at_every_default_sample_size(data):
-    # Default rows go down to columns + 2: the pair must still be a suppressor there (with little noise: noise of
-    # the target's own size can swamp any planted structure in 4 rows). Unit 1 alone explains
-    # almost none of what the pair explains; together the pair explains twice what its singletons add up to.
-    A, Y = data.A, data.Y
+@given(noise=st.sampled_from([0.0, 0.1]), data=st.data())
+def test_planted_suppressor_is_one_at_every_default_sample_size(noise, data):
+    # Default rows go down to columns + 2: the pair must still be a suppressor there. Without noise, unit 1 alone
+    # explains 0.25% of what the pair explains and the pair ratio is 0.5025 exactly; noise of 0.1 in as few as 4
+    # rows moves both a little (noise of the target's own size could swamp any planted structure).
+    d = data.draw(vst.regression_data(n_units=st.integers(2, 6), suppressor=True, n_targets=st.integers(1, 3),
+                                      noise=noise,
+                                      rank_deficient=st.sampled_from(["none", "duplicate", "dead", "combination"])))
+    A, Y = d.A, d.Y
     f0, f1, f01 = _explained(A[:, [0]], Y), _explained(A[:, [1]], Y), _explained(A[:, [0, 1]], Y)
-    assert f1 <= 0.01 * f01
-    assert (f0 + f1) / f01 <= 0.55  # 0.5025 without noise
+    assert f1 <= (0.0026 if noise == 0 else 0.05) * f01
+    assert (f0 + f1) / f01 <= (0.5026 if noise == 0 else 0.6)
 
 
 @settings(max_examples=20, deadline=None)
