@@ -337,7 +337,11 @@ class _Stats:
               fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float, float | None]:
         """Consumer weight (out, n_cols) and bias of the weighted ridge fit on the columns ``cols`` (toward
         ``prior``, the original weights ``(c, m)``, when given); also the in-sample relative error, the relative
-        ridge used and, with ``ridge="cv"``, the cross-validated relative error."""
+        ridge used and, with ``ridge="cv"``, the cross-validated relative error.
+
+        The fit is solved on targets scaled by ``col_scale`` (the LayerNorm's ``|gamma|``), so the penalty on
+        output ``i`` is ``lam * gamma_i^2 * ||M_i - prior_i||^2``: error and ridge are both measured after the
+        LayerNorm's scale, and the cross-validation chooses ``lam`` in that space."""
         if self.col_scale is not None and prior is not None:
             prior = prior * self.col_scale
         cv_err = None
