@@ -201,12 +201,15 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 handles.append(m.register_forward_hook(hook))
-        was = model.training
+        flags = [(m, m.training) for m in model.modules()]
         model.eval()
         batch = example[:2]  # two samples: a BatchNorm that uses batch statistics needs more than one
-        with torch.no_grad():
-            model(batch)
-        model.train(was)
+        try:
+            with torch.no_grad():
+                model(batch)
+        finally:
+            for m, was in flags:  # every module's own mode back (not one flag for the whole model)
+                m.training = was
     finally:
         for h in handles:
             h.remove()

@@ -25,6 +25,7 @@ prunable, as in the paper).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -189,7 +190,7 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     [('2', 'its output is the network output')]
     """
     gm = trace(model)
-    was_training = gm.training
+    flags = [(m, m.training) for m in gm.modules()]  # gm shares the caller's modules: restore each one's mode
     gm.eval()
     try:
         with torch.no_grad():
@@ -199,7 +200,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
                          f"({type(exc).__name__}: {exc}); check that the calibration data matches the model's input."
                          ) from exc
     finally:
-        gm.train(was_training)
+        for m, was in flags:
+            m.training = was
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -371,7 +373,10 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     modules = dict(model.named_modules())
     out = []
     for item in declared:
-        p = item if isinstance(item, Pair) else Pair(item[0], item[1], tuple(item[2]) if len(item) > 2 else ())
+        p = item if isinstance(item, Pair) else Pair(item[0], item[1], item[2] if len(item) > 2 else ())
+        if isinstance(p.between, str):  # one name, not its letters
+            p = Pair(p.producer, p.consumer, (p.between,))
+        p = Pair(p.producer, p.consumer, tuple(p.between))
         for nm in (p.producer, p.consumer, *p.between):
             if nm not in modules:
                 raise ValueError(f"declared pair {p}: no module named {nm!r}; use names from model.named_modules().")
@@ -409,4 +414,30 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     names = [p.producer for p in out]
     if len(set(names)) != len(names):
         raise ValueError("a producer appears in two declared pairs; declare each producer once.")
-    return out
+    # In the order the producers run (a consumer must be refitted before its own outputs are pruned as the next
+    # pair's producer), whatever the order of the declaration.
+    order = _call_order(model, [p.producer for p in out], example_input)
+    return sorted(out, key=lambda p: order.get(p.producer, len(order)))
+
+
+def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:
+    """Position of each named module in the order of its first call in one forward pass (eval mode, no grad)."""
+    seen: dict[str, int] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(_m: nn.Module, _args: tuple) -> None:  # returns None: the input is left as it is
+            seen.setdefault(name, len(seen))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input[:2])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in flags:
+            m.training = was
+    return seen

@@ -421,6 +421,36 @@ def test_batchnorm_on_a_sequence_is_not_taken_for_the_units():
     assert pairs[0].between == ("1",)
 
 
+def test_per_module_modes_survive_find_pairs_and_prune():
+    # a model in train mode with one BatchNorm frozen in eval mode (a common fine-tuning set-up)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+    net.train()
+    net[1].eval()
+    modes = [m.training for m in net.modules()]
+    nna.find_pairs(net, torch.randn(2, 4))
+    assert [m.training for m in net.modules()] == modes  # documented: the caller's model is not modified
+    pruned, _ = nna.prune(net, torch.randn(50, 4), keep=0.5, method="layer")
+    assert [m.training for m in pruned.modules()] == modes
+
+
+@pytest.mark.parametrize("method", ["layer", "weight_norm"])
+def test_declared_pairs_in_any_order(method):
+    # A consumer that is also the next pair's producer must be refitted before its outputs are pruned.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(200, 10)
+    kw = {"keep": 0.5, "method": method, "refit_from": "layer"}
+    a, ra = nna.prune(net, x, pairs=[nna.Pair("0", "2"), nna.Pair("2", "4")], **kw)
+    b, rb = nna.prune(net, x, pairs=[nna.Pair("2", "4"), nna.Pair("0", "2")], **kw)
+    assert [r.pair for r in rb.layers] == ["0->2", "2->4"]
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    for between in ("1", ("1",)):  # one name, or a tuple of names
+        p, _ = nna.prune(bn, torch.randn(50, 4), keep=0.5, method="layer", pairs=[nna.Pair("0", "3", between)])
+        assert p[1].num_features == 4
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
