@@ -129,6 +129,35 @@ def test_spectral_bound_counts_a_tiny_suppressor_column():
     assert vf_certify(f, [3], spec, k=2).upper_bound >= f.value([0, 1]) * (1 - 1e-9)
 
 
+def test_spectral_bound_keeps_every_column_least_squares_keeps_in_a_group():
+    # Unit 0's three columns are nearly dependent (eigenvalue 4.5e-14 of the normalised block), but each one's
+    # residual on the earlier ones exceeds SparseRegression's tol, so F uses all three: the bound must too.
+    rng = np.random.default_rng(0)
+    p, c2, d, t, r = (np.linalg.qr(rng.standard_normal((50, 5)))[0] * np.sqrt(50)).T
+    A = np.column_stack([p, p + 3e-7 * d + 1e-3 * c2, c2, t + 10 * d, r])
+    f = SparseRegression(A, t, groups=[[0, 1, 2], [3], [4]])
+    spec = submodularity_ratio(f, 2, method="spectral")
+    assert spec.value <= brute_gamma(f, 2) + 1e-9  # about 0.0099; the bound was 0.99999985
+    res = submod.maximize(f, 2)
+    opt = max(f.value(list(S)) for S in itertools.combinations(range(3), 2))
+    assert vf_certify(f, res, spec, k=2).upper_bound >= opt * (1 - 1e-9)
+
+
+def test_near_duplicate_columns_are_explained_and_target_orthogonal_to_the_columns_gives_gamma_one():
+    rng = np.random.default_rng(0)
+    x, z, w = rng.standard_normal((3, 40))
+    f = SparseRegression(np.column_stack([x, x + 1e-6 * z, w]), x + 0.5 * w + 0.1 * rng.standard_normal(40))
+    with pytest.raises(ValueError, match="nearly collinear columns.*Pass a ridge"):
+        submodularity_ratio(f, 2)
+    # Y orthogonal to every column: F is rounding noise (1e-31 of ||Y||^2), i.e. 0 everywhere, and 0/0 := 1
+    A = rng.standard_normal((40, 6))
+    Q = np.linalg.qr(A)[0]
+    y = rng.standard_normal(40)
+    y -= Q @ (Q.T @ y)
+    y -= Q @ (Q.T @ y)
+    assert submodularity_ratio(SparseRegression(A, y), 3).value == 1.0
+
+
 def test_spectral_ridge_dominates_theory_formula():
     # THEORY.md: gamma >= (lambda_min(G, s) + lam) / (max_j G_jj + lam); our normalised bound is at least that.
     rng = np.random.default_rng(3)

@@ -21,13 +21,14 @@ too (a ratio of sums is at least the smallest ratio). Minimising over the allowe
 ``gamma_{U,k} >= min_{|S| = k} lambda_min(C_{U u S})`` (``S`` ranges over unions of ``k`` units outside ``U``),
 which is at least Das & Kempe's ``lambda_min(C, |U| + k)`` and at least ``lambda_min(C)``.
 
-Whitening is done on the *normalised* Gram ``D^-1/2 G D^-1/2`` (``D`` its diagonal): ``F`` depends only on the
-span of the columns, so a column's scale is irrelevant, and a column with a tiny but non-zero norm contributes to
-``F`` as much as any other. Only an all-zero column (``G_jj = 0``, no ridge) is dead. Inside a unit of several
-columns, directions whose eigenvalue of the normalised block is ``<= tol`` (a column within ``tol`` of the span of
-the unit's other columns, relative to its own norm, as :class:`submod.SparseRegression` decides degeneracy) are
-dropped; the bound is sound for the function with those directions zeroed, and callers report the units left
-without any direction.
+Which directions count is decided exactly as :class:`submod.SparseRegression` decides it, so that the bound is
+about the function the library evaluates: within each unit, in column order, a column is kept when its squared
+residual on the unit's earlier kept columns exceeds ``tol * ref_j`` (``ref_j = G_jj + ridge`` of the original
+Gram, ``tol`` the objective's own tolerance) and dropped otherwise (weight 0: it adds no direction). A column's
+scale is irrelevant (``F`` depends only on the span), so a tiny but non-zero column counts fully, and a
+near-dependent column that ``SparseRegression`` keeps is kept here too, however ill-conditioned its unit (the
+bound then comes out small, which is sound). The kept columns are whitened through the Cholesky factor of their
+normalised block. Callers report the units left without any column.
 """
 
 from __future__ import annotations
@@ -37,25 +38,27 @@ from itertools import combinations, islice
 
 import numpy as np
 
-#: Eigenvalue threshold (normalised block, unit diagonal) below which a direction of a unit counts as numerically zero.
-DEAD_TOL = 1e-12
+#: Default relative tolerance of degenerate columns: :class:`submod.SparseRegression`'s default (pass ``f.tol``).
+DEAD_TOL = 1e-10
 
 
-def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
-                  tol: float = DEAD_TOL) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
-    """Block-whiten ``G + ridge I`` unit by unit.
+def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0, tol: float = DEAD_TOL,
+                  ref: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """Block-whiten ``G + ridge I`` unit by unit, keeping the columns :class:`submod.SparseRegression` keeps.
 
     Parameters
     ----------
     G : array (d, d)
-        Gram matrix of the columns (symmetric positive semi-definite, float64).
+        Gram matrix of the columns (symmetric positive semi-definite, float64); may be a residual (Schur
+        complement) Gram, with ``ref`` the original squared norms.
     groups : list of int arrays
-        Columns of each unit.
+        Columns of each unit, in order.
     ridge : float
         Ridge added to the diagonal (the least-squares problem on ``[A; sqrt(ridge) I]``).
     tol : float
-        Threshold on the eigenvalues of a unit's normalised block (unit diagonal) below which a direction is
-        numerically zero. Column scales play no part: only all-zero columns are dead.
+        Relative tolerance of degenerate columns (the objective's ``tol``).
+    ref : array (d,), optional
+        Squared norms the tolerance is relative to (default the diagonal of ``G + ridge I``).
 
     Returns
     -------
@@ -64,7 +67,7 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
     unit_cols : list of int arrays
         Columns of ``C`` belonging to each unit (empty for a dead unit).
     dead : list of int
-        Units whose block is numerically zero.
+        Units without any kept column.
 
     Examples
     --------
@@ -77,30 +80,39 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0,
     d = G.shape[0]
     Gr = G + ridge * np.eye(d) if ridge else G
     diag = np.diag(Gr).copy()
-    live = diag > 0.0
+    ref = diag if ref is None else np.asarray(ref, dtype=np.float64)
+    live = (diag > 0.0) & (diag > tol * ref)
     inv_s = np.zeros(d)
     inv_s[live] = 1.0 / np.sqrt(diag[live])
-    Gn = Gr * np.outer(inv_s, inv_s)  # normalised Gram: unit diagonal on live columns, zero rows for dead ones
+    Gn = Gr * np.outer(inv_s, inv_s)  # normalised Gram: unit diagonal on live columns
     blocks, unit_cols, dead = [], [], []
     start = 0
     for u, cols in enumerate(groups):
         cols = np.asarray(cols, dtype=np.int64)
-        if cols.size == 1:
-            W = np.ones((1, 1)) if live[cols[0]] else np.zeros((1, 0))
+        kept: list[int] = []
+        for j in cols:  # SparseRegression's rule, in column order
+            if not live[j]:
+                continue
+            if kept:
+                g = Gn[kept, j]
+                res = 1.0 - float(g @ np.linalg.solve(Gn[np.ix_(kept, kept)], g))
+            else:
+                res = 1.0
+            if res > tol * ref[j] / diag[j]:  # the residual relative to the reference norm, as SparseRegression
+                kept.append(int(j))
+        if kept:
+            L = np.linalg.cholesky(Gn[np.ix_(kept, kept)])
+            W = np.linalg.solve(L, np.eye(len(kept))).T  # W^T Gn_kk W = I
         else:
-            w, Q = np.linalg.eigh(Gn[np.ix_(cols, cols)])
-            keep_mask = w > tol * max(float(w[-1]), 1.0)
-            W = Q[:, keep_mask] / np.sqrt(w[keep_mask])
-        r = W.shape[1]
-        if r == 0:
+            W = np.zeros((0, 0))
             dead.append(u)
-        blocks.append((cols, W))
-        unit_cols.append(np.arange(start, start + r, dtype=np.int64))
-        start += r
+        blocks.append((np.asarray(kept, dtype=np.int64), W))
+        unit_cols.append(np.arange(start, start + len(kept), dtype=np.int64))
+        start += len(kept)
     T = np.zeros((d, start))
-    for (cols, W), uc in zip(blocks, unit_cols, strict=True):
+    for (kept_cols, W), uc in zip(blocks, unit_cols, strict=True):
         if uc.size:
-            T[np.ix_(cols, uc)] = W
+            T[np.ix_(kept_cols, uc)] = W
     C = T.T @ Gn @ T
     C = 0.5 * (C + C.T)
     for uc in unit_cols:  # exact identities on the diagonal blocks (removes round-off)

@@ -69,6 +69,7 @@ class ValueTable:
             raise ValueError(f"a value table over all subsets needs 2**n entries; n = {n} exceeds the limit "
                              f"{MAX_TABLE_N}. Use a sampled or spectral method for larger ground sets.")
         start = time.perf_counter()
+        self.f = f
         self.n = n
         full = (1 << n) - 1
         inside = full if inside is None else inside

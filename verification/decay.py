@@ -229,7 +229,7 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
     tol = rtol * max(y2, np.finfo(float).tiny)
 
     G, groups, ridge = regression_stats(f)
-    C, unit_cols, dead = whitened_gram(G, groups, ridge)
+    C, unit_cols, dead = whitened_gram(G, groups, ridge, tol=f.tol)
     lam = max(0.0, lambda_min(C))
     curves: list[tuple[str, np.ndarray, str]] = []
     curves.append(("a-priori spectral", exp_rate_bound(err_full, full_value, lam, d, selected.size),
@@ -239,7 +239,7 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
     do_step = n_cols <= PER_STEP_MAX_COLUMNS if per_step_spectral is None else bool(per_step_spectral)
     step_lams = None
     if do_step:
-        step_lams = _per_step_lambdas(G + ridge * np.eye(n_cols) if ridge else G, groups, selected)
+        step_lams = _per_step_lambdas(G + ridge * np.eye(n_cols) if ridge else G, groups, selected, f.tol)
         curves.append(("per-step spectral",
                        path_bound(err_full, full_value, step_lams, d - np.arange(selected.size)),
                        "err(V) + prod_t (1 - l_t/(d - t)) F(V), l_t = lambda_min of the whitened Gram of the "
@@ -273,8 +273,9 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
                       cost={"seconds": time.perf_counter() - start})
 
 
-def _per_step_lambdas(Gr: np.ndarray, groups: list[np.ndarray], selected: np.ndarray) -> np.ndarray:
-    """``lambda_min`` of the whitened Gram of the remaining units residualised on each prefix."""
+def _per_step_lambdas(Gr: np.ndarray, groups: list[np.ndarray], selected: np.ndarray, tol: float) -> np.ndarray:
+    """``lambda_min`` of the whitened Gram of the remaining units residualised on each prefix (a column whose
+    residual is within ``tol`` of its original squared norm is dropped, as :class:`submod.SparseRegression` does)."""
     d = len(groups)
     out = np.empty(selected.size)
     picked = np.zeros(d, dtype=bool)
@@ -286,7 +287,7 @@ def _per_step_lambdas(Gr: np.ndarray, groups: list[np.ndarray], selected: np.nda
         S = schur_complement(Gr, keep, given)
         offsets = np.cumsum([0] + [groups[u].size for u in rest])
         local = [np.arange(offsets[i], offsets[i + 1]) for i in range(rest.size)]
-        C, _, _ = whitened_gram(S, local, 0.0)
+        C, _, _ = whitened_gram(S, local, 0.0, tol=tol, ref=np.diag(Gr)[keep])
         out[t] = max(0.0, lambda_min(C))
         picked[selected[t]] = True
     return out

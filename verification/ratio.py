@@ -110,6 +110,8 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
     S_masks = all_masks[(pc >= 1) & (pc <= k)]
     S_bits = bit_matrix(S_masks, n).astype(np.float64)
     scale = float(np.nanmax(np.abs(vals)))
+    if is_regression(table.f):  # F lies in [0, ||Y||^2]: values that small against ||Y||^2 are rounding, i.e. 0
+        scale = max(scale, float(table.f.y_norm2))
     atol = rtol * max(scale, np.finfo(float).tiny)
     best, witness, pairs = math.inf, None, 0
     singles = 1 << np.arange(n, dtype=np.int64)
@@ -126,9 +128,14 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
             raise RuntimeError("internal error: the value table misses a set the ratio needs.")
         if denom.min() < -atol:
             i = int(np.argmin(denom))
+            hint = (" For least squares this comes from nearly collinear columns: a column within the objective's "
+                    "tol of the span of the columns already in the set is dropped (weight 0), so which of two "
+                    "near-duplicates counts depends on the order and F is monotone only up to that. Pass a ridge "
+                    "(e.g. ridge=1e-8 * the largest squared column norm) or remove near-duplicate columns."
+                    if is_regression(table.f) else "")
             raise ValueError(f"F is not monotone: F(S|L) = {denom[i]:.3g} < 0 at L = {members(int(L), n).tolist()}"
                              f", S = {members(int(S[i]), n).tolist()}. The submodularity ratio (and its greedy "
-                             "guarantee) is defined for monotone functions only.")
+                             f"guarantee) is defined for monotone functions only.{hint}")
         r = _ratio_array(numer, denom, atol)
         pairs += S.size
         i = int(np.argmin(r))
@@ -332,7 +339,7 @@ def _sampled(f: SetFunction, k: int, U: np.ndarray | None, n_samples: int, rng: 
 def _spectral(f: SetFunction, k: int, U: np.ndarray | None, max_subsets: int) -> RatioEstimate:
     start = time.perf_counter()
     G, groups, ridge = regression_stats(f)
-    C, unit_cols, dead = whitened_gram(G, groups, ridge)
+    C, unit_cols, dead = whitened_gram(G, groups, ridge, tol=f.tol)
     n = len(groups)
     base = np.arange(n) if U is None else U
     count = n_unit_subsets(n - base.size, k)
