@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from .pairs import PrunablePair
 
 __all__ = ["ParamModel", "keep_counts", "uniform_counts", "error_allocation", "count_flops"]
@@ -201,15 +202,9 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 handles.append(m.register_forward_hook(hook))
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
         batch = example[:2]  # two samples: a BatchNorm that uses batch statistics needs more than one
-        try:
-            with torch.no_grad():
-                model(batch)
-        finally:
-            for m, was in flags:  # every module's own mode back (not one flag for the whole model)
-                m.training = was
+        with eval_mode(model), torch.no_grad():
+            model(batch)
     finally:
         for h in handles:
             h.remove()

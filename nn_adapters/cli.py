@@ -107,28 +107,24 @@ def _load_user(spec: str) -> tuple:
 def _eval_accuracy(model: object, loader: object) -> float:
     import torch
 
+    from ._modes import eval_mode
+
     correct = total = 0
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
-                x, y = batch[0], batch[1]
-                logits = model(x)
-                if not isinstance(logits, torch.Tensor):
-                    raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
-                                     f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")
-                try:
-                    correct += int((logits.argmax(dim=-1) == y).sum())
-                except RuntimeError as exc:
-                    raise ValueError(f"the labels of the evaluation loader do not match the model's outputs "
-                                     f"({exc}).") from exc
-                total += len(y)
-    finally:
-        for m, was in flags:  # the user's model keeps its train/eval mode
-            m.training = was
+    with eval_mode(model), torch.no_grad():  # the user's model keeps its train/eval modes
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
+            x, y = batch[0], batch[1]
+            logits = model(x)
+            if not isinstance(logits, torch.Tensor):
+                raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
+                                 f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")
+            try:
+                correct += int((logits.argmax(dim=-1) == y).sum())
+            except RuntimeError as exc:
+                raise ValueError(f"the labels of the evaluation loader do not match the model's outputs "
+                                 f"({exc}).") from exc
+            total += len(y)
     if total == 0:
         raise ValueError("the evaluation loader is empty.")
     return correct / total

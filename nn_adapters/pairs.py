@@ -34,6 +34,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
+from ._modes import eval_mode
+
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
 
 # Modules that act on each channel (or neuron) separately, so that dropping a channel before them is the same as
@@ -190,18 +192,13 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     [('2', 'its output is the network output')]
     """
     gm = trace(model)
-    flags = [(m, m.training) for m in gm.modules()]  # gm shares the caller's modules: restore each one's mode
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():  # gm shares the caller's modules: each gets its own mode back
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise ValueError(f"running the model on a calibration batch of shape {tuple(example_input.shape)} failed "
                          f"({type(exc).__name__}: {exc}); check that the calibration data matches the model's input."
                          ) from exc
-    finally:
-        for m, was in flags:
-            m.training = was
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -430,14 +427,10 @@ def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor)
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input[:2])
     finally:
         for h in handles:
             h.remove()
-        for m, was in flags:
-            m.training = was
     return seen

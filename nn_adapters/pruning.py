@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from . import budget as _budget
 from ._data import as_batches, n_samples
+from ._modes import copy_modes
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
 from .shrink import keep_bn, keep_outputs, set_inputs
@@ -282,7 +283,6 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     batches = as_batches(calibration_data, device=device)
-    flags = {name: m.training for name, m in model.named_modules()}
     orig, work = _copy_model(model), _copy_model(model)
     x0 = batches[0][0]
 
@@ -380,8 +380,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds)
     finally:
         bar.close()
-    for name, m in work.named_modules():
-        m.training = flags.get(name, m.training)
+    copy_modes(model, work)
     report = PruneReport(
         method=method, reweight=bool(reweight), labelled=method in LABELLED_METHODS, statistics=stats_mode,
         allocation="keep" if keep is not None else allocation, n_samples=n_samples(batches),

@@ -57,6 +57,7 @@ import submod.sparse_regression
 from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
+from ._modes import copy_modes
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
@@ -241,14 +242,15 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
 def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) -> list[dict[str, Any]]:
     """One model forward per batch, stopped at the first block: its input, call context and token mask."""
     cached: list[dict[str, Any]] = []
+    signature = inspect.signature(block.module.forward) if block.kind == "torch_encoder_layer" else None
     for batch in batches:
         got: dict[str, Any] = {}
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], got: dict[str, Any] = got) -> None:
-            if block.kind == "torch_encoder_layer":
+            if signature is not None:
                 # bind to the layer's signature, so that masks passed positionally (layer(x, None, kpm)) are seen
                 # by name, like the keywords nn.TransformerEncoder passes
-                named = dict(inspect.signature(block.module.forward).bind(*args, **kwargs).arguments)
+                named = dict(signature.bind(*args, **kwargs).arguments)
                 args, kwargs = (named.pop("src"),), named
             got["x"] = args[0].detach()
             got["ctx"] = {"args": tuple(args[1:]), "kwargs": dict(kwargs)}
@@ -656,7 +658,6 @@ def prune_transformer(
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
-    flags = {name: m.training for name, m in model.named_modules()}
     work = copy.deepcopy(model).eval()
     blocks = find_blocks(work)
     if not blocks:
@@ -739,8 +740,7 @@ def prune_transformer(
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
                                      _Ridge(ridge, False), rule, rng, report, t0)
 
-    for name, m in work.named_modules():  # the caller's train/eval mode, module by module
-        m.training = flags.get(name, flags[""])
+    copy_modes(model, work)  # the caller's train/eval mode, module by module
     report.params_after = _n_params(work)
     report.block_forwards = counter[0]
     report.spec = make_spec(work)

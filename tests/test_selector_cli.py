@@ -94,21 +94,16 @@ def test_load_matrix_formats_and_errors(tmp_path):
     assert load_matrix(tmp_path / "y.npy", "--targets", allow_1d=True).shape == (3,)
     with pytest.raises(ValueError, match="--data must be a 2-D array"):
         load_matrix(tmp_path / "y.npy", "--data")
-    (tmp_path / "x.json").write_text("[]")
-    with pytest.raises(ValueError, match="must be .npy, .csv or .txt"):
-        load_matrix(tmp_path / "x.json")
-    (tmp_path / "bad.csv").write_text("a,b\n1,x\n")
-    with pytest.raises(ValueError, match="could not read data"):
-        load_matrix(tmp_path / "bad.csv")
+    # A numeric first row is data: a ragged file is an error, not a file whose first row is dropped as a header.
+    for name, text, match in (("x.json", "[]", "must be .npy, .csv or .txt"),
+                              ("bad.csv", "a,b\n1,x\n", "could not read data"),
+                              ("ragged.csv", "1,2,3\n4,5\n6,7\n", "could not read data"),
+                              ("ragged.txt", "1 2 3\n4 5\n6 7\n", "could not read data")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_matrix(tmp_path / name)
     with pytest.raises(ValueError, match="does not exist"):
         load_matrix(tmp_path / "missing.npy")
-    # A numeric first row is data: a ragged file is an error, not a file whose first row is dropped as a header.
-    (tmp_path / "ragged.csv").write_text("1,2,3\n4,5\n6,7\n")
-    with pytest.raises(ValueError, match="could not read data"):
-        load_matrix(tmp_path / "ragged.csv")
-    (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n6 7\n")
-    with pytest.raises(ValueError, match="could not read data"):
-        load_matrix(tmp_path / "ragged.txt")
     np.save(tmp_path / "complex.npy", np.ones((3, 2)) * (1 + 1j))
     with pytest.raises(ValueError, match="must be real"):  # not silently cast to its real part
         load_matrix(tmp_path / "complex.npy")

@@ -37,6 +37,9 @@ import math
 from itertools import combinations, islice
 
 import numpy as np
+import scipy.linalg
+
+from submod._sr_kernels import cholesky_dropping
 
 #: Default relative tolerance of degenerate columns: :class:`submod.SparseRegression`'s default (pass ``f.tol``).
 DEAD_TOL = 1e-10
@@ -89,26 +92,19 @@ def whitened_gram(G: np.ndarray, groups: list[np.ndarray], ridge: float = 0.0, t
     start = 0
     for u, cols in enumerate(groups):
         cols = np.asarray(cols, dtype=np.int64)
-        kept: list[int] = []
-        for j in cols:  # SparseRegression's rule, in column order
-            if not live[j]:
-                continue
-            if kept:
-                g = Gn[kept, j]
-                res = 1.0 - float(g @ np.linalg.solve(Gn[np.ix_(kept, kept)], g))
-            else:
-                res = 1.0
-            if res > tol * ref[j] / diag[j]:  # the residual relative to the reference norm, as SparseRegression
-                kept.append(int(j))
-        if kept:
-            L = np.linalg.cholesky(Gn[np.ix_(kept, kept)])
-            W = np.linalg.solve(L, np.eye(len(kept))).T  # W^T Gn_kk W = I
+        cols = cols[live[cols]]
+        # SparseRegression's own rule, in column order: a pivot (squared residual on the earlier kept columns,
+        # here relative to the column's norm) <= tol * ref_j / diag_j drops the column
+        L, pos = cholesky_dropping(Gn[np.ix_(cols, cols)], tol * ref[cols] / diag[cols])
+        kept = cols[pos]
+        if kept.size:
+            W = scipy.linalg.solve_triangular(L, np.eye(kept.size), lower=True).T  # W^T Gn_kk W = I
         else:
             W = np.zeros((0, 0))
             dead.append(u)
-        blocks.append((np.asarray(kept, dtype=np.int64), W))
-        unit_cols.append(np.arange(start, start + len(kept), dtype=np.int64))
-        start += len(kept)
+        blocks.append((kept, W))
+        unit_cols.append(np.arange(start, start + kept.size, dtype=np.int64))
+        start += kept.size
     T = np.zeros((d, start))
     for (kept_cols, W), uc in zip(blocks, unit_cols, strict=True):
         if uc.size:
