@@ -411,10 +411,84 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     names = [p.producer for p in out]
     if len(set(names)) != len(names):
         raise ValueError("a producer appears in two declared pairs; declare each producer once.")
+    for pair in out:
+        _check_unit_map(model, pair, example_input)
     # In the order the producers run (a consumer must be refitted before its own outputs are pruned as the next
     # pair's producer), whatever the order of the declaration.
     order = _call_order(model, [p.producer for p in out], example_input)
     return sorted(out, key=lambda p: order.get(p.producer, len(order)))
+
+
+def _consumer_columns(pair: PrunablePair, x: torch.Tensor) -> torch.Tensor:
+    """A consumer input as ``(rows, n_units, cols_per_unit)``: the column blocks the pruner assigns to each unit."""
+    if pair.kind == "conv->conv":
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T.reshape(-1, pair.n_units, 1)
+    return x.reshape(-1, pair.n_units, pair.cols_per_unit)
+
+
+def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.Tensor) -> None:
+    """Check on two samples that the consumer's column block ``j`` depends on producer unit ``j`` only.
+
+    The pruner removes producer unit ``j`` together with the consumer's ``j``-th column block (a channel, or the
+    ``H * W`` flattened positions of channel ``j``), which is right only if the operations between them act on
+    each unit separately. For a declared pair nothing else says so, so this adds a large offset (of each sign in
+    turn) to a random half of the producer's units and requires that the consumer's input changes, and changes
+    only in the column blocks of those units. A permute or transpose before a flatten, a LayerNorm or any layer
+    that mixes units, or a consumer that does not read this producer fails with an error that says so.
+    """
+    prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
+    unit_dim = 1 if isinstance(prod, nn.Conv2d) else -1
+    gen = torch.Generator().manual_seed(0)
+    n = pair.n_units
+    hit = torch.zeros(n, dtype=torch.bool)
+    hit[torch.randperm(n, generator=gen)[:max(1, n // 2)]] = True
+    sign: list[float] = [0.0]
+    seen: list[torch.Tensor] = []
+
+    def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
+        if sign[0] == 0.0:
+            return out
+        shape = [1] * out.dim()
+        shape[unit_dim] = n
+        offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
+        return out + sign[0] * offset
+
+    def capture(_m: nn.Module, inp: tuple) -> None:
+        seen.append(inp[0].detach().to(torch.float64))
+
+    handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
+    runs = []
+    try:
+        with eval_mode(model), torch.no_grad():
+            for s in (0.0, 1.0, -1.0):
+                sign[0], seen[:] = s, []
+                model(example_input[:2])
+                runs.append([_consumer_columns(pair, x) for x in seen])
+    finally:
+        for h in handles:
+            h.remove()
+    if not runs[0]:
+        raise ValueError(f"declared pair {pair.name}: the consumer {pair.consumer!r} is not called in a forward "
+                         "pass; declare layers that the model uses.")
+    changed = torch.zeros(n, dtype=torch.bool)
+    for run in runs[1:]:
+        for base, new in zip(runs[0], run, strict=True):
+            tol = 1e-5 * (1.0 + float(base.abs().amax()))
+            diff = (new - base).abs().amax(dim=(0, 2)) > tol
+            if (diff & ~hit).any():
+                bad = torch.nonzero(diff & ~hit).flatten()[:3].tolist()
+                raise ValueError(
+                    f"declared pair {pair.name}: changing some units of {pair.producer!r} changed the consumer's "
+                    f"input columns of other units (e.g. the blocks of units {bad}), so the consumer's columns are "
+                    "not the producer's units in order. Only per-unit operations may lie between them (BatchNorm, "
+                    "element-wise activations, pooling, dropout, a channel-major flatten); a permute/transpose "
+                    "before the flatten, a LayerNorm or any layer that mixes units is not. Remove this pair from "
+                    "pairs= or restructure the model.")
+            changed |= diff
+    if not changed.any():
+        raise ValueError(f"declared pair {pair.name}: the consumer's input does not change with the producer's "
+                         f"output; {pair.consumer!r} does not read {pair.producer!r}. Declare a producer whose "
+                         "output units feed the consumer.")
 
 
 def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:

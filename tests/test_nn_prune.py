@@ -451,6 +451,50 @@ def test_declared_pairs_in_any_order(method):
         assert p[1].num_features == 4
 
 
+class _Declared(nn.Module):
+    """conv -> ReLU -> <between> -> flatten -> linear, where ``between`` may reorder or mix the channels."""
+
+    def __init__(self, between: str):
+        super().__init__()
+        self.between = between
+        self.c, self.other = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.ln = nn.LayerNorm(4)
+        self.l = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        if self.between == "permute":  # channel-last flatten: column p*C + c, not c*H*W + p
+            h = h.permute(0, 2, 3, 1)
+        elif self.between == "layernorm":  # normalises over the channels: every channel feeds every column
+            h = self.ln(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        elif self.between == "unrelated":  # the declared producer's output is thrown away
+            h = h.sum() * 0 + torch.relu(self.other(x))
+        return self.l(h.flatten(1))
+
+
+@pytest.mark.parametrize("between, match", [("permute", "not the producer's units in order"),
+                                            ("layernorm", "not the producer's units in order"),
+                                            ("unrelated", "does not read")])
+def test_declared_pairs_are_checked_against_the_units(between, match):
+    # A declared pair whose consumer columns are not the producer's units in channel-major order used to be
+    # pruned silently into a wrong model (relative output error 0.83 at keep=0.5 for the permute).
+    torch.manual_seed(0)
+    net = _Declared(between).eval()
+    x = torch.randn(60, 3, 5, 5)
+    with pytest.raises(ValueError, match=match):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("c", "l")])
+    ok = _Declared("plain").eval()
+    full, _ = nna.prune(ok, x, keep=1.0, method="layer", pairs=[nna.Pair("c", "l")], ridge=0.0)
+    half, rep = nna.prune(ok, x, keep=0.5, method="layer", pairs=[nna.Pair("c", "l")])
+    with torch.no_grad():
+        assert torch.allclose(full(x), ok(x), atol=1e-5)
+        y = ok(x).double()
+        err = ((half(x).double() - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    assert half.c.out_channels == 2 and half.l.in_features == 50
+    # the network output is the consumer's output, so its error is the refit's reported error
+    assert err == pytest.approx(rep.layers[0].relative_error, rel=1e-4)
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
