@@ -10,21 +10,29 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 def as_batches(data: object, device: torch.device | None = None, batch_size: int = 256,
-               name: str = "calibration_data") -> list[Batch]:
+               name: str = "calibration_data", dtype: torch.dtype | None = None) -> list[Batch]:
     """Return the calibration data as a list of ``(inputs, labels)`` batches (labels may be ``None``).
 
     ``data`` is a tensor of inputs (split into batches of ``batch_size``), a ``(inputs, labels)`` tuple of two
     tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a
-    ``DataLoader`` over a ``TensorDataset`` gives these). The batches are materialised once (calibration sets are
-    small by design; the sequential methods read them several times). Inputs are checked to be finite.
+    ``DataLoader`` over a ``TensorDataset`` gives these). A tuple of two tensors of the same shape is ambiguous
+    (two batches of inputs, or inputs with targets of their own shape) and is refused: pass a list of batches or
+    ``[(inputs, targets)]``. The batches are materialised once (calibration sets are small by design; the
+    sequential methods read them several times). Floating inputs are cast to ``dtype`` when given (the model's:
+    ``torch.from_numpy`` gives float64), integer inputs (token ids) are left as they are; inputs are checked to be
+    finite after the cast.
     """
     if data is None:
         raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
                          "over a few hundred unlabeled samples).")
+    pair = isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+    if pair and data[0].ndim >= 2 and data[0].shape == data[1].shape:
+        raise ValueError(f"{name} is a tuple of two tensors of the same shape {tuple(data[0].shape)}: two batches "
+                         "of inputs, or inputs and targets of the same shape? Pass a list for batches "
+                         "([x1, x2]) or a list holding one labelled batch ([(inputs, targets)]).")
     if isinstance(data, torch.Tensor):
         chunks = [(x, None) for x in torch.split(data, batch_size)] if data.shape[0] > 0 else []
-    elif (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
-          and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]):
+    elif pair and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]:
         chunks = list(zip(torch.split(data[0], batch_size), torch.split(data[1], batch_size), strict=True))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         chunks = []
@@ -48,6 +56,10 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
             continue
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"batch {i} of {name} contains NaN or infinite inputs; clean the data first.")
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"batch {i} of {name} overflows the model's {dtype}; rescale the inputs.")
         if device is not None:
             x = x.to(device)
             y = y.to(device) if y is not None else None
@@ -58,6 +70,11 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     if len(shapes) > 1:
         raise ValueError(f"{name} batches have different sample shapes {sorted(shapes)}; use one input shape.")
     return out
+
+
+def float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (``None`` if it has none): what inputs are cast to."""
+    return next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
 
 
 def n_samples(batches: list[Batch]) -> int:

@@ -107,14 +107,18 @@ def _load_user(spec: str) -> tuple:
 def _eval_accuracy(model: object, loader: object) -> float:
     import torch
 
+    from ._data import float_dtype
     from ._modes import eval_mode
 
     correct = total = 0
+    dtype = float_dtype(model)
     with eval_mode(model), torch.no_grad():  # the user's model keeps its train/eval modes
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
             x, y = batch[0], batch[1]
+            if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.to(dtype)  # as the calibration data is
             logits = model(x)
             if not isinstance(logits, torch.Tensor):
                 raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import budget as _budget
-from ._data import as_batches, n_samples
+from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
@@ -179,7 +179,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         The trained network. It is never modified (a deep copy is pruned).
     calibration_data : tensor or iterable of batches
         Inputs, an ``(inputs, labels)`` pair of tensors, or an iterable of batches (tensors or ``(inputs, labels)``;
-        labels are ignored except by ``method="actgrad"``).
+        labels are ignored except by ``method="actgrad"``). A tuple of two tensors of the same shape is refused as
+        ambiguous (pass ``[x1, x2]`` for two batches, ``[(inputs, targets)]`` for one labelled batch). Floating
+        inputs are cast to the dtype of the model's parameters (``torch.from_numpy`` gives float64); integer
+        inputs are passed as they are.
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
     keep : float or dict, optional
@@ -284,7 +287,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     t_start = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    batches = as_batches(calibration_data, device=device)
+    batches = as_batches(calibration_data, device=device, dtype=float_dtype(model))
     orig, work = _copy_model(model), _copy_model(model)
     x0 = batches[0][0]
 

@@ -57,6 +57,7 @@ import submod.sparse_regression
 from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
+from ._data import float_dtype
 from ._modes import copy_modes
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -191,19 +192,30 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
     return m, propagation
 
 
-def _batches(calibration_data: Any) -> list[Any]:
+def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[Any]:
+    """The calibration batches as a list, floating tensors cast to the model's ``dtype`` (ids left as they are)."""
     if calibration_data is None:
         raise ValueError("calibration_data is None: pass token batches (dicts of tensors, e.g. tokenizer "
                          "outputs with an attention_mask) or input tensors")
     if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        return [calibration_data]
+        calibration_data = [calibration_data]
     if not isinstance(calibration_data, Iterable):
         raise ValueError(f"calibration_data must be a batch or an iterable of batches, "
                          f"got {type(calibration_data).__name__}")
     batches = list(calibration_data)
     if not batches:
         raise ValueError("calibration_data is empty: pass at least one batch of unlabeled inputs")
-    return batches
+    return [_cast_floats(b, dtype) for b in batches] if dtype is not None else batches
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    return batch
 
 
 def _call_model(model: nn.Module, batch: Any) -> Any:
@@ -680,7 +692,7 @@ def prune_transformer(
 
     with torch.no_grad():
         if needs_data:
-            batches = _batches(calibration_data)
+            batches = _batches(calibration_data, float_dtype(model))
             orig = copy.deepcopy(model).eval()
             orig_blocks = find_blocks(orig)
             if "heads" in stages:

@@ -3,6 +3,8 @@ hooks removed, every pair kind, residual blocks, budgets, baselines and bad inpu
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -306,10 +308,42 @@ def test_submodular_beats_random_on_a_trained_net():
 @pytest.mark.parametrize("data, match", [
     (None, "None"), (torch.zeros(0, 4), "no samples"), ([], "no samples"),
     (torch.full((5, 4), float("nan")), "NaN"), ("abc", "tensor or an iterable"), ([{"x": 1}], "dict"),
+    ((torch.zeros(5, 4), torch.ones(5, 4)), "two batches of inputs, or inputs and targets"),
+    (torch.full((5, 4), 1e300, dtype=torch.float64), "overflows the model's torch.float32"),
 ])
 def test_bad_calibration_data(data, match):
     with pytest.raises(ValueError, match=match):
         nna.prune(zoo.mlp(4, [8], 2), data, keep=0.5)
+
+
+@pytest.mark.parametrize("method", ["layer", "asym", "weight_norm"])
+def test_inputs_are_cast_to_the_model_dtype(method):
+    # torch.from_numpy gives float64; a float32 model used to fail inside torch.fx's shape propagation.
+    torch.manual_seed(0)
+    net = zoo.mlp(5, [16], 3).eval()
+    x64 = torch.from_numpy(np.random.default_rng(0).normal(size=(60, 5)))
+    a, _ = nna.prune(net, x64, keep=0.5, method=method, seed=0)
+    b, _ = nna.prune(net, x64.float(), keep=0.5, method=method, seed=0)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert pa.dtype == torch.float32 and torch.equal(pa, pb)
+    c, _ = nna.prune(copy.deepcopy(net).double(), x64.float(), keep=0.5, method=method, seed=0)
+    assert next(c.parameters()).dtype == torch.float64
+    # integer inputs (indices) are not cast
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    pruned, rep = nna.prune(emb, torch.randint(0, 10, (60, 3)), keep=0.5, method=method)
+    assert [r.pair for r in rep.layers] == ["2->4"] and pruned[2].out_features == 8
+
+
+def test_ambiguous_tuple_has_unambiguous_spellings():
+    net = zoo.mlp(4, [8], 4).eval()
+    x1, x2 = torch.randn(30, 4), torch.randn(30, 4)
+    as_list, _ = nna.prune(net, [x1, x2], keep=0.5, method="layer", ridge=1e-3)
+    joined, _ = nna.prune(net, torch.cat([x1, x2]), keep=0.5, method="layer", ridge=1e-3)
+    labelled, _ = nna.prune(net, [(x1, x2)], keep=0.5, method="layer", ridge=1e-3)  # x2 read as targets
+    first, _ = nna.prune(net, x1, keep=0.5, method="layer", ridge=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(as_list(x1), joined(x1), atol=1e-5)
+        assert torch.allclose(labelled(x1), first(x1), atol=1e-6)
 
 
 def test_nan_activations_name_the_layer():

@@ -367,6 +367,18 @@ def test_padding_tokens_are_excluded_torch() -> None:
         torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
 
 
+def test_float64_inputs_are_cast_to_the_model_dtype() -> None:
+    # float64 data (torch.from_numpy) on a float32 model used to fail in the first matmul.
+    model, data = tel_model(norm_first=True), tel_batches()
+    data64 = [{"src": b["src"].double(), "src_key_padding_mask": b["src_key_padding_mask"]} for b in data]
+    p32, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    p64, _ = prune_transformer(model, data64, keep=0.5, target="all", method="asym")
+    for t32, t64 in zip(p32.state_dict().values(), p64.state_dict().values(), strict=True):
+        assert t64.dtype == t32.dtype
+        torch.testing.assert_close(t32, t64, atol=0, rtol=0)
+    assert data64[0]["src"].dtype == torch.float64  # the caller's batches are not modified
+
+
 class PositionalMaskEncoder(nn.Module):
     """Calls its encoder layers with the padding mask as a positional argument: layer(x, None, kpm)."""
 
