@@ -226,7 +226,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         samples), or ``"zero"`` (ordinary ridge). Both tend to plain least squares as the ridge goes to 0; with
         ``ridge="cv"`` the ridge is cross-validated for the chosen prior. The selection is not affected.
     loss_fn : callable, optional
-        Loss for ``actgrad`` (default cross-entropy).
+        Loss for ``actgrad`` (default cross-entropy): ``loss_fn(outputs, labels)`` returning the *mean* over the
+        batch (it is multiplied by the batch size, so that the scores are per-sample sums whatever the batching).
     progress : bool
         Show a progress bar (tqdm if installed).
     verify : bool, default False
@@ -524,8 +525,9 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
         with torch.enable_grad():
             for x, y in batches:
                 xi = x.clone().requires_grad_(True) if x.is_floating_point() else x
-                loss = loss_fn(model(xi), y)
-                loss.backward()
+                # loss_fn returns the batch mean (as F.cross_entropy does): times the batch size, each sample's
+                # gradient counts once whatever the batching
+                (loss_fn(model(xi), y) * x.shape[0]).backward()
     finally:
         for h in handles:
             h.remove()

@@ -565,6 +565,26 @@ def test_untraceable_model_declared_pairs():
         nna.prune(net, x, keep=0.5, method="layer", pairs=[("a", "zz")])
 
 
+def test_actgrad_scores_are_per_sample_sums_whatever_the_batching():
+    # Oracle: sum over samples of |a_ij * d loss_i / d a_ij| at the consumer's input, one sample at a time.
+    from nn_adapters.pruning import _actgrad_scores
+
+    torch.manual_seed(0)
+    net = zoo.mlp(4, [6], 3).eval()
+    pairs, _ = nna.find_pairs(net, torch.randn(2, 4))
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    net = net.double()
+    want = np.zeros(6)
+    for i in range(20):
+        a = torch.relu(net[1](x[i:i + 1])).detach().requires_grad_(True)
+        F.cross_entropy(net[3](a), y[i:i + 1]).backward()
+        want += (a * a.grad).abs().squeeze(0).detach().numpy()
+    one = _actgrad_scores(net, pairs, [(x, y)], None)["1->3"]
+    split = _actgrad_scores(net, pairs, [(x[:2], y[:2]), (x[2:], y[2:])], None)["1->3"]
+    np.testing.assert_allclose(one, want, rtol=1e-10)
+    np.testing.assert_allclose(split, want, rtol=1e-10)
+
+
 def test_actgrad_needs_labels():
     with pytest.raises(ValueError, match="labelled"):
         nna.prune(zoo.mlp(4, [8], 2), torch.randn(10, 4), keep=0.5, method="actgrad")
