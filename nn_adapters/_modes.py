@@ -1,14 +1,17 @@
 """Train/eval modes, module by module: ``model.train(flag)`` sets one flag on every layer, which loses a user's
-per-module choices (a BatchNorm frozen in eval mode inside a model in train mode)."""
+per-module choices (a BatchNorm frozen in eval mode inside a model in train mode); and the working copy that
+pruning modifies instead of the caller's model."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes"]
+__all__ = ["eval_mode", "copy_modes", "working_copy"]
 
 
 @contextmanager
@@ -28,3 +31,28 @@ def copy_modes(src: nn.Module, dst: nn.Module) -> None:
     flags = {name: m.training for name, m in src.named_modules()}
     for name, m in dst.named_modules():
         m.training = flags.get(name, src.training)
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode (pruning never touches the caller's model), or a clear error when it cannot be
+    copied or pruned.
+
+    Refused with the fix named: masks of :mod:`torch.nn.utils.prune` (their ``weight`` is recomputed from
+    ``weight_orig * weight_mask`` by a hook, so shrinking ``weight`` would be undone at the next forward) and the
+    old ``torch.nn.utils.weight_norm`` / ``spectral_norm``, whose derived weight refuses ``deepcopy``. The user's
+    forward hooks are copied with the model: they run during calibration, as part of the model's function.
+    """
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                tensor = getattr(hook, "_tensor_name", "weight")
+                raise ValueError(f"module {name or type(model).__name__!r} carries a torch.nn.utils.prune mask on "
+                                 f"{tensor!r}; make it permanent first with torch.nn.utils.prune.remove(module, "
+                                 f"{tensor!r}) (structured pruning then shrinks the masked weights like any other).")
+    try:
+        return copy.deepcopy(model).eval()
+    except RuntimeError as exc:
+        raise ValueError(f"could not copy {type(model).__name__} to prune it ({exc}). If it uses "
+                         "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
+                         "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
+                         ) from exc

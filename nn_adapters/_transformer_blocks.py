@@ -111,7 +111,9 @@ class PrunedMultiheadAttention(nn.Module):
             if new.out_proj.bias is not None:
                 new.out_proj.bias.copy_(mha.out_proj.bias)
         new.train(mha.training)
+        new.out_proj.train(mha.out_proj.training)
         _same_grad_flags(new, mha)
+        _same_hooks(new.out_proj, mha.out_proj)
         return new
 
     def forward(
@@ -206,15 +208,31 @@ def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
     new.weight.requires_grad_(old.weight.requires_grad)
     if new.bias is not None:  # a bias the old layer lacked (added by a refit) follows its weight
         new.bias.requires_grad_((old.bias if old.bias is not None else old.weight).requires_grad)
+    _same_hooks(new, old)
     return new
 
 
 def _same_grad_flags(new: nn.Module, old: nn.Module) -> None:
-    """Give ``new``'s parameters the ``requires_grad`` of ``old``'s parameters of the same name (frozen stay frozen)."""
+    """Give ``new``'s parameters the ``requires_grad`` of ``old``'s parameters of the same name (frozen stay frozen),
+    and ``new`` the hooks of ``old``."""
     flags = {name: p.requires_grad for name, p in old.named_parameters()}
     for name, p in new.named_parameters():
         if name in flags:
             p.requires_grad_(flags[name])
+    _same_hooks(new, old)
+
+
+#: The per-module hook registries of ``torch.nn.Module`` (hooks and their flags are keyed by the same handle id).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _same_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Register on ``new`` (a replacement module) the forward/backward hooks the user had on ``old``."""
+    for attr in _HOOK_DICTS:
+        src, dst = getattr(old, attr, None), getattr(new, attr, None)
+        if src and dst is not None:
+            dst.update(src)
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ calibration set at the current frontier of the graph.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from torch import fx, nn
 
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples
-from ._modes import copy_modes
+from ._modes import copy_modes, working_copy
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
 from .shrink import keep_bn, keep_outputs, set_inputs
@@ -289,7 +288,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     batches = as_batches(calibration_data, device=device, dtype=float_dtype(model))
-    orig, work = _copy_model(model), _copy_model(model)
+    orig, work = working_copy(model), working_copy(model)
     x0 = batches[0][0]
 
     gm, trace_error = None, None
@@ -395,18 +394,6 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         flops_before=_budget.count_flops(orig, x0), flops_after=_budget.count_flops(work, x0),
         layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start)
     return work, report
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode (pruning never touches the caller's model), or a clear error when it cannot be
-    copied (e.g. the old ``torch.nn.utils.weight_norm``, whose derived weight refuses ``deepcopy``)."""
-    try:
-        return copy.deepcopy(model).eval()
-    except RuntimeError as exc:
-        raise ValueError(f"could not copy {type(model).__name__} to prune it ({exc}). If it uses "
-                         "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
-                         "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
-                         ) from exc
 
 
 #: Largest number of units for which ``verify=True`` runs :func:`verification.error_decay` on a layer.

@@ -35,7 +35,6 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -58,7 +57,7 @@ from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
 from ._data import float_dtype
-from ._modes import copy_modes
+from ._modes import copy_modes, working_copy
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
@@ -670,7 +669,7 @@ def prune_transformer(
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
-    work = copy.deepcopy(model).eval()
+    work = working_copy(model)
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
@@ -693,7 +692,7 @@ def prune_transformer(
     with torch.no_grad():
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            orig = copy.deepcopy(model).eval()
+            orig = working_copy(model)
             orig_blocks = find_blocks(orig)
             if "heads" in stages:
                 for blk in orig_blocks:

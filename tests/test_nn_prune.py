@@ -399,6 +399,15 @@ def test_unsupported_layers_give_a_clear_error():
         old_wn = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.utils.weight_norm(nn.Linear(16, 3)))
     with pytest.raises(ValueError, match="remove_weight_norm"):
         nna.prune(old_wn, torch.randn(50, 10), keep=0.5)
+    # torch.nn.utils.prune recomputes weight = weight_orig * weight_mask in a hook (deepcopy used to fail with a
+    # message about weight_norm)
+    masked = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    nn.utils.prune.l1_unstructured(masked[0], "weight", amount=0.3)
+    with pytest.raises(ValueError, match=r"torch.nn.utils.prune mask on 'weight'.*prune.remove"):
+        nna.prune(masked, torch.randn(50, 10), keep=0.5)
+    nn.utils.prune.remove(masked[0], "weight")
+    pruned, _ = nna.prune(masked, torch.randn(50, 10), keep=0.5)
+    assert pruned[0].out_features == 8
 
 
 def test_tutorial_style_cnn_prunes_what_it_can():

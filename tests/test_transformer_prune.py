@@ -415,6 +415,26 @@ def test_grad_flags_and_module_modes_are_kept() -> None:
         assert pruned.training and not next(iter(pruned.children())).training
 
 
+def test_user_hooks_stay_on_replaced_modules() -> None:
+    # Shrunk layers and attention modules are new objects; the user's hooks used to be lost on them.
+    for model, data in ((tiny_bert(), token_batches()), (tel_model(norm_first=True), tel_batches())):
+        blocks = find_blocks(model)
+        seen: list[str] = []
+        for i, blk in enumerate(blocks):
+            for mod in (blk.down, blk.out_proj):
+                mod.register_forward_hook(lambda m, a, o, i=i, seen=seen: seen.append(f"post{i}"))
+                mod.register_forward_pre_hook(lambda m, a, i=i, seen=seen: seen.append(f"pre{i}"))
+        pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+        for blk in find_blocks(pruned):
+            assert blk.down.in_features < find_blocks(model)[0].down.in_features
+            for mod in (blk.down, blk.out_proj):
+                assert len(mod._forward_hooks) == 1 and len(mod._forward_pre_hooks) == 1
+        seen.clear()
+        with torch.no_grad():
+            pruned(**data[0])
+        assert sorted(set(seen)) == sorted({f"{k}{i}" for k in ("pre", "post") for i in range(len(blocks))})
+
+
 def test_float64_bert_saves_and_reloads_in_float64(tmp_path) -> None:
     model, data = tiny_bert().double(), token_batches()
     pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
