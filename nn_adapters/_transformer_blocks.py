@@ -299,6 +299,9 @@ class _Block:
     def prepare_heads(self) -> None:
         """Make the attention prunable (torch: swap in :class:`PrunedMultiheadAttention`, exact)."""
 
+    def unprepare_heads(self) -> None:
+        """Undo :meth:`prepare_heads` where every head is still there (torch: the original module type, exact)."""
+
     @property
     def out_proj(self) -> nn.Linear:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -461,6 +464,26 @@ class _TorchEncoderBlock(_Block):
         if not isinstance(self.module.self_attn, PrunedMultiheadAttention):
             self.module.self_attn = PrunedMultiheadAttention.from_multihead_attention(self.module.self_attn)
 
+    def unprepare_heads(self) -> None:
+        att = self.module.self_attn
+        if (not isinstance(att, PrunedMultiheadAttention) or att.inner_dim != att.embed_dim
+                or (att.in_proj_bias is None) != (att.out_proj.bias is None)):
+            return  # heads were removed (or the biases differ): nn.MultiheadAttention cannot express it
+        mha = nn.MultiheadAttention(att.embed_dim, att.num_heads, dropout=att.dropout,
+                                    bias=att.in_proj_bias is not None, batch_first=att.batch_first)
+        mha.to(device=att.in_proj_weight.device, dtype=att.in_proj_weight.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(att.in_proj_weight)
+            mha.out_proj.weight.copy_(att.out_proj.weight)
+            if att.in_proj_bias is not None:
+                mha.in_proj_bias.copy_(att.in_proj_bias)
+                mha.out_proj.bias.copy_(att.out_proj.bias)
+        mha.train(att.training)
+        mha.out_proj.train(att.out_proj.training)
+        _same_grad_flags(mha, att)
+        _same_hooks(mha.out_proj, att.out_proj)
+        self.module.self_attn = mha
+
     @property
     def out_proj(self) -> nn.Linear:
         return self.module.self_attn.out_proj
@@ -516,13 +539,20 @@ def find_blocks(model: nn.Module) -> list[_Block]:
     return blocks
 
 
-def disable_nested_fast_path(model: nn.Module) -> None:
-    """Stop nn.TransformerEncoder from converting inputs to nested tensors (needs an unpruned attention)."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoder) and any(
-            isinstance(layer.self_attn, PrunedMultiheadAttention) for layer in m.layers
-        ):
-            m.use_nested_tensor = False
+def disable_nested_fast_path(model: nn.Module, like: nn.Module | None = None) -> None:
+    """Stop nn.TransformerEncoder from converting inputs to nested tensors (needs an unpruned attention).
+
+    With ``like`` (the unpruned model), an encoder whose attention modules are all unpruned again gets back the
+    setting of the encoder of the same name in ``like``.
+    """
+    before = {n: m.use_nested_tensor for n, m in (like.named_modules() if like is not None else ())
+              if isinstance(m, nn.TransformerEncoder)}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder):
+            if any(isinstance(layer.self_attn, PrunedMultiheadAttention) for layer in m.layers):
+                m.use_nested_tensor = False
+            elif name in before:
+                m.use_nested_tensor = before[name]
 
 
 class _StopCapture(Exception):

@@ -10,9 +10,12 @@ Three ways to say it:
   path (LayerInChange statistics of the original network) gives its relative reconstruction error
   ``e_l(k) = ||Y_l - A_S M||^2 / ||Y_l||^2`` for every size ``k`` at once. Starting from the full network, the
   allocation removes one unit at a time from the layer with the smallest error increase per parameter saved,
-  ``(e_l(k_l - 1) - e_l(k_l)) / (P(k) - P(k - e_l))``, until the parameter budget is met: a greedy (marginal
-  analysis) heuristic for ``min sum_l e_l(k_l)`` subject to ``P(k) <= P / compression``. It is exact when the
-  curves are convex and the costs additive; otherwise it is a heuristic (no optimality claim).
+  ``(e_l(k_l - 1) - e_l(k_l)) / (P(k) - P(k - e_l))``, until the parameter budget is met; the last removal can
+  overshoot by more than a unit of another layer costs, so units that still fit are then given back one at a
+  time to the layer whose error drops most. A greedy (marginal analysis) heuristic for ``min sum_l e_l(k_l)``
+  subject to ``P(k) <= P / compression``, with no optimality claim: the cost of a unit depends on the kept counts
+  of the neighbouring layers (``P`` is bilinear in consecutive ``k_l``), and even with fixed costs the integer
+  problem is a knapsack.
 
 The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (:class:`ParamModel`), so
 budgets are met exactly, without building candidate networks.
@@ -182,7 +185,15 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
             raise _unreachable(pm, compression)
         k[i] -= 1
         current = int(pm.count(k))
-    return k
+    # The last removal can overshoot the budget by more than a unit of another layer costs: give such room back,
+    # one unit at a time, to the layer whose error drops most.
+    while True:
+        cand = k[None, :] + eye
+        fits = (k < pm.n_units) & (pm.count(cand) <= budget)
+        if not fits.any():
+            return k
+        gain = np.array([curves[i][k[i]] - curves[i][k[i] + 1] if fits[i] else -np.inf for i in range(L)])
+        k[int(np.argmax(gain))] += 1
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:

@@ -27,6 +27,7 @@ calibration set at the current frontier of the graph.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -215,7 +216,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         then recomputed with that ridge), and for the refit, on the finally kept units. This matters when a
         consumer has more input columns than calibration samples (e.g. conv -> flatten -> linear), where an almost
         unregularised refit interpolates the calibration set. With fewer than 5 samples it falls back to
-        ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares.
+        ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares (minimum-norm when singular;
+        a ``UserWarning`` names each layer whose refit then has no more calibration rows than unknowns).
     refit_from : {"asym", "seq", "layer"}
         Statistics the baselines use for their refit (their selection ignores them except ``act_norm``).
     refit_prior : {"original", "zero"}, default "original"
@@ -339,6 +341,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
     rng = np.random.default_rng(seed)
     reports: list[LayerReport] = []
+    notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
     bar = _progress_bar(len(found), f"prune[{method}]", progress)
 
     def decide(i: int, pair: PrunablePair, st: PairStats) -> torch.Tensor:
@@ -356,6 +359,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         rel = cv_err = None
         lam, how = _refit_ridge(st, ridge, kept, prior)
         if reweight:
+            cols = kept.size * pair.cols_per_unit
+            if lam[0] == 0.0 and st.count <= cols + 1:
+                notes.append(f"pair {pair.name}: the refit with ridge=0 has {st.count} calibration rows for {cols} "
+                             "kept columns and a bias, so it interpolates the calibration data (minimum-norm "
+                             "solution) and is unlikely to generalise; use ridge='cv' (the default) or more "
+                             "calibration samples.")
             M, b, rel = st.refit(kept, lam[0], prior=prior)
             cons = work.get_submodule(pair.consumer)
             weight = torch.as_tensor(np.ascontiguousarray(M.T), dtype=torch.float64)
@@ -385,6 +394,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds)
     finally:
         bar.close()
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
     copy_modes(model, work)
     report = PruneReport(
         method=method, reweight=bool(reweight), labelled=method in LABELLED_METHODS, statistics=stats_mode,

@@ -751,6 +751,10 @@ def prune_transformer(
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
                                      _Ridge(ridge, False), rule, rng, report, t0)
 
+    if "heads" in stages:  # blocks that kept every head get their original attention module type back
+        for blk in blocks:
+            blk.unprepare_heads()
+        disable_nested_fast_path(work, like=model)
     copy_modes(model, work)  # the caller's train/eval mode, module by module
     report.params_after = _n_params(work)
     report.block_forwards = counter[0]

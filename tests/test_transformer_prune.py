@@ -315,6 +315,30 @@ def test_head_bookkeeping_torch(norm_first: bool) -> None:
     assert torch.isfinite(tel_out(pruned, x)).all()
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the fast path runs again
+def test_blocks_that_keep_every_head_keep_their_multihead_attention(tmp_path) -> None:
+    # PrunedMultiheadAttention switches off PyTorch's fused path; it used to replace every block's attention,
+    # even where no head was removed.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=LAYERS).eval()  # default: nested-tensor fast path on
+    data = tel_batches()
+    for keep, pruned_blocks in ((1.0, set()), ({0: 0.5}, {0}), (0.5, set(range(LAYERS)))):
+        pruned, _ = prune_transformer(model, data, keep=keep, target="heads", method="asym")
+        kinds = [isinstance(layer.self_attn, PrunedMultiheadAttention) for layer in pruned.layers]
+        assert {i for i, k in enumerate(kinds) if k} == pruned_blocks
+        assert all(type(layer.self_attn) is nn.MultiheadAttention for i, layer in enumerate(pruned.layers)
+                   if i not in pruned_blocks)
+        assert pruned.use_nested_tensor == (not pruned_blocks)
+        if keep == 1.0:  # nothing removed, and asym's refit before any pruned block returns the trained weights
+            for b in data:
+                torch.testing.assert_close(tel_out(pruned, b), tel_out(model, b), atol=1e-5, rtol=1e-5)
+        save_pruned(pruned, tmp_path / f"m{len(pruned_blocks)}")
+        again = load_pruned(tmp_path / f"m{len(pruned_blocks)}", copy.deepcopy(model))
+        for b in data:
+            torch.testing.assert_close(tel_out(again, b), tel_out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
 def test_save_and_reload_bert(tmp_path) -> None:
     model, data = tiny_bert(), token_batches()
     pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
