@@ -136,12 +136,15 @@ class _KnapsackTracker(_Tracker):
         super().__init__(c.costs.size)
         self.costs = c.costs
         self.remaining = c.budget
+        # Room for the rounding of the running subtraction only: relative to the budget, so that tiny costs
+        # (1e-13 each) are held to their budget as large ones are.
+        self.tol = 1e-12 * c.budget
         self.allowed &= self.costs <= self.remaining
 
     def add(self, j: int) -> None:
         self.allowed[j] = False
         self.remaining -= self.costs[j]
-        self.allowed &= self.costs <= self.remaining + 1e-12 * max(1.0, abs(self.remaining))
+        self.allowed &= self.costs <= self.remaining + self.tol
 
 
 class PartitionMatroid(Constraint):

@@ -438,6 +438,8 @@ def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, valu
                         value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Return the better of the cost-benefit greedy set and the best affordable singleton."""
     c = run.constraint
+    if run.k < 1:  # k = 0 allows no element at all
+        return selected, gains, values, value
     singletons = run.singletons if run.singletons is not None else run.f.init_state().gains()
     single = np.where(c.costs <= c.budget, singletons, -np.inf)
     j = int(np.argmax(single))

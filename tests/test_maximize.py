@@ -360,6 +360,25 @@ def test_knapsack_best_singleton_fix():
     assert res.selected.tolist() == [1] and res.value == 10.0
 
 
+def test_knapsack_with_k_zero_selects_nothing():
+    # The best-singleton fix used to replace the empty k = 0 set by the best affordable item.
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(submod.Modular([5.0, 4.0, 3.0]), 0, method=method,
+                              constraint=submod.Knapsack([1.0, 1.0, 1.0], 2.0))
+        assert res.selected.size == 0 and res.value == 0.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-13, 1e-20, 1e6])
+def test_knapsack_budget_holds_at_any_cost_scale(scale):
+    # The tracker's slack was at least 1e-12 in absolute terms, so costs of 1e-13 all fitted a budget of 2e-13.
+    f = submod.Modular([4.0, 3.0, 2.0, 1.0])
+    c = submod.Knapsack(np.full(4, scale), budget=2 * scale)
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(f, None, method=method, constraint=c)
+        assert res.selected.tolist() == [0, 1]
+        assert c.costs[res.selected].sum() <= c.budget
+
+
 @settings(max_examples=30, deadline=None)
 @given(submodular_instances(), st.integers(0, 2), st.integers(1, 8))
 def test_partition_matroid_guarantee_and_certificate(f, budget, k):
