@@ -19,6 +19,10 @@ def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None =
     The caller's array is never modified: a copy is made whenever the conversion needs one, and callers that
     later write into the result must copy it themselves.
     """
+    if hasattr(x, "tocsr") and hasattr(x, "nnz"):  # a scipy sparse matrix or array
+        raise ValueError(f"{name} must be a dense array here; got a scipy sparse {type(x).__name__}. Pass "
+                         f"{name}.toarray() (FacilityLocation(similarity=...) and Coverage take sparse matrices "
+                         "as they are).")
     if np.iscomplexobj(x):
         raise ValueError(f"{name} must be real; got complex values. Pass the real part, the modulus or the real "
                          "and imaginary parts as separate features.")
@@ -30,8 +34,10 @@ def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None =
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if arr.ndim not in allowed:
+            how = "np.ravel(...) for one value per element" if allowed == (1,) else \
+                "np.atleast_2d(...) or .reshape(-1, 1) for one row per item"
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s); got shape "
-                             f"{arr.shape}. Reshape it, e.g. with np.atleast_2d or .reshape(-1, 1).")
+                             f"{arr.shape}. Reshape it, e.g. with {how}.")
     # One pass: a finite sum proves every entry finite; only a non-finite sum needs the element-wise check.
     if not np.isfinite(arr.sum()) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -85,3 +91,10 @@ def as_index_array(S: Iterable[int] | ArrayLike, n: int, name: str = "S") -> np.
     if np.unique(idx).size != idx.size:
         raise ValueError(f"{name} holds repeated indices; a set has each element once.")
     return idx
+
+
+def frozen(arr: np.ndarray, copy: bool = True) -> np.ndarray:
+    """A read-only float64 array: a private copy (``copy=True``), or a read-only view of ``arr`` itself."""
+    out = np.array(arr, dtype=np.float64, copy=True) if copy else arr.view()
+    out.flags.writeable = False
+    return out

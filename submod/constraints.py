@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import as_float_array
+from ._validation import as_float_array, frozen
 
 __all__ = ["Constraint", "Knapsack", "PartitionMatroid"]
 
@@ -102,7 +102,7 @@ class Knapsack(Constraint):
             raise ValueError(f"budget must be a number (the largest total cost allowed); got {budget!r}.")
         if not np.isfinite(budget) or budget < 0:
             raise ValueError(f"budget must be a finite non-negative number; got {budget}.")
-        self.costs = c
+        self.costs = frozen(c)
         self.budget = float(budget)
 
     def _check(self, n: int) -> None:

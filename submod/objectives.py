@@ -8,6 +8,7 @@ rows), so lazy and exact greedy compare identical numbers.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -17,7 +18,7 @@ from numpy.typing import ArrayLike
 
 from ._parallel import parallel_map, workers
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, as_index_array, check_ground_set_size
+from ._validation import as_float_array, as_index_array, check_ground_set_size, frozen
 from .base import GainState, SetFunction
 
 __all__ = ["FacilityLocation", "FeatureBased", "Coverage", "LogDeterminant", "GraphCut", "Modular"]
@@ -65,6 +66,16 @@ class FacilityLocation(SetFunction):
         A precomputed non-negative similarity instead of ``X``. ``K[i, j]`` is how well candidate ``j``
         represents item ``i``; a sparse matrix (e.g. a k-nearest-neighbour graph) treats missing entries as 0.
 
+    Notes
+    -----
+    A dense ``similarity`` is used by reference, not copied (an ``n x n`` copy would double the memory of large
+    problems); ``f.similarity`` is a read-only view of it. Do not modify the array while the objective is in
+    use: the symmetry test, the first bounds of lazy greedy and a transposed copy are derived from it once. Pass
+    ``similarity=K.copy()`` to decouple them. (A sparse ``similarity`` is copied.) Symmetry is detected with a
+    fixed probe vector ``v``, as ``K v = K^T v`` up to rounding: an asymmetric matrix whose antisymmetric part
+    happens to annihilate ``v`` would be taken for symmetric, which does not occur for data that was not built
+    against this ``v``; symmetrise such a matrix or transpose it yourself.
+
     Examples
     --------
     >>> import numpy as np
@@ -84,6 +95,9 @@ class FacilityLocation(SetFunction):
                  similarity: ArrayLike | sp.spmatrix | None = None) -> None:
         if (X is None) == (similarity is None):
             raise ValueError("pass exactly one of X (features) or similarity= (a precomputed matrix).")
+        if metric not in _DISTANCE_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {_DISTANCE_METRICS} or pass "
+                             "similarity= directly.")
         scan = None
         if similarity is not None:
             if sp.issparse(similarity):
@@ -113,14 +127,13 @@ class FacilityLocation(SetFunction):
                                      "location; shift it (K - K.min()) or clip it at 0.")
                 self._sparse = False
         else:
-            if metric not in _DISTANCE_METRICS:
-                raise ValueError(f"unknown metric {metric!r}; choose one of {_DISTANCE_METRICS} or pass "
-                                 "similarity= directly.")
             Xa = as_float_array(X, "X", ndim=2)
             if Xa.shape[0] == 0:
                 raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
             K = _pairwise_similarity(Xa, metric)
             self._sparse = False
+        if not self._sparse:
+            K = frozen(K, copy=False)  # by reference (an n x n copy is too much memory), read-only through f
         # K^T with contiguous rows, used for fresh gains: K itself when symmetric (always, from features).
         kt = K if X is not None or (not self._sparse and scan.symmetric) else None
         super().__init__(K.shape[0])
@@ -346,8 +359,8 @@ class FeatureBased(SetFunction):
         if np.any(w < 0):
             raise ValueError("weights must be non-negative.")
         super().__init__(Xa.shape[0])
-        self.X = Xa
-        self.weights = w
+        self.X = frozen(Xa)
+        self.weights = frozen(w)
         self.concave = phi
 
     def init_state(self) -> GainState:
@@ -419,7 +432,7 @@ class Coverage(SetFunction):
             raise ValueError("weights must be non-negative (a negative weight breaks monotonicity).")
         super().__init__(M.shape[0])
         self.incidence = M
-        self.weights = w
+        self.weights = frozen(w)
 
     def init_state(self) -> GainState:
         return _CoverageState(self)
@@ -480,8 +493,8 @@ class LogDeterminant(SetFunction):
                  ridge: float = 1.0) -> None:
         if (X is None) == (similarity is None):
             raise ValueError("pass exactly one of X (features) or similarity= (a PSD kernel).")
-        if not np.isfinite(ridge) or ridge <= 0:
-            raise ValueError(f"ridge must be a positive finite number; got {ridge}.")
+        if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not np.isfinite(ridge) or ridge <= 0:
+            raise ValueError(f"ridge must be a positive finite number; got {ridge!r}.")
         if similarity is not None:
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:
@@ -502,7 +515,7 @@ class LogDeterminant(SetFunction):
             raise ValueError(f"similarity is not positive semidefinite (eigenvalue or diagonal {lam_min:.3g}); "
                              "log-determinant needs a PSD kernel (e.g. X @ X.T or an RBF kernel).")
         super().__init__(K.shape[0])
-        self.similarity = K
+        self.similarity = frozen(K, copy=False)  # a new array already: (K + K.T) / 2 or X @ X.T
         self.ridge = float(ridge)
 
     def value(self, S: ArrayLike) -> float:
@@ -595,9 +608,9 @@ class GraphCut(SetFunction):
         if K.shape[0] == 0:
             raise ValueError("the ground set is empty. Pass at least one item.")
         super().__init__(K.shape[0])
-        self.similarity = K
+        self.similarity = frozen(K)  # a private copy: the column sums below are cached from it
         self.lam = float(lam)
-        self._colsum = K.sum(axis=0)
+        self._colsum = self.similarity.sum(axis=0)
 
     def init_state(self) -> GainState:
         return _GraphCutState(self)
@@ -643,7 +656,7 @@ class Modular(SetFunction):
         if np.any(w < 0):
             raise ValueError("modular weights must be non-negative for a monotone function.")
         super().__init__(n)
-        self.weights = w
+        self.weights = frozen(w)
 
     def init_state(self) -> GainState:
         return _ModularState(self)

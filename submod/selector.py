@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,12 @@ def _not_fitted_error(message: str) -> ValueError:
     return NotFittedError(message)
 
 
+try:  # scikit-learn's base class gives tags, check_is_fitted, the HTML repr of pipelines; it is optional
+    from sklearn.base import BaseEstimator as _EstimatorBase
+except ImportError:  # pragma: no cover - scikit-learn is in the test and docs extras
+    _EstimatorBase = object
+
+
 def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean") -> SetFunction:
     """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`)."""
     if name == "facility-location":
@@ -44,12 +51,14 @@ def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean") -> Se
     raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}.")
 
 
-class SubmodularSelector:
+class SubmodularSelector(_EstimatorBase):
     """Select ``k`` representative samples (rows of ``X``) by maximizing a submodular objective built from ``X``.
 
-    A scikit-learn style estimator: ``fit`` runs :func:`submod.maximize`, ``get_support`` returns the boolean
-    mask (or the indices) of the chosen rows and ``transform`` returns those rows. Fitted attributes end in
-    ``_``.
+    A scikit-learn style estimator (a ``BaseEstimator`` when scikit-learn is installed): ``fit`` runs
+    :func:`submod.maximize`, ``get_support`` returns the boolean mask (or the indices) of the chosen rows and
+    ``transform`` returns those rows. Fitted attributes end in ``_``. When no remaining row adds value (e.g.
+    fewer than ``k`` distinct rows), greedy stops early and fewer than ``k`` rows are selected, with a
+    ``UserWarning``; ``result_.stopped_early`` records it.
 
     Parameters
     ----------
@@ -126,6 +135,10 @@ class SubmodularSelector:
         self.n_features_in_ = Xa.shape[1]
         self.ranking_ = result.selected
         self.result_ = result
+        if result.stopped_early:
+            warnings.warn(f"selected {result.selected.size} of k={self.k} rows: no remaining row adds value to the "
+                          f"{self.objective} objective (duplicate rows, or rows it cannot tell apart), so greedy "
+                          "stopped early.", UserWarning, stacklevel=2)
         return self
 
     def _check_fitted(self) -> None:

@@ -169,6 +169,11 @@ def test_from_callable_normalises_and_flags():
     (lambda: submod.SparseRegression(1e200 * np.eye(3), np.ones(3)), "overflow"),
     (lambda: submod.SparseRegression(1e-170 * np.eye(3), np.ones(3)), "underflow"),
     (lambda: submod.FacilityLocation(1e200 * np.eye(3)), "overflow"),
+    (lambda: submod.FacilityLocation(similarity=np.eye(2), metric="bogus"), "unknown metric"),  # was ignored
+    (lambda: submod.LogDeterminant(similarity=np.eye(2), ridge="1"), "ridge must be"),  # was a numpy TypeError
+    (lambda: submod.FeatureBased(sp.random(5, 3, density=0.5, format="csr")), r"dense array.*toarray"),
+    (lambda: submod.SparseRegression(sp.eye(5, format="csr"), np.ones(5)), r"dense array.*toarray"),
+    (lambda: submod.Modular([[1.0, 2.0]]), r"np\.ravel"),  # the advice used to be reshape(-1, 1)
 ])
 def test_bad_input_is_rejected_with_a_clear_message(make, match):
     with pytest.raises(ValueError, match=match):
@@ -182,6 +187,31 @@ def test_caller_arrays_are_not_modified():
     for method in submod.METHODS:
         submod.maximize(f, 5, method=method, seed=0)
     np.testing.assert_array_equal(K, K_copy)
+
+
+def test_objectives_do_not_change_with_the_callers_arrays():
+    # Everything an objective caches is derived from a private copy, except facility location's dense similarity
+    # (documented: by reference, for memory), which the objective only exposes read-only.
+    rng = np.random.default_rng(0)
+    K = np.abs(rng.standard_normal((6, 6)))
+    K = K + K.T
+    X = np.abs(rng.standard_normal((6, 3)))
+    w = np.abs(rng.standard_normal(6))
+    made = {"graph-cut": (submod.GraphCut(similarity=K, lam=0.3), K),
+            "feature-based": (submod.FeatureBased(X, weights=np.ones(3)), X),
+            "modular": (submod.Modular(w), w)}
+    before = {name: [f.value(S) for S in ([0], [1, 2], [0, 3, 5])] for name, (f, _) in made.items()}
+    for _, arr in made.values():
+        arr *= 3.0
+    for name, (f, _) in made.items():
+        assert [f.value(S) for S in ([0], [1, 2], [0, 3, 5])] == before[name], name
+    fl = submod.FacilityLocation(similarity=K)
+    with pytest.raises(ValueError, match="read-only"):
+        fl.similarity[0, 0] = 0.0
+    costs = np.ones(6)
+    c = submod.Knapsack(costs, budget=2.0)
+    costs[:] = 10.0
+    assert submod.maximize(submod.Modular(np.arange(1.0, 7.0)), None, constraint=c).selected.size == 2
 
 
 def test_coverage_values_keep_small_weights_next_to_huge_ones():

@@ -21,6 +21,29 @@ def test_selector_matches_maximize_and_follows_the_estimator_protocol():
     assert sel.get_params()["k"] == 8 and sel.set_params(k=3).k == 3
 
 
+def test_selector_works_with_scikit_learn_tools():
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils import get_tags
+    from sklearn.utils.validation import check_is_fitted
+
+    X = load_digits().data[:200]
+    sel = submod.SubmodularSelector(k=5)
+    assert get_tags(sel) is not None and clone(sel).get_params() == sel.get_params()
+    pipe = make_pipeline(StandardScaler(), sel).fit(X)
+    check_is_fitted(pipe[-1])  # raised AttributeError (no __sklearn_tags__) before
+    assert "SubmodularSelector" in pipe._repr_html_()
+    assert pipe.transform(X).shape == (5, 64)
+
+
+def test_selector_warns_when_it_selects_fewer_rows_than_asked():
+    X = np.repeat(np.eye(3), 4, axis=0)  # 3 distinct rows
+    with pytest.warns(UserWarning, match="selected 3 of k=5 rows"):
+        sel = submod.SubmodularSelector(k=5).fit(X)
+    assert sel.transform(X).shape == (3, 3) and sel.result_.stopped_early
+
+
 @pytest.mark.parametrize("objective", ["facility-location", "feature-based", "graph-cut", "log-determinant"])
 def test_selector_objectives(objective):
     X = np.abs(np.random.default_rng(0).standard_normal((40, 3)))
