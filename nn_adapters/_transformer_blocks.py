@@ -335,8 +335,20 @@ class _HFBertBlock(_Block):
         return not getattr(self.module, "chunk_size_feed_forward", 0)
 
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
-        norm = self.module.output.LayerNorm if stage == "ffn" else self.module.attention.output.LayerNorm
+        # pre-LN variants of the layout (MegatronBert, XLM-RoBERTa-XL, ESM) have no LayerNorm after the sum
+        owner = self.module.output if stage == "ffn" else self.module.attention.output
+        norm = getattr(owner, "LayerNorm", None)
         return norm if isinstance(norm, nn.LayerNorm) else None
+
+    #: Children of a BERT-style self-attention that act per head or not at all on the head layout.
+    _PLAIN_ATTENTION = frozenset({"query", "key", "value", "dropout", "distance_embedding"})
+
+    def prepare_heads(self) -> None:
+        extra = sorted(n for n, _ in self.module.attention.self.named_children() if n not in self._PLAIN_ATTENTION)
+        if extra:
+            raise ValueError(f"block {self.name!r}: its self-attention ({type(self.module.attention.self).__name__}) "
+                             f"has parts besides query/key/value ({', '.join(extra)}) that head pruning does not "
+                             "know how to shrink; prune target='ffn' on this model.")
 
     def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
         # BertOutput.forward(hidden_states, input_tensor): LayerNorm(dense(hidden) + input_tensor)

@@ -204,6 +204,13 @@ def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[An
     batches = list(calibration_data)
     if not batches:
         raise ValueError("calibration_data is empty: pass at least one batch of unlabeled inputs")
+    for i, b in enumerate(batches):
+        if (isinstance(b, (tuple, list)) and len(b) >= 2 and all(isinstance(t, torch.Tensor) for t in b[:2])
+                and not b[0].is_floating_point() and b[1].shape == b[0].shape and not b[1].is_floating_point()
+                and bool(((b[1] == 0) | (b[1] == 1)).all())):
+            raise ValueError(f"calibration batch {i} looks like (input_ids, attention_mask): a pair is read as "
+                             "(inputs, labels), so the mask would reach neither the model nor the statistics. Pass "
+                             "dicts, e.g. {'input_ids': ids, 'attention_mask': mask} as a tokenizer returns them.")
     return [_cast_floats(b, dtype) for b in batches] if dtype is not None else batches
 
 
@@ -244,6 +251,22 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
         valid = ~m if m.dtype == torch.bool else m == 0
     else:
         valid = torch.ones(b, t, dtype=torch.bool)
+        for m in (*ctx["args"], *ctx["kwargs"].values()):
+            # A (batch, 1 or heads, queries, tokens) attention mask built by the model from a mask the batch passes
+            # under another name. Padding the block hides must not enter the statistics: read it when every query
+            # row hides the same tokens (a padding mask), else refuse.
+            if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == b and m.shape[-1] == t):
+                continue
+            keep = m if m.dtype == torch.bool else m == 0
+            if bool(keep.all()):
+                continue
+            if bool((keep == keep[:, :1, :1, :]).all()):
+                valid = keep[:, 0, 0, :].cpu()
+                break
+            raise ValueError("the transformer blocks receive an attention mask that is not a plain padding mask, "
+                             "and the calibration batches carry none under 'attention_mask', so padding tokens "
+                             "cannot be told apart from real ones. Pass dict batches with an 'attention_mask' entry "
+                             "(1 for real tokens, 0 for padding), as a tokenizer returns them.")
     if tuple(valid.shape) != (b, t):
         raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
                          f"(batch {b}, tokens {t})")
@@ -264,7 +287,8 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
                 named = dict(signature.bind(*args, **kwargs).arguments)
                 args, kwargs = (named.pop("src"),), named
             got["x"] = args[0].detach()
-            got["ctx"] = {"args": tuple(args[1:]), "kwargs": dict(kwargs)}
+            got["ctx"] = {"args": tuple(_no_cache(a) for a in args[1:]),
+                          "kwargs": {k: _no_cache(v, k) for k, v in kwargs.items()}}
             raise _StopForward
 
         handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -283,6 +307,29 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
         valid = _token_mask(batch, block, x, got["ctx"])
         cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
     return cached
+
+
+def _no_cache(value: Any, name: str = "") -> Any:
+    """A block argument as the cached context may reuse it: no key/value cache (a decoder's cache object would
+    grow with every re-run of the block) and ``use_cache=False``."""
+    if name == "use_cache":
+        return False
+    if name in ("past_key_value", "past_key_values", "layer_past") or (
+            hasattr(value, "get_seq_length") and hasattr(value, "update")):
+        return None
+    return value
+
+
+def _same_argument(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if a is b or a is None or b is None:
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable ==: treat as the same object only
+        return False
 
 
 def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tensor:
@@ -791,8 +838,32 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
 
 
 def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any) -> list[torch.Tensor]:
-    """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain)."""
-    _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
+    """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain).
+
+    The other arguments of every block's call must be those of the first block (the pruner re-runs each block
+    with the first block's masks): per-block masks or a second stream (LiLT's layout) are refused here.
+    """
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((tuple(_no_cache(a) for a in args[1:]), {k: _no_cache(v, k) for k, v in kwargs.items()}))
+
+    handles = [b.module.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    try:
+        _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
+    finally:
+        for h in handles:
+            h.remove()
+    if calls:
+        first_args, first_kwargs = calls[0]
+        for i, (args, kwargs) in enumerate(calls[1:len(blocks)], start=1):
+            same = (len(args) == len(first_args) and set(kwargs) == set(first_kwargs)
+                    and all(_same_argument(a, b) for a, b in zip(args, first_args, strict=True))
+                    and all(_same_argument(kwargs[k], first_kwargs[k]) for k in kwargs))
+            if not same:
+                raise ValueError(f"block {blocks[i].name!r} is called with other arguments than the first block "
+                                 "(a mask or an extra input of its own): the pruner re-runs every block with the "
+                                 "first block's arguments, so only stacks whose blocks share them are supported")
     return [got[str(i)] for i in range(len(blocks))]
 
 

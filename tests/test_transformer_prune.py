@@ -459,6 +459,86 @@ def test_user_hooks_stay_on_replaced_modules() -> None:
         assert sorted(set(seen)) == sorted({f"{k}{i}" for k in ("pre", "post") for i in range(len(blocks))})
 
 
+def _hf(name: str, **extra) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name + "Config")(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                 num_attention_heads=HEADS, intermediate_size=INTER,
+                                                 max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                                 attention_probs_dropout_prob=0.0, **extra)
+    model_cls = transformers.BertLMHeadModel if name == "Bert" else getattr(transformers, name + "Model")
+    return model_cls(cfg).eval()
+
+
+def test_decoder_bert_with_a_key_value_cache_is_pruned() -> None:
+    # The first block's captured call carried the decoder's cache object, which grew with every block re-run
+    # (a shape error in attention).
+    model, data = _hf("Bert", is_decoder=True), token_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    same, _ = prune_transformer(model, data, keep=1.0, target="all", method="asym", reweight=False)
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**data[0]).logits).all()
+        torch.testing.assert_close(same(**data[0]).logits, model(**data[0]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pre_ln_models_with_the_bert_layout_are_pruned() -> None:
+    # MegatronBert has no LayerNorm after the residual sums: the default weighting used to raise AttributeError.
+    model, data = _hf("MegatronBert"), token_batches()
+    for target in ("ffn", "heads"):
+        pruned, rep = prune_transformer(model, data, keep=0.5, target=target, method="asym")
+        none, rep_none = prune_transformer(model, data, keep=0.5, target=target, method="asym", weighting="none")
+        assert [u.kept for u in rep.units] == [u.kept for u in rep_none.units]  # pre-LN: nothing to weight
+        for a, b in zip(pruned.state_dict().values(), none.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_attention_with_extra_per_head_parts_is_refused_for_heads_only() -> None:
+    model, data = _hf("ConvBert", embedding_size=HIDDEN), token_batches()
+    with pytest.raises(ValueError, match=r"parts besides query/key/value \(conv_kernel_layer.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target="heads")
+    pruned, rep = prune_transformer(model, data, keep=0.5, target="ffn")
+    assert all(u.n_kept == INTER // 2 for u in rep.units)
+
+
+def test_blocks_called_with_their_own_arguments_are_refused() -> None:
+    # Block 0 causal, block 1 unmasked: every block used to be re-run with block 0's mask.
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = tel_model(norm_first=False).layers
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+            return self.layers[1](self.layers[0](x, src_mask=causal))
+
+    with pytest.raises(ValueError, match="called with other arguments than the first block"):
+        prune_transformer(Mixed().eval(), [torch.randn(4, 6, HIDDEN)], keep=0.5, target="ffn")
+
+
+def test_padding_mask_under_another_name_is_read_from_the_blocks() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = tiny_bert()
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    data = token_batches()
+    renamed = [{"ids": b["input_ids"], "mask": b["attention_mask"]} for b in data]
+    other = [{"ids": b["input_ids"], "mask": b["attention_mask"]} for b in with_other_padding(data)]
+    _, direct = prune_transformer(tiny_bert(), data, keep=0.5, target="all")
+    a, ra = prune_transformer(Wrapper().eval(), renamed, keep=0.5, target="all")
+    b, rb = prune_transformer(Wrapper().eval(), other, keep=0.5, target="all")
+    real = sum(int(x["attention_mask"].sum()) for x in data)
+    assert ra.n_tokens == rb.n_tokens == direct.n_tokens == real and ra.n_padding_excluded > 0
+    assert [u.kept for u in ra.units] == [u.kept for u in rb.units] == [u.kept for u in direct.units]
+    for t1, t2 in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
+    pairs = [[x["input_ids"], x["attention_mask"]] for x in data]  # TensorDataset style: read as (inputs, labels)
+    with pytest.raises(ValueError, match=r"looks like \(input_ids, attention_mask\)"):
+        prune_transformer(tiny_bert(), pairs, keep=0.5)
+
+
 def test_float64_bert_saves_and_reloads_in_float64(tmp_path) -> None:
     model, data = tiny_bert().double(), token_batches()
     pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
