@@ -24,6 +24,7 @@ budgets are met exactly, without building candidate networks.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -97,7 +98,7 @@ class ParamModel:
 
 
 def _check_compression(compression: object) -> float:
-    if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not math.isfinite(compression):
+    if isinstance(compression, bool) or not isinstance(compression, numbers.Real) or not math.isfinite(compression):
         raise ValueError(f"compression must be a number >= 1 (e.g. 4.0 for 4x fewer parameters); got {compression!r}.")
     if compression < 1:
         raise ValueError(f"compression must be >= 1 (the ratio of parameters before / after); got {compression}.")
@@ -121,7 +122,7 @@ def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]
             f = keep.get(p.name, keep.get(p.producer, 1.0))
         else:
             f = keep
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f <= 1):
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0 < f <= 1):
             raise ValueError(f"keep fractions must be in (0, 1]; got {f!r} for {p.name}.")
         fr.append(f)
     if isinstance(keep, Mapping):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def _check_demo_args(compressions: Sequence[float], calib_sizes: Sequence[int], 
     if not len(compressions) or not len(calib_sizes):
         raise ValueError("give at least one compression and one calibration size.")
     for c in compressions:
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 1:
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c < 1:
             raise ValueError(f"compressions must be numbers >= 1 (e.g. 2 4 8 16); got {c!r}.")
     for n in calib_sizes:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_train:
@@ -211,8 +212,9 @@ def _layer_sections(result: dict, compressions: Sequence[float], calib_sizes: Se
              "`in-sample` is the relative error `||Y - A_S M - b||^2 / ||Y - mean||^2` of the refit on the calibration "
              "images (exact on those images); `held-out` its 5-fold cross-validated estimate on calibration images "
              "left out of the fit (an empirical estimate of the error on new images); `ridge` the relative ridge "
-             "chosen by that cross-validation. `greedy path` is the in-sample relative error after the first "
-             "1/4, 1/2, 3/4 and all kept units of the nested greedy selection (exact on the calibration images).", "",
+             "chosen by that cross-validation. `greedy path` is the in-sample relative objective (residual plus "
+             "the selection ridge's penalty) after the first 1/4, 1/2, 3/4 and all kept units of the nested greedy "
+             "selection (exact on the calibration images).", "",
              "| compression | pair | kept | in-sample | held-out (estimate) | ridge | greedy path |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(asym, key=lambda r: r["compression"]):

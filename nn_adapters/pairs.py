@@ -52,6 +52,7 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
     F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
@@ -141,6 +142,36 @@ def _unit_count(mod: nn.Module) -> int:
     return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
 
 
+def _plain_forward(mod: nn.Module) -> str | None:
+    """Why a subclass's own ``forward`` is not the plain layer of its ``.weight`` (e.g. a weight-standardised
+    convolution), checked on a random probe, or ``None`` (no override, or one that computes the same)."""
+    base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
+    if type(mod).forward is base.forward:
+        return None
+    w = mod.weight
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if base is nn.Linear:
+            x = torch.randn(2, mod.in_features, generator=g).to(w)
+            want = F.linear(x, w, mod.bias)
+        else:
+            side = [(k - 1) * d + 1 + 2 for k, d in zip(mod.kernel_size, mod.dilation, strict=True)]
+            x = torch.randn(1, mod.in_channels, *side, generator=g).to(w)
+            pad = mod.padding if not isinstance(mod.padding, str) else 0
+            want = F.conv2d(x, w, mod.bias, mod.stride, pad, mod.dilation, mod.groups) \
+                if mod.padding_mode == "zeros" and not isinstance(mod.padding, str) else None
+        try:
+            got = type(mod).forward(mod, x)
+        except Exception:  # noqa: BLE001 - any failure on the probe means the override is not the plain layer
+            got = None
+    if want is None or not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
+            got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max()))):
+        return (f"{type(mod).__name__} overrides {base.__name__}.forward and computes something else than the "
+                "plain layer of its .weight (e.g. a weight-standardised convolution), which pruning would shrink and "
+                "refit as if it were")
+    return None
+
+
 def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
     """Why a Linear/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
 
@@ -150,6 +181,8 @@ def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
     if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
         return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
                 "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
+    if (why := _plain_forward(mod)) is not None:
+        return why
     if not isinstance(mod, nn.Conv2d):
         return None
     if mod.groups != 1:
@@ -307,6 +340,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"
+            elif is_function and u.target in _POOL_FUNCTIONS and not is_conv:
+                # a Linear's units are the last dim, which 2-D pooling of an (N, T, F) tensor mixes
+                return f"pooling {name} after a Linear producer pools across its units"
             ops.append(name)
         else:
             return f"unsupported graph node {u.op} after the producer"

@@ -26,6 +26,7 @@ calibration set at the current frontier of the graph.
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -62,8 +63,10 @@ class LayerReport:
     ``ridge`` is the relative ridge of the refit and ``ridge_choice`` how it was chosen (``"5-fold cv"`` or
     ``"fixed"``); ``cv_relative_error`` is the cross-validated (held-out) relative error of the refit at that ridge,
     an empirical estimate of the error on new samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the
-    in-sample relative error of the nested greedy path after ``j`` picks, ``j = 0..kept`` (exact on the
-    calibration data, at the selection's ridge; submodular methods only). ``verification`` (with ``verify=True``)
+    in-sample relative objective of the nested greedy path after ``j`` picks, ``j = 0..kept``: the residual plus
+    the selection ridge's penalty, over the centred target energy (exact on the calibration data; it is the
+    relative error itself when that ridge is 0; the refit's own error is ``relative_error``; submodular
+    methods only). ``verification`` (with ``verify=True``)
     maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``, ``"proven upper bound"``
     or ``"estimate"``; see :func:`prune`.
     """
@@ -126,7 +129,7 @@ class PruneReport:
             lines.append(line)
             if r.error_curve:
                 pts = sorted({int(round(q * r.kept)) for q in (0.25, 0.5, 0.75, 1.0)} - {0})
-                lines.append("    greedy-path rel.err (in-sample) " + ", ".join(
+                lines.append("    greedy-path rel. objective (in-sample, with ridge penalty) " + ", ".join(
                     f"k={j}: {r.error_curve[j]:.3f}" for j in pts))
             for name, (val, kind) in (r.verification or {}).items():
                 lines.append(f"    {name} = {val if isinstance(val, str) else f'{val:.4g}'} [{kind}]")
@@ -158,7 +161,7 @@ def _check_args(method: str, compression: object, keep: object, allocation: str,
         if ridge != "cv":
             raise ValueError(f"ridge must be 'cv' (chosen per layer by cross-validation on the calibration data) or "
                              f"a finite number >= 0 (relative to the mean activation variance); got {ridge!r}.")
-    elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not np.isfinite(ridge) or ridge < 0:
+    elif isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not np.isfinite(ridge) or ridge < 0:
         raise ValueError(f"ridge must be 'cv' (chosen per layer by cross-validation on the calibration data) or a "
                          f"finite number >= 0 (relative to the mean activation variance); got {ridge!r}.")
     if refit_from not in SUBMODULAR_METHODS:
@@ -216,8 +219,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         then recomputed with that ridge), and for the refit, on the finally kept units. This matters when a
         consumer has more input columns than calibration samples (e.g. conv -> flatten -> linear), where an almost
         unregularised refit interpolates the calibration set. With fewer than 5 samples it falls back to
-        ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares (minimum-norm when singular;
-        a ``UserWarning`` names each layer whose refit then has no more calibration rows than unknowns).
+        ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares (when the fit is not
+        unique, the solution closest to the ``refit_prior``: minimum-norm for ``"zero"``, nearest the trained
+        weights for ``"original"``; a ``UserWarning`` names each layer whose refit has no more calibration rows
+        than unknowns).
     refit_from : {"asym", "seq", "layer"}
         Statistics the baselines use for their refit (their selection ignores them except ``act_norm``).
     refit_prior : {"original", "zero"}, default "original"
@@ -235,8 +240,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         Also run :func:`verification.error_decay` on each layer's selection objective (submodular methods; layers
         with at most 64 units) and store in ``LayerReport.verification``: ``lambda_min`` (proven lower bound on
         every submodularity ratio toward the full set), ``bound_rel_err_at_k`` (proven upper bound on the
-        in-sample relative error of the greedy selection, per-step path-ratio bound), ``rel_err_at_k`` (exact,
-        in-sample) and ``contraction`` (fitted per-unit error contraction, an estimate). Needs ``verification``.
+        greedy selection's in-sample relative objective, per-step path-ratio bound), ``rel_err_at_k`` (that
+        objective, exact: residual plus the selection ridge's penalty, as ``error_curve``) and ``contraction``
+        (fitted per-unit error contraction, an estimate). Needs ``verification``.
 
     Returns
     -------
@@ -362,9 +368,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             cols = kept.size * pair.cols_per_unit
             if lam[0] == 0.0 and st.count <= cols + 1:
                 notes.append(f"pair {pair.name}: the refit with ridge=0 has {st.count} calibration rows for {cols} "
-                             "kept columns and a bias, so it interpolates the calibration data (minimum-norm "
-                             "solution) and is unlikely to generalise; use ridge='cv' (the default) or more "
-                             "calibration samples.")
+                             "kept columns and a bias, so it interpolates the calibration data (the interpolant "
+                             "closest to the refit prior) and is unlikely to generalise; use ridge='cv' (the "
+                             "default) or more calibration samples.")
             M, b, rel = st.refit(kept, lam[0], prior=prior)
             cons = work.get_submodule(pair.consumer)
             weight = torch.as_tensor(np.ascontiguousarray(M.T), dtype=torch.float64)
@@ -510,8 +516,8 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
                         s = ag.sum(dim=(2, 3)).abs().sum(dim=0)
                     elif p.kind == "conv->linear":
                         s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
-                    else:
-                        s = ag.reshape(-1, p.n_units).abs().sum(dim=0)
+                    else:  # (N, ..., units): the positions of a sample are summed before the absolute value
+                        s = ag.reshape(ag.shape[0], -1, p.n_units).sum(dim=1).abs().sum(dim=0)
                     acc[p.name] += s.cpu()
 
                 x.register_hook(grad_hook)

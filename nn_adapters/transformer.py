@@ -184,7 +184,7 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
                          f"{BASELINE_METHODS} (baselines)")
     if propagation not in GREEDY_METHODS:
         raise ValueError(f"propagation must be one of {GREEDY_METHODS}, got {propagation!r}")
-    if ridge != "cv" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0
+    if ridge != "cv" and (isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not ridge >= 0
                           or not math.isfinite(ridge)):
         raise ValueError(f"ridge must be 'cv' (the refit's ridge chosen by cross-validation over the calibration "
                          f"sentences) or a finite number >= 0 (relative to the mean input variance), got {ridge!r}")
@@ -705,7 +705,7 @@ def prune_transformer(
         raise ValueError(f"rule must be 'greedy' or 'omp', got {rule!r}")
     if allocation not in ("uniform", "error-curve"):
         raise ValueError(f"allocation must be 'uniform' or 'error-curve', got {allocation!r}")
-    if (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float))
+    if (isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real)
             or not (0.0 < float(min_keep) <= 1.0)):
         raise ValueError(f"min_keep must be a fraction in (0, 1] (the per-block floor of allocation='error-curve'), "
                          f"got {min_keep!r}; e.g. min_keep=0.1")

@@ -631,6 +631,67 @@ def test_interpolating_refit_warns():
         nna.prune(net, torch.randn(20, 10), keep=0.5, ridge=0.0, reweight=False, method="asym")  # no refit
 
 
+def test_layer_subclasses_with_their_own_computation_are_refused():
+    class StdConv2d(nn.Conv2d):  # weight standardisation: the output is not conv2d(x, self.weight)
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True)
+                                                                              + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    class LoggingLinear(nn.Linear):  # overrides forward but computes the plain layer: fine
+        def forward(self, x):
+            return super().forward(x)
+
+    std = nn.Sequential(StdConv2d(3, 8, 3, padding=1), nn.ReLU(), StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 16, 3)).eval()
+    with pytest.raises(ValueError, match="StdConv2d overrides Conv2d.forward and computes something else"):
+        nna.prune(std, torch.randn(40, 3, 4, 4), keep=0.5)
+    ok = nn.Sequential(LoggingLinear(5, 8), nn.ReLU(), LoggingLinear(8, 3)).eval()
+    pruned, rep = nna.prune(ok, torch.randn(40, 5), keep=0.5)
+    assert [r.pair for r in rep.layers] == ["0->2"] and pruned[0].out_features == 4
+
+
+def test_functional_pooling_after_a_linear_is_not_per_unit():
+    # On (N, T, F), F.max_pool2d pools over F, the Linear's units: pruned as per-unit it gave a relative error of
+    # 0.68 reported as 0.05.
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(F.max_pool2d(torch.relu(self.a(x)), (1, 2)))
+
+    with pytest.raises(ValueError, match="pooling max_pool2d after a Linear producer pools across its units"):
+        nna.prune(Pool().eval(), torch.randn(30, 5, 6), keep=0.5)
+
+
+def test_actgrad_sums_the_positions_of_a_sample_before_the_absolute_value():
+    from nn_adapters.pruning import _actgrad_scores
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5, 7))
+    pairs, _ = nna.find_pairs(net, x[:2])
+    loss = lambda out, lab: F.cross_entropy(out.reshape(-1, 3), lab.reshape(-1))  # noqa: E731
+    want = np.zeros(6)
+    for n in range(5):  # per sample: the gradient of its own loss (the mean over its 7 positions, times 7)
+        a = torch.relu(net[0](x[n:n + 1])).detach().requires_grad_(True)
+        (loss(net[2](a), y[n:n + 1]) * 1).backward()
+        want += (a * a.grad).sum(dim=1).abs().squeeze(0).detach().numpy()
+    got = _actgrad_scores(net, pairs, [(x, y)], loss)["0->2"]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_numpy_scalars_are_numbers():
+    net = zoo.mlp(4, [8], 2).eval()
+    x = torch.randn(40, 4)
+    for kw in ({"keep": np.float32(0.5)}, {"keep": {"1": np.float32(0.5)}}, {"compression": np.float32(1.5)},
+               {"keep": 0.5, "ridge": np.float32(0.1)}, {"keep": 0.5, "ridge": np.int64(0)}):
+        pruned, rep = nna.prune(net, x, **kw)
+        assert rep.layers[0].kept < 8, kw
+
+
 def test_actgrad_needs_labels():
     with pytest.raises(ValueError, match="labelled"):
         nna.prune(zoo.mlp(4, [8], 2), torch.randn(10, 4), keep=0.5, method="actgrad")

@@ -191,7 +191,7 @@ def test_error_curve_is_the_nested_greedy_path():
         r = Y - D @ np.linalg.lstsq(D, Y, rcond=None)[0]
         assert curve[j] == pytest.approx((r ** 2).sum() / (Yc ** 2).sum(), rel=1e-6, abs=1e-10)
     assert curve[-1] == pytest.approx(lay.relative_error, rel=1e-6, abs=1e-10)
-    assert "greedy-path rel.err" in rep.summary()
+    assert "greedy-path rel. objective" in rep.summary()
 
 
 def test_verify_labels_every_number_and_the_bound_holds():
