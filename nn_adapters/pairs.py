@@ -125,10 +125,38 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def container_hooks(model: nn.Module) -> list[str]:
+    """Names of the modules other than the leaf layers whose forward (pre-)hooks are not in a traced graph: the
+    model itself (its pre-hooks) and container submodules (all their hooks)."""
+    tracer = _LeafTracer()
+    out = ["(the model)"] if model._forward_pre_hooks else []
+    for name, m in model.named_modules():
+        if name and not tracer.is_leaf_module(m, name) and (m._forward_hooks or m._forward_pre_hooks):
+            out.append(name)
+    return out
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot)."""
+    """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot).
+
+    Hooks of container submodules are detached while tracing (fx would run them on proxies: a hook that stores
+    its output would hold proxies and add graph uses); see :func:`container_hooks`.
+    """
+    tracer = _LeafTracer()
+    saved = []
+    for name, m in model.named_modules():
+        if name and not tracer.is_leaf_module(m, name):
+            for attr in _HOOK_DICTS:
+                d = getattr(m, attr, None)
+                if d:
+                    saved.append((d, dict(d)))
+                    d.clear()
     try:
-        graph = _LeafTracer().trace(model)
+        graph = tracer.trace(model)
         return fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
         raise ValueError(
@@ -136,6 +164,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
             "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
             "method='layer'.") from exc
+    finally:
+        for d, content in saved:
+            d.update(content)
 
 
 def _unit_count(mod: nn.Module) -> int:
@@ -481,9 +512,14 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     sign: list[float] = [0.0]
     seen: list[torch.Tensor] = []
 
+    base_out: list[torch.Tensor] = []
+
     def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
         if sign[0] == 0.0:
+            base_out.append(out.detach())
             return out
+        if sign[0] == 2.0:  # the model's input changed, the producer's output held at its first-run value
+            return base_out.pop(0) if base_out else out
         shape = [1] * out.dim()
         shape[unit_dim] = n
         offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
@@ -492,17 +528,55 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     def capture(_m: nn.Module, inp: tuple) -> None:
         seen.append(inp[0].detach().to(torch.float64))
 
+    # Other layers that also receive the producer's units one by one: an undeclared BatchNorm on the way, or a
+    # second reader (a residual sum, a branch); their inputs are recorded too.
+    others = {name: m for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) and m is not prod and m is not cons
+              and name not in pair.between}
+    other_in: dict[str, list[torch.Tensor]] = {name: [] for name in others}
+
+    def capture_other(name: str) -> Callable:
+        def hook(_m: nn.Module, inp: tuple) -> None:
+            if inp and isinstance(inp[0], torch.Tensor):
+                other_in[name].append(inp[0].detach().to(torch.float64))
+        return hook
+
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
-    runs = []
+    handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
+    runs, other_runs = [], []
     try:
         with eval_mode(model), torch.no_grad():
             for s in (0.0, 1.0, -1.0):
                 sign[0], seen[:] = s, []
+                for v in other_in.values():
+                    v.clear()
                 model(example_input[:2])
                 runs.append([_consumer_columns(pair, x) for x in seen])
+                other_runs.append({k: list(v) for k, v in other_in.items()})
+            held = None
+            x0 = example_input[:2]
+            if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
+                sign[0], seen[:] = 2.0, []
+                model(x0 + (0.5 * x0.std().clamp(min=1e-3)) * torch.randn(x0.shape, generator=gen).to(x0))
+                held = [_consumer_columns(pair, x) for x in seen]
     finally:
         for h in handles:
             h.remove()
+    for name, m in others.items():
+        dim = -1 if isinstance(m, nn.Linear) else 1
+        for run in other_runs[1:]:
+            for base, new in zip(other_runs[0][name], run[name], strict=False):
+                if base.shape != new.shape or base.dim() < 2 or base.shape[dim] != n:
+                    continue
+                diff = (new - base).abs().movedim(dim, 0).reshape(n, -1).amax(dim=1) > \
+                    1e-5 * (1.0 + float(base.abs().amax()))
+                if diff.any() and not (diff & ~hit).any():
+                    fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
+                           if isinstance(m, _BN_MODULES) else
+                           "its units cannot be removed for one reader only (a residual sum or a branch); remove "
+                           "this pair from pairs=")
+                    raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the "
+                                     f"producer's units one by one; {fix}.")
     if not runs[0]:
         raise ValueError(f"declared pair {pair.name}: the consumer {pair.consumer!r} is not called in a forward "
                          "pass; declare layers that the model uses.")
@@ -525,6 +599,13 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         raise ValueError(f"declared pair {pair.name}: the consumer's input does not change with the producer's "
                          f"output; {pair.consumer!r} does not read {pair.producer!r}. Declare a producer whose "
                          "output units feed the consumer.")
+    if held is not None and len(held) == len(runs[0]):
+        for base, new in zip(runs[0], held, strict=True):
+            if not torch.allclose(new, base, rtol=1e-5, atol=1e-5 * (1.0 + float(base.abs().amax()))):
+                raise ValueError(f"declared pair {pair.name}: the consumer's input changes with the model's input "
+                                 f"even when {pair.producer!r}'s output is held fixed, so it also reads another "
+                                 "tensor (a residual sum or a concatenation with a skip connection); the producer's "
+                                 "units cannot be removed there. Remove this pair from pairs=.")
 
 
 def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:

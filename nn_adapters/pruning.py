@@ -41,7 +41,7 @@ from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes, working_copy
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
-from .pairs import Pair, PrunablePair, find_pairs, resolve_pairs, trace
+from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
 from .shrink import keep_bn, keep_outputs, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
@@ -319,6 +319,14 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          "Linear->Linear, Conv2d->Conv2d and Conv2d->Flatten->Linear through BatchNorm, activations, "
                          "pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other layouts.")
     stats_mode = method if method in SUBMODULAR_METHODS else refit_from
+    if stats_mode != "layer":
+        hooked = container_hooks(work) + [p.consumer for p in found
+                                          if work.get_submodule(p.consumer)._forward_pre_hooks]
+        if hooked:
+            raise ValueError(f"statistics {stats_mode!r} run the traced graph node by node, where these forward "
+                             f"hooks would be skipped or run after the consumer's input is recorded: "
+                             f"{', '.join(hooked)}. Use method='layer' (with refit_from='layer' for baselines), "
+                             "which runs the model itself, or remove the hooks while pruning.")
     if stats_mode != "layer" and gm is None:
         raise ValueError(f"method {method!r} with statistics {stats_mode!r} needs a model traceable by torch.fx "
                          f"({trace_error}); use method='layer' (or refit_from='layer' for baselines).")

@@ -563,6 +563,30 @@ def test_declared_pairs_are_checked_against_the_units(between, match):
     assert err == pytest.approx(rep.layers[0].relative_error, rel=1e-4)
 
 
+def test_declared_pairs_with_an_undeclared_batchnorm_or_a_skip_connection_are_refused():
+    # Both used to end in a raw RuntimeError (running_mean size, tensor size mismatch) after the statistics.
+    x = torch.randn(30, 3, 8, 8)
+    bn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1),
+                       nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)).eval()
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1' also receives the producer's units.*between=\('1'\)"):
+        nna.prune(bn, x, keep=0.5, method="layer", pairs=[nna.Pair("0", "3")])
+    pruned, _ = nna.prune(bn, x, keep=0.5, method="layer", pairs=[nna.Pair("0", "3", ("1",))])
+    assert pruned[1].num_features == 4
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 64, 3)
+
+        def forward(self, x):
+            y = F.relu(self.c1(x))
+            return self.fc(F.relu(self.c2(y) + y).flatten(1))
+
+    with pytest.raises(ValueError, match="also reads another tensor"):
+        nna.prune(Res().eval(), x, keep=0.5, method="layer", pairs=[nna.Pair("c2", "fc")])
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
@@ -681,6 +705,29 @@ def test_actgrad_sums_the_positions_of_a_sample_before_the_absolute_value():
         want += (a * a.grad).sum(dim=1).abs().squeeze(0).detach().numpy()
     got = _actgrad_scores(net, pairs, [(x, y)], loss)["0->2"]
     np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_hooks_outside_the_traced_graph():
+    # A pre-hook on the model itself is part of its function: layer mode sees it, the traced modes refuse it
+    # (they silently ignored it before). A hook on a container storing its outputs used to collect fx proxies
+    # and hide the pair behind a "feeds 2 operations" reason.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(100, 10)
+    hooked = copy.deepcopy(net)
+    hooked.register_forward_pre_hook(lambda m, inp: (inp[0] * 10.0 + 3.0,))
+    with pytest.raises(ValueError, match=r"forward hooks would be skipped.*\(the model\).*method='layer'"):
+        nna.prune(hooked, x, keep=0.5, method="asym")
+    _, with_hook = nna.prune(hooked, x, keep=0.5, method="layer", ridge=1e-3)
+    _, by_hand = nna.prune(net, x * 10.0 + 3.0, keep=0.5, method="layer", ridge=1e-3)
+    assert with_hook.layers[0].kept_units == by_hand.layers[0].kept_units
+    stored: list = []
+    boxed = nn.Sequential(nn.Sequential(nn.Linear(10, 16), nn.ReLU()), nn.Linear(16, 3)).eval()
+    boxed[0].register_forward_hook(lambda m, i, o: stored.append(o))
+    pairs, _ = nna.find_pairs(boxed, x[:2])
+    assert [p.name for p in pairs] == ["0.0->1"] and all(isinstance(t, torch.Tensor) for t in stored)
+    pruned, _ = nna.prune(boxed, x, keep=0.5, method="layer")
+    assert pruned[1].in_features == 8 and len(pruned[0]._forward_hooks) == 1
 
 
 def test_numpy_scalars_are_numbers():
