@@ -352,7 +352,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
-                flattened_hw = flat
+                flattened_hw = flat if flat != 1 or flattened_hw is None else flattened_hw  # 1: no-op reshape
             else:
                 return f"unsupported module {type(m).__name__} ({u.target!r}) between producer and consumer"
             ops.append(type(m).__name__)
@@ -367,7 +367,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
-                flattened_hw = flat
+                flattened_hw = flat if flat != 1 or flattened_hw is None else flattened_hw  # 1: no-op reshape
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"

@@ -587,6 +587,26 @@ def test_declared_pairs_with_an_undeclared_batchnorm_or_a_skip_connection_are_re
         nna.prune(Res().eval(), x, keep=0.5, method="layer", pairs=[nna.Pair("c2", "fc")])
 
 
+def test_a_second_flatten_is_a_no_op():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 2))
+
+        def forward(self, x):
+            x = F.relu(self.c(x))
+            return self.head(x.view(x.size(0), -1))  # flattened here, and nn.Flatten again (a no-op)
+
+    net = Twice().eval()
+    x = torch.randn(40, 3, 6, 6)
+    pairs, _ = nna.find_pairs(net, x[:2])
+    assert [(p.name, p.cols_per_unit) for p in pairs] == [("c->head.1", 16), ("head.1->head.3", 1)]
+    full, _ = nna.prune(net, x, keep=1.0, method="layer", reweight=False)
+    with torch.no_grad():
+        assert torch.allclose(full(x), net(x), atol=1e-6)
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
