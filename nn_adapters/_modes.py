@@ -11,7 +11,13 @@ from contextlib import contextmanager
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy"]
+__all__ = ["eval_mode", "copy_modes", "working_copy", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+
+#: The forward-hook registries of ``torch.nn.Module`` (hooks and their flags are keyed by the same handle id).
+FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+#: All its per-module hook registries.
+HOOK_DICTS = (*FORWARD_HOOK_DICTS, "_backward_hooks", "_backward_pre_hooks")
 
 
 @contextmanager

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._modes import HOOK_DICTS
+
 __all__ = ["PrunedMultiheadAttention"]
 
 
@@ -222,14 +224,9 @@ def _same_grad_flags(new: nn.Module, old: nn.Module) -> None:
     _same_hooks(new, old)
 
 
-#: The per-module hook registries of ``torch.nn.Module`` (hooks and their flags are keyed by the same handle id).
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _same_hooks(new: nn.Module, old: nn.Module) -> None:
     """Register on ``new`` (a replacement module) the forward/backward hooks the user had on ``old``."""
-    for attr in _HOOK_DICTS:
+    for attr in HOOK_DICTS:
         src, dst = getattr(old, attr, None), getattr(new, attr, None)
         if src and dst is not None:
             dst.update(src)

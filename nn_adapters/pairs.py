@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from ._modes import eval_mode
+from ._modes import FORWARD_HOOK_DICTS, eval_mode
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
 
@@ -125,10 +125,6 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs")
-
-
 def container_hooks(model: nn.Module) -> list[str]:
     """Names of the modules other than the leaf layers whose forward (pre-)hooks are not in a traced graph: the
     model itself (its pre-hooks) and container submodules (all their hooks)."""
@@ -150,7 +146,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     saved = []
     for name, m in model.named_modules():
         if name and not tracer.is_leaf_module(m, name):
-            for attr in _HOOK_DICTS:
+            for attr in FORWARD_HOOK_DICTS:
                 d = getattr(m, attr, None)
                 if d:
                     saved.append((d, dict(d)))
@@ -501,7 +497,10 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     each unit separately. For a declared pair nothing else says so, so this adds a large offset (of each sign in
     turn) to a random half of the producer's units and requires that the consumer's input changes, and changes
     only in the column blocks of those units. A permute or transpose before a flatten, a LayerNorm or any layer
-    that mixes units, or a consumer that does not read this producer fails with an error that says so.
+    that mixes units, or a consumer that does not read this producer fails with an error that says so. The same
+    runs find a BatchNorm on the way that is missing from ``between`` (its input changes unit by unit too), and a
+    fourth run, with the model's input changed and the producer's output held fixed, finds a consumer that also
+    reads another tensor (a residual sum).
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if isinstance(prod, nn.Conv2d) else -1
