@@ -189,8 +189,10 @@ def _plain_forward(mod: nn.Module) -> str | None:
                 if mod.padding_mode == "zeros" and not isinstance(mod.padding, str) else None
         try:
             got = type(mod).forward(mod, x)
-        except Exception:  # noqa: BLE001 - any failure on the probe means the override is not the plain layer
-            got = None
+        except Exception as exc:  # noqa: BLE001 - the override cannot be checked: do not prune it blindly
+            return (f"{type(mod).__name__} overrides {base.__name__}.forward, which failed on a probe input of "
+                    f"shape {tuple(x.shape)} ({type(exc).__name__}: {exc}), so it cannot be checked to compute the "
+                    "plain layer of its .weight that pruning shrinks and refits")
     if want is None or not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
             got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max()))):
         return (f"{type(mod).__name__} overrides {base.__name__}.forward and computes something else than the "
