@@ -14,7 +14,7 @@ from submod import SetFunction
 from submod._validation import check_k
 
 from ._values import ValueTable, mask_of, members, popcount
-from .ratio import exact_ratio_from_table
+from .ratio import exact_ratio_from_table, zero_tolerance
 
 __all__ = ["GuaranteeCheck", "GuaranteeRow", "check_guarantee", "MAX_BRUTE_FORCE_N", "bian_bound"]
 
@@ -153,7 +153,8 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     lazy_fallback : bool, default True
         Passed to :func:`submod.maximize` for the lazy run.
     rtol : float
-        Round-off tolerance (relative to ``max |F|``) of the exact ratios and the ``holds`` comparisons.
+        Round-off tolerance (relative to ``max |F|``) of the exact ratios and the ``holds`` comparisons; for least
+        squares ``64 eps ||Y||^2`` instead (see :func:`submodularity_ratio`).
 
     Returns
     -------
@@ -190,8 +191,7 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     n = f.n
     table = ValueTable(f)
     vals = table.values
-    scale = float(np.abs(vals).max())
-    atol = rtol * max(scale, np.finfo(float).tiny)
+    atol = zero_tolerance(f, float(np.abs(vals).max()), rtol)
     masks = np.arange(1 << n, dtype=np.int64)
     pc = popcount(masks)
     feasible = masks[pc <= kk]

@@ -109,10 +109,7 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
     pc = popcount(all_masks)
     S_masks = all_masks[(pc >= 1) & (pc <= k)]
     S_bits = bit_matrix(S_masks, n).astype(np.float64)
-    scale = float(np.nanmax(np.abs(vals)))
-    if is_regression(table.f):  # F lies in [0, ||Y||^2]: values that small against ||Y||^2 are rounding, i.e. 0
-        scale = max(scale, float(table.f.y_norm2))
-    atol = rtol * max(scale, np.finfo(float).tiny)
+    atol = zero_tolerance(table.f, float(np.nanmax(np.abs(vals))), rtol)
     best, witness, pairs = math.inf, None, 0
     singles = 1 << np.arange(n, dtype=np.int64)
     for L in np.asarray(L_masks, dtype=np.int64):
@@ -142,6 +139,21 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
         if r[i] < best:
             best, witness = float(r[i]), (members(int(L), n), members(int(S[i]), n))
     return best, witness, pairs
+
+
+#: For least squares, values within this multiple of ``eps * ||Y||^2`` of zero are rounding (F is computed from
+#: quantities of the size of ``||Y||^2``). A relative threshold would zero real gains: they can be far below
+#: ``1e-9 * max F`` (columns scaled over many orders of magnitude) or ``1e-9 * ||Y||^2`` (most of ``Y`` outside the
+#: span of the columns), and zeroed gains make a ratio look like ``0/0 := 1``, i.e. too large to be "exact".
+ROUNDING_FLOOR = 64 * np.finfo(np.float64).eps
+
+
+def zero_tolerance(f: object, scale: float, rtol: float) -> float:
+    """Absolute threshold below which a value or gain of ``f`` counts as 0: for least squares
+    ``ROUNDING_FLOOR * ||Y||^2``, for other functions ``rtol * scale`` (``scale`` = the largest ``|F|`` at hand)."""
+    if is_regression(f):
+        return ROUNDING_FLOOR * max(float(f.y_norm2), np.finfo(float).tiny)
+    return rtol * max(abs(float(scale)), np.finfo(float).tiny)
 
 
 def is_regression(f: object) -> bool:
@@ -214,7 +226,9 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
     max_subsets : int, default 20000
         Enumeration limit of ``"spectral"``.
     rtol : float, default 1e-9
-        Values within ``rtol * max |F|`` of zero count as zero (for ``0/0 := 1``) in ``"exact"``/``"sampled"``.
+        Values within ``rtol * max |F|`` of zero count as zero (for ``0/0 := 1``). For least squares
+        (:class:`submod.SparseRegression`) the threshold is instead ``64 eps ||Y||^2``, the rounding of values
+        computed from quantities of size ``||Y||^2``: real gains can lie far below ``rtol * max |F|``.
 
     Returns
     -------
@@ -302,8 +316,7 @@ def _sampled(f: SetFunction, k: int, U: np.ndarray | None, n_samples: int, rng: 
     pool = np.arange(n) if U is None else U
     # One tolerance for all pairs, from F(V) = max F (monotone): at least the exact method's, so a pair that
     # "exact" resolves as 0/0 is never read here as a tiny ratio below the exact minimum.
-    scale = abs(float(f.value(np.arange(n))))
-    atol = rtol * max(scale, np.finfo(float).tiny)
+    atol = zero_tolerance(f, float(f.value(np.arange(n))), rtol)
     best, witness = math.inf, None
     gain_evals, updates = 0, n
     for _ in range(n_samples):
@@ -417,7 +430,7 @@ def path_ratios(f: SetFunction, selected: np.ndarray, T: np.ndarray, rtol: float
             probe.add(j)
             updates += 1
         updates += 1
-    atol = rtol * max(abs(float(probe.value)), np.finfo(float).tiny)
+    atol = zero_tolerance(f, float(probe.value), rtol)
     ratios = _ratio_array(np.array(numers), np.array(denoms), atol) if numers else np.zeros(0)
     sizes_arr = np.array(sizes, dtype=np.int64)
     # with one element left, numerator and denominator are the same gain F(j|S_t) computed by two routes: the
