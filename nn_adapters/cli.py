@@ -119,7 +119,12 @@ def _eval_accuracy(model: object, loader: object) -> float:
             x, y = batch[0], batch[1]
             if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 x = x.to(dtype)  # as the calibration data is
-            logits = model(x)
+            try:
+                logits = model(x)
+            except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: report it in one line
+                raise ValueError(f"the model failed on a batch of the evaluation loader ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); check that it yields the "
+                                 "model's inputs.") from exc
             if not isinstance(logits, torch.Tensor):
                 raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
                                  f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")

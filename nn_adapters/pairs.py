@@ -180,20 +180,17 @@ def _plain_forward(mod: nn.Module) -> str | None:
     with torch.no_grad():
         if base is nn.Linear:
             x = torch.randn(2, mod.in_features, generator=g).to(w)
-            want = F.linear(x, w, mod.bias)
         else:
             side = [(k - 1) * d + 1 + 2 for k, d in zip(mod.kernel_size, mod.dilation, strict=True)]
             x = torch.randn(1, mod.in_channels, *side, generator=g).to(w)
-            pad = mod.padding if not isinstance(mod.padding, str) else 0
-            want = F.conv2d(x, w, mod.bias, mod.stride, pad, mod.dilation, mod.groups) \
-                if mod.padding_mode == "zeros" and not isinstance(mod.padding, str) else None
+        want = base.forward(mod, x)  # the plain layer, with the module's own padding mode
         try:
             got = type(mod).forward(mod, x)
         except Exception as exc:  # noqa: BLE001 - the override cannot be checked: do not prune it blindly
             return (f"{type(mod).__name__} overrides {base.__name__}.forward, which failed on a probe input of "
                     f"shape {tuple(x.shape)} ({type(exc).__name__}: {exc}), so it cannot be checked to compute the "
                     "plain layer of its .weight that pruning shrinks and refits")
-    if want is None or not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
             got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max()))):
         return (f"{type(mod).__name__} overrides {base.__name__}.forward and computes something else than the "
                 "plain layer of its .weight (e.g. a weight-standardised convolution), which pruning would shrink and "
@@ -491,8 +488,13 @@ def _consumer_columns(pair: PrunablePair, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, pair.n_units, pair.cols_per_unit)
 
 
+#: Calibration samples the declared-pair check runs on (more samples: fewer units that stay dead by chance).
+CHECK_SAMPLES = 16
+
+
 def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.Tensor) -> None:
-    """Check on two samples that the consumer's column block ``j`` depends on producer unit ``j`` only.
+    """Check on up to ``CHECK_SAMPLES`` calibration samples that the consumer's column block ``j`` depends on
+    producer unit ``j`` only.
 
     The pruner removes producer unit ``j`` together with the consumer's ``j``-th column block (a channel, or the
     ``H * W`` flattened positions of channel ``j``), which is right only if the operations between them act on
@@ -517,10 +519,10 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
 
     def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
         if sign[0] == 0.0:
-            base_out.append(out.detach())
+            base_out.append(out.detach().clone())  # a copy: an in-place activation next overwrites `out`
             return out
         if sign[0] == 2.0:  # the model's input changed, the producer's output held at its first-run value
-            return base_out.pop(0) if base_out else out
+            return base_out.pop(0).clone() if base_out else out
         shape = [1] * out.dim()
         shape[unit_dim] = n
         offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
@@ -551,11 +553,11 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 sign[0], seen[:] = s, []
                 for v in other_in.values():
                     v.clear()
-                model(example_input[:2])
+                model(example_input[:CHECK_SAMPLES])
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
             held = None
-            x0 = example_input[:2]
+            x0 = example_input[:CHECK_SAMPLES]
             if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
                 sign[0], seen[:] = 2.0, []
                 model(x0 + (0.5 * x0.std().clamp(min=1e-3)) * torch.randn(x0.shape, generator=gen).to(x0))
@@ -563,21 +565,28 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     finally:
         for h in handles:
             h.remove()
+    consumer_changed = torch.zeros(n, dtype=torch.bool)
+    for run in runs[1:]:
+        for base, new in zip(runs[0], run, strict=True):
+            consumer_changed |= (new - base).abs().amax(dim=(0, 2)) > 1e-5 * (1.0 + float(base.abs().amax()))
     for name, m in others.items():
         dim = -1 if isinstance(m, nn.Linear) else 1
+        other_changed = torch.zeros(n, dtype=torch.bool)
         for run in other_runs[1:]:
             for base, new in zip(other_runs[0][name], run[name], strict=False):
                 if base.shape != new.shape or base.dim() < 2 or base.shape[dim] != n:
                     continue
-                diff = (new - base).abs().movedim(dim, 0).reshape(n, -1).amax(dim=1) > \
+                other_changed |= (new - base).abs().movedim(dim, 0).reshape(n, -1).amax(dim=1) > \
                     1e-5 * (1.0 + float(base.abs().amax()))
-                if diff.any() and not (diff & ~hit).any():
-                    fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
-                           if isinstance(m, _BN_MODULES) else
-                           "its units cannot be removed for one reader only (a residual sum or a branch); remove "
-                           "this pair from pairs=")
-                    raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the "
-                                     f"producer's units one by one; {fix}.")
+        # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
+        # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
+        if int(other_changed.sum()) > 1 and bool((other_changed == consumer_changed).all()):
+            fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
+                   if isinstance(m, _BN_MODULES) else
+                   "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "
+                   "from pairs=")
+            raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "
+                             f"units one by one; {fix}.")
     if not runs[0]:
         raise ValueError(f"declared pair {pair.name}: the consumer {pair.consumer!r} is not called in a forward "
                          "pass; declare layers that the model uses.")

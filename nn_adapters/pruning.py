@@ -209,7 +209,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         as are ``ridge`` and ``refit_prior``): ``"uniform"`` or ``"error-curve"``.
     pairs : list of Pair, optional
         Declare the prunable pairs yourself (for models that cannot be traced, or to restrict pruning). Each is
-        checked on two calibration samples: the consumer's input columns must follow the producer's units one to
+        checked on up to 16 calibration samples: the consumer's input columns must follow the producer's units one to
         one (only per-unit operations between them), or a ``ValueError`` says what is wrong.
     ridge : "cv" or float, default "cv"
         Ridge of the least-squares selection and refit, relative to the mean activation variance (times the number

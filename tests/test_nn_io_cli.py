@@ -115,12 +115,14 @@ def test_cli_prune_reports_user_code_problems_and_leaves_the_model_alone(tmp_pat
         "def raises():\n    raise RuntimeError('no data here')\n"
         "def not_a_model():\n    return 'model', X\n"
         "def one_shot():\n    return MODEL, X, ((X[i:i + 20], Y[i:i + 20]) for i in range(0, 80, 20))\n"
-        "def bad_labels():\n    return MODEL, X, [(X[:20], Y[:10])]\n")
+        "def bad_labels():\n    return MODEL, X, [(X[:20], Y[:10])]\n"
+        "def bad_eval_inputs():\n    return MODEL, X, [(X[:20, :7], Y[:20])]\n")
     (tmp_path / "broken.py").write_text("raise KeyError('at import')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     for spec, match in (("usermods:raises", "RuntimeError: no data here"), ("usermods:not_a_model", "nn.Module"),
-                        ("broken:build", "importing 'broken' failed"), ("usermods:bad_labels", "labels")):
+                        ("broken:build", "importing 'broken' failed"), ("usermods:bad_labels", "labels"),
+                        ("usermods:bad_eval_inputs", "the model failed on a batch of the evaluation loader")):
         assert main(["prune", spec, "--keep", "0.5", "--out", "x.pt"]) == 2  # one line, no traceback
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err and err.count("\n") == 1

@@ -607,6 +607,40 @@ def test_a_second_flatten_is_a_no_op():
         assert torch.allclose(full(x), net(x), atol=1e-6)
 
 
+def test_declared_pair_checks_accept_ordinary_layouts():
+    # False alarms found in review: an in-place activation after the producer (the held output was overwritten),
+    # dead ReLUs in later layers (their few changing inputs looked like a second reader), and a conv subclass
+    # with reflect padding calling super().forward (compared with zero-padded F.conv2d).
+    x = torch.randn(40, 3, 6, 6)
+    inplace = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(8, 4, 3),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    pruned, _ = nna.prune(inplace, x, keep=0.5, method="layer", pairs=[nna.Pair("0", "2")])
+    assert pruned[0].out_channels == 4
+    refused = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        mlp = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                            nn.Linear(8, 3)).eval()
+        with torch.no_grad():
+            for m in mlp:
+                if isinstance(m, nn.Linear):
+                    m.bias.sub_(0.3)  # many dead units, as in trained nets
+        try:
+            nna.prune(mlp, torch.randn(32, 10), keep=0.5, method="layer", pairs=[("0", "2")])
+        except ValueError:
+            refused += 1
+    assert refused == 0
+
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x)
+
+    reflect = nn.Sequential(MyConv(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    pairs, skipped = nna.find_pairs(reflect, x[:2])
+    assert [p.name for p in pairs] == ["0->2", "2->5"], skipped
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
