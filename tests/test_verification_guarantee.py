@@ -144,3 +144,33 @@ def test_plain_lazy_is_not_claimed_as_a_theorem_on_non_submodular_functions():
     lazy = chk.row("lazy")
     assert not lazy.theorem and lazy.violations >= 1
     assert chk.gamma < 1.0
+
+
+def test_check_guarantee_refuses_a_function_that_is_not_monotone_anywhere_in_its_table():
+    # F({0, 2, 3}) = 1.1 < F({2, 3}) = 2, away from the greedy sets: reported as a failed theorem before.
+    def value(S):
+        S = set(S)
+        if S >= {2, 3}:
+            return 1.1 if 0 in S else 2.0
+        return float(len(S)) * 0.5
+
+    f = submod.from_callable(value, 4)
+    with pytest.raises(ValueError, match=r"F is not monotone: adding 0 to \[2, 3\]"):
+        check_guarantee(f, 2)
+
+
+def test_verification_arguments_are_checked_up_front(tmp_path):
+    from verification import error_decay, report
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((20, 5))
+    f = SparseRegression(A, A @ rng.standard_normal(5))
+    for call, match in ((lambda: check_guarantee(f, 2, rtol=-1), "rtol must be"),
+                        (lambda: error_decay(f, rtol="x"), "rtol must be"),
+                        (lambda: submodularity_ratio(f, 2, method="greedy-path", result=[0, 1]), "SelectionResult"),
+                        (lambda: submodularity_ratio(f, 2, method="spectral", max_subsets=-5), "max_subsets"),
+                        (lambda: report(f, 2, tmp_path / "r1", n_samples=0, figures=False), "n_samples"),
+                        (lambda: report(f, 2, tmp_path / "r2", k_max=99, figures=False), "k_max")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # nothing left behind

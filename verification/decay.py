@@ -214,6 +214,8 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
     """
     start = time.perf_counter()
     _check_regression(f)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be a number in [0, 1) (relative tolerance of the 'holds' checks); got {rtol!r}.")
     d = f.n
     k = d if k_max is None else k_max
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (1 <= k <= d):

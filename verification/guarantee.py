@@ -182,6 +182,8 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
         raise ValueError("k must be at least 1.")
     if isinstance(methods, str):  # one method name, not its letters
         methods = (methods,)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be a number in [0, 1) (relative round-off tolerance); got {rtol!r}.")
     bad = [m for m in methods if m not in submod.METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {submod.METHODS}.")
@@ -193,6 +195,13 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     vals = table.values
     atol = zero_tolerance(f, float(np.abs(vals).max()), rtol)
     masks = np.arange(1 << n, dtype=np.int64)
+    for j in range(n):  # monotone on the whole table, or the bounds below are not theorems for f
+        without = masks[(masks >> j) & 1 == 0]
+        drop = vals[without] - vals[without | (1 << j)]
+        if drop.max() > atol:
+            i = int(np.argmax(drop))
+            raise ValueError(f"F is not monotone: adding {j} to {members(int(without[i]), n).tolist()} lowers F by "
+                             f"{drop[i]:.3g}. Greedy's guarantees, and this check, are for monotone functions.")
     pc = popcount(masks)
     feasible = masks[pc <= kk]
     best = int(feasible[np.argmax(vals[feasible])])

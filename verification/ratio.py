@@ -274,7 +274,12 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
         return _sampled(f, kk, Uarr, int(n_samples), np.random.default_rng(seed), rtol)
     if method == "spectral":
+        if isinstance(max_subsets, bool) or not isinstance(max_subsets, (int, np.integer)) or max_subsets < 0:
+            raise ValueError(f"max_subsets must be a non-negative integer; got {max_subsets!r}.")
         return _spectral(f, kk, Uarr, max_subsets)
+    if result is not None and not isinstance(result, submod.SelectionResult):
+        raise ValueError(f"result must be the submod.SelectionResult of a greedy run (submod.maximize(f, k)); got "
+                         f"{type(result).__name__}.")
     return _greedy_path(f, kk, comparator, result, rtol)
 
 

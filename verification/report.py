@@ -8,6 +8,7 @@ them are complete, so an interrupted run never leaves a half-written report.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 import warnings
@@ -129,6 +130,12 @@ def report(f: SetFunction, k: int, out_dir: str | os.PathLike, *, title: str = "
     kk = check_k(k, f.n)
     if kk == 0:
         raise ValueError("k must be at least 1.")
+    # checked before the directory is created, so that a bad call leaves nothing behind
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, numbers.Integral)) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+    if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, numbers.Integral)
+                              or not 1 <= k_max <= f.n):
+        raise ValueError(f"k_max must be an integer in [1, {f.n}] (the number of units); got {k_max!r}.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a directory; pass a directory path.")
