@@ -146,6 +146,11 @@ def _run_prune(args: argparse.Namespace) -> int:
         args.compression = 4.0
     if Path(args.out).is_dir():  # found now, not after the pruning
         raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/pruned_model.pt.")
+    above = Path(args.out).absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"--out {args.out!r} lies under {str(above)!r}, which is a file, not a directory.")
     model, calib, *rest = _load_user(args.spec)
     before = _eval_accuracy(model, rest[0]) if rest else None
     pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,

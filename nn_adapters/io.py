@@ -37,7 +37,8 @@ def architecture_spec(model: nn.Module) -> dict:
             shapes[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels,
                             "bias": m.bias is not None}
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            shapes[name] = {"type": type(m).__name__, "num_features": m.num_features}
+            shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
+                            "num_features": m.num_features}
     return {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
 
 
@@ -71,7 +72,9 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    if type(m).__name__ != kind:
+    base = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "BatchNorm1d": nn.BatchNorm1d,
+            "BatchNorm2d": nn.BatchNorm2d}.get(kind)
+    if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
     if kind in ("Linear", "Conv2d"):

@@ -57,6 +57,24 @@ def test_save_load_custom_model_needs_base_model(tmp_path):
         assert torch.equal(back(x), pruned(x))
 
 
+def test_save_load_with_layer_subclasses(tmp_path):
+    # The spec names the base class (Conv2d); the check compared it with the subclass's own name and refused.
+    class MyConv(torch.nn.Conv2d):
+        pass
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(MyConv(1, 8, 3, padding=1), torch.nn.ReLU(), MyConv(8, 8, 3, padding=1),
+                                   torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 3)).eval()
+
+    x = torch.randn(40, 1, 6, 6)
+    pruned, _ = nna.prune(build(), x, keep=0.5, method="layer")
+    path = nna.save_pruned(pruned, tmp_path / "m.pt")
+    again = nna.load_pruned(path, base_model=build())
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
+
+
 def test_save_load_keeps_dtype_and_file_permissions(tmp_path):
     net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).double().eval()
     x = torch.randn(64, 10, dtype=torch.float64)
@@ -129,6 +147,9 @@ def test_cli_prune_reports_user_code_problems_and_leaves_the_model_alone(tmp_pat
     os.mkdir("adir")
     assert main(["prune", "usermods:one_shot", "--keep", "0.5", "--out", "adir"]) == 2
     assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["prune", "usermods:one_shot", "--keep", "0.5", "--out", "afile/sub/m.pt"]) == 2  # before pruning
+    assert "which is a file, not a directory" in capsys.readouterr().err
     # a generator as evaluation loader is read once and serves both accuracies; the user's model keeps its mode
     assert main(["prune", "usermods:one_shot", "--keep", "0.5", "--out", "p.pt"]) == 0
     assert "accuracy on the evaluation loader" in capsys.readouterr().out
