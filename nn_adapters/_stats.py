@@ -31,7 +31,8 @@ def design_rows(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows of the consumer's design matrix for an input batch ``x`` (float64, ``(rows, d)``)."""
     if isinstance(consumer, nn.Conv2d):
         cols = F.unfold(x.to(torch.float64), consumer.kernel_size, dilation=consumer.dilation,
-                        padding=consumer.padding, stride=consumer.stride)  # (N, C*kh*kw, L)
+                        padding=0 if consumer.padding == "valid" else consumer.padding,
+                        stride=consumer.stride)  # (N, C*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.to(torch.float64).reshape(-1, consumer.in_features)
 

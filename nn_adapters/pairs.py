@@ -217,7 +217,7 @@ def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
         return None
     if mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} is not supported (only 'zeros')"
-    if isinstance(mod.padding, str):
+    if isinstance(mod.padding, str) and mod.padding != "valid":  # "valid" is padding 0
         return f"padding={mod.padding!r} is not supported; pass explicit integer padding"
     return None
 

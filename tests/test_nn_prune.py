@@ -641,6 +641,26 @@ def test_declared_pair_checks_accept_ordinary_layouts():
     assert [p.name for p in pairs] == ["0->2", "2->5"], skipped
 
 
+@pytest.mark.filterwarnings("ignore:pair .* the refit with ridge=0")
+def test_consumer_with_valid_padding():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding="valid"), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    x = torch.randn(50, 3, 6, 6)
+    pairs, _ = nna.find_pairs(net, x[:2])
+    assert [p.name for p in pairs] == ["0->2", "2->5"]
+    full, _ = nna.prune(net, x, keep=1.0, method="asym", reweight=False)
+    with torch.no_grad():
+        assert torch.allclose(full(x), net(x), atol=1e-6)
+    half, rep = nna.prune(net, x, keep={"0": 0.5}, method="layer", ridge=0.0, refit_prior="zero")
+    with torch.no_grad():  # the refit of the valid-padded conv consumer matches lstsq on its unfolded input
+        A = F.unfold(torch.relu(net[0](x))[:, rep.layers[0].kept_units].double(), 3).transpose(1, 2).reshape(-1, 36)
+        Y = F.unfold(torch.relu(net[0](x)).double(), 3).transpose(1, 2).reshape(-1, 72) @ \
+            net[2].weight.double().reshape(4, -1).T
+    Ac, Yc = A - A.mean(0), Y - Y.mean(0)
+    M = np.linalg.lstsq(Ac.numpy(), Yc.numpy(), rcond=None)[0]
+    np.testing.assert_allclose(half[2].weight.detach().double().reshape(4, -1).numpy(), M.T, atol=1e-4)
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
