@@ -24,6 +24,9 @@ prunable, as in the paper).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,6 +139,18 @@ def container_hooks(model: nn.Module) -> list[str]:
     return out
 
 
+def _defaulted_arguments(model: nn.Module) -> dict[str, object] | None:
+    """``forward``'s parameters after the input that have defaults (e.g. ``return_features=False``): pruning only
+    ever calls ``model(x)``, so they are traced as the constants they are instead of as symbolic inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    fixed = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return fixed or None
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot).
 
@@ -152,7 +167,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
                     saved.append((d, dict(d)))
                     d.clear()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model))
         return fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
         raise ValueError(
@@ -252,7 +267,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     """
     gm = trace(model)
     try:
-        with eval_mode(gm), torch.no_grad():  # gm shares the caller's modules: each gets its own mode back
+        # ShapeProp prints its own traceback before raising; the error below says it in one line
+        with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise ValueError(f"running the model on a calibration batch of shape {tuple(example_input.shape)} failed "

@@ -661,6 +661,28 @@ def test_consumer_with_valid_padding():
     np.testing.assert_allclose(half[2].weight.detach().double().reshape(4, -1).numpy(), M.T, atol=1e-4)
 
 
+def test_forward_with_defaulted_flags_is_traced_with_their_defaults(capfd):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x, return_features=False):
+            h = F.relu(self.l2(F.relu(self.l1(x))))
+            return h if return_features else self.l3(h)
+
+    net, x = Net().eval(), torch.randn(64, 8)
+    for method in ("layer", "asym"):  # refused as untraceable before (fx made the flag a symbolic input)
+        pruned, rep = nna.prune(net, x, keep=1.0, method=method, reweight=False)
+        assert [r.pair for r in rep.layers] == ["l1->l2", "l2->l3"]
+        with torch.no_grad():
+            assert torch.allclose(pruned(x), net(x)) and pruned(x, return_features=True).shape == (64, 16)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match="running the model on a calibration batch"):
+        nna.prune(net, torch.randn(64, 5), keep=0.5)
+    assert "Traceback" not in capfd.readouterr().err  # torch.fx's ShapeProp printed its own
+
+
 def test_producer_padding_does_not_matter():
     # Only a consumer's input is unfolded; a producer with padding='same' or reflect padding just loses channels.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
