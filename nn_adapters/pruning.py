@@ -325,8 +325,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if hooked:
             raise ValueError(f"statistics {stats_mode!r} run the traced graph node by node, where these forward "
                              f"hooks would be skipped or run after the consumer's input is recorded: "
-                             f"{', '.join(hooked)}. Use method='layer' (with refit_from='layer' for baselines), "
-                             "which runs the model itself, or remove the hooks while pruning.")
+                             f"{', '.join(hooked)}. Use method='layer' (with refit_from='layer' for baselines; "
+                             "--method layer in submod prune), which runs the model itself, or remove the hooks "
+                             "while pruning.")
     if stats_mode != "layer" and gm is None:
         raise ValueError(f"method {method!r} with statistics {stats_mode!r} needs a model traceable by torch.fx "
                          f"({trace_error}); use method='layer' (or refit_from='layer' for baselines).")

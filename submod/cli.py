@@ -102,6 +102,8 @@ def _run_select(args: argparse.Namespace) -> int:
     else:
         X = load_matrix(args.data)
         source = args.data
+    if args.out and Path(args.out).is_dir():  # found now, not as a temporary file's name after the work
+        raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/selection.json.")
     f = build_objective(args.objective, X, args.metric)
     res = submod.maximize(f, args.k, method=args.method, seed=args.seed)
     payload = result_payload(res, args.objective, source)

@@ -135,7 +135,8 @@ def test_load_matrix_formats_and_errors(tmp_path):
 def test_select_command_reports_an_unwritable_output_path(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.eye(4))
     assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2", "--out", str(tmp_path)]) == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a directory" in err and ".tmp" not in err  # it named the hidden temporary file before
     (tmp_path / "file").write_text("")
     assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2",
                  "--out", str(tmp_path / "file" / "picks.json")]) == 2
