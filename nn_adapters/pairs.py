@@ -508,6 +508,12 @@ def _consumer_columns(pair: PrunablePair, x: torch.Tensor) -> torch.Tensor:
 CHECK_SAMPLES = 16
 
 
+def _changed_units(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Which units (first dim) of an activation changed between two runs, beyond rounding."""
+    tol = 1e-5 * (1.0 + float(base.abs().amax()))
+    return (new - base).abs().reshape(base.shape[0], -1).amax(dim=1) > tol
+
+
 def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.Tensor) -> None:
     """Check on up to ``CHECK_SAMPLES`` calibration samples that the consumer's column block ``j`` depends on
     producer unit ``j`` only.
@@ -563,17 +569,17 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
     runs, other_runs = [], []
+    x0 = example_input[:CHECK_SAMPLES]
     try:
         with eval_mode(model), torch.no_grad():
             for s in (0.0, 1.0, -1.0):
                 sign[0], seen[:] = s, []
                 for v in other_in.values():
                     v.clear()
-                model(example_input[:CHECK_SAMPLES])
+                model(x0)
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
             held = None
-            x0 = example_input[:CHECK_SAMPLES]
             if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
                 sign[0], seen[:] = 2.0, []
                 model(x0 + (0.5 * x0.std().clamp(min=1e-3)) * torch.randn(x0.shape, generator=gen).to(x0))
@@ -581,36 +587,13 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     finally:
         for h in handles:
             h.remove()
-    consumer_changed = torch.zeros(n, dtype=torch.bool)
-    for run in runs[1:]:
-        for base, new in zip(runs[0], run, strict=True):
-            consumer_changed |= (new - base).abs().amax(dim=(0, 2)) > 1e-5 * (1.0 + float(base.abs().amax()))
-    for name, m in others.items():
-        dim = -1 if isinstance(m, nn.Linear) else 1
-        other_changed = torch.zeros(n, dtype=torch.bool)
-        for run in other_runs[1:]:
-            for base, new in zip(other_runs[0][name], run[name], strict=False):
-                if base.shape != new.shape or base.dim() < 2 or base.shape[dim] != n:
-                    continue
-                other_changed |= (new - base).abs().movedim(dim, 0).reshape(n, -1).amax(dim=1) > \
-                    1e-5 * (1.0 + float(base.abs().amax()))
-        # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
-        # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
-        if int(other_changed.sum()) > 1 and bool((other_changed == consumer_changed).all()):
-            fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
-                   if isinstance(m, _BN_MODULES) else
-                   "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "
-                   "from pairs=")
-            raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "
-                             f"units one by one; {fix}.")
     if not runs[0]:
         raise ValueError(f"declared pair {pair.name}: the consumer {pair.consumer!r} is not called in a forward "
                          "pass; declare layers that the model uses.")
     changed = torch.zeros(n, dtype=torch.bool)
     for run in runs[1:]:
         for base, new in zip(runs[0], run, strict=True):
-            tol = 1e-5 * (1.0 + float(base.abs().amax()))
-            diff = (new - base).abs().amax(dim=(0, 2)) > tol
+            diff = _changed_units(base.transpose(0, 1), new.transpose(0, 1))
             if (diff & ~hit).any():
                 bad = torch.nonzero(diff & ~hit).flatten()[:3].tolist()
                 raise ValueError(
@@ -625,6 +608,22 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         raise ValueError(f"declared pair {pair.name}: the consumer's input does not change with the producer's "
                          f"output; {pair.consumer!r} does not read {pair.producer!r}. Declare a producer whose "
                          "output units feed the consumer.")
+    for name, m in others.items():
+        dim = -1 if isinstance(m, nn.Linear) else 1
+        other_changed = torch.zeros(n, dtype=torch.bool)
+        for run in other_runs[1:]:
+            for base, new in zip(other_runs[0][name], run[name], strict=False):
+                if base.shape == new.shape and base.dim() >= 2 and base.shape[dim] == n:
+                    other_changed |= _changed_units(base.movedim(dim, 0), new.movedim(dim, 0))
+        # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
+        # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
+        if int(other_changed.sum()) > 1 and bool((other_changed == changed).all()):
+            fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
+                   if isinstance(m, _BN_MODULES) else
+                   "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "
+                   "from pairs=")
+            raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "
+                             f"units one by one; {fix}.")
     if held is not None and len(held) == len(runs[0]):
         for base, new in zip(runs[0], held, strict=True):
             if not torch.allclose(new, base, rtol=1e-5, atol=1e-5 * (1.0 + float(base.abs().amax()))):
