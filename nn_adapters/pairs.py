@@ -15,7 +15,8 @@ Supported pair kinds
     one unit = a channel = ``kh * kw`` columns of the consumer's unfolded input.
 ``conv->linear``
     a convolution followed (after pooling) by a flatten and a ``Linear``: one channel = ``H * W`` columns of the
-    consumer's input (grouped by spatial position).
+    consumer's input (grouped by spatial position); after a global pooling written as a reduction over the
+    spatial dims (``x.mean((2, 3))``, ``x.amax(...)``, ``x.sum(...)``, ``x.squeeze((2, 3))``), one column.
 
 Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
 prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +62,10 @@ _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_QUERIES = {"size", "dim"}
+# Reductions over positions (spatial dims of a conv's output, token dims of a Linear's): a global pooling head
+# written in forward(), e.g. x.mean((2, 3)) or x.amax(dim=(-2, -1)); they act on each unit separately.
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.squeeze}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "squeeze"}
 _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
 
 
@@ -192,16 +198,23 @@ def _plain_forward(mod: nn.Module) -> str | None:
         return None
     w = mod.weight
     g = torch.Generator().manual_seed(0)
+    if base is nn.Linear:  # (N, F) first; an override may need the (N, T, F) of a sequence model
+        probes = [torch.randn(2, mod.in_features, generator=g), torch.randn(2, 3, mod.in_features, generator=g)]
+    else:
+        side = [(k - 1) * d + 1 + 2 for k, d in zip(mod.kernel_size, mod.dilation, strict=True)]
+        probes = [torch.randn(1, mod.in_channels, *side, generator=g)]
+    failure = None
     with torch.no_grad():
-        if base is nn.Linear:
-            x = torch.randn(2, mod.in_features, generator=g).to(w)
+        for x in probes:
+            x = x.to(w)
+            want = base.forward(mod, x)  # the plain layer, with the module's own padding mode
+            try:
+                got = type(mod).forward(mod, x)
+                break
+            except Exception as exc:  # noqa: BLE001 - the override cannot be checked: do not prune it blindly
+                failure = failure or (x, exc)
         else:
-            side = [(k - 1) * d + 1 + 2 for k, d in zip(mod.kernel_size, mod.dilation, strict=True)]
-            x = torch.randn(1, mod.in_channels, *side, generator=g).to(w)
-        want = base.forward(mod, x)  # the plain layer, with the module's own padding mode
-        try:
-            got = type(mod).forward(mod, x)
-        except Exception as exc:  # noqa: BLE001 - the override cannot be checked: do not prune it blindly
+            x, exc = failure
             return (f"{type(mod).__name__} overrides {base.__name__}.forward, which failed on a probe input of "
                     f"shape {tuple(x.shape)} ({type(exc).__name__}: {exc}), so it cannot be checked to compute the "
                     "plain layer of its .weight that pruning shrinks and refits")
@@ -372,7 +385,13 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             name = getattr(u.target, "__name__", str(u.target)) if is_function else u.target
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
                 return f"its output feeds {name} (a residual sum or concatenation)"
-            if u.target in (_FLATTEN_FUNCTIONS if is_function else _FLATTEN_METHODS):
+            if u.target in (_REDUCE_FUNCTIONS if is_function else _REDUCE_METHODS):
+                reduced = _position_reduction(cur, u, is_conv, n_units, name)
+                if isinstance(reduced, str):
+                    return reduced
+                if reduced and flattened_hw is None:  # (N, C, ...) reduced to (N, C): a channel is one column
+                    flattened_hw = 1
+            elif u.target in (_FLATTEN_FUNCTIONS if is_function else _FLATTEN_METHODS):
                 if not is_function and u.target in ("view", "reshape") and (why := _fixed_size_reshape(u)):
                     return why
                 flat = _flatten_hw(cur, u, n_units)
@@ -403,14 +422,46 @@ def _fixed_size_reshape(node: fx.Node) -> str | None:
     return None
 
 
+def _position_reduction(before: fx.Node, node: fx.Node, is_conv: bool, n_units: int, name: str) -> bool | str:
+    """Check that ``x.mean(dims)`` (or sum/amax/amin/squeeze) reduces positions only, never units or samples.
+
+    Returns whether a conv's ``(N, C, ...)`` output became ``(N, C)`` (a channel is then one consumer column), or
+    the reason the reduction is not channel-wise.
+    """
+    s_in, s_out = _shape(before), _shape(node)
+    if s_in is None or s_out is None:
+        return f"could not read activation shapes around .{name}()"
+    unit_dim = 1 if is_conv else len(s_in) - 1
+    if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
+        return ("x.squeeze() without dims also drops the batch or unit dim when it has size 1 (a layer pruned to "
+                "one unit); write x.flatten(1) or x.squeeze((2, 3)) in forward()")
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return f".{name}() over all dims mixes the producer's units"
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return f".{name}() over dims {dims} not known when tracing"
+    ndim = len(s_in)
+    norm = {d % ndim for d in dims if -ndim <= d < ndim}
+    if len(norm) != len(dims):
+        return f".{name}() over dims {dims} of a {ndim}-D tensor"
+    if 0 in norm or unit_dim in norm:
+        what = "samples (dim 0)" if 0 in norm else f"the producer's units (dim {unit_dim})"
+        return f".{name}() over dims {dims} of a {ndim}-D tensor {s_in} reduces {what}"
+    if is_conv and (len(s_out) < 2 or s_out[1] != n_units):
+        return f".{name}() turns the conv's output {s_in} into {s_out}, not (N, C, ...)"
+    return is_conv and len(s_out) == 2
+
+
 def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
     s_in, s_out = _shape(before), _shape(flat_node)
     if s_in is None or s_out is None:
         return "could not read activation shapes around a flatten"
     if s_out == s_in:  # a no-op reshape
         return 1 if len(s_in) == 2 else "reshape keeps a spatial layout"
-    if len(s_in) == 4 and len(s_out) == 2 and s_in[1] == n_units and s_out[1] == s_in[1] * s_in[2] * s_in[3]:
-        return s_in[2] * s_in[3]
+    positions = math.prod(s_in[2:])
+    if len(s_in) >= 3 and len(s_out) == 2 and s_in[1] == n_units and s_out[1] == n_units * positions:
+        return positions
     return f"reshape from {s_in} to {s_out} is not a flatten of (N, C, H, W) to (N, C*H*W)"
 
 
@@ -424,6 +475,8 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
             return f"unsupported path from {type(producer).__name__} to Conv2d {cnode.target!r}"
         if consumer.in_channels != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_channels} channels, producer gives {n_units}"
+        if (shape := _shape(cnode.args[0])) is not None and len(shape) != 4:
+            return f"Conv2d {cnode.target!r} reads a {len(shape)}-D tensor {shape}, not (N, C, H, W)"
         kind, cpu = "conv->conv", consumer.kernel_size[0] * consumer.kernel_size[1]
     elif p_conv:
         if flattened_hw is None:

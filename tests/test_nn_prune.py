@@ -4,6 +4,8 @@ hooks removed, every pair kind, residual blocks, budgets, baselines and bad inpu
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -771,6 +773,24 @@ def test_layer_subclasses_with_their_own_computation_are_refused():
     assert [r.pair for r in rep.layers] == ["0->2"] and pruned[0].out_features == 4
 
 
+def test_a_linear_subclass_that_needs_sequences_is_checked_on_a_sequence_probe():
+    class SeqLinear(nn.Linear):  # plain layer, but unpacks (N, T, F): a 2-D probe cannot run it
+        def forward(self, x):
+            n, t, _ = x.shape
+            return super().forward(x.reshape(n * t, -1)).reshape(n, t, -1)
+
+    class Scaled(SeqLinear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    x = torch.randn(40, 6, 5)
+    ok = nn.Sequential(SeqLinear(5, 8), nn.ReLU(), SeqLinear(8, 3)).eval()
+    pruned, rep = nna.prune(ok, x, keep=0.5)
+    assert [r.pair for r in rep.layers] == ["0->2"] and pruned(x).shape == (40, 6, 3)
+    with pytest.raises(ValueError, match="Scaled overrides Linear.forward and computes something else"):
+        nna.prune(nn.Sequential(Scaled(5, 8), nn.ReLU(), SeqLinear(8, 3)).eval(), x, keep=0.5)
+
+
 def test_functional_pooling_after_a_linear_is_not_per_unit():
     # On (N, T, F), F.max_pool2d pools over F, the Linear's units: pruned as per-unit it gave a relative error of
     # 0.68 reported as 0.05.
@@ -875,3 +895,88 @@ def test_random_baseline_is_seeded():
     b = nna.prune(net, x, keep=0.3, method="random", seed=1)[1].layers[0].kept_units
     c = nna.prune(net, x, keep=0.3, method="random", seed=2)[1].layers[0].kept_units
     assert a == b and a != c
+
+
+class _GlobalPoolNet(nn.Module):
+    """A conv net whose global pooling head is written in forward() (as in many timm-style models)."""
+
+    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.head = head
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
+
+
+_HEADS = {
+    "x.mean((2, 3))": lambda x: x.mean((2, 3)),
+    "x.mean(dim=[-2, -1])": lambda x: x.mean(dim=[-2, -1]),
+    "torch.mean(x, (2, 3))": lambda x: torch.mean(x, (2, 3)),
+    "x.amax((2, 3))": lambda x: x.amax((2, 3)),
+    "x.sum((3, 2))": lambda x: x.sum((3, 2)),
+    "x.mean(-1).mean(-1)": lambda x: x.mean(-1).mean(-1),
+    "mean keepdim + flatten": lambda x: x.mean((2, 3), keepdim=True).flatten(1),
+    "adaptive pool + squeeze(-1).squeeze(-1)": lambda x: F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1),
+    "adaptive pool + squeeze((2, 3))": lambda x: F.adaptive_avg_pool2d(x, 1).squeeze((2, 3)),
+}
+
+
+@pytest.mark.parametrize("head", list(_HEADS))
+def test_global_pooling_written_in_forward(head):
+    """x.mean((2, 3)) and friends reduce positions only: the last conv feeds the Linear, one column per channel;
+    the refit equals lstsq on the pooled features computed here."""
+    torch.manual_seed(0)
+    net = _GlobalPoolNet(_HEADS[head]).eval()
+    x = torch.randn(120, 1, 6, 6)
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
+    assert [r.pair for r in report.layers] == ["c1->c2", "c2->fc"]
+    kept = report.layers[1].kept_units
+    with torch.no_grad():
+        A = _HEADS[head](F.relu(net.c2(F.relu(net.c1(x))))).double().numpy()
+        y_new = pruned(x)
+    W = net.fc.weight.detach().double().numpy()
+    design = np.hstack([A[:, kept], np.ones((len(A), 1))])
+    sol = np.linalg.lstsq(design, A @ W.T, rcond=None)[0]
+    np.testing.assert_allclose(pruned.fc.weight.detach().double().numpy(), sol[:-1].T, atol=1e-4)
+    assert pruned.c2.out_channels == len(kept) == 4 and y_new.shape == (120, 3)
+
+
+@pytest.mark.parametrize(("head", "match"), [
+    (lambda x: x.mean(1, keepdim=True).flatten(1), r"reduces the producer's units \(dim 1\)"),
+    (lambda x: x.mean((0, 2, 3)).expand(x.shape[0], -1), r"reduces samples \(dim 0\)"),
+    (lambda x: F.adaptive_avg_pool2d(x, 1).squeeze(), r"x.squeeze\(\) without dims"),
+    (lambda x: x.mean().expand(x.shape[0], 8), r"over all dims"),
+])
+def test_reductions_over_units_or_samples_are_not_global_pooling(head, match):
+    net = _GlobalPoolNet(head).eval()
+    net.fc = nn.Linear(head(torch.zeros(4, 8, 6, 6)).shape[1], 3)
+    pairs, skipped = nna.find_pairs(net, torch.randn(4, 1, 6, 6))
+    assert [(p.producer, p.consumer) for p in pairs] == [("c1", "c2")]
+    assert re.search(match, dict(skipped)["c2"])
+
+
+def test_token_pooling_after_a_linear_producer():
+    """A Linear on (N, T, F) followed by x.mean(1) (mean over tokens) feeds the next Linear unit by unit."""
+
+    class TokenMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.out = nn.Linear(5, 12), nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.gelu(self.up(x)).mean(1))
+
+    torch.manual_seed(0)
+    net = TokenMLP().eval()
+    x = torch.randn(80, 7, 5)
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
+    assert [r.pair for r in report.layers] == ["up->out"]
+    kept = report.layers[0].kept_units
+    with torch.no_grad():
+        A = F.gelu(net.up(x)).mean(1).double().numpy()
+    design = np.hstack([A[:, kept], np.ones((len(A), 1))])
+    sol = np.linalg.lstsq(design, A @ net.out.weight.detach().double().numpy().T, rcond=None)[0]
+    np.testing.assert_allclose(pruned.out.weight.detach().double().numpy(), sol[:-1].T, atol=1e-4)
+    pairs, skipped = nna.find_pairs(nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2)), x)
+    assert len(pairs) == 1
