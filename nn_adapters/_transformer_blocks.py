@@ -3,9 +3,12 @@
 One small adapter class per block kind behind a common interface (the Torch-Pruning habit of one handler per
 module type), so that :mod:`nn_adapters.transformer` only orchestrates:
 
-``_HFBertBlock``
-    A Hugging Face BERT-style layer (``BertLayer`` and look-alikes: ``attention.self.{query,key,value}``,
-    ``attention.output.dense``, ``intermediate.dense``, ``output.dense``). Post-LN.
+``_HFBlock`` subclasses
+    Hugging Face encoder layers, each described by the paths of its parts: ``_HFBertBlock`` (BERT, RoBERTa,
+    ELECTRA, MiniLM and other ``BertLayer`` look-alikes: ``attention.self.{query,key,value}``,
+    ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; post-LN, or pre-LN as in MegatronBERT),
+    ``_HFMPNetBlock`` (MPNet, with its per-head relative position bias), ``_HFDistilBertBlock`` (DistilBERT),
+    ``_HFViTBlock`` (ViT / DeiT, pre-LN) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and vision towers, pre-LN).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -312,44 +315,70 @@ class _Block:
                 "num_heads": self.num_heads, "head_dim": self.head_dim}
 
 
-class _HFBertBlock(_Block):
-    kind = "hf_bert"
+def _get(module: nn.Module, path: str) -> Any:
+    """``module.a.b`` for ``path == "a.b"`` (``None`` when a part is missing)."""
+    for part in path.split(".") if path else ():
+        module = getattr(module, part, None)
+    return module
 
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        att = getattr(module, "attention", None)
-        sa = getattr(att, "self", None)
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    owner, _, leaf = path.rpartition(".")
+    setattr(_get(module, owner), leaf, value)
+
+
+class _HFBlock(_Block):
+    """A Hugging Face encoder layer described by the paths of its parts (one subclass per layout)."""
+
+    #: Paths, relative to the layer, of the self-attention, its query/key/value (names inside it), the attention
+    #: output projection, the FFN up and down projections, the LayerNorms after the two residual sums (post-LN;
+    #: a missing one means pre-LN) and the module whose positional input ``RESID_FFN[1]`` is the FFN's residual.
+    SA: str
+    QKV: tuple[str, str, str]
+    OUT: str
+    UP: str
+    DOWN: str
+    NORM_HEADS: str
+    NORM_FFN: str
+    RESID_FFN: tuple[str, int]
+    #: Head bookkeeping attributes of the self-attention (``ALL_HEADS``: the inner width, if the layout keeps one).
+    N_HEADS = "num_attention_heads"
+    HEAD_SIZE = "attention_head_size"
+    ALL_HEADS: str | None = "all_head_size"
+    #: Where ``chunk_size_feed_forward`` lives (the FFN is then called once per chunk).
+    CHUNK = ""
+    #: Children of the self-attention that act per head or not at all on the head layout.
+    PLAIN: frozenset[str] = frozenset({"dropout"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
         return (
             sa is not None
-            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value"))
-            and isinstance(getattr(getattr(att, "output", None), "dense", None), nn.Linear)
-            and isinstance(getattr(getattr(module, "intermediate", None), "dense", None), nn.Linear)
-            and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)
-            and hasattr(sa, "attention_head_size")
+            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
+            and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
+            and hasattr(sa, cls.HEAD_SIZE) and hasattr(sa, cls.N_HEADS)
         )
 
     def single_call(self) -> bool:
-        return not getattr(self.module, "chunk_size_feed_forward", 0)
+        return not getattr(_get(self.module, self.CHUNK), "chunk_size_feed_forward", 0)
 
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
-        # pre-LN variants of the layout (MegatronBert, XLM-RoBERTa-XL, ESM) have no LayerNorm after the sum
-        owner = self.module.output if stage == "ffn" else self.module.attention.output
-        norm = getattr(owner, "LayerNorm", None)
+        norm = _get(self.module, self.NORM_FFN if stage == "ffn" else self.NORM_HEADS)
         return norm if isinstance(norm, nn.LayerNorm) else None
 
-    #: Children of a BERT-style self-attention that act per head or not at all on the head layout.
-    _PLAIN_ATTENTION = frozenset({"query", "key", "value", "dropout", "distance_embedding"})
-
     def prepare_heads(self) -> None:
-        extra = sorted(n for n, _ in self.module.attention.self.named_children() if n not in self._PLAIN_ATTENTION)
+        sa = _get(self.module, self.SA)
+        plain = self.PLAIN | set(self.QKV) | {self.OUT.rpartition(".")[2] if self.OUT.startswith(self.SA + ".")
+                                              else ""}
+        extra = sorted(n for n, _ in sa.named_children() if n not in plain)
         if extra:
-            raise ValueError(f"block {self.name!r}: its self-attention ({type(self.module.attention.self).__name__}) "
-                             f"has parts besides query/key/value ({', '.join(extra)}) that head pruning does not "
-                             "know how to shrink; prune target='ffn' on this model.")
+            raise ValueError(f"block {self.name!r}: its self-attention ({type(sa).__name__}) has parts besides "
+                             f"query/key/value ({', '.join(extra)}) that head pruning does not know how to shrink; "
+                             "prune target='ffn' on this model.")
 
     def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
-        # BertOutput.forward(hidden_states, input_tensor): LayerNorm(dense(hidden) + input_tensor)
-        return (self.module.output, 1) if stage == "ffn" else None
+        return (_get(self.module, self.RESID_FFN[0]), self.RESID_FFN[1]) if stage == "ffn" else None
 
     def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         out = self.module(x, *ctx["args"], **ctx["kwargs"])
@@ -357,50 +386,139 @@ class _HFBertBlock(_Block):
 
     @property
     def up(self) -> nn.Linear:
-        return self.module.intermediate.dense
+        return _get(self.module, self.UP)
 
     @property
     def down(self) -> nn.Linear:
-        return self.module.output.dense
+        return _get(self.module, self.DOWN)
 
     def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:
-        self.module.intermediate.dense = up
-        self.module.output.dense = down
+        _set(self.module, self.UP, up)
+        _set(self.module, self.DOWN, down)
 
     @property
     def num_heads(self) -> int:
-        return int(self.module.attention.self.num_attention_heads)
+        return int(getattr(_get(self.module, self.SA), self.N_HEADS))
 
     @property
     def head_dim(self) -> int:
-        return int(self.module.attention.self.attention_head_size)
+        return int(getattr(_get(self.module, self.SA), self.HEAD_SIZE))
 
     @property
     def out_proj(self) -> nn.Linear:
-        return self.module.attention.output.dense
+        return _get(self.module, self.OUT)
 
     def qkv_weights(self) -> list[torch.Tensor]:
-        sa = self.module.attention.self
-        return [sa.query.weight, sa.key.weight, sa.value.weight]
+        sa = _get(self.module, self.SA)
+        return [getattr(sa, n).weight for n in self.QKV]
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        sa = self.module.attention.self
-        rows = _head_rows(keep.to(sa.query.weight.device), self.head_dim)
-        for name in ("query", "key", "value"):
+        sa = _get(self.module, self.SA)
+        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        for name in self.QKV:
             lin = getattr(sa, name)
             setattr(sa, name, _linear_like(lin, lin.weight[rows], None if lin.bias is None else lin.bias[rows]))
         out = self.out_proj
         w = out.weight[:, rows] if out_weight is None else out_weight
         b = out.bias if out_weight is None else out_bias
-        self.module.attention.output.dense = _linear_like(out, w, b)
-        sa.num_attention_heads = int(keep.numel())
-        sa.all_head_size = sa.num_attention_heads * sa.attention_head_size
+        _set(self.module, self.OUT, _linear_like(out, w, b))
+        setattr(sa, self.N_HEADS, int(keep.numel()))
+        if self.ALL_HEADS is not None and hasattr(sa, self.ALL_HEADS):
+            setattr(sa, self.ALL_HEADS, int(keep.numel()) * self.head_dim)
 
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
         """Give the block the shapes of a pruned one (weights to be loaded from a state dict)."""
         self.shrink_ffn(torch.arange(intermediate_size))
         self.shrink_heads(torch.arange(num_heads))
+
+
+class _HFBertBlock(_HFBlock):
+    """BERT, RoBERTa, ELECTRA, MiniLM... (``BertLayer`` and look-alikes); post-LN, or pre-LN without the
+    LayerNorms after the sums (MegatronBERT, XLM-RoBERTa-XL, ESM)."""
+
+    kind = "hf_bert"
+    SA, QKV, OUT = "attention.self", ("query", "key", "value"), "attention.output.dense"
+    UP, DOWN = "intermediate.dense", "output.dense"
+    NORM_HEADS, NORM_FFN = "attention.output.LayerNorm", "output.LayerNorm"
+    # BertOutput.forward(hidden_states, input_tensor): LayerNorm(dense(hidden) + input_tensor)
+    RESID_FFN = ("output", 1)
+    PLAIN = frozenset({"dropout", "distance_embedding"})
+
+
+class _HFMPNetBlock(_HFBertBlock):
+    """MPNet (``MPNetLayer``, e.g. all-mpnet-base-v2): the BERT layout with ``attention.attn.{q,k,v,o}`` and the
+    attention's LayerNorm at ``attention.LayerNorm``. Its attention adds a relative position bias with one channel
+    per head, computed once for all layers by the encoder: a layer that loses heads keeps the indices of the heads
+    it has left in the buffer ``attention.attn.kept_heads`` (saved with the weights), and a forward pre-hook picks
+    those channels of the bias."""
+
+    kind = "hf_mpnet"
+    SA, QKV, OUT = "attention.attn", ("q", "k", "v"), "attention.attn.o"
+    NORM_HEADS = "attention.LayerNorm"
+    PLAIN = frozenset({"dropout"})
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        n_before = self.num_heads
+        super().shrink_heads(keep, out_weight, out_bias)
+        held = getattr(sa, "kept_heads", None)
+        if held is None and keep.numel() == n_before:
+            return  # every head kept: the layer stays a plain MPNet layer
+        keep = keep.to(device=self.out_proj.weight.device, dtype=torch.long)
+        sa.register_buffer("kept_heads", keep.clone() if held is None else held[keep])
+        if not any(h is _mpnet_bias_heads for h in sa._forward_pre_hooks.values()):
+            sa.register_forward_pre_hook(_mpnet_bias_heads, with_kwargs=True)
+
+
+def _mpnet_bias_heads(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of a pruned MPNet self-attention: keep the position-bias channels of its heads."""
+    if len(args) > 2 and args[2] is not None:
+        args = (*args[:2], args[2][:, module.kept_heads], *args[3:])
+    elif kwargs.get("position_bias") is not None:
+        kwargs = {**kwargs, "position_bias": kwargs["position_bias"][:, module.kept_heads]}
+    return args, kwargs
+
+
+class _HFPreLNProjBlock(_HFBlock):
+    """The ``q_proj / k_proj / v_proj / o_proj`` + ``mlp.fc1 / fc2`` pre-LN layout of transformers 5."""
+
+    QKV = ("q_proj", "k_proj", "v_proj")
+    UP, DOWN = "mlp.fc1", "mlp.fc2"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
+    HEAD_SIZE, ALL_HEADS = "head_dim", None
+
+
+class _HFViTBlock(_HFPreLNProjBlock):
+    """ViT, DeiT and look-alikes (``ViTLayer``: ``attention.{q,k,v,o}_proj``, ``layernorm_before/after``)."""
+
+    kind = "hf_vit"
+    SA, OUT = "attention", "attention.o_proj"
+    RESID_FFN = ("layernorm_after", 0)  # x + mlp(layernorm_after(x))
+
+
+class _HFCLIPBlock(_HFPreLNProjBlock):
+    """CLIP / SigLIP-style encoder layers (``CLIPEncoderLayer``: ``self_attn.{q,k,v,out}_proj``, ``layer_norm1/2``),
+    text and vision towers."""
+
+    kind = "hf_clip"
+    SA, OUT = "self_attn", "self_attn.out_proj"
+    RESID_FFN = ("layer_norm2", 0)  # x + mlp(layer_norm2(x))
+    N_HEADS = "num_heads"
+
+
+class _HFDistilBertBlock(_HFBlock):
+    """DistilBERT (``TransformerBlock``): ``attention.{q,k,v,out}_lin``, ``ffn.lin1/lin2``, post-LN."""
+
+    kind = "hf_distilbert"
+    SA, QKV, OUT = "attention", ("q_lin", "k_lin", "v_lin"), "attention.out_lin"
+    UP, DOWN = "ffn.lin1", "ffn.lin2"
+    NORM_HEADS, NORM_FFN = "sa_layer_norm", "output_layer_norm"
+    RESID_FFN = ("ffn", 0)  # output_layer_norm(ffn(x) + x)
+    # transformers 4 reshapes heads with dim // n_heads, so dim is the inner width there
+    N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
 
 
 class _TorchEncoderBlock(_Block):
@@ -530,7 +648,8 @@ class _TorchEncoderBlock(_Block):
             self.shrink_heads(torch.arange(num_heads))
 
 
-_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _TorchEncoderBlock)
+_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFCLIPBlock,
+                                           _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

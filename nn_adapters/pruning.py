@@ -139,8 +139,8 @@ class PruneReport:
 
 
 def _is_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` holds a transformer block the transformer adapter handles: a BERT-style layer (Hugging Face
-    BERT, RoBERTa and other models with the same layer layout) or a ``torch.nn.TransformerEncoderLayer``."""
+    """Whether ``model`` holds a transformer block the transformer adapter handles: a Hugging Face encoder layer
+    (BERT-style, MPNet, DistilBERT, ViT, CLIP) or a ``torch.nn.TransformerEncoderLayer``."""
     from ._transformer_blocks import find_blocks
 
     return bool(find_blocks(model))

@@ -606,9 +606,9 @@ def prune_transformer(
     Parameters
     ----------
     model : torch.nn.Module
-        A model containing Hugging Face BERT-style layers (``BertLayer`` and look-alikes) or
-        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``) applied one after
-        another. Not modified (a deep copy is pruned).
+        A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
+        DistilBERT, ViT, CLIP) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
+        ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
@@ -720,7 +720,8 @@ def prune_transformer(
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
-                         "and look-alikes) and torch.nn.TransformerEncoderLayer")
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT and CLIP encoder "
+                         "layers, and torch.nn.TransformerEncoderLayer")
     if "heads" in stages:
         for blk in blocks:
             blk.prepare_heads()
@@ -1077,7 +1078,10 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     try:
         os.chmod(tmp, dir_mode())  # mkdtemp makes it owner-only; give it a plain mkdir's permissions
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-            model.save_pretrained(tmp)
+            # transformers 5 renames some models' weights back to their legacy names on saving (ViT's
+            # attention.q_proj -> attention.attention.query) unless told not to; load_pruned reads the module names
+            own_names = "save_original_format" in inspect.signature(model.save_pretrained).parameters
+            model.save_pretrained(tmp, **({"save_original_format": False} if own_names else {}))
         else:
             torch.save(model.state_dict(), tmp / "weights.pt")
         (tmp / SPEC_FILE).write_text(json.dumps(make_spec(model), indent=1))

@@ -1,0 +1,186 @@
+"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, MPNet, ViT and CLIP (text and vision
+towers), tiny randomly initialised models (no download).
+
+Oracles: the unpruned model with the removed units' columns of the consumer set to zero (pruning without refit
+must give exactly its outputs: this checks which rows, columns and head channels go, including MPNet's per-head
+position bias), numpy.linalg.lstsq on the down projection's input captured independently with a hook (the
+refit), and the saved and reloaded model's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, INTER, LAYERS, VOCAB = 16, 4, 24, 2, 40
+
+# name -> (config, model class, block kind, path of the down projection and of the attention output projection
+# inside a block, whether the model reads token ids)
+LAYOUTS = {
+    "distilbert": (lambda: transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
+                                                         n_heads=HEADS, hidden_dim=INTER, max_position_embeddings=32),
+                   "DistilBertModel", "hf_distilbert", "ffn.lin2", "attention.out_lin", True),
+    "mpnet": (lambda: transformers.MPNetConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                               num_attention_heads=HEADS, intermediate_size=INTER,
+                                               max_position_embeddings=40),
+              "MPNetModel", "hf_mpnet", "output.dense", "attention.attn.o", True),
+    "clip_text": (lambda: transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                      num_attention_heads=HEADS, intermediate_size=INTER,
+                                                      max_position_embeddings=32),
+                  "CLIPTextModel", "hf_clip", "mlp.fc2", "self_attn.out_proj", True),
+    "clip_vision": (lambda: transformers.CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                          intermediate_size=INTER),
+                    "CLIPVisionModel", "hf_clip", "mlp.fc2", "self_attn.out_proj", False),
+    "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                           num_attention_heads=HEADS, intermediate_size=INTER),
+            "ViTModel", "hf_vit", "mlp.fc2", "attention.o_proj", False),
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = LAYOUTS[name][0]()
+    model = getattr(transformers, LAYOUTS[name][1])(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() == 2 else None
+    return model
+
+
+def batches(name: str, n_batches: int = 4, b: int = 6, t: int = 10, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        if not LAYOUTS[name][5]:
+            out.append({"pixel_values": torch.randn(b, 3, 16, 16, generator=g)})
+            continue
+        ids = torch.randint(3, VOCAB, (b, t), generator=g)
+        lengths = torch.randint(4, t + 1, (b,), generator=g)
+        lengths[0] = t
+        mask = (torch.arange(t).view(1, -1) < lengths.view(-1, 1)).long()
+        out.append({"input_ids": torch.where(mask.bool(), ids, torch.zeros_like(ids)), "attention_mask": mask})
+    return out
+
+
+def real(batch: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The outputs of the real tokens (all of them for images)."""
+    return h[batch["attention_mask"].bool()] if "attention_mask" in batch else h.reshape(-1, h.shape[-1])
+
+
+def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return real(batch, model(**batch).last_hidden_state)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    return [b.module for b in find_blocks(model)]
+
+
+def get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_blocks_are_found(name: str) -> None:
+    assert [b.kind for b in find_blocks(build(name))] == [LAYOUTS[name][2]] * LAYERS
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_keep_everything_without_refit_is_exact(name: str) -> None:
+    model, data = build(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method="asym", reweight=False)
+    assert report.params_after == report.params_before
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["heads", "ffn", "all"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(name: str, target: str) -> None:
+    """Removing units without refit must equal the unpruned model whose consumer reads zeros from them."""
+    model, data = build(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
+    masked = copy.deepcopy(model)
+    hd = HIDDEN // HEADS
+    for unit in report.units:
+        block = blocks_of(masked)[[b.name for b in find_blocks(masked)].index(unit.block)]
+        consumer = get(block, LAYOUTS[name][3] if unit.stage == "ffn" else LAYOUTS[name][4])
+        size = INTER if unit.stage == "ffn" else HEADS
+        gone = sorted(set(range(size)) - set(unit.kept))
+        cols = gone if unit.stage == "ffn" else [h * hd + i for h in gone for i in range(hd)]
+        with torch.no_grad():
+            consumer.weight[:, cols] = 0.0
+    assert len(report.units) == LAYERS * (2 if target == "all" else 1)
+    assert all(u.n_kept == (INTER if u.stage == "ffn" else HEADS) // 2 for u in report.units)
+    assert report.params_after < report.params_before
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    model, data = build(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="none")
+    for i, block in enumerate(blocks_of(model)):
+        down = get(block, LAYOUTS[name][3])
+        rows: list[torch.Tensor] = []
+        hook = down.register_forward_pre_hook(lambda _m, args, rows=rows: rows.append(args[0].detach()))
+        try:
+            for b in data:
+                model(**b)
+        finally:
+            hook.remove()
+        A = torch.cat([real(b, a) for b, a in zip(data, rows, strict=True)]).double().numpy()
+        Y = A @ down.weight.detach().double().numpy().T
+        kept = report.units[i].kept
+        design = np.hstack([A[:, kept], np.ones((len(A), 1))])
+        sol = np.linalg.lstsq(design, Y, rcond=None)[0]
+        new = get(blocks_of(pruned)[i], LAYOUTS[name][3])
+        np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(new.bias.detach().double().numpy(), down.bias.detach().double().numpy()
+                                   + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_save_and_reload(tmp_path, name: str) -> None:
+    model, data = build(name), batches(name)
+    pruned, _ = prune_transformer(model, data, keep={0: 0.5}, target="all", method="asym")
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    assert type(back) is type(model)
+    for b in data:
+        torch.testing.assert_close(out(back, b), out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
+def test_mpnet_keeps_the_position_bias_of_its_heads() -> None:
+    """Only blocks that lose heads carry kept_heads and the hook; pruning twice composes the head indices."""
+    model, data = build("mpnet"), batches("mpnet")
+    once, rep = prune_transformer(model, data, keep={0: 0.75}, target="heads", method="magnitude", reweight=False)
+    attn = [blk.attention.attn for blk in blocks_of(once)]
+    assert attn[0].kept_heads.tolist() == rep.units[0].kept and len(attn[0]._forward_pre_hooks) == 1
+    assert not hasattr(attn[1], "kept_heads") and not attn[1]._forward_pre_hooks
+    twice, rep2 = prune_transformer(once, data, keep={0: 2 / 3}, target="heads", method="magnitude", reweight=False)
+    first = blocks_of(twice)[0].attention.attn
+    assert first.kept_heads.tolist() == [rep.units[0].kept[i] for i in rep2.units[0].kept]
+    assert len(first._forward_pre_hooks) == 1
+    masked = copy.deepcopy(model)
+    gone = sorted(set(range(HEADS)) - set(first.kept_heads.tolist()))
+    hd = HIDDEN // HEADS
+    with torch.no_grad():
+        blocks_of(masked)[0].attention.attn.o.weight[:, [h * hd + i for h in gone for i in range(hd)]] = 0.0
+    for b in data:
+        torch.testing.assert_close(out(twice, b), out(masked, b), atol=1e-5, rtol=1e-5)
