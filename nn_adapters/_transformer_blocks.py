@@ -357,6 +357,7 @@ class _HFBlock(_Block):
             sa is not None
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
+            and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
             and hasattr(sa, cls.HEAD_SIZE) and hasattr(sa, cls.N_HEADS)
         )
 

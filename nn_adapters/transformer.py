@@ -914,7 +914,9 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                    weighting: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens."""
-    orig_mods = _capture_map(oblk, stages, residual or weighting)
+    orig_mods = _capture_map(oblk, stages, True)  # the residual inputs: for the targets and the layout check
+    for s, (mod, pos) in _layout_probes(oblk, stages).items():
+        orig_mods[s] = (mod, pos)
     xo_next: list[torch.Tensor] = []
     side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
                             "col_scale": {s: None for s in stages}}
@@ -925,7 +927,9 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         for s in stages:
             a = _rows(got[s], valid, oblk.batch_first(s))
             y = orig_mods[s](a)
-            res = _residual_rows(oblk, s, got, xo[b], valid) if (residual or weighting) else None
+            res = _residual_rows(oblk, s, got, xo[b], valid)
+            if b == 0:
+                _check_layout(oblk, s, y + res, got, out, valid)
             w = None
             if weighting:
                 w, side["col_scale"][s] = _norm_weights(oblk, s, y + res)
@@ -937,6 +941,42 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 side["targets"][s].append(y + res if residual else y)
                 side["row_w"][s].append(w)
     return xo_next, side
+
+
+def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Module, int]]:
+    """Where each stage's residual sum ``consumer output + residual`` should reappear: the input of the LayerNorm
+    after it (post-LN), the residual input of the FFN (pre-LN attention), or the block output (pre-LN FFN)."""
+    probes = {}
+    for s in stages:
+        norm = block.post_norm(s)
+        if norm is not None:
+            probes["sum_" + s] = (norm, 0)
+        elif s == "heads" and block.residual_input("ffn") is not None:
+            probes["sum_" + s] = block.residual_input("ffn")
+    return probes
+
+
+def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str, torch.Tensor],
+                  out: torch.Tensor, valid: torch.Tensor) -> None:
+    """Refuse a block whose forward does not add the stage's consumer output to the residual it is recognised by
+    (a look-alike layout with a layer scale, a gate or another sum), checked on the first batch."""
+    if "sum_" + stage in got:
+        seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
+    elif stage == "ffn":
+        seen = _rows(out, valid, block.batch_first("block"))
+    else:
+        return
+    if not (torch.isfinite(seen).all() and torch.isfinite(total).all()):
+        return  # NaN / inf activations are reported, with the layer, by the statistics
+    tol = 1e-4 * (1.0 + float(seen.abs().max()))
+    if seen.shape != total.shape or not torch.allclose(total.to(seen.dtype), seen, rtol=1e-4, atol=tol):
+        where = "the input of the LayerNorm after it" if block.post_norm(stage) is not None else (
+            "the block output" if stage == "ffn" else "the residual stream entering the FFN")
+        consumer = "down projection" if stage == "ffn" else "attention output projection"
+        raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
+                         f"block but does not compute like one: its {consumer}'s output plus the residual is not "
+                         f"{where} (an extra layer scale, gate or sum in its forward?), so the refit would aim at "
+                         "the wrong target. This model is not supported by the transformer adapter.")
 
 
 def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,

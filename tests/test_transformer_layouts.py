@@ -184,3 +184,58 @@ def test_mpnet_keeps_the_position_bias_of_its_heads() -> None:
         blocks_of(masked)[0].attention.attn.o.weight[:, [h * hd + i for h in gone for i in range(hd)]] = 0.0
     for b in data:
         torch.testing.assert_close(out(twice, b), out(masked, b), atol=1e-5, rtol=1e-5)
+
+
+class _ScaledMLP(nn.Module):
+    """A ViT MLP with a layer scale after fc2 (as in DINOv2 / CaiT): the ViT layout, not its computation."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = mlp.fc1, mlp.fc2, nn.GELU()
+        self.scale = nn.Parameter(torch.full((HIDDEN,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.fc2(self.act(self.fc1(x)))
+
+
+class _GatedOutput(nn.Module):
+    """A BERT output whose residual sum is gated: BertOutput's parts, not its computation."""
+
+    def __init__(self, out: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = out.dense, out.LayerNorm, out.dropout
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(0.5 * self.dense(h) + x)
+
+
+@pytest.mark.parametrize("target", ["ffn", "heads"])
+def test_look_alike_layers_that_compute_otherwise_are_refused(target: str) -> None:
+    vit, vit_data = build("vit"), batches("vit")
+    blocks_of(vit)[1].mlp = _ScaledMLP(blocks_of(vit)[1].mlp)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=INTER, max_position_embeddings=32)).eval()
+    bert.encoder.layer[0].output = _GatedOutput(bert.encoder.layer[0].output)
+    for model, data, where in ((vit, vit_data, "the block output"),
+                               (bert, batches("mpnet"), "the input of the LayerNorm after it")):
+        if target == "heads":  # the attention is plain: heads are fine
+            prune_transformer(model, data, keep=0.5, target="heads")
+            continue
+        with pytest.raises(ValueError, match=f"does not compute like one: its down projection's output plus the "
+                                             f"residual is not {where}"):
+            prune_transformer(model, data, keep=0.5, target="ffn")
+    if target == "heads":  # an attention whose output is scaled before the residual sum
+        vit = build("vit")
+        attention = blocks_of(vit)[0].attention
+        plain = type(attention)
+
+        class Scaled(plain):
+            def forward(self, *args, **kwargs):
+                o, w = plain.forward(self, *args, **kwargs)
+                return 0.5 * o, w
+
+        attention.__class__ = Scaled
+        with pytest.raises(ValueError, match="attention output projection's output plus the residual is not the "
+                                             "residual stream entering the FFN"):
+            prune_transformer(vit, vit_data, keep=0.5, target="heads")
