@@ -35,6 +35,7 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -251,7 +252,9 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
         valid = ~m if m.dtype == torch.bool else m == 0
     else:
         valid = torch.ones(b, t, dtype=torch.bool)
-        for m in (*ctx["args"], *ctx["kwargs"].values()):
+        # the block's attention-mask argument (Hugging Face layers take it by that name or right after the hidden
+        # states), not other 4-D arguments such as MPNet's per-head position bias
+        for m in (ctx["kwargs"].get("attention_mask"), ctx["args"][0] if ctx["args"] else None):
             # A (batch, 1 or heads, queries, tokens) attention mask built by the model from a mask the batch passes
             # under another name. Padding the block hides must not enter the statistics: read it when every query
             # row hides the same tokens (a padding mask), else refuse.
@@ -336,6 +339,10 @@ def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tens
     """Token rows (n_valid, features) of a (batch, tokens, f) or (tokens, batch, f) activation."""
     if not batch_first:
         t = t.transpose(0, 1)
+    if t.dim() < 3 or tuple(t.shape[:2]) != tuple(valid.shape):
+        raise ValueError(f"an activation of shape {tuple(t.shape)} inside a transformer block does not have the "
+                         f"(batch, tokens) = {tuple(valid.shape)} layout the block adapter assumes (e.g. an "
+                         "attention that works in (tokens, batch, features)): this model is not supported")
     return t[valid]
 
 
@@ -737,6 +744,12 @@ def prune_transformer(
     rng = np.random.default_rng(seed)
     counter = [0]
 
+    stacks = sorted({b.name.rpartition(".")[0] for b in blocks})
+    # said when the blocks do not chain, the usual reason then (CLIPModel's text and vision towers)
+    stacks_note = "" if len(stacks) < 2 else (
+        f" The model holds {len(stacks)} stacks of blocks ({', '.join(map(repr, stacks))}), e.g. the text and "
+        "vision towers of CLIPModel: prune each tower's model on its own (prune_transformer(model.text_model, "
+        "text_batches, ...), prune_transformer(model.vision_model, image_batches, ...)) and put them back.")
     with torch.no_grad():
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
@@ -750,10 +763,12 @@ def prune_transformer(
             torch.backends.mha.set_fastpath_enabled(False)
             try:
                 cache = _capture_first_block(orig, orig_blocks[0], batches)
-                chain = _capture_chain(orig, orig_blocks, batches[0])
+                chain = _capture_chain(orig, orig_blocks, batches[0], stacks_note)
                 counter[0] += len(orig_blocks)  # that full forward ran every block once
             finally:
                 torch.backends.mha.set_fastpath_enabled(fast)
+            if "heads" in stages:
+                _check_head_layouts(orig_blocks, chain, cache[0]["ctx"])
             _assign_folds(cache)
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
@@ -771,7 +786,9 @@ def prune_transformer(
                 if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
                                                                        equal_nan=True):
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
-                                     "blocks applied one after another (an encoder stack) are supported")
+                                     "blocks applied one after another (an encoder stack) are supported; the "
+                                     "model's forward must also be deterministic (ViTMAE's random masking: pass a "
+                                     f"fixed noise= in the batches).{stacks_note}")
                 full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages)
                 if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
@@ -793,6 +810,20 @@ def prune_transformer(
                                                       for b in range(len(cache))]
                 xo = xo_next
         else:
+            if "heads" in stages:  # the head layout is checked on the first batch, whatever the method
+                first = _batches(calibration_data, float_dtype(model))[:1]
+                orig = working_copy(model)
+                orig_blocks = find_blocks(orig)
+                for blk in orig_blocks:
+                    blk.prepare_heads()
+                disable_nested_fast_path(orig)
+                fast = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                try:
+                    ctx = _capture_first_block(orig, orig_blocks[0], first)[0]["ctx"]
+                    _check_head_layouts(orig_blocks, _capture_chain(orig, orig_blocks, first[0], stacks_note), ctx)
+                finally:
+                    torch.backends.mha.set_fastpath_enabled(fast)
             for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
@@ -838,7 +869,41 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
     return block.forward(x, ctx)
 
 
-def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any) -> list[torch.Tensor]:
+def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any]) -> None:
+    """Refuse blocks whose attention does not lay heads out as the adapter assumes (a per-head bias held outside
+    the attention, a reshape to the model width, another token order), checked on one batch: without its first
+    head, the shrunk block must compute what the block computes with that head's output-projection columns
+    zeroed."""
+    for blk, x in zip(blocks, inputs, strict=True):
+        if blk.num_heads < 2:
+            continue
+        outs = []
+        for shrink in (False, True):
+            probe = type(blk)(blk.name, copy.deepcopy(blk.module))
+            keep = torch.arange(1, probe.num_heads)
+            if shrink:
+                probe.shrink_heads(keep)
+            else:
+                d = probe.head_dim
+                with torch.no_grad():
+                    probe.out_proj.weight[:, :d] = 0.0
+            try:
+                outs.append(probe.forward(x, ctx))
+            except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
+                raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
+                                 f"block, but it fails once a head is removed ({type(exc).__name__}: {exc}): its "
+                                 "attention lays out heads differently. Prune target='ffn' on this model."
+                                 ) from exc
+        want, got = outs
+        tol = 1e-4 * (1.0 + float(want.nan_to_num().abs().max()))
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=tol, equal_nan=True):
+            raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
+                             "block, but removing a head does not act like zeroing its output-projection columns "
+                             "(a per-head bias outside the attention, or another head or token layout): its "
+                             "heads cannot be pruned this way. Prune target='ffn' on this model.")
+
+
+def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str = "") -> list[torch.Tensor]:
     """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain).
 
     The other arguments of every block's call must be those of the first block (the pruner re-runs each block
@@ -864,7 +929,8 @@ def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any) -> list[t
             if not same:
                 raise ValueError(f"block {blocks[i].name!r} is called with other arguments than the first block "
                                  "(a mask or an extra input of its own): the pruner re-runs every block with the "
-                                 "first block's arguments, so only stacks whose blocks share them are supported")
+                                 "first block's arguments, so only stacks whose blocks share them are "
+                                 f"supported.{note}")
     return [got[str(i)] for i in range(len(blocks))]
 
 
@@ -975,8 +1041,9 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         consumer = "down projection" if stage == "ffn" else "attention output projection"
         raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
                          f"block but does not compute like one: its {consumer}'s output plus the residual is not "
-                         f"{where} (an extra layer scale, gate or sum in its forward?), so the refit would aim at "
-                         "the wrong target. This model is not supported by the transformer adapter.")
+                         f"{where} (an extra layer scale, gate or sum in its forward, or another token layout?), so "
+                         "the refit would aim at the wrong target. This model is not supported by the transformer "
+                         "adapter.")
 
 
 def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,

@@ -239,3 +239,60 @@ def test_look_alike_layers_that_compute_otherwise_are_refused(target: str) -> No
         with pytest.raises(ValueError, match="attention output projection's output plus the residual is not the "
                                              "residual stream entering the FFN"):
             prune_transformer(vit, vit_data, keep=0.5, target="heads")
+
+
+def test_mpnet_calibrated_on_token_ids_alone() -> None:
+    # The per-head position bias the encoder passes to every layer is (batch, heads, tokens, tokens), the shape of
+    # an attention mask: it was read as one, and every token counted as padding.
+    model = build("mpnet")
+    ids = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+    for batch in (ids, {"input_ids": ids}):
+        _, report = prune_transformer(model, [batch], keep=0.5, target="all")
+        assert report.n_tokens == 32 and report.n_padding_excluded == 0
+
+
+def _tiny(cls: str, config: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(getattr(transformers, config)(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER, **kw)).eval()
+
+
+@pytest.mark.parametrize(("model", "batch", "match"), [
+    # BEiT: a per-head relative position bias held by the layer, outside the attention
+    (lambda: _tiny("BeitModel", "BeitConfig", image_size=16, patch_size=4, use_relative_position_bias=True),
+     {"pixel_values": torch.randn(2, 3, 16, 16)}, "fails once a head is removed"),
+    # GroupViT text: the attention reshapes its output to the model width
+    (lambda: _tiny("GroupViTTextModel", "GroupViTTextConfig", vocab_size=VOCAB, max_position_embeddings=32),
+     {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+     "fails once a head is removed"),
+    # MLCD: the output projection reads (tokens, batch, features)
+    (lambda: _tiny("MLCDVisionModel", "MLCDVisionConfig", image_size=16, patch_size=4),
+     {"pixel_values": torch.randn(4, 3, 16, 16)}, r"does not have the \(batch, tokens\) = \(4, 17\) layout"),
+])
+def test_look_alike_attentions_are_refused_for_heads(model, batch, match) -> None:
+    m = model()
+    assert find_blocks(m)  # recognised by their parts...
+    for method, reweight in (("magnitude", False), ("asym", True)):  # ...whether or not the pruning needs data
+        if match.startswith("does not have") and not reweight:
+            continue  # without data nothing reads the activations: magnitude pruning of MLCD's heads is right
+        with pytest.raises(ValueError, match=match):
+            prune_transformer(m, [batch], keep=0.5, target="heads", method=method, reweight=reweight)
+
+
+def test_two_towers_are_pruned_one_at_a_time() -> None:
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         intermediate_size=INTER),
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                           num_attention_heads=HEADS, intermediate_size=INTER))
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 8)), "pixel_values": torch.randn(2, 3, 16, 16)}
+    with pytest.raises(ValueError, match="2 stacks of blocks .*prune_transformer\\(model.text_model"):
+        prune_transformer(model, [batch], keep=0.5, target="ffn")
+    text, _ = prune_transformer(model.text_model, [{"input_ids": batch["input_ids"]}], keep=0.5, target="ffn")
+    vision, _ = prune_transformer(model.vision_model, [{"pixel_values": batch["pixel_values"]}], keep=0.5,
+                                  target="ffn")
+    model.text_model, model.vision_model = text, vision
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits_per_image).all()
