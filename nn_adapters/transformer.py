@@ -768,7 +768,7 @@ def prune_transformer(
             finally:
                 torch.backends.mha.set_fastpath_enabled(fast)
             if "heads" in stages:
-                _check_head_layouts(orig_blocks, chain, cache[0]["ctx"])
+                _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
             _assign_folds(cache)
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
@@ -821,7 +821,8 @@ def prune_transformer(
                 torch.backends.mha.set_fastpath_enabled(False)
                 try:
                     ctx = _capture_first_block(orig, orig_blocks[0], first)[0]["ctx"]
-                    _check_head_layouts(orig_blocks, _capture_chain(orig, orig_blocks, first[0], stacks_note), ctx)
+                    chain = _capture_chain(orig, orig_blocks, first[0], stacks_note)
+                    _check_head_layouts(orig_blocks, chain, ctx, counter)
                 finally:
                     torch.backends.mha.set_fastpath_enabled(fast)
             for i, blk in enumerate(blocks):
@@ -869,7 +870,8 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
     return block.forward(x, ctx)
 
 
-def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any]) -> None:
+def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any],
+                        counter: list[int]) -> None:
     """Refuse blocks whose attention does not lay heads out as the adapter assumes (a per-head bias held outside
     the attention, a reshape to the model width, another token order), checked on one batch: without its first
     head, the shrunk block must compute what the block computes with that head's output-projection columns
@@ -888,7 +890,7 @@ def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: d
                 with torch.no_grad():
                     probe.out_proj.weight[:, :d] = 0.0
             try:
-                outs.append(probe.forward(x, ctx))
+                outs.append(_fwd(probe, x, ctx, counter))
             except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
                 raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
                                  f"block, but it fails once a head is removed ({type(exc).__name__}: {exc}): its "
