@@ -66,6 +66,8 @@ _SHAPE_QUERIES = {"size", "dim"}
 # written in forward(), e.g. x.mean((2, 3)) or x.amax(dim=(-2, -1)); they act on each unit separately.
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.squeeze}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "squeeze"}
+# Multiplication or division by a number (x / (H * W) after a spatial sum) acts on each unit separately.
+_SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
 
 
@@ -190,15 +192,18 @@ def _unit_count(mod: nn.Module) -> int:
     return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
 
 
-def _plain_forward(mod: nn.Module) -> str | None:
+def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> str | None:
     """Why a subclass's own ``forward`` is not the plain layer of its ``.weight`` (e.g. a weight-standardised
-    convolution), checked on a random probe, or ``None`` (no override, or one that computes the same)."""
+    convolution), checked on a random probe of the input shape the model gives it (``in_shape``, read when tracing;
+    else ``(2, F)`` then ``(2, 3, F)`` for a Linear), or ``None`` (no override, or one that computes the same)."""
     base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
     if type(mod).forward is base.forward:
         return None
     w = mod.weight
     g = torch.Generator().manual_seed(0)
-    if base is nn.Linear:  # (N, F) first; an override may need the (N, T, F) of a sequence model
+    if in_shape is not None and len(in_shape) >= 2:
+        probes = [torch.randn(min(2, in_shape[0]) or 1, *in_shape[1:], generator=g)]
+    elif base is nn.Linear:  # (N, F) first; an override may need the (N, T, F) of a sequence model
         probes = [torch.randn(2, mod.in_features, generator=g), torch.randn(2, 3, mod.in_features, generator=g)]
     else:
         side = [(k - 1) * d + 1 + 2 for k, d in zip(mod.kernel_size, mod.dilation, strict=True)]
@@ -215,8 +220,9 @@ def _plain_forward(mod: nn.Module) -> str | None:
                 failure = failure or (x, exc)
         else:
             x, exc = failure
-            return (f"{type(mod).__name__} overrides {base.__name__}.forward, which failed on a probe input of "
-                    f"shape {tuple(x.shape)} ({type(exc).__name__}: {exc}), so it cannot be checked to compute the "
+            tried = " and ".join(str(tuple(p.shape)) for p in probes)
+            return (f"{type(mod).__name__} overrides {base.__name__}.forward, which failed on probe inputs of "
+                    f"shape {tried} ({type(exc).__name__}: {exc}), so it cannot be checked to compute the "
                     "plain layer of its .weight that pruning shrinks and refits")
     if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
             got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max()))):
@@ -226,7 +232,7 @@ def _plain_forward(mod: nn.Module) -> str | None:
     return None
 
 
-def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
+def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] | None = None) -> str | None:
     """Why a Linear/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
 
     A producer only loses output units, so its padding does not matter; a consumer's input is unfolded with
@@ -235,7 +241,7 @@ def _layer_ok(mod: nn.Module, consumer: bool = True) -> str | None:
     if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
         return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
                 "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
-    if (why := _plain_forward(mod)) is not None:
+    if (why := _plain_forward(mod, in_shape)) is not None:
         return why
     if not isinstance(mod, nn.Conv2d):
         return None
@@ -315,6 +321,12 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Shape of a module call's first input, as seen when tracing."""
+    arg = node.args[0] if node.args else None
+    return _shape(arg) if isinstance(arg, fx.Node) else None
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
     """Users that consume the tensor's values (shape queries such as ``x.size(0)`` do not)."""
     out = []
@@ -333,7 +345,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     if calls[node.target] > 1:
         return f"module is called {calls[node.target]} times (shared weights)"
     is_conv = isinstance(producer, nn.Conv2d)
-    if (why := _layer_ok(producer, consumer=False)) is not None:
+    if (why := _layer_ok(producer, consumer=False, in_shape=_input_shape(node))) is not None:
         return why
     n_units = _unit_count(producer)
     between: list[str] = []
@@ -349,7 +361,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         (u,) = users
         if u.op == "output":
             return "its output is the network output"
-        if not u.args or u.args[0] is not cur:
+        if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
+                                                          and _scaled_by_number(u, cur))):
             return f"operation {u.name} does not take the producer's output as its first argument"
         if u.op == "call_module":
             m = modules[u.target]
@@ -370,19 +383,25 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
                         "consumer is not supported; use nn.PReLU() with one shared parameter, or another activation")
+            elif is_conv and isinstance(m, _POOL_MODULES) and (why := _pool_on_4d(cur, u.target)):
+                return why
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
             elif isinstance(m, nn.Flatten):
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
-                flattened_hw = flat if flat != 1 or flattened_hw is None else flattened_hw  # 1: no-op reshape
+                flattened_hw = _after_flatten(flattened_hw, flat)
             else:
                 return f"unsupported module {type(m).__name__} ({u.target!r}) between producer and consumer"
             ops.append(type(m).__name__)
         elif u.op in ("call_function", "call_method"):
             is_function = u.op == "call_function"
             name = getattr(u.target, "__name__", str(u.target)) if is_function else u.target
+            if is_function and u.target in _SCALE_FUNCTIONS and _scaled_by_number(u, cur):
+                ops.append(name)  # x * c, c * x, x / c with a number c: unit by unit
+                cur = u
+                continue
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
                 return f"its output feeds {name} (a residual sum or concatenation)"
             if u.target in (_REDUCE_FUNCTIONS if is_function else _REDUCE_METHODS):
@@ -397,13 +416,15 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 flat = _flatten_hw(cur, u, n_units)
                 if isinstance(flat, str):
                     return flat
-                flattened_hw = flat if flat != 1 or flattened_hw is None else flattened_hw  # 1: no-op reshape
+                flattened_hw = _after_flatten(flattened_hw, flat)
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"
             elif is_function and u.target in _POOL_FUNCTIONS and not is_conv:
                 # a Linear's units are the last dim, which 2-D pooling of an (N, T, F) tensor mixes
                 return f"pooling {name} after a Linear producer pools across its units"
+            elif is_function and u.target in _POOL_FUNCTIONS and (why := _pool_on_4d(cur, name)):
+                return why
             ops.append(name)
         else:
             return f"unsupported graph node {u.op} after the producer"
@@ -422,6 +443,46 @@ def _fixed_size_reshape(node: fx.Node) -> str | None:
     return None
 
 
+_SHAPE_ARITHMETIC = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv,
+                     operator.truediv, operator.pow}
+
+
+def _is_number(a: object, depth: int = 0) -> bool:
+    """A Python number, or one computed when tracing from shape queries only (``x.shape[2] * x.shape[3]``)."""
+    if isinstance(a, bool):
+        return False
+    if isinstance(a, (int, float)):
+        return True
+    if not isinstance(a, fx.Node) or depth > 8:
+        return False
+    if a.op == "call_method" and a.target in ("size", "dim", "numel"):
+        return True
+    if a.op == "call_function" and a.target is getattr and len(a.args) > 1 and a.args[1] == "shape":
+        return True
+    return (a.op == "call_function" and a.target in _SHAPE_ARITHMETIC
+            and all(_is_number(x, depth + 1) for x in a.args))
+
+
+def _scaled_by_number(node: fx.Node, cur: fx.Node) -> bool:
+    """Whether ``node`` multiplies ``cur`` by a number (either side) or divides it by one."""
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    a, b = node.args
+    if node.target in (operator.truediv, torch.div):
+        return a is cur and _is_number(b)
+    other = b if a is cur else a if b is cur else None
+    return other is not None and _is_number(other)
+
+
+def _pool_on_4d(cur: fx.Node, name: object) -> str | None:
+    """2-D pooling of a conv's output is per channel only on (N, C, H, W); on a 3-D tensor left by a partial
+    reduction it pools across channels (PyTorch reads (C, H, W) as one unbatched image)."""
+    shape = _shape(cur)
+    if shape is not None and len(shape) != 4:
+        return f"2-D pooling {name} of a {len(shape)}-D tensor {shape} pools across the producer's channels"
+    return None
+
+
 def _position_reduction(before: fx.Node, node: fx.Node, is_conv: bool, n_units: int, name: str) -> bool | str:
     """Check that ``x.mean(dims)`` (or sum/amax/amin/squeeze) reduces positions only, never units or samples.
 
@@ -435,12 +496,12 @@ def _position_reduction(before: fx.Node, node: fx.Node, is_conv: bool, n_units: 
     if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
         return ("x.squeeze() without dims also drops the batch or unit dim when it has size 1 (a layer pruned to "
                 "one unit); write x.flatten(1) or x.squeeze((2, 3)) in forward()")
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
     if dims is None:
         return f".{name}() over all dims mixes the producer's units"
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     if not all(isinstance(d, int) for d in dims):
-        return f".{name}() over dims {dims} not known when tracing"
+        return f".{name}() over dims {dims} not known when tracing; write constant dims such as (-2, -1)"
     ndim = len(s_in)
     norm = {d % ndim for d in dims if -ndim <= d < ndim}
     if len(norm) != len(dims):
@@ -453,12 +514,25 @@ def _position_reduction(before: fx.Node, node: fx.Node, is_conv: bool, n_units: 
     return is_conv and len(s_out) == 2
 
 
+def _after_flatten(flattened_hw: int | None, flat: int) -> int | None:
+    """Columns per unit after a reshape: ``flat`` positions from a flatten, unchanged by a no-op reshape (1, which
+    makes a Linear's 2-D input one column per unit) or by a regrouping of positions (0)."""
+    if flat == 0:
+        return flattened_hw
+    if flat == 1:
+        return 1 if flattened_hw is None else flattened_hw
+    return flat
+
+
 def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
     s_in, s_out = _shape(before), _shape(flat_node)
     if s_in is None or s_out is None:
         return "could not read activation shapes around a flatten"
     if s_out == s_in:  # a no-op reshape
         return 1 if len(s_in) == 2 else "reshape keeps a spatial layout"
+    if (len(s_in) >= 3 and len(s_out) >= 3 and s_out[:2] == s_in[:2] and s_in[1] == n_units
+            and math.prod(s_out[2:]) == math.prod(s_in[2:])):
+        return 0  # positions regrouped, channels untouched: x.flatten(2), x.view(n, c, -1)
     positions = math.prod(s_in[2:])
     if len(s_in) >= 3 and len(s_out) == 2 and s_in[1] == n_units and s_out[1] == n_units * positions:
         return positions
@@ -468,7 +542,7 @@ def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
                ops: list[str], flattened_hw: int | None, n_units: int) -> PrunablePair | str:
     p_conv = isinstance(producer, nn.Conv2d)
-    if (why := _layer_ok(consumer)) is not None:
+    if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
     if isinstance(consumer, nn.Conv2d):
         if not p_conv or flattened_hw is not None:

@@ -773,6 +773,19 @@ def test_layer_subclasses_with_their_own_computation_are_refused():
     assert [r.pair for r in rep.layers] == ["0->2"] and pruned[0].out_features == 4
 
 
+def test_pooling_module_on_a_partially_reduced_conv_output_is_refused():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.pool, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.AvgPool2d(3, 1, 1), nn.Linear(36, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.c1(x).mean(2)).flatten(1))
+
+    pairs, skipped = nna.find_pairs(Net().eval(), torch.randn(4, 1, 6, 6))
+    assert not pairs and "2-D pooling pool of a 3-D tensor" in dict(skipped)["c1"]
+
+
 def test_a_linear_subclass_that_needs_sequences_is_checked_on_a_sequence_probe():
     class SeqLinear(nn.Linear):  # plain layer, but unpacks (N, T, F): a 2-D probe cannot run it
         def forward(self, x):
@@ -783,7 +796,14 @@ def test_a_linear_subclass_that_needs_sequences_is_checked_on_a_sequence_probe()
         def forward(self, x):
             return 2.0 * super().forward(x)
 
+    class Lifting(nn.Linear):  # plain on the (N, T, F) the model gives it; lifts 2-D input to one token
+        def forward(self, x):
+            return super().forward(x.unsqueeze(1) if x.dim() == 2 else x)
+
     x = torch.randn(40, 6, 5)
+    lifted = nn.Sequential(Lifting(5, 8), nn.ReLU(), Lifting(8, 3)).eval()
+    pruned, rep = nna.prune(lifted, x, keep=0.5)  # probed with the traced (N, T, F) shape, not a 2-D probe
+    assert [r.pair for r in rep.layers] == ["0->2"]
     ok = nn.Sequential(SeqLinear(5, 8), nn.ReLU(), SeqLinear(8, 3)).eval()
     pruned, rep = nna.prune(ok, x, keep=0.5)
     assert [r.pair for r in rep.layers] == ["0->2"] and pruned(x).shape == (40, 6, 3)
@@ -919,6 +939,11 @@ _HEADS = {
     "mean keepdim + flatten": lambda x: x.mean((2, 3), keepdim=True).flatten(1),
     "adaptive pool + squeeze(-1).squeeze(-1)": lambda x: F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1),
     "adaptive pool + squeeze((2, 3))": lambda x: F.adaptive_avg_pool2d(x, 1).squeeze((2, 3)),
+    "x.mean(axis=(2, 3))": lambda x: x.mean(axis=(2, 3)),
+    "x.view(n, c, -1).mean(-1)": lambda x: x.view(x.size(0), x.size(1), -1).mean(-1),
+    "x.flatten(2).mean(2)": lambda x: x.flatten(2).mean(2),
+    "x.sum((2, 3)) / (h * w)": lambda x: x.sum((2, 3)) / (x.shape[2] * x.shape[3]),
+    "0.5 * x.amax((2, 3))": lambda x: 0.5 * x.amax((2, 3)),
 }
 
 
@@ -947,6 +972,10 @@ def test_global_pooling_written_in_forward(head):
     (lambda x: x.mean((0, 2, 3)).expand(x.shape[0], -1), r"reduces samples \(dim 0\)"),
     (lambda x: F.adaptive_avg_pool2d(x, 1).squeeze(), r"x.squeeze\(\) without dims"),
     (lambda x: x.mean().expand(x.shape[0], 8), r"over all dims"),
+    # 2-D pooling of the (N, C, W) left by a partial mean pools across channels (PyTorch reads it as one image)
+    (lambda x: F.max_pool2d(x.mean(2), 3, 1, 1).flatten(1), r"2-D pooling max_pool2d of a 3-D tensor"),
+    (lambda x: F.avg_pool2d(x.amax(3), 3, 1, 1).flatten(1), r"pools across the producer's channels"),
+    (lambda x: (x * x.mean((2, 3), keepdim=True).sigmoid()).mean((2, 3)), r"feeds 2 operations"),  # an SE gate
 ])
 def test_reductions_over_units_or_samples_are_not_global_pooling(head, match):
     net = _GlobalPoolNet(head).eval()
