@@ -362,7 +362,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         if u.op == "output":
             return "its output is the network output"
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
-                                                          and _scaled_by_number(u, cur))):
+                                                          and _scaled_by_number(u, cur, is_conv))):
             return f"operation {u.name} does not take the producer's output as its first argument"
         if u.op == "call_module":
             m = modules[u.target]
@@ -398,7 +398,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         elif u.op in ("call_function", "call_method"):
             is_function = u.op == "call_function"
             name = getattr(u.target, "__name__", str(u.target)) if is_function else u.target
-            if is_function and u.target in _SCALE_FUNCTIONS and _scaled_by_number(u, cur):
+            if is_function and u.target in _SCALE_FUNCTIONS and _scaled_by_number(u, cur, is_conv):
                 ops.append(name)  # x * c, c * x, x / c with a number c: unit by unit
                 cur = u
                 continue
@@ -447,31 +447,44 @@ _SHAPE_ARITHMETIC = {operator.getitem, operator.mul, operator.add, operator.sub,
                      operator.truediv, operator.pow}
 
 
-def _is_number(a: object, depth: int = 0) -> bool:
-    """A Python number, or one computed when tracing from shape queries only (``x.shape[2] * x.shape[3]``)."""
+def _is_number(a: object, is_conv: bool, depth: int = 0) -> bool:
+    """A Python number, or one computed when tracing from the sizes of dims that pruning does not change
+    (``x.shape[2] * x.shape[3]``; not the units' dim, whose size pruning changes, nor ``numel()``)."""
     if isinstance(a, bool):
         return False
     if isinstance(a, (int, float)):
         return True
-    if not isinstance(a, fx.Node) or depth > 8:
+    if not isinstance(a, fx.Node) or depth > 8 or a.op not in ("call_method", "call_function"):
         return False
-    if a.op == "call_method" and a.target in ("size", "dim", "numel"):
-        return True
-    if a.op == "call_function" and a.target is getattr and len(a.args) > 1 and a.args[1] == "shape":
-        return True
-    return (a.op == "call_function" and a.target in _SHAPE_ARITHMETIC
-            and all(_is_number(x, depth + 1) for x in a.args))
+    if a.op == "call_method":
+        if a.target == "dim":
+            return True
+        return a.target == "size" and len(a.args) == 2 and _fixed_dim(a.args[0], a.args[1], is_conv)
+    if a.target is operator.getitem and isinstance(a.args[0], fx.Node) and a.args[0].target is getattr:
+        shape_of = a.args[0]
+        return (len(shape_of.args) > 1 and shape_of.args[1] == "shape"
+                and _fixed_dim(shape_of.args[0], a.args[1], is_conv))
+    return a.target in _SHAPE_ARITHMETIC and all(_is_number(x, is_conv, depth + 1) for x in a.args)
 
 
-def _scaled_by_number(node: fx.Node, cur: fx.Node) -> bool:
+def _fixed_dim(tensor: object, dim: object, is_conv: bool) -> bool:
+    """Whether ``dim`` of ``tensor`` keeps its size when units are removed (not dim 1 of a conv activation, not the
+    last dim of a Linear's)."""
+    shape = _shape(tensor) if isinstance(tensor, fx.Node) else None
+    if shape is None or not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+        return False
+    return dim % len(shape) != (1 if is_conv else len(shape) - 1)
+
+
+def _scaled_by_number(node: fx.Node, cur: fx.Node, is_conv: bool) -> bool:
     """Whether ``node`` multiplies ``cur`` by a number (either side) or divides it by one."""
     if len(node.args) != 2 or node.kwargs:
         return False
     a, b = node.args
     if node.target in (operator.truediv, torch.div):
-        return a is cur and _is_number(b)
+        return a is cur and _is_number(b, is_conv)
     other = b if a is cur else a if b is cur else None
-    return other is not None and _is_number(other)
+    return other is not None and _is_number(other, is_conv)
 
 
 def _pool_on_4d(cur: fx.Node, name: object) -> str | None:

@@ -976,6 +976,8 @@ def test_global_pooling_written_in_forward(head):
     (lambda x: F.max_pool2d(x.mean(2), 3, 1, 1).flatten(1), r"2-D pooling max_pool2d of a 3-D tensor"),
     (lambda x: F.avg_pool2d(x.amax(3), 3, 1, 1).flatten(1), r"pools across the producer's channels"),
     (lambda x: (x * x.mean((2, 3), keepdim=True).sigmoid()).mean((2, 3)), r"feeds 2 operations"),  # an SE gate
+    # dividing by the number of channels: a scale that pruning changes
+    (lambda x: x.sum((2, 3)) / x.shape[1], r"unsupported operation truediv"),
 ])
 def test_reductions_over_units_or_samples_are_not_global_pooling(head, match):
     net = _GlobalPoolNet(head).eval()
