@@ -619,7 +619,8 @@ def prune_transformer(
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
-        never enter the statistics.
+        never enter the statistics. Only magnitude or random FFN pruning without refit reads no data (``None``
+        is then accepted); head pruning always checks each block's head layout on the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
@@ -811,6 +812,9 @@ def prune_transformer(
                 xo = xo_next
         else:
             if "heads" in stages:  # the head layout is checked on the first batch, whatever the method
+                if calibration_data is None or (isinstance(calibration_data, (list, tuple)) and not calibration_data):
+                    raise ValueError("head pruning checks each block's head layout on one calibration batch, also "
+                                     f"with method={method!r} and reweight=False: pass at least one batch")
                 first = _batches(calibration_data, float_dtype(model))[:1]
                 orig = working_copy(model)
                 orig_blocks = find_blocks(orig)

@@ -296,3 +296,11 @@ def test_two_towers_are_pruned_one_at_a_time() -> None:
     model.text_model, model.vision_model = text, vision
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits_per_image).all()
+
+
+def test_head_pruning_without_data_is_refused_with_the_reason() -> None:
+    model = build("distilbert")
+    for data in (None, []):
+        with pytest.raises(ValueError, match="checks each block's head layout on one calibration batch"):
+            prune_transformer(model, data, keep=0.5, target="heads", method="magnitude", reweight=False)
+        prune_transformer(model, data, keep=0.5, target="ffn", method="magnitude", reweight=False)  # no check
