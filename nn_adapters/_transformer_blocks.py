@@ -8,7 +8,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ELECTRA, MiniLM and other ``BertLayer`` look-alikes: ``attention.self.{query,key,value}``,
     ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; post-LN, or pre-LN as in MegatronBERT),
     ``_HFMPNetBlock`` (MPNet, with its per-head relative position bias), ``_HFDistilBertBlock`` (DistilBERT),
-    ``_HFViTBlock`` (ViT / DeiT, pre-LN) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and vision towers, pre-LN).
+    ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales) and ``_HFCLIPBlock``
+    (CLIP / SigLIP-style text and vision towers, pre-LN).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -262,6 +263,11 @@ class _Block:
         """The LayerNorm applied right after the stage's residual sum (post-LN), or ``None`` (pre-LN)."""
         return None
 
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        """Per-channel factor applied to the stage's consumer output before the residual sum (a layer scale, as
+        in DINOv2 and CaiT), or ``None``."""
+        return None
+
     def single_call(self) -> bool:
         """Whether each consumer is called once per block forward (so a capture may stop early)."""
         return True
@@ -347,6 +353,9 @@ class _HFBlock(_Block):
     ALL_HEADS: str | None = "all_head_size"
     #: Where ``chunk_size_feed_forward`` lives (the FFN is then called once per chunk).
     CHUNK = ""
+    #: Layer-scale modules (their ``lambda1`` multiplies the consumer output before the residual sum), if any.
+    SCALE_HEADS: str | None = None
+    SCALE_FFN: str | None = None
     #: Children of the self-attention that act per head or not at all on the head layout.
     PLAIN: frozenset[str] = frozenset({"dropout"})
 
@@ -359,6 +368,8 @@ class _HFBlock(_Block):
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
             and hasattr(sa, cls.HEAD_SIZE) and hasattr(sa, cls.N_HEADS)
+            and all(isinstance(getattr(_get(module, p), "lambda1", None), torch.Tensor)
+                    for p in (cls.SCALE_HEADS, cls.SCALE_FFN) if p is not None)
         )
 
     def single_call(self) -> bool:
@@ -367,6 +378,10 @@ class _HFBlock(_Block):
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
         norm = _get(self.module, self.NORM_FFN if stage == "ffn" else self.NORM_HEADS)
         return norm if isinstance(norm, nn.LayerNorm) else None
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        path = self.SCALE_FFN if stage == "ffn" else self.SCALE_HEADS
+        return None if path is None else _get(self.module, path).lambda1.detach()
 
     def prepare_heads(self) -> None:
         sa = _get(self.module, self.SA)
@@ -498,6 +513,17 @@ class _HFViTBlock(_HFPreLNProjBlock):
     kind = "hf_vit"
     SA, OUT = "attention", "attention.o_proj"
     RESID_FFN = ("layernorm_after", 0)  # x + mlp(layernorm_after(x))
+
+
+class _HFDinov2Block(_HFPreLNProjBlock):
+    """DINOv2 (``Dinov2Layer`` with the plain MLP: ``attention.{q,k,v,o}_proj``, ``norm1/norm2``, pre-LN), whose
+    layer scales ``layer_scale1/2`` multiply the attention and FFN outputs channel by channel before the residual
+    sums: the refit aims at ``(target - residual) / lambda`` and weighs output channel ``i`` by ``lambda_i^2``."""
+
+    kind = "hf_dinov2"
+    SA, OUT = "attention", "attention.o_proj"
+    RESID_FFN = ("norm2", 0)  # x + layer_scale2(mlp(norm2(x)))
+    SCALE_HEADS, SCALE_FFN = "layer_scale1", "layer_scale2"
 
 
 class _HFCLIPBlock(_HFPreLNProjBlock):
@@ -649,8 +675,8 @@ class _TorchEncoderBlock(_Block):
             self.shrink_heads(torch.arange(num_heads))
 
 
-_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFCLIPBlock,
-                                           _TorchEncoderBlock)
+_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFDinov2Block,
+                                           _HFCLIPBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -140,7 +140,7 @@ class PruneReport:
 
 def _is_transformer(model: nn.Module) -> bool:
     """Whether ``model`` holds a transformer block the transformer adapter handles: a Hugging Face encoder layer
-    (BERT-style, MPNet, DistilBERT, ViT, CLIP) or a ``torch.nn.TransformerEncoderLayer``."""
+    (BERT-style, MPNet, DistilBERT, ViT, DINOv2, CLIP) or a ``torch.nn.TransformerEncoderLayer``."""
     from ._transformer_blocks import find_blocks
 
     return bool(find_blocks(model))

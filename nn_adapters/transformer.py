@@ -614,7 +614,7 @@ def prune_transformer(
     ----------
     model : torch.nn.Module
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
-        DistilBERT, ViT, CLIP) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
+        DistilBERT, ViT, DINOv2, CLIP) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
@@ -728,8 +728,8 @@ def prune_transformer(
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
-                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT and CLIP encoder "
-                         "layers, and torch.nn.TransformerEncoderLayer")
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
+                         "encoder layers, and torch.nn.TransformerEncoderLayer")
     if "heads" in stages:
         for blk in blocks:
             blk.prepare_heads()
@@ -1000,19 +1000,39 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
             a = _rows(got[s], valid, oblk.batch_first(s))
             y = orig_mods[s](a)
             res = _residual_rows(oblk, s, got, xo[b], valid)
+            lam, inv_lam = _layer_scale(oblk, s, y)
+            total = y + res if lam is None else y * lam + res  # the residual sum the stage's output enters
             if b == 0:
-                _check_layout(oblk, s, y + res, got, out, valid)
-            w = None
+                _check_layout(oblk, s, total, got, out, valid)
+            w = scale = None
             if weighting:
-                w, side["col_scale"][s] = _norm_weights(oblk, s, y + res)
+                w, scale = _norm_weights(oblk, s, total)
+            if lam is not None:  # an error in the consumer output is lambda times that error in the sum
+                lam_abs = lam.detach().double().abs().cpu()
+                lam_abs = lam_abs.clamp_min(1e-6 * float(lam_abs.max()) + 1e-30)
+                scale = lam_abs if scale is None else scale * lam_abs
+            side["col_scale"][s] = scale
             if mode == "layer":
                 if s not in side["stats"]:
                     side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS)
                 side["stats"][s].update(a, y, w, cache[b]["fold"])
             else:
-                side["targets"][s].append(y + res if residual else y)
+                # the consumer output that would give the original sum on the pruned network's residual, which is
+                # then subtracted: (original sum - residual) / lambda with a layer scale
+                side["targets"][s].append((y + res if inv_lam is None else y + res * inv_lam) if residual else y)
                 side["row_w"][s].append(w)
     return xo_next, side
+
+
+def _layer_scale(block: _Block, stage: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The stage's layer scale ``lambda`` and its inverse (0 where ``|lambda|`` is below ``1e-6`` of its largest
+    entry: those channels barely reach the sum and get no compensation), as ``like``'s dtype and device."""
+    lam = block.output_scale(stage)
+    if lam is None:
+        return None, None
+    lam = lam.to(device=like.device, dtype=like.dtype)
+    big = lam.abs() > 1e-6 * float(lam.abs().max())
+    return lam, torch.where(big, 1.0 / torch.where(big, lam, torch.ones_like(lam)), torch.zeros_like(lam))
 
 
 def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Module, int]]:
@@ -1077,7 +1097,9 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 if mode == "asym":
                     y = targets[s][b]
                     if residual:
-                        y = y - _residual_rows(blk, s, got, xp[b], valid)
+                        res_p = _residual_rows(blk, s, got, xp[b], valid)
+                        inv_lam = _layer_scale(oblk, s, res_p)[1]
+                        y = y - (res_p if inv_lam is None else res_p * inv_lam)
                 else:
                     y = mods[s](a)
                 if s not in stats:

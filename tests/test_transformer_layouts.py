@@ -41,6 +41,9 @@ LAYOUTS = {
                                                           num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                                           intermediate_size=INTER),
                     "CLIPVisionModel", "hf_clip", "mlp.fc2", "self_attn.out_proj", False),
+    "dinov2": (lambda: transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                 num_hidden_layers=LAYERS, num_attention_heads=HEADS, mlp_ratio=2),
+               "Dinov2Model", "hf_dinov2", "mlp.fc2", "attention.o_proj", False),
     "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                            num_attention_heads=HEADS, intermediate_size=INTER),
             "ViTModel", "hf_vit", "mlp.fc2", "attention.o_proj", False),
@@ -54,6 +57,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
         for p in model.parameters():
             p.mul_(3.0) if p.dim() == 2 else None
+        for name_, p in model.named_parameters():  # layer scales of several sizes (they start at 1)
+            if name_.endswith("lambda1"):
+                p.copy_(torch.linspace(0.2, 2.0, p.numel())[torch.randperm(p.numel())])
     return model
 
 
@@ -117,13 +123,14 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
     for unit in report.units:
         block = blocks_of(masked)[[b.name for b in find_blocks(masked)].index(unit.block)]
         consumer = get(block, LAYOUTS[name][3] if unit.stage == "ffn" else LAYOUTS[name][4])
-        size = INTER if unit.stage == "ffn" else HEADS
+        size = unit.n_units
         gone = sorted(set(range(size)) - set(unit.kept))
         cols = gone if unit.stage == "ffn" else [h * hd + i for h in gone for i in range(hd)]
         with torch.no_grad():
             consumer.weight[:, cols] = 0.0
     assert len(report.units) == LAYERS * (2 if target == "all" else 1)
-    assert all(u.n_kept == (INTER if u.stage == "ffn" else HEADS) // 2 for u in report.units)
+    assert all(u.n_kept == u.n_units // 2 and u.n_units == (INTER if name != "dinov2" else 2 * HIDDEN)
+               if u.stage == "ffn" else u.n_kept == HEADS // 2 for u in report.units)
     assert report.params_after < report.params_before
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
@@ -304,3 +311,38 @@ def test_head_pruning_without_data_is_refused_with_the_reason() -> None:
         with pytest.raises(ValueError, match="checks each block's head layout on one calibration batch"):
             prune_transformer(model, data, keep=0.5, target="heads", method="magnitude", reweight=False)
         prune_transformer(model, data, keep=0.5, target="ffn", method="magnitude", reweight=False)  # no check
+
+
+def test_dinov2_asym_refit_aims_at_the_residual_sum_through_the_layer_scale() -> None:
+    """Block 1's FFN refit in asym mode: on the pruned network's inputs, the down projection's output times lambda
+    plus the pruned residual should give the original sum, i.e. target = y + (r_orig - r_pruned) / lambda."""
+    model, data = build("dinov2"), batches("dinov2")
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none")
+    mixed = copy.deepcopy(model)
+    mixed.encoder.layer[0] = copy.deepcopy(pruned.encoder.layer[0])
+
+    def rows(net: nn.Module) -> dict[str, np.ndarray]:
+        layer, seen = net.encoder.layer[1], {"a": [], "r": []}
+        hooks = [layer.mlp.fc2.register_forward_pre_hook(lambda _m, args: seen["a"].append(args[0])),
+                 layer.norm2.register_forward_pre_hook(lambda _m, args: seen["r"].append(args[0]))]
+        try:
+            for b in data:
+                net(**b)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).double().numpy() for k, v in seen.items()}
+
+    with torch.no_grad():
+        orig, mine = rows(model), rows(mixed)
+    down = model.encoder.layer[1].mlp.fc2
+    lam = model.encoder.layer[1].layer_scale2.lambda1.detach().double().numpy()
+    y = orig["a"] @ down.weight.detach().double().numpy().T + down.bias.detach().double().numpy()
+    target = y + (orig["r"] - mine["r"]) / lam
+    kept = report.units[1].kept
+    design = np.hstack([mine["a"][:, kept], np.ones((len(target), 1))])
+    sol = np.linalg.lstsq(design, target, rcond=None)[0]
+    new = pruned.encoder.layer[1].mlp.fc2
+    np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(new.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
