@@ -826,6 +826,7 @@ def prune_transformer(
                 try:
                     ctx = _capture_first_block(orig, orig_blocks[0], first)[0]["ctx"]
                     chain = _capture_chain(orig, orig_blocks, first[0], stacks_note)
+                    counter[0] += len(orig_blocks)  # that full forward ran every block once
                     _check_head_layouts(orig_blocks, chain, ctx, counter)
                 finally:
                     torch.backends.mha.set_fastpath_enabled(fast)
@@ -1018,21 +1019,26 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 side["stats"][s].update(a, y, w, cache[b]["fold"])
             else:
                 # the consumer output that would give the original sum on the pruned network's residual, which is
-                # then subtracted: (original sum - residual) / lambda with a layer scale
-                side["targets"][s].append((y + res if inv_lam is None else y + res * inv_lam) if residual else y)
+                # then subtracted: (original sum - residual) / lambda with a layer scale; in float64, as the
+                # residual can be much larger than y (and 1 / lambda larger still)
+                y64 = y.double()
+                side["targets"][s].append((y64 + res.double() * (1.0 if inv_lam is None else inv_lam))
+                                          if residual else y64)
                 side["row_w"][s].append(w)
     return xo_next, side
 
 
 def _layer_scale(block: _Block, stage: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The stage's layer scale ``lambda`` and its inverse (0 where ``|lambda|`` is below ``1e-6`` of its largest
-    entry: those channels barely reach the sum and get no compensation), as ``like``'s dtype and device."""
+    """The stage's layer scale ``lambda`` (``like``'s dtype and device) and its inverse in float64 (0 where
+    ``|lambda|`` is below ``1e-6`` of its largest entry: those channels barely reach the sum and get no
+    compensation; 1 / lambda overflows half precision)."""
     lam = block.output_scale(stage)
     if lam is None:
         return None, None
-    lam = lam.to(device=like.device, dtype=like.dtype)
-    big = lam.abs() > 1e-6 * float(lam.abs().max())
-    return lam, torch.where(big, 1.0 / torch.where(big, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    lam64 = lam.to(device=like.device, dtype=torch.float64)
+    big = lam64.abs() > 1e-6 * float(lam64.abs().max())
+    inv = torch.where(big, 1.0 / torch.where(big, lam64, torch.ones_like(lam64)), torch.zeros_like(lam64))
+    return lam.to(device=like.device, dtype=like.dtype), inv
 
 
 def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Module, int]]:
@@ -1097,7 +1103,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 if mode == "asym":
                     y = targets[s][b]
                     if residual:
-                        res_p = _residual_rows(blk, s, got, xp[b], valid)
+                        res_p = _residual_rows(blk, s, got, xp[b], valid).double()
                         inv_lam = _layer_scale(oblk, s, res_p)[1]
                         y = y - (res_p if inv_lam is None else res_p * inv_lam)
                 else:

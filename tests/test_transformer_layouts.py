@@ -346,3 +346,35 @@ def test_dinov2_asym_refit_aims_at_the_residual_sum_through_the_layer_scale() ->
     new = pruned.encoder.layer[1].mlp.fc2
     np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
     np.testing.assert_allclose(new.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dinov2_with_small_layer_scales(dtype: torch.dtype) -> None:
+    """Pruning block 0 only: nothing upstream changed, so the residual-corrected asym target equals the plain one
+    and residual=True must select and refit as residual=False (the target used to be formed in half precision,
+    where (y + r / lambda) - r / lambda loses y, and 1 / lambda overflowed float16)."""
+    model = build("dinov2")
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.layer_scale1.lambda1.fill_(1e-3)
+            layer.layer_scale2.lambda1.fill_(1e-5)
+    model = model.to(dtype)
+    data = [{"pixel_values": b["pixel_values"].to(dtype)} for b in batches("dinov2")]
+    for target, consumer in (("ffn", "mlp.fc2"), ("heads", "attention.o_proj")):  # one stage: its residual is
+        runs = [prune_transformer(model, data, keep={0: 0.5}, target=target, method="asym", ridge=0.0,  # unchanged
+                                  residual=r) for r in (True, False)]
+        (p_res, r_res), (p_plain, r_plain) = runs
+        assert [u.kept for u in r_res.units] == [u.kept for u in r_plain.units]
+        torch.testing.assert_close(get(p_res.encoder.layer[0], consumer).weight,
+                                   get(p_plain.encoder.layer[0], consumer).weight)
+    prune_transformer(model, data, keep=0.5, target="all", method="asym")  # every block: finite, no overflow
+
+
+def test_block_forwards_count_the_head_layout_checks_without_data_statistics() -> None:
+    for n_layers in (1, 2, 4):
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, batch_first=True)
+        model = nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False).eval()
+        _, rep = prune_transformer(model, [torch.randn(3, 5, HIDDEN)], keep=0.5, target="heads", method="magnitude",
+                                   reweight=False)
+        assert rep.block_forwards == 3 * n_layers  # the chain's full forward and two per block for the check
