@@ -988,13 +988,13 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens."""
     orig_mods = _capture_map(oblk, stages, True)  # the residual inputs: for the targets and the layout check
-    for s, (mod, pos) in _layout_probes(oblk, stages).items():
-        orig_mods[s] = (mod, pos)
+    first_mods = {**orig_mods, **_layout_probes(oblk, stages)}  # the check reads the first batch only
     xo_next: list[torch.Tensor] = []
     side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
                             "col_scale": {s: None for s in stages}}
     for b in range(len(cache)):
-        out, got = capture_inputs(orig_mods, lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
+        out, got = capture_inputs(first_mods if b == 0 else orig_mods,
+                                  lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
         xo_next.append(out)
         valid = cache[b]["valid"]
         for s in stages:
