@@ -437,27 +437,54 @@ class Coverage(SetFunction):
     def init_state(self) -> GainState:
         return _CoverageState(self)
 
+    def _by_concept(self) -> sp.csc_matrix:
+        """The incidence by concept (CSC), built once, for the incremental gain updates."""
+        if getattr(self, "_csc", None) is None:
+            self._csc = self.incidence.tocsc()
+        return self._csc
+
 
 class _CoverageState(GainState):
+    """Gains kept up to date incrementally: a newly covered concept lowers the gain of every item covering it by its
+    weight, read from the concept's column of the incidence (CSC), so a whole run touches each non-zero once
+    instead of a sparse product per step. The gains are re-summed from the open weights every
+    :data:`_RESUM_EVERY` picks, which bounds the rounding a long chain of subtractions could accumulate."""
+
+    _RESUM_EVERY = 64
+
     def __init__(self, f: Coverage) -> None:
         super().__init__(f.n)
         self._f = f
         self._open = f.weights.copy()  # weight of each concept not yet covered, 0 once covered
+        self._gain = np.asarray(f.incidence @ self._open, dtype=np.float64).ravel()
+        self._since_resum = 0
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        M = self._f.incidence
         cand = self._all(candidates)
-        sub = M if candidates is None else M[cand]
-        out = np.asarray(sub @ self._open, dtype=np.float64).ravel()
+        out = self._gain[cand]  # a copy (fancy indexing)
         out[self._in_set[cand]] = 0.0
         return out
 
     def _add(self, j: int) -> None:
         M = self._f.incidence
         concepts = M.indices[M.indptr[j]:M.indptr[j + 1]]
+        new = concepts[self._open[concepts] > 0.0]
         # add the newly covered weight (total - open would cancel digits when weights differ widely in size)
-        self.value += float(self._open[concepts].sum())
-        self._open[concepts] = 0.0
+        self.value += float(self._open[new].sum())
+        self._open[new] = 0.0
+        self._since_resum += 1
+        if self._since_resum >= self._RESUM_EVERY:
+            self._gain = np.asarray(M @ self._open, dtype=np.float64).ravel()
+            self._since_resum = 0
+        elif new.size:
+            csc = self._f._by_concept()
+            starts, ends = csc.indptr[new], csc.indptr[new + 1]
+            counts = ends - starts
+            # positions of the non-zeros of the new concepts' columns, without a Python loop over concepts
+            pos = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
+            lost = np.bincount(csc.indices[pos], weights=np.repeat(self._f.weights[new], counts), minlength=self.n)
+            self._gain -= lost
+            np.maximum(self._gain, 0.0, out=self._gain)
 
 
 class LogDeterminant(SetFunction):
