@@ -754,22 +754,7 @@ def prune_transformer(
     with torch.no_grad():
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            orig = working_copy(model)
-            orig_blocks = find_blocks(orig)
-            if "heads" in stages:
-                for blk in orig_blocks:
-                    blk.prepare_heads()
-                disable_nested_fast_path(orig)
-            fast = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                cache = _capture_first_block(orig, orig_blocks[0], batches)
-                chain = _capture_chain(orig, orig_blocks, batches[0], stacks_note)
-                counter[0] += len(orig_blocks)  # that full forward ran every block once
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fast)
-            if "heads" in stages:
-                _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
+            orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter)
             _assign_folds(cache)
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
@@ -815,21 +800,8 @@ def prune_transformer(
                 if calibration_data is None or (isinstance(calibration_data, (list, tuple)) and not calibration_data):
                     raise ValueError("head pruning checks each block's head layout on one calibration batch, also "
                                      f"with method={method!r} and reweight=False: pass at least one batch")
-                first = _batches(calibration_data, float_dtype(model))[:1]
-                orig = working_copy(model)
-                orig_blocks = find_blocks(orig)
-                for blk in orig_blocks:
-                    blk.prepare_heads()
-                disable_nested_fast_path(orig)
-                fast = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-                try:
-                    ctx = _capture_first_block(orig, orig_blocks[0], first)[0]["ctx"]
-                    chain = _capture_chain(orig, orig_blocks, first[0], stacks_note)
-                    counter[0] += len(orig_blocks)  # that full forward ran every block once
-                    _check_head_layouts(orig_blocks, chain, ctx, counter)
-                finally:
-                    torch.backends.mha.set_fastpath_enabled(fast)
+                _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1], True, stacks_note,
+                                 counter)
             for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
@@ -873,6 +845,30 @@ def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: 
 def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> torch.Tensor:
     counter[0] += 1
     return block.forward(x, ctx)
+
+
+def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int]
+                     ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor]]:
+    """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the
+    first block's cached inputs for ``batches``, and every block's input on the first batch (one full forward,
+    which also checks that the blocks chain and, with ``heads``, their head layout)."""
+    orig = working_copy(model)
+    orig_blocks = find_blocks(orig)
+    if heads:
+        for blk in orig_blocks:
+            blk.prepare_heads()
+        disable_nested_fast_path(orig)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        cache = _capture_first_block(orig, orig_blocks[0], batches)
+        chain = _capture_chain(orig, orig_blocks, batches[0], stacks_note)
+        counter[0] += len(orig_blocks)  # that full forward ran every block once
+        if heads:
+            _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    return orig_blocks, cache, chain
 
 
 def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any],
@@ -987,8 +983,10 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                    weighting: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens."""
-    orig_mods = _capture_map(oblk, stages, True)  # the residual inputs: for the targets and the layout check
-    first_mods = {**orig_mods, **_layout_probes(oblk, stages)}  # the check reads the first batch only
+    need_res = residual or weighting
+    orig_mods = _capture_map(oblk, stages, need_res)
+    # the layout check reads the residual and the sums on the first batch only
+    first_mods = {**_capture_map(oblk, stages, True), **_layout_probes(oblk, stages)}
     xo_next: list[torch.Tensor] = []
     side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
                             "col_scale": {s: None for s in stages}}
@@ -1000,9 +998,11 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         for s in stages:
             a = _rows(got[s], valid, oblk.batch_first(s))
             y = orig_mods[s](a)
-            res = _residual_rows(oblk, s, got, xo[b], valid)
             lam, inv_lam = _layer_scale(oblk, s, y)
-            total = y + res if lam is None else y * lam + res  # the residual sum the stage's output enters
+            res = total = None
+            if b == 0 or need_res:
+                res = _residual_rows(oblk, s, got, xo[b], valid)
+                total = y + res if lam is None else y * lam + res  # the residual sum the stage's output enters
             if b == 0:
                 _check_layout(oblk, s, total, got, out, valid)
             w = scale = None

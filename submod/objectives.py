@@ -433,13 +433,14 @@ class Coverage(SetFunction):
         super().__init__(M.shape[0])
         self.incidence = M
         self.weights = frozen(w)
+        self._csc: sp.csc_matrix | None = None  # the incidence by concept, built by the first state that needs it
 
     def init_state(self) -> GainState:
         return _CoverageState(self)
 
     def _by_concept(self) -> sp.csc_matrix:
         """The incidence by concept (CSC), built once, for the incremental gain updates."""
-        if getattr(self, "_csc", None) is None:
+        if self._csc is None:
             self._csc = self.incidence.tocsc()
         return self._csc
 
