@@ -38,6 +38,10 @@ class GainState(ABC):
         ``F(S)``.
     """
 
+    #: ``True`` when the state keeps every current gain, so that :meth:`gains` is a copy: lazy greedy's bookkeeping
+    #: would then cost more than the exact scan it saves, and :func:`submod.maximize` runs the exact scan instead.
+    _kept_gains = False
+
     def __init__(self, n: int) -> None:
         self.n = n
         self.selected: list[int] = []
@@ -74,6 +78,15 @@ class GainState(ABC):
 
     def _all(self, candidates: np.ndarray | None) -> np.ndarray:
         return np.arange(self.n) if candidates is None else np.asarray(candidates, dtype=np.int64)
+
+    def _of(self, values: np.ndarray, candidates: np.ndarray | None) -> np.ndarray:
+        """A fresh array of ``values`` at ``candidates`` (all elements when ``None``: a copy, not a gather)."""
+        return values.copy() if candidates is None else values[candidates]
+
+    def _zero_in_set(self, out: np.ndarray, candidates: np.ndarray | None) -> np.ndarray:
+        """Set the gains of candidates already in the set to 0 (in place) and return ``out``."""
+        out[self._in_set if candidates is None else self._in_set[candidates]] = 0.0
+        return out
 
 
 class SetFunction(ABC):

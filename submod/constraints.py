@@ -44,12 +44,12 @@ class _Tracker:
 
 
 def _top_sum(values: np.ndarray, k: int) -> float:
-    v = np.maximum(values, 0.0)
+    """Sum of the ``k`` largest of ``max(values, 0)`` (clipping commutes with taking the largest)."""
+    v = np.asarray(values, dtype=np.float64)
     if k <= 0 or v.size == 0:
         return 0.0
-    if k >= v.size:
-        return float(v.sum())
-    return float(np.partition(v, v.size - k)[v.size - k:].sum())
+    top = v if k >= v.size else np.partition(v, v.size - k)[v.size - k:]
+    return float(np.maximum(top, 0.0).sum())
 
 
 class Cardinality(Constraint):

@@ -452,6 +452,7 @@ class _CoverageState(GainState):
     :data:`_RESUM_EVERY` picks, which bounds the rounding a long chain of subtractions could accumulate."""
 
     _RESUM_EVERY = 64
+    _kept_gains = True
 
     def __init__(self, f: Coverage) -> None:
         super().__init__(f.n)
@@ -459,12 +460,10 @@ class _CoverageState(GainState):
         self._open = f.weights.copy()  # weight of each concept not yet covered, 0 once covered
         self._gain = np.asarray(f.incidence @ self._open, dtype=np.float64).ravel()
         self._since_resum = 0
+        self._csc: sp.csc_matrix | None = None
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        cand = self._all(candidates)
-        out = self._gain[cand]  # a copy (fancy indexing)
-        out[self._in_set[cand]] = 0.0
-        return out
+        return self._zero_in_set(self._of(self._gain, candidates), candidates)
 
     def _add(self, j: int) -> None:
         M = self._f.incidence
@@ -478,13 +477,13 @@ class _CoverageState(GainState):
             self._gain = np.asarray(M @ self._open, dtype=np.float64).ravel()
             self._since_resum = 0
         elif new.size:
-            csc = self._f._by_concept()
-            starts, ends = csc.indptr[new], csc.indptr[new + 1]
-            counts = ends - starts
-            # positions of the non-zeros of the new concepts' columns, without a Python loop over concepts
-            pos = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
-            lost = np.bincount(csc.indices[pos], weights=np.repeat(self._f.weights[new], counts), minlength=self.n)
-            self._gain -= lost
+            if self._csc is None:
+                self._csc = self._f._by_concept()
+            csc = self._csc
+            ptr = csc.indptr
+            # the items of each newly covered concept lose its weight (an item covering several loses each)
+            items = np.concatenate([csc.indices[ptr[c]:ptr[c + 1]] for c in new.tolist()])
+            np.subtract.at(self._gain, items, np.repeat(self._f.weights[new], ptr[new + 1] - ptr[new]))
             np.maximum(self._gain, 0.0, out=self._gain)
 
 
@@ -569,10 +568,8 @@ class _LogDetState(GainState):
         self._C = np.zeros((0, f.n))              # rows: Cholesky-style vectors of the picks
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        cand = self._all(candidates)
-        out = np.log(np.maximum(self._d2[cand], 1.0))
-        out[self._in_set[cand]] = 0.0
-        return out
+        out = np.log(np.maximum(self._of(self._d2, candidates), 1.0))
+        return self._zero_in_set(out, candidates)
 
     def _add(self, j: int) -> None:
         dj = np.sqrt(max(self._d2[j], 1e-300))
@@ -639,6 +636,7 @@ class GraphCut(SetFunction):
         self.similarity = frozen(K)  # a private copy: the column sums below are cached from it
         self.lam = float(lam)
         self._colsum = self.similarity.sum(axis=0)
+        self._diag = np.diag(self.similarity).copy()
 
     def init_state(self) -> GainState:
         return _GraphCutState(self)
@@ -652,10 +650,9 @@ class _GraphCutState(GainState):
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
         f = self._f
-        cand = self._all(candidates)
-        out = f._colsum[cand] - f.lam * (2.0 * self._m[cand] + np.diag(f.similarity)[cand])
-        out[self._in_set[cand]] = 0.0
-        return out
+        out = self._of(f._colsum, candidates) - f.lam * (2.0 * self._of(self._m, candidates)
+                                                          + self._of(f._diag, candidates))
+        return self._zero_in_set(out, candidates)
 
     def _add(self, j: int) -> None:
         f = self._f
@@ -691,15 +688,14 @@ class Modular(SetFunction):
 
 
 class _ModularState(GainState):
+    _kept_gains = True
+
     def __init__(self, f: Modular) -> None:
         super().__init__(f.n)
         self._w = f.weights
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        cand = self._all(candidates)
-        out = self._w[cand].copy()
-        out[self._in_set[cand]] = 0.0
-        return out
+        return self._zero_in_set(self._of(self._w, candidates), candidates)
 
     def _add(self, j: int) -> None:
         self.value += float(self._w[j])

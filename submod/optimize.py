@@ -107,16 +107,20 @@ class _Run:
         return self.tracker.allowed & ~self.state._in_set
 
     def note_negative(self, cand: np.ndarray, g: np.ndarray, tol: float) -> None:
+        if g.size == 0 or g.min() >= -tol:  # the common case, in one pass
+            return
         bad = np.flatnonzero(g < -tol)
         for i in bad[: max(0, 20 - len(self.negative))]:
             self.negative.append((self.step, int(cand[i]), float(g[i])))
 
-    def bound(self, gains_all: np.ndarray, slack: float = 0.0) -> None:
-        """Record the certificate at the current prefix from (upper bounds on) the gains of all elements."""
+    def bound(self, gains_all: np.ndarray, slack: float = 0.0, in_set_zero: bool = False) -> None:
+        """Record the certificate at the current prefix from (upper bounds on) the gains of all elements.
+
+        ``in_set_zero``: the gains of the elements of ``A`` are already 0 (fresh :meth:`GainState.gains`)."""
         if self.gamma is None:
             return
         # OPT is any feasible set of the original problem: every element outside A may be in it.
-        g = np.where(self.state._in_set, 0.0, gains_all)
+        g = gains_all if in_set_zero else np.where(self.state._in_set, 0.0, gains_all)
         b = self.state.value + (self.constraint._max_total_gain(g, self.k) + self.k * slack) / self.gamma
         if b < self.best_bound:
             self.best_bound, self.best_prefix = b, self.step
@@ -157,7 +161,9 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
         every gain at each step, returns exactly greedy's set and lists every stale-bound violation it saw;
         with ``lazy_fallback=False`` it runs plain lazy greedy, which can return a worse set, and always warns:
         it only detects the violations of candidates it re-evaluates, so an empty ``violations`` list does not
-        show that its set equals greedy's. ``"stochastic"`` evaluates a random sample of
+        show that its set equals greedy's. For objectives that keep every gain current (:class:`Coverage`,
+        :class:`Modular`) reading all gains is cheaper than lazy's bookkeeping, so ``"lazy"`` runs the exact scan
+        (same set, ``n_evaluations`` counts every gain read). ``"stochastic"`` evaluates a random sample of
         ``ceil((n / k) ln(1 / eps))`` feasible candidates per step (Mirzasoleiman et al. 2015).
     constraint : Knapsack or PartitionMatroid, optional
         Extra constraint. With :class:`Knapsack`, greedy and lazy use the cost-benefit rule with the
@@ -224,10 +230,11 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
             raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
                              "method='greedy' or 'lazy' with a Knapsack.")
         _stochastic(run, eps, np.random.default_rng(seed))
-    elif method == "lazy" and (f.submodular or not lazy_fallback):
+    elif method == "lazy" and (f.submodular or not lazy_fallback) and not run.state._kept_gains:
         _lazy(run, knapsack)
     else:
-        _greedy(run, knapsack, track_violations=(method == "lazy"))
+        # Lazy greedy's fallback on a function not declared submodular lists the stale-bound violations it sees.
+        _greedy(run, knapsack, track_violations=(method == "lazy" and not f.submodular))
     if method == "lazy" and not lazy_fallback and not f.submodular:
         # Plain lazy greedy only sees the violations of the candidates it re-evaluates: absence proves nothing.
         warnings.warn(f"plain lazy greedy on a function not declared submodular trusts stale gains that need not "
@@ -278,27 +285,44 @@ def _scale_tol(g: np.ndarray) -> float:
     return 1e-12 * max(1.0, float(np.abs(g).max(initial=0.0)))
 
 
+def _all_gains(g: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``g`` as float64 with its minimum and maximum (0 included); a clear error for non-finite gains.
+
+    One pass each for the minimum and the maximum serves the finiteness check (NaN and infinities reach them),
+    the tolerance scale and the negative-gain check of greedy's step."""
+    g = np.asarray(g, dtype=np.float64)
+    lo, hi = float(g.min(initial=0.0)), float(g.max(initial=0.0))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        _finite(g)
+    return g, lo, hi
+
+
 def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
     """Exact greedy; with ``track_violations``, also list where gains grew (lazy's fallback mode)."""
     state = run.state
     n = run.f.n
     costs = run.constraint.costs if knapsack else None
     incremental = hasattr(state, "_incremental_init")
-    g = _finite(state._incremental_init() if incremental else state.gains())
+    g, lo, hi = _all_gains(state._incremental_init() if incremental else state.gains())
     run.n_eval += n
     run.singletons = g.copy()
     # Incremental gains carry rounding error: candidates within ``slack`` of the best are re-evaluated exactly,
     # and the certificate adds the slack to every gain.
-    slack = 1e-9 * max(1.0, float(np.abs(g).max(initial=0.0))) if incremental else 0.0
+    slack = 1e-9 * max(1.0, hi, -lo) if incremental else 0.0
     prev = g.copy() if track_violations else None
     while True:
         feas = run.feasible()
-        run.note_negative(np.flatnonzero(feas), g[feas], _scale_tol(g) + slack)
-        run.bound(g, slack)
-        if run.step >= run.k or not feas.any():
+        tol = 1e-12 * max(1.0, hi, -lo) + slack
+        if lo < -tol:  # some gain is negative: list the feasible ones
+            run.note_negative(np.flatnonzero(feas), g[feas], tol)
+        run.bound(g, slack, in_set_zero=not incremental)
+        if run.step >= run.k:
             break
         score = np.where(feas, g / costs if knapsack else g, -np.inf)
-        best = score.max()
+        j = int(np.argmax(score))
+        best = float(score[j])
+        if best == -np.inf:  # no feasible candidate left (feasible scores are finite)
+            break
         if incremental or knapsack:
             near = np.flatnonzero(score >= best - slack / (costs.min() if knapsack else 1.0))
             fresh = _finite(state.gains(near), near)
@@ -306,12 +330,11 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
             i = int(np.argmax(fresh / costs[near] if knapsack else fresh))
             j, gj = int(near[i]), float(fresh[i])
         else:
-            j = int(np.argmax(score))
             gj = float(g[j])
         if gj <= 0.0:
             break
         run.pick(j, gj)
-        g = _finite(state._incremental_update() if incremental else state.gains())
+        g, lo, hi = _all_gains(state._incremental_update() if incremental else state.gains())
         run.n_eval += n
         if track_violations:
             feas = run.feasible()
