@@ -8,8 +8,10 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ELECTRA, MiniLM and other ``BertLayer`` look-alikes: ``attention.self.{query,key,value}``,
     ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; post-LN, or pre-LN as in MegatronBERT),
     ``_HFMPNetBlock`` (MPNet, with its per-head relative position bias), ``_HFDistilBertBlock`` (DistilBERT),
-    ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales) and ``_HFCLIPBlock``
-    (CLIP / SigLIP-style text and vision towers, pre-LN).
+    ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales), their
+    ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
+    (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
+    vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -20,6 +22,8 @@ unit is one head, i.e. ``head_dim`` consecutive columns of the output projection
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -367,6 +371,8 @@ class _HFBlock(_Block):
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
+            # it must take the residual: BEiT's output module in transformers 4 has ViT's name but one input
+            and _takes_positional(_get(module, cls.RESID_FFN[0]), cls.RESID_FFN[1] + 1)
             and hasattr(sa, cls.HEAD_SIZE) and hasattr(sa, cls.N_HEADS)
             and all(isinstance(getattr(_get(module, p), "lambda1", None), torch.Tensor)
                     for p in (cls.SCALE_HEADS, cls.SCALE_FFN) if p is not None)
@@ -490,12 +496,44 @@ class _HFMPNetBlock(_HFBertBlock):
 
 def _mpnet_bias_heads(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forward pre-hook of a pruned MPNet self-attention: keep the position-bias channels of its heads."""
-    if len(args) > 2 and args[2] is not None:
-        args = (*args[:2], args[2][:, module.kept_heads], *args[3:])
+    """Forward pre-hook of a pruned MPNet self-attention: keep the position-bias channels of its heads (passed by
+    name, or positionally: third in transformers 5, fourth, after ``head_mask``, in transformers 4)."""
+    at = _position(module, "position_bias")
+    if at is not None and len(args) > at and args[at] is not None:
+        args = (*args[:at], args[at][:, module.kept_heads], *args[at + 1:])
     elif kwargs.get("position_bias") is not None:
         kwargs = {**kwargs, "position_bias": kwargs["position_bias"][:, module.kept_heads]}
     return args, kwargs
+
+
+def _position(module: nn.Module, name: str) -> int | None:
+    """Index of the argument ``name`` among the positional arguments of ``module.forward`` (``None``: it has none)."""
+    positional = _positional_names(type(module))
+    return positional.index(name) if name in positional else None
+
+
+def leading_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's ``(args, kwargs)`` with its first input moved into ``args`` where the caller passed it by name
+    (``layer(hidden_states=x)``, as some encoders of transformers 4 do)."""
+    names = _positional_names(type(module))
+    if args or not names or names[0] not in kwargs:
+        return args, kwargs
+    rest = dict(kwargs)
+    return (rest.pop(names[0]),), rest
+
+
+def _takes_positional(module: nn.Module, n: int) -> bool:
+    """Whether ``module.forward`` accepts ``n`` positional arguments."""
+    params = inspect.signature(type(module).forward).parameters.values()
+    return len(_positional_names(type(module))) >= n or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+@functools.cache
+def _positional_names(cls: type[nn.Module]) -> tuple[str, ...]:
+    """Names of the positional arguments of ``cls.forward`` after ``self`` (read once per class)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 class _HFPreLNProjBlock(_HFBlock):
@@ -508,11 +546,24 @@ class _HFPreLNProjBlock(_HFBlock):
 
 
 class _HFViTBlock(_HFPreLNProjBlock):
-    """ViT, DeiT and look-alikes (``ViTLayer``: ``attention.{q,k,v,o}_proj``, ``layernorm_before/after``)."""
+    """ViT, DeiT and look-alikes (``ViTLayer``: ``attention.{q,k,v,o}_proj``, ``layernorm_before/after``; the
+    layout of transformers >= 5.9)."""
 
     kind = "hf_vit"
     SA, OUT = "attention", "attention.o_proj"
     RESID_FFN = ("layernorm_after", 0)  # x + mlp(layernorm_after(x))
+
+
+class _HFViTLegacyBlock(_HFBlock):
+    """ViT, DeiT and look-alikes in the layout of transformers < 5.9 (``ViTLayer``: ``attention.attention.{query,
+    key,value}``, ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, pre-LN), where the FFN's
+    output module adds the residual: ``output(intermediate(layernorm_after(x)), x)``."""
+
+    kind = "hf_vit"
+    SA, QKV, OUT = "attention.attention", ("query", "key", "value"), "attention.output.dense"
+    UP, DOWN = "intermediate.dense", "output.dense"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
+    RESID_FFN = ("output", 1)  # ViTOutput.forward(hidden_states, input_tensor): dense(hidden_states) + input_tensor
 
 
 class _HFDinov2Block(_HFPreLNProjBlock):
@@ -526,6 +577,21 @@ class _HFDinov2Block(_HFPreLNProjBlock):
     SCALE_HEADS, SCALE_FFN = "layer_scale1", "layer_scale2"
 
 
+class _HFDinov2LegacyBlock(_HFDinov2Block):
+    """DINOv2 in the layout of transformers < 5.18: ``attention.attention.{query,key,value}`` and
+    ``attention.output.dense`` (the rest as in :class:`_HFDinov2Block`)."""
+
+    SA, QKV, OUT = "attention.attention", ("query", "key", "value"), "attention.output.dense"
+    HEAD_SIZE, ALL_HEADS = "attention_head_size", "all_head_size"
+
+
+def _transformers_version() -> str:
+    """The installed transformers release (only called for Hugging Face blocks, so transformers is there)."""
+    from importlib.metadata import version
+
+    return version("transformers")
+
+
 class _HFCLIPBlock(_HFPreLNProjBlock):
     """CLIP / SigLIP-style encoder layers (``CLIPEncoderLayer``: ``self_attn.{q,k,v,out}_proj``, ``layer_norm1/2``),
     text and vision towers."""
@@ -534,6 +600,29 @@ class _HFCLIPBlock(_HFPreLNProjBlock):
     SA, OUT = "self_attn", "self_attn.out_proj"
     RESID_FFN = ("layer_norm2", 0)  # x + mlp(layer_norm2(x))
     N_HEADS = "num_heads"
+    #: transformers releases from which these attentions reshape their output to their own width, by the module
+    #: of the attention class; the older ones reshape it to the model width, which fewer heads cannot fill.
+    WIDTH_FREE_SINCE = {"transformers.models.clip.modeling_clip": "5.0",
+                        "transformers.models.siglip.modeling_siglip": "5.6",
+                        "transformers.models.siglip2.modeling_siglip2": "5.6"}
+
+    def prepare_heads(self) -> None:
+        sa = _get(self.module, self.SA)
+        since = self.WIDTH_FREE_SINCE.get(type(sa).__module__)
+        if since is not None:
+            from packaging.version import Version  # a dependency of transformers
+
+            version = _transformers_version()
+            if Version(version) < Version(since):
+                raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {version} reshapes the "
+                                 f"attention output to the model width, so heads cannot be removed from it. Upgrade "
+                                 f"transformers to >= {since} to prune heads, or prune target='ffn' on this model.")
+        super().prepare_heads()
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        if num_heads < self.num_heads:
+            self.prepare_heads()  # a pruned checkpoint cannot run on a transformers that refuses head pruning
+        super().set_sizes(intermediate_size, num_heads)
 
 
 class _HFDistilBertBlock(_HFBlock):
@@ -675,8 +764,9 @@ class _TorchEncoderBlock(_Block):
             self.shrink_heads(torch.arange(num_heads))
 
 
-_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFDinov2Block,
-                                           _HFCLIPBlock, _TorchEncoderBlock)
+_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
+                                           _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
+                                           _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:
@@ -730,12 +820,15 @@ def capture_inputs(modules: dict[str, nn.Module | tuple[nn.Module, int]], run: C
         for key, entry in modules.items():
             mod, pos = entry if isinstance(entry, tuple) else (entry, 0)
 
-            def hook(_m: nn.Module, args: tuple[Any, ...], _key: str = key, _pos: int = pos) -> None:
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _key: str = key,
+                     _pos: int = pos) -> None:
+                if not args:  # the first input passed by name
+                    args = leading_input(_m, args, kwargs)[0]
                 seen[_key].append(args[_pos].detach())
                 if stop and all(seen.values()):
                     raise _StopCapture
 
-            handles.append(mod.register_forward_pre_hook(hook))
+            handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
         out = run()
     except _StopCapture:
         pass

@@ -69,6 +69,7 @@ from ._transformer_blocks import (
     capture_inputs,
     disable_nested_fast_path,
     find_blocks,
+    leading_input,
 )
 
 __all__ = [
@@ -289,6 +290,8 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
                 # by name, like the keywords nn.TransformerEncoder passes
                 named = dict(signature.bind(*args, **kwargs).arguments)
                 args, kwargs = (named.pop("src"),), named
+            else:
+                args, kwargs = leading_input(_m, args, kwargs)
             got["x"] = args[0].detach()
             got["ctx"] = {"args": tuple(_no_cache(a) for a in args[1:]),
                           "kwargs": {k: _no_cache(v, k) for k, v in kwargs.items()}}
@@ -915,6 +918,7 @@ def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str
     calls: list[tuple[tuple, dict]] = []
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        args, kwargs = leading_input(_m, args, kwargs)
         calls.append((tuple(_no_cache(a) for a in args[1:]), {k: _no_cache(v, k) for k, v in kwargs.items()}))
 
     handles = [b.module.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
@@ -1257,11 +1261,14 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
                              "torch model")
         import transformers  # lazy: only Hugging Face models need it
 
-        config = transformers.AutoConfig.from_pretrained(src)
-        archs = getattr(config, "architectures", None) or []
+        archs = json.loads((src / "config.json").read_text()).get("architectures") or []
         if not archs or not hasattr(transformers, archs[0]):
             raise ValueError(f"cannot tell the model class from {src / 'config.json'}: pass model=")
-        model = getattr(transformers, archs[0])(config)
+        model_cls = getattr(transformers, archs[0])
+        # the model's own config class: AutoConfig of transformers 4 does not know every model type (4.40 has no
+        # "clip_text_model", which CLIPTextModel's config.json names)
+        config = (getattr(model_cls, "config_class", None) or transformers.AutoConfig).from_pretrained(src)
+        model = model_cls(config)
     apply_spec(model, spec)
     if (src / "weights.pt").is_file():
         state = torch.load(src / "weights.pt", weights_only=True, map_location="cpu")

@@ -222,8 +222,7 @@ class _DenseFacilityState(GainState):
         parts = np.array_split(cand, workers()) if cand.size >= 128 else [cand]
         out = np.concatenate(parallel_map(self._row_sums, parts)) - base
         np.maximum(out, 0.0, out=out)
-        out[self._in_set[cand]] = 0.0
-        return out
+        return self._zero_in_set(out, candidates)
 
     def _row_sums(self, cand: np.ndarray) -> np.ndarray:
         """``sum_i max(K[i, c], cur_i)`` for each candidate ``c``, block by block of cache-sized rows."""
@@ -286,8 +285,7 @@ class _SparseFacilityState(GainState):
             nonempty = lengths > 0
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])[nonempty]
             out[nonempty] = np.add.reduceat(diff, offsets)
-        out[self._in_set[cand]] = 0.0
-        return out
+        return self._zero_in_set(out, candidates)
 
     def _add(self, j: int) -> None:
         K = self._K
@@ -376,11 +374,9 @@ class _FeatureState(GainState):
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
         f = self._f
-        cand = self._all(candidates)
-        X = f.X if candidates is None else f.X[cand]
+        X = f.X if candidates is None else f.X[self._all(candidates)]
         out = ((f.concave(X + self._m) - self._phi_m) * f.weights).sum(axis=1)
-        out[self._in_set[cand]] = 0.0
-        return out
+        return self._zero_in_set(out, candidates)
 
     def _add(self, j: int) -> None:
         self._m = self._m + self._f.X[j]

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 HIDDEN, HEADS, INTER, LAYERS, VOCAB = 16, 4, 24, 2, 40
 
 # name -> (config, model class, block kind, path of the down projection and of the attention output projection
-# inside a block, whether the model reads token ids)
+# inside a block, whether the model reads token ids); a path "a|b" is "a" if the block has it, else "b" (the layouts
+# of ViT before transformers 5.9 and DINOv2 before 5.18)
 LAYOUTS = {
     "distilbert": (lambda: transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
                                                          n_heads=HEADS, hidden_dim=INTER, max_position_embeddings=32),
@@ -43,11 +44,25 @@ LAYOUTS = {
                     "CLIPVisionModel", "hf_clip", "mlp.fc2", "self_attn.out_proj", False),
     "dinov2": (lambda: transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=HIDDEN,
                                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, mlp_ratio=2),
-               "Dinov2Model", "hf_dinov2", "mlp.fc2", "attention.o_proj", False),
+               "Dinov2Model", "hf_dinov2", "mlp.fc2", "attention.o_proj|attention.output.dense", False),
     "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                            num_attention_heads=HEADS, intermediate_size=INTER),
-            "ViTModel", "hf_vit", "mlp.fc2", "attention.o_proj", False),
+            "ViTModel", "hf_vit", "mlp.fc2|output.dense", "attention.o_proj|attention.output.dense", False),
 }
+
+
+# transformers 4: CLIPAttention reshapes its output to the model width (no head pruning), BEiT is not ViT-like
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
+def target_for(name: str, target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
+    """``target``, or where the installed transformers' attention of the layout cannot lose heads, the refusal of
+    head pruning checked and what remains to prune ("ffn", or ``None`` for ``target="heads"``)."""
+    if target == "ffn" or not (name.startswith("clip") and TRANSFORMERS_4):
+        return target
+    with pytest.raises(ValueError, match=r"reshapes the attention output to the model width.*>= 5\.0"):
+        prune_transformer(model, data, keep=0.5, target=target)
+    return None if target == "heads" else "ffn"
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -93,9 +108,16 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
 
 
 def get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+    """``module.a.b`` for ``path == "a.b"``; for ``"a.b|c"``, ``module.a.b`` if the module has it, else ``module.c``."""
+    first, _, rest = path.partition("|")
+    found = module
+    for part in first.split("."):
+        found = getattr(found, part, None)
+    if found is None and rest:
+        return get(module, rest)
+    if not isinstance(found, nn.Module):
+        raise AttributeError(f"{type(module).__name__} has no {path}")
+    return found
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -106,7 +128,8 @@ def test_blocks_are_found(name: str) -> None:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_keep_everything_without_refit_is_exact(name: str) -> None:
     model, data = build(name), batches(name)
-    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method="asym", reweight=False)
+    target = target_for(name, "all", model, data)
+    pruned, report = prune_transformer(model, data, keep=1.0, target=target, method="asym", reweight=False)
     assert report.params_after == report.params_before
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
@@ -117,6 +140,9 @@ def test_keep_everything_without_refit_is_exact(name: str) -> None:
 def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(name: str, target: str) -> None:
     """Removing units without refit must equal the unpruned model whose consumer reads zeros from them."""
     model, data = build(name), batches(name)
+    target = target_for(name, target, model, data)
+    if target is None:
+        return
     pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
     masked = copy.deepcopy(model)
     hd = HIDDEN // HEADS
@@ -165,7 +191,8 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches(name)
-    pruned, _ = prune_transformer(model, data, keep={0: 0.5}, target="all", method="asym")
+    pruned, _ = prune_transformer(model, data, keep={0: 0.5}, target=target_for(name, "all", model, data),
+                                  method="asym")
     save_pruned(pruned, tmp_path / "m")
     back = load_pruned(tmp_path / "m")
     assert type(back) is type(model)
@@ -205,6 +232,18 @@ class _ScaledMLP(nn.Module):
         return self.scale * self.fc2(self.act(self.fc1(x)))
 
 
+class _ScaledOutput(nn.Module):
+    """ViT's FFN output module before transformers 5.9 (``dense(h) + x``) with a layer scale on ``dense``."""
+
+    def __init__(self, out: nn.Module) -> None:
+        super().__init__()
+        self.dense, self.dropout = out.dense, out.dropout
+        self.scale = nn.Parameter(torch.full((HIDDEN,), 0.5))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.dense(h) + x
+
+
 class _GatedOutput(nn.Module):
     """A BERT output whose residual sum is gated: BertOutput's parts, not its computation."""
 
@@ -219,7 +258,10 @@ class _GatedOutput(nn.Module):
 @pytest.mark.parametrize("target", ["ffn", "heads"])
 def test_look_alike_layers_that_compute_otherwise_are_refused(target: str) -> None:
     vit, vit_data = build("vit"), batches("vit")
-    blocks_of(vit)[1].mlp = _ScaledMLP(blocks_of(vit)[1].mlp)
+    if hasattr(blocks_of(vit)[1], "mlp"):
+        blocks_of(vit)[1].mlp = _ScaledMLP(blocks_of(vit)[1].mlp)
+    else:  # the layout before transformers 5.9
+        blocks_of(vit)[1].output = _ScaledOutput(blocks_of(vit)[1].output)
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=INTER, max_position_embeddings=32)).eval()
@@ -239,8 +281,8 @@ def test_look_alike_layers_that_compute_otherwise_are_refused(target: str) -> No
 
         class Scaled(plain):
             def forward(self, *args, **kwargs):
-                o, w = plain.forward(self, *args, **kwargs)
-                return 0.5 * o, w
+                out = plain.forward(self, *args, **kwargs)  # a tensor or a tuple, by transformers version
+                return 0.5 * out if isinstance(out, torch.Tensor) else (0.5 * out[0], *out[1:])
 
         attention.__class__ = Scaled
         with pytest.raises(ValueError, match="attention output projection's output plus the residual is not the "
@@ -259,6 +301,8 @@ def test_mpnet_calibrated_on_token_ids_alone() -> None:
 
 
 def _tiny(cls: str, config: str, **kw) -> nn.Module:
+    if not hasattr(transformers, cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
     torch.manual_seed(0)
     return getattr(transformers, cls)(getattr(transformers, config)(
         hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER, **kw)).eval()
@@ -278,6 +322,9 @@ def _tiny(cls: str, config: str, **kw) -> nn.Module:
 ])
 def test_look_alike_attentions_are_refused_for_heads(model, batch, match) -> None:
     m = model()
+    if type(m).__name__ == "BeitModel" and TRANSFORMERS_4:  # its FFN output module takes no residual: not ViT's
+        assert not find_blocks(m)                              # layout there
+        return
     assert find_blocks(m)  # recognised by their parts...
     for method, reweight in (("magnitude", False), ("asym", True)):  # ...whether or not the pruning needs data
         if match.startswith("does not have") and not reweight:
@@ -360,8 +407,9 @@ def test_half_precision_dinov2_with_small_layer_scales(dtype: torch.dtype) -> No
             layer.layer_scale2.lambda1.fill_(1e-5)
     model = model.to(dtype)
     data = [{"pixel_values": b["pixel_values"].to(dtype)} for b in batches("dinov2")]
-    for target, consumer in (("ffn", "mlp.fc2"), ("heads", "attention.o_proj")):  # one stage: its residual is
-        runs = [prune_transformer(model, data, keep={0: 0.5}, target=target, method="asym", ridge=0.0,  # unchanged
+    for target, consumer in (("ffn", LAYOUTS["dinov2"][3]), ("heads", LAYOUTS["dinov2"][4])):
+        # one stage: its residual is unchanged
+        runs = [prune_transformer(model, data, keep={0: 0.5}, target=target, method="asym", ridge=0.0,
                                   residual=r) for r in (True, False)]
         (p_res, r_res), (p_plain, r_plain) = runs
         assert [u.kept for u in r_res.units] == [u.kept for u in r_plain.units]
@@ -378,3 +426,32 @@ def test_block_forwards_count_the_head_layout_checks_without_data_statistics() -
         _, rep = prune_transformer(model, [torch.randn(3, 5, HIDDEN)], keep=0.5, target="heads", method="magnitude",
                                    reweight=False)
         assert rep.block_forwards == 3 * n_layers  # the chain's full forward and two per block for the check
+
+
+def test_clip_heads_are_refused_where_the_attention_reshapes_to_the_model_width(monkeypatch, tmp_path) -> None:
+    """CLIPAttention before transformers 5.0 reshapes its output to the model width, which fewer heads cannot fill:
+    head pruning names the version to upgrade to (FFN pruning works), and the layout check refuses it too."""
+    from nn_adapters import _transformer_blocks
+    from nn_adapters._transformer_blocks import _HFCLIPBlock
+
+    model, data = build("clip_text"), batches("clip_text")
+    pruned_heads = None
+    if not TRANSFORMERS_4:
+        pruned_heads, _ = prune_transformer(model, data, keep={0: 0.5}, target="heads")
+        save_pruned(pruned_heads, tmp_path / "m")
+    monkeypatch.setattr(_transformer_blocks, "_transformers_version", lambda: "4.57.6")
+    with pytest.raises(ValueError, match=r"CLIPAttention in transformers 4\.57\.6 reshapes the attention output to the "
+                                         r"model width.*Upgrade transformers to >= 5\.0.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target="all")
+    if pruned_heads is not None:  # a checkpoint with fewer heads would not run there either
+        with pytest.raises(ValueError, match="reshapes the attention output to the model width"):
+            load_pruned(tmp_path / "m")
+    _, report = prune_transformer(model, data, keep=0.5, target="ffn")
+    assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
+    monkeypatch.undo()
+    monkeypatch.setattr(_HFCLIPBlock, "WIDTH_FREE_SINCE", {})  # without the version table, the layout check...
+    if TRANSFORMERS_4:
+        with pytest.raises(ValueError, match="fails once a head is removed"):  # ...refuses the old attention
+            prune_transformer(model, data, keep=0.5, target="heads")
+    else:
+        prune_transformer(model, data, keep=0.5, target="heads")
