@@ -1,11 +1,12 @@
 """Feature-based, graph-cut, log-determinant and coverage objectives: speed and parity against apricot / submodlib.
 
 Each objective is built on the same data for every library, and greedy selects k = 100 items. A time covers
-building the objective and one ``maximize`` call, after one untimed warm-up call (apricot compiles its numba kernels
-on the first call). Data conversions a peer's API needs, such as features as a list
-of lists, happen outside the timed call. Parity is reported as the overlap with submod's greedy set, and as
-submod's own objective value of each peer's set. Ratios are peer seconds / submod seconds, measured in the same
-process.
+building the objective and one ``maximize`` call, after one untimed warm-up call (apricot compiles its numba
+kernels on the first call). The runs of one objective are interleaved (one call of each, round after round) and
+each reports its median, so that a change in the machine's load affects all of them alike. Data conversions a
+peer's API needs, such as features as a list of lists, happen outside the timed call. Parity is reported as the
+overlap with submod's greedy set, and as submod's own objective value of each peer's set. Ratios are peer seconds /
+submod seconds, measured in the same process.
 
 Problems (seeded, generated here):
 - feature-based sqrt: X = |N(0, 1)| masked to 20% density, 5000 x 100;
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,16 +36,17 @@ import submod
 K_PICK = 100
 
 
-def timed(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """Median time of ``repeats`` calls after one untimed warm-up call (numba compiles apricot's kernels on the first
-    call; caches warm up for everyone)."""
-    fn()
-    times, out = [], np.zeros(0, dtype=np.int64)
+def timed(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict[str, tuple[float, np.ndarray]]:
+    """Median time and output of each run over ``repeats`` interleaved rounds, after one untimed warm-up call of each
+    (numba compiles apricot's kernels on the first call; caches warm up for everyone)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    out: dict[str, np.ndarray] = {name: np.asarray(fn(), dtype=np.int64) for name, fn in runs.items()}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = np.asarray(fn(), dtype=np.int64)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            out[name] = np.asarray(fn(), dtype=np.int64)
+            times[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(times[name]), out[name]) for name in runs}
 
 
 def quiet(fn: Callable[[], object]) -> object:
@@ -124,20 +127,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"k = {K_PICK}; seconds are medians over {args.repeats} calls (peers: max(1, repeats // 2))")
+    print(f"k = {K_PICK}; seconds are medians over {args.repeats} interleaved calls; load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
     print(f"{'objective':<20}{'run':<24}{'seconds':>9}{'overlap':>9}{'f(S) / f(submod greedy)':>26}"
           f"{'peer / submod lazy':>20}")
     for name, prob in problems().items():
         f = prob["f"]()
-        rows = {}
-        for method in ("lazy", "greedy"):
-            rows[f"submod {method}"] = timed(lambda m=method, make=prob["f"]: submod.maximize(
-                make(), K_PICK, method=m).selected, args.repeats)
+        runs = {f"submod {method}": (lambda m=method, make=prob["f"]: submod.maximize(make(), K_PICK,
+                                                                                    method=m).selected)
+                for method in ("lazy", "greedy")}
         for peer, run in prob["peers"].items():
             try:
-                rows[peer] = timed(run, max(1, args.repeats // 2))
+                run()
             except ImportError:
                 print(f"({peer.split()[0]} not installed: skipped)")
+                continue
+            runs[peer] = run
+        rows = timed(runs, args.repeats)
         ref = rows["submod greedy"][1]
         ref_value = f.value(ref)
         lazy_t = rows["submod lazy"][0]

@@ -98,3 +98,21 @@ def frozen(arr: np.ndarray, copy: bool = True) -> np.ndarray:
     out = np.array(arr, dtype=np.float64, copy=True) if copy else arr.view()
     out.flags.writeable = False
     return out
+
+
+def is_symmetric(K: np.ndarray, rtol: float, atol: float, block: int = 256) -> bool:
+    """Whether ``|K_ij - K_ji| <= atol + rtol * max(|K_ij|, |K_ji|)`` for all ``i, j`` (a square, finite ``K``).
+
+    Compares blocks of rows above the diagonal with the matching blocks of columns, so that no temporary is larger
+    than ``block x n`` (``np.allclose(K, K.T)`` makes several full-size ones, which cost more than the check).
+    """
+    n = K.shape[0]
+    for lo in range(0, n, block):
+        upper = K[lo:lo + block, lo:]       # rows lo..hi, from the diagonal block to the right
+        lower = K[lo:, lo:lo + block].T     # the same entries mirrored
+        tol = np.maximum(np.abs(upper), np.abs(lower))
+        tol *= rtol
+        tol += atol
+        if not np.all(np.abs(upper - lower) <= tol):
+            return False
+    return True

@@ -18,7 +18,7 @@ from numpy.typing import ArrayLike
 
 from ._parallel import parallel_map, workers
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, as_index_array, check_ground_set_size, frozen
+from ._validation import as_float_array, as_index_array, check_ground_set_size, frozen, is_symmetric
 from .base import GainState, SetFunction
 
 __all__ = ["FacilityLocation", "FeatureBased", "Coverage", "LogDeterminant", "GraphCut", "Modular"]
@@ -522,7 +522,8 @@ class LogDeterminant(SetFunction):
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:
                 raise ValueError(f"similarity must be square; got shape {K.shape}.")
-            if not np.allclose(K, K.T, rtol=1e-10, atol=1e-12 * max(1.0, float(np.abs(K).max(initial=0)))):
+            scale = max(1.0, -float(K.min(initial=0.0)), float(K.max(initial=0.0)))
+            if not is_symmetric(K, rtol=1e-10, atol=1e-12 * scale):
                 raise ValueError("similarity must be symmetric (a PSD kernel); symmetrise it with (K + K.T) / 2.")
             K = (K + K.T) / 2.0
         else:
@@ -618,9 +619,10 @@ class GraphCut(SetFunction):
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:
                 raise ValueError(f"similarity must be square; got shape {K.shape}.")
-            if not np.allclose(K, K.T, rtol=1e-10, atol=1e-12 * float(np.abs(K).max(initial=0.0))):
+            lo, hi = float(K.min(initial=0.0)), float(K.max(initial=0.0))
+            if not is_symmetric(K, rtol=1e-10, atol=1e-12 * max(-lo, hi)):
                 raise ValueError("similarity must be symmetric; symmetrise it with (K + K.T) / 2.")
-            if K.size and K.min() < 0:
+            if lo < 0:
                 raise ValueError("similarity must be non-negative for graph cut; shift or clip it.")
         else:
             if metric not in _DISTANCE_METRICS:

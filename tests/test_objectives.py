@@ -287,3 +287,34 @@ def test_facility_location_gains_are_batch_independent_bit_for_bit():
         expected = np.maximum(sim - sim[:, [3, 500, 42]].max(axis=1, keepdims=True), 0.0).sum(axis=0)
         expected[[3, 500, 42]] = 0.0
         np.testing.assert_allclose(full, expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 700), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 1e-13, 1e-6]))
+def test_blocked_symmetry_check_matches_the_definition(n, seed, bump):
+    """One entry off by ``bump`` (relative), anywhere, including blocks far from the diagonal and past the 256-row
+    block boundaries: the blocked check agrees with the entrywise definition on the full matrix."""
+    from submod._validation import is_symmetric
+
+    rng = np.random.default_rng(seed)
+    A = rng.random((n, n))
+    K = A + A.T
+    i, j = rng.integers(0, n, 2)
+    K[i, j] *= 1.0 + bump
+    rtol, atol = 1e-10, 1e-12
+    want = bool(np.all(np.abs(K - K.T) <= atol + rtol * np.maximum(np.abs(K), np.abs(K.T))))
+    assert is_symmetric(K, rtol=rtol, atol=atol) == want
+    if bump == 1e-6 and i != j:
+        assert not want  # the oracle sees the bump, so the check was tested on an asymmetric matrix
+
+
+@pytest.mark.parametrize("make", [lambda K: submod.GraphCut(similarity=K), lambda K: submod.LogDeterminant(
+    similarity=K)])
+def test_asymmetry_far_from_the_diagonal_is_rejected(make):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((600, 5))
+    K = np.exp(-((X[:, None] - X[None]) ** 2).sum(-1) / 10)
+    make(K)  # symmetric: accepted
+    K[590, 10] += 1e-3  # below the diagonal, in the last row block
+    with pytest.raises(ValueError, match="symmetric"):
+        make(K)
