@@ -11,13 +11,16 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales), their
     ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
-    vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width).
+    vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
+    ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
-Units: an FFN unit is one intermediate neuron, i.e. one column of the down projection's input; an attention
-unit is one head, i.e. ``head_dim`` consecutive columns of the output projection's input (rows ``h*head_dim ...
-(h+1)*head_dim - 1`` of the query, key and value projections).
+Units: an FFN unit is one intermediate neuron, i.e. one column of the down projection's input and one row of
+every producer (``up``, or ``gate`` and ``up`` in a gated FFN); an attention unit is one head, i.e. ``head_dim``
+consecutive columns of the output projection's input (rows ``h*head_dim ... (h+1)*head_dim - 1`` of the query,
+key and value projections), or under grouped-query attention one key/value group (its key/value head and the
+query heads that read it).
 """
 
 from __future__ import annotations
@@ -289,18 +292,33 @@ class _Block:
     def down(self) -> nn.Linear:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:  # pragma: no cover - abstract
+    @property
+    def producers(self) -> list[nn.Linear]:
+        """The layers whose output rows are the FFN units: ``[up]``, or ``[gate, up]`` for a gated FFN whose down
+        projection reads ``act(gate(x)) * up(x)`` (unit ``i`` is row ``i`` of both)."""
+        return [self.up]
+
+    @property
+    def ffn_units(self) -> int:
+        """Number of FFN units (columns of the down projection's input)."""
+        return int(self.up.out_features)
+
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:  # pragma: no cover - abstract
+        """Put new producers (in the order of :attr:`producers`) and a new down projection in place."""
         raise NotImplementedError
 
     def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
                    down_bias: torch.Tensor | None = None) -> None:
         """Keep intermediate neurons ``keep`` (sorted); new down weights (out, len(keep)) if given."""
-        up, down = self.up, self.down
-        keep = keep.to(up.weight.device)
-        new_up = _linear_like(up, up.weight[keep], None if up.bias is None else up.bias[keep])
+        down = self.down
+        keep = keep.to(down.weight.device)
+        new = [_linear_like(p, p.weight[keep], None if p.bias is None else p.bias[keep]) for p in self.producers]
         w = down.weight[:, keep] if down_weight is None else down_weight
         b = down.bias if down_weight is None else down_bias
-        self.set_ffn(new_up, _linear_like(down, w, b))
+        self.set_ffn(new, _linear_like(down, w, b))
+
+    def prepare_ffn(self) -> None:
+        """Refuse an FFN whose units cannot be removed row by row (a ``ValueError`` naming the fix)."""
 
     # --- heads ---------------------------------------------------------------------------------------------
     num_heads: int
@@ -316,12 +334,23 @@ class _Block:
     def out_proj(self) -> nn.Linear:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def head_units(self) -> int:
+        """Number of attention units: heads, or key/value groups under grouped-query attention."""
+        return self.num_heads
+
+    @property
+    def head_unit_width(self) -> int:
+        """Columns of the output projection's input per attention unit (consecutive, unit-major)."""
+        return self.head_dim
+
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:  # pragma: no cover - abstract
+        """Keep attention units ``keep`` (sorted); new output-projection weights (out, kept columns) if given."""
         raise NotImplementedError
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "intermediate_size": self.up.out_features,
+        return {"name": self.name, "kind": self.kind, "intermediate_size": self.ffn_units,
                 "num_heads": self.num_heads, "head_dim": self.head_dim}
 
 
@@ -348,6 +377,8 @@ class _HFBlock(_Block):
     OUT: str
     UP: str
     DOWN: str
+    #: The gate projection of a gated FFN (``down(act(gate(x)) * up(x))``), or ``None`` for a plain FFN.
+    GATE: str | None = None
     NORM_HEADS: str
     NORM_FFN: str
     RESID_FFN: tuple[str, int]
@@ -370,10 +401,11 @@ class _HFBlock(_Block):
             sa is not None
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
+            and (cls.GATE is None or isinstance(_get(module, cls.GATE), nn.Linear))
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
             # it must take the residual: BEiT's output module in transformers 4 has ViT's name but one input
             and _takes_positional(_get(module, cls.RESID_FFN[0]), cls.RESID_FFN[1] + 1)
-            and hasattr(sa, cls.HEAD_SIZE) and hasattr(sa, cls.N_HEADS)
+            and hasattr(sa, cls.HEAD_SIZE) and (not cls.N_HEADS or hasattr(sa, cls.N_HEADS))
             and all(isinstance(getattr(_get(module, p), "lambda1", None), torch.Tensor)
                     for p in (cls.SCALE_HEADS, cls.SCALE_FFN) if p is not None)
         )
@@ -414,8 +446,14 @@ class _HFBlock(_Block):
     def down(self) -> nn.Linear:
         return _get(self.module, self.DOWN)
 
-    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:
-        _set(self.module, self.UP, up)
+    @property
+    def producers(self) -> list[nn.Linear]:
+        return [self.up] if self.GATE is None else [_get(self.module, self.GATE), self.up]
+
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
+        paths = [self.UP] if self.GATE is None else [self.GATE, self.UP]
+        for path, lin in zip(paths, producers, strict=True):
+            _set(self.module, path, lin)
         _set(self.module, self.DOWN, down)
 
     @property
@@ -434,17 +472,24 @@ class _HFBlock(_Block):
         sa = _get(self.module, self.SA)
         return [getattr(sa, n).weight for n in self.QKV]
 
+    def _cut_attention(self, rows: tuple[torch.Tensor, ...], cols: torch.Tensor, out_weight: torch.Tensor | None,
+                       out_bias: torch.Tensor | None) -> None:
+        """Keep rows ``rows[i]`` of the projection ``QKV[i]`` and columns ``cols`` of the output projection (or
+        give it ``out_weight`` and ``out_bias``)."""
+        sa = _get(self.module, self.SA)
+        for name, r in zip(self.QKV, rows, strict=True):
+            lin = getattr(sa, name)
+            setattr(sa, name, _linear_like(lin, lin.weight[r], None if lin.bias is None else lin.bias[r]))
+        out = self.out_proj
+        w = out.weight[:, cols] if out_weight is None else out_weight
+        b = out.bias if out_weight is None else out_bias
+        _set(self.module, self.OUT, _linear_like(out, w, b))
+
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
         rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
-        for name in self.QKV:
-            lin = getattr(sa, name)
-            setattr(sa, name, _linear_like(lin, lin.weight[rows], None if lin.bias is None else lin.bias[rows]))
-        out = self.out_proj
-        w = out.weight[:, rows] if out_weight is None else out_weight
-        b = out.bias if out_weight is None else out_bias
-        _set(self.module, self.OUT, _linear_like(out, w, b))
+        self._cut_attention((rows, rows, rows), rows, out_weight, out_bias)
         setattr(sa, self.N_HEADS, int(keep.numel()))
         if self.ALL_HEADS is not None and hasattr(sa, self.ALL_HEADS):
             setattr(sa, self.ALL_HEADS, int(keep.numel()) * self.head_dim)
@@ -637,6 +682,98 @@ class _HFDistilBertBlock(_HFBlock):
     N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
 
 
+class _HFLlamaBlock(_HFBlock):
+    """Llama-style decoder layers (``LlamaDecoderLayer`` and look-alikes with the same parts: Mistral, Qwen2,
+    Qwen3...): ``self_attn.{q,k,v,o}_proj``, the gated FFN ``mlp.{gate,up,down}_proj`` (``down(act(gate(x)) *
+    up(x))``: unit ``i`` is row ``i`` of gate and up), RMSNorms ``input_layernorm`` / ``post_attention_layernorm``,
+    pre-norm. The rotary position embeddings and the causal mask reach the layer through its keyword arguments.
+
+    Attention units are key/value groups: one key/value head and the ``num_key_value_groups`` query heads that
+    read it (one head each without grouped-query attention), i.e. ``num_key_value_groups * head_dim``
+    consecutive columns of ``o_proj``'s input. Removing whole groups keeps ``num_key_value_groups`` and
+    ``head_dim``, the only head bookkeeping these attentions hold; the shared ``config`` is not changed (a
+    pruned checkpoint records each layer's sizes in the pruning spec).
+    """
+
+    kind = "hf_llama"
+    SA, QKV, OUT = "self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj"
+    GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+    NORM_HEADS = NORM_FFN = "-"  # pre-norm: no norm after the sums
+    RESID_FFN = ("post_attention_layernorm", 0)  # x + mlp(post_attention_layernorm(x))
+    HEAD_SIZE, N_HEADS, ALL_HEADS = "head_dim", "", None
+    #: q_norm / k_norm (Qwen3) normalise each head over head_dim, shared by all heads; rotary_emb (transformers 4)
+    #: holds no weights.
+    PLAIN = frozenset({"dropout", "rotary_emb", "q_norm", "k_norm"})
+    #: Attributes of the attentions of transformers before the attention refactor of 4.48, which reshape their
+    #: output to the model width and size their views by these per-module head counts.
+    LEGACY = ("num_heads", "hidden_size")
+
+    def prepare_ffn(self) -> None:
+        mlp = _get(self.module, "mlp")
+        tp = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
+        # transformers 4 slices the FFN by pretraining_tp in its forward; transformers 5 ignores the field
+        code = getattr(type(mlp).forward, "__code__", None)
+        if tp is not None and int(tp) > 1 and code is not None and "pretraining_tp" in code.co_names:
+            raise ValueError(f"block {self.name!r}: its FFN is computed in pretraining_tp={tp} slices of the "
+                             "intermediate size, which removing neurons would misalign; set "
+                             "config.pretraining_tp = 1 (the same function, unsliced) before pruning.")
+
+    def prepare_heads(self) -> None:
+        sa = _get(self.module, self.SA)
+        legacy = [a for a in self.LEGACY if hasattr(sa, a)]
+        if legacy:
+            raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {_transformers_version()} "
+                             f"keeps per-module head counts ({', '.join(legacy)}) and reshapes the attention output "
+                             "to the model width, so heads cannot be removed from it. Prune target='ffn' on this "
+                             "model; Llama, Mistral and Qwen2 attentions lose heads with transformers >= 4.48 "
+                             "(upgrade transformers to prune their heads).")
+        super().prepare_heads()
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (``num_key_value_groups``; 1 without grouped-query attention)."""
+        return int(getattr(_get(self.module, self.SA), "num_key_value_groups", 1))
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.out_proj.in_features) // self.head_dim
+
+    @property
+    def head_units(self) -> int:
+        return self.num_heads // self.kv_groups
+
+    @property
+    def head_unit_width(self) -> int:
+        return self.kv_groups * self.head_dim
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        """Keep the key/value groups ``keep``: their key and value heads, their query heads and the output
+        projection's columns of those query heads."""
+        keep = keep.to(self.out_proj.weight.device)
+        q_rows = _head_rows(keep, self.head_unit_width)
+        kv_rows = _head_rows(keep, self.head_dim)
+        self._cut_attention((q_rows, kv_rows, kv_rows), q_rows, out_weight, out_bias)
+
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
+        super().set_ffn(producers, down)
+        mlp = _get(self.module, "mlp")
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = int(down.in_features)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "num_key_value_heads": self.head_units}
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        if num_heads % self.kv_groups:
+            raise ValueError(f"block {self.name!r}: {num_heads} query heads are not whole key/value groups of "
+                             f"{self.kv_groups}: the spec does not come from this architecture")
+        self.shrink_ffn(torch.arange(intermediate_size))
+        if num_heads < self.num_heads:
+            self.prepare_heads()  # a checkpoint with fewer heads cannot run on a transformers that refuses them
+        self.shrink_heads(torch.arange(num_heads // self.kv_groups))
+
+
 class _TorchEncoderBlock(_Block):
     kind = "torch_encoder_layer"
 
@@ -691,7 +828,8 @@ class _TorchEncoderBlock(_Block):
     def down(self) -> nn.Linear:
         return self.module.linear2
 
-    def set_ffn(self, up: nn.Linear, down: nn.Linear) -> None:
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
+        (up,) = producers
         self.module.linear1 = up
         self.module.linear2 = down
 
@@ -766,7 +904,7 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
                                            _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _TorchEncoderBlock)
+                                           _HFLlamaBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -4,8 +4,9 @@ For every block, the units are chosen and the consumer layer refitted by least s
 output changes as little as possible (El Halabi, Srinivas and Lacoste-Julien, "Data-Efficient Structured Pruning
 via Submodular Optimization", NeurIPS 2022), then the modules are physically shrunk:
 
-* FFN: a unit is one intermediate neuron (``up -> activation -> down``): one column of the down projection's
-  input. Kept neurons keep their rows of ``up``; the down projection's weights and bias are refitted.
+* FFN: a unit is one intermediate neuron (``up -> activation -> down``, or the gated ``down(act(gate(x)) *
+  up(x))`` of Llama-style decoders): one column of the down projection's input. Kept neurons keep their rows of
+  ``up`` (and ``gate``); the down projection's weights and bias are refitted.
 * Heads: a unit is one attention head: ``head_dim`` columns of the output projection's input (a group in
   :class:`submod.SparseRegression`). Kept heads keep their query/key/value rows; the output projection is refitted.
 
@@ -267,6 +268,13 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
             if bool((keep == keep[:, :1, :1, :]).all()):
                 valid = keep[:, 0, 0, :].cpu()
                 break
+            # a decoder's causal mask: the last query sees every real token; every query sees the real tokens up
+            # to itself
+            seen_last = keep[:, :, -1:, :]
+            causal = torch.ones(m.shape[-2], t, dtype=torch.bool, device=m.device).tril(t - m.shape[-2])
+            if bool((keep == (causal & seen_last)).all()):
+                valid = seen_last[:, 0, 0, :].cpu()
+                break
             raise ValueError("the transformer blocks receive an attention mask that is not a plain padding mask, "
                              "and the calibration batches carry none under 'attention_mask', so padding tokens "
                              "cannot be told apart from real ones. Pass dict batches with an 'attention_mask' entry "
@@ -437,25 +445,29 @@ class _Stats:
 
 def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | None]:
     if stage == "ffn":
-        return block.up.out_features, None
-    d = block.head_dim
-    return block.num_heads, [np.arange(h * d, (h + 1) * d) for h in range(block.num_heads)]
+        return block.ffn_units, None
+    d, h = block.head_unit_width, block.head_units
+    return h, [np.arange(u * d, (u + 1) * d) for u in range(h)]
 
 
 def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
-    """Torch-Pruning-style group importance: mean over the coupled layers of the unit's squared L2 norm."""
+    """Torch-Pruning-style group importance: mean over the coupled layers (every producer of the FFN unit and
+    the down projection; query, key, value and output projections of the head) of the unit's squared L2 norm."""
     with torch.no_grad():
         if stage == "ffn":
-            up, down = block.up, block.down
-            s = up.weight.double().pow(2).sum(1)
-            if up.bias is not None:
-                s = s + up.bias.double().pow(2)
-            s = (s + down.weight.double().pow(2).sum(0)) / 2
+            producers, down = block.producers, block.down
+            s = None
+            for p in producers:
+                sp = p.weight.double().pow(2).sum(1)
+                if p.bias is not None:
+                    sp = sp + p.bias.double().pow(2)
+                s = sp if s is None else s + sp
+            s = (s + down.weight.double().pow(2).sum(0)) / (len(producers) + 1)
             return s.cpu().numpy()
-        d, h = block.head_dim, block.num_heads
+        d, h = block.head_unit_width, block.head_units
         s = torch.zeros(h, dtype=torch.float64)
-        for w in block.qkv_weights():
-            s += w.detach().double().pow(2).view(h, d, -1).sum((1, 2)).cpu()
+        for w in block.qkv_weights():  # a unit's rows are consecutive (a key/value group: more query than key rows)
+            s += w.detach().double().pow(2).view(h, -1, w.shape[-1]).sum((1, 2)).cpu()
         s += block.out_proj.weight.detach().double().pow(2).view(-1, h, d).sum((0, 2)).cpu()
         return (s / 4).numpy()
 
@@ -467,7 +479,7 @@ def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
     per_col = w1 * np.sqrt(np.maximum(stats.col_sq, 0.0))
     if stage == "ffn":
         return per_col
-    return per_col.reshape(block.num_heads, block.head_dim).sum(1)
+    return per_col.reshape(block.head_units, block.head_unit_width).sum(1)
 
 
 def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Block]) -> list[float]:
@@ -617,7 +629,8 @@ def prune_transformer(
     ----------
     model : torch.nn.Module
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
-        DistilBERT, ViT, DINOv2, CLIP) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
+        DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
+        heads pruned as key/value groups) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
@@ -732,7 +745,13 @@ def prune_transformer(
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
-                         "encoder layers, and torch.nn.TransformerEncoderLayer")
+                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3) and "
+                         "torch.nn.TransformerEncoderLayer")
+    # an FFN with several producers (gate and up) has its unit layout checked like the heads
+    gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
+    if "ffn" in stages:
+        for blk in blocks:
+            blk.prepare_ffn()
     if "heads" in stages:
         for blk in blocks:
             blk.prepare_heads()
@@ -757,7 +776,8 @@ def prune_transformer(
     with torch.no_grad():
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter)
+            orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter,
+                                                         gated)
             _assign_folds(cache)
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
@@ -799,12 +819,14 @@ def prune_transformer(
                                                       for b in range(len(cache))]
                 xo = xo_next
         else:
-            if "heads" in stages:  # the head layout is checked on the first batch, whatever the method
+            if "heads" in stages or gated:  # unit layouts are checked on the first batch, whatever the method
                 if calibration_data is None or (isinstance(calibration_data, (list, tuple)) and not calibration_data):
-                    raise ValueError("head pruning checks each block's head layout on one calibration batch, also "
-                                     f"with method={method!r} and reweight=False: pass at least one batch")
-                _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1], True, stacks_note,
-                                 counter)
+                    what = "head pruning checks each block's head layout" if "heads" in stages else (
+                        "gated FFN pruning checks each block's FFN unit layout")
+                    raise ValueError(f"{what} on one calibration batch, also with method={method!r} and "
+                                     "reweight=False: pass at least one batch")
+                _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1], "heads" in stages,
+                                 stacks_note, counter, gated)
             for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
@@ -850,11 +872,12 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
     return block.forward(x, ctx)
 
 
-def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int]
-                     ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor]]:
+def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
+                     gated: bool = False) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor]]:
     """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the
     first block's cached inputs for ``batches``, and every block's input on the first batch (one full forward,
-    which also checks that the blocks chain and, with ``heads``, their head layout)."""
+    which also checks that the blocks chain and, with ``heads``, their head layout; with ``gated``, the FFN unit
+    layout of the blocks whose FFN has several producers)."""
     orig = working_copy(model)
     orig_blocks = find_blocks(orig)
     if heads:
@@ -869,6 +892,8 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
         counter[0] += len(orig_blocks)  # that full forward ran every block once
         if heads:
             _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
+        if gated:
+            _check_ffn_units(orig_blocks, chain, cache[0]["ctx"], counter)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return orig_blocks, cache, chain
@@ -881,32 +906,60 @@ def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: d
     head, the shrunk block must compute what the block computes with that head's output-projection columns
     zeroed."""
     for blk, x in zip(blocks, inputs, strict=True):
-        if blk.num_heads < 2:
-            continue
-        outs = []
-        for shrink in (False, True):
-            probe = type(blk)(blk.name, copy.deepcopy(blk.module))
-            keep = torch.arange(1, probe.num_heads)
-            if shrink:
-                probe.shrink_heads(keep)
+        if blk.head_units >= 2:
+            _check_unit_removal(blk, x, ctx, counter, "heads")
+
+
+def _check_ffn_units(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any],
+                     counter: list[int]) -> None:
+    """Refuse gated FFNs whose units are not one row of every producer and one column of the down projection
+    (an FFN that mixes the intermediate features before the down projection), checked on one batch: without its
+    first unit, the shrunk block must compute what the block computes with that unit's down column zeroed."""
+    for blk, x in zip(blocks, inputs, strict=True):
+        if len(blk.producers) >= 2 and blk.ffn_units >= 2:
+            _check_unit_removal(blk, x, ctx, counter, "ffn")
+
+
+#: What the unit-removal check reports per stage: the layout assumed, and what fails to hold.
+_REMOVAL_CHECK = {
+    "heads": ("a head is removed", "its attention lays out heads differently. Prune target='ffn' on this model.",
+              "removing a head does not act like zeroing its output-projection columns (a per-head bias outside the "
+              "attention, or another head or token layout): its heads cannot be pruned this way. Prune "
+              "target='ffn' on this model."),
+    "ffn": ("an FFN unit is removed", "its FFN is laid out differently. This model's FFN cannot be pruned by the "
+            "transformer adapter.",
+            "removing row 0 of its gate and up projections does not act like zeroing column 0 of its down "
+            "projection (an FFN that mixes its intermediate features): its FFN cannot be pruned by the "
+            "transformer adapter."),
+}
+
+
+def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int], stage: str) -> None:
+    """The block without its first unit of ``stage`` must compute what it computes with that unit's consumer
+    columns zeroed (two forwards on a copy of the block)."""
+    removed, fails, differs = _REMOVAL_CHECK[stage]
+    outs = []
+    for shrink in (False, True):
+        probe = type(blk)(blk.name, copy.deepcopy(blk.module))
+        with torch.no_grad():
+            if stage == "heads" and shrink:
+                probe.shrink_heads(torch.arange(1, probe.head_units))
+            elif stage == "heads":
+                probe.out_proj.weight[:, :probe.head_unit_width] = 0.0
+            elif shrink:
+                probe.shrink_ffn(torch.arange(1, probe.ffn_units))
             else:
-                d = probe.head_dim
-                with torch.no_grad():
-                    probe.out_proj.weight[:, :d] = 0.0
-            try:
-                outs.append(_fwd(probe, x, ctx, counter))
-            except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
-                raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
-                                 f"block, but it fails once a head is removed ({type(exc).__name__}: {exc}): its "
-                                 "attention lays out heads differently. Prune target='ffn' on this model."
-                                 ) from exc
-        want, got = outs
-        tol = 1e-4 * (1.0 + float(want.nan_to_num().abs().max()))
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=tol, equal_nan=True):
+                probe.down.weight[:, 0] = 0.0
+        try:
+            outs.append(_fwd(probe, x, ctx, counter))
+        except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
             raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
-                             "block, but removing a head does not act like zeroing its output-projection columns "
-                             "(a per-head bias outside the attention, or another head or token layout): its "
-                             "heads cannot be pruned this way. Prune target='ffn' on this model.")
+                             f"block, but it fails once {removed} ({type(exc).__name__}: {exc}): {fails}") from exc
+    want, got = outs
+    tol = 1e-4 * (1.0 + float(want.nan_to_num().abs().max()))
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=tol, equal_nan=True):
+        raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} block, "
+                         f"but {differs}")
 
 
 def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str = "") -> list[torch.Tensor]:
@@ -935,7 +988,8 @@ def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str
                     and all(_same_argument(kwargs[k], first_kwargs[k]) for k in kwargs))
             if not same:
                 raise ValueError(f"block {blocks[i].name!r} is called with other arguments than the first block "
-                                 "(a mask or an extra input of its own): the pruner re-runs every block with the "
+                                 "(a mask or an extra input of its own, e.g. a decoder mixing sliding-window and "
+                                 "full-attention layers): the pruner re-runs every block with the "
                                  "first block's arguments, so only stacks whose blocks share them are "
                                  f"supported.{note}")
     return [got[str(i)] for i in range(len(blocks))]
@@ -1280,11 +1334,13 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
             state.update(load_file(fname))
     if built_here:
         # Optional top-level parts the saved model did not have (e.g. BertModel(add_pooling_layer=False) has no
-        # pooler, which config.json does not record): drop them, as the saved model had them set to None.
+        # pooler, which config.json does not record): drop them, as the saved model had them set to None. A part
+        # whose weights are all tied to others (a causal LM's lm_head tied to the embeddings) is saved as those.
         fresh = list(model.state_dict())
+        tied_fresh = _tied_keys(model)
         for child, _ in list(model.named_children()):
             keys = [k for k in fresh if k.startswith(child + ".")]
-            if keys and not any(k in state for k in keys):
+            if keys and not any(k in state for k in keys) and not all(k in tied_fresh for k in keys):
                 setattr(model, child, None)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # the saved precision (e.g. float64), not the default of a freshly built model

@@ -1,0 +1,317 @@
+"""Transformer pruning of Llama-style decoder layers with a gated FFN (``down(act(gate(x)) * up(x))``) and
+grouped-query attention: Llama, Mistral, Qwen2 and Qwen3, tiny randomly initialised models (no download).
+
+Oracles: the unpruned model's outputs (keeping every unit), the unpruned model with the removed units' columns
+of the down projection (FFN) or of ``o_proj`` (the query heads of the removed key/value groups) set to zero,
+numpy.linalg.lstsq on the down projection's input captured independently with a hook (the refit), a re-run with
+other token ids at the padded positions, and the saved and reloaded model's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS, VOCAB = 16, 4, 2, 24, 2, 40
+HEAD_DIM = HIDDEN // HEADS
+GROUP = HEADS // KV_HEADS  # query heads per key/value head
+
+# transformers 4 before the attention refactor of 4.48 reshapes the attention output to the model width
+LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
+    int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
+
+FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen3"]
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A tiny decoder of the family (``llama_mha``: one key/value head per query head; ``llama_bias``: biases in
+    every projection)."""
+    family = name.split("_")[0]
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    if not hasattr(transformers, cls + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    extra = {"mlp_bias": True, "attention_bias": True} if name == "llama_bias" else {}
+    if extra and "mlp_bias" not in transformers.LlamaConfig().to_dict():
+        pytest.skip(f"transformers {transformers.__version__}: LlamaConfig has no mlp_bias")
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS if name == "llama_mha" else KV_HEADS, intermediate_size=INTER,
+        max_position_embeddings=32, head_dim=HEAD_DIM, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls + "Model")(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+            elif name == "llama_bias" and p.dim() == 1:
+                p.normal_()
+    return model
+
+
+def batches(n_batches: int = 4, b: int = 6, t: int = 10, seed: int = 1, garbage: bool = False
+            ) -> list[dict[str, torch.Tensor]]:
+    """Ragged batches, right-padded and left-padded in turn; padded positions hold id 0 (``garbage``: random
+    ids drawn from another generator, the real tokens unchanged)."""
+    g = torch.Generator().manual_seed(seed)
+    g_pad = torch.Generator().manual_seed(seed + 1000)
+    out = []
+    for i in range(n_batches):
+        ids = torch.randint(3, VOCAB, (b, t), generator=g)
+        lengths = torch.randint(3, t + 1, (b,), generator=g)
+        lengths[0] = t
+        pos = torch.arange(t).view(1, -1)
+        mask = pos < lengths.view(-1, 1) if i % 2 == 0 else pos >= t - lengths.view(-1, 1)
+        pad = torch.randint(3, VOCAB, (b, t), generator=g_pad) if garbage else torch.zeros_like(ids)
+        out.append({"input_ids": torch.where(mask, ids, pad), "attention_mask": mask.long()})
+    return out
+
+
+def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+
+
+def layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.layers)
+
+
+def can_prune_heads(target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
+    """``target``, or where the installed transformers' attention cannot lose heads, the refusal of head pruning
+    checked and what remains to prune ("ffn", or ``None`` for ``target="heads"``)."""
+    if target == "ffn" or not LEGACY_ATTENTION:
+        return target
+    with pytest.raises(ValueError, match=r"reshapes the attention output to the model width.*target='ffn'.*"
+                                         r">= 4\.48"):
+        prune_transformer(model, data, keep=0.5, target=target)
+    return None if target == "heads" else "ffn"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blocks_are_found(name: str) -> None:
+    assert [b.kind for b in find_blocks(build(name))] == ["hf_llama"] * LAYERS
+
+
+@pytest.mark.parametrize("method", ["asym", "seq", "layer", "magnitude", "wanda", "random"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_keep_everything_without_refit_is_exact(name: str, method: str) -> None:
+    """Every pruned block is replayed with its captured keyword arguments (rotary embeddings, causal mask,
+    position ids): keeping every unit must give the model's outputs, padded batches included."""
+    model, data = build(name), batches()
+    target = can_prune_heads("all", model, data)
+    pruned, report = prune_transformer(model, data, keep=1.0, target=target, method=method, reweight=False)
+    assert report.params_after == report.params_before
+    assert report.n_padding_excluded > 0 or method in ("magnitude", "random")  # those two read no statistics
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["ffn", "heads", "all"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(name: str, target: str) -> None:
+    model, data = build(name), batches()
+    target = can_prune_heads(target, model, data)
+    if target is None:
+        return
+    pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
+    masked = copy.deepcopy(model)
+    group = HEADS // model.config.num_key_value_heads
+    for unit in report.units:
+        layer = layers(masked)[int(unit.block.rpartition(".")[2])]
+        gone = sorted(set(range(unit.n_units)) - set(unit.kept))
+        if unit.stage == "ffn":
+            assert unit.n_units == INTER
+            consumer, cols = layer.mlp.down_proj, gone
+        else:  # a unit is a key/value group: its query heads' columns of o_proj
+            assert unit.n_units == model.config.num_key_value_heads
+            heads = [g * group + j for g in gone for j in range(group)]
+            consumer, cols = layer.self_attn.o_proj, [h * HEAD_DIM + i for h in heads for i in range(HEAD_DIM)]
+        with torch.no_grad():
+            consumer.weight[:, cols] = 0.0
+    assert len(report.units) == LAYERS * (2 if target == "all" else 1)
+    assert all(u.n_kept == u.n_units // 2 for u in report.units)
+    assert report.params_after < report.params_before
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
+
+
+def test_magnitude_scores_every_coupled_layer() -> None:
+    """The FFN unit with the largest gate row is kept even when its up row and down column are the smallest;
+    a unit that is small in all three goes."""
+    model, data = build("llama"), batches(n_batches=1)
+    mlp = layers(model)[0].mlp
+    with torch.no_grad():
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[:2] = 1e-3
+        mlp.down_proj.weight[:, :2] = 1e-3
+        mlp.gate_proj.weight[0] = 1e3
+    _, report = prune_transformer(model, data, keep={0: 22 / 24}, target="ffn", method="magnitude", reweight=False)
+    assert 0 in report.units[0].kept and 1 not in report.units[0].kept
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2"])
+def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    model, data = build(name), batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="none")
+    for i, layer in enumerate(layers(model)):
+        down = layer.mlp.down_proj
+        rows: list[torch.Tensor] = []
+        hook = down.register_forward_pre_hook(lambda _m, args, rows=rows: rows.append(args[0].detach()))
+        try:
+            with torch.no_grad():
+                for b in data:
+                    model(**b)
+        finally:
+            hook.remove()
+        A = torch.cat([a[b["attention_mask"].bool()] for b, a in zip(data, rows, strict=True)]).double().numpy()
+        Y = A @ down.weight.detach().double().numpy().T
+        kept = report.units[i].kept
+        has_bias = down.bias is not None
+        design = np.hstack([A[:, kept], np.ones((len(A), 1))]) if has_bias else A[:, kept]
+        sol = np.linalg.lstsq(design, Y, rcond=None)[0]
+        new = layers(pruned)[i].mlp.down_proj
+        np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:len(kept)].T, atol=2e-4, rtol=1e-3)
+        assert (new.bias is None) == (not has_bias)
+        if has_bias:
+            np.testing.assert_allclose(new.bias.detach().double().numpy(), down.bias.detach().double().numpy()
+                                       + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("target", ["ffn", "all"])
+def test_padding_tokens_do_not_change_the_statistics(target: str) -> None:
+    model = build("llama")
+    target = can_prune_heads(target, model, batches())
+    runs = [prune_transformer(model, batches(garbage=g), keep=0.5, target=target, method="asym") for g in (0, 1)]
+    (p0, r0), (p1, r1) = runs
+    assert r0.n_padding_excluded == r1.n_padding_excluded > 0
+    assert [u.kept for u in r0.units] == [u.kept for u in r1.units]
+    for a, b in zip(p0.state_dict().values(), p1.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_batches_without_a_mask_are_read_from_the_causal_mask() -> None:
+    """Eager attention hands the layers a 4-D causal mask: without an attention_mask in the batches, the
+    tokens are those the causal mask lets the last query see (all of them here)."""
+    model = build("llama")
+    model.config._attn_implementation = "eager"
+    ids = batches(n_batches=1, garbage=True)[0]["input_ids"]
+    _, with_mask = prune_transformer(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], keep=0.5)
+    _, without = prune_transformer(model, [ids], keep=0.5)
+    assert without.n_tokens == ids.numel() and without.n_padding_excluded == 0
+    assert [u.kept for u in without.units] == [u.kept for u in with_mask.units]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_save_and_reload(tmp_path, name: str) -> None:
+    model, data = build(name), batches()
+    pruned, report = prune_transformer(model, data, keep={0: 0.5}, target=can_prune_heads("all", model, data),
+                                       method="asym")
+    blocks = report.spec["blocks"]
+    assert [b["intermediate_size"] for b in blocks] == [INTER // 2, INTER]
+    if not LEGACY_ATTENTION:
+        assert [(b["num_heads"], b["num_key_value_heads"]) for b in blocks] == [(HEADS // 2, 1), (HEADS, 2)]
+        assert layers(pruned)[0].self_attn.k_proj.out_features == HEAD_DIM
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    assert type(back) is type(model)
+    for b in data:
+        torch.testing.assert_close(out(back, b), out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
+def test_causal_lm_with_tied_embeddings_saves_and_reloads(tmp_path) -> None:
+    """The lm_head tied to the embeddings is saved once, as the embeddings: the reloaded model ties it again."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTER,
+                                   max_position_embeddings=32, tie_word_embeddings=True)
+    model, data = transformers.LlamaForCausalLM(cfg).eval(), batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="ffn")
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(back(**b).logits, pruned(**b).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_layers_with_masks_of_their_own_are_refused() -> None:
+    """A Qwen2 mixing sliding-window and full-attention layers gives them different masks: the replay, which
+    re-runs every layer with the first layer's arguments, refuses it."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTER,
+                                   max_position_embeddings=32, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)
+    if len(set(getattr(cfg, "layer_types", None) or [])) < 2:
+        pytest.skip(f"transformers {transformers.__version__} gives every Qwen2 layer the same mask")
+    model = transformers.Qwen2Model(cfg).eval()
+    with pytest.raises(ValueError, match="called with other arguments than the first block.*sliding-window"):
+        prune_transformer(model, batches(n_batches=1), keep=0.5, target="ffn")
+
+
+class _MixingMLP(nn.Module):
+    """A gated MLP that mixes its intermediate features before the down projection: LlamaMLP's parts, not its
+    computation."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h - h.mean(-1, keepdim=True))
+
+
+def test_gated_ffn_that_mixes_its_units_is_refused() -> None:
+    model, data = build("llama"), batches(n_batches=1)
+    layers(model)[1].mlp = _MixingMLP(layers(model)[1].mlp)
+    for method in ("asym", "magnitude"):
+        with pytest.raises(ValueError, match="does not act like zeroing column 0 of its down projection"):
+            prune_transformer(model, data, keep=0.5, target="ffn", method=method, reweight=False)
+    with pytest.raises(ValueError, match="gated FFN pruning checks each block's FFN unit layout on one calibration"):
+        prune_transformer(model, None, keep=0.5, target="ffn", method="magnitude", reweight=False)
+
+
+def test_attention_with_model_width_head_counts_is_refused(tmp_path) -> None:
+    """The attention of transformers before 4.48 keeps num_heads and hidden_size and reshapes to the model
+    width: head pruning names the version to upgrade to, FFN pruning still works, and a checkpoint with fewer
+    heads is refused on loading."""
+    model, data = build("llama"), batches(n_batches=1)
+    pruned_heads = None
+    if not LEGACY_ATTENTION:
+        pruned_heads, _ = prune_transformer(model, data, keep={0: 0.5}, target="heads")
+        save_pruned(pruned_heads, tmp_path / "m")
+        for layer in layers(model):
+            layer.self_attn.hidden_size = HIDDEN
+    with pytest.raises(ValueError, match=r"keeps per-module head counts \(.*hidden_size\).*model width.*"
+                                         r"target='ffn'.*>= 4\.48"):
+        prune_transformer(model, data, keep=0.5, target="heads")
+    _, report = prune_transformer(model, data, keep=0.5, target="ffn")
+    assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
+    if pruned_heads is not None:
+        load_pruned(tmp_path / "m")  # fine where the attention is width-free...
+        fresh = build("llama")
+        for layer in layers(fresh):
+            layer.self_attn.hidden_size = HIDDEN
+        with pytest.raises(ValueError, match="reshapes the attention output to the model width"):
+            load_pruned(tmp_path / "m", fresh)  # ...refused where it is not
+
+
+def test_sliced_ffn_of_transformers_4_is_refused() -> None:
+    """LlamaMLP of transformers 4 slices the FFN by config.pretraining_tp; transformers 5 ignores it."""
+    model, data = build("llama"), batches(n_batches=1)
+    model.config.pretraining_tp = 2
+    if "pretraining_tp" in type(layers(model)[0].mlp).forward.__code__.co_names:
+        with pytest.raises(ValueError, match=r"pretraining_tp=2 slices.*config\.pretraining_tp = 1"):
+            prune_transformer(model, data, keep=0.5, target="ffn")
+    else:
+        prune_transformer(model, data, keep=0.5, target="ffn")
