@@ -722,11 +722,14 @@ class _HFLlamaBlock(_HFBlock):
         sa = _get(self.module, self.SA)
         legacy = [a for a in self.LEGACY if hasattr(sa, a)]
         if legacy:
-            raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {_transformers_version()} "
-                             f"keeps per-module head counts ({', '.join(legacy)}) and reshapes the attention output "
-                             "to the model width, so heads cannot be removed from it. Prune target='ffn' on this "
-                             "model; Llama, Mistral and Qwen2 attentions lose heads with transformers >= 4.48 "
-                             "(upgrade transformers to prune their heads).")
+            from packaging.version import Version  # a dependency of transformers
+
+            version = _transformers_version()
+            hint = (" Llama, Mistral and Qwen2 attentions lose heads with transformers >= 4.48: upgrade transformers "
+                    "to prune their heads." if Version(version) < Version("4.48") else "")
+            raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {version} keeps per-module "
+                             f"head counts ({', '.join(legacy)}) and reshapes the attention output to the model "
+                             f"width, so heads cannot be removed from it. Prune target='ffn' on this model.{hint}")
         super().prepare_heads()
 
     @property

@@ -268,12 +268,9 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
             if bool((keep == keep[:, :1, :1, :]).all()):
                 valid = keep[:, 0, 0, :].cpu()
                 break
-            # a decoder's causal mask: the last query sees every real token; every query sees the real tokens up
-            # to itself
-            seen_last = keep[:, :, -1:, :]
-            causal = torch.ones(m.shape[-2], t, dtype=torch.bool, device=m.device).tril(t - m.shape[-2])
-            if bool((keep == (causal & seen_last)).all()):
-                valid = seen_last[:, 0, 0, :].cpu()
+            banded = _causal_band_tokens(keep)
+            if banded is not None:
+                valid = banded.cpu()
                 break
             raise ValueError("the transformer blocks receive an attention mask that is not a plain padding mask, "
                              "and the calibration batches carry none under 'attention_mask', so padding tokens "
@@ -283,6 +280,28 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
         raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
                          f"(batch {b}, tokens {t})")
     return valid.to(x.device)
+
+
+def _causal_band_tokens(keep: torch.Tensor) -> torch.Tensor | None:
+    """The real tokens of a decoder's ``(batch, heads, queries, tokens)`` boolean attention mask, or ``None``.
+
+    A real query attends to itself, so the diagonal marks the real tokens; the mask is read only when every head
+    sees the same tokens and each real query sees exactly a run of real tokens ending at itself: everything before
+    it (causal) or its last few (a sliding window). Padded queries' rows are not read. Any other mask gives
+    ``None`` (the caller refuses it).
+    """
+    b, _, tq, t = keep.shape
+    if tq != t or not bool((keep == keep[:, :1]).all()):
+        return None
+    k = keep[:, 0]
+    valid = k.diagonal(dim1=1, dim2=2)
+    pos = torch.arange(t, device=k.device)
+    first = k.to(torch.int8).argmax(-1)  # the first key each query sees
+    band = (pos.view(1, 1, t) >= first.unsqueeze(-1)) & (pos.view(1, 1, t) <= pos.view(1, t, 1))
+    rows = valid.unsqueeze(-1)
+    if bool(((k != band) & rows).any()) or bool((band & rows & ~valid.unsqueeze(1)).any()):
+        return None
+    return valid
 
 
 def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) -> list[dict[str, Any]]:
@@ -635,8 +654,9 @@ def prune_transformer(
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
-        never enter the statistics. Only magnitude or random FFN pruning without refit reads no data (``None``
-        is then accepted); head pruning always checks each block's head layout on the first batch.
+        never enter the statistics. Only magnitude or random pruning of plain (not gated) FFNs without refit reads
+        no data (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit
+        layout on the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
@@ -938,9 +958,12 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
     """The block without its first unit of ``stage`` must compute what it computes with that unit's consumer
     columns zeroed (two forwards on a copy of the block)."""
     removed, fails, differs = _REMOVAL_CHECK[stage]
+    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
+        # in half precision, the rounding of the two computations alone can exceed the tolerance: compare in float32
+        x, ctx = x.float(), _cast_floats(ctx, torch.float32)
     outs = []
     for shrink in (False, True):
-        probe = type(blk)(blk.name, copy.deepcopy(blk.module))
+        probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
         with torch.no_grad():
             if stage == "heads" and shrink:
                 probe.shrink_heads(torch.arange(1, probe.head_units))
