@@ -2,11 +2,11 @@
 
 Each objective is built on the same data for every library, and greedy selects k = 100 items. A time covers
 building the objective and one ``maximize`` call, after one untimed warm-up call (apricot compiles its numba
-kernels on the first call). The runs of one objective are interleaved (one call of each, round after round) and
-each reports its median, so that a change in the machine's load affects all of them alike. Data conversions a
-peer's API needs, such as features as a list of lists, happen outside the timed call. Parity is reported as the
-overlap with submod's greedy set, and as submod's own objective value of each peer's set. Ratios are peer seconds /
-submod seconds, measured in the same process.
+kernels on the first call). The runs of one objective are interleaved (one call of each, round after round, each
+round starting with the next run) and each reports its median, so that a change in the machine's load affects all
+of them alike. Data conversions a peer's API needs, such as features as a list of lists, happen outside the timed
+call. Parity is reported as the overlap with submod's greedy set, and as submod's own objective value of each
+peer's set. Ratios are peer seconds / submod seconds, measured in the same process.
 
 Problems (seeded, generated here):
 - feature-based sqrt: X = |N(0, 1)| masked to 20% density, 5000 x 100;
@@ -41,8 +41,12 @@ def timed(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict[str, 
     (numba compiles apricot's kernels on the first call; caches warm up for everyone)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     out: dict[str, np.ndarray] = {name: np.asarray(fn(), dtype=np.int64) for name, fn in runs.items()}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for r in range(repeats):
+        # each round starts with another run: the first call of a round pays for the memory the previous round's
+        # last run freed (page faults), which would otherwise always fall on the same run
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = runs[name]
             t = time.perf_counter()
             out[name] = np.asarray(fn(), dtype=np.int64)
             times[name].append(time.perf_counter() - t)
