@@ -292,8 +292,8 @@ def test_facility_location_gains_are_batch_independent_bit_for_bit():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 700), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 1e-13, 1e-6]))
 def test_blocked_symmetry_check_matches_the_definition(n, seed, bump):
-    """One entry off by ``bump`` (relative), anywhere, including blocks far from the diagonal and past the 256-row
-    block boundaries: the blocked check agrees with the entrywise definition on the full matrix."""
+    """One entry off by ``bump`` (relative), anywhere, including blocks far from the diagonal and on either side of
+    the row-block boundaries: the blocked check agrees with the entrywise definition on the full matrix."""
     from submod._validation import is_symmetric
 
     rng = np.random.default_rng(seed)
