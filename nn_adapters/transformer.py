@@ -469,32 +469,42 @@ def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | No
     return h, [np.arange(u * d, (u + 1) * d) for u in range(h)]
 
 
+def _consumer_weight(stage: str, block: _Block) -> torch.Tensor:
+    """The stage's consumer weight (out, in) in float64 as it acts on the residual stream: with a layer scale
+    (DINOv2), output row ``i`` is multiplied by ``lambda_i``."""
+    consumer = block.down if stage == "ffn" else block.out_proj
+    w = consumer.weight.detach().double()
+    scale = block.output_scale(stage)
+    return w if scale is None else w * scale.detach().double().to(w.device).view(-1, 1)
+
+
 def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
     """Torch-Pruning-style group importance: mean over the coupled layers (every producer of the FFN unit and
-    the down projection; query, key, value and output projections of the head) of the unit's squared L2 norm."""
+    the down projection; query, key, value and output projections of the head) of the unit's squared L2 norm.
+    The consumer's weights are taken as they act on the residual stream (times a layer scale, if any)."""
     with torch.no_grad():
         if stage == "ffn":
-            producers, down = block.producers, block.down
+            producers = block.producers
             s = None
             for p in producers:
                 sp = p.weight.double().pow(2).sum(1)
                 if p.bias is not None:
                     sp = sp + p.bias.double().pow(2)
                 s = sp if s is None else s + sp
-            s = (s + down.weight.double().pow(2).sum(0)) / (len(producers) + 1)
+            s = (s + _consumer_weight(stage, block).pow(2).sum(0)) / (len(producers) + 1)
             return s.cpu().numpy()
         d, h = block.head_unit_width, block.head_units
         s = torch.zeros(h, dtype=torch.float64)
         for w in block.qkv_weights():  # a unit's rows are consecutive (a key/value group: more query than key rows)
             s += w.detach().double().pow(2).view(h, -1, w.shape[-1]).sum((1, 2)).cpu()
-        s += block.out_proj.weight.detach().double().pow(2).view(-1, h, d).sum((0, 2)).cpu()
+        s += _consumer_weight(stage, block).pow(2).view(-1, h, d).sum((0, 2)).cpu()
         return (s / 4).numpy()
 
 
 def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
-    """Wanda-style structured score: sum over the unit's consumer weights of |W_ij| * ||X_j||_2."""
-    consumer = block.down if stage == "ffn" else block.out_proj
-    w1 = consumer.weight.detach().double().abs().sum(0).cpu().numpy()  # per input column
+    """Wanda-style structured score: sum over the unit's consumer weights of |W_ij| * ||X_j||_2 (``W`` as it acts
+    on the residual stream: times a layer scale, if any)."""
+    w1 = _consumer_weight(stage, block).abs().sum(0).cpu().numpy()  # per input column
     per_col = w1 * np.sqrt(np.maximum(stats.col_sq, 0.0))
     if stage == "ffn":
         return per_col

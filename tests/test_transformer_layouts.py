@@ -455,3 +455,35 @@ def test_clip_heads_are_refused_where_the_attention_reshapes_to_the_model_width(
             prune_transformer(model, data, keep=0.5, target="heads")
     else:
         prune_transformer(model, data, keep=0.5, target="heads")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_dinov2_baselines_score_the_weights_times_the_layer_scale(method: str) -> None:
+    """DINOv2's layer scale multiplies the FFN output channel by channel: magnitude and Wanda-style scores read the
+    down projection's weights as they reach the residual stream, lambda_i * W_ij. Oracle: the scores computed
+    here from the parameters (and, for Wanda, from fc2 inputs captured with a hook)."""
+    model, data = build("dinov2"), batches("dinov2")
+    layer = blocks_of(model)[0]
+    with torch.no_grad():  # very unequal scales, so that raw and scaled weights rank the units differently
+        spread = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(3))
+        layer.layer_scale2.lambda1.copy_(torch.exp(3.0 * spread))
+    up, down = get(layer, "mlp.fc1|intermediate.dense"), get(layer, LAYOUTS["dinov2"][3])
+    lam = layer.layer_scale2.lambda1.detach().double().view(-1, 1)
+    w, w_scaled = down.weight.detach().double(), down.weight.detach().double() * lam
+    if method == "magnitude":
+        producer = up.weight.detach().double().pow(2).sum(1) + up.bias.detach().double().pow(2)
+        scores, raw = ((producer + m.pow(2).sum(0)) / 2 for m in (w_scaled, w))
+    else:
+        seen = []
+        hook = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            for b in data:
+                model(**b)
+        hook.remove()
+        norms = torch.cat(seen).double().pow(2).sum(0).sqrt()
+        scores, raw = (m.abs().sum(0) * norms for m in (w_scaled, w))
+    n = scores.numel()
+    want = sorted(torch.argsort(scores, descending=True)[: n // 2].tolist())
+    assert want != sorted(torch.argsort(raw, descending=True)[: n // 2].tolist())  # the scale matters here
+    _, report = prune_transformer(model, data, keep={0: 0.5}, target="ffn", method=method, reweight=False)
+    assert sorted(report.units[0].kept) == want
