@@ -495,9 +495,16 @@ class _HFBlock(_Block):
             setattr(sa, self.ALL_HEADS, int(keep.numel()) * self.head_dim)
 
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        """Give the block the shapes of a pruned one (weights to be loaded from a state dict)."""
+        """Give the block the shapes of a pruned one (weights to be loaded from a state dict); ``num_heads`` counts
+        query heads. A checkpoint with fewer heads is refused where head pruning is (it could not run)."""
+        per_unit = self.head_unit_width // self.head_dim
+        if num_heads % per_unit:
+            raise ValueError(f"block {self.name!r}: {num_heads} query heads are not whole attention units of "
+                             f"{per_unit} heads: the spec does not come from this architecture")
         self.shrink_ffn(torch.arange(intermediate_size))
-        self.shrink_heads(torch.arange(num_heads))
+        if num_heads < self.num_heads:
+            self.prepare_heads()
+        self.shrink_heads(torch.arange(num_heads // per_unit))
 
 
 class _HFBertBlock(_HFBlock):
@@ -664,11 +671,6 @@ class _HFCLIPBlock(_HFPreLNProjBlock):
                                  f"transformers to >= {since} to prune heads, or prune target='ffn' on this model.")
         super().prepare_heads()
 
-    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        if num_heads < self.num_heads:
-            self.prepare_heads()  # a pruned checkpoint cannot run on a transformers that refuses head pruning
-        super().set_sizes(intermediate_size, num_heads)
-
 
 class _HFDistilBertBlock(_HFBlock):
     """DistilBERT (``TransformerBlock``): ``attention.{q,k,v,out}_lin``, ``ffn.lin1/lin2``, post-LN."""
@@ -766,15 +768,6 @@ class _HFLlamaBlock(_HFBlock):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_key_value_heads": self.head_units}
-
-    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        if num_heads % self.kv_groups:
-            raise ValueError(f"block {self.name!r}: {num_heads} query heads are not whole key/value groups of "
-                             f"{self.kv_groups}: the spec does not come from this architecture")
-        self.shrink_ffn(torch.arange(intermediate_size))
-        if num_heads < self.num_heads:
-            self.prepare_heads()  # a checkpoint with fewer heads cannot run on a transformers that refuses them
-        self.shrink_heads(torch.arange(num_heads // self.kv_groups))
 
 
 class _TorchEncoderBlock(_Block):

@@ -485,12 +485,8 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
     with torch.no_grad():
         if stage == "ffn":
             producers = block.producers
-            s = None
-            for p in producers:
-                sp = p.weight.double().pow(2).sum(1)
-                if p.bias is not None:
-                    sp = sp + p.bias.double().pow(2)
-                s = sp if s is None else s + sp
+            s = sum(p.weight.double().pow(2).sum(1) + (0.0 if p.bias is None else p.bias.double().pow(2))
+                    for p in producers)
             s = (s + _consumer_weight(stage, block).pow(2).sum(0)) / (len(producers) + 1)
             return s.cpu().numpy()
         d, h = block.head_unit_width, block.head_units

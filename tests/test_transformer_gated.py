@@ -370,3 +370,19 @@ def test_sliced_ffn_of_transformers_4_is_refused() -> None:
             prune_transformer(model, data, keep=0.5, target="ffn")
     else:
         prune_transformer(model, data, keep=0.5, target="ffn")
+
+
+def test_the_callers_model_and_batches_are_untouched() -> None:
+    model, data = build("llama"), batches(n_batches=2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = [{k: v.clone() for k, v in b.items()} for b in data]
+    def shapes(m: nn.Module) -> list[tuple[int, int]]:
+        return [(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features) for layer in layers(m)]
+
+    before = shapes(model)
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    assert shapes(model) == before and shapes(pruned) != before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for b, kept in zip(data, inputs, strict=True):
+        assert all(torch.equal(b[k], kept[k]) for k in kept)
