@@ -1,13 +1,13 @@
 """Streaming float64 statistics of a consumer's input, and the forward hooks that feed them.
 
 For a pair (producer -> consumer) the rows of the design matrix ``A`` are the consumer's input vectors:
-one row per sample for a ``Linear`` consumer, one row per sample and output position for a ``Conv2d`` consumer
-(``F.unfold`` with the consumer's kernel, stride, padding and dilation; the columns of a producer channel are the
-``kh * kw`` taps of that channel). The targets are ``Y = A_target W^T`` (the consumer's output without its
-bias), where ``A_target`` is the same input in the original network (``asym``, ``layer``) or in the network
-pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``), so
-the statistics' memory does not grow with the number of samples (the sequential modes' cached activations, held
-by :mod:`nn_adapters.pruning`, do).
+one row per sample for a ``Linear`` consumer, one row per sample and output position for a ``Conv1d`` / ``Conv2d``
+consumer (``F.unfold`` with the consumer's kernel, stride, padding and dilation; the columns of a producer channel
+are the ``k`` or ``kh * kw`` taps of that channel). The targets are ``Y = A_target W^T`` (the consumer's output
+without its bias), where ``A_target`` is the same input in the original network (``asym``, ``layer``) or in the
+network pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``),
+so the statistics' memory does not grow with the number of samples (the sequential modes' cached activations,
+held by :mod:`nn_adapters.pruning`, do).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from submod._sr_threads import one_blas_thread
 from submod.sparse_regression import GramAccumulator, SparseRegression
 
+from . import _conv
 from .pairs import PrunablePair
 
 _CHUNK_ELEMS = 4_000_000  # float64 elements of A per chunk (32 MB)
@@ -29,10 +29,8 @@ _CHUNK_ELEMS = 4_000_000  # float64 elements of A per chunk (32 MB)
 
 def design_rows(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Rows of the consumer's design matrix for an input batch ``x`` (float64, ``(rows, d)``)."""
-    if isinstance(consumer, nn.Conv2d):
-        cols = F.unfold(x.to(torch.float64), consumer.kernel_size, dilation=consumer.dilation,
-                        padding=0 if consumer.padding == "valid" else consumer.padding,
-                        stride=consumer.stride)  # (N, C*kh*kw, L)
+    if _conv.is_conv(consumer):
+        cols = _conv.unfold(consumer, x.to(torch.float64))  # (N, C * taps, positions)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.to(torch.float64).reshape(-1, consumer.in_features)
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _conv
 from ._modes import eval_mode
 from .pairs import PrunablePair
 
@@ -198,21 +199,21 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Floating-point operations of one forward pass per sample, counting Conv2d and Linear layers only
+    """Floating-point operations of one forward pass per sample, counting convolution and Linear layers only
     (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted)."""
     total = [0]
     handles = []
 
     def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        if isinstance(m, nn.Conv2d):
-            per_out = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        if _conv.is_conv(m):
+            per_out = m.in_channels // m.groups * _conv.kernel_numel(m)
         else:
             per_out = m.in_features
         total[0] += 2 * out.numel() * per_out
 
     try:
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, _conv.LAYER_TYPES):
                 handles.append(m.register_forward_hook(hook))
         batch = example[:2]  # two samples: a BatchNorm that uses batch statistics needs more than one
         with eval_mode(model), torch.no_grad():

@@ -1,7 +1,7 @@
 """Save and load pruned models without unpickling code.
 
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
-architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv2d/BatchNorm
+architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/BatchNorm
 layer) and a plain ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses
 arbitrary pickled objects, then rebuilds the architecture (from the zoo, or from an unpruned instance you pass),
 resizes the layers and loads the tensors strictly. The file is written to a temporary name and moved into place
@@ -20,7 +20,7 @@ from torch import nn
 
 from submod._atomic import atomic_path
 
-from . import zoo
+from . import _conv, zoo
 
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 
@@ -33,8 +33,8 @@ def architecture_spec(model: nn.Module) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             shapes[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-        elif isinstance(m, nn.Conv2d):
-            shapes[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels,
+        elif _conv.is_conv(m):
+            shapes[name] = {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
                             "bias": m.bias is not None}
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
@@ -72,12 +72,11 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    base = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "BatchNorm1d": nn.BatchNorm1d,
-            "BatchNorm2d": nn.BatchNorm2d}.get(kind)
+    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, nn.BatchNorm1d, nn.BatchNorm2d)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
-    if kind in ("Linear", "Conv2d"):
+    if issubclass(base, _conv.LAYER_TYPES):
         tail = () if kind == "Linear" else m.weight.shape[2:]
         m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"], *tail, **dev))
         m.bias = nn.Parameter(torch.empty(shape["out"], **dev)) if shape["bias"] else None

@@ -1,8 +1,8 @@
 """Discovery of prunable (producer, consumer) layer pairs in a PyTorch model.
 
-A *pair* is a producer layer whose output units (neurons of a ``Linear``, channels of a ``Conv2d``) feed exactly
-one consumer layer through channel-wise operations only (BatchNorm, element-wise activations, pooling, dropout,
-flatten). Removing a producer unit then removes its row/channel from the producer, its entries from every
+A *pair* is a producer layer whose output units (neurons of a ``Linear``, channels of a ``Conv1d`` or ``Conv2d``)
+feed exactly one consumer layer through channel-wise operations only (BatchNorm, element-wise activations, pooling,
+dropout, flatten). Removing a producer unit then removes its row/channel from the producer, its entries from every
 BatchNorm on the way, and its input columns from the consumer, and nothing else in the network changes. This is
 the setting of El Halabi, Srinivas & Lacoste-Julien, "Data-Efficient Structured Pruning via Submodular
 Optimization" (NeurIPS 2022).
@@ -12,11 +12,16 @@ Supported pair kinds
 ``linear->linear``
     one unit = one input column of the consumer.
 ``conv->conv``
-    one unit = a channel = ``kh * kw`` columns of the consumer's unfolded input.
+    ``Conv1d->Conv1d`` or ``Conv2d->Conv2d``: one unit = a channel = ``k`` (1-D) or ``kh * kw`` (2-D) columns of
+    the consumer's unfolded input.
 ``conv->linear``
-    a convolution followed (after pooling) by a flatten and a ``Linear``: one channel = ``H * W`` columns of the
-    consumer's input (grouped by spatial position); after a global pooling written as a reduction over the
-    spatial dims (``x.mean((2, 3))``, ``x.amax(...)``, ``x.sum(...)``, ``x.squeeze((2, 3))``), one column.
+    a convolution followed (after pooling) by a flatten and a ``Linear``: one channel = ``L`` (1-D) or ``H * W``
+    (2-D) columns of the consumer's input (grouped by position); after a global pooling written as a reduction
+    over the positions (``x.mean((2, 3))``, ``x.mean(-1)``, ``x.amax(...)``, ``x.sum(...)``,
+    ``x.squeeze((2, 3))``), one column.
+
+A 1-D and a 2-D convolution are never paired with each other, and pooling must have the convolution's rank
+(``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``).
 
 Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
 prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
@@ -39,6 +44,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
+from . import _conv
 from ._modes import FORWARD_HOOK_DICTS, eval_mode
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
@@ -50,14 +56,21 @@ _ELEMENTWISE_MODULES = (
     nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
     nn.Dropout2d, nn.AlphaDropout,
 )
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# Pooling modules and functions with their number of spatial dims: they act on each channel separately only on
+# (N, C, ...) with that many spatial dims, i.e. after a convolution of the same rank.
+_POOL_RANK: dict[object, int] = {
+    nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1,
+    nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+    F.max_pool1d: 1, F.avg_pool1d: 1, F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1,
+    F.max_pool2d: 2, F.avg_pool2d: 2, F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2,
+}
+_POOL_MODULES = tuple(t for t in _POOL_RANK if isinstance(t, type))
+_POOL_FUNCTIONS = {f for f in _POOL_RANK if not isinstance(f, type)}
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
-    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, *_POOL_FUNCTIONS,
 }
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
@@ -106,11 +119,12 @@ class PrunablePair:
     between : tuple of str
         BatchNorm modules between them (their entries follow the producer's units).
     kind : str
-        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"``.
+        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (for ``Conv1d`` and ``Conv2d`` alike).
     n_units : int
         Output units of the producer (the ground-set size of the selection problem).
     cols_per_unit : int
-        Consumer input columns per unit: 1, ``kh * kw`` or ``H * W``.
+        Consumer input columns per unit: 1, the kernel taps (``k`` or ``kh * kw``) or the positions (``L`` or
+        ``H * W``).
     consumer_node : str or None
         Name of the consumer's node in the traced graph (``None`` for untraceable models).
     """
@@ -133,7 +147,7 @@ class _LeafTracer(fx.Tracer):
     """Keeps user subclasses of the supported layers (e.g. a custom ``nn.Linear``) as leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*_conv.LAYER_TYPES, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
 
 
 def container_hooks(model: nn.Module) -> list[str]:
@@ -196,7 +210,7 @@ def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> s
     """Why a subclass's own ``forward`` is not the plain layer of its ``.weight`` (e.g. a weight-standardised
     convolution), checked on a random probe of the input shape the model gives it (``in_shape``, read when tracing;
     else ``(2, F)`` then ``(2, 3, F)`` for a Linear), or ``None`` (no override, or one that computes the same)."""
-    base = nn.Conv2d if isinstance(mod, nn.Conv2d) else nn.Linear
+    base = _conv.base_class(mod)
     if type(mod).forward is base.forward:
         return None
     w = mod.weight
@@ -233,7 +247,7 @@ def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> s
 
 
 def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] | None = None) -> str | None:
-    """Why a Linear/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
+    """Why a Linear/Conv1d/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
 
     A producer only loses output units, so its padding does not matter; a consumer's input is unfolded with
     explicit zero padding, and neither may be grouped or have a parametrized (weight-normalised) weight.
@@ -243,7 +257,7 @@ def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] |
                 "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
     if (why := _plain_forward(mod, in_shape)) is not None:
         return why
-    if not isinstance(mod, nn.Conv2d):
+    if not _conv.is_conv(mod):
         return None
     if mod.groups != 1:
         return f"grouped convolution (groups={mod.groups}) is not supported"
@@ -271,7 +285,7 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     pairs : list of PrunablePair
         In the order their consumers run.
     skipped : list of (str, str)
-        ``(module name, reason)`` for every Linear/Conv2d that is not a prunable producer.
+        ``(module name, reason)`` for every Linear/Conv1d/Conv2d that is not a prunable producer.
 
     Examples
     --------
@@ -305,7 +319,7 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
         if node.op != "call_module":
             continue
         mod = modules[node.target]
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if not isinstance(mod, _conv.LAYER_TYPES):
             continue
         result = _follow(node, mod, modules, calls)
         if isinstance(result, str):
@@ -344,7 +358,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     """Walk from a producer node to its consumer; return the pair or the reason it is not prunable."""
     if calls[node.target] > 1:
         return f"module is called {calls[node.target]} times (shared weights)"
-    is_conv = isinstance(producer, nn.Conv2d)
+    is_conv = _conv.is_conv(producer)
     if (why := _layer_ok(producer, consumer=False, in_shape=_input_shape(node))) is not None:
         return why
     n_units = _unit_count(producer)
@@ -369,7 +383,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, _conv.LAYER_TYPES):
                 return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units)
             if isinstance(m, _BN_MODULES):
                 if m.num_features != n_units:
@@ -383,7 +397,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
                         "consumer is not supported; use nn.PReLU() with one shared parameter, or another activation")
-            elif is_conv and isinstance(m, _POOL_MODULES) and (why := _pool_on_4d(cur, u.target)):
+            elif is_conv and isinstance(m, _POOL_MODULES) and (why := _pool_rank_mismatch(cur, u.target, m)):
                 return why
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
@@ -421,9 +435,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"
             elif is_function and u.target in _POOL_FUNCTIONS and not is_conv:
-                # a Linear's units are the last dim, which 2-D pooling of an (N, T, F) tensor mixes
+                # a Linear's units are the last dim, which pooling of an (N, T, F) tensor mixes
                 return f"pooling {name} after a Linear producer pools across its units"
-            elif is_function and u.target in _POOL_FUNCTIONS and (why := _pool_on_4d(cur, name)):
+            elif is_function and u.target in _POOL_FUNCTIONS and (why := _pool_rank_mismatch(cur, name, u.target)):
                 return why
             ops.append(name)
         else:
@@ -487,12 +501,15 @@ def _scaled_by_number(node: fx.Node, cur: fx.Node, is_conv: bool) -> bool:
     return other is not None and _is_number(other, is_conv)
 
 
-def _pool_on_4d(cur: fx.Node, name: object) -> str | None:
-    """2-D pooling of a conv's output is per channel only on (N, C, H, W); on a 3-D tensor left by a partial
-    reduction it pools across channels (PyTorch reads (C, H, W) as one unbatched image)."""
+def _pool_rank_mismatch(cur: fx.Node, name: object, pool: object) -> str | None:
+    """k-D pooling of a conv's output is per channel only on (N, C, *k spatial dims); on a tensor with fewer dims
+    (left by a partial reduction, or the output of a 1-D convolution under 2-D pooling) it pools across channels
+    (PyTorch reads (C, H, W) as one unbatched image)."""
     shape = _shape(cur)
-    if shape is not None and len(shape) != 4:
-        return f"2-D pooling {name} of a {len(shape)}-D tensor {shape} pools across the producer's channels"
+    rank = (next(r for t, r in _POOL_RANK.items() if isinstance(t, type) and isinstance(pool, t))
+            if isinstance(pool, nn.Module) else _POOL_RANK[pool])
+    if shape is not None and len(shape) != rank + 2:
+        return f"{rank}-D pooling {name} of a {len(shape)}-D tensor {shape} pools across the producer's channels"
     return None
 
 
@@ -552,22 +569,36 @@ def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
     return f"reshape from {s_in} to {s_out} is not a flatten of (N, C, H, W) to (N, C*H*W)"
 
 
+def _conv_pairing(producer: nn.Module, consumer: nn.Module) -> str | None:
+    """Why a convolution consumer cannot take ``producer``'s units as its input channels, or ``None``."""
+    if not _conv.is_conv(producer):
+        return f"a {type(producer).__name__} producer cannot feed the input channels of a convolution"
+    if _conv.rank(producer) != _conv.rank(consumer):
+        return (f"mixed 1-D/2-D convolution path ({_conv.base_class(producer).__name__} -> "
+                f"{_conv.base_class(consumer).__name__}) is not supported")
+    return None
+
+
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
                ops: list[str], flattened_hw: int | None, n_units: int) -> PrunablePair | str:
-    p_conv = isinstance(producer, nn.Conv2d)
+    p_conv = _conv.is_conv(producer)
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
-    if isinstance(consumer, nn.Conv2d):
-        if not p_conv or flattened_hw is not None:
-            return f"unsupported path from {type(producer).__name__} to Conv2d {cnode.target!r}"
+    if _conv.is_conv(consumer):
+        kind_name = type(consumer).__name__
+        if (why := _conv_pairing(producer, consumer)) is not None:
+            return f"consumer {kind_name} {cnode.target!r}: {why}"
+        if flattened_hw is not None:
+            return f"unsupported path from {type(producer).__name__} to {kind_name} {cnode.target!r}"
         if consumer.in_channels != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_channels} channels, producer gives {n_units}"
-        if (shape := _shape(cnode.args[0])) is not None and len(shape) != 4:
-            return f"Conv2d {cnode.target!r} reads a {len(shape)}-D tensor {shape}, not (N, C, H, W)"
-        kind, cpu = "conv->conv", consumer.kernel_size[0] * consumer.kernel_size[1]
+        if (shape := _shape(cnode.args[0])) is not None and len(shape) != _conv.rank(consumer) + 2:
+            return f"{kind_name} {cnode.target!r} reads a {len(shape)}-D tensor {shape}, not {_conv.layout(consumer)}"
+        kind, cpu = "conv->conv", _conv.kernel_numel(consumer)
     elif p_conv:
         if flattened_hw is None:
-            return f"Conv2d feeds Linear {cnode.target!r} without a flatten of (N, C, H, W)"
+            return (f"{type(producer).__name__} feeds Linear {cnode.target!r} without a flatten of "
+                    f"{_conv.layout(producer)}")
         kind, cpu = "conv->linear", flattened_hw
         if consumer.in_features != n_units * cpu:
             return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, got {n_units} x {cpu}"
@@ -583,7 +614,7 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     """Check user-declared pairs and turn them into :class:`PrunablePair` objects.
 
     ``declared`` items are :class:`Pair` objects or ``(producer, consumer[, between])`` tuples. Conv->Linear
-    pairs read ``H * W`` as ``consumer.in_features // producer.out_channels``.
+    pairs read the positions per channel (``L`` or ``H * W``) as ``consumer.in_features // producer.out_channels``.
     """
     modules = dict(model.named_modules())
     out = []
@@ -596,9 +627,9 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
             if nm not in modules:
                 raise ValueError(f"declared pair {p}: no module named {nm!r}; use names from model.named_modules().")
         prod, cons = modules[p.producer], modules[p.consumer]
-        if not isinstance(prod, (nn.Linear, nn.Conv2d)) or not isinstance(cons, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear or nn.Conv2d; got "
-                             f"{type(prod).__name__} and {type(cons).__name__}.")
+        if not isinstance(prod, _conv.LAYER_TYPES) or not isinstance(cons, _conv.LAYER_TYPES):
+            raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear, nn.Conv1d or nn.Conv2d; "
+                             f"got {type(prod).__name__} and {type(cons).__name__}.")
         for m, as_consumer in ((prod, False), (cons, True)):
             if (why := _layer_ok(m, consumer=as_consumer)) is not None:
                 raise ValueError(f"declared pair {p}: {why}.")
@@ -607,12 +638,14 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
             bn = modules[b]
             if not isinstance(bn, _BN_MODULES) or bn.num_features != n:
                 raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features.")
-        if isinstance(cons, nn.Conv2d):
-            if not isinstance(prod, nn.Conv2d) or cons.in_channels != n:
-                raise ValueError(f"declared pair {p}: Conv2d consumer needs a Conv2d producer with "
-                                 f"{cons.in_channels} channels.")
-            kind, cpu = "conv->conv", cons.kernel_size[0] * cons.kernel_size[1]
-        elif isinstance(prod, nn.Conv2d):
+        if _conv.is_conv(cons):
+            if (why := _conv_pairing(prod, cons)) is not None:
+                raise ValueError(f"declared pair {p}: {why}; declare a producer of the consumer's kind.")
+            if cons.in_channels != n:
+                raise ValueError(f"declared pair {p}: {type(cons).__name__} consumer needs a producer with "
+                                 f"{cons.in_channels} channels, got {n}.")
+            kind, cpu = "conv->conv", _conv.kernel_numel(cons)
+        elif _conv.is_conv(prod):
             if cons.in_features % n:
                 raise ValueError(f"declared pair {p}: Linear in_features {cons.in_features} is not a multiple of "
                                  f"the producer's {n} channels.")
@@ -669,7 +702,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     reads another tensor (a residual sum).
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
-    unit_dim = 1 if isinstance(prod, nn.Conv2d) else -1
+    unit_dim = 1 if _conv.is_conv(prod) else -1
     gen = torch.Generator().manual_seed(0)
     n = pair.n_units
     hit = torch.zeros(n, dtype=torch.bool)
@@ -696,7 +729,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     # Other layers that also receive the producer's units one by one: an undeclared BatchNorm on the way, or a
     # second reader (a residual sum, a branch); their inputs are recorded too.
     others = {name: m for name, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d, *_BN_MODULES)) and m is not prod and m is not cons
+              if isinstance(m, (*_conv.LAYER_TYPES, *_BN_MODULES)) and m is not prod and m is not cons
               and name not in pair.between}
     other_in: dict[str, list[torch.Tensor]] = {name: [] for name in others}
 

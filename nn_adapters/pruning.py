@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import _conv
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes, working_copy
@@ -312,12 +313,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         found = resolve_pairs(work, list(pairs), x0, gm)
         declared = {p.producer for p in found}
         skipped = [(n, "not declared in pairs=") for n, m in work.named_modules()
-                   if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in declared]
+                   if isinstance(m, _conv.LAYER_TYPES) and n not in declared]
     if not found:
-        reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or "the model has no Linear or Conv2d layer"
+        reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or "the model has no Linear, Conv1d or Conv2d layer"
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
-                         "Linear->Linear, Conv2d->Conv2d and Conv2d->Flatten->Linear through BatchNorm, activations, "
-                         "pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other layouts.")
+                         "Linear->Linear, Conv1d->Conv1d, Conv2d->Conv2d and Conv->Flatten->Linear through BatchNorm, "
+                         "activations, pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other "
+                         "layouts.")
     stats_mode = method if method in SUBMODULAR_METHODS else refit_from
     if stats_mode != "layer":
         hooked = container_hooks(work) + [p.consumer for p in found
@@ -521,8 +523,8 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
                 def grad_hook(g: torch.Tensor) -> None:
                     ag = (xd.to(torch.float64) * g.to(torch.float64))
-                    if p.kind == "conv->conv":
-                        s = ag.sum(dim=(2, 3)).abs().sum(dim=0)
+                    if p.kind == "conv->conv":  # sum over the positions of a sample: (2,) or (2, 3)
+                        s = ag.sum(dim=tuple(range(2, ag.dim()))).abs().sum(dim=0)
                     elif p.kind == "conv->linear":
                         s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
                     else:  # (N, ..., units): the positions of a sample are summed before the absolute value

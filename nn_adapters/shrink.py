@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _conv
+
 __all__ = ["keep_outputs", "keep_bn", "set_inputs"]
 
 
@@ -19,7 +21,7 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
-    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear`` or ``Conv2d``."""
+    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear``, ``Conv1d`` or ``Conv2d``."""
     module.weight = _param(module.weight[idx], module.weight)
     if module.bias is not None:
         module.bias = _param(module.bias[idx], module.bias)
@@ -46,11 +48,12 @@ def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight:
 
     Parameters
     ----------
-    module : nn.Linear or nn.Conv2d
+    module : nn.Linear, nn.Conv1d or nn.Conv2d
     idx : torch.Tensor
         Kept units (sorted).
     cols_per_unit : int
-        Input columns per unit (1, ``H*W`` for conv->linear; for a Conv2d consumer a unit is an input channel).
+        Input columns per unit (1, ``L`` or ``H*W`` for conv->linear; for a convolution consumer a unit is an input
+        channel).
     weight : torch.Tensor, optional
         New weights as a matrix ``(out, len(idx) * cols_per_unit)`` in the order of the kept columns. ``None``
         keeps the original weights of the kept columns.
@@ -59,9 +62,8 @@ def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight:
     """
     W = module.weight
     out = W.shape[0]
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        new = W[:, idx] if weight is None else weight.reshape(out, idx.numel(), kh, kw)
+    if _conv.is_conv(module):
+        new = W[:, idx] if weight is None else weight.reshape(out, idx.numel(), *module.kernel_size)
         module.in_channels = int(idx.numel())
     else:
         if weight is None:

@@ -1,5 +1,5 @@
 """Small model zoo for the paper's settings (no torchvision): MLP (LeNet-300-100), LeNet-5, VGG-11 and
-ResNet-20/56 for CIFAR-sized inputs, and the digits CNN of ``submod demo``.
+ResNet-20/56 for CIFAR-sized inputs, the digits CNN of ``submod demo``, and a 1-D CNN for MNIST-1D signals.
 
 Every builder records its name and arguments in ``model._submod_spec`` so that :func:`nn_adapters.save_pruned`
 can rebuild the architecture on load without pickling code.
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "digits_cnn", "BUILDERS", "build"]
+__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "digits_cnn", "mnist1d_cnn",
+           "BUILDERS", "build"]
 
 
 def _tag(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
@@ -165,8 +166,33 @@ def digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes
     return _tag(model, "digits_cnn", channels=list(channels), hidden=hidden, num_classes=num_classes)
 
 
+def mnist1d_cnn(channels: Sequence[int] = (32, 64, 64), num_classes: int = 10, length: int = 40) -> nn.Sequential:
+    """A 1-D CNN for MNIST-1D (Greydanus 2020: signals of ``length`` 40, one channel, 10 classes).
+
+    conv5(1->c1) BN ReLU, conv3(c1->c2) BN ReLU, maxpool 2, conv3(c2->c3) BN ReLU, maxpool 2, flatten
+    (c3 x length/4), Linear(->classes); every convolution is zero-padded to keep the length. Its three prunable pairs
+    are Conv1d->Conv1d (through BatchNorm1d), Conv1d->Conv1d (through pooling) and Conv1d->Flatten->Linear.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters import zoo
+    >>> zoo.mnist1d_cnn()(torch.zeros(2, 1, 40)).shape
+    torch.Size([2, 10])
+    """
+    if length % 4:
+        raise ValueError(f"length must be a multiple of 4 (two poolings by 2); got {length}.")
+    c1, c2, c3 = channels
+    model = nn.Sequential(
+        nn.Conv1d(1, c1, 5, padding=2), nn.BatchNorm1d(c1), nn.ReLU(),
+        nn.Conv1d(c1, c2, 3, padding=1), nn.BatchNorm1d(c2), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(c2, c3, 3, padding=1), nn.BatchNorm1d(c3), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(),
+        nn.Linear(c3 * (length // 4), num_classes))
+    return _tag(model, "mnist1d_cnn", channels=list(channels), num_classes=num_classes, length=length)
+
+
 BUILDERS = {"mlp": mlp, "lenet5": lenet5, "vgg11_cifar": vgg11_cifar, "resnet_cifar": resnet_cifar,
-            "digits_cnn": digits_cnn}
+            "digits_cnn": digits_cnn, "mnist1d_cnn": mnist1d_cnn}
 
 
 def build(name: str, **kwargs: object) -> nn.Module:
