@@ -3,13 +3,15 @@
 The data ship with scikit-learn (1797 8x8 grey images, no download). The split is fixed (stratified 80/20, seed
 0); pixels are scaled to [0, 1]. Training takes a few seconds on one CPU core; the trained weights are cached in
 ``$SUBMOD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/submod`` or ``~/.cache/submod``), written atomically with
-:func:`nn_adapters.save_pruned`, and reloaded safely with ``torch.load(weights_only=True)``.
+:func:`nn_adapters.save_pruned`, and reloaded safely with ``torch.load(weights_only=True)``. The training loop
+(:func:`train_classifier`) and the cache (:func:`cached_model`) serve the MNIST-1D benchmark's zoo model too.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,8 @@ from torch import nn
 from . import zoo
 from .io import load_pruned, save_pruned
 
-__all__ = ["load_digits_split", "load_digits_fold", "train_digits_cnn", "pretrained_digits_cnn", "accuracy",
-           "cache_dir"]
+__all__ = ["load_digits_split", "load_digits_fold", "train_classifier", "train_digits_cnn", "cached_model",
+           "pretrained_digits_cnn", "accuracy", "cache_dir"]
 
 _CACHE_VERSION = "v1"
 
@@ -95,14 +97,20 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(X)
 
 
-def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False,
-                     data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """Train :func:`nn_adapters.zoo.digits_cnn` (Adam, cosine learning rate) on ``data = (X, y)``, by default the
-    training part of :func:`load_digits_split`."""
-    Xtr, ytr = load_digits_split()[:2] if data is None else data
+def train_classifier(model: nn.Module, Xtr: torch.Tensor, ytr: torch.Tensor, epochs: int = 30, seed: int = 0,
+                     verbose: bool = False) -> nn.Module:
+    """Train ``model`` in place on ``(Xtr, ytr)`` (cross-entropy, Adam with learning rate 3e-3 and weight decay
+    1e-4, cosine schedule, mini-batches of 64 shuffled with ``seed``); return it in eval mode.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters import zoo
+    >>> X, y = torch.randn(64, 1, 40), torch.randint(0, 10, (64,))
+    >>> train_classifier(zoo.mnist1d_cnn(channels=(4, 4, 4)), X, y, epochs=1).training
+    False
+    """
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = zoo.digits_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     n = len(Xtr)
@@ -123,8 +131,18 @@ def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False,
     return model.eval()
 
 
-def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple[nn.Module, dict]:
-    """The trained digits CNN, from the cache or trained now (and cached atomically).
+def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False,
+                     data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """Train :func:`nn_adapters.zoo.digits_cnn` with :func:`train_classifier` on ``data = (X, y)``, by default the
+    training part of :func:`load_digits_split`."""
+    Xtr, ytr = load_digits_split()[:2] if data is None else data
+    torch.manual_seed(seed)
+    return train_classifier(zoo.digits_cnn(), Xtr, ytr, epochs, seed, verbose)
+
+
+def cached_model(path: Path, train: Callable[[], nn.Module], retrain: bool = False,
+                 verbose: bool = False) -> tuple[nn.Module, dict]:
+    """A trained zoo model, loaded from ``path`` or trained now by ``train()`` (and cached there atomically).
 
     Returns
     -------
@@ -133,7 +151,6 @@ def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple
     info : dict
         ``path``, ``cached`` (bool), ``train_time_s``.
     """
-    path = cache_dir() / f"digits_cnn-{_CACHE_VERSION}-seed0.pt"
     if path.exists() and not retrain:
         try:
             return load_pruned(path), {"path": str(path), "cached": True, "train_time_s": 0.0}
@@ -141,7 +158,7 @@ def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple
             if verbose:
                 print(f"ignoring unreadable cache {path}: {exc}")
     t0 = time.perf_counter()
-    model = train_digits_cnn(verbose=verbose)
+    model = train()
     took = time.perf_counter() - t0
     try:
         save_pruned(model, path)
@@ -149,3 +166,9 @@ def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple
         if verbose:
             print(f"could not cache the model at {path}: {exc}")
     return model, {"path": str(path), "cached": False, "train_time_s": took}
+
+
+def pretrained_digits_cnn(retrain: bool = False, verbose: bool = False) -> tuple[nn.Module, dict]:
+    """The trained digits CNN, from the cache or trained now (see :func:`cached_model`)."""
+    return cached_model(cache_dir() / f"digits_cnn-{_CACHE_VERSION}-seed0.pt",
+                        lambda: train_digits_cnn(verbose=verbose), retrain, verbose)
