@@ -1,5 +1,10 @@
 """Sphinx configuration of the submod documentation."""
 
+# Every Python example of these pages and of README.md runs as a test, tests/test_docs_examples.py (its docstring
+# has the rules): a page's blocks share one namespace, in page order; "# -> VALUE" after an expression and pycon
+# output are checked; the rst comment ".. example-setup" holds hidden set-up code for the next block, and
+# ".. slow-example" marks a block that runs only with "python -m pytest -m slow".
+
 import os
 import sys
 
