@@ -323,7 +323,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
             continue
         result = _follow(node, mod, modules, calls)
         if isinstance(result, str):
-            skipped.append((node.target, result))
+            if (node.target, result) not in skipped:  # a shared module's calls all give the same reason
+                skipped.append((node.target, result))
         else:
             pairs.append(result)
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])

@@ -1011,3 +1011,31 @@ def test_token_pooling_after_a_linear_producer():
     np.testing.assert_allclose(pruned.out.weight.detach().double().numpy(), sol[:-1].T, atol=1e-4)
     pairs, skipped = nna.find_pairs(nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2)), x)
     assert len(pairs) == 1
+
+
+class _SharedMiddle(nn.Module):
+    """``b`` is applied twice (weight sharing): neither it nor ``a`` (whose units reach ``b``'s second call
+    through the first) can lose units without changing the other call; ``head -> out`` is an ordinary pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.head, self.out = nn.Linear(8, 10), nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.out(torch.relu(self.head(h)))
+
+
+def test_shared_module_is_skipped_once_with_its_reason_and_the_rest_is_pruned():
+    net = _SharedMiddle().eval()
+    pairs, skipped = nna.find_pairs(net, torch.zeros(2, 6))
+    assert [(p.producer, p.consumer) for p in pairs] == [("head", "out")]
+    reasons = dict(skipped)
+    assert [name for name, _ in skipped].count("b") == 1  # two calls, one entry (was listed once per call)
+    assert reasons["b"] == "module is called 2 times (shared weights)"
+    assert "called several times" in reasons["a"]
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    pruned, _ = nna.prune(net, x, keep=0.5, method="asym")
+    assert pruned.head.out_features == 5 and pruned.out.in_features == 5
+    assert pruned.a.weight.shape == net.a.weight.shape and pruned.b.weight.shape == net.b.weight.shape
