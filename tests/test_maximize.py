@@ -457,3 +457,86 @@ def test_value_oracle_returning_nan_is_rejected():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             submod.maximize(f, 2)
+
+
+def documented_certificate(f, prefixes, k, gamma):
+    """max(F(A), min over the prefixes A of F(A) + (1/gamma) * (sum of the k largest positive F(j|A), j not in A)),
+    computed from the value oracle alone."""
+    bounds = []
+    for A in prefixes:
+        fa = f.value(list(A))
+        gains = sorted((max(f.value(list(A) + [j]) - fa, 0.0) for j in range(f.n) if j not in A), reverse=True)
+        bounds.append(fa + sum(gains[:k]) / gamma)
+    return max(f.value(list(prefixes[-1])), min(bounds))
+
+
+def test_greedy_certificate_is_the_documented_minimum_over_prefixes():
+    """The certificate equals F(A) + (1/gamma) * (k largest gains at A), minimised over greedy's prefixes: with a
+    proven gamma < 1 (least squares) and with gamma = 1 (a submodular function), not merely some number >= OPT."""
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((40, 6))
+    A[:, 1] += 0.8 * A[:, 0]
+    f = submod.SparseRegression(A, A[:, :3] @ np.array([1.0, -2.0, 0.5]) + 0.3 * rng.standard_normal(40))
+    res = submod.maximize(f, 3, gamma_lower=0.2)
+    prefixes = [res.selected[:t].tolist() for t in range(4)]
+    assert res.certificate.upper_bound == pytest.approx(documented_certificate(f, prefixes, 3, 0.2), rel=1e-9)
+    g = submod.FacilityLocation(similarity=rng.random((8, 8)))
+    res = submod.maximize(g, 3)
+    prefixes = [res.selected[:t].tolist() for t in range(4)]
+    # rel 1e-7: greedy widens its bound by k * 1e-9 * (largest gain) for the rounding of incremental gains
+    assert res.certificate.upper_bound == pytest.approx(documented_certificate(g, prefixes, 3, 1.0), rel=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(submodular_instances())
+def test_certificate_of_a_run_that_exhausts_every_gain_is_its_value(f):
+    """With k = n every method ends at a prefix where no gain is positive, so the minimum over prefixes of
+    F(A) + sum of the k largest gains is F(A) itself: the certificate equals the value (stale gains of elements
+    already in A must not count)."""
+    for method in submod.METHODS:
+        res = submod.maximize(f, f.n, method=method, seed=0)
+        assert res.certificate.upper_bound == pytest.approx(res.value, rel=1e-8, abs=1e-8)
+
+
+def test_lazy_breaks_a_tie_with_an_exact_stale_bound_like_greedy():
+    """Coverage (from a value oracle) where, after the first pick, a stale bound equals the best fresh gain: the
+    element holding it (lower index) must be re-evaluated and win the tie, as in exact greedy."""
+    sets = [{4}, {1, 2, 3}, {1, 5}]   # gains at the empty set 1, 3, 2; after picking 1: 1, -, 1
+    f = submod.from_callable(lambda S: float(len(set().union(*(sets[j] for j in S)))), n=3, submodular=True)
+    assert submod.maximize(f, 2).selected.tolist() == [1, 0]
+    assert submod.maximize(f, 2, method="lazy").selected.tolist() == [1, 0]
+
+
+def test_knapsack_certificate_is_the_fractional_knapsack_bound():
+    """The knapsack certificate is min over greedy prefixes A of F(A) + min(LP relaxation of the gains at A, k
+    largest gains); for a modular F the LP is solved independently with scipy's linprog (budget 4.5: item 1, then
+    item 0 fractionally, LP = 10 at the empty set)."""
+    from scipy.optimize import linprog
+
+    w, c, budget = np.array([6.0, 5.0, 4.0, 1.0]), np.array([3.0, 2.0, 2.0, 1.0]), 4.5
+    f = submod.Modular(w)
+    res = submod.maximize(f, None, constraint=submod.Knapsack(c, budget))
+    assert res.selected.tolist() == [1, 2] and res.value == 9.0
+    bounds = []
+    for t in range(res.selected.size + 1):
+        rest = np.setdiff1d(np.arange(4), res.selected[:t])
+        lp = -linprog(-w[rest], A_ub=c[rest][None, :], b_ub=[budget], bounds=(0, 1)).fun
+        bounds.append(w[res.selected[:t]].sum() + lp)
+    assert res.certificate.upper_bound == pytest.approx(min(bounds), rel=1e-12)
+    assert res.certificate.upper_bound == pytest.approx(10.0, rel=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_partition_matroid_certificate_of_a_modular_function_is_opt(data):
+    """For a modular F the matroid relaxation at the empty set (the budgets[g] largest gains of every group, then
+    the k largest of those) is exact, so the certificate equals the brute-force optimum."""
+    n = data.draw(st.integers(1, 7))
+    w = np.array(data.draw(st.lists(st.floats(0.1, 10.0), min_size=n, max_size=n)))
+    groups = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
+    n_groups = int(groups.max()) + 1
+    budgets = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n_groups, max_size=n_groups)))
+    k = data.draw(st.integers(1, n))
+    res = submod.maximize(submod.Modular(w), k, constraint=submod.PartitionMatroid(groups, budgets))
+    ok = lambda S: all(np.sum(groups[list(S)] == g) <= b for g, b in enumerate(budgets))  # noqa: E731
+    assert res.certificate.upper_bound == pytest.approx(brute_opt(submod.Modular(w), k, ok), rel=1e-12)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nn_adapters as nna
+import submod
 from nn_adapters import zoo
 from nn_adapters._stats import PairStats, capture_hooks
 from nn_adapters.budget import ParamModel
@@ -1039,3 +1040,54 @@ def test_shared_module_is_skipped_once_with_its_reason_and_the_rest_is_pruned():
     pruned, _ = nna.prune(net, x, keep=0.5, method="asym")
     assert pruned.head.out_features == 5 and pruned.out.in_features == 5
     assert pruned.a.weight.shape == net.a.weight.shape and pruned.b.weight.shape == net.b.weight.shape
+
+
+def test_refit_equals_lstsq_for_a_dilated_conv_consumer():
+    """A consumer with dilation 2: its design rows are the taps (i, j), (i, j+2), (i+2, j), (i+2, j+2) of each output
+    position, built here by loops; the refit weights and bias equal numpy lstsq on them with a ones column."""
+    net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 2, dilation=2)).eval()
+    x = torch.randn(30, 2, 6, 6)
+    pruned, report = nna.prune(net, x, keep=0.6, method="layer", ridge=0.0)
+    kept = report.layers[0].kept_units
+    with torch.no_grad():
+        h = torch.relu(net[0](x)).double().numpy()
+    A = np.array([h[n, :, i:i + 3:2, j:j + 3:2].reshape(-1) for n in range(30) for i in range(4) for j in range(4)])
+    Y = A @ net[2].weight.detach().double().numpy().reshape(4, -1).T
+    cols = np.concatenate([np.arange(c * 4, c * 4 + 4) for c in kept])
+    sol = np.linalg.lstsq(np.hstack([A[:, cols], np.ones((len(A), 1))]), Y, rcond=None)[0]
+    np.testing.assert_allclose(pruned[2].weight.detach().double().numpy().reshape(4, -1), sol[:-1].T, atol=1e-4)
+    np.testing.assert_allclose(pruned[2].bias.detach().double().numpy(),
+                               net[2].bias.detach().double().numpy() + sol[-1], atol=1e-4)
+
+
+def test_batchnorm_keeps_the_statistics_of_the_kept_channels():
+    """Without reweighting, conv -> BatchNorm -> ReLU of the pruned model computes exactly the original activations
+    of the kept channels: the BatchNorm's running mean and variance and affine entries follow the kept indices."""
+    torch.manual_seed(0)
+    net = _randomise_bn(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                      nn.Conv2d(6, 4, 3)))
+    x = torch.randn(40, 2, 6, 6)
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", reweight=False, ridge=0.0)
+    kept = report.layers[0].kept_units
+    assert kept != list(range(len(kept)))   # the check needs kept channels other than the leading ones
+    with torch.no_grad():
+        torch.testing.assert_close(pruned[:3](x), net[:3](x)[:, kept])
+
+
+def test_sequential_statistics_of_a_conv_to_linear_pair_use_the_kept_channel_blocks():
+    """method='seq' feeds the next pair the activations of the network pruned so far. After the conv -> flatten ->
+    linear pair keeps channels C (without reweighting, so the linear keeps its original columns of C), the linear ->
+    linear pair must select greedily on relu(W1[:, cols(C)] h_C + b1), built here from the original modules."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10), nn.ReLU(),
+                        nn.Linear(10, 3)).eval()
+    x = torch.randn(80, 1, 6, 6)
+    _, report = nna.prune(net, x, keep=0.5, method="seq", reweight=False, ridge=0.0)
+    kept = report.layers[0].kept_units
+    cols = torch.cat([torch.arange(c * 16, c * 16 + 16) for c in kept])
+    with torch.no_grad():
+        h = torch.relu(net[0](x)).flatten(1)[:, cols]
+        A = torch.relu(F.linear(h, net[3].weight[:, cols], net[3].bias)).double().numpy()
+    Y = A @ net[5].weight.detach().double().numpy().T
+    path = submod.SparseRegression(A, Y, fit_intercept=True).greedy_path(5)
+    assert report.layers[1].pick_order == path.selected.tolist()

@@ -318,3 +318,14 @@ def test_asymmetry_far_from_the_diagonal_is_rejected(make):
     K[590, 10] += 1e-3  # below the diagonal, in the last row block
     with pytest.raises(ValueError, match="symmetric"):
         make(K)
+
+
+def test_lazy_first_bounds_of_facility_location_are_upper_bounds():
+    """K = I + 0.02 (n = 10): F(S) = |S| + 0.2 for S non-empty, first gain 1.2 and every later gain 1, so for k = 3
+    the prefix bounds F(A) + 3 * (largest gain) are 3.6, 4.2, 5.2, 6.2 and the certificate is 3.6 (closed form).
+    Lazy greedy certifies its prefix 0 from bounds on the column sums: they must not be below the true gains."""
+    f = submod.FacilityLocation(similarity=np.eye(10) + 0.02)
+    greedy, lazy = submod.maximize(f, 3), submod.maximize(f, 3, method="lazy")
+    assert greedy.value == pytest.approx(3.2) and lazy.value == pytest.approx(3.2)
+    assert greedy.certificate.upper_bound == pytest.approx(3.6, rel=1e-8)
+    assert lazy.certificate.upper_bound >= 3.6

@@ -707,3 +707,41 @@ def test_larger_instance_against_lstsq():
         for t in (1, 37, 96, 150):
             want = lstsq_value(A, Y, list(path.selected[:t]))
             assert path.values[t] == pytest.approx(want, abs=1e-9 * f.y_norm2)
+
+
+def test_from_gram_with_intercept_centres_the_target_energy():
+    """With fit_intercept, from_gram's y_norm2 is ||Y - mean(Y)||^2 (not the raw ||Y||^2 it was given), so the
+    residuals and relative errors of a path are those of least squares with a ones column (numpy lstsq)."""
+    rng = np.random.default_rng(8)
+    A, Y = rng.standard_normal((50, 4)) + 1.5, rng.standard_normal((50, 2)) + 3.0
+    f = SparseRegression.from_gram(A.T @ A, A.T @ Y, float((Y ** 2).sum()), fit_intercept=True,
+                                   mean_a=A.mean(0), mean_y=Y.mean(0), count=50)
+    assert f.y_norm2 == pytest.approx(float(((Y - Y.mean(0)) ** 2).sum()), rel=1e-10)
+    path = f.greedy_path(2)
+    for k in range(3):
+        X = np.hstack([A[:, path.selected[:k]], np.ones((50, 1))])
+        resid = float(((Y - X @ np.linalg.lstsq(X, Y, rcond=None)[0]) ** 2).sum())
+        assert path.errors[k] == pytest.approx(resid, rel=1e-9)
+        assert path.relative_errors[k] == pytest.approx(resid / float(((Y - Y.mean(0)) ** 2).sum()), rel=1e-9)
+
+
+def test_integer_groups_are_consecutive_blocks_of_columns():
+    """groups=s makes unit u the columns s*u .. s*u + s - 1: its value is least squares on exactly those columns."""
+    rng = np.random.default_rng(9)
+    A, Y = rng.standard_normal((40, 6)), rng.standard_normal((40, 2))
+    f = SparseRegression(A, Y, groups=2)
+    assert [g.tolist() for g in f.groups] == [[0, 1], [2, 3], [4, 5]]
+    for S in ([0], [2], [0, 2]):
+        cols = np.concatenate([np.arange(2 * u, 2 * u + 2) for u in S])
+        assert f.value(S) == pytest.approx(lstsq_value(A, Y, cols), rel=1e-10)
+
+
+def test_from_gram_refuses_statistics_that_break_cauchy_schwarz_by_a_little():
+    """A column equal to Y attains Cauchy-Schwarz with equality, ||B_j||^2 = G_jj ||Y||^2: a y_norm2 10% too small
+    (statistics of different rows, a wrong normalisation) is impossible and must be refused."""
+    rng = np.random.default_rng(10)
+    y = rng.standard_normal(30)
+    A = np.column_stack([y, rng.standard_normal(30)])
+    SparseRegression.from_gram(A.T @ A, A.T @ y, float(y @ y))
+    with pytest.raises(ValueError, match="inconsistent statistics"):
+        SparseRegression.from_gram(A.T @ A, A.T @ y, 0.9 * float(y @ y))

@@ -154,3 +154,36 @@ def test_wide_design_with_ridge_is_flagged_weak_not_vacuous():
     assert any("fewer samples" in p and "vacuous;" in p for p in plain.preconditions)
     assert any("fewer samples" in p and "not vacuous" in p for p in ridged.preconditions)
     assert ridged.lambda_min > 0
+
+
+def whitened_lambda_min(blocks: list[np.ndarray]) -> float:
+    """lambda_min of the Gram of orthonormal bases (QR) of each block of columns, stacked side by side."""
+    Q = np.hstack([np.linalg.qr(b)[0] for b in blocks])
+    return float(np.linalg.eigvalsh(Q.T @ Q)[0])
+
+
+def test_spectral_bounds_follow_their_closed_forms_over_units_of_two_columns():
+    """With units of two columns (d = 4 units, 8 columns): the a-priori bound is err(V) + exp(-lambda k / d) F(V)
+    with lambda from orthonormal bases of each unit and d the number of UNITS; the per-step bound is
+    err(V) + prod_t (1 - l_t / (d - t)) F(V) with l_t from the remaining units residualised on the picked ones
+    (numpy lstsq and QR as the oracle)."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((60, 8)) @ (np.eye(8) + 0.4 * rng.standard_normal((8, 8)))
+    Y = A @ rng.standard_normal((8, 2))
+    f = SparseRegression(A, Y, groups=2)
+    dec = error_decay(f, comparators=None, per_step_spectral=True)
+    d, y2 = 4, float((Y ** 2).sum())
+    units = [A[:, 2 * u:2 * u + 2] for u in range(d)]
+    err_v = lstsq_residual(A, Y, np.arange(8))
+    k = np.arange(d + 1)
+    expected = err_v + np.exp(-whitened_lambda_min(units) * k / d) * (y2 - err_v)
+    np.testing.assert_allclose(dec.bound("a-priori spectral").values, expected, rtol=1e-8, atol=1e-8 * y2)
+    factors = []
+    for t in range(d):
+        picked = np.hstack([units[u] for u in dec.selected[:t]]) if t else np.zeros((60, 0))
+        rest = [u for u in range(d) if u not in dec.selected[:t]]
+        resid = [units[u] - picked @ np.linalg.lstsq(picked, units[u], rcond=None)[0] if t else units[u]
+                 for u in rest]
+        factors.append(1.0 - whitened_lambda_min(resid) / (d - t))
+    expected = err_v + np.concatenate([[1.0], np.cumprod(factors)]) * (y2 - err_v)
+    np.testing.assert_allclose(dec.bound("per-step spectral").values, expected, rtol=1e-8, atol=1e-8 * y2)

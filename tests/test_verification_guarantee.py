@@ -174,3 +174,33 @@ def test_verification_arguments_are_checked_up_front(tmp_path):
         with pytest.raises(ValueError, match=match):
             call()
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # nothing left behind
+
+
+def ratio_by_definition(f: submod.SetFunction, Ls: list[tuple[int, ...]], k: int) -> float:
+    """min over L in Ls and non-empty S disjoint from L, |S| <= k, of sum_j F(j|L) / F(S|L) (0/0 := 1)."""
+    best = 1.0
+    for L in Ls:
+        fl = f.value(list(L))
+        rest = [j for j in range(f.n) if j not in L]
+        for s in range(1, k + 1):
+            for S in itertools.combinations(rest, s):
+                den = f.value(list(L) + list(S)) - fl
+                if den > 1e-12:
+                    best = min(best, sum(f.value(list(L) + [j]) - fl for j in S) / den)
+    return best
+
+
+def test_stochastic_row_uses_the_ratio_over_every_reachable_set():
+    """Stochastic greedy's bound is 1 - exp(-(1 - eps) gamma') with gamma' the ratio over every L with |L| <= k - 1
+    (any set it may reach), not greedy's gamma over the subsets of its own set; both by brute force here."""
+    data = vst.suppressor_data(n_noise=2)
+    f = SparseRegression(data.A, data.Y)
+    k, eps = 2, submod.DEFAULT_EPS
+    chk = check_guarantee(f, k, methods=("greedy", "stochastic"), n_seeds=2)
+    greedy_set = chk.row("greedy").selected
+    gamma = ratio_by_definition(f, [L for r in range(k + 1) for L in itertools.combinations(greedy_set, r)], k)
+    reach = ratio_by_definition(f, [L for r in range(k) for L in itertools.combinations(range(f.n), r)], k)
+    assert abs(gamma - reach) > 0.01                       # the two ratios differ on this instance
+    assert chk.gamma == pytest.approx(gamma, rel=1e-6)
+    assert chk.gamma_reachable == pytest.approx(reach, rel=1e-6)
+    assert chk.row("stochastic").factor == pytest.approx(1.0 - math.exp(-(1.0 - eps) * reach), rel=1e-6)
