@@ -11,7 +11,11 @@ weight norm with the refit, magnitude without it), and its accuracy is measured 
 nothing is tuned on. Prints mean +- std over seeds, and accuracy and pruning-time RATIOS against the baselines
 measured in the same run. All figures are empirical estimates on this data set (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_mnist1d.py [--seeds 5] [--calib 100] [--compressions 2 4 8] [--retrain]
+With ``--fidelity`` it also prints, per method, the relative error of the pruned network's logits against the
+original network's on the calibration signals (in-sample) and on the training signals not drawn for calibration
+(held-out): a label-free measure of how faithful the pruned network is, next to its accuracy.
+
+Run:  python benchmarks/bench_prune_mnist1d.py [--seeds 5] [--calib 100] [--compressions 2 4 8] [--fidelity] [--retrain]
 Needs:  pip install mnist1d
 """
 
@@ -47,6 +51,12 @@ def load_mnist1d() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
     return signals(d["x"]), labels["y"], signals(d["x_test"]), labels["y_test"]
 
 
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on ``x`` in eval mode, without gradients."""
+    with torch.no_grad():
+        return model.eval()(x)
+
+
 def trained_cnn(Xtr: torch.Tensor, ytr: torch.Tensor, retrain: bool) -> tuple[torch.nn.Module, dict]:
     """The zoo CNN trained on the training split (seed 0), from the cache or trained now."""
     def train() -> torch.nn.Module:
@@ -61,6 +71,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--calib", type=int, default=100, help="unlabeled calibration signals")
     ap.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--fidelity", action="store_true",
+                    help="also print the relative logit error against the unpruned network, in-sample and held-out")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached model and train again")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -82,17 +94,24 @@ def main() -> None:
                                          for p in pairs))
 
     acc = {(m[0], c): [] for m in METHODS for c in args.compressions}
+    fid = {(m[0], c, part): [] for m in METHODS for c in args.compressions for part in ("in", "out")}
     tim = {m[0]: [] for m in METHODS}
     achieved = {c: [] for c in args.compressions}
     for c in args.compressions:
         for s in range(args.seeds):
             idx = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(s))[:args.calib]
             calib = Xtr[idx]  # unlabeled
+            rest = torch.ones(len(Xtr), dtype=torch.bool)
+            rest[idx] = False
+            parts = {"in": calib, "out": Xtr[rest]}
+            ref = {part: logits(model, x) for part, x in parts.items()} if args.fidelity else {}
             for label, method, rw in METHODS:
                 t0 = time.perf_counter()
                 pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s)
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
+                for part, r in ref.items():
+                    fid[(label, c, part)].append(float((logits(pruned, parts[part]) - r).norm() / r.norm()))
                 achieved[c].append(rep.compression)
     mean = {k: float(np.mean(v)) for k, v in acc.items()}
     std = {k: float(np.std(v)) for k, v in acc.items()}
@@ -104,6 +123,14 @@ def main() -> None:
                                        for c in args.compressions))
     print(f"{'achieved compression':<24}" + "".join(f"{min(achieved[c]):>8.2f}-{max(achieved[c]):.2f}x"
                                                     for c in args.compressions))
+
+    if args.fidelity:
+        print("\nrelative logit error against the unpruned network, mean over seeds: in-sample (calibration "
+              "signals) / held-out (the other training signals)\n" + head)
+        for label, *_ in METHODS:
+            cells = (f"{np.mean(fid[(label, c, 'in')]):>8.3f} /{np.mean(fid[(label, c, 'out')]):>6.3f}"
+                     for c in args.compressions)
+            print(f"{label:<24}" + "".join(cells))
 
     for ref in BASES:
         print(f"\nratios against {ref} measured in this run (mean accuracy ratio at each compression; mean "
