@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import submod
+from submod.optimize import NonMonotoneWarning
 from submod.sparse_regression import SparseRegression
 from verification import certify, check_guarantee, submodularity_ratio
 from verification import strategies as vst
@@ -204,3 +205,31 @@ def test_stochastic_row_uses_the_ratio_over_every_reachable_set():
     assert chk.gamma == pytest.approx(gamma, rel=1e-6)
     assert chk.gamma_reachable == pytest.approx(reach, rel=1e-6)
     assert chk.row("stochastic").factor == pytest.approx(1.0 - math.exp(-(1.0 - eps) * reach), rel=1e-6)
+
+
+def _capped_count(full_value: float) -> submod.SetFunction:
+    """F(S) = min(|S|, 2) on 3 elements (submodular), except F(V) = ``full_value``: F(V) evaluated a little low
+    stands for F(V) summed in another order than F(S) when S already explains everything."""
+    return submod.from_callable(lambda S: full_value if len(S) == 3 else float(min(len(S), 2)), n=3,
+                                submodular=True)
+
+
+def test_certificate_below_the_value_by_rounding_is_lifted_to_the_value():
+    """OPT_k >= F(S) for the certified S (|S| <= k), so a bound under F(S) by rounding alone is lifted to F(S);
+    the hypothesis example of docs/tutorial_verify.rst once failed `upper_bound >= f.value(selected)` this way
+    (F(V) 1 ulp below F(S), on data the selection explains exactly)."""
+    f = _capped_count(2.0 * (1.0 - 4e-16))
+    res = submod.maximize(f, 2)
+    cert = certify(f, res, use_full_set=True)
+    assert res.value == 2.0 and cert.prefix_size == -1  # the F(V) bound is the smallest
+    assert cert.upper_bound == 2.0 and cert.upper_bound >= cert.value
+
+
+def test_certificate_far_below_the_value_is_not_hidden():
+    """A shortfall beyond rounding means F breaks the assumptions (here F(V) < F(S): not monotone); the bound is
+    reported as computed, so the contradiction shows (ratio value / bound > 1 is capped at 1 in .ratio only)."""
+    f = _capped_count(1.5)
+    with pytest.warns(NonMonotoneWarning):  # greedy sees the negative gain too
+        res = submod.maximize(f, 2)
+    cert = certify(f, res, use_full_set=True)
+    assert cert.upper_bound == 1.5 < cert.value == 2.0

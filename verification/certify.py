@@ -25,6 +25,8 @@ __all__ = ["CertificateCheck", "certify", "prefix_bounds"]
 
 #: ``F(V)`` is added to the certificate automatically up to this ground-set size (one state with ``n`` adds).
 FULL_SET_AUTO_N = 2000
+#: Relative shortfall of a bound below ``F(selected)`` that is attributed to floating-point rounding.
+_ROUNDING = 1e-9
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,10 @@ class CertificateCheck:
     Attributes
     ----------
     upper_bound : float
-        ``OPT_k <= upper_bound`` (a proven upper bound, given ``gamma_lower``).
+        ``OPT_k <= upper_bound`` (a proven upper bound, given ``gamma_lower``). Never below ``value`` by rounding
+        alone when the certified set fits the budget: a bound within ``1e-9 * |value|`` under ``value`` is lifted
+        to ``value`` (``OPT_k >= F(selected)``); a larger shortfall is kept, since it shows that ``gamma_lower``
+        or ``F`` breaks the assumptions of the bound.
     value : float
         ``F`` of the certified set.
     k : int
@@ -188,6 +193,11 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     upper, prefix = float(bounds[best]), best
     if full is not None and full < upper:
         upper, prefix = float(full), -1
+    if selected.size <= kk and upper < value <= upper + _ROUNDING * max(abs(value), abs(upper)):
+        # OPT_k >= F(selected): a bound below it by rounding alone (F(V) or F(A_t) summed in another order than
+        # F(selected), e.g. when the selection already explains everything) is lifted to it. A larger shortfall
+        # is left visible: it means gamma_lower or F breaks the theorem's assumptions.
+        upper = float(value)
     return CertificateCheck(upper_bound=upper, value=float(value), k=kk, gamma_lower=gamma, gamma_source=source,
                             prefix_size=prefix, prefix_bounds=bounds, full_set_value=full,
                             cost={"gain_evaluations": evals, "seconds": time.perf_counter() - start})
