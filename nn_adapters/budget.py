@@ -18,7 +18,9 @@ Three ways to say it:
   problem is a knapsack.
 
 The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (:class:`ParamModel`), so
-budgets are met exactly, without building candidate networks.
+budgets are met exactly, without building candidate networks. The per-unit layers on a pair's way (its
+``between``: BatchNorm entries, the filters and biases of a depthwise convolution) count as many parameters per kept
+unit as they hold per channel.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ParamModel:
         self.original = int(sum(p.numel() for p in model.parameters()))
         prod = {p.producer: i for i, p in enumerate(pairs)}
         cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
-        bn = {b: i for i, p in enumerate(pairs) for b in p.between}
+        between = {b: i for i, p in enumerate(pairs) for b in p.between}  # BatchNorms and depthwise convolutions
         const = 0
         terms = []  # (coef, in_idx, in_mult, out_idx, out_mult); value = coef * kk[in]*in_mult * kk[out]*out_mult
         for name, m in model.named_modules():
@@ -76,10 +78,10 @@ class ParamModel:
                 if m.bias is not None or (adds_bias and name in cons):
                     terms.append((1, -1, 1, o_idx, o_mult))
                 const += direct - W.numel() - (m.bias.numel() if m.bias is not None else 0)
-            elif name in bn:
-                n_aff = sum(p.numel() for p in m.parameters(recurse=False))
-                if n_aff:
-                    terms.append((n_aff // m.num_features, -1, 1, bn[name], 1))
+            elif name in between:  # every parameter belongs to one channel: an affine entry, a filter, a bias
+                i = between[name]
+                if direct:
+                    terms.append((direct // pairs[i].n_units, -1, 1, i, 1))
             else:
                 const += direct
         self.const = int(const)

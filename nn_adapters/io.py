@@ -2,10 +2,11 @@
 
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
 architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/BatchNorm
-layer) and a plain ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses
-arbitrary pickled objects, then rebuilds the architecture (from the zoo, or from an unpruned instance you pass),
-resizes the layers and loads the tensors strictly. The file is written to a temporary name and moved into place
-with ``os.replace``, so an interrupted save never leaves a half-written file.
+layer, with the groups of a convolution, which a pruned depthwise convolution changes) and a plain ``state_dict``
+of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects, then rebuilds
+the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads the tensors
+strictly. The file is written to a temporary name and moved into place with ``os.replace``, so an interrupted
+save never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def architecture_spec(model: nn.Module) -> dict:
             shapes[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
         elif _conv.is_conv(m):
             shapes[name] = {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
-                            "bias": m.bias is not None}
+                            "groups": m.groups, "bias": m.bias is not None}
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
                             "num_features": m.num_features}
@@ -77,13 +78,15 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
     if issubclass(base, _conv.LAYER_TYPES):
+        # a file written before groups were recorded holds no resized grouped convolution: keep the base's groups
+        groups = 1 if kind == "Linear" else shape.get("groups", m.groups)
         tail = () if kind == "Linear" else m.weight.shape[2:]
-        m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"], *tail, **dev))
+        m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"] // groups, *tail, **dev))
         m.bias = nn.Parameter(torch.empty(shape["out"], **dev)) if shape["bias"] else None
         if kind == "Linear":
             m.in_features, m.out_features = shape["in"], shape["out"]
         else:
-            m.in_channels, m.out_channels = shape["in"], shape["out"]
+            m.in_channels, m.out_channels, m.groups = shape["in"], shape["out"], groups
     else:
         n = shape["num_features"]
         if m.weight is not None:

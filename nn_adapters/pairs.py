@@ -23,6 +23,18 @@ Supported pair kinds
 A 1-D and a 2-D convolution are never paired with each other, and pooling must have the convolution's rank
 (``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``).
 
+Depthwise convolutions
+----------------------
+A depthwise convolution with channel multiplier 1 (``groups == in_channels == out_channels``, the 3x3 convolution
+of a MobileNetV2/EfficientNet inverted-residual block) filters each channel on its own, so between a convolution
+producer and its consumer it is a per-unit operation like BatchNorm: ``expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 ->
+BN -> ReLU6 -> project 1x1`` is a ``conv->conv`` pair whose units are the hidden channels. It is recorded in the
+pair's ``between`` with the BatchNorms, and removing channel ``c`` also removes its filter and bias. Any kernel,
+stride, padding, dilation and padding mode is fine (padding, even reflect or circular, never mixes channels). A
+depthwise convolution with a channel multiplier above 1 (``out_channels = m * in_channels``), any other grouped
+convolution, and a depthwise convolution as producer or consumer (its input channels are its output channels) are
+refused.
+
 Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
 prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
 prunable, as in the paper).
@@ -93,7 +105,8 @@ class Pair:
     producer, consumer : str
         Qualified module names (as in ``model.named_modules()``).
     between : tuple of str
-        Names of the BatchNorm modules on the way, whose entries are removed with the producer's units.
+        Names of the per-unit layers with parameters on the way (BatchNorm, depthwise convolutions with channel
+        multiplier 1), whose entries (channels, filters) are removed with the producer's units.
 
     Examples
     --------
@@ -117,7 +130,8 @@ class PrunablePair:
     producer, consumer : str
         Module names.
     between : tuple of str
-        BatchNorm modules between them (their entries follow the producer's units).
+        BatchNorm modules and depthwise convolutions between them (their entries and filters follow the producer's
+        units).
     kind : str
         ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (for ``Conv1d`` and ``Conv2d`` alike).
     n_units : int
@@ -246,19 +260,56 @@ def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> s
     return None
 
 
+def _weight_ok(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why the ``.weight`` of a Linear/Conv1d/Conv2d cannot be sliced and refitted as the layer's weight, or
+    ``None``: a parametrized weight, or a subclass whose ``forward`` computes something else."""
+    if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
+        return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
+                "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
+    return _plain_forward(mod, in_shape)
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    """Whether a convolution is depthwise (one group per input channel, any channel multiplier)."""
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def _channelwise_conv(producer: nn.Module, conv: nn.Module, n_units: int,
+                      in_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why a grouped convolution between ``producer`` and its consumer does not filter each of the producer's
+    ``n_units`` channels on its own into the same channel, or ``None`` (a depthwise convolution with channel
+    multiplier 1 of the producer's rank, which can lose channels like a BatchNorm)."""
+    if not _is_depthwise(conv):
+        return (f"grouped convolution (groups={conv.groups}, in_channels={conv.in_channels}) mixes the channels of "
+                "each group; only a depthwise convolution (groups = in_channels = out_channels) can lie between a "
+                "producer and its consumer")
+    if conv.out_channels != conv.in_channels:
+        return (f"depthwise convolution with channel multiplier {conv.out_channels // conv.in_channels} "
+                f"({conv.in_channels} -> {conv.out_channels} channels) is not supported: each input channel feeds "
+                "several output channels; only multiplier 1 (out_channels = in_channels) is")
+    if not _conv.is_conv(producer) or _conv.rank(producer) != _conv.rank(conv):
+        return (f"a depthwise {_conv.base_class(conv).__name__} after a {type(producer).__name__} producer is not "
+                "supported; it must have the producer convolution's rank")
+    if conv.in_channels != n_units:
+        return f"depthwise convolution has {conv.in_channels} channels, expected the producer's {n_units}"
+    return _weight_ok(conv, in_shape)
+
+
 def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] | None = None) -> str | None:
     """Why a Linear/Conv1d/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
 
     A producer only loses output units, so its padding does not matter; a consumer's input is unfolded with
-    explicit zero padding, and neither may be grouped or have a parametrized (weight-normalised) weight.
+    explicit zero padding, and neither may be grouped (a depthwise convolution can only lie between them, see
+    :func:`_channelwise_conv`) or have a parametrized (weight-normalised) weight.
     """
-    if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
-        return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
-                "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
-    if (why := _plain_forward(mod, in_shape)) is not None:
+    if (why := _weight_ok(mod, in_shape)) is not None:
         return why
     if not _conv.is_conv(mod):
         return None
+    if _is_depthwise(mod):
+        return (f"a depthwise convolution (groups={mod.groups}) is not supported as a "
+                f"{'consumer' if consumer else 'producer'}: its input channels are its output channels. Its channels "
+                "are pruned with those of the convolution that feeds it, when that one is a prunable producer")
     if mod.groups != 1:
         return f"grouped convolution (groups={mod.groups}) is not supported"
     if not consumer:
@@ -285,7 +336,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     pairs : list of PrunablePair
         In the order their consumers run.
     skipped : list of (str, str)
-        ``(module name, reason)`` for every Linear/Conv1d/Conv2d that is not a prunable producer.
+        ``(module name, reason)`` for every Linear/Conv1d/Conv2d that is not a prunable producer (a depthwise
+        convolution pruned with the producer that feeds it is not listed).
 
     Examples
     --------
@@ -327,6 +379,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
                 skipped.append((node.target, result))
         else:
             pairs.append(result)
+    pruned_between = {b for p in pairs for b in p.between}  # a depthwise convolution pruned with its producer
+    skipped = [(name, why) for name, why in skipped if name not in pruned_between]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
 
@@ -384,9 +438,16 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
-            if isinstance(m, _conv.LAYER_TYPES):
+            if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
                 return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units)
-            if isinstance(m, _BN_MODULES):
+            if isinstance(m, _conv.LAYER_TYPES):
+                if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
+                    return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
+                if (shape := _shape(cur)) is not None and len(shape) != _conv.rank(m) + 2:
+                    return (f"depthwise {type(m).__name__} {u.target!r} reads a {len(shape)}-D tensor {shape}, not "
+                            f"{_conv.layout(m)}: it does not filter the producer's channels one by one")
+                between.append(u.target)
+            elif isinstance(m, _BN_MODULES):
                 if m.num_features != n_units:
                     return f"BatchNorm {u.target!r} has {m.num_features} features, expected {n_units}"
                 shape = _shape(cur)
@@ -636,9 +697,13 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
                 raise ValueError(f"declared pair {p}: {why}.")
         n = _unit_count(prod)
         for b in p.between:
-            bn = modules[b]
-            if not isinstance(bn, _BN_MODULES) or bn.num_features != n:
-                raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features.")
+            m = modules[b]
+            if _conv.is_conv(m):
+                if (why := _channelwise_conv(prod, m, n)) is not None:
+                    raise ValueError(f"declared pair {p}: {type(m).__name__} {b!r} in between: {why}.")
+            elif not isinstance(m, _BN_MODULES) or m.num_features != n:
+                raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features or a depthwise "
+                                 f"convolution with {n} channels (groups = in_channels = out_channels = {n}).")
         if _conv.is_conv(cons):
             if (why := _conv_pairing(prod, cons)) is not None:
                 raise ValueError(f"declared pair {p}: {why}; declare a producer of the consumer's kind.")
@@ -698,7 +763,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     turn) to a random half of the producer's units and requires that the consumer's input changes, and changes
     only in the column blocks of those units. A permute or transpose before a flatten, a LayerNorm or any layer
     that mixes units, or a consumer that does not read this producer fails with an error that says so. The same
-    runs find a BatchNorm on the way that is missing from ``between`` (its input changes unit by unit too), and a
+    runs find a BatchNorm or depthwise convolution on the way that is missing from ``between`` (its input changes
+    unit by unit too), and a
     fourth run, with the model's input changed and the producer's output held fixed, finds a consumer that also
     reads another tensor (a residual sum).
     """
@@ -774,7 +840,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                     f"declared pair {pair.name}: changing some units of {pair.producer!r} changed the consumer's "
                     f"input columns of other units (e.g. the blocks of units {bad}), so the consumer's columns are "
                     "not the producer's units in order. Only per-unit operations may lie between them (BatchNorm, "
-                    "element-wise activations, pooling, dropout, a channel-major flatten); a permute/transpose "
+                    "depthwise convolutions, element-wise activations, pooling, dropout, a channel-major flatten); a "
+                    "permute/transpose "
                     "before the flatten, a LayerNorm or any layer that mixes units is not. Remove this pair from "
                     "pairs= or restructure the model.")
             changed |= diff
@@ -792,8 +859,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
         # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
         if int(other_changed.sum()) > 1 and bool((other_changed == changed).all()):
+            per_unit = isinstance(m, _BN_MODULES) or (_conv.is_conv(m) and _channelwise_conv(prod, m, n) is None)
             fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
-                   if isinstance(m, _BN_MODULES) else
+                   if per_unit else
                    "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "
                    "from pairs=")
             raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "

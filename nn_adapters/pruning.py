@@ -43,7 +43,7 @@ from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes, working_copy
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
-from .shrink import keep_bn, keep_outputs, set_inputs
+from .shrink import keep_between, keep_outputs, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
 
@@ -195,7 +195,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         ``compression`` and ``keep``.
     method : str, default "asym"
         ``"asym"``, ``"seq"``, ``"layer"`` (greedy on the submodular-style objective), or a baseline:
-        ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters), ``"act_norm"`` (Wanda-like
+        ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters; a depthwise filter between the
+        layers is not part of the score), ``"act_norm"`` (Wanda-like
         ``sum |W| * ||X||``) and ``"actgrad"`` (``|activation * gradient|``; uses LABELS).
     reweight : bool, default True
         Refit the consumer's weights and bias by least squares on the kept units; ``False`` keeps the original
@@ -390,7 +391,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             cv_err = lam[1]
         keep_outputs(work.get_submodule(pair.producer), idx)
         for b_name in pair.between:
-            keep_bn(work.get_submodule(b_name), idx)
+            keep_between(work.get_submodule(b_name), idx)
         set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
         curve = None if path is None else [float(e) for e in path.relative_errors[:k + 1]]
         ver = _verify(path.objective, k) if (verify and path is not None) else None

@@ -1,5 +1,6 @@
-"""Physically shrink modules in place: keep some output units of a producer, the matching BatchNorm entries,
-and the matching input columns of a consumer (optionally with new, refitted weights and bias).
+"""Physically shrink modules in place: keep some output units of a producer, the matching channels of the per-unit
+layers on the way (BatchNorm entries, depthwise filters), and the matching input columns of a consumer (optionally
+with new, refitted weights and bias).
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import _conv
 
-__all__ = ["keep_outputs", "keep_bn", "set_inputs"]
+__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "set_inputs"]
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -40,6 +41,22 @@ def keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
         bn.running_mean = bn.running_mean[idx].clone()
         bn.running_var = bn.running_var[idx].clone()
     bn.num_features = int(idx.numel())
+
+
+def keep_depthwise(conv: nn.Module, idx: torch.Tensor) -> None:
+    """Keep the channels ``idx`` of a depthwise convolution with channel multiplier 1 (``groups == in_channels ==
+    out_channels``): their filters and bias; its input channels and groups are the same channels."""
+    keep_outputs(conv, idx)
+    conv.in_channels = conv.groups = int(idx.numel())
+
+
+def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
+    """Keep the channels ``idx`` of a per-unit layer between a producer and its consumer (a pair's ``between``):
+    a BatchNorm or a depthwise convolution."""
+    if _conv.is_conv(module):
+        keep_depthwise(module, idx)
+    else:
+        keep_bn(module, idx)
 
 
 def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight: torch.Tensor | None = None,

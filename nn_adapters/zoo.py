@@ -1,5 +1,6 @@
-"""Small model zoo for the paper's settings (no torchvision): MLP (LeNet-300-100), LeNet-5, VGG-11 and
-ResNet-20/56 for CIFAR-sized inputs, the digits CNN of ``submod demo``, and a 1-D CNN for MNIST-1D signals.
+"""Small model zoo for the paper's settings (no torchvision): MLP (LeNet-300-100), LeNet-5, VGG-11,
+ResNet-20/56 and a MobileNetV2 for CIFAR-sized inputs, the digits CNN of ``submod demo``, and a 1-D CNN for
+MNIST-1D signals.
 
 Every builder records its name and arguments in ``model._submod_spec`` so that :func:`nn_adapters.save_pruned`
 can rebuild the architecture on load without pickling code.
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "digits_cnn", "mnist1d_cnn",
-           "BUILDERS", "build"]
+__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "mobilenetv2_cifar", "digits_cnn",
+           "mnist1d_cnn", "BUILDERS", "build"]
 
 
 def _tag(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
@@ -151,6 +152,89 @@ def resnet56(num_classes: int = 10, width: int = 16) -> ResNetCifar:
     return resnet_cifar(56, num_classes, width)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 inverted-residual block (Sandler et al. 2018): expand 1x1, depthwise 3x3, linear project 1x1.
+
+    ``expand -> BN -> ReLU6 -> depthwise (stride) -> BN -> ReLU6 -> project -> BN``, plus the input when the
+    stride is 1 and the channels match. The ``in_planes * expand_ratio`` hidden channels are prunable (the pair
+    ``expand -> project``, through both BatchNorms and the depthwise convolution); the project convolution's output
+    is not when it feeds the residual sum.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, expand_ratio: int = 6) -> None:
+        super().__init__()
+        hidden = in_planes * expand_ratio
+        self.expand = nn.Conv2d(in_planes, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.residual = stride == 1 and in_planes == out_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu6(self.bn1(self.expand(x)))
+        out = F.relu6(self.bn2(self.depthwise(out)))
+        out = self.bn3(self.project(out))
+        return x + out if self.residual else out
+
+
+#: ``(output channels, blocks, stride of the first block)`` per stage of the small CIFAR MobileNetV2.
+_MOBILENETV2_CIFAR = ((16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 2, 2), (96, 2, 1))
+
+
+class MobileNetV2Cifar(nn.Module):
+    """A MobileNetV2 for 32x32 inputs: a 3x3 stem, inverted-residual stages, a 1x1 head, global pooling, Linear."""
+
+    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int = 10, width_mult: float = 1.0,
+                 stem: int = 32, head: int = 320, expand_ratio: int = 6) -> None:
+        super().__init__()
+
+        def scaled(c: int) -> int:
+            return max(1, int(round(c * width_mult)))
+
+        c = scaled(stem)
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        blocks = []
+        for out_planes, n, stride in stages:
+            for b in range(n):
+                blocks.append(InvertedResidual(c, scaled(out_planes), stride if b == 0 else 1, expand_ratio))
+                c = scaled(out_planes)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(c, scaled(head), 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(scaled(head))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(scaled(head), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(F.relu6(self.bn(self.stem(x))))
+        out = F.relu6(self.head_bn(self.head(out)))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0,
+                      stages: Sequence[Sequence[int]] = _MOBILENETV2_CIFAR, stem: int = 32, head: int = 320,
+                      expand_ratio: int = 6) -> MobileNetV2Cifar:
+    """A small MobileNetV2 for CIFAR-sized inputs (32x32), with inverted-residual blocks of expand ratio 6.
+
+    ``stages`` lists ``(output channels, blocks, stride of the first block)``; ``width_mult`` scales every channel
+    count (e.g. 0.25 for quick tests). The hidden channels of every block are prunable through its depthwise
+    convolution; so are the stem's and the last project's outputs when no residual sum reads them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters import zoo
+    >>> zoo.mobilenetv2_cifar(width_mult=0.25)(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+    stages = [[int(v) for v in stage] for stage in stages]
+    return _tag(MobileNetV2Cifar(stages, num_classes, width_mult, stem, head, expand_ratio), "mobilenetv2_cifar",
+                num_classes=num_classes, width_mult=width_mult, stages=stages, stem=stem, head=head,
+                expand_ratio=expand_ratio)
+
+
 def digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: int = 10) -> nn.Sequential:
     """The LeNet-style CNN of ``submod demo`` for scikit-learn's 8x8 digits.
 
@@ -192,7 +276,7 @@ def mnist1d_cnn(channels: Sequence[int] = (32, 64, 64), num_classes: int = 10, l
 
 
 BUILDERS = {"mlp": mlp, "lenet5": lenet5, "vgg11_cifar": vgg11_cifar, "resnet_cifar": resnet_cifar,
-            "digits_cnn": digits_cnn, "mnist1d_cnn": mnist1d_cnn}
+            "mobilenetv2_cifar": mobilenetv2_cifar, "digits_cnn": digits_cnn, "mnist1d_cnn": mnist1d_cnn}
 
 
 def build(name: str, **kwargs: object) -> nn.Module:
