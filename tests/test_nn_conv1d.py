@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _torch_helpers import randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -23,20 +24,9 @@ from nn_adapters.budget import ParamModel, count_flops
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 def _small_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return _randomise_bn(zoo.mnist1d_cnn(channels=(6, 8, 8), length=16))
+    return randomise_bn(zoo.mnist1d_cnn(channels=(6, 8, 8), length=16))
 
 
 class FunctionalNet(nn.Module):
@@ -88,7 +78,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_keep_everything_reproduces_outputs(case, method):
     build, shape = CASES[case]
-    net = _randomise_bn(build())
+    net = randomise_bn(build())
     x = torch.randn(*shape)
     pruned, report = nna.prune(net, x, keep=1.0, method=method, ridge=0.0)
     assert "conv->conv" in {r.kind for r in report.layers} and all(r.kept == r.n_units for r in report.layers)
@@ -158,7 +148,7 @@ def test_refit_equals_lstsq_on_patches_sliced_by_hand(k, stride, padding, dilati
 
 def test_refit_conv_to_flatten_linear_equals_lstsq():
     torch.manual_seed(0)
-    net = _randomise_bn(nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.MaxPool1d(2),
+    net = randomise_bn(nn.Sequential(nn.Conv1d(1, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.MaxPool1d(2),
                                       nn.Flatten(), nn.Linear(6 * 5, 4)).double())
     x = torch.randn(200, 1, 10, dtype=torch.float64)
     pruned, report = nna.prune(net, x, keep=0.5, method="asym", ridge=0.0)

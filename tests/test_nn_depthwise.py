@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _torch_helpers import randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -22,24 +23,13 @@ from nn_adapters.budget import ParamModel
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 def _block(rank: int = 2, hidden: int = 12, dw_bias: bool = True, **dw: object) -> nn.Sequential:
     """One non-residual inverted-residual block: expand '0', BN '1', depthwise '3', BN '4', project '6'."""
     conv = nn.Conv1d if rank == 1 else nn.Conv2d
     bn = nn.BatchNorm1d if rank == 1 else nn.BatchNorm2d
     torch.manual_seed(0)
     kw = {"kernel_size": 3, "padding": 1, **dw}
-    return _randomise_bn(nn.Sequential(
+    return randomise_bn(nn.Sequential(
         conv(3, hidden, 1, bias=False), bn(hidden), nn.ReLU6(),
         conv(hidden, hidden, groups=hidden, bias=dw_bias, **kw), bn(hidden), nn.ReLU6(),
         conv(hidden, 5, 1)))
@@ -62,7 +52,7 @@ def _input(net: nn.Module, n: int = 40) -> torch.Tensor:
 
 def _small_mobilenet() -> nn.Module:
     torch.manual_seed(0)
-    return _randomise_bn(zoo.mobilenetv2_cifar(width_mult=0.25, stages=((16, 1, 1), (24, 2, 2), (32, 2, 2)),
+    return randomise_bn(zoo.mobilenetv2_cifar(width_mult=0.25, stages=((16, 1, 1), (24, 2, 2), (32, 2, 2)),
                                                head=64))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _torch_helpers import randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -20,17 +21,6 @@ from nn_adapters._stats import PairStats, capture_hooks
 from nn_adapters.budget import ParamModel
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 class FunctionalNet(nn.Module):
@@ -50,10 +40,10 @@ class FunctionalNet(nn.Module):
 
 CASES = {
     "mlp": (lambda: zoo.mlp(12, [24, 16], 4), (300, 12)),
-    "digits_cnn": (lambda: _randomise_bn(zoo.digits_cnn(channels=(6, 8), hidden=16)), (200, 1, 8, 8)),
+    "digits_cnn": (lambda: randomise_bn(zoo.digits_cnn(channels=(6, 8), hidden=16)), (200, 1, 8, 8)),
     "functional": (FunctionalNet, (200, 2, 4, 4)),
-    "resnet20": (lambda: _randomise_bn(zoo.resnet20(width=4)), (6, 3, 16, 16)),
-    "vgg11": (lambda: _randomise_bn(zoo.vgg11_cifar(width=1 / 16)), (12, 3, 32, 32)),
+    "resnet20": (lambda: randomise_bn(zoo.resnet20(width=4)), (6, 3, 16, 16)),
+    "vgg11": (lambda: randomise_bn(zoo.vgg11_cifar(width=1 / 16)), (12, 3, 32, 32)),
 }
 
 
@@ -89,7 +79,7 @@ def test_pair_kinds_and_residual_blocks():
 
 
 def test_residual_network_prunes_and_runs():
-    net = _randomise_bn(zoo.resnet20(width=4))
+    net = randomise_bn(zoo.resnet20(width=4))
     x = torch.randn(6, 3, 16, 16)
     pruned, report = nna.prune(net, x, keep=0.5, method="asym")
     blk = pruned.layer2.get_submodule("1")
@@ -177,7 +167,7 @@ def test_asym_targets_come_from_the_original_network():
 
 @pytest.mark.parametrize("method", nna.METHODS)
 def test_input_model_unchanged_and_mode_kept(method):
-    net = _randomise_bn(zoo.digits_cnn())
+    net = randomise_bn(zoo.digits_cnn())
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     data = [(torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))) for _ in range(2)]
@@ -236,7 +226,7 @@ def test_reweight_false_keeps_original_columns():
 
 
 def test_param_model_matches_built_networks_and_budgets():
-    net = _randomise_bn(zoo.digits_cnn())
+    net = randomise_bn(zoo.digits_cnn())
     pairs, _ = nna.find_pairs(net, torch.zeros(2, 1, 8, 8))
     pm = ParamModel(net, pairs)
     assert pm.total() == sum(p.numel() for p in net.parameters())
@@ -1064,7 +1054,7 @@ def test_batchnorm_keeps_the_statistics_of_the_kept_channels():
     """Without reweighting, conv -> BatchNorm -> ReLU of the pruned model computes exactly the original activations
     of the kept channels: the BatchNorm's running mean and variance and affine entries follow the kept indices."""
     torch.manual_seed(0)
-    net = _randomise_bn(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+    net = randomise_bn(nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                                       nn.Conv2d(6, 4, 3)))
     x = torch.randn(40, 2, 6, 6)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", reweight=False, ridge=0.0)
