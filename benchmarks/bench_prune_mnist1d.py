@@ -66,11 +66,12 @@ def trained_cnn(Xtr: torch.Tensor, ytr: torch.Tensor, retrain: bool) -> tuple[to
     return cached_model(cache_dir() / "mnist1d_cnn-v1-seed0.pt", train, retrain)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str, compressions: list[float]) -> argparse.Namespace:
+    """The protocol's options (shared with ``bench_prune_mobilenet_digits.py``); limits torch and BLAS to 1 thread."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--calib", type=int, default=100, help="unlabeled calibration signals")
-    ap.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--calib", type=int, default=100, help="unlabeled calibration samples")
+    ap.add_argument("--compressions", type=float, nargs="+", default=compressions)
     ap.add_argument("--fidelity", action="store_true",
                     help="also print the relative logit error against the unpruned network, in-sample and held-out")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached model and train again")
@@ -81,17 +82,17 @@ def main() -> None:
         threadpool_limits(1)
     except ImportError:
         pass
+    return args
 
-    Xtr, ytr, Xte, yte = load_mnist1d()
-    model, info = trained_cnn(Xtr, ytr, args.retrain)
-    dense = accuracy(model, Xte, yte)
-    n_params = sum(p.numel() for p in model.parameters())
-    how = "cached" if info["cached"] else f"trained in {info['train_time_s']:.0f}s"
-    print(f"MNIST-1D: {len(Xtr)} training / {len(Xte)} test signals; CNN {n_params} parameters ({how}); unpruned "
-          f"test accuracy {100 * dense:.1f}%; {args.calib} calibration signals; {args.seeds} seeds; no fine-tuning")
+
+def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, yte: torch.Tensor,
+                 args: argparse.Namespace) -> None:
+    """Prune ``model`` with every method at every compression and seed (calibration drawn from ``Xtr``, unlabeled)
+    and print test accuracy (mean +- std), the fidelity table with ``--fidelity``, and ratios against the
+    baselines measured in the same run."""
     pairs, _ = nna.find_pairs(model, Xtr[:2])
-    print("prunable pairs: " + ", ".join(f"{p.name} ({p.kind}, {p.n_units} units x {p.cols_per_unit} columns)"
-                                         for p in pairs))
+    print(f"{len(pairs)} prunable pairs: " + ", ".join(
+        f"{p.name} ({p.kind}, {p.n_units} units x {p.cols_per_unit} columns)" for p in pairs))
 
     acc = {(m[0], c): [] for m in METHODS for c in args.compressions}
     fid = {(m[0], c, part): [] for m in METHODS for c in args.compressions for part in ("in", "out")}
@@ -139,6 +140,20 @@ def main() -> None:
             r = " ".join(f"{mean[(label, c)] / mean[(ref, c)]:.3f}" for c in args.compressions)
             print(f"  {label:<8} accuracy x[{r}]  time x{np.mean(tim[label]) / np.mean(tim[ref]):.2f}")
     print("\nmedian pruning time per call: " + ", ".join(f"{lab} {np.median(tim[lab]):.2f}s" for lab, *_ in METHODS))
+
+
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], [2, 4, 8])
+    Xtr, ytr, Xte, yte = load_mnist1d()
+    model, info = trained_cnn(Xtr, ytr, args.retrain)
+    dense = accuracy(model, Xte, yte)
+    n_params = sum(p.numel() for p in model.parameters())
+    how = "cached" if info["cached"] else f"trained in {info['train_time_s']:.0f}s"
+    print(f"MNIST-1D: {len(Xtr)} training / {len(Xte)} test signals; CNN {n_params} parameters ({how}); unpruned "
+          f"test accuracy {100 * dense:.1f}%; {args.calib} calibration signals; {args.seeds} seeds; no fine-tuning")
+    run_protocol(model, Xtr, Xte, yte, args)
 
 
 if __name__ == "__main__":
