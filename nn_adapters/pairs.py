@@ -766,7 +766,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     runs find a BatchNorm or depthwise convolution on the way that is missing from ``between`` (its input changes
     unit by unit too), and a
     fourth run, with the model's input changed and the producer's output held fixed, finds a consumer that also
-    reads another tensor (a residual sum).
+    reads another tensor (a residual sum). A fifth run changes the producer's units with the consumer's input held
+    at its first-run value: the network's output must not change, else something besides the consumer reads the
+    units (a branch or a sum off the producer or a layer in ``between``, written as a function, not a layer).
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if _conv.is_conv(prod) else -1
@@ -788,10 +790,17 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         shape = [1] * out.dim()
         shape[unit_dim] = n
         offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
-        return out + sign[0] * offset
+        return out + (1.0 if sign[0] == 3.0 else sign[0]) * offset
 
-    def capture(_m: nn.Module, inp: tuple) -> None:
+    base_in: list[torch.Tensor] = []  # the consumer's first-run inputs, replayed in the fifth run
+
+    def capture(_m: nn.Module, inp: tuple) -> tuple | None:
+        if sign[0] == 3.0:
+            return (base_in.pop(0), *inp[1:]) if base_in else None
+        if sign[0] == 0.0:
+            base_in.append(inp[0].detach().clone())
         seen.append(inp[0].detach().to(torch.float64))
+        return None
 
     # Other layers that also receive the producer's units one by one: an undeclared BatchNorm on the way, or a
     # second reader (a residual sum, a branch); their inputs are recorded too.
@@ -808,7 +817,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
 
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
-    runs, other_runs = [], []
+    runs, other_runs, outputs = [], [], []
     x0 = example_input[:CHECK_SAMPLES]
     try:
         with eval_mode(model), torch.no_grad():
@@ -816,9 +825,11 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 sign[0], seen[:] = s, []
                 for v in other_in.values():
                     v.clear()
-                model(x0)
+                outputs.append(_output_tensors(model(x0)))
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
+            sign[0] = 3.0  # the producer's units changed, the consumer's input held at its first-run value
+            bypass = _output_tensors(model(x0))
             held = None
             if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
                 sign[0], seen[:] = 2.0, []
@@ -866,6 +877,13 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                    "from pairs=")
             raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "
                              f"units one by one; {fix}.")
+    if any(not torch.allclose(new.to(torch.float64), base.to(torch.float64), rtol=1e-5,
+                              atol=1e-5 * (1.0 + float(base.abs().amax())))
+           for base, new in zip(outputs[0], bypass, strict=True)):
+        raise ValueError(f"declared pair {pair.name}: the network's output changes with the units of "
+                         f"{pair.producer!r} even when the input of {pair.consumer!r} is held fixed, so something "
+                         "besides the consumer reads them (a branch or a sum that reads the producer or a layer in "
+                         "between=); its units cannot be removed for one reader only. Remove this pair from pairs=.")
     if held is not None and len(held) == len(runs[0]):
         for base, new in zip(runs[0], held, strict=True):
             if not torch.allclose(new, base, rtol=1e-5, atol=1e-5 * (1.0 + float(base.abs().amax()))):
@@ -873,6 +891,17 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                                  f"even when {pair.producer!r}'s output is held fixed, so it also reads another "
                                  "tensor (a residual sum or a concatenation with a skip connection); the producer's "
                                  "units cannot be removed there. Remove this pair from pairs=.")
+
+
+def _output_tensors(out: object) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().clone()] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
 
 
 def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:

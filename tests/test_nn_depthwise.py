@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from _torch_helpers import randomise_bn
 from torch import nn
 
@@ -300,3 +301,30 @@ def test_grouped_and_multiplier_two_depthwise_convs_are_refused_with_the_reason(
     pairs, skipped = nna.find_pairs(dw_first, torch.zeros(2, 3, 7, 7))
     assert [p.name for p in pairs] == ["2->4"]
     assert "depthwise convolution (groups=3) is not supported as a producer" in dict(skipped)["0"]
+
+
+class _SideReader(nn.Module):
+    """``expand -> ReLU6 -> depthwise -> project`` whose depthwise output (or, for ``reader="producer"``, the
+    producer's) is also read by a function, not a layer: a channel sum added to the network output."""
+
+    def __init__(self, reader: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.reader = reader
+        self.expand, self.project = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.expand(x))
+        d = self.dw(h)
+        return self.project(d) + (d if self.reader == "depthwise" else h).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("reader", ["depthwise", "producer"])
+def test_declared_pair_whose_units_a_function_also_reads_is_refused(reader):
+    # removing channels would change what the second reader computes: the pruned network would silently differ from
+    # the original with the removed channels zeroed at the project's input
+    net = _SideReader(reader).eval()
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="something besides the consumer reads them"):
+        nna.prune(net, x, keep=0.5, method="layer", reweight=False, pairs=[nna.Pair("expand", "project", ("dw",))])
