@@ -78,10 +78,13 @@ class ParamModel:
                 if m.bias is not None or (adds_bias and name in cons):
                     terms.append((1, -1, 1, o_idx, o_mult))
                 const += direct - W.numel() - (m.bias.numel() if m.bias is not None else 0)
-            elif name in between:  # every parameter belongs to one channel: an affine entry, a filter, a bias
+            elif name in between:  # the weight and bias hold one entry or filter per channel; any other is kept
                 i = between[name]
-                if direct:
-                    terms.append((direct // pairs[i].n_units, -1, 1, i, 1))
+                per_channel = sum(t.numel() for t in (getattr(m, "weight", None), getattr(m, "bias", None))
+                                  if t is not None)
+                if per_channel:
+                    terms.append((per_channel // pairs[i].n_units, -1, 1, i, 1))
+                const += direct - per_channel
             else:
                 const += direct
         self.const = int(const)

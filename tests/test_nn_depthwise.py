@@ -328,3 +328,27 @@ def test_declared_pair_whose_units_a_function_also_reads_is_refused(reader):
     x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="something besides the consumer reads them"):
         nna.prune(net, x, keep=0.5, method="layer", reweight=False, pairs=[nna.Pair("expand", "project", ("dw",))])
+
+
+class _ScaledDepthwise(nn.Conv2d):
+    """A depthwise convolution with one more parameter, a scalar gain (1, so it computes the plain layer)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+def test_param_model_keeps_the_parameters_of_a_layer_in_between_that_are_not_per_channel():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), _ScaledDepthwise(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(20, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    pairs, _ = nna.find_pairs(net, x[:2])
+    assert pairs[0].between == ("2",)
+    pm = ParamModel(net, pairs)
+    assert pm.total() == sum(p.numel() for p in net.parameters())
+    pruned, _ = nna.prune(net, x, keep=0.5, reweight=False)
+    # expand 4x3 + 4, depthwise 4x9 + 4 and the gain, project 4x4 + 4
+    assert int(pm.count(np.array([4]))) == sum(p.numel() for p in pruned.parameters()) == 16 + 41 + 20
