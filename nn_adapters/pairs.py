@@ -768,7 +768,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     fourth run, with the model's input changed and the producer's output held fixed, finds a consumer that also
     reads another tensor (a residual sum). A fifth run changes the producer's units with the consumer's input held
     at its first-run value: the network's output must not change, else something besides the consumer reads the
-    units (a branch or a sum off the producer or a layer in ``between``, written as a function, not a layer).
+    units (a branch or a sum off the producer or a layer in ``between``, written as a function, not a layer); a
+    control run with nothing changed tells such a reader from a network whose output is random (dropout left on).
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if _conv.is_conv(prod) else -1
@@ -782,6 +783,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     base_out: list[torch.Tensor] = []
 
     def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
+        if sign[0] == 4.0:  # the fifth run's control: nothing changed but the consumer's input replayed
+            return out
         if sign[0] == 0.0:
             base_out.append(out.detach().clone())  # a copy: an in-place activation next overwrites `out`
             return out
@@ -793,10 +796,12 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         return out + (1.0 if sign[0] == 3.0 else sign[0]) * offset
 
     base_in: list[torch.Tensor] = []  # the consumer's first-run inputs, replayed in the fifth run
+    replayed = [0]
 
     def capture(_m: nn.Module, inp: tuple) -> tuple | None:
-        if sign[0] == 3.0:
-            return (base_in.pop(0), *inp[1:]) if base_in else None
+        if sign[0] in (3.0, 4.0):
+            replayed[0] += 1
+            return (base_in[replayed[0] - 1], *inp[1:]) if replayed[0] <= len(base_in) else None
         if sign[0] == 0.0:
             base_in.append(inp[0].detach().clone())
         seen.append(inp[0].detach().to(torch.float64))
@@ -817,7 +822,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
 
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
-    runs, other_runs, outputs = [], [], []
+    runs, other_runs, outputs, second_reader = [], [], [], False
     x0 = example_input[:CHECK_SAMPLES]
     try:
         with eval_mode(model), torch.no_grad():
@@ -828,8 +833,12 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 outputs.append(_output_tensors(model(x0)))
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
-            sign[0] = 3.0  # the producer's units changed, the consumer's input held at its first-run value
+            sign[0], replayed[0] = 3.0, 0  # the producer's units changed, the consumer's input held at its first value
             bypass = _output_tensors(model(x0))
+            if not _same_outputs(outputs[0], bypass):
+                sign[0], replayed[0] = 4.0, 0  # unless the network is random (e.g. dropout left on): a control run
+                if _same_outputs(outputs[0], _output_tensors(model(x0))):
+                    second_reader = True
             held = None
             if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
                 sign[0], seen[:] = 2.0, []
@@ -877,9 +886,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                    "from pairs=")
             raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} also receives the producer's "
                              f"units one by one; {fix}.")
-    if any(not torch.allclose(new.to(torch.float64), base.to(torch.float64), rtol=1e-5,
-                              atol=1e-5 * (1.0 + float(base.abs().amax())))
-           for base, new in zip(outputs[0], bypass, strict=True)):
+    if second_reader:
         raise ValueError(f"declared pair {pair.name}: the network's output changes with the units of "
                          f"{pair.producer!r} even when the input of {pair.consumer!r} is held fixed, so something "
                          "besides the consumer reads them (a branch or a sum that reads the producer or a layer in "
@@ -891,6 +898,14 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                                  f"even when {pair.producer!r}'s output is held fixed, so it also reads another "
                                  "tensor (a residual sum or a concatenation with a skip connection); the producer's "
                                  "units cannot be removed there. Remove this pair from pairs=.")
+
+
+def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two runs' output tensors agree up to rounding."""
+    return len(a) == len(b) and all(
+        x.shape == y.shape and torch.allclose(y.to(torch.float64), x.to(torch.float64), rtol=1e-5,
+                                              atol=1e-5 * (1.0 + float(x.abs().amax())))
+        for x, y in zip(a, b, strict=True))
 
 
 def _output_tensors(out: object) -> list[torch.Tensor]:

@@ -317,6 +317,8 @@ class _SideReader(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu6(self.expand(x))
         d = self.dw(h)
+        if self.reader == "none":  # a random term that reads the input only: no second reader
+            return self.project(d) + F.dropout(x[:, :1], 0.5, training=True)
         return self.project(d) + (d if self.reader == "depthwise" else h).sum(1, keepdim=True)
 
 
@@ -328,6 +330,8 @@ def test_declared_pair_whose_units_a_function_also_reads_is_refused(reader):
     x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="something besides the consumer reads them"):
         nna.prune(net, x, keep=0.5, method="layer", reweight=False, pairs=[nna.Pair("expand", "project", ("dw",))])
+    random = _SideReader("none").eval()
+    nna.prune(random, x, keep=0.5, method="layer", reweight=False, pairs=[nna.Pair("expand", "project", ("dw",))])
 
 
 class _ScaledDepthwise(nn.Conv2d):
