@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import randomise_bn
+from _torch_helpers import GlobalPoolNet, randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -43,18 +43,6 @@ class FunctionalNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
 
 
-class PoolNet(nn.Module):
-    """Two Conv1d and a Linear behind a global pooling head written in forward()."""
-
-    def __init__(self, head) -> None:
-        super().__init__()
-        self.head = head
-        self.c1, self.c2, self.fc = nn.Conv1d(1, 6, 3, padding=1), nn.Conv1d(6, 8, 3, padding=1), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
-
-
 HEADS = {
     "x.mean(-1)": lambda x: x.mean(-1),
     "x.amax(dim=2)": lambda x: x.amax(dim=2),
@@ -66,7 +54,7 @@ HEADS = {
 CASES = {
     "mnist1d_cnn": (_small_cnn, (120, 1, 16)),
     "functional": (FunctionalNet, (150, 2, 12)),
-    "global mean": (lambda: PoolNet(HEADS["x.mean(-1)"]), (100, 1, 10)),
+    "global mean": (lambda: GlobalPoolNet(HEADS["x.mean(-1)"], nn.Conv1d), (100, 1, 10)),
     "adaptive pools": (lambda: nn.Sequential(nn.Conv1d(2, 6, 3), nn.BatchNorm1d(6), nn.ReLU(), nn.AdaptiveMaxPool1d(6),
                                              nn.Conv1d(6, 4, 3, stride=2, dilation=2, padding="valid"), nn.ReLU(),
                                              nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(8, 3)), (100, 2, 13)),
@@ -98,7 +86,7 @@ def test_pair_kinds_of_the_zoo_cnn_and_other_layouts():
     assert [(p.name, p.kind, p.cols_per_unit) for p in pairs] == [
         ("c1->c2", "conv->conv", 3), ("c2->fc1", "conv->linear", 3), ("fc1->fc2", "linear->linear", 1)]
     for head in HEADS.values():
-        pairs, _ = nna.find_pairs(PoolNet(head), torch.zeros(2, 1, 10))
+        pairs, _ = nna.find_pairs(GlobalPoolNet(head, nn.Conv1d), torch.zeros(2, 1, 10))
         assert [(p.name, p.kind, p.cols_per_unit) for p in pairs] == [("c1->c2", "conv->conv", 3),
                                                                       ("c2->fc", "conv->linear", 1)]
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -168,7 +156,7 @@ def test_refit_conv_to_flatten_linear_equals_lstsq():
 @pytest.mark.parametrize("head", list(HEADS))
 def test_global_pooling_heads_refit_on_pooled_features(head):
     torch.manual_seed(0)
-    net = PoolNet(HEADS[head]).double().eval()
+    net = GlobalPoolNet(HEADS[head], nn.Conv1d).double().eval()
     x = torch.randn(120, 1, 10, dtype=torch.float64)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     kept = report.layers[1].kept_units

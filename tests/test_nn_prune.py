@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import randomise_bn
+from _torch_helpers import GlobalPoolNet, randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -908,18 +907,6 @@ def test_random_baseline_is_seeded():
     assert a == b and a != c
 
 
-class _GlobalPoolNet(nn.Module):
-    """A conv net whose global pooling head is written in forward() (as in many timm-style models)."""
-
-    def __init__(self, head: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.head = head
-        self.c1, self.c2, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
-
-
 _HEADS = {
     "x.mean((2, 3))": lambda x: x.mean((2, 3)),
     "x.mean(dim=[-2, -1])": lambda x: x.mean(dim=[-2, -1]),
@@ -943,7 +930,7 @@ def test_global_pooling_written_in_forward(head):
     """x.mean((2, 3)) and friends reduce positions only: the last conv feeds the Linear, one column per channel;
     the refit equals lstsq on the pooled features computed here."""
     torch.manual_seed(0)
-    net = _GlobalPoolNet(_HEADS[head]).eval()
+    net = GlobalPoolNet(_HEADS[head]).eval()
     x = torch.randn(120, 1, 6, 6)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     assert [r.pair for r in report.layers] == ["c1->c2", "c2->fc"]
@@ -971,7 +958,7 @@ def test_global_pooling_written_in_forward(head):
     (lambda x: x.sum((2, 3)) / x.shape[1], r"unsupported operation truediv"),
 ])
 def test_reductions_over_units_or_samples_are_not_global_pooling(head, match):
-    net = _GlobalPoolNet(head).eval()
+    net = GlobalPoolNet(head).eval()
     net.fc = nn.Linear(head(torch.zeros(4, 8, 6, 6)).shape[1], 3)
     pairs, skipped = nna.find_pairs(net, torch.randn(4, 1, 6, 6))
     assert [(p.producer, p.consumer) for p in pairs] == [("c1", "c2")]
