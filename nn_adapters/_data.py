@@ -18,9 +18,10 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     ``DataLoader`` over a ``TensorDataset`` gives these). A tuple of two tensors of the same shape is ambiguous
     (two batches of inputs, or inputs with targets of their own shape) and is refused: pass a list of batches or
     ``[(inputs, targets)]``. The batches are materialised once (calibration sets are small by design; the
-    sequential methods read them several times). Floating inputs are cast to ``dtype`` when given (the model's:
-    ``torch.from_numpy`` gives float64), integer inputs (token ids) are left as they are; inputs are checked to be
-    finite after the cast.
+    sequential methods read them several times). Batches may differ in sample shape (the caller checks that the
+    model runs on each); within a batch it is one tensor's. Floating inputs are cast to ``dtype`` when given (the
+    model's: ``torch.from_numpy`` gives float64), integer inputs (token ids) are left as they are; inputs are checked
+    to be finite after the cast.
     """
     if data is None:
         raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
@@ -66,9 +67,6 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
         out.append((x, y))
     if not out:
         raise ValueError(f"{name} holds no samples; pass at least one batch (a few hundred samples is typical).")
-    shapes = {tuple(x.shape[1:]) for x, _ in out}
-    if len(shapes) > 1:
-        raise ValueError(f"{name} batches have different sample shapes {sorted(shapes)}; use one input shape.")
     return out
 
 

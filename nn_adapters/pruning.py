@@ -89,7 +89,8 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    """Summary of a pruning run (all error figures are empirical, measured on the calibration data)."""
+    """Summary of a pruning run (all error figures are empirical, measured on the calibration data; FLOPs are per
+    sample of the first calibration batch's shape)."""
 
     method: str
     reweight: bool
@@ -186,7 +187,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         labels are ignored except by ``method="actgrad"``). A tuple of two tensors of the same shape is refused as
         ambiguous (pass ``[x1, x2]`` for two batches, ``[(inputs, targets)]`` for one labelled batch). Floating
         inputs are cast to the dtype of the model's parameters (``torch.from_numpy`` gives float64); integer
-        inputs are passed as they are.
+        inputs are passed as they are. Batches may have different sample shapes (audio clips of several lengths,
+        images of several sizes before a global pooling): the statistics add up over batches, a convolution's rows
+        being its (sample, position) patches. Before any statistics, every distinct shape is run through the model
+        and must give the same pairs with the same columns per unit, or a ``ValueError`` says which batch differs
+        (a conv -> flatten -> linear model runs on one shape only). The report's FLOPs are those of the first
+        batch's sample shape.
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
     keep : float or dict, optional
@@ -338,6 +344,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         for p in found:
             if p.consumer_node is None:
                 raise ValueError(f"consumer {p.consumer!r} of pair {p.name} is not called in the traced graph.")
+    _check_sample_shapes(work, batches, found, lambda x: find_pairs(work, x[:2])[0] if pairs is None
+                         else resolve_pairs(work, list(pairs), x, gm))
 
     folds = CV_FOLDS if ridge == "cv" else 1
     pm = _budget.ParamModel(work, found, adds_bias=reweight)
@@ -423,6 +431,34 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         flops_before=_budget.count_flops(orig, x0), flops_after=_budget.count_flops(work, x0),
         layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start)
     return work, report
+
+
+def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePair],
+                         discover: Callable[[torch.Tensor], list[PrunablePair]]) -> None:
+    """Refuse calibration batches whose sample shape differs from the first batch's unless the (unpruned) model
+    runs on it and ``discover`` finds the same pairs there, with the same columns per unit: then each batch's
+    design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
+    pooling) and they add up over batches."""
+    first = tuple(batches[0][0].shape[1:])
+    want = [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in found]
+    seen = {first}
+    for i, (x, _) in enumerate(batches):
+        shape = tuple(x.shape[1:])
+        if shape in seen:
+            continue
+        seen.add(shape)
+        where = f"calibration batch {i} has sample shape {shape} and batch 0 {first}"
+        try:
+            with torch.no_grad():
+                model(x[:2])
+        except Exception as exc:
+            raise ValueError(f"{where}, and the model fails on {shape} ({type(exc).__name__}: {exc}). Batches may "
+                             "differ in shape only where the model runs on each (e.g. a global pooling before the "
+                             "classifier, not a flatten into a Linear); pass batches of one shape.") from exc
+        got = [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in discover(x)]
+        if got != want:
+            raise ValueError(f"{where}, and the prunable pairs differ between the two shapes ({got} vs {want}), so "
+                             "their statistics cannot be added up; pass batches of one shape.")
 
 
 #: Largest number of units for which ``verify=True`` runs :func:`verification.error_decay` on a layer.

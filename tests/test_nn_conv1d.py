@@ -7,6 +7,7 @@ network whose removed channels are masked to zero, FLOPs with the count written 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -402,3 +403,101 @@ def test_cli_prune_conv1d_user_model(tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     assert "conv->linear" in capsys.readouterr().out
     assert isinstance(nna.load_pruned(tmp_path / "p.pt")[3], nn.Conv1d)
+
+
+# Calibration batches of several lengths (global pooling): the statistics add up over batches, a convolution's
+# rows being its (sample, position) patches and the head's one row per sample.
+LENGTHS = (12, 16, 20)
+
+
+def _mixed_length_batches(dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(1)
+    return [(torch.randn(30, 1, n, dtype=dtype), torch.randint(0, 3, (30,))) for n in LENGTHS]
+
+
+@pytest.mark.filterwarnings("ignore:pair .* the refit with ridge=0")  # exactness checks interpolate on purpose
+@pytest.mark.parametrize("method", nna.METHODS)
+def test_mixed_lengths_keep_everything_reproduces_every_batch(method):
+    torch.manual_seed(0)
+    net = GlobalPoolNet(HEADS["x.mean(-1)"], nn.Conv1d).double().eval()
+    batches = _mixed_length_batches()
+    pruned, report = nna.prune(net, batches, keep=1.0, method=method, ridge=0.0)
+    assert report.n_samples == 90 and [r.kind for r in report.layers] == ["conv->conv", "conv->linear"]
+    assert report.flops_before == count_flops(net, batches[0][0])  # the first batch's length
+    with torch.no_grad():
+        for x, _ in batches:
+            ref = net(x)
+            assert torch.allclose(pruned(x), ref, atol=1e-9 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:pair .* the refit with ridge=0")
+def test_mixed_image_sizes_keep_everything_reproduces_every_batch():
+    torch.manual_seed(0)
+    net = GlobalPoolNet(lambda x: x.mean((2, 3)), nn.Conv2d).double().eval()
+    batches = [torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randn(20, 1, 9, 7, dtype=torch.float64)]
+    pruned, _ = nna.prune(net, batches, keep=1.0, method="asym", ridge=0.0)
+    with torch.no_grad():
+        for x in batches:
+            assert torch.allclose(pruned(x), net(x), atol=1e-8, rtol=0)
+
+
+def test_mixed_lengths_layer_refit_equals_lstsq_on_the_rows_of_all_batches():
+    torch.manual_seed(0)
+    net = GlobalPoolNet(HEADS["x.mean(-1)"], nn.Conv1d).double().eval()
+    batches = _mixed_length_batches()
+    pruned, report = nna.prune(net, batches, keep=0.5, method="layer", ridge=0.0)
+    seen: dict[str, list[np.ndarray]] = {"c2": [], "fc": []}
+    handles = [getattr(net, name).register_forward_pre_hook(
+        lambda _m, inp, name=name: seen[name].append(inp[0].detach().numpy())) for name in seen]
+    with torch.no_grad():
+        for x, _ in batches:
+            net(x)
+    for h in handles:
+        h.remove()
+    A = np.vstack([_patches(h, 3, 1, 1, 1) for h in seen["c2"]])  # rows of lengths 12, 16 and 20
+    assert A.shape == (30 * sum(LENGTHS), 18)
+    W = net.c2.weight.detach().numpy().reshape(8, -1)
+    kept, kept2 = report.layers[0].kept_units, report.layers[1].kept_units  # c2's outputs are pruned as well
+    M, b = _lstsq_with_intercept(A[:, np.concatenate([np.arange(3 * c, 3 * c + 3) for c in kept])], A @ W.T)
+    np.testing.assert_allclose(pruned.c2.weight.detach().numpy().reshape(4, -1), M.T[kept2], atol=1e-8)
+    np.testing.assert_allclose(pruned.c2.bias.detach().numpy(), (net.c2.bias.detach().numpy() + b)[kept2], atol=1e-8)
+    P = np.vstack(seen["fc"])  # one pooled row per sample
+    M, b = _lstsq_with_intercept(P[:, kept2], P @ net.fc.weight.detach().numpy().T)
+    np.testing.assert_allclose(pruned.fc.weight.detach().numpy(), M.T, atol=1e-8)
+    np.testing.assert_allclose(pruned.fc.bias.detach().numpy(), net.fc.bias.detach().numpy() + b, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["seq", "asym"])
+def test_mixed_lengths_sequential_methods_give_a_model_for_every_length(method):
+    torch.manual_seed(0)
+    net = GlobalPoolNet(HEADS["x.amax(dim=2)"], nn.Conv1d).eval()
+    batches = _mixed_length_batches(torch.float32)
+    pruned, report = nna.prune(net, batches, keep=0.5, method=method)
+    assert [(r.kept, r.n_units) for r in report.layers] == [(3, 6), (4, 8)] and report.n_samples == 90
+    with torch.no_grad():
+        for n in (*LENGTHS, 7):
+            assert pruned(torch.randn(5, 1, n)).shape == (5, 3)
+
+
+def test_mixed_lengths_refused_before_any_work_where_the_pairs_would_differ(monkeypatch):
+    net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12, 3))
+    batches = [torch.randn(10, 1, 12), torch.randn(10, 1, 12), torch.randn(10, 1, 16)]
+    for method in ("layer", "asym"):
+        with pytest.raises(ValueError, match=r"batch 2 has sample shape \(1, 16\) and batch 0 \(1, 12\), and the "
+                                             r"model fails on \(1, 16\) \(RuntimeError"):
+            nna.prune(net, batches, keep=0.5, method=method)
+    with pytest.raises(ValueError, match=r"batch 2 has sample shape .* model fails"):
+        nna.prune(net, batches, keep=0.5, method="layer", pairs=[("0", "3")])
+    # a model that runs on both shapes but whose pairs would differ (cols_per_unit here) is refused as well
+    net = GlobalPoolNet(HEADS["x.mean(-1)"], nn.Conv1d)
+    real = nna.pruning.find_pairs
+
+    def shape_dependent(model, x):
+        found, skipped = real(model, x)
+        if x.shape[-1] == 16:
+            found = [dataclasses.replace(p, cols_per_unit=2) if p.kind == "conv->linear" else p for p in found]
+        return found, skipped
+
+    monkeypatch.setattr(nna.pruning, "find_pairs", shape_dependent)
+    with pytest.raises(ValueError, match="the prunable pairs differ between the two shapes"):
+        nna.prune(net, batches, keep=0.5)
