@@ -426,7 +426,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         if not users:
             return "its output is not used"
         if len(users) > 1:
-            return f"its output feeds {len(users)} operations (a branch or a residual connection)"
+            where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
+            return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
         (u,) = users
         if u.op == "output":
             return "its output is the network output"
@@ -479,7 +480,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 cur = u
                 continue
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
-                return f"its output feeds {name} (a residual sum or concatenation)"
+                what = "a product with a tensor" if u.target is operator.mul else "a residual sum or concatenation"
+                return f"its output feeds {name} ({what})"
             if u.target in (_REDUCE_FUNCTIONS if is_function else _REDUCE_METHODS):
                 reduced = _position_reduction(cur, u, is_conv, n_units, name)
                 if isinstance(reduced, str):

@@ -356,3 +356,30 @@ def test_param_model_keeps_the_parameters_of_a_layer_in_between_that_are_not_per
     pruned, _ = nna.prune(net, x, keep=0.5, reweight=False)
     # expand 4x3 + 4, depthwise 4x9 + 4 and the gain, project 4x4 + 4
     assert int(pm.count(np.array([4]))) == sum(p.numel() for p in pruned.parameters()) == 16 + 41 + 20
+
+
+class _GatedBlock(nn.Module):
+    """An EfficientNet-style block: the depthwise output is multiplied by a squeeze-and-excitation gate computed
+    from itself, and the project output by a learned per-channel scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.dw = nn.Conv2d(4, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.squeeze, self.excite = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project, self.fc = nn.Conv2d(16, 4, 1), nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.dw(F.silu(self.expand(x))))
+        gate = torch.sigmoid(self.excite(F.silu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.fc((self.project(h * gate) * self.scale).mean((2, 3)))
+
+
+def test_skip_reasons_name_the_branching_tensor_and_a_product():
+    """The hidden channels branch after the depthwise convolution (into the gate and the product), not at the
+    expand convolution's own output; a product with a tensor is not called a residual sum."""
+    _, skipped = nna.find_pairs(_GatedBlock(), torch.zeros(2, 4, 6, 6))
+    reasons = dict(skipped)
+    assert reasons["expand"].startswith("its output, after silu -> Conv2d -> silu, feeds 2 operations")
+    assert "gate" in reasons["expand"]
+    assert reasons["project"] == "its output feeds mul (a product with a tensor)"
