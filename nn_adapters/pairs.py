@@ -766,12 +766,12 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     only in the column blocks of those units. A permute or transpose before a flatten, a LayerNorm or any layer
     that mixes units, or a consumer that does not read this producer fails with an error that says so. The same
     runs find a BatchNorm or depthwise convolution on the way that is missing from ``between`` (its input changes
-    unit by unit too), and a
-    fourth run, with the model's input changed and the producer's output held fixed, finds a consumer that also
-    reads another tensor (a residual sum). A fifth run changes the producer's units with the consumer's input held
-    at its first-run value: the network's output must not change, else something besides the consumer reads the
-    units (a branch or a sum off the producer or a layer in ``between``, written as a function, not a layer); a
-    control run with nothing changed tells such a reader from a network whose output is random (dropout left on).
+    unit by unit too), and a fourth run, with the model's input changed and the producer's output held fixed, finds
+    a consumer that also reads another tensor (a residual sum). A fifth run changes the producer's units with the
+    consumer's input held at its first-run value: the network's output must not change, else something besides the
+    consumer reads the units (a branch or a sum off the producer or a layer in ``between``, written as a function,
+    not a layer); a control run with nothing changed tells such a reader from a network whose output is random
+    (dropout left on).
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if _conv.is_conv(prod) else -1
@@ -779,32 +779,32 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     n = pair.n_units
     hit = torch.zeros(n, dtype=torch.bool)
     hit[torch.randperm(n, generator=gen)[:max(1, n // 2)]] = True
-    sign: list[float] = [0.0]
+    # The runs: "base" (recorded), "plus" / "minus" (the offset added to the hit units), "held" (the model's input
+    # changed, the producer's output replayed from "base"), "bypass" (the offset added, the consumer's input
+    # replayed from "base") and "control" (nothing changed but the consumer's input replayed).
+    mode = ["base"]
     seen: list[torch.Tensor] = []
-
     base_out: list[torch.Tensor] = []
+    base_in: list[torch.Tensor] = []
+    replayed = [0]
 
     def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
-        if sign[0] == 4.0:  # the fifth run's control: nothing changed but the consumer's input replayed
-            return out
-        if sign[0] == 0.0:
+        if mode[0] == "base":
             base_out.append(out.detach().clone())  # a copy: an in-place activation next overwrites `out`
+        if mode[0] in ("base", "control"):
             return out
-        if sign[0] == 2.0:  # the model's input changed, the producer's output held at its first-run value
+        if mode[0] == "held":
             return base_out.pop(0).clone() if base_out else out
         shape = [1] * out.dim()
         shape[unit_dim] = n
         offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
-        return out + (1.0 if sign[0] == 3.0 else sign[0]) * offset
-
-    base_in: list[torch.Tensor] = []  # the consumer's first-run inputs, replayed in the fifth run
-    replayed = [0]
+        return out - offset if mode[0] == "minus" else out + offset
 
     def capture(_m: nn.Module, inp: tuple) -> tuple | None:
-        if sign[0] in (3.0, 4.0):
+        if mode[0] in ("bypass", "control"):
             replayed[0] += 1
             return (base_in[replayed[0] - 1], *inp[1:]) if replayed[0] <= len(base_in) else None
-        if sign[0] == 0.0:
+        if mode[0] == "base":
             base_in.append(inp[0].detach().clone())
         seen.append(inp[0].detach().to(torch.float64))
         return None
@@ -828,22 +828,22 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     x0 = example_input[:CHECK_SAMPLES]
     try:
         with eval_mode(model), torch.no_grad():
-            for s in (0.0, 1.0, -1.0):
-                sign[0], seen[:] = s, []
+            for m in ("base", "plus", "minus"):
+                mode[0], seen[:] = m, []
                 for v in other_in.values():
                     v.clear()
                 outputs.append(_output_tensors(model(x0)))
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
-            sign[0], replayed[0] = 3.0, 0  # the producer's units changed, the consumer's input held at its first value
+            mode[0], replayed[0] = "bypass", 0
             bypass = _output_tensors(model(x0))
             if not _same_outputs(outputs[0], bypass):
-                sign[0], replayed[0] = 4.0, 0  # unless the network is random (e.g. dropout left on): a control run
+                mode[0], replayed[0] = "control", 0  # unless the network is random (e.g. dropout left on)
                 if _same_outputs(outputs[0], _output_tensors(model(x0))):
                     second_reader = True
             held = None
             if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
-                sign[0], seen[:] = 2.0, []
+                mode[0], seen[:] = "held", []
                 model(x0 + (0.5 * x0.std().clamp(min=1e-3)) * torch.randn(x0.shape, generator=gen).to(x0))
                 held = [_consumer_columns(pair, x) for x in seen]
     finally:
@@ -863,9 +863,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                     f"input columns of other units (e.g. the blocks of units {bad}), so the consumer's columns are "
                     "not the producer's units in order. Only per-unit operations may lie between them (BatchNorm, "
                     "depthwise convolutions, element-wise activations, pooling, dropout, a channel-major flatten); a "
-                    "permute/transpose "
-                    "before the flatten, a LayerNorm or any layer that mixes units is not. Remove this pair from "
-                    "pairs= or restructure the model.")
+                    "permute/transpose before the flatten, a LayerNorm or any layer that mixes units is not. Remove "
+                    "this pair from pairs= or restructure the model.")
             changed |= diff
     if not changed.any():
         raise ValueError(f"declared pair {pair.name}: the consumer's input does not change with the producer's "
@@ -895,7 +894,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                          "between=); its units cannot be removed for one reader only. Remove this pair from pairs=.")
     if held is not None and len(held) == len(runs[0]):
         for base, new in zip(runs[0], held, strict=True):
-            if not torch.allclose(new, base, rtol=1e-5, atol=1e-5 * (1.0 + float(base.abs().amax()))):
+            if not _same_outputs([base], [new]):
                 raise ValueError(f"declared pair {pair.name}: the consumer's input changes with the model's input "
                                  f"even when {pair.producer!r}'s output is held fixed, so it also reads another "
                                  "tensor (a residual sum or a concatenation with a skip connection); the producer's "
@@ -903,7 +902,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
 
 
 def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two runs' output tensors agree up to rounding."""
+    """Whether two runs' tensors (outputs, or a layer's inputs) agree up to rounding."""
     return len(a) == len(b) and all(
         x.shape == y.shape and torch.allclose(y.to(torch.float64), x.to(torch.float64), rtol=1e-5,
                                               atol=1e-5 * (1.0 + float(x.abs().amax())))

@@ -439,8 +439,11 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
     runs on it and ``discover`` finds the same pairs there, with the same columns per unit: then each batch's
     design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
     pooling) and they add up over batches."""
+    def layout(ps: list[PrunablePair]) -> list[tuple]:
+        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in ps]
+
     first = tuple(batches[0][0].shape[1:])
-    want = [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in found]
+    want = layout(found)
     seen = {first}
     for i, (x, _) in enumerate(batches):
         shape = tuple(x.shape[1:])
@@ -455,7 +458,7 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
             raise ValueError(f"{where}, and the model fails on {shape} ({type(exc).__name__}: {exc}). Batches may "
                              "differ in shape only where the model runs on each (e.g. a global pooling before the "
                              "classifier, not a flatten into a Linear); pass batches of one shape.") from exc
-        got = [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in discover(x)]
+        got = layout(discover(x))
         if got != want:
             raise ValueError(f"{where}, and the prunable pairs differ between the two shapes ({got} vs {want}), so "
                              "their statistics cannot be added up; pass batches of one shape.")

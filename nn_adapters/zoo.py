@@ -230,6 +230,12 @@ def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0,
     torch.Size([2, 10])
     """
     stages = [[int(v) for v in stage] for stage in stages]
+    if not width_mult > 0 or expand_ratio < 1 or min(stem, head) < 1:
+        raise ValueError(f"width_mult must be > 0 and expand_ratio, stem and head >= 1; got width_mult={width_mult}, "
+                         f"expand_ratio={expand_ratio}, stem={stem}, head={head}.")
+    if not stages or any(len(stage) != 3 or min(stage) < 1 for stage in stages):
+        raise ValueError("stages must be a non-empty list of (output channels, blocks, stride) with every entry >= 1; "
+                         f"got {stages}.")
     return _tag(MobileNetV2Cifar(stages, num_classes, width_mult, stem, head, expand_ratio), "mobilenetv2_cifar",
                 num_classes=num_classes, width_mult=width_mult, stages=stages, stem=stem, head=head,
                 expand_ratio=expand_ratio)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import nn_adapters as nna
+from nn_adapters.budget import ParamModel
 
 
 def randomise_bn(model: nn.Module) -> nn.Module:
@@ -33,3 +37,43 @@ class GlobalPoolNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
+
+
+def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor) -> torch.Tensor:
+    """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's
+    input: a channel (dim 1) of a convolution's input, or the block of a channel's flattened positions (or one
+    column per neuron) of a Linear's. What pruning without a refit must give."""
+    handles = []
+    for lr in report.layers:
+        mask = torch.zeros(lr.n_units)
+        mask[lr.kept_units] = 1.0
+        cons = net.get_submodule(lr.pair.split("->")[1])
+        if isinstance(cons, nn.Linear):
+            mask = mask.repeat_interleave(cons.in_features // lr.n_units)
+
+        def hook(_m: nn.Module, inp: tuple, mask: torch.Tensor = mask, linear: bool = isinstance(cons, nn.Linear)
+                 ) -> tuple:
+            h = inp[0]
+            return (h * (mask if linear else mask.view(-1, *[1] * (h.dim() - 2))).to(h),)
+
+        handles.append(cons.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            return net(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_budgets_against_built_networks(net: nn.Module, x: torch.Tensor, compressions: tuple[float, ...]) -> None:
+    """The closed-form parameter count (``ParamModel``) equals the parameters of the unpruned network and of every
+    network pruned to ``compressions`` (uniform and error-curve allocation), and each compression is met."""
+    pairs, _ = nna.find_pairs(net, x[:2])
+    assert ParamModel(net, pairs).total() == sum(p.numel() for p in net.parameters())
+    for c in compressions:
+        for alloc in ("uniform", "error"):
+            pruned, rep = nna.prune(net, x, compression=c, method="layer", allocation=alloc)
+            assert rep.params_after == sum(p.numel() for p in pruned.parameters())
+            assert rep.compression >= c
+            ks = np.array([r.kept for r in rep.layers])
+            assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after

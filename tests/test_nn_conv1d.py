@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import GlobalPoolNet, randomise_bn
+from _torch_helpers import GlobalPoolNet, check_budgets_against_built_networks, randomise_bn, zeroed_at_consumers
 from torch import nn
 
 import nn_adapters as nna
 from nn_adapters import zoo
-from nn_adapters.budget import ParamModel, count_flops
+from nn_adapters.budget import count_flops
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -188,26 +188,6 @@ def test_removed_channels_vanish_from_producer_batchnorm_and_consumer():
             assert torch.equal(pruned[3].bias, net[3].bias[k3]) and torch.equal(pruned[12].bias, net[12].bias)
 
 
-def _masked_outputs(net: nn.Module, report: nna.PruneReport, x: torch.Tensor) -> torch.Tensor:
-    """The original network's output with the removed channels zeroed at every consumer's input."""
-    handles = []
-    for lr in report.layers:
-        mask = torch.zeros(lr.n_units)
-        mask[lr.kept_units] = 1.0
-        cons = net.get_submodule(lr.pair.split("->")[1])
-        if isinstance(cons, nn.Linear):  # the flattened input: each channel's positions in one block
-            mask = mask.repeat_interleave(cons.in_features // lr.n_units)
-        else:
-            mask = mask[:, None]
-        handles.append(cons.register_forward_pre_hook(lambda _m, inp, mask=mask: (inp[0] * mask,)))
-    try:
-        with torch.no_grad():
-            return net(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("method", ["asym", "random", "weight_norm", "act_norm"])
 def test_without_refit_pruning_equals_zeroing_the_removed_channels(method):
     net = _small_cnn()
@@ -215,7 +195,7 @@ def test_without_refit_pruning_equals_zeroing_the_removed_channels(method):
     pruned, report = nna.prune(net, x, keep=0.5, method=method, reweight=False, seed=3)
     with torch.no_grad():
         out = pruned(x)
-    want = _masked_outputs(net, report, x)
+    want = zeroed_at_consumers(net, report, x)
     assert torch.allclose(out, want, atol=1e-5), (out - want).abs().max()
     assert not torch.allclose(out, net(x), atol=1e-3)  # something was removed
 
@@ -256,17 +236,8 @@ def test_actgrad_sums_positions_per_sample_before_the_absolute_value():
 
 def test_budgets_params_and_flops():
     net = _small_cnn()
-    pairs, _ = nna.find_pairs(net, torch.zeros(2, 1, 16))
-    pm = ParamModel(net, pairs)
-    assert pm.total() == sum(p.numel() for p in net.parameters())
     x = torch.randn(100, 1, 16)
-    for c in (2.0, 4.0, 8.0):
-        for alloc in ("uniform", "error"):
-            pruned, rep = nna.prune(net, x, compression=c, method="layer", allocation=alloc)
-            ks = np.array([r.kept for r in rep.layers])
-            assert rep.params_after == sum(p.numel() for p in pruned.parameters())
-            assert rep.compression >= c
-            assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after
+    check_budgets_against_built_networks(net, x, (2.0, 4.0, 8.0))
     # FLOPs per sample written out: conv5 1->6 and conv3 6->8 at length 16, conv3 8->8 at 8, Linear 8*4 -> 10
     assert count_flops(net, x) == 2 * (16 * 6 * 1 * 5 + 16 * 8 * 6 * 3 + 8 * 8 * 8 * 3 + 32 * 10)
     pruned, rep = nna.prune(net, x, keep=0.5, method="asym")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import GlobalPoolNet, randomise_bn
+from _torch_helpers import GlobalPoolNet, check_budgets_against_built_networks, randomise_bn
 from torch import nn
 
 import nn_adapters as nna
@@ -225,18 +225,7 @@ def test_reweight_false_keeps_original_columns():
 
 
 def test_param_model_matches_built_networks_and_budgets():
-    net = randomise_bn(zoo.digits_cnn())
-    pairs, _ = nna.find_pairs(net, torch.zeros(2, 1, 8, 8))
-    pm = ParamModel(net, pairs)
-    assert pm.total() == sum(p.numel() for p in net.parameters())
-    x = torch.randn(120, 1, 8, 8)
-    for c in (2.0, 8.0, 16.0):
-        for alloc in ("uniform", "error"):
-            pruned, rep = nna.prune(net, x, compression=c, method="layer", allocation=alloc)
-            ks = np.array([r.kept for r in rep.layers])
-            assert rep.params_after == sum(p.numel() for p in pruned.parameters())
-            assert rep.compression >= c
-            assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after
+    check_budgets_against_built_networks(randomise_bn(zoo.digits_cnn()), torch.randn(120, 1, 8, 8), (2.0, 8.0, 16.0))
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "error"])
