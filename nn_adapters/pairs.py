@@ -771,7 +771,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     consumer's input held at its first-run value: the network's output must not change, else something besides the
     consumer reads the units (a branch or a sum off the producer or a layer in ``between``, written as a function,
     not a layer); a control run with nothing changed tells such a reader from a network whose output is random
-    (dropout left on).
+    (dropout left on). Every layer declared in ``between`` must see its input change in the first runs, else it is
+    not on the way (another branch's BatchNorm, an unused module) and is refused before anything is pruned.
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if _conv.is_conv(prod) else -1
@@ -822,6 +823,10 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 other_in[name].append(inp[0].detach().to(torch.float64))
         return hook
 
+    # Each layer declared in between= must lie on the way: its input changes with the producer's units.
+    on_path = {name: model.get_submodule(name) for name in pair.between}
+    others.update(on_path)
+    other_in.update({name: [] for name in on_path})
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
     runs, other_runs, outputs, second_reader = [], [], [], False
@@ -877,6 +882,14 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
             for base, new in zip(other_runs[0][name], run[name], strict=False):
                 if base.shape == new.shape and base.dim() >= 2 and base.shape[dim] == n:
                     other_changed |= _changed_units(base.movedim(dim, 0), new.movedim(dim, 0))
+        if name in on_path:
+            if not other_changed.any():
+                where = ("is not called in a forward pass" if not other_runs[0][name] else
+                         f"does not receive the units of {pair.producer!r} (its input does not change with them)")
+                raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} in between= {where}, "
+                                 f"so it is not on the way from {pair.producer!r} to {pair.consumer!r} and its "
+                                 "channels are not the producer's units. Remove it from between=.")
+            continue
         # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
         # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
         if int(other_changed.sum()) > 1 and bool((other_changed == changed).all()):

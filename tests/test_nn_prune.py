@@ -568,6 +568,36 @@ def test_declared_pairs_with_an_undeclared_batchnorm_or_a_skip_connection_are_re
         nna.prune(Res().eval(), x, keep=0.5, method="layer", pairs=[nna.Pair("c2", "fc")])
 
 
+class _TwoBranches(nn.Module):
+    """Two conv branches of 8 channels, each through its own BatchNorm, plus a BatchNorm that is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a, self.bn_b, self.unused = nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.l, self.m = nn.Conv2d(8, 4, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        a = F.relu(self.l(F.relu(self.bn_a(self.c(x)))))
+        return a.mean((2, 3)) + self.m(F.relu(self.bn_b(self.d(x)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("off_path, match", [("bn_b", "'bn_b' in between= does not receive the units of 'c'"),
+                                             ("unused", "'unused' in between= is not called in a forward pass")])
+def test_declared_between_layer_off_the_path_is_refused(off_path, match):
+    # A BatchNorm named in between= but lying on another branch used to be shrunk with the producer: the pruned
+    # network then failed with a raw RuntimeError (running_mean size), and an unused one was shrunk silently.
+    torch.manual_seed(0)
+    net = _TwoBranches().eval()
+    x = torch.randn(30, 3, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("c", "l", ("bn_a", off_path))])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    pruned, _ = nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("c", "l", ("bn_a",))])
+    assert (pruned.bn_a.num_features, pruned.bn_b.num_features, pruned.unused.num_features) == (4, 8, 8)
+
+
 def test_a_second_flatten_is_a_no_op():
     class Twice(nn.Module):
         def __init__(self):
