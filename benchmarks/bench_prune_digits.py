@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+from _tables import print_accuracy_table
 from scipy.stats import binomtest
 
 import nn_adapters as nna
@@ -191,14 +192,7 @@ def main() -> None:
                     lerr.setdefault((label, c), []).append(
                         layer_errors(model, pruned, rep, Xtr[idx]) + layer_errors(model, pruned, rep, Xtr[held])
                         + output_agreement(model, pruned, Xtr[held]))
-    mean = {k: float(np.mean(v)) for k, v in acc.items()}
-    std = {k: float(np.std(v)) for k, v in acc.items()}
-
-    head = f"{'method':<32}" + "".join(f"{f'{c:g}x':>15}" for c in args.compressions)
-    print("\ntest accuracy %, mean +- std over seeds (population std, ddof=0)\n" + head)
-    for label, *_ in METHODS:
-        print(f"{label:<32}" + "".join(f"{100 * mean[(label, c)]:>8.1f} +-{100 * std[(label, c)]:>4.1f}"
-                                       for c in args.compressions))
+    mean, std, head = print_accuracy_table(acc, [m[0] for m in METHODS], args.compressions, 32, 15)
 
     print("\nordering asym >= seq >= layer (on the means):")
     for c in args.compressions:

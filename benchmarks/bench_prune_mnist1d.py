@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from _tables import print_accuracy_table
 
 import nn_adapters as nna
 from nn_adapters import zoo
@@ -114,14 +115,7 @@ def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, y
                 for part, r in ref.items():
                     fid[(label, c, part)].append(float((logits(pruned, parts[part]) - r).norm() / r.norm()))
                 achieved[c].append(rep.compression)
-    mean = {k: float(np.mean(v)) for k, v in acc.items()}
-    std = {k: float(np.std(v)) for k, v in acc.items()}
-
-    head = f"{'method':<24}" + "".join(f"{f'{c:g}x':>16}" for c in args.compressions)
-    print("\ntest accuracy %, mean +- std over seeds (population std, ddof=0)\n" + head)
-    for label, *_ in METHODS:
-        print(f"{label:<24}" + "".join(f"{100 * mean[(label, c)]:>9.1f} +-{100 * std[(label, c)]:>4.1f}"
-                                       for c in args.compressions))
+    mean, _, head = print_accuracy_table(acc, [m[0] for m in METHODS], args.compressions, 24, 16)
     print(f"{'achieved compression':<24}" + "".join(f"{min(achieved[c]):>8.2f}-{max(achieved[c]):.2f}x"
                                                     for c in args.compressions))
 
