@@ -9,6 +9,7 @@ constraints) and certificates that bound the optimum.
 from .base import CallableFunction, GainState, SetFunction, WeightedSum, from_callable
 from .certificates import Certificate, online_bound
 from .constraints import Knapsack, PartitionMatroid
+from .feature_selector import SparseRegressionSelector
 from .objectives import Coverage, FacilityLocation, FeatureBased, GraphCut, LogDeterminant, Modular
 from .optimize import DEFAULT_EPS, METHODS, SelectionResult, maximize
 from .selector import SubmodularSelector
@@ -20,5 +21,5 @@ __all__ = [
     "CallableFunction", "Certificate", "Coverage", "DEFAULT_EPS", "FacilityLocation", "FeatureBased",
     "GainState", "GramAccumulator", "GraphCut", "Knapsack", "LogDeterminant", "METHODS", "Modular",
     "PartitionMatroid", "RegressionPath", "SelectionResult", "SetFunction", "SparseRegression",
-    "SubmodularSelector", "WeightedSum", "from_callable", "maximize", "online_bound",
+    "SparseRegressionSelector", "SubmodularSelector", "WeightedSum", "from_callable", "maximize", "online_bound",
 ]
