@@ -141,20 +141,22 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         Column names of ``X`` when it was a DataFrame with string column names (scikit-learn only).
     n_features_to_select_ : int
         The budget (features, or groups) resolved from ``n_features_to_select``.
-    support_ : ndarray of bool, shape (n_features_in_,)
+    support_ : ndarray of bool, shape (n_features,)
         Mask of the selected columns.
     ranking_ : ndarray of int
         The selected features (or groups) in pick order; ``ranking_[:j]`` is the selection with ``j`` picks.
-    r2_path_ : ndarray of float, shape (len(ranking_),)
+    r2_path_ : ndarray of float, shape (n_picks,)
         ``r2_path_[j]``: fraction of ``||y_c||^2`` (summed over outputs) explained by the first ``j + 1`` picks,
-        i.e. the training ``R^2`` of least squares on them (variance-weighted over outputs).
+        i.e. the training ``R^2`` of least squares on them (variance-weighted over outputs). With ``ridge > 0``
+        the residual includes the penalty: ``1 - (||y_c - X_c w||^2 + ridge ||w||^2) / ||y_c||^2``; with
+        ``fit_intercept=False`` nothing is centred (a fraction of the raw ``||y||^2``).
     certificate_ : float or None
-        A proven upper bound on the best ``R^2`` any ``n_features_to_select_`` features (or groups) can reach,
-        from ``result_.certificate``; None when no bound is known, which is the case unless ``gamma_lower`` is
-        given (the objective is not submodular).
+        A proven upper bound on the best score (as in ``r2_path_``) any ``n_features_to_select_`` features (or
+        groups) can reach, from ``result_.certificate`` (capped at 1); None when no bound is known, which is the
+        case unless ``gamma_lower`` is given (the objective is not submodular).
     result_ : SelectionResult
         The full result of :func:`maximize` (raw values ``F``, gains, evaluations, violations, certificate).
-    coef_ : ndarray, shape (n_features_in_,) or (n_targets, n_features_in_)
+    coef_ : ndarray, shape (n_features,) or (n_targets, n_features)
         Least-squares (ridge when ``ridge > 0``) weights refit on the selected features, over *all* features with
         zeros outside ``support_``, so ``X @ coef_.T + intercept_`` predicts ``y``. 1-D when ``y`` is.
     intercept_ : float or ndarray of shape (n_targets,)
