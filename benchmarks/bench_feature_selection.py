@@ -1,6 +1,6 @@
 """Supervised feature selection: ``submod.SparseRegressionSelector`` against scikit-learn's selectors, in one run.
 
-Run from the repository root (about 1-2 minutes on 2 cores; no downloads, scikit-learn's bundled data only)::
+Run from the repository root (30-60 s on 2 cores; no downloads, scikit-learn's bundled data only)::
 
     python benchmarks/bench_feature_selection.py
     python benchmarks/bench_feature_selection.py --quick     # fewer k and no SequentialFeatureSelector
