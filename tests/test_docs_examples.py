@@ -300,7 +300,8 @@ def help_text(program: str, monkeypatch: pytest.MonkeyPatch) -> str:
             submod.cli.main([program.split()[1], "--help"])
     else:
         monkeypatch.setattr(sys, "argv", [program, "--help"])
-        monkeypatch.setattr(sys, "path", list(sys.path))  # scripts put their folders first
+        # `python benchmarks/x.py` puts the script's folder first on sys.path (its sibling modules import)
+        monkeypatch.setattr(sys, "path", [str((ROOT / program).parent), *sys.path])
         monkeypatch.setattr(os, "environ", os.environ.copy())  # and set defaults in it
 
         def show_help() -> None:
