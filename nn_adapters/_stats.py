@@ -79,6 +79,22 @@ class PairStats:
         self.fold_accs = [GramAccumulator(d, self.W.shape[0]) for _ in range(self.n_folds)]
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._total: GramAccumulator | None = None
+        # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
+        self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
+        self._se_count = 0
+
+    def update_se_input(self, x: torch.Tensor) -> None:
+        """Add a batch of the SE gate's pooled input (``fc1``'s input, ``(N, C)`` or ``(N, C, 1, 1)``)."""
+        x = x.detach().to(torch.float64).reshape(x.shape[0], self.pair.n_units, -1)
+        self._se_sum += x.sum(dim=(0, 2)).cpu()
+        self._se_count += x.shape[0] * x.shape[2]
+
+    def se_input_mean(self) -> torch.Tensor:
+        """Calibration mean of each pooled channel at the SE gate's ``fc1`` (float64, ``(C,)``)."""
+        if self._se_count == 0:
+            raise ValueError(f"pair {self.pair.name}: the squeeze-and-excitation layer {self.pair.se[0]!r} was not "
+                             "called during calibration.")
+        return self._se_sum / self._se_count
 
     def update(self, x: torch.Tensor, x_target: torch.Tensor | None = None) -> None:
         """Add a batch: ``x`` is the consumer's input in the network being pruned, ``x_target`` in the network
@@ -328,7 +344,8 @@ def _combine(parts: list[tuple]) -> tuple:
 
 @contextmanager
 def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, PairStats]):
-    """Forward pre-hooks on every consumer of ``model`` that stream its input into ``stats[pair.name]``.
+    """Forward pre-hooks on every consumer of ``model`` that stream its input into ``stats[pair.name]`` (and on the
+    ``fc1`` of a squeeze-and-excitation gate on the way, its pooled input).
 
     The hooks are removed when the context exits, also on error.
     """
@@ -338,6 +355,9 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
             st = stats[p.name]
             handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(
                 lambda _m, inp, st=st: st.update(inp[0])))
+            if p.se:
+                handles.append(model.get_submodule(p.se[0]).register_forward_pre_hook(
+                    lambda _m, inp, st=st: st.update_se_input(inp[0])))
         yield
     finally:
         for h in handles:

@@ -20,7 +20,8 @@ Three ways to say it:
 The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (:class:`ParamModel`), so
 budgets are met exactly, without building candidate networks. The per-unit layers on a pair's way (its
 ``between``: BatchNorm entries, the filters and biases of a depthwise convolution) count as many parameters per kept
-unit as they hold per channel.
+unit as they hold per channel; so do the input columns of a squeeze-and-excitation gate's ``fc1`` and the output
+rows and biases of its ``fc2``.
 """
 
 from __future__ import annotations
@@ -50,15 +51,27 @@ class ParamModel:
     pairs : list of PrunablePair
     adds_bias : bool
         Whether consumers without a bias get one (the least-squares refit with intercept adds it).
+    adds_se_bias : bool
+        Whether the ``fc1`` of a squeeze-and-excitation gate without a bias gets one (the bias correction of
+        :func:`nn_adapters.shrink.keep_se` adds it).
+
+    The ``fc1`` of a pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a
+    bias entry), per kept unit of the pair.
     """
 
-    def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False) -> None:
+    def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False,
+                 adds_se_bias: bool = False) -> None:
         self.n_units = np.array([p.n_units for p in pairs], dtype=np.int64)
         #: Parameters of the network as it is (the "before" of every compression ratio). With ``adds_bias`` the
         #: full-size count ``total()`` can exceed it: the refit adds a bias to consumers that have none.
         self.original = int(sum(p.numel() for p in model.parameters()))
-        prod = {p.producer: i for i, p in enumerate(pairs)}
+        # layers whose output rows / input columns follow a pair's units: producers and SE fc2 / consumers and
+        # SE fc1 (one column per unit)
+        prod = {p.producer: i for i, p in enumerate(pairs)} | {p.se[1]: i for i, p in enumerate(pairs) if p.se}
         cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
+        cons |= {p.se[0]: (i, 1) for i, p in enumerate(pairs) if p.se}
+        gets_bias = ({p.consumer for p in pairs} if adds_bias else set()) | (
+            {p.se[0] for p in pairs if p.se} if adds_se_bias else set())
         between = {b: i for i, p in enumerate(pairs) for b in p.between}  # BatchNorms and depthwise convolutions
         const = 0
         terms = []  # (coef, in_idx, in_mult, out_idx, out_mult); value = coef * kk[in]*in_mult * kk[out]*out_mult
@@ -75,7 +88,7 @@ class ParamModel:
                 else:
                     i_idx, i_mult = -1, in_fixed
                 terms.append((1, i_idx, i_mult, o_idx, o_mult))
-                if m.bias is not None or (adds_bias and name in cons):
+                if m.bias is not None or name in gets_bias:
                     terms.append((1, -1, 1, o_idx, o_mult))
                 const += direct - W.numel() - (m.bias.numel() if m.bias is not None else 0)
             elif name in between:  # the weight and bias hold one entry or filter per channel; any other is kept

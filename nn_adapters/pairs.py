@@ -35,6 +35,20 @@ depthwise convolution with a channel multiplier above 1 (``out_channels = m * in
 convolution, and a depthwise convolution as producer or consumer (its input channels are its output channels) are
 refused.
 
+Squeeze-and-excitation
+----------------------
+A squeeze-and-excitation gate (Hu et al. 2018; the SE of EfficientNet and MobileNetV3 blocks) multiplies the path
+tensor ``h`` by a per-channel gate computed from ``h`` alone: ``h * sigmoid(fc2(act(fc1(mean(h, spatial dims)))))``
+(``fc1``/``fc2`` 1x1 convolutions on the pooled ``(N, C, 1, 1)`` map, or ``Linear`` layers on the pooled
+``(N, C)``; ``hardsigmoid`` also). Channel ``c`` of the product depends on all channels of ``h`` through the gate,
+so it is not a per-unit operation, but removing channel ``c`` everywhere is well defined: the consumer loses input
+channel ``c`` (its refit reads the gated activations), ``fc2`` loses output row ``c`` (and its bias entry) and
+``fc1`` loses input column ``c``, whose contribution to ``fc1``'s pre-activation is folded into ``fc1``'s bias with
+the calibration mean of the pooled channel (:func:`nn_adapters.shrink.keep_se`). Such a gate is recorded in the
+pair's ``se`` as ``(fc1, fc2)``. Any other product with a tensor on the way (a gate computed from another tensor, a
+spatial attention map without global pooling, a gate whose ``fc2`` does not output one factor per channel, a
+learned per-channel scale) is refused with the reason.
+
 Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
 prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
 prunable, as in the paper).
@@ -96,7 +110,7 @@ _SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Pair:
     """A pair declared by the user: ``producer`` feeds ``consumer`` through channel-wise ops only.
 
@@ -107,6 +121,8 @@ class Pair:
     between : tuple of str
         Names of the per-unit layers with parameters on the way (BatchNorm, depthwise convolutions with channel
         multiplier 1), whose entries (channels, filters) are removed with the producer's units.
+    se : tuple of str
+        ``(fc1, fc2)`` of a squeeze-and-excitation gate on the way (see the module docstring), or ``()``.
 
     Examples
     --------
@@ -119,6 +135,11 @@ class Pair:
     producer: str
     consumer: str
     between: tuple[str, ...] = ()
+    se: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        se = f", se={self.se!r}" if self.se else ""
+        return f"Pair(producer={self.producer!r}, consumer={self.consumer!r}, between={self.between!r}{se})"
 
 
 @dataclass
@@ -141,6 +162,12 @@ class PrunablePair:
         ``H * W``).
     consumer_node : str or None
         Name of the consumer's node in the traced graph (``None`` for untraceable models).
+    se : tuple of str
+        ``(fc1, fc2)`` of a squeeze-and-excitation gate on the way, or ``()``: ``fc1``'s input columns and
+        ``fc2``'s output rows follow the producer's units.
+    se_input_node : str or None
+        Name of the graph node whose output the gate multiplies (and pools), when ``se`` is set and the model was
+        traced; the sequential methods recompute the gated consumer input from it after pruning.
     """
 
     producer: str
@@ -151,6 +178,8 @@ class PrunablePair:
     cols_per_unit: int
     consumer_node: str | None = None
     ops: list[str] = field(default_factory=list)
+    se: tuple[str, ...] = ()
+    se_input_node: str | None = None
 
     @property
     def name(self) -> str:
@@ -379,7 +408,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
                 skipped.append((node.target, result))
         else:
             pairs.append(result)
-    pruned_between = {b for p in pairs for b in p.between}  # a depthwise convolution pruned with its producer
+    # a depthwise convolution pruned with its producer, and an SE's fc2 (its rows follow the gated channels)
+    pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:])}
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
@@ -420,6 +450,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     between: list[str] = []
     ops: list[str] = []
     flattened_hw: int | None = None
+    se: tuple[str, ...] = ()
+    se_input: str | None = None
     cur = node
     while True:
         users = _value_users(cur)
@@ -427,7 +459,16 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             return "its output is not used"
         if len(users) > 1:
             where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
-            return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
+            gate = _se_gate(cur, users, modules, calls, producer, n_units) if is_conv else None
+            if gate is None:
+                return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
+            if isinstance(gate, str):
+                return f"{where} is multiplied by a gate computed from it that is not a squeeze-and-excitation: {gate}"
+            if se:
+                return f"{where} is multiplied by a second squeeze-and-excitation gate; one per pair is supported"
+            cur, se, se_input = gate[0], gate[1:], cur.name
+            ops.append("squeeze-excitation")
+            continue
         (u,) = users
         if u.op == "output":
             return "its output is the network output"
@@ -440,7 +481,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
-                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units)
+                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -480,8 +521,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 cur = u
                 continue
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
-                what = "a product with a tensor" if u.target is operator.mul else "a residual sum or concatenation"
-                return f"its output feeds {name} ({what})"
+                if u.target is operator.mul:
+                    return _product_reason(u, cur, name)
+                return f"its output feeds {name} (a residual sum or concatenation)"
             if u.target in (_REDUCE_FUNCTIONS if is_function else _REDUCE_METHODS):
                 reduced = _position_reduction(cur, u, is_conv, n_units, name)
                 if isinstance(reduced, str):
@@ -507,6 +549,204 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         else:
             return f"unsupported graph node {u.op} after the producer"
         cur = u
+
+
+_PRODUCT_FUNCTIONS = {operator.mul, torch.mul}
+_SIGMOID_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_SIGMOID_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+_GATE_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_ADAPTIVE_AVG_POOLS = {1: (nn.AdaptiveAvgPool1d, F.adaptive_avg_pool1d),
+                       2: (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)}
+
+
+def _is_product(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "mul")) and len(node.args) == 2 and not node.kwargs
+
+
+def _ancestors(node: fx.Node, limit: int = 500) -> set[fx.Node]:
+    """The nodes ``node`` is computed from (up to ``limit`` of them)."""
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo and len(seen) < limit:
+        a = todo.pop()
+        if a not in seen:
+            seen.add(a)
+            todo.extend(a.all_input_nodes)
+    return seen
+
+
+def _product_reason(mul: fx.Node, cur: fx.Node, name: str) -> str:
+    """Why a product of the path tensor ``cur`` with another tensor is not prunable, naming the other factor."""
+    other = mul.args[1] if mul.args[0] is cur else mul.args[0]
+    if not isinstance(other, fx.Node) or other.op == "get_attr":
+        return f"its output feeds {name} (a product with a tensor)"
+    if other in _ancestors(cur):  # cur is itself a gate: an SE's fc2, whose rows go with the channels it gates
+        return (f"its output feeds {name} (a product with a tensor): it is the gate that multiplies {other.name}, "
+                "not a path to a consumer")
+    return (f"its output feeds {name}, a product with a gate ({other.name}) computed from another tensor; only a "
+            "squeeze-and-excitation gate computed from the producer's own channels is supported")
+
+
+def _is_shape_value(a: object, depth: int = 0) -> bool:
+    """A number computed when tracing from tensor sizes (``b, c, _, _ = x.size()``; ``x.shape[0]``), or a
+    literal: the target shape of a reshape in a gate, which follows the kept channel count."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return True
+    if not isinstance(a, fx.Node) or depth > 8:
+        return False
+    if a.op == "call_method" and a.target in ("size", "dim"):
+        return True
+    if a.op == "call_function" and a.target is getattr:
+        return len(a.args) > 1 and a.args[1] == "shape"
+    return (a.op == "call_function" and a.target in _SHAPE_ARITHMETIC
+            and all(_is_shape_value(x, depth + 1) for x in a.all_input_nodes))
+
+
+def _gate_reshape(node: fx.Node, prev: fx.Node) -> bool | str:
+    """Whether ``node`` only reshapes the gate tensor ``prev`` (a view, flatten, squeeze of given dims, unsqueeze,
+    ``g[:, :, None, None]``), or the reason it would break once channels are removed."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is prev:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+    is_method = node.op == "call_method" and node.target in _GATE_RESHAPE_METHODS
+    if not (is_method or (node.op == "call_function" and node.target in _GATE_RESHAPE_FUNCTIONS)):
+        return False
+    name = node.target if is_method else node.target.__name__
+    if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
+        return "x.squeeze() without dims in the gate drops the channel dim once one channel is kept"
+    if name in ("view", "reshape"):
+        shape = node.args[1:]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        if any(isinstance(d, int) and d not in (1, -1) for d in shape):
+            return (f"x.{name}{tuple(shape)} in the gate hard-codes a size, which changes when channels are removed; "
+                    f"write e.g. x.{name}(b, c, 1, 1) with b, c = x.shape[:2]")
+    return True
+
+
+def _is_global_avg_pool(node: fx.Node, modules: dict[str, nn.Module], rank: int) -> bool:
+    """Whether ``node`` averages its input over all ``rank`` spatial dims (``x.mean((2, 3), keepdim=True)``,
+    ``F.adaptive_avg_pool2d(x, 1)``, ``nn.AdaptiveAvgPool2d(1)``)."""
+    pool_module, pool_function = _ADAPTIVE_AVG_POOLS.get(rank, (None, None))
+    size = None
+    if node.op == "call_module" and pool_module is not None and isinstance(modules[node.target], pool_module):
+        size = modules[node.target].output_size
+    elif node.op == "call_function" and node.target is pool_function:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    elif (node.op == "call_method" and node.target == "mean") or (
+            node.op == "call_function" and node.target is torch.mean):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+            return False
+        return sorted(d % (rank + 2) for d in dims) == list(range(2, rank + 2))
+    else:
+        return False
+    size = (size,) * rank if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    return len(size) == rank and all(v == 1 for v in size)
+
+
+def _se_layer(m: nn.Module, name: str, role: str, n_units: int, rank: int, calls: dict[str, int],
+              in_shape: tuple[int, ...] | None) -> str | None:
+    """Why ``m`` cannot be the ``fc1`` (``role``) or ``fc2`` of a squeeze-and-excitation gate on ``n_units``
+    channels, or ``None``."""
+    what = f"its {role} {type(m).__name__} {name!r}"
+    if calls[name] > 1:
+        return f"{what} is called {calls[name]} times (shared weights)"
+    if (why := _weight_ok(m, in_shape)) is not None:
+        return f"{what}: {why}"
+    if _conv.is_conv(m) and (_conv.rank(m) != rank or m.groups != 1 or _conv.kernel_numel(m) != 1):
+        return f"{what} is not a 1x1 convolution of the producer's rank without groups"
+    if role == "fc1":
+        n_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if n_in != n_units:
+            return f"{what} reads {n_in} channels, not the {n_units} channels it gates"
+    elif _unit_count(m) != n_units:
+        return (f"{what} outputs {_unit_count(m)} channels, not the {n_units} channels it gates (not one factor per "
+                "channel)")
+    return None
+
+
+def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], calls: dict[str, int],
+             producer: nn.Module, n_units: int) -> tuple[fx.Node, str, str] | str | None:
+    """Recognise a squeeze-and-excitation gate on the path tensor ``cur`` (a conv's ``(N, C, ...)`` output whose
+    two readers are a product and the start of the gate).
+
+    Returns ``(product node, fc1, fc2)`` for ``cur * sigmoid(fc2(act(fc1(pool(cur)))))`` (global average pooling;
+    1x1 convolutions or Linear layers with reshapes between; any element-wise activations between fc1 and fc2;
+    sigmoid or hardsigmoid), the reason a gate computed from ``cur`` is not one, or ``None`` when the two readers
+    are not a product and a gate that leads to it (a plain branch).
+    """
+    rank = _conv.rank(producer)
+    shape = _shape(cur)
+    products = [u for u in users if _is_product(u) and cur in u.args]
+    if len(users) != 2 or len(products) != 1 or shape is None or len(shape) != rank + 2:
+        return None
+    mul = products[0]
+    gate_out = mul.args[1] if mul.args[0] is cur else mul.args[0]
+    (node,) = [u for u in users if u is not mul]
+    if not isinstance(gate_out, fx.Node) or node not in (_ancestors(gate_out) | {gate_out}):
+        return None
+    prev, stage, fcs = cur, "pool", []
+    while node is not mul:
+        label = f"{node.op} {getattr(node.target, '__name__', node.target)}"
+        if node.op == "call_module":
+            label = f"{type(modules[node.target]).__name__} {node.target!r}"
+        others = [a for a in node.all_input_nodes if a is not prev and not _is_shape_value(a)]
+        if others:
+            return f"its {label} also reads {others[0].name} (a gate computed from another tensor)"
+        reshape = False if stage == "pool" else _gate_reshape(node, prev)
+        if isinstance(reshape, str):
+            return reshape
+        if stage == "pool":
+            if not _is_global_avg_pool(node, modules, rank):
+                return (f"it starts with {label}, not a global average pooling over the positions (a spatial "
+                        "attention map or another gate)")
+            stage = "fc1"
+        elif reshape:
+            pass
+        elif node.op == "call_module" and isinstance(modules[node.target], _conv.LAYER_TYPES) and stage in (
+                "fc1", "act"):
+            role = "fc1" if stage == "fc1" else "fc2"
+            if (why := _se_layer(modules[node.target], node.target, role, n_units, rank, calls,
+                                 _input_shape(node))) is not None:
+                return why
+            if fcs and _conv.is_conv(modules[node.target]) != _conv.is_conv(modules[fcs[0]]):
+                return f"its fc1 {fcs[0]!r} and fc2 {node.target!r} are not both 1x1 convolutions or both Linear"
+            fcs.append(node.target)
+            stage = "act" if role == "fc1" else "sigmoid"
+        elif stage == "act" and (
+                (node.op == "call_module" and isinstance(modules[node.target], _ELEMENTWISE_MODULES)
+                 and next(iter(modules[node.target].parameters()), None) is None)
+                or (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS - _POOL_FUNCTIONS)
+                or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)):
+            pass
+        elif stage == "sigmoid" and (
+                (node.op == "call_module" and isinstance(modules[node.target], _SIGMOID_MODULES))
+                or (node.op == "call_function" and node.target in _SIGMOID_FUNCTIONS)
+                or (node.op == "call_method" and node.target == "sigmoid")):
+            stage = "gate"
+        else:
+            after = {"fc1": "the pooling", "act": f"fc1 {fcs[0]!r}" if fcs else "fc1",
+                     "sigmoid": f"fc2 {fcs[-1]!r}" if fcs else "fc2", "gate": "the sigmoid"}[stage]
+            return (f"its {label} after {after} is not part of a squeeze-and-excitation (global average pooling -> "
+                    "fc1 -> activation -> fc2 -> sigmoid or hardsigmoid)")
+        s = _shape(node)
+        if stage in ("fc1", "sigmoid", "gate") and (
+                s is None or len(s) < 2 or s[0] != shape[0] or s[1] != n_units or math.prod(s[2:]) != 1):
+            return (f"its {label} gives a tensor of shape {s}, not one value per sample and channel "
+                    f"({shape[0]}, {n_units})")
+        nxt = _value_users(node)
+        if len(nxt) != 1:
+            return f"its {label} feeds {len(nxt)} operations"
+        prev, node = node, nxt[0]
+    if stage != "gate":
+        return "it does not end with fc1 -> activation -> fc2 -> sigmoid or hardsigmoid"
+    if (s := _shape(prev)) is None or len(s) != len(shape):
+        return f"the gate of shape {s} does not broadcast over the positions of {shape} channel by channel"
+    return mul, fcs[0], fcs[1]
 
 
 def _fixed_size_reshape(node: fx.Node) -> str | None:
@@ -644,7 +884,8 @@ def _conv_pairing(producer: nn.Module, consumer: nn.Module) -> str | None:
 
 
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
-               ops: list[str], flattened_hw: int | None, n_units: int) -> PrunablePair | str:
+               ops: list[str], flattened_hw: int | None, n_units: int, se: tuple[str, ...] = (),
+               se_input: str | None = None) -> PrunablePair | str:
     p_conv = _conv.is_conv(producer)
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
@@ -670,7 +911,7 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
         kind, cpu = "linear->linear", 1
         if consumer.in_features != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, producer gives {n_units}"
-    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops)
+    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops, se, se_input)
 
 
 def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
@@ -685,9 +926,11 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     for item in declared:
         p = item if isinstance(item, Pair) else Pair(item[0], item[1], item[2] if len(item) > 2 else ())
         if isinstance(p.between, str):  # one name, not its letters
-            p = Pair(p.producer, p.consumer, (p.between,))
-        p = Pair(p.producer, p.consumer, tuple(p.between))
-        for nm in (p.producer, p.consumer, *p.between):
+            p = Pair(p.producer, p.consumer, (p.between,), p.se)
+        p = Pair(p.producer, p.consumer, tuple(p.between), tuple(p.se))
+        if p.se and len(p.se) != 2:
+            raise ValueError(f"declared pair {p}: se= takes the names of the gate's two layers, (fc1, fc2).")
+        for nm in (p.producer, p.consumer, *p.between, *p.se):
             if nm not in modules:
                 raise ValueError(f"declared pair {p}: no module named {nm!r}; use names from model.named_modules().")
         prod, cons = modules[p.producer], modules[p.consumer]
@@ -706,6 +949,8 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
             elif not isinstance(m, _BN_MODULES) or m.num_features != n:
                 raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features or a depthwise "
                                  f"convolution with {n} channels (groups = in_channels = out_channels = {n}).")
+        if p.se:
+            _check_declared_se(p, prod, [modules[nm] for nm in p.se], n)
         if _conv.is_conv(cons):
             if (why := _conv_pairing(prod, cons)) is not None:
                 raise ValueError(f"declared pair {p}: {why}; declare a producer of the consumer's kind.")
@@ -726,16 +971,49 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
         if graph is not None:
             node = next((nd.name for nd in graph.graph.nodes if nd.op == "call_module" and nd.target == p.consumer),
                         None)
-        out.append(PrunablePair(p.producer, p.consumer, tuple(p.between), kind, n, cpu, node))
+        se_input = _se_input_node(graph, p.se[0]) if graph is not None and p.se else None
+        out.append(PrunablePair(p.producer, p.consumer, tuple(p.between), kind, n, cpu, node, se=p.se,
+                                se_input_node=se_input))
     names = [p.producer for p in out]
     if len(set(names)) != len(names):
         raise ValueError("a producer appears in two declared pairs; declare each producer once.")
     for pair in out:
         _check_unit_map(model, pair, example_input)
     # In the order the producers run (a consumer must be refitted before its own outputs are pruned as the next
-    # pair's producer), whatever the order of the declaration.
+    # pair's producer), whatever the order of the declaration; a pair whose consumer is an SE's fc2 comes before
+    # the SE's own pair (it refits all of fc2's rows, before the SE pair removes some).
     order = _call_order(model, [p.producer for p in out], example_input)
-    return sorted(out, key=lambda p: order.get(p.producer, len(order)))
+    fc2_of = {p.se[1]: p.producer for p in out if p.se}
+    return sorted(out, key=lambda p: (order.get(fc2_of.get(p.consumer, p.producer), len(order)),
+                                      p.consumer not in fc2_of))
+
+
+def _check_declared_se(p: Pair, prod: nn.Module, layers: list[nn.Module], n: int) -> None:
+    """Refuse a declared ``se=(fc1, fc2)`` that cannot be a squeeze-and-excitation of ``prod``'s ``n`` channels."""
+    if not _conv.is_conv(prod):
+        raise ValueError(f"declared pair {p}: a squeeze-and-excitation gate gates a convolution's channels; the "
+                         f"producer is a {type(prod).__name__}.")
+    kinds = {_conv.is_conv(m) for m in layers}
+    if not all(isinstance(m, _conv.LAYER_TYPES) for m in layers) or len(kinds) != 1:
+        raise ValueError(f"declared pair {p}: se= names the gate's fc1 and fc2, both 1x1 convolutions or both "
+                         f"Linear; got {type(layers[0]).__name__} and {type(layers[1]).__name__}.")
+    calls = dict.fromkeys(p.se, 1)
+    for name, m, role in zip(p.se, layers, ("fc1", "fc2"), strict=True):
+        if (why := _se_layer(m, name, role, n, _conv.rank(prod), calls, None)) is not None:
+            raise ValueError(f"declared pair {p}: {why.removeprefix('its ')}.")
+
+
+def _se_input_node(graph: fx.GraphModule, fc1: str) -> str | None:
+    """The node whose output a declared SE gate pools and multiplies: walking back from ``fc1``'s input, the
+    first tensor with more than one reader."""
+    node = next((nd for nd in graph.graph.nodes if nd.op == "call_module" and nd.target == fc1), None)
+    for _ in range(16):
+        if node is None or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+        if len(_value_users(node)) > 1:
+            return node.name
+    return None
 
 
 def _consumer_columns(pair: PrunablePair, x: torch.Tensor) -> torch.Tensor:
@@ -773,6 +1051,12 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     not a layer); a control run with nothing changed tells such a reader from a network whose output is random
     (dropout left on). Every layer declared in ``between`` must see its input change in the first runs, else it is
     not on the way (another branch's BatchNorm, an unused module) and is refused before anything is pruned.
+
+    With a squeeze-and-excitation gate declared (``se=(fc1, fc2)``) the gate mixes the units, so the offset runs
+    replay ``fc2``'s output from the first run (the gate held fixed: the product then changes unit by unit), and
+    ``fc1``'s input must change in exactly the units whose consumer columns change (it pools this path's units).
+    The run with the producer held still lets the gate follow the model's input, so a gate computed from another
+    tensor is refused as a second input of the consumer.
     """
     prod, cons = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
     unit_dim = 1 if _conv.is_conv(prod) else -1
@@ -788,6 +1072,16 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     base_out: list[torch.Tensor] = []
     base_in: list[torch.Tensor] = []
     replayed = [0]
+    base_gate: list[torch.Tensor] = []
+    gate_at = [0]
+
+    def hold_gate(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
+        if mode[0] == "base":
+            base_gate.append(out.detach().clone())
+        if mode[0] in ("plus", "minus") and gate_at[0] < len(base_gate):
+            gate_at[0] += 1
+            return base_gate[gate_at[0] - 1].clone()
+        return out
 
     def perturb(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
         if mode[0] == "base":
@@ -814,7 +1108,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     # second reader (a residual sum, a branch); their inputs are recorded too.
     others = {name: m for name, m in model.named_modules()
               if isinstance(m, (*_conv.LAYER_TYPES, *_BN_MODULES)) and m is not prod and m is not cons
-              and name not in pair.between}
+              and name not in pair.between and name not in pair.se}
     other_in: dict[str, list[torch.Tensor]] = {name: [] for name in others}
 
     def capture_other(name: str) -> Callable:
@@ -824,17 +1118,19 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         return hook
 
     # Each layer declared in between= must lie on the way: its input changes with the producer's units.
-    on_path = {name: model.get_submodule(name) for name in pair.between}
+    on_path = {name: model.get_submodule(name) for name in (*pair.between, *pair.se[:1])}
     others.update(on_path)
     other_in.update({name: [] for name in on_path})
     handles = [prod.register_forward_hook(perturb), cons.register_forward_pre_hook(capture)]
+    if pair.se:
+        handles.append(model.get_submodule(pair.se[1]).register_forward_hook(hold_gate))
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
     runs, other_runs, outputs, second_reader = [], [], [], False
     x0 = example_input[:CHECK_SAMPLES]
     try:
         with eval_mode(model), torch.no_grad():
             for m in ("base", "plus", "minus"):
-                mode[0], seen[:] = m, []
+                mode[0], seen[:], gate_at[0] = m, [], 0
                 for v in other_in.values():
                     v.clear()
                 outputs.append(_output_tensors(model(x0)))
@@ -868,8 +1164,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                     f"input columns of other units (e.g. the blocks of units {bad}), so the consumer's columns are "
                     "not the producer's units in order. Only per-unit operations may lie between them (BatchNorm, "
                     "depthwise convolutions, element-wise activations, pooling, dropout, a channel-major flatten); a "
-                    "permute/transpose before the flatten, a LayerNorm or any layer that mixes units is not. Remove "
-                    "this pair from pairs= or restructure the model.")
+                    "permute/transpose before the flatten, a LayerNorm or any layer that mixes units is not (a "
+                    "squeeze-and-excitation gate on the way is declared with se=(fc1, fc2)). Remove this pair from "
+                    "pairs= or restructure the model.")
             changed |= diff
     if not changed.any():
         raise ValueError(f"declared pair {pair.name}: the consumer's input does not change with the producer's "
@@ -882,6 +1179,13 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
             for base, new in zip(other_runs[0][name], run[name], strict=False):
                 if base.shape == new.shape and base.dim() >= 2 and base.shape[dim] == n:
                     other_changed |= _changed_units(base.movedim(dim, 0), new.movedim(dim, 0))
+        if pair.se and name == pair.se[0]:
+            if not bool((other_changed == changed).all()):
+                raise ValueError(f"declared pair {pair.name}: the input of {type(m).__name__} {name!r} (the gate's "
+                                 f"fc1 in se=) does not change with exactly the units of {pair.producer!r} that the "
+                                 "consumer reads, so it does not pool this path's channels one by one. Declare the "
+                                 "fc1 and fc2 of the gate that multiplies this path.")
+            continue
         if name in on_path:
             if not other_changed.any():
                 where = ("is not called in a forward pass" if not other_runs[0][name] else

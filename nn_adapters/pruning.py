@@ -43,7 +43,7 @@ from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes, working_copy
 from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
-from .shrink import keep_between, keep_outputs, set_inputs
+from .shrink import keep_between, keep_outputs, keep_se, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
 
@@ -175,7 +175,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
           pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
           refit_prior: str = "original", loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
-          **kwargs: object) -> tuple[nn.Module, PruneReport]:
+          se_bias_correction: bool = True, **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
     Parameters
@@ -251,6 +251,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         greedy selection's in-sample relative objective, per-step path-ratio bound), ``rel_err_at_k`` (that
         objective, exact: residual plus the selection ridge's penalty, as ``error_curve``) and ``contraction``
         (fitted per-unit error contraction, an estimate). Needs ``verification``.
+    se_bias_correction : bool, default True
+        For a pair through a squeeze-and-excitation gate (``h * sigmoid(fc2(act(fc1(pool(h)))))``, see
+        :mod:`nn_adapters.pairs`): removing channel ``j`` removes ``fc2``'s row ``j`` and ``fc1``'s column ``j``,
+        whose contribution to the kept channels' gates is folded into ``fc1``'s bias at the calibration mean of
+        the pooled channel (:func:`nn_adapters.shrink.keep_se`; the mean is read on the network the statistics
+        come from: the original for ``layer``, the network pruned so far for ``seq`` and ``asym``). ``False``
+        drops the column (the removed pooled values become zero), for comparison.
 
     Returns
     -------
@@ -277,7 +284,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
                              "compression=; pass e.g. keep=0.5.")
         unsupported = [name for name, value, default in (("pairs", pairs, None), ("loss_fn", loss_fn, None),
-                                                           ("progress", progress, False), ("verify", verify, False))
+                                                           ("progress", progress, False), ("verify", verify, False),
+                                                           ("se_bias_correction", se_bias_correction, True))
                        if value is not default]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)} apply to MLP/CNN pruning only; transformer pruning "
@@ -300,6 +308,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "
                          f"(ordinary ridge); got {refit_prior!r}.")
     prior = refit_prior == "original"
+    if not isinstance(se_bias_correction, bool):
+        raise ValueError(f"se_bias_correction must be True or False; got {se_bias_correction!r}.")
     t_start = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -348,7 +358,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          else resolve_pairs(work, list(pairs), x, gm))
 
     folds = CV_FOLDS if ridge == "cv" else 1
-    pm = _budget.ParamModel(work, found, adds_bias=reweight)
+    pm = _budget.ParamModel(work, found, adds_bias=reweight, adds_se_bias=se_bias_correction)
     layer_stats: dict[str, PairStats] | None = None
     full_paths: dict[str, object] = {}
     if keep is not None:
@@ -400,6 +410,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         keep_outputs(work.get_submodule(pair.producer), idx)
         for b_name in pair.between:
             keep_between(work.get_submodule(b_name), idx)
+        if pair.se:
+            keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
+                    st.se_input_mean() if se_bias_correction else None)
         set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
         curve = None if path is None else [float(e) for e in path.relative_errors[:k + 1]]
         ver = _verify(path.objective, k) if (verify and path is not None) else None
@@ -440,7 +453,7 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
     design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
     pooling) and they add up over batches."""
     def layout(ps: list[PrunablePair]) -> list[tuple]:
-        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between) for p in ps]
+        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se) for p in ps]
 
     first = tuple(batches[0][0].shape[1:])
     want = layout(found)
@@ -603,6 +616,17 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
     for t, node in enumerate(nodes):
         for a in node.all_input_nodes:
             last_use[a] = t
+    se_fc1 = {p.se[0]: p for p in pairs if p.se}
+    segments = _se_segments(nodes, pairs, last_use)
+    free_at: dict[int, list[fx.Node]] = {}
+    for a, t in last_use.items():
+        free_at.setdefault(t, []).append(a)
+    stats: dict[str, PairStats] = {}
+
+    def stats_of(p: PrunablePair) -> PairStats:
+        if p.name not in stats:
+            stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds)
+        return stats[p.name]
     nb = len(batches)
     need_orig = mode == "asym"
     env_w: dict[fx.Node, list] = {}
@@ -631,18 +655,64 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
                 if not isinstance(src, fx.Node) or len(src.users) != 1:
                     raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
                                      f"{p.name} cannot be pruned sequentially (use method='layer').")
-                st = PairStats(p, orig.get_submodule(p.consumer), folds)
+                st = stats_of(p)
                 for b in range(nb):
                     st.update(env_w[src][b], env_o[src][b] if need_orig else None)
                 idx = decide(i, p, st)
-                env_w[src] = [slice_units(x, p, idx) for x in env_w[src]]
+                if p.name in segments:
+                    # recompute the consumer's input through the pruned (bias-corrected) gate, from the gated tensor
+                    h, seg = segments[p.name]
+                    local = dict(env_w)
+                    local[h] = [x[:, idx] for x in env_w[h]]
+                    for n in seg:
+                        local[n] = _execute(n, work, local, nb)
+                    env_w[src] = local[src]
+                else:
+                    env_w[src] = [slice_units(x, p, idx) for x in env_w[src]]
+            if node.op == "call_module" and node.target in se_fc1:  # the pooled input of an SE gate's fc1
+                st = stats_of(se_fc1[node.target])
+                for x in env_w[node.args[0]]:
+                    st.update_se_input(x)
             env_w[node] = _execute(node, work, env_w, nb)
             if need_orig:
                 env_o[node] = _execute(node, orig, env_o, nb)
-            for a in node.all_input_nodes:
-                if last_use.get(a) == t:
-                    env_w.pop(a, None)
-                    env_o.pop(a, None)
+            for a in free_at.get(t, ()):
+                env_w.pop(a, None)
+                env_o.pop(a, None)
+
+
+def _se_segments(nodes: list[fx.Node], pairs: list[PrunablePair],
+                 last_use: dict[fx.Node, int]) -> dict[str, tuple[fx.Node, list[fx.Node]]]:
+    """For each pair through a squeeze-and-excitation gate: the gated tensor's node and the nodes, in order, from
+    it to the consumer's input (the pooling, fc1, fc2, the product ...), which the sequential run recomputes with
+    the pruned gate. The values they read are kept (``last_use``) until the consumer is reached."""
+    by_name = {n.name: n for n in nodes}
+    pos = {n: t for t, n in enumerate(nodes)}
+    out = {}
+    for p in pairs:
+        if not p.se:
+            continue
+        if p.se_input_node not in by_name or p.consumer_node not in by_name:
+            raise ValueError(f"pair {p.name}: the tensor its squeeze-and-excitation gate multiplies was not found in "
+                             "the traced graph; use method='layer'.")
+        h, cons = by_name[p.se_input_node], by_name[p.consumer_node]
+        src = cons.args[0]
+        desc = {h}
+        for n in nodes[pos[h] + 1:pos[cons]]:
+            if any(a in desc for a in n.all_input_nodes):
+                desc.add(n)
+        anc, todo = set(), [src]
+        while todo:
+            a = todo.pop()
+            if a in desc and a not in anc:
+                anc.add(a)
+                todo.extend(a.all_input_nodes)
+        seg = [n for n in nodes[pos[h] + 1:pos[cons]] if n in anc]
+        for n in (h, *seg):
+            for a in (n, *n.all_input_nodes):
+                last_use[a] = max(last_use.get(a, 0), pos[cons])
+        out[p.name] = (h, seg)
+    return out
 
 
 def _execute(node: fx.Node, model: nn.Module, env: dict, nb: int) -> list:

@@ -1,6 +1,7 @@
 """Physically shrink modules in place: keep some output units of a producer, the matching channels of the per-unit
-layers on the way (BatchNorm entries, depthwise filters), and the matching input columns of a consumer (optionally
-with new, refitted weights and bias).
+layers on the way (BatchNorm entries, depthwise filters) and of a squeeze-and-excitation gate (``fc1``'s input
+columns, ``fc2``'s output rows), and the matching input columns of a consumer (optionally with new, refitted weights
+and bias).
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -14,7 +15,7 @@ from torch import nn
 
 from . import _conv
 
-__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "set_inputs"]
+__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "keep_se", "set_inputs"]
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -57,6 +58,31 @@ def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
         keep_depthwise(module, idx)
     else:
         keep_bn(module, idx)
+
+
+def keep_se(fc1: nn.Module, fc2: nn.Module, idx: torch.Tensor, pooled_mean: torch.Tensor | None = None) -> None:
+    """Keep the channels ``idx`` of a squeeze-and-excitation gate ``sigmoid(fc2(act(fc1(pool(h)))))`` on ``C``
+    channels: ``fc2``'s output rows (and bias entries) ``idx`` and ``fc1``'s input columns ``idx``.
+
+    Removing column ``j`` of ``fc1`` would change the gates of the kept channels (``fc1`` mixes all pooled
+    channels). With ``pooled_mean`` (the calibration mean of the pooled channels, ``(C,)``) the removed channels'
+    contribution is folded into ``fc1``'s bias at its mean, ``b1 += W1[:, removed] @ pooled_mean[removed]``: the
+    pruned gate equals the original gate with the removed pooled values replaced by their means (exactly, on
+    every sample), which is the best constant replacement in mean square and exact for removed channels whose
+    pooled value is constant (dead or saturated channels). ``fc1`` gains a bias if it had none. Without
+    ``pooled_mean`` the removed pooled values are replaced by zero.
+    """
+    if pooled_mean is not None:
+        W1 = fc1.weight.detach().to(torch.float64).cpu().reshape(fc1.weight.shape[0], -1)
+        removed = torch.ones(W1.shape[1], dtype=torch.bool)
+        removed[idx.cpu()] = False
+        b1 = fc1.bias.detach().to(torch.float64).cpu() if fc1.bias is not None else torch.zeros(W1.shape[0],
+                                                                                               dtype=torch.float64)
+        bias = b1 + W1[:, removed] @ pooled_mean.to(torch.float64).cpu()[removed]
+        set_inputs(fc1, idx, 1, bias=bias)
+    else:
+        set_inputs(fc1, idx, 1)
+    keep_outputs(fc2, idx)
 
 
 def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
 """Small model zoo for the paper's settings (no torchvision): MLP (LeNet-300-100), LeNet-5, VGG-11,
-ResNet-20/56 and a MobileNetV2 for CIFAR-sized inputs, the digits CNN of ``submod demo``, and a 1-D CNN for
+ResNet-20/56, a MobileNetV2 and an EfficientNet-style network (MBConv blocks with squeeze-and-excitation) for
+CIFAR-sized inputs, the digits CNN of ``submod demo``, and a 1-D CNN for
 MNIST-1D signals.
 
 Every builder records its name and arguments in ``model._submod_spec`` so that :func:`nn_adapters.save_pruned`
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "mobilenetv2_cifar", "digits_cnn",
-           "mnist1d_cnn", "BUILDERS", "build"]
+__all__ = ["mlp", "lenet5", "vgg11_cifar", "resnet20", "resnet56", "resnet_cifar", "mobilenetv2_cifar",
+           "efficientnet_cifar", "digits_cnn", "mnist1d_cnn", "BUILDERS", "build"]
 
 
 def _tag(model: nn.Module, name: str, **kwargs: object) -> nn.Module:
@@ -241,6 +242,121 @@ def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0,
                 expand_ratio=expand_ratio)
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): ``x * sigmoid(fc2(silu(fc1(mean(x)))))`` with ``fc1``/``fc2`` 1x1
+    convolutions on the pooled ``(N, C, 1, 1)`` map, or (``linear=True``) ``Linear`` layers on the pooled
+    ``(N, C)``."""
+
+    def __init__(self, channels: int, reduced: int, linear: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        layer = nn.Linear if linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.fc1, self.fc2 = layer(channels, reduced), layer(reduced, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=not self.linear)
+        s = torch.sigmoid(self.fc2(F.silu(self.fc1(s))))
+        return x * (s[:, :, None, None] if self.linear else s)
+
+
+class MBConv(nn.Module):
+    """EfficientNet's mobile inverted bottleneck (Tan & Le 2019): ``expand 1x1 -> BN -> SiLU -> depthwise k x k
+    (stride) -> BN -> SiLU -> squeeze-and-excitation -> project 1x1 -> BN``, plus the input when the stride is 1 and
+    the channels match. With ``expand_ratio == 1`` there is no expand convolution (the block's input is filtered
+    directly). The hidden channels are prunable as the pair ``expand -> project`` (through both BatchNorms, the
+    depthwise convolution and the gate, whose ``fc1`` columns and ``fc2`` rows follow them)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, expand_ratio: int, kernel: int = 3,
+                 se_ratio: float = 0.25, se_linear: bool = False) -> None:
+        super().__init__()
+        hidden = in_planes * expand_ratio
+        self.has_expand = expand_ratio != 1
+        if self.has_expand:
+            self.expand = nn.Conv2d(in_planes, hidden, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden,
+                                   bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.se = SqueezeExcite(hidden, max(1, int(in_planes * se_ratio)), se_linear)
+        self.project = nn.Conv2d(hidden, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.residual = stride == 1 and in_planes == out_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.silu(self.bn1(self.expand(x))) if self.has_expand else x
+        out = self.se(F.silu(self.bn2(self.depthwise(out))))
+        out = self.bn3(self.project(out))
+        return x + out if self.residual else out
+
+
+#: ``(expand ratio, output channels, blocks, stride of the first block, depthwise kernel)`` per stage of the small
+#: CIFAR EfficientNet (EfficientNet-B0's first five stages, fewer blocks).
+_EFFICIENTNET_CIFAR = ((1, 16, 1, 1, 3), (6, 24, 2, 1, 3), (6, 40, 2, 2, 5), (6, 80, 2, 2, 3), (6, 112, 1, 1, 5))
+
+
+class EfficientNetCifar(nn.Module):
+    """An EfficientNet for small inputs: a 3x3 stem, MBConv stages with squeeze-and-excitation, a 1x1 head, global
+    pooling, Linear; SiLU throughout."""
+
+    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int = 10, width_mult: float = 1.0,
+                 stem: int = 32, head: int = 320, se_ratio: float = 0.25, se_linear: bool = False) -> None:
+        super().__init__()
+
+        def scaled(c: int) -> int:
+            return max(1, int(round(c * width_mult)))
+
+        c = scaled(stem)
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        blocks = []
+        for expand_ratio, out_planes, n, stride, kernel in stages:
+            for b in range(n):
+                blocks.append(MBConv(c, scaled(out_planes), stride if b == 0 else 1, expand_ratio, kernel, se_ratio,
+                                     se_linear))
+                c = scaled(out_planes)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(c, scaled(head), 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(scaled(head))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(scaled(head), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(F.silu(self.bn(self.stem(x))))
+        out = F.silu(self.head_bn(self.head(out)))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def efficientnet_cifar(num_classes: int = 10, width_mult: float = 1.0,
+                       stages: Sequence[Sequence[int]] = _EFFICIENTNET_CIFAR, stem: int = 32, head: int = 320,
+                       se_ratio: float = 0.25, se_linear: bool = False) -> EfficientNetCifar:
+    """A small EfficientNet for CIFAR-sized inputs (32x32): MBConv blocks with squeeze-and-excitation.
+
+    ``stages`` lists ``(expand ratio, output channels, blocks, stride of the first block, odd depthwise kernel)``;
+    ``width_mult`` scales every channel count (e.g. 0.25 for quick tests); each gate reduces to
+    ``max(1, int(block input channels * se_ratio))`` channels, with 1x1 convolutions or (``se_linear=True``)
+    ``Linear`` layers. The hidden channels of every block with an expand convolution are prunable through its
+    depthwise convolution and gate (a block with expand ratio 1 gates the previous layer's output: the stem's
+    channels are then pruned through it when no residual sum reads them).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters import zoo
+    >>> zoo.efficientnet_cifar(width_mult=0.25)(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+    stages = [[int(v) for v in stage] for stage in stages]
+    if not width_mult > 0 or min(stem, head) < 1 or not 0 < se_ratio <= 1:
+        raise ValueError(f"width_mult must be > 0, stem and head >= 1 and se_ratio in (0, 1]; got "
+                         f"width_mult={width_mult}, stem={stem}, head={head}, se_ratio={se_ratio}.")
+    if not stages or any(len(stage) != 5 or min(stage) < 1 or stage[4] % 2 == 0 for stage in stages):
+        raise ValueError("stages must be a non-empty list of (expand ratio, output channels, blocks, stride, kernel) "
+                         f"with every entry >= 1 and an odd kernel; got {stages}.")
+    return _tag(EfficientNetCifar(stages, num_classes, width_mult, stem, head, se_ratio, se_linear),
+                "efficientnet_cifar", num_classes=num_classes, width_mult=width_mult, stages=stages, stem=stem,
+                head=head, se_ratio=se_ratio, se_linear=se_linear)
+
+
 def digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: int = 10) -> nn.Sequential:
     """The LeNet-style CNN of ``submod demo`` for scikit-learn's 8x8 digits.
 
@@ -282,7 +398,8 @@ def mnist1d_cnn(channels: Sequence[int] = (32, 64, 64), num_classes: int = 10, l
 
 
 BUILDERS = {"mlp": mlp, "lenet5": lenet5, "vgg11_cifar": vgg11_cifar, "resnet_cifar": resnet_cifar,
-            "mobilenetv2_cifar": mobilenetv2_cifar, "digits_cnn": digits_cnn, "mnist1d_cnn": mnist1d_cnn}
+            "mobilenetv2_cifar": mobilenetv2_cifar, "efficientnet_cifar": efficientnet_cifar, "digits_cnn": digits_cnn,
+            "mnist1d_cnn": mnist1d_cnn}
 
 
 def build(name: str, **kwargs: object) -> nn.Module:

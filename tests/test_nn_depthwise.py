@@ -337,10 +337,12 @@ def test_param_model_keeps_the_parameters_of_a_layer_in_between_that_are_not_per
 
 class _GatedBlock(nn.Module):
     """An EfficientNet-style block: the depthwise output is multiplied by a squeeze-and-excitation gate computed
-    from itself, and the project output by a learned per-channel scale."""
+    from itself (its squeeze a mean, or with ``max_pool`` a maximum, which is not a squeeze-and-excitation), and
+    the project output by a learned per-channel scale."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pool: bool = False) -> None:
         super().__init__()
+        self.max_pool = max_pool
         self.expand, self.dw = nn.Conv2d(4, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
         self.squeeze, self.excite = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
         self.project, self.fc = nn.Conv2d(16, 4, 1), nn.Linear(4, 2)
@@ -348,18 +350,21 @@ class _GatedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.dw(F.silu(self.expand(x))))
-        gate = torch.sigmoid(self.excite(F.silu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        pooled = h.amax((2, 3), keepdim=True) if self.max_pool else h.mean((2, 3), keepdim=True)
+        gate = torch.sigmoid(self.excite(F.silu(self.squeeze(pooled))))
         return self.fc((self.project(h * gate) * self.scale).mean((2, 3)))
 
 
 def test_skip_reasons_name_the_branching_tensor_and_a_product():
-    """The hidden channels branch after the depthwise convolution (into the gate and the product), not at the
-    expand convolution's own output; a product with a tensor is not called a residual sum."""
-    _, skipped = nna.find_pairs(_GatedBlock(), torch.zeros(2, 4, 6, 6))
-    reasons = dict(skipped)
-    assert reasons["expand"].startswith("its output, after silu -> Conv2d -> silu, feeds 2 operations")
-    assert "gate" in reasons["expand"]
-    assert reasons["project"] == "its output feeds mul (a product with a tensor)"
+    """The squeeze-and-excitation gate is pruned with the hidden channels (tests/test_nn_se.py); a gate that is not
+    one is named at the tensor it branches from, after the depthwise convolution, not at the expand convolution's
+    own output; a product with a learned scale is not called a residual sum."""
+    pairs, skipped = nna.find_pairs(_GatedBlock(), torch.zeros(2, 4, 6, 6))
+    assert ("expand", "project", ("squeeze", "excite")) in {(p.producer, p.consumer, p.se) for p in pairs}
+    assert dict(skipped)["project"] == "its output feeds mul (a product with a tensor)"
+    reasons = dict(nna.find_pairs(_GatedBlock(max_pool=True), torch.zeros(2, 4, 6, 6))[1])
+    assert reasons["expand"].startswith("its output, after silu -> Conv2d -> silu, is multiplied by a gate computed "
+                                        "from it that is not a squeeze-and-excitation")
 
 
 @pytest.mark.parametrize("kwargs", [{"width_mult": 0.0}, {"width_mult": -1.0}, {"expand_ratio": 0},

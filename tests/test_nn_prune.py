@@ -972,7 +972,10 @@ def test_global_pooling_written_in_forward(head):
     # 2-D pooling of the (N, C, W) left by a partial mean pools across channels (PyTorch reads it as one image)
     (lambda x: F.max_pool2d(x.mean(2), 3, 1, 1).flatten(1), r"2-D pooling max_pool2d of a 3-D tensor"),
     (lambda x: F.avg_pool2d(x.amax(3), 3, 1, 1).flatten(1), r"pools across the producer's channels"),
-    (lambda x: (x * x.mean((2, 3), keepdim=True).sigmoid()).mean((2, 3)), r"feeds 2 operations"),  # an SE gate
+    # a gate without fc1/fc2 is not a squeeze-and-excitation (tests/test_nn_se.py)
+    (lambda x: (x * x.mean((2, 3), keepdim=True).sigmoid()).mean((2, 3)),
+     r"multiplied by a gate computed from it that is not a squeeze-and-excitation: its call_method sigmoid after "
+     r"the pooling"),
     # dividing by the number of channels: a scale that pruning changes
     (lambda x: x.sum((2, 3)) / x.shape[1], r"unsupported operation truediv"),
 ])
