@@ -67,10 +67,11 @@ def trained_cnn(Xtr: torch.Tensor, ytr: torch.Tensor, retrain: bool) -> tuple[to
     return cached_model(cache_dir() / "mnist1d_cnn-v1-seed0.pt", train, retrain)
 
 
-def parse_args(description: str, compressions: list[float]) -> argparse.Namespace:
-    """The protocol's options (shared with ``bench_prune_mobilenet_digits.py``); limits torch and BLAS to 1 thread."""
+def parse_args(description: str, compressions: list[float], seeds: int = 5) -> argparse.Namespace:
+    """The protocol's options (shared with ``bench_prune_mobilenet_digits.py`` and ``bench_prune_se_digits.py``);
+    limits torch and BLAS to 1 thread."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=seeds)
     ap.add_argument("--calib", type=int, default=100, help="unlabeled calibration samples")
     ap.add_argument("--compressions", type=float, nargs="+", default=compressions)
     ap.add_argument("--fidelity", action="store_true",
@@ -87,10 +88,12 @@ def parse_args(description: str, compressions: list[float]) -> argparse.Namespac
 
 
 def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, yte: torch.Tensor,
-                 args: argparse.Namespace) -> None:
+                 args: argparse.Namespace, methods: list[tuple] = METHODS) -> None:
     """Prune ``model`` with every method at every compression and seed (calibration drawn from ``Xtr``, unlabeled)
     and print test accuracy (mean +- std), the fidelity table with ``--fidelity``, and ratios against the
-    baselines measured in the same run."""
+    baselines measured in the same run. ``methods`` are ``(label, method, reweight)`` or ``(label, method,
+    reweight, extra keyword arguments of nna.prune)``; they must include the labels of ``SUBMOD`` and ``BASES``."""
+    METHODS = methods  # noqa: N806 - the rows of every table below
     pairs, _ = nna.find_pairs(model, Xtr[:2])
     print(f"{len(pairs)} prunable pairs: " + ", ".join(
         f"{p.name} ({p.kind}, {p.n_units} units x {p.cols_per_unit} columns)" for p in pairs))
@@ -107,9 +110,10 @@ def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, y
             rest[idx] = False
             parts = {"in": calib, "out": Xtr[rest]}
             ref = {part: logits(model, x) for part, x in parts.items()} if args.fidelity else {}
-            for label, method, rw in METHODS:
+            for label, method, rw, *extra in METHODS:
                 t0 = time.perf_counter()
-                pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s)
+                pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s,
+                                        **(extra[0] if extra else {}))
                 tim[label].append(time.perf_counter() - t0)
                 acc[(label, c)].append(accuracy(pruned, Xte, yte))
                 for part, r in ref.items():
