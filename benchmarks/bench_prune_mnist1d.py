@@ -93,14 +93,13 @@ def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, y
     and print test accuracy (mean +- std), the fidelity table with ``--fidelity``, and ratios against the
     baselines measured in the same run. ``methods`` are ``(label, method, reweight)`` or ``(label, method,
     reweight, extra keyword arguments of nna.prune)``; they must include the labels of ``SUBMOD`` and ``BASES``."""
-    METHODS = methods  # noqa: N806 - the rows of every table below
     pairs, _ = nna.find_pairs(model, Xtr[:2])
     print(f"{len(pairs)} prunable pairs: " + ", ".join(
         f"{p.name} ({p.kind}, {p.n_units} units x {p.cols_per_unit} columns)" for p in pairs))
 
-    acc = {(m[0], c): [] for m in METHODS for c in args.compressions}
-    fid = {(m[0], c, part): [] for m in METHODS for c in args.compressions for part in ("in", "out")}
-    tim = {m[0]: [] for m in METHODS}
+    acc = {(m[0], c): [] for m in methods for c in args.compressions}
+    fid = {(m[0], c, part): [] for m in methods for c in args.compressions for part in ("in", "out")}
+    tim = {m[0]: [] for m in methods}
     achieved = {c: [] for c in args.compressions}
     for c in args.compressions:
         for s in range(args.seeds):
@@ -110,7 +109,7 @@ def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, y
             rest[idx] = False
             parts = {"in": calib, "out": Xtr[rest]}
             ref = {part: logits(model, x) for part, x in parts.items()} if args.fidelity else {}
-            for label, method, rw, *extra in METHODS:
+            for label, method, rw, *extra in methods:
                 t0 = time.perf_counter()
                 pruned, rep = nna.prune(model, calib, compression=c, method=method, reweight=rw, seed=s,
                                         **(extra[0] if extra else {}))
@@ -119,14 +118,14 @@ def run_protocol(model: torch.nn.Module, Xtr: torch.Tensor, Xte: torch.Tensor, y
                 for part, r in ref.items():
                     fid[(label, c, part)].append(float((logits(pruned, parts[part]) - r).norm() / r.norm()))
                 achieved[c].append(rep.compression)
-    mean, _, head = print_accuracy_table(acc, [m[0] for m in METHODS], args.compressions, 24, 16)
+    mean, _, head = print_accuracy_table(acc, [m[0] for m in methods], args.compressions, 24, 16)
     print(f"{'achieved compression':<24}" + "".join(f"{min(achieved[c]):>8.2f}-{max(achieved[c]):.2f}x"
                                                     for c in args.compressions))
 
     if args.fidelity:
         print("\nrelative logit error against the unpruned network, mean over seeds: in-sample (calibration "
               "signals) / held-out (the other training signals)\n" + head)
-        for label, *_ in METHODS:
+        for label, *_ in methods:
             cells = (f"{np.mean(fid[(label, c, 'in')]):>8.3f} /{np.mean(fid[(label, c, 'out')]):>6.3f}"
                      for c in args.compressions)
             print(f"{label:<24}" + "".join(cells))
