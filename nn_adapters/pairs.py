@@ -1049,8 +1049,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     consumer's input held at its first-run value: the network's output must not change, else something besides the
     consumer reads the units (a branch or a sum off the producer or a layer in ``between``, written as a function,
     not a layer); a control run with nothing changed tells such a reader from a network whose output is random
-    (dropout left on). Every layer declared in ``between`` must see its input change in the first runs, else it is
-    not on the way (another branch's BatchNorm, an unused module) and is refused before anything is pruned.
+    (dropout left on). Every layer declared in ``between`` must see its input change in the first runs, and only in
+    the channels of the changed units, else it is not on the way (another branch's BatchNorm, an unused module, a
+    BatchNorm after the consumer) and is refused before anything is pruned.
 
     With a squeeze-and-excitation gate declared (``se=(fc1, fc2)``) the gate mixes the units, so the offset runs
     replay ``fc2``'s output from the first run (the gate held fixed: the product then changes unit by unit), and
@@ -1193,6 +1194,13 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} in between= {where}, "
                                  f"so it is not on the way from {pair.producer!r} to {pair.consumer!r} and its "
                                  "channels are not the producer's units. Remove it from between=.")
+            if (other_changed & ~hit).any():  # reached through a layer that mixes units: past the consumer
+                bad = torch.nonzero(other_changed & ~hit).flatten()[:3].tolist()
+                raise ValueError(f"declared pair {pair.name}: {type(m).__name__} {name!r} in between= sees its "
+                                 f"channels {bad} change when only other units of {pair.producer!r} change, so it "
+                                 "reads them through a layer that mixes units (it lies after the consumer "
+                                 f"{pair.consumer!r}, or behind another layer) and its channels are not the "
+                                 "producer's units. Remove it from between=.")
             continue
         # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
         # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)

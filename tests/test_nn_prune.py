@@ -598,6 +598,25 @@ def test_declared_between_layer_off_the_path_is_refused(off_path, match):
     assert (pruned.bn_a.num_features, pruned.bn_b.num_features, pruned.unused.num_features) == (4, 8, 8)
 
 
+def test_declared_between_layer_after_the_consumer_is_refused():
+    # A BatchNorm after the consumer (with as many channels as the producer) also sees its input change with the
+    # producer's units, but through the consumer, which mixes them; it was accepted and shrunk, and the pruned
+    # network failed with a raw RuntimeError (running_mean size).
+    class AfterConsumer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.bn2, self.c3 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c3(F.relu(self.bn2(self.c2(F.relu(self.c1(x))))))
+
+    torch.manual_seed(0)
+    net, x = AfterConsumer().eval(), torch.randn(30, 3, 6, 6)
+    with pytest.raises(ValueError, match="'bn2' in between= sees its channels .* change when only other units"):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("c1", "c2", ("bn2",))])
+
+
 def test_a_second_flatten_is_a_no_op():
     class Twice(nn.Module):
         def __init__(self):
