@@ -604,6 +604,29 @@ def _is_shape_value(a: object, depth: int = 0) -> bool:
             and all(_is_shape_value(x, depth + 1) for x in a.all_input_nodes))
 
 
+def _sizes_read(a: object, depth: int = 0) -> list[fx.Node]:
+    """The tensors whose non-batch sizes the shape value ``a`` reads (``x.size(1)``, ``x.shape[1]``, ``c`` of
+    ``b, c, _, _ = x.size()``, a whole ``x.size()``); a batch size (``x.size(0)``, ``x.shape[0]``) is any tensor's."""
+    if not isinstance(a, fx.Node) or depth > 8:
+        return []
+    if a.op == "call_method" and a.target == "size":
+        dim = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")
+        return [] if dim == 0 else [a.args[0]]
+    if a.op == "call_function" and a.target is getattr and len(a.args) > 1 and a.args[1] == "shape":
+        return [a.args[0]]
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        seq, idx = a.args
+        if (idx == 0 and seq.op == "call_function" and seq.target is operator.getitem
+                and isinstance(seq.args[0], fx.Node) and isinstance(seq.args[1], slice)
+                and seq.args[1].start in (None, 0) and seq.args[1].step is None):
+            seq = seq.args[0]  # b of b, c = x.shape[:2]
+        whole = (seq.op == "call_method" and seq.target == "size" and len(seq.args) == 1 and not seq.kwargs) or (
+            seq.op == "call_function" and seq.target is getattr and seq.args[1:] == ("shape",))
+        if idx == 0 and whole:  # x.shape[0], x.size()[0], b of b, c, h, w = x.size()
+            return []
+    return [t for x in a.all_input_nodes for t in _sizes_read(x, depth + 1)]
+
+
 def _gate_reshape(node: fx.Node, prev: fx.Node) -> bool | str:
     """Whether ``node`` only reshapes the gate tensor ``prev`` (a view, flatten, squeeze of given dims, unsqueeze,
     ``g[:, :, None, None]``), or the reason it would break once channels are removed."""
@@ -690,6 +713,7 @@ def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], 
     if not isinstance(gate_out, fx.Node) or node not in (_ancestors(gate_out) | {gate_out}):
         return None
     prev, stage, fcs = cur, "pool", []
+    own = {cur}  # tensors whose sizes follow the kept channels: the gated one and the gate's own
     while node is not mul:
         label = f"{node.op} {getattr(node.target, '__name__', node.target)}"
         if node.op == "call_module":
@@ -697,6 +721,11 @@ def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], 
         others = [a for a in node.all_input_nodes if a is not prev and not _is_shape_value(a)]
         if others:
             return f"its {label} also reads {others[0].name} (a gate computed from another tensor)"
+        foreign = [t for a in node.all_input_nodes if a is not prev for t in _sizes_read(a) if t not in own]
+        if foreign:
+            return (f"its {label} takes a size of {foreign[0].name}, not of the tensor it gates, which does not follow "
+                    f"the kept channel count; read the sizes from the gated tensor (b, c = {cur.name}.shape[:2])")
+        own.add(node)
         reshape = False if stage == "pool" else _gate_reshape(node, prev)
         if isinstance(reshape, str):
             return reshape

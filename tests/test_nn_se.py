@@ -169,6 +169,39 @@ def test_other_gates_are_refused_with_a_reason_that_names_the_gate(kind, reason)
         assert reason in dict(skipped)["expand"]
 
 
+class _SizedGate(nn.Module):
+    """A Linear gate reshaped back to ``(N, C, 1, 1)`` with sizes read from the block's input ``x`` (``own=False``:
+    12 channels, as many as the gated tensor, by coincidence) or from the gated tensor ``h`` itself."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.own = own
+        self.expand, self.project = nn.Conv2d(12, 12, 1), nn.Conv2d(12, 5, 1)
+        self.fc1, self.fc2 = nn.Linear(12, 3), nn.Linear(3, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.expand(x))
+        b, c = (h if self.own else x).shape[:2]
+        return self.project(h * torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3)))))).view(b, c, 1, 1))
+
+
+@pytest.mark.parametrize("method", ["layer", "seq"])
+def test_a_gate_reshaped_with_the_sizes_of_another_tensor_is_refused(method):
+    # c = x.shape[1] does not follow the kept channels: the gate was accepted, and pruning failed with a raw
+    # RuntimeError in view() ("shape '[2, 12, 1, 1]' is invalid for input of size 12").
+    x = torch.randn(30, 12, 5, 5, generator=torch.Generator().manual_seed(1))
+    _, skipped = nna.find_pairs(_SizedGate(own=False).eval(), x[:2])
+    assert "its call_method view takes a size of x, not of the tensor it gates" in dict(skipped)["expand"]
+    pruned, report = nna.prune(_SizedGate(own=False).eval(), x, keep=0.5, method=method)
+    assert "expand->project" not in {lr.pair for lr in report.layers}
+    assert pruned(x).shape == (30, 5, 5, 5)
+    # the same gate with the sizes of the gated tensor is an SE gate (b, the batch size, may come from anywhere)
+    pruned, report = nna.prune(_SizedGate(own=True).eval(), x, keep=0.5, method=method)
+    assert {lr.pair: lr.kept for lr in report.layers}["expand->project"] == 6
+    assert pruned(x).shape == (30, 5, 5, 5)
+
+
 @pytest.mark.filterwarnings("ignore:pair .* the refit with ridge=0")  # exactness checks interpolate on purpose
 @pytest.mark.parametrize("method", nna.METHODS)
 @pytest.mark.parametrize("linear", [False, True])
