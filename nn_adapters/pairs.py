@@ -947,13 +947,19 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
                   graph: fx.GraphModule | None = None) -> list[PrunablePair]:
     """Check user-declared pairs and turn them into :class:`PrunablePair` objects.
 
-    ``declared`` items are :class:`Pair` objects or ``(producer, consumer[, between])`` tuples. Conv->Linear
+    ``declared`` items are :class:`Pair` objects or ``(producer, consumer[, between[, se]])`` tuples. Conv->Linear
     pairs read the positions per channel (``L`` or ``H * W``) as ``consumer.in_features // producer.out_channels``.
     """
     modules = dict(model.named_modules())
     out = []
     for item in declared:
-        p = item if isinstance(item, Pair) else Pair(item[0], item[1], item[2] if len(item) > 2 else ())
+        if not isinstance(item, Pair) and not 2 <= len(item) <= 4:
+            raise ValueError(f"declared pair {item!r}: a tuple is (producer, consumer[, between[, se]]); pass "
+                             "nn_adapters.Pair(producer, consumer, between=..., se=...) to be explicit.")
+        p = item if isinstance(item, Pair) else Pair(*item)
+        if isinstance(p.se, str):  # one name is not the gate's two layers (and not its letters)
+            raise ValueError(f"declared pair {p.producer}->{p.consumer}: se={p.se!r} must name the gate's two "
+                             "layers, se=(fc1, fc2).")
         if isinstance(p.between, str):  # one name, not its letters
             p = Pair(p.producer, p.consumer, (p.between,), p.se)
         p = Pair(p.producer, p.consumer, tuple(p.between), tuple(p.se))

@@ -386,6 +386,22 @@ def test_declared_pairs_with_the_gate():
     assert "se=" in repr(both[0]) and "se=" not in repr(both[1])
 
 
+def test_declared_pairs_as_tuples_carry_the_gate():
+    # A 4-tuple's se element used to be dropped (the pair was then refused as mixing units), and se="fc1" was
+    # taken letter by letter.
+    net = _block()
+    x = _x()
+    between = ("bn1", "depthwise", "bn2")
+    a, _ = nna.prune(net, x, keep=0.5, method="layer",
+                     pairs=[nna.Pair("expand", "project", between, se=("se.fc1", "se.fc2"))])
+    b, _ = nna.prune(net, x, keep=0.5, method="layer", pairs=[("expand", "project", between, ("se.fc1", "se.fc2"))])
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(ValueError, match=r"se='se.fc1' must name the gate's two layers, se=\(fc1, fc2\)"):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("expand", "project", between, se="se.fc1")])
+    with pytest.raises(ValueError, match=r"a tuple is \(producer, consumer\[, between\[, se\]\]\)"):
+        nna.prune(net, x, keep=0.5, method="layer", pairs=[("expand", "project", between, (), "extra")])
+
+
 def test_bias_correction_option_is_validated():
     with pytest.raises(ValueError, match="se_bias_correction must be True or False"):
         nna.prune(_block(), _x(), keep=0.5, se_bias_correction="yes")
