@@ -19,6 +19,17 @@ _WORKERS = max(1, min(2, os.cpu_count() or 1))
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool object survives but its threads do not: start a fresh one when needed (a
+    ``ProcessPoolExecutor`` worker forked after this process used the pool would otherwise wait forever)."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def workers() -> int:
     """Number of threads :func:`parallel_map` uses (at most 2: memory bandwidth saturates beyond that)."""
     return _WORKERS

@@ -140,6 +140,51 @@ class SetFunction(ABC):
         cand = None if candidates is None else as_index_array(candidates, self.n, "candidates")
         return np.asarray(state.gains(cand), dtype=np.float64)
 
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> SetFunction:
+        """The objective on the sub-ground-set ``indices``: element ``t`` of the result is ``indices[t]``.
+
+        The exact restriction satisfies ``f.restrict(idx).value(S) == f.value(idx[S])`` (up to rounding), so greedy
+        on it is greedy on ``f`` over the candidates ``idx``: this is what the parts of
+        :func:`submod.maximize_distributed` run. ``local=True`` asks for the cheaper *local* objective of GreeDi
+        (Mirzasoleiman et al. 2013) where a class has one (:class:`FacilityLocation`: only the items of the part are
+        represented); classes whose exact restriction is already cheap ignore it.
+
+        The base class has no restriction: a subclass that should run in :func:`submod.maximize_distributed`
+        implements ``restrict(self, indices, *, local=False)`` returning a :class:`SetFunction` on
+        ``len(indices)`` elements with ``value(S) == self.value(indices[S])``. It should copy only what the
+        candidates need (a block of a similarity, rows of a feature matrix): the result is sent to a worker.
+
+        Parameters
+        ----------
+        indices : array of int
+            Distinct elements of ``{0, ..., n-1}``, at least one, in the order the restricted ground set uses.
+        local : bool, default False
+            Ask for the local objective (see above).
+
+        Returns
+        -------
+        SetFunction
+
+        Examples
+        --------
+        >>> import submod
+        >>> f = submod.Modular([3.0, 1.0, 2.0, 5.0])
+        >>> g = f.restrict([3, 0])
+        >>> g.n, g.value([0]), g.value([0, 1]) == f.value([3, 0])
+        (2, 5.0, True)
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement restrict(indices): to run it in maximize_distributed, "
+            "implement restrict(self, indices, *, local=False) -> SetFunction, returning the function on the "
+            "elements indices (value(S) == self.value(indices[S])), or use submod.maximize.")
+
+    def _restrict_indices(self, indices: ArrayLike) -> np.ndarray:
+        """``indices`` checked for :meth:`restrict`: distinct, in range, at least one."""
+        idx = as_index_array(indices, self.n, "indices")
+        if idx.size == 0:
+            raise ValueError("restrict needs at least one index: a set function's ground set is not empty.")
+        return idx
+
     def __add__(self, other: SetFunction) -> WeightedSum:
         if not isinstance(other, SetFunction):
             return NotImplemented
@@ -210,6 +255,12 @@ class WeightedSum(SetFunction):
     def init_state(self) -> GainState:
         return _WeightedSumState(self)
 
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> WeightedSum:
+        """The weighted sum of the terms' restrictions (see :meth:`SetFunction.restrict`)."""
+        idx = self._restrict_indices(indices)
+        terms = [f.restrict(idx, local=True) if local else f.restrict(idx) for f in self.functions]
+        return WeightedSum(terms, self.weights)
+
 
 class _WeightedSumState(GainState):
     def __init__(self, f: WeightedSum) -> None:
@@ -257,6 +308,23 @@ class CallableFunction(SetFunction):
 
     def init_state(self) -> GainState:
         return _CallableState(self)
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> CallableFunction:
+        """The oracle called on ``indices[S]`` (exact; it pickles when the oracle does)."""
+        idx = self._restrict_indices(indices)
+        return CallableFunction(_RestrictedOracle(self._oracle, idx), idx.size, submodular=self.submodular,
+                                monotone=self.monotone)
+
+
+class _RestrictedOracle:
+    """``value(indices[S])``: a value oracle on a sub-ground-set (a class, not a closure, so that it pickles)."""
+
+    def __init__(self, oracle: Callable[[np.ndarray], float], indices: np.ndarray) -> None:
+        self.oracle = oracle
+        self.indices = indices
+
+    def __call__(self, S: np.ndarray) -> float:
+        return self.oracle(self.indices[np.asarray(S, dtype=np.int64)])
 
 
 class _CallableState(GainState):

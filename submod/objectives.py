@@ -8,6 +8,7 @@ rows), so lazy and exact greedy compare identical numbers.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -26,16 +27,18 @@ __all__ = ["FacilityLocation", "FeatureBased", "Coverage", "LogDeterminant", "Gr
 _DISTANCE_METRICS = ("sqeuclidean", "euclidean", "cosine")
 
 
-def _pairwise_similarity(X: np.ndarray, metric: str) -> np.ndarray:
-    """Dense similarity ``K`` (n x n, non-negative) from features ``X`` (n x p)."""
+def _pairwise_similarity(X: np.ndarray, metric: str) -> tuple[np.ndarray, float]:
+    """Dense similarity ``K`` (n x n, non-negative) from features ``X`` (n x p), and its shift.
+
+    For distances ``K = shift - D`` with ``shift = max(D)``; for cosine ``K = 1 + cos`` (``shift = 1``). The shift
+    is returned so that blocks of ``K`` can be rebuilt from rows of ``X`` alone (:func:`_similarity_block`).
+    """
     if X.shape[0] == 0:
         raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
     if metric == "cosine":
-        norms = np.linalg.norm(X, axis=1)
-        norms[norms == 0] = 1.0
-        Xn = X / norms[:, None]
+        Xn = _unit_rows(X)
         # Shift cosine similarity from [-1, 1] to [0, 2] so facility location stays monotone.
-        return 1.0 + Xn @ Xn.T
+        return 1.0 + Xn @ Xn.T, 1.0
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError below
         sq = np.einsum("ij,ij->i", X, X)
         D = sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)
@@ -46,7 +49,40 @@ def _pairwise_similarity(X: np.ndarray, metric: str) -> np.ndarray:
     if not np.isfinite(D).all():
         raise ValueError("the pairwise distances of X overflow float64: its values are too large (beyond about "
                          "1e150). Rescale X (e.g. divide by its largest magnitude).")
-    return D.max() - D
+    shift = float(D.max())
+    return shift - D, shift
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1)
+    norms[norms == 0] = 1.0
+    return X / norms[:, None]
+
+
+def _similarity_block(X: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric: str, shift: float) -> np.ndarray:
+    """``K[rows][:, cols]`` of :func:`_pairwise_similarity` ``(X, metric)``, from those rows of ``X`` only.
+
+    Equal to the block of the full matrix up to rounding (the products are taken in another order); an item's
+    distance to itself is exactly 0, as in the full matrix.
+    """
+    Xr, Xc = X[rows], X[cols]
+    if metric == "cosine":
+        K = _unit_rows(Xr) @ _unit_rows(Xc).T
+        K += 1.0
+        return K
+    # One block-sized array, updated in place (a block of a large ground set is most of the worker's memory).
+    D = Xr @ Xc.T
+    D *= -2.0
+    D += np.einsum("ij,ij->i", Xr, Xr)[:, None]
+    D += np.einsum("ij,ij->i", Xc, Xc)[None, :]
+    np.maximum(D, 0.0, out=D)
+    _, at_r, at_c = np.intersect1d(rows, cols, assume_unique=True, return_indices=True)
+    D[at_r, at_c] = 0.0
+    if metric == "euclidean":
+        np.sqrt(D, out=D)
+    # shift - D, in place; rounding can push an entry a hair below 0, which facility location must not see
+    np.subtract(shift, D, out=D)
+    return np.maximum(D, 0.0, out=D)
 
 
 class FacilityLocation(SetFunction):
@@ -130,8 +166,10 @@ class FacilityLocation(SetFunction):
             Xa = as_float_array(X, "X", ndim=2)
             if Xa.shape[0] == 0:
                 raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
-            K = _pairwise_similarity(Xa, metric)
+            K, shift = _pairwise_similarity(Xa, metric)
             self._sparse = False
+        # The features behind K (for restrict: a part's block is rebuilt from its rows of X, never shipped).
+        self._features = (frozen(Xa, copy=False), metric, shift) if X is not None else None
         if not self._sparse:
             K = frozen(K, copy=False)  # by reference (an n x n copy is too much memory), read-only through f
         # K^T with contiguous rows, used for fresh gains: K itself when symmetric (always, from features).
@@ -151,6 +189,98 @@ class FacilityLocation(SetFunction):
         if self._kt is None:
             self._kt = np.ascontiguousarray(self.similarity.T)
         return self._kt
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> FacilityLocation:
+        r"""Facility location over the candidates ``indices`` (see :meth:`SetFunction.restrict`).
+
+        Exact (default): every item ``i`` of the ground set is still represented,
+        ``F'(S) = sum_{i in V} max_{s in S} K[i, indices[s]] = F(indices[S])``; the result holds the
+        ``n x len(indices)`` block of columns. ``local=True``: GreeDi's *local* objective, only the candidates
+        themselves are represented, ``F'(S) = sum_{i in indices} max_{s in S} K[i, indices[s]]``, a
+        ``len(indices)^2`` block: ``n_parts`` times less memory and work per part, but it is a different function
+        and the worst-case guarantee of :func:`submod.maximize_distributed` does not cover it (its certificate,
+        computed on the full objective, still does).
+
+        Built from features ``X``, the result keeps the rows of ``X`` it needs (all of them for the exact
+        restriction, the candidates' for the local one) and computes its block when first used, so that a worker
+        receives features, not similarities. A precomputed similarity is sliced (a dense block is copied).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import submod
+        >>> K = np.array([[1.0, 0.2, 0.0], [0.2, 1.0, 0.9], [0.0, 0.9, 1.0]])
+        >>> f = submod.FacilityLocation(similarity=K)
+        >>> f.restrict([2, 0]).value([0]) == f.value([2])             # 0.0 + 0.9 + 1.0
+        True
+        >>> f.restrict([2, 0], local=True).value([0])                 # items 2 and 0 only: 1.0 + 0.0
+        1.0
+        """
+        idx = self._restrict_indices(indices)
+        items = idx if local else None
+        if self._features is not None:
+            X, metric, shift = self._features
+            return _FacilityBlock(features=(X, idx, items, metric, shift))
+        if self._sparse:
+            block = self.similarity[:, idx]
+            return _FacilityBlock(similarity=block[items] if local else block)
+        kt = self._rows_by_candidate()
+        return _FacilityBlock(kt=kt[np.ix_(idx, items)] if local else kt[idx])
+
+
+class _FacilityBlock(FacilityLocation):
+    """Facility location with a rectangular similarity: items (rows) represented by candidates (columns).
+
+    What :meth:`FacilityLocation.restrict` returns. The block is held as ``K^T`` (candidates by items, C order:
+    the rows the gains read) with ``similarity`` its transposed view, or as a sparse CSC matrix; from features it
+    is computed on first use and is not pickled (a worker rebuilds it from the features it received).
+    """
+
+    def __init__(self, *, kt: np.ndarray | None = None, similarity: sp.spmatrix | None = None,
+                 features: tuple | None = None) -> None:
+        self._kt = None if kt is None else frozen(np.ascontiguousarray(kt), copy=False)
+        self._sparse_block = None if similarity is None else sp.csc_matrix(similarity)
+        self._spec = features
+        self._sparse = similarity is not None
+        self._features = None
+        self._column_bounds = None
+        if features is not None:
+            n = features[1].size
+        elif kt is not None:
+            n = kt.shape[0]
+        else:
+            n = similarity.shape[1]
+        SetFunction.__init__(self, n)
+
+    @property
+    def similarity(self) -> np.ndarray | sp.csc_matrix:  # type: ignore[override]
+        """The block ``K[items][:, candidates]`` (read-only view; built from the features on first use)."""
+        if self._sparse:
+            return self._sparse_block
+        return self._rows_by_candidate().T
+
+    def _rows_by_candidate(self) -> np.ndarray:
+        if self._kt is None:
+            X, cand, items, metric, shift = self._spec
+            rows = np.arange(X.shape[0]) if items is None else items
+            self._kt = frozen(_similarity_block(X, cand, rows, metric, shift), copy=False)
+        return self._kt
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> FacilityLocation:
+        """Fewer candidates, the same items (``local`` is ignored: a block has no items of its own to keep)."""
+        idx = self._restrict_indices(indices)
+        if self._spec is not None:
+            X, cand, items, metric, shift = self._spec
+            return _FacilityBlock(features=(X, cand[idx], items, metric, shift))
+        if self._sparse:
+            return _FacilityBlock(similarity=self._sparse_block[:, idx])
+        return _FacilityBlock(kt=self._kt[idx])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._spec is not None:
+            state["_kt"] = None  # rebuilt from the features where it is used
+        return state
 
 
 class _Scan(NamedTuple):
@@ -208,10 +338,10 @@ class _DenseFacilityState(GainState):
 
     def __init__(self, f: FacilityLocation) -> None:
         super().__init__(f.n)
-        self._K = f.similarity
         self._Kt = f._rows_by_candidate()
+        self._K = f.similarity
         self._column_bounds = f._column_bounds
-        self._cur = np.zeros(f.n)
+        self._cur = np.zeros(self._K.shape[0])   # best similarity of each item (rows; n of them unless restricted)
         self._old = self._cur
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
@@ -227,8 +357,9 @@ class _DenseFacilityState(GainState):
     def _row_sums(self, cand: np.ndarray) -> np.ndarray:
         """``sum_i max(K[i, c], cur_i)`` for each candidate ``c``, block by block of cache-sized rows."""
         out = np.empty(cand.size)
-        block = max(1, (1 << 17) // self.n)
-        buf = np.empty((min(block, cand.size), self.n))
+        items = self._cur.size
+        block = max(1, (1 << 17) // items)
+        buf = np.empty((min(block, cand.size), items))
         for lo in range(0, cand.size, block):
             c = cand[lo:lo + block]
             sub = np.maximum(self._Kt[c], self._cur, out=buf[:c.size])
@@ -266,9 +397,9 @@ class _DenseFacilityState(GainState):
 
 class _SparseFacilityState(GainState):
     def __init__(self, K: sp.csc_matrix) -> None:
-        super().__init__(K.shape[0])
+        super().__init__(K.shape[1])               # candidates: columns
         self._K = K
-        self._cur = np.zeros(K.shape[0])
+        self._cur = np.zeros(K.shape[0])          # items: rows
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
         K = self._K
@@ -295,10 +426,15 @@ class _SparseFacilityState(GainState):
         self.value = float(self._cur.sum())
 
 
+def _inverse(x: np.ndarray) -> np.ndarray:
+    """``x / (1 + x)`` (a module-level function, so that the objective pickles)."""
+    return x / (1.0 + x)
+
+
 _CONCAVE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "sqrt": np.sqrt,
     "log1p": np.log1p,
-    "inverse": lambda x: x / (1.0 + x),
+    "inverse": _inverse,
 }
 
 
@@ -363,6 +499,15 @@ class FeatureBased(SetFunction):
 
     def init_state(self) -> GainState:
         return _FeatureState(self)
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> FeatureBased:
+        """The same function of the rows ``X[indices]`` (exact: features are sums over the chosen items; ``local``
+        is ignored)."""
+        idx = self._restrict_indices(indices)
+        out = copy.copy(self)
+        out.n = idx.size
+        out.X = frozen(self.X[idx], copy=False)
+        return out
 
 
 class _FeatureState(GainState):
@@ -433,6 +578,15 @@ class Coverage(SetFunction):
 
     def init_state(self) -> GainState:
         return _CoverageState(self)
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> Coverage:
+        """The rows ``incidence[indices]`` over the same concepts and weights (exact; ``local`` is ignored)."""
+        idx = self._restrict_indices(indices)
+        out = copy.copy(self)
+        out.n = idx.size
+        out.incidence = self.incidence[idx]
+        out._csc = None
+        return out
 
     def _by_concept(self) -> sp.csc_matrix:
         """The incidence by concept (CSC), built once, for the incremental gain updates."""
@@ -556,6 +710,15 @@ class LogDeterminant(SetFunction):
     def init_state(self) -> GainState:
         return _LogDetState(self)
 
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> LogDeterminant:
+        """The kernel block ``K[indices][:, indices]`` (exact: ``F(S)`` only reads ``K_SS``; ``local`` is
+        ignored)."""
+        idx = self._restrict_indices(indices)
+        out = copy.copy(self)
+        out.n = idx.size
+        out.similarity = frozen(self.similarity[np.ix_(idx, idx)], copy=False)
+        return out
+
 
 class _LogDetState(GainState):
     def __init__(self, f: LogDeterminant) -> None:
@@ -627,7 +790,7 @@ class GraphCut(SetFunction):
         else:
             if metric not in _DISTANCE_METRICS:
                 raise ValueError(f"unknown metric {metric!r}; choose one of {_DISTANCE_METRICS}.")
-            K = _pairwise_similarity(as_float_array(X, "X", ndim=2), metric)
+            K, _ = _pairwise_similarity(as_float_array(X, "X", ndim=2), metric)
         if K.shape[0] == 0:
             raise ValueError("the ground set is empty. Pass at least one item.")
         super().__init__(K.shape[0])
@@ -638,6 +801,18 @@ class GraphCut(SetFunction):
 
     def init_state(self) -> GainState:
         return _GraphCutState(self)
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> GraphCut:
+        """Exact: the block ``K[indices][:, indices]`` (the redundancy term) and the *global* column sums
+        ``sum_{i in V} K[i, j]`` of the candidates (the coverage term), ``|indices|^2 + |indices|`` numbers; already
+        as cheap as a local objective, so ``local`` is ignored."""
+        idx = self._restrict_indices(indices)
+        out = copy.copy(self)
+        out.n = idx.size
+        out.similarity = frozen(self.similarity[np.ix_(idx, idx)], copy=False)
+        out._colsum = self._colsum[idx]
+        out._diag = self._diag[idx]
+        return out
 
 
 class _GraphCutState(GainState):
@@ -683,6 +858,11 @@ class Modular(SetFunction):
 
     def init_state(self) -> GainState:
         return _ModularState(self)
+
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> Modular:
+        """The weights ``w[indices]`` (exact; ``local`` is ignored)."""
+        idx = self._restrict_indices(indices)
+        return Modular(self.weights[idx])
 
 
 class _ModularState(GainState):

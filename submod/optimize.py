@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from ._validation import check_k
 from .base import GainState, SetFunction
 from .certificates import Certificate
 from .constraints import Cardinality, Constraint, Knapsack
+
+if TYPE_CHECKING:
+    from .distributed import DistributedInfo
 
 __all__ = ["maximize", "SelectionResult", "METHODS", "DEFAULT_EPS"]
 
@@ -59,6 +63,9 @@ class SelectionResult:
         ``(step, element, gain)`` for observed negative gains (the function is not monotone); the first 20.
     stopped_early : bool
         True when no feasible candidate had a positive gain before the budget was used up.
+    distributed : DistributedInfo or None
+        How a partitioned run (:func:`submod.maximize_distributed`) split the ground set and which candidate set
+        won; ``None`` for :func:`maximize`.
     """
 
     selected: np.ndarray
@@ -72,10 +79,13 @@ class SelectionResult:
     violations: list[tuple[int, int, float, float]] = field(default_factory=list)
     negative_gains: list[tuple[int, int, float]] = field(default_factory=list)
     stopped_early: bool = False
+    distributed: DistributedInfo | None = None
 
     def __repr__(self) -> str:
         cert = "none" if self.certificate is None else f"OPT <= {self.certificate.upper_bound:.6g}"
-        return (f"SelectionResult(method={self.method!r}, k={self.selected.size}, value={self.value:.6g}, "
+        parts = "" if self.distributed is None else \
+            f"n_parts={self.distributed.n_parts}, winner={self.distributed.winner!r}, "
+        return (f"SelectionResult(method={self.method!r}, {parts}k={self.selected.size}, value={self.value:.6g}, "
                 f"certificate: {cert}, n_evaluations={self.n_evaluations}, wall_time={self.wall_time:.3g}s, "
                 f"violations={len(self.violations)}, negative_gains={len(self.negative_gains)})")
 
@@ -253,21 +263,28 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     stopped_early = bool(selected.size < budget and run.feasible().any())
     if knapsack:
         selected, gains, values, value = _best_singleton_fix(run, selected, gains, values, value)
-    certificate = None
-    # A certificate needs a monotone f (declared and observed) and gains that bound the true ones: plain lazy
-    # greedy on a function not declared submodular only has stale gains, which need not be upper bounds.
+    # A certificate needs gains that bound the true ones: plain lazy greedy on a function not declared submodular
+    # only has stale gains, which need not be upper bounds.
     plain_lazy = method == "lazy" and not lazy_fallback and not f.submodular
-    if (gamma is not None and f.monotone and not plain_lazy and not run.negative
-            and math.isfinite(run.best_bound)):
-        what = "submodular online bound (Leskovec et al. 2007)" if gamma_lower is None else \
-            f"online bound with proven gamma >= {gamma:g} (Das & Kempe 2011)"
-        certificate = Certificate(upper_bound=float(max(run.best_bound, value)), value=value, gamma_lower=gamma,
-                                  prefix_size=run.best_prefix,
-                                  kind=f"proven upper bound on OPT: {what}, minimised over prefixes")
+    certificate = None if plain_lazy else _certificate(run, value, gamma_lower, "minimised over prefixes")
     return SelectionResult(selected=selected, gains=gains, values=values, value=value,
                            n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
                            certificate=certificate, method=method, violations=run.violations,
                            negative_gains=run.negative, stopped_early=stopped_early)
+
+
+def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str) -> Certificate | None:
+    """The certificate of a run whose :meth:`_Run.bound` calls saw fresh gains (or valid upper bounds on them).
+
+    ``None`` without a proven gamma, for a function not declared monotone, after an observed negative gain, or
+    when no prefix was bounded."""
+    f = run.f
+    if run.gamma is None or not f.monotone or run.negative or not math.isfinite(run.best_bound):
+        return None
+    what = "submodular online bound (Leskovec et al. 2007)" if gamma_lower is None else \
+        f"online bound with proven gamma >= {run.gamma:g} (Das & Kempe 2011)"
+    return Certificate(upper_bound=float(max(run.best_bound, value)), value=value, gamma_lower=run.gamma,
+                       prefix_size=run.best_prefix, kind=f"proven upper bound on OPT: {what}, {where}")
 
 
 def _finite(g: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:

@@ -396,6 +396,39 @@ class SparseRegression(SetFunction):
         """A fresh incremental state at the empty set; its ``gains()`` gives all exact gains in one call."""
         return ForwardRegressionState(self._prob, mode=self._mode, block=self._block)
 
+    def restrict(self, indices: ArrayLike, *, local: bool = False) -> SparseRegression:
+        """The same regression over the units ``indices`` only (see :meth:`SetFunction.restrict`).
+
+        Exact: least squares on a subset of the candidate units needs only their block of the statistics, so the
+        result holds ``G[cols, cols]`` and ``B[cols]`` for the columns ``cols`` of those units (with the same
+        ``y_norm2``, ridge, intercept statistics and tolerance) and ``restrict(idx).value(S) == value(idx[S])``.
+        ``local`` is ignored.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> A, y = rng.standard_normal((40, 6)), rng.standard_normal(40)
+        >>> f = SparseRegression(A, y, groups=[[0, 1], [2], [3, 4], [5]])
+        >>> g = f.restrict([3, 0])
+        >>> g.n, g.n_features, bool(np.isclose(g.value([1, 0]), f.value([0, 3])))
+        (2, 3, True)
+        """
+        idx = self._restrict_indices(indices)
+        prob = self._prob
+        groups, cols, start = [], [], 0
+        for u in idx:
+            g = prob.groups[u]
+            groups.append(list(range(start, start + g.size)))
+            cols.append(g)
+            start += g.size
+        c = np.concatenate(cols)
+        out = SparseRegression.__new__(SparseRegression)
+        out._setup(prob.gram[np.ix_(c, c)], prob.cross[c], prob.y_norm2, prob.ridge, groups, self.fit_intercept,
+                   None if self.mean_a is None else self.mean_a[c], self.mean_y, self.count, prob.tol)
+        out._mode, out._block = self._mode, self._block
+        return out
+
     def columns_of(self, S: Iterable[int] | ArrayLike) -> np.ndarray:
         """Column indices of the units in ``S``, unit by unit in the order given.
 
