@@ -18,32 +18,19 @@ Run:  python benchmarks/bench_prune_se_digits.py [--seeds 3] [--calib 100] [--co
 
 from __future__ import annotations
 
-import torch
-from bench_prune_mnist1d import METHODS, parse_args, run_protocol
+from bench_prune_mnist1d import METHODS
+from bench_prune_mobilenet_digits import run_on_rgb_digits
 
 from nn_adapters import zoo
-from nn_adapters.digits import accuracy, cache_dir, cached_model, load_digits_split, train_classifier
 
 NO_CORRECTION = [("asym, SE corr. off", "asym", True, {"se_bias_correction": False}),
                  ("magnitude, SE corr. off", "weight_norm", False, {"se_bias_correction": False})]
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], [2, 4], seeds=3)
-    Xtr, ytr, Xte, yte = load_digits_split()
-    Xtr, Xte = Xtr.repeat(1, 3, 1, 1), Xte.repeat(1, 3, 1, 1)  # grey images as RGB
-
-    def train() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return train_classifier(zoo.efficientnet_cifar(width_mult=0.5), Xtr, ytr, epochs=30, seed=0)
-
-    model, info = cached_model(cache_dir() / "digits_efficientnet-w0.5-v1-seed0.pt", train, args.retrain)
-    n_params = sum(p.numel() for p in model.parameters())
-    how = "cached" if info["cached"] else f"trained in {info['train_time_s']:.0f}s"
-    print(f"digits: {len(Xtr)} training / {len(Xte)} test images; EfficientNet (width 0.5, squeeze-and-excitation) "
-          f"{n_params} parameters ({how}); unpruned test accuracy {100 * accuracy(model, Xte, yte):.1f}%; "
-          f"{args.calib} calibration images; {args.seeds} seeds; no fine-tuning")
-    run_protocol(model, Xtr, Xte, yte, args, METHODS + NO_CORRECTION)
+    run_on_rgb_digits(__doc__.splitlines()[0], lambda: zoo.efficientnet_cifar(width_mult=0.5),
+                      "digits_efficientnet-w0.5-v1-seed0.pt", "EfficientNet (width 0.5, squeeze-and-excitation)",
+                      seeds=3, methods=METHODS + NO_CORRECTION)
 
 
 if __name__ == "__main__":

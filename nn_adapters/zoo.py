@@ -16,7 +16,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -184,11 +184,15 @@ class InvertedResidual(nn.Module):
 _MOBILENETV2_CIFAR = ((16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 2, 2), (96, 2, 1))
 
 
-class MobileNetV2Cifar(nn.Module):
-    """A MobileNetV2 for 32x32 inputs: a 3x3 stem, inverted-residual stages, a 1x1 head, global pooling, Linear."""
+class _StemBlocksHead(nn.Module):
+    """The layout MobileNetV2 and EfficientNet share: a 3x3 stem conv -> BN -> act, the blocks, a 1x1 head conv ->
+    BN -> act, global average pooling and a Linear classifier. ``make_block(in, out, stride, spec)`` builds one
+    block of a stage; every channel count is scaled by ``width_mult`` (at least 1)."""
 
-    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int = 10, width_mult: float = 1.0,
-                 stem: int = 32, head: int = 320, expand_ratio: int = 6) -> None:
+    act = staticmethod(F.relu6)
+
+    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int, width_mult: float, stem: int,
+                 head: int, make_block: Callable[[int, int, int, Sequence[int]], nn.Module]) -> None:
         super().__init__()
 
         def scaled(c: int) -> int:
@@ -198,9 +202,10 @@ class MobileNetV2Cifar(nn.Module):
         self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
         blocks = []
-        for out_planes, n, stride in stages:
+        for spec in stages:
+            out_planes, n, stride = self._stage_sizes(spec)
             for b in range(n):
-                blocks.append(InvertedResidual(c, scaled(out_planes), stride if b == 0 else 1, expand_ratio))
+                blocks.append(make_block(c, scaled(out_planes), stride if b == 0 else 1, spec))
                 c = scaled(out_planes)
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(c, scaled(head), 1, bias=False)
@@ -208,10 +213,24 @@ class MobileNetV2Cifar(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(scaled(head), num_classes)
 
+    @staticmethod
+    def _stage_sizes(spec: Sequence[int]) -> tuple[int, int, int]:
+        """``(output channels, blocks, stride of the first block)`` of a stage."""
+        return spec[0], spec[1], spec[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.blocks(F.relu6(self.bn(self.stem(x))))
-        out = F.relu6(self.head_bn(self.head(out)))
+        out = self.blocks(self.act(self.bn(self.stem(x))))
+        out = self.act(self.head_bn(self.head(out)))
         return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class MobileNetV2Cifar(_StemBlocksHead):
+    """A MobileNetV2 for 32x32 inputs: a 3x3 stem, inverted-residual stages, a 1x1 head, global pooling, Linear."""
+
+    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int = 10, width_mult: float = 1.0,
+                 stem: int = 32, head: int = 320, expand_ratio: int = 6) -> None:
+        super().__init__(stages, num_classes, width_mult, stem, head,
+                         lambda cin, cout, stride, _spec: InvertedResidual(cin, cout, stride, expand_ratio))
 
 
 def mobilenetv2_cifar(num_classes: int = 10, width_mult: float = 1.0,
@@ -294,36 +313,22 @@ class MBConv(nn.Module):
 _EFFICIENTNET_CIFAR = ((1, 16, 1, 1, 3), (6, 24, 2, 1, 3), (6, 40, 2, 2, 5), (6, 80, 2, 2, 3), (6, 112, 1, 1, 5))
 
 
-class EfficientNetCifar(nn.Module):
+class EfficientNetCifar(_StemBlocksHead):
     """An EfficientNet for small inputs: a 3x3 stem, MBConv stages with squeeze-and-excitation, a 1x1 head, global
     pooling, Linear; SiLU throughout."""
 
+    act = staticmethod(F.silu)
+
     def __init__(self, stages: Sequence[Sequence[int]], num_classes: int = 10, width_mult: float = 1.0,
                  stem: int = 32, head: int = 320, se_ratio: float = 0.25, se_linear: bool = False) -> None:
-        super().__init__()
+        super().__init__(stages, num_classes, width_mult, stem, head,
+                         lambda cin, cout, stride, spec: MBConv(cin, cout, stride, spec[0], spec[4], se_ratio,
+                                                                se_linear))
 
-        def scaled(c: int) -> int:
-            return max(1, int(round(c * width_mult)))
-
-        c = scaled(stem)
-        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        blocks = []
-        for expand_ratio, out_planes, n, stride, kernel in stages:
-            for b in range(n):
-                blocks.append(MBConv(c, scaled(out_planes), stride if b == 0 else 1, expand_ratio, kernel, se_ratio,
-                                     se_linear))
-                c = scaled(out_planes)
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Conv2d(c, scaled(head), 1, bias=False)
-        self.head_bn = nn.BatchNorm2d(scaled(head))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(scaled(head), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.blocks(F.silu(self.bn(self.stem(x))))
-        out = F.silu(self.head_bn(self.head(out)))
-        return self.fc(torch.flatten(self.pool(out), 1))
+    @staticmethod
+    def _stage_sizes(spec: Sequence[int]) -> tuple[int, int, int]:
+        """``(expand ratio, output channels, blocks, stride, kernel)`` -> output channels, blocks, stride."""
+        return spec[1], spec[2], spec[3]
 
 
 def efficientnet_cifar(num_classes: int = 10, width_mult: float = 1.0,
