@@ -45,12 +45,12 @@ from .base import SetFunction
 from .constraints import Cardinality
 from .optimize import (
     DEFAULT_EPS,
-    METHODS,
     NonMonotoneWarning,
     SelectionResult,
     StaleBoundWarning,
     _certificate,
     _check_gamma,
+    _check_objective_and_method,
     _finite,
     _Run,
     _scale_tol,
@@ -222,15 +222,11 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     True
     """
     start = time.perf_counter()
-    if not isinstance(f, SetFunction):
-        raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}. Wrap a value oracle with "
-                         "submod.from_callable(value, n).")
+    _check_objective_and_method(f, method)
     if constraint is not None:
         raise ValueError(f"maximize_distributed supports a cardinality budget only; got a "
                          f"{type(constraint).__name__}. Use submod.maximize for knapsack and partition-matroid "
                          "constraints.")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     kk = check_k(k, f.n)
     if not (0.0 < eps < 1.0):
         raise ValueError(f"eps must be in (0, 1); got {eps}.")

@@ -216,11 +216,7 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     True
     """
     start = time.perf_counter()
-    if not isinstance(f, SetFunction):
-        raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}. Wrap a value oracle with "
-                         "submod.from_callable(value, n).")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    _check_objective_and_method(f, method)
     if constraint is not None and not isinstance(constraint, Constraint):
         raise ValueError(f"constraint must be a submod.Knapsack or submod.PartitionMatroid; got "
                          f"{type(constraint).__name__}. For a plain cardinality budget pass k.")
@@ -271,6 +267,15 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
                            n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
                            certificate=certificate, method=method, violations=run.violations,
                            negative_gains=run.negative, stopped_early=stopped_early)
+
+
+def _check_objective_and_method(f: object, method: object) -> None:
+    """The checks every optimizer entry point makes first: ``f`` is a :class:`SetFunction`, ``method`` is known."""
+    if not isinstance(f, SetFunction):
+        raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}. Wrap a value oracle with "
+                         "submod.from_callable(value, n).")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
 def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str) -> Certificate | None:
