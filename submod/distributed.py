@@ -150,7 +150,9 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         Runs the parts: a ``ProcessPoolExecutor``, a ``ThreadPoolExecutor``, or Dask's
         ``distributed.Client(...).get_executor()``. Default: the parts run one after another in this process. The
         parts' objectives (``f.restrict(part)``) are pickled to the workers; the second round and the certificate
-        run here.
+        run here. All parts are submitted at once, so while they wait the executor holds every part's objective:
+        for a dense precomputed similarity, up to one more copy of the ``n x n`` matrix in blocks (build
+        facility location from features, which are sent instead, when memory is tight).
     method : {"lazy", "greedy", "stochastic"}, default "lazy"
         The greedy variant of both rounds (see :func:`maximize`).
     seed : int or numpy Generator, optional
