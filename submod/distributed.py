@@ -287,11 +287,14 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
 
     # Second round: greedy on the union of the part solutions, with the exact objective.
     union = np.unique(np.concatenate(list(solutions.values())))
-    second = _greedy_on_part(f.restrict(union), min(kk, union.size), method, int(seeds[m]), eps, lazy_fallback)
-    n_eval += second.n_evaluations
-    violations += [(s, int(union[j]), a, b) for s, j, a, b in second.violations]
-    negative += [(s, int(union[j]), g) for s, j, g in second.negative_gains]
-    union_sel = union[np.asarray(second.selected, dtype=np.int64)]
+    if union.size:
+        second = _greedy_on_part(f.restrict(union), min(kk, union.size), method, int(seeds[m]), eps, lazy_fallback)
+        n_eval += second.n_evaluations
+        violations += [(s, int(union[j]), a, b) for s, j, a, b in second.violations]
+        negative += [(s, int(union[j]), g) for s, j, g in second.negative_gains]
+        union_sel = union[np.asarray(second.selected, dtype=np.int64)]
+    else:  # no part found an element with a positive gain (e.g. an all-zero objective): nothing to choose from
+        union_sel = union
     union_value = f.value(union_sel)
     best_part = max(solutions, key=lambda i: (part_values[i], -i))
     if part_values[best_part] > union_value:

@@ -120,6 +120,16 @@ def test_expected_value_over_the_random_partition_meets_barbosa_et_al(f, data):
     assert np.mean(values) >= E / 2 * opt - tol(opt)
 
 
+def test_an_objective_where_no_part_finds_a_gain_selects_nothing():
+    # Every part stops at once (all gains 0), so the union of the part solutions is empty; the second round used
+    # to restrict f to no element and raise (found by the property test above with a zero similarity).
+    f = submod.FacilityLocation(similarity=np.zeros((4, 4)))
+    for labels in ([0, 0, 0, 0], [0, 1, 0, 1]):
+        res = submod.maximize_distributed(f, 2, n_parts=2, partition=np.array(labels))
+        assert res.selected.size == 0 and res.value == 0.0
+        assert res.certificate is not None and res.certificate.upper_bound >= 0.0
+
+
 def test_the_random_partition_is_uniform_and_independent():
     """Part sizes over many seeds: each element lands in each of m parts with probability 1/m (mean size n/m,
     binomial variance n (1/m)(1 - 1/m)); a balanced split would have variance ~0."""
