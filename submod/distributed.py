@@ -51,6 +51,7 @@ from .optimize import (
     _certificate,
     _check_gamma,
     _check_objective_and_method,
+    _dispatch,
     _finite,
     _Run,
     _scale_tol,
@@ -114,13 +115,17 @@ class _PartOutcome:
 
 def _greedy_on_part(g: SetFunction, k: int, method: str, seed: int, eps: float,
                     lazy_fallback: bool) -> _PartOutcome:
-    """Greedy on one part (run by a worker: a module-level function, so that it pickles by reference)."""
-    with warnings.catch_warnings():
-        # The caller reports what matters once (negative gains, plain lazy on a non-submodular function).
-        warnings.simplefilter("ignore", NonMonotoneWarning)
-        warnings.simplefilter("ignore", StaleBoundWarning)
-        res = maximize(g, k, method=method, seed=seed, eps=eps, lazy_fallback=lazy_fallback)
-    return _PartOutcome(res.selected, res.n_evaluations, res.wall_time, res.violations, res.negative_gains)
+    """Greedy on one part (run by a worker: a module-level function, so that it pickles by reference).
+
+    It runs the optimizer without :func:`maximize`'s warnings rather than inside ``warnings.catch_warnings``,
+    which edits the process-wide filters and is not thread-safe: parts running on a thread pool (or Dask with
+    ``processes=False``) left ``NonMonotoneWarning`` and ``StaleBoundWarning`` ignored for the rest of the
+    process. The caller reports what matters once (negative gains, plain lazy on a non-submodular function)."""
+    start = time.perf_counter()
+    run = _Run(g, k, Cardinality(), _check_gamma(g, None))
+    _dispatch(run, method, False, seed, eps, lazy_fallback)
+    return _PartOutcome(np.asarray(run.state.selected, dtype=np.int64), run.n_eval, time.perf_counter() - start,
+                        run.violations, run.negative)
 
 
 def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, partition: ArrayLike | None = None,

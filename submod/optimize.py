@@ -229,18 +229,12 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     if not (0.0 < eps < 1.0):
         raise ValueError(f"eps must be in (0, 1); got {eps}.")
     gamma = _check_gamma(f, gamma_lower)
-    run = _Run(f, budget, cons, gamma)
     knapsack = isinstance(cons, Knapsack)
-    if method == "stochastic":
-        if knapsack:
-            raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
-                             "method='greedy' or 'lazy' with a Knapsack.")
-        _stochastic(run, eps, np.random.default_rng(seed))
-    elif method == "lazy" and (f.submodular or not lazy_fallback) and not run.state._kept_gains:
-        _lazy(run, knapsack)
-    else:
-        # Lazy greedy's fallback on a function not declared submodular lists the stale-bound violations it sees.
-        _greedy(run, knapsack, track_violations=(method == "lazy" and not f.submodular))
+    if method == "stochastic" and knapsack:
+        raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
+                         "method='greedy' or 'lazy' with a Knapsack.")
+    run = _Run(f, budget, cons, gamma)
+    _dispatch(run, method, knapsack, seed, eps, lazy_fallback)
     if method == "lazy" and not lazy_fallback and not f.submodular:
         # Plain lazy greedy only sees the violations of the candidates it re-evaluates: absence proves nothing.
         warnings.warn(f"plain lazy greedy on a function not declared submodular trusts stale gains that need not "
@@ -267,6 +261,22 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
                            n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
                            certificate=certificate, method=method, violations=run.violations,
                            negative_gains=run.negative, stopped_early=stopped_early)
+
+
+def _dispatch(run: _Run, method: str, knapsack: bool, seed: int | np.random.Generator | None, eps: float,
+              lazy_fallback: bool) -> None:
+    """Run ``method`` on ``run`` (checked arguments); it warns about nothing, the callers do.
+
+    :func:`submod.maximize_distributed` runs its parts through this rather than :func:`maximize` so that no worker
+    thread touches the process-wide warning filters (``warnings.catch_warnings`` is not thread-safe)."""
+    f = run.f
+    if method == "stochastic":
+        _stochastic(run, eps, np.random.default_rng(seed))
+    elif method == "lazy" and (f.submodular or not lazy_fallback) and not run.state._kept_gains:
+        _lazy(run, knapsack)
+    else:
+        # Lazy greedy's fallback on a function not declared submodular lists the stale-bound violations it sees.
+        _greedy(run, knapsack, track_violations=(method == "lazy" and not f.submodular))
 
 
 def _check_objective_and_method(f: object, method: object) -> None:

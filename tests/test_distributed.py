@@ -372,6 +372,22 @@ def test_thread_pool_gives_the_serial_result():
     np.testing.assert_array_equal(par.selected, submod.maximize_distributed(f, 6, n_parts=3, seed=2).selected)
 
 
+def test_a_thread_pool_leaves_the_warning_filters_alone():
+    # Parts on worker threads used warnings.catch_warnings, which is not thread-safe: the interleaved saves and
+    # restores left NonMonotoneWarning and StaleBoundWarning ignored for the whole process afterwards.
+    import warnings
+
+    f = submod.FacilityLocation(np.random.default_rng(0).random((200, 3)))
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        for seed in range(5):
+            submod.maximize_distributed(f, 3, n_parts=64, seed=seed, executor=pool, certificate_prefixes=0)
+            assert warnings.filters == before
+    g = submod.from_callable(lambda S: float(len(S) - 0.3 * len(S) ** 2), 10, submodular=True)
+    with pytest.warns(submod.optimize.NonMonotoneWarning):
+        submod.maximize(g, 5)
+
+
 def test_dask_executor_gives_the_serial_result():
     distributed = pytest.importorskip("distributed")
     f, _ = _executor_cases()[0]
