@@ -220,6 +220,9 @@ class FacilityLocation(SetFunction):
         items = idx if local else None
         if self._features is not None:
             X, metric, shift = self._features
+            if local:  # only the candidates' rows: they are both the items and the candidates of the block
+                own = np.arange(idx.size)
+                return _FacilityBlock(features=(frozen(X[idx], copy=False), own, own, metric, shift))
             return _FacilityBlock(features=(X, idx, items, metric, shift))
         if self._sparse:
             block = self.similarity[:, idx]

@@ -246,6 +246,10 @@ def test_facility_location_from_features_ships_features_not_similarities():
     assert len(pickle.dumps(exact)) < 2 * X.nbytes and len(pickle.dumps(local)) < 2 * X.nbytes
     assert exact.value([0, 7]) == pytest.approx(f.value(part[[0, 7]]), rel=1e-10)
     assert len(pickle.dumps(exact)) < 2 * X.nbytes         # still small after use
+    # the local objective needs only the part's rows of X, as the docstring says (it shipped all of X)
+    assert len(pickle.dumps(local)) < 2 * X[part].nbytes
+    np.testing.assert_allclose(local.similarity, sq_distance_similarity(X)[np.ix_(part, part)], rtol=1e-9,
+                               atol=1e-9)
 
 
 def test_other_objectives_restrictions_equal_their_definitions():
