@@ -13,7 +13,7 @@ from .constraints import Knapsack, PartitionMatroid
 from .distributed import DistributedInfo, maximize_distributed
 from .feature_selector import SparseRegressionSelector
 from .objectives import Coverage, FacilityLocation, FeatureBased, GraphCut, LogDeterminant, Modular
-from .optimize import DEFAULT_EPS, METHODS, SelectionResult, maximize
+from .optimize import DEFAULT_EPS, METHODS, NonMonotoneWarning, SelectionResult, StaleBoundWarning, maximize
 from .selector import SubmodularSelector
 from .sparse_regression import GramAccumulator, RegressionPath, SparseRegression
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CallableFunction", "Certificate", "Coverage", "DEFAULT_EPS", "DistributedInfo", "FacilityLocation",
     "FeatureBased", "GainState", "GramAccumulator", "GraphCut", "Knapsack", "LogDeterminant", "METHODS", "Modular",
-    "PartitionMatroid", "RegressionPath", "SelectionResult", "SetFunction", "SparseRegression",
-    "SparseRegressionSelector", "SubmodularSelector", "WeightedSum", "from_callable", "maximize",
+    "NonMonotoneWarning", "PartitionMatroid", "RegressionPath", "SelectionResult", "SetFunction", "SparseRegression",
+    "SparseRegressionSelector", "StaleBoundWarning", "SubmodularSelector", "WeightedSum", "from_callable", "maximize",
     "maximize_distributed", "online_bound",
 ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -85,9 +86,14 @@ class DistributedInfo:
     winner_part : int or None
         Index of the returned part solution when ``winner == "part"``.
     objective : {"restrict", "local"}
-        What the parts maximized: the exact restriction of ``F`` or GreeDi's local objective.
+        What the parts were asked to maximize: the exact restriction of ``F``, or (``local=True``) GreeDi's local
+        objective. Only facility location (and a :class:`~submod.WeightedSum` containing one) has a local
+        objective; every other class runs its exact restriction either way, so for them the worst-case guarantee
+        holds even under ``"local"``.
     certified_prefixes : tuple of int
-        Sizes of the prefixes of the returned set at which the certificate evaluated every gain of ``F``.
+        Sizes of the prefixes of the returned set at which the certificate evaluated every gain of ``F``; empty for
+        one part, where :func:`maximize`'s own certificate (minimised over the prefixes its run visited) is
+        returned.
     """
 
     n_parts: int
@@ -273,7 +279,15 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         outcomes = [fn(*args) for fn, args in jobs()]
     else:
         futures = [executor.submit(fn, *args) for fn, args in jobs()]
-        outcomes = [fut.result() for fut in futures]
+        try:
+            outcomes = [fut.result() for fut in futures]
+        except (pickle.PicklingError, AttributeError) as err:
+            if "pickle" not in str(err):
+                raise
+            raise ValueError(f"the parts' objectives must pickle to run on {type(executor).__name__}, and this one "
+                             f"does not ({err}). A from_callable(...) objective needs a module-level function, not "
+                             "a lambda or a nested function; or run the parts without an executor or on a "
+                             "ThreadPoolExecutor.") from err
 
     violations: list[tuple[int, int, float, float]] = []
     negative: list[tuple[int, int, float]] = []

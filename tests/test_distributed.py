@@ -130,6 +130,17 @@ def test_an_objective_where_no_part_finds_a_gain_selects_nothing():
         assert res.certificate is not None and res.certificate.upper_bound >= 0.0
 
 
+def test_an_objective_that_does_not_pickle_gets_a_clear_error_on_a_process_pool():
+    # A lambda inside from_callable cannot be sent to a worker process; this was a raw PicklingError.
+    from concurrent.futures import ProcessPoolExecutor
+
+    w = np.arange(1.0, 9.0)
+    f = submod.from_callable(lambda S: float(np.sqrt(w[list(S)].sum())), 8, submodular=True)
+    with ProcessPoolExecutor(1) as pool, pytest.raises(ValueError, match="module-level function, not a lambda"):
+        submod.maximize_distributed(f, 2, n_parts=2, seed=0, executor=pool)
+    assert submod.maximize_distributed(f, 2, n_parts=2, seed=0).selected.size == 2  # fine in this process
+
+
 def test_the_random_partition_is_uniform_and_independent():
     """Part sizes over many seeds: each element lands in each of m parts with probability 1/m (mean size n/m,
     binomial variance n (1/m)(1 - 1/m)); a balanced split would have variance ~0."""
