@@ -640,9 +640,7 @@ def _gate_reshape(node: fx.Node, prev: fx.Node) -> bool | str:
     if name == "squeeze" and len(node.args) < 2 and "dim" not in node.kwargs:
         return "x.squeeze() without dims in the gate drops the channel dim once one channel is kept"
     if name in ("view", "reshape"):
-        shape = node.args[1:]
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
+        shape = _reshape_target(node)
         if any(isinstance(d, int) and d not in (1, -1) for d in shape):
             return (f"x.{name}{tuple(shape)} in the gate hard-codes a size, which changes when channels are removed; "
                     f"write e.g. x.{name}(b, c, 1, 1) with b, c = x.shape[:2]")
@@ -778,12 +776,16 @@ def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], 
     return mul, fcs[0], fcs[1]
 
 
+def _reshape_target(node: fx.Node) -> tuple:
+    """The target shape of ``x.view(...)`` / ``x.reshape(...)``, given as separate sizes or as one tuple."""
+    shape = tuple(node.args[1:])
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+
 def _fixed_size_reshape(node: fx.Node) -> str | None:
     """Why ``x.view(...)`` / ``x.reshape(...)`` would break once units are removed: a constant feature size such as
     ``x.view(-1, 16 * 5 * 5)`` (the pruned layer no longer has that many inputs). ``x.view(x.size(0), -1)`` is fine."""
-    shape = node.args[1:]
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = tuple(shape[0])
+    shape = _reshape_target(node)
     if len(shape) >= 2 and isinstance(shape[-1], int) and shape[-1] != -1:
         return (f"x.{node.target}{tuple(shape)} hard-codes the feature size, which changes when units are removed; "
                 f"write x.flatten(1) or x.{node.target}(x.size(0), -1) in forward()")
@@ -1153,7 +1155,8 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                 other_in[name].append(inp[0].detach().to(torch.float64))
         return hook
 
-    # Each layer declared in between= must lie on the way: its input changes with the producer's units.
+    # Each layer declared in between= (and a declared gate's fc1) must lie on the way: its input changes with the
+    # producer's units.
     on_path = {name: model.get_submodule(name) for name in (*pair.between, *pair.se[:1])}
     others.update(on_path)
     other_in.update({name: [] for name in on_path})

@@ -68,8 +68,8 @@ def keep_se(fc1: nn.Module, fc2: nn.Module, idx: torch.Tensor, pooled_mean: torc
     channels). With ``pooled_mean`` (the calibration mean of the pooled channels, ``(C,)``) the removed channels'
     contribution is folded into ``fc1``'s bias at its mean, ``b1 += W1[:, removed] @ pooled_mean[removed]``: the
     pruned gate equals the original gate with the removed pooled values replaced by their means (exactly, on
-    every sample), which is the best constant replacement in mean square and exact for removed channels whose
-    pooled value is constant (dead or saturated channels). ``fc1`` gains a bias if it had none. Without
+    every sample): the constant that changes ``fc1``'s pre-activation least in mean square, and exact for removed
+    channels whose pooled value is constant (dead or saturated channels). ``fc1`` gains a bias if it had none. Without
     ``pooled_mean`` the removed pooled values are replaced by zero.
     """
     if pooled_mean is not None:

@@ -268,12 +268,11 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     seeds = rng.integers(0, 2**63 - 1, size=m + 1)
     tasks = [(i, p) for i, p in enumerate(parts) if p.size]
 
-    def restricted(idx: np.ndarray, use_local: bool) -> SetFunction:
-        return f.restrict(idx, local=True) if use_local else f.restrict(idx)
-
     def jobs() -> Iterator[tuple[Callable[..., _PartOutcome], tuple]]:
         for i, p in tasks:  # restricted objectives are built one at a time, as the tasks are handed out
-            yield _greedy_on_part, (restricted(p, local), min(kk, p.size), method, int(seeds[i]), eps, lazy_fallback)
+            # (a user's restrict(indices) without the local keyword still serves the exact restriction)
+            g = f.restrict(p, local=True) if local else f.restrict(p)
+            yield _greedy_on_part, (g, min(kk, p.size), method, int(seeds[i]), eps, lazy_fallback)
 
     if executor is None:
         outcomes = [fn(*args) for fn, args in jobs()]

@@ -40,17 +40,33 @@ def _pairwise_similarity(X: np.ndarray, metric: str) -> tuple[np.ndarray, float]
         # Shift cosine similarity from [-1, 1] to [0, 2] so facility location stays monotone.
         return 1.0 + Xn @ Xn.T, 1.0
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError below
-        sq = np.einsum("ij,ij->i", X, X)
-        D = sq[:, None] + sq[None, :] - 2.0 * (X @ X.T)
-    np.maximum(D, 0.0, out=D)
-    np.fill_diagonal(D, 0.0)
-    if metric == "euclidean":
-        np.sqrt(D, out=D)
+        D = _distances(X, X, metric)
     if not np.isfinite(D).all():
         raise ValueError("the pairwise distances of X overflow float64: its values are too large (beyond about "
                          "1e150). Rescale X (e.g. divide by its largest magnitude).")
     shift = float(D.max())
     return shift - D, shift
+
+
+def _distances(Xr: np.ndarray, Xc: np.ndarray, metric: str, rows: np.ndarray | None = None,
+               cols: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean (``metric="sqeuclidean"``) or Euclidean distances between the rows of ``Xr`` and of
+    ``Xc``, as one array updated in place (a block of a large ground set is most of a worker's memory). An item's
+    distance to itself is exactly 0: the diagonal when ``Xr`` and ``Xc`` are the same rows, else the pairs where the
+    item numbers ``rows`` and ``cols`` meet."""
+    D = Xr @ Xc.T
+    D *= -2.0
+    D += np.einsum("ij,ij->i", Xr, Xr)[:, None]
+    D += np.einsum("ij,ij->i", Xc, Xc)[None, :]
+    np.maximum(D, 0.0, out=D)
+    if rows is None:
+        np.fill_diagonal(D, 0.0)
+    else:
+        _, at_r, at_c = np.intersect1d(rows, cols, assume_unique=True, return_indices=True)
+        D[at_r, at_c] = 0.0
+    if metric == "euclidean":
+        np.sqrt(D, out=D)
+    return D
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -62,24 +78,15 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
 def _similarity_block(X: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric: str, shift: float) -> np.ndarray:
     """``K[rows][:, cols]`` of :func:`_pairwise_similarity` ``(X, metric)``, from those rows of ``X`` only.
 
-    Equal to the block of the full matrix up to rounding (the products are taken in another order); an item's
-    distance to itself is exactly 0, as in the full matrix.
+    The same arithmetic as the full matrix (:func:`_distances`), so equal to its block up to the rounding of the
+    matrix product over fewer rows; an item's distance to itself is exactly 0, as in the full matrix.
     """
     Xr, Xc = X[rows], X[cols]
     if metric == "cosine":
         K = _unit_rows(Xr) @ _unit_rows(Xc).T
         K += 1.0
         return K
-    # One block-sized array, updated in place (a block of a large ground set is most of the worker's memory).
-    D = Xr @ Xc.T
-    D *= -2.0
-    D += np.einsum("ij,ij->i", Xr, Xr)[:, None]
-    D += np.einsum("ij,ij->i", Xc, Xc)[None, :]
-    np.maximum(D, 0.0, out=D)
-    _, at_r, at_c = np.intersect1d(rows, cols, assume_unique=True, return_indices=True)
-    D[at_r, at_c] = 0.0
-    if metric == "euclidean":
-        np.sqrt(D, out=D)
+    D = _distances(Xr, Xc, metric, rows, cols)
     # shift - D, in place; rounding can push an entry a hair below 0, which facility location must not see
     np.subtract(shift, D, out=D)
     return np.maximum(D, 0.0, out=D)
