@@ -220,8 +220,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     >>> X = np.random.default_rng(0).standard_normal((400, 5))
     >>> f = submod.FacilityLocation(X)
     >>> res = submod.maximize_distributed(f, 10, n_parts=4, seed=0)
-    >>> res.selected.size, res.distributed.part_sizes.sum(), bool(res.certificate.upper_bound >= res.value)
-    (10, np.int64(400), True)
+    >>> res.selected.size, int(res.distributed.part_sizes.sum()), bool(res.certificate.upper_bound >= res.value)
+    (10, 400, True)
     >>> central = submod.maximize(f, 10)
     >>> bool(res.value >= (1 - 1 / np.e) / 4 * central.certificate.upper_bound)   # the worst-case guarantee
     True
