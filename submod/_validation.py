@@ -24,8 +24,7 @@ def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None =
                          f"{name}.toarray() (FacilityLocation(similarity=...) and Coverage take sparse matrices "
                          "as they are).")
     if np.iscomplexobj(x):
-        raise ValueError(f"{name} must be real; got complex values. Pass the real part, the modulus or the real "
-                         "and imaginary parts as separate features.")
+        raise ValueError(complex_message(name))
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -34,15 +33,33 @@ def as_float_array(x: ArrayLike, name: str, ndim: int | tuple[int, ...] | None =
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if arr.ndim not in allowed:
-            how = "np.ravel(...) for one value per element" if allowed == (1,) else \
-                "np.atleast_2d(...) or .reshape(-1, 1) for one row per item"
-            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimension(s); got shape "
-                             f"{arr.shape}. Reshape it, e.g. with {how}.")
+            raise ValueError(ndim_message(name, allowed, arr.shape))
     # One pass: a finite sum proves every entry finite; only a non-finite sum needs the element-wise check.
     if not np.isfinite(arr.sum()) and not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name} contains {bad} NaN or infinite value(s); remove or impute them first.")
+        raise ValueError(nonfinite_message(name, bad))
     return arr
+
+
+# The messages of as_float_array, shared with the torch storage of GramAccumulator (submod._gram_torch), which
+# checks tensors on their device and must word every error as the numpy path does.
+def complex_message(name: str) -> str:
+    """The error for complex input."""
+    return (f"{name} must be real; got complex values. Pass the real part, the modulus or the real and imaginary "
+            "parts as separate features.")
+
+
+def ndim_message(name: str, allowed: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The error for an array whose number of dimensions is not in ``allowed``."""
+    how = "np.ravel(...) for one value per element" if allowed == (1,) else \
+        "np.atleast_2d(...) or .reshape(-1, 1) for one row per item"
+    return (f"{name} must have {' or '.join(map(str, allowed))} dimension(s); got shape {tuple(shape)}. Reshape "
+            f"it, e.g. with {how}.")
+
+
+def nonfinite_message(name: str, bad: int) -> str:
+    """The error for an array with ``bad`` NaN or infinite entries."""
+    return f"{name} contains {bad} NaN or infinite value(s); remove or impute them first."
 
 
 def check_ground_set_size(n: object, name: str = "n") -> int:

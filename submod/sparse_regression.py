@@ -20,9 +20,13 @@ Gram space (see :mod:`submod._sr_kernels`).
 
 from __future__ import annotations
 
+import copy
 import numbers
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -38,6 +42,9 @@ from ._sr_kernels import (
 from ._sr_threads import one_blas_thread
 from ._validation import as_float_array, as_index_array, check_k
 from .base import GainState, SetFunction
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["GramAccumulator", "RegressionPath", "SparseRegression"]
 
@@ -634,6 +641,25 @@ class GramAccumulator:
         ``d``, columns of the inputs.
     n_targets : int
         ``m``, columns of the targets.
+    device : str or torch.device, optional
+        Where the statistics are kept and updated. ``None`` (default): numpy arrays on the host, except that the
+        first batch holding a torch tensor on a device other than the CPU (a GPU) moves the statistics to that
+        device, so that activations of a model on a GPU are never copied to the host row by row. A device
+        (``"cpu"``, ``"cuda"``, ``torch.device("cuda:1")``) keeps float64 torch tensors there from the start
+        (torch storage: batches, numpy or torch of any float dtype, are moved to that device and the ``O(rows
+        d^2)`` products run there). Both storages give the same statistics up to rounding and the same errors.
+        On the CPU numpy is faster (its ``A^T A`` is a symmetric BLAS product), which is why ``None`` keeps it.
+
+    Notes
+    -----
+    Every read-out (:meth:`gram`, :meth:`cross`, :meth:`y_norm2`, :attr:`mean_a`, :meth:`to_objective`, ...) is
+    numpy float64 on the host whatever the storage: the selection and refit run on the host. With torch storage
+    the statistics are copied to the host once after each change and that copy serves every read-out until the
+    next :meth:`update` or :meth:`merge`; :attr:`mean_a` and :attr:`mean_y` are then read-only views of it.
+    :meth:`merge` works between accumulators with different storages (the result keeps this one's).
+    ``copy.deepcopy`` keeps the storage and device; pickling (and ``copy.copy``) stores numpy arrays, so that a
+    pickle loads without torch and without the device, and the loaded accumulator has numpy storage (with the
+    ``device=None`` rule above for later batches).
 
     Examples
     --------
@@ -658,9 +684,19 @@ class GramAccumulator:
     >>> bool(np.isclose(acc_w.to_objective(fit_intercept=True).value([0, 3]),
     ...                 SparseRegression(A[rep], Y[rep], fit_intercept=True).value([0, 3])))
     True
+
+    Torch storage (here on the CPU; ``device="cuda"`` on a GPU) gives the same statistics; read-outs are numpy:
+
+    >>> import torch
+    >>> acc_t = GramAccumulator(5, 2, device="cpu")
+    >>> acc_t.update(torch.as_tensor(A), torch.as_tensor(Y, dtype=torch.float32))
+    >>> acc_t.device, type(acc_t.gram()).__name__
+    (device(type='cpu'), 'ndarray')
+    >>> bool(np.allclose(acc_t.gram(), A.T @ A, rtol=1e-12))
+    True
     """
 
-    def __init__(self, n_features: int, n_targets: int) -> None:
+    def __init__(self, n_features: int, n_targets: int, *, device: str | torch.device | None = None) -> None:
         for name, v in (("n_features", n_features), ("n_targets", n_targets)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
@@ -668,17 +704,67 @@ class GramAccumulator:
         self.n_targets = int(n_targets)
         self.count = 0
         self.weight_sum = 0.0
-        self.mean_a = np.zeros(self.n_features)
-        self.mean_y = np.zeros(self.n_targets)
+        self._device: torch.device | None = None  # None: numpy storage
+        self._host_copy: tuple | None = None       # torch storage: the statistics on the host, until they change
+        self._ma = np.zeros(self.n_features)
+        self._my = np.zeros(self.n_targets)
         self._caa = np.zeros((self.n_features, self.n_features))
         self._cay = np.zeros((self.n_features, self.n_targets))
-        self._cyy = 0.0
+        self._cyy: float | torch.Tensor = 0.0
+        if device is not None:
+            self._move_to(_torch_backend().as_device(device))
+
+    @property
+    def device(self) -> torch.device | None:
+        """The torch device the statistics are kept on, or ``None`` for numpy storage on the host."""
+        return self._device
+
+    @property
+    def mean_a(self) -> np.ndarray:
+        """Mean of the input rows (weighted with ``sample_weight``), ``(d,)``."""
+        return self._host()[0]
+
+    @property
+    def mean_y(self) -> np.ndarray:
+        """Mean of the target rows (weighted with ``sample_weight``), ``(m,)``."""
+        return self._host()[1]
+
+    def _move_to(self, dev: torch.device) -> None:
+        """Keep the statistics (those gathered so far included) as float64 tensors on ``dev``."""
+        state = _torch_backend().state_to(dev, *self._host())
+        self._ma, self._my, self._caa, self._cay, self._cyy = state
+        self._device = dev
+        self._host_copy = None
+
+    def _host(self) -> tuple:
+        """``(mean_a, mean_y, C_aa, C_ay, C_yy)`` as numpy on the host (the live arrays with numpy storage, a
+        cached read-only copy with torch storage)."""
+        if self._device is None:
+            return self._ma, self._my, self._caa, self._cay, self._cyy
+        if self._host_copy is None:
+            tb = _torch_backend()
+            self._host_copy = (tb.to_host(self._ma), tb.to_host(self._my), tb.to_host(self._caa),
+                               tb.to_host(self._cay), float(self._cyy))
+        return self._host_copy
 
     def update(self, A_batch: ArrayLike, Y_batch: ArrayLike, sample_weight: ArrayLike | None = None) -> None:
-        """Add a batch of rows: ``A_batch`` (b, d) inputs and ``Y_batch`` (b, m) targets (any float dtype).
+        """Add a batch of rows: ``A_batch`` (b, d) inputs and ``Y_batch`` (b, m) targets (any float dtype;
+        numpy arrays or torch tensors).
 
         ``sample_weight`` (b,): optional finite, non-negative weight of each row (default 1).
         """
+        if self._device is None and "torch" in sys.modules:  # only then can a batch be a tensor
+            dev = _torch_backend().non_cpu_device(A_batch, Y_batch, sample_weight)
+            if dev is not None:
+                self._move_to(dev)
+        checked = self._check_batch(A_batch, Y_batch, sample_weight)
+        if checked is not None:
+            self._add_rows(*checked)
+
+    def _check_batch(self, A_batch: ArrayLike, Y_batch: ArrayLike, sample_weight: ArrayLike | None) -> tuple | None:
+        """The batch checked and converted for this storage, ``(a, y, w, rows, weight sum)``; ``None`` if empty."""
+        if self._device is not None:
+            return _torch_backend().validate(self, A_batch, Y_batch, sample_weight)
         a = as_float_array(A_batch, "A_batch", 2)
         y = _as_targets(Y_batch, "Y_batch")
         if a.shape[1] != self.n_features:
@@ -691,48 +777,64 @@ class GramAccumulator:
             raise ValueError(f"A_batch has {a.shape[0]} rows but Y_batch has {y.shape[0]}; pass matching rows.")
         nb = a.shape[0]
         if nb == 0:
-            return
+            return None
         if sample_weight is None:
-            ma = a.mean(axis=0)
-            my = y.mean(axis=0)
-            ac = a - ma
-            yc = y - my
-            self._merge(nb, float(nb), ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
-            return
+            return a, y, None, nb, float(nb)
         w = as_float_array(sample_weight, "sample_weight", 1)
         if w.shape[0] != nb:
             raise ValueError(f"sample_weight has {w.shape[0]} entries but the batch has {nb} rows; pass one "
                              "weight per row.")
         if np.any(w < 0):
             raise ValueError("sample_weight must be non-negative (a weight per row of the least-squares problem).")
-        wsum = float(w.sum())
+        return a, y, w, nb, float(w.sum())
+
+    def _add_rows(self, a: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                  w: np.ndarray | torch.Tensor | None, nb: int, wsum: float) -> None:
+        """Add rows checked by :meth:`_check_batch` (arrays of this storage; ``wsum`` is the sum of ``w``)."""
+        self._host_copy = None
+        if self._device is not None:
+            _torch_backend().add_rows(self, a, y, w, nb, wsum)
+            return
         if wsum <= 0.0:
             self.count += nb  # rows of weight zero are seen but change no statistic
             return
-        ma = (w @ a) / wsum
-        my = (w @ y) / wsum
-        root = np.sqrt(w)[:, None]  # rows scaled by sqrt(w): x^T x is a symmetric product (BLAS syrk in numpy)
-        ac = (a - ma) * root
-        yc = (y - my) * root
+        if w is None:
+            ma = a.mean(axis=0)
+            my = y.mean(axis=0)
+            ac = a - ma
+            yc = y - my
+        else:
+            ma = (w @ a) / wsum
+            my = (w @ y) / wsum
+            root = np.sqrt(w)[:, None]  # rows scaled by sqrt(w): x^T x is a symmetric product (BLAS syrk in numpy)
+            ac = (a - ma) * root
+            yc = (y - my) * root
         self._merge(nb, wsum, ma, my, ac.T @ ac, ac.T @ yc, float(np.vdot(yc, yc)))
 
     def merge(self, other: GramAccumulator) -> None:
-        """Add the statistics of another accumulator (e.g. one filled in parallel on other rows)."""
+        """Add the statistics of another accumulator (e.g. one filled in parallel on other rows), whatever its
+        storage (numpy or a torch device); this accumulator keeps its own."""
         if not isinstance(other, GramAccumulator) or (other.n_features, other.n_targets) != (
                 self.n_features, self.n_targets):
             raise ValueError("merge needs a GramAccumulator with the same n_features and n_targets.")
-        if other.weight_sum > 0:
-            self._merge(other.count, other.weight_sum, other.mean_a, other.mean_y, other._caa, other._cay,
-                        other._cyy)
-        else:
+        if other.weight_sum <= 0:
             self.count += other.count
+            return
+        self._host_copy = None
+        if self._device is not None:
+            # the other's tensors are used where they are (moved if on another device), numpy ones are moved
+            state = (other._ma, other._my, other._caa, other._cay, other._cyy)
+            _torch_backend().merge(self, other.count, other.weight_sum, *state)
+        else:
+            self._merge(other.count, other.weight_sum, *other._host())
 
     def _merge(self, nb: int, wb: float, ma: np.ndarray, my: np.ndarray, caa: np.ndarray, cay: np.ndarray,
                cyy: float) -> None:
+        """Numpy storage: add the centred statistics of ``nb`` other rows of weight ``wb``."""
         wa = self.weight_sum
         wt = wa + wb
-        da = ma - self.mean_a
-        dy = my - self.mean_y
+        da = ma - self._ma
+        dy = my - self._my
         w = wa * wb / wt
         self._caa += caa
         self._cay += cay
@@ -745,20 +847,37 @@ class GramAccumulator:
             self._cyy += cyy + w * float(dy @ dy)
         else:
             self._cyy += cyy
-        self.mean_a += da * (wb / wt)
-        self.mean_y += dy * (wb / wt)
+        self._ma += da * (wb / wt)
+        self._my += dy * (wb / wt)
         self.count += nb
         self.weight_sum = wt
+
+    def __getstate__(self) -> dict:
+        """Pickle numpy statistics (see the class notes): loadable without torch or the device."""
+        state = self.__dict__.copy()
+        if self._device is not None:
+            ma, my, caa, cay, cyy = self._host()
+            state.update(_ma=np.array(ma), _my=np.array(my), _caa=np.array(caa), _cay=np.array(cay), _cyy=cyy,
+                         _device=None, _host_copy=None)
+        return state
+
+    def __deepcopy__(self, memo: dict) -> GramAccumulator:
+        """A copy with the same storage and device."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, None if key == "_host_copy" else copy.deepcopy(value, memo))
+        return new
 
     def gram(self, centered: bool = False, columns: ArrayLike | None = None) -> np.ndarray:
         """``A^T A`` over all rows seen (``centered=True``: of the centred rows); ``columns``: only the
         ``(c, c)`` block of those columns (no full copy)."""
-        caa = self._caa
+        ma_all, _, caa, _, _ = self._host()
         if columns is None:
-            g, ma = caa.copy(), self.mean_a
+            g, ma = caa.copy(), ma_all
         else:
             cols = self._columns(columns)
-            g, ma = caa[np.ix_(cols, cols)], self.mean_a[cols]
+            g, ma = caa[np.ix_(cols, cols)], ma_all[cols]
         if not centered:
             g += self.weight_sum * np.outer(ma, ma)
         return 0.5 * (g + g.T)
@@ -777,21 +896,23 @@ class GramAccumulator:
         >>> acc.gram(columns=[2, 0]).tolist()            # the block of columns 2 and 0, in that order
         [[214.0, 162.0], [162.0, 126.0]]
         """
-        diag = np.diag(self._caa).copy()
+        ma, _, caa, _, _ = self._host()
+        diag = np.diag(caa).copy()
         if not centered:
-            diag += self.weight_sum * self.mean_a ** 2
+            diag += self.weight_sum * ma ** 2
         return diag
 
     def cross(self, centered: bool = False, columns: ArrayLike | None = None) -> np.ndarray:
         """``A^T Y`` over all rows seen (``centered=True``: of the centred rows); ``columns``: only those rows of
         it."""
+        ma_all, my, _, cay, _ = self._host()
         if columns is None:
-            b, ma = self._cay.copy(), self.mean_a
+            b, ma = cay.copy(), ma_all
         else:
             cols = self._columns(columns)
-            b, ma = self._cay[cols], self.mean_a[cols]
+            b, ma = cay[cols], ma_all[cols]
         if not centered:
-            b += self.weight_sum * np.outer(ma, self.mean_y)
+            b += self.weight_sum * np.outer(ma, my)
         return b
 
     def _columns(self, columns: ArrayLike) -> np.ndarray:
@@ -804,7 +925,8 @@ class GramAccumulator:
 
     def y_norm2(self, centered: bool = False) -> float:
         """``||Y||^2`` over all rows seen (``centered=True``: of the centred targets)."""
-        return float(self._cyy + (0.0 if centered else self.weight_sum * float(self.mean_y @ self.mean_y)))
+        _, my, _, _, cyy = self._host()
+        return float(cyy + (0.0 if centered else self.weight_sum * float(my @ my)))
 
     def to_objective(self, ridge: float = 0.0, groups: object = None, fit_intercept: bool = False, *,
                      tol: float = DEFAULT_TOL) -> SparseRegression:
@@ -822,4 +944,16 @@ class GramAccumulator:
         return f
 
     def __repr__(self) -> str:
-        return f"GramAccumulator(n_features={self.n_features}, n_targets={self.n_targets}, count={self.count})"
+        where = "" if self._device is None else f", device={str(self._device)!r}"
+        return (f"GramAccumulator(n_features={self.n_features}, n_targets={self.n_targets}, count={self.count}"
+                f"{where})")
+
+
+def _torch_backend() -> ModuleType:
+    """:mod:`submod._gram_torch`, imported on first use (it imports torch, which :mod:`submod` does not need)."""
+    try:
+        from . import _gram_torch
+    except ImportError as exc:
+        raise ImportError(f"GramAccumulator(device=...) keeps the statistics in torch tensors and needs torch "
+                          f"({exc}); install torch, or pass device=None for numpy storage.") from exc
+    return _gram_torch
