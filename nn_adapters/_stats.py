@@ -8,6 +8,12 @@ without its bias), where ``A_target`` is the same input in the original network 
 network pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``),
 so the statistics' memory does not grow with the number of samples (the sequential modes' cached activations,
 held by :mod:`nn_adapters.pruning`, do).
+
+Where the statistics live (:func:`stats_device`): for a model on a GPU the accumulators keep float64 tensors on
+that device and are fed tensors there (fold assignment and checks included, one host synchronisation per chunk),
+so that activations are never copied to the host row by row; for a CPU model they keep numpy arrays on the host,
+where numpy's symmetric BLAS product is faster than torch's. The selection and the refit read numpy from the
+accumulators in both cases.
 """
 
 from __future__ import annotations
@@ -47,6 +53,78 @@ def unit_groups(pair: PrunablePair) -> list[np.ndarray]:
     return [np.arange(j * c, (j + 1) * c) for j in range(pair.n_units)]
 
 
+#: Private test hook: ``True`` sends the statistics of CPU models through the device path too (torch storage on the
+#: CPU), so that the path a GPU model takes can be tested on a machine without a GPU.
+_DEVICE_PATH_ON_CPU = False
+
+F64 = torch.float64
+
+
+def stats_device(param_device: torch.device) -> torch.device | None:
+    """Where the accumulators of a layer whose parameters are on ``param_device`` keep their statistics.
+
+    That device for a model on a GPU (torch storage: the activations stay there), ``None`` for a CPU model (numpy
+    storage on the host: numpy's ``A^T A`` is a symmetric BLAS product, faster than torch's general one; see
+    ``benchmarks/bench_gram_device.py``).
+
+    Examples
+    --------
+    >>> stats_device(torch.device("cpu")) is None
+    True
+    >>> stats_device(torch.device("cuda", 0))
+    device(type='cuda', index=0)
+    """
+    if param_device.type == "cpu" and not _DEVICE_PATH_ON_CPU:
+        return None
+    return param_device
+
+
+def update_folds(accs: list[GramAccumulator], a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+                 fold: torch.Tensor, nonfinite: str | None = None) -> None:
+    """Add rows to accumulators with torch storage on one device: row ``t`` goes to ``accs[fold[t]]``.
+
+    The rows (``a`` (n, d), ``y`` (n, m), optional weights ``w`` (n,)) and the fold of each row are moved to the
+    accumulators' device if needed and split there; the checks cost one host synchronisation in all (the sums that
+    prove the rows finite and the rows and weight of every fold, fetched together). A non-finite row raises
+    ``ValueError(nonfinite)`` if given, else the error of the first fold's check, as per-fold
+    :meth:`~submod.GramAccumulator.update` calls would.
+
+    Examples
+    --------
+    >>> accs = [GramAccumulator(2, 1, device="cpu") for _ in range(2)]
+    >>> a = torch.arange(8.0).reshape(4, 2)
+    >>> update_folds(accs, a, a[:, :1], None, torch.tensor([0, 1, 0, 1]))
+    >>> [acc.count for acc in accs], accs[1].mean_a.tolist()
+    ([2, 2], [4.0, 5.0])
+    """
+    dev, k = accs[0].device, len(accs)
+    a = a.detach().to(device=dev, dtype=F64)
+    y = y.detach().to(device=dev, dtype=F64)
+    w = None if w is None else w.detach().to(device=dev, dtype=F64)
+    fold = fold.to(device=dev, dtype=torch.int64)
+    onehot = (fold[None, :] == torch.arange(k, device=dev)[:, None]).to(F64)  # (k, n): deterministic sums
+    sums = [a.sum(), y.sum()] if w is None else [a.sum(), y.sum(), w.sum()]  # finite sums: finite entries
+    scalars = torch.stack(sums + ([] if w is None else [w.min()]))
+    host = torch.cat([scalars, onehot.sum(dim=1)] + ([] if w is None else [onehot @ w])).tolist()  # one sync
+    counts = [int(c) for c in host[len(scalars):len(scalars) + k]]
+    wsums = [float(c) for c in counts] if w is None else host[-k:]
+    if not all(np.isfinite(host[:len(sums)])) or (w is not None and host[len(sums)] < 0):
+        # an error (or a sum that overflowed, which passes): the per-fold checks, as the numpy path runs them
+        if nonfinite is not None and not (torch.isfinite(a).all() and torch.isfinite(y).all()):
+            raise ValueError(nonfinite)
+        for h, acc in enumerate(accs):
+            sel = fold == h
+            acc._check_batch(a[sel], y[sel], None if w is None else w[sel])
+    order = torch.argsort(fold, stable=True)
+    lo = 0
+    for h, acc in enumerate(accs):
+        if counts[h]:
+            idx = order[lo:lo + counts[h]]
+            acc._add_rows(a.index_select(0, idx), y.index_select(0, idx),
+                          None if w is None else w.index_select(0, idx), counts[h], wsums[h])
+        lo += counts[h]
+
+
 #: Relative ridges tried by the cross-validated choice (``ridge="cv"``): half-decades from 1e-6 to 10.
 CV_GRID = np.logspace(-6.0, 1.0, 15)
 #: Folds of the cross-validated ridge (samples are dealt round-robin, so every row of a sample is in one fold).
@@ -76,7 +154,8 @@ class PairStats:
             raise ValueError(f"pair {pair.name}: consumer has {d} input columns, expected "
                              f"{pair.n_units} units x {pair.cols_per_unit} columns.")
         self.n_folds = max(1, int(folds))
-        self.fold_accs = [GramAccumulator(d, self.W.shape[0]) for _ in range(self.n_folds)]
+        self.device = stats_device(self.W.device)  # None: numpy statistics on the host (a CPU model)
+        self.fold_accs = [GramAccumulator(d, self.W.shape[0], device=self.device) for _ in range(self.n_folds)]
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._total: GramAccumulator | None = None
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
@@ -111,11 +190,15 @@ class PairStats:
         for s in range(0, n, step):
             A = design_rows(self.consumer, x[s:s + step])
             At = A if x_target is None else design_rows(self.consumer, xt[s:s + step])
-            Y = (At @ self.W.T).cpu().numpy()
-            A = A.cpu().numpy()
+            Y = At @ self.W.T
             ns = A.shape[0] // per_sample
+            if self.device is None:  # numpy storage (a CPU model): the rows go to the host
+                A, Y = A.cpu().numpy(), Y.cpu().numpy()
             if K == 1:
                 self.fold_accs[0].update(A, Y)
+            elif self.device is not None:  # torch storage: the rows are dealt into folds on the model's device
+                fold = (self._seen + torch.arange(ns, device=A.device)) % K
+                update_folds(self.fold_accs, A, Y, None, fold.repeat_interleave(per_sample))
             else:
                 fold = (self._seen + np.arange(ns)) % K
                 rows = np.repeat(fold, per_sample)
@@ -133,7 +216,8 @@ class PairStats:
             if self.n_folds == 1:
                 self._total = self.fold_accs[0]
             else:
-                tot = GramAccumulator(self.fold_accs[0].n_features, self.fold_accs[0].n_targets)
+                tot = GramAccumulator(self.fold_accs[0].n_features, self.fold_accs[0].n_targets,
+                                      device=self.device)
                 for a in self.fold_accs:
                     tot.merge(a)
                 self._total = tot

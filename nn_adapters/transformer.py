@@ -64,6 +64,8 @@ from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
 from ._stats import ridge_scale as _ridge_scale
+from ._stats import stats_device as _stats_device
+from ._stats import update_folds as _update_folds
 from ._transformer_blocks import (
     PrunedMultiheadAttention,
     _Block,
@@ -380,6 +382,10 @@ def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tens
 # statistics
 # ----------------------------------------------------------------------------------------------------------------
 
+_NONFINITE = ("non-finite (NaN/inf) activations in the calibration statistics: check the model and the "
+              "calibration inputs")
+
+
 class _Stats:
     """Float64 sufficient statistics of a token-weighted least-squares problem, streamed batch by batch and kept
     per cross-validation fold (sentences are dealt round-robin into :data:`CV_FOLDS` folds, so all tokens of a
@@ -392,18 +398,37 @@ class _Stats:
     """
 
     def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None,
-                 folds: int = 1) -> None:
-        self.folds = [submod.GramAccumulator(n_features, n_targets) for _ in range(max(1, folds))]
-        self.col_sq = np.zeros(n_features)  # unweighted, for the Wanda scores
+                 folds: int = 1, device: torch.device | None = None) -> None:
+        # device: torch storage there (a GPU model, see nn_adapters._stats.stats_device); None: numpy on the host
+        self.device = device
+        self.folds = [submod.GramAccumulator(n_features, n_targets, device=device) for _ in range(max(1, folds))]
         self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float64).cpu().numpy()
+        if device is None:
+            self._col_sq: np.ndarray | torch.Tensor = np.zeros(n_features)  # unweighted, for the Wanda scores
+        else:
+            self._col_sq = torch.zeros(n_features, dtype=torch.float64, device=device)
+            self._col_scale_dev = None if col_scale is None else col_scale.detach().to(device, torch.float64)
         self._total: submod.GramAccumulator | None = None
 
+    @property
+    def col_sq(self) -> np.ndarray:
+        """Unweighted sum of squares of every input column over the calibration tokens (for the Wanda scores)."""
+        return self._col_sq if self.device is None else self._col_sq.cpu().numpy()
+
     def update(self, a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, fold: torch.Tensor) -> None:
+        if self.device is not None:  # torch storage: everything stays on the model's device
+            a64 = a.detach().to(self.device, torch.float64)
+            y64 = y.detach().to(self.device, torch.float64)
+            if self._col_scale_dev is not None:
+                y64 = y64 * self._col_scale_dev
+            _update_folds(self.folds, a64, y64, w, fold % len(self.folds), nonfinite=_NONFINITE)
+            self._col_sq += a64.square().sum(dim=0)
+            self._total = None
+            return
         a64 = a.detach().to(torch.float64).cpu().numpy()
         y64 = y.detach().to(torch.float64).cpu().numpy()
         if not (np.isfinite(a64).all() and np.isfinite(y64).all()):
-            raise ValueError("non-finite (NaN/inf) activations in the calibration statistics: check the model and "
-                             "the calibration inputs")
+            raise ValueError(_NONFINITE)
         if self.col_scale is not None:
             y64 = y64 * self.col_scale
         w64 = None if w is None else w.detach().to(torch.float64).cpu().numpy()
@@ -413,13 +438,13 @@ class _Stats:
                 sel = fold == h
                 if sel.any():
                     acc.update(a64[sel], y64[sel], None if w64 is None else w64[sel])
-        self.col_sq += np.einsum("ij,ij->j", a64, a64)
+        self._col_sq += np.einsum("ij,ij->j", a64, a64)
         self._total = None
 
     @property
     def total(self) -> submod.GramAccumulator:
         if self._total is None:
-            tot = submod.GramAccumulator(self.folds[0].n_features, self.folds[0].n_targets)
+            tot = submod.GramAccumulator(self.folds[0].n_features, self.folds[0].n_targets, device=self.device)
             for acc in self.folds:
                 tot.merge(acc)
             self._total = tot
@@ -626,7 +651,7 @@ def _assign_folds(cache: list[dict[str, Any]]) -> None:
     for c in cache:
         valid = c["valid"]
         seq = torch.arange(seen, seen + valid.shape[0], device=valid.device)
-        c["fold"] = (seq[:, None].expand_as(valid)[valid] % CV_FOLDS).cpu()
+        c["fold"] = seq[:, None].expand_as(valid)[valid] % CV_FOLDS  # on the model's device, as the statistics
         seen += valid.shape[0]
 
 
@@ -1102,7 +1127,8 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
             side["col_scale"][s] = scale
             if mode == "layer":
                 if s not in side["stats"]:
-                    side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS)
+                    side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS,
+                                              _stats_device(_consumer(oblk, s).weight.device))
                 side["stats"][s].update(a, y, w, cache[b]["fold"])
             else:
                 # the consumer output that would give the original sum on the pruned network's residual, which is
@@ -1196,7 +1222,8 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 else:
                     y = mods[s](a)
                 if s not in stats:
-                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s], CV_FOLDS)
+                    stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s], CV_FOLDS,
+                                      _stats_device(_consumer(blk, s).weight.device))
                 stats[s].update(a, y, row_w[s][b], cache[b]["fold"])
             targets[s] = []
         _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0)
