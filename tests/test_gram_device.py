@@ -437,3 +437,51 @@ def test_cpu_models_keep_numpy_statistics(monkeypatch):
     st = PairStats(pair, net.get_submodule(pair.consumer), folds=5)
     st.update(torch.randn(30, pair.n_units))
     assert st.device is None and all(isinstance(a._caa, np.ndarray) for a in st.fold_accs + [st.acc])
+
+
+# --------------------------------------------------------------------------------------------- on a real GPU
+# These run only where CUDA is available (the development machine has none): the same checks as above, with the
+# model and the statistics really on the GPU, against the numpy path of the same model on the CPU.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_storage_equals_numpy_storage(weighted):
+    rng = np.random.default_rng(5)
+    A, Y = 3.0 + rng.standard_normal((700, 9)), rng.standard_normal((700, 2))
+    w = rng.random(700) if weighted else None
+    ref, got = GramAccumulator(9, 2), GramAccumulator(9, 2)
+    for lo in range(0, 700, 128):
+        sw = None if w is None else w[lo:lo + 128]
+        ref.update(A[lo:lo + 128], Y[lo:lo + 128], sw)
+        got.update(torch.as_tensor(A[lo:lo + 128], device="cuda"), torch.as_tensor(Y[lo:lo + 128], device="cuda"),
+                   None if sw is None else torch.as_tensor(sw, device="cuda"))
+    assert got.device is not None and got.device.type == "cuda"  # adopted from the first batch
+    assert_same_statistics(ref, got)
+
+
+@cuda
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_cnn_pruned_on_the_gpu_equals_the_cpu_pruning(method):
+    from _torch_helpers import randomise_bn
+
+    import nn_adapters as nna
+    from nn_adapters import zoo
+    net = randomise_bn(zoo.digits_cnn(channels=(6, 8), hidden=16)).double()  # float64: GPU and CPU kernels agree
+    x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref, rep_ref = nna.prune(net, [x[:25], x[25:]], keep=0.5, method=method, ridge="cv")
+    got, rep_got = nna.prune(net.cuda(), [x[:25].cuda(), x[25:].cuda()], keep=0.5, method=method, ridge="cv")
+    assert next(got.parameters()).device.type == "cuda"
+    _same_pruning(ref, got.cpu(), rep_ref.layers, rep_got.layers, "kept_units")
+
+
+@cuda
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_bert_pruned_on_the_gpu_equals_the_cpu_pruning(method):
+    import nn_adapters as nna
+    model, data = _tiny_bert().double(), _token_batches()
+    ref, rep_ref = nna.prune(model, data, keep=0.5, target="all", method=method, ridge="cv")
+    gpu_data = [{k: v.cuda() for k, v in b.items()} for b in data]
+    got, rep_got = nna.prune(model.cuda(), gpu_data, keep=0.5, target="all", method=method, ridge="cv")
+    _same_pruning(ref, got.cpu(), rep_ref.units, rep_got.units, "kept")
