@@ -49,18 +49,22 @@ def _pairwise_similarity(X: np.ndarray, metric: str) -> tuple[np.ndarray, float]
 
 
 def _distances(Xr: np.ndarray, Xc: np.ndarray, metric: str, rows: np.ndarray | None = None,
-               cols: np.ndarray | None = None) -> np.ndarray:
+               cols: np.ndarray | None = None, col_sq: np.ndarray | None = None) -> np.ndarray:
     """Squared Euclidean (``metric="sqeuclidean"``) or Euclidean distances between the rows of ``Xr`` and of
     ``Xc``, as one array updated in place (a block of a large ground set is most of a worker's memory). An item's
     distance to itself is exactly 0: the diagonal when ``Xr`` and ``Xc`` are the same rows, else the pairs where the
-    item numbers ``rows`` and ``cols`` meet."""
+    item numbers ``rows`` and ``cols`` meet (``cols=None`` with ``rows`` given: ``Xc`` is the whole ground set, so
+    row ``t`` is item ``rows[t]`` of it). ``col_sq``, the squared norms of the rows of ``Xc``, saves recomputing them
+    for every block of rows against the same ``Xc``."""
     D = Xr @ Xc.T
     D *= -2.0
     D += np.einsum("ij,ij->i", Xr, Xr)[:, None]
-    D += np.einsum("ij,ij->i", Xc, Xc)[None, :]
+    D += (np.einsum("ij,ij->i", Xc, Xc) if col_sq is None else col_sq)[None, :]
     np.maximum(D, 0.0, out=D)
     if rows is None:
         np.fill_diagonal(D, 0.0)
+    elif cols is None:
+        D[np.arange(rows.size), rows] = 0.0
     else:
         _, at_r, at_c = np.intersect1d(rows, cols, assume_unique=True, return_indices=True)
         D[at_r, at_c] = 0.0
@@ -92,6 +96,87 @@ def _similarity_block(X: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric:
     return np.maximum(D, 0.0, out=D)
 
 
+def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matrix:
+    """The k-nearest-neighbour similarity of :class:`FacilityLocation` (``n x n``, CSC, ``n * n_neighbors`` entries).
+
+    Row ``i`` (an item) keeps the similarities of its ``n_neighbors`` nearest candidates: itself first, then the
+    others by increasing distance (decreasing cosine), ties broken by the smaller index; every other entry is 0.
+    The values are those of the dense matrix, ``K = shift - D`` with the global ``shift = max(D)`` over all pairs
+    (``1 + cos`` for cosine), so the result is the dense :func:`_pairwise_similarity` with the far entries of each
+    row set to 0. Computed block by block of rows against all columns: memory ``O(n * n_neighbors + block * n)``.
+    With ``n_neighbors >= n`` every entry is kept: the dense matrix itself (the same arithmetic, so the same bits).
+    """
+    n = X.shape[0]
+    if n_neighbors >= n:
+        K, _ = _pairwise_similarity(X, metric)
+        return sp.csc_matrix(K)
+    k = n_neighbors
+    cosine = metric == "cosine"
+    Xu = _unit_rows(X) if cosine else X
+    col_sq = None if cosine else np.einsum("ij,ij->i", X, X)
+    nearest = np.empty((n, k), dtype=np.int64)
+    keys = np.empty((n, k))   # distance of each kept pair (minus the cosine for cosine)
+    block = max(1, min(n, _KNN_BLOCK_ENTRIES // n))
+    probe = np.unique(np.linspace(0, n - 1, min(n, max(2 * k, int(4 * np.sqrt(k * n))))).astype(np.int64))
+
+    def run(bounds: tuple[int, int]) -> float:
+        """Fill ``nearest`` and ``keys`` for the rows in ``bounds``; return their largest distance."""
+        top = 0.0
+        for lo in range(bounds[0], bounds[1], block):
+            hi = min(lo + block, bounds[1])
+            rows = np.arange(lo, hi)
+            if cosine:
+                D = Xu[lo:hi] @ Xu.T
+                np.negative(D, out=D)     # rank by -cos: the most similar first
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):  # reported as a ValueError just below
+                    D = _distances(X[lo:hi], X, metric, rows, col_sq=col_sq)
+                    top = max(top, float(D.max()))
+                if not np.isfinite(top):
+                    raise ValueError("the pairwise distances of X overflow float64: its values are too large "
+                                     "(beyond about 1e150). Rescale X (e.g. divide by its largest magnitude).")
+            own = (np.arange(hi - lo), rows)
+            self_key = D[own]
+            D[own] = -np.inf              # every item is its own first neighbour
+            cols = _k_smallest(D, k, probe)
+            nearest[lo:hi] = cols
+            keys[lo:hi] = np.take_along_axis(D, cols, axis=1)
+            keys[lo:hi, 0] = self_key
+        return top
+
+    half = (n // (2 * block)) * block
+    parts = [(0, half), (half, n)] if 0 < half < n else [(0, n)]
+    with one_blas_thread():
+        largest = max(parallel_map(run, parts))
+    shift = 1.0 if cosine else largest
+    values = np.subtract(shift, keys, out=keys)   # shift - D; for cosine 1 - (-cos) = 1 + cos
+    np.maximum(values, 0.0, out=values)
+    K = sp.csr_matrix((values.ravel(), nearest.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+    return K.tocsc()
+
+
+#: Entries of one block of distances in the k-nearest-neighbour build (rows x n, float64: 4 MiB).
+_KNN_BLOCK_ENTRIES = 1 << 19
+
+
+def _k_smallest(D: np.ndarray, k: int, probe: np.ndarray) -> np.ndarray:
+    """Columns of the ``k`` smallest entries of each row of ``D`` (finite or ``-inf``), ordered by (value, column).
+
+    Exact, with ties broken by the smaller column. The ``k``-th smallest entry of each row over the ``probe``
+    columns bounds the row's ``k``-th smallest entry from above, so the entries at or below it hold the answer
+    (``k * n / len(probe)`` of them per row on average, however the data is ordered only their number changes);
+    they are sorted by (row, value) with a stable sort, which keeps equal values in column order.
+    """
+    b, n = D.shape
+    bound = np.partition(D[:, probe], k - 1, axis=1)[:, k - 1]
+    flat = np.flatnonzero(D <= bound[:, None])  # row-major: columns ascending within a row (10x faster than a
+    r, c = np.divmod(flat, n)                   # 2-D np.nonzero)
+    order = np.lexsort((D.ravel()[flat], r))
+    starts = np.zeros(b, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=b)[:-1], out=starts[1:])
+    return c[order[(starts[:, None] + np.arange(k)).ravel()]].reshape(b, k)
+
+
 class FacilityLocation(SetFunction):
     r"""Facility location, ``F(S) = sum_i max_{j in S} K[i, j]`` (with ``max`` over the empty set = 0).
 
@@ -108,9 +193,38 @@ class FacilityLocation(SetFunction):
     similarity : array of shape (n, n) or scipy sparse matrix, optional
         A precomputed non-negative similarity instead of ``X``. ``K[i, j]`` is how well candidate ``j``
         represents item ``i``; a sparse matrix (e.g. a k-nearest-neighbour graph) treats missing entries as 0.
+    n_neighbors : int, optional
+        Only with ``X``: keep, for each item ``i``, the similarities to its ``n_neighbors`` nearest candidates
+        (itself included) and treat every other entry as 0. The ``n x n`` matrix is never formed: it is built
+        block by block of rows, in ``O(n * n_neighbors)`` memory plus one block, and ``similarity`` is then a
+        scipy sparse matrix. ``n_neighbors >= n`` keeps every entry: the dense objective's values exactly.
+        ``None`` (default): the dense similarity. See *k nearest neighbours* below.
 
     Notes
     -----
+    *k nearest neighbours* (``n_neighbors=k``). Row ``i`` of ``K`` (the item) keeps its ``k`` nearest candidates:
+    item ``i`` itself first (``K[i, i]`` is the row's largest similarity, even when a duplicate of ``i`` is just as
+    close), then the others by increasing distance (decreasing cosine), a tie at the ``k``-th distance going to the
+    smaller index. The kept values are the dense matrix's, ``K[i, j] = max(D) - D[i, j]`` with ``max(D)`` over
+    *all* pairs (taken during the same blockwise pass, at no extra cost), and ``1 + cos`` for cosine. So the sparse
+    ``K`` is the dense one with each row's far entries set to 0: it is non-negative, ``F`` stays monotone and
+    submodular, ``F(S)`` never exceeds the dense objective, and item ``i`` contributes exactly its dense term
+    whenever ``S`` holds one of its ``k`` nearest candidates. (A shift taken over the kept distances only would
+    give the farthest kept pair a similarity of 0 and change every value with ``k``.) ``K`` is not symmetric.
+    :meth:`restrict` slices this sparse ``K`` like a precomputed one, and its local objective (``local=True``) is
+    the restriction of the same global neighbour graph to the part, not a neighbour graph recomputed inside it.
+
+    The peers differ. apricot's ``FacilityLocationSelection(n_neighbors=k)`` uses scikit-learn's
+    ``KNeighborsTransformer``: ``k`` neighbours plus the item itself, and a candidate ``c`` represents the items
+    among *its own* neighbours (the transpose of the graph here); with ``n_neighbors`` its ``"euclidean"`` is the
+    plain Euclidean distance (squared without it), the shift is the largest *kept* distance, and cosine becomes
+    ``cos^2``. So ``FacilityLocation(X, metric="euclidean", n_neighbors=k + 1)`` keeps apricot's pairs,
+    transposed, with a different shift. submodlib's ``FacilityLocationFunction(mode="sparse", num_neighbors=k)``
+    stores the graph as here (row ``i`` keeps its ``k`` most similar, itself included, ties in heap order), with
+    similarity ``exp(-||x - y|| / p)`` (``p`` features) or the raw cosine, in float32; its objective then reads the
+    matrix as symmetric, keeping a pair when either item is among the other's neighbours (``max(K, K^T)``;
+    observed with submodlib-py 0.0.3). ``tests/test_fl_knn.py`` checks both peers after these conversions.
+
     A dense ``similarity`` is used by reference, not copied (an ``n x n`` copy would double the memory of large
     problems); ``f.similarity`` is a read-only view of it. Do not modify the array while the objective is in
     use: the symmetry test, the first bounds of lazy greedy and a transposed copy are derived from it once. Pass
@@ -129,18 +243,50 @@ class FacilityLocation(SetFunction):
     2.1
     >>> submod.maximize(f, 2).selected.tolist()
     [1, 0]
+
+    From features, each item keeping its 2 nearest candidates (itself and one other): the four points on a
+    line 0, 1, 3, 7 have ``max(D) = 49``.
+
+    >>> X = np.array([[0.0], [1.0], [3.0], [7.0]])
+    >>> g = submod.FacilityLocation(X, n_neighbors=2)
+    >>> g
+    FacilityLocation(n=4, n_neighbors=2)
+    >>> g.similarity.toarray()
+    array([[49., 48.,  0.,  0.],
+           [48., 49.,  0.,  0.],
+           [ 0., 45., 49.,  0.],
+           [ 0.,  0., 33., 49.]])
+    >>> g.value([2]), submod.FacilityLocation(X).value([2])   # 49 + 33 against 40 + 45 + 49 + 33
+    (82.0, 167.0)
+    >>> submod.FacilityLocation(X, n_neighbors=4).value([2]) == submod.FacilityLocation(X).value([2])
+    True
     """
 
     submodular = True
     monotone = True
 
+    #: The number of nearest candidates each item keeps (``None``: all of them, a dense similarity).
+    n_neighbors: int | None = None
+
     def __init__(self, X: ArrayLike | None = None, *, metric: str = "sqeuclidean",
-                 similarity: ArrayLike | sp.spmatrix | None = None) -> None:
+                 similarity: ArrayLike | sp.spmatrix | None = None, n_neighbors: int | None = None) -> None:
         if (X is None) == (similarity is None):
             raise ValueError("pass exactly one of X (features) or similarity= (a precomputed matrix).")
         if metric not in _DISTANCE_METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {_DISTANCE_METRICS} or pass "
                              "similarity= directly.")
+        if n_neighbors is not None:
+            if similarity is not None:
+                raise ValueError("n_neighbors builds a k-nearest-neighbour similarity from features X; it cannot "
+                                 "sparsify a precomputed similarity=. Pass the features as X, or pass your own "
+                                 "sparse matrix (each row's largest entries) as similarity= without n_neighbors.")
+            if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral):
+                raise ValueError(f"n_neighbors must be a positive integer (or None for the dense similarity); got "
+                                 f"{n_neighbors!r}.")
+            if n_neighbors < 1:
+                raise ValueError(f"n_neighbors must be at least 1 (each item counts itself as its first "
+                                 f"neighbour); got {n_neighbors}.")
+            n_neighbors = int(n_neighbors)
         scan = None
         if similarity is not None:
             if sp.issparse(similarity):
@@ -173,15 +319,20 @@ class FacilityLocation(SetFunction):
             Xa = as_float_array(X, "X", ndim=2)
             if Xa.shape[0] == 0:
                 raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
-            K, shift = _pairwise_similarity(Xa, metric)
-            self._sparse = False
-        # The features behind K (for restrict: a part's block is rebuilt from its rows of X, never shipped).
-        self._features = (frozen(Xa, copy=False), metric, shift) if X is not None else None
+            if n_neighbors is None:
+                K, shift = _pairwise_similarity(Xa, metric)
+            else:
+                K = _knn_similarity(Xa, metric, n_neighbors)
+            self._sparse = n_neighbors is not None
+        # The features behind a dense K (for restrict: a part's block is rebuilt from its rows of X, never
+        # shipped). A k-nearest-neighbour K is restricted by slicing, like any sparse similarity.
+        self._features = (frozen(Xa, copy=False), metric, shift) if X is not None and not self._sparse else None
         if not self._sparse:
             K = frozen(K, copy=False)  # by reference (an n x n copy is too much memory), read-only through f
         # K^T with contiguous rows, used for fresh gains: K itself when symmetric (always, from features).
-        kt = K if X is not None or (not self._sparse and scan.symmetric) else None
+        kt = K if self._features is not None or (not self._sparse and scan.symmetric) else None
         super().__init__(K.shape[0])
+        self.n_neighbors = n_neighbors
         self.similarity = K
         self._kt: np.ndarray | None = kt
         self._column_bounds = scan.column_bounds if scan is not None else None
@@ -190,6 +341,11 @@ class FacilityLocation(SetFunction):
         if self._sparse:
             return _SparseFacilityState(self.similarity)
         return _DenseFacilityState(self)
+
+    def __repr__(self) -> str:
+        if self.n_neighbors is None:
+            return super().__repr__()
+        return f"{type(self).__name__}(n={self.n}, n_neighbors={self.n_neighbors})"
 
     def _rows_by_candidate(self) -> np.ndarray:
         """``K^T`` as a C-contiguous array (``K`` itself when symmetric), computed once when first needed."""
