@@ -113,6 +113,23 @@ def test_ties_go_to_the_smaller_index_and_an_item_is_its_own_first_neighbour(met
     assert sorted(kept.tolist()) == [0, 1, 5, 9]
 
 
+@pytest.mark.parametrize("k", [3, 25])
+def test_larger_sorted_data_with_ties_against_a_stable_sort(k):
+    # 1500 items (the build probes every n // (4 sqrt(kn))-th column for a bound, so many columns are skipped),
+    # sorted along a line with every position taken 3 times: the nearest neighbours of an item are all on one
+    # side of the probe grid, and ties are everywhere.
+    X = np.repeat(np.arange(500.0), 3)[:, None]
+    f = submod.FacilityLocation(X, n_neighbors=k)
+    D = (X - X.T) ** 2
+    key = D.copy()
+    np.fill_diagonal(key, -1.0)                             # itself first
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]   # stable: equal distances in index order
+    keep = np.zeros(D.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=1)
+    np.testing.assert_array_equal(stored(f.similarity), keep)
+    np.testing.assert_allclose(f.similarity.toarray(), np.where(keep, D.max() - D, 0.0), rtol=1e-15)
+
+
 def test_cosine_with_a_zero_row_keeps_itself_with_similarity_one():
     X = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.2]])
     f = submod.FacilityLocation(X, metric="cosine", n_neighbors=2)
