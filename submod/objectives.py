@@ -210,14 +210,16 @@ class FacilityLocation(SetFunction):
     *k nearest neighbours* (``n_neighbors=k``). Row ``i`` of ``K`` (the item) keeps its ``k`` nearest candidates:
     item ``i`` itself first (``K[i, i]`` is the row's largest similarity, even when a duplicate of ``i`` is just as
     close), then the others by increasing distance (decreasing cosine), a tie at the ``k``-th distance going to the
-    smaller index. The kept values are the dense matrix's, ``K[i, j] = max(D) - D[i, j]`` with ``max(D)`` over
-    *all* pairs (taken during the same blockwise pass, at no extra cost), and ``1 + cos`` for cosine. So the sparse
-    ``K`` is the dense one with each row's far entries set to 0: it is non-negative, ``F`` stays monotone and
-    submodular, ``F(S)`` never exceeds the dense objective, and item ``i`` contributes exactly its dense term
-    whenever ``S`` holds one of its ``k`` nearest candidates. (A shift taken over the kept distances only would
-    give the farthest kept pair a similarity of 0 and change every value with ``k``.) ``K`` is not symmetric.
-    :meth:`restrict` slices this sparse ``K`` like a precomputed one, and its local objective (``local=True``) is
-    the restriction of the same global neighbour graph to the part, not a neighbour graph recomputed inside it.
+    smaller index. (Distances are computed as ``|x|^2 + |y|^2 - 2 x.y``; Euclidean ones are ranked by their
+    squares, which differs only where two squares round to one distance.) The kept values are the dense matrix's,
+    ``K[i, j] = max(D) - D[i, j]`` with ``max(D)`` over *all* pairs (taken during the same blockwise pass, at no
+    extra cost), and ``1 + cos`` for cosine. So the sparse ``K`` is the dense one with each row's far entries set
+    to 0: it is non-negative, ``F`` stays monotone and submodular, ``F(S)`` never exceeds the dense objective, and
+    item ``i`` contributes exactly its dense term whenever ``S`` holds one of its ``k`` nearest candidates. (A
+    shift taken over the kept distances only would give the farthest kept pair a similarity of 0 and change every
+    value with ``k``.) ``K`` is not symmetric. :meth:`restrict` slices this sparse ``K`` like a precomputed one,
+    and its local objective (``local=True``) is the restriction of the same global neighbour graph to the part,
+    not a neighbour graph recomputed inside it.
 
     The peers differ. apricot's ``FacilityLocationSelection(n_neighbors=k)`` uses scikit-learn's
     ``KNeighborsTransformer``: ``k`` neighbours plus the item itself, and a candidate ``c`` represents the items
