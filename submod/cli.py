@@ -68,11 +68,14 @@ def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
         json.dump(payload, fh, indent=2)
 
 
-def result_payload(res, objective: str, data: str) -> dict:
+def result_payload(res, objective: str, data: str, metric: str | None = None,
+                   n_neighbors: int | None = None) -> dict:
     cert = res.certificate
     return {
         "data": data,
         "objective": objective,
+        "metric": metric,
+        "n_neighbors": n_neighbors,
         "method": res.method,
         "selected": res.selected.tolist(),
         "gains": res.gains.tolist(),
@@ -104,12 +107,14 @@ def _run_select(args: argparse.Namespace) -> int:
         source = args.data
     if args.out and Path(args.out).is_dir():  # found now, not as a temporary file's name after the work
         raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/selection.json.")
-    f = build_objective(args.objective, X, args.metric)
+    f = build_objective(args.objective, X, args.metric, args.n_neighbors)
     res = submod.maximize(f, args.k, method=args.method, seed=args.seed)
-    payload = result_payload(res, args.objective, source)
+    metric = args.metric if args.objective in ("facility-location", "graph-cut") else None
+    payload = result_payload(res, args.objective, source, metric, args.n_neighbors)
     if args.out:
         write_json_atomic(payload, args.out)
-    print(f"data: {source}; objective: {args.objective}; method: {args.method}; k = {args.k}")
+    knn = "" if args.n_neighbors is None else f" ({args.n_neighbors} nearest neighbours)"
+    print(f"data: {source}; objective: {args.objective}{knn}; method: {args.method}; k = {args.k}")
     print(f"selected (pick order): {res.selected.tolist()}")
     print("value curve F(S_t):", " ".join(f"{v:.4g}" for v in res.values))
     if res.certificate is not None:
@@ -133,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--data", help=".npy, .csv or .txt file, rows are items (default: scikit-learn digits)")
     sel.add_argument("--objective", choices=OBJECTIVES, default="facility-location")
     sel.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean", "cosine"))
+    sel.add_argument("--n-neighbors", type=int, default=None, metavar="K",
+                     help="facility-location: keep each item's K nearest items only (sparse, O(n K) memory; for "
+                          "many items)")
     sel.add_argument("-k", type=int, default=10, help="number of items to select (default 10)")
     sel.add_argument("--method", choices=("greedy", "lazy", "stochastic"), default="lazy")
     sel.add_argument("--seed", type=int, default=0)

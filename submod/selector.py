@@ -36,10 +36,15 @@ except ImportError:  # pragma: no cover - scikit-learn is in the test and docs e
     _EstimatorBase = object
 
 
-def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean") -> SetFunction:
-    """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`)."""
+def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean",
+                    n_neighbors: int | None = None) -> SetFunction:
+    """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`); ``n_neighbors``: the
+    sparse k-nearest-neighbour facility location (facility location only)."""
+    if n_neighbors is not None and name != "facility-location":
+        raise ValueError(f"n_neighbors applies to the facility-location objective only, not {name!r}; drop it or "
+                         "choose objective='facility-location'.")
     if name == "facility-location":
-        return FacilityLocation(X, metric=metric)
+        return FacilityLocation(X, metric=metric, n_neighbors=n_neighbors)
     if name == "feature-based":
         return FeatureBased(X)
     if name == "graph-cut":
@@ -70,6 +75,9 @@ class SubmodularSelector(_EstimatorBase):
     method : {"greedy", "lazy", "stochastic"}, default "lazy"
     metric : str, default "sqeuclidean"
         Similarity for facility location and graph cut.
+    n_neighbors : int, optional
+        Facility location only: keep each row's ``n_neighbors`` nearest rows (itself included) in a sparse
+        similarity built without the ``n x n`` matrix (see :class:`FacilityLocation`); for many rows.
     seed : int, optional
         For stochastic greedy.
 
@@ -90,25 +98,32 @@ class SubmodularSelector(_EstimatorBase):
     (5, 4)
     >>> int(sel.get_support().sum())
     5
+
+    With many rows, a sparse nearest-neighbour similarity keeps the memory at ``O(n * n_neighbors)``:
+
+    >>> SubmodularSelector(k=5, n_neighbors=10).fit(X).ranking_.shape
+    (5,)
     """
 
     def __init__(self, k: int, objective: str = "facility-location", method: str = "lazy",
-                 metric: str = "sqeuclidean", seed: int | None = None) -> None:
+                 metric: str = "sqeuclidean", seed: int | None = None, n_neighbors: int | None = None) -> None:
         self.k = k
         self.objective = objective
         self.method = method
         self.metric = metric
         self.seed = seed
+        self.n_neighbors = n_neighbors
 
     def __repr__(self) -> str:
-        defaults = {"objective": "facility-location", "method": "lazy", "metric": "sqeuclidean", "seed": None}
+        defaults = {"objective": "facility-location", "method": "lazy", "metric": "sqeuclidean", "seed": None,
+                    "n_neighbors": None}
         shown = [f"k={self.k!r}"] + [f"{name}={value!r}" for name, value in self.get_params().items()
                                      if name != "k" and defaults.get(name) != value]
         return f"SubmodularSelector({', '.join(shown)})"
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {"k": self.k, "objective": self.objective, "method": self.method, "metric": self.metric,
-                "seed": self.seed}
+                "seed": self.seed, "n_neighbors": self.n_neighbors}
 
     def set_params(self, **params: Any) -> SubmodularSelector:
         for name, value in params.items():
@@ -129,7 +144,7 @@ class SubmodularSelector(_EstimatorBase):
         if Xa.shape[0] == 0:
             raise ValueError("X has no rows; pass at least one sample.")
         check_k(self.k, Xa.shape[0])
-        f = build_objective(self.objective, Xa, self.metric)
+        f = build_objective(self.objective, Xa, self.metric, self.n_neighbors)
         result: SelectionResult = maximize(f, self.k, method=self.method, seed=self.seed)
         self.n_samples_in_ = Xa.shape[0]
         self.n_features_in_ = Xa.shape[1]

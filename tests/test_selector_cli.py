@@ -146,3 +146,38 @@ def test_select_command_reports_an_unwritable_output_path(tmp_path, capsys):
     assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2",
                  "--out", str(tmp_path / "file" / "picks.json")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def _knn_similarity_by_brute_force(X: np.ndarray, k: int) -> np.ndarray:
+    """Dense K = max(D) - D (squared Euclidean) with each row keeping itself and its k-1 nearest other rows."""
+    D = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    K = D.max() - D
+    keep = np.zeros_like(K, dtype=bool)
+    for i in range(len(X)):
+        others = [j for j in np.argsort(D[i], kind="stable") if j != i]  # ties to the smaller index
+        keep[i, [i, *others[:k - 1]]] = True
+    return np.where(keep, K, 0.0)
+
+
+def test_selector_and_select_command_take_n_neighbors(tmp_path, capsys):
+    import scipy.sparse as sp
+    X = np.random.default_rng(7).standard_normal((60, 3))
+    oracle = submod.maximize(submod.FacilityLocation(similarity=sp.csr_matrix(_knn_similarity_by_brute_force(X, 6))),
+                             5, method="lazy")
+    sel = submod.SubmodularSelector(k=5, n_neighbors=6).fit(X)
+    assert sel.ranking_.tolist() == oracle.selected.tolist()
+    assert sel.get_params()["n_neighbors"] == 6 and "n_neighbors=6" in repr(sel)
+    path, out = tmp_path / "X.npy", tmp_path / "r.json"
+    np.save(path, X)
+    assert main(["select", "--data", str(path), "-k", "5", "--n-neighbors", "6", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["selected"] == oracle.selected.tolist()
+    assert payload["n_neighbors"] == 6 and payload["metric"] == "sqeuclidean"
+    assert "6 nearest neighbours" in capsys.readouterr().out
+
+
+def test_n_neighbors_is_refused_for_objectives_without_it(capsys):
+    with pytest.raises(ValueError, match="facility-location objective only"):
+        submod.SubmodularSelector(k=2, objective="graph-cut", n_neighbors=3).fit(np.ones((5, 2)))
+    assert main(["select", "-k", "2", "--objective", "log-determinant", "--n-neighbors", "3"]) == 2
+    assert "facility-location objective only" in capsys.readouterr().err
