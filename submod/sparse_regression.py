@@ -40,7 +40,7 @@ from ._sr_kernels import (
     solve_factored,
 )
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, as_index_array, check_k
+from ._validation import as_float_array, as_index_array, check_k, frozen
 from .base import GainState, SetFunction
 
 if TYPE_CHECKING:
@@ -655,11 +655,14 @@ class GramAccumulator:
     Every read-out (:meth:`gram`, :meth:`cross`, :meth:`y_norm2`, :attr:`mean_a`, :meth:`to_objective`, ...) is
     numpy float64 on the host whatever the storage: the selection and refit run on the host. With torch storage
     the statistics are copied to the host once after each change and that copy serves every read-out until the
-    next :meth:`update` or :meth:`merge`; :attr:`mean_a` and :attr:`mean_y` are then read-only views of it.
+    next :meth:`update` or :meth:`merge`. :attr:`mean_a` and :attr:`mean_y` are read-only snapshots with either
+    storage (writing into them raises; later batches do not change an array already read); the other read-outs
+    are fresh arrays the caller owns.
     :meth:`merge` works between accumulators with different storages (the result keeps this one's).
-    ``copy.deepcopy`` keeps the storage and device; pickling (and ``copy.copy``) stores numpy arrays, so that a
-    pickle loads without torch and without the device, and the loaded accumulator has numpy storage (with the
-    ``device=None`` rule above for later batches).
+    ``copy.deepcopy`` keeps the storage and device; pickling (and ``copy.copy``) stores copies of the statistics
+    as numpy arrays, so that a pickle loads without torch and without the device, the loaded accumulator has numpy
+    storage (with the ``device=None`` rule above for later batches), and a copy never shares an array with the
+    original.
 
     Examples
     --------
@@ -721,13 +724,20 @@ class GramAccumulator:
 
     @property
     def mean_a(self) -> np.ndarray:
-        """Mean of the input rows (weighted with ``sample_weight``), ``(d,)``."""
-        return self._host()[0]
+        """Mean of the input rows (weighted with ``sample_weight``), ``(d,)``: a read-only snapshot."""
+        return self._snapshot(0)
 
     @property
     def mean_y(self) -> np.ndarray:
-        """Mean of the target rows (weighted with ``sample_weight``), ``(m,)``."""
-        return self._host()[1]
+        """Mean of the target rows (weighted with ``sample_weight``), ``(m,)``: a read-only snapshot."""
+        return self._snapshot(1)
+
+    def _snapshot(self, i: int) -> np.ndarray:
+        """Entry ``i`` of :meth:`_host` as a read-only array that later batches leave alone: the cached host copy
+        with torch storage (replaced, never changed, on the next change), a read-only copy of the live array
+        with numpy storage (which is updated in place), so that no caller can write into the statistics."""
+        arr = self._host()[i]
+        return arr if self._device is not None else frozen(arr)
 
     def _move_to(self, dev: torch.device) -> None:
         """Keep the statistics (those gathered so far included) as float64 tensors on ``dev``."""
@@ -853,12 +863,13 @@ class GramAccumulator:
         self.weight_sum = wt
 
     def __getstate__(self) -> dict:
-        """Pickle numpy statistics (see the class notes): loadable without torch or the device."""
+        """Pickle copies of the statistics as numpy arrays (see the class notes): loadable without torch or the
+        device, and never shared with this accumulator (``copy.copy`` uses this state too, and numpy storage
+        updates its arrays in place)."""
         state = self.__dict__.copy()
-        if self._device is not None:
-            ma, my, caa, cay, cyy = self._host()
-            state.update(_ma=np.array(ma), _my=np.array(my), _caa=np.array(caa), _cay=np.array(cay), _cyy=cyy,
-                         _device=None, _host_copy=None)
+        ma, my, caa, cay, cyy = self._host()
+        state.update(_ma=np.array(ma), _my=np.array(my), _caa=np.array(caa), _cay=np.array(cay), _cyy=float(cyy),
+                     _device=None, _host_copy=None)
         return state
 
     def __deepcopy__(self, memo: dict) -> GramAccumulator:
