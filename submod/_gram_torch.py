@@ -51,12 +51,38 @@ def tensor_on(x: Any, dev: torch.device, copy: bool = False) -> torch.Tensor:
 
 
 def state_to(dev: torch.device, ma: Any, my: Any, caa: Any, cay: Any, cyy: Any) -> tuple[torch.Tensor, ...]:
-    """Private float64 tensors on ``dev`` holding the statistics ``(mean_a, mean_y, C_aa, C_ay, C_yy)``."""
+    """Private float64 tensors on ``dev`` holding the statistics ``(mean_a, mean_y, C_aa, C_ay, C_yy)``.
+
+    Raises ``ValueError`` before anything is moved for a device that cannot hold them: the meta device (tensors
+    without data: the statistics would be lost), a device torch was not built for, or one without float64
+    (Apple's MPS, where torch raises ``TypeError``).
+    """
+    if dev.type == "meta":
+        raise ValueError("cannot keep the statistics on the meta device: its tensors hold no data. Pass a device "
+                         "that holds data (e.g. 'cpu', 'cuda') or device=None for numpy storage on the host.")
     try:
         return tuple(tensor_on(x, dev, copy=True) for x in (ma, my, caa, cay, cyy))
-    except (RuntimeError, AssertionError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
-        raise ValueError(f"cannot keep the statistics on device {dev} ({exc}); pass an available device (see "
-                         "torch.cuda.is_available()) or device=None for numpy storage on the host.") from exc
+    except (RuntimeError, AssertionError, TypeError) as exc:  # "Torch not compiled with CUDA enabled", no float64
+        raise ValueError(f"cannot keep the statistics on device {dev} ({exc}); pass an available device with "
+                         "float64 (see torch.cuda.is_available()) or device=None for numpy storage on the "
+                         "host.") from exc
+
+
+def host_array(x: Any, name: str) -> Any:
+    """A torch tensor as a numpy array on the host, for the checks of the numpy storage; other inputs as they are.
+
+    The conversion goes through torch, so that every dtype torch has is taken (numpy has no bfloat16) and a tensor
+    that requires grad is read without its graph, as torch storage does; complex tensors stay complex (and are
+    refused by the checks with their usual message).
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    try:
+        t = x.detach().cpu()
+        return (t if t.is_complex() else t.to(F64)).numpy()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # e.g. a meta tensor: no data to copy
+        raise ValueError(f"{name} is a tensor on device {x.device} with dtype {x.dtype} that cannot be read on "
+                         f"the host ({exc}); pass a tensor that holds data (on the CPU or a GPU).") from exc
 
 
 def to_host(t: torch.Tensor) -> np.ndarray:

@@ -647,7 +647,10 @@ class GramAccumulator:
         device, so that activations of a model on a GPU are never copied to the host row by row. A device
         (``"cpu"``, ``"cuda"``, ``torch.device("cuda:1")``) keeps float64 torch tensors there from the start
         (torch storage: batches, numpy or torch of any float dtype, are moved to that device and the ``O(rows
-        d^2)`` products run there). Both storages give the same statistics up to rounding and the same errors.
+        d^2)`` products run there). Both storages take the same batches (numpy storage reads a CPU tensor of any
+        dtype, with or without grad, on the host) and give the same statistics up to rounding and the same errors.
+        A device that cannot hold float64 statistics (the meta device; Apple's MPS, which has no float64) is
+        refused with a ``ValueError``, also when a batch there would be adopted, and the statistics stay put.
         On the CPU numpy is faster (its ``A^T A`` is a symmetric BLAS product), which is why ``None`` keeps it.
 
     Notes
@@ -775,6 +778,10 @@ class GramAccumulator:
         """The batch checked and converted for this storage, ``(a, y, w, rows, weight sum)``; ``None`` if empty."""
         if self._device is not None:
             return _torch_backend().validate(self, A_batch, Y_batch, sample_weight)
+        if "torch" in sys.modules:  # tensors (of any dtype, with or without grad) are read on the host
+            tb = _torch_backend()
+            A_batch, Y_batch = tb.host_array(A_batch, "A_batch"), tb.host_array(Y_batch, "Y_batch")
+            sample_weight = tb.host_array(sample_weight, "sample_weight")
         a = as_float_array(A_batch, "A_batch", 2)
         y = _as_targets(Y_batch, "Y_batch")
         if a.shape[1] != self.n_features:

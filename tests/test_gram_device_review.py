@@ -63,3 +63,67 @@ def test_a_shallow_copy_is_independent_on_both_storages(device):
     dup.update(A[25:], Y[25:])
     assert_statistics_of(acc, A[:25], Y[:25])
     assert_statistics_of(dup, A, Y)
+
+
+def _tensors(kind: str, A: np.ndarray, Y: np.ndarray) -> tuple:
+    a, y = torch.as_tensor(A, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)
+    if kind == "bfloat16":
+        return a.bfloat16(), y.bfloat16(), torch.ones(len(A), dtype=torch.bfloat16)
+    if kind == "requires grad":
+        return a.requires_grad_(), y.requires_grad_(), torch.ones(len(A), requires_grad=True)
+    return (torch.as_tensor(A) > 5.0), y.int(), torch.ones(len(A), dtype=torch.bool)   # bool and int
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "requires grad", "bool and int"])
+@pytest.mark.parametrize("device", STORAGES)
+def test_both_storages_take_every_cpu_tensor(device, kind):
+    """numpy storage raised a raw TypeError (bfloat16) or RuntimeError (requires grad) where torch storage took
+    the tensor: the class documents batches of any float dtype, numpy or torch."""
+    A, Y = rows(2)
+    a, y, w = _tensors(kind, A, Y)
+    acc = GramAccumulator(3, 2, device=device)
+    acc.update(a, y, w)
+    acc.update(a, y)
+    a64, y64 = a.detach().double().numpy(), y.detach().double().numpy()
+    assert_statistics_of(acc, np.vstack([a64, a64]), np.vstack([y64, y64]))
+
+
+def test_a_meta_batch_is_refused_and_the_statistics_survive():
+    """device=None adopted the meta device of a batch: the statistics moved to tensors without data (lost), and
+    the update then failed with NotImplementedError."""
+    A, Y = rows(3)
+    acc = GramAccumulator(3, 2)
+    acc.update(A, Y)
+    with pytest.raises(ValueError, match="meta"):
+        acc.update(torch.ones(2, 3, device="meta"), torch.ones(2, 2, device="meta"))
+    assert acc.device is None
+    assert_statistics_of(acc, A, Y)
+    with pytest.raises(ValueError, match="meta"):
+        GramAccumulator(3, 2, device="meta")
+
+
+def test_a_device_without_float64_is_a_clear_error(monkeypatch):
+    """Apple's MPS has no float64: torch raises a TypeError there, which escaped the ValueError that names the
+    fix (simulated: this machine has no MPS device)."""
+    from submod import _gram_torch
+
+    def no_float64(x, dev, copy=False):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64.")
+
+    monkeypatch.setattr(_gram_torch, "tensor_on", no_float64)
+    with pytest.raises(ValueError, match="cannot keep the statistics on device cpu"):
+        GramAccumulator(3, 2, device="cpu")
+
+
+def test_numpy_storage_words_tensor_errors_as_array_errors():
+    """Reading tensors on the host must not change which error the numpy storage's checks raise."""
+    from test_gram_device import _bad_batches
+
+    for case, (A, Y, w) in sorted(_bad_batches().items()):
+        with pytest.raises(ValueError) as want:
+            GramAccumulator(3, 2).update(A, Y, w)
+        acc = GramAccumulator(3, 2)
+        with pytest.raises(ValueError) as got:
+            acc.update(torch.as_tensor(A), torch.as_tensor(Y), None if w is None else torch.as_tensor(w))
+        assert str(got.value) == str(want.value), case
+        assert acc.count == 0
