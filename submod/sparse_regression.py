@@ -746,7 +746,9 @@ class GramAccumulator:
         """Keep the statistics (those gathered so far included) as float64 tensors on ``dev``."""
         state = _torch_backend().state_to(dev, *self._host())
         self._ma, self._my, self._caa, self._cay, self._cyy = state
-        self._device = dev
+        # the device they are on, with its index: "cuda" alone would send later batches to whichever GPU is
+        # current when they arrive, not to the statistics
+        self._device = state[2].device
         self._host_copy = None
 
     def _host(self) -> tuple:

@@ -127,3 +127,20 @@ def test_numpy_storage_words_tensor_errors_as_array_errors():
             acc.update(torch.as_tensor(A), torch.as_tensor(Y), None if w is None else torch.as_tensor(w))
         assert str(got.value) == str(want.value), case
         assert acc.count == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_device_cuda_without_index_stays_on_the_gpu_it_started_on():
+    """device="cuda" means the current GPU when the accumulator is built; a batch arriving after another GPU was
+    made current must still be added where the statistics are (an unindexed device was resolved per batch)."""
+    A, Y = rows(4)
+    acc = GramAccumulator(3, 2, device="cuda")
+    assert acc.device == torch.device("cuda", torch.cuda.current_device())
+    first = torch.cuda.current_device()
+    try:
+        torch.cuda.set_device(1 - first)
+        acc.update(torch.as_tensor(A[:20], device="cuda"), torch.as_tensor(Y[:20], device="cuda"))
+        acc.update(A[20:], Y[20:])
+    finally:
+        torch.cuda.set_device(first)
+    assert_statistics_of(acc, A, Y)
