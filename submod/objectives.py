@@ -135,10 +135,11 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
                 # Squared distances rank as the distances do; the square root is taken of the kept ones only.
                 with np.errstate(over="ignore", invalid="ignore"):
                     D = _distances(X[lo:hi], X, "sqeuclidean", rows, col_sq=col_sq)
-                    top = max(top, float(D.max()))
-                if not np.isfinite(top):
+                    block_top = float(D.max())   # NaN where an overflow met its opposite (inf - inf)
+                if not np.isfinite(block_top):   # (tested before max(): Python's max(top, nan) is top)
                     raise ValueError("the pairwise distances of X overflow float64: its values are too large "
                                      "(beyond about 1e150). Rescale X (e.g. divide by its largest magnitude).")
+                top = max(top, block_top)
             own = (np.arange(hi - lo), rows)
             self_key = D[own]
             D[own] = -np.inf              # every item is its own first neighbour
