@@ -73,9 +73,17 @@ def _distances(Xr: np.ndarray, Xc: np.ndarray, metric: str, rows: np.ndarray | N
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(X, axis=1)
+    """The rows of ``X`` scaled to unit length (zero rows stay zero), for cosine similarity at any scale.
+
+    Each row is first multiplied by the power of two that brings its largest magnitude into ``[0.5, 1)``: exact,
+    and the same division afterwards, so rows of ordinary size get the same bits; without it a squared norm
+    overflows beyond about ``1e154`` or underflows below about ``1e-154``, and the row became a zero vector.
+    """
+    _, exponent = np.frexp(np.max(np.abs(X), axis=1, initial=0.0))
+    Xs = np.ldexp(X, -exponent[:, None])
+    norms = np.linalg.norm(Xs, axis=1)
     norms[norms == 0] = 1.0
-    return X / norms[:, None]
+    return Xs / norms[:, None]
 
 
 def _similarity_block(X: np.ndarray, rows: np.ndarray, cols: np.ndarray, metric: str, shift: float) -> np.ndarray:
