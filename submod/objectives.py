@@ -112,7 +112,9 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
     to one distance: the smaller squared distance then goes first).
     The values are those of the dense matrix, ``K = shift - D`` with the global ``shift = max(D)`` over all pairs
     (``1 + cos`` for cosine), so the result is the dense :func:`_pairwise_similarity` with the far entries of each
-    row set to 0. Computed block by block of rows against all columns: memory ``O(n * n_neighbors + block * n)``.
+    row set to 0, up to rounding: a block of rows times all columns can round differently from the full product
+    (a few units in the last place). Computed block by block of rows against all columns: memory
+    ``O(n * n_neighbors + block * n)``.
     With ``n_neighbors >= n`` every entry is kept: the dense matrix itself (the same arithmetic, so the same bits).
     """
     n = X.shape[0]
@@ -260,9 +262,11 @@ class FacilityLocation(SetFunction):
     smaller index. (Distances are computed as ``|x|^2 + |y|^2 - 2 x.y``; Euclidean ones are ranked by their
     squares, which differs only where two squares round to one distance.) The kept values are the dense matrix's,
     ``K[i, j] = max(D) - D[i, j]`` with ``max(D)`` over *all* pairs (taken during the same blockwise pass, at no
-    extra cost), and ``1 + cos`` for cosine. So the sparse ``K`` is the dense one with each row's far entries set
-    to 0: it is non-negative, ``F`` stays monotone and submodular, ``F(S)`` never exceeds the dense objective, and
-    item ``i`` contributes exactly its dense term whenever ``S`` holds one of its ``k`` nearest candidates. (A
+    extra cost), and ``1 + cos`` for cosine, up to the rounding of the blockwise matrix product (a few units in the
+    last place; ``n_neighbors >= n`` builds the dense matrix itself). So the sparse ``K`` is the dense one with
+    each row's far entries set to 0: it is non-negative, ``F`` stays monotone and submodular, ``F(S)`` never
+    exceeds the dense objective (but for that rounding), and item ``i`` contributes its dense term whenever ``S``
+    holds one of its ``k`` nearest candidates. (A
     shift taken over the kept distances only would give the farthest kept pair a similarity of 0 and change every
     value with ``k``.) ``K`` is not symmetric. :meth:`restrict` slices this sparse ``K`` like a precomputed one,
     and its local objective (``local=True``) is the restriction of the same global neighbour graph to the part,
