@@ -113,8 +113,8 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
     The values are those of the dense matrix, ``K = shift - D`` with the global ``shift = max(D)`` over all pairs
     (``1 + cos`` for cosine), so the result is the dense :func:`_pairwise_similarity` with the far entries of each
     row set to 0, up to rounding: a block of rows times all columns can round differently from the full product
-    (a few units in the last place). Computed block by block of rows against all columns: memory
-    ``O(n * n_neighbors + block * n)``.
+    (a few units in the last place). Computed block by block of rows against all columns, one block per thread of
+    the shared pool: memory ``O(n * n_neighbors + workers * block * n)``.
     With ``n_neighbors >= n`` every entry is kept: the dense matrix itself (the same arithmetic, so the same bits).
     """
     n = X.shape[0]
@@ -130,12 +130,10 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
     block = min(n, max(_KNN_BLOCK_MIN_ROWS, _KNN_BLOCK_ENTRIES // n))
     probe_step = _knn_probe_step(n, k)
 
-    # One BLAS thread: these small products ran 3x slower on the loaded 2-core development machine with two
-    # (3.8 s against 12 s at n = 20,000, 20 features). Splitting the blocks over two threads of the shared pool
-    # gained nothing measurable there (3.7-4.3 s against 3.8-5.0 s), so the blocks run in turn.
-    top = 0.0   # the largest squared distance so far
-    with one_blas_thread():
-        for lo in range(0, n, block):
+    def build(starts: list[int]) -> float:
+        """Rows ``[lo, lo + block)`` for each ``lo`` in ``starts``; returns their largest squared distance."""
+        top = 0.0
+        for lo in starts:
             hi = min(lo + block, n)
             rows = np.arange(lo, hi)
             if cosine:
@@ -157,6 +155,16 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
             nearest[lo:hi] = cols
             keys[lo:hi] = np.take_along_axis(D, cols, axis=1)
             keys[lo:hi, 0] = self_key
+        return top
+
+    # The blocks are dealt to the shared pool's threads (:func:`workers`, two here), each calling BLAS on
+    # one thread: on the quiet 2-core machine the build took 1.6x-1.9x less time than one thread over every block
+    # (n = 20,000 and 50,000, 20 features); on a busy one neither helps. Several BLAS threads per block product
+    # ran 3x slower under load.
+    starts = list(range(0, n, block))
+    w = min(workers(), len(starts))
+    with one_blas_thread():
+        top = max(parallel_map(build, [starts[i::w] for i in range(w)]))
     if metric == "euclidean":   # sqrt is monotone and correctly rounded: sqrt(max) = max(sqrt), bit for bit
         np.sqrt(keys, out=keys)
         top = float(np.sqrt(top))
@@ -250,7 +258,7 @@ class FacilityLocation(SetFunction):
     n_neighbors : int, optional
         Only with ``X``: keep, for each item ``i``, the similarities to its ``n_neighbors`` nearest candidates
         (itself included) and treat every other entry as 0. The ``n x n`` matrix is never formed: it is built
-        block by block of rows, in ``O(n * n_neighbors)`` memory plus one block, and ``similarity`` is then a
+        block by block of rows, in ``O(n * n_neighbors)`` memory plus a block per thread, and ``similarity`` is then a
         scipy sparse matrix. ``n_neighbors >= n`` keeps every entry: the dense objective's values exactly.
         ``None`` (default): the dense similarity. See *k nearest neighbours* below.
 
