@@ -35,17 +35,19 @@ def _pairwise_similarity(X: np.ndarray, metric: str) -> tuple[np.ndarray, float]
     """
     if X.shape[0] == 0:
         raise ValueError("X has no rows: the ground set is empty. Pass at least one item.")
+    # One n x n array, updated in place: a second one would double the peak memory (1.6 GB at n = 10,000).
     if metric == "cosine":
         Xn = _unit_rows(X)
-        # Shift cosine similarity from [-1, 1] to [0, 2] so facility location stays monotone.
-        return 1.0 + Xn @ Xn.T, 1.0
+        K = Xn @ Xn.T
+        K += 1.0  # shift cosine similarity from [-1, 1] to [0, 2] so facility location stays monotone
+        return K, 1.0
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError below
         D = _distances(X, X, metric)
     if not np.isfinite(D).all():
         raise ValueError("the pairwise distances of X overflow float64: its values are too large (beyond about "
                          "1e150). Rescale X (e.g. divide by its largest magnitude).")
     shift = float(D.max())
-    return shift - D, shift
+    return np.subtract(shift, D, out=D), shift
 
 
 def _distances(Xr: np.ndarray, Xc: np.ndarray, metric: str, rows: np.ndarray | None = None,

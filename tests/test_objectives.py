@@ -329,3 +329,27 @@ def test_lazy_first_bounds_of_facility_location_are_upper_bounds():
     assert greedy.value == pytest.approx(3.2) and lazy.value == pytest.approx(3.2)
     assert greedy.certificate.upper_bound == pytest.approx(3.6, rel=1e-8)
     assert lazy.certificate.upper_bound >= 3.6
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
+def test_facility_location_from_features_holds_one_n_by_n_array(metric):
+    """The dense similarity is built in place: its peak memory is one n x n float64 array (plus O(n p)), not two."""
+    import tracemalloc
+    X = np.random.default_rng(0).standard_normal((1500, 8))
+    one = 1500 * 1500 * 8
+    tracemalloc.start()
+    try:
+        f = submod.FacilityLocation(X, metric=metric)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.3 * one, f"peak {peak / one:.2f} x the n x n matrix"
+    # the values are the definition's: K = max(D) - D (1 + cos for cosine), computed here independently
+    if metric == "cosine":
+        U = X / np.linalg.norm(X, axis=1, keepdims=True)
+        K = 1.0 + U @ U.T
+    else:
+        D = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+        D = np.sqrt(D) if metric == "euclidean" else D
+        K = D.max() - D
+    np.testing.assert_allclose(f.similarity, K, rtol=1e-9, atol=1e-9 * np.abs(K).max())
