@@ -31,3 +31,18 @@ def torch_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def peak_bytes():
+    """``peak_bytes(fn)`` runs ``fn()`` under ``tracemalloc`` and returns ``(its result, peak traced bytes)``."""
+    import tracemalloc
+
+    def run(fn):
+        tracemalloc.start()
+        try:
+            out = fn()
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return run

@@ -10,7 +10,6 @@ import contextlib
 import io
 import itertools
 import pickle
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -272,15 +271,10 @@ def test_the_callers_features_are_not_modified():
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def test_a_large_ground_set_builds_without_an_n_by_n_matrix():
+def test_a_large_ground_set_builds_without_an_n_by_n_matrix(peak_bytes):
     n, k = 20_000, 10
     X = np.random.default_rng(0).standard_normal((n, 10))
-    tracemalloc.start()
-    try:
-        f = submod.FacilityLocation(X, n_neighbors=k)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    f, peak = peak_bytes(lambda: submod.FacilityLocation(X, n_neighbors=k))
     assert f.similarity.nnz == n * k
     assert peak < 0.02 * n * n * 8          # under 64 MB, against 3.2 GB for the dense matrix
     res = submod.maximize(f, 20, method="lazy")

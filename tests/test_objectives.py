@@ -332,17 +332,11 @@ def test_lazy_first_bounds_of_facility_location_are_upper_bounds():
 
 
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
-def test_facility_location_from_features_holds_one_n_by_n_array(metric):
+def test_facility_location_from_features_holds_one_n_by_n_array(metric, peak_bytes):
     """The dense similarity is built in place: its peak memory is one n x n float64 array (plus O(n p)), not two."""
-    import tracemalloc
     X = np.random.default_rng(0).standard_normal((1500, 8))
     one = 1500 * 1500 * 8
-    tracemalloc.start()
-    try:
-        f = submod.FacilityLocation(X, metric=metric)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    f, peak = peak_bytes(lambda: submod.FacilityLocation(X, metric=metric))
     assert peak < 1.3 * one, f"peak {peak / one:.2f} x the n x n matrix"
     # the values are the definition's: K = max(D) - D (1 + cos for cosine), computed here independently
     if metric == "cosine":
