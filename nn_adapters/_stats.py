@@ -266,6 +266,11 @@ class PairStats:
         cols = self._columns(units)
         return cv_ridge(self.fold_accs, cols, grid, self.W[:, cols].T.cpu().numpy() if prior else None)
 
+    def prior_error(self, units: np.ndarray) -> float:
+        """In-sample relative error of the consumer's trained weights on ``units`` (:func:`prior_relative_error`)."""
+        cols = self._columns(np.asarray(units))
+        return prior_relative_error(self.acc, cols, self.W[:, cols].T.cpu().numpy())
+
     def refit(self, units: np.ndarray, ridge: float, *, prior: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
         """Ridge refit with intercept on the columns of ``units``: ``(M (c, m), b (m,), relative error)``.
 
@@ -310,6 +315,25 @@ def _shift_by_prior(part: tuple, M0: np.ndarray) -> tuple:
 #: Relative eigenvalue cut-off of the plain (ridge 0) least-squares refit: directions of ``G`` below it are null.
 PINV_RTOL = 1e-10
 
+#: A prior whose in-sample relative error is at most this reproduces the targets up to rounding (see
+#: :func:`prior_relative_error`): no refit can improve on it, so none is cross-validated.
+EXACT_PRIOR_RTOL = 1e-10
+
+
+def prior_relative_error(acc: GramAccumulator, cols: np.ndarray, prior: np.ndarray, *,
+                         intercept: bool = True) -> float:
+    """In-sample relative error ``||Y - A_S M0 - b0||^2 / ||Y - mean(Y)||^2`` of the prior ``M0`` itself, with
+    the bias ``b0`` refitted from the means (``0`` when the targets have no spread).
+
+    ``0`` up to rounding when the trained weights of the kept columns already give the targets: every unit kept
+    and the consumer's inputs unchanged (LayerInChange statistics, or the first pair of the network), or only
+    units with constant activations removed (their contribution is a constant, absorbed by the bias).
+    """
+    n, ma, my, G, B, yy = _stats_of(acc, cols, intercept)
+    if yy <= 0:
+        return 0.0
+    return _shift_by_prior((n, ma, my, G, B, yy), np.asarray(prior, dtype=np.float64))[5] / yy
+
 
 def ridge_refit(acc: GramAccumulator, cols: np.ndarray, ridge: float, prior: np.ndarray | None = None, *,
                 intercept: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
@@ -321,14 +345,19 @@ def ridge_refit(acc: GramAccumulator, cols: np.ndarray, ridge: float, prior: np.
     strong ridge then keeps the kept units' own weights and damps only the compensation for the removed units,
     which is the part estimated from few samples. Both tend to plain least squares as ``lam -> 0``. Without
     ``intercept`` the bias is ``0`` and raw statistics are used. The relative error is the in-sample
-    ``||Y - A_S M - b||^2 / ||Y - mean(Y)||^2``.
+    ``||Y - A_S M - b||^2 / ||Y - mean(Y)||^2``. ``ridge=numpy.inf`` (with a prior) is the limit of a growing
+    ridge: ``M = M0``, the bias refitted from the means.
     """
     n, ma, my, G, B, yy = _stats_of(acc, cols, intercept)
+    if ridge == np.inf and prior is None:
+        raise ValueError("an infinite ridge keeps the prior; it needs prior=.")
     lam = float(ridge) * ridge_scale(acc, intercept) if ridge > 0 else 0.0
     M0 = np.zeros_like(B) if prior is None else np.asarray(prior, dtype=np.float64)
     rhs = B - G @ M0
     if cols.size == 0:
         delta = rhs
+    elif lam == np.inf:  # the limit of a growing ridge: the prior itself, with the bias refitted from the means
+        delta = np.zeros_like(rhs)
     elif lam > 0:
         delta = np.linalg.solve(G + lam * np.eye(cols.size), rhs)
     else:

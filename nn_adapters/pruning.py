@@ -41,7 +41,7 @@ from . import _conv
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples
 from ._modes import copy_modes, working_copy
-from ._stats import CV_FOLDS, PairStats, capture_hooks, slice_units
+from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
 from .shrink import keep_between, keep_outputs, keep_se, set_inputs
 
@@ -62,12 +62,13 @@ class LayerReport:
     computed (the refit's error would bound the kept original weights' error from below, up to the ridge).
 
     ``ridge`` is the relative ridge of the refit and ``ridge_choice`` how it was chosen (``"5-fold cv"`` or
-    ``"fixed"``); ``cv_relative_error`` is the cross-validated (held-out) relative error of the refit at that ridge,
-    an empirical estimate of the error on new samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the
-    in-sample relative objective of the nested greedy path after ``j`` picks, ``j = 0..kept``: the residual plus
-    the selection ridge's penalty, over the centred target energy (exact on the calibration data; it is the
-    relative error itself when that ridge is 0; the refit's own error is ``relative_error``; submodular
-    methods only). ``verification`` (with ``verify=True``)
+    ``"fixed"``; ``ridge`` is ``None`` without a refit, and with ``ridge="cv"`` when the trained weights already
+    reproduce the targets up to rounding and are kept, as ``ridge_choice`` then says); ``cv_relative_error`` is the
+    cross-validated (held-out) relative error of the refit at that ridge, an empirical estimate of the error on new
+    samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the in-sample relative objective of the nested
+    greedy path after ``j`` picks, ``j = 0..kept``: the residual plus the selection ridge's penalty, over the
+    centred target energy (exact on the calibration data; it is the relative error itself when that ridge is 0; the
+    refit's own error is ``relative_error``; submodular methods only). ``verification`` (with ``verify=True``)
     maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``, ``"proven upper bound"``
     or ``"estimate"``; see :func:`prune`.
     """
@@ -224,7 +225,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         of rows). ``"cv"`` chooses it per layer, label-free, by 5-fold cross-validation over the calibration
         samples (held-out reconstruction error computed in closed form from per-fold sufficient statistics;
         grid ``1e-6 ... 10``): for the greedy selection, on a first greedy selection of the kept size (the path is
-        then recomputed with that ridge), and for the refit, on the finally kept units. This matters when a
+        then recomputed with that ridge), and for the refit, on the finally kept units (except where the trained
+        weights of the kept units already reproduce the targets up to rounding, e.g. a fully kept layer whose
+        inputs are unchanged: those weights are kept, the bias corrected from the means, and the report's ridge
+        is ``None``, as no ridge can do better and the cross-validation would rank rounding noise). This matters when a
         consumer has more input columns than calibration samples (e.g. conv -> flatten -> linear), where an almost
         unregularised refit interpolates the calibration set. With fewer than 5 samples it falls back to
         ``1e-3``. A number fixes it for every layer; ``0`` gives plain least squares (when the fit is not
@@ -417,7 +421,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         curve = None if path is None else [float(e) for e in path.relative_errors[:k + 1]]
         ver = _verify(path.objective, k) if (verify and path is not None) else None
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), order.tolist(), rel,
-                                   time.perf_counter() - t0, ridge=lam[0] if reweight else None,
+                                   time.perf_counter() - t0,
+                                   ridge=lam[0] if reweight and np.isfinite(lam[0]) else None,
                                    ridge_choice=how if reweight else None, cv_relative_error=cv_err,
                                    error_curve=curve, verification=ver))
         bar.update(1)
@@ -532,9 +537,17 @@ def _select(st: PairStats, ridge: float | str, k: int, path: object = None) -> o
 
 def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray,
                  prior: bool) -> tuple[tuple[float, float | None], str]:
-    """``((relative ridge, held-out relative error or None), how it was chosen)`` for the refit on ``kept``."""
+    """``((relative ridge, held-out relative error or None), how it was chosen)`` for the refit on ``kept``.
+
+    With ``ridge="cv"``, when the refit shrinks toward the trained weights and those already reproduce the
+    targets up to rounding (every unit kept with unchanged inputs, or only constant units removed), no ridge can
+    do better and a cross-validation would only rank rounding noise: the ridge is ``inf`` (the trained weights,
+    the bias refitted from the means).
+    """
     if ridge != "cv":
         return (float(ridge), None), "fixed"
+    if prior and st.prior_error(kept) <= EXACT_PRIOR_RTOL:
+        return (np.inf, None), "none: the trained weights reproduce the targets"
     if not st.can_cross_validate():
         return (FALLBACK_RIDGE, None), f"fixed {FALLBACK_RIDGE:g} (too few samples to cross-validate)"
     lam, errs = st.cv_ridge(kept, prior=prior)

@@ -214,3 +214,70 @@ def test_bad_refit_prior_is_rejected():
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     with pytest.raises(ValueError, match="refit_prior must be 'original'"):
         nna.prune(net, torch.randn(20, 4), keep=0.5, refit_prior="weights")
+
+
+def test_infinite_ridge_is_the_limit_of_growing_ridges():
+    """``ridge=inf`` with a prior keeps the prior and refits the bias from the means: the limit of large ridges."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((40, 6)) + 1.0
+    Y = A @ rng.standard_normal((6, 3)) + rng.standard_normal((40, 3))
+    acc = GramAccumulator(6, 3)
+    acc.update(A, Y)
+    cols = np.array([0, 2, 5])
+    prior = rng.standard_normal((3, 3))
+    M, b, rel = ridge_refit(acc, cols, np.inf, prior)
+    M_big, b_big, rel_big = ridge_refit(acc, cols, 1e12, prior)
+    np.testing.assert_array_equal(M, prior)
+    np.testing.assert_allclose(b, Y.mean(0) - A[:, cols].mean(0) @ prior, rtol=1e-12)
+    np.testing.assert_allclose(b, b_big, rtol=1e-9)
+    np.testing.assert_allclose(rel, rel_big, rtol=1e-9)
+    with pytest.raises(ValueError, match="prior"):
+        ridge_refit(acc, cols, np.inf)
+
+
+def _net_with_constant_units() -> nn.Sequential:
+    """A 2-layer MLP whose hidden units 5..7 are constant (zero weights, positive bias): they carry no signal."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[5:] = 0.0
+        net[0].bias[5:] = torch.tensor([0.5, 1.0, 2.0])
+    return net
+
+
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_trained_weights_are_kept_when_they_reproduce_the_targets(method):
+    """Every unit of the first pair kept (its inputs are unchanged): the refit toward the trained weights cannot
+    improve on them, so no ridge is cross-validated and the layer keeps its trained weights."""
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(60, 6)
+    pruned, rep = nna.prune(net, x, keep={"0->2": 1.0, "2->4": 0.5}, method=method)
+    first, second = rep.layers
+    assert first.kept == 12 and first.ridge is None and first.cv_relative_error is None
+    assert first.ridge_choice.startswith("none: the trained weights")
+    assert first.relative_error < 1e-12
+    # the consumer of the first pair is the producer of the second: its kept rows are the trained rows
+    torch.testing.assert_close(pruned[2].weight, net[2].weight[second.kept_units], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pruned[2].bias, net[2].bias[second.kept_units], rtol=1e-6, atol=1e-7)
+    assert second.ridge is not None and second.ridge_choice == "5-fold cv"   # a real refit is cross-validated
+    # the ordinary ridge (toward zero) does change the weights, so it is still cross-validated
+    _, rep0 = nna.prune(net, x, keep={"0->2": 1.0, "2->4": 0.5}, method=method, refit_prior="zero")
+    assert rep0.layers[0].ridge_choice == "5-fold cv" and rep0.layers[0].ridge is not None
+    # a fixed ridge is the caller's choice and is used as given
+    _, rep1 = nna.prune(net, x, keep={"0->2": 1.0, "2->4": 0.5}, method=method, ridge=1e-3)
+    assert rep1.layers[0].ridge == 1e-3 and rep1.layers[0].ridge_choice == "fixed"
+
+
+def test_removing_constant_units_moves_their_contribution_into_the_bias():
+    """Removing units with constant activations loses nothing: the kept trained weights and a bias corrected from
+    the means reproduce the original network's outputs (oracle: the original network itself)."""
+    net = _net_with_constant_units()
+    x = torch.randn(80, 6)
+    pruned, rep = nna.prune(net, x, keep={"0->2": 5 / 8, "2->4": 1.0}, method="layer")
+    first = rep.layers[0]
+    assert sorted(first.kept_units) == [0, 1, 2, 3, 4]      # the constant units are worth nothing to the greedy
+    assert first.ridge is None and first.ridge_choice.startswith("none")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-5)
+        z = torch.randn(20, 6) * 3                           # new inputs: exact, not fitted to the calibration set
+        torch.testing.assert_close(pruned(z), net(z), rtol=1e-5, atol=1e-5)
