@@ -14,7 +14,7 @@ import numpy as np
 
 from ._atomic import atomic_path
 from ._validation import as_float_array
-from .selector import OBJECTIVES, build_objective
+from .selector import METRIC_OBJECTIVES, OBJECTIVES, build_objective
 
 
 def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool = False) -> np.ndarray:
@@ -109,7 +109,7 @@ def _run_select(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/selection.json.")
     f = build_objective(args.objective, X, args.metric, args.n_neighbors)
     res = submod.maximize(f, args.k, method=args.method, seed=args.seed)
-    metric = args.metric if args.objective in ("facility-location", "graph-cut") else None
+    metric = args.metric if args.objective in METRIC_OBJECTIVES else None
     payload = result_payload(res, args.objective, source, metric, args.n_neighbors)
     if args.out:
         write_json_atomic(payload, args.out)

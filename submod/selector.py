@@ -18,6 +18,8 @@ __all__ = ["SubmodularSelector"]
 _OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determinant")
 #: Objectives :func:`build_objective` builds from an items x features matrix (coverage reads it as incidence).
 OBJECTIVES = (*_OBJECTIVES, "coverage")
+#: Objectives whose similarity :func:`build_objective` computes with its ``metric`` (the others ignore it).
+METRIC_OBJECTIVES = ("facility-location", "graph-cut")
 
 
 def _not_fitted_error(message: str) -> ValueError:
@@ -38,8 +40,9 @@ except ImportError:  # pragma: no cover - scikit-learn is in the test and docs e
 
 def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean",
                     n_neighbors: int | None = None) -> SetFunction:
-    """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`); ``n_neighbors``: the
-    sparse k-nearest-neighbour facility location (facility location only)."""
+    """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`); ``metric``: the distance of
+    the :data:`METRIC_OBJECTIVES`; ``n_neighbors``: the sparse k-nearest-neighbour facility location (facility
+    location only)."""
     if n_neighbors is not None and name != "facility-location":
         raise ValueError(f"n_neighbors applies to the facility-location objective only, not {name!r}; drop it or "
                          "choose objective='facility-location'.")
