@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -15,7 +16,7 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
 
     ``data`` is a tensor of inputs (split into batches of ``batch_size``), a ``(inputs, labels)`` tuple of two
     tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a
-    ``DataLoader`` over a ``TensorDataset`` gives these). A tuple of two tensors of the same shape is ambiguous
+    ``DataLoader`` over a ``TensorDataset`` gives these); numpy arrays are accepted wherever a tensor is (copied). A tuple of two tensors of the same shape is ambiguous
     (two batches of inputs, or inputs with targets of their own shape) and is refused: pass a list of batches or
     ``[(inputs, targets)]``. The batches are materialised once (calibration sets are small by design; the
     sequential methods read them several times). Batches may differ in sample shape (the caller checks that the
@@ -26,6 +27,9 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     if data is None:
         raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
                          "over a few hundred unlabeled samples).")
+    data = _from_numpy(data)
+    if isinstance(data, tuple):
+        data = tuple(_from_numpy(v) for v in data)
     pair = isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
     if pair and data[0].ndim >= 2 and data[0].shape == data[1].shape:
         raise ValueError(f"{name} is a tuple of two tensors of the same shape {tuple(data[0].shape)}: two batches "
@@ -38,6 +42,9 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         chunks = []
         for i, item in enumerate(data):
+            item = _from_numpy(item)
+            if isinstance(item, (tuple, list)):
+                item = type(item)(_from_numpy(v) for v in item)
             if isinstance(item, torch.Tensor):
                 chunks.append((item, None))
             elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
@@ -68,6 +75,15 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     if not out:
         raise ValueError(f"{name} holds no samples; pass at least one batch (a few hundred samples is typical).")
     return out
+
+
+def _from_numpy(v: object) -> object:
+    """A numpy array as a tensor (a copy: the caller's array is never shared); anything else as it is."""
+    if isinstance(v, np.ndarray):
+        if v.dtype == object or not (np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_):
+            raise ValueError(f"calibration arrays must be numeric; got a numpy array of dtype {v.dtype}.")
+        return torch.tensor(v)
+    return v
 
 
 def float_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -126,9 +126,10 @@ def _check_compression(compression: object) -> float:
 
 def _unreachable(pm: ParamModel, compression: float) -> ValueError:
     floor = int(pm.count(np.ones_like(pm.n_units)))
+    most = math.floor(pm.original / floor * 100) / 100  # rounded down: the printed value is reachable
     return ValueError(
         f"compression {compression:g}x is not reachable: keeping one unit in every prunable layer still leaves "
-        f"{floor} of {pm.original} parameters (at most {pm.original / floor:.2f}x), because the layers that cannot be "
+        f"{floor} of {pm.original} parameters (at most {most:.2f}x), because the layers that cannot be "
         "pruned (first input, outputs, residual branches) hold the rest. Ask for a lower compression or declare "
         "more prunable pairs.")
 

@@ -58,6 +58,14 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     >>> back[1].out_features
     8
     """
+    from ._transformer_blocks import PrunedMultiheadAttention
+
+    heads = [n for n, m in model.named_modules() if isinstance(m, PrunedMultiheadAttention)]
+    if heads:
+        raise ValueError(f"{type(model).__name__} has attention modules with pruned heads ({', '.join(heads[:3])}"
+                         f"{' ...' if len(heads) > 3 else ''}), whose sizes this format does not record, so "
+                         "load_pruned could not rebuild them; save it with nn_adapters.transformer.save_pruned(model, "
+                         "directory) and read it back with nn_adapters.transformer.load_pruned(directory, model).")
     path = Path(path)
     spec = architecture_spec(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

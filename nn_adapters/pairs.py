@@ -472,6 +472,10 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         (u,) = users
         if u.op == "output":
             return "its output is the network output"
+        if any(isinstance(a, (list, tuple)) and any(v is cur for v in a) for a in u.args):
+            where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
+            return (f"{where} is one of several tensors that {u.name} combines (a concatenation or stack), so the "
+                    "consumer's input columns do not follow this producer's units alone")
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
                                                           and _scaled_by_number(u, cur, is_conv))):
             return f"operation {u.name} does not take the producer's output as its first argument"

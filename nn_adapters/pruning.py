@@ -185,6 +185,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         The trained network. It is never modified (a deep copy is pruned).
     calibration_data : tensor or iterable of batches
         Inputs, an ``(inputs, labels)`` pair of tensors, or an iterable of batches (tensors or ``(inputs, labels)``;
+        numpy arrays are accepted wherever a tensor is;
         labels are ignored except by ``method="actgrad"``). A tuple of two tensors of the same shape is refused as
         ambiguous (pass ``[x1, x2]`` for two batches, ``[(inputs, targets)]`` for one labelled batch). Floating
         inputs are cast to the dtype of the model's parameters (``torch.from_numpy`` gives float64); integer

@@ -1109,3 +1109,52 @@ def test_sequential_statistics_of_a_conv_to_linear_pair_use_the_kept_channel_blo
     Y = A @ net[5].weight.detach().double().numpy().T
     path = submod.SparseRegression(A, Y, fit_intercept=True).greedy_path(5)
     assert report.layers[1].pick_order == path.selected.tolist()
+
+
+def test_the_largest_compression_the_error_names_is_reachable():
+    """The 'not reachable' message names the largest compression; asking for exactly that value must work (it is
+    rounded down, never up)."""
+    import re
+
+    for h in range(4, 40):
+        net = nn.Sequential(nn.Linear(5, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 3))
+        x = torch.randn(20, 5)
+        with pytest.raises(ValueError, match="not reachable") as err:
+            nna.prune(net, x, compression=1000.0, method="weight_norm", reweight=False)
+        most = float(re.search(r"at most ([0-9.]+)x", str(err.value)).group(1))
+        _, rep = nna.prune(net, x, compression=most, method="weight_norm", reweight=False)
+        assert rep.compression >= most
+
+
+def test_numpy_calibration_data_is_accepted_and_not_shared():
+    """A numpy array (or batches of arrays) is calibration data like the same tensor; the caller's array is not
+    modified."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    X = np.random.default_rng(0).random((40, 6)).astype(np.float32)
+    before = X.copy()
+    _, rep_np = nna.prune(net, X, keep=0.5, method="layer")
+    _, rep_t = nna.prune(net, torch.from_numpy(X.copy()), keep=0.5, method="layer")
+    _, rep_b = nna.prune(net, [(X[:20], np.zeros(20)), X[20:]], keep=0.5, method="layer")
+    assert rep_np.layers[0].kept_units == rep_t.layers[0].kept_units == rep_b.layers[0].kept_units
+    assert rep_np.n_samples == rep_b.n_samples == 40
+    np.testing.assert_array_equal(X, before)
+    with pytest.raises(ValueError, match="numeric"):
+        nna.prune(net, np.array([["a"] * 6] * 4), keep=0.5)
+
+
+class _Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+
+def test_a_concatenation_is_named_as_the_reason_a_layer_is_skipped():
+    found, skipped = nna.find_pairs(_Concat(), torch.randn(2, 4))
+    assert not found
+    reasons = dict(skipped)
+    assert "concatenation" in reasons["a"] and "concatenation" in reasons["b"]
+    assert "first argument" not in reasons["a"]

@@ -363,6 +363,23 @@ def test_save_and_reload_torch(tmp_path, norm_first: bool) -> None:
         load_pruned(tmp_path / "m")
 
 
+def test_generic_save_refuses_pruned_heads_and_names_the_transformer_save(tmp_path) -> None:
+    """nn_adapters.save_pruned records Linear/conv/BatchNorm sizes only: a heads-pruned torch encoder would save
+    and then fail to load, so it is refused up front (nothing written) with the transformer save named; an
+    FFN-only pruned one round-trips through it."""
+    import nn_adapters as nna
+
+    model, data = tel_model(False), tel_batches()
+    heads, _ = prune_transformer(model, data, keep=0.5, target="heads", method="asym")
+    with pytest.raises(ValueError, match="nn_adapters.transformer.save_pruned"):
+        nna.save_pruned(heads, tmp_path / "h.pt")
+    assert not os.listdir(tmp_path)
+    ffn, _ = prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
+    back = nna.load_pruned(nna.save_pruned(ffn, tmp_path / "f.pt"), tel_model(False, seed=3))
+    for b in data:
+        torch.testing.assert_close(tel_out(back, b), tel_out(ffn, b), atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # padding, input model untouched, O(L) forwards
 
