@@ -15,14 +15,14 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     """Return the calibration data as a list of ``(inputs, labels)`` batches (labels may be ``None``).
 
     ``data`` is a tensor of inputs (split into batches of ``batch_size``), a ``(inputs, labels)`` tuple of two
-    tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a
-    ``DataLoader`` over a ``TensorDataset`` gives these); numpy arrays are accepted wherever a tensor is (copied). A tuple of two tensors of the same shape is ambiguous
-    (two batches of inputs, or inputs with targets of their own shape) and is refused: pass a list of batches or
-    ``[(inputs, targets)]``. The batches are materialised once (calibration sets are small by design; the
-    sequential methods read them several times). Batches may differ in sample shape (the caller checks that the
-    model runs on each); within a batch it is one tensor's. Floating inputs are cast to ``dtype`` when given (the
-    model's: ``torch.from_numpy`` gives float64), integer inputs (token ids) are left as they are; inputs are checked
-    to be finite after the cast.
+    tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a ``DataLoader``
+    over a ``TensorDataset`` gives these); numpy arrays are accepted wherever a tensor is (copied). A tuple of two
+    tensors of the same shape is ambiguous (two batches of inputs, or inputs with targets of their own shape) and is
+    refused: pass a list of batches or ``[(inputs, targets)]``. The batches are materialised once (calibration sets
+    are small by design; the sequential methods read them several times). Batches may differ in sample shape (the
+    caller checks that the model runs on each); within a batch it is one tensor's. Floating inputs are cast to
+    ``dtype`` when given (the model's: ``torch.from_numpy`` gives float64), integer inputs (token ids) are left as
+    they are; inputs are checked to be finite after the cast.
     """
     if data is None:
         raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
