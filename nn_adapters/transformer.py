@@ -216,6 +216,13 @@ def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[An
             raise ValueError(f"calibration batch {i} looks like (input_ids, attention_mask): a pair is read as "
                              "(inputs, labels), so the mask would reach neither the model nor the statistics. Pass "
                              "dicts, e.g. {'input_ids': ids, 'attention_mask': mask} as a tokenizer returns them.")
+        if (isinstance(b, (tuple, list)) and len(b) >= 2 and all(isinstance(t, torch.Tensor) for t in b[:2])
+                and b[0].is_floating_point() and b[0].ndim == 3 and b[1].dtype == torch.bool and b[1].ndim == 2
+                and sorted(b[1].shape) == sorted(b[0].shape[:2])):
+            raise ValueError(f"calibration batch {i} looks like (features, key padding mask): a pair is read as "
+                             "(inputs, labels), so the mask would reach neither the model nor the statistics and "
+                             "the padding would be counted as tokens. Pass dicts of the model's keyword arguments, "
+                             "e.g. {'src': x, 'src_key_padding_mask': mask} for torch.nn.TransformerEncoder.")
     return [_cast_floats(b, dtype) for b in batches] if dtype is not None else batches
 
 

@@ -556,6 +556,19 @@ def test_padding_mask_under_another_name_is_read_from_the_blocks() -> None:
         prune_transformer(tiny_bert(), pairs, keep=0.5)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_features_with_a_padding_mask_pair_are_refused_not_read_as_labels(batch_first: bool) -> None:
+    """(features, bool key padding mask), as DataLoader(TensorDataset(x, mask)) yields it, would be read as
+    (inputs, labels): the model would run unmasked and the padding would enter the statistics."""
+    data = tel_batches(batch_first)
+    pairs = [(b["src"], b["src_key_padding_mask"]) for b in data]
+    with pytest.raises(ValueError, match=r"looks like \(features, key padding mask\).*src_key_padding_mask"):
+        prune_transformer(tel_model(False, batch_first), pairs, keep=0.5)
+    # genuine (inputs, labels) pairs are still accepted, labels ignored
+    labelled = [(b["src"], torch.zeros(b["src"].shape[0 if batch_first else 1], dtype=torch.long)) for b in data]
+    prune_transformer(tel_model(False, batch_first), labelled, keep=0.5)
+
+
 def test_float64_bert_saves_and_reloads_in_float64(tmp_path) -> None:
     model, data = tiny_bert().double(), token_batches()
     pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
