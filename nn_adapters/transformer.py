@@ -37,6 +37,7 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import math
@@ -651,15 +652,26 @@ class _Ridge:
         return SELECTION_RIDGE if self.value == "cv" else float(self.value)
 
 
-def _assign_folds(cache: list[dict[str, Any]]) -> None:
+def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
     """Deal the calibration sequences round-robin into :data:`CV_FOLDS` folds: ``fold`` holds the fold of every
-    real token row (the order of :func:`_rows`), so all tokens of a sequence share a fold."""
-    seen = 0
+    real token row (the order of :func:`_rows`), so all tokens of a sequence share a fold.
+
+    Copies of a sequence (the same real tokens at the first block's input) go to the fold of its first
+    occurrence: a copy in another fold would be its own held-out sample, and the cross-validated error and ridge
+    would then reward interpolating the calibration set.
+    """
+    bf = block.batch_first("block")
+    first_fold: dict[bytes, int] = {}
     for c in cache:
         valid = c["valid"]
-        seq = torch.arange(seen, seen + valid.shape[0], device=valid.device)
-        c["fold"] = seq[:, None].expand_as(valid)[valid] % CV_FOLDS  # on the model's device, as the statistics
-        seen += valid.shape[0]
+        x = c["x"] if bf else c["x"].transpose(0, 1)
+        rows = x.detach().cpu()
+        folds = []
+        for i in range(valid.shape[0]):
+            key = hashlib.blake2b(rows[i][valid[i].cpu()].contiguous().numpy().tobytes(), digest_size=16).digest()
+            folds.append(first_fold.setdefault(key, len(first_fold) % CV_FOLDS))
+        seq = torch.as_tensor(folds, dtype=torch.long, device=valid.device)
+        c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
 
 
 def prune_transformer(
@@ -836,7 +848,7 @@ def prune_transformer(
             batches = _batches(calibration_data, float_dtype(model))
             orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter,
                                                          gated)
-            _assign_folds(cache)
+            _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
             if report.n_tokens == 0:

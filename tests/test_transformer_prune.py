@@ -242,6 +242,20 @@ def test_default_refit_is_the_cross_validated_ridge_toward_the_trained_weights()
         np.testing.assert_allclose(dense.bias.detach().double().numpy(), b / gamma, atol=2e-4, rtol=1e-3)
 
 
+def test_repeated_sequences_share_a_fold_so_repeating_the_data_changes_nothing() -> None:
+    """Copies of a sequence go to the fold of its first occurrence. Then every fold of ``data + data`` holds
+    exactly twice the statistics of the same fold of ``data``, and the cross-validation (relative errors, relative
+    ridge) must pick the same ridge with the same held-out estimate. 17 sequences: dealt round-robin, the copies
+    would land in other folds and be scored as held-out samples."""
+    data = token_batches(n_batches=3, b=6)[:-1] + [{k: v[:5] for k, v in token_batches(n_batches=3, b=6)[-1].items()}]
+    assert sum(b["input_ids"].shape[0] for b in data) % 5 != 0
+    _, once = prune_transformer(tiny_bert(), data, keep=0.5, method="layer")
+    _, twice = prune_transformer(tiny_bert(), data + data, keep=0.5, method="layer")
+    for u1, u2 in zip(once.units, twice.units, strict=True):
+        assert u1.kept == u2.kept and u1.ridge == u2.ridge
+        assert u2.cv_relative_error == pytest.approx(u1.cv_relative_error, rel=1e-6)
+
+
 def test_cv_ridge_falls_back_with_fewer_sequences_than_folds() -> None:
     from nn_adapters.transformer import SELECTION_RIDGE
 
