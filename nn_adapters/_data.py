@@ -62,6 +62,10 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     for i, (x, y) in enumerate(chunks):
         if x.ndim == 0 or x.shape[0] == 0:
             continue
+        if x.is_inference():  # made under torch.inference_mode: a normal copy, usable where gradients are needed
+            x = x.clone()
+        if y is not None and y.is_inference():
+            y = y.clone()
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"batch {i} of {name} contains NaN or infinite inputs; clean the data first.")
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:

@@ -5,13 +5,18 @@ pruning modifies instead of the caller's model."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+__all__ = ["eval_mode", "copy_modes", "working_copy", "outside_inference_mode", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 #: The forward-hook registries of ``torch.nn.Module`` (hooks and their flags are keyed by the same handle id).
 FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -30,6 +35,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, was in flags:
             m.training = was
+
+
+def outside_inference_mode(fn: _F) -> _F:
+    """Run ``fn`` with ``torch.inference_mode`` off (a no-op when it is off already).
+
+    Under inference mode every tensor created is an inference tensor: the pruned model's parameters could then
+    never be trained (fine-tuned) afterwards, and the gradient-based baseline could not run. Pruning already works
+    without gradients where it needs none (``torch.no_grad``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def copy_modes(src: nn.Module, dst: nn.Module) -> None:

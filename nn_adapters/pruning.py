@@ -40,7 +40,7 @@ from torch import fx, nn
 from . import _conv
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples
-from ._modes import copy_modes, working_copy
+from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
 from .shrink import keep_between, keep_outputs, keep_se, set_inputs
@@ -171,6 +171,7 @@ def _check_args(method: str, compression: object, keep: object, allocation: str,
         raise ValueError(f"refit_from must be one of {SUBMODULAR_METHODS}; got {refit_from!r}.")
 
 
+@outside_inference_mode
 def prune(model: nn.Module, calibration_data: object, compression: float | None = None,
           keep: float | Mapping[str, float] | None = None, method: str = "asym", reweight: bool = True,
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",

@@ -60,7 +60,7 @@ from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
 from ._data import float_dtype
-from ._modes import copy_modes, working_copy
+from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
@@ -674,6 +674,7 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
         c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
 
 
+@outside_inference_mode
 def prune_transformer(
     model: nn.Module,
     calibration_data: Any,

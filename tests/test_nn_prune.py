@@ -1158,3 +1158,19 @@ def test_a_concatenation_is_named_as_the_reason_a_layer_is_skipped():
     reasons = dict(skipped)
     assert "concatenation" in reasons["a"] and "concatenation" in reasons["b"]
     assert "first argument" not in reasons["a"]
+
+
+@pytest.mark.parametrize("method", ["asym", "layer", "actgrad"])
+def test_pruning_under_inference_mode_gives_a_trainable_model(method):
+    """Called inside torch.inference_mode (even with inputs made there), prune still works, the gradient-based
+    baseline included, and returns ordinary parameters that can be fine-tuned, like the model passed in."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.inference_mode():
+        x, y = torch.randn(120, 10), torch.randint(0, 3, (120,))
+        pruned, rep = nna.prune(net, [(x, y)], keep=0.5, method=method)
+    _, ref = nna.prune(net, [(x.clone(), y.clone())], keep=0.5, method=method)
+    assert not any(p.is_inference() for p in pruned.parameters())
+    F.cross_entropy(pruned(x.clone()), y.clone()).backward()
+    assert all(p.grad is not None for p in pruned.parameters())
+    assert [r.kept_units for r in rep.layers] == [r.kept_units for r in ref.layers]

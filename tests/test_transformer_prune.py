@@ -931,3 +931,10 @@ def test_minilm_half_ffn_keeps_embeddings() -> None:
     mean_cos, min_cos, overlap = bench.fidelity(e0, bench.embed(pruned, evalb))
     assert mean_cos >= 0.97, (mean_cos, min_cos, overlap)
     assert all(b["intermediate_size"] == 768 for b in report.spec["blocks"])
+
+
+def test_transformer_pruning_under_inference_mode_gives_ordinary_parameters() -> None:
+    with torch.inference_mode():
+        data = tel_batches()
+        pruned, _ = prune_transformer(tel_model(False), data, keep=0.5, target="all")
+    assert not any(p.is_inference() for p in pruned.parameters())
