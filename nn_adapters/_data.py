@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -97,3 +98,24 @@ def float_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 def n_samples(batches: list[Batch]) -> int:
     return int(sum(x.shape[0] for x, _ in batches))
+
+
+def sample_folds(batches: list[Batch], n_folds: int) -> list[np.ndarray]:
+    """The cross-validation fold of every calibration sample, per batch: distinct samples are dealt round-robin
+    (in order), and a copy of a sample goes to the fold of its first occurrence.
+
+    A copy in another fold would be its own held-out sample, so repeated calibration samples would make the
+    held-out error look like the in-sample one and the cross-validated ridge reward interpolation. Samples are
+    compared by their bytes (the same tensor values and shape).
+    """
+    first: dict[bytes, int] = {}
+    out = []
+    for x, _ in batches:
+        host = x.detach().cpu()
+        folds = np.empty(x.shape[0], dtype=np.int64)
+        for i in range(x.shape[0]):
+            raw = host[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 too
+            key = hashlib.blake2b(raw + repr((tuple(host[i].shape), str(x.dtype))).encode(), digest_size=16).digest()
+            folds[i] = first.setdefault(key, len(first)) % n_folds
+        out.append(folds)
+    return out
