@@ -668,7 +668,8 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
         rows = x.detach().cpu()
         folds = []
         for i in range(valid.shape[0]):
-            key = hashlib.blake2b(rows[i][valid[i].cpu()].contiguous().numpy().tobytes(), digest_size=16).digest()
+            real = rows[i][valid[i].cpu()].contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 too
+            key = hashlib.blake2b(real.numpy().tobytes(), digest_size=16).digest()
             folds.append(first_fold.setdefault(key, len(first_fold) % CV_FOLDS))
         seq = torch.as_tensor(folds, dtype=torch.long, device=valid.device)
         c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
