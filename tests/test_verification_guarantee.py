@@ -233,3 +233,33 @@ def test_certificate_far_below_the_value_is_not_hidden():
         res = submod.maximize(f, 2)
     cert = certify(f, res, use_full_set=True)
     assert cert.upper_bound == 1.5 < cert.value == 2.0
+
+
+def test_underdetermined_least_squares_is_never_refused_as_non_monotone():
+    # Least squares is monotone; with fewer samples than units F reaches the rank and later "drops" are rounding
+    # (about 1e-12 ||Y||^2). The finding's sizes (6 samples, 10 units) aborted in 32 of 40 random instances.
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        f = SparseRegression(rng.standard_normal((6, 10)), rng.standard_normal((6, 2)))
+        chk = check_guarantee(f, 3, n_seeds=1, methods=("greedy",))
+        assert chk.all_hold
+        gamma = submodularity_ratio(f, 2, U=np.arange(7), method="exact")
+        assert 0.0 <= gamma.value <= 1.0
+
+
+def test_a_planted_small_decrease_is_still_refused():
+    # F(S) = |S|, less 1.004 on the sets containing 0, 1 and 2: adding 2 to a set containing 0 and 1 lowers F by
+    # 4e-3 (1e-3 of max F = 4), far beyond rounding, so both checks must still refuse it.
+    def value(S):
+        S = set(S.tolist())
+        v = float(len(S))
+        if {0, 1} <= S and 2 in S:
+            v -= 1.0 + 1e-3 * 4  # F({0, 1, 2} u T) = F({0, 1} u T) - 4e-3
+        return v
+
+    f = submod.from_callable(value, 4)
+    assert f.value([0, 1, 2]) < f.value([0, 1])
+    with pytest.raises(ValueError, match="F is not monotone"):
+        check_guarantee(f, 2)
+    with pytest.raises(ValueError, match="not monotone"):
+        submodularity_ratio(f, 3, method="exact")

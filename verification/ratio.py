@@ -110,6 +110,7 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
     S_masks = all_masks[(pc >= 1) & (pc <= k)]
     S_bits = bit_matrix(S_masks, n).astype(np.float64)
     atol = zero_tolerance(table.f, float(np.nanmax(np.abs(vals))), rtol)
+    mono_tol = monotone_tolerance(table.f, float(np.nanmax(np.abs(vals))), rtol)
     best, witness, pairs = math.inf, None, 0
     singles = 1 << np.arange(n, dtype=np.int64)
     for L in np.asarray(L_masks, dtype=np.int64):
@@ -119,16 +120,16 @@ def exact_ratio_from_table(table: ValueTable, L_masks: np.ndarray, k: int, rtol:
         S = S_masks[ok]
         g = vals[L | singles] - vals[L]
         g[(L >> np.arange(n)) & 1 == 1] = 0.0
-        numer = S_bits[ok] @ g
+        # F is monotone up to mono_tol (checked below), so a negative gain is rounding of a zero gain
+        numer = S_bits[ok] @ np.maximum(g, 0.0)
         denom = vals[L | S] - vals[L]
         if np.isnan(denom).any() or np.isnan(g).any():
             raise RuntimeError("internal error: the value table misses a set the ratio needs.")
-        if denom.min() < -atol:
+        if denom.min() < -mono_tol:
             i = int(np.argmin(denom))
-            hint = (" For least squares this comes from nearly collinear columns: a column within the objective's "
-                    "tol of the span of the columns already in the set is dropped (weight 0), so which of two "
-                    "near-duplicates counts depends on the order and F is monotone only up to that. Pass a ridge "
-                    "(e.g. ridge=1e-8 * the largest squared column norm) or remove near-duplicate columns."
+            hint = (f" Least squares is monotone, and this drop exceeds the rounding bound {mono_tol:.3g} "
+                    "(verification.ratio.monotone_tolerance), which nearly collinear columns can still do. Pass a "
+                    "ridge (e.g. ridge=1e-6 * the largest squared column norm) or remove near-duplicate columns."
                     if is_regression(table.f) else "")
             raise ValueError(f"F is not monotone: F(S|L) = {denom[i]:.3g} < 0 at L = {members(int(L), n).tolist()}"
                              f", S = {members(int(S[i]), n).tolist()}. The submodularity ratio (and its greedy "
@@ -154,6 +155,37 @@ def zero_tolerance(f: object, scale: float, rtol: float) -> float:
     if is_regression(f):
         return ROUNDING_FLOOR * max(float(f.y_norm2), np.finfo(float).tiny)
     return rtol * max(abs(float(scale)), np.finfo(float).tiny)
+
+
+def monotone_tolerance(f: object, scale: float, rtol: float) -> float:
+    """Largest drop ``F(T) - F(T + j)`` that the monotonicity checks read as rounding, not as a non-monotone ``F``.
+
+    For a function other than least squares this is :func:`zero_tolerance` (``rtol * scale``): a user function
+    that decreases by more is refused. Least squares is monotone, so a drop can only be rounding, and its rounding
+    is larger than ``ROUNDING_FLOOR * ||Y||^2``: :class:`submod.SparseRegression` documents gains accurate to about
+    ``eps * k * ||Y||^2 * (G_jj / residual_jj)``. A column is used only while ``residual_jj > tol * (G_jj +
+    ridge)``, and ``residual_jj >= lambda_min * (G_jj + ridge)`` with ``lambda_min`` the smallest eigenvalue of
+    the column-normalised ``G + ridge I`` over its live columns (Schur complement and interlacing), so the
+    amplification is at most ``1 / max(tol, lambda_min)``. The bound is ``eps * d * ||Y||^2 / max(tol,
+    lambda_min)`` with ``d`` the number of columns (no set has more), and never below :func:`zero_tolerance`.
+    With fewer samples than columns ``lambda_min = 0`` and the bound is ``eps * d * ||Y||^2 / tol`` (about
+    ``2e-6 * d * ||Y||^2`` at the default ``tol = 1e-10``): the drops of ``1e-12 * ||Y||^2`` seen once ``F``
+    has reached the rank are far inside it.
+    """
+    base = zero_tolerance(f, scale, rtol)
+    if not is_regression(f):
+        return base
+    G, _, ridge = regression_stats(f)
+    diag = np.diag(G) + ridge
+    live = diag > 0  # all-zero columns are dropped with gain exactly 0
+    if not live.any():
+        return base
+    scale_ = 1.0 / np.sqrt(diag[live])
+    C = (G[np.ix_(live, live)] + ridge * np.eye(int(live.sum()))) * scale_[:, None] * scale_[None, :]
+    lam = float(np.linalg.eigvalsh(C)[0])
+    amplification = 1.0 / max(float(f.tol), lam)
+    eps = float(np.finfo(np.float64).eps)
+    return max(base, eps * G.shape[0] * max(float(f.y_norm2), np.finfo(float).tiny) * amplification)
 
 
 def is_regression(f: object) -> bool:
