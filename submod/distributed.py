@@ -47,6 +47,7 @@ from .constraints import Cardinality
 from .optimize import (
     DEFAULT_EPS,
     NonMonotoneWarning,
+    RatioBound,
     SelectionResult,
     StaleBoundWarning,
     _certificate,
@@ -128,7 +129,7 @@ def _greedy_on_part(g: SetFunction, k: int, method: str, seed: int, eps: float,
     ``processes=False``) left ``NonMonotoneWarning`` and ``StaleBoundWarning`` ignored for the rest of the
     process. The caller reports what matters once (negative gains, plain lazy on a non-submodular function)."""
     start = time.perf_counter()
-    run = _Run(g, k, Cardinality(), _check_gamma(g, None))
+    run = _Run(g, k, Cardinality(), _check_gamma(g, None, k))
     _dispatch(run, method, False, seed, eps, lazy_fallback)
     return _PartOutcome(np.asarray(run.state.selected, dtype=np.int64), run.n_eval, time.perf_counter() - start,
                         run.violations, run.negative)
@@ -137,7 +138,8 @@ def _greedy_on_part(g: SetFunction, k: int, method: str, seed: int, eps: float,
 def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, partition: ArrayLike | None = None,
                          executor: Executor | None = None, method: str = "lazy",
                          seed: int | np.random.Generator | None = None, local: bool = False,
-                         eps: float = DEFAULT_EPS, gamma_lower: float | None = None, lazy_fallback: bool = True,
+                         eps: float = DEFAULT_EPS, gamma_lower: float | RatioBound | None = None,
+                         lazy_fallback: bool = True,
                          certificate_prefixes: int = 3, constraint: None = None) -> SelectionResult:
     r"""Partitioned greedy (GreeDi) with a random partition: greedy on each part in parallel, then on the union.
 
@@ -176,9 +178,10 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         certificate, on the full ``f``, still does. The second round always uses the exact objective.
     eps : float, default 0.05
         Accuracy of stochastic greedy.
-    gamma_lower : float, optional
+    gamma_lower : float or RatioEstimate, optional
         A *proven lower* bound on the submodularity ratio of ``f``, which enables the certificate for a function
-        not declared submodular (as in :func:`maximize`; never an estimate).
+        not declared submodular, checked as in :func:`maximize` (``1`` on a function not declared submodular, and
+        a ratio estimate of kind upper bound or estimate, are refused).
     lazy_fallback : bool, default True
         As in :func:`maximize`.
     certificate_prefixes : int, default 3
@@ -243,7 +246,7 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     kk = check_k(k, f.n)
     if not (0.0 < eps < 1.0):
         raise ValueError(f"eps must be in (0, 1); got {eps}.")
-    gamma = _check_gamma(f, gamma_lower)
+    gamma = _check_gamma(f, gamma_lower, kk)
     if isinstance(certificate_prefixes, bool) or not isinstance(certificate_prefixes, numbers.Integral) \
             or certificate_prefixes < 0:
         raise ValueError(f"certificate_prefixes must be a non-negative integer (0 for no certificate); got "

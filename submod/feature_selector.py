@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._validation import as_float_array
-from .optimize import METHODS, SelectionResult, maximize
+from .optimize import METHODS, SOUND_RATIO_KINDS, RatioBound, SelectionResult, maximize
 from .selector import _not_fitted_error
 from .sparse_regression import SparseRegression
 
@@ -123,13 +123,15 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         Features that are selected together (e.g. the one-hot columns of a categorical variable): a list of
         disjoint column-index lists covering every column, or an int ``s`` for consecutive blocks of ``s``
         columns. ``n_features_to_select`` then counts groups and ``ranking_`` holds group indices.
-    gamma_lower : float or callable, optional
+    gamma_lower : float, RatioEstimate or callable, optional
         A *proven* lower bound on the submodularity ratio of the objective ``fit`` builds, which turns on the
         certificate (``certificate_``). A callable is called as ``gamma_lower(objective, k)`` at fit time, so the
         bound is computed on the data being fitted (e.g. each fold of a cross-validation); a float must have been
         proven for that same data. Never pass an estimate: with ``gamma = 1`` the "bound" can fall below the
-        optimum of a least-squares problem. A bound of 0 (duplicate or constant columns make the spectral bound
-        0) certifies nothing: ``certificate_`` is then None.
+        optimum of a least-squares problem, so ``1`` is refused (least squares is not submodular). A
+        ``verification.RatioEstimate`` (returned, or returned by the callable) is checked as in
+        :func:`submod.maximize`: kind ``"exact"`` or ``"lower bound"`` only. A bound of 0 (duplicate or constant
+        columns make the spectral bound 0) certifies nothing: ``certificate_`` is then None.
     seed : int, optional
         Randomness of ``method="stochastic"``.
 
@@ -188,7 +190,7 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
 
     def __init__(self, n_features_to_select: int | float | None = None, *, ridge: float = 0.0,
                  fit_intercept: bool = True, method: str = "greedy", groups: object = None,
-                 gamma_lower: float | Callable[[SparseRegression, int], float] | None = None,
+                 gamma_lower: float | RatioBound | Callable[[SparseRegression, int], Any] | None = None,
                  seed: int | None = None) -> None:
         self.n_features_to_select = n_features_to_select
         self.ridge = ridge
@@ -228,8 +230,11 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         f = SparseRegression(Xa, ya, ridge=self.ridge, groups=self.groups, fit_intercept=bool(self.fit_intercept))
         k = self._resolve_budget(f.n)
         gamma = self.gamma_lower(f, k) if callable(self.gamma_lower) else self.gamma_lower
+        # a proven bound of 0 (e.g. duplicate columns) is sound but certifies nothing
         if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool) and gamma == 0:
-            gamma = None  # a proven bound of 0 (e.g. duplicate columns) is sound but certifies nothing
+            gamma = None
+        elif getattr(gamma, "kind", None) in SOUND_RATIO_KINDS and getattr(gamma, "value", None) == 0:
+            gamma = None
         result: SelectionResult = maximize(f, k, method=self.method, seed=self.seed, gamma_lower=gamma)
 
         y2 = f.y_norm2

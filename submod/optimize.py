@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -142,20 +143,68 @@ class _Run:
         self.values.append(float(self.state.value))
 
 
-def _check_gamma(f: SetFunction, gamma_lower: float | None) -> float | None:
+class RatioBound(Protocol):
+    """What :func:`maximize` reads from a ratio estimate passed as ``gamma_lower`` (e.g.
+    ``verification.RatioEstimate``): its number and what that number is (``"exact"``, ``"lower bound"``, ...)."""
+
+    value: float
+    kind: str
+
+
+#: Kinds of a ratio estimate (``verification.RatioEstimate.kind``) that may be used in a certificate: the exact
+#: ratio or a proven lower bound on it; an upper bound or an empirical estimate may lie above the true ratio.
+SOUND_RATIO_KINDS = ("exact", "lower bound")
+
+_HOW_TO_PROVE = ("Pass a proven lower bound: verification.submodularity_ratio(f, k, method='spectral') for a "
+                 "submod.SparseRegression, or method='exact' on a small ground set.")
+
+
+def _check_gamma(f: SetFunction, gamma_lower: object, k: int) -> float | None:
+    """The proven lower bound on the submodularity ratio that a certificate may use (``None``: no certificate).
+
+    ``gamma_lower`` is ``None`` (``gamma = 1`` for a function declared submodular), a number, or a ratio estimate
+    that says what it is (an object with ``value`` and ``kind``, such as ``verification.RatioEstimate``; duck-typed
+    since ``submod`` does not import ``verification``). The rules are :func:`verification.certify`'s: only the
+    kinds in :data:`SOUND_RATIO_KINDS`, computed for ``|S| >= k`` over the whole ground set, and never the number
+    ``1`` for a function not declared submodular (the submodular online bound, which can fall below OPT)."""
     if gamma_lower is None:
         return 1.0 if f.submodular else None
-    if isinstance(gamma_lower, bool) or not isinstance(gamma_lower, (int, float, np.floating)):
-        raise ValueError("gamma_lower must be a number: a proven lower bound on the submodularity ratio, e.g. "
-                         "verification.submodularity_ratio(f, k, method='spectral').value.")
-    if not (0.0 < float(gamma_lower) <= 1.0):
+    if hasattr(gamma_lower, "value") and hasattr(gamma_lower, "kind"):
+        kind, how = gamma_lower.kind, getattr(gamma_lower, "method", "unknown")
+        if kind not in SOUND_RATIO_KINDS:
+            raise ValueError(f"gamma_lower is an {kind} (method {how!r}); a certificate needs a proven LOWER bound "
+                             f"on the submodularity ratio (kind 'exact' or 'lower bound'). {_HOW_TO_PROVE}")
+        est_k = getattr(gamma_lower, "k", None)
+        if est_k is not None and est_k < k:
+            raise ValueError(f"gamma_lower was computed for |S| <= {est_k} but the certificate bounds OPT_{k}; "
+                             f"recompute it with k >= {k}.")
+        if getattr(gamma_lower, "U", None) is not None:
+            raise ValueError("gamma_lower was computed for sets L inside a given U, but this run's certificate uses "
+                             "its own prefixes, which need not lie in U. Compute it over the whole ground set "
+                             "(U=None), or certify the result afterwards with verification.certify(f, result, "
+                             "estimate).")
+        g = gamma_lower.value
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not (0.0 < float(g) <= 1.0):
+            raise ValueError(f"the proven lower bound on gamma is {g!r}, which gives no certificate (it must be in "
+                             "(0, 1]); the function may be degenerate (dead or duplicate units).")
+        return float(g)
+    if isinstance(gamma_lower, bool) or not isinstance(gamma_lower, numbers.Real):
+        raise ValueError(f"gamma_lower must be None, a number or a ratio estimate such as verification."
+                         f"submodularity_ratio(f, k, method='spectral'); got {type(gamma_lower).__name__}.")
+    g = float(gamma_lower)
+    if not (0.0 < g <= 1.0):
         raise ValueError(f"gamma_lower must be in (0, 1]; got {gamma_lower}. Pass a proven lower bound on gamma.")
-    return float(gamma_lower)
+    if g == 1.0 and not f.submodular:
+        raise ValueError(f"gamma_lower = 1 on {type(f).__name__}, which is not declared submodular: that is the "
+                         "submodular online bound, invalid for non-submodular functions (it can fall below the "
+                         "optimum). If F is proven submodular, set its submodular attribute to True; otherwise "
+                         + _HOW_TO_PROVE[0].lower() + _HOW_TO_PROVE[1:])
+    return g
 
 
 def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: Constraint | None = None,
              seed: int | np.random.Generator | None = None, *, eps: float = DEFAULT_EPS,
-             gamma_lower: float | None = None, lazy_fallback: bool = True) -> SelectionResult:
+             gamma_lower: float | RatioBound | None = None, lazy_fallback: bool = True) -> SelectionResult:
     r"""Maximize a monotone set function under a cardinality (and optional extra) constraint.
 
     Parameters
@@ -182,10 +231,14 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
         Randomness of stochastic greedy.
     eps : float, default 0.05
         Accuracy of stochastic greedy, in ``(0, 1)``.
-    gamma_lower : float, optional
+    gamma_lower : float or RatioEstimate, optional
         A *proven lower* bound on the submodularity ratio, which enables the certificate for a function not
-        declared submodular. Never pass an estimate: ``gamma = 1`` on a non-submodular function can give a
-        "bound" below the optimum.
+        declared submodular. A number is trusted as such (the caller's responsibility), except ``1`` for a
+        function not declared submodular, which is refused: that is the submodular online bound, and on a
+        non-submodular function it can give a "bound" below the optimum. A ``verification.RatioEstimate`` (any
+        object with ``value`` and ``kind``) is accepted when its kind is ``"exact"`` or ``"lower bound"``, it was
+        computed for ``|S| >= k`` and over the whole ground set (``U=None``); an upper bound or an estimate is
+        refused.
     lazy_fallback : bool, default True
         See ``method``.
 
@@ -228,7 +281,7 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     cons._check(f.n)
     if not (0.0 < eps < 1.0):
         raise ValueError(f"eps must be in (0, 1); got {eps}.")
-    gamma = _check_gamma(f, gamma_lower)
+    gamma = _check_gamma(f, gamma_lower, budget)
     knapsack = isinstance(cons, Knapsack)
     if method == "stochastic" and knapsack:
         raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "

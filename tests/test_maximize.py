@@ -540,3 +540,97 @@ def test_partition_matroid_certificate_of_a_modular_function_is_opt(data):
     res = submod.maximize(submod.Modular(w), k, constraint=submod.PartitionMatroid(groups, budgets))
     ok = lambda S: all(np.sum(groups[list(S)] == g) <= b for g, b in enumerate(budgets))  # noqa: E731
     assert res.certificate.upper_bound == pytest.approx(brute_opt(submod.Modular(w), k, ok), rel=1e-12)
+
+
+# The finding's least-squares instance (FINDINGS_user.md #4): greedy's online bound with gamma = 1 lies below the
+# brute-force OPT_3, so gamma_lower = 1 must be refused for a function not declared submodular.
+GAMMA_ONE_A = np.array([[-1.895, -1.504, 0.846, -0.223, -1.422], [-0.198, -0.636, 2.13, 0.269, -0.789],
+                        [-1.986, -1.479, -0.089, 0.226, 0.257], [-0.263, -0.463, -1.576, 0.147, -0.825]])
+GAMMA_ONE_Y = np.array([0.223, 0.223, -0.344, -2.013])
+
+
+def test_gamma_lower_one_is_refused_for_a_function_not_declared_submodular():
+    f = submod.SparseRegression(GAMMA_ONE_A, GAMMA_ONE_Y)
+    opt = brute_opt(f, 3)
+    # why: the gamma = 1 online bound, minimised over greedy's prefixes (F and gains from the plain lstsq oracle),
+    # falls below OPT on this instance
+    value = lstsq_value(GAMMA_ONE_A, GAMMA_ONE_Y)
+    sel = submod.maximize(f, 3).selected
+    bounds = []
+    for t in range(sel.size + 1):
+        A_t = list(sel[:t])
+        gains = [value(A_t + [j]) - value(A_t) for j in range(5) if j not in A_t]
+        bounds.append(value(A_t) + sum(sorted(gains)[-3:]))
+    assert min(bounds) < opt - 1e-6
+    match = "gamma_lower = 1 on SparseRegression, which is not declared submodular"
+    for gamma in (1.0, 1, np.float64(1.0)):
+        with pytest.raises(ValueError, match=match):
+            submod.maximize(f, 3, gamma_lower=gamma)
+        with pytest.raises(ValueError, match=match):
+            submod.maximize_distributed(f, 3, n_parts=2, seed=0, gamma_lower=gamma)
+    with pytest.raises(ValueError, match=match):
+        submod.SparseRegressionSelector(3, fit_intercept=False, gamma_lower=1.0).fit(GAMMA_ONE_A, GAMMA_ONE_Y)
+    with pytest.raises(ValueError, match=match):
+        submod.SparseRegressionSelector(3, fit_intercept=False, gamma_lower=lambda f, k: 1.0).fit(GAMMA_ONE_A,
+                                                                                                  GAMMA_ONE_Y)
+    # a function declared submodular keeps gamma_lower = 1 (the online bound is valid there)
+    g = submod.FeatureBased(np.abs(GAMMA_ONE_A))
+    res = submod.maximize(g, 3, gamma_lower=1.0)
+    assert res.certificate.upper_bound >= brute_opt(g, 3) * (1 - 1e-12)
+
+
+def test_gamma_lower_takes_a_ratio_estimate_and_checks_its_kind():
+    import verification as vf
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((30, 6))
+    A[:, 1] += 0.8 * A[:, 0]  # correlated columns: gamma < 1
+    f = submod.SparseRegression(A, A @ rng.standard_normal((6, 2)) + 0.1 * rng.standard_normal((30, 2)))
+    opt = brute_opt(f, 3)
+    exact = vf.submodularity_ratio(f, 3, method="exact")
+    spectral = vf.submodularity_ratio(f, 3, method="spectral")
+    assert (exact.kind, spectral.kind) == ("exact", "lower bound")
+    for est in (exact, spectral):
+        for res in (submod.maximize(f, 3, gamma_lower=est),
+                    submod.maximize(f, 3, method="stochastic", seed=0, gamma_lower=est),
+                    submod.maximize_distributed(f, 3, n_parts=2, seed=0, gamma_lower=est)):
+            assert res.certificate.gamma_lower == est.value
+            assert res.certificate.upper_bound >= opt * (1 - 1e-12)
+    sampled = vf.submodularity_ratio(f, 3, method="sampled", seed=0)
+    path = vf.submodularity_ratio(f, 3, method="greedy-path")
+    for est in (sampled, path):
+        assert est.kind == "upper bound"
+        with pytest.raises(ValueError, match="gamma_lower is an upper bound .* proven LOWER bound"):
+            submod.maximize(f, 3, gamma_lower=est)
+        with pytest.raises(ValueError, match="gamma_lower is an upper bound"):
+            submod.maximize_distributed(f, 3, n_parts=2, seed=0, gamma_lower=est)
+    guess = vf.RatioEstimate(value=0.5, kind="estimate", method="fitted", k=3, U=None)
+    with pytest.raises(ValueError, match="gamma_lower is an estimate"):
+        submod.maximize(f, 3, gamma_lower=guess)
+    with pytest.raises(ValueError, match=r"computed for \|S\| <= 2 .* k >= 3"):
+        submod.maximize(f, 3, gamma_lower=vf.submodularity_ratio(f, 2, method="spectral"))
+    with pytest.raises(ValueError, match="inside a given U"):
+        submod.maximize(f, 3, gamma_lower=vf.submodularity_ratio(f, 3, U=[0, 1], method="exact"))
+
+
+def test_feature_selector_takes_a_ratio_estimate():
+    import verification as vf
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((40, 6))
+    X[:, 2] += X[:, 3]
+    y = X @ rng.standard_normal(6) + 0.1 * rng.standard_normal(40)
+
+    def spectral(f, k):
+        return vf.submodularity_ratio(f, k, method="spectral")
+
+    def sampled(f, k):
+        return vf.submodularity_ratio(f, k, method="sampled", seed=0)
+
+    sel = submod.SparseRegressionSelector(3, gamma_lower=spectral).fit(X, y)
+    Xc, yc = X - X.mean(0), y - y.mean()
+    best = max(1 - np.linalg.lstsq(Xc[:, list(S)], yc, rcond=None)[1][0] / (yc @ yc)
+               for S in itertools.combinations(range(6), 3))
+    assert sel.certificate_ >= best * (1 - 1e-12)
+    with pytest.raises(ValueError, match="gamma_lower is an upper bound"):
+        submod.SparseRegressionSelector(3, gamma_lower=sampled).fit(X, y)
