@@ -258,8 +258,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     rng = np.random.default_rng(seed)
     labels, m = _labels(f.n, n_parts, partition, rng)
     if m == 1:
-        res = maximize(f, kk, method=method, seed=seed, eps=eps,
-                       gamma_lower=gamma_lower, lazy_fallback=lazy_fallback)
+        res = maximize(f, kk, method=method, seed=seed, eps=eps, gamma_lower=gamma_lower,
+                       lazy_fallback=lazy_fallback, certificate=certificate_prefixes > 0)
         res.distributed = DistributedInfo(
             n_parts=1, part_sizes=np.array([f.n]), part_values=np.array([res.value]),
             part_wall_times=np.array([res.wall_time]), union_size=int(res.selected.size), union_value=res.value,
@@ -351,7 +351,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     return SelectionResult(selected=selected, gains=gains, values=values, value=value, n_evaluations=n_eval,
                            wall_time=time.perf_counter() - start, certificate=certificate, method=method,
                            violations=violations, negative_gains=negative[:20],
-                           stopped_early=bool(selected.size < kk), distributed=info)
+                           stopped_early=bool(selected.size < kk), distributed=info,
+                           certificate_evaluations=run.n_eval)
 
 
 def _labels(n: int, n_parts: object, partition: ArrayLike | None,

@@ -634,3 +634,43 @@ def test_feature_selector_takes_a_ratio_estimate():
     assert sel.certificate_ >= best * (1 - 1e-12)
     with pytest.raises(ValueError, match="gamma_lower is an upper bound"):
         submod.SparseRegressionSelector(3, gamma_lower=sampled).fit(X, y)
+
+
+def test_certificate_evaluations_are_reported_apart_and_can_be_skipped():
+    # Stochastic greedy samples ceil((n / k) ln(1 / eps)) candidates per step (Mirzasoleiman et al. 2015); the
+    # certificate needs one more full pass of n gains at the final set, reported in certificate_evaluations.
+    X = np.random.default_rng(0).standard_normal((300, 4))
+    f = submod.FacilityLocation(X)
+    n, k, eps = 300, 6, 0.5
+    sampled = k * math.ceil(n / k * math.log(1 / eps))
+    with_cert = submod.maximize(f, k, method="stochastic", seed=0, eps=eps)
+    assert with_cert.certificate is not None
+    assert with_cert.certificate_evaluations == n
+    assert with_cert.n_evaluations - with_cert.certificate_evaluations == sampled
+    bare = submod.maximize(f, k, method="stochastic", seed=0, eps=eps, certificate=False)
+    assert bare.certificate is None and bare.certificate_evaluations == 0
+    assert bare.n_evaluations == sampled
+    np.testing.assert_array_equal(bare.selected, with_cert.selected)
+    for method in ("greedy", "lazy"):
+        a = submod.maximize(f, k, method=method)
+        b = submod.maximize(f, k, method=method, certificate=False)
+        assert a.certificate is not None and b.certificate is None
+        assert a.certificate_evaluations == b.certificate_evaluations == 0
+        assert a.n_evaluations == b.n_evaluations
+        np.testing.assert_array_equal(a.selected, b.selected)
+    with pytest.raises(ValueError, match="certificate must be True or False"):
+        submod.maximize(f, k, certificate="no")
+
+
+def test_distributed_reports_its_certificate_passes_and_one_part_honours_certificate_prefixes_zero():
+    X = np.random.default_rng(1).standard_normal((120, 3))
+    f = submod.FacilityLocation(X)
+    res = submod.maximize_distributed(f, 5, n_parts=3, seed=0, certificate_prefixes=3)
+    # prefixes of sizes 0, 2 or 3, and 5: three full passes of n = 120 gains
+    assert len(res.distributed.certified_prefixes) == 3
+    assert res.certificate_evaluations == 3 * 120
+    bare = submod.maximize_distributed(f, 5, n_parts=3, seed=0, certificate_prefixes=0)
+    assert bare.certificate is None and bare.certificate_evaluations == 0
+    assert bare.n_evaluations == res.n_evaluations - res.certificate_evaluations
+    one = submod.maximize_distributed(f, 5, n_parts=1, certificate_prefixes=0)
+    assert one.certificate is None
