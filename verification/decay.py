@@ -96,7 +96,9 @@ class ErrorDecay:
         Fitted ``rho`` in ``err_k ~ c rho^k`` (an empirical estimate, never a guarantee).
     contraction_points : int
     preconditions : list of str
-        Problems that make bounds vacuous (dead or duplicate units, fewer samples than columns).
+        Degenerate units and data: duplicate units and fewer samples than columns (which make the spectral
+        bounds vacuous unless there is a ridge), and dead units (listed, but excluded from ``lambda_min``: they
+        do not weaken the bounds).
     parameters, cost : dict
     """
 
@@ -198,9 +200,10 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
 
     Notes
     -----
-    Preconditions: a dead unit, two units spanning a common direction (duplicates) or fewer samples than
-    columns make ``lambda_min = 0``, so the spectral bounds are vacuous (still true); the path-ratio and
-    bicriteria bounds remain informative. Each is listed in ``preconditions``.
+    Preconditions: two units spanning a common direction (duplicates) or fewer samples than columns make
+    ``lambda_min = 0`` (without a ridge), so the spectral bounds are vacuous (still true); the path-ratio and
+    bicriteria bounds remain informative. Dead units (all-zero columns) have gains exactly 0 and are left out
+    of ``lambda_min``, so they do not make it 0. Each is listed in ``preconditions``.
 
     Examples
     --------
