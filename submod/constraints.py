@@ -158,7 +158,9 @@ class PartitionMatroid(Constraint):
     groups : array of shape (n,)
         Integer group label of each element, in ``[0, n_groups)``.
     budgets : int or array of shape (n_groups,)
-        Maximum number of picks per group (one int applies to every group).
+        Maximum number of picks per group (one int applies to every group present). An array sets the number of
+        groups, ``n_groups = len(budgets)``; a group may have no element (its labels are then simply absent),
+        but every label must be below ``len(budgets)``.
 
     Examples
     --------
@@ -177,12 +179,18 @@ class PartitionMatroid(Constraint):
             raise ValueError("groups must be a non-empty 1-D array with one label per element.")
         if not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
             raise ValueError("group labels must be non-negative integers.")
-        n_groups = int(g.max()) + 1
+        n_labelled = int(g.max()) + 1
         b = np.asarray(budgets)
         if b.ndim == 0 and np.issubdtype(b.dtype, np.integer):
-            b = np.full(n_groups, b)
-        if b.shape != (n_groups,) or not np.issubdtype(b.dtype, np.integer):
-            raise ValueError(f"budgets must be an int or {n_groups} integers (one per group); got {budgets!r}.")
+            b = np.full(n_labelled, b)
+        if b.ndim != 1 or not np.issubdtype(b.dtype, np.integer):
+            raise ValueError(f"budgets must be an int or a 1-D array of integers, one per group (labels reach "
+                             f"{n_labelled - 1}, so at least {n_labelled}); got {budgets!r}.")
+        # More budgets than labels present is fine: the groups without elements (e.g. labels of a subsample)
+        # simply allow no pick.
+        if b.size < n_labelled:
+            raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass one "
+                             f"budget per group ({n_labelled} or more), or an int for every group.")
         if np.any(b < 0):
             raise ValueError("budgets must be non-negative.")
         self.groups = g.astype(np.int64)

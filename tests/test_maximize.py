@@ -674,3 +674,25 @@ def test_distributed_reports_its_certificate_passes_and_one_part_honours_certifi
     assert bare.n_evaluations == res.n_evaluations - res.certificate_evaluations
     one = submod.maximize_distributed(f, 5, n_parts=1, certificate_prefixes=0)
     assert one.certificate is None
+
+
+def test_partition_matroid_accepts_groups_without_elements():
+    # Labels taken from a subsample need not reach every group: 2 budgets, every label 0 (group 1 empty).
+    w = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0])
+    c = submod.PartitionMatroid(np.zeros(6, int), [1, 2])
+    assert c.budgets.tolist() == [1, 2]
+    res = submod.maximize(submod.Modular(w), 3, constraint=c)
+    assert res.selected.tolist() == [5]  # the only feasible picks: one element of group 0; the best is 9
+    # an empty group in the middle: the oracle is brute force over the sets the budgets allow
+    groups = np.array([0, 0, 2, 2, 2, 0])
+    c = submod.PartitionMatroid(groups, [1, 3, 2])
+    f = submod.Modular(w)
+    feasible = [S for r in range(4) for S in itertools.combinations(range(6), r)
+                if all(np.sum(groups[list(S)] == g) <= b for g, b in enumerate([1, 3, 2]))]
+    opt = max(f.value(list(S)) for S in feasible)
+    res = submod.maximize(f, 3, constraint=c)
+    assert res.value == pytest.approx(opt)  # modular: greedy is optimal on a matroid
+    with pytest.raises(ValueError, match="labels reach 3; pass one budget per group"):
+        submod.PartitionMatroid([0, 3], [1, 1])
+    with pytest.raises(ValueError, match="1-D array of integers"):
+        submod.PartitionMatroid([0, 1], [[1, 1]])
