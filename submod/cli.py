@@ -116,6 +116,11 @@ def _run_select(args: argparse.Namespace) -> int:
     knn = "" if args.n_neighbors is None else f" ({args.n_neighbors} nearest neighbours)"
     print(f"data: {source}; objective: {args.objective}{knn}; method: {args.method}; k = {args.k}")
     print(f"selected (pick order): {res.selected.tolist()}")
+    if res.stopped_early:
+        print(f"stopped early: selected {res.selected.size} of k = {args.k} items, since no remaining item adds "
+              f"value to the {args.objective} objective (duplicate items, or items it cannot tell apart"
+              + ("; coverage reads every non-zero entry as 'covers', so on real-valued data one item covers "
+                 "everything" if args.objective == "coverage" else "") + ").")
     print("value curve F(S_t):", " ".join(f"{v:.4g}" for v in res.values))
     if res.certificate is not None:
         c = res.certificate
@@ -136,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Select k items (rows) maximizing a submodular objective; print the picks, "
                          "the value curve and the certificate, and optionally write them as JSON.")
     sel.add_argument("--data", help=".npy, .csv or .txt file, rows are items (default: scikit-learn digits)")
-    sel.add_argument("--objective", choices=OBJECTIVES, default="facility-location")
-    sel.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean", "cosine"))
+    sel.add_argument("--objective", choices=OBJECTIVES, default="facility-location",
+                     help="set function over the items (default facility-location); coverage reads the data as an "
+                          "items x concepts incidence matrix (a non-zero entry means 'covers'), so it needs 0/1 "
+                          "or count data, not real-valued features")
+    sel.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean", "cosine"),
+                     help=f"distance of the {' and '.join(METRIC_OBJECTIVES)} objectives (default sqeuclidean); "
+                          "an error with the others")
     sel.add_argument("--n-neighbors", type=int, default=None, metavar="K",
                      help="facility-location: keep each item's K nearest items only (sparse, O(n K) memory; for "
                           "many items)")

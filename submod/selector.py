@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike
 
 from ._validation import as_float_array, check_k
 from .base import SetFunction
-from .objectives import Coverage, FacilityLocation, FeatureBased, GraphCut, LogDeterminant
+from .objectives import _DISTANCE_METRICS, Coverage, FacilityLocation, FeatureBased, GraphCut, LogDeterminant
 from .optimize import METHODS, SelectionResult, maximize
 
 __all__ = ["SubmodularSelector"]
@@ -18,7 +18,8 @@ __all__ = ["SubmodularSelector"]
 _OBJECTIVES = ("facility-location", "feature-based", "graph-cut", "log-determinant")
 #: Objectives :func:`build_objective` builds from an items x features matrix (coverage reads it as incidence).
 OBJECTIVES = (*_OBJECTIVES, "coverage")
-#: Objectives whose similarity :func:`build_objective` computes with its ``metric`` (the others ignore it).
+#: Objectives whose similarity :func:`build_objective` computes with its ``metric`` (the others refuse a metric
+#: other than the default).
 METRIC_OBJECTIVES = ("facility-location", "graph-cut")
 
 
@@ -43,6 +44,12 @@ def build_objective(name: str, X: np.ndarray, metric: str = "sqeuclidean",
     """The set function named ``name`` over the rows of ``X`` (see :data:`OBJECTIVES`); ``metric``: the distance of
     the :data:`METRIC_OBJECTIVES`; ``n_neighbors``: the sparse k-nearest-neighbour facility location (facility
     location only)."""
+    if metric not in _DISTANCE_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {_DISTANCE_METRICS}.")
+    if metric != "sqeuclidean" and name not in METRIC_OBJECTIVES:
+        raise ValueError(f"metric applies to the {' and '.join(METRIC_OBJECTIVES)} objectives only, not {name!r} "
+                         f"(which does not use a distance); drop metric={metric!r} or choose one of "
+                         f"{METRIC_OBJECTIVES}.")
     if n_neighbors is not None and name != "facility-location":
         raise ValueError(f"n_neighbors applies to the facility-location objective only, not {name!r}; drop it or "
                          "choose objective='facility-location'.")
@@ -76,8 +83,9 @@ class SubmodularSelector(_EstimatorBase):
         "facility-location"
         How the set function is built from ``X`` (rows are items; feature-based needs ``X >= 0``).
     method : {"greedy", "lazy", "stochastic"}, default "lazy"
-    metric : str, default "sqeuclidean"
-        Similarity for facility location and graph cut.
+    metric : {"sqeuclidean", "euclidean", "cosine"}, default "sqeuclidean"
+        Similarity for facility location and graph cut; another value with another objective is an error
+        (it would be ignored).
     n_neighbors : int, optional
         Facility location only: keep each row's ``n_neighbors`` nearest rows (itself included) in a sparse
         similarity built without the ``n x n`` matrix (see :class:`FacilityLocation`); for many rows.

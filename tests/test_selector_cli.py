@@ -181,3 +181,33 @@ def test_n_neighbors_is_refused_for_objectives_without_it(capsys):
         submod.SubmodularSelector(k=2, objective="graph-cut", n_neighbors=3).fit(np.ones((5, 2)))
     assert main(["select", "-k", "2", "--objective", "log-determinant", "--n-neighbors", "3"]) == 2
     assert "facility-location objective only" in capsys.readouterr().err
+
+
+def test_metric_is_refused_for_objectives_without_it_and_checked_always(tmp_path, capsys):
+    X = np.abs(np.random.default_rng(0).standard_normal((20, 3)))
+    for objective in ("log-determinant", "feature-based"):
+        with pytest.raises(ValueError, match="metric applies to the facility-location and graph-cut objectives"):
+            submod.SubmodularSelector(k=2, objective=objective, metric="cosine").fit(X)
+    for objective in ("facility-location", "log-determinant"):
+        with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+            submod.SubmodularSelector(k=2, objective=objective, metric="manhattan").fit(X)
+    # the metric objectives take it; the default is accepted everywhere
+    assert submod.SubmodularSelector(k=2, objective="graph-cut", metric="cosine").fit(X).ranking_.size == 2
+    assert submod.SubmodularSelector(k=2, objective="log-determinant").fit(X).ranking_.size == 2
+    path = tmp_path / "x.npy"
+    np.save(path, X)
+    capsys.readouterr()
+    assert main(["select", "--data", str(path), "-k", "2", "--objective", "log-determinant",
+                 "--metric", "cosine"]) == 2
+    assert "metric applies to the facility-location and graph-cut objectives only" in capsys.readouterr().err
+
+
+def test_select_command_says_when_it_stopped_early(tmp_path, capsys):
+    # real-valued data: every entry is non-zero, so for coverage the first item covers every concept
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((10, 4)))
+    assert main(["select", "--data", str(path), "-k", "3", "--objective", "coverage"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped early: selected 1 of k = 3 items" in out and "non-zero entry" in out
+    assert main(["select", "--data", str(path), "-k", "3"]) == 0
+    assert "stopped early" not in capsys.readouterr().out
