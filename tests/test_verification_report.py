@@ -130,3 +130,27 @@ def test_plain_lazy_can_lose_silently_and_the_report_says_so(tmp_path):
     assert rep.lazy_value < 0.7 * rep.greedy_value and rep.lazy_violations == []
     text = rep.path.read_text()
     assert "not a proof" in text and "lost silently" in text
+
+
+def test_verify_modular_refuses_a_table_instead_of_flattening_it(tmp_path, capsys):
+    from submod.cli import main
+
+    np.save(tmp_path / "t.npy", np.ones((50, 4)))
+    assert main(["verify", "--data", str(tmp_path / "t.npy"), "--objective", "modular", "-k", "2", "--out",
+                 str(tmp_path / "rep"), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert "one weight per item" in err and "50 x 4" in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_verify_command_on_underdetermined_least_squares(tmp_path, capsys):
+    # the finding's file pair: 6 samples, 10 units (least squares is monotone; it exited with "not monotone")
+    from submod.cli import main
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "A.npy", rng.standard_normal((6, 10)))
+    np.save(tmp_path / "Y.npy", rng.standard_normal((6, 2)))
+    assert main(["verify", "--data", str(tmp_path / "A.npy"), "--targets", str(tmp_path / "Y.npy"),
+                 "--objective", "sparse-regression", "-k", "3", "--out", str(tmp_path / "rep"), "--no-figures",
+                 "--samples", "50"]) == 0, capsys.readouterr().err
+    assert "fewer samples (6) than columns (10)" in (tmp_path / "rep" / "verify_report.md").read_text()

@@ -63,6 +63,10 @@ def build_objective(args: argparse.Namespace):
         return submod.FeatureBased(X)
     if args.objective == "coverage":
         return submod.Coverage(X)
+    if X.ndim == 2 and min(X.shape) > 1:  # one row or one column is a weight vector; a table is not
+        raise ValueError(f"--objective modular takes one weight per item: a 1-D array, or a single row or column; "
+                         f"got a {X.shape[0]} x {X.shape[1]} array. Pass the weight vector (e.g. one column of "
+                         "this file saved on its own), or choose an objective that reads items x features.")
     return submod.Modular(np.ravel(X))
 
 
