@@ -189,8 +189,8 @@ class PartitionMatroid(Constraint):
         # More budgets than labels present is fine: the groups without elements (e.g. labels of a subsample)
         # simply allow no pick.
         if b.size < n_labelled:
-            raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass one "
-                             f"budget per group ({n_labelled} or more), or an int for every group.")
+            raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass "
+                             f"budgets with one per group ({n_labelled} or more), or an int for every group.")
         if np.any(b < 0):
             raise ValueError("budgets must be non-negative.")
         self.groups = g.astype(np.int64)

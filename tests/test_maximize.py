@@ -692,7 +692,7 @@ def test_partition_matroid_accepts_groups_without_elements():
     opt = max(f.value(list(S)) for S in feasible)
     res = submod.maximize(f, 3, constraint=c)
     assert res.value == pytest.approx(opt)  # modular: greedy is optimal on a matroid
-    with pytest.raises(ValueError, match="labels reach 3; pass one budget per group"):
+    with pytest.raises(ValueError, match="labels reach 3; pass budgets with one per group"):
         submod.PartitionMatroid([0, 3], [1, 1])
     with pytest.raises(ValueError, match="1-D array of integers"):
         submod.PartitionMatroid([0, 1], [[1, 1]])
