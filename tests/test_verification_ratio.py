@@ -17,6 +17,7 @@ from verification import certify as vf_certify
 from verification import strategies as vst
 from verification import submodularity_ratio
 from verification._kernels import sparse_lambda_min, whitened_gram
+from verification.ratio import monotone_tolerance
 
 TOL = 1e-7
 
@@ -143,12 +144,16 @@ def test_spectral_bound_keeps_every_column_least_squares_keeps_in_a_group():
     assert vf_certify(f, res, spec, k=2).upper_bound >= opt * (1 - 1e-9)
 
 
-def test_near_duplicate_columns_are_explained_and_target_orthogonal_to_the_columns_gives_gamma_one():
+def test_near_duplicate_columns_are_read_within_their_accuracy_and_target_orthogonal_to_the_columns_gives_gamma_one():
     rng = np.random.default_rng(0)
     x, z, w = rng.standard_normal((3, 40))
     f = SparseRegression(np.column_stack([x, x + 1e-6 * z, w]), x + 0.5 * w + 0.1 * rng.standard_normal(40))
-    with pytest.raises(ValueError, match="nearly collinear columns.*Pass a ridge"):
-        submodularity_ratio(f, 2)
+    # Which near-duplicate counts depends on the order (the second is within tol of the first), so F drops by
+    # about 1e-8 ||Y||^2 between some nested sets: within the accuracy SparseRegression documents for such columns,
+    # eps * d * ||Y||^2 / tol (d = 3 columns, no set of them has lambda_min above tol), hence read as rounding.
+    eps = np.finfo(float).eps
+    assert monotone_tolerance(f, 0.0, 1e-9) == pytest.approx(eps * 3 * f.y_norm2 / f.tol)
+    assert 0.0 <= submodularity_ratio(f, 2).value <= 1.0
     # Y orthogonal to every column: F is rounding noise (1e-31 of ||Y||^2), i.e. 0 everywhere, and 0/0 := 1
     A = rng.standard_normal((40, 6))
     Q = np.linalg.qr(A)[0]
