@@ -145,7 +145,8 @@ class PairStats:
         ``folds`` accumulators of ``O(d^2 + d m)`` each, still independent of the number of samples.
     """
 
-    def __init__(self, pair: PrunablePair, consumer: nn.Module, folds: int = 1) -> None:
+    def __init__(self, pair: PrunablePair, consumer: nn.Module, folds: int = 1,
+                 plan: list[np.ndarray] | None = None) -> None:
         self.pair = pair
         self.consumer = consumer
         self.W = weight_matrix(consumer)
@@ -157,6 +158,8 @@ class PairStats:
         self.device = stats_device(self.W.device)  # None: numpy statistics on the host (a CPU model)
         self.fold_accs = [GramAccumulator(d, self.W.shape[0], device=self.device) for _ in range(self.n_folds)]
         self._seen = 0          # samples seen (for the round-robin fold assignment)
+        self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
+        self._batch = 0         # batches seen (the next entry of the plan)
         self._total: GramAccumulator | None = None
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
         self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
@@ -187,6 +190,14 @@ class PairStats:
         per_sample = max(1, design_rows(self.consumer, x[:1]).shape[0])
         step = max(1, _CHUNK_ELEMS // max(1, per_sample * self.W.shape[1]))
         K = self.n_folds
+        if self._plan is not None and K > 1:  # the folds of this batch's samples (copies share a fold)
+            planned = np.asarray(self._plan[self._batch], dtype=np.int64) % K
+            if planned.size != n:
+                raise RuntimeError(f"pair {self.pair.name}: batch {self._batch} has {n} samples at the consumer, "
+                                   f"but the fold plan has {planned.size}.")
+            self._batch += 1
+        else:
+            planned = (self._seen + np.arange(n)) % K
         for s in range(0, n, step):
             A = design_rows(self.consumer, x[s:s + step])
             At = A if x_target is None else design_rows(self.consumer, xt[s:s + step])
@@ -197,11 +208,10 @@ class PairStats:
             if K == 1:
                 self.fold_accs[0].update(A, Y)
             elif self.device is not None:  # torch storage: the rows are dealt into folds on the model's device
-                fold = (self._seen + torch.arange(ns, device=A.device)) % K
+                fold = torch.as_tensor(planned[s:s + ns], device=A.device)
                 update_folds(self.fold_accs, A, Y, None, fold.repeat_interleave(per_sample))
             else:
-                fold = (self._seen + np.arange(ns)) % K
-                rows = np.repeat(fold, per_sample)
+                rows = np.repeat(planned[s:s + ns], per_sample)
                 for h in range(K):
                     sel = rows == h
                     if sel.any():

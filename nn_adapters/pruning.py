@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from . import _conv
 from . import budget as _budget
-from ._data import as_batches, float_dtype, n_samples
+from ._data import as_batches, float_dtype, n_samples, sample_folds
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
@@ -508,7 +508,8 @@ def _verify(f: object, k: int) -> dict[str, tuple]:
 def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool,
                  folds: int = 1) -> dict[str, PairStats]:
     """LayerInChange statistics of every pair in one forward pass of the original network, through hooks."""
-    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds) for p in pairs}
+    plan = sample_folds(batches, folds) if folds > 1 else None
+    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds, plan) for p in pairs}
     bar = _progress_bar(len(batches), "calibration", progress)
     try:
         with capture_hooks(orig, pairs, stats), torch.no_grad():
@@ -637,10 +638,11 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
     for a, t in last_use.items():
         free_at.setdefault(t, []).append(a)
     stats: dict[str, PairStats] = {}
+    plan = sample_folds(batches, folds) if folds > 1 else None
 
     def stats_of(p: PrunablePair) -> PairStats:
         if p.name not in stats:
-            stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds)
+            stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds, plan)
         return stats[p.name]
     nb = len(batches)
     need_orig = mode == "asym"

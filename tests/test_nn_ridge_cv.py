@@ -281,3 +281,20 @@ def test_removing_constant_units_moves_their_contribution_into_the_bias():
         torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-5)
         z = torch.randn(20, 6) * 3                           # new inputs: exact, not fitted to the calibration set
         torch.testing.assert_close(pruned(z), net(z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_repeated_calibration_samples_share_a_fold_so_repeating_the_data_changes_nothing(method):
+    """Copies of a sample go to the fold of its first occurrence: every fold of ``cat([x, x])`` then holds exactly
+    twice the statistics of the same fold of ``x``, and the cross-validation (relative errors and ridges) must
+    choose as for ``x``. With 101 samples dealt round-robin, the copies would land in other folds and be scored as
+    held-out samples (held-out error equal to the in-sample one, ridge at the grid minimum)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(101, 1, 8, 8)
+    _, once = nna.prune(net, x, keep=0.5, method=method)
+    _, twice = nna.prune(net, [x[:60], torch.cat([x[60:], x])], keep=0.5, method=method)
+    for a, b in zip(once.layers, twice.layers, strict=True):
+        assert a.kept_units == b.kept_units and a.ridge == b.ridge
+        assert b.cv_relative_error == pytest.approx(a.cv_relative_error, rel=1e-6)
