@@ -47,12 +47,6 @@ def weight_matrix(consumer: nn.Module) -> torch.Tensor:
     return W.reshape(W.shape[0], -1)
 
 
-def unit_groups(pair: PrunablePair) -> list[np.ndarray]:
-    """Column indices of each unit (contiguous blocks of ``cols_per_unit``)."""
-    c = pair.cols_per_unit
-    return [np.arange(j * c, (j + 1) * c) for j in range(pair.n_units)]
-
-
 #: Private test hook: ``True`` sends the statistics of CPU models through the device path too (torch storage on the
 #: CPU), so that the path a GPU model takes can be tested on a machine without a GPU.
 _DEVICE_PATH_ON_CPU = False
@@ -131,7 +125,123 @@ CV_GRID = np.logspace(-6.0, 1.0, 15)
 CV_FOLDS = 5
 
 
-class PairStats:
+class FoldStats:
+    """Float64 statistics of one pair's least-squares problem, kept per cross-validation fold, and the numerical
+    work done on them: the selection objective, the cross-validated ridge and the refit.
+
+    It holds no torch module, only the accumulators (numpy or torch storage, see :func:`stats_device`), the unit
+    layout and the consumer's weights as a numpy array, so it can be sent to another thread, process or machine:
+    pickling turns accumulators with torch storage into numpy ones on the host (see
+    :class:`submod.GramAccumulator`), so a worker needs neither the model's device nor torch storage, and reads the
+    same numbers. :class:`PairStats` is the same object with the forward-pass side (hooks feed it batches).
+
+    Parameters
+    ----------
+    name : str
+        The pair's name (for messages).
+    fold_accs : list of GramAccumulator
+        One accumulator per cross-validation fold (the consumer's input columns, its output targets).
+    n_units, cols_per_unit : int
+        Units of the pair and input columns per unit (unit ``j`` is columns ``j * c ... (j + 1) * c - 1``).
+    weights : ndarray (m, d)
+        The consumer's original weights (float64), the prior of :meth:`refit` and :meth:`cv_ridge`.
+    total : GramAccumulator, optional
+        The folds merged (default: merged on first use).
+    """
+
+    def __init__(self, name: str, fold_accs: list[GramAccumulator], n_units: int, cols_per_unit: int,
+                 weights: np.ndarray, total: GramAccumulator | None = None) -> None:
+        self.name = name
+        self.fold_accs = fold_accs
+        self.n_folds = len(fold_accs)
+        self.n_units = n_units
+        self.cols_per_unit = cols_per_unit
+        self.weights = weights
+        self._total = total
+
+    @property
+    def acc(self) -> GramAccumulator:
+        """The statistics of all samples (the folds merged)."""
+        if self._total is None:
+            if self.n_folds == 1:
+                self._total = self.fold_accs[0]
+            else:
+                first = self.fold_accs[0]
+                tot = GramAccumulator(first.n_features, first.n_targets, device=first.device)
+                for a in self.fold_accs:
+                    tot.merge(a)
+                self._total = tot
+        return self._total
+
+    @property
+    def count(self) -> int:
+        return int(self.acc.count)
+
+    def groups(self) -> list[np.ndarray]:
+        """Column indices of each unit (contiguous blocks of ``cols_per_unit``)."""
+        c = self.cols_per_unit
+        return [np.arange(j * c, (j + 1) * c) for j in range(self.n_units)]
+
+    def ridge_scale(self) -> float:
+        """``mean_j`` of the centred Gram diagonal (``count x`` the mean input variance); ``1`` if it is zero."""
+        return ridge_scale(self.acc)
+
+    def objective(self, ridge: float) -> SparseRegression:
+        """The ``SparseRegression`` over units (column groups), with intercept and a scale-free ridge.
+
+        The absolute ridge is ``ridge * mean_j Var(A_j) * count`` (``ridge`` relative to the average centred
+        diagonal of the Gram matrix), so ``ridge`` means the same for every layer and input scale.
+        """
+        lam = ridge * self.ridge_scale() if ridge > 0 else 0.0
+        return self.acc.to_objective(ridge=lam, groups=self.groups(), fit_intercept=True)
+
+    def unit_input_norms(self) -> np.ndarray:
+        """``||X_c||_2`` of every input column (uncentred), used by the activation-weighted norm baseline."""
+        return np.sqrt(np.maximum(np.diag(self.acc.gram()), 0.0))
+
+    def can_cross_validate(self) -> bool:
+        """Whether every fold holds at least one sample (and there are at least two folds)."""
+        return self.n_folds >= 2 and all(a.weight_sum > 0 for a in self.fold_accs)
+
+    def _columns(self, units: np.ndarray | None) -> np.ndarray:
+        if units is None:
+            return np.arange(self.fold_accs[0].n_features)
+        return columns_of_units(self.groups(), units)
+
+    def cv_ridge(self, units: np.ndarray | None = None, grid: np.ndarray = CV_GRID, *,
+                 prior: bool = False) -> tuple[float, np.ndarray]:
+        """Relative ridge of the refit on ``units`` (default: all) chosen by K-fold cross-validation.
+
+        See :func:`cv_ridge`; ``prior=True`` cross-validates the refit that shrinks toward the consumer's original
+        weights (:meth:`refit`).
+        """
+        if not self.can_cross_validate():
+            raise ValueError("cross-validation needs at least two folds with one sample each; pass more "
+                             "calibration samples or a fixed ridge.")
+        cols = self._columns(units)
+        return cv_ridge(self.fold_accs, cols, grid, self._prior(cols) if prior else None)
+
+    def prior_error(self, units: np.ndarray) -> float:
+        """In-sample relative error of the consumer's trained weights on ``units`` (:func:`prior_relative_error`)."""
+        cols = self._columns(np.asarray(units))
+        return prior_relative_error(self.acc, cols, self._prior(cols))
+
+    def refit(self, units: np.ndarray, ridge: float, *, prior: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        """Ridge refit with intercept on the columns of ``units``: ``(M (c, m), b (m,), relative error)``.
+
+        See :func:`ridge_refit`; ``prior=True`` shrinks toward ``W_S^T``, the consumer's original weights of the
+        kept columns.
+        """
+        cols = self._columns(np.asarray(units))
+        return ridge_refit(self.acc, cols, ridge, self._prior(cols) if prior else None)
+
+    def _prior(self, cols: np.ndarray) -> np.ndarray:
+        """``W_S^T`` (c, m), the transpose of a C-ordered copy of the columns (the BLAS calls that read it then see
+        the same memory layout, hence round the same way, whatever made the weights)."""
+        return self.weights.take(cols, axis=1).T
+
+
+class PairStats(FoldStats):
     """Float64 sufficient statistics of one pair, fed batch by batch, kept per cross-validation fold.
 
     Parameters
@@ -154,16 +264,21 @@ class PairStats:
         if d != pair.n_units * pair.cols_per_unit:
             raise ValueError(f"pair {pair.name}: consumer has {d} input columns, expected "
                              f"{pair.n_units} units x {pair.cols_per_unit} columns.")
-        self.n_folds = max(1, int(folds))
         self.device = stats_device(self.W.device)  # None: numpy statistics on the host (a CPU model)
-        self.fold_accs = [GramAccumulator(d, self.W.shape[0], device=self.device) for _ in range(self.n_folds)]
+        accs = [GramAccumulator(d, self.W.shape[0], device=self.device) for _ in range(max(1, int(folds)))]
+        super().__init__(pair.name, accs, pair.n_units, pair.cols_per_unit, self.W.cpu().numpy())
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
         self._batch = 0         # batches seen (the next entry of the plan)
-        self._total: GramAccumulator | None = None
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
         self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
         self._se_count = 0
+
+    def fold_stats(self, merged: bool = False) -> FoldStats:
+        """The statistics without the forward-pass side: no module, the folds merged now, where they are (their
+        merge only, as one fold, with ``merged``)."""
+        accs = [self.acc] if merged else self.fold_accs
+        return FoldStats(self.name, accs, self.n_units, self.cols_per_unit, self.weights, self.acc)
 
     def update_se_input(self, x: torch.Tensor) -> None:
         """Add a batch of the SE gate's pooled input (``fc1``'s input, ``(N, C)`` or ``(N, C, 1, 1)``)."""
@@ -218,77 +333,6 @@ class PairStats:
                         self.fold_accs[h].update(A[sel], Y[sel])
             self._seen += ns
         self._total = None
-
-    @property
-    def acc(self) -> GramAccumulator:
-        """The statistics of all samples (the folds merged)."""
-        if self._total is None:
-            if self.n_folds == 1:
-                self._total = self.fold_accs[0]
-            else:
-                tot = GramAccumulator(self.fold_accs[0].n_features, self.fold_accs[0].n_targets,
-                                      device=self.device)
-                for a in self.fold_accs:
-                    tot.merge(a)
-                self._total = tot
-        return self._total
-
-    @property
-    def count(self) -> int:
-        return int(self.acc.count)
-
-    def ridge_scale(self) -> float:
-        """``mean_j`` of the centred Gram diagonal (``count x`` the mean input variance); ``1`` if it is zero."""
-        return ridge_scale(self.acc)
-
-    def objective(self, ridge: float) -> SparseRegression:
-        """The ``SparseRegression`` over units (column groups), with intercept and a scale-free ridge.
-
-        The absolute ridge is ``ridge * mean_j Var(A_j) * count`` (``ridge`` relative to the average centred
-        diagonal of the Gram matrix), so ``ridge`` means the same for every layer and input scale.
-        """
-        lam = ridge * self.ridge_scale() if ridge > 0 else 0.0
-        return self.acc.to_objective(ridge=lam, groups=unit_groups(self.pair), fit_intercept=True)
-
-    def unit_input_norms(self) -> np.ndarray:
-        """``||X_c||_2`` of every input column (uncentred), used by the activation-weighted norm baseline."""
-        return np.sqrt(np.maximum(np.diag(self.acc.gram()), 0.0))
-
-    def can_cross_validate(self) -> bool:
-        """Whether every fold holds at least one sample (and there are at least two folds)."""
-        return self.n_folds >= 2 and all(a.weight_sum > 0 for a in self.fold_accs)
-
-    def _columns(self, units: np.ndarray | None) -> np.ndarray:
-        if units is None:
-            return np.arange(self.fold_accs[0].n_features)
-        return columns_of_units(unit_groups(self.pair), units)
-
-    def cv_ridge(self, units: np.ndarray | None = None, grid: np.ndarray = CV_GRID, *,
-                 prior: bool = False) -> tuple[float, np.ndarray]:
-        """Relative ridge of the refit on ``units`` (default: all) chosen by K-fold cross-validation.
-
-        See :func:`cv_ridge`; ``prior=True`` cross-validates the refit that shrinks toward the consumer's original
-        weights (:meth:`refit`).
-        """
-        if not self.can_cross_validate():
-            raise ValueError("cross-validation needs at least two folds with one sample each; pass more "
-                             "calibration samples or a fixed ridge.")
-        cols = self._columns(units)
-        return cv_ridge(self.fold_accs, cols, grid, self.W[:, cols].T.cpu().numpy() if prior else None)
-
-    def prior_error(self, units: np.ndarray) -> float:
-        """In-sample relative error of the consumer's trained weights on ``units`` (:func:`prior_relative_error`)."""
-        cols = self._columns(np.asarray(units))
-        return prior_relative_error(self.acc, cols, self.W[:, cols].T.cpu().numpy())
-
-    def refit(self, units: np.ndarray, ridge: float, *, prior: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
-        """Ridge refit with intercept on the columns of ``units``: ``(M (c, m), b (m,), relative error)``.
-
-        See :func:`ridge_refit`; ``prior=True`` shrinks toward ``W_S^T``, the consumer's original weights of the
-        kept columns.
-        """
-        cols = self._columns(np.asarray(units))
-        return ridge_refit(self.acc, cols, ridge, self.W[:, cols].T.cpu().numpy() if prior else None)
 
 
 def columns_of_units(groups: list[np.ndarray], units: np.ndarray) -> np.ndarray:

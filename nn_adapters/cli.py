@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 __all__ = ["register"]
@@ -44,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")
     pr.add_argument("--progress", action="store_true", help="show a progress bar")
+    pr.add_argument("--workers", type=int, default=1,
+                    help="with --method layer: worker processes for the layers' selection and refit (default 1: "
+                    "all in this process; the executor= of nn_adapters.prune)")
     pr.set_defaults(func=_run_prune)
 
 
@@ -144,6 +149,12 @@ def _run_prune(args: argparse.Namespace) -> int:
 
     if args.compression is None and args.keep is None:
         args.compression = 4.0
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}.")
+    if args.workers > 1 and args.method != "layer":
+        raise ValueError(f"--workers {args.workers} needs --method layer: with --method {args.method} every layer's "
+                         "statistics come from the network pruned before it, so the layers are pruned one after "
+                         "another.")
     if Path(args.out).is_dir():  # found now, not after the pruning
         raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/pruned_model.pt.")
     above = Path(args.out).absolute().parent
@@ -153,9 +164,12 @@ def _run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out!r} lies under {str(above)!r}, which is a file, not a directory.")
     model, calib, *rest = _load_user(args.spec)
     before = _eval_accuracy(model, rest[0]) if rest else None
-    pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,
-                           reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
-                           progress=args.progress)
+    with contextlib.ExitStack() as stack:
+        # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS
+        pool = stack.enter_context(ProcessPoolExecutor(args.workers)) if args.workers > 1 else None
+        pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,
+                               reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
+                               progress=args.progress, executor=pool)
     print(report.summary())
     if rest:
         after = _eval_accuracy(pruned, rest[0])

@@ -30,7 +30,9 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -40,8 +42,9 @@ from torch import fx, nn
 from . import _conv
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples, sample_folds
+from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
-from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, PairStats, capture_hooks, slice_units
+from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
 from .shrink import keep_between, keep_outputs, keep_se, set_inputs
 
@@ -177,7 +180,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
           pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
           refit_prior: str = "original", loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
-          se_bias_correction: bool = True, **kwargs: object) -> tuple[nn.Module, PruneReport]:
+          se_bias_correction: bool = True, executor: Executor | None = None,
+          **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
     Parameters
@@ -264,6 +268,22 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         the pooled channel (:func:`nn_adapters.shrink.keep_se`; the mean is read on the network the statistics
         come from: the original for ``layer``, the network pruned so far for ``seq`` and ``asym``). ``False``
         drops the column (the removed pooled values become zero), for comparison.
+    executor : concurrent.futures.Executor, optional
+        Runs the layers' numerical work in parallel, for LayerInChange statistics (``method="layer"``, or a
+        baseline with ``refit_from="layer"``): a ``ThreadPoolExecutor``, a ``ProcessPoolExecutor`` or Dask's
+        ``distributed.Client(...).get_executor()``. The statistics are gathered as without it (one forward pass,
+        here); then every layer's selection (greedy path, cross-validated selection ridge, path again), refit
+        ridge and refit are submitted at once (with ``allocation="error"``, every layer's full greedy path first;
+        with ``verify=True``, the verification too), and the modules are shrunk here, layer by layer in order, as
+        without an executor. The result is the same: the same units and report, and weights from the same
+        arithmetic (equal up to the rounding of BLAS calls run on another number of threads). The random baseline
+        draws every layer's units here, in layer order. Threads share the statistics; a process or Dask worker
+        receives a layer's statistics pickled, as numpy on the host (also those of a model on a GPU): with
+        ``ridge="cv"`` the 5 folds and their merge, each ``d x d + d x m`` float64 (``d`` the consumer's input
+        columns, ``m`` its outputs), and all layers' jobs are submitted at once. ``asym`` and ``seq`` statistics
+        come from the network pruned so far, one layer after another: an executor is refused there
+        (``ValueError``). A job that fails raises a ``RuntimeError`` naming its layer, with the worker's error as
+        its cause. See :doc:`/nn_adapters` (parallel layers) for when it pays off.
 
     Returns
     -------
@@ -282,6 +302,18 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     [16, 16, 3]
     >>> net[0].out_features  # the input model is untouched
     32
+
+    With LayerInChange statistics the layers' selection and refit can run on an executor, with the same result:
+
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> x = torch.randn(200, 10)
+    >>> serial, rep = nna.prune(net, x, keep=0.5, method="layer")
+    >>> with ThreadPoolExecutor(2) as pool:
+    ...     parallel, rep_pool = nna.prune(net, x, keep=0.5, method="layer", executor=pool)
+    >>> [r.kept_units for r in rep_pool.layers] == [r.kept_units for r in rep.layers]
+    True
+    >>> all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(serial.parameters(), parallel.parameters()))
+    True
     """
     if target is not None or _is_transformer(model):
         from . import transformer
@@ -304,7 +336,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
         return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,
                                              reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
-                                             allocation=allocation, **kwargs)
+                                             allocation=allocation, executor=executor, **kwargs)
     if kwargs:
         raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
     if not isinstance(model, nn.Module):
@@ -316,6 +348,11 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     prior = refit_prior == "original"
     if not isinstance(se_bias_correction, bool):
         raise ValueError(f"se_bias_correction must be True or False; got {se_bias_correction!r}.")
+    check_executor(executor)
+    stats_mode = method if method in SUBMODULAR_METHODS else refit_from
+    if executor is not None and stats_mode != "layer":
+        raise ValueError(f"with {stats_mode!r} statistics {LAYER_ONLY}: pass method='layer' (refit_from='layer' "
+                         "for a baseline), or no executor.")
     t_start = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -343,7 +380,6 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          "Linear->Linear, Conv1d->Conv1d, Conv2d->Conv2d and Conv->Flatten->Linear through BatchNorm, "
                          "activations, pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other "
                          "layouts.")
-    stats_mode = method if method in SUBMODULAR_METHODS else refit_from
     if stats_mode != "layer":
         hooked = container_hooks(work) + [p.consumer for p in found
                                           if work.get_submodule(p.consumer)._forward_pre_hooks]
@@ -366,19 +402,22 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     folds = CV_FOLDS if ridge == "cv" else 1
     pm = _budget.ParamModel(work, found, adds_bias=reweight, adds_se_bias=se_bias_correction)
     layer_stats: dict[str, PairStats] | None = None
-    full_paths: dict[str, object] = {}
+    full_paths: dict[str, _Path] = {}
     if keep is not None:
         ks = _budget.keep_counts(found, keep)
     elif allocation == "uniform":
         ks = _budget.uniform_counts(pm, compression)
     else:
         layer_stats = _layer_stats(orig, found, batches, progress, folds)
-        curves = []
-        for p in found:
-            path = layer_stats[p.name].objective(FALLBACK_RIDGE if ridge == "cv" else ridge).greedy_path(p.n_units)
-            full_paths[p.name] = path
-            curves.append(np.asarray(path.relative_errors, dtype=np.float64))
-        ks = _budget.error_allocation(pm, curves, compression)
+        sel_ridge = FALLBACK_RIDGE if ridge == "cv" else float(ridge)
+        with OrderedJobs(executor) as jobs:
+            for p in found:
+                jobs.add(f"the greedy path of pair {p.name}", _greedy,
+                         (_shipped(layer_stats[p.name], executor, merged=True), sel_ridge, p.n_units),
+                         partial(full_paths.__setitem__, p.name))
+            jobs.finish()
+        ks = _budget.error_allocation(pm, [np.asarray(full_paths[p.name].relative_errors, dtype=np.float64)
+                                           for p in found], compression)
 
     scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
     rng = np.random.default_rng(seed)
@@ -386,33 +425,35 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
     bar = _progress_bar(len(found), f"prune[{method}]", progress)
 
-    def decide(i: int, pair: PrunablePair, st: PairStats) -> torch.Tensor:
+    def job_args(i: int, pair: PrunablePair, st: PairStats, shipped: FoldStats) -> tuple:
+        """The arguments of :func:`_pair_job` for pair ``i`` with statistics ``st`` (``shipped``: what the job
+        reads of them); a baseline's units are chosen here, in the order of the calls (pair order in layer mode)."""
+        k = int(ks[i])
+        order = None if method in SUBMODULAR_METHODS else _baseline_order(method, pair, st, orig, k, rng, scores)
+        start = full_paths.get(pair.name) if method == "layer" else None
+        return shipped, k, ridge, prior, bool(reweight), bool(verify), order, start
+
+    def apply(i: int, pair: PrunablePair, st: PairStats, out: _Outcome) -> torch.Tensor:
+        """Shrink the modules of pair ``i`` to its job's outcome and report it."""
         t0 = time.perf_counter()
         k = int(ks[i])
-        path = None
-        if method in SUBMODULAR_METHODS:
-            path = _select(st, ridge, k, full_paths.get(pair.name) if method == "layer" else None)
-            order = np.asarray(path.selected[:k], dtype=np.int64)
-        else:
-            order = _baseline_order(method, pair, st, orig, k, rng, scores)
-        kept = np.sort(order)
+        kept = np.sort(out.order)
         idx = torch.as_tensor(kept, dtype=torch.long, device=device)
         weight = bias = None
-        rel = cv_err = None
-        lam, how = _refit_ridge(st, ridge, kept, prior)
+        rel = cv_err = lam = how = None
         if reweight:
+            (lam, cv_err), how = out.ridge
             cols = kept.size * pair.cols_per_unit
-            if lam[0] == 0.0 and st.count <= cols + 1:
+            if lam == 0.0 and st.count <= cols + 1:
                 notes.append(f"pair {pair.name}: the refit with ridge=0 has {st.count} calibration rows for {cols} "
                              "kept columns and a bias, so it interpolates the calibration data (the interpolant "
                              "closest to the refit prior) and is unlikely to generalise; use ridge='cv' (the "
                              "default) or more calibration samples.")
-            M, b, rel = st.refit(kept, lam[0], prior=prior)
+            M, b, rel = out.refit
             cons = work.get_submodule(pair.consumer)
             weight = torch.as_tensor(np.ascontiguousarray(M.T), dtype=torch.float64)
             base_bias = cons.bias.detach().to(torch.float64).cpu() if cons.bias is not None else 0.0
             bias = base_bias + torch.as_tensor(b, dtype=torch.float64)
-            cv_err = lam[1]
         keep_outputs(work.get_submodule(pair.producer), idx)
         for b_name in pair.between:
             keep_between(work.get_submodule(b_name), idx)
@@ -420,22 +461,27 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
                     st.se_input_mean() if se_bias_correction else None)
         set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
-        curve = None if path is None else [float(e) for e in path.relative_errors[:k + 1]]
-        ver = _verify(path.objective, k) if (verify and path is not None) else None
-        reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), order.tolist(), rel,
-                                   time.perf_counter() - t0,
-                                   ridge=lam[0] if reweight and np.isfinite(lam[0]) else None,
-                                   ridge_choice=how if reweight else None, cv_relative_error=cv_err,
-                                   error_curve=curve, verification=ver))
+        curve = None if out.path is None else [float(e) for e in out.path.relative_errors[:k + 1]]
+        reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), out.order.tolist(), rel,
+                                   out.time_s + time.perf_counter() - t0,
+                                   ridge=lam if lam is None or np.isfinite(lam) else None, ridge_choice=how,
+                                   cv_relative_error=cv_err, error_curve=curve, verification=out.verification))
         bar.update(1)
         return idx
+
+    def decide(i: int, pair: PrunablePair, st: PairStats) -> torch.Tensor:
+        return apply(i, pair, st, _pair_job(*job_args(i, pair, st, st)))
 
     try:
         if stats_mode == "layer":
             if layer_stats is None:
                 layer_stats = _layer_stats(orig, found, batches, progress, folds)
-            for i, p in enumerate(found):
-                decide(i, p, layer_stats[p.name])
+            with OrderedJobs(executor) as jobs:
+                for i, p in enumerate(found):
+                    st = layer_stats[p.name]
+                    jobs.add(f"the selection and refit of pair {p.name}", _pair_job,
+                             job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
+                jobs.finish()
         else:
             _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds)
     finally:
@@ -523,22 +569,41 @@ def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, prog
 
 #: Relative ridge used when ``ridge="cv"`` cannot cross-validate (fewer calibration samples than folds).
 FALLBACK_RIDGE = 1e-3
-def _select(st: PairStats, ridge: float | str, k: int, path: object = None) -> object:
-    """The nested greedy path of ``k`` picks (``path``: an existing path to reuse when it is long enough).
+
+
+@dataclass(frozen=True)
+class _Path:
+    """What pruning reads of a nested greedy path (:meth:`submod.SparseRegression.greedy_path`), without its
+    objective: small to send between processes."""
+
+    selected: np.ndarray
+    relative_errors: np.ndarray
+    ridge: float  # the relative selection ridge it was computed with
+
+
+def _greedy(st: FoldStats, ridge: float, k: int) -> _Path:
+    """The nested greedy path of ``k`` picks on ``st`` at relative ridge ``ridge``."""
+    path = st.objective(ridge).greedy_path(k)
+    return _Path(path.selected, path.relative_errors, ridge)
+
+
+def _select(st: FoldStats, ridge: float | str, k: int, start: _Path | None = None) -> _Path:
+    """The nested greedy path of ``k`` picks (``start``: an existing path to reuse when it is long enough).
 
     With ``ridge="cv"`` the selection's ridge is cross-validated at the size that is kept: a first path at
     :data:`FALLBACK_RIDGE` gives a set ``S0`` of ``k`` units, the ridge is chosen by cross-validation on ``S0``,
     and the path is recomputed with it (a ridge cross-validated on all units does not transfer: with more
     columns than samples the minimum-norm fit of all units needs less shrinkage than a ``k``-unit fit).
     """
+    path = start
     if path is None or len(path.selected) < k:
-        path = st.objective(FALLBACK_RIDGE if ridge == "cv" else float(ridge)).greedy_path(k)
+        path = _greedy(st, FALLBACK_RIDGE if ridge == "cv" else float(ridge), k)
     if ridge == "cv" and k > 0 and st.can_cross_validate():
-        path = st.objective(st.cv_ridge(path.selected[:k])[0]).greedy_path(k)
+        path = _greedy(st, st.cv_ridge(path.selected[:k])[0], k)
     return path
 
 
-def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray,
+def _refit_ridge(st: FoldStats, ridge: float | str, kept: np.ndarray,
                  prior: bool) -> tuple[tuple[float, float | None], str]:
     """``((relative ridge, held-out relative error or None), how it was chosen)`` for the refit on ``kept``.
 
@@ -555,6 +620,46 @@ def _refit_ridge(st: PairStats, ridge: float | str, kept: np.ndarray,
         return (FALLBACK_RIDGE, None), f"fixed {FALLBACK_RIDGE:g} (too few samples to cross-validate)"
     lam, errs = st.cv_ridge(kept, prior=prior)
     return (lam, float(errs.min())), f"{st.n_folds}-fold cv"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What :func:`_pair_job` computed for one pair."""
+
+    order: np.ndarray                                   # the kept units in pick order
+    path: _Path | None                                  # the greedy path (submodular methods)
+    ridge: tuple[tuple[float, float | None], str] | None  # the refit's ridge (see _refit_ridge), with reweight
+    refit: tuple[np.ndarray, np.ndarray, float] | None  # (M, b, relative error) of the refit, with reweight
+    verification: dict[str, tuple] | None
+    time_s: float
+
+
+def _pair_job(st: FoldStats, k: int, ridge: float | str, prior: bool, reweight: bool, verify: bool,
+              order: np.ndarray | None, start: _Path | None) -> _Outcome:
+    """The numerical work of one pair: the greedy selection of ``k`` units (unless a baseline's ``order`` is
+    given), the refit's ridge and the refit, and the verification.
+
+    A module-level function of picklable arguments (numbers, numpy arrays and :class:`FoldStats`), so that it can
+    run on any executor (see :mod:`nn_adapters._executor`).
+    """
+    t0 = time.perf_counter()
+    path = None
+    if order is None:
+        path = _select(st, ridge, k, start)
+        order = np.asarray(path.selected[:k], dtype=np.int64)
+    kept = np.sort(order)
+    lam = fit = None
+    if reweight:
+        lam = _refit_ridge(st, ridge, kept, prior)
+        fit = st.refit(kept, lam[0][0], prior=prior)
+    ver = _verify(st.objective(path.ridge), k) if (verify and path is not None) else None
+    return _Outcome(order, path, lam, fit, ver, time.perf_counter() - t0)
+
+
+def _shipped(st: PairStats, executor: Executor | None, merged: bool = False) -> FoldStats:
+    """The statistics a job reads: ``st`` itself when it runs here, else its module-free part (only the folds'
+    merge with ``merged``: all that a path at a fixed ridge reads)."""
+    return st if executor is None else st.fold_stats(merged=merged)
 
 
 def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Module, k: int,

@@ -47,7 +47,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
 from ._data import float_dtype
+from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -394,29 +397,84 @@ _NONFINITE = ("non-finite (NaN/inf) activations in the calibration statistics: c
               "calibration inputs")
 
 
-class _Stats:
-    """Float64 sufficient statistics of a token-weighted least-squares problem, streamed batch by batch and kept
-    per cross-validation fold (sentences are dealt round-robin into :data:`CV_FOLDS` folds, so all tokens of a
-    sentence stay in one fold).
+class _Problem:
+    """The per-fold statistics of one stage's token-weighted least-squares problem and what is computed from them:
+    the selection objective, the refit and its cross-validated ridge (the shared kernels of
+    :mod:`nn_adapters._stats`).
 
     Rows ``t`` carry weights ``w_t`` and target columns are scaled by ``c`` (see ``weighting`` in
     :func:`prune_transformer`): the objective is ``sum_t w_t ||(y_t - M^T a_t - b) * c||^2``. Each fold is a
-    weighted :class:`submod.GramAccumulator`; the selection objective, the refit and its cross-validated ridge
-    come from the shared kernels of :mod:`nn_adapters._stats`.
+    weighted :class:`submod.GramAccumulator`. It holds no module and no buffer of the forward pass, so it pickles
+    (to a process or Dask worker; the accumulators as numpy on the host, whatever their storage).
     """
+
+    def __init__(self, folds: list[submod.GramAccumulator], col_scale: np.ndarray | None,
+                 total: submod.GramAccumulator | None = None) -> None:
+        self.folds = folds
+        self.col_scale = col_scale
+        self._total = total
+
+    @property
+    def total(self) -> submod.GramAccumulator:
+        if self._total is None:
+            tot = submod.GramAccumulator(self.folds[0].n_features, self.folds[0].n_targets,
+                                         device=self.folds[0].device)
+            for acc in self.folds:
+                tot.merge(acc)
+            self._total = tot
+        return self._total
+
+    def objective(self, ridge_rel: float, groups: list[np.ndarray] | None,
+                  fit_intercept: bool) -> submod.sparse_regression.SparseRegression:
+        lam = float(ridge_rel) * _ridge_scale(self.total, fit_intercept)
+        return self.total.to_objective(ridge=lam, groups=groups, fit_intercept=fit_intercept)
+
+    def refit(self, cols: np.ndarray, ridge: float | str, prior: np.ndarray | None,
+              fit_intercept: bool) -> tuple[np.ndarray, np.ndarray | None, float, float, float | None]:
+        """Consumer weights (n_cols, out) and bias of the weighted ridge fit on the columns ``cols`` (toward
+        ``prior``, the original weights ``(c, m)``, when given); also the in-sample relative error, the relative
+        ridge used and, with ``ridge="cv"``, the cross-validated relative error.
+
+        The fit is solved on targets scaled by ``col_scale`` (the LayerNorm's ``|gamma|``), so the penalty on
+        output ``i`` is ``lam * gamma_i^2 * ||M_i - prior_i||^2``: error and ridge are both measured after the
+        LayerNorm's scale, and the cross-validation chooses ``lam`` in that space."""
+        if self.col_scale is not None and prior is not None:
+            prior = prior * self.col_scale
+        cv_err = None
+        if ridge == "cv":
+            if len(self.folds) >= 2 and all(acc.weight_sum > 0 for acc in self.folds):
+                lam, errs = _cv_ridge(self.folds, cols, CV_GRID, prior, intercept=fit_intercept)
+                cv_err = float(errs.min())
+            else:
+                lam = SELECTION_RIDGE
+        else:
+            lam = float(ridge)
+        m_rows, bias, rel = _ridge_refit(self.total, cols, lam, prior, intercept=fit_intercept)
+        if self.col_scale is not None:
+            m_rows = m_rows / self.col_scale
+            bias = bias / self.col_scale
+        return m_rows, (np.asarray(bias) if fit_intercept else None), rel, lam, cv_err
+
+
+class _Stats(_Problem):
+    """:class:`_Problem` fed batch by batch: sentences are dealt round-robin into :data:`CV_FOLDS` folds, so all
+    tokens of a sentence stay in one fold; also the unweighted column sums of squares (for the Wanda scores)."""
 
     def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None,
                  folds: int = 1, device: torch.device | None = None) -> None:
         # device: torch storage there (a GPU model, see nn_adapters._stats.stats_device); None: numpy on the host
         self.device = device
-        self.folds = [submod.GramAccumulator(n_features, n_targets, device=device) for _ in range(max(1, folds))]
-        self.col_scale = None if col_scale is None else col_scale.detach().to(torch.float64).cpu().numpy()
+        super().__init__([submod.GramAccumulator(n_features, n_targets, device=device) for _ in range(max(1, folds))],
+                         None if col_scale is None else col_scale.detach().to(torch.float64).cpu().numpy())
         if device is None:
             self._col_sq: np.ndarray | torch.Tensor = np.zeros(n_features)  # unweighted, for the Wanda scores
         else:
             self._col_sq = torch.zeros(n_features, dtype=torch.float64, device=device)
             self._col_scale_dev = None if col_scale is None else col_scale.detach().to(device, torch.float64)
-        self._total: submod.GramAccumulator | None = None
+
+    def problem(self) -> _Problem:
+        """The statistics without the forward-pass side (the folds merged now, where they are)."""
+        return _Problem(self.folds, self.col_scale, self.total)
 
     @property
     def col_sq(self) -> np.ndarray:
@@ -448,47 +506,6 @@ class _Stats:
                     acc.update(a64[sel], y64[sel], None if w64 is None else w64[sel])
         self._col_sq += np.einsum("ij,ij->j", a64, a64)
         self._total = None
-
-    @property
-    def total(self) -> submod.GramAccumulator:
-        if self._total is None:
-            tot = submod.GramAccumulator(self.folds[0].n_features, self.folds[0].n_targets, device=self.device)
-            for acc in self.folds:
-                tot.merge(acc)
-            self._total = tot
-        return self._total
-
-    def objective(self, ridge_rel: float, groups: list[np.ndarray] | None,
-                  fit_intercept: bool) -> submod.sparse_regression.SparseRegression:
-        lam = float(ridge_rel) * _ridge_scale(self.total, fit_intercept)
-        return self.total.to_objective(ridge=lam, groups=groups, fit_intercept=fit_intercept)
-
-    def refit(self, cols: np.ndarray, ridge: float | str, prior: np.ndarray | None,
-              fit_intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float, float, float | None]:
-        """Consumer weight (out, n_cols) and bias of the weighted ridge fit on the columns ``cols`` (toward
-        ``prior``, the original weights ``(c, m)``, when given); also the in-sample relative error, the relative
-        ridge used and, with ``ridge="cv"``, the cross-validated relative error.
-
-        The fit is solved on targets scaled by ``col_scale`` (the LayerNorm's ``|gamma|``), so the penalty on
-        output ``i`` is ``lam * gamma_i^2 * ||M_i - prior_i||^2``: error and ridge are both measured after the
-        LayerNorm's scale, and the cross-validation chooses ``lam`` in that space."""
-        if self.col_scale is not None and prior is not None:
-            prior = prior * self.col_scale
-        cv_err = None
-        if ridge == "cv":
-            if len(self.folds) >= 2 and all(acc.weight_sum > 0 for acc in self.folds):
-                lam, errs = _cv_ridge(self.folds, cols, CV_GRID, prior, intercept=fit_intercept)
-                cv_err = float(errs.min())
-            else:
-                lam = SELECTION_RIDGE
-        else:
-            lam = float(ridge)
-        m_rows, bias, rel = _ridge_refit(self.total, cols, lam, prior, intercept=fit_intercept)
-        if self.col_scale is not None:
-            m_rows = m_rows / self.col_scale
-            bias = bias / self.col_scale
-        return (torch.as_tensor(np.ascontiguousarray(m_rows.T)),
-                torch.as_tensor(np.asarray(bias)) if fit_intercept else None, rel, lam, cv_err)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -693,6 +710,7 @@ def prune_transformer(
     weighting: str = "layernorm",
     allocation: str = "uniform",
     min_keep: float = 0.1,
+    executor: Executor | None = None,
 ) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune FFN neurons and/or attention heads of every transformer block; return a smaller copy.
 
@@ -761,6 +779,16 @@ def prune_transformer(
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
+    executor : concurrent.futures.Executor, optional
+        Runs the stages' selection and refit in parallel in layer mode (``method="layer"``, or a baseline with
+        ``propagation="layer"``), where every block's statistics come from the original network: a
+        ``ThreadPoolExecutor``, a ``ProcessPoolExecutor`` or Dask's ``distributed.Client(...).get_executor()``.
+        A block's jobs (greedy path, cross-validated refit ridge, refit) are submitted as soon as its statistics
+        are complete, so they run while the forward passes of the next blocks gather theirs; a baseline's units
+        are chosen here, in block order, and the blocks are shrunk here, in block order, once every block has been
+        seen. The result is the same as without an executor (as for :func:`nn_adapters.prune`'s ``executor``;
+        ``allocation="error-curve"``'s first pass runs here as without one). Refused (``ValueError``) in the
+        ``asym`` and ``seq`` modes, whose statistics come from the blocks pruned before.
 
     Returns
     -------
@@ -789,6 +817,15 @@ def prune_transformer(
     >>> _, report = prune_transformer(model, [x], keep={1: 0.25})
     >>> [b["intermediate_size"] for b in report.spec["blocks"]]
     [32, 8]
+
+    In layer mode the blocks' selection and refit can run on an executor, with the same result:
+
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> _, serial = prune_transformer(model, [x], keep=0.5, method="layer")
+    >>> with ThreadPoolExecutor(2) as pool:
+    ...     _, parallel = prune_transformer(model, [x], keep=0.5, method="layer", executor=pool)
+    >>> [u.kept for u in parallel.units] == [u.kept for u in serial.units]
+    True
     """
     t_start = time.perf_counter()
     method, propagation = _check_args(model, keep, target, method, propagation, ridge)
@@ -809,6 +846,10 @@ def prune_transformer(
         raise ValueError("keep given per block (a dict) fixes the allocation: use allocation='uniform', or a single "
                          "keep fraction with allocation='error-curve'")
     mode = method if method in GREEDY_METHODS else propagation
+    check_executor(executor)
+    if executor is not None and mode != "layer":
+        raise ValueError(f"with {mode!r} statistics {LAYER_ONLY}: pass method='layer' (propagation='layer' for a "
+                         "baseline), or no executor.")
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
@@ -845,7 +886,7 @@ def prune_transformer(
         f" The model holds {len(stacks)} stacks of blocks ({', '.join(map(repr, stacks))}), e.g. the text and "
         "vision towers of CLIPModel: prune each tower's model on its own (prune_transformer(model.text_model, "
         "text_batches, ...), prune_transformer(model.vision_model, image_batches, ...)) and put them back.")
-    with torch.no_grad():
+    with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
             orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter,
@@ -875,17 +916,13 @@ def prune_transformer(
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
                     t0 = time.perf_counter()
                     xo_next = [_fwd(oblk, xo[b], cache[b]["ctx"], counter) for b in range(len(cache))]
-                    for s in stages:
-                        n_units = _unit_columns(s, blk)[0]
-                        report.units.append(UnitRecord(block=blk.name, stage=s, n_units=n_units, n_kept=n_units,
-                                                       kept=list(range(n_units)),
-                                                       relative_error=0.0 if reweight else None,
-                                                       time_s=time.perf_counter() - t0))
+                    jobs.then(partial(_report_unchanged, report, blk, stages, bool(reweight),
+                                      time.perf_counter() - t0))
                 else:
                     changed = True
                     xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
                                            _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,
-                                           counter, report, bool(residual), weighting == "layernorm")
+                                           counter, report, bool(residual), weighting == "layernorm", jobs)
                 if mode != "layer" and i + 1 < len(blocks):  # pruned-network inputs of the next block
                     xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
                                                       for b in range(len(cache))]
@@ -903,7 +940,8 @@ def prune_transformer(
                 for stage in stages:
                     t0 = time.perf_counter()
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
-                                     _Ridge(ridge, False), rule, rng, report, t0)
+                                     _Ridge(ridge, False), rule, rng, report, t0, jobs)
+        jobs.finish()
 
     if "heads" in stages:  # blocks that kept every head get their original attention module type back
         for blk in blocks:
@@ -915,6 +953,16 @@ def prune_transformer(
     report.spec = make_spec(work)
     report.wall_time = time.perf_counter() - t_start
     return work, report
+
+
+def _report_unchanged(report: TransformerPruneReport, blk: _Block, stages: list[str], reweight: bool,
+                      seconds: float) -> None:
+    """Report the stages of a block left as it is (every unit kept, trained weights)."""
+    for s in stages:
+        n_units = _unit_columns(s, blk)[0]
+        report.units.append(UnitRecord(block=blk.name, stage=s, n_units=n_units, n_kept=n_units,
+                                       kept=list(range(n_units)), relative_error=0.0 if reweight else None,
+                                       time_s=seconds))
 
 
 def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: list[dict[str, int]],
@@ -1215,8 +1263,10 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
 def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,
                  budgets: dict[str, int], ridge: _Ridge, rule: str, rng: np.random.Generator, xo: list[torch.Tensor],
                  xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int],
-                 report: TransformerPruneReport, residual: bool, weighting: bool) -> list[torch.Tensor]:
-    """Prune the stages of one block; return the original network's outputs of this block (next inputs)."""
+                 report: TransformerPruneReport, residual: bool, weighting: bool,
+                 jobs: OrderedJobs) -> list[torch.Tensor]:
+    """Prune the stages of one block (the selection and refit as jobs of ``jobs``); return the original network's
+    outputs of this block (next inputs)."""
     n_b = len(cache)
     residual = residual and mode == "asym"
     # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
@@ -1247,45 +1297,75 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                                       _stats_device(_consumer(blk, s).weight.device))
                 stats[s].update(a, y, row_w[s][b], cache[b]["fold"])
             targets[s] = []
-        _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0)
+        _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0, jobs)
     return xo_next
 
 
 def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: int, stats: _Stats | None,
                      ridge: _Ridge, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
-                     t0: float) -> None:
+                     t0: float, jobs: OrderedJobs) -> None:
+    """Choose the stage's units and refit its consumer (a job of ``jobs``: the baselines' units are chosen here,
+    in block and stage order), then shrink the block and report, in that order too."""
     n_units, groups = _unit_columns(stage, blk)
     consumer = _consumer(blk, stage)
-    has_bias = consumer.bias is not None
-    f = None
-    if stats is not None and (reweight or method in GREEDY_METHODS):
-        f = stats.objective(ridge.selection, groups, has_bias)
-    if method in GREEDY_METHODS and k >= n_units:
-        chosen = np.arange(n_units)  # every unit kept: nothing to select
-    elif method in GREEDY_METHODS:
-        path = f.greedy_path(k, rule=rule)
-        chosen = np.asarray(path.selected[:k], dtype=np.int64)
+    if method in GREEDY_METHODS:
+        chosen = np.arange(n_units) if k >= n_units else None  # every unit kept: nothing to select
     elif method == "magnitude":
         chosen = np.argsort(-_magnitude_scores(stage, blk), kind="stable")[:k]
     elif method == "wanda":
         chosen = np.argsort(-_wanda_scores(stage, blk, stats), kind="stable")[:k]
     else:
         chosen = rng.choice(n_units, size=k, replace=False)
+    problem = None if stats is None or jobs.executor is None else stats.problem()
+    w_orig = consumer.weight.detach().double().cpu().numpy() if reweight and ridge.prior else None
+    t_here = time.perf_counter() - t0
+
+    def use(out: tuple[np.ndarray, tuple | None, float]) -> None:
+        t1 = time.perf_counter()
+        kept, fit, t_job = out
+        weight = bias = rel_err = lam = cv_err = None
+        if fit is not None:
+            m_rows, b, rel_err, lam, cv_err = fit
+            weight = torch.as_tensor(np.ascontiguousarray(m_rows.T))
+            bias = None if b is None else torch.as_tensor(b)
+        keep_t = torch.as_tensor(kept, dtype=torch.long)
+        if stage == "ffn":
+            blk.shrink_ffn(keep_t, weight, bias)
+        else:
+            blk.shrink_heads(keep_t, weight, bias)
+        report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
+                                       kept=[int(j) for j in kept], relative_error=rel_err,
+                                       time_s=t_here + t_job + time.perf_counter() - t1, ridge=lam,
+                                       cv_relative_error=cv_err))
+
+    jobs.add(f"the selection and refit of block {blk.name!r} ({stage})", _stage_job,
+             (stats if problem is None else problem, groups, consumer.bias is not None, k, chosen, reweight, ridge,
+              rule, w_orig), use)
+
+
+def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bias: bool, k: int,
+               chosen: np.ndarray | None, reweight: bool, ridge: _Ridge, rule: str,
+               weight: np.ndarray | None) -> tuple[np.ndarray, tuple | None, float]:
+    """The numerical work of one stage: the greedy selection of ``k`` units (unless ``chosen`` is given) and the
+    refit toward ``weight`` (the consumer's original weights, ``(out, in)``, or ``None`` for ordinary ridge).
+    Returns the kept units (sorted), :meth:`_Problem.refit`'s result (``None`` without ``reweight``) and the
+    seconds it took.
+
+    A module-level function of picklable arguments, so that it can run on any executor (see
+    :mod:`nn_adapters._executor`).
+    """
+    t0 = time.perf_counter()
+    f = None
+    if problem is not None and (reweight or chosen is None):
+        f = problem.objective(ridge.selection, groups, has_bias)
+    if chosen is None:
+        chosen = np.asarray(f.greedy_path(k, rule=rule).selected[:k], dtype=np.int64)
     kept = np.sort(chosen)
-    rel_err = lam = cv_err = None
-    weight = bias = None
+    fit = None
     if reweight:
         cols = f.columns_of(kept)
-        prior = consumer.weight.detach().double().cpu().numpy()[:, cols].T if ridge.prior else None
-        weight, bias, rel_err, lam, cv_err = stats.refit(cols, ridge.value, prior, has_bias)
-    keep_t = torch.as_tensor(kept, dtype=torch.long)
-    if stage == "ffn":
-        blk.shrink_ffn(keep_t, weight, bias)
-    else:
-        blk.shrink_heads(keep_t, weight, bias)
-    report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
-                                   kept=[int(j) for j in kept], relative_error=rel_err,
-                                   time_s=time.perf_counter() - t0, ridge=lam, cv_relative_error=cv_err))
+        fit = problem.refit(cols, ridge.value, None if weight is None else weight[:, cols].T, has_bias)
+    return kept, fit, time.perf_counter() - t0
 
 
 def _n_params(model: nn.Module) -> int:

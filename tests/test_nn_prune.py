@@ -921,7 +921,7 @@ def test_transformer_models_are_delegated(monkeypatch):
     enc = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
     assert nna.prune(enc, torch.randn(3, 4, 8), keep=0.5, method="seq") == ("pruned", "report")
     assert seen == {"keep": 0.5, "target": "ffn", "method": "seq", "reweight": True, "seed": 0, "ridge": "cv",
-                    "refit_prior": "original", "allocation": "uniform"}
+                    "refit_prior": "original", "allocation": "uniform", "executor": None}
     nna.prune(zoo.mlp(4, [8], 2), torch.randn(3, 4), keep=0.5, target="heads")
     assert seen["target"] == "heads"
     seen.clear()

@@ -1,0 +1,123 @@
+"""Run the per-layer numerical work of layer-mode pruning on a ``concurrent.futures`` executor.
+
+With LayerInChange statistics every layer's statistics come from the original network, so once they are gathered
+the selection (greedy paths, cross-validated ridges) and the refit of one layer do not depend on any other layer.
+:class:`OrderedJobs` runs such jobs one after another in this process (``executor=None``: exactly the serial
+loop), or submits them to an executor (a ``ThreadPoolExecutor``, a ``ProcessPoolExecutor``, or Dask's
+``distributed.Client(...).get_executor()``) as they come and hands the results back in the order of the jobs, so
+that the caller shrinks the modules and writes the report in the same order as without one.
+
+A job is a module-level function (it pickles by reference) with arguments that pickle: numpy arrays and the
+statistics (:class:`submod.GramAccumulator` pickles as numpy on the host whatever its storage). A thread pool
+pickles nothing and reads the statistics where they are.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+__all__ = ["check_executor", "OrderedJobs", "LAYER_ONLY"]
+
+#: Why ``executor=`` needs layer-mode statistics (the end of the error raised otherwise).
+LAYER_ONLY = ("every layer's statistics come from the network pruned before it, so the layers are pruned one "
+              "after another; executor= runs the layers in parallel with LayerInChange statistics only, which "
+              "come from the original network")
+
+
+def check_executor(executor: object) -> None:
+    """Refuse an ``executor`` that is not a ``concurrent.futures.Executor`` (or something with its ``submit``)."""
+    if isinstance(executor, type):
+        raise ValueError(f"executor must be a concurrent.futures.Executor instance, e.g. {executor.__name__}(2); got "
+                         f"the class {executor.__name__} itself.")
+    if executor is not None and not isinstance(executor, Executor) and not callable(getattr(executor, "submit",
+                                                                                          None)):
+        raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
+                         f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
+                         f"{type(executor).__name__}.")
+
+
+def _is_pickling_error(err: BaseException) -> bool:
+    return isinstance(err, pickle.PicklingError) or (isinstance(err, (AttributeError, TypeError))
+                                                     and "pickle" in str(err).lower())
+
+
+def _failed(err: Exception, executor: object, what: str) -> Exception:
+    """The error to raise for job ``what`` that failed with ``err`` on ``executor``."""
+    where = type(executor).__name__
+    if _is_pickling_error(err):
+        return ValueError(f"{what}: the job and its statistics must pickle to run on {where}, and they do not "
+                          f"({type(err).__name__}: {err}). Use a ThreadPoolExecutor (nothing is pickled) or no "
+                          "executor.")
+    return RuntimeError(f"{what} failed on {where}: {type(err).__name__}: {err}")
+
+
+class OrderedJobs:
+    """Jobs whose results are used in the order the jobs were added.
+
+    Without an executor, :meth:`add` runs the job and uses its result at once: exactly a plain loop. With one,
+    :meth:`add` submits the job and returns (so the caller's own work between two jobs, e.g. the forward pass
+    of the next layer, overlaps with the running jobs), and :meth:`finish` uses the results in order as they
+    arrive; :meth:`then` keeps a step without a job in that order. A job that fails raises a ``RuntimeError``
+    naming it and the executor, with the worker's exception as its cause (a ``ValueError`` when it could not be
+    pickled). Leaving the ``with`` block, also on an error, cancels the jobs that have not started.
+
+    Examples
+    --------
+    >>> from concurrent.futures import ThreadPoolExecutor
+    >>> out = []
+    >>> with ThreadPoolExecutor(2) as pool, OrderedJobs(pool) as jobs:
+    ...     for x in (3, 1, 2):
+    ...         jobs.add(f"square of {x}", pow, (x, 2), out.append)
+    ...     jobs.then(lambda: out.append("done"))
+    ...     jobs.finish()
+    >>> out
+    [9, 1, 4, 'done']
+    """
+
+    def __init__(self, executor: Executor | None) -> None:
+        self.executor = executor
+        self._todo: list[tuple[str, Future | None, Callable[..., None]]] = []
+
+    def add(self, what: str, fn: Callable[..., Any], args: tuple, use: Callable[[Any], None]) -> None:
+        """Run ``fn(*args)`` (``what`` names it in errors) and pass its result to ``use``, in order."""
+        if self.executor is None:
+            use(fn(*args))
+            return
+        try:
+            fut = self.executor.submit(fn, *args)
+        except Exception as err:  # Dask pickles when it submits
+            raise _failed(err, self.executor, what) from err
+        self._todo.append((what, fut, use))
+
+    def then(self, use: Callable[[], None]) -> None:
+        """Call ``use()`` after the results of the jobs added so far have been used."""
+        if self.executor is None:
+            use()
+        else:
+            self._todo.append(("", None, use))
+
+    def finish(self) -> None:
+        """Use the results of the jobs (and call the steps of :meth:`then`) in order."""
+        todo, self._todo = self._todo, []
+        for i, (what, fut, use) in enumerate(todo):
+            if fut is None:
+                use()
+                continue
+            try:
+                out = fut.result()
+            except Exception as err:
+                self._todo = todo[i + 1:]  # cancelled on leaving the with block
+                raise _failed(err, self.executor, what) from err
+            use(out)
+
+    def __enter__(self) -> OrderedJobs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, fut, _ in self._todo:
+            if fut is not None:
+                fut.cancel()
+        self._todo = []
