@@ -9,15 +9,22 @@ that the caller shrinks the modules and writes the report in the same order as w
 
 A job is a module-level function (it pickles by reference) with arguments that pickle: numpy arrays and the
 statistics (:class:`submod.GramAccumulator` pickles as numpy on the host whatever its storage). A thread pool
-pickles nothing and reads the statistics where they are.
+pickles nothing and reads the statistics where they are. On an executor every job runs with one BLAS thread
+(:func:`submod._sr_threads.one_blas_thread`): the parallelism is across layers. In the calling process the
+thread that uses :class:`OrderedJobs` holds that reduction while jobs may run: OpenBLAS (0.3.31 here) ignores a
+request from a thread other than the main one to raise its thread count, so a job thread could lower it for the
+whole process but never give it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
+
+from submod._sr_threads import one_blas_thread
 
 __all__ = ["check_executor", "OrderedJobs", "LAYER_ONLY"]
 
@@ -37,6 +44,13 @@ def check_executor(executor: object) -> None:
         raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
                          f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
                          f"{type(executor).__name__}.")
+
+
+def _on_one_blas_thread(fn: Callable[..., Any], *args: object) -> Any:
+    """``fn(*args)`` with one BLAS thread in the process that runs it: the jobs run in parallel with each other,
+    not inside BLAS (as a Dask worker is set up by default)."""
+    with one_blas_thread():
+        return fn(*args)
 
 
 def _is_pickling_error(err: BaseException) -> bool:
@@ -80,6 +94,7 @@ class OrderedJobs:
     def __init__(self, executor: Executor | None) -> None:
         self.executor = executor
         self._todo: list[tuple[str, Future | None, Callable[..., None]]] = []
+        self._blas = contextlib.ExitStack()
 
     def add(self, what: str, fn: Callable[..., Any], args: tuple, use: Callable[[Any], None]) -> None:
         """Run ``fn(*args)`` (``what`` names it in errors) and pass its result to ``use``, in order."""
@@ -87,7 +102,7 @@ class OrderedJobs:
             use(fn(*args))
             return
         try:
-            fut = self.executor.submit(fn, *args)
+            fut = self.executor.submit(_on_one_blas_thread, fn, *args)
         except Exception as err:  # Dask pickles when it submits
             raise _failed(err, self.executor, what) from err
         self._todo.append((what, fut, use))
@@ -114,6 +129,10 @@ class OrderedJobs:
             use(out)
 
     def __enter__(self) -> OrderedJobs:
+        if self.executor is not None:
+            # one BLAS thread in this process while jobs may run, set and given back by this thread: jobs on a
+            # thread pool then find it set, and OpenBLAS ignores a worker thread that raises the count back
+            self._blas.enter_context(one_blas_thread())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,3 +140,4 @@ class OrderedJobs:
             if fut is not None:
                 fut.cancel()
         self._todo = []
+        self._blas.close()

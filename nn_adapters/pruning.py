@@ -283,7 +283,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         columns, ``m`` its outputs), and all layers' jobs are submitted at once. ``asym`` and ``seq`` statistics
         come from the network pruned so far, one layer after another: an executor is refused there
         (``ValueError``). A job that fails raises a ``RuntimeError`` naming its layer, with the worker's error as
-        its cause. See :doc:`/nn_adapters` (parallel layers) for when it pays off.
+        its cause. Every job runs with one BLAS thread. On the CPU prefer processes to threads, which share one
+        BLAS; see :ref:`parallel-layers` for what it costs and when it pays off.
 
     Returns
     -------

@@ -788,7 +788,8 @@ def prune_transformer(
         are chosen here, in block order, and the blocks are shrunk here, in block order, once every block has been
         seen. The result is the same as without an executor (as for :func:`nn_adapters.prune`'s ``executor``;
         ``allocation="error-curve"``'s first pass runs here as without one). Refused (``ValueError``) in the
-        ``asym`` and ``seq`` modes, whose statistics come from the blocks pruned before.
+        ``asym`` and ``seq`` modes, whose statistics come from the blocks pruned before. See
+        :ref:`parallel-layers`.
 
     Returns
     -------

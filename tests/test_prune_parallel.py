@@ -180,7 +180,7 @@ def test_every_pair_is_submitted_before_the_first_shrink(monkeypatch):
 
     class Recording(ThreadPoolExecutor):
         def submit(self, fn, *args, **kwargs):
-            events.append(("submit", fn.__name__))
+            events.append(("submit", args[0].__name__))  # the job, run by a wrapper with one BLAS thread
             return super().submit(fn, *args, **kwargs)
 
     shrink = pruning.keep_outputs
@@ -214,7 +214,7 @@ def test_statistics_with_torch_storage(monkeypatch, request, kind):
 
 def test_dask_executor_is_the_serial_result():
     distributed = pytest.importorskip("distributed")
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
         assert_same_as_serial("cnn", client.get_executor(), keep=0.5, method="layer")
 
 
@@ -287,6 +287,31 @@ def test_progress_bar_advances_as_in_the_serial_loop(threads, monkeypatch):
     # the pairs' bar and the calibration bar (one batch), each advanced one step at a time and closed
     assert sorted(logs[None]) == sorted([("prune[layer]", n), ("calibration", 1)] + [("update", 1)] * (n + 1)
                                         + [("close",)] * 2)
+
+
+def _blas_counts():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_jobs_run_on_one_blas_thread_and_the_count_is_given_back(threads, monkeypatch):
+    """Every job sees one BLAS thread; after the call this process has its BLAS threads back (OpenBLAS ignores a
+    worker thread that raises the count, so the calling thread must restore it)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    job, seen = pruning._pair_job, []
+
+    def recording(*args):
+        seen.append(_blas_counts())
+        return job(*args)
+
+    monkeypatch.setattr(pruning, "_pair_job", recording)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = _blas_counts()
+        if not before or min(before) < 2:
+            pytest.skip("no BLAS library running two threads here")
+        _prune("cnn", threads, keep=0.5, method="layer")
+        assert seen and all(max(c) == 1 for c in seen)
+        assert _blas_counts() == before
 
 
 def test_interpolation_warnings_are_the_serial_ones(threads):
