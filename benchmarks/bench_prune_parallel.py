@@ -7,21 +7,20 @@ width 1/16 and ResNet-20 width 8 on 32 images, one repeat. Five variants:
 
 * ``serial``: the layers one after another in this process, numpy's BLAS on 2 threads (its default here);
 * ``serial(BLAS 1)``: the same on one BLAS thread, which is what every job gets on an executor;
-* ``threads(2)``: ``ThreadPoolExecutor(2)``, this process on one BLAS thread for the whole call
-  (``--thread-blas 2``: on two, as numpy starts; OpenBLAS's threads, once the statistics pass has used them,
-  then slowed the two job threads 3-30x on the shared 2-core machine);
+* ``threads(2)``: ``ThreadPoolExecutor(2)`` (``--thread-blas 1``: this process on one BLAS thread for the
+  statistics pass too);
 * ``processes(2)``: ``ProcessPoolExecutor(2)``, one BLAS thread per worker (threadpoolctl);
 * ``dask(2x1)``: ``distributed.LocalCluster(n_workers=2, threads_per_worker=1)`` (worker processes) through
   ``client.get_executor()``.
 
 torch runs the forward passes on 2 threads in every case. The pools are started (and their workers have imported
-``nn_adapters``) before the timings, and one untimed call per model (on a quarter of the inputs) comes first.
-Every variant runs ``--repeats`` times, interleaved; printed are the median wall time of the whole call, its split
-into the statistics (the one forward pass with hooks: serial, the same in every variant) and the rest (every
-layer's selection, cross-validated ridges and refit, then the shrinking), and the medians of the same-repeat
-ratios ``serial time / this time`` (above 1: faster than ``serial``), for the whole call and for the rest alone.
-The script asserts that every run keeps the same units as the serial one. The load average is printed before and
-after: on a shared machine the ratios move with it.
+``nn_adapters``) before the timings, and one untimed call per model (a quarter of the inputs, a fixed ridge) comes
+first. Every variant runs ``--repeats`` times, interleaved; printed are the median wall time of the whole call,
+its split into the statistics (the one forward pass with hooks: serial, the same in every variant) and the rest
+(every layer's selection, cross-validated ridges and refit, then the shrinking), and the medians of the
+same-repeat ratios ``serial time / this time`` (above 1: faster than ``serial``), for the whole call and for the
+rest alone. The script asserts that every run keeps the same units as the serial one. The load average is printed
+before and after: on a shared machine the ratios move with it.
 
 Run:  python benchmarks/bench_prune_parallel.py [--quick] [--images 64] [--repeats 3] [--models vgg11 resnet56]
 """
@@ -90,7 +89,8 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, pools: dict[str, t
     print(f"\n{name}: {x.shape[0]} calibration inputs of shape {tuple(x.shape[1:])}, {n_pairs} prunable pairs, "
           "keep=0.5, method='layer', ridge='cv'")
     times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
-    run(model, x[:max(2, x.shape[0] // 4)], None, 2)  # untimed: a first call on a model pays for first touches
+    # untimed: the first call on a model pays for first touches (a cheaper one: fewer inputs, no cross-validation)
+    nna.prune(model, x[:max(2, x.shape[0] // 4)], keep=0.5, method="layer", ridge=1e-3)
     kept = None
     for _ in range(repeats):
         for variant in VARIANTS:
@@ -117,9 +117,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs of every variant (default 3; --quick 1)")
     parser.add_argument("--models", nargs="+", choices=("vgg11", "resnet56"), default=["vgg11", "resnet56"],
                         help="which models (--quick: ResNet-20 for ResNet-56)")
-    parser.add_argument("--thread-blas", type=int, choices=(1, 2), default=1,
-                        help="BLAS threads of this process during the thread-pool variant (default 1, from before "
-                        "the statistics pass; 2: numpy's default here, see the docstring)")
+    parser.add_argument("--thread-blas", type=int, choices=(1, 2), default=2,
+                        help="BLAS threads of this process during the thread-pool variant's statistics pass "
+                        "(default 2, numpy's default here, as in the other variants; the jobs run on one either way)")
     parser.add_argument("--size", type=int, default=16,
                         help="side of the ResNet's input images (default 16: its statistics on 32 x 32 images take "
                         "minutes; VGG-11 always takes 32)")

@@ -116,15 +116,14 @@ class OrderedJobs:
 
     def finish(self) -> None:
         """Use the results of the jobs (and call the steps of :meth:`then`) in order."""
-        todo, self._todo = self._todo, []
-        for i, (what, fut, use) in enumerate(todo):
+        while self._todo:  # after an error, the rest is cancelled on leaving the with block
+            what, fut, use = self._todo.pop(0)
             if fut is None:
                 use()
                 continue
             try:
                 out = fut.result()
             except Exception as err:
-                self._todo = todo[i + 1:]  # cancelled on leaving the with block
                 raise _failed(err, self.executor, what) from err
             use(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import pickle
 import sys
 import threading
@@ -314,6 +315,31 @@ def test_jobs_run_on_one_blas_thread_and_the_count_is_given_back(threads, monkey
         assert _blas_counts() == before
 
 
+_JOB = pruning._pair_job
+
+
+def _job_on_one_blas_thread(*args):
+    """The pair job, refusing to run unless BLAS runs one thread in its process (module-level: it pickles)."""
+    counts = _blas_counts()
+    if max(counts) != 1:
+        raise AssertionError(f"the job runs with BLAS thread counts {counts}")
+    return _JOB(*args)
+
+
+def test_jobs_in_worker_processes_run_on_one_blas_thread(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    serial = _prune("mlp", None, keep=0.5, method="layer")
+    monkeypatch.setattr(pruning, "_pair_job", _job_on_one_blas_thread)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if min(_blas_counts() or [1]) < 2:
+            pytest.skip("no BLAS library running two threads here")
+        # forked now: the worker runs the patched job and starts on two BLAS threads
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            assert pool.submit(_blas_counts).result() == _blas_counts()
+            parallel = _prune("mlp", pool, keep=0.5, method="layer")
+    assert_same_models(serial[0], parallel[0])
+
+
 def test_interpolation_warnings_are_the_serial_ones(threads):
     """12 samples and ridge 0: every refit interpolates and warns, in pair order."""
     report = assert_same_as_serial("mlp_few", threads, keep=0.75, method="layer", ridge=0.0)
@@ -350,7 +376,7 @@ TRANSFORMER_CASES = [
     ({"target": "ffn", "method": "layer", "ridge": 1e-3}),
     ({"target": "heads", "method": "layer", "refit_prior": "zero"}),
     ({"target": "all", "method": "layer", "allocation": "error-curve"}),
-    ({"target": "all", "method": "layer", "keep": {1: 0.5}}),  # block 0 is left as it is
+    ({"target": "all", "method": "layer", "keep": {0: 0.5}}),  # block 1, after a pruned one, is left as it is
     ({"target": "all", "method": "random", "propagation": "layer", "seed": 4}),
     ({"target": "all", "method": "wanda", "propagation": "layer"}),
     ({"target": "all", "method": "magnitude", "propagation": "layer"}),
@@ -380,6 +406,17 @@ def test_transformer_on_processes_and_through_prune(processes):
                                   executor=processes)
     assert_same_models(serial[0], via_prune)
     assert report.units[0].kept == serial[1].units[0].kept
+
+
+def test_transformer_statistics_with_torch_storage_on_processes(processes, monkeypatch):
+    """The device path (forced on the CPU): worker processes receive the statistics as host numpy."""
+    monkeypatch.setattr(nn_stats, "_DEVICE_PATH_ON_CPU", True)
+    serial = _prune_transformer(_bert, lambda: token_batches(n_batches=3), None, keep=0.5, target="all",
+                                method="layer")
+    parallel = _prune_transformer(_bert, lambda: token_batches(n_batches=3), processes, keep=0.5, target="all",
+                                  method="layer")
+    assert_same_models(serial[0], parallel[0])
+    assert_same_floats(serial[2], parallel[2])
 
 
 def test_transformer_blocks_are_submitted_while_the_next_blocks_run(monkeypatch):
