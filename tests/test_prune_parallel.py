@@ -395,13 +395,18 @@ def test_transformer_layer_mode_on_threads_is_the_serial_result(threads, build, 
     assert serial[1].spec == parallel[1].spec and serial[1].block_forwards == parallel[1].block_forwards
 
 
-def test_transformer_on_processes_and_through_prune(processes):
-    serial = _prune_transformer(_bert, lambda: token_batches(n_batches=3), None, keep=0.5, target="all",
-                                method="layer")
-    parallel = _prune_transformer(_bert, lambda: token_batches(n_batches=3), processes, keep=0.5, target="all",
-                                  method="layer")
+def _bert_layer_mode_matches_serial(executor: object) -> tuple:
+    """Prune the tiny BERT in layer mode serially and on ``executor``; assert the same models and floats."""
+    kw = {"keep": 0.5, "target": "all", "method": "layer"}
+    serial = _prune_transformer(_bert, lambda: token_batches(n_batches=3), None, **kw)
+    parallel = _prune_transformer(_bert, lambda: token_batches(n_batches=3), executor, **kw)
     assert_same_models(serial[0], parallel[0])
     assert_same_floats(serial[2], parallel[2])
+    return serial
+
+
+def test_transformer_on_processes_and_through_prune(processes):
+    serial = _bert_layer_mode_matches_serial(processes)
     via_prune, report = nna.prune(_bert(), token_batches(n_batches=3), keep=0.5, target="all", method="layer",
                                   executor=processes)
     assert_same_models(serial[0], via_prune)
@@ -411,12 +416,7 @@ def test_transformer_on_processes_and_through_prune(processes):
 def test_transformer_statistics_with_torch_storage_on_processes(processes, monkeypatch):
     """The device path (forced on the CPU): worker processes receive the statistics as host numpy."""
     monkeypatch.setattr(nn_stats, "_DEVICE_PATH_ON_CPU", True)
-    serial = _prune_transformer(_bert, lambda: token_batches(n_batches=3), None, keep=0.5, target="all",
-                                method="layer")
-    parallel = _prune_transformer(_bert, lambda: token_batches(n_batches=3), processes, keep=0.5, target="all",
-                                  method="layer")
-    assert_same_models(serial[0], parallel[0])
-    assert_same_floats(serial[2], parallel[2])
+    _bert_layer_mode_matches_serial(processes)
 
 
 def test_transformer_blocks_are_submitted_while_the_next_blocks_run(monkeypatch):
