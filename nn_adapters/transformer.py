@@ -457,8 +457,9 @@ class _Problem:
 
 
 class _Stats(_Problem):
-    """:class:`_Problem` fed batch by batch: sentences are dealt round-robin into :data:`CV_FOLDS` folds, so all
-    tokens of a sentence stay in one fold; also the unweighted column sums of squares (for the Wanda scores)."""
+    """:class:`_Problem` fed batch by batch: sentences are dealt into :data:`CV_FOLDS` folds by
+    :func:`_assign_folds` (round-robin, copies of a sentence with its first occurrence), so all tokens of a
+    sentence stay in one fold; also the unweighted column sums of squares (for the Wanda scores)."""
 
     def __init__(self, n_features: int, n_targets: int, col_scale: torch.Tensor | None = None,
                  folds: int = 1, device: torch.device | None = None) -> None:
