@@ -17,7 +17,8 @@ collect_ignore_glob: list[str] = []
 if not HAVE_TORCH:
     # the documentation's examples (README, docs/, benchmarks' --help) also need the full environment (``[all]``)
     collect_ignore_glob += ["nn_adapters/*", "tests/test_nn_*.py", "tests/test_transformer_*.py",
-                            "tests/_torch_helpers.py", "tests/test_docs_examples.py", "submod/_gram_torch.py"]
+                            "tests/_torch_helpers.py", "tests/test_prune_*.py", "tests/test_docs_examples.py",
+                            "submod/_gram_torch.py"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
