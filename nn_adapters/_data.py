@@ -100,22 +100,40 @@ def n_samples(batches: list[Batch]) -> int:
     return int(sum(x.shape[0] for x, _ in batches))
 
 
-def sample_folds(batches: list[Batch], n_folds: int) -> list[np.ndarray]:
-    """The cross-validation fold of every calibration sample, per batch: distinct samples are dealt round-robin
-    (in order), and a copy of a sample goes to the fold of its first occurrence.
+class FoldDealer:
+    """Deals calibration samples into ``n_folds`` cross-validation folds: distinct samples round-robin, in the
+    order they are dealt, and a copy of a sample to the fold of its first occurrence.
 
     A copy in another fold would be its own held-out sample, so repeated calibration samples would make the
     held-out error look like the in-sample one and the cross-validated ridge reward interpolation. Samples are
-    compared by their bytes (the same tensor values and shape).
+    compared by their bytes, shape and dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> dealer = FoldDealer(2)
+    >>> a, b = torch.zeros(3), torch.ones(3)
+    >>> [dealer.fold(t) for t in (a, b, a, torch.full((3,), 2.0))]
+    [0, 1, 0, 0]
     """
-    first: dict[bytes, int] = {}
+
+    def __init__(self, n_folds: int) -> None:
+        self.n_folds = n_folds
+        self._first: dict[bytes, int] = {}
+
+    def fold(self, sample: torch.Tensor) -> int:
+        """The fold of ``sample`` (any dtype and device)."""
+        t = sample.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # the bytes of any dtype, bfloat16 too
+        key = hashlib.blake2b(raw + repr((tuple(t.shape), str(t.dtype))).encode(), digest_size=16).digest()
+        return self._first.setdefault(key, len(self._first)) % self.n_folds
+
+
+def sample_folds(batches: list[Batch], n_folds: int) -> list[np.ndarray]:
+    """The cross-validation fold of every calibration sample, per batch, as a :class:`FoldDealer` deals them."""
+    dealer = FoldDealer(n_folds)
     out = []
     for x, _ in batches:
         host = x.detach().cpu()
-        folds = np.empty(x.shape[0], dtype=np.int64)
-        for i in range(x.shape[0]):
-            raw = host[i].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 too
-            key = hashlib.blake2b(raw + repr((tuple(host[i].shape), str(x.dtype))).encode(), digest_size=16).digest()
-            folds[i] = first.setdefault(key, len(first)) % n_folds
-        out.append(folds)
+        out.append(np.array([dealer.fold(host[i]) for i in range(x.shape[0])], dtype=np.int64))
     return out

@@ -25,6 +25,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from submod._sr_threads import one_blas_thread
+from submod._validation import check_executor
 
 __all__ = ["check_executor", "OrderedJobs", "LAYER_ONLY"]
 
@@ -32,18 +33,6 @@ __all__ = ["check_executor", "OrderedJobs", "LAYER_ONLY"]
 LAYER_ONLY = ("every layer's statistics come from the network pruned before it, so the layers are pruned one "
               "after another; executor= runs the layers in parallel with LayerInChange statistics only, which "
               "come from the original network")
-
-
-def check_executor(executor: object) -> None:
-    """Refuse an ``executor`` that is not a ``concurrent.futures.Executor`` (or something with its ``submit``)."""
-    if isinstance(executor, type):
-        raise ValueError(f"executor must be a concurrent.futures.Executor instance, e.g. {executor.__name__}(2); got "
-                         f"the class {executor.__name__} itself.")
-    if executor is not None and not isinstance(executor, Executor) and not callable(getattr(executor, "submit",
-                                                                                          None)):
-        raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
-                         f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
-                         f"{type(executor).__name__}.")
 
 
 def _on_one_blas_thread(fn: Callable[..., Any], *args: object) -> Any:

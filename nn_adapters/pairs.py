@@ -457,8 +457,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         users = _value_users(cur)
         if not users:
             return "its output is not used"
+        where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
         if len(users) > 1:
-            where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
             gate = _se_gate(cur, users, modules, calls, producer, n_units) if is_conv else None
             if gate is None:
                 return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
@@ -473,7 +473,6 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         if u.op == "output":
             return "its output is the network output"
         if any(isinstance(a, (list, tuple)) and any(v is cur for v in a) for a in u.args):
-            where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
             return (f"{where} is one of several tensors that {u.name} combines (a concatenation or stack), so the "
                     "consumer's input columns do not follow this producer's units alone")
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS

@@ -37,7 +37,6 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 import math
@@ -61,7 +60,7 @@ import submod.sparse_regression
 from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
-from ._data import float_dtype
+from ._data import FoldDealer, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._stats import CV_FOLDS, CV_GRID
@@ -675,21 +674,16 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
     real token row (the order of :func:`_rows`), so all tokens of a sequence share a fold.
 
     Copies of a sequence (the same real tokens at the first block's input) go to the fold of its first
-    occurrence: a copy in another fold would be its own held-out sample, and the cross-validated error and ridge
-    would then reward interpolating the calibration set.
+    occurrence (:class:`~nn_adapters._data.FoldDealer`).
     """
     bf = block.batch_first("block")
-    first_fold: dict[bytes, int] = {}
+    dealer = FoldDealer(CV_FOLDS)
     for c in cache:
         valid = c["valid"]
-        x = c["x"] if bf else c["x"].transpose(0, 1)
-        rows = x.detach().cpu()
-        folds = []
-        for i in range(valid.shape[0]):
-            real = rows[i][valid[i].cpu()].contiguous().reshape(-1).view(torch.uint8)  # any dtype, bfloat16 too
-            key = hashlib.blake2b(real.numpy().tobytes(), digest_size=16).digest()
-            folds.append(first_fold.setdefault(key, len(first_fold) % CV_FOLDS))
-        seq = torch.as_tensor(folds, dtype=torch.long, device=valid.device)
+        rows = (c["x"] if bf else c["x"].transpose(0, 1)).detach().cpu()
+        real = valid.cpu()
+        seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) for i in range(valid.shape[0])], dtype=torch.long,
+                              device=valid.device)
         c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
+from concurrent.futures import Executor
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -135,3 +136,16 @@ def is_symmetric(K: np.ndarray, rtol: float, atol: float, block: int = 32) -> bo
         if not np.all(np.abs(upper - lower) <= tol):
             return False
     return True
+
+
+def check_executor(executor: object) -> None:
+    """Refuse an ``executor`` that is neither ``None`` nor a ``concurrent.futures.Executor`` instance (or an object
+    with its ``submit``, as Dask's ``Client.get_executor()`` returns)."""
+    if isinstance(executor, type):
+        raise ValueError(f"executor must be a concurrent.futures.Executor instance, e.g. {executor.__name__}(2); got "
+                         f"the class {executor.__name__} itself.")
+    if executor is not None and not isinstance(executor, Executor) and not callable(getattr(executor, "submit",
+                                                                                          None)):
+        raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
+                         f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
+                         f"{type(executor).__name__}.")

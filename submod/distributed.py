@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import check_k
+from ._validation import check_executor, check_k
 from .base import SetFunction
 from .constraints import Cardinality
 from .optimize import (
@@ -251,10 +251,7 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
             or certificate_prefixes < 0:
         raise ValueError(f"certificate_prefixes must be a non-negative integer (0 for no certificate); got "
                          f"{certificate_prefixes!r}.")
-    if executor is not None and not isinstance(executor, Executor) and not callable(getattr(executor, "submit",
-                                                                                          None)):
-        raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ProcessPoolExecutor, or "
-                         f"distributed.Client(...).get_executor()); got {type(executor).__name__}.")
+    check_executor(executor)
     rng = np.random.default_rng(seed)
     labels, m = _labels(f.n, n_parts, partition, rng)
     if m == 1:

@@ -28,7 +28,7 @@ import submod
 from submod import SetFunction
 from submod._validation import as_index_array, check_k
 
-from ._kernels import n_unit_subsets, sparse_lambda_min, whitened_gram
+from ._kernels import lambda_min, n_unit_subsets, sparse_lambda_min, whitened_gram
 from ._values import MAX_TABLE_N, ValueTable, bit_matrix, mask_of, members, popcount
 
 __all__ = ["RatioEstimate", "submodularity_ratio", "METHODS", "KINDS", "DEFAULT_MAX_PAIRS", "regression_stats"]
@@ -182,7 +182,7 @@ def monotone_tolerance(f: object, scale: float, rtol: float) -> float:
         return base
     scale_ = 1.0 / np.sqrt(diag[live])
     C = (G[np.ix_(live, live)] + ridge * np.eye(int(live.sum()))) * scale_[:, None] * scale_[None, :]
-    lam = float(np.linalg.eigvalsh(C)[0])
+    lam = lambda_min(C)
     amplification = 1.0 / max(float(f.tol), lam)
     eps = float(np.finfo(np.float64).eps)
     return max(base, eps * G.shape[0] * max(float(f.y_norm2), np.finfo(float).tiny) * amplification)
