@@ -64,7 +64,7 @@ def trained_cnn(Xtr: torch.Tensor, ytr: torch.Tensor, retrain: bool) -> tuple[to
         torch.manual_seed(0)
         return train_classifier(zoo.mnist1d_cnn(), Xtr, ytr, epochs=30, seed=0)
 
-    return cached_model(cache_dir() / "mnist1d_cnn-v1-seed0.pt", train, retrain)
+    return cached_model(cache_dir() / "mnist1d_cnn-v2-seed0.pt", train, retrain)
 
 
 def parse_args(description: str, compressions: list[float], seeds: int = 5) -> argparse.Namespace:

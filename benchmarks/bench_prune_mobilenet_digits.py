@@ -48,7 +48,7 @@ def run_on_rgb_digits(description: str, build: Callable[[], torch.nn.Module], ca
 
 def main() -> None:
     run_on_rgb_digits(__doc__.splitlines()[0], lambda: zoo.mobilenetv2_cifar(width_mult=0.5),
-                      "digits_mobilenetv2-w0.5-v1-seed0.pt", "MobileNetV2 (width 0.5)")
+                      "digits_mobilenetv2-w0.5-v2-seed0.pt", "MobileNetV2 (width 0.5)")
 
 
 if __name__ == "__main__":

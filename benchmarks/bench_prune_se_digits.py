@@ -29,7 +29,7 @@ NO_CORRECTION = [("asym, SE corr. off", "asym", True, {"se_bias_correction": Fal
 
 def main() -> None:
     run_on_rgb_digits(__doc__.splitlines()[0], lambda: zoo.efficientnet_cifar(width_mult=0.5),
-                      "digits_efficientnet-w0.5-v1-seed0.pt", "EfficientNet (width 0.5, squeeze-and-excitation)",
+                      "digits_efficientnet-w0.5-v2-seed0.pt", "EfficientNet (width 0.5, squeeze-and-excitation)",
                       seeds=3, methods=METHODS + NO_CORRECTION)
 
 
