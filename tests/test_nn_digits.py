@@ -3,6 +3,11 @@ machine it was trained on, since every published pruning result is measured on i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +54,25 @@ def test_training_refuses_mixed_dtypes():
     net[0].double()
     with pytest.raises(ValueError, match="several dtypes"):
         train_classifier(net, torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)), epochs=1)
+
+
+_AVX512 = sys.platform == "linux" and "avx512f" in Path("/proc/cpuinfo").read_text(errors="ignore")
+
+
+@pytest.mark.skipif(not _AVX512, reason="needs a Linux CPU with AVX-512 to compare against its AVX2 kernels")
+def test_training_does_not_depend_on_the_cpu_vector_instructions(tmp_path):
+    # the same training in a process restricted to AVX2 kernels (ATen, oneDNN, MKL), as on an older CPU
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "import test_nn_digits as t\n"
+        "torch.save(t._train(1), sys.argv[1])\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = tmp_path / "avx2.pt"
+    subprocess.run([sys.executable, str(script), str(out), str(Path(__file__).parent)], env=env, check=True,
+                   timeout=300)
+    avx2, here = torch.load(out, weights_only=True), _train(1)
+    for k in here:
+        if here[k].is_floating_point():
+            torch.testing.assert_close(avx2[k], here[k], rtol=2.5e-7, atol=1e-12, msg=k)
