@@ -54,7 +54,7 @@ from .optimize import (
     _check_gamma,
     _check_objective_and_method,
     _dispatch,
-    _finite,
+    _gains,
     _Run,
     _scale_tol,
     maximize,
@@ -397,7 +397,7 @@ def _replay(run: _Run, selected: np.ndarray, sizes: list[int]) -> None:
     todo = set(sizes)
     for t in range(selected.size + 1):
         if t in todo:
-            g = _finite(state.gains())
+            g = _gains(state, run.f.n)
             run.n_eval += g.size
             run.note_negative(np.arange(g.size)[~state._in_set], g[~state._in_set], _scale_tol(g))
             run.bound(g, in_set_zero=True)

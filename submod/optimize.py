@@ -376,6 +376,31 @@ def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str)
                        prefix_size=run.best_prefix, kind=f"proven upper bound on OPT: {what}, {where}")
 
 
+def _shaped(g: object, size: int, cand: np.ndarray | None) -> np.ndarray:
+    """``g`` as a float64 array of shape ``(size,)``, or a clear error naming the :meth:`GainState.gains` contract.
+
+    The optimizers index gains by position: a state that returns every element's gain when asked for a few
+    candidates, a column vector or a scalar would otherwise misalign gains with candidates (a wrong set, silently,
+    for stochastic greedy) or fail deep inside numpy."""
+    try:
+        arr = np.asarray(g, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the objective's GainState.gains must return an array of numbers; got "
+                         f"{type(g).__name__} ({exc}).") from exc
+    if arr.shape != (size,):
+        asked = "candidates=None (every element)" if cand is None else f"{size} candidate(s)"
+        raise ValueError(f"the objective's GainState.gains returned shape {arr.shape} when asked for {asked}; it "
+                         f"must return a 1-D array of {size} gains, one per candidate in the order given (all n "
+                         "elements when candidates is None). Index your gains with the candidates, e.g. "
+                         "gains_of_all[self._all(candidates)].")
+    return arr
+
+
+def _gains(state: GainState, n: int, cand: np.ndarray | None = None) -> np.ndarray:
+    """``state.gains(cand)``: finite float64 gains, one per candidate (``n`` of them when ``cand`` is None)."""
+    return _finite(_shaped(state.gains(cand), n if cand is None else len(cand), cand), cand)
+
+
 def _finite(g: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
     """``g`` itself, or a clear error when an objective's gains hold NaN or infinity (``argmax`` would pick them)."""
     g = np.asarray(g, dtype=np.float64)
@@ -391,12 +416,13 @@ def _scale_tol(g: np.ndarray) -> float:
     return 1e-12 * max(1.0, float(np.abs(g).max(initial=0.0)))
 
 
-def _all_gains(g: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """``g`` as float64 with its minimum and maximum (0 included); a clear error for non-finite gains.
+def _all_gains(g: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
+    """``g`` (the gains of all ``n`` elements) as float64 with its minimum and maximum (0 included); a clear error
+    for a wrong shape or non-finite gains.
 
     One pass each for the minimum and the maximum serves the finiteness check (NaN and infinities reach them),
     the tolerance scale and the negative-gain check of greedy's step."""
-    g = np.asarray(g, dtype=np.float64)
+    g = _shaped(g, n, None)
     lo, hi = float(g.min(initial=0.0)), float(g.max(initial=0.0))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _finite(g)
@@ -409,7 +435,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
     n = run.f.n
     costs = run.constraint.costs if knapsack else None
     incremental = hasattr(state, "_incremental_init")
-    g, lo, hi = _all_gains(state._incremental_init() if incremental else state.gains())
+    g, lo, hi = _all_gains(state._incremental_init() if incremental else state.gains(), n)
     run.n_eval += n
     run.singletons = g.copy()
     # Incremental gains carry rounding error: candidates within ``slack`` of the best are re-evaluated exactly,
@@ -431,7 +457,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
             break
         if incremental or knapsack:
             near = np.flatnonzero(score >= best - slack / (costs.min() if knapsack else 1.0))
-            fresh = _finite(state.gains(near), near)
+            fresh = _gains(state, n, near)
             run.n_eval += near.size
             i = int(np.argmax(fresh / costs[near] if knapsack else fresh))
             j, gj = int(near[i]), float(fresh[i])
@@ -440,7 +466,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
         if gj <= 0.0:
             break
         run.pick(j, gj)
-        g, lo, hi = _all_gains(state._incremental_update() if incremental else state.gains())
+        g, lo, hi = _all_gains(state._incremental_update() if incremental else state.gains(), n)
         run.n_eval += n
         if track_violations:
             feas = run.feasible()
@@ -465,7 +491,7 @@ def _lazy(run: _Run, knapsack: bool) -> None:
         ub = state._upper_bounds()
         evaluated = np.zeros(n, dtype=bool)          # bounds only: nothing evaluated yet
     else:
-        ub = state.gains()
+        ub = _gains(state, n)
         run.n_eval += n
         evaluated = np.ones(n, dtype=bool)
         feas = run.feasible()
@@ -515,7 +541,7 @@ def _lazy(run: _Run, knapsack: bool) -> None:
 def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, evaluated: np.ndarray, stale: np.ndarray,
                    costs: np.ndarray | None) -> np.ndarray:
     """Fresh gains of ``top``: record violations and negative gains, refresh the bounds, return the scores."""
-    g = _finite(run.state.gains(top), top)
+    g = _gains(run.state, run.f.n, top)
     run.n_eval += top.size
     tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
     grew = (g > ub[top] + tol) & evaluated[top]
@@ -541,14 +567,14 @@ def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
         if feas.size == 0:
             break
         cand = np.sort(rng.choice(feas, size=min(s, feas.size), replace=False))
-        g = _finite(state.gains(cand), cand)
+        g = _gains(state, n, cand)
         run.n_eval += cand.size
         run.note_negative(cand, g, _scale_tol(g))
         i = int(np.argmax(g))
         if g[i] <= 0.0:
             # The sample saw no positive gain: look at every feasible candidate before stopping.
             cand = feas
-            g = _finite(state.gains(cand), cand)
+            g = _gains(state, n, cand)
             run.n_eval += cand.size
             run.note_negative(cand, g, _scale_tol(g))
             i = int(np.argmax(g))
@@ -556,7 +582,7 @@ def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
                 break
         run.pick(int(cand[i]), float(g[i]))
     if run.gamma is not None:
-        g_all = _finite(state.gains())
+        g_all = _gains(state, n)
         run.n_eval += n
         run.cert_eval += n
         feas = run.feasible()
@@ -570,7 +596,7 @@ def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, valu
     c = run.constraint
     if run.k < 1:  # k = 0 allows no element at all
         return selected, gains, values, value
-    singletons = run.singletons if run.singletons is not None else run.f.init_state().gains()
+    singletons = run.singletons if run.singletons is not None else _gains(run.f.init_state(), run.f.n)
     single = np.where(c.costs <= c.budget, singletons, -np.inf)
     j = int(np.argmax(single))
     if not np.isfinite(single[j]):

@@ -696,3 +696,58 @@ def test_partition_matroid_accepts_groups_without_elements():
         submod.PartitionMatroid([0, 3], [1, 1])
     with pytest.raises(ValueError, match="1-D array of integers"):
         submod.PartitionMatroid([0, 1], [[1, 1]])
+
+
+def _user_modular(weights, gains_of):
+    """A user-written modular function whose GainState.gains is ``gains_of(state, candidates)``."""
+    w = np.asarray(weights, dtype=np.float64)
+
+    class State(submod.GainState):
+        def gains(self, candidates=None):
+            return gains_of(self, candidates, w)
+
+        def _add(self, j):
+            self.value += w[j]
+
+    class Mod(submod.SetFunction):
+        submodular = True
+
+        def init_state(self):
+            return State(self.n)
+
+    return Mod(w.size)
+
+
+@pytest.mark.parametrize("method", ["greedy", "lazy", "stochastic"])
+@pytest.mark.parametrize("bad", ["ignores candidates", "column vector", "scalar"])
+def test_user_gain_state_of_the_wrong_shape_is_refused(bad, method):
+    """GainState.gains must return one gain per candidate; a state that returns every element's gain whatever the
+    candidates (or a column, or a scalar) is refused with the contract, never used misaligned: stochastic greedy
+    used to pair the first sampled candidates with the gains of elements 0, 1, 2... and return a worse set
+    silently."""
+    weights = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
+
+    def gains_of(state, cand, w):
+        g = np.where(state._in_set, 0.0, w)
+        if bad == "ignores candidates":
+            return g
+        g = g[state._all(cand)]
+        return g[:, None] if bad == "column vector" else float(g[0])
+
+    f = _user_modular(weights, gains_of)
+    if bad == "ignores candidates" and method == "greedy":  # exact greedy always asks for every element
+        assert sorted(submod.maximize(f, 3, method=method).selected.tolist()) == [1, 3, 4]
+        return
+    with pytest.raises(ValueError, match=r"GainState\.gains returned shape .* one per candidate"):
+        submod.maximize(f, 3, method=method, seed=0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "lazy", "stochastic"])
+def test_user_gain_state_may_return_a_list(method):
+    """Any sequence of numbers of the right length is a valid answer (the brute-force optimum of a modular
+    function: its 3 largest weights)."""
+    weights = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
+    f = _user_modular(weights, lambda state, cand, w: np.where(state._in_set, 0.0, w)[state._all(cand)].tolist())
+    best = max(itertools.combinations(range(6), 3), key=lambda S: sum(weights[j] for j in S))
+    res = submod.maximize(f, 3, method=method, seed=0)
+    assert sorted(res.selected.tolist()) == sorted(best)
