@@ -46,6 +46,10 @@ from .base import GainState
 DEFAULT_BLOCK = 96
 # Compact the residual matrices when the active columns drop below this fraction of their stored size.
 COMPACT_FRACTION = 0.65
+# ``Y`` counts as fully explained once ``||Y||^2 - F(S)`` is at most this fraction of ``||Y||^2``: the rounding of
+# values accumulated from quantities of size ``||Y||^2`` (the threshold below which :mod:`verification` reads a value
+# of least squares as 0). Every gain is then 0, not rounding noise that greedy would pick columns by.
+EXPLAINED_RTOL = 64 * np.finfo(np.float64).eps
 
 
 class Problem:
@@ -241,7 +245,9 @@ class ForwardRegressionState(GainState):
             gains[~useful] = 0.0
         else:
             gains, useful = _group_gains(self._Gb, self._Hb, self._thr_ext[self._gidx])
-        room = max(prob.y_norm2 - self.value, 0.0)
+        room = prob.y_norm2 - self.value
+        if room <= EXPLAINED_RTOL * prob.y_norm2:  # Y fully explained: what is left of the gains is rounding
+            room = 0.0
         np.minimum(gains, room, out=gains)
         gains[self._in_set] = 0.0
         useful &= ~self._in_set

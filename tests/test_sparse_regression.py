@@ -745,3 +745,34 @@ def test_from_gram_refuses_statistics_that_break_cauchy_schwarz_by_a_little():
     SparseRegression.from_gram(A.T @ A, A.T @ y, float(y @ y))
     with pytest.raises(ValueError, match="inconsistent statistics"):
         SparseRegression.from_gram(A.T @ A, A.T @ y, 0.9 * float(y @ y))
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "float32", "strided"])
+@pytest.mark.parametrize("method", ["greedy", "lazy", "stochastic"])
+def test_no_pick_once_y_is_fully_explained(layout, method):
+    """``Y = A[:, :2] W`` exactly: once the residual is 0 every true gain is 0, so greedy stops instead of picking
+    more columns by rounding noise (it used to return [1, 0, 3, 2] with gains of 4e-16, and other columns for other
+    memory layouts of the same data)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5))
+    Y = X[:, :2] @ np.array([[1.0], [1.0]])
+    A = {"C": X, "F": np.asfortranarray(X), "float32": X.astype(np.float32),
+         "strided": np.repeat(X, 2, axis=1)[:, ::2]}[layout]
+    f = submod.SparseRegression(A, Y)
+    res = submod.maximize(f, 5, method=method, seed=0)
+    assert res.stopped_early
+    assert res.value == pytest.approx(f.y_norm2, rel=1e-12)
+    assert np.all(res.gains > 1e-12 * f.y_norm2)  # every pick explains a part of Y larger than rounding
+    if method != "stochastic":
+        assert sorted(res.selected.tolist()) == [0, 1]
+
+
+def test_selector_stops_once_y_is_explained_with_or_without_intercept():
+    """The same two features with and without an intercept (it used to add two noise features without one)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5))
+    y = X[:, 0] + X[:, 1]
+    for fit_intercept in (True, False):
+        with pytest.warns(UserWarning, match="fully explained"):
+            sel = submod.SparseRegressionSelector(5, fit_intercept=fit_intercept).fit(X, y)
+        assert sel.get_support(indices=True).tolist() == [0, 1]
