@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,9 +57,16 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
         except ValueError:
             skip = 1
         try:
-            return np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
+            with warnings.catch_warnings():  # an empty file: the error below says so, numpy's warning is noise
+                warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
+                arr = np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
         except ValueError as exc:
             errors.append(exc)
+            continue
+        if arr.size == 0:
+            raise ValueError("the file holds no numbers" + (" (only a header row)" if skip else "") + "; pass a "
+                             "file with one row per item.")
+        return arr
     raise errors[0]
 
 

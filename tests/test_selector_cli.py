@@ -1,6 +1,7 @@
 """The scikit-learn face and the ``submod select`` command."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -211,3 +212,16 @@ def test_select_command_says_when_it_stopped_early(tmp_path, capsys):
     assert "stopped early: selected 1 of k = 3 items" in out and "non-zero entry" in out
     assert main(["select", "--data", str(path), "-k", "3"]) == 0
     assert "stopped early" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["", "a,b,c\n"])
+def test_select_command_says_a_text_file_holds_no_data(tmp_path, capsys, text):
+    """An empty file, or one with a header row only, is named as such in the error, without numpy's 'input
+    contained no data' warning leaking to the user before it."""
+    path = tmp_path / "empty.csv"
+    path.write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leaked warning fails the test
+        assert main(["select", "--data", str(path), "-k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no numbers" in err and "empty.csv" in err
