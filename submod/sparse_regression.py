@@ -79,7 +79,11 @@ def _check_groups(groups: object, p: int) -> list[np.ndarray]:
         return [np.array([j], dtype=np.int64) for j in range(p)]
     if isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
         s = int(groups)
-        if s <= 0 or p % s:
+        if s <= 0:
+            raise ValueError(f"groups={s}: an int is the block size (consecutive blocks of that many columns form one "
+                             f"unit), so it must be a positive divisor of the {p} columns; pass e.g. groups=1 or None "
+                             "for one unit per column.")
+        if p % s:
             raise ValueError(f"groups={s} asks for consecutive blocks of {s} columns, but the design has {p} "
                              f"columns, not a positive multiple of {s}. Pass a list of column-index lists instead.")
         return [np.arange(u * s, (u + 1) * s, dtype=np.int64) for u in range(p // s)]

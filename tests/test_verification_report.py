@@ -154,3 +154,22 @@ def test_verify_command_on_underdetermined_least_squares(tmp_path, capsys):
                  "--objective", "sparse-regression", "-k", "3", "--out", str(tmp_path / "rep"), "--no-figures",
                  "--samples", "50"]) == 0, capsys.readouterr().err
     assert "fewer samples (6) than columns (10)" in (tmp_path / "rep" / "verify_report.md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--group-size", "--k-max"])
+def test_verify_command_names_the_flag_of_a_non_positive_size(tmp_path, capsys, flag):
+    """``--group-size 0`` used to answer 'groups=0 asks for consecutive blocks of 0 columns ... not a positive
+    multiple of 0', and ``--k-max 0`` 'k_max must be ...': Python names the command-line user never typed."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "A.npy", rng.standard_normal((20, 4)))
+    np.save(tmp_path / "Y.npy", rng.standard_normal((20, 1)))
+    args = _parser().parse_args(["verify", "--data", str(tmp_path / "A.npy"), "--targets", str(tmp_path / "Y.npy"),
+                                 "-k", "2", "--out", str(tmp_path / "rep"), "--no-figures", flag, "0"])
+    assert args.func(args) == 2
+    assert f"{flag} must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_groups_zero_is_refused_as_a_block_size():
+    with pytest.raises(ValueError, match="block size .* must be a positive divisor"):
+        SparseRegression(np.eye(4), np.ones((4, 1)), groups=0)

@@ -47,6 +47,9 @@ def build_objective(args: argparse.Namespace):
     import submod
     from submod.sparse_regression import SparseRegression
 
+    for flag, value in (("--group-size", args.group_size), ("--k-max", args.k_max)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer; got {value}.")
     X = load_matrix(args.data, "--data", allow_1d=args.objective == "modular")  # modular: a weight vector
     if args.objective == "sparse-regression":
         if args.targets is None:
