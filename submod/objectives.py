@@ -916,7 +916,11 @@ class LogDeterminant(SetFunction):
             K = (K + K.T) / 2.0
         else:
             Xa = as_float_array(X, "X", ndim=2)
-            K = Xa @ Xa.T
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported as a ValueError below
+                K = Xa @ Xa.T
+            if not np.isfinite(K).all():
+                raise ValueError("the linear kernel X @ X.T overflows float64: the values of X are too large (beyond "
+                                 "about 1e150). Rescale X (e.g. divide by its largest magnitude).")
         if K.shape[0] == 0:
             raise ValueError("the ground set is empty. Pass at least one item.")
         # Small kernels are checked here; on large ones the greedy state checks the conditional variances it
