@@ -149,3 +149,19 @@ def check_executor(executor: object) -> None:
         raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
                          f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
                          f"{type(executor).__name__}.")
+
+
+def rng_from_seed(seed: object, name: str = "seed") -> np.random.Generator:
+    """``np.random.default_rng(seed)``, with an error that names ``name`` and what to pass when numpy refuses the
+    seed (its own messages, 'expected non-negative integer' or 'SeedSequence expects int...', name neither).
+
+    Examples
+    --------
+    >>> bool(rng_from_seed(0).integers(10) == np.random.default_rng(0).integers(10))
+    True
+    """
+    try:
+        return np.random.default_rng(seed)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be None, a non-negative integer or a numpy Generator; got {seed!r} "
+                         f"({exc}).") from exc

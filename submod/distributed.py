@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import check_executor, check_k
+from ._validation import check_executor, check_k, rng_from_seed
 from .base import SetFunction
 from .constraints import Cardinality
 from .optimize import (
@@ -252,7 +252,7 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         raise ValueError(f"certificate_prefixes must be a non-negative integer (0 for no certificate); got "
                          f"{certificate_prefixes!r}.")
     check_executor(executor)
-    rng = np.random.default_rng(seed)
+    rng = rng_from_seed(seed)
     labels, m = _labels(f.n, n_parts, partition, rng)
     if m == 1:
         res = maximize(f, kk, method=method, seed=seed, eps=eps, gamma_lower=gamma_lower,

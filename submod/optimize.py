@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ._validation import check_k
+from ._validation import check_k, rng_from_seed
 from .base import GainState, SetFunction
 from .certificates import Certificate
 from .constraints import Cardinality, Constraint, Knapsack
@@ -345,7 +345,7 @@ def _dispatch(run: _Run, method: str, knapsack: bool, seed: int | np.random.Gene
     thread touches the process-wide warning filters (``warnings.catch_warnings`` is not thread-safe)."""
     f = run.f
     if method == "stochastic":
-        _stochastic(run, eps, np.random.default_rng(seed))
+        _stochastic(run, eps, rng_from_seed(seed))
     elif method == "lazy" and (f.submodular or not lazy_fallback) and not run.state._kept_gains:
         _lazy(run, knapsack)
     else:

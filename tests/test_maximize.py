@@ -751,3 +751,21 @@ def test_user_gain_state_may_return_a_list(method):
     best = max(itertools.combinations(range(6), 3), key=lambda S: sum(weights[j] for j in S))
     res = submod.maximize(f, 3, method=method, seed=0)
     assert sorted(res.selected.tolist()) == sorted(best)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "abc"])
+def test_a_bad_seed_is_named_with_what_to_pass(seed):
+    """numpy's own messages ('expected non-negative integer', 'SeedSequence expects int...') named neither the
+    argument nor what it accepts, and 1.5 or 'abc' raised a TypeError."""
+    import verification as vf
+
+    f = submod.Modular(np.arange(1.0, 11.0))
+    match = r"seed must be None, a non-negative integer or a numpy Generator"
+    with pytest.raises(ValueError, match=match):
+        submod.maximize(f, 3, method="stochastic", seed=seed)
+    with pytest.raises(ValueError, match=match):
+        submod.maximize_distributed(f, 3, n_parts=2, seed=seed)
+    with pytest.raises(ValueError, match=match):
+        vf.submodularity_ratio(f, 2, method="sampled", seed=seed)
+    with pytest.raises(ValueError, match=match):
+        submod.SparseRegressionSelector(2, method="stochastic", seed=seed).fit(np.eye(4), np.arange(4.0))

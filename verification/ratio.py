@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 import submod
 from submod import SetFunction
-from submod._validation import as_index_array, check_k
+from submod._validation import as_index_array, check_k, rng_from_seed
 
 from ._kernels import lambda_min, n_unit_subsets, sparse_lambda_min, whitened_gram
 from ._values import MAX_TABLE_N, ValueTable, bit_matrix, mask_of, members, popcount
@@ -304,7 +304,7 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
     if method == "sampled":
         if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
-        return _sampled(f, kk, Uarr, int(n_samples), np.random.default_rng(seed), rtol)
+        return _sampled(f, kk, Uarr, int(n_samples), rng_from_seed(seed), rtol)
     if method == "spectral":
         if isinstance(max_subsets, bool) or not isinstance(max_subsets, (int, np.integer)) or max_subsets < 0:
             raise ValueError(f"max_subsets must be a non-negative integer; got {max_subsets!r}.")
