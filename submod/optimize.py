@@ -76,6 +76,10 @@ class SelectionResult:
         :func:`submod.maximize_distributed`'s full passes at the certified prefixes. 0 for greedy and lazy
         greedy, whose certificate reuses the gains they evaluate anyway, and 0 with ``certificate=False``
         (``certificate_prefixes=0`` for :func:`submod.maximize_distributed`).
+    constraint : Knapsack, PartitionMatroid or None
+        The extra constraint the run was made under (``None``: the cardinality budget only). The certificate
+        bounds the optimum of that problem; :func:`verification.certify`, which bounds ``OPT_k`` under a
+        cardinality budget, refuses a constrained run.
     """
 
     selected: np.ndarray
@@ -91,6 +95,7 @@ class SelectionResult:
     stopped_early: bool = False
     distributed: DistributedInfo | None = None
     certificate_evaluations: int = 0
+    constraint: Constraint | None = None
 
     def __repr__(self) -> str:
         cert = "none" if self.certificate is None else f"OPT <= {self.certificate.upper_bound:.6g}"
@@ -334,7 +339,7 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
                            n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
                            certificate=cert, method=method, violations=run.violations,
                            negative_gains=run.negative, stopped_early=stopped_early,
-                           certificate_evaluations=run.cert_eval)
+                           certificate_evaluations=run.cert_eval, constraint=constraint)
 
 
 def _dispatch(run: _Run, method: str, knapsack: bool, seed: int | np.random.Generator | None, eps: float,

@@ -263,3 +263,22 @@ def test_a_planted_small_decrease_is_still_refused():
         check_guarantee(f, 2)
     with pytest.raises(ValueError, match="not monotone"):
         submodularity_ratio(f, 3, method="exact")
+
+
+def test_certify_refuses_a_knapsack_run_whose_optimum_its_bound_misses():
+    """Cost-benefit greedy picks item 0 (cost 0.9) and nothing else fits; the knapsack optimum (brute force) takes
+    the three cheap items, 9.9. certify used to bound OPT_1 = 9.5 instead and claim the run reached 100% of the
+    optimum; it now refuses the constrained run, whose own certificate bounds the knapsack optimum."""
+    f = submod.Modular([9.5, 3.3, 3.3, 3.3])
+    kn = submod.Knapsack([0.9, 0.33, 0.33, 0.33], budget=1.0)
+    res = submod.maximize(f, None, constraint=kn)
+    opt = max(f.value(list(S)) for m in range(5) for S in itertools.combinations(range(4), m)
+              if kn.costs[list(S)].sum() <= kn.budget)
+    assert opt > res.value
+    assert res.certificate.upper_bound >= opt
+    with pytest.raises(ValueError, match="Knapsack constraint"):
+        certify(f, res)
+    pm = submod.PartitionMatroid([0, 0, 1, 1], budgets=1)
+    with pytest.raises(ValueError, match="PartitionMatroid constraint"):
+        certify(f, submod.maximize(f, 2, constraint=pm))
+    assert certify(f, submod.maximize(f, 2)).upper_bound >= 9.5 + 3.3  # OPT_2 of the cardinality problem

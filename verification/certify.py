@@ -141,7 +141,9 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     f : submod.SetFunction
         Monotone set function.
     result : submod.SelectionResult or array of int
-        The run to certify (its pick order defines the prefixes).
+        The run to certify (its pick order defines the prefixes). A run of :func:`submod.maximize` under a
+        ``Knapsack`` or ``PartitionMatroid`` constraint is refused: the bound here is on ``OPT_k`` under a
+        cardinality budget, which can be below that problem's optimum; the run's own ``certificate`` bounds it.
     gamma_lower : None, RatioEstimate or float
         A *proven lower* bound on ``gamma_{U,k}`` with ``U`` containing the prefixes used. ``None`` is accepted
         only for functions declared submodular (``gamma = 1``). A :class:`RatioEstimate` is accepted only if its
@@ -161,7 +163,8 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     ------
     ValueError
         When ``gamma_lower`` is not a proven lower bound (an upper bound, an estimate, or ``gamma = 1`` on a
-        function that is not declared submodular), with the way to obtain one.
+        function that is not declared submodular), with the way to obtain one; when ``result`` is a run made under
+        a knapsack or matroid constraint.
 
     Examples
     --------
@@ -180,6 +183,14 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     start = time.perf_counter()
     if not isinstance(f, SetFunction):
         raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}.")
+    constraint = getattr(result, "constraint", None) if isinstance(result, submod.SelectionResult) else None
+    if constraint is not None:
+        # The bound below is on OPT_k under a cardinality budget: for a knapsack or matroid run it can fall below
+        # that problem's optimum (a knapsack optimum may hold more, cheaper elements than the run picked).
+        raise ValueError(f"this run was made under a {type(constraint).__name__} constraint, and certify bounds "
+                         "OPT_k under a cardinality budget only, which is not that problem's optimum. Use the run's "
+                         "own result.certificate (maximize bounds the constrained optimum), or pass "
+                         "result.selected to certify a bound on OPT_k explicitly.")
     raw = result.selected if isinstance(result, submod.SelectionResult) else result
     selected = as_index_array(raw, f.n, "result")
     kk = selected.size if k is None else check_k(k, f.n)
