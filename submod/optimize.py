@@ -113,7 +113,7 @@ class _Run:
         self.f = f
         self.k = k
         self.constraint = constraint
-        self.state: GainState = f.init_state()
+        self.state: GainState = _checked_state(f)
         self.tracker = constraint._tracker(f.n)
         self.gamma = gamma
         self.gains: list[float] = []
@@ -359,12 +359,30 @@ def _dispatch(run: _Run, method: str, knapsack: bool, seed: int | np.random.Gene
 
 
 def _check_objective_and_method(f: object, method: object) -> None:
-    """The checks every optimizer entry point makes first: ``f`` is a :class:`SetFunction`, ``method`` is known."""
+    """The checks every optimizer entry point makes first: ``f`` is a :class:`SetFunction` (initialised: a subclass
+    whose ``__init__`` skips ``super().__init__(n)`` has no ground-set size), ``method`` is known."""
     if not isinstance(f, SetFunction):
         raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}. Wrap a value oracle with "
                          "submod.from_callable(value, n).")
+    if not isinstance(getattr(f, "n", None), numbers.Integral):
+        raise ValueError(f"{type(f).__name__} has no ground-set size n: its __init__ must call "
+                         "super().__init__(n) (SetFunction.__init__ sets n).")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+def _checked_state(f: SetFunction) -> GainState:
+    """``f.init_state()``, refused with the contract when it is not an initialised :class:`GainState` (a user state
+    whose ``__init__`` skips ``super().__init__(n)`` lacks the set's bookkeeping)."""
+    state = f.init_state()
+    if not isinstance(state, GainState):
+        raise ValueError(f"{type(f).__name__}.init_state() must return a submod.GainState; got "
+                         f"{type(state).__name__}.")
+    if not hasattr(state, "_in_set") or getattr(state, "n", None) != f.n:
+        raise ValueError(f"{type(state).__name__} (from {type(f).__name__}.init_state()) is not initialised for "
+                         f"{f.n} elements: its __init__ must call super().__init__(n) (GainState.__init__ sets n, "
+                         "the current set and its value).")
+    return state
 
 
 def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str) -> Certificate | None:

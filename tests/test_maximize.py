@@ -769,3 +769,42 @@ def test_a_bad_seed_is_named_with_what_to_pass(seed):
         vf.submodularity_ratio(f, 2, method="sampled", seed=seed)
     with pytest.raises(ValueError, match=match):
         submod.SparseRegressionSelector(2, method="stochastic", seed=seed).fit(np.eye(4), np.arange(4.0))
+
+
+def test_a_user_class_that_skips_super_init_is_told_to_call_it():
+    """A SetFunction or GainState subclass whose ``__init__`` does not call ``super().__init__(n)`` (or an
+    ``init_state`` that returns something else) used to fail with AttributeError: 'NoSuper' object has no
+    attribute 'n' / '_in_set', or "'NoneType' object has no attribute 'gains'"."""
+
+    class NoSuper(submod.SetFunction):
+        def __init__(self, w):
+            self.w = np.asarray(w)
+
+        def init_state(self):
+            return None
+
+    class State(submod.GainState):
+        def __init__(self, w):
+            self.w = w
+
+        def gains(self, candidates=None):
+            return self.w[self._all(candidates)]
+
+        def _add(self, j):
+            self.value += self.w[j]
+
+    class StateNoSuper(submod.SetFunction):
+        def init_state(self):
+            return State(np.ones(self.n))
+
+    class ReturnsNone(submod.SetFunction):
+        def init_state(self):
+            return None
+
+    for method in submod.METHODS:
+        with pytest.raises(ValueError, match=r"NoSuper has no ground-set size n: .* super\(\).__init__\(n\)"):
+            submod.maximize(NoSuper([1.0, 2.0]), 1, method=method)
+        with pytest.raises(ValueError, match=r"State .* not initialised .* super\(\).__init__\(n\)"):
+            submod.maximize(StateNoSuper(3), 1, method=method)
+        with pytest.raises(ValueError, match=r"init_state\(\) must return a submod.GainState; got NoneType"):
+            submod.maximize(ReturnsNone(3), 1, method=method)
