@@ -47,7 +47,16 @@ def _pairwise_similarity(X: np.ndarray, metric: str) -> tuple[np.ndarray, float]
         raise ValueError("the pairwise distances of X overflow float64: its values are too large (beyond about "
                          "1e150). Rescale X (e.g. divide by its largest magnitude).")
     shift = float(D.max())
+    _check_no_underflow(X, shift)
     return np.subtract(shift, D, out=D), shift
+
+
+def _check_no_underflow(X: np.ndarray, shift: float) -> None:
+    """Refuse distances that all underflowed to 0 while the rows of ``X`` differ: ``K = max(D) - D`` would then be
+    0 everywhere and greedy would select nothing, as if every item were a duplicate."""
+    if shift == 0.0 and X.shape[0] > 1 and float(np.ptp(X, axis=0).max(initial=0.0)) > 0.0:
+        raise ValueError("the pairwise distances of X underflow to 0 although its rows differ: its values are too "
+                         "small (below about 1e-154). Rescale X (e.g. divide by its largest magnitude).")
 
 
 def _distances(Xr: np.ndarray, Xc: np.ndarray, metric: str, rows: np.ndarray | None = None,
@@ -171,6 +180,8 @@ def _knn_similarity(X: np.ndarray, metric: str, n_neighbors: int) -> sp.csc_matr
         np.sqrt(keys, out=keys)
         top = float(np.sqrt(top))
     shift = 1.0 if cosine else top
+    if not cosine:
+        _check_no_underflow(X, shift)
     values = np.subtract(shift, keys, out=keys)   # shift - D; for cosine 1 - (-cos) = 1 + cos
     np.maximum(values, 0.0, out=values)
     K = sp.csr_matrix((values.ravel(), nearest.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))

@@ -189,6 +189,10 @@ def test_from_callable_normalises_and_flags():
     (lambda: submod.SparseRegression(1e-170 * np.eye(3), np.ones(3)), "underflow"),
     (lambda: submod.FacilityLocation(1e200 * np.eye(3)), "overflow"),
     (lambda: submod.LogDeterminant(1e200 * np.eye(3)), "overflow"),  # was numpy's 'Eigenvalues did not converge'
+    # distinct rows whose distances underflow to 0: K = 0 and greedy selected nothing, as if all were duplicates
+    (lambda: submod.FacilityLocation(1e-200 * np.eye(3)), "underflow"),
+    (lambda: submod.FacilityLocation(1e-200 * np.eye(5), n_neighbors=2), "underflow"),
+    (lambda: submod.GraphCut(1e-200 * np.eye(3), metric="euclidean"), "underflow"),
     (lambda: submod.FacilityLocation(similarity=np.eye(2), metric="bogus"), "unknown metric"),  # was ignored
     (lambda: submod.LogDeterminant(similarity=np.eye(2), ridge="1"), "ridge must be"),  # was a numpy TypeError
     (lambda: submod.FeatureBased(sp.random(5, 3, density=0.5, format="csr")), r"dense array.*toarray"),
