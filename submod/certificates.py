@@ -6,7 +6,7 @@ For any set ``A`` and a *proven lower* bound ``gamma`` on the submodularity rati
 
 because ``F(OPT) <= F(OPT u A) = F(A) + F(OPT | A)`` (monotonicity) and ``gamma F(OPT | A) <= sum_{j in OPT}
 F(j | A)`` (the definition of gamma). With ``gamma = 1`` this is the online bound of Leskovec et al. (KDD 2007),
-valid only for submodular ``F``; on a non-submodular ``F`` it can fall below ``OPT`` (see THEORY.md), which is why
+valid only for submodular ``F``; on a non-submodular ``F`` it can fall below ``OPT`` (see docs/theory.rst), which is why
 :func:`submod.maximize` only certifies functions declared submodular or given a proven ``gamma_lower``.
 """
 

@@ -1,5 +1,6 @@
 """Error decay along the greedy path: measured curves below every sound bound, oracle residuals from
-numpy.linalg.lstsq, preconditions flagged, contraction fitted on a closed-form instance (THEORY.md, "Error decay")."""
+numpy.linalg.lstsq, preconditions flagged, contraction fitted on a closed-form instance (docs/theory.rst,
+"Exponential decay of the error")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Guarantees against brute force and sound certificates (THEORY.md, "Certificates" and the greedy guarantee)."""
+"""Guarantees against brute force and sound certificates (docs/theory.rst, "Certificates" and "Guarantees")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Submodularity ratio: exact enumeration against an independent brute force, and the ordering
-lower bounds <= exact <= upper bounds on random instances (THEORY.md, "Weak submodularity")."""
+lower bounds <= exact <= upper bounds on random instances (docs/theory.rst, "The submodularity ratio")."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_near_duplicate_columns_are_read_within_their_accuracy_and_target_orthog
 
 
 def test_spectral_ridge_dominates_theory_formula():
-    # THEORY.md: gamma >= (lambda_min(G, s) + lam) / (max_j G_jj + lam); our normalised bound is at least that.
+    # docs/theory.rst: gamma >= (lambda_min(G, s) + lam) / (max_j G_jj + lam); our normalised bound is at least that.
     rng = np.random.default_rng(3)
     A = rng.standard_normal((40, 5)) @ (np.eye(5) + 0.6 * rng.standard_normal((5, 5)))
     Y = rng.standard_normal((40, 2))
