@@ -165,3 +165,23 @@ def rng_from_seed(seed: object, name: str = "seed") -> np.random.Generator:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be None, a non-negative integer or a numpy Generator; got {seed!r} "
                          f"({exc}).") from exc
+
+
+def gains_array(g: object, size: int, cand: np.ndarray | None) -> np.ndarray:
+    """``g`` as a float64 array of shape ``(size,)``, or a clear error naming the :meth:`GainState.gains` contract.
+
+    The optimizers index gains by position: a state that returns every element's gain when asked for a few
+    candidates, a column vector or a scalar would otherwise misalign gains with candidates (a wrong set, silently,
+    for stochastic greedy) or fail deep inside numpy."""
+    try:
+        arr = np.asarray(g, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the objective's GainState.gains must return an array of numbers; got "
+                         f"{type(g).__name__} ({exc}).") from exc
+    if arr.shape != (size,):
+        asked = "candidates=None (every element)" if cand is None else f"{size} candidate(s)"
+        raise ValueError(f"the objective's GainState.gains returned shape {arr.shape} when asked for {asked}; it "
+                         f"must return a 1-D array of {size} gains, one per candidate in the order given (all n "
+                         "elements when candidates is None). Index your gains with the candidates, e.g. "
+                         "gains_of_all[self._all(candidates)].")
+    return arr

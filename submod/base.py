@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import as_index_array, check_ground_set_size
+from ._validation import as_index_array, check_ground_set_size, gains_array
 
 __all__ = ["SetFunction", "GainState", "from_callable", "CallableFunction", "WeightedSum"]
 
@@ -269,9 +269,11 @@ class _WeightedSumState(GainState):
         self._w = f.weights
 
     def gains(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        out = np.zeros(self.n if candidates is None else len(candidates))
+        size = self.n if candidates is None else len(candidates)
+        out = np.zeros(size)
         for w, s in zip(self._w, self._states, strict=True):
-            out += w * s.gains(candidates)
+            # each term checked on its own: a scalar or a (1,) answer would broadcast into every candidate's gain
+            out += w * gains_array(s.gains(candidates), size, candidates)
         return out
 
     def _add(self, j: int) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ._validation import check_k, rng_from_seed
+from ._validation import check_k, gains_array, rng_from_seed
 from .base import GainState, SetFunction
 from .certificates import Certificate
 from .constraints import Cardinality, Constraint, Knapsack
@@ -399,29 +399,9 @@ def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str)
                        prefix_size=run.best_prefix, kind=f"proven upper bound on OPT: {what}, {where}")
 
 
-def _shaped(g: object, size: int, cand: np.ndarray | None) -> np.ndarray:
-    """``g`` as a float64 array of shape ``(size,)``, or a clear error naming the :meth:`GainState.gains` contract.
-
-    The optimizers index gains by position: a state that returns every element's gain when asked for a few
-    candidates, a column vector or a scalar would otherwise misalign gains with candidates (a wrong set, silently,
-    for stochastic greedy) or fail deep inside numpy."""
-    try:
-        arr = np.asarray(g, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"the objective's GainState.gains must return an array of numbers; got "
-                         f"{type(g).__name__} ({exc}).") from exc
-    if arr.shape != (size,):
-        asked = "candidates=None (every element)" if cand is None else f"{size} candidate(s)"
-        raise ValueError(f"the objective's GainState.gains returned shape {arr.shape} when asked for {asked}; it "
-                         f"must return a 1-D array of {size} gains, one per candidate in the order given (all n "
-                         "elements when candidates is None). Index your gains with the candidates, e.g. "
-                         "gains_of_all[self._all(candidates)].")
-    return arr
-
-
 def _gains(state: GainState, n: int, cand: np.ndarray | None = None) -> np.ndarray:
     """``state.gains(cand)``: finite float64 gains, one per candidate (``n`` of them when ``cand`` is None)."""
-    return _finite(_shaped(state.gains(cand), n if cand is None else len(cand), cand), cand)
+    return _finite(gains_array(state.gains(cand), n if cand is None else len(cand), cand), cand)
 
 
 def _finite(g: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
@@ -445,7 +425,7 @@ def _all_gains(g: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
 
     One pass each for the minimum and the maximum serves the finiteness check (NaN and infinities reach them),
     the tolerance scale and the negative-gain check of greedy's step."""
-    g = _shaped(g, n, None)
+    g = gains_array(g, n, None)
     lo, hi = float(g.min(initial=0.0)), float(g.max(initial=0.0))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _finite(g)

@@ -808,3 +808,14 @@ def test_a_user_class_that_skips_super_init_is_told_to_call_it():
             submod.maximize(StateNoSuper(3), 1, method=method)
         with pytest.raises(ValueError, match=r"init_state\(\) must return a submod.GainState; got NoneType"):
             submod.maximize(ReturnsNone(3), 1, method=method)
+
+
+@pytest.mark.parametrize("method", ["greedy", "lazy", "stochastic"])
+def test_a_weighted_sum_checks_each_terms_gains(method):
+    """A user term whose gains come back as one number broadcast into every candidate of a WeightedSum, so the
+    sum's shape looked right and the term's gains were silently replaced by the first candidate's."""
+    weights = [1.0, 5.0, 2.0, 4.0, 3.0, 0.5]
+    bad = _user_modular(weights, lambda state, cand, w: float(np.where(state._in_set, 0.0, w)[state._all(cand)][0]))
+    f = submod.Modular([0.1] * 6) + bad
+    with pytest.raises(ValueError, match=r"GainState\.gains returned shape \(\)"):
+        submod.maximize(f, 3, method=method, seed=0)
