@@ -1449,12 +1449,24 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Load a model written by :func:`save_pruned`.
 
-    ``model``: a freshly built, unpruned instance of the original architecture (required for plain torch models;
-    for Hugging Face models it is built from ``config.json`` when omitted, and optional top-level parts absent
-    from the saved weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``).
-    It is shrunk to the saved sizes
+    ``model``: an unpruned instance of the original architecture (required for plain torch models; for Hugging
+    Face models it is built from ``config.json`` when omitted, and optional top-level parts absent from the saved
+    weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``). It is copied,
+    never modified (the original trained model may be passed): the copy is shrunk to the saved sizes
     (:func:`apply_spec`) and then receives the saved weights (strict: every tensor must match). No arbitrary
     pickle is executed. See :func:`save_pruned` for an example.
+
+    Parameters
+    ----------
+    directory : path-like
+        A directory written by :func:`save_pruned`.
+    model : torch.nn.Module, optional
+        An unpruned instance of the original architecture (copied, not modified).
+
+    Returns
+    -------
+    torch.nn.Module
+        A new model with the saved sizes and weights, in eval mode.
     """
     src = Path(directory)
     spec_path = src / SPEC_FILE
@@ -1462,7 +1474,12 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"{src} has no {SPEC_FILE}: it was not written by save_pruned")
     spec = json.loads(spec_path.read_text())
     built_here = model is None
-    if model is None:
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an unpruned torch.nn.Module of the original architecture; got "
+                             f"{type(model).__name__}")
+        model = copy.deepcopy(model)  # the caller's instance (possibly the trained original) stays as it is
+    else:
         if not (src / "config.json").is_file():
             raise ValueError("pass model=<a freshly built instance of the original architecture> to load a plain "
                              "torch model")

@@ -938,3 +938,21 @@ def test_transformer_pruning_under_inference_mode_gives_ordinary_parameters() ->
         data = tel_batches()
         pruned, _ = prune_transformer(tel_model(False), data, keep=0.5, target="all")
     assert not any(p.is_inference() for p in pruned.parameters())
+
+
+def test_load_pruned_leaves_the_model_passed_in_untouched(tmp_path) -> None:
+    """The instance given to load_pruned (here the trained original itself, in train mode) is copied: its sizes,
+    weights and mode stay as they were, and the loaded model computes what the saved pruned model computes."""
+    model, data = tel_model(False), tel_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    save_pruned(pruned, tmp_path / "m")
+    original = tel_model(False).train()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    back = load_pruned(tmp_path / "m", original)
+    assert back is not original
+    assert original.training and all(m.training for m in original.modules())
+    assert original.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())
+    assert [layer.linear1.out_features for layer in original.layers] == [INTER] * LAYERS
+    for b in data:
+        torch.testing.assert_close(tel_out(back, b), tel_out(pruned, b), atol=1e-6, rtol=1e-6)
