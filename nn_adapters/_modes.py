@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy", "outside_inference_mode", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+__all__ = ["eval_mode", "copy_modes", "working_copy", "outside_inference_mode", "unwrap", "wrapper_hint",
+           "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -82,3 +83,45 @@ def working_copy(model: nn.Module) -> nn.Module:
                          "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
                          "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
                          ) from exc
+
+
+def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module inside a runtime wrapper and the attribute that holds it, or ``None`` for any other module.
+
+    Runtime wrappers: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``), ``nn.DataParallel`` and
+    ``DistributedDataParallel`` (``module``). They add a prefix to every parameter name and hold no layers of their
+    own.
+    """
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    if compiled is not None and isinstance(model, getattr(compiled, "OptimizedModule", ())):
+        return model._orig_mod, "_orig_mod"
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module, "module"
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` / ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (any depth);
+    ``model`` itself when it is not wrapped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    torch.nn.Module
+        The innermost wrapped module (the same object, not a copy).
+    """
+    while (inner := _wrapped(model)) is not None:
+        model = inner[0]
+    return model
+
+
+def wrapper_hint(model: nn.Module) -> str:
+    """A sentence telling the user to pass the wrapped model (empty when ``model`` is not a runtime wrapper)."""
+    inner = _wrapped(model)
+    if inner is None:
+        return ""
+    return (f" {type(model).__name__} is a wrapper: pass the model it wraps, model.{inner[1]} (a "
+            f"{type(inner[0]).__name__}), and wrap the pruned model again if you need to.")

@@ -22,6 +22,7 @@ from torch import nn
 from submod._atomic import atomic_path
 
 from . import _conv, zoo
+from ._modes import unwrap
 
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 
@@ -46,6 +47,21 @@ def architecture_spec(model: nn.Module) -> dict:
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` (pruned or not) to ``path`` atomically; see the module docstring for the format.
 
+    A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is saved as the model
+    it wraps (the layer names :func:`load_pruned` rebuilds; wrap the loaded model again).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to save (or a wrapper of it).
+    path : path-like
+        The file to write.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
     Examples
     --------
     >>> import tempfile, os, torch
@@ -60,6 +76,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     from ._transformer_blocks import PrunedMultiheadAttention
 
+    model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
     heads = [n for n, m in model.named_modules() if isinstance(m, PrunedMultiheadAttention)]
     if heads:
         raise ValueError(f"{type(model).__name__} has attention modules with pruned heads ({', '.join(heads[:3])}"

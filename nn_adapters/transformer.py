@@ -62,7 +62,7 @@ from submod._sr_threads import one_blas_thread as _one_blas_thread
 
 from ._data import FoldDealer, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
-from ._modes import copy_modes, outside_inference_mode, working_copy
+from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
@@ -1408,7 +1408,21 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     Hugging Face models are written with ``save_pretrained`` (``config.json`` + ``model.safetensors``); other
     models as a state dict (``weights.pt``, read back with ``torch.load(weights_only=True)``, no arbitrary
     pickle). The spec (``submod_pruning.json``) lists each block's intermediate size and number of heads. The
-    directory is written under a temporary name and renamed into place, so nothing half-written is left.
+    directory is written under a temporary name and renamed into place, so nothing half-written is left. A model
+    wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is saved as the model it wraps
+    (the names :func:`load_pruned` rebuilds; wrap the loaded model again).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The pruned model (or a wrapper of it).
+    directory : path-like
+        A new or empty directory.
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
 
     Examples
     --------
@@ -1422,6 +1436,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     >>> back.linear1.out_features, back.self_attn.num_heads
     (8, 1)
     """
+    model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(f"{target} exists and is not an empty directory: choose a new path")

@@ -240,3 +240,16 @@ def test_demo_full_with_training(tmp_path, monkeypatch):
              and r["n_calib"] == 100]
     assert asym16[0]["accuracy"] > mag16[0]["accuracy"] + 0.3
     assert os.listdir(tmp_path / "cache") == ["digits_cnn-v1-seed0.pt"]
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_save_pruned_of_a_wrapped_model_loads_back(tmp_path, wrap):
+    """torch.compile and nn.DataParallel prefix every name (_orig_mod., module.): the file must describe the
+    wrapped model, which load_pruned rebuilds from the zoo and which computes what the pruned model computes."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 10)
+    pruned, _ = nna.prune(zoo.mlp(10, [16, 16], 3).eval(), x, keep=0.5, method="layer")
+    wrapped = torch.compile(pruned) if wrap == "compile" else nn.DataParallel(pruned)
+    back = nna.load_pruned(nna.save_pruned(wrapped, tmp_path / "p.pt"))
+    assert [m.out_features for m in back if isinstance(m, nn.Linear)] == [8, 8, 3]
+    torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)

@@ -956,3 +956,16 @@ def test_load_pruned_leaves_the_model_passed_in_untouched(tmp_path) -> None:
     assert [layer.linear1.out_features for layer in original.layers] == [INTER] * LAYERS
     for b in data:
         torch.testing.assert_close(tel_out(back, b), tel_out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_save_pruned_of_a_wrapped_bert_loads_back(tmp_path, wrap) -> None:
+    """A compiled (or DataParallel) pruned model is saved as the model it wraps: load_pruned rebuilds it from
+    config.json alone, with the pruned sizes, and it computes what the pruned model computes."""
+    model, data = tiny_bert(), token_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all", method="asym")
+    wrapped = torch.compile(pruned) if wrap == "compile" else nn.DataParallel(pruned)
+    back = load_pruned(save_pruned(wrapped, tmp_path / "m"))
+    assert type(back) is type(pruned)
+    for b in data:
+        torch.testing.assert_close(bert_out(back, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
