@@ -123,5 +123,6 @@ def wrapper_hint(model: nn.Module) -> str:
     inner = _wrapped(model)
     if inner is None:
         return ""
-    return (f" {type(model).__name__} is a wrapper: pass the model it wraps, model.{inner[1]} (a "
-            f"{type(inner[0]).__name__}), and wrap the pruned model again if you need to.")
+    kind = "torch.compile's OptimizedModule" if inner[1] == "_orig_mod" else type(model).__name__
+    return (f" {kind} is a wrapper: pass the model it wraps, model.{inner[1]} (a {type(inner[0]).__name__}), and "
+            "wrap the pruned model again if you need to.")

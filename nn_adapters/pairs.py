@@ -71,7 +71,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
 from . import _conv
-from ._modes import FORWARD_HOOK_DICTS, eval_mode
+from ._modes import FORWARD_HOOK_DICTS, eval_mode, wrapper_hint
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
 
@@ -235,6 +235,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = tracer.trace(model, concrete_args=_defaulted_arguments(model))
         return fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
+        hint = wrapper_hint(model)
+        if hint:  # torch.compile / DataParallel: fx cannot see through them, and nothing else needs changing
+            raise ValueError(f"could not trace {type(model).__name__} with torch.fx.{hint}") from exc
         raise ValueError(
             f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Automatic pair "
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "

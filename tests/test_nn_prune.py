@@ -1174,3 +1174,19 @@ def test_pruning_under_inference_mode_gives_a_trainable_model(method):
     F.cross_entropy(pruned(x.clone()), y.clone()).backward()
     assert all(p.grad is not None for p in pruned.parameters())
     assert [r.kept_units for r in rep.layers] == [r.kept_units for r in ref.layers]
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_model_is_refused_with_the_attribute_to_pass(wrap):
+    """fx cannot trace torch.compile's or DataParallel's wrapper: the error names the wrapped model's attribute
+    (and the model under it, once unwrapped as told, prunes), not fx's internals."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    wrapped, attr = (torch.compile(net), "_orig_mod") if wrap == "compile" else (nn.DataParallel(net), "module")
+    x = torch.randn(40, 6)
+    for method in ("asym", "layer"):
+        with pytest.raises(ValueError, match=rf"pass the model it wraps, model\.{attr} \(a Sequential\)") as info:
+            nna.prune(wrapped, x, keep=0.5, method=method)
+        assert "Proxy" not in str(info.value) and "forward" not in str(info.value)
+    pruned, _ = nna.prune(getattr(wrapped, attr), x, keep=0.5, method="asym")
+    assert pruned[0].out_features == 6
