@@ -388,9 +388,7 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
         with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
-        raise ValueError(f"running the model on a calibration batch of shape {tuple(example_input.shape)} failed "
-                         f"({type(exc).__name__}: {exc}); check that the calibration data matches the model's input."
-                         ) from exc
+        raise _input_error(example_input, exc) from exc
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -951,6 +949,19 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
     return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops, se, se_input)
 
 
+def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
+    """The error for a model that fails on the calibration data: the samples' shape and the root cause in one line
+    (fx's ShapeProp wraps the model's own error in a dump of the graph node)."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = str(root).strip()
+    why = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
+    return ValueError(f"the model fails on the calibration data, samples of shape {tuple(example_input.shape[1:])} "
+                      f"(dim 0 of a batch counts the samples): {why}. Check that the calibration data matches the "
+                      "model's input.")
+
+
 def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
                   graph: fx.GraphModule | None = None) -> list[PrunablePair]:
     """Check user-declared pairs and turn them into :class:`PrunablePair` objects.
@@ -1020,6 +1031,11 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     names = [p.producer for p in out]
     if len(set(names)) != len(names):
         raise ValueError("a producer appears in two declared pairs; declare each producer once.")
+    try:  # the data's fault before any pair's: the checks below run the model many times
+        with eval_mode(model), torch.no_grad():
+            model(example_input[:CHECK_SAMPLES])
+    except Exception as exc:
+        raise _input_error(example_input, exc) from exc
     for pair in out:
         _check_unit_map(model, pair, example_input)
     # In the order the producers run (a consumer must be refitted before its own outputs are pruned as the next

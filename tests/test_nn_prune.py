@@ -708,7 +708,7 @@ def test_forward_with_defaulted_flags_is_traced_with_their_defaults(capfd):
         with torch.no_grad():
             assert torch.allclose(pruned(x), net(x)) and pruned(x, return_features=True).shape == (64, 16)
     capfd.readouterr()
-    with pytest.raises(ValueError, match="running the model on a calibration batch"):
+    with pytest.raises(ValueError, match="the model fails on the calibration data"):
         nna.prune(net, torch.randn(64, 5), keep=0.5)
     assert "Traceback" not in capfd.readouterr().err  # torch.fx's ShapeProp printed its own
 
@@ -1190,3 +1190,17 @@ def test_wrapped_model_is_refused_with_the_attribute_to_pass(wrap):
         assert "Proxy" not in str(info.value) and "forward" not in str(info.value)
     pruned, _ = nna.prune(getattr(wrapped, attr), x, keep=0.5, method="asym")
     assert pruned[0].out_features == 6
+
+
+def test_calibration_data_that_does_not_fit_the_model_is_named_with_the_root_cause():
+    """Samples of 21 features for a model that takes 20: the error gives the samples' shape as passed (not the
+    2-sample probe's batch shape), torch's own reason in one line (not fx's graph dump), and is a ValueError with
+    declared pairs too (the model's RuntimeError escaped there)."""
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3)).eval()
+    x = torch.randn(10, 21)
+    for pairs in (None, [nna.Pair("0", "2")]):
+        with pytest.raises(ValueError) as info:
+            nna.prune(net, x, keep=0.5, method="layer", pairs=pairs)
+        msg = str(info.value)
+        assert "samples of shape (21,)" in msg and "mat1 and mat2 shapes cannot be multiplied" in msg
+        assert "ShapeProp" not in msg and "\n" not in msg
