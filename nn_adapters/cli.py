@@ -37,8 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("spec", help="module:function, e.g. mymodels:build")
     grp = pr.add_mutually_exclusive_group()
     grp.add_argument("--compression", type=float,
-                     help="whole-network parameter compression, e.g. 4 (the default when --keep is not given)")
-    grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5")
+                     help="whole-network parameter compression of an MLP/CNN, e.g. 4 (the default when --keep is "
+                          "not given)")
+    grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5 (for "
+                                                "transformers: of the FFN neurons of every block; required there)")
     pr.add_argument("--method", default="asym",
                     choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad"))
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
@@ -146,9 +148,9 @@ def _eval_accuracy(model: object, loader: object) -> float:
 
 def _run_prune(args: argparse.Namespace) -> int:
     from . import prune, save_pruned
+    from .pruning import _is_transformer
 
-    if args.compression is None and args.keep is None:
-        args.compression = 4.0
+    compression = 4.0 if args.compression is None and args.keep is None else args.compression
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}.")
     if args.workers > 1 and args.method != "layer":
@@ -163,11 +165,15 @@ def _run_prune(args: argparse.Namespace) -> int:
     if not above.is_dir():
         raise ValueError(f"--out {args.out!r} lies under {str(above)!r}, which is a file, not a directory.")
     model, calib, *rest = _load_user(args.spec)
+    if args.keep is None and _is_transformer(model):  # before the default --compression 4 is blamed on the user
+        raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
+                         "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
+                         "whole-network parameter ratio) applies to MLPs and CNNs.")
     before = _eval_accuracy(model, rest[0]) if rest else None
     with contextlib.ExitStack() as stack:
         # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS
         pool = stack.enter_context(ProcessPoolExecutor(args.workers)) if args.workers > 1 else None
-        pruned, report = prune(model, calib, compression=args.compression, keep=args.keep, method=args.method,
+        pruned, report = prune(model, calib, compression=compression, keep=args.keep, method=args.method,
                                reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
                                progress=args.progress, executor=pool)
     print(report.summary())

@@ -253,3 +253,27 @@ def test_save_pruned_of_a_wrapped_model_loads_back(tmp_path, wrap):
     back = nna.load_pruned(nna.save_pruned(wrapped, tmp_path / "p.pt"))
     assert [m.out_features for m in back if isinstance(m, nn.Linear)] == [8, 8, 3]
     torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
+
+
+def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypatch, capsys):
+    """Without --keep the CLI's default --compression 4 must not be blamed on the user: a transformer is refused
+    with --keep named (and no 'compression=' the user never passed); with --keep it prunes and saves."""
+    from submod.cli import main
+
+    (tmp_path / "tmods.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)\n"
+        "    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()\n"
+        "    return enc, [torch.randn(4, 6, 16) for _ in range(3)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["prune", "tmods:build", "--out", "t.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep" in err and "compression=" not in err and err.count("\n") == 1
+    assert not (tmp_path / "t.pt").exists()
+    assert main(["prune", "tmods:build", "--keep", "0.5", "--out", "t.pt"]) == 0
+    import tmods
+    back = nna.load_pruned(tmp_path / "t.pt", tmods.build()[0])
+    assert [layer.linear1.out_features for layer in back.layers] == [16, 16]
