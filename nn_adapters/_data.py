@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def _dict_batch_error(what: str, batch: Mapping) -> ValueError:
+    """The error for a dict batch given to the MLP/CNN path, which calls ``model(x)`` with one tensor."""
+    keys = list(batch)
+    tensors = [k for k in keys if isinstance(batch[k], torch.Tensor)]
+    example = (f"[(b[{tensors[0]!r}], b[{tensors[1]!r}]) for b in loader]" if len(tensors) >= 2
+               else f"[b[{tensors[0]!r}] for b in loader]" if tensors else "[(inputs, labels), ...]")
+    return ValueError(f"{what} is a dict (keys {keys}); MLP/CNN pruning calls model(inputs) with one tensor, so pass "
+                      f"tensors or (inputs, labels) pairs, e.g. {example}. A model that takes keyword inputs and "
+                      "holds transformer blocks is pruned with target='ffn', 'heads' or 'all' "
+                      "(nn_adapters.transformer).")
 
 
 def as_batches(data: object, device: torch.device | None = None, batch_size: int = 256,
@@ -36,6 +48,8 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
         raise ValueError(f"{name} is a tuple of two tensors of the same shape {tuple(data[0].shape)}: two batches "
                          "of inputs, or inputs and targets of the same shape? Pass a list for batches "
                          "([x1, x2]) or a list holding one labelled batch ([(inputs, targets)]).")
+    if isinstance(data, Mapping):  # iterating it would give its keys
+        raise _dict_batch_error(name, data)
     if isinstance(data, torch.Tensor):
         chunks = [(x, None) for x in torch.split(data, batch_size)] if data.shape[0] > 0 else []
     elif pair and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]:
@@ -51,9 +65,8 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
             elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
                 y = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
                 chunks.append((item[0], y))
-            elif isinstance(item, dict):
-                raise ValueError(f"batch {i} of {name} is a dict; models taking dict inputs are handled by "
-                                 "nn_adapters.transformer (pass target=...) or pass tensors.")
+            elif isinstance(item, Mapping):
+                raise _dict_batch_error(f"batch {i} of {name}", item)
             else:
                 raise ValueError(f"batch {i} of {name} is a {type(item).__name__}; each batch must be a tensor or "
                                  "an (inputs, labels) pair of tensors.")

@@ -1204,3 +1204,19 @@ def test_calibration_data_that_does_not_fit_the_model_is_named_with_the_root_cau
         msg = str(info.value)
         assert "samples of shape (21,)" in msg and "mat1 and mat2 shapes cannot be multiplied" in msg
         assert "ShapeProp" not in msg and "\n" not in msg
+
+
+def test_dict_batches_for_a_cnn_are_refused_with_a_conversion_that_works():
+    """An image DataLoader of dicts (HF datasets style) or one dict: the error names the keys and a conversion;
+    the conversion it gives, applied as written, prunes. A single dict was iterated into its keys ('is a str')."""
+    net = zoo.digits_cnn().eval()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    loader = [{"pixel_values": x[i:i + 8], "labels": y[i:i + 8]} for i in range(0, 32, 8)]
+    for data in (loader, loader[0]):
+        with pytest.raises(ValueError, match=r"is a dict \(keys \['pixel_values', 'labels'\]\)") as info:
+            nna.prune(net, data, keep=0.5)
+        assert "target=" in str(info.value)  # the transformer route is named as such, not as the fix
+        fix = re.search(r"e\.g\. (\[.*? for b in loader\])", str(info.value)).group(1)
+    converted = eval(fix, {"loader": loader})  # noqa: S307 - the message's own example
+    pruned, rep = nna.prune(net, converted, keep=0.5, method="actgrad")
+    assert rep.labelled and rep.n_samples == 32
