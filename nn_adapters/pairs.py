@@ -1266,7 +1266,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
         if int(other_changed.sum()) > 1 and bool((other_changed == changed).all()):
             per_unit = isinstance(m, _BN_MODULES) or (_conv.is_conv(m) and _channelwise_conv(prod, m, n) is None)
-            fix = (f"add it to the pair's between=({', '.join(repr(b) for b in (*pair.between, name))})"
+            fix = (f"add it to the pair's between={(*pair.between, name)!r}"
                    if per_unit else
                    "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "
                    "from pairs=")

@@ -305,7 +305,7 @@ def test_declared_pairs_match_discovered_ones():
     assert [(r.pair, r.kind, r.kept_units) for r in rd.layers] == [(r.pair, r.kind, r.kept_units) for r in rf.layers]
     with torch.no_grad():
         assert torch.equal(found(x), declared(x))
-    with pytest.raises(ValueError, match=r"BatchNorm1d '1' also receives.*between=\('1'\)"):
+    with pytest.raises(ValueError, match=r"BatchNorm1d '1' also receives.*between=\('1',\)"):
         nna.prune(net, x, keep=0.5, method="layer", pairs=[nna.Pair("0", "3")])
 
 
