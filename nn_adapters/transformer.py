@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import submod.sparse_regression
 from submod._atomic import dir_mode
@@ -1054,6 +1055,13 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
     """The block without its first unit of ``stage`` must compute what it computes with that unit's consumer
     columns zeroed (two forwards on a copy of the block)."""
     removed, fails, differs = _REMOVAL_CHECK[stage]
+    parametrized = [f"{blk.name}.{n}" for n, m in blk.module.named_modules()
+                    if parametrize.is_parametrized(m) or hasattr(m, "weight_g")]
+    if parametrized:  # the check edits weights in place, which a parametrization recomputes: say that, not layout
+        fails = differs = (f"its {', '.join(parametrized)} {'is' if len(parametrized) == 1 else 'are'} parametrized "
+                           "(weight_norm / spectral_norm), and a parametrized weight cannot be edited in place. "
+                           "Remove the parametrization before pruning (torch.nn.utils.parametrize."
+                           "remove_parametrizations(module, 'weight'), or torch.nn.utils.remove_weight_norm).")
     if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:
         # in half precision, the rounding of the two computations alone can exceed the tolerance: compare in float32
         x, ctx = x.float(), _cast_floats(ctx, torch.float32)

@@ -969,3 +969,20 @@ def test_save_pruned_of_a_wrapped_bert_loads_back(tmp_path, wrap) -> None:
     assert type(back) is type(pruned)
     for b in data:
         torch.testing.assert_close(bert_out(back, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
+def test_heads_of_a_parametrized_output_projection_are_refused_with_the_parametrization_named() -> None:
+    """The head-layout check zeroes output-projection columns in place, which a weight_norm parametrization
+    recomputes away: the refusal must name the parametrized layer and the remedy, not blame the head layout; once
+    the parametrization is removed (same effective weights) the heads prune."""
+    from torch.nn.utils import parametrize as P
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model, data = tiny_bert(), token_batches()
+    weight_norm(model.encoder.layer[0].attention.output.dense)
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.output\.dense is parametrized") as info:
+        prune_transformer(model, data, keep=0.5, target="heads")
+    assert "remove_parametrizations" in str(info.value) and "head layout" not in str(info.value)
+    P.remove_parametrizations(model.encoder.layer[0].attention.output.dense, "weight", leave_parametrized=True)
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="heads")
+    assert [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer] == [HEADS // 2] * LAYERS
