@@ -61,7 +61,7 @@ import submod.sparse_regression
 from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 
-from ._data import FoldDealer, float_dtype
+from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._stats import CV_FOLDS, CV_GRID
@@ -205,12 +205,13 @@ def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[An
     if calibration_data is None:
         raise ValueError("calibration_data is None: pass token batches (dicts of tensors, e.g. tokenizer "
                          "outputs with an attention_mask) or input tensors")
+    calibration_data = _numpy_to_tensors(calibration_data)
     if isinstance(calibration_data, (torch.Tensor, Mapping)):
         calibration_data = [calibration_data]
     if not isinstance(calibration_data, Iterable):
         raise ValueError(f"calibration_data must be a batch or an iterable of batches, "
                          f"got {type(calibration_data).__name__}")
-    batches = list(calibration_data)
+    batches = [_numpy_to_tensors(b) for b in calibration_data]
     if not batches:
         raise ValueError("calibration_data is empty: pass at least one batch of unlabeled inputs")
     for i, b in enumerate(batches):
@@ -228,6 +229,19 @@ def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[An
                              "the padding would be counted as tokens. Pass dicts of the model's keyword arguments, "
                              "e.g. {'src': x, 'src_key_padding_mask': mask} for torch.nn.TransformerEncoder.")
     return [_cast_floats(b, dtype) for b in batches] if dtype is not None else batches
+
+
+def _numpy_to_tensors(batch: Any) -> Any:
+    """Numpy arrays in a batch (a tokenizer's ``return_tensors="np"``) as tensors (copies), also inside dicts,
+    tuples and lists; anything else as it is. The model is called with tensors, as with any tokenizer output."""
+    if isinstance(batch, np.ndarray):
+        return _from_numpy(batch)
+    if isinstance(batch, Mapping):
+        return {k: _numpy_to_tensors(v) for k, v in batch.items()} if any(
+            isinstance(v, np.ndarray) for v in batch.values()) else batch
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, np.ndarray) for v in batch):
+        return type(batch)(_numpy_to_tensors(v) for v in batch)
+    return batch
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
@@ -719,10 +733,11 @@ def prune_transformer(
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
-        ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored). Padding tokens
-        never enter the statistics. Only magnitude or random pruning of plain (not gated) FFNs without refit reads
-        no data (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit
-        layout on the first batch.
+        ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
+        (a tokenizer's ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the
+        statistics. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
+        (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit layout on
+        the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.

@@ -986,3 +986,19 @@ def test_heads_of_a_parametrized_output_projection_are_refused_with_the_parametr
     P.remove_parametrizations(model.encoder.layer[0].attention.output.dense, "weight", leave_parametrized=True)
     pruned, _ = prune_transformer(model, data, keep=0.5, target="heads")
     assert [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer] == [HEADS // 2] * LAYERS
+
+
+def test_numpy_token_batches_prune_like_tensor_batches() -> None:
+    """A tokenizer's return_tensors="np" output (numpy ids and mask) used to reach the model as numpy and fail
+    inside it ('int' object is not callable); it must prune exactly as the same batches as tensors, and the
+    caller's arrays stay as they were."""
+    model, data = tiny_bert(), token_batches()
+    as_np = [{k: v.numpy().copy() for k, v in b.items()} for b in data]
+    copies = [{k: v.copy() for k, v in b.items()} for b in as_np]
+    pruned_np, rep_np = prune_transformer(model, as_np, keep=0.5, target="all")
+    pruned_pt, rep_pt = prune_transformer(model, data, keep=0.5, target="all")
+    assert [u.kept for u in rep_np.units] == [u.kept for u in rep_pt.units]
+    assert rep_np.n_tokens == rep_pt.n_tokens == sum(int(b["attention_mask"].sum()) for b in data)
+    for a, b in zip(pruned_np.parameters(), pruned_pt.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(np.array_equal(b[k], c[k]) for b, c in zip(as_np, copies, strict=True) for k in b)
