@@ -148,6 +148,7 @@ def _eval_accuracy(model: object, loader: object) -> float:
 
 def _run_prune(args: argparse.Namespace) -> int:
     from . import prune, save_pruned
+    from .io import check_file_path
     from .pruning import _is_transformer
 
     compression = 4.0 if args.compression is None and args.keep is None else args.compression
@@ -157,13 +158,7 @@ def _run_prune(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers {args.workers} needs --method layer: with --method {args.method} every layer's "
                          "statistics come from the network pruned before it, so the layers are pruned one after "
                          "another.")
-    if Path(args.out).is_dir():  # found now, not after the pruning
-        raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/pruned_model.pt.")
-    above = Path(args.out).absolute().parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        raise ValueError(f"--out {args.out!r} lies under {str(above)!r}, which is a file, not a directory.")
+    check_file_path(args.out, "--out")  # found now, not after the pruning
     model, calib, *rest = _load_user(args.spec)
     if args.keep is None and _is_transformer(model):  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "

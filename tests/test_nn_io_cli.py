@@ -277,3 +277,20 @@ def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypat
     import tmods
     back = nna.load_pruned(tmp_path / "t.pt", tmods.build()[0])
     assert [layer.linear1.out_features for layer in back.layers] == [16, 16]
+
+
+def test_save_pruned_to_a_directory_or_under_a_file_is_refused_up_front(tmp_path):
+    """save_pruned(model, existing_dir) wrote the whole model to a temporary file in the directory's parent and
+    then failed in os.replace with IsADirectoryError naming that temporary file; under a file it raised
+    FileExistsError. Both are ValueErrors that say what to pass, and nothing is left behind."""
+    pruned, _ = nna.prune(zoo.mlp(8, [16], 2), torch.randn(64, 8), keep=0.5, method="layer")
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(ValueError, match=r"is a directory; pass a file name such as .*pruned_model\.pt"):
+        nna.save_pruned(pruned, target)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="which is a file, not a directory"):
+        nna.save_pruned(pruned, tmp_path / "afile" / "sub" / "m.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "out"] and not any(target.iterdir())
+    nna.save_pruned(pruned, target / "m.pt")  # the name the message suggests works
+    assert nna.load_pruned(target / "m.pt")[1].out_features == 8
