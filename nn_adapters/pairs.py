@@ -183,6 +183,7 @@ class PrunablePair:
 
     @property
     def name(self) -> str:
+        """``"producer->consumer"``, the pair's name in reports and in ``keep={name: fraction}``."""
         return f"{self.producer}->{self.consumer}"
 
 

@@ -116,6 +116,13 @@ class PruneReport:
         return self.params_before / max(self.params_after, 1)
 
     def to_dict(self) -> dict:
+        """The report as plain Python data (JSON-serialisable): every field, layers included, plus
+        ``compression``.
+
+        Returns
+        -------
+        dict
+        """
         d = asdict(self)
         d["compression"] = self.compression
         return d

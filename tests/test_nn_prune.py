@@ -1224,3 +1224,26 @@ def test_dict_batches_for_a_cnn_are_refused_with_a_conversion_that_works():
     converted = eval(fix, {"loader": loader})  # noqa: S307 - the message's own example
     pruned, rep = nna.prune(net, converted, keep=0.5, method="actgrad")
     assert rep.labelled and rep.n_samples == 32
+
+
+def test_public_api_of_nn_adapters_is_documented():
+    """Every public function, method and property of nn_adapters and nn_adapters.transformer has a docstring
+    (PruneReport.to_dict and PrunablePair.name had none), and to_dict's promise holds: JSON-serialisable."""
+    import inspect
+    import json
+
+    import nn_adapters.transformer as nt
+
+    missing = []
+    for mod in (nna, nt):
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name)
+            members = ([(f"{name}.{m}", v) for m, v in vars(obj).items() if not m.startswith("_")]
+                       if inspect.isclass(obj) else [(name, obj)])
+            for qual, v in members:
+                if (inspect.isfunction(v) or isinstance(v, property)) and not (v.__doc__ or "").strip():
+                    missing.append(f"{mod.__name__}.{qual}")
+    assert not missing
+    _, rep = nna.prune(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)), torch.randn(40, 6), keep=0.5)
+    back = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
+    assert back["compression"] == rep.compression and len(back["layers"]) == len(rep.layers)
