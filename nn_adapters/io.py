@@ -77,7 +77,10 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``model`` (pruned or not) to ``path`` atomically; see the module docstring for the format.
 
     A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is saved as the model
-    it wraps (the layer names :func:`load_pruned` rebuilds; wrap the loaded model again).
+    it wraps (the layer names :func:`load_pruned` rebuilds; wrap the loaded model again). A transformer whose
+    attention heads were pruned (``torch.nn.TransformerEncoderLayer``, or a Hugging Face model whose blocks have
+    fewer heads than its config) is refused: this format records no head counts; use
+    :func:`nn_adapters.transformer.save_pruned`.
 
     Parameters
     ----------
@@ -107,6 +110,13 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
 
     model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
     heads = [n for n, m in model.named_modules() if isinstance(m, PrunedMultiheadAttention)]
+    config_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if isinstance(config_heads, int) and not isinstance(config_heads, bool):
+        # Hugging Face attention keeps its head count in attributes (num_attention_heads, all_head_size) that
+        # this format does not record either: the loaded model would keep the config's count
+        from ._transformer_blocks import find_blocks
+
+        heads += [b.name for b in find_blocks(model) if b.num_heads != config_heads]
     if heads:
         raise ValueError(f"{type(model).__name__} has attention modules with pruned heads ({', '.join(heads[:3])}"
                          f"{' ...' if len(heads) > 3 else ''}), whose sizes this format does not record, so "

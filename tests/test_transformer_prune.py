@@ -1002,3 +1002,22 @@ def test_numpy_token_batches_prune_like_tensor_batches() -> None:
     for a, b in zip(pruned_np.parameters(), pruned_pt.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(np.array_equal(b[k], c[k]) for b, c in zip(as_np, copies, strict=True) for k in b)
+
+
+def test_generic_save_refuses_a_heads_pruned_hugging_face_model(tmp_path) -> None:
+    """The MLP/CNN format records Linear sizes, not Hugging Face's per-layer head counts: a heads-pruned BERT
+    came back with num_attention_heads and all_head_size of the config (4 heads, not 2), a model that only runs
+    where the attention infers its head count. Refused up front (nothing written), the transformer save named;
+    an FFN-only pruned BERT still round-trips through it with the right sizes."""
+    import nn_adapters as nna
+
+    model, data = tiny_bert(), token_batches()
+    heads, _ = prune_transformer(model, data, keep=0.5, target="heads")
+    with pytest.raises(ValueError, match=r"pruned heads \(encoder\.layer\.0, encoder\.layer\.1\).*transformer\.save"):
+        nna.save_pruned(heads, tmp_path / "h.pt")
+    assert not os.listdir(tmp_path)
+    ffn, _ = prune_transformer(model, data, keep=0.5, target="ffn")
+    back = nna.load_pruned(nna.save_pruned(ffn, tmp_path / "f.pt"), tiny_bert(seed=3))
+    assert [layer.attention.self.num_attention_heads for layer in back.encoder.layer] == [HEADS] * LAYERS
+    for b in data:
+        torch.testing.assert_close(bert_out(back, b), bert_out(ffn, b), atol=1e-6, rtol=1e-6)
