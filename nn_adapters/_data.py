@@ -11,12 +11,15 @@ import torch
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
-def _dict_batch_error(what: str, batch: Mapping) -> ValueError:
-    """The error for a dict batch given to the MLP/CNN path, which calls ``model(x)`` with one tensor."""
+def _dict_batch_error(what: str, batch: Mapping, one: bool = False) -> ValueError:
+    """The error for a dict batch given to the MLP/CNN path, which calls ``model(x)`` with one tensor (``one``:
+    the whole calibration data is this one dict)."""
     keys = list(batch)
     tensors = [k for k in keys if isinstance(batch[k], torch.Tensor)]
-    example = (f"[(b[{tensors[0]!r}], b[{tensors[1]!r}]) for b in loader]" if len(tensors) >= 2
-               else f"[b[{tensors[0]!r}] for b in loader]" if tensors else "[(inputs, labels), ...]")
+    d, tail = ("data", "") if one else ("b", " for b in loader]")
+    head = "" if one else "["
+    example = (f"{head}({d}[{tensors[0]!r}], {d}[{tensors[1]!r}]){tail}" if len(tensors) >= 2
+               else f"{head}{d}[{tensors[0]!r}]{tail}" if tensors else "[(inputs, labels), ...]")
     return ValueError(f"{what} is a dict (keys {keys}); MLP/CNN pruning calls model(inputs) with one tensor, so pass "
                       f"tensors or (inputs, labels) pairs, e.g. {example}. A model that takes keyword inputs and "
                       "holds transformer blocks is pruned with target='ffn', 'heads' or 'all' "
@@ -49,7 +52,7 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
                          "of inputs, or inputs and targets of the same shape? Pass a list for batches "
                          "([x1, x2]) or a list holding one labelled batch ([(inputs, targets)]).")
     if isinstance(data, Mapping):  # iterating it would give its keys
-        raise _dict_batch_error(name, data)
+        raise _dict_batch_error(name, data, one=True)
     if isinstance(data, torch.Tensor):
         chunks = [(x, None) for x in torch.split(data, batch_size)] if data.shape[0] > 0 else []
     elif pair and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]:

@@ -1216,14 +1216,14 @@ def test_dict_batches_for_a_cnn_are_refused_with_a_conversion_that_works():
     net = zoo.digits_cnn().eval()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     loader = [{"pixel_values": x[i:i + 8], "labels": y[i:i + 8]} for i in range(0, 32, 8)]
-    for data in (loader, loader[0]):
+    for data, n in ((loader, 32), (loader[0], 8)):
         with pytest.raises(ValueError, match=r"is a dict \(keys \['pixel_values', 'labels'\]\)") as info:
             nna.prune(net, data, keep=0.5)
         assert "target=" in str(info.value)  # the transformer route is named as such, not as the fix
-        fix = re.search(r"e\.g\. (\[.*? for b in loader\])", str(info.value)).group(1)
-    converted = eval(fix, {"loader": loader})  # noqa: S307 - the message's own example
-    pruned, rep = nna.prune(net, converted, keep=0.5, method="actgrad")
-    assert rep.labelled and rep.n_samples == 32
+        fix = re.search(r"e\.g\. (.*?)\. A model", str(info.value)).group(1)
+        converted = eval(fix, {"loader": loader, "data": data})  # noqa: S307 - the message's own example
+        pruned, rep = nna.prune(net, converted, keep=0.5, method="actgrad")
+        assert rep.labelled and rep.n_samples == n
 
 
 def test_public_api_of_nn_adapters_is_documented():
