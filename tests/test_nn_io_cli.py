@@ -239,7 +239,7 @@ def test_demo_full_with_training(tmp_path, monkeypatch):
     mag16 = [r for r in res["rows"] if r["label"] == "magnitude (no refit)" and r["compression"] == 16.0
              and r["n_calib"] == 100]
     assert asym16[0]["accuracy"] > mag16[0]["accuracy"] + 0.3
-    assert os.listdir(tmp_path / "cache") == ["digits_cnn-v1-seed0.pt"]
+    assert os.listdir(tmp_path / "cache") == [f"digits_cnn-{digits._CACHE_VERSION}-seed0.pt"]
 
 
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
