@@ -298,3 +298,65 @@ def test_repeated_calibration_samples_share_a_fold_so_repeating_the_data_changes
     for a, b in zip(once.layers, twice.layers, strict=True):
         assert a.kept_units == b.kept_units and a.ridge == b.ridge
         assert b.cv_relative_error == pytest.approx(a.cv_relative_error, rel=1e-6)
+
+
+def _scarce_rows_case(seed: int = 5, n: int = 16, d: int = 40, m: int = 3, K: int = 4):
+    """Fewer calibration rows (16) than half the columns (40): the training Grams are rank-deficient."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, 6)) @ rng.standard_normal((6, d)) + rng.standard_normal((n, d)) + 1.5
+    Y = A @ rng.standard_normal((d, m)) + 0.2 * rng.standard_normal((n, m))
+    w = rng.uniform(0.5, 2.0, n)
+    sample = np.repeat(np.arange(n // 2), 2)          # two rows per sample, one fold per sample
+    folds = [GramAccumulator(d, m) for _ in range(K)]
+    for h in range(K):
+        rows = sample % K == h
+        folds[h].update(A[rows], Y[rows], sample_weight=w[rows])
+    return rng, A, Y, w, sample, folds
+
+
+def test_cv_with_fewer_rows_than_columns_matches_kfold_oracle():
+    """The range-only path (pivoted Cholesky factors of the folds, thin SVD of the training factors) against the
+    brute-force K-fold on the raw rows, with row weights, with and without a prior."""
+    rng, A, Y, w, sample, folds = _scarce_rows_case()
+    cols = np.arange(3, 39)                            # 36 columns, 16 rows
+    prior = rng.standard_normal((cols.size, Y.shape[1]))
+    for M0 in (None, prior):
+        best, rel = cv_ridge(folds, cols, CV_GRID, M0)
+        want = _kfold_oracle(A, Y, sample, cols, len(folds), M0, w)
+        np.testing.assert_allclose(rel, want, rtol=1e-7)
+        assert best == CV_GRID[int(np.argmin(want))]
+
+
+def test_cv_with_fewer_rows_than_columns_decomposes_no_column_sized_matrix(monkeypatch):
+    """With 16 rows for 40 columns no 40 x 40 eigendecomposition is needed (it was the cost of pruning wide layers
+    from a few samples): only the folds' ranks enter the decompositions."""
+    _, A, Y, w, sample, folds = _scarce_rows_case()
+    cols = np.arange(40)
+    real_eigh, sizes = np.linalg.eigh, []
+
+    def eigh(a, *args, **kwargs):
+        sizes.append(np.shape(a)[-1])
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "eigh", eigh)
+    _, rel = cv_ridge(folds, cols)
+    assert all(s < 16 for s in sizes), sizes
+    np.testing.assert_allclose(rel, _kfold_oracle(A, Y, sample, cols, len(folds), None, w), rtol=1e-7)
+
+
+def test_cv_with_fewer_rows_than_columns_in_pruning_matches_kfold_oracle():
+    """End to end through PairStats: a 64-unit layer pruned from 12 samples (the conv->linear shape of the demo at
+    a larger width) cross-validates as the brute-force K-fold does."""
+    net = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    pair = nna.find_pairs(net, torch.zeros(2, 6))[0][0]
+    with torch.no_grad():
+        h = torch.relu(net[0](torch.randn(12, 6)))
+    st = PairStats(pair, net[2], folds=3)
+    st.update(h)
+    A = h.double().numpy()
+    Y = A @ net[2].weight.detach().double().numpy().T
+    units = np.arange(0, 64, 2)                        # 32 columns, 12 rows
+    best, rel = st.cv_ridge(units)
+    want = _kfold_oracle(A, Y, np.arange(12), units, 3)
+    np.testing.assert_allclose(rel, want, rtol=1e-7)
+    assert best == CV_GRID[int(np.argmin(want))]
