@@ -539,16 +539,22 @@ def _combine(parts: list[tuple], gram: bool = True) -> tuple:
 
 def _psd_factor(G: np.ndarray) -> np.ndarray:
     """``L`` (``c x rank``) with ``L L^T = G`` up to rounding, for a positive semidefinite ``G``: pivoted Cholesky
-    (LAPACK ``dpstrf``), stopped at the numerical rank (pivots below ``c * eps * max(diag)``), ``O(c^2 rank)``."""
+    (LAPACK ``dpstrf``) of the equilibrated ``diag(G)^(-1/2) G diag(G)^(-1/2)``, stopped at its numerical rank
+    (pivots below ``c * eps``, i.e. a column is dropped when its part outside the pivoted columns is below
+    ``c * eps`` of its own norm, not of the largest column's), ``O(c^2 rank)``."""
     c = G.shape[0]
-    if c == 0 or not np.any(np.diag(G) > 0):
+    d = np.diag(G)
+    if c == 0 or not np.any(d > 0):
         return np.zeros((c, 0))
-    L, piv, rank, info = lapack.dpstrf(G, lower=1, tol=-1.0)
+    # equilibrate first (G = S C S, unit diagonal C): the pivot cut-off is then relative to each column's own
+    # scale, so columns many orders of magnitude smaller than the largest one are not dropped as rounding noise
+    s = np.sqrt(np.where(d > 0, d, 1.0))
+    L, piv, rank, info = lapack.dpstrf(G / s[:, None] / s[None, :], lower=1, tol=-1.0)
     if info < 0:
         raise RuntimeError(f"dpstrf rejected its argument {-info}")
     out = np.zeros((c, rank))
     out[piv[:c] - 1] = np.tril(L)[:, :rank]
-    return out
+    return s[:, None] * out
 
 
 @contextmanager
