@@ -127,26 +127,29 @@ def train_classifier(model: nn.Module, Xtr: torch.Tensor, ytr: torch.Tensor, epo
                          f"{sorted(map(str, dtypes))}: convert it to one (model.float()) before training")
     dtype = dtypes.pop() if dtypes else torch.float32
     model.double()
-    Xtr = Xtr.double()
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    n = len(Xtr)
-    for ep in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(0, n, 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        if verbose:
-            print(f"epoch {ep + 1}/{epochs} loss {total / n:.4f}")
-    return model.to(dtype).eval()
+    try:  # the caller's model gets its dtype back even when the training fails
+        Xtr = Xtr.double()
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        n = len(Xtr)
+        for ep in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=g)
+            total = 0.0
+            for i in range(0, n, 64):
+                idx = perm[i:i + 64]
+                loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            sched.step()
+            if verbose:
+                print(f"epoch {ep + 1}/{epochs} loss {total / n:.4f}")
+    finally:
+        model.to(dtype)
+    return model.eval()
 
 
 def train_digits_cnn(epochs: int = 30, seed: int = 0, verbose: bool = False,

@@ -68,7 +68,10 @@ def test_training_does_not_depend_on_the_cpu_vector_instructions(tmp_path):
         "sys.path.insert(0, sys.argv[2])\n"
         "import test_nn_digits as t\n"
         "torch.save(t._train(1), sys.argv[1])\n")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    # the subprocess must import this checkout (not an installed copy elsewhere): put its root on the path
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = tmp_path / "avx2.pt"
     subprocess.run([sys.executable, str(script), str(out), str(Path(__file__).parent)], env=env, check=True,
                    timeout=300)
@@ -76,3 +79,10 @@ def test_training_does_not_depend_on_the_cpu_vector_instructions(tmp_path):
     for k in here:
         if here[k].is_floating_point():
             torch.testing.assert_close(avx2[k], here[k], rtol=2.5e-7, atol=1e-12, msg=k)
+
+
+def test_training_that_fails_gives_the_model_its_dtype_back():
+    net = zoo.digits_cnn()
+    with pytest.raises(IndexError):  # 8 images, 7 labels
+        train_classifier(net, torch.rand(8, 1, 8, 8), torch.randint(0, 10, (7,)), epochs=1)
+    assert all(t.dtype == torch.float32 for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
