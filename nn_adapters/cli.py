@@ -147,8 +147,9 @@ def _eval_accuracy(model: object, loader: object) -> float:
 
 
 def _run_prune(args: argparse.Namespace) -> int:
+    from submod._atomic import check_file_path
+
     from . import prune, save_pruned
-    from .io import check_file_path
     from .pruning import _is_transformer
 
     compression = 4.0 if args.compression is None and args.keep is None else args.compression

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from submod._atomic import atomic_path
+from submod._atomic import atomic_path, check_file_path
 
 from . import _conv, zoo
 from ._modes import unwrap
 
-__all__ = ["save_pruned", "load_pruned", "architecture_spec", "check_file_path"]
+__all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 
 FORMAT = "submod-pruned-v1"
 
@@ -42,35 +42,6 @@ def architecture_spec(model: nn.Module) -> dict:
             shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
                             "num_features": m.num_features}
     return {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
-
-
-def check_file_path(path: str | os.PathLike, what: str = "path") -> Path:
-    """``path`` as a ``Path`` if a file can be written there, else a ``ValueError`` that says why.
-
-    Refused before any work (the write would otherwise fail only after the whole model was serialised, with an
-    ``os.replace`` error naming a temporary file): an existing directory, and a path under an existing file.
-
-    Parameters
-    ----------
-    path : path-like
-        The file to write (it may exist: it is replaced).
-    what : str
-        How the message names it (``"--out"`` for the command line).
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {str(path)!r} is a directory; pass a file name such as "
-                         f"{str(path / 'pruned_model.pt')!r}.")
-    above = path.absolute().parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        raise ValueError(f"{what} {str(path)!r} lies under {str(above)!r}, which is a file, not a directory.")
-    return path
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "dir_mode", "file_mode"]
+__all__ = ["atomic_path", "check_file_path", "dir_mode", "file_mode"]
 
 
 def _umask() -> int:
@@ -31,6 +31,34 @@ def file_mode() -> int:
 def dir_mode() -> int:
     """``0o777`` minus the process umask (the mode ``os.mkdir`` creates directories with)."""
     return 0o777 & ~_umask()
+
+
+def check_file_path(path: str | os.PathLike[str], what: str = "path", example: str = "pruned_model.pt") -> Path:
+    """``path`` as a ``Path`` if a file can be written there, else a ``ValueError`` that says why.
+
+    Called before any work: an existing directory, or a path under an existing file, would otherwise fail only
+    when :func:`atomic_path` moves the finished file into place, with an error naming its temporary file.
+    ``what`` names the path in the message (``"--out"`` on the command line), ``example`` is the file name the
+    message suggests inside a directory.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     check_file_path(d, "--out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --out '...' is a directory; pass a file name such as '.../pruned_model.pt'.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory; pass a file name such as {str(path / example)!r}.")
+    above = path.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{what} {str(path)!r} lies under {str(above)!r}, which is a file, not a directory.")
+    return path
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path
+from ._atomic import atomic_path, check_file_path
 from ._validation import as_float_array
 from .selector import METRIC_OBJECTIVES, OBJECTIVES, build_objective
 
@@ -113,8 +113,8 @@ def _run_select(args: argparse.Namespace) -> int:
     else:
         X = load_matrix(args.data)
         source = args.data
-    if args.out and Path(args.out).is_dir():  # found now, not as a temporary file's name after the work
-        raise ValueError(f"--out {args.out!r} is a directory; pass a file name such as {args.out}/selection.json.")
+    if args.out:  # found now, not as a temporary file's name after the work
+        check_file_path(args.out, "--out", "selection.json")
     f = build_objective(args.objective, X, args.metric, args.n_neighbors)
     res = submod.maximize(f, args.k, method=args.method, seed=args.seed)
     metric = args.metric if args.objective in METRIC_OBJECTIVES else None
