@@ -40,7 +40,7 @@ METHODS = [  # label, method, reweight, allocation[, refit_from: the statistics 
     ("asym", "asym", True, "uniform"),
     ("seq", "seq", True, "uniform"),
     ("layer", "layer", True, "uniform"),
-    ("asym, error alloc.", "asym", True, "error"),
+    ("asym, error alloc.", "asym", True, "error-curve"),
     ("asym, no refit", "asym", False, "uniform"),
     ("random+refit", "random", True, "uniform"),
     ("weight_norm+refit", "weight_norm", True, "uniform"),

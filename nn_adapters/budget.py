@@ -6,7 +6,7 @@ Three ways to say it:
 * ``compression=4.0`` with ``allocation="uniform"``: the largest common keep fraction whose pruned network has at
   most ``P / compression`` parameters (``P`` counts every parameter of the model, prunable or not; the pruned
   count includes the biases a refit adds to consumers that had none).
-* ``compression=4.0`` with ``allocation="error"``: a label-free non-uniform allocation. Each layer's nested greedy
+* ``compression=4.0`` with ``allocation="error-curve"``: a label-free non-uniform allocation. Each layer's nested greedy
   path (LayerInChange statistics of the original network) gives its relative reconstruction error
   ``e_l(k) = ||Y_l - A_S M||^2 / ||Y_l||^2`` for every size ``k`` at once. Starting from the full network, the
   allocation removes one unit at a time from the layer with the smallest error increase per parameter saved,

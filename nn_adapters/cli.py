@@ -42,9 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5 (for "
                                                 "transformers: of the FFN neurons of every block; required there)")
     pr.add_argument("--method", default="asym",
-                    choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad"))
+                    choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad", "magnitude",
+                             "wanda"),
+                    help="greedy selection (asym, seq, layer) or a baseline; magnitude and wanda are the transformer "
+                         "path's names of weight_norm and act_norm, accepted on both paths; actgrad uses labels")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
-    pr.add_argument("--allocation", choices=("uniform", "error"), default="uniform")
+    pr.add_argument("--allocation", choices=("uniform", "error-curve", "error"), default="uniform",
+                    help="how the budget is split between layers or blocks (error: the earlier name of error-curve)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")
     pr.add_argument("--progress", action="store_true", help="show a progress bar")

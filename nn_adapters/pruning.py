@@ -44,6 +44,7 @@ from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples, sample_folds
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
+from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
 from .shrink import keep_between, keep_outputs, keep_se, set_inputs
@@ -54,6 +55,8 @@ SUBMODULAR_METHODS = ("asym", "seq", "layer")
 BASELINE_METHODS = ("random", "weight_norm", "act_norm", "actgrad")
 METHODS = SUBMODULAR_METHODS + BASELINE_METHODS
 LABELLED_METHODS = ("actgrad",)
+#: The transformer path's baseline names, accepted here too (see :mod:`nn_adapters._names`).
+_METHOD_NAMES = {"magnitude": "weight_norm", "wanda": "act_norm"}
 
 
 @dataclass
@@ -166,8 +169,6 @@ def _check_args(method: str, compression: object, keep: object, allocation: str,
     if (compression is None) == (keep is None):
         raise ValueError("pass exactly one of compression= (whole-network parameter ratio, e.g. 4.0) or keep= "
                          "(fraction of units kept in every prunable layer, e.g. 0.5).")
-    if allocation not in ("uniform", "error"):
-        raise ValueError(f"allocation must be 'uniform' or 'error'; got {allocation!r}.")
     if keep is not None and allocation != "uniform":
         raise ValueError("allocation= applies to compression=; with keep= every layer keeps that fraction.")
     if isinstance(ridge, str):
@@ -217,7 +218,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         ``"asym"``, ``"seq"``, ``"layer"`` (greedy on the submodular-style objective), or a baseline:
         ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters; a depthwise filter between the
         layers is not part of the score), ``"act_norm"`` (Wanda-like
-        ``sum |W| * ||X||``) and ``"actgrad"`` (``|activation * gradient|``; uses LABELS).
+        ``sum |W| * ||X||``) and ``"actgrad"`` (``|activation * gradient|``; uses LABELS). The transformer
+        path's names ``"magnitude"`` and ``"wanda"``, the paper's class names (``"AsymInChange"``, ...) and any
+        letter case are accepted too; the report records the name above.
     reweight : bool, default True
         Refit the consumer's weights and bias by least squares on the kept units; ``False`` keeps the original
         weights of the kept columns (plain structured pruning).
@@ -226,9 +229,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     target : str, optional
         Transformer target (``"ffn"``, ``"heads"``); given, or for BERT/``nn.TransformerEncoderLayer`` models, the
         call is delegated to :func:`nn_adapters.transformer.prune_transformer`.
-    allocation : {"uniform", "error"}
-        How ``compression`` is split between layers (see :mod:`nn_adapters.budget`). For transformers (passed on,
-        as are ``ridge`` and ``refit_prior``): ``"uniform"`` or ``"error-curve"``.
+    allocation : {"uniform", "error-curve"}
+        How ``compression`` is split between layers (see :mod:`nn_adapters.budget`); ``"error"`` is accepted for
+        ``"error-curve"`` (its earlier spelling here). For transformers it is passed on, as are ``ridge`` and
+        ``refit_prior``.
     pairs : list of Pair, optional
         Declare the prunable pairs yourself (for models that cannot be traced, or to restrict pruning). Each is
         checked on up to 16 calibration samples: the consumer's input columns must follow the producer's units one to
@@ -280,7 +284,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         baseline with ``refit_from="layer"``): a ``ThreadPoolExecutor``, a ``ProcessPoolExecutor`` or Dask's
         ``distributed.Client(...).get_executor()``. The statistics are gathered as without it (one forward pass,
         here); then every layer's selection (greedy path, cross-validated selection ridge, path again), refit
-        ridge and refit are submitted at once (with ``allocation="error"``, every layer's full greedy path first;
+        ridge and refit are submitted at once (with ``allocation="error-curve"``, every layer's full greedy path first;
         with ``verify=True``, the verification too), and the modules are shrunk here, layer by layer in order, as
         without an executor. The result is the same: the same units and report, and weights from the same
         arithmetic (equal up to the rounding of BLAS calls run on another number of threads). The random baseline
@@ -323,6 +327,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     >>> all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(serial.parameters(), parallel.parameters()))
     True
     """
+    allocation = canonical_allocation(allocation)
     if target is not None or _is_transformer(model):
         from . import transformer
 
@@ -349,6 +354,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    method = canonical_method(method, _METHOD_NAMES)
     _check_args(method, compression, keep, allocation, ridge, refit_from)
     if refit_prior not in ("original", "zero"):
         raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "

@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from submod._sr_threads import one_blas_thread as _one_blas_thread
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
+from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
 from ._stats import ridge_refit as _ridge_refit
@@ -93,8 +94,6 @@ __all__ = [
 
 GREEDY_METHODS = ("asym", "seq", "layer")
 BASELINE_METHODS = ("magnitude", "wanda", "random")
-_ALIASES = {"weight_norm": "magnitude", "act_norm": "wanda", "activation_norm": "wanda", "asyminchange": "asym",
-            "seqinchange": "seq", "layerinchange": "layer"}
 _TARGETS = ("ffn", "heads", "all")
 #: Relative ridge of the greedy selection when ``ridge="cv"`` (the cross-validated ridge is the refit's): on
 #: all-MiniLM-L6-v2 the units selected at this ridge on the calibration sentences did as well on held-out
@@ -154,6 +153,20 @@ class TransformerPruneReport:
         """Parameter compression ``params_before / params_after`` of the whole model (exact)."""
         return self.params_before / max(self.params_after, 1)
 
+    def to_dict(self) -> dict:
+        """The report as plain Python data (JSON-serialisable): every field, units and spec included, plus
+        ``compression``; the same shape of answer as :meth:`nn_adapters.PruneReport.to_dict`.
+
+        Returns
+        -------
+        dict
+        """
+        d = asdict(self)
+        if isinstance(self.keep, Mapping):  # block indices or names; JSON object keys are strings
+            d["keep"] = {str(b): float(f) for b, f in self.keep.items()}
+        d["compression"] = self.compression
+        return d
+
     def summary(self) -> str:
         """A short human-readable table."""
         lines = [f"method={self.method} target={self.target} keep={self.keep} ({self.allocation}) "
@@ -187,7 +200,7 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
                              "neurons, keep={'encoder.layer.5': 0.75} prunes only that block")
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
-    m = _ALIASES.get(str(method).lower(), str(method).lower()) if isinstance(method, str) else method
+    m = canonical_method(method, {})
     if m not in GREEDY_METHODS + BASELINE_METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {GREEDY_METHODS} (greedy selection) or "
                          f"{BASELINE_METHODS} (baselines)")
@@ -753,6 +766,8 @@ def prune_transformer(
         pruned attention.
     method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
         Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
+        The MLP/CNN path's names ``"weight_norm"`` and ``"act_norm"``, the paper's class names
+        (``"AsymInChange"``, ...) and any letter case are accepted too; the report records the name above.
     reweight : bool
         Refit the consumer (down projection or attention output projection) weights and bias by least squares
         on the kept units. ``False`` keeps the original weights of the kept units.
@@ -781,6 +796,7 @@ def prune_transformer(
         ``"layernorm"``: measure the error after the post-LN LayerNorm that follows the stage (tokens weighted by
         ``1 / sigma_t^2``, output dimensions by ``gamma^2``); pre-LN blocks are not weighted.
     allocation : {"uniform", "error-curve"}
+        (``"error"``, the MLP/CNN path's earlier spelling, is accepted for ``"error-curve"``.)
         ``"uniform"``: every block keeps ``round(keep * n)`` units of each stage. ``"error-curve"``: the same
         total number of kept units per stage (exactly), split across blocks by :func:`allocate_units` from
         per-block error curves: a first pass over the original network computes, per block and stage, the
@@ -848,8 +864,7 @@ def prune_transformer(
         raise ValueError(f"weighting must be 'layernorm' or 'none', got {weighting!r}")
     if rule not in ("greedy", "omp"):
         raise ValueError(f"rule must be 'greedy' or 'omp', got {rule!r}")
-    if allocation not in ("uniform", "error-curve"):
-        raise ValueError(f"allocation must be 'uniform' or 'error-curve', got {allocation!r}")
+    allocation = canonical_allocation(allocation)
     if (isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real)
             or not (0.0 < float(min_keep) <= 1.0)):
         raise ValueError(f"min_keep must be a fraction in (0, 1] (the per-block floor of allocation='error-curve'), "

@@ -117,6 +117,11 @@ def test_cli_prune_user_model(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "method=seq" in out and "accuracy on the evaluation loader" in out
     assert nna.load_pruned(tmp_path / "p.pt")[1].out_features < 16
+    # the names the transformer path uses work here too
+    args = _parser().parse_args(["prune", "mymodels:build", "--compression", "2", "--method", "magnitude",
+                                 "--allocation", "error-curve", "--out", "m.pt"])
+    assert args.func(args) == 0
+    assert "method=weight_norm" in capsys.readouterr().out
     args = _parser().parse_args(["prune", "mymodels"])
     with pytest.raises(ValueError, match="module:function"):
         args.func(args)

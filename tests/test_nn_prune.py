@@ -267,6 +267,29 @@ def test_error_allocation_prefers_layers_with_low_error():
     assert min(r.kept / r.n_units for r in rep.layers) < 1.0
 
 
+def test_both_paths_names_select_the_same_method_and_allocation():
+    # the transformer path's names (magnitude, wanda), the paper's class names and any letter case mean the same
+    # method here; "error-curve" (the transformer path's name) is the same allocation as "error"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(200, 6)
+    for alias, name in (("magnitude", "weight_norm"), ("WANDA", "act_norm"), ("AsymInChange", "asym"),
+                        ("LayerInChange", "layer"), ("Weight_Norm", "weight_norm")):
+        a, rep_a = nna.prune(net, x, keep=0.5, method=alias)
+        b, rep_b = nna.prune(net, x, keep=0.5, method=name)
+        assert rep_a.method == name
+        assert [r.kept_units for r in rep_a.layers] == [r.kept_units for r in rep_b.layers]
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    _, new = nna.prune(net, x, compression=2.0, method="layer", allocation="error-curve")
+    _, old = nna.prune(net, x, compression=2.0, method="layer", allocation="error")
+    assert new.allocation == old.allocation == "error-curve"
+    assert [r.kept_units for r in new.layers] == [r.kept_units for r in old.layers]
+    with pytest.raises(ValueError, match="'uniform' or 'error-curve'"):
+        nna.prune(net, x, compression=2.0, allocation="errors")
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        nna.prune(net, x, keep=0.5, method="bogus")
+
+
 def test_error_allocation_leaves_no_room_for_another_unit():
     # The removal loop's last step can overshoot the budget by more than another layer's unit costs (114 of these
     # 300 random cases left such room before the top-up).

@@ -278,6 +278,10 @@ def test_prune_entry_point_passes_the_refit_options_to_transformers() -> None:
     assert wanda.method == "wanda" and wanda.propagation == "layer"
     _, rnd = nna.prune(model, data, keep=0.5, method="random", seed=None)
     assert rnd.seed is None
+    # one allocation name on both paths: the CNN path's earlier "error" means "error-curve" here too
+    _, old_name = nna.prune(model, data, keep=0.5, target="ffn", allocation="error")
+    assert old_name.allocation == "error-curve"
+    assert [u.kept for u in old_name.units] == [u.kept for u in curve.units]
     for option in ({"verify": True}, {"progress": True}, {"loss_fn": torch.nn.functional.mse_loss}):
         with pytest.raises(ValueError, match="MLP/CNN pruning only"):
             nna.prune(model, data, keep=0.5, **option)
@@ -1021,3 +1025,17 @@ def test_generic_save_refuses_a_heads_pruned_hugging_face_model(tmp_path) -> Non
     assert [layer.attention.self.num_attention_heads for layer in back.encoder.layer] == [HEADS] * LAYERS
     for b in data:
         torch.testing.assert_close(bert_out(back, b), bert_out(ffn, b), atol=1e-6, rtol=1e-6)
+
+
+def test_report_to_dict_is_plain_json_data() -> None:
+    import json
+
+    model, data = tiny_bert(), token_batches(n_batches=2)
+    pruned, rep = prune_transformer(model, data, keep={0: 0.5, 1: 0.75}, method="AsymInChange")
+    d = json.loads(json.dumps(rep.to_dict()))  # raises on anything JSON cannot hold
+    assert d["method"] == "asym" and d["keep"] == {"encoder.layer.0": 0.5, "encoder.layer.1": 0.75}
+    assert [u["kept"] for u in d["units"]] == [u.kept for u in rep.units]
+    assert [u["n_kept"] for u in d["units"]] == [INTER // 2, INTER * 3 // 4]
+    assert d["params_after"] == sum(p.numel() for p in pruned.parameters())
+    assert d["compression"] == pytest.approx(sum(p.numel() for p in model.parameters()) / d["params_after"])
+    assert d["spec"] == rep.spec
