@@ -210,6 +210,24 @@ def test_verify_labels_every_number_and_the_bound_holds():
     assert all(lay.verification is None and lay.error_curve is None for lay in rep.layers)
 
 
+def test_verify_lists_dead_and_duplicate_units_with_the_default_ridge():
+    """With ridge="cv" (the default) the selection has a ridge; the dead and the duplicated unit must still be
+    reported among the preconditions."""
+    pytest.importorskip("verification")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[0].bias[1] = -1.0                            # unit 1: always 0 after the ReLU
+        net[0].weight[5] = net[0].weight[4]
+        net[0].bias[5] = net[0].bias[4]                  # unit 5: a copy of unit 4
+    _, rep = nna.prune(net, torch.randn(200, 5, dtype=torch.float64), keep=0.5, method="layer", verify=True)
+    pre, kind = rep.layers[0].verification["preconditions"]
+    assert kind == "n/a"
+    assert "dead units" in pre and "[1]" in pre
+    assert "duplicate" in pre and "(4, 5)" in pre
+
+
 def test_bad_refit_prior_is_rejected():
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     with pytest.raises(ValueError, match="refit_prior must be 'original'"):

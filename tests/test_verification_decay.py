@@ -157,6 +157,28 @@ def test_wide_design_with_ridge_is_flagged_weak_not_vacuous():
     assert ridged.lambda_min > 0
 
 
+def test_preconditions_are_found_under_a_ridge_and_with_an_intercept():
+    """Dead and duplicate units are properties of the data: a ridge keeps them from making lambda_min zero, but they
+    must still be listed (a ridge is prune's default); and centring leaves count - 1 dimensions, so count = columns
+    with an intercept is already too few samples."""
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((50, 5))
+    A[:, 4] = A[:, 1]      # unit 4 duplicates unit 1
+    A[:, 3] = 0.0          # unit 3 is dead
+    Y = rng.standard_normal((50, 2))
+    dec = error_decay(SparseRegression(A, Y, ridge=0.1), 3)
+    text = " ".join(dec.preconditions)
+    assert "dead units" in text and "[3]" in text
+    assert "duplicate" in text and "(1, 4)" in text and "not vacuous" in text
+    assert dec.lambda_min > 0
+    # 6 samples, 6 columns, intercept: the centred Gram has rank <= 5 (checked here with numpy)
+    B = rng.standard_normal((6, 6))
+    assert np.linalg.matrix_rank(B - B.mean(axis=0)) == 5
+    wide = error_decay(SparseRegression(B, rng.standard_normal((6, 1)), fit_intercept=True), 3)
+    assert any("fewer samples (6, less 1 for the intercept) than columns (6)" in p for p in wide.preconditions)
+    assert wide.bound("a-priori spectral").vacuous
+
+
 def whitened_lambda_min(blocks: list[np.ndarray]) -> float:
     """lambda_min of the Gram of orthonormal bases (QR) of each block of columns, stacked side by side."""
     Q = np.hstack([np.linalg.qr(b)[0] for b in blocks])

@@ -96,9 +96,10 @@ class ErrorDecay:
         Fitted ``rho`` in ``err_k ~ c rho^k`` (an empirical estimate, never a guarantee).
     contraction_points : int
     preconditions : list of str
-        Degenerate units and data: duplicate units and fewer samples than columns (which make the spectral
-        bounds vacuous unless there is a ridge), and dead units (listed, but excluded from ``lambda_min``: they
-        do not weaken the bounds).
+        Degenerate units and data: duplicate units and fewer samples than columns (fewer than columns + 1 with
+        an intercept), which make the spectral bounds vacuous unless there is a ridge, and dead units (listed,
+        but excluded from ``lambda_min``: they do not weaken the bounds). They are found on the Gram without
+        the ridge, so a ridge does not hide them; each line says what it does to the bounds.
     parameters, cost : dict
     """
 
@@ -203,7 +204,8 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
     Preconditions: two units spanning a common direction (duplicates) or fewer samples than columns make
     ``lambda_min = 0`` (without a ridge), so the spectral bounds are vacuous (still true); the path-ratio and
     bicriteria bounds remain informative. Dead units (all-zero columns) have gains exactly 0 and are left out
-    of ``lambda_min``, so they do not make it 0. Each is listed in ``preconditions``.
+    of ``lambda_min``, so they do not make it 0. Each is listed in ``preconditions``, whatever the ridge (a ridge
+    keeps duplicates and too few samples from making ``lambda_min`` zero, but they are still there).
 
     Examples
     --------
@@ -269,7 +271,10 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
         bounds.append(BoundCurve(name=name, values=vals, kind="proven upper bound", description=desc,
                                  holds=holds, vacuous=vacuous))
     rho, used = fit_contraction(errors, floor=max(1e3 * tol, err_full + 1e3 * tol))
-    pre = _preconditions(f, C, unit_cols, dead, lam, n_cols)
+    # degenerate units are a property of the data, not of the ridge: look for them on the un-regularised Gram
+    # (with a ridge every column is live and no two are collinear in the regularised one)
+    C0, unit_cols0, dead0 = whitened_gram(G, groups, 0.0, tol=f.tol) if ridge else (C, unit_cols, dead)
+    pre = _preconditions(f, C0, unit_cols0, dead0, lam, n_cols)
     params = {"k_max": int(k), "ridge": ridge, "rtol": rtol, "comparators": comp_info,
               "per_step_lambdas": None if step_lams is None else step_lams.tolist(),
               "path_ratios_to_V": r_v.tolist(), "err_full_set": err_full, "value_full_set": full_value}
@@ -332,11 +337,24 @@ def _comparators(f: SetFunction, comparators: str | list[ArrayLike] | None, sele
 
 def _preconditions(f: SetFunction, C: np.ndarray, unit_cols: list[np.ndarray], dead: list[int], lam: float,
                    n_cols: int) -> list[str]:
+    """What degenerates the spectral bounds, each line with its consequence.
+
+    ``C``, ``unit_cols`` and ``dead`` come from the whitened Gram *without* the ridge (dead and duplicate units are
+    properties of the data; a ridge only keeps them from making ``lambda_min`` zero); ``lam`` is the
+    ``lambda_min`` the bounds use (with the ridge).
+    """
+    ridge = float(getattr(f, "ridge", 0.0) or 0.0)
+    if lam <= 1e-10:
+        consequence = (f"lambda_min(C) = {lam:.3g}" + (f" even with the ridge ({ridge:g})" if ridge > 0 else "")
+                       + ", so the spectral bounds are vacuous")
+    else:
+        consequence = (f"the ridge ({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the "
+                       "spectral bounds are weak but not vacuous")
     out = []
     if dead:
         out.append(f"dead units (all-zero columns, after centring with an intercept): {dead[:20]}"
-                   f"{' ...' if len(dead) > 20 else ''}; lambda_min over sets containing them is taken without "
-                   "them (their gains are exactly 0)")
+                   f"{' ...' if len(dead) > 20 else ''}; their gains are exactly 0, and lambda_min is taken without "
+                   "them (they do not weaken the bounds)")
     owner = np.concatenate([np.full(c.size, u) for u, c in enumerate(unit_cols)]) if unit_cols else np.zeros(0)
     if C.shape[0] > 1:
         off = np.abs(C) >= 1.0 - 1e-8
@@ -344,27 +362,20 @@ def _preconditions(f: SetFunction, C: np.ndarray, unit_cols: list[np.ndarray], d
         i, j = np.nonzero(np.triu(off, 1))
         pairs = sorted({(int(min(owner[a], owner[b])), int(max(owner[a], owner[b]))) for a, b in zip(i, j,
                                                                                                        strict=True)})
-        ridge = float(getattr(f, "ridge", 0.0) or 0.0)
-        # With a ridge the regularised Gram stays positive definite: the bounds weaken but are not vacuous.
-        consequence = (f"the ridge ({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the "
-                       "spectral bounds are weak but not vacuous") if ridge > 0 else \
-            "lambda_min(C) = 0 so the spectral bounds are vacuous"
         if pairs:
             out.append(f"duplicate (collinear) units: {pairs[:10]}{' ...' if len(pairs) > 10 else ''}; "
                        f"{consequence}")
-    else:
-        ridge = float(getattr(f, "ridge", 0.0) or 0.0)
     count = getattr(f, "count", None)
-    if count is not None and count < n_cols:
-        if ridge > 0:
-            out.append(f"fewer samples ({count}) than columns ({n_cols}): the Gram alone is singular; the ridge "
-                       f"({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the spectral bounds "
-                       "are weak but not vacuous")
+    # centring removes one dimension: with an intercept the centred Gram has rank at most count - 1
+    rows = None if count is None else int(count) - (1 if getattr(f, "fit_intercept", False) else 0)
+    if rows is not None and rows < n_cols:
+        have = f"fewer samples ({count}{', less 1 for the intercept' if rows != count else ''}) than columns " \
+               f"({n_cols}): the Gram alone is singular; "
+        if lam > 1e-10:
+            out.append(have + consequence)
         else:
-            out.append(f"fewer samples ({count}) than columns ({n_cols}): the Gram is singular, lambda_min(C) = 0 "
-                       "and the spectral bounds are vacuous; collect at least as many samples as columns or add a "
-                       "ridge")
-    if lam <= 1e-10 and not any("vacuous" in s for s in out):
+            out.append(have + consequence + "; collect more samples than columns or add a ridge")
+    if lam <= 1e-10 and not any(consequence in s for s in out):
         out.append(f"lambda_min(C) = {lam:.3g}: the columns are (numerically) linearly dependent, so the a-priori "
                    "spectral bound is vacuous")
     return out

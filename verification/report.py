@@ -344,7 +344,8 @@ def _markdown(rep: Report, f: SetFunction, k: int, title: str, fig_names: list[s
         L += ["", f"Fitted contraction factor rho = {_fmt(d.contraction)} per kept unit over "
                   f"{d.contraction_points} points (**estimate**: a least-squares fit, not a guarantee)."]
         if d.preconditions:
-            L += ["", "Preconditions that make bounds vacuous:"] + [f"- {p}" for p in d.preconditions]
+            L += ["", "Preconditions (degenerate units and data, each with its consequence for the bounds):"]
+            L += [f"- {p}" for p in d.preconditions]
         else:
             L += ["", "Preconditions checked: no dead or duplicate units, enough samples for the columns."]
     for n in fig_names:
