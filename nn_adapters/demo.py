@@ -178,7 +178,8 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
             _, rep = prune(model, [(Xtr[idx], ytr[idx])], compression=float(c_v), method="asym", verify=True)
             verified = {"n_calib": int(n_v), "compression": float(c_v),
                         "layers": [{"pair": lr.pair, "kept": lr.kept, "n_units": lr.n_units,
-                                    "verification": lr.verification} for lr in rep.layers]}
+                                    "verification": lr.verification, "selection_ridge": lr.selection_ridge}
+                                   for lr in rep.layers]}
         except ImportError:  # verification is optional
             verified = None
     table = format_table(rows)
@@ -237,7 +238,9 @@ def _layer_sections(result: dict, compressions: Sequence[float], calib_sizes: Se
         for lr in ver["layers"]:
             items = "; ".join(f"{name} = {v if isinstance(v, str) else f'{v:.4g}'} ({kind})"
                               for name, (v, kind) in (lr["verification"] or {}).items())
-            lines.append(f"- {lr['pair']} (kept {lr['kept']}/{lr['n_units']}): {items}")
+            sel = lr.get("selection_ridge")
+            at = "" if sel is None else f", selection ridge {sel:.0e}"
+            lines.append(f"- {lr['pair']} (kept {lr['kept']}/{lr['n_units']}{at}): {items}")
         lines.append("")
     return lines
 

@@ -74,9 +74,12 @@ class LayerReport:
     samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the in-sample relative objective of the nested
     greedy path after ``j`` picks, ``j = 0..kept``: the residual plus the selection ridge's penalty, over the
     centred target energy (exact on the calibration data; it is the relative error itself when that ridge is 0; the
-    refit's own error is ``relative_error``; submodular methods only). ``verification`` (with ``verify=True``)
-    maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``, ``"proven upper bound"``
-    or ``"estimate"``; see :func:`prune`.
+    refit's own error is ``relative_error``; submodular methods only). ``selection_ridge`` is the relative ridge
+    of that greedy selection, the objective ``error_curve`` and ``verification`` are about (it can differ from the
+    refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred diagonal of ``A^T A``, see
+    :meth:`nn_adapters._stats.FoldStats.objective`; ``None`` for the baselines). ``verification`` (with
+    ``verify=True``) maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``,
+    ``"proven upper bound"`` or ``"estimate"``; see :func:`prune`.
     """
 
     pair: str
@@ -92,6 +95,7 @@ class LayerReport:
     cv_relative_error: float | None = None
     error_curve: list[float] | None = None
     verification: dict[str, tuple] | None = None
+    selection_ridge: float | None = None
 
 
 @dataclass
@@ -145,7 +149,8 @@ class PruneReport:
             lines.append(line)
             if r.error_curve:
                 pts = sorted({int(round(q * r.kept)) for q in (0.25, 0.5, 0.75, 1.0)} - {0})
-                lines.append("    greedy-path rel. objective (in-sample, with ridge penalty) " + ", ".join(
+                sel = "" if r.selection_ridge is None else f", selection ridge {r.selection_ridge:.0e}"
+                lines.append(f"    greedy-path rel. objective (in-sample, with ridge penalty{sel}) " + ", ".join(
                     f"k={j}: {r.error_curve[j]:.3f}" for j in pts))
             for name, (val, kind) in (r.verification or {}).items():
                 lines.append(f"    {name} = {val if isinstance(val, str) else f'{val:.4g}'} [{kind}]")
@@ -479,7 +484,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), out.order.tolist(), rel,
                                    out.time_s + time.perf_counter() - t0,
                                    ridge=lam if lam is None or np.isfinite(lam) else None, ridge_choice=how,
-                                   cv_relative_error=cv_err, error_curve=curve, verification=out.verification))
+                                   cv_relative_error=cv_err, error_curve=curve, verification=out.verification,
+                                   selection_ridge=None if out.path is None else float(out.path.ridge)))
         bar.update(1)
         return idx
 

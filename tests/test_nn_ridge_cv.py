@@ -228,6 +228,33 @@ def test_verify_lists_dead_and_duplicate_units_with_the_default_ridge():
     assert "duplicate" in pre and "(4, 5)" in pre
 
 
+def test_selection_ridge_rebuilds_the_verified_objective():
+    """The verification numbers are about the selection objective, whose ridge (cross-validated with the default
+    ridge="cv") differs from the refit's: the report must give it, so that a user can rebuild that objective. The
+    oracle: ridge least squares with intercept by numpy lstsq on the hidden activations, stacked with
+    sqrt(lam) I."""
+    pytest.importorskip("verification")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(60, 5, dtype=torch.float64)
+    _, rep = nna.prune(net, x, keep=0.5, method="layer", verify=True)
+    lay = rep.layers[0]
+    assert lay.selection_ridge is not None and lay.selection_ridge > 0
+    with torch.no_grad():
+        A = torch.relu(net[0](x)).numpy()
+    Y = A @ net[2].weight.detach().numpy().T
+    Ac, Yc = A - A.mean(axis=0), Y - Y.mean(axis=0)
+    lam = lay.selection_ridge * float(np.mean((Ac ** 2).sum(axis=0)))
+    S = np.asarray(lay.pick_order)
+    X = np.vstack([Ac[:, S], np.sqrt(lam) * np.eye(S.size)])
+    T = np.vstack([Yc, np.zeros((S.size, Y.shape[1]))])
+    resid = T - X @ np.linalg.lstsq(X, T, rcond=None)[0]
+    want = float((resid ** 2).sum() / (Yc ** 2).sum())
+    assert lay.verification["rel_err_at_k"][0] == pytest.approx(want, rel=1e-8)
+    assert lay.error_curve[-1] == pytest.approx(want, rel=1e-8)
+    assert f"selection ridge {lay.selection_ridge:.0e}" in rep.summary()
+
+
 def test_bad_refit_prior_is_rejected():
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     with pytest.raises(ValueError, match="refit_prior must be 'original'"):
