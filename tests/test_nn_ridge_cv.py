@@ -206,6 +206,14 @@ def test_verify_labels_every_number_and_the_bound_holds():
         assert v["rel_err_at_k"][0] <= v["bound_rel_err_at_k"][0] + 1e-9
         assert v["rel_err_at_k"][0] == pytest.approx(lay.error_curve[-1], rel=1e-6, abs=1e-10)
     assert "[proven upper bound]" in rep.summary()
+    # every unit kept: the bound is err(V) and the measured error err(S_d) = err(V); the proven upper bound must
+    # not be below the exact number (it was, by rounding)
+    for seed in range(1, 5):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+        _, rep_all = nna.prune(net, torch.randn(150, 6), keep=1.0, method="asym", ridge=0.0, verify=True)
+        for lay in rep_all.layers:
+            assert lay.verification["rel_err_at_k"][0] <= lay.verification["bound_rel_err_at_k"][0]
     _, rep = nna.prune(net, torch.randn(150, 6), keep=0.5, method="random")
     assert all(lay.verification is None and lay.error_curve is None for lay in rep.layers)
 
