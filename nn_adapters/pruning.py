@@ -79,7 +79,9 @@ class LayerReport:
     refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred diagonal of ``A^T A``, see
     :meth:`nn_adapters._stats.FoldStats.objective`; ``None`` for the baselines). ``verification`` (with
     ``verify=True``) maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``,
-    ``"proven upper bound"`` or ``"estimate"``; see :func:`prune`.
+    ``"proven upper bound"`` or ``"estimate"``, or ``"n/a"`` for text that is not a number about the objective
+    (``"preconditions"``, the degenerate units and data found; ``"skipped"``, why a layer was not verified); see
+    :func:`prune`.
     """
 
     pair: str
