@@ -139,12 +139,16 @@ def _eval_accuracy(model: object, loader: object) -> float:
             if not isinstance(logits, torch.Tensor):
                 raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
                                  f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")
-            try:
-                correct += int((logits.argmax(dim=-1) == y).sum())
-            except RuntimeError as exc:
-                raise ValueError(f"the labels of the evaluation loader do not match the model's outputs "
-                                 f"({exc}).") from exc
-            total += len(y)
+            pred = logits.argmax(dim=-1)
+            y = torch.as_tensor(y, device=pred.device)
+            if y.shape != pred.shape and y.shape == (*pred.shape, 1):  # labels as a column, (N, 1)
+                y = y.squeeze(-1)
+            if y.shape != pred.shape:  # comparing them would broadcast, e.g. (N,) against (N, 1) to (N, N)
+                raise ValueError(f"the labels of the evaluation loader have shape {tuple(y.shape)} and the "
+                                 f"predictions (the argmax over the model's last dim) {tuple(pred.shape)}; pass "
+                                 "one class index per prediction.")
+            correct += int((pred == y).sum())
+            total += y.numel()
     if total == 0:
         raise ValueError("the evaluation loader is empty.")
     return correct / total

@@ -299,3 +299,20 @@ def test_save_pruned_to_a_directory_or_under_a_file_is_refused_up_front(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "out"] and not any(target.iterdir())
     nna.save_pruned(pruned, target / "m.pt")  # the name the message suggests works
     assert nna.load_pruned(target / "m.pt")[1].out_features == 8
+
+
+def test_cli_accuracy_counts_each_prediction_once_whatever_the_label_shape():
+    # the model returns its input as class scores, so its predictions are x.argmax(-1), counted here by hand
+    model = nn.Identity()
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # predicts 0, 1, 2, 0
+    y = torch.tensor([0, 1, 0, 2])  # 2 of 4 right
+    assert cli._eval_accuracy(model, [(x, y)]) == 0.5
+    # labels as a column (N, 1): compared as (N,) against (N,) they would broadcast to (N, N) (4 of 16 pairs agree
+    # here, "accuracy" 150%)
+    assert cli._eval_accuracy(model, [(x, y[:, None])]) == 0.5
+    # one prediction per token (N, T, classes): the accuracy is over the N * T predictions, not N samples
+    tokens = torch.stack([x, x.flip(0)])  # (2, 4, 3): predictions [0, 1, 2, 0] and [0, 2, 1, 0]
+    labels = torch.stack([y, y])  # right: 2 of 4, then 1 of 4
+    assert cli._eval_accuracy(model, [(tokens, labels)]) == 3 / 8
+    with pytest.raises(ValueError, match=r"labels of the evaluation loader have shape \(4, 3\)"):
+        cli._eval_accuracy(model, [(x, x)])
