@@ -509,7 +509,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     finally:
         bar.close()
     for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(note, UserWarning, stacklevel=3)  # the caller of prune, past outside_inference_mode
     copy_modes(model, work)
     report = PruneReport(
         method=method, reweight=bool(reweight), labelled=method in LABELLED_METHODS, statistics=stats_mode,

@@ -798,8 +798,9 @@ def test_actgrad_scores_are_per_sample_sums_whatever_the_batching():
 
 def test_interpolating_refit_warns():
     net = zoo.mlp(10, [64], 3).eval()
-    with pytest.warns(UserWarning, match=r"pair 1->3: the refit with ridge=0 has 20 calibration rows for 32"):
+    with pytest.warns(UserWarning, match=r"pair 1->3: the refit with ridge=0 has 20 calibration rows for 32") as rec:
         nna.prune(net, torch.randn(20, 10), keep=0.5, ridge=0.0, method="asym")
+    assert [w.filename for w in rec] == [__file__]  # it points at the call, not inside the library
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
