@@ -712,22 +712,27 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
     handles = []
 
     def make_hook(p: PrunablePair) -> Callable:
-        def pre(_m: nn.Module, inp: tuple) -> None:
+        def pre(_m: nn.Module, inp: tuple) -> tuple | None:
             x = inp[0]
-            if x.requires_grad:
-                xd = x.detach()
+            xd = x.detach()
+            # Nothing upstream needs a gradient (frozen layers, integer inputs converted in forward()): make the
+            # activation a leaf that does, so that the loss's gradient reaches it (and every later consumer).
+            swapped = not x.requires_grad
+            if swapped:
+                x = xd.clone().requires_grad_(True)
 
-                def grad_hook(g: torch.Tensor) -> None:
-                    ag = (xd.to(torch.float64) * g.to(torch.float64))
-                    if p.kind == "conv->conv":  # sum over the positions of a sample: (2,) or (2, 3)
-                        s = ag.sum(dim=tuple(range(2, ag.dim()))).abs().sum(dim=0)
-                    elif p.kind == "conv->linear":
-                        s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
-                    else:  # (N, ..., units): the positions of a sample are summed before the absolute value
-                        s = ag.reshape(ag.shape[0], -1, p.n_units).sum(dim=1).abs().sum(dim=0)
-                    acc[p.name] += s.cpu()
+            def grad_hook(g: torch.Tensor) -> None:
+                ag = (xd.to(torch.float64) * g.to(torch.float64))
+                if p.kind == "conv->conv":  # sum over the positions of a sample: (2,) or (2, 3)
+                    s = ag.sum(dim=tuple(range(2, ag.dim()))).abs().sum(dim=0)
+                elif p.kind == "conv->linear":
+                    s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
+                else:  # (N, ..., units): the positions of a sample are summed before the absolute value
+                    s = ag.reshape(ag.shape[0], -1, p.n_units).sum(dim=1).abs().sum(dim=0)
+                acc[p.name] += s.cpu()
 
-                x.register_hook(grad_hook)
+            x.register_hook(grad_hook)
+            return (x, *inp[1:]) if swapped else None
         return pre
 
     try:
@@ -735,10 +740,9 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
             handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(make_hook(p)))
         with torch.enable_grad():
             for x, y in batches:
-                xi = x.clone().requires_grad_(True) if x.is_floating_point() else x
                 # loss_fn returns the batch mean (as F.cross_entropy does): times the batch size, each sample's
                 # gradient counts once whatever the batching
-                (loss_fn(model(xi), y) * x.shape[0]).backward()
+                (loss_fn(model(x), y) * x.shape[0]).backward()
     finally:
         for h in handles:
             h.remove()

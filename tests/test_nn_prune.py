@@ -1271,3 +1271,36 @@ def test_public_api_of_nn_adapters_is_documented():
     _, rep = nna.prune(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2)), torch.randn(40, 6), keep=0.5)
     back = json.loads(json.dumps(rep.to_dict(), allow_nan=False))
     assert back["compression"] == rep.compression and len(back["layers"]) == len(rep.layers)
+
+
+def test_actgrad_scores_need_no_trainable_parameters_nor_float_inputs():
+    # A frozen backbone (requires_grad=False: transfer learning) fed integer inputs that forward() converts: no
+    # activation requires a gradient unless pruning asks for one. Oracle: the per-sample sums of
+    # |a * d loss_i / d a| at each consumer's input, by autograd on the activations made leaves by hand.
+    from nn_adapters.pruning import _actgrad_scores
+
+    class ToFloat(nn.Module):
+        def forward(self, x):
+            return x.to(torch.float64) / 255
+
+    torch.manual_seed(0)
+    net = nn.Sequential(ToFloat(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    net = net.double().eval()
+    x, y = torch.randint(0, 256, (12, 4), dtype=torch.uint8), torch.randint(0, 3, (12,))
+    want = {"1->3": np.zeros(6), "3->5": np.zeros(5)}
+    for i in range(12):
+        a1 = torch.relu(net[1](net[0](x[i:i + 1]))).detach().requires_grad_(True)
+        a2 = torch.relu(net[3](a1))
+        a2.retain_grad()
+        F.cross_entropy(net[5](a2), y[i:i + 1]).backward()
+        want["1->3"] += (a1 * a1.grad).abs().squeeze(0).detach().numpy()
+        want["3->5"] += (a2 * a2.grad).abs().squeeze(0).detach().numpy()
+    net.zero_grad(set_to_none=True)
+    pairs, _ = nna.find_pairs(net, x[:2])
+    for trainable in (["5.weight"], [], ["1.weight"]):  # only the head trainable, all frozen, only the first layer
+        for name, prm in net.named_parameters():
+            prm.requires_grad_(name in trainable)
+        got = _actgrad_scores(net, pairs, [(x[:5], y[:5]), (x[5:], y[5:])], None)
+        for p in pairs:
+            np.testing.assert_allclose(got[p.name], want[p.name], rtol=1e-10, err_msg=f"{p.name} {trainable}")
+        assert all(prm.grad is None for prm in net.parameters())
