@@ -739,10 +739,24 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
         for p in pairs:
             handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(make_hook(p)))
         with torch.enable_grad():
-            for x, y in batches:
+            for i, (x, y) in enumerate(batches):
+                out = model(x)
+                try:
+                    loss = loss_fn(out, y)
+                except Exception as exc:  # noqa: BLE001 - the loss on the user's labels: say what it was given
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"method='actgrad': loss_fn failed on calibration batch {i} (model outputs {shape}, labels "
+                        f"{tuple(y.shape)} of {y.dtype}): {type(exc).__name__}: {str(exc).strip()}. The default "
+                        "loss_fn is cross-entropy, which takes one class index per sample (an integer tensor of "
+                        "shape (N,)); pass loss_fn= for other labels.") from exc
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(f"method='actgrad': loss_fn must return the batch mean, a single number; it "
+                                     f"returned {tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r} "
+                                     "(a loss with reduction='none'?).")
                 # loss_fn returns the batch mean (as F.cross_entropy does): times the batch size, each sample's
                 # gradient counts once whatever the batching
-                (loss_fn(model(x), y) * x.shape[0]).backward()
+                (loss.reshape(()) * x.shape[0]).backward()
     finally:
         for h in handles:
             h.remove()

@@ -1304,3 +1304,15 @@ def test_actgrad_scores_need_no_trainable_parameters_nor_float_inputs():
         for p in pairs:
             np.testing.assert_allclose(got[p.name], want[p.name], rtol=1e-10, err_msg=f"{p.name} {trainable}")
         assert all(prm.grad is None for prm in net.parameters())
+
+
+def test_actgrad_names_the_labels_its_loss_cannot_take():
+    net = zoo.mlp(10, [16], 3).eval()
+    x, y = torch.randn(30, 10), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match=r"loss_fn failed on calibration batch 0 \(model outputs \(30, 3\), labels "
+                                         r"\(30, 1\) of torch.int64\).*one class index per sample"):
+        nna.prune(net, [(x, y[:, None])], keep=0.5, method="actgrad")
+    with pytest.raises(ValueError, match=r"labels \(30,\) of torch.float32"):
+        nna.prune(net, [(x, y.float())], keep=0.5, method="actgrad")
+    with pytest.raises(ValueError, match=r"must return the batch mean.*returned \(30,\)"):
+        nna.prune(net, [(x, y)], keep=0.5, method="actgrad", loss_fn=nn.CrossEntropyLoss(reduction="none"))
