@@ -75,8 +75,11 @@ class ParamModel:
         between = {b: i for i, p in enumerate(pairs) for b in p.between}  # BatchNorms and depthwise convolutions
         const = 0
         terms = []  # (coef, in_idx, in_mult, out_idx, out_mult); value = coef * kk[in]*in_mult * kk[out]*out_mult
+        seen: set[int] = set()  # a parameter tied between modules counts once (no pair holds one: find_pairs)
         for name, m in model.named_modules():
-            direct = sum(p.numel() for p in m.parameters(recurse=False))
+            own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            direct = sum(p.numel() for p in own)
             if name in prod or name in cons:
                 W = m.weight
                 out_fixed = W.shape[0]

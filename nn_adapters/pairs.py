@@ -61,7 +61,7 @@ import inspect
 import io
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -410,11 +410,37 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
                 skipped.append((node.target, result))
         else:
             pairs.append(result)
+    owners = _parameter_owners(model)
+    for p in list(pairs):
+        if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se))) is not None:
+            pairs.remove(p)
+            skipped.append((p.producer, why))
     # a depthwise convolution pruned with its producer, and an SE's fc2 (its rows follow the gated channels)
     pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:])}
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """The modules that hold each parameter directly (several for tied weights), by the parameter's ``id``."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for prm in m.parameters(recurse=False):
+            owners.setdefault(id(prm), []).append(name)
+    return owners
+
+
+def _tied(owners: dict[int, list[str]], modules: dict[str, nn.Module], names: Sequence[str]) -> str | None:
+    """Why a pair whose modules are ``names`` cannot be pruned because one of them shares a parameter with another
+    module (tied weights: pruning replaces the parameter in one module only), or ``None``."""
+    for nm in names:
+        for prm in modules[nm].parameters(recurse=False):
+            others = [o for o in owners.get(id(prm), []) if o != nm]
+            if others:
+                return (f"{nm!r} shares a parameter with {others[0]!r} (tied weights), which pruning would untie; "
+                        "leave the tie out of pruning, or tie the layers again after pruning")
+    return None
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -971,6 +997,7 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
     pairs read the positions per channel (``L`` or ``H * W``) as ``consumer.in_features // producer.out_channels``.
     """
     modules = dict(model.named_modules())
+    owners = _parameter_owners(model)
     out = []
     for item in declared:
         if not isinstance(item, Pair) and not 2 <= len(item) <= 4:
@@ -1006,6 +1033,8 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
                                  f"convolution with {n} channels (groups = in_channels = out_channels = {n}).")
         if p.se:
             _check_declared_se(p, prod, [modules[nm] for nm in p.se], n)
+        if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se))) is not None:
+            raise ValueError(f"declared pair {p}: {why}.")
         if _conv.is_conv(cons):
             if (why := _conv_pairing(prod, cons)) is not None:
                 raise ValueError(f"declared pair {p}: {why}; declare a producer of the consumer's kind.")
