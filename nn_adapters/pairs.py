@@ -984,9 +984,14 @@ def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
         root = root.__cause__
     text = str(root).strip()
     why = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
+    hint = ""
+    if not (example_input.is_floating_point() or example_input.is_complex()) and "type" in text:
+        hint = (f" The samples are {example_input.dtype}, and integer inputs reach the model as they are (only "
+                "floating inputs are cast to the model's dtype): pass images as floats, scaled as the model was "
+                "trained (e.g. x.float() / 255).")
     return ValueError(f"the model fails on the calibration data, samples of shape {tuple(example_input.shape[1:])} "
                       f"(dim 0 of a batch counts the samples): {why}. Check that the calibration data matches the "
-                      "model's input.")
+                      f"model's input.{hint}")
 
 
 def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,

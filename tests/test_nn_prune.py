@@ -1316,3 +1316,14 @@ def test_actgrad_names_the_labels_its_loss_cannot_take():
         nna.prune(net, [(x, y.float())], keep=0.5, method="actgrad")
     with pytest.raises(ValueError, match=r"must return the batch mean.*returned \(30,\)"):
         nna.prune(net, [(x, y)], keep=0.5, method="actgrad", loss_fn=nn.CrossEntropyLoss(reduction="none"))
+
+
+def test_integer_images_for_a_float_model_get_told_to_convert():
+    # uint8 images are passed as they are (integer inputs can be token ids): the dtype clash is named with the fix
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"The samples are torch.uint8, .* \(e.g. x.float\(\) / 255\)"):
+        nna.prune(net, images, keep=0.5)
+    with pytest.raises(ValueError, match=r"fails on the calibration data") as err:  # a float shape error: no hint
+        nna.prune(net, torch.randn(20, 5, 8, 8), keep=0.5)
+    assert "x.float()" not in str(err.value)
