@@ -817,6 +817,11 @@ def _fixed_size_reshape(node: fx.Node) -> str | None:
     """Why ``x.view(...)`` / ``x.reshape(...)`` would break once units are removed: a constant feature size such as
     ``x.view(-1, 16 * 5 * 5)`` (the pruned layer no longer has that many inputs). ``x.view(x.size(0), -1)`` is fine."""
     shape = _reshape_target(node)
+    before = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if before is not None and len(shape) > len(before):  # an unflatten, e.g. a Linear's units into (C, H, W)
+        return (f"x.{node.target}{tuple(shape)} splits the units of a {len(before)}-D tensor {before} into more "
+                "dims, so each unit is not one column of the consumer's input (a Linear's outputs reshaped into "
+                "channels and positions): not supported")
     if len(shape) >= 2 and isinstance(shape[-1], int) and shape[-1] != -1:
         return (f"x.{node.target}{tuple(shape)} hard-codes the feature size, which changes when units are removed; "
                 f"write x.flatten(1) or x.{node.target}(x.size(0), -1) in forward()")

@@ -1327,3 +1327,19 @@ def test_integer_images_for_a_float_model_get_told_to_convert():
     with pytest.raises(ValueError, match=r"fails on the calibration data") as err:  # a float shape error: no hint
         nna.prune(net, torch.randn(20, 5, 8, 8), keep=0.5)
     assert "x.float()" not in str(err.value)
+
+
+def test_a_linear_reshaped_into_channels_is_not_told_to_flatten():
+    # x.view(-1, 8, 4, 4) after a Linear (a decoder) unflattens; "write x.flatten(1)" would be no fix there
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = nn.Linear(5, 8 * 4 * 4), nn.Conv2d(8, 3, 3)
+
+        def forward(self, z):
+            return self.conv(F.relu(self.fc(z)).view(-1, 8, 4, 4))
+
+    _, skipped = nna.find_pairs(Decoder(), torch.randn(2, 5))
+    why = dict(skipped)["fc"]
+    assert "x.view(-1, 8, 4, 4) splits the units of a 2-D tensor (2, 128) into more dims" in why
+    assert "flatten" not in why
