@@ -98,6 +98,9 @@ _ELEMENTWISE_FUNCTIONS = {
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, *_POOL_FUNCTIONS,
 }
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone"}
+# Clamping to number bounds acts unit by unit (tensor bounds may not: they are refused).
+_CLAMP_FUNCTIONS = {torch.clamp, torch.clip}
+_CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_QUERIES = {"size", "dim"}
@@ -549,6 +552,13 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             name = getattr(u.target, "__name__", str(u.target)) if is_function else u.target
             if is_function and u.target in _SCALE_FUNCTIONS and _scaled_by_number(u, cur, is_conv):
                 ops.append(name)  # x * c, c * x, x / c with a number c: unit by unit
+                cur = u
+                continue
+            if u.target in (_CLAMP_FUNCTIONS if is_function else _CLAMP_METHODS):
+                if u.args[0] is not cur or any(isinstance(a, fx.Node) for a in (*u.args[1:], *u.kwargs.values())):
+                    return (f"{name} with tensor bounds after the producer: only number bounds (e.g. "
+                            "x.clamp(0, 6)) act on each unit separately")
+                ops.append(name)
                 cur = u
                 continue
             if is_function and u.target in _RESIDUAL_FUNCTIONS:

@@ -1343,3 +1343,38 @@ def test_a_linear_reshaped_into_channels_is_not_told_to_flatten():
     why = dict(skipped)["fc"]
     assert "x.view(-1, 8, 4, 4) splits the units of a 2-D tensor (2, 128) into more dims" in why
     assert "flatten" not in why
+
+
+def test_clamping_to_number_bounds_between_layers_is_prunable():
+    # x.clamp(0, 6), torch.clamp(x, min=...), x.clip(...) act unit by unit: the pairs are found, keeping every
+    # unit reproduces the outputs and pruning gives a smaller working model; tensor bounds are refused with a reason
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.fc1, self.fc2 = nn.Linear(6 * 16, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            x = self.c1(x).clamp(0, 6)
+            x = torch.clip(self.c2(x), min=-1.0).flatten(1)
+            return self.fc2(torch.clamp(self.fc1(x), max=2.0))
+
+    class TensorBound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+            self.register_buffer("lo", torch.zeros(8))
+
+        def forward(self, x):
+            return self.b(torch.clamp(self.a(x), min=self.lo))
+
+    torch.manual_seed(0)
+    net, x = Clamped().eval(), torch.randn(64, 1, 4, 4)
+    same, rep = nna.prune(net, x, keep=1.0, reweight=False)
+    assert [r.pair for r in rep.layers] == ["c1->c2", "c2->fc1", "fc1->fc2"]
+    assert torch.equal(same(x), net(x))
+    small, rep = nna.prune(net, x, keep=0.5)
+    assert small.c1.out_channels == 3 and small.fc1.in_features == 3 * 16 and small.fc2.in_features == 6
+    assert small(x).shape == (64, 3)
+    with pytest.raises(ValueError, match="clamp with tensor bounds"):
+        nna.prune(TensorBound().eval(), torch.randn(50, 5), keep=0.5)
