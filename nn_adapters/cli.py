@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,11 +37,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model with nn_adapters.save_pruned.")
     pr.add_argument("spec", help="module:function, e.g. mymodels:build")
     grp = pr.add_mutually_exclusive_group()
-    grp.add_argument("--compression", type=float,
+    grp.add_argument("--compression", type=float, nargs="+", metavar="C",
                      help="whole-network parameter compression of an MLP/CNN, e.g. 4 (the default when --keep is "
-                          "not given)")
-    grp.add_argument("--keep", type=float, help="fraction of units kept in every prunable layer, e.g. 0.5 (for "
-                                                "transformers: of the FFN neurons of every block; required there)")
+                          "not given); several values with --compare (default there 2 4 8 16)")
+    grp.add_argument("--keep", type=float, nargs="+", metavar="F",
+                     help="fraction of units kept in every prunable layer, e.g. 0.5 (for transformers: of the FFN "
+                          "neurons of every block; required there); several values with --compare")
+    pr.add_argument("--compare", action="store_true",
+                    help="what submod demo does, for your model: prune with every method (or --methods) at every "
+                         "budget, evaluate each pruned model on the eval loader (required), print the table and "
+                         "write report.md, accuracy_vs_budget.png and results.json to --report-dir; no model is "
+                         "saved")
+    pr.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help="with --compare: only these methods (e.g. asym weight_norm; default: all, ActGrad only "
+                         "with labelled calibration batches)")
+    pr.add_argument("--report-dir", default="submod_prune_report",
+                    help="with --compare: output directory (default ./submod_prune_report)")
+    pr.add_argument("--threads", type=int, default=None,
+                    help="torch/BLAS threads (default: torch's own); 1 gives steadier latencies on a shared machine")
     pr.add_argument("--method", default="asym",
                     choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad", "magnitude",
                              "wanda"),
@@ -58,28 +72,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=_run_prune)
 
 
-def _set_threads(n: int) -> object:
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch and BLAS threads (``None``: leave them as they are); restored afterwards."""
+    if n is None:
+        yield
+        return
     import torch
 
     if n < 1:
         raise ValueError(f"--threads must be >= 1; got {n}.")
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: BLAS keeps its own default
-        return None
-    return threadpool_limits(n)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: BLAS keeps its own default
+            yield
+        else:
+            with threadpool_limits(n):
+                yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    limits = _set_threads(args.threads)
-    try:
+    with _threads(args.threads):
         run_demo(args.out, compressions=args.compressions, calib_sizes=args.calib, retrain=args.retrain)
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
     return 0
 
 
@@ -115,52 +136,32 @@ def _load_user(spec: str) -> tuple:
     return out
 
 
-def _eval_accuracy(model: object, loader: object) -> float:
-    import torch
-
+def _eval_accuracy(model: object, loader: list) -> float:
     from ._data import float_dtype
-    from ._modes import eval_mode
+    from .compare import _eval_batches, accuracy_of, predictions
 
-    correct = total = 0
-    dtype = float_dtype(model)
-    with eval_mode(model), torch.no_grad():  # the user's model keeps its train/eval modes
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
-            x, y = batch[0], batch[1]
-            if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
-                x = x.to(dtype)  # as the calibration data is
-            try:
-                logits = model(x)
-            except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: report it in one line
-                raise ValueError(f"the model failed on a batch of the evaluation loader ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); check that it yields the "
-                                 "model's inputs.") from exc
-            if not isinstance(logits, torch.Tensor):
-                raise ValueError(f"accuracy needs the model to return a tensor of class scores; it returned "
-                                 f"{type(logits).__name__}. Drop the evaluation loader to prune without it.")
-            pred = logits.argmax(dim=-1)
-            y = torch.as_tensor(y, device=pred.device)
-            if y.shape != pred.shape and y.shape == (*pred.shape, 1):  # labels as a column, (N, 1)
-                y = y.squeeze(-1)
-            if y.shape != pred.shape:  # comparing them would broadcast, e.g. (N,) against (N, 1) to (N, N)
-                raise ValueError(f"the labels of the evaluation loader have shape {tuple(y.shape)} and the "
-                                 f"predictions (the argmax over the model's last dim) {tuple(pred.shape)}; pass "
-                                 "one class index per prediction.")
-            correct += int((pred == y).sum())
-            total += y.numel()
-    if total == 0:
-        raise ValueError("the evaluation loader is empty.")
-    return correct / total
+    batches = _eval_batches(loader, float_dtype(model))
+    return accuracy_of(predictions(model, batches), batches)
 
 
 def _run_prune(args: argparse.Namespace) -> int:
+    with _threads(args.threads):
+        return _run_compare(args) if args.compare else _prune_once(args)
+
+
+def _prune_once(args: argparse.Namespace) -> int:
     from submod._atomic import check_file_path
 
     from . import prune, save_pruned
     from .pruning import _is_transformer
 
-    compression = 4.0 if args.compression is None and args.keep is None else args.compression
+    for flag, values in (("--compression", args.compression), ("--keep", args.keep), ("--methods", args.methods)):
+        if values is not None and (flag == "--methods" or len(values) > 1):
+            raise ValueError(f"{flag} {' '.join(map(str, values))}: several budgets or methods are for --compare "
+                             "(prune with each and compare them); without it give one budget and --method.")
+    keep = None if args.keep is None else args.keep[0]
+    compression = 4.0 if args.compression is None and keep is None else (
+        None if args.compression is None else args.compression[0])
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}.")
     if args.workers > 1 and args.method != "layer":
@@ -169,7 +170,7 @@ def _run_prune(args: argparse.Namespace) -> int:
                          "another.")
     check_file_path(args.out, "--out")  # found now, not after the pruning
     model, calib, *rest = _load_user(args.spec)
-    if args.keep is None and _is_transformer(model):  # before the default --compression 4 is blamed on the user
+    if keep is None and _is_transformer(model):  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
                          "whole-network parameter ratio) applies to MLPs and CNNs.")
@@ -177,7 +178,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS
         pool = stack.enter_context(ProcessPoolExecutor(args.workers)) if args.workers > 1 else None
-        pruned, report = prune(model, calib, compression=compression, keep=args.keep, method=args.method,
+        pruned, report = prune(model, calib, compression=compression, keep=keep, method=args.method,
                                reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
                                progress=args.progress, executor=pool)
     print(report.summary())
@@ -186,4 +187,41 @@ def _run_prune(args: argparse.Namespace) -> int:
         print(f"accuracy on the evaluation loader: {100 * before:.2f}% -> {100 * after:.2f}% (no fine-tuning)")
     path = save_pruned(pruned, Path(args.out))
     print(f"saved the pruned model to {path} (load with nn_adapters.load_pruned(path, base_model=...))")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from ._names import canonical_method
+    from .compare import TRANSFORMER_METHODS, compare_methods, write_comparison
+    from .demo import DEMO_METHODS
+    from .pruning import _METHOD_NAMES, _is_transformer
+
+    if args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight:
+        raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
+                         "demo does, uniform allocation, one process); drop --workers, --progress, --allocation and "
+                         "--no-reweight, or prune once without --compare.")
+    model, calib, *rest = _load_user(args.spec)
+    if not rest:
+        raise ValueError(f"--compare evaluates every pruned model: {args.spec} must return (model, "
+                         "calibration_loader, eval_loader) with (inputs, labels) evaluation batches.")
+    transformer = _is_transformer(model)
+    if args.keep is not None:
+        budget, budgets = "keep", args.keep
+    elif transformer:
+        raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
+                         "with the fractions to compare (e.g. --keep 0.75 0.5 0.25).")
+    else:
+        budget, budgets = "compression", args.compression or [2.0, 4.0, 8.0, 16.0]
+    methods = None
+    if args.methods:
+        table = TRANSFORMER_METHODS if transformer else DEMO_METHODS
+        wanted = [canonical_method(m, {} if transformer else _METHOD_NAMES) for m in args.methods]
+        unknown = sorted(set(wanted) - {m for _, m, _ in table})
+        if unknown:
+            raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(dict.fromkeys(m for _, m, _ in table))}.")
+        methods = [row for row in table if row[1] in wanted]
+    result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed)
+    files = write_comparison(result, args.report_dir, title=f"Pruning comparison: {args.spec}")
+    print(f"wrote {files['report']}, {files['plot']}, {files['json']}")
     return 0

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,27 +83,33 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
                      for row in cells)
 
 
-def _plot(rows: list[dict], dense_acc: float, calib_sizes: Sequence[int], path: Path) -> None:
+def _plot_accuracy(rows: list[dict], dense_acc: float, panels: Sequence[tuple[str, Any]], path: Path, *,
+                   x_key: str = "compression", panel_key: str | None = None, xlabel: str = "parameter compression (x)",
+                   log2: bool = True, ylabel: str = "test accuracy % (no fine-tuning)") -> None:
+    """Accuracy against the budget ``x_key``, one line per method label, one panel per ``(title, value)`` of
+    ``panels`` (the rows whose ``panel_key`` equals ``value``; all rows when ``panel_key`` is ``None``); the
+    unpruned accuracy as a dotted line. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(calib_sizes), figsize=(4.2 * len(calib_sizes), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    for ax, n in zip(axes[0], calib_sizes, strict=True):
+    for ax, (title, value) in zip(axes[0], panels, strict=True):
         for lab in labels:
-            pts = sorted((r["compression"], 100 * r["accuracy"]) for r in rows
-                         if r["label"] == lab and r["n_calib"] == n)
+            pts = sorted((r[x_key], 100 * r["accuracy"]) for r in rows
+                         if r["label"] == lab and (panel_key is None or r[panel_key] == value))
             if pts:
                 style = "-o" if lab in ("asym", "seq", "layer") else "--s"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=lab, ms=4)
         ax.axhline(100 * dense_acc, color="k", lw=0.8, ls=":", label="unpruned")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("parameter compression (x)")
-        ax.set_title(f"{n} calibration images")
+        if log2:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy % (no fine-tuning)")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     try:
@@ -191,7 +198,8 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
               "files": {"json": str(out / "results.json"), "plot": str(plot_path), "report": str(out / "report.md")}}
     # every file's content is made before any file is replaced, so a failure leaves the previous run's set intact
     text_json, text_md = json.dumps(result, indent=2), _markdown(result, compressions, calib_sizes)
-    _plot(rows, dense["accuracy"], calib_sizes, plot_path)
+    _plot_accuracy(rows, dense["accuracy"], [(f"{n} calibration images", int(n)) for n in calib_sizes], plot_path,
+                   panel_key="n_calib")
     _write_atomic(out / "results.json", text_json)
     _write_atomic(out / "report.md", text_md)
     if verbose:

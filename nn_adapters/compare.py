@@ -1,0 +1,318 @@
+"""Compare every pruning method on a user's model: ``submod prune MODULE:FUNCTION --compare``.
+
+What ``submod demo`` does for the digits CNN, for any model that :func:`nn_adapters.prune` handles: prune it at
+each budget (whole-network parameter compressions for an MLP/CNN, keep fractions for either kind) with the
+submodular methods and the baselines, from the user's calibration batches and without fine-tuning; evaluate every
+pruned model on the user's evaluation batches; and write a table, a plot of accuracy against the budget and a
+Markdown report (all files written atomically).
+
+Each pruned model is measured against the labels (accuracy) and against the unpruned model itself (agreement:
+the share of predictions that stay the same; no labels needed), plus its parameters, FLOPs (MLP/CNN), the latency
+of one forward pass over the first evaluation batch and the pruning time. All of them are single-run empirical
+measurements on the user's data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._data import _from_numpy, as_batches, float_dtype
+from ._modes import eval_mode
+from .demo import DEMO_METHODS, _plot_accuracy, _write_atomic
+from .pruning import _is_transformer, prune
+
+__all__ = ["TRANSFORMER_METHODS", "compare_methods", "format_comparison", "write_comparison"]
+
+#: (label, method, reweight) for models with transformer blocks (the MLP/CNN set is ``demo.DEMO_METHODS``).
+TRANSFORMER_METHODS: list[tuple[str, str, bool]] = [
+    ("asym", "asym", True),
+    ("seq", "seq", True),
+    ("layer", "layer", True),
+    ("random+refit", "random", True),
+    ("magnitude+refit", "magnitude", True),
+    ("magnitude (no refit)", "magnitude", False),
+    ("wanda+refit", "wanda", True),
+]
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    return model(**x) if isinstance(x, Mapping) else model(x)
+
+
+def _scores(out: Any) -> torch.Tensor:
+    """The class scores in a model's output: the output itself, or its ``logits`` (Hugging Face heads)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ValueError(f"the comparison needs the model to return class scores (a tensor, or an output with "
+                     f".logits); it returned {type(out).__name__}. Wrap the model so that it returns them.")
+
+
+def _eval_batches(loader: Iterable, dtype: torch.dtype | None) -> list[tuple[Any, torch.Tensor]]:
+    """The evaluation loader as ``(inputs, labels)`` pairs, read once; floating tensor inputs cast to ``dtype``."""
+    out = []
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
+        x, y = _from_numpy(batch[0]), torch.as_tensor(_from_numpy(batch[1]))
+        if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.to(dtype)  # as the calibration data is
+        out.append((x, y))
+    if not out:
+        raise ValueError("the evaluation loader is empty.")
+    return out
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, batches: list[tuple[Any, torch.Tensor]]) -> list[torch.Tensor]:
+    """The argmax over the last dim of the model's class scores, per batch (the model's modes are kept)."""
+    preds = []
+    with eval_mode(model):
+        for x, y in batches:
+            try:
+                out = _call(model, x)
+            except Exception as exc:  # noqa: BLE001 - the user's model on the user's data: one clear line
+                raise ValueError(f"the model failed on a batch of the evaluation loader ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); check that it yields the "
+                                 "model's inputs.") from exc
+            pred = _scores(out).argmax(dim=-1)
+            if y.shape != pred.shape and y.shape == (*pred.shape, 1):  # labels as a column, (N, 1)
+                y = y.squeeze(-1)
+            if y.shape != pred.shape:  # comparing them would broadcast, e.g. (N,) against (N, 1) to (N, N)
+                raise ValueError(f"the labels of the evaluation loader have shape {tuple(y.shape)} and the "
+                                 f"predictions (the argmax over the model's last dim) {tuple(pred.shape)}; pass "
+                                 "one class index per prediction.")
+            preds.append(pred.cpu())
+    return preds
+
+
+def accuracy_of(preds: list[torch.Tensor], batches: list[tuple[Any, torch.Tensor]]) -> float:
+    """Share of predictions equal to their labels (labels shaped ``(N, 1)`` are read as ``(N,)``)."""
+    correct = total = 0
+    for p, (_, y) in zip(preds, batches, strict=True):
+        y = y.reshape(p.shape).to(p.device)
+        correct += int((p == y).sum())
+        total += p.numel()
+    return correct / total
+
+
+def _agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(int((p == q).sum()) for p, q in zip(a, b, strict=True)) / sum(p.numel() for p in a)
+
+
+@torch.no_grad()
+def _latency(model: nn.Module, x: Any, repeats: int = 5) -> float:
+    """Median wall time of one forward pass over ``x`` (after one warm-up run), in eval mode."""
+    times = []
+    with eval_mode(model):
+        _call(model, x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _call(model, x)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> None:
+    if budget not in ("compression", "keep"):
+        raise ValueError(f"budget must be 'compression' or 'keep'; got {budget!r}.")
+    if transformer and budget == "compression":
+        raise ValueError("the model holds transformer blocks, which are pruned per block: compare keep fractions "
+                         "(--keep 0.75 0.5 0.25), not whole-network compressions.")
+    if not len(budgets):
+        raise ValueError("give at least one budget, e.g. --compression 2 4 8 16 or --keep 0.75 0.5.")
+    for b in budgets:
+        ok = (not isinstance(b, bool) and isinstance(b, numbers.Real) and math.isfinite(b)
+              and (b >= 1 if budget == "compression" else 0 < b <= 1))
+        if not ok:
+            want = "numbers >= 1 (e.g. 2 4 8 16)" if budget == "compression" else "fractions in (0, 1] (e.g. 0.5)"
+            raise ValueError(f"{budget} values must be {want}; got {b!r}.")
+
+
+def compare_methods(model: nn.Module, calibration_data: object, eval_data: Iterable,
+                    budgets: Sequence[float] = (2, 4, 8, 16), *, budget: str = "compression",
+                    methods: Sequence[tuple[str, str, bool]] | None = None, seed: int = 0,
+                    verbose: bool = True) -> dict:
+    """Prune ``model`` with every method at every budget and measure each pruned model on ``eval_data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained model (never modified).
+    calibration_data : tensor or iterable of batches
+        As for :func:`nn_adapters.prune`; read once. Without labels the labelled baseline (ActGrad) is left out of
+        the default methods.
+    eval_data : iterable of (inputs, labels) batches
+        Read once. Inputs are tensors (or dicts of tensors for Hugging Face models); the model must return class
+        scores (a tensor, or an output with ``.logits``) whose argmax over the last dim is compared with the labels.
+    budgets : sequence of float
+        Whole-network parameter compressions (``budget="compression"``, MLP/CNN only) or keep fractions
+        (``budget="keep"``).
+    budget : {"compression", "keep"}
+    methods : list of (label, method, reweight), optional
+        Default: :data:`nn_adapters.demo.DEMO_METHODS` for an MLP/CNN (ActGrad only with labelled calibration
+        batches), :data:`TRANSFORMER_METHODS` for a model with transformer blocks.
+    seed : int
+        Seed of the random baseline.
+    verbose : bool
+        Print progress and the table.
+
+    Returns
+    -------
+    dict
+        ``dense`` (unpruned accuracy, params, FLOPs, latency), ``rows`` (one dict per pruning: budget, label,
+        method, accuracy, agreement with the unpruned model's predictions, params, achieved compression, FLOPs,
+        latency, pruning time, kept units per layer or block), ``budget``, ``skipped`` (methods left out, why).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters import zoo
+    >>> from nn_adapters.compare import compare_methods
+    >>> _ = torch.manual_seed(0)
+    >>> net = zoo.mlp(10, [16, 16], 3).eval()
+    >>> x, y = torch.randn(120, 10), torch.randint(0, 3, (120,))
+    >>> res = compare_methods(net, [(x[:80], y[:80])], [(x[80:], y[80:])], budgets=[2.0],
+    ...                       methods=[("asym", "asym", True), ("random+refit", "random", True)], verbose=False)
+    >>> [(r["label"], r["compression"]) for r in res["rows"]]
+    [('asym', 2.0), ('random+refit', 2.0)]
+    >>> all(r["achieved"] >= 2.0 and 0.0 <= r["agreement"] <= 1.0 for r in res["rows"])
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    transformer = _is_transformer(model)
+    budgets = [float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in budgets]
+    _check_budgets(budgets, budget, transformer)
+    dtype = float_dtype(model)
+    if transformer:  # token batches (dicts) are passed on as they are; read a one-shot iterator once
+        calib = list(calibration_data) if isinstance(calibration_data, Iterable) and not isinstance(
+            calibration_data, (torch.Tensor, Mapping)) else calibration_data
+        labelled = False
+    else:
+        calib = as_batches(calibration_data, dtype=dtype)
+        labelled = bool(calib) and all(y is not None for _, y in calib)
+    skipped = []
+    if methods is None:
+        methods = list(TRANSFORMER_METHODS if transformer else DEMO_METHODS)
+        if not labelled and not transformer:
+            methods = [m for m in methods if m[1] != "actgrad"]
+            skipped.append(("actgrad", "the calibration batches have no labels"))
+    evals = _eval_batches(eval_data, dtype)
+    base = predictions(model, evals)
+    from .budget import count_flops
+
+    probe = evals[0][0]
+    flops = (lambda m: None) if transformer or not isinstance(probe, torch.Tensor) else (
+        lambda m: count_flops(m, probe))
+    dense = {"accuracy": accuracy_of(base, evals), "params": sum(p.numel() for p in model.parameters()),
+             "flops": flops(model), "latency_s": _latency(model, probe)}
+    if verbose:
+        print(f"unpruned: accuracy {100 * dense['accuracy']:.1f}%, {dense['params']} params")
+    rows = []
+    for b in budgets:
+        for label, method, reweight in methods:
+            kwargs = {"compression": b} if budget == "compression" else {"keep": b}
+            t0 = time.perf_counter()
+            pruned, rep = prune(model, calib, method=method, reweight=reweight, seed=seed, **kwargs)
+            took = time.perf_counter() - t0
+            preds = predictions(pruned, evals)
+            params = sum(p.numel() for p in pruned.parameters())
+            kept = ([lr.kept for lr in rep.layers] if hasattr(rep, "layers") else [u.n_kept for u in rep.units])
+            rows.append({budget: b, "label": label, "method": method, "reweight": bool(reweight),
+                         "labelled": bool(getattr(rep, "labelled", False)), "accuracy": accuracy_of(preds, evals),
+                         "agreement": _agreement(preds, base), "params": params,
+                         "achieved": dense["params"] / max(params, 1), "flops": flops(pruned),
+                         "latency_s": _latency(pruned, probe), "prune_s": took, "kept": kept})
+        if verbose:
+            best = max((r for r in rows if r[budget] == b), key=lambda r: r["accuracy"])
+            print(f"  {budget} {b:g}: best {best['label']} {100 * best['accuracy']:.1f}%")
+    result = {"budget": budget, "dense": dense, "rows": rows, "skipped": skipped,
+              "n_calibration_batches": len(calib) if isinstance(calib, list) else None,
+              "n_eval_predictions": sum(p.numel() for p in base)}
+    if verbose:
+        print(format_comparison(result))
+    return result
+
+
+def format_comparison(result: dict, markdown: bool = False) -> str:
+    """The rows of :func:`compare_methods` as a fixed-width (or Markdown) table."""
+    budget = result["budget"]
+    head = "compression" if budget == "compression" else "keep"
+    cols = [(head, budget, "{:g}x" if budget == "compression" else "{:g}"), ("method", "label", "{}"),
+            ("acc %", "accuracy", "{:.1f}"), ("agree %", "agreement", "{:.1f}"), ("params", "params", "{:d}"),
+            ("achieved", "achieved", "{:.2f}x"), ("kFLOPs", "kflops", "{:.1f}"),
+            ("latency ms", "latency_ms", "{:.2f}"), ("prune s", "prune_s", "{:.2f}")]
+    cells = [[h for h, _, _ in cols]]
+    for r in result["rows"]:
+        vals = dict(r, accuracy=100 * r["accuracy"], agreement=100 * r["agreement"],
+                    kflops=None if r["flops"] is None else r["flops"] / 1e3, latency_ms=1e3 * r["latency_s"])
+        cells.append(["-" if vals[k] is None else fmt.format(vals[k]) for _, k, fmt in cols])
+    if markdown:
+        return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(c) + " |" for c in cells[1:]])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                 strict=True)))
+                     for row in cells)
+
+
+def _markdown(result: dict, title: str) -> str:
+    d, budget = result["dense"], result["budget"]
+    budgets = list(dict.fromkeys(r[budget] for r in result["rows"]))
+    fmt = "{:g}x" if budget == "compression" else "keep {:g}"
+    flops = "" if d["flops"] is None else f", {d['flops'] / 1e3:.1f} kFLOPs per sample"
+    lines = [f"# {title}", "",
+             "Pruned with a few calibration samples and **no fine-tuning** (El Halabi et al., NeurIPS 2022), with the "
+             "submodular methods (asym, seq, layer) and the baselines. Accuracy is measured against the evaluation "
+             "labels, agreement against the unpruned model's own predictions (no labels); both are single-run "
+             f"empirical measurements on the {result['n_eval_predictions']} evaluation predictions. `[labels]` marks "
+             "a method that uses labels.", "",
+             f"Unpruned: accuracy {100 * d['accuracy']:.1f}%, {d['params']} parameters{flops}, latency "
+             f"{1e3 * d['latency_s']:.2f} ms for the first evaluation batch.", "",
+             "![accuracy vs budget](accuracy_vs_budget.png)", "",
+             "## Accuracy % (agreement with the unpruned model %)", "",
+             "| method | " + " | ".join(fmt.format(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for lab in dict.fromkeys(r["label"] for r in result["rows"]):
+        by = {r[budget]: r for r in result["rows"] if r["label"] == lab}
+        tag = " [labels]" if any(r["labelled"] for r in by.values()) and "[labels]" not in lab else ""
+        lines.append(f"| {lab}{tag} | " + " | ".join(
+            f"{100 * by[b]['accuracy']:.1f} ({100 * by[b]['agreement']:.1f})" if b in by else "-" for b in budgets)
+            + " |")
+    lines += [""] + [f"Left out: {m} ({why})." for m, why in result["skipped"]]
+    lines += ["", "## All runs", "", format_comparison(result, markdown=True), ""]
+    return "\n".join(lines)
+
+
+def write_comparison(result: dict, out_dir: str | os.PathLike, title: str = "Pruning comparison") -> dict:
+    """Write ``results.json``, ``accuracy_vs_budget.png`` and ``report.md`` for a :func:`compare_methods` result.
+
+    Every file's content is made before any file is replaced, and each is replaced atomically, so a failure
+    leaves the previous set intact. Returns the paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "results.json"), "plot": str(out / "accuracy_vs_budget.png"),
+             "report": str(out / "report.md")}
+    text_json = json.dumps(dict(result, files=files), indent=2)
+    text_md = _markdown(result, title)
+    budget = result["budget"]
+    xlabel = "parameter compression (x)" if budget == "compression" else "fraction of units kept"
+    _plot_accuracy(result["rows"], result["dense"]["accuracy"], [(title, None)], Path(files["plot"]), x_key=budget,
+                   xlabel=xlabel, log2=budget == "compression", ylabel="accuracy % (no fine-tuning)")
+    _write_atomic(Path(files["json"]), text_json)
+    _write_atomic(Path(files["report"]), text_md)
+    return files

@@ -1,0 +1,174 @@
+"""``submod prune MODULE:FUNCTION --compare`` and ``nn_adapters.compare``: every method at every budget on a user's
+model, with a table, a plot and a report (what ``submod demo`` does for the digits CNN)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import nn_adapters as nna
+from nn_adapters import cli, zoo
+from nn_adapters.compare import compare_methods, write_comparison
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="submod")
+    cli.register(p.add_subparsers(dest="command"))
+    return p
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 10, generator=g)
+    y = (x[:, :3].argmax(1) + (x[:, 3] > 1.5).long()) % 3  # learnable enough that accuracies differ from chance
+    return x, y
+
+
+def _net():
+    torch.manual_seed(0)
+    net = zoo.mlp(10, [24, 16], 3)
+    x, y = _data(1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval()
+
+
+def test_every_row_is_the_pruning_it_names_measured_independently():
+    net, (x, y) = _net(), _data(2)
+    calib, evals = [(x[:100], y[:100])], [(x[100:150], y[100:150]), (x[150:], y[150:])]
+    methods = [("asym", "asym", True), ("random+refit", "random", True), ("magnitude (no refit)", "weight_norm",
+                                                                           False)]
+    res = compare_methods(net, calib, evals, budgets=[2, 4], methods=methods, seed=3, verbose=False)
+    assert [(r["compression"], r["label"]) for r in res["rows"]] == [(c, m[0]) for c in (2.0, 4.0) for m in methods]
+    with torch.no_grad():
+        base = net(x[100:]).argmax(1)
+    assert res["dense"]["accuracy"] == pytest.approx(float((base == y[100:]).double().mean()))
+    for r in res["rows"]:
+        pruned, rep = nna.prune(net, calib, compression=r["compression"], method=r["method"],
+                                reweight=r["reweight"], seed=3)
+        with torch.no_grad():
+            pred = pruned(x[100:]).argmax(1)
+        assert r["accuracy"] == pytest.approx(float((pred == y[100:]).double().mean()))
+        assert r["agreement"] == pytest.approx(float((pred == base).double().mean()))
+        assert r["params"] == sum(p.numel() for p in pruned.parameters()) == rep.params_after
+        assert r["achieved"] >= r["compression"]
+        assert r["kept"] == [lr.kept for lr in rep.layers]
+    assert [m.out_features for m in net.modules() if isinstance(m, nn.Linear)] == [24, 16, 3]  # untouched
+
+
+def test_unlabeled_calibration_leaves_out_the_labelled_baseline():
+    net, (x, y) = _net(), _data(2)
+    res = compare_methods(net, x[:100], [(x[100:], y[100:])], budgets=[2], verbose=False)
+    assert "actgrad" not in {r["method"] for r in res["rows"]}
+    assert res["skipped"] == [("actgrad", "the calibration batches have no labels")]
+    assert {"asym", "seq", "layer", "random", "weight_norm", "act_norm"} <= {r["method"] for r in res["rows"]}
+
+
+def test_a_transformer_is_compared_over_keep_fractions():
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x = torch.randn(40, 6, 16)
+    y = torch.randint(0, 3, (40,))
+    res = compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[0.5], budget="keep",
+                          methods=[("asym", "asym", True), ("magnitude (no refit)", "magnitude", False)],
+                          verbose=False)
+    assert [r["label"] for r in res["rows"]] == ["asym", "magnitude (no refit)"]
+    assert all(r["kept"] == [16, 16] and r["flops"] is None for r in res["rows"])  # 32 FFN neurons per block
+    with pytest.raises(ValueError, match="compare keep fractions"):
+        compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[2.0], verbose=False)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"budgets": []}, "at least one budget"),
+    ({"budgets": [0.5]}, "numbers >= 1"),
+    ({"budgets": [1.5], "budget": "keep"}, r"fractions in \(0, 1\]"),
+    ({"budgets": [2], "budget": "params"}, "'compression' or 'keep'"),
+])
+def test_bad_budgets_are_refused_before_any_pruning(kwargs, match):
+    net, (x, y) = _net(), _data(2)
+    with pytest.raises(ValueError, match=match):
+        compare_methods(net, x[:50], [(x[50:], y[50:])], verbose=False, **kwargs)
+
+
+def test_write_comparison_writes_the_three_files_consistently(tmp_path):
+    net, (x, y) = _net(), _data(2)
+    res = compare_methods(net, [(x[:100], y[:100])], [(x[100:], y[100:])], budgets=[2, 4],
+                          methods=[("asym", "asym", True), ("weight_norm+refit", "weight_norm", True)],
+                          verbose=False)
+    files = write_comparison(res, tmp_path / "out", title="mine")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    report = (tmp_path / "out" / "report.md").read_text()
+    for r in res["rows"]:
+        assert f"| {r['label']} |" in report
+    row = next(r for r in res["rows"] if r["label"] == "asym" and r["compression"] == 4.0)
+    assert f"{100 * row['accuracy']:.1f} ({100 * row['agreement']:.1f})" in report
+    assert (tmp_path / "out" / "accuracy_vs_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["accuracy_vs_budget.png", "report.md",
+                                                                     "results.json"]  # no temporary file left
+    assert files["report"] == str(tmp_path / "out" / "report.md")
+
+
+def _user_module(tmp_path, monkeypatch, with_eval: bool = True) -> str:
+    """A user module file with a build() function; a new module name each time (imports are cached)."""
+    ret = "model, [(x[:100], y[:100])], [(x[100:], y[100:])]" if with_eval else "model, [(x[:100], y[:100])]"
+    name = tmp_path.name.replace("-", "_").replace("[", "_").replace("]", "_")
+    (tmp_path / f"cmp_{name}.py").write_text(
+        "import torch\nfrom nn_adapters import zoo\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = zoo.mlp(10, [24, 16], 3).eval()\n"
+        "    x, y = torch.randn(200, 10), torch.randint(0, 3, (200,))\n"
+        f"    return {ret}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"cmp_{name}:build"
+
+
+def test_cli_compare_prints_the_table_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    spec = _user_module(tmp_path, monkeypatch)
+    before = torch.get_num_threads()
+    args = _parser().parse_args(["prune", spec, "--compare", "--compression", "2", "3",
+                                 "--methods", "asym", "magnitude", "--report-dir", "rep", "--threads", "1"])
+    assert args.func(args) == 0
+    assert torch.get_num_threads() == before  # --threads is restored for the caller
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "rep" / "results.json").read_text())
+    # magnitude is weight_norm here, with and without refit, as in the demo
+    assert [(r["compression"], r["label"]) for r in saved["rows"]] == [
+        (c, lab) for c in (2.0, 3.0) for lab in ("asym", "weight_norm+refit", "magnitude (no refit)")]
+    for r in saved["rows"]:  # the printed table shows the saved numbers
+        assert f"{100 * r['accuracy']:.1f}" in out and f"{r['params']}" in out
+    assert not (tmp_path / "pruned_model.pt").exists()  # --compare saves no model
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--compare"], "must return \\(model, calibration_loader, eval_loader\\)"),
+    (["--compression", "2", "4"], "several budgets or methods are for --compare"),
+    (["--methods", "asym"], "several budgets or methods are for --compare"),
+    (["--compare", "--methods", "bogus"], "unknown bogus"),
+    (["--compare", "--no-reweight"], "drop --workers, --progress, --allocation and --no-reweight"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_cli_compare_errors(tmp_path, monkeypatch, argv, match):
+    spec = _user_module(tmp_path, monkeypatch, with_eval=argv != ["--compare"])
+    args = _parser().parse_args(["prune", spec, *argv])
+    with pytest.raises(ValueError, match=match):
+        args.func(args)
