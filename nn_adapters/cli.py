@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--methods", nargs="+", metavar="METHOD",
                     help="with --compare: only these methods (e.g. asym weight_norm; default: all, ActGrad only "
                          "with labelled calibration batches)")
+    pr.add_argument("--calib", type=int, nargs="+", metavar="N",
+                    help="with --compare, MLP/CNN: also compare calibration sizes, pruning from the first N "
+                         "calibration samples (e.g. 50 100 500, as the demo does; default: all of them)")
     pr.add_argument("--report-dir", default="submod_prune_report",
                     help="with --compare: output directory (default ./submod_prune_report)")
     pr.add_argument("--threads", type=int, default=None,
@@ -155,9 +158,11 @@ def _prune_once(args: argparse.Namespace) -> int:
     from . import prune, save_pruned
     from .pruning import _is_transformer
 
-    for flag, values in (("--compression", args.compression), ("--keep", args.keep), ("--methods", args.methods)):
-        if values is not None and (flag == "--methods" or len(values) > 1):
-            raise ValueError(f"{flag} {' '.join(map(str, values))}: several budgets or methods are for --compare "
+    for flag, values in (("--compression", args.compression), ("--keep", args.keep), ("--methods", args.methods),
+                         ("--calib", args.calib)):
+        if values is not None and (flag in ("--methods", "--calib") or len(values) > 1):
+            raise ValueError(f"{flag} {' '.join(map(str, values))}: several budgets, methods or calibration sizes "
+                             "are for --compare "
                              "(prune with each and compare them); without it give one budget and --method.")
     keep = None if args.keep is None else args.keep[0]
     compression = 4.0 if args.compression is None and keep is None else (
@@ -221,7 +226,8 @@ def _run_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from "
                              f"{', '.join(dict.fromkeys(m for _, m, _ in table))}.")
         methods = [row for row in table if row[1] in wanted]
-    result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed)
+    result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed,
+                             calib_sizes=args.calib)
     files = write_comparison(result, args.report_dir, title=f"Pruning comparison: {args.spec}")
     print(f"wrote {files['report']}, {files['plot']}, {files['json']}")
     return 0

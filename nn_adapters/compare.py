@@ -126,6 +126,30 @@ def _latency(model: nn.Module, x: Any, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
+def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+                         sizes: Sequence[int] | None) -> dict[int | None, list]:
+    """``{n: the first n calibration samples as batches}`` for each size (``{None: batches}`` without sizes)."""
+    if sizes is None:
+        return {None: batches}
+    total = sum(x.shape[0] for x, _ in batches)
+    if not len(sizes):
+        raise ValueError("give at least one calibration size, e.g. 50 100.")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= total:
+            raise ValueError(f"calibration sizes must be integers from 1 to {total} (the calibration samples "
+                             f"given); got {n!r}.")
+    out = {}
+    for n in sorted({int(v) for v in sizes}):
+        left, subset = n, []
+        for x, y in batches:
+            if left == 0:
+                break
+            subset.append((x[:left], None if y is None else y[:left]))
+            left -= subset[-1][0].shape[0]
+        out[n] = subset
+    return out
+
+
 def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> None:
     if budget not in ("compression", "keep"):
         raise ValueError(f"budget must be 'compression' or 'keep'; got {budget!r}.")
@@ -145,7 +169,7 @@ def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> 
 def compare_methods(model: nn.Module, calibration_data: object, eval_data: Iterable,
                     budgets: Sequence[float] = (2, 4, 8, 16), *, budget: str = "compression",
                     methods: Sequence[tuple[str, str, bool]] | None = None, seed: int = 0,
-                    verbose: bool = True) -> dict:
+                    calib_sizes: Sequence[int] | None = None, verbose: bool = True) -> dict:
     """Prune ``model`` with every method at every budget and measure each pruned model on ``eval_data``.
 
     Parameters
@@ -167,15 +191,20 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         batches), :data:`TRANSFORMER_METHODS` for a model with transformer blocks.
     seed : int
         Seed of the random baseline.
+    calib_sizes : sequence of int, optional
+        MLP/CNN only: also compare calibration set sizes, each run pruning from the first ``n`` calibration samples
+        (in the order given: shuffle them beforehand for a random subset), as the demo does with 50, 100 and 500
+        images. Default: all of them, in one run.
     verbose : bool
         Print progress and the table.
 
     Returns
     -------
     dict
-        ``dense`` (unpruned accuracy, params, FLOPs, latency), ``rows`` (one dict per pruning: budget, label,
-        method, accuracy, agreement with the unpruned model's predictions, params, achieved compression, FLOPs,
-        latency, pruning time, kept units per layer or block), ``budget``, ``skipped`` (methods left out, why).
+        ``dense`` (unpruned accuracy, params, FLOPs, latency), ``rows`` (one dict per pruning: number of
+        calibration samples ``n_calib``, budget, label, method, accuracy, agreement with the unpruned model's
+        predictions, params, achieved compression, FLOPs, latency, pruning time, kept units per layer or block),
+        ``budget``, ``skipped`` (methods left out, why).
 
     Examples
     --------
@@ -202,9 +231,14 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         calib = list(calibration_data) if isinstance(calibration_data, Iterable) and not isinstance(
             calibration_data, (torch.Tensor, Mapping)) else calibration_data
         labelled = False
+        if calib_sizes is not None:
+            raise ValueError("calib_sizes applies to MLPs and CNNs; for a transformer pass the token batches to "
+                             "use.")
+        sets = {None: calib}
     else:
         calib = as_batches(calibration_data, dtype=dtype)
         labelled = bool(calib) and all(y is not None for _, y in calib)
+        sets = _calibration_subsets(calib, calib_sizes)
     skipped = []
     if methods is None:
         methods = list(TRANSFORMER_METHODS if transformer else DEMO_METHODS)
@@ -223,23 +257,27 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     if verbose:
         print(f"unpruned: accuracy {100 * dense['accuracy']:.1f}%, {dense['params']} params")
     rows = []
-    for b in budgets:
-        for label, method, reweight in methods:
-            kwargs = {"compression": b} if budget == "compression" else {"keep": b}
-            t0 = time.perf_counter()
-            pruned, rep = prune(model, calib, method=method, reweight=reweight, seed=seed, **kwargs)
-            took = time.perf_counter() - t0
-            preds = predictions(pruned, evals)
-            params = sum(p.numel() for p in pruned.parameters())
-            kept = ([lr.kept for lr in rep.layers] if hasattr(rep, "layers") else [u.n_kept for u in rep.units])
-            rows.append({budget: b, "label": label, "method": method, "reweight": bool(reweight),
-                         "labelled": bool(getattr(rep, "labelled", False)), "accuracy": accuracy_of(preds, evals),
-                         "agreement": _agreement(preds, base), "params": params,
-                         "achieved": dense["params"] / max(params, 1), "flops": flops(pruned),
-                         "latency_s": _latency(pruned, probe), "prune_s": took, "kept": kept})
-        if verbose:
-            best = max((r for r in rows if r[budget] == b), key=lambda r: r["accuracy"])
-            print(f"  {budget} {b:g}: best {best['label']} {100 * best['accuracy']:.1f}%")
+    for n, batches in sets.items():
+        for b in budgets:
+            for label, method, reweight in methods:
+                kwargs = {"compression": b} if budget == "compression" else {"keep": b}
+                t0 = time.perf_counter()
+                pruned, rep = prune(model, batches, method=method, reweight=reweight, seed=seed, **kwargs)
+                took = time.perf_counter() - t0
+                preds = predictions(pruned, evals)
+                params = sum(p.numel() for p in pruned.parameters())
+                kept = [lr.kept for lr in rep.layers] if hasattr(rep, "layers") else [u.n_kept for u in rep.units]
+                rows.append({"n_calib": getattr(rep, "n_samples", None), budget: b, "label": label,
+                             "method": method, "reweight": bool(reweight),
+                             "labelled": bool(getattr(rep, "labelled", False)),
+                             "accuracy": accuracy_of(preds, evals), "agreement": _agreement(preds, base),
+                             "params": params, "achieved": dense["params"] / max(params, 1), "flops": flops(pruned),
+                             "latency_s": _latency(pruned, probe), "prune_s": took, "kept": kept})
+            if verbose:
+                best = max((r for r in rows if r[budget] == b and r["n_calib"] == rows[-1]["n_calib"]),
+                           key=lambda r: r["accuracy"])
+                where = "" if n is None else f"{n} samples, "
+                print(f"  {where}{budget} {b:g}: best {best['label']} {100 * best['accuracy']:.1f}%")
     result = {"budget": budget, "dense": dense, "rows": rows, "skipped": skipped,
               "n_calibration_batches": len(calib) if isinstance(calib, list) else None,
               "n_eval_predictions": sum(p.numel() for p in base)}
@@ -252,7 +290,8 @@ def format_comparison(result: dict, markdown: bool = False) -> str:
     """The rows of :func:`compare_methods` as a fixed-width (or Markdown) table."""
     budget = result["budget"]
     head = "compression" if budget == "compression" else "keep"
-    cols = [(head, budget, "{:g}x" if budget == "compression" else "{:g}"), ("method", "label", "{}"),
+    cols = [("calib", "n_calib", "{:d}"), (head, budget, "{:g}x" if budget == "compression" else "{:g}"),
+            ("method", "label", "{}"),
             ("acc %", "accuracy", "{:.1f}"), ("agree %", "agreement", "{:.1f}"), ("params", "params", "{:d}"),
             ("achieved", "achieved", "{:.2f}x"), ("kFLOPs", "kflops", "{:.1f}"),
             ("latency ms", "latency_ms", "{:.2f}"), ("prune s", "prune_s", "{:.2f}")]
@@ -265,7 +304,7 @@ def format_comparison(result: dict, markdown: bool = False) -> str:
         return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
                          + ["| " + " | ".join(c) + " |" for c in cells[1:]])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+    return "\n".join("  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
                                                                                                  strict=True)))
                      for row in cells)
 
@@ -283,16 +322,21 @@ def _markdown(result: dict, title: str) -> str:
              "a method that uses labels.", "",
              f"Unpruned: accuracy {100 * d['accuracy']:.1f}%, {d['params']} parameters{flops}, latency "
              f"{1e3 * d['latency_s']:.2f} ms for the first evaluation batch.", "",
-             "![accuracy vs budget](accuracy_vs_budget.png)", "",
-             "## Accuracy % (agreement with the unpruned model %)", "",
-             "| method | " + " | ".join(fmt.format(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for lab in dict.fromkeys(r["label"] for r in result["rows"]):
-        by = {r[budget]: r for r in result["rows"] if r["label"] == lab}
-        tag = " [labels]" if any(r["labelled"] for r in by.values()) and "[labels]" not in lab else ""
-        lines.append(f"| {lab}{tag} | " + " | ".join(
-            f"{100 * by[b]['accuracy']:.1f} ({100 * by[b]['agreement']:.1f})" if b in by else "-" for b in budgets)
-            + " |")
-    lines += [""] + [f"Left out: {m} ({why})." for m, why in result["skipped"]]
+             "![accuracy vs budget](accuracy_vs_budget.png)", ""]
+    for n in dict.fromkeys(r["n_calib"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["n_calib"] == n]
+        where = "" if n is None else f", {n} calibration samples"
+        lines += [f"## Accuracy % (agreement with the unpruned model %){where}", "",
+                  "| method | " + " | ".join(fmt.format(b) for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for lab in dict.fromkeys(r["label"] for r in rows):
+            by = {r[budget]: r for r in rows if r["label"] == lab}
+            tag = " [labels]" if any(r["labelled"] for r in by.values()) and "[labels]" not in lab else ""
+            lines.append(f"| {lab}{tag} | " + " | ".join(
+                f"{100 * by[b]['accuracy']:.1f} ({100 * by[b]['agreement']:.1f})" if b in by else "-"
+                for b in budgets) + " |")
+        lines.append("")
+    lines += [f"Left out: {m} ({why})." for m, why in result["skipped"]]
     lines += ["", "## All runs", "", format_comparison(result, markdown=True), ""]
     return "\n".join(lines)
 
@@ -311,8 +355,11 @@ def write_comparison(result: dict, out_dir: str | os.PathLike, title: str = "Pru
     text_md = _markdown(result, title)
     budget = result["budget"]
     xlabel = "parameter compression (x)" if budget == "compression" else "fraction of units kept"
-    _plot_accuracy(result["rows"], result["dense"]["accuracy"], [(title, None)], Path(files["plot"]), x_key=budget,
-                   xlabel=xlabel, log2=budget == "compression", ylabel="accuracy % (no fine-tuning)")
+    sizes = list(dict.fromkeys(r["n_calib"] for r in result["rows"]))
+    panels = [(title, None)] if len(sizes) == 1 else [(f"{n} calibration samples", n) for n in sizes]
+    _plot_accuracy(result["rows"], result["dense"]["accuracy"], panels, Path(files["plot"]), x_key=budget,
+                   panel_key=None if len(sizes) == 1 else "n_calib", xlabel=xlabel, log2=budget == "compression",
+                   ylabel="accuracy % (no fine-tuning)")
     _write_atomic(Path(files["json"]), text_json)
     _write_atomic(Path(files["report"]), text_md)
     return files

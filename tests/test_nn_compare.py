@@ -63,6 +63,21 @@ def test_every_row_is_the_pruning_it_names_measured_independently():
     assert [m.out_features for m in net.modules() if isinstance(m, nn.Linear)] == [24, 16, 3]  # untouched
 
 
+def test_calibration_sizes_prune_from_the_first_samples():
+    net, (x, y) = _net(), _data(2)
+    calib, evals = [(x[:50], y[:50]), (x[50:100], y[50:100])], [(x[100:], y[100:])]
+    methods = [("asym", "asym", True), ("random+refit", "random", True)]
+    res = compare_methods(net, calib, evals, budgets=[3], methods=methods, calib_sizes=[70, 20], verbose=False)
+    assert [(r["n_calib"], r["label"]) for r in res["rows"]] == [(n, m[0]) for n in (20, 70) for m in methods]
+    for n in (20, 70):  # the same as a run given only the first n samples
+        alone = compare_methods(net, (x[:n], y[:n]), evals, budgets=[3], methods=methods, verbose=False)
+        for r, a in zip([r for r in res["rows"] if r["n_calib"] == n], alone["rows"], strict=True):
+            assert (r["accuracy"], r["agreement"], r["kept"]) == (a["accuracy"], a["agreement"], a["kept"])
+            assert a["n_calib"] == n
+    with pytest.raises(ValueError, match="integers from 1 to 100"):
+        compare_methods(net, calib, evals, budgets=[3], methods=methods, calib_sizes=[0], verbose=False)
+
+
 def test_unlabeled_calibration_leaves_out_the_labelled_baseline():
     net, (x, y) = _net(), _data(2)
     res = compare_methods(net, x[:100], [(x[100:], y[100:])], budgets=[2], verbose=False)
@@ -161,14 +176,17 @@ def test_cli_compare_prints_the_table_and_writes_the_report(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(("argv", "match"), [
     (["--compare"], "must return \\(model, calibration_loader, eval_loader\\)"),
-    (["--compression", "2", "4"], "several budgets or methods are for --compare"),
-    (["--methods", "asym"], "several budgets or methods are for --compare"),
+    (["--compression", "2", "4"], "several budgets, methods or calibration sizes are for --compare"),
+    (["--methods", "asym"], "several budgets, methods or calibration sizes are for --compare"),
+    (["--calib", "50"], "several budgets, methods or calibration sizes are for --compare"),
+    (["--compare", "--calib", "101"], "integers from 1 to 100"),
     (["--compare", "--methods", "bogus"], "unknown bogus"),
     (["--compare", "--no-reweight"], "drop --workers, --progress, --allocation and --no-reweight"),
     (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_cli_compare_errors(tmp_path, monkeypatch, argv, match):
     spec = _user_module(tmp_path, monkeypatch, with_eval=argv != ["--compare"])
+    # the calibration data of the user module is 100 labelled samples
     args = _parser().parse_args(["prune", spec, *argv])
     with pytest.raises(ValueError, match=match):
         args.func(args)
