@@ -140,7 +140,13 @@ class PrunedMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Same contract as :meth:`torch.nn.MultiheadAttention.forward` (2-D or per-head 3-D ``attn_mask``)."""
+        """Same contract as :meth:`torch.nn.MultiheadAttention.forward` (2-D or per-head 3-D ``attn_mask``).
+
+        As there, ``need_weights=False`` (the call of :class:`torch.nn.TransformerEncoderLayer`) computes the
+        attention with :func:`torch.nn.functional.scaled_dot_product_attention`, which gives zeros to a query that
+        sees no key (a padded position under a causal mask, an all-padding sequence); with weights, such a query's
+        row is NaN, as in :class:`torch.nn.MultiheadAttention`.
+        """
         if query.dim() != 3:
             raise ValueError(f"expected batched 3-D inputs, got query of shape {tuple(query.shape)}")
         if not self.batch_first:
@@ -156,6 +162,14 @@ class PrunedMultiheadAttention(nn.Module):
         k = F.linear(key, wk, bk).view(b, tk, h, d).transpose(1, 2)
         v = F.linear(value, wv, bv).view(b, tk, h, d).transpose(1, 2)
         mask = _additive_mask(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype, is_causal, q.device)
+        if not need_weights:
+            # what nn.MultiheadAttention computes without weights (the call of nn.TransformerEncoderLayer): a query
+            # that sees no key (a padded query under a causal mask, an all-padding sequence) gets zeros there, not
+            # the NaN of an explicit softmax, which would reach the real tokens of the next layer as NaN keys
+            p = self.dropout if self.training else 0.0
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = self.out_proj(ctx.transpose(1, 2).reshape(b, tq, h * d))
+            return (out if self.batch_first else out.transpose(0, 1)), None
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
         if mask is not None:
             scores = scores + mask

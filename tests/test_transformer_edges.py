@@ -1,0 +1,83 @@
+"""Transformer pruning at the edges a practitioner meets: fully masked attention rows, all-padding sequences, saved
+specs that do not fit the model they are loaded into. Tiny randomly initialised models (no download).
+
+Oracles: torch.nn.MultiheadAttention and the unpruned encoder (outputs), the same calibration data without the
+added padding (statistics), and the loaded model's own sizes (specs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nn_adapters.transformer import PrunedMultiheadAttention, prune_transformer
+
+D, HEADS, FF, T = 16, 4, 32, 6
+
+
+def encoder(seed: int = 0, layers: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention rows that see no key
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_attention_gives_zeros_where_multihead_attention_does(batch_first: bool) -> None:
+    """Without weights (what nn.TransformerEncoderLayer asks for), MultiheadAttention returns the output
+    projection's bias for a query that sees no key; an explicit softmax gives NaN there."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, HEADS, batch_first=batch_first).eval()
+    pm = PrunedMultiheadAttention.from_multihead_attention(mha).eval()
+    x = torch.randn(3, T, D) if batch_first else torch.randn(T, 3, D)
+    kpm = torch.zeros(3, T, dtype=torch.bool)
+    kpm[1] = True  # an all-padding sequence
+    kpm[2, :2] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(T)  # with left padding: padded queries see no key
+    want = mha(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)[0]
+    got, weights = pm(x, x, x, key_padding_mask=kpm, attn_mask=causal, need_weights=False)
+    assert weights is None and bool(want.isfinite().all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_causal_encoder_loses_heads_like_zeroed_output_columns() -> None:
+    """Left padding under a causal mask: the padded positions see no key. Head pruning swaps in the pruned attention
+    while it works; it failed with 'non-finite activations' (NaN at the padded positions became NaN keys of the
+    next layer). Without refit, the pruned encoder must compute the original one with the removed heads' columns
+    of the output projection zeroed (on the slow path: torch's fused fast path itself gives NaN here)."""
+    model = encoder()
+    causal = nn.Transformer.generate_square_subsequent_mask(T)
+    g = torch.Generator().manual_seed(1)
+
+    def batch() -> dict:
+        kpm = torch.zeros(4, T, dtype=torch.bool)
+        kpm[0, :2] = True
+        kpm[1, :1] = True
+        return {"src": torch.randn(4, T, D, generator=g), "src_key_padding_mask": kpm, "mask": causal,
+                "is_causal": True}
+
+    data = [batch() for _ in range(3)]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", reweight=False)
+    zeroed = copy.deepcopy(model)
+    for layer, unit in zip(zeroed.layers, report.units, strict=True):
+        gone = [h for h in range(HEADS) if h not in unit.kept]
+        with torch.no_grad():
+            for h in gone:
+                layer.self_attn.out_proj.weight[:, h * (D // HEADS):(h + 1) * (D // HEADS)] = 0.0
+    test = batch()
+    real = ~test["src_key_padding_mask"]
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            want, got = zeroed(**test)[real], pruned(**test)[real]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+    assert bool(want.isfinite().all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
