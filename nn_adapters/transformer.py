@@ -702,7 +702,7 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
     real token row (the order of :func:`_rows`), so all tokens of a sequence share a fold.
 
     Copies of a sequence (the same real tokens at the first block's input) go to the fold of its first
-    occurrence (:class:`~nn_adapters._data.FoldDealer`).
+    occurrence (:class:`~nn_adapters._data.FoldDealer`); sequences that are all padding are not dealt.
     """
     bf = block.batch_first("block")
     dealer = FoldDealer(CV_FOLDS)
@@ -710,8 +710,9 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
         valid = c["valid"]
         rows = (c["x"] if bf else c["x"].transpose(0, 1)).detach().cpu()
         real = valid.cpu()
-        seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) for i in range(valid.shape[0])], dtype=torch.long,
-                              device=valid.device)
+        # a sequence without real tokens (all padding) has no rows: it is not dealt, so that it shifts no fold
+        seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) if bool(real[i].any()) else 0
+                               for i in range(valid.shape[0])], dtype=torch.long, device=valid.device)
         c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
 
 

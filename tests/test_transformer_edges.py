@@ -81,3 +81,29 @@ def test_left_padded_causal_encoder_loses_heads_like_zeroed_output_columns() -> 
         torch.backends.mha.set_fastpath_enabled(fast)
     assert bool(want.isfinite().all())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# padding never changes the result
+
+
+def test_an_all_padding_sequence_changes_nothing() -> None:
+    """A sequence that is all padding adds no token: the kept units, the cross-validated ridges and every error
+    must be those of the same calibration data without it (it used to take a cross-validation fold of its own and
+    shift the folds of every later sequence)."""
+    model = encoder()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, T, D, generator=g) for _ in range(4)]
+    real = torch.zeros(4, T, dtype=torch.bool)
+    plain = [{"src": x, "src_key_padding_mask": real} for x in xs]
+    padded = [dict(b) for b in plain]
+    padded[0] = {"src": torch.cat([xs[0], torch.randn(1, T, D, generator=g)]),  # the fifth sequence: all padding
+                 "src_key_padding_mask": torch.cat([real, torch.ones(1, T, dtype=torch.bool)])}
+    for target in ("ffn", "heads"):
+        _, want = prune_transformer(model, plain, keep=0.5, target=target)
+        _, got = prune_transformer(model, padded, keep=0.5, target=target)
+        assert got.n_tokens == want.n_tokens and got.n_padding_excluded == T
+        for u, v in zip(got.units, want.units, strict=True):
+            assert u.kept == v.kept and u.ridge == v.ridge
+            assert u.cv_relative_error == pytest.approx(v.cv_relative_error, rel=1e-9)
+            assert u.relative_error == pytest.approx(v.relative_error, rel=1e-9)
