@@ -906,6 +906,12 @@ class _TorchEncoderBlock(_Block):
         _same_grad_flags(new, att)
         self.module.self_attn = new
 
+    def spec(self) -> dict[str, Any]:
+        # what the weights' shapes do not show but the outputs depend on, checked by apply_spec
+        act = {1: "relu", 2: "gelu"}.get(getattr(self.module, "activation_relu_or_gelu", 0), "other")
+        return {**super().spec(), "norm_first": bool(self.module.norm_first),
+                "batch_first": bool(self.module.self_attn.batch_first), "activation": act}
+
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
         self.shrink_ffn(torch.arange(intermediate_size))
         if num_heads != self.num_heads or isinstance(self.module.self_attn, PrunedMultiheadAttention):

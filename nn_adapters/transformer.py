@@ -101,6 +101,7 @@ _TARGETS = ("ffn", "heads", "all")
 SELECTION_RIDGE = 1e-4
 SPEC_FILE = "submod_pruning.json"
 _SPEC_FORMAT = "submod.transformer-pruning"
+_SPEC_VERSION = 1
 
 
 @dataclass
@@ -1419,23 +1420,55 @@ def _n_params(model: nn.Module) -> int:
 
 def make_spec(model: nn.Module) -> dict[str, Any]:
     """The per-block sizes of a (pruned) model: what :func:`load_pruned` applies to a freshly built model."""
-    return {"format": _SPEC_FORMAT, "version": 1, "blocks": [b.spec() for b in find_blocks(model)]}
+    return {"format": _SPEC_FORMAT, "version": _SPEC_VERSION, "blocks": [b.spec() for b in find_blocks(model)]}
+
+
+_SPEC_KEYS = ("name", "kind", "intermediate_size", "num_heads", "head_dim")
+#: What a block's spec may record besides its sizes that the weights' shapes do not show (absent from older specs).
+_LAYOUT_KEYS = ("norm_first", "batch_first", "activation")
 
 
 def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
-    """Shrink a freshly built model, in place, to the block sizes of ``spec`` (weights are left to be loaded)."""
-    if spec.get("format") != _SPEC_FORMAT:
-        raise ValueError(f"not a pruning spec (format {spec.get('format')!r}); expected {_SPEC_FORMAT!r}")
+    """Shrink a freshly built model, in place, to the block sizes of ``spec`` (weights are left to be loaded).
+
+    Refused with a ``ValueError``: a spec that is not one :func:`make_spec` writes, and a model whose blocks do not
+    match it (other names, kinds or head widths, fewer units than the spec keeps, or, for
+    :class:`torch.nn.TransformerEncoderLayer`, another ``norm_first``, ``batch_first`` or ReLU/GELU activation:
+    differences the weights' shapes do not show).
+    """
+    blocks_ok = isinstance(spec, Mapping) and isinstance(spec.get("blocks"), list) and all(
+        isinstance(w, Mapping) and all(k in w for k in _SPEC_KEYS)
+        and all(isinstance(w[k], int) and not isinstance(w[k], bool) for k in _SPEC_KEYS[2:])
+        for w in spec["blocks"])
+    if not isinstance(spec, Mapping) or spec.get("format") != _SPEC_FORMAT:
+        what = spec.get("format") if isinstance(spec, Mapping) else type(spec).__name__
+        raise ValueError(f"not a pruning spec (format {what!r}); expected {_SPEC_FORMAT!r}, as save_pruned writes")
+    if not isinstance(spec.get("version"), int) or spec["version"] > _SPEC_VERSION:
+        raise ValueError(f"pruning spec version {spec.get('version')!r}: this release reads version {_SPEC_VERSION}; "
+                         "load it with the release that saved it")
+    if not blocks_ok:
+        raise ValueError(f"damaged pruning spec: it must list blocks, each with {', '.join(_SPEC_KEYS[:2])} and "
+                         f"integer {', '.join(_SPEC_KEYS[2:])}")
     blocks = find_blocks(model)
     wanted = spec["blocks"]
     if [b.name for b in blocks] != [w["name"] for w in wanted]:
         raise ValueError(f"the model's blocks {[b.name for b in blocks]} do not match the spec's "
                          f"{[w['name'] for w in wanted]}: build the same architecture as the pruned model's origin")
+    origin = "pass an unpruned instance of the pruned model's origin (the same configuration)"
+    for b, w in zip(blocks, wanted, strict=True):
+        if w["kind"] != b.kind or w["head_dim"] != b.head_dim:
+            raise ValueError(f"block {b.name}: spec kind/head_dim {w['kind']}/{w['head_dim']} do not match "
+                             f"the model's {b.kind}/{b.head_dim}: {origin}")
+        for key, have in (("intermediate_size", b.ffn_units), ("num_heads", b.num_heads)):
+            if not 1 <= w[key] <= have:
+                raise ValueError(f"block {b.name}: the spec has {key}={w[key]}, the model's block {have}; a pruned "
+                                 f"block keeps between 1 and all of its units: {origin}")
+        for key, have in b.spec().items():
+            if key in _LAYOUT_KEYS and key in w and w[key] != have:
+                raise ValueError(f"block {b.name}: saved with {key}={w[key]!r}, the model's block has {have!r}: "
+                                 f"{origin}")
     with torch.no_grad():
         for b, w in zip(blocks, wanted, strict=True):
-            if w["kind"] != b.kind or w["head_dim"] != b.head_dim:
-                raise ValueError(f"block {b.name}: spec kind/head_dim {w['kind']}/{w['head_dim']} do not match "
-                                 f"the model's {b.kind}/{b.head_dim}")
             b.set_sizes(int(w["intermediate_size"]), int(w["num_heads"]))
     disable_nested_fast_path(model)
     return model
@@ -1521,12 +1554,24 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     -------
     torch.nn.Module
         A new model with the saved sizes and weights, in eval mode.
+
+    Raises
+    ------
+    ValueError
+        A directory without a valid spec (not JSON, another format or a newer version, damaged entries), or a
+        model that is not the pruned model's origin: other blocks, fewer units than the spec keeps, weights of
+        other shapes, or (:class:`torch.nn.TransformerEncoderLayer`) another ``norm_first``, ``batch_first`` or
+        ReLU/GELU activation.
     """
     src = Path(directory)
     spec_path = src / SPEC_FILE
     if not spec_path.is_file():
         raise ValueError(f"{src} has no {SPEC_FILE}: it was not written by save_pruned")
-    spec = json.loads(spec_path.read_text())
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{spec_path} is not valid JSON ({exc}): it was not written by save_pruned, or it has "
+                         "been damaged") from exc
     built_here = model is None
     if model is not None:
         if not isinstance(model, nn.Module):
@@ -1569,7 +1614,11 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # the saved precision (e.g. float64), not the default of a freshly built model
         model.to(dtypes.pop())
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes: another model width, vocabulary, ...
+        raise ValueError(f"saved weights do not fit the model: {exc}. Pass an unpruned instance of the pruned "
+                         "model's origin (the same configuration).") from exc
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from nn_adapters.transformer import PrunedMultiheadAttention, prune_transformer
+from nn_adapters.transformer import SPEC_FILE, PrunedMultiheadAttention, load_pruned, prune_transformer, save_pruned
 
 D, HEADS, FF, T = 16, 4, 32, 6
 
@@ -107,3 +107,51 @@ def test_an_all_padding_sequence_changes_nothing() -> None:
             assert u.kept == v.kept and u.ridge == v.ridge
             assert u.cv_relative_error == pytest.approx(v.cv_relative_error, rel=1e-9)
             assert u.relative_error == pytest.approx(v.relative_error, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading a saved pruned model into the wrong model, or from a damaged spec
+
+
+def tel(norm_first: bool = False, ff: int = FF, d: int = D, heads: int = HEADS) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    pruned, _ = prune_transformer(tel(), [torch.randn(4, T, D, generator=g) for _ in range(3)], keep=0.5,
+                                  target="all")
+    return save_pruned(pruned, tmp_path / "pruned")
+
+
+def test_loading_into_a_model_with_another_norm_placement_is_refused(saved) -> None:
+    """norm_first does not change any weight's shape: the load used to succeed and compute something else."""
+    assert isinstance(load_pruned(saved, tel()), nn.TransformerEncoder)
+    with pytest.raises(ValueError, match="norm_first=False.*has True.*origin"):
+        load_pruned(saved, tel(norm_first=True))
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (lambda: tel(ff=8), r"intermediate_size=16, the model's block 8.*origin"),  # was an IndexError
+    (lambda: tel(d=32, heads=8), r"(?s)saved weights do not fit the model.*size mismatch.*origin"),  # a RuntimeError
+])
+def test_loading_into_a_model_of_another_size_names_the_mismatch(saved, model, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_pruned(saved, model())
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda s: "{oops", r"submod_pruning\.json is not valid JSON"),
+    (lambda s: s.replace('"num_heads": 2', '"num_heads": 9', 1), r"num_heads=9, the model's block 4"),
+    (lambda s: s.replace('"intermediate_size": 16', '"intermediate_size": "16"', 1), "damaged pruning spec"),
+    (lambda s: s.replace('"version": 1', '"version": 2'), "version 2: this release reads version 1"),
+    (lambda s: "[]", "not a pruning spec"),
+])
+def test_damaged_or_foreign_specs_are_refused_with_the_reason(saved, edit, match: str) -> None:
+    spec = saved / SPEC_FILE
+    spec.write_text(edit(spec.read_text()))
+    with pytest.raises(ValueError, match=match):
+        load_pruned(saved, tel())
