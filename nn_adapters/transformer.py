@@ -284,15 +284,18 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
     bf = block.batch_first("block")
     b, t = (x.shape[0], x.shape[1]) if bf else (x.shape[1], x.shape[0])
     inner = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(inner, Mapping) and inner.get("attention_mask") is not None:
+    if ctx["kwargs"].get("src_key_padding_mask") is not None:
+        # the padding mask a torch.nn.TransformerEncoderLayer's attention applies: the model's own reading of the
+        # batch, whatever the batch calls its mask and in whichever convention (a wrapper's forward(x,
+        # attention_mask) may pass True for padding straight on)
+        m = ctx["kwargs"]["src_key_padding_mask"]
+        valid = ~m if m.dtype == torch.bool else m == 0
+    elif isinstance(inner, Mapping) and inner.get("attention_mask") is not None:
         m = torch.as_tensor(inner["attention_mask"])
         if m.dim() != 2:
             raise ValueError(f"attention_mask must be (batch, tokens) with 1 for real tokens and 0 for padding, "
                              f"got shape {tuple(m.shape)}")
         valid = m != 0
-    elif ctx["kwargs"].get("src_key_padding_mask") is not None:
-        m = ctx["kwargs"]["src_key_padding_mask"]
-        valid = ~m if m.dtype == torch.bool else m == 0
     else:
         valid = torch.ones(b, t, dtype=torch.bool)
         # the block's attention-mask argument (Hugging Face layers take it by that name or right after the hidden

@@ -109,6 +109,40 @@ def test_an_all_padding_sequence_changes_nothing() -> None:
             assert u.relative_error == pytest.approx(v.relative_error, rel=1e-9)
 
 
+class _TorchConventionWrapper(nn.Module):
+    """A wrapper whose ``forward(x, attention_mask)`` passes the mask on as it is: True marks padding (torch's
+    convention for src_key_padding_mask, the opposite of a tokenizer's attention_mask)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, src_key_padding_mask=attention_mask)
+
+
+def test_the_padding_the_blocks_apply_wins_over_the_batch_key_name() -> None:
+    """Statistics must come from the tokens the encoder's attention treats as real: the batch's 'attention_mask'
+    was read in the tokenizer convention even when the model passes it on as a padding mask (True = padding),
+    so only the padding entered the statistics."""
+    model = encoder()
+    g = torch.Generator().manual_seed(4)
+    plain, wrapped = [], []
+    for _ in range(3):
+        pad = torch.zeros(4, T, dtype=torch.bool)
+        pad[:, 4:] = True
+        pad[0, 1:] = True
+        x = torch.randn(4, T, D, generator=g)
+        plain.append({"src": x, "src_key_padding_mask": pad})
+        wrapped.append({"x": x, "attention_mask": pad})
+    _, want = prune_transformer(model, plain, keep=0.5)
+    _, got = prune_transformer(_TorchConventionWrapper(model), wrapped, keep=0.5)
+    n_real = sum(int((~b["src_key_padding_mask"]).sum()) for b in plain)
+    assert got.n_tokens == want.n_tokens == n_real
+    assert [u.kept for u in got.units] == [u.kept for u in want.units]
+    assert [u.relative_error for u in got.units] == pytest.approx([u.relative_error for u in want.units], rel=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loading a saved pruned model into the wrong model, or from a damaged spec
 
@@ -155,3 +189,4 @@ def test_damaged_or_foreign_specs_are_refused_with_the_reason(saved, edit, match
     spec.write_text(edit(spec.read_text()))
     with pytest.raises(ValueError, match=match):
         load_pruned(saved, tel())
+
