@@ -225,24 +225,49 @@ def _batches(calibration_data: Any, dtype: torch.dtype | None = None) -> list[An
     if not isinstance(calibration_data, Iterable):
         raise ValueError(f"calibration_data must be a batch or an iterable of batches, "
                          f"got {type(calibration_data).__name__}")
+    if isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2:
+        # one batch given as a pair instead of a list of batches: iterated, its second part would be fed to the
+        # model as a batch of inputs of its own (labels as token ids, a mask as token ids or as features)
+        pair = _pair_kind(calibration_data)
+        if pair is not None:
+            raise ValueError(f"calibration_data looks like one batch ({pair}), not a list of batches: it would be "
+                             f"read as two batches, the second fed to the model as inputs. Pass a list of batches, "
+                             f"e.g. [{{'input_ids': ids, 'attention_mask': mask}}] (dicts of the model's keyword "
+                             f"arguments, as a tokenizer returns them) or [(inputs, labels)].")
     batches = [_numpy_to_tensors(b) for b in calibration_data]
     if not batches:
         raise ValueError("calibration_data is empty: pass at least one batch of unlabeled inputs")
     for i, b in enumerate(batches):
-        if (isinstance(b, (tuple, list)) and len(b) >= 2 and all(isinstance(t, torch.Tensor) for t in b[:2])
-                and not b[0].is_floating_point() and b[1].shape == b[0].shape and not b[1].is_floating_point()
-                and bool(((b[1] == 0) | (b[1] == 1)).all())):
+        pair = _pair_kind(b) if isinstance(b, (tuple, list)) else None
+        if pair == "input_ids, attention_mask":
             raise ValueError(f"calibration batch {i} looks like (input_ids, attention_mask): a pair is read as "
                              "(inputs, labels), so the mask would reach neither the model nor the statistics. Pass "
                              "dicts, e.g. {'input_ids': ids, 'attention_mask': mask} as a tokenizer returns them.")
-        if (isinstance(b, (tuple, list)) and len(b) >= 2 and all(isinstance(t, torch.Tensor) for t in b[:2])
-                and b[0].is_floating_point() and b[0].ndim == 3 and b[1].dtype == torch.bool and b[1].ndim == 2
-                and sorted(b[1].shape) == sorted(b[0].shape[:2])):
+        if pair == "features, key padding mask":
             raise ValueError(f"calibration batch {i} looks like (features, key padding mask): a pair is read as "
                              "(inputs, labels), so the mask would reach neither the model nor the statistics and "
                              "the padding would be counted as tokens. Pass dicts of the model's keyword arguments, "
                              "e.g. {'src': x, 'src_key_padding_mask': mask} for torch.nn.TransformerEncoder.")
     return [_cast_floats(b, dtype) for b in batches] if dtype is not None else batches
+
+
+def _pair_kind(b: tuple | list) -> str | None:
+    """What a sequence whose first two items are tensors looks like: ``"input_ids, attention_mask"`` (integer ids
+    and a 0/1 mask of their shape), ``"features, key padding mask"`` (``(batch, tokens, features)`` or
+    ``(tokens, batch, features)`` floats and a boolean ``(batch, tokens)`` mask), ``"inputs, labels"`` (a second
+    tensor with fewer dimensions and the first one's batch size), or ``None``."""
+    if not (len(b) >= 2 and all(isinstance(t, torch.Tensor) for t in b[:2])):
+        return None
+    x, y = b[0], b[1]
+    if (not x.is_floating_point() and y.shape == x.shape and not y.is_floating_point()
+            and bool(((y == 0) | (y == 1)).all())):
+        return "input_ids, attention_mask"
+    if (x.is_floating_point() and x.ndim == 3 and y.dtype == torch.bool and y.ndim == 2
+            and sorted(y.shape) == sorted(x.shape[:2])):
+        return "features, key padding mask"
+    if x.ndim >= 2 and 1 <= y.ndim < x.ndim and y.shape[0] == x.shape[0]:
+        return "inputs, labels"
+    return None
 
 
 def _numpy_to_tensors(batch: Any) -> Any:

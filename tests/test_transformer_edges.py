@@ -190,3 +190,26 @@ def test_damaged_or_foreign_specs_are_refused_with_the_reason(saved, edit, match
     with pytest.raises(ValueError, match=match):
         load_pruned(saved, tel())
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibration data given as one pair instead of a list of batches
+
+
+def test_one_pair_given_as_the_calibration_data_is_refused_not_read_as_two_batches() -> None:
+    """prune(model, (ids, mask)) iterated the pair as two batches and fed the mask to the model as token ids: it
+    ran, with the padding counted as tokens (and (inputs, labels) failed inside the model)."""
+    model = encoder()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, T, D, generator=g)
+    pad = torch.zeros(4, T, dtype=torch.bool)
+    pad[1, 3:] = True
+    ids = torch.randint(3, 40, (4, T), generator=g)
+    for data, what in [((ids, (~pad).long()), r"\(input_ids, attention_mask\)"),
+                       ((x, torch.zeros(4, dtype=torch.long)), r"\(inputs, labels\)"),
+                       ([x, pad], r"\(features, key padding mask\)")]:
+        with pytest.raises(ValueError, match=rf"calibration_data looks like one batch {what}.*list of batches"):
+            prune_transformer(model, data, keep=0.5)
+    # two batches of inputs, or one pair inside a list, are what they are
+    _, two = prune_transformer(model, [x, x[:2]], keep=0.5)
+    _, wrapped = prune_transformer(model, [(x, torch.zeros(4, dtype=torch.long))], keep=0.5)
+    assert two.n_tokens == 6 * T and wrapped.n_tokens == 4 * T
