@@ -45,9 +45,18 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
 
 def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
     """``np.loadtxt`` with an optional header row (a first row that is not all numbers); ``delimiter=None``
-    (``.txt``) also accepts commas. A numeric first row is data, never dropped as a header."""
-    with open(p) as fh:
-        first = fh.readline()
+    (``.txt``) also accepts commas. A numeric first row is data, never dropped as a header.
+
+    The text is read as UTF-8, with or without the byte-order mark that spreadsheets write ("CSV UTF-8"): read
+    with the mark, a numeric first row would start with ``\ufeff`` and be dropped as a header."""
+    try:
+        with open(p, encoding="utf-8-sig") as fh:
+            first = fh.readline()
+            for _ in fh:  # the whole file decodes, or the error below says so (not numpy's 'could not convert')
+                pass
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"it is not UTF-8 text (it holds the byte {exc.object[exc.start]:#04x}, e.g. a Latin-1 or "
+                         "UTF-16 file); save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) or as .npy.") from None
     errors: list[ValueError] = []
     for delim in ([delimiter] if delimiter is not None else [None, ","]):
         tokens = [t.strip() for t in (first.split() if delim is None else first.split(delim))]
@@ -59,7 +68,7 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
         try:
             with warnings.catch_warnings():  # an empty file: the error below says so, numpy's warning is noise
                 warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
-                arr = np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip)
+                arr = np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip, encoding="utf-8-sig")
         except ValueError as exc:
             errors.append(exc)
             continue
@@ -148,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select k items from a data file (or the digits data) and certify",
                          description="Select k items (rows) maximizing a submodular objective; print the picks, "
                          "the value curve and the certificate, and optionally write them as JSON.")
-    sel.add_argument("--data", help=".npy, .csv or .txt file, rows are items (default: scikit-learn digits)")
+    sel.add_argument("--data", help=".npy, .csv or .txt file (text: UTF-8, one optional header row), rows are "
+                     "items (default: scikit-learn digits)")
     sel.add_argument("--objective", choices=OBJECTIVES, default="facility-location",
                      help="set function over the items (default facility-location); coverage reads the data as an "
                           "items x concepts incidence matrix (a non-zero entry means 'covers'), so it needs 0/1 "

@@ -225,3 +225,25 @@ def test_select_command_says_a_text_file_holds_no_data(tmp_path, capsys, text):
         assert main(["select", "--data", str(path), "-k", "1"]) == 2
     err = capsys.readouterr().err
     assert "holds no numbers" in err and "empty.csv" in err
+
+
+def test_load_matrix_keeps_the_first_row_of_a_utf8_bom_file(tmp_path):
+    """Spreadsheets' 'CSV UTF-8' starts with a byte-order mark; a numeric first row after it is data, not a header
+    (it was dropped, so a 3-row file loaded as 2 rows)."""
+    from submod.cli import load_matrix
+
+    rows = [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    for name, sep in (("x.csv", ","), ("x.txt", " ")):
+        (tmp_path / name).write_bytes(("\ufeff" + "\n".join(sep.join(f"{v:g}" for v in r) for r in rows) + "\n")
+                                      .encode("utf-8"))
+        np.testing.assert_array_equal(load_matrix(tmp_path / name), rows)
+    (tmp_path / "h.csv").write_bytes("\ufeffa,b,c\n1,2,3\n".encode("utf-8"))  # a header row after the mark
+    np.testing.assert_array_equal(load_matrix(tmp_path / "h.csv"), [[1.0, 2.0, 3.0]])
+
+
+def test_select_command_names_a_text_file_that_is_not_utf8(tmp_path, capsys):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("caf\xe9,b\n1,2\n3,4\n".encode("latin-1"))
+    assert main(["select", "--data", str(path), "-k", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8 text" in err and "0xe9" in err and "codec" not in err
