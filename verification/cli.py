@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sparse-regression: consecutive blocks of this many columns form one unit")
     p.add_argument("--ridge", type=float, default=0.0, help="sparse-regression: ridge penalty")
     p.add_argument("--fit-intercept", action="store_true", help="sparse-regression: refit a bias")
-    p.add_argument("--k-max", type=int, default=None, help="longest prefix of the error-decay curve")
+    p.add_argument("--k-max", type=int, default=None,
+                   help="sparse-regression: longest prefix of the error-decay curve (default min(n, max(2k, 10)))")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled ratio")
     p.add_argument("--samples", type=int, default=500, help="random pairs of the sampled ratio")
     p.add_argument("--no-figures", action="store_true", help="write the Markdown only")
@@ -58,8 +59,15 @@ def build_objective(args: argparse.Namespace):
         Y = load_matrix(args.targets, "--targets", allow_1d=True)
         return SparseRegression(X, Y, ridge=args.ridge, groups=args.group_size,
                                        fit_intercept=args.fit_intercept)
-    if args.targets is not None:
-        raise ValueError(f"--targets is only used with --objective sparse-regression, not {args.objective}.")
+    # the least-squares options would be silently ignored by the other objectives: refuse them as --targets is
+    unused = [flag for flag, given in (("--targets", args.targets is not None),
+                                       ("--group-size", args.group_size is not None), ("--ridge", args.ridge != 0),
+                                       ("--fit-intercept", args.fit_intercept),
+                                       ("--k-max", args.k_max is not None)) if given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} only used with --objective "
+                         f"sparse-regression (least squares and its error-decay curve), not {args.objective}; drop "
+                         f"{'it' if len(unused) == 1 else 'them'}.")
     if args.objective == "facility-location":
         return submod.FacilityLocation(X)
     if args.objective == "feature-based":
