@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from submod.cli import seed_arg
+
 __all__ = ["register"]
 
 
@@ -66,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
     pr.add_argument("--allocation", choices=("uniform", "error-curve", "error"), default="uniform",
                     help="how the budget is split between layers or blocks (error: the earlier name of error-curve)")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=seed_arg, default=0,
+                    help="seed of --method random (the other methods are deterministic; default 0)")
     pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")
     pr.add_argument("--progress", action="store_true", help="show a progress bar")
     pr.add_argument("--workers", type=int, default=1,

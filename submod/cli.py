@@ -79,6 +79,18 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
     raise errors[0]
 
 
+def seed_arg(text: str) -> int:
+    """``--seed`` of every subcommand: a non-negative integer, refused by argparse before any work (numpy's own
+    message, 'expected non-negative integer', came after it and named no option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, e.g. 0; got {text!r}")
+    return value
+
+
 def write_json_atomic(payload: dict, path: str | os.PathLike) -> None:
     """Write ``payload`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
@@ -171,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "many items)")
     sel.add_argument("-k", type=int, default=10, help="number of items to select (default 10)")
     sel.add_argument("--method", choices=("greedy", "lazy", "stochastic"), default="lazy")
-    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--seed", type=seed_arg, default=0, help="seed of --method stochastic (default 0)")
     sel.add_argument("--out", help="write the result as JSON to this path")
     sel.set_defaults(func=_run_select)
     for module in ("nn_adapters.cli", "verification.cli"):

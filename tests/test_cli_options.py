@@ -18,3 +18,21 @@ def test_verify_refuses_least_squares_options_with_other_objectives(tmp_path, ca
     assert "only used with --objective sparse-regression" in err
     assert all(flag in err for flag in extra if flag.startswith("--"))
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", "x", "1.5"])
+def test_seed_is_refused_by_the_parser_with_the_option_named(tmp_path, capsys, seed):
+    """A negative --seed reached numpy, which said 'expected non-negative integer' (or, through submod.maximize,
+    'seed must be None, ... or a numpy Generator', API terms) without naming --seed; verify had created the
+    report directory by then."""
+    np.save(tmp_path / "A.npy", np.random.default_rng(0).standard_normal((8, 3)))
+    for argv in (["select", "-k", "2", "--method", "stochastic"],
+                 ["verify", "--data", str(tmp_path / "A.npy"), "--targets", str(tmp_path / "A.npy"), "-k", "2",
+                  "--out", str(tmp_path / "rep")]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--seed", seed])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --seed: must be a non-negative integer" in err and "Generator" not in err
+    assert not (tmp_path / "rep").exists()
+    assert main(["select", "-k", "2", "--method", "stochastic", "--seed", "3"]) == 0

@@ -163,6 +163,20 @@ def test_cli_prune_reports_user_code_problems_and_leaves_the_model_alone(tmp_pat
     assert [m.out_features for m in usermods.MODEL if isinstance(m, torch.nn.Linear)] == [16, 16, 3]
 
 
+def test_cli_prune_refuses_a_negative_seed_before_calling_the_user_function(tmp_path, monkeypatch, capsys):
+    """numpy refused seed=-1 only once the statistics were collected, with 'expected non-negative integer' (no
+    option named)."""
+    from submod.cli import main
+
+    (tmp_path / "seedmods.py").write_text("def build():\n    raise AssertionError('called the user function')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "seedmods:build", "--seed", "-1", "--out", "p.pt"])
+    assert exc.value.code == 2
+    assert "argument --seed: must be a non-negative integer" in capsys.readouterr().err
+
+
 def test_demo_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: pytest.fail("loaded the model"))
     for kwargs, match in (({"calib_sizes": (-5,)}, "calibration sizes"), ({"calib_sizes": (5000,)}, "1437"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from submod.cli import load_matrix
+from submod.cli import load_matrix, seed_arg
 
 OBJECTIVES = ("sparse-regression", "facility-location", "feature-based", "coverage", "modular")
 
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-intercept", action="store_true", help="sparse-regression: refit a bias")
     p.add_argument("--k-max", type=int, default=None,
                    help="sparse-regression: longest prefix of the error-decay curve (default min(n, max(2k, 10)))")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled ratio")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the sampled ratio (default 0)")
     p.add_argument("--samples", type=int, default=500, help="random pairs of the sampled ratio")
     p.add_argument("--no-figures", action="store_true", help="write the Markdown only")
     p.set_defaults(func=run)
