@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from submod._validation import rng_from_seed
+
 from . import _conv
 from . import budget as _budget
 from ._data import as_batches, float_dtype, n_samples, sample_folds
@@ -335,6 +337,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     True
     """
     allocation = canonical_allocation(allocation)
+    rng_from_seed(seed)  # refused now, not by numpy after the statistics, in a message that names no argument
     if target is not None or _is_transformer(model):
         from . import transformer
 

@@ -60,6 +60,7 @@ from torch.nn.utils import parametrize
 import submod.sparse_regression
 from submod._atomic import dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
+from submod._validation import rng_from_seed
 
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
@@ -894,6 +895,7 @@ def prune_transformer(
         raise ValueError(f"weighting must be 'layernorm' or 'none', got {weighting!r}")
     if rule not in ("greedy", "omp"):
         raise ValueError(f"rule must be 'greedy' or 'omp', got {rule!r}")
+    rng_from_seed(seed)  # refused now, not by numpy after the statistics, in a message that names no argument
     allocation = canonical_allocation(allocation)
     if (isinstance(min_keep, bool) or not isinstance(min_keep, numbers.Real)
             or not (0.0 < float(min_keep) <= 1.0)):

@@ -36,3 +36,18 @@ def test_seed_is_refused_by_the_parser_with_the_option_named(tmp_path, capsys, s
         assert "argument --seed: must be a non-negative integer" in err and "Generator" not in err
     assert not (tmp_path / "rep").exists()
     assert main(["select", "-k", "2", "--method", "stochastic", "--seed", "3"]) == 0
+
+
+def test_report_refuses_bad_k_and_seed_alike_and_before_creating_its_directory(tmp_path):
+    """report(k=0) said 'at least 1' but report(k=-1) 'non-negative'; report(seed=-1) had created the directory,
+    which the docstring says a bad call does not."""
+    import submod
+    import verification as vf
+
+    f = submod.Modular(np.ones(4))
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            vf.report(f, k, tmp_path / "rep")
+    with pytest.raises(ValueError, match="seed must be"):
+        vf.report(f, 2, tmp_path / "rep", seed=-1)
+    assert not (tmp_path / "rep").exists()

@@ -1378,3 +1378,20 @@ def test_clamping_to_number_bounds_between_layers_is_prunable():
     assert small(x).shape == (64, 3)
     with pytest.raises(ValueError, match="clamp with tensor bounds"):
         nna.prune(TensorBound().eval(), torch.randn(50, 5), keep=0.5)
+
+
+@pytest.mark.parametrize("transformer", [False, True])
+def test_a_negative_seed_is_refused_before_the_calibration_data_is_read(transformer):
+    """numpy refused seed=-1 only once the statistics were collected, with 'expected non-negative integer'."""
+    def batches():
+        pytest.fail("read the calibration data")
+        yield
+
+    if transformer:
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        kwargs = {"keep": 0.5}
+    else:
+        model, kwargs = zoo.mlp(10, [16, 16], 3), {"compression": 2}
+    with pytest.raises(ValueError, match="seed must be None, a non-negative integer"):
+        nna.prune(model, batches(), seed=-1, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 import submod
 from submod import SetFunction
 from submod._atomic import file_mode
-from submod._validation import check_k
+from submod._validation import check_k, rng_from_seed
 
 from ._values import MAX_TABLE_N
 from .certify import certify, prefix_bounds
@@ -127,9 +127,10 @@ def report(f: SetFunction, k: int, out_dir: str | os.PathLike, *, title: str = "
     """
     if not isinstance(f, SetFunction):
         raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}.")
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k < 1:  # 0 and -1 alike (-1 read 'non-negative')
+        raise ValueError(f"k must be a positive integer (the budget); got {k}.")
     kk = check_k(k, f.n)
-    if kk == 0:
-        raise ValueError("k must be at least 1.")
+    rng_from_seed(seed)  # before the directory is created, as the checks below
     # checked before the directory is created, so that a bad call leaves nothing behind
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, numbers.Integral)) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
