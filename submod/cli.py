@@ -207,7 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a closed pipe shows here, not as 'Exception ignored' when the interpreter exits
+        return status
+    except BrokenPipeError:  # the reader left (submod select ... | head -1): stop quietly, as other tools do
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush finds no pipe
+        return 1
     except (ValueError, OSError) as exc:  # bad input, or an unreadable input / unwritable output path
         print(f"submod {args.command}: error: {exc}", file=sys.stderr)
         return 2

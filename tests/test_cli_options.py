@@ -51,3 +51,21 @@ def test_report_refuses_bad_k_and_seed_alike_and_before_creating_its_directory(t
     with pytest.raises(ValueError, match="seed must be"):
         vf.report(f, 2, tmp_path / "rep", seed=-1)
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_closed_output_pipe_stops_quietly(tmp_path):
+    """`submod select ... | head -1`: the reader leaves and the next print fails; that printed 'submod select:
+    error: [Errno 32] Broken pipe' and exited 2 (or 'Exception ignored ... BrokenPipeError' at exit)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).standard_normal((30, 3)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
+    proc = subprocess.Popen([sys.executable, "-m", "submod", "select", "--data", str(tmp_path / "X.npy"), "-k", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the command prints anything: every print meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert err == ""
