@@ -69,3 +69,28 @@ def test_a_closed_output_pipe_stops_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait() == 1
     assert err == ""
+
+
+@pytest.mark.parametrize(("extra", "needle"), [(["--samples", "0"], "--samples must be a positive integer"),
+                                               (["--group-size", "3"], "pass a divisor of 8 (2, 4)"),
+                                               (["--k-max", "9"], "--k-max 9 exceeds the number of units (8)"),
+                                               (["--k-max", "5", "--group-size", "2"], "units (4)")])
+def test_verify_errors_name_the_command_line_options(tmp_path, capsys, extra, needle):
+    """The messages came from the API and named n_samples, k_max and groups=3 ('pass a list of column-index
+    lists', which the command line cannot)."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "A.npy", rng.standard_normal((12, 8)))
+    np.save(tmp_path / "Y.npy", rng.standard_normal((12, 2)))
+    assert main(["verify", "--data", str(tmp_path / "A.npy"), "--targets", str(tmp_path / "Y.npy"), "-k", "2",
+                 "--out", str(tmp_path / "rep"), "--no-figures", *extra]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "n_samples" not in err and "k_max" not in err and "column-index lists" not in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_verify_says_when_out_is_a_file(tmp_path, capsys):
+    np.save(tmp_path / "w.npy", np.ones(4))
+    assert main(["verify", "--data", str(tmp_path / "w.npy"), "--objective", "modular", "-k", "2",
+                 "--out", str(tmp_path / "w.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and "out_dir" not in err

@@ -48,15 +48,27 @@ def build_objective(args: argparse.Namespace):
     import submod
     from submod.sparse_regression import SparseRegression
 
-    for flag, value in (("--group-size", args.group_size), ("--k-max", args.k_max)):
+    # the command's own names in the messages (report() and SparseRegression say n_samples, out_dir, groups=)
+    for flag, value in (("--group-size", args.group_size), ("--k-max", args.k_max), ("--samples", args.samples)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer; got {value}.")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file; pass a directory for the report (created if needed).")
     X = load_matrix(args.data, "--data", allow_1d=args.objective == "modular")  # modular: a weight vector
     if args.objective == "sparse-regression":
         if args.targets is None:
             raise ValueError("--objective sparse-regression needs --targets Y.npy (the outputs to reconstruct; "
                              "for self-reconstruction pass the --data file again).")
         Y = load_matrix(args.targets, "--targets", allow_1d=True)
+        d = X.shape[1]
+        if args.group_size is not None and d % args.group_size:
+            divisors = [g for g in range(2, d) if d % g == 0]
+            raise ValueError(f"--group-size {args.group_size} does not split the {d} columns of --data into blocks; "
+                             f"pass a divisor of {d}" + (f" ({', '.join(map(str, divisors))})" if divisors else "")
+                             + " or drop it (one unit per column).")
+        if args.k_max is not None and args.k_max > d // (args.group_size or 1):
+            raise ValueError(f"--k-max {args.k_max} exceeds the number of units ({d // (args.group_size or 1)}); "
+                             "pass at most that.")
         return SparseRegression(X, Y, ridge=args.ridge, groups=args.group_size,
                                        fit_intercept=args.fit_intercept)
     # the least-squares options would be silently ignored by the other objectives: refuse them as --targets is
