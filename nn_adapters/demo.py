@@ -146,6 +146,13 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
     Xtr, ytr, Xte, yte = load_digits_split()
     _check_demo_args(compressions, calib_sizes, len(Xtr))
     out = Path(out_dir)
+    above = out  # a file on the way made mkdir fail with '[Errno 17] File exists' or '[Errno 20] Not a directory'
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise ValueError(f"the output directory {str(out)!r} " + ("is a file" if above == out else
+                         f"lies under {str(above)!r}, which is a file") + "; pass a directory path (e.g. --out "
+                         "submod_demo_out), created if needed.")
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     model, info = pretrained_digits_cnn(retrain=retrain)

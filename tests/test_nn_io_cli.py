@@ -187,6 +187,16 @@ def test_demo_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_says_when_its_output_directory_is_a_file(tmp_path, monkeypatch):
+    """It failed with '[Errno 17] File exists' or '[Errno 20] Not a directory' (after the checks of the sizes)."""
+    monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: pytest.fail("loaded the model"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="'.*afile' is a file; pass a directory"):
+        demo.run_demo(tmp_path / "afile", verbose=False)
+    with pytest.raises(ValueError, match="lies under '.*afile', which is a file"):
+        demo.run_demo(tmp_path / "afile" / "sub" / "out", verbose=False)
+
+
 def test_demo_writes_table_plot_and_report(tmp_path, monkeypatch):
     """The demo pipeline end to end on an untrained net (training is covered by the slow test)."""
     net = zoo.digits_cnn().eval()
