@@ -32,7 +32,7 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
         raise ValueError(f"{what} file {str(path)!r} must be .npy, .csv or .txt; got {suffix or 'no extension'}.")
     try:
         if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
+            arr = _load_npy(p)
         else:
             arr = _load_text(p, "," if suffix == ".csv" else None)
     except (OSError, ValueError) as exc:
@@ -41,6 +41,24 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
         shape = "a 1-D or 2-D array" if allow_1d else "a 2-D array (items x features)"
         raise ValueError(f"{what} must be {shape}; got shape {arr.shape}.")
     return as_float_array(arr, what)  # numeric, real and finite, or a clear error
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    """``np.load`` without pickles, with messages that fit a command line: numpy's own advise ``allow_pickle=``
+    (for an object array, and for any file that is not .npy at all, e.g. a renamed .npz or CSV)."""
+    with open(p, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError("it is not a .npy file (numpy.save writes those" + ("; this one is a zip archive, e.g. "
+                         "numpy.savez's .npz: save the one array with numpy.save" if magic[:2] == b"PK" else "")
+                         + ").")
+    try:
+        return np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise ValueError("it holds Python objects (an object array), which are not loaded, for safety; save a "
+                         "numeric array, e.g. numpy.save(path, X.astype(float)).") from None
 
 
 def _load_text(p: Path, delimiter: str | None) -> np.ndarray:

@@ -247,3 +247,20 @@ def test_select_command_names_a_text_file_that_is_not_utf8(tmp_path, capsys):
     assert main(["select", "--data", str(path), "-k", "1"]) == 2
     err = capsys.readouterr().err
     assert "not UTF-8 text" in err and "0xe9" in err and "codec" not in err
+
+
+def test_load_matrix_names_npy_files_it_cannot_read_without_advising_allow_pickle(tmp_path):
+    """numpy's messages ('This file contains pickled (object) data ... allow_pickle=', 'Object arrays cannot be
+    loaded when allow_pickle=False') advise an option the command line does not have; a CSV or an .npz renamed
+    to .npy got the pickle advice too."""
+    from submod.cli import load_matrix
+
+    (tmp_path / "csv.npy").write_text("1,2\n3,4\n")
+    with open(tmp_path / "zip.npy", "wb") as fh:
+        np.savez(fh, a=np.ones(3))
+    np.save(tmp_path / "obj.npy", np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    for name, match in (("csv.npy", "it is not a .npy file"), ("zip.npy", "zip archive"),
+                        ("obj.npy", "holds Python objects")):
+        with pytest.raises(ValueError, match=match) as exc:
+            load_matrix(tmp_path / name)
+        assert "allow_pickle" not in str(exc.value)
