@@ -40,6 +40,9 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
     if not (arr.ndim == 2 or (allow_1d and arr.ndim == 1)):
         shape = "a 1-D or 2-D array" if allow_1d else "a 2-D array (items x features)"
         raise ValueError(f"{what} must be {shape}; got shape {arr.shape}.")
+    if arr.ndim == 2 and arr.shape[1] == 0 and arr.shape[0] > 0:  # every item alike: select stopped at 0 items
+        raise ValueError(f"{what} from {str(path)!r} has {arr.shape[0]} rows but no columns (features); pass an "
+                         "items x features array.")
     return as_float_array(arr, what)  # numeric, real and finite, or a clear error
 
 

@@ -264,3 +264,10 @@ def test_load_matrix_names_npy_files_it_cannot_read_without_advising_allow_pickl
         with pytest.raises(ValueError, match=match) as exc:
             load_matrix(tmp_path / name)
         assert "allow_pickle" not in str(exc.value)
+
+
+def test_select_command_refuses_data_without_columns(tmp_path, capsys):
+    """A (5, 0) array has no features: select 'stopped early' with 0 items and exit status 0."""
+    np.save(tmp_path / "x.npy", np.zeros((5, 0)))
+    assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2"]) == 2
+    assert "no columns" in capsys.readouterr().err
