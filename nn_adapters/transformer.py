@@ -1591,7 +1591,8 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         A directory without a valid spec (not JSON, another format or a newer version, damaged entries), or a
         model that is not the pruned model's origin: other blocks, fewer units than the spec keeps, weights of
         other shapes, or (:class:`torch.nn.TransformerEncoderLayer`) another ``norm_first``, ``batch_first`` or
-        ReLU/GELU activation.
+        ReLU/GELU activation, or (Hugging Face) a configuration that computes differently from the saved
+        ``config.json`` (activation, normalisation epsilon, position embeddings, ...).
     """
     src = Path(directory)
     spec_path = src / SPEC_FILE
@@ -1608,6 +1609,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
             raise ValueError(f"model must be an unpruned torch.nn.Module of the original architecture; got "
                              f"{type(model).__name__}")
         model = copy.deepcopy(model)  # the caller's instance (possibly the trained original) stays as it is
+        _check_config(src, model)
     else:
         if not (src / "config.json").is_file():
             raise ValueError("pass model=<a freshly built instance of the original architecture> to load a plain "
@@ -1656,6 +1658,33 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+#: Hugging Face configuration entries that change what a model computes without changing any weight's shape: a
+#: model passed to :func:`load_pruned` must agree with the saved ``config.json`` on each that either records.
+_COMPUTE_KEYS = ("hidden_act", "hidden_activation", "activation_function", "activation", "layer_norm_eps",
+                 "layer_norm_epsilon", "rms_norm_eps", "norm_eps", "position_embedding_type", "rope_theta",
+                 "rope_scaling", "is_decoder", "pre_norm", "sinusoidal_pos_embds", "qkv_bias", "scale_embedding")
+
+
+def _check_config(src: Path, model: nn.Module) -> None:
+    """Refuse a Hugging Face ``model`` whose configuration computes differently from the saved ``config.json``
+    (another activation, normalisation epsilon, position embedding...): the weights would load and the outputs
+    would be wrong."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not (src / "config.json").is_file():
+        return
+    try:
+        saved = json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src / 'config.json'} is not valid JSON ({exc}): it has been damaged") from exc
+    have = cfg.to_dict()
+    differ = [(k, saved[k], have[k]) for k in _COMPUTE_KEYS if k in saved and k in have and saved[k] != have[k]]
+    if differ:
+        what = ", ".join(f"{k}={a!r} saved, {b!r} in the model" for k, a, b in differ)
+        raise ValueError(f"the model's configuration differs from the saved one ({what}): it would load the weights "
+                         "and compute something else. Pass an unpruned instance of the pruned model's origin, or "
+                         "omit model= to build it from the saved config.json.")
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

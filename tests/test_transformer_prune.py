@@ -367,6 +367,16 @@ def test_save_and_reload_bert(tmp_path) -> None:
         torch.testing.assert_close(bert_out(back, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="not an empty directory"):
         save_pruned(pruned, path)
+    # the original model passed as model= loads the same; one whose config computes differently is refused
+    # (its weights have the same shapes, so they would load silently into the wrong function)
+    again = load_pruned(path, model)
+    for b in data:
+        torch.testing.assert_close(bert_out(again, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
+    for change in ({"hidden_act": "relu"}, {"layer_norm_eps": 1e-3}):
+        other = transformers.BertModel(transformers.BertConfig(**{**model.config.to_dict(), **change}),
+                                       add_pooling_layer=False)
+        with pytest.raises(ValueError, match=f"{next(iter(change))}=.* saved"):
+            load_pruned(path, other)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
