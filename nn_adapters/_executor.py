@@ -19,13 +19,12 @@ whole process but never give it back.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
 from submod._sr_threads import one_blas_thread
-from submod._validation import check_executor
+from submod._validation import check_executor, pickling_error
 
 __all__ = ["check_executor", "OrderedJobs", "LAYER_ONLY"]
 
@@ -42,17 +41,13 @@ def _on_one_blas_thread(fn: Callable[..., Any], *args: object) -> Any:
         return fn(*args)
 
 
-def _is_pickling_error(err: BaseException) -> bool:
-    return isinstance(err, pickle.PicklingError) or (isinstance(err, (AttributeError, TypeError))
-                                                     and "pickle" in str(err).lower())
-
-
 def _failed(err: Exception, executor: object, what: str) -> Exception:
     """The error to raise for job ``what`` that failed with ``err`` on ``executor``."""
     where = type(executor).__name__
-    if _is_pickling_error(err):
+    cause = pickling_error(err)
+    if cause is not None:
         return ValueError(f"{what}: the job and its statistics must pickle to run on {where}, and they do not "
-                          f"({type(err).__name__}: {err}). Use a ThreadPoolExecutor (nothing is pickled) or no "
+                          f"({type(cause).__name__}: {cause}). Use a ThreadPoolExecutor (nothing is pickled) or no "
                           "executor.")
     return RuntimeError(f"{what} failed on {where}: {type(err).__name__}: {err}")
 

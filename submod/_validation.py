@@ -7,6 +7,7 @@ fix, so that the numerical kernels below the public boundary can trust their inp
 from __future__ import annotations
 
 import numbers
+import pickle
 from collections.abc import Iterable
 from concurrent.futures import Executor
 
@@ -149,6 +150,20 @@ def check_executor(executor: object) -> None:
         raise ValueError(f"executor must be a concurrent.futures.Executor (e.g. ThreadPoolExecutor, "
                          f"ProcessPoolExecutor, or distributed.Client(...).get_executor()); got "
                          f"{type(executor).__name__}.")
+
+
+def pickling_error(err: BaseException | None) -> BaseException | None:
+    """The exception, ``err`` or one it was raised from, that says something could not be pickled (else ``None``).
+
+    Python raises ``PicklingError``, ``AttributeError`` ("Can't pickle local object") or ``TypeError`` ("cannot
+    pickle '_thread.lock' object"); Dask raises ``TypeError('Could not serialize object of type ...')`` from
+    the pickler's error, when a job is submitted: the pickler's error is the one that names what failed."""
+    while err is not None:
+        if isinstance(err, pickle.PicklingError) or (isinstance(err, (AttributeError, TypeError))
+                                                     and "pickle" in str(err).lower()):
+            return err
+        err = err.__cause__
+    return None
 
 
 def rng_from_seed(seed: object, name: str = "seed") -> np.random.Generator:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import check_executor, check_k, rng_from_seed
+from ._validation import check_executor, check_k, pickling_error, rng_from_seed
 from .base import SetFunction
 from .constraints import Cardinality
 from .optimize import (
@@ -277,16 +276,20 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     if executor is None:
         outcomes = [fn(*args) for fn, args in jobs()]
     else:
-        futures = [executor.submit(fn, *args) for fn, args in jobs()]
+        futures = []
         try:
+            for fn, args in jobs():
+                futures.append(executor.submit(fn, *args))  # Dask pickles here, a process pool later
             outcomes = [fut.result() for fut in futures]
-        except (pickle.PicklingError, AttributeError) as err:
-            if "pickle" not in str(err):
+        except Exception as err:
+            cause = pickling_error(err)
+            if cause is None:
                 raise
             raise ValueError(f"the parts' objectives must pickle to run on {type(executor).__name__}, and this one "
-                             f"does not ({err}). A from_callable(...) objective needs a module-level function, not "
-                             "a lambda or a nested function; or run the parts without an executor or on a "
-                             "ThreadPoolExecutor.") from err
+                             f"does not ({type(cause).__name__}: {cause}). A from_callable(...) objective needs a "
+                             "module-level function, not a lambda or a nested function, and an objective's "
+                             "attributes must pickle (no locks, open files or generators); or run the parts without "
+                             "an executor or on a ThreadPoolExecutor.") from err
 
     violations: list[tuple[int, int, float, float]] = []
     negative: list[tuple[int, int, float]] = []

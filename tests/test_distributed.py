@@ -1,9 +1,11 @@
 """Partitioned greedy (GreeDi) against brute force and the theorems it rests on; restrictions against their
 definitions computed from the data; executors (processes, Dask) against the serial run; bad input."""
 
+import contextlib
 import itertools
 import math
 import pickle
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -139,6 +141,43 @@ def test_an_objective_that_does_not_pickle_gets_a_clear_error_on_a_process_pool(
     with ProcessPoolExecutor(1) as pool, pytest.raises(ValueError, match="module-level function, not a lambda"):
         submod.maximize_distributed(f, 2, n_parts=2, seed=0, executor=pool)
     assert submod.maximize_distributed(f, 2, n_parts=2, seed=0).selected.size == 2  # fine in this process
+
+
+class _LockedModular(submod.Modular):
+    """A modular function whose parts hold a lock (it cannot pickle: 'cannot pickle '_thread.lock' object')."""
+
+    def restrict(self, indices, *, local=False):
+        g = submod.Modular.restrict(self, indices)
+        g.lock = threading.Lock()
+        return g
+
+
+@pytest.mark.parametrize("where", ["processes", "dask"])
+def test_an_objective_with_an_attribute_that_does_not_pickle_gets_the_clear_error(where, request):
+    # Python says TypeError for a lock, a generator or an open file: it went through raw on a process pool, and
+    # Dask, which pickles when a part is submitted, raised TypeError('Could not serialize object of type
+    # LLGExpr', ...) without naming the lock.
+    f = _LockedModular(np.arange(1.0, 9.0))
+    with contextlib.ExitStack() as stack:
+        pool = (stack.enter_context(ProcessPoolExecutor(1)) if where == "processes"
+                else request.getfixturevalue("dask_executor"))
+        with pytest.raises(ValueError, match=r"must pickle to run on .*\(TypeError: cannot pickle '_thread.lock'"):
+            submod.maximize_distributed(f, 2, n_parts=2, seed=0, executor=pool)
+    assert submod.maximize_distributed(f, 2, n_parts=2, seed=0).selected.tolist() == [7, 6]  # fine here
+
+
+def test_pickling_errors_are_found_behind_the_errors_raised_from_them():
+    from submod._validation import pickling_error
+
+    lock = TypeError("cannot pickle '_thread.lock' object")
+    try:
+        raise TypeError("Could not serialize object of type LLGExpr", "LLGExpr(...)") from lock  # as Dask does
+    except TypeError as dask_error:
+        assert pickling_error(dask_error) is lock
+    assert pickling_error(pickle.PicklingError("Can't pickle <lambda>")) is not None
+    assert pickling_error(AttributeError("Can't pickle local object 'f.<locals>.g'")) is not None
+    assert pickling_error(TypeError("unsupported operand type(s)")) is None
+    assert pickling_error(RuntimeError("cannot pickle, says the user's own code")) is None
 
 
 def test_the_random_partition_is_uniform_and_independent():
@@ -403,11 +442,17 @@ def test_a_thread_pool_leaves_the_warning_filters_alone():
         submod.maximize(g, 5)
 
 
-def test_dask_executor_gives_the_serial_result():
+@pytest.fixture(scope="module")
+def dask_executor():
+    """One in-process Dask cluster for the module's tests (a cluster takes seconds to start)."""
     distributed = pytest.importorskip("distributed")
-    f, _ = _executor_cases()[0]
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
-        par = submod.maximize_distributed(f, 6, n_parts=3, seed=2, executor=client.get_executor())
+        yield client.get_executor()
+
+
+def test_dask_executor_gives_the_serial_result(dask_executor):
+    f, _ = _executor_cases()[0]
+    par = submod.maximize_distributed(f, 6, n_parts=3, seed=2, executor=dask_executor)
     np.testing.assert_array_equal(par.selected, submod.maximize_distributed(f, 6, n_parts=3, seed=2).selected)
 
 
