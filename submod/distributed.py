@@ -164,7 +164,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         parts' objectives (``f.restrict(part)``) are pickled to the workers; the second round and the certificate
         run here. All parts are submitted at once, so while they wait the executor holds every part's objective:
         for a dense precomputed similarity, up to one more copy of the ``n x n`` matrix in blocks (build
-        facility location from features, which are sent instead, when memory is tight).
+        facility location from features, which are sent instead, when memory is tight). A part that fails raises
+        its exception here, and the parts that have not started are cancelled.
     method : {"lazy", "greedy", "stochastic"}, default "lazy"
         The greedy variant of both rounds (see :func:`maximize`).
     seed : int or numpy Generator, optional
@@ -281,8 +282,12 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
             for fn, args in jobs():
                 futures.append(executor.submit(fn, *args))  # Dask pickles here, a process pool later
             outcomes = [fut.result() for fut in futures]
-        except Exception as err:
-            cause = pickling_error(err)
+        except BaseException as err:
+            # the parts that have not started would run on the caller's executor after this call has failed
+            # (or was interrupted): cancel them
+            for fut in futures:
+                fut.cancel()
+            cause = pickling_error(err) if isinstance(err, Exception) else None
             if cause is None:
                 raise
             raise ValueError(f"the parts' objectives must pickle to run on {type(executor).__name__}, and this one "

@@ -6,6 +6,7 @@ import itertools
 import math
 import pickle
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -164,6 +165,41 @@ def test_an_objective_with_an_attribute_that_does_not_pickle_gets_the_clear_erro
         with pytest.raises(ValueError, match=r"must pickle to run on .*\(TypeError: cannot pickle '_thread.lock'"):
             submod.maximize_distributed(f, 2, n_parts=2, seed=0, executor=pool)
     assert submod.maximize_distributed(f, 2, n_parts=2, seed=0).selected.tolist() == [7, 6]  # fine here
+
+
+_STARTED: list[int] = []
+
+
+class _FirstPartFails(submod.Modular):
+    """The first part's objective raises in the worker; every other part records that it ran."""
+
+    def restrict(self, indices, *, local=False):
+        first = not getattr(self, "_restricted", False)
+        self._restricted = True
+        return _FailingPart(np.ones(len(indices))) if first else _SlowPart(np.ones(len(indices)))
+
+
+class _FailingPart(submod.Modular):
+    def init_state(self):
+        raise RuntimeError("this part's objective is broken")
+
+
+class _SlowPart(submod.Modular):
+    def init_state(self):
+        _STARTED.append(1)
+        time.sleep(0.05)
+        return super().init_state()
+
+
+def test_a_failing_part_cancels_the_parts_that_have_not_started():
+    # The error went back to the caller while the other parts stayed queued on the caller's executor and ran
+    # after the call had failed (with many parts on a busy pool: minutes of work for nothing).
+    _STARTED.clear()
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(RuntimeError, match="this part's objective is broken"):
+            submod.maximize_distributed(_FirstPartFails(np.ones(40)), 2, n_parts=8, partition=np.arange(40) % 8,
+                                        executor=pool)
+    assert len(_STARTED) <= 1  # the part the worker may have taken before the caller saw the error
 
 
 def test_pickling_errors_are_found_behind_the_errors_raised_from_them():
