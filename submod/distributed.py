@@ -270,8 +270,7 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
 
     def jobs() -> Iterator[tuple[Callable[..., _PartOutcome], tuple]]:
         for i, p in tasks:  # restricted objectives are built one at a time, as the tasks are handed out
-            # (a user's restrict(indices) without the local keyword still serves the exact restriction)
-            g = f.restrict(p, local=True) if local else f.restrict(p)
+            g = _restricted(f, p, local)
             yield _greedy_on_part, (g, min(kk, p.size), method, int(seeds[i]), eps, lazy_fallback)
 
     if executor is None:
@@ -314,7 +313,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
     # Second round: greedy on the union of the part solutions, with the exact objective.
     union = np.unique(np.concatenate(list(solutions.values())))
     if union.size:
-        second = _greedy_on_part(f.restrict(union), min(kk, union.size), method, int(seeds[m]), eps, lazy_fallback)
+        second = _greedy_on_part(_restricted(f, union, False), min(kk, union.size), method, int(seeds[m]), eps,
+                                 lazy_fallback)
         n_eval += second.n_evaluations
         violations += [(s, int(union[j]), a, b) for s, j, a, b in second.violations]
         negative += [(s, int(union[j]), g) for s, j, g in second.negative_gains]
@@ -358,6 +358,18 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
                            violations=violations, negative_gains=negative[:20],
                            stopped_early=bool(selected.size < kk), distributed=info,
                            certificate_evaluations=run.n_eval)
+
+
+def _restricted(f: SetFunction, indices: np.ndarray, local: bool) -> SetFunction:
+    """``f.restrict(indices)``, checked: greedy reads element ``t`` of the result as ``indices[t]``, so a result on
+    another number of elements would choose among the wrong elements (or fail in a worker)."""
+    # a user's restrict(indices) without the local keyword still serves the exact restriction
+    g = f.restrict(indices, local=True) if local else f.restrict(indices)
+    if not isinstance(g, SetFunction) or g.n != indices.size:
+        got = f"a SetFunction on {g.n} elements" if isinstance(g, SetFunction) else type(g).__name__
+        raise ValueError(f"{type(f).__name__}.restrict(indices) must return a SetFunction on len(indices) = "
+                         f"{indices.size} elements (element t standing for indices[t]); got {got}.")
+    return g
 
 
 def _labels(n: int, n_parts: object, partition: ArrayLike | None,

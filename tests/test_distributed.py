@@ -523,6 +523,28 @@ def test_bad_arguments_are_rejected(kwargs, match):
         submod.maximize_distributed(f, 3, **kwargs)
 
 
+class _WrongSizeRestrict(submod.Modular):
+    """restrict returns the first weights instead of the part's: a function on the wrong number of elements."""
+
+    def restrict(self, indices, *, local=False):
+        return submod.Modular(self.weights[:3]) if len(indices) > 3 else submod.Modular.restrict(self, indices)
+
+
+class _ArrayRestrict(submod.Modular):
+    def restrict(self, indices, *, local=False):
+        return self.weights[np.asarray(indices)]
+
+
+def test_a_restriction_on_the_wrong_number_of_elements_is_refused():
+    # A restriction on 3 elements for a part of 10 made greedy choose among that part's first 3 elements: a
+    # wrong set, silently (value 9 for k = 2 on weights 0..19, where greedy finds 19 + 18).
+    with pytest.raises(ValueError, match=r"_WrongSizeRestrict.restrict\(indices\) must return a SetFunction on "
+                                         r"len\(indices\) = 10 elements.*got a SetFunction on 3 elements"):
+        submod.maximize_distributed(_WrongSizeRestrict(np.arange(20.0)), 2, partition=np.arange(20) % 2)
+    with pytest.raises(ValueError, match="must return a SetFunction .* got ndarray"):
+        submod.maximize_distributed(_ArrayRestrict(np.arange(20.0)), 2, n_parts=2, seed=0)
+
+
 def test_bad_objective_budget_and_missing_restrict():
     with pytest.raises(ValueError, match="SetFunction"):
         submod.maximize_distributed(np.ones(3), 1, n_parts=1)
