@@ -408,7 +408,7 @@ def _certified_sizes(size: int, count: int) -> list[int]:
         return []
     if count == 1:
         return [size]
-    return sorted({int(round(x)) for x in np.linspace(0, size, count)})
+    return sorted({int(round(x)) for x in np.linspace(0, size, min(count, size + 1))})  # at most every prefix
 
 
 def _replay(run: _Run, selected: np.ndarray, sizes: list[int]) -> None:

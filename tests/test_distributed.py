@@ -412,6 +412,14 @@ def test_certificate_prefixes_choose_the_cost():
     np.testing.assert_array_equal(none.selected, final.selected)
 
 
+def test_certificate_prefixes_larger_than_the_set_certify_every_prefix():
+    # 10**12 asked np.linspace for 10**12 sizes (MemoryError: 7.28 TiB) to certify a set of 3 elements.
+    f = submod.Modular(np.arange(20.0))
+    res = submod.maximize_distributed(f, 3, n_parts=2, seed=0, certificate_prefixes=10**12)
+    assert res.distributed.certified_prefixes == (0, 1, 2, 3)
+    assert res.certificate.upper_bound >= 19 + 18 + 17 - 1e-9   # OPT of a modular function: the 3 largest weights
+
+
 def test_seed_makes_the_partition_reproducible():
     f = submod.FacilityLocation(np.random.default_rng(10).standard_normal((150, 3)))
     a = submod.maximize_distributed(f, 5, n_parts=4, seed=11)
