@@ -386,7 +386,14 @@ def _labels(n: int, n_parts: object, partition: ArrayLike | None,
                              "of each element).")
         # One part draws nothing, so that stochastic greedy sees the seed exactly as maximize does.
         return (np.zeros(n, dtype=np.int64) if m == 1 else rng.integers(0, m, size=n)), m
-    labels = np.asarray(partition)
+    try:
+        labels, ragged = np.asarray(partition), False
+    except ValueError:  # e.g. a list of the parts' index lists, of different lengths
+        labels, ragged = np.asarray(partition, dtype=object), True
+    if ragged or labels.ndim > 1:
+        raise ValueError(f"partition must be the part of each element, an integer array of shape ({n},); got shape "
+                         f"{labels.shape}. From a list of the parts' index arrays, build it with labels = "
+                         "np.empty(n, dtype=int); for i, part in enumerate(parts): labels[part] = i.")
     if labels.shape != (n,) or labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"partition must be an integer array of shape ({n},), the part of each element; got "
                          f"{labels.dtype} of shape {labels.shape}.")
@@ -398,7 +405,9 @@ def _labels(n: int, n_parts: object, partition: ArrayLike | None,
     elif top > m:
         raise ValueError(f"partition uses part {top - 1} but n_parts = {m}; labels must be in [0, n_parts).")
     if m > n:
-        raise ValueError(f"partition has {m} parts for n = {n} elements; use at most n parts.")
+        raise ValueError(f"partition uses part number {m - 1} for n = {n} elements; part numbers must be below n "
+                         "(each number is a part, empty or not): renumber them with "
+                         "np.unique(partition, return_inverse=True)[1].")
     return labels.astype(np.int64), m
 
 

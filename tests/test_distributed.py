@@ -517,6 +517,9 @@ class _NoRestrict(submod.SetFunction):
     ({"partition": np.zeros(10)}, "integer array"),
     ({"partition": -np.ones(10, dtype=int)}, "non-negative"),
     ({"partition": np.arange(10) % 4, "n_parts": 3}, "n_parts = 3"),
+    ({"partition": [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]}, r"labels\[part\] = i"),   # was numpy's 'inhomogeneous'
+    ({"partition": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}, r"labels\[part\] = i"),
+    ({"partition": np.repeat([0, 50], 5)}, "uses part number 50 .* renumber"),
     ({"n_parts": 2, "method": "fast"}, "unknown method"),
     ({"n_parts": 2, "constraint": submod.Knapsack(np.ones(10), 3.0)}, "cardinality budget only"),
     ({"n_parts": 2, "constraint": submod.PartitionMatroid(np.zeros(10, dtype=int), [2])}, "cardinality budget"),
