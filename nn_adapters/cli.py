@@ -182,6 +182,10 @@ def _prune_once(args: argparse.Namespace) -> int:
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
                          "whole-network parameter ratio) applies to MLPs and CNNs.")
+    if keep is not None and args.allocation != "uniform" and not _is_transformer(model):
+        raise ValueError(f"--allocation {args.allocation} splits a --compression budget between the layers of an "
+                         "MLP/CNN; with --keep every layer keeps that fraction. Pass --compression, or drop "
+                         "--allocation.")
     before = _eval_accuracy(model, rest[0]) if rest else None
     with contextlib.ExitStack() as stack:
         # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS

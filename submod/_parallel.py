@@ -8,6 +8,7 @@ element depends on one half only (as for per-candidate gains).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -17,13 +18,15 @@ R = TypeVar("R")
 
 _WORKERS = max(1, min(2, os.cpu_count() or 1))
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()  # callers on several threads create one pool, not one each (the extras would leak)
 
 
 def _forget_pool() -> None:
     """In a forked child the pool object survives but its threads do not: start a fresh one when needed (a
     ``ProcessPoolExecutor`` worker forked after this process used the pool would otherwise wait forever)."""
-    global _POOL
+    global _POOL, _POOL_LOCK
     _POOL = None
+    _POOL_LOCK = threading.Lock()  # a lock held by another thread at the fork would never be released here
 
 
 if hasattr(os, "register_at_fork"):
@@ -40,6 +43,10 @@ def parallel_map(fn: Callable[[T], R], parts: Sequence[T]) -> list[R]:
     global _POOL
     if len(parts) <= 1 or _WORKERS <= 1:
         return [fn(p) for p in parts]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="submod")
-    return list(_POOL.map(fn, parts))
+    pool = _POOL
+    if pool is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="submod")
+            pool = _POOL
+    return list(pool.map(fn, parts))

@@ -819,3 +819,42 @@ def test_a_weighted_sum_checks_each_terms_gains(method):
     f = submod.Modular([0.1] * 6) + bad
     with pytest.raises(ValueError, match=r"GainState\.gains returned shape \(\)"):
         submod.maximize(f, 3, method=method, seed=0)
+
+
+def test_threads_calling_parallel_map_at_once_share_one_pool(monkeypatch):
+    # several user threads reaching the shared pool's creation together must create one pool, not one each (the
+    # others would be dropped with their idle threads); a slow constructor widens the window of the race
+    import threading
+    import time
+
+    from submod import _parallel
+
+    made = []
+
+    class SlowPool(_parallel.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            time.sleep(0.05)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(_parallel, "ThreadPoolExecutor", SlowPool)
+    monkeypatch.setattr(_parallel, "_POOL", None)
+    monkeypatch.setattr(_parallel, "_WORKERS", 2)
+    start = threading.Barrier(6)
+    out = [None] * 6
+
+    def call(i):
+        start.wait()
+        out[i] = _parallel.parallel_map(lambda v: v * i, [1, 2])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(made) == 1
+        assert out == [[i, 2 * i] for i in range(6)]
+    finally:
+        for pool in made:
+            pool.shutdown()

@@ -183,6 +183,7 @@ def test_cli_compare_prints_the_table_and_writes_the_report(tmp_path, monkeypatc
     (["--compare", "--methods", "bogus"], "unknown bogus"),
     (["--compare", "--no-reweight"], "drop --workers, --progress, --allocation and --no-reweight"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--keep", "0.5", "--allocation", "error-curve"], "--allocation error-curve splits a --compression budget"),
 ])
 def test_cli_compare_errors(tmp_path, monkeypatch, argv, match):
     spec = _user_module(tmp_path, monkeypatch, with_eval=argv != ["--compare"])
