@@ -38,7 +38,8 @@ from . import _conv
 from ._modes import eval_mode
 from .pairs import PrunablePair
 
-__all__ = ["ParamModel", "keep_counts", "uniform_counts", "error_allocation", "count_flops"]
+__all__ = ["ParamModel", "UnreachableCompressionError", "keep_counts", "uniform_counts", "error_allocation",
+           "count_flops"]
 
 
 class ParamModel:
@@ -127,14 +128,23 @@ def _check_compression(compression: object) -> float:
     return float(compression)
 
 
-def _unreachable(pm: ParamModel, compression: float) -> ValueError:
+class UnreachableCompressionError(ValueError):
+    """A whole-network compression that keeping one unit in every prunable layer cannot reach; ``most`` is the
+    largest reachable compression (rounded down to two decimals)."""
+
+    def __init__(self, message: str, most: float) -> None:
+        super().__init__(message)
+        self.most = most
+
+
+def _unreachable(pm: ParamModel, compression: float) -> UnreachableCompressionError:
     floor = int(pm.count(np.ones_like(pm.n_units)))
     most = math.floor(pm.original / floor * 100) / 100  # rounded down: the printed value is reachable
-    return ValueError(
+    return UnreachableCompressionError(
         f"compression {compression:g}x is not reachable: keeping one unit in every prunable layer still leaves "
         f"{floor} of {pm.original} parameters (at most {most:.2f}x), because the layers that cannot be "
         "pruned (first input, outputs, residual branches) hold the rest. Ask for a lower compression or declare "
-        "more prunable pairs.")
+        "more prunable pairs.", most)
 
 
 def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]) -> np.ndarray:

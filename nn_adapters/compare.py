@@ -29,6 +29,7 @@ from torch import nn
 
 from ._data import _from_numpy, as_batches, float_dtype
 from ._modes import eval_mode
+from .budget import UnreachableCompressionError, count_flops
 from .demo import DEMO_METHODS, _plot_accuracy, _write_atomic
 from .pruning import _is_transformer, prune
 
@@ -247,8 +248,6 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
             skipped.append(("actgrad", "the calibration batches have no labels"))
     evals = _eval_batches(eval_data, dtype)
     base = predictions(model, evals)
-    from .budget import count_flops
-
     probe = evals[0][0]
     flops = (lambda m: None) if transformer or not isinstance(probe, torch.Tensor) else (
         lambda m: count_flops(m, probe))
@@ -259,10 +258,15 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     rows = []
     for n, batches in sets.items():
         for b in budgets:
+            start = len(rows)
             for label, method, reweight in methods:
                 kwargs = {"compression": b} if budget == "compression" else {"keep": b}
                 t0 = time.perf_counter()
-                pruned, rep = prune(model, batches, method=method, reweight=reweight, seed=seed, **kwargs)
+                try:
+                    pruned, rep = prune(model, batches, method=method, reweight=reweight, seed=seed, **kwargs)
+                except UnreachableCompressionError as exc:  # the other budgets still run; the report says why
+                    skipped.append((f"{label} at {b:g}x", f"not reachable: at most {exc.most:.2f}x"))
+                    continue
                 took = time.perf_counter() - t0
                 preds = predictions(pruned, evals)
                 params = sum(p.numel() for p in pruned.parameters())
@@ -273,9 +277,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                              "accuracy": accuracy_of(preds, evals), "agreement": _agreement(preds, base),
                              "params": params, "achieved": dense["params"] / max(params, 1), "flops": flops(pruned),
                              "latency_s": _latency(pruned, probe), "prune_s": took, "kept": kept})
-            if verbose:
-                best = max((r for r in rows if r[budget] == b and r["n_calib"] == rows[-1]["n_calib"]),
-                           key=lambda r: r["accuracy"])
+            if verbose and len(rows) > start:
+                best = max(rows[start:], key=lambda r: r["accuracy"])
                 where = "" if n is None else f"{n} samples, "
                 print(f"  {where}{budget} {b:g}: best {best['label']} {100 * best['accuracy']:.1f}%")
     result = {"budget": budget, "dense": dense, "rows": rows, "skipped": skipped,

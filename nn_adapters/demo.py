@@ -25,7 +25,7 @@ from torch import nn
 
 from submod._atomic import atomic_path
 
-from .budget import count_flops
+from .budget import UnreachableCompressionError, count_flops
 from .digits import accuracy, load_digits_split, pretrained_digits_cnn
 from .pruning import prune
 
@@ -164,14 +164,20 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
     if verbose:
         print(f"unpruned: accuracy {100 * dense['accuracy']:.1f}%, {dense['params']} params")
     perm = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))
-    rows = []
+    rows: list[dict] = []
+    skipped: list[tuple[str, str]] = []
     for n in calib_sizes:
         idx = perm[:n]
         calib = list(zip(torch.split(Xtr[idx], 128), torch.split(ytr[idx], 128), strict=True))
         for c in compressions:
             for label, method, reweight in methods:
                 t0 = time.perf_counter()
-                pruned, rep = prune(model, calib, compression=float(c), method=method, reweight=reweight, seed=seed)
+                try:
+                    pruned, rep = prune(model, calib, compression=float(c), method=method, reweight=reweight,
+                                        seed=seed)
+                except UnreachableCompressionError as exc:  # the other compressions still run; said below
+                    skipped.append((f"{label} at {c:g}x", f"not reachable: at most {exc.most:.2f}x"))
+                    continue
                 took = time.perf_counter() - t0
                 rows.append({"n_calib": int(n), "compression": float(c), "label": label, "method": method,
                              "reweight": reweight, "labelled": rep.labelled, "accuracy": accuracy(pruned, Xte, yte),
@@ -179,14 +185,21 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
                              "latency_s": measure_latency(pruned, Xte), "prune_s": took,
                              "kept": [lr.kept for lr in rep.layers],
                              "layers": [asdict(lr) for lr in rep.layers] if label == "asym" else None})
-            if verbose:
-                best = max((r for r in rows if r["n_calib"] == n and r["compression"] == c),
-                           key=lambda r: r["accuracy"])
+            here = [r for r in rows if r["n_calib"] == n and r["compression"] == c]
+            if verbose and here:
+                best = max(here, key=lambda r: r["accuracy"])
                 print(f"  {n:>4} images, {c:>4g}x: best {best['label']} {100 * best['accuracy']:.1f}%")
+            elif verbose:
+                print(f"  {n:>4} images, {c:>4g}x: not reachable on this network")
+    if not rows:
+        raise ValueError(f"no compression of {list(compressions)} is reachable on the demo's CNN "
+                         f"({skipped[0][1]}); pass smaller --compressions.")
     verified = None
-    if any(m == "asym" for _, m, _ in methods):
-        # what verification says about one AsymInChange pruning (the largest compression, the middle image count)
-        n_v, c_v = sorted(calib_sizes)[len(calib_sizes) // 2], max(compressions)
+    done = [r["compression"] for r in rows if r["method"] == "asym"]
+    if done:
+        # what verification says about one AsymInChange pruning (the largest compression reached, the middle image
+        # count)
+        n_v, c_v = sorted(calib_sizes)[len(calib_sizes) // 2], max(done)
         idx = perm[:n_v]
         try:
             _, rep = prune(model, [(Xtr[idx], ytr[idx])], compression=float(c_v), method="asym", verify=True)
@@ -201,7 +214,8 @@ def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Seque
         print(table)
     plot_path = out / "accuracy_vs_compression.png"
     total = time.perf_counter() - t_all
-    result = {"dense": dense, "rows": rows, "verified": verified, "total_time_s": total, "model_cache": info["path"],
+    result = {"dense": dense, "rows": rows, "verified": verified, "skipped": skipped, "total_time_s": total,
+              "model_cache": info["path"],
               "files": {"json": str(out / "results.json"), "plot": str(plot_path), "report": str(out / "report.md")}}
     # every file's content is made before any file is replaced, so a failure leaves the previous run's set intact
     text_json, text_md = json.dumps(result, indent=2), _markdown(result, compressions, calib_sizes)
@@ -281,6 +295,8 @@ def _markdown(result: dict, compressions: Sequence[float], calib_sizes: Sequence
             lines.append(f"| {lab} | " + " | ".join(f"{100 * acc[float(c)]:.1f}" if float(c) in acc else "-"
                                                      for c in compressions) + " |")
         lines.append("")
+    lines += [f"Left out: {what} ({why})." for what, why in result.get("skipped", [])]
+    lines += [""] if result.get("skipped") else []
     lines += _layer_sections(result, compressions, calib_sizes)
     lines += ["## All runs", "", format_table(rows, markdown=True), "",
               f"Total demo time: {result['total_time_s']:.1f}s (includes training when the model was not cached)."]

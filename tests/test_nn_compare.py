@@ -191,3 +191,20 @@ def test_cli_compare_errors(tmp_path, monkeypatch, argv, match):
     args = _parser().parse_args(["prune", spec, *argv])
     with pytest.raises(ValueError, match=match):
         args.func(args)
+
+
+def test_an_unreachable_compression_is_left_out_and_said(tmp_path):
+    # the other budgets still run; the row is missing and the report says why, with the largest reachable value
+    net, (x, y) = _net(), _data(2)
+    res = compare_methods(net, [(x[:100], y[:100])], [(x[100:], y[100:])], budgets=[2, 1000],
+                          methods=[("asym", "asym", True)], verbose=False)
+    assert [r["compression"] for r in res["rows"]] == [2.0]
+    (what, why), = res["skipped"]
+    assert what == "asym at 1000x" and why.startswith("not reachable: at most ")
+    most = float(why.split("at most ")[1].rstrip("x"))
+    params = sum(p.numel() for p in net.parameters())
+    # keeping one unit in each of the two prunable layers of the 10-24-16-3 MLP (with refit biases): 10+1, 1+1,
+    # then 1*1 + 1 weights and bias, 1*3 + 3: independently counted
+    assert most == pytest.approx(params / ((10 + 1) + (1 + 1) + (3 + 3)), abs=0.01)
+    write_comparison(res, tmp_path)
+    assert "Left out: asym at 1000x (not reachable" in (tmp_path / "report.md").read_text()

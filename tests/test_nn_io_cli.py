@@ -218,6 +218,21 @@ def test_demo_writes_table_plot_and_report(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "accuracy_vs_compression.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_demo_leaves_out_an_unreachable_compression_and_says_so(tmp_path, monkeypatch):
+    net = zoo.digits_cnn().eval()
+    monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: (net, {"path": "-", "cached": True,
+                                                                                     "train_time_s": 0.0}))
+    res = demo.run_demo(tmp_path / "out", compressions=(2, 10000), calib_sizes=(50,),
+                        methods=[("asym", "asym", True)], verbose=False)
+    assert [r["compression"] for r in res["rows"]] == [2.0]
+    assert res["verified"]["compression"] == 2.0  # the largest compression reached
+    assert res["skipped"][0][0] == "asym at 10000x" and "not reachable: at most" in res["skipped"][0][1]
+    assert "Left out: asym at 10000x (not reachable" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="no compression of .* is reachable"):
+        demo.run_demo(tmp_path / "out2", compressions=(10000,), calib_sizes=(50,),
+                      methods=[("asym", "asym", True)], verbose=False)
+
+
 def test_digits_split_is_fixed_and_stratified():
     Xtr, ytr, Xte, yte = digits.load_digits_split()
     assert Xtr.shape == (1437, 1, 8, 8) and Xte.shape == (360, 1, 8, 8)
