@@ -428,7 +428,7 @@ def _replay(run: _Run, selected: np.ndarray, sizes: list[int]) -> None:
         if t in todo:
             g = _gains(state, run.f.n)
             run.n_eval += g.size
-            run.note_negative(np.arange(g.size)[~state._in_set], g[~state._in_set], _scale_tol(g))
+            run.note_negative(np.arange(g.size)[~state._in_set], g[~state._in_set], _scale_tol(g, state.value))
             run.bound(g, in_set_zero=True)
         if t == selected.size:
             break

@@ -415,8 +415,11 @@ def _finite(g: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
     return g
 
 
-def _scale_tol(g: np.ndarray) -> float:
-    return 1e-12 * max(1.0, float(np.abs(g).max(initial=0.0)))
+def _scale_tol(g: np.ndarray, value: float = 0.0) -> float:
+    """Rounding tolerance of the gains ``g`` at a set of value ``value``: relative to the larger of the two, with no
+    absolute floor, so that multiplying ``F`` by any positive constant changes nothing (a floor of 1 hid the negative
+    gains of a function whose values are far below 1, and left a certificate on it)."""
+    return 1e-12 * max(abs(value), float(np.abs(g).max(initial=0.0)))
 
 
 def _all_gains(g: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
@@ -442,12 +445,14 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
     run.n_eval += n
     run.singletons = g.copy()
     # Incremental gains carry rounding error: candidates within ``slack`` of the best are re-evaluated exactly,
-    # and the certificate adds the slack to every gain.
-    slack = 1e-9 * max(1.0, hi, -lo) if incremental else 0.0
+    # and the certificate adds the slack to every gain. Relative to the initial gains (the sums the increments come
+    # from), with no absolute floor: a floor of 1 made the slack as large as the gains of an objective in small units,
+    # re-evaluating nearly every candidate at each step and leaving a vacuous certificate.
+    slack = 1e-9 * max(hi, -lo) if incremental else 0.0
     prev = g.copy() if track_violations else None
     while True:
         feas = run.feasible()
-        tol = 1e-12 * max(1.0, hi, -lo) + slack
+        tol = _scale_tol(np.array([lo, hi]), state.value) + slack
         if lo < -tol:  # some gain is negative: list the feasible ones
             run.note_negative(np.flatnonzero(feas), g[feas], tol)
         run.bound(g, slack, in_set_zero=not incremental)
@@ -473,7 +478,7 @@ def _greedy(run: _Run, knapsack: bool, track_violations: bool) -> None:
         run.n_eval += n
         if track_violations:
             feas = run.feasible()
-            for c in np.flatnonzero(feas & (g > prev + _scale_tol(prev))):
+            for c in np.flatnonzero(feas & (g > prev + _scale_tol(prev, state.value))):
                 run.violations.append((run.step, int(c), float(prev[c]), float(g[c])))
             prev = np.where(feas, g, prev)
 
@@ -546,7 +551,7 @@ def _evaluate_lazy(run: _Run, top: np.ndarray, ub: np.ndarray, evaluated: np.nda
     """Fresh gains of ``top``: record violations and negative gains, refresh the bounds, return the scores."""
     g = _gains(run.state, run.f.n, top)
     run.n_eval += top.size
-    tol = 1e-12 * max(1.0, abs(run.state.value), float(np.abs(ub[top]).max(initial=0.0)))
+    tol = _scale_tol(ub[top], run.state.value)
     grew = (g > ub[top] + tol) & evaluated[top]
     if grew.any():
         for i in np.flatnonzero(grew):
@@ -572,14 +577,14 @@ def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
         cand = np.sort(rng.choice(feas, size=min(s, feas.size), replace=False))
         g = _gains(state, n, cand)
         run.n_eval += cand.size
-        run.note_negative(cand, g, _scale_tol(g))
+        run.note_negative(cand, g, _scale_tol(g, state.value))
         i = int(np.argmax(g))
         if g[i] <= 0.0:
             # The sample saw no positive gain: look at every feasible candidate before stopping.
             cand = feas
             g = _gains(state, n, cand)
             run.n_eval += cand.size
-            run.note_negative(cand, g, _scale_tol(g))
+            run.note_negative(cand, g, _scale_tol(g, state.value))
             i = int(np.argmax(g))
             if g[i] <= 0.0:
                 break
@@ -589,7 +594,8 @@ def _stochastic(run: _Run, eps: float, rng: np.random.Generator) -> None:
         run.n_eval += n
         run.cert_eval += n
         feas = run.feasible()
-        run.note_negative(np.flatnonzero(feas), g_all[feas], _scale_tol(g_all))  # a certificate needs monotone F
+        # a certificate needs monotone F
+        run.note_negative(np.flatnonzero(feas), g_all[feas], _scale_tol(g_all, state.value))
         run.bound(g_all)
 
 
@@ -607,6 +613,6 @@ def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, valu
     # Exact value of the candidate singleton; the greedy set wins ties (singleton values from an incremental or
     # differently ordered sum can exceed an equal set value in the last bit).
     v = float(run.f.value([j]))
-    if v > value + 1e-12 * max(1.0, abs(value)):
+    if v > value + 1e-12 * abs(value):  # relative only: the fix must not depend on the units of F
         return np.array([j]), np.array([v]), np.array([v]), v
     return selected, gains, values, value
