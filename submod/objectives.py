@@ -683,6 +683,35 @@ _CONCAVE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def _check_concave(phi: Callable[[np.ndarray], np.ndarray], grid: np.ndarray) -> None:
+    """Refuse a ``phi`` that is not vectorised, zero at zero, non-decreasing and concave on ``grid`` (a sample: this
+    cannot prove concavity). The tolerances are relative to the largest ``|phi|`` on the grid, with no absolute
+    floor, so that ``c * phi`` passes or fails as ``phi`` does: a floor of 1 let a convex or decreasing ``phi`` in small
+    units through, declared monotone submodular."""
+    try:
+        vals = np.asarray(phi(grid), dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"concave must be a vectorised function of a float array, returning floats; calling it on "
+                         f"an array failed ({exc}).") from exc
+    if vals.shape != grid.shape:
+        raise ValueError(f"concave must be vectorised: called on an array of shape {grid.shape} it returned shape "
+                         f"{vals.shape}; use numpy functions (np.sqrt, np.log1p, ...) rather than math ones.")
+    if not np.isfinite(vals).all():
+        raise ValueError("concave returned NaN or infinite values on [0, the largest feature sum]; it must be finite "
+                         "there.")
+    scale = float(np.abs(vals).max())
+    if abs(vals[0]) > 1e-12 * scale:
+        raise ValueError(f"concave must be zero at zero (F(empty) = 0); concave(0) = {vals[0]:.6g}. Subtract it.")
+    steps = np.diff(vals)
+    if np.any(steps < -1e-12 * scale):
+        x = float(grid[int(np.argmin(steps)) + 1])
+        raise ValueError(f"concave must be non-decreasing (else F is not monotone); it decreases near x = {x:.6g}.")
+    if np.any(np.diff(steps) > 1e-9 * scale):
+        x = float(grid[int(np.argmax(np.diff(steps))) + 1])
+        raise ValueError(f"concave must be concave (else F is not submodular); its slope increases near x = {x:.6g}. "
+                         "Pass e.g. np.sqrt, np.log1p or 'inverse'.")
+
+
 class FeatureBased(SetFunction):
     r"""Feature-based function, ``F(S) = sum_f w_f * phi(sum_{j in S} X[j, f])``.
 
@@ -725,11 +754,7 @@ class FeatureBased(SetFunction):
             phi = _CONCAVE[concave]
         elif callable(concave):
             phi = concave
-            grid = np.linspace(0.0, max(1.0, float(Xa.sum(axis=0).max())), 257)
-            vals = np.asarray(phi(grid), dtype=np.float64)
-            if vals.shape != grid.shape or abs(vals[0]) > 1e-12 or np.any(np.diff(vals) < -1e-12) or np.any(
-                    np.diff(vals, 2) > 1e-9 * max(1.0, float(np.abs(vals).max()))):
-                raise ValueError("concave must be vectorised, non-decreasing, concave and zero at zero.")
+            _check_concave(phi, np.linspace(0.0, max(1.0, float(Xa.sum(axis=0).max())), 257))
         else:
             raise ValueError(f"concave must be a name or a callable; got {type(concave).__name__}.")
         w = np.ones(Xa.shape[1]) if weights is None else as_float_array(weights, "weights", ndim=1)

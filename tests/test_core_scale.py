@@ -69,3 +69,22 @@ def test_facility_location_runs_do_not_depend_on_units(scale, method):
     assert res.n_evaluations == base.n_evaluations
     assert np.isclose(res.value, base.value * scale, rtol=1e-12, atol=0.0)
     assert np.isclose(res.certificate.ratio, base.certificate.ratio, rtol=1e-9, atol=0.0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize(("phi", "why"), [
+    (lambda x: x ** 2, "concave"),              # convex: F would be supermodular
+    (lambda x: -x, "non-decreasing"),           # decreasing: F would not be monotone
+    (lambda x: np.sqrt(x) + 1.0, "zero at zero"),
+])
+def test_feature_based_refuses_a_non_concave_phi_at_any_scale(scale, phi, why):
+    with pytest.raises(ValueError, match=why):
+        submod.FeatureBased(np.ones((3, 2)), concave=lambda x: scale * phi(x))
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_feature_based_accepts_a_scaled_concave_phi(scale):
+    X = np.random.default_rng(1).random((6, 3))
+    f = submod.FeatureBased(X, concave=lambda x: scale * np.sqrt(x))
+    S = [0, 2, 5]
+    assert np.isclose(f.value(S), scale * np.sqrt(X[S].sum(axis=0)).sum(), rtol=1e-12, atol=0.0)
