@@ -946,7 +946,9 @@ class LogDeterminant(SetFunction):
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:
                 raise ValueError(f"similarity must be square; got shape {K.shape}.")
-            scale = max(1.0, -float(K.min(initial=0.0)), float(K.max(initial=0.0)))
+            # tolerances relative to the kernel's largest entry, with no absolute floor: in small units (1e-14) a
+            # floor of 1 let an asymmetric kernel through, silently symmetrised
+            scale = max(-float(K.min(initial=0.0)), float(K.max(initial=0.0)))
             if not is_symmetric(K, rtol=1e-10, atol=1e-12 * scale):
                 raise ValueError("similarity must be symmetric (a PSD kernel); symmetrise it with (K + K.T) / 2.")
             K = (K + K.T) / 2.0
@@ -961,7 +963,7 @@ class LogDeterminant(SetFunction):
             raise ValueError("the ground set is empty. Pass at least one item.")
         # Small kernels are checked here; on large ones the greedy state checks the conditional variances it
         # computes anyway (a negative one proves K is not PSD).
-        scale = max(1.0, float(np.abs(np.diag(K)).max()))
+        scale = float(np.abs(np.diag(K)).max())   # relative, as above: c * K is PSD exactly when K is
         lam_min = float(np.linalg.eigvalsh(K)[0]) if K.shape[0] <= 500 else float(np.diag(K).min())
         if lam_min < -1e-8 * scale:
             raise ValueError(f"similarity is not positive semidefinite (eigenvalue or diagonal {lam_min:.3g}); "

@@ -88,3 +88,22 @@ def test_feature_based_accepts_a_scaled_concave_phi(scale):
     f = submod.FeatureBased(X, concave=lambda x: scale * np.sqrt(x))
     S = [0, 2, 5]
     assert np.isclose(f.value(S), scale * np.sqrt(X[S].sum(axis=0)).sum(), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize(("K", "why"), [
+    (np.array([[1.0, 0.9], [0.0, 1.0]]), "symmetric"),
+    (np.array([[1.0, 2.0], [2.0, 1.0]]), "positive semidefinite"),   # eigenvalues 3 and -1
+])
+def test_log_determinant_checks_the_kernel_at_any_scale(scale, K, why):
+    with pytest.raises(ValueError, match=why):
+        submod.LogDeterminant(similarity=scale * K, ridge=scale)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_log_determinant_accepts_a_scaled_psd_kernel(scale):
+    X = np.random.default_rng(2).standard_normal((5, 3))
+    K = X @ X.T
+    f = submod.LogDeterminant(similarity=scale * K, ridge=scale)   # log det(I + K_SS): the scale cancels
+    S = [0, 3, 4]
+    assert np.isclose(f.value(S), np.linalg.slogdet(np.eye(3) + K[np.ix_(S, S)])[1], rtol=1e-9, atol=0.0)
