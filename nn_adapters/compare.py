@@ -58,8 +58,9 @@ def _scores(out: Any) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    raise ValueError(f"the comparison needs the model to return class scores (a tensor, or an output with "
-                     f".logits); it returned {type(out).__name__}. Wrap the model so that it returns them.")
+    raise ValueError(f"accuracy on the evaluation loader needs the model to return class scores (a tensor, or an "
+                     f"output with .logits); it returned {type(out).__name__}. Wrap the model so that it returns "
+                     "them, or drop the evaluation loader.")
 
 
 def _eval_batches(loader: Iterable, dtype: torch.dtype | None) -> list[tuple[Any, torch.Tensor]]:
