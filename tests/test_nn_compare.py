@@ -208,3 +208,27 @@ def test_an_unreachable_compression_is_left_out_and_said(tmp_path):
     assert most == pytest.approx(params / ((10 + 1) + (1 + 1) + (3 + 3)), abs=0.01)
     write_comparison(res, tmp_path)
     assert "Left out: asym at 1000x (not reachable" in (tmp_path / "report.md").read_text()
+
+
+def test_evaluation_reads_class_scores_from_a_tensor_or_logits():
+    from types import SimpleNamespace
+
+    class WithLogits(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return SimpleNamespace(logits=self.net(x))
+
+    class AsDict(WithLogits):
+        def forward(self, x):
+            return {"scores": self.net(x)}
+
+    net, (x, y) = _net(), _data(2)
+    with torch.no_grad():
+        want = float((net(x).argmax(1) == y).double().mean())
+    assert cli._eval_accuracy(net, [(x, y)]) == pytest.approx(want)
+    assert cli._eval_accuracy(WithLogits(net), [(x[:50], y[:50]), (x[50:], y[50:])]) == pytest.approx(want)
+    with pytest.raises(ValueError, match="needs the model to return class scores .* returned dict"):
+        cli._eval_accuracy(AsDict(net), [(x, y)])
