@@ -282,3 +282,21 @@ def test_certify_refuses_a_knapsack_run_whose_optimum_its_bound_misses():
     with pytest.raises(ValueError, match="PartitionMatroid constraint"):
         certify(f, submod.maximize(f, 2, constraint=pm))
     assert certify(f, submod.maximize(f, 2)).upper_bound >= 9.5 + 3.3  # OPT_2 of the cardinality problem
+
+
+def test_certify_refuses_a_function_declared_not_monotone():
+    """The cut of one edge is submodular but not monotone. Its optimum (brute force) is 1, yet the online bound at
+    the full set and F(V) are both 0: certify used to return 'OPT_2 <= 0', a proven upper bound below the optimum,
+    because both bounds need F(OPT) <= F(OPT u A). A function declared monotone=False is now refused."""
+    cut = {(): 0.0, (0,): 1.0, (1,): 1.0, (0, 1): 0.0}
+    f = submod.from_callable(lambda S: cut[tuple(sorted(S.tolist()))], n=2, submodular=True, monotone=False)
+    opt = max(cut.values())
+    from verification.certify import prefix_bounds
+
+    b, _ = prefix_bounds(f, np.array([0, 1]), 2, 1.0)
+    assert b.min() < opt and f.value([0, 1]) < opt  # the unsound numbers the refusal keeps out
+    for selected in ([0, 1], [0]):
+        with pytest.raises(ValueError, match="monotone=False"):
+            certify(f, selected, k=2)
+    with pytest.raises(ValueError, match="monotone=False"):
+        certify(f, [0], 0.5, k=2)

@@ -173,3 +173,12 @@ def test_verify_command_names_the_flag_of_a_non_positive_size(tmp_path, capsys, 
 def test_groups_zero_is_refused_as_a_block_size():
     with pytest.raises(ValueError, match="block size .* must be a positive divisor"):
         SparseRegression(np.eye(4), np.ones((4, 1)), groups=0)
+
+
+def test_report_on_a_function_declared_not_monotone_has_no_certificate(tmp_path):
+    """certify refuses monotone=False (its bounds need monotone F); report writes the rest and says why there is
+    no certificate, instead of printing one or failing."""
+    f = submod.from_callable(lambda S: float(np.sqrt(len(S))), n=5, submodular=True, monotone=False)
+    rep = report(f, 2, tmp_path, figures=False)
+    assert rep.certificate is None
+    assert "declared monotone=False" in rep.path.read_text()

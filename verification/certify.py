@@ -139,7 +139,7 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     Parameters
     ----------
     f : submod.SetFunction
-        Monotone set function.
+        Monotone set function; one declared ``monotone=False`` is refused (the bounds need monotonicity).
     result : submod.SelectionResult or array of int
         The run to certify (its pick order defines the prefixes). A run of :func:`submod.maximize` under a
         ``Knapsack`` or ``PartitionMatroid`` constraint is refused: the bound here is on ``OPT_k`` under a
@@ -164,7 +164,7 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     ValueError
         When ``gamma_lower`` is not a proven lower bound (an upper bound, an estimate, or ``gamma = 1`` on a
         function that is not declared submodular), with the way to obtain one; when ``result`` is a run made under
-        a knapsack or matroid constraint.
+        a knapsack or matroid constraint; when ``f`` is declared ``monotone=False``.
 
     Examples
     --------
@@ -183,6 +183,14 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     start = time.perf_counter()
     if not isinstance(f, SetFunction):
         raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}.")
+    if not f.monotone:
+        # F(A) + (1/gamma) * (k largest gains) and F(V) bound OPT_k only through F(OPT) <= F(OPT u A): for a
+        # non-monotone F both can fall below the optimum (the cut of one edge: both are 0, OPT_1 = 1)
+        raise ValueError(f"{type(f).__name__} is declared monotone=False, and every bound certify computes "
+                         "(F(A) + (1/gamma) * the k largest gains, and F(V)) holds for monotone functions only: on "
+                         "a non-monotone F they can fall below the optimum. There is no certificate here; if F is "
+                         "in fact monotone, declare it (monotone=True in submod.from_callable, or the class "
+                         "attribute monotone = True).")
     constraint = getattr(result, "constraint", None) if isinstance(result, submod.SelectionResult) else None
     if constraint is not None:
         # The bound below is on OPT_k under a cardinality budget: for a knapsack or matroid run it can fall below

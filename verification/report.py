@@ -44,7 +44,8 @@ class Report:
     guarantee : GuaranteeCheck or None
         Brute-force comparison (small ground sets only).
     certificate : CertificateCheck or None
-        The sound certificate (``None`` when no proven ``gamma > 0`` is available).
+        The sound certificate (``None`` when no proven ``gamma > 0`` is available, or ``f`` is declared
+        ``monotone=False``).
     gamma_one_bound : float or None
         The submodular online bound (``gamma = 1``) of the greedy run, for functions not declared submodular:
         NOT a valid bound there.
@@ -161,7 +162,9 @@ def report(f: SetFunction, k: int, out_dir: str | os.PathLike, *, title: str = "
 
     sound = [r for r in ratios if r.sound_lower and r.U is not None and set(U.tolist()) <= set(r.U) and r.k >= kk]
     best_sound = max(sound, key=lambda r: (r.kind == "exact", r.value), default=None)
-    if f.submodular:
+    if not f.monotone:
+        pass  # certify's bounds hold for monotone functions only; the report says so
+    elif f.submodular:
         rep.certificate = certify(f, greedy)
     elif best_sound is not None and best_sound.value > 0:
         rep.certificate = certify(f, greedy, best_sound)
@@ -292,6 +295,9 @@ def _markdown(rep: Report, f: SetFunction, k: int, title: str, fig_names: list[s
     if c is not None:
         L.append(f"**Proven upper bound**: OPT_{k} <= {c.upper_bound:.6g}, so greedy's value {c.value:.6g} satisfies "
                  f"value / OPT_{k} >= {c.ratio:.4g} (gamma >= {c.gamma_lower:.4g}: {c.gamma_source}).")
+    elif not f.monotone:
+        L.append("No certificate: F is declared monotone=False, and the bounds on OPT (the online bound and F(V)) "
+                 "hold for monotone functions only.")
     else:
         L.append("No sound certificate: no proven lower bound gamma > 0 is available for this instance (dead or "
                  "duplicate units, or no spectral bound for this objective).")
