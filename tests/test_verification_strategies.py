@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 import submod
 from submod.sparse_regression import SparseRegression
@@ -100,3 +102,30 @@ def test_verification_never_imports_torch():
     code = ("import sys, verification, verification.cli, verification.strategies, verification.report; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize(("strategy", "message"), [
+    (vst.regression_data(correlation=1.5), "correlation must be a number in \\[0, 1\\)"),   # was: NaN arrays
+    (vst.regression_data(correlation=1.0), "correlation"),                                # every column the same
+    (vst.regression_data(rank_deficient="duplicates"), "rank_deficient must be one of"),  # was: silently "none"
+    (vst.regression_data(n_units=0), "n_units must be an integer >= 1"),                  # was: 0 columns
+    (vst.regression_data(group_size=0), "group_size"),
+    (vst.regression_data(n_targets=0), "n_targets"),
+    (vst.regression_data(noise=-1.0), "noise"),
+    (vst.regression_data(n_units=st.integers(-3, -1)), "n_units"),                       # drawn values too
+    (vst.coverage(density=2.0), "density"),
+    (vst.modular(n=-1), "n must be an integer >= 1"),
+    (vst.sparse_regression(data=[1, 2]), "data must be a regression_data"),
+])
+def test_strategies_refuse_arguments_outside_their_documented_range(strategy, message):
+    with pytest.raises(InvalidArgument, match=message):
+        find(strategy, lambda _: True, settings=settings(max_examples=5, database=None))
+
+
+def test_sparse_regression_accepts_a_fixed_instance_as_the_module_promises():
+    """'Every argument accepts a fixed value or a hypothesis strategy': data= of sparse_regression used to fail
+    with AttributeError: 'RegressionData' object has no attribute 'validate'."""
+    d = vst.suppressor_data()
+    f = find(vst.sparse_regression(data=d, ridge=0.0, fit_intercept=False), lambda _: True,
+             settings=settings(max_examples=2, database=None))
+    assert f.n == d.n_units and f.value([0, 1]) == pytest.approx(SparseRegression(d.A, d.Y).value([0, 1]))

@@ -27,11 +27,13 @@ Use them in your own tests, for example to check that greedy meets its guarantee
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 
 import submod
@@ -55,11 +57,32 @@ _BOOLS = st.booleans()
 _ONE = st.just(1)
 _NOISE = st.sampled_from([0.0, 0.1, 1.0])
 _RIDGE = st.sampled_from([0.0, 0.0, 0.1])
+_DEFICIENCIES = ("none", "duplicate", "dead", "combination")
 _DEFICIENCY = st.sampled_from(["none", "none", "duplicate", "dead", "combination"])
 
 
 def _draw(draw: Any, x: Any) -> Any:
     return draw(x) if isinstance(x, SearchStrategy) else x
+
+
+def _int_arg(where: str, name: str, value: Any, low: int, meaning: str) -> int:
+    """``value`` (fixed or drawn) as an int ``>= low``, or InvalidArgument naming the argument and its meaning."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidArgument(f"{where}: {name} must be an integer >= {low} ({meaning}), or a strategy of such "
+                              f"integers; got {value!r}.")
+    return int(value)
+
+
+def _float_arg(where: str, name: str, value: Any, low: float, high: float, high_open: bool, meaning: str
+               ) -> float:
+    """``value`` (fixed or drawn) as a float in ``[low, high]`` (``[low, high)`` when ``high_open``)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and low <= value and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        raise InvalidArgument(f"{where}: {name} must be a number in {interval} ({meaning}), or a strategy of such "
+                              f"numbers; got {value!r}.")
+    return float(value)
 
 
 @st.composite
@@ -76,7 +99,7 @@ def modular(draw: Any, n: int | SearchStrategy[int] = _SIZES) -> submod.Modular:
     ...     assert f.n == 4 and f.submodular
     >>> check()
     """
-    size = _draw(draw, n)
+    size = _int_arg("modular", "n", _draw(draw, n), 1, "the ground-set size")
     rng = np.random.default_rng(draw(_SEEDS))
     w = rng.exponential(size=size) * (rng.random(size) > 0.2)
     return submod.Modular(w)
@@ -87,7 +110,10 @@ def coverage(draw: Any, n: int | SearchStrategy[int] = _SIZES,
              n_concepts: int | SearchStrategy[int] = _CONCEPTS,
              density: float | SearchStrategy[float] = _DENSITY) -> submod.Coverage:
     """A weighted :class:`submod.Coverage` with a random incidence matrix."""
-    size, p, rho = _draw(draw, n), _draw(draw, n_concepts), _draw(draw, density)
+    size = _int_arg("coverage", "n", _draw(draw, n), 1, "the ground-set size")
+    p = _int_arg("coverage", "n_concepts", _draw(draw, n_concepts), 1, "the number of concepts")
+    rho = _float_arg("coverage", "density", _draw(draw, density), 0.0, 1.0, False,
+                     "the probability that an item covers a concept")
     rng = np.random.default_rng(draw(_SEEDS))
     inc = rng.random((size, p)) < rho
     return submod.Coverage(inc.astype(float), weights=rng.exponential(size=p))
@@ -97,7 +123,8 @@ def coverage(draw: Any, n: int | SearchStrategy[int] = _SIZES,
 def facility_location(draw: Any, n: int | SearchStrategy[int] = _SIZES,
                       dim: int | SearchStrategy[int] = _DIMS) -> submod.FacilityLocation:
     """A :class:`submod.FacilityLocation` on random points (``K = max(D) - D`` with squared distances)."""
-    size, p = _draw(draw, n), _draw(draw, dim)
+    size = _int_arg("facility_location", "n", _draw(draw, n), 1, "the ground-set size")
+    p = _int_arg("facility_location", "dim", _draw(draw, dim), 1, "the dimension of the points")
     rng = np.random.default_rng(draw(_SEEDS))
     return submod.FacilityLocation(rng.standard_normal((size, p)))
 
@@ -108,7 +135,9 @@ def feature_based(draw: Any, n: int | SearchStrategy[int] = _SIZES,
                   concave: str | SearchStrategy[str] = _CONCAVE
                   ) -> submod.FeatureBased:
     """A :class:`submod.FeatureBased` with sparse non-negative features."""
-    size, p, phi = _draw(draw, n), _draw(draw, n_features), _draw(draw, concave)
+    size = _int_arg("feature_based", "n", _draw(draw, n), 1, "the ground-set size")
+    p = _int_arg("feature_based", "n_features", _draw(draw, n_features), 1, "the number of features")
+    phi = _draw(draw, concave)
     rng = np.random.default_rng(draw(_SEEDS))
     X = rng.exponential(size=(size, p)) * (rng.random((size, p)) < 0.6)
     return submod.FeatureBased(X, concave=phi)
@@ -217,14 +246,21 @@ def regression_data(draw: Any, n_units: int | SearchStrategy[int] = _UNITS,
         Equicorrelation of the columns through a shared latent factor.
     suppressor : bool or strategy
         Plant a suppressor pair in units 0 and 1: unit 1 is nearly useless alone and decisive with unit 0, the
-        case where ``gamma < 1`` and lazy greedy's stale bounds fail.
+        case where ``gamma < 1`` and lazy greedy's stale bounds fail. Needs ``n_units >= 2`` (with one unit none is
+        planted and ``suppressor`` of the result is ``None``) and ``n_samples >= 2``.
     group_size : int or strategy
         Columns per unit (``> 1`` builds column groups, like conv channels or attention heads).
     rank_deficient : {"none", "duplicate", "dead", "combination"} or strategy
         Make the last unit a duplicate of the previous one, all zero, or (its last column) a combination of
-        two others.
+        two others. Needs ``n_units >= 3``; with fewer units the instance is left as drawn.
     noise : float or strategy
         Standard deviation of target noise (``0`` gives ``Y = A W`` and ``err(V) = 0``).
+
+    Raises
+    ------
+    hypothesis.errors.InvalidArgument
+        At the first draw, when an argument (fixed or drawn) is out of its range: a size below 1, a
+        ``correlation`` outside ``[0, 1)``, a negative ``noise``, an unknown ``rank_deficient``.
 
     Examples
     --------
@@ -236,22 +272,37 @@ def regression_data(draw: Any, n_units: int | SearchStrategy[int] = _UNITS,
     ...     assert data.A.shape[1] == 8 and data.suppressor == (0, 1)
     >>> check()
     """
-    units = _draw(draw, n_units)
-    g = _draw(draw, group_size)
+    where = "regression_data"
+    units = _int_arg(where, "n_units", _draw(draw, n_units), 1, "the number of units")
+    g = _int_arg(where, "group_size", _draw(draw, group_size), 1, "columns per unit")
     cols = units * g
-    rows = _draw(draw, n_samples) if n_samples is not None else draw(st.integers(cols + 2, 3 * cols + 10))
+    rows = _int_arg(where, "n_samples", _draw(draw, n_samples), 1, "rows of A") if n_samples is not None else \
+        draw(st.integers(cols + 2, 3 * cols + 10))
+    targets = _int_arg(where, "n_targets", _draw(draw, n_targets), 1, "columns of Y")
+    rho = _float_arg(where, "correlation", _draw(draw, correlation), 0.0, 1.0, True,
+                     "the equicorrelation of the columns; 1 would make every column the same")
+    deficiency = _draw(draw, rank_deficient)
+    if deficiency not in _DEFICIENCIES:
+        raise InvalidArgument(f"{where}: rank_deficient must be one of {_DEFICIENCIES}, or a strategy of them; got "
+                              f"{deficiency!r}.")
+    sigma = _float_arg(where, "noise", _draw(draw, noise), 0.0, math.inf, True,
+                       "the standard deviation of the target noise")
     rng = np.random.default_rng(draw(_SEEDS))
-    return _regression_arrays(rng, units, rows, _draw(draw, n_targets), float(_draw(draw, correlation)),
-                              bool(_draw(draw, suppressor)), g, _draw(draw, rank_deficient),
-                              float(_draw(draw, noise)))
+    return _regression_arrays(rng, units, rows, targets, rho, bool(_draw(draw, suppressor)), g, deficiency, sigma)
 
 
 @st.composite
-def sparse_regression(draw: Any, data: SearchStrategy[RegressionData] | None = None,
+def sparse_regression(draw: Any, data: RegressionData | SearchStrategy[RegressionData] | None = None,
                       ridge: float | SearchStrategy[float] = _RIDGE,
                       fit_intercept: bool | SearchStrategy[bool] = _BOOLS) -> Any:
-    """A :class:`submod.SparseRegression` built from :func:`regression_data` (default arguments)."""
-    dat = draw(regression_data() if data is None else data)
+    """A :class:`submod.SparseRegression` built from ``data``: a :func:`regression_data` strategy (default: its
+    default arguments) or a fixed :class:`RegressionData` (e.g. :func:`suppressor_data`)."""
+    if data is None:
+        data = regression_data()
+    if not isinstance(data, (SearchStrategy, RegressionData)):
+        raise InvalidArgument(f"sparse_regression: data must be a regression_data(...) strategy or a RegressionData "
+                              f"(e.g. suppressor_data()); got {type(data).__name__}.")
+    dat = _draw(draw, data)
     return SparseRegression(dat.A, dat.Y, ridge=float(_draw(draw, ridge)), groups=dat.groups,
                                    fit_intercept=bool(_draw(draw, fit_intercept)))
 
