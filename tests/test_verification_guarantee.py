@@ -300,3 +300,17 @@ def test_certify_refuses_a_function_declared_not_monotone():
             certify(f, selected, k=2)
     with pytest.raises(ValueError, match="monotone=False"):
         certify(f, [0], 0.5, k=2)
+
+
+def test_guarantee_rows_hold_python_bools_and_the_check_serialises_to_json():
+    """holds / holds_bian are documented as bool; on least squares they were numpy.bool_ (the tolerance is a numpy
+    float), so json.dumps(dataclasses.asdict(check)) failed and `row.holds is True` was False."""
+    import dataclasses
+    import json
+
+    data = vst.suppressor_data()
+    chk = check_guarantee(SparseRegression(data.A, data.Y), 2, n_seeds=2)
+    for r in chk.rows:
+        assert type(r.holds) is bool and type(r.theorem) is bool
+        assert r.holds_bian is None or type(r.holds_bian) is bool
+    assert json.loads(json.dumps(dataclasses.asdict(chk)))["rows"][0]["holds"] is True

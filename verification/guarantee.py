@@ -232,7 +232,7 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
             mean = float(v.mean())
             rows.append(GuaranteeRow(
                 method=m, value=mean, value_std=float(v.std()), selected=tuple(runs[0].selected.tolist()),
-                factor=sfactor, bound=sfactor * opt, holds=mean >= sfactor * opt - atol, bian_factor=None,
+                factor=sfactor, bound=sfactor * opt, holds=bool(mean >= sfactor * opt - atol), bian_factor=None,
                 bian_bound_value=None, holds_bian=None, theorem=True,
                 note=f"mean over {n_seeds} seeds, an estimate of E[F]; the theorem bounds the expectation "
                      "(Mirzasoleiman et al. 2015; Khanna et al. 2017)"))
@@ -252,8 +252,8 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
         value = float(res.value)
         rows.append(GuaranteeRow(
             method=m, value=value, value_std=0.0, selected=tuple(res.selected.tolist()), factor=factor,
-            bound=factor * opt, holds=value >= factor * opt - atol, bian_factor=bfactor,
-            bian_bound_value=bfactor * opt, holds_bian=value >= bfactor * opt - atol, theorem=theorem, note=note,
+            bound=factor * opt, holds=bool(value >= factor * opt - atol), bian_factor=bfactor,
+            bian_bound_value=bfactor * opt, holds_bian=bool(value >= bfactor * opt - atol), theorem=theorem, note=note,
             violations=len(res.violations)))
     cost = {"value_table_gain_evaluations": table.gain_evaluations, "state_updates": table.state_updates,
             "seconds": time.perf_counter() - start}
