@@ -336,3 +336,27 @@ def test_upper_bounds_are_one_when_y_is_orthogonal_to_every_column():
     f = submod.SparseRegression(A, 3.0 * Q[:, 6:7])
     for method in ("exact", "sampled", "greedy-path"):
         assert submodularity_ratio(f, 3, method=method, seed=0).value == 1.0, method
+
+
+def test_misshapen_arguments_are_refused_with_what_to_pass():
+    """A single index for U, one flat set for comparators, and non-integer limits failed with Python's own
+    TypeError ('int' object is not iterable, '>' not supported ...), or for max_pairs=-1 with 'the limit is -1
+    pairs'; each now names the argument and what to pass."""
+    from verification import error_decay
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((30, 5))
+    f = SparseRegression(A, A @ rng.standard_normal(5))
+    with pytest.raises(ValueError, match=r"Pass \[3\] for the set"):
+        submodularity_ratio(f, 2, U=3)
+    for bad in (-1, 0, "a", 2.5):
+        with pytest.raises(ValueError, match="max_pairs must be a positive integer"):
+            submodularity_ratio(f, 2, max_pairs=bad)
+    with pytest.raises(ValueError, match=r"comparators=\[\[0, 1\]\]"):
+        error_decay(f, comparators=[0, 1])
+    with pytest.raises(ValueError, match="brute_force_max_units must be a non-negative integer"):
+        error_decay(f, brute_force_max_units="a")
+    # the forms that were right keep working: a set, a range, one list per comparator
+    assert submodularity_ratio(f, 2, U={0, 1}).U == (0, 1)
+    assert submodularity_ratio(f, 2, U=range(2)).U == (0, 1)
+    assert error_decay(f, comparators=[[0, 1], {2}]).bound("comparator 1 (s=1)").holds

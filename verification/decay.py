@@ -224,6 +224,11 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
     _check_regression(f)
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
         raise ValueError(f"rtol must be a number in [0, 1) (relative tolerance of the 'holds' checks); got {rtol!r}.")
+    if isinstance(brute_force_max_units, bool) or not isinstance(brute_force_max_units, (int, np.integer)) or \
+            brute_force_max_units < 0:
+        raise ValueError(f"brute_force_max_units must be a non-negative integer (the most units for which 'auto' "
+                         f"comparators are found by brute force; default {BRUTE_FORCE_MAX_UNITS}); got "
+                         f"{brute_force_max_units!r}.")
     d = f.n
     k = d if k_max is None else k_max
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (1 <= k <= d):
@@ -337,8 +342,16 @@ def _comparators(f: SetFunction, comparators: str | list[ArrayLike] | None, sele
             return out
         return [(f"bicriteria s={s}", np.sort(selected[:s]), float(errors[s]), f"the greedy prefix of size {s}")
                 for s in sizes]
+    if isinstance(comparators, np.ndarray) and comparators.ndim == 1 and comparators.dtype != object or \
+            isinstance(comparators, (list, tuple)) and comparators and all(
+                isinstance(T, (int, np.integer)) for T in comparators):
+        raise ValueError(f"comparators must be a list of sets (one index array per comparator T); got one flat list "
+                         f"of indices {list(comparators)[:8]}. Pass [[...]] for a single set, e.g. "
+                         f"comparators=[{list(comparators)[:4]}].")
     out = []
     for i, T in enumerate(comparators):
+        if isinstance(T, (int, np.integer)):
+            raise ValueError(f"comparators[{i}] must be a set of indices (a list or array of int); got {T!r}.")
         Ti = np.unique(as_index_array(T, d, f"comparators[{i}]"))
         out.append((f"comparator {i} (s={Ti.size})", Ti, y2 - float(f.value(Ti)), "a set you supplied"))
     return out

@@ -211,6 +211,9 @@ def regression_stats(f: SetFunction) -> tuple[np.ndarray, list[np.ndarray], floa
 def _check_U(U: ArrayLike | None, n: int) -> np.ndarray | None:
     if U is None:
         return None
+    if isinstance(U, (int, np.integer)):
+        raise ValueError(f"U must be a set of indices (a list or array of int); got {U!r}. Pass [{U!r}] for the set "
+                         "holding that one element, [] for the empty set, or None for the whole ground set.")
     return np.sort(as_index_array(U, n, "U"))
 
 
@@ -300,6 +303,9 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
                          "it does not take U. Pass result= (a run) and comparator= instead, or use 'exact', "
                          "'sampled' or 'spectral' for a given U.")
     if method == "exact":
+        if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 1:
+            raise ValueError(f"max_pairs must be a positive integer (the most (L, S) pairs 'exact' may enumerate; "
+                             f"default {DEFAULT_MAX_PAIRS:,}); got {max_pairs!r}.")
         return _exact(f, kk, Uarr, max_pairs, rtol)
     if method == "sampled":
         if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
