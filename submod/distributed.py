@@ -4,7 +4,7 @@ The two-round algorithm of Mirzasoleiman, Karbasi, Sarkar & Krause (NeurIPS 2013
 
 1. split the ground set ``V`` into ``m`` parts ``V_1, ..., V_m``;
 2. on each part, independently (in parallel), run greedy for ``k`` picks on the objective restricted to the part
-   (:meth:`SetFunction.restrict`), giving ``A_1, ..., A_m``;
+   (:meth:`submod.SetFunction.restrict`), giving ``A_1, ..., A_m``;
 3. run greedy for ``k`` picks on the union ``B = A_1 u ... u A_m`` (at most ``m k`` elements);
 4. return the better, under the full objective ``F``, of that set and the best ``A_i``.
 
@@ -18,7 +18,7 @@ Guarantees (monotone submodular ``F``, exact restrictions, greedy or lazy on the
   value is ``E[F(result)] >= (1 - 1/e) / 2 * OPT_k`` (Barbosa, Ene, Nguyen & Ward, ICML 2015, RandGreeDi with
   greedy, which is ``(1 - 1/e)``-approximate and 1-nice).
 
-For ``gamma``-weakly submodular ``F`` (e.g. :class:`SparseRegression`), Khanna, Elenberg, Dimakis, Negahban &
+For ``gamma``-weakly submodular ``F`` (e.g. :class:`submod.SparseRegression`), Khanna, Elenberg, Dimakis, Negahban &
 Ghosh (AISTATS 2017) prove a constant-factor guarantee in expectation for the random partition that depends on
 the submodularity ratio; its constant could not be checked against the paper here, so this module states none
 for non-submodular ``F`` and relies on the certificate, which is a proven bound (with a proven ``gamma_lower``).
