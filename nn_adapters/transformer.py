@@ -1570,7 +1570,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     Face models it is built from ``config.json`` when omitted, and optional top-level parts absent from the saved
     weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``). It is copied,
     never modified (the original trained model may be passed): the copy is shrunk to the saved sizes
-    (:func:`apply_spec`) and then receives the saved weights (strict: every tensor must match). No arbitrary
+    (``apply_spec``) and then receives the saved weights (strict: every tensor must match). No arbitrary
     pickle is executed. See :func:`save_pruned` for an example.
 
     Parameters
