@@ -50,12 +50,14 @@ class ParamModel:
     model : nn.Module
         The unpruned network.
     pairs : list of PrunablePair
-    adds_bias : bool
+    adds_bias : bool, default False
         Whether consumers without a bias get one (the least-squares refit with intercept adds it).
-    adds_se_bias : bool
+    adds_se_bias : bool, default False
         Whether the ``fc1`` of a squeeze-and-excitation gate without a bias gets one (the bias correction of
         :func:`nn_adapters.shrink.keep_se` adds it).
 
+    Notes
+    -----
     The ``fc1`` of a pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a
     bias entry), per kept unit of the pair.
     """
