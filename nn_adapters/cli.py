@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "parameter compression from 50/100/500 unlabeled images with every method and no fine-tuning, and write "
         "a table, a plot and a Markdown report.")
     demo.add_argument("--out", default="submod_demo_out", help="output directory (default ./submod_demo_out)")
-    demo.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8, 16])
-    demo.add_argument("--calib", type=int, nargs="+", default=[50, 100, 500], help="calibration set sizes")
+    demo.add_argument("--compressions", type=float, nargs="+", default=[2, 4, 8, 16],
+                      help="whole-network parameter compressions (default 2 4 8 16)")
+    demo.add_argument("--calib", type=int, nargs="+", default=[50, 100, 500],
+                      help="calibration set sizes (default 50 100 500)")
     demo.add_argument("--retrain", action="store_true", help="ignore the cached model and train again")
     demo.add_argument("--threads", type=int, default=1,
                       help="torch/BLAS threads (default 1: fastest for this small model on a shared machine)")
@@ -63,11 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--method", default="asym",
                     choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad", "magnitude",
                              "wanda"),
-                    help="greedy selection (asym, seq, layer) or a baseline; magnitude and wanda are the transformer "
-                         "path's names of weight_norm and act_norm, accepted on both paths; actgrad uses labels")
+                    help="greedy selection (asym, seq, layer; default asym) or a baseline; magnitude and wanda are the "
+                         "transformer path's names of weight_norm and act_norm, accepted on both paths; actgrad uses "
+                         "labels")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
     pr.add_argument("--allocation", choices=("uniform", "error-curve", "error"), default="uniform",
-                    help="how the budget is split between layers or blocks (error: the earlier name of error-curve)")
+                    help="how the budget is split between layers or blocks (default uniform; error: the earlier name "
+                         "of error-curve)")
     pr.add_argument("--seed", type=seed_arg, default=0,
                     help="seed of --method random (the other methods are deterministic; default 0)")
     pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="facility-location: keep each item's K nearest items only (sparse, O(n K) memory; for "
                           "many items)")
     sel.add_argument("-k", type=int, default=10, help="number of items to select (default 10)")
-    sel.add_argument("--method", choices=("greedy", "lazy", "stochastic"), default="lazy")
+    sel.add_argument("--method", choices=("greedy", "lazy", "stochastic"), default="lazy",
+                     help="optimizer: exact greedy, lazy greedy or stochastic greedy (default lazy)")
     sel.add_argument("--seed", type=seed_arg, default=0, help="seed of --method stochastic (default 0)")
     sel.add_argument("--out", help="write the result as JSON to this path")
     sel.set_defaults(func=_run_select)

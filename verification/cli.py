@@ -27,18 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="array file: inputs A (n_samples x columns) for sparse-regression; item features for "
                         "facility-location / feature-based; incidence (items x concepts) for coverage; weights "
                         "for modular")
-    p.add_argument("--objective", choices=OBJECTIVES, default="sparse-regression")
+    p.add_argument("--objective", choices=OBJECTIVES, default="sparse-regression",
+                   help="how the set function is built from --data (default sparse-regression)")
     p.add_argument("--targets", type=Path, help="targets Y for sparse-regression (rows like --data)")
     p.add_argument("-k", type=int, required=True, help="budget (number of units to keep)")
     p.add_argument("--out", type=Path, required=True, help="report directory (created if needed)")
     p.add_argument("--group-size", type=int, default=None,
                    help="sparse-regression: consecutive blocks of this many columns form one unit")
-    p.add_argument("--ridge", type=float, default=0.0, help="sparse-regression: ridge penalty")
+    p.add_argument("--ridge", type=float, default=0.0, help="sparse-regression: ridge penalty (default 0)")
     p.add_argument("--fit-intercept", action="store_true", help="sparse-regression: refit a bias")
     p.add_argument("--k-max", type=int, default=None,
                    help="sparse-regression: longest prefix of the error-decay curve (default min(n, max(2k, 10)))")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the sampled ratio (default 0)")
-    p.add_argument("--samples", type=int, default=500, help="random pairs of the sampled ratio")
+    p.add_argument("--samples", type=int, default=500, help="random pairs of the sampled ratio (default 500)")
     p.add_argument("--no-figures", action="store_true", help="write the Markdown only")
     p.set_defaults(func=run)
 
