@@ -224,3 +224,20 @@ def test_spectral_bounds_follow_their_closed_forms_over_units_of_two_columns():
         factors.append(1.0 - whitened_lambda_min(resid) / (d - t))
     expected = err_v + np.concatenate([[1.0], np.cumprod(factors)]) * (y2 - err_v)
     np.testing.assert_allclose(dec.bound("per-step spectral").values, expected, rtol=1e-8, atol=1e-8 * y2)
+
+
+def test_nearly_collinear_units_without_a_ridge_do_not_credit_a_ridge():
+    """Two units 3e-5 apart (correlation above 1 - 1e-8) are flagged as duplicates; lambda_min is then tiny but
+    above the 1e-10 cut-off. With ridge=0 the consequence must not say that 'the ridge (0) keeps lambda_min
+    positive' (there is no ridge): the spectral bounds are nearly vacuous. Oracle: the ridge the objective was
+    built with, and the a-priori rate exp(-lambda_min k / d) computed here, which is 1 to 9 digits."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((200, 5))
+    A[:, 4] = A[:, 3] + 3e-5 * rng.standard_normal(200)
+    dec = error_decay(SparseRegression(A, A @ rng.standard_normal((5, 2))))
+    assert 1e-10 < dec.lambda_min < 1e-8
+    assert np.exp(-dec.lambda_min * 5 / 5) > 1 - 1e-8      # the a-priori contraction does nothing
+    dup = [p for p in dec.preconditions if p.startswith("duplicate")]
+    assert len(dup) == 1 and "(3, 4)" in dup[0]
+    assert "ridge (0)" not in dup[0] and "not vacuous" not in dup[0]
+    assert "nearly vacuous" in dup[0]

@@ -369,9 +369,12 @@ def _preconditions(f: SetFunction, C: np.ndarray, unit_cols: list[np.ndarray], d
     if lam <= 1e-10:
         consequence = (f"lambda_min(C) = {lam:.3g}" + (f" even with the ridge ({ridge:g})" if ridge > 0 else "")
                        + ", so the spectral bounds are vacuous")
-    else:
+    elif ridge > 0:
         consequence = (f"the ridge ({ridge:g}) keeps the regularised lambda_min positive ({lam:.3g}), so the "
                        "spectral bounds are weak but not vacuous")
+    else:  # nearly collinear units without a ridge: lambda_min is tiny but not zero, and no ridge props it up
+        consequence = (f"lambda_min(C) = {lam:.3g} is nearly zero (there is no ridge), so the spectral bounds are "
+                       "nearly vacuous")
     out = []
     if dead:
         out.append(f"dead units (all-zero columns, after centring with an intercept): {dead[:20]}"
