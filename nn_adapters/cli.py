@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="with --compare: output directory (default ./submod_prune_report)")
     pr.add_argument("--threads", type=int, default=None,
                     help="torch/BLAS threads (default: torch's own); 1 gives steadier latencies on a shared machine")
-    pr.add_argument("--method", default="asym",
+    # default None (asym): told apart from an explicit --method, which --compare refuses rather than ignores
+    pr.add_argument("--method", default=None,
                     choices=("asym", "seq", "layer", "random", "weight_norm", "act_norm", "actgrad", "magnitude",
                              "wanda"),
                     help="greedy selection (asym, seq, layer; default asym) or a baseline; magnitude and wanda are the "
@@ -176,8 +177,9 @@ def _prune_once(args: argparse.Namespace) -> int:
         None if args.compression is None else args.compression[0])
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}.")
-    if args.workers > 1 and args.method != "layer":
-        raise ValueError(f"--workers {args.workers} needs --method layer: with --method {args.method} every layer's "
+    method = "asym" if args.method is None else args.method
+    if args.workers > 1 and method != "layer":
+        raise ValueError(f"--workers {args.workers} needs --method layer: with --method {method} every layer's "
                          "statistics come from the network pruned before it, so the layers are pruned one after "
                          "another.")
     check_file_path(args.out, "--out")  # found now, not after the pruning
@@ -194,7 +196,7 @@ def _prune_once(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS
         pool = stack.enter_context(ProcessPoolExecutor(args.workers)) if args.workers > 1 else None
-        pruned, report = prune(model, calib, compression=compression, keep=keep, method=args.method,
+        pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
                                reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
                                progress=args.progress, executor=pool)
     print(report.summary())
@@ -212,6 +214,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .demo import DEMO_METHODS
     from .pruning import _METHOD_NAMES, _is_transformer
 
+    if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
+        raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
+                         f"method, or with those of --methods (e.g. --methods {args.method}).")
     if args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight:
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
                          "demo does, uniform allocation, one process); drop --workers, --progress, --allocation and "

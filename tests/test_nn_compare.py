@@ -232,3 +232,17 @@ def test_evaluation_reads_class_scores_from_a_tensor_or_logits():
     assert cli._eval_accuracy(WithLogits(net), [(x[:50], y[:50]), (x[50:], y[50:])]) == pytest.approx(want)
     with pytest.raises(ValueError, match="needs the model to return class scores .* returned dict"):
         cli._eval_accuracy(AsDict(net), [(x, y)])
+
+
+def test_cli_compare_refuses_method_instead_of_ignoring_it(tmp_path, monkeypatch, capsys):
+    """``--compare --method seq`` ran every method and said nothing: --method was ignored. It is refused and the
+    message names --methods; a plain prune still runs asym when --method is not given."""
+    spec = _user_module(tmp_path, monkeypatch)
+    args = _parser().parse_args(["prune", spec, "--compare", "--compression", "2", "--method", "seq",
+                                 "--report-dir", "rep"])
+    with pytest.raises(ValueError, match="--methods seq"):
+        args.func(args)
+    assert not (tmp_path / "rep").exists()
+    args = _parser().parse_args(["prune", spec, "--compression", "2", "--out", "p.pt"])
+    assert args.func(args) == 0
+    assert "method=asym " in capsys.readouterr().out
