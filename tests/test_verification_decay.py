@@ -193,6 +193,22 @@ def test_a_proven_upper_bound_is_never_below_the_exact_error():
             assert b.holds
 
 
+def test_a_lifted_curve_never_hides_a_failed_check():
+    """The lift of a rounding shortfall stays within the tolerance of ``holds``: with ``rtol=0`` nothing is
+    forgiven, so a curve that does not hold must still show the point where it falls below the measured error."""
+    shortfalls = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        A = rng.standard_normal((40, 6)) @ rng.standard_normal((6, 6))
+        Y = A @ rng.standard_normal((6, 2)) + rng.standard_normal((40, 2))
+        dec = error_decay(SparseRegression(A, Y, fit_intercept=bool(seed % 2)), rtol=0.0)
+        for b in dec.bounds:
+            shows = bool(np.all(dec.errors <= b.values))
+            assert b.holds == shows, (seed, b.name)
+            shortfalls += not b.holds
+    assert shortfalls > 0  # the instances do produce rounding shortfalls, so the check above is exercised
+
+
 def whitened_lambda_min(blocks: list[np.ndarray]) -> float:
     """lambda_min of the Gram of orthonormal bases (QR) of each block of columns, stacked side by side."""
     Q = np.hstack([np.linalg.qr(b)[0] for b in blocks])

@@ -58,8 +58,9 @@ class BoundCurve:
     name : str
     values : ndarray
         The bound at ``k = 0..k_max``; where it falls below the measured ``err_k`` by rounding alone (at most
-        :func:`verification.ratio.monotone_tolerance`, e.g. at ``S_k = T``, where both are ``err(T)`` computed
-        in two ways) it is lifted to ``err_k``.
+        :func:`verification.ratio.monotone_tolerance` and the ``rtol * ||Y||^2`` of ``holds``, e.g. at
+        ``S_k = T``, where both are ``err(T)`` computed in two ways) it is lifted to ``err_k``; a larger shortfall
+        is left visible, and ``holds`` is then ``False``.
     kind : str
         ``"proven upper bound"`` for every curve :func:`error_decay` compares against.
     description : str
@@ -274,9 +275,10 @@ def error_decay(f: SetFunction, k_max: int | None = None, *, comparators: str | 
 
     # err(T) is computed afresh, err_k from the path's incremental gains: where the path reaches T (S_k = V at
     # k = d, or S_k = T for a comparator) the bound err(T) and the measured err_k are one number computed twice,
-    # and the bound can come out below it by rounding. Such a shortfall (at most F's rounding) is lifted, so that a
-    # number labelled a proven upper bound is never below the one labelled exact; a larger one is left visible.
-    rounding = monotone_tolerance(f, y2, rtol)
+    # and the bound can come out below it by rounding. Such a shortfall (at most F's rounding, and within the
+    # tolerance the holds check uses, so that a lifted curve never hides a failed check) is lifted, so that a number
+    # labelled a proven upper bound is never below the one labelled exact; a larger one is left visible.
+    rounding = min(monotone_tolerance(f, y2, rtol), tol)
     bounds = []
     for name, vals, desc in curves:
         holds = bool(np.all(errors <= vals + tol))
