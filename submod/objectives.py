@@ -754,7 +754,10 @@ class FeatureBased(SetFunction):
             phi = _CONCAVE[concave]
         elif callable(concave):
             phi = concave
-            _check_concave(phi, np.linspace(0.0, max(1.0, float(Xa.sum(axis=0).max())), 257))
+            # on the range F evaluates phi on, [0, the largest feature sum] (no floor of 1: in small units a grid
+            # over [0, 1] would step over all of it)
+            top = float(Xa.sum(axis=0).max())
+            _check_concave(phi, np.linspace(0.0, top if top > 0 else 1.0, 257))
         else:
             raise ValueError(f"concave must be a name or a callable; got {type(concave).__name__}.")
         w = np.ones(Xa.shape[1]) if weights is None else as_float_array(weights, "weights", ndim=1)

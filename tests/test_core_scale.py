@@ -82,6 +82,17 @@ def test_feature_based_refuses_a_non_concave_phi_at_any_scale(scale, phi, why):
         submod.FeatureBased(np.ones((3, 2)), concave=lambda x: scale * phi(x))
 
 
+@pytest.mark.parametrize("unit", [1e-3, 1e-9])
+def test_feature_based_checks_phi_where_it_is_used(unit):
+    # min(x^2, c) is convex below sqrt(c) and flat above: on a grid over [0, 1] it looks concave, but features in
+    # small units (sums below sqrt(c)) only ever reach its convex part, where F is supermodular
+    X = unit * np.random.default_rng(2).random((5, 3))
+    top = float(X.sum(axis=0).max())
+    with pytest.raises(ValueError, match="concave"):
+        submod.FeatureBased(X, concave=lambda x: np.minimum(x ** 2, (2 * top) ** 2))
+    submod.FeatureBased(X, concave=np.sqrt)  # a concave phi is still accepted in these units
+
+
 @pytest.mark.parametrize("scale", SCALES)
 def test_feature_based_accepts_a_scaled_concave_phi(scale):
     X = np.random.default_rng(1).random((6, 3))
