@@ -92,6 +92,9 @@ def as_index_array(S: Iterable[int] | ArrayLike, n: int, name: str = "S") -> np.
 
     Raises if an index is out of range or repeated.
     """
+    if isinstance(S, (numbers.Number, str, bytes)) or (isinstance(S, np.ndarray) and S.ndim == 0):
+        raise ValueError(f"{name} must be a set of indices (a list or array of int); got {S!r}. Pass [{S!r}] for "
+                         "the set holding that one element.")
     idx = np.asarray(list(S) if not isinstance(S, np.ndarray) else S)
     if idx.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -100,7 +103,9 @@ def as_index_array(S: Iterable[int] | ArrayLike, n: int, name: str = "S") -> np.
             raise ValueError(f"boolean mask {name} must have shape ({n},); got {idx.shape}.")
         return np.flatnonzero(idx).astype(np.int64)
     if not np.issubdtype(idx.dtype, np.integer):
-        if np.issubdtype(idx.dtype, np.floating) and np.all(np.mod(idx, 1) == 0):
+        if np.issubdtype(idx.dtype, np.floating) and np.all(np.isfinite(idx)) and np.all(np.mod(idx, 1) == 0):
+            if idx.min() < 0 or idx.max() >= n:  # before the cast, which would wrap a huge float around
+                raise ValueError(f"{name} holds an index outside [0, {n}): min {idx.min():g}, max {idx.max():g}.")
             idx = idx.astype(np.int64)
         else:
             raise ValueError(f"{name} must hold integer indices; got dtype {idx.dtype}.")

@@ -1055,8 +1055,8 @@ class GraphCut(SetFunction):
                  metric: str = "sqeuclidean") -> None:
         if (X is None) == (similarity is None):
             raise ValueError("pass exactly one of X (features) or similarity= (a precomputed matrix).")
-        if not (0.0 <= lam <= 0.5):
-            raise ValueError(f"lam must be in [0, 0.5] for graph cut to be monotone; got {lam}.")
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (0.0 <= lam <= 0.5):
+            raise ValueError(f"lam must be a number in [0, 0.5] for graph cut to be monotone; got {lam!r}.")
         if similarity is not None:
             K = as_float_array(similarity, "similarity", ndim=2)
             if K.shape[0] != K.shape[1]:

@@ -300,8 +300,8 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     budget = f.n if kk is None else kk
     cons = constraint if constraint is not None else Cardinality()
     cons._check(f.n)
-    if not (0.0 < eps < 1.0):
-        raise ValueError(f"eps must be in (0, 1); got {eps}.")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < eps < 1.0):
+        raise ValueError(f"eps must be a number in (0, 1); got {eps!r}.")
     gamma = _check_gamma(f, gamma_lower, budget)
     if not isinstance(certificate, (bool, np.bool_)):
         raise ValueError(f"certificate must be True or False; got {certificate!r}.")

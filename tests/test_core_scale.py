@@ -118,3 +118,18 @@ def test_log_determinant_accepts_a_scaled_psd_kernel(scale):
     f = submod.LogDeterminant(similarity=scale * K, ridge=scale)   # log det(I + K_SS): the scale cancels
     S = [0, 3, 4]
     assert np.isclose(f.value(S), np.linalg.slogdet(np.eye(3) + K[np.ix_(S, S)])[1], rtol=1e-9, atol=0.0)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda X: submod.GraphCut(X, lam="0.3"), r"lam must be a number in \[0, 0.5\].*'0.3'"),
+    (lambda X: submod.maximize(submod.FacilityLocation(X), 2, method="stochastic", eps="0.1"),
+     r"eps must be a number in \(0, 1\).*'0.1'"),
+    (lambda X: submod.FacilityLocation(X).value(3), r"S must be a set of indices .* Pass \[3\]"),
+    (lambda X: submod.FacilityLocation(X).value([1e20]), r"index outside \[0, 6\): min 1e\+20"),
+])
+def test_wrong_argument_types_get_a_clear_error(call, match):
+    # a string where a number goes, a single index where a set goes, a float index past int64: one clear
+    # ValueError naming the argument, not a raw TypeError or an index wrapped around by the int cast
+    X = np.random.default_rng(0).random((6, 3))
+    with pytest.raises(ValueError, match=match):
+        call(X)
