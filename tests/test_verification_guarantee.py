@@ -314,3 +314,10 @@ def test_guarantee_rows_hold_python_bools_and_the_check_serialises_to_json():
         assert type(r.holds) is bool and type(r.theorem) is bool
         assert r.holds_bian is None or type(r.holds_bian) is bool
     assert json.loads(json.dumps(dataclasses.asdict(chk)))["rows"][0]["holds"] is True
+
+
+def test_no_methods_is_refused_rather_than_holding_vacuously():
+    f = submod.FacilityLocation(np.random.default_rng(0).random((6, 2)))
+    with pytest.raises(ValueError, match="methods is empty"):
+        check_guarantee(f, 2, methods=())
+    assert check_guarantee(f, 2, methods=["greedy"]).all_hold  # a list works as the tuple does

@@ -185,6 +185,9 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
         methods = (methods,)
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
         raise ValueError(f"rtol must be a number in [0, 1) (relative round-off tolerance); got {rtol!r}.")
+    methods = tuple(methods)
+    if not methods:  # all_hold over no rows would say True about nothing
+        raise ValueError(f"methods is empty; pass at least one of {submod.METHODS}.")
     bad = [m for m in methods if m not in submod.METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {submod.METHODS}.")
