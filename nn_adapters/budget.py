@@ -132,7 +132,21 @@ def _check_compression(compression: object) -> float:
 
 class UnreachableCompressionError(ValueError):
     """A whole-network compression that keeping one unit in every prunable layer cannot reach; ``most`` is the
-    largest reachable compression (rounded down to two decimals)."""
+    largest reachable compression (rounded down to two decimals). A ``ValueError``, raised by
+    :func:`nn_adapters.prune` before any statistics are collected.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import nn_adapters as nna
+    >>> from nn_adapters.budget import UnreachableCompressionError
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> try:
+    ...     nna.prune(net, torch.randn(50, 4), compression=100.0)
+    ... except UnreachableCompressionError as err:
+    ...     print(err.most)  # one hidden unit kept: 4 + 1 + 2 + 2 = 9 of 58 parameters
+    6.44
+    """
 
     def __init__(self, message: str, most: float) -> None:
         super().__init__(message)

@@ -23,14 +23,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._data import _from_numpy, as_batches, float_dtype
 from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
-from .demo import DEMO_METHODS, _plot_accuracy, _write_atomic
+from .demo import DEMO_METHODS, _plot_accuracy, _render_table, _write_atomic, measure_latency
 from .pruning import _is_transformer, prune
 
 __all__ = ["TRANSFORMER_METHODS", "compare_methods", "format_comparison", "write_comparison"]
@@ -65,6 +64,9 @@ def _scores(out: Any) -> torch.Tensor:
 
 def _eval_batches(loader: Iterable, dtype: torch.dtype | None) -> list[tuple[Any, torch.Tensor]]:
     """The evaluation loader as ``(inputs, labels)`` pairs, read once; floating tensor inputs cast to ``dtype``."""
+    if not isinstance(loader, Iterable) or isinstance(loader, (torch.Tensor, Mapping, str, bytes)):
+        raise ValueError(f"the evaluation data must be an iterable of (inputs, labels) batches, e.g. "
+                         f"[(x, y)] or a DataLoader; got {type(loader).__name__}.")
     out = []
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -113,19 +115,6 @@ def accuracy_of(preds: list[torch.Tensor], batches: list[tuple[Any, torch.Tensor
 
 def _agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return sum(int((p == q).sum()) for p, q in zip(a, b, strict=True)) / sum(p.numel() for p in a)
-
-
-@torch.no_grad()
-def _latency(model: nn.Module, x: Any, repeats: int = 5) -> float:
-    """Median wall time of one forward pass over ``x`` (after one warm-up run), in eval mode."""
-    times = []
-    with eval_mode(model):
-        _call(model, x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            _call(model, x)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]],
@@ -253,7 +242,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     flops = (lambda m: None) if transformer or not isinstance(probe, torch.Tensor) else (
         lambda m: count_flops(m, probe))
     dense = {"accuracy": accuracy_of(base, evals), "params": sum(p.numel() for p in model.parameters()),
-             "flops": flops(model), "latency_s": _latency(model, probe)}
+             "flops": flops(model), "latency_s": measure_latency(model, probe)}
     if verbose:
         print(f"unpruned: accuracy {100 * dense['accuracy']:.1f}%, {dense['params']} params")
     rows = []
@@ -277,7 +266,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                              "labelled": bool(getattr(rep, "labelled", False)),
                              "accuracy": accuracy_of(preds, evals), "agreement": _agreement(preds, base),
                              "params": params, "achieved": dense["params"] / max(params, 1), "flops": flops(pruned),
-                             "latency_s": _latency(pruned, probe), "prune_s": took, "kept": kept})
+                             "latency_s": measure_latency(pruned, probe), "prune_s": took, "kept": kept})
             if verbose and len(rows) > start:
                 best = max(rows[start:], key=lambda r: r["accuracy"])
                 where = "" if n is None else f"{n} samples, "
@@ -299,18 +288,10 @@ def format_comparison(result: dict, markdown: bool = False) -> str:
             ("acc %", "accuracy", "{:.1f}"), ("agree %", "agreement", "{:.1f}"), ("params", "params", "{:d}"),
             ("achieved", "achieved", "{:.2f}x"), ("kFLOPs", "kflops", "{:.1f}"),
             ("latency ms", "latency_ms", "{:.2f}"), ("prune s", "prune_s", "{:.2f}")]
-    cells = [[h for h, _, _ in cols]]
-    for r in result["rows"]:
-        vals = dict(r, accuracy=100 * r["accuracy"], agreement=100 * r["agreement"],
-                    kflops=None if r["flops"] is None else r["flops"] / 1e3, latency_ms=1e3 * r["latency_s"])
-        cells.append(["-" if vals[k] is None else fmt.format(vals[k]) for _, k, fmt in cols])
-    if markdown:
-        return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
-                         + ["| " + " | ".join(c) + " |" for c in cells[1:]])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                                 strict=True)))
-                     for row in cells)
+    shown = [dict(r, accuracy=100 * r["accuracy"], agreement=100 * r["agreement"],
+                  kflops=None if r["flops"] is None else r["flops"] / 1e3, latency_ms=1e3 * r["latency_s"])
+             for r in result["rows"]]
+    return _render_table(cols, shown, markdown, left=2)
 
 
 def _markdown(result: dict, title: str) -> str:

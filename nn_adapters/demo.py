@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from torch import nn
 
 from submod._atomic import atomic_path
 
+from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
 from .digits import accuracy, load_digits_split, pretrained_digits_cnn
 from .pruning import prune
@@ -44,18 +45,17 @@ DEMO_METHODS: list[tuple[str, str, bool]] = [
 ]
 
 
-def measure_latency(model: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time (seconds) of one no-grad forward pass of the batch ``x`` (after one warm-up run)."""
-    was = model.training
-    model.eval()
+def measure_latency(model: nn.Module, x: Any, repeats: int = 5) -> float:
+    """Median wall time (seconds) of one no-grad forward pass of the batch ``x`` (after one warm-up run), in eval
+    mode (the model's modes are restored). ``x`` is a tensor, or a dict of keyword inputs (token batches)."""
     times = []
-    with torch.no_grad():
-        model(x)
+    with eval_mode(model), torch.no_grad():
+        call = (lambda: model(**x)) if isinstance(x, Mapping) else (lambda: model(x))
+        call()
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model(x)
+            call()
             times.append(time.perf_counter() - t0)
-    model.train(was)
     return float(np.median(times))
 
 
@@ -64,23 +64,27 @@ def _write_atomic(path: Path, data: bytes | str) -> None:
         fh.write(data.encode() if isinstance(data, str) else data)
 
 
+def _render_table(cols: Sequence[tuple[str, str, str]], rows: Sequence[dict], markdown: bool, left: int) -> str:
+    """``rows`` as a fixed-width (or Markdown) table: ``cols`` are ``(header, key, format)``, a ``None`` value shows
+    as ``-``, and column ``left`` (the method labels) is left-aligned in the fixed-width form."""
+    cells = [[h for h, _, _ in cols]]
+    cells += [["-" if r[k] is None else fmt.format(r[k]) for _, k, fmt in cols] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(c) + " |" for c in cells[1:]])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) if i == left else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in cells)
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The results as a fixed-width (or Markdown) table."""
     cols = [("calib", "n_calib", "{:d}"), ("target", "compression", "{:g}x"), ("method", "label", "{}"),
             ("acc %", "accuracy", "{:.1f}"), ("params", "params", "{:d}"), ("achieved", "achieved", "{:.2f}x"),
             ("kFLOPs", "kflops", "{:.1f}"), ("latency ms", "latency_ms", "{:.2f}"), ("prune s", "prune_s", "{:.2f}")]
-    cells = [[h for h, _, _ in cols]]
-    for r in rows:
-        vals = dict(r, accuracy=100 * r["accuracy"], kflops=r["flops"] / 1e3, latency_ms=1e3 * r["latency_s"])
-        cells.append([fmt.format(vals[k]) for _, k, fmt in cols])
-    if markdown:
-        out = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-        return "\n".join(out)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) if i != 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                                 strict=True)))
-                     for row in cells)
+    shown = [dict(r, accuracy=100 * r["accuracy"], kflops=r["flops"] / 1e3, latency_ms=1e3 * r["latency_s"])
+             for r in rows]
+    return _render_table(cols, shown, markdown, left=2)
 
 
 def _plot_accuracy(rows: list[dict], dense_acc: float, panels: Sequence[tuple[str, Any]], path: Path, *,

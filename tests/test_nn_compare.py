@@ -246,3 +246,9 @@ def test_cli_compare_refuses_method_instead_of_ignoring_it(tmp_path, monkeypatch
     args = _parser().parse_args(["prune", spec, "--compression", "2", "--out", "p.pt"])
     assert args.func(args) == 0
     assert "method=asym " in capsys.readouterr().out
+
+
+def test_evaluation_data_that_is_not_batches_is_refused():
+    net, (x, _) = _net(), _data(2)
+    with pytest.raises(ValueError, match="iterable of \\(inputs, labels\\) batches.*got Tensor"):
+        compare_methods(net, x[:50], x[50:], budgets=[2], verbose=False)
