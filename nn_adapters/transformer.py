@@ -811,7 +811,7 @@ def prune_transformer(
         consumer's inputs (guards dead and duplicate units, and regularises the refit). ``"cv"``: the greedy
         selection uses :data:`SELECTION_RIDGE` and the refit's ridge is chosen per block and stage by 5-fold
         cross-validation over the calibration sentences (all tokens of a sentence in one fold; held-out errors
-        in closed form from per-fold statistics, see :func:`nn_adapters._stats.cv_ridge`); with fewer than 5
+        in closed form from per-fold statistics, see ``nn_adapters._stats.cv_ridge``); with fewer than 5
         calibration sequences it falls back to :data:`SELECTION_RIDGE` (``cv_relative_error`` is then ``None``
         in the report). A number fixes both.
     refit_prior : {"original", "zero"}, default "original"
