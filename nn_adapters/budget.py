@@ -17,7 +17,7 @@ Three ways to say it:
   of the neighbouring layers (``P`` is bilinear in consecutive ``k_l``), and even with fixed costs the integer
   problem is a knapsack.
 
-The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (:class:`ParamModel`), so
+The parameter count ``P(k)`` of the pruned network is a closed form in the kept counts (``ParamModel``), so
 budgets are met exactly, without building candidate networks. The per-unit layers on a pair's way (its
 ``between``: BatchNorm entries, the filters and biases of a depthwise convolution) count as many parameters per kept
 unit as they hold per channel; so do the input columns of a squeeze-and-excitation gate's ``fc1`` and the output

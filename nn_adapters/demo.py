@@ -32,7 +32,8 @@ from .pruning import prune
 
 __all__ = ["DEMO_METHODS", "run_demo", "measure_latency", "format_table"]
 
-# (label, method, reweight)
+#: (label, method, reweight) for MLPs and CNNs: the methods of ``submod demo`` and the default of
+#: :func:`nn_adapters.compare.compare_methods` (the set for transformer blocks is ``TRANSFORMER_METHODS``).
 DEMO_METHODS: list[tuple[str, str, bool]] = [
     ("asym", "asym", True),
     ("seq", "seq", True),

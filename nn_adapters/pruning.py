@@ -79,7 +79,7 @@ class LayerReport:
     refit's own error is ``relative_error``; submodular methods only). ``selection_ridge`` is the relative ridge
     of that greedy selection, the objective ``error_curve`` and ``verification`` are about (it can differ from the
     refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred diagonal of ``A^T A``, see
-    :meth:`nn_adapters._stats.FoldStats.objective`; ``None`` for the baselines). ``verification`` (with
+    ``nn_adapters._stats.FoldStats.objective``; ``None`` for the baselines). ``verification`` (with
     ``verify=True``) maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``,
     ``"proven upper bound"`` or ``"estimate"``, or ``"n/a"`` for text that is not a number about the objective
     (``"preconditions"``, the degenerate units and data found; ``"skipped"``, why a layer was not verified); see

@@ -155,7 +155,7 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     rtol : float
         Round-off tolerance (relative to ``max |F|``) of the exact ratios and the ``holds`` comparisons; for least
         squares ``64 eps ||Y||^2`` instead (see :func:`submodularity_ratio`). The monotonicity check allows drops
-        up to :func:`verification.ratio.monotone_tolerance` (the rounding of ``F``'s computation).
+        up to ``verification.ratio.monotone_tolerance`` (the rounding of ``F``'s computation).
 
     Returns
     -------
