@@ -65,25 +65,54 @@ _METHOD_NAMES = {"magnitude": "weight_norm", "wanda": "act_norm"}
 class LayerReport:
     """What happened to one prunable pair.
 
-    ``relative_error`` is the empirical relative reconstruction error ``||Y - A_S M - b||^2 / ||Y - mean||^2`` of
-    the least-squares refit on the calibration data. It is ``None`` with ``reweight=False``, where no refit is
-    computed (the refit's error would bound the kept original weights' error from below, up to the ridge).
-
-    ``ridge`` is the relative ridge of the refit and ``ridge_choice`` how it was chosen (``"5-fold cv"`` or
-    ``"fixed"``; ``ridge`` is ``None`` without a refit, and with ``ridge="cv"`` when the trained weights already
-    reproduce the targets up to rounding and are kept, as ``ridge_choice`` then says); ``cv_relative_error`` is the
-    cross-validated (held-out) relative error of the refit at that ridge, an empirical estimate of the error on new
-    samples (``None`` unless ``ridge="cv"``). ``error_curve[j]`` is the in-sample relative objective of the nested
-    greedy path after ``j`` picks, ``j = 0..kept``: the residual plus the selection ridge's penalty, over the
-    centred target energy (exact on the calibration data; it is the relative error itself when that ridge is 0; the
-    refit's own error is ``relative_error``; submodular methods only). ``selection_ridge`` is the relative ridge
-    of that greedy selection, the objective ``error_curve`` and ``verification`` are about (it can differ from the
-    refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred diagonal of ``A^T A``, see
-    ``nn_adapters._stats.FoldStats.objective``; ``None`` for the baselines). ``verification`` (with
-    ``verify=True``) maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower bound"``,
-    ``"proven upper bound"`` or ``"estimate"``, or ``"n/a"`` for text that is not a number about the objective
-    (``"preconditions"``, the degenerate units and data found; ``"skipped"``, why a layer was not verified); see
-    :func:`prune`.
+    Attributes
+    ----------
+    pair : str
+        The pair's name, ``"producer->consumer"`` (module names, as in ``model.named_modules()``).
+    kind : str
+        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (see :class:`PrunablePair`).
+    n_units : int
+        Output units of the producer before pruning.
+    kept : int
+        Units kept.
+    kept_units : list of int
+        The kept units (indices into the original producer's outputs) in increasing order, the order they have in
+        the pruned modules.
+    pick_order : list of int
+        The same units in the order the method chose them: the greedy order for the submodular methods, by
+        decreasing score for the baselines (the order drawn for ``"random"``).
+    relative_error : float or None
+        The empirical relative reconstruction error ``||Y - A_S M - b||^2 / ||Y - mean||^2`` of the least-squares
+        refit on the calibration data. ``None`` with ``reweight=False``, where no refit is computed (the refit's
+        error would bound the kept original weights' error from below, up to the ridge).
+    time_s : float
+        Seconds spent on this pair's selection, refit ridge, refit and verification and on shrinking its
+        modules; the collection of its statistics and a baseline's scores are not included (they are in
+        ``PruneReport.time_s``).
+    ridge : float or None
+        The relative ridge of the refit. ``None`` without a refit, and with ``ridge="cv"`` when the trained weights
+        already reproduce the targets up to rounding and are kept, as ``ridge_choice`` then says.
+    ridge_choice : str or None
+        How ``ridge`` was chosen: ``"5-fold cv"``, ``"fixed"`` (the number passed as ``ridge``), a fixed fallback
+        with too few samples to cross-validate, or the trained weights kept (the string says which); ``None``
+        without a refit.
+    cv_relative_error : float or None
+        The cross-validated (held-out) relative error of the refit at that ridge, an empirical estimate of the
+        error on new samples (``None`` unless ``ridge="cv"`` and the ridge was cross-validated).
+    error_curve : list of float or None
+        ``error_curve[j]`` is the in-sample relative objective of the nested greedy path after ``j`` picks,
+        ``j = 0..kept``: the residual plus the selection ridge's penalty, over the centred target energy (exact on
+        the calibration data; it is the relative error itself when that ridge is 0; the refit's own error is
+        ``relative_error``). Submodular methods only, else ``None``.
+    verification : dict or None
+        With ``verify=True``, maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower
+        bound"``, ``"proven upper bound"`` or ``"estimate"``, or ``"n/a"`` for text that is not a number about
+        the objective (``"preconditions"``, the degenerate units and data found; ``"skipped"``, why a layer was
+        not verified); see :func:`prune`. ``None`` otherwise, and for the baselines.
+    selection_ridge : float or None
+        The relative ridge of the greedy selection, the objective ``error_curve`` and ``verification`` are about
+        (it can differ from the refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred
+        diagonal of ``A^T A``, see ``nn_adapters._stats.FoldStats.objective``). ``None`` for the baselines.
     """
 
     pair: str
@@ -105,7 +134,40 @@ class LayerReport:
 @dataclass
 class PruneReport:
     """Summary of a pruning run (all error figures are empirical, measured on the calibration data; FLOPs are per
-    sample of the first calibration batch's shape)."""
+    sample of the first calibration batch's shape).
+
+    Attributes
+    ----------
+    method : str
+        The method, by its canonical name (``"asym"``, ``"seq"``, ``"layer"``, ``"random"``, ``"weight_norm"``,
+        ``"act_norm"`` or ``"actgrad"``) whatever spelling was passed.
+    reweight : bool
+        Whether the consumers were refitted by least squares on the kept units.
+    labelled : bool
+        Whether the method read the calibration labels (``"actgrad"``).
+    statistics : str
+        Which statistics the selection and refit read: the submodular method's own, or ``refit_from`` for a
+        baseline: ``"layer"`` (inputs and targets of the original network), ``"seq"`` (inputs from the network
+        pruned so far, targets ``A W^T``) or ``"asym"`` (inputs from the network pruned so far, targets from the
+        original network).
+    allocation : str
+        How the budget was split between layers: ``"uniform"`` or ``"error-curve"`` (with ``compression=``), or
+        ``"keep"`` (keep fractions given with ``keep=``).
+    n_samples : int
+        Calibration samples, over all batches.
+    params_before, params_after : int
+        Parameters of the model and of the pruned model (every parameter, prunable or not).
+    flops_before, flops_after : int
+        Floating-point operations of one forward pass per sample, before and after (convolution and ``Linear``
+        layers only, a multiply-add counting 2; see ``nn_adapters.budget.count_flops``).
+    layers : list of LayerReport
+        One report per prunable pair (a pair may keep all its units).
+    skipped : list of (str, str)
+        ``(module name, reason)`` for each ``Linear``, ``Conv1d`` or ``Conv2d`` that is not a prunable producer
+        (see :func:`find_pairs`), or that ``pairs=`` did not declare as one.
+    time_s : float
+        Wall time of the whole call, in seconds.
+    """
 
     method: str
     reweight: bool

@@ -562,10 +562,19 @@ class RegressionPath:
 
     Attributes
     ----------
+    objective : SparseRegression
+        The objective the path was computed on (:meth:`weights` refits on its statistics).
     selected : int64 array (k,)
         Units in pick order; ``selected[:j]`` is the selection for budget ``j``.
     values : float array (k + 1,)
         ``F`` of every prefix, ``values[0] = 0``.
+    kept_columns : int64 array
+        The design columns (indices as in :meth:`SparseRegression.columns_of`) that enter the least-squares fit, in
+        pick order (a unit's own columns in column order): the columns of the picked units that are not
+        degenerate given the columns kept before them. A degenerate column is left out of the fit and gets a zero
+        row in :meth:`weights`.
+    kept_counts : int64 array (k + 1,)
+        ``kept_counts[j]``: how many of ``kept_columns`` belong to the first ``j`` picks (``kept_counts[0] = 0``).
     gains : float array (k,)
         ``values[1:] - values[:-1]``: the exact gain of each pick.
     errors : float array (k + 1,)

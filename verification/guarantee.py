@@ -64,6 +64,9 @@ class GuaranteeRow:
     theorem : bool
         Whether the bound is a theorem for this method on this function (``False``: an empirical comparison).
     note : str
+    violations : int
+        Stale-bound violations (fresh gains larger than their stale bound) the lazy run saw: the length of its
+        ``SelectionResult.violations``; 0 for greedy and stochastic greedy.
     """
 
     method: str

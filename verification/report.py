@@ -53,7 +53,13 @@ class Report:
         ``True`` when that number falls below the brute-force optimum (shown invalid on this instance).
     lazy_violations : list
         Stale-bound violations seen by plain lazy greedy.
+    lazy_value : float or None
+        ``F`` of the set plain lazy greedy (``lazy_fallback=False``) returned, to compare with ``greedy_value``.
+    greedy_value : float or None
+        ``F`` of the set exact greedy returned (the run that the ratios, certificate and online bound are about).
     decay : ErrorDecay or None
+    markdown : str
+        The text of the Markdown file at ``path``.
     """
 
     path: Path
