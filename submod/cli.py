@@ -183,9 +183,24 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The version of the installed ``submod`` distribution; from a source tree without package metadata (not
+    installed, run with ``PYTHONPATH``), the package's own ``submod.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("submod")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="submod", description="Weakly submodular subset selection with "
                                      "checkable guarantees, and data-efficient structured pruning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the installed version of submod and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sel = sub.add_parser("select", help="select k items from a data file (or the digits data) and certify",
                          description="Select k items (rows) maximizing a submodular objective; print the picks, "

@@ -115,3 +115,35 @@ def test_every_option_with_a_default_says_it_in_its_help():
             if "default" not in (action.help or ""):
                 silent.append(f"{command} {flags[0]} (default {action.default!r})")
     assert not silent, silent
+
+
+def _pyproject_version() -> str:
+    """The version line of pyproject.toml's [project] table (tomllib is not in Python 3.10)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"', text, re.MULTILINE).group(1)
+
+
+def test_version_prints_the_package_version(capsys):
+    """There was no --version: a user reporting a problem could not say which submod they ran."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"submod {_pyproject_version()}"
+
+
+def test_version_from_a_source_tree_without_package_metadata(capsys, monkeypatch):
+    """Run from a checkout that is not installed, importlib.metadata finds no 'submod'; the package's own
+    __version__ (kept equal to pyproject.toml's) is printed instead of a traceback."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"submod {_pyproject_version()}"
