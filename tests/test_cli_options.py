@@ -147,3 +147,45 @@ def test_version_from_a_source_tree_without_package_metadata(capsys, monkeypatch
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"submod {_pyproject_version()}"
+
+
+def _order_dependent_oracle(S):
+    """A user's bug: a value that is the sum of the weights 1..6 only when S comes in ascending order (the value
+    table enumerates sets that way), and almost nothing otherwise (greedy adds its picks in pick order). The table
+    is modular, so gamma = 1 and OPT_3 = 6 + 5 + 4 = 15; greedy picks 5 first (weight 6) and every later pick
+    arrives out of order: it ends far below (1 - 1/e) OPT, which a true set function cannot do."""
+    S = np.asarray(S)
+    return float((S + 1.0).sum()) if np.all(np.diff(S) > 0) else 0.1 * S.size
+
+
+def test_verify_exits_nonzero_when_a_guarantee_fails(tmp_path, capsys, monkeypatch):
+    """verify printed 'WARNING: a guarantee ... failed' and exited 0, so a script or CI job could not see it."""
+    import warnings
+
+    import submod
+    import verification.cli as vcli
+
+    np.save(tmp_path / "w.npy", np.arange(1.0, 7.0))
+    monkeypatch.setattr(vcli, "build_objective", lambda args: submod.from_callable(_order_dependent_oracle, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the broken oracle also shows negative gains along greedy's path
+        status = main(["verify", "--data", str(tmp_path / "w.npy"), "--objective", "modular", "-k", "3",
+                       "--out", str(tmp_path / "rep"), "--no-figures", "--samples", "20"])
+    assert status == vcli.GUARANTEE_FAILED and status not in (0, 1, 2)  # 2: bad input, 1: a closed pipe
+    assert "FAILED" in capsys.readouterr().err
+    assert (tmp_path / "rep" / "verify_report.md").exists()  # the report that says which bound failed is written
+
+
+def test_verify_exits_zero_when_every_guarantee_holds(tmp_path, capsys):
+    """A modular function: greedy is optimal, so every bound holds and the status stays 0."""
+    np.save(tmp_path / "w.npy", np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0]))
+    assert main(["verify", "--data", str(tmp_path / "w.npy"), "--objective", "modular", "-k", "3",
+                 "--out", str(tmp_path / "rep"), "--no-figures", "--samples", "20"]) == 0
+    assert "FAILED" not in capsys.readouterr().err
+
+
+def test_verify_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 when every proven guarantee" in out and "3 when one fails" in out

@@ -12,6 +12,10 @@ from submod.cli import load_matrix, seed_arg
 
 OBJECTIVES = ("sparse-regression", "facility-location", "feature-based", "coverage", "modular")
 
+#: Exit status of ``submod verify`` when a guarantee that is a theorem, or a proven error bound, fails on the
+#: instance (2 is bad input, as for every ``submod`` command; 0 is everything holds).
+GUARANTEE_FAILED = 3
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``verify`` subcommand to the ``submod`` command line."""
@@ -21,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "proven lower bound, upper bounds), check the guarantees against brute force on small "
                     "ground sets, certify the optimum, and (least squares) check the exponential error decay. "
                     "The report says which statements are guaranteed and which are estimates.",
-        epilog="example: submod verify --data X.npy --objective sparse-regression --targets Y.npy -k 5 "
+        epilog="exit status: 0 when every proven guarantee and bound holds on the instance; "
+               f"{GUARANTEE_FAILED} when one fails (the report is written and says which: a defect in the objective, "
+               "e.g. a value oracle that is not a function of the set, or in submod); 2 for bad input.  "
+               "example: submod verify --data X.npy --objective sparse-regression --targets Y.npy -k 5 "
                "--out report_dir")
     p.add_argument("--data", required=True, type=Path,
                    help="array file: inputs A (n_samples x columns) for sparse-regression; item features for "
@@ -95,7 +102,8 @@ def build_objective(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``submod verify``; returns the exit status."""
+    """Entry point of ``submod verify``; returns the exit status: 0 when every proven guarantee and bound holds,
+    :data:`GUARANTEE_FAILED` (3) when one fails (the report is still written), 2 for bad input."""
     from .report import report
 
     try:
@@ -106,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"submod verify: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {rep.path}" + "".join(f"\nwrote {p}" for p in rep.figures))
+    status = 0
     if rep.guarantee is not None and not rep.guarantee.all_hold:
-        print("WARNING: a guarantee that is a theorem failed on this instance; see the report.", file=sys.stderr)
+        print("submod verify: FAILED: a guarantee that is a theorem failed on this instance; see the report.",
+              file=sys.stderr)
+        status = GUARANTEE_FAILED
     if rep.decay is not None and not rep.decay.all_hold:
-        print("WARNING: the measured error exceeds a proven bound; see the report.", file=sys.stderr)
-    return 0
+        print("submod verify: FAILED: the measured error exceeds a proven bound; see the report.", file=sys.stderr)
+        status = GUARANTEE_FAILED
+    return status
