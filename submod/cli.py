@@ -21,8 +21,11 @@ from .selector import METRIC_OBJECTIVES, OBJECTIVES, build_objective
 def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool = False) -> np.ndarray:
     """Load a float array from ``.npy``, ``.csv`` (comma-separated) or ``.txt`` (whitespace- or comma-separated).
 
-    Text files may start with one header row. ``what`` names the argument in error messages (e.g. ``"--data"``);
-    the result is 2-D (items x features), or also 1-D with ``allow_1d`` (e.g. a single target column).
+    Text files may start with one header row. A first column with an empty header name that holds ``0, 1, ...,
+    n-1`` is the row index that pandas' ``DataFrame.to_csv`` writes by default: it is dropped, with a
+    ``UserWarning``, rather than read as a feature. ``what`` names the argument in error messages (e.g.
+    ``"--data"``); the result is 2-D (items x features), or also 1-D with ``allow_1d`` (e.g. a single target
+    column).
     """
     p = Path(path)
     if not p.exists():
@@ -34,7 +37,7 @@ def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool =
         if suffix == ".npy":
             arr = _load_npy(p)
         else:
-            arr = _load_text(p, "," if suffix == ".csv" else None)
+            arr = _load_text(p, "," if suffix == ".csv" else None, what)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not read {what} from {str(path)!r}: {exc}") from exc
     if not (arr.ndim == 2 or (allow_1d and arr.ndim == 1)):
@@ -64,7 +67,7 @@ def _load_npy(p: Path) -> np.ndarray:
                          "numeric array, e.g. numpy.save(path, X.astype(float)).") from None
 
 
-def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
+def _load_text(p: Path, delimiter: str | None, what: str = "data") -> np.ndarray:
     """``np.loadtxt`` with an optional header row (a first row that is not all numbers); ``delimiter=None``
     (``.txt``) also accepts commas. A numeric first row is data, never dropped as a header.
 
@@ -83,7 +86,8 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
         tokens = [t.strip() for t in (first.split() if delim is None else first.split(delim))]
         try:
             [float(t) for t in tokens if t]
-            skip = 0
+            # an empty first name is a header too: pandas' to_csv writes ",0,1,2" over its unnamed row index
+            skip = int(len(tokens) > 1 and tokens[0] == "")
         except ValueError:
             skip = 1
         try:
@@ -96,6 +100,18 @@ def _load_text(p: Path, delimiter: str | None) -> np.ndarray:
         if arr.size == 0:
             raise ValueError("the file holds no numbers" + (" (only a header row)" if skip else "") + "; pass a "
                              "file with one row per item.")
+        if skip and tokens[0] == "" and arr.shape[1] > 1:
+            if np.array_equal(arr[:, 0], np.arange(arr.shape[0])):
+                warnings.warn(f"{what} file {str(p)!r}: the first column has no header name and holds 0, 1, ..., "
+                              f"{arr.shape[0] - 1}, the row index that pandas' DataFrame.to_csv writes by default; "
+                              "it is dropped, not read as a feature. Write the file with to_csv(path, index=False) "
+                              "to silence this.", UserWarning, stacklevel=3)
+                arr = arr[:, 1:]
+            else:
+                warnings.warn(f"{what} file {str(p)!r}: the first column has no header name; it is read as a "
+                              "feature, but it may be a row index (pandas' to_csv writes one, unnamed, unless "
+                              "index=False). Drop it from the file, or give it a name to silence this.",
+                              UserWarning, stacklevel=3)
         return arr
     raise errors[0]
 

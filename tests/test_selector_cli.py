@@ -271,3 +271,40 @@ def test_select_command_refuses_data_without_columns(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((5, 0)))
     assert main(["select", "--data", str(tmp_path / "x.npy"), "-k", "2"]) == 2
     assert "no columns" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [None, ["a", "b", "c"]])
+def test_load_matrix_drops_the_row_index_pandas_writes(tmp_path, columns):
+    """df.to_csv(path) writes an unnamed row index 0..n-1 as the first column (header ',a,b,c', or ',0,1,2' for
+    unnamed columns): it was read as a feature (or, under ',0,1,2', the header was read as a data row with an
+    empty field). The file's features are those of the DataFrame."""
+    pd = pytest.importorskip("pandas")
+    X = np.random.default_rng(0).random((6, 3))
+    pd.DataFrame(X, columns=columns).to_csv(tmp_path / "x.csv")
+    from submod.cli import load_matrix
+
+    with pytest.warns(UserWarning, match="row index .* is dropped"):
+        np.testing.assert_array_equal(load_matrix(tmp_path / "x.csv"), X)
+    pd.Series(X[:, 0]).to_csv(tmp_path / "y.csv")  # a target column saved from a Series
+    with pytest.warns(UserWarning, match="row index .* is dropped"):
+        np.testing.assert_array_equal(load_matrix(tmp_path / "y.csv", allow_1d=True).ravel(), X[:, 0])
+    if columns is not None:  # written without the index: read as it is, nothing to warn about (unnamed columns
+        # would give the header '0,1,2', a numeric first row, which is data by the loader's documented rule)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pd.DataFrame(X, columns=columns).to_csv(tmp_path / "plain.csv", index=False)
+            np.testing.assert_array_equal(load_matrix(tmp_path / "plain.csv"), X)
+
+
+def test_load_matrix_keeps_a_first_column_that_is_not_a_default_index(tmp_path):
+    """A named first column 0..n-1 is data; an unnamed one that is not 0..n-1 (the index of a filtered DataFrame)
+    is kept as a feature, with a warning that it may be an index."""
+    from submod.cli import load_matrix
+
+    (tmp_path / "named.csv").write_text("id,a\n0,1.5\n1,2.5\n2,3.5\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load_matrix(tmp_path / "named.csv"), [[0, 1.5], [1, 2.5], [2, 3.5]])
+    (tmp_path / "filtered.csv").write_text(",a\n3,1.5\n7,2.5\n8,3.5\n")
+    with pytest.warns(UserWarning, match="no header name; it is read as a feature"):
+        np.testing.assert_array_equal(load_matrix(tmp_path / "filtered.csv"), [[3, 1.5], [7, 2.5], [8, 3.5]])
