@@ -107,11 +107,26 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _distinct(command: str, flag: str, values: list | None) -> list | None:
+    """``values`` without repeats, in the order given; a repeat would be run, and tabulated, twice, so it is
+    dropped and a note on standard error says so."""
+    if values is None:
+        return None
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        repeated = [v for v in unique if values.count(v) > 1]
+        print(f"submod {command}: note: {flag} lists {' '.join(f'{v:g}' for v in repeated)} more than once; each "
+              f"value runs once ({flag} {' '.join(f'{v:g}' for v in unique)}).", file=sys.stderr)
+    return unique
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    compressions = _distinct("demo", "--compressions", args.compressions)
+    calib = _distinct("demo", "--calib", args.calib)
     with _threads(args.threads):
-        run_demo(args.out, compressions=args.compressions, calib_sizes=args.calib, retrain=args.retrain)
+        run_demo(args.out, compressions=compressions, calib_sizes=calib, retrain=args.retrain)
     return 0
 
 
@@ -221,6 +236,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
                          "demo does, uniform allocation, one process); drop --workers, --progress, --allocation and "
                          "--no-reweight, or prune once without --compare.")
+    args.keep = _distinct("prune", "--keep", args.keep)
+    args.compression = _distinct("prune", "--compression", args.compression)
+    args.calib = _distinct("prune", "--calib", args.calib)
     model, calib, *rest = _load_user(args.spec)
     if not rest:
         raise ValueError(f"--compare evaluates every pruned model: {args.spec} must return (model, "

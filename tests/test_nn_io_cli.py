@@ -357,3 +357,38 @@ def test_cli_accuracy_counts_each_prediction_once_whatever_the_label_shape():
     assert cli._eval_accuracy(model, [(tokens, labels)]) == 3 / 8
     with pytest.raises(ValueError, match=r"labels of the evaluation loader have shape \(4, 3\)"):
         cli._eval_accuracy(model, [(x, x)])
+
+
+def test_demo_runs_each_repeated_size_once_and_says_so(monkeypatch, capsys):
+    """'--compressions 2 4 2' ran (and tabulated) compression 2 twice, and '--calib 50 50' every run twice."""
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.update(kw))
+    args = _parser().parse_args(["demo", "--compressions", "2", "4", "2.0", "--calib", "50", "100", "50",
+                                 "--threads", "1"])
+    assert args.func(args) == 0
+    assert seen["compressions"] == [2.0, 4.0] and seen["calib_sizes"] == [50, 100]
+    err = capsys.readouterr().err
+    assert "--compressions lists 2 more than once" in err and "--calib lists 50 more than once" in err
+
+
+@pytest.mark.parametrize(("budget", "values", "column"), [("--compression", ["2", "3", "2"], "compression"),
+                                                        ("--keep", ["0.5", "0.5"], "keep")])
+def test_cli_compare_runs_each_repeated_budget_once(tmp_path, monkeypatch, capsys, budget, values, column):
+    """prune --compare with a repeated budget wrote one row per occurrence: the table and results.json held the
+    same (budget, method) twice."""
+    (tmp_path / "dupmodels.py").write_text(
+        "import torch\nfrom nn_adapters import zoo\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    x, y = torch.randn(120, 10), torch.randint(0, 3, (120,))\n"
+        "    return zoo.mlp(10, [16, 16], 3).eval(), [(x[:80], y[:80])], [(x[80:], y[80:])]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = _parser().parse_args(["prune", "dupmodels:build", "--compare", budget, *values, "--methods", "asym",
+                                 "--calib", "40", "40", "--report-dir", "rep"])
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "rep" / "results.json").read_text())["rows"]
+    keys = [(r[column], r["label"], r.get("n_calib")) for r in rows]
+    assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {float(v) for v in values}
+    err = capsys.readouterr().err
+    assert f"{budget} lists {values[0]} more than once" in err and "--calib lists 40 more than once" in err
