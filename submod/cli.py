@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import os
@@ -21,11 +22,11 @@ from .selector import METRIC_OBJECTIVES, OBJECTIVES, build_objective
 def load_matrix(path: str | os.PathLike, what: str = "data", *, allow_1d: bool = False) -> np.ndarray:
     """Load a float array from ``.npy``, ``.csv`` (comma-separated) or ``.txt`` (whitespace- or comma-separated).
 
-    Text files may start with one header row. A first column with an empty header name that holds ``0, 1, ...,
-    n-1`` is the row index that pandas' ``DataFrame.to_csv`` writes by default: it is dropped, with a
-    ``UserWarning``, rather than read as a feature. ``what`` names the argument in error messages (e.g.
-    ``"--data"``); the result is 2-D (items x features), or also 1-D with ``allow_1d`` (e.g. a single target
-    column).
+    Text files may start with one header row; fields may be quoted (``"1.5"``). A first column with an empty
+    header name that holds ``0, 1, ..., n-1`` is the row index that pandas' ``DataFrame.to_csv`` writes by
+    default: it is dropped, with a ``UserWarning``, rather than read as a feature. ``what`` names the argument
+    in error messages (e.g. ``"--data"``); the result is 2-D (items x features), or also 1-D with ``allow_1d``
+    (e.g. a single target column).
     """
     p = Path(path)
     if not p.exists():
@@ -83,7 +84,9 @@ def _load_text(p: Path, delimiter: str | None, what: str = "data") -> np.ndarray
                          "UTF-16 file); save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) or as .npy.") from None
     errors: list[ValueError] = []
     for delim in ([delimiter] if delimiter is not None else [None, ","]):
-        tokens = [t.strip() for t in (first.split() if delim is None else first.split(delim))]
+        # fields may be quoted ("1.5", as spreadsheets and csv.QUOTE_ALL write them): numbers all the same
+        fields = first.split() if delim is None else next(csv.reader([first], delimiter=delim), [])
+        tokens = [t.strip().strip('"').strip() for t in fields]
         try:
             [float(t) for t in tokens if t]
             # an empty first name is a header too: pandas' to_csv writes ",0,1,2" over its unnamed row index
@@ -93,7 +96,8 @@ def _load_text(p: Path, delimiter: str | None, what: str = "data") -> np.ndarray
         try:
             with warnings.catch_warnings():  # an empty file: the error below says so, numpy's warning is noise
                 warnings.filterwarnings("ignore", message="loadtxt: input contained no data")
-                arr = np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip, encoding="utf-8-sig")
+                arr = np.loadtxt(p, delimiter=delim, ndmin=2, skiprows=skip, encoding="utf-8-sig",
+                                 quotechar='"')
         except ValueError as exc:
             errors.append(exc)
             continue

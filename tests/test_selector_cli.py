@@ -308,3 +308,25 @@ def test_load_matrix_keeps_a_first_column_that_is_not_a_default_index(tmp_path):
     (tmp_path / "filtered.csv").write_text(",a\n3,1.5\n7,2.5\n8,3.5\n")
     with pytest.warns(UserWarning, match="no header name; it is read as a feature"):
         np.testing.assert_array_equal(load_matrix(tmp_path / "filtered.csv"), [[3, 1.5], [7, 2.5], [8, 3.5]])
+
+
+def test_load_matrix_reads_quoted_numbers(tmp_path):
+    """Quoted fields are valid CSV (spreadsheets and csv.QUOTE_ALL write "1.5"); numpy said 'could not convert
+    string '"1.5"' to float64', and a quoted numeric first row was dropped as a header."""
+    import csv
+
+    from submod.cli import load_matrix
+
+    X = np.random.default_rng(1).random((4, 3))
+    with open(tmp_path / "q.csv", "w", newline="") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_ALL)
+        w.writerow(["a", "b, with a comma", "c"])
+        w.writerows([[repr(float(v)) for v in row] for row in X])
+    np.testing.assert_array_equal(load_matrix(tmp_path / "q.csv"), X)
+    (tmp_path / "nohead.csv").write_text('"1.5","2"\n"3",4\n')  # a quoted numeric first row is data
+    np.testing.assert_array_equal(load_matrix(tmp_path / "nohead.csv"), [[1.5, 2.0], [3.0, 4.0]])
+    (tmp_path / "q.txt").write_text('"x" "y"\n"1.5" "2"\n3 "4"\n')
+    np.testing.assert_array_equal(load_matrix(tmp_path / "q.txt"), [[1.5, 2.0], [3.0, 4.0]])
+    (tmp_path / "text.csv").write_text('a,b\n"1.5","x"\n')  # a quoted word is still not a number
+    with pytest.raises(ValueError, match="could not read data"):
+        load_matrix(tmp_path / "text.csv")
