@@ -31,6 +31,7 @@ from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
 from .demo import DEMO_METHODS, _plot_accuracy, _render_table, _write_atomic, measure_latency
 from .pruning import _is_transformer, prune
+from .transformer import _cast_floats, _numpy_to_tensors
 
 __all__ = ["TRANSFORMER_METHODS", "compare_methods", "format_comparison", "write_comparison"]
 
@@ -63,7 +64,8 @@ def _scores(out: Any) -> torch.Tensor:
 
 
 def _eval_batches(loader: Iterable, dtype: torch.dtype | None) -> list[tuple[Any, torch.Tensor]]:
-    """The evaluation loader as ``(inputs, labels)`` pairs, read once; floating tensor inputs cast to ``dtype``."""
+    """The evaluation loader as ``(inputs, labels)`` pairs, read once; numpy arrays as tensors, also inside dict
+    or tuple inputs, as for the calibration batches; floating inputs cast to ``dtype``."""
     if not isinstance(loader, Iterable) or isinstance(loader, (torch.Tensor, Mapping, str, bytes)):
         raise ValueError(f"the evaluation data must be an iterable of (inputs, labels) batches, e.g. "
                          f"[(x, y)] or a DataLoader; got {type(loader).__name__}.")
@@ -71,9 +73,9 @@ def _eval_batches(loader: Iterable, dtype: torch.dtype | None) -> list[tuple[Any
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the evaluation loader must yield (inputs, labels) batches.")
-        x, y = _from_numpy(batch[0]), torch.as_tensor(_from_numpy(batch[1]))
-        if dtype is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            x = x.to(dtype)  # as the calibration data is
+        x, y = _numpy_to_tensors(batch[0]), torch.as_tensor(_from_numpy(batch[1]))
+        if dtype is not None:
+            x = _cast_floats(x, dtype)  # as the calibration data is
         out.append((x, y))
     if not out:
         raise ValueError("the evaluation loader is empty.")
@@ -171,7 +173,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         As for :func:`nn_adapters.prune`; read once. Without labels the labelled baseline (ActGrad) is left out of
         the default methods.
     eval_data : iterable of (inputs, labels) batches
-        Read once. Inputs are tensors (or dicts of tensors for Hugging Face models); the model must return class
+        Read once. Inputs are tensors (or dicts of tensors for Hugging Face models; numpy arrays are accepted
+        wherever a tensor is, as in the calibration data); the model must return class
         scores (a tensor, or an output with ``.logits``) whose argmax over the last dim is compared with the labels.
     budgets : sequence of float
         Whole-network parameter compressions (``budget="compression"``, MLP/CNN only) or keep fractions

@@ -392,3 +392,62 @@ def test_cli_compare_runs_each_repeated_budget_once(tmp_path, monkeypatch, capsy
     assert len(keys) == len(set(keys)) and {k[0] for k in keys} == {float(v) for v in values}
     err = capsys.readouterr().err
     assert f"{budget} lists {values[0]} more than once" in err and "--calib lists 40 more than once" in err
+
+
+_NUMPY_DICT_MODULE = '''
+import numpy as np
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, src, src_key_padding_mask=None):
+        return self.head(self.encoder(src, src_key_padding_mask=src_key_padding_mask).mean(1))
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 6, 16)), rng.integers(0, 3, 40)  # float64, as numpy makes them
+    mask = np.zeros((40, 6), dtype=bool)
+    mask[::3, -2:] = True
+    return x, y, mask
+
+
+def build():
+    torch.manual_seed(0)
+    x, y, mask = data()
+    calib = [{"src": x[:24], "src_key_padding_mask": mask[:24]}]
+    evals = [({"src": x[24:32], "src_key_padding_mask": mask[24:32]}, y[24:32]),
+             ({"src": x[32:], "src_key_padding_mask": mask[32:]}, y[32:])]
+    return Classifier().eval(), calib, evals
+'''
+
+
+def test_cli_prune_evaluates_numpy_batches_as_it_calibrates_on_them(tmp_path, monkeypatch, capsys):
+    """Numpy arrays inside dict batches (a tokenizer's return_tensors='np') were accepted as calibration data but
+    reached the model as numpy in the evaluation loader: 'the model failed on a batch of the evaluation loader
+    (TypeError: ... must be Tensor, not numpy.ndarray)'."""
+    (tmp_path / "npdict_models.py").write_text(_NUMPY_DICT_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import npdict_models
+
+    model, _, _ = npdict_models.build()
+    x, y, mask = npdict_models.data()
+    with torch.no_grad():  # the oracle: the unpruned model called on float32 tensors by hand
+        pred = model(torch.tensor(x[24:], dtype=torch.float32), torch.tensor(mask[24:])).argmax(-1).numpy()
+    expected = float(np.mean(pred == y[24:]))
+    args = _parser().parse_args(["prune", "npdict_models:build", "--keep", "0.5", "--out", "p.pt"])
+    assert args.func(args) == 0
+    assert f"accuracy on the evaluation loader: {100 * expected:.2f}% ->" in capsys.readouterr().out
+    args = _parser().parse_args(["prune", "npdict_models:build", "--compare", "--keep", "0.5", "--methods", "asym",
+                                 "--report-dir", "rep"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert [r["label"] for r in saved["rows"]] == ["asym"]
