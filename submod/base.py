@@ -16,6 +16,7 @@ Subclasses declare two facts that optimizers and certificates rely on:
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
@@ -190,6 +191,16 @@ class SetFunction(ABC):
             return NotImplemented
         return WeightedSum([self, other], [1.0, 1.0])
 
+    def __radd__(self, other: object) -> SetFunction:
+        """``0 + f`` is ``f``, so that the built-in ``sum([f, g, ...])`` (which starts from 0) adds set functions.
+
+        Only a zero is accepted, as for Python's numbers: ``F + c`` with a constant ``c != 0`` would not be
+        normalised (``F(empty) = c``).
+        """
+        if isinstance(other, numbers.Number) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
     def __mul__(self, weight: float) -> WeightedSum:
         return WeightedSum([self], [weight])
 
@@ -218,6 +229,8 @@ class WeightedSum(SetFunction):
     >>> f = submod.Modular([1.0, 2.0, 3.0]) + 2.0 * submod.Modular([0.0, 1.0, 0.0])
     >>> f.value([1, 2])
     7.0
+    >>> sum([submod.Modular([1.0, 0.0, 0.0]), submod.Modular([0.0, 2.0, 0.0])]).value([0, 1])  # 0 + f + g
+    3.0
     """
 
     def __init__(self, functions: Sequence[SetFunction], weights: Sequence[float] | None = None) -> None:

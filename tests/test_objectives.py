@@ -156,6 +156,21 @@ def test_modular_and_weighted_sum_match_definition():
     check_against(f, lambda S: 2.0 * sum(w[j] for j in S) + brute_facility(K, S), 4)
 
 
+def test_builtin_sum_of_set_functions_is_their_weighted_sum():
+    """``sum([f, g, h])`` starts from 0, so it needs ``0 + f``: it is ``f`` itself, and the sum matches the definition;
+    any other number stays refused (``F + c`` is not normalised)."""
+    w = np.array([1.0, 0.0, 2.5, 4.0])
+    K = np.abs(np.random.default_rng(4).standard_normal((4, 4)))
+    f, g = submod.Modular(w), submod.FacilityLocation(similarity=K)
+    assert 0 + f is f and 0.0 + g is g and np.float64(0.0) + f is f
+    total = sum([f, g, 3.0 * f])
+    assert isinstance(total, submod.WeightedSum) and total.submodular
+    check_against(total, lambda S: 4.0 * sum(w[j] for j in S) + brute_facility(K, S), 4)
+    for bad in (1, 0.5, "0", None, True):
+        with pytest.raises(TypeError):
+            bad + f
+
+
 def test_from_callable_normalises_and_flags():
     f = submod.from_callable(lambda S: 3.0 + len(S), n=4)
     assert f.value([]) == 0.0 and f.value([1, 2]) == 2.0
