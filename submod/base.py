@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validation import as_index_array, check_ground_set_size, gains_array
+from ._validation import as_float_array, as_index_array, check_ground_set_size, gains_array
 
 __all__ = ["SetFunction", "GainState", "from_callable", "CallableFunction", "WeightedSum"]
 
@@ -243,7 +243,7 @@ class WeightedSum(SetFunction):
         n = functions[0].n
         if any(f.n != n for f in functions):
             raise ValueError(f"all terms must share one ground set; got sizes {[f.n for f in functions]}.")
-        w = np.ones(len(functions)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+        w = np.ones(len(functions)) if weights is None else as_float_array(weights, "weights").ravel()
         if w.shape != (len(functions),):
             raise ValueError(f"got {len(functions)} functions but {w.size} weights; pass one weight per term.")
         if not np.all(np.isfinite(w)) or np.any(w < 0):

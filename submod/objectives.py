@@ -19,7 +19,14 @@ from numpy.typing import ArrayLike
 
 from ._parallel import parallel_map, workers
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, as_index_array, check_ground_set_size, frozen, is_symmetric
+from ._validation import (
+    as_float_array,
+    as_index_array,
+    check_ground_set_size,
+    complex_message,
+    frozen,
+    is_symmetric,
+)
 from .base import GainState, SetFunction
 
 __all__ = ["FacilityLocation", "FeatureBased", "Coverage", "LogDeterminant", "GraphCut", "Modular"]
@@ -368,6 +375,8 @@ class FacilityLocation(SetFunction):
             n_neighbors = int(n_neighbors)
         scan = None
         if similarity is not None:
+            if np.iscomplexobj(similarity):  # the float64 conversions below would keep the real part, silently
+                raise ValueError(complex_message("similarity"))
             if sp.issparse(similarity):
                 K = sp.csc_matrix(similarity, dtype=np.float64, copy=True)  # sum_duplicates works in place
                 if K.shape[0] != K.shape[1]:
@@ -829,6 +838,8 @@ class Coverage(SetFunction):
 
     def __init__(self, incidence: ArrayLike | sp.spmatrix, weights: ArrayLike | None = None) -> None:
         if sp.issparse(incidence):
+            if np.iscomplexobj(incidence):  # as the dense path: a complex entry is no statement of coverage
+                raise ValueError(complex_message("incidence"))
             M = sp.csr_matrix(incidence, copy=True)  # eliminate_zeros works in place
             if not np.all(np.isfinite(M.data)):
                 raise ValueError("incidence contains NaN or infinite values.")

@@ -1,6 +1,7 @@
 """Each objective equals its brute-force definition, on values and on marginal gains at random sets."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -217,6 +218,39 @@ def test_from_callable_normalises_and_flags():
 def test_bad_input_is_rejected_with_a_clear_message(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+_C = np.array([[1.0, 0.5j, 0.0], [-0.5j, 1.0, 0.2], [0.0, 0.2, 1.0]])   # Hermitian, non-negative real part
+
+
+@pytest.mark.parametrize("make", [
+    lambda: submod.FacilityLocation(similarity=_C),              # kept the real part, silently
+    lambda: submod.FacilityLocation(similarity=sp.csr_matrix(_C)),
+    lambda: submod.FacilityLocation(similarity=_C.real + 0j),    # a complex dtype, even with no imaginary part
+    lambda: submod.FacilityLocation(_C),
+    lambda: submod.FeatureBased(np.abs(_C) + 0j),
+    lambda: submod.FeatureBased(np.ones((3, 2)), weights=[1.0, 1j]),
+    lambda: submod.LogDeterminant(similarity=_C),
+    lambda: submod.LogDeterminant(_C),
+    lambda: submod.GraphCut(similarity=_C),
+    lambda: submod.Coverage(_C),
+    lambda: submod.Coverage(sp.csr_matrix(_C)),                  # the non-zero pattern was taken as coverage
+    lambda: submod.Coverage(np.ones((3, 3)), weights=[1.0, 1j, 1.0]),
+    lambda: submod.Modular([1.0, 1j, 2.0]),
+    lambda: 1j * submod.Modular([1.0, 0.0, 2.0]),                # weight 1j became 0, silently
+    lambda: submod.WeightedSum([submod.Modular([1.0, 2.0, 3.0])], [1 + 1j]),
+    lambda: submod.SparseRegression(_C, np.ones(3)),
+    lambda: submod.SparseRegression(np.eye(3), _C),
+    lambda: submod.SparseRegression.from_gram(_C, np.ones(3), 3.0),
+    lambda: submod.SparseRegression.from_gram(np.eye(3), 1j * np.ones(3), 3.0),
+    lambda: submod.SparseRegression.from_gram(np.eye(3), np.ones(3), 3.0 + 0j),
+])
+def test_complex_matrices_are_refused_by_every_objective(make):
+    """No objective keeps the real part of complex input: each refuses it and says what to pass instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # numpy's ComplexWarning is the silent real part: it must not be reached
+        with pytest.raises(ValueError, match="must be real.*real part"):
+            make()
 
 
 def test_caller_arrays_are_not_modified():
