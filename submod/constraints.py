@@ -156,17 +156,30 @@ class PartitionMatroid(Constraint):
     Parameters
     ----------
     groups : array of shape (n,)
-        Integer group label of each element, in ``[0, n_groups)``.
+        Non-negative integer group label of each element. Labels need not be consecutive: with one int budget
+        they may be any such integers (``[0, 10**12, 7]``); with an array of budgets they index it.
     budgets : int or array of shape (n_groups,)
         Maximum number of picks per group (one int applies to every group present). An array sets the number of
         groups, ``n_groups = len(budgets)``; a group may have no element (its labels are then simply absent),
         but every label must be below ``len(budgets)``.
+
+    Attributes
+    ----------
+    groups : array of int64, shape (n,)
+        The labels, read-only.
+    budgets : array of int64, shape (n_groups,)
+        The budget of each label ``0, ..., n_groups - 1``: the array given, or the int repeated up to the largest
+        label. The constraint itself stores one budget per label present (memory ``O(n)`` whatever the labels):
+        this array is built when read, and with one int budget its length is the largest label plus one.
 
     Examples
     --------
     >>> import submod
     >>> f = submod.Modular([5.0, 4.0, 3.0, 1.0])
     >>> c = submod.PartitionMatroid(groups=[0, 0, 1, 1], budgets=1)
+    >>> submod.maximize(f, 4, constraint=c).selected.tolist()
+    [0, 2]
+    >>> c = submod.PartitionMatroid(groups=[10**12, 10**12, 3, 3], budgets=1)   # no slot per label up to 10**12
     >>> submod.maximize(f, 4, constraint=c).selected.tolist()
     [0, 2]
     """
@@ -179,22 +192,50 @@ class PartitionMatroid(Constraint):
             raise ValueError("groups must be a non-empty 1-D array with one label per element.")
         if not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
             raise ValueError("group labels must be non-negative integers.")
-        n_labelled = int(g.max()) + 1
+        if int(g.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"group labels must fit in int64 (at most {np.iinfo(np.int64).max}); got {g.max()}. "
+                             "Renumber the groups, e.g. with np.unique(groups, return_inverse=True)[1].")
+        # The groups present, and each element's position among them: the tracker and the bounds work on these,
+        # so the memory is O(n) however large the labels are (one slot per label up to the largest was 8 TB for
+        # a label of 10**12).
+        labels, position = np.unique(g, return_inverse=True)
+        n_labelled = int(labels[-1]) + 1
         b = np.asarray(budgets)
         if b.ndim == 0 and np.issubdtype(b.dtype, np.integer):
-            b = np.full(n_labelled, b)
-        if b.ndim != 1 or not np.issubdtype(b.dtype, np.integer):
-            raise ValueError(f"budgets must be an int or a 1-D array of integers, one per group (labels reach "
-                             f"{n_labelled - 1}, so at least {n_labelled}); got {budgets!r}.")
-        # More budgets than labels present is fine: the groups without elements (e.g. labels of a subsample)
-        # simply allow no pick.
-        if b.size < n_labelled:
-            raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass "
-                             f"budgets with one per group ({n_labelled} or more), or an int for every group.")
-        if np.any(b < 0):
-            raise ValueError("budgets must be non-negative.")
+            if b < 0:
+                raise ValueError("budgets must be non-negative.")
+            self._scalar_budget: int | None = int(b)
+            self._budget_array: np.ndarray | None = None
+            present = np.full(labels.size, int(b), dtype=np.int64)
+        else:
+            if b.ndim != 1 or not np.issubdtype(b.dtype, np.integer):
+                raise ValueError(f"budgets must be an int or a 1-D array of integers, one per group (labels reach "
+                                 f"{n_labelled - 1}, so at least {n_labelled}); got {budgets!r}.")
+            # More budgets than labels present is fine: the groups without elements (e.g. labels of a subsample)
+            # simply allow no pick.
+            if b.size < n_labelled:
+                raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass "
+                                 f"budgets with one per group ({n_labelled} or more), or an int for every group.")
+            if np.any(b < 0):
+                raise ValueError("budgets must be non-negative.")
+            self._scalar_budget = None
+            self._budget_array = b.astype(np.int64)
+            self._budget_array.flags.writeable = False
+            present = self._budget_array[labels]
         self.groups = g.astype(np.int64)
-        self.budgets = b.astype(np.int64)
+        self.groups.flags.writeable = False
+        self._labels = labels.astype(np.int64)
+        self._position = position.reshape(-1).astype(np.int64)   # index into _labels of each element's group
+        self._present_budgets = present                          # budget of each group present
+
+    @property
+    def budgets(self) -> np.ndarray:
+        """The budget of each label ``0, ..., n_groups - 1`` (read-only; see the class's Attributes)."""
+        if self._budget_array is not None:
+            return self._budget_array
+        out = np.full(int(self._labels[-1]) + 1, self._scalar_budget, dtype=np.int64)
+        out.flags.writeable = False
+        return out
 
     def _check(self, n: int) -> None:
         if self.groups.size != n:
@@ -205,25 +246,25 @@ class PartitionMatroid(Constraint):
         return _PartitionTracker(self)
 
     def _max_picks(self, n: int) -> int:
-        sizes = np.bincount(self.groups, minlength=self.budgets.size)
-        return int(np.minimum(sizes, self.budgets).sum())  # the matroid's rank
+        sizes = np.bincount(self._position, minlength=self._labels.size)
+        return int(np.minimum(sizes, self._present_budgets).sum())  # the matroid's rank
 
     def _max_total_gain(self, gains: np.ndarray, k: int) -> float:
         g = np.maximum(gains, 0.0)
         keep = np.zeros(g.size, dtype=bool)
-        order = np.lexsort((-g, self.groups))                     # by group, then by decreasing gain
-        grp = self.groups[order]
+        order = np.lexsort((-g, self._position))                  # by group, then by decreasing gain
+        grp = self._position[order]
         first = np.searchsorted(grp, grp, side="left")            # position of each group's first element
         rank = np.arange(order.size) - first                      # rank of the gain inside its group
-        keep[order] = rank < self.budgets[grp]
+        keep[order] = rank < self._present_budgets[grp]
         return _top_sum(g[keep], k)
 
 
 class _PartitionTracker(_Tracker):
     def __init__(self, c: PartitionMatroid) -> None:
         super().__init__(c.groups.size)
-        self.groups = c.groups
-        self.left = c.budgets.copy()
+        self.groups = c._position
+        self.left = c._present_budgets.copy()
         self.allowed &= self.left[self.groups] > 0
 
     def add(self, j: int) -> None:

@@ -451,6 +451,30 @@ def test_bad_objective_and_constraints_are_rejected():
     assert submod.PartitionMatroid([0, 0, 1, 1], np.int32(2)).budgets.tolist() == [2, 2]
 
 
+def test_partition_matroid_labels_are_not_slots():
+    """Labels are names, not positions: a label of 10**12 with one int budget took a budget slot per label up to it
+    (8 TB, a MemoryError). Greedy on a modular function is optimal on a matroid, so the oracle is brute force over
+    the sets the budgets allow; renumbering the labels changes nothing."""
+    w = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0])
+    huge = np.array([0, 10**12, 1, 10**12, 1, 10**12, 7])
+    dense = np.unique(huge, return_inverse=True)[1]
+    for k in range(1, 6):
+        for b in (1, 2):
+            c = submod.PartitionMatroid(huge, budgets=b)
+            feasible = [S for r in range(k + 1) for S in itertools.combinations(range(7), r)
+                        if all(np.sum(dense[list(S)] == g) <= b for g in range(4))]
+            res = submod.maximize(submod.Modular(w), k, constraint=c)
+            assert res.value == pytest.approx(max(w[list(S)].sum() for S in feasible))
+            assert res.selected.tolist() == submod.maximize(
+                submod.Modular(w), k, constraint=submod.PartitionMatroid(dense, b)).selected.tolist()
+            assert res.certificate.upper_bound >= res.value
+    # per-group budgets given as an array still index it by label (no huge label possible there without the array)
+    c = submod.PartitionMatroid([0, 3, 3, 1], [1, 0, 5, 2])
+    assert c.budgets.tolist() == [1, 0, 5, 2]
+    res = submod.maximize(submod.Modular([1.0, 2.0, 3.0, 4.0]), 4, constraint=c)
+    assert sorted(res.selected.tolist()) == [0, 1, 2]   # group 3 allows both, group 0 its one; label 1 allows none
+
+
 def test_value_oracle_returning_nan_is_rejected():
     f = submod.from_callable(lambda S: float("nan") if len(S) == 2 else float(len(S)), n=3)
     with pytest.raises(ValueError, match="finite"):
