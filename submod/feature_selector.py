@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
 from ._validation import as_float_array
@@ -230,6 +231,14 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         f = SparseRegression(Xa, ya, ridge=self.ridge, groups=self.groups, fit_intercept=bool(self.fit_intercept))
         k = self._resolve_budget(f.n)
         gamma = self.gamma_lower(f, k) if callable(self.gamma_lower) else self.gamma_lower
+        if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool) and gamma == 1:
+            # maximize's message would say to set the objective's submodular attribute, which this selector builds
+            # inside fit: the user can only change gamma_lower
+            given = "gamma_lower(objective, k) returned 1" if callable(self.gamma_lower) else "gamma_lower=1"
+            raise ValueError(f"{given}: that is the submodular online bound, and least squares is not submodular "
+                             "(the 'bound' can fall below the best R^2). Pass a proven lower bound computed on the "
+                             "data being fitted, gamma_lower=lambda f, k: verification.submodularity_ratio(f, k, "
+                             "method='spectral'), or gamma_lower=None for no certificate_.")
         # a proven bound of 0 (e.g. duplicate columns) is sound but certifies nothing
         if isinstance(gamma, numbers.Real) and not isinstance(gamma, bool) and gamma == 0:
             gamma = None
@@ -271,6 +280,11 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
     def _validate_Xy(self, X: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Float64 ``X`` (2-D) and ``y`` (1-D or 2-D) with matching rows; sets ``n_features_in_`` (and
         ``feature_names_in_`` for a DataFrame with scikit-learn)."""
+        for name, arr in (("X", X), ("y", y)):
+            if sp.issparse(arr):  # the same error with or without scikit-learn (whose own is a TypeError)
+                raise ValueError(f"{name} must be a dense array; got a scipy sparse {type(arr).__name__}. Pass "
+                                 f"{name}.toarray(): the selection works on the Gram matrix X^T X, which is dense "
+                                 "anyway.")
         if _HAS_SKLEARN:
             kwargs: dict[str, Any] = {"multi_output": True, "y_numeric": True, "dtype": np.float64}
             if _sk_validate_data is not None:
@@ -304,6 +318,11 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Real):
             raise ValueError(f"n_features_to_select must be an int >= 1, a float in (0, 1] or None; got {k!r}.")
         if isinstance(k, numbers.Integral):
+            if int(k) == 0:
+                raise ValueError(f"n_features_to_select=0 is out of range: it would select no {unit}, leaving the "
+                                 "intercept alone (as scikit-learn's SequentialFeatureSelector, it must be at least "
+                                 f"1); pass an int in [1, {n_units}] or a fraction in (0, 1]. (submod.maximize(f, 0) "
+                                 "returns the empty set, if that is what you need.)")
             if not 1 <= int(k) <= n_units:
                 where = f" in {n_units} groups" if self.groups is not None else ""
                 raise ValueError(f"n_features_to_select={k} is out of range for X with n_features = "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -242,6 +243,35 @@ def test_a_zero_gamma_bound_gives_no_certificate():
     assert SparseRegressionSelector(2, gamma_lower=lambda f, k: 0.0).fit(X, y).certificate_ is None
     with pytest.raises(ValueError, match="gamma_lower"):
         SparseRegressionSelector(2, gamma_lower=1.5).fit(X, y)
+
+
+def test_gamma_lower_one_is_refused_in_terms_of_the_selectors_parameter():
+    """The objective is built inside fit, so the error names gamma_lower and how to compute a proven bound, not the
+    objective's submodular attribute (which the user cannot reach)."""
+    X = np.random.default_rng(0).standard_normal((20, 4))
+    y = X[:, 0] + X[:, 1]
+    for gamma, said in ((1.0, "gamma_lower=1"), (1, "gamma_lower=1"), (np.float64(1.0), "gamma_lower=1"),
+                         (lambda f, k: 1.0, r"gamma_lower\(objective, k\) returned 1")):
+        with pytest.raises(ValueError, match=said) as info:
+            SparseRegressionSelector(2, gamma_lower=gamma).fit(X, y)
+        message = str(info.value)
+        assert "submodularity_ratio(f, k, method='spectral')" in message and "gamma_lower=None" in message
+        assert "attribute" not in message
+
+
+def test_sparse_input_and_zero_features_are_refused_clearly():
+    """Refused as SparseRegression refuses them (a ValueError saying .toarray(), not scikit-learn's TypeError), and
+    n_features_to_select=0 as scikit-learn's SequentialFeatureSelector refuses it, saying why."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 4))
+    y = X[:, 0] + X[:, 1]
+    for Xs, ys, name in ((sp.csr_matrix(X), y, "X"), (sp.csc_array(X), y, "X"), (X, sp.csr_matrix(y[:, None]), "y")):
+        with pytest.raises(ValueError, match=rf"{name} must be a dense array.*{name}\.toarray\(\)"):
+            SparseRegressionSelector(2).fit(Xs, ys)
+    with pytest.raises(ValueError, match=r"=0 is out of range: it would select no features.*\[1, 4\]"):
+        SparseRegressionSelector(0).fit(X, y)
+    with pytest.raises(ValueError, match=r"=0 is out of range: it would select no groups.*\[1, 2\]"):
+        SparseRegressionSelector(0, groups=2).fit(X, y)
 
 
 # ---------------------------------------------------------------------------------------------- early stop
