@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 
 from ._sr_kernels import (
     ForwardRegressionState,
@@ -64,6 +64,43 @@ def _check_ridge(ridge: object) -> float:
         raise ValueError(f"ridge must be finite and >= 0 (it is the weight of the penalty ridge * ||M||^2); got "
                          f"{ridge!r}. Pass ridge=0.0 for ordinary least squares.")
     return r
+
+
+#: Relative tolerance of the positive-semidefiniteness check of :meth:`SparseRegression.from_gram`, per sqrt(p):
+#: float32 rounding of a Gram matrix moves the eigenvalues of its correlation matrix ``D^-1/2 G D^-1/2`` by about
+#: ``sqrt(p) * 2^-23`` (measured up to 3.3 times that on rank-deficient ReLU-like activations with a large mean,
+#: p = 1024 to 3072, float32 products and float32 sums of batch Grams); the check allows 32 times that.
+_PSD_TOL_PER_SQRT_P = 32 * 2.0 ** -23
+#: A floor of the same check, relative to the largest entry of G: what a zero column (a dead unit) and a diagonal
+#: entry within rounding of 0 (``from_gram`` lets a diagonal down to ``-1e-12`` of the largest entry through as
+#: rounding, counted here as 0) need to factorise. Columns whose squared norm is more than about ``1e-14 / tol``
+#: of the largest are checked at their own scale.
+_PSD_FLOOR = 1e-14
+
+
+def _check_psd(g: np.ndarray) -> None:
+    """Refuse a symmetric ``g`` that is not positive semidefinite up to rounding (a Gram matrix ``A^T A`` is).
+
+    With ``diag(g)`` clipped at 0, ``g + diag(tol * diag(g) + floor)`` must have a Cholesky factor, where
+    ``tol = 32 sqrt(p) 2^-23`` and ``floor = 1e-14 max|g|`` (``max|g| = max(diag(g))`` for a PSD ``g``). For columns
+    well above the floor this is ``lambda_min(D^-1/2 g D^-1/2) >= -tol``, the smallest eigenvalue of the correlation
+    matrix: the check is invariant to the scale of ``g`` and (above the floor) of each column, and lets the rounding
+    of a float32-accumulated Gram through. One Cholesky (``p^3 / 3`` flops, a tenth of an eigenvalue decomposition)
+    and one ``p x p`` copy.
+    """
+    p = g.shape[0]
+    diag = np.maximum(np.diag(g), 0.0)
+    top = float(np.abs(g).max(initial=0.0))   # the largest diagonal entry when g is PSD
+    if top == 0.0:
+        return
+    m = g.copy()
+    m[np.diag_indices(p)] = diag * (1.0 + _PSD_TOL_PER_SQRT_P * np.sqrt(p)) + _PSD_FLOOR * top
+    _, info = lapack.dpotrf(m, lower=1, clean=0, overwrite_a=1)
+    if info > 0:
+        raise ValueError(f"G is not positive semidefinite (its leading {info} x {info} block is not, beyond float32 "
+                         "rounding); a Gram matrix A^T A is. Check that G = A^T A over the same rows as B and "
+                         "y_norm2 (a sum of per-batch Grams is one; a matrix of pairwise estimates, e.g. with "
+                         "missing values, need not be), or build the objective with GramAccumulator.")
 
 
 def _check_tol(tol: object) -> float:
@@ -242,7 +279,11 @@ class SparseRegression(SetFunction):
         Parameters
         ----------
         G : array_like, shape (p, p)
-            ``A^T A`` (raw, uncentred), symmetric positive semi-definite.
+            ``A^T A`` (raw, uncentred), symmetric positive semi-definite. Both are checked, up to rounding, relative
+            to the scale of ``G`` and of each column: an asymmetric or indefinite ``G`` is refused, a Gram
+            accumulated in float32 is accepted (the smallest eigenvalue of the correlation matrix
+            ``D^-1/2 G D^-1/2`` may be as low as ``-32 sqrt(p) 2^-23``). The check is one Cholesky factorisation of
+            ``G`` (``p^3 / 3`` flops).
         B : array_like, shape (p, m) or (p,)
             ``A^T Y``.
         y_norm2 : float
@@ -293,6 +334,7 @@ class SparseRegression(SetFunction):
             raise ValueError("G has a negative diagonal entry, so it is not a Gram matrix A^T A (diagonal = squared "
                              "column norms). Check the statistics.")
         g = 0.5 * (g + g.T)
+        _check_psd(g)
         ma = mb = None
         if mean_a is not None:
             ma = as_float_array(mean_a, "mean_a", 1)

@@ -654,6 +654,72 @@ def test_bad_input_is_a_clear_value_error(kwargs, match):
         SparseRegression(A, Y, **args)
 
 
+def _corr_lambda_min(G: np.ndarray) -> float:
+    """Smallest eigenvalue of the correlation matrix D^-1/2 G D^-1/2 (zero columns left out): the oracle."""
+    d = np.diag(G)
+    live = d > 0
+    s = 1.0 / np.sqrt(d[live])
+    return float(np.linalg.eigvalsh(G[np.ix_(live, live)] * s[:, None] * s[None, :])[0])
+
+
+def _indefinite_and_psd(p: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A rank-deficient PSD matrix (eigenvalues in [1, 10] and zeros) and the same with one eigenvalue -0.05."""
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(rng.standard_normal((p, p)))[0]
+    lam = np.concatenate([rng.uniform(1.0, 10.0, p // 2), np.zeros(p - p // 2)])
+    psd = (Q * lam) @ Q.T
+    lam[-1] = -0.05
+    bad = (Q * lam) @ Q.T
+    return (psd + psd.T) / 2, (bad + bad.T) / 2
+
+
+def test_from_gram_refuses_an_indefinite_gram_at_any_scale():
+    """A Gram matrix A^T A is PSD. An indefinite G (here the smallest eigenvalue of its correlation matrix is below
+    -1e-3, far beyond rounding) is refused; multiplying G by c, or each column and row by its own factor, changes
+    neither verdict (the tolerance is relative). It used to be accepted without a word."""
+    psd, bad = _indefinite_and_psd()
+    assert _corr_lambda_min(bad) < -1e-3 and _corr_lambda_min(psd) > -1e-12
+    p = psd.shape[0]
+    B, y2 = np.zeros(p), 1.0
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        SparseRegression.from_gram(np.array([[1.0, 2.0], [2.0, 1.0]]), np.zeros(2), 1.0)
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        SparseRegression.from_gram(np.array([[0.0, 1.0], [1.0, 0.0]]), np.zeros(2), 1.0)  # zero diagonal
+    d = 10.0 ** np.random.default_rng(1).uniform(-3, 3, p)   # squared column norms 12 orders of magnitude apart
+    for c in (1e-100, 1e-8, 1.0, 1e8, 1e100):
+        for D in (np.ones(p), d):
+            SparseRegression.from_gram(c * (psd * D[:, None] * D[None, :]), B, y2)
+            with pytest.raises(ValueError, match="not positive semidefinite"):
+                SparseRegression.from_gram(c * (bad * D[:, None] * D[None, :]), B, y2)
+
+
+def test_from_gram_accepts_float32_accumulated_grams_of_real_data():
+    """Grams of real data computed in float32 (one product, or a float32 sum of per-batch Grams) are PSD only up
+    to float32 rounding: the correlation matrix of the rank-deficient ones has eigenvalues below -1e-7, which
+    float64 rounding never produces. They are accepted, and the objective is close to the float64 one."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits().data                   # 1797 x 64, constant (all-zero) pixels among them
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.standard_normal((96, 40)) @ rng.standard_normal((40, 300)), 0.0) + 10.0
+    relu[:, :5] = 0.0                                      # dead units
+    relu[:, 5:10] = relu[:, 10:15]                         # duplicates; n = 96 < p = 300: rank deficient
+    seen_rounding = []
+    for A in (digits, relu):
+        A32 = A.astype(np.float32)
+        y = A @ rng.standard_normal(A.shape[1]) + rng.standard_normal(A.shape[0])
+        for batches in (1, 8):
+            G32 = np.zeros((A.shape[1], A.shape[1]), np.float32)
+            for part in np.array_split(A32, batches):
+                G32 += part.T @ part
+            G = G32.astype(np.float64)
+            seen_rounding.append(_corr_lambda_min(G))
+            f = SparseRegression.from_gram(G, (A32.T @ y.astype(np.float32)).astype(np.float64), float(y @ y))
+            exact = SparseRegression(A.astype(np.float32).astype(np.float64), y)
+            S = [int(j) for j in np.argsort(-A.std(axis=0))[:3]]
+            assert f.value(S) == pytest.approx(exact.value(S), rel=1e-3)
+    assert min(seen_rounding) < -1e-7   # the rounding the check must tolerate did occur
+
+
 def test_bad_statistics_and_calls():
     rng = np.random.default_rng(15)
     A, Y = rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
