@@ -90,7 +90,8 @@ def test_certificates_with_proven_gamma_are_above_brute_force_opt(data, k, metho
 @given(f=vst.set_functions(n=st.integers(2, 8)).filter(lambda f: f.submodular), k=st.integers(1, 4))
 def test_submodular_certificate_is_above_opt(f, k):
     k = min(k, f.n)
-    cert = certify(f, submod.maximize(f, k, method="lazy"))
+    # k given: a run that stops early (no positive gain) holds fewer than k picks, possibly none
+    cert = certify(f, submod.maximize(f, k, method="lazy"), k=k)
     assert cert.gamma_lower == 1.0
     assert cert.upper_bound >= brute_opt(f, k) - 1e-9 * max(1.0, cert.upper_bound)
 
@@ -321,3 +322,21 @@ def test_no_methods_is_refused_rather_than_holding_vacuously():
     with pytest.raises(ValueError, match="methods is empty"):
         check_guarantee(f, 2, methods=())
     assert check_guarantee(f, 2, methods=["greedy"]).all_hold  # a list works as the tuple does
+
+
+def test_a_budget_of_zero_is_refused_by_certify_as_by_the_other_checks():
+    """OPT_0 = F(empty) = 0 needs no certificate, and the ratio gamma_{U,0} is a minimum over no set S: certify
+    refuses k = 0 (explicit, or the size of an empty run) as check_guarantee and error_decay do. It used to
+    answer, and asked a least-squares objective for a proven gamma it would not have used."""
+    f = submod.Modular([1.0, 2.0, 3.0])
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((20, 4))
+    g = SparseRegression(A, A[:, 0] + A[:, 1])
+    for fn, args in ((f, ([],)), (f, ([2, 1],)), (g, ([], 0.5))):
+        with pytest.raises(ValueError, match="k >= 1: OPT_0 = F\\(empty\\) = 0"):
+            certify(fn, *args, k=0)
+    with pytest.raises(ValueError, match="the run selected nothing: pass k="):
+        certify(f, submod.maximize(f, 0))
+    with pytest.raises(ValueError, match="at least 1"):
+        check_guarantee(f, 0)
+    assert certify(f, [], k=2).upper_bound == pytest.approx(5.0)   # an empty run with a budget is still certified

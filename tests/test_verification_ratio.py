@@ -360,3 +360,38 @@ def test_misshapen_arguments_are_refused_with_what_to_pass():
     assert submodularity_ratio(f, 2, U={0, 1}).U == (0, 1)
     assert submodularity_ratio(f, 2, U=range(2)).U == (0, 1)
     assert error_decay(f, comparators=[[0, 1], {2}]).bound("comparator 1 (s=1)").holds
+
+
+def test_sampled_and_path_ratios_of_a_non_monotone_function_only_refute():
+    """gamma and its guarantee are defined for monotone F. On a function declared monotone=False the sampled and
+    greedy-path numbers stay upper bounds that certify nothing: never sound, refused as gamma_lower, and their note
+    says so. On a submodular one (the cut of a path) they stay at 1 (submodularity gives sum_j F(j|L) >= F(S|L)),
+    so they refute nothing; on a non-submodular one a value below 1 is a refutation the brute force confirms."""
+    edges = [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+    def cut(S):
+        S = set(S.tolist())
+        return float(sum((a in S) != (b in S) for a, b in edges))
+
+    def bump(S):   # not monotone, not submodular: 0, 1, 3, 6, 4, 0 by size
+        return float([0, 1, 3, 6, 4, 0][len(S)])
+
+    for oracle, submodular in ((cut, True), (bump, False)):
+        f = submod.from_callable(oracle, n=5, submodular=submodular, monotone=False)
+        with pytest.warns(submod.NonMonotoneWarning):
+            estimates = [submodularity_ratio(f, 3, method="sampled", n_samples=300, seed=1),
+                         submodularity_ratio(f, 3, method="greedy-path")]
+        for est in estimates:
+            assert est.kind == "upper bound" and not est.sound_lower
+            assert est.parameters["note"].startswith("F is declared monotone=False")
+            with pytest.raises(ValueError, match="LOWER bound"):
+                submod.maximize(f, 3, gamma_lower=est)
+            with pytest.raises(ValueError, match="monotone=False"):
+                vf_certify(f, [0, 1], est)
+            if submodular:
+                assert est.value >= 1.0 - 1e-12
+        if not submodular:
+            assert min(e.value for e in estimates) < 1.0
+            # brute force: some L and j, x outside L with F(j|L) < F(j|L + x), diminishing returns fails
+            assert any(bump(np.arange(s + 1)) - bump(np.arange(s)) < bump(np.arange(s + 2)) - bump(np.arange(s + 1))
+                       for s in range(4))

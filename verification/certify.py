@@ -151,7 +151,7 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
         the run, only the prefixes inside ``U`` are used. A number is trusted as a proven lower bound, except
         ``1`` on a function not declared submodular, which is refused.
     k : int, optional
-        Budget of ``OPT_k``; default the size of ``result``.
+        Budget of ``OPT_k``, at least 1; default the size of ``result`` (which must then hold an element).
     use_full_set : bool, optional
         Also use ``OPT_k <= F(V)``; default when ``n <= 2000``.
 
@@ -164,7 +164,8 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     ValueError
         When ``gamma_lower`` is not a proven lower bound (an upper bound, an estimate, or ``gamma = 1`` on a
         function that is not declared submodular), with the way to obtain one; when ``result`` is a run made under
-        a knapsack or matroid constraint; when ``f`` is declared ``monotone=False``.
+        a knapsack or matroid constraint; when ``f`` is declared ``monotone=False``; when the budget is 0
+        (``OPT_0 = F(empty) = 0``, as :func:`check_guarantee` and :func:`error_decay`, which refuse it too).
 
     Examples
     --------
@@ -202,6 +203,11 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     raw = result.selected if isinstance(result, submod.SelectionResult) else result
     selected = as_index_array(raw, f.n, "result")
     kk = selected.size if k is None else check_k(k, f.n)
+    if kk == 0:
+        # as check_guarantee, error_decay and submodularity_ratio: OPT_0 = F(empty) = 0 exactly, and the ratio
+        # gamma_{U,0} the bound would rest on is a minimum over no set S
+        raise ValueError("certify needs a budget k >= 1: OPT_0 = F(empty) = 0 exactly, with nothing to certify"
+                         + (" (the run selected nothing: pass k= the budget to bound OPT_k)." if k is None else "."))
     gamma, source, n_prefix = _resolve_gamma(f, gamma_lower, kk, selected)
     bounds, evals = prefix_bounds(f, selected, kk, gamma, n_prefix)
     value = f.value(selected)

@@ -83,6 +83,11 @@ class RatioEstimate:
         return f"gamma_{{{where}, k={self.k}}}: {self.value:.6g} [{self.kind}; method {self.method}]"
 
 
+#: Added to the note of a sampled or greedy-path estimate of a function declared ``monotone=False``.
+NON_MONOTONE_NOTE = ("F is declared monotone=False: gamma and its greedy guarantee are defined for monotone F only, "
+                     "so this number can only refute (a value below 1 shows that F is not submodular); ")
+
+
 def _ratio_array(numer: np.ndarray, denom: np.ndarray, atol: float) -> np.ndarray:
     """Ratios with the conventions ``0/0 := 1`` and ``x/0 := +inf`` (``|.| <= atol`` counts as 0)."""
     zero_d = denom <= atol
@@ -387,8 +392,9 @@ def _sampled(f: SetFunction, k: int, U: np.ndarray | None, n_samples: int, rng: 
         parameters={"n_samples": n_samples, "rtol": rtol,
                     "witness_L": None if witness is None else witness[0].tolist(),
                     "witness_S": None if witness is None else witness[1].tolist(),
-                    "note": "minimum over random pairs (capped at 1, the ratio of any singleton S): an upper "
-                            "bound on gamma, never usable in a guarantee"},
+                    "note": ("" if f.monotone else NON_MONOTONE_NOTE)
+                    + "minimum over random pairs (capped at 1, the ratio of any singleton S): an upper bound on "
+                      "gamma, never usable in a guarantee"},
         cost={"gain_evaluations": gain_evals, "state_updates": updates, "seconds": time.perf_counter() - start})
 
 
@@ -435,8 +441,9 @@ def _greedy_path(f: SetFunction, k: int, comparator: ArrayLike | None, result: s
     return RatioEstimate(
         value=value, kind="upper bound", method="greedy-path", k=k_prime, U=tuple(sel.tolist()),
         parameters={"comparator": None if comparator is None else T.tolist(), "rtol": rtol,
-                    "note": "exact ratios at the pairs (L = S_t, S = T \\ S_t) of a greedy run: their minimum is "
-                            "an upper bound on gamma_{S_k, k'} with k' = max(k, max_t |T \\ S_t|)"},
+                    "note": ("" if f.monotone else NON_MONOTONE_NOTE)
+                    + "exact ratios at the pairs (L = S_t, S = T \\ S_t) of a greedy run: their minimum is an upper "
+                      "bound on gamma_{S_k, k'} with k' = max(k, max_t |T \\ S_t|)"},
         cost={"gain_evaluations": gain_evals, "state_updates": updates, "seconds": time.perf_counter() - start},
         details={"path_ratios": ratios, "sizes": sizes, "violations": violations,
                  "dr_ratio_upper": float(min(dr)) if dr else None,
