@@ -19,6 +19,7 @@ import submod
 from submod import SetFunction
 from submod._validation import as_index_array, check_k
 
+from ._serialise import ResultDict
 from .ratio import RatioEstimate
 
 __all__ = ["CertificateCheck", "certify", "prefix_bounds"]
@@ -30,7 +31,7 @@ _ROUNDING = 1e-9
 
 
 @dataclass(frozen=True)
-class CertificateCheck:
+class CertificateCheck(ResultDict):
     """A proven upper bound on ``OPT_k`` and what it rests on.
 
     Attributes
@@ -55,6 +56,9 @@ class CertificateCheck:
     full_set_value : float or None
         ``F(V)`` when computed.
     cost : dict
+
+    ``to_dict()`` returns these attributes and ``ratio`` as JSON-serialisable builtins (arrays as lists, a
+    non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``).
     """
 
     upper_bound: float
@@ -67,6 +71,8 @@ class CertificateCheck:
     full_set_value: float | None
     cost: dict[str, float] = field(default_factory=dict)
     kind: str = "proven upper bound on OPT_k"
+
+    _derived = ("ratio",)
 
     @property
     def ratio(self) -> float:

@@ -38,6 +38,7 @@ from submod import SetFunction
 from submod._validation import as_index_array
 
 from ._kernels import exp_rate_bound, fit_contraction, lambda_min, path_bound, schur_complement, whitened_gram
+from ._serialise import ResultDict
 from ._values import MAX_TABLE_N, ValueTable, members, popcount
 from .ratio import is_regression, monotone_tolerance, path_ratios, regression_stats
 
@@ -50,7 +51,7 @@ PER_STEP_MAX_COLUMNS = 400
 
 
 @dataclass(frozen=True)
-class BoundCurve:
+class BoundCurve(ResultDict):
     """A bound on ``err_k`` for ``k = 0..k_max``.
 
     Attributes
@@ -79,7 +80,7 @@ class BoundCurve:
 
 
 @dataclass(frozen=True)
-class ErrorDecay:
+class ErrorDecay(ResultDict):
     """Result of :func:`error_decay`.
 
     Attributes
@@ -105,6 +106,10 @@ class ErrorDecay:
         but excluded from ``lambda_min``: they do not weaken the bounds). They are found on the Gram without
         the ridge, so a ridge does not hide them; each line says what it does to the bounds.
     parameters, cost : dict
+
+    ``to_dict()`` returns these attributes (each bound curve a dict of its own attributes), ``relative_errors``
+    and ``all_hold`` as JSON-serialisable builtins (arrays as lists, a non-finite float, such as an undefined
+    ``contraction``, as the string ``"nan"``, ``"inf"`` or ``"-inf"``).
     """
 
     kept: np.ndarray
@@ -118,6 +123,8 @@ class ErrorDecay:
     preconditions: list[str]
     parameters: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
+
+    _derived = ("relative_errors", "all_hold")
 
     @property
     def relative_errors(self) -> np.ndarray:

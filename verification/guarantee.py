@@ -13,6 +13,7 @@ import submod
 from submod import SetFunction
 from submod._validation import check_k
 
+from ._serialise import ResultDict
 from ._values import ValueTable, mask_of, members, popcount
 from .ratio import exact_ratio_from_table, monotone_tolerance, zero_tolerance
 
@@ -38,7 +39,7 @@ def bian_bound(gamma: float, alpha: float) -> float:
 
 
 @dataclass(frozen=True)
-class GuaranteeRow:
+class GuaranteeRow(ResultDict):
     """One optimizer's value next to the bounds it should satisfy.
 
     Attributes
@@ -85,7 +86,7 @@ class GuaranteeRow:
 
 
 @dataclass(frozen=True)
-class GuaranteeCheck:
+class GuaranteeCheck(ResultDict):
     """Result of :func:`check_guarantee`.
 
     Attributes
@@ -103,6 +104,9 @@ class GuaranteeCheck:
         size ``<= k``.
     rows : list of GuaranteeRow
     cost : dict
+
+    ``to_dict()`` returns these attributes (each row a dict of its own attributes) and ``all_hold`` as
+    JSON-serialisable builtins (a non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``).
     """
 
     k: int
@@ -113,6 +117,8 @@ class GuaranteeCheck:
     alpha: float
     rows: list[GuaranteeRow] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
+
+    _derived = ("all_hold",)
 
     @property
     def all_hold(self) -> bool:

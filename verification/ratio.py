@@ -29,6 +29,7 @@ from submod import SetFunction
 from submod._validation import as_index_array, check_k, rng_from_seed
 
 from ._kernels import lambda_min, n_unit_subsets, sparse_lambda_min, whitened_gram
+from ._serialise import ResultDict
 from ._values import MAX_TABLE_N, ValueTable, bit_matrix, mask_of, members, popcount
 
 __all__ = ["RatioEstimate", "submodularity_ratio", "METHODS", "KINDS", "DEFAULT_MAX_PAIRS", "regression_stats"]
@@ -40,7 +41,7 @@ DEFAULT_MAX_PAIRS = 2_000_000
 
 
 @dataclass(frozen=True)
-class RatioEstimate:
+class RatioEstimate(ResultDict):
     """An answer about the submodularity ratio that says what it is.
 
     Attributes
@@ -62,6 +63,9 @@ class RatioEstimate:
         ``gain_evaluations``, ``state_updates`` (or ``eigen_problems``) and ``seconds``.
     details : dict
         Per-method extras (e.g. the ratios along a greedy path, stale-bound violations).
+
+    ``to_dict()`` returns these attributes and ``sound_lower`` as JSON-serialisable builtins (arrays as lists, a
+    non-finite float, such as an infinite path ratio, as the string ``"nan"``, ``"inf"`` or ``"-inf"``).
     """
 
     value: float
@@ -72,6 +76,8 @@ class RatioEstimate:
     parameters: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+
+    _derived = ("sound_lower",)
 
     @property
     def sound_lower(self) -> bool:

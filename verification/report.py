@@ -21,6 +21,7 @@ from submod import SetFunction
 from submod._atomic import file_mode
 from submod._validation import check_k, rng_from_seed
 
+from ._serialise import ResultDict
 from ._values import MAX_TABLE_N
 from .certify import certify, prefix_bounds
 from .decay import ErrorDecay, error_decay
@@ -31,7 +32,7 @@ __all__ = ["report", "Report"]
 
 
 @dataclass
-class Report:
+class Report(ResultDict):
     """What :func:`report` computed, and where it wrote it.
 
     Attributes
@@ -60,6 +61,9 @@ class Report:
     decay : ErrorDecay or None
     markdown : str
         The text of the Markdown file at ``path``.
+
+    ``to_dict()`` returns these attributes as JSON-serialisable builtins: paths as strings, the nested results as
+    their own ``to_dict()``, a non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``.
     """
 
     path: Path
