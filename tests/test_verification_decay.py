@@ -137,6 +137,34 @@ def test_user_comparators_and_bad_input():
         error_decay(f, 2, comparators="best")
 
 
+def test_plot_does_not_draw_an_exact_zero_as_an_error_of_1e16():
+    """Y lies in the span of two orthogonal columns, so after two picks the residual is exactly 0, which a log axis
+    cannot show. The measured curve stops where the error leaves the axis; those points are open markers at the
+    floor whose legend says they are 0, on a floor line the legend explains. Before, they sat on the curve at
+    1e-16, as if measured there."""
+    import matplotlib.pyplot as plt
+
+    A = np.eye(6)[:, :4] * np.array([1.0, 2.0, 3.0, 4.0])
+    dec = error_decay(SparseRegression(A, A @ np.array([1.0, 1.0, 0.0, 0.0])))
+    assert dec.errors.tolist()[2:] == [0.0, 0.0, 0.0] and dec.errors[1] > 0
+    fig = dec.plot()
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    measured = np.asarray(lines["measured (exact)"].get_ydata(), dtype=float)
+    assert np.isnan(measured[2:]).all() and np.allclose(measured[:2], dec.errors[:2] / dec.y_norm2)
+    zeros = lines["measured = 0 (exact), drawn at the floor"]
+    assert np.asarray(zeros.get_xdata()).tolist() == [2, 3, 4] and zeros.get_marker() == "v"
+    assert any(label.startswith("plot floor 1e-16") for label in lines)
+    assert ax.get_ylim()[0] < dec.PLOT_FLOOR   # the markers are inside the axes, not on their edge
+    plt.close(fig)
+    # errors above the floor everywhere: no floor markers or line
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((40, 5))
+    fig = error_decay(SparseRegression(B, B @ rng.standard_normal(5) + rng.standard_normal(40))).plot()
+    assert not any("floor" in ln.get_label() for ln in fig.axes[0].get_lines())
+    plt.close(fig)
+
+
 def test_plot_is_written_with_agg(tmp_path):
     data = vst.suppressor_data()
     dec = error_decay(SparseRegression(data.A, data.Y))

@@ -143,8 +143,17 @@ class ErrorDecay(ResultDict):
                 return b
         raise KeyError(f"no bound {name!r}; available: {[b.name for b in self.bounds]}")
 
+    #: Smallest relative error the log-scale :meth:`plot` can show; smaller values (an exact fit has error 0) are
+    #: drawn on it, marked as such.
+    PLOT_FLOOR = 1e-16
+
     def plot(self, ax: Any = None) -> Any:
-        """Log relative error vs kept size with the bounds overlaid; returns the matplotlib Figure (Agg-safe)."""
+        """Log relative error vs kept size with the bounds overlaid; returns the matplotlib Figure (Agg-safe).
+
+        A log axis cannot show 0: measured errors below :attr:`PLOT_FLOOR` (``1e-16`` of ``||Y||^2``; an exact fit
+        has error 0) are drawn as open down-triangles on a dotted floor line, outside the measured curve, and the
+        legend says so; bound values below the floor are drawn on it too (below the axes when no error is).
+        """
         import matplotlib
 
         if ax is None:
@@ -155,9 +164,18 @@ class ErrorDecay(ResultDict):
         else:
             fig = ax.figure
         scale = self.y_norm2 if self.y_norm2 > 0 else 1.0
-        floor = 1e-16
-        ax.semilogy(self.kept, np.maximum(self.errors / scale, floor), "k-o", ms=3, lw=2,
-                    label="measured (exact)")
+        floor = self.PLOT_FLOOR
+        rel = self.errors / scale
+        seen = rel >= floor
+        # the curve only through the errors the axis can show (NaN breaks the line): a point at the floor would
+        # claim an error of 1e-16 where it is below that, often exactly 0
+        ax.semilogy(self.kept, np.where(seen, rel, np.nan), "k-o", ms=3, lw=2, label="measured (exact)")
+        if not seen.all():
+            exact_zero = bool(np.all(rel[~seen] == 0))
+            ax.semilogy(self.kept[~seen], np.full(int((~seen).sum()), floor), linestyle="none", marker="v", ms=6,
+                        mfc="none", mec="k", label=f"measured {'= 0' if exact_zero else f'< {floor:g}'} (exact), "
+                                                   f"drawn at the floor")
+            ax.axhline(floor, color="0.4", lw=0.8, ls=":", label=f"plot floor {floor:g}: values below drawn on it")
         styles = ["--", "-.", ":", (0, (5, 2, 1, 2)), (0, (1, 1)), (0, (8, 3))]
         for i, b in enumerate(self.bounds):
             ax.semilogy(self.kept, np.maximum(b.values / scale, floor), linestyle=styles[i % len(styles)],
@@ -168,7 +186,7 @@ class ErrorDecay(ResultDict):
         ax.set_xlabel("kept units k")
         ax.set_ylabel("relative residual err_k / ||Y||^2")
         top = 1.5
-        low = max(floor, float(np.min(np.maximum(self.errors / scale, floor))) / 3)
+        low = float(np.min(np.maximum(rel, floor))) / 3   # the floor, when used, stays inside the axes
         ax.set_ylim(low, top)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
