@@ -54,6 +54,17 @@ def test_bian_bound_is_between_das_kempe_and_gamma():
     assert bian_bound(0.7, 1.0) == pytest.approx(1 - math.exp(-0.7))
 
 
+@pytest.mark.parametrize("alpha", [3e-16, 4.4e-16, 1e-15, 1e-13, 1e-10])
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 1.0])
+def test_bian_bound_for_a_curvature_at_rounding_level_is_gamma(gamma, alpha):
+    """A curvature measured as rounding noise (4.4e-16 came out of a modular-like instance) must give the limit
+    gamma of (1 - exp(-alpha gamma)) / alpha, up to its next term alpha gamma^2 / 2: 1 - exp(x) loses every digit
+    for |x| near eps (factors of 0.37 to 1.0 for gamma = 0.5), which could report a guarantee failure that is not
+    one (and make ``submod verify`` exit 3)."""
+    assert bian_bound(gamma, alpha) == pytest.approx(gamma * (1 - alpha * gamma / 2), rel=1e-12)
+    assert 1 - math.exp(-gamma) - 1e-12 <= bian_bound(gamma, alpha) <= gamma
+
+
 def test_modular_function_has_zero_curvature_and_greedy_is_optimal():
     f = submod.Modular([5.0, 1.0, 3.0, 2.0])
     chk = check_guarantee(f, 2, methods=("greedy",))

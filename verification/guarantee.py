@@ -35,7 +35,7 @@ def bian_bound(gamma: float, alpha: float) -> float:
     """
     if alpha <= 0.0:
         return float(gamma)
-    return float((1.0 - math.exp(-alpha * gamma)) / alpha)
+    return float(-math.expm1(-alpha * gamma) / alpha)  # 1 - exp(x) would lose every digit for alpha near eps
 
 
 @dataclass(frozen=True)
