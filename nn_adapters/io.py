@@ -5,8 +5,10 @@ architecture: the zoo builder and its arguments, if any, and the new size of eve
 layer, with the groups of a convolution, which a pruned depthwise convolution changes) and a plain ``state_dict``
 of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects, then rebuilds
 the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads the tensors
-strictly. The file is written to a temporary name and moved into place with ``os.replace``, so an interrupted
-save never leaves a half-written file.
+strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
+``"sdpa"``, ...), which its ``config.json`` does not keep, is recorded too and set again on loading. The file is
+written to a temporary name and moved into place with ``os.replace``, so an interrupted save never leaves a
+half-written file.
 """
 
 from __future__ import annotations
@@ -41,7 +43,47 @@ def architecture_spec(model: nn.Module) -> dict:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
                             "num_features": m.num_features}
-    return {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
+    spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
+    impl = attn_implementation_of(model)
+    if impl is not None:
+        spec["attn_implementation"] = impl
+    return spec
+
+
+def attn_implementation_of(model: nn.Module) -> str | None:
+    """The attention implementation of a Hugging Face ``model`` (``"eager"``, ``"sdpa"``, ...), None for others.
+
+    ``save_pretrained`` does not write it to ``config.json``, so a model rebuilt from that file gets the library's
+    default (``"sdpa"`` where available), not the one the user chose with ``attn_implementation=``.
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
+def restore_attn_implementation(model: nn.Module, saved: object, chosen: str | None, source: object) -> None:
+    """Give the Hugging Face ``model`` the attention implementation ``chosen`` by the caller, or else the one
+    ``saved`` in ``source`` (a file). ``ValueError`` for a damaged record, a choice for a model that has none, and
+    an implementation that cannot be used here (e.g. ``"flash_attention_2"`` without its package)."""
+    if saved is not None and not isinstance(saved, str):
+        raise ValueError(f"{source} records attn_implementation={saved!r}, not a name: it has been damaged.")
+    have = attn_implementation_of(model)
+    if chosen is not None and (have is None or not isinstance(chosen, str)):
+        raise ValueError(f"attn_implementation={chosen!r}: pass the name of a Hugging Face attention implementation "
+                         "('eager', 'sdpa', ...), for a Hugging Face model (None: the saved one).")
+    impl = chosen if chosen is not None else saved
+    if impl is None or have in (None, impl):
+        return
+    what = f"attn_implementation={impl!r}" + ("" if chosen is not None else f" (saved in {source})")
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is None:  # transformers releases before set_attn_implementation fix the attention when building
+        raise ValueError(f"{what}: the model is built with {have!r}, and this transformers release cannot switch "
+                         f"a built model: pass a model built with attn_implementation={impl!r}, or pass "
+                         f"attn_implementation={have!r} to load it with the model's own.")
+    try:
+        setter(impl)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{what} cannot be used here ({exc}): install what it needs, or pass another "
+                         "attn_implementation= ('sdpa' or 'eager').") from exc
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -134,7 +176,7 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
 
 
 def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
-                map_location: str | torch.device = "cpu") -> nn.Module:
+                map_location: str | torch.device = "cpu", *, attn_implementation: str | None = None) -> nn.Module:
     """Load a model written by :func:`save_pruned` (``torch.load(weights_only=True)``: no code is unpickled).
 
     Parameters
@@ -143,6 +185,9 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     base_model : nn.Module, optional
         An instance of the unpruned architecture (copied, never modified). Not needed for zoo models.
     map_location : str or torch.device
+    attn_implementation : str, optional
+        Hugging Face models: the attention implementation of the loaded model (``"eager"``, ``"sdpa"``, ...).
+        Default: the one the saved model had, whatever ``base_model`` was built with.
 
     Returns
     -------
@@ -168,6 +213,7 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     else:
         raise ValueError(f"{path} holds a custom architecture; pass base_model= (an instance of the unpruned model "
                          "class) so it can be rebuilt without unpickling code.")
+    restore_attn_implementation(model, spec.get("attn_implementation"), attn_implementation, path)
     for name, shape in spec["shapes"].items():
         _resize(model, name, shape)
     model.load_state_dict(data["state_dict"], strict=True, assign=True)  # keeps the saved dtypes (e.g. float64)

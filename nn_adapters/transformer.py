@@ -80,6 +80,7 @@ from ._transformer_blocks import (
     find_blocks,
     leading_input,
 )
+from .io import attn_implementation_of, restore_attn_implementation
 
 __all__ = [
     "prune_transformer",
@@ -1450,7 +1451,12 @@ def _n_params(model: nn.Module) -> int:
 
 def make_spec(model: nn.Module) -> dict[str, Any]:
     """The per-block sizes of a (pruned) model: what :func:`load_pruned` applies to a freshly built model."""
-    return {"format": _SPEC_FORMAT, "version": _SPEC_VERSION, "blocks": [b.spec() for b in find_blocks(model)]}
+    spec: dict[str, Any] = {"format": _SPEC_FORMAT, "version": _SPEC_VERSION,
+                            "blocks": [b.spec() for b in find_blocks(model)]}
+    impl = attn_implementation_of(model)  # config.json does not keep it: without it a reload gets the default
+    if impl is not None:
+        spec["attn_implementation"] = impl
+    return spec
 
 
 _SPEC_KEYS = ("name", "kind", "intermediate_size", "num_heads", "head_dim")
@@ -1563,7 +1569,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     return target
 
 
-def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None, *,
+                attn_implementation: str | None = None) -> nn.Module:
     """Load a model written by :func:`save_pruned`.
 
     ``model``: an unpruned instance of the original architecture (required for plain torch models; for Hugging
@@ -1571,7 +1578,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``). It is copied,
     never modified (the original trained model may be passed): the copy is shrunk to the saved sizes
     (``apply_spec``) and then receives the saved weights (strict: every tensor must match). No arbitrary
-    pickle is executed. See :func:`save_pruned` for an example.
+    pickle is executed. A Hugging Face model gets back the attention implementation it was saved with
+    (``"eager"``, ``"sdpa"``, ...: the spec records it, as ``config.json`` does not), unless
+    ``attn_implementation`` names another. See :func:`save_pruned` for an example.
 
     Parameters
     ----------
@@ -1579,6 +1588,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         A directory written by :func:`save_pruned`.
     model : torch.nn.Module, optional
         An unpruned instance of the original architecture (copied, not modified).
+    attn_implementation : str, optional
+        Hugging Face models: the attention implementation of the loaded model. Default: the saved model's,
+        whatever ``model`` was built with.
 
     Returns
     -------
@@ -1592,7 +1604,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         model that is not the pruned model's origin: other blocks, fewer units than the spec keeps, weights of
         other shapes, or (:class:`torch.nn.TransformerEncoderLayer`) another ``norm_first``, ``batch_first`` or
         ReLU/GELU activation, or (Hugging Face) a configuration that computes differently from the saved
-        ``config.json`` (activation, normalisation epsilon, position embeddings, ...).
+        ``config.json`` (activation, normalisation epsilon, position embeddings, ...), or an attention
+        implementation that cannot be used here (e.g. ``"flash_attention_2"`` without its package: pass another
+        ``attn_implementation``).
     """
     src = Path(directory)
     spec_path = src / SPEC_FILE
@@ -1604,6 +1618,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"{spec_path} is not valid JSON ({exc}): it was not written by save_pruned, or it has "
                          "been damaged") from exc
     built_here = model is None
+    saved_impl = spec.get("attn_implementation") if isinstance(spec, Mapping) else None  # apply_spec checks the rest
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an unpruned torch.nn.Module of the original architecture; got "
@@ -1623,7 +1638,17 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         # the model's own config class: AutoConfig of transformers 4 does not know every model type (4.40 has no
         # "clip_text_model", which CLIPTextModel's config.json names)
         config = (getattr(model_cls, "config_class", None) or transformers.AutoConfig).from_pretrained(src)
-        model = model_cls(config)
+        impl = attn_implementation if attn_implementation is not None else saved_impl
+        if isinstance(impl, str):  # built with it: older transformers releases cannot switch a built model
+            config._attn_implementation = impl
+        try:
+            model = model_cls(config)
+        except (ImportError, ValueError) as exc:
+            if not isinstance(impl, str):
+                raise
+            raise ValueError(f"building {archs[0]} with attn_implementation={impl!r} failed ({exc}): install what "
+                             "it needs, or pass another attn_implementation= ('sdpa' or 'eager').") from exc
+    restore_attn_implementation(model, saved_impl, attn_implementation, spec_path)
     apply_spec(model, spec)
     if (src / "weights.pt").is_file():
         state = torch.load(src / "weights.pt", weights_only=True, map_location="cpu")

@@ -408,6 +408,39 @@ def test_generic_save_refuses_pruned_heads_and_names_the_transformer_save(tmp_pa
         torch.testing.assert_close(tel_out(back, b), tel_out(ffn, b), atol=1e-6, rtol=1e-6)
 
 
+def test_the_attention_implementation_survives_saving_and_loading(tmp_path) -> None:
+    """config.json does not keep attn_implementation: a BERT pruned from an eager model came back as sdpa (the
+    default) from both save formats, whether built from config.json or from a default-built model= / base_model=.
+    Oracle: the implementation the model was built with; attn_implementation= picks another on purpose."""
+    import nn_adapters as nna
+
+    def bert(impl: str | None) -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(**{**tiny_bert().config.to_dict(), **({"attn_implementation": impl}
+                                                                           if impl else {})})
+        return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+    eager, data = bert("eager"), token_batches()
+    assert eager.config._attn_implementation == "eager" and bert(None).config._attn_implementation != "eager"
+    pruned, _ = prune_transformer(eager, data, keep=0.5, target="all", method="asym")
+    path = save_pruned(pruned, tmp_path / "m")
+    for back in (load_pruned(path), load_pruned(path, bert(None))):
+        assert back.config._attn_implementation == "eager"
+        for b in data:
+            torch.testing.assert_close(bert_out(back, b), bert_out(pruned, b), atol=1e-6, rtol=1e-6)
+    assert load_pruned(path, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation='no-such'.*another attn_implementation="):
+        load_pruned(path, attn_implementation="no-such")
+    # the one-file format of nn_adapters.save_pruned (FFN-only pruning)
+    ffn, _ = prune_transformer(eager, data, keep=0.5, target="ffn", method="asym")
+    back = nna.load_pruned(nna.save_pruned(ffn, tmp_path / "f.pt"), bert(None))
+    assert back.config._attn_implementation == "eager"
+    for b in data:
+        torch.testing.assert_close(bert_out(back, b), bert_out(ffn, b), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="Hugging Face model"):
+        nna.load_pruned(nna.save_pruned(nna.zoo.mlp(4, [3], 2), tmp_path / "z.pt"), attn_implementation="eager")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # padding, input model untouched, O(L) forwards
 
