@@ -51,6 +51,11 @@ class PrunedMultiheadAttention(nn.Module):
     ``_qkv_same_embed_dim`` is ``False`` on purpose: it switches off PyTorch's fused encoder fast path, which
     assumes an unpruned :class:`~torch.nn.MultiheadAttention`.
 
+    A module made by removing heads records which of the original heads it kept (the buffer ``kept_heads``,
+    saved with the weights, and ``original_num_heads``), so that the per-head masks written for the original
+    attention (3-D ``attn_mask`` of shape ``(batch * original_num_heads, tq, tk)``) still apply: it takes the
+    slices of its own heads. A per-head mask for the kept heads, ``(batch * num_heads, tq, tk)``, works too.
+
     Parameters
     ----------
     embed_dim : int
@@ -103,6 +108,10 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * self.inner_dim)) if bias else None
         self.out_proj = nn.Linear(self.inner_dim, self.embed_dim, bias=out_bias)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        #: head count of the attention this one was cut from, and the indices of the heads kept there (None: not
+        #: recorded, as in a module built directly or saved before they were)
+        self.original_num_heads = self.num_heads
+        self.register_buffer("kept_heads", None)
 
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
@@ -161,6 +170,8 @@ class PrunedMultiheadAttention(nn.Module):
         q = F.linear(query, wq, bq).view(b, tq, h, d).transpose(1, 2)
         k = F.linear(key, wk, bk).view(b, tk, h, d).transpose(1, 2)
         v = F.linear(value, wv, bv).view(b, tk, h, d).transpose(1, 2)
+        if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != b * h:
+            attn_mask = self._own_heads(attn_mask, b)
         mask = _additive_mask(attn_mask, key_padding_mask, b, h, tq, tk, q.dtype, is_causal, q.device)
         if not need_weights:
             # what nn.MultiheadAttention computes without weights (the call of nn.TransformerEncoderLayer): a query
@@ -184,6 +195,21 @@ class PrunedMultiheadAttention(nn.Module):
         if need_weights:
             weights = probs.mean(dim=1) if average_attn_weights else probs
         return out, weights
+
+
+    def _own_heads(self, attn_mask: torch.Tensor, b: int) -> torch.Tensor:
+        """The slices of this module's heads in a per-head mask written for the original attention."""
+        n = self.original_num_heads
+        if self.kept_heads is None or attn_mask.shape[0] != b * n or n == self.num_heads:
+            hint = (f"(batch * {n} original heads, tq, tk) or " if self.kept_heads is not None and
+                    n != self.num_heads else "")
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is a per-head mask for "
+                             f"{attn_mask.shape[0] / b:g} heads, and this attention has {self.num_heads} heads for "
+                             f"a batch of {b}: pass a 3-D mask of shape {hint}(batch * {self.num_heads}, tq, tk), or "
+                             "the same mask for every head as a 2-D (tq, tk) attn_mask, or the padding as "
+                             "key_padding_mask (batch, tk).")
+        keep = self.kept_heads.to(attn_mask.device)
+        return attn_mask.unflatten(0, (b, n))[:, keep].flatten(0, 1)
 
 
 def _additive_mask(
@@ -902,6 +928,10 @@ class _TorchEncoderBlock(_Block):
         w = out.weight[:, rows] if out_weight is None else out_weight
         b = out.bias if out_weight is None else out_bias
         new.out_proj = _linear_like(out, w, b)
+        keep = keep.to(device=att.in_proj_weight.device, dtype=torch.long)
+        held = att.kept_heads if att.kept_heads is not None else torch.arange(att.num_heads, device=keep.device)
+        new.original_num_heads = att.original_num_heads
+        new.kept_heads = held[keep].clone()
         new.train(att.training)
         _same_grad_flags(new, att)
         self.module.self_attn = new

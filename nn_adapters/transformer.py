@@ -1677,7 +1677,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: {exc}. Pass an unpruned instance of the pruned "
                          "model's origin (the same configuration).") from exc
     tied = _tied_keys(model)
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and not _unrecorded_heads(model, k)]
     if missing or unexpected:
         raise ValueError(f"saved weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
@@ -1710,6 +1710,18 @@ def _check_config(src: Path, model: nn.Module) -> None:
         raise ValueError(f"the model's configuration differs from the saved one ({what}): it would load the weights "
                          "and compute something else. Pass an unpruned instance of the pruned model's origin, or "
                          "omit model= to build it from the saved config.json.")
+
+
+def _unrecorded_heads(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is the ``kept_heads`` of a :class:`PrunedMultiheadAttention` in a save that predates it; if
+    so, the module is told that it does not know which original heads it kept (per-head masks must then be given
+    for its own heads)."""
+    owner, _, leaf = key.rpartition(".")
+    att = model.get_submodule(owner) if leaf == "kept_heads" else None
+    if not isinstance(att, PrunedMultiheadAttention):
+        return False
+    att.kept_heads = None
+    return True
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -213,3 +213,82 @@ def test_one_pair_given_as_the_calibration_data_is_refused_not_read_as_two_batch
     _, two = prune_transformer(model, [x, x[:2]], keep=0.5)
     _, wrapped = prune_transformer(model, [(x, torch.zeros(4, dtype=torch.long))], keep=0.5)
     assert two.n_tokens == 6 * T and wrapped.n_tokens == 4 * T
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-head attention masks (batch * heads, T, T)
+
+
+def per_head_batches(n: int = 3, b: int = 4, seed: int = 5) -> list[dict[str, torch.Tensor]]:
+    """Additive per-head masks of the original head count (a different bias for every head and sequence), with
+    some key padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        kpm = torch.zeros(b, T, dtype=torch.bool)
+        kpm[1:, -2:] = True
+        out.append({"src": torch.randn(b, T, D, generator=g), "mask": 2.0 * torch.randn(b * HEADS, T, T, generator=g),
+                    "src_key_padding_mask": kpm})
+    return out
+
+
+def real_tokens(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Outputs at the real tokens, computed without PyTorch's fused encoder path: in torch 2.13 (CPU) that path
+    returns NaN for an unpruned nn.TransformerEncoderLayer given a per-head 3-D float mask."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return model(**batch)[~batch["src_key_padding_mask"]]
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")  # bool padding, float mask
+def test_per_head_masks_of_the_original_heads_apply_to_the_heads_kept(tmp_path) -> None:
+    """A (batch * heads, T, T) attn_mask was refused as soon as a head was removed, headlined 'its attention lays
+    out heads differently'. The pruned attention takes its own heads' slices of it, so (without refit) the pruned
+    encoder computes what the original does with the removed heads' output projection columns zeroed; so does the
+    reloaded one."""
+    model, data = encoder(), per_head_batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="magnitude", reweight=False)
+    masked = copy.deepcopy(model)
+    hd = D // HEADS
+    for unit in report.units:
+        gone = sorted(set(range(HEADS)) - set(unit.kept))
+        assert len(gone) == HEADS // 2
+        with torch.no_grad():
+            masked.get_submodule(unit.block).self_attn.out_proj.weight[:, [h * hd + i for h in gone
+                                                                         for i in range(hd)]] = 0.0
+    for b in data:
+        torch.testing.assert_close(real_tokens(pruned, b), real_tokens(masked, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(real_tokens(pruned, b), real_tokens(model, b), atol=1e-3)
+    back = load_pruned(save_pruned(pruned, tmp_path / "m"), encoder(seed=3))
+    for b in data:
+        torch.testing.assert_close(real_tokens(back, b), real_tokens(pruned, b), atol=1e-6, rtol=1e-6)
+    # a per-head mask for the kept heads themselves still works, and one for neither count says what to pass
+    att = pruned.layers[0].self_attn
+    x, m = data[0]["src"], data[0]["mask"].unflatten(0, (4, HEADS))
+    with torch.no_grad():
+        own = att(x, x, x, attn_mask=m[:, att.kept_heads].flatten(0, 1), need_weights=False)[0]
+        torch.testing.assert_close(att(x, x, x, attn_mask=m.flatten(0, 1), need_weights=False)[0], own)
+    with pytest.raises(ValueError, match=r"\(batch \* 4 original heads, tq, tk\) or \(batch \* 2, tq, tk\).*"
+                                         r"2-D \(tq, tk\).*key_padding_mask"):
+        att(x, x, x, attn_mask=m[:, :3].flatten(0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")  # bool padding, float mask
+def test_a_save_without_the_kept_heads_loads_and_asks_for_masks_of_its_own_heads(tmp_path) -> None:
+    """Saves written before kept_heads was recorded still load; the original heads' masks cannot be mapped there,
+    which the error says (instead of a missing-weight refusal)."""
+    model, data = encoder(), per_head_batches()
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="heads", method="magnitude", reweight=False)
+    path = save_pruned(pruned, tmp_path / "m")
+    weights = torch.load(path / "weights.pt", weights_only=True)
+    torch.save({k: v for k, v in weights.items() if not k.endswith("kept_heads")}, path / "weights.pt")
+    back = load_pruned(path, encoder())
+    x = data[0]["src"]
+    no_pad = {"src": x, "src_key_padding_mask": torch.zeros(4, T, dtype=torch.bool)}
+    torch.testing.assert_close(real_tokens(back, no_pad), real_tokens(pruned, no_pad), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"for 4 heads, and this attention has 2 heads.*\(batch \* 2, tq, tk\)"):
+        back.layers[0].self_attn(x, x, x, attn_mask=data[0]["mask"])
