@@ -12,7 +12,8 @@ via Submodular Optimization", NeurIPS 2022), then the modules are physically shr
 
 Statistics are float64 Gram matrices streamed token batch by token batch (optionally token-weighted, see
 ``weighting``) and handed to :meth:`submod.SparseRegression.from_gram`; padding tokens (``attention_mask == 0``
-for Hugging Face models, ``src_key_padding_mask`` for :class:`torch.nn.TransformerEncoderLayer`) are excluded.
+for Hugging Face models, ``src_key_padding_mask`` True, or for a float mask ``-inf`` or at most ``-1e4``, for
+:class:`torch.nn.TransformerEncoderLayer`) are excluded; a mask with values outside its convention is refused.
 
 Modes (``method``):
 
@@ -316,12 +317,18 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
         # batch, whatever the batch calls its mask and in whichever convention (a wrapper's forward(x,
         # attention_mask) may pass True for padding straight on)
         m = ctx["kwargs"]["src_key_padding_mask"]
-        valid = ~m if m.dtype == torch.bool else m == 0
+        valid = ~m if m.dtype == torch.bool else _real_under_additive_mask(m)
     elif isinstance(inner, Mapping) and inner.get("attention_mask") is not None:
         m = torch.as_tensor(inner["attention_mask"])
         if m.dim() != 2:
             raise ValueError(f"attention_mask must be (batch, tokens) with 1 for real tokens and 0 for padding, "
                              f"got shape {tuple(m.shape)}")
+        other = m[(m != 0) & (m != 1)]
+        if other.numel():
+            raise ValueError(f"attention_mask must hold 1 for real tokens and 0 for padding (the Hugging Face "
+                             f"convention, as a tokenizer returns it); it holds {_some_values(other)}. An additive "
+                             "mask (0 for real tokens, -inf or a large negative for padding) would be read the "
+                             "other way round: pass (mask == 0).long() for it.")
         valid = m != 0
     else:
         valid = torch.ones(b, t, dtype=torch.bool)
@@ -351,6 +358,34 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
         raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
                          f"(batch {b}, tokens {t})")
     return valid.to(x.device)
+
+
+#: A float key padding mask is added to the attention scores: a value at or below this one hides the token (its
+#: weight is below exp(-1e4) of a real token's), as ``-inf`` does.
+_ADDITIVE_PADDING = -1e4
+
+
+def _real_under_additive_mask(m: torch.Tensor) -> torch.Tensor:
+    """Real tokens of a float ``src_key_padding_mask`` (added to the attention scores, as in
+    :class:`torch.nn.MultiheadAttention`): 0 for a real token, ``-inf`` or at most ``_ADDITIVE_PADDING`` for
+    padding. Any other value (a 1/0 mask of real tokens, a soft bias) leaves its token partly attended, so it is
+    neither: refused, with the boolean mask to pass instead."""
+    real, padded = m == 0, m <= _ADDITIVE_PADDING
+    other = m[~(real | padded)]
+    if other.numel():
+        raise ValueError(f"a float src_key_padding_mask is added to the attention scores: 0 for a real token, -inf "
+                         f"(or at most {_ADDITIVE_PADDING:g}) for padding; this one holds {_some_values(other)}, "
+                         "which leave their tokens attended, so they are neither padding nor plainly real. Pass a "
+                         "boolean mask, True for padding (for a mask with 1 for real tokens and 0 for padding: "
+                         "mask == 0).")
+    return real
+
+
+def _some_values(values: torch.Tensor) -> str:
+    """A few of ``values``, for an error message."""
+    seen = torch.unique(values.detach().flatten().float().cpu())
+    shown = ", ".join(f"{float(v):g}" for v in seen[:4])
+    return f"{shown}{', ...' if seen.numel() > 4 else ''}"
 
 
 def _causal_band_tokens(keep: torch.Tensor) -> torch.Tensor | None:

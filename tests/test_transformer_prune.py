@@ -469,6 +469,70 @@ def test_padding_tokens_are_excluded_torch() -> None:
         torch.testing.assert_close(t1, t2, atol=1e-5, rtol=1e-5)
 
 
+def unpadded(batches: list[dict[str, torch.Tensor]], mask_key: str) -> list[dict[str, torch.Tensor]]:
+    """The same sequences without padding: one batch per sequence, cut to its real tokens, without a mask."""
+    out = []
+    for bt in batches:
+        real = bt[mask_key].bool() if mask_key == "attention_mask" else ~bt[mask_key]
+        for i in range(real.shape[0]):
+            out.append({k: v[i:i + 1, real[i]] for k, v in bt.items() if k != mask_key})
+    return out
+
+
+PADDING_AS = {  # each convention's way of writing the same padding (True in `pad`)
+    "bool": lambda pad: pad,
+    "-inf": lambda pad: torch.zeros(pad.shape).masked_fill(pad, float("-inf")),
+    "-1e4": lambda pad: torch.zeros(pad.shape).masked_fill(pad, -1e4),
+    "1/0 long": lambda pad: (~pad).long(),
+    "1.0/0.0 float": lambda pad: (~pad).float(),
+    "1/0 bool": lambda pad: ~pad,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched")
+@pytest.mark.parametrize(("family", "convention"), [("torch", "bool"), ("torch", "-inf"), ("torch", "-1e4"),
+                                                    ("hf", "1/0 long"), ("hf", "1.0/0.0 float"), ("hf", "1/0 bool")])
+def test_padding_in_every_mask_convention_leaves_the_statistics_of_the_real_tokens(family: str, convention: str
+                                                                                  ) -> None:
+    """A key padding mask is additive in torch (0 keeps a token, -inf or a large negative hides it) and a Hugging
+    Face attention_mask marks real tokens with 1: written either way, the padding must not enter the statistics.
+    Oracle: the same sequences without padding (one unpadded batch per sequence)."""
+    if family == "torch":
+        model, data, key = tel_model(norm_first=False), tel_batches(garbage=50.0), "src_key_padding_mask"
+        padded = [{**b, key: PADDING_AS[convention](b[key])} for b in data]
+    else:
+        model, data, key = tiny_bert(), token_batches(pad_value=None), "attention_mask"
+        padded = [{**b, key: PADDING_AS[convention](b[key] == 0)} for b in data]
+    oracle = unpadded(data, key)
+    p1, r1 = prune_transformer(model, padded, keep=0.5, target="all", method="layer", ridge=1e-3)
+    p2, r2 = prune_transformer(model, oracle, keep=0.5, target="all", method="layer", ridge=1e-3)
+    n_real = sum(int(o[next(iter(o))].shape[1]) for o in oracle)
+    assert r1.n_tokens == r2.n_tokens == n_real and r1.n_padding_excluded > 0 == r2.n_padding_excluded
+    assert [u.kept for u in r1.units] == [u.kept for u in r2.units]
+    for t1, t2 in zip(p1.state_dict().values(), p2.state_dict().values(), strict=True):
+        torch.testing.assert_close(t1, t2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "values", "match"), [
+    ("torch", lambda pad: (~pad).float(), r"src_key_padding_mask .*holds 1, .*mask == 0"),  # HF-style 1/0 floats
+    ("torch", lambda pad: torch.zeros(pad.shape).masked_fill(pad, -1.0), r"holds -1, .*neither"),  # a soft bias
+    ("hf", lambda pad: torch.zeros(pad.shape).masked_fill(pad, float("-inf")), r"holds -inf.*\(mask == 0\)"),
+    ("hf", lambda pad: torch.zeros(pad.shape).masked_fill(pad, -1e4), r"holds -10000.*\(mask == 0\)"),
+])
+def test_masks_in_the_other_convention_are_refused(family: str, values, match: str) -> None:
+    """Read by exact zeros, a 1/0 float key padding mask counted the padding as the real tokens (and the real
+    tokens as padding), and an additive attention_mask for a Hugging Face model counted them the other way round;
+    a soft bias (-1) was counted as padding though the attention still sees those tokens."""
+    if family == "torch":
+        model, data, key = tel_model(norm_first=False), tel_batches(), "src_key_padding_mask"
+        batches = [{**b, key: values(b[key])} for b in data]
+    else:
+        model, data, key = tiny_bert(), token_batches(), "attention_mask"
+        batches = [{**b, key: values(b[key] == 0)} for b in data]
+    with pytest.raises(ValueError, match=match):
+        prune_transformer(model, batches, keep=0.5, target="ffn", method="layer")
+
+
 def test_float64_inputs_are_cast_to_the_model_dtype() -> None:
     # float64 data (torch.from_numpy) on a float32 model used to fail in the first matmul.
     model, data = tel_model(norm_first=True), tel_batches()
