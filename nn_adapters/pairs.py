@@ -21,7 +21,9 @@ Supported pair kinds
     ``x.squeeze((2, 3))``), one column.
 
 A 1-D and a 2-D convolution are never paired with each other, and pooling must have the convolution's rank
-(``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``).
+(``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``). Resampling (``nn.Upsample``,
+``F.interpolate``, any mode) of a convolution's output acts on each channel's positions, so it may lie on the way
+too; after a ``Linear`` producer it would interpolate across the units and is refused.
 
 Depthwise convolutions
 ----------------------
@@ -93,6 +95,11 @@ _POOL_RANK: dict[object, int] = {
 _POOL_MODULES = tuple(t for t in _POOL_RANK if isinstance(t, type))
 _POOL_FUNCTIONS = {f for f in _POOL_RANK if not isinstance(f, type)}
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Resampling (any mode: nearest, linear, bilinear, bicubic, area) interpolates the positions of each channel on its
+# own, on (N, C, *spatial) with the convolution's rank; a Linear's units (the last dim) it would interpolate across.
+# nn.UpsamplingNearest2d and nn.UpsamplingBilinear2d are subclasses of nn.Upsample.
+_RESAMPLE_MODULES = (nn.Upsample,)
+_RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, *_POOL_FUNCTIONS,
@@ -537,6 +544,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                         "consumer is not supported; use nn.PReLU() with one shared parameter, or another activation")
             elif is_conv and isinstance(m, _POOL_MODULES) and (why := _pool_rank_mismatch(cur, u.target, m)):
                 return why
+            elif isinstance(m, _RESAMPLE_MODULES):
+                if (why := _resample_reason(cur, repr(u.target), producer)) is not None:
+                    return why
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
             elif isinstance(m, nn.Flatten):
@@ -578,6 +588,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 if isinstance(flat, str):
                     return flat
                 flattened_hw = _after_flatten(flattened_hw, flat)
+            elif is_function and u.target in _RESAMPLE_FUNCTIONS:
+                if (why := _resample_reason(cur, name, producer)) is not None:
+                    return why
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"
@@ -891,6 +904,18 @@ def _pool_rank_mismatch(cur: fx.Node, name: object, pool: object) -> str | None:
             if isinstance(pool, nn.Module) else _POOL_RANK[pool])
     if shape is not None and len(shape) != rank + 2:
         return f"{rank}-D pooling {name} of a {len(shape)}-D tensor {shape} pools across the producer's channels"
+    return None
+
+
+def _resample_reason(cur: fx.Node, name: str, producer: nn.Module) -> str | None:
+    """Why resampling ``cur`` (``nn.Upsample``, ``F.interpolate``) would mix the producer's units, or ``None``: it
+    is per channel on a convolution's ``(N, C, *spatial)`` output only."""
+    if not _conv.is_conv(producer):
+        return f"resampling {name} after a Linear producer interpolates across its units (the last dim)"
+    shape = _shape(cur)
+    if shape is not None and len(shape) != _conv.rank(producer) + 2:
+        return (f"resampling {name} of a {len(shape)}-D tensor {shape}, not the {_conv.layout(producer)} output "
+                "of the producer, interpolates across its channels")
     return None
 
 

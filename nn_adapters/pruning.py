@@ -464,8 +464,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or "the model has no Linear, Conv1d or Conv2d layer"
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
                          "Linear->Linear, Conv1d->Conv1d, Conv2d->Conv2d and Conv->Flatten->Linear through BatchNorm, "
-                         "activations, pooling and dropout; declare pairs with pairs=[nn_adapters.Pair(...)] for other "
-                         "layouts.")
+                         "activations, pooling, resampling and dropout; declare pairs with "
+                         "pairs=[nn_adapters.Pair(...)] for other layouts.")
     if stats_mode != "layer":
         hooked = container_hooks(work) + [p.consumer for p in found
                                           if work.get_submodule(p.consumer)._forward_pre_hooks]
