@@ -1,11 +1,11 @@
 """Save and load pruned models without unpickling code.
 
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
-architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/BatchNorm
-layer, with the groups of a convolution, which a pruned depthwise convolution changes) and a plain ``state_dict``
-of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects, then rebuilds
-the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads the tensors
-strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
+architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/BatchNorm/
+InstanceNorm layer, with the groups of a convolution, which a pruned depthwise convolution changes) and a plain
+``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
+then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
+the tensors strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
 ``"sdpa"``, ...), which its ``config.json`` does not keep, is recorded too and set again on loading. The file is
 written to a temporary name and moved into place with ``os.replace``, so an interrupted save never leaves a
 half-written file.
@@ -29,6 +29,8 @@ from ._modes import unwrap
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 
 FORMAT = "submod-pruned-v1"
+#: Normalisation layers whose size pruning changes (their entries follow a producer's channels).
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
 def architecture_spec(model: nn.Module) -> dict:
@@ -40,8 +42,8 @@ def architecture_spec(model: nn.Module) -> dict:
         elif _conv.is_conv(m):
             shapes[name] = {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
                             "groups": m.groups, "bias": m.bias is not None}
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            shapes[name] = {"type": "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d",
+        elif isinstance(m, _NORMS):
+            shapes[name] = {"type": next(t.__name__ for t in _NORMS if isinstance(m, t)),
                             "num_features": m.num_features}
     spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
     impl = attn_implementation_of(model)
@@ -150,7 +152,7 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, nn.BatchNorm1d, nn.BatchNorm2d)}.get(kind)
+    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORMS)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}

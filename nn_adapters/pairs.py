@@ -23,7 +23,9 @@ Supported pair kinds
 A 1-D and a 2-D convolution are never paired with each other, and pooling must have the convolution's rank
 (``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``). Resampling (``nn.Upsample``,
 ``F.interpolate``, any mode) of a convolution's output acts on each channel's positions, so it may lie on the way
-too; after a ``Linear`` producer it would interpolate across the units and is refused.
+too; after a ``Linear`` producer it would interpolate across the units and is refused. So does an
+``InstanceNorm1d`` / ``InstanceNorm2d`` of the convolution's rank (affine or not, with running statistics or not):
+it normalises each channel on its own, is recorded in ``between`` and loses the removed channels' entries.
 
 Depthwise convolutions
 ----------------------
@@ -95,6 +97,14 @@ _POOL_RANK: dict[object, int] = {
 _POOL_MODULES = tuple(t for t in _POOL_RANK if isinstance(t, type))
 _POOL_FUNCTIONS = {f for f in _POOL_RANK if not isinstance(f, type)}
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Instance normalisation normalises each channel of each sample over its positions, with per-channel affine
+# entries and running statistics if it has them: per channel on (N, C, *spatial) of its own rank. Even without
+# entries it is recorded in a pair's ``between``, so that its num_features follows the kept channels (PyTorch warns
+# about a mismatch).
+_INSTANCE_NORM_RANK: dict[type[nn.Module], int] = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2}
+_INSTANCE_NORMS = tuple(_INSTANCE_NORM_RANK)
+#: Normalisation layers whose entries (affine parameters, running statistics) follow the producer's channels.
+_NORM_MODULES = (*_BN_MODULES, *_INSTANCE_NORMS)
 # Resampling (any mode: nearest, linear, bilinear, bicubic, area) interpolates the positions of each channel on its
 # own, on (N, C, *spatial) with the convolution's rank; a Linear's units (the last dim) it would interpolate across.
 # nn.UpsamplingNearest2d and nn.UpsamplingBilinear2d are subclasses of nn.Upsample.
@@ -539,6 +549,10 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                     return (f"BatchNorm {u.target!r} normalises dim 1 of a {len(shape)}-D tensor {shape}, not the "
                             f"producer's units (its last dim)")
                 between.append(u.target)
+            elif isinstance(m, _INSTANCE_NORMS):
+                if (why := _instance_norm_reason(cur, u.target, m, producer, n_units)) is not None:
+                    return why
+                between.append(u.target)
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
                         "consumer is not supported; use nn.PReLU() with one shared parameter, or another activation")
@@ -907,6 +921,23 @@ def _pool_rank_mismatch(cur: fx.Node, name: object, pool: object) -> str | None:
     return None
 
 
+def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, producer: nn.Module, n_units: int
+                          ) -> str | None:
+    """Why an ``nn.InstanceNorm1d/2d`` after ``producer`` would not normalise its units one by one, or ``None``."""
+    kind = type(norm).__name__
+    if not _conv.is_conv(producer):
+        return f"{kind} {name!r} after a Linear producer normalises across its units (the last dim)"
+    rank = next(r for t, r in _INSTANCE_NORM_RANK.items() if isinstance(norm, t))
+    shape = _shape(cur)
+    if rank != _conv.rank(producer) or (shape is not None and len(shape) != rank + 2):
+        got = f"a {len(shape)}-D tensor {shape}" if shape is not None else f"the output of a {type(producer).__name__}"
+        return (f"{kind} {name!r} reads {got} as {'(N, C, L)' if rank == 1 else '(N, C, H, W)'} batches or one "
+                "unbatched sample: it normalises across the producer's channels")
+    if (norm.affine or norm.track_running_stats) and norm.num_features != n_units:
+        return f"{kind} {name!r} has {norm.num_features} features, expected {n_units}"
+    return None
+
+
 def _resample_reason(cur: fx.Node, name: str, producer: nn.Module) -> str | None:
     """Why resampling ``cur`` (``nn.Upsample``, ``F.interpolate``) would mix the producer's units, or ``None``: it
     is per channel on a convolution's ``(N, C, *spatial)`` output only."""
@@ -1073,9 +1104,11 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
             if _conv.is_conv(m):
                 if (why := _channelwise_conv(prod, m, n)) is not None:
                     raise ValueError(f"declared pair {p}: {type(m).__name__} {b!r} in between: {why}.")
-            elif not isinstance(m, _BN_MODULES) or m.num_features != n:
-                raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm with {n} features or a depthwise "
-                                 f"convolution with {n} channels (groups = in_channels = out_channels = {n}).")
+            elif not (isinstance(m, _NORM_MODULES) and (m.num_features == n or (
+                    isinstance(m, _INSTANCE_NORMS) and not (m.affine or m.track_running_stats)))):
+                raise ValueError(f"declared pair {p}: {b!r} must be a BatchNorm or InstanceNorm with {n} features "
+                                 f"or a depthwise convolution with {n} channels (groups = in_channels = out_channels "
+                                 f"= {n}).")
         if p.se:
             _check_declared_se(p, prod, [modules[nm] for nm in p.se], n)
         if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se))) is not None:
@@ -1228,6 +1261,11 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         shape = [1] * out.dim()
         shape[unit_dim] = n
         offset = (4.0 * out.detach().abs().amax().clamp(min=1.0)) * hit.to(out.device, out.dtype).reshape(shape)
+        if unit_dim == 1 and out.dim() >= 3:
+            # varying over the positions (between 0.5 and 1.5 times): an InstanceNorm on the way would remove an
+            # offset that is the same at every position of a channel, and the channel would look unread
+            pos = torch.arange(out.shape[-1], device=out.device, dtype=out.dtype)
+            offset = offset * (1.0 + 0.5 * torch.cos(pos))
         return out - offset if mode[0] == "minus" else out + offset
 
     def capture(_m: nn.Module, inp: tuple) -> tuple | None:
@@ -1242,7 +1280,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     # Other layers that also receive the producer's units one by one: an undeclared BatchNorm on the way, or a
     # second reader (a residual sum, a branch); their inputs are recorded too.
     others = {name: m for name, m in model.named_modules()
-              if isinstance(m, (*_conv.LAYER_TYPES, *_BN_MODULES)) and m is not prod and m is not cons
+              if isinstance(m, (*_conv.LAYER_TYPES, *_NORM_MODULES)) and m is not prod and m is not cons
               and name not in pair.between and name not in pair.se}
     other_in: dict[str, list[torch.Tensor]] = {name: [] for name in others}
 
@@ -1340,7 +1378,7 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         # a reader of the producer's units sees exactly the units the consumer sees change (a later layer whose
         # inputs change only in some units, e.g. behind dead ReLUs, is not taken for one)
         if int(other_changed.sum()) > 1 and bool((other_changed == changed).all()):
-            per_unit = isinstance(m, _BN_MODULES) or (_conv.is_conv(m) and _channelwise_conv(prod, m, n) is None)
+            per_unit = isinstance(m, _NORM_MODULES) or (_conv.is_conv(m) and _channelwise_conv(prod, m, n) is None)
             fix = (f"add it to the pair's between={(*pair.between, name)!r}"
                    if per_unit else
                    "its units cannot be removed for one reader only (a residual sum or a branch); remove this pair "

@@ -1,7 +1,7 @@
 """Physically shrink modules in place: keep some output units of a producer, the matching channels of the per-unit
-layers on the way (BatchNorm entries, depthwise filters) and of a squeeze-and-excitation gate (``fc1``'s input
-columns, ``fc2``'s output rows), and the matching input columns of a consumer (optionally with new, refitted weights
-and bias).
+layers on the way (BatchNorm and InstanceNorm entries, depthwise filters) and of a squeeze-and-excitation gate
+(``fc1``'s input columns, ``fc2``'s output rows), and the matching input columns of a consumer (optionally with new,
+refitted weights and bias).
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -34,7 +34,8 @@ def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
 
 
 def keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
-    """Keep the channels ``idx`` of a BatchNorm (affine parameters and running statistics)."""
+    """Keep the channels ``idx`` of a BatchNorm or InstanceNorm (affine parameters and running statistics, where
+    it has them)."""
     if bn.weight is not None:
         bn.weight = _param(bn.weight[idx], bn.weight)
         bn.bias = _param(bn.bias[idx], bn.bias)
@@ -53,7 +54,7 @@ def keep_depthwise(conv: nn.Module, idx: torch.Tensor) -> None:
 
 def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
     """Keep the channels ``idx`` of a per-unit layer between a producer and its consumer (a pair's ``between``):
-    a BatchNorm or a depthwise convolution."""
+    a BatchNorm, an InstanceNorm or a depthwise convolution."""
     if _conv.is_conv(module):
         keep_depthwise(module, idx)
     else:
