@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator
@@ -209,8 +210,12 @@ def _prune_once(args: argparse.Namespace) -> int:
                          "--allocation.")
     before = _eval_accuracy(model, rest[0]) if rest else None
     with contextlib.ExitStack() as stack:
-        # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS
-        pool = stack.enter_context(ProcessPoolExecutor(args.workers)) if args.workers > 1 else None
+        # processes: the layers' jobs pickle (numpy statistics), and each worker has its own interpreter and BLAS.
+        # Started fresh ("spawn"), not forked: this process already runs torch's threads, and a fork of a threaded
+        # process can deadlock (Python >= 3.12 warns about it); a spawned worker imports the user's module from
+        # the sys.path it is given, which includes the working directory added above.
+        pool = (stack.enter_context(ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")))
+                if args.workers > 1 else None)
         pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
                                reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
                                progress=args.progress, executor=pool)

@@ -23,6 +23,7 @@ from _torch_helpers import randomise_bn
 
 import nn_adapters as nna
 import nn_adapters._stats as nn_stats
+import nn_adapters.cli as nn_cli
 import nn_adapters.pruning as pruning
 import nn_adapters.transformer as tr
 from nn_adapters import zoo
@@ -468,16 +469,31 @@ def _main(argv):
 
 
 def test_cli_workers(tmp_path, monkeypatch):
+    """--workers 2 gives the serial result, on spawned worker processes (a fork of this process, which runs
+    torch's threads, can deadlock; Python >= 3.12 warns), which find the user's own module class by importing it."""
     (tmp_path / "parmodels.py").write_text(
         "import torch\nfrom nn_adapters import zoo\n"
+        "class Net(torch.nn.Sequential):  # a class of the user's module: workers must import it\n"
+        "    pass\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
-        "    return zoo.mlp(12, [24, 16], 4).double(), [torch.randn(200, 12, dtype=torch.float64)]\n")
+        "    return Net(*zoo.mlp(12, [24, 16], 4)).double(), [torch.randn(200, 12, dtype=torch.float64)]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    contexts = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def __init__(self, *a, **kw):
+            contexts.append(kw.get("mp_context"))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(nn_cli, "ProcessPoolExecutor", RecordingPool)
     for workers, out in ((1, "serial.pt"), (2, "parallel.pt")):
-        assert _main(["prune", "parmodels:build", "--keep", "0.5", "--method", "layer", "--workers", str(workers),
-                      "--out", out]) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # no fork of a threaded process
+            assert _main(["prune", "parmodels:build", "--keep", "0.5", "--method", "layer", "--workers",
+                          str(workers), "--out", out]) == 0
+    assert [c.get_start_method() for c in contexts] == ["spawn"]
     base = sys.modules["parmodels"].build()[0]
     assert_same_models(nna.load_pruned(tmp_path / "serial.pt", base_model=base),
                        nna.load_pruned(tmp_path / "parallel.pt", base_model=base))
