@@ -382,9 +382,10 @@ def test_weighted_accumulator_equals_scaled_rows_and_weighted_lstsq(seed, sizes,
 
 def _nearly_collinear(X, tol, margin=1e3):
     """Whether a column of ``X`` has a squared residual on the other columns below ``margin * tol`` times its
-    squared norm (but not numerically zero): SparseRegression counts a column as degenerate (gain 0) at ``tol`` (Notes of its docstring),
-    while lstsq still fits its last direction, so the two oracles part there. (Found on a GPU machine, where
-    hypothesis explored: 2 rows around 1e3 without an intercept, a residual of 2.5e-11 of the column's norm.)"""
+    squared norm (but not numerically zero): SparseRegression counts a column as degenerate (gain 0) at ``tol``
+    (Notes of its docstring), while lstsq still fits its last direction, so the two oracles part there. (Found on a
+    GPU machine, where hypothesis explored: 2 rows around 1e3 without an intercept, a residual of 2.5e-11 of the
+    column's norm.)"""
     for j in range(X.shape[1]):
         others = np.delete(X, j, axis=1)
         xj = X[:, j]
