@@ -182,6 +182,10 @@ class PrunablePair:
         ``H * W``).
     consumer_node : str or None
         Name of the consumer's node in the traced graph (``None`` for untraceable models).
+    ops : list of str
+        The operations found between producer and consumer in the traced graph, in order (module class names such
+        as ``"BatchNorm2d"`` or ``"ReLU"``, function and method names such as ``"relu"`` or ``"flatten"``): what
+        the pair was checked to pass through unit by unit. Empty for untraceable models and declared pairs.
     se : tuple of str
         ``(fc1, fc2)`` of a squeeze-and-excitation gate on the way, or ``()``: ``fc1``'s input columns and
         ``fc2``'s output rows follow the producer's units.

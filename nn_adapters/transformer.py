@@ -118,6 +118,26 @@ class UnitRecord:
     relative error over the calibration sentences (an empirical estimate of the error on new sentences). A stage
     of a block left as it is (it keeps every unit and its refit would reproduce its trained weights, see ``keep`` in
     :func:`prune_transformer`) records ``relative_error=0.0`` with ``reweight=True`` (exact) and ``ridge=None``.
+
+    Attributes
+    ----------
+    block : str
+        The block's module name (e.g. ``"encoder.layer.3"``).
+    stage : str
+        ``"ffn"`` (the intermediate neurons) or ``"heads"`` (the attention heads).
+    n_units, n_kept : int
+        Units of the stage before pruning, and kept.
+    kept : list of int
+        The kept units' indices in the original stage, sorted.
+    relative_error : float or None
+        See above.
+    time_s : float
+        Wall time spent on this stage (its selection, refit and shrinking; the shared forward passes are in
+        :attr:`TransformerPruneReport.wall_time`).
+    ridge : float or None
+        The refit's relative ridge (``None`` without refit, and for a stage left as it is).
+    cv_relative_error : float or None
+        The refit's cross-validated relative error with ``ridge="cv"``, else ``None``.
     """
 
     block: str
@@ -133,7 +153,34 @@ class UnitRecord:
 
 @dataclass
 class TransformerPruneReport:
-    """Result of :func:`prune_transformer` (all counts exact; errors measured on the calibration tokens)."""
+    """Result of :func:`prune_transformer` (all counts exact; errors measured on the calibration tokens).
+
+    Attributes
+    ----------
+    method, target, keep, reweight, seed, allocation
+        The arguments of :func:`prune_transformer` the model was pruned with (``method`` in its canonical
+        spelling).
+    propagation : str or None
+        Where a baseline's statistics came from (``"layer"`` or ``"asym"``); ``None`` for the greedy methods, whose
+        ``method`` says it.
+    units : list of UnitRecord
+        One record per pruned stage of every block, in block order.
+    params_before, params_after : int
+        Parameters of the whole model before and after (exact).
+    n_tokens : int
+        Real calibration tokens the statistics were computed on.
+    n_padding_excluded : int
+        Padding tokens left out of the statistics.
+    block_forwards : int
+        Block forward passes run (``O(L)`` in the number of blocks for every mode).
+    n_blocks : int
+        Transformer blocks found.
+    wall_time : float
+        Seconds for the whole call.
+    spec : dict
+        The pruned sizes (per block: intermediate size, heads, head size, and the layout a reload needs), as
+        :func:`save_pruned` writes them and :func:`load_pruned` applies them.
+    """
 
     method: str
     target: str

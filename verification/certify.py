@@ -56,6 +56,10 @@ class CertificateCheck(ResultDict):
     full_set_value : float or None
         ``F(V)`` when computed.
     cost : dict
+        The work done: ``gain_evaluations`` (marginal gains computed) and ``seconds``.
+    kind : str
+        ``"proven upper bound on OPT_k"``: what ``upper_bound`` is, in the vocabulary of every number the library
+        reports about a guarantee.
 
     ``to_dict()`` returns these attributes and ``ratio`` as JSON-serialisable builtins (arrays as lists, a
     non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``).

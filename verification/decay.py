@@ -59,7 +59,7 @@ class BoundCurve(ResultDict):
     name : str
     values : ndarray
         The bound at ``k = 0..k_max``; where it falls below the measured ``err_k`` by rounding alone (at most
-        :func:`verification.ratio.monotone_tolerance` and the ``rtol * ||Y||^2`` of ``holds``, e.g. at
+        ``verification.ratio.monotone_tolerance`` and the ``rtol * ||Y||^2`` of ``holds``, e.g. at
         ``S_k = T``, where both are ``err(T)`` computed in two ways) it is lifted to ``err_k``; a larger shortfall
         is left visible, and ``holds`` is then ``False``.
     kind : str
