@@ -29,7 +29,7 @@ from torch import nn
 from ._data import _from_numpy, as_batches, float_dtype
 from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
-from .demo import DEMO_METHODS, _plot_accuracy, _render_table, _write_atomic, measure_latency
+from .demo import DEMO_METHODS, _plot_accuracy, _refuse_repeats, _render_table, _write_atomic, measure_latency
 from .pruning import _is_transformer, prune
 from .transformer import _cast_floats, _numpy_to_tensors
 
@@ -131,6 +131,7 @@ def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= total:
             raise ValueError(f"calibration sizes must be integers from 1 to {total} (the calibration samples "
                              f"given); got {n!r}.")
+    _refuse_repeats("calib_sizes", sizes)
     out = {}
     for n in sorted({int(v) for v in sizes}):
         left, subset = n, []
@@ -157,6 +158,7 @@ def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> 
         if not ok:
             want = "numbers >= 1 (e.g. 2 4 8 16)" if budget == "compression" else "fractions in (0, 1] (e.g. 0.5)"
             raise ValueError(f"{budget} values must be {want}; got {b!r}.")
+    _refuse_repeats("budgets", budgets)
 
 
 def compare_methods(model: nn.Module, calibration_data: object, eval_data: Iterable,

@@ -124,6 +124,15 @@ def _plot_accuracy(rows: list[dict], dense_acc: float, panels: Sequence[tuple[st
         plt.close(fig)
 
 
+def _refuse_repeats(what: str, values: Sequence[float]) -> None:
+    """Refuse a value given twice: it would be pruned, tabulated and plotted twice (the command line drops
+    repeats with a note before it calls here)."""
+    repeated = [v for i, v in enumerate(values) if v in list(values[:i])]
+    if repeated:
+        raise ValueError(f"{what} lists {', '.join(f'{float(v):g}' for v in dict.fromkeys(repeated))} more than "
+                         "once; each value is pruned and tabulated once, so pass each once.")
+
+
 def _check_demo_args(compressions: Sequence[float], calib_sizes: Sequence[int], n_train: int) -> None:
     """Refuse bad sizes before any work (and before the output directory is created)."""
     if not len(compressions) or not len(calib_sizes):
@@ -135,6 +144,8 @@ def _check_demo_args(compressions: Sequence[float], calib_sizes: Sequence[int], 
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_train:
             raise ValueError(f"calibration sizes must be integers from 1 to {n_train} (the training images); "
                              f"got {n!r}.")
+    _refuse_repeats("compressions", compressions)
+    _refuse_repeats("calib_sizes", calib_sizes)
 
 
 def run_demo(out_dir: str | os.PathLike = "submod_demo_out", compressions: Sequence[float] = (2, 4, 8, 16),

@@ -115,6 +115,9 @@ def test_a_transformer_is_compared_over_keep_fractions():
     ({"budgets": [0.5]}, "numbers >= 1"),
     ({"budgets": [1.5], "budget": "keep"}, r"fractions in \(0, 1\]"),
     ({"budgets": [2], "budget": "params"}, "'compression' or 'keep'"),
+    ({"budgets": [2, 4, 2.0]}, "budgets lists 2 more than once"),
+    ({"budgets": [0.5, 0.5], "budget": "keep"}, "budgets lists 0.5 more than once"),
+    ({"budgets": [2], "calib_sizes": [50, 20, 50]}, "calib_sizes lists 50 more than once"),
 ])
 def test_bad_budgets_are_refused_before_any_pruning(kwargs, match):
     net, (x, y) = _net(), _data(2)

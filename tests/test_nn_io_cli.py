@@ -181,7 +181,9 @@ def test_demo_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "pretrained_digits_cnn", lambda retrain=False: pytest.fail("loaded the model"))
     for kwargs, match in (({"calib_sizes": (-5,)}, "calibration sizes"), ({"calib_sizes": (5000,)}, "1437"),
                           ({"calib_sizes": (0,)}, "calibration sizes"), ({"compressions": (0.5,)}, ">= 1"),
-                          ({"compressions": ()}, "at least one")):
+                          ({"compressions": ()}, "at least one"),
+                          ({"compressions": (2, 4, 2.0)}, "compressions lists 2 more than once"),
+                          ({"calib_sizes": (50, 50)}, "calib_sizes lists 50 more than once")):
         with pytest.raises(ValueError, match=match):
             demo.run_demo(tmp_path / "out", verbose=False, **kwargs)
     assert not (tmp_path / "out").exists()
