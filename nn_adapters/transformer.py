@@ -133,7 +133,7 @@ class UnitRecord:
         See above.
     time_s : float
         Wall time spent on this stage (its selection, refit and shrinking; the shared forward passes are in
-        :attr:`TransformerPruneReport.wall_time`).
+        ``TransformerPruneReport.wall_time``).
     ridge : float or None
         The refit's relative ridge (``None`` without refit, and for a stage left as it is).
     cv_relative_error : float or None
