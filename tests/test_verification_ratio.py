@@ -246,6 +246,21 @@ def test_bad_inputs_are_refused_clearly():
         submodularity_ratio(submod.Modular(np.ones(4)), 2, U=[0], method="greedy-path")
 
 
+def test_sampled_ratio_refutes_a_function_wrongly_declared_monotone():
+    """A sampled pair where F drops refutes monotone=True, as the exact method's check does (both must refuse);
+    before, the sampled method read the drop as a ratio and returned a number."""
+    def bump(S):   # F by size 0, 1, 3, 6, 4, 0: drops after 3 elements
+        return float([0, 1, 3, 6, 4, 0][len(S)])
+
+    f = submod.from_callable(bump, n=5, monotone=True)
+    with pytest.raises(ValueError, match="not monotone"):
+        submodularity_ratio(f, 3, method="exact")
+    with pytest.raises(ValueError, match="declared monotone but is not"):
+        submodularity_ratio(f, 3, method="sampled", n_samples=300, seed=1)
+    ok = submod.from_callable(lambda S: float(np.sqrt(len(S))), n=5, monotone=True)  # monotone: no refusal
+    assert submodularity_ratio(ok, 3, method="sampled", n_samples=300, seed=1).value == pytest.approx(1.0)
+
+
 def test_spectral_bound_must_contain_U():
     # a = x, b = x + w + d z, c = -x + w: b and c are uncorrelated, but after regressing out a their residuals
     # (w + d z and w) are nearly collinear, and the target z lies along their difference. So gamma_{{a},2} ~ d^2

@@ -371,6 +371,7 @@ def _sampled(f: SetFunction, k: int, U: np.ndarray | None, n_samples: int, rng: 
     # One tolerance for all pairs, from F(V) = max F (monotone): at least the exact method's, so a pair that
     # "exact" resolves as 0/0 is never read here as a tiny ratio below the exact minimum.
     atol = zero_tolerance(f, float(f.value(np.arange(n))), rtol)
+    mono_tol = monotone_tolerance(f, float(f.value(np.arange(n))), rtol) if f.monotone else math.inf
     best, witness = math.inf, None
     gain_evals, updates = 0, n
     for _ in range(n_samples):
@@ -389,7 +390,13 @@ def _sampled(f: SetFunction, k: int, U: np.ndarray | None, n_samples: int, rng: 
             state.add(int(j))
         updates += L.size + S.size
         gain_evals += S.size
-        r = float(_ratio_array(np.array([g.sum()]), np.array([float(state.value) - base]), atol)[0])
+        drop = float(state.value) - base
+        if drop < -mono_tol:  # a pair that refutes the declaration: the exact method refuses it too
+            raise ValueError(f"F is declared monotone but is not: F(S|L) = {drop:.3g} < 0 at L = "
+                             f"{np.sort(L).tolist()}, S = {np.sort(S).tolist()} (a sampled pair). The submodularity "
+                             "ratio (and its greedy guarantee) is defined for monotone functions only; if F can "
+                             "decrease, declare it monotone=False.")
+        r = float(_ratio_array(np.array([g.sum()]), np.array([drop]), atol)[0])
         if r < best:
             best, witness = r, (np.sort(L), np.sort(S))
     value = min(best, 1.0) if math.isfinite(best) else 1.0
