@@ -26,6 +26,7 @@ Without a GPU the script says so and exits.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -90,7 +91,7 @@ def run_case(name: str, device: torch.device, args: argparse.Namespace) -> str:
     else:
         model, calib, held_out, kwargs, forward = _cnn_case(name, args.images, args.vgg_width)
     cpu = torch.device("cpu")
-    models = {cpu: model, device: _copy_to(model, device)}
+    models = {cpu: model, device: copy.deepcopy(model).to(device)}
     data = {cpu: calib, device: [_to(b, device) for b in calib]}
     times: dict[torch.device, list[float]] = {cpu: [], device: []}
     results = {}
@@ -118,12 +119,6 @@ def run_case(name: str, device: torch.device, args: argparse.Namespace) -> str:
     t_cpu, t_dev = statistics.median(times[cpu]), statistics.median(times[device])
     return (f"{name:9s} {t_cpu:8.2f} {t_dev:8.2f} {t_dev / t_cpu:9.2f}   {same:3d} of {n_layers:3d}   "
             f"{max(diffs) / max(scale):.1e}")
-
-
-def _copy_to(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(device)
 
 
 def main(argv: list[str] | None = None) -> int:

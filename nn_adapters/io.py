@@ -25,12 +25,11 @@ from submod._atomic import atomic_path, check_file_path
 
 from . import _conv, zoo
 from ._modes import unwrap
+from .pairs import _NORM_MODULES  # normalisation layers whose entries follow a producer's channels
 
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 
 FORMAT = "submod-pruned-v1"
-#: Normalisation layers whose size pruning changes (their entries follow a producer's channels).
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
 def architecture_spec(model: nn.Module) -> dict:
@@ -42,8 +41,8 @@ def architecture_spec(model: nn.Module) -> dict:
         elif _conv.is_conv(m):
             shapes[name] = {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
                             "groups": m.groups, "bias": m.bias is not None}
-        elif isinstance(m, _NORMS):
-            shapes[name] = {"type": next(t.__name__ for t in _NORMS if isinstance(m, t)),
+        elif isinstance(m, _NORM_MODULES):
+            shapes[name] = {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)),
                             "num_features": m.num_features}
     spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
     impl = attn_implementation_of(model)
@@ -152,7 +151,7 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORMS)}.get(kind)
+    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}

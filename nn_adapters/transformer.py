@@ -1759,7 +1759,10 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: {exc}. Pass an unpruned instance of the pruned "
                          "model's origin (the same configuration).") from exc
     tied = _tied_keys(model)
-    missing = [k for k in missing if k not in tied and not _unrecorded_heads(model, k)]
+    unrecorded = [k for k in missing if _is_kept_heads(model, k)]  # a save that predates the kept_heads buffer
+    for k in unrecorded:  # the module does not know which original heads it kept: masks must be for its own heads
+        model.get_submodule(k.rpartition(".")[0]).kept_heads = None
+    missing = [k for k in missing if k not in tied and k not in unrecorded]
     if missing or unexpected:
         raise ValueError(f"saved weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
@@ -1794,16 +1797,10 @@ def _check_config(src: Path, model: nn.Module) -> None:
                          "omit model= to build it from the saved config.json.")
 
 
-def _unrecorded_heads(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` is the ``kept_heads`` of a :class:`PrunedMultiheadAttention` in a save that predates it; if
-    so, the module is told that it does not know which original heads it kept (per-head masks must then be given
-    for its own heads)."""
+def _is_kept_heads(model: nn.Module, key: str) -> bool:
+    """Whether the state-dict ``key`` is the ``kept_heads`` buffer of a :class:`PrunedMultiheadAttention`."""
     owner, _, leaf = key.rpartition(".")
-    att = model.get_submodule(owner) if leaf == "kept_heads" else None
-    if not isinstance(att, PrunedMultiheadAttention):
-        return False
-    att.kept_heads = None
-    return True
+    return leaf == "kept_heads" and isinstance(model.get_submodule(owner), PrunedMultiheadAttention)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
