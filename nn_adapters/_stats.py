@@ -1,9 +1,10 @@
 """Streaming float64 statistics of a consumer's input, and the forward hooks that feed them.
 
 For a pair (producer -> consumer) the rows of the design matrix ``A`` are the consumer's input vectors:
-one row per sample for a ``Linear`` consumer, one row per sample and output position for a ``Conv1d`` / ``Conv2d``
-consumer (``F.unfold`` with the consumer's kernel, stride, padding and dilation; the columns of a producer channel
-are the ``k`` or ``kh * kw`` taps of that channel). The targets are ``Y = A_target W^T`` (the consumer's output
+one row per sample for a ``Linear`` consumer, one row per sample and output position for a convolution consumer
+(``F.unfold`` with the consumer's kernel, stride, padding and dilation, of the zero-stuffed input for a transposed
+convolution, see :mod:`nn_adapters._conv`; the columns of a producer channel are the ``k`` or ``kh * kw`` taps of
+that channel). The targets are ``Y = A_target W^T`` (the consumer's output
 without its bias), where ``A_target`` is the same input in the original network (``asym``, ``layer``) or in the
 network pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``),
 so the statistics' memory does not grow with the number of samples (the sequential modes' cached activations,
@@ -44,8 +45,7 @@ def design_rows(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def weight_matrix(consumer: nn.Module) -> torch.Tensor:
     """The consumer's weights as an ``(out, d)`` float64 matrix whose columns match :func:`design_rows`."""
-    W = consumer.weight.detach().to(torch.float64)
-    return W.reshape(W.shape[0], -1)
+    return _conv.weight_matrix(consumer).detach().to(torch.float64)
 
 
 #: Private test hook: ``True`` sends the statistics of CPU models through the device path too (torch storage on the
@@ -562,14 +562,22 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
     """Forward pre-hooks on every consumer of ``model`` that stream its input into ``stats[pair.name]`` (and on the
     ``fc1`` of a squeeze-and-excitation gate on the way, its pooled input).
 
-    The hooks are removed when the context exits, also on error.
+    The hooks are removed when the context exits, also on error. A consumer call that its input alone does not
+    describe (:func:`nn_adapters._conv.call_reason`: a transposed convolution given ``output_size=``) raises a
+    ``ValueError``.
     """
+    def feed(st: PairStats):
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if (why := _conv.call_reason(m, len(args), kwargs)) is not None:
+                raise ValueError(f"pair {st.name}: consumer {st.pair.consumer!r}: {why}.")
+            st.update(args[0])
+        return hook
+
     handles = []
     try:
         for p in pairs:
             st = stats[p.name]
-            handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(
-                lambda _m, inp, st=st: st.update(inp[0])))
+            handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(feed(st), with_kwargs=True))
             if p.se:
                 handles.append(model.get_submodule(p.se[0]).register_forward_pre_hook(
                     lambda _m, inp, st=st: st.update_se_input(inp[0])))

@@ -85,8 +85,8 @@ class ParamModel:
             direct = sum(p.numel() for p in own)
             if name in prod or name in cons:
                 W = m.weight
-                out_fixed = W.shape[0]
-                in_fixed = W[0].numel()
+                out_fixed = _conv.out_units(m)
+                in_fixed = W.numel() // out_fixed  # weights per output unit
                 o_idx, o_mult = (prod[name], 1) if name in prod else (-1, out_fixed)
                 if name in cons:
                     i_idx, cpu = cons[name]
@@ -247,17 +247,14 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Floating-point operations of one forward pass per sample, counting convolution and Linear layers only
-    (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted)."""
+    """Floating-point operations of one forward pass per sample, counting convolution (transposed or not) and Linear
+    layers only (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted; a
+    transposed convolution's multiply-adds are those of its input values, see :func:`nn_adapters._conv.flops`)."""
     total = [0]
     handles = []
 
     def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        if _conv.is_conv(m):
-            per_out = m.in_channels // m.groups * _conv.kernel_numel(m)
-        else:
-            per_out = m.in_features
-        total[0] += 2 * out.numel() * per_out
+        total[0] += _conv.flops(m, inp[0], out)
 
     try:
         for m in model.modules():

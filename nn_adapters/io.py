@@ -1,8 +1,9 @@
 """Save and load pruned models without unpickling code.
 
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
-architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/BatchNorm/
-InstanceNorm layer, with the groups of a convolution, which a pruned depthwise convolution changes) and a plain
+architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/
+ConvTranspose1d/ConvTranspose2d/BatchNorm/InstanceNorm layer, with the groups of a convolution, which a pruned
+depthwise convolution changes) and a plain
 ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
 then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
 the tensors strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
@@ -158,8 +159,7 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
     if issubclass(base, _conv.LAYER_TYPES):
         # a file written before groups were recorded holds no resized grouped convolution: keep the base's groups
         groups = 1 if kind == "Linear" else shape.get("groups", m.groups)
-        tail = () if kind == "Linear" else m.weight.shape[2:]
-        m.weight = nn.Parameter(torch.empty(shape["out"], shape["in"] // groups, *tail, **dev))
+        m.weight = nn.Parameter(torch.empty(_conv.weight_shape(m, shape["in"], shape["out"], groups), **dev))
         m.bias = nn.Parameter(torch.empty(shape["out"], **dev)) if shape["bias"] else None
         if kind == "Linear":
             m.in_features, m.out_features = shape["in"], shape["out"]

@@ -1,6 +1,7 @@
 """Discovery of prunable (producer, consumer) layer pairs in a PyTorch model.
 
-A *pair* is a producer layer whose output units (neurons of a ``Linear``, channels of a ``Conv1d`` or ``Conv2d``)
+A *pair* is a producer layer whose output units (neurons of a ``Linear``, channels of a convolution: ``Conv1d``,
+``Conv2d``, ``ConvTranspose1d`` or ``ConvTranspose2d``)
 feed exactly one consumer layer through channel-wise operations only (BatchNorm, element-wise activations, pooling,
 dropout, flatten). Removing a producer unit then removes its row/channel from the producer, its entries from every
 BatchNorm on the way, and its input columns from the consumer, and nothing else in the network changes. This is
@@ -12,15 +13,21 @@ Supported pair kinds
 ``linear->linear``
     one unit = one input column of the consumer.
 ``conv->conv``
-    ``Conv1d->Conv1d`` or ``Conv2d->Conv2d``: one unit = a channel = ``k`` (1-D) or ``kh * kw`` (2-D) columns of
-    the consumer's unfolded input.
+    ``Conv1d->Conv1d`` or ``Conv2d->Conv2d``, and with transposed convolutions of the same rank
+    (``Conv->ConvTranspose``, ``ConvTranspose->Conv``, ``ConvTranspose->ConvTranspose``): one unit = a channel =
+    ``k`` (1-D) or ``kh * kw`` (2-D) columns of the consumer's unfolded input (for a transposed consumer, of its
+    zero-stuffed input, see :mod:`nn_adapters._conv`).
 ``conv->linear``
-    a convolution followed (after pooling) by a flatten and a ``Linear``: one channel = ``L`` (1-D) or ``H * W``
+    a convolution (transposed or not) followed (after pooling) by a flatten and a ``Linear``: one channel = ``L``
+    (1-D) or ``H * W``
     (2-D) columns of the consumer's input (grouped by position); after a global pooling written as a reduction
     over the positions (``x.mean((2, 3))``, ``x.mean(-1)``, ``x.amax(...)``, ``x.sum(...)``,
     ``x.squeeze((2, 3))``), one column.
 
-A 1-D and a 2-D convolution are never paired with each other, and pooling must have the convolution's rank
+A ``Linear`` never feeds a convolution's input channels. Transposed convolutions are supported with ``groups=1``
+only (a grouped one is refused as producer, consumer or on the way), and as consumers only when called without
+``output_size=`` (which sets the output padding per call). A 1-D and a 2-D convolution are never paired with each
+other, and pooling must have the convolution's rank
 (``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``). Resampling (``nn.Upsample``,
 ``F.interpolate``, any mode) of a convolution's output acts on each channel's positions, so it may lie on the way
 too; after a ``Linear`` producer it would interpolate across the units and is refused. So does an
@@ -174,7 +181,8 @@ class PrunablePair:
         BatchNorm modules and depthwise convolutions between them (their entries and filters follow the producer's
         units).
     kind : str
-        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (for ``Conv1d`` and ``Conv2d`` alike).
+        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (for ``Conv1d``, ``Conv2d`` and their
+        transposed kinds alike).
     n_units : int
         Output units of the producer (the ground-set size of the selection problem).
     cols_per_unit : int
@@ -274,7 +282,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _unit_count(mod: nn.Module) -> int:
-    return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+    return _conv.out_units(mod)
 
 
 def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> str | None:
@@ -318,12 +326,17 @@ def _plain_forward(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> s
 
 
 def _weight_ok(mod: nn.Module, in_shape: tuple[int, ...] | None = None) -> str | None:
-    """Why the ``.weight`` of a Linear/Conv1d/Conv2d cannot be sliced and refitted as the layer's weight, or
+    """Why the ``.weight`` of a Linear or a convolution cannot be sliced and refitted as the layer's weight, or
     ``None``: a parametrized weight, or a subclass whose ``forward`` computes something else."""
     if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g"):
         return ("its weight is parametrized (weight_norm / spectral_norm), which is not supported; remove the "
                 "parametrization before pruning (torch.nn.utils.parametrize.remove_parametrizations)")
     return _plain_forward(mod, in_shape)
+
+
+#: Why a grouped transposed convolution is refused everywhere (producer, consumer, between them).
+_GROUPED_TRANSPOSED = ("grouped transposed convolution (groups={groups}) is not supported: a transposed convolution "
+                       "is pruned with groups=1 only")
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
@@ -336,6 +349,8 @@ def _channelwise_conv(producer: nn.Module, conv: nn.Module, n_units: int,
     """Why a grouped convolution between ``producer`` and its consumer does not filter each of the producer's
     ``n_units`` channels on its own into the same channel, or ``None`` (a depthwise convolution with channel
     multiplier 1 of the producer's rank, which can lose channels like a BatchNorm)."""
+    if _conv.is_transposed(conv):
+        return _GROUPED_TRANSPOSED.format(groups=conv.groups)
     if not _is_depthwise(conv):
         return (f"grouped convolution (groups={conv.groups}, in_channels={conv.in_channels}) mixes the channels of "
                 "each group; only a depthwise convolution (groups = in_channels = out_channels) can lie between a "
@@ -353,16 +368,20 @@ def _channelwise_conv(producer: nn.Module, conv: nn.Module, n_units: int,
 
 
 def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] | None = None) -> str | None:
-    """Why a Linear/Conv1d/Conv2d cannot be a producer (``consumer=False``) or a consumer, or ``None``.
+    """Why a Linear or a convolution (transposed or not) cannot be a producer (``consumer=False``) or a consumer,
+    or ``None``.
 
     A producer only loses output units, so its padding does not matter; a consumer's input is unfolded with
     explicit zero padding, and neither may be grouped (a depthwise convolution can only lie between them, see
-    :func:`_channelwise_conv`) or have a parametrized (weight-normalised) weight.
+    :func:`_channelwise_conv`; a transposed convolution needs ``groups=1`` everywhere) or have a parametrized
+    (weight-normalised) weight.
     """
     if (why := _weight_ok(mod, in_shape)) is not None:
         return why
     if not _conv.is_conv(mod):
         return None
+    if _conv.is_transposed(mod) and mod.groups != 1:
+        return _GROUPED_TRANSPOSED.format(groups=mod.groups)
     if _is_depthwise(mod):
         return (f"a depthwise convolution (groups={mod.groups}) is not supported as a "
                 f"{'consumer' if consumer else 'producer'}: its input channels are its output channels. Its channels "
@@ -393,8 +412,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     pairs : list of PrunablePair
         In the order their consumers run.
     skipped : list of (str, str)
-        ``(module name, reason)`` for every Linear/Conv1d/Conv2d that is not a prunable producer (a depthwise
-        convolution pruned with the producer that feeds it is not listed).
+        ``(module name, reason)`` for every Linear or convolution (transposed or not) that is not a prunable
+        producer (a depthwise convolution pruned with the producer that feeds it is not listed).
 
     Examples
     --------
@@ -750,7 +769,8 @@ def _se_layer(m: nn.Module, name: str, role: str, n_units: int, rank: int, calls
         return f"{what} is called {calls[name]} times (shared weights)"
     if (why := _weight_ok(m, in_shape)) is not None:
         return f"{what}: {why}"
-    if _conv.is_conv(m) and (_conv.rank(m) != rank or m.groups != 1 or _conv.kernel_numel(m) != 1):
+    if _conv.is_conv(m) and (_conv.is_transposed(m) or _conv.rank(m) != rank or m.groups != 1
+                             or _conv.kernel_numel(m) != 1):
         return f"{what} is not a 1x1 convolution of the producer's rank without groups"
     if role == "fc1":
         n_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
@@ -1028,6 +1048,8 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
         return f"consumer {cnode.target!r}: {why}"
     if _conv.is_conv(consumer):
         kind_name = type(consumer).__name__
+        if (why := _conv.call_reason(consumer, len(cnode.args), cnode.kwargs)) is not None:
+            return f"consumer {cnode.target!r}: {why}"
         if (why := _conv_pairing(producer, consumer)) is not None:
             return f"consumer {kind_name} {cnode.target!r}: {why}"
         if flattened_hw is not None:
@@ -1097,8 +1119,9 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
                 raise ValueError(f"declared pair {p}: no module named {nm!r}; use names from model.named_modules().")
         prod, cons = modules[p.producer], modules[p.consumer]
         if not isinstance(prod, _conv.LAYER_TYPES) or not isinstance(cons, _conv.LAYER_TYPES):
-            raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear, nn.Conv1d or nn.Conv2d; "
-                             f"got {type(prod).__name__} and {type(cons).__name__}.")
+            raise ValueError(f"declared pair {p}: producer and consumer must be nn.Linear, nn.Conv1d, nn.Conv2d, "
+                             f"nn.ConvTranspose1d or nn.ConvTranspose2d; got {type(prod).__name__} and "
+                             f"{type(cons).__name__}.")
         for m, as_consumer in ((prod, False), (cons, True)):
             if (why := _layer_ok(m, consumer=as_consumer)) is not None:
                 raise ValueError(f"declared pair {p}: {why}.")
@@ -1135,8 +1158,10 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
             kind, cpu = "linear->linear", 1
         node = None
         if graph is not None:
-            node = next((nd.name for nd in graph.graph.nodes if nd.op == "call_module" and nd.target == p.consumer),
-                        None)
+            cnode = next((nd for nd in graph.graph.nodes if nd.op == "call_module" and nd.target == p.consumer), None)
+            if cnode is not None and (why := _conv.call_reason(cons, len(cnode.args), cnode.kwargs)) is not None:
+                raise ValueError(f"declared pair {p}: consumer {p.consumer!r}: {why}.")
+            node = None if cnode is None else cnode.name
         se_input = _se_input_node(graph, p.se[0]) if graph is not None and p.se else None
         out.append(PrunablePair(p.producer, p.consumer, tuple(p.between), kind, n, cpu, node, se=p.se,
                                 se_input_node=se_input))

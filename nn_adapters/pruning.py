@@ -461,10 +461,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         skipped = [(n, "not declared in pairs=") for n, m in work.named_modules()
                    if isinstance(m, _conv.LAYER_TYPES) and n not in declared]
     if not found:
-        reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or "the model has no Linear, Conv1d or Conv2d layer"
+        reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or ("the model has no Linear, Conv1d, Conv2d, "
+                                                                      "ConvTranspose1d or ConvTranspose2d layer")
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
-                         "Linear->Linear, Conv1d->Conv1d, Conv2d->Conv2d and Conv->Flatten->Linear through BatchNorm, "
-                         "activations, pooling, resampling and dropout; declare pairs with "
+                         "Linear->Linear, Conv->Conv of one rank (Conv1d, Conv2d and their transposed kinds) and "
+                         "Conv->Flatten->Linear through BatchNorm, activations, pooling, resampling and dropout; "
+                         "declare pairs with "
                          "pairs=[nn_adapters.Pair(...)] for other layouts.")
     if stats_mode != "layer":
         hooked = container_hooks(work) + [p.consumer for p in found
@@ -755,8 +757,8 @@ def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Mod
     if method == "random":
         return rng.choice(n, size=k, replace=False).astype(np.int64)
     if method == "weight_norm":
-        W = orig.get_submodule(pair.producer).weight.detach().to(torch.float64)
-        score = W.reshape(W.shape[0], -1).norm(dim=1).cpu().numpy()
+        W = _conv.weight_matrix(orig.get_submodule(pair.producer)).detach().to(torch.float64)
+        score = W.norm(dim=1).cpu().numpy()
     elif method == "act_norm":
         W = st.W.abs().sum(dim=0).cpu().numpy()  # sum_i |W_ic| per input column
         score = (W * st.unit_input_norms()).reshape(n, pair.cols_per_unit).sum(axis=1)

@@ -23,8 +23,9 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
-    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear``, ``Conv1d`` or ``Conv2d``."""
-    module.weight = _param(module.weight[idx], module.weight)
+    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear`` or a convolution (transposed or not)."""
+    out_dim, _ = _conv.unit_dims(module)
+    module.weight = _param(module.weight.index_select(out_dim, idx), module.weight)
     if module.bias is not None:
         module.bias = _param(module.bias[idx], module.bias)
     if isinstance(module, nn.Linear):
@@ -74,7 +75,7 @@ def keep_se(fc1: nn.Module, fc2: nn.Module, idx: torch.Tensor, pooled_mean: torc
     ``pooled_mean`` the removed pooled values are replaced by zero.
     """
     if pooled_mean is not None:
-        W1 = fc1.weight.detach().to(torch.float64).cpu().reshape(fc1.weight.shape[0], -1)
+        W1 = _conv.weight_matrix(fc1).detach().to(torch.float64).cpu()
         removed = torch.ones(W1.shape[1], dtype=torch.bool)
         removed[idx.cpu()] = False
         b1 = fc1.bias.detach().to(torch.float64).cpu() if fc1.bias is not None else torch.zeros(W1.shape[0],
@@ -92,22 +93,24 @@ def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight:
 
     Parameters
     ----------
-    module : nn.Linear, nn.Conv1d or nn.Conv2d
+    module : nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d or nn.ConvTranspose2d
     idx : torch.Tensor
         Kept units (sorted).
     cols_per_unit : int
         Input columns per unit (1, ``L`` or ``H*W`` for conv->linear; for a convolution consumer a unit is an input
         channel).
     weight : torch.Tensor, optional
-        New weights as a matrix ``(out, len(idx) * cols_per_unit)`` in the order of the kept columns. ``None``
-        keeps the original weights of the kept columns.
+        New weights as a matrix ``(out, len(idx) * cols_per_unit)`` in the order of the kept columns (for a
+        convolution, the layout of :func:`nn_adapters._conv.weight_matrix`). ``None`` keeps the original weights of
+        the kept columns.
     bias : torch.Tensor, optional
         New bias ``(out,)``; added as a parameter if the module had none. ``None`` leaves the bias as it is.
     """
     W = module.weight
-    out = W.shape[0]
+    out = _conv.out_units(module)
     if _conv.is_conv(module):
-        new = W[:, idx] if weight is None else weight.reshape(out, idx.numel(), *module.kernel_size)
+        new = W.index_select(_conv.unit_dims(module)[1], idx) if weight is None else _conv.weight_from_matrix(
+            module, weight.reshape(out, -1))
         module.in_channels = int(idx.numel())
     else:
         if weight is None:
