@@ -49,6 +49,7 @@ from .optimize import (
     RatioBound,
     SelectionResult,
     StaleBoundWarning,
+    _budget_zero_certificate,
     _certificate,
     _check_gamma,
     _check_objective_and_method,
@@ -93,7 +94,7 @@ class DistributedInfo:
     certified_prefixes : tuple of int
         Sizes of the prefixes of the returned set at which the certificate evaluated every gain of ``F``; empty for
         one part, where :func:`maximize`'s own certificate (minimised over the prefixes its run visited) is
-        returned.
+        returned, and for ``k = 0``, whose certificate is exact without any gain.
     """
 
     n_parts: int
@@ -329,7 +330,8 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
         winner, winner_part, selected = "union", None, union_sel
 
     # The returned set on the full objective: its gains and prefix values, and the certificate.
-    sizes = _certified_sizes(selected.size, int(certificate_prefixes))
+    # k = 0: OPT_0 = F(empty) exactly, certified without a pass of gains
+    sizes = _certified_sizes(selected.size, int(certificate_prefixes)) if kk else []
     run = _Run(f, kk, Cardinality(), gamma if sizes else None)
     _replay(run, selected, sizes)
     n_eval += run.n_eval
@@ -348,7 +350,10 @@ def maximize_distributed(f: SetFunction, k: int, *, n_parts: int | None = None, 
                       "upper bounds; the parts' and the second round's sets may be worse than exact greedy's. Use "
                       "lazy_fallback=True or method='greedy'.", StaleBoundWarning, stacklevel=2)
     where = f"minimised over the prefixes of sizes {list(sizes)} of the returned set (fresh gains of the full F)"
-    certificate = _certificate(run, value, gamma_lower, where) if sizes else None
+    if kk == 0:
+        certificate = _budget_zero_certificate(value) if certificate_prefixes > 0 else None
+    else:
+        certificate = _certificate(run, value, gamma_lower, where) if sizes else None
     info = DistributedInfo(n_parts=m, part_sizes=np.array([p.size for p in parts]), part_values=part_values,
                            part_wall_times=part_times, union_size=int(union.size), union_value=float(union_value),
                            winner=winner, winner_part=winner_part, objective="local" if local else "restrict",

@@ -259,7 +259,8 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     lazy_fallback : bool, default True
         See ``method``.
     certificate : bool, default True
-        Compute the certificate (``result.certificate``) when a proven gamma is known. ``False`` skips it:
+        Compute the certificate (``result.certificate``) when a proven gamma is known, or when ``k = 0`` (exact,
+        see Notes). ``False`` skips it:
         ``result.certificate`` is None and stochastic greedy saves its extra full pass of ``n`` gains (greedy
         and lazy greedy get their certificate from gains they evaluate anyway, so they cost the same).
 
@@ -275,7 +276,9 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     functions) and stochastic greedy certifies its final set only. There is no certificate (``None``) for a
     function declared ``monotone=False`` or seen to have a negative gain, nor for plain lazy greedy
     (``lazy_fallback=False``) on a function not declared submodular, whose stale gains bound nothing;
-    :func:`verification.certify` certifies any returned set from fresh gains.
+    :func:`verification.certify` certifies any returned set from fresh gains. With ``k = 0`` (a budget that admits
+    only the empty set) nothing is evaluated and, for every objective, method and constraint, the certificate is
+    exact: ``upper_bound = value = F(empty) = 0`` and its ``kind`` starts with ``"exact"``.
 
     Examples
     --------
@@ -312,8 +315,9 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
         raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
                          "method='greedy' or 'lazy' with a Knapsack.")
     run = _Run(f, budget, cons, gamma)
-    _dispatch(run, method, knapsack, seed, eps, lazy_fallback)
-    if method == "lazy" and not lazy_fallback and not f.submodular:
+    if budget > 0:  # a budget of 0 admits only the empty set: nothing to evaluate, and its certificate is exact
+        _dispatch(run, method, knapsack, seed, eps, lazy_fallback)
+    if budget > 0 and method == "lazy" and not lazy_fallback and not f.submodular:
         # Plain lazy greedy only sees the violations of the candidates it re-evaluates: absence proves nothing.
         warnings.warn(f"plain lazy greedy on a function not declared submodular trusts stale gains that need not "
                       f"be upper bounds; it detected {len(run.violations)} stale-bound violation(s), and its set may "
@@ -334,7 +338,10 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     # A certificate needs gains that bound the true ones: plain lazy greedy on a function not declared submodular
     # only has stale gains, which need not be upper bounds.
     plain_lazy = method == "lazy" and not lazy_fallback and not f.submodular
-    cert = None if plain_lazy else _certificate(run, value, gamma_lower, "minimised over prefixes")
+    if budget == 0:
+        cert = _budget_zero_certificate(value) if certificate else None
+    else:
+        cert = None if plain_lazy else _certificate(run, value, gamma_lower, "minimised over prefixes")
     return SelectionResult(selected=selected, gains=gains, values=values, value=value,
                            n_evaluations=run.n_eval, wall_time=time.perf_counter() - start,
                            certificate=cert, method=method, violations=run.violations,
@@ -397,6 +404,17 @@ def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str)
         f"online bound with proven gamma >= {run.gamma:g} (Das & Kempe 2011)"
     return Certificate(upper_bound=float(max(run.best_bound, value)), value=value, gamma_lower=run.gamma,
                        prefix_size=run.best_prefix, kind=f"proven upper bound on OPT: {what}, {where}")
+
+
+def _budget_zero_certificate(value: float) -> Certificate:
+    """The certificate of a run with budget ``k = 0``: ``OPT_0 = F(empty)``, exactly.
+
+    A budget of 0 admits only the empty set, whatever the objective and the constraint, so its optimum is known
+    without any gain, submodularity ratio or monotonicity; ``value`` is the value of that set (0 for a normalised
+    ``F``). ``gamma_lower`` is 1: the bound divides no gain by a ratio, and ``gamma_{U,0}`` is 1 by ``0/0 := 1``."""
+    return Certificate(upper_bound=float(value), value=float(value), gamma_lower=1.0, prefix_size=0,
+                       kind="exact: OPT_0 = F(empty set), the only set a budget of k = 0 allows (no gain, "
+                            "submodularity ratio or monotonicity used)")
 
 
 def _gains(state: GainState, n: int, cand: np.ndarray | None = None) -> np.ndarray:

@@ -883,3 +883,37 @@ def test_threads_calling_parallel_map_at_once_share_one_pool(monkeypatch):
     finally:
         for pool in made:
             pool.shutdown()
+
+
+def test_a_budget_of_zero_gets_an_exact_certificate_for_every_objective_method_and_constraint():
+    """k = 0 admits only the empty set, so OPT_0 = F(empty) = 0 is known exactly, whatever F is. maximize gave a
+    certificate (labelled an online bound) for submodular F only, and None for SparseRegression (weakly submodular)
+    or any function without a proven gamma. The oracle is the definition: the empty set is the only feasible set."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((30, 6))
+    objectives = [
+        submod.FacilityLocation(rng.standard_normal((6, 3))),                 # submodular
+        submod.SparseRegression(A, A @ rng.standard_normal(6)),               # weakly submodular
+        submod.from_callable(lambda S: float(len(S) % 2), n=6),               # neither monotone nor submodular
+    ]
+    constraints = [None, submod.PartitionMatroid([0, 0, 1, 1, 2, 2], 1), submod.Knapsack(np.ones(6), 2.0)]
+    for f in objectives:
+        opt0 = brute_opt(f, 0)   # the best of the sets of size <= 0: the empty set alone
+        for method, constraint, lazy_fallback in itertools.product(submod.METHODS, constraints, (True, False)):
+            if method == "stochastic" and isinstance(constraint, submod.Knapsack):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")   # nothing is evaluated: no stale bound, no negative gain to warn of
+                res = submod.maximize(f, 0, method=method, constraint=constraint, seed=0,
+                                      lazy_fallback=lazy_fallback)
+            cert = res.certificate
+            assert res.selected.size == 0 and res.value == opt0 == 0.0
+            assert cert is not None, (type(f).__name__, method, constraint)
+            assert cert.upper_bound == opt0 and cert.value == opt0 and cert.ratio == 1.0
+            assert cert.kind.startswith("exact") and cert.prefix_size == 0
+            assert res.n_evaluations == 0
+            assert submod.maximize(f, 0, method=method, constraint=constraint, seed=0,
+                                   certificate=False).certificate is None
+        dist = submod.maximize_distributed(f, 0, n_parts=2, seed=0)
+        assert dist.certificate.upper_bound == opt0 and dist.certificate.kind.startswith("exact")
+        assert submod.maximize_distributed(f, 0, n_parts=2, seed=0, certificate_prefixes=0).certificate is None
