@@ -42,11 +42,11 @@ from numpy.typing import ArrayLike
 
 from ._validation import check_executor, check_k, pickling_error, rng_from_seed
 from .base import SetFunction
+from .certificates import RatioBound
 from .constraints import Cardinality
 from .optimize import (
     DEFAULT_EPS,
     NonMonotoneWarning,
-    RatioBound,
     SelectionResult,
     StaleBoundWarning,
     _budget_zero_certificate,

@@ -24,7 +24,8 @@ import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
 from ._validation import as_float_array
-from .optimize import METHODS, SOUND_RATIO_KINDS, RatioBound, SelectionResult, maximize
+from .certificates import SOUND_RATIO_KINDS, RatioBound
+from .optimize import METHODS, SelectionResult, maximize
 from .selector import _not_fitted_error
 from .sparse_regression import SparseRegression
 

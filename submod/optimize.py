@@ -7,13 +7,13 @@ import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._validation import check_k, gains_array, rng_from_seed
 from .base import GainState, SetFunction
-from .certificates import Certificate
+from .certificates import _HOW_TO_PROVE, Certificate, RatioBound, _is_ratio_estimate, _sound_ratio_value
 from .constraints import Cardinality, Constraint, Knapsack
 
 if TYPE_CHECKING:
@@ -159,22 +159,6 @@ class _Run:
         self.values.append(float(self.state.value))
 
 
-class RatioBound(Protocol):
-    """What :func:`maximize` reads from a ratio estimate passed as ``gamma_lower`` (e.g.
-    ``verification.RatioEstimate``): its number and what that number is (``"exact"``, ``"lower bound"``, ...)."""
-
-    value: float
-    kind: str
-
-
-#: Kinds of a ratio estimate (``verification.RatioEstimate.kind``) that may be used in a certificate: the exact
-#: ratio or a proven lower bound on it; an upper bound or an empirical estimate may lie above the true ratio.
-SOUND_RATIO_KINDS = ("exact", "lower bound")
-
-_HOW_TO_PROVE = ("Pass a proven lower bound: verification.submodularity_ratio(f, k, method='spectral') for a "
-                 "submod.SparseRegression, or method='exact' on a small ground set.")
-
-
 def _check_gamma(f: SetFunction, gamma_lower: object, k: int) -> float | None:
     """The proven lower bound on the submodularity ratio that a certificate may use (``None``: no certificate).
 
@@ -185,25 +169,11 @@ def _check_gamma(f: SetFunction, gamma_lower: object, k: int) -> float | None:
     ``1`` for a function not declared submodular (the submodular online bound, which can fall below OPT)."""
     if gamma_lower is None:
         return 1.0 if f.submodular else None
-    if hasattr(gamma_lower, "value") and hasattr(gamma_lower, "kind"):
-        kind, how = gamma_lower.kind, getattr(gamma_lower, "method", "unknown")
-        if kind not in SOUND_RATIO_KINDS:
-            raise ValueError(f"gamma_lower is an {kind} (method {how!r}); a certificate needs a proven LOWER bound "
-                             f"on the submodularity ratio (kind 'exact' or 'lower bound'). {_HOW_TO_PROVE}")
-        est_k = getattr(gamma_lower, "k", None)
-        if est_k is not None and est_k < k:
-            raise ValueError(f"gamma_lower was computed for |S| <= {est_k} but the certificate bounds OPT_{k}; "
-                             f"recompute it with k >= {k}.")
-        if getattr(gamma_lower, "U", None) is not None:
-            raise ValueError("gamma_lower was computed for sets L inside a given U, but this run's certificate uses "
-                             "its own prefixes, which need not lie in U. Compute it over the whole ground set "
-                             "(U=None), or certify the result afterwards with verification.certify(f, result, "
-                             "estimate).")
-        g = gamma_lower.value
-        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not (0.0 < float(g) <= 1.0):
-            raise ValueError(f"the proven lower bound on gamma is {g!r}, which gives no certificate (it must be in "
-                             "(0, 1]); the function may be degenerate (dead or duplicate units).")
-        return float(g)
+    if _is_ratio_estimate(gamma_lower):
+        return _sound_ratio_value(gamma_lower, k, outside_U=(
+            "gamma_lower was computed for sets L inside a given U, but this run's certificate uses its own prefixes, "
+            "which need not lie in U. Compute it over the whole ground set (U=None), or certify the result "
+            "afterwards with verification.certify(f, result, estimate)."))
     if isinstance(gamma_lower, bool) or not isinstance(gamma_lower, numbers.Real):
         raise ValueError(f"gamma_lower must be None, a number or a ratio estimate such as verification."
                          f"submodularity_ratio(f, k, method='spectral'); got {type(gamma_lower).__name__}.")

@@ -917,3 +917,40 @@ def test_a_budget_of_zero_gets_an_exact_certificate_for_every_objective_method_a
         dist = submod.maximize_distributed(f, 0, n_parts=2, seed=0)
         assert dist.certificate.upper_bound == opt0 and dist.certificate.kind.startswith("exact")
         assert submod.maximize_distributed(f, 0, n_parts=2, seed=0, certificate_prefixes=0).certificate is None
+
+
+def test_online_bound_takes_a_ratio_estimate_and_refuses_what_is_not_a_proven_lower_bound():
+    """online_bound took a number only: a verification.RatioEstimate raised a TypeError (comparing an object with
+    floats) instead of being read by its kind. Now an exact value or a proven lower bound is used, and gives a bound
+    at least the brute-force OPT_3 at every prefix of greedy's run on the instance where gamma = 1 falls below it;
+    an upper bound or an estimate is refused with the reason and what to pass instead."""
+    import verification as vf
+
+    f = submod.SparseRegression(GAMMA_ONE_A, GAMMA_ONE_Y)
+    k = 3
+    opt = brute_opt(f, k)
+    sel = submod.maximize(f, k).selected
+    exact = vf.submodularity_ratio(f, k, method="exact")
+    spectral = vf.submodularity_ratio(f, k, method="spectral")
+    assert (exact.kind, spectral.kind) == ("exact", "lower bound")
+    for est in (exact, spectral):
+        for t in range(sel.size + 1):
+            A_t = sel[:t].tolist()
+            bound = submod.online_bound(f.gains(A_t), f.value(A_t), k, gamma_lower=est)
+            assert bound >= opt * (1 - 1e-12)
+            assert bound == submod.online_bound(f.gains(A_t), f.value(A_t), k, gamma_lower=float(est.value))
+    refused = [vf.submodularity_ratio(f, k, method="sampled", seed=0),
+               vf.submodularity_ratio(f, k, method="greedy-path"),
+               vf.RatioEstimate(value=0.5, kind="estimate", method="fitted", k=k, U=None)]
+    assert [r.kind for r in refused] == ["upper bound", "upper bound", "estimate"]
+    for est in refused:
+        with pytest.raises(ValueError, match=rf"gamma_lower is an {est.kind} .* needs a proven LOWER bound .* may "
+                                             r"exceed the true ratio.* Pass a proven lower bound: verification\."
+                                             r"submodularity_ratio\(f, k, method='spectral'\)"):
+            submod.online_bound(f.gains([]), 0.0, k, gamma_lower=est)
+    with pytest.raises(ValueError, match=r"computed for \|S\| <= 2 .* k >= 3"):
+        submod.online_bound(f.gains([]), 0.0, k, gamma_lower=vf.submodularity_ratio(f, 2, method="spectral"))
+    with pytest.raises(ValueError, match="inside a given U, and online_bound cannot check that A lies in U"):
+        submod.online_bound(f.gains([]), 0.0, k, gamma_lower=vf.submodularity_ratio(f, k, U=[0, 1], method="exact"))
+    with pytest.raises(ValueError, match="gamma_lower must be a number in \\(0, 1\\] or a ratio estimate"):
+        submod.online_bound(f.gains([]), 0.0, k, gamma_lower="0.5")
