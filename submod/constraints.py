@@ -7,6 +7,10 @@ online certificates need (``OPT <= F(A) + sum of gains of the best feasible set`
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Hashable, Mapping, Sequence
+from types import MappingProxyType
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -155,22 +159,28 @@ class PartitionMatroid(Constraint):
 
     Parameters
     ----------
-    groups : array of shape (n,)
-        Non-negative integer group label of each element. Labels need not be consecutive: with one int budget
+    groups : array or sequence of shape (n,)
+        Group label of each element. Either non-negative integers, or any hashable labels (strings such as layer
+        names, tuples, ...; compared as dict keys are, so ``1`` and ``1.0`` name one group; a label not equal to
+        itself, such as NaN, is refused). Integer labels need not be consecutive: with one int budget or a dict
         they may be any such integers (``[0, 10**12, 7]``); with an array of budgets they index it.
-    budgets : int or array of shape (n_groups,)
-        Maximum number of picks per group (one int applies to every group present). An array sets the number of
-        groups, ``n_groups = len(budgets)``; a group may have no element (its labels are then simply absent),
+    budgets : int, array of shape (n_groups,) or dict
+        Maximum number of picks per group. One int applies to every group present. A dict ``{label: budget}``
+        must give every label present in ``groups`` a budget and name no other label (an unknown key is most
+        likely a typo, so it is refused rather than ignored). An array, for integer labels only, sets the number
+        of groups, ``n_groups = len(budgets)``; a group may have no element (its labels are then simply absent),
         but every label must be below ``len(budgets)``.
 
     Attributes
     ----------
-    groups : array of int64, shape (n,)
-        The labels, read-only.
-    budgets : array of int64, shape (n_groups,)
-        The budget of each label ``0, ..., n_groups - 1``: the array given, or the int repeated up to the largest
-        label. The constraint itself stores one budget per label present (memory ``O(n)`` whatever the labels):
-        this array is built when read, and with one int budget its length is the largest label plus one.
+    groups : array of shape (n,)
+        The labels, read-only: int64 for integer labels, else an object array of the labels given.
+    budgets : array of int64 of shape (n_groups,), or mapping
+        For integer labels with an int or an array of budgets: the budget of each label ``0, ..., n_groups - 1``,
+        the array given or the int repeated up to the largest label. The constraint itself stores one budget per
+        label present (memory ``O(n)`` whatever the labels): this array is built when read, and with one int budget
+        its length is the largest label plus one. Otherwise (a dict of budgets, or labels that are not integers): a
+        read-only mapping ``{label: budget}`` over the labels present, in order of first appearance in ``groups``.
 
     Examples
     --------
@@ -182,16 +192,32 @@ class PartitionMatroid(Constraint):
     >>> c = submod.PartitionMatroid(groups=[10**12, 10**12, 3, 3], budgets=1)   # no slot per label up to 10**12
     >>> submod.maximize(f, 4, constraint=c).selected.tolist()
     [0, 2]
+
+    Labels can be names, with a budget per name:
+
+    >>> c = submod.PartitionMatroid(["fc1", "fc1", "fc2", "fc2"], budgets={"fc1": 2, "fc2": 0})
+    >>> submod.maximize(f, 4, constraint=c).selected.tolist()
+    [0, 1]
+    >>> dict(c.budgets)
+    {'fc1': 2, 'fc2': 0}
     """
 
     guarantee = "1/2 of the optimum for monotone submodular F (Fisher, Nemhauser & Wolsey 1978)."
 
-    def __init__(self, groups: ArrayLike, budgets: int | ArrayLike) -> None:
-        g = np.asarray(groups)
-        if g.ndim != 1 or g.size == 0:
-            raise ValueError("groups must be a non-empty 1-D array with one label per element.")
-        if not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
-            raise ValueError("group labels must be non-negative integers.")
+    def __init__(self, groups: ArrayLike | Sequence[Hashable],
+                 budgets: int | ArrayLike | Mapping[Hashable, int]) -> None:
+        g = _label_array(groups)
+        if np.issubdtype(g.dtype, np.integer):
+            self._init_integer_labels(g, budgets)
+        else:
+            self._init_hashable_labels(g, budgets)
+
+    def _init_integer_labels(self, g: np.ndarray, budgets: object) -> None:
+        """Non-negative integer labels: one int, an array indexed by label, or a dict of budgets."""
+        if g.min() < 0:
+            raise ValueError("integer group labels must be non-negative (an array of budgets is indexed by them); "
+                             "renumber them, e.g. with np.unique(groups, return_inverse=True)[1], or use other "
+                             "labels such as strings.")
         if int(g.max()) > np.iinfo(np.int64).max:
             raise ValueError(f"group labels must fit in int64 (at most {np.iinfo(np.int64).max}); got {g.max()}. "
                              "Renumber the groups, e.g. with np.unique(groups, return_inverse=True)[1].")
@@ -200,37 +226,82 @@ class PartitionMatroid(Constraint):
         # a label of 10**12).
         labels, position = np.unique(g, return_inverse=True)
         n_labelled = int(labels[-1]) + 1
-        b = np.asarray(budgets)
-        if b.ndim == 0 and np.issubdtype(b.dtype, np.integer):
-            if b < 0:
-                raise ValueError("budgets must be non-negative.")
-            self._scalar_budget: int | None = int(b)
-            self._budget_array: np.ndarray | None = None
-            present = np.full(labels.size, int(b), dtype=np.int64)
+        self._budget_map: Mapping[Hashable, int] | None = None
+        self._scalar_budget: int | None = None
+        self._budget_array: np.ndarray | None = None
+        if isinstance(budgets, Mapping):
+            self._budget_map = _budget_mapping(budgets, labels.tolist())
+            present = np.fromiter(self._budget_map.values(), dtype=np.int64, count=labels.size)
         else:
-            if b.ndim != 1 or not np.issubdtype(b.dtype, np.integer):
-                raise ValueError(f"budgets must be an int or a 1-D array of integers, one per group (labels reach "
-                                 f"{n_labelled - 1}, so at least {n_labelled}); got {budgets!r}.")
-            # More budgets than labels present is fine: the groups without elements (e.g. labels of a subsample)
-            # simply allow no pick.
-            if b.size < n_labelled:
-                raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; pass "
-                                 f"budgets with one per group ({n_labelled} or more), or an int for every group.")
-            if np.any(b < 0):
-                raise ValueError("budgets must be non-negative.")
-            self._scalar_budget = None
-            self._budget_array = b.astype(np.int64)
-            self._budget_array.flags.writeable = False
-            present = self._budget_array[labels]
+            b = np.asarray(budgets)
+            if b.ndim == 0 and np.issubdtype(b.dtype, np.integer):
+                if b < 0:
+                    raise ValueError("budgets must be non-negative.")
+                self._scalar_budget = int(b)
+                present = np.full(labels.size, int(b), dtype=np.int64)
+            else:
+                if b.ndim != 1 or not np.issubdtype(b.dtype, np.integer):
+                    raise ValueError(f"budgets must be an int, a dict {{label: budget}} or a 1-D array of integers, "
+                                     f"one per group (labels reach {n_labelled - 1}, so at least {n_labelled}); "
+                                     f"got {budgets!r}.")
+                # More budgets than labels present is fine: the groups without elements (e.g. labels of a
+                # subsample) simply allow no pick.
+                if b.size < n_labelled:
+                    raise ValueError(f"budgets has {b.size} entries but the group labels reach {n_labelled - 1}; "
+                                     f"pass budgets with one per group ({n_labelled} or more), or an int for every "
+                                     "group.")
+                if np.any(b < 0):
+                    raise ValueError("budgets must be non-negative.")
+                self._budget_array = b.astype(np.int64)
+                self._budget_array.flags.writeable = False
+                present = self._budget_array[labels]
         self.groups = g.astype(np.int64)
         self.groups.flags.writeable = False
         self._labels = labels.astype(np.int64)
         self._position = position.reshape(-1).astype(np.int64)   # index into _labels of each element's group
         self._present_budgets = present                          # budget of each group present
 
+    def _init_hashable_labels(self, g: np.ndarray, budgets: object) -> None:
+        """Labels of any other kind (names): one int or a dict of budgets; groups numbered by first appearance."""
+        index: dict[Hashable, int] = {}
+        position = np.empty(g.size, dtype=np.int64)
+        for i, label in enumerate(g):
+            try:
+                hash(label)
+            except TypeError:
+                raise ValueError(f"group label {label!r} (element {i}) is not hashable; labels must be hashable, "
+                                 "such as ints, strings or tuples.") from None
+            if label != label:
+                raise ValueError(f"group label {label!r} (element {i}) is not equal to itself, so it cannot name a "
+                                 "group; replace it (e.g. NaN by a string such as 'none').")
+            position[i] = index.setdefault(label, len(index))
+        labels = list(index)
+        self._scalar_budget = None
+        self._budget_array = None
+        if isinstance(budgets, Mapping):
+            self._budget_map = _budget_mapping(budgets, labels)
+        elif _is_int(budgets):
+            if budgets < 0:
+                raise ValueError("budgets must be non-negative.")
+            self._budget_map = MappingProxyType(dict.fromkeys(labels, int(budgets)))
+        else:
+            raise ValueError(f"with group labels that are not integers (such as {labels[0]!r}), budgets must be one "
+                             f"int or a dict {{label: budget}}; an array of budgets indexes integer labels only. Got "
+                             f"{budgets!r}.")
+        self.groups = g
+        self.groups.flags.writeable = False
+        self._labels = np.empty(len(labels), dtype=object)
+        for i, label in enumerate(labels):  # one by one: a tuple label must not become a row
+            self._labels[i] = label
+        self._position = position
+        self._present_budgets = np.fromiter(self._budget_map.values(), dtype=np.int64, count=len(labels))
+
     @property
-    def budgets(self) -> np.ndarray:
-        """The budget of each label ``0, ..., n_groups - 1`` (read-only; see the class's Attributes)."""
+    def budgets(self) -> np.ndarray | Mapping[Hashable, int]:
+        """The budget of each label: an array over ``0, ..., n_groups - 1`` or a mapping (read-only; see the
+        class's Attributes)."""
+        if self._budget_map is not None:
+            return self._budget_map
         if self._budget_array is not None:
             return self._budget_array
         out = np.full(int(self._labels[-1]) + 1, self._scalar_budget, dtype=np.int64)
@@ -273,3 +344,62 @@ class _PartitionTracker(_Tracker):
         self.left[grp] -= 1
         if self.left[grp] <= 0:
             self.allowed[self.groups == grp] = False
+
+
+def _is_int(x: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _label_array(groups: object) -> np.ndarray:
+    """``groups`` as a 1-D array: integer dtype when every label is an integer (numpy's own reading, as before),
+    else a new object array holding the labels as given (a list of tuples must not become a 2-D array, nor a mix of
+    strings and ints all strings)."""
+    bad = ValueError("groups must be a non-empty 1-D array or sequence with one label per element.")
+    if isinstance(groups, (str, bytes)):
+        raise bad
+    if isinstance(groups, np.ndarray):
+        if groups.ndim != 1 or groups.size == 0:
+            raise bad
+        if np.issubdtype(groups.dtype, np.integer):
+            return groups
+        items = groups.tolist()
+    else:
+        try:
+            items = list(groups)
+        except TypeError:
+            raise bad from None
+        if not items:
+            raise bad
+        try:
+            g = np.asarray(items)
+        except ValueError:  # ragged: tuples of several lengths
+            g = None
+        if g is not None and g.ndim == 1 and np.issubdtype(g.dtype, np.integer):
+            return g
+    out = np.empty(len(items), dtype=object)
+    for i, label in enumerate(items):
+        out[i] = label
+    return out
+
+
+def _budget_mapping(budgets: Mapping[Hashable, object], labels: list[Hashable]) -> Mapping[Hashable, int]:
+    """A read-only ``{label: budget}`` over ``labels`` (the labels present, in order), checked: every label has a
+    budget, no key names an absent label, every budget is a non-negative int."""
+    missing = [lab for lab in labels if lab not in budgets]
+    present = set(labels)
+    unknown = [key for key in budgets if key not in present]
+    if missing or unknown:
+        def show(xs: list[Hashable]) -> str:
+            return ", ".join(repr(x) for x in xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+        parts = ([f"no budget for label(s) {show(missing)}"] if missing else []) + \
+            ([f"unknown label(s) {show(unknown)}, which no element has (a typo?)"] if unknown else [])
+        raise ValueError(f"budgets does not match the labels in groups: {'; '.join(parts)}. Give a budget to every "
+                         f"label present in groups (labels: {show(labels)}) and to no other label.")
+    out = {}
+    for lab in labels:
+        b = budgets[lab]
+        if not _is_int(b) or b < 0:
+            raise ValueError(f"budgets[{lab!r}] must be a non-negative integer; got {b!r}.")
+        out[lab] = int(b)
+    return MappingProxyType(out)

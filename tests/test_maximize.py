@@ -954,3 +954,84 @@ def test_online_bound_takes_a_ratio_estimate_and_refuses_what_is_not_a_proven_lo
         submod.online_bound(f.gains([]), 0.0, k, gamma_lower=vf.submodularity_ratio(f, k, U=[0, 1], method="exact"))
     with pytest.raises(ValueError, match="gamma_lower must be a number in \\(0, 1\\] or a ratio estimate"):
         submod.online_bound(f.gains([]), 0.0, k, gamma_lower="0.5")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_partition_matroid_with_named_groups_is_solved_exactly_for_a_modular_function(data):
+    """Group labels could only be non-negative integers; layer names had to be renumbered by hand. Now any hashable
+    label works, with one int or a dict {label: budget}. Greedy is optimal for a modular F on a matroid, so its
+    value must equal the brute-force optimum over every subset the budgets allow, its set must be feasible, and it
+    must pick exactly what greedy picks under the same groups renumbered as integers."""
+    n = data.draw(st.integers(1, 7))
+    names = ["conv1", "conv2", ("block", 3), "fc"]
+    groups = data.draw(st.lists(st.sampled_from(names), min_size=n, max_size=n))
+    present = list(dict.fromkeys(groups))
+    if data.draw(st.booleans()):
+        budgets = {g: data.draw(st.integers(0, 2)) for g in present}
+        budget_of = budgets.__getitem__
+    else:
+        budgets = data.draw(st.integers(0, 2))
+        budget_of = lambda g: budgets  # noqa: E731
+    w = np.array(data.draw(st.lists(st.floats(0.1, 10.0), min_size=n, max_size=n)))
+    k = data.draw(st.integers(1, n))
+    f = submod.Modular(w)
+
+    def feasible(S):
+        return all(sum(groups[j] == g for j in S) <= budget_of(g) for g in present)
+
+    opt = brute_opt(f, k, feasible)
+    c = submod.PartitionMatroid(groups, budgets)
+    as_ints = np.array([present.index(g) for g in groups])
+    int_budgets = [budget_of(g) for g in present]
+    for method in ("greedy", "lazy"):
+        res = submod.maximize(f, k, method=method, constraint=c)
+        assert feasible(res.selected.tolist()) and res.selected.size <= k
+        assert res.value == pytest.approx(opt, rel=1e-12)
+        assert res.certificate.upper_bound >= opt * (1 - 1e-12)
+        renumbered = submod.maximize(f, k, method=method, constraint=submod.PartitionMatroid(as_ints, int_budgets))
+        assert res.selected.tolist() == renumbered.selected.tolist()
+    res = submod.maximize(f, k, method="stochastic", constraint=c, seed=0)
+    assert feasible(res.selected.tolist()) and res.selected.size <= k
+
+
+def test_partition_matroid_named_groups_attributes_and_errors():
+    groups = ["fc1", "fc2", "fc1", "fc2"]
+    budgets = {"fc2": 1, "fc1": 2}
+    c = submod.PartitionMatroid(groups, budgets)
+    assert c.groups.tolist() == groups and c.groups.dtype == object
+    assert dict(c.budgets) == {"fc1": 2, "fc2": 1}
+    with pytest.raises(ValueError, match="read-only"):
+        c.groups[0] = "fc2"
+    with pytest.raises(TypeError):
+        c.budgets["fc1"] = 5
+    budgets["fc1"] = 0          # the caller's dict is neither modified nor kept
+    groups[0] = "fc2"
+    assert dict(c.budgets) == {"fc1": 2, "fc2": 1} and c.groups[0] == "fc1"
+    assert dict(submod.PartitionMatroid(["a", "b", "a"], 1).budgets) == {"a": 1, "b": 1}
+    # a dict for integer labels: the same constraint as the array, labels in the mapping
+    d = submod.PartitionMatroid([0, 5, 5], {5: 2, 0: 1})
+    assert dict(d.budgets) == {0: 1, 5: 2} and d.groups.dtype == np.int64
+    f = submod.Modular([1.0, 2.0, 3.0])
+    assert submod.maximize(f, 3, constraint=d).selected.tolist() == [2, 1, 0]
+    tuples = submod.PartitionMatroid([("a", 1), ("a", 1), ("b", 2)], {("a", 1): 1, ("b", 2): 1})
+    assert tuples.groups.shape == (3,)
+    assert sorted(submod.maximize(f, 3, constraint=tuples).selected.tolist()) == [1, 2]
+    for bad_budgets, match in [
+            ({"fc1": 1}, "no budget for label\\(s\\) 'fc2'"),
+            ({"fc1": 1, "fc2": 1, "fc3": 1}, "unknown label\\(s\\) 'fc3', which no element has \\(a typo\\?\\)"),
+            ({"fc1": 1, "fc_2": 1}, "no budget for label\\(s\\) 'fc2'; unknown label\\(s\\) 'fc_2'"),
+            ([1, 1], "budgets must be one int or a dict \\{label: budget\\}; an array of budgets indexes integer"),
+            ({"fc1": 1, "fc2": -1}, "budgets\\['fc2'\\] must be a non-negative integer"),
+            ({"fc1": 1, "fc2": 1.5}, "budgets\\['fc2'\\] must be a non-negative integer"),
+            (-1, "budgets must be non-negative")]:
+        with pytest.raises(ValueError, match=match):
+            submod.PartitionMatroid(["fc1", "fc2"], bad_budgets)
+    with pytest.raises(ValueError, match="is not hashable"):
+        submod.PartitionMatroid(["fc1", ["fc2"]], 1)
+    with pytest.raises(ValueError, match="not equal to itself"):
+        submod.PartitionMatroid([float("nan"), 1.0], 1)
+    with pytest.raises(ValueError, match="unknown label"):
+        submod.PartitionMatroid([0, 1], {0: 1, 1: 1, 2: 1})
+    with pytest.raises(ValueError, match="integer group labels must be non-negative"):
+        submod.PartitionMatroid([-1, 0], 1)
