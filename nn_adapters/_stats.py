@@ -3,7 +3,7 @@
 For a pair (producer -> consumer) the rows of the design matrix ``A`` are the consumer's input vectors:
 one row per sample for a ``Linear`` consumer, one row per sample and output position for a convolution consumer
 (``F.unfold`` with the consumer's kernel, stride, padding and dilation, of the zero-stuffed input for a transposed
-convolution, see :mod:`nn_adapters._conv`; the columns of a producer channel are the ``k`` or ``kh * kw`` taps of
+convolution, see ``nn_adapters._conv``; the columns of a producer channel are the ``k`` or ``kh * kw`` taps of
 that channel). The targets are ``Y = A_target W^T`` (the consumer's output
 without its bias), where ``A_target`` is the same input in the original network (``asym``, ``layer``) or in the
 network pruned so far (``seq``). Only ``d x d`` and ``d x m`` float64 sums are kept (``submod.GramAccumulator``),
@@ -563,7 +563,7 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
     ``fc1`` of a squeeze-and-excitation gate on the way, its pooled input).
 
     The hooks are removed when the context exits, also on error. A consumer call that its input alone does not
-    describe (:func:`nn_adapters._conv.call_reason`: a transposed convolution given ``output_size=``) raises a
+    describe (``nn_adapters._conv.call_reason``: a transposed convolution given ``output_size=``) raises a
     ``ValueError``.
     """
     def feed(st: PairStats):

@@ -249,7 +249,7 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """Floating-point operations of one forward pass per sample, counting convolution (transposed or not) and Linear
     layers only (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted; a
-    transposed convolution's multiply-adds are those of its input values, see :func:`nn_adapters._conv.flops`)."""
+    transposed convolution's multiply-adds are those of its input values, see ``nn_adapters._conv.flops``)."""
     total = [0]
     handles = []
 

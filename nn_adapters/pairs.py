@@ -16,7 +16,7 @@ Supported pair kinds
     ``Conv1d->Conv1d`` or ``Conv2d->Conv2d``, and with transposed convolutions of the same rank
     (``Conv->ConvTranspose``, ``ConvTranspose->Conv``, ``ConvTranspose->ConvTranspose``): one unit = a channel =
     ``k`` (1-D) or ``kh * kw`` (2-D) columns of the consumer's unfolded input (for a transposed consumer, of its
-    zero-stuffed input, see :mod:`nn_adapters._conv`).
+    zero-stuffed input, see ``nn_adapters._conv``).
 ``conv->linear``
     a convolution (transposed or not) followed (after pooling) by a flatten and a ``Linear``: one channel = ``L``
     (1-D) or ``H * W``

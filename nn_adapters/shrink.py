@@ -101,7 +101,7 @@ def set_inputs(module: nn.Module, idx: torch.Tensor, cols_per_unit: int, weight:
         channel).
     weight : torch.Tensor, optional
         New weights as a matrix ``(out, len(idx) * cols_per_unit)`` in the order of the kept columns (for a
-        convolution, the layout of :func:`nn_adapters._conv.weight_matrix`). ``None`` keeps the original weights of
+        convolution, the layout of ``nn_adapters._conv.weight_matrix``). ``None`` keeps the original weights of
         the kept columns.
     bias : torch.Tensor, optional
         New bias ``(out,)``; added as a parameter if the module had none. ``None`` leaves the bias as it is.
