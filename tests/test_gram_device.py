@@ -371,6 +371,23 @@ def test_cnn_pruning_on_the_device_path_equals_the_numpy_path(method, request):
         assert g.relative_error == pytest.approx(r.relative_error, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.usefixtures("torch_one_thread")
+@pytest.mark.parametrize("name", ["2-D autoencoder", "1-D autoencoder"])
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_transposed_convolutions_on_the_device_path_equal_the_numpy_path(name, method, request):
+    """Transposed consumers unfold their zero-stuffed input with torch on the device path: the same statistics."""
+    from test_nn_conv_transpose import MODELS
+
+    import nn_adapters as nna
+    build, shape, _ = MODELS[name]
+    net, x = build(), torch.rand(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref, rep_ref = nna.prune(net, [x[:70], x[70:]], keep=0.5, method=method, ridge="cv")
+    calls = request.getfixturevalue("device_path")
+    got, rep_got = nna.prune(net, [x[:70], x[70:]], keep=0.5, method=method, ridge="cv")
+    assert calls, "the device path was not taken"
+    _same_pruning(ref, got, rep_ref.layers, rep_got.layers, "kept_units")
+
+
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -472,6 +489,20 @@ def test_cnn_pruned_on_the_gpu_equals_the_cpu_pruning(method):
     x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref, rep_ref = nna.prune(net, [x[:25], x[25:]], keep=0.5, method=method, ridge="cv")
     got, rep_got = nna.prune(net.cuda(), [x[:25].cuda(), x[25:].cuda()], keep=0.5, method=method, ridge="cv")
+    assert next(got.parameters()).device.type == "cuda"
+    _same_pruning(ref, got.cpu(), rep_ref.layers, rep_got.layers, "kept_units")
+
+
+@cuda
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_autoencoder_with_transposed_convolutions_pruned_on_the_gpu_equals_the_cpu_pruning(method):
+    from test_nn_conv_transpose import MODELS
+
+    import nn_adapters as nna
+    build, shape, _ = MODELS["2-D autoencoder"]
+    net, x = build(), torch.rand(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref, rep_ref = nna.prune(net, [x[:70], x[70:]], keep=0.5, method=method, ridge="cv")
+    got, rep_got = nna.prune(net.cuda(), [x[:70].cuda(), x[70:].cuda()], keep=0.5, method=method, ridge="cv")
     assert next(got.parameters()).device.type == "cuda"
     _same_pruning(ref, got.cpu(), rep_ref.layers, rep_got.layers, "kept_units")
 
