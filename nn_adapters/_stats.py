@@ -589,7 +589,7 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
 
 def slice_units(x: torch.Tensor, pair: PrunablePair, idx: torch.Tensor) -> torch.Tensor:
     """Keep the units ``idx`` of a consumer input ``x`` (channels, flattened channel blocks or neurons)."""
-    if pair.kind == "conv->conv":
+    if pair.conv_consumer:
         return x[:, idx]
     if pair.kind == "conv->linear":
         n = x.shape[0]

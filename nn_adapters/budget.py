@@ -58,8 +58,10 @@ class ParamModel:
 
     Notes
     -----
-    The ``fc1`` of a pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a
-    bias entry), per kept unit of the pair.
+    A unit of a ``linear->conv`` pair costs ``P`` rows (and bias entries) of the ``Linear`` (``rows_per_unit``),
+    and ``P`` entries of a ``BatchNorm1d`` on its output before the reshape into channels. The ``fc1`` of a
+    pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a bias entry), per
+    kept unit of the pair.
     """
 
     def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False,
@@ -70,7 +72,9 @@ class ParamModel:
         self.original = int(sum(p.numel() for p in model.parameters()))
         # layers whose output rows / input columns follow a pair's units: producers and SE fc2 / consumers and
         # SE fc1 (one column per unit)
-        prod = {p.producer: i for i, p in enumerate(pairs)} | {p.se[1]: i for i, p in enumerate(pairs) if p.se}
+        # (pair, output rows per unit): a linear->conv producer has P rows per channel
+        prod = {p.producer: (i, p.rows_per_unit) for i, p in enumerate(pairs)}
+        prod |= {p.se[1]: (i, 1) for i, p in enumerate(pairs) if p.se}
         cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
         cons |= {p.se[0]: (i, 1) for i, p in enumerate(pairs) if p.se}
         gets_bias = ({p.consumer for p in pairs} if adds_bias else set()) | (
@@ -87,7 +91,7 @@ class ParamModel:
                 W = m.weight
                 out_fixed = _conv.out_units(m)
                 in_fixed = W.numel() // out_fixed  # weights per output unit
-                o_idx, o_mult = (prod[name], 1) if name in prod else (-1, out_fixed)
+                o_idx, o_mult = prod[name] if name in prod else (-1, out_fixed)
                 if name in cons:
                     i_idx, cpu = cons[name]
                     i_mult = cpu

@@ -3,7 +3,8 @@
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
 architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/
 ConvTranspose1d/ConvTranspose2d/BatchNorm/InstanceNorm layer, with the groups of a convolution, which a pruned
-depthwise convolution changes) and a plain
+depthwise convolution changes, and the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
+``linear->conv`` pair changes) and a plain
 ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
 then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
 the tensors strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
@@ -45,6 +46,8 @@ def architecture_spec(model: nn.Module) -> dict:
         elif isinstance(m, _NORM_MODULES):
             shapes[name] = {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)),
                             "num_features": m.num_features}
+        elif isinstance(m, nn.Unflatten) and all(isinstance(v, int) for v in m.unflattened_size):
+            shapes[name] = {"type": "Unflatten", "unflattened_size": [int(v) for v in m.unflattened_size]}
     spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
     impl = attn_implementation_of(model)
     if impl is not None:
@@ -152,6 +155,12 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
+    if kind == "Unflatten":
+        if not isinstance(m, nn.Unflatten):
+            raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but an Unflatten in "
+                             "the file.")
+        m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
+        return
     base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")

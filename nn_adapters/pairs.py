@@ -23,11 +23,24 @@ Supported pair kinds
     (2-D) columns of the consumer's input (grouped by position); after a global pooling written as a reduction
     over the positions (``x.mean((2, 3))``, ``x.mean(-1)``, ``x.amax(...)``, ``x.sum(...)``,
     ``x.squeeze((2, 3))``), one column.
+``linear->conv``
+    the mirror of ``conv->linear``, the first layers of a decoder or a GAN generator: a ``Linear`` with ``C * P``
+    outputs reshaped into ``(N, C, *spatial)`` (``P = prod(spatial)``, 1-D or 2-D) by an ``nn.Unflatten(1, (C,
+    *spatial))``, ``x.unflatten(1, (-1, *spatial))`` or ``x.view(x.size(0), -1, *spatial)``, then channel-wise
+    operations, then a convolution (transposed or not) of that rank. One unit = a channel ``c`` of the consumer's
+    input, produced by the ``Linear``'s output rows ``c * P ... (c + 1) * P - 1`` (PyTorch's row-major reshape);
+    on the consumer's side it is exactly the ``conv->conv`` case (``prod(kernel_size)`` columns of its unfolded
+    input). Removing channel ``c`` removes those ``P`` rows and bias entries of the ``Linear``, their entries in a
+    ``BatchNorm1d`` on the ``Linear``'s ``(N, C * P)`` output (recorded in ``row_between``), channel ``c`` of a
+    BatchNorm or InstanceNorm after the reshape, and input channel ``c`` of the consumer; the ``nn.Unflatten``'s
+    ``unflattened_size`` becomes ``(kept, *spatial)``. A ``view`` / ``reshape`` / ``unflatten`` written in
+    ``forward()`` with a literal channel count (``x.view(-1, 64, 4, 4)``) cannot follow the pruning and is refused
+    with the reason: write ``-1`` (or a size read from the tensor) for the channels.
 
-A ``Linear`` never feeds a convolution's input channels. Transposed convolutions are supported with ``groups=1``
-only (a grouped one is refused as producer, consumer or on the way), and as consumers only when called without
-``output_size=`` (which sets the output padding per call). A 1-D and a 2-D convolution are never paired with each
-other, and pooling must have the convolution's rank
+Otherwise a ``Linear`` never feeds a convolution's input channels. Transposed convolutions are supported with
+``groups=1`` only (a grouped one is refused as producer, consumer or on the way), and as consumers only when called
+without ``output_size=`` (which sets the output padding per call). A 1-D and a 2-D convolution are never paired with
+each other, and pooling must have the convolution's rank
 (``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``). Resampling (``nn.Upsample``,
 ``F.interpolate``, any mode) of a convolution's output acts on each channel's positions, so it may lie on the way
 too; after a ``Linear`` producer it would interpolate across the units and is refused. So does an
@@ -181,8 +194,8 @@ class PrunablePair:
         BatchNorm modules and depthwise convolutions between them (their entries and filters follow the producer's
         units).
     kind : str
-        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (for ``Conv1d``, ``Conv2d`` and their
-        transposed kinds alike).
+        ``"linear->linear"``, ``"conv->conv"``, ``"conv->linear"`` or ``"linear->conv"`` (for ``Conv1d``,
+        ``Conv2d`` and their transposed kinds alike).
     n_units : int
         Output units of the producer (the ground-set size of the selection problem).
     cols_per_unit : int
@@ -200,6 +213,16 @@ class PrunablePair:
     se_input_node : str or None
         Name of the graph node whose output the gate multiplies (and pools), when ``se`` is set and the model was
         traced; the sequential methods recompute the gated consumer input from it after pruning.
+    rows_per_unit : int
+        Output rows of the producer per unit: ``P = prod(spatial)`` for ``"linear->conv"`` (unit ``c`` is rows
+        ``c * P ... (c + 1) * P - 1``), 1 for the other kinds.
+    row_between : tuple of str
+        The layers of ``between`` that lie before the reshape of a ``"linear->conv"`` pair (a ``BatchNorm1d`` on
+        the ``Linear``'s output): their entries are the producer's rows, ``rows_per_unit`` per unit.
+    unflatten : str or None
+        Name of the ``nn.Unflatten`` module of a ``"linear->conv"`` pair, whose channel count in
+        ``unflattened_size`` follows the kept units; ``None`` for a reshape written in ``forward()`` (with ``-1``
+        or a size read from the tensor for the channels, so it follows by itself) and for the other kinds.
     """
 
     producer: str
@@ -212,6 +235,15 @@ class PrunablePair:
     ops: list[str] = field(default_factory=list)
     se: tuple[str, ...] = ()
     se_input_node: str | None = None
+    rows_per_unit: int = 1
+    row_between: tuple[str, ...] = ()
+    unflatten: str | None = None
+
+    @property
+    def conv_consumer(self) -> bool:
+        """Whether the units are the input channels of a convolution consumer (``"conv->conv"`` and
+        ``"linear->conv"``): its input is ``(N, C, *spatial)`` and a unit is one channel of it."""
+        return self.kind in ("conv->conv", "linear->conv")
 
     @property
     def name(self) -> str:
@@ -523,14 +555,20 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     flattened_hw: int | None = None
     se: tuple[str, ...] = ()
     se_input: str | None = None
+    # the spatial rank of the path tensor (N, C, *spatial): the convolution producer's, or that of a Linear's
+    # output once it is reshaped into channels (a linear->conv pair; see _channels_reshape)
+    path_rank = _conv.rank(producer) if is_conv else None
+    shaped: tuple[int, tuple[str, ...], str | None] | None = None  # (rows per unit, row_between, Unflatten module)
+    path = {node}
     cur = node
     while True:
+        path.add(cur)
         users = _value_users(cur)
         if not users:
             return "its output is not used"
         where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
         if len(users) > 1:
-            gate = _se_gate(cur, users, modules, calls, producer, n_units) if is_conv else None
+            gate = _se_gate(cur, users, modules, calls, producer, n_units) if _conv.is_conv(producer) else None
             if gate is None:
                 return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
             if isinstance(gate, str):
@@ -555,7 +593,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
-                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input)
+                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input, shaped)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -573,7 +611,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                             f"producer's units (its last dim)")
                 between.append(u.target)
             elif isinstance(m, _INSTANCE_NORMS):
-                if (why := _instance_norm_reason(cur, u.target, m, producer, n_units)) is not None:
+                if (why := _instance_norm_reason(cur, u.target, m, path_rank, n_units)) is not None:
                     return why
                 between.append(u.target)
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
@@ -582,7 +620,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif is_conv and isinstance(m, _POOL_MODULES) and (why := _pool_rank_mismatch(cur, u.target, m)):
                 return why
             elif isinstance(m, _RESAMPLE_MODULES):
-                if (why := _resample_reason(cur, repr(u.target), producer)) is not None:
+                if (why := _resample_reason(cur, repr(u.target), path_rank)) is not None:
                     return why
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
@@ -591,6 +629,12 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 if isinstance(flat, str):
                     return flat
                 flattened_hw = _after_flatten(flattened_hw, flat)
+            elif isinstance(m, nn.Unflatten) and not is_conv:
+                reshaped = _channels_reshape(cur, u, n_units, path, m, calls[u.target])
+                if isinstance(reshaped, str):
+                    return reshaped
+                shaped, n_units = (n_units // reshaped, tuple(between), u.target), reshaped
+                is_conv, path_rank, flattened_hw = True, len(_shape(u)) - 2, None
             else:
                 return f"unsupported module {type(m).__name__} ({u.target!r}) between producer and consumer"
             ops.append(type(m).__name__)
@@ -618,6 +662,12 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                     return reduced
                 if reduced and flattened_hw is None:  # (N, C, ...) reduced to (N, C): a channel is one column
                     flattened_hw = 1
+            elif not is_conv and _is_unflatten(cur, u):
+                reshaped = _channels_reshape(cur, u, n_units, path)
+                if isinstance(reshaped, str):
+                    return reshaped
+                shaped, n_units = (n_units // reshaped, tuple(between), None), reshaped
+                is_conv, path_rank, flattened_hw = True, len(_shape(u)) - 2, None
             elif u.target in (_FLATTEN_FUNCTIONS if is_function else _FLATTEN_METHODS):
                 if not is_function and u.target in ("view", "reshape") and (why := _fixed_size_reshape(u)):
                     return why
@@ -626,7 +676,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                     return flat
                 flattened_hw = _after_flatten(flattened_hw, flat)
             elif is_function and u.target in _RESAMPLE_FUNCTIONS:
-                if (why := _resample_reason(cur, name, producer)) is not None:
+                if (why := _resample_reason(cur, name, path_rank)) is not None:
                     return why
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
@@ -889,6 +939,73 @@ def _fixed_size_reshape(node: fx.Node) -> str | None:
     return None
 
 
+_UNFLATTEN_METHODS = {"view", "reshape", "unflatten"}
+_UNFLATTEN_FUNCTIONS = {torch.reshape, torch.unflatten}
+
+
+def _is_unflatten(cur: fx.Node, node: fx.Node) -> bool:
+    """Whether ``node`` reshapes the path tensor ``cur`` into more dims (``x.view``, ``x.reshape``,
+    ``x.unflatten``, ``torch.reshape``, ``torch.unflatten``)."""
+    if not ((node.op == "call_method" and node.target in _UNFLATTEN_METHODS)
+            or (node.op == "call_function" and node.target in _UNFLATTEN_FUNCTIONS)):
+        return False
+    s_in, s_out = _shape(cur), _shape(node)
+    return s_in is not None and s_out is not None and len(s_out) > len(s_in)
+
+
+def _arg(node: fx.Node, i: int, name: str) -> object:
+    """Argument ``i`` (positional) or ``name`` (keyword) of a call node."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _channels_reshape(cur: fx.Node, node: fx.Node, n_units: int, path: set[fx.Node],
+                      module: nn.Module | None = None, n_calls: int = 1) -> int | str:
+    """Check that ``node`` reshapes a Linear producer's ``(N, C * P)`` output ``cur`` into ``(N, C, *spatial)``
+    (1 or 2 spatial dims) in a way that follows the pruning, and return ``C``; else the reason.
+
+    An ``nn.Unflatten`` (``module``) called once is rewritten by the pruner, so any sizes are fine; a reshape
+    written in ``forward()`` (and a shared ``nn.Unflatten``) must give the channels as ``-1`` or as a size read
+    when tracing from the path's tensors (``x.size(1) // 16``), not as a literal such as ``x.view(-1, 64, 4, 4)``.
+    """
+    s_in, s_out = _shape(cur), _shape(node)
+    if module is not None:
+        what, dim, sizes = (f"nn.Unflatten {node.target!r} (dim={module.dim}, "
+                            f"unflattened_size={tuple(module.unflattened_size)})"), module.dim, module.unflattened_size
+    elif node.target in (torch.unflatten, "unflatten"):
+        dim, sizes = _arg(node, 1, "dim"), _arg(node, 2, "sizes")
+        what = f"{'x.unflatten' if node.op == 'call_method' else 'torch.unflatten'}({dim}, {sizes})"
+    else:
+        sizes = _reshape_target(node) if node.op == "call_method" else tuple(_arg(node, 1, "shape") or ())
+        what, dim = f"{'x.' + node.target if node.op == 'call_method' else 'torch.reshape'}{tuple(sizes)}", None
+        sizes = tuple(sizes)[1:]  # the sizes after the batch dim
+    if s_in is None or s_out is None:
+        return f"could not read activation shapes around {what}"
+    if len(s_in) != 2 or s_in[1] != n_units:
+        return (f"{what} reshapes a {len(s_in)}-D tensor {s_in}, not the Linear producer's (N, {n_units}) output, "
+                "into more dims; only (N, C * P) reshaped into (N, C, *spatial) channels is supported")
+    if len(s_out) not in (3, 4) or s_out[0] != s_in[0] or dim not in (None, 1, -1) or not sizes:
+        return (f"{what} reshapes the Linear's {s_in} output into {s_out}, not into (N, C, L) or (N, C, H, W) "
+                "channels, so its units do not map onto a convolution's input channels")
+    channels = sizes[0]
+    if module is not None and n_calls == 1:
+        return s_out[1]  # the pruner sets its channel count
+    if isinstance(channels, int) and channels != -1:
+        spatial = ", ".join(str(v) for v in s_out[2:])
+        where = (f"nn.Unflatten {node.target!r} is called {n_calls} times and " if module is not None else
+                 f"{what} ")
+        return (f"{where}hard-codes the channel count {channels} of the Linear's outputs reshaped into channels, "
+                "which changes when channels are removed; write -1 (or a size read from the tensor) for the "
+                f"channels, e.g. x.view(x.size(0), -1, {spatial}), or use one nn.Unflatten(1, ({channels}, "
+                f"{spatial})) module, whose size the pruner updates")
+    if isinstance(channels, fx.Node) and not (
+            _is_shape_value(channels) and all(t in path for t in _sizes_read(channels))):
+        return (f"{what} computes the channel count from {channels.name}, not from the sizes of the tensor it "
+                "reshapes, so it would not follow the kept channels; write -1 for the channels")
+    if not isinstance(channels, (int, fx.Node)):
+        return f"{what}: the channel count {channels!r} is not a size known when tracing; write -1 for it"
+    return s_out[1]
+
+
 _SHAPE_ARITHMETIC = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv,
                      operator.truediv, operator.pow}
 
@@ -945,16 +1062,18 @@ def _pool_rank_mismatch(cur: fx.Node, name: object, pool: object) -> str | None:
     return None
 
 
-def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, producer: nn.Module, n_units: int
+def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, path_rank: int | None, n_units: int
                           ) -> str | None:
-    """Why an ``nn.InstanceNorm1d/2d`` after ``producer`` would not normalise its units one by one, or ``None``."""
+    """Why an ``nn.InstanceNorm1d/2d`` on the path tensor ``cur`` would not normalise the units one by one, or
+    ``None``; ``path_rank`` is the spatial rank of the path's ``(N, C, *spatial)`` tensor (``None`` for a Linear's
+    output not reshaped into channels)."""
     kind = type(norm).__name__
-    if not _conv.is_conv(producer):
+    if path_rank is None:
         return f"{kind} {name!r} after a Linear producer normalises across its units (the last dim)"
     rank = next(r for t, r in _INSTANCE_NORM_RANK.items() if isinstance(norm, t))
     shape = _shape(cur)
-    if rank != _conv.rank(producer) or (shape is not None and len(shape) != rank + 2):
-        got = f"a {len(shape)}-D tensor {shape}" if shape is not None else f"the output of a {type(producer).__name__}"
+    if rank != path_rank or (shape is not None and len(shape) != rank + 2):
+        got = f"a {len(shape)}-D tensor {shape}" if shape is not None else f"a {path_rank}-D path"
         return (f"{kind} {name!r} reads {got} as {'(N, C, L)' if rank == 1 else '(N, C, H, W)'} batches or one "
                 "unbatched sample: it normalises across the producer's channels")
     if (norm.affine or norm.track_running_stats) and norm.num_features != n_units:
@@ -962,14 +1081,16 @@ def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, producer: nn
     return None
 
 
-def _resample_reason(cur: fx.Node, name: str, producer: nn.Module) -> str | None:
+def _resample_reason(cur: fx.Node, name: str, path_rank: int | None) -> str | None:
     """Why resampling ``cur`` (``nn.Upsample``, ``F.interpolate``) would mix the producer's units, or ``None``: it
-    is per channel on a convolution's ``(N, C, *spatial)`` output only."""
-    if not _conv.is_conv(producer):
+    is per channel on an ``(N, C, *spatial)`` tensor of the path's rank only (a convolution's output, or a
+    Linear's reshaped into channels; ``path_rank`` is ``None`` for a Linear's output not reshaped)."""
+    if path_rank is None:
         return f"resampling {name} after a Linear producer interpolates across its units (the last dim)"
     shape = _shape(cur)
-    if shape is not None and len(shape) != _conv.rank(producer) + 2:
-        return (f"resampling {name} of a {len(shape)}-D tensor {shape}, not the {_conv.layout(producer)} output "
+    if shape is not None and len(shape) != path_rank + 2:
+        layout = "(N, C, L)" if path_rank == 1 else "(N, C, H, W)"
+        return (f"resampling {name} of a {len(shape)}-D tensor {shape}, not the {layout} output "
                 "of the producer, interpolates across its channels")
     return None
 
@@ -1033,7 +1154,9 @@ def _flatten_hw(before: fx.Node, flat_node: fx.Node, n_units: int) -> int | str:
 def _conv_pairing(producer: nn.Module, consumer: nn.Module) -> str | None:
     """Why a convolution consumer cannot take ``producer``'s units as its input channels, or ``None``."""
     if not _conv.is_conv(producer):
-        return f"a {type(producer).__name__} producer cannot feed the input channels of a convolution"
+        return (f"a {type(producer).__name__} producer cannot feed the input channels of a convolution (only "
+                "through a reshape of its (N, C * P) output into channels, found by tracing as a linear->conv pair; "
+                "such a pair cannot be declared)")
     if _conv.rank(producer) != _conv.rank(consumer):
         return (f"mixed 1-D/2-D convolution path ({_conv.base_class(producer).__name__} -> "
                 f"{_conv.base_class(consumer).__name__}) is not supported")
@@ -1042,15 +1165,22 @@ def _conv_pairing(producer: nn.Module, consumer: nn.Module) -> str | None:
 
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
                ops: list[str], flattened_hw: int | None, n_units: int, se: tuple[str, ...] = (),
-               se_input: str | None = None) -> PrunablePair | str:
+               se_input: str | None = None,
+               shaped: tuple[int, tuple[str, ...], str | None] | None = None) -> PrunablePair | str:
+    """The pair of ``producer`` and the consumer ``cnode``, or why it is not prunable; ``shaped`` is ``(rows per
+    unit, row_between, Unflatten module name)`` when a Linear producer's output was reshaped into channels."""
     p_conv = _conv.is_conv(producer)
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
+    if shaped is not None and not _conv.is_conv(consumer):
+        return (f"its output, reshaped into channels {' -> '.join(ops)}, feeds Linear {cnode.target!r}, not a "
+                "convolution (a Linear whose outputs are reshaped into channels is pruned channel by channel for a "
+                "Conv1d, Conv2d, ConvTranspose1d or ConvTranspose2d consumer)")
     if _conv.is_conv(consumer):
         kind_name = type(consumer).__name__
         if (why := _conv.call_reason(consumer, len(cnode.args), cnode.kwargs)) is not None:
             return f"consumer {cnode.target!r}: {why}"
-        if (why := _conv_pairing(producer, consumer)) is not None:
+        if shaped is None and (why := _conv_pairing(producer, consumer)) is not None:
             return f"consumer {kind_name} {cnode.target!r}: {why}"
         if flattened_hw is not None:
             return f"unsupported path from {type(producer).__name__} to {kind_name} {cnode.target!r}"
@@ -1058,7 +1188,7 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
             return f"consumer {cnode.target!r} expects {consumer.in_channels} channels, producer gives {n_units}"
         if (shape := _shape(cnode.args[0])) is not None and len(shape) != _conv.rank(consumer) + 2:
             return f"{kind_name} {cnode.target!r} reads a {len(shape)}-D tensor {shape}, not {_conv.layout(consumer)}"
-        kind, cpu = "conv->conv", _conv.kernel_numel(consumer)
+        kind, cpu = "conv->conv" if shaped is None else "linear->conv", _conv.kernel_numel(consumer)
     elif p_conv:
         if flattened_hw is None:
             return (f"{type(producer).__name__} feeds Linear {cnode.target!r} without a flatten of "
@@ -1070,7 +1200,9 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
         kind, cpu = "linear->linear", 1
         if consumer.in_features != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, producer gives {n_units}"
-    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops, se, se_input)
+    rows, row_between, unflatten = shaped if shaped is not None else (1, (), None)
+    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops, se, se_input,
+                        rows, row_between, unflatten)
 
 
 def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
@@ -1214,7 +1346,7 @@ def _se_input_node(graph: fx.GraphModule, fc1: str) -> str | None:
 
 def _consumer_columns(pair: PrunablePair, x: torch.Tensor) -> torch.Tensor:
     """A consumer input as ``(rows, n_units, cols_per_unit)``: the column blocks the pruner assigns to each unit."""
-    if pair.kind == "conv->conv":
+    if pair.conv_consumer:
         return x.transpose(0, 1).reshape(x.shape[1], -1).T.reshape(-1, pair.n_units, 1)
     return x.reshape(-1, pair.n_units, pair.cols_per_unit)
 

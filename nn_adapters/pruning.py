@@ -49,7 +49,7 @@ from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
-from .shrink import keep_between, keep_outputs, keep_se, set_inputs
+from .shrink import keep_producer_side, keep_se, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
 
@@ -70,7 +70,8 @@ class LayerReport:
     pair : str
         The pair's name, ``"producer->consumer"`` (module names, as in ``model.named_modules()``).
     kind : str
-        ``"linear->linear"``, ``"conv->conv"`` or ``"conv->linear"`` (see :class:`PrunablePair`).
+        ``"linear->linear"``, ``"conv->conv"``, ``"conv->linear"`` or ``"linear->conv"`` (see
+        :class:`PrunablePair`).
     n_units : int
         Output units of the producer before pruning.
     kept : int
@@ -464,8 +465,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         reasons = "; ".join(f"{n}: {why}" for n, why in skipped) or ("the model has no Linear, Conv1d, Conv2d, "
                                                                       "ConvTranspose1d or ConvTranspose2d layer")
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
-                         "Linear->Linear, Conv->Conv of one rank (Conv1d, Conv2d and their transposed kinds) and "
-                         "Conv->Flatten->Linear through BatchNorm, activations, pooling, resampling and dropout; "
+                         "Linear->Linear, Conv->Conv of one rank (Conv1d, Conv2d and their transposed kinds), "
+                         "Conv->Flatten->Linear and Linear->Unflatten->Conv through BatchNorm, activations, pooling, "
+                         "resampling and dropout; "
                          "declare pairs with "
                          "pairs=[nn_adapters.Pair(...)] for other layouts.")
     if stats_mode != "layer":
@@ -542,9 +544,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             weight = torch.as_tensor(np.ascontiguousarray(M.T), dtype=torch.float64)
             base_bias = cons.bias.detach().to(torch.float64).cpu() if cons.bias is not None else 0.0
             bias = base_bias + torch.as_tensor(b, dtype=torch.float64)
-        keep_outputs(work.get_submodule(pair.producer), idx)
-        for b_name in pair.between:
-            keep_between(work.get_submodule(b_name), idx)
+        keep_producer_side(work, pair, idx)
         if pair.se:
             keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
                     st.se_input_mean() if se_bias_correction else None)
@@ -758,7 +758,7 @@ def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Mod
         return rng.choice(n, size=k, replace=False).astype(np.int64)
     if method == "weight_norm":
         W = _conv.weight_matrix(orig.get_submodule(pair.producer)).detach().to(torch.float64)
-        score = W.norm(dim=1).cpu().numpy()
+        score = W.reshape(n, -1).norm(dim=1).cpu().numpy()  # a unit's rows together (linear->conv: P rows)
     elif method == "act_norm":
         W = st.W.abs().sum(dim=0).cpu().numpy()  # sum_i |W_ic| per input column
         score = (W * st.unit_input_norms()).reshape(n, pair.cols_per_unit).sum(axis=1)
@@ -790,7 +790,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
             def grad_hook(g: torch.Tensor) -> None:
                 ag = (xd.to(torch.float64) * g.to(torch.float64))
-                if p.kind == "conv->conv":  # sum over the positions of a sample: (2,) or (2, 3)
+                if p.conv_consumer:  # sum over the positions of a sample: (2,) or (2, 3)
                     s = ag.sum(dim=tuple(range(2, ag.dim()))).abs().sum(dim=0)
                 elif p.kind == "conv->linear":
                     s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)

@@ -1,7 +1,9 @@
 """Physically shrink modules in place: keep some output units of a producer, the matching channels of the per-unit
 layers on the way (BatchNorm and InstanceNorm entries, depthwise filters) and of a squeeze-and-excitation gate
 (``fc1``'s input columns, ``fc2``'s output rows), and the matching input columns of a consumer (optionally with new,
-refitted weights and bias).
+refitted weights and bias). For a ``linear->conv`` pair (a ``Linear`` reshaped into channels) a unit is ``P``
+consecutive output rows of the ``Linear`` (:func:`unit_rows`), and the ``nn.Unflatten`` that reshapes them keeps
+the new channel count (:func:`keep_unflatten`); :func:`keep_producer_side` does a pair's whole producer side.
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -15,7 +17,8 @@ from torch import nn
 
 from . import _conv
 
-__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "keep_se", "set_inputs"]
+__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "keep_se", "set_inputs", "unit_rows",
+           "keep_unflatten", "keep_producer_side"]
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -60,6 +63,35 @@ def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
         keep_depthwise(module, idx)
     else:
         keep_bn(module, idx)
+
+
+def unit_rows(idx: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
+    """The producer's output rows of the units ``idx``: ``c * P ... (c + 1) * P - 1`` for each kept unit ``c``
+    (``P = rows_per_unit``), in order; ``idx`` itself when ``P`` is 1."""
+    if rows_per_unit == 1:
+        return idx
+    return (idx[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=idx.device)).reshape(-1)
+
+
+def keep_unflatten(module: nn.Unflatten, n_kept: int) -> None:
+    """Give an ``nn.Unflatten`` that reshapes a ``Linear``'s outputs into ``(C, *spatial)`` the channel count
+    ``n_kept`` (a ``-1`` there is left as it is: it follows by itself)."""
+    sizes = tuple(module.unflattened_size)
+    if sizes[0] != -1:
+        module.unflattened_size = (int(n_kept), *sizes[1:])
+
+
+def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> None:
+    """Keep the units ``idx`` (sorted) on the producer's side of ``pair`` (a :class:`nn_adapters.PrunablePair`) in
+    ``model``: the producer's output rows, the entries of the layers in ``between`` (its rows for the
+    ``row_between`` layers before a reshape into channels, else its channels) and an ``nn.Unflatten``'s channel
+    count. A squeeze-and-excitation gate and the consumer are left to :func:`keep_se` and :func:`set_inputs`."""
+    rows = unit_rows(idx, pair.rows_per_unit)
+    keep_outputs(model.get_submodule(pair.producer), rows)
+    for name in pair.between:
+        keep_between(model.get_submodule(name), rows if name in pair.row_between else idx)
+    if pair.unflatten is not None:
+        keep_unflatten(model.get_submodule(pair.unflatten), int(idx.numel()))
 
 
 def keep_se(fc1: nn.Module, fc2: nn.Module, idx: torch.Tensor, pooled_mean: torch.Tensor | None = None) -> None:

@@ -189,8 +189,8 @@ def test_every_pair_is_submitted_before_the_first_shrink(monkeypatch):
             events.append(("submit", args[0].__name__))  # the job, run by a wrapper with one BLAS thread
             return super().submit(fn, *args, **kwargs)
 
-    shrink = pruning.keep_outputs
-    monkeypatch.setattr(pruning, "keep_outputs", lambda *a: (events.append(("shrink", "")), shrink(*a))[1])
+    shrink = pruning.keep_producer_side  # the first step of shrinking a pair's modules
+    monkeypatch.setattr(pruning, "keep_producer_side", lambda *a: (events.append(("shrink", "")), shrink(*a))[1])
     with Recording(2) as pool:
         _, report, _ = _prune("cnn", pool, compression=2.0, method="layer", allocation="error")
     n = len(report.layers)
