@@ -77,3 +77,12 @@ def check_budgets_against_built_networks(net: nn.Module, x: torch.Tensor, compre
             assert rep.compression >= c
             ks = np.array([r.kept for r in rep.layers])
             assert ParamModel(net, pairs, adds_bias=True).count(ks) == rep.params_after
+
+
+def assert_save_load_round_trip(pruned: nn.Module, base: nn.Module, x: torch.Tensor, path) -> None:
+    """``save_pruned`` then ``load_pruned`` onto a fresh ``base`` model gives the pruned model back: the same
+    parameter shapes and bit-identical outputs on ``x``."""
+    back = nna.load_pruned(nna.save_pruned(pruned, path), base_model=base)
+    assert [tuple(p.shape) for p in back.parameters()] == [tuple(p.shape) for p in pruned.parameters()]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
