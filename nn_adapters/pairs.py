@@ -43,7 +43,10 @@ without ``output_size=`` (which sets the output padding per call). A 1-D and a 2
 each other, and pooling must have the convolution's rank
 (``MaxPool1d`` after a ``Conv1d``, ``MaxPool2d`` after a ``Conv2d``). Resampling (``nn.Upsample``,
 ``F.interpolate``, any mode) of a convolution's output acts on each channel's positions, so it may lie on the way
-too; after a ``Linear`` producer it would interpolate across the units and is refused. So does an
+too; after a ``Linear`` producer it would interpolate across the units and is refused. Padding of the positions
+(``nn.ZeroPad2d``, ``nn.ConstantPad1d``, ``nn.ReflectionPad2d``, ``nn.ReplicationPad1d``, ``nn.CircularPad2d`` and
+their other ranks, ``F.pad`` of the spatial dims only) also extends each channel on its own and may lie on the way;
+after a ``Linear`` producer it would add units, and a pad of the channel or sample dim is refused. So does an
 ``InstanceNorm1d`` / ``InstanceNorm2d`` of the convolution's rank (affine or not, with running statistics or not):
 it normalises each channel on its own, is recorded in ``between`` and loses the removed channels' entries.
 
@@ -130,6 +133,13 @@ _NORM_MODULES = (*_BN_MODULES, *_INSTANCE_NORMS)
 # nn.UpsamplingNearest2d and nn.UpsamplingBilinear2d are subclasses of nn.Upsample.
 _RESAMPLE_MODULES = (nn.Upsample,)
 _RESAMPLE_FUNCTIONS = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+# Padding of the positions (zeros, a constant, reflection, replication, circular) extends each channel on its own, on
+# (N, C, *spatial) with the path's rank, as long as it pads no channel or sample dim; after a Linear it would add
+# units. nn.ZeroPad1d and the circular modules are absent from older torch releases.
+_PAD_MODULES = tuple(getattr(nn, f"{kind}Pad{r}d") for kind in ("Zero", "Constant", "Reflection", "Replication",
+                                                                   "Circular")
+                     for r in (1, 2) if hasattr(nn, f"{kind}Pad{r}d"))
+_PAD_FUNCTIONS = {F.pad}
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, *_POOL_FUNCTIONS,
@@ -622,6 +632,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif isinstance(m, _RESAMPLE_MODULES):
                 if (why := _resample_reason(cur, repr(u.target), path_rank)) is not None:
                     return why
+            elif isinstance(m, _PAD_MODULES):
+                if (why := _pad_reason(cur, u, repr(u.target), path_rank)) is not None:
+                    return why
             elif isinstance(m, _ELEMENTWISE_MODULES) or (is_conv and isinstance(m, _POOL_MODULES)):
                 pass
             elif isinstance(m, nn.Flatten):
@@ -677,6 +690,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 flattened_hw = _after_flatten(flattened_hw, flat)
             elif is_function and u.target in _RESAMPLE_FUNCTIONS:
                 if (why := _resample_reason(cur, name, path_rank)) is not None:
+                    return why
+            elif is_function and u.target in _PAD_FUNCTIONS:
+                if (why := _pad_reason(cur, u, name, path_rank)) is not None:
                     return why
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
@@ -1092,6 +1108,25 @@ def _resample_reason(cur: fx.Node, name: str, path_rank: int | None) -> str | No
         layout = "(N, C, L)" if path_rank == 1 else "(N, C, H, W)"
         return (f"resampling {name} of a {len(shape)}-D tensor {shape}, not the {layout} output "
                 "of the producer, interpolates across its channels")
+    return None
+
+
+def _pad_reason(cur: fx.Node, node: fx.Node, name: str, path_rank: int | None) -> str | None:
+    """Why padding ``cur`` (an ``nn.*Pad1d/2d`` module or ``F.pad``) would not act on each channel separately, or
+    ``None``: it must pad positions of an ``(N, C, *spatial)`` tensor of the path's rank, keeping its sample and
+    channel dims (``path_rank`` is ``None`` for a Linear's output not reshaped into channels, whose last dim, the
+    units, padding would extend)."""
+    if path_rank is None:
+        return f"padding {name} after a Linear producer pads its units (the last dim), adding inputs to the consumer"
+    s_in, s_out = _shape(cur), _shape(node)
+    if s_in is None or s_out is None:
+        return f"could not read activation shapes around padding {name}"
+    layout = "(N, C, L)" if path_rank == 1 else "(N, C, H, W)"
+    if len(s_in) != path_rank + 2:
+        return f"padding {name} of a {len(s_in)}-D tensor {s_in}, not the {layout} path of the producer's channels"
+    if len(s_out) != len(s_in) or tuple(s_out[:2]) != tuple(s_in[:2]):
+        return (f"padding {name} changes the sample or channel dims {tuple(s_in[:2])} -> {tuple(s_out[:2])} of the "
+                f"{layout} path: only the positions of each channel may be padded")
     return None
 
 

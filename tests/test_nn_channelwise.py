@@ -1,5 +1,7 @@
 """Channel-preserving operations between a convolution producer and its consumer: resampling (``nn.Upsample``,
-``F.interpolate``), which acts on each channel's positions on its own, and instance normalisation
+``F.interpolate``) and padding (``nn.ZeroPad2d``, ``nn.ConstantPad1d/2d``, ``nn.ReflectionPad2d``,
+``nn.ReplicationPad1d``, ``nn.CircularPad2d``, ``F.pad``), which act on each channel's positions on its own, and
+instance normalisation
 (``nn.InstanceNorm1d/2d``, with or without affine entries and running statistics), which normalises each channel
 on its own. Removing channel ``c`` of the producer removes channel ``c`` after them (and its InstanceNorm
 entries) and nothing else.
@@ -37,6 +39,18 @@ class Interpolated(nn.Module):
         return self.c2(F.interpolate(F.relu(self.c1(x)), mode=self.mode, **self.kw))
 
 
+class Padded(nn.Module):
+    """conv -> ReLU -> F.pad (any mode, spatial dims only) -> conv."""
+
+    def __init__(self, pad: tuple[int, ...], consumer_channels: int = 8, **kw: object) -> None:
+        super().__init__()
+        self.pad, self.kw = pad, kw
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(consumer_channels, 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.pad(F.relu(self.c1(x)), self.pad, **self.kw))
+
+
 def _seq(*between: nn.Module, conv: type[nn.Module] = nn.Conv2d) -> nn.Sequential:
     return nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), *between, conv(8, 5, 3))
 
@@ -70,6 +84,14 @@ NETS = {
                                                       conv=nn.Conv1d),
     "InstanceNorm2d then Upsample": lambda: _seq(_randomised(nn.InstanceNorm2d(8, affine=True)),
                                                  nn.Upsample(scale_factor=2, mode="bilinear")),
+    "ZeroPad2d, uneven": lambda: _seq(nn.ZeroPad2d((1, 2, 0, 1))),
+    "ConstantPad2d 0.5": lambda: _seq(nn.ConstantPad2d(1, 0.5)),
+    "ConstantPad1d of the width only, -1": lambda: _seq(nn.ConstantPad1d((0, 2), -1.0)),
+    "ReflectionPad2d then ReLU": lambda: _seq(nn.ReflectionPad2d(1), nn.ReLU()),
+    "ReplicationPad1d, 1-D": lambda: _seq(nn.ReplicationPad1d((2, 0)), conv=nn.Conv1d),
+    "CircularPad2d": lambda: _seq(nn.CircularPad2d((1, 1, 2, 0))),
+    "pad reflect": lambda: Padded((1, 1, 2, 0), mode="reflect"),
+    "pad constant 2": lambda: Padded((0, 1), value=2.0),
 }
 #: the per-channel layers with entries that a pair records (InstanceNorms; resampling has none)
 BETWEEN = {case: ("2",) for case in NETS if case.startswith("InstanceNorm")}
@@ -123,7 +145,8 @@ def test_without_refit_the_network_is_the_original_with_removed_channels_zeroed(
 
 
 @pytest.mark.parametrize("case", ["Upsample bilinear to a size", "interpolate linear, 1-D",
-                                  "InstanceNorm2d affine, running stats", "InstanceNorm1d running stats, 1-D"])
+                                  "InstanceNorm2d affine, running stats", "InstanceNorm1d running stats, 1-D",
+                                  "ConstantPad2d 0.5", "ReplicationPad1d, 1-D", "pad reflect"])
 def test_refit_equals_lstsq_on_the_captured_consumer_input(case):
     net, x = _build(case)
     net, x = net.double(), x.double()
@@ -209,3 +232,17 @@ def test_parameter_budgets_count_the_instance_norm_entries():
         nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(8, 6, 3), nn.InstanceNorm2d(6, affine=True), nn.ReLU(),
         nn.Flatten(), nn.Linear(6 * 10 * 10, 3)).eval()
     check_budgets_against_built_networks(net, torch.randn(40, 3, 6, 6), (1.5, 2.0))
+
+
+@pytest.mark.parametrize(("net", "x", "match"), [
+    (nn.Sequential(nn.Linear(4, 8), nn.ConstantPad1d(1, 0.0), nn.Linear(10, 3)), torch.randn(2, 4),
+     "padding '1' after a Linear producer pads its units"),
+    (Padded((0, 0, 0, 0, 1, 1), consumer_channels=10), torch.randn(2, 3, 6, 6),
+     r"changes the sample or channel dims \(2, 8\) -> \(2, 10\)"),
+    (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ZeroPad2d(1), nn.Conv1d(10, 2, 3)), torch.randn(2, 3, 7),
+     r"changes the sample or channel dims \(2, 8\) -> \(2, 10\)"),
+])
+def test_padding_that_is_not_per_channel_is_refused_with_the_reason(net, x, match):
+    pairs, skipped = nna.find_pairs(net.eval(), x)
+    assert not pairs
+    assert re.search(match, " ".join(why for _, why in skipped))
