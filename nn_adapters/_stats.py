@@ -588,9 +588,10 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
 
 
 def slice_units(x: torch.Tensor, pair: PrunablePair, idx: torch.Tensor) -> torch.Tensor:
-    """Keep the units ``idx`` of a consumer input ``x`` (channels, flattened channel blocks or neurons)."""
+    """Keep the units ``idx`` of a consumer input ``x`` (channels or groups of channels, flattened channel blocks
+    or neurons)."""
     if pair.conv_consumer:
-        return x[:, idx]
+        return x[:, pair.channels(idx)]
     if pair.kind == "conv->linear":
         n = x.shape[0]
         return x.reshape(n, pair.n_units, pair.cols_per_unit)[:, idx].reshape(n, -1)

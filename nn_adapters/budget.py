@@ -21,7 +21,8 @@ The parameter count ``P(k)`` of the pruned network is a closed form in the kept 
 budgets are met exactly, without building candidate networks. The per-unit layers on a pair's way (its
 ``between``: BatchNorm entries, the filters and biases of a depthwise convolution) count as many parameters per kept
 unit as they hold per channel; so do the input columns of a squeeze-and-excitation gate's ``fc1`` and the output
-rows and biases of its ``fc2``.
+rows and biases of its ``fc2``. Behind a ``GroupNorm(G, C)`` a unit is a group of ``C / G`` channels: it costs
+``C / G`` producer rows, ``C / G`` channels' consumer columns and ``2 * C / G`` GroupNorm entries.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class ParamModel:
     Notes
     -----
     A unit of a ``linear->conv`` pair costs ``P`` rows (and bias entries) of the ``Linear`` (``rows_per_unit``),
-    and ``P`` entries of a ``BatchNorm1d`` on its output before the reshape into channels. The ``fc1`` of a
+    and ``P`` entries of a ``BatchNorm1d`` on its output before the reshape into channels. A unit of a pair
+    through a ``GroupNorm(G, C)`` costs ``C / G`` output channels of the producer (``rows_per_unit``), their
+    consumer columns (``cols_per_unit``) and their ``2 * C / G`` GroupNorm entries (and those of any other layer in
+    ``between``). The ``fc1`` of a
     pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a bias entry), per
     kept unit of the pair.
     """

@@ -3,7 +3,8 @@
 A pruned model is stored in one file written with ``torch.save`` that holds only plain data: a JSON string (the
 architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/
 ConvTranspose1d/ConvTranspose2d/BatchNorm/InstanceNorm layer, with the groups of a convolution, which a pruned
-depthwise convolution changes, and the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
+depthwise convolution changes, the ``num_groups`` and ``num_channels`` of every ``GroupNorm``, which lose the
+removed groups, and the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
 ``linear->conv`` pair changes) and a plain
 ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
 then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
@@ -46,6 +47,8 @@ def architecture_spec(model: nn.Module) -> dict:
         elif isinstance(m, _NORM_MODULES):
             shapes[name] = {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)),
                             "num_features": m.num_features}
+        elif isinstance(m, nn.GroupNorm):
+            shapes[name] = {"type": "GroupNorm", "num_groups": m.num_groups, "num_channels": m.num_channels}
         elif isinstance(m, nn.Unflatten) and all(isinstance(v, int) for v in m.unflattened_size):
             shapes[name] = {"type": "Unflatten", "unflattened_size": [int(v) for v in m.unflattened_size]}
     spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
@@ -160,6 +163,16 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
             raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but an Unflatten in "
                              "the file.")
         m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
+        return
+    if kind == "GroupNorm":
+        if not isinstance(m, nn.GroupNorm):
+            raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a GroupNorm in "
+                             "the file.")
+        n = int(shape["num_channels"])
+        if m.weight is not None:
+            m.weight = nn.Parameter(torch.empty(n, device=m.weight.device))
+            m.bias = nn.Parameter(torch.empty(n, device=m.bias.device))
+        m.num_groups, m.num_channels = int(shape["num_groups"]), n
         return
     base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too

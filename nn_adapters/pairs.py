@@ -50,6 +50,25 @@ after a ``Linear`` producer it would add units, and a pad of the channel or samp
 ``InstanceNorm1d`` / ``InstanceNorm2d`` of the convolution's rank (affine or not, with running statistics or not):
 it normalises each channel on its own, is recorded in ``between`` and loses the removed channels' entries.
 
+Group normalisation
+-------------------
+``nn.GroupNorm(G, C)`` normalises each group of ``C / G`` consecutive channels of each sample on its own, so
+removing one channel would change the statistics of the rest of its group, while removing a whole group leaves
+every other group's output unchanged. Between a convolution producer and its consumer (``conv->conv`` or
+``conv->linear``, 1-D or 2-D: the ResBlock of a diffusion U-Net, ``conv1 -> GroupNorm(32, C) -> SiLU -> dropout ->
+conv2``, a ResNet with GroupNorm, a detection head) the pair's units are therefore the ``G`` groups
+(``group_size = C / G`` channels each): unit ``g`` is the producer's output channels ``g * C/G ... (g + 1) * C/G -
+1`` (``rows_per_unit = C / G``), the same channels of every BatchNorm, InstanceNorm or depthwise convolution on the
+way, and the consumer's input columns of those channels (``cols_per_unit`` is ``C/G`` times the kernel taps, the
+positions after a flatten, or 1 after a global pooling). The GroupNorm becomes ``GroupNorm(G_kept, C_kept)`` with
+the kept channels' affine entries (same ``eps`` and ``affine``) and is recorded in ``between``. ``GroupNorm(C, C)``
+is per channel (a unit is one channel). Refused with the reason: ``GroupNorm(1, C)`` (one group: nothing can be
+removed without removing everything), GroupNorms of different group sizes on one path, a GroupNorm after a
+``Linear`` producer (reshaped into channels or not), one on a tensor that is not the producer's ``(N, C,
+*spatial)`` output of its rank (e.g. after a flatten or a global pooling), and a squeeze-and-excitation gate on
+the same path (its rows follow single channels). Such pairs are found by tracing only; a declared pair through a
+GroupNorm is refused.
+
 Depthwise convolutions
 ----------------------
 A depthwise convolution with channel multiplier 1 (``groups == in_channels == out_channels``, the 3x3 convolution
@@ -99,6 +118,7 @@ from torch.nn.utils import parametrize
 
 from . import _conv
 from ._modes import FORWARD_HOOK_DICTS, eval_mode, wrapper_hint
+from .shrink import unit_rows
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
 
@@ -233,6 +253,11 @@ class PrunablePair:
         Name of the ``nn.Unflatten`` module of a ``"linear->conv"`` pair, whose channel count in
         ``unflattened_size`` follows the kept units; ``None`` for a reshape written in ``forward()`` (with ``-1``
         or a size read from the tensor for the channels, so it follows by itself) and for the other kinds.
+    group_size : int
+        Channels per unit, ``C / G``, when a ``GroupNorm(G, C)`` lies on the way of a convolution producer: unit
+        ``g`` is channels ``g * s ... (g + 1) * s - 1`` (``s = group_size``) of the producer's output (its
+        ``rows_per_unit`` is ``s``), of every layer in ``between`` and of the consumer's input (its
+        ``cols_per_unit`` covers ``s`` channels). 1 for the other pairs.
     """
 
     producer: str
@@ -248,6 +273,12 @@ class PrunablePair:
     rows_per_unit: int = 1
     row_between: tuple[str, ...] = ()
     unflatten: str | None = None
+    group_size: int = 1
+
+    def channels(self, idx: torch.Tensor) -> torch.Tensor:
+        """The channels of the units ``idx`` (sorted) on the way and at a convolution consumer's input: ``idx``
+        itself, or each kept group's ``group_size`` channels in order (see ``group_size``)."""
+        return unit_rows(idx, self.group_size)
 
     @property
     def conv_consumer(self) -> bool:
@@ -569,6 +600,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     # output once it is reshaped into channels (a linear->conv pair; see _channels_reshape)
     path_rank = _conv.rank(producer) if is_conv else None
     shaped: tuple[int, tuple[str, ...], str | None] | None = None  # (rows per unit, row_between, Unflatten module)
+    group_size = 1  # channels per unit: C / G of the GroupNorms on the way (see _group_norm_reason)
     path = {node}
     cur = node
     while True:
@@ -585,6 +617,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 return f"{where} is multiplied by a gate computed from it that is not a squeeze-and-excitation: {gate}"
             if se:
                 return f"{where} is multiplied by a second squeeze-and-excitation gate; one per pair is supported"
+            if group_size > 1:
+                return (f"{where} is multiplied by a squeeze-and-excitation gate after a GroupNorm: the gate's rows "
+                        "follow single channels and the units are groups of channels, which is not supported")
             cur, se, se_input = gate[0], gate[1:], cur.name
             ops.append("squeeze-excitation")
             continue
@@ -603,7 +638,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
-                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input, shaped)
+                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input, shaped,
+                                  group_size)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -623,6 +659,12 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif isinstance(m, _INSTANCE_NORMS):
                 if (why := _instance_norm_reason(cur, u.target, m, path_rank, n_units)) is not None:
                     return why
+                between.append(u.target)
+            elif isinstance(m, nn.GroupNorm):
+                if (why := _group_norm_reason(cur, u.target, m, path_rank, shaped is not None, n_units, group_size,
+                                              bool(se))) is not None:
+                    return why
+                group_size = m.num_channels // m.num_groups
                 between.append(u.target)
             elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
                 return (f"per-channel PReLU {u.target!r} (num_parameters={m.num_parameters}) between producer and "
@@ -1097,6 +1139,42 @@ def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, path_rank: i
     return None
 
 
+def _group_norm_reason(cur: fx.Node, name: str, norm: nn.GroupNorm, path_rank: int | None, reshaped: bool,
+                       n_channels: int, group_size: int, gated: bool) -> str | None:
+    """Why an ``nn.GroupNorm(G, C)`` on the path tensor ``cur`` cannot have its groups pruned whole, or ``None``.
+
+    It normalises each group of ``C / G`` consecutive channels of each sample on its own, so removing a whole
+    group leaves the other groups' outputs unchanged (a single channel would change its group's statistics): the
+    units of the pair become groups. That needs the producer's ``n_channels`` convolution channels as dim 1 of an
+    ``(N, C, *spatial)`` tensor of the path's rank (``path_rank``; ``None`` for a ``Linear``'s output, and
+    ``reshaped`` for one reshaped into channels), more than one group, the group size ``group_size`` of any earlier
+    GroupNorm on the path (1: none yet), and no squeeze-and-excitation gate before it (``gated``).
+    """
+    what = f"GroupNorm({norm.num_groups}, {norm.num_channels}) {name!r}"
+    if path_rank is None or reshaped:
+        return (f"{what} after a Linear producer normalises groups of its units together; GroupNorm is supported "
+                "between a convolution producer and its consumer")
+    shape = _shape(cur)
+    layout = "(N, C, L)" if path_rank == 1 else "(N, C, H, W)"
+    if shape is not None and len(shape) != path_rank + 2:
+        return (f"{what} reads a {len(shape)}-D tensor {shape}, not the {layout} output of the producer, so its "
+                "groups are not groups of the producer's channels")
+    if norm.num_channels != n_channels:
+        return f"{what} has {norm.num_channels} channels, expected the producer's {n_channels}"
+    if norm.num_groups == 1:
+        return (f"{what} normalises all {n_channels} channels as one group, so removing any channel changes every "
+                "other channel's output: the whole layer is one unit and it is not prunable (GroupNorm(G, C) with "
+                "G > 1 is pruned group by group)")
+    size = norm.num_channels // norm.num_groups
+    if group_size > 1 and size != group_size:
+        return (f"{what} has groups of {size} channels, but an earlier GroupNorm on the way has groups of "
+                f"{group_size}: no set of whole groups of both can be removed alone, so the path is not prunable")
+    if gated and size > 1:
+        return (f"{what} after a squeeze-and-excitation gate: the gate's rows follow single channels and the units "
+                "would be groups of channels, which is not supported")
+    return None
+
+
 def _resample_reason(cur: fx.Node, name: str, path_rank: int | None) -> str | None:
     """Why resampling ``cur`` (``nn.Upsample``, ``F.interpolate``) would mix the producer's units, or ``None``: it
     is per channel on an ``(N, C, *spatial)`` tensor of the path's rank only (a convolution's output, or a
@@ -1201,9 +1279,12 @@ def _conv_pairing(producer: nn.Module, consumer: nn.Module) -> str | None:
 def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.Module, between: list[str],
                ops: list[str], flattened_hw: int | None, n_units: int, se: tuple[str, ...] = (),
                se_input: str | None = None,
-               shaped: tuple[int, tuple[str, ...], str | None] | None = None) -> PrunablePair | str:
+               shaped: tuple[int, tuple[str, ...], str | None] | None = None,
+               group_size: int = 1) -> PrunablePair | str:
     """The pair of ``producer`` and the consumer ``cnode``, or why it is not prunable; ``shaped`` is ``(rows per
-    unit, row_between, Unflatten module name)`` when a Linear producer's output was reshaped into channels."""
+    unit, row_between, Unflatten module name)`` when a Linear producer's output was reshaped into channels, and
+    ``group_size`` the channels per group of the GroupNorms on the way (``n_units`` counts channels; a unit is then
+    a group: its channels' rows at the producer and columns at the consumer)."""
     p_conv = _conv.is_conv(producer)
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
@@ -1235,9 +1316,9 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
         kind, cpu = "linear->linear", 1
         if consumer.in_features != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, producer gives {n_units}"
-    rows, row_between, unflatten = shaped if shaped is not None else (1, (), None)
-    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units, cpu, cnode.name, ops, se, se_input,
-                        rows, row_between, unflatten)
+    rows, row_between, unflatten = shaped if shaped is not None else (group_size, (), None)
+    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units // group_size, cpu * group_size,
+                        cnode.name, ops, se, se_input, rows, row_between, unflatten, group_size)
 
 
 def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
@@ -1295,6 +1376,10 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
         n = _unit_count(prod)
         for b in p.between:
             m = modules[b]
+            if isinstance(m, nn.GroupNorm):
+                raise ValueError(f"declared pair {p}: GroupNorm {b!r} in between: a pair through a GroupNorm is found "
+                                 "by tracing only (its units are groups of channels); call prune without pairs= on a "
+                                 "model torch.fx can trace.")
             if _conv.is_conv(m):
                 if (why := _channelwise_conv(prod, m, n)) is not None:
                     raise ValueError(f"declared pair {p}: {type(m).__name__} {b!r} in between: {why}.")

@@ -466,8 +466,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                                                       "ConvTranspose1d or ConvTranspose2d layer")
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
                          "Linear->Linear, Conv->Conv of one rank (Conv1d, Conv2d and their transposed kinds), "
-                         "Conv->Flatten->Linear and Linear->Unflatten->Conv through BatchNorm, activations, pooling, "
-                         "resampling and dropout; "
+                         "Conv->Flatten->Linear and Linear->Unflatten->Conv through BatchNorm, GroupNorm (whole "
+                         "groups), activations, pooling, resampling and dropout; "
                          "declare pairs with "
                          "pairs=[nn_adapters.Pair(...)] for other layouts.")
     if stats_mode != "layer":
@@ -548,7 +548,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if pair.se:
             keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
                     st.se_input_mean() if se_bias_correction else None)
-        set_inputs(work.get_submodule(pair.consumer), idx, pair.cols_per_unit, weight, bias)
+        # a convolution consumer keeps input channels (a unit's group_size of them behind a GroupNorm)
+        set_inputs(work.get_submodule(pair.consumer), pair.channels(idx) if pair.conv_consumer else idx,
+                   pair.cols_per_unit, weight, bias)
         curve = None if out.path is None else [float(e) for e in out.path.relative_errors[:k + 1]]
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), out.order.tolist(), rel,
                                    out.time_s + time.perf_counter() - t0,
@@ -790,8 +792,9 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
             def grad_hook(g: torch.Tensor) -> None:
                 ag = (xd.to(torch.float64) * g.to(torch.float64))
-                if p.conv_consumer:  # sum over the positions of a sample: (2,) or (2, 3)
-                    s = ag.sum(dim=tuple(range(2, ag.dim()))).abs().sum(dim=0)
+                if p.conv_consumer:  # sum over the positions of a sample, (2,) or (2, 3), and a unit's channels
+                    s = ag.sum(dim=tuple(range(2, ag.dim()))).reshape(ag.shape[0], p.n_units, -1).sum(dim=2)
+                    s = s.abs().sum(dim=0)
                 elif p.kind == "conv->linear":
                     s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
                 else:  # (N, ..., units): the positions of a sample are summed before the absolute value

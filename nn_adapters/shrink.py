@@ -3,7 +3,9 @@ layers on the way (BatchNorm and InstanceNorm entries, depthwise filters) and of
 (``fc1``'s input columns, ``fc2``'s output rows), and the matching input columns of a consumer (optionally with new,
 refitted weights and bias). For a ``linear->conv`` pair (a ``Linear`` reshaped into channels) a unit is ``P``
 consecutive output rows of the ``Linear`` (:func:`unit_rows`), and the ``nn.Unflatten`` that reshapes them keeps
-the new channel count (:func:`keep_unflatten`); :func:`keep_producer_side` does a pair's whole producer side.
+the new channel count (:func:`keep_unflatten`). With a ``GroupNorm(G, C)`` on the way a unit is a group of ``C / G``
+consecutive channels, and the GroupNorm keeps whole groups (:func:`keep_group_norm`). :func:`keep_producer_side`
+does a pair's whole producer side.
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -17,8 +19,8 @@ from torch import nn
 
 from . import _conv
 
-__all__ = ["keep_outputs", "keep_bn", "keep_depthwise", "keep_between", "keep_se", "set_inputs", "unit_rows",
-           "keep_unflatten", "keep_producer_side"]
+__all__ = ["keep_outputs", "keep_bn", "keep_group_norm", "keep_depthwise", "keep_between", "keep_se", "set_inputs",
+           "unit_rows", "keep_unflatten", "keep_producer_side"]
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -49,6 +51,22 @@ def keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
     bn.num_features = int(idx.numel())
 
 
+def keep_group_norm(gn: nn.GroupNorm, idx: torch.Tensor) -> None:
+    """Keep the channels ``idx`` (sorted, whole groups: each kept group's ``C / G`` channels) of a ``GroupNorm(G,
+    C)``: their affine entries, if it has them; it becomes ``GroupNorm(len(idx) / (C / G), len(idx))`` with the
+    same ``eps`` and ``affine``, and normalises each kept group as before."""
+    size = gn.num_channels // gn.num_groups
+    if idx.numel() % size or not torch.equal(idx, unit_rows(idx[::size] // size, size)):
+        raise ValueError(f"GroupNorm({gn.num_groups}, {gn.num_channels}) can only keep whole groups of {size} "
+                         f"consecutive channels (g * {size} ... (g + 1) * {size} - 1); got channels "
+                         f"{idx.tolist()}. Pass the channels of the kept groups (unit_rows(groups, {size})).")
+    if gn.weight is not None:
+        gn.weight = _param(gn.weight[idx], gn.weight)
+        gn.bias = _param(gn.bias[idx], gn.bias)
+    gn.num_channels = int(idx.numel())
+    gn.num_groups = int(idx.numel()) // size
+
+
 def keep_depthwise(conv: nn.Module, idx: torch.Tensor) -> None:
     """Keep the channels ``idx`` of a depthwise convolution with channel multiplier 1 (``groups == in_channels ==
     out_channels``): their filters and bias; its input channels and groups are the same channels."""
@@ -58,9 +76,11 @@ def keep_depthwise(conv: nn.Module, idx: torch.Tensor) -> None:
 
 def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
     """Keep the channels ``idx`` of a per-unit layer between a producer and its consumer (a pair's ``between``):
-    a BatchNorm, an InstanceNorm or a depthwise convolution."""
+    a BatchNorm, an InstanceNorm, a GroupNorm (whole groups) or a depthwise convolution."""
     if _conv.is_conv(module):
         keep_depthwise(module, idx)
+    elif isinstance(module, nn.GroupNorm):
+        keep_group_norm(module, idx)
     else:
         keep_bn(module, idx)
 
@@ -84,12 +104,14 @@ def keep_unflatten(module: nn.Unflatten, n_kept: int) -> None:
 def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> None:
     """Keep the units ``idx`` (sorted) on the producer's side of ``pair`` (a :class:`nn_adapters.PrunablePair`) in
     ``model``: the producer's output rows, the entries of the layers in ``between`` (its rows for the
-    ``row_between`` layers before a reshape into channels, else its channels) and an ``nn.Unflatten``'s channel
-    count. A squeeze-and-excitation gate and the consumer are left to :func:`keep_se` and :func:`set_inputs`."""
+    ``row_between`` layers before a reshape into channels, else its channels: a unit's ``group_size`` channels
+    with a GroupNorm on the way) and an ``nn.Unflatten``'s channel count. A squeeze-and-excitation gate and the
+    consumer are left to :func:`keep_se` and :func:`set_inputs`."""
     rows = unit_rows(idx, pair.rows_per_unit)
     keep_outputs(model.get_submodule(pair.producer), rows)
+    channels = unit_rows(idx, pair.group_size)
     for name in pair.between:
-        keep_between(model.get_submodule(name), rows if name in pair.row_between else idx)
+        keep_between(model.get_submodule(name), rows if name in pair.row_between else channels)
     if pair.unflatten is not None:
         keep_unflatten(model.get_submodule(pair.unflatten), int(idx.numel()))
 

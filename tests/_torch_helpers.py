@@ -42,14 +42,15 @@ class GlobalPoolNet(nn.Module):
 def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor) -> torch.Tensor:
     """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's
     input: a channel (dim 1) of a convolution's input, or the block of a channel's flattened positions (or one
-    column per neuron) of a Linear's. What pruning without a refit must give."""
+    column per neuron) of a Linear's; a unit of several consecutive channels (a group behind a GroupNorm) is zeroed
+    whole. What pruning without a refit must give."""
     handles = []
     for lr in report.layers:
         mask = torch.zeros(lr.n_units)
         mask[lr.kept_units] = 1.0
         cons = net.get_submodule(lr.pair.split("->")[1])
-        if isinstance(cons, nn.Linear):
-            mask = mask.repeat_interleave(cons.in_features // lr.n_units)
+        width = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
+        mask = mask.repeat_interleave(width // lr.n_units)
 
         def hook(_m: nn.Module, inp: tuple, mask: torch.Tensor = mask, linear: bool = isinstance(cons, nn.Linear)
                  ) -> tuple:
