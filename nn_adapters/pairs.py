@@ -178,6 +178,8 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "squeeze"}
 # Multiplication or division by a number (x / (H * W) after a spatial sum) acts on each unit separately.
 _SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
+# Sums of two tensors: a residual connection, whichever term the producer's output is.
+_SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub}
 
 
 @dataclass(frozen=True, repr=False)
@@ -629,6 +631,11 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         if any(isinstance(a, (list, tuple)) and any(v is cur for v in a) for a in u.args):
             return (f"{where} is one of several tensors that {u.name} combines (a concatenation or stack), so the "
                     "consumer's input columns do not follow this producer's units alone")
+        if (u.op == "call_function" and u.target in _SUM_FUNCTIONS and len(u.args) > 1 and u.args[0] is not cur
+                and any(a is cur for a in u.args[1:])):
+            # x + h: the producer's output is the second term of a residual sum (the first, h + x, is found below)
+            name = getattr(u.target, "__name__", str(u.target))
+            return f"{where} feeds {name} (a residual sum) as its second term"
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
                                                           and _scaled_by_number(u, cur, is_conv))):
             return f"operation {u.name} does not take the producer's output as its first argument"

@@ -1188,6 +1188,27 @@ def test_a_concatenation_is_named_as_the_reason_a_layer_is_skipped():
     assert "first argument" not in reasons["a"]
 
 
+class _Residual(nn.Module):
+    """``x + c2(relu(c1(x)))`` or ``c2(relu(c1(x))) + x``: c2's output is a term of a residual sum."""
+
+    def __init__(self, second: bool) -> None:
+        super().__init__()
+        self.second = second
+        self.c1, self.c2, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(torch.relu(self.c1(x)))
+        return self.head(x + h if self.second else h + x)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_a_residual_sum_is_named_as_the_reason_whichever_term_the_layer_is(second):
+    found, skipped = nna.find_pairs(_Residual(second), torch.randn(2, 4, 6, 6))
+    assert [(p.producer, p.consumer) for p in found] == [("c1", "c2")]
+    assert "residual sum" in dict(skipped)["c2"]
+    assert "first argument" not in dict(skipped)["c2"]
+
+
 @pytest.mark.parametrize("method", ["asym", "layer", "actgrad"])
 def test_pruning_under_inference_mode_gives_a_trainable_model(method):
     """Called inside torch.inference_mode (even with inputs made there), prune still works, the gradient-based
