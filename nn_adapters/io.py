@@ -158,25 +158,12 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    if kind == "Unflatten":
-        if not isinstance(m, nn.Unflatten):
-            raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but an Unflatten in "
-                             "the file.")
-        m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
-        return
-    if kind == "GroupNorm":
-        if not isinstance(m, nn.GroupNorm):
-            raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a GroupNorm in "
-                             "the file.")
-        n = int(shape["num_channels"])
-        if m.weight is not None:
-            m.weight = nn.Parameter(torch.empty(n, device=m.weight.device))
-            m.bias = nn.Parameter(torch.empty(n, device=m.bias.device))
-        m.num_groups, m.num_channels = int(shape["num_groups"]), n
-        return
-    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES)}.get(kind)
+    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES, nn.GroupNorm, nn.Unflatten)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
+    if kind == "Unflatten":
+        m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
+        return
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
     if issubclass(base, _conv.LAYER_TYPES):
         # a file written before groups were recorded holds no resized grouped convolution: keep the base's groups
@@ -187,15 +174,19 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
             m.in_features, m.out_features = shape["in"], shape["out"]
         else:
             m.in_channels, m.out_channels, m.groups = shape["in"], shape["out"], groups
-    else:
-        n = shape["num_features"]
-        if m.weight is not None:
-            m.weight = nn.Parameter(torch.empty(n, **dev))
-            m.bias = nn.Parameter(torch.empty(n, **dev))
-        if m.running_mean is not None:
-            m.running_mean = torch.zeros(n)
-            m.running_var = torch.ones(n)
-        m.num_features = n
+        return
+    # a normalisation layer: per-channel affine entries, and running statistics for BatchNorm / InstanceNorm
+    n = int(shape["num_channels" if kind == "GroupNorm" else "num_features"])
+    if m.weight is not None:
+        m.weight = nn.Parameter(torch.empty(n, **dev))
+        m.bias = nn.Parameter(torch.empty(n, **dev))
+    if kind == "GroupNorm":
+        m.num_groups, m.num_channels = int(shape["num_groups"]), n
+        return
+    if m.running_mean is not None:
+        m.running_mean = torch.zeros(n)
+        m.running_var = torch.ones(n)
+    m.num_features = n
 
 
 def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
