@@ -54,7 +54,23 @@ def keep_bn(bn: nn.Module, idx: torch.Tensor) -> None:
 def keep_group_norm(gn: nn.GroupNorm, idx: torch.Tensor) -> None:
     """Keep the channels ``idx`` (sorted, whole groups: each kept group's ``C / G`` channels) of a ``GroupNorm(G,
     C)``: their affine entries, if it has them; it becomes ``GroupNorm(len(idx) / (C / G), len(idx))`` with the
-    same ``eps`` and ``affine``, and normalises each kept group as before."""
+    same ``eps`` and ``affine``, and normalises each kept group as before.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from nn_adapters.shrink import keep_group_norm, unit_rows
+    >>> gn = nn.GroupNorm(4, 8)                      # groups of 2 channels
+    >>> x = torch.randn(3, 8, 5)
+    >>> kept = unit_rows(torch.tensor([0, 3]), 2)    # groups 0 and 3: channels 0, 1, 6, 7
+    >>> ref = gn(x)[:, kept]
+    >>> keep_group_norm(gn, kept)
+    >>> gn.num_groups, gn.num_channels, tuple(gn.weight.shape)
+    (2, 4, (4,))
+    >>> torch.allclose(gn(x[:, kept]), ref)
+    True
+    """
     size = gn.num_channels // gn.num_groups
     if idx.numel() % size or not torch.equal(idx, unit_rows(idx[::size] // size, size)):
         raise ValueError(f"GroupNorm({gn.num_groups}, {gn.num_channels}) can only keep whole groups of {size} "
@@ -87,7 +103,15 @@ def keep_between(module: nn.Module, idx: torch.Tensor) -> None:
 
 def unit_rows(idx: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
     """The producer's output rows of the units ``idx``: ``c * P ... (c + 1) * P - 1`` for each kept unit ``c``
-    (``P = rows_per_unit``), in order; ``idx`` itself when ``P`` is 1."""
+    (``P = rows_per_unit``), in order; ``idx`` itself when ``P`` is 1.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from nn_adapters.shrink import unit_rows
+    >>> unit_rows(torch.tensor([0, 2]), 3).tolist()
+    [0, 1, 2, 6, 7, 8]
+    """
     if rows_per_unit == 1:
         return idx
     return (idx[:, None] * rows_per_unit + torch.arange(rows_per_unit, device=idx.device)).reshape(-1)
@@ -95,7 +119,17 @@ def unit_rows(idx: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
 
 def keep_unflatten(module: nn.Unflatten, n_kept: int) -> None:
     """Give an ``nn.Unflatten`` that reshapes a ``Linear``'s outputs into ``(C, *spatial)`` the channel count
-    ``n_kept`` (a ``-1`` there is left as it is: it follows by itself)."""
+    ``n_kept`` (a ``-1`` there is left as it is: it follows by itself).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from nn_adapters.shrink import keep_unflatten
+    >>> u = nn.Unflatten(1, (16, 4, 4))
+    >>> keep_unflatten(u, 10)
+    >>> u.unflattened_size
+    (10, 4, 4)
+    """
     sizes = tuple(module.unflattened_size)
     if sizes[0] != -1:
         module.unflattened_size = (int(n_kept), *sizes[1:])
