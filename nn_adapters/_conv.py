@@ -162,3 +162,49 @@ def unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x.reshape(*x.shape[:2], *(1,) * lead, *x.shape[2:]), (1,) * lead + tuple(conv.kernel_size),
                     dilation=(1,) * lead + tuple(conv.dilation), padding=(0,) * lead + tuple(padding),
                     stride=(1,) * lead + tuple(stride))
+
+
+def polyphase(conv: nn.Module, in_spatial: tuple[int, ...]) -> list[tuple[torch.Tensor, ...]] | None:
+    """The polyphase structure of a strided transposed convolution's unfolded input, or ``None`` (a regular
+    convolution, or a transposed one with stride 1: one phase, nothing to split).
+
+    Output position ``o`` of a transposed convolution reads tap ``t`` only if ``o + p - t * d`` is a multiple of
+    ``s`` (per spatial dim), so the positions fall into ``prod(stride)`` phases (``o mod s`` in each dim) and the
+    rows of one phase in :func:`unfold` are zero outside one set of taps, disjoint from the other phases' sets.
+    Returned: one ``(taps, positions, source)`` triple of index tensors per phase with positions: the taps (into
+    ``kernel_numel``) that any position of the phase reads, the positions (into :func:`unfold`'s last dim) of the
+    phase, and ``source`` ``(taps, positions)``, the flat index (over ``in_spatial``) plus one of the input entry
+    that each tap reads at each position, ``0`` where it reads a zero (the stuffing or the padding). All three are
+    found by unfolding a probe that numbers the input's positions; a phase may read no tap at all (dilation).
+
+    Examples
+    --------
+    >>> conv = nn.ConvTranspose1d(3, 2, kernel_size=4, stride=2, padding=1)
+    >>> [(t.tolist(), p.tolist()) for t, p, _ in polyphase(conv, (3,))]
+    [([0, 2], [0, 2, 4]), ([1, 3], [1, 3, 5])]
+    >>> polyphase(conv, (3,))[0][2].tolist()   # input positions 1..3 (0: a zero) read by taps 0 and 2
+    [[0, 1, 2], [1, 2, 3]]
+    >>> polyphase(nn.Conv1d(3, 2, 4, stride=2), (9,)) is None
+    True
+    """
+    if not is_transposed(conv) or all(s == 1 for s in conv.stride):
+        return None
+    numbered = torch.arange(1, math.prod(in_spatial) + 1, dtype=torch.float64).reshape(1, 1, *in_spatial)
+    source = unfold(conv, numbered)[0].round().to(torch.int64)  # (taps, positions): exact integers below 2^53
+    out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
+           zip(in_spatial, conv.stride, conv.padding, conv.dilation, conv.kernel_size, conv.output_padding,
+               strict=True)]
+    grid = torch.meshgrid(*(torch.arange(n) % s for n, s in zip(out, conv.stride, strict=True)), indexing="ij")
+    phase = torch.zeros(out, dtype=torch.int64)
+    for g, s in zip(grid, conv.stride, strict=True):
+        phase = phase * s + g
+    phase = phase.reshape(-1)
+    if phase.numel() != source.shape[1]:
+        raise RuntimeError(f"{type(conv).__name__}: {source.shape[1]} unfolded positions but an output of {out}.")
+    blocks = []
+    for r in range(math.prod(conv.stride)):
+        pos = torch.nonzero(phase == r).reshape(-1)
+        if pos.numel():
+            taps = torch.nonzero((source[:, pos] != 0).any(dim=1)).reshape(-1)
+            blocks.append((taps, pos, source[taps][:, pos]))
+    return blocks

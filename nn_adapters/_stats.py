@@ -43,10 +43,34 @@ def design_rows(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64).reshape(-1, consumer.in_features)
 
 
+def design_blocks(consumer: nn.Module, x: torch.Tensor,
+                  phases: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of :func:`design_rows` split by the polyphase structure of a strided transposed consumer
+    (``phases`` from :func:`nn_adapters._conv.polyphase`): one ``(columns, rows)`` pair per phase, ``rows``
+    ``(N * positions of the phase, C * taps of the phase)`` float64, sample by sample, and ``columns`` the
+    channels' columns of the phase's taps; every other entry of those rows is zero. The rows are gathered from
+    ``x`` itself (the phase's ``source`` indices), never from the zero-stuffed input, so a chunk costs the blocks'
+    memory only."""
+    n, c = x.shape[:2]
+    flat = torch.cat([x.new_zeros(n, c, 1), x.reshape(n, c, -1)], dim=2).to(torch.float64)  # index 0: a zero
+    taps_all = _conv.kernel_numel(consumer)
+    channel_base = torch.arange(c, device=x.device)[:, None] * taps_all
+    out = []
+    for tap, pos, source in phases:
+        rows = flat[:, :, source.to(x.device)]  # (N, C, taps of the phase, positions of the phase)
+        out.append(((channel_base + tap.to(x.device)).reshape(-1),
+                    rows.permute(0, 3, 1, 2).reshape(n * pos.numel(), -1)))
+    return out
+
+
 def weight_matrix(consumer: nn.Module) -> torch.Tensor:
     """The consumer's weights as an ``(out, d)`` float64 matrix whose columns match :func:`design_rows`."""
     return _conv.weight_matrix(consumer).detach().to(torch.float64)
 
+
+#: Private hook for tests and benchmarks: ``False`` streams a strided transposed consumer's rows in full instead of
+#: by polyphase blocks (the same statistics up to rounding, at up to ``prod(stride)**2`` times the product cost).
+_POLYPHASE = True
 
 #: Private test hook: ``True`` sends the statistics of CPU models through the device path too (torch storage on the
 #: CPU), so that the path a GPU model takes can be tested on a machine without a GPU.
@@ -314,7 +338,17 @@ class PairStats(FoldStats):
             self._batch += 1
         else:
             planned = (self._seen + np.arange(n)) % K
+        phases = _conv.polyphase(self.consumer, tuple(x.shape[2:])) if _POLYPHASE else None
+        if phases is not None:  # a chunk holds the phases' rows only
+            per_sample_elems = sum(t.numel() * p.numel() for t, p, _ in phases) * x.shape[1]
+            step = max(1, _CHUNK_ELEMS // max(1, per_sample_elems))
         for s in range(0, n, step):
+            if phases is not None:
+                ns = min(step, n - s)
+                self._update_blocks(x[s:s + step], None if x_target is None else xt[s:s + step], phases,
+                                    planned[s:s + ns])
+                self._seen += ns
+                continue
             A = design_rows(self.consumer, x[s:s + step])
             At = A if x_target is None else design_rows(self.consumer, xt[s:s + step])
             Y = At @ self.W.T
@@ -334,6 +368,29 @@ class PairStats(FoldStats):
                         self.fold_accs[h].update(A[sel], Y[sel])
             self._seen += ns
         self._total = None
+
+
+    def _update_blocks(self, x: torch.Tensor, xt: torch.Tensor | None,
+                       phases: list[tuple[torch.Tensor, ...]], folds: np.ndarray) -> None:
+        """Add the samples ``x`` (targets from ``xt``, default ``x``) of a strided transposed consumer phase by
+        phase (:meth:`submod.GramAccumulator.update_blocks`): each phase's rows only touch its taps' columns, so
+        its products cost ``1 / prod(stride)^2`` of the full rows' (see :func:`design_blocks`); ``folds``: the
+        fold of each sample."""
+        blocks = design_blocks(self.consumer, x, phases)
+        targets = blocks if xt is None else design_blocks(self.consumer, xt, phases)
+        W = self.W.to(blocks[0][1].device)
+        parts = [(c, a, at @ W[:, c].T) for (c, a), (_, at) in zip(blocks, targets, strict=True)]
+        if self.device is None:  # numpy storage (a CPU model): the rows go to the host
+            parts = [(c.cpu().numpy(), a.cpu().numpy(), y.cpu().numpy()) for c, a, y in parts]
+        if self.n_folds == 1:
+            self.fold_accs[0].update_blocks(parts)
+            return
+        per_phase = [np.repeat(folds, pos.numel()) for _, pos, _ in phases]  # the fold of every row of each phase
+        for h, acc in enumerate(self.fold_accs):
+            sel = [f == h for f in per_phase]
+            if self.device is not None:
+                sel = [torch.as_tensor(m, device=a.device) for m, (_, a, _) in zip(sel, parts, strict=True)]
+            acc.update_blocks([(c, a[m], y[m]) for (c, a, y), m in zip(parts, sel, strict=True)])
 
 
 def columns_of_units(groups: list[np.ndarray], units: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validation import as_float_array, complex_message, ndim_message, nonfinite_message
+from ._validation import as_float_array, complex_message, ndim_message, nonfinite_message, width_message
 
 F64 = torch.float64
 
@@ -146,16 +146,19 @@ class _Checks:
         return vals[k:]
 
 
-def validate(acc: Any, A: Any, Y: Any, sample_weight: Any) -> tuple | None:
+def validate(acc: Any, A: Any, Y: Any, sample_weight: Any, width: int | None = None) -> tuple | None:
     """Checked float64 tensors on the accumulator's device, ``(a, y, w, rows, weight sum)``; ``None`` for an
-    empty batch. The checks, their order and their messages are those of the numpy path."""
+    empty batch. The checks, their order and their messages are those of the numpy path (``width``: the columns
+    of a block of ``update_blocks``)."""
     chk = _Checks(acc._device)
     a = chk.tensor(A, "A_batch", 2)
     y = chk.tensor(Y, "Y_batch", (1, 2))
     if y.dim() == 1:
         y = y[:, None]
     d, m = acc.n_features, acc.n_targets
-    if a.shape[1] != d:
+    if width is not None and a.shape[1] != width:
+        chk.fail(width_message(a.shape[1], width))
+    if width is None and a.shape[1] != d:
         chk.fail(f"A_batch has {a.shape[1]} columns but the accumulator was built for n_features={d}; reshape "
                  f"the batch to (rows, {d}).")
     if y.shape[1] != m:
@@ -197,6 +200,48 @@ def add_rows(acc: Any, a: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
     acc._cay.addmm_(ac.T, yc)
     yv = yc.reshape(-1)
     shift(acc, nb, wsum, ma, my, torch.dot(yv, yv))
+
+
+def add_blocks(acc: Any, parts: list[tuple], nb: int, wsum: float) -> None:
+    """Torch storage: add checked blocks in place, as ``GramAccumulator._add_blocks`` does for numpy storage (same
+    formulas, on the accumulator's device; no host synchronisation)."""
+    dev, d, m = acc._device, acc.n_features, acc.n_targets
+    ma = torch.zeros(d, dtype=F64, device=dev)
+    my = torch.zeros(m, dtype=F64, device=dev)
+    live = []
+    for cols, a, y, w, _, wp in parts:
+        if wp > 0.0:
+            mu, nu = (a.mean(dim=0), y.mean(dim=0)) if w is None else ((w @ a) / wp, (w @ y) / wp)
+            idx = torch.as_tensor(cols, device=dev)
+            ma.index_add_(0, idx, mu, alpha=wp)
+            my.add_(nu, alpha=wp)
+            live.append((idx, a, y, w, wp, mu, nu))
+    ma /= wsum
+    my /= wsum
+    cyy = torch.zeros((), dtype=F64, device=dev)
+    T = torch.empty(len(live), d, dtype=F64, device=dev)
+    S = torch.empty(len(live), m, dtype=F64, device=dev)
+    for j, (idx, a, y, w, wp, mu, nu) in enumerate(live):
+        ac, yc = a - mu, y - nu
+        da, dy = a - ma[idx], y - my
+        if w is not None:
+            root = w.sqrt()[:, None]
+            ac, yc = ac.mul_(root), yc.mul_(root)
+            da, dy = da.mul_(w[:, None]), dy.mul_(w[:, None])
+        acc._caa.index_put_((idx[:, None], idx[None, :]), ac.T @ ac, accumulate=True)
+        acc._cay.index_put_((idx,), ac.T @ yc, accumulate=True)
+        yv = yc.reshape(-1)
+        cyy += torch.dot(yv, yv)
+        T[j] = ma * -wp
+        T[j, idx] = da.sum(dim=0)
+        S[j] = dy.sum(dim=0)
+    scale = torch.tensor([p[4] for p in live], dtype=F64, device=dev).rsqrt()[:, None]
+    T.mul_(scale)
+    S.mul_(scale)
+    acc._caa.addmm_(T.T, T)
+    acc._cay.addmm_(T.T, S)
+    sv = S.reshape(-1)
+    shift(acc, nb, wsum, ma, my, cyy + torch.dot(sv, sv))
 
 
 def merge(acc: Any, nb: int, wb: float, ma: Any, my: Any, caa: Any, cay: Any, cyy: Any) -> None:

@@ -64,6 +64,12 @@ def nonfinite_message(name: str, bad: int) -> str:
     return f"{name} contains {bad} NaN or infinite value(s); remove or impute them first."
 
 
+def width_message(got: int, width: int) -> str:
+    """The error for a block of :meth:`~submod.GramAccumulator.update_blocks` whose columns do not match its list."""
+    return (f"A_batch has {got} columns but its block lists {width} column indices; pass one index per column "
+            "of the block's rows.")
+
+
 def check_ground_set_size(n: object, name: str = "n") -> int:
     """Check that ``n`` is a positive integer ground-set size."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):

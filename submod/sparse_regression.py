@@ -40,7 +40,7 @@ from ._sr_kernels import (
     solve_factored,
 )
 from ._sr_threads import one_blas_thread
-from ._validation import as_float_array, as_index_array, check_k, frozen
+from ._validation import as_float_array, as_index_array, check_k, frozen, width_message
 from .base import GainState, SetFunction
 
 if TYPE_CHECKING:
@@ -831,17 +831,136 @@ class GramAccumulator:
         if checked is not None:
             self._add_rows(*checked)
 
-    def _check_batch(self, A_batch: ArrayLike, Y_batch: ArrayLike, sample_weight: ArrayLike | None) -> tuple | None:
-        """The batch checked and converted for this storage, ``(a, y, w, rows, weight sum)``; ``None`` if empty."""
+    def update_blocks(self, blocks: Iterable[tuple[ArrayLike, ArrayLike, ArrayLike]],
+                      sample_weight: Iterable[ArrayLike | None] | None = None) -> None:
+        """Add a batch of rows known to be zero outside some columns, block by block.
+
+        Block ``(columns, A_part, Y_part)`` stands for the rows whose entries in ``columns`` (distinct column
+        indices, in ``A_part``'s column order) are ``A_part`` (``(b, len(columns))``) and whose other entries are
+        zero, with targets ``Y_part`` (``(b, m)``). The statistics are those of :meth:`update` with all the blocks'
+        rows written out in full (up to rounding), but the products cost ``sum b * len(columns)^2`` instead of
+        ``sum b * d^2``: the polyphase components of a strided transposed convolution's unfolded input, for
+        instance, each read ``1 / stride^2`` of the kernel taps. Blocks may share columns.
+
+        The batch's co-moments are formed from each block's centred rows and the spread of the blocks' means
+        (the pooled within/between decomposition), then merged like any batch: no raw, uncentred products.
+
+        Parameters
+        ----------
+        blocks : iterable of (columns, A_part, Y_part)
+            ``columns``: 1-D integer indices in ``[0, n_features)``, no repeats; ``A_part``, ``Y_part``: any float
+            dtype, numpy arrays or torch tensors, as in :meth:`update`.
+        sample_weight : iterable of array or None, optional
+            One entry per block: the weights of its rows (as in :meth:`update`) or ``None`` (weight 1).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> A = np.zeros((6, 4))
+        >>> A[:3, [0, 2]] = rng.standard_normal((3, 2))     # rows 0-2 live in columns 0 and 2
+        >>> A[3:, [1, 3]] = rng.standard_normal((3, 2))     # rows 3-5 in columns 1 and 3
+        >>> Y = rng.standard_normal((6, 1))
+        >>> acc = GramAccumulator(4, 1)
+        >>> acc.update_blocks([([0, 2], A[:3, [0, 2]], Y[:3]), ([1, 3], A[3:, [1, 3]], Y[3:])])
+        >>> bool(np.allclose(acc.gram(), A.T @ A)), bool(np.allclose(acc.cross(centered=True),
+        ...                                                          (A - A.mean(0)).T @ (Y - Y.mean(0))))
+        (True, True)
+        """
+        blocks = list(blocks)
+        weights = [None] * len(blocks) if sample_weight is None else list(sample_weight)
+        if len(weights) != len(blocks):
+            raise ValueError(f"sample_weight has {len(weights)} entries for {len(blocks)} blocks; pass one weight "
+                             "array (or None) per block.")
+        if self._device is None and "torch" in sys.modules:
+            dev = _torch_backend().non_cpu_device(*(x for blk in blocks for x in blk), *weights)
+            if dev is not None:
+                self._move_to(dev)
+        parts = []
+        for i, blk in enumerate(blocks):
+            if not isinstance(blk, (tuple, list)) or len(blk) != 3:
+                raise ValueError(f"block {i} must be a tuple (columns, A_part, Y_part); got {type(blk).__name__}.")
+            raw = blk[0].cpu() if hasattr(blk[0], "cpu") else blk[0]  # a torch tensor of indices, on any device
+            if np.ndim(raw) != 1:
+                raise ValueError(f"the columns of block {i} must be a 1-D list of column indices; got shape "
+                                 f"{np.shape(raw)}.")
+            cols = as_index_array(raw, self.n_features, f"the columns of block {i}")
+            checked = self._check_batch(blk[1], blk[2], weights[i], width=cols.size)
+            if checked is not None:
+                parts.append((cols, *checked))
+        nb = sum(p[4] for p in parts)
+        wsum = sum(p[5] for p in parts)
+        if nb == 0:
+            return
+        self._host_copy = None
+        if wsum <= 0.0:
+            self.count += nb  # rows of weight zero are seen but change no statistic
+            return
         if self._device is not None:
-            return _torch_backend().validate(self, A_batch, Y_batch, sample_weight)
+            _torch_backend().add_blocks(self, parts, nb, wsum)
+        else:
+            self._add_blocks(parts, nb, wsum)
+
+    def _add_blocks(self, parts: list[tuple], nb: int, wsum: float) -> None:
+        """Numpy storage: add checked blocks ``(columns, a, y, w, rows, weight sum)`` of total weight ``wsum > 0``,
+        each block's rows zero outside its columns, in place (no ``d x d`` temporary: only the blocks' own products
+        and one low-rank update of the whole matrix).
+
+        The pooled decomposition: each block's co-moments about its own means, scattered into place, plus the
+        between-block term ``sum_p t_p t_p^T / w_p`` (and ``t_p s_p^T / w_p``, ``s_p^T s_p / w_p``) with ``t_p =
+        sum_i w_i (a_i - mean_a)`` and ``s_p = sum_i w_i (y_i - mean_y)`` over the block's rows (``a_i`` written
+        out, zero outside the block's columns): summing the rows' deviations from the batch means, rather than
+        differencing the block means, keeps the term accurate when the means are large (a block mean is rounded to
+        its own magnitude; the deviations are not)."""
+        d, m = self.n_features, self.n_targets
+        ma, my = np.zeros(d), np.zeros(m)
+        live = []
+        for cols, a, y, w, _, wp in parts:
+            if wp > 0.0:
+                mu, nu = (a.mean(axis=0), y.mean(axis=0)) if w is None else ((w @ a) / wp, (w @ y) / wp)
+                ma[cols] += wp * mu
+                my += wp * nu
+                live.append((cols, a, y, w, wp, mu, nu))
+        ma /= wsum
+        my /= wsum
+        cyy = 0.0
+        T, S = np.empty((len(live), d)), np.empty((len(live), m))  # t_p / sqrt(w_p), s_p / sqrt(w_p)
+        for j, (cols, a, y, w, wp, mu, nu) in enumerate(live):
+            ac, yc = a - mu, y - nu
+            da, dy = a - ma[cols], y - my
+            if w is not None:
+                root = np.sqrt(w)[:, None]
+                ac, yc = ac * root, yc * root
+                da, dy = da * w[:, None], dy * w[:, None]
+            self._caa[np.ix_(cols, cols)] += ac.T @ ac
+            self._cay[cols] += ac.T @ yc
+            cyy += float(np.vdot(yc, yc))
+            T[j] = -wp * ma
+            T[j, cols] = da.sum(axis=0)
+            S[j] = dy.sum(axis=0)
+            T[j] /= np.sqrt(wp)
+            S[j] /= np.sqrt(wp)
+        # C_aa += T^T T and C_ay += T^T S in place, through the F-ordered transposes of the C-ordered arrays
+        caa_t, cay_t = self._caa.T, self._cay.T
+        inplace(blas.dgemm(1.0, T, T, beta=1.0, c=caa_t, trans_a=1, overwrite_c=1), caa_t)
+        inplace(blas.dgemm(1.0, S, T, beta=1.0, c=cay_t, trans_a=1, overwrite_c=1), cay_t)
+        self._shift(nb, wsum, ma, my, cyy + float(np.vdot(S, S)))
+
+    def _check_batch(self, A_batch: ArrayLike, Y_batch: ArrayLike, sample_weight: ArrayLike | None,
+                     width: int | None = None) -> tuple | None:
+        """The batch checked and converted for this storage, ``(a, y, w, rows, weight sum)``; ``None`` if empty.
+        ``width``: the columns ``A_batch`` must have, when it is a block of :meth:`update_blocks` (default all)."""
+        if self._device is not None:
+            return _torch_backend().validate(self, A_batch, Y_batch, sample_weight, width)
         if "torch" in sys.modules:  # tensors (of any dtype, with or without grad) are read on the host
             tb = _torch_backend()
             A_batch, Y_batch = tb.host_array(A_batch, "A_batch"), tb.host_array(Y_batch, "Y_batch")
             sample_weight = tb.host_array(sample_weight, "sample_weight")
         a = as_float_array(A_batch, "A_batch", 2)
         y = _as_targets(Y_batch, "Y_batch")
-        if a.shape[1] != self.n_features:
+        if width is not None and a.shape[1] != width:
+            raise ValueError(width_message(a.shape[1], width))
+        if width is None and a.shape[1] != self.n_features:
             raise ValueError(f"A_batch has {a.shape[1]} columns but the accumulator was built for "
                              f"n_features={self.n_features}; reshape the batch to (rows, {self.n_features}).")
         if y.shape[1] != self.n_targets:
@@ -905,13 +1024,18 @@ class GramAccumulator:
     def _merge(self, nb: int, wb: float, ma: np.ndarray, my: np.ndarray, caa: np.ndarray, cay: np.ndarray,
                cyy: float) -> None:
         """Numpy storage: add the centred statistics of ``nb`` other rows of weight ``wb``."""
+        self._caa += caa
+        self._cay += cay
+        self._shift(nb, wb, ma, my, cyy)
+
+    def _shift(self, nb: int, wb: float, ma: np.ndarray, my: np.ndarray, cyy: float) -> None:
+        """Numpy storage: the pairwise update's corrections for the difference of the means, after the centred
+        co-moments of ``nb`` other rows of weight ``wb`` (means ``ma``, ``my``; ``cyy``) were added."""
         wa = self.weight_sum
         wt = wa + wb
         da = ma - self._ma
         dy = my - self._my
         w = wa * wb / wt
-        self._caa += caa
-        self._cay += cay
         if wa > 0:
             # In-place rank-1 corrections (no d x d temporaries, so the peak memory does not depend on the number
             # of batches). The C-ordered arrays are updated through their F-ordered transposes.
