@@ -337,19 +337,43 @@ def test_no_methods_is_refused_rather_than_holding_vacuously():
     assert check_guarantee(f, 2, methods=["greedy"]).all_hold  # a list works as the tuple does
 
 
-def test_a_budget_of_zero_is_refused_by_certify_as_by_the_other_checks():
-    """OPT_0 = F(empty) = 0 needs no certificate, and the ratio gamma_{U,0} is a minimum over no set S: certify
-    refuses k = 0 (explicit, or the size of an empty run) as check_guarantee and error_decay do. It used to
-    answer, and asked a least-squares objective for a proven gamma it would not have used."""
-    f = submod.Modular([1.0, 2.0, 3.0])
+@settings(max_examples=20, deadline=None)
+@given(f=st.one_of(vst.set_functions(n=st.integers(1, 6)),
+                   vst.sparse_regression(vst.regression_data(n_units=st.integers(1, 6)))),
+       picks=st.integers(0, 6))
+def test_an_explicit_budget_of_zero_is_certified_exactly_as_maximize_does(f, picks):
+    """k = 0 admits only the empty set, so OPT_0 = F(empty) (brute force over the sets of size <= 0). certify
+    refused k = 0 while maximize(f, 0) returns that exact certificate; now certify gives it too, with kind 'exact',
+    for any run and any function, least squares included without a gamma (none is used)."""
+    selected = list(range(min(picks, f.n)))
+    for run in (selected, submod.maximize(f, 0)):
+        cert = certify(f, run, k=0)
+        assert cert.upper_bound == brute_opt(f, 0) == f.value([])
+        assert cert.kind.startswith("exact") and cert.k == 0 and cert.prefix_size == 0
+        assert cert.value == f.value(run if isinstance(run, list) else run.selected)
+        assert cert.cost["gain_evaluations"] == 0
+
+
+def test_a_budget_of_zero_is_exact_when_given_and_refused_when_inferred_from_an_empty_run():
+    """An explicit k = 0 is answered exactly (OPT_0 = F(empty), brute force), even for a function declared not
+    monotone (no monotonicity is used, as in maximize); a gamma_lower passed anyway is still checked. An empty run
+    without k is still refused: its budget may have been larger (greedy stops early)."""
     rng = np.random.default_rng(0)
     A = rng.standard_normal((20, 4))
     g = SparseRegression(A, A[:, 0] + A[:, 1])
-    for fn, args in ((f, ([],)), (f, ([2, 1],)), (g, ([], 0.5))):
-        with pytest.raises(ValueError, match="k >= 1: OPT_0 = F\\(empty\\) = 0"):
-            certify(fn, *args, k=0)
-    with pytest.raises(ValueError, match="the run selected nothing: pass k="):
+    cut = submod.from_callable(lambda S: float(len(set(S) & {0, 1}) == 1), n=2, monotone=False)
+    for fn in (submod.Modular([1.0, 2.0, 3.0]), g, cut):
+        assert certify(fn, [], k=0).upper_bound == brute_opt(fn, 0) == 0.0
+    assert certify(g, [], 0.5, k=0).kind.startswith("exact")
+    with pytest.raises(ValueError, match="not declared submodular"):
+        certify(g, [], 1.0, k=0)
+    with pytest.raises(ValueError, match="upper bound"):
+        certify(g, [], submodularity_ratio(g, 2, method="sampled", seed=0), k=0)
+    f = submod.Modular([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="the run selected nothing.*pass k="):
         certify(f, submod.maximize(f, 0))
-    with pytest.raises(ValueError, match="at least 1"):
-        check_guarantee(f, 0)
+    with pytest.raises(ValueError, match="the run selected nothing"):
+        certify(f, [])
+    with pytest.raises(ValueError, match="monotone=False"):
+        certify(cut, [0], k=1)                                      # only k = 0 skips the monotonicity check
     assert certify(f, [], k=2).upper_bound == pytest.approx(5.0)   # an empty run with a budget is still certified

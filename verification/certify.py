@@ -58,8 +58,9 @@ class CertificateCheck(ResultDict):
     cost : dict
         The work done: ``gain_evaluations`` (marginal gains computed) and ``seconds``.
     kind : str
-        ``"proven upper bound on OPT_k"``: what ``upper_bound`` is, in the vocabulary of every number the library
-        reports about a guarantee.
+        What ``upper_bound`` is, in the vocabulary of every number the library reports about a guarantee:
+        ``"proven upper bound on OPT_k"``, or, for a budget ``k = 0`` given explicitly, ``"exact: ..."``
+        (``upper_bound`` is then ``OPT_0 = F(empty)`` itself, as in :func:`submod.maximize`'s certificate).
 
     ``to_dict()`` returns these attributes and ``ratio`` as JSON-serialisable builtins (arrays as lists, a
     non-finite float as the string ``"nan"``, ``"inf"`` or ``"-inf"``).
@@ -161,7 +162,10 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
         the run, only the prefixes inside ``U`` are used. A number is trusted as a proven lower bound, except
         ``1`` on a function not declared submodular, which is refused.
     k : int, optional
-        Budget of ``OPT_k``, at least 1; default the size of ``result`` (which must then hold an element).
+        Budget of ``OPT_k``; default the size of ``result`` (which must then hold an element: an empty run does
+        not say its budget). ``k = 0`` given explicitly is answered exactly: a budget of 0 admits only the empty
+        set, so ``upper_bound = OPT_0 = F(empty)`` with ``kind`` starting ``"exact"``, for every function (no
+        gain, ``gamma_lower`` or monotonicity is used; a ``gamma_lower`` passed anyway must still be valid).
     use_full_set : bool, optional
         Also use ``OPT_k <= F(V)``; default when ``n <= 2000``.
 
@@ -174,8 +178,9 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     ValueError
         When ``gamma_lower`` is not a proven lower bound (an upper bound, an estimate, or ``gamma = 1`` on a
         function that is not declared submodular), with the way to obtain one; when ``result`` is a run made under
-        a knapsack or matroid constraint; when ``f`` is declared ``monotone=False``; when the budget is 0
-        (``OPT_0 = F(empty) = 0``, as :func:`check_guarantee` and :func:`error_decay`, which refuse it too).
+        a knapsack or matroid constraint; when ``f`` is declared ``monotone=False`` (unless ``k = 0``); when
+        ``k`` is not given and ``result`` is empty (a budget of 0 inferred from a run that selected nothing may
+        be a mistake: pass ``k=``).
 
     Examples
     --------
@@ -185,6 +190,9 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     >>> cert = vf.certify(f, submod.maximize(f, 2))
     >>> cert.upper_bound, cert.ratio
     (5.0, 1.0)
+    >>> zero = vf.certify(f, submod.maximize(f, 0), k=0)    # OPT_0 = F(empty), exactly
+    >>> zero.upper_bound, zero.kind.startswith("exact")
+    (0.0, True)
     >>> g = submod.from_callable(lambda S: float(len(S) ** 2), n=3)
     >>> vf.certify(g, [0, 1])
     Traceback (most recent call last):
@@ -194,7 +202,8 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     start = time.perf_counter()
     if not isinstance(f, SetFunction):
         raise ValueError(f"f must be a submod.SetFunction; got {type(f).__name__}.")
-    if not f.monotone:
+    k_given = None if k is None else check_k(k, f.n)
+    if not f.monotone and k_given != 0:  # OPT_0 = F(empty) needs no monotonicity
         # F(A) + (1/gamma) * (k largest gains) and F(V) bound OPT_k only through F(OPT) <= F(OPT u A): for a
         # non-monotone F both can fall below the optimum (the cut of one edge: both are 0, OPT_1 = 1)
         raise ValueError(f"{type(f).__name__} is declared monotone=False, and every bound certify computes "
@@ -212,12 +221,14 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
                          "result.selected to certify a bound on OPT_k explicitly.")
     raw = result.selected if isinstance(result, submod.SelectionResult) else result
     selected = as_index_array(raw, f.n, "result")
-    kk = selected.size if k is None else check_k(k, f.n)
+    if k_given == 0:
+        return _budget_zero_check(f, selected, gamma_lower, start)
+    kk = selected.size if k_given is None else k_given
     if kk == 0:
-        # as check_guarantee, error_decay and submodularity_ratio: OPT_0 = F(empty) = 0 exactly, and the ratio
-        # gamma_{U,0} the bound would rest on is a minimum over no set S
-        raise ValueError("certify needs a budget k >= 1: OPT_0 = F(empty) = 0 exactly, with nothing to certify"
-                         + (" (the run selected nothing: pass k= the budget to bound OPT_k)." if k is None else "."))
+        # an empty run says nothing about its budget: reading it as k = 0 would answer OPT_0 = F(empty) for a
+        # run whose budget was larger (greedy stops early when no gain is positive)
+        raise ValueError("the run selected nothing, so its budget cannot be inferred from its size: pass k= the "
+                         "budget to bound OPT_k (k=0 gives OPT_0 = F(empty) exactly).")
     gamma, source, n_prefix = _resolve_gamma(f, gamma_lower, kk, selected)
     bounds, evals = prefix_bounds(f, selected, kk, gamma, n_prefix)
     value = f.value(selected)
@@ -236,3 +247,22 @@ def certify(f: SetFunction, result: submod.SelectionResult | ArrayLike, gamma_lo
     return CertificateCheck(upper_bound=upper, value=float(value), k=kk, gamma_lower=gamma, gamma_source=source,
                             prefix_size=prefix, prefix_bounds=bounds, full_set_value=full,
                             cost={"gain_evaluations": evals, "seconds": time.perf_counter() - start})
+
+
+def _budget_zero_check(f: SetFunction, selected: np.ndarray, gamma_lower: object, start: float
+                       ) -> CertificateCheck:
+    """The answer for a budget ``k = 0`` given explicitly: ``OPT_0 = F(empty)``, exactly.
+
+    A budget of 0 admits only the empty set, so its optimum is known without any gain, submodularity ratio or
+    monotonicity (as :func:`submod.maximize`'s certificate at ``k = 0``). A ``gamma_lower`` passed anyway is
+    still checked, so that a wrong one is reported as it would be for any other budget; ``gamma_lower`` is 1 in
+    the answer: no gain is divided by a ratio, and ``gamma_{U,0} = 1`` by ``0/0 := 1``."""
+    if gamma_lower is not None:
+        _resolve_gamma(f, gamma_lower, 0, selected)
+    empty = float(f.value(np.zeros(0, dtype=np.int64)))
+    return CertificateCheck(upper_bound=empty, value=float(f.value(selected)), k=0, gamma_lower=1.0,
+                            gamma_source="none needed: k = 0 admits only the empty set", prefix_size=0,
+                            prefix_bounds=np.array([empty]), full_set_value=None,
+                            cost={"gain_evaluations": 0, "seconds": time.perf_counter() - start},
+                            kind="exact: OPT_0 = F(empty set), the only set a budget of k = 0 allows (no gain, "
+                                 "submodularity ratio or monotonicity used)")
