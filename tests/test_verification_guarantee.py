@@ -377,3 +377,16 @@ def test_a_budget_of_zero_is_exact_when_given_and_refused_when_inferred_from_an_
     with pytest.raises(ValueError, match="monotone=False"):
         certify(cut, [0], k=1)                                      # only k = 0 skips the monotonicity check
     assert certify(f, [], k=2).upper_bound == pytest.approx(5.0)   # an empty run with a budget is still certified
+
+
+@settings(max_examples=15, deadline=None)
+@given(f=st.one_of(vst.set_functions(n=st.integers(1, 6)),
+                   vst.sparse_regression(vst.regression_data(n_units=st.integers(1, 6), suppressor=st.just(True)))))
+def test_check_guarantee_at_a_budget_of_zero_matches_brute_force(f):
+    """check_guarantee refused k = 0 ("k must be at least 1") although OPT_0 = F(empty) is a brute-force optimum
+    like any other: every method returns the empty set, gamma_{U,0} = 1 (0/0 := 1) and every bound holds."""
+    chk = check_guarantee(f, 0, n_seeds=2)
+    assert chk.k == 0 and chk.opt == brute_opt(f, 0) and chk.opt_set == ()
+    assert chk.gamma == chk.gamma_reachable == 1.0
+    assert all(r.selected == () and r.value == brute_opt(f, 0) for r in chk.rows)
+    assert chk.all_hold and all(r.holds for r in chk.rows)

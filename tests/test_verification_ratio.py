@@ -233,8 +233,6 @@ def test_bad_inputs_are_refused_clearly():
         submodularity_ratio(submod.Modular(np.ones(4)), 2, method="spectral")
     with pytest.raises(ValueError, match="unknown method"):
         submodularity_ratio(submod.Modular(np.ones(4)), 2, method="magic")
-    with pytest.raises(ValueError, match="at least 1"):
-        submodularity_ratio(submod.Modular(np.ones(4)), 0)
     with pytest.raises(ValueError, match="U holds"):
         submodularity_ratio(submod.Modular(np.ones(4)), 2, U=[0, 9])
     with pytest.raises(ValueError, match="not monotone"):
@@ -410,3 +408,25 @@ def test_sampled_and_path_ratios_of_a_non_monotone_function_only_refute():
             # brute force: some L and j, x outside L with F(j|L) < F(j|L + x), diminishing returns fails
             assert any(bump(np.arange(s + 1)) - bump(np.arange(s)) < bump(np.arange(s + 2)) - bump(np.arange(s + 1))
                        for s in range(4))
+
+
+def gamma_by_theory(f: submod.SetFunction, k: int) -> float:
+    """THEORY.md's gamma_{V,k}: min over L and S disjoint from L with |S| <= k, the empty S included, of
+    sum_{j in S} F(j|L) / F(S|L) with 0/0 := 1 (so the empty S contributes 1 and gamma <= 1)."""
+    return min(1.0, brute_gamma(f, k)) if k >= 1 else 1.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(f=st.one_of(vst.set_functions(n=st.integers(1, 5)),
+                   vst.sparse_regression(vst.regression_data(n_units=st.integers(1, 5), suppressor=st.just(True)))))
+def test_a_budget_of_zero_gives_the_exact_ratio_one_by_every_method(f):
+    """gamma_{U,0} = 1: the only S with |S| <= 0 is the empty set, ratio 0/0 := 1. submodularity_ratio refused
+    k = 0 ("a minimum over non-empty sets S") while maximize(f, 0) and certify(f, run, k=0) answer it exactly; now
+    every method returns 1.0 of kind 'exact', which is also >= gamma_{U,1} (the ratio decreases with k)."""
+    methods = ["exact", "sampled", "greedy-path"] + (["spectral"] if isinstance(f, SparseRegression) else [])
+    for method in methods:
+        est = submodularity_ratio(f, 0, method=method, seed=0)
+        assert est.value == gamma_by_theory(f, 0) == 1.0
+        assert est.kind == "exact" and est.sound_lower and est.k == 0
+    assert submodularity_ratio(f, 0, U=[0]).value >= submodularity_ratio(f, 1, U=[0]).value - TOL
+    assert submod.maximize(f, 0, gamma_lower=submodularity_ratio(f, 0)).certificate.kind.startswith("exact")

@@ -152,7 +152,9 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     f : submod.SetFunction
         Monotone, with ``n <= 14``.
     k : int
-        Budget.
+        Budget, ``0 <= k <= n``. For ``k = 0`` the only feasible set is the empty one: ``opt = F(empty)``, every
+        method returns it, ``gamma = gamma_reachable = 1`` (``0/0 := 1``, as :func:`submodularity_ratio`) and every
+        bound holds.
     methods : str or tuple of str
         Optimizers to check.
     n_seeds : int, default 10
@@ -188,8 +190,6 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
                          f"{MAX_BRUTE_FORCE_N}. Check a sub-instance (a random subset of the ground set) or use "
                          "verification.certify for a proven upper bound on OPT at any size.")
     kk = check_k(k, f.n)
-    if kk == 0:
-        raise ValueError("k must be at least 1.")
     if isinstance(methods, str):  # one method name, not its letters
         methods = (methods,)
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
@@ -227,7 +227,7 @@ def check_guarantee(f: SetFunction, k: int, methods: tuple[str, ...] = ("greedy"
     greedy = submod.maximize(f, kk, method="greedy")
     g_mask = mask_of(greedy.selected)
     gamma, _, _ = exact_ratio_from_table(table, _submasks_array(masks, g_mask), kk, rtol)
-    gamma = min(gamma, 1.0)
+    gamma = min(gamma, 1.0)  # 1 when no pair has |S| >= 1 (k = 0): the empty S's ratio 0/0 := 1
     reach = masks[pc <= kk - 1]
     gamma_reach, _, _ = exact_ratio_from_table(table, reach, kk, rtol)
     gamma_reach = min(gamma_reach, 1.0)

@@ -1,7 +1,8 @@
 r"""The submodularity ratio ``gamma_{U,k}``: exact, sampled (upper bound), spectral (lower bound), greedy path.
 
 ``gamma_{U,k} = min { sum_{j in S} F(j|L) / F(S|L) : L subset of U, S disjoint from L, 1 <= |S| <= k }`` with
-``0/0 := 1`` (Das & Kempe 2011). A pair with ``F(S|L) = 0 < sum_j F(j|L)`` has ratio ``+inf`` and never attains
+``0/0 := 1`` (Das & Kempe 2011); ``gamma_{U,0} = 1``, the ratio ``0/0`` of the empty ``S``, the only set of size
+``<= 0``. A pair with ``F(S|L) = 0 < sum_j F(j|L)`` has ratio ``+inf`` and never attains
 the minimum. ``gamma_{U,k}`` decreases when ``U`` or ``k`` grows, lies in ``[0, 1]`` and equals 1 for all
 ``(U, k)`` iff ``F`` is submodular.
 
@@ -240,7 +241,8 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
     f : submod.SetFunction
         A normalised monotone set function.
     k : int
-        Largest size of ``S`` (``1 <= k <= n``).
+        Largest size of ``S`` (``0 <= k <= n``). For ``k = 0`` the only ``S`` is the empty set, whose ratio is
+        ``0/0 := 1``: every method answers ``1.0`` of kind ``"exact"`` without evaluating ``f``.
     U : array of int, optional
         The set ``L`` ranges over (its subsets); default the whole ground set. For the greedy guarantee use the
         greedy set; for a certificate, a set containing every prefix it uses.
@@ -302,8 +304,6 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     kk = check_k(k, f.n)
-    if kk == 0:
-        raise ValueError("k must be at least 1: the ratio is a minimum over non-empty sets S.")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)) or not 0.0 <= rtol < 1.0:
         raise ValueError(f"rtol must be a number in [0, 1) (relative zero threshold); got {rtol!r}. The default 1e-9 "
                          "suits float64 values.")
@@ -313,6 +313,12 @@ def submodularity_ratio(f: SetFunction, k: int, U: ArrayLike | None = None, *, m
         raise ValueError("method='greedy-path' bounds the ratio at the greedy run's own prefixes (U = the greedy set); "
                          "it does not take U. Pass result= (a run) and comparator= instead, or use 'exact', "
                          "'sampled' or 'spectral' for a given U.")
+    if kk == 0:
+        # the only S with |S| <= 0 is the empty set: 0/0 := 1 for every L, whatever F and the method
+        return RatioEstimate(value=1.0, kind="exact", method=method, k=0, U=None if Uarr is None else
+                             tuple(Uarr.tolist()), parameters={"rtol": rtol, "note": "k = 0: the only S is the empty "
+                                                               "set, whose ratio is 0/0 := 1"},
+                             cost={"gain_evaluations": 0, "seconds": 0.0})
     if method == "exact":
         if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 1:
             raise ValueError(f"max_pairs must be a positive integer (the most (L, S) pairs 'exact' may enumerate; "
