@@ -84,7 +84,8 @@ def online_bound(gains_at_A: ArrayLike, value_A: float, k: int, gamma_lower: flo
     value_A : float
         ``F(A)``.
     k : int
-        Budget of the optimum being bounded.
+        Budget of the optimum being bounded, a non-negative integer (a Python or numpy int; a float such as
+        ``2.0`` or a bool is refused). ``k`` larger than the number of gains counts every gain.
     gamma_lower : float or RatioEstimate, default 1.0
         A proven lower bound on gamma in ``(0, 1]``. A number is trusted as such (the caller's responsibility). A
         ratio estimate that says what it is, such as the ``verification.RatioEstimate`` that
@@ -123,6 +124,11 @@ def online_bound(gains_at_A: ArrayLike, value_A: float, k: int, gamma_lower: flo
     ValueError: gamma_lower is an upper bound (method 'sampled'); a certificate needs a proven LOWER bound ...
     """
     g = as_float_array(gains_at_A, "gains_at_A", ndim=1)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        # a float k reached np.partition (TypeError 'Partition index must be integer'), and True counted as 1 gain
+        raise ValueError(f"k must be a non-negative integer (the budget of OPT_k); got {k!r} of type "
+                         f"{type(k).__name__}. Pass int(k) if it holds a whole number.")
+    k = int(k)
     if k < 0:
         raise ValueError(f"k must be non-negative; got {k}.")
     if _is_ratio_estimate(gamma_lower):

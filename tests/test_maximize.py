@@ -956,6 +956,21 @@ def test_online_bound_takes_a_ratio_estimate_and_refuses_what_is_not_a_proven_lo
         submod.online_bound(f.gains([]), 0.0, k, gamma_lower="0.5")
 
 
+@settings(max_examples=40, deadline=None)
+@given(gains=st.lists(st.floats(-10, 10), max_size=8), value=st.floats(0, 100), k=st.integers(0, 10))
+def test_online_bound_takes_an_integral_k_and_refuses_a_float_or_bool_one(gains, value, k):
+    """online_bound let a float k reach np.partition ('Partition index must be integer', a TypeError about the
+    internals) and read True as k = 1. An int (Python or numpy) gives the closed form F(A) + the sum of the k
+    largest non-negative gains; a float, even a whole one, a bool or a string is refused naming k, as check_k does
+    for maximize."""
+    top = sum(sorted((max(g, 0.0) for g in gains), reverse=True)[:k])
+    for kk in (k, np.int64(k)):
+        assert submod.online_bound(gains, value, kk) == pytest.approx(value + top, rel=1e-12, abs=1e-12)
+    for bad in (float(k), k + 0.5, np.float64(k), bool(k % 2), np.bool_(k % 2), str(k)):
+        with pytest.raises(ValueError, match="k must be a non-negative integer"):
+            submod.online_bound(gains, value, bad)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_partition_matroid_with_named_groups_is_solved_exactly_for_a_modular_function(data):
