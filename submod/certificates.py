@@ -8,7 +8,7 @@ because ``F(OPT) <= F(OPT u A) = F(A) + F(OPT | A)`` (monotonicity) and ``gamma 
 F(j | A)`` (the definition of gamma). With ``gamma = 1`` this is the online bound of Leskovec et al. (KDD 2007),
 valid only for submodular ``F``; on a non-submodular ``F`` it can fall below ``OPT`` (see docs/theory.rst), which is why
 :func:`submod.maximize` only certifies functions declared submodular or given a proven ``gamma_lower`` (and any
-function at ``k = 0``, where ``OPT_0 = F(empty)`` is known exactly).
+function whose only feasible set is the empty one, e.g. at ``k = 0``, where ``OPT = F(empty)`` is known exactly).
 """
 
 from __future__ import annotations
@@ -154,18 +154,19 @@ class Certificate:
     Attributes
     ----------
     upper_bound : float
-        ``OPT <= upper_bound`` (a proven upper bound, given the declared assumptions). For a budget ``k = 0`` it is
-        ``OPT_0 = F(empty)`` itself, exact for every objective.
+        ``OPT <= upper_bound`` (a proven upper bound, given the declared assumptions). When only the empty set is
+        feasible (a budget ``k = 0``, or a constraint that admits no element) it is ``OPT = F(empty)`` itself,
+        exact for every objective.
     value : float
         Value of the returned set.
     gamma_lower : float
-        The proven lower bound on the submodularity ratio used (1 for submodular functions, and for ``k = 0``,
-        whose exact bound uses no ratio).
+        The proven lower bound on the submodularity ratio used (1 for submodular functions, and when only the
+        empty set is feasible, whose exact bound uses no ratio).
     prefix_size : int
         Size of the greedy prefix at which the minimum over prefixes was attained.
     kind : str
         Plain statement of what the bound is and what it rests on: ``"proven upper bound on OPT: ..."``, or
-        ``"exact: ..."`` when ``upper_bound`` is the optimum itself (``k = 0``).
+        ``"exact: ..."`` when ``upper_bound`` is the optimum itself (only the empty set is feasible).
     """
 
     upper_bound: float

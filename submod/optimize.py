@@ -229,8 +229,8 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     lazy_fallback : bool, default True
         See ``method``.
     certificate : bool, default True
-        Compute the certificate (``result.certificate``) when a proven gamma is known, or when ``k = 0`` (exact,
-        see Notes). ``False`` skips it:
+        Compute the certificate (``result.certificate``) when a proven gamma is known, or when only the empty set
+        is feasible (exact, see Notes). ``False`` skips it:
         ``result.certificate`` is None and stochastic greedy saves its extra full pass of ``n`` gains (greedy
         and lazy greedy get their certificate from gains they evaluate anyway, so they cost the same).
 
@@ -246,8 +246,9 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     functions) and stochastic greedy certifies its final set only. There is no certificate (``None``) for a
     function declared ``monotone=False`` or seen to have a negative gain, nor for plain lazy greedy
     (``lazy_fallback=False``) on a function not declared submodular, whose stale gains bound nothing;
-    :func:`verification.certify` certifies any returned set from fresh gains. With ``k = 0`` (a budget that admits
-    only the empty set) nothing is evaluated and, for every objective, method and constraint, the certificate is
+    :func:`verification.certify` certifies any returned set from fresh gains. When only the empty set is feasible
+    (``k = 0``, a :class:`Knapsack` whose every cost exceeds the budget, or a :class:`PartitionMatroid` whose every
+    element's group has budget 0) nothing is evaluated and, for every objective and method, the certificate is
     exact: ``upper_bound = value = F(empty) = 0`` and its ``kind`` starts with ``"exact"``.
 
     Examples
@@ -285,9 +286,13 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
         raise ValueError("stochastic greedy supports cardinality and partition-matroid constraints; use "
                          "method='greedy' or 'lazy' with a Knapsack.")
     run = _Run(f, budget, cons, gamma)
-    if budget > 0:  # a budget of 0 admits only the empty set: nothing to evaluate, and its certificate is exact
+    # Only the empty set is feasible when k = 0 or no element fits the constraint on its own (a knapsack whose
+    # every cost exceeds the budget, a partition matroid whose every group has budget 0; both constraints are
+    # downward closed, so no larger set fits either): nothing to evaluate, and the certificate is exact.
+    empty_only = _empty_set_only(run, budget, constraint)
+    if not empty_only:
         _dispatch(run, method, knapsack, seed, eps, lazy_fallback)
-    if budget > 0 and method == "lazy" and not lazy_fallback and not f.submodular:
+    if not empty_only and method == "lazy" and not lazy_fallback and not f.submodular:
         # Plain lazy greedy only sees the violations of the candidates it re-evaluates: absence proves nothing.
         warnings.warn(f"plain lazy greedy on a function not declared submodular trusts stale gains that need not "
                       f"be upper bounds; it detected {len(run.violations)} stale-bound violation(s), and its set may "
@@ -303,13 +308,13 @@ def maximize(f: SetFunction, k: int | None, method: str = "greedy", constraint: 
     values = np.asarray(run.values)
     value = float(values[-1]) if values.size else 0.0
     stopped_early = bool(selected.size < budget and run.feasible().any())
-    if knapsack:
+    if knapsack and not empty_only:
         selected, gains, values, value = _best_singleton_fix(run, selected, gains, values, value)
     # A certificate needs gains that bound the true ones: plain lazy greedy on a function not declared submodular
     # only has stale gains, which need not be upper bounds.
     plain_lazy = method == "lazy" and not lazy_fallback and not f.submodular
-    if budget == 0:
-        cert = _budget_zero_certificate(value) if certificate else None
+    if empty_only:
+        cert = _budget_zero_certificate(value, empty_only) if certificate else None
     else:
         cert = None if plain_lazy else _certificate(run, value, gamma_lower, "minimised over prefixes")
     return SelectionResult(selected=selected, gains=gains, values=values, value=value,
@@ -376,15 +381,32 @@ def _certificate(run: _Run, value: float, gamma_lower: float | None, where: str)
                        prefix_size=run.best_prefix, kind=f"proven upper bound on OPT: {what}, {where}")
 
 
-def _budget_zero_certificate(value: float) -> Certificate:
-    """The certificate of a run with budget ``k = 0``: ``OPT_0 = F(empty)``, exactly.
+def _empty_set_only(run: _Run, budget: int, constraint: Constraint | None) -> str:
+    """Why the empty set is the only feasible set of this run (``""`` when another set is feasible).
 
-    A budget of 0 admits only the empty set, whatever the objective and the constraint, so its optimum is known
+    A budget of 0 admits no element; otherwise a constraint that admits no single element admits no larger set
+    either (knapsack and partition-matroid feasibility are downward closed)."""
+    if budget == 0:
+        return "OPT_0 = F(empty set), the only set a budget of k = 0 allows"
+    if run.tracker.allowed.any():
+        return ""
+    if isinstance(constraint, Knapsack):
+        return (f"OPT = F(empty set), the only set the Knapsack allows (every cost exceeds the budget "
+                f"{constraint.budget:g})")
+    return (f"OPT = F(empty set), the only set the {type(constraint).__name__} allows (every element's group has "
+            "budget 0)")
+
+
+def _budget_zero_certificate(value: float, why: str = "OPT_0 = F(empty set), the only set a budget of k = 0 "
+                                                     "allows") -> Certificate:
+    """The certificate of a run whose only feasible set is the empty one (``why`` says why): ``OPT = F(empty)``,
+    exactly.
+
+    A budget ``k = 0``, or a constraint that admits no element, leaves only the empty set, so the optimum is known
     without any gain, submodularity ratio or monotonicity; ``value`` is the value of that set (0 for a normalised
     ``F``). ``gamma_lower`` is 1: the bound divides no gain by a ratio, and ``gamma_{U,0}`` is 1 by ``0/0 := 1``."""
     return Certificate(upper_bound=float(value), value=float(value), gamma_lower=1.0, prefix_size=0,
-                       kind="exact: OPT_0 = F(empty set), the only set a budget of k = 0 allows (no gain, "
-                            "submodularity ratio or monotonicity used)")
+                       kind=f"exact: {why} (no gain, submodularity ratio or monotonicity used)")
 
 
 def _gains(state: GainState, n: int, cand: np.ndarray | None = None) -> np.ndarray:
@@ -591,8 +613,6 @@ def _best_singleton_fix(run: _Run, selected: np.ndarray, gains: np.ndarray, valu
                         value: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Return the better of the cost-benefit greedy set and the best affordable singleton."""
     c = run.constraint
-    if run.k < 1:  # k = 0 allows no element at all
-        return selected, gains, values, value
     singletons = run.singletons if run.singletons is not None else _gains(run.f.init_state(), run.f.n)
     single = np.where(c.costs <= c.budget, singletons, -np.inf)
     j = int(np.argmax(single))

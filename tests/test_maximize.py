@@ -384,6 +384,43 @@ def test_knapsack_with_k_zero_selects_nothing():
         assert res.selected.size == 0 and res.value == 0.0
 
 
+def least_squares_instance(n: int) -> submod.SparseRegression:
+    """A weakly submodular objective (not declared submodular): maximize certifies it only with a proven gamma."""
+    A = np.random.default_rng(n).standard_normal((12, n))
+    return submod.SparseRegression(A, A @ np.arange(1.0, n + 1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.one_of(submodular_instances(), st.integers(1, 6).map(least_squares_instance)),
+       st.floats(0.0, 2.0), st.integers(0, 2**32 - 1), st.booleans())
+def test_a_constraint_that_admits_only_the_empty_set_gets_the_exact_certificate(f, budget, seed, with_k):
+    """A knapsack whose every cost exceeds the budget, or a partition matroid whose groups all have budget 0,
+    admits only the empty set, so OPT = F(empty) exactly (brute force over every set the constraint allows). maximize
+    gave the online bound there (0.6 instead of 0 for Modular([3, 1, 2]) under Knapsack([5, 6, 7], 1)), labelled a
+    bound rather than exact, and no certificate at all for least squares without a proven gamma."""
+    rng = np.random.default_rng(seed)
+    costs = budget + rng.uniform(1e-3, 2.0, f.n)                 # every single element is over budget
+    groups = rng.integers(0, 3, f.n)
+    cases = [(submod.Knapsack(costs, budget), lambda S: costs[list(S)].sum() <= budget),
+             (submod.PartitionMatroid(groups, 0), lambda S: len(S) == 0 or
+              max(np.bincount(groups[list(S)])) <= 0)]
+    k = int(rng.integers(1, f.n + 1)) if with_k else None
+    for constraint, feasible in cases:
+        opt = brute_opt(f, f.n, feasible)
+        assert [S for r in range(f.n + 1) for S in itertools.combinations(range(f.n), r) if feasible(S)] == [()]
+        methods = ("greedy", "lazy") if isinstance(constraint, submod.Knapsack) else submod.METHODS
+        for method in methods:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                res = submod.maximize(f, k, method=method, constraint=constraint, seed=0)
+            cert = res.certificate
+            assert res.selected.size == 0 and res.value == opt == f.value([])
+            assert cert is not None and cert.upper_bound == opt and cert.kind.startswith("exact")
+            assert res.n_evaluations == 0 and not res.stopped_early
+            assert submod.maximize(f, k, method=method, constraint=constraint, seed=0,
+                                   certificate=False).certificate is None
+
+
 @pytest.mark.parametrize("scale", [1.0, 1e-13, 1e-20, 1e6])
 def test_knapsack_budget_holds_at_any_cost_scale(scale):
     # The tracker's slack was at least 1e-12 in absolute terms, so costs of 1e-13 all fitted a budget of 2e-13.
