@@ -65,6 +65,9 @@ class _PlainSelector:
         if Xa.ndim != 2 or Xa.shape[1] != mask.size:
             raise ValueError(f"X has shape {Xa.shape}, but the selector was fitted on {mask.size} features; pass "
                              f"an array of shape (n_samples, {mask.size}).")
+        if not mask.any():  # as scikit-learn's SelectorMixin.transform
+            warnings.warn("No features were selected: transform returns an array with no columns.", UserWarning,
+                          stacklevel=2)
         return Xa[:, mask]
 
     def fit_transform(self, X: ArrayLike, y: ArrayLike | None = None) -> np.ndarray:
@@ -107,9 +110,12 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
     Parameters
     ----------
     n_features_to_select : int, float or None, default None
-        Number of features to select: an int ``>= 1``, a float in ``(0, 1]`` for that fraction of the features
-        (rounded down, at least 1), or None for half of them (at least 1), as scikit-learn's
-        ``SequentialFeatureSelector``. With ``groups`` it counts groups, not columns.
+        Number of features to select: an int ``>= 0``, a float in ``(0, 1]`` for that fraction of the features
+        (rounded down, at least 1), or None for half of them (at least 1). With ``groups`` it counts groups, not
+        columns. ``0`` selects nothing, as ``k = 0`` does in :class:`SubmodularSelector` and
+        :func:`submod.maximize` (and ``k=0`` in scikit-learn's ``SelectKBest``): the model is the intercept
+        alone, ``certificate_`` is exactly 0, and ``transform`` returns an empty ``(n_samples, 0)`` array with
+        a ``UserWarning``.
     ridge : float, default 0.0
         Ridge penalty ``ridge * ||w||^2`` (never on the intercept); the scores are then those of least squares on
         the augmented design ``[X_c; sqrt(ridge) I]``, ``[y_c; 0]``.
@@ -157,7 +163,8 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
     certificate_ : float or None
         A proven upper bound on the best score (as in ``r2_path_``) any ``n_features_to_select_`` features (or
         groups) can reach, from ``result_.certificate`` (capped at 1); None when no bound is known, which is the
-        case unless ``gamma_lower`` is given (the objective is not submodular).
+        case unless ``gamma_lower`` is given (the objective is not submodular), or ``n_features_to_select_`` is 0
+        (the bound is then exactly 0).
     result_ : SelectionResult
         The full result of :func:`maximize` (raw values ``F``, gains, evaluations, violations, certificate).
     coef_ : ndarray, shape (n_features,) or (n_targets, n_features)
@@ -317,17 +324,12 @@ class SparseRegressionSelector(_SelectorBase, _EstimatorBase):
         if k is None:
             return max(1, n_units // 2)
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Real):
-            raise ValueError(f"n_features_to_select must be an int >= 1, a float in (0, 1] or None; got {k!r}.")
+            raise ValueError(f"n_features_to_select must be an int >= 0, a float in (0, 1] or None; got {k!r}.")
         if isinstance(k, numbers.Integral):
-            if int(k) == 0:
-                raise ValueError(f"n_features_to_select=0 is out of range: it would select no {unit}, leaving the "
-                                 "intercept alone (as scikit-learn's SequentialFeatureSelector, it must be at least "
-                                 f"1); pass an int in [1, {n_units}] or a fraction in (0, 1]. (submod.maximize(f, 0) "
-                                 "returns the empty set, if that is what you need.)")
-            if not 1 <= int(k) <= n_units:
+            if not 0 <= int(k) <= n_units:
                 where = f" in {n_units} groups" if self.groups is not None else ""
                 raise ValueError(f"n_features_to_select={k} is out of range for X with n_features = "
-                                 f"{self.n_features_in_}{where}; pass an int in [1, {n_units}] or a fraction in "
+                                 f"{self.n_features_in_}{where}; pass an int in [0, {n_units}] or a fraction in "
                                  "(0, 1].")
             return int(k)
         if not 0.0 < float(k) <= 1.0:

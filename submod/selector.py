@@ -78,7 +78,11 @@ class SubmodularSelector(_EstimatorBase):
     Parameters
     ----------
     k : int
-        Number of samples to select.
+        Number of samples to select, ``0 <= k <= n_samples``. ``0`` selects nothing, as
+        ``n_features_to_select=0`` does in :class:`SparseRegressionSelector` and ``k = 0`` in
+        :func:`submod.maximize` (and ``k=0`` in scikit-learn's ``SelectKBest``): ``get_support()`` is all False,
+        ``result_.certificate`` is exact (``OPT_0 = 0``) and ``transform`` returns an empty ``(0, n_features)``
+        array with a ``UserWarning``.
     objective : {"facility-location", "feature-based", "graph-cut", "log-determinant"}, default
         "facility-location"
         How the set function is built from ``X`` (rows are items; feature-based needs ``X >= 0``).
@@ -187,6 +191,9 @@ class SubmodularSelector(_EstimatorBase):
         if Xa.ndim != 2 or Xa.shape[0] != self.n_samples_in_:
             raise ValueError(f"transform expects the {self.n_samples_in_} rows passed to fit; got shape "
                              f"{Xa.shape}.")
+        if self.ranking_.size == 0:  # k = 0, as scikit-learn's selectors warn when they select nothing
+            warnings.warn("No rows were selected (k = 0): transform returns an array with no rows.", UserWarning,
+                          stacklevel=2)
         return Xa[self.ranking_]
 
     def fit_transform(self, X: ArrayLike, y: object = None) -> np.ndarray:

@@ -259,19 +259,41 @@ def test_gamma_lower_one_is_refused_in_terms_of_the_selectors_parameter():
         assert "attribute" not in message
 
 
-def test_sparse_input_and_zero_features_are_refused_clearly():
-    """Refused as SparseRegression refuses them (a ValueError saying .toarray(), not scikit-learn's TypeError), and
-    n_features_to_select=0 as scikit-learn's SequentialFeatureSelector refuses it, saying why."""
+def test_sparse_input_is_refused_clearly():
+    """Refused as SparseRegression refuses it (a ValueError saying .toarray(), not scikit-learn's TypeError)."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((20, 4))
     y = X[:, 0] + X[:, 1]
     for Xs, ys, name in ((sp.csr_matrix(X), y, "X"), (sp.csc_array(X), y, "X"), (X, sp.csr_matrix(y[:, None]), "y")):
         with pytest.raises(ValueError, match=rf"{name} must be a dense array.*{name}\.toarray\(\)"):
             SparseRegressionSelector(2).fit(Xs, ys)
-    with pytest.raises(ValueError, match=r"=0 is out of range: it would select no features.*\[1, 4\]"):
-        SparseRegressionSelector(0).fit(X, y)
-    with pytest.raises(ValueError, match=r"=0 is out of range: it would select no groups.*\[1, 2\]"):
-        SparseRegressionSelector(0, groups=2).fit(X, y)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 30), p=st.integers(1, 6), grouped=st.booleans())
+def test_a_budget_of_zero_selects_nothing_in_both_selectors_and_transform_warns(seed, n, p, grouped):
+    """One rule for both selectors, as maximize(f, 0) and scikit-learn's SelectKBest(k=0): a budget of 0 selects
+    nothing, and transform returns an empty array with a UserWarning. SubmodularSelector(k=0) accepted it (silently)
+    while SparseRegressionSelector(0) refused it. Oracles: the only set of size 0 is the empty one, so the best
+    score is exactly 0 and the least-squares model is the intercept alone, the mean of y."""
+    from submod import SubmodularSelector
+
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p))
+    y = X @ rng.standard_normal(p) + rng.standard_normal()
+    sel = SparseRegressionSelector(0, groups=1 if grouped else None).fit(X, y)
+    assert not sel.support_.any() and sel.ranking_.size == 0 and sel.r2_path_.size == 0
+    assert sel.n_features_to_select_ == 0 and sel.certificate_ == 0.0
+    assert sel.result_.certificate.kind.startswith("exact")
+    np.testing.assert_array_equal(sel.coef_, np.zeros(p))
+    assert sel.intercept_ == pytest.approx(y.mean(), rel=1e-12, abs=1e-12)
+    with pytest.warns(UserWarning, match="No features were selected"):
+        assert sel.transform(X).shape == (n, 0)
+    rows = SubmodularSelector(k=0).fit(X)
+    assert not rows.get_support().any() and rows.get_support(indices=True).size == 0
+    assert rows.result_.certificate.upper_bound == 0.0 and rows.result_.certificate.kind.startswith("exact")
+    with pytest.warns(UserWarning, match="No rows were selected"):
+        assert rows.transform(X).shape == (0, p)
 
 
 # ---------------------------------------------------------------------------------------------- early stop
@@ -299,8 +321,8 @@ def test_duplicate_and_constant_columns_stop_greedy_early():
     ({}, lambda X: np.where(X > 1.5, np.inf, X), None, "infinity|inf"),
     ({}, None, lambda y: np.where(y > 1, np.nan, y), "NaN"),
     ({}, None, lambda y: y[:-1], "inconsistent numbers of samples|rows"),
-    ({"n_features_to_select": 0}, None, None, "out of range"),
-    ({"n_features_to_select": 6}, None, None, r"out of range for X with n_features = 5; pass an int in \[1, 5\]"),
+    ({"n_features_to_select": -1}, None, None, r"out of range for X with n_features = 5; pass an int in \[0, 5\]"),
+    ({"n_features_to_select": 6}, None, None, r"out of range for X with n_features = 5; pass an int in \[0, 5\]"),
     ({"n_features_to_select": 1.5}, None, None, r"outside \(0, 1\]"),
     ({"n_features_to_select": 0.0}, None, None, r"outside \(0, 1\]"),
     ({"n_features_to_select": "half"}, None, None, "must be an int"),
@@ -421,7 +443,11 @@ def test_works_without_scikit_learn():
             "try:\n    submod.SparseRegressionSelector().get_support()\nexcept ValueError as e:\n"
             "    assert 'not fitted' in str(e)\nelse:\n    raise AssertionError\n"
             "try:\n    s.fit(X, None)\nexcept ValueError as e:\n    assert 'requires y' in str(e)\n"
-            "else:\n    raise AssertionError\n")
+            "else:\n    raise AssertionError\n"
+            "import warnings\n"
+            "with warnings.catch_warnings(record=True) as seen:\n    warnings.simplefilter('always')\n"
+            "    assert submod.SparseRegressionSelector(0).fit(X, y).transform(X).shape == (50, 0)\n"
+            "assert any('No features were selected' in str(w.message) for w in seen)\n")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
