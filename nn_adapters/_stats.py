@@ -27,7 +27,7 @@ from scipy.linalg import lapack
 from torch import nn
 
 from submod._sr_threads import one_blas_thread
-from submod.sparse_regression import GramAccumulator, SparseRegression
+from submod.sparse_regression import DEFAULT_TOL, GramAccumulator, SparseRegression
 
 from . import _conv
 from .pairs import PrunablePair
@@ -167,15 +167,20 @@ class FoldStats:
     fold_accs : list of GramAccumulator
         One accumulator per cross-validation fold (the consumer's input columns, its output targets).
     n_units, cols_per_unit : int
-        Units of the pair and input columns per unit (unit ``j`` is columns ``j * c ... (j + 1) * c - 1``).
+        Units of the pair and input columns per unit (unit ``j`` is columns ``o + j * c ... o + (j + 1) * c - 1``,
+        ``o = unit_offset``).
     weights : ndarray (m, d)
         The consumer's original weights (float64), the prior of :meth:`refit` and :meth:`cv_ridge`.
     total : GramAccumulator, optional
         The folds merged (default: merged on first use).
+    unit_offset : int, default 0
+        The first column of the units. The columns outside the units' block (``d > n_units * cols_per_unit``: the
+        consumer also reads the other operands of a concatenation, see :attr:`PrunablePair.offset`) are *fixed*:
+        always kept, in every refit, and the selection maximises the gain over them (:meth:`objective`).
     """
 
     def __init__(self, name: str, fold_accs: list[GramAccumulator], n_units: int, cols_per_unit: int,
-                 weights: np.ndarray, total: GramAccumulator | None = None) -> None:
+                 weights: np.ndarray, total: GramAccumulator | None = None, unit_offset: int = 0) -> None:
         self.name = name
         self.fold_accs = fold_accs
         self.n_folds = len(fold_accs)
@@ -183,6 +188,14 @@ class FoldStats:
         self.cols_per_unit = cols_per_unit
         self.weights = weights
         self._total = total
+        self.unit_offset = int(unit_offset)
+        d = fold_accs[0].n_features
+        end = self.unit_offset + n_units * cols_per_unit
+        if self.unit_offset < 0 or end > d:
+            raise ValueError(f"pair {name}: {n_units} units of {cols_per_unit} columns from column "
+                             f"{self.unit_offset} do not fit in the consumer's {d} input columns.")
+        #: The fixed columns (in column order): those of the other operands of a concatenation; empty otherwise.
+        self.fixed = np.concatenate([np.arange(self.unit_offset), np.arange(end, d)]).astype(np.int64)
 
     @property
     def acc(self) -> GramAccumulator:
@@ -203,9 +216,25 @@ class FoldStats:
         return int(self.acc.count)
 
     def groups(self) -> list[np.ndarray]:
-        """Column indices of each unit (contiguous blocks of ``cols_per_unit``)."""
-        c = self.cols_per_unit
-        return [np.arange(j * c, (j + 1) * c) for j in range(self.n_units)]
+        """Column indices of each unit (contiguous blocks of ``cols_per_unit``, from ``unit_offset``)."""
+        c, o = self.cols_per_unit, self.unit_offset
+        return [np.arange(o + j * c, o + (j + 1) * c) for j in range(self.n_units)]
+
+    def unit_columns(self) -> np.ndarray:
+        """The columns of every unit as an ``(n_units, cols_per_unit)`` array (row ``j``: unit ``j``'s)."""
+        c, o = self.cols_per_unit, self.unit_offset
+        return o + np.arange(self.n_units * c, dtype=np.int64).reshape(self.n_units, c)
+
+    def target_energy(self) -> float:
+        """``||Y - mean(Y)||^2``, the centred target energy every relative error of the pair is measured against."""
+        return self.acc.y_norm2(centered=True)
+
+    def path_errors(self, errors: np.ndarray) -> np.ndarray:
+        """The relative errors of a greedy path on :meth:`objective`, from its absolute ``errors``: over the
+        centred target energy (for a pair with fixed columns the objective's own energy is what the fixed columns
+        leave, so its ``relative_errors`` would be over that)."""
+        energy = self.target_energy()
+        return np.asarray(errors, dtype=np.float64) / energy if energy > 0 else np.zeros(len(errors))
 
     def ridge_scale(self) -> float:
         """``mean_j`` of the centred Gram diagonal (``count x`` the mean input variance); ``1`` if it is zero."""
@@ -216,9 +245,17 @@ class FoldStats:
 
         The absolute ridge is ``ridge * mean_j Var(A_j) * count`` (``ridge`` relative to the average centred
         diagonal of the Gram matrix), so ``ridge`` means the same for every layer and input scale.
+
+        With fixed columns ``F`` (the other operands of a concatenation) it is the gain of the units ``S`` over
+        them, ``F(S) = ||P_{F u S} Y||^2 - ||P_F Y||^2`` (with the intercept and the ridge), an ordinary
+        :meth:`submod.SparseRegression.from_gram` over the units on the Schur complement of the fixed block
+        (:func:`schur_objective`); its ``y_norm2`` is the energy the fixed columns leave, and its ridge is inside
+        its Gram (its own ``ridge`` is 0).
         """
         lam = ridge * self.ridge_scale() if ridge > 0 else 0.0
-        return self.acc.to_objective(ridge=lam, groups=self.groups(), fit_intercept=True)
+        if self.fixed.size == 0:
+            return self.acc.to_objective(ridge=lam, groups=self.groups(), fit_intercept=True)
+        return schur_objective(self.acc, self.fixed, self.unit_columns(), lam)
 
     def unit_input_norms(self) -> np.ndarray:
         """``||X_c||_2`` of every input column (uncentred), used by the activation-weighted norm baseline."""
@@ -229,9 +266,12 @@ class FoldStats:
         return self.n_folds >= 2 and all(a.weight_sum > 0 for a in self.fold_accs)
 
     def _columns(self, units: np.ndarray | None) -> np.ndarray:
+        """The columns a refit on ``units`` reads: theirs (in unit order), or with fixed columns those and theirs
+        in column order (the consumer's order of its kept inputs, for sorted ``units``)."""
         if units is None:
             return np.arange(self.fold_accs[0].n_features)
-        return columns_of_units(self.groups(), units)
+        cols = columns_of_units(self.groups(), units)
+        return cols if self.fixed.size == 0 else np.sort(np.concatenate([self.fixed, cols]))
 
     def cv_ridge(self, units: np.ndarray | None = None, grid: np.ndarray = CV_GRID, *,
                  prior: bool = False) -> tuple[float, np.ndarray]:
@@ -255,7 +295,8 @@ class FoldStats:
         """Ridge refit with intercept on the columns of ``units``: ``(M (c, m), b (m,), relative error)``.
 
         See :func:`ridge_refit`; ``prior=True`` shrinks toward ``W_S^T``, the consumer's original weights of the
-        kept columns.
+        kept columns. With fixed columns the refit reads them too (``M``'s rows are the fixed and the units'
+        columns in column order) and their prior is their trained weights.
         """
         cols = self._columns(np.asarray(units))
         return ridge_refit(self.acc, cols, ridge, self._prior(cols) if prior else None)
@@ -286,12 +327,15 @@ class PairStats(FoldStats):
         self.consumer = consumer
         self.W = weight_matrix(consumer)
         d = self.W.shape[1]
-        if d != pair.n_units * pair.cols_per_unit:
+        cols_per_slot = pair.cols_per_unit // pair.group_size  # a channel's (or feature's) columns
+        if d != pair.n_units * pair.cols_per_unit + pair.n_fixed * cols_per_slot:
+            fixed = f" and {pair.n_fixed} fixed channels" if pair.n_fixed else ""
             raise ValueError(f"pair {pair.name}: consumer has {d} input columns, expected "
-                             f"{pair.n_units} units x {pair.cols_per_unit} columns.")
+                             f"{pair.n_units} units x {pair.cols_per_unit} columns{fixed}.")
         self.device = stats_device(self.W.device)  # None: numpy statistics on the host (a CPU model)
         accs = [GramAccumulator(d, self.W.shape[0], device=self.device) for _ in range(max(1, int(folds)))]
-        super().__init__(pair.name, accs, pair.n_units, pair.cols_per_unit, self.W.cpu().numpy())
+        super().__init__(pair.name, accs, pair.n_units, pair.cols_per_unit, self.W.cpu().numpy(),
+                         unit_offset=pair.offset * cols_per_slot)
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
         self._batch = 0         # batches seen (the next entry of the plan)
@@ -303,7 +347,7 @@ class PairStats(FoldStats):
         """The statistics without the forward-pass side: no module, the folds merged now, where they are (their
         merge only, as one fold, with ``merged``)."""
         accs = [self.acc] if merged else self.fold_accs
-        return FoldStats(self.name, accs, self.n_units, self.cols_per_unit, self.weights, self.acc)
+        return FoldStats(self.name, accs, self.n_units, self.cols_per_unit, self.weights, self.acc, self.unit_offset)
 
     def update_se_input(self, x: torch.Tensor) -> None:
         """Add a batch of the SE gate's pooled input (``fc1``'s input, ``(N, C)`` or ``(N, C, 1, 1)``)."""
@@ -399,6 +443,55 @@ def columns_of_units(groups: list[np.ndarray], units: np.ndarray) -> np.ndarray:
     if units.size == 0:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([groups[int(u)] for u in units])
+
+
+def schur_objective(acc: GramAccumulator, fixed: np.ndarray, unit_cols: np.ndarray, lam: float) -> SparseRegression:
+    """The gain of units over fixed columns as a :class:`submod.SparseRegression` over the units.
+
+    With the centred statistics ``G``, ``B``, ``y2`` of ``acc`` (intercept) and the ridge ``lam`` added to the whole
+    Gram first (``G + lam I``), and ``F`` the ``fixed`` columns, ``U`` the units' columns (``unit_cols``, one row
+    per unit):
+
+        G_s = G_UU - G_UF G_FF^-1 G_FU,   B_s = B_U - G_UF G_FF^-1 B_F,   y2_s = y2 - tr(B_F^T G_FF^-1 B_F),
+
+    the statistics of the units' columns and of the targets after their (ridge) least-squares fit on ``F`` is
+    taken out, so that ``F_s(S) = tr(B_S^T G_S^-1 B_S) = ||P_{F u S} Y||^2 - ||P_F Y||^2`` (the ridge penalty
+    included in both). Without a ridge a singular ``G_FF`` (dead or duplicate fixed channels, fewer rows than
+    columns) is inverted on its range (the eigenvalues above :data:`PINV_RTOL` of the largest): a fixed column in
+    the span of the others adds nothing to ``P_F``. A unit column whose Schur diagonal is below the objective's
+    degeneracy tolerance of its own diagonal lies in the span of the fixed columns up to rounding and is set to
+    zero (its gain is 0, as it is exactly), and a cross term that rounding pushes above the Cauchy-Schwarz bound
+    ``||B_s,j||^2 <= G_s,jj y2_s`` of a true Gram is scaled back onto it, so that the statistics are those of a
+    real design.
+    """
+    unit_cols = np.asarray(unit_cols, dtype=np.int64)
+    U = unit_cols.reshape(-1)
+    G = acc.gram(centered=True)
+    B = acc.cross(centered=True)
+    y2 = acc.y_norm2(centered=True)
+    if lam > 0:
+        G = G + lam * np.eye(G.shape[0])
+    G_FF, G_FU, B_F = G[np.ix_(fixed, fixed)], G[np.ix_(fixed, U)], B[fixed]
+    w, V = np.linalg.eigh(G_FF)
+    keep = w > PINV_RTOL * max(float(w[-1]), 0.0) if w.size else np.zeros(0, dtype=bool)
+    Vk = V[:, keep] / np.sqrt(w[keep])                       # G_FF^+ = Vk Vk^T
+    R_U, R_B = Vk.T @ G_FU, Vk.T @ B_F                       # G_UF G_FF^+ G_FU = R_U^T R_U, ...
+    G_s = G[np.ix_(U, U)] - R_U.T @ R_U
+    G_s = 0.5 * (G_s + G_s.T)
+    B_s = B[U] - R_U.T @ R_B
+    y2_s = max(y2 - float(np.vdot(R_B, R_B)), 0.0)
+    diag = np.diag(G)[U]
+    dead = np.diag(G_s) <= DEFAULT_TOL * np.maximum(diag, 0.0)
+    G_s[dead, :] = 0.0
+    G_s[:, dead] = 0.0
+    B_s[dead] = 0.0
+    lhs = np.einsum("ij,ij->i", B_s, B_s)
+    bound = np.maximum(np.diag(G_s), 0.0) * y2_s
+    over = lhs > bound
+    B_s[over] *= np.sqrt(bound[over] / lhs[over])[:, None]
+    c = unit_cols.shape[1]
+    groups = [np.arange(j * c, (j + 1) * c) for j in range(unit_cols.shape[0])]
+    return SparseRegression.from_gram(G_s, B_s, y2_s, ridge=0.0, groups=groups)
 
 
 def _stats_of(acc: GramAccumulator, cols: np.ndarray, intercept: bool) -> tuple:
@@ -646,7 +739,15 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
 
 def slice_units(x: torch.Tensor, pair: PrunablePair, idx: torch.Tensor) -> torch.Tensor:
     """Keep the units ``idx`` of a consumer input ``x`` (channels or groups of channels, flattened channel blocks
-    or neurons)."""
+    or neurons; with the fixed channels of a concatenation's other operands)."""
+    if pair.n_fixed:
+        keep = pair.consumer_channels(idx)
+        if pair.conv_consumer:
+            return x[:, keep]
+        if pair.kind == "conv->linear":
+            n = x.shape[0]
+            return x.reshape(n, -1, pair.cols_per_channel)[:, keep].reshape(n, -1)
+        return x[..., keep]
     if pair.conv_consumer:
         return x[:, pair.channels(idx)]
     if pair.kind == "conv->linear":

@@ -22,7 +22,9 @@ budgets are met exactly, without building candidate networks. The per-unit layer
 ``between``: BatchNorm entries, the filters and biases of a depthwise convolution) count as many parameters per kept
 unit as they hold per channel; so do the input columns of a squeeze-and-excitation gate's ``fc1`` and the output
 rows and biases of its ``fc2``. Behind a ``GroupNorm(G, C)`` a unit is a group of ``C / G`` channels: it costs
-``C / G`` producer rows, ``C / G`` channels' consumer columns and ``2 * C / G`` GroupNorm entries.
+``C / G`` producer rows, ``C / G`` channels' consumer columns and ``2 * C / G`` GroupNorm entries. When the producer's
+output is concatenated with other tensors before the consumer, the consumer's columns of the other operands' channels
+and their entries in a BatchNorm after the concatenation are fixed.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class ParamModel:
                 if name in cons:
                     i_idx, cpu = cons[name]
                     i_mult = cpu
+                    fixed_cols = pairs[i_idx].n_fixed * pairs[i_idx].cols_per_channel  # a concatenation's others
+                    if fixed_cols:
+                        terms.append((1, -1, fixed_cols, o_idx, o_mult))
                 else:
                     i_idx, i_mult = -1, in_fixed
                 terms.append((1, i_idx, i_mult, o_idx, o_mult))
@@ -109,8 +114,13 @@ class ParamModel:
                 i = between[name]
                 per_channel = sum(t.numel() for t in (getattr(m, "weight", None), getattr(m, "bias", None))
                                   if t is not None)
-                if per_channel:
-                    terms.append((per_channel // pairs[i].n_units, -1, 1, i, 1))
+                pr = pairs[i]
+                if per_channel and name in pr.after_cat:  # behind a concatenation: its fixed channels stay
+                    per = per_channel // (pr.n_units * pr.group_size + pr.n_fixed)
+                    terms.append((per * pr.group_size, -1, 1, i, 1))
+                    const += per * pr.n_fixed
+                elif per_channel:
+                    terms.append((per_channel // pr.n_units, -1, 1, i, 1))
                 const += direct - per_channel
             else:
                 const += direct

@@ -95,9 +95,33 @@ pair's ``se`` as ``(fc1, fc2)``. Any other product with a tensor on the way (a g
 spatial attention map without global pooling, a gate whose ``fc2`` does not output one factor per channel, a
 learned per-channel scale) is refused with the reason.
 
-Units whose outputs feed a residual sum, a concatenation, several consumers or the network output are not
-prunable by this scheme and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is
-prunable, as in the paper).
+Concatenations
+--------------
+A producer whose output (after per-channel operations) is concatenated with other tensors before its consumer, the
+U-Net decoder ``d1(torch.cat([skip, up(b)], dim=1))``, an Inception-style join, a two-branch MLP
+``fc(torch.cat([relu(a(x)), relu(b(x))], 1))``, is prunable when ``torch.cat`` (``torch.concat``,
+``torch.concatenate``) joins along the channel dim (dim 1 of a convolution's ``(N, C, *spatial)`` output, or of
+its ``(N, C * P)`` flatten when the other operands are whole channels of ``P`` positions; the last dim of a
+``Linear``'s output). The producer's ``C`` channels are then the consumer's input channels ``offset ... offset +
+C - 1`` (``offset``: the channels of the operands before its tensor, read from the traced shapes; for a ``Linear``
+consumer, blocks of a channel's columns) and the other operands' ``n_fixed`` channels are *fixed*: always kept, and
+their columns are in every refit (their prior is their trained weights). The selection maximises the gain of the
+producer's units over the fixed columns, ``F(S) = ||P_{Fix u S} Y||^2 - ||P_Fix Y||^2``, a least-squares objective
+on the Schur complement of the fixed block (``nn_adapters._stats.schur_objective``), and the reported relative
+errors are those of the refit over the fixed and the kept columns, as for any pair. Per-channel operations may
+follow the concatenation (activations, pooling, a flatten, and a BatchNorm, InstanceNorm or depthwise convolution
+over the joined channels, recorded in ``after_cat``: it keeps the fixed channels and ``offset`` plus the kept ones,
+as the consumer does). One operand per concatenation is pruned: when several are prunable the first is kept as the
+pair and the others are skipped with the reason ("another operand of the concatenation feeding ... is pruned").
+Refused with the reason: ``torch.stack`` and other operations on lists of tensors, a concatenation along the
+samples or positions, the producer's tensor twice in one concatenation, a second concatenation on the way, a
+concatenation whose result feeds several operations (DenseNet's growing concatenations), a GroupNorm before or after
+it, and a concatenation after a squeeze-and-excitation gate or after a ``Linear``'s reshape into channels. Such pairs
+are found by tracing only; a declared pair whose consumer reads a concatenation is refused (its channel count does
+not match the producer's).
+
+Units whose outputs feed a residual sum, several consumers or the network output are not prunable by this scheme
+and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is prunable, as in the paper).
 """
 
 from __future__ import annotations
@@ -260,6 +284,18 @@ class PrunablePair:
         ``g`` is channels ``g * s ... (g + 1) * s - 1`` (``s = group_size``) of the producer's output (its
         ``rows_per_unit`` is ``s``), of every layer in ``between`` and of the consumer's input (its
         ``cols_per_unit`` covers ``s`` channels). 1 for the other pairs.
+    offset : int
+        When the producer's output is concatenated with other tensors before the consumer (``torch.cat`` along the
+        channel dim, see the module docstring): the consumer's input channels (for a ``Linear`` consumer, its
+        blocks of ``cols_per_unit / group_size`` input columns: a channel's positions, or one feature) that come
+        before the producer's, from the operands before its tensor. 0 for the other pairs.
+    n_fixed : int
+        The consumer's input channels (or column blocks, as for ``offset``) from the other operands of a
+        concatenation, before and after the producer's: always kept, with their columns in every refit. 0 for the
+        other pairs.
+    after_cat : tuple of str
+        The layers of ``between`` that lie after the concatenation (a BatchNorm over the concatenated channels):
+        their entries are the consumer's input channels (:meth:`consumer_channels`), not the producer's.
     """
 
     producer: str
@@ -276,11 +312,32 @@ class PrunablePair:
     row_between: tuple[str, ...] = ()
     unflatten: str | None = None
     group_size: int = 1
+    offset: int = 0
+    n_fixed: int = 0
+    after_cat: tuple[str, ...] = ()
 
     def channels(self, idx: torch.Tensor) -> torch.Tensor:
-        """The channels of the units ``idx`` (sorted) on the way and at a convolution consumer's input: ``idx``
-        itself, or each kept group's ``group_size`` channels in order (see ``group_size``)."""
+        """The channels of the units ``idx`` (sorted) on the way (before a concatenation) and at a convolution
+        consumer's input: ``idx`` itself, or each kept group's ``group_size`` channels in order (see
+        ``group_size``)."""
         return unit_rows(idx, self.group_size)
+
+    def consumer_channels(self, idx: torch.Tensor) -> torch.Tensor:
+        """The consumer's input channels (for a ``Linear`` consumer, its column blocks of one channel, see
+        ``offset``) kept with the units ``idx`` (sorted): :meth:`channels` after a concatenation's ``offset``, with
+        the fixed channels of its other operands, in order. :meth:`channels` itself without a concatenation."""
+        mine = self.channels(idx)
+        if not self.n_fixed:
+            return mine
+        end = self.offset + self.n_units * self.group_size
+        total = self.n_fixed + self.n_units * self.group_size
+        return torch.cat([torch.arange(self.offset, device=idx.device), mine + self.offset,
+                          torch.arange(end, total, device=idx.device)])
+
+    @property
+    def cols_per_channel(self) -> int:
+        """Consumer input columns per channel: ``cols_per_unit / group_size``."""
+        return self.cols_per_unit // self.group_size
 
     @property
     def conv_consumer(self) -> bool:
@@ -533,6 +590,16 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
         if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se))) is not None:
             pairs.remove(p)
             skipped.append((p.producer, why))
+    # one pruned operand per concatenation: the others' channels are the fixed columns of the first one's refit
+    first: dict[str, PrunablePair] = {}
+    for p in sorted(pairs, key=lambda p: p.offset):
+        if p.consumer in first:
+            pairs.remove(p)
+            skipped.append((p.producer, f"another operand of the concatenation feeding {p.consumer!r} is pruned "
+                            f"({first[p.consumer].producer!r}, whose units are selected with this one's channels "
+                            "fixed); one operand per concatenation is pruned"))
+        else:
+            first[p.consumer] = p
     # a depthwise convolution pruned with its producer, and an SE's fc2 (its rows follow the gated channels)
     pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:])}
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
@@ -603,6 +670,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     path_rank = _conv.rank(producer) if is_conv else None
     shaped: tuple[int, tuple[str, ...], str | None] | None = None  # (rows per unit, row_between, Unflatten module)
     group_size = 1  # channels per unit: C / G of the GroupNorms on the way (see _group_norm_reason)
+    # after a concatenation (see _concat): (the producer's offset in it, the producer's channels, how many layers of
+    # `between` lie before it); n_units is then the concatenation's channel count
+    cat: tuple[int, int, int] | None = None
     path = {node}
     cur = node
     while True:
@@ -612,6 +682,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             return "its output is not used"
         where = "its output" if cur is node else f"its output, after {' -> '.join(ops) or cur.name},"
         if len(users) > 1:
+            if cat is not None:  # DenseNet's growing concatenation, a gate on joined channels, a branch
+                return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
             gate = _se_gate(cur, users, modules, calls, producer, n_units) if _conv.is_conv(producer) else None
             if gate is None:
                 return f"{where} feeds {len(users)} operations (a branch, a residual connection or a gate)"
@@ -628,9 +700,24 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         (u,) = users
         if u.op == "output":
             return "its output is the network output"
-        if any(isinstance(a, (list, tuple)) and any(v is cur for v in a) for a in u.args):
-            return (f"{where} is one of several tensors that {u.name} combines (a concatenation or stack), so the "
-                    "consumer's input columns do not follow this producer's units alone")
+        if any(isinstance(a, (list, tuple)) and any(v is cur for v in a) for a in (*u.args, *u.kwargs.values())):
+            if cat is not None:
+                return (f"{where} is concatenated a second time ({u.name}); one concatenation between a producer "
+                        "and its consumer is supported")
+            if shaped is not None or se or group_size > 1:
+                what = ("reshaped into channels" if shaped is not None else "gated by a squeeze-and-excitation"
+                        if se else "normalised by a GroupNorm (units of several channels)")
+                return (f"{where} is {what} and then concatenated with other tensors by {u.name}, which is not "
+                        "supported (a concatenation is supported after a convolution or a Linear producer through "
+                        "per-channel operations)")
+            joined = _concat(cur, u, is_conv, flattened_hw, n_units)
+            if isinstance(joined, str):
+                return f"{where} {joined}"
+            cat = (joined[0], n_units, len(between))
+            n_units = joined[1]
+            ops.append(getattr(u.target, "__name__", str(u.target)))
+            cur = u
+            continue
         if (u.op == "call_function" and u.target in _SUM_FUNCTIONS and len(u.args) > 1 and u.args[0] is not cur
                 and any(a is cur for a in u.args[1:])):
             # x + h: the producer's output is the second term of a residual sum (the first, h + x, is found below)
@@ -646,7 +733,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
                 return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input, shaped,
-                                  group_size)
+                                  group_size, cat)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -667,6 +754,11 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 if (why := _instance_norm_reason(cur, u.target, m, path_rank, n_units)) is not None:
                     return why
                 between.append(u.target)
+            elif isinstance(m, nn.GroupNorm) and cat is not None:
+                return (f"GroupNorm({m.num_groups}, {m.num_channels}) {u.target!r} after the concatenation "
+                        f"normalises groups of the joined channels, which removing some of the producer's channels "
+                        "would change: not supported (a GroupNorm before the concatenation, on the producer's own "
+                        "channels, is)")
             elif isinstance(m, nn.GroupNorm):
                 if (why := _group_norm_reason(cur, u.target, m, path_rank, shaped is not None, n_units, group_size,
                                               bool(se))) is not None:
@@ -1287,11 +1379,13 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
                ops: list[str], flattened_hw: int | None, n_units: int, se: tuple[str, ...] = (),
                se_input: str | None = None,
                shaped: tuple[int, tuple[str, ...], str | None] | None = None,
-               group_size: int = 1) -> PrunablePair | str:
+               group_size: int = 1, cat: tuple[int, int, int] | None = None) -> PrunablePair | str:
     """The pair of ``producer`` and the consumer ``cnode``, or why it is not prunable; ``shaped`` is ``(rows per
     unit, row_between, Unflatten module name)`` when a Linear producer's output was reshaped into channels, and
     ``group_size`` the channels per group of the GroupNorms on the way (``n_units`` counts channels; a unit is then
-    a group: its channels' rows at the producer and columns at the consumer)."""
+    a group: its channels' rows at the producer and columns at the consumer). After a concatenation ``cat`` is
+    ``(offset, the producer's channels, the number of layers of between before it)`` and ``n_units`` the
+    concatenation's channels, which the consumer reads."""
     p_conv = _conv.is_conv(producer)
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
@@ -1324,8 +1418,63 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
         if consumer.in_features != n_units:
             return f"consumer {cnode.target!r} expects {consumer.in_features} inputs, producer gives {n_units}"
     rows, row_between, unflatten = shaped if shaped is not None else (group_size, (), None)
-    return PrunablePair(node.target, cnode.target, tuple(between), kind, n_units // group_size, cpu * group_size,
-                        cnode.name, ops, se, se_input, rows, row_between, unflatten, group_size)
+    own, offset, n_fixed, after = n_units, 0, 0, ()
+    if cat is not None:
+        offset, own = cat[0], cat[1]
+        n_fixed, after = n_units - own, tuple(between[cat[2]:])
+    return PrunablePair(node.target, cnode.target, tuple(between), kind, own // group_size, cpu * group_size,
+                        cnode.name, ops, se, se_input, rows, row_between, unflatten, group_size, offset, n_fixed,
+                        after)
+
+
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _concat(cur: fx.Node, node: fx.Node, is_conv: bool, flattened_hw: int | None, n_units: int
+            ) -> tuple[int, int] | str:
+    """Where the path tensor ``cur`` (``n_units`` channels, or a Linear's ``n_units`` features) lies in the
+    concatenation ``node`` that joins it with other tensors: ``(offset, total)`` in channels (after a flatten, in
+    blocks of a channel's ``flattened_hw`` positions), or the reason (told after "its output ... ") it is not a
+    concatenation of channels that the pruner can follow.
+
+    The producer's channels are then the concatenation's channels ``offset ... offset + n_units - 1`` (read from
+    the traced shapes of the operands before it); the other operands' channels are fixed.
+    """
+    name = getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else str(node.target)
+    if node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
+        return (f"is one of several tensors that {node.name} ({name}) combines (a stack, or another operation on a "
+                "list of tensors), so the consumer's input columns do not follow this producer's units alone (only "
+                "torch.cat along the channel dim is followed)")
+    tensors = _arg(node, 0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+        return f"is concatenated by {node.name} with values that are not tensors of the traced graph"
+    if sum(t is cur for t in tensors) != 1:
+        return (f"appears {sum(t is cur for t in tensors)} times in the concatenation {node.name}, so each unit "
+                "would be several of the consumer's channels")
+    dim = _arg(node, 1, "dim")
+    dim = 0 if dim is None else dim
+    shapes = [_shape(t) for t in tensors]
+    s = _shape(cur)
+    if s is None or any(t is None for t in shapes) or not isinstance(dim, int):
+        return f"is concatenated by {node.name} along a dim or with shapes not known when tracing"
+    ndim = len(s)
+    if not -ndim <= dim < ndim:
+        return f"is concatenated by {node.name} along dim {dim} of a {ndim}-D tensor"
+    unit_dim = 1 if is_conv else ndim - 1
+    if dim % ndim != unit_dim:
+        what = "the samples" if dim % ndim == 0 else "positions"
+        return (f"is concatenated by {node.name} along dim {dim} of {s} ({what}), not along the producer's units "
+                f"(dim {unit_dim}), so the consumer's columns do not follow them")
+    per = flattened_hw if is_conv and flattened_hw is not None and ndim == 2 else 1
+    sizes = [t[unit_dim] for t in shapes]
+    i = next(j for j, t in enumerate(tensors) if t is cur)
+    before, other = sum(sizes[:i]), sum(sizes) - sizes[i]
+    if sizes[i] != n_units * per:
+        return f"is concatenated by {node.name} with {sizes[i]} entries along dim {dim}, not its {n_units} units"
+    if before % per or other % per:
+        return (f"is concatenated by {node.name} after a flatten with operands of {sizes} features, which are not "
+                f"whole blocks of a channel's {per} positions; concatenate before the flatten")
+    return before // per, sum(sizes) // per
 
 
 def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
@@ -1344,6 +1493,12 @@ def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
     return ValueError(f"the model fails on the calibration data, samples of shape {tuple(example_input.shape[1:])} "
                       f"(dim 0 of a batch counts the samples): {why}. Check that the calibration data matches the "
                       f"model's input.{hint}")
+
+
+#: What a count mismatch of a declared pair may mean, and what to do.
+_DECLARED_CAT = (" If the consumer reads the producer's output concatenated with other tensors, such a pair is found "
+                 "by tracing only (the other operands' channels are fixed): call prune without pairs= on a model "
+                 "torch.fx can trace.")
 
 
 def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
@@ -1404,16 +1559,17 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
                 raise ValueError(f"declared pair {p}: {why}; declare a producer of the consumer's kind.")
             if cons.in_channels != n:
                 raise ValueError(f"declared pair {p}: {type(cons).__name__} consumer needs a producer with "
-                                 f"{cons.in_channels} channels, got {n}.")
+                                 f"{cons.in_channels} channels, got {n}.{_DECLARED_CAT}")
             kind, cpu = "conv->conv", _conv.kernel_numel(cons)
         elif _conv.is_conv(prod):
             if cons.in_features % n:
                 raise ValueError(f"declared pair {p}: Linear in_features {cons.in_features} is not a multiple of "
-                                 f"the producer's {n} channels.")
+                                 f"the producer's {n} channels.{_DECLARED_CAT}")
             kind, cpu = "conv->linear", cons.in_features // n
         else:
             if cons.in_features != n:
-                raise ValueError(f"declared pair {p}: consumer has {cons.in_features} inputs, producer {n} outputs.")
+                raise ValueError(f"declared pair {p}: consumer has {cons.in_features} inputs, producer {n} outputs."
+                                 f"{_DECLARED_CAT}")
             kind, cpu = "linear->linear", 1
         node = None
         if graph is not None:

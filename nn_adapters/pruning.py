@@ -104,7 +104,9 @@ class LayerReport:
         ``error_curve[j]`` is the in-sample relative objective of the nested greedy path after ``j`` picks,
         ``j = 0..kept``: the residual plus the selection ridge's penalty, over the centred target energy (exact on
         the calibration data; it is the relative error itself when that ridge is 0; the refit's own error is
-        ``relative_error``). Submodular methods only, else ``None``.
+        ``relative_error``). For a producer concatenated with other tensors before its consumer the fixed channels
+        of the other operands are in every prefix, so ``error_curve[0]`` is what they leave. Submodular methods
+        only, else ``None``.
     verification : dict or None
         With ``verify=True``, maps a name to ``(value, kind)`` where kind is ``"exact"``, ``"proven lower
         bound"``, ``"proven upper bound"`` or ``"estimate"``, or ``"n/a"`` for text that is not a number about
@@ -533,7 +535,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         rel = cv_err = lam = how = None
         if reweight:
             (lam, cv_err), how = out.ridge
-            cols = kept.size * pair.cols_per_unit
+            cols = kept.size * pair.cols_per_unit + pair.n_fixed * pair.cols_per_channel
             if lam == 0.0 and st.count <= cols + 1:
                 notes.append(f"pair {pair.name}: the refit with ridge=0 has {st.count} calibration rows for {cols} "
                              "kept columns and a bias, so it interpolates the calibration data (the interpolant "
@@ -548,9 +550,14 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if pair.se:
             keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
                     st.se_input_mean() if se_bias_correction else None)
-        # a convolution consumer keeps input channels (a unit's group_size of them behind a GroupNorm)
-        set_inputs(work.get_submodule(pair.consumer), pair.channels(idx) if pair.conv_consumer else idx,
-                   pair.cols_per_unit, weight, bias)
+        # a convolution consumer keeps input channels (a unit's group_size of them behind a GroupNorm; with the
+        # fixed channels of a concatenation's other operands), a Linear consumer column blocks
+        if pair.n_fixed:
+            set_inputs(work.get_submodule(pair.consumer), pair.consumer_channels(idx), pair.cols_per_channel, weight,
+                       bias)
+        else:
+            set_inputs(work.get_submodule(pair.consumer), pair.channels(idx) if pair.conv_consumer else idx,
+                       pair.cols_per_unit, weight, bias)
         curve = None if out.path is None else [float(e) for e in out.path.relative_errors[:k + 1]]
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), out.order.tolist(), rel,
                                    out.time_s + time.perf_counter() - t0,
@@ -597,7 +604,7 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
     design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
     pooling) and they add up over batches."""
     def layout(ps: list[PrunablePair]) -> list[tuple]:
-        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se) for p in ps]
+        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed) for p in ps]
 
     first = tuple(batches[0][0].shape[1:])
     want = layout(found)
@@ -625,14 +632,18 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
 VERIFY_MAX_UNITS = 64
 
 
-def _verify(f: object, k: int) -> dict[str, tuple]:
-    """What :func:`verification.error_decay` says about one layer's greedy selection (each number with its kind)."""
+def _verify(f: object, k: int, energy: float | None = None) -> dict[str, tuple]:
+    """What :func:`verification.error_decay` says about one layer's greedy selection (each number with its kind);
+    the errors are relative to ``energy`` when given (the centred target energy of a pair whose objective is the
+    gain over fixed columns, so that they are the same relative errors as ``error_curve``), else to the
+    objective's ``y_norm2``."""
     if f.n > VERIFY_MAX_UNITS or k < 1:
         return {"skipped": (f"{f.n} units > {VERIFY_MAX_UNITS}" if k >= 1 else "no unit kept", "n/a")}
     import verification as vf  # optional dependency of the report, imported lazily
 
     dec = vf.error_decay(f, k_max=k, comparators=None, per_step_spectral=False)
-    y2 = dec.y_norm2 if dec.y_norm2 > 0 else 1.0
+    y2 = energy if energy is not None else dec.y_norm2
+    y2 = y2 if y2 > 0 else 1.0
     out = {"lambda_min": (float(dec.lambda_min), "proven lower bound"),
            "rel_err_at_k": (float(dec.errors[-1] / y2), "exact"),
            "bound_rel_err_at_k": (float(dec.bound("per-step path ratio").values[-1] / y2), "proven upper bound"),
@@ -675,7 +686,7 @@ class _Path:
 def _greedy(st: FoldStats, ridge: float, k: int) -> _Path:
     """The nested greedy path of ``k`` picks on ``st`` at relative ridge ``ridge``."""
     path = st.objective(ridge).greedy_path(k)
-    return _Path(path.selected, path.relative_errors, ridge)
+    return _Path(path.selected, path.relative_errors if st.fixed.size == 0 else st.path_errors(path.errors), ridge)
 
 
 def _select(st: FoldStats, ridge: float | str, k: int, start: _Path | None = None) -> _Path:
@@ -743,7 +754,9 @@ def _pair_job(st: FoldStats, k: int, ridge: float | str, prior: bool, reweight: 
     if reweight:
         lam = _refit_ridge(st, ridge, kept, prior)
         fit = st.refit(kept, lam[0][0], prior=prior)
-    ver = _verify(st.objective(path.ridge), k) if (verify and path is not None) else None
+    ver = None
+    if verify and path is not None:
+        ver = _verify(st.objective(path.ridge), k, st.target_energy() if st.fixed.size else None)
     return _Outcome(order, path, lam, fit, ver, time.perf_counter() - t0)
 
 
@@ -763,7 +776,7 @@ def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Mod
         score = W.reshape(n, -1).norm(dim=1).cpu().numpy()  # a unit's rows together (linear->conv: P rows)
     elif method == "act_norm":
         W = st.W.abs().sum(dim=0).cpu().numpy()  # sum_i |W_ic| per input column
-        score = (W * st.unit_input_norms()).reshape(n, pair.cols_per_unit).sum(axis=1)
+        score = (W * st.unit_input_norms())[st.unit_columns()].sum(axis=1)  # the producer's columns only
     else:
         score = scores[pair.name]
     return np.argsort(-score, kind="stable")[:k].astype(np.int64)
@@ -792,13 +805,18 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
             def grad_hook(g: torch.Tensor) -> None:
                 ag = (xd.to(torch.float64) * g.to(torch.float64))
+                n = ag.shape[0]
+                # the producer's channels (or column blocks) at the consumer: after a concatenation, from its offset
+                lo, hi = p.offset, p.offset + p.n_units * p.group_size
                 if p.conv_consumer:  # sum over the positions of a sample, (2,) or (2, 3), and a unit's channels
-                    s = ag.sum(dim=tuple(range(2, ag.dim()))).reshape(ag.shape[0], p.n_units, -1).sum(dim=2)
+                    s = ag.sum(dim=tuple(range(2, ag.dim())))[:, lo:hi].reshape(n, p.n_units, -1).sum(dim=2)
                     s = s.abs().sum(dim=0)
                 elif p.kind == "conv->linear":
-                    s = ag.reshape(ag.shape[0], p.n_units, p.cols_per_unit).sum(dim=2).abs().sum(dim=0)
+                    c = p.cols_per_channel
+                    s = ag.reshape(n, -1)[:, lo * c:hi * c].reshape(n, p.n_units, p.cols_per_unit).sum(dim=2)
+                    s = s.abs().sum(dim=0)
                 else:  # (N, ..., units): the positions of a sample are summed before the absolute value
-                    s = ag.reshape(ag.shape[0], -1, p.n_units).sum(dim=1).abs().sum(dim=0)
+                    s = ag.reshape(n, -1, ag.shape[-1])[..., lo:hi].sum(dim=1).abs().sum(dim=0)
                 acc[p.name] += s.cpu()
 
             x.register_hook(grad_hook)

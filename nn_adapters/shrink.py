@@ -139,13 +139,16 @@ def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> Non
     """Keep the units ``idx`` (sorted) on the producer's side of ``pair`` (a :class:`nn_adapters.PrunablePair`) in
     ``model``: the producer's output rows, the entries of the layers in ``between`` (its rows for the
     ``row_between`` layers before a reshape into channels, else its channels: a unit's ``group_size`` channels
-    with a GroupNorm on the way) and an ``nn.Unflatten``'s channel count. A squeeze-and-excitation gate and the
+    with a GroupNorm on the way; for the ``after_cat`` layers behind a concatenation, the concatenation's channels
+    that the consumer keeps) and an ``nn.Unflatten``'s channel count. A squeeze-and-excitation gate and the
     consumer are left to :func:`keep_se` and :func:`set_inputs`."""
     rows = unit_rows(idx, pair.rows_per_unit)
     keep_outputs(model.get_submodule(pair.producer), rows)
     channels = unit_rows(idx, pair.group_size)
+    joined = pair.consumer_channels(idx) if pair.after_cat else None
     for name in pair.between:
-        keep_between(model.get_submodule(name), rows if name in pair.row_between else channels)
+        kept = rows if name in pair.row_between else joined if name in pair.after_cat else channels
+        keep_between(model.get_submodule(name), kept)
     if pair.unflatten is not None:
         keep_unflatten(model.get_submodule(pair.unflatten), int(idx.numel()))
 

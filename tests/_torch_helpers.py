@@ -39,18 +39,27 @@ class GlobalPoolNet(nn.Module):
         return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
 
 
-def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor) -> torch.Tensor:
+def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor,
+                        offsets: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
     """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's
     input: a channel (dim 1) of a convolution's input, or the block of a channel's flattened positions (or one
     column per neuron) of a Linear's; a unit of several consecutive channels (a group behind a GroupNorm) is zeroed
-    whole. What pruning without a refit must give."""
+    whole. What pruning without a refit must give.
+
+    ``offsets`` maps the name of a pair whose producer's output is concatenated with other tensors before the
+    consumer to ``(offset, fixed)``: its channels are the consumer's input channels (or blocks) ``offset ...``,
+    and ``fixed`` channels of the other operands, never zeroed, lie before and after them."""
     handles = []
+    offsets = offsets or {}
     for lr in report.layers:
         mask = torch.zeros(lr.n_units)
         mask[lr.kept_units] = 1.0
         cons = net.get_submodule(lr.pair.split("->")[1])
         width = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
-        mask = mask.repeat_interleave(width // lr.n_units)
+        if lr.pair in offsets:  # one entry per channel of the concatenation, then its columns
+            offset, fixed = offsets[lr.pair]
+            mask = torch.cat([torch.ones(offset), mask, torch.ones(fixed - offset)])
+        mask = mask.repeat_interleave(width // mask.numel())
 
         def hook(_m: nn.Module, inp: tuple, mask: torch.Tensor = mask, linear: bool = isinstance(cons, nn.Linear)
                  ) -> tuple:
