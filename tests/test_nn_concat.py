@@ -14,6 +14,7 @@ the built networks (the budgets).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 
@@ -411,6 +412,23 @@ def test_the_device_statistics_path_gives_the_same_pruning(method, monkeypatch):
     assert [r.kept_units for r in rep_dev.layers] == [r.kept_units for r in rep_host.layers]
     for a, b in zip(host.state_dict().values(), dev.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["asym", "seq", "layer"])
+def test_pruning_on_a_gpu_equals_pruning_on_the_cpu(method):
+    """The U-Net with a BatchNorm after the concatenation, in float64, on the GPU (statistics kept there): the same
+    units as on the CPU, weights and outputs equal to rounding."""
+    net, x = _build("unet2d bn")
+    net, x = net.double(), x.double()
+    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
+    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
+    assert "up->d1" in [r.pair for r in rep_gpu.layers]
+    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
+    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
 
 
 def test_verify_and_the_error_curve_measure_the_same_relative_errors():
