@@ -202,8 +202,10 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "squeeze"}
 # Multiplication or division by a number (x / (H * W) after a spatial sum) acts on each unit separately.
 _SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
 _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
-# Sums of two tensors: a residual connection, whichever term the producer's output is.
+# Sums of two tensors: a residual connection, whichever term the producer's output is (x + h, torch.add(x, h),
+# x.add(h)).
 _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub}
+_SUM_METHODS = {"add", "add_", "sub", "sub_"}
 
 
 @dataclass(frozen=True, repr=False)
@@ -718,11 +720,16 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             ops.append(getattr(u.target, "__name__", str(u.target)))
             cur = u
             continue
-        if (u.op == "call_function" and u.target in _SUM_FUNCTIONS and len(u.args) > 1 and u.args[0] is not cur
-                and any(a is cur for a in u.args[1:])):
-            # x + h: the producer's output is the second term of a residual sum (the first, h + x, is found below)
-            name = getattr(u.target, "__name__", str(u.target))
+        is_sum = ((u.op == "call_function" and u.target in _SUM_FUNCTIONS)
+                  or (u.op == "call_method" and u.target in _SUM_METHODS))
+        name = getattr(u.target, "__name__", str(u.target)) if u.op == "call_function" else f".{u.target}()"
+        if is_sum and len(u.args) > 1 and u.args[0] is not cur and any(a is cur for a in u.args[1:]):
+            # x + h, x.add(h): the producer's output is the second term of a residual sum (the first, h + x, is
+            # found below)
             return f"{where} feeds {name} (a residual sum) as its second term"
+        if (is_sum and u.op == "call_method" and u.args[0] is cur
+                and any(isinstance(a, fx.Node) for a in (*u.args[1:], *u.kwargs.values()))):
+            return f"{where} feeds {name} (a residual sum)"  # h.add(x); h.add(1.0) is refused below
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
                                                           and _scaled_by_number(u, cur, is_conv))):
             return f"operation {u.name} does not take the producer's output as its first argument"

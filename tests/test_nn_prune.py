@@ -1190,22 +1190,28 @@ def test_of_two_concatenated_producers_one_is_pruned_and_the_other_named_as_skip
     assert "first argument" not in reasons["b"]
 
 
-class _Residual(nn.Module):
-    """``x + c2(relu(c1(x)))`` or ``c2(relu(c1(x))) + x``: c2's output is a term of a residual sum."""
+_RESIDUAL_SUMS = {  # how a block writes its residual sum of the input x and h = c2(relu(c1(x)))
+    "x + h": lambda x, h: x + h, "h + x": lambda x, h: h + x, "torch.add(x, h)": lambda x, h: torch.add(x, h),
+    "x.add(h)": lambda x, h: x.add(h), "h.add(x)": lambda x, h: h.add(x), "x.sub(h)": lambda x, h: x.sub(h),
+    "x.add(h, alpha=0.5)": lambda x, h: x.add(h, alpha=0.5),
+}
 
-    def __init__(self, second: bool) -> None:
+
+class _Residual(nn.Module):
+    """``x + c2(relu(c1(x)))``, written as one of ``_RESIDUAL_SUMS``: c2's output is a term of a residual sum."""
+
+    def __init__(self, form: str) -> None:
         super().__init__()
-        self.second = second
+        self.form = _RESIDUAL_SUMS[form]
         self.c1, self.c2, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c2(torch.relu(self.c1(x)))
-        return self.head(x + h if self.second else h + x)
+        return self.head(self.form(x, self.c2(torch.relu(self.c1(x)))))
 
 
-@pytest.mark.parametrize("second", [False, True])
-def test_a_residual_sum_is_named_as_the_reason_whichever_term_the_layer_is(second):
-    found, skipped = nna.find_pairs(_Residual(second), torch.randn(2, 4, 6, 6))
+@pytest.mark.parametrize("form", list(_RESIDUAL_SUMS))
+def test_a_residual_sum_is_named_as_the_reason_whichever_term_the_layer_is(form):
+    found, skipped = nna.find_pairs(_Residual(form), torch.randn(2, 4, 6, 6))
     assert [(p.producer, p.consumer) for p in found] == [("c1", "c2")]
     assert "residual sum" in dict(skipped)["c2"]
     assert "first argument" not in dict(skipped)["c2"]
