@@ -493,9 +493,13 @@ def _channelwise_conv(producer: nn.Module, conv: nn.Module, n_units: int,
         return (f"depthwise convolution with channel multiplier {conv.out_channels // conv.in_channels} "
                 f"({conv.in_channels} -> {conv.out_channels} channels) is not supported: each input channel feeds "
                 "several output channels; only multiplier 1 (out_channels = in_channels) is")
-    if not _conv.is_conv(producer) or _conv.rank(producer) != _conv.rank(conv):
-        return (f"a depthwise {_conv.base_class(conv).__name__} after a {type(producer).__name__} producer is not "
-                "supported; it must have the producer convolution's rank")
+    if not _conv.is_conv(producer):
+        return (f"a depthwise {_conv.base_class(conv).__name__} after a {type(producer).__name__} producer (reshaped "
+                "into channels or not) is not supported: a depthwise convolution may lie only between a convolution "
+                "producer and its consumer")
+    if _conv.rank(producer) != _conv.rank(conv):
+        return (f"a depthwise {_conv.base_class(conv).__name__} after a {_conv.base_class(producer).__name__} "
+                "producer is not supported; it must have the producer convolution's rank")
     if conv.in_channels != n_units:
         return f"depthwise convolution has {conv.in_channels} channels, expected the producer's {n_units}"
     return _weight_ok(conv, in_shape)

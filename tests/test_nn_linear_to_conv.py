@@ -330,6 +330,23 @@ def test_reshapes_that_do_not_give_channels_are_refused() -> None:
     assert "not the Linear producer's (N, 12) output" in why
 
 
+def test_a_depthwise_convolution_after_the_reshape_is_refused_with_the_reason() -> None:
+    # a depthwise convolution lies only between two convolutions; the reason must not ask for a "producer
+    # convolution's rank" when the producer is a Linear
+    class Depthwise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.un = nn.Linear(5, 6 * 4 * 4), nn.Unflatten(1, (6, 4, 4))
+            self.dw, self.conv = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 3, 3)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.conv(F.relu(self.dw(self.un(self.fc(z)))))
+
+    why = dict(nna.find_pairs(Depthwise().eval(), torch.randn(2, 5))[1])["fc"]
+    assert "a depthwise Conv2d after a Linear producer (reshaped into channels or not) is not supported" in why
+    assert "convolution's rank" not in why
+
+
 # ---- the caller's model ---------------------------------------------------------------------------------------------
 
 def test_the_callers_model_is_not_modified() -> None:
