@@ -166,8 +166,9 @@ class PruneReport:
     layers : list of LayerReport
         One report per prunable pair (a pair may keep all its units).
     skipped : list of (str, str)
-        ``(module name, reason)`` for each ``Linear``, ``Conv1d`` or ``Conv2d`` that is not a prunable producer
-        (see :func:`find_pairs`), or that ``pairs=`` did not declare as one.
+        ``(module name, reason)`` for each ``Linear`` or convolution (``Conv1d``, ``Conv2d``, ``ConvTranspose1d``,
+        ``ConvTranspose2d``) that is not a prunable producer (see :func:`find_pairs`), or that ``pairs=`` did not
+        declare as one.
     time_s : float
         Wall time of the whole call, in seconds.
     """
