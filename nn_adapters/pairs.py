@@ -67,7 +67,10 @@ removed without removing everything), GroupNorms of different group sizes on one
 ``Linear`` producer (reshaped into channels or not), one on a tensor that is not the producer's ``(N, C,
 *spatial)`` output of its rank (e.g. after a flatten or a global pooling), and a squeeze-and-excitation gate on
 the same path (its rows follow single channels). Such pairs are found by tracing only; a declared pair through a
-GroupNorm is refused.
+GroupNorm is refused. So is group normalisation written in ``forward()`` (``F.group_norm(x, G, weight, bias)``,
+``torch.group_norm``): the pruned network runs the same code, which would split the kept channels into ``G`` groups
+again, and its weight and bias are tensors, not a layer the pruner rebuilds; the reason says to write it as an
+``nn.GroupNorm`` module.
 
 Depthwise convolutions
 ----------------------
@@ -206,6 +209,8 @@ _RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, tor
 # x.add(h)).
 _SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
+# Group normalisation written in forward(): its group count is fixed in the code (see _functional_group_norm_reason).
+_GROUP_NORM_FUNCTIONS = {F.group_norm, torch.group_norm}
 
 
 @dataclass(frozen=True, repr=False)
@@ -846,6 +851,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             elif is_function and u.target in _PAD_FUNCTIONS:
                 if (why := _pad_reason(cur, u, name, path_rank)) is not None:
                     return why
+            elif is_function and u.target in _GROUP_NORM_FUNCTIONS:
+                return _functional_group_norm_reason(u, name)
             elif u.target not in (_ELEMENTWISE_FUNCTIONS if is_function else _ELEMENTWISE_METHODS):
                 what = f"operation {name}" if is_function else f"method .{name}()"
                 return f"unsupported {what} after the producer"
@@ -1283,6 +1290,26 @@ def _group_norm_reason(cur: fx.Node, name: str, norm: nn.GroupNorm, path_rank: i
         return (f"{what} after a squeeze-and-excitation gate: the gate's rows follow single channels and the units "
                 "would be groups of channels, which is not supported")
     return None
+
+
+def _functional_group_norm_reason(node: fx.Node, name: str) -> str:
+    """Why ``F.group_norm(x, G, weight, bias)`` (or ``torch.group_norm``) written in ``forward()`` on the path
+    cannot be pruned: the pruned network runs the same code, so it would split the kept channels into ``G`` groups
+    again (groups of other channels, or an error when ``G`` does not divide them), and ``weight`` and ``bias``, when
+    passed, are tensors (the model's parameters), not a layer the pruner rebuilds with the kept channels' entries."""
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+    affine = [a for a in (*node.args[2:4], node.kwargs.get("weight"), node.kwargs.get("bias")) if a is not None]
+    if isinstance(groups, int):
+        why = (f"{name}(x, {groups}, ...) in forward() after the producer fixes its number of groups in the code: the "
+               f"pruned network would split the kept channels into {groups} groups again instead of keeping whole "
+               "groups")
+    else:
+        why = (f"{name} in forward() after the producer normalises groups of its channels in a function call, which "
+               "the pruner does not rebuild")
+    if affine:
+        why += ", and its weight and bias are tensors passed in forward(), which the pruner does not shrink"
+    return (f"{why}; write it as an nn.GroupNorm(G, C) module, which is pruned group by group (it becomes "
+            "GroupNorm(G_kept, C_kept) with the kept channels' entries)")
 
 
 def _resample_reason(cur: fx.Node, name: str, path_rank: int | None) -> str | None:

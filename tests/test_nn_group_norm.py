@@ -309,6 +309,52 @@ def test_a_group_norm_of_the_wrong_rank_is_refused():
     assert "GroupNorm(4, 16) 'gn' reads a 3-D tensor (2, 16, 25), not the (N, C, H, W) output" in dict(skipped)["c1"]
 
 
+class FunctionalGroupNorm(nn.Module):
+    """conv(3 -> 16) -> F.group_norm(h, 4, ...) written in forward() -> ReLU -> conv(16 -> 4); the affine entries,
+    when passed, are the model's parameters."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.c1, self.c2 = nn.Conv2d(3, C, 3), nn.Conv2d(C, 4, 3)
+        self.weight, self.bias = nn.Parameter(torch.rand(C) + 0.5), nn.Parameter(torch.randn(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(x)
+        if self.form == "affine":
+            h = F.group_norm(h, 4, self.weight, self.bias)
+        elif self.form == "plain":
+            h = F.group_norm(h, 4)
+        elif self.form == "keywords":
+            h = F.group_norm(h, num_groups=4, weight=self.weight, bias=self.bias, eps=1e-6)
+        elif self.form == "torch":
+            h = torch.group_norm(h, 4, self.weight)
+        else:  # the group count computed from the tensor
+            h = F.group_norm(h, h.size(1) // 4)
+        return self.c2(F.relu(h))
+
+
+@pytest.mark.parametrize("form", ["affine", "plain", "keywords", "torch", "computed"])
+def test_a_functional_group_norm_is_refused_with_the_advice_to_use_the_module(form):
+    pairs, skipped = nna.find_pairs(FunctionalGroupNorm(form), torch.randn(2, 3, 7, 7))
+    assert not pairs
+    why = dict(skipped)["c1"]
+    assert "group_norm" in why and "in forward() after the producer" in why
+    assert "write it as an nn.GroupNorm(G, C) module, which is pruned group by group" in why
+    if form != "computed":  # a literal count: the pruned forward() would make 4 groups of the kept channels
+        assert "would split the kept channels into 4 groups again" in why
+    assert ("its weight and bias are tensors passed in forward()" in why) == (form in ("affine", "keywords", "torch"))
+
+
+def test_why_a_functional_group_norm_cannot_follow_the_pruning():
+    # The pruned network runs the same forward(): F.group_norm(h_kept, 4) on the 8 channels of 2 kept groups makes
+    # 4 groups of 2 channels, which is not the original normalisation restricted to the kept channels.
+    h = torch.randn(5, C, 4, 4, generator=torch.Generator().manual_seed(3)) * torch.arange(1.0, C + 1)[:, None, None]
+    kept = torch.arange(8)  # groups 0 and 1 of GroupNorm(4, 16)
+    assert not torch.allclose(F.group_norm(h[:, kept], 4), F.group_norm(h, 4)[:, kept], atol=1e-3)
+    torch.testing.assert_close(F.group_norm(h[:, kept], 2), F.group_norm(h, 4)[:, kept])  # what nn.GroupNorm becomes
+
+
 def test_a_declared_pair_through_a_group_norm_is_refused_with_the_reason():
     net, x = _build(4, n=32)
     with pytest.raises(ValueError, match="GroupNorm 'gn' in between: a pair through a GroupNorm is found by tracing"):
