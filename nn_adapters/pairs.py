@@ -53,24 +53,28 @@ it normalises each channel on its own, is recorded in ``between`` and loses the 
 Group normalisation
 -------------------
 ``nn.GroupNorm(G, C)`` normalises each group of ``C / G`` consecutive channels of each sample on its own, so
-removing one channel would change the statistics of the rest of its group, while removing a whole group leaves
-every other group's output unchanged. Between a convolution producer and its consumer (``conv->conv`` or
-``conv->linear``, 1-D or 2-D: the ResBlock of a diffusion U-Net, ``conv1 -> GroupNorm(32, C) -> SiLU -> dropout ->
-conv2``, a ResNet with GroupNorm, a detection head) the pair's units are therefore the ``G`` groups
-(``group_size = C / G`` channels each): unit ``g`` is the producer's output channels ``g * C/G ... (g + 1) * C/G -
-1`` (``rows_per_unit = C / G``), the same channels of every BatchNorm, InstanceNorm or depthwise convolution on the
-way, and the consumer's input columns of those channels (``cols_per_unit`` is ``C/G`` times the kernel taps, the
-positions after a flatten, or 1 after a global pooling). The GroupNorm becomes ``GroupNorm(G_kept, C_kept)`` with
-the kept channels' affine entries (same ``eps`` and ``affine``) and is recorded in ``between``. ``GroupNorm(C, C)``
-is per channel (a unit is one channel). Refused with the reason: ``GroupNorm(1, C)`` (one group: nothing can be
-removed without removing everything), GroupNorms of different group sizes on one path, a GroupNorm after a
-``Linear`` producer (reshaped into channels or not), one on a tensor that is not the producer's ``(N, C,
-*spatial)`` output of its rank (e.g. after a flatten or a global pooling), and a squeeze-and-excitation gate on
-the same path (its rows follow single channels). Such pairs are found by tracing only; a declared pair through a
-GroupNorm is refused. So is group normalisation written in ``forward()`` (``F.group_norm(x, G, weight, bias)``,
-``torch.group_norm``): the pruned network runs the same code, which would split the kept channels into ``G`` groups
-again, and its weight and bias are tensors, not a layer the pruner rebuilds; the reason says to write it as an
-``nn.GroupNorm`` module.
+removing one channel would change the statistics of the rest of its group, while removing a whole group leaves every
+other group's output unchanged. Between a convolution producer and its consumer (``conv->conv`` or ``conv->linear``,
+1-D or 2-D: the ResBlock of a diffusion U-Net, ``conv1 -> GroupNorm(32, C) -> SiLU -> dropout -> conv2``, a ResNet
+with GroupNorm, a detection head) the pair's units are therefore the ``G`` groups (``group_size = C / G`` channels
+each): unit ``g`` is the producer's output channels ``g * C/G ... (g + 1) * C/G - 1`` (``rows_per_unit = C / G``),
+the same channels of every BatchNorm, InstanceNorm or depthwise convolution on the way, and the consumer's input
+columns of those channels (``cols_per_unit`` is ``C/G`` times the kernel taps, the positions after a flatten, or 1
+after a global pooling). The GroupNorm may also normalise the ``(N, C)`` vector of a global pooling (``conv -> ReLU
+-> AdaptiveAvgPool2d(1) -> Flatten -> GroupNorm(G, C) -> Linear``, or after ``x.mean((2, 3))``): its groups are
+still groups of ``C / G`` channels, one value each, so the units are the same groups and the ``Linear``'s columns
+follow (within a group the normalised values and the intercept are linearly dependent, so without a ridge the refit
+weights are one least-squares solution of several; the fit is unique). The GroupNorm becomes ``GroupNorm(G_kept,
+C_kept)`` with the kept channels' affine entries (same ``eps`` and ``affine``) and is recorded in ``between``.
+``GroupNorm(C, C)`` is per channel (a unit is one channel). Refused with the reason: ``GroupNorm(1, C)`` (one group:
+nothing can be removed without removing everything), GroupNorms of different group sizes on one path, a GroupNorm
+after a ``Linear`` producer (reshaped into channels or not), one on a tensor that is neither the producer's ``(N, C,
+*spatial)`` output of its rank nor its ``(N, C)`` global pooling (e.g. after a flatten of the positions, ``(N,
+C*H*W)``), and a squeeze-and-excitation gate on the same path (its rows follow single channels). Such pairs are
+found by tracing only; a declared pair through a GroupNorm is refused. So is group normalisation written in
+``forward()`` (``F.group_norm(x, G, weight, bias)``, ``torch.group_norm``): the pruned network runs the same code,
+which would split the kept channels into ``G`` groups again, and its weight and bias are tensors, not a layer the
+pruner rebuilds; the reason says to write it as an ``nn.GroupNorm`` module.
 
 Depthwise convolutions
 ----------------------
@@ -777,7 +781,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                         "channels, is)")
             elif isinstance(m, nn.GroupNorm):
                 if (why := _group_norm_reason(cur, u.target, m, path_rank, shaped is not None, n_units, group_size,
-                                              bool(se))) is not None:
+                                              bool(se), flattened_hw == 1)) is not None:
                     return why
                 group_size = m.num_channels // m.num_groups
                 between.append(u.target)
@@ -1257,15 +1261,17 @@ def _instance_norm_reason(cur: fx.Node, name: str, norm: nn.Module, path_rank: i
 
 
 def _group_norm_reason(cur: fx.Node, name: str, norm: nn.GroupNorm, path_rank: int | None, reshaped: bool,
-                       n_channels: int, group_size: int, gated: bool) -> str | None:
+                       n_channels: int, group_size: int, gated: bool, pooled: bool = False) -> str | None:
     """Why an ``nn.GroupNorm(G, C)`` on the path tensor ``cur`` cannot have its groups pruned whole, or ``None``.
 
     It normalises each group of ``C / G`` consecutive channels of each sample on its own, so removing a whole
     group leaves the other groups' outputs unchanged (a single channel would change its group's statistics): the
     units of the pair become groups. That needs the producer's ``n_channels`` convolution channels as dim 1 of an
     ``(N, C, *spatial)`` tensor of the path's rank (``path_rank``; ``None`` for a ``Linear``'s output, and
-    ``reshaped`` for one reshaped into channels), more than one group, the group size ``group_size`` of any earlier
-    GroupNorm on the path (1: none yet), and no squeeze-and-excitation gate before it (``gated``).
+    ``reshaped`` for one reshaped into channels), or of its ``(N, C)`` global pooling (``pooled``: one value per
+    channel, e.g. ``AdaptiveAvgPool2d(1) -> Flatten`` or ``x.mean((2, 3))``, whose groups are groups of channels
+    too), more than one group, the group size ``group_size`` of any earlier GroupNorm on the path (1: none yet), and
+    no squeeze-and-excitation gate before it (``gated``).
     """
     what = f"GroupNorm({norm.num_groups}, {norm.num_channels}) {name!r}"
     if path_rank is None or reshaped:
@@ -1273,9 +1279,9 @@ def _group_norm_reason(cur: fx.Node, name: str, norm: nn.GroupNorm, path_rank: i
                 "between a convolution producer and its consumer")
     shape = _shape(cur)
     layout = "(N, C, L)" if path_rank == 1 else "(N, C, H, W)"
-    if shape is not None and len(shape) != path_rank + 2:
-        return (f"{what} reads a {len(shape)}-D tensor {shape}, not the {layout} output of the producer, so its "
-                "groups are not groups of the producer's channels")
+    if shape is not None and len(shape) != path_rank + 2 and not (pooled and len(shape) == 2):
+        return (f"{what} reads a {len(shape)}-D tensor {shape}, not the {layout} output of the producer or its "
+                "(N, C) global pooling, so its groups are not groups of the producer's channels")
     if norm.num_channels != n_channels:
         return f"{what} has {norm.num_channels} channels, expected the producer's {n_channels}"
     if norm.num_groups == 1:

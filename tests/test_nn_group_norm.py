@@ -4,7 +4,8 @@
 a whole group leaves every other group's output unchanged, while removing one channel would change the statistics
 of the rest of its group. Such a pair has ``G`` units of ``C / G`` channels: the producer loses a group's rows, the
 GroupNorm becomes ``GroupNorm(G_kept, C_kept)`` with the kept channels' affine entries, and the consumer loses the
-group's input columns.
+group's input columns. The same holds for a GroupNorm on the ``(N, C)`` vector of a global pooling before a
+``Linear``. ``F.group_norm`` written in ``forward()`` cannot follow the pruning and is refused.
 
 Oracles, independent of the implementation: the unpruned network (keep everything), the original network with the
 removed groups' channels zeroed at the consumer's input (no refit), the original GroupNorm applied to a tensor that
@@ -290,6 +291,106 @@ def test_a_group_norm_after_a_linear_producer_is_refused(reshape):
     pairs, skipped = nna.find_pairs(LinearThenGroupNorm(reshape), torch.randn(2, 4))
     assert not pairs
     assert "GroupNorm(4, 16) 'gn' after a Linear producer normalises groups of its units" in dict(skipped)["fc"]
+
+
+class PooledGroupNorm(nn.Module):
+    """conv(3 -> 16) -> ReLU -> global average pooling -> GroupNorm(groups, 16) on the pooled (N, 16) vector ->
+    Linear(16, 5), 1-D or 2-D; the pooling is AdaptiveAvgPool(1) -> Flatten (``head="pool"``) or ``x.mean(spatial
+    dims)`` written in forward() (``head="mean"``)."""
+
+    def __init__(self, groups: int, rank: int = 2, head: str = "pool") -> None:
+        super().__init__()
+        self.head, self.rank = head, rank
+        self.c1 = (nn.Conv2d if rank == 2 else nn.Conv1d)(3, C, 3, padding=1)
+        self.pool = nn.Sequential((nn.AdaptiveAvgPool2d if rank == 2 else nn.AdaptiveAvgPool1d)(1), nn.Flatten())
+        self.gn, self.fc = nn.GroupNorm(groups, C), nn.Linear(C, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        h = self.pool(h) if self.head == "pool" else h.mean(tuple(range(2, 2 + self.rank)))
+        return self.fc(self.gn(h))
+
+
+def _pooled(groups: int, rank: int = 2, head: str = "pool", n: int = 128):
+    torch.manual_seed(0)
+    net = randomise_gn(PooledGroupNorm(groups, rank, head)).eval()
+    return net, torch.randn(n, 3, *(6,) * rank)
+
+
+POOLED = [(4, 2, "pool"), (8, 2, "mean"), (4, 1, "pool"), (2, 1, "mean")]
+
+
+@pytest.mark.parametrize(("groups", "rank", "head"), POOLED)
+def test_a_group_norm_on_the_pooled_vector_has_groups_as_units(groups, rank, head):
+    net, x = _pooled(groups, rank, head)
+    (pair,), _ = nna.find_pairs(net, x[:2])
+    size = C // groups
+    assert (pair.producer, pair.consumer, pair.between, pair.kind) == ("c1", "fc", ("gn",), "conv->linear")
+    # a group is `size` producer channels, each one pooled value: one column of the Linear per channel
+    assert (pair.n_units, pair.group_size, pair.rows_per_unit, pair.cols_per_unit) == (groups, size, size, size)
+    full, _ = nna.prune(net, x, keep=1.0, method="asym")
+    with torch.no_grad():
+        want = net(x)
+        torch.testing.assert_close(full(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", reweight=False)
+    kept = report.layers[0].kept_units
+    channels = [g * size + i for g in kept for i in range(size)]
+    assert (pruned.c1.out_channels, pruned.gn.num_groups, pruned.gn.num_channels, pruned.fc.in_features) == (
+        C // 2, groups // 2, C // 2, C // 2)
+    assert torch.equal(pruned.gn.weight, net.gn.weight[channels]) and torch.equal(pruned.gn.bias, net.gn.bias[channels])
+    with torch.no_grad():
+        got = pruned(x)
+    want = zeroed_at_consumers(net, report, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_the_refit_behind_a_pooled_group_norm_equals_lstsq_on_the_captured_linear_input():
+    net, x = _pooled(4)
+    net, x = net.double(), x.double()
+    seen = []
+    handle = net.fc.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    with torch.no_grad():
+        net(x)
+    handle.remove()
+    pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
+    kept = np.asarray(report.layers[0].kept_units)
+    A_full = seen[0].numpy()  # (N, 16): the normalised pooled channels
+    Y = A_full @ net.fc.weight.detach().numpy().T
+    channels = (kept[:, None] * 4 + np.arange(4)).ravel()
+    A = np.hstack([A_full[:, channels], np.ones((len(A_full), 1))])
+    sol = np.linalg.lstsq(A, Y, rcond=None)[0]
+    # The weights are not unique: a group's normalised values satisfy sum_j (z_j - bias_j) / weight_j = 0 for every
+    # sample, so its columns and the intercept are linearly dependent. The least-squares fit itself is unique.
+    assert np.linalg.matrix_rank(A) < A.shape[1]
+    fit = A_full[:, channels] @ pruned.fc.weight.detach().numpy().T + (pruned.fc.bias - net.fc.bias).detach().numpy()
+    np.testing.assert_allclose(fit, A @ sol, atol=1e-8 * np.abs(Y).max())
+
+
+@pytest.mark.parametrize("head", ["pool", "mean"])
+def test_a_compression_budget_is_met_behind_a_pooled_group_norm(head, tmp_path):
+    net, x = _pooled(8, head=head, n=64)
+    check_budgets_against_built_networks(net, x, (1.3, 2.0))
+    pruned, _ = nna.prune(net, x, keep=0.5, method="asym")
+    assert_save_load_round_trip(pruned, PooledGroupNorm(8, head=head), x, tmp_path / "net.pt")
+
+
+class PartlyPooledGroupNorm(nn.Module):
+    """conv -> AdaptiveAvgPool2d(2) -> flatten -> GroupNorm(4, 64): groups of the (N, C * 4) positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.pool = nn.Conv2d(3, C, 3), nn.AdaptiveAvgPool2d(2)
+        self.gn, self.fc = nn.GroupNorm(4, 4 * C), nn.Linear(4 * C, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gn(self.pool(self.c1(x)).flatten(1)))
+
+
+def test_a_group_norm_on_flattened_positions_is_still_refused():
+    pairs, skipped = nna.find_pairs(PartlyPooledGroupNorm(), torch.randn(2, 3, 7, 7))
+    assert not pairs
+    assert ("GroupNorm(4, 64) 'gn' reads a 2-D tensor (2, 64), not the (N, C, H, W) output of the producer or its "
+            "(N, C) global pooling") in dict(skipped)["c1"]
 
 
 class FlatGroupNorm(nn.Module):
