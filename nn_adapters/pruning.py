@@ -116,6 +116,10 @@ class LayerReport:
         The relative ridge of the greedy selection, the objective ``error_curve`` and ``verification`` are about
         (it can differ from the refit's ``ridge``; absolute ridge = ``selection_ridge`` times the mean centred
         diagonal of ``A^T A``, see ``nn_adapters._stats.FoldStats.objective``). ``None`` for the baselines.
+    fixed_channels : int
+        The consumer's input channels (for a ``Linear`` consumer, its column blocks of one channel or feature) that
+        come from the other operands of a concatenation with the producer's output (:attr:`PrunablePair.n_fixed`):
+        kept whole, with their columns in the refit, besides the ``kept`` units. 0 without a concatenation.
     """
 
     pair: str
@@ -132,6 +136,7 @@ class LayerReport:
     error_curve: list[float] | None = None
     verification: dict[str, tuple] | None = None
     selection_ridge: float | None = None
+    fixed_channels: int = 0
 
 
 @dataclass
@@ -214,6 +219,8 @@ class PruneReport:
         for r in self.layers:
             err = "n/a" if r.relative_error is None else f"{r.relative_error:.4f}"
             line = f"  {r.pair:<28} {r.kind:<15} kept {r.kept:>4}/{r.n_units:<4} rel.err {err}"
+            if r.fixed_channels:
+                line += f" (+{r.fixed_channels} fixed channels of the concatenation)"
             if r.cv_relative_error is not None:
                 line += f" (held-out est. {r.cv_relative_error:.4f}, ridge {r.ridge:.0e} by {r.ridge_choice})"
             lines.append(line)
@@ -564,7 +571,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                    out.time_s + time.perf_counter() - t0,
                                    ridge=lam if lam is None or np.isfinite(lam) else None, ridge_choice=how,
                                    cv_relative_error=cv_err, error_curve=curve, verification=out.verification,
-                                   selection_ridge=None if out.path is None else float(out.path.ridge)))
+                                   selection_ridge=None if out.path is None else float(out.path.ridge),
+                                   fixed_channels=pair.n_fixed))
         bar.update(1)
         return idx
 

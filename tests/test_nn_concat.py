@@ -443,6 +443,23 @@ def test_verify_and_the_error_curve_measure_the_same_relative_errors():
     assert lr.error_curve == sorted(lr.error_curve, reverse=True)
 
 
+@pytest.mark.parametrize("case", ["unet2d bn", "mlp input skip", "conv head"])
+def test_the_report_says_how_many_channels_the_concatenation_fixes(case):
+    """The other operands' channel count (written in CASES from the models' layers) is in the pair's report, its
+    dict and its summary line; a pair without a concatenation reports none."""
+    net, x = _build(case)
+    _, rep = nna.prune(net, x, keep=0.5)
+    producer, consumer, _, _, _, n_fixed, _ = _expected(case)
+    name = f"{producer}->{consumer}"
+    fixed = {r.pair: r.fixed_channels for r in rep.layers}
+    assert fixed.pop(name) == n_fixed > 0
+    assert set(fixed.values()) <= {0}
+    line = next(ln for ln in rep.summary().splitlines() if ln.strip().startswith(name))
+    assert f"(+{n_fixed} fixed channels of the concatenation)" in line
+    layers = rep.to_dict()["layers"]
+    assert next(d for d in layers if d["pair"] == name)["fixed_channels"] == n_fixed
+
+
 def test_keep_by_pair_name_and_the_summary():
     net, x = _build("unet2d")
     _, rep = nna.prune(net, x, keep={"up->d1": 0.4}, method="asym")
