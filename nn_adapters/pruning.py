@@ -118,7 +118,7 @@ class LayerReport:
         diagonal of ``A^T A``, see ``nn_adapters._stats.FoldStats.objective``). ``None`` for the baselines.
     fixed_channels : int
         The consumer's input channels (for a ``Linear`` consumer, its column blocks of one channel or feature) that
-        come from the other operands of a concatenation with the producer's output (:attr:`PrunablePair.n_fixed`):
+        come from the other operands of a concatenation with the producer's output (``PrunablePair.n_fixed``):
         kept whole, with their columns in the refit, besides the ``kept`` units. 0 without a concatenation.
     """
 
