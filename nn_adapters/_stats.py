@@ -340,6 +340,7 @@ class PairStats(FoldStats):
         self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
         self._batch = 0         # batches seen (the next entry of the plan)
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
+        self._phase_cache: dict[tuple[int, ...], list | None] = {}  # a strided transposed consumer's phases
         self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
         self._se_count = 0
 
@@ -371,8 +372,6 @@ class PairStats(FoldStats):
                              "infinite activations; check the model's weights and the calibration data.")
         xt = x if x_target is None else x_target.detach()
         n = x.shape[0]
-        per_sample = max(1, design_rows(self.consumer, x[:1]).shape[0])
-        step = max(1, _CHUNK_ELEMS // max(1, per_sample * self.W.shape[1]))
         K = self.n_folds
         if self._plan is not None and K > 1:  # the folds of this batch's samples (copies share a fold)
             planned = np.asarray(self._plan[self._batch], dtype=np.int64) % K
@@ -382,10 +381,13 @@ class PairStats(FoldStats):
             self._batch += 1
         else:
             planned = (self._seen + np.arange(n)) % K
-        phases = _conv.polyphase(self.consumer, tuple(x.shape[2:])) if _POLYPHASE else None
+        phases = self._phases(tuple(x.shape[2:])) if _POLYPHASE else None
         if phases is not None:  # a chunk holds the phases' rows only
-            per_sample_elems = sum(t.numel() * p.numel() for t, p, _ in phases) * x.shape[1]
-            step = max(1, _CHUNK_ELEMS // max(1, per_sample_elems))
+            per_sample = 0  # unused: the phases' rows are dealt into folds by _update_blocks
+            step = max(1, _CHUNK_ELEMS // max(1, sum(t.numel() * p.numel() for t, p, _ in phases) * x.shape[1]))
+        else:
+            per_sample = max(1, design_rows(self.consumer, x[:1]).shape[0])
+            step = max(1, _CHUNK_ELEMS // max(1, per_sample * self.W.shape[1]))
         for s in range(0, n, step):
             if phases is not None:
                 ns = min(step, n - s)
@@ -413,6 +415,13 @@ class PairStats(FoldStats):
             self._seen += ns
         self._total = None
 
+
+    def _phases(self, spatial: tuple[int, ...]) -> list[tuple[torch.Tensor, ...]] | None:
+        """:func:`nn_adapters._conv.polyphase` of the consumer for inputs of spatial size ``spatial``, computed
+        once per size."""
+        if spatial not in self._phase_cache:
+            self._phase_cache[spatial] = _conv.polyphase(self.consumer, spatial)
+        return self._phase_cache[spatial]
 
     def _update_blocks(self, x: torch.Tensor, xt: torch.Tensor | None,
                        phases: list[tuple[torch.Tensor, ...]], folds: np.ndarray) -> None:
@@ -738,19 +747,14 @@ def capture_hooks(model: nn.Module, pairs: list[PrunablePair], stats: dict[str, 
 
 
 def slice_units(x: torch.Tensor, pair: PrunablePair, idx: torch.Tensor) -> torch.Tensor:
-    """Keep the units ``idx`` of a consumer input ``x`` (channels or groups of channels, flattened channel blocks
-    or neurons; with the fixed channels of a concatenation's other operands)."""
-    if pair.n_fixed:
-        keep = pair.consumer_channels(idx)
-        if pair.conv_consumer:
-            return x[:, keep]
-        if pair.kind == "conv->linear":
-            n = x.shape[0]
-            return x.reshape(n, -1, pair.cols_per_channel)[:, keep].reshape(n, -1)
-        return x[..., keep]
+    """Keep the units ``idx`` of a consumer input ``x``: its input channels of those units
+    (:meth:`PrunablePair.consumer_channels`: a unit's channels, a group's behind a GroupNorm, and the fixed channels
+    of a concatenation's other operands), as channels of a convolution consumer, blocks of a channel's columns of a
+    ``Linear`` after a flatten, or features of a ``Linear``."""
+    keep = pair.consumer_channels(idx)
     if pair.conv_consumer:
-        return x[:, pair.channels(idx)]
+        return x[:, keep]
     if pair.kind == "conv->linear":
         n = x.shape[0]
-        return x.reshape(n, pair.n_units, pair.cols_per_unit)[:, idx].reshape(n, -1)
-    return x[..., idx]
+        return x.reshape(n, -1, pair.cols_per_channel)[:, keep].reshape(n, -1)
+    return x[..., keep]

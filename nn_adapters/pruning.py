@@ -558,14 +558,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if pair.se:
             keep_se(work.get_submodule(pair.se[0]), work.get_submodule(pair.se[1]), idx,
                     st.se_input_mean() if se_bias_correction else None)
-        # a convolution consumer keeps input channels (a unit's group_size of them behind a GroupNorm; with the
-        # fixed channels of a concatenation's other operands), a Linear consumer column blocks
-        if pair.n_fixed:
-            set_inputs(work.get_submodule(pair.consumer), pair.consumer_channels(idx), pair.cols_per_channel, weight,
-                       bias)
-        else:
-            set_inputs(work.get_submodule(pair.consumer), pair.channels(idx) if pair.conv_consumer else idx,
-                       pair.cols_per_unit, weight, bias)
+        # the consumer keeps the units' input channels (a unit's group_size of them behind a GroupNorm; with the
+        # fixed channels of a concatenation's other operands), for a Linear consumer their blocks of columns
+        set_inputs(work.get_submodule(pair.consumer), pair.consumer_channels(idx), pair.cols_per_channel, weight, bias)
         curve = None if out.path is None else [float(e) for e in out.path.relative_errors[:k + 1]]
         reports.append(LayerReport(pair.name, pair.kind, pair.n_units, k, kept.tolist(), out.order.tolist(), rel,
                                    out.time_s + time.perf_counter() - t0,

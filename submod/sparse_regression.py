@@ -872,14 +872,15 @@ class GramAccumulator:
         if len(weights) != len(blocks):
             raise ValueError(f"sample_weight has {len(weights)} entries for {len(blocks)} blocks; pass one weight "
                              "array (or None) per block.")
+        for i, blk in enumerate(blocks):
+            if not isinstance(blk, (tuple, list)) or len(blk) != 3:
+                raise ValueError(f"block {i} must be a tuple (columns, A_part, Y_part); got {type(blk).__name__}.")
         if self._device is None and "torch" in sys.modules:
             dev = _torch_backend().non_cpu_device(*(x for blk in blocks for x in blk), *weights)
             if dev is not None:
                 self._move_to(dev)
         parts = []
         for i, blk in enumerate(blocks):
-            if not isinstance(blk, (tuple, list)) or len(blk) != 3:
-                raise ValueError(f"block {i} must be a tuple (columns, A_part, Y_part); got {type(blk).__name__}.")
             raw = blk[0].cpu() if hasattr(blk[0], "cpu") else blk[0]  # a torch tensor of indices, on any device
             if np.ndim(raw) != 1:
                 raise ValueError(f"the columns of block {i} must be a 1-D list of column indices; got shape "

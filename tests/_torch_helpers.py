@@ -39,6 +39,19 @@ class GlobalPoolNet(nn.Module):
         return self.fc(self.head(F.relu(self.c2(F.relu(self.c1(x))))))
 
 
+def captured_input(net: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``module`` (its first positional argument, a detached copy) in one forward pass of ``net`` on
+    ``x``: the consumer's activations that a refit oracle solves its least squares on."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor,
                         offsets: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
     """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's

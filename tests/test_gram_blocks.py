@@ -129,6 +129,7 @@ def test_zero_weight_blocks_count_rows_but_change_nothing():
     ([([[0, 1]], np.ones((2, 2)), np.ones((2, 1)))], None, "1-D list of column indices"),
     ([([0.5], np.ones((2, 1)), np.ones((2, 1)))], None, "integer indices"),
     ([([0], np.ones((2, 1)))], None, "tuple \\(columns, A_part, Y_part\\)"),
+    ([3], None, "block 0 must be a tuple \\(columns, A_part, Y_part\\); got int"),
     ([([0], np.ones((2, 1)), np.ones((3, 1)))], None, "A_batch has 2 rows but Y_batch has 3"),
     ([([0], np.ones((2, 1)), np.ones((2, 2)))], None, "n_targets=1"),
     ([([0], np.array([[np.nan], [1.0]]), np.ones((2, 1)))], None, "NaN or infinite"),

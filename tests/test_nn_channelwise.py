@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import check_budgets_against_built_networks, zeroed_at_consumers
+from _torch_helpers import captured_input, check_budgets_against_built_networks, zeroed_at_consumers
 from torch import nn
 
 import nn_adapters as nna
@@ -151,14 +151,9 @@ def test_refit_equals_lstsq_on_the_captured_consumer_input(case):
     net, x = _build(case)
     net, x = net.double(), x.double()
     name, cons = _consumer(net)
-    seen = []
-    handle = cons.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
+    h = captured_input(net, cons, x)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     kept = np.asarray(report.layers[0].kept_units)
-    h = seen[0]
     if h.dim() == 3:  # a 1-D convolution's patches: the 2-D unfold of an (N, C, 1, L) map
         h = h.unsqueeze(2)
     k = cons.kernel_size if len(cons.kernel_size) == 2 else (1, *cons.kernel_size)

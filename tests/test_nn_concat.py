@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from _torch_helpers import (
     assert_save_load_round_trip,
+    captured_input,
     check_budgets_against_built_networks,
     randomise_bn,
     zeroed_at_consumers,
@@ -134,12 +135,7 @@ def _design(net: nn.Module, consumer: str, x: torch.Tensor, channels: int) -> tu
     """The consumer's input on ``x`` captured here, as design rows (a convolution's unfolded patches, channel-major
     columns), and the columns per input channel (of the ``channels`` a Linear consumer's input was joined from)."""
     cons = net.get_submodule(consumer)
-    seen = []
-    handle = cons.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().double().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
-    h = seen[0]
+    h = captured_input(net, cons, x).double()
     if isinstance(cons, nn.Linear):  # the columns of a channel: its positions after a flatten, or one feature
         return h.reshape(-1, cons.in_features).numpy(), cons.in_features // channels
     if h.dim() == 3:  # a 1-D convolution's patches: the 2-D unfold of an (N, C, 1, L) map

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import randomise_bn, zeroed_at_consumers
+from _torch_helpers import captured_input, randomise_bn, zeroed_at_consumers
 from torch import nn
 
 import nn_adapters as nna
@@ -133,14 +133,10 @@ def test_without_refit_the_zoo_model_is_the_original_with_removed_channels_zeroe
 def test_refit_equals_lstsq_on_the_captured_project_input(case):
     net = BLOCKS[case]().double()
     x = _input(net, 60).double()
-    seen = []
-    handle = net[6].register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
+    captured = captured_input(net, net[6], x)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     kept = report.layers[0].kept_units
-    h = seen[0].numpy()  # (N, 12, *positions); a 1x1 consumer reads each position's channels as one row
+    h = captured.numpy()  # (N, 12, *positions); a 1x1 consumer reads each position's channels as one row
     A = np.moveaxis(h, 1, -1).reshape(-1, 12)
     W = net[6].weight.detach().numpy().reshape(5, 12)
     Y = A @ W.T

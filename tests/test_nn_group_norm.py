@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from _torch_helpers import (
     assert_save_load_round_trip,
+    captured_input,
     check_budgets_against_built_networks,
     randomise_bn,
     zeroed_at_consumers,
@@ -148,14 +149,10 @@ def test_group_norm_without_affine_entries_is_pruned_too():
 def test_refit_equals_lstsq_on_the_captured_consumer_input(rank):
     net, x = _build(4, rank, n=128)
     net, x = net.double(), x.double()
-    seen = []
-    handle = net.c2.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
+    captured = captured_input(net, net.c2, x)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     kept = np.asarray(report.layers[0].kept_units)
-    h = seen[0] if rank == 2 else seen[0].unsqueeze(2)  # a 1-D convolution's patches: the 2-D unfold of (N, C, 1, L)
+    h = captured if rank == 2 else captured.unsqueeze(2)  # a 1-D convolution's patches: the 2-D unfold of (N, C, 1, L)
     k = (3, 3) if rank == 2 else (1, 3)
     taps = k[0] * k[1]
     patches = F.unfold(h, k).transpose(1, 2).reshape(-1, C * taps).numpy()  # rows: positions; columns: channel-major
@@ -347,14 +344,10 @@ def test_a_group_norm_on_the_pooled_vector_has_groups_as_units(groups, rank, hea
 def test_the_refit_behind_a_pooled_group_norm_equals_lstsq_on_the_captured_linear_input():
     net, x = _pooled(4)
     net, x = net.double(), x.double()
-    seen = []
-    handle = net.fc.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
+    captured = captured_input(net, net.fc, x)
     pruned, report = nna.prune(net, x, keep=0.5, method="layer", ridge=0.0)
     kept = np.asarray(report.layers[0].kept_units)
-    A_full = seen[0].numpy()  # (N, 16): the normalised pooled channels
+    A_full = captured.numpy()  # (N, 16): the normalised pooled channels
     Y = A_full @ net.fc.weight.detach().numpy().T
     channels = (kept[:, None] * 4 + np.arange(4)).ravel()
     A = np.hstack([A_full[:, channels], np.ones((len(A_full), 1))])

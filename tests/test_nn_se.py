@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import check_budgets_against_built_networks, randomise_bn, zeroed_at_consumers
+from _torch_helpers import captured_input, check_budgets_against_built_networks, randomise_bn, zeroed_at_consumers
 from torch import nn
 
 import nn_adapters as nna
@@ -258,15 +258,11 @@ def test_without_refit_the_zoo_network_is_the_original_with_removed_channels_zer
 def test_refit_equals_lstsq_on_the_captured_gated_input(linear):
     net = _block(linear).double()
     x = _x(60).double()
-    seen = []
-    handle = net.project.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
-    with torch.no_grad():
-        net(x)
-    handle.remove()
+    captured = captured_input(net, net.project, x)
     pruned, report = nna.prune(net, x, keep={SE_PAIR: 0.5}, method="layer", ridge=0.0)
     (lr,) = [r for r in report.layers if r.pair == SE_PAIR]
     kept = lr.kept_units
-    A = np.moveaxis(seen[0].numpy(), 1, -1).reshape(-1, 12)  # the gated activations h * s, one row per position
+    A = np.moveaxis(captured.numpy(), 1, -1).reshape(-1, 12)  # the gated activations h * s, one row per position
     W = net.project.weight.detach().numpy().reshape(5, 12)
     Y = A @ W.T
     design = np.hstack([A[:, kept], np.ones((len(A), 1))])
