@@ -336,7 +336,17 @@ class PrunablePair:
     def consumer_channels(self, idx: torch.Tensor) -> torch.Tensor:
         """The consumer's input channels (for a ``Linear`` consumer, its column blocks of one channel, see
         ``offset``) kept with the units ``idx`` (sorted): :meth:`channels` after a concatenation's ``offset``, with
-        the fixed channels of its other operands, in order. :meth:`channels` itself without a concatenation."""
+        the fixed channels of its other operands, in order. :meth:`channels` itself without a concatenation.
+
+        Examples
+        --------
+        The decoder convolution ``d1(torch.cat([skip, up(b)], 1))`` with a 3-channel skip before the 4 channels of
+        ``up``: keeping ``up``'s channels 1 and 3 keeps ``d1``'s inputs 0-2 (the skip), 4 and 6.
+
+        >>> p = PrunablePair("up", "d1", (), "conv->conv", n_units=4, cols_per_unit=9, offset=3, n_fixed=3)
+        >>> p.consumer_channels(torch.tensor([1, 3])).tolist()
+        [0, 1, 2, 4, 6]
+        """
         mine = self.channels(idx)
         if not self.n_fixed:
             return mine
