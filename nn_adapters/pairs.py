@@ -839,7 +839,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if is_function and u.target in _RESIDUAL_FUNCTIONS:
                 if u.target is operator.mul:
                     return _product_reason(u, cur, name)
-                return f"its output feeds {name} (a residual sum or concatenation)"
+                return f"{where} feeds {name} (a residual sum)"
             if u.target in (_REDUCE_FUNCTIONS if is_function else _REDUCE_METHODS):
                 reduced = _position_reduction(cur, u, is_conv, n_units, name)
                 if isinstance(reduced, str):

@@ -1215,6 +1215,24 @@ def test_a_residual_sum_is_named_as_the_reason_whichever_term_the_layer_is(form)
     assert [(p.producer, p.consumer) for p in found] == [("c1", "c2")]
     assert "residual sum" in dict(skipped)["c2"]
     assert "first argument" not in dict(skipped)["c2"]
+    assert "concatenation" not in dict(skipped)["c2"]  # a sum is not called a concatenation
+
+
+class _ResidualAfterRelu(nn.Module):
+    """``relu(c2(relu(c1(x)))) + x``: c2's output reaches the residual sum through an activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))) + x)
+
+
+def test_a_residual_sum_after_operations_names_the_tensor_it_adds():
+    """The reason says where on the way the residual sum is (after the activation), as the other reasons do."""
+    _, skipped = nna.find_pairs(_ResidualAfterRelu(), torch.randn(2, 4, 6, 6))
+    assert dict(skipped)["c2"] == "its output, after relu, feeds add (a residual sum)"
 
 
 @pytest.mark.parametrize("method", ["asym", "layer", "actgrad"])
