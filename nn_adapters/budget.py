@@ -24,7 +24,9 @@ unit as they hold per channel; so do the input columns of a squeeze-and-excitati
 rows and biases of its ``fc2``. Behind a ``GroupNorm(G, C)`` a unit is a group of ``C / G`` channels: it costs
 ``C / G`` producer rows, ``C / G`` channels' consumer columns and ``2 * C / G`` GroupNorm entries. When the producer's
 output is concatenated with other tensors before the consumer, the consumer's columns of the other operands' channels
-and their entries in a BatchNorm after the concatenation are fixed.
+and their entries in a BatchNorm after the concatenation are fixed. A ``Linear`` whose output is a per-channel
+conditioning term on a pair's way (``PrunablePair.conditioning``) has a row and a bias entry per kept channel in
+each chunk of its output.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class ParamModel:
     consumer columns (``cols_per_unit``) and their ``2 * C / G`` GroupNorm entries (and those of any other layer in
     ``between``). The ``fc1`` of a
     pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a bias entry), per
-    kept unit of the pair.
+    kept unit of the pair. A ``conditioning`` layer has ``chunks * group_size`` output rows (and bias entries) per
+    kept unit; its input columns follow the pair it is the consumer of, if any.
     """
 
     def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False,
@@ -81,6 +84,9 @@ class ParamModel:
         # (pair, output rows per unit): a linear->conv producer has P rows per channel
         prod = {p.producer: (i, p.rows_per_unit) for i, p in enumerate(pairs)}
         prod |= {p.se[1]: (i, 1) for i, p in enumerate(pairs) if p.se}
+        # a conditioning Linear has a row per kept channel in each chunk of its output
+        prod |= {c: (i, m * p.group_size) for i, p in enumerate(pairs)
+                 for c, m in zip(p.conditioning, p.conditioning_chunks, strict=True)}
         cons = {p.consumer: (i, p.cols_per_unit) for i, p in enumerate(pairs)}
         cons |= {p.se[0]: (i, 1) for i, p in enumerate(pairs) if p.se}
         gets_bias = ({p.consumer for p in pairs} if adds_bias else set()) | (

@@ -127,6 +127,28 @@ it, and a concatenation after a squeeze-and-excitation gate or after a ``Linear`
 are found by tracing only; a declared pair whose consumer reads a concatenation is refused (its channel count does
 not match the producer's).
 
+Conditioning terms
+------------------
+A per-channel term computed from another input may be added to the path tensor or multiply it: the time embedding of
+a diffusion U-Net's residual block, ``conv1(...) + temb_proj(silu(temb))[:, :, None, None]`` (DDPM, diffusers'
+``ResnetBlock2D``), FiLM's ``h * (1 + scale) + shift`` with ``scale, shift = temb_proj(emb).chunk(2, dim=1)``
+(Improved DDPM's ``use_scale_shift_norm``, diffusers' ``time_embedding_norm="scale_shift"``) or with two ``Linear``
+layers, a class embedding added to a ``Linear``'s features. The term must be computed without the producer's output by
+a ``Linear`` E called once, then only element-wise operations without parameters, arithmetic with numbers, reshapes
+that follow the channel count and at most one ``torch.chunk`` along the channels, with E's output read by this path
+alone; and it must hold one value per sample and channel, broadcast over the positions (``(N, C, 1, ...)`` on a
+convolution's output, ``(N, C)`` on its global pooling or a ``Linear``'s ``(N, F)``, ``(N, 1, F)`` on ``(N, T,
+F)``). Channel ``c`` of the sum or product then depends on channel ``c`` of the path and on E's rows of channel
+``c`` only (row ``c`` of each chunk: ``c`` and ``C + c`` for ``chunk(2)``), which are removed with it
+(:meth:`nn_adapters.PrunablePair.conditioning_rows`). The pair records E in ``conditioning`` and its chunk count in
+``conditioning_chunks``, and the terms in ``ops``; GroupNorms before or after a term are fine (E keeps the kept
+groups' channels). When the term's ``Linear`` is itself a producer (``a(x) + b(y)`` between two ``Linear`` layers)
+the layer that runs first is the pair's producer. Refused with the reason: E called several times or its output read
+elsewhere, a term with another channel count or that varies over the positions, a chunk that does not condition this
+path, a reshape with a literal channel count, a term after a concatenation, on a ``Linear``'s output reshaped into
+channels or on a path with a squeeze-and-excitation gate, and a learned bias written in ``forward()`` (``h +
+self.b``, a parameter the pruner does not slice). Such pairs are found by tracing only.
+
 Units whose outputs feed a residual sum, several consumers or the network output are not prunable by this scheme
 and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is prunable, as in the paper).
 """
@@ -307,6 +329,14 @@ class PrunablePair:
     after_cat : tuple of str
         The layers of ``between`` that lie after the concatenation (a BatchNorm over the concatenated channels):
         their entries are the consumer's input channels (:meth:`consumer_channels`), not the producer's.
+    conditioning : tuple of str
+        The ``Linear`` layers whose output, a per-channel conditioning term computed from another input (a diffusion
+        U-Net's time embedding projection, FiLM's scale and shift, see the module docstring), is added to or
+        multiplies the producer's channels on the way: their output rows follow the producer's channels
+        (:meth:`conditioning_rows`). ``()`` for the other pairs.
+    conditioning_chunks : tuple of int
+        For each layer of ``conditioning``, the number of chunks its output is split into along the channels
+        (``scale, shift = E(c).chunk(2, dim=1)``: 2; 1 without a chunk).
     """
 
     producer: str
@@ -326,6 +356,8 @@ class PrunablePair:
     offset: int = 0
     n_fixed: int = 0
     after_cat: tuple[str, ...] = ()
+    conditioning: tuple[str, ...] = ()
+    conditioning_chunks: tuple[int, ...] = ()
 
     def channels(self, idx: torch.Tensor) -> torch.Tensor:
         """The channels of the units ``idx`` (sorted) on the way (before a concatenation) and at a convolution
@@ -354,6 +386,24 @@ class PrunablePair:
         total = self.n_fixed + self.n_units * self.group_size
         return torch.cat([torch.arange(self.offset, device=idx.device), mine + self.offset,
                           torch.arange(end, total, device=idx.device)])
+
+    def conditioning_rows(self, idx: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+        """The output rows of a ``conditioning`` layer split into ``chunks`` chunks that are kept with the units
+        ``idx`` (sorted): in each chunk, the rows of the kept channels (:meth:`channels`), chunk after chunk.
+
+        Examples
+        --------
+        FiLM's ``scale, shift = E(c).chunk(2, dim=1)`` on a producer of 4 channels: keeping channels 1 and 3 keeps
+        E's rows 1 and 3 (scale) and 5 and 7 (shift).
+
+        >>> p = PrunablePair("conv1", "conv2", (), "conv->conv", n_units=4, cols_per_unit=9, conditioning=("E",),
+        ...                  conditioning_chunks=(2,))
+        >>> p.conditioning_rows(torch.tensor([1, 3]), 2).tolist()
+        [1, 3, 5, 7]
+        """
+        mine = self.channels(idx)
+        width = self.n_units * self.group_size
+        return torch.cat([mine + j * width for j in range(chunks)])
 
     @property
     def cols_per_channel(self) -> int:
@@ -612,9 +662,20 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
             pairs.append(result)
     owners = _parameter_owners(model)
     for p in list(pairs):
-        if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se))) is not None:
+        if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se, *p.conditioning))) is not None:
             pairs.remove(p)
             skipped.append((p.producer, why))
+    # a layer's rows follow one pair's units: a conditioning Linear that is a pair's producer itself (the other term
+    # of P(x) + E(c) between two Linear layers) goes with the pair whose producer runs first
+    owner: dict[str, str] = {}
+    for p in list(pairs):
+        clash = next((nm for nm in (p.producer, *p.conditioning) if nm in owner), None)
+        if clash is not None:
+            pairs.remove(p)
+            skipped.append((p.producer, f"the output rows of {clash!r} already follow the units of pair "
+                            f"{owner[clash]} (a conditioning term of its way)"))
+            continue
+        owner.update(dict.fromkeys((p.producer, *p.conditioning), p.name))
     # one pruned operand per concatenation: the others' channels are the fixed columns of the first one's refit
     first: dict[str, PrunablePair] = {}
     for p in sorted(pairs, key=lambda p: p.offset):
@@ -625,8 +686,9 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
                             "fixed); one operand per concatenation is pruned"))
         else:
             first[p.consumer] = p
-    # a depthwise convolution pruned with its producer, and an SE's fc2 (its rows follow the gated channels)
-    pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:])}
+    # a depthwise convolution pruned with its producer, an SE's fc2 (its rows follow the gated channels) and a
+    # conditioning Linear (its rows follow the conditioned channels)
+    pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:], *p.conditioning)}
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
@@ -698,6 +760,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     # after a concatenation (see _concat): (the producer's offset in it, the producer's channels, how many layers of
     # `between` lie before it); n_units is then the concatenation's channel count
     cat: tuple[int, int, int] | None = None
+    terms: list[_Term] = []  # per-channel conditioning terms added to or multiplying the path (see _conditioning)
     path = {node}
     cur = node
     while True:
@@ -743,6 +806,15 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             ops.append(getattr(u.target, "__name__", str(u.target)))
             cur = u
             continue
+        term = _conditioning(cur, u, node, path, modules, calls, n_units, is_conv,
+                             (cat is not None, shaped is not None, bool(se)))
+        if isinstance(term, str):
+            return f"{where} {term}"
+        if term is not None:
+            terms.append(term)
+            ops.append(f"{term.op} conditioning ({term.layer})")
+            cur = u
+            continue
         is_sum = ((u.op == "call_function" and u.target in _SUM_FUNCTIONS)
                   or (u.op == "call_method" and u.target in _SUM_METHODS))
         name = getattr(u.target, "__name__", str(u.target)) if u.op == "call_function" else f".{u.target}()"
@@ -762,8 +834,8 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             if calls[u.target] > 1 and not stateless:  # a reused pooling or activation module is fine
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
-                return _make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se, se_input, shaped,
-                                  group_size, cat)
+                return _with_conditioning(_make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se,
+                                                     se_input, shaped, group_size, cat), terms)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -1105,6 +1177,252 @@ def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], 
     if (s := _shape(prev)) is None or len(s) != len(shape):
         return f"the gate of shape {s} does not broadcast over the positions of {shape} channel by channel"
     return mul, fcs[0], fcs[1]
+
+
+# Sums and products of the path tensor with a per-channel conditioning term (see _conditioning).
+_TERM_SUMS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
+_TERM_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+_TERM_PRODUCTS = {operator.mul, operator.imul, torch.mul}
+_TERM_PRODUCT_METHODS = {"mul", "mul_"}
+# Arithmetic with a number on a conditioning term's way (FiLM's ``1 + scale``): element by element.
+_NUMBER_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                      torch.div}
+
+
+@dataclass(frozen=True)
+class _Term:
+    """A per-channel conditioning term found on a pair's way (see :func:`_conditioning`)."""
+
+    layer: str   # the Linear whose output rows follow the producer's channels
+    chunks: int  # its output is split into this many chunks along the channels (FiLM's scale and shift: 2)
+    piece: int   # the chunk this term is
+    op: str      # "add" (a sum with the path) or "mul" (a product)
+
+
+def _term_op(node: fx.Node) -> str | None:
+    """``"add"`` for a sum or difference of two tensors, ``"mul"`` for a product, else ``None``."""
+    if node.op == "call_function":
+        return "add" if node.target in _TERM_SUMS else "mul" if node.target in _TERM_PRODUCTS else None
+    if node.op == "call_method":
+        return "add" if node.target in _TERM_SUM_METHODS else "mul" if node.target in _TERM_PRODUCT_METHODS else None
+    return None
+
+
+def _is_chunk(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is torch.chunk) or (
+        node.op == "call_method" and node.target == "chunk")
+
+
+def _is_plain_number(a: object) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _term_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The tensor that ``node``, on a conditioning term's way, reads when it acts element by element or only
+    reshapes (an activation or dropout without parameters, arithmetic with a number, a view, unsqueeze or ``[:, :,
+    None, None]``, ``torch.chunk`` and the pick of one chunk), else ``None``. Reshapes are checked later
+    (:func:`_gate_reshape`)."""
+    args = node.args
+    first = args[0] if args and isinstance(args[0], fx.Node) else None
+    if node.op == "call_module":
+        m = modules[node.target]
+        parameterless = next(iter(m.parameters()), None) is None
+        return first if isinstance(m, _ELEMENTWISE_MODULES) and parameterless else None
+    if node.op == "call_function" and node.target is operator.getitem and first is not None:
+        if _is_chunk(first):
+            return first if isinstance(args[1], int) else None
+        return first if _gate_reshape(node, first) is True else None
+    if _is_chunk(node) or (node.op == "call_function" and node.target in (
+            (_ELEMENTWISE_FUNCTIONS - _POOL_FUNCTIONS) | _GATE_RESHAPE_FUNCTIONS)) or (
+            node.op == "call_method" and node.target in (_ELEMENTWISE_METHODS | _GATE_RESHAPE_METHODS)):
+        return first
+    if node.op == "call_function" and node.target in _NUMBER_ARITHMETIC and len(args) == 2 and not node.kwargs:
+        a, b = args
+        if isinstance(a, fx.Node) and _is_plain_number(b):
+            return a
+        if isinstance(b, fx.Node) and _is_plain_number(a):
+            return b
+    return None
+
+
+def _term_way(other: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
+    """The nodes from a ``Linear``'s call to ``other``, in order, when ``other`` is computed from that Linear's
+    output by the operations of :func:`_term_input` only; else ``None``."""
+    way = [other]
+    while not (way[-1].op == "call_module" and isinstance(modules[way[-1].target], nn.Linear)):
+        prev = _term_input(way[-1], modules)
+        if prev is None or len(way) > 64:
+            return None
+        way.append(prev)
+    return way[::-1]
+
+
+def _depends_on(node: fx.Node, source: fx.Node) -> bool:
+    """Whether the values of ``node`` are computed from ``source`` (a full search of its ancestors; a size read
+    from a tensor, ``x.shape[1]``, is not its values)."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        a = todo.pop()
+        if a is source:
+            return True
+        shape_query = (a.op == "call_method" and a.target in _SHAPE_QUERIES) or (
+            a.op == "call_function" and a.target is getattr and a.args[1:] == ("shape",))
+        if a not in seen and not shape_query:
+            seen.add(a)
+            todo.extend(a.all_input_nodes)
+    return False
+
+
+def _conditioning(cur: fx.Node, u: fx.Node, producer: fx.Node, path: set[fx.Node], modules: dict[str, nn.Module],
+                  calls: dict[str, int], n_units: int, is_conv: bool,
+                  state: tuple[bool, bool, bool]) -> _Term | str | None:
+    """Recognise ``u`` as a sum or product of the path tensor ``cur`` with a per-channel conditioning term.
+
+    The term is computed without the producer's output, from a ``Linear`` E (the time embedding of a diffusion
+    U-Net's residual block, a class embedding, FiLM), through element-wise operations without parameters,
+    arithmetic with numbers (``1 + scale``), reshapes that follow the channel count (``[:, :, None, None]``,
+    ``unsqueeze``, a view with sizes read from the term or the path) and at most one ``torch.chunk`` along the
+    channels (FiLM's ``scale, shift = E(c).chunk(2, dim=1)``), and it holds one value per sample and channel,
+    broadcast over the positions: ``(N, C, 1, ...)`` on a convolution's ``(N, C, *spatial)``, ``(N, C)`` on a
+    pooled ``(N, C)`` or a Linear's ``(N, F)``, ``(N, 1, F)`` on a Linear's ``(N, T, F)``. Channel ``c`` of the
+    result then depends on channel ``c`` of the path and E's output rows of channel ``c`` only, so both are removed
+    together. ``state`` says whether a concatenation, a Linear's reshape into channels or a squeeze-and-excitation
+    gate lies before ``u`` on the way (not supported with a term).
+
+    Returns the term, the reason (told after "its output ...") it cannot be pruned, or ``None`` when ``u`` is not a
+    sum or product of ``cur`` with a Linear's output computed without the producer (the caller's reasons apply: a
+    residual sum, a product with a tensor).
+    """
+    op = _term_op(u)
+    if op is None or len(u.args) != 2 or u.kwargs or sum(a is cur for a in u.args) != 1:
+        return None
+    other = u.args[1] if u.args[0] is cur else u.args[0]
+    name = getattr(u.target, "__name__", str(u.target)) if u.op == "call_function" else f".{u.target}()"
+    if not isinstance(other, fx.Node):
+        return None
+    if other.op == "get_attr" and op == "add":
+        return (f"feeds {name} with the parameter {other.target!r} (a learned bias written in forward()), which "
+                "pruning does not slice: not supported; hold the bias in a layer on the way (the producer's bias, or "
+                "an affine BatchNorm, InstanceNorm or GroupNorm), whose entries follow the kept channels")
+    way = _term_way(other, modules)
+    if way is None or _depends_on(other, producer) or other in _ancestors(cur):
+        return None
+    layer = way[0].target
+    lin = modules[layer]
+    what = f"feeds {name} with a conditioning term computed by Linear {layer!r}"
+    after_cat, reshaped, gated = state
+    if after_cat or reshaped or gated:
+        where = ("after the concatenation, whose other operands' channels it would also condition" if after_cat else
+                 "on a Linear's output reshaped into channels" if reshaped else
+                 "after a squeeze-and-excitation gate")
+        return f"{what} {where}, which is not supported"
+    if calls[layer] > 1:
+        return f"{what}, which is called {calls[layer]} times (shared weights)"
+    if (why := _weight_ok(lin, _input_shape(way[0]))) is not None:
+        return f"{what}: {why}"
+    s_path, s_term = _shape(cur), _shape(other)
+    if s_path is None or s_term is None:
+        return f"{what}, around which the activation shapes could not be read"
+    unit_dim = 1 if is_conv else len(s_path) - 1
+    adds = "adds to" if op == "add" else "multiplies"
+    if s_path[unit_dim] != n_units:
+        return (f"{what} on a tensor of shape {s_path}, which is not the producer's (N, C, *positions), (N, C) or "
+                "(N, ..., F) units: a term is supported before any flatten of the positions")
+    if len(s_term) != len(s_path) or s_term[0] != s_path[0]:
+        return (f"{what} of shape {s_term}, not one value per sample and channel of the {s_path} tensor it {adds}")
+    if s_term[unit_dim] != n_units:
+        return (f"{what} of shape {s_term}, with {s_term[unit_dim]} channel{'s' * (s_term[unit_dim] != 1)}, not the "
+                f"producer's {n_units}: only a term with one value per channel is supported")
+    if any(v != 1 for d, v in enumerate(s_term) if d not in (0, unit_dim)):
+        return (f"{what} of shape {s_term}, which varies over the positions of the {s_path} tensor it {adds}: not "
+                "supported (a term is one value per sample and channel, broadcast over the positions)")
+    return _term_of_way(way, u, path, modules, n_units, what)
+
+
+def _term_of_way(way: list[fx.Node], u: fx.Node, path: set[fx.Node], modules: dict[str, nn.Module], n_units: int,
+                 what: str) -> _Term | str:
+    """Check the way of a conditioning term from its Linear's call ``way[0]`` to its use in ``u`` (see
+    :func:`_conditioning`): only this path reads it, it keeps one vector per sample, its reshapes follow the channel
+    count and a chunk splits it into pieces of ``n_units`` channels. Returns the term or the reason."""
+    lin = modules[way[0].target]
+    chunk, piece = None, 0
+    own = set(path) | set(way)  # tensors whose sizes follow the kept channels
+    n_samples = _shape(way[0])[0] if _shape(way[0]) else None
+    for i, n in enumerate(way):
+        nxt = way[i + 1] if i + 1 < len(way) else u
+        users = _value_users(n)
+        if _is_chunk(n):
+            if chunk is not None:
+                return f"{what}, which is split by two chunks: not supported"
+            chunk = n
+            if not all(v.op == "call_function" and v.target is operator.getitem and isinstance(v.args[1], int)
+                       for v in users):
+                return f"{what}, whose chunks {n.name} are also read as a whole: not supported"
+            continue
+        if users != [nxt]:
+            of = "its output" if i == 0 else f"its {n.name}"
+            return (f"{what}, and {of} also feeds {len(users) - 1} other operation(s) "
+                    f"({', '.join(v.name for v in users if v is not nxt)}): its rows can follow this path's channels "
+                    "only when this path is its only reader")
+        if i and way[i - 1] is chunk:
+            piece = n.args[1]
+            continue
+        s = _shape(n)
+        if s is None or s[0] != n_samples or sum(v != 1 for v in s[1:]) > 1:
+            return (f"{what}, whose {n.name} of shape {s} is not one vector per sample (it varies over the positions "
+                    "or mixes the samples): not supported")
+        if i == 0:
+            continue
+        prev = way[i - 1]
+        reshape = _gate_reshape(n, prev)
+        if isinstance(reshape, str):
+            return f"{what}: {reshape.replace('in the gate', 'in the conditioning term')}"
+        others = [a for a in n.all_input_nodes if a is not prev and not _is_shape_value(a)]
+        foreign = [t for a in n.all_input_nodes if a is not prev for t in _sizes_read(a) if t not in own]
+        if others or foreign:
+            bad = (others or foreign)[0].name
+            return (f"{what}, whose {n.name} reads {bad}, which does not follow the kept channels; read sizes from the "
+                    "term itself or from the tensor it conditions")
+    chunks = 1
+    if chunk is not None:
+        chunks, dim = _arg(chunk, 1, "chunks"), _arg(chunk, 2, "dim")
+        s_in = _shape(chunk.args[0])
+        dim = 0 if dim is None else dim
+        if not (isinstance(chunks, int) and isinstance(dim, int) and s_in is not None and -len(s_in) <= dim < len(s_in)
+                and dim % len(s_in) != 0 and s_in[dim] == math.prod(s_in[1:]) == chunks * n_units):
+            return (f"{what}, split by {chunk.name} (chunks={chunks}, dim={dim}) of a tensor of shape {s_in} into "
+                    f"pieces that are not the producer's {n_units} channels")
+    if lin.out_features != chunks * n_units:
+        return (f"{what}, which outputs {lin.out_features} features, not "
+                f"{f'{chunks} x ' if chunks > 1 else ''}the producer's {n_units} channels")
+    return _Term(way[0].target, chunks, piece, _term_op(u) or "add")
+
+
+def _with_conditioning(pair: PrunablePair | str, terms: list[_Term]) -> PrunablePair | str:
+    """The pair with the conditioning terms found on its way (see :func:`_conditioning`) recorded, or the reason
+    (the pair's own, a term beside a squeeze-and-excitation gate or a Linear's reshape into channels, a chunk of a
+    term's Linear that this path does not read)."""
+    if isinstance(pair, str) or not terms:
+        return pair
+    if pair.se:
+        return ("its output is conditioned by a term and multiplied by a squeeze-and-excitation gate: both on one "
+                "path are not supported")
+    if pair.kind == "linear->conv":
+        return ("its output, reshaped into channels, is conditioned by a term: not supported (a term is supported on "
+                "a convolution's channels or a Linear's features)")
+    pieces: dict[str, list[int]] = {}
+    for t in terms:
+        pieces.setdefault(t.layer, []).append(t.piece)
+    chunks = {t.layer: t.chunks for t in terms}
+    for layer, got in pieces.items():
+        if sorted(got) != list(range(chunks[layer])):
+            return (f"its output is conditioned by chunks {sorted(got)} of the {chunks[layer]} chunks of the output "
+                    f"of Linear {layer!r}: each chunk must condition this path once, so that the Linear's rows "
+                    "follow its channels")
+    pair.conditioning = tuple(pieces)
+    pair.conditioning_chunks = tuple(chunks[layer] for layer in pieces)
+    return pair
 
 
 def _reshape_target(node: fx.Node) -> tuple:

@@ -608,7 +608,8 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
     design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
     pooling) and they add up over batches."""
     def layout(ps: list[PrunablePair]) -> list[tuple]:
-        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed) for p in ps]
+        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed, p.conditioning)
+                for p in ps]
 
     first = tuple(batches[0][0].shape[1:])
     want = layout(found)

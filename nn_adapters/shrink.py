@@ -140,8 +140,10 @@ def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> Non
     ``model``: the producer's output rows, the entries of the layers in ``between`` (its rows for the
     ``row_between`` layers before a reshape into channels, else its channels: a unit's ``group_size`` channels
     with a GroupNorm on the way; for the ``after_cat`` layers behind a concatenation, the concatenation's channels
-    that the consumer keeps) and an ``nn.Unflatten``'s channel count. A squeeze-and-excitation gate and the
-    consumer are left to :func:`keep_se` and :func:`set_inputs`."""
+    that the consumer keeps), an ``nn.Unflatten``'s channel count and the output rows of the ``conditioning``
+    layers (per-channel terms added to or multiplying the channels on the way: each kept channel's row in every
+    chunk, see ``PrunablePair.conditioning_rows``). A squeeze-and-excitation gate and the consumer are left to
+    :func:`keep_se` and :func:`set_inputs`."""
     rows = unit_rows(idx, pair.rows_per_unit)
     keep_outputs(model.get_submodule(pair.producer), rows)
     channels = unit_rows(idx, pair.group_size)
@@ -151,6 +153,8 @@ def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> Non
         keep_between(model.get_submodule(name), kept)
     if pair.unflatten is not None:
         keep_unflatten(model.get_submodule(pair.unflatten), int(idx.numel()))
+    for name, chunks in zip(pair.conditioning, pair.conditioning_chunks, strict=True):
+        keep_outputs(model.get_submodule(name), pair.conditioning_rows(idx, chunks))
 
 
 def keep_se(fc1: nn.Module, fc2: nn.Module, idx: torch.Tensor, pooled_mean: torch.Tensor | None = None) -> None:
