@@ -634,6 +634,8 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     [('2', 'its output is the network output')]
     """
     gm = trace(model)
+    if (why := second_inputs(gm, model)) is not None:
+        raise ValueError(why)
     try:
         # ShapeProp prints its own traceback before raising; the error below says it in one line
         with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
@@ -692,6 +694,21 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
+
+
+def second_inputs(gm: fx.GraphModule, model: nn.Module) -> str | None:
+    """Why a traced model cannot be pruned from one tensor per calibration batch, or ``None``: its ``forward()``
+    takes inputs besides the first that have no default (a diffusion U-Net's ``(x, t)``). Pruning calls
+    ``model(inputs)``, and a batch's second element is its label, so the message says how to wrap the model."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    if len(names) < 2:
+        return None
+    return (f"{type(model).__name__}.forward() takes {len(names)} inputs ({', '.join(names)}); MLP/CNN pruning calls "
+            "model(inputs) with one tensor per batch (a batch's second element is its label, read by "
+            "method='actgrad' only). Wrap the model in a module whose forward() takes one tensor and splits it, e.g. "
+            "forward(self, xt): return self.net(xt[:, :-1].view(-1, *shape), xt[:, -1]) for images and a "
+            "timestep, prune the wrapper on torch.cat([x.flatten(1), t[:, None]], 1) and take the pruned .net "
+            "(see 'Models with several inputs' in the docs).")
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:

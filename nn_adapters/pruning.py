@@ -48,7 +48,7 @@ from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
-from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, trace
+from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, second_inputs, trace
 from .shrink import keep_producer_side, keep_se, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
@@ -289,7 +289,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         being its (sample, position) patches. Before any statistics, every distinct shape is run through the model
         and must give the same pairs with the same columns per unit, or a ``ValueError`` says which batch differs
         (a conv -> flatten -> linear model runs on one shape only). The report's FLOPs are those of the first
-        batch's sample shape.
+        batch's sample shape. The model is called as ``model(inputs)``: one whose ``forward()`` takes a second
+        input without a default (a diffusion U-Net's ``(x, t)``) is refused with a ``ValueError``; wrap it in a
+        module that takes one tensor (see "Models with several inputs" in :doc:`nn_adapters`).
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
     keep : float or dict, optional
@@ -462,6 +464,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         gm = trace(work)
     except ValueError as exc:
         trace_error = exc
+    if gm is not None and (why := second_inputs(gm, model)) is not None:
+        raise ValueError(why)
     if pairs is None:
         if gm is None:
             raise trace_error
@@ -898,8 +902,9 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
                 elif node.args:
                     vals = [node.args[0]] * nb
                 else:
-                    raise ValueError(f"the model's forward() takes a second input {node.target!r}; the sequential "
-                                     "methods support single-input models (use method='layer').")
+                    raise ValueError(f"the model's forward() takes a second input {node.target!r}; pruning "
+                                     "supports single-input models (wrap the model in a module that takes one "
+                                     "tensor).")
                 env_w[node] = vals
                 if need_orig:
                     env_o[node] = list(vals)

@@ -453,3 +453,47 @@ def test_a_term_before_a_concatenation_follows_the_producer_channels():
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed_at_consumers(net, report, x, {"conv1->conv2": (0, 4)}),
                                    rtol=1e-5, atol=1e-5)
+
+
+class TwoInputNet(nn.Module):
+    """A denoiser that takes the images and their timesteps, ``forward(x, t)``, as diffusion U-Nets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.arange(1.0, T // 2 + 1)[None])
+        self.stem, self.block = nn.Conv2d(3, C, 3, padding=1), CondBlock("default")
+        self.out = nn.Conv2d(C, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = torch.cat([torch.sin(t[:, None] * self.freqs), torch.cos(t[:, None] * self.freqs)], dim=1)
+        return self.out(self.block(self.stem(x), emb))
+
+
+class PackedInputs(nn.Module):
+    """The wrapper the error message and the docs suggest: one tensor, the flattened images and the timestep."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, xt: torch.Tensor) -> torch.Tensor:
+        return self.net(xt[:, :-1].view(-1, 3, SIDE, SIDE), xt[:, -1])
+
+
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_a_model_with_a_second_input_is_refused_with_the_wrapper_to_write(method):
+    """A batch's second element is its label, so a second input cannot be passed: the error says so and how to wrap
+    the model (it used to be a bare StopIteration from the shape propagation)."""
+    torch.manual_seed(0)
+    net, x, t = TwoInputNet().eval(), torch.randn(48, 3, SIDE, SIDE), torch.rand(48)
+    with pytest.raises(ValueError, match=r"TwoInputNet.forward\(\) takes 2 inputs \(x, t\); .* Wrap the model"):
+        nna.prune(net, x, keep=0.5, method=method)
+    with pytest.raises(ValueError, match="takes 2 inputs"):
+        nna.find_pairs(net, x[:2])
+    packed = torch.cat([x.flatten(1), t[:, None]], 1)
+    wrapper = PackedInputs(net)
+    pruned, report = nna.prune(wrapper, packed, keep=0.5, method=method, reweight=False)
+    assert [(r.pair, r.kept) for r in report.layers] == [("net.block.conv1->net.block.conv2", G // 2)]
+    with torch.no_grad():
+        got = pruned.net(x, t)
+    torch.testing.assert_close(got, zeroed_at_consumers(wrapper, report, packed), rtol=1e-5, atol=1e-5)
