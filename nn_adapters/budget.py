@@ -70,7 +70,9 @@ class ParamModel:
     ``between``). The ``fc1`` of a
     pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a bias entry), per
     kept unit of the pair. A ``conditioning`` layer has ``chunks * group_size`` output rows (and bias entries) per
-    kept unit; its input columns follow the pair it is the consumer of, if any.
+    kept unit; its input columns follow the pair it is the consumer of, if any. A gated unit costs its rows (and
+    bias entries) in both producers, or both halves' rows of a chunked producer (``producer_rows_per_unit``), and
+    its entries in the per-unit layers of both factors' paths.
     """
 
     def __init__(self, model: nn.Module, pairs: Sequence[PrunablePair], adds_bias: bool = False,
@@ -82,7 +84,8 @@ class ParamModel:
         # layers whose output rows / input columns follow a pair's units: producers and SE fc2 / consumers and
         # SE fc1 (one column per unit)
         # (pair, output rows per unit): a linear->conv producer has P rows per channel
-        prod = {p.producer: (i, p.rows_per_unit) for i, p in enumerate(pairs)}
+        prod = {p.producer: (i, p.producer_rows_per_unit) for i, p in enumerate(pairs)}
+        prod |= {p.gated_with: (i, p.rows_per_unit) for i, p in enumerate(pairs) if p.gated_with is not None}
         prod |= {p.se[1]: (i, 1) for i, p in enumerate(pairs) if p.se}
         # a conditioning Linear has a row per kept channel in each chunk of its output
         prod |= {c: (i, m * p.group_size) for i, p in enumerate(pairs)

@@ -149,6 +149,39 @@ path, a reshape with a literal channel count, a term after a concatenation, on a
 channels or on a path with a squeeze-and-excitation gate, and a learned bias written in ``forward()`` (``h +
 self.b``, a parameter the pruner does not slice). Such pairs are found by tracing only.
 
+Gated units
+-----------
+A consumer may read the elementwise product of two factors whose unit ``i`` comes from output row (channel) ``i``
+of two producers: ``consumer(act1(P1(x)) * act2(P2(x')))``, the SwiGLU/GeGLU MLP ``down(silu(gate(x)) * up(x))``,
+WaveNet's and PixelCNN's gated activation ``o(tanh(f(x)) * sigmoid(g(x)))``. ``P1`` and ``P2`` are two ``Linear``
+layers with as many outputs, or two convolutions of one rank and kind (both transposed or neither) with as many
+output channels; ``x`` and ``x'`` may differ. Either factor may pass through the per-unit operations of a pair's way
+before the product (activations, dropout, clamping, scaling by a number, a BatchNorm, InstanceNorm or depthwise
+convolution on its producer's channels, and for convolutions pooling, resampling or padding of the positions), and
+the walk goes on after it as from any producer (pooling, a flatten into a ``Linear``, a GroupNorm, a concatenation,
+a squeeze-and-excitation gate, a ``Linear``'s reshape into channels). Removing unit ``i`` removes row ``i`` of both
+producers, entry ``i`` of the per-unit layers on both factors' paths (all in ``between``) and the consumer's
+columns of unit ``i``. The pair is named after the producer of the product's *first* factor (its first argument:
+``gate`` in ``silu(gate(x)) * up(x)``) and records the other in ``gated_with``; that one is listed in ``skipped``
+as "pruned with 'gate' (gated units)". Each factor's tensors must be used only on the way to the product, and the
+two factors must have one shape (no broadcasting).
+
+One producer split in two halves along its units (a GLU) gives gated units too: ``a, b = P(x).chunk(2, dim)`` (or
+``torch.chunk``, ``.split(x.size(dim) // 2, dim)``) then ``a * act(b)`` (per-unit operations on either half, the
+product in either order), and ``F.glu(P(x), dim)`` / ``nn.GLU(dim)``, which are ``a * sigmoid(b)``; ``dim`` is the
+units' dim (the last of a ``Linear``'s output, 1 of a convolution's). ``P`` has ``2H`` rows and the pair ``H``
+units (``chunked``): unit ``i`` is rows ``i`` and ``H + i`` of ``P`` (and of the layers before the split, in
+``row_between``) and entry ``i`` of the per-unit layers after it.
+
+Refused with the reason: a split into other than two pieces, along another dim or of an odd number of units; a
+split size written as a literal (``.split(32, -1)``, which would not follow the pruning: write ``.chunk(2, -1)``); a
+factor's tensor used elsewhere; producers of different kinds, ranks or unit counts; factors of different shapes; a
+second gated product on the way; a flatten or reduction, a reshape into channels, a GroupNorm, a
+squeeze-and-excitation gate or a concatenation before the product (after it they are fine), and a chunked producer
+reshaped into channels. A product with anything else keeps the reasons above (a squeeze-and-excitation gate is
+recognised as such). Gated pairs are found by tracing only: a declared pair whose consumer reads a product is
+refused by its check (the consumer's input changes with the model's input while the producer's output is held).
+
 Units whose outputs feed a residual sum, several consumers or the network output are not prunable by this scheme
 and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``conv1`` is prunable, as in the paper).
 """
@@ -303,11 +336,13 @@ class PrunablePair:
         Name of the graph node whose output the gate multiplies (and pools), when ``se`` is set and the model was
         traced; the sequential methods recompute the gated consumer input from it after pruning.
     rows_per_unit : int
-        Output rows of the producer per unit: ``P = prod(spatial)`` for ``"linear->conv"`` (unit ``c`` is rows
-        ``c * P ... (c + 1) * P - 1``), 1 for the other kinds.
+        Output rows of the producer per unit (in each half of a ``chunked`` producer): ``P = prod(spatial)`` for
+        ``"linear->conv"`` (unit ``c`` is rows ``c * P ... (c + 1) * P - 1``), ``group_size`` behind a GroupNorm, 1
+        for the other pairs.
     row_between : tuple of str
         The layers of ``between`` that lie before the reshape of a ``"linear->conv"`` pair (a ``BatchNorm1d`` on
-        the ``Linear``'s output): their entries are the producer's rows, ``rows_per_unit`` per unit.
+        the ``Linear``'s output), or before the split of a ``chunked`` producer: their entries are the producer's
+        rows (:meth:`producer_rows`).
     unflatten : str or None
         Name of the ``nn.Unflatten`` module of a ``"linear->conv"`` pair, whose channel count in
         ``unflattened_size`` follows the kept units; ``None`` for a reshape written in ``forward()`` (with ``-1``
@@ -337,6 +372,17 @@ class PrunablePair:
     conditioning_chunks : tuple of int
         For each layer of ``conditioning``, the number of chunks its output is split into along the channels
         (``scale, shift = E(c).chunk(2, dim=1)``: 2; 1 without a chunk).
+    gated_with : str or None
+        The second producer of gated units (see the module docstring): the consumer reads the elementwise product
+        ``act1(producer(x)) * act2(gated_with(x'))`` (through per-unit operations), and unit ``i`` is output
+        row ``i`` (:meth:`producer_rows`) of both producers. The per-unit layers on the second factor's path are in
+        ``between`` with the others. ``None`` for the other pairs.
+    chunked : bool
+        Whether the producer's output is split into two halves along its units that are multiplied with each other
+        (a GLU: ``a, b = producer(x).chunk(2, dim)`` then ``a * act(b)``, or ``F.glu``): ``n_units`` counts the
+        units of one half, and unit ``i`` is the producer's rows ``i`` and ``H + i`` (``H`` the rows of one half,
+        :meth:`producer_rows`). The layers of ``between`` before the split are in ``row_between`` (their entries
+        are the producer's rows). ``False`` for the other pairs.
     """
 
     producer: str
@@ -358,6 +404,8 @@ class PrunablePair:
     after_cat: tuple[str, ...] = ()
     conditioning: tuple[str, ...] = ()
     conditioning_chunks: tuple[int, ...] = ()
+    gated_with: str | None = None
+    chunked: bool = False
 
     def channels(self, idx: torch.Tensor) -> torch.Tensor:
         """The channels of the units ``idx`` (sorted) on the way (before a concatenation) and at a convolution
@@ -404,6 +452,35 @@ class PrunablePair:
         mine = self.channels(idx)
         width = self.n_units * self.group_size
         return torch.cat([mine + j * width for j in range(chunks)])
+
+    def producer_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The output rows of the producer (and of ``gated_with``) of the units ``idx`` (sorted), in order: each
+        unit's ``rows_per_unit`` consecutive rows, and for a ``chunked`` producer the same rows of its second half
+        after those of its first.
+
+        Examples
+        --------
+        A GLU ``fc2(a * sigmoid(b))`` with ``a, b = fc1(x).chunk(2, -1)`` and 4 units (``fc1`` has 8 rows): keeping
+        units 1 and 3 keeps ``fc1``'s rows 1, 3 (of ``a``) and 5, 7 (of ``b``).
+
+        >>> p = PrunablePair("fc1", "fc2", (), "linear->linear", n_units=4, cols_per_unit=1, chunked=True)
+        >>> p.producer_rows(torch.tensor([1, 3])).tolist()
+        [1, 3, 5, 7]
+        """
+        rows = unit_rows(idx, self.rows_per_unit)
+        if not self.chunked:
+            return rows
+        return torch.cat([rows, rows + self.n_units * self.rows_per_unit])
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        """The layers whose output rows are the units: ``(producer,)``, or ``(producer, gated_with)``."""
+        return (self.producer,) if self.gated_with is None else (self.producer, self.gated_with)
+
+    @property
+    def producer_rows_per_unit(self) -> int:
+        """Output rows of each producer per unit: ``rows_per_unit``, twice that for a ``chunked`` producer."""
+        return self.rows_per_unit * (2 if self.chunked else 1)
 
     @property
     def cols_per_channel(self) -> int:
@@ -664,20 +741,20 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
             pairs.append(result)
     owners = _parameter_owners(model)
     for p in list(pairs):
-        if (why := _tied(owners, modules, (p.producer, p.consumer, *p.between, *p.se, *p.conditioning))) is not None:
+        if (why := _tied(owners, modules, (*p.producers, p.consumer, *p.between, *p.se, *p.conditioning))) is not None:
             pairs.remove(p)
             skipped.append((p.producer, why))
     # a layer's rows follow one pair's units: a conditioning Linear that is a pair's producer itself (the other term
     # of P(x) + E(c) between two Linear layers) goes with the pair whose producer runs first
     owner: dict[str, str] = {}
     for p in list(pairs):
-        clash = next((nm for nm in (p.producer, *p.conditioning) if nm in owner), None)
+        clash = next((nm for nm in (*p.producers, *p.conditioning) if nm in owner), None)
         if clash is not None:
             pairs.remove(p)
             skipped.append((p.producer, f"the output rows of {clash!r} already follow the units of pair "
                             f"{owner[clash]} (a conditioning term of its way)"))
             continue
-        owner.update(dict.fromkeys((p.producer, *p.conditioning), p.name))
+        owner.update(dict.fromkeys((*p.producers, *p.conditioning), p.name))
     # one pruned operand per concatenation: the others' channels are the fixed columns of the first one's refit
     first: dict[str, PrunablePair] = {}
     for p in sorted(pairs, key=lambda p: p.offset):
@@ -692,6 +769,10 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     # conditioning Linear (its rows follow the conditioned channels)
     pruned_between = {b for p in pairs for b in (*p.between, *p.se[1:], *p.conditioning)}
     skipped = [(name, why) for name, why in skipped if name not in pruned_between]
+    # the second producer of gated units is pruned with the first (the pair is named after the first factor's)
+    partners = {p.gated_with: p.producer for p in pairs if p.gated_with is not None}
+    skipped = [(name, f"pruned with {partners[name]!r} (gated units)" if name in partners else why)
+               for name, why in skipped]
     pairs.sort(key=lambda p: order[next(n for n in gm.graph.nodes if n.name == p.consumer_node)])
     return pairs, skipped
 
@@ -778,6 +859,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
     # `between` lie before it); n_units is then the concatenation's channel count
     cat: tuple[int, int, int] | None = None
     terms: list[_Term] = []  # per-channel conditioning terms added to or multiplying the path (see _conditioning)
+    gating: tuple[_GateStep, tuple[str, ...]] | None = None  # gated units (see _gate_step), with `between` before them
     path = {node}
     cur = node
     while True:
@@ -823,14 +905,33 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             ops.append(getattr(u.target, "__name__", str(u.target)))
             cur = u
             continue
-        term = _conditioning(cur, u, node, path, modules, calls, n_units, is_conv,
-                             (cat is not None, shaped is not None, bool(se)))
+        # a product with another producer's output of the same shape is gated units (see _gate_step); a sum or a
+        # product with anything else may hold a conditioning term (see _conditioning)
+        other = u.args[1] if _is_product(u) and u.args[0] is cur else u.args[0] if _is_product(u) else None
+        gates = (isinstance(other, fx.Node) and other is not cur and _shape(other) == _shape(cur)
+                 and not isinstance(_factor_producer(other, modules, calls, producer, n_units), str))
+        term = None if gates else _conditioning(cur, u, node, path, modules, calls, n_units, is_conv,
+                                                (cat is not None, shaped is not None, bool(se)))
+        gated = None if term is not None else _gate_step(where, cur, u, modules, calls, producer, n_units, path)
         if isinstance(term, str):
             return f"{where} {term}"
         if term is not None:
             terms.append(term)
             ops.append(f"{term.op} conditioning ({term.layer})")
             cur = u
+            continue
+        if isinstance(gated, str):
+            return gated
+        if gated is not None:
+            if (why := _gate_state_reason(u, gating is not None, flattened_hw is not None, shaped is not None,
+                                          group_size, bool(se), cat is not None)) is not None:
+                return f"{where} {why}"
+            gating = (gated, tuple(between))
+            between += gated.layers
+            ops += gated.ops
+            n_units = gated.n_units
+            path |= gated.nodes
+            cur = gated.out
             continue
         is_sum = ((u.op == "call_function" and u.target in _SUM_FUNCTIONS)
                   or (u.op == "call_method" and u.target in _SUM_METHODS))
@@ -852,7 +953,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                 return f"module {u.target!r} on the way is called several times (shared weights)"
             if isinstance(m, _conv.LAYER_TYPES) and not (_conv.is_conv(m) and m.groups > 1):
                 return _with_conditioning(_make_pair(node, producer, u, m, between, ops, flattened_hw, n_units, se,
-                                                     se_input, shaped, group_size, cat), terms)
+                                                     se_input, shaped, group_size, cat, gating), terms)
             if isinstance(m, _conv.LAYER_TYPES):
                 if (why := _channelwise_conv(producer, m, n_units, _input_shape(u))) is not None:
                     return f"{type(m).__name__} {u.target!r} between producer and consumer: {why}"
@@ -1006,6 +1107,322 @@ def _product_reason(mul: fx.Node, cur: fx.Node, name: str) -> str:
                 "not a path to a consumer")
     return (f"its output feeds {name}, a product with a gate ({other.name}) computed from another tensor; only a "
             "squeeze-and-excitation gate computed from the producer's own channels is supported")
+
+
+# Gated units (see the module docstring): the consumer reads the elementwise product of two factors whose unit i
+# comes from output row i of two producers, or from rows i and H + i of one producer split in two halves (a GLU).
+_SPLIT_METHODS = {"chunk", "split"}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+_GLU_FUNCTIONS = {F.glu}
+
+
+@dataclass(frozen=True)
+class _GateStep:
+    """A gated product recognised on a pair's path: the walk goes on from ``out`` (the product) with ``n_units``
+    units; ``layers`` are the per-unit layers on the factors' paths (they join ``between``), ``ops`` their names
+    and the product's, ``nodes`` the nodes visited; ``partner`` is the second producer, or ``chunked`` is set."""
+
+    out: fx.Node
+    n_units: int
+    layers: tuple[str, ...]
+    ops: tuple[str, ...]
+    nodes: frozenset
+    partner: str | None = None
+    chunked: bool = False
+
+
+def _node_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} {node.target!r}"
+    if node.op == "call_method":
+        return f".{node.target}() ({node.name})"
+    return f"{getattr(node.target, '__name__', node.target)} ({node.name})"
+
+
+def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The name of an operation in a pair's ``ops``: a module's class name, a function's or method's name."""
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def _numbers_only(node: fx.Node) -> bool:
+    return not any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values()))
+
+
+def _unit_op(node: fx.Node, prev: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+             producer: nn.Module, n_units: int) -> tuple[str | None, str] | str:
+    """Check that ``node`` acts on each of the ``n_units`` units of the factor tensor ``prev`` on its own (one of
+    the per-unit operations of a pair's way: an activation, dropout, clamping to numbers, scaling by a number, a
+    BatchNorm, InstanceNorm or depthwise convolution, pooling, resampling or padding of a convolution's
+    positions), for a factor of a gated product. Returns ``(the layer to prune with the units or None, the
+    operation's name)``, or the reason it does not."""
+    is_conv = _conv.is_conv(producer)
+    rank = _conv.rank(producer) if is_conv else None
+    label = _node_label(node, modules)
+    if node.op == "call_function" and node.target in _SCALE_FUNCTIONS and _scaled_by_number(node, prev, is_conv):
+        return None, _op_name(node, modules)
+    if not node.args or node.args[0] is not prev:
+        return f"{label} does not take the factor's tensor as its first argument"
+    if node.op == "call_module":
+        m = modules[node.target]
+        stateless = next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+        if calls[node.target] > 1 and not stateless:
+            return f"module {node.target!r} is called several times (shared weights)"
+        why, layer = None, None
+        if isinstance(m, _conv.LAYER_TYPES):  # a depthwise convolution (a plain layer is the factor's producer)
+            why = _channelwise_conv(producer, m, n_units, _input_shape(node))
+            if why is None and (shape := _shape(prev)) is not None and len(shape) != _conv.rank(m) + 2:
+                why = f"it reads a {len(shape)}-D tensor {shape}, not {_conv.layout(m)}"
+            why, layer = (f"{label}: {why}" if why else None), node.target
+        elif isinstance(m, _BN_MODULES):
+            shape = _shape(prev)
+            if m.num_features != n_units:
+                why = f"BatchNorm {node.target!r} has {m.num_features} features, expected {n_units}"
+            elif not is_conv and shape is not None and len(shape) != 2:
+                why = f"BatchNorm {node.target!r} normalises dim 1 of a {len(shape)}-D tensor {shape}, not the units"
+            layer = node.target
+        elif isinstance(m, _INSTANCE_NORMS):
+            why, layer = _instance_norm_reason(prev, node.target, m, rank, n_units), node.target
+        elif isinstance(m, nn.PReLU) and m.num_parameters > 1:
+            why = f"per-channel PReLU {node.target!r} (num_parameters={m.num_parameters}) is not supported"
+        elif isinstance(m, _POOL_MODULES):
+            why = (f"pooling {node.target!r} after a Linear producer pools across its units" if not is_conv
+                   else _pool_rank_mismatch(prev, node.target, m))
+        elif isinstance(m, _RESAMPLE_MODULES):
+            why = _resample_reason(prev, repr(node.target), rank)
+        elif isinstance(m, _PAD_MODULES):
+            why = _pad_reason(prev, node, repr(node.target), rank)
+        elif not isinstance(m, _ELEMENTWISE_MODULES):
+            why = f"unsupported module {type(m).__name__} ({node.target!r})"
+        return why if why is not None else (layer, type(m).__name__)
+    name = _op_name(node, modules)
+    if node.op == "call_function":
+        t = node.target
+        if t in _CLAMP_FUNCTIONS:
+            why = None if _numbers_only(node) else f"{name} with tensor bounds"
+        elif t in _POOL_FUNCTIONS:
+            why = (f"pooling {name} after a Linear producer pools across its units" if not is_conv
+                   else _pool_rank_mismatch(prev, name, t))
+        elif t in _RESAMPLE_FUNCTIONS:
+            why = _resample_reason(prev, name, rank)
+        elif t in _PAD_FUNCTIONS:
+            why = _pad_reason(prev, node, name, rank)
+        else:
+            why = None if t in _ELEMENTWISE_FUNCTIONS else f"unsupported operation {label}"
+    elif node.op == "call_method":
+        if node.target in _CLAMP_METHODS:
+            why = None if _numbers_only(node) else f"{label} with tensor bounds"
+        else:
+            why = None if node.target in _ELEMENTWISE_METHODS else f"unsupported method {label}"
+    else:
+        why = f"unsupported graph node {node.op} ({node.name})"
+    return why if why is not None else (None, name)
+
+
+def _factor_input(node: fx.Node, is_conv: bool) -> fx.Node | None:
+    """The tensor a per-unit operation reads: its first argument, or the tensor of a product with a number."""
+    if node.op == "call_function" and node.target in _SCALE_FUNCTIONS and len(node.args) == 2:
+        a, b = node.args
+        if isinstance(b, fx.Node) and not isinstance(a, fx.Node) or (
+                isinstance(a, fx.Node) and isinstance(b, fx.Node) and _is_number(a, is_conv)):
+            return b
+    first = node.args[0] if node.args else None
+    return first if isinstance(first, fx.Node) else None
+
+
+def _factor_producer(factor: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int], producer: nn.Module,
+                     n_units: int) -> tuple[fx.Node, tuple[str, ...], tuple[str, ...], frozenset] | str:
+    """Walk back from the factor tensor ``factor`` of a product, through per-unit operations used only on the way
+    (:func:`_unit_op`), to the ``Linear`` or convolution that produces it. Returns ``(its node, the per-unit layers,
+    the operations' names, the nodes of the path)`` in forward order, or the reason it is not such a path."""
+    is_conv = _conv.is_conv(producer)
+    node, layers, ops, nodes = factor, [], [], set()
+    while True:
+        users = _value_users(node)
+        if len(users) != 1:
+            return (f"{node.name} on its path also feeds {len(users) - 1} other operation(s); a factor of gated units "
+                    "must be used only on its way to the product")
+        nodes.add(node)
+        if node.op == "call_module" and isinstance(modules[node.target], _conv.LAYER_TYPES) and not (
+                _conv.is_conv(modules[node.target]) and modules[node.target].groups > 1):
+            return node, tuple(reversed(layers)), tuple(reversed(ops)), frozenset(nodes)
+        prev = _factor_input(node, is_conv)
+        if prev is None or node.op not in ("call_module", "call_function", "call_method"):
+            return f"it is {_node_label(node, modules) if node.op != 'placeholder' else 'the input ' + node.name}"
+        step = _unit_op(node, prev, modules, calls, producer, n_units)
+        if isinstance(step, str):
+            return step
+        if step[0] is not None:
+            layers.append(step[0])
+        ops.append(step[1])
+        node = prev
+
+
+def _partner_reason(node: fx.Node, partner: nn.Module, calls: dict[str, int], producer: nn.Module,
+                    n_units: int, product: fx.Node) -> str | None:
+    """Why the layer ``partner`` (node ``node``) cannot give the other factor of gated units with ``producer``'s
+    ``n_units`` units in the product ``product``, or ``None``."""
+    what = f"{type(partner).__name__} {node.target!r}"
+    if calls[node.target] > 1:
+        return f"{what} is called {calls[node.target]} times (shared weights)"
+    if (why := _layer_ok(partner, consumer=False, in_shape=_input_shape(node))) is not None:
+        return f"{what}: {why}"
+    if _conv.base_class(partner) is not _conv.base_class(producer):
+        return (f"{what} is not a {_conv.base_class(producer).__name__} like the other factor's producer (gated units "
+                "need two Linear layers, or two convolutions of one rank and kind)")
+    if _unit_count(partner) != n_units:
+        return f"{what} has {_unit_count(partner)} output units, not {n_units}"
+    shapes = [_shape(a) for a in product.args] + [_shape(product)]
+    if None in shapes or len(set(shapes)) != 1:
+        return (f"the factors have shapes {shapes[0]} and {shapes[1]}, not one shape (a product that broadcasts "
+                "does not multiply unit i by unit i alone)")
+    return None
+
+
+def _product_gate(where: str, cur: fx.Node, mul: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+                  producer: nn.Module, n_units: int) -> _GateStep | str | None:
+    """A product of the path tensor ``cur`` with the output of another producer (gated units), the reason it is
+    refused, or ``None`` where the walk's other rules apply (a product with a number, a learned tensor, or a gate
+    computed from the path itself; and on the second factor's side, a product that is not gated units).
+
+    The pair is named after the producer of the first factor (``mul``'s first argument): walking from it, the
+    product is a gated step; walking from the second factor's producer, the reason says whose pair it is."""
+    other = mul.args[1] if mul.args[0] is cur else mul.args[0]
+    if (not isinstance(other, fx.Node) or other.op == "get_attr" or other is cur or other in _ancestors(cur)
+            or _is_number(other, _conv.is_conv(producer))):
+        return None
+    found = _factor_producer(other, modules, calls, producer, n_units)
+    why = found if isinstance(found, str) else _partner_reason(found[0], modules[found[0].target], calls, producer,
+                                                                 n_units, mul)
+    if mul.args[0] is not cur:
+        if why is not None:
+            return None
+        return (f"{where} is the second factor of the gated product {mul.name} with the output of "
+                f"{found[0].target!r}: gated units are pruned as the pair of the first factor's producer")
+    name = _op_name(mul, modules)
+    if isinstance(found, str):
+        return (f"{_product_reason(mul, cur, name)} (nor gated units: the other factor is not another Linear's or "
+                f"convolution's output through per-unit operations used only on the way to the product: {why})")
+    pnode, layers, ops, nodes = found
+    if why is not None:
+        return f"{_product_reason(mul, cur, name)} (nor gated units with {pnode.target!r}: {why})"
+    through = f" through {' -> '.join(ops)}" if ops else ""
+    return _GateStep(mul, n_units, layers, (f"{name} (gated with {pnode.target!r}{through})",), nodes, pnode.target)
+
+
+def _split_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """``"glu"``, ``"chunk"`` or ``"split"`` for a GLU or a split of a tensor into pieces, else ``None``."""
+    if (node.op == "call_module" and isinstance(modules[node.target], nn.GLU)) or (
+            node.op == "call_function" and node.target in _GLU_FUNCTIONS):
+        return "glu"
+    if (node.op == "call_method" and node.target in _SPLIT_METHODS) or (
+            node.op == "call_function" and node.target in _SPLIT_FUNCTIONS):
+        return node.target if node.op == "call_method" else node.target.__name__
+    return None
+
+
+def _chunk_gate(where: str, cur: fx.Node, u: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+                producer: nn.Module, n_units: int, path: set[fx.Node]) -> _GateStep | str | None:
+    """A split of the path tensor ``cur`` (``n_units`` units) into two halves along its units whose product, after
+    per-unit operations on either half, the walk goes on from (``a, b = h.chunk(2, dim)`` then ``a * act(b)``;
+    ``F.glu``, ``nn.GLU``), the reason it is refused, or ``None`` when ``u`` is no split."""
+    kind = _split_kind(u, modules)
+    if kind is None:
+        return None
+    is_conv = _conv.is_conv(producer)
+    s = _shape(cur)
+    if not u.args or u.args[0] is not cur or s is None:
+        return f"{where} is split by {u.name} in a way not known when tracing"
+    if kind == "glu":
+        dim = modules[u.target].dim if u.op == "call_module" else _arg(u, 1, "dim")
+        dim = -1 if dim is None else dim
+    else:
+        dim = _arg(u, 2, "dim")
+        dim = 0 if dim is None else dim
+    ndim, unit_dim = len(s), 1 if is_conv else len(s) - 1
+    if not isinstance(dim, int) or not -ndim <= dim < ndim or dim % ndim != unit_dim:
+        return (f"{where} is split by {u.name} along dim {dim} of {s}, not along the producer's units (dim "
+                f"{unit_dim}), so its halves do not pair unit i with unit H + i")
+    if n_units % 2:
+        return f"{where} has {n_units} units, which {u.name} cannot split into two halves of one size"
+    half = n_units // 2
+    if kind == "glu":
+        return _GateStep(u, half, (), (_op_name(u, modules),), frozenset({u}), chunked=True)
+    size = _arg(u, 1, "chunks" if kind == "chunk" else "split_size")
+    if kind == "split" and size is None:
+        size = u.kwargs.get("split_size_or_sections")
+    if kind == "chunk" and size != 2:
+        return (f"{where} is split by {u.name} into {size} chunks; gated units need two halves (chunk(2, dim)) "
+                "multiplied with each other")
+    if kind == "split" and not isinstance(size, fx.Node):
+        return (f"{where} is split by {u.name} with the literal size {size!r}, which does not follow the units "
+                f"once some are removed; write .chunk(2, {dim}) or .split(x.size({dim}) // 2, {dim})")
+    if kind == "split" and not (_is_shape_value(size) and all(t in path for t in _sizes_read(size))):
+        return (f"{where} is split by {u.name} with a size computed from {size.name}, not from the tensor it "
+                f"splits; write .chunk(2, {dim})")
+    pieces = _value_users(u)
+    index = [p.args[1] if p.op == "call_function" and p.target is operator.getitem else None for p in pieces]
+    if sorted(i for i in index if isinstance(i, int)) != [0, 1] or len(index) != 2:
+        return (f"{where} is split by {u.name} into pieces used as {index}, not two halves (0 and 1) used once "
+                "each")
+    halves = [pieces[index.index(0)], pieces[index.index(1)]]
+    if any((sh := _shape(h)) is None or sh[unit_dim] != half for h in halves):
+        return f"{where} is split by {u.name} into pieces of {[_shape(h) for h in halves]}, not two halves of {half}"
+    layers, ops, nodes, ends = [], [kind], {u, *halves}, []
+    for h in halves:
+        prev = h
+        while True:
+            users = _value_users(prev)
+            if len(users) != 1:
+                return (f"{where} is split by {u.name}, and {prev.name} on the way of a half feeds {len(users)} "
+                        "operations; each half must be used only on its way to their product")
+            v = users[0]
+            if _is_product(v):
+                break
+            step = _unit_op(v, prev, modules, calls, producer, half)
+            if isinstance(step, str):
+                return f"{where} is split by {u.name}, and on the way of a half: {step}"
+            if step[0] is not None:
+                layers.append(step[0])
+            ops.append(step[1])
+            nodes.add(v)
+            prev = v
+        ends.append((prev, v))
+    (a, mul), (b, mul_b) = ends
+    if mul is not mul_b or {id(x) for x in mul.args} != {id(a), id(b)} or a is b:
+        return (f"{where} is split by {u.name} into two halves that are not multiplied with each other (gated units "
+                "are a * act(b) of the two halves)")
+    if _shape(a) != _shape(b) or _shape(mul) != _shape(a):
+        return f"{where} is split by {u.name} into halves of shapes {_shape(a)} and {_shape(b)}, not one shape"
+    ops.append(_op_name(mul, modules))
+    return _GateStep(mul, half, tuple(layers), tuple(ops), frozenset(nodes | {mul}), chunked=True)
+
+
+def _gate_step(where: str, cur: fx.Node, u: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+               producer: nn.Module, n_units: int, path: set[fx.Node]) -> _GateStep | str | None:
+    """Gated units at the path tensor ``cur``'s reader ``u``: a product with another producer's output
+    (:func:`_product_gate`) or a split into two multiplied halves (:func:`_chunk_gate`); the reason one is refused,
+    or ``None`` when ``u`` is neither."""
+    if _is_product(u) and cur in u.args:
+        return _product_gate(where, cur, u, modules, calls, producer, n_units)
+    return _chunk_gate(where, cur, u, modules, calls, producer, n_units, path)
+
+
+def _gate_state_reason(u: fx.Node, gated: bool, flattened: bool, shaped: bool, group_size: int, se: bool,
+                       cat: bool) -> str | None:
+    """Why the path cannot become gated units at ``u`` after what it went through, or ``None``: a second gate, a
+    flatten or reduction, a reshape into channels, a GroupNorm, a squeeze-and-excitation or a concatenation
+    before it (the other factor's units would not be the same)."""
+    what = ("is already gated" if gated else "is flattened or reduced over its positions" if flattened
+            else "is reshaped into channels" if shaped else "is normalised by a GroupNorm (units of several channels)"
+            if group_size > 1 else "is gated by a squeeze-and-excitation" if se else "is concatenated" if cat
+            else None)
+    if what is None:
+        return None
+    return (f"{what} before the gated units of {u.name}, which is not supported (gated units are supported on a "
+            "producer's output through per-unit operations; the operations after the product may flatten, reshape, "
+            "normalise groups or concatenate)")
 
 
 def _is_shape_value(a: object, depth: int = 0) -> bool:
@@ -1768,14 +2185,20 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
                ops: list[str], flattened_hw: int | None, n_units: int, se: tuple[str, ...] = (),
                se_input: str | None = None,
                shaped: tuple[int, tuple[str, ...], str | None] | None = None,
-               group_size: int = 1, cat: tuple[int, int, int] | None = None) -> PrunablePair | str:
+               group_size: int = 1, cat: tuple[int, int, int] | None = None,
+               gate: tuple[_GateStep, tuple[str, ...]] | None = None) -> PrunablePair | str:
     """The pair of ``producer`` and the consumer ``cnode``, or why it is not prunable; ``shaped`` is ``(rows per
     unit, row_between, Unflatten module name)`` when a Linear producer's output was reshaped into channels, and
     ``group_size`` the channels per group of the GroupNorms on the way (``n_units`` counts channels; a unit is then
     a group: its channels' rows at the producer and columns at the consumer). After a concatenation ``cat`` is
     ``(offset, the producer's channels, the number of layers of between before it)`` and ``n_units`` the
-    concatenation's channels, which the consumer reads."""
+    concatenation's channels, which the consumer reads. With gated units ``gate`` is ``(the gated step, the
+    layers of between before it)``; ``n_units`` then counts the units after the product."""
     p_conv = _conv.is_conv(producer)
+    if gate is not None and gate[0].chunked and shaped is not None:
+        return (f"its output, split into two halves ({' -> '.join(ops)}), is reshaped into channels before "
+                f"{cnode.target!r}, which is not supported for a chunked producer (its two halves' rows would not "
+                "be whole channels of the reshape)")
     if (why := _layer_ok(consumer, in_shape=_input_shape(cnode))) is not None:
         return f"consumer {cnode.target!r}: {why}"
     if shaped is not None and not _conv.is_conv(consumer):
@@ -1811,9 +2234,12 @@ def _make_pair(node: fx.Node, producer: nn.Module, cnode: fx.Node, consumer: nn.
     if cat is not None:
         offset, own = cat[0], cat[1]
         n_fixed, after = n_units - own, tuple(between[cat[2]:])
+    partner, chunked = (gate[0].partner, gate[0].chunked) if gate is not None else (None, False)
+    if chunked:
+        row_between = gate[1]
     return PrunablePair(node.target, cnode.target, tuple(between), kind, own // group_size, cpu * group_size,
                         cnode.name, ops, se, se_input, rows, row_between, unflatten, group_size, offset, n_fixed,
-                        after)
+                        after, gated_with=partner, chunked=chunked)
 
 
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -1885,9 +2311,9 @@ def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
 
 
 #: What a count mismatch of a declared pair may mean, and what to do.
-_DECLARED_CAT = (" If the consumer reads the producer's output concatenated with other tensors, such a pair is found "
-                 "by tracing only (the other operands' channels are fixed): call prune without pairs= on a model "
-                 "torch.fx can trace.")
+_DECLARED_CAT = (" If the consumer reads the producer's output concatenated with other tensors (the other operands' "
+                 "channels are fixed) or the product of its two halves (a GLU: gated units), such a pair is found by "
+                 "tracing only: call prune without pairs= on a model torch.fx can trace.")
 
 
 def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
@@ -2228,8 +2654,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
             if not _same_outputs([base], [new]):
                 raise ValueError(f"declared pair {pair.name}: the consumer's input changes with the model's input "
                                  f"even when {pair.producer!r}'s output is held fixed, so it also reads another "
-                                 "tensor (a residual sum or a concatenation with a skip connection); the producer's "
-                                 "units cannot be removed there. Remove this pair from pairs=.")
+                                 "tensor (a residual sum, a concatenation with a skip connection, or a product with "
+                                 "another layer's output: gated units, which are found by tracing only); the "
+                                 "producer's units cannot be removed there. Remove this pair from pairs=.")
 
 
 def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

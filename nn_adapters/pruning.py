@@ -301,7 +301,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     method : str, default "asym"
         ``"asym"``, ``"seq"``, ``"layer"`` (greedy on the submodular-style objective), or a baseline:
         ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters; a depthwise filter between the
-        layers is not part of the score), ``"act_norm"`` (Wanda-like
+        layers is not part of the score; for gated units the root mean square over the two factors' rows, see
+        :mod:`nn_adapters.pairs`), ``"act_norm"`` (Wanda-like
         ``sum |W| * ||X||``) and ``"actgrad"`` (``|activation * gradient|``; uses LABELS). The transformer
         path's names ``"magnitude"`` and ``"wanda"``, the paper's class names (``"AsymInChange"``, ...) and any
         letter case are accepted too; the report records the name above.
@@ -481,7 +482,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         raise ValueError(f"no prunable layer pair found in {type(model).__name__} ({reasons}). Supported: "
                          "Linear->Linear, Conv->Conv of one rank (Conv1d, Conv2d and their transposed kinds), "
                          "Conv->Flatten->Linear and Linear->Unflatten->Conv through BatchNorm, GroupNorm (whole "
-                         "groups), activations, pooling, resampling and dropout; "
+                         "groups), activations, pooling, resampling and dropout, and gated units (the product of two "
+                         "producers' outputs, or of a GLU's halves); "
                          "declare pairs with "
                          "pairs=[nn_adapters.Pair(...)] for other layouts.")
     if stats_mode != "layer":
@@ -612,8 +614,8 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
     design rows are rows of the same statistics (a convolution's patches, or one row per sample after a global
     pooling) and they add up over batches."""
     def layout(ps: list[PrunablePair]) -> list[tuple]:
-        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed, p.conditioning)
-                for p in ps]
+        return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed, p.gated_with,
+                 p.chunked, p.conditioning) for p in ps]
 
     first = tuple(batches[0][0].shape[1:])
     want = layout(found)
@@ -781,14 +783,31 @@ def _baseline_order(method: str, pair: PrunablePair, st: PairStats, orig: nn.Mod
     if method == "random":
         return rng.choice(n, size=k, replace=False).astype(np.int64)
     if method == "weight_norm":
-        W = _conv.weight_matrix(orig.get_submodule(pair.producer)).detach().to(torch.float64)
-        score = W.reshape(n, -1).norm(dim=1).cpu().numpy()  # a unit's rows together (linear->conv: P rows)
+        score = _weight_norm_scores(pair, orig)
     elif method == "act_norm":
         W = st.W.abs().sum(dim=0).cpu().numpy()  # sum_i |W_ic| per input column
         score = (W * st.unit_input_norms())[st.unit_columns()].sum(axis=1)  # the producer's columns only
     else:
         score = scores[pair.name]
     return np.argsort(-score, kind="stable")[:k].astype(np.int64)
+
+
+def _weight_norm_scores(pair: PrunablePair, model: nn.Module) -> np.ndarray:
+    """The weight-norm score of every unit: the L2 norm of its rows in the producer (a unit's rows together:
+    ``P`` rows of a ``linear->conv`` pair, a group's channels behind a GroupNorm). A gated unit has rows in two
+    factors (the two producers, or the two halves of a chunked producer): its score is the root mean square over
+    the factors of their rows' norms, ``sqrt((||w_1||^2 + ||w_2||^2) / 2)``, which ranks units as the transformer
+    adapter's magnitude score ranks a gated FFN unit, restricted to the producers as here (the mean over the
+    coupled layers of the unit's squared norm)."""
+    n = pair.n_units
+    rows = pair.producer_rows(torch.arange(n))  # unit-major within each half
+    halves = 2 if pair.chunked else 1
+    total = torch.zeros(n, dtype=torch.float64)
+    for name in pair.producers:
+        W = _conv.weight_matrix(model.get_submodule(name)).detach().to(torch.float64).cpu()
+        total += W.pow(2).sum(dim=1)[rows].reshape(halves, n, -1).sum(dim=(0, 2))
+    factors = halves * len(pair.producers)
+    return (total / factors).sqrt().numpy()
 
 
 def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,

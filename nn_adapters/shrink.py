@@ -5,7 +5,7 @@ refitted weights and bias). For a ``linear->conv`` pair (a ``Linear`` reshaped i
 consecutive output rows of the ``Linear`` (:func:`unit_rows`), and the ``nn.Unflatten`` that reshapes them keeps
 the new channel count (:func:`keep_unflatten`). With a ``GroupNorm(G, C)`` on the way a unit is a group of ``C / G``
 consecutive channels, and the GroupNorm keeps whole groups (:func:`keep_group_norm`). :func:`keep_producer_side`
-does a pair's whole producer side.
+does a pair's whole producer side (both producers of gated units, both halves of a chunked one).
 
 Parameters are replaced by new ``nn.Parameter`` objects of the smaller shape and the size attributes
 (``out_features``, ``in_channels``, ``num_features`` ...) are updated, so the module objects stay the same and a
@@ -137,15 +137,17 @@ def keep_unflatten(module: nn.Unflatten, n_kept: int) -> None:
 
 def keep_producer_side(model: nn.Module, pair: object, idx: torch.Tensor) -> None:
     """Keep the units ``idx`` (sorted) on the producer's side of ``pair`` (a :class:`nn_adapters.PrunablePair`) in
-    ``model``: the producer's output rows, the entries of the layers in ``between`` (its rows for the
-    ``row_between`` layers before a reshape into channels, else its channels: a unit's ``group_size`` channels
-    with a GroupNorm on the way; for the ``after_cat`` layers behind a concatenation, the concatenation's channels
-    that the consumer keeps), an ``nn.Unflatten``'s channel count and the output rows of the ``conditioning``
-    layers (per-channel terms added to or multiplying the channels on the way: each kept channel's row in every
-    chunk, see ``PrunablePair.conditioning_rows``). A squeeze-and-excitation gate and the consumer are left to
-    :func:`keep_se` and :func:`set_inputs`."""
-    rows = unit_rows(idx, pair.rows_per_unit)
-    keep_outputs(model.get_submodule(pair.producer), rows)
+    ``model``: the producer's output rows (``pair.producer_rows``: both halves' of a chunked producer) and those of
+    the second producer of gated units, the entries of the layers in ``between`` (its rows for the
+    ``row_between`` layers before a reshape into channels or the split of a chunked producer, else its channels: a
+    unit's ``group_size`` channels with a GroupNorm on the way; for the ``after_cat`` layers behind a
+    concatenation, the concatenation's channels that the consumer keeps), an ``nn.Unflatten``'s channel count and
+    the output rows of the ``conditioning`` layers (per-channel terms added to or multiplying the channels on the
+    way: each kept channel's row in every chunk, see ``PrunablePair.conditioning_rows``). A squeeze-and-excitation
+    gate and the consumer are left to :func:`keep_se` and :func:`set_inputs`."""
+    rows = pair.producer_rows(idx)
+    for name in pair.producers:
+        keep_outputs(model.get_submodule(name), rows)
     channels = unit_rows(idx, pair.group_size)
     joined = pair.consumer_channels(idx) if pair.after_cat else None
     for name in pair.between:
