@@ -1105,8 +1105,10 @@ def _product_reason(mul: fx.Node, cur: fx.Node, name: str) -> str:
     if other in _ancestors(cur):  # cur is itself a gate: an SE's fc2, whose rows go with the channels it gates
         return (f"its output feeds {name} (a product with a tensor): it is the gate that multiplies {other.name}, "
                 "not a path to a consumer")
-    return (f"its output feeds {name}, a product with a gate ({other.name}) computed from another tensor; only a "
-            "squeeze-and-excitation gate computed from the producer's own channels is supported")
+    return (f"its output feeds {name}, a product with a gate ({other.name}) computed from another tensor; the "
+            "products supported are a squeeze-and-excitation gate computed from the producer's own channels, gated "
+            "units (another Linear's or convolution's output of the same shape) and a per-channel conditioning term "
+            "computed by a Linear from another input")
 
 
 # Gated units (see the module docstring): the consumer reads the elementwise product of two factors whose unit i

@@ -519,8 +519,11 @@ def _refused_input(kind: str) -> torch.Tensor:
     ("shared-factor", "and its output also feeds 1 other operation(s) (add): its rows can follow this path's channels "
                       "only when this path is its only reader"),
     ("three-factors", "is already gated before the gated units of mul_1"),
-    ("not-a-producer", "its output feeds mul, a product with a gate (getitem) computed from another tensor; only a "
-                       "squeeze-and-excitation gate"),
+    # the reason lists every product the walk supports, not the squeeze-and-excitation gate alone
+    ("not-a-producer", "its output feeds mul, a product with a gate (getitem) computed from another tensor; the "
+                       "products supported are a squeeze-and-excitation gate computed from the producer's own "
+                       "channels, gated units (another Linear's or convolution's output of the same shape) and a "
+                       "per-channel conditioning term computed by a Linear from another input"),
 ])
 def test_products_and_splits_that_are_not_followable_gated_units_are_refused_with_the_reason(kind, reason):
     pairs, skipped = nna.find_pairs(_Refused(kind).eval(), _refused_input(kind))
