@@ -14,6 +14,8 @@ trip.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +135,20 @@ def test_without_refit_the_pruned_network_is_the_original_with_the_removed_units
 def test_the_parameter_budget_counts_every_layer_that_follows_the_units(name):
     net, x, _, _ = _case(name)
     check_budgets_against_built_networks(net, x, (1.5,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["layer", "asym"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pruning_on_a_gpu_equals_pruning_on_the_cpu(name, method):
+    """In float64, on the GPU (the partner producer and the conditioning layer moved there with the model): the same
+    units as on the CPU, weights and outputs equal to rounding."""
+    net, x, _, _ = _case(name)
+    net, x = net.double(), x.double()
+    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
+    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
+    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
+    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
