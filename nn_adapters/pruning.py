@@ -995,11 +995,20 @@ def _se_segments(nodes: list[fx.Node], pairs: list[PrunablePair],
 
 
 def _execute(node: fx.Node, model: nn.Module, env: dict, nb: int) -> list:
+    """Run ``node`` of the traced graph on each of the ``nb`` batches' values in ``env``, with the layers of
+    ``model`` (the pruned working copy or the original). A parameter or buffer is read from ``model``; a constant
+    that tracing made of a tensor computed in ``forward()`` without the inputs (``torch.arange(16)`` in a sinusoidal
+    embedding: ``_tensor_constant0``) is set on the traced module and its graph's module only, not on the copy of
+    the original that gives the asym targets."""
     if node.op == "get_attr":
-        obj = model
-        for part in node.target.split("."):
-            obj = getattr(obj, part)
-        return [obj] * nb
+        owners = (model, node.graph.owning_module)
+        for obj in owners:
+            for part in node.target.split("."):
+                obj = getattr(obj, part, None)
+            if obj is not None:
+                return [obj] * nb
+        raise ValueError(f"the traced graph reads {node.target!r}, which neither the model nor the traced graph "
+                         "holds; use method='layer'.")
     out = []
     for b in range(nb):
         args = fx.node.map_arg(node.args, lambda n, b=b: env[n][b])

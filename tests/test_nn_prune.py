@@ -1442,3 +1442,34 @@ def test_a_negative_seed_is_refused_before_the_calibration_data_is_read(transfor
         model, kwargs = zoo.mlp(10, [16, 16], 3), {"compression": 2}
     with pytest.raises(ValueError, match="seed must be None, a non-negative integer"):
         nna.prune(model, batches(), seed=-1, **kwargs)
+
+
+class _SinusoidalNet(nn.Module):
+    """A Linear pair behind a sinusoidal feature map whose frequencies are computed in ``forward()`` without the
+    input (``torch.arange``): tracing turns them into a constant held by the traced graph only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(4, dtype=torch.float32))
+        angles = x[:, :1] * freqs
+        return self.fc2(torch.relu(self.fc1(torch.cat([angles.sin(), angles.cos()], 1))))
+
+
+@pytest.mark.parametrize("method", ["seq", "asym"])
+def test_the_sequential_run_reads_constants_that_tracing_made_from_the_traced_graph(method):
+    """A constant tensor computed in forward() without the input is set on the traced module, not on the copy of
+    the original model that gives the asym targets: the asym run read it there and failed with AttributeError
+    '_tensor_constant0'. Oracle:
+    keeping everything reproduces the network, and the sequential run selects what the layer mode does (the pair
+    is the first one, so both see the original inputs)."""
+    torch.manual_seed(0)
+    net, x = _SinusoidalNet().eval(), torch.randn(200, 1)
+    kept_all, _ = nna.prune(net, x, keep=1.0, method=method)
+    with torch.no_grad():
+        torch.testing.assert_close(kept_all(x), net(x), rtol=1e-5, atol=1e-5)
+    _, rep = nna.prune(net, x, keep=0.5, method=method, ridge=1e-3)
+    _, ref = nna.prune(net, x, keep=0.5, method="layer", ridge=1e-3)
+    assert [r.kept_units for r in rep.layers] == [r.kept_units for r in ref.layers]
