@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import _conv
+from ._data import Inputs, batch_len, call, take
 from ._modes import eval_mode
 from .pairs import PrunablePair
 
@@ -273,10 +274,12 @@ def error_allocation(pm: ParamModel, curves: Sequence[np.ndarray], compression: 
         k[int(np.argmax(gain))] += 1
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+def count_flops(model: nn.Module, example: Inputs) -> int:
     """Floating-point operations of one forward pass per sample, counting convolution (transposed or not) and Linear
     layers only (a multiply-add counts as 2; biases, activations, BatchNorm and pooling are not counted; a
-    transposed convolution's multiply-adds are those of its input values, see ``nn_adapters._conv.flops``)."""
+    transposed convolution's multiply-adds are those of its input values, see ``nn_adapters._conv.flops``).
+    ``example`` is a batch of inputs, a tensor (``model(example)``) or a dict of keyword inputs
+    (``model(**example)``, the layers on every input counted: a time embedding's too)."""
     total = [0]
     handles = []
 
@@ -287,10 +290,10 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         for m in model.modules():
             if isinstance(m, _conv.LAYER_TYPES):
                 handles.append(m.register_forward_hook(hook))
-        batch = example[:2]  # two samples: a BatchNorm that uses batch statistics needs more than one
+        batch = take(example, 2)  # two samples: a BatchNorm that uses batch statistics needs more than one
         with eval_mode(model), torch.no_grad():
-            model(batch)
+            call(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return int(total[0]) // int(batch.shape[0])
+    return int(total[0]) // batch_len(batch)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._data import _from_numpy, as_batches, float_dtype
+from ._data import _from_numpy, as_batches, batch_len, float_dtype, take
 from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
 from .demo import DEMO_METHODS, _plot_accuracy, _refuse_repeats, _render_table, _write_atomic, measure_latency
@@ -124,7 +124,7 @@ def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
     """``{n: the first n calibration samples as batches}`` for each size (``{None: batches}`` without sizes)."""
     if sizes is None:
         return {None: batches}
-    total = sum(x.shape[0] for x, _ in batches)
+    total = sum(batch_len(x) for x, _ in batches)
     if not len(sizes):
         raise ValueError("give at least one calibration size, e.g. 50 100.")
     for n in sizes:
@@ -138,8 +138,8 @@ def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
         for x, y in batches:
             if left == 0:
                 break
-            subset.append((x[:left], None if y is None else y[:left]))
-            left -= subset[-1][0].shape[0]
+            subset.append((take(x, left), None if y is None else y[:left]))
+            left -= batch_len(subset[-1][0])
         out[n] = subset
     return out
 
@@ -232,7 +232,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                              "use.")
         sets = {None: calib}
     else:
-        calib = as_batches(calibration_data, dtype=dtype)
+        calib = as_batches(calibration_data, dtype=dtype, model=model)
         labelled = bool(calib) and all(y is not None for _, y in calib)
         sets = _calibration_subsets(calib, calib_sizes)
     skipped = []
@@ -244,7 +244,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     evals = _eval_batches(eval_data, dtype)
     base = predictions(model, evals)
     probe = evals[0][0]
-    flops = (lambda m: None) if transformer or not isinstance(probe, torch.Tensor) else (
+    flops = (lambda m: None) if transformer or not isinstance(probe, (torch.Tensor, Mapping)) else (
         lambda m: count_flops(m, probe))
     dense = {"accuracy": accuracy_of(base, evals), "params": sum(p.numel() for p in model.parameters()),
              "flops": flops(model), "latency_s": measure_latency(model, probe)}

@@ -193,7 +193,7 @@ import inspect
 import io
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -203,6 +203,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
 from . import _conv
+from ._data import Inputs, call, per_sample, shape_text, take
 from ._modes import FORWARD_HOOK_DICTS, eval_mode, wrapper_hint
 from .shrink import unit_rows
 
@@ -517,23 +518,27 @@ def container_hooks(model: nn.Module) -> list[str]:
     return out
 
 
-def _defaulted_arguments(model: nn.Module) -> dict[str, object] | None:
-    """``forward``'s parameters after the input that have defaults (e.g. ``return_features=False``): pruning only
-    ever calls ``model(x)``, so they are traced as the constants they are instead of as symbolic inputs."""
+def _defaulted_arguments(model: nn.Module, given: Sequence[str] | None = None) -> dict[str, object] | None:
+    """``forward``'s parameters that have defaults (e.g. ``return_features=False``) and are not passed: after the
+    input when pruning calls ``model(x)`` (``given=None``), not among ``given`` when it calls ``model(**batch)``
+    with those keys. They are traced as the constants they are instead of as symbolic inputs."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    fixed = {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    passed = params[1:] if given is None else [p for p in params if p.name not in given]
+    fixed = {p.name: p.default for p in passed if p.kind in kinds and p.default is not inspect.Parameter.empty}
     return fixed or None
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module, given: Sequence[str] | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot).
 
-    Hooks of container submodules are detached while tracing (fx would run them on proxies: a hook that stores
-    its output would hold proxies and add graph uses); see :func:`container_hooks`.
+    ``given``: the names of the inputs the model is called with, ``model(**batch)`` for dict batches with these
+    keys; ``None`` for ``model(x)``, one input. The other inputs of ``forward()`` that have defaults are traced as
+    those constants. Hooks of container submodules are detached while tracing (fx would run them on proxies: a
+    hook that stores its output would hold proxies and add graph uses); see :func:`container_hooks`.
     """
     tracer = _LeafTracer()
     saved = []
@@ -545,7 +550,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
                     saved.append((d, dict(d)))
                     d.clear()
     try:
-        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model))
+        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
         return fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
         hint = wrapper_hint(model)
@@ -681,15 +686,18 @@ def _layer_ok(mod: nn.Module, consumer: bool = True, in_shape: tuple[int, ...] |
     return None
 
 
-def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[PrunablePair], list[tuple[str, str]]]:
+def find_pairs(model: nn.Module, example_input: Inputs) -> tuple[list[PrunablePair], list[tuple[str, str]]]:
     """Find the prunable pairs of a traceable model.
 
     Parameters
     ----------
     model : torch.nn.Module
         The network (not modified; a traced copy is used).
-    example_input : torch.Tensor
-        A small batch of inputs, used to read activation shapes.
+    example_input : torch.Tensor or dict
+        A small batch of inputs, used to read activation shapes: a tensor, for ``model(example_input)``, or a dict
+        of keyword inputs for ``model(**example_input)`` (a model with several inputs, a diffusion U-Net's
+        ``forward(x, t)``). The graph's inputs are matched to the dict's keys by name; an input not given keeps its
+        default, and one without a default is a ``ValueError`` that names it.
 
     Returns
     -------
@@ -710,13 +718,12 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
     >>> skipped
     [('2', 'its output is the network output')]
     """
-    gm = trace(model)
-    if (why := second_inputs(gm, model)) is not None:
-        raise ValueError(why)
+    gm = trace(model, list(example_input) if isinstance(example_input, Mapping) else None)
+    args = graph_arguments(gm, model, example_input)
     try:
         # ShapeProp prints its own traceback before raising; the error below says it in one line
         with eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(example_input)
+            ShapeProp(gm).propagate(*args)
     except Exception as exc:
         raise _input_error(example_input, exc) from exc
     modules = dict(gm.named_modules())
@@ -780,16 +787,38 @@ def find_pairs(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Prun
 def second_inputs(gm: fx.GraphModule, model: nn.Module) -> str | None:
     """Why a traced model cannot be pruned from one tensor per calibration batch, or ``None``: its ``forward()``
     takes inputs besides the first that have no default (a diffusion U-Net's ``(x, t)``). Pruning calls
-    ``model(inputs)``, and a batch's second element is its label, so the message says how to wrap the model."""
+    ``model(inputs)`` for a tensor batch, and a batch's second element is its label, so the message says to pass
+    dicts of keyword inputs."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
     if len(names) < 2:
         return None
-    return (f"{type(model).__name__}.forward() takes {len(names)} inputs ({', '.join(names)}); MLP/CNN pruning calls "
-            "model(inputs) with one tensor per batch (a batch's second element is its label, read by "
-            "method='actgrad' only). Wrap the model in a module whose forward() takes one tensor and splits it, e.g. "
-            "forward(self, xt): return self.net(xt[:, :-1].view(-1, *shape), xt[:, -1]) for images and a "
-            "timestep, prune the wrapper on torch.cat([x.flatten(1), t[:, None]], 1) and take the pruned .net "
-            "(see 'Models with several inputs' in the docs).")
+    example = ", ".join(f"{n!r}: {n}" for n in names)
+    return (f"{type(model).__name__}.forward() takes {len(names)} inputs ({', '.join(names)}); a tensor batch is "
+            "passed as model(inputs), one input (a batch's second element is its label, read by method='actgrad' "
+            "only). Pass each batch as a dict of keyword inputs, called as model(**batch): "
+            f"[{{{example}}}, ...], or ({{...}}, labels) pairs for method='actgrad' (see 'Models with several "
+            "inputs' in the docs).")
+
+
+def graph_arguments(gm: fx.GraphModule, model: nn.Module, inputs: Inputs) -> list:
+    """The value of every input (placeholder) of the traced ``gm`` for one batch, in order: for a tensor batch the
+    tensor, then the defaults of the inputs traced as constants; for a dict batch the value of each input by name,
+    or its default. An input without either is a ``ValueError`` that names it."""
+    out = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        if isinstance(inputs, Mapping) and node.target in inputs:
+            out.append(inputs[node.target])
+        elif not isinstance(inputs, Mapping) and i == 0:
+            out.append(inputs)
+        elif node.args:
+            out.append(node.args[0])
+        elif isinstance(inputs, Mapping):
+            raise ValueError(f"{type(model).__name__}.forward() takes the input {node.target!r}, which the "
+                             f"calibration batches (keys {list(inputs)}) do not give and has no default; add it to "
+                             "every batch.")
+        else:
+            raise ValueError(second_inputs(gm, model))
+    return out
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -2294,7 +2323,7 @@ def _concat(cur: fx.Node, node: fx.Node, is_conv: bool, flattened_hw: int | None
     return before // per, sum(sizes) // per
 
 
-def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
+def _input_error(example_input: Inputs, exc: BaseException) -> ValueError:
     """The error for a model that fails on the calibration data: the samples' shape and the root cause in one line
     (fx's ShapeProp wraps the model's own error in a dump of the graph node)."""
     root = exc
@@ -2303,11 +2332,12 @@ def _input_error(example_input: torch.Tensor, exc: BaseException) -> ValueError:
     text = str(root).strip()
     why = f"{type(root).__name__}: {text.splitlines()[0]}" if text else type(root).__name__
     hint = ""
-    if not (example_input.is_floating_point() or example_input.is_complex()) and "type" in text:
+    if not isinstance(example_input, Mapping) and not (example_input.is_floating_point()
+                                                       or example_input.is_complex()) and "type" in text:
         hint = (f" The samples are {example_input.dtype}, and integer inputs reach the model as they are (only "
                 "floating inputs are cast to the model's dtype): pass images as floats, scaled as the model was "
                 "trained (e.g. x.float() / 255).")
-    return ValueError(f"the model fails on the calibration data, samples of shape {tuple(example_input.shape[1:])} "
+    return ValueError(f"the model fails on the calibration data, {shape_text(example_input)} "
                       f"(dim 0 of a batch counts the samples): {why}. Check that the calibration data matches the "
                       f"model's input.{hint}")
 
@@ -2318,7 +2348,7 @@ _DECLARED_CAT = (" If the consumer reads the producer's output concatenated with
                  "tracing only: call prune without pairs= on a model torch.fx can trace.")
 
 
-def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: torch.Tensor,
+def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_input: Inputs,
                   graph: fx.GraphModule | None = None) -> list[PrunablePair]:
     """Check user-declared pairs and turn them into :class:`PrunablePair` objects.
 
@@ -2402,7 +2432,7 @@ def resolve_pairs(model: nn.Module, declared: list[Pair] | list[tuple], example_
         raise ValueError("a producer appears in two declared pairs; declare each producer once.")
     try:  # the data's fault before any pair's: the checks below run the model many times
         with eval_mode(model), torch.no_grad():
-            model(example_input[:CHECK_SAMPLES])
+            call(model, take(example_input, CHECK_SAMPLES))
     except Exception as exc:
         raise _input_error(example_input, exc) from exc
     for pair in out:
@@ -2461,7 +2491,7 @@ def _changed_units(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (new - base).abs().reshape(base.shape[0], -1).amax(dim=1) > tol
 
 
-def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.Tensor) -> None:
+def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: Inputs) -> None:
     """Check on up to ``CHECK_SAMPLES`` calibration samples that the consumer's column block ``j`` depends on
     producer unit ``j`` only.
 
@@ -2472,8 +2502,9 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
     only in the column blocks of those units. A permute or transpose before a flatten, a LayerNorm or any layer
     that mixes units, or a consumer that does not read this producer fails with an error that says so. The same
     runs find a BatchNorm or depthwise convolution on the way that is missing from ``between`` (its input changes
-    unit by unit too), and a fourth run, with the model's input changed and the producer's output held fixed, finds
-    a consumer that also reads another tensor (a residual sum). A fifth run changes the producer's units with the
+    unit by unit too), and a fourth run, with the model's input changed (:func:`_moved_inputs`: every input of a
+    dict batch, integer ones too) and the producer's output held fixed, finds a consumer that also reads another
+    tensor (a residual sum, a conditioning term from a second input). A fifth run changes the producer's units with the
     consumer's input held at its first-run value: the network's output must not change, else something besides the
     consumer reads the units (a branch or a sum off the producer or a layer in ``between``, written as a function,
     not a layer); a control run with nothing changed tells such a reader from a network whose output is random
@@ -2561,26 +2592,27 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
         handles.append(model.get_submodule(pair.se[1]).register_forward_hook(hold_gate))
     handles += [m.register_forward_pre_hook(capture_other(name)) for name, m in others.items()]
     runs, other_runs, outputs, second_reader = [], [], [], False
-    x0 = example_input[:CHECK_SAMPLES]
+    x0 = take(example_input, CHECK_SAMPLES)
     try:
         with eval_mode(model), torch.no_grad():
             for m in ("base", "plus", "minus"):
                 mode[0], seen[:], gate_at[0] = m, [], 0
                 for v in other_in.values():
                     v.clear()
-                outputs.append(_output_tensors(model(x0)))
+                outputs.append(_output_tensors(call(model, x0)))
                 runs.append([_consumer_columns(pair, x) for x in seen])
                 other_runs.append({k: list(v) for k, v in other_in.items()})
             mode[0], replayed[0] = "bypass", 0
-            bypass = _output_tensors(model(x0))
+            bypass = _output_tensors(call(model, x0))
             if not _same_outputs(outputs[0], bypass):
                 mode[0], replayed[0] = "control", 0  # unless the network is random (e.g. dropout left on)
-                if _same_outputs(outputs[0], _output_tensors(model(x0))):
+                if _same_outputs(outputs[0], _output_tensors(call(model, x0))):
                     second_reader = True
             held = None
-            if x0.is_floating_point():  # does the consumer read anything besides the producer's output?
+            moved = _moved_inputs(x0, gen)
+            if moved is not None:  # does the consumer read anything besides the producer's output?
                 mode[0], seen[:] = "held", []
-                model(x0 + (0.5 * x0.std().clamp(min=1e-3)) * torch.randn(x0.shape, generator=gen).to(x0))
+                call(model, moved)
                 held = [_consumer_columns(pair, x) for x in seen]
     finally:
         for h in handles:
@@ -2661,6 +2693,20 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: torch.T
                                  "producer's units cannot be removed there. Remove this pair from pairs=.")
 
 
+def _moved_inputs(x: Inputs, gen: torch.Generator) -> Inputs | None:
+    """The inputs changed: noise added to a floating tensor; for a dict, to each floating per-sample tensor, and the
+    samples of every other per-sample tensor (class labels, timesteps as integers) rolled by one, so that the values
+    stay valid (``None`` for a tensor that is not floating)."""
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t.roll(1, 0)
+        return t + (0.5 * t.std().clamp(min=1e-3)) * torch.randn(t.shape, generator=gen).to(t)
+
+    if not isinstance(x, Mapping):
+        return moved(x) if x.is_floating_point() else None
+    return {k: moved(v) if per_sample(v) else v for k, v in x.items()}
+
+
 def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Whether two runs' tensors (outputs, or a layer's inputs) agree up to rounding."""
     return len(a) == len(b) and all(
@@ -2680,7 +2726,7 @@ def _output_tensors(out: object) -> list[torch.Tensor]:
     return []
 
 
-def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor) -> dict[str, int]:
+def _call_order(model: nn.Module, names: list[str], example_input: Inputs) -> dict[str, int]:
     """Position of each named module in the order of its first call in one forward pass (eval mode, no grad)."""
     seen: dict[str, int] = {}
 
@@ -2692,7 +2738,7 @@ def _call_order(model: nn.Module, names: list[str], example_input: torch.Tensor)
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
         with eval_mode(model), torch.no_grad():
-            model(example_input[:2])
+            call(model, take(example_input, 2))
     finally:
         for h in handles:
             h.remove()

@@ -43,12 +43,12 @@ from submod._validation import rng_from_seed
 
 from . import _conv
 from . import budget as _budget
-from ._data import as_batches, float_dtype, n_samples, sample_folds
+from ._data import as_batches, batch_len, call, float_dtype, n_samples, sample_folds, sample_shape, take
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
-from .pairs import Pair, PrunablePair, container_hooks, find_pairs, resolve_pairs, second_inputs, trace
+from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
 from .shrink import keep_producer_side, keep_se, set_inputs
 
 __all__ = ["prune", "PruneReport", "LayerReport", "SUBMODULAR_METHODS", "BASELINE_METHODS", "METHODS"]
@@ -289,9 +289,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         being its (sample, position) patches. Before any statistics, every distinct shape is run through the model
         and must give the same pairs with the same columns per unit, or a ``ValueError`` says which batch differs
         (a conv -> flatten -> linear model runs on one shape only). The report's FLOPs are those of the first
-        batch's sample shape. The model is called as ``model(inputs)``: one whose ``forward()`` takes a second
-        input without a default (a diffusion U-Net's ``(x, t)``) is refused with a ``ValueError``; wrap it in a
-        module that takes one tensor (see "Models with several inputs" in :doc:`nn_adapters`).
+        batch's sample shape. A tensor batch is passed as ``model(inputs)``. A model with several inputs (a
+        diffusion U-Net's ``forward(x, t)``, a class-conditional ``forward(x, y)``) takes batches that are dicts
+        of keyword inputs, passed as ``model(**batch)`` (one dict for all the data, split as a tensor is, or
+        ``(dict, labels)`` pairs for ``actgrad``): tensors whose dim 0 counts the samples, split alike wherever
+        samples are split or counted, and constants passed as they are; the keys are ``forward()``'s inputs, all
+        those without a default, the same in every batch (see "Models with several inputs" in
+        :doc:`nn_adapters`). Tensor batches for such a model are refused with a ``ValueError`` that says so.
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
     keep : float or dict, optional
@@ -456,21 +460,22 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     t_start = time.perf_counter()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    batches = as_batches(calibration_data, device=device, dtype=float_dtype(model))
+    batches = as_batches(calibration_data, device=device, dtype=float_dtype(model), model=model)
     orig, work = working_copy(model), working_copy(model)
     x0 = batches[0][0]
+    keywords = list(x0) if isinstance(x0, Mapping) else None  # dict batches: model(**batch) with these keys
 
     gm, trace_error = None, None
     try:
-        gm = trace(work)
+        gm = trace(work, keywords)
     except ValueError as exc:
         trace_error = exc
-    if gm is not None and (why := second_inputs(gm, model)) is not None:
+    if gm is not None and keywords is None and (why := second_inputs(gm, model)) is not None:
         raise ValueError(why)
     if pairs is None:
         if gm is None:
             raise trace_error
-        found, skipped = find_pairs(work, x0[:2])
+        found, skipped = find_pairs(work, take(x0, 2))
     else:
         found = resolve_pairs(work, list(pairs), x0, gm)
         declared = {p.producer for p in found}
@@ -502,7 +507,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         for p in found:
             if p.consumer_node is None:
                 raise ValueError(f"consumer {p.consumer!r} of pair {p.name} is not called in the traced graph.")
-    _check_sample_shapes(work, batches, found, lambda x: find_pairs(work, x[:2])[0] if pairs is None
+    _check_sample_shapes(work, batches, found, lambda x: find_pairs(work, take(x, 2))[0] if pairs is None
                          else resolve_pairs(work, list(pairs), x, gm))
 
     folds = CV_FOLDS if ridge == "cv" else 1
@@ -617,18 +622,18 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
         return [(p.name, p.kind, p.n_units, p.cols_per_unit, p.between, p.se, p.offset, p.n_fixed, p.gated_with,
                  p.chunked, p.conditioning) for p in ps]
 
-    first = tuple(batches[0][0].shape[1:])
+    first = sample_shape(batches[0][0])
     want = layout(found)
     seen = {first}
     for i, (x, _) in enumerate(batches):
-        shape = tuple(x.shape[1:])
+        shape = sample_shape(x)
         if shape in seen:
             continue
         seen.add(shape)
-        where = f"calibration batch {i} has sample shape {shape} and batch 0 {first}"
+        where = f"calibration batch {i} has sample shape {_shape_words(shape)} and batch 0 {_shape_words(first)}"
         try:
             with torch.no_grad():
-                model(x[:2])
+                call(model, take(x, 2))
         except Exception as exc:
             raise ValueError(f"{where}, and the model fails on {shape} ({type(exc).__name__}: {exc}). Batches may "
                              "differ in shape only where the model runs on each (e.g. a global pooling before the "
@@ -637,6 +642,12 @@ def _check_sample_shapes(model: nn.Module, batches: list, found: list[PrunablePa
         if got != want:
             raise ValueError(f"{where}, and the prunable pairs differ between the two shapes ({got} vs {want}), so "
                              "their statistics cannot be added up; pass batches of one shape.")
+
+
+def _shape_words(shape: tuple) -> str:
+    """A :func:`nn_adapters._data.sample_shape` for messages: a tensor's sample shape, or a dict's per key."""
+    return str(dict(shape)) if shape and all(isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str)
+                                             for e in shape) else str(shape)
 
 
 #: Largest number of units for which ``verify=True`` runs :func:`verification.error_decay` on a layer.
@@ -673,7 +684,7 @@ def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, prog
     try:
         with capture_hooks(orig, pairs, stats), torch.no_grad():
             for x, _ in batches:
-                orig(x)
+                call(orig, x)
                 bar.update(1)
     finally:
         bar.close()
@@ -816,6 +827,10 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
     on the original network with LABELS (Molchanov et al., "Pruning Convolutional Neural Networks for Resource
     Efficient Inference", ICLR 2017)."""
     if any(y is None for _, y in batches):
+        if isinstance(batches[0][0], Mapping):
+            raise ValueError("method='actgrad' is the labelled baseline, and a dict batch holds the model's keyword "
+                             "inputs only: pass calibration batches as (dict, labels) pairs, e.g. "
+                             f"[({{{', '.join(f'{k!r}: ...' for k in batches[0][0])}}}, labels), ...].")
         raise ValueError("method='actgrad' is the labelled baseline: pass calibration batches as (inputs, labels).")
     loss_fn = loss_fn or F.cross_entropy
     acc = {p.name: torch.zeros(p.n_units, dtype=torch.float64) for p in pairs}
@@ -856,7 +871,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
             handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(make_hook(p)))
         with torch.enable_grad():
             for i, (x, y) in enumerate(batches):
-                out = model(x)
+                out = call(model, x)
                 try:
                     loss = loss_fn(out, y)
                 except Exception as exc:  # noqa: BLE001 - the loss on the user's labels: say what it was given
@@ -872,7 +887,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
                                      "(a loss with reduction='none'?).")
                 # loss_fn returns the batch mean (as F.cross_entropy does): times the batch size, each sample's
                 # gradient counts once whatever the batching
-                (loss.reshape(()) * x.shape[0]).backward()
+                (loss.reshape(()) * batch_len(x)).backward()
     finally:
         for h in handles:
             h.remove()
@@ -909,21 +924,16 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
     need_orig = mode == "asym"
     env_w: dict[fx.Node, list] = {}
     env_o: dict[fx.Node, list] = {}
-    first_input = True
+    # every input of the graph per batch: a tensor batch's tensor, a dict batch's values by name, or the defaults
+    inputs = [graph_arguments(gm, orig, x) for x, _ in batches]
+    n_inputs = 0
     with torch.no_grad():
         for t, node in enumerate(nodes):
             if node.op == "output":
                 break
             if node.op == "placeholder":
-                if first_input:
-                    vals = [x for x, _ in batches]
-                    first_input = False
-                elif node.args:
-                    vals = [node.args[0]] * nb
-                else:
-                    raise ValueError(f"the model's forward() takes a second input {node.target!r}; pruning "
-                                     "supports single-input models (wrap the model in a module that takes one "
-                                     "tensor).")
+                vals = [a[n_inputs] for a in inputs]
+                n_inputs += 1
                 env_w[node] = vals
                 if need_orig:
                     env_o[node] = list(vals)

@@ -481,12 +481,14 @@ class PackedInputs(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["layer", "asym"])
-def test_a_model_with_a_second_input_is_refused_with_the_wrapper_to_write(method):
-    """A batch's second element is its label, so a second input cannot be passed: the error says so and how to wrap
-    the model (it used to be a bare StopIteration from the shape propagation)."""
+def test_a_model_with_a_second_input_given_tensor_batches_is_refused_with_dict_batches_to_pass(method):
+    """A batch's second element is its label, so a second input cannot be passed in a tensor batch: the error says
+    so and to pass dicts of keyword inputs (it used to be a bare StopIteration from the shape propagation; then it
+    said to write a wrapper, which still works, see tests/test_nn_multi_input.py for the dict batches)."""
     torch.manual_seed(0)
     net, x, t = TwoInputNet().eval(), torch.randn(48, 3, SIDE, SIDE), torch.rand(48)
-    with pytest.raises(ValueError, match=r"TwoInputNet.forward\(\) takes 2 inputs \(x, t\); .* Wrap the model"):
+    with pytest.raises(ValueError, match=r"TwoInputNet.forward\(\) takes 2 inputs \(x, t\); .* Pass each batch as "
+                       r"a dict of keyword inputs, called as model\(\*\*batch\): \[\{'x': x, 't': t\}, \.\.\.\]"):
         nna.prune(net, x, keep=0.5, method=method)
     with pytest.raises(ValueError, match="takes 2 inputs"):
         nna.find_pairs(net, x[:2])
