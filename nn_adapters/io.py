@@ -5,7 +5,8 @@ architecture: the zoo builder and its arguments, if any, and the new size of eve
 ConvTranspose1d/ConvTranspose2d/BatchNorm/InstanceNorm layer, with the groups of a convolution, which a pruned
 depthwise convolution changes, the ``num_groups`` and ``num_channels`` of every ``GroupNorm``, which lose the
 removed groups, and the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
-``linear->conv`` pair changes) and a plain
+``linear->conv`` pair changes; a layer of the base's size is left as it is, with its ties to other layers) and a
+plain
 ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
 then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
 the tensors strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
@@ -35,22 +36,25 @@ __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
 FORMAT = "submod-pruned-v1"
 
 
+def _layer_shape(m: nn.Module) -> dict | None:
+    """The recorded sizes of a layer whose sizes pruning may change (see the module docstring), or ``None``."""
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    if _conv.is_conv(m):
+        return {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
+                "groups": m.groups, "bias": m.bias is not None}
+    if isinstance(m, _NORM_MODULES):
+        return {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)), "num_features": m.num_features}
+    if isinstance(m, nn.GroupNorm):
+        return {"type": "GroupNorm", "num_groups": m.num_groups, "num_channels": m.num_channels}
+    if isinstance(m, nn.Unflatten) and all(isinstance(v, int) for v in m.unflattened_size):
+        return {"type": "Unflatten", "unflattened_size": [int(v) for v in m.unflattened_size]}
+    return None
+
+
 def architecture_spec(model: nn.Module) -> dict:
     """The JSON-able description of ``model``'s layer sizes (and its zoo builder if it has one)."""
-    shapes = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            shapes[name] = {"type": "Linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
-        elif _conv.is_conv(m):
-            shapes[name] = {"type": _conv.base_class(m).__name__, "in": m.in_channels, "out": m.out_channels,
-                            "groups": m.groups, "bias": m.bias is not None}
-        elif isinstance(m, _NORM_MODULES):
-            shapes[name] = {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)),
-                            "num_features": m.num_features}
-        elif isinstance(m, nn.GroupNorm):
-            shapes[name] = {"type": "GroupNorm", "num_groups": m.num_groups, "num_channels": m.num_channels}
-        elif isinstance(m, nn.Unflatten) and all(isinstance(v, int) for v in m.unflattened_size):
-            shapes[name] = {"type": "Unflatten", "unflattened_size": [int(v) for v in m.unflattened_size]}
+    shapes = {name: shape for name, m in model.named_modules() if (shape := _layer_shape(m)) is not None}
     spec = {"format": FORMAT, "builder": getattr(model, "_submod_spec", None), "shapes": shapes}
     impl = attn_implementation_of(model)
     if impl is not None:
@@ -161,6 +165,8 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
     base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES, nn.GroupNorm, nn.Unflatten)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
+    if _layer_shape(m) == shape:
+        return  # not resized by pruning: keep its parameters, which may be tied to another layer's (weight tying)
     if kind == "Unflatten":
         m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
         return
@@ -230,5 +236,12 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     restore_attn_implementation(model, spec.get("attn_implementation"), attn_implementation, path)
     for name, shape in spec["shapes"].items():
         _resize(model, name, shape)
+    tied: dict[int, list[str]] = {}  # parameters shared by several layers (weight tying), which pruning leaves alone
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(prm), []).append(name)
     model.load_state_dict(data["state_dict"], strict=True, assign=True)  # keeps the saved dtypes (e.g. float64)
+    for names in tied.values():  # assign=True gives each name its own parameter: tie them again
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(names[0]))
     return model.to(map_location).eval()

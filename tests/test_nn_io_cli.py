@@ -89,6 +89,31 @@ def test_save_load_keeps_dtype_and_file_permissions(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # as a plain open() would create it, not 0600
 
 
+def test_load_keeps_the_weight_ties_of_layers_that_pruning_left_alone(tmp_path):
+    """A language model's output layer often shares the token embedding's weight (pruning refuses pairs that hold
+    a tied parameter, so ties are among layers it leaves alone). load_pruned rebuilt every layer and loaded the
+    state dict with assign=True, which gave the output layer a parameter of its own: the tie was lost."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(10, 6)
+            self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.tok.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.fc2(torch.relu(self.fc1(self.tok(ids).mean(1)))))
+
+    torch.manual_seed(0)
+    net, ids = Tied().eval(), torch.randint(0, 10, (64, 5))
+    pruned, _ = nna.prune(net, ids, keep=0.5)
+    back = nna.load_pruned(nna.save_pruned(pruned, tmp_path / "tied"), base_model=Tied())
+    assert back.head.weight is back.tok.weight
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), pruned(ids), rtol=0, atol=0)
+
+
 def test_load_refuses_arbitrary_pickles(tmp_path):
     class Evil:
         def __reduce__(self):
