@@ -65,7 +65,10 @@ def layout(conv: nn.Module) -> str:
 
 
 def out_units(layer: nn.Module) -> int:
-    """Output units of a layer: neurons of a ``Linear``, output channels of a convolution."""
+    """Output units of a layer: neurons of a ``Linear``, output channels of a convolution, the embedding dim
+    (columns of the weight) of an ``nn.Embedding``."""
+    if isinstance(layer, nn.Embedding):
+        return layer.embedding_dim
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 

@@ -71,7 +71,8 @@ class ParamModel:
     ``between``). The ``fc1`` of a
     pair's squeeze-and-excitation gate has an input column, and its ``fc2`` an output row (and a bias entry), per
     kept unit of the pair. A ``conditioning`` layer has ``chunks * group_size`` output rows (and bias entries) per
-    kept unit; its input columns follow the pair it is the consumer of, if any. A gated unit costs its rows (and
+    kept unit (an ``nn.Embedding`` of ``E`` entries: ``E`` weights per kept channel, no bias); its input columns
+    follow the pair it is the consumer of, if any. A gated unit costs its rows (and
     bias entries) in both producers, or both halves' rows of a chunked producer (``producer_rows_per_unit``), and
     its entries in the per-unit layers of both factors' paths.
     """
@@ -117,9 +118,10 @@ class ParamModel:
                 else:
                     i_idx, i_mult = -1, in_fixed
                 terms.append((1, i_idx, i_mult, o_idx, o_mult))
-                if m.bias is not None or name in gets_bias:
+                bias = getattr(m, "bias", None)  # an nn.Embedding (a conditioning term's) has none
+                if bias is not None or name in gets_bias:
                     terms.append((1, -1, 1, o_idx, o_mult))
-                const += direct - W.numel() - (m.bias.numel() if m.bias is not None else 0)
+                const += direct - W.numel() - (bias.numel() if bias is not None else 0)
             elif name in between:  # the weight and bias hold one entry or filter per channel; any other is kept
                 i = between[name]
                 per_channel = sum(t.numel() for t in (getattr(m, "weight", None), getattr(m, "bias", None))

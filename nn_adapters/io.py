@@ -4,9 +4,9 @@ A pruned model is stored in one file written with ``torch.save`` that holds only
 architecture: the zoo builder and its arguments, if any, and the new size of every Linear/Conv1d/Conv2d/
 ConvTranspose1d/ConvTranspose2d/BatchNorm/InstanceNorm layer, with the groups of a convolution, which a pruned
 depthwise convolution changes, the ``num_groups`` and ``num_channels`` of every ``GroupNorm``, which lose the
-removed groups, and the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
-``linear->conv`` pair changes; a layer of the base's size is left as it is, with its ties to other layers) and a
-plain
+removed groups, the ``unflattened_size`` of every ``nn.Unflatten``, whose channel count a pruned
+``linear->conv`` pair changes, and the sizes of every ``nn.Embedding``, whose embedding dim a conditioning term's
+pruning changes; a layer of the base's size is left as it is, with its ties to other layers) and a plain
 ``state_dict`` of tensors. Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects,
 then rebuilds the architecture (from the zoo, or from an unpruned instance you pass), resizes the layers and loads
 the tensors strictly. A Hugging Face model's attention implementation (``config._attn_implementation``: ``"eager"``,
@@ -47,6 +47,8 @@ def _layer_shape(m: nn.Module) -> dict | None:
         return {"type": next(t.__name__ for t in _NORM_MODULES if isinstance(m, t)), "num_features": m.num_features}
     if isinstance(m, nn.GroupNorm):
         return {"type": "GroupNorm", "num_groups": m.num_groups, "num_channels": m.num_channels}
+    if isinstance(m, nn.Embedding):  # a conditioning term's: its embedding dim follows a pair's channels
+        return {"type": "Embedding", "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim}
     if isinstance(m, nn.Unflatten) and all(isinstance(v, int) for v in m.unflattened_size):
         return {"type": "Unflatten", "unflattened_size": [int(v) for v in m.unflattened_size]}
     return None
@@ -162,7 +164,8 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         raise ValueError(f"the saved model has a layer {name!r} that the base architecture lacks; pass the "
                          "architecture the model was pruned from as base_model=.") from exc
     kind = shape["type"]
-    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES, nn.GroupNorm, nn.Unflatten)}.get(kind)
+    base = {t.__name__: t for t in (*_conv.LAYER_TYPES, *_NORM_MODULES, nn.GroupNorm, nn.Unflatten,
+                                    nn.Embedding)}.get(kind)
     if base is None or not isinstance(m, base):  # the spec names the base class; subclasses are that layer too
         raise ValueError(f"layer {name!r} is a {type(m).__name__} in the base architecture but a {kind} in the file.")
     if _layer_shape(m) == shape:
@@ -171,6 +174,10 @@ def _resize(model: nn.Module, name: str, shape: dict) -> None:
         m.unflattened_size = tuple(int(v) for v in shape["unflattened_size"])
         return
     dev = {"device": m.weight.device if getattr(m, "weight", None) is not None else None}
+    if kind == "Embedding":
+        m.weight = nn.Parameter(torch.empty(int(shape["num_embeddings"]), int(shape["embedding_dim"]), **dev))
+        m.num_embeddings, m.embedding_dim = int(shape["num_embeddings"]), int(shape["embedding_dim"])
+        return
     if issubclass(base, _conv.LAYER_TYPES):
         # a file written before groups were recorded holds no resized grouped convolution: keep the base's groups
         groups = 1 if kind == "Linear" else shape.get("groups", m.groups)

@@ -134,7 +134,8 @@ a diffusion U-Net's residual block, ``conv1(...) + temb_proj(silu(temb))[:, :, N
 ``ResnetBlock2D``), FiLM's ``h * (1 + scale) + shift`` with ``scale, shift = temb_proj(emb).chunk(2, dim=1)``
 (Improved DDPM's ``use_scale_shift_norm``, diffusers' ``time_embedding_norm="scale_shift"``) or with two ``Linear``
 layers, a class embedding added to a ``Linear``'s features. The term must be computed without the producer's output by
-a ``Linear`` E called once, then only element-wise operations without parameters, arithmetic with numbers, reshapes
+a ``Linear`` or an ``nn.Embedding`` E called once (an embedding's columns are its output features; one with
+``max_norm`` is refused), then only element-wise operations without parameters, arithmetic with numbers, reshapes
 that follow the channel count and at most one ``torch.chunk`` along the channels, with E's output read by this path
 alone; and it must hold one value per sample and channel, broadcast over the positions (``(N, C, 1, ...)`` on a
 convolution's output, ``(N, C)`` on its global pooling or a ``Linear``'s ``(N, F)``, ``(N, 1, F)`` on ``(N, T,
@@ -366,10 +367,11 @@ class PrunablePair:
         The layers of ``between`` that lie after the concatenation (a BatchNorm over the concatenated channels):
         their entries are the consumer's input channels (:meth:`consumer_channels`), not the producer's.
     conditioning : tuple of str
-        The ``Linear`` layers whose output, a per-channel conditioning term computed from another input (a diffusion
-        U-Net's time embedding projection, FiLM's scale and shift, see the module docstring), is added to or
-        multiplies the producer's channels on the way: their output rows follow the producer's channels
-        (:meth:`conditioning_rows`). ``()`` for the other pairs.
+        The ``Linear`` (or ``nn.Embedding``) layers whose output, a per-channel conditioning term computed from
+        another input (a diffusion U-Net's time embedding projection, FiLM's scale and shift, a class embedding, see
+        the module docstring), is added to or multiplies the producer's channels on the way: their output rows (an
+        embedding's columns) follow the producer's channels (:meth:`conditioning_rows`). ``()`` for the other
+        pairs.
     conditioning_chunks : tuple of int
         For each layer of ``conditioning``, the number of chunks its output is split into along the channels
         (``scale, shift = E(c).chunk(2, dim=1)``: 2; 1 without a chunk).
@@ -1711,10 +1713,10 @@ def _term_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
 
 
 def _term_way(other: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node] | None:
-    """The nodes from a ``Linear``'s call to ``other``, in order, when ``other`` is computed from that Linear's
-    output by the operations of :func:`_term_input` only; else ``None``."""
+    """The nodes from the call of a ``Linear`` or an ``nn.Embedding`` to ``other``, in order, when ``other`` is
+    computed from that layer's output by the operations of :func:`_term_input` only; else ``None``."""
     way = [other]
-    while not (way[-1].op == "call_module" and isinstance(modules[way[-1].target], nn.Linear)):
+    while not (way[-1].op == "call_module" and isinstance(modules[way[-1].target], (nn.Linear, nn.Embedding))):
         prev = _term_input(way[-1], modules)
         if prev is None or len(way) > 64:
             return None
@@ -1775,7 +1777,7 @@ def _conditioning(cur: fx.Node, u: fx.Node, producer: fx.Node, path: set[fx.Node
         return None
     layer = way[0].target
     lin = modules[layer]
-    what = f"feeds {name} with a conditioning term computed by Linear {layer!r}"
+    what = f"feeds {name} with a conditioning term computed by {type(lin).__name__} {layer!r}"
     after_cat, reshaped, gated = state
     if after_cat or reshaped or gated:
         where = ("after the concatenation, whose other operands' channels it would also condition" if after_cat else
@@ -1784,7 +1786,8 @@ def _conditioning(cur: fx.Node, u: fx.Node, producer: fx.Node, path: set[fx.Node
         return f"{what} {where}, which is not supported"
     if calls[layer] > 1:
         return f"{what}, which is called {calls[layer]} times (shared weights)"
-    if (why := _weight_ok(lin, _input_shape(way[0]))) is not None:
+    if (why := _embedding_reason(lin) if isinstance(lin, nn.Embedding) else _weight_ok(lin, _input_shape(way[0]))
+            ) is not None:
         return f"{what}: {why}"
     s_path, s_term = _shape(cur), _shape(other)
     if s_path is None or s_term is None:
@@ -1858,10 +1861,25 @@ def _term_of_way(way: list[fx.Node], u: fx.Node, path: set[fx.Node], modules: di
                 and dim % len(s_in) != 0 and s_in[dim] == math.prod(s_in[1:]) == chunks * n_units):
             return (f"{what}, split by {chunk.name} (chunks={chunks}, dim={dim}) of a tensor of shape {s_in} into "
                     f"pieces that are not the producer's {n_units} channels")
-    if lin.out_features != chunks * n_units:
-        return (f"{what}, which outputs {lin.out_features} features, not "
+    width = _conv.out_units(lin)
+    if width != chunks * n_units:
+        return (f"{what}, which outputs {width} features, not "
                 f"{f'{chunks} x ' if chunks > 1 else ''}the producer's {n_units} channels")
     return _Term(way[0].target, chunks, piece, _term_op(u) or "add")
+
+
+def _embedding_reason(emb: nn.Embedding) -> str | None:
+    """Why the columns of an ``nn.Embedding`` (one per channel of a conditioning term, see :func:`_conditioning`)
+    cannot follow a producer's channels, or ``None``."""
+    if type(emb).forward is not nn.Embedding.forward:
+        return f"{type(emb).__name__} computes its own forward(), which pruning cannot follow"
+    if parametrize.is_parametrized(emb):
+        return ("its weight is parametrized, which is not supported; remove the parametrization before pruning "
+                "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if emb.max_norm is not None:
+        return (f"it renormalises each row it looks up to max_norm={emb.max_norm} over all its {emb.embedding_dim} "
+                "channels, which removing channels would change; pass max_norm=None")
+    return None
 
 
 def _with_conditioning(pair: PrunablePair | str, terms: list[_Term]) -> PrunablePair | str:

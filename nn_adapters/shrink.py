@@ -28,7 +28,12 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
-    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear`` or a convolution (transposed or not)."""
+    """Keep the output units ``idx`` (sorted int tensor) of a ``Linear`` or a convolution (transposed or not), or
+    the output features (columns of the weight) of an ``nn.Embedding``."""
+    if isinstance(module, nn.Embedding):
+        module.weight = _param(module.weight.index_select(1, idx), module.weight)
+        module.embedding_dim = int(idx.numel())
+        return
     out_dim, _ = _conv.unit_dims(module)
     module.weight = _param(module.weight.index_select(out_dim, idx), module.weight)
     if module.bias is not None:

@@ -80,7 +80,7 @@ class PackedClassConditional(nn.Module):
 
 
 class EmbeddingAdded(nn.Module):
-    """A class embedding added directly to ``fc1``'s features: an ``nn.Embedding`` is not a ``Linear``."""
+    """A class embedding added directly to ``fc1``'s features."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -300,15 +300,19 @@ def test_a_given_defaulted_input_is_passed_to_every_stage(method):
         torch.testing.assert_close(pruned(x, y, scale=0.5), net(x, y) * 0.5, rtol=1e-5, atol=1e-5)
 
 
-def test_an_embedding_added_to_a_linear_is_not_a_conditioning_term():
-    """An nn.Embedding's output added to fc1's features is not recognised as a conditioning term (only a Linear's
-    is): fc1 is skipped with the reason, and nothing is pruned."""
+def test_an_embedding_added_to_a_linear_is_a_conditioning_term():
+    """An nn.Embedding's output added to fc1's features is a conditioning term (its columns follow fc1's units; see
+    tests/test_nn_embedding_conditioning.py): found from a dict example, pruned from dict batches, and keeping
+    every unit reproduces the network."""
     torch.manual_seed(0)
     net, x, y = EmbeddingAdded().eval(), torch.randn(40, FEATURES), torch.randint(0, CLASSES, (40,))
-    pairs, skipped = nna.find_pairs(net, {"x": x[:2], "y": y[:2]})
-    assert pairs == [] and "fc1" in dict(skipped)
-    with pytest.raises(ValueError, match=r"no prunable layer pair found in EmbeddingAdded \(fc1: "):
-        nna.prune(net, {"x": x, "y": y}, keep=0.5)
+    pairs, _ = nna.find_pairs(net, {"x": x[:2], "y": y[:2]})
+    assert [(p.name, p.conditioning) for p in pairs] == [("fc1->fc2", ("emb",))]
+    kept_all, _ = nna.prune(net, {"x": x, "y": y}, keep=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(kept_all(x, y), net(x, y), rtol=1e-5, atol=1e-5)
+    pruned, _ = nna.prune(net, {"x": x, "y": y}, keep=0.5)
+    assert pruned.emb.embedding_dim == pruned.fc1.out_features == HIDDEN // 2
 
 
 def test_flops_and_compare_methods_read_dict_batches():
