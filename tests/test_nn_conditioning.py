@@ -470,7 +470,7 @@ class TwoInputNet(nn.Module):
 
 
 class PackedInputs(nn.Module):
-    """The wrapper the error message and the docs suggest: one tensor, the flattened images and the timestep."""
+    """The packing wrapper, the docs' alternative to dict batches: one tensor, the flattened images and the timestep."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
