@@ -194,18 +194,23 @@ def _unreachable(pm: ParamModel, compression: float) -> UnreachableCompressionEr
 
 
 def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]) -> np.ndarray:
-    """Kept counts from a keep fraction (or ``{pair name or producer: fraction}``), at least 1 per layer."""
+    """Kept counts from a keep fraction (or ``{pair name or producer: fraction}``; the second producer of gated
+    units names their pair too), at least 1 per layer."""
     fr = []
     for p in pairs:
         if isinstance(keep, Mapping):
-            f = keep.get(p.name, keep.get(p.producer, 1.0))
+            given = {n: keep[n] for n in (p.name, *p.producers) if n in keep}
+            if len(given) > 1 and len({repr(v) for v in given.values()}) > 1:
+                raise ValueError(f"keep gives different fractions {given} to the units of pair {p.name}; name the "
+                                 "pair once.")
+            f = next(iter(given.values()), 1.0)
         else:
             f = keep
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0 < f <= 1):
             raise ValueError(f"keep fractions must be in (0, 1]; got {f!r} for {p.name}.")
         fr.append(f)
     if isinstance(keep, Mapping):
-        known = {p.name for p in pairs} | {p.producer for p in pairs}
+        known = {p.name for p in pairs} | {n for p in pairs for n in p.producers}
         unknown = set(keep) - known
         if unknown:
             raise ValueError(f"keep names {sorted(unknown)} are not prunable pairs; known: {sorted(known)}.")

@@ -299,9 +299,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
     keep : float or dict, optional
-        Fraction of units kept in every prunable layer (or per pair name / producer name; for transformers per
-        block name or index, see :func:`nn_adapters.transformer.prune_transformer`). Exactly one of
-        ``compression`` and ``keep``.
+        Fraction of units kept in every prunable layer (or per pair name / producer name, either producer of
+        gated units, layers not named keeping every unit; for transformers per block name or index, see
+        :func:`nn_adapters.transformer.prune_transformer`). Exactly one of ``compression`` and ``keep``.
     method : str, default "asym"
         ``"asym"``, ``"seq"``, ``"layer"`` (greedy on the submodular-style objective), or a baseline:
         ``"random"``, ``"weight_norm"`` (L2 norm of the producer's filters; a depthwise filter between the

@@ -555,3 +555,18 @@ def test_declared_gated_pairs_are_refused_with_the_reason():
     net = _net("glu-chunk")
     with pytest.raises(ValueError, match=r"the product of its two halves \(a GLU: gated units\)"):
         nna.prune(net, _x(net), keep=0.5, method="layer", pairs=[("fc1", "fc2")])
+
+
+def test_keep_accepts_the_second_producers_name_for_the_gated_pair():
+    """keep={'up': f} names the gated pair 'gate->down' as keep={'gate': f} does (it was an unknown name); two
+    different fractions for the same units are refused."""
+    net = _net("swiglu")
+    x = _x(net)
+    _, by_partner = nna.prune(net, x, keep={"up": 0.5}, method="layer")
+    _, by_producer = nna.prune(net, x, keep={"gate": 0.5}, method="layer")
+    kept = {r.pair: r.kept_units for r in by_partner.layers}
+    assert kept == {r.pair: r.kept_units for r in by_producer.layers}
+    assert len(kept["gate->down"]) == 6 and len(kept["down->head"]) == 7  # the other pair keeps everything
+    with pytest.raises(ValueError, match=r"keep gives different fractions \{.*'gate': 0.5, 'up': 0.25\} to the units "
+                                         r"of pair gate->down"):
+        nna.prune(net, x, keep={"gate": 0.5, "up": 0.25})
