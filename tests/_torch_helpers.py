@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nn_adapters as nna
+from nn_adapters._data import call, take
 from nn_adapters.budget import ParamModel
 
 
@@ -46,7 +47,7 @@ def captured_input(net: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
     handle = module.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
     try:
         with torch.no_grad():
-            net(x)
+            call(net, x)
     finally:
         handle.remove()
     return seen[0]
@@ -82,7 +83,7 @@ def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor
         handles.append(cons.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            return net(x)
+            return call(net, x)
     finally:
         for h in handles:
             h.remove()
@@ -91,7 +92,7 @@ def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor
 def check_budgets_against_built_networks(net: nn.Module, x: torch.Tensor, compressions: tuple[float, ...]) -> None:
     """The closed-form parameter count (``ParamModel``) equals the parameters of the unpruned network and of every
     network pruned to ``compressions`` (uniform and error-curve allocation), and each compression is met."""
-    pairs, _ = nna.find_pairs(net, x[:2])
+    pairs, _ = nna.find_pairs(net, take(x, 2))
     assert ParamModel(net, pairs).total() == sum(p.numel() for p in net.parameters())
     for c in compressions:
         for alloc in ("uniform", "error"):

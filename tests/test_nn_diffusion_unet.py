@@ -50,8 +50,8 @@ class ResBlock(nn.Module):
 
 
 class TinyUNet(nn.Module):
-    """Two resolutions (16 and 32 channels), one block each way and one in the middle; ``forward(xt)`` reads the
-    flattened image and the timestep from one tensor, so that the model takes one input."""
+    """Two resolutions (16 and 32 channels), one block each way and one in the middle; ``forward(x, t)``, pruned
+    from dict batches ``{"x": images, "t": timesteps}``."""
 
     def __init__(self, scale_shift: bool) -> None:
         super().__init__()
@@ -67,9 +67,9 @@ class TinyUNet(nn.Module):
         self.up1 = ResBlock(48, 16, t_dim, scale_shift)
         self.norm_out, self.out = nn.GroupNorm(8, 16), nn.Conv2d(16, 3, 3, padding=1)
 
-    def forward(self, xt: torch.Tensor) -> torch.Tensor:
-        x, t = xt[:, :-1].reshape(-1, 3, SIDE, SIDE), xt[:, -1:]
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(TIME // 2, dtype=xt.dtype) / (TIME // 2))
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t[:, None]
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(TIME // 2, dtype=x.dtype) / (TIME // 2))
         temb = self.t2(F.silu(self.t1(torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], dim=1))))
         h1 = self.down1(self.inp(x), temb)
         h2 = self.down2(self.pool(h1), temb)
@@ -81,17 +81,16 @@ class TinyUNet(nn.Module):
 BLOCKS = {"down1": 16, "down2": 32, "mid": 32, "up2": 32, "up1": 16}  # conv1's channels
 
 
-def _net(scale_shift: bool) -> tuple[nn.Module, torch.Tensor]:
+def _net(scale_shift: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     net = TinyUNet(scale_shift).eval()
-    x = torch.randn(48, 3 * SIDE * SIDE)
-    return net, torch.cat([x, torch.rand(48, 1) * 100], dim=1)
+    return net, {"x": torch.randn(48, 3, SIDE, SIDE), "t": torch.rand(48) * 100}
 
 
 @pytest.mark.parametrize("scale_shift", [False, True])
 def test_every_blocks_conv1_is_pruned_with_the_rows_of_its_time_projection(scale_shift):
     net, xt = _net(scale_shift)
-    pairs, skipped = nna.find_pairs(net, xt[:2])
+    pairs, skipped = nna.find_pairs(net, {k: v[:2] for k, v in xt.items()})
     by_name = {p.name: p for p in pairs}
     assert set(by_name) == {"t1->t2"} | {f"{b}.conv1->{b}.conv2" for b in BLOCKS}
     for block, channels in BLOCKS.items():
@@ -110,7 +109,7 @@ def test_keeping_every_unit_reproduces_the_unet(scale_shift, method):
     net, xt = _net(scale_shift)
     pruned, _ = nna.prune(net, xt, keep=1.0, method=method)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(xt), net(xt), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pruned(**xt), net(**xt), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["asym", "weight_norm"])
@@ -123,7 +122,7 @@ def test_without_refit_the_pruned_unet_is_the_original_with_the_removed_groups_z
         assert pruned.get_submodule(f"{block}.temb_proj").out_features == rows
         assert pruned.get_submodule(f"{block}.norm2").num_groups == 4
     with torch.no_grad():
-        torch.testing.assert_close(pruned(xt), zeroed_at_consumers(net, report, xt), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pruned(**xt), zeroed_at_consumers(net, report, xt), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale_shift", [False, True])
