@@ -2714,10 +2714,14 @@ def _check_unit_map(model: nn.Module, pair: PrunablePair, example_input: Inputs)
 def _moved_inputs(x: Inputs, gen: torch.Generator) -> Inputs | None:
     """The inputs changed: noise added to a floating tensor; for a dict, to each floating per-sample tensor, and the
     samples of every other per-sample tensor (class labels, timesteps as integers) rolled by one, so that the values
-    stay valid (``None`` for a tensor that is not floating)."""
+    stay valid; where rolling changes nothing (every sample of the same class), each value moves to its neighbour
+    (``c - 1``, or ``1`` for ``0``; a boolean is negated). ``None`` for a tensor that is not floating."""
     def moved(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
-            return t.roll(1, 0)
+            rolled = t.roll(1, 0)
+            if not torch.equal(rolled, t):
+                return rolled
+            return ~t if t.dtype == torch.bool else torch.where(t > 0, t - 1, t + 1)
         return t + (0.5 * t.std().clamp(min=1e-3)) * torch.randn(t.shape, generator=gen).to(t)
 
     if not isinstance(x, Mapping):

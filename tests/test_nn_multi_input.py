@@ -350,6 +350,23 @@ def test_declared_pairs_are_checked_on_dict_batches():
         nna.prune(net, batches, keep=0.5, method="layer", pairs=[nna.Pair("fc1", "fc2")])
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_declared_pair_read_through_a_label_term_is_refused_even_when_the_checked_samples_share_a_label(dtype):
+    """The check that the consumer reads the producer only moves integer inputs by rolling the samples; when every
+    checked sample has the same label, rolling changed nothing, the term from the label went unseen, and pruning
+    failed later with a shape mismatch instead of this refusal."""
+    class FlagConditional(ClassConditional):  # a boolean flag selects one of two embeddings
+        def forward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return super().forward(x, y.long(), scale)
+
+    torch.manual_seed(0)
+    x = torch.randn(40, FEATURES)
+    net = (ClassConditional() if dtype == torch.int64 else FlagConditional()).eval()
+    y = torch.full((40,), 2) if dtype == torch.int64 else torch.ones(40, dtype=torch.bool)
+    with pytest.raises(ValueError, match="declared pair fc1->fc2: the consumer's input changes with the model's input"):
+        nna.prune(net, [{"x": x, "y": y}], keep=0.5, method="layer", pairs=[nna.Pair("fc1", "fc2")])
+
+
 def test_submod_prune_takes_a_user_function_whose_loaders_yield_dicts(tmp_path, monkeypatch, capsys):
     """`submod prune module:function` with (dict, labels) calibration and evaluation loaders prunes and evaluates
     the model with model(**batch)."""
