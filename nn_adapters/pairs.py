@@ -967,6 +967,10 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         is_sum = ((u.op == "call_function" and u.target in _SUM_FUNCTIONS)
                   or (u.op == "call_method" and u.target in _SUM_METHODS))
         name = getattr(u.target, "__name__", str(u.target)) if u.op == "call_function" else f".{u.target}()"
+        if _shifted_by_number(u, cur, is_conv):  # h + 1, 1 - h: element by element
+            ops.append(name)
+            cur = u
+            continue
         if is_sum and len(u.args) > 1 and u.args[0] is not cur and any(a is cur for a in u.args[1:]):
             # x + h, x.add(h): the producer's output is the second term of a residual sum (the first, h + x, is
             # found below)
@@ -2038,6 +2042,19 @@ def _scaled_by_number(node: fx.Node, cur: fx.Node, is_conv: bool) -> bool:
         return a is cur and _is_number(b, is_conv)
     other = b if a is cur else a if b is cur else None
     return other is not None and _is_number(other, is_conv)
+
+
+def _shifted_by_number(node: fx.Node, cur: fx.Node, is_conv: bool) -> bool:
+    """Whether the sum or difference ``node`` adds a number to ``cur`` or subtracts one side from the other (``h +
+    1``, ``1 + h``, ``h - 0.5``, ``1 - h``, ``h.add(1)``, ``torch.sub(h, 2)``): each unit on its own. A size read
+    from the units' dim is not such a number (pruning changes it)."""
+    is_sum = (node.op == "call_function" and node.target in (*_SUM_FUNCTIONS, operator.isub, torch.sub)) or (
+        node.op == "call_method" and node.target in _SUM_METHODS)
+    if not is_sum or len(node.args) != 2 or node.kwargs:
+        return False
+    a, b = node.args
+    other = b if a is cur else a if b is cur else None
+    return other is not None and other is not cur and _is_number(other, is_conv)
 
 
 def _pool_rank_mismatch(cur: fx.Node, name: object, pool: object) -> str | None:
