@@ -200,7 +200,7 @@ def keep_counts(pairs: Sequence[PrunablePair], keep: float | Mapping[str, float]
     for p in pairs:
         if isinstance(keep, Mapping):
             given = {n: keep[n] for n in (p.name, *p.producers) if n in keep}
-            if len(given) > 1 and len({repr(v) for v in given.values()}) > 1:
+            if len({repr(v) for v in given.values()}) > 1:
                 raise ValueError(f"keep gives different fractions {given} to the units of pair {p.name}; name the "
                                  "pair once.")
             f = next(iter(given.values()), 1.0)

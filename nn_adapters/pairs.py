@@ -265,11 +265,11 @@ _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.squeez
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "squeeze"}
 # Multiplication or division by a number (x / (H * W) after a spatial sum) acts on each unit separately.
 _SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div}
-_RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, torch.cat, torch.stack, operator.mul}
-# Sums of two tensors: a residual connection, whichever term the producer's output is (x + h, torch.add(x, h),
-# x.add(h)).
-_SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub}
+# Sums and differences: with a tensor a residual connection, whichever term the producer's output is (x + h,
+# torch.add(x, h), x.add(h)); with a number an element-wise shift (h + 1); with a per-channel term a conditioning.
+_SUM_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
+_RESIDUAL_FUNCTIONS = _SUM_FUNCTIONS | {torch.cat, torch.stack, operator.mul}
 # Group normalisation written in forward(): its group count is fixed in the code (see _functional_group_norm_reason).
 _GROUP_NORM_FUNCTIONS = {F.group_norm, torch.group_norm}
 
@@ -938,9 +938,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             continue
         # a product with another producer's output of the same shape is gated units (see _gate_step); a sum or a
         # product with anything else may hold a conditioning term (see _conditioning)
-        other = u.args[1] if _is_product(u) and u.args[0] is cur else u.args[0] if _is_product(u) else None
-        gates = (isinstance(other, fx.Node) and other is not cur and _shape(other) == _shape(cur)
-                 and not isinstance(_factor_producer(other, modules, calls, producer, n_units), str))
+        gates = _multiplies_a_producer(cur, u, modules, calls, producer, n_units)
         term = None if gates else _conditioning(cur, u, node, path, modules, calls, n_units, is_conv,
                                                 (cat is not None, shaped is not None, bool(se)))
         gated = None if term is not None else _gate_step(where, cur, u, modules, calls, producer, n_units, path)
@@ -964,8 +962,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             path |= gated.nodes
             cur = gated.out
             continue
-        is_sum = ((u.op == "call_function" and u.target in _SUM_FUNCTIONS)
-                  or (u.op == "call_method" and u.target in _SUM_METHODS))
+        is_sum = _term_op(u) == "add"
         name = getattr(u.target, "__name__", str(u.target)) if u.op == "call_function" else f".{u.target}()"
         if _shifted_by_number(u, cur, is_conv):  # h + 1, 1 - h: element by element
             ops.append(name)
@@ -977,7 +974,7 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
             return f"{where} feeds {name} (a residual sum) as its second term"
         if (is_sum and u.op == "call_method" and u.args[0] is cur
                 and any(isinstance(a, fx.Node) for a in (*u.args[1:], *u.kwargs.values()))):
-            return f"{where} feeds {name} (a residual sum)"  # h.add(x); h.add(1.0) is refused below
+            return f"{where} feeds {name} (a residual sum)"  # h.add(x) (h.add(1.0) is a shift, above)
         if not u.args or (u.args[0] is not cur and not (u.op == "call_function" and u.target in _SCALE_FUNCTIONS
                                                           and _scaled_by_number(u, cur, is_conv))):
             return f"operation {u.name} does not take the producer's output as its first argument"
@@ -1446,6 +1443,17 @@ def _gate_step(where: str, cur: fx.Node, u: fx.Node, modules: dict[str, nn.Modul
     return _chunk_gate(where, cur, u, modules, calls, producer, n_units, path)
 
 
+def _multiplies_a_producer(cur: fx.Node, u: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+                           producer: nn.Module, n_units: int) -> bool:
+    """Whether ``u`` multiplies the path tensor ``cur`` by a tensor of its shape that another Linear or convolution
+    produces through per-unit operations (:func:`_factor_producer`): gated units, not a conditioning term."""
+    if not (_is_product(u) and cur in u.args):
+        return False
+    other = u.args[1] if u.args[0] is cur else u.args[0]
+    return (isinstance(other, fx.Node) and other is not cur and _shape(other) == _shape(cur)
+            and not isinstance(_factor_producer(other, modules, calls, producer, n_units), str))
+
+
 def _gate_state_reason(u: fx.Node, gated: bool, flattened: bool, shaped: bool, group_size: int, se: bool,
                        cat: bool) -> str | None:
     """Why the path cannot become gated units at ``u`` after what it went through, or ``None``: a second gate, a
@@ -1650,9 +1658,7 @@ def _se_gate(cur: fx.Node, users: list[fx.Node], modules: dict[str, nn.Module], 
     return mul, fcs[0], fcs[1]
 
 
-# Sums and products of the path tensor with a per-channel conditioning term (see _conditioning).
-_TERM_SUMS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-_TERM_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+# Products of the path tensor with a per-channel conditioning term (see _conditioning; its sums are _SUM_FUNCTIONS).
 _TERM_PRODUCTS = {operator.mul, operator.imul, torch.mul}
 _TERM_PRODUCT_METHODS = {"mul", "mul_"}
 # Arithmetic with a number on a conditioning term's way (FiLM's ``1 + scale``): element by element.
@@ -1671,11 +1677,12 @@ class _Term:
 
 
 def _term_op(node: fx.Node) -> str | None:
-    """``"add"`` for a sum or difference of two tensors, ``"mul"`` for a product, else ``None``."""
+    """``"add"`` for a sum or difference (``_SUM_FUNCTIONS``, ``_SUM_METHODS``), ``"mul"`` for a product, else
+    ``None``."""
     if node.op == "call_function":
-        return "add" if node.target in _TERM_SUMS else "mul" if node.target in _TERM_PRODUCTS else None
+        return "add" if node.target in _SUM_FUNCTIONS else "mul" if node.target in _TERM_PRODUCTS else None
     if node.op == "call_method":
-        return "add" if node.target in _TERM_SUM_METHODS else "mul" if node.target in _TERM_PRODUCT_METHODS else None
+        return "add" if node.target in _SUM_METHODS else "mul" if node.target in _TERM_PRODUCT_METHODS else None
     return None
 
 
@@ -2048,9 +2055,7 @@ def _shifted_by_number(node: fx.Node, cur: fx.Node, is_conv: bool) -> bool:
     """Whether the sum or difference ``node`` adds a number to ``cur`` or subtracts one side from the other (``h +
     1``, ``1 + h``, ``h - 0.5``, ``1 - h``, ``h.add(1)``, ``torch.sub(h, 2)``): each unit on its own. A size read
     from the units' dim is not such a number (pruning changes it)."""
-    is_sum = (node.op == "call_function" and node.target in (*_SUM_FUNCTIONS, operator.isub, torch.sub)) or (
-        node.op == "call_method" and node.target in _SUM_METHODS)
-    if not is_sum or len(node.args) != 2 or node.kwargs:
+    if _term_op(node) != "add" or len(node.args) != 2 or node.kwargs:
         return False
     a, b = node.args
     other = b if a is cur else a if b is cur else None

@@ -77,3 +77,18 @@ def test_a_tensor_added_on_the_way_is_still_a_residual_sum():
 
     _, skipped = nna.find_pairs(Residual(), torch.randn(2, 8))
     assert dict(skipped)["a"] == "its output, after relu, feeds add (a residual sum)"
+
+
+def test_torch_sub_with_the_path_second_is_a_residual_sum():
+    """torch.sub was missing from the sums the walk knows: torch.sub(x, h) was reported as 'operation sub does not
+    take the producer's output as its first argument' instead of as the residual sum it is."""
+    class Difference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.sub(x, torch.relu(self.a(x))))
+
+    _, skipped = nna.find_pairs(Difference(), torch.randn(2, 8))
+    assert dict(skipped)["a"] == "its output, after relu, feeds sub (a residual sum) as its second term"
