@@ -206,6 +206,7 @@ from torch.nn.utils import parametrize
 from . import _conv
 from ._data import Inputs, call, per_sample, shape_text, take
 from ._modes import FORWARD_HOOK_DICTS, eval_mode, wrapper_hint
+from ._value_trace import ValueTracer, answering_is_tensor, metadata_read, starred_input
 from .shrink import unit_rows
 
 __all__ = ["Pair", "PrunablePair", "find_pairs", "resolve_pairs", "trace"]
@@ -258,7 +259,6 @@ _CLAMP_FUNCTIONS = {torch.clamp, torch.clip}
 _CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_SHAPE_QUERIES = {"size", "dim"}
 # Reductions over positions (spatial dims of a conv's output, token dims of a Linear's): a global pooling head
 # written in forward(), e.g. x.mean((2, 3)) or x.amax(dim=(-2, -1)); they act on each unit separately.
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.squeeze}
@@ -503,10 +503,15 @@ class PrunablePair:
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps user subclasses of the supported layers (e.g. a custom ``nn.Linear``) as leaf modules."""
+    """Keeps user subclasses of the supported layers (e.g. a custom ``nn.Linear``) as leaf modules; ``*args`` and
+    ``**kwargs`` of ``forward()`` are traced as empty (see :func:`nn_adapters._value_trace.starred_input`)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, (*_conv.LAYER_TYPES, *_BN_MODULES)) or super().is_leaf_module(m, module_qualified_name)
+
+    def create_proxy(self, kind: str, target: object, *args: object, **kwargs: object) -> object:
+        empty = starred_input(kind, target)
+        return empty if empty is not None else super().create_proxy(kind, target, *args, **kwargs)
 
 
 def container_hooks(model: nn.Module) -> list[str]:
@@ -534,15 +539,41 @@ def _defaulted_arguments(model: nn.Module, given: Sequence[str] | None = None) -
     return fixed or None
 
 
-def trace(model: nn.Module, given: Sequence[str] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with :mod:`torch.fx` (raises a clear ``ValueError`` when it cannot).
 
     ``given``: the names of the inputs the model is called with, ``model(**batch)`` for dict batches with these
     keys; ``None`` for ``model(x)``, one input. The other inputs of ``forward()`` that have defaults are traced as
     those constants. Hooks of container submodules are detached while tracing (fx would run them on proxies: a
     hook that stores its output would hold proxies and add graph uses); see :func:`container_hooks`.
+
+    ``example``: a batch of inputs. When plain fx tracing fails (``len()`` of a shape, an ``if`` on ``x.ndim`` or
+    on a dtype), the model is traced again while running on this batch
+    (:class:`nn_adapters._value_trace.ValueTracer`): decisions on shapes and types are taken as on this batch and
+    guarded in the graph, decisions on tensor values are refused.
     """
-    tracer = _LeafTracer()
+    try:
+        return _trace_with(_LeafTracer(), model, given)
+    except Exception as exc:  # fx raises many exception types for data-dependent control flow
+        hint = wrapper_hint(model)
+        if hint:  # torch.compile / DataParallel: fx cannot see through them, and nothing else needs changing
+            raise ValueError(f"could not trace {type(model).__name__} with torch.fx.{hint}") from exc
+        failure = f"{type(exc).__name__}: {exc}"
+        if example is not None:
+            try:
+                return _trace_with(ValueTracer(_LeafTracer(), example), model, given)
+            except Exception as second:  # noqa: BLE001 - reported with the first failure
+                failure += (f"; traced again on the first batch, it stopped at {type(second).__name__}: "
+                            f"{second}")
+                exc = second
+        raise ValueError(
+            f"could not trace {type(model).__name__} with torch.fx ({failure}). Automatic pair "
+            "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
+            "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
+            "method='layer'.") from exc
+
+
+def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None) -> fx.GraphModule:
     saved = []
     for name, m in model.named_modules():
         if name and not tracer.is_leaf_module(m, name):
@@ -552,17 +583,9 @@ def trace(model: nn.Module, given: Sequence[str] | None = None) -> fx.GraphModul
                     saved.append((d, dict(d)))
                     d.clear()
     try:
-        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
+        with answering_is_tensor(tracer):
+            graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
         return fx.GraphModule(model, graph)
-    except Exception as exc:  # fx raises many exception types for data-dependent control flow
-        hint = wrapper_hint(model)
-        if hint:  # torch.compile / DataParallel: fx cannot see through them, and nothing else needs changing
-            raise ValueError(f"could not trace {type(model).__name__} with torch.fx.{hint}") from exc
-        raise ValueError(
-            f"could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}). Automatic pair "
-            "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
-            "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
-            "method='layer'.") from exc
     finally:
         for d, content in saved:
             d.update(content)
@@ -720,7 +743,7 @@ def find_pairs(model: nn.Module, example_input: Inputs) -> tuple[list[PrunablePa
     >>> skipped
     [('2', 'its output is the network output')]
     """
-    gm = trace(model, list(example_input) if isinstance(example_input, Mapping) else None)
+    gm = trace(model, list(example_input) if isinstance(example_input, Mapping) else None, example_input)
     args = graph_arguments(gm, model, example_input)
     try:
         # ShapeProp prints its own traceback before raising; the error below says it in one line
@@ -856,15 +879,8 @@ def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    """Users that consume the tensor's values (shape queries such as ``x.size(0)`` do not)."""
-    out = []
-    for u in node.users:
-        if u.op == "call_method" and u.target in _SHAPE_QUERIES:
-            continue
-        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] == "shape":
-            continue
-        out.append(u)
-    return out
+    """Users that consume the tensor's values (metadata reads such as ``x.size(0)`` or ``x.ndim`` do not)."""
+    return [u for u in node.users if not metadata_read(u)]
 
 
 def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
@@ -1744,9 +1760,7 @@ def _depends_on(node: fx.Node, source: fx.Node) -> bool:
         a = todo.pop()
         if a is source:
             return True
-        shape_query = (a.op == "call_method" and a.target in _SHAPE_QUERIES) or (
-            a.op == "call_function" and a.target is getattr and a.args[1:] == ("shape",))
-        if a not in seen and not shape_query:
+        if a not in seen and not metadata_read(a):
             seen.add(a)
             todo.extend(a.all_input_nodes)
     return False

@@ -48,6 +48,7 @@ from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
+from ._value_trace import metadata_read
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
 from .shrink import keep_producer_side, keep_se, set_inputs
 
@@ -467,7 +468,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
 
     gm, trace_error = None, None
     try:
-        gm = trace(work, keywords)
+        gm = trace(work, keywords, x0)
     except ValueError as exc:
         trace_error = exc
     if gm is not None and keywords is None and (why := second_inputs(gm, model)) is not None:
@@ -941,7 +942,7 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
             if node.name in by_node:
                 i, p = by_node[node.name]
                 src = node.args[0]
-                if not isinstance(src, fx.Node) or len(src.users) != 1:
+                if not isinstance(src, fx.Node) or sum(not metadata_read(u) for u in src.users) != 1:
                     raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
                                      f"{p.name} cannot be pruned sequentially (use method='layer').")
                 st = stats_of(p)

@@ -1,0 +1,238 @@
+"""Tracing forwards that branch on shapes and types (``nn_adapters._value_trace``).
+
+Plain torch.fx stops at ``len(x.shape)``, ``if x.ndim == 4`` or ``if x.dtype == torch.float16``. When it does, the
+model is traced again while it runs on the first batch: decisions on shapes and types are taken as there and
+guarded in the graph, decisions on tensor values are refused.
+
+Oracles: the same network written without the branches (plain fx traces it), which must give the same pairs, kept
+units and weights; the unpruned network (keep everything); the branch that the other batch would take, which the
+guard must refuse rather than compute the traced one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nn_adapters as nna
+from nn_adapters.pairs import trace
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+class Plain(nn.Module):
+    """conv -> BN -> ReLU -> conv -> pool -> linear: the reference, traceable by plain fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(F.relu(self.bn(self.c1(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Branchy(Plain):
+    """The same computation behind the checks real models make on shapes and types (diffusers' resamplers and
+    attention processors): ``len()`` of a shape, ``ndim``, a dtype test, unpacking a shape, iterating over one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x.shape) == 3:  # an unbatched image
+            x = x[None]
+        if x.ndim != 4:
+            raise ValueError("expected images")
+        if x.dtype == torch.float16:
+            x = x.float()
+        b, c, height, width = x.shape
+        sizes = [s for s in x.shape]  # iterating over a shape (not an unpacking)
+        h = F.relu(self.bn(self.c1(x.reshape(b, c, height, width).view(*sizes))))
+        if h.shape[1] > 0 and h.ndim == 4:  # reads of the pair's path that are not uses of its values
+            h = self.c2(h)
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _pair(cls: type[Plain]) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = cls()
+    with torch.no_grad():  # a trained-looking BatchNorm
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    return net.eval(), torch.randn(64, 3, 6, 6)
+
+
+def test_plain_fx_cannot_trace_the_branches_and_the_example_run_can():
+    net, x = _pair(Branchy)
+    with pytest.raises(ValueError, match="'len' is not supported"):
+        trace(net)
+    gm = trace(net, example=x[:2])
+    guards = [n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__.startswith("check_")]
+    assert len(guards) >= 6  # len(x.shape) == 3, ndim != 4, dtype, the length iterated, h.shape[1] > 0, h.ndim
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x))
+
+
+@pytest.mark.parametrize("method", ["layer", "seq", "asym", "act_norm"])
+def test_the_branchy_network_is_pruned_as_the_plain_one(method):
+    plain, x = _pair(Plain)
+    branchy, _ = _pair(Branchy)
+    assert [p.name for p in nna.find_pairs(branchy, x[:2])[0]] == [p.name for p in nna.find_pairs(plain, x[:2])[0]]
+    a, ra = nna.prune(plain, x, keep=0.5, method=method)
+    b, rb = nna.prune(branchy, x, keep=0.5, method=method)
+    assert [r.kept_units for r in ra.layers] == [r.kept_units for r in rb.layers]
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["layer", "seq", "asym"])
+def test_keeping_every_unit_reproduces_the_branchy_network(method):
+    net, x = _pair(Branchy)
+    pruned, _ = nna.prune(net, x, keep=1.0, method=method)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tracing_on_the_example_leaves_the_model_as_it_was():
+    net, x = _pair(Branchy)
+    net.train()  # BatchNorm would update its running statistics if the example ran on the model itself
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trace(net, example=x[:8])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and not hasattr(net, "_tensor_constant0")
+
+
+class ValueBranch(Plain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:  # a decision on the data: one branch for some batches, the other for others
+            x = -x
+        return self.body(x)
+
+
+class ItemBranch(Plain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().max().item()
+        if scale > 1.0:
+            x = x / scale
+        return self.body(x)
+
+
+@pytest.mark.parametrize("cls", [ValueBranch, ItemBranch])
+def test_a_decision_on_tensor_values_is_refused(cls):
+    net, x = _pair(cls)
+    with pytest.raises(ValueError, match="branches on the values of a tensor"):
+        nna.prune(net, x, keep=0.5, method="asym")
+
+
+class BatchSizeBranch(Plain):
+    """Computes otherwise for large batches (a real model would switch kernels; this one changes the result, so
+    that computing the traced branch for the other batches would be visibly wrong)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        if h.shape[0] >= 32:
+            h = 2 * h
+        return self.fc(F.adaptive_avg_pool2d(self.c2(h), 1).flatten(1))
+
+
+def test_a_batch_that_takes_the_other_branch_is_refused_by_the_guard():
+    net, x = _pair(BatchSizeBranch)
+    batches = [x[:32], x[32:48]]  # 32 samples, then 16: the graph traced on the first doubles h
+    with pytest.raises(ValueError, match=r"other branch .*h.shape\[0\] >= 32|other branch .*>= 32"):
+        nna.prune(net, batches, keep=0.5, method="asym")
+    # method='layer' runs the model itself, not the graph: every batch takes its own branch
+    pruned, _ = nna.prune(net, batches, keep=1.0, method="layer")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x[:16]), net(x[:16]), rtol=1e-5, atol=1e-6)
+    # batches of one size are fine for every method
+    pruned, _ = nna.prune(net, [x[:16], x[16:32], x[32:48]], keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x[:16]), net(x[:16]), rtol=1e-5, atol=1e-6)
+
+
+class TimestepModel(nn.Module):
+    """``forward(x, t)`` with diffusers' handling of the timestep: a number or a 0-d tensor becomes a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temb = nn.Linear(1, 8)
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=x.dtype)
+        elif len(t.shape) == 0:
+            t = t[None]
+        t = t * torch.ones(x.shape[0], dtype=t.dtype)
+        return self.c2(F.silu(self.c1(x) + self.temb(t[:, None])[:, :, None, None]))
+
+
+def test_a_timestep_handled_as_diffusers_does_is_traced_and_pruned_with_its_term():
+    torch.manual_seed(0)
+    net = TimestepModel().eval()
+    xt = {"x": torch.randn(32, 3, 6, 6), "t": torch.rand(32) * 10}
+    pairs, _ = nna.find_pairs(net, {k: v[:2] for k, v in xt.items()})
+    assert [(p.name, p.conditioning) for p in pairs] == [("c1->c2", ("temb",))]
+    pruned, _ = nna.prune(net, xt, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**xt), net(**xt), rtol=1e-5, atol=1e-6)
+        pruned, _ = nna.prune(net, xt, keep=0.5, method="asym")
+        assert pruned.temb.out_features == 4
+        assert pruned(xt["x"][:1], 3.0).shape == (1, 3, 6, 6)  # the model's own number branch still runs
+
+
+class Starred(Plain):
+    """``forward(x, *args, **kwargs)``, as Hugging Face models take their options: pruning passes neither."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        scale = kwargs.pop("scale", None)
+        if scale is not None or args:
+            x = x * 2
+        return self.body(x)
+
+
+def test_args_and_kwargs_of_forward_are_traced_as_empty():
+    plain, x = _pair(Plain)
+    starred, _ = _pair(Starred)
+    gm = trace(starred)  # plain fx: *args and **kwargs are real empty containers, not inputs of the graph
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    a, _ = nna.prune(plain, x, keep=0.5, method="asym")
+    b, _ = nna.prune(starred, x, keep=0.5, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
+
+
+class SamePadding(Plain):
+    """TensorFlow-style "same" padding computed from the input size with int(), as Hugging Face MobileNet does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        pad_h, pad_w = max(3 - height % 2, 0) // 2, max(3 - width % 2, 0) // 2
+        return self.body(F.pad(x, (pad_w, pad_w, pad_h, pad_h)))
+
+
+class ValueInt(Plain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(x.abs().sum()) % 2  # a number read from the values
+        return self.body(F.pad(x, (k, k, k, k)))
+
+
+def test_a_size_converted_to_int_is_guarded_and_a_value_converted_to_int_is_refused():
+    net, x = _pair(SamePadding)
+    pruned, _ = nna.prune(net, x, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+    gm = trace(net, example=x[:2])
+    with pytest.raises(ValueError, match="the traced graph fixed 6"):
+        gm(torch.randn(2, 3, 8, 8))  # another image size than the one the padding was computed for
+    net, x = _pair(ValueInt)
+    with pytest.raises(ValueError, match="converts a traced value to int"):
+        nna.prune(net, x, keep=0.5, method="asym")
