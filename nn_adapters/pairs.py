@@ -194,7 +194,7 @@ import inspect
 import io
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -566,11 +566,66 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
                 failure += (f"; traced again on the first batch, it stopped at {type(second).__name__}: "
                             f"{second}")
                 exc = second
+            decorated = inspect.unwrap(type(model).forward)
+            if decorated is not type(model).forward:
+                with _forward_replaced(model, decorated):
+                    try:
+                        gm = _trace_with(ValueTracer(_LeafTracer(), example), model, given)
+                    except Exception as third:  # noqa: BLE001 - reported with the others
+                        failure += f"; without the decorators of forward(), at {type(third).__name__}: {third}"
+                        exc = third
+                        gm = None
+                if gm is not None and (why := _same_results(gm, model, example)) is None:
+                    return gm
+                if gm is not None:
+                    failure += f"; without the decorators of forward(), {why}"
         raise ValueError(
             f"could not trace {type(model).__name__} with torch.fx ({failure}). Automatic pair "
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
             "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
             "method='layer'.") from exc
+
+
+@contextlib.contextmanager
+def _forward_replaced(model: nn.Module, forward: Callable) -> Iterator[None]:
+    """``model`` as an instance of a subclass whose ``forward`` is ``forward``, for the duration. fx traces the
+    function of ``type(model).forward``: under a decorator that takes ``(self, *args, **kwargs)`` (Hugging Face's
+    ``can_return_tuple``) it would see no named input; the undecorated function has them."""
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    try:
+        yield
+    finally:
+        model.__class__ = cls
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    """The tensors of a model's result in order: a tensor, the values of a mapping (a ``ModelOutput``), or the items
+    of a tuple or list, nested."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _largest(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() and t.is_floating_point() else 0.0
+
+
+def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> str | None:
+    """Why the traced ``gm`` does not compute what ``model`` computes on ``example`` (its tensors, in order), or
+    ``None``: the check of a graph traced without the decorators of ``forward()``."""
+    with torch.no_grad():
+        want = _tensors(call(model, example))
+        got = _tensors(gm(*graph_arguments(gm, model, example)))
+    if len(got) != len(want) or not all(
+            g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6 * (1 + _largest(w)))
+            for g, w in zip(got, want, strict=False)):
+        return "the traced graph does not compute what the model computes on the first batch"
+    return None
 
 
 def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None) -> fx.GraphModule:

@@ -2,10 +2,12 @@
 CNN path from ``{"pixel_values": x}`` batches.
 
 Their forwards take ``**kwargs``, check ``pixel_values.shape[1]`` against the configured channels, and (MobileNetV2)
-compute TensorFlow-style padding with ``int(x.shape[-1])``, none of which plain torch.fx traces. What may be pruned
+compute TensorFlow-style padding with ``int(x.shape[-1])``, none of which plain torch.fx traces; ConvNeXt's (in
+transformers 5) is wrapped by a decorator that takes ``(self, *args, **kwargs)``. What may be pruned
 follows from the architectures (He et al. 2016; Sandler et al. 2018): in a basic residual block the first
 convolution (through its BatchNorm and ReLU), in a bottleneck block the first and the second, in an inverted
-residual block the expansion convolution through the depthwise one; every block's last convolution feeds a
+residual block the expansion convolution through the depthwise one, in a ConvNeXt block (Liu et al. 2022) the
+first Linear of its MLP; every block's last convolution feeds a
 residual sum or the next block's input, which is also a residual branch.
 
 Oracles: those lists, derived from the modules; the unpruned network (keep everything); the original network with
@@ -34,6 +36,9 @@ def _model(kind: str) -> torch.nn.Module:
         if kind == "mobilenet_v2":
             cfg = transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=5)
             net = transformers.MobileNetV2ForImageClassification(cfg)
+        elif kind == "convnext":
+            cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 2], num_stages=2, num_labels=5)
+            net = transformers.ConvNextForImageClassification(cfg)
         else:
             cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 2], layer_type=kind,
                                             num_labels=5)
@@ -55,6 +60,8 @@ def _expected_pairs(net: torch.nn.Module) -> set[str]:
         elif kind == "ResNetBottleNeckLayer":
             out |= {f"{name}.layer.0.convolution->{name}.layer.1.convolution",
                     f"{name}.layer.1.convolution->{name}.layer.2.convolution"}
+        elif kind == "ConvNextLayer":  # the MLP of the block, on channels-last positions
+            out.add(f"{name}.pwconv1->{name}.pwconv2")
         elif kind == "MobileNetV2InvertedResidual":
             out.add(f"{name}.expand_1x1.convolution->{name}.reduce_1x1.convolution")
     return out
@@ -64,7 +71,7 @@ def _pixels(n: int = 32) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
 
 
-@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2", "convnext"])
 def test_the_prunable_pairs_of_hugging_face_cnns_are_those_of_their_architecture(kind):
     net = _model(kind)
     pairs, skipped = nna.find_pairs(net, _pixels(2))
@@ -82,7 +89,7 @@ def test_the_prunable_pairs_of_hugging_face_cnns_are_those_of_their_architecture
 
 
 @pytest.mark.parametrize("method", ["layer", "asym"])
-@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2", "convnext"])
 def test_keeping_every_unit_reproduces_the_hugging_face_cnn(kind, method):
     net, x = _model(kind), _pixels()
     pruned, _ = nna.prune(net, x, keep=1.0, method=method)
@@ -90,7 +97,7 @@ def test_keeping_every_unit_reproduces_the_hugging_face_cnn(kind, method):
         torch.testing.assert_close(pruned(**x).logits, net(**x).logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet_v2"])
+@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet_v2", "convnext"])
 def test_without_refit_the_pruned_cnn_is_the_original_with_the_removed_channels_zeroed(kind):
     net, x = _model(kind), _pixels()
     pruned, report = nna.prune(net, x, keep=0.5, method="asym", reweight=False)

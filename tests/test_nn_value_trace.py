@@ -11,6 +11,9 @@ guard must refuse rather than compute the traced one.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,3 +239,69 @@ def test_a_size_converted_to_int_is_guarded_and_a_value_converted_to_int_is_refu
     net, x = _pair(ValueInt)
     with pytest.raises(ValueError, match="converts a traced value to int"):
         nna.prune(net, x, keep=0.5, method="asym")
+
+
+def _passes_through(forward):
+    """A decorator like Hugging Face's ``can_return_tuple``: ``(self, *args, **kwargs)``, same result."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        kwargs.pop("return_dict", None)
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+def _doubles(forward):
+    """A decorator that changes the result: tracing without it would compute something else."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return 2 * forward(self, *args, **kwargs)
+    return wrapper
+
+
+class Decorated(Plain):
+    """fx reads the names of the inputs from the undecorated function but calls the decorator's wrapper; with a
+    ``**kwargs`` in the undecorated signature it strips the wrapper's own ``*args, **kwargs`` (Hugging Face's
+    ConvNeXt in transformers 5 fails that way)."""
+
+    @_passes_through
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.body(x)
+
+
+class Doubled(Plain):
+    @_doubles
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_forward_under_a_decorator_is_traced_without_it_when_that_changes_nothing():
+    plain, x = _pair(Plain)
+    net, _ = _pair(Decorated)
+    with pytest.raises(ValueError, match="could not trace"):
+        trace(net)  # plain fx alone
+    a, _ = nna.prune(plain, x, keep=0.5, method="asym")
+    b, _ = nna.prune(net, x, keep=0.5, method="asym")
+    assert type(b) is Decorated  # the class is the model's own again after tracing
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
+    net, _ = _pair(Doubled)
+    with pytest.raises(ValueError, match="does not compute what the model computes"):
+        nna.prune(net, x, keep=0.5, method="asym")
+    assert type(net) is Doubled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cls", [Branchy, SamePadding, Decorated])
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_a_model_traced_on_its_first_batch_prunes_on_a_gpu_as_on_the_cpu(cls, method):
+    """In float64, model and batches on the GPU (the example runs there too): the same units as on the CPU, weights
+    and outputs equal to rounding."""
+    net, x = _pair(cls)
+    net, x = net.double(), x.double()
+    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
+    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
+    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
+    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
