@@ -105,3 +105,49 @@ def test_the_pruned_unet_runs_on_new_inputs_and_saves_and_loads(tmp_path):
         save_pruned(pruned, tmp_path / "unet")
         again = load_pruned(tmp_path / "unet", _unet("scale_shift"))
         torch.testing.assert_close(again(**xt).sample, pruned(**xt).sample)
+
+
+def _conditional_unet() -> diffusers.UNet2DConditionModel:
+    """Stable Diffusion's layout, small: cross-attention transformer blocks (GEGLU feed-forward) between the resnet
+    blocks, text embeddings as ``encoder_hidden_states``."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=GROUPS, cross_attention_dim=24, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def _text_batch(n: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"sample": torch.randn(n, 4, 8, 8, generator=g), "timestep": torch.randint(0, 1000, (n,), generator=g),
+            "encoder_hidden_states": torch.randn(n, 7, 24, generator=g)}
+
+
+def test_the_conditional_unet_prunes_its_resnets_and_the_geglu_feed_forwards():
+    """Each BasicTransformerBlock's feed-forward is ``net.2(h * gelu(g))`` with ``h, g = net.0.proj(x).chunk(2,
+    -1)`` (GEGLU, Shazeer 2020): unit ``i`` is rows ``i`` and ``H + i`` of ``net.0.proj`` and column ``i`` of
+    ``net.2``."""
+    net, xt = _conditional_unet(), _text_batch()
+    pairs, _ = nna.find_pairs(net, _text_batch(2))
+    by_name = {p.name: p for p in pairs}
+    feed_forwards = [name for name, m in net.named_modules() if type(m).__name__ == "FeedForward"]
+    assert len(feed_forwards) == 4  # down 1, mid 1, up 2
+    expected = {f"{ff}.net.0.proj->{ff}.net.2" for ff in feed_forwards}
+    expected |= {f"{b}.conv1->{b}.conv2" for b in _resnets(net)}
+    assert set(by_name) == expected | {"time_embedding.linear_1->time_embedding.linear_2"}
+    for ff in feed_forwards:
+        p = by_name[f"{ff}.net.0.proj->{ff}.net.2"]
+        hidden = net.get_submodule(f"{ff}.net.2").in_features
+        assert (p.kind, p.chunked, p.n_units) == ("linear->linear", True, hidden)
+    pruned, _ = nna.prune(net, xt, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**xt).sample, net(**xt).sample, rtol=1e-4, atol=1e-5)
+    pruned, report = nna.prune(net, xt, keep=0.5, method="asym", reweight=False)
+    for ff in feed_forwards:
+        hidden = net.get_submodule(f"{ff}.net.2").in_features
+        assert pruned.get_submodule(f"{ff}.net.0.proj").out_features == hidden  # 2 x hidden / 2
+        assert pruned.get_submodule(f"{ff}.net.2").in_features == hidden // 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**xt).sample, zeroed_at_consumers(net, report, xt).sample,
+                                   rtol=1e-4, atol=1e-5)
