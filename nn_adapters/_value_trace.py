@@ -49,38 +49,35 @@ def metadata_read(node: fx.Node) -> bool:
     return False
 
 
+_REMEDY = ("Give batches of one shape (e.g. DataLoader(..., drop_last=True)), or use method='layer' (with "
+           "refit_from='layer' for baselines), which runs the model itself.")
+
+
 def check_branch(value: Any, expected: bool, where: str) -> None:
     """Guard of a traced ``if``: the graph holds the branch taken when ``bool(value)`` was ``expected``."""
     if bool(value) != expected:
-        raise ValueError(
-            f"this batch takes the other branch of a decision that the traced graph fixed on the first batch "
-            f"({where}: {expected} there, {not expected} here), so the graph cannot compute it. The decision reads "
-            "shapes or types: give batches of one shape (e.g. DataLoader(..., drop_last=True)), or use "
-            "method='layer' (with refit_from='layer' for baselines), which runs the model itself.")
+        raise ValueError(f"this batch takes the other branch of a decision that the traced graph fixed on the first "
+                         f"batch ({where}: {expected} there, {not expected} here), so the graph cannot compute it. "
+                         f"The decision reads shapes or types. {_REMEDY}")
 
 
 def check_length(value: Any, expected: int, where: str) -> None:
-    """Guard of a traced ``len()`` or unpacking: the graph holds ``expected`` items."""
+    """Guard of a traced ``len()`` or iteration: the graph holds ``expected`` items."""
     if len(value) != expected:
-        raise ValueError(
-            f"this batch gives {len(value)} items where the traced graph fixed {expected} on the first batch "
-            f"({where}), so the graph cannot compute it. Give batches of one shape (e.g. DataLoader(..., "
-            "drop_last=True)), or use method='layer' (with refit_from='layer' for baselines), which runs the model "
-            "itself.")
-
+        raise ValueError(f"this batch gives {len(value)} items where the traced graph fixed {expected} on the first "
+                         f"batch ({where}), so the graph cannot compute it. {_REMEDY}")
 
 
 def check_size(value: Any, expected: int, where: str) -> None:
     """Guard of a traced size converted to a Python integer: the graph holds ``expected``."""
     if value != expected:
-        raise ValueError(
-            f"this batch gives {value} where the traced graph fixed {expected} on the first batch ({where}), so the "
-            "graph cannot compute it. Give batches of one shape, or use method='layer' (with refit_from='layer' for "
-            "baselines), which runs the model itself.")
+        raise ValueError(f"this batch gives {value} where the traced graph fixed {expected} on the first batch "
+                         f"({where}), so the graph cannot compute it. {_REMEDY}")
 
 
 def _where(node: fx.Node) -> str:
-    """The traced expression a decision reads, in the graph's terms (e.g. ``getattr(x, 'ndim') == 4``)."""
+    """The traced expression a decision reads, in the graph's terms (e.g. ``x.ndim == 4``, ``getattr_1[0] >= 64``),
+    for the messages."""
     def text(a: Any, depth: int = 0) -> str:
         if not isinstance(a, fx.Node) or depth > 3:
             return repr(a) if not isinstance(a, fx.Node) else a.name

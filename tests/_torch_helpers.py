@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,20 @@ from torch import nn
 import nn_adapters as nna
 from nn_adapters._data import call, take
 from nn_adapters.budget import ParamModel
+
+
+def check_gpu_equals_cpu(net: nn.Module, x: torch.Tensor, method: str) -> list[nna.LayerReport]:
+    """Prune ``net`` at ``keep=0.5`` in float64 on the CPU and, model and data moved there, on the GPU: the same
+    units, and weights and outputs equal to rounding. Returns the GPU run's layer reports."""
+    net, x = net.double(), x.double()
+    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
+    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
+    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
+    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
+    return rep_gpu.layers
 
 
 def randomise_bn(model: nn.Module) -> nn.Module:

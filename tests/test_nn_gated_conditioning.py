@@ -14,12 +14,15 @@ trip.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import assert_save_load_round_trip, check_budgets_against_built_networks, zeroed_at_consumers
+from _torch_helpers import (
+    assert_save_load_round_trip,
+    check_budgets_against_built_networks,
+    check_gpu_equals_cpu,
+    zeroed_at_consumers,
+)
 from torch import nn
 
 import nn_adapters as nna
@@ -144,11 +147,4 @@ def test_pruning_on_a_gpu_equals_pruning_on_the_cpu(name, method):
     """In float64, on the GPU (the partner producer and the conditioning layer moved there with the model): the same
     units as on the CPU, weights and outputs equal to rounding."""
     net, x, _, _ = _case(name)
-    net, x = net.double(), x.double()
-    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
-    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
-    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
-    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
-    with torch.no_grad():
-        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
+    check_gpu_equals_cpu(net, x, method)

@@ -11,12 +11,12 @@ guard must refuse rather than compute the traced one.
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _torch_helpers import check_gpu_equals_cpu
 from torch import nn
 
 import nn_adapters as nna
@@ -297,11 +297,4 @@ def test_a_model_traced_on_its_first_batch_prunes_on_a_gpu_as_on_the_cpu(cls, me
     """In float64, model and batches on the GPU (the example runs there too): the same units as on the CPU, weights
     and outputs equal to rounding."""
     net, x = _pair(cls)
-    net, x = net.double(), x.double()
-    host, rep_host = nna.prune(net, x, keep=0.5, method=method)
-    gpu, rep_gpu = nna.prune(copy.deepcopy(net).cuda(), x.cuda(), keep=0.5, method=method)
-    assert [r.kept_units for r in rep_gpu.layers] == [r.kept_units for r in rep_host.layers]
-    for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-11)
-    with torch.no_grad():
-        torch.testing.assert_close(host(x), gpu(x.cuda()).cpu(), rtol=1e-9, atol=1e-11)
+    check_gpu_equals_cpu(net, x, method)
