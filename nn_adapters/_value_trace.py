@@ -14,8 +14,11 @@ that such a question can be answered. The answer is only taken where it cannot d
   branch for every batch.
 
 ``torch.is_tensor`` of a traced input is answered from the example's type (:func:`answering_is_tensor`). The
-example runs on a copy of the model (no buffer of the model is touched, e.g. by BatchNorm in training mode), without
-gradients.
+example runs on meta tensors, on a copy of the model whose parameters and buffers are meta tensors: it costs no
+memory and no arithmetic whatever the batch size, and nothing of the model changes (BatchNorm in training mode
+included). ``x.device``, ``x.is_cuda`` and ``x.get_device()`` answer the device of the batch, not ``meta``; a tensor
+made on it in ``forward()`` is moved to meta. What cannot run on meta tensors (``.item()``) is only refused if a
+decision reads it.
 """
 
 from __future__ import annotations
@@ -136,6 +139,41 @@ def answering_is_tensor(tracer: fx.Tracer) -> Iterator[None]:
         torch.is_tensor = original
 
 
+class _Unknown:
+    """The value of a node that could not be evaluated on meta tensors; ``why`` names the node and the error."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _on_meta(obj: Any) -> Any:
+    """``obj`` with every tensor (in dicts, lists and tuples) replaced by a meta tensor of its shape and dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to("meta")
+    if isinstance(obj, Mapping):
+        return {k: _on_meta(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_on_meta(v) for v in obj) if type(obj) in (tuple, list) else obj
+    return obj
+
+
+def _first_device(obj: Any) -> torch.device:
+    """The device of the first tensor in ``obj`` (a tensor or a dict of them), else the CPU."""
+    values = obj.values() if isinstance(obj, Mapping) else [obj]
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def _meta_copy(root: nn.Module) -> nn.Module:
+    """A copy of ``root`` whose parameters and buffers are meta tensors (no memory, nothing of the model's
+    changes): the example runs there, for its shapes and types."""
+    memo: dict[int, Any] = {}
+    for t in root.parameters():
+        memo[id(t)] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+    for t in root.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    return copy.deepcopy(root, memo)
+
+
 class _ValueProxy(fx.Proxy):
     """A proxy whose ``len()``, ``int()`` and attributes are answered from the example value where that is safe."""
 
@@ -154,7 +192,8 @@ class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
 
 
 class ValueTracer(fx.Tracer):
-    """A :class:`torch.fx.Tracer` that evaluates every node on an example batch (see the module's docstring).
+    """A :class:`torch.fx.Tracer` that evaluates every node on the shapes of an example batch (see the module's
+    docstring).
 
     Parameters
     ----------
@@ -167,7 +206,8 @@ class ValueTracer(fx.Tracer):
     def __init__(self, base: fx.Tracer, example: Any) -> None:
         super().__init__()
         self._base = base
-        self._example = example
+        self._device = _first_device(example)  # meta tensors say "meta": device questions get this answer
+        self._example = _on_meta(example)
         self._values: dict[fx.Node, Any] = {}
         self._data: dict[fx.Node, bool] = {}  # whether a node's value depends on tensor values, not only metadata
         self._shadow: nn.Module | None = None
@@ -183,7 +223,7 @@ class ValueTracer(fx.Tracer):
         return self._base.is_leaf_module(m, module_qualified_name)
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:  # type: ignore[override]
-        self._shadow = copy.deepcopy(root)  # the example runs here: the model's buffers stay as they are
+        self._shadow = _meta_copy(root)
         try:
             with torch.no_grad():
                 return super().trace(root, concrete_args)
@@ -193,7 +233,7 @@ class ValueTracer(fx.Tracer):
 
     def holds_tensor(self, obj: fx.Proxy) -> bool:
         """``torch.is_tensor`` of a traced value: whether its value on the example is a tensor."""
-        return isinstance(self._values.get(obj.node), torch.Tensor)
+        return isinstance(self._known(obj.node, "calls torch.is_tensor() on"), torch.Tensor)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
@@ -214,24 +254,39 @@ class ValueTracer(fx.Tracer):
         return proxy
 
     def _evaluate(self, node: fx.Node) -> None:
-        """The node's value on the example, and whether it depends on tensor values (``_data``)."""
+        """The node's value on the example (shapes and types only: meta tensors), and whether it depends on tensor
+        values (``_data``). An operation that cannot run on meta tensors (``.item()``, a data-dependent shape)
+        leaves its node and everything computed from it :class:`_Unknown`: tracing goes on, and only a decision
+        that reads such a value is refused."""
         inputs = node.all_input_nodes
-        args = map_arg(node.args, self._values.__getitem__)
-        kwargs = map_arg(node.kwargs, self._values.__getitem__)
-        if node.op == "placeholder":
-            value, data = self._placeholder_value(node), True
-        elif node.op == "get_attr":
-            value, data = self._attribute(node.target), True
-        elif node.op == "call_module":
-            value, data = self._shadow.get_submodule(node.target)(*args, **kwargs), True
-        elif node.op == "call_function":
-            value = node.target(*args, **kwargs)
-            data = not metadata_read(node) and any(self._data[n] for n in inputs)
-        elif node.op == "call_method":
-            value = getattr(args[0], node.target)(*args[1:], **kwargs)
-            data = not metadata_read(node) and any(self._data[n] for n in inputs)
-        else:  # output
-            value, data = None, False
+        data = node.op in ("placeholder", "get_attr", "call_module") or (
+            not metadata_read(node) and any(self._data[n] for n in inputs))
+        unknown = next((self._values[n] for n in inputs if isinstance(self._values[n], _Unknown)), None)
+        if unknown is not None:
+            value: Any = unknown
+        else:
+            args = map_arg(node.args, self._values.__getitem__)
+            kwargs = map_arg(node.kwargs, self._values.__getitem__)
+            try:
+                if node.op == "placeholder":
+                    value = self._placeholder_value(node)
+                elif node.op == "get_attr":
+                    value = _on_meta(self._attribute(node.target))
+                elif node.op == "call_module":
+                    value = self._shadow.get_submodule(node.target)(*args, **kwargs)
+                elif node.op == "call_function" and node.target is getattr and args[1] in ("device", "is_cuda"):
+                    value = self._device if args[1] == "device" else self._device.type == "cuda"
+                elif node.op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif node.op == "call_method" and node.target == "get_device":
+                    value = -1 if self._device.index is None else self._device.index
+                elif node.op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:  # output
+                    value = None
+                value = _on_meta(value)  # a tensor made on the real device (torch.arange(..., device=x.device))
+            except Exception as exc:  # noqa: BLE001 - reported if a decision ever needs this value
+                value = _Unknown(f"{node.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         self._values[node] = value
         self._data[node] = data or isinstance(value, torch.Tensor)
 
@@ -255,19 +310,26 @@ class ValueTracer(fx.Tracer):
                 obj = getattr(obj, part)
         return obj
 
+    def _known(self, node: fx.Node, what: str) -> Any:
+        value = self._values[node]
+        if isinstance(value, _Unknown):
+            raise fx.proxy.TraceError(f"forward() {what} {_where(node)}, computed from {value.why}, which could not "
+                                      "be evaluated on the shapes of the first batch")
+        return value
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         node = obj.node
         if self._data[node]:
             raise fx.proxy.TraceError(
                 f"forward() branches on the values of a tensor ({_where(node)}), which differ from batch to batch: "
                 "only decisions on shapes, sizes and types can be traced")
-        decision = bool(self._values[node])
+        decision = bool(self._known(node, "branches on"))
         self.create_proxy("call_function", check_branch, (obj, decision, _where(node)), {})
         return decision
 
     def length(self, obj: fx.Proxy) -> int:
         node = obj.node
-        value = self._values[node]
+        value = self._known(node, "takes the length of")
         if isinstance(value, torch.Tensor):
             if value.dim() == 0:
                 raise TypeError("len() of a 0-d tensor")
@@ -281,8 +343,8 @@ class ValueTracer(fx.Tracer):
 
     def integer(self, obj: fx.Proxy) -> int:
         node = obj.node
-        value = self._values[node]
-        if self._data[node] or isinstance(value, bool) or not isinstance(value, int):
+        value = None if self._data[node] else self._known(node, "converts to int")  # values of tensors: refused
+        if isinstance(value, bool) or not isinstance(value, int):
             raise fx.proxy.TraceError(f"forward() converts a traced value to int ({_where(node)}); only sizes read "
                                       "from shapes can be")
         self.create_proxy("call_function", check_size, (obj, value, _where(node)), {})
@@ -294,7 +356,7 @@ class ValueTracer(fx.Tracer):
 
     def keys(self, obj: fx.Proxy) -> Any:
         node = obj.node
-        value = self._values[node]
+        value = self._known(node, "unpacks")
         if not isinstance(value, Mapping):
             return super().keys(obj)
         self.create_proxy("call_function", check_length, (obj, len(value), _where(node)), {})

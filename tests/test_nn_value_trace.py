@@ -113,6 +113,32 @@ def test_tracing_on_the_example_leaves_the_model_as_it_was():
     assert net.training and not hasattr(net, "_tensor_constant0")
 
 
+class DeviceBranch(Plain):
+    """Branches on the device (as code choosing a kernel does): the example runs on meta tensors, so the device
+    must be answered from the batch, not as ``meta``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type not in ("cpu", "cuda") or x.is_cuda != (x.device.type == "cuda"):
+            raise RuntimeError(f"unexpected device {x.device}")
+        scale = torch.ones(x.shape[1], device=x.device)[None, :, None, None]  # made on the batch's device
+        if len(x.shape) == 4:  # the plain tracer stops here
+            x = x * scale
+        return self.body(x)
+
+
+def test_device_questions_are_answered_from_the_batch_and_examples_cost_no_memory():
+    plain, x = _pair(Plain)
+    net, _ = _pair(DeviceBranch)
+    a, _ = nna.prune(plain, x, keep=0.5, method="asym")
+    b, _ = nna.prune(net, x, keep=0.5, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-6)
+    huge = torch.empty(1, 3, 6, 6).expand(10**9, 3, 6, 6)  # 108 GB of activations if computed on
+    gm = trace(net, example=huge)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net(x))
+
+
 class ValueBranch(Plain):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.mean() > 0:  # a decision on the data: one branch for some batches, the other for others
