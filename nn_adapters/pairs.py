@@ -552,6 +552,8 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     (:class:`nn_adapters._value_trace.ValueTracer`): decisions on shapes and types are taken as on this batch and
     guarded in the graph, decisions on tensor values are refused.
     """
+    if (extra := _keyword_extras(model, given)) is not None:
+        raise ValueError(extra)
     try:
         return _trace_with(_LeafTracer(), model, given)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
@@ -584,6 +586,22 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
             "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
             "method='layer'.") from exc
+
+
+def _keyword_extras(model: nn.Module, given: Sequence[str] | None) -> str | None:
+    """Why the batches' keys cannot be traced: keys that no named input of ``forward()`` takes would go to its
+    ``**kwargs``, which tracing passes empty (the graph would compute without them); or ``None``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    extra = [k for k in given or () if k not in named]
+    if not extra:
+        return None
+    return (f"the batches' inputs {extra} are not named inputs of {type(model).__name__}.forward() and would go to "
+            "its **kwargs, which the traced graph does not take (it would compute without them); wrap the model in "
+            "a module whose forward() names them, or leave them out of the batches.")
 
 
 @contextlib.contextmanager

@@ -324,3 +324,13 @@ def test_a_model_traced_on_its_first_batch_prunes_on_a_gpu_as_on_the_cpu(cls, me
     and outputs equal to rounding."""
     net, x = _pair(cls)
     check_gpu_equals_cpu(net, x, method)
+
+
+def test_a_batch_key_that_would_go_to_kwargs_is_refused():
+    """The traced graph passes ``**kwargs`` empty: a key that only ``**kwargs`` would take must not be dropped."""
+    net, x = _pair(Starred)
+    with pytest.raises(ValueError, match=r"\['scale'\] are not named inputs .* \*\*kwargs"):
+        nna.prune(net, {"x": x, "scale": torch.ones(len(x))}, keep=0.5, method="asym")
+    pruned, _ = nna.prune(net, {"x": x}, keep=1.0, method="asym")  # the named input alone is fine
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
