@@ -259,6 +259,9 @@ class ValueTracer(fx.Tracer):
         leaves its node and everything computed from it :class:`_Unknown`: tracing goes on, and only a decision
         that reads such a value is refused."""
         inputs = node.all_input_nodes
+        for n in inputs:  # fx adds a buffer read as a tensor constant (get_attr) without a proxy
+            if n not in self._values:
+                self._evaluate(n)
         data = node.op in ("placeholder", "get_attr", "call_module") or (
             not metadata_read(node) and any(self._data[n] for n in inputs))
         unknown = next((self._values[n] for n in inputs if isinstance(self._values[n], _Unknown)), None)

@@ -190,6 +190,7 @@ and are listed in ``skipped`` with the reason (in a ResNet BasicBlock only ``con
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import math
@@ -655,6 +656,7 @@ def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None
                 if d:
                     saved.append((d, dict(d)))
                     d.clear()
+    state = [(m, _public_state(m)) for m in model.modules()]
     try:
         with answering_is_tensor(tracer):
             graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
@@ -662,6 +664,18 @@ def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None
     finally:
         for d, content in saved:
             d.update(content)
+        for m, attrs in state:  # what forward() wrote while traced (a cache of LeViT's attention biases) holds proxies
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                object.__setattr__(m, k, v)
+
+
+def _public_state(m: nn.Module) -> dict[str, object]:
+    """A module's public attributes (not its parameters, buffers or submodules), with dicts, lists and sets copied:
+    what a ``forward()`` may write to while it is traced."""
+    return {k: (copy.copy(v) if isinstance(v, dict | list | set) else v) for k, v in vars(m).items()
+            if not k.startswith("_")}
 
 
 def _unit_count(mod: nn.Module) -> int:

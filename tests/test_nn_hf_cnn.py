@@ -36,6 +36,10 @@ def _model(kind: str) -> torch.nn.Module:
         if kind == "mobilenet_v2":
             cfg = transformers.MobileNetV2Config(depth_multiplier=0.35, image_size=32, num_labels=5)
             net = transformers.MobileNetV2ForImageClassification(cfg)
+        elif kind == "levit":  # caches its attention biases per device in forward(); reads a buffer as an index
+            cfg = transformers.LevitConfig(image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3],
+                                           depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=5)
+            net = transformers.LevitForImageClassification(cfg)
         elif kind == "convnext":
             cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 2], num_stages=2, num_labels=5)
             net = transformers.ConvNextForImageClassification(cfg)
@@ -89,12 +93,15 @@ def test_the_prunable_pairs_of_hugging_face_cnns_are_those_of_their_architecture
 
 
 @pytest.mark.parametrize("method", ["layer", "asym"])
-@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2", "convnext"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "mobilenet_v2", "convnext", "levit"])
 def test_keeping_every_unit_reproduces_the_hugging_face_cnn(kind, method):
     net, x = _model(kind), _pixels()
-    pruned, _ = nna.prune(net, x, keep=1.0, method=method)
+    pruned, report = nna.prune(net, x, keep=1.0, method=method)
     with torch.no_grad():
         torch.testing.assert_close(pruned(**x).logits, net(**x).logits, rtol=1e-4, atol=1e-5)
+    if kind == "levit":  # the convolutions of its patch embedding, Conv -> BatchNorm -> Hardswish -> Conv
+        emb = "levit.patch_embeddings.embedding_layer_"
+        assert [r.pair for r in report.layers] == [f"{emb}{i}.convolution->{emb}{i + 1}.convolution" for i in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "mobilenet_v2", "convnext"])

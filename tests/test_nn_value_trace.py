@@ -334,3 +334,31 @@ def test_a_batch_key_that_would_go_to_kwargs_is_refused():
     pruned, _ = nna.prune(net, {"x": x}, keep=1.0, method="asym")  # the named input alone is fine
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+class Cached(Plain):
+    """Caches a tensor computed from a parameter in a dict, per device, as Hugging Face's LeViT caches its attention
+    biases: while traced, the cache would keep a traced value, which a later trace or the pruned model's own
+    forward would then read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((3,), 0.5))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = (2 * self.scale)[None, :, None, None]
+        return self.body(x * self.cache[key])
+
+
+def test_what_forward_caches_while_traced_is_forgotten():
+    net, x = _pair(Cached)
+    for _ in range(2):  # a second tracing must not read the first one's cache
+        pairs, _ = nna.find_pairs(net, x[:2])
+        assert [p.name for p in pairs] == ["c1->c2", "c2->fc"]
+    assert net.cache == {}
+    pruned, _ = nna.prune(net, x, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
