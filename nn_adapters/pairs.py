@@ -549,9 +549,14 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     hook that stores its output would hold proxies and add graph uses); see :func:`container_hooks`.
 
     ``example``: a batch of inputs. When plain fx tracing fails (``len()`` of a shape, an ``if`` on ``x.ndim`` or
-    on a dtype), the model is traced again while running on this batch
+    on a dtype), the model is traced again while running on the shapes of this batch
     (:class:`nn_adapters._value_trace.ValueTracer`): decisions on shapes and types are taken as on this batch and
-    guarded in the graph, decisions on tensor values are refused.
+    guarded in the graph, decisions on tensor values are refused. If that fails too and ``forward()`` is wrapped
+    by decorators, its undecorated function (``__wrapped__``) is traced the same way, and kept only if the graph
+    computes what the model computes on ``example``.
+
+    Batch keys that only ``**kwargs`` would take are refused; ``*args`` and ``**kwargs`` are traced empty. The
+    modules' public attributes are restored afterwards (a cache that ``forward()`` fills would hold traced values).
     """
     if (extra := _keyword_extras(model, given)) is not None:
         raise ValueError(extra)
