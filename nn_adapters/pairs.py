@@ -254,7 +254,9 @@ _ELEMENTWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
     torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, *_POOL_FUNCTIONS,
 }
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone"}
+# Casts (ADM's emb_layers(emb).type(h.dtype)) act element by element too.
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "relu_", "clone", "to", "type", "float", "double",
+                        "half", "bfloat16"}
 # Clamping to number bounds acts unit by unit (tensor bounds may not: they are refused).
 _CLAMP_FUNCTIONS = {torch.clamp, torch.clip}
 _CLAMP_METHODS = {"clamp", "clip", "clamp_", "clip_"}
@@ -1593,6 +1595,12 @@ def _is_shape_value(a: object, depth: int = 0) -> bool:
             and all(_is_shape_value(x, depth + 1) for x in a.all_input_nodes))
 
 
+def _is_type_read(a: object) -> bool:
+    """``x.dtype`` or ``x.device``: what a cast reads (``e.type(h.dtype)``, ``e.to(h.device)``), not sizes."""
+    return (isinstance(a, fx.Node) and a.op == "call_function" and a.target is getattr and len(a.args) > 1
+            and a.args[1] in ("dtype", "device"))
+
+
 def _sizes_read(a: object, depth: int = 0) -> list[fx.Node]:
     """The tensors whose non-batch sizes the shape value ``a`` reads (``x.size(1)``, ``x.shape[1]``, ``c`` of
     ``b, c, _, _ = x.size()``, a whole ``x.size()``); a batch size (``x.size(0)``, ``x.shape[0]``) is any tensor's."""
@@ -1963,7 +1971,7 @@ def _term_of_way(way: list[fx.Node], u: fx.Node, path: set[fx.Node], modules: di
         reshape = _gate_reshape(n, prev)
         if isinstance(reshape, str):
             return f"{what}: {reshape.replace('in the gate', 'in the conditioning term')}"
-        others = [a for a in n.all_input_nodes if a is not prev and not _is_shape_value(a)]
+        others = [a for a in n.all_input_nodes if a is not prev and not _is_shape_value(a) and not _is_type_read(a)]
         foreign = [t for a in n.all_input_nodes if a is not prev for t in _sizes_read(a) if t not in own]
         if others or foreign:
             bad = (others or foreign)[0].name

@@ -129,3 +129,50 @@ def test_without_refit_the_pruned_unet_is_the_original_with_the_removed_groups_z
 def test_the_parameter_budget_of_the_unet_matches_the_built_networks(scale_shift):
     net, xt = _net(scale_shift)
     check_budgets_against_built_networks(net, xt, (1.25,))
+
+
+class ADMBlock(nn.Module):
+    """The residual block of Improved DDPM / ADM (Nichol & Dhariwal 2021, Dhariwal & Nichol 2021) with
+    ``use_scale_shift_norm``, written as its reference code is: the embedding is cast to the path's dtype and
+    broadcast with ``while len(emb_out.shape) < len(h.shape)`` (which plain torch.fx cannot trace)."""
+
+    def __init__(self, c: int = 16, emb: int = 32) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * c))
+        self.out_norm = nn.GroupNorm(8, c)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(0.1), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while len(emb_out.shape) < len(h.shape):
+            emb_out = emb_out[..., None]
+        scale, shift = torch.chunk(emb_out, 2, dim=1)
+        return x + self.out_layers(self.out_norm(h) * (1 + scale) + shift)
+
+
+class ADMNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 3, 3, padding=1)
+        self.b1, self.b2 = ADMBlock(), ADMBlock()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.out(self.b2(self.b1(self.inp(x), emb), emb))
+
+
+def test_adm_blocks_with_their_broadcast_loop_are_pruned_with_their_embedding_rows():
+    torch.manual_seed(0)
+    net = ADMNet().eval()
+    xe = {"x": torch.randn(48, 3, SIDE, SIDE), "emb": torch.randn(48, 32)}
+    pairs, _ = nna.find_pairs(net, {k: v[:2] for k, v in xe.items()})
+    assert [(p.name, p.conditioning, p.conditioning_chunks, p.n_units) for p in pairs] == [
+        (f"{b}.in_layers.2->{b}.out_layers.2", (f"{b}.emb_layers.1",), (2,), 8) for b in ("b1", "b2")]
+    pruned, _ = nna.prune(net, xe, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**xe), net(**xe), rtol=1e-4, atol=1e-5)
+    pruned, report = nna.prune(net, xe, keep=0.5, method="asym", reweight=False)
+    assert pruned.b1.emb_layers[1].out_features == 16  # rows c and 16 + c of the 8 kept channels
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**xe), zeroed_at_consumers(net, report, xe), rtol=1e-4, atol=1e-5)
