@@ -142,12 +142,25 @@ def _check_dict(what: str, batch: Mapping, model: nn.Module | None, one: bool = 
     return out
 
 
+def _even_slices(n: int, batch_size: int) -> list[slice]:
+    """``ceil(n / batch_size)`` consecutive slices of ``range(n)`` whose sizes differ by at most one (300 samples:
+    150 and 150, not 256 and 44). A model whose traced graph fixed a decision on the batch size (diffusers'
+    ``if x.shape[0] >= 64``) then sees the same decision in every batch of data given in one piece."""
+    if n <= 0:
+        return []
+    k = -(-n // batch_size)
+    base, extra = divmod(n, k)
+    bounds = np.cumsum([0] + [base + 1] * extra + [base] * (k - extra))
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def as_batches(data: object, device: torch.device | None = None, batch_size: int = 256,
                name: str = "calibration_data", dtype: torch.dtype | None = None,
                model: nn.Module | None = None) -> list[Batch]:
     """Return the calibration data as a list of ``(inputs, labels)`` batches (labels may be ``None``).
 
-    ``data`` is a tensor of inputs (split into batches of ``batch_size``), a ``(inputs, labels)`` tuple of two
+    ``data`` is a tensor of inputs (split into ``ceil(n / batch_size)`` batches whose sizes differ by at most one
+    sample), a ``(inputs, labels)`` tuple of two
     tensors, or an iterable of batches, each a tensor or an ``(inputs, labels[, ...])`` tuple/list (a ``DataLoader``
     over a ``TensorDataset`` gives these); numpy arrays are accepted wherever a tensor is (copied). A tuple of two
     tensors of the same shape is ambiguous (two batches of inputs, or inputs with targets of their own shape) and is
@@ -158,12 +171,12 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
     they are; inputs are checked to be finite after the cast.
 
     Inputs may also be dicts of keyword inputs, passed as ``model(**inputs)`` (a model with several inputs, a
-    diffusion U-Net's ``forward(x, t)``): one dict for the whole data (split into batches of ``batch_size``, as a
-    tensor is), a ``(dict, labels)`` tuple, or batches that are dicts or ``(dict, labels)`` pairs. A dict holds
-    tensors whose dim 0 counts the samples, one number of samples for all of them (every split takes the same
-    samples of each), and constants (numbers, strings, ``None``, 0-dim tensors) passed as they are; every batch has
-    the same keys. Its tensors are cast, moved and checked as a tensor batch is. With ``model``, the keys must be
-    inputs of ``model.forward`` and include every input without a default.
+    diffusion U-Net's ``forward(x, t)``): one dict for the whole data (split as a tensor is), a ``(dict, labels)``
+    tuple, or batches that are dicts or ``(dict, labels)`` pairs. A dict holds tensors whose dim 0 counts the
+    samples, one number of samples for all of them (every split takes the same samples of each), and constants
+    (numbers, strings, ``None``, 0-dim tensors) passed as they are; every batch has the same keys. Its tensors are
+    cast, moved and checked as a tensor batch is. With ``model``, the keys must be inputs of ``model.forward`` and
+    include every input without a default.
     """
     if data is None:
         raise ValueError(f"{name} is None; pass a tensor of inputs or an iterable of batches (e.g. a DataLoader "
@@ -185,12 +198,11 @@ def as_batches(data: object, device: torch.device | None = None, batch_size: int
         if y is not None and (y.ndim == 0 or y.shape[0] != n):
             raise ValueError(f"{name} is a (dict, labels) tuple with {n} samples of inputs and labels of shape "
                              f"{tuple(y.shape)}; pass one label per sample (dim 0).")
-        chunks = [(take(inputs, slice(i, i + batch_size)), None if y is None else y[i:i + batch_size])
-                  for i in range(0, n, batch_size)]
+        chunks = [(take(inputs, s), None if y is None else y[s]) for s in _even_slices(n, batch_size)]
     elif isinstance(data, torch.Tensor):
-        chunks = [(x, None) for x in torch.split(data, batch_size)] if data.shape[0] > 0 else []
+        chunks = [(data[s], None) for s in _even_slices(data.shape[0], batch_size)]
     elif pair and data[0].ndim >= 2 and data[1].ndim >= 1 and data[0].shape[0] == data[1].shape[0]:
-        chunks = list(zip(torch.split(data[0], batch_size), torch.split(data[1], batch_size), strict=True))
+        chunks = [(data[0][s], data[1][s]) for s in _even_slices(data[0].shape[0], batch_size)]
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         chunks = []
         for i, item in enumerate(data):

@@ -172,6 +172,34 @@ class BatchSizeBranch(Plain):
         return self.fc(F.adaptive_avg_pool2d(self.c2(h), 1).flatten(1))
 
 
+class LargeBatchBranch(Plain):
+    """diffusers' Upsample2D: ``if hidden_states.shape[0] >= 64: hidden_states = hidden_states.contiguous()``
+    (here a visible change, so that taking the traced branch for another batch would show)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        if h.shape[0] >= 64:
+            h = 2 * h
+        return self.fc(F.adaptive_avg_pool2d(self.c2(h), 1).flatten(1))
+
+
+def test_data_given_in_one_piece_is_split_into_batches_of_nearly_equal_size():
+    """300 samples are split 150 + 150 (batches of at most 256), not 256 + 44: the traced decision on the batch size
+    holds for both batches, so data given as one tensor never trips a guard on a threshold."""
+    from nn_adapters._data import _even_slices, as_batches
+
+    for n, size in [(1, 256), (256, 256), (257, 256), (300, 256), (1000, 256), (7, 3)]:
+        sizes = [s.stop - s.start for s in _even_slices(n, size)]
+        assert sum(sizes) == n and len(sizes) == -(-n // size) and max(sizes) - min(sizes) <= 1 and max(sizes) <= size
+    torch.manual_seed(0)
+    net, x = _pair(LargeBatchBranch)
+    x = torch.randn(300, 3, 6, 6)
+    assert [len(b[0]) for b in as_batches(x)] == [150, 150]
+    pruned, _ = nna.prune(net, x, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_batch_that_takes_the_other_branch_is_refused_by_the_guard():
     net, x = _pair(BatchSizeBranch)
     batches = [x[:32], x[32:48]]  # 32 samples, then 16: the graph traced on the first doubles h
