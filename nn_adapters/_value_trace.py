@@ -1,17 +1,18 @@
-"""Symbolic tracing that also runs the model on an example batch, for forwards that branch on shapes.
+"""Symbolic tracing that also runs the model on the shapes of an example batch, for forwards that branch on shapes.
 
 Plain :mod:`torch.fx` tracing cannot take ``len()`` of a traced value, iterate over one of unknown length or decide
 an ``if`` on one: ``if len(t.shape) == 0``, ``if x.ndim == 4``, ``if x.dtype == torch.float16`` all stop it, and
 real models (diffusers' ``UNet2DModel``, its attention processors and resamplers) are full of them.
-:class:`ValueTracer` records the same graph as fx, but every node also carries its value on one example batch, so
-that such a question can be answered. The answer is only taken where it cannot depend on the data:
+:class:`ValueTracer` records the same graph as fx, but every node also carries its value on one example batch (as
+a meta tensor: shape and type, no data), so that such a question can be answered. The answer is only taken where
+it cannot depend on the data:
 
 * a decision or a length read from **metadata** (shapes, sizes, ``ndim``, ``dtype``, ``device``, ``len`` of a
   tensor or of a tuple, and arithmetic and comparisons on those) is answered from the example, and a **guard** node
   is added to the graph at that point: running the graph on a batch that would decide otherwise raises a
   ``ValueError`` that names the decision, instead of computing the branch that was not traced;
-* a decision on tensor **values** (``if x.max() > 0``, ``if t.item() == 0``) is refused: the graph would hold one
-  branch for every batch.
+* a decision on tensor **values** (``if x.max() > 0``, ``if t.item() == 0``), or ``int()`` of one, is refused: the
+  graph would hold one branch for every batch; ``int()`` of a size (``int(x.shape[-1])``) is answered and guarded.
 
 ``torch.is_tensor`` of a traced input is answered from the example's type (:func:`answering_is_tensor`). The
 example runs on meta tensors, on a copy of the model whose parameters and buffers are meta tensors: it costs no

@@ -1,8 +1,10 @@
 """Tracing forwards that branch on shapes and types (``nn_adapters._value_trace``).
 
 Plain torch.fx stops at ``len(x.shape)``, ``if x.ndim == 4`` or ``if x.dtype == torch.float16``. When it does, the
-model is traced again while it runs on the first batch: decisions on shapes and types are taken as there and
-guarded in the graph, decisions on tensor values are refused.
+model is traced again while it runs on the shapes of the first batch: decisions on shapes and types are taken as
+there and guarded in the graph, decisions on tensor values are refused. Also here: ``*args``/``**kwargs`` traced
+empty, forwards under decorators, caches that ``forward()`` fills while traced, and the even split of data given
+in one piece.
 
 Oracles: the same network written without the branches (plain fx traces it), which must give the same pairs, kept
 units and weights; the unpruned network (keep everything); the branch that the other batch would take, which the
