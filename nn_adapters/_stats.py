@@ -375,9 +375,15 @@ class PairStats(FoldStats):
         K = self.n_folds
         if self._plan is not None and K > 1:  # the folds of this batch's samples (copies share a fold)
             planned = np.asarray(self._plan[self._batch], dtype=np.int64) % K
-            if planned.size != n:
-                raise RuntimeError(f"pair {self.pair.name}: batch {self._batch} has {n} samples at the consumer, "
-                                   f"but the fold plan has {planned.size}.")
+            if planned.size and n != planned.size and n % planned.size == 0:
+                # positions moved into the batch dim (x.reshape(B * T, C) before an MLP, MobileViT's patches):
+                # each sample's rows, in sample-major order, go to its fold
+                planned = np.repeat(planned, n // planned.size)
+            elif planned.size != n:
+                raise ValueError(f"pair {self.pair.name}: the consumer's input holds {n} rows in dim 0 for the "
+                                 f"{planned.size} samples of batch {self._batch}, not a multiple of them, so its rows "
+                                 "cannot be assigned to the samples' cross-validation folds; pass a fixed ridge= "
+                                 "(no cross-validation).")
             self._batch += 1
         else:
             planned = (self._seen + np.arange(n)) % K

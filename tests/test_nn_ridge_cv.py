@@ -447,3 +447,52 @@ def test_cv_with_fewer_rows_than_columns_keeps_columns_far_smaller_than_the_larg
     best, rel = cv_ridge(folds, np.arange(c))
     np.testing.assert_allclose(rel, want, rtol=1e-6)
     assert best == CV_GRID[int(np.argmin(want))]
+
+
+class _TokenMLP(nn.Module):
+    """An MLP on every token of ``(B, T, 4)`` inputs, with the tokens moved into the batch dim first
+    (``reshape(B * T, C)``, as MobileViT moves its patches), or kept as ``(B, T, C)`` (``flat=False``)."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        self.flat = flat
+        self.emb, self.fc1 = nn.Linear(4, 16), nn.Linear(16, 32)
+        self.fc2, self.head = nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.emb(x)
+        if self.flat:
+            h = h.reshape(b * t, -1)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.reshape(b, t, -1).mean(1))
+
+
+@pytest.mark.parametrize("method", ["layer", "asym"])
+def test_tokens_moved_into_the_batch_dim_keep_their_sample_s_fold(method):
+    """With ``(B * T, C)`` at the consumer, each sample's T rows go to its fold, exactly as with ``(B, T, C)``: the
+    same cross-validated ridge and errors, kept units and weights. (It raised 'the fold plan has 64' before.)"""
+    torch.manual_seed(0)
+    flat, tokens = _TokenMLP(True).eval(), _TokenMLP(False).eval()
+    tokens.load_state_dict(flat.state_dict())
+    x = torch.randn(64, 5, 4)
+    a, ra = nna.prune(flat, x, keep=0.5, method=method)
+    b, rb = nna.prune(tokens, x, keep=0.5, method=method)
+    for la, lb in zip(ra.layers, rb.layers, strict=True):
+        assert (la.kept_units, la.ridge) == (lb.kept_units, lb.ridge)
+        np.testing.assert_allclose(la.cv_relative_error, lb.cv_relative_error, rtol=1e-9)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+
+
+def test_a_consumer_with_rows_that_do_not_divide_into_the_samples_is_refused():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.relu(self.fc1(x.reshape(-1, 4)[1:])))  # one row dropped: rows are not per sample
+
+    with pytest.raises(ValueError, match="not a multiple of them"):
+        nna.prune(Odd(), torch.randn(32, 3, 4), keep=0.5, method="layer")
