@@ -317,8 +317,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     seed : int, default 0
         Seed of the random baseline (the other methods are deterministic).
     target : str, optional
-        Transformer target (``"ffn"``, ``"heads"``); given, or for BERT/``nn.TransformerEncoderLayer`` models, the
-        call is delegated to :func:`nn_adapters.transformer.prune_transformer`.
+        Transformer target (``"ffn"``, ``"heads"``, ``"all"``); given, or for models that hold a transformer block
+        the transformer adapter recognises (BERT-style, ViT, ``nn.TransformerEncoderLayer``...), the call is
+        delegated to :func:`nn_adapters.transformer.prune_transformer`. ``"layers"`` keeps the call here: the layer
+        pairs found by tracing are pruned whatever blocks the model holds (a hybrid such as MobileViT, whose
+        transformer blocks the transformer adapter refuses: its convolutions and the MLPs of its transformer
+        blocks are pairs here).
     allocation : {"uniform", "error-curve"}
         How ``compression`` is split between layers (see :mod:`nn_adapters.budget`); ``"error"`` is accepted for
         ``"error-curve"`` (its earlier spelling here). For transformers it is passed on, as are ``ridge`` and
@@ -419,7 +423,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     """
     allocation = canonical_allocation(allocation)
     rng_from_seed(seed)  # refused now, not by numpy after the statistics, in a message that names no argument
-    if target is not None or _is_transformer(model):
+    if target == "layers":  # the layer pairs found by tracing, whatever blocks the model holds
+        target = None
+    elif target is not None or _is_transformer(model):
         from . import transformer
 
         if compression is not None:
@@ -438,9 +444,16 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                  "pass one of them.")
         if keep is not None:
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
-        return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,
-                                             reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
-                                             allocation=allocation, executor=executor, **kwargs)
+        try:
+            return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,
+                                                 reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
+                                                 allocation=allocation, executor=executor, **kwargs)
+        except ValueError as exc:
+            if target is not None:
+                raise
+            raise ValueError(f"{exc} (The model was taken for a transformer because it holds blocks of a layout the "
+                             "transformer adapter knows; to prune the layer pairs found by tracing instead, its "
+                             "convolutions and MLPs, pass target='layers'.)") from exc
     if kwargs:
         raise TypeError(f"prune() got unexpected keyword arguments {sorted(kwargs)}.")
     if not isinstance(model, nn.Module):

@@ -112,3 +112,32 @@ def test_without_refit_the_pruned_cnn_is_the_original_with_the_removed_channels_
     with torch.no_grad():
         torch.testing.assert_close(pruned(**x).logits, zeroed_at_consumers(net, report, x).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+def _mobilevit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.MobileViTConfig(image_size=32, hidden_sizes=[16, 24, 32],
+                                           neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_labels=5)
+        return transformers.MobileViTForImageClassification(cfg).eval()
+
+
+def test_a_hybrid_model_is_pruned_by_its_layer_pairs_with_target_layers():
+    """MobileViT (Mehta & Rastegari 2022) holds transformer blocks that the transformer adapter recognises but
+    refuses (they are not one stack); ``target="layers"`` prunes the pairs found by tracing instead: the inverted
+    residual blocks' expansions and the transformer blocks' MLPs, whose patches are moved into the batch dim."""
+    net, x = _mobilevit(), _pixels()
+    with pytest.raises(ValueError, match="pass target='layers'"):
+        nna.prune(net, x, keep=0.5)
+    pruned, report = nna.prune(net, x, keep=1.0, target="layers", method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**x).logits, net(**x).logits, rtol=1e-4, atol=1e-5)
+    names = {r.pair for r in report.layers}
+    mlps = {f"{n}.intermediate.dense->{n}.output.dense" for n, m in net.named_modules()
+            if type(m).__name__ == "MobileViTTransformerLayer"}
+    assert mlps and mlps <= names
+    pruned, report = nna.prune(net, x, keep=0.5, target="layers", method="asym", reweight=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**x).logits, zeroed_at_consumers(net, report, x).logits,
+                                   rtol=1e-4, atol=1e-5)
