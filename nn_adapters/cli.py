@@ -70,6 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="greedy selection (asym, seq, layer; default asym) or a baseline; magnitude and wanda are the "
                          "transformer path's names of weight_norm and act_norm, accepted on both paths; actgrad uses "
                          "labels")
+    pr.add_argument("--target", choices=("ffn", "heads", "all", "layers"), default=None,
+                    help="what to prune: a transformer's FFN neurons, attention heads or both (default for models "
+                         "with transformer blocks: ffn), or layers: the layer pairs found by tracing, whatever "
+                         "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs)")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
     pr.add_argument("--allocation", choices=("uniform", "error-curve", "error"), default="uniform",
                     help="how the budget is split between layers or blocks (default uniform; error: the earlier name "
@@ -200,11 +204,12 @@ def _prune_once(args: argparse.Namespace) -> int:
                          "another.")
     check_file_path(args.out, "--out")  # found now, not after the pruning
     model, calib, *rest = _load_user(args.spec)
-    if keep is None and _is_transformer(model):  # before the default --compression 4 is blamed on the user
+    transformer = args.target in ("ffn", "heads", "all") or (args.target is None and _is_transformer(model))
+    if keep is None and transformer:  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
                          "whole-network parameter ratio) applies to MLPs and CNNs.")
-    if keep is not None and args.allocation != "uniform" and not _is_transformer(model):
+    if keep is not None and args.allocation != "uniform" and not transformer:
         raise ValueError(f"--allocation {args.allocation} splits a --compression budget between the layers of an "
                          "MLP/CNN; with --keep every layer keeps that fraction. Pass --compression, or drop "
                          "--allocation.")
@@ -217,8 +222,8 @@ def _prune_once(args: argparse.Namespace) -> int:
         pool = (stack.enter_context(ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")))
                 if args.workers > 1 else None)
         pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
-                               reweight=not args.no_reweight, seed=args.seed, allocation=args.allocation,
-                               progress=args.progress, executor=pool)
+                               reweight=not args.no_reweight, seed=args.seed, target=args.target,
+                               allocation=args.allocation, progress=args.progress, executor=pool)
     print(report.summary())
     if rest:
         after = _eval_accuracy(pruned, rest[0])
@@ -234,6 +239,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .demo import DEMO_METHODS
     from .pruning import _METHOD_NAMES, _is_transformer
 
+    if args.target is not None:
+        raise ValueError(f"--target {args.target} applies to a plain prune; --compare prunes a transformer's FFN "
+                         "neurons, and any other model by its layer pairs.")
     if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")

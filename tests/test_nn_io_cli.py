@@ -352,6 +352,41 @@ def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypat
     assert [layer.linear1.out_features for layer in back.layers] == [16, 16]
 
 
+def test_cli_prune_target_chooses_the_transformer_blocks_or_the_layer_pairs(tmp_path, monkeypatch, capsys):
+    """A hybrid (a convolutional stem, then a transformer block on its positions): by default its FFN neurons are
+    pruned; with --target layers the layer pairs found by tracing (the stem's conv1 -> conv2), and --compression
+    is accepted; --target with --compare is refused."""
+    from submod.cli import main
+
+    (tmp_path / "hmods.py").write_text(
+        "import torch\n"
+        "class Hybrid(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv1, self.conv2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 3, padding=1)\n"
+        "        self.block = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)\n"
+        "        self.head = torch.nn.Linear(16, 3)\n"
+        "    def forward(self, x):\n"
+        "        h = self.conv2(torch.relu(self.conv1(x))).flatten(2).transpose(1, 2)\n"
+        "        return self.head(self.block(h).mean(1))\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Hybrid().eval(), [torch.randn(8, 3, 4, 4) for _ in range(3)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import hmods
+
+    assert main(["prune", "hmods:build", "--keep", "0.5", "--out", "ffn.pt"]) == 0
+    back = nna.load_pruned(tmp_path / "ffn.pt", hmods.build()[0])
+    assert (back.block.linear1.out_features, back.conv1.out_channels) == (16, 8)
+    assert main(["prune", "hmods:build", "--target", "layers", "--compression", "1.1", "--out", "layers.pt"]) == 0
+    back = nna.load_pruned(tmp_path / "layers.pt", hmods.build()[0])
+    assert back.block.linear1.out_features == 32 and back.conv1.out_channels < 8
+    capsys.readouterr()
+    assert main(["prune", "hmods:build", "--compare", "--target", "layers", "--keep", "0.5"]) == 2
+    assert "--target layers applies to a plain prune" in capsys.readouterr().err
+
+
 def test_save_pruned_to_a_directory_or_under_a_file_is_refused_up_front(tmp_path):
     """save_pruned(model, existing_dir) wrote the whole model to a temporary file in the directory's parent and
     then failed in os.replace with IsADirectoryError naming that temporary file; under a file it raised
