@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -40,6 +38,7 @@ import torch
 
 import nn_adapters as nna
 from nn_adapters.digits import cache_dir, load_digits_split
+from submod._atomic import atomic_path
 
 CONFIG = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
               norm_num_groups=8, attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -111,11 +110,11 @@ def trained_unet(x: torch.Tensor, retrain: bool, verbose: bool) -> tuple[torch.n
     t0 = time.perf_counter()
     model = train(x, verbose)
     took = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(model.state_dict(), tmp)
+    except OSError as exc:  # a read-only cache: run without it
+        print(f"could not cache the trained model at {path}: {exc}")
     return model, took
 
 

@@ -204,7 +204,7 @@ def _prune_once(args: argparse.Namespace) -> int:
                          "another.")
     check_file_path(args.out, "--out")  # found now, not after the pruning
     model, calib, *rest = _load_user(args.spec)
-    transformer = args.target in ("ffn", "heads", "all") or (args.target is None and _is_transformer(model))
+    transformer = _is_transformer(model, args.target)
     if keep is None and transformer:  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "

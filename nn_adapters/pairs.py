@@ -559,6 +559,24 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
 
     Batch keys that only ``**kwargs`` would take are refused; ``*args`` and ``**kwargs`` are traced empty. The
     modules' public attributes are restored afterwards (a cache that ``forward()`` fills would hold traced values).
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn
+    >>> from nn_adapters.pairs import trace
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         if len(x.shape) == 1:  # one sample: plain torch.fx cannot decide this
+    ...             x = x[None]
+    ...         return self.fc(x)
+    >>> gm = trace(Net(), example=torch.zeros(8, 4))
+    >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    ['fc']
+    >>> gm(torch.zeros(3, 4)).shape
+    torch.Size([3, 2])
     """
     if (extra := _keyword_extras(model, given)) is not None:
         raise ValueError(extra)

@@ -237,9 +237,12 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def _is_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` holds a transformer block the transformer adapter handles: a Hugging Face encoder layer
-    (BERT-style, MPNet, DistilBERT, ViT, DINOv2, CLIP) or a ``torch.nn.TransformerEncoderLayer``."""
+def _is_transformer(model: nn.Module, target: str | None = None) -> bool:
+    """Whether :func:`prune` hands ``model`` to the transformer adapter: always for ``target`` ``"ffn"``,
+    ``"heads"`` or ``"all"``, never for ``"layers"``, and without a ``target`` when the model holds a block the
+    adapter recognises (a Hugging Face encoder or decoder layer, a ``torch.nn.TransformerEncoderLayer``)."""
+    if target is not None:
+        return target != "layers"
     from ._transformer_blocks import find_blocks
 
     return bool(find_blocks(model))
@@ -423,9 +426,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     """
     allocation = canonical_allocation(allocation)
     rng_from_seed(seed)  # refused now, not by numpy after the statistics, in a message that names no argument
-    if target == "layers":  # the layer pairs found by tracing, whatever blocks the model holds
-        target = None
-    elif target is not None or _is_transformer(model):
+    if _is_transformer(model, target):
         from . import transformer
 
         if compression is not None:
