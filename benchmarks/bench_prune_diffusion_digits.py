@@ -45,10 +45,14 @@ CONFIG = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, 
               up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 TRAIN = dict(steps=3000, batch=64, lr=2e-3, seed=0)
 T_STEPS = 1000
-# (label, method, reweight)
-METHODS = [("asym", "asym", True), ("seq", "seq", True), ("layer", "layer", True),
-           ("random+refit", "random", True), ("weight_norm+refit", "weight_norm", True),
-           ("act_norm+refit", "act_norm", True), ("magnitude (no refit)", "weight_norm", False)]
+# (label, method, reweight, weighting)
+METHODS = [("asym", "asym", True, "none"), ("seq", "seq", True, "none"), ("layer", "layer", True, "none"),
+           ("asym, output weighting", "asym", True, "output"), ("seq, output weighting", "seq", True, "output"),
+           ("layer, output weighting", "layer", True, "output"),
+           ("random+refit", "random", True, "none"), ("weight_norm+refit", "weight_norm", True, "none"),
+           ("act_norm+refit", "act_norm", True, "none"),
+           ("act_norm+refit, output weighting", "act_norm", True, "output"),
+           ("magnitude (no refit)", "weight_norm", False, "none")]
 BASELINE = "weight_norm+refit"
 
 
@@ -181,9 +185,10 @@ def main() -> None:
         pick = torch.randperm(len(xtr), generator=rng)[: args.calib]
         calib = [noised(xtr[pick], rng, abar)[0] for _ in range(args.draws)]
         for keep in args.keep:
-            for label, method, reweight in METHODS:
+            for label, method, reweight, weighting in METHODS:
                 t0 = time.perf_counter()
-                pruned, rep = nna.prune(model, calib, keep=keep, method=method, reweight=reweight, seed=seed)
+                pruned, rep = nna.prune(model, calib, keep=keep, method=method, reweight=reweight, seed=seed,
+                                        weighting=weighting)
                 secs.setdefault(label, []).append(time.perf_counter() - t0)
                 out = predict(pruned, list(test))
                 fid.setdefault((label, keep), []).append(float(((out - ref) ** 2).sum() / (ref ** 2).sum()))
@@ -194,14 +199,14 @@ def main() -> None:
         print(f"\n{title}\n")
         print("| method | " + " | ".join(f"keep {k} (params x{params[k]})" for k in args.keep) + " |")
         print("|---|" + "---|" * len(args.keep))
-        for label, _, _ in METHODS:
+        for label, *_ in METHODS:
             cells = [f"{np.mean(d[label, k]):.{digits}f} +- {np.std(d[label, k]):.{digits}f}" for k in args.keep]
             print(f"| {label} | " + " | ".join(cells) + " |")
 
     table("Fidelity: relative error of the noise prediction vs the unpruned network (lower is better)", fid, 4)
     table("Denoising loss / unpruned loss (lower is better; 1 = unpruned)", loss, 3)
     print(f"\nRatios against {BASELINE}, same run (fidelity error: below 1 is better):")
-    for label, _, _ in METHODS:
+    for label, *_ in METHODS:
         if label != BASELINE:
             r = [np.mean(fid[label, k]) / np.mean(fid[BASELINE, k]) for k in args.keep]
             print(f"  {label:22s} fidelity error x[{' '.join(f'{v:.2f}' for v in r)}]  (keep {args.keep})")

@@ -322,7 +322,7 @@ class PairStats(FoldStats):
     """
 
     def __init__(self, pair: PrunablePair, consumer: nn.Module, folds: int = 1,
-                 plan: list[np.ndarray] | None = None) -> None:
+                 plan: list[np.ndarray] | None = None, row_weights: list[torch.Tensor] | None = None) -> None:
         self.pair = pair
         self.consumer = consumer
         self.W = weight_matrix(consumer)
@@ -339,6 +339,8 @@ class PairStats(FoldStats):
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
         self._batch = 0         # batches seen (the next entry of the plan)
+        self._row_weights = row_weights  # the weight of every design row, per consumer call (or None)
+        self._calls = 0         # consumer calls seen (the next entry of the row weights)
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
         self._phase_cache: dict[tuple[int, ...], list | None] = {}  # a strided transposed consumer's phases
         self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
@@ -387,13 +389,26 @@ class PairStats(FoldStats):
             self._batch += 1
         else:
             planned = (self._seen + np.arange(n)) % K
-        phases = self._phases(tuple(x.shape[2:])) if _POLYPHASE else None
+        w_all = None
+        if self._row_weights is not None:
+            if self._calls >= len(self._row_weights):
+                raise ValueError(f"pair {self.pair.name}: the consumer was called more often during the statistics "
+                                 f"than when its row weights were computed ({len(self._row_weights)} calls).")
+            w_all = self._row_weights[self._calls]
+            self._calls += 1
+        # the polyphase blocks of a strided transposed consumer hold the rows phase by phase: weighted rows are
+        # added as full rows, in the order of the consumer's output positions
+        phases = self._phases(tuple(x.shape[2:])) if _POLYPHASE and w_all is None else None
         if phases is not None:  # a chunk holds the phases' rows only
             per_sample = 0  # unused: the phases' rows are dealt into folds by _update_blocks
             step = max(1, _CHUNK_ELEMS // max(1, sum(t.numel() * p.numel() for t, p, _ in phases) * x.shape[1]))
         else:
             per_sample = max(1, design_rows(self.consumer, x[:1]).shape[0])
             step = max(1, _CHUNK_ELEMS // max(1, per_sample * self.W.shape[1]))
+            if w_all is not None and w_all.numel() != n * per_sample:
+                raise ValueError(f"pair {self.pair.name}: {w_all.numel()} row weights for the {n * per_sample} "
+                                 "design rows of the consumer's input; the consumer's output positions do not "
+                                 "match its design rows, so weighting='output' cannot be used for this model.")
         for s in range(0, n, step):
             if phases is not None:
                 ns = min(step, n - s)
@@ -405,19 +420,21 @@ class PairStats(FoldStats):
             At = A if x_target is None else design_rows(self.consumer, xt[s:s + step])
             Y = At @ self.W.T
             ns = A.shape[0] // per_sample
+            w = None if w_all is None else w_all[s * per_sample:(s + ns) * per_sample].to(A.device, torch.float64)
             if self.device is None:  # numpy storage (a CPU model): the rows go to the host
                 A, Y = A.cpu().numpy(), Y.cpu().numpy()
+                w = None if w is None else w.cpu().numpy()
             if K == 1:
-                self.fold_accs[0].update(A, Y)
+                self.fold_accs[0].update(A, Y, w)
             elif self.device is not None:  # torch storage: the rows are dealt into folds on the model's device
                 fold = torch.as_tensor(planned[s:s + ns], device=A.device)
-                update_folds(self.fold_accs, A, Y, None, fold.repeat_interleave(per_sample))
+                update_folds(self.fold_accs, A, Y, w, fold.repeat_interleave(per_sample))
             else:
                 rows = np.repeat(planned[s:s + ns], per_sample)
                 for h in range(K):
                     sel = rows == h
                     if sel.any():
-                        self.fold_accs[h].update(A[sel], Y[sel])
+                        self.fold_accs[h].update(A[sel], Y[sel], None if w is None else w[sel])
             self._seen += ns
         self._total = None
 

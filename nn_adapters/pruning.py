@@ -47,6 +47,7 @@ from ._data import as_batches, batch_len, call, float_dtype, n_samples, sample_f
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
+from ._sensitivity import output_row_weights
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
 from ._value_trace import metadata_read
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
@@ -273,9 +274,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
           keep: float | Mapping[str, float] | None = None, method: str = "asym", reweight: bool = True,
           seed: int = 0, target: str | None = None, *, allocation: str = "uniform",
           pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
-          refit_prior: str = "original", loss_fn: Callable | None = None, progress: bool = False, verify: bool = False,
-          se_bias_correction: bool = True, executor: Executor | None = None,
-          **kwargs: object) -> tuple[nn.Module, PruneReport]:
+          refit_prior: str = "original", weighting: str | None = None, loss_fn: Callable | None = None,
+          progress: bool = False, verify: bool = False, se_bias_correction: bool = True,
+          executor: Executor | None = None, **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
     Parameters
@@ -357,6 +358,16 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         ridge then damps only the compensation for the removed units, which is what is estimated from few
         samples), or ``"zero"`` (ordinary ridge). Both tend to plain least squares as the ridge goes to 0; with
         ``ridge="cv"`` the ridge is cross-validated for the chosen prior. The selection is not affected.
+    weighting : {"none", "output"}, optional
+        How the design rows of each pair's least-squares problem are weighted (default ``"none"``; transformers:
+        see :func:`nn_adapters.transformer.prune_transformer`, default ``"layernorm"``). ``"output"``: by the
+        sensitivity of the model's output to the consumer's output at that row, ``||J_r||_F^2`` (the Gauss-Newton
+        model of the output's squared change, label-free; see :mod:`nn_adapters._sensitivity`), normalised to mean
+        1 per pair. The selection, its ridge and the refit then minimise the consumer's output change as seen from
+        the model's output: rows (samples, positions, time steps of a diffusion model) whose errors the rest of the
+        network amplifies count more. Costs one forward pass of the model with gradients per batch and one
+        backward pass per output entry (at most 16; Rademacher probes above) per batch. Applies to every method
+        (a baseline's refit, and ``act_norm``'s activation norms, read the weighted statistics).
     loss_fn : callable, optional
         Loss for ``actgrad`` (default cross-entropy): ``loss_fn(outputs, labels)`` returning the *mean* over the
         batch (it is multiplied by the batch size, so that the scores are per-sample sums whatever the batching).
@@ -445,6 +456,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                  "pass one of them.")
         if keep is not None:
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
+        if weighting is not None:
+            kwargs["weighting"] = weighting
         try:
             return transformer.prune_transformer(model, calibration_data, target=target or "ffn", method=method,
                                                  reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
@@ -465,6 +478,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "
                          f"(ordinary ridge); got {refit_prior!r}.")
     prior = refit_prior == "original"
+    if weighting not in (None, "none", "output"):
+        raise ValueError(f"weighting must be 'none' (unweighted rows) or 'output' (rows weighted by the model "
+                         f"output's sensitivity to them) for MLP/CNN pruning; got {weighting!r}.")
     if not isinstance(se_bias_correction, bool):
         raise ValueError(f"se_bias_correction must be True or False; got {se_bias_correction!r}.")
     check_executor(executor)
@@ -526,6 +542,11 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          else resolve_pairs(work, list(pairs), x, gm))
 
     folds = CV_FOLDS if ridge == "cv" else 1
+    row_weights: dict[str, list[torch.Tensor] | None] = {}
+    notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
+    if weighting == "output":
+        row_weights, weight_notes = output_row_weights(orig, {p.name: p.consumer for p in found}, batches, seed)
+        notes += weight_notes
     pm = _budget.ParamModel(work, found, adds_bias=reweight, adds_se_bias=se_bias_correction)
     layer_stats: dict[str, PairStats] | None = None
     full_paths: dict[str, _Path] = {}
@@ -534,7 +555,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     elif allocation == "uniform":
         ks = _budget.uniform_counts(pm, compression)
     else:
-        layer_stats = _layer_stats(orig, found, batches, progress, folds)
+        layer_stats = _layer_stats(orig, found, batches, progress, folds, row_weights)
         sel_ridge = FALLBACK_RIDGE if ridge == "cv" else float(ridge)
         with OrderedJobs(executor) as jobs:
             for p in found:
@@ -548,7 +569,6 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
     rng = np.random.default_rng(seed)
     reports: list[LayerReport] = []
-    notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
     bar = _progress_bar(len(found), f"prune[{method}]", progress)
 
     def job_args(i: int, pair: PrunablePair, st: PairStats, shipped: FoldStats) -> tuple:
@@ -603,7 +623,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     try:
         if stats_mode == "layer":
             if layer_stats is None:
-                layer_stats = _layer_stats(orig, found, batches, progress, folds)
+                layer_stats = _layer_stats(orig, found, batches, progress, folds, row_weights)
             with OrderedJobs(executor) as jobs:
                 for i, p in enumerate(found):
                     st = layer_stats[p.name]
@@ -611,7 +631,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                              job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
                 jobs.finish()
         else:
-            _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds)
+            _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds, row_weights)
     finally:
         bar.close()
     for note in notes:
@@ -691,10 +711,14 @@ def _verify(f: object, k: int, energy: float | None = None) -> dict[str, tuple]:
 
 
 def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool,
-                 folds: int = 1) -> dict[str, PairStats]:
-    """LayerInChange statistics of every pair in one forward pass of the original network, through hooks."""
+                 folds: int = 1, row_weights: Mapping[str, list[torch.Tensor] | None] | None = None
+                 ) -> dict[str, PairStats]:
+    """LayerInChange statistics of every pair in one forward pass of the original network, through hooks
+    (``row_weights``: per pair, the weights of its design rows per consumer call, see ``weighting``)."""
     plan = sample_folds(batches, folds) if folds > 1 else None
-    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds, plan) for p in pairs}
+    row_weights = row_weights or {}
+    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds, plan, row_weights.get(p.name))
+             for p in pairs}
     bar = _progress_bar(len(batches), "calibration", progress)
     try:
         with capture_hooks(orig, pairs, stats), torch.no_grad():
@@ -912,7 +936,8 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
 
 
 def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: list, pairs: list[PrunablePair],
-                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor], folds: int = 1) -> None:
+                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor], folds: int = 1,
+                row_weights: Mapping[str, list[torch.Tensor] | None] | None = None) -> None:
     """Run the calibration set through the traced graph once, node by node, pruning each pair at its consumer.
 
     ``work`` is pruned in place; ``orig`` (only evaluated for ``mode="asym"``) gives the targets.
@@ -933,7 +958,7 @@ def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: l
 
     def stats_of(p: PrunablePair) -> PairStats:
         if p.name not in stats:
-            stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds, plan)
+            stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds, plan, (row_weights or {}).get(p.name))
         return stats[p.name]
     nb = len(batches)
     need_orig = mode == "asym"

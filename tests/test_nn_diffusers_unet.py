@@ -68,10 +68,11 @@ def test_every_resnet_conv1_is_pruned_by_groups_with_its_time_projection(time_no
     assert not any(f"{b}.time_emb_proj" in names for b in resnets)
 
 
-@pytest.mark.parametrize("method", ["layer", "seq", "asym"])
-def test_keeping_every_unit_reproduces_the_diffusers_unet(method):
+@pytest.mark.parametrize(("method", "weighting"), [("layer", "none"), ("seq", "none"), ("asym", "none"),
+                                                  ("asym", "output")])
+def test_keeping_every_unit_reproduces_the_diffusers_unet(method, weighting):
     net, xt = _unet("default"), _batch()
-    pruned, _ = nna.prune(net, xt, keep=1.0, method=method)
+    pruned, _ = nna.prune(net, xt, keep=1.0, method=method, weighting=weighting)
     with torch.no_grad():
         torch.testing.assert_close(pruned(**xt).sample, net(**xt).sample, rtol=1e-4, atol=1e-5)
 
@@ -97,8 +98,9 @@ def test_the_parameter_budget_of_the_diffusers_unet_matches_the_built_networks()
 def test_the_pruned_unet_runs_on_new_inputs_and_saves_and_loads(tmp_path):
     net, xt = _unet("scale_shift"), _batch()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    pruned, _ = nna.prune(net, [_batch(16, s) for s in range(3)], keep=0.5, method="asym")
+    pruned, _ = nna.prune(net, [_batch(16, s) for s in range(3)], keep=0.5, method="asym", weighting="output")
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the caller's model is untouched
+    assert all(p.grad is None for p in net.parameters())
     with torch.no_grad():
         one = pruned(xt["sample"][:1], 10).sample  # a number as the timestep: the model's own branch
         torch.testing.assert_close(one, pruned(xt["sample"][:1], torch.tensor([10])).sample)
