@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "with transformer blocks: ffn), or layers: the layer pairs found by tracing, whatever "
                          "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs)")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
+    pr.add_argument("--weighting", choices=("none", "output", "layernorm"), default=None,
+                    help="how each layer's least-squares rows are weighted (nn_adapters.prune weighting=): MLP/CNN "
+                         "none (default) or output (by the model output's sensitivity to them); transformers "
+                         "layernorm (default) or none")
     pr.add_argument("--allocation", choices=("uniform", "error-curve", "error"), default="uniform",
                     help="how the budget is split between layers or blocks (default uniform; error: the earlier name "
                          "of error-curve)")
@@ -223,7 +227,8 @@ def _prune_once(args: argparse.Namespace) -> int:
                 if args.workers > 1 else None)
         pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
                                reweight=not args.no_reweight, seed=args.seed, target=args.target,
-                               allocation=args.allocation, progress=args.progress, executor=pool)
+                               allocation=args.allocation, progress=args.progress, executor=pool,
+                               weighting=args.weighting)
     print(report.summary())
     if rest:
         after = _eval_accuracy(pruned, rest[0])
@@ -245,10 +250,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
-    if args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight:
+    if (args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight
+            or args.weighting is not None):
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
-                         "demo does, uniform allocation, one process); drop --workers, --progress, --allocation and "
-                         "--no-reweight, or prune once without --compare.")
+                         "demo does, uniform allocation, default weighting, one process); drop --workers, "
+                         "--progress, --allocation, --weighting and --no-reweight, or prune once without --compare.")
     args.keep = _distinct("prune", "--keep", args.keep)
     args.compression = _distinct("prune", "--compression", args.compression)
     args.calib = _distinct("prune", "--calib", args.calib)

@@ -178,6 +178,10 @@ class PruneReport:
         declare as one.
     time_s : float
         Wall time of the whole call, in seconds.
+    weighting : str
+        How the rows of the least-squares problems were weighted: ``"none"``, or ``"output"`` (by the model
+        output's sensitivity, see ``weighting`` in :func:`prune`; the layers' relative errors are then in that
+        weighted metric).
     """
 
     method: str
@@ -193,6 +197,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     time_s: float = 0.0
+    weighting: str = "none"
 
     @property
     def compression(self) -> float:
@@ -215,6 +220,7 @@ class PruneReport:
         """A short human-readable table."""
         lines = [f"method={self.method} reweight={self.reweight} statistics={self.statistics} "
                  f"allocation={self.allocation} samples={self.n_samples}"
+                 + (f" weighting={self.weighting}" if self.weighting != "none" else "")
                  + (" [uses labels]" if self.labelled else ""),
                  f"params {self.params_before} -> {self.params_after} ({self.compression:.2f}x), "
                  f"FLOPs/sample {self.flops_before} -> {self.flops_after}, time {self.time_s:.2f}s"]
@@ -362,7 +368,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         How the design rows of each pair's least-squares problem are weighted (default ``"none"``; transformers:
         see :func:`nn_adapters.transformer.prune_transformer`, default ``"layernorm"``). ``"output"``: by the
         sensitivity of the model's output to the consumer's output at that row, ``||J_r||_F^2`` (the Gauss-Newton
-        model of the output's squared change, label-free; see :mod:`nn_adapters._sensitivity`), normalised to mean
+        model of the output's squared change, label-free; see :ref:`output-weighting`), normalised to mean
         1 per pair. The selection, its ridge and the refit then minimise the consumer's output change as seen from
         the model's output: rows (samples, positions, time steps of a diffusion model) whose errors the rest of the
         network amplifies count more. Costs one forward pass of the model with gradients per batch and one
@@ -643,7 +649,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         params_before=sum(p.numel() for p in model.parameters()),
         params_after=sum(p.numel() for p in work.parameters()),
         flops_before=_budget.count_flops(orig, x0), flops_after=_budget.count_flops(work, x0),
-        layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start)
+        layers=reports, skipped=list(skipped), time_s=time.perf_counter() - t_start, weighting=weighting or "none")
     return work, report
 
 

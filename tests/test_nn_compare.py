@@ -184,7 +184,8 @@ def test_cli_compare_prints_the_table_and_writes_the_report(tmp_path, monkeypatc
     (["--calib", "50"], "several budgets, methods or calibration sizes are for --compare"),
     (["--compare", "--calib", "101"], "integers from 1 to 100"),
     (["--compare", "--methods", "bogus"], "unknown bogus"),
-    (["--compare", "--no-reweight"], "drop --workers, --progress, --allocation and --no-reweight"),
+    (["--compare", "--no-reweight"], "drop --workers, --progress, --allocation, --weighting and --no-reweight"),
+    (["--compare", "--weighting", "output"], "drop --workers, --progress, --allocation, --weighting"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--keep", "0.5", "--allocation", "error-curve"], "--allocation error-curve splits a --compression budget"),
 ])

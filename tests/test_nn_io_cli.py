@@ -147,6 +147,11 @@ def test_cli_prune_user_model(tmp_path, monkeypatch, capsys):
                                  "--allocation", "error-curve", "--out", "m.pt"])
     assert args.func(args) == 0
     assert "method=weight_norm" in capsys.readouterr().out
+    # --weighting reaches prune(): the report says it
+    args = _parser().parse_args(["prune", "mymodels:build", "--keep", "0.5", "--weighting", "output",
+                                 "--out", "w.pt"])
+    assert args.func(args) == 0
+    assert "weighting=output" in capsys.readouterr().out
     args = _parser().parse_args(["prune", "mymodels"])
     with pytest.raises(ValueError, match="module:function"):
         args.func(args)

@@ -129,6 +129,8 @@ def test_weighting_follows_what_reaches_the_output():
     net = _GatedOut().double().eval()
     _, plain = nna.prune(net, a, keep=0.5, method="layer", ridge=1e-6)
     _, weighted = nna.prune(net, a, keep=0.5, method="layer", ridge=1e-6, weighting="output")
+    assert (plain.weighting, weighted.weighting) == ("none", "output")
+    assert "weighting=output" in weighted.summary() and "weighting" not in plain.summary()
     assert plain.layers[0].kept_units == [1]
     assert weighted.layers[0].kept_units == [0]
     with torch.no_grad():
