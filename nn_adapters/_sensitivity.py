@@ -16,12 +16,16 @@ mixing of channels: row ``r`` gets the weight
 
     s_r = ||J_r||_F^2 = E_v ||J_r^T v||^2,   v with independent entries of mean 0 and variance 1,
 
-normalised to mean 1 over the calibration rows of the pair. ``s_r`` is computed exactly from the basis vectors of
-the output when a sample's output has at most :data:`EXACT_MAX` entries (a classifier's logits), else estimated
-with :data:`PROBES` Rademacher probes (Hutchinson's estimator; its relative standard deviation per row is at most
+divided by the pair's mean weight over the first calibration batch (any constant factor leaves the selection, the
+relative ridge and the refit unchanged). ``s_r`` is computed exactly from the basis vectors of the output when a
+sample's output has at most :data:`EXACT_MAX` entries (a classifier's logits), else estimated with :data:`PROBES`
+Rademacher probes (Hutchinson's estimator; its relative standard deviation per row is at most
 ``sqrt(2 / PROBES)``). One forward pass of the original model per batch, with gradients, and one backward pass per
 probe give every pair's weights at once: the gradient at each consumer's output is read from a zero tensor added
-to it (so no parameter needs ``requires_grad`` and no ``.grad`` of the caller's model is touched).
+to it (so no parameter needs ``requires_grad`` and no ``.grad`` of the caller's model is touched). Layer mode
+computes them batch by batch, just before the batch's statistics, so its memory stays independent of the number of
+samples; the sequential modes hold one weight per design row for the whole calibration set, as they hold the
+activations.
 
 The weights are those of the original network (its Jacobians), also for the sequential modes. They are empirical
 importance weights: the selection's guarantees hold for the weighted objective, not for the model's output.
@@ -37,7 +41,7 @@ from torch import nn
 from . import _conv
 from ._data import call
 
-__all__ = ["output_row_weights", "EXACT_MAX", "PROBES"]
+__all__ = ["OutputSensitivity", "output_row_weights", "EXACT_MAX", "PROBES"]
 
 #: Largest number of output entries per sample for which the weights are computed exactly (one backward pass per
 #: entry); above it :data:`PROBES` random probes estimate them.
@@ -66,88 +70,107 @@ def _row_energy(consumer: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.pow(2).sum(dim=-1).reshape(-1)
 
 
-def output_row_weights(model: nn.Module, consumers: dict[str, str], batches: list,
-                       seed: int = 0) -> tuple[dict[str, list[torch.Tensor] | None], list[str]]:
-    """The output-sensitivity weight of every design row of every pair (see the module docstring).
+class OutputSensitivity:
+    """The output-sensitivity weights of every pair's design rows, batch by batch (see the module docstring).
 
     Parameters
     ----------
     model : nn.Module
-        The original network, in eval mode; it is not modified (hooks are removed on exit, no ``.grad`` is set).
+        The original network, in eval mode; it is not modified (hooks are removed after each batch, no ``.grad``
+        is set).
     consumers : dict
         Pair name -> consumer module name.
-    batches : list of (inputs, labels)
-        The calibration batches, in the order the statistics will read them.
     seed : int
         Seed of the Rademacher probes.
 
-    Returns
-    -------
-    weights : dict
-        Pair name -> one float64 tensor per consumer call (in call order over the batches) with one weight per
-        design row, normalised to mean 1 over all of the pair's rows; ``None`` for a pair whose consumer's output
-        does not reach the model's output (its rows are left unweighted).
-    notes : list of str
-        What the caller should tell the user (pairs left unweighted).
+    Each pair's weights are divided by their mean over the first batch on which its consumer's output reaches the
+    model's output, so that they are of order 1 (any constant factor leaves the selection, the relative ridge and
+    the refit unchanged). A pair whose consumer's output does not reach the model's output on the first batch
+    (sensitivity 0 on every row: the output does not depend on it) is left unweighted, and :attr:`notes` says so.
     """
-    names = sorted(set(consumers.values()))
-    energy: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    zeros: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
-    def hook_for(name: str):
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            z = torch.zeros_like(out, requires_grad=True)
-            zeros[name].append(z)
-            return out + z
-        return hook
+    def __init__(self, model: nn.Module, consumers: dict[str, str], seed: int = 0) -> None:
+        self.model = model
+        self.consumers = dict(consumers)
+        self.names = sorted(set(self.consumers.values()))
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.scale: dict[str, float | None] = {}  # pair -> 1 / mean weight of its first batch (None: unweighted)
+        self.notes: list[str] = []
+        self._batches = 0
 
-    gen = torch.Generator().manual_seed(int(seed))
-    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
-    try:
-        for i, (x, _) in enumerate(batches):
-            for n in names:
-                zeros[n].clear()
+    def batch(self, x: object) -> dict[str, list[torch.Tensor | None]]:
+        """The weights of one calibration batch's design rows: per pair, one float64 tensor per call of its
+        consumer (in call order), or ``None`` per call for a pair left unweighted."""
+        energy = self._energies(x)
+        out: dict[str, list[torch.Tensor | None]] = {}
+        for pair, name in self.consumers.items():
+            calls = energy[name]
+            if pair not in self.scale:
+                total = sum(float(e.sum()) for e in calls)
+                rows = sum(e.numel() for e in calls)
+                self.scale[pair] = rows / total if rows and total > 0 else None
+                if self.scale[pair] is None:
+                    self.notes.append(f"pair {pair}: the consumer's output does not reach the model's output on the "
+                                      "first calibration batch (its output sensitivity is 0 there), so its rows are "
+                                      "left unweighted.")
+            c = self.scale[pair]
+            out[pair] = [None] * len(calls) if c is None else [e * c for e in calls]
+        self._batches += 1
+        return out
+
+    def _energies(self, x: object) -> dict[str, list[torch.Tensor]]:
+        """``||J_r||_F^2`` of every design row, per consumer and call, from one forward and the probes' backward
+        passes."""
+        zeros: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+
+        def hook_for(name: str):
+            def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+                z = torch.zeros_like(out, requires_grad=True)
+                zeros[name].append(z)
+                return out + z
+            return hook
+
+        handles = [self.model.get_submodule(n).register_forward_hook(hook_for(n)) for n in self.names]
+        try:
             with torch.enable_grad():
-                outs = _outputs(call(model, x))
-                leaves = [(n, j, z) for n in names for j, z in enumerate(zeros[n])]
-                if not outs:
-                    raise ValueError("weighting='output' needs a model whose output holds floating-point tensors "
-                                     "that depend on the inputs (a tensor, or tuples/dicts of them); this model's "
-                                     f"output on calibration batch {i} holds none.")
-                sums = [torch.zeros(_rows(model.get_submodule(n), z), dtype=torch.float64, device=z.device)
-                        for n, _, z in leaves]
-                per_sample = sum(o[0].numel() if o.dim() else 1 for o in outs)
-                probes = per_sample if per_sample <= EXACT_MAX else PROBES
-                for p in range(probes):
-                    if per_sample <= EXACT_MAX:
-                        vs = _basis(outs, p)
-                    else:
-                        vs = [(torch.randint(0, 2, o.shape, generator=gen).to(o.device, o.dtype) * 2 - 1)
-                              for o in outs]
-                    grads = torch.autograd.grad(outs, [z for _, _, z in leaves], grad_outputs=vs,
-                                                retain_graph=p + 1 < probes, allow_unused=True)
-                    for t, ((n, _, _), g) in enumerate(zip(leaves, grads, strict=True)):
-                        if g is not None:
-                            sums[t] += _row_energy(model.get_submodule(n), g)
-                scale = 1.0 if per_sample <= EXACT_MAX else 1.0 / probes
-                for (n, _, _), s in zip(leaves, sums, strict=True):
-                    energy[n].append((s * scale).cpu())
-    finally:
-        for h in handles:
-            h.remove()
-    out: dict[str, list[torch.Tensor] | None] = {}
-    notes = []
-    for pair, n in consumers.items():
-        total = sum(float(e.sum()) for e in energy[n])
-        rows = sum(e.numel() for e in energy[n])
-        if not total > 0 or rows == 0:
-            out[pair] = None
-            notes.append(f"pair {pair}: the consumer's output does not reach the model's output on the calibration "
-                         "data (its output sensitivity is 0), so its rows are left unweighted.")
-            continue
-        mean = total / rows
-        out[pair] = [e / mean for e in energy[n]]
-    return out, notes
+                outs = _outputs(call(self.model, x))
+        finally:
+            for h in handles:
+                h.remove()
+        if not outs:
+            raise ValueError("weighting='output' needs a model whose output holds floating-point tensors that depend "
+                             "on the inputs (a tensor, or tuples/dicts of them); this model's output on calibration "
+                             f"batch {self._batches} holds none.")
+        leaves = [(n, z) for n in self.names for z in zeros[n]]
+        sums = [torch.zeros(_rows(self.model.get_submodule(n), z), dtype=torch.float64, device=z.device)
+                for n, z in leaves]
+        per_sample = sum(o[0].numel() if o.dim() else 1 for o in outs)
+        exact = per_sample <= EXACT_MAX
+        probes = per_sample if exact else PROBES
+        for p in range(probes):
+            vs = _basis(outs, p) if exact else [
+                (torch.randint(0, 2, o.shape, generator=self.gen).to(o.device, o.dtype) * 2 - 1) for o in outs]
+            grads = torch.autograd.grad(outs, [z for _, z in leaves], grad_outputs=vs,
+                                        retain_graph=p + 1 < probes, allow_unused=True)
+            for t, ((n, _), g) in enumerate(zip(leaves, grads, strict=True)):
+                if g is not None:
+                    sums[t] += _row_energy(self.model.get_submodule(n), g)
+        energy: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        for (n, _), s in zip(leaves, sums, strict=True):
+            energy[n].append(s if exact else s / probes)
+        return energy
+
+
+def output_row_weights(model: nn.Module, consumers: dict[str, str], batches: list,
+                       seed: int = 0) -> tuple[dict[str, list[torch.Tensor | None]], list[str]]:
+    """The weights of :class:`OutputSensitivity` for all ``batches`` at once (what the sequential modes read):
+    per pair, one entry per consumer call over the batches in order, and the notes."""
+    sens = OutputSensitivity(model, consumers, seed)
+    out: dict[str, list[torch.Tensor | None]] = {p: [] for p in consumers}
+    for x, _ in batches:
+        for p, ws in sens.batch(x).items():
+            out[p].extend(ws)
+    return out, sens.notes
 
 
 def _rows(consumer: nn.Module, out: torch.Tensor) -> int:

@@ -19,6 +19,7 @@ accumulators in both cases.
 
 from __future__ import annotations
 
+from collections import deque
 from contextlib import contextmanager
 
 import numpy as np
@@ -319,10 +320,17 @@ class PairStats(FoldStats):
         Number of folds the samples are dealt into (round-robin by sample, so the rows of one sample, e.g. all
         patch positions of an image, stay in one fold). ``folds >= 2`` enables :meth:`cv_ridge`; memory is
         ``folds`` accumulators of ``O(d^2 + d m)`` each, still independent of the number of samples.
+    plan : list of arrays, optional
+        The fold of every sample, per batch (:func:`nn_adapters._data.sample_folds`).
+    row_weights : list, optional
+        Weighted rows (``weighting="output"``): the weights of the design rows of each consumer call, in call
+        order (a float tensor of one weight per row, or ``None`` for an unweighted call), consumed one per
+        :meth:`update`; more can be queued with :meth:`add_row_weights`. ``None``: no weighting.
     """
 
     def __init__(self, pair: PrunablePair, consumer: nn.Module, folds: int = 1,
-                 plan: list[np.ndarray] | None = None, row_weights: list[torch.Tensor] | None = None) -> None:
+                 plan: list[np.ndarray] | None = None,
+                 row_weights: list[torch.Tensor | None] | None = None) -> None:
         self.pair = pair
         self.consumer = consumer
         self.W = weight_matrix(consumer)
@@ -339,12 +347,20 @@ class PairStats(FoldStats):
         self._seen = 0          # samples seen (for the round-robin fold assignment)
         self._plan = plan       # the fold of every sample, per batch (nn_adapters._data.sample_folds), or None
         self._batch = 0         # batches seen (the next entry of the plan)
-        self._row_weights = row_weights  # the weight of every design row, per consumer call (or None)
-        self._calls = 0         # consumer calls seen (the next entry of the row weights)
+        # the weights of the design rows of the consumer calls still to come, in call order (an entry None: that
+        # call's rows unweighted); None: no weighting
+        self._row_weights = None if row_weights is None else deque(row_weights)
         # a squeeze-and-excitation gate on the way: sums of its pooled channels (fc1's input), float64
         self._phase_cache: dict[tuple[int, ...], list | None] = {}  # a strided transposed consumer's phases
         self._se_sum = torch.zeros(pair.n_units, dtype=torch.float64)
         self._se_count = 0
+
+    def add_row_weights(self, weights: list[torch.Tensor | None]) -> None:
+        """Queue the row weights of the next consumer calls (see ``row_weights``), for statistics that stream
+        them batch by batch."""
+        if self._row_weights is None:
+            raise ValueError(f"pair {self.pair.name}: these statistics were built without row weights.")
+        self._row_weights.extend(weights)
 
     def fold_stats(self, merged: bool = False) -> FoldStats:
         """The statistics without the forward-pass side: no module, the folds merged now, where they are (their
@@ -391,11 +407,11 @@ class PairStats(FoldStats):
             planned = (self._seen + np.arange(n)) % K
         w_all = None
         if self._row_weights is not None:
-            if self._calls >= len(self._row_weights):
+            if not self._row_weights:
                 raise ValueError(f"pair {self.pair.name}: the consumer was called more often during the statistics "
-                                 f"than when its row weights were computed ({len(self._row_weights)} calls).")
-            w_all = self._row_weights[self._calls]
-            self._calls += 1
+                                 "than when its row weights were computed (a forward pass that differs between "
+                                 "two runs on the same batch?).")
+            w_all = self._row_weights.popleft()
         # the polyphase blocks of a strided transposed consumer hold the rows phase by phase: weighted rows are
         # added as full rows, in the order of the consumer's output positions
         phases = self._phases(tuple(x.shape[2:])) if _POLYPHASE and w_all is None else None

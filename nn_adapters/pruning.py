@@ -47,7 +47,7 @@ from ._data import as_batches, batch_len, call, float_dtype, n_samples, sample_f
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
-from ._sensitivity import output_row_weights
+from ._sensitivity import OutputSensitivity, output_row_weights
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
 from ._value_trace import metadata_read
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
@@ -368,8 +368,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         How the design rows of each pair's least-squares problem are weighted (default ``"none"``; transformers:
         see :func:`nn_adapters.transformer.prune_transformer`, default ``"layernorm"``). ``"output"``: by the
         sensitivity of the model's output to the consumer's output at that row, ``||J_r||_F^2`` (the Gauss-Newton
-        model of the output's squared change, label-free; see :ref:`output-weighting`), normalised to mean
-        1 per pair. The selection, its ridge and the refit then minimise the consumer's output change as seen from
+        model of the output's squared change, label-free; see :ref:`output-weighting`), scaled to be of
+        order 1. The selection, its ridge and the refit then minimise the consumer's output change as seen from
         the model's output: rows (samples, positions, time steps of a diffusion model) whose errors the rest of the
         network amplifies count more. Costs one forward pass of the model with gradients per batch and one
         backward pass per output entry (at most 16; Rademacher probes above) per batch. Applies to every method
@@ -548,11 +548,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          else resolve_pairs(work, list(pairs), x, gm))
 
     folds = CV_FOLDS if ridge == "cv" else 1
-    row_weights: dict[str, list[torch.Tensor] | None] = {}
     notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
-    if weighting == "output":
-        row_weights, weight_notes = output_row_weights(orig, {p.name: p.consumer for p in found}, batches, seed)
-        notes += weight_notes
+    consumers = {p.name: p.consumer for p in found}
+
+    def sensitivity() -> OutputSensitivity | None:
+        """A fresh source of the output-sensitivity row weights (``weighting="output"``), else ``None``."""
+        return OutputSensitivity(orig, consumers, seed) if weighting == "output" else None
     pm = _budget.ParamModel(work, found, adds_bias=reweight, adds_se_bias=se_bias_correction)
     layer_stats: dict[str, PairStats] | None = None
     full_paths: dict[str, _Path] = {}
@@ -561,7 +562,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     elif allocation == "uniform":
         ks = _budget.uniform_counts(pm, compression)
     else:
-        layer_stats = _layer_stats(orig, found, batches, progress, folds, row_weights)
+        layer_stats = _layer_stats(orig, found, batches, progress, folds, sensitivity(), notes)
         sel_ridge = FALLBACK_RIDGE if ridge == "cv" else float(ridge)
         with OrderedJobs(executor) as jobs:
             for p in found:
@@ -629,7 +630,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     try:
         if stats_mode == "layer":
             if layer_stats is None:
-                layer_stats = _layer_stats(orig, found, batches, progress, folds, row_weights)
+                layer_stats = _layer_stats(orig, found, batches, progress, folds, sensitivity(), notes)
             with OrderedJobs(executor) as jobs:
                 for i, p in enumerate(found):
                     st = layer_stats[p.name]
@@ -637,10 +638,14 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                              job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
                 jobs.finish()
         else:
+            row_weights = None
+            if weighting == "output":
+                row_weights, weight_notes = output_row_weights(orig, consumers, batches, seed)
+                notes += weight_notes
             _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds, row_weights)
     finally:
         bar.close()
-    for note in notes:
+    for note in dict.fromkeys(notes):  # once each (the error-curve allocation's statistics say it too)
         warnings.warn(note, UserWarning, stacklevel=3)  # the caller of prune, past outside_inference_mode
     copy_modes(model, work)
     report = PruneReport(
@@ -717,22 +722,29 @@ def _verify(f: object, k: int, energy: float | None = None) -> dict[str, tuple]:
 
 
 def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool,
-                 folds: int = 1, row_weights: Mapping[str, list[torch.Tensor] | None] | None = None
-                 ) -> dict[str, PairStats]:
-    """LayerInChange statistics of every pair in one forward pass of the original network, through hooks
-    (``row_weights``: per pair, the weights of its design rows per consumer call, see ``weighting``)."""
+                 folds: int = 1, sensitivity: OutputSensitivity | None = None,
+                 notes: list[str] | None = None) -> dict[str, PairStats]:
+    """LayerInChange statistics of every pair in one forward pass of the original network, through hooks.
+
+    With ``sensitivity`` (``weighting="output"``) each batch's row weights are computed just before its statistics
+    and consumed by them, so that memory stays independent of the number of samples; its notes go to ``notes``.
+    """
     plan = sample_folds(batches, folds) if folds > 1 else None
-    row_weights = row_weights or {}
-    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds, plan, row_weights.get(p.name))
-             for p in pairs}
+    stats = {p.name: PairStats(p, orig.get_submodule(p.consumer), folds, plan,
+                               None if sensitivity is None else []) for p in pairs}
     bar = _progress_bar(len(batches), "calibration", progress)
     try:
-        with capture_hooks(orig, pairs, stats), torch.no_grad():
-            for x, _ in batches:
+        for x, _ in batches:
+            if sensitivity is not None:  # before the hooks: its forward pass feeds no statistics
+                for name, ws in sensitivity.batch(x).items():
+                    stats[name].add_row_weights(ws)
+            with capture_hooks(orig, pairs, stats), torch.no_grad():
                 call(orig, x)
-                bar.update(1)
+            bar.update(1)
     finally:
         bar.close()
+    if sensitivity is not None and notes is not None:
+        notes += sensitivity.notes
     return stats
 
 

@@ -25,10 +25,14 @@ def _mlp() -> nn.Sequential:
 
 
 def _weights(net: nn.Module, consumer: str, x: torch.Tensor, batches: int = 1) -> torch.Tensor:
+    """The row weights of ``consumer`` on ``x`` in ``batches`` batches, rescaled to mean 1 over all rows (the
+    library scales them by the first batch's mean, a constant that changes nothing downstream)."""
     xs = x.chunk(batches)
     w, notes = output_row_weights(net, {"p": consumer}, [(b, None) for b in xs])
     assert notes == []
-    return torch.cat(w["p"])
+    assert abs(float(w["p"][0].mean()) - 1.0) < 1e-12  # of order 1: mean 1 on the first batch
+    w = torch.cat(w["p"])
+    return w / w.mean()
 
 
 def test_exact_weights_are_the_jacobian_norms():
@@ -215,3 +219,38 @@ def test_gpu_equals_cpu():
     assert [r.kept_units for r in rh.layers] == [r.kept_units for r in rg.layers]
     for a, b in zip(host.state_dict().values(), gpu.state_dict().values(), strict=True):
         np.testing.assert_allclose(a.numpy(), b.cpu().numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_layer_mode_streams_the_weights_batch_by_batch():
+    # the statistics of layer mode (weights computed per batch, just before that batch's statistics, none held
+    # beyond it) equal those built from every batch's weights computed first
+    from nn_adapters._data import as_batches
+    from nn_adapters._sensitivity import OutputSensitivity
+    from nn_adapters._stats import PairStats, capture_hooks
+    from nn_adapters.pairs import find_pairs
+    from nn_adapters.pruning import _layer_stats
+
+    net = _mlp()
+    batches = as_batches(list(torch.randn(90, 4, dtype=torch.float64).chunk(3)), device=torch.device("cpu"),
+                         dtype=torch.float64, model=net)
+    found, _ = find_pairs(net, batches[0][0][:2])
+    consumers = {p.name: p.consumer for p in found}
+    streamed = _layer_stats(net, found, batches, False, 1, OutputSensitivity(net, consumers))
+    assert all(len(st._row_weights) == 0 for st in streamed.values())  # every queued weight was consumed
+    weights, _ = output_row_weights(net, consumers, batches)
+    held = {p.name: PairStats(p, net.get_submodule(p.consumer), 1, None, weights[p.name]) for p in found}
+    with capture_hooks(net, found, held), torch.no_grad():
+        for x, _ in batches:
+            net(x)
+    unweighted = _layer_stats(net, found, batches, False, 1)
+    for p in found:
+        a, b = streamed[p.name].acc, held[p.name].acc
+        np.testing.assert_allclose(a.gram(centered=True), b.gram(centered=True), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.cross(centered=True), b.cross(centered=True), rtol=1e-12, atol=1e-12)
+    # weighted, the first pair's statistics differ from the unweighted ones (its consumer's output passes a Tanh);
+    # the last consumer's output is the model's output, where every row weighs the same
+    first, last = (p.name for p in found)
+    for name, differs in ((first, True), (last, False)):
+        a, u = streamed[name].acc, unweighted[name].acc
+        same = np.allclose(a.gram(centered=True) / a.weight_sum, u.gram(centered=True) / u.weight_sum, rtol=1e-9)
+        assert same != differs
