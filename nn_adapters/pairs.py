@@ -37,6 +37,16 @@ Supported pair kinds
     ``forward()`` with a literal channel count (``x.view(-1, 64, 4, 4)``) cannot follow the pruning and is refused
     with the reason: write ``-1`` (or a size read from the tensor) for the channels.
 
+Tokens laid out as an image between two ``Linear`` layers (``linear->linear``): the Mix-FFN of SegFormer (Xie et al.
+2021) and the convolutional FFN of PVTv2 (Wang et al. 2022) move the first ``Linear``'s ``(N, T, C)`` output to
+channels first (``x.transpose(1, 2)`` or ``x.permute(0, 2, 1)``), view it as an image ``(N, C, H, W)`` (the channel
+count read from the tensor, not written as a number), filter it with a depthwise convolution (channel multiplier 1,
+recorded in ``between``), maybe a BatchNorm and activations, flatten the positions back (``x.flatten(2)``) and
+transpose back to ``(N, T, C)`` before the second ``Linear``: unit ``c`` stays channel ``c`` of every tensor on the
+way, so it is one input column of the consumer, as for any ``linear->linear`` pair. Anything on the channels-first
+tensor that would mix channels (a full or grouped convolution, a reshape of the channel dim) is refused with the
+reason.
+
 Otherwise a ``Linear`` never feeds a convolution's input channels. Transposed convolutions are supported with
 ``groups=1`` only (a grouped one is refused as producer, consumer or on the way), and as consumers only when called
 without ``output_size=`` (which sets the output padding per call). A 1-D and a 2-D convolution are never paired with
@@ -1196,6 +1206,16 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                     return reduced
                 if reduced and flattened_hw is None:  # (N, C, ...) reduced to (N, C): a channel is one column
                     flattened_hw = 1
+            elif (not is_conv and shaped is None and flattened_hw is None and cat is None and gating is None
+                  and group_size == 1 and _swaps_last_two(cur, u)):
+                segment = _channels_first_segment(cur, u, modules, calls, n_units)
+                if isinstance(segment, str):
+                    return f"{where} {segment}"
+                cur, more, names, visited = segment
+                between += more
+                ops += names
+                path |= visited
+                continue
             elif not is_conv and _is_unflatten(cur, u):
                 reshaped = _channels_reshape(cur, u, n_units, path)
                 if isinstance(reshaped, str):
@@ -1229,6 +1249,98 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
         else:
             return f"unsupported graph node {u.op} after the producer"
         cur = u
+
+
+_SWAP_METHODS = {"transpose", "permute", "swapaxes"}
+_SWAP_FUNCTIONS = {torch.transpose, torch.permute, torch.swapaxes}
+
+
+def _swaps_last_two(cur: fx.Node, node: fx.Node) -> bool:
+    """Whether ``node`` swaps the last two dims of the 3-D path tensor ``cur`` and nothing else: ``x.transpose(1,
+    2)``, ``x.transpose(-1, -2)``, ``x.permute(0, 2, 1)``, ``torch.transpose(x, 1, 2)``..."""
+    if not ((node.op == "call_method" and node.target in _SWAP_METHODS)
+            or (node.op == "call_function" and node.target in _SWAP_FUNCTIONS)):
+        return False
+    if not node.args or node.args[0] is not cur or node.kwargs:
+        return False
+    shape = _shape(cur)
+    if shape is None or len(shape) != 3:
+        return False
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    dims = tuple(d % 3 for d in dims)
+    target = node.target if node.op == "call_method" else node.target.__name__
+    if target == "permute":
+        return dims == (0, 2, 1)
+    return len(dims) == 2 and set(dims) == {1, 2}
+
+
+def _channels_first_segment(cur: fx.Node, swap: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+                            n_units: int) -> tuple[fx.Node, list[str], list[str], set[fx.Node]] | str:
+    """A Linear producer's units moved to dim 1 and back: ``(N, T, C)`` transposed to ``(N, C, T)``, maybe viewed as
+    an image ``(N, C, *spatial)`` and filtered channel by channel (a depthwise convolution, a BatchNorm,
+    activations), flattened back to ``(N, C, T')`` and transposed to ``(N, T', C)``: the Mix-FFN of SegFormer and
+    the convolutional FFN of PVTv2, ``fc2(act(dwconv(fc1(x).transpose(1, 2).view(B, C, H, W)).flatten(2)
+    .transpose(1, 2)))``. Returns the transpose back (where the walk goes on with the units last again), the layers
+    to prune with the units, the operations' names and the nodes visited, or why the segment does not keep each
+    unit in its own channel."""
+    node, between, ops, seen = swap, [], ["transpose"], {swap}
+    while True:
+        users = _value_users(node)
+        if len(users) != 1:
+            return (f"its output, moved to channels first by {swap.name}, feeds {len(users)} operations; a single "
+                    "chain back to the units last is supported")
+        (u,) = users
+        seen.add(u)
+        shape, before = _shape(u), _shape(node)
+        label = f"{u.target}" if u.op != "call_module" else f"{type(modules[u.target]).__name__} {u.target!r}"
+        if not u.args or u.args[0] is not node:
+            return f"operation {u.name} does not take the channels-first tensor as its first argument"
+        if _swaps_last_two(node, u):
+            return u, between, ops + ["transpose"], seen
+        if u.op != "call_module" and (shape is None or before is None or shape[:2] != before[:2]):
+            return (f"{label} ({u.name}) changes the batch or channel dim of the channels-first tensor {before}; "
+                    "only the positions may be reshaped")
+        if u.op == "call_method" and u.target in ("view", "reshape", "flatten"):
+            if u.target != "flatten":
+                target = _reshape_target(u)
+                if len(target) < 2 or isinstance(target[1], int) and target[1] != -1:
+                    return (f"x.{u.target}{tuple(target)} hard-codes the channel count, which changes when units "
+                            f"are removed; read it from the tensor (x.{u.target}(B, x.size(1), H, W))")
+            elif (u.args[1:] or [u.kwargs.get("start_dim", 0)])[0] not in (2, -1 if len(before) == 3 else 2):
+                return f"x.flatten{tuple(u.args[1:])} merges the channel dim with others"
+            ops.append(u.target)
+        elif u.op == "call_function" and u.target in (torch.flatten, torch.reshape):
+            return f"{u.target.__name__} on the channels-first tensor: write it as a method (x.flatten(2))"
+        elif u.op == "call_module":
+            m = modules[u.target]
+            if calls[u.target] > 1 and (next(iter(m.parameters()), None) is not None):
+                return f"module {u.target!r} on the way is called several times (shared weights)"
+            if _conv.is_conv(m):
+                if _conv.is_transposed(m) or not _is_depthwise(m) or m.out_channels != m.in_channels:
+                    return (f"{type(m).__name__} {u.target!r} on the channels-first tensor is not a depthwise "
+                            "convolution with channel multiplier 1: it mixes the units' channels")
+                if before is None or m.in_channels != n_units or _conv.rank(m) != len(before) - 2:
+                    return (f"depthwise {type(m).__name__} {u.target!r} reads {before}, not the producer's "
+                            f"{n_units} channels at its own rank")
+                if (why := _weight_ok(m, before)) is not None:
+                    return why
+                between.append(u.target)
+            elif isinstance(m, _BN_MODULES) and m.num_features == n_units:
+                between.append(u.target)
+            elif not isinstance(m, _ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters > 1):
+                return f"unsupported module {label} on the channels-first tensor"
+            ops.append(type(m).__name__)
+        elif u.op == "call_function" and u.target in _ELEMENTWISE_FUNCTIONS and _numbers_only(u):
+            ops.append(u.target.__name__)
+        elif u.op == "call_method" and u.target in _ELEMENTWISE_METHODS and _numbers_only(u):
+            ops.append(u.target)
+        else:
+            return f"unsupported operation {label} ({u.name}) on the channels-first tensor"
+        node = u
 
 
 _PRODUCT_FUNCTIONS = {operator.mul, torch.mul}
