@@ -39,15 +39,18 @@ import torch
 from torch import nn
 
 from . import _conv
-from ._data import call
+from ._data import batch_len, call, take
 
-__all__ = ["OutputSensitivity", "output_row_weights", "EXACT_MAX", "PROBES"]
+__all__ = ["OutputSensitivity", "output_row_weights", "CHUNK", "EXACT_MAX", "PROBES"]
 
 #: Largest number of output entries per sample for which the weights are computed exactly (one backward pass per
 #: entry); above it :data:`PROBES` random probes estimate them.
 EXACT_MAX = 16
 #: Number of Rademacher probes (backward passes per batch) when the output is larger than :data:`EXACT_MAX`.
 PROBES = 16
+#: Samples per forward pass with gradients: a larger calibration batch is split (the graph kept for the backward
+#: passes then holds at most this many samples' activations; eval mode, so samples do not interact).
+CHUNK = 64
 
 
 def _outputs(out: object) -> list[torch.Tensor]:
@@ -101,7 +104,11 @@ class OutputSensitivity:
     def batch(self, x: object) -> dict[str, list[torch.Tensor | None]]:
         """The weights of one calibration batch's design rows: per pair, one float64 tensor per call of its
         consumer (in call order), or ``None`` per call for a pair left unweighted."""
-        energy = self._energies(x)
+        n = batch_len(x)
+        parts = [self._energies(take(x, slice(i, i + CHUNK))) for i in range(0, n, CHUNK)]
+        # each call's rows are sample-major, so a call's rows over the chunks are the chunks' rows in order
+        energy = {name: [torch.cat(calls) for calls in zip(*(part[name] for part in parts), strict=True)]
+                  for name in self.names}
         out: dict[str, list[torch.Tensor | None]] = {}
         for pair, name in self.consumers.items():
             calls = energy[name]

@@ -254,3 +254,18 @@ def test_layer_mode_streams_the_weights_batch_by_batch():
         a, u = streamed[name].acc, unweighted[name].acc
         same = np.allclose(a.gram(centered=True) / a.weight_sum, u.gram(centered=True) / u.weight_sum, rtol=1e-9)
         assert same != differs
+
+
+def test_large_batches_are_split_for_the_gradient_passes(monkeypatch):
+    # the exact weights do not depend on how a batch is split into chunks (samples do not interact in eval mode)
+    import nn_adapters._sensitivity as sens
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.Tanh(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(23, 1, 5, 5, dtype=torch.float64)
+    whole, _ = output_row_weights(net, {"p": "2"}, [(x, None)])
+    monkeypatch.setattr(sens, "CHUNK", 5)
+    split, _ = output_row_weights(net, {"p": "2"}, [(x, None)])
+    assert whole["p"][0].shape == (23 * 25,)
+    torch.testing.assert_close(split["p"][0], whole["p"][0], rtol=1e-12, atol=1e-14)
