@@ -79,6 +79,10 @@ def check_size(value: Any, expected: int, where: str) -> None:
                          f"({where}), so the graph cannot compute it. {_REMEDY}")
 
 
+#: The guard functions a traced graph calls where it fixed a decision on the example's shapes.
+GUARDS = (check_branch, check_length, check_size)
+
+
 def _where(node: fx.Node) -> str:
     """The traced expression a decision reads, in the graph's terms (e.g. ``x.ndim == 4``, ``getattr_1[0] >= 64``),
     for the messages."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -49,7 +49,7 @@ from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._sensitivity import OutputSensitivity, output_row_weights
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
-from ._value_trace import metadata_read
+from ._value_trace import GUARDS, metadata_read
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
 from .shrink import keep_producer_side, keep_se, set_inputs
 
@@ -638,11 +638,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                              job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
                 jobs.finish()
         else:
+            groups = _graph_groups(gm, work, keywords, batches, found)
             row_weights = None
-            if weighting == "output":
-                row_weights, weight_notes = output_row_weights(orig, consumers, batches, seed)
+            if weighting == "output":  # in the order the staged run reads the batches
+                row_weights, weight_notes = output_row_weights(orig, consumers, [b for _, g in groups for b in g],
+                                                               seed)
                 notes += weight_notes
-            _run_staged(gm, orig, work, batches, found, stats_mode, decide, folds, row_weights)
+            _run_staged(groups, orig, work, found, stats_mode, decide, folds, row_weights)
     finally:
         bar.close()
     for note in dict.fromkeys(notes):  # once each (the error-curve allocation's statistics say it too)
@@ -953,79 +955,148 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
     return {k: v.numpy() for k, v in acc.items()}
 
 
-def _run_staged(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: list, pairs: list[PrunablePair],
-                mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor], folds: int = 1,
-                row_weights: Mapping[str, list[torch.Tensor] | None] | None = None) -> None:
+def _graph_groups(gm: fx.GraphModule, work: nn.Module, keywords: list[str] | None, batches: list,
+                  pairs: list[PrunablePair]) -> list[tuple[fx.GraphModule, list]]:
+    """The traced graph and the batches it runs, for the staged run: ``[(gm, batches)]``, or, when ``gm`` fixed
+    decisions on the first batch's shapes (guard nodes of :mod:`nn_adapters._value_trace`) and the batches differ in
+    size (a DataLoader's smaller last batch), one graph per batch size, each traced on a batch of that size (the
+    first batch's group first, with ``gm``): a decision on the batch size (diffusers' ``Upsample2D`` tests
+    ``shape[0] >= 64``) then holds in every graph for its own batches."""
+    sizes = [batch_len(x) for x, _ in batches]
+    guarded = any(n.op == "call_function" and n.target in GUARDS for n in gm.graph.nodes)
+    if not guarded or len(set(sizes)) == 1:
+        return [(gm, batches)]
+    if any(p.se for p in pairs):
+        raise ValueError("the traced graph fixes decisions on the first batch's shapes and the calibration batches "
+                         "differ in size, which needs one graph per batch size; pairs through a squeeze-and-"
+                         f"excitation gate are not supported that way: {_REMEDY}")
+    by_size: dict[int, list] = {}
+    for n, b in zip(sizes, batches, strict=True):
+        by_size.setdefault(n, []).append(b)
+    return [(gm if n == sizes[0] else trace(work, keywords, bs[0][0]), bs) for n, bs in by_size.items()]
+
+
+def _run_staged(groups: list[tuple[fx.GraphModule, list]], orig: nn.Module, work: nn.Module,
+                pairs: list[PrunablePair], mode: str, decide: Callable[[int, PrunablePair, PairStats], torch.Tensor],
+                folds: int = 1, row_weights: Mapping[str, list[torch.Tensor | None]] | None = None) -> None:
     """Run the calibration set through the traced graph once, node by node, pruning each pair at its consumer.
 
-    ``work`` is pruned in place; ``orig`` (only evaluated for ``mode="asym"``) gives the targets.
+    ``groups``: ``(traced graph, its batches)``, one group per graph: one for most models; a model whose traced
+    graph fixes decisions on the batch size (guards, see :mod:`nn_adapters._value_trace`) has one graph per batch
+    size, traced on a batch of that size. The groups advance in lock step from consumer to consumer: each pair's
+    statistics read every group's batches (in group order, the order of ``sample_folds`` and ``row_weights``)
+    before it is pruned. ``work`` is pruned in place; ``orig`` (only evaluated for ``mode="asym"``) gives the
+    targets.
     """
-    nodes = list(gm.graph.nodes)
-    by_node = {p.consumer_node: (i, p) for i, p in enumerate(pairs)}
-    last_use: dict[fx.Node, int] = {}
-    for t, node in enumerate(nodes):
-        for a in node.all_input_nodes:
-            last_use[a] = t
-    se_fc1 = {p.se[0]: p for p in pairs if p.se}
-    segments = _se_segments(nodes, pairs, last_use)
-    free_at: dict[int, list[fx.Node]] = {}
-    for a, t in last_use.items():
-        free_at.setdefault(t, []).append(a)
     stats: dict[str, PairStats] = {}
+    batches = [b for _, bs in groups for b in bs]
     plan = sample_folds(batches, folds) if folds > 1 else None
 
     def stats_of(p: PrunablePair) -> PairStats:
         if p.name not in stats:
             stats[p.name] = PairStats(p, orig.get_submodule(p.consumer), folds, plan, (row_weights or {}).get(p.name))
         return stats[p.name]
-    nb = len(batches)
+
     need_orig = mode == "asym"
+    # the generators run only inside next() and send(), here, with gradients off (a no_grad block inside each
+    # generator would be left in the order the generators finish, not in the order they were entered)
+    with torch.no_grad():
+        steps = [_staged_steps(gm, orig, work, bs, pairs, need_orig, stats_of, primary=g == 0)
+                 for g, (gm, bs) in enumerate(groups)]
+        at = [next(step, None) for step in steps]
+        while at[0] is not None:
+            i, p = at[0][0], at[0][1]
+            if any(a is None or a[0] != i for a in at):
+                raise ValueError(f"the graphs traced for batches of different sizes reach the consumers in "
+                                 f"different orders (pair {p.name}); {_REMEDY}")
+            st = stats_of(p)
+            for _, _, inputs, targets in at:
+                for b, x in enumerate(inputs):
+                    st.update(x, targets[b] if need_orig else None)
+            idx = decide(i, p, st)
+            at = [_send(step, idx) for step in steps]
+    if any(a is not None for a in at):
+        raise ValueError(f"the graphs traced for batches of different sizes reach different consumers; {_REMEDY}")
+
+
+#: What to do when the traced graphs of several batch sizes disagree.
+_REMEDY = ("give batches of one size (e.g. DataLoader(..., drop_last=True)), or use method='layer' (with "
+           "refit_from='layer' for baselines), which runs the model itself.")
+
+
+def _send(step: Generator, value: object) -> object:
+    """``step.send(value)``, or ``None`` once the generator is exhausted."""
+    try:
+        return step.send(value)
+    except StopIteration:
+        return None
+
+
+def _staged_steps(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches: list, pairs: list[PrunablePair],
+                  need_orig: bool, stats_of: Callable[[PrunablePair], PairStats], primary: bool = True) -> Generator:
+    """The node-by-node run of ``batches`` through ``gm`` (see :func:`_run_staged`), as a generator: at each
+    consumer it yields ``(pair index, pair, the consumer's inputs per batch in the pruned network, in the original
+    network or None)`` and is sent the kept units, with which it slices (or, through a squeeze-and-excitation gate,
+    recomputes) the consumer's input before going on. The consumer nodes are the pairs' ``consumer_node`` in the
+    ``primary`` graph (the one the pairs were found in), the calls of the consumer modules in the others."""
+    nodes = list(gm.graph.nodes)
+    if primary:
+        by_node = {p.consumer_node: (i, p) for i, p in enumerate(pairs)}
+    else:
+        by_target = {p.consumer: (i, p) for i, p in enumerate(pairs)}
+        by_node = {n.name: by_target[n.target] for n in nodes if n.op == "call_module" and n.target in by_target}
+    last_use: dict[fx.Node, int] = {}
+    for t, node in enumerate(nodes):
+        for a in node.all_input_nodes:
+            last_use[a] = t
+    se_fc1 = {p.se[0]: p for p in pairs if p.se}
+    segments = _se_segments(nodes, pairs, last_use) if primary else {}
+    free_at: dict[int, list[fx.Node]] = {}
+    for a, t in last_use.items():
+        free_at.setdefault(t, []).append(a)
+    nb = len(batches)
     env_w: dict[fx.Node, list] = {}
     env_o: dict[fx.Node, list] = {}
     # every input of the graph per batch: a tensor batch's tensor, a dict batch's values by name, or the defaults
     inputs = [graph_arguments(gm, orig, x) for x, _ in batches]
     n_inputs = 0
-    with torch.no_grad():
-        for t, node in enumerate(nodes):
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                vals = [a[n_inputs] for a in inputs]
-                n_inputs += 1
-                env_w[node] = vals
-                if need_orig:
-                    env_o[node] = list(vals)
-                continue
-            if node.name in by_node:
-                i, p = by_node[node.name]
-                src = node.args[0]
-                if not isinstance(src, fx.Node) or sum(not metadata_read(u) for u in src.users) != 1:
-                    raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
-                                     f"{p.name} cannot be pruned sequentially (use method='layer').")
-                st = stats_of(p)
-                for b in range(nb):
-                    st.update(env_w[src][b], env_o[src][b] if need_orig else None)
-                idx = decide(i, p, st)
-                if p.name in segments:
-                    # recompute the consumer's input through the pruned (bias-corrected) gate, from the gated tensor
-                    h, seg = segments[p.name]
-                    local = dict(env_w)
-                    local[h] = [x[:, idx] for x in env_w[h]]
-                    for n in seg:
-                        local[n] = _execute(n, work, local, nb)
-                    env_w[src] = local[src]
-                else:
-                    env_w[src] = [slice_units(x, p, idx) for x in env_w[src]]
-            if node.op == "call_module" and node.target in se_fc1:  # the pooled input of an SE gate's fc1
-                st = stats_of(se_fc1[node.target])
-                for x in env_w[node.args[0]]:
-                    st.update_se_input(x)
-            env_w[node] = _execute(node, work, env_w, nb)
+    for t, node in enumerate(nodes):
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            vals = [a[n_inputs] for a in inputs]
+            n_inputs += 1
+            env_w[node] = vals
             if need_orig:
-                env_o[node] = _execute(node, orig, env_o, nb)
-            for a in free_at.get(t, ()):
-                env_w.pop(a, None)
-                env_o.pop(a, None)
+                env_o[node] = list(vals)
+            continue
+        if node.name in by_node:
+            i, p = by_node[node.name]
+            src = node.args[0]
+            if not isinstance(src, fx.Node) or sum(not metadata_read(u) for u in src.users) != 1:
+                raise ValueError(f"the input of consumer {p.consumer!r} is used elsewhere in the graph; pair "
+                                 f"{p.name} cannot be pruned sequentially (use method='layer').")
+            idx = yield i, p, env_w[src], env_o[src] if need_orig else None
+            if p.name in segments:
+                # recompute the consumer's input through the pruned (bias-corrected) gate, from the gated tensor
+                h, seg = segments[p.name]
+                local = dict(env_w)
+                local[h] = [x[:, idx] for x in env_w[h]]
+                for n in seg:
+                    local[n] = _execute(n, work, local, nb)
+                env_w[src] = local[src]
+            else:
+                env_w[src] = [slice_units(x, p, idx) for x in env_w[src]]
+        if node.op == "call_module" and node.target in se_fc1:  # the pooled input of an SE gate's fc1
+            st = stats_of(se_fc1[node.target])
+            for x in env_w[node.args[0]]:
+                st.update_se_input(x)
+        env_w[node] = _execute(node, work, env_w, nb)
+        if need_orig:
+            env_o[node] = _execute(node, orig, env_o, nb)
+        for a in free_at.get(t, ()):
+            env_w.pop(a, None)
+            env_o.pop(a, None)
 
 
 def _se_segments(nodes: list[fx.Node], pairs: list[PrunablePair],

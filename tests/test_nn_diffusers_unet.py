@@ -91,6 +91,19 @@ def test_without_refit_the_pruned_unet_is_the_original_with_the_removed_groups_z
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_a_data_loader_with_a_smaller_last_batch_is_pruned_sequentially():
+    """diffusers' Upsample2D tests ``shape[0] >= 64``: batches of 64 and a last batch of 20 (a DataLoader without
+    drop_last) get one traced graph each in the sequential modes; was refused by the guard."""
+    net = _unet("default")
+    batches = [_batch(64, 1), _batch(20, 2)]
+    pruned, _ = nna.prune(net, batches, keep=1.0, method="asym")
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(pruned(**b).sample, net(**b).sample, rtol=1e-4, atol=1e-5)
+    pruned, report = nna.prune(net, batches, keep=0.5, method="seq")
+    assert report.params_after < report.params_before and report.n_samples == 84
+
+
 def test_the_parameter_budget_of_the_diffusers_unet_matches_the_built_networks():
     check_budgets_against_built_networks(_unet("default"), _batch(), (1.25,))
 

@@ -202,19 +202,32 @@ def test_data_given_in_one_piece_is_split_into_batches_of_nearly_equal_size():
         torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_batch_that_takes_the_other_branch_is_refused_by_the_guard():
-    net, x = _pair(BatchSizeBranch)
-    batches = [x[:32], x[32:48]]  # 32 samples, then 16: the graph traced on the first doubles h
-    with pytest.raises(ValueError, match=r"other branch .*h.shape\[0\] >= 32|other branch .*>= 32"):
-        nna.prune(net, batches, keep=0.5, method="asym")
-    # method='layer' runs the model itself, not the graph: every batch takes its own branch
-    pruned, _ = nna.prune(net, batches, keep=1.0, method="layer")
+@pytest.mark.parametrize(("cls", "sizes"), [(BatchSizeBranch, (32, 16)), (LargeBatchBranch, (64, 20)),
+                                            (BatchSizeBranch, (16, 32, 16))])
+def test_batches_of_several_sizes_run_each_through_its_own_graph(cls, sizes):
+    """A decision on the batch size (``h.shape[0] >= 32``, diffusers' ``>= 64``) that differs between batches: the
+    sequential modes trace one graph per batch size, so every batch takes its own branch, as the model itself does.
+    Oracle: for the first pair, asym reads the unpruned network's activations, as layer mode does (which runs the
+    model itself); the same units and the same refitted consumer. Computing a batch with the other size's branch
+    (what a single graph would do) doubles its rows, and changes both."""
+    torch.manual_seed(0)
+    net = _pair(cls)[0]
+    x = torch.randn(sum(sizes), 3, 6, 6)
+    batches = list(x.split(list(sizes)))
+    got, rep = nna.prune(net, batches, keep=0.5, method="asym", ridge=1e-3)
+    ref, rep_layer = nna.prune(net, batches, keep=0.5, method="layer", ridge=1e-3)
+    assert rep.layers[0].pair == "c1->c2"
+    assert rep.layers[0].kept_units == rep_layer.layers[0].kept_units
+    # c2's rows are also pair 2's producer rows, which the two modes select differently: compare the rows both keep
+    rows_got, rows_ref = rep.layers[1].kept_units, rep_layer.layers[1].kept_units
+    both = sorted(set(rows_got) & set(rows_ref))
+    assert both
+    torch.testing.assert_close(got.c2.weight[[rows_got.index(r) for r in both]],
+                               ref.c2.weight[[rows_ref.index(r) for r in both]], rtol=1e-6, atol=1e-8)
+    pruned, _ = nna.prune(net, batches, keep=1.0, method="asym")
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x[:16]), net(x[:16]), rtol=1e-5, atol=1e-6)
-    # batches of one size are fine for every method
-    pruned, _ = nna.prune(net, [x[:16], x[16:32], x[32:48]], keep=1.0, method="asym")
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x[:16]), net(x[:16]), rtol=1e-5, atol=1e-6)
+        for b in batches:
+            torch.testing.assert_close(pruned(b), net(b), rtol=1e-5, atol=1e-6)
 
 
 class TimestepModel(nn.Module):
