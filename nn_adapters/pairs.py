@@ -567,8 +567,15 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     by decorators, its undecorated function (``__wrapped__``) is traced the same way, and kept only if the graph
     computes what the model computes on ``example``.
 
+    With ``example``, a graph that plain fx traced without an error is run on its first samples and must compute
+    what the model computes there (fx answers some questions about its proxies otherwise than a real run:
+    ``isinstance(x, torch.Tensor)`` is ``False``); if it does not, the model is traced on ``example`` as above, and
+    a graph that still differs is refused with a ``ValueError``. A model that does not reproduce its own output
+    (random numbers in ``forward()``) is not checked.
+
     Batch keys that only ``**kwargs`` would take are refused; ``*args`` and ``**kwargs`` are traced empty. The
-    modules' public attributes are restored afterwards (a cache that ``forward()`` fills would hold traced values).
+    modules' public attributes are restored afterwards (a cache that ``forward()`` fills would hold traced values),
+    also after the checks' real runs.
 
     Examples
     --------
@@ -591,7 +598,7 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     if (extra := _keyword_extras(model, given)) is not None:
         raise ValueError(extra)
     try:
-        return _trace_with(_LeafTracer(), model, given)
+        gm = _trace_with(_LeafTracer(), model, given)
     except Exception as exc:  # fx raises many exception types for data-dependent control flow
         hint = wrapper_hint(model)
         if hint:  # torch.compile / DataParallel: fx cannot see through them, and nothing else needs changing
@@ -622,6 +629,24 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
             "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
             "method='layer'.") from exc
+    if example is None or (why := _same_results(gm, model, take(example, CHECK_SAMPLES), check_model=True)) is None:
+        return gm
+    # plain fx answered a question about its proxies otherwise than the model does on real tensors (an
+    # isinstance(x, torch.Tensor), an if on a shape fx treated as a constant...): trace on the first batch instead
+    try:
+        again = _trace_with(ValueTracer(_LeafTracer(), example), model, given)
+    except Exception as exc:  # noqa: BLE001 - reported with the first failure
+        again, detail = None, f"; traced again on the first batch, it stopped at {type(exc).__name__}: {exc}"
+    else:
+        detail = "; traced again on the first batch, the graph still differs"
+        if _same_results(again, model, example, check_model=True) is None:  # its guards hold for this batch
+            return again
+    raise ValueError(
+        f"the graph torch.fx traced for {type(model).__name__} does not compute what the model computes on the "
+        f"first calibration samples{detail}: forward() takes a decision that tracing answers otherwise than a real "
+        "run (isinstance(x, torch.Tensor) is False for a traced tensor: write torch.is_tensor(x)), so the graph's "
+        "pairs and activations would be wrong. Declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and "
+        "use method='layer', which runs the model itself.")
 
 
 def _keyword_extras(model: nn.Module, given: Sequence[str] | None) -> str | None:
@@ -669,15 +694,21 @@ def _largest(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() and t.is_floating_point() else 0.0
 
 
-def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> str | None:
+def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs, check_model: bool = False) -> str | None:
     """Why the traced ``gm`` does not compute what ``model`` computes on ``example`` (its tensors, in order), or
-    ``None``: the check of a graph traced without the decorators of ``forward()``."""
-    with torch.no_grad():
-        want = _tensors(call(model, example))
-        got = _tensors(gm(*graph_arguments(gm, model, example)))
-    if len(got) != len(want) or not all(
+    ``None``: the check of a traced graph. Run in eval mode (restored after). With ``check_model`` a model that
+    does not reproduce its own output (it draws random numbers in forward()) is not checked: ``None``."""
+    def same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+        return len(got) == len(want) and all(
             g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6 * (1 + _largest(w)))
-            for g, w in zip(got, want, strict=False)):
+            for g, w in zip(got, want, strict=True))
+
+    with eval_mode(model), torch.no_grad(), _public_state_kept(model):
+        want = _tensors(call(model, example))
+        if check_model and not same(_tensors(call(model, example)), want):
+            return None
+        got = _tensors(gm(*graph_arguments(gm, model, example)))
+    if not same(got, want):
         return "the traced graph does not compute what the model computes on the first batch"
     return None
 
@@ -691,15 +722,25 @@ def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None
                 if d:
                     saved.append((d, dict(d)))
                     d.clear()
-    state = [(m, _public_state(m)) for m in model.modules()]
     try:
-        with answering_is_tensor(tracer):
+        # what forward() writes while traced (a cache of LeViT's attention biases) holds proxies
+        with answering_is_tensor(tracer), _public_state_kept(model):
             graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
         return fx.GraphModule(model, graph)
     finally:
         for d, content in saved:
             d.update(content)
-        for m, attrs in state:  # what forward() wrote while traced (a cache of LeViT's attention biases) holds proxies
+
+
+@contextlib.contextmanager
+def _public_state_kept(model: nn.Module) -> Iterator[None]:
+    """Give every module its public attributes back after the block (see :func:`_public_state`): what a
+    ``forward()`` run or traced inside it wrote there is forgotten."""
+    state = [(m, _public_state(m)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in state:
             for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
                 delattr(m, k)
             for k, v in attrs.items():

@@ -405,3 +405,38 @@ def test_what_forward_caches_while_traced_is_forgotten():
     pruned, _ = nna.prune(net, x, keep=1.0, method="asym")
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+class IsInstance(nn.Module):
+    """``isinstance(h, torch.Tensor)`` is False for a traced value: plain fx traces the other branch without an
+    error, and the graph would not compute what the model computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if isinstance(h, torch.Tensor):
+            h = h * 2
+        return self.b(h)
+
+
+class Noisy(IsInstance):
+    """Draws random numbers in forward(), in eval mode too: its graph cannot be checked against it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x + 1e-3 * torch.randn_like(x))))
+
+
+def test_a_graph_that_computes_otherwise_than_the_model_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(40, 4)
+    for method in ("asym", "layer"):
+        with pytest.raises(ValueError, match=r"does not compute what the model computes.*torch.is_tensor"):
+            nna.prune(IsInstance().eval(), x, keep=0.5, method=method)
+    with pytest.raises(ValueError, match="does not compute what the model computes"):
+        nna.find_pairs(IsInstance().eval(), x[:2])
+    # a model that is random itself is not checked (nothing to compare with), as before
+    pruned, _ = nna.prune(Noisy().eval(), x, keep=0.5, method="asym")
+    assert pruned.a.out_features == 4
