@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--target", choices=("ffn", "heads", "all", "layers"), default=None,
                     help="what to prune: a transformer's FFN neurons, attention heads or both (default for models "
                          "with transformer blocks: ffn), or layers: the layer pairs found by tracing, whatever "
-                         "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs)")
+                         "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs); also "
+                         "with --compare")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
     pr.add_argument("--weighting", choices=("none", "output", "layernorm"), default=None,
                     help="how each layer's least-squares rows are weighted (nn_adapters.prune weighting=): MLP/CNN "
@@ -244,9 +245,6 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .demo import DEMO_METHODS
     from .pruning import _METHOD_NAMES, _is_transformer
 
-    if args.target is not None:
-        raise ValueError(f"--target {args.target} applies to a plain prune; --compare prunes a transformer's FFN "
-                         "neurons, and any other model by its layer pairs.")
     if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
@@ -262,7 +260,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     if not rest:
         raise ValueError(f"--compare evaluates every pruned model: {args.spec} must return (model, "
                          "calibration_loader, eval_loader) with (inputs, labels) evaluation batches.")
-    transformer = _is_transformer(model)
+    transformer = _is_transformer(model, args.target)
     if args.keep is not None:
         budget, budgets = "keep", args.keep
     elif transformer:
@@ -280,7 +278,7 @@ def _run_compare(args: argparse.Namespace) -> int:
                              f"{', '.join(dict.fromkeys(m for _, m, _ in table))}.")
         methods = [row for row in table if row[1] in wanted]
     result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed,
-                             calib_sizes=args.calib)
+                             calib_sizes=args.calib, target=args.target)
     files = write_comparison(result, args.report_dir, title=f"Pruning comparison: {args.spec}")
     print(f"wrote {files['report']}, {files['plot']}, {files['json']}")
     return 0

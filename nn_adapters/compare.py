@@ -164,7 +164,8 @@ def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> 
 def compare_methods(model: nn.Module, calibration_data: object, eval_data: Iterable,
                     budgets: Sequence[float] = (2, 4, 8, 16), *, budget: str = "compression",
                     methods: Sequence[tuple[str, str, bool]] | None = None, seed: int = 0,
-                    calib_sizes: Sequence[int] | None = None, verbose: bool = True) -> dict:
+                    calib_sizes: Sequence[int] | None = None, target: str | None = None,
+                    verbose: bool = True) -> dict:
     """Prune ``model`` with every method at every budget and measure each pruned model on ``eval_data``.
 
     Parameters
@@ -191,6 +192,10 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         MLP/CNN only: also compare calibration set sizes, each run pruning from the first ``n`` calibration samples
         (in the order given: shuffle them beforehand for a random subset), as the demo does with 50, 100 and 500
         images. Default: all of them, in one run.
+    target : str, optional
+        Passed to :func:`nn_adapters.prune`: a transformer's ``"ffn"`` (its default), ``"heads"`` or ``"all"``, or
+        ``"layers"``: the layer pairs found by tracing, for a hybrid such as MobileViT or SegFormer whose blocks the
+        transformer adapter recognises but refuses (compared as an MLP/CNN: compressions, the demo's methods).
     verbose : bool
         Print progress and the table.
 
@@ -219,7 +224,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    transformer = _is_transformer(model)
+    transformer = _is_transformer(model, target)
     budgets = [float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in budgets]
     _check_budgets(budgets, budget, transformer)
     dtype = float_dtype(model)
@@ -256,6 +261,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
             start = len(rows)
             for label, method, reweight in methods:
                 kwargs = {"compression": b} if budget == "compression" else {"keep": b}
+                if target is not None:
+                    kwargs["target"] = target
                 t0 = time.perf_counter()
                 try:
                     pruned, rep = prune(model, batches, method=method, reweight=reweight, seed=seed, **kwargs)

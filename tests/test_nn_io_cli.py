@@ -360,7 +360,7 @@ def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypat
 def test_cli_prune_target_chooses_the_transformer_blocks_or_the_layer_pairs(tmp_path, monkeypatch, capsys):
     """A hybrid (a convolutional stem, then a transformer block on its positions): by default its FFN neurons are
     pruned; with --target layers the layer pairs found by tracing (the stem's conv1 -> conv2), and --compression
-    is accepted; --target with --compare is refused."""
+    is accepted, also by --compare."""
     from submod.cli import main
 
     (tmp_path / "hmods.py").write_text(
@@ -376,7 +376,10 @@ def test_cli_prune_target_chooses_the_transformer_blocks_or_the_layer_pairs(tmp_
         "        return self.head(self.block(h).mean(1))\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
-        "    return Hybrid().eval(), [torch.randn(8, 3, 4, 4) for _ in range(3)]\n")
+        "    return Hybrid().eval(), [torch.randn(8, 3, 4, 4) for _ in range(3)]\n"
+        "def build_eval():\n"
+        "    model, calib = build()\n"
+        "    return model, calib, [(torch.randn(16, 3, 4, 4), torch.randint(0, 3, (16,)))]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     import hmods
@@ -387,9 +390,16 @@ def test_cli_prune_target_chooses_the_transformer_blocks_or_the_layer_pairs(tmp_
     assert main(["prune", "hmods:build", "--target", "layers", "--compression", "1.1", "--out", "layers.pt"]) == 0
     back = nna.load_pruned(tmp_path / "layers.pt", hmods.build()[0])
     assert back.block.linear1.out_features == 32 and back.conv1.out_channels < 8
-    capsys.readouterr()
-    assert main(["prune", "hmods:build", "--compare", "--target", "layers", "--keep", "0.5"]) == 2
-    assert "--target layers applies to a plain prune" in capsys.readouterr().err
+    assert main(["prune", "hmods:build_eval", "--compare", "--target", "layers", "--compression", "1.1",
+                 "--methods", "asym", "weight_norm", "--report-dir", "cmp"]) == 0
+    rows = json.loads((tmp_path / "cmp" / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"asym", "weight_norm"}
+    assert all(r["compression"] == 1.1 and r["achieved"] >= 1.1 for r in rows)
+    # without --target the FFN neurons are compared, per keep fraction
+    assert main(["prune", "hmods:build_eval", "--compare", "--keep", "0.5", "--methods", "asym",
+                 "--report-dir", "cmp_ffn"]) == 0
+    rows = json.loads((tmp_path / "cmp_ffn" / "results.json").read_text())["rows"]
+    assert [r["keep"] for r in rows] == [0.5]
 
 
 def test_save_pruned_to_a_directory_or_under_a_file_is_refused_up_front(tmp_path):
