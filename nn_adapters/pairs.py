@@ -205,6 +205,7 @@ import inspect
 import io
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -570,8 +571,9 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     With ``example``, a graph that plain fx traced without an error is run on its first samples and must compute
     what the model computes there (fx answers some questions about its proxies otherwise than a real run:
     ``isinstance(x, torch.Tensor)`` is ``False``); if it does not, the model is traced on ``example`` as above, and
-    a graph that still differs is refused with a ``ValueError``. A model that does not reproduce its own output
-    (random numbers in ``forward()``) is not checked.
+    a graph that still differs is refused with a ``ValueError``. Not checked: a model with a module in train mode,
+    one that fails on the example or gives non-finite values there, and one that does not reproduce its own output
+    (random numbers in ``forward()``); see :func:`_graph_differs`.
 
     Batch keys that only ``**kwargs`` would take are refused; ``*args`` and ``**kwargs`` are traced empty. The
     modules' public attributes are restored afterwards (a cache that ``forward()`` fills would hold traced values),
@@ -629,7 +631,7 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
             "discovery and the sequential methods ('seq', 'asym') need a traceable model: remove data-dependent "
             "control flow from forward(), or declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and use "
             "method='layer'.") from exc
-    if example is None or (why := _same_results(gm, model, take(example, CHECK_SAMPLES), check_model=True)) is None:
+    if example is None or not _graph_differs(gm, model, take(example, CHECK_SAMPLES)):
         return gm
     # plain fx answered a question about its proxies otherwise than the model does on real tensors (an
     # isinstance(x, torch.Tensor), an if on a shape fx treated as a constant...): trace on the first batch instead
@@ -639,7 +641,7 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
         again, detail = None, f"; traced again on the first batch, it stopped at {type(exc).__name__}: {exc}"
     else:
         detail = "; traced again on the first batch, the graph still differs"
-        if _same_results(again, model, example, check_model=True) is None:  # its guards hold for this batch
+        if not _graph_differs(again, model, example):  # its guards hold for this batch
             return again
     raise ValueError(
         f"the graph torch.fx traced for {type(model).__name__} does not compute what the model computes on the "
@@ -694,26 +696,63 @@ def _largest(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() and t.is_floating_point() else 0.0
 
 
-def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs, check_model: bool = False) -> str | None:
-    """Why the traced ``gm`` does not compute what ``model`` computes on ``example`` (its tensors, in order), or
-    ``None``: the check of a traced graph. Run in eval mode (restored after). With ``check_model`` a model that
-    does not reproduce its own output (it draws random numbers in forward()) is not checked: ``None``."""
-    def same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-        return len(got) == len(want) and all(
-            g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6 * (1 + _largest(w)))
-            for g, w in zip(got, want, strict=True))
+def _same_tensors(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return len(got) == len(want) and all(
+        g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6 * (1 + _largest(w)))
+        for g, w in zip(got, want, strict=True))
 
-    with eval_mode(model), torch.no_grad(), _public_state_kept(model):
+
+def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> str | None:
+    """Why the traced ``gm`` does not compute what ``model`` computes on ``example`` (its tensors, in order), or
+    ``None``: the check of a graph traced without the decorators of ``forward()``."""
+    with torch.no_grad():
         want = _tensors(call(model, example))
-        if check_model and not same(_tensors(call(model, example)), want):
-            return None
         got = _tensors(gm(*graph_arguments(gm, model, example)))
-    if not same(got, want):
+    if not _same_tensors(got, want):
         return "the traced graph does not compute what the model computes on the first batch"
     return None
 
 
-def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None) -> fx.GraphModule:
+def _graph_differs(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> bool:
+    """Whether the traced ``gm`` computes something else than ``model`` on ``example``: the check of every graph
+    :func:`trace` makes with an example. ``model`` runs as traced: its own ``forward()`` (not its hooks) with the
+    hooks of the modules fx inlines detached; what it writes to its modules' public attributes is forgotten.
+
+    Not checked (``False``): a model with a module in train mode (the run would update BatchNorm statistics, and
+    fx has read ``self.training``), one that fails on ``example`` or gives non-finite values (said later, with the
+    batch named), and one that does not reproduce its own output (random numbers in ``forward()``)."""
+    if any(m.training for m in model.modules()) or gm.code in _CHECKED.get(model, ()):
+        return False
+    with torch.no_grad(), _public_state_kept(model), _inlined_hooks_detached(_LeafTracer(), model):
+        try:
+            want = _tensors(_call_forward(model, example))
+        except Exception:  # noqa: BLE001 - the model does not run on this batch: reported where it is called
+            return False
+        if not all(bool(torch.isfinite(w).all()) for w in want if w.is_floating_point()):
+            return False
+        try:
+            got = _tensors(gm(*graph_arguments(gm, model, example)))
+        except Exception:  # noqa: BLE001 - a graph that fails where the model runs computes something else
+            got = None
+        if got is not None and _same_tensors(got, want):
+            _CHECKED.setdefault(model, set()).add(gm.code)  # the same graph traced again is not run again
+            return False
+        return _same_tensors(_tensors(_call_forward(model, example)), want)  # else random: not checked
+
+
+#: Per model, the code of the graphs :func:`_graph_differs` found to compute what the model computes.
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call_forward(model: nn.Module, x: Inputs) -> object:
+    """``model.forward`` on the inputs ``x`` (``**x`` for a dict), without the model's own hooks."""
+    return model.forward(**x) if isinstance(x, Mapping) else model.forward(x)
+
+
+@contextlib.contextmanager
+def _inlined_hooks_detached(tracer: fx.Tracer, model: nn.Module) -> Iterator[None]:
+    """Detach, for the block, the forward hooks of the submodules that ``tracer`` inlines (not leaves): fx would
+    run them on proxies (see :func:`container_hooks`)."""
     saved = []
     for name, m in model.named_modules():
         if name and not tracer.is_leaf_module(m, name):
@@ -723,13 +762,17 @@ def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None
                     saved.append((d, dict(d)))
                     d.clear()
     try:
-        # what forward() writes while traced (a cache of LeViT's attention biases) holds proxies
-        with answering_is_tensor(tracer), _public_state_kept(model):
-            graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
-        return fx.GraphModule(model, graph)
+        yield
     finally:
         for d, content in saved:
             d.update(content)
+
+
+def _trace_with(tracer: fx.Tracer, model: nn.Module, given: Sequence[str] | None) -> fx.GraphModule:
+    # what forward() writes while traced (a cache of LeViT's attention biases) holds proxies
+    with _inlined_hooks_detached(tracer, model), answering_is_tensor(tracer), _public_state_kept(model):
+        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model, given))
+    return fx.GraphModule(model, graph)
 
 
 @contextlib.contextmanager
@@ -1041,9 +1084,40 @@ def _input_shape(node: fx.Node) -> tuple[int, ...] | None:
     return _shape(arg) if isinstance(arg, fx.Node) else None
 
 
+_SHAPE_OF_METHODS = {"reshape_as", "view_as"}
+
+
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    """Users that consume the tensor's values (metadata reads such as ``x.size(0)`` or ``x.ndim`` do not)."""
-    return [u for u in node.users if not metadata_read(u)]
+    """Users that consume the tensor's values (metadata reads such as ``x.size(0)`` or ``x.ndim`` do not, nor
+    does ``y.reshape_as(x)``, which reads only the shape of ``x``)."""
+    return [u for u in node.users if not metadata_read(u) and not _shape_source(u, node)]
+
+
+def _shape_source(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads ``node`` only as the shape of a reshape: ``y.reshape_as(node)``."""
+    return (user.op == "call_method" and user.target in _SHAPE_OF_METHODS and len(user.args) == 2
+            and user.args[0] is not node and user.args[1] is node and not user.kwargs)
+
+
+def _merges_leading_dims(cur: fx.Node, node: fx.Node, n_units: int, path: set[fx.Node]) -> bool:
+    """Whether ``node`` reshapes a Linear's output ``(..., C)`` only in its leading dims, the units staying the
+    last dim: ``x.flatten(0, 1)`` to ``(N * T, C)`` around a ``BatchNorm1d`` (LeViT's MLP layers), and back with
+    ``x.reshape_as(h)`` of a tensor ``h`` on the way, ``x.view(n, t, -1)`` or ``x.reshape(-1, x.size(-1))`` (the
+    size of the last dim not written as a number, which pruning changes)."""
+    s_in, s_out = _shape(cur), _shape(node)
+    if s_in is None or s_out is None or len(s_out) < 2 or s_in[-1] != n_units or s_out[-1] != n_units:
+        return False
+    if node.op == "call_method" and node.target in _SHAPE_OF_METHODS:
+        return _shape_source(node, node.args[1]) and node.args[1] in path
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        last = _reshape_target(node)[-1] if len(_reshape_target(node)) else None
+        return not (isinstance(last, int) and last != -1)
+    if (node.op == "call_method" and node.target == "flatten") or (
+            node.op == "call_function" and node.target is torch.flatten):
+        dims = [*node.args[1:], *(node.kwargs[k] for k in ("start_dim", "end_dim") if k in node.kwargs)]
+        end = dims[1] if len(dims) > 1 else -1
+        return isinstance(end, int) and end % len(s_in) < len(s_in) - 1
+    return False
 
 
 def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
@@ -1247,6 +1321,9 @@ def _follow(node: fx.Node, producer: nn.Module, modules: dict[str, nn.Module],
                     return reduced
                 if reduced and flattened_hw is None:  # (N, C, ...) reduced to (N, C): a channel is one column
                     flattened_hw = 1
+            elif (not is_conv and shaped is None and flattened_hw is None and cat is None and not se
+                  and _merges_leading_dims(cur, u, n_units, path)):
+                pass  # the units stay the last dim: tokens merged into (or split from) the batch dim
             elif (not is_conv and shaped is None and flattened_hw is None and cat is None and gating is None
                   and group_size == 1 and _swaps_last_two(cur, u)):
                 segment = _channels_first_segment(cur, u, modules, calls, n_units)

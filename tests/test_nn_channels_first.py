@@ -127,3 +127,48 @@ def test_segformer_mix_ffns_are_pruned_with_target_layers():
     with torch.no_grad():
         torch.testing.assert_close(pruned(**x).logits, zeroed_at_consumers(net, report, x).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+class TokenBatchNorm(nn.Module):
+    """LeViT's MLP layer: a BatchNorm1d over the tokens merged into the batch dim, ``bn(h.flatten(0, 1))
+    .reshape_as(h)``, or written with ``view``/``reshape`` (``literal``: the channel count as a number)."""
+
+    def __init__(self, how: str = "reshape_as") -> None:
+        super().__init__()
+        self.how = how
+        self.fc1, self.bn, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.how == "reshape_as":
+            h = self.bn(h.flatten(0, 1)).reshape_as(h)
+        elif self.how == "view":
+            n, t = h.shape[:2]
+            h = self.bn(h.reshape(-1, h.size(-1))).view(n, t, -1)
+        else:  # literal
+            h = self.bn(h.reshape(-1, 16)).view(x.shape[0], x.shape[1], 16)
+        return self.fc2(torch.nn.functional.hardswish(h))
+
+
+@pytest.mark.parametrize("how", ["reshape_as", "view"])
+def test_tokens_merged_into_the_batch_dim_keep_the_units_last(how):
+    torch.manual_seed(3)
+    net = TokenBatchNorm(how).eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    x = _tokens()
+    (pair,), _ = nna.find_pairs(net, x[:2])
+    assert (pair.name, pair.between) == ("fc1->fc2", ("bn",))
+    pruned, _ = nna.prune(net, x, keep=1.0, method="asym")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), net(x), rtol=1e-5, atol=1e-6)
+    pruned, report = nna.prune(net, x, keep=0.5, method="asym", reweight=False)
+    assert pruned.bn.num_features == pruned.fc1.out_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed_at_consumers(net, report, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_literal_channel_count_in_the_token_reshape_is_refused():
+    pairs, skipped = nna.find_pairs(TokenBatchNorm("literal").eval(), _tokens(2))
+    assert pairs == [] and "fc1" in dict(skipped)

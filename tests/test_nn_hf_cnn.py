@@ -99,12 +99,19 @@ def test_keeping_every_unit_reproduces_the_hugging_face_cnn(kind, method):
     pruned, report = nna.prune(net, x, keep=1.0, method=method)
     with torch.no_grad():
         torch.testing.assert_close(pruned(**x).logits, net(**x).logits, rtol=1e-4, atol=1e-5)
-    if kind == "levit":  # the convolutions of its patch embedding, Conv -> BatchNorm -> Hardswish -> Conv
+    if kind == "levit":
+        # the convolutions of its patch embedding, Conv -> BatchNorm -> Hardswish -> Conv, and its MLPs: Linear ->
+        # flatten(0, 1) -> BatchNorm1d -> reshape_as -> Hardswish -> Linear (the tokens merged into the batch dim
+        # around the BatchNorm)
         emb = "levit.patch_embeddings.embedding_layer_"
-        assert [r.pair for r in report.layers] == [f"{emb}{i}.convolution->{emb}{i + 1}.convolution" for i in (1, 2, 3)]
+        mlps = [f"{n}.linear_up.linear->{n}.linear_down.linear" for n, m in net.named_modules()
+                if type(m).__name__ == "LevitMLPLayer"]
+        assert len(mlps) >= 3
+        assert [r.pair for r in report.layers] == [f"{emb}{i}.convolution->{emb}{i + 1}.convolution"
+                                                   for i in (1, 2, 3)] + mlps
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet_v2", "convnext"])
+@pytest.mark.parametrize("kind", ["bottleneck", "mobilenet_v2", "convnext", "levit"])
 def test_without_refit_the_pruned_cnn_is_the_original_with_the_removed_channels_zeroed(kind):
     net, x = _model(kind), _pixels()
     pruned, report = nna.prune(net, x, keep=0.5, method="asym", reweight=False)
