@@ -152,7 +152,10 @@ class OutputSensitivity:
         sums = [torch.zeros(_rows(self.model.get_submodule(n), z), dtype=torch.float64, device=z.device)
                 for n, z in leaves]
         per_sample = sum(o[0].numel() if o.dim() else 1 for o in outs)
-        exact = per_sample <= EXACT_MAX
+        # the basis vectors are set in every sample at once, which is exact only where dim 0 counts the samples (not
+        # for a sequence-first (T, N, C) output, whose dim 0 holds several entries of each sample)
+        n = batch_len(x)
+        exact = per_sample <= EXACT_MAX and all(o.dim() and o.shape[0] == n for o in outs)
         probes = per_sample if exact else PROBES
         for p in range(probes):
             vs = _basis(outs, p) if exact else [

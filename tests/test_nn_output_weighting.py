@@ -269,3 +269,43 @@ def test_large_batches_are_split_for_the_gradient_passes(monkeypatch):
     split, _ = output_row_weights(net, {"p": "2"}, [(x, None)])
     assert whole["p"][0].shape == (23 * 25,)
     torch.testing.assert_close(split["p"][0], whole["p"][0], rtol=1e-12, atol=1e-14)
+
+
+class _SeqFirst(nn.Module):
+    """A consumer's output through an elementwise tanh, returned sequence-first ``(T, N, C)`` (``seq_first``) or
+    batch-first: the same Jacobian norms per row."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.b(torch.relu(self.a(x))))
+        return y.transpose(0, 1) if self.seq_first else y
+
+
+def test_a_sequence_first_output_is_not_read_as_samples():
+    # 4 samples of 2 tokens: dim 0 of the (2, 4, 3) output is not the samples, so its 12 entries per "row of dim 0"
+    # are not one sample's; the weights must be those of the batch-first output (exact there)
+    torch.manual_seed(7)
+    first = _SeqFirst(False).double().eval()
+    seq = _SeqFirst(True).double().eval()
+    seq.load_state_dict(first.state_dict())
+    x = torch.randn(4, 2, 4, dtype=torch.float64)
+    a, _ = output_row_weights(first, {"p": "b"}, [(x, None)])
+    b, _ = output_row_weights(seq, {"p": "b"}, [(x, None)])
+    torch.testing.assert_close(b["p"][0], a["p"][0], rtol=1e-10, atol=1e-12)
+
+
+def test_layer_mode_on_an_executor_equals_the_serial_run():
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = _mlp()
+    x = torch.randn(80, 4, dtype=torch.float64)
+    serial, rs = nna.prune(net, x, keep=0.5, method="layer", weighting="output")
+    with ThreadPoolExecutor(2) as pool:
+        parallel, rp = nna.prune(net, x, keep=0.5, method="layer", weighting="output", executor=pool)
+    assert [r.kept_units for r in rs.layers] == [r.kept_units for r in rp.layers]
+    for p, q in zip(serial.parameters(), parallel.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
