@@ -966,10 +966,6 @@ def _graph_groups(gm: fx.GraphModule, work: nn.Module, keywords: list[str] | Non
     guarded = any(n.op == "call_function" and n.target in GUARDS for n in gm.graph.nodes)
     if not guarded or len(set(sizes)) == 1:
         return [(gm, batches)]
-    if any(p.se for p in pairs):
-        raise ValueError("the traced graph fixes decisions on the first batch's shapes and the calibration batches "
-                         "differ in size, which needs one graph per batch size; pairs through a squeeze-and-"
-                         f"excitation gate are not supported that way: {_REMEDY}")
     by_size: dict[int, list] = {}
     for n, b in zip(sizes, batches, strict=True):
         by_size.setdefault(n, []).append(b)
@@ -1050,7 +1046,8 @@ def _staged_steps(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches:
         for a in node.all_input_nodes:
             last_use[a] = t
     se_fc1 = {p.se[0]: p for p in pairs if p.se}
-    segments = _se_segments(nodes, pairs, last_use) if primary else {}
+    consumer_names = {p.name: name for name, (_, p) in by_node.items()}
+    segments = _se_segments(nodes, pairs, last_use, consumer_names)
     free_at: dict[int, list[fx.Node]] = {}
     for a, t in last_use.items():
         free_at.setdefault(t, []).append(a)
@@ -1099,21 +1096,28 @@ def _staged_steps(gm: fx.GraphModule, orig: nn.Module, work: nn.Module, batches:
             env_o.pop(a, None)
 
 
-def _se_segments(nodes: list[fx.Node], pairs: list[PrunablePair],
-                 last_use: dict[fx.Node, int]) -> dict[str, tuple[fx.Node, list[fx.Node]]]:
+def _se_segments(nodes: list[fx.Node], pairs: list[PrunablePair], last_use: dict[fx.Node, int],
+                 consumer_names: Mapping[str, str] | None = None) -> dict[str, tuple[fx.Node, list[fx.Node]]]:
     """For each pair through a squeeze-and-excitation gate: the gated tensor's node and the nodes, in order, from
     it to the consumer's input (the pooling, fc1, fc2, the product ...), which the sequential run recomputes with
-    the pruned gate. The values they read are kept (``last_use``) until the consumer is reached."""
+    the pruned gate. The values they read are kept (``last_use``) until the consumer is reached.
+    ``consumer_names``: pair name -> the consumer's node in ``nodes`` (default ``consumer_node``); the gated
+    tensor's node is found by its name in the graph the pairs were found in (a graph traced for another batch
+    size names it alike, its nodes being named by operation and count)."""
     by_name = {n.name: n for n in nodes}
     pos = {n: t for t, n in enumerate(nodes)}
     out = {}
     for p in pairs:
         if not p.se:
             continue
-        if p.se_input_node not in by_name or p.consumer_node not in by_name:
+        cons_name = (consumer_names or {}).get(p.name, p.consumer_node)
+        if p.se_input_node not in by_name or cons_name not in by_name:
             raise ValueError(f"pair {p.name}: the tensor its squeeze-and-excitation gate multiplies was not found in "
                              "the traced graph; use method='layer'.")
-        h, cons = by_name[p.se_input_node], by_name[p.consumer_node]
+        h, cons = by_name[p.se_input_node], by_name[cons_name]
+        if pos[h] >= pos[cons]:
+            raise ValueError(f"pair {p.name}: the tensor its squeeze-and-excitation gate multiplies was not found "
+                             "before its consumer in the graph traced for another batch size; use method='layer'.")
         src = cons.args[0]
         desc = {h}
         for n in nodes[pos[h] + 1:pos[cons]]:

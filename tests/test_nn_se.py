@@ -409,3 +409,39 @@ def test_bias_correction_option_is_validated():
 def test_efficientnet_builder_refuses_impossible_sizes(kwargs):
     with pytest.raises(ValueError, match="must be"):
         zoo.efficientnet_cifar(**kwargs)
+
+
+class _BatchSizeSE(nn.Module):
+    """An MBConv block (expansion -> depthwise -> SE gate -> projection) behind a decision on the batch size that
+    changes the result, so that a batch computed through the other size's branch would show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= 32:
+            x = 2 * x
+        return self.block(x)
+
+
+def test_an_se_pair_with_batches_of_several_sizes():
+    """One traced graph per batch size (the staged run recomputes the gate in each): for the block's only pair, asym
+    reads the unpruned network's activations, as layer mode does (which runs the model itself), so both keep the
+    same units with the same refit of the projection."""
+    torch.manual_seed(0)
+    net = _BatchSizeSE().eval()
+    x = _x(48)
+    batches = [x[:32], x[32:]]
+    keep = {"block.expand": 0.5}  # the gate's own fc1 -> fc2 pair keeps its units (and its trained weights)
+    got, rep = nna.prune(net, batches, keep=keep, method="asym", ridge=1e-3)
+    ref, rep_layer = nna.prune(net, batches, keep=keep, method="layer", ridge=1e-3)
+    (a,), (b,) = ([r for r in r_.layers if r.pair == "block.expand->block.project"] for r_ in (rep, rep_layer))
+    assert a.kept == 6 and a.kept_units == b.kept_units
+    consumer = "block.project"
+    torch.testing.assert_close(got.get_submodule(consumer).weight, ref.get_submodule(consumer).weight,
+                               rtol=1e-6, atol=1e-8)
+    pruned, _ = nna.prune(net, batches, keep=1.0, method="asym")
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(pruned(b), net(b), rtol=1e-5, atol=1e-6)
