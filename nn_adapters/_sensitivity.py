@@ -86,10 +86,10 @@ class OutputSensitivity:
     seed : int
         Seed of the Rademacher probes.
 
-    Each pair's weights are divided by their mean over the first batch on which its consumer's output reaches the
-    model's output, so that they are of order 1 (any constant factor leaves the selection, the relative ridge and
-    the refit unchanged). A pair whose consumer's output does not reach the model's output on the first batch
-    (sensitivity 0 on every row: the output does not depend on it) is left unweighted, and :attr:`notes` says so.
+    Each pair's weights are divided by their mean over the first batch, so that they are of order 1 (any constant
+    factor leaves the selection, the relative ridge and the refit unchanged). A pair whose consumer's output does
+    not reach the model's output on the first batch (sensitivity 0 on every row: the output does not depend on it)
+    is left unweighted for every batch, and :attr:`notes` says so.
     """
 
     def __init__(self, model: nn.Module, consumers: dict[str, str], seed: int = 0) -> None:
@@ -154,8 +154,8 @@ class OutputSensitivity:
         per_sample = sum(o[0].numel() if o.dim() else 1 for o in outs)
         # the basis vectors are set in every sample at once, which is exact only where dim 0 counts the samples (not
         # for a sequence-first (T, N, C) output, whose dim 0 holds several entries of each sample)
-        n = batch_len(x)
-        exact = per_sample <= EXACT_MAX and all(o.dim() and o.shape[0] == n for o in outs)
+        size = batch_len(x)
+        exact = per_sample <= EXACT_MAX and all(o.dim() and o.shape[0] == size for o in outs)
         probes = per_sample if exact else PROBES
         for p in range(probes):
             vs = _basis(outs, p) if exact else [
