@@ -571,7 +571,8 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
     With ``example``, a graph that plain fx traced without an error is run on its first samples and must compute
     what the model computes there (fx answers some questions about its proxies otherwise than a real run:
     ``isinstance(x, torch.Tensor)`` is ``False``); if it does not, the model is traced on ``example`` as above, and
-    a graph that still differs is refused with a ``ValueError``. Not checked: a model with a module in train mode,
+    a graph that still differs is refused with a ``ValueError``. A graph traced on ``example`` is checked on the
+    whole of it (its guards may read the batch size). Not checked: a model with a module in train mode,
     one that fails on the example or gives non-finite values there, and one that does not reproduce its own output
     (random numbers in ``forward()``); see :func:`_graph_differs`.
 
@@ -608,11 +609,15 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
         failure = f"{type(exc).__name__}: {exc}"
         if example is not None:
             try:
-                return _trace_with(ValueTracer(_LeafTracer(), example), model, given)
+                traced = _trace_with(ValueTracer(_LeafTracer(), example), model, given)
             except Exception as second:  # noqa: BLE001 - reported with the first failure
                 failure += (f"; traced again on the first batch, it stopped at {type(second).__name__}: "
                             f"{second}")
                 exc = second
+            else:
+                if _graph_differs(traced, model, example):  # on the whole batch: its guards may read its size
+                    raise ValueError(_differs_message(model, "; traced on the first batch, the graph differs"))
+                return traced
             decorated = inspect.unwrap(type(model).forward)
             if decorated is not type(model).forward:
                 with _forward_replaced(model, decorated):
@@ -643,12 +648,15 @@ def trace(model: nn.Module, given: Sequence[str] | None = None, example: Inputs 
         detail = "; traced again on the first batch, the graph still differs"
         if not _graph_differs(again, model, example):  # its guards hold for this batch
             return again
-    raise ValueError(
-        f"the graph torch.fx traced for {type(model).__name__} does not compute what the model computes on the "
-        f"first calibration samples{detail}: forward() takes a decision that tracing answers otherwise than a real "
-        "run (isinstance(x, torch.Tensor) is False for a traced tensor: write torch.is_tensor(x)), so the graph's "
-        "pairs and activations would be wrong. Declare the pairs yourself with pairs=[nn_adapters.Pair(...)] and "
-        "use method='layer', which runs the model itself.")
+    raise ValueError(_differs_message(model, detail))
+
+
+def _differs_message(model: nn.Module, detail: str) -> str:
+    return (f"the graph torch.fx traced for {type(model).__name__} does not compute what the model computes on the "
+            f"first calibration samples{detail}: forward() takes a decision that tracing answers otherwise than a "
+            "real run (isinstance(x, torch.Tensor) is False for a traced tensor: write torch.is_tensor(x)), so the "
+            "graph's pairs and activations would be wrong. Declare the pairs yourself with "
+            "pairs=[nn_adapters.Pair(...)] and use method='layer', which runs the model itself.")
 
 
 def _keyword_extras(model: nn.Module, given: Sequence[str] | None) -> str | None:

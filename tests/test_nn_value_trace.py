@@ -440,3 +440,18 @@ def test_a_graph_that_computes_otherwise_than_the_model_is_refused():
     # a model that is random itself is not checked (nothing to compare with), as before
     pruned, _ = nna.prune(Noisy().eval(), x, keep=0.5, method="asym")
     assert pruned.a.out_features == 4
+
+
+class IsInstanceShaped(IsInstance):
+    """Also branches on ``x.ndim`` (plain fx cannot trace it, the value tracer does) and on ``isinstance``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x.flatten(0, 1)
+        return super().forward(x)
+
+
+def test_a_graph_traced_on_the_first_batch_is_checked_too():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"traced on the first batch, the graph differs.*torch.is_tensor"):
+        nna.prune(IsInstanceShaped().eval(), torch.randn(40, 4), keep=0.5, method="asym")
