@@ -33,13 +33,12 @@ importance weights: the selection's guarantees hold for the weighted objective, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 
 from . import _conv
 from ._data import batch_len, call, take
+from .pairs import _tensors
 
 __all__ = ["OutputSensitivity", "output_row_weights", "CHUNK", "EXACT_MAX", "PROBES"]
 
@@ -54,14 +53,9 @@ CHUNK = 64
 
 
 def _outputs(out: object) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's output that depend on the inputs (tensors, tuples, lists, dicts)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() and out.requires_grad else []
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _outputs(o)]
-    return []
+    """The floating-point tensors of a model's output that depend on the inputs (:func:`nn_adapters.pairs._tensors`
+    of them: a tensor, tuples, lists and mappings such as a ``ModelOutput``)."""
+    return [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
 
 
 def _row_energy(consumer: nn.Module, g: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,9 @@ def metadata_read(node: fx.Node) -> bool:
     return False
 
 
-_REMEDY = ("Give batches of one shape (e.g. DataLoader(..., drop_last=True)), or use method='layer' (with "
-           "refit_from='layer' for baselines), which runs the model itself.")
+#: The remedy named when batches decide otherwise than the graph traced on the first one.
+SHAPE_REMEDY = ("Give batches of one shape (e.g. DataLoader(..., drop_last=True)), or use method='layer' (with "
+                "refit_from='layer' for baselines), which runs the model itself.")
 
 
 def check_branch(value: Any, expected: bool, where: str) -> None:
@@ -62,21 +63,21 @@ def check_branch(value: Any, expected: bool, where: str) -> None:
     if bool(value) != expected:
         raise ValueError(f"this batch takes the other branch of a decision that the traced graph fixed on the first "
                          f"batch ({where}: {expected} there, {not expected} here), so the graph cannot compute it. "
-                         f"The decision reads shapes or types. {_REMEDY}")
+                         f"The decision reads shapes or types. {SHAPE_REMEDY}")
 
 
 def check_length(value: Any, expected: int, where: str) -> None:
     """Guard of a traced ``len()`` or iteration: the graph holds ``expected`` items."""
     if len(value) != expected:
         raise ValueError(f"this batch gives {len(value)} items where the traced graph fixed {expected} on the first "
-                         f"batch ({where}), so the graph cannot compute it. {_REMEDY}")
+                         f"batch ({where}), so the graph cannot compute it. {SHAPE_REMEDY}")
 
 
 def check_size(value: Any, expected: int, where: str) -> None:
     """Guard of a traced size converted to a Python integer: the graph holds ``expected``."""
     if value != expected:
         raise ValueError(f"this batch gives {value} where the traced graph fixed {expected} on the first batch "
-                         f"({where}), so the graph cannot compute it. {_REMEDY}")
+                         f"({where}), so the graph cannot compute it. {SHAPE_REMEDY}")
 
 
 #: The guard functions a traced graph calls where it fixed a decision on the example's shapes.

@@ -704,19 +704,13 @@ def _largest(t: torch.Tensor) -> float:
     return float(t.abs().max()) if t.numel() and t.is_floating_point() else 0.0
 
 
-def _same_tensors(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-    return len(got) == len(want) and all(
-        g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6 * (1 + _largest(w)))
-        for g, w in zip(got, want, strict=True))
-
-
 def _same_results(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> str | None:
     """Why the traced ``gm`` does not compute what ``model`` computes on ``example`` (its tensors, in order), or
     ``None``: the check of a graph traced without the decorators of ``forward()``."""
     with torch.no_grad():
         want = _tensors(call(model, example))
         got = _tensors(gm(*graph_arguments(gm, model, example)))
-    if not _same_tensors(got, want):
+    if not _same_outputs(got, want):
         return "the traced graph does not compute what the model computes on the first batch"
     return None
 
@@ -742,10 +736,10 @@ def _graph_differs(gm: fx.GraphModule, model: nn.Module, example: Inputs) -> boo
             got = _tensors(gm(*graph_arguments(gm, model, example)))
         except Exception:  # noqa: BLE001 - a graph that fails where the model runs computes something else
             got = None
-        if got is not None and _same_tensors(got, want):
+        if got is not None and _same_outputs(got, want):
             _CHECKED.setdefault(model, set()).add(gm.code)  # the same graph traced again is not run again
             return False
-        return _same_tensors(_tensors(_call_forward(model, example)), want)  # else random: not checked
+        return _same_outputs(_tensors(_call_forward(model, example)), want)  # else random: not checked
 
 
 #: Per model, the code of the graphs :func:`_graph_differs` found to compute what the model computes.
@@ -3125,19 +3119,13 @@ def _same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Whether two runs' tensors (outputs, or a layer's inputs) agree up to rounding."""
     return len(a) == len(b) and all(
         x.shape == y.shape and torch.allclose(y.to(torch.float64), x.to(torch.float64), rtol=1e-5,
-                                              atol=1e-5 * (1.0 + float(x.abs().amax())))
+                                              atol=1e-5 * (1.0 + _largest(x)))
         for x, y in zip(a, b, strict=True))
 
 
 def _output_tensors(out: object) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's output (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(out, torch.Tensor):
-        return [out.detach().clone()] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _output_tensors(o)]
-    return []
+    """Copies of the floating-point tensors of a model's output (:func:`_tensors` of them)."""
+    return [t.detach().clone() for t in _tensors(out) if t.is_floating_point()]
 
 
 def _call_order(model: nn.Module, names: list[str], example_input: Inputs) -> dict[str, int]:

@@ -49,7 +49,7 @@ from ._modes import copy_modes, outside_inference_mode, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._sensitivity import OutputSensitivity, output_row_weights
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
-from ._value_trace import GUARDS, metadata_read
+from ._value_trace import GUARDS, SHAPE_REMEDY, metadata_read
 from .pairs import Pair, PrunablePair, container_hooks, find_pairs, graph_arguments, resolve_pairs, second_inputs, trace
 from .shrink import keep_producer_side, keep_se, set_inputs
 
@@ -1004,7 +1004,7 @@ def _run_staged(groups: list[tuple[fx.GraphModule, list]], orig: nn.Module, work
             i, p = at[0][0], at[0][1]
             if any(a is None or a[0] != i for a in at):
                 raise ValueError(f"the graphs traced for batches of different sizes reach the consumers in "
-                                 f"different orders (pair {p.name}); {_REMEDY}")
+                                 f"different orders (pair {p.name}). {SHAPE_REMEDY}")
             st = stats_of(p)
             for _, _, inputs, targets in at:
                 for b, x in enumerate(inputs):
@@ -1012,12 +1012,7 @@ def _run_staged(groups: list[tuple[fx.GraphModule, list]], orig: nn.Module, work
             idx = decide(i, p, st)
             at = [_send(step, idx) for step in steps]
     if any(a is not None for a in at):
-        raise ValueError(f"the graphs traced for batches of different sizes reach different consumers; {_REMEDY}")
-
-
-#: What to do when the traced graphs of several batch sizes disagree.
-_REMEDY = ("give batches of one size (e.g. DataLoader(..., drop_last=True)), or use method='layer' (with "
-           "refit_from='layer' for baselines), which runs the model itself.")
+        raise ValueError(f"the graphs traced for batches of different sizes reach different consumers. {SHAPE_REMEDY}")
 
 
 def _send(step: Generator, value: object) -> object:
