@@ -12,7 +12,9 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
-    ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention).
+    ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
+    ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens) and ``_HFGPT2Block`` (GPT-2:
+    ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -249,12 +251,34 @@ def _additive_mask(
     return total
 
 
-def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A new Linear with the given weight (out, in) and bias, on the old one's device and dtype."""
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer that stores its weight transposed, ``(in, out)``: the ``Conv1D`` of
+    GPT-2 and OpenAI GPT (``transformers.pytorch_utils.Conv1D``, ``x @ weight + bias``)."""
+    w = getattr(module, "weight", None)
+    # transformers 4 keeps only nf (the output width); later releases keep nx too
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.shape[1] == getattr(module, "nf", None) and getattr(module, "nx", w.shape[0]) == w.shape[0])
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (a view of the parameter: writes to it
+    reach the module)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new layer of ``old``'s kind (``nn.Linear``, or a GPT-2 ``Conv1D``) with the given weight (out, in) and
+    bias, on the old one's device and dtype (a ``Conv1D`` always has a bias: zeros where none is given)."""
+    conv1d = is_conv1d(old)
+    if conv1d:
+        new = type(old)(weight.shape[0], weight.shape[1])
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    else:
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(weight.to(old.weight.dtype))
+        weight_of(new).copy_(weight.to(old.weight.dtype))
         if bias is not None:
             new.bias.copy_(bias.to(old.weight.dtype))
     new.train(old.training)
@@ -341,7 +365,7 @@ class _Block:
     @property
     def ffn_units(self) -> int:
         """Number of FFN units (columns of the down projection's input)."""
-        return int(self.up.out_features)
+        return int(weight_of(self.up).shape[0])
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:  # pragma: no cover - abstract
         """Put new producers (in the order of :attr:`producers`) and a new down projection in place."""
@@ -352,8 +376,8 @@ class _Block:
         """Keep intermediate neurons ``keep`` (sorted); new down weights (out, len(keep)) if given."""
         down = self.down
         keep = keep.to(down.weight.device)
-        new = [_linear_like(p, p.weight[keep], None if p.bias is None else p.bias[keep]) for p in self.producers]
-        w = down.weight[:, keep] if down_weight is None else down_weight
+        new = [_linear_like(p, weight_of(p)[keep], None if p.bias is None else p.bias[keep]) for p in self.producers]
+        w = weight_of(down)[:, keep] if down_weight is None else down_weight
         b = down.bias if down_weight is None else down_bias
         self.set_ffn(new, _linear_like(down, w, b))
 
@@ -519,9 +543,9 @@ class _HFBlock(_Block):
         sa = _get(self.module, self.SA)
         for name, r in zip(self.QKV, rows, strict=True):
             lin = getattr(sa, name)
-            setattr(sa, name, _linear_like(lin, lin.weight[r], None if lin.bias is None else lin.bias[r]))
+            setattr(sa, name, _linear_like(lin, weight_of(lin)[r], None if lin.bias is None else lin.bias[r]))
         out = self.out_proj
-        w = out.weight[:, cols] if out_weight is None else out_weight
+        w = weight_of(out)[:, cols] if out_weight is None else out_weight
         b = out.bias if out_weight is None else out_bias
         _set(self.module, self.OUT, _linear_like(out, w, b))
 
@@ -722,6 +746,75 @@ class _HFDistilBertBlock(_HFBlock):
     RESID_FFN = ("ffn", 0)  # output_layer_norm(ffn(x) + x)
     # transformers 4 reshapes heads with dim // n_heads, so dim is the inner width there
     N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
+
+
+class _HFOPTBlock(_HFBlock):
+    """OPT decoder layers (``OPTDecoderLayer``): ``self_attn.{q,k,v,out}_proj``, ``fc1 / fc2``,
+    ``self_attn_layer_norm`` / ``final_layer_norm``; pre-LN where ``do_layer_norm_before`` (OPT-125m, 1.3b and
+    larger), post-LN otherwise (OPT-350m). The layer runs its FFN on the tokens flattened to (batch * tokens,
+    features); its attention reshapes to ``embed_dim`` in transformers 4, which therefore follows the heads."""
+
+    kind = "hf_opt"
+    SA, QKV, OUT = "self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn.out_proj"
+    UP, DOWN = "fc1", "fc2"
+    NORM_HEADS, NORM_FFN = "self_attn_layer_norm", "final_layer_norm"
+    RESID_FFN = ("final_layer_norm", 0)  # pre-LN: x + fc2(act(fc1(final_layer_norm(x))))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "embed_dim"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(getattr(module, "do_layer_norm_before", None), bool) and super().matches(module)
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        return None if self.module.do_layer_norm_before else super().post_norm(stage)
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage != "ffn":
+            return None
+        # post-LN: final_layer_norm(x + fc2(act(fc1(x)))), the FFN input is the residual
+        return (self.module.final_layer_norm if self.module.do_layer_norm_before else self.module.fc1, 0)
+
+
+class _HFGPT2Block(_HFBlock):
+    """GPT-2 (``GPT2Block``): the fused query/key/value projection ``attn.c_attn``, ``attn.c_proj``,
+    ``mlp.c_fc / c_proj``, all ``Conv1D`` (weights stored ``(in, out)``), ``ln_1 / ln_2``, pre-LN. Head ``h`` is
+    ``head_dim`` columns in each of c_attn's three ``split_size``-wide output blocks (query, key, value); removing
+    heads updates the attention's ``num_heads`` and ``split_size``, as ``GPT2Attention.prune_heads`` does. Blocks
+    with cross-attention (``add_cross_attention``) are pruned in their self-attention and FFN."""
+
+    kind = "hf_gpt2"
+    SA, QKV, OUT = "attn", ("c_attn",), "attn.c_proj"
+    UP, DOWN = "mlp.c_fc", "mlp.c_proj"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
+    RESID_FFN = ("ln_2", 0)  # x + mlp(ln_2(x))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "split_size"
+    PLAIN = frozenset({"attn_dropout", "resid_dropout"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        sizes = [getattr(sa, a, None) for a in ("num_heads", "head_dim", "split_size")]
+        return (
+            sa is not None
+            and all(is_conv1d(_get(module, p)) for p in ("attn.c_attn", cls.OUT, cls.UP, cls.DOWN))
+            and all(isinstance(_get(module, p), nn.LayerNorm) for p in ("ln_1", "ln_2"))
+            and all(isinstance(v, int) for v in sizes) and not getattr(sa, "is_cross_attention", False)
+            and sa.c_attn.nf == 3 * sizes[2] and sizes[2] == sizes[0] * sizes[1]
+        )
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        sa = _get(self.module, self.SA)
+        w, width = weight_of(sa.c_attn), int(sa.split_size)
+        return [w[i * width:(i + 1) * width] for i in range(3)]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        width = int(sa.split_size)
+        self._cut_attention((torch.cat([rows + i * width for i in range(3)]),), rows, out_weight, out_bias)
+        sa.num_heads = int(keep.numel())
+        sa.split_size = int(keep.numel()) * self.head_dim
 
 
 class _HFLlamaBlock(_HFBlock):
@@ -950,7 +1043,7 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
                                            _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _HFLlamaBlock, _TorchEncoderBlock)
+                                           _HFOPTBlock, _HFGPT2Block, _HFLlamaBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

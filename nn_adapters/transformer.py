@@ -80,6 +80,7 @@ from ._transformer_blocks import (
     disable_nested_fast_path,
     find_blocks,
     leading_input,
+    weight_of,
 )
 from .io import attn_implementation_of, restore_attn_implementation
 
@@ -519,7 +520,11 @@ def _same_argument(a: Any, b: Any) -> bool:
 
 
 def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tensor:
-    """Token rows (n_valid, features) of a (batch, tokens, f) or (tokens, batch, f) activation."""
+    """Token rows (n_valid, features) of a (batch, tokens, f) or (tokens, batch, f) activation, or of one with its
+    tokens flattened, (batch * tokens, f) or (tokens * batch, f) (OPT's FFN)."""
+    if t.dim() == 2 and t.shape[0] == valid.numel() and valid.dim() == 2:
+        lead = tuple(valid.shape) if batch_first else tuple(reversed(valid.shape))
+        t = t.reshape(*lead, t.shape[1])
     if not batch_first:
         t = t.transpose(0, 1)
     if t.dim() < 3 or tuple(t.shape[:2]) != tuple(valid.shape):
@@ -663,8 +668,7 @@ def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | No
 def _consumer_weight(stage: str, block: _Block) -> torch.Tensor:
     """The stage's consumer weight (out, in) in float64 as it acts on the residual stream: with a layer scale
     (DINOv2), output row ``i`` is multiplied by ``lambda_i``."""
-    consumer = block.down if stage == "ffn" else block.out_proj
-    w = consumer.weight.detach().double()
+    w = weight_of(_consumer(block, stage)).detach().double()
     scale = block.output_scale(stage)
     return w if scale is None else w * scale.detach().double().to(w.device).view(-1, 1)
 
@@ -676,7 +680,7 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
     with torch.no_grad():
         if stage == "ffn":
             producers = block.producers
-            s = sum(p.weight.double().pow(2).sum(1) + (0.0 if p.bias is None else p.bias.double().pow(2))
+            s = sum(weight_of(p).double().pow(2).sum(1) + (0.0 if p.bias is None else p.bias.double().pow(2))
                     for p in producers)
             s = (s + _consumer_weight(stage, block).pow(2).sum(0)) / (len(producers) + 1)
             return s.cpu().numpy()
@@ -856,7 +860,8 @@ def prune_transformer(
     model : torch.nn.Module
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
-        heads pruned as key/value groups) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
+        heads pruned as key/value groups), OPT and GPT-2 decoder layers (GPT-2's ``Conv1D`` projections stay
+        ``Conv1D``) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
@@ -1000,8 +1005,8 @@ def prune_transformer(
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
-                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3) and "
-                         "torch.nn.TransformerEncoderLayer")
+                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT and GPT-2 "
+                         "decoder layers and torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
     if "ffn" in stages:
@@ -1217,11 +1222,11 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
             if stage == "heads" and shrink:
                 probe.shrink_heads(torch.arange(1, probe.head_units))
             elif stage == "heads":
-                probe.out_proj.weight[:, :probe.head_unit_width] = 0.0
+                weight_of(probe.out_proj)[:, :probe.head_unit_width] = 0.0
             elif shrink:
                 probe.shrink_ffn(torch.arange(1, probe.ffn_units))
             else:
-                probe.down.weight[:, 0] = 0.0
+                weight_of(probe.down)[:, 0] = 0.0
         try:
             outs.append(_fwd(probe, x, ctx, counter))
         except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
@@ -1466,7 +1471,7 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     else:
         chosen = rng.choice(n_units, size=k, replace=False)
     problem = None if stats is None or jobs.executor is None else stats.problem()
-    w_orig = consumer.weight.detach().double().cpu().numpy() if reweight and ridge.prior else None
+    w_orig = weight_of(consumer).detach().double().cpu().numpy() if reweight and ridge.prior else None
     t_here = time.perf_counter() - t0
 
     def use(out: tuple[np.ndarray, tuple | None, float]) -> None:
