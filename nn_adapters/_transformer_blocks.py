@@ -13,8 +13,11 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
-    ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens) and ``_HFGPT2Block`` (GPT-2:
-    ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``).
+    ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
+    ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
+    parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
+    fused head by head; also sequential) and ``_HFPhiBlock`` (Phi-1/1.5/2), whose branches' residual is read from
+    the block output (:data:`BLOCK_OUTPUT`).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -307,6 +310,10 @@ def _same_hooks(new: nn.Module, old: nn.Module) -> None:
             dst.update(src)
 
 
+#: :meth:`_Block.residual_input` of a stage whose consumer output is added straight into the block output.
+BLOCK_OUTPUT = "block output"
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads in a head-major projection."""
     return (heads.view(-1, 1) * head_dim + torch.arange(head_dim, device=heads.device).view(1, -1)).reshape(-1)
@@ -325,9 +332,11 @@ class _Block:
     def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | None:
         """(module, positional index) whose input is the residual stream that the stage's consumer output is
-        added to (``None``: the block input itself, the case of the attention stage)."""
+        added to; ``None``: the block input itself (the case of the attention stage); :data:`BLOCK_OUTPUT`: the
+        stage's output is summed straight into the block output, and the residual is the block output minus it
+        (the parallel attention and FFN of GPT-J, GPT-NeoX and Phi)."""
         return None
 
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
@@ -903,6 +912,89 @@ class _HFLlamaBlock(_HFBlock):
         return {**super().spec(), "num_key_value_heads": self.head_units}
 
 
+class _HFPhiBlock(_HFLlamaBlock):
+    """Phi-1, Phi-1.5 and Phi-2 (``PhiDecoderLayer``): ``self_attn.{q,k,v}_proj``, ``self_attn.dense``, the plain
+    FFN ``mlp.fc1 / fc2``, one LayerNorm ``input_layernorm`` read by both branches, summed in parallel:
+    ``x + attn(norm(x)) + mlp(norm(x))``. Attention units are key/value groups, as for the Llama-style decoders."""
+
+    kind = "hf_phi"
+    OUT = "self_attn.dense"
+    GATE, UP, DOWN = None, "mlp.fc1", "mlp.fc2"
+    RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
+    PLAIN = frozenset({"dropout", "rotary_emb", "q_layernorm", "k_layernorm"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _get(module, "post_attention_layernorm") is None and super().matches(module)
+
+    def residual_input(self, stage: str) -> str:
+        return BLOCK_OUTPUT
+
+
+class _HFGPTJBlock(_HFBlock):
+    """GPT-J (``GPTJBlock``): ``attn.{q,k,v,out}_proj``, ``mlp.fc_in / fc_out``, one LayerNorm ``ln_1`` read by both
+    branches, which are summed in parallel: ``x + attn(ln_1(x)) + mlp(ln_1(x))``. The residual of each branch is
+    the block output minus that branch (checked on the first batch)."""
+
+    kind = "hf_gptj"
+    SA, QKV, OUT = "attn", ("q_proj", "k_proj", "v_proj"), "attn.out_proj"
+    UP, DOWN = "mlp.fc_in", "mlp.fc_out"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sum
+    RESID_FFN = ("ln_1", 0)  # what the layout is recognised by; the residual itself is read from the block output
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_attention_heads", "head_dim", None
+    PLAIN = frozenset({"attn_dropout", "resid_dropout"})
+
+    def residual_input(self, stage: str) -> str:
+        return BLOCK_OUTPUT
+
+
+class _HFGPTNeoXBlock(_HFBlock):
+    """GPT-NeoX and Pythia (``GPTNeoXLayer``): the fused projection ``attention.query_key_value``, laid out head by
+    head (head ``h`` owns rows ``3 h head_size ... 3 (h + 1) head_size - 1``: its query, key and value),
+    ``attention.dense``, ``mlp.dense_h_to_4h / dense_4h_to_h``, ``input_layernorm`` / ``post_attention_layernorm``,
+    pre-LN; the attention and FFN are summed in parallel (``use_parallel_residual``, Pythia's setting) or one after
+    the other. transformers 4 sizes the attention's views by ``num_attention_heads``, which follows the heads."""
+
+    kind = "hf_gpt_neox"
+    SA, QKV, OUT = "attention", ("query_key_value",), "attention.dense"
+    UP, DOWN = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
+    NORM_HEADS = NORM_FFN = "-"
+    RESID_FFN = ("post_attention_layernorm", 0)  # sequential: x + mlp(post_attention_layernorm(x))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_attention_heads", "head_size", None
+    PLAIN = frozenset({"attention_dropout", "rotary_emb"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        qkv, dense = getattr(sa, "query_key_value", None), getattr(sa, "dense", None)
+        return (
+            isinstance(getattr(module, "use_parallel_residual", None), bool)
+            and isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)
+            and isinstance(getattr(sa, "head_size", None), int)
+            and qkv.out_features == 3 * dense.in_features and dense.in_features % sa.head_size == 0
+            and all(isinstance(_get(module, p), nn.Linear) for p in (cls.UP, cls.DOWN))
+            and all(isinstance(_get(module, p), nn.LayerNorm) for p in ("input_layernorm", "post_attention_layernorm"))
+        )
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | None:
+        if self.module.use_parallel_residual:
+            return BLOCK_OUTPUT
+        return super().residual_input(stage)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.out_proj.in_features) // self.head_dim
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        keep = keep.to(self.out_proj.weight.device)
+        self._cut_attention((_head_rows(keep, 3 * self.head_dim),), _head_rows(keep, self.head_dim), out_weight,
+                            out_bias)
+        sa = _get(self.module, self.SA)
+        if hasattr(sa, self.N_HEADS):
+            setattr(sa, self.N_HEADS, int(keep.numel()))
+
+
 class _TorchEncoderBlock(_Block):
     kind = "torch_encoder_layer"
 
@@ -1043,7 +1135,8 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
                                            _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _HFOPTBlock, _HFGPT2Block, _HFLlamaBlock, _TorchEncoderBlock)
+                                           _HFOPTBlock, _HFGPT2Block, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock,
+                                           _HFGPTNeoXBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -74,6 +74,7 @@ from ._stats import ridge_scale as _ridge_scale
 from ._stats import stats_device as _stats_device
 from ._stats import update_folds as _update_folds
 from ._transformer_blocks import (
+    BLOCK_OUTPUT,
     PrunedMultiheadAttention,
     _Block,
     capture_inputs,
@@ -860,8 +861,9 @@ def prune_transformer(
     model : torch.nn.Module
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
-        heads pruned as key/value groups), OPT and GPT-2 decoder layers (GPT-2's ``Conv1D`` projections stay
-        ``Conv1D``) or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
+        heads pruned as key/value groups), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-J,
+        GPT-NeoX (Pythia) and Phi decoder layers (the last three with parallel attention and FFN) or
+        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
@@ -1005,8 +1007,8 @@ def prune_transformer(
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
-                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT and GPT-2 "
-                         "decoder layers and torch.nn.TransformerEncoderLayer")
+                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT, GPT-2, "
+                         "GPT-J, GPT-NeoX (Pythia) and Phi decoder layers and torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
     if "ffn" in stages:
@@ -1239,6 +1241,36 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
                          f"but {differs}")
 
 
+def _check_branch_sum(blk: _Block, stage: str, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> None:
+    """A stage whose output is taken to be summed straight into the block output (parallel attention and FFN):
+    zeroing its consumer's columns of the first unit must change the block output by exactly the change of the
+    consumer output (times the layer scale, if any), checked on the first batch with two forwards of a copy.
+    A look-alike that normalises, scales or feeds the branch on (a sequential block) is refused."""
+    if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:  # compare in float32, as _check_unit_removal
+        x, ctx = x.float(), _cast_floats(ctx, torch.float32)
+    probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
+    consumer = _consumer(probe, stage)
+    width = 1 if stage == "ffn" else probe.head_unit_width
+    with torch.no_grad():
+        before, got = capture_inputs({stage: consumer}, lambda: _fwd(probe, x, ctx, counter))
+        w = weight_of(consumer)
+        change = -(got[stage][..., :width] @ w[:, :width].T)
+        lam = _layer_scale(probe, stage, change)[0]
+        if lam is not None:
+            change = change * lam
+        w[:, :width] = 0.0
+        after = _fwd(probe, x, ctx, counter)
+    seen = after - before
+    change = change.reshape(seen.shape) if change.numel() == seen.numel() else change
+    tol = 1e-4 * (1.0 + float(before.nan_to_num().abs().max()))
+    if change.shape != seen.shape or not torch.allclose(seen, change, rtol=1e-4, atol=tol, equal_nan=True):
+        consumer_name = "down projection" if stage == "ffn" else "attention output projection"
+        raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the layout of a {blk.kind} block "
+                         f"but does not compute like one: its {consumer_name}'s output is not added straight to "
+                         "the block output (a norm, scale or later sublayer after it?), so the refit would aim at "
+                         "the wrong target. This model is not supported by the transformer adapter.")
+
+
 def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str = "") -> list[torch.Tensor]:
     """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain).
 
@@ -1277,11 +1309,23 @@ def _consumer(block: _Block, stage: str) -> nn.Linear:
 
 
 def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: torch.Tensor,
-                   valid: torch.Tensor) -> torch.Tensor:
-    """Rows of the residual stream that the stage's consumer output is added to."""
-    if block.residual_input(stage) is None:
+                   valid: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """Rows of the residual stream that the stage's consumer output is added to (``out``: the block output,
+    ``y``: the consumer output rows, times the layer scale if any; read where the stage's output is summed
+    straight into the block output)."""
+    entry = block.residual_input(stage)
+    if entry is None:
         return _rows(x, valid, block.batch_first("block"))
+    if entry == BLOCK_OUTPUT:
+        if out is None:
+            raise RuntimeError("the block output is needed for the residual of a parallel branch")
+        return _rows(out, valid, block.batch_first("block")) - y.to(out.dtype)
     return _rows(got["res_" + stage], valid, block.batch_first(stage))
+
+
+def _sums_into_output(block: _Block, stages: list[str]) -> bool:
+    """Whether a stage's residual is read from the block output (the capture must then run the whole block)."""
+    return any(block.residual_input(s) == BLOCK_OUTPUT for s in stages)
 
 
 def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, Any]:
@@ -1289,7 +1333,7 @@ def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, 
     if residual:
         for s in stages:
             entry = block.residual_input(s)
-            if entry is not None:
+            if entry is not None and entry != BLOCK_OUTPUT:
                 mods["res_" + s] = entry
     return mods
 
@@ -1336,10 +1380,13 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
             lam, inv_lam = _layer_scale(oblk, s, y)
             res = total = None
             if b == 0 or need_res:
-                res = _residual_rows(oblk, s, got, xo[b], valid)
-                total = y + res if lam is None else y * lam + res  # the residual sum the stage's output enters
+                y_sum = y if lam is None else y * lam
+                res = _residual_rows(oblk, s, got, xo[b], valid, out, y_sum)
+                total = y_sum + res  # the residual sum the stage's output enters
             if b == 0:
                 _check_layout(oblk, s, total, got, out, valid)
+                if oblk.residual_input(s) == BLOCK_OUTPUT:
+                    _check_branch_sum(oblk, s, xo[b], cache[b]["ctx"], counter)
             w = scale = None
             if weighting:
                 w, scale = _norm_weights(oblk, s, total)
@@ -1385,7 +1432,7 @@ def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Modul
         norm = block.post_norm(s)
         if norm is not None:
             probes["sum_" + s] = (norm, 0)
-        elif s == "heads" and block.residual_input("ffn") is not None:
+        elif s == "heads" and isinstance(block.residual_input("ffn"), tuple):
             probes["sum_" + s] = block.residual_input("ffn")
     return probes
 
@@ -1394,6 +1441,8 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
                   out: torch.Tensor, valid: torch.Tensor) -> None:
     """Refuse a block whose forward does not add the stage's consumer output to the residual it is recognised by
     (a look-alike layout with a layer scale, a gate or another sum), checked on the first batch."""
+    if block.residual_input(stage) == BLOCK_OUTPUT:
+        return  # the sum is the block output by construction: _check_branch_sum checks that it is one
     if "sum_" + stage in got:
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
     elif stage == "ffn":
@@ -1435,13 +1484,17 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
             mods = _capture_map(blk, [s], residual)
             for b in range(n_b):
                 valid = cache[b]["valid"]
-                _, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
-                                        stop=blk.single_call())
+                out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
+                                            stop=blk.single_call() and not (residual and _sums_into_output(blk, [s])))
                 a = _rows(got[s], valid, blk.batch_first(s))
                 if mode == "asym":
                     y = targets[s][b]
                     if residual:
-                        res_p = _residual_rows(blk, s, got, xp[b], valid).double()
+                        y_p = None
+                        if blk.residual_input(s) == BLOCK_OUTPUT:
+                            lam_p = _layer_scale(blk, s, a)[0]
+                            y_p = mods[s](a) if lam_p is None else mods[s](a) * lam_p
+                        res_p = _residual_rows(blk, s, got, xp[b], valid, out_p, y_p).double()
                         inv_lam = _layer_scale(oblk, s, res_p)[1]
                         y = y - (res_p if inv_lam is None else res_p * inv_lam)
                 else:

@@ -26,25 +26,59 @@ transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, INTER, LAYERS, VOCAB = 16, 4, 24, 2, 40
 HEAD_DIM = HIDDEN // HEADS
-NAMES = ["opt", "opt_post", "opt_nobias", "gpt2"]
-KIND = {"opt": "hf_opt", "opt_post": "hf_opt", "opt_nobias": "hf_opt", "gpt2": "hf_gpt2"}
+
+# name -> (block kind, down projection and attention output projection inside a block, whether they are Conv1D,
+# the attention attributes that count its heads (transformers 4 and 5 may hold different ones; those present
+# must follow the heads))
+LAYOUTS = {
+    "opt": ("hf_opt", "fc2", "self_attn.out_proj", False, ("num_heads",)),
+    "opt_post": ("hf_opt", "fc2", "self_attn.out_proj", False, ("num_heads",)),
+    "opt_nobias": ("hf_opt", "fc2", "self_attn.out_proj", False, ("num_heads",)),
+    "gpt2": ("hf_gpt2", "mlp.c_proj", "attn.c_proj", True, ("num_heads",)),
+    "gptj": ("hf_gptj", "mlp.fc_out", "attn.out_proj", False, ("num_attention_heads",)),
+    "neox": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
+    "neox_seq": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
+    "phi": ("hf_phi", "mlp.fc2", "self_attn.dense", False, ()),
+}
+NAMES = list(LAYOUTS)
+PARALLEL = ["gptj", "neox", "phi"]  # attention and FFN summed in parallel into the block output
+KIND = {name: v[0] for name, v in LAYOUTS.items()}
+
+# transformers 4 before the attention refactor of 4.48: Phi's attention reshapes its output to the model width
+LEGACY_ATTENTION = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
 
 
 def config(name: str) -> transformers.PretrainedConfig:
     if name == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
                                        n_positions=32, bos_token_id=1, eos_token_id=2)
+    if name == "gptj":
+        return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
+                                       n_positions=32, rotary_dim=2, bos_token_id=1, eos_token_id=2)
+    if name.startswith("neox"):
+        return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                          num_attention_heads=HEADS, intermediate_size=INTER,
+                                          max_position_embeddings=32, use_parallel_residual=name == "neox",
+                                          bos_token_id=1, eos_token_id=2)
+    if name == "phi":
+        return transformers.PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                      num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32,
+                                      bos_token_id=1, eos_token_id=2)
     return transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                   num_attention_heads=HEADS, ffn_dim=INTER, max_position_embeddings=32,
                                   word_embed_proj_dim=HIDDEN, do_layer_norm_before=name != "opt_post",
                                   enable_bias=name != "opt_nobias", pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJForCausalLM"),
+          "neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"), "phi": ("PhiModel", "PhiForCausalLM"),
+          "opt": ("OPTModel", "OPTForCausalLM")}
+
+
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
     """A tiny model of the layout (``head``: the causal LM, else the bare decoder)."""
     torch.manual_seed(seed)
-    family = "GPT2" if name == "gpt2" else "OPT"
-    cls = family + ("LMHeadModel" if head and family == "GPT2" else "ForCausalLM" if head else "Model")
+    cls = FAMILY[name.split("_")[0]][int(head)]
     model = getattr(transformers, cls)(config(name)).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
         for p in model.parameters():
@@ -53,6 +87,16 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
             elif p.dim() == 1 and name != "opt_nobias":
                 p.normal_(0.0, 0.3)
     return model
+
+
+def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
+    """``target``, or where the installed transformers' attention cannot lose heads (Phi before 4.48), the refusal
+    checked and what remains to prune ("ffn", or ``None`` for ``target="heads"``)."""
+    if target == "ffn" or not (name == "phi" and LEGACY_ATTENTION):
+        return target
+    with pytest.raises(ValueError, match=r"reshapes the attention output to the model width.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target=target)
+    return None if target == "heads" else "ffn"
 
 
 def batches(n_batches: int = 4, b: int = 6, t: int = 10, seed: int = 1, garbage: bool = False
@@ -78,23 +122,26 @@ def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
 
 
+LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel": "h", "GPTJForCausalLM":
+               "transformer.h", "GPTNeoXModel": "layers", "GPTNeoXForCausalLM": "gpt_neox.layers", "PhiModel": "layers",
+               "PhiForCausalLM": "model.layers", "OPTModel": "decoder.layers", "OPTForCausalLM": "model.decoder.layers"}
+
+
 def layers(model: nn.Module) -> list[nn.Module]:
-    base = getattr(model, "transformer", None) or getattr(model, "model", None) or model
-    return list(base.h) if hasattr(base, "h") else list(base.decoder.layers)
+    return list(model.get_submodule(LAYER_PATHS[type(model).__name__]))
 
 
 def down(name: str, layer: nn.Module) -> nn.Module:
-    return layer.mlp.c_proj if name == "gpt2" else layer.fc2
+    return layer.get_submodule(LAYOUTS[name][1])
 
 
 def zero_inputs(name: str, layer: nn.Module, stage: str, gone: list[int]) -> None:
     """Zero the consumer's weights that read the removed units: rows of a Conv1D's ``(in, out)`` weight, columns
     of a Linear's ``(out, in)`` weight."""
     cols = gone if stage == "ffn" else [h * HEAD_DIM + i for h in gone for i in range(HEAD_DIM)]
-    consumer = down(name, layer) if stage == "ffn" else (layer.attn.c_proj if name == "gpt2"
-                                                         else layer.self_attn.out_proj)
+    consumer = layer.get_submodule(LAYOUTS[name][1] if stage == "ffn" else LAYOUTS[name][2])
     with torch.no_grad():
-        if name == "gpt2":
+        if LAYOUTS[name][3]:
             consumer.weight[cols, :] = 0.0
         else:
             consumer.weight[:, cols] = 0.0
@@ -103,8 +150,8 @@ def zero_inputs(name: str, layer: nn.Module, stage: str, gone: list[int]) -> Non
 def zeroed_original(name: str, model: nn.Module, report) -> nn.Module:
     masked = copy.deepcopy(model)
     for unit in report.units:
-        layer = layers(masked)[int(unit.block.rpartition(".")[2])]
-        zero_inputs(name, layer, unit.stage, sorted(set(range(unit.n_units)) - set(unit.kept)))
+        zero_inputs(name, masked.get_submodule(unit.block), unit.stage,
+                    sorted(set(range(unit.n_units)) - set(unit.kept)))
     return masked
 
 
@@ -117,7 +164,8 @@ def test_blocks_are_found(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_keep_everything_without_refit_is_exact(name: str, method: str) -> None:
     model, data = build(name), batches()
-    pruned, report = prune_transformer(model, data, keep=1.0, target="all", method=method, reweight=False)
+    target = heads_target(name, "all", model, data)
+    pruned, report = prune_transformer(model, data, keep=1.0, target=target, method=method, reweight=False)
     assert report.params_after == report.params_before
     assert report.n_padding_excluded > 0 or method in ("magnitude", "random")  # those two read no statistics
     for b in data:
@@ -128,6 +176,9 @@ def test_keep_everything_without_refit_is_exact(name: str, method: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(name: str, target: str) -> None:
     model, data = build(name), batches()
+    target = heads_target(name, target, model, data)
+    if target is None:
+        return
     pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
     masked = zeroed_original(name, model, report)
     assert len(report.units) == LAYERS * (2 if target == "all" else 1)
@@ -139,25 +190,26 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
 
 
-@pytest.mark.parametrize("name", ["opt", "gpt2"])
+@pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi"])
 def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     """The pruned causal LM generates, with its key/value cache, the tokens of the zeroed original; the attention's
     head counts and widths agree with its weights."""
     model, data = build(name, head=True), batches(n_batches=2)
     keep = {0: 0.5, 1: 0.75}
-    pruned, report = prune_transformer(model, data, keep=keep, target="all", method="wanda", reweight=False)
+    target = heads_target(name, "all", model, data)
+    pruned, report = prune_transformer(model, data, keep=keep, target=target, method="wanda", reweight=False)
+    _, _, out_path, conv1d, counts = LAYOUTS[name]
     for i, layer in enumerate(layers(pruned)):
-        heads = HEADS * (2 if i == 0 else 3) // 4
+        heads = HEADS * (2 if i == 0 else 3) // 4 if target == "all" else HEADS
+        out_proj = layer.get_submodule(out_path)
+        attn = layer.get_submodule(out_path.rpartition(".")[0])
+        assert tuple(out_proj.weight.shape)[::-1 if conv1d else 1] == (HIDDEN, heads * HEAD_DIM)
+        assert all(getattr(attn, c) == heads for c in counts if hasattr(attn, c))
         if name == "gpt2":
-            attn = layer.attn
-            assert (attn.num_heads, attn.split_size) == (heads, heads * HEAD_DIM)
+            assert attn.split_size == heads * HEAD_DIM
             assert tuple(attn.c_attn.weight.shape) == (HIDDEN, 3 * heads * HEAD_DIM)
-            assert tuple(attn.c_proj.weight.shape) == (heads * HEAD_DIM, HIDDEN)
-            assert tuple(layer.mlp.c_fc.weight.shape) == (HIDDEN, INTER * (2 if i == 0 else 3) // 4)
-        else:
-            attn = layer.self_attn
-            assert attn.num_heads == heads and attn.q_proj.out_features == heads * HEAD_DIM
-            assert layer.fc1.out_features == INTER * (2 if i == 0 else 3) // 4
+        inter = down(name, layer).weight.shape[0 if conv1d else 1]
+        assert inter == INTER * (2 if i == 0 else 3) // 4
     masked = zeroed_original(name, model, report)
     prompt = data[0]["input_ids"][:1, :4]
     with torch.no_grad():
@@ -190,7 +242,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
         A = torch.cat([a.reshape(*b["input_ids"].shape, -1)[b["attention_mask"].bool()]
                        for b, a in zip(data, rows, strict=True)]).double().numpy()
         # Conv1D: y = x @ W (W is (in, out)); Linear: y = x @ W.T
-        w_in_out = d.weight.detach().double().numpy() if name == "gpt2" else d.weight.detach().double().numpy().T
+        w_in_out = d.weight.detach().double().numpy() if LAYOUTS[name][3] else d.weight.detach().double().numpy().T
         Y = A @ w_in_out
         kept = report.units[i].kept
         has_bias = d.bias is not None
@@ -199,7 +251,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
         dead_kept += int((np.abs(A[:, kept]).max(0) == 0).sum())
         new = down(name, layers(pruned)[i])
         got = new.weight.detach().double().numpy()
-        np.testing.assert_allclose(got if name == "gpt2" else got.T, w_in_out[kept] + sol[:len(kept)], atol=2e-4,
+        np.testing.assert_allclose(got if LAYOUTS[name][3] else got.T, w_in_out[kept] + sol[:len(kept)], atol=2e-4,
                                    rtol=1e-3)
         assert (new.bias is None) == (not has_bias)
         if has_bias:
@@ -208,10 +260,11 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
     assert dead_kept > 0 if name == "opt_post" else True  # the case the docstring names is exercised
 
 
-@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2"])
+@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "neox_seq", "phi"])
 def test_padding_tokens_do_not_change_the_statistics(name: str) -> None:
     model = build(name)
-    runs = [prune_transformer(model, batches(garbage=g), keep=0.5, target="all", method="asym") for g in (0, 1)]
+    target = heads_target(name, "all", model, batches())
+    runs = [prune_transformer(model, batches(garbage=g), keep=0.5, target=target, method="asym") for g in (0, 1)]
     (p0, r0), (p1, r1) = runs
     assert r0.n_padding_excluded == r1.n_padding_excluded > 0
     assert [u.kept for u in r0.units] == [u.kept for u in r1.units]
@@ -219,7 +272,7 @@ def test_padding_tokens_do_not_change_the_statistics(name: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2"])
+@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "neox_seq", "phi"])
 def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
     """Not a test of a number: greedy selection with refit must reconstruct the unpruned outputs better than the
     Torch-Pruning-style baseline on held-out batches (a refit or a selection on the wrong rows would not)."""
@@ -231,12 +284,14 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
     assert errs["asym"] < 0.5 * errs["magnitude"], errs
 
 
-@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2"])
+@pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
-    pruned, report = prune_transformer(model, data, keep={0: 0.5}, target="all", method="asym")
+    target = heads_target(name, "all", model, data)
+    pruned, report = prune_transformer(model, data, keep={0: 0.5}, target=target, method="asym")
+    heads = HEADS // 2 if target == "all" else HEADS
     blocks = report.spec["blocks"]
-    assert [(b["intermediate_size"], b["num_heads"]) for b in blocks] == [(INTER // 2, HEADS // 2), (INTER, HEADS)]
+    assert [(b["intermediate_size"], b["num_heads"]) for b in blocks] == [(INTER // 2, heads), (INTER, HEADS)]
     save_pruned(pruned, tmp_path / "m")
     back = load_pruned(tmp_path / "m")
     assert type(back) is type(model)
@@ -273,3 +328,75 @@ def test_the_callers_model_and_batches_are_untouched() -> None:
         assert torch.equal(v, weights[k]), k
     for b, kept in zip(data, inputs, strict=True):
         assert all(torch.equal(b[k], kept[k]) for k in kept)
+
+
+@pytest.mark.parametrize("name", ["gptj", "neox", "phi"])
+def test_parallel_asym_refit_aims_at_the_original_output_minus_the_pruned_residual(name: str) -> None:
+    """In a parallel block ``out = x + attn(.) + mlp(.)``, asym refits the last block's down projection toward the
+    original block output minus what the pruned network adds besides the FFN (its block input and attention
+    output). The oracle reads those from the final pruned model with hooks: the first block is pruned before the
+    second (so the second block's inputs are the ones asym saw), and pruning FFNs only leaves attentions as they
+    were. Least squares toward the trained weights (ridge 0), as the refit is documented."""
+    model, data = build(name), batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none")
+    last, last_p = layers(model)[-1], layers(pruned)[-1]
+    attn_out = last_p.get_submodule(LAYOUTS[name][2])
+    seen: dict[str, list[torch.Tensor]] = {"out_o": [], "x_p": [], "attn_p": [], "a_p": []}
+    hooks = [last.register_forward_hook(lambda _m, _a, o: seen["out_o"].append(o[0] if isinstance(o, tuple)
+                                                                               else o)),
+             last_p.register_forward_pre_hook(lambda _m, a, k: seen["x_p"].append(
+                 a[0] if a else k["hidden_states"]), with_kwargs=True),
+             attn_out.register_forward_hook(lambda _m, _a, o: seen["attn_p"].append(o)),
+             down(name, last_p).register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    try:
+        with torch.no_grad():
+            for b in data:
+                model(**b)
+                pruned(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def rows(key: str) -> np.ndarray:
+        return torch.cat([t.reshape(*b["input_ids"].shape, -1)[b["attention_mask"].bool()]
+                          for b, t in zip(data, seen[key], strict=True)]).double().numpy()
+
+    target = rows("out_o") - rows("x_p") - rows("attn_p")
+    A = rows("a_p")  # the kept units' activations in the pruned network (its up projection has only those rows)
+    d = down(name, last)
+    kept = report.units[-1].kept
+    w_kept = d.weight.detach().double().numpy().T[kept]
+    design = np.hstack([A, np.ones((len(A), 1))])
+    sol = np.linalg.lstsq(design, target - A @ w_kept, rcond=None)[0]
+    new = down(name, last_p)
+    np.testing.assert_allclose(new.weight.detach().double().numpy().T, w_kept + sol[:-1], atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(new.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
+
+
+class _ScaledParallelBlock(nn.Module):
+    """A GPT-J look-alike that doubles its FFN branch: ``x + attn(ln_1(x)) + 2 mlp(ln_1(x))`` (the block's own
+    forward plus the FFN output it computed once more; the rest of its outputs, such as a cache, as they were)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.ln_1, self.attn, self.mlp = block.ln_1, block.attn, block.mlp
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        mlp_out: list[torch.Tensor] = []
+        hook = self.mlp.register_forward_hook(lambda _m, _a, o: mlp_out.append(o))
+        try:
+            out = self.block(hidden_states, *args, **kwargs)
+        finally:
+            hook.remove()
+        return (out[0] + mlp_out[0], *out[1:]) if isinstance(out, tuple) else out + mlp_out[0]
+
+
+def test_a_parallel_look_alike_that_scales_a_branch_is_refused() -> None:
+    model, data = build("gptj"), batches(n_batches=2)
+    for i, block in enumerate(list(model.h)):
+        model.h[i] = _ScaledParallelBlock(block)
+    assert [b.kind for b in find_blocks(model)] == ["hf_gptj"] * LAYERS
+    with pytest.raises(ValueError, match="down projection's output is not added straight to the block output"):
+        prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
