@@ -13,6 +13,7 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
+    ``_HFBartBlock`` (BART-family encoder and decoder layers, post-LN or pre-LN as their forward reads),
     ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
@@ -342,6 +343,12 @@ class _Block:
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
         """The LayerNorm applied right after the stage's residual sum (post-LN), or ``None`` (pre-LN)."""
         return None
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        """(module, positional index) whose input is the attention's residual sum in a pre-LN block, read by the
+        layout check: the FFN's residual input, where the FFN comes next."""
+        entry = self.residual_input("ffn")
+        return entry if isinstance(entry, tuple) else None
 
     def output_scale(self, stage: str) -> torch.Tensor | None:
         """Per-channel factor applied to the stage's consumer output before the residual sum (a layer scale, as
@@ -757,13 +764,34 @@ class _HFDistilBertBlock(_HFBlock):
     N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
 
 
-class _HFOPTBlock(_HFBlock):
-    """OPT decoder layers (``OPTDecoderLayer``): ``self_attn.{q,k,v,out}_proj``, ``fc1 / fc2``,
-    ``self_attn_layer_norm`` / ``final_layer_norm``; pre-LN where ``do_layer_norm_before`` (OPT-125m, 1.3b and
-    larger), post-LN otherwise (OPT-350m). The layer runs its FFN on the tokens flattened to (batch * tokens,
-    features); its attention reshapes to ``embed_dim`` in transformers 4, which therefore follows the heads."""
+@functools.cache
+def _norm_first(cls: type[nn.Module]) -> bool | None:
+    """Whether the layer's forward calls ``self.final_layer_norm`` before ``self.fc1`` (pre-LN) or after (post-LN),
+    read from the source of the first ``forward`` along the class's MRO that makes both calls (a subclass may
+    delegate to its parent's); ``None`` where none does. The functional layout check on the first batch then
+    confirms the reading (a wrong one is refused, never used)."""
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        try:
+            src = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return None
+        norm, fc1 = src.find("self.final_layer_norm("), src.find("self.fc1(")
+        if norm >= 0 and fc1 >= 0:
+            return norm < fc1
+    return None
 
-    kind = "hf_opt"
+
+class _HFBartBlock(_HFBlock):
+    """BART-family layers, encoder or decoder: ``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
+    ``fc1 / fc2``, ``final_layer_norm``. Post-LN in BART, Marian and PLBart; pre-LN in mBART, Pegasus, M2M100 /
+    NLLB, Blenderbot, Whisper, XGLM and BioGPT (read from the order of the calls in the layer's forward, then
+    checked on the first batch like every layout). A decoder layer's cross-attention (``encoder_attn``) is left
+    as it is: the self-attention's heads and the FFN are pruned. The attention reshapes to ``embed_dim`` in
+    transformers 4, which therefore follows the heads."""
+
+    kind = "hf_bart"
     SA, QKV, OUT = "self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn.out_proj"
     UP, DOWN = "fc1", "fc2"
     NORM_HEADS, NORM_FFN = "self_attn_layer_norm", "final_layer_norm"
@@ -772,16 +800,44 @@ class _HFOPTBlock(_HFBlock):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return isinstance(getattr(module, "do_layer_norm_before", None), bool) and super().matches(module)
+        return (all(isinstance(_get(module, p), nn.LayerNorm) for p in (cls.NORM_HEADS, cls.NORM_FFN))
+                and cls._norm_order_known(module) and super().matches(module))
+
+    @staticmethod
+    def _norm_order_known(module: nn.Module) -> bool:
+        return not hasattr(module, "do_layer_norm_before") and _norm_first(type(module)) is not None
+
+    def _pre_ln(self) -> bool:
+        return bool(_norm_first(type(self.module)))
 
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
-        return None if self.module.do_layer_norm_before else super().post_norm(stage)
+        return None if self._pre_ln() else super().post_norm(stage)
 
     def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
         if stage != "ffn":
             return None
         # post-LN: final_layer_norm(x + fc2(act(fc1(x)))), the FFN input is the residual
-        return (self.module.final_layer_norm if self.module.do_layer_norm_before else self.module.fc1, 0)
+        return (self.module.final_layer_norm if self._pre_ln() else self.module.fc1, 0)
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        # a pre-LN decoder layer's cross-attention comes between: x + self_attn(.) enters encoder_attn_layer_norm
+        cross = _get(self.module, "encoder_attn_layer_norm")
+        return (cross, 0) if self._pre_ln() and isinstance(cross, nn.LayerNorm) else super().heads_sum_input()
+
+
+class _HFOPTBlock(_HFBartBlock):
+    """OPT decoder layers (``OPTDecoderLayer``): the parts of the BART family; pre-LN where
+    ``do_layer_norm_before`` (OPT-125m, 1.3b and larger), post-LN otherwise (OPT-350m). The layer runs its FFN on
+    the tokens flattened to (batch * tokens, features)."""
+
+    kind = "hf_opt"
+
+    @staticmethod
+    def _norm_order_known(module: nn.Module) -> bool:
+        return isinstance(getattr(module, "do_layer_norm_before", None), bool)
+
+    def _pre_ln(self) -> bool:
+        return bool(self.module.do_layer_norm_before)
 
 
 class _HFGPT2Block(_HFBlock):
@@ -1135,8 +1191,8 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
                                            _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _HFOPTBlock, _HFGPT2Block, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock,
-                                           _HFGPTNeoXBlock, _TorchEncoderBlock)
+                                           _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFLlamaBlock, _HFPhiBlock,
+                                           _HFGPTJBlock, _HFGPTNeoXBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -861,7 +861,8 @@ def prune_transformer(
     model : torch.nn.Module
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
-        heads pruned as key/value groups), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-J,
+        heads pruned as key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-J,
         GPT-NeoX (Pythia) and Phi decoder layers (the last three with parallel attention and FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
@@ -1007,8 +1008,9 @@ def prune_transformer(
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
-                         "encoder layers, Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT, GPT-2, "
-                         "GPT-J, GPT-NeoX (Pythia) and Phi decoder layers and torch.nn.TransformerEncoderLayer")
+                         "encoder layers, BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), "
+                         "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT, GPT-2, GPT-J, GPT-NeoX "
+                         "(Pythia) and Phi decoder layers and torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
     if "ffn" in stages:
@@ -1033,8 +1035,9 @@ def prune_transformer(
     # said when the blocks do not chain, the usual reason then (CLIPModel's text and vision towers)
     stacks_note = "" if len(stacks) < 2 else (
         f" The model holds {len(stacks)} stacks of blocks ({', '.join(map(repr, stacks))}), e.g. the text and "
-        "vision towers of CLIPModel: prune each tower's model on its own (prune_transformer(model.text_model, "
-        "text_batches, ...), prune_transformer(model.vision_model, image_batches, ...)) and put them back.")
+        "vision towers of CLIPModel or the encoder and decoder of BART or Whisper: prune each stack's model on "
+        "its own (prune_transformer(model.text_model, text_batches, ...), prune_transformer(model.vision_model, "
+        "image_batches, ...); a decoder's batches carry its encoder_hidden_states) and put them back.")
     with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
@@ -1432,8 +1435,8 @@ def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Modul
         norm = block.post_norm(s)
         if norm is not None:
             probes["sum_" + s] = (norm, 0)
-        elif s == "heads" and isinstance(block.residual_input("ffn"), tuple):
-            probes["sum_" + s] = block.residual_input("ffn")
+        elif s == "heads" and block.heads_sum_input() is not None:
+            probes["sum_" + s] = block.heads_sum_input()
     return probes
 
 
