@@ -17,8 +17,9 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
-    fused head by head; also sequential) and ``_HFPhiBlock`` (Phi-1/1.5/2), whose branches' residual is read from
-    the block output (:data:`BLOCK_OUTPUT`).
+    fused head by head; also sequential), ``_HFPhiBlock`` (Phi-1/1.5/2) and ``_HFCohereBlock``, whose branches'
+    residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
+    ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -987,6 +988,42 @@ class _HFPhiBlock(_HFLlamaBlock):
         return BLOCK_OUTPUT
 
 
+class _HFStarcoder2Block(_HFLlamaBlock):
+    """StarCoder2 (``Starcoder2DecoderLayer``): the Llama-style attention (``self_attn.{q,k,v,o}_proj``, grouped
+    query attention) with a plain FFN ``mlp.c_fc / c_proj`` and LayerNorms, pre-LN."""
+
+    kind = "hf_starcoder2"
+    GATE, UP, DOWN = None, "mlp.c_fc", "mlp.c_proj"
+
+
+class _HFCohereBlock(_HFLlamaBlock):
+    """Cohere Command-R (``CohereDecoderLayer``): the Llama-style attention and gated FFN, one LayerNorm
+    ``input_layernorm`` read by both branches, summed in parallel: ``x + attn(norm(x)) + mlp(norm(x))``."""
+
+    kind = "hf_cohere"
+    RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _get(module, "post_attention_layernorm") is None and super().matches(module)
+
+    def residual_input(self, stage: str) -> str:
+        return BLOCK_OUTPUT
+
+
+class _HFGPTNeoBlock(_HFBlock):
+    """GPT-Neo (``GPTNeoBlock``): ``attn.attention.{q,k,v,out}_proj``, ``mlp.c_fc / c_proj``, ``ln_1 / ln_2``,
+    pre-LN; global and local (windowed) attention layers alike (a local layer applies its window itself)."""
+
+    kind = "hf_gpt_neo"
+    SA, QKV, OUT = "attn.attention", ("q_proj", "k_proj", "v_proj"), "attn.attention.out_proj"
+    UP, DOWN = "mlp.c_fc", "mlp.c_proj"
+    NORM_HEADS = NORM_FFN = "-"
+    RESID_FFN = ("ln_2", 0)  # x + mlp(ln_2(x))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
+    PLAIN = frozenset({"attn_dropout", "resid_dropout"})
+
+
 class _HFGPTJBlock(_HFBlock):
     """GPT-J (``GPTJBlock``): ``attn.{q,k,v,out}_proj``, ``mlp.fc_in / fc_out``, one LayerNorm ``ln_1`` read by both
     branches, which are summed in parallel: ``x + attn(ln_1(x)) + mlp(ln_1(x))``. The residual of each branch is
@@ -1004,12 +1041,30 @@ class _HFGPTJBlock(_HFBlock):
         return BLOCK_OUTPUT
 
 
-class _HFGPTNeoXBlock(_HFBlock):
-    """GPT-NeoX and Pythia (``GPTNeoXLayer``): the fused projection ``attention.query_key_value``, laid out head by
-    head (head ``h`` owns rows ``3 h head_size ... 3 (h + 1) head_size - 1``: its query, key and value),
+class _FusedQKVByHead(_HFBlock):
+    """A query/key/value projection fused head by head (``QKV[0]``; head ``h`` owns rows ``3 h d ... 3 (h + 1) d -
+    1``: its query, key and value, ``d = head_dim``), as in GPT-NeoX and BLOOM; the attention's head count
+    ``N_HEADS``, where it keeps one, follows the heads."""
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.out_proj.in_features) // self.head_dim
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        keep = keep.to(self.out_proj.weight.device)
+        self._cut_attention((_head_rows(keep, 3 * self.head_dim),), _head_rows(keep, self.head_dim), out_weight,
+                            out_bias)
+        sa = _get(self.module, self.SA)
+        if hasattr(sa, self.N_HEADS):
+            setattr(sa, self.N_HEADS, int(keep.numel()))
+
+
+class _HFGPTNeoXBlock(_FusedQKVByHead):
+    """GPT-NeoX and Pythia (``GPTNeoXLayer``): the fused projection ``attention.query_key_value`` (head by head),
     ``attention.dense``, ``mlp.dense_h_to_4h / dense_4h_to_h``, ``input_layernorm`` / ``post_attention_layernorm``,
     pre-LN; the attention and FFN are summed in parallel (``use_parallel_residual``, Pythia's setting) or one after
-    the other. transformers 4 sizes the attention's views by ``num_attention_heads``, which follows the heads."""
+    the other. transformers 4 sizes the attention's views by ``num_attention_heads``."""
 
     kind = "hf_gpt_neox"
     SA, QKV, OUT = "attention", ("query_key_value",), "attention.dense"
@@ -1037,18 +1092,28 @@ class _HFGPTNeoXBlock(_HFBlock):
             return BLOCK_OUTPUT
         return super().residual_input(stage)
 
-    @property
-    def num_heads(self) -> int:
-        return int(self.out_proj.in_features) // self.head_dim
 
-    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
-                     out_bias: torch.Tensor | None = None) -> None:
-        keep = keep.to(self.out_proj.weight.device)
-        self._cut_attention((_head_rows(keep, 3 * self.head_dim),), _head_rows(keep, self.head_dim), out_weight,
-                            out_bias)
-        sa = _get(self.module, self.SA)
-        if hasattr(sa, self.N_HEADS):
-            setattr(sa, self.N_HEADS, int(keep.numel()))
+class _HFBloomBlock(_FusedQKVByHead):
+    """BLOOM (``BloomBlock``): ``self_attention.query_key_value`` (fused head by head), ``self_attention.dense``,
+    ``mlp.dense_h_to_4h / dense_4h_to_h``, pre-LN. The attention and the MLP add their residual themselves
+    (``self_attention(x, residual)``, ``mlp(x, residual)``; the LayerNorm output with
+    ``apply_residual_connection_post_layernorm``). ALiBi's per-head slopes are built by the model for all its heads,
+    so removing heads is refused by the head-layout check; the FFN is pruned."""
+
+    kind = "hf_bloom"
+    SA, QKV, OUT = "self_attention", ("query_key_value",), "self_attention.dense"
+    UP, DOWN = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
+    NORM_HEADS = NORM_FFN = "-"
+    RESID_FFN = ("mlp", 1)  # BloomMLP.forward(hidden_states, residual): dense_4h_to_h(...) + residual
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
+    PLAIN = frozenset({"attention_dropout"})
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        # BloomAttention.forward(hidden_states, residual, ...): dense(context) + residual
+        return (_get(self.module, self.SA), 1) if stage == "heads" else super().residual_input(stage)
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        return (self.module.post_attention_layernorm, 0)  # the attention output, residual included
 
 
 class _TorchEncoderBlock(_Block):
@@ -1191,8 +1256,9 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
                                            _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFLlamaBlock, _HFPhiBlock,
-                                           _HFGPTJBlock, _HFGPTNeoXBlock, _TorchEncoderBlock)
+                                           _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block,
+                                           _HFCohereBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
+                                           _HFGPTNeoXBlock, _HFBloomBlock, _TorchEncoderBlock)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -862,8 +862,8 @@ def prune_transformer(
         A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
         heads pruned as key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
-        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-J,
-        GPT-NeoX (Pythia) and Phi decoder layers (the last three with parallel attention and FFN) or
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, BLOOM (FFN),
+        StarCoder2, and GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (parallel attention and FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
@@ -1009,8 +1009,9 @@ def prune_transformer(
         raise ValueError("no transformer block found: supported are Hugging Face BERT-style layers (BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
                          "encoder layers, BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), "
-                         "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3), OPT, GPT-2, GPT-J, GPT-NeoX "
-                         "(Pythia) and Phi decoder layers and torch.nn.TransformerEncoderLayer")
+                         "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2), OPT, GPT-2, "
+                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi and BLOOM decoder layers and "
+                         "torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
     if "ffn" in stages:
