@@ -601,6 +601,17 @@ class _HFBertBlock(_HFBlock):
     PLAIN = frozenset({"dropout", "distance_embedding"})
 
 
+class _HFDebertaV2Block(_HFBertBlock):
+    """DeBERTa-v2 and v3 (``DebertaV2Layer``): BERT's layout with ``attention.self.{query,key,value}_proj``. The
+    relative-position terms project the shared position embeddings through the same query and key projections
+    (``share_att_key``, DeBERTa-v3's setting), so they lose the removed heads' rows with them; separate
+    ``pos_key_proj`` / ``pos_query_proj`` are refused for heads (the FFN is pruned)."""
+
+    kind = "hf_deberta_v2"
+    QKV = ("query_proj", "key_proj", "value_proj")
+    PLAIN = frozenset({"dropout", "pos_dropout"})
+
+
 class _HFMPNetBlock(_HFBertBlock):
     """MPNet (``MPNetLayer``, e.g. all-mpnet-base-v2): the BERT layout with ``attention.attn.{q,k,v,o}`` and the
     attention's LayerNorm at ``attention.LayerNorm``. Its attention adds a relative position bias with one channel
@@ -1254,11 +1265,11 @@ class _TorchEncoderBlock(_Block):
             self.shrink_heads(torch.arange(num_heads))
 
 
-_BLOCK_KINDS: tuple[type[_Block], ...] = (_HFBertBlock, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock,
-                                           _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock,
-                                           _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block,
-                                           _HFCohereBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
-                                           _HFGPTNeoXBlock, _HFBloomBlock, _TorchEncoderBlock)
+_BLOCK_KINDS: tuple[type[_Block], ...] = (
+    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
+    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
+    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _TorchEncoderBlock,
+)
 
 
 def find_blocks(model: nn.Module) -> list[_Block]:

@@ -1,5 +1,5 @@
-"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, MPNet, ViT and CLIP (text and vision
-towers), tiny randomly initialised models (no download).
+"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, DeBERTa-v3, MPNet, ViT and CLIP (text
+and vision towers), tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the consumer set to zero (pruning without refit
 must give exactly its outputs: this checks which rows, columns and head channels go, including MPNet's per-head
@@ -30,6 +30,14 @@ LAYOUTS = {
     "distilbert": (lambda: transformers.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
                                                          n_heads=HEADS, hidden_dim=INTER, max_position_embeddings=32),
                    "DistilBertModel", "hf_distilbert", "ffn.lin2", "attention.out_lin", True),
+    # DeBERTa-v3's relative attention: the position terms go through the shared query and key projections
+    "deberta_v3": (lambda: transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                        num_attention_heads=HEADS, intermediate_size=INTER,
+                                                        relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                        share_att_key=True, position_buckets=8,
+                                                        max_relative_positions=16, norm_rel_ebd="layer_norm",
+                                                        position_biased_input=False),
+                   "DebertaV2Model", "hf_deberta_v2", "output.dense", "attention.output.dense", True),
     "mpnet": (lambda: transformers.MPNetConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                                num_attention_heads=HEADS, intermediate_size=INTER,
                                                max_position_embeddings=40),
@@ -487,3 +495,19 @@ def test_dinov2_baselines_score_the_weights_times_the_layer_scale(method: str) -
     assert want != sorted(torch.argsort(raw, descending=True)[: n // 2].tolist())  # the scale matters here
     _, report = prune_transformer(model, data, keep={0: 0.5}, target="ffn", method=method, reweight=False)
     assert sorted(report.units[0].kept) == want
+
+
+def test_deberta_with_separate_position_projections_prunes_its_ffn_and_refuses_heads() -> None:
+    """DeBERTa-v2 without share_att_key projects the positions through pos_key_proj / pos_query_proj, laid out by
+    head too: not shrunk by the adapter, so head pruning is refused with what to do; the FFN is pruned."""
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                       num_attention_heads=HEADS, intermediate_size=INTER, relative_attention=True,
+                                       pos_att_type=["p2c", "c2p"], share_att_key=False, max_relative_positions=16)
+    model = transformers.DebertaV2Model(cfg).eval()
+    data = batches("distilbert")
+    with pytest.raises(ValueError, match=r"pos_key_proj, pos_query_proj.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target="heads")
+    pruned, report = prune_transformer(model, data, keep=1.0, target="ffn", reweight=False)
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
