@@ -980,7 +980,19 @@ class _HFLlamaBlock(_HFBlock):
         return {**super().spec(), "num_key_value_heads": self.head_units}
 
 
-class _HFPhiBlock(_HFLlamaBlock):
+class _ParallelBranches(_HFBlock):
+    """Attention and FFN read one norm and are summed in parallel, ``x + attn(norm(x)) + mlp(norm(x))`` (GPT-J,
+    Phi, Cohere): no norm between the two sums, and each branch's residual is the block output minus that branch."""
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _get(module, "post_attention_layernorm") is None and super().matches(module)
+
+    def residual_input(self, stage: str) -> str:
+        return BLOCK_OUTPUT
+
+
+class _HFPhiBlock(_ParallelBranches, _HFLlamaBlock):
     """Phi-1, Phi-1.5 and Phi-2 (``PhiDecoderLayer``): ``self_attn.{q,k,v}_proj``, ``self_attn.dense``, the plain
     FFN ``mlp.fc1 / fc2``, one LayerNorm ``input_layernorm`` read by both branches, summed in parallel:
     ``x + attn(norm(x)) + mlp(norm(x))``. Attention units are key/value groups, as for the Llama-style decoders."""
@@ -991,13 +1003,6 @@ class _HFPhiBlock(_HFLlamaBlock):
     RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
     PLAIN = frozenset({"dropout", "rotary_emb", "q_layernorm", "k_layernorm"})
 
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return _get(module, "post_attention_layernorm") is None and super().matches(module)
-
-    def residual_input(self, stage: str) -> str:
-        return BLOCK_OUTPUT
-
 
 class _HFStarcoder2Block(_HFLlamaBlock):
     """StarCoder2 (``Starcoder2DecoderLayer``): the Llama-style attention (``self_attn.{q,k,v,o}_proj``, grouped
@@ -1007,19 +1012,12 @@ class _HFStarcoder2Block(_HFLlamaBlock):
     GATE, UP, DOWN = None, "mlp.c_fc", "mlp.c_proj"
 
 
-class _HFCohereBlock(_HFLlamaBlock):
+class _HFCohereBlock(_ParallelBranches, _HFLlamaBlock):
     """Cohere Command-R (``CohereDecoderLayer``): the Llama-style attention and gated FFN, one LayerNorm
     ``input_layernorm`` read by both branches, summed in parallel: ``x + attn(norm(x)) + mlp(norm(x))``."""
 
     kind = "hf_cohere"
     RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return _get(module, "post_attention_layernorm") is None and super().matches(module)
-
-    def residual_input(self, stage: str) -> str:
-        return BLOCK_OUTPUT
 
 
 class _HFGPTNeoBlock(_HFBlock):
@@ -1035,7 +1033,7 @@ class _HFGPTNeoBlock(_HFBlock):
     PLAIN = frozenset({"attn_dropout", "resid_dropout"})
 
 
-class _HFGPTJBlock(_HFBlock):
+class _HFGPTJBlock(_ParallelBranches, _HFBlock):
     """GPT-J (``GPTJBlock``): ``attn.{q,k,v,out}_proj``, ``mlp.fc_in / fc_out``, one LayerNorm ``ln_1`` read by both
     branches, which are summed in parallel: ``x + attn(ln_1(x)) + mlp(ln_1(x))``. The residual of each branch is
     the block output minus that branch (checked on the first batch)."""
@@ -1047,9 +1045,6 @@ class _HFGPTJBlock(_HFBlock):
     RESID_FFN = ("ln_1", 0)  # what the layout is recognised by; the residual itself is read from the block output
     N_HEADS, HEAD_SIZE, ALL_HEADS = "num_attention_heads", "head_dim", None
     PLAIN = frozenset({"attn_dropout", "resid_dropout"})
-
-    def residual_input(self, stage: str) -> str:
-        return BLOCK_OUTPUT
 
 
 class _FusedQKVByHead(_HFBlock):

@@ -68,6 +68,25 @@ def captured_input(net: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
     return seen[0]
 
 
+def ragged_token_batches(vocab: int, n_batches: int = 4, b: int = 6, t: int = 10, seed: int = 1,
+                         garbage: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Ragged token batches for the decoder tests, right-padded and left-padded in turn; padded positions hold id 0
+    (``garbage``: random ids drawn from another generator, the real tokens unchanged). Ids start at 3 (0-2 are
+    the tiny configs' special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    g_pad = torch.Generator().manual_seed(seed + 1000)
+    out = []
+    for i in range(n_batches):
+        ids = torch.randint(3, vocab, (b, t), generator=g)
+        lengths = torch.randint(3, t + 1, (b,), generator=g)
+        lengths[0] = t
+        pos = torch.arange(t).view(1, -1)
+        mask = pos < lengths.view(-1, 1) if i % 2 == 0 else pos >= t - lengths.view(-1, 1)
+        pad = torch.randint(3, vocab, (b, t), generator=g_pad) if garbage else torch.zeros_like(ids)
+        out.append({"input_ids": torch.where(mask, ids, pad), "attention_mask": mask.long()})
+    return out
+
+
 def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor,
                         offsets: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
     """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's

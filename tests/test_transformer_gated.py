@@ -14,6 +14,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _torch_helpers import captured_input, ragged_token_batches
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -59,20 +60,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 def batches(n_batches: int = 4, b: int = 6, t: int = 10, seed: int = 1, garbage: bool = False
             ) -> list[dict[str, torch.Tensor]]:
-    """Ragged batches, right-padded and left-padded in turn; padded positions hold id 0 (``garbage``: random
-    ids drawn from another generator, the real tokens unchanged)."""
-    g = torch.Generator().manual_seed(seed)
-    g_pad = torch.Generator().manual_seed(seed + 1000)
-    out = []
-    for i in range(n_batches):
-        ids = torch.randint(3, VOCAB, (b, t), generator=g)
-        lengths = torch.randint(3, t + 1, (b,), generator=g)
-        lengths[0] = t
-        pos = torch.arange(t).view(1, -1)
-        mask = pos < lengths.view(-1, 1) if i % 2 == 0 else pos >= t - lengths.view(-1, 1)
-        pad = torch.randint(3, VOCAB, (b, t), generator=g_pad) if garbage else torch.zeros_like(ids)
-        out.append({"input_ids": torch.where(mask, ids, pad), "attention_mask": mask.long()})
-    return out
+    return ragged_token_batches(VOCAB, n_batches, b, t, seed, garbage)
 
 
 def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -165,15 +153,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
                                        weighting="none")
     for i, layer in enumerate(layers(model)):
         down = layer.mlp.down_proj
-        rows: list[torch.Tensor] = []
-        hook = down.register_forward_pre_hook(lambda _m, args, rows=rows: rows.append(args[0].detach()))
-        try:
-            with torch.no_grad():
-                for b in data:
-                    model(**b)
-        finally:
-            hook.remove()
-        A = torch.cat([a[b["attention_mask"].bool()] for b, a in zip(data, rows, strict=True)]).double().numpy()
+        A = torch.cat([captured_input(model, down, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
         Y = A @ down.weight.detach().double().numpy().T
         kept = report.units[i].kept
         has_bias = down.bias is not None

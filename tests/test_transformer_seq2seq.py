@@ -16,6 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _torch_helpers import captured_input
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -147,14 +148,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
                                        weighting="none")
     layers = [b.module for b in find_blocks(model)]
     for i, layer in enumerate(layers):
-        rows: list[torch.Tensor] = []
-        hook = layer.fc2.register_forward_pre_hook(lambda _m, args, rows=rows: rows.append(args[0].detach()))
-        try:
-            with torch.no_grad():
-                for b in data:
-                    model(**b)
-        finally:
-            hook.remove()
+        rows = [captured_input(model, layer.fc2, b) for b in data]
         A = torch.cat([a[b["attention_mask"].bool()] if "attention_mask" in b else a.reshape(-1, a.shape[-1])
                        for b, a in zip(data, rows, strict=True)]).double().numpy()
         w = layer.fc2.weight.detach().double().numpy().T

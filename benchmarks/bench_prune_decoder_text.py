@@ -1,0 +1,182 @@
+"""Quality benchmark on causal language models: pruning small GPT-2 and Pythia-style (GPT-NeoX, parallel attention
+and FFN) decoders trained here on text, without fine-tuning.
+
+No pretrained decoder can be downloaded on this machine, so each architecture is trained once on bytes of English
+text (sentences from the docstrings of the Python standard library, the MiniLM benchmark's source; vocabulary: the
+256 byte values; 4 layers, width 128, 4 heads, FFN 512, windows of 64 bytes) and cached in ``$SUBMOD_CACHE_DIR``
+like the demo's CNN. The sentences are split three ways, disjoint: training, calibration (the unlabeled windows
+the pruner sees) and evaluation. For every target (FFN neurons or attention heads, in every block), fraction kept
+and seed (the seed draws the calibration windows and the random baseline's units) the model is pruned with the
+greedy methods (asym, layer; least-squares refit) and the baselines (Wanda-style, magnitude and random with the same
+refit; magnitude without refit, what Torch-Pruning gives before fine-tuning), and measured on the evaluation
+windows: perplexity of the next byte (labels: the text itself, never seen by the pruner) and the KL divergence of
+the pruned model's next-byte distribution from the unpruned one's (label-free fidelity). Prints means over seeds and
+RATIOS of the perplexity increase (pruned / unpruned - 1) against the baselines measured in the same run. All
+figures are empirical estimates on this data (no guarantee is involved).
+
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia] [--targets ffn heads] [--keep 0.5 0.25]
+      [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import transformers
+from minilm import stdlib_sentences
+
+import nn_adapters as nna
+from nn_adapters.digits import cache_dir
+from nn_adapters.transformer import load_pruned, save_pruned
+
+WINDOW, WIDTH, LAYERS, HEADS, FFN = 64, 128, 4, 4, 512
+METHODS = [("asym", "asym", True), ("layer", "layer", True), ("wanda+refit", "wanda", True),
+           ("magnitude+refit", "magnitude", True), ("random+refit", "random", True),
+           ("magnitude (no refit)", "magnitude", False)]
+BASELINES = ("wanda+refit", "magnitude+refit", "magnitude (no refit)")
+
+
+def corpus() -> tuple[bytes, bytes, bytes]:
+    """Training, calibration and evaluation text (disjoint sentences, 80 / 10 / 10 %), one sentence per line."""
+    sents = stdlib_sentences(seed=0)
+    n = len(sents)
+    cut1, cut2 = int(0.8 * n), int(0.9 * n)
+    join = lambda part: ("\n".join(part) + "\n").encode("utf-8")  # noqa: E731
+    return join(sents[:cut1]), join(sents[cut1:cut2]), join(sents[cut2:])
+
+
+def windows(text: bytes, n: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``WINDOW`` bytes at random offsets of ``text`` (token ids = byte values)."""
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - WINDOW, (n,), generator=g)
+    return torch.stack([data[s:s + WINDOW] for s in starts.tolist()])
+
+
+def build(arch: str) -> torch.nn.Module:
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=256, n_positions=WINDOW, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+                                      n_inner=FFN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10,
+                                      eos_token_id=10)
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                     num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+                                     use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
+    return transformers.GPTNeoXForCausalLM(cfg)
+
+
+def train(arch: str, text: bytes, steps: int) -> torch.nn.Module:
+    """AdamW on random windows of the training text, batch 32, warm-up then cosine decay (seeded)."""
+    torch.manual_seed(0)
+    model = build(arch).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    for i in range(steps):
+        x = windows(text, 32, seed=10_000 + i)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (i + 1) % 250 == 0:
+            print(f"  {arch} step {i + 1}/{steps}: training loss {loss.item():.3f} nats/byte", flush=True)
+    return model.eval()
+
+
+def trained(arch: str, text: bytes, steps: int, retrain: bool) -> tuple[torch.nn.Module, float | None]:
+    """The trained model from the cache (a :func:`~nn_adapters.transformer.save_pruned` directory) or trained now
+    and cached; also the training time (``None`` when cached)."""
+    path = cache_dir() / f"bytes-{arch}-w{WIDTH}-l{LAYERS}-s{steps}-v1"
+    if path.exists() and not retrain:
+        try:
+            return load_pruned(path).eval(), None
+        except (ValueError, RuntimeError, OSError) as exc:  # stale or unreadable: train again
+            print(f"ignoring the cache {path}: {exc}")
+    t0 = time.perf_counter()
+    model = train(arch, text, steps)
+    took = time.perf_counter() - t0
+    try:
+        save_pruned(model, path)
+    except OSError as exc:  # read-only home: run without the cache
+        print(f"could not cache the model at {path}: {exc}")
+    return model, took
+
+
+def batches_of(x: torch.Tensor, size: int = 32) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": x[i:i + size], "attention_mask": torch.ones_like(x[i:i + size])}
+            for i in range(0, len(x), size)]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+             ref_logp: list[torch.Tensor] | None = None) -> tuple[float, float, list[torch.Tensor]]:
+    """Perplexity of the next byte, mean KL(unpruned || model) per position (0 without ``ref_logp``), and the
+    log-probabilities."""
+    nll, kl, n, logps = 0.0, 0.0, 0, []
+    for i, b in enumerate(batches):
+        logp = torch.log_softmax(model(**b).logits[:, :-1].double(), dim=-1)
+        target = b["input_ids"][:, 1:]
+        nll += float(-logp.gather(-1, target.unsqueeze(-1)).sum())
+        if ref_logp is not None:
+            kl += float((ref_logp[i].exp() * (ref_logp[i] - logp)).sum())
+        n += target.numel()
+        logps.append(logp)
+    return math.exp(nll / n), kl / n, logps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia"])
+    ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
+                    help="fractions of units kept (default: 0.5 0.25)")
+    ap.add_argument("--seeds", type=int, default=3, help="calibration draws (default: 3)")
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 64 bytes (default: 128)")
+    ap.add_argument("--eval", type=int, default=512, help="evaluation windows (default: 512)")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps of an uncached model (default: 1000)")
+    ap.add_argument("--retrain", action="store_true", help="train again instead of using the cached models")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    random.seed(0)
+    train_text, calib_text, eval_text = corpus()
+    eval_batches = batches_of(windows(eval_text, args.eval, seed=1))
+    print(f"text: {len(train_text)} training, {len(calib_text)} calibration and {len(eval_text)} evaluation bytes; "
+          f"{args.calib} calibration and {args.eval} evaluation windows of {WINDOW} bytes")
+    for arch in args.arch:
+        model, took = trained(arch, train_text, args.steps, args.retrain)
+        base_ppl, _, ref = evaluate(model, eval_batches)
+        how = "cached" if took is None else f"trained in {took:.0f} s"
+        print(f"\n== {arch} ({how}): unpruned perplexity {base_ppl:.3f} per byte")
+        for target in args.targets:
+            for keep in args.keep:
+                res: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in METHODS}
+                for seed in range(args.seeds):
+                    calib = batches_of(windows(calib_text, args.calib, seed=100 + seed))
+                    for label, method, reweight in METHODS:
+                        t0 = time.perf_counter()
+                        pruned, _ = nna.prune(model, calib, keep=keep, target=target, method=method,
+                                              reweight=reweight, seed=seed)
+                        took = time.perf_counter() - t0
+                        ppl, kl, _ = evaluate(pruned, eval_batches, ref)
+                        res[label].append((ppl, kl, took))
+                print(f"\n{arch}, {target}, keep {keep:g} ({args.seeds} seeds): perplexity per byte (unpruned "
+                      f"{base_ppl:.3f}), KL from the unpruned model in millinats per byte, pruning time")
+                print(f"{'method':<22}{'perplexity':>12}{'KL':>9}{'time s':>9}   perplexity increase vs "
+                      + ", ".join(BASELINES))
+                rise = {label: np.mean([r[0] for r in rows]) / base_ppl - 1 for label, rows in res.items()}
+                for label, rows in res.items():
+                    a = np.array(rows)
+                    ratios = "  ".join(f"x{rise[label] / rise[b]:.2f}" if rise[b] > 0 else "n/a" for b in BASELINES)
+                    print(f"{label:<22}{a[:, 0].mean():>12.3f}{1000 * a[:, 1].mean():>9.1f}{a[:, 2].mean():>9.2f}   "
+                          f"{ratios}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
