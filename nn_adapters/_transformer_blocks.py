@@ -19,7 +19,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
     fused head by head; also sequential), ``_HFPhiBlock`` (Phi-1/1.5/2) and ``_HFCohereBlock``, whose branches'
     residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
-    ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP).
+    ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP); ``_HFT5Block``
+    (T5-style blocks, FFN only, each replayed with its own arguments).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -325,6 +326,9 @@ class _Block:
     """Common interface of one transformer block (see module docstring)."""
 
     kind: str
+    #: Whether each block is called with arguments of its own, replayed as captured from the unpruned model (T5's
+    #: relative position bias, computed by the first block and handed on); else every block takes the first's.
+    per_block_context = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -1122,6 +1126,43 @@ class _HFBloomBlock(_FusedQKVByHead):
         return (self.module.post_attention_layernorm, 0)  # the attention output, residual included
 
 
+class _HFT5Block(_HFBlock):
+    """T5, T5 v1.1, Flan-T5, mT5 and UMT5-style blocks (``T5Block``): ``layer[0].SelfAttention.{q,k,v,o}``, an
+    FFN ``layer[-1].DenseReluDense`` (``wi -> act -> wo``, or gated: ``act(wi_0(x)) * wi_1(x) -> wo``), RMS norms
+    before each sublayer (pre-LN); a decoder block's cross-attention ``layer[1]`` is left as it is. The relative
+    position bias is computed by the first block and handed to the others, so each block is replayed with its own
+    captured arguments (``per_block_context``). That bias has one channel per head of the first block, so heads are
+    refused (the FFN is pruned)."""
+
+    kind = "hf_t5"
+    SA, QKV, OUT = "layer.0.SelfAttention", ("q", "k", "v"), "layer.0.SelfAttention.o"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "n_heads", "key_value_proj_dim", "inner_dim"
+    per_block_context = True
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module)
+        self.GATE, self.UP, self.DOWN, self.RESID_FFN = self._ffn_paths(module)
+
+    @staticmethod
+    def _ffn_paths(module: nn.Module) -> tuple[str | None, str, str, tuple[str, int]]:
+        ff = f"layer.{len(module.layer) - 1}"
+        gated = isinstance(_get(module, ff + ".DenseReluDense.wi_0"), nn.Linear)
+        up = ff + (".DenseReluDense.wi_1" if gated else ".DenseReluDense.wi")
+        return (ff + ".DenseReluDense.wi_0" if gated else None), up, ff + ".DenseReluDense.wo", (ff + ".layer_norm", 0)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        layers = getattr(module, "layer", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
+            return False
+        gate, up, down, (norm, _) = cls._ffn_paths(module)
+        sa = _get(module, cls.SA)
+        return (sa is not None and all(isinstance(getattr(sa, n, None), nn.Linear) for n in (*cls.QKV, "o"))
+                and all(isinstance(_get(module, p), nn.Linear) for p in (up, down) + ((gate,) if gate else ()))
+                and _get(module, norm) is not None and hasattr(sa, cls.N_HEADS) and hasattr(sa, cls.HEAD_SIZE))
+
+
 class _TorchEncoderBlock(_Block):
     kind = "torch_encoder_layer"
 
@@ -1263,7 +1304,8 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
-    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _TorchEncoderBlock,
+    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFT5Block,
+    _TorchEncoderBlock,
 )
 
 

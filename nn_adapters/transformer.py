@@ -459,10 +459,19 @@ def _causal_band_tokens(keep: torch.Tensor) -> torch.Tensor | None:
     return valid
 
 
-def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) -> list[dict[str, Any]]:
-    """One model forward per batch, stopped at the first block: its input, call context and token mask."""
+def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
+                         blocks: list[_Block] | None = None) -> list[dict[str, Any]]:
+    """One model forward per batch, stopped at the first block: its input, call context and token mask.
+
+    Where the blocks take arguments of their own (``per_block_context``: T5's relative position bias, computed by
+    the first block and handed on), the forward runs to the last block and the context also holds every later
+    block's arguments under ``"per_block"`` (by block name), which :func:`_fwd` hands to that block. Those
+    arguments come from the unpruned model; that they do not depend on its hidden states is checked by replaying
+    the chain of blocks on the first batch.
+    """
     cached: list[dict[str, Any]] = []
     signature = inspect.signature(block.module.forward) if block.kind == "torch_encoder_layer" else None
+    later = [b for b in (blocks or [])[1:] if block.per_block_context]
     for batch in batches:
         got: dict[str, Any] = {}
 
@@ -475,19 +484,30 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
             else:
                 args, kwargs = leading_input(_m, args, kwargs)
             got["x"] = args[0].detach()
-            got["ctx"] = {"args": tuple(_no_cache(a) for a in args[1:]),
-                          "kwargs": {k: _no_cache(v, k) for k, v in kwargs.items()}}
-            raise _StopForward
+            got["ctx"] = _context(args, kwargs)
+            if not later:
+                raise _StopForward
 
-        handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
+        def later_hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
+                       got: dict[str, Any] = got) -> None:
+            got.setdefault("per_block", {})[name] = _context(*leading_input(m, args, kwargs))
+            if name == later[-1].name:
+                raise _StopForward
+
+        handles = [block.module.register_forward_pre_hook(hook, with_kwargs=True)]
+        handles += [b.module.register_forward_pre_hook(partial(later_hook, name=b.name), with_kwargs=True)
+                    for b in later]
         try:
             _call_model(model, batch)
         except _StopForward:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if "x" not in got:
             raise ValueError(f"the model's forward never reached its first transformer block {block.name!r}")
+        if later:
+            got["ctx"]["per_block"] = got.get("per_block", {})
         x = got["x"]
         if x.is_nested:
             raise ValueError("the first block received a nested tensor; disable the nested-tensor fast path "
@@ -495,6 +515,11 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any]) ->
         valid = _token_mask(batch, block, x, got["ctx"])
         cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
     return cached
+
+
+def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block call's arguments besides its input, as :meth:`_Block.forward` replays them (caches dropped)."""
+    return {"args": tuple(_no_cache(a) for a in args[1:]), "kwargs": {k: _no_cache(v, k) for k, v in kwargs.items()}}
 
 
 def _no_cache(value: Any, name: str = "") -> Any:
@@ -863,7 +888,8 @@ def prune_transformer(
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
         heads pruned as key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
         Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, BLOOM (FFN),
-        StarCoder2, and GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (parallel attention and FFN) or
+        StarCoder2, GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (parallel attention and FFN), T5
+        blocks (FFN only) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
@@ -1010,7 +1036,7 @@ def prune_transformer(
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
                          "encoder layers, BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), "
                          "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2), OPT, GPT-2, "
-                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi and BLOOM decoder layers and "
+                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi and BLOOM decoder layers, T5 blocks (FFN) and "
                          "torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
@@ -1142,7 +1168,7 @@ def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: 
 
 def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> torch.Tensor:
     counter[0] += 1
-    return block.forward(x, ctx)
+    return block.forward(x, ctx.get("per_block", {}).get(block.name, ctx))
 
 
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
@@ -1160,7 +1186,7 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        cache = _capture_first_block(orig, orig_blocks[0], batches)
+        cache = _capture_first_block(orig, orig_blocks[0], batches, orig_blocks)
         chain = _capture_chain(orig, orig_blocks, batches[0], stacks_note)
         counter[0] += len(orig_blocks)  # that full forward ran every block once
         if heads:
@@ -1284,10 +1310,13 @@ def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str
     calls: list[tuple[tuple, dict]] = []
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        args, kwargs = leading_input(_m, args, kwargs)
-        calls.append((tuple(_no_cache(a) for a in args[1:]), {k: _no_cache(v, k) for k, v in kwargs.items()}))
+        ctx = _context(*leading_input(_m, args, kwargs))
+        calls.append((ctx["args"], ctx["kwargs"]))
 
-    handles = [b.module.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    # blocks with arguments of their own (T5) are replayed with them: the chain check of prune_transformer then
+    # compares each replayed block input with the model's own
+    handles = [] if blocks[0].per_block_context else [b.module.register_forward_pre_hook(hook, with_kwargs=True)
+                                                      for b in blocks]
     try:
         _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
     finally:
