@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 rise = {label: np.mean([r[0] for r in rows]) / base_ppl - 1 for label, rows in res.items()}
                 for label, rows in res.items():
                     a = np.array(rows)
-                    ratios = "  ".join(f"x{rise[label] / rise[b]:.2f}" if rise[b] > 0 else "n/a" for b in BASELINES)
+                    ratios = "  ".join(f"x{rise[label] / rise[b]:.3g}" if rise[b] > 0 else "n/a" for b in BASELINES)
                     print(f"{label:<22}{a[:, 0].mean():>12.3f}{1000 * a[:, 1].mean():>9.1f}{a[:, 2].mean():>9.2f}   "
                           f"{ratios}")
     return 0
