@@ -19,7 +19,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
     fused head by head; also sequential), ``_HFPhiBlock`` (Phi-1/1.5/2) and ``_HFCohereBlock``, whose branches'
     residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
-    ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP); ``_HFT5Block``
+    ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
+    ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence); ``_HFT5Block``
     (T5-style blocks, FFN only, each replayed with its own arguments).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
@@ -1126,6 +1127,80 @@ class _HFBloomBlock(_FusedQKVByHead):
         return (self.module.post_attention_layernorm, 0)  # the attention output, residual included
 
 
+class _HFFalconBlock(_HFBlock):
+    """Falcon (``FalconDecoderLayer``): the fused ``self_attention.query_key_value``, ``self_attention.dense``,
+    ``mlp.dense_h_to_4h / dense_4h_to_h``, pre-LN. Attention and FFN run in parallel (the new decoder architecture of
+    Falcon-40B/180B, or ``parallel_attn`` as in Falcon-7B) or one after the other. The fused projection holds, by
+    layout: key/value groups, each its query heads then its key and value head (new architecture; a unit is a
+    group); all query heads then one shared key and value head (``multi_query``; a unit is a query head, the shared
+    rows stay); or query, key and value head by head (a unit is a head). Falcon-RW's ALiBi slopes are built for all
+    heads: its heads are refused by the head-layout check."""
+
+    kind = "hf_falcon"
+    SA, QKV, OUT = "self_attention", ("query_key_value",), "self_attention.dense"
+    UP, DOWN = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("mlp", 0)  # what the layout is recognised by; residual_input says where the residual is read
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
+    PLAIN = frozenset({"attention_dropout", "rotary_emb"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        flags = ("new_decoder_architecture", "multi_query")
+        return (all(isinstance(getattr(sa, f, None), bool) for f in flags)
+                and isinstance(getattr(getattr(module, "config", None), "parallel_attn", None), bool)
+                and isinstance(getattr(sa, "num_kv_heads", None), int) and super().matches(module))
+
+    def _parallel(self) -> bool:
+        return bool(self.module.config.new_decoder_architecture or self.module.config.parallel_attn)
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | None:
+        if self._parallel():
+            return BLOCK_OUTPUT
+        # one after the other: x + attn(ln(x)) enters post_attention_layernorm, then the FFN's sum
+        return (self.module.post_attention_layernorm, 0) if stage == "ffn" else None
+
+    @property
+    def _grouped(self) -> bool:
+        return bool(_get(self.module, self.SA).new_decoder_architecture)
+
+    @property
+    def head_units(self) -> int:
+        return int(_get(self.module, self.SA).num_kv_heads) if self._grouped else self.num_heads
+
+    @property
+    def head_unit_width(self) -> int:
+        return self.num_heads // self.head_units * self.head_dim
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        sa = _get(self.module, self.SA)
+        w = sa.query_key_value.weight
+        # multi-query: the shared key and value rows belong to no head
+        return [w[:self.num_heads * self.head_dim]] if sa.multi_query and not self._grouped else [w]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        keep = keep.to(self.out_proj.weight.device)
+        d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
+        if self._grouped:  # per group: its query heads, then its key and value heads
+            per = n // int(sa.num_kv_heads)
+            rows, cols = _head_rows(keep, (per + 2) * d), _head_rows(keep, per * d)
+            sa.num_kv_heads, sa.num_heads = kept, kept * per
+        elif sa.multi_query:  # the query heads, then the shared key and value heads
+            cols = _head_rows(keep, d)
+            rows = torch.cat([cols, torch.arange(n * d, (n + 2) * d, device=keep.device)])
+            sa.num_heads = kept
+        else:  # query, key and value head by head
+            rows, cols = _head_rows(keep, 3 * d), _head_rows(keep, d)
+            sa.num_heads = sa.num_kv_heads = kept
+        self._cut_attention((rows,), cols, out_weight, out_bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "num_key_value_heads": int(_get(self.module, self.SA).num_kv_heads)}
+
+
 class _HFT5Block(_HFBlock):
     """T5, T5 v1.1, Flan-T5, mT5 and UMT5-style blocks (``T5Block``): ``layer[0].SelfAttention.{q,k,v,o}``, an
     FFN ``layer[-1].DenseReluDense`` (``wi -> act -> wo``, or gated: ``act(wi_0(x)) * wi_1(x) -> wo``), RMS norms
@@ -1304,8 +1379,8 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
-    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFT5Block,
-    _TorchEncoderBlock,
+    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -888,7 +888,8 @@ def prune_transformer(
         DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
         heads pruned as key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
         Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, BLOOM (FFN),
-        StarCoder2, GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (parallel attention and FFN), T5
+        StarCoder2, Falcon, GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (the last four with parallel
+        attention and FFN), T5
         blocks (FFN only) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
         ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
@@ -1036,7 +1037,7 @@ def prune_transformer(
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
                          "encoder layers, BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), "
                          "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2), OPT, GPT-2, "
-                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi and BLOOM decoder layers, T5 blocks (FFN) and "
+                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM and Falcon decoder layers, T5 blocks (FFN) and "
                          "torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)

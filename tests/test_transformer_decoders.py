@@ -45,14 +45,21 @@ LAYOUTS = {
     "gptneo": ("hf_gpt_neo", "mlp.c_proj", "attn.attention.out_proj", False, ("num_heads",)),
     "bloom": ("hf_bloom", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
     "bloom_post": ("hf_bloom", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
+    "falcon": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
+    "falcon_mqa": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
+    "falcon_seq": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
+    "falcon_rw": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
 }
+#: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
+GROUP = {"falcon": 2}
 NAMES = list(LAYOUTS)
-PARALLEL = ["gptj", "neox", "phi", "cohere"]  # attention and FFN summed in parallel into the block output
+# attention and FFN summed in parallel into the block output
+PARALLEL = ["gptj", "neox", "phi", "cohere", "falcon", "falcon_mqa"]
 
 
 def inter(name: str) -> int:
-    """FFN width of the tiny model (BLOOM's is fixed at 4x the model width)."""
-    return 4 * HIDDEN if name.startswith("bloom") else INTER
+    """FFN width of the tiny model (BLOOM's and Falcon's are 4x the model width)."""
+    return 4 * HIDDEN if name.startswith(("bloom", "falcon")) else INTER
 KIND = {name: v[0] for name, v in LAYOUTS.items()}
 
 # transformers 4 before the attention refactor of 4.48: Phi's attention reshapes its output to the model width
@@ -80,6 +87,14 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                                          intermediate_size=INTER, attention_types=[[["global", "local"], 1]],
                                          window_size=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
+    if name.startswith("falcon"):  # new architecture (key/value groups), multi-query in parallel or in sequence, RW
+        layout = {"falcon": dict(new_decoder_architecture=True, num_kv_heads=2),
+                  "falcon_mqa": dict(multi_query=True, parallel_attn=True),
+                  "falcon_seq": dict(multi_query=True, parallel_attn=False),
+                  "falcon_rw": dict(multi_query=False, parallel_attn=False, alibi=True, bias=True)}[name]
+        return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                         num_attention_heads=HEADS, max_position_embeddings=32, bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0, **layout)
     if name.startswith("bloom"):
         return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                         apply_residual_connection_post_layernorm=name == "bloom_post",
@@ -98,7 +113,7 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"), "phi": ("PhiModel", "PhiForCausalLM"),
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
-          "bloom": ("BloomModel", "BloomForCausalLM")}
+          "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
@@ -121,7 +136,7 @@ def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, 
     StarCoder2 before transformers 4.48 (their attention reshapes its output to the model width)."""
     if target == "ffn":
         return target
-    if name.startswith("bloom"):
+    if name.startswith("bloom") or name == "falcon_rw":  # ALiBi
         match = r"fails once a head is removed.*target='ffn'"
     elif name in ("phi", "cohere", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
@@ -147,7 +162,8 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "PhiForCausalLM": "model.layers", "OPTModel": "decoder.layers", "OPTForCausalLM": "model.decoder.layers",
                "CohereModel": "layers", "CohereForCausalLM": "model.layers", "Starcoder2Model": "layers",
                "Starcoder2ForCausalLM": "model.layers", "GPTNeoModel": "h", "GPTNeoForCausalLM": "transformer.h",
-               "BloomModel": "h", "BloomForCausalLM": "transformer.h"}
+               "BloomModel": "h", "BloomForCausalLM": "transformer.h", "FalconModel": "h",
+               "FalconForCausalLM": "transformer.h"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -161,7 +177,8 @@ def down(name: str, layer: nn.Module) -> nn.Module:
 def zero_inputs(name: str, layer: nn.Module, stage: str, gone: list[int]) -> None:
     """Zero the consumer's weights that read the removed units: rows of a Conv1D's ``(in, out)`` weight, columns
     of a Linear's ``(out, in)`` weight."""
-    cols = gone if stage == "ffn" else [h * HEAD_DIM + i for h in gone for i in range(HEAD_DIM)]
+    width = GROUP.get(name, 1) * HEAD_DIM  # columns of an attention unit
+    cols = gone if stage == "ffn" else [u * width + i for u in gone for i in range(width)]
     consumer = layer.get_submodule(LAYOUTS[name][1] if stage == "ffn" else LAYOUTS[name][2])
     with torch.no_grad():
         if LAYOUTS[name][3]:
@@ -205,15 +222,16 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
     pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
     masked = zeroed_original(name, model, report)
     assert len(report.units) == LAYERS * (2 if target == "all" else 1)
-    assert all(u.n_units == (inter(name) if u.stage == "ffn" else HEADS) and u.n_kept == u.n_units // 2
-               for u in report.units)
+    assert all(u.n_units == (inter(name) if u.stage == "ffn" else HEADS // GROUP.get(name, 1))
+               and u.n_kept == u.n_units // 2 for u in report.units)
     assert report.params_after < report.params_before
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
 
 
-@pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo", "bloom"])
+@pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo", "bloom",
+                                  "falcon", "falcon_mqa", "falcon_seq"])
 def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     """The pruned causal LM generates, with its key/value cache, the tokens of the zeroed original; the attention's
     head counts and widths agree with its weights."""
@@ -222,8 +240,9 @@ def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     target = heads_target(name, "all", model, data)
     pruned, report = prune_transformer(model, data, keep=keep, target=target, method="wanda", reweight=False)
     _, _, out_path, conv1d, counts = LAYOUTS[name]
+    kept_units = {u.block: u.n_kept for u in report.units if u.stage == "heads"}
     for i, layer in enumerate(layers(pruned)):
-        heads = HEADS * (2 if i == 0 else 3) // 4 if target == "all" else HEADS
+        heads = kept_units[report.spec["blocks"][i]["name"]] * GROUP.get(name, 1) if target == "all" else HEADS
         out_proj = layer.get_submodule(out_path)
         attn = layer.get_submodule(out_path.rpartition(".")[0])
         assert tuple(out_proj.weight.shape)[::-1 if conv1d else 1] == (HIDDEN, heads * HEAD_DIM)
@@ -280,7 +299,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "neox_seq", "phi", "cohere", "gptneo",
-                                  "bloom_post"])
+                                  "bloom_post", "falcon", "falcon_seq"])
 def test_padding_tokens_do_not_change_the_statistics(name: str) -> None:
     model = build(name)
     target = heads_target(name, "all", model, batches())
@@ -305,7 +324,7 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
-                                  "bloom"])
+                                  "bloom", "falcon", "falcon_mqa"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
@@ -426,3 +445,19 @@ def test_a_parallel_look_alike_that_scales_a_branch_is_refused() -> None:
     assert [b.kind for b in find_blocks(model)] == ["hf_gptj"] * LAYERS
     with pytest.raises(ValueError, match="down projection's output is not added straight to the block output"):
         prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
+
+
+def test_multi_query_magnitude_scores_leave_the_shared_key_and_value_out() -> None:
+    """Falcon's multi-query projection ends with one key and one value head shared by every query head: they belong
+    to no unit, so a head whose query rows and output columns are the smallest goes, however large the shared
+    rows are."""
+    model, data = build("falcon_mqa"), batches(n_batches=1)
+    d = HEAD_DIM
+    for layer in layers(model):
+        attn = layer.self_attention
+        with torch.no_grad():
+            attn.query_key_value.weight[3 * d:4 * d] = 1e-3  # query head 3 (the last before the shared rows)
+            attn.dense.weight[:, 3 * d:4 * d] = 1e-3
+            attn.query_key_value.weight[HEADS * d:] = 1e3  # the shared key and value heads
+    _, report = prune_transformer(model, data, keep=0.75, target="heads", method="magnitude", reweight=False)
+    assert all(u.kept == [0, 1, 2] for u in report.units), [u.kept for u in report.units]
