@@ -20,7 +20,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     fused head by head; also sequential), ``_HFPhiBlock`` (Phi-1/1.5/2) and ``_HFCohereBlock``, whose branches'
     residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
     ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
-    ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence); ``_HFT5Block``
+    ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence), ``_HFGPTBigCodeBlock``
+    (StarCoder, SantaCoder); ``_HFT5Block``
     (T5-style blocks, FFN only, each replayed with its own arguments).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
@@ -1201,6 +1202,50 @@ class _HFFalconBlock(_HFBlock):
         return {**super().spec(), "num_key_value_heads": int(_get(self.module, self.SA).num_kv_heads)}
 
 
+class _HFGPTBigCodeBlock(_HFBlock):
+    """GPTBigCode: StarCoder and SantaCoder (``GPTBigCodeBlock``): the fused ``attn.c_attn`` (multi-query: every
+    query head, then one key and one value head that stay, a unit being a query head; else query, key and value
+    head by head), ``attn.c_proj``, ``mlp.c_fc / c_proj``, ``ln_1 / ln_2``, pre-LN. The attention splits its fused
+    output by ``embed_dim`` (its query width), which follows the heads with ``num_heads`` and
+    ``num_key_value_groups``."""
+
+    kind = "hf_gpt_bigcode"
+    SA, QKV, OUT = "attn", ("c_attn",), "attn.c_proj"
+    UP, DOWN = "mlp.c_fc", "mlp.c_proj"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("ln_2", 0)  # x + mlp(ln_2(x))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "embed_dim"
+    PLAIN = frozenset({"attn_dropout", "resid_dropout"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        return (isinstance(getattr(sa, "multi_query", None), bool) and isinstance(getattr(sa, "kv_heads", None), int)
+                and not getattr(sa, "is_cross_attention", False) and super().matches(module))
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        sa = _get(self.module, self.SA)
+        w = sa.c_attn.weight
+        # multi-query: the shared key and value rows belong to no head
+        return [w[:self.num_heads * self.head_dim]] if sa.multi_query else [w]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        keep = keep.to(self.out_proj.weight.device)
+        d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
+        cols = _head_rows(keep, d)
+        if sa.multi_query:  # the query heads, then the shared key and value heads
+            rows = torch.cat([cols, torch.arange(n * d, (n + 2) * d, device=keep.device)])
+        else:  # query, key and value head by head
+            rows = _head_rows(keep, 3 * d)
+            sa.kv_heads, sa.kv_dim = kept, kept * d
+        self._cut_attention((rows,), cols, out_weight, out_bias)
+        sa.num_heads, sa.embed_dim = kept, kept * d
+        if hasattr(sa, "num_key_value_groups"):  # the query heads per key/value head the attention kernel repeats
+            sa.num_key_value_groups = kept // int(sa.kv_heads)
+
+
 class _HFT5Block(_HFBlock):
     """T5, T5 v1.1, Flan-T5, mT5 and UMT5-style blocks (``T5Block``): ``layer[0].SelfAttention.{q,k,v,o}``, an
     FFN ``layer[-1].DenseReluDense`` (``wi -> act -> wo``, or gated: ``act(wi_0(x)) * wi_1(x) -> wo``), RMS norms
@@ -1380,7 +1425,7 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
     _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFGPTBigCodeBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -884,15 +884,14 @@ def prune_transformer(
     Parameters
     ----------
     model : torch.nn.Module
-        A model containing Hugging Face encoder layers (BERT-style ``BertLayer`` and look-alikes, MPNet,
-        DistilBERT, ViT, DINOv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3: gated FFN;
-        heads pruned as key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
-        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, BLOOM (FFN),
-        StarCoder2, Falcon, GPT-J, GPT-NeoX (Pythia), Phi and Cohere decoder layers (the last four with parallel
-        attention and FFN), T5
-        blocks (FFN only) or
-        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or
-        ``norm_first=True``) applied one after another. Not modified (a deep copy is pruned).
+        A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
+        (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
+        Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2: heads pruned as key/value
+        groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT,
+        GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM (FFN),
+        Falcon and GPTBigCode (StarCoder) decoder layers, T5 blocks (FFN) or
+        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
+        :doc:`/transformer` lists the layouts. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
@@ -1037,7 +1036,8 @@ def prune_transformer(
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM), MPNet, DistilBERT, ViT, DINOv2 and CLIP "
                          "encoder layers, BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), "
                          "Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2), OPT, GPT-2, "
-                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM and Falcon decoder layers, T5 blocks (FFN) and "
+                         "GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon and GPTBigCode (StarCoder) decoder "
+                         "layers, T5 blocks (FFN) and "
                          "torch.nn.TransformerEncoderLayer")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)

@@ -13,6 +13,7 @@ outputs and, where the installed transformers has it (transformers 4), GPT-2's o
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -49,6 +50,8 @@ LAYOUTS = {
     "falcon_mqa": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
     "falcon_seq": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
     "falcon_rw": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
+    "bigcode": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
+    "bigcode_mha": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
 GROUP = {"falcon": 2}
@@ -64,6 +67,9 @@ KIND = {name: v[0] for name, v in LAYOUTS.items()}
 
 # transformers 4 before the attention refactor of 4.48: Phi's attention reshapes its output to the model width
 LEGACY_ATTENTION = tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
+# so does GPTBigCode's without multi-query in older releases
+LEGACY_BIGCODE = "reshape(hidden_states.shape)" in inspect.getsource(
+    transformers.models.gpt_bigcode.modeling_gpt_bigcode.GPTBigCodeAttention.forward)
 
 
 def config(name: str) -> transformers.PretrainedConfig:
@@ -95,6 +101,10 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                          num_attention_heads=HEADS, max_position_embeddings=32, bos_token_id=1,
                                          eos_token_id=2, pad_token_id=0, **layout)
+    if name.startswith("bigcode"):  # StarCoder's multi-query attention, or one key/value head per query head
+        return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                             n_inner=INTER, n_positions=32, multi_query=name == "bigcode",
+                                             bos_token_id=1, eos_token_id=2)
     if name.startswith("bloom"):
         return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                         apply_residual_connection_post_layernorm=name == "bloom_post",
@@ -113,7 +123,8 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"), "phi": ("PhiModel", "PhiForCausalLM"),
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
-          "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM")}
+          "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM"),
+          "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
@@ -136,7 +147,7 @@ def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, 
     StarCoder2 before transformers 4.48 (their attention reshapes its output to the model width)."""
     if target == "ffn":
         return target
-    if name.startswith("bloom") or name == "falcon_rw":  # ALiBi
+    if name.startswith("bloom") or name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE):  # ALiBi, width
         match = r"fails once a head is removed.*target='ffn'"
     elif name in ("phi", "cohere", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
@@ -163,7 +174,7 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "CohereModel": "layers", "CohereForCausalLM": "model.layers", "Starcoder2Model": "layers",
                "Starcoder2ForCausalLM": "model.layers", "GPTNeoModel": "h", "GPTNeoForCausalLM": "transformer.h",
                "BloomModel": "h", "BloomForCausalLM": "transformer.h", "FalconModel": "h",
-               "FalconForCausalLM": "transformer.h"}
+               "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -231,7 +242,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo", "bloom",
-                                  "falcon", "falcon_mqa", "falcon_seq"])
+                                  "falcon", "falcon_mqa", "falcon_seq", "bigcode", "bigcode_mha"])
 def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     """The pruned causal LM generates, with its key/value cache, the tokens of the zeroed original; the attention's
     head counts and widths agree with its weights."""
@@ -299,7 +310,7 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "neox_seq", "phi", "cohere", "gptneo",
-                                  "bloom_post", "falcon", "falcon_seq"])
+                                  "bloom_post", "falcon", "falcon_seq", "bigcode"])
 def test_padding_tokens_do_not_change_the_statistics(name: str) -> None:
     model = build(name)
     target = heads_target(name, "all", model, batches())
@@ -324,7 +335,7 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
-                                  "bloom", "falcon", "falcon_mqa"])
+                                  "bloom", "falcon", "falcon_mqa", "bigcode"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
