@@ -21,7 +21,7 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
     ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
     ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence), ``_HFGPTBigCodeBlock``
-    (StarCoder, SantaCoder); ``_HFT5Block``
+    (StarCoder, SantaCoder), ``_HFMptBlock`` (MPT, FFN); ``_HFT5Block``
     (T5-style blocks, FFN only, each replayed with its own arguments).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
@@ -313,6 +313,17 @@ def _same_hooks(new: nn.Module, old: nn.Module) -> None:
         src, dst = getattr(old, attr, None), getattr(new, attr, None)
         if src and dst is not None:
             dst.update(src)
+
+
+def _three_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The query, key and value rows of a projection that stacks them as three equal blocks (GPT-2, MPT)."""
+    width = weight.shape[0] // 3
+    return [weight[i * width:(i + 1) * width] for i in range(3)]
+
+
+def _three_block_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """The rows of such a projection that belong to the heads whose rows in one block are ``rows``."""
+    return torch.cat([rows + i * width for i in range(3)])
 
 
 #: :meth:`_Block.residual_input` of a stage whose consumer output is added straight into the block output.
@@ -886,16 +897,13 @@ class _HFGPT2Block(_HFBlock):
         )
 
     def qkv_weights(self) -> list[torch.Tensor]:
-        sa = _get(self.module, self.SA)
-        w, width = weight_of(sa.c_attn), int(sa.split_size)
-        return [w[i * width:(i + 1) * width] for i in range(3)]
+        return _three_blocks(weight_of(_get(self.module, self.SA).c_attn))
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
         rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
-        width = int(sa.split_size)
-        self._cut_attention((torch.cat([rows + i * width for i in range(3)]),), rows, out_weight, out_bias)
+        self._cut_attention((_three_block_rows(rows, int(sa.split_size)),), rows, out_weight, out_bias)
         sa.num_heads = int(keep.numel())
         sa.split_size = int(keep.numel()) * self.head_dim
 
@@ -1246,6 +1254,33 @@ class _HFGPTBigCodeBlock(_HFBlock):
             sa.num_key_value_groups = kept // int(sa.kv_heads)
 
 
+class _HFMptBlock(_HFBlock):
+    """MPT (``MptBlock``): ``attn.Wqkv`` (query, key and value as three blocks), ``attn.out_proj``, ``ffn.up_proj /
+    down_proj``, ``norm_1 / norm_2``, pre-LN; the MLP adds its residual itself (``ffn(x, residual)``). The model
+    builds ALiBi slopes for all its heads, so removing heads is refused by the head-layout check; the FFN is
+    pruned."""
+
+    kind = "hf_mpt"
+    SA, QKV, OUT = "attn", ("Wqkv",), "attn.out_proj"
+    UP, DOWN = "ffn.up_proj", "ffn.down_proj"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("ffn", 1)  # MptMLP.forward(hidden_states, residual): down_proj(...) + residual
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "n_heads", "head_dim", None
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        return (self.module.norm_2, 0)  # the attention output, residual included
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        return _three_blocks(_get(self.module, self.SA).Wqkv.weight)
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        self._cut_attention((_three_block_rows(rows, self.num_heads * self.head_dim),), rows, out_weight, out_bias)
+        sa.n_heads = int(keep.numel())
+
+
 class _HFT5Block(_HFBlock):
     """T5, T5 v1.1, Flan-T5, mT5 and UMT5-style blocks (``T5Block``): ``layer[0].SelfAttention.{q,k,v,o}``, an
     FFN ``layer[-1].DenseReluDense`` (``wi -> act -> wo``, or gated: ``act(wi_0(x)) * wi_1(x) -> wo``), RMS norms
@@ -1425,7 +1460,7 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
     _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFGPTBigCodeBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

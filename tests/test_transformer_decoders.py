@@ -52,6 +52,7 @@ LAYOUTS = {
     "falcon_rw": ("hf_falcon", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
     "bigcode": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
     "bigcode_mha": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
+    "mpt": ("hf_mpt", "ffn.down_proj", "attn.out_proj", False, ("n_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
 GROUP = {"falcon": 2}
@@ -61,8 +62,8 @@ PARALLEL = ["gptj", "neox", "phi", "cohere", "falcon", "falcon_mqa"]
 
 
 def inter(name: str) -> int:
-    """FFN width of the tiny model (BLOOM's and Falcon's are 4x the model width)."""
-    return 4 * HIDDEN if name.startswith(("bloom", "falcon")) else INTER
+    """FFN width of the tiny model (BLOOM's, Falcon's and MPT's are 4x the model width)."""
+    return 4 * HIDDEN if name.startswith(("bloom", "falcon", "mpt")) else INTER
 KIND = {name: v[0] for name, v in LAYOUTS.items()}
 
 # transformers 4 before the attention refactor of 4.48: Phi's attention reshapes its output to the model width
@@ -105,6 +106,9 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                              n_inner=INTER, n_positions=32, multi_query=name == "bigcode",
                                              bos_token_id=1, eos_token_id=2)
+    if name == "mpt":
+        return transformers.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=32,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if name.startswith("bloom"):
         return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                         apply_residual_connection_post_layernorm=name == "bloom_post",
@@ -124,7 +128,7 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
           "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM"),
-          "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM")}
+          "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM"), "mpt": ("MptModel", "MptForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
@@ -143,11 +147,13 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
 
 def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
     """``target``, or where the attention cannot lose heads, the refusal checked and what remains to prune ("ffn",
-    or ``None`` for ``target="heads"``): BLOOM (ALiBi slopes built by the model for all its heads), Phi, Cohere and
-    StarCoder2 before transformers 4.48 (their attention reshapes its output to the model width)."""
+    or ``None`` for ``target="heads"``): BLOOM, Falcon-RW and MPT (ALiBi slopes built by the model for all its
+    heads), Phi, Cohere and StarCoder2 before transformers 4.48 and GPTBigCode without multi-query in older releases
+    (their attention reshapes its output to the model width)."""
     if target == "ffn":
         return target
-    if name.startswith("bloom") or name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE):  # ALiBi, width
+    alibi = name.startswith("bloom") or name in ("falcon_rw", "mpt")
+    if alibi or (name == "bigcode_mha" and LEGACY_BIGCODE):
         match = r"fails once a head is removed.*target='ffn'"
     elif name in ("phi", "cohere", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
@@ -174,7 +180,8 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "CohereModel": "layers", "CohereForCausalLM": "model.layers", "Starcoder2Model": "layers",
                "Starcoder2ForCausalLM": "model.layers", "GPTNeoModel": "h", "GPTNeoForCausalLM": "transformer.h",
                "BloomModel": "h", "BloomForCausalLM": "transformer.h", "FalconModel": "h",
-               "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h"}
+               "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h",
+               "MptModel": "blocks", "MptForCausalLM": "transformer.blocks"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -242,7 +249,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo", "bloom",
-                                  "falcon", "falcon_mqa", "falcon_seq", "bigcode", "bigcode_mha"])
+                                  "falcon", "falcon_mqa", "falcon_seq", "bigcode", "bigcode_mha", "mpt"])
 def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     """The pruned causal LM generates, with its key/value cache, the tokens of the zeroed original; the attention's
     head counts and widths agree with its weights."""
@@ -335,7 +342,7 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
-                                  "bloom", "falcon", "falcon_mqa", "bigcode"])
+                                  "bloom", "falcon", "falcon_mqa", "bigcode", "mpt"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
