@@ -466,8 +466,8 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
     Where the blocks take arguments of their own (``per_block_context``: T5's relative position bias, computed by
     the first block and handed on), the forward runs to the last block and the context also holds every later
     block's arguments under ``"per_block"`` (by block name), which :func:`_fwd` hands to that block. Those
-    arguments come from the unpruned model; that they do not depend on its hidden states is checked by replaying
-    the chain of blocks on the first batch.
+    arguments come from the unpruned model: :func:`_check_own_arguments` checks on the first batch that they do
+    not depend on the hidden states.
     """
     cached: list[dict[str, Any]] = []
     signature = inspect.signature(block.module.forward) if block.kind == "torch_encoder_layer" else None
@@ -508,6 +508,8 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
             raise ValueError(f"the model's forward never reached its first transformer block {block.name!r}")
         if later:
             got["ctx"]["per_block"] = got.get("per_block", {})
+            if not cached:
+                _check_own_arguments(model, block, later, batch, got["ctx"]["per_block"])
         x = got["x"]
         if x.is_nested:
             raise ValueError("the first block received a nested tensor; disable the nested-tensor fast path "
@@ -515,6 +517,48 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
         valid = _token_mask(batch, block, x, got["ctx"])
         cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
     return cached
+
+
+def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], batch: Any,
+                         seen: dict[str, dict[str, Any]]) -> None:
+    """Blocks that take arguments of their own (T5) are replayed in the pruned network with the arguments captured
+    from the unpruned one, which is right only if those do not depend on the hidden states. Checked on one batch:
+    with the first block's input changed (times 1.5, plus 0.25), every later block must receive the same
+    arguments (one more forward)."""
+    again: dict[str, dict[str, Any]] = {}
+
+    def change(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        args, kwargs = leading_input(m, args, kwargs)
+        return (args[0] * 1.5 + 0.25, *args[1:]), kwargs
+
+    def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
+        again[name] = _context(*leading_input(m, args, kwargs))
+        if name == later[-1].name:
+            raise _StopForward
+
+    handles = [first.module.register_forward_pre_hook(change, with_kwargs=True)]
+    handles += [b.module.register_forward_pre_hook(partial(record, name=b.name), with_kwargs=True) for b in later]
+    try:
+        _call_model(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    for b in later:
+        if not _same_value(again.get(b.name), seen.get(b.name)):
+            raise ValueError(f"block {b.name!r} ({type(b.module).__name__}) receives arguments that change with the "
+                             "hidden states of the blocks before it, and the pruner would replay those of the "
+                             "unpruned model: this model is not supported by the transformer adapter.")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two captured block arguments are the same, looking into tuples, lists and dicts."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return set(a) == set(b) and all(_same_value(a[k], b[k]) for k in a)
+    return _same_argument(a, b)
 
 
 def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -183,3 +183,22 @@ def test_save_and_reload(tmp_path, name: str) -> None:
     back = load_pruned(tmp_path / "m", stack(name, seed=5))
     for b in data:
         torch.testing.assert_close(out(back, b), out(pruned, b), atol=1e-6, rtol=1e-6)
+
+
+def test_arguments_that_depend_on_the_hidden_states_are_refused() -> None:
+    """A T5 look-alike whose first block hands on a bias that depends on its input (T5's depends only on the
+    positions and the mask): replaying the unpruned model's bias in the pruned network would be wrong, so it is
+    refused."""
+    model, data = stack("t5"), batches("t5")
+    first = model.block[0]
+    forward = first.forward
+
+    def biased(hidden_states, *args, **kwargs):
+        out = forward(hidden_states, *args, **kwargs)
+        return (out[0], out[1] + hidden_states.mean(), *out[2:])
+
+    first.forward = biased
+    ref = [out(model, b) for b in data]  # the look-alike still runs
+    assert all(torch.isfinite(r).all() for r in ref)
+    with pytest.raises(ValueError, match="receives arguments that change with the hidden states"):
+        prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
