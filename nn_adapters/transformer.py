@@ -46,7 +46,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -494,16 +494,8 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
             if name == later[-1].name:
                 raise _StopForward
 
-        handles = [block.module.register_forward_pre_hook(hook, with_kwargs=True)]
-        handles += [b.module.register_forward_pre_hook(partial(later_hook, name=b.name), with_kwargs=True)
-                    for b in later]
-        try:
-            _call_model(model, batch)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_hooked(model, batch, [(block.module, hook)] + [(b.module, partial(later_hook, name=b.name))
+                                                            for b in later])
         if "x" not in got:
             raise ValueError(f"the model's forward never reached its first transformer block {block.name!r}")
         if later:
@@ -517,6 +509,19 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
         valid = _token_mask(batch, block, x, got["ctx"])
         cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
     return cached
+
+
+def _run_hooked(model: nn.Module, batch: Any, hooks: list[tuple[nn.Module, Callable[..., Any]]]) -> None:
+    """One forward of ``model`` on ``batch`` with the forward pre-hooks ``(module, hook)`` (keyword arguments
+    passed), abandoned where a hook raises ``_StopForward``; the hooks are always removed."""
+    handles = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in hooks]
+    try:
+        _call_model(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], batch: Any,
@@ -536,15 +541,7 @@ def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], b
         if name == later[-1].name:
             raise _StopForward
 
-    handles = [first.module.register_forward_pre_hook(change, with_kwargs=True)]
-    handles += [b.module.register_forward_pre_hook(partial(record, name=b.name), with_kwargs=True) for b in later]
-    try:
-        _call_model(model, batch)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(model, batch, [(first.module, change)] + [(b.module, partial(record, name=b.name)) for b in later])
     for b in later:
         if not _same_value(again.get(b.name), seen.get(b.name)):
             raise ValueError(f"block {b.name!r} ({type(b.module).__name__}) receives arguments that change with the "
