@@ -21,8 +21,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
     ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
     ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence), ``_HFGPTBigCodeBlock``
-    (StarCoder, SantaCoder), ``_HFMptBlock`` (MPT, FFN); ``_HFT5Block``
-    (T5-style blocks, FFN only, each replayed with its own arguments).
+    (StarCoder, SantaCoder), ``_HFMptBlock`` (MPT; BLOOM and MPT slice their ALiBi slopes per layer,
+    ``_PerHeadBias``) and ``_HFT5Block`` (T5-style blocks, FFN only, each replayed with its own arguments).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
@@ -1061,7 +1061,56 @@ class _HFGPTJBlock(_ParallelBranches, _HFBlock):
     PLAIN = frozenset({"attn_dropout", "resid_dropout"})
 
 
-class _FusedQKVByHead(_HFBlock):
+class _PerHeadBias(_HFBlock):
+    """A bias with one channel per head that the model builds once for all its heads and hands to every layer
+    (ALiBi). A layer that loses heads keeps the indices of the original heads it has left in the buffer
+    ``kept_heads`` of its attention (saved with the weights), and a forward pre-hook picks their channels of the
+    bias, as for MPNet's relative position bias."""
+
+    #: The attention's argument that carries the bias and where its heads are: ``"batch*heads"`` (the first axis,
+    #: batch-major, as BLOOM's ALiBi) or the axis of the heads; ``None``: no such bias.
+    HEAD_BIAS: tuple[str, str | int] | None = None
+
+    def _head_bias(self) -> tuple[str, str | int] | None:
+        return self.HEAD_BIAS
+
+    def _keep_bias_channels(self, heads: torch.Tensor, n_before: int) -> None:
+        """After removing heads: record the original indices of the kept ``heads`` (indices into the heads before
+        this removal) and have the bias sliced to them."""
+        bias = self._head_bias()
+        sa = _get(self.module, self.SA)
+        held = getattr(sa, "kept_heads", None)
+        if bias is None or (held is None and heads.numel() == n_before):
+            return  # no such bias, or every head kept: the layer stays as it was
+        heads = heads.to(device=self.out_proj.weight.device, dtype=torch.long)
+        sa.register_buffer("kept_heads", heads.clone() if held is None else held[heads])
+        sa.head_bias = bias
+        if not any(h is _per_head_bias for h in sa._forward_pre_hooks.values()):
+            sa.register_forward_pre_hook(_per_head_bias, with_kwargs=True)
+
+
+def _per_head_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of an attention that lost heads: keep its heads' channels of the per-head bias (see
+    :class:`_PerHeadBias`), passed by name or positionally."""
+    name, layout = module.head_bias
+    at = _position(module, name)
+    by_name = name in kwargs
+    value = kwargs.get(name) if by_name else (args[at] if at is not None and len(args) > at else None)
+    if value is None:
+        return args, kwargs
+    keep = module.kept_heads.to(value.device)
+    if layout == "batch*heads":
+        batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        value = value.reshape(batch, -1, *value.shape[1:])[:, keep].reshape(-1, *value.shape[1:])
+    else:
+        value = value.index_select(int(layout), keep)
+    if by_name:
+        return args, {**kwargs, name: value}
+    return (*args[:at], value, *args[at + 1:]), kwargs
+
+
+class _FusedQKVByHead(_PerHeadBias):
     """A query/key/value projection fused head by head (``QKV[0]``; head ``h`` owns rows ``3 h d ... 3 (h + 1) d -
     1``: its query, key and value, ``d = head_dim``), as in GPT-NeoX and BLOOM; the attention's head count
     ``N_HEADS``, where it keeps one, follows the heads."""
@@ -1073,11 +1122,13 @@ class _FusedQKVByHead(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         keep = keep.to(self.out_proj.weight.device)
+        n_before = self.num_heads
         self._cut_attention((_head_rows(keep, 3 * self.head_dim),), _head_rows(keep, self.head_dim), out_weight,
                             out_bias)
         sa = _get(self.module, self.SA)
         if hasattr(sa, self.N_HEADS):
             setattr(sa, self.N_HEADS, int(keep.numel()))
+        self._keep_bias_channels(keep, n_before)
 
 
 class _HFGPTNeoXBlock(_FusedQKVByHead):
@@ -1117,8 +1168,8 @@ class _HFBloomBlock(_FusedQKVByHead):
     """BLOOM (``BloomBlock``): ``self_attention.query_key_value`` (fused head by head), ``self_attention.dense``,
     ``mlp.dense_h_to_4h / dense_4h_to_h``, pre-LN. The attention and the MLP add their residual themselves
     (``self_attention(x, residual)``, ``mlp(x, residual)``; the LayerNorm output with
-    ``apply_residual_connection_post_layernorm``). ALiBi's per-head slopes are built by the model for all its heads,
-    so removing heads is refused by the head-layout check; the FFN is pruned."""
+    ``apply_residual_connection_post_layernorm``). ALiBi's per-head slopes, built by the model for all its heads as
+    ``(batch * heads, 1, keys)``, reach a layer that lost heads sliced to its own (:class:`_PerHeadBias`)."""
 
     kind = "hf_bloom"
     SA, QKV, OUT = "self_attention", ("query_key_value",), "self_attention.dense"
@@ -1127,6 +1178,7 @@ class _HFBloomBlock(_FusedQKVByHead):
     RESID_FFN = ("mlp", 1)  # BloomMLP.forward(hidden_states, residual): dense_4h_to_h(...) + residual
     N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
     PLAIN = frozenset({"attention_dropout"})
+    HEAD_BIAS = ("alibi", "batch*heads")
 
     def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
         # BloomAttention.forward(hidden_states, residual, ...): dense(context) + residual
@@ -1143,7 +1195,7 @@ class _HFFalconBlock(_HFBlock):
     layout: key/value groups, each its query heads then its key and value head (new architecture; a unit is a
     group); all query heads then one shared key and value head (``multi_query``; a unit is a query head, the shared
     rows stay); or query, key and value head by head (a unit is a head). Falcon-RW's ALiBi slopes are built for all
-    heads: its heads are refused by the head-layout check."""
+    heads and folded into the attention mask as well: its heads are refused by the head-layout check."""
 
     kind = "hf_falcon"
     SA, QKV, OUT = "self_attention", ("query_key_value",), "self_attention.dense"
@@ -1254,11 +1306,11 @@ class _HFGPTBigCodeBlock(_HFBlock):
             sa.num_key_value_groups = kept // int(sa.kv_heads)
 
 
-class _HFMptBlock(_HFBlock):
+class _HFMptBlock(_PerHeadBias):
     """MPT (``MptBlock``): ``attn.Wqkv`` (query, key and value as three blocks), ``attn.out_proj``, ``ffn.up_proj /
-    down_proj``, ``norm_1 / norm_2``, pre-LN; the MLP adds its residual itself (``ffn(x, residual)``). The model
-    builds ALiBi slopes for all its heads, so removing heads is refused by the head-layout check; the FFN is
-    pruned."""
+    down_proj``, ``norm_1 / norm_2``, pre-LN; the MLP adds its residual itself (``ffn(x, residual)``). The ALiBi
+    bias the model builds for all its heads, ``(heads, 1, keys)``, reaches a layer that lost heads sliced to its
+    own."""
 
     kind = "hf_mpt"
     SA, QKV, OUT = "attn", ("Wqkv",), "attn.out_proj"
@@ -1266,6 +1318,7 @@ class _HFMptBlock(_HFBlock):
     NORM_HEADS = NORM_FFN = "-"  # pre-LN
     RESID_FFN = ("ffn", 1)  # MptMLP.forward(hidden_states, residual): down_proj(...) + residual
     N_HEADS, HEAD_SIZE, ALL_HEADS = "n_heads", "head_dim", None
+    HEAD_BIAS = ("position_bias", 0)
 
     def heads_sum_input(self) -> tuple[nn.Module, int] | None:
         return (self.module.norm_2, 0)  # the attention output, residual included
@@ -1276,9 +1329,11 @@ class _HFMptBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
-        self._cut_attention((_three_block_rows(rows, self.num_heads * self.head_dim),), rows, out_weight, out_bias)
+        keep = keep.to(self.out_proj.weight.device)
+        rows, n_before = _head_rows(keep, self.head_dim), self.num_heads
+        self._cut_attention((_three_block_rows(rows, n_before * self.head_dim),), rows, out_weight, out_bias)
         sa.n_heads = int(keep.numel())
+        self._keep_bias_channels(keep, n_before)
 
 
 class _HFT5Block(_HFBlock):

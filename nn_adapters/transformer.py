@@ -929,8 +929,8 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
         Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2: heads pruned as key/value
         groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT,
-        GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM (FFN),
-        Falcon, GPTBigCode (StarCoder) and MPT (FFN) decoder layers, T5 blocks (FFN) or
+        GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM,
+        Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
         :doc:`/transformer` lists the layouts. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches

@@ -147,13 +147,12 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
 
 def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
     """``target``, or where the attention cannot lose heads, the refusal checked and what remains to prune ("ffn",
-    or ``None`` for ``target="heads"``): BLOOM, Falcon-RW and MPT (ALiBi slopes built by the model for all its
-    heads), Phi, Cohere and StarCoder2 before transformers 4.48 and GPTBigCode without multi-query in older releases
-    (their attention reshapes its output to the model width)."""
+    or ``None`` for ``target="heads"``): Falcon-RW (ALiBi slopes built by the model for all its heads and folded
+    into the mask), Phi, Cohere and StarCoder2 before transformers 4.48 and GPTBigCode without multi-query in older
+    releases (their attention reshapes its output to the model width)."""
     if target == "ffn":
         return target
-    alibi = name.startswith("bloom") or name in ("falcon_rw", "mpt")
-    if alibi or (name == "bigcode_mha" and LEGACY_BIGCODE):
+    if name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE):
         match = r"fails once a head is removed.*target='ffn'"
     elif name in ("phi", "cohere", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
@@ -479,3 +478,20 @@ def test_multi_query_magnitude_scores_leave_the_shared_key_and_value_out() -> No
             attn.query_key_value.weight[HEADS * d:] = 1e3  # the shared key and value heads
     _, report = prune_transformer(model, data, keep=0.75, target="heads", method="magnitude", reweight=False)
     assert all(u.kept == [0, 1, 2] for u in report.units), [u.kept for u in report.units]
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_alibi_heads_pruned_twice_are_the_original_with_the_removed_heads_zeroed(name: str) -> None:
+    """ALiBi slopes are built by the model for all its heads: a layer that lost heads takes its own heads' slopes,
+    also after a second pruning (the kept indices compose: the second run's units index the first run's heads)."""
+    model, data = build(name), batches()
+    once, r1 = prune_transformer(model, data, keep=0.75, target="heads", method="magnitude", reweight=False)
+    twice, r2 = prune_transformer(once, data, keep=0.67, target="heads", method="magnitude", reweight=False)
+    masked = copy.deepcopy(model)
+    for u1, u2 in zip(r1.units, r2.units, strict=True):
+        kept = [u1.kept[j] for j in u2.kept]  # original head indices
+        assert len(kept) == 2
+        zero_inputs(name, masked.get_submodule(u1.block), "heads", sorted(set(range(HEADS)) - set(kept)))
+    for b in data:
+        torch.testing.assert_close(out(twice, b), out(masked, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(twice, b), out(model, b), atol=1e-3)
