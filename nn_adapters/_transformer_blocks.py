@@ -18,7 +18,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
     fused head by head; also sequential), ``_HFPhiBlock`` (Phi-1/1.5/2) and ``_HFCohereBlock``, whose branches'
-    residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
+    residual is read from the block output (:data:`BLOCK_OUTPUT`); ``_HFStableLmBlock`` (either way),
+    ``_HFStarcoder2Block``, ``_HFGPTNeoBlock`` and
     ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
     ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence), ``_HFGPTBigCodeBlock``
     (StarCoder, SantaCoder), ``_HFMptBlock`` (MPT; BLOOM and MPT slice their ALiBi slopes per layer,
@@ -1026,6 +1027,38 @@ class _HFStarcoder2Block(_HFLlamaBlock):
     GATE, UP, DOWN = None, "mlp.c_fc", "mlp.c_proj"
 
 
+class _HFStableLmBlock(_HFLlamaBlock):
+    """StableLM (``StableLmDecoderLayer``): the Llama-style attention and gated FFN with LayerNorms, pre-LN, the
+    attention and FFN one after the other or in parallel (``use_parallel_residual``). Its attention sizes its views
+    by ``num_heads`` and ``num_key_value_heads``, which follow the removed key/value groups (so do ``hidden_size``
+    where it is kept); per-head query/key norms (``qk_layernorm``) are refused for heads."""
+
+    kind = "hf_stablelm"
+    RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; residual_input says where it is read
+    PLAIN = _HFLlamaBlock.PLAIN | {"attention_dropout"}  # transformers 4 holds the dropout as a module
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(getattr(module, "use_parallel_residual", None), bool) and super().matches(module)
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | None:
+        if self.module.use_parallel_residual:
+            return BLOCK_OUTPUT
+        return (self.module.post_attention_layernorm, 0) if stage == "ffn" else None
+
+    def prepare_heads(self) -> None:
+        _HFBlock.prepare_heads(self)  # the head counts it keeps are updated below, not refused
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        groups = self.kv_groups
+        super().shrink_heads(keep, out_weight, out_bias)
+        sa, kept = _get(self.module, self.SA), int(keep.numel())
+        sa.num_key_value_heads, sa.num_heads = kept, kept * groups
+        if hasattr(sa, "hidden_size"):
+            sa.hidden_size = kept * groups * self.head_dim
+
+
 class _HFCohereBlock(_ParallelBranches, _HFLlamaBlock):
     """Cohere Command-R (``CohereDecoderLayer``): the Llama-style attention and gated FFN, one LayerNorm
     ``input_layernorm`` read by both branches, summed in parallel: ``x + attn(norm(x)) + mlp(norm(x))``."""
@@ -1513,9 +1546,9 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFCohereBlock,
-    _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
+    _HFCohereBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
+    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -927,10 +927,10 @@ def prune_transformer(
     model : torch.nn.Module
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
-        Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2: heads pruned as key/value
-        groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT,
-        GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM,
-        Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
+        Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
+        key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
+        XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi,
+        BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
         :doc:`/transformer` lists the layouts. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
@@ -1077,8 +1077,8 @@ def prune_transformer(
                          "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
                          "DistilBERT, ViT, DINOv2, CLIP), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, "
                          "XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
-                         "Cohere, StarCoder2; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
-                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "Cohere, StarCoder2, StableLM; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, "
+                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads

@@ -53,12 +53,14 @@ LAYOUTS = {
     "bigcode": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
     "bigcode_mha": ("hf_gpt_bigcode", "mlp.c_proj", "attn.c_proj", False, ("num_heads",)),
     "mpt": ("hf_mpt", "ffn.down_proj", "attn.out_proj", False, ("n_heads",)),
+    "stablelm": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
+    "stablelm_par": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
 GROUP = {"falcon": 2}
 NAMES = list(LAYOUTS)
 # attention and FFN summed in parallel into the block output
-PARALLEL = ["gptj", "neox", "phi", "cohere", "falcon", "falcon_mqa"]
+PARALLEL = ["gptj", "neox", "phi", "cohere", "falcon", "falcon_mqa", "stablelm_par"]
 
 
 def inter(name: str) -> int:
@@ -106,6 +108,12 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                              n_inner=INTER, n_positions=32, multi_query=name == "bigcode",
                                              bos_token_id=1, eos_token_id=2)
+    if name.startswith("stablelm"):  # attention and FFN one after the other, or in parallel
+        return transformers.StableLmConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                           num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                                           intermediate_size=INTER, max_position_embeddings=32,
+                                           use_parallel_residual=name == "stablelm_par", bos_token_id=1,
+                                           eos_token_id=2)
     if name == "mpt":
         return transformers.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=32,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -128,7 +136,8 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
           "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM"),
-          "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM"), "mpt": ("MptModel", "MptForCausalLM")}
+          "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM"), "mpt": ("MptModel", "MptForCausalLM"),
+          "stablelm": ("StableLmModel", "StableLmForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
@@ -180,7 +189,8 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "Starcoder2ForCausalLM": "model.layers", "GPTNeoModel": "h", "GPTNeoForCausalLM": "transformer.h",
                "BloomModel": "h", "BloomForCausalLM": "transformer.h", "FalconModel": "h",
                "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h",
-               "MptModel": "blocks", "MptForCausalLM": "transformer.blocks"}
+               "MptModel": "blocks", "MptForCausalLM": "transformer.blocks", "StableLmModel": "layers",
+               "StableLmForCausalLM": "model.layers"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -248,7 +258,8 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo", "bloom",
-                                  "falcon", "falcon_mqa", "falcon_seq", "bigcode", "bigcode_mha", "mpt"])
+                                  "falcon", "falcon_mqa", "falcon_seq", "bigcode", "bigcode_mha", "mpt", "stablelm",
+                                  "stablelm_par"])
 def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
     """The pruned causal LM generates, with its key/value cache, the tokens of the zeroed original; the attention's
     head counts and widths agree with its weights."""
@@ -341,7 +352,7 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
-                                  "bloom", "falcon", "falcon_mqa", "bigcode", "mpt"])
+                                  "bloom", "falcon", "falcon_mqa", "bigcode", "mpt", "stablelm_par"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
