@@ -41,18 +41,21 @@ METHODS = [("asym", "asym", True), ("layer", "layer", True), ("wanda+refit", "wa
 BASELINES = ("wanda+refit", "magnitude+refit", "magnitude (no refit)")
 
 
-def corpus() -> tuple[bytes, bytes, bytes]:
-    """Training, calibration and evaluation text (disjoint sentences, 80 / 10 / 10 %), one sentence per line."""
+def corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training, calibration and evaluation text (disjoint sentences, 80 / 10 / 10 %), one sentence per line, as
+    token ids (the byte values)."""
     sents = stdlib_sentences(seed=0)
     n = len(sents)
     cut1, cut2 = int(0.8 * n), int(0.9 * n)
-    join = lambda part: ("\n".join(part) + "\n").encode("utf-8")  # noqa: E731
-    return join(sents[:cut1]), join(sents[cut1:cut2]), join(sents[cut2:])
+
+    def ids(part: list[str]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(("\n".join(part) + "\n").encode("utf-8")), dtype=torch.uint8).long()
+
+    return ids(sents[:cut1]), ids(sents[cut1:cut2]), ids(sents[cut2:])
 
 
-def windows(text: bytes, n: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``WINDOW`` bytes at random offsets of ``text`` (token ids = byte values)."""
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+def windows(data: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``WINDOW`` tokens at random offsets of ``data``."""
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - WINDOW, (n,), generator=g)
     return torch.stack([data[s:s + WINDOW] for s in starts.tolist()])
@@ -70,7 +73,7 @@ def build(arch: str) -> torch.nn.Module:
     return transformers.GPTNeoXForCausalLM(cfg)
 
 
-def train(arch: str, text: bytes, steps: int) -> torch.nn.Module:
+def train(arch: str, text: torch.Tensor, steps: int) -> torch.nn.Module:
     """AdamW on random windows of the training text, batch 32, warm-up then cosine decay (seeded)."""
     torch.manual_seed(0)
     model = build(arch).train()
@@ -89,7 +92,7 @@ def train(arch: str, text: bytes, steps: int) -> torch.nn.Module:
     return model.eval()
 
 
-def trained(arch: str, text: bytes, steps: int, retrain: bool) -> tuple[torch.nn.Module, float | None]:
+def trained(arch: str, text: torch.Tensor, steps: int, retrain: bool) -> tuple[torch.nn.Module, float | None]:
     """The trained model from the cache (a :func:`~nn_adapters.transformer.save_pruned` directory) or trained now
     and cached; also the training time (``None`` when cached)."""
     path = cache_dir() / f"bytes-{arch}-w{WIDTH}-l{LAYERS}-s{steps}-v1"

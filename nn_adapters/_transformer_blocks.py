@@ -322,6 +322,13 @@ def _three_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight[i * width:(i + 1) * width] for i in range(3)]
 
 
+def _multi_query_rows(cols: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The rows of a multi-query projection (every query head, then one shared key and one shared value head, as
+    Falcon-7B and StarCoder) to keep for the query heads whose rows are ``cols``: those, and the shared rows."""
+    shared = torch.arange(n_heads * head_dim, (n_heads + 2) * head_dim, device=cols.device)
+    return torch.cat([cols, shared])
+
+
 def _three_block_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
     """The rows of such a projection that belong to the heads whose rows in one block are ``rows``."""
     return torch.cat([rows + i * width for i in range(3)])
@@ -630,42 +637,72 @@ class _HFDebertaV2Block(_HFBertBlock):
     PLAIN = frozenset({"dropout", "pos_dropout"})
 
 
-class _HFMPNetBlock(_HFBertBlock):
+class _PerHeadBias(_HFBlock):
+    """A bias with one channel per head that the model builds once for all its heads and hands to every layer
+    (ALiBi). A layer that loses heads keeps the indices of the original heads it has left in the buffer
+    ``kept_heads`` of its attention (saved with the weights), and a forward pre-hook picks their channels of the
+    bias, as for MPNet's relative position bias."""
+
+    #: The attention's argument that carries the bias and where its heads are: ``"batch*heads"`` (the first axis,
+    #: batch-major, as BLOOM's ALiBi) or the axis of the heads; ``None``: no such bias.
+    HEAD_BIAS: tuple[str, str | int] | None = None
+
+    def _head_bias(self) -> tuple[str, str | int] | None:
+        return self.HEAD_BIAS
+
+    def _keep_bias_channels(self, heads: torch.Tensor, n_before: int) -> None:
+        """After removing heads: record the original indices of the kept ``heads`` (indices into the heads before
+        this removal) and have the bias sliced to them."""
+        bias = self._head_bias()
+        sa = _get(self.module, self.SA)
+        held = getattr(sa, "kept_heads", None)
+        if bias is None or (held is None and heads.numel() == n_before):
+            return  # no such bias, or every head kept: the layer stays as it was
+        heads = heads.to(device=self.out_proj.weight.device, dtype=torch.long)
+        sa.register_buffer("kept_heads", heads.clone() if held is None else held[heads])
+        sa.head_bias = bias
+        if not any(h is _per_head_bias for h in sa._forward_pre_hooks.values()):
+            sa.register_forward_pre_hook(_per_head_bias, with_kwargs=True)
+
+
+def _per_head_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of an attention that lost heads: keep its heads' channels of the per-head bias (see
+    :class:`_PerHeadBias`), passed by name or positionally."""
+    name, layout = module.head_bias
+    at = _position(module, name)
+    by_name = name in kwargs
+    value = kwargs.get(name) if by_name else (args[at] if at is not None and len(args) > at else None)
+    if value is None:
+        return args, kwargs
+    keep = module.kept_heads.to(value.device)
+    if layout == "batch*heads":
+        batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        value = value.reshape(batch, -1, *value.shape[1:])[:, keep].reshape(-1, *value.shape[1:])
+    else:
+        value = value.index_select(int(layout), keep)
+    if by_name:
+        return args, {**kwargs, name: value}
+    return (*args[:at], value, *args[at + 1:]), kwargs
+
+
+class _HFMPNetBlock(_PerHeadBias, _HFBertBlock):
     """MPNet (``MPNetLayer``, e.g. all-mpnet-base-v2): the BERT layout with ``attention.attn.{q,k,v,o}`` and the
     attention's LayerNorm at ``attention.LayerNorm``. Its attention adds a relative position bias with one channel
-    per head, computed once for all layers by the encoder: a layer that loses heads keeps the indices of the heads
-    it has left in the buffer ``attention.attn.kept_heads`` (saved with the weights), and a forward pre-hook picks
-    those channels of the bias."""
+    per head (axis 1), computed once for all layers by the encoder: a layer that loses heads takes its heads'
+    channels (:class:`_PerHeadBias`; the buffer ``attention.attn.kept_heads``)."""
 
     kind = "hf_mpnet"
     SA, QKV, OUT = "attention.attn", ("q", "k", "v"), "attention.attn.o"
     NORM_HEADS = "attention.LayerNorm"
     PLAIN = frozenset({"dropout"})
+    HEAD_BIAS = ("position_bias", 1)
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        sa = _get(self.module, self.SA)
         n_before = self.num_heads
         super().shrink_heads(keep, out_weight, out_bias)
-        held = getattr(sa, "kept_heads", None)
-        if held is None and keep.numel() == n_before:
-            return  # every head kept: the layer stays a plain MPNet layer
-        keep = keep.to(device=self.out_proj.weight.device, dtype=torch.long)
-        sa.register_buffer("kept_heads", keep.clone() if held is None else held[keep])
-        if not any(h is _mpnet_bias_heads for h in sa._forward_pre_hooks.values()):
-            sa.register_forward_pre_hook(_mpnet_bias_heads, with_kwargs=True)
-
-
-def _mpnet_bias_heads(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forward pre-hook of a pruned MPNet self-attention: keep the position-bias channels of its heads (passed by
-    name, or positionally: third in transformers 5, fourth, after ``head_mask``, in transformers 4)."""
-    at = _position(module, "position_bias")
-    if at is not None and len(args) > at and args[at] is not None:
-        args = (*args[:at], args[at][:, module.kept_heads], *args[at + 1:])
-    elif kwargs.get("position_bias") is not None:
-        kwargs = {**kwargs, "position_bias": kwargs["position_bias"][:, module.kept_heads]}
-    return args, kwargs
+        self._keep_bias_channels(keep, n_before)
 
 
 def _position(module: nn.Module, name: str) -> int | None:
@@ -1094,55 +1131,6 @@ class _HFGPTJBlock(_ParallelBranches, _HFBlock):
     PLAIN = frozenset({"attn_dropout", "resid_dropout"})
 
 
-class _PerHeadBias(_HFBlock):
-    """A bias with one channel per head that the model builds once for all its heads and hands to every layer
-    (ALiBi). A layer that loses heads keeps the indices of the original heads it has left in the buffer
-    ``kept_heads`` of its attention (saved with the weights), and a forward pre-hook picks their channels of the
-    bias, as for MPNet's relative position bias."""
-
-    #: The attention's argument that carries the bias and where its heads are: ``"batch*heads"`` (the first axis,
-    #: batch-major, as BLOOM's ALiBi) or the axis of the heads; ``None``: no such bias.
-    HEAD_BIAS: tuple[str, str | int] | None = None
-
-    def _head_bias(self) -> tuple[str, str | int] | None:
-        return self.HEAD_BIAS
-
-    def _keep_bias_channels(self, heads: torch.Tensor, n_before: int) -> None:
-        """After removing heads: record the original indices of the kept ``heads`` (indices into the heads before
-        this removal) and have the bias sliced to them."""
-        bias = self._head_bias()
-        sa = _get(self.module, self.SA)
-        held = getattr(sa, "kept_heads", None)
-        if bias is None or (held is None and heads.numel() == n_before):
-            return  # no such bias, or every head kept: the layer stays as it was
-        heads = heads.to(device=self.out_proj.weight.device, dtype=torch.long)
-        sa.register_buffer("kept_heads", heads.clone() if held is None else held[heads])
-        sa.head_bias = bias
-        if not any(h is _per_head_bias for h in sa._forward_pre_hooks.values()):
-            sa.register_forward_pre_hook(_per_head_bias, with_kwargs=True)
-
-
-def _per_head_bias(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forward pre-hook of an attention that lost heads: keep its heads' channels of the per-head bias (see
-    :class:`_PerHeadBias`), passed by name or positionally."""
-    name, layout = module.head_bias
-    at = _position(module, name)
-    by_name = name in kwargs
-    value = kwargs.get(name) if by_name else (args[at] if at is not None and len(args) > at else None)
-    if value is None:
-        return args, kwargs
-    keep = module.kept_heads.to(value.device)
-    if layout == "batch*heads":
-        batch = (args[0] if args else kwargs["hidden_states"]).shape[0]
-        value = value.reshape(batch, -1, *value.shape[1:])[:, keep].reshape(-1, *value.shape[1:])
-    else:
-        value = value.index_select(int(layout), keep)
-    if by_name:
-        return args, {**kwargs, name: value}
-    return (*args[:at], value, *args[at + 1:]), kwargs
-
-
 class _FusedQKVByHead(_PerHeadBias):
     """A query/key/value projection fused head by head (``QKV[0]``; head ``h`` owns rows ``3 h d ... 3 (h + 1) d -
     1``: its query, key and value, ``d = head_dim``), as in GPT-NeoX and BLOOM; the attention's head count
@@ -1282,9 +1270,9 @@ class _HFFalconBlock(_HFBlock):
             per = n // int(sa.num_kv_heads)
             rows, cols = _head_rows(keep, (per + 2) * d), _head_rows(keep, per * d)
             sa.num_kv_heads, sa.num_heads = kept, kept * per
-        elif sa.multi_query:  # the query heads, then the shared key and value heads
+        elif sa.multi_query:
             cols = _head_rows(keep, d)
-            rows = torch.cat([cols, torch.arange(n * d, (n + 2) * d, device=keep.device)])
+            rows = _multi_query_rows(cols, n, d)
             sa.num_heads = kept
         else:  # query, key and value head by head
             rows, cols = _head_rows(keep, 3 * d), _head_rows(keep, d)
@@ -1328,8 +1316,8 @@ class _HFGPTBigCodeBlock(_HFBlock):
         keep = keep.to(self.out_proj.weight.device)
         d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
         cols = _head_rows(keep, d)
-        if sa.multi_query:  # the query heads, then the shared key and value heads
-            rows = torch.cat([cols, torch.arange(n * d, (n + 2) * d, device=keep.device)])
+        if sa.multi_query:
+            rows = _multi_query_rows(cols, n, d)
         else:  # query, key and value head by head
             rows = _head_rows(keep, 3 * d)
             sa.kv_heads, sa.kv_dim = kept, kept * d

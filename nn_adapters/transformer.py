@@ -1399,11 +1399,6 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
     return _rows(got["res_" + stage], valid, block.batch_first(stage))
 
 
-def _sums_into_output(block: _Block, stages: list[str]) -> bool:
-    """Whether a stage's residual is read from the block output (the capture must then run the whole block)."""
-    return any(block.residual_input(s) == BLOCK_OUTPUT for s in stages)
-
-
 def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, Any]:
     mods: dict[str, Any] = {s: _consumer(block, s) for s in stages}
     if residual:
@@ -1558,16 +1553,17 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
             mods = _capture_map(blk, [s], residual)
+            from_output = residual and blk.residual_input(s) == BLOCK_OUTPUT  # needs the whole block run
             for b in range(n_b):
                 valid = cache[b]["valid"]
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
-                                            stop=blk.single_call() and not (residual and _sums_into_output(blk, [s])))
+                                            stop=blk.single_call() and not from_output)
                 a = _rows(got[s], valid, blk.batch_first(s))
                 if mode == "asym":
                     y = targets[s][b]
                     if residual:
                         y_p = None
-                        if blk.residual_input(s) == BLOCK_OUTPUT:
+                        if from_output:
                             lam_p = _layer_scale(blk, s, a)[0]
                             y_p = mods[s](a) if lam_p is None else mods[s](a) * lam_p
                         res_p = _residual_rows(blk, s, got, xp[b], valid, out_p, y_p).double()
