@@ -463,45 +463,35 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
                          blocks: list[_Block] | None = None) -> list[dict[str, Any]]:
     """One model forward per batch, stopped at the first block: its input, call context and token mask.
 
-    Where the blocks take arguments of their own (``per_block_context``: T5's relative position bias, computed by
-    the first block and handed on), the forward runs to the last block and the context also holds every later
+    Where ``blocks`` is given, the blocks take arguments of their own (:func:`_own_arguments`: T5's relative
+    position bias, computed by the first block and handed on; each layer type's mask in a decoder mixing
+    sliding-window and full attention): the forward runs to the last block and the context also holds every later
     block's arguments under ``"per_block"`` (by block name), which :func:`_fwd` hands to that block. Those
-    arguments come from the unpruned model: :func:`_check_own_arguments` checks on the first batch that they do
-    not depend on the hidden states.
+    arguments come from the unpruned model and have been checked not to depend on the hidden states.
     """
     cached: list[dict[str, Any]] = []
-    signature = inspect.signature(block.module.forward) if block.kind == "torch_encoder_layer" else None
-    later = [b for b in (blocks or [])[1:] if block.per_block_context]
+    later = list(blocks or [])[1:]
     for batch in batches:
         got: dict[str, Any] = {}
 
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], got: dict[str, Any] = got) -> None:
-            if signature is not None:
-                # bind to the layer's signature, so that masks passed positionally (layer(x, None, kpm)) are seen
-                # by name, like the keywords nn.TransformerEncoder passes
-                named = dict(signature.bind(*args, **kwargs).arguments)
-                args, kwargs = (named.pop("src"),), named
-            else:
-                args, kwargs = leading_input(_m, args, kwargs)
+            args, kwargs = _block_call(block, args, kwargs)
             got["x"] = args[0].detach()
             got["ctx"] = _context(args, kwargs)
             if not later:
                 raise _StopForward
 
-        def later_hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
+        def later_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], blk: _Block,
                        got: dict[str, Any] = got) -> None:
-            got.setdefault("per_block", {})[name] = _context(*leading_input(m, args, kwargs))
-            if name == later[-1].name:
+            got.setdefault("per_block", {})[blk.name] = _context(*_block_call(blk, args, kwargs))
+            if blk is later[-1]:
                 raise _StopForward
 
-        _run_hooked(model, batch, [(block.module, hook)] + [(b.module, partial(later_hook, name=b.name))
-                                                            for b in later])
+        _run_hooked(model, batch, [(block.module, hook)] + [(b.module, partial(later_hook, blk=b)) for b in later])
         if "x" not in got:
             raise ValueError(f"the model's forward never reached its first transformer block {block.name!r}")
         if later:
             got["ctx"]["per_block"] = got.get("per_block", {})
-            if not cached:
-                _check_own_arguments(model, block, later, batch, got["ctx"]["per_block"])
         x = got["x"]
         if x.is_nested:
             raise ValueError("the first block received a nested tensor; disable the nested-tensor fast path "
@@ -509,6 +499,17 @@ def _capture_first_block(model: nn.Module, block: _Block, batches: list[Any],
         valid = _token_mask(batch, block, x, got["ctx"])
         cached.append({"x": x, "ctx": got["ctx"], "valid": valid})
     return cached
+
+
+def _block_call(block: _Block, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block call's ``(args, kwargs)`` with the hidden states first in ``args``, as :meth:`_Block.forward`
+    replays them; a ``torch.nn.TransformerEncoderLayer``'s are bound to its signature, so that masks passed
+    positionally (``layer(x, None, kpm)``) are seen by name, like the keywords ``nn.TransformerEncoder`` passes."""
+    if block.kind == "torch_encoder_layer":
+        named = dict(inspect.signature(block.module.forward).bind(*args, **kwargs).arguments)
+        return (named.pop("src"),), named
+    return leading_input(block.module, args, kwargs)
 
 
 def _run_hooked(model: nn.Module, batch: Any, hooks: list[tuple[nn.Module, Callable[..., Any]]]) -> None:
@@ -526,22 +527,22 @@ def _run_hooked(model: nn.Module, batch: Any, hooks: list[tuple[nn.Module, Calla
 
 def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], batch: Any,
                          seen: dict[str, dict[str, Any]]) -> None:
-    """Blocks that take arguments of their own (T5) are replayed in the pruned network with the arguments captured
-    from the unpruned one, which is right only if those do not depend on the hidden states. Checked on one batch:
-    with the first block's input changed (times 1.5, plus 0.25), every later block must receive the same
-    arguments (one more forward)."""
+    """Blocks that take arguments of their own (T5, sliding-window layers among full-attention ones) are replayed
+    in the pruned network with the arguments captured from the unpruned one, which is right only if those do not
+    depend on the hidden states. Checked on one batch: with the first block's input changed (times 1.5, plus
+    0.25), every later block must receive the same arguments (one more forward)."""
     again: dict[str, dict[str, Any]] = {}
 
     def change(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         args, kwargs = leading_input(m, args, kwargs)
         return (args[0] * 1.5 + 0.25, *args[1:]), kwargs
 
-    def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
-        again[name] = _context(*leading_input(m, args, kwargs))
-        if name == later[-1].name:
+    def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], blk: _Block) -> None:
+        again[blk.name] = _context(*_block_call(blk, args, kwargs))
+        if blk is later[-1]:
             raise _StopForward
 
-    _run_hooked(model, batch, [(first.module, change)] + [(b.module, partial(record, name=b.name)) for b in later])
+    _run_hooked(model, batch, [(first.module, change)] + [(b.module, partial(record, blk=b)) for b in later])
     for b in later:
         if not _same_value(again.get(b.name), seen.get(b.name)):
             raise ValueError(f"block {b.name!r} ({type(b.module).__name__}) receives arguments that change with the "
@@ -1229,9 +1230,10 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        cache = _capture_first_block(orig, orig_blocks[0], batches, orig_blocks)
-        chain = _capture_chain(orig, orig_blocks, batches[0], stacks_note)
+        chain, contexts = _capture_chain(orig, orig_blocks, batches[0])
         counter[0] += len(orig_blocks)  # that full forward ran every block once
+        own = _own_arguments(orig, orig_blocks, batches[0], contexts, stacks_note)
+        cache = _capture_first_block(orig, orig_blocks[0], batches, orig_blocks if own else None)
         if heads:
             _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
         if gated:
@@ -1344,40 +1346,48 @@ def _check_branch_sum(blk: _Block, stage: str, x: torch.Tensor, ctx: dict[str, A
                          "the wrong target. This model is not supported by the transformer adapter.")
 
 
-def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any, note: str = "") -> list[torch.Tensor]:
-    """The input of every block in one full forward of ``model`` on one batch (to check that blocks chain).
+def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any
+                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The input and the call context (the other arguments) of every block in one full forward of ``model`` on
+    one batch, to check that the blocks chain and whether they share their arguments."""
+    contexts: list[dict[str, Any]] = []
 
-    The other arguments of every block's call must be those of the first block (the pruner re-runs each block
-    with the first block's masks): per-block masks or a second stream (LiLT's layout) are refused here.
-    """
-    calls: list[tuple[tuple, dict]] = []
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, blk: _Block) -> None:
+        contexts.append(_context(*_block_call(blk, args, kwargs)))
 
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        ctx = _context(*leading_input(_m, args, kwargs))
-        calls.append((ctx["args"], ctx["kwargs"]))
-
-    # blocks with arguments of their own (T5) are replayed with them: the chain check of prune_transformer then
-    # compares each replayed block input with the model's own
-    handles = [] if blocks[0].per_block_context else [b.module.register_forward_pre_hook(hook, with_kwargs=True)
-                                                      for b in blocks]
+    handles = [b.module.register_forward_pre_hook(partial(hook, blk=b), with_kwargs=True) for b in blocks]
     try:
         _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
     finally:
         for h in handles:
             h.remove()
-    if calls:
-        first_args, first_kwargs = calls[0]
-        for i, (args, kwargs) in enumerate(calls[1:len(blocks)], start=1):
-            same = (len(args) == len(first_args) and set(kwargs) == set(first_kwargs)
-                    and all(_same_argument(a, b) for a, b in zip(args, first_args, strict=True))
-                    and all(_same_argument(kwargs[k], first_kwargs[k]) for k in kwargs))
-            if not same:
-                raise ValueError(f"block {blocks[i].name!r} is called with other arguments than the first block "
-                                 "(a mask or an extra input of its own, e.g. a decoder mixing sliding-window and "
-                                 "full-attention layers): the pruner re-runs every block with the "
-                                 "first block's arguments, so only stacks whose blocks share them are "
-                                 f"supported.{note}")
-    return [got[str(i)] for i in range(len(blocks))]
+    return [got[str(i)] for i in range(len(blocks))], contexts[:len(blocks)]
+
+
+def _own_arguments(model: nn.Module, blocks: list[_Block], batch: Any, contexts: list[dict[str, Any]],
+                   note: str) -> bool:
+    """Whether the blocks must be replayed with their own captured arguments: the layout says so (T5), or a later
+    block is called with other arguments than the first (a decoder mixing sliding-window and full-attention
+    layers, each type with its masks and rotary tables: Gemma 2 and 3, Qwen2 with ``max_window_layers``...).
+
+    The replay hands each block the arguments captured from the unpruned model, which is right only if they do
+    not depend on the hidden states: checked here on the first batch (:func:`_check_own_arguments`). A block fed
+    by another stack (a decoder's ``encoder_hidden_states``) fails that check and is refused, with ``note``."""
+    if not blocks[0].per_block_context and all(_same_value(c, contexts[0]) for c in contexts[1:]):
+        return False
+    try:
+        _check_own_arguments(model, blocks[0], blocks[1:], batch, {b.name: c for b, c in zip(blocks, contexts,
+                                                                                               strict=False)})
+    except ValueError as exc:
+        if blocks[0].per_block_context:
+            raise
+        differ = next(b for b, c in zip(blocks, contexts, strict=False) if not _same_value(c, contexts[0]))
+        raise ValueError(f"block {differ.name!r} is called with other arguments than the first block, and they "
+                         "change with the hidden states of the blocks before it (an input computed by the model "
+                         "from another stack, such as a decoder's encoder_hidden_states): the pruner replays each "
+                         "block with the arguments captured from the unpruned model, so such a stack is not "
+                         f"supported.{note}") from exc
+    return True
 
 
 def _consumer(block: _Block, stage: str) -> nn.Linear:

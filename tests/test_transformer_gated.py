@@ -30,7 +30,8 @@ GROUP = HEADS // KV_HEADS  # query heads per key/value head
 LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
     int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
 
-FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen3"]
+# qwen2_sliding: a sliding-window layer, then a full-attention one (each called with its own mask)
+FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3"]
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -41,7 +42,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
     if not hasattr(transformers, cls + "Config"):
         pytest.skip(f"transformers {transformers.__version__} has no {cls}")
     extra = {"mlp_bias": True, "attention_bias": True} if name == "llama_bias" else {}
-    if extra and "mlp_bias" not in transformers.LlamaConfig().to_dict():
+    if name == "qwen2_sliding":
+        extra = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    if name == "llama_bias" and "mlp_bias" not in transformers.LlamaConfig().to_dict():
         pytest.skip(f"transformers {transformers.__version__}: LlamaConfig has no mlp_bias")
     cfg = getattr(transformers, cls + "Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -89,10 +92,11 @@ def test_blocks_are_found(name: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["asym", "seq", "layer", "magnitude", "wanda", "random"])
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_sliding"])
 def test_keep_everything_without_refit_is_exact(name: str, method: str) -> None:
     """Every pruned block is replayed with its captured keyword arguments (rotary embeddings, causal mask,
-    position ids): keeping every unit must give the model's outputs, padded batches included."""
+    position ids; a sliding-window layer with its own mask): keeping every unit must give the model's outputs,
+    padded batches included."""
     model, data = build(name), batches()
     target = can_prune_heads("all", model, data)
     pruned, report = prune_transformer(model, data, keep=1.0, target=target, method=method, reweight=False)
@@ -146,7 +150,7 @@ def test_magnitude_scores_every_coupled_layer() -> None:
     assert 0 in report.units[0].kept and 1 not in report.units[0].kept
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding"])
 def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
@@ -277,18 +281,19 @@ def test_causal_lm_with_tied_embeddings_saves_and_reloads(tmp_path) -> None:
             torch.testing.assert_close(back(**b).logits, pruned(**b).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_layers_with_masks_of_their_own_are_refused() -> None:
-    """A Qwen2 mixing sliding-window and full-attention layers gives them different masks: the replay, which
-    re-runs every layer with the first layer's arguments, refuses it."""
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTER,
-                                   max_position_embeddings=32, use_sliding_window=True, sliding_window=4,
-                                   max_window_layers=1)
-    if len(set(getattr(cfg, "layer_types", None) or [])) < 2:
+def test_the_sliding_window_layout_calls_its_layers_with_different_masks() -> None:
+    """The premise of the qwen2_sliding cases above: block 0 sees only the last 4 tokens, block 1 all before it,
+    so a replay of block 1 with block 0's arguments would not give the model's outputs."""
+    model = build("qwen2_sliding")
+    if len(set(getattr(model.config, "layer_types", None) or [])) < 2:
         pytest.skip(f"transformers {transformers.__version__} gives every Qwen2 layer the same mask")
-    model = transformers.Qwen2Model(cfg).eval()
-    with pytest.raises(ValueError, match="called with other arguments than the first block.*sliding-window"):
-        prune_transformer(model, batches(n_batches=1), keep=0.5, target="ffn")
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, k: calls.append(k["attention_mask"]), with_kwargs=True)
+               for layer in layers(model)]
+    out(model, batches()[0])
+    for h in handles:
+        h.remove()
+    assert not torch.equal(calls[0], calls[1])
 
 
 class _MixingMLP(nn.Module):

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _torch_helpers import captured_input
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -648,19 +649,44 @@ def test_attention_with_extra_per_head_parts_is_refused_for_heads_only() -> None
     assert all(u.n_kept == INTER // 2 for u in rep.units)
 
 
-def test_blocks_called_with_their_own_arguments_are_refused() -> None:
-    # Block 0 causal, block 1 unmasked: every block used to be re-run with block 0's mask.
-    class Mixed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = tel_model(norm_first=False).layers
+class _MixedMasks(nn.Module):
+    """Two encoder layers: block 0 causal, block 1 unmasked, or (``depends``) masked by a bias computed from block
+    0's output."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
-            return self.layers[1](self.layers[0](x, src_mask=causal))
+    def __init__(self, depends: bool = False) -> None:
+        super().__init__()
+        self.layers = tel_model(norm_first=False).layers
+        self.depends = depends
 
-    with pytest.raises(ValueError, match="called with other arguments than the first block"):
-        prune_transformer(Mixed().eval(), [torch.randn(4, 6, HIDDEN)], keep=0.5, target="ffn")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = self.layers[0](x, src_mask=torch.ones(t, t, dtype=torch.bool).triu(1))
+        return self.layers[1](h, src_mask=torch.zeros(t, t) + h.mean().tanh() if self.depends else None)
+
+
+def test_blocks_called_with_their_own_arguments_are_replayed_with_them() -> None:
+    # every block used to be re-run with block 0's (causal) mask: block 1's statistics then came from inputs the
+    # model never gives it. Oracle: lstsq on linear2's inputs captured with a hook in the model's own forward.
+    model, data = _MixedMasks().eval(), [torch.randn(4, 6, HIDDEN, generator=torch.Generator().manual_seed(s))
+                                         for s in range(3)]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="none")
+    for i, layer in enumerate(model.layers):
+        down = layer.linear2
+        a = torch.cat([captured_input(model, down, x).reshape(-1, INTER) for x in data]).double().numpy()
+        kept = report.units[i].kept
+        sol = np.linalg.lstsq(np.hstack([a[:, kept], np.ones((len(a), 1))]),
+                              a @ down.weight.detach().double().numpy().T, rcond=None)[0]
+        new = pruned.layers[i].linear2
+        np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:len(kept)].T, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(new.bias.detach().double().numpy(),
+                                   down.bias.detach().double().numpy() + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+def test_blocks_called_with_arguments_that_depend_on_the_hidden_states_are_refused() -> None:
+    with pytest.raises(ValueError, match="called with other arguments than the first block, and they change with "
+                                         "the hidden states"):
+        prune_transformer(_MixedMasks(depends=True).eval(), [torch.randn(4, 6, HIDDEN)], keep=0.5, target="ffn")
 
 
 def test_padding_mask_under_another_name_is_read_from_the_blocks() -> None:
