@@ -67,6 +67,14 @@ def build(arch: str) -> torch.nn.Module:
                                       n_inner=FFN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10,
                                       eos_token_id=10)
         return transformers.GPT2LMHeadModel(cfg)
+    if arch == "gemma3":  # sandwich norms, gated FFN, grouped-query attention, three sliding-window layers and a global
+        cfg = transformers.Gemma3TextConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
+                                            head_dim=WIDTH // HEADS, query_pre_attn_scalar=WIDTH // HEADS,
+                                            intermediate_size=FFN, sliding_window=16,
+                                            layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
+                                            pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.Gemma3ForCausalLM(cfg)
     cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                                      use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
@@ -135,7 +143,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia"])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia", "gemma3"])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")

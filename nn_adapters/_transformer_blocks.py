@@ -381,6 +381,11 @@ class _Block:
         in DINOv2 and CaiT), or ``None``."""
         return None
 
+    def output_norm(self, stage: str) -> nn.Module | None:
+        """The RMS norm applied to the stage's consumer output before the residual sum (the "sandwich" norms of
+        Gemma 2 and 3, OLMo 2: ``x + post_feedforward_layernorm(mlp(x))``), or ``None``."""
+        return None
+
     def single_call(self) -> bool:
         """Whether each consumer is called once per block forward (so a capture may stop early)."""
         return True
@@ -984,7 +989,9 @@ class _HFLlamaBlock(_HFBlock):
 
     def prepare_heads(self) -> None:
         sa = _get(self.module, self.SA)
-        legacy = [a for a in self.LEGACY if hasattr(sa, a)]
+        # the attributes its forward reads (EXAONE 4 keeps hidden_size and head counts it never reads)
+        read = getattr(getattr(type(sa).forward, "__code__", None), "co_names", self.LEGACY)
+        legacy = [a for a in self.LEGACY if hasattr(sa, a) and a in read]
         if legacy:
             from packaging.version import Version  # a dependency of transformers
 
@@ -1020,7 +1027,12 @@ class _HFLlamaBlock(_HFBlock):
         keep = keep.to(self.out_proj.weight.device)
         q_rows = _head_rows(keep, self.head_unit_width)
         kv_rows = _head_rows(keep, self.head_dim)
+        groups = self.kv_groups
         self._cut_attention((q_rows, kv_rows, kv_rows), q_rows, out_weight, out_bias)
+        sa = _get(self.module, self.SA)
+        for attr, count in (("num_attention_heads", keep.numel() * groups), ("num_key_value_heads", keep.numel())):
+            if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
+                setattr(sa, attr, int(count))
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
         super().set_ffn(producers, down)
@@ -1030,6 +1042,55 @@ class _HFLlamaBlock(_HFBlock):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_key_value_heads": self.head_units}
+
+
+class _HFGemma2Block(_HFLlamaBlock):
+    """Gemma 2 and Gemma 3 decoder layers (``Gemma2DecoderLayer``, ``Gemma3DecoderLayer``): the Llama parts with
+    "sandwich" RMS norms, ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then ``x +
+    post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``. The consumer output is normalised before the
+    residual sum (:meth:`output_norm`), which the refit's targets and weights account for. Their layers alternate
+    sliding-window and global attention, each type with its mask and rotary tables: every layer is replayed with
+    its own arguments."""
+
+    kind = "hf_gemma2"
+    RESID_FFN = ("pre_feedforward_layernorm", 0)  # x + post_ffn_norm(mlp(pre_feedforward_layernorm(x)))
+    #: The norms applied to the attention and FFN outputs before their residual sums.
+    OUT_NORMS = {"heads": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"}
+    #: Parts a block of the kind must have (``FORBIDDEN``: must not; they tell the layouts apart).
+    REQUIRED: tuple[str, ...] = ("input_layernorm", "pre_feedforward_layernorm")
+    FORBIDDEN: tuple[str, ...] = ()
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (super().matches(module)
+                and all(isinstance(_get(module, p), nn.Module) for p in (*cls.OUT_NORMS.values(), *cls.REQUIRED))
+                and not any(_get(module, p) is not None for p in cls.FORBIDDEN))
+
+    def output_norm(self, stage: str) -> nn.Module | None:
+        return _get(self.module, self.OUT_NORMS[stage])
+
+
+class _HFOlmo2Block(_HFGemma2Block):
+    """OLMo 2 and 3, EXAONE 4 decoder layers (``Olmo2DecoderLayer``...): norms after the sublayers only, ``x +
+    post_attention_layernorm(attn(x))`` then ``x + post_feedforward_layernorm(mlp(x))``, with the Llama parts.
+    OLMo's attention normalises its queries and keys over all heads together (``q_norm`` / ``k_norm`` of the
+    projections' full width): its heads are refused; EXAONE 4's norms act per head, its heads are pruned."""
+
+    kind = "hf_olmo2"
+    RESID_FFN = ("mlp", 0)  # x + post_feedforward_layernorm(mlp(x))
+    REQUIRED = ()
+    FORBIDDEN = ("input_layernorm", "pre_feedforward_layernorm")
+
+    def prepare_heads(self) -> None:
+        sa = _get(self.module, self.SA)
+        norm = getattr(sa, "q_norm", None)
+        width = getattr(getattr(norm, "weight", None), "numel", lambda: self.head_dim)()
+        if norm is not None and width != self.head_dim:
+            raise ValueError(f"block {self.name!r}: {type(sa).__name__}'s q_norm / k_norm normalise the queries and "
+                             f"keys over all heads together ({width} features, not one head's {self.head_dim}), so "
+                             "removing a head would change every other head's attention. Prune target='ffn' on "
+                             "this model.")
+        super().prepare_heads()
 
 
 class _ParallelBranches(_HFBlock):
@@ -1535,8 +1596,8 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
-    _HFCohereBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
-    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFCohereBlock, _HFGemma2Block, _HFOlmo2Block, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
+    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

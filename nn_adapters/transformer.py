@@ -735,9 +735,13 @@ def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | No
 
 def _consumer_weight(stage: str, block: _Block) -> torch.Tensor:
     """The stage's consumer weight (out, in) in float64 as it acts on the residual stream: with a layer scale
-    (DINOv2), output row ``i`` is multiplied by ``lambda_i``."""
+    (DINOv2), output row ``i`` is multiplied by ``lambda_i``; with a norm after the consumer (Gemma 2 and 3, OLMo
+    2), by that norm's gain ``g_i`` (its per-token factor is the same for every unit)."""
     w = weight_of(_consumer(block, stage)).detach().double()
     scale = block.output_scale(stage)
+    norm = block.output_norm(stage)
+    if scale is None and norm is not None:
+        scale = _norm_gains(norm, w.shape[0], weight_of(_consumer(block, stage)))
     return w if scale is None else w * scale.detach().double().to(w.device).view(-1, 1)
 
 
@@ -1449,7 +1453,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
     first_mods = {**_capture_map(oblk, stages, True), **_layout_probes(oblk, stages)}
     xo_next: list[torch.Tensor] = []
     side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
-                            "col_scale": {s: None for s in stages}}
+                            "col_scale": {s: None for s in stages}, "norm_scales": {s: [] for s in stages}}
     for b in range(len(cache)):
         out, got = capture_inputs(first_mods if b == 0 else orig_mods,
                                   lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
@@ -1458,10 +1462,13 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         for s in stages:
             a = _rows(got[s], valid, oblk.batch_first(s))
             y = orig_mods[s](a)
-            lam, inv_lam = _layer_scale(oblk, s, y)
+            lam = _layer_scale(oblk, s, y)[0]
+            norm = oblk.output_norm(s)
+            y_norm = None if norm is None else norm(y)
+            norm_scales = None if norm is None else _token_scales(oblk, s, y, y_norm, check=b == 0)
             res = total = None
             if b == 0 or need_res:
-                y_sum = y if lam is None else y * lam
+                y_sum = y_norm if norm is not None else (y if lam is None else y * lam)
                 res = _residual_rows(oblk, s, got, xo[b], valid, out, y_sum)
                 total = y_sum + res  # the residual sum the stage's output enters
             if b == 0:
@@ -1471,11 +1478,16 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
             w = scale = None
             if weighting:
                 w, scale = _norm_weights(oblk, s, total)
-            if lam is not None:  # an error in the consumer output is lambda times that error in the sum
-                lam_abs = lam.detach().double().abs().cpu()
-                lam_abs = lam_abs.clamp_min(1e-6 * float(lam_abs.max()) + 1e-30)
-                scale = lam_abs if scale is None else scale * lam_abs
+            if lam is not None or norm_scales is not None:
+                # an error in the consumer output is lambda (or s_t g, after a norm) times that error in the sum
+                gain = (lam if norm_scales is None else norm_scales[1]).detach().double().abs().cpu()
+                gain = gain.clamp_min(1e-6 * float(gain.max()) + 1e-30)
+                scale = gain if scale is None else scale * gain
+            if norm_scales is not None:
+                tok2 = norm_scales[0].square()
+                w = tok2 if w is None else w * tok2
             side["col_scale"][s] = scale
+            side["norm_scales"][s].append(norm_scales)
             if mode == "layer":
                 if s not in side["stats"]:
                     side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS,
@@ -1486,8 +1498,8 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 # then subtracted: (original sum - residual) / lambda with a layer scale; in float64, as the
                 # residual can be much larger than y (and 1 / lambda larger still)
                 y64 = y.double()
-                side["targets"][s].append((y64 + res.double() * (1.0 if inv_lam is None else inv_lam))
-                                          if residual else y64)
+                inv = _inverse_gain(oblk, s, y, norm_scales)
+                side["targets"][s].append((y64 + res.double() * (1.0 if inv is None else inv)) if residual else y64)
                 side["row_w"][s].append(w)
     return xo_next, side
 
@@ -1503,6 +1515,59 @@ def _layer_scale(block: _Block, stage: str, like: torch.Tensor) -> tuple[torch.T
     big = lam64.abs() > 1e-6 * float(lam64.abs().max())
     inv = torch.where(big, 1.0 / torch.where(big, lam64, torch.ones_like(lam64)), torch.zeros_like(lam64))
     return lam.to(device=like.device, dtype=like.dtype), inv
+
+
+#: An RMS norm's gains are read from its output on this constant row: ``c / sqrt(c^2 + eps)`` is 1 to ``eps / 2e6``.
+_GAIN_PROBE = 1e3
+
+
+def _norm_gains(norm: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``width`` per-channel gains ``g`` (float64) of an RMS norm ``N(y) = g * y / sqrt(mean(y^2) + eps)``
+    placed after a consumer, however the norm parametrizes them (Gemma's ``1 + weight``, OLMo's ``weight``); the
+    probe row takes ``like``'s device and floating dtype."""
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    probe = torch.full((1, width), _GAIN_PROBE, dtype=dtype, device=like.device)
+    return norm(probe).detach().double().reshape(-1)
+
+
+def _token_scales(block: _Block, stage: str, y: torch.Tensor, out: torch.Tensor,
+                  check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of the norm after the stage's consumer on the rows ``y`` (its output ``out``): per token
+    ``s_t`` and per channel ``g`` (float64), with ``out_t = s_t * g * y_t`` (``s_t = 1 / rms(y_t)``), ``s_t`` fitted
+    by least squares per row. With ``check`` (the first batch), a norm that is not of that form (a LayerNorm that
+    subtracts the mean, a bias) is refused. A row with ``g * y_t = 0`` gets the largest factor of the others."""
+    g = _norm_gains(block.output_norm(stage), y.shape[1], y)
+    gy = y.detach().double() * g.to(y.device)
+    out64 = out.detach().double()
+    den = gy.pow(2).sum(1)
+    ok = den > 0
+    scales = torch.where(ok, (out64 * gy).sum(1) / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+    if check:
+        tol = 1e-3 if torch.finfo(out.dtype).bits >= 32 else 3e-2
+        err = (out64 - scales.unsqueeze(1) * gy).norm(dim=1)
+        if bool((err > tol * out64.norm(dim=1) + 1e-12).any()) or bool((scales[ok] <= 0).any()):
+            name = "FFN" if stage == "ffn" else "attention"
+            raise ValueError(f"block {block.name!r} ({type(block.module).__name__}): the norm after its {name} output "
+                             f"({type(block.output_norm(stage)).__name__}) is not an RMS norm (a per-token scale "
+                             "times per-channel gains, without mean subtraction or bias), which the refit's targets "
+                             "assume. This model is not supported by the transformer adapter.")
+    fill = scales[ok].max() if bool(ok.any()) else torch.ones((), dtype=scales.dtype, device=scales.device)
+    return torch.where(ok, scales, fill), g
+
+
+def _inverse_gain(block: _Block, stage: str, like: torch.Tensor,
+                  norm_scales: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """How a change of the stage's residual sum maps back to a change of its consumer output (float64, to
+    multiply ``like``'s rows with): ``1 / lambda`` per channel with a layer scale, ``1 / (s_t g_i)`` per token and
+    channel with a norm after the consumer (``norm_scales = (s, g)`` from :func:`_token_scales`), or ``None``.
+    Channels whose factor is below ``1e-6`` of the largest get 0 (no compensation)."""
+    if norm_scales is None:
+        return _layer_scale(block, stage, like)[1]
+    tok, g = norm_scales
+    g = g.to(like.device)
+    big = g.abs() > 1e-6 * float(g.abs().max())
+    inv_g = torch.where(big, 1.0 / torch.where(big, g, torch.ones_like(g)), torch.zeros_like(g))
+    return inv_g.unsqueeze(0) / tok.to(like.device).unsqueeze(1)
 
 
 def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Module, int]]:
@@ -1577,8 +1642,8 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                             lam_p = _layer_scale(blk, s, a)[0]
                             y_p = mods[s](a) if lam_p is None else mods[s](a) * lam_p
                         res_p = _residual_rows(blk, s, got, xp[b], valid, out_p, y_p).double()
-                        inv_lam = _layer_scale(oblk, s, res_p)[1]
-                        y = y - (res_p if inv_lam is None else res_p * inv_lam)
+                        inv = _inverse_gain(oblk, s, res_p, side["norm_scales"][s][b])
+                        y = y - (res_p if inv is None else res_p * inv)
                 else:
                     y = mods[s](a)
                 if s not in stats:
