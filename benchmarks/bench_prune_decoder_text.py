@@ -67,10 +67,13 @@ def build(arch: str) -> torch.nn.Module:
                                       n_inner=FFN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10,
                                       eos_token_id=10)
         return transformers.GPT2LMHeadModel(cfg)
-    if arch == "gemma3":  # sandwich norms, gated FFN, grouped-query attention, three sliding-window layers and a global
+    if arch == "gemma3":
+        # sandwich norms, gated FFN, three sliding-window layers and a global one; grouped-query attention with
+        # 8 query heads of width 16 in 4 key/value groups (the units of head pruning)
         cfg = transformers.Gemma3TextConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
-                                            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=2,
-                                            head_dim=WIDTH // HEADS, query_pre_attn_scalar=WIDTH // HEADS,
+                                            num_hidden_layers=LAYERS, num_attention_heads=2 * HEADS,
+                                            num_key_value_heads=HEADS, head_dim=WIDTH // (2 * HEADS),
+                                            query_pre_attn_scalar=WIDTH // (2 * HEADS),
                                             intermediate_size=FFN, sliding_window=16,
                                             layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
                                             pad_token_id=0, bos_token_id=10, eos_token_id=10)

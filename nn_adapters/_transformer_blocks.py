@@ -13,6 +13,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
+    ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
+    by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4),
     ``_HFBartBlock`` (BART-family encoder and decoder layers, post-LN or pre-LN as their forward reads),
     ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the

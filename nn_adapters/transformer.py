@@ -933,7 +933,8 @@ def prune_transformer(
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
         Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
-        key/value groups), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
+        key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
+        refit accounts for), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
         XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi,
         BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
@@ -988,7 +989,9 @@ def prune_transformer(
         refit also compensates the error carried by the residual stream.
     weighting : {"layernorm", "none"}
         ``"layernorm"``: measure the error after the post-LN LayerNorm that follows the stage (tokens weighted by
-        ``1 / sigma_t^2``, output dimensions by ``gamma^2``); pre-LN blocks are not weighted.
+        ``1 / sigma_t^2``, output dimensions by ``gamma^2``); pre-LN blocks are not weighted. An RMS norm applied
+        to the consumer's output before the sum (Gemma 2 and 3, OLMo 2) is part of the block's function, like a
+        layer scale: its weights (token ``t`` by ``s_t^2``, channel ``i`` by ``g_i^2``) apply with either setting.
     allocation : {"uniform", "error-curve"}
         (``"error"``, the MLP/CNN path's earlier spelling, is accepted for ``"error-curve"``.)
         ``"uniform"``: every block keeps ``round(keep * n)`` units of each stage. ``"error-curve"``: the same
