@@ -87,6 +87,26 @@ def ragged_token_batches(vocab: int, n_batches: int = 4, b: int = 6, t: int = 10
     return out
 
 
+def run_hooked(models: list[nn.Module], batches: list[dict[str, torch.Tensor]], handles: list) -> None:
+    """Run every model on every dict batch (keyword arguments) without gradients, for the hooks whose ``handles``
+    are given; the hooks are removed afterwards, also on failure."""
+    try:
+        with torch.no_grad():
+            for b in batches:
+                for m in models:
+                    m(**b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def token_rows(batches: list[dict[str, torch.Tensor]], seen: list[torch.Tensor]) -> np.ndarray:
+    """The real tokens' rows (float64, ``(n_real, features)``) of activations captured batch by batch, laid out
+    ``(batch, tokens, ...)`` or flattened over batch and tokens; padding is where ``attention_mask`` is 0."""
+    return torch.cat([t.reshape(*b["input_ids"].shape, -1)[b["attention_mask"].bool()]
+                      for b, t in zip(batches, seen, strict=True)]).double().numpy()
+
+
 def zeroed_at_consumers(net: nn.Module, report: nna.PruneReport, x: torch.Tensor,
                         offsets: dict[str, tuple[int, int]] | None = None) -> torch.Tensor:
     """The original network's output on ``x`` with the units that ``report`` removed zeroed at every consumer's

@@ -18,7 +18,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches
+from _torch_helpers import captured_input, ragged_token_batches, run_hooked, token_rows
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -418,21 +418,9 @@ def test_parallel_asym_refit_aims_at_the_original_output_minus_the_pruned_residu
                  a[0] if a else k["hidden_states"]), with_kwargs=True),
              attn_out.register_forward_hook(lambda _m, _a, o: seen["attn_p"].append(o)),
              down(name, last_p).register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
-    try:
-        with torch.no_grad():
-            for b in data:
-                model(**b)
-                pruned(**b)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def rows(key: str) -> np.ndarray:
-        return torch.cat([t.reshape(*b["input_ids"].shape, -1)[b["attention_mask"].bool()]
-                          for b, t in zip(data, seen[key], strict=True)]).double().numpy()
-
-    target = rows("out_o") - rows("x_p") - rows("attn_p")
-    A = rows("a_p")  # the kept units' activations in the pruned network (its up projection has only those rows)
+    run_hooked([model, pruned], data, hooks)
+    target = token_rows(data, seen["out_o"]) - token_rows(data, seen["x_p"]) - token_rows(data, seen["attn_p"])
+    A = token_rows(data, seen["a_p"])  # the kept units' activations in the pruned network (only their up rows left)
     d = down(name, last)
     kept = report.units[-1].kept
     w_kept = d.weight.detach().double().numpy().T[kept]

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches
+from _torch_helpers import captured_input, ragged_token_batches, run_hooked, token_rows
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -103,11 +103,6 @@ def zeroed_original(model: nn.Module, report) -> nn.Module:
     return masked
 
 
-def rows(data: list[dict[str, torch.Tensor]], seen: list[torch.Tensor]) -> np.ndarray:
-    return torch.cat([t.reshape(*b["input_ids"].shape, -1)[b["attention_mask"].bool()]
-                      for b, t in zip(data, seen, strict=True)]).double().numpy()
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_blocks_are_found(name: str) -> None:
     assert [b.kind for b in find_blocks(build(name))] == [FAMILIES[name][1]] * LAYERS
@@ -176,15 +171,8 @@ def test_asym_refit_aims_at_the_original_sum_through_the_norm(name: str) -> None
              last.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_o"].append(a[0])),
              last_p.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_p"].append(a[0])),
              last_p.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
-    try:
-        with torch.no_grad():
-            for b in data:
-                model(**b)
-                pruned(**b)
-    finally:
-        for h in hooks:
-            h.remove()
-    y_o, r_o, r_p, a_p = (rows(data, seen[k]) for k in ("y_o", "r_o", "r_p", "a_p"))
+    run_hooked([model, pruned], data, hooks)
+    y_o, r_o, r_p, a_p = (token_rows(data, seen[k]) for k in ("y_o", "r_o", "r_p", "a_p"))
     norm = last.post_feedforward_layernorm
     s = 1.0 / np.sqrt((y_o ** 2).mean(1) + eps(norm))
     target = y_o + (r_o - r_p) / (s[:, None] * gains(name, norm)[None, :])
