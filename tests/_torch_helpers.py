@@ -100,6 +100,15 @@ def run_hooked(models: list[nn.Module], batches: list[dict[str, torch.Tensor]], 
             h.remove()
 
 
+def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt: torch.Tensor,
+                                  new_tokens: int = 6) -> None:
+    """Greedy generation with the key/value cache gives the same tokens from both causal LMs."""
+    kw = {"max_new_tokens": new_tokens, "do_sample": False, "use_cache": True, "pad_token_id": 0,
+          "attention_mask": torch.ones_like(prompt)}
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kw), reference.generate(prompt, **kw))
+
+
 def token_rows(batches: list[dict[str, torch.Tensor]], seen: list[torch.Tensor]) -> np.ndarray:
     """The real tokens' rows (float64, ``(n_real, features)``) of activations captured batch by batch, laid out
     ``(batch, tokens, ...)`` or flattened over batch and tokens; padding is where ``attention_mask`` is 0."""

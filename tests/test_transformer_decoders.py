@@ -18,7 +18,13 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches, run_hooked, token_rows
+from _torch_helpers import (
+    assert_same_greedy_generation,
+    captured_input,
+    ragged_token_batches,
+    run_hooked,
+    token_rows,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -281,12 +287,7 @@ def test_head_bookkeeping_and_generation_with_the_cache(name: str) -> None:
         width = down(name, layer).weight.shape[0 if conv1d else 1]
         assert width == inter(name) * (2 if i == 0 else 3) // 4
     masked = zeroed_original(name, model, report)
-    prompt = data[0]["input_ids"][:1, :4]
-    with torch.no_grad():
-        kw = {"max_new_tokens": 6, "do_sample": False, "use_cache": True, "pad_token_id": 0}
-        got = pruned.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-        want = masked.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-    assert torch.equal(got, want)
+    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :4])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,7 +16,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches, run_hooked, token_rows
+from _torch_helpers import (
+    assert_same_greedy_generation,
+    captured_input,
+    ragged_token_batches,
+    run_hooked,
+    token_rows,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -207,12 +213,7 @@ def test_generation_with_the_cache_and_save_reload(tmp_path, name: str) -> None:
     pruned, report = prune_transformer(model, data, keep={0: 0.5, 1: 0.75}, target=target, method="wanda",
                                        reweight=False)
     masked = zeroed_original(model, report)
-    prompt = data[0]["input_ids"][:1, :6]
-    with torch.no_grad():
-        kw = {"max_new_tokens": 8, "do_sample": False, "use_cache": True, "pad_token_id": 0}
-        got = pruned.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-        want = masked.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
-    assert torch.equal(got, want)
+    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
     save_pruned(pruned, tmp_path / "m")
     back = load_pruned(tmp_path / "m")
     with torch.no_grad():
