@@ -45,6 +45,8 @@ HEADS_OK = ["gemma2", "gemma3", "exaone4"]
 
 def _cls(name: str, suffix: str) -> type:
     prefix = FAMILIES[name][0]
+    if suffix == "ForCausalLM":  # Gemma3ForCausalLM takes the text config
+        prefix = prefix.removesuffix("Text")
     cls = getattr(transformers, prefix + suffix, None)
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no {prefix}{suffix}")
