@@ -1,5 +1,6 @@
-"""Quality benchmark on causal language models: pruning small GPT-2 and Pythia-style (GPT-NeoX, parallel attention
-and FFN) decoders trained here on text, without fine-tuning.
+"""Quality benchmark on causal language models: pruning small GPT-2, Pythia-style (GPT-NeoX, parallel attention
+and FFN) and, on request (``--arch gemma3``), Gemma-3-style (RMS norms before and after the sublayers, gated FFN,
+grouped-query attention, sliding-window and global layers) decoders trained here on text, without fine-tuning.
 
 No pretrained decoder can be downloaded on this machine, so each architecture is trained once on bytes of English
 text (sentences from the docstrings of the Python standard library, the MiniLM benchmark's source; vocabulary: the
@@ -14,7 +15,7 @@ the pruned model's next-byte distribution from the unpruned one's (label-free fi
 RATIOS of the perplexity increase (pruned / unpruned - 1) against the baselines measured in the same run. All
 figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia] [--targets ffn heads] [--keep 0.5 0.25]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3] [--targets ffn heads] [--keep 0.5 0.25]
       [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
