@@ -38,6 +38,7 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -77,6 +78,7 @@ from ._transformer_blocks import (
     BLOCK_OUTPUT,
     PrunedMultiheadAttention,
     _Block,
+    _set,
     capture_inputs,
     disable_nested_fast_path,
     find_blocks,
@@ -1089,6 +1091,12 @@ def prune_transformer(
                          "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
+    pair = _encoder_decoder_stacks(work, blocks)
+    if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states
+        options = dict(target=target, method=method, reweight=reweight, seed=seed, propagation=propagation,
+                       ridge=ridge, refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
+                       allocation=allocation, min_keep=min_keep, executor=executor)
+        return _prune_encoder_decoder(model, work, blocks, pair, calibration_data, keep, options, t_start)
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
     if "ffn" in stages:
@@ -1181,6 +1189,85 @@ def prune_transformer(
     report.params_after = _n_params(work)
     report.block_forwards = counter[0]
     report.spec = make_spec(work)
+    report.wall_time = time.perf_counter() - t_start
+    return work, report
+
+
+def _encoder_decoder_stacks(model: nn.Module, blocks: list[_Block]) -> tuple[str, str] | None:
+    """The paths of the encoder and the decoder of an encoder-decoder model (its ``get_encoder()`` and
+    ``get_decoder()``: two disjoint submodules that hold every block between them, some each), or ``None``."""
+    try:
+        enc, dec = model.get_encoder(), model.get_decoder()
+    except Exception:  # noqa: BLE001 - no such methods, or a model that has no encoder: not an encoder-decoder
+        return None
+    paths = {id(m): n for n, m in model.named_modules()}
+    pe, pd = paths.get(id(enc)), paths.get(id(dec))
+    if not pe or not pd or pe == pd or pe.startswith(pd + ".") or pd.startswith(pe + "."):
+        return None
+    n_enc = sum(b.name.startswith(pe + ".") for b in blocks)
+    n_dec = sum(b.name.startswith(pd + ".") for b in blocks)
+    return (pe, pd) if n_enc and n_dec and n_enc + n_dec == len(blocks) else None
+
+
+def _stack_batches(model: nn.Module, path: str, batches: list[Any]) -> list[dict[str, Any]]:
+    """The keyword arguments ``model`` calls its stack at ``path`` with, one dict per batch (a forward each,
+    abandoned there), without key/value caches: the stack's own calibration batches."""
+    stack = model.get_submodule(path)
+    signature = inspect.signature(stack.forward)
+    calls: list[dict[str, Any]] = []
+    for batch in batches:
+        got: dict[str, Any] = {}
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], got: dict[str, Any] = got) -> None:
+            call: dict[str, Any] = {}
+            for name, value in signature.bind(*args, **kwargs).arguments.items():
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    call.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    call[name] = value
+            got["call"] = {k: _no_cache(v, k) for k, v in call.items()}
+            raise _StopForward
+
+        _run_hooked(model, batch, [(stack, hook)])
+        if "call" not in got:
+            raise ValueError(f"the model's forward never called its {path!r} stack on a calibration batch: pass "
+                             "batches that run the whole model (for a sequence-to-sequence model, with "
+                             "decoder_input_ids or labels)")
+        calls.append(got["call"])
+    return calls
+
+
+def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Block], stacks: tuple[str, str],
+                           calibration_data: Any, keep: float | Mapping[str | int, float], options: dict[str, Any],
+                           t_start: float) -> tuple[nn.Module, TransformerPruneReport]:
+    """Prune an encoder-decoder model stack by stack: the encoder on the inputs the model hands it, then the
+    decoder on the inputs it hands the decoder with the pruned encoder in place (its cross-attention reads the
+    pruned encoder's states, which its refit then adapts to). The pruned blocks are put into ``work`` (a copy of
+    ``model``), so weights shared outside the blocks (the embeddings) stay shared."""
+    fractions = _block_fractions(keep, blocks)  # names and indices refer to the whole model's blocks
+    batches = None if calibration_data is None else _batches(calibration_data, float_dtype(model))
+    reports = []
+    for path in stacks:
+        inside = [(b, f) for b, f in zip(blocks, fractions, strict=True) if b.name.startswith(path + ".")]
+        part: float | dict[str, float] = ({b.name[len(path) + 1:]: f for b, f in inside}
+                                          if isinstance(keep, Mapping) else float(keep))
+        stack_batches = None if batches is None else _stack_batches(work, path, batches)
+        pruned, rep = prune_transformer(model.get_submodule(path), stack_batches, keep=part, **options)
+        for b, _ in inside:
+            _set(work, b.name, pruned.get_submodule(b.name[len(path) + 1:]))
+        reports.append((path, rep))
+    first = reports[0][1]
+    report = TransformerPruneReport(
+        method=first.method, target=first.target,
+        keep={b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep),
+        reweight=first.reweight, seed=first.seed, propagation=first.propagation,
+        units=[dataclasses.replace(u, block=f"{path}.{u.block}") for path, rep in reports for u in rep.units],
+        params_before=_n_params(model), params_after=_n_params(work),
+        n_tokens=sum(rep.n_tokens for _, rep in reports),
+        n_padding_excluded=sum(rep.n_padding_excluded for _, rep in reports),
+        block_forwards=sum(rep.block_forwards for _, rep in reports), n_blocks=len(blocks),
+        spec=make_spec(work), allocation=first.allocation)
     report.wall_time = time.perf_counter() - t_start
     return work, report
 

@@ -109,6 +109,39 @@ def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt
         assert torch.equal(model.generate(prompt, **kw), reference.generate(prompt, **kw))
 
 
+def prune_stack_by_stack(model: nn.Module, source: list[dict[str, torch.Tensor]], targets: list[torch.Tensor],
+                         **options) -> tuple[tuple[nn.Module, object], tuple[nn.Module, object]]:
+    """The documented manual route for an encoder-decoder model (the oracle of whole-model pruning): prune
+    ``model.encoder`` on the source batches, then ``model.decoder`` on the target tokens with the pruned encoder's
+    states (and the source mask); returns ``(pruned encoder, report), (pruned decoder, report)``."""
+    from nn_adapters.transformer import prune_transformer
+
+    enc = prune_transformer(model.encoder, source, **options)
+    dec_batches = []
+    with torch.no_grad():
+        for src, tgt in zip(source, targets, strict=True):
+            dec = {"input_ids": tgt, "attention_mask": torch.ones_like(tgt),
+                   "encoder_hidden_states": enc[0](**src).last_hidden_state}
+            if "attention_mask" in src:
+                dec["encoder_attention_mask"] = src["attention_mask"]
+            dec_batches.append(dec)
+    return enc, prune_transformer(model.decoder, dec_batches, **options)
+
+
+def assert_pruned_like_the_stacks(pruned: nn.Module, report, stacks) -> None:
+    """The whole-model result has the units and the weights of the stack-by-stack route (``stacks`` as
+    :func:`prune_stack_by_stack` returns them)."""
+    (enc, enc_report), (dec, dec_report) = stacks
+    by_hand = [(prefix + u.block, u.stage, u.kept) for prefix, r in (("encoder.", enc_report),
+                                                                     ("decoder.", dec_report)) for u in r.units]
+    assert [(u.block, u.stage, u.kept) for u in report.units] == by_hand
+    state = pruned.state_dict()
+    for prefix, part in (("encoder.", enc), ("decoder.", dec)):
+        for key, value in part.state_dict().items():
+            torch.testing.assert_close(state[prefix + key], value, atol=1e-5, rtol=1e-4)
+    assert report.n_tokens == enc_report.n_tokens + dec_report.n_tokens
+
+
 def token_rows(batches: list[dict[str, torch.Tensor]], seen: list[torch.Tensor]) -> np.ndarray:
     """The real tokens' rows (float64, ``(n_real, features)``) of activations captured batch by batch, laid out
     ``(batch, tokens, ...)`` or flattened over batch and tokens; padding is where ``attention_mask`` is 0."""

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input
+from _torch_helpers import assert_pruned_like_the_stacks, captured_input, prune_stack_by_stack
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -185,11 +185,77 @@ def test_save_and_reload(tmp_path, name: str) -> None:
         torch.testing.assert_close(out(back, b), out(pruned, b), atol=1e-6, rtol=1e-6)
 
 
-def test_the_whole_encoder_decoder_is_refused_with_the_stacks_to_prune() -> None:
-    full = full_model("bart_encoder")
-    ids = torch.randint(3, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"2 stacks of blocks.*encoder and decoder of BART"):
-        prune_transformer(full, [{"input_ids": ids, "decoder_input_ids": ids}], keep=0.5, target="ffn")
+def _whole_and_stack_batches(name: str, model: nn.Module, n_batches: int = 3, seed: int = 1
+                             ) -> tuple[list[dict], list[dict], list[torch.Tensor]]:
+    """Whole-model batches (source and decoder tokens), the encoder's batches and the decoder's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    whole, source, targets = [], [], []
+    for _ in range(n_batches):
+        if name == "whisper":
+            src = {"input_features": torch.randn(5, 8, 12, generator=g)}
+        else:
+            ids = torch.randint(3, VOCAB, (5, 8), generator=g)
+            mask = (torch.arange(8).view(1, -1) < torch.randint(3, 9, (5, 1), generator=g)).long()
+            src = {"input_ids": torch.where(mask.bool(), ids, torch.zeros_like(ids)), "attention_mask": mask}
+        tgt = torch.randint(3, VOCAB, (5, 6), generator=g)
+        whole.append({**src, "decoder_input_ids": tgt})
+        source.append(src)
+        targets.append(tgt)
+    return whole, source, targets
+
+
+@pytest.mark.parametrize("name", ["bart", "mbart", "whisper"])
+def test_the_whole_encoder_decoder_is_pruned_stack_by_stack(name: str) -> None:
+    """Oracle: the documented manual route. The encoder is pruned on its inputs, then the decoder on its tokens
+    with the pruned encoder's states (and the source mask): same units, same weights, same outputs. The embeddings
+    shared by the encoder, the decoder and the model stay shared (counted once)."""
+    model = full_model(f"{name}_encoder")
+    whole, source, targets = _whole_and_stack_batches(name, model)
+    pruned, report = prune_transformer(model, whole, keep=0.5, target="all", method="asym")
+    assert_pruned_like_the_stacks(pruned, report, prune_stack_by_stack(model, source, targets, keep=0.5,
+                                                                       target="all", method="asym"))
+    if name != "whisper":
+        assert pruned.encoder.embed_tokens.weight is pruned.decoder.embed_tokens.weight
+    assert report.params_after == sum(p.numel() for p in pruned.parameters()) < report.params_before
+    assert report.n_blocks == 2 * LAYERS
+
+
+def test_the_whole_encoder_decoder_without_refit_is_the_zeroed_original_and_reloads(tmp_path) -> None:
+    model = full_model("bart_encoder")
+    whole, _, _ = _whole_and_stack_batches("bart", model)
+    pruned, report = prune_transformer(model, whole, keep={"encoder.layers.0": 0.5, 3: 0.25}, target="all",
+                                       method="magnitude", reweight=False)
+    assert [(u.block, u.n_kept) for u in report.units if u.stage == "ffn"] == [
+        ("encoder.layers.0", INTER // 2), ("encoder.layers.1", INTER), ("decoder.layers.0", INTER),
+        ("decoder.layers.1", INTER // 4)]
+    masked = zeroed_original(model, report)
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m", full_model("bart_encoder", seed=5))
+    with torch.no_grad():
+        for b in whole:
+            want = masked(**b).last_hidden_state
+            torch.testing.assert_close(pruned(**b).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(back(**b).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+
+
+class _EncodeOnlyWithoutTargets(transformers.BartModel):
+    """A BART whose forward runs only the encoder when no decoder tokens are given (as an encoder-decoder
+    wrapper for embeddings may)."""
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, **kwargs):
+        if decoder_input_ids is None:
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               decoder_input_ids=decoder_input_ids, **kwargs)
+
+
+def test_batches_that_never_reach_the_decoder_are_refused() -> None:
+    torch.manual_seed(0)
+    model = _EncodeOnlyWithoutTargets(transformers.BartConfig(**BART)).eval()
+    whole, source, _ = _whole_and_stack_batches("bart", model)
+    prune_transformer(model, whole, keep=0.5, target="ffn")  # with decoder tokens: both stacks
+    with pytest.raises(ValueError, match=r"never called its 'decoder' stack.*decoder_input_ids or labels"):
+        prune_transformer(model, source, keep=0.5, target="ffn")
 
 
 class _PostLNReadAsPreLN(transformers.models.bart.modeling_bart.BartEncoderLayer):

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input
+from _torch_helpers import assert_pruned_like_the_stacks, captured_input, prune_stack_by_stack
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -202,3 +202,17 @@ def test_arguments_that_depend_on_the_hidden_states_are_refused() -> None:
     assert all(torch.isfinite(r).all() for r in ref)
     with pytest.raises(ValueError, match="receives arguments that change with the hidden states"):
         prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
+
+
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_the_whole_model_is_pruned_stack_by_stack(name: str) -> None:
+    """Oracle: the encoder pruned on its inputs, then the decoder on its tokens with the pruned encoder's states
+    (the documented manual route)."""
+    model, source = full_model(name), batches(name)
+    g = torch.Generator().manual_seed(3)
+    targets = [torch.randint(3, VOCAB, (b["input_ids"].shape[0], 6), generator=g) for b in source]
+    whole = [{**b, "decoder_input_ids": t} for b, t in zip(source, targets, strict=True)]
+    pruned, report = prune_transformer(model, whole, keep=0.5, target="ffn", method="asym")
+    assert_pruned_like_the_stacks(pruned, report, prune_stack_by_stack(model, source, targets, keep=0.5,
+                                                                       target="ffn", method="asym"))
+    assert len(report.units) == 2 * LAYERS and report.params_after < report.params_before
