@@ -940,7 +940,9 @@ def prune_transformer(
         XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi,
         BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
-        :doc:`/transformer` lists the layouts. Not modified (a deep copy is pruned).
+        :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
+        ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
+        encoder's states. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
@@ -1121,9 +1123,10 @@ def prune_transformer(
     # said when the blocks do not chain, the usual reason then (CLIPModel's text and vision towers)
     stacks_note = "" if len(stacks) < 2 else (
         f" The model holds {len(stacks)} stacks of blocks ({', '.join(map(repr, stacks))}), e.g. the text and "
-        "vision towers of CLIPModel or the encoder and decoder of BART or Whisper: prune each stack's model on "
-        "its own (prune_transformer(model.text_model, text_batches, ...), prune_transformer(model.vision_model, "
-        "image_batches, ...); a decoder's batches carry its encoder_hidden_states) and put them back.")
+        "vision towers of CLIPModel: prune each stack's model on its own (prune_transformer(model.text_model, "
+        "text_batches, ...), prune_transformer(model.vision_model, image_batches, ...)) and put them back. An "
+        "encoder-decoder model is pruned stack by stack in one call when its get_encoder() and get_decoder() "
+        "hold every block between them.")
     with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
