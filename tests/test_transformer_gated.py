@@ -319,6 +319,31 @@ def test_gated_ffn_that_mixes_its_units_is_refused() -> None:
         prune_transformer(model, None, keep=0.5, target="ffn", method="magnitude", reweight=False)
 
 
+def _simulate_legacy_attention(model: nn.Module) -> None:
+    """On transformers >= 4.48, the attention of earlier releases: it keeps ``hidden_size`` and its forward reads
+    it (here to reshape its output to it, which the width-free attention already has)."""
+
+    class Legacy(type(layers(model)[0].self_attn)):
+        def forward(self, hidden_states, *args, **kwargs):
+            out = super().forward(hidden_states, *args, **kwargs)
+            return (out[0].reshape(*hidden_states.shape[:-1], self.hidden_size), *out[1:])
+
+    for layer in layers(model):
+        layer.self_attn.__class__ = Legacy
+        layer.self_attn.hidden_size = HIDDEN
+
+
+def test_an_attention_that_keeps_a_width_it_never_reads_loses_heads() -> None:
+    """EXAONE 4's attention holds hidden_size (and head counts) without its forward reading them: not refused."""
+    model, data = build("llama"), batches(n_batches=1)
+    if LEGACY_ATTENTION:
+        pytest.skip("this transformers' Llama attention reads its width")
+    for layer in layers(model):
+        layer.self_attn.hidden_size = HIDDEN
+    _, report = prune_transformer(model, data, keep=0.5, target="heads")
+    assert [u.n_kept for u in report.units] == [KV_HEADS // 2] * LAYERS
+
+
 def test_attention_with_model_width_head_counts_is_refused(tmp_path) -> None:
     """The attention of transformers before 4.48 keeps num_heads and hidden_size and reshapes to the model
     width: head pruning names the version to upgrade to, FFN pruning still works, and a checkpoint with fewer
@@ -328,8 +353,7 @@ def test_attention_with_model_width_head_counts_is_refused(tmp_path) -> None:
     if not LEGACY_ATTENTION:
         pruned_heads, _ = prune_transformer(model, data, keep={0: 0.5}, target="heads")
         save_pruned(pruned_heads, tmp_path / "m")
-        for layer in layers(model):
-            layer.self_attn.hidden_size = HIDDEN
+        _simulate_legacy_attention(model)
     # the upgrade advice only where an upgrade helps (here on 5.x the old attention is simulated)
     with pytest.raises(ValueError, match=r"keeps per-module head counts \(.*hidden_size\).*model width.*"
                                          r"target='ffn'"
@@ -340,8 +364,7 @@ def test_attention_with_model_width_head_counts_is_refused(tmp_path) -> None:
     if pruned_heads is not None:
         load_pruned(tmp_path / "m")  # fine where the attention is width-free...
         fresh = build("llama")
-        for layer in layers(fresh):
-            layer.self_attn.hidden_size = HIDDEN
+        _simulate_legacy_attention(fresh)
         with pytest.raises(ValueError, match="reshapes the attention output to the model width"):
             load_pruned(tmp_path / "m", fresh)  # ...refused where it is not
 

@@ -132,6 +132,10 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
+    for layer in layers(pruned):  # head counts an attention keeps (EXAONE 4's) follow the removed groups
+        groups = layer.self_attn.o_proj.in_features // (GROUP * HEAD_DIM)
+        assert getattr(layer.self_attn, "num_key_value_heads", groups) == groups
+        assert getattr(layer.self_attn, "num_attention_heads", groups * GROUP) == groups * GROUP
 
 
 @pytest.mark.parametrize("stage", ["ffn", "heads"])
