@@ -1260,6 +1260,7 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
         for b, _ in inside:
             _set(work, b.name, pruned.get_submodule(b.name[len(path) + 1:]))
         reports.append((path, rep))
+    copy_modes(model, work)  # the caller's train/eval mode, module by module
     first = reports[0][1]
     report = TransformerPruneReport(
         method=first.method, target=first.target,

@@ -238,6 +238,15 @@ def test_the_whole_encoder_decoder_without_refit_is_the_zeroed_original_and_relo
             torch.testing.assert_close(back(**b).last_hidden_state, want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_whole_encoder_decoder_comes_back_in_the_callers_modes() -> None:
+    model = full_model("bart_encoder")
+    whole, _, _ = _whole_and_stack_batches("bart", model)
+    model.train()
+    model.decoder.layers[1].eval()
+    pruned, _ = prune_transformer(model, whole, keep=0.5, target="ffn")
+    assert {n: m.training for n, m in pruned.named_modules()} == {n: m.training for n, m in model.named_modules()}
+
+
 class _EncodeOnlyWithoutTargets(transformers.BartModel):
     """A BART whose forward runs only the encoder when no decoder tokens are given (as an encoder-decoder
     wrapper for embeddings may)."""
