@@ -1085,9 +1085,9 @@ class _HFOlmo2Block(_HFGemma2Block):
 
     def prepare_heads(self) -> None:
         sa = _get(self.module, self.SA)
-        norm = getattr(sa, "q_norm", None)
-        width = getattr(getattr(norm, "weight", None), "numel", lambda: self.head_dim)()
-        if norm is not None and width != self.head_dim:
+        weight = getattr(getattr(sa, "q_norm", None), "weight", None)
+        width = weight.numel() if isinstance(weight, torch.Tensor) else self.head_dim
+        if width != self.head_dim:
             raise ValueError(f"block {self.name!r}: {type(sa).__name__}'s q_norm / k_norm normalise the queries and "
                              f"keys over all heads together ({width} features, not one head's {self.head_dim}), so "
                              "removing a head would change every other head's attention. Prune target='ffn' on "
