@@ -739,11 +739,12 @@ def _consumer_weight(stage: str, block: _Block) -> torch.Tensor:
     """The stage's consumer weight (out, in) in float64 as it acts on the residual stream: with a layer scale
     (DINOv2), output row ``i`` is multiplied by ``lambda_i``; with a norm after the consumer (Gemma 2 and 3, OLMo
     2), by that norm's gain ``g_i`` (its per-token factor is the same for every unit)."""
-    w = weight_of(_consumer(block, stage)).detach().double()
+    weight = weight_of(_consumer(block, stage)).detach()
+    w = weight.double()
     scale = block.output_scale(stage)
     norm = block.output_norm(stage)
     if scale is None and norm is not None:
-        scale = _norm_gains(norm, w.shape[0], weight_of(_consumer(block, stage)))
+        scale = _norm_gains(norm, w.shape[0], weight)
     return w if scale is None else w * scale.detach().double().to(w.device).view(-1, 1)
 
 
@@ -1229,6 +1230,10 @@ def _stack_batches(model: nn.Module, path: str, batches: list[Any]) -> list[dict
                     call.update(value)
                 elif kind is not inspect.Parameter.VAR_POSITIONAL:
                     call[name] = value
+                elif value:  # unnamed extra inputs cannot be replayed from a dict batch
+                    raise ValueError(f"the model calls its {path!r} stack with {len(value)} unnamed extra "
+                                     "positional inputs, which the stack-by-stack pruning cannot replay: prune "
+                                     "the encoder and the decoder on their own (see docs/transformer.rst)")
             got["call"] = {k: _no_cache(v, k) for k, v in call.items()}
             raise _StopForward
 

@@ -142,6 +142,16 @@ def assert_pruned_like_the_stacks(pruned: nn.Module, report, stacks) -> None:
     assert report.n_tokens == enc_report.n_tokens + dec_report.n_tokens
 
 
+def assert_padding_does_not_matter(clean: tuple[nn.Module, object], garbage: tuple[nn.Module, object]) -> None:
+    """Two prunings on the same real tokens, with other token ids at the padded positions: padding was excluded
+    (the same count, not zero), and the units kept and the pruned weights are the same."""
+    (p0, r0), (p1, r1) = clean, garbage
+    assert r0.n_padding_excluded == r1.n_padding_excluded > 0
+    assert [u.kept for u in r0.units] == [u.kept for u in r1.units]
+    for a, b in zip(p0.state_dict().values(), p1.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def token_rows(batches: list[dict[str, torch.Tensor]], seen: list[torch.Tensor]) -> np.ndarray:
     """The real tokens' rows (float64, ``(n_real, features)``) of activations captured batch by batch, laid out
     ``(batch, tokens, ...)`` or flattened over batch and tokens; padding is where ``attention_mask`` is 0."""
