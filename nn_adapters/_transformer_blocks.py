@@ -14,7 +14,9 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
     ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
-    by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4),
+    by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4), ``_HFPhi3Block`` (Phi-3: query, key
+    and value fused in ``qkv_proj``, gate and up in ``gate_up_proj``), ``_HFGlmBlock`` and ``_HFGlm4Block`` (GLM
+    and GLM-4: gate and up fused; GLM-4 with norms after the sublayers),
     ``_HFBartBlock`` (BART-family encoder and decoder layers, post-LN or pre-LN as their forward reads),
     ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
@@ -411,10 +413,24 @@ class _Block:
         projection reads ``act(gate(x)) * up(x)`` (unit ``i`` is row ``i`` of both)."""
         return [self.up]
 
+    #: Row blocks per producer: 1, or 2 for one projection that stacks the gate rows then the up rows (Phi-3,
+    #: GLM: ``gate, up = gate_up_proj(x).chunk(2, dim=-1)``, unit ``i`` is its rows ``i`` and ``units + i``).
+    FFN_PARTS = 1
+
+    @property
+    def gated(self) -> bool:
+        """Whether a unit is more than one producer row (a gated FFN, fused or not)."""
+        return len(self.producers) * self.FFN_PARTS > 1
+
     @property
     def ffn_units(self) -> int:
         """Number of FFN units (columns of the down projection's input)."""
-        return int(weight_of(self.up).shape[0])
+        return int(weight_of(self.up).shape[0]) // self.FFN_PARTS
+
+    def ffn_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """Rows of each producer that belong to the units ``keep``, in the producer's row order."""
+        units = self.ffn_units
+        return torch.cat([keep + part * units for part in range(self.FFN_PARTS)])
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:  # pragma: no cover - abstract
         """Put new producers (in the order of :attr:`producers`) and a new down projection in place."""
@@ -425,7 +441,8 @@ class _Block:
         """Keep intermediate neurons ``keep`` (sorted); new down weights (out, len(keep)) if given."""
         down = self.down
         keep = keep.to(down.weight.device)
-        new = [_linear_like(p, weight_of(p)[keep], None if p.bias is None else p.bias[keep]) for p in self.producers]
+        rows = self.ffn_rows(keep)
+        new = [_linear_like(p, weight_of(p)[rows], None if p.bias is None else p.bias[rows]) for p in self.producers]
         w = weight_of(down)[:, keep] if down_weight is None else down_weight
         b = down.bias if down_weight is None else down_bias
         self.set_ffn(new, _linear_like(down, w, b))
@@ -515,6 +532,8 @@ class _HFBlock(_Block):
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
             and (cls.GATE is None or isinstance(_get(module, cls.GATE), nn.Linear))
+            and (cls.FFN_PARTS == 1 or _get(module, cls.UP).out_features == cls.FFN_PARTS * _get(module, cls.DOWN)
+                 .in_features)
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
             # it must take the residual: BEiT's output module in transformers 4 has ViT's name but one input
             and _takes_positional(_get(module, cls.RESID_FFN[0]), cls.RESID_FFN[1] + 1)
@@ -1029,12 +1048,15 @@ class _HFLlamaBlock(_HFBlock):
         keep = keep.to(self.out_proj.weight.device)
         q_rows = _head_rows(keep, self.head_unit_width)
         kv_rows = _head_rows(keep, self.head_dim)
-        groups = self.kv_groups
         self._cut_attention((q_rows, kv_rows, kv_rows), q_rows, out_weight, out_bias)
+        self._set_head_counts(int(keep.numel()))
+
+    def _set_head_counts(self, groups: int) -> None:
+        """Keep the head counts an attention holds (EXAONE 4, Phi-3) in step with its ``groups`` key/value groups."""
         sa = _get(self.module, self.SA)
-        for attr, count in (("num_attention_heads", keep.numel() * groups), ("num_key_value_heads", keep.numel())):
-            if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
-                setattr(sa, attr, int(count))
+        for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
+            if isinstance(getattr(sa, attr, None), int):
+                setattr(sa, attr, count)
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
         super().set_ffn(producers, down)
@@ -1044,6 +1066,72 @@ class _HFLlamaBlock(_HFBlock):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_key_value_heads": self.head_units}
+
+
+class _FusedGateUp(_HFLlamaBlock):
+    """The Llama parts with the gated FFN's gate and up projections fused in one ``mlp.gate_up_proj`` whose output
+    is split in two halves, ``gate, up = gate_up_proj(x).chunk(2, dim=-1)`` (Phi-3, GLM, GLM-4): unit ``i`` is
+    its rows ``i`` and ``intermediate_size + i`` (checked on the first batch like every gated FFN)."""
+
+    GATE, UP = None, "mlp.gate_up_proj"
+    FFN_PARTS = 2
+
+
+class OwnHeadCounts:
+    """One attention's view of the config every layer shares, with head counts of its own: ``num_attention_heads``
+    and ``num_key_value_heads`` are this layer's, every other attribute is read from the shared config when asked
+    for (so a later change of it, such as ``model.set_attn_implementation("eager")``, reaches this layer too)."""
+
+    def __init__(self, shared: Any, num_attention_heads: int, num_key_value_heads: int) -> None:
+        self.shared = shared.shared if isinstance(shared, OwnHeadCounts) else shared
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+
+    def __getattr__(self, name: str) -> Any:  # called only for what this view does not hold itself
+        shared = self.__dict__.get("shared")
+        if shared is None:  # while copy or pickle rebuild the view
+            raise AttributeError(name)
+        return getattr(shared, name)
+
+    def __repr__(self) -> str:
+        return (f"OwnHeadCounts(num_attention_heads={self.num_attention_heads}, "
+                f"num_key_value_heads={self.num_key_value_heads}, shared={type(self.shared).__name__})")
+
+
+class _HFPhi3Block(_FusedGateUp):
+    """Phi-3, Phi-3.5 and Phi-4-mini decoder layers (``Phi3DecoderLayer``): the Llama layout with query, key and
+    value fused in ``self_attn.qkv_proj`` (every query head's rows, then the key heads', then the value heads') and
+    gate and up fused in ``mlp.gate_up_proj``. The attention finds its key rows at ``config.num_attention_heads *
+    head_dim``, read from the config every layer shares: an attention that loses heads gets an
+    :class:`OwnHeadCounts` view of it with its head counts, so the other layers and the model's config are
+    unchanged and every other setting still comes from the shared config."""
+
+    kind = "hf_phi3"
+    QKV = ("qkv_proj",)
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        weight = weight_of(_get(self.module, self.SA).qkv_proj)
+        q, kv = self.num_heads * self.head_dim, self.head_units * self.head_dim
+        return [weight[:q], weight[q:q + kv], weight[q + kv:]]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        keep = keep.to(self.out_proj.weight.device)
+        q, kv = self.num_heads * self.head_dim, self.head_units * self.head_dim
+        q_rows = _head_rows(keep, self.head_unit_width)
+        kv_rows = _head_rows(keep, self.head_dim)
+        self._cut_attention((torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),), q_rows, out_weight, out_bias)
+        self._set_head_counts(int(keep.numel()))
+        sa = _get(self.module, self.SA)
+        if hasattr(getattr(sa, "config", None), "num_attention_heads"):
+            sa.config = OwnHeadCounts(sa.config, int(keep.numel()) * self.kv_groups, int(keep.numel()))
+
+
+class _HFGlmBlock(_FusedGateUp):
+    """GLM decoder layers (``GlmDecoderLayer``: GLM-4-9B and its chat models): the Llama layout with gate and up
+    fused in ``mlp.gate_up_proj``; rotary embeddings on part of each head, which removing whole heads keeps."""
+
+    kind = "hf_glm"
 
 
 class _HFGemma2Block(_HFLlamaBlock):
@@ -1093,6 +1181,17 @@ class _HFOlmo2Block(_HFGemma2Block):
                              "removing a head would change every other head's attention. Prune target='ffn' on "
                              "this model.")
         super().prepare_heads()
+
+
+class _HFGlm4Block(_FusedGateUp, _HFGemma2Block):
+    """GLM-4 decoder layers (``Glm4DecoderLayer``: the GLM-4-0414 models): GLM's parts with RMS norms after the
+    sublayers as well, ``x + post_self_attn_layernorm(attn(input_layernorm(x)))`` then ``x + post_mlp_layernorm(
+    mlp(post_attention_layernorm(x)))`` (read by :meth:`_Block.output_norm`, as Gemma 2's)."""
+
+    kind = "hf_glm4"
+    RESID_FFN = ("post_attention_layernorm", 0)  # x + post_mlp_layernorm(mlp(post_attention_layernorm(x)))
+    OUT_NORMS = {"heads": "post_self_attn_layernorm", "ffn": "post_mlp_layernorm"}
+    REQUIRED = ("input_layernorm",)
 
 
 class _ParallelBranches(_HFBlock):
@@ -1598,8 +1697,9 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
-    _HFCohereBlock, _HFGemma2Block, _HFOlmo2Block, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
-    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLlamaBlock,
+    _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
+    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

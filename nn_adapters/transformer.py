@@ -754,10 +754,10 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
     The consumer's weights are taken as they act on the residual stream (times a layer scale, if any)."""
     with torch.no_grad():
         if stage == "ffn":
-            producers = block.producers
+            units, parts = block.ffn_units, block.FFN_PARTS  # a fused gate-and-up projection: two row blocks
             s = sum(weight_of(p).double().pow(2).sum(1) + (0.0 if p.bias is None else p.bias.double().pow(2))
-                    for p in producers)
-            s = (s + _consumer_weight(stage, block).pow(2).sum(0)) / (len(producers) + 1)
+                    for p in block.producers).view(parts, units).sum(0)
+            s = (s + _consumer_weight(stage, block).pow(2).sum(0)) / (len(block.producers) * parts + 1)
             return s.cpu().numpy()
         d, h = block.head_unit_width, block.head_units
         s = torch.zeros(h, dtype=torch.float64)
@@ -1090,10 +1090,11 @@ def prune_transformer(
                          "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
                          "DistilBERT, ViT, DINOv2, CLIP), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, "
                          "XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
-                         "Cohere, StarCoder2, StableLM; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, "
-                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
-                         "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
-                         "convolution pairs of other models.")
+                         "Phi-3, GLM, Cohere, StarCoder2, StableLM; Gemma 2/3, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, "
+                         "GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and "
+                         "torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
+                         "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
+                         "other models.")
     pair = _encoder_decoder_stacks(work, blocks)
     if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states
         options = dict(target=target, method=method, reweight=reweight, seed=seed, propagation=propagation,
@@ -1101,7 +1102,7 @@ def prune_transformer(
                        allocation=allocation, min_keep=min_keep, executor=executor)
         return _prune_encoder_decoder(model, work, blocks, pair, calibration_data, keep, options, t_start)
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
-    gated = "ffn" in stages and any(len(b.producers) > 1 for b in blocks)
+    gated = "ffn" in stages and any(b.gated for b in blocks)
     if "ffn" in stages:
         for blk in blocks:
             blk.prepare_ffn()
@@ -1363,7 +1364,7 @@ def _check_ffn_units(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict
     (an FFN that mixes the intermediate features before the down projection), checked on one batch: without its
     first unit, the shrunk block must compute what the block computes with that unit's down column zeroed."""
     for blk, x in zip(blocks, inputs, strict=True):
-        if len(blk.producers) >= 2 and blk.ffn_units >= 2:
+        if blk.gated and blk.ffn_units >= 2:
             _check_unit_removal(blk, x, ctx, counter, "ffn")
 
 

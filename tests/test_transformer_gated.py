@@ -1,5 +1,7 @@
 """Transformer pruning of Llama-style decoder layers with a gated FFN (``down(act(gate(x)) * up(x))``) and
-grouped-query attention: Llama, Mistral, Qwen2 and Qwen3, tiny randomly initialised models (no download).
+grouped-query attention: Llama, Mistral, Qwen2 and Qwen3, and the layouts that fuse gate and up in one
+``gate_up_proj`` (Phi-3, which fuses query, key and value in ``qkv_proj`` too, and GLM); tiny randomly initialised
+models (no download).
 
 Oracles: the unpruned model's outputs (keeping every unit), the unpruned model with the removed units' columns
 of the down projection (FFN) or of ``o_proj`` (the query heads of the removed key/value groups) set to zero,
@@ -14,7 +16,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import assert_padding_does_not_matter, captured_input, ragged_token_batches
+from _torch_helpers import (
+    assert_padding_does_not_matter,
+    assert_same_greedy_generation,
+    captured_input,
+    ragged_token_batches,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -31,19 +38,23 @@ LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
     int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
 
 # qwen2_sliding: a sliding-window layer, then a full-attention one (each called with its own mask)
-FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3"]
+FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3", "phi3", "glm"]
+CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "glm": "Glm"}
+KINDS = {"phi3": "hf_phi3", "glm": "hf_glm"}  # the others: hf_llama
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """A tiny decoder of the family (``llama_mha``: one key/value head per query head; ``llama_bias``: biases in
     every projection)."""
     family = name.split("_")[0]
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    cls = CLASSES[family]
     if not hasattr(transformers, cls + "Config"):
         pytest.skip(f"transformers {transformers.__version__} has no {cls}")
     extra = {"mlp_bias": True, "attention_bias": True} if name == "llama_bias" else {}
     if name == "qwen2_sliding":
         extra = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    if family in ("phi3", "glm"):  # their default special tokens lie outside the tiny vocabulary
+        extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if name == "llama_bias" and "mlp_bias" not in transformers.LlamaConfig().to_dict():
         pytest.skip(f"transformers {transformers.__version__}: LlamaConfig has no mlp_bias")
     cfg = getattr(transformers, cls + "Config")(
@@ -88,11 +99,11 @@ def can_prune_heads(target: str, model: nn.Module, data: list[dict[str, torch.Te
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_blocks_are_found(name: str) -> None:
-    assert [b.kind for b in find_blocks(build(name))] == ["hf_llama"] * LAYERS
+    assert [b.kind for b in find_blocks(build(name))] == [KINDS.get(name, "hf_llama")] * LAYERS
 
 
 @pytest.mark.parametrize("method", ["asym", "seq", "layer", "magnitude", "wanda", "random"])
-@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_sliding"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_sliding", "phi3"])
 def test_keep_everything_without_refit_is_exact(name: str, method: str) -> None:
     """Every pruned block is replayed with its captured keyword arguments (rotary embeddings, causal mask,
     position ids; a sliding-window layer with its own mask): keeping every unit must give the model's outputs,
@@ -150,7 +161,7 @@ def test_magnitude_scores_every_coupled_layer() -> None:
     assert 0 in report.units[0].kept and 1 not in report.units[0].kept
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding"])
+@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding", "phi3", "glm"])
 def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
@@ -244,7 +255,7 @@ def test_bf16_llama_is_not_refused_by_rounding() -> None:
     assert next(pruned.parameters()).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep={0: 0.5}, target=can_prune_heads("all", model, data),
@@ -253,7 +264,7 @@ def test_save_and_reload(tmp_path, name: str) -> None:
     assert [b["intermediate_size"] for b in blocks] == [INTER // 2, INTER]
     if not LEGACY_ATTENTION:
         assert [(b["num_heads"], b["num_key_value_heads"]) for b in blocks] == [(HEADS // 2, 1), (HEADS, 2)]
-        assert layers(pruned)[0].self_attn.k_proj.out_features == HEAD_DIM
+        assert layers(pruned)[0].self_attn.o_proj.in_features == HEADS // 2 * HEAD_DIM
     save_pruned(pruned, tmp_path / "m")
     back = load_pruned(tmp_path / "m")
     assert type(back) is type(model)
@@ -391,3 +402,87 @@ def test_the_callers_model_and_batches_are_untouched() -> None:
         assert torch.equal(v, weights[k]), k
     for b, kept in zip(data, inputs, strict=True):
         assert all(torch.equal(b[k], kept[k]) for k in kept)
+
+
+# --- fused gate and up (Phi-3, GLM), fused query/key/value (Phi-3) ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["phi3", "glm"])
+def test_magnitude_scores_both_halves_of_a_fused_gate_up_projection(name: str) -> None:
+    """Unit ``i`` of ``gate_up_proj`` is its row ``i`` (gate) and row ``INTER + i`` (up). Units 0 and 1 are tiny
+    everywhere except unit 0's gate row and unit 1's up row, unit 2 is tiny everywhere but twice as large as their
+    tiny parts: with one unit to remove, unit 2 goes (reading one half only would remove unit 0 or 1)."""
+    model, data = build(name), batches(n_batches=1)
+    mlp = layers(model)[0].mlp
+    with torch.no_grad():
+        for start in (0, INTER):
+            mlp.gate_up_proj.weight[start:start + 2] = 1e-3
+            mlp.gate_up_proj.weight[start + 2] = 2e-3
+        mlp.down_proj.weight[:, :2] = 1e-3
+        mlp.down_proj.weight[:, 2] = 2e-3
+        mlp.gate_up_proj.weight[0] = 1e3
+        mlp.gate_up_proj.weight[INTER + 1] = 1e3
+    _, report = prune_transformer(model, data, keep={0: (INTER - 1) / INTER}, target="ffn", method="magnitude",
+                                  reweight=False)
+    assert sorted(set(range(INTER)) - set(report.units[0].kept)) == [2]
+
+
+def _mix_fused_units(mlp: nn.Module) -> None:
+    """Phi-3's MLP computation with its intermediate features mixed before the down projection."""
+
+    class Mixing(type(mlp)):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = up * self.activation_fn(gate)
+            return self.down_proj(h - h.mean(-1, keepdim=True))
+
+    mlp.__class__ = Mixing
+
+
+def test_a_fused_gate_up_ffn_that_mixes_its_units_is_refused() -> None:
+    model, data = build("phi3"), batches(n_batches=1)
+    _mix_fused_units(layers(model)[1].mlp)
+    with pytest.raises(ValueError, match="does not act like zeroing column 0 of its down projection"):
+        prune_transformer(model, data, keep=0.5, target="ffn", method="magnitude", reweight=False)
+
+
+def test_phi3_heads_generate_with_the_cache_and_leave_the_shared_config_alone(tmp_path) -> None:
+    """Phi-3's attention reads its query width from ``config.num_attention_heads``: a layer that loses key/value
+    groups gets a view of the config with its counts, the model's config and the other layer's keep theirs, a
+    later change of the model's config (its attention implementation) reaches the view, and the pruned causal LM
+    generates (with its key/value cache) the tokens of the original with the removed heads' ``o_proj`` columns
+    zeroed, also after a deep copy, and reloads."""
+    if LEGACY_ATTENTION:
+        pytest.skip("this transformers' Phi-3 attention keeps per-module head counts (heads refused)")
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, intermediate_size=INTER,
+                                  max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model, data = transformers.Phi3ForCausalLM(cfg).eval(), batches(n_batches=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    pruned, report = prune_transformer(model, data, keep={0: 0.5}, target="heads", method="magnitude",
+                                       reweight=False)
+    sa0, sa1 = (layer.self_attn for layer in layers(pruned.model))
+    assert (sa0.config.num_attention_heads, sa0.config.num_key_value_heads) == (HEADS // 2, KV_HEADS // 2)
+    assert sa0.config is not pruned.config
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (HEADS, KV_HEADS)
+    assert (sa1.config.num_attention_heads, model.config.num_attention_heads) == (HEADS, HEADS)
+    pruned.set_attn_implementation("eager")
+    assert sa0.config._attn_implementation == "eager" != model.config._attn_implementation
+    copied = copy.deepcopy(pruned)
+    assert layers(copied.model)[0].self_attn.config.shared is copied.config
+    masked = copy.deepcopy(model)
+    gone = sorted(set(range(KV_HEADS)) - set(report.units[0].kept))
+    width = GROUP * HEAD_DIM
+    with torch.no_grad():
+        layers(masked.model)[0].self_attn.o_proj.weight[:, [g * width + i for g in gone for i in range(width)]] = 0
+    for m in (pruned, copied):
+        assert_same_greedy_generation(m, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    assert layers(back.model)[0].self_attn.config.num_attention_heads == HEADS // 2
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(back(**b).logits, pruned(**b).logits, atol=1e-6, rtol=1e-6)

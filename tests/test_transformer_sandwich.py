@@ -1,7 +1,8 @@
 """Transformer pruning of decoder layers whose attention and FFN outputs are normalised before the residual sums:
 Gemma 2 and 3 (``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``, "sandwich" norms, with
-sliding-window and global layers), OLMo 2 and 3 and EXAONE 4 (``x + post_feedforward_layernorm(mlp(x))``). Tiny
-randomly initialised models (no download); skipped where the installed transformers lacks the family.
+sliding-window and global layers), OLMo 2 and 3 and EXAONE 4 (``x + post_feedforward_layernorm(mlp(x))``), GLM-4
+(Gemma 2's order under other names, gate and up fused). Tiny randomly initialised models (no download); skipped
+where the installed transformers lacks the family.
 
 Oracles: the unpruned model with the removed units' consumer columns zeroed (also in greedy generation with the
 key/value cache), weighted least squares (numpy.linalg.lstsq) on activations captured with hooks in the models'
@@ -37,10 +38,15 @@ GROUP = HEADS // KV_HEADS
 # name -> (transformers class prefix, block kind, whether the norm's gain is 1 + weight (Gemma) or weight)
 FAMILIES = {"gemma2": ("Gemma2", "hf_gemma2", True), "gemma3": ("Gemma3Text", "hf_gemma2", True),
             "olmo2": ("Olmo2", "hf_olmo2", False), "olmo3": ("Olmo3", "hf_olmo2", False),
-            "exaone4": ("Exaone4", "hf_olmo2", False)}
+            "exaone4": ("Exaone4", "hf_olmo2", False), "glm4": ("Glm4", "hf_glm4", False)}
 NAMES = list(FAMILIES)
 # OLMo normalises queries and keys over all heads together: its heads are refused
-HEADS_OK = ["gemma2", "gemma3", "exaone4"]
+HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4"]
+# the layer's norm after the attention, its norm after the FFN, and the module whose input is the FFN's residual
+NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
+         "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
+         "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm")}
+NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"])
 
 
 def _cls(name: str, suffix: str) -> type:
@@ -152,8 +158,8 @@ def test_layer_refit_is_least_squares_weighted_by_the_norm_after_the_consumer(na
     pruned, report = prune_transformer(model, data, keep=0.5, target=stage, method="layer", ridge=0.0,
                                        weighting="none")
     for i, layer in enumerate(layers(model)):
-        consumer, norm = ((layer.mlp.down_proj, layer.post_feedforward_layernorm) if stage == "ffn" else
-                          (layer.self_attn.o_proj, layer.post_attention_layernorm))
+        consumer, norm = ((layer.mlp.down_proj, layer.get_submodule(NORMS[name][1])) if stage == "ffn" else
+                          (layer.self_attn.o_proj, layer.get_submodule(NORMS[name][0])))
         a = torch.cat([captured_input(model, consumer, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
         w = consumer.weight.detach().double().numpy().T
         y = a @ w
@@ -177,7 +183,7 @@ def test_asym_refit_aims_at_the_original_sum_through_the_norm(name: str) -> None
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
                                        weighting="none")
     last, last_p = layers(model)[-1], layers(pruned)[-1]
-    res = "pre_feedforward_layernorm" if FAMILIES[name][1] == "hf_gemma2" else "mlp"
+    res = NORMS[name][2]
     seen: dict[str, list[torch.Tensor]] = {"y_o": [], "r_o": [], "r_p": [], "a_p": []}
     hooks = [last.mlp.down_proj.register_forward_hook(lambda _m, _a, o: seen["y_o"].append(o)),
              last.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_o"].append(a[0])),
@@ -185,7 +191,7 @@ def test_asym_refit_aims_at_the_original_sum_through_the_norm(name: str) -> None
              last_p.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
     run_hooked([model, pruned], data, hooks)
     y_o, r_o, r_p, a_p = (token_rows(data, seen[k]) for k in ("y_o", "r_o", "r_p", "a_p"))
-    norm = last.post_feedforward_layernorm
+    norm = last.get_submodule(NORMS[name][1])
     s = 1.0 / np.sqrt((y_o ** 2).mean(1) + eps(norm))
     target = y_o + (r_o - r_p) / (s[:, None] * gains(name, norm)[None, :])
     kept = report.units[-1].kept
