@@ -11,7 +11,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales), their
     ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
-    vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width) and
+    vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width),
+    ``_HFModernBertBlock`` (ModernBERT: ``attn.Wqkv`` fused, the gated FFN's two halves fused in ``mlp.Wi``) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
     ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
     by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4), ``_HFPhi3Block`` (Phi-3: query, key
@@ -843,6 +844,42 @@ class _HFCLIPBlock(_HFPreLNProjBlock):
                                  f"attention output to the model width, so heads cannot be removed from it. Upgrade "
                                  f"transformers to >= {since} to prune heads, or prune target='ffn' on this model.")
         super().prepare_heads()
+
+
+class _HFModernBertBlock(_HFBlock):
+    """ModernBERT encoder layers (``ModernBertEncoderLayer``): query, key and value fused in ``attn.Wqkv`` (three
+    blocks of the attention's width: every query head's rows, then the key heads', then the value heads'), the
+    output projection ``attn.Wo``, the gated FFN ``mlp.Wi`` / ``mlp.Wo`` (``input, gate = Wi(x).chunk(2, -1)``,
+    ``Wo(act(input) * gate)``: unit ``i`` is rows ``i`` and ``intermediate_size + i`` of ``Wi``), LayerNorms
+    ``attn_norm`` (an identity in the first layer) and ``mlp_norm``, pre-LN. Local (sliding-window) and global
+    layers alternate, each called with its mask and rotary tables: every layer is replayed with its own
+    arguments."""
+
+    kind = "hf_modernbert"
+    SA, QKV, OUT = "attn", ("Wqkv",), "attn.Wo"
+    UP, DOWN = "mlp.Wi", "mlp.Wo"
+    FFN_PARTS = 2
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
+    RESID_FFN = ("mlp_norm", 0)  # x + mlp(mlp_norm(x))
+    HEAD_SIZE, N_HEADS, ALL_HEADS = "head_dim", "", None
+    PLAIN = frozenset({"out_drop", "rotary_emb"})
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.out_proj.in_features) // self.head_dim
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        return _three_blocks(weight_of(_get(self.module, self.SA).Wqkv))
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        width = self.num_heads * self.head_dim
+        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        self._cut_attention((_three_block_rows(rows, width),), rows, out_weight, out_bias)
+        sa = _get(self.module, self.SA)
+        for attr, count in (("num_heads", keep.numel()), ("all_head_size", keep.numel() * self.head_dim)):
+            if isinstance(getattr(sa, attr, None), int):  # counts an attention may keep, kept in step
+                setattr(sa, attr, int(count))
 
 
 class _HFDistilBertBlock(_HFBlock):
@@ -1696,10 +1733,10 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
-    _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLlamaBlock,
-    _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
-    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
+    _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
+    _HFGlmBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
+    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

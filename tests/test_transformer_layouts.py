@@ -1,5 +1,6 @@
-"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, DeBERTa-v3, MPNet, ViT and CLIP (text
-and vision towers), tiny randomly initialised models (no download).
+"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, DeBERTa-v3, MPNet, ViT, CLIP (text
+and vision towers) and ModernBERT (fused query/key/value, gated FFN fused in ``mlp.Wi``, sliding-window and
+global layers), tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the consumer set to zero (pruning without refit
 must give exactly its outputs: this checks which rows, columns and head channels go, including MPNet's per-head
@@ -56,6 +57,14 @@ LAYOUTS = {
     "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                            num_attention_heads=HEADS, intermediate_size=INTER),
             "ViTModel", "hf_vit", "mlp.fc2|output.dense", "attention.o_proj|attention.output.dense", False),
+    # a global layer, then a sliding-window one (4 tokens): each is replayed with its own mask
+    "modernbert": (lambda: transformers.ModernBertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                         num_attention_heads=HEADS, intermediate_size=INTER,
+                                                         local_attention=4, max_position_embeddings=32,
+                                                         mlp_bias=True, attention_bias=True, norm_bias=True,
+                                                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                         cls_token_id=1, sep_token_id=2),
+                   "ModernBertModel", "hf_modernbert", "mlp.Wo", "attn.Wo", True),
 }
 
 
@@ -74,6 +83,8 @@ def target_for(name: str, target: str, model: nn.Module, data: list[dict[str, to
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
+    if not hasattr(transformers, LAYOUTS[name][1]):
+        pytest.skip(f"transformers {transformers.__version__} has no {LAYOUTS[name][1]}")
     torch.manual_seed(seed)
     cfg = LAYOUTS[name][0]()
     model = getattr(transformers, LAYOUTS[name][1])(cfg).eval()
@@ -511,3 +522,18 @@ def test_deberta_with_separate_position_projections_prunes_its_ffn_and_refuses_h
     pruned, report = prune_transformer(model, data, keep=1.0, target="ffn", reweight=False)
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
+
+
+def test_modernbert_layers_get_masks_of_their_own() -> None:
+    """The premise of the ModernBERT cases above: the sliding-window layer sees other tokens than the global one,
+    so a replay of it with the global layer's mask would not give the model's outputs."""
+    model = build("modernbert")
+    masks = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, k: masks.append(k["attention_mask"]), with_kwargs=True)
+               for m in blocks_of(model)]
+    try:
+        out(model, batches("modernbert")[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(masks) == LAYERS and not torch.equal(masks[0], masks[1])
