@@ -13,7 +13,9 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width),
     ``_HFModernBertBlock`` (ModernBERT: ``attn.Wqkv`` fused, the gated FFN's two halves fused in ``mlp.Wi``) and
-    ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention),
+    ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention; Granite's
+    residual multiplier read as an output scale), ``_HFLlamaPlainBlock`` and its renamings ``_HFApertusBlock``,
+    ``_HFNanoChatBlock`` (Llama's attention with a plain FFN: Nemotron, Arcee, Jais 2, Apertus, NanoChat),
     ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
     by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4), ``_HFPhi3Block`` (Phi-3: query, key
     and value fused in ``qkv_proj``, gate and up in ``gate_up_proj``), ``_HFGlmBlock`` and ``_HFGlm4Block`` (GLM
@@ -1104,6 +1106,35 @@ class _HFLlamaBlock(_HFBlock):
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "num_key_value_heads": self.head_units}
 
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        """Granite's ``residual_multiplier``, a number the layer multiplies both sublayers' outputs by before their
+        residual sums (``x + attn(...) * m``; 0.22 in Granite 3), as a per-channel factor; ``None`` without one."""
+        m = getattr(self.module, "residual_multiplier", None)
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or m == 1:
+            return None
+        return torch.full((self.out_proj.out_features,), float(m), dtype=self.out_proj.weight.dtype)
+
+
+class _HFLlamaPlainBlock(_HFLlamaBlock):
+    """Llama's attention and norms with a plain FFN, ``mlp.down_proj(act(mlp.up_proj(x)))`` (Nemotron and the
+    Minitron models, Arcee, Jais 2; ReLU^2 activations): unit ``i`` is row ``i`` of ``up_proj``."""
+
+    kind = "hf_llama_plain"
+    GATE, UP = None, "mlp.up_proj"
+
+
+class _HFApertusBlock(_HFLlamaPlainBlock):
+    """Apertus decoder layers: the plain FFN of :class:`_HFLlamaPlainBlock` with the norms named
+    ``attention_layernorm`` / ``feedforward_layernorm``."""
+
+    RESID_FFN = ("feedforward_layernorm", 0)  # x + mlp(feedforward_layernorm(x))
+
+
+class _HFNanoChatBlock(_HFLlamaPlainBlock):
+    """NanoChat decoder layers: the plain FFN of :class:`_HFLlamaPlainBlock` as ``mlp.fc1`` / ``mlp.fc2``."""
+
+    UP, DOWN = "mlp.fc1", "mlp.fc2"
+
 
 class _FusedGateUp(_HFLlamaBlock):
     """The Llama parts with the gated FFN's gate and up projections fused in one ``mlp.gate_up_proj`` whose output
@@ -1735,8 +1766,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
-    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFGlmBlock, _HFLlamaBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
+    _TorchEncoderBlock,
 )
 
 

@@ -1090,9 +1090,10 @@ def prune_transformer(
                          "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
                          "DistilBERT, ViT, DINOv2, CLIP, ModernBERT), BART-family layers (BART, mBART, Marian, "
                          "Pegasus, Whisper, XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, "
-                         "Qwen2, Qwen3, Phi-3, GLM, Cohere, StarCoder2, StableLM; Gemma 2/3, OLMo 2, GLM-4; OPT, "
-                         "GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) "
-                         "and torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
+                         "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; Gemma 2/3, "
+                         "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
+                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "docs/transformer.rst. "
                          "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
                          "other models.")
     pair = _encoder_decoder_stacks(work, blocks)

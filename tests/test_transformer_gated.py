@@ -1,7 +1,8 @@
 """Transformer pruning of Llama-style decoder layers with a gated FFN (``down(act(gate(x)) * up(x))``) and
 grouped-query attention: Llama, Mistral, Qwen2 and Qwen3, and the layouts that fuse gate and up in one
-``gate_up_proj`` (Phi-3, which fuses query, key and value in ``qkv_proj`` too, and GLM); tiny randomly initialised
-models (no download).
+``gate_up_proj`` (Phi-3, which fuses query, key and value in ``qkv_proj`` too, and GLM), Granite (a residual
+multiplier), and the decoders with Llama's attention and a plain FFN ``down(act(up(x)))`` (Nemotron, Arcee, Jais 2,
+Apertus, NanoChat); tiny randomly initialised models (no download).
 
 Oracles: the unpruned model's outputs (keeping every unit), the unpruned model with the removed units' columns
 of the down projection (FFN) or of ``o_proj`` (the query heads of the removed key/value groups) set to zero,
@@ -21,6 +22,8 @@ from _torch_helpers import (
     assert_same_greedy_generation,
     captured_input,
     ragged_token_batches,
+    run_hooked,
+    token_rows,
 )
 from torch import nn
 
@@ -38,9 +41,15 @@ LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
     int(v) for v in transformers.__version__.split(".")[:2]) < (4, 48)
 
 # qwen2_sliding: a sliding-window layer, then a full-attention one (each called with its own mask)
-FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3", "phi3", "glm"]
-CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "glm": "Glm"}
-KINDS = {"phi3": "hf_phi3", "glm": "hf_glm"}  # the others: hf_llama
+PLAIN_FFN = ["nemotron", "arcee", "jais2", "apertus", "nanochat"]
+FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3", "phi3", "glm", "granite",
+            *PLAIN_FFN]
+CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "glm": "Glm",
+           "granite": "Granite", "nemotron": "Nemotron", "arcee": "Arcee", "jais2": "Jais2", "apertus": "Apertus",
+           "nanochat": "NanoChat"}
+#: Granite 3's multipliers: each sublayer's output is scaled by 0.22 before its residual sum
+GRANITE = {"residual_multiplier": 0.22, "attention_multiplier": 0.0625, "embedding_multiplier": 12.0}
+KINDS = {"phi3": "hf_phi3", "glm": "hf_glm", **dict.fromkeys(PLAIN_FFN, "hf_llama_plain")}  # the others: hf_llama
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -53,8 +62,10 @@ def build(name: str, seed: int = 0) -> nn.Module:
     extra = {"mlp_bias": True, "attention_bias": True} if name == "llama_bias" else {}
     if name == "qwen2_sliding":
         extra = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
-    if family in ("phi3", "glm"):  # their default special tokens lie outside the tiny vocabulary
+    if family not in ("llama", "mistral", "qwen2", "qwen3"):  # default special tokens outside the tiny vocabulary
         extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if family == "granite":
+        extra = GRANITE
     if name == "llama_bias" and "mlp_bias" not in transformers.LlamaConfig().to_dict():
         pytest.skip(f"transformers {transformers.__version__}: LlamaConfig has no mlp_bias")
     cfg = getattr(transformers, cls + "Config")(
@@ -84,6 +95,11 @@ def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def layers(model: nn.Module) -> list[nn.Module]:
     return list(model.layers)
+
+
+def down_proj(layer: nn.Module) -> nn.Linear:
+    """The FFN's down projection (NanoChat's is ``mlp.fc2``)."""
+    return getattr(layer.mlp, "down_proj", None) or layer.mlp.fc2
 
 
 def can_prune_heads(target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
@@ -132,7 +148,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
         gone = sorted(set(range(unit.n_units)) - set(unit.kept))
         if unit.stage == "ffn":
             assert unit.n_units == INTER
-            consumer, cols = layer.mlp.down_proj, gone
+            consumer, cols = down_proj(layer), gone
         else:  # a unit is a key/value group: its query heads' columns of o_proj
             assert unit.n_units == model.config.num_key_value_heads
             heads = [g * group + j for g in gone for j in range(group)]
@@ -161,20 +177,21 @@ def test_magnitude_scores_every_coupled_layer() -> None:
     assert 0 in report.units[0].kept and 1 not in report.units[0].kept
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding", "phi3", "glm"])
+@pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding", "phi3", "glm", "granite",
+                                  *PLAIN_FFN])
 def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
                                        weighting="none")
     for i, layer in enumerate(layers(model)):
-        down = layer.mlp.down_proj
+        down = down_proj(layer)
         A = torch.cat([captured_input(model, down, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
         Y = A @ down.weight.detach().double().numpy().T
         kept = report.units[i].kept
         has_bias = down.bias is not None
         design = np.hstack([A[:, kept], np.ones((len(A), 1))]) if has_bias else A[:, kept]
         sol = np.linalg.lstsq(design, Y, rcond=None)[0]
-        new = layers(pruned)[i].mlp.down_proj
+        new = down_proj(layers(pruned)[i])
         np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:len(kept)].T, atol=2e-4, rtol=1e-3)
         assert (new.bias is None) == (not has_bias)
         if has_bias:
@@ -486,3 +503,28 @@ def test_phi3_heads_generate_with_the_cache_and_leave_the_shared_config_alone(tm
     with torch.no_grad():
         for b in data:
             torch.testing.assert_close(back(**b).logits, pruned(**b).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_granite_asym_target_carries_the_drift_back_through_the_residual_multiplier() -> None:
+    """Granite adds ``m * mlp(post_attention_layernorm(r))`` to the residual stream ``r`` (``m = 0.22``): asym refits
+    the last block's down projection toward ``y_o + (r_o - r_p) / m``, the original FFN output plus the residual
+    stream's drift divided by the multiplier (so that the pruned sum ``r_p + m * y`` equals the original ``r_o +
+    m * y_o``). ``y_o``, ``r_o``, ``r_p`` and the pruned inputs are read from the final models with hooks."""
+    model, data = build("granite"), batches()
+    m = GRANITE["residual_multiplier"]
+    assert layers(model)[0].residual_multiplier == m  # the premise: the layers read it
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none")
+    last, last_p = layers(model)[-1], layers(pruned)[-1]
+    seen: dict[str, list[torch.Tensor]] = {"y_o": [], "r_o": [], "r_p": [], "a_p": []}
+    hooks = [last.mlp.down_proj.register_forward_hook(lambda _m, _a, o: seen["y_o"].append(o)),
+             last.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: seen["r_o"].append(a[0])),
+             last_p.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: seen["r_p"].append(a[0])),
+             last_p.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    run_hooked([model, pruned], data, hooks)
+    y_o, r_o, r_p, a_p = (token_rows(data, seen[k]) for k in ("y_o", "r_o", "r_p", "a_p"))
+    assert np.abs(r_o - r_p).max() > 1e-3  # the first block was pruned: there is a drift to carry back
+    w_kept = last.mlp.down_proj.weight.detach().double().numpy().T[report.units[-1].kept]
+    sol = np.linalg.lstsq(a_p, y_o + (r_o - r_p) / m - a_p @ w_kept, rcond=None)[0]
+    np.testing.assert_allclose(last_p.mlp.down_proj.weight.detach().double().numpy().T, w_kept + sol, atol=2e-4,
+                               rtol=1e-3)
