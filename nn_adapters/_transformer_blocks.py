@@ -535,8 +535,8 @@ class _HFBlock(_Block):
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and all(isinstance(_get(module, p), nn.Linear) for p in (cls.OUT, cls.UP, cls.DOWN))
             and (cls.GATE is None or isinstance(_get(module, cls.GATE), nn.Linear))
-            and (cls.FFN_PARTS == 1 or _get(module, cls.UP).out_features == cls.FFN_PARTS * _get(module, cls.DOWN)
-                 .in_features)
+            and (cls.FFN_PARTS == 1
+                 or _get(module, cls.UP).out_features == cls.FFN_PARTS * _get(module, cls.DOWN).in_features)
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
             # it must take the residual: BEiT's output module in transformers 4 has ViT's name but one input
             and _takes_positional(_get(module, cls.RESID_FFN[0]), cls.RESID_FFN[1] + 1)
@@ -878,10 +878,6 @@ class _HFModernBertBlock(_HFBlock):
         width = self.num_heads * self.head_dim
         rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
         self._cut_attention((_three_block_rows(rows, width),), rows, out_weight, out_bias)
-        sa = _get(self.module, self.SA)
-        for attr, count in (("num_heads", keep.numel()), ("all_head_size", keep.numel() * self.head_dim)):
-            if isinstance(getattr(sa, attr, None), int):  # counts an attention may keep, kept in step
-                setattr(sa, attr, int(count))
 
 
 class _HFDistilBertBlock(_HFBlock):
@@ -1086,16 +1082,15 @@ class _HFLlamaBlock(_HFBlock):
         projection's columns of those query heads."""
         keep = keep.to(self.out_proj.weight.device)
         q_rows = _head_rows(keep, self.head_unit_width)
-        kv_rows = _head_rows(keep, self.head_dim)
-        self._cut_attention((q_rows, kv_rows, kv_rows), q_rows, out_weight, out_bias)
-        self._set_head_counts(int(keep.numel()))
-
-    def _set_head_counts(self, groups: int) -> None:
-        """Keep the head counts an attention holds (EXAONE 4, Phi-3) in step with its ``groups`` key/value groups."""
-        sa = _get(self.module, self.SA)
+        self._cut_attention(self._qkv_rows(q_rows, _head_rows(keep, self.head_dim)), q_rows, out_weight, out_bias)
+        sa, groups = _get(self.module, self.SA), int(keep.numel())
         for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
-            if isinstance(getattr(sa, attr, None), int):
+            if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
                 setattr(sa, attr, count)
+
+    def _qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows to keep of each projection in :attr:`QKV`, given the kept query rows and key (= value) rows."""
+        return q_rows, kv_rows, kv_rows
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
         super().set_ffn(producers, down)
@@ -1148,7 +1143,19 @@ class _FusedGateUp(_HFLlamaBlock):
 class OwnHeadCounts:
     """One attention's view of the config every layer shares, with head counts of its own: ``num_attention_heads``
     and ``num_key_value_heads`` are this layer's, every other attribute is read from the shared config when asked
-    for (so a later change of it, such as ``model.set_attn_implementation("eager")``, reaches this layer too)."""
+    for (so a later change of it, such as ``model.set_attn_implementation("eager")``, reaches this layer too).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> shared = SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, _attn_implementation="sdpa")
+    >>> view = OwnHeadCounts(shared, 16, 4)
+    >>> view.num_attention_heads, shared.num_attention_heads
+    (16, 32)
+    >>> shared._attn_implementation = "eager"
+    >>> view._attn_implementation
+    'eager'
+    """
 
     def __init__(self, shared: Any, num_attention_heads: int, num_key_value_heads: int) -> None:
         self.shared = shared.shared if isinstance(shared, OwnHeadCounts) else shared
@@ -1177,19 +1184,22 @@ class _HFPhi3Block(_FusedGateUp):
     kind = "hf_phi3"
     QKV = ("qkv_proj",)
 
+    def _widths(self) -> tuple[int, int]:
+        """Rows of ``qkv_proj`` holding the queries, and the keys (as many hold the values)."""
+        return self.num_heads * self.head_dim, self.head_units * self.head_dim
+
     def qkv_weights(self) -> list[torch.Tensor]:
         weight = weight_of(_get(self.module, self.SA).qkv_proj)
-        q, kv = self.num_heads * self.head_dim, self.head_units * self.head_dim
+        q, kv = self._widths()
         return [weight[:q], weight[q:q + kv], weight[q + kv:]]
+
+    def _qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, kv = self._widths()
+        return (torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),)
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        keep = keep.to(self.out_proj.weight.device)
-        q, kv = self.num_heads * self.head_dim, self.head_units * self.head_dim
-        q_rows = _head_rows(keep, self.head_unit_width)
-        kv_rows = _head_rows(keep, self.head_dim)
-        self._cut_attention((torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),), q_rows, out_weight, out_bias)
-        self._set_head_counts(int(keep.numel()))
+        super().shrink_heads(keep, out_weight, out_bias)
         sa = _get(self.module, self.SA)
         if hasattr(getattr(sa, "config", None), "num_attention_heads"):
             sa.config = OwnHeadCounts(sa.config, int(keep.numel()) * self.kv_groups, int(keep.numel()))

@@ -63,9 +63,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     if name == "qwen2_sliding":
         extra = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
     if family not in ("llama", "mistral", "qwen2", "qwen3"):  # default special tokens outside the tiny vocabulary
-        extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    if family == "granite":
-        extra = GRANITE
+        extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **(GRANITE if family == "granite" else {})}
     if name == "llama_bias" and "mlp_bias" not in transformers.LlamaConfig().to_dict():
         pytest.skip(f"transformers {transformers.__version__}: LlamaConfig has no mlp_bias")
     cfg = getattr(transformers, cls + "Config")(
