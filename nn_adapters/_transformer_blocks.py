@@ -453,6 +453,18 @@ class _Block:
     def prepare_ffn(self) -> None:
         """Refuse an FFN whose units cannot be removed row by row (a ``ValueError`` naming the fix)."""
 
+    #: Whether the FFN is a mixture of experts (:class:`_HFMoEBlock`): per-expert statistics and selections.
+    moe = False
+    #: FFN units are kept in multiples of this (see :attr:`_HFMoEBlock.unit_multiple`).
+    unit_multiple = 1
+
+    def for_probe(self) -> None:
+        """Prepare a deep copy of the block for a unit-removal check (nothing to do for most blocks)."""
+
+    def zero_ffn_unit(self, unit: int) -> None:
+        """Zero FFN unit ``unit``'s consumer columns in place (what removing it must be equivalent to)."""
+        weight_of(self.down)[:, unit] = 0.0
+
     # --- heads ---------------------------------------------------------------------------------------------
     num_heads: int
     head_dim: int
@@ -1212,6 +1224,125 @@ class _HFGlmBlock(_FusedGateUp):
     kind = "hf_glm"
 
 
+class _HFMoEBlock(_HFLlamaBlock):
+    """Llama-style decoder layers whose FFN is a mixture of experts stored as 3D tensors, the layout of
+    transformers 5 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE, MiniMax, GLM-4-MoE, ERNIE 4.5 MoE, HunYuan MoE,
+    EXAONE MoE, ...): ``mlp.experts.gate_up_proj`` ``(E, 2 I, H)`` and ``mlp.experts.down_proj`` ``(E, H, I)``,
+    called as ``experts(hidden_states, top_k_index, top_k_weights)`` on the flattened tokens, each token's output
+    ``sum_j w_j down_e_j(act(gate_e_j(x)) * up_e_j(x))`` over its routed experts ``e_j`` (the router ``mlp.gate``
+    or ``mlp.router`` reads the block's normalised input, which FFN pruning does not change).
+
+    An FFN unit is one intermediate neuron of every expert at once in the tensors' shapes (all experts of a layer
+    keep the same number), but each expert chooses its own neurons: :meth:`shrink_ffn` takes one row of kept
+    indices per expert. Shared experts (``shared_expert``, ``shared_experts``, ``shared_mlp``) are kept whole.
+    That the experts compute the sum above is checked on the first calibration batch (a ``ValueError`` otherwise).
+    """
+
+    kind = "hf_moe"
+    EXPERTS = "mlp.experts"
+    UP = DOWN = GATE = None  # no Linear: the producers and the consumer are slices of the experts' 3D tensors
+    FFN_PARTS = 2
+    moe = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        ex = _get(module, cls.EXPERTS)
+        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        return (
+            sa is not None
+            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
+            and isinstance(_get(module, cls.OUT), nn.Linear)
+            and isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
+            and gu.shape[0] == dn.shape[0] and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
+            and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
+        )
+
+    @property
+    def experts(self) -> nn.Module:
+        return _get(self.module, self.EXPERTS)
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.experts.down_proj.shape[0])
+
+    @property
+    def ffn_units(self) -> int:
+        return int(self.experts.down_proj.shape[2])
+
+    @property
+    def gated(self) -> bool:
+        return True
+
+    @property
+    def up(self) -> nn.Linear:
+        raise TypeError(f"block {self.name!r}: a mixture of experts has no single up projection")
+
+    @property
+    def down(self) -> nn.Linear:
+        raise TypeError(f"block {self.name!r}: a mixture of experts has no single down projection")
+
+    def prepare_ffn(self) -> None:
+        ex = self.experts
+        extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in ("gate_up_proj", "down_proj"))
+        if extra or not callable(getattr(ex, "act_fn", None)):
+            what = f"parameters besides gate_up_proj and down_proj ({', '.join(extra)})" if extra else "no act_fn"
+            raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have {what}, which the "
+                             "expert adapter does not model; this model's FFN cannot be pruned by the transformer "
+                             "adapter (prune target='heads').")
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s intermediate activations ``act(gate(x)) * up(x)`` on the token rows ``x``."""
+        ex = self.experts
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return ex.act_fn(gate) * up
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s output on its intermediate activations ``h``."""
+        return F.linear(h, self.experts.down_proj[e])
+
+    def zero_ffn_unit(self, unit: int) -> None:
+        self.experts.down_proj[:, :, unit] = 0.0
+
+    @property
+    def unit_multiple(self) -> int:
+        """Kept neurons per expert are rounded up to a multiple of this: transformers 5 runs experts with
+        ``grouped_mm`` by default (``config._experts_implementation``), whose kernel needs 16-byte aligned strides,
+        i.e. an intermediate size that is a multiple of ``16 / element size`` (4 in float32, 8 in bfloat16); 1 with
+        the ``"eager"`` loop."""
+        impl = getattr(getattr(self.experts, "config", None), "_experts_implementation", "eager")
+        return 1 if impl in (None, "eager") else max(1, 16 // self.experts.down_proj.element_size())
+
+    def for_probe(self) -> None:
+        """On a deep copy used by a unit-removal check: run the experts with the ``"eager"`` loop, which takes any
+        intermediate size (the copy holds its own config)."""
+        cfg = getattr(self.experts, "config", None)
+        if cfg is not None and hasattr(cfg, "_experts_implementation"):
+            cfg._experts_implementation = "eager"
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep, in expert ``e``, its neurons ``keep[e]`` (``keep``: ``(E, k)`` sorted rows, or one row ``(k,)`` for
+        every expert); new down weights ``(E, H, k)`` if given (the experts have no bias)."""
+        ex = self.experts
+        gu, dn = ex.gate_up_proj, ex.down_proj
+        keep = keep.to(dn.device)
+        if keep.dim() == 1:
+            keep = keep.expand(dn.shape[0], -1)
+        units = dn.shape[2]
+        rows = torch.cat([keep, keep + units], dim=1)  # the gate half, then the up half
+        new_gu = torch.stack([gu[e, rows[e]] for e in range(gu.shape[0])])
+        new_dn = (torch.stack([dn[e][:, keep[e]] for e in range(dn.shape[0])]) if down_weight is None
+                  else down_weight.to(device=dn.device, dtype=dn.dtype))
+        ex.gate_up_proj = nn.Parameter(new_gu.detach().clone(), requires_grad=gu.requires_grad)
+        ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
+        if hasattr(ex, "intermediate_dim"):
+            ex.intermediate_dim = int(keep.shape[1])
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "experts": self.n_experts}
+
+
 class _HFGemma2Block(_HFLlamaBlock):
     """Gemma 2 and Gemma 3 decoder layers (``Gemma2DecoderLayer``, ``Gemma3DecoderLayer``): the Llama parts with
     "sandwich" RMS norms, ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then ``x +
@@ -1776,9 +1907,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
-    _TorchEncoderBlock,
+    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -142,6 +142,9 @@ class UnitRecord:
         The refit's relative ridge (``None`` without refit, and for a stage left as it is).
     cv_relative_error : float or None
         The refit's cross-validated relative error with ``ridge="cv"``, else ``None``.
+    expert : int or None
+        In a mixture-of-experts FFN, the expert this record is about (one record per expert; ``n_units`` and
+        ``n_kept`` count that expert's neurons); ``None`` elsewhere.
     """
 
     block: str
@@ -153,6 +156,7 @@ class UnitRecord:
     time_s: float
     ridge: float | None = None
     cv_relative_error: float | None = None
+    expert: int | None = None
 
 
 @dataclass
@@ -233,7 +237,8 @@ class TransformerPruneReport:
             err = "-" if u.relative_error is None else f"{u.relative_error:.4f}"
             if u.cv_relative_error is not None:
                 err += f" (held-out est. {u.cv_relative_error:.4f}, ridge {u.ridge:.0e} by cv)"
-            lines.append(f"  {u.block:<28} {u.stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
+            stage = u.stage if u.expert is None else f"{u.stage}[{u.expert}]"
+            lines.append(f"  {u.block:<28} {stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
         return "\n".join(lines)
 
 
@@ -800,8 +805,10 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
     return out
 
 
-def _n_keep(keep: float, n_units: int) -> int:
-    return int(min(n_units, max(1, round(keep * n_units))))
+def _n_keep(keep: float, n_units: int, multiple: int = 1) -> int:
+    """Units kept of ``n_units`` at fraction ``keep``: at least one, rounded up to a multiple of ``multiple``."""
+    k = max(1, round(keep * n_units))
+    return int(min(n_units, -(-k // multiple) * multiple))
 
 
 def _hull_decrements(errors: np.ndarray) -> np.ndarray:
@@ -1111,14 +1118,18 @@ def prune_transformer(
         for blk in blocks:
             blk.prepare_heads()
         disable_nested_fast_path(work)
+    if allocation != "uniform" and "ffn" in stages and any(b.moe for b in blocks):
+        raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
+                         f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
+                         "keeps the same fraction of its neurons), or target='heads'.")
     fractions = _block_fractions(keep, blocks)
     keep = {b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep)
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=None if seed is None else int(seed),
                                     propagation=None if method in GREEDY_METHODS else propagation,
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
-    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0]) for s in stages} for f, blk in zip(fractions, blocks,
-                                                                                            strict=True)]
+    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages}
+               for f, blk in zip(fractions, blocks, strict=True)]
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -1183,6 +1194,10 @@ def prune_transformer(
             for i, blk in enumerate(blocks):
                 for stage in stages:
                     t0 = time.perf_counter()
+                    if stage == "ffn" and blk.moe:
+                        _apply_expert_selection(blk, method, False, budgets[i][stage], None, _Ridge(ridge, False),
+                                                rule, rng, report, t0, jobs)
+                        continue
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
                                      _Ridge(ridge, False), rule, rng, report, t0, jobs)
         jobs.finish()
@@ -1400,6 +1415,7 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
     outs = []
     for shrink in (False, True):
         probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
+        probe.for_probe()
         with torch.no_grad():
             if stage == "heads" and shrink:
                 probe.shrink_heads(torch.arange(1, probe.head_units))
@@ -1408,7 +1424,7 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
             elif shrink:
                 probe.shrink_ffn(torch.arange(1, probe.ffn_units))
             else:
-                weight_of(probe.down)[:, 0] = 0.0
+                probe.zero_ffn_unit(0)
         try:
             outs.append(_fwd(probe, x, ctx, counter))
         except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
@@ -1722,10 +1738,17 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
     # and targets (layer), and the LayerNorm weights of the tokens
     t0s = {s: time.perf_counter() for s in stages}
-    xo_next, side = _original_pass(oblk, stages, mode, xo, cache, counter, residual, weighting)
+    dense = [s for s in stages if not (s == "ffn" and blk.moe)]
+    xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting)
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
+        if s not in dense:  # the experts of a mixture, after the heads of the same block
+            t0 = time.perf_counter()
+            expert_stats = _expert_stats(blk, oblk, mode, xo, xp, cache, counter)
+            _apply_expert_selection(blk, method, reweight, budgets[s], expert_stats, ridge, rule, rng, report, t0,
+                                    jobs)
+            continue
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
             mods = _capture_map(blk, [s], residual)
@@ -1796,6 +1819,159 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     jobs.add(f"the selection and refit of block {blk.name!r} ({stage})", _stage_job,
              (stats if problem is None else problem, groups, consumer.bias is not None, k, chosen, reweight, ridge,
               rule, w_orig), use)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixture-of-experts FFNs
+# ----------------------------------------------------------------------------------------------------------------
+
+def _expert_call(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run the block on ``x``; return its output and what its experts module was called with and returned:
+    ``(hidden_states, top_k_index, top_k_weights, output)``, the tokens flattened to rows."""
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        bound = inspect.signature(m.forward).bind(*args, **kwargs)
+        seen.append((*list(bound.arguments.values())[:3], out))
+
+    handle = blk.experts.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = _fwd(blk, x, ctx, counter)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
+        raise ValueError(f"block {blk.name!r}: its experts module was called {len(seen)} times per block forward, "
+                         "or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture of experts "
+                         "is not supported by the transformer adapter (prune target='heads').")
+    return out, seen[0]
+
+
+def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real token rows routed to expert ``e`` and their routing weights."""
+    hit = (idx == e) & valid.reshape(-1, 1)
+    tok, slot = hit.nonzero(as_tuple=True)
+    return tok, weights[tok, slot]
+
+
+def _check_experts_sum(blk: _Block, call: tuple[torch.Tensor, ...]) -> None:
+    """Refuse experts whose output is not ``sum_j w_j expert_{e_j}(x)`` as :meth:`_HFMoEBlock.expert_hidden` and
+    :meth:`_HFMoEBlock.expert_out` compute it (another activation split, biases, scores applied elsewhere)."""
+    x, idx, w, out = call
+    want = torch.zeros_like(out, dtype=torch.float64)
+    everything = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for e in range(blk.n_experts):
+        tok, we = _routed(idx, w, everything, e)
+        if tok.numel():
+            y = blk.expert_out(e, blk.expert_hidden(e, x[tok]))
+            want.index_add_(0, tok, y.double() * we.double().unsqueeze(1))
+    tol = 1e-4 * (1.0 + float(out.detach().abs().max()))
+    if want.shape != out.shape or not torch.allclose(want, out.double(), rtol=1e-4, atol=tol):
+        raise ValueError(f"block {blk.name!r}: its experts ({type(blk.experts).__name__}) do not compute the "
+                         "routing-weighted sum of act(gate(x)) * up(x) through each expert's down projection that "
+                         "the expert adapter assumes; this model's FFN cannot be pruned by the transformer adapter "
+                         "(prune target='heads').")
+
+
+def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], xp: list[torch.Tensor],
+                  cache: list[dict[str, Any]], counter: list[int]) -> list[_Stats | None]:
+    """Per-expert statistics of a mixture-of-experts FFN: rows are the real tokens routed to the expert, weighted
+    by the square of their routing weight (the factor the expert's output enters the block output with).
+
+    The expert's inputs and routing come from the network of ``mode`` (the original one in ``layer`` mode, the
+    pruned one otherwise); the targets are the expert's own output on its input (``layer``, ``seq``) or, in
+    ``asym`` mode, the original expert's output on the original network's input of the same token. The shared
+    residual stream is not compensated (``residual=`` applies to dense FFNs): each expert is fitted to itself.
+    ``None`` for an expert that no calibration token reaches."""
+    stats: list[_Stats | None] = [None] * blk.n_experts
+    device = _stats_device(blk.experts.down_proj.device)
+    for b in range(len(cache)):
+        valid = cache[b]["valid"]
+        fold_rows = torch.zeros(valid.numel(), dtype=torch.long, device=valid.device)
+        fold_rows[valid.reshape(-1)] = cache[b]["fold"]
+        _, (x_o, idx_o, w_o, out_o) = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)
+        if x_o.shape[0] != valid.numel():
+            raise ValueError(f"block {blk.name!r}: its experts see {x_o.shape[0]} token rows for "
+                             f"{valid.numel()} tokens: this mixture of experts is not supported by the transformer "
+                             "adapter (prune target='heads').")
+        if b == 0:
+            _check_experts_sum(oblk, (x_o, idx_o, w_o, out_o))
+        if mode == "layer":
+            x, idx, w, src = x_o, idx_o, w_o, oblk
+        else:
+            _, (x, idx, w, _out) = _expert_call(blk, xp[b], cache[b]["ctx"], counter)
+            src = blk
+        for e in range(blk.n_experts):
+            tok, we = _routed(idx, w, valid.to(idx.device), e)
+            if tok.numel() == 0:
+                continue
+            a = src.expert_hidden(e, x[tok])
+            y = oblk.expert_out(e, oblk.expert_hidden(e, x_o[tok])) if mode == "asym" else src.expert_out(e, a)
+            if stats[e] is None:
+                stats[e] = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
+            stats[e].update(a, y, we.double().square(), fold_rows[tok.to(fold_rows.device)])
+    return stats
+
+
+def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
+    """Torch-Pruning-style importance of expert ``e``'s neurons: the mean of the squared L2 norms of the unit's
+    gate row, up row and down column (as :func:`_magnitude_scores` for a dense gated FFN)."""
+    ex, units = blk.experts, blk.ffn_units
+    gu = ex.gate_up_proj[e].detach().double().pow(2).sum(1).view(2, units).sum(0)
+    return ((gu + ex.down_proj[e].detach().double().pow(2).sum(0)) / 3).cpu().numpy()
+
+
+def _apply_expert_selection(blk: _Block, method: str, reweight: bool, k: int, stats: list[_Stats | None] | None,
+                            ridge: _Ridge, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
+                            t0: float, jobs: OrderedJobs) -> None:
+    """Choose ``k`` neurons in every expert of a mixture and refit its down projection (one job per expert), then
+    shrink the block and report one record per expert. An expert that no calibration token reaches keeps its
+    ``k`` largest neurons by weight magnitude and its trained weights (``relative_error`` ``None``)."""
+    n_units, n_exp = blk.ffn_units, blk.n_experts
+    stats = stats if stats is not None else [None] * n_exp
+    results: list[Any] = [None] * n_exp  # per expert: (kept, fit, seconds), filled in expert order
+    t_here = time.perf_counter() - t0
+    for e in range(n_exp):
+        st = stats[e]
+        if method in GREEDY_METHODS:
+            chosen = np.arange(n_units) if k >= n_units else None
+        elif method == "wanda" and st is not None:
+            w1 = blk.experts.down_proj[e].detach().double().abs().sum(0).cpu().numpy()
+            chosen = np.argsort(-(w1 * np.sqrt(np.maximum(st.col_sq, 0.0))), kind="stable")[:k]
+        elif method in ("magnitude", "wanda"):
+            chosen = np.argsort(-_expert_magnitude(blk, e), kind="stable")[:k]
+        else:
+            chosen = rng.choice(n_units, size=k, replace=False)
+        if st is None:  # no token reached this expert: nothing to fit
+            if chosen is None:
+                chosen = np.argsort(-_expert_magnitude(blk, e), kind="stable")[:k]
+            results[e] = (np.sort(chosen), None, 0.0)
+            continue
+        problem = st if jobs.executor is None else st.problem()
+        w_orig = blk.experts.down_proj[e].detach().double().cpu().numpy() if reweight and ridge.prior else None
+        jobs.add(f"the selection and refit of expert {e} of block {blk.name!r}", _stage_job,
+                 (problem, None, False, k, chosen, reweight, ridge, rule, w_orig), partial(results.__setitem__, e))
+
+    def finish() -> None:
+        t1 = time.perf_counter()
+        dn = blk.experts.down_proj
+        kept = torch.as_tensor(np.stack([r[0] for r in results]), dtype=torch.long)
+        weight = None
+        if any(r[1] is not None for r in results):
+            weight = torch.stack([torch.as_tensor(np.ascontiguousarray(r[1][0].T)) if r[1] is not None
+                                  else dn[e][:, kept[e].to(dn.device)].detach().double().cpu()
+                                  for e, r in enumerate(results)])
+        blk.shrink_ffn(kept, weight)
+        t_each = (t_here + time.perf_counter() - t1) / n_exp
+        for e, (kept_e, fit, t_job) in enumerate(results):
+            report.units.append(UnitRecord(block=blk.name, stage="ffn", n_units=n_units, n_kept=k,
+                                           kept=[int(j) for j in kept_e],
+                                           relative_error=None if fit is None else fit[2], time_s=t_each + t_job,
+                                           ridge=None if fit is None else fit[3],
+                                           cv_relative_error=None if fit is None else fit[4], expert=e))
+
+    jobs.then(finish)
 
 
 def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bias: bool, k: int,

@@ -1,0 +1,226 @@
+"""Transformer pruning of mixture-of-experts FFNs stored as 3D tensors (transformers 5: Mixtral, Qwen2-MoE with its
+shared expert, Qwen3-MoE, OLMoE, PhiMoE): every expert keeps the same number of neurons, each its own ones, and
+its down projection is refitted on the tokens routed to it; tiny randomly initialised models (no download).
+
+Oracles: the unpruned model with the removed neurons' down-projection columns zeroed expert by expert (no refit),
+numpy.linalg.lstsq on activations computed here from the experts' weights and the routing the model hands its
+experts module (read with a hook), weighted by the routing weights, the saved and reloaded model's outputs, and
+greedy generation. Transformers without the 3D expert layout (4.x keeps a list of expert modules) skip.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _torch_helpers import ragged_token_batches, run_hooked
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4, 2, 2, 40
+FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
+            "phimoe": "Phimoe"}
+
+
+def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
+    cls = FAMILIES[name]
+    if not hasattr(transformers, cls + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER, moe_intermediate_size=INTER,
+        shared_expert_intermediate_size=8, num_local_experts=EXPERTS, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10.0)
+    if not any(b.kind == "hf_moe" for b in find_blocks(model)):
+        pytest.skip(f"transformers {transformers.__version__} does not store {cls}'s experts as 3D tensors")
+    return model
+
+
+def experts_of(model: nn.Module) -> list[nn.Module]:
+    return [b.experts for b in find_blocks(model) if b.kind == "hf_moe"]
+
+
+def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def routed_calls(model: nn.Module, experts: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[tuple]:
+    """What the model hands its experts module, batch by batch: (token rows, routed experts, routing weights)."""
+    seen: list[tuple] = []
+    handle = experts.register_forward_pre_hook(lambda _m, args: seen.append(tuple(a.detach() for a in args[:3])))
+    run_hooked([model], batches, [handle])
+    return seen
+
+
+def silu_hidden(gate_up: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """One expert's intermediate activations, written out: silu(x W_gate^T) * (x W_up^T), float64."""
+    half = gate_up.shape[0] // 2
+    x64, w = x.double(), gate_up.double()
+    return (F.silu(x64 @ w[:half].T) * (x64 @ w[half:].T)).numpy()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -> None:
+    model = build(name)
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="magnitude", reweight=False)
+    per_expert = [u for u in report.units if u.expert is not None]
+    assert len(per_expert) == LAYERS * EXPERTS and all(u.n_kept == INTER // 2 for u in per_expert)
+    assert len({tuple(u.kept) for u in per_expert}) > 1  # each expert chooses its own neurons
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for ex, layer in zip(experts_of(zeroed), range(LAYERS), strict=True):
+            for u in per_expert[layer * EXPERTS:(layer + 1) * EXPERTS]:
+                gone = sorted(set(range(INTER)) - set(u.kept))
+                ex.down_proj[u.expert][:, gone] = 0.0
+    for ex in experts_of(pruned):
+        assert tuple(ex.gate_up_proj.shape) == (EXPERTS, INTER, HIDDEN)
+        assert tuple(ex.down_proj.shape) == (EXPERTS, HIDDEN, INTER // 2)
+    for b in batches:
+        mask = b["attention_mask"].bool()
+        torch.testing.assert_close(hidden(pruned, b)[mask], hidden(zeroed, b)[mask], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hidden(pruned, b)[mask], hidden(model, b)[mask], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_keeping_every_neuron_is_exact(name: str) -> None:
+    model = build(name)
+    batches = ragged_token_batches(VOCAB, n_batches=2)
+    pruned, report = prune_transformer(model, batches, keep=1.0, method="asym", ridge=0.0, refit_prior="zero")
+    for b in batches:
+        mask = b["attention_mask"].bool()
+        torch.testing.assert_close(hidden(pruned, b)[mask], hidden(model, b)[mask], atol=1e-4, rtol=1e-4)
+    assert report.params_after == report.params_before
+
+
+def test_layer_refit_is_routing_weighted_lstsq_per_expert() -> None:
+    model = build("mixtral")
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="layer", ridge=0.0)
+    for layer, (ex_o, ex_p) in enumerate(zip(experts_of(model), experts_of(pruned), strict=True)):
+        calls = routed_calls(model, ex_o, batches)
+        for e in range(EXPERTS):
+            rows, targets, weights = [], [], []
+            for (x, idx, w), b in zip(calls, batches, strict=True):
+                real = b["attention_mask"].bool().reshape(-1)
+                tok, slot = ((idx == e) & real[:, None]).nonzero(as_tuple=True)
+                h = silu_hidden(ex_o.gate_up_proj[e].detach(), x[tok])
+                rows.append(h)
+                targets.append(h @ ex_o.down_proj[e].detach().double().numpy().T)
+                weights.append(w[tok, slot].double().abs().numpy())
+            a, y, sw = np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
+            unit = next(u for u in report.units if u.expert == e and u.block.endswith(f".{layer}"))
+            want = np.linalg.lstsq(a[:, unit.kept] * sw[:, None], y * sw[:, None], rcond=None)[0].T
+            np.testing.assert_allclose(ex_p.down_proj[e].detach().double().numpy(), want, rtol=1e-3, atol=1e-3)
+            assert unit.relative_error == pytest.approx(
+                np.sum(((a[:, unit.kept] @ want.T - y) * sw[:, None]) ** 2) / np.sum((y * sw[:, None]) ** 2),
+                rel=1e-4, abs=1e-8)
+
+
+def test_asym_targets_are_the_original_experts_on_the_original_inputs() -> None:
+    model = build("mixtral")
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="asym", ridge=0.0)
+    # the last block: inputs and routing of the pruned network (its first block pruned), targets of the original
+    ex_o, ex_p = experts_of(model)[-1], experts_of(pruned)[-1]
+    orig, mine = routed_calls(model, ex_o, batches), routed_calls(pruned, ex_p, batches)
+    for e in range(EXPERTS):
+        rows, targets, weights = [], [], []
+        for (x_o, _, _), (x_p, idx, w), b in zip(orig, mine, batches, strict=True):
+            real = b["attention_mask"].bool().reshape(-1)
+            tok, slot = ((idx == e) & real[:, None]).nonzero(as_tuple=True)
+            rows.append(silu_hidden(ex_o.gate_up_proj[e].detach(), x_p[tok]))
+            targets.append(silu_hidden(ex_o.gate_up_proj[e].detach(), x_o[tok])
+                           @ ex_o.down_proj[e].detach().double().numpy().T)
+            weights.append(w[tok, slot].double().abs().numpy())
+        a, y, sw = np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
+        unit = next(u for u in report.units if u.expert == e and u.block.endswith(f".{LAYERS - 1}"))
+        want = np.linalg.lstsq(a[:, unit.kept] * sw[:, None], y * sw[:, None], rcond=None)[0].T
+        np.testing.assert_allclose(ex_p.down_proj[e].detach().double().numpy(), want, rtol=1e-3, atol=1e-3)
+    # the premise: the first block's pruning changed what the last block's experts see
+    assert not torch.allclose(orig[0][0], mine[0][0], atol=1e-3)
+
+
+def test_kept_neurons_follow_the_grouped_mm_alignment() -> None:
+    """transformers runs experts with grouped_mm by default, whose kernel needs 16-byte aligned strides: 30% of 24
+    neurons (7) is rounded up to 8 in float32; the eager loop takes 7."""
+    batches = ragged_token_batches(VOCAB, n_batches=2)
+    model = build("mixtral")
+    assert getattr(experts_of(model)[0].config, "_experts_implementation", None) not in (None, "eager")
+    pruned, report = prune_transformer(model, batches, keep=0.3)
+    assert {u.n_kept for u in report.units} == {8}
+    hidden(pruned, batches[0])  # runs with grouped_mm
+    eager = build("mixtral", experts_implementation="eager")
+    assert experts_of(eager)[0].config._experts_implementation == "eager"
+    pruned, report = prune_transformer(eager, batches, keep=0.3)
+    assert {u.n_kept for u in report.units} == {7}
+    hidden(pruned, batches[0])
+
+
+def test_an_expert_no_token_reaches_keeps_its_largest_neurons_and_weights() -> None:
+    model = build("mixtral")
+    one = [{"input_ids": torch.tensor([[5, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}]
+    pruned, report = prune_transformer(model, one, keep=0.5)
+    idle = [u for u in report.units if u.relative_error is None]
+    assert idle  # 2 tokens, 2 experts each: at most 4 (token, expert) pairs per layer over 4 experts... some idle
+    by_block = {b.name: b for b in find_blocks(model)}
+    for u in idle:
+        ex = by_block[u.block].experts
+        gate_up, down = ex.gate_up_proj[u.expert].detach(), ex.down_proj[u.expert].detach()
+        score = gate_up[:INTER].pow(2).sum(1) + gate_up[INTER:].pow(2).sum(1) + down.pow(2).sum(0)
+        assert u.kept == sorted(torch.argsort(score, descending=True)[:INTER // 2].tolist())
+        mine = {b.name: b for b in find_blocks(pruned)}[u.block].experts.down_proj[u.expert]
+        torch.testing.assert_close(mine, down[:, u.kept])
+
+
+def test_save_reload_and_generation(tmp_path) -> None:
+    model = build("mixtral", lm=True)
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="all")
+    assert report.spec["blocks"][0]["kind"] == "hf_moe" and report.spec["blocks"][0]["experts"] == EXPERTS
+    save_pruned(pruned, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "use_cache": True, "pad_token_id": 0}
+        with_cache = pruned.generate(prompt, **kw)
+        without = pruned.generate(prompt, **{**kw, "use_cache": False})
+    assert torch.equal(with_cache, without) and with_cache.shape[1] == prompt.shape[1] + 5
+
+
+def test_experts_computing_something_else_are_refused() -> None:
+    """Experts that scale their sum (as if the routing weights were applied twice): the pruner's per-expert
+    targets would be wrong, so the model is refused on the first batch."""
+    model = build("mixtral")
+    for ex in experts_of(model):
+        base = type(ex)
+
+        class Scaled(base):  # type: ignore[misc, valid-type]
+            def forward(self, hidden_states, top_k_index, top_k_weights):
+                return 2.0 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+        ex.__class__ = Scaled
+    with pytest.raises(ValueError, match="routing-weighted sum"):
+        prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5)
+
+
+def test_error_curve_allocation_is_refused_for_experts() -> None:
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        prune_transformer(build("mixtral"), ragged_token_batches(VOCAB, n_batches=1), keep=0.5,
+                          allocation="error-curve")
