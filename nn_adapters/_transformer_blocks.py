@@ -14,7 +14,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width),
     ``_HFModernBertBlock`` (ModernBERT: ``attn.Wqkv`` fused, the gated FFN's two halves fused in ``mlp.Wi``) and
     ``_HFLlamaBlock`` (Llama-style decoders: gated FFN ``mlp.{gate,up,down}_proj``, grouped-query attention; Granite's
-    residual multiplier read as an output scale), ``_HFLlamaPlainBlock`` and its renamings ``_HFApertusBlock``,
+    residual multiplier read as an output scale), ``_HFMoEBlock`` (its mixture-of-experts look-alikes, experts as 3D
+    tensors: Mixtral, Qwen2/3-MoE...), ``_HFLlamaPlainBlock`` and its renamings ``_HFApertusBlock``,
     ``_HFNanoChatBlock`` (Llama's attention with a plain FFN: Nemotron, Arcee, Jais 2, Apertus, NanoChat),
     ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
     by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4), ``_HFPhi3Block`` (Phi-3: query, key

@@ -944,7 +944,8 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
         Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
         key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
-        refit accounts for), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
+        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral and Qwen3-MoE, whose experts
+        each keep ``keep`` of their neurons), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
         XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi,
         BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
@@ -1097,7 +1098,8 @@ def prune_transformer(
                          "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
                          "DistilBERT, ViT, DINOv2, CLIP, ModernBERT), BART-family layers (BART, mBART, Marian, "
                          "Pegasus, Whisper, XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, "
-                         "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; Gemma 2/3, "
+                         "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
+                         "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE; Gemma 2/3, "
                          "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
                          "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. "
