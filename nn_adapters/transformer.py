@@ -1868,8 +1868,9 @@ def _check_experts_sum(blk: _Block, call: tuple[torch.Tensor, ...]) -> None:
         if tok.numel():
             y = blk.expert_out(e, blk.expert_hidden(e, x[tok]))
             want.index_add_(0, tok, y.double() * we.double().unsqueeze(1))
-    tol = 1e-4 * (1.0 + float(out.detach().abs().max()))
-    if want.shape != out.shape or not torch.allclose(want, out.double(), rtol=1e-4, atol=tol):
+    rel = 1e-4 if torch.finfo(out.dtype).bits >= 32 else 3e-2  # half precision: the kernels round differently
+    tol = rel * (1.0 + float(out.detach().abs().max()))
+    if want.shape != out.shape or not torch.allclose(want, out.double(), rtol=rel, atol=tol):
         raise ValueError(f"block {blk.name!r}: its experts ({type(blk.experts).__name__}) do not compute the "
                          "routing-weighted sum of act(gate(x)) * up(x) through each expert's down projection that "
                          "the expert adapter assumes; this model's FFN cannot be pruned by the transformer adapter "
