@@ -1893,11 +1893,13 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], 
         valid = cache[b]["valid"]
         fold_rows = torch.zeros(valid.numel(), dtype=torch.long, device=valid.device)
         fold_rows[valid.reshape(-1)] = cache[b]["fold"]
-        _, (x_o, idx_o, w_o, out_o) = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)
-        if x_o.shape[0] != valid.numel():
-            raise ValueError(f"block {blk.name!r}: its experts see {x_o.shape[0]} token rows for "
-                             f"{valid.numel()} tokens: this mixture of experts is not supported by the transformer "
-                             "adapter (prune target='heads').")
+        x_o = None
+        if b == 0 or mode != "seq":  # seq mode reads the original experts for the first batch's checks only
+            _, (x_o, idx_o, w_o, out_o) = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)
+            if x_o.shape[0] != valid.numel():
+                raise ValueError(f"block {blk.name!r}: its experts see {x_o.shape[0]} token rows for "
+                                 f"{valid.numel()} tokens: this mixture of experts is not supported by the "
+                                 "transformer adapter (prune target='heads').")
         if b == 0:
             _check_experts_sum(oblk, (x_o, idx_o, w_o, out_o))
         if mode == "layer":
