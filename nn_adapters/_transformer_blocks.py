@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -465,6 +465,18 @@ class _Block:
     def zero_ffn_unit(self, unit: int) -> None:
         """Zero FFN unit ``unit``'s consumer columns in place (what removing it must be equivalent to)."""
         weight_of(self.down)[:, unit] = 0.0
+
+    def drop_first_ffn_unit(self) -> None:
+        """Remove FFN unit 0 (what :meth:`zero_ffn_unit` of unit 0 must be equivalent to)."""
+        self.shrink_ffn(torch.arange(1, self.ffn_units))
+
+    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        """What is wrong with the sizes of a block's pruning spec beyond ``intermediate_size`` and ``num_heads``
+        for this block, or ``None`` (there are none here)."""
+        return None
+
+    def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
+        """Apply those sizes (checked by :meth:`extra_sizes_problem`)."""
 
     # --- heads ---------------------------------------------------------------------------------------------
     num_heads: int
@@ -1225,6 +1237,48 @@ class _HFGlmBlock(_FusedGateUp):
     kind = "hf_glm"
 
 
+class _SharedExpert(_Block):
+    """The shared expert of a mixture of experts (Qwen2-MoE ``shared_expert``, GLM-4-MoE, ERNIE 4.5, EXAONE and
+    dots.llm1 ``shared_experts``, HunYuan ``shared_mlp``): a dense gated FFN ``down(act(gate(x)) * up(x))`` of
+    ``nn.Linear`` layers that every token passes through, its output added to the routed experts' sum, times
+    ``sigmoid(shared_expert_gate(x))`` in Qwen2-MoE (:meth:`_HFMoEBlock.shared_factor`). ``module`` is the shared
+    MLP itself; only the FFN interface of :class:`_Block` is used (its ``shrink_ffn``, magnitude and Wanda-style
+    scores)."""
+
+    kind = "hf_moe_shared"
+
+    @staticmethod
+    def looks_like(module: nn.Module) -> bool:
+        """Whether ``module`` is the gated FFN this adapter models."""
+        parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        return (all(isinstance(p, nn.Linear) for p in parts) and callable(getattr(module, "act_fn", None))
+                and parts[0].out_features == parts[1].out_features == parts[2].in_features
+                and parts[0].in_features == parts[1].in_features)
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.module.up_proj
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.module.down_proj
+
+    @property
+    def producers(self) -> list[nn.Linear]:
+        return [self.module.gate_proj, self.module.up_proj]
+
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
+        self.module.gate_proj, self.module.up_proj = producers
+        self.module.down_proj = down
+        if isinstance(getattr(self.module, "intermediate_size", None), int):
+            self.module.intermediate_size = down.in_features
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The intermediate activations ``act(gate(x)) * up(x)`` on the token rows ``x``."""
+        m = self.module
+        return m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+
+
 class _HFMoEBlock(_HFLlamaBlock):
     """Llama-style decoder layers whose FFN is a mixture of experts stored as 3D tensors, the layout of
     transformers 5 (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, PhiMoE, MiniMax, GLM-4-MoE, ERNIE 4.5 MoE, HunYuan MoE,
@@ -1235,8 +1289,10 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     An FFN unit is one intermediate neuron of every expert at once in the tensors' shapes (all experts of a layer
     keep the same number), but each expert chooses its own neurons: :meth:`shrink_ffn` takes one row of kept
-    indices per expert. Shared experts (``shared_expert``, ``shared_experts``, ``shared_mlp``) are kept whole.
-    That the experts compute the sum above is checked on the first calibration batch (a ``ValueError`` otherwise).
+    indices per expert. A shared expert (``shared_expert``, ``shared_experts``, ``shared_mlp``: a dense gated FFN
+    every token passes through, :class:`_SharedExpert`) is pruned by the same fraction, as one more regression.
+    That the experts compute the sum above, and that the FFN's output is that sum plus the shared expert's output
+    (times :meth:`shared_factor`), is checked on the first calibration batch (a ``ValueError`` otherwise).
     """
 
     kind = "hf_moe"
@@ -1244,6 +1300,10 @@ class _HFMoEBlock(_HFLlamaBlock):
     UP = DOWN = GATE = None  # no Linear: the producers and the consumer are slices of the experts' 3D tensors
     FFN_PARTS = 2
     moe = True
+    MLP = "mlp"
+    #: Where a shared expert lives, and the per-token gate of its output (Qwen2-MoE), if any.
+    SHARED = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
+    SHARED_GATE = "mlp.shared_expert_gate"
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -1283,6 +1343,21 @@ class _HFMoEBlock(_HFLlamaBlock):
     def down(self) -> nn.Linear:
         raise TypeError(f"block {self.name!r}: a mixture of experts has no single down projection")
 
+    @property
+    def shared(self) -> _SharedExpert | None:
+        """The shared expert, or ``None`` (a mixture without one)."""
+        for path in self.SHARED:
+            m = _get(self.module, path)
+            if isinstance(m, nn.Module):
+                return _SharedExpert(f"{self.name}.{path}", m)
+        return None
+
+    def shared_factor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-token factor ``(rows, 1)`` of the shared expert's output (Qwen2-MoE's
+        ``sigmoid(shared_expert_gate(x))``), or ``None`` where it is added as it is."""
+        gate = _get(self.module, self.SHARED_GATE)
+        return None if gate is None else torch.sigmoid(gate(x))
+
     def prepare_ffn(self) -> None:
         ex = self.experts
         extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in ("gate_up_proj", "down_proj"))
@@ -1291,6 +1366,16 @@ class _HFMoEBlock(_HFLlamaBlock):
             raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have {what}, which the "
                              "expert adapter does not model; this model's FFN cannot be pruned by the transformer "
                              "adapter (prune target='heads').")
+        shared, gate = self.shared, _get(self.module, self.SHARED_GATE)
+        if shared is not None and not _SharedExpert.looks_like(shared.module):
+            raise ValueError(f"block {self.name!r}: its shared expert {shared.name!r} "
+                             f"({type(shared.module).__name__}) is not a gated FFN of gate_proj, up_proj and "
+                             "down_proj Linear layers with an act_fn, the layout the expert adapter models; this "
+                             "model's FFN cannot be pruned by the transformer adapter (prune target='heads').")
+        if gate is not None and not (isinstance(gate, nn.Linear) and gate.out_features == 1 and shared is not None):
+            raise ValueError(f"block {self.name!r}: its shared_expert_gate ({type(gate).__name__}) is not a Linear "
+                             "layer with one output gating a shared expert, the layout the expert adapter models; "
+                             "this model's FFN cannot be pruned by the transformer adapter (prune target='heads').")
 
     def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e``'s intermediate activations ``act(gate(x)) * up(x)`` on the token rows ``x``."""
@@ -1304,6 +1389,15 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     def zero_ffn_unit(self, unit: int) -> None:
         self.experts.down_proj[:, :, unit] = 0.0
+        shared = self.shared
+        if shared is not None:
+            shared.zero_ffn_unit(unit)
+
+    def drop_first_ffn_unit(self) -> None:
+        self.shrink_ffn(torch.arange(1, self.ffn_units))
+        shared = self.shared
+        if shared is not None:
+            shared.shrink_ffn(torch.arange(1, shared.ffn_units))
 
     @property
     def unit_multiple(self) -> int:
@@ -1341,7 +1435,27 @@ class _HFMoEBlock(_HFLlamaBlock):
             ex.intermediate_dim = int(keep.shape[1])
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "experts": self.n_experts}
+        shared = self.shared
+        extra = {"shared_intermediate_size": shared.ffn_units} if self._shared_prunable(shared) else {}
+        return {**super().spec(), "experts": self.n_experts, **extra}
+
+    @staticmethod
+    def _shared_prunable(shared: _SharedExpert | None) -> bool:
+        return shared is not None and _SharedExpert.looks_like(shared.module)
+
+    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        n, shared = spec.get("shared_intermediate_size"), self.shared
+        if n is None or (self._shared_prunable(shared) and isinstance(n, int) and not isinstance(n, bool)
+                         and 1 <= n <= shared.ffn_units):
+            return None
+        have = ("no shared expert of the gated layout" if not self._shared_prunable(shared)
+                else f"a shared expert of {shared.ffn_units} neurons")
+        return f"the spec has shared_intermediate_size={n!r}, the model's block {have}"
+
+    def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
+        n, shared = spec.get("shared_intermediate_size"), self.shared
+        if n is not None and shared is not None:
+            shared.shrink_ffn(torch.arange(int(n)))
 
 
 class _HFGemma2Block(_HFLlamaBlock):

@@ -78,6 +78,7 @@ from ._transformer_blocks import (
     BLOCK_OUTPUT,
     PrunedMultiheadAttention,
     _Block,
+    _get,
     _set,
     capture_inputs,
     disable_nested_fast_path,
@@ -142,9 +143,10 @@ class UnitRecord:
         The refit's relative ridge (``None`` without refit, and for a stage left as it is).
     cv_relative_error : float or None
         The refit's cross-validated relative error with ``ridge="cv"``, else ``None``.
-    expert : int or None
-        In a mixture-of-experts FFN, the expert this record is about (one record per expert; ``n_units`` and
-        ``n_kept`` count that expert's neurons); ``None`` elsewhere.
+    expert : int, "shared" or None
+        In a mixture-of-experts FFN, the expert this record is about (one record per expert, and one with
+        ``"shared"`` for the shared expert of a mixture that has one; ``n_units`` and ``n_kept`` count that
+        expert's neurons); ``None`` elsewhere.
     """
 
     block: str
@@ -156,7 +158,7 @@ class UnitRecord:
     time_s: float
     ridge: float | None = None
     cv_relative_error: float | None = None
-    expert: int | None = None
+    expert: int | str | None = None
 
 
 @dataclass
@@ -1132,6 +1134,9 @@ def prune_transformer(
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
     budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages}
                for f, blk in zip(fractions, blocks, strict=True)]
+    for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
+        if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the same fraction
+            budget["shared"] = _n_keep(f, blk.shared.ffn_units)
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -1168,7 +1173,8 @@ def prune_transformer(
                                      "blocks applied one after another (an encoder stack) are supported; the "
                                      "model's forward must also be deterministic (ViTMAE's random masking: pass a "
                                      f"fixed noise= in the batches).{stacks_note}")
-                full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages)
+                full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages) and (
+                    "shared" not in budgets[i] or budgets[i]["shared"] >= blk.shared.ffn_units)
                 if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
                     t0 = time.perf_counter()
@@ -1197,8 +1203,8 @@ def prune_transformer(
                 for stage in stages:
                     t0 = time.perf_counter()
                     if stage == "ffn" and blk.moe:
-                        _apply_expert_selection(blk, method, False, budgets[i][stage], None, _Ridge(ridge, False),
-                                                rule, rng, report, t0, jobs)
+                        _apply_expert_selection(blk, method, False, budgets[i], None, _Ridge(ridge, False), rule,
+                                                rng, report, t0, jobs)
                         continue
                     _apply_selection(blk, stage, method, False, budgets[i][stage], None,
                                      _Ridge(ridge, False), rule, rng, report, t0, jobs)
@@ -1308,6 +1314,11 @@ def _report_unchanged(report: TransformerPruneReport, blk: _Block, stages: list[
         report.units.append(UnitRecord(block=blk.name, stage=s, n_units=n_units, n_kept=n_units,
                                        kept=list(range(n_units)), relative_error=0.0 if reweight else None,
                                        time_s=seconds))
+        if s == "ffn" and blk.moe and blk.shared is not None:
+            n_units = blk.shared.ffn_units
+            report.units.append(UnitRecord(block=blk.name, stage=s, n_units=n_units, n_kept=n_units,
+                                           kept=list(range(n_units)), relative_error=0.0 if reweight else None,
+                                           time_s=0.0, expert="shared"))
 
 
 def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: list[dict[str, int]],
@@ -1424,7 +1435,7 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
             elif stage == "heads":
                 weight_of(probe.out_proj)[:, :probe.head_unit_width] = 0.0
             elif shrink:
-                probe.shrink_ffn(torch.arange(1, probe.ffn_units))
+                probe.drop_first_ffn_unit()
             else:
                 probe.zero_ffn_unit(0)
         try:
@@ -1748,8 +1759,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
         if s not in dense:  # the experts of a mixture, after the heads of the same block
             t0 = time.perf_counter()
             expert_stats = _expert_stats(blk, oblk, mode, xo, xp, cache, counter)
-            _apply_expert_selection(blk, method, reweight, budgets[s], expert_stats, ridge, rule, rng, report, t0,
-                                    jobs)
+            _apply_expert_selection(blk, method, reweight, budgets, expert_stats, ridge, rule, rng, report, t0, jobs)
             continue
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
@@ -1828,25 +1838,35 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
 # ----------------------------------------------------------------------------------------------------------------
 
 def _expert_call(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Run the block on ``x``; return its output and what its experts module was called with and returned:
-    ``(hidden_states, top_k_index, top_k_weights, output)``, the tokens flattened to rows."""
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """Run the block on ``x``; return its output and what its experts module was called with and returned, the
+    tokens flattened to rows: ``x`` (the experts' input), ``idx`` (routed experts), ``w`` (routing weights),
+    ``out`` (the experts' output), and ``ffn_out``, the output of the whole mixture module (``mlp``, rows), or
+    ``None`` if the block has none."""
     seen: list[tuple[torch.Tensor, ...]] = []
+    ffn: list[Any] = []
 
     def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         bound = inspect.signature(m.forward).bind(*args, **kwargs)
         seen.append((*list(bound.arguments.values())[:3], out))
 
-    handle = blk.experts.register_forward_hook(hook, with_kwargs=True)
+    handles = [blk.experts.register_forward_hook(hook, with_kwargs=True)]
+    mlp = _get(blk.module, blk.MLP)
+    if isinstance(mlp, nn.Module):
+        handles.append(mlp.register_forward_hook(lambda _m, _a, out: ffn.append(out)))
     try:
         out = _fwd(blk, x, ctx, counter)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
         raise ValueError(f"block {blk.name!r}: its experts module was called {len(seen)} times per block forward, "
                          "or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture of experts "
                          "is not supported by the transformer adapter (prune target='heads').")
-    return out, seen[0]
+    ffn_out = ffn[0][0] if len(ffn) == 1 and isinstance(ffn[0], tuple) else ffn[0] if len(ffn) == 1 else None
+    xs, idx, w, e_out = seen[0]
+    return out, {"x": xs, "idx": idx, "w": w, "out": e_out,
+                 "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None}
 
 
 def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
@@ -1857,10 +1877,20 @@ def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: in
     return tok, weights[tok, slot]
 
 
-def _check_experts_sum(blk: _Block, call: tuple[torch.Tensor, ...]) -> None:
+def _shared_out(blk: _Block, x: torch.Tensor) -> torch.Tensor:
+    """What a mixture's shared expert adds to its output on the token rows ``x``: its output, times the per-token
+    factor of :meth:`_HFMoEBlock.shared_factor` if any."""
+    shared = blk.shared
+    y = shared.down(shared.hidden(x))
+    c = blk.shared_factor(x)
+    return y if c is None else y * c
+
+
+def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> None:
     """Refuse experts whose output is not ``sum_j w_j expert_{e_j}(x)`` as :meth:`_HFMoEBlock.expert_hidden` and
-    :meth:`_HFMoEBlock.expert_out` compute it (another activation split, biases, scores applied elsewhere)."""
-    x, idx, w, out = call
+    :meth:`_HFMoEBlock.expert_out` compute it (another activation split, biases, scores applied elsewhere), and a
+    mixture whose output is not that sum plus the shared expert's output (times its gate, if any)."""
+    x, idx, w, out, ffn_out = call["x"], call["idx"], call["w"], call["out"], call["ffn_out"]
     want = torch.zeros_like(out, dtype=torch.float64)
     everything = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for e in range(blk.n_experts):
@@ -1875,48 +1905,75 @@ def _check_experts_sum(blk: _Block, call: tuple[torch.Tensor, ...]) -> None:
                          "routing-weighted sum of act(gate(x)) * up(x) through each expert's down projection that "
                          "the expert adapter assumes; this model's FFN cannot be pruned by the transformer adapter "
                          "(prune target='heads').")
+    if ffn_out is None:
+        return
+    total = out.double() if blk.shared is None else out.double() + _shared_out(blk, x).double()
+    tol = rel * (1.0 + float(ffn_out.detach().abs().max()))
+    if total.shape != ffn_out.shape or not torch.allclose(total, ffn_out.double(), rtol=rel, atol=tol):
+        shared = blk.shared
+        what = "the experts' output" if shared is None else (
+            f"the experts' output plus its shared expert's ({shared.name.rsplit('.', 1)[-1]}) output"
+            + (" times sigmoid(shared_expert_gate(x))" if blk.shared_factor(x[:1]) is not None else ""))
+        raise ValueError(f"block {blk.name!r}: its mixture module ({type(_get(blk.module, blk.MLP)).__name__}) "
+                         f"does not return {what}, as the expert adapter assumes; this model's FFN cannot be "
+                         "pruned by the transformer adapter (prune target='heads').")
 
 
 def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], xp: list[torch.Tensor],
-                  cache: list[dict[str, Any]], counter: list[int]) -> list[_Stats | None]:
+                  cache: list[dict[str, Any]], counter: list[int]) -> tuple[list[_Stats | None], _Stats | None]:
     """Per-expert statistics of a mixture-of-experts FFN: rows are the real tokens routed to the expert, weighted
-    by the square of their routing weight (the factor the expert's output enters the block output with).
+    by the square of their routing weight (the factor the expert's output enters the block output with); and the
+    statistics of its shared expert, if any: rows are every real token, weighted by the square of the shared
+    expert's gate (Qwen2-MoE), else 1.
 
-    The expert's inputs and routing come from the network of ``mode`` (the original one in ``layer`` mode, the
+    The inputs, routing and gates come from the network of ``mode`` (the original one in ``layer`` mode, the
     pruned one otherwise); the targets are the expert's own output on its input (``layer``, ``seq``) or, in
     ``asym`` mode, the original expert's output on the original network's input of the same token. The shared
     residual stream is not compensated (``residual=`` applies to dense FFNs): each expert is fitted to itself.
-    ``None`` for an expert that no calibration token reaches."""
+    ``None`` for an expert that no calibration token reaches (and for a missing shared expert)."""
     stats: list[_Stats | None] = [None] * blk.n_experts
+    shared_stats: _Stats | None = None
     device = _stats_device(blk.experts.down_proj.device)
     for b in range(len(cache)):
         valid = cache[b]["valid"]
         fold_rows = torch.zeros(valid.numel(), dtype=torch.long, device=valid.device)
         fold_rows[valid.reshape(-1)] = cache[b]["fold"]
-        x_o = None
+        orig = None
         if b == 0 or mode != "seq":  # seq mode reads the original experts for the first batch's checks only
-            _, (x_o, idx_o, w_o, out_o) = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)
-            if x_o.shape[0] != valid.numel():
-                raise ValueError(f"block {blk.name!r}: its experts see {x_o.shape[0]} token rows for "
+            orig = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)[1]
+            if orig["x"].shape[0] != valid.numel():
+                raise ValueError(f"block {blk.name!r}: its experts see {orig['x'].shape[0]} token rows for "
                                  f"{valid.numel()} tokens: this mixture of experts is not supported by the "
                                  "transformer adapter (prune target='heads').")
         if b == 0:
-            _check_experts_sum(oblk, (x_o, idx_o, w_o, out_o))
-        if mode == "layer":
-            x, idx, w, src = x_o, idx_o, w_o, oblk
-        else:
-            _, (x, idx, w, _out) = _expert_call(blk, xp[b], cache[b]["ctx"], counter)
-            src = blk
+            _check_experts_sum(oblk, orig)
+        mine, src = (orig, oblk) if mode == "layer" else (_expert_call(blk, xp[b], cache[b]["ctx"], counter)[1], blk)
+        x, idx, w = mine["x"], mine["idx"], mine["w"]
         for e in range(blk.n_experts):
             tok, we = _routed(idx, w, valid.to(idx.device), e)
             if tok.numel() == 0:
                 continue
             a = src.expert_hidden(e, x[tok])
-            y = oblk.expert_out(e, oblk.expert_hidden(e, x_o[tok])) if mode == "asym" else src.expert_out(e, a)
+            y = (oblk.expert_out(e, oblk.expert_hidden(e, orig["x"][tok])) if mode == "asym"
+                 else src.expert_out(e, a))
             if stats[e] is None:
                 stats[e] = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
             stats[e].update(a, y, we.double().square(), fold_rows[tok.to(fold_rows.device)])
-    return stats
+        shared = src.shared
+        if shared is not None:
+            rows = valid.reshape(-1).to(x.device)
+            xs = x[rows]
+            a = shared.hidden(xs)
+            if mode == "asym":
+                o_shared = oblk.shared
+                y = o_shared.down(o_shared.hidden(orig["x"][rows]))
+            else:
+                y = shared.down(a)
+            c = src.shared_factor(xs)
+            if shared_stats is None:
+                shared_stats = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
+            shared_stats.update(a, y, None if c is None else c.reshape(-1).double().square(), cache[b]["fold"])
+    return stats, shared_stats
 
 
 def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
@@ -1927,18 +1984,21 @@ def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
     return ((gu + ex.down_proj[e].detach().double().pow(2).sum(0)) / 3).cpu().numpy()
 
 
-def _apply_expert_selection(blk: _Block, method: str, reweight: bool, k: int, stats: list[_Stats | None] | None,
-                            ridge: _Ridge, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
-                            t0: float, jobs: OrderedJobs) -> None:
-    """Choose ``k`` neurons in every expert of a mixture and refit its down projection (one job per expert), then
-    shrink the block and report one record per expert. An expert that no calibration token reaches keeps its
-    ``k`` largest neurons by weight magnitude and its trained weights (``relative_error`` ``None``)."""
-    n_units, n_exp = blk.ffn_units, blk.n_experts
-    stats = stats if stats is not None else [None] * n_exp
-    results: list[Any] = [None] * n_exp  # per expert: (kept, fit, seconds), filled in expert order
+def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: dict[str, int],
+                            stats: tuple[list[_Stats | None], _Stats | None] | None, ridge: _Ridge, rule: str,
+                            rng: np.random.Generator, report: TransformerPruneReport, t0: float,
+                            jobs: OrderedJobs) -> None:
+    """Choose ``budgets["ffn"]`` neurons in every expert of a mixture and refit its down projection (one job per
+    expert), and ``budgets["shared"]`` neurons of its shared expert, if any (one more job, as a dense FFN); then
+    shrink the block and report one record per expert (and one for the shared expert, ``expert="shared"``). An
+    expert that no calibration token reaches keeps its largest neurons by weight magnitude and its trained weights
+    (``relative_error`` ``None``)."""
+    n_units, n_exp, k = blk.ffn_units, blk.n_experts, budgets["ffn"]
+    per_expert, shared_stats = stats if stats is not None else ([None] * n_exp, None)
+    results: list[Any] = [None] * (n_exp + 1)  # (kept, fit, seconds) per expert, then the shared expert's
     t_here = time.perf_counter() - t0
     for e in range(n_exp):
-        st = stats[e]
+        st = per_expert[e]
         if method in GREEDY_METHODS:
             chosen = np.arange(n_units) if k >= n_units else None
         elif method == "wanda" and st is not None:
@@ -1957,20 +2017,50 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, k: int, st
         w_orig = blk.experts.down_proj[e].detach().double().cpu().numpy() if reweight and ridge.prior else None
         jobs.add(f"the selection and refit of expert {e} of block {blk.name!r}", _stage_job,
                  (problem, None, False, k, chosen, reweight, ridge, rule, w_orig), partial(results.__setitem__, e))
+    shared, k_shared = blk.shared, budgets.get("shared")
+    if shared is not None and k_shared is not None:
+        n_shared = shared.ffn_units
+        if method in GREEDY_METHODS:
+            chosen = np.arange(n_shared) if k_shared >= n_shared else None
+        elif method == "wanda" and shared_stats is not None:
+            chosen = np.argsort(-_wanda_scores("ffn", shared, shared_stats), kind="stable")[:k_shared]
+        elif method in ("magnitude", "wanda"):
+            chosen = np.argsort(-_magnitude_scores("ffn", shared), kind="stable")[:k_shared]
+        else:
+            chosen = rng.choice(n_shared, size=k_shared, replace=False)
+        if shared_stats is None:  # no data (a baseline without refit)
+            results[n_exp] = (np.sort(chosen), None, 0.0)
+        else:
+            problem = shared_stats if jobs.executor is None else shared_stats.problem()
+            w_orig = weight_of(shared.down).detach().double().cpu().numpy() if reweight and ridge.prior else None
+            jobs.add(f"the selection and refit of the shared expert of block {blk.name!r}", _stage_job,
+                     (problem, None, shared.down.bias is not None, k_shared, chosen, reweight, ridge, rule, w_orig),
+                     partial(results.__setitem__, n_exp))
 
     def finish() -> None:
         t1 = time.perf_counter()
         dn = blk.experts.down_proj
-        kept = torch.as_tensor(np.stack([r[0] for r in results]), dtype=torch.long)
+        kept = torch.as_tensor(np.stack([r[0] for r in results[:n_exp]]), dtype=torch.long)
         weight = None
-        if any(r[1] is not None for r in results):
+        if any(r[1] is not None for r in results[:n_exp]):
             weight = torch.stack([torch.as_tensor(np.ascontiguousarray(r[1][0].T)) if r[1] is not None
                                   else dn[e][:, kept[e].to(dn.device)].detach().double().cpu()
-                                  for e, r in enumerate(results)])
+                                  for e, r in enumerate(results[:n_exp])])
         blk.shrink_ffn(kept, weight)
-        t_each = (t_here + time.perf_counter() - t1) / n_exp
-        for e, (kept_e, fit, t_job) in enumerate(results):
-            report.units.append(UnitRecord(block=blk.name, stage="ffn", n_units=n_units, n_kept=k,
+        records = [(e, n_units, k, r) for e, r in enumerate(results[:n_exp])]
+        if results[n_exp] is not None:
+            kept_s, fit, _ = results[n_exp]
+            sh = blk.shared
+            if fit is None:
+                sh.shrink_ffn(torch.as_tensor(kept_s, dtype=torch.long))
+            else:
+                sh.shrink_ffn(torch.as_tensor(kept_s, dtype=torch.long),
+                              torch.as_tensor(np.ascontiguousarray(fit[0].T)),
+                              None if fit[1] is None else torch.as_tensor(fit[1]))
+            records.append(("shared", n_shared, k_shared, results[n_exp]))
+        t_each = (t_here + time.perf_counter() - t1) / len(records)
+        for e, n, k_e, (kept_e, fit, t_job) in records:
+            report.units.append(UnitRecord(block=blk.name, stage="ffn", n_units=n, n_kept=k_e,
                                            kept=[int(j) for j in kept_e],
                                            relative_error=None if fit is None else fit[2], time_s=t_each + t_job,
                                            ridge=None if fit is None else fit[3],
@@ -2072,9 +2162,13 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
             if key in _LAYOUT_KEYS and key in w and w[key] != have:
                 raise ValueError(f"block {b.name}: saved with {key}={w[key]!r}, the model's block has {have!r}: "
                                  f"{origin}")
+        problem = b.extra_sizes_problem(w)
+        if problem is not None:
+            raise ValueError(f"block {b.name}: {problem}: {origin}")
     with torch.no_grad():
         for b, w in zip(blocks, wanted, strict=True):
             b.set_sizes(int(w["intermediate_size"]), int(w["num_heads"]))
+            b.set_extra_sizes(w)
     disable_nested_fast_path(model)
     return model
 

@@ -1,11 +1,14 @@
-"""Transformer pruning of mixture-of-experts FFNs stored as 3D tensors (transformers 5: Mixtral, Qwen2-MoE with its
-shared expert, Qwen3-MoE, OLMoE, PhiMoE): every expert keeps the same number of neurons, each its own ones, and
-its down projection is refitted on the tokens routed to it; tiny randomly initialised models (no download).
+"""Transformer pruning of mixture-of-experts FFNs stored as 3D tensors (transformers 5: Mixtral, Qwen3-MoE, OLMoE,
+PhiMoE; with a shared expert: Qwen2-MoE, gated by sigmoid(shared_expert_gate(x)), HunYuan-MoE, GLM-4-MoE, EXAONE-MoE,
+ERNIE 4.5 MoE): every expert keeps the same number of neurons, each its own ones, and its down projection is
+refitted on the tokens routed to it; the shared expert keeps the same fraction of its neurons, refitted on every
+token; tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed neurons' down-projection columns zeroed expert by expert (no refit),
 numpy.linalg.lstsq on activations computed here from the experts' weights and the routing the model hands its
-experts module (read with a hook), weighted by the routing weights, the saved and reloaded model's outputs, and
-greedy generation. Transformers without the 3D expert layout (4.x keeps a list of expert modules) skip.
+experts module (read with a hook), weighted by the routing weights (by the shared expert's gate for the shared
+expert), the saved and reloaded model's outputs, and greedy generation. Transformers without the 3D expert layout
+(4.x keeps a list of expert modules) skip.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4, 2, 2, 40
 FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
-            "phimoe": "Phimoe"}
+            "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
+            "ernie4_5_moe": "Ernie4_5_Moe"}
+#: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size; the others: one shared
+#: expert of moe_intermediate_size, HunYuan's of intermediate_size).
+SHARED = {"qwen2_moe": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER, "ernie4_5_moe": INTER}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
@@ -38,7 +45,8 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
         num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER, moe_intermediate_size=INTER,
         shared_expert_intermediate_size=8, num_local_experts=EXPERTS, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, **extra)
+        eos_token_id=2, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0,
+        moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
@@ -52,6 +60,11 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
 
 def experts_of(model: nn.Module) -> list[nn.Module]:
     return [b.experts for b in find_blocks(model) if b.kind == "hf_moe"]
+
+
+def shared_of(model: nn.Module) -> list[nn.Module]:
+    """The shared-expert MLPs, block by block."""
+    return [b.shared.module for b in find_blocks(model) if b.kind == "hf_moe" and b.shared is not None]
 
 
 def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -79,25 +92,36 @@ def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -
     model = build(name)
     batches = ragged_token_batches(VOCAB)
     pruned, report = prune_transformer(model, batches, keep=0.5, method="magnitude", reweight=False)
-    per_expert = [u for u in report.units if u.expert is not None]
+    per_expert = [u for u in report.units if isinstance(u.expert, int)]
+    shared = [u for u in report.units if u.expert == "shared"]
     assert len(per_expert) == LAYERS * EXPERTS and all(u.n_kept == INTER // 2 for u in per_expert)
     assert len({tuple(u.kept) for u in per_expert}) > 1  # each expert chooses its own neurons
+    n_shared = SHARED.get(name)
+    assert [(u.n_units, u.n_kept) for u in shared] == ([] if n_shared is None else [(n_shared, n_shared // 2)] * LAYERS)
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for ex, layer in zip(experts_of(zeroed), range(LAYERS), strict=True):
             for u in per_expert[layer * EXPERTS:(layer + 1) * EXPERTS]:
                 gone = sorted(set(range(INTER)) - set(u.kept))
                 ex.down_proj[u.expert][:, gone] = 0.0
+        for mlp, u in zip(shared_of(zeroed), shared, strict=True):
+            # magnitude: the largest mean squared norm of gate row, up row and down column
+            score = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+                     + mlp.down_proj.weight.pow(2).sum(0))
+            assert u.kept == sorted(torch.argsort(score, descending=True)[:n_shared // 2].tolist())
+            mlp.down_proj.weight[:, sorted(set(range(n_shared)) - set(u.kept))] = 0.0
     for ex in experts_of(pruned):
         assert tuple(ex.gate_up_proj.shape) == (EXPERTS, INTER, HIDDEN)
         assert tuple(ex.down_proj.shape) == (EXPERTS, HIDDEN, INTER // 2)
+    for mlp in shared_of(pruned):
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == n_shared // 2
     for b in batches:
         mask = b["attention_mask"].bool()
         torch.testing.assert_close(hidden(pruned, b)[mask], hidden(zeroed, b)[mask], atol=1e-4, rtol=1e-4)
         assert not torch.allclose(hidden(pruned, b)[mask], hidden(model, b)[mask], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "glm4_moe"])
 def test_keeping_every_neuron_is_exact(name: str) -> None:
     model = build(name)
     batches = ragged_token_batches(VOCAB, n_batches=2)
@@ -224,3 +248,117 @@ def test_error_curve_allocation_is_refused_for_experts() -> None:
     with pytest.raises(ValueError, match="mixture-of-experts"):
         prune_transformer(build("mixtral"), ragged_token_batches(VOCAB, n_batches=1), keep=0.5,
                           allocation="error-curve")
+
+
+def shared_calls(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """The token rows each block's mixture module receives (the shared expert's input), block by block, batch by
+    batch."""
+    blocks = [b for b in find_blocks(model) if b.kind == "hf_moe"]
+    seen: list[list[torch.Tensor]] = [[] for _ in blocks]
+    handles = [b.module.mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: seen[i].append(args[0].detach().reshape(-1, HIDDEN))) for i, b in enumerate(blocks)]
+    run_hooked([model], batches, handles)
+    return seen
+
+
+def shared_rows(mlp: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The shared expert's intermediate activations, written out: silu(x W_gate^T) * (x W_up^T), float64."""
+    x64 = x.double()
+    return (F.silu(x64 @ mlp.gate_proj.weight.detach().double().T)
+            * (x64 @ mlp.up_proj.weight.detach().double().T)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["layer", "asym"])
+def test_shared_expert_refit_is_lstsq_weighted_by_its_gate(mode: str) -> None:
+    """Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared_expert(x) to the experts' sum: the shared expert's
+    down projection is the least-squares fit on every real token, rows weighted by that gate; its inputs and gate
+    from the original network (layer) or the pruned one (asym, targets: the original shared expert on the original
+    input)."""
+    model = build("qwen2_moe")
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method=mode, ridge=0.0)
+    layer = LAYERS - 1
+    mlp_o, mlp_p = shared_of(model)[layer], shared_of(pruned)[layer]
+    gate_w = find_blocks(model)[layer].module.mlp.shared_expert_gate.weight.detach().double()
+    orig = shared_calls(model, batches)[layer]
+    mine = orig if mode == "layer" else shared_calls(pruned, batches)[layer]
+    rows, targets, weights = [], [], []
+    for x_o, x_p, b in zip(orig, mine, batches, strict=True):
+        real = b["attention_mask"].bool().reshape(-1)
+        rows.append(shared_rows(mlp_o, x_p[real]))
+        targets.append(shared_rows(mlp_o, x_o[real]) @ mlp_o.down_proj.weight.detach().double().numpy().T)
+        weights.append(torch.sigmoid(x_p[real].double() @ gate_w.T).reshape(-1).numpy())
+    a, y, sw = np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
+    unit = next(u for u in report.units if u.expert == "shared" and u.block.endswith(f".{layer}"))
+    assert unit.n_kept == 4 and mlp_p.down_proj.in_features == 4
+    want = np.linalg.lstsq(a[:, unit.kept] * sw[:, None], y * sw[:, None], rcond=None)[0].T
+    np.testing.assert_allclose(mlp_p.down_proj.weight.detach().double().numpy(), want, rtol=1e-3, atol=1e-3)
+    for p, o in ((mlp_p.gate_proj, mlp_o.gate_proj), (mlp_p.up_proj, mlp_o.up_proj)):
+        torch.testing.assert_close(p.weight, o.weight[unit.kept])
+    assert unit.relative_error == pytest.approx(
+        np.sum(((a[:, unit.kept] @ want.T - y) * sw[:, None]) ** 2) / np.sum((y * sw[:, None]) ** 2),
+        rel=1e-4, abs=1e-8)
+    # greedy forward selection on the same weighted rows: the first kept neuron explains the most
+    first = int(np.argmax([np.sum(((a[:, j] * sw) @ (y * sw[:, None])) ** 2) / np.sum((a[:, j] * sw) ** 2)
+                           for j in range(a.shape[1])]))
+    assert first in unit.kept
+    if mode == "asym":  # the premise: the first block's pruning changed what the last block's shared expert sees
+        assert not torch.allclose(orig[0], mine[0], atol=1e-3)
+
+
+def test_mixture_not_returning_experts_plus_shared_is_refused() -> None:
+    """A mixture module that averages the experts' and the shared expert's outputs (as Cohere2-MoE can): the
+    shared expert's targets would be wrong, so the model is refused on the first batch."""
+    model = build("glm4_moe")
+    for blk in find_blocks(model):
+        base = type(blk.module.mlp)
+
+        class Averaged(base):  # type: ignore[misc, valid-type]
+            def forward(self, hidden_states):
+                return 0.5 * super().forward(hidden_states)
+
+        blk.module.mlp.__class__ = Averaged
+    with pytest.raises(ValueError, match="plus its shared expert's"):
+        prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5)
+
+
+def test_shared_expert_of_another_layout_is_refused() -> None:
+    model = build("glm4_moe")
+    for blk in find_blocks(model):
+        old = blk.module.mlp.shared_experts
+        blk.module.mlp.shared_experts = nn.Sequential(nn.Linear(HIDDEN, INTER), nn.SiLU(), old.down_proj)
+    with pytest.raises(ValueError, match="not a gated FFN of gate_proj, up_proj and down_proj"):
+        prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5)
+    prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="heads")
+
+
+@pytest.mark.parametrize("method", ["asym", "wanda", "random"])
+def test_shared_expert_save_reload_and_generation(tmp_path, method: str) -> None:
+    model = build("qwen2_moe", lm=True)
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.25, method=method, seed=0)
+    assert [b["shared_intermediate_size"] for b in report.spec["blocks"]] == [2] * LAYERS
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    save_pruned(pruned, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    assert [m.down_proj.in_features for m in shared_of(again)] == [2] * LAYERS
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "use_cache": True, "pad_token_id": 0}
+        assert torch.equal(pruned.generate(prompt, **kw), pruned.generate(prompt, **{**kw, "use_cache": False}))
+
+
+def test_a_spec_with_a_shared_expert_the_model_lacks_is_refused() -> None:
+    from nn_adapters.transformer import apply_spec, make_spec
+
+    spec = make_spec(build("qwen2_moe"))
+    assert spec["blocks"][0]["shared_intermediate_size"] == SHARED["qwen2_moe"]
+    spec["blocks"][0]["shared_intermediate_size"] = SHARED["qwen2_moe"] + 1
+    with pytest.raises(ValueError, match="shared_intermediate_size=9.*shared expert of 8 neurons"):
+        apply_spec(build("qwen2_moe"), spec)
+    spec["blocks"][0]["shared_intermediate_size"] = 3
+    with pytest.raises(ValueError, match="no shared expert"):
+        apply_spec(build("mixtral"), {**spec, "blocks": [{**w, "kind": "hf_moe"} for w in spec["blocks"]]})
+    fresh = apply_spec(build("qwen2_moe"), spec)
+    assert [m.down_proj.in_features for m in shared_of(fresh)] == [3, SHARED["qwen2_moe"]]
