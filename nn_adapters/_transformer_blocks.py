@@ -585,11 +585,20 @@ class _HFBlock(_Block):
         sa = _get(self.module, self.SA)
         plain = self.PLAIN | set(self.QKV) | {self.OUT.rpartition(".")[2] if self.OUT.startswith(self.SA + ".")
                                               else ""}
-        extra = sorted(n for n, _ in sa.named_children() if n not in plain)
+        extra = sorted(n for n, m in sa.named_children() if n not in plain and not self._per_head_part(m))
         if extra:
             raise ValueError(f"block {self.name!r}: its self-attention ({type(sa).__name__}) has parts besides "
                              f"query/key/value ({', '.join(extra)}) that head pruning does not know how to shrink; "
                              "prune target='ffn' on this model.")
+
+    def _per_head_part(self, module: nn.Module) -> bool:
+        """Whether a child of the self-attention holds only ``head_dim``-wide vectors (a norm of each head's queries
+        or keys, shared by the heads, under another name than :attr:`PLAIN`'s: HunYuan's ``query_layernorm`` and
+        ``key_layernorm``): removing heads leaves it as it is. The unit-removal check on the first batch confirms
+        that it acts per head (a norm over the whole width would fail or differ there)."""
+        params = list(module.parameters())
+        return (bool(params) and not any(True for _ in module.children())
+                and all(p.dim() == 1 and p.numel() == self.head_dim for p in params))
 
     def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
         return (_get(self.module, self.RESID_FFN[0]), self.RESID_FFN[1]) if stage == "ffn" else None

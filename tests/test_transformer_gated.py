@@ -42,11 +42,13 @@ LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
 
 # qwen2_sliding: a sliding-window layer, then a full-attention one (each called with its own mask)
 PLAIN_FFN = ["nemotron", "arcee", "jais2", "apertus", "nanochat"]
+# hunyuan: HunYuan's dense decoder, whose attention normalises each head's queries and keys under other names than
+# Qwen3's (query_layernorm, key_layernorm: head_dim wide, shared by the heads)
 FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3", "phi3", "glm", "granite",
-            *PLAIN_FFN]
+            "hunyuan", *PLAIN_FFN]
 CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "glm": "Glm",
            "granite": "Granite", "nemotron": "Nemotron", "arcee": "Arcee", "jais2": "Jais2", "apertus": "Apertus",
-           "nanochat": "NanoChat"}
+           "nanochat": "NanoChat", "hunyuan": "HunYuanDenseV1"}
 #: Granite 3's multipliers: each sublayer's output is scaled by 0.22 before its residual sum
 GRANITE = {"residual_multiplier": 0.22, "attention_multiplier": 0.0625, "embedding_multiplier": 12.0}
 KINDS = {"phi3": "hf_phi3", "glm": "hf_glm", **dict.fromkeys(PLAIN_FFN, "hf_llama_plain")}  # the others: hf_llama
@@ -159,6 +161,17 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
+
+
+def test_attention_parts_wider_than_a_head_are_refused() -> None:
+    """HunYuan's head_dim-wide query/key norms are left as they are when heads go; a part of the model width (or
+    holding a weight matrix) under an unknown name may mix the heads, so head pruning is refused."""
+    for extra in (nn.LayerNorm(HIDDEN), nn.Linear(HEAD_DIM, HEAD_DIM)):
+        model = build("hunyuan")
+        for layer in layers(model):
+            layer.self_attn.mixer = copy.deepcopy(extra)
+        with pytest.raises(ValueError, match=r"parts besides query/key/value \(mixer\)"):
+            prune_transformer(model, batches(n_batches=1), keep=0.5, target="heads")
 
 
 def test_magnitude_scores_every_coupled_layer() -> None:
