@@ -1311,8 +1311,8 @@ class _HFMoEBlock(_HFLlamaBlock):
     moe = True
     MLP = "mlp"
     #: Where a shared expert lives, and the per-token gate of its output (Qwen2-MoE), if any.
-    SHARED = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
-    SHARED_GATE = "mlp.shared_expert_gate"
+    SHARED: tuple[str, ...] = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
+    SHARED_GATE: str | None = "mlp.shared_expert_gate"
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -1364,7 +1364,7 @@ class _HFMoEBlock(_HFLlamaBlock):
     def shared_factor(self, x: torch.Tensor) -> torch.Tensor | None:
         """The per-token factor ``(rows, 1)`` of the shared expert's output (Qwen2-MoE's
         ``sigmoid(shared_expert_gate(x))``), or ``None`` where it is added as it is."""
-        gate = _get(self.module, self.SHARED_GATE)
+        gate = None if self.SHARED_GATE is None else _get(self.module, self.SHARED_GATE)
         return None if gate is None else torch.sigmoid(gate(x))
 
     def prepare_ffn(self) -> None:
@@ -1375,7 +1375,8 @@ class _HFMoEBlock(_HFLlamaBlock):
             raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have {what}, which the "
                              "expert adapter does not model; this model's FFN cannot be pruned by the transformer "
                              "adapter (prune target='heads').")
-        shared, gate = self.shared, _get(self.module, self.SHARED_GATE)
+        shared = self.shared
+        gate = None if self.SHARED_GATE is None else _get(self.module, self.SHARED_GATE)
         if shared is not None and not _SharedExpert.looks_like(shared.module):
             raise ValueError(f"block {self.name!r}: its shared expert {shared.name!r} "
                              f"({type(shared.module).__name__}) is not a gated FFN of gate_proj, up_proj and "
@@ -1465,6 +1466,18 @@ class _HFMoEBlock(_HFLlamaBlock):
         n, shared = spec.get("shared_intermediate_size"), self.shared
         if n is not None and shared is not None:
             shared.shrink_ffn(torch.arange(int(n)))
+
+
+class _HFGraniteMoEBlock(_HFMoEBlock):
+    """GraniteMoE decoder layers (and GraniteMoE-Shared's): the mixture of :class:`_HFMoEBlock` under the name
+    ``block_sparse_moe``, whose output (like the attention's) is scaled by ``residual_multiplier`` before the
+    residual sum. GraniteMoE-Shared's ``shared_mlp``, beside the mixture in the layer (a fused ``input_linear``),
+    is kept whole."""
+
+    MLP = "block_sparse_moe"
+    EXPERTS = "block_sparse_moe.experts"
+    SHARED = ()
+    SHARED_GATE = None
 
 
 class _HFGemma2Block(_HFLlamaBlock):
@@ -2031,7 +2044,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGraniteMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock,
+    _HFPhiBlock,
     _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
     _HFT5Block, _TorchEncoderBlock,
 )

@@ -30,7 +30,10 @@ transformers = pytest.importorskip("transformers")
 HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4, 2, 2, 40
 FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
-            "ernie4_5_moe": "Ernie4_5_Moe"}
+            "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared"}
+#: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
+#: mixture, outside it: kept whole)
+GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
 #: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size; the others: one shared
 #: expert of moe_intermediate_size, HunYuan's of intermediate_size).
 SHARED = {"qwen2_moe": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER, "ernie4_5_moe": INTER}
@@ -46,7 +49,8 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
         shared_expert_intermediate_size=8, num_local_experts=EXPERTS, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0,
-        moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, **extra)
+        moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1,
+        **(GRANITE if name.startswith("granite") else {}), **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
@@ -54,6 +58,8 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
             if p.dim() >= 2:
                 p.mul_(10.0)
     if not any(b.kind == "hf_moe" for b in find_blocks(model)):
+        # transformers 4 keeps lists of expert modules; 5 stores every family here as 3D tensors
+        assert int(transformers.__version__.split(".")[0]) < 5, f"{cls}'s mixture is not recognised"
         pytest.skip(f"transformers {transformers.__version__} does not store {cls}'s experts as 3D tensors")
     return model
 
@@ -121,7 +127,7 @@ def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -
         assert not torch.allclose(hidden(pruned, b)[mask], hidden(model, b)[mask], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "glm4_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "glm4_moe", "granitemoe"])
 def test_keeping_every_neuron_is_exact(name: str) -> None:
     model = build(name)
     batches = ragged_token_batches(VOCAB, n_batches=2)
