@@ -946,8 +946,8 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
         Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
         key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
-        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral and Qwen3-MoE, whose experts
-        each keep ``keep`` of their neurons), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
+        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared
+        expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
         Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX
         (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
@@ -1101,7 +1101,8 @@ def prune_transformer(
                          "DistilBERT, ViT, DINOv2, CLIP, ModernBERT), BART-family layers (BART, mBART, Marian, "
                          "Pegasus, Whisper, XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, "
                          "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
-                         "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE; Gemma 2/3, "
+                         "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
+                         "MoE, EXAONE-MoE, GraniteMoE; Gemma 2/3, "
                          "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
                          "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. "
