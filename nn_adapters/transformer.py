@@ -943,17 +943,17 @@ def prune_transformer(
     ----------
     model : torch.nn.Module
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
-        (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP),
-        Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
-        key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
-        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared
-        expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
-        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX
-        (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
+        (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP), Llama-style
+        decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups;
+        Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for;
+        mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and
+        GLM-4-MoE, whose experts each keep ``keep`` of their neurons), BART-family encoder and decoder layers (BART,
+        mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo,
+        GPT-J, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
-        :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
-        ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
-        encoder's states. Not modified (a deep copy is pruned).
+        :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
+        holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
+        modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
