@@ -37,6 +37,7 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -1575,19 +1576,27 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
 
 def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Tensor],
                    cache: list[dict[str, Any]], counter: list[int], residual: bool,
-                   weighting: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   weighting: bool, experts: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
-    the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens."""
+    the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens. With
+    ``experts`` (a mixture-of-experts block), ``side["experts"]`` holds :class:`_ExpertCapture` records of the same
+    forwards, the experts' and mixture's outputs for the first batch only (its checks), and, in ``seq`` mode, only
+    the first batch's record (``None`` for the others: seq mode reads the pruned network's)."""
     need_res = residual or weighting
     orig_mods = _capture_map(oblk, stages, need_res)
     # the layout check reads the residual and the sums on the first batch only
     first_mods = {**_capture_map(oblk, stages, True), **_layout_probes(oblk, stages)}
     xo_next: list[torch.Tensor] = []
     side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
-                            "col_scale": {s: None for s in stages}, "norm_scales": {s: [] for s in stages}}
+                            "col_scale": {s: None for s in stages}, "norm_scales": {s: [] for s in stages},
+                            "experts": []}
     for b in range(len(cache)):
-        out, got = capture_inputs(first_mods if b == 0 else orig_mods,
-                                  lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
+        with _ExpertCapture(oblk) if experts else contextlib.nullcontext() as cap:
+            out, got = capture_inputs(first_mods if b == 0 else orig_mods,
+                                      lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
+        if experts:
+            record = cap.take(outputs=b == 0)
+            side["experts"].append(record if b == 0 or mode != "seq" else None)
         xo_next.append(out)
         valid = cache[b]["valid"]
         for s in stages:
@@ -1753,13 +1762,14 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     # and targets (layer), and the LayerNorm weights of the tokens
     t0s = {s: time.perf_counter() for s in stages}
     dense = [s for s in stages if not (s == "ffn" and blk.moe)]
-    xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting)
+    xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting,
+                                   experts=len(dense) < len(stages))
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
         if s not in dense:  # the experts of a mixture, after the heads of the same block
             t0 = time.perf_counter()
-            expert_stats = _expert_stats(blk, oblk, mode, xo, xp, cache, counter)
+            expert_stats = _expert_stats(blk, oblk, mode, side["experts"], xp, cache, counter)
             _apply_expert_selection(blk, method, reweight, budgets, expert_stats, ridge, rule, rng, report, t0, jobs)
             continue
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
@@ -1838,36 +1848,57 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
 # mixture-of-experts FFNs
 # ----------------------------------------------------------------------------------------------------------------
 
+class _ExpertCapture:
+    """Hooks, while in a ``with``, that record what a mixture's experts module is called with and returns, and what
+    the whole mixture module (``mlp``) returns, during block forwards; :meth:`take` hands over one forward's record.
+    """
+
+    def __init__(self, blk: _Block) -> None:
+        self.blk = blk
+        self.seen: list[tuple[Any, ...]] = []
+        self.ffn: list[Any] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _ExpertCapture:
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            bound = inspect.signature(m.forward).bind(*args, **kwargs)
+            self.seen.append((*list(bound.arguments.values())[:3], out))
+
+        self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
+        mlp = _get(self.blk.module, self.blk.MLP)
+        if isinstance(mlp, nn.Module):
+            self.handles.append(mlp.register_forward_hook(lambda _m, _a, out: self.ffn.append(out)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def take(self, outputs: bool = True) -> dict[str, torch.Tensor | None]:
+        """The record of the forward just run, the tokens flattened to rows: ``x`` (the experts' input), ``idx``
+        (routed experts), ``w`` (routing weights), ``out`` (the experts' output) and ``ffn_out`` (the mixture
+        module's output, ``None`` if the block has none); the two outputs only if ``outputs`` (else ``None``)."""
+        seen, ffn = self.seen, self.ffn
+        self.seen, self.ffn = [], []
+        if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
+            raise ValueError(f"block {self.blk.name!r}: its experts module was called {len(seen)} times per block "
+                             "forward, or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture "
+                             "of experts is not supported by the transformer adapter (prune target='heads').")
+        ffn_out = ffn[0][0] if len(ffn) == 1 and isinstance(ffn[0], tuple) else ffn[0] if len(ffn) == 1 else None
+        xs, idx, w, e_out = seen[0]
+        if not outputs:
+            e_out = ffn_out = None
+        return {"x": xs, "idx": idx, "w": w, "out": e_out,
+                "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None}
+
+
 def _expert_call(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Run the block on ``x``; return its output and what its experts module was called with and returned, the
-    tokens flattened to rows: ``x`` (the experts' input), ``idx`` (routed experts), ``w`` (routing weights),
-    ``out`` (the experts' output), and ``ffn_out``, the output of the whole mixture module (``mlp``, rows), or
-    ``None`` if the block has none."""
-    seen: list[tuple[torch.Tensor, ...]] = []
-    ffn: list[Any] = []
-
-    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        bound = inspect.signature(m.forward).bind(*args, **kwargs)
-        seen.append((*list(bound.arguments.values())[:3], out))
-
-    handles = [blk.experts.register_forward_hook(hook, with_kwargs=True)]
-    mlp = _get(blk.module, blk.MLP)
-    if isinstance(mlp, nn.Module):
-        handles.append(mlp.register_forward_hook(lambda _m, _a, out: ffn.append(out)))
-    try:
+    """Run the block on ``x``; return its output and :meth:`_ExpertCapture.take`'s record of the forward."""
+    with _ExpertCapture(blk) as cap:
         out = _fwd(blk, x, ctx, counter)
-    finally:
-        for h in handles:
-            h.remove()
-    if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
-        raise ValueError(f"block {blk.name!r}: its experts module was called {len(seen)} times per block forward, "
-                         "or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture of experts "
-                         "is not supported by the transformer adapter (prune target='heads').")
-    ffn_out = ffn[0][0] if len(ffn) == 1 and isinstance(ffn[0], tuple) else ffn[0] if len(ffn) == 1 else None
-    xs, idx, w, e_out = seen[0]
-    return out, {"x": xs, "idx": idx, "w": w, "out": e_out,
-                 "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None}
+    return out, cap.take()
 
 
 def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
@@ -1920,8 +1951,9 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
                          "pruned by the transformer adapter (prune target='heads').")
 
 
-def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], xp: list[torch.Tensor],
-                  cache: list[dict[str, Any]], counter: list[int]) -> tuple[list[_Stats | None], _Stats | None]:
+def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[str, torch.Tensor | None] | None],
+                  xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int]
+                  ) -> tuple[list[_Stats | None], _Stats | None]:
     """Per-expert statistics of a mixture-of-experts FFN: rows are the real tokens routed to the expert, weighted
     by the square of their routing weight (the factor the expert's output enters the block output with); and the
     statistics of its shared expert, if any: rows are every real token, weighted by the square of the shared
@@ -1931,7 +1963,8 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], 
     pruned one otherwise); the targets are the expert's own output on its input (``layer``, ``seq``) or, in
     ``asym`` mode, the original expert's output on the original network's input of the same token. The shared
     residual stream is not compensated (``residual=`` applies to dense FFNs): each expert is fitted to itself.
-    ``None`` for an expert that no calibration token reaches (and for a missing shared expert)."""
+    ``None`` for an expert that no calibration token reaches (and for a missing shared expert). ``orig_calls``:
+    the original block's records of :func:`_original_pass` (one per batch; in ``seq`` mode the first only)."""
     stats: list[_Stats | None] = [None] * blk.n_experts
     shared_stats: _Stats | None = None
     device = _stats_device(blk.experts.down_proj.device)
@@ -1939,9 +1972,8 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, xo: list[torch.Tensor], 
         valid = cache[b]["valid"]
         fold_rows = torch.zeros(valid.numel(), dtype=torch.long, device=valid.device)
         fold_rows[valid.reshape(-1)] = cache[b]["fold"]
-        orig = None
-        if b == 0 or mode != "seq":  # seq mode reads the original experts for the first batch's checks only
-            orig = _expert_call(oblk, xo[b], cache[b]["ctx"], counter)[1]
+        orig = orig_calls[b]
+        if orig is not None:
             if orig["x"].shape[0] != valid.numel():
                 raise ValueError(f"block {blk.name!r}: its experts see {orig['x'].shape[0]} token rows for "
                                  f"{valid.numel()} tokens: this mixture of experts is not supported by the "

@@ -368,3 +368,22 @@ def test_a_spec_with_a_shared_expert_the_model_lacks_is_refused() -> None:
         apply_spec(build("mixtral"), {**spec, "blocks": [{**w, "kind": "hf_moe"} for w in spec["blocks"]]})
     fresh = apply_spec(build("qwen2_moe"), spec)
     assert [m.down_proj.in_features for m in shared_of(fresh)] == [3, SHARED["qwen2_moe"]]
+
+
+@pytest.mark.parametrize("method", ["asym", "layer", "seq"])
+def test_a_mixture_costs_the_block_forwards_of_a_dense_ffn(method: str) -> None:
+    """The experts' statistics come from the forwards the pruner runs anyway (the original block's, and the pruned
+    network's in seq/asym modes): a mixture of experts takes as many block forwards as a dense decoder of the same
+    depth on the same batches (O(L) in all)."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS + 1, num_attention_heads=HEADS,
+                 num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER,
+                 max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    dense = transformers.Qwen2Model(transformers.Qwen2Config(**sizes)).eval()
+    moe = transformers.Qwen2MoeModel(transformers.Qwen2MoeConfig(
+        **sizes, moe_intermediate_size=INTER, shared_expert_intermediate_size=8, num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[])).eval()
+    data = ragged_token_batches(VOCAB, n_batches=5)
+    for target in ("ffn", "all"):
+        want = prune_transformer(dense, data, keep=0.5, method=method, target=target)[1].block_forwards
+        got = prune_transformer(moe, data, keep=0.5, method=method, target=target)[1].block_forwards
+        assert got == want
