@@ -1136,9 +1136,12 @@ class _HFLlamaBlock(_HFBlock):
         return {**super().spec(), "num_key_value_heads": self.head_units}
 
     def output_scale(self, stage: str) -> torch.Tensor | None:
-        """Granite's ``residual_multiplier``, a number the layer multiplies both sublayers' outputs by before their
-        residual sums (``x + attn(...) * m``; 0.22 in Granite 3), as a per-channel factor; ``None`` without one."""
+        """Granite's ``residual_multiplier`` (MiniCPM3's ``residual_scale``), a number the layer multiplies both
+        sublayers' outputs by before their residual sums (``x + attn(...) * m``; 0.22 in Granite 3), as a
+        per-channel factor; ``None`` without one."""
         m = getattr(self.module, "residual_multiplier", None)
+        if m is None:
+            m = getattr(self.module, "residual_scale", None)
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m == 1:
             return None
         return torch.full((self.out_proj.out_features,), float(m), dtype=self.out_proj.weight.dtype)
@@ -1478,6 +1481,65 @@ class _HFGraniteMoEBlock(_HFMoEBlock):
     EXPERTS = "block_sparse_moe.experts"
     SHARED = ()
     SHARED_GATE = None
+
+
+class _LatentAttention:
+    """Multi-head latent attention (DeepSeek-V2 and V3, Kimi K2, Moonlight, MiniCPM3...), mixed into the Llama-style
+    adapters for the FFN, dense (:class:`_HFMLABlock`) or a mixture of experts (:class:`_HFMLAMoEBlock`): queries
+    from ``q_proj`` (or the low-rank ``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj``), keys and values from one
+    compressed latent (``kv_a_proj_with_mqa`` -> ``kv_a_layernorm`` -> ``kv_b_proj``) with a rotary key part shared
+    by every head, and ``o_proj`` reading ``num_heads * v_head_dim`` columns. Only the FFN is pruned: a head's rows
+    of ``q_b_proj`` and ``kv_b_proj`` come in a layout of their own, which head pruning does not model (refused with
+    a ``ValueError`` naming ``target='ffn'``)."""
+
+    SA, OUT = "self_attn", "self_attn.o_proj"
+    QKV = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    HEAD_SIZE, N_HEADS = "v_head_dim", "num_heads"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        query = getattr(sa, "q_proj", None) or getattr(sa, "q_b_proj", None)
+        return isinstance(query, nn.Linear) and super().matches(module)  # type: ignore[misc]
+
+    def prepare_heads(self) -> None:
+        sa = _get(self.module, self.SA)
+        raise ValueError(f"block {self.name!r}: its multi-head latent attention ({type(sa).__name__}: keys and values "
+                         "from one compressed latent, kv_a_proj_with_mqa -> kv_b_proj) has a head layout that head "
+                         "pruning does not model; prune target='ffn' on this model.")
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(_get(self.module, self.SA), self.N_HEADS))
+
+    @property
+    def head_units(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_unit_width(self) -> int:
+        return self.head_dim
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        """Nothing to do when every head is kept (a reload of a pruned checkpoint); anything else is refused."""
+        if out_weight is None and out_bias is None and torch.equal(keep.cpu(), torch.arange(self.num_heads)):
+            return
+        self.prepare_heads()
+
+
+class _HFMLABlock(_LatentAttention, _HFLlamaBlock):
+    """Decoder layers with multi-head latent attention and the Llama gated FFN ``mlp.{gate,up,down}_proj``
+    (DeepSeek-V2/V3's first dense layers, MiniCPM3): FFN only (:class:`_LatentAttention`)."""
+
+    kind = "hf_mla"
+
+
+class _HFMLAMoEBlock(_LatentAttention, _HFMoEBlock):
+    """Decoder layers with multi-head latent attention and a mixture of experts with shared experts (DeepSeek-V2 and
+    V3, Kimi K2, Moonlight): the FFN of :class:`_HFMoEBlock`, only (:class:`_LatentAttention`)."""
+
+    kind = "hf_mla_moe"
 
 
 class _HFGemma2Block(_HFLlamaBlock):
@@ -2044,8 +2106,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGraniteMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock,
-    _HFPhiBlock,
+    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
+    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
     _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
     _HFT5Block, _TorchEncoderBlock,
 )

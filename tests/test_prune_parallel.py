@@ -434,7 +434,8 @@ def test_transformer_blocks_are_submitted_while_the_next_blocks_run(monkeypatch)
             return super().submit(fn, *args, **kwargs)
 
     forward = tr._original_pass
-    monkeypatch.setattr(tr, "_original_pass", lambda oblk, *a: (events.append(oblk.name), forward(oblk, *a))[1])
+    monkeypatch.setattr(tr, "_original_pass",
+                        lambda oblk, *a, **kw: (events.append(oblk.name), forward(oblk, *a, **kw))[1])
     with Recording(2) as pool:
         tr.prune_transformer(_bert(), token_batches(n_batches=2), keep=0.5, target="all", method="layer",
                              executor=pool)

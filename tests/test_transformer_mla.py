@@ -1,0 +1,130 @@
+"""Transformer pruning of decoders with multi-head latent attention (transformers 5: DeepSeek-V2 and V3, GLM-4.7-Flash
+(``Glm4MoeLite``), Mistral 4, MiniCPM3): their FFNs are pruned (the first dense layers' gated FFN, the routed and
+shared experts of the others), their heads are refused; tiny randomly initialised models (no download).
+
+Oracles: the unpruned model with the removed neurons' down-projection columns zeroed (no refit), numpy.linalg.lstsq
+on the down projection's captured inputs, the saved and reloaded model's outputs, and greedy generation with and
+without the key/value cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _torch_helpers import captured_input, ragged_token_batches
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, INTER, EXPERTS, LAYERS, VOCAB = 16, 4, 24, 4, 3, 40
+FAMILIES = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "glm4_moe_lite": "Glm4MoeLite",
+            "mistral4": "Mistral4", "minicpm3": "MiniCPM3"}
+#: Block kinds: the first layer dense (first_k_dense_replace=1), the others mixtures; MiniCPM3 is dense throughout.
+KINDS = {"minicpm3": ["hf_mla"] * LAYERS}
+
+
+def build(name: str, lm: bool = False) -> nn.Module:
+    cls = FAMILIES[name]
+    if int(transformers.__version__.split(".")[0]) < 5 or not hasattr(transformers, cls + "Config"):
+        pytest.skip(f"transformers {transformers.__version__}: no {cls} with experts as 3D tensors")
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, intermediate_size=INTER, moe_intermediate_size=INTER, n_routed_experts=EXPERTS,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=8,
+        kv_lora_rank=8, qk_rope_head_dim=2, qk_nope_head_dim=4, v_head_dim=4, max_position_embeddings=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10.0)
+    return model
+
+
+def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_blocks_are_found(name: str) -> None:
+    kinds = [b.kind for b in find_blocks(build(name))]
+    assert kinds == KINDS.get(name, ["hf_mla"] + ["hf_mla_moe"] * (LAYERS - 1))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -> None:
+    model = build(name)
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="magnitude", reweight=False)
+    zeroed = copy.deepcopy(model)
+    blocks = {b.name: b for b in find_blocks(zeroed)}
+    with torch.no_grad():
+        for u in report.units:
+            blk = blocks[u.block]
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            assert u.n_kept == u.n_units // 2
+            if u.expert is None:
+                blk.module.mlp.down_proj.weight[:, gone] = 0.0
+            elif u.expert == "shared":
+                blk.module.mlp.shared_experts.down_proj.weight[:, gone] = 0.0
+            else:
+                blk.module.mlp.experts.down_proj[u.expert][:, gone] = 0.0
+    n_moe = KINDS.get(name, ["hf_mla"] + ["hf_mla_moe"] * (LAYERS - 1)).count("hf_mla_moe")
+    assert len(report.units) == (LAYERS - n_moe) + n_moe * (EXPERTS + 1)
+    for b in batches:
+        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "minicpm3"])
+def test_dense_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    """The first (dense) layer in layer mode: the down projection refitted by least squares on its captured inputs
+    (MiniCPM3 scales each branch by residual_scale before the sum, a factor the same for every token)."""
+    model, batches = build(name), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="layer", ridge=0.0, weighting="none")
+    down = model.layers[0].mlp.down_proj
+    a = torch.cat([captured_input(model, down, b)[b["attention_mask"].bool()] for b in batches]).double().numpy()
+    y = a @ down.weight.detach().double().numpy().T
+    kept = report.units[0].kept
+    want = np.linalg.lstsq(a[:, kept], y, rcond=None)[0].T
+    np.testing.assert_allclose(pruned.layers[0].mlp.down_proj.weight.detach().double().numpy(), want,
+                               atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("target", ["heads", "all"])
+def test_latent_attention_heads_are_refused(target: str) -> None:
+    with pytest.raises(ValueError, match=r"multi-head latent attention.*target='ffn'"):
+        prune_transformer(build("deepseek_v3"), ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target=target)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "minicpm3"])
+def test_keeping_every_neuron_is_exact(name: str) -> None:
+    model, batches = build(name), ragged_token_batches(VOCAB, n_batches=2)
+    pruned, report = prune_transformer(model, batches, keep=1.0, method="asym", ridge=0.0, refit_prior="zero")
+    for b in batches:
+        torch.testing.assert_close(hidden(pruned, b), hidden(model, b), atol=1e-4, rtol=1e-4)
+    assert report.params_after == report.params_before
+
+
+def test_save_reload_and_generation(tmp_path) -> None:
+    model = build("deepseek_v3", lm=True)
+    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5)
+    assert [b["kind"] for b in report.spec["blocks"]] == ["hf_mla", "hf_mla_moe", "hf_mla_moe"]
+    save_pruned(pruned, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    assert [b.kind for b in find_blocks(again)] == ["hf_mla", "hf_mla_moe", "hf_mla_moe"]
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "use_cache": True, "pad_token_id": 0}
+        with_cache = pruned.generate(prompt, **kw)
+        assert torch.equal(with_cache, pruned.generate(prompt, **{**kw, "use_cache": False}))
+    assert with_cache.shape[1] == prompt.shape[1] + 5
