@@ -1400,6 +1400,24 @@ class _HFMoEBlock(_HFLlamaBlock):
         """Expert ``e``'s output on its intermediate activations ``h``."""
         return F.linear(h, self.experts.down_proj[e])
 
+    #: Whether each expert's down projection has a bias (refitted with it).
+    experts_bias = False
+
+    def expert_down_weight(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s down projection as ``(out, in)`` = ``(H, I)`` (a view)."""
+        return self.experts.down_proj[e]
+
+    def expert_down_bias(self, e: int) -> torch.Tensor | None:
+        """Expert ``e``'s down-projection bias ``(H,)``, or ``None``."""
+        return None
+
+    def expert_magnitude(self, e: int) -> torch.Tensor:
+        """Per neuron of expert ``e``: the sum of the squared L2 norms of its gate row, up row and down column
+        (float64)."""
+        ex, units = self.experts, self.ffn_units
+        gu = ex.gate_up_proj[e].detach().double().pow(2).sum(1).view(2, units).sum(0)
+        return gu + self.expert_down_weight(e).detach().double().pow(2).sum(0)
+
     def zero_ffn_unit(self, unit: int) -> None:
         self.experts.down_proj[:, :, unit] = 0.0
         shared = self.shared
@@ -1469,6 +1487,105 @@ class _HFMoEBlock(_HFLlamaBlock):
         n, shared = spec.get("shared_intermediate_size"), self.shared
         if n is not None and shared is not None:
             shared.shrink_ffn(torch.arange(int(n)))
+
+
+class _HFGptOssBlock(_HFMoEBlock):
+    """GPT-OSS decoder layers: Llama-style attention with a learned sink logit per query head (``self_attn.sinks``,
+    kept with its head) and a mixture of experts of another layout than :class:`_HFMoEBlock`'s: transposed
+    ``gate_up_proj`` ``(E, H, 2I)`` whose gate and up columns interleave (neuron ``i``: columns ``2i`` and
+    ``2i + 1``), ``down_proj`` ``(E, I, H)``, biases on both (``gate_up_proj_bias``, ``down_proj_bias``, the latter
+    refitted), and the clamped SwiGLU of the experts' own ``_apply_gate``; the mixture module ``mlp`` returns
+    ``(output, router_scores)``."""
+
+    kind = "hf_gpt_oss"
+    experts_bias = True
+    SHARED = ()
+    SHARED_GATE = None
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        ex = _get(module, cls.EXPERTS)
+        parts = [getattr(ex, n, None) for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")]
+        if sa is None or not all(isinstance(p, nn.Parameter) for p in parts):
+            return False
+        gu, gub, dn, dnb = parts
+        return (
+            all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
+            and isinstance(_get(module, cls.OUT), nn.Linear)
+            and callable(getattr(ex, "_apply_gate", None))
+            and gu.dim() == dn.dim() == 3 and gub.dim() == dnb.dim() == 2
+            and gu.shape[0] == gub.shape[0] == dn.shape[0] == dnb.shape[0]
+            and gu.shape[1] == dn.shape[2] == dnb.shape[1] and gu.shape[2] == gub.shape[1] == 2 * dn.shape[1]
+            and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
+        )
+
+    @property
+    def ffn_units(self) -> int:
+        return int(self.experts.down_proj.shape[1])
+
+    def prepare_ffn(self) -> None:
+        ex = self.experts
+        known = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+        extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in known)
+        if extra:
+            raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have parameters besides "
+                             f"{', '.join(known)} ({', '.join(extra)}), which the expert adapter does not model; "
+                             "this model's FFN cannot be pruned by the transformer adapter (prune target='heads').")
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        return ex._apply_gate(x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e])
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        ex = self.experts
+        return h @ ex.down_proj[e] + ex.down_proj_bias[e]
+
+    def expert_down_weight(self, e: int) -> torch.Tensor:
+        return self.experts.down_proj[e].t()
+
+    def expert_down_bias(self, e: int) -> torch.Tensor | None:
+        return self.experts.down_proj_bias[e]
+
+    def expert_magnitude(self, e: int) -> torch.Tensor:
+        ex = self.experts
+        gu = ex.gate_up_proj[e].detach().double().pow(2).sum(0).view(self.ffn_units, 2).sum(1)
+        return gu + ex.down_proj[e].detach().double().pow(2).sum(1)
+
+    def zero_ffn_unit(self, unit: int) -> None:
+        self.experts.down_proj[:, unit, :] = 0.0
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)``, or ``(k,)`` for every expert); new down
+        weights ``(E, H, k)`` (``(out, in)``, stored transposed) and biases ``(E, H)`` if given."""
+        ex = self.experts
+        dn = ex.down_proj
+        keep = keep.to(dn.device)
+        if keep.dim() == 1:
+            keep = keep.expand(dn.shape[0], -1)
+        cols = torch.stack([2 * keep, 2 * keep + 1], dim=-1).flatten(1)  # gate and up columns, interleaved
+        new = {
+            "gate_up_proj": torch.stack([ex.gate_up_proj[e][:, cols[e]] for e in range(dn.shape[0])]),
+            "gate_up_proj_bias": torch.stack([ex.gate_up_proj_bias[e][cols[e]] for e in range(dn.shape[0])]),
+            "down_proj": (torch.stack([dn[e][keep[e]] for e in range(dn.shape[0])]) if down_weight is None
+                          else down_weight.transpose(1, 2).to(device=dn.device, dtype=dn.dtype)),
+            "down_proj_bias": (ex.down_proj_bias if down_bias is None
+                               else down_bias.to(device=dn.device, dtype=dn.dtype)),
+        }
+        for name, value in new.items():
+            old = getattr(ex, name)
+            setattr(ex, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        if hasattr(ex, "intermediate_size"):
+            ex.intermediate_size = int(keep.shape[1])
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        """:meth:`_HFLlamaBlock.shrink_heads`, and the kept query heads' sink logits."""
+        sa = _get(self.module, self.SA)
+        heads = _head_rows(keep.to(sa.sinks.device), self.kv_groups)  # the query heads of the kept groups
+        super().shrink_heads(keep, out_weight, out_bias)
+        sa.sinks = nn.Parameter(sa.sinks.detach()[heads].clone(), requires_grad=sa.sinks.requires_grad)
 
 
 class _HFGraniteMoEBlock(_HFMoEBlock):
@@ -2106,8 +2223,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
-    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
     _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
     _HFT5Block, _TorchEncoderBlock,
 )

@@ -2014,9 +2014,7 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[st
 def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
     """Torch-Pruning-style importance of expert ``e``'s neurons: the mean of the squared L2 norms of the unit's
     gate row, up row and down column (as :func:`_magnitude_scores` for a dense gated FFN)."""
-    ex, units = blk.experts, blk.ffn_units
-    gu = ex.gate_up_proj[e].detach().double().pow(2).sum(1).view(2, units).sum(0)
-    return ((gu + ex.down_proj[e].detach().double().pow(2).sum(0)) / 3).cpu().numpy()
+    return (blk.expert_magnitude(e) / 3).cpu().numpy()
 
 
 def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: dict[str, int],
@@ -2037,7 +2035,7 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
         if method in GREEDY_METHODS:
             chosen = np.arange(n_units) if k >= n_units else None
         elif method == "wanda" and st is not None:
-            w1 = blk.experts.down_proj[e].detach().double().abs().sum(0).cpu().numpy()
+            w1 = blk.expert_down_weight(e).detach().double().abs().sum(0).cpu().numpy()
             chosen = np.argsort(-(w1 * np.sqrt(np.maximum(st.col_sq, 0.0))), kind="stable")[:k]
         elif method in ("magnitude", "wanda"):
             chosen = np.argsort(-_expert_magnitude(blk, e), kind="stable")[:k]
@@ -2049,9 +2047,10 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
             results[e] = (np.sort(chosen), None, 0.0)
             continue
         problem = st if jobs.executor is None else st.problem()
-        w_orig = blk.experts.down_proj[e].detach().double().cpu().numpy() if reweight and ridge.prior else None
+        w_orig = blk.expert_down_weight(e).detach().double().cpu().numpy() if reweight and ridge.prior else None
         jobs.add(f"the selection and refit of expert {e} of block {blk.name!r}", _stage_job,
-                 (problem, None, False, k, chosen, reweight, ridge, rule, w_orig), partial(results.__setitem__, e))
+                 (problem, None, blk.experts_bias, k, chosen, reweight, ridge, rule, w_orig),
+                 partial(results.__setitem__, e))
     shared, k_shared = blk.shared, budgets.get("shared")
     if shared is not None and k_shared is not None:
         n_shared = shared.ffn_units
@@ -2074,14 +2073,17 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
 
     def finish() -> None:
         t1 = time.perf_counter()
-        dn = blk.experts.down_proj
         kept = torch.as_tensor(np.stack([r[0] for r in results[:n_exp]]), dtype=torch.long)
-        weight = None
-        if any(r[1] is not None for r in results[:n_exp]):
+        weight = bias = None
+        if any(r[1] is not None for r in results[:n_exp]):  # refitted experts, the others' trained weights
             weight = torch.stack([torch.as_tensor(np.ascontiguousarray(r[1][0].T)) if r[1] is not None
-                                  else dn[e][:, kept[e].to(dn.device)].detach().double().cpu()
+                                  else _columns(blk.expert_down_weight(e), kept[e]).detach().double().cpu()
                                   for e, r in enumerate(results[:n_exp])])
-        blk.shrink_ffn(kept, weight)
+            if blk.experts_bias:
+                bias = torch.stack([torch.as_tensor(r[1][1]) if r[1] is not None
+                                    else blk.expert_down_bias(e).detach().double().cpu()
+                                    for e, r in enumerate(results[:n_exp])])
+        blk.shrink_ffn(kept, weight, bias)
         records = [(e, n_units, k, r) for e, r in enumerate(results[:n_exp])]
         if results[n_exp] is not None:
             kept_s, fit, _ = results[n_exp]
@@ -2102,6 +2104,10 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
                                            cv_relative_error=None if fit is None else fit[4], expert=e))
 
     jobs.then(finish)
+
+
+def _columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return weight[:, cols.to(weight.device)]
 
 
 def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bias: bool, k: int,
