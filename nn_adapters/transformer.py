@@ -1955,60 +1955,75 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
 
 def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[str, torch.Tensor | None] | None],
                   xp: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int]
-                  ) -> tuple[list[_Stats | None], _Stats | None]:
-    """Per-expert statistics of a mixture-of-experts FFN: rows are the real tokens routed to the expert, weighted
-    by the square of their routing weight (the factor the expert's output enters the block output with); and the
-    statistics of its shared expert, if any: rows are every real token, weighted by the square of the shared
-    expert's gate (Qwen2-MoE), else 1.
+                  ) -> tuple[Callable[[int], _Stats | None], _Stats | None]:
+    """Statistics of a mixture-of-experts FFN: a function that gives expert ``e``'s (``None`` for an expert that no
+    calibration token reaches), and the shared expert's (``None`` without one).
 
-    The inputs, routing and gates come from the network of ``mode`` (the original one in ``layer`` mode, the
-    pruned one otherwise); the targets are the expert's own output on its input (``layer``, ``seq``) or, in
-    ``asym`` mode, the original expert's output on the original network's input of the same token. The shared
-    residual stream is not compensated (``residual=`` applies to dense FFNs): each expert is fitted to itself.
-    ``None`` for an expert that no calibration token reaches (and for a missing shared expert). ``orig_calls``:
-    the original block's records of :func:`_original_pass` (one per batch; in ``seq`` mode the first only)."""
-    stats: list[_Stats | None] = [None] * blk.n_experts
-    shared_stats: _Stats | None = None
-    device = _stats_device(blk.experts.down_proj.device)
+    An expert's rows are the real tokens routed to it, weighted by the square of their routing weight (the factor
+    the expert's output enters the block output with); the shared expert's rows are every real token, weighted by
+    the square of its gate (Qwen2-MoE), else 1. The inputs, routing and gates come from the network of ``mode``
+    (the original one in ``layer`` mode, the pruned one otherwise); the targets are the expert's own output on its
+    input (``layer``, ``seq``) or, in ``asym`` mode, the original expert's output on the original network's input
+    of the same token. The shared residual stream is not compensated (``residual=`` applies to dense FFNs): each
+    expert is fitted to itself. ``orig_calls``: the original block's records of :func:`_original_pass` (one per
+    batch; in ``seq`` mode the first only).
+
+    The experts' own records are kept for every batch (token rows, as the cached block inputs), and an expert's
+    statistics are built when asked for: one expert's Gram matrices at a time, not all of them at once (a
+    mixture's experts together hold as many neurons as several dense FFNs)."""
+    mine: list[dict[str, torch.Tensor | None]] = []
     for b in range(len(cache)):
-        valid = cache[b]["valid"]
-        fold_rows = torch.zeros(valid.numel(), dtype=torch.long, device=valid.device)
-        fold_rows[valid.reshape(-1)] = cache[b]["fold"]
-        orig = orig_calls[b]
-        if orig is not None:
-            if orig["x"].shape[0] != valid.numel():
-                raise ValueError(f"block {blk.name!r}: its experts see {orig['x'].shape[0]} token rows for "
-                                 f"{valid.numel()} tokens: this mixture of experts is not supported by the "
-                                 "transformer adapter (prune target='heads').")
+        valid, orig = cache[b]["valid"], orig_calls[b]
+        if orig is not None and orig["x"].shape[0] != valid.numel():
+            raise ValueError(f"block {blk.name!r}: its experts see {orig['x'].shape[0]} token rows for "
+                             f"{valid.numel()} tokens: this mixture of experts is not supported by the "
+                             "transformer adapter (prune target='heads').")
         if b == 0:
             _check_experts_sum(oblk, orig)
-        mine, src = (orig, oblk) if mode == "layer" else (_expert_call(blk, xp[b], cache[b]["ctx"], counter)[1], blk)
-        x, idx, w = mine["x"], mine["idx"], mine["w"]
-        for e in range(blk.n_experts):
-            tok, we = _routed(idx, w, valid.to(idx.device), e)
+        if mode == "layer":
+            mine.append(orig)
+        else:
+            with _ExpertCapture(blk) as cap:
+                _fwd(blk, xp[b], cache[b]["ctx"], counter)
+            mine.append(cap.take(outputs=False))
+    src = oblk if mode == "layer" else blk
+    device = _stats_device(blk.experts.down_proj.device)
+    folds = []
+    for c in cache:
+        rows = torch.zeros(c["valid"].numel(), dtype=torch.long, device=c["valid"].device)
+        rows[c["valid"].reshape(-1)] = c["fold"]
+        folds.append(rows)
+
+    def expert(e: int) -> _Stats | None:
+        stats = None
+        for b, call in enumerate(mine):
+            tok, we = _routed(call["idx"], call["w"], cache[b]["valid"].to(call["idx"].device), e)
             if tok.numel() == 0:
                 continue
-            a = src.expert_hidden(e, x[tok])
-            y = (oblk.expert_out(e, oblk.expert_hidden(e, orig["x"][tok])) if mode == "asym"
+            a = src.expert_hidden(e, call["x"][tok])
+            y = (oblk.expert_out(e, oblk.expert_hidden(e, orig_calls[b]["x"][tok])) if mode == "asym"
                  else src.expert_out(e, a))
-            if stats[e] is None:
-                stats[e] = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
-            stats[e].update(a, y, we.double().square(), fold_rows[tok.to(fold_rows.device)])
-        shared = src.shared
-        if shared is not None:
-            rows = valid.reshape(-1).to(x.device)
-            xs = x[rows]
+            if stats is None:
+                stats = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
+            stats.update(a, y, we.double().square(), folds[b][tok.to(folds[b].device)])
+        return stats
+
+    shared, shared_stats = src.shared, None
+    if shared is not None:
+        for b, call in enumerate(mine):
+            rows = cache[b]["valid"].reshape(-1).to(call["x"].device)
+            xs = call["x"][rows]
             a = shared.hidden(xs)
             if mode == "asym":
                 o_shared = oblk.shared
-                y = o_shared.down(o_shared.hidden(orig["x"][rows]))
+                y = o_shared.down(o_shared.hidden(orig_calls[b]["x"][rows]))
             else:
                 y = shared.down(a)
             c = src.shared_factor(xs)
             if shared_stats is None:
                 shared_stats = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
             shared_stats.update(a, y, None if c is None else c.reshape(-1).double().square(), cache[b]["fold"])
-    return stats, shared_stats
+    return expert, shared_stats
 
 
 def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
@@ -2018,8 +2033,8 @@ def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
 
 
 def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: dict[str, int],
-                            stats: tuple[list[_Stats | None], _Stats | None] | None, ridge: _Ridge, rule: str,
-                            rng: np.random.Generator, report: TransformerPruneReport, t0: float,
+                            stats: tuple[Callable[[int], _Stats | None], _Stats | None] | None, ridge: _Ridge,
+                            rule: str, rng: np.random.Generator, report: TransformerPruneReport, t0: float,
                             jobs: OrderedJobs) -> None:
     """Choose ``budgets["ffn"]`` neurons in every expert of a mixture and refit its down projection (one job per
     expert), and ``budgets["shared"]`` neurons of its shared expert, if any (one more job, as a dense FFN); then
@@ -2027,11 +2042,11 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
     expert that no calibration token reaches keeps its largest neurons by weight magnitude and its trained weights
     (``relative_error`` ``None``)."""
     n_units, n_exp, k = blk.ffn_units, blk.n_experts, budgets["ffn"]
-    per_expert, shared_stats = stats if stats is not None else ([None] * n_exp, None)
+    per_expert, shared_stats = stats if stats is not None else ((lambda e: None), None)
     results: list[Any] = [None] * (n_exp + 1)  # (kept, fit, seconds) per expert, then the shared expert's
     t_here = time.perf_counter() - t0
     for e in range(n_exp):
-        st = per_expert[e]
+        st = per_expert(e)  # built now: with jobs run in place, one expert's statistics are held at a time
         if method in GREEDY_METHODS:
             chosen = np.arange(n_units) if k >= n_units else None
         elif method == "wanda" and st is not None:
@@ -2051,6 +2066,7 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
         jobs.add(f"the selection and refit of expert {e} of block {blk.name!r}", _stage_job,
                  (problem, None, blk.experts_bias, k, chosen, reweight, ridge, rule, w_orig),
                  partial(results.__setitem__, e))
+        del st, problem
     shared, k_shared = blk.shared, budgets.get("shared")
     if shared is not None and k_shared is not None:
         n_shared = shared.ffn_units

@@ -387,3 +387,31 @@ def test_a_mixture_costs_the_block_forwards_of_a_dense_ffn(method: str) -> None:
         want = prune_transformer(dense, data, keep=0.5, method=method, target=target)[1].block_forwards
         got = prune_transformer(moe, data, keep=0.5, method=method, target=target)[1].block_forwards
         assert got == want
+
+
+@pytest.mark.parametrize("method", ["asym", "layer"])
+def test_one_experts_statistics_are_held_at_a_time(monkeypatch, method: str) -> None:
+    """A mixture's experts hold as many neurons as several dense FFNs: their Gram matrices are built expert by
+    expert, each freed once its selection and refit are done (without an executor), so at most one expert's
+    statistics (plus the shared expert's) are alive at any time."""
+    import gc
+    import weakref
+
+    import nn_adapters.transformer as tr
+
+    alive: set[int] = set()
+    peak = [0]
+
+    class Counted(tr._Stats):
+        def __init__(self, n_features: int, *args, **kwargs) -> None:
+            super().__init__(n_features, *args, **kwargs)
+            if n_features == INTER:  # an expert's (the shared expert has 8 neurons, the dense stages other widths)
+                alive.add(id(self))
+                weakref.finalize(self, alive.discard, id(self))
+                gc.collect()
+                peak[0] = max(peak[0], len(alive))
+
+    monkeypatch.setattr(tr, "_Stats", Counted)
+    _, report = prune_transformer(build("qwen2_moe"), ragged_token_batches(VOCAB), keep=0.5, method=method)
+    assert sum(isinstance(u.expert, int) and u.relative_error is not None for u in report.units) > LAYERS
+    assert peak[0] == 1
