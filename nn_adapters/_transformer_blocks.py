@@ -1783,6 +1783,19 @@ class _HFStableLmBlock(_HFLlamaBlock):
             sa.hidden_size = kept * groups * self.head_dim
 
 
+class _HFVaultGemmaBlock(_HFLlamaBlock):
+    """VaultGemma (``VaultGemmaDecoderLayer``): Gemma's attention and gated FFN, pre-norm, the norm before the FFN
+    named ``pre_feedforward_layernorm`` (and none after the sublayers, unlike Gemma 2 and 3)."""
+
+    kind = "hf_vaultgemma"
+    RESID_FFN = ("pre_feedforward_layernorm", 0)  # x + mlp(pre_feedforward_layernorm(x))
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (all(_get(module, n) is None for n in ("post_attention_layernorm", "post_feedforward_layernorm"))
+                and super().matches(module))
+
+
 class _HFCohereBlock(_ParallelBranches, _HFLlamaBlock):
     """Cohere Command-R (``CohereDecoderLayer``): the Llama-style attention and gated FFN, one LayerNorm
     ``input_layernorm`` read by both branches, summed in parallel: ``x + attn(norm(x)) + mlp(norm(x))``."""
@@ -2220,13 +2233,13 @@ class _TorchEncoderBlock(_Block):
 
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
-    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
-    _HFStarcoder2Block, _HFStableLmBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
-    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
+    _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
+    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock,
+    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
+    _TorchEncoderBlock,
 )
 
 

@@ -43,15 +43,17 @@ LEGACY_ATTENTION = int(transformers.__version__.split(".")[0]) < 5 and tuple(
 # qwen2_sliding: a sliding-window layer, then a full-attention one (each called with its own mask)
 PLAIN_FFN = ["nemotron", "arcee", "jais2", "apertus", "nanochat"]
 # hunyuan: HunYuan's dense decoder, whose attention normalises each head's queries and keys under other names than
-# Qwen3's (query_layernorm, key_layernorm: head_dim wide, shared by the heads)
+# Qwen3's (query_layernorm, key_layernorm: head_dim wide, shared by the heads); vaultgemma: Gemma's parts with
+# the norm before the FFN named pre_feedforward_layernorm and no norms after the sublayers
 FAMILIES = ["llama", "llama_mha", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "qwen3", "phi3", "glm", "granite",
-            "hunyuan", *PLAIN_FFN]
+            "hunyuan", "vaultgemma", *PLAIN_FFN]
 CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3", "glm": "Glm",
            "granite": "Granite", "nemotron": "Nemotron", "arcee": "Arcee", "jais2": "Jais2", "apertus": "Apertus",
-           "nanochat": "NanoChat", "hunyuan": "HunYuanDenseV1"}
+           "nanochat": "NanoChat", "hunyuan": "HunYuanDenseV1", "vaultgemma": "VaultGemma"}
 #: Granite 3's multipliers: each sublayer's output is scaled by 0.22 before its residual sum
 GRANITE = {"residual_multiplier": 0.22, "attention_multiplier": 0.0625, "embedding_multiplier": 12.0}
-KINDS = {"phi3": "hf_phi3", "glm": "hf_glm", **dict.fromkeys(PLAIN_FFN, "hf_llama_plain")}  # the others: hf_llama
+KINDS = {"phi3": "hf_phi3", "glm": "hf_glm", "vaultgemma": "hf_vaultgemma",
+         **dict.fromkeys(PLAIN_FFN, "hf_llama_plain")}  # the others: hf_llama
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -189,7 +191,7 @@ def test_magnitude_scores_every_coupled_layer() -> None:
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_bias", "qwen2", "qwen2_sliding", "phi3", "glm", "granite",
-                                  *PLAIN_FFN])
+                                  "vaultgemma", *PLAIN_FFN])
 def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
