@@ -1630,12 +1630,9 @@ class _LatentAttention:
         return int(getattr(_get(self.module, self.SA), self.N_HEADS))
 
     @property
-    def head_units(self) -> int:
-        return self.num_heads
-
-    @property
-    def head_unit_width(self) -> int:
-        return self.head_dim
+    def kv_groups(self) -> int:
+        """One unit per head: the latent keys and values are not grouped by heads."""
+        return 1
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
