@@ -507,9 +507,16 @@ class _Block:
         """Keep attention units ``keep`` (sorted); new output-projection weights (out, kept columns) if given."""
         raise NotImplementedError
 
+    #: The decoder layer's cross-attention seen as a block of its own (its heads are the "cross" stage), or
+    #: ``None``: see :attr:`_HFBartBlock.cross`.
+    cross: _Block | None = None
+
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "intermediate_size": self.ffn_units,
-                "num_heads": self.num_heads, "head_dim": self.head_dim}
+        out = {"name": self.name, "kind": self.kind, "intermediate_size": self.ffn_units,
+               "num_heads": self.num_heads, "head_dim": self.head_dim}
+        if self.cross is not None:
+            out["cross_num_heads"] = self.cross.num_heads
+        return out
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -985,6 +992,55 @@ class _HFBartBlock(_HFBlock):
         # a pre-LN decoder layer's cross-attention comes between: x + self_attn(.) enters encoder_attn_layer_norm
         cross = _get(self.module, "encoder_attn_layer_norm")
         return (cross, 0) if self._pre_ln() and isinstance(cross, nn.LayerNorm) else super().heads_sum_input()
+
+    @property
+    def cross(self) -> _HFBartCrossAttention | None:  # type: ignore[override]
+        """A decoder layer's cross-attention (``encoder_attn``, ``encoder_attn_layer_norm``), or ``None``."""
+        view = _HFBartCrossAttention(self.name, self.module)
+        sa = _get(self.module, view.SA)
+        if (sa is None or not all(isinstance(getattr(sa, n, None), nn.Linear) for n in view.QKV)
+                or not isinstance(_get(self.module, view.OUT), nn.Linear)
+                or not isinstance(_get(self.module, view.NORM_HEADS), nn.LayerNorm)):
+            return None
+        return view
+
+    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        n, cross = spec.get("cross_num_heads"), self.cross
+        if n is None or (cross is not None and isinstance(n, int) and not isinstance(n, bool)
+                         and 1 <= n <= cross.num_heads):
+            return None
+        have = "no cross-attention" if cross is None else f"a cross-attention of {cross.num_heads} heads"
+        return f"the spec has cross_num_heads={n!r}, the model's block {have}"
+
+    def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
+        n, cross = spec.get("cross_num_heads"), self.cross
+        if n is not None and cross is not None and n < cross.num_heads:
+            cross.prepare_heads()
+            cross.shrink_heads(torch.arange(int(n)))
+
+
+class _HFBartCrossAttention(_HFBartBlock):
+    """The cross-attention of a BART-family decoder layer (``encoder_attn.{q,k,v,out}_proj``: queries from the
+    decoder, keys and values from the encoder's states), seen as a block whose heads are its heads: the layer's
+    "cross" stage. Its output is added to the stream after the self-attention: the input of ``encoder_attn`` in a
+    post-LN layer (the sum then enters ``encoder_attn_layer_norm``), the input of ``encoder_attn_layer_norm`` in a
+    pre-LN one (the sum then enters ``final_layer_norm``, the FFN's norm)."""
+
+    kind = "hf_bart (cross-attention)"
+    SA, OUT = "encoder_attn", "encoder_attn.out_proj"
+    NORM_HEADS = "encoder_attn_layer_norm"
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage == "ffn":
+            return super().residual_input(stage)
+        return (_get(self.module, self.NORM_HEADS) if self._pre_ln() else _get(self.module, self.SA), 0)
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        return (self.module.final_layer_norm, 0) if self._pre_ln() else None
+
+    @property
+    def cross(self) -> None:  # type: ignore[override]
+        return None
 
 
 class _HFOPTBlock(_HFBartBlock):

@@ -736,7 +736,14 @@ class _Stats(_Problem):
 # selection
 # ----------------------------------------------------------------------------------------------------------------
 
+def _view(block: _Block, stage: str) -> tuple[_Block, str]:
+    """The block and stage that carry out ``stage`` of ``block``: a decoder layer's cross-attention (``"cross"``)
+    is the ``"heads"`` stage of the layer seen through its cross-attention (:attr:`_Block.cross`)."""
+    return (block.cross, "heads") if stage == "cross" else (block, stage)
+
+
 def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | None]:
+    block, stage = _view(block, stage)
     if stage == "ffn":
         return block.ffn_units, None
     d, h = block.head_unit_width, block.head_units
@@ -747,6 +754,7 @@ def _consumer_weight(stage: str, block: _Block) -> torch.Tensor:
     """The stage's consumer weight (out, in) in float64 as it acts on the residual stream: with a layer scale
     (DINOv2), output row ``i`` is multiplied by ``lambda_i``; with a norm after the consumer (Gemma 2 and 3, OLMo
     2), by that norm's gain ``g_i`` (its per-token factor is the same for every unit)."""
+    block, stage = _view(block, stage)
     weight = weight_of(_consumer(block, stage)).detach()
     w = weight.double()
     scale = block.output_scale(stage)
@@ -760,6 +768,7 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
     """Torch-Pruning-style group importance: mean over the coupled layers (every producer of the FFN unit and
     the down projection; query, key, value and output projections of the head) of the unit's squared L2 norm.
     The consumer's weights are taken as they act on the residual stream (times a layer scale, if any)."""
+    block, stage = _view(block, stage)
     with torch.no_grad():
         if stage == "ffn":
             units, parts = block.ffn_units, block.FFN_PARTS  # a fused gate-and-up projection: two row blocks
@@ -778,6 +787,7 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
 def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
     """Wanda-style structured score: sum over the unit's consumer weights of |W_ij| * ||X_j||_2 (``W`` as it acts
     on the residual stream: times a layer scale, if any)."""
+    block, stage = _view(block, stage)
     w1 = _consumer_weight(stage, block).abs().sum(0).cpu().numpy()  # per input column
     per_col = w1 * np.sqrt(np.maximum(stats.col_sq, 0.0))
     if stage == "ffn":
@@ -1122,9 +1132,13 @@ def prune_transformer(
     if "ffn" in stages:
         for blk in blocks:
             blk.prepare_ffn()
+    # decoder layers whose cross-attention may lose heads too (if it is called: see _original_blocks)
+    crossable = [b for b in blocks if b.cross is not None] if "heads" in stages else []
     if "heads" in stages:
         for blk in blocks:
             blk.prepare_heads()
+        for blk in crossable:
+            blk.cross.prepare_heads()
         disable_nested_fast_path(work)
     if allocation != "uniform" and "ffn" in stages and any(b.moe for b in blocks):
         raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
@@ -1141,6 +1155,8 @@ def prune_transformer(
     for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
         if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the same fraction
             budget["shared"] = _n_keep(f, blk.shared.ffn_units)
+        if blk in crossable:  # the cross-attention's heads: the same fraction as the self-attention's
+            budget["cross"] = _n_keep(f, _unit_columns("cross", blk)[0])
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -1155,15 +1171,16 @@ def prune_transformer(
     with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            orig_blocks, cache, chain = _original_blocks(model, batches, "heads" in stages, stacks_note, counter,
-                                                         gated)
+            orig_blocks, cache, chain, called = _original_blocks(model, batches, "heads" in stages, stacks_note,
+                                                                 counter, gated, bool(crossable))
+            per_block = [_with_cross(stages, b, called) for b in blocks]
             _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
             if report.n_tokens == 0:
                 raise ValueError("the calibration batches contain no real token (attention mask all zero)")
             if allocation == "error-curve":
-                budgets = _error_curve_budgets(orig_blocks, stages, budgets, cache, counter, ridge, rule,
+                budgets = _error_curve_budgets(orig_blocks, per_block, budgets, cache, counter, ridge, rule,
                                                weighting == "layernorm", float(min_keep))
             xo = [c["x"] for c in cache]
             xp = [c["x"] for c in cache]
@@ -1177,17 +1194,17 @@ def prune_transformer(
                                      "blocks applied one after another (an encoder stack) are supported; the "
                                      "model's forward must also be deterministic (ViTMAE's random masking: pass a "
                                      f"fixed noise= in the batches).{stacks_note}")
-                full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in stages) and (
+                full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in per_block[i]) and (
                     "shared" not in budgets[i] or budgets[i]["shared"] >= blk.shared.ffn_units)
                 if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
                     t0 = time.perf_counter()
                     xo_next = [_fwd(oblk, xo[b], cache[b]["ctx"], counter) for b in range(len(cache))]
-                    jobs.then(partial(_report_unchanged, report, blk, stages, bool(reweight),
+                    jobs.then(partial(_report_unchanged, report, blk, per_block[i], bool(reweight),
                                       time.perf_counter() - t0))
                 else:
                     changed = True
-                    xo_next = _prune_block(blk, oblk, stages, mode, method, bool(reweight), budgets[i],
+                    xo_next = _prune_block(blk, oblk, per_block[i], mode, method, bool(reweight), budgets[i],
                                            _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,
                                            counter, report, bool(residual), weighting == "layernorm", jobs)
                 if mode != "layer" and i + 1 < len(blocks):  # pruned-network inputs of the next block
@@ -1201,10 +1218,12 @@ def prune_transformer(
                         "gated FFN pruning checks each block's FFN unit layout")
                     raise ValueError(f"{what} on one calibration batch, also with method={method!r} and "
                                      "reweight=False: pass at least one batch")
-                _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1], "heads" in stages,
-                                 stacks_note, counter, gated)
+                called = _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1],
+                                          "heads" in stages, stacks_note, counter, gated, bool(crossable))[3]
+            else:
+                called = set()
             for i, blk in enumerate(blocks):
-                for stage in stages:
+                for stage in _with_cross(stages, blk, called):
                     t0 = time.perf_counter()
                     if stage == "ffn" and blk.moe:
                         _apply_expert_selection(blk, method, False, budgets[i], None, _Ridge(ridge, False), rule,
@@ -1217,6 +1236,8 @@ def prune_transformer(
     if "heads" in stages:  # blocks that kept every head get their original attention module type back
         for blk in blocks:
             blk.unprepare_heads()
+        for blk in crossable:
+            blk.cross.unprepare_heads()
         disable_nested_fast_path(work, like=model)
     copy_modes(model, work)  # the caller's train/eval mode, module by module
     report.params_after = _n_params(work)
@@ -1325,24 +1346,25 @@ def _report_unchanged(report: TransformerPruneReport, blk: _Block, stages: list[
                                            time_s=0.0, expert="shared"))
 
 
-def _error_curve_budgets(orig_blocks: list[_Block], stages: list[str], uniform: list[dict[str, int]],
+def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], uniform: list[dict[str, int]],
                          cache: list[dict[str, Any]], counter: list[int], ridge: float | str, rule: str,
                          weighting: bool, min_keep: float) -> list[dict[str, int]]:
-    """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``)."""
+    """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``), stage
+    by stage over the blocks that have it (``per_block``: each block's stages)."""
     xo = [c["x"] for c in cache]
-    curves: dict[str, list[np.ndarray]] = {s: [] for s in stages}
-    for oblk in orig_blocks:
+    curves: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
         xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
         for s in stages:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
-            curves[s].append(f.greedy_path(n_units, rule=rule).errors)
+            curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors))
         xo = xo_next
-    out: list[dict[str, int]] = [{} for _ in orig_blocks]
-    for s in stages:
-        ks = [u[s] for u in uniform]
-        floors = [min(k, max(1, math.ceil(min_keep * (len(c) - 1)))) for k, c in zip(ks, curves[s], strict=True)]
-        for i, k in enumerate(allocate_units(curves[s], sum(ks), floors)):
+    out: list[dict[str, int]] = [dict(u) for u in uniform]
+    for s, found in curves.items():
+        ks = [uniform[i][s] for i, _ in found]
+        floors = [min(k, max(1, math.ceil(min_keep * (len(c) - 1)))) for k, (_, c) in zip(ks, found, strict=True)]
+        for (i, _), k in zip(found, allocate_units([c for _, c in found], sum(ks), floors), strict=True):
             out[i][s] = int(k)
     return out
 
@@ -1353,31 +1375,56 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
 
 
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
-                     gated: bool = False) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor]]:
+                     gated: bool = False, cross: bool = False
+                     ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor], set[str]]:
     """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the
-    first block's cached inputs for ``batches``, and every block's input on the first batch (one full forward,
-    which also checks that the blocks chain and, with ``heads``, their head layout; with ``gated``, the FFN unit
-    layout of the blocks whose FFN has several producers)."""
+    first block's cached inputs for ``batches``, every block's input on the first batch (one full forward, which
+    also checks that the blocks chain and, with ``heads``, their head layout; with ``gated``, the FFN unit layout
+    of the blocks whose FFN has several producers), and, with ``cross``, the names of the decoder layers whose
+    cross-attention that forward called (their cross-attention's head layout checked too): a decoder run without
+    encoder states skips it, and its heads are then left as they are."""
     orig = working_copy(model)
     orig_blocks = find_blocks(orig)
+    crossing = [b for b in orig_blocks if b.cross is not None] if heads and cross else []
     if heads:
         for blk in orig_blocks:
             blk.prepare_heads()
+        for blk in crossing:
+            blk.cross.prepare_heads()
         disable_nested_fast_path(orig)
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    called: set[str] = set()
+    handles = [_consumer(b, "cross").register_forward_pre_hook(lambda *_, name=b.name: called.add(name))
+               for b in crossing]
     try:
-        chain, contexts = _capture_chain(orig, orig_blocks, batches[0])
+        try:
+            chain, contexts = _capture_chain(orig, orig_blocks, batches[0])
+        finally:
+            for h in handles:
+                h.remove()
         counter[0] += len(orig_blocks)  # that full forward ran every block once
         own = _own_arguments(orig, orig_blocks, batches[0], contexts, stacks_note)
         cache = _capture_first_block(orig, orig_blocks[0], batches, orig_blocks if own else None)
         if heads:
             _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
+            _check_head_layouts([b.cross for b in crossing if b.name in called],
+                                [x for b, x in zip(orig_blocks, chain, strict=True) if b.name in called],
+                                cache[0]["ctx"], counter)
         if gated:
             _check_ffn_units(orig_blocks, chain, cache[0]["ctx"], counter)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-    return orig_blocks, cache, chain
+    return orig_blocks, cache, chain, called
+
+
+def _with_cross(stages: list[str], blk: _Block, called: set[str]) -> list[str]:
+    """The stages of ``blk``: ``stages``, with its cross-attention's heads (``"cross"``) after the self-attention's
+    where heads are pruned and the layer's cross-attention is called (``called``, see :func:`_original_blocks`)."""
+    if "heads" not in stages or blk.name not in called:
+        return stages
+    i = stages.index("heads") + 1
+    return [*stages[:i], "cross", *stages[i:]]
 
 
 def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any],
@@ -1529,6 +1576,7 @@ def _own_arguments(model: nn.Module, blocks: list[_Block], batch: Any, contexts:
 
 
 def _consumer(block: _Block, stage: str) -> nn.Linear:
+    block, stage = _view(block, stage)
     return block.down if stage == "ffn" else block.out_proj
 
 
@@ -1537,21 +1585,22 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
     """Rows of the residual stream that the stage's consumer output is added to (``out``: the block output,
     ``y``: the consumer output rows, times the layer scale if any; read where the stage's output is summed
     straight into the block output)."""
-    entry = block.residual_input(stage)
+    view, role = _view(block, stage)
+    entry = view.residual_input(role)
     if entry is None:
         return _rows(x, valid, block.batch_first("block"))
     if entry == BLOCK_OUTPUT:
         if out is None:
             raise RuntimeError("the block output is needed for the residual of a parallel branch")
         return _rows(out, valid, block.batch_first("block")) - y.to(out.dtype)
-    return _rows(got["res_" + stage], valid, block.batch_first(stage))
+    return _rows(got["res_" + stage], valid, view.batch_first(role))
 
 
 def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, Any]:
     mods: dict[str, Any] = {s: _consumer(block, s) for s in stages}
     if residual:
         for s in stages:
-            entry = block.residual_input(s)
+            entry = _view(block, s)[0].residual_input(_view(block, s)[1])
             if entry is not None and entry != BLOCK_OUTPUT:
                 mods["res_" + s] = entry
     return mods
@@ -1565,7 +1614,7 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
     ``gamma_i^2``. Without it, the few tokens and dimensions with massive activations (e.g. [CLS] in BERT) dominate
     the least-squares fit. Pre-LN blocks (no LayerNorm after the sum) are not weighted.
     """
-    norm = block.post_norm(stage)
+    norm = _view(block, stage)[0].post_norm(_view(block, stage)[1])
     if norm is None:
         return None, None
     var = z.double().var(dim=1, unbiased=False) + norm.eps
@@ -1602,10 +1651,11 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         xo_next.append(out)
         valid = cache[b]["valid"]
         for s in stages:
-            a = _rows(got[s], valid, oblk.batch_first(s))
+            view, role = _view(oblk, s)
+            a = _rows(got[s], valid, view.batch_first(role))
             y = orig_mods[s](a)
             lam = _layer_scale(oblk, s, y)[0]
-            norm = oblk.output_norm(s)
+            norm = view.output_norm(role)
             y_norm = None if norm is None else norm(y)
             norm_scales = None if norm is None else _token_scales(oblk, s, y, y_norm, check=b == 0)
             res = total = None
@@ -1615,7 +1665,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 total = y_sum + res  # the residual sum the stage's output enters
             if b == 0:
                 _check_layout(oblk, s, total, got, out, valid)
-                if oblk.residual_input(s) == BLOCK_OUTPUT:
+                if view.residual_input(role) == BLOCK_OUTPUT:
                     _check_branch_sum(oblk, s, xo[b], cache[b]["ctx"], counter)
             w = scale = None
             if weighting:
@@ -1650,7 +1700,8 @@ def _layer_scale(block: _Block, stage: str, like: torch.Tensor) -> tuple[torch.T
     """The stage's layer scale ``lambda`` (``like``'s dtype and device) and its inverse in float64 (0 where
     ``|lambda|`` is below ``1e-6`` of its largest entry: those channels barely reach the sum and get no
     compensation; 1 / lambda overflows half precision)."""
-    lam = block.output_scale(stage)
+    view, role = _view(block, stage)
+    lam = view.output_scale(role)
     if lam is None:
         return None, None
     lam64 = lam.to(device=like.device, dtype=torch.float64)
@@ -1678,7 +1729,8 @@ def _token_scales(block: _Block, stage: str, y: torch.Tensor, out: torch.Tensor,
     ``s_t`` and per channel ``g`` (float64), with ``out_t = s_t * g * y_t`` (``s_t = 1 / rms(y_t)``), ``s_t`` fitted
     by least squares per row. With ``check`` (the first batch), a norm that is not of that form (a LayerNorm that
     subtracts the mean, a bias) is refused. A row with ``g * y_t = 0`` gets the largest factor of the others."""
-    g = _norm_gains(block.output_norm(stage), y.shape[1], y)
+    view, role = _view(block, stage)
+    g = _norm_gains(view.output_norm(role), y.shape[1], y)
     gy = y.detach().double() * g.to(y.device)
     out64 = out.detach().double()
     den = gy.pow(2).sum(1)
@@ -1717,11 +1769,12 @@ def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Modul
     after it (post-LN), the residual input of the FFN (pre-LN attention), or the block output (pre-LN FFN)."""
     probes = {}
     for s in stages:
-        norm = block.post_norm(s)
+        view, role = _view(block, s)
+        norm = view.post_norm(role)
         if norm is not None:
             probes["sum_" + s] = (norm, 0)
-        elif s == "heads" and block.heads_sum_input() is not None:
-            probes["sum_" + s] = block.heads_sum_input()
+        elif role == "heads" and view.heads_sum_input() is not None:
+            probes["sum_" + s] = view.heads_sum_input()
     return probes
 
 
@@ -1729,7 +1782,8 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
                   out: torch.Tensor, valid: torch.Tensor) -> None:
     """Refuse a block whose forward does not add the stage's consumer output to the residual it is recognised by
     (a look-alike layout with a layer scale, a gate or another sum), checked on the first batch."""
-    if block.residual_input(stage) == BLOCK_OUTPUT:
+    block, stage_name = _view(block, stage)
+    if block.residual_input(stage_name) == BLOCK_OUTPUT:
         return  # the sum is the block output by construction: _check_branch_sum checks that it is one
     if "sum_" + stage in got:
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
@@ -1741,7 +1795,7 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         return  # NaN / inf activations are reported, with the layer, by the statistics
     tol = 1e-4 * (1.0 + float(seen.abs().max()))
     if seen.shape != total.shape or not torch.allclose(total.to(seen.dtype), seen, rtol=1e-4, atol=tol):
-        where = "the input of the LayerNorm after it" if block.post_norm(stage) is not None else (
+        where = "the input of the LayerNorm after it" if block.post_norm(stage_name) is not None else (
             "the block output" if stage == "ffn" else "the residual stream entering the FFN")
         consumer = "down projection" if stage == "ffn" else "attention output projection"
         raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
@@ -1777,7 +1831,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
             mods = _capture_map(blk, [s], residual)
-            from_output = residual and blk.residual_input(s) == BLOCK_OUTPUT  # needs the whole block run
+            from_output = residual and _view(blk, s)[0].residual_input(_view(blk, s)[1]) == BLOCK_OUTPUT
             for b in range(n_b):
                 valid = cache[b]["valid"]
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
@@ -1835,7 +1889,7 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
         if stage == "ffn":
             blk.shrink_ffn(keep_t, weight, bias)
         else:
-            blk.shrink_heads(keep_t, weight, bias)
+            _view(blk, stage)[0].shrink_heads(keep_t, weight, bias)
         report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
                                        kept=[int(j) for j in kept], relative_error=rel_err,
                                        time_s=t_here + t_job + time.perf_counter() - t1, ridge=lam,

@@ -1,7 +1,8 @@
 """Transformer pruning of BART-family layers (``self_attn``, ``self_attn_layer_norm``, ``fc1 / fc2``,
 ``final_layer_norm``): the post-LN BART encoder, the pre-LN mBART and Whisper encoders, the pre-LN XGLM decoder, and
-BART and mBART decoder stacks with cross-attention, pruned on their own with the encoder's states in the batches.
-Tiny randomly initialised models (no download).
+BART and mBART decoder stacks with cross-attention (``encoder_attn``, whose heads are pruned with the self-attention's:
+the "cross" stage), pruned on their own with the encoder's states in the batches. Tiny randomly initialised models
+(no download).
 
 Oracles: the unpruned stack's outputs (keeping every unit), the unpruned stack with the removed units' columns of
 the consumer set to zero, numpy.linalg.lstsq on the down projection's input captured independently with a hook (the
@@ -103,9 +104,15 @@ def zeroed_original(model: nn.Module, report) -> nn.Module:
         layer = masked.get_submodule(unit.block)
         gone = sorted(set(range(unit.n_units)) - set(unit.kept))
         cols = gone if unit.stage == "ffn" else [h * HEAD_DIM + i for h in gone for i in range(HEAD_DIM)]
+        path = {"ffn": "fc2", "heads": "self_attn.out_proj", "cross": "encoder_attn.out_proj"}[unit.stage]
         with torch.no_grad():
-            (layer.fc2 if unit.stage == "ffn" else layer.self_attn.out_proj).weight[:, cols] = 0.0
+            layer.get_submodule(path).weight[:, cols] = 0.0
     return masked
+
+
+def n_stages(name: str, target: str) -> int:
+    """Stages per layer: the FFN and/or the self-attention's heads, and a decoder's cross-attention heads."""
+    return (2 if target == "all" else 1) + (name.endswith("decoder") and target != "ffn")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -133,9 +140,14 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
     model, data = stack(name), batches(name)
     pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
     masked = zeroed_original(model, report)
-    assert len(report.units) == LAYERS * (2 if target == "all" else 1)
+    assert len(report.units) == LAYERS * n_stages(name, target)
     assert all(u.n_units == (INTER if u.stage == "ffn" else HEADS) and u.n_kept == u.n_units // 2
                for u in report.units)
+    if name.endswith("decoder") and target != "ffn":
+        for layer in (b.module for b in find_blocks(pruned)):
+            attn = layer.encoder_attn
+            assert attn.num_heads == HEADS // 2
+            assert all(p.out_features == HIDDEN // 2 for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     for b in data:
         torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)  # something was removed
@@ -159,6 +171,41 @@ def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
         np.testing.assert_allclose(new.weight.detach().double().numpy().T, w[kept] + sol[:-1], atol=2e-4, rtol=1e-3)
         np.testing.assert_allclose(new.bias.detach().double().numpy(),
                                    layer.fc2.bias.detach().double().numpy() + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["bart_decoder", "mbart_decoder"])
+def test_cross_attention_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    """Layer mode: the cross-attention's output projection is refitted by least squares (with its bias) on its
+    own input, the heads' outputs over the encoder's states, captured with a hook on the unpruned stack."""
+    model, data = stack(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="layer", ridge=0.0,
+                                       weighting="none")
+    for layer in (b.module for b in find_blocks(model)):
+        name_ = next(n for n, m in model.named_modules() if m is layer)
+        o = layer.encoder_attn.out_proj
+        A = torch.cat([captured_input(model, o, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
+        Y = A @ o.weight.detach().double().numpy().T + o.bias.detach().double().numpy()
+        unit = next(u for u in report.units if u.block == name_ and u.stage == "cross")
+        cols = [h * HEAD_DIM + i for h in unit.kept for i in range(HEAD_DIM)]
+        sol = np.linalg.lstsq(np.hstack([A[:, cols], np.ones((len(A), 1))]), Y, rcond=None)[0]
+        new = pruned.get_submodule(name_).encoder_attn.out_proj
+        np.testing.assert_allclose(new.weight.detach().double().numpy().T, sol[:-1], atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(new.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
+        assert unit.relative_error == pytest.approx(
+            np.sum((np.hstack([A[:, cols], np.ones((len(A), 1))]) @ sol - Y) ** 2)
+            / np.sum((Y - Y.mean(0)) ** 2), rel=1e-3, abs=1e-9)
+
+
+def test_a_decoder_run_without_encoder_states_keeps_its_cross_attention() -> None:
+    """Without encoder states the cross-attention is never called: its heads are left as they are (nothing to
+    measure them on), the self-attention's are pruned."""
+    model = stack("bart_decoder")
+    data = [{k: v for k, v in b.items() if not k.startswith("encoder_")} for b in batches("bart_decoder")]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="asym")
+    assert {u.stage for u in report.units} == {"heads"}
+    for lo, lp in zip(model.layers, pruned.layers, strict=True):
+        assert lp.self_attn.num_heads == HEADS // 2 and lp.encoder_attn.num_heads == HEADS
+        torch.testing.assert_close(lp.encoder_attn.out_proj.weight, lo.encoder_attn.out_proj.weight)
 
 
 @pytest.mark.parametrize("name", ["bart_encoder", "mbart_encoder", "bart_decoder", "mbart_decoder"])
@@ -309,3 +356,42 @@ def test_a_misread_norm_order_is_refused_not_used() -> None:
     assert len(blocks) == LAYERS and all(b.post_norm("ffn") is None for b in blocks)  # read as pre-LN
     with pytest.raises(ValueError, match="does not compute like one"):
         prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
+
+
+@pytest.mark.parametrize("name", ["bart", "whisper"])
+def test_generation_with_pruned_cross_attention(tmp_path, name: str) -> None:
+    """The pruned model generates: the cross-attention's key/value cache (computed once from the encoder's states by
+    the shrunk key and value projections) gives the tokens greedy decoding without a cache gives, and the saved and
+    reloaded model the same."""
+    torch.manual_seed(0)
+    if name == "whisper":
+        cfg = transformers.WhisperConfig(**BART, num_mel_bins=8, max_source_positions=6, max_target_positions=32)
+        model = _scaled(transformers.WhisperForConditionalGeneration(cfg))
+        prompt = {"input_features": torch.randn(2, 8, 12)}
+    else:
+        model = _scaled(transformers.BartForConditionalGeneration(transformers.BartConfig(**BART)))
+        prompt = {"input_ids": torch.tensor([[3, 7, 11, 5, 9], [4, 8, 6, 3, 0]]),
+                  "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    whole, _, _ = _whole_and_stack_batches(name, model)
+    pruned, report = prune_transformer(model, whole, keep=0.5, target="all", method="asym")
+    assert [b["cross_num_heads"] for b in report.spec["blocks"] if "cross_num_heads" in b] == [HEADS // 2] * LAYERS
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    kw = {"max_new_tokens": 5, "do_sample": False, "num_beams": 1}
+    with torch.no_grad():
+        with_cache = pruned.generate(**prompt, use_cache=True, **kw)
+        assert torch.equal(with_cache, pruned.generate(**prompt, use_cache=False, **kw))
+        assert torch.equal(with_cache, back.generate(**prompt, use_cache=True, **kw))
+
+
+@pytest.mark.parametrize("name", ["bart_decoder", "mbart_decoder"])
+def test_a_cross_attention_whose_output_is_scaled_is_refused(name: str) -> None:
+    """A cross-attention whose output is doubled before its residual sum (post-LN: the input of
+    encoder_attn_layer_norm; pre-LN: of final_layer_norm): the refit's targets would be wrong, so head pruning is
+    refused on the first batch; its FFN can still be pruned."""
+    model, data = stack(name), batches(name)
+    for layer in model.layers:
+        layer.encoder_attn.register_forward_hook(lambda _m, _a, out: (2.0 * out[0], *out[1:]))
+    with pytest.raises(ValueError, match="attention output projection's output plus the residual"):
+        prune_transformer(model, data, keep=0.5, target="heads", method="asym")
+    prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
