@@ -130,7 +130,8 @@ class UnitRecord:
     block : str
         The block's module name (e.g. ``"encoder.layer.3"``).
     stage : str
-        ``"ffn"`` (the intermediate neurons) or ``"heads"`` (the attention heads).
+        ``"ffn"`` (the intermediate neurons), ``"heads"`` (the attention heads) or ``"cross"`` (the heads of a
+        decoder layer's cross-attention).
     n_units, n_kept : int
         Units of the stage before pruning, and kept.
     kept : list of int
@@ -984,8 +985,9 @@ def prune_transformer(
         original network, or in ``seq`` mode whose targets are the block's own outputs) it is left as it is and
         its statistics are not gathered: pruning only the last blocks costs little for the blocks before them.
     target : {"ffn", "heads", "all"}
-        Which units to prune. With ``"all"`` the heads of a block are pruned first, then its FFN sees the
-        pruned attention.
+        Which units to prune. ``"heads"`` includes the heads of a BART-family decoder layer's cross-attention
+        (stage ``"cross"``). With ``"all"`` the heads of a block are pruned first, then its FFN sees the pruned
+        attention.
     method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
         Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
         The MLP/CNN path's names ``"weight_norm"`` and ``"act_norm"``, the paper's class names
