@@ -472,11 +472,20 @@ class _Block:
 
     def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
         """What is wrong with the sizes of a block's pruning spec beyond ``intermediate_size`` and ``num_heads``
-        for this block, or ``None`` (there are none here)."""
-        return None
+        for this block (here: the heads of its cross-attention, ``cross_num_heads``), or ``None``."""
+        n, cross = spec.get("cross_num_heads"), self.cross
+        if n is None or (cross is not None and isinstance(n, int) and not isinstance(n, bool)
+                         and 1 <= n <= cross.num_heads):
+            return None
+        have = "no cross-attention" if cross is None else f"a cross-attention of {cross.num_heads} heads"
+        return f"the spec has cross_num_heads={n!r}, the model's block {have}"
 
     def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
         """Apply those sizes (checked by :meth:`extra_sizes_problem`)."""
+        n, cross = spec.get("cross_num_heads"), self.cross
+        if n is not None and cross is not None and n < cross.num_heads:
+            cross.prepare_heads()
+            cross.shrink_heads(torch.arange(int(n)))
 
     # --- heads ---------------------------------------------------------------------------------------------
     num_heads: int
@@ -1004,20 +1013,6 @@ class _HFBartBlock(_HFBlock):
             return None
         return view
 
-    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
-        n, cross = spec.get("cross_num_heads"), self.cross
-        if n is None or (cross is not None and isinstance(n, int) and not isinstance(n, bool)
-                         and 1 <= n <= cross.num_heads):
-            return None
-        have = "no cross-attention" if cross is None else f"a cross-attention of {cross.num_heads} heads"
-        return f"the spec has cross_num_heads={n!r}, the model's block {have}"
-
-    def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
-        n, cross = spec.get("cross_num_heads"), self.cross
-        if n is not None and cross is not None and n < cross.num_heads:
-            cross.prepare_heads()
-            cross.shrink_heads(torch.arange(int(n)))
-
 
 class _HFBartCrossAttention(_HFBartBlock):
     """The cross-attention of a BART-family decoder layer (``encoder_attn.{q,k,v,out}_proj``: queries from the
@@ -1531,7 +1526,10 @@ class _HFMoEBlock(_HFLlamaBlock):
         return shared is not None and _SharedExpert.looks_like(shared.module)
 
     def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        problem = super().extra_sizes_problem(spec)
         n, shared = spec.get("shared_intermediate_size"), self.shared
+        if problem is not None:
+            return problem
         if n is None or (self._shared_prunable(shared) and isinstance(n, int) and not isinstance(n, bool)
                          and 1 <= n <= shared.ffn_units):
             return None
@@ -1540,6 +1538,7 @@ class _HFMoEBlock(_HFLlamaBlock):
         return f"the spec has shared_intermediate_size={n!r}, the model's block {have}"
 
     def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
+        super().set_extra_sizes(spec)
         n, shared = spec.get("shared_intermediate_size"), self.shared
         if n is not None and shared is not None:
             shared.shrink_ffn(torch.arange(int(n)))
@@ -2113,15 +2112,21 @@ class _HFMptBlock(_PerHeadBias):
 class _HFT5Block(_HFBlock):
     """T5, T5 v1.1, Flan-T5, mT5 and UMT5-style blocks (``T5Block``): ``layer[0].SelfAttention.{q,k,v,o}``, an
     FFN ``layer[-1].DenseReluDense`` (``wi -> act -> wo``, or gated: ``act(wi_0(x)) * wi_1(x) -> wo``), RMS norms
-    before each sublayer (pre-LN); a decoder block's cross-attention ``layer[1]`` is left as it is. The relative
-    position bias is computed by the first block and handed to the others, so each block is replayed with its own
-    captured arguments (``per_block_context``). That bias has one channel per head of the first block, so heads are
-    refused (the FFN is pruned)."""
+    before each sublayer (pre-LN), and in a decoder block the cross-attention ``layer[1].EncDecAttention``
+    (:class:`_HFT5CrossAttention`). The relative position bias is computed by the first block and handed to the
+    others, so each block is replayed with its own captured arguments (``per_block_context``).
+
+    Heads (transformers >= 5): that bias has one channel per head of every block, and each block hands it on. An
+    attention that lost heads keeps the original indices of its heads in the buffer ``kept_heads`` and, with hooks,
+    uses their channels of the bias it is handed (or computes, in the first block: the relative-position table
+    keeps every head's column and its output is sliced) and hands on the whole bias, as the unpruned attention
+    does. UMT5, whose every block computes its own bias, keeps its kept heads' columns of the table."""
 
     kind = "hf_t5"
     SA, QKV, OUT = "layer.0.SelfAttention", ("q", "k", "v"), "layer.0.SelfAttention.o"
     NORM_HEADS = NORM_FFN = "-"  # pre-LN
     N_HEADS, HEAD_SIZE, ALL_HEADS = "n_heads", "key_value_proj_dim", "inner_dim"
+    PLAIN = frozenset({"dropout", "relative_attention_bias"})
     per_block_context = True
 
     def __init__(self, name: str, module: nn.Module) -> None:
@@ -2145,6 +2150,122 @@ class _HFT5Block(_HFBlock):
         return (sa is not None and all(isinstance(getattr(sa, n, None), nn.Linear) for n in (*cls.QKV, "o"))
                 and all(isinstance(_get(module, p), nn.Linear) for p in (up, down) + ((gate,) if gate else ()))
                 and _get(module, norm) is not None and hasattr(sa, cls.N_HEADS) and hasattr(sa, cls.HEAD_SIZE))
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        # a decoder block's cross-attention comes between: x + attn(.) enters layer[1]'s norm
+        if len(self.module.layer) == 3:
+            return (self.module.layer[1].layer_norm, 0)
+        return super().heads_sum_input()
+
+    def prepare_heads(self) -> None:
+        from packaging.version import Version  # a dependency of transformers
+
+        version = _transformers_version()
+        if Version(version) < Version("5"):
+            raise ValueError(f"block {self.name!r}: T5 attentions in transformers {version} return the position bias "
+                             "in another place than the release this adapter reads; upgrade transformers to >= 5 "
+                             "to prune T5 heads, or prune target='ffn' on this model.")
+        super().prepare_heads()
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        n_before = self.num_heads
+        super().shrink_heads(keep, out_weight, out_bias)
+        held = getattr(sa, "kept_heads", None)
+        if held is None and keep.numel() == n_before:
+            return  # every head kept: the attention stays as it was
+        keep = keep.to(device=self.out_proj.weight.device, dtype=torch.long)
+        kept = keep.clone() if held is None else held[keep]
+        table = getattr(sa, "relative_attention_bias", None)
+        if "position_bias" not in inspect.signature(type(sa).forward).parameters:
+            # UMT5: every block computes its own bias from its table, which keeps its kept heads' columns
+            if table is not None:
+                sa.relative_attention_bias = nn.Embedding.from_pretrained(
+                    table.weight.detach()[:, keep].clone(), freeze=not table.weight.requires_grad)
+            return
+        sa.register_buffer("kept_heads", kept)
+        if held is None:
+            sa.original_n_heads = n_before
+            sa.register_forward_pre_hook(_t5_bias_in, with_kwargs=True)
+            sa.register_forward_hook(_t5_bias_out, with_kwargs=True)
+        if table is not None and getattr(sa, "has_relative_attention_bias", False):
+            table.register_buffer("kept_heads", kept.clone())
+            if not any(h is _t5_bias_table for h in table._forward_hooks.values()):
+                table.register_forward_hook(_t5_bias_table)
+
+    @property
+    def cross(self) -> _HFT5CrossAttention | None:  # type: ignore[override]
+        """A decoder block's cross-attention (``layer[1].EncDecAttention``), or ``None``."""
+        if len(self.module.layer) != 3:
+            return None
+        view = _HFT5CrossAttention(self.name, self.module)
+        sa = _get(self.module, view.SA)
+        if sa is None or not all(isinstance(getattr(sa, n, None), nn.Linear) for n in (*view.QKV, "o")):
+            return None
+        return view
+
+
+
+class _HFT5CrossAttention(_HFT5Block):
+    """The cross-attention of a T5 decoder block (``layer[1].EncDecAttention``), seen as a block whose heads are its
+    heads (the "cross" stage): pre-LN, ``x + EncDecAttention(layer[1].layer_norm(x), encoder states)``, the sum
+    entering the FFN's norm. Its position bias (zeros: no relative positions across the two sequences) is handed on
+    like the self-attention's."""
+
+    kind = "hf_t5 (cross-attention)"
+    SA, OUT = "layer.1.EncDecAttention", "layer.1.EncDecAttention.o"
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage == "ffn":
+            return super().residual_input(stage)
+        return (self.module.layer[1].layer_norm, 0)
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        return (_get(self.module, self.RESID_FFN[0]), 0)
+
+    @property
+    def cross(self) -> None:  # type: ignore[override]
+        return None
+
+
+def _t5_bias_in(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of a T5 attention that lost heads: keep the position bias it is handed (every original
+    head's channels) for :func:`_t5_bias_out`, and pass its kept heads' channels on."""
+    at = _position(module, "position_bias")
+    by_name = "position_bias" in kwargs
+    value = kwargs.get("position_bias") if by_name else (args[at] if at is not None and len(args) > at else None)
+    module.full_bias = value
+    if value is None:
+        return args, kwargs
+    value = value.index_select(1, module.kept_heads.to(value.device))
+    if by_name:
+        return args, {**kwargs, "position_bias": value}
+    return (*args[:at], value, *args[at + 1:]), kwargs
+
+
+def _t5_bias_out(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook of a T5 attention that lost heads: hand on the position bias of every original head, as the
+    unpruned attention does (the bias it was handed, the one its relative-position table computed, or zeros)."""
+    full, module.full_bias = module.full_bias, None
+    if full is None:
+        table = getattr(module, "relative_attention_bias", None)
+        values = getattr(table, "full_values", None)
+        if values is not None and getattr(module, "has_relative_attention_bias", False):
+            table.full_values = None
+            full = values.permute(2, 0, 1).unsqueeze(0)
+        else:  # an attention without relative positions computes zeros
+            got = output[1]
+            full = got.new_zeros((got.shape[0], module.original_n_heads, *got.shape[2:]))
+    return (output[0], full, *output[2:])
+
+
+def _t5_bias_table(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the relative-position table of a T5 attention that lost heads: keep every head's values for
+    :func:`_t5_bias_out`, and give the attention its kept heads' (the last axis)."""
+    module.full_values = output
+    return output.index_select(-1, module.kept_heads.to(output.device))
 
 
 class _TorchEncoderBlock(_Block):

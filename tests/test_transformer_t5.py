@@ -1,12 +1,14 @@
-"""FFN pruning of T5-style stacks (``T5Block``): the T5 encoder (ReLU FFN ``wi -> wo``), the gated FFN of T5 v1.1 /
+"""Pruning of T5-style stacks (``T5Block``): the T5 encoder (ReLU FFN ``wi -> wo``), the gated FFN of T5 v1.1 /
 Flan-T5 (``act(wi_0(x)) * wi_1(x) -> wo``), UMT5 (a relative position bias in every block) and a T5 decoder stack
 with cross-attention, pruned on its own with the encoder's states in the batches. The first block computes the
 relative position bias and hands it to the others, so every block is replayed with its own captured arguments.
-Tiny randomly initialised models (no download).
+Heads (transformers >= 5): the self-attention's and the decoder's cross-attention's, each attention using its kept
+heads' channels of the bias and handing the whole bias on. Tiny randomly initialised models (no download).
 
 Oracles: the unpruned stack's outputs (keeping every unit), the unpruned stack with the removed units' columns of
-``wo`` set to zero, numpy.linalg.lstsq on ``wo``'s input captured independently with a hook (the refit), a re-run
-with other token ids at the padded positions, and the saved and reloaded model's outputs.
+``wo`` (of the heads' output projection ``o``) set to zero, numpy.linalg.lstsq on ``wo``'s (``o``'s) input captured
+independently with a hook (the refit), a re-run with other token ids at the padded positions, greedy generation with
+and without the cache, and the saved and reloaded model's outputs.
 """
 
 from __future__ import annotations
@@ -169,10 +171,101 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
     assert errs["asym"] < 0.75 * errs["magnitude"], errs
 
 
-def test_heads_are_refused_with_the_reason() -> None:
+FIVE = int(transformers.__version__.split(".")[0]) >= 5
+ATTENTIONS = {"heads": "layer.0.SelfAttention", "cross": "layer.1.EncDecAttention"}
+
+
+@pytest.mark.skipif(FIVE, reason="T5 heads are pruned with transformers >= 5")
+def test_heads_are_refused_before_transformers_5() -> None:
     model, data = stack("t5"), batches("t5")
-    with pytest.raises(ValueError, match=r"relative_attention_bias.*target='ffn'"):
+    with pytest.raises(ValueError, match=r"upgrade transformers to >= 5.*target='ffn'"):
         prune_transformer(model, data, keep=0.5, target="heads")
+
+
+def zeroed(model: nn.Module, report) -> nn.Module:
+    """The unpruned stack with the removed heads' columns of their attention's ``o`` (the removed neurons' of
+    ``wo``) set to zero."""
+    masked = copy.deepcopy(model)
+    for unit in report.units:
+        block = masked.get_submodule(unit.block)
+        gone = sorted(set(range(unit.n_units)) - set(unit.kept))
+        if unit.stage == "ffn":
+            consumer, cols = wo(block), gone
+        else:
+            consumer, cols = block.get_submodule(ATTENTIONS[unit.stage]).o, [
+                h * D_KV + i for h in gone for i in range(D_KV)]
+        with torch.no_grad():
+            consumer.weight[:, cols] = 0.0
+    return masked
+
+
+@pytest.mark.skipif(not FIVE, reason="T5 heads need transformers >= 5")
+@pytest.mark.parametrize("target", ["heads", "all"])
+@pytest.mark.parametrize("name", NAMES)
+def test_heads_without_refit_are_the_original_with_the_removed_heads_zeroed(name: str, target: str) -> None:
+    """Every block uses its kept heads' channels of the relative position bias (the first block's computed for all
+    of them, handed on whole): zeroing the removed heads' output columns in the unpruned stack is the oracle."""
+    model, data = stack(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
+    per_block = {"heads": 1, "all": 2}[target] + (name == "t5_decoder")
+    assert len(report.units) == LAYERS * per_block
+    assert all(u.n_kept == u.n_units // 2 for u in report.units)
+    assert {u.stage for u in report.units} == ({"heads", "cross"} if name == "t5_decoder" else {"heads"}) | (
+        {"ffn"} if target == "all" else set())
+    masked = zeroed(model, report)
+    for b in data:  # float32 sums over other shapes: a little more rounding than the FFN's
+        torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
+    for block in pruned.block:
+        assert block.layer[0].SelfAttention.n_heads == HEADS // 2
+
+
+@pytest.mark.skipif(not FIVE, reason="T5 heads need transformers >= 5")
+@pytest.mark.parametrize("name", ["t5", "t5_decoder"])
+def test_heads_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    """Layer mode: each attention's ``o`` (no bias) refitted by least squares on the kept heads' outputs."""
+    model, data = stack(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="layer", ridge=0.0,
+                                       weighting="none")
+    for unit in report.units:
+        o = model.get_submodule(unit.block).get_submodule(ATTENTIONS[unit.stage]).o
+        A = torch.cat([captured_input(model, o, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
+        Y = A @ o.weight.detach().double().numpy().T
+        cols = [h * D_KV + i for h in unit.kept for i in range(D_KV)]
+        sol = np.linalg.lstsq(A[:, cols], Y, rcond=None)[0]
+        new = pruned.get_submodule(unit.block).get_submodule(ATTENTIONS[unit.stage]).o
+        assert new.bias is None
+        np.testing.assert_allclose(new.weight.detach().double().numpy().T, sol, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not FIVE, reason="T5 heads need transformers >= 5")
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_pruned_heads_generate_and_reload(tmp_path, name: str) -> None:
+    """The whole model with the heads of every attention pruned: greedy generation with the cache (each layer's
+    self-attention bias computed for the positions so far, the cross-attention's keys and values cached once) gives
+    the tokens it gives without the cache, and the saved and reloaded model the same."""
+    torch.manual_seed(0)
+    cls = {"umt5": "UMT5ForConditionalGeneration"}.get(name, "T5ForConditionalGeneration")
+    model = getattr(transformers, cls)(config(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    source = batches(name)
+    g = torch.Generator().manual_seed(3)
+    whole = [{**b, "decoder_input_ids": torch.randint(3, VOCAB, (b["input_ids"].shape[0], 6), generator=g)}
+             for b in source]
+    pruned, report = prune_transformer(model, whole, keep=0.5, target="all", method="asym")
+    assert {u.stage for u in report.units} == {"heads", "cross", "ffn"}
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    prompt = {"input_ids": torch.tensor([[3, 7, 11, 5, 9]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    kw = {"max_new_tokens": 6, "do_sample": False, "num_beams": 1}
+    with torch.no_grad():
+        with_cache = pruned.generate(**prompt, use_cache=True, **kw)
+        assert torch.equal(with_cache, pruned.generate(**prompt, use_cache=False, **kw))
+        assert torch.equal(with_cache, back.generate(**prompt, use_cache=True, **kw))
+        torch.testing.assert_close(back(**whole[0]).logits, pruned(**whole[0]).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["t5_gated", "umt5"])
