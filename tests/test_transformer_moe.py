@@ -375,6 +375,8 @@ def test_a_mixture_costs_the_block_forwards_of_a_dense_ffn(method: str) -> None:
     """The experts' statistics come from the forwards the pruner runs anyway (the original block's, and the pruned
     network's in seq/asym modes): a mixture of experts takes as many block forwards as a dense decoder of the same
     depth on the same batches (O(L) in all)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__} keeps lists of expert modules")
     sizes = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS + 1, num_attention_heads=HEADS,
                  num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER,
                  max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
