@@ -31,7 +31,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``_HFBloomBlock`` (BLOOM: fused head by head, residuals added inside the attention and the MLP),
     ``_HFFalconBlock`` (Falcon's three fused layouts, in parallel or in sequence), ``_HFGPTBigCodeBlock``
     (StarCoder, SantaCoder), ``_HFMptBlock`` (MPT; BLOOM and MPT slice their ALiBi slopes per layer,
-    ``_PerHeadBias``) and ``_HFT5Block`` (T5-style blocks, FFN only, each replayed with its own arguments).
+    ``_PerHeadBias``) and ``_HFT5Block`` (T5-style blocks, each replayed with its own arguments; heads with
+    transformers >= 5).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
 
