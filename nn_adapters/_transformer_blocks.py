@@ -520,6 +520,8 @@ class _Block:
     #: The decoder layer's cross-attention seen as a block of its own (its heads are the "cross" stage), or
     #: ``None``: see :attr:`_HFBartBlock.cross`.
     cross: _Block | None = None
+    #: Whether the block has attention heads (a hybrid model's convolution layers have none: no "heads" stage).
+    has_heads = True
 
     def spec(self) -> dict[str, Any]:
         out = {"name": self.name, "kind": self.kind, "intermediate_size": self.ffn_units,
@@ -1120,7 +1122,7 @@ class _HFLlamaBlock(_HFBlock):
     LEGACY = ("num_heads", "hidden_size")
 
     def prepare_ffn(self) -> None:
-        mlp = _get(self.module, "mlp")
+        mlp = _get(self.module, self.DOWN.rpartition(".")[0])  # the FFN module (mlp, feed_forward...)
         tp = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
         # transformers 4 slices the FFN by pretraining_tp in its forward; transformers 5 ignores the field
         code = getattr(type(mlp).forward, "__code__", None)
@@ -1180,7 +1182,7 @@ class _HFLlamaBlock(_HFBlock):
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
         super().set_ffn(producers, down)
-        mlp = _get(self.module, "mlp")
+        mlp = _get(self.module, self.DOWN.rpartition(".")[0])
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = int(down.in_features)
 
@@ -1710,6 +1712,57 @@ class _HFMLAMoEBlock(_LatentAttention, _HFMoEBlock):
     V3, Kimi K2, Moonlight): the FFN of :class:`_HFMoEBlock`, only (:class:`_LatentAttention`)."""
 
     kind = "hf_mla_moe"
+
+
+class _HFLfm2Block(_HFLlamaBlock):
+    """LFM2's attention layers (``Lfm2DecoderLayer`` with ``is_attention_layer``): the Llama-style grouped attention
+    ``self_attn.{q,k,v,out}_proj`` with per-head ``q_layernorm`` / ``k_layernorm``, the gated FFN
+    ``feed_forward.{w1, w3, w2}`` (``w2(silu(w1(x)) * w3(x))``: w1 the gate, w3 the up projection), RMS norms
+    ``operator_norm`` / ``ffn_norm``, pre-norm."""
+
+    kind = "hf_lfm2"
+    OUT = "self_attn.out_proj"
+    GATE, UP, DOWN = "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"
+    RESID_FFN = ("ffn_norm", 0)  # x + feed_forward(ffn_norm(x))
+
+
+class _HFLfm2ConvBlock(_HFLfm2Block):
+    """LFM2's convolution layers (``Lfm2DecoderLayer`` with a gated short convolution ``conv`` in place of the
+    attention): the FFN of :class:`_HFLfm2Block`, and no heads (the "heads" stage skips these layers)."""
+
+    kind = "hf_lfm2_conv"
+    has_heads = False
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        conv = getattr(module, "conv", None)
+        return (isinstance(conv, nn.Module) and _get(module, cls.SA) is None
+                and all(isinstance(getattr(conv, n, None), nn.Linear) for n in ("in_proj", "out_proj"))
+                and all(isinstance(_get(module, p), nn.Linear) for p in (cls.GATE, cls.UP, cls.DOWN))
+                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+
+    @property
+    def num_heads(self) -> int:
+        return 0
+
+    @property
+    def head_dim(self) -> int:
+        return 0
+
+    @property
+    def head_units(self) -> int:
+        return 0
+
+    def prepare_heads(self) -> None:
+        """No attention: nothing to prepare."""
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        if keep.numel():
+            raise ValueError(f"block {self.name!r} has no attention heads")
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        self.shrink_ffn(torch.arange(intermediate_size))
 
 
 class _HFGemma2Block(_HFLlamaBlock):
@@ -2411,10 +2464,10 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock,
-    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
-    _TorchEncoderBlock,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFLlamaBlock, _HFMoEBlock,
+    _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
+    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
+    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

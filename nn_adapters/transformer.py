@@ -1421,8 +1421,11 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
 
 
 def _with_cross(stages: list[str], blk: _Block, called: set[str]) -> list[str]:
-    """The stages of ``blk``: ``stages``, with its cross-attention's heads (``"cross"``) after the self-attention's
-    where heads are pruned and the layer's cross-attention is called (``called``, see :func:`_original_blocks`)."""
+    """The stages of ``blk``: ``stages`` without ``"heads"`` for a block without attention (a hybrid model's
+    convolution layer), and with its cross-attention's heads (``"cross"``) after the self-attention's where heads
+    are pruned and the layer's cross-attention is called (``called``, see :func:`_original_blocks`)."""
+    if not blk.has_heads:
+        return [s for s in stages if s != "heads"]
     if "heads" not in stages or blk.name not in called:
         return stages
     i = stages.index("heads") + 1
@@ -2268,7 +2271,7 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
             raise ValueError(f"block {b.name}: spec kind/head_dim {w['kind']}/{w['head_dim']} do not match "
                              f"the model's {b.kind}/{b.head_dim}: {origin}")
         for key, have in (("intermediate_size", b.ffn_units), ("num_heads", b.num_heads)):
-            if not 1 <= w[key] <= have:
+            if not (1 <= w[key] <= have or w[key] == have == 0):  # 0: a block without attention
                 raise ValueError(f"block {b.name}: the spec has {key}={w[key]}, the model's block {have}; a pruned "
                                  f"block keeps between 1 and all of its units: {origin}")
         for key, have in b.spec().items():
