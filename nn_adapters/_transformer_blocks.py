@@ -1765,6 +1765,43 @@ class _HFLfm2ConvBlock(_HFLfm2Block):
         self.shrink_ffn(torch.arange(intermediate_size))
 
 
+class _ScaledNorm(nn.Module):
+    """``scale * norm(y)``: a norm after a consumer whose output the layer then multiplies by a number (HyperCLOVAX's
+    peri-LN norms and ``residual_multiplier``), seen as one norm by the refit (its gains include the number)."""
+
+    def __init__(self, norm: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.norm = norm
+        self.scale = float(scale)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.norm(y) * self.scale
+
+
+class _HFHyperCLOVAXBlock(_HFLlamaBlock):
+    """HyperCLOVAX decoder layers: the Llama parts, with RMS norms on the attention and FFN outputs before the
+    residual sums (``post_norm1`` / ``post_norm2``, "peri-LN", where ``use_post_norm``; identities otherwise) and
+    those outputs multiplied by ``residual_multiplier``: ``x + m * post_norm1(attn(input_layernorm(x)))``. The
+    refit treats ``m * post_norm`` as the norm after the consumer (see :class:`_HFGemma2Block`)."""
+
+    kind = "hf_hyperclovax"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (all(isinstance(getattr(module, n, None), nn.Module) for n in ("post_norm1", "post_norm2"))
+                and super().matches(module))
+
+    def output_norm(self, stage: str) -> nn.Module | None:
+        norm = self.module.post_norm2 if stage == "ffn" else self.module.post_norm1
+        if isinstance(norm, nn.Identity):
+            return None
+        m = getattr(self.module, "residual_multiplier", 1.0)
+        return norm if m == 1 else _ScaledNorm(norm, m)
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        return None if self.output_norm(stage) is not None else super().output_scale(stage)
+
+
 class _HFGemma2Block(_HFLlamaBlock):
     """Gemma 2 and Gemma 3 decoder layers (``Gemma2DecoderLayer``, ``Gemma3DecoderLayer``): the Llama parts with
     "sandwich" RMS norms, ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then ``x +
@@ -2464,10 +2501,10 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFLlamaBlock, _HFMoEBlock,
-    _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
-    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFHyperCLOVAXBlock, _HFLlamaBlock,
+    _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
+    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
+    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

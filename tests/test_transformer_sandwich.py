@@ -1,8 +1,9 @@
 """Transformer pruning of decoder layers whose attention and FFN outputs are normalised before the residual sums:
 Gemma 2 and 3 (``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``, "sandwich" norms, with
 sliding-window and global layers), OLMo 2 and 3 and EXAONE 4 (``x + post_feedforward_layernorm(mlp(x))``), GLM-4
-(Gemma 2's order under other names, gate and up fused). Tiny randomly initialised models (no download); skipped
-where the installed transformers lacks the family.
+(Gemma 2's order under other names, gate and up fused), HyperCLOVAX (``x + m * post_norm(mlp(norm(x)))``, "peri-LN"
+norms and a residual multiplier ``m``). Tiny randomly initialised models (no download); skipped where the installed
+transformers lacks the family.
 
 Oracles: the unpruned model with the removed units' consumer columns zeroed (also in greedy generation with the
 key/value cache), weighted least squares (numpy.linalg.lstsq) on activations captured with hooks in the models'
@@ -38,14 +39,18 @@ GROUP = HEADS // KV_HEADS
 # name -> (transformers class prefix, block kind, whether the norm's gain is 1 + weight (Gemma) or weight)
 FAMILIES = {"gemma2": ("Gemma2", "hf_gemma2", True), "gemma3": ("Gemma3Text", "hf_gemma2", True),
             "olmo2": ("Olmo2", "hf_olmo2", False), "olmo3": ("Olmo3", "hf_olmo2", False),
-            "exaone4": ("Exaone4", "hf_olmo2", False), "glm4": ("Glm4", "hf_glm4", False)}
+            "exaone4": ("Exaone4", "hf_olmo2", False), "glm4": ("Glm4", "hf_glm4", False),
+            "hyperclovax": ("HyperCLOVAX", "hf_hyperclovax", False)}
+#: HyperCLOVAX multiplies each normalised sublayer output by residual_multiplier before its sum
+MULTIPLIER = {"hyperclovax": 0.5}
 NAMES = list(FAMILIES)
 # OLMo normalises queries and keys over all heads together: its heads are refused
-HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4"]
+HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4", "hyperclovax"]
 # the layer's norm after the attention, its norm after the FFN, and the module whose input is the FFN's residual
 NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
          "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
-         "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm")}
+         "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm"),
+         "hyperclovax": ("post_norm1", "post_norm2", "post_attention_layernorm")}
 NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"])
 
 
@@ -66,6 +71,8 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
     extra = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}
     if "layer_types" not in config_cls().to_dict():
         extra = {}
+    if name in MULTIPLIER:
+        extra = {"residual_multiplier": MULTIPLIER[name], "use_post_norm": True}
     cfg = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
@@ -94,8 +101,9 @@ def layers(model: nn.Module) -> list[nn.Module]:
 
 
 def gains(name: str, norm: nn.Module) -> np.ndarray:
+    """The per-channel factor of the norm's output in the residual sum (times the layer's multiplier, if any)."""
     w = norm.weight.detach().double().numpy()
-    return 1.0 + w if FAMILIES[name][2] else w
+    return (1.0 + w if FAMILIES[name][2] else w) * MULTIPLIER.get(name, 1.0)
 
 
 def eps(norm: nn.Module) -> float:
