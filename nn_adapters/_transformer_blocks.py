@@ -1663,25 +1663,35 @@ class _LatentAttention:
     adapters for the FFN, dense (:class:`_HFMLABlock`) or a mixture of experts (:class:`_HFMLAMoEBlock`): queries
     from ``q_proj`` (or the low-rank ``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj``), keys and values from one
     compressed latent (``kv_a_proj_with_mqa`` -> ``kv_a_layernorm`` -> ``kv_b_proj``) with a rotary key part shared
-    by every head, and ``o_proj`` reading ``num_heads * v_head_dim`` columns. Only the FFN is pruned: a head's rows
-    of ``q_b_proj`` and ``kv_b_proj`` come in a layout of their own, which head pruning does not model (refused with
-    a ``ValueError`` naming ``target='ffn'``)."""
+    by every head, and ``o_proj`` reading ``num_heads * v_head_dim`` columns.
+
+    A head is ``qk_head_dim`` rows of the query projection, ``qk_nope_head_dim + v_head_dim`` rows of
+    ``kv_b_proj`` (its key and value decompressed from the latent) and ``v_head_dim`` columns of ``o_proj``; the
+    latent projections and the shared rotary key stay (the cache, which holds the latent, keeps its size)."""
 
     SA, OUT = "self_attn", "self_attn.o_proj"
     QKV = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     HEAD_SIZE, N_HEADS = "v_head_dim", "num_heads"
+    PLAIN = frozenset({"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_layernorm", "dropout",
+                       "rotary_emb"})
+    LEGACY = ()  # the head count is kept in step; the functional check on the first batch confirms the layout
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         sa = _get(module, cls.SA)
         query = getattr(sa, "q_proj", None) or getattr(sa, "q_b_proj", None)
-        return isinstance(query, nn.Linear) and super().matches(module)  # type: ignore[misc]
+        return (isinstance(query, nn.Linear) and all(isinstance(getattr(sa, n, None), int)
+                                                     for n in ("qk_nope_head_dim", "qk_rope_head_dim"))
+                and super().matches(module))  # type: ignore[misc]
 
-    def prepare_heads(self) -> None:
+    def _query(self) -> str:
+        return "q_proj" if isinstance(getattr(_get(self.module, self.SA), "q_proj", None), nn.Linear) else "q_b_proj"
+
+    def _head_widths(self) -> tuple[tuple[str, int], ...]:
+        """The projections whose rows come head by head, and each head's rows in them."""
         sa = _get(self.module, self.SA)
-        raise ValueError(f"block {self.name!r}: its multi-head latent attention ({type(sa).__name__}: keys and values "
-                         "from one compressed latent, kv_a_proj_with_mqa -> kv_b_proj) has a head layout that head "
-                         "pruning does not model; prune target='ffn' on this model.")
+        return ((self._query(), sa.qk_nope_head_dim + sa.qk_rope_head_dim),
+                ("kv_b_proj", sa.qk_nope_head_dim + sa.v_head_dim))
 
     @property
     def num_heads(self) -> int:
@@ -1689,27 +1699,40 @@ class _LatentAttention:
 
     @property
     def kv_groups(self) -> int:
-        """One unit per head: the latent keys and values are not grouped by heads."""
+        """One unit per head: every head has its own key and value (decompressed from the shared latent)."""
         return 1
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        sa = _get(self.module, self.SA)
+        return [weight_of(getattr(sa, name)) for name, _ in self._head_widths()]
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        """Nothing to do when every head is kept (a reload of a pruned checkpoint); anything else is refused."""
-        if out_weight is None and out_bias is None and torch.equal(keep.cpu(), torch.arange(self.num_heads)):
-            return
-        self.prepare_heads()
+        """Keep heads ``keep``: their rows of the query projection and of ``kv_b_proj``, their columns of
+        ``o_proj`` (or ``out_weight``)."""
+        sa = _get(self.module, self.SA)
+        keep = keep.to(self.out_proj.weight.device)
+        for name, width in self._head_widths():
+            lin, rows = getattr(sa, name), _head_rows(keep, width)
+            setattr(sa, name, _linear_like(lin, weight_of(lin)[rows], None if lin.bias is None else lin.bias[rows]))
+        out = self.out_proj
+        cols = _head_rows(keep, self.head_dim)
+        w = weight_of(out)[:, cols] if out_weight is None else out_weight
+        b = out.bias if out_weight is None else out_bias
+        _set(self.module, self.OUT, _linear_like(out, w, b))
+        sa.num_heads = int(keep.numel())
 
 
 class _HFMLABlock(_LatentAttention, _HFLlamaBlock):
-    """Decoder layers with multi-head latent attention and the Llama gated FFN ``mlp.{gate,up,down}_proj``
-    (DeepSeek-V2/V3's first dense layers, MiniCPM3): FFN only (:class:`_LatentAttention`)."""
+    """Decoder layers with multi-head latent attention (:class:`_LatentAttention`) and the Llama gated FFN
+    ``mlp.{gate,up,down}_proj`` (DeepSeek-V2/V3's first dense layers, MiniCPM3)."""
 
     kind = "hf_mla"
 
 
 class _HFMLAMoEBlock(_LatentAttention, _HFMoEBlock):
-    """Decoder layers with multi-head latent attention and a mixture of experts with shared experts (DeepSeek-V2 and
-    V3, Kimi K2, Moonlight): the FFN of :class:`_HFMoEBlock`, only (:class:`_LatentAttention`)."""
+    """Decoder layers with multi-head latent attention (:class:`_LatentAttention`) and a mixture of experts with
+    shared experts (:class:`_HFMoEBlock`: DeepSeek-V2 and V3, Kimi K2, Moonlight)."""
 
     kind = "hf_mla_moe"
 

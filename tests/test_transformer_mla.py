@@ -1,10 +1,11 @@
 """Transformer pruning of decoders with multi-head latent attention (transformers 5: DeepSeek-V2 and V3, GLM-4.7-Flash
-(``Glm4MoeLite``), Mistral 4, MiniCPM3): their FFNs are pruned (the first dense layers' gated FFN, the routed and
-shared experts of the others), their heads are refused; tiny randomly initialised models (no download).
+(``Glm4MoeLite``), Mistral 4, MiniCPM3): their FFNs (the first dense layers' gated FFN, the routed and shared experts
+of the others) and their heads (a head: its rows of the query projection and of ``kv_b_proj``, its columns of
+``o_proj``); tiny randomly initialised models (no download).
 
-Oracles: the unpruned model with the removed neurons' down-projection columns zeroed (no refit), numpy.linalg.lstsq
-on the down projection's captured inputs, the saved and reloaded model's outputs, and greedy generation with and
-without the key/value cache.
+Oracles: the unpruned model with the removed units' consumer columns zeroed (no refit), numpy.linalg.lstsq on the
+consumer's captured inputs, the saved and reloaded model's outputs, and greedy generation with and without the
+key/value cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
 transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, INTER, EXPERTS, LAYERS, VOCAB = 16, 4, 24, 4, 3, 40
+QK_NOPE, QK_ROPE, V_HEAD = 4, 2, 4
 FAMILIES = {"deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "glm4_moe_lite": "Glm4MoeLite",
             "mistral4": "Mistral4", "minicpm3": "MiniCPM3"}
 #: Block kinds: the first layer dense (first_k_dense_replace=1), the others mixtures; MiniCPM3 is dense throughout.
@@ -37,8 +39,8 @@ def build(name: str, lm: bool = False) -> nn.Module:
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         num_key_value_heads=HEADS, intermediate_size=INTER, moe_intermediate_size=INTER, n_routed_experts=EXPERTS,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=8,
-        kv_lora_rank=8, qk_rope_head_dim=2, qk_nope_head_dim=4, v_head_dim=4, max_position_embeddings=32,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        kv_lora_rank=8, qk_rope_head_dim=QK_ROPE, qk_nope_head_dim=QK_NOPE, v_head_dim=V_HEAD,
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
@@ -99,10 +101,48 @@ def test_dense_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
                                atol=2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("target", ["heads", "all"])
-def test_latent_attention_heads_are_refused(target: str) -> None:
-    with pytest.raises(ValueError, match=r"multi-head latent attention.*target='ffn'"):
-        prune_transformer(build("deepseek_v3"), ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target=target)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_heads_without_refit_are_the_model_with_removed_heads_zeroed(name: str) -> None:
+    """A removed head takes its query rows and its ``kv_b_proj`` rows (its key and value decompressed from the
+    shared latent) with it: the same as zeroing its ``v_head_dim`` columns of ``o_proj``. Magnitude keeps the heads
+    with the largest sum of squares over those rows and columns (``o_proj`` as it reaches the residual stream:
+    times MiniCPM3's residual_scale)."""
+    model, batches = build(name), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
+                                       reweight=False)
+    zeroed = copy.deepcopy(model)
+    for u, layer in zip(report.units, zeroed.layers, strict=True):
+        sa = layer.self_attn
+        q = sa.q_proj if sa.q_proj is not None else sa.q_b_proj
+        score = (q.weight.detach().pow(2).view(HEADS, -1).sum(1)
+                 + sa.kv_b_proj.weight.detach().pow(2).view(HEADS, -1).sum(1)
+                 + (sa.o_proj.weight.detach() * getattr(layer, "residual_scale", 1.0)).pow(2)
+                 .view(HIDDEN, HEADS, V_HEAD).sum((0, 2)))
+        assert u.kept == sorted(torch.argsort(score, descending=True)[:HEADS // 2].tolist())
+        gone = sorted(set(range(HEADS)) - set(u.kept))
+        with torch.no_grad():
+            sa.o_proj.weight[:, [h * V_HEAD + i for h in gone for i in range(V_HEAD)]] = 0.0
+    for layer in pruned.layers:
+        sa = layer.self_attn
+        q = sa.q_proj if sa.q_proj is not None else sa.q_b_proj
+        assert sa.num_heads == HEADS // 2 and q.out_features == HEADS // 2 * (QK_NOPE + QK_ROPE)
+        assert sa.kv_b_proj.out_features == HEADS // 2 * (QK_NOPE + V_HEAD)
+    for b in batches:
+        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+
+
+def test_heads_refit_equals_lstsq_on_the_captured_inputs() -> None:
+    model, batches = build("deepseek_v3"), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="layer", ridge=0.0,
+                                       weighting="none")
+    for u, lo, lp in zip(report.units, model.layers, pruned.layers, strict=True):
+        o = lo.self_attn.o_proj
+        a = torch.cat([captured_input(model, o, b)[b["attention_mask"].bool()] for b in batches]).double().numpy()
+        y = a @ o.weight.detach().double().numpy().T
+        cols = [h * V_HEAD + i for h in u.kept for i in range(V_HEAD)]
+        want = np.linalg.lstsq(a[:, cols], y, rcond=None)[0].T
+        np.testing.assert_allclose(lp.self_attn.o_proj.weight.detach().double().numpy(), want, atol=2e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minicpm3"])
@@ -116,7 +156,8 @@ def test_keeping_every_neuron_is_exact(name: str) -> None:
 
 def test_save_reload_and_generation(tmp_path) -> None:
     model = build("deepseek_v3", lm=True)
-    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5)
+    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
+    assert [b["num_heads"] for b in report.spec["blocks"]] == [HEADS // 2] * LAYERS
     assert [b["kind"] for b in report.spec["blocks"]] == ["hf_mla", "hf_mla_moe", "hf_mla_moe"]
     save_pruned(pruned, tmp_path / "m")
     again = load_pruned(tmp_path / "m")
