@@ -959,10 +959,10 @@ def prune_transformer(
         decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups;
         Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for;
         mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and
-        GLM-4-MoE, whose experts each keep ``keep`` of their neurons; the FFN of decoders with latent attention,
-        DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper,
-        XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi,
-        BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (FFN) or
+        GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and
+        MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2
+        (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode
+        (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
         :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
         holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
@@ -1113,10 +1113,10 @@ def prune_transformer(
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style "
                          "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
                          "DistilBERT, ViT, DINOv2, CLIP, ModernBERT), BART-family layers (BART, mBART, Marian, "
-                         "Pegasus, Whisper, XGLM...), T5 blocks (FFN), decoder layers (Llama-style: Llama, Mistral, "
+                         "Pegasus, Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, "
                          "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
                          "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
-                         "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS; latent attention (FFN): DeepSeek-V2/V3, Mistral 4, "
+                         "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS; latent attention: DeepSeek-V2/V3, Mistral 4, "
                          "MiniCPM3; LFM2; Gemma 2/3, "
                          "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
                          "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
