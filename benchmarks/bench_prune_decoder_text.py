@@ -1,6 +1,8 @@
 """Quality benchmark on causal language models: pruning small GPT-2, Pythia-style (GPT-NeoX, parallel attention
-and FFN) and, on request (``--arch gemma3``), Gemma-3-style (RMS norms before and after the sublayers, gated FFN,
-grouped-query attention, sliding-window and global layers) decoders trained here on text, without fine-tuning.
+and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and after the sublayers, gated FFN,
+grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
+experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer) decoders trained here on
+text, without fine-tuning.
 
 No pretrained decoder can be downloaded on this machine, so each architecture is trained once on bytes of English
 text (sentences from the docstrings of the Python standard library, the MiniLM benchmark's source; vocabulary: the
@@ -15,7 +17,8 @@ the pruned model's next-byte distribution from the unpruned one's (label-free fi
 RATIOS of the perplexity increase (pruned / unpruned - 1) against the baselines measured in the same run. All
 figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3] [--targets ffn heads] [--keep 0.5 0.25]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe] [--targets ffn heads]
+      [--keep 0.5 0.25]
       [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
@@ -79,6 +82,16 @@ def build(arch: str) -> torch.nn.Module:
                                             layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
                                             pad_token_id=0, bos_token_id=10, eos_token_id=10)
         return transformers.Gemma3ForCausalLM(cfg)
+    if arch == "qwen2moe":
+        # every layer a mixture: 8 routed experts of FFN // 4 neurons (top 2) and a shared expert of FFN // 2
+        # behind its sigmoid gate, as Qwen2-MoE / Qwen1.5-MoE
+        cfg = transformers.Qwen2MoeConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          num_key_value_heads=HEADS // 2, intermediate_size=FFN,
+                                          moe_intermediate_size=FFN // 4, shared_expert_intermediate_size=FFN // 2,
+                                          num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                                          mlp_only_layers=[], pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.Qwen2MoeForCausalLM(cfg)
     cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                                      use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
@@ -147,7 +160,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia", "gemma3"])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia", "gemma3", "qwen2moe"])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")
