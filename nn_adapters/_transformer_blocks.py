@@ -1317,7 +1317,7 @@ class _SharedExpert(_Block):
     def looks_like(module: nn.Module) -> bool:
         """Whether ``module`` is the gated FFN this adapter models."""
         parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        return (all(isinstance(p, nn.Linear) for p in parts) and callable(getattr(module, "act_fn", None))
+        return (all(isinstance(p, nn.Linear) for p in parts) and callable(_activation(module))
                 and parts[0].out_features == parts[1].out_features == parts[2].in_features
                 and parts[0].in_features == parts[1].in_features)
 
@@ -1342,7 +1342,12 @@ class _SharedExpert(_Block):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The intermediate activations ``act(gate(x)) * up(x)`` on the token rows ``x``."""
         m = self.module
-        return m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+        return _activation(m)(m.gate_proj(x)) * m.up_proj(x)
+
+
+def _activation(mlp: nn.Module) -> Any:
+    """A gated MLP's activation (``act_fn``, or Llama 4's ``activation_fn``), or ``None``."""
+    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
 
 
 class _HFMoEBlock(_HFLlamaBlock):
@@ -1456,6 +1461,9 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     #: Whether each expert's down projection has a bias (refitted with it).
     experts_bias = False
+    #: Whether the routing score multiplies the expert's input (Llama 4: ``expert(s * x)``, the outputs summed as
+    #: they are) rather than its output (``s * expert(x)``, the others).
+    scores_on_input = False
 
     def expert_down_weight(self, e: int) -> torch.Tensor:
         """Expert ``e``'s down projection as ``(out, in)`` = ``(H, I)`` (a view)."""
@@ -1644,6 +1652,96 @@ class _HFGptOssBlock(_HFMoEBlock):
         heads = _head_rows(keep.to(sa.sinks.device), self.kv_groups)  # the query heads of the kept groups
         super().shrink_heads(keep, out_weight, out_bias)
         sa.sinks = nn.Parameter(sa.sinks.detach()[heads].clone(), requires_grad=sa.sinks.requires_grad)
+
+
+class _HFLlama4Block(_HFLlamaBlock):
+    """Llama 4's dense decoder layers (``Llama4TextDecoderLayer`` with ``Llama4TextMLP``): the Llama attention with
+    a parameter-free L2 norm of each head's queries and keys (``qk_norm``, in the RoPE layers), the gated FFN
+    ``feed_forward.{gate,up,down}_proj``."""
+
+    kind = "hf_llama4"
+    GATE, UP, DOWN = "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"
+    PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
+
+
+class _HFLlama4MoEBlock(_HFMoEBlock):
+    """Llama 4's mixture-of-experts layers (``Llama4TextMoe``): the attention of :class:`_HFLlama4Block`; a router
+    whose sigmoid scores (zero outside each token's top experts) multiply the experts' input, every expert run on
+    every token (``experts(x * s)``, batched matrix products), the outputs summed as they are; experts stored
+    ``gate_up_proj`` ``(E, H, 2I)`` (gate columns, then up columns) and ``down_proj`` ``(E, I, H)``; a shared
+    expert ``shared_expert`` (Llama 4's MLP, its activation ``activation_fn``) added without a gate. An expert's
+    regression rows are the tokens routed to it, on their scaled inputs, unweighted."""
+
+    kind = "hf_llama4_moe"
+    EXPERTS, MLP = "feed_forward.experts", "feed_forward"
+    SHARED: tuple[str, ...] = ("feed_forward.shared_expert",)
+    SHARED_GATE = None
+    PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
+    scores_on_input = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        ex = _get(module, cls.EXPERTS)
+        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        return (
+            sa is not None
+            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
+            and isinstance(_get(module, cls.OUT), nn.Linear)
+            and isinstance(_get(module, cls.MLP + ".router"), nn.Linear)
+            and isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
+            and gu.shape[0] == dn.shape[0] and gu.shape[2] == 2 * dn.shape[1] and gu.shape[1] == dn.shape[2]
+            and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
+        )
+
+    @property
+    def ffn_units(self) -> int:
+        return int(self.experts.down_proj.shape[1])
+
+    @property
+    def unit_multiple(self) -> int:
+        return 1  # batched matrix products: any intermediate size runs
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        ex, units = self.experts, self.ffn_units
+        gate_up = x @ ex.gate_up_proj[e]
+        return ex.act_fn(gate_up[..., :units]) * gate_up[..., units:]
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.experts.down_proj[e]
+
+    def expert_down_weight(self, e: int) -> torch.Tensor:
+        return self.experts.down_proj[e].t()
+
+    def expert_magnitude(self, e: int) -> torch.Tensor:
+        ex, units = self.experts, self.ffn_units
+        gu = ex.gate_up_proj[e].detach().double().pow(2).sum(0).view(2, units).sum(0)
+        return gu + ex.down_proj[e].detach().double().pow(2).sum(1)
+
+    def zero_ffn_unit(self, unit: int) -> None:
+        self.experts.down_proj[:, unit, :] = 0.0
+        shared = self.shared
+        if shared is not None:
+            shared.zero_ffn_unit(unit)
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)``, or ``(k,)`` for every expert); new down
+        weights ``(E, H, k)`` (``(out, in)``, stored transposed) if given."""
+        ex = self.experts
+        gu, dn = ex.gate_up_proj, ex.down_proj
+        keep = keep.to(dn.device)
+        if keep.dim() == 1:
+            keep = keep.expand(dn.shape[0], -1)
+        cols = torch.cat([keep, keep + dn.shape[1]], dim=1)  # the gate columns, then the up columns
+        new_gu = torch.stack([gu[e][:, cols[e]] for e in range(dn.shape[0])])
+        new_dn = (torch.stack([dn[e][keep[e]] for e in range(dn.shape[0])]) if down_weight is None
+                  else down_weight.transpose(1, 2).to(device=dn.device, dtype=dn.dtype))
+        ex.gate_up_proj = nn.Parameter(new_gu.detach().clone(), requires_grad=gu.requires_grad)
+        ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
+        for attr in ("expert_dim", "intermediate_size"):
+            if isinstance(getattr(ex, attr, None), int):
+                setattr(ex, attr, int(keep.shape[1]))
 
 
 class _HFGraniteMoEBlock(_HFMoEBlock):
@@ -2524,10 +2622,10 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFHyperCLOVAXBlock, _HFLlamaBlock,
-    _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
-    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock,
-    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
+    _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
+    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -1921,15 +1921,37 @@ class _ExpertCapture:
         self.handles: list[Any] = []
 
     def __enter__(self) -> _ExpertCapture:
-        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            bound = inspect.signature(m.forward).bind(*args, **kwargs)
-            self.seen.append((*list(bound.arguments.values())[:3], out))
-
-        self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
         mlp = _get(self.blk.module, self.blk.MLP)
+        if self.blk.scores_on_input:
+            # Llama 4: experts(x * scores) on every token; the record's routing is read from the router's scores
+            # (zero outside a token's top experts) and its rows from the mixture module's input
+            part: dict[str, Any] = {}
+            router = _get(mlp, "router")
+            self.handles += [
+                mlp.register_forward_pre_hook(lambda _m, args: part.update(x=args[0])),
+                router.register_forward_hook(lambda _m, _a, out: part.update(scores=out[0])),
+                self.blk.experts.register_forward_hook(lambda _m, _a, out: self.seen.append(self._scored(part, out)))]
+        else:
+            def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+                bound = inspect.signature(m.forward).bind(*args, **kwargs)
+                self.seen.append((*list(bound.arguments.values())[:3], out))
+
+            self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
         if isinstance(mlp, nn.Module):
             self.handles.append(mlp.register_forward_hook(lambda _m, _a, out: self.ffn.append(out)))
         return self
+
+    @staticmethod
+    def _scored(part: dict[str, Any], out: torch.Tensor) -> tuple[Any, ...]:
+        """The record of an experts module called on scaled inputs: (token rows, routed experts (-1 elsewhere),
+        scores, the experts' outputs summed per token)."""
+        x, scores = part.get("x"), part.get("scores")
+        if not isinstance(x, torch.Tensor) or not isinstance(scores, torch.Tensor):
+            return (None, None, None, out)
+        x = x.reshape(-1, x.shape[-1])
+        experts = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+        idx = torch.where(scores > 0, experts, torch.full_like(experts, -1))
+        return (x, idx, scores, out.reshape(scores.shape[1], -1, out.shape[-1]).sum(0))
 
     def __exit__(self, *exc: object) -> None:
         for h in self.handles:
@@ -1979,6 +2001,15 @@ def _shared_out(blk: _Block, x: torch.Tensor) -> torch.Tensor:
     return y if c is None else y * c
 
 
+def _expert_contribution(blk: _Block, e: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What expert ``e`` adds to the mixture's output on the token rows ``x`` routed to it with scores ``w``:
+    ``w * expert(x)``, or ``expert(w * x)`` where the scores scale the input (Llama 4)."""
+    w = w.to(x.dtype).unsqueeze(1)
+    if blk.scores_on_input:
+        return blk.expert_out(e, blk.expert_hidden(e, x * w))
+    return blk.expert_out(e, blk.expert_hidden(e, x)) * w
+
+
 def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> None:
     """Refuse experts whose output is not ``sum_j w_j expert_{e_j}(x)`` as :meth:`_HFMoEBlock.expert_hidden` and
     :meth:`_HFMoEBlock.expert_out` compute it (another activation split, biases, scores applied elsewhere), and a
@@ -1989,8 +2020,7 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
     for e in range(blk.n_experts):
         tok, we = _routed(idx, w, everything, e)
         if tok.numel():
-            y = blk.expert_out(e, blk.expert_hidden(e, x[tok]))
-            want.index_add_(0, tok, y.double() * we.double().unsqueeze(1))
+            want.index_add_(0, tok, _expert_contribution(blk, e, x[tok], we).double())
     rel = 1e-4 if torch.finfo(out.dtype).bits >= 32 else 3e-2  # half precision: the kernels round differently
     tol = rel * (1.0 + float(out.detach().abs().max()))
     if want.shape != out.shape or not torch.allclose(want, out.double(), rtol=rel, atol=tol):
@@ -2059,12 +2089,16 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[st
             tok, we = _routed(call["idx"], call["w"], cache[b]["valid"].to(call["idx"].device), e)
             if tok.numel() == 0:
                 continue
-            a = src.expert_hidden(e, call["x"][tok])
-            y = (oblk.expert_out(e, oblk.expert_hidden(e, orig_calls[b]["x"][tok])) if mode == "asym"
+            # scores on the input (Llama 4): the expert sees s * x, and its output enters the sum as it is;
+            # else its output enters times s: rows weighted by s^2
+            scale = we.to(call["x"].dtype).unsqueeze(1) if blk.scores_on_input else 1.0
+            a = src.expert_hidden(e, call["x"][tok] * scale)
+            y = (oblk.expert_out(e, oblk.expert_hidden(e, orig_calls[b]["x"][tok] * scale)) if mode == "asym"
                  else src.expert_out(e, a))
             if stats is None:
                 stats = _Stats(a.shape[1], y.shape[1], None, CV_FOLDS, device)
-            stats.update(a, y, we.double().square(), folds[b][tok.to(folds[b].device)])
+            stats.update(a, y, None if blk.scores_on_input else we.double().square(),
+                         folds[b][tok.to(folds[b].device)])
         return stats
 
     shared, shared_stats = src.shared, None
