@@ -1376,6 +1376,12 @@ class _HFMoEBlock(_HFLlamaBlock):
     SHARED: tuple[str, ...] = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
     SHARED_GATE: str | None = "mlp.shared_expert_gate"
 
+    @staticmethod
+    def _expert_layout(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Whether the experts' tensors have this layout's shapes: ``(E, 2 I, H)`` and ``(E, H, I)``."""
+        return (gate_up.shape[0] == down.shape[0] and gate_up.shape[1] == 2 * down.shape[2]
+                and gate_up.shape[2] == down.shape[1])
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         sa = _get(module, cls.SA)
@@ -1386,7 +1392,7 @@ class _HFMoEBlock(_HFLlamaBlock):
             and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
             and isinstance(_get(module, cls.OUT), nn.Linear)
             and isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
-            and gu.shape[0] == dn.shape[0] and gu.shape[1] == 2 * dn.shape[2] and gu.shape[2] == dn.shape[1]
+            and cls._expert_layout(gu, dn)
             and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
         )
 
@@ -1679,20 +1685,15 @@ class _HFLlama4MoEBlock(_HFMoEBlock):
     PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
     scores_on_input = True
 
+    @staticmethod
+    def _expert_layout(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Transposed: ``(E, H, 2 I)`` and ``(E, I, H)``."""
+        return (gate_up.shape[0] == down.shape[0] and gate_up.shape[2] == 2 * down.shape[1]
+                and gate_up.shape[1] == down.shape[2])
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        sa = _get(module, cls.SA)
-        ex = _get(module, cls.EXPERTS)
-        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
-        return (
-            sa is not None
-            and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)
-            and isinstance(_get(module, cls.OUT), nn.Linear)
-            and isinstance(_get(module, cls.MLP + ".router"), nn.Linear)
-            and isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
-            and gu.shape[0] == dn.shape[0] and gu.shape[2] == 2 * dn.shape[1] and gu.shape[1] == dn.shape[2]
-            and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module)
-        )
+        return isinstance(_get(module, cls.MLP + ".router"), nn.Linear) and super().matches(module)
 
     @property
     def ffn_units(self) -> int:
