@@ -1,8 +1,8 @@
 """Quality benchmark on causal language models: pruning small GPT-2, Pythia-style (GPT-NeoX, parallel attention
 and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and after the sublayers, gated FFN,
 grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
-experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer) decoders trained here on
-text, without fine-tuning.
+experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer), GPT-OSS-style
+(``--arch gptoss``) and Llama-4-style (``--arch llama4``) decoders trained here on text, without fine-tuning.
 
 No pretrained decoder can be downloaded on this machine, so each architecture is trained once on bytes of English
 text (sentences from the docstrings of the Python standard library, the MiniLM benchmark's source; vocabulary: the
@@ -17,9 +17,8 @@ the pruned model's next-byte distribution from the unpruned one's (label-free fi
 RATIOS of the perplexity increase (pruned / unpruned - 1) against the baselines measured in the same run. All
 figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe] [--targets ffn heads]
-      [--keep 0.5 0.25]
-      [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4]
+      [--targets ffn heads] [--keep 0.5 0.25] [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
 from __future__ import annotations
@@ -92,6 +91,26 @@ def build(arch: str) -> torch.nn.Module:
                                           num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
                                           mlp_only_layers=[], pad_token_id=0, bos_token_id=10, eos_token_id=10)
         return transformers.Qwen2MoeForCausalLM(cfg)
+    if arch == "gptoss":
+        # GPT-OSS: 8 experts of FFN // 4 neurons (top 2) with biases and the clamped SwiGLU, sink logits per head,
+        # sliding-window and full-attention layers alternating
+        cfg = transformers.GptOssConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                        num_key_value_heads=HEADS // 2, head_dim=WIDTH // HEADS,
+                                        intermediate_size=FFN // 4, num_local_experts=8, num_experts_per_tok=2,
+                                        sliding_window=16, pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.GptOssForCausalLM(cfg)
+    if arch == "llama4":
+        # Llama 4: dense and mixture layers alternating; 8 experts of FFN // 4 neurons, top 1, the scores scaling
+        # the experts' input, and a shared expert of FFN // 4
+        cfg = transformers.Llama4TextConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                            num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                            num_key_value_heads=HEADS // 2, head_dim=WIDTH // HEADS,
+                                            intermediate_size=FFN // 4, intermediate_size_mlp=FFN,
+                                            num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                            attention_chunk_size=WINDOW, pad_token_id=0, bos_token_id=10,
+                                            eos_token_id=10)
+        return transformers.Llama4ForCausalLM(cfg)
     cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                                      use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
@@ -160,7 +179,8 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"], choices=["gpt2", "pythia", "gemma3", "qwen2moe"])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"],
+                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4"])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")
