@@ -87,6 +87,22 @@ def ragged_token_batches(vocab: int, n_batches: int = 4, b: int = 6, t: int = 10
     return out
 
 
+def scale_matrices(model: nn.Module, factor: float) -> nn.Module:
+    """Multiply every weight matrix and expert tensor of ``model`` by ``factor`` in place (larger weights than the
+    default init, so that pruning visibly changes the outputs); returns it in eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(factor)
+    return model.eval()
+
+
+def real_token_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden states of the real (unpadded) tokens of ``batch``, rows."""
+    with torch.no_grad():
+        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+
+
 def run_hooked(models: list[nn.Module], batches: list[dict[str, torch.Tensor]], handles: list) -> None:
     """Run every model on every dict batch (keyword arguments) without gradients, for the hooks whose ``handles``
     are given; the hooks are removed afterwards, also on failure."""

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches
+from _torch_helpers import captured_input, ragged_token_batches, real_token_states, scale_matrices
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -36,16 +36,7 @@ def build(lm: bool = False) -> nn.Module:
         max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, layer_types=TYPES)
     torch.manual_seed(0)
     model = (transformers.Lfm2ForCausalLM if lm else transformers.Lfm2Model)(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(5.0)
-    return model
-
-
-def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+    return scale_matrices(model, 5.0)  # larger weights: pruning visibly changes the outputs
 
 
 def test_blocks_are_found() -> None:
@@ -72,8 +63,8 @@ def test_without_refit_equals_the_model_with_removed_units_zeroed(target: str) -
                 cols = [(g * GROUP + j) * HEAD_DIM + i for g in gone for j in range(GROUP) for i in range(HEAD_DIM)]
                 layer.self_attn.out_proj.weight[:, cols] = 0.0
     for b in batches:
-        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
 
 
 def test_ffn_refit_equals_lstsq_on_the_captured_inputs() -> None:

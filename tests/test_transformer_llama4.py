@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import ragged_token_batches, run_hooked
+from _torch_helpers import ragged_token_batches, real_token_states, run_hooked, scale_matrices
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -38,16 +38,7 @@ def build(lm: bool = False) -> nn.Module:
         pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_chunk_size=16)
     torch.manual_seed(0)
     model = (transformers.Llama4ForCausalLM if lm else transformers.Llama4TextModel)(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(5.0)
-    return model
-
-
-def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+    return scale_matrices(model, 5.0)  # larger weights: pruning visibly changes the outputs
 
 
 def test_blocks_are_found() -> None:
@@ -80,8 +71,8 @@ def test_without_refit_equals_the_model_with_removed_units_zeroed(target: str) -
         assert sorted({str(u.expert) for u in report.units if u.stage == "ffn"}) == ["0", "1", "2", "3", "None",
                                                                                     "shared"]
     for b in batches:
-        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
 
 
 def test_expert_refit_is_lstsq_on_the_scaled_inputs_of_its_tokens() -> None:

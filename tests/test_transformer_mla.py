@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches
+from _torch_helpers import captured_input, ragged_token_batches, real_token_states, scale_matrices
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -43,16 +43,7 @@ def build(name: str, lm: bool = False) -> nn.Module:
         max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(10.0)
-    return model
-
-
-def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
+    return scale_matrices(model, 10.0)  # larger weights: pruning visibly changes the outputs
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -82,8 +73,8 @@ def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -
     n_moe = KINDS.get(name, ["hf_mla"] + ["hf_mla_moe"] * (LAYERS - 1)).count("hf_mla_moe")
     assert len(report.units) == (LAYERS - n_moe) + n_moe * (EXPERTS + 1)
     for b in batches:
-        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minicpm3"])
@@ -128,8 +119,8 @@ def test_heads_without_refit_are_the_model_with_removed_heads_zeroed(name: str) 
         assert sa.num_heads == HEADS // 2 and q.out_features == HEADS // 2 * (QK_NOPE + QK_ROPE)
         assert sa.kv_b_proj.out_features == HEADS // 2 * (QK_NOPE + V_HEAD)
     for b in batches:
-        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
 
 
 def test_heads_refit_equals_lstsq_on_the_captured_inputs() -> None:
@@ -150,7 +141,7 @@ def test_keeping_every_neuron_is_exact(name: str) -> None:
     model, batches = build(name), ragged_token_batches(VOCAB, n_batches=2)
     pruned, report = prune_transformer(model, batches, keep=1.0, method="asym", ridge=0.0, refit_prior="zero")
     for b in batches:
-        torch.testing.assert_close(hidden(pruned, b), hidden(model, b), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(model, b), atol=1e-4, rtol=1e-4)
     assert report.params_after == report.params_before
 
 
