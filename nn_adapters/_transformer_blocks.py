@@ -1198,7 +1198,9 @@ class _HFLlamaBlock(_HFBlock):
             m = getattr(self.module, "residual_scale", None)
         if not isinstance(m, (int, float)) or isinstance(m, bool) or m == 1:
             return None
-        return torch.full((self.out_proj.out_features,), float(m), dtype=self.out_proj.weight.dtype)
+        lin = _get(self.module, self.DOWN) if stage == "ffn" and self.DOWN else None
+        lin = lin if isinstance(lin, nn.Linear) else self.out_proj  # a layer without attention has a down projection
+        return torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
 
 
 class _HFLlamaPlainBlock(_HFLlamaBlock):
@@ -1848,20 +1850,21 @@ class _HFLfm2Block(_HFLlamaBlock):
     RESID_FFN = ("ffn_norm", 0)  # x + feed_forward(ffn_norm(x))
 
 
-class _HFLfm2ConvBlock(_HFLfm2Block):
-    """LFM2's convolution layers (``Lfm2DecoderLayer`` with a gated short convolution ``conv`` in place of the
-    attention): the FFN of :class:`_HFLfm2Block`, and no heads (the "heads" stage skips these layers)."""
+class _NoHeads:
+    """A hybrid stack's layer without attention (a convolution or a state-space layer in its place, ``OPERATOR``),
+    mixed into the adapter of the stack's attention layers: its FFN is pruned, it has no heads (the "heads" stage
+    skips it; its spec records ``num_heads`` 0)."""
 
-    kind = "hf_lfm2_conv"
+    OPERATOR: str
     has_heads = False
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        conv = getattr(module, "conv", None)
-        return (isinstance(conv, nn.Module) and _get(module, cls.SA) is None
-                and all(isinstance(getattr(conv, n, None), nn.Linear) for n in ("in_proj", "out_proj"))
-                and all(isinstance(_get(module, p), nn.Linear) for p in (cls.GATE, cls.UP, cls.DOWN))
-                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+        ffn = (cls.UP, cls.DOWN) + ((cls.GATE,) if cls.GATE else ())  # type: ignore[attr-defined]
+        return (isinstance(getattr(module, cls.OPERATOR, None), nn.Module)
+                and _get(module, cls.SA) is None  # type: ignore[attr-defined]
+                and all(isinstance(_get(module, p), nn.Linear) for p in ffn)
+                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))  # type: ignore[attr-defined]
 
     @property
     def num_heads(self) -> int:
@@ -1881,10 +1884,43 @@ class _HFLfm2ConvBlock(_HFLfm2Block):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         if keep.numel():
-            raise ValueError(f"block {self.name!r} has no attention heads")
+            raise ValueError(f"block {self.name!r} has no attention heads")  # type: ignore[attr-defined]
 
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        self.shrink_ffn(torch.arange(intermediate_size))
+        self.shrink_ffn(torch.arange(intermediate_size))  # type: ignore[attr-defined]
+
+
+class _HFLfm2ConvBlock(_NoHeads, _HFLfm2Block):
+    """LFM2's convolution layers (``Lfm2DecoderLayer`` with a gated short convolution ``conv`` in place of the
+    attention): the FFN of :class:`_HFLfm2Block`, no heads."""
+
+    kind = "hf_lfm2_conv"
+    OPERATOR = "conv"
+
+
+class _HFGraniteHybridBlock(_FusedGateUp):
+    """Granite 4.0 hybrid decoder layers with attention (``GraniteMoeHybridDecoderLayer``): the Llama attention,
+    the FFN ``shared_mlp`` (``input_linear``: gate and up fused in halves; ``output_linear``), both sublayers'
+    outputs times ``residual_multiplier`` before the residual sums. The variants with a mixture of experts
+    (``block_sparse_moe`` beside ``shared_mlp``) have their heads pruned; their FFN is refused."""
+
+    kind = "hf_granite_hybrid"
+    UP, DOWN = "shared_mlp.input_linear", "shared_mlp.output_linear"
+
+    def prepare_ffn(self) -> None:
+        if _get(self.module, "block_sparse_moe") is not None:
+            raise ValueError(f"block {self.name!r}: its FFN is a mixture of experts (block_sparse_moe) beside the "
+                             "dense shared_mlp, which the transformer adapter does not prune together; prune "
+                             "target='heads' on this model.")
+        super().prepare_ffn()
+
+
+class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
+    """Granite 4.0 hybrid layers with a Mamba-2 mixer (``mamba``) in place of the attention: the FFN of
+    :class:`_HFGraniteHybridBlock`, no heads."""
+
+    kind = "hf_granite_hybrid_mamba"
+    OPERATOR = "mamba"
 
 
 class _ScaledNorm(nn.Module):
@@ -2623,10 +2659,11 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
-    _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
-    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridBlock,
+    _HFGraniteHybridMambaBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
+    _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
+    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
+    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -1,10 +1,12 @@
-"""Transformer pruning of LFM2, a hybrid of gated short-convolution layers and attention layers (transformers 5): the
-FFN (``feed_forward.{w1, w3, w2}``) of every layer, the heads of the attention layers only; tiny randomly
-initialised models (no download).
+"""Transformer pruning of hybrid stacks (transformers 5): LFM2 (gated short-convolution layers and attention layers,
+FFN ``feed_forward.{w1, w3, w2}``) and Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp``
+with gate and up fused in ``input_linear``, outputs times ``residual_multiplier``): the FFN of every layer, the heads
+of the attention layers only; tiny randomly initialised models (no download).
 
-Oracles: the unpruned model with the removed units' columns of ``w2`` (of ``out_proj`` for heads) set to zero, no
-refit; numpy.linalg.lstsq on ``w2``'s input captured with a hook (the refit); the saved and reloaded model's outputs;
-greedy generation with and without the cache (the convolution layers keep a state of their own in it).
+Oracles: the unpruned model with the removed units' columns of the down projection (of the output projection for
+heads) set to zero, no refit; numpy.linalg.lstsq on the down projection's input captured with a hook (the refit);
+the saved and reloaded model's outputs; greedy generation with and without the cache (the convolution and Mamba
+layers keep states of their own in it).
 """
 
 from __future__ import annotations
@@ -24,66 +26,94 @@ transformers = pytest.importorskip("transformers")
 
 HIDDEN, HEADS, KV_HEADS, INTER, VOCAB = 16, 4, 2, 24, 40
 HEAD_DIM, GROUP = HIDDEN // HEADS, HEADS // KV_HEADS
-TYPES = ["conv", "full_attention", "conv", "full_attention"]
+#: name -> (config / model class prefix, layer types, block kinds (operator layer, attention layer), down projection,
+#: attention output projection)
+FAMILIES = {
+    "lfm2": ("Lfm2", ["conv", "full_attention", "conv", "full_attention"], ("hf_lfm2_conv", "hf_lfm2"),
+             "feed_forward.w2", "self_attn.out_proj"),
+    "granite4": ("GraniteMoeHybrid", ["mamba", "attention", "mamba", "attention"],
+                 ("hf_granite_hybrid_mamba", "hf_granite_hybrid"), "shared_mlp.output_linear", "self_attn.o_proj"),
+}
 
 
-def build(lm: bool = False) -> nn.Module:
-    if not hasattr(transformers, "Lfm2Config"):
-        pytest.skip(f"transformers {transformers.__version__} has no LFM2")
-    cfg = transformers.Lfm2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=len(TYPES), num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, intermediate_size=INTER, block_auto_adjust_ff_dim=False,
-        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, layer_types=TYPES)
+def build(name: str, lm: bool = False, experts: int = 0) -> nn.Module:
+    prefix, types = FAMILIES[name][:2]
+    if not hasattr(transformers, prefix + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
+    kw = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=len(types), num_attention_heads=HEADS,
+              num_key_value_heads=KV_HEADS, intermediate_size=INTER, max_position_embeddings=32, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, layer_types=types)
+    if name == "lfm2":
+        kw.update(block_auto_adjust_ff_dim=False)
+    else:
+        kw.update(shared_intermediate_size=INTER, num_local_experts=experts, num_experts_per_tok=2, mamba_n_heads=4,
+                  mamba_d_head=8, mamba_expand=2, mamba_d_state=8, mamba_n_groups=1, residual_multiplier=0.5)
     torch.manual_seed(0)
-    model = (transformers.Lfm2ForCausalLM if lm else transformers.Lfm2Model)(cfg).eval()
+    model = getattr(transformers, prefix + ("ForCausalLM" if lm else "Model"))(
+        getattr(transformers, prefix + "Config")(**kw))
     return scale_matrices(model, 5.0)  # larger weights: pruning visibly changes the outputs
 
 
-def test_blocks_are_found() -> None:
-    kinds = [b.kind for b in find_blocks(build())]
-    assert kinds == ["hf_lfm2_conv" if t == "conv" else "hf_lfm2" for t in TYPES]
+def attention_layers(name: str) -> set[str]:
+    return {f"layers.{i}" for i, t in enumerate(FAMILIES[name][1]) if "attention" in t}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_blocks_are_found(name: str) -> None:
+    kinds = [b.kind for b in find_blocks(build(name))]
+    operator, attention = FAMILIES[name][2]
+    assert kinds == [attention if "attention" in t else operator for t in FAMILIES[name][1]]
 
 
 @pytest.mark.parametrize("target", ["ffn", "heads", "all"])
-def test_without_refit_equals_the_model_with_removed_units_zeroed(target: str) -> None:
-    model, batches = build(), ragged_token_batches(VOCAB)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_without_refit_equals_the_model_with_removed_units_zeroed(name: str, target: str) -> None:
+    model, batches = build(name), ragged_token_batches(VOCAB)
     pruned, report = prune_transformer(model, batches, keep=0.5, target=target, method="magnitude",
                                        reweight=False)
-    heads = {f"layers.{i}" for i, t in enumerate(TYPES) if t != "conv"}
-    assert {u.block for u in report.units if u.stage == "heads"} == (heads if target != "ffn" else set())
-    assert len([u for u in report.units if u.stage == "ffn"]) == (len(TYPES) if target != "heads" else 0)
+    types = FAMILIES[name][1]
+    assert {u.block for u in report.units if u.stage == "heads"} == (
+        attention_layers(name) if target != "ffn" else set())
+    assert len([u for u in report.units if u.stage == "ffn"]) == (len(types) if target != "heads" else 0)
     zeroed = copy.deepcopy(model)
+    down, out = FAMILIES[name][3:]
     with torch.no_grad():
         for u in report.units:
             layer = zeroed.get_submodule(u.block)
             gone = sorted(set(range(u.n_units)) - set(u.kept))
             if u.stage == "ffn":
-                layer.feed_forward.w2.weight[:, gone] = 0.0
-            else:  # a key/value group: its query heads' columns of out_proj
+                layer.get_submodule(down).weight[:, gone] = 0.0
+            else:  # a key/value group: its query heads' columns of the output projection
                 cols = [(g * GROUP + j) * HEAD_DIM + i for g in gone for j in range(GROUP) for i in range(HEAD_DIM)]
-                layer.self_attn.out_proj.weight[:, cols] = 0.0
+                layer.get_submodule(out).weight[:, cols] = 0.0
     for b in batches:
         torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
 
 
-def test_ffn_refit_equals_lstsq_on_the_captured_inputs() -> None:
-    model, batches = build(), ragged_token_batches(VOCAB)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_ffn_refit_equals_lstsq_on_the_captured_inputs(name: str) -> None:
+    """Layer mode, no weighting: least squares on the down projection's input (Granite's multiplier scales every
+    output column alike, which least squares does not see)."""
+    model, batches = build(name), ragged_token_batches(VOCAB)
     pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer", ridge=0.0,
                                        weighting="none")
+    down = FAMILIES[name][3]
     for u in report.units:
-        w2 = model.get_submodule(u.block).feed_forward.w2
+        w2 = model.get_submodule(u.block).get_submodule(down)
         a = torch.cat([captured_input(model, w2, b)[b["attention_mask"].bool()] for b in batches]).double().numpy()
         y = a @ w2.weight.detach().double().numpy().T
         want = np.linalg.lstsq(a[:, u.kept], y, rcond=None)[0].T
-        got = pruned.get_submodule(u.block).feed_forward.w2.weight.detach().double().numpy()
+        got = pruned.get_submodule(u.block).get_submodule(down).weight.detach().double().numpy()
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
 
 
-def test_save_reload_and_generation(tmp_path) -> None:
-    model = build(lm=True)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_save_reload_and_generation(tmp_path, name: str) -> None:
+    model = build(name, lm=True)
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
-    assert [b["num_heads"] for b in report.spec["blocks"]] == [0 if t == "conv" else HEADS // 2 for t in TYPES]
+    assert [b["num_heads"] for b in report.spec["blocks"]] == [
+        HEADS // 2 if "attention" in t else 0 for t in FAMILIES[name][1]]
     save_pruned(pruned, tmp_path / "m")
     again = load_pruned(tmp_path / "m")
     prompt = torch.tensor([[3, 7, 11, 5]])
@@ -92,3 +122,11 @@ def test_save_reload_and_generation(tmp_path) -> None:
         kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
         with_cache = pruned.generate(prompt, use_cache=True, **kw)
         assert torch.equal(with_cache, pruned.generate(prompt, use_cache=False, **kw))
+
+
+def test_granite_with_experts_prunes_heads_and_refuses_its_ffn() -> None:
+    model, batches = build("granite4", experts=4), ragged_token_batches(VOCAB)
+    with pytest.raises(ValueError, match=r"mixture of experts \(block_sparse_moe\).*target='heads'"):
+        prune_transformer(model, batches, keep=0.5, target="ffn")
+    _, report = prune_transformer(model, batches, keep=0.5, target="heads")
+    assert {u.block for u in report.units} == attention_layers("granite4")
