@@ -1117,7 +1117,7 @@ def prune_transformer(
                          "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
                          "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
                          "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, "
-                         "MiniCPM3; LFM2; Gemma 2/3, "
+                         "MiniCPM3; LFM2, Granite 4.0 hybrid; Gemma 2/3, "
                          "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
                          "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. "
