@@ -1907,6 +1907,11 @@ class _HFGraniteHybridBlock(_FusedGateUp):
     kind = "hf_granite_hybrid"
     UP, DOWN = "shared_mlp.input_linear", "shared_mlp.output_linear"
 
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        # the hybrid's layers hold a ``mamba`` attribute (None in the attention layers); GraniteMoE-Shared's do not
+        return hasattr(module, "mamba") and super().matches(module)
+
     def prepare_ffn(self) -> None:
         if _get(self.module, "block_sparse_moe") is not None:
             raise ValueError(f"block {self.name!r}: its FFN is a mixture of experts (block_sparse_moe) beside the "
