@@ -743,6 +743,12 @@ def _view(block: _Block, stage: str) -> tuple[_Block, str]:
     return (block.cross, "heads") if stage == "cross" else (block, stage)
 
 
+def _residual_entry(block: _Block, stage: str) -> tuple[nn.Module, int] | str | None:
+    """:meth:`_Block.residual_input` of ``stage`` (through :func:`_view`)."""
+    view, role = _view(block, stage)
+    return view.residual_input(role)
+
+
 def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | None]:
     block, stage = _view(block, stage)
     if stage == "ffn":
@@ -1605,7 +1611,7 @@ def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, 
     mods: dict[str, Any] = {s: _consumer(block, s) for s in stages}
     if residual:
         for s in stages:
-            entry = _view(block, s)[0].residual_input(_view(block, s)[1])
+            entry = _residual_entry(block, s)
             if entry is not None and entry != BLOCK_OUTPUT:
                 mods["res_" + s] = entry
     return mods
@@ -1619,7 +1625,8 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
     ``gamma_i^2``. Without it, the few tokens and dimensions with massive activations (e.g. [CLS] in BERT) dominate
     the least-squares fit. Pre-LN blocks (no LayerNorm after the sum) are not weighted.
     """
-    norm = _view(block, stage)[0].post_norm(_view(block, stage)[1])
+    view, role = _view(block, stage)
+    norm = view.post_norm(role)
     if norm is None:
         return None, None
     var = z.double().var(dim=1, unbiased=False) + norm.eps
@@ -1836,7 +1843,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
             mods = _capture_map(blk, [s], residual)
-            from_output = residual and _view(blk, s)[0].residual_input(_view(blk, s)[1]) == BLOCK_OUTPUT
+            from_output = residual and _residual_entry(blk, s) == BLOCK_OUTPUT  # needs the whole block run
             for b in range(n_b):
                 valid = cache[b]["valid"]
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
@@ -1865,9 +1872,10 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
 
 def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: int, stats: _Stats | None,
                      ridge: _Ridge, rule: str, rng: np.random.Generator, report: TransformerPruneReport,
-                     t0: float, jobs: OrderedJobs) -> None:
+                     t0: float, jobs: OrderedJobs, owner: str | None = None, expert: str | None = None) -> None:
     """Choose the stage's units and refit its consumer (a job of ``jobs``: the baselines' units are chosen here,
-    in block and stage order), then shrink the block and report, in that order too."""
+    in block and stage order), then shrink the block and report, in that order too (the record names ``owner``
+    and ``expert`` where given: a mixture's shared expert, pruned as a dense FFN)."""
     n_units, groups = _unit_columns(stage, blk)
     consumer = _consumer(blk, stage)
     if method in GREEDY_METHODS:
@@ -1895,10 +1903,10 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
             blk.shrink_ffn(keep_t, weight, bias)
         else:
             _view(blk, stage)[0].shrink_heads(keep_t, weight, bias)
-        report.units.append(UnitRecord(block=blk.name, stage=stage, n_units=n_units, n_kept=k,
+        report.units.append(UnitRecord(block=owner or blk.name, stage=stage, n_units=n_units, n_kept=k,
                                        kept=[int(j) for j in kept], relative_error=rel_err,
                                        time_s=t_here + t_job + time.perf_counter() - t1, ridge=lam,
-                                       cv_relative_error=cv_err))
+                                       cv_relative_error=cv_err, expert=expert))
 
     jobs.add(f"the selection and refit of block {blk.name!r} ({stage})", _stage_job,
              (stats if problem is None else problem, groups, consumer.bias is not None, k, chosen, reweight, ridge,
@@ -1974,14 +1982,6 @@ class _ExpertCapture:
             e_out = ffn_out = None
         return {"x": xs, "idx": idx, "w": w, "out": e_out,
                 "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None}
-
-
-def _expert_call(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """Run the block on ``x``; return its output and :meth:`_ExpertCapture.take`'s record of the forward."""
-    with _ExpertCapture(blk) as cap:
-        out = _fwd(blk, x, ctx, counter)
-    return out, cap.take()
 
 
 def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
@@ -2136,7 +2136,7 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
     (``relative_error`` ``None``)."""
     n_units, n_exp, k = blk.ffn_units, blk.n_experts, budgets["ffn"]
     per_expert, shared_stats = stats if stats is not None else ((lambda e: None), None)
-    results: list[Any] = [None] * (n_exp + 1)  # (kept, fit, seconds) per expert, then the shared expert's
+    results: list[Any] = [None] * n_exp  # (kept, fit, seconds) per expert
     t_here = time.perf_counter() - t0
     for e in range(n_exp):
         st = per_expert(e)  # built now: with jobs run in place, one expert's statistics are held at a time
@@ -2160,59 +2160,33 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
                  (problem, None, blk.experts_bias, k, chosen, reweight, ridge, rule, w_orig),
                  partial(results.__setitem__, e))
         del st, problem
-    shared, k_shared = blk.shared, budgets.get("shared")
-    if shared is not None and k_shared is not None:
-        n_shared = shared.ffn_units
-        if method in GREEDY_METHODS:
-            chosen = np.arange(n_shared) if k_shared >= n_shared else None
-        elif method == "wanda" and shared_stats is not None:
-            chosen = np.argsort(-_wanda_scores("ffn", shared, shared_stats), kind="stable")[:k_shared]
-        elif method in ("magnitude", "wanda"):
-            chosen = np.argsort(-_magnitude_scores("ffn", shared), kind="stable")[:k_shared]
-        else:
-            chosen = rng.choice(n_shared, size=k_shared, replace=False)
-        if shared_stats is None:  # no data (a baseline without refit)
-            results[n_exp] = (np.sort(chosen), None, 0.0)
-        else:
-            problem = shared_stats if jobs.executor is None else shared_stats.problem()
-            w_orig = weight_of(shared.down).detach().double().cpu().numpy() if reweight and ridge.prior else None
-            jobs.add(f"the selection and refit of the shared expert of block {blk.name!r}", _stage_job,
-                     (problem, None, shared.down.bias is not None, k_shared, chosen, reweight, ridge, rule, w_orig),
-                     partial(results.__setitem__, n_exp))
 
     def finish() -> None:
         t1 = time.perf_counter()
-        kept = torch.as_tensor(np.stack([r[0] for r in results[:n_exp]]), dtype=torch.long)
+        kept = torch.as_tensor(np.stack([r[0] for r in results]), dtype=torch.long)
         weight = bias = None
-        if any(r[1] is not None for r in results[:n_exp]):  # refitted experts, the others' trained weights
+        if any(r[1] is not None for r in results):  # refitted experts, the others' trained weights
             weight = torch.stack([torch.as_tensor(np.ascontiguousarray(r[1][0].T)) if r[1] is not None
                                   else _columns(blk.expert_down_weight(e), kept[e]).detach().double().cpu()
-                                  for e, r in enumerate(results[:n_exp])])
+                                  for e, r in enumerate(results)])
             if blk.experts_bias:
                 bias = torch.stack([torch.as_tensor(r[1][1]) if r[1] is not None
                                     else blk.expert_down_bias(e).detach().double().cpu()
-                                    for e, r in enumerate(results[:n_exp])])
+                                    for e, r in enumerate(results)])
         blk.shrink_ffn(kept, weight, bias)
-        records = [(e, n_units, k, r) for e, r in enumerate(results[:n_exp])]
-        if results[n_exp] is not None:
-            kept_s, fit, _ = results[n_exp]
-            sh = blk.shared
-            if fit is None:
-                sh.shrink_ffn(torch.as_tensor(kept_s, dtype=torch.long))
-            else:
-                sh.shrink_ffn(torch.as_tensor(kept_s, dtype=torch.long),
-                              torch.as_tensor(np.ascontiguousarray(fit[0].T)),
-                              None if fit[1] is None else torch.as_tensor(fit[1]))
-            records.append(("shared", n_shared, k_shared, results[n_exp]))
-        t_each = (t_here + time.perf_counter() - t1) / len(records)
-        for e, n, k_e, (kept_e, fit, t_job) in records:
-            report.units.append(UnitRecord(block=blk.name, stage="ffn", n_units=n, n_kept=k_e,
+        t_each = (t_here + time.perf_counter() - t1) / n_exp
+        for e, (kept_e, fit, t_job) in enumerate(results):
+            report.units.append(UnitRecord(block=blk.name, stage="ffn", n_units=n_units, n_kept=k,
                                            kept=[int(j) for j in kept_e],
                                            relative_error=None if fit is None else fit[2], time_s=t_each + t_job,
                                            ridge=None if fit is None else fit[3],
                                            cv_relative_error=None if fit is None else fit[4], expert=e))
 
     jobs.then(finish)
+    shared, k_shared = blk.shared, budgets.get("shared")
+    if shared is not None and k_shared is not None:  # a dense gated FFN: the dense stage's selection and refit
+        _apply_selection(shared, "ffn", method, reweight, k_shared, shared_stats, ridge, rule, rng, report,
+                         time.perf_counter(), jobs, owner=blk.name, expert="shared")
 
 
 def _columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
