@@ -2,22 +2,24 @@
 and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and after the sublayers, gated FFN,
 grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
 experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer), GPT-OSS-style
-(``--arch gptoss``) and Llama-4-style (``--arch llama4``) decoders trained here on text, without fine-tuning.
+(``--arch gptoss``) and Llama-4-style (``--arch llama4``) decoders trained here on text, without fine-tuning; and
+encoder-decoders (``--arch mbart``: BART family, pre-LN; ``--arch t5``: Flan-T5-style), whose encoder reads the first
+half of each window and whose decoder continues it (the perplexity is the decoder's, on the second half).
 
 No pretrained decoder can be downloaded on this machine, so each architecture is trained once on bytes of English
 text (sentences from the docstrings of the Python standard library, the MiniLM benchmark's source; vocabulary: the
-256 byte values; 4 layers, width 128, 4 heads, FFN 512, windows of 64 bytes) and cached in ``$SUBMOD_CACHE_DIR``
-like the demo's CNN. The sentences are split three ways, disjoint: training, calibration (the unlabeled windows
-the pruner sees) and evaluation. For every target (FFN neurons or attention heads, in every block), fraction kept
-and seed (the seed draws the calibration windows and the random baseline's units) the model is pruned with the
-greedy methods (asym, layer; least-squares refit) and the baselines (Wanda-style, magnitude and random with the same
-refit; magnitude without refit, what Torch-Pruning gives before fine-tuning), and measured on the evaluation
-windows: perplexity of the next byte (labels: the text itself, never seen by the pruner) and the KL divergence of
-the pruned model's next-byte distribution from the unpruned one's (label-free fidelity). Prints means over seeds and
-RATIOS of the perplexity increase (pruned / unpruned - 1) against the baselines measured in the same run. All
-figures are empirical estimates on this data (no guarantee is involved).
+256 byte values; 4 layers (encoder-decoders: 4 of each), width 128, 4 heads, FFN 512, windows of 64 bytes) and
+cached in ``$SUBMOD_CACHE_DIR`` like the demo's CNN. The sentences are split three ways, disjoint: training,
+calibration (the unlabeled windows the pruner sees) and evaluation. For every target (FFN neurons or attention
+heads, in every block), fraction kept and seed (the seed draws the calibration windows and the random baseline's
+units) the model is pruned with the greedy methods (asym, layer; least-squares refit) and the baselines
+(Wanda-style, magnitude and random with the same refit; magnitude without refit, what Torch-Pruning gives before
+fine-tuning), and measured on the evaluation windows: perplexity of the next byte (labels: the text itself, never
+seen by the pruner) and the KL divergence of the pruned model's next-byte distribution from the unpruned one's
+(label-free fidelity). Prints means over seeds and RATIOS of the perplexity increase (pruned / unpruned - 1) against
+the baselines measured in the same run. All figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4 mbart t5]
       [--targets ffn heads] [--keep 0.5 0.25] [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
@@ -42,6 +44,7 @@ METHODS = [("asym", "asym", True), ("layer", "layer", True), ("wanda+refit", "wa
            ("magnitude+refit", "magnitude", True), ("random+refit", "random", True),
            ("magnitude (no refit)", "magnitude", False)]
 BASELINES = ("wanda+refit", "magnitude+refit", "magnitude (no refit)")
+SEQ2SEQ = ("mbart", "t5")
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +73,23 @@ def build(arch: str) -> torch.nn.Module:
                                       n_inner=FFN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=10,
                                       eos_token_id=10)
         return transformers.GPT2LMHeadModel(cfg)
+    if arch == "mbart":
+        # BART-family encoder-decoder, pre-LN (mBART: post-LN BART stalls at the byte frequencies when trained from
+        # scratch here): LAYERS encoder and LAYERS decoder layers, cross-attention in every decoder layer
+        cfg = transformers.MBartConfig(vocab_size=256, max_position_embeddings=WINDOW, d_model=WIDTH,
+                                       encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+                                       decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
+                                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+                                       bos_token_id=10, eos_token_id=10, decoder_start_token_id=10,
+                                       forced_eos_token_id=None)
+        return transformers.MBartForConditionalGeneration(cfg)
+    if arch == "t5":
+        # Flan-T5-style encoder-decoder: RMS norms before the sublayers, gated-GELU FFN, relative position biases
+        cfg = transformers.T5Config(vocab_size=256, d_model=WIDTH, d_kv=WIDTH // HEADS, d_ff=FFN, num_layers=LAYERS,
+                                    num_decoder_layers=LAYERS, num_heads=HEADS, dropout_rate=0.0,
+                                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0,
+                                    eos_token_id=10, decoder_start_token_id=10)
+        return transformers.T5ForConditionalGeneration(cfg)
     if arch == "gemma3":
         # sandwich norms, gated FFN, three sliding-window layers and a global one; grouped-query attention with
         # 8 query heads of width 16 in 4 key/value groups (the units of head pruning)
@@ -125,8 +145,9 @@ def train(arch: str, text: torch.Tensor, steps: int) -> torch.nn.Module:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     for i in range(steps):
-        x = windows(text, 32, seed=10_000 + i)
-        loss = model(input_ids=x, labels=x).loss
+        x = batches_of(windows(text, 32, seed=10_000 + i), seq2seq=arch in SEQ2SEQ)[0]
+        ids = x.get("decoder_input_ids", x["input_ids"])
+        loss = torch.nn.functional.cross_entropy(model(**x).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -155,20 +176,30 @@ def trained(arch: str, text: torch.Tensor, steps: int, retrain: bool) -> tuple[t
     return model, took
 
 
-def batches_of(x: torch.Tensor, size: int = 32) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": x[i:i + size], "attention_mask": torch.ones_like(x[i:i + size])}
-            for i in range(0, len(x), size)]
+def batches_of(x: torch.Tensor, size: int = 32, seq2seq: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Model inputs for windows ``x``, ``size`` windows a batch. ``seq2seq``: the encoder reads the first half of
+    each window and the decoder continues it (its tokens: the source's last byte, then the second half)."""
+    out = []
+    for i in range(0, len(x), size):
+        w = x[i:i + size]
+        if seq2seq:
+            src = w[:, :WINDOW // 2]
+            out.append({"input_ids": src, "attention_mask": torch.ones_like(src),
+                        "decoder_input_ids": w[:, WINDOW // 2 - 1:]})
+        else:
+            out.append({"input_ids": w, "attention_mask": torch.ones_like(w)})
+    return out
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
              ref_logp: list[torch.Tensor] | None = None) -> tuple[float, float, list[torch.Tensor]]:
-    """Perplexity of the next byte, mean KL(unpruned || model) per position (0 without ``ref_logp``), and the
-    log-probabilities."""
+    """Perplexity of the next byte (of the decoder's tokens for an encoder-decoder), mean KL(unpruned || model) per
+    position (0 without ``ref_logp``), and the log-probabilities."""
     nll, kl, n, logps = 0.0, 0.0, 0, []
     for i, b in enumerate(batches):
         logp = torch.log_softmax(model(**b).logits[:, :-1].double(), dim=-1)
-        target = b["input_ids"][:, 1:]
+        target = b.get("decoder_input_ids", b["input_ids"])[:, 1:]
         nll += float(-logp.gather(-1, target.unsqueeze(-1)).sum())
         if ref_logp is not None:
             kl += float((ref_logp[i].exp() * (ref_logp[i] - logp)).sum())
@@ -180,7 +211,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"],
-                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4"])
+                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4", *SEQ2SEQ])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")
@@ -193,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     random.seed(0)
     train_text, calib_text, eval_text = corpus()
-    eval_batches = batches_of(windows(eval_text, args.eval, seed=1))
+    eval_windows = windows(eval_text, args.eval, seed=1)
     print(f"text: {len(train_text)} training, {len(calib_text)} calibration and {len(eval_text)} evaluation bytes; "
           f"{args.calib} calibration and {args.eval} evaluation windows of {WINDOW} bytes")
     for arch in args.arch:
+        seq2seq = arch in SEQ2SEQ
+        eval_batches = batches_of(eval_windows, seq2seq=seq2seq)
         model, took = trained(arch, train_text, args.steps, args.retrain)
         base_ppl, _, ref = evaluate(model, eval_batches)
         how = "cached" if took is None else f"trained in {took:.0f} s"
@@ -205,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             for keep in args.keep:
                 res: dict[str, list[tuple[float, float, float]]] = {label: [] for label, _, _ in METHODS}
                 for seed in range(args.seeds):
-                    calib = batches_of(windows(calib_text, args.calib, seed=100 + seed))
+                    calib = batches_of(windows(calib_text, args.calib, seed=100 + seed), seq2seq=seq2seq)
                     for label, method, reweight in METHODS:
                         t0 = time.perf_counter()
                         pruned, _ = nna.prune(model, calib, keep=keep, target=target, method=method,

@@ -1145,6 +1145,13 @@ class _HFLlamaBlock(_HFBlock):
             raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {version} keeps per-module "
                              f"head counts ({', '.join(legacy)}) and reshapes the attention output to the model "
                              f"width, so heads cannot be removed from it. Prune target='ffn' on this model.{hint}")
+        for part in ("q_norm", "k_norm"):  # OLMo 2 / 3, OLMoE, FlexOlmo, MiniMax-M2: one norm over every head
+            weight = getattr(getattr(sa, part, None), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.shape[-1] != self.head_dim:
+                raise ValueError(f"block {self.name!r}: {type(sa).__name__}'s q_norm / k_norm normalise the "
+                                 f"queries and keys over all heads together ({weight.shape[-1]} features, not one "
+                                 f"head's {self.head_dim}), so removing a head would change every other head's "
+                                 "attention. Prune target='ffn' on this model.")
         super().prepare_heads()
 
     @property
@@ -1995,23 +2002,14 @@ class _HFOlmo2Block(_HFGemma2Block):
     """OLMo 2 and 3, EXAONE 4 decoder layers (``Olmo2DecoderLayer``...): norms after the sublayers only, ``x +
     post_attention_layernorm(attn(x))`` then ``x + post_feedforward_layernorm(mlp(x))``, with the Llama parts.
     OLMo's attention normalises its queries and keys over all heads together (``q_norm`` / ``k_norm`` of the
-    projections' full width): its heads are refused; EXAONE 4's norms act per head, its heads are pruned."""
+    projections' full width): its heads are refused (by :meth:`_HFLlamaBlock.prepare_heads`, as OLMoE's); EXAONE
+    4's norms act per head, its heads are pruned."""
 
     kind = "hf_olmo2"
     RESID_FFN = ("mlp", 0)  # x + post_feedforward_layernorm(mlp(x))
     REQUIRED = ()
     FORBIDDEN = ("input_layernorm", "pre_feedforward_layernorm")
 
-    def prepare_heads(self) -> None:
-        sa = _get(self.module, self.SA)
-        weight = getattr(getattr(sa, "q_norm", None), "weight", None)
-        width = weight.numel() if isinstance(weight, torch.Tensor) else self.head_dim
-        if width != self.head_dim:
-            raise ValueError(f"block {self.name!r}: {type(sa).__name__}'s q_norm / k_norm normalise the queries and "
-                             f"keys over all heads together ({width} features, not one head's {self.head_dim}), so "
-                             "removing a head would change every other head's attention. Prune target='ffn' on "
-                             "this model.")
-        super().prepare_heads()
 
 
 class _HFGlm4Block(_FusedGateUp, _HFGemma2Block):

@@ -1110,6 +1110,22 @@ def prune_transformer(
     if executor is not None and mode != "layer":
         raise ValueError(f"with {mode!r} statistics {LAYER_ONLY}: pass method='layer' (propagation='layer' for a "
                          "baseline), or no executor.")
+    return _prune_model(model, calibration_data, keep, t_start, target=target, method=method, reweight=reweight,
+                        seed=seed, propagation=propagation, ridge=ridge, refit_prior=refit_prior, rule=rule,
+                        residual=residual, weighting=weighting, allocation=allocation, min_keep=min_keep,
+                        executor=executor)
+
+
+def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[str | int, float], t_start: float, *,
+                 target: str, method: str, reweight: bool, seed: int | None, propagation: str, ridge: float | str,
+                 refit_prior: str, rule: str, residual: bool, weighting: str, allocation: str, min_keep: float,
+                 executor: Executor | None, original_data: list[Any] | None = None
+                 ) -> tuple[nn.Module, TransformerPruneReport]:
+    """:func:`prune_transformer` after its arguments are checked. ``original_data``: the original network's own
+    calibration batches where they differ from ``calibration_data`` (a decoder's, whose encoder states come from
+    the unpruned encoder there and from the pruned one in ``calibration_data``): the original blocks' forwards
+    (the targets of asym mode, the statistics of layer mode) read their context from those."""
+    mode = method if method in GREEDY_METHODS else propagation
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
 
@@ -1179,8 +1195,10 @@ def prune_transformer(
     with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            orig_blocks, cache, chain, called = _original_blocks(model, batches, "heads" in stages, stacks_note,
-                                                                 counter, gated, bool(crossable))
+            own = None if original_data is None else _batches(original_data, float_dtype(model))
+            orig_blocks, cache, chain, called = _original_blocks(model, batches if own is None else own,
+                                                                 "heads" in stages, stacks_note, counter, gated,
+                                                                 bool(crossable), None if own is None else batches)
             per_block = [_with_cross(stages, b, called) for b in blocks]
             _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
@@ -1192,7 +1210,9 @@ def prune_transformer(
                                                weighting == "layernorm", float(min_keep))
             xo = [c["x"] for c in cache]
             xp = [c["x"] for c in cache]
-            changed = False  # has an earlier block been changed (then asym-mode inputs differ from the original's)
+            # has an earlier block (or the encoder whose states it reads) been changed? then asym-mode inputs differ
+            # from the original's
+            changed = original_data is not None
             for i, blk in enumerate(blocks):
                 oblk = orig_blocks[i]
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
@@ -1207,7 +1227,7 @@ def prune_transformer(
                 if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
                     t0 = time.perf_counter()
-                    xo_next = [_fwd(oblk, xo[b], cache[b]["ctx"], counter) for b in range(len(cache))]
+                    xo_next = [_fwd(oblk, xo[b], _original_context(cache[b]), counter) for b in range(len(cache))]
                     jobs.then(partial(_report_unchanged, report, blk, per_block[i], bool(reweight),
                                       time.perf_counter() - t0))
                 else:
@@ -1308,18 +1328,29 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
                            calibration_data: Any, keep: float | Mapping[str | int, float], options: dict[str, Any],
                            t_start: float) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune an encoder-decoder model stack by stack: the encoder on the inputs the model hands it, then the
-    decoder on the inputs it hands the decoder with the pruned encoder in place (its cross-attention reads the
-    pruned encoder's states, which its refit then adapts to). The pruned blocks are put into ``work`` (a copy of
-    ``model``), so weights shared outside the blocks (the embeddings) stay shared."""
+    decoder on the inputs it hands the decoder with the pruned encoder in place (its pruned blocks' cross-attention
+    reads the pruned encoder's states, which their refit then adapts to), while the decoder's original blocks read
+    the unpruned encoder's states: asym mode's targets (and layer mode's statistics) are the original network's.
+    The pruned blocks are put into ``work`` (a copy of ``model``), so weights shared outside the blocks (the
+    embeddings) stay shared."""
     fractions = _block_fractions(keep, blocks)  # names and indices refer to the whole model's blocks
     batches = None if calibration_data is None else _batches(calibration_data, float_dtype(model))
+    # the decoder's calls in the unpruned model (work is still unpruned): its original blocks read those encoder
+    # states (asym targets, layer-mode statistics), its pruned blocks the pruned encoder's
+    original = None if batches is None else _stack_batches(work, stacks[1], batches)
     reports = []
     for path in stacks:
         inside = [(b, f) for b, f in zip(blocks, fractions, strict=True) if b.name.startswith(path + ".")]
         part: float | dict[str, float] = ({b.name[len(path) + 1:]: f for b, f in inside}
                                           if isinstance(keep, Mapping) else float(keep))
         stack_batches = None if batches is None else _stack_batches(work, path, batches)
-        pruned, rep = prune_transformer(model.get_submodule(path), stack_batches, keep=part, **options)
+        own = None
+        if path == stacks[1] and original is not None and stack_batches is not None and not all(
+                o.keys() == c.keys() and all(_same_argument(o[k], c[k]) for k in o)
+                for o, c in zip(original, stack_batches, strict=True)):
+            own = original
+        pruned, rep = _prune_model(model.get_submodule(path), stack_batches, part, time.perf_counter(),
+                                   original_data=own, **options)
         for b, _ in inside:
             _set(work, b.name, pruned.get_submodule(b.name[len(path) + 1:]))
         reports.append((path, rep))
@@ -1383,14 +1414,18 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
 
 
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
-                     gated: bool = False, cross: bool = False
+                     gated: bool = False, cross: bool = False, pruned_batches: list[Any] | None = None
                      ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor], set[str]]:
     """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the
     first block's cached inputs for ``batches``, every block's input on the first batch (one full forward, which
     also checks that the blocks chain and, with ``heads``, their head layout; with ``gated``, the FFN unit layout
     of the blocks whose FFN has several producers), and, with ``cross``, the names of the decoder layers whose
     cross-attention that forward called (their cross-attention's head layout checked too): a decoder run without
-    encoder states skips it, and its heads are then left as they are."""
+    encoder states skips it, and its heads are then left as they are.
+
+    With ``pruned_batches`` (the pruned network's batches, one per batch of ``batches``: a decoder's calls with
+    the pruned encoder's states, its first block's inputs the same), each cached entry's ``"ctx"`` is the first
+    block's context there and ``"octx"`` the original network's (see :func:`_original_context`)."""
     orig = working_copy(model)
     orig_blocks = find_blocks(orig)
     crossing = [b for b in orig_blocks if b.cross is not None] if heads and cross else []
@@ -1421,9 +1456,23 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
                                 cache[0]["ctx"], counter)
         if gated:
             _check_ffn_units(orig_blocks, chain, cache[0]["ctx"], counter)
+        if pruned_batches is not None:
+            for entry, seen in zip(cache, _capture_first_block(orig, orig_blocks[0], pruned_batches,
+                                                               orig_blocks if own else None), strict=True):
+                if not (torch.equal(entry["valid"], seen["valid"]) and torch.equal(entry["x"], seen["x"])):
+                    raise ValueError("the decoder's first block receives other tokens or inputs with the pruned "
+                                     "encoder than with the unpruned one: an encoder-decoder whose decoder inputs "
+                                     "depend on its encoder is not supported; prune its stacks on their own")
+                entry.update(octx=entry["ctx"], ctx=seen["ctx"])
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return orig_blocks, cache, chain, called
+
+
+def _original_context(entry: dict[str, Any]) -> dict[str, Any]:
+    """The call context the original blocks run in for one cached batch: its ``"octx"`` where the original
+    network's differs from the pruned network's (a decoder's encoder states), else its ``"ctx"``."""
+    return entry.get("octx", entry["ctx"])
 
 
 def _with_cross(stages: list[str], blk: _Block, called: set[str]) -> list[str]:
@@ -1491,16 +1540,16 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
     for shrink in (False, True):
         probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
         probe.for_probe()
-        with torch.no_grad():
-            if stage == "heads" and shrink:
-                probe.shrink_heads(torch.arange(1, probe.head_units))
-            elif stage == "heads":
-                weight_of(probe.out_proj)[:, :probe.head_unit_width] = 0.0
-            elif shrink:
-                probe.drop_first_ffn_unit()
-            else:
-                probe.zero_ffn_unit(0)
-        try:
+        try:  # cutting the unit's rows (projections of other widths than assumed) or the forward may fail
+            with torch.no_grad():
+                if stage == "heads" and shrink:
+                    probe.shrink_heads(torch.arange(1, probe.head_units))
+                elif stage == "heads":
+                    weight_of(probe.out_proj)[:, :probe.head_unit_width] = 0.0
+                elif shrink:
+                    probe.drop_first_ffn_unit()
+                else:
+                    probe.zero_ffn_unit(0)
             outs.append(_fwd(probe, x, ctx, counter))
         except Exception as exc:  # noqa: BLE001 - any failure means the layout is not the one assumed
             raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the parts of a {blk.kind} "
@@ -1656,7 +1705,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
     for b in range(len(cache)):
         with _ExpertCapture(oblk) if experts else contextlib.nullcontext() as cap:
             out, got = capture_inputs(first_mods if b == 0 else orig_mods,
-                                      lambda b=b: _fwd(oblk, xo[b], cache[b]["ctx"], counter))
+                                      lambda b=b: _fwd(oblk, xo[b], _original_context(cache[b]), counter))
         if experts:
             record = cap.take(outputs=b == 0)
             side["experts"].append(record if b == 0 or mode != "seq" else None)
@@ -1678,7 +1727,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
             if b == 0:
                 _check_layout(oblk, s, total, got, out, valid)
                 if view.residual_input(role) == BLOCK_OUTPUT:
-                    _check_branch_sum(oblk, s, xo[b], cache[b]["ctx"], counter)
+                    _check_branch_sum(oblk, s, xo[b], _original_context(cache[b]), counter)
             w = scale = None
             if weighting:
                 w, scale = _norm_weights(oblk, s, total)

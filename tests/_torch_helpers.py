@@ -144,6 +144,44 @@ def prune_stack_by_stack(model: nn.Module, source: list[dict[str, torch.Tensor]]
     return enc, prune_transformer(model.decoder, dec_batches, **options)
 
 
+def assert_decoder_refit_aims_at_the_original(model: nn.Module, pruned: nn.Module, whole: list[dict], report,
+                                               consumer: str, mode: str = "asym") -> tuple[float, float]:
+    """Oracle of the decoder's refit in a whole encoder-decoder pruned with ``ridge=0.0, weighting="none",
+    residual=False``: every decoder block's FFN consumer (``consumer``, its path in the block) is the least-squares
+    fit (with an intercept where it has a bias) of the UNPRUNED model's consumer outputs, whose decoder reads the
+    unpruned encoder's states, on the consumer inputs (kept neurons only) of the pruned model (``mode="asym"``) or
+    of the unpruned model (``"layer"``), over the decoder's tokens. Returns the largest difference between the
+    pruned weights and that fit, and between them and the fit of the manual route's statistics (the unpruned
+    decoder on the pruned encoder's states), for the caller to check that the two routes are told apart."""
+    hybrid = copy.deepcopy(model)  # the unpruned decoder reading the pruned encoder's states
+    hybrid.encoder = pruned.get_encoder()
+    decoder_units = [u for u in report.units if u.stage == "ffn" and u.block.startswith("decoder.")]
+    assert decoder_units
+    err = apart = 0.0
+    for unit in decoder_units:
+        path = f"{unit.block}.{consumer}"
+        mine, theirs = pruned.get_submodule(path), model.get_submodule(path)
+        got = mine.weight.detach().double().numpy().T
+        if mine.bias is not None:
+            got = np.vstack([got, mine.bias.detach().double().numpy()])
+        fits = []
+        with torch.no_grad():
+            for net in (model, hybrid):
+                seen = torch.cat([captured_input(net, net.get_submodule(path), b).reshape(-1, theirs.in_features)
+                                  for b in whole])
+                if mode == "asym":
+                    A = torch.cat([captured_input(pruned, mine, b).reshape(-1, mine.in_features) for b in whole])
+                else:
+                    A = seen[:, unit.kept]
+                A = A.double().numpy()
+                design = A if mine.bias is None else np.hstack([A, np.ones((len(A), 1))])
+                fits.append(np.linalg.lstsq(design, theirs(seen).double().numpy(), rcond=None)[0])
+        np.testing.assert_allclose(got, fits[0], atol=2e-4, rtol=1e-3)
+        err = max(err, float(np.abs(got - fits[0]).max()))
+        apart = max(apart, float(np.abs(got - fits[1]).max()))
+    return err, apart
+
+
 def assert_pruned_like_the_stacks(pruned: nn.Module, report, stacks) -> None:
     """The whole-model result has the units and the weights of the stack-by-stack route (``stacks`` as
     :func:`prune_stack_by_stack` returns them)."""

@@ -335,6 +335,13 @@ def _tiny(cls: str, config: str, **kw) -> nn.Module:
     (lambda: _tiny("GroupViTTextModel", "GroupViTTextConfig", vocab_size=VOCAB, max_position_embeddings=32),
      {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
      "fails once a head is removed"),
+    # MiMo-V2-Flash: values and output-projection columns of another head width (v_head_dim) than queries and
+    # keys (head_dim): cutting a head's rows as if all were head_dim wide fails before any forward
+    (lambda: _tiny("MiMoV2FlashModel", "MiMoV2FlashConfig", vocab_size=VOCAB, num_key_value_heads=2, head_dim=4,
+                   v_head_dim=8, moe_intermediate_size=INTER, n_routed_experts=4, num_experts_per_tok=2,
+                   max_position_embeddings=32),
+     {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
+     r"fails once a head is removed \(IndexError"),
     # MLCD: the output projection reads (tokens, batch, features)
     (lambda: _tiny("MLCDVisionModel", "MLCDVisionConfig", image_size=16, patch_size=4),
      {"pixel_values": torch.randn(4, 3, 16, 16)}, r"does not have the \(batch, tokens\) = \(4, 17\) layout"),

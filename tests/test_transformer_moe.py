@@ -30,7 +30,8 @@ transformers = pytest.importorskip("transformers")
 HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4, 2, 2, 40
 FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
-            "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared"}
+            "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
+            "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2"}
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
 #: mixture, outside it: kept whole)
 GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
@@ -336,6 +337,22 @@ def test_shared_expert_of_another_layout_is_refused() -> None:
     with pytest.raises(ValueError, match="not a gated FFN of gate_proj, up_proj and down_proj"):
         prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5)
     prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="heads")
+
+
+@pytest.mark.parametrize("name", ["olmoe", "flex_olmo", "minimax_m2"])
+def test_heads_under_one_query_key_norm_over_every_head_are_refused(name: str) -> None:
+    """OLMoE, FlexOlmo and MiniMax-M2 normalise the queries (keys) of all heads together, one RMS over the whole
+    projection: removing a head would change every other head's attention, so their heads are refused with that
+    reason, before any statistics (their experts are pruned)."""
+    model = build(name)
+    attention = find_blocks(model)[0].module.self_attn
+    assert attention.q_norm.weight.numel() == HEADS * (HIDDEN // HEADS)  # the layout this test is about
+    for method, reweight in (("asym", True), ("magnitude", False)):
+        with pytest.raises(ValueError, match=r"normalise the queries and keys over all heads together \(16 "
+                                             r"features, not one head's 4\).*target='ffn'"):
+            prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="heads",
+                              method=method, reweight=reweight)
+    prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="ffn")
 
 
 @pytest.mark.parametrize("method", ["asym", "wanda", "random"])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _torch_helpers import (
+    assert_decoder_refit_aims_at_the_original,
     assert_padding_does_not_matter,
     assert_pruned_like_the_stacks,
     captured_input,
@@ -298,15 +299,35 @@ def test_arguments_that_depend_on_the_hidden_states_are_refused() -> None:
         prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
 
 
-@pytest.mark.parametrize("name", ["t5", "umt5"])
-def test_the_whole_model_is_pruned_stack_by_stack(name: str) -> None:
-    """Oracle: the encoder pruned on its inputs, then the decoder on its tokens with the pruned encoder's states
-    (the documented manual route)."""
+def _whole(name: str) -> tuple[nn.Module, list[dict], list[dict], list[torch.Tensor]]:
+    """The full model, whole-model batches (ragged sources, decoder tokens), the sources and the decoder tokens."""
     model, source = full_model(name), batches(name)
     g = torch.Generator().manual_seed(3)
     targets = [torch.randint(3, VOCAB, (b["input_ids"].shape[0], 6), generator=g) for b in source]
-    whole = [{**b, "decoder_input_ids": t} for b, t in zip(source, targets, strict=True)]
-    pruned, report = prune_transformer(model, whole, keep=0.5, target="ffn", method="asym")
-    assert_pruned_like_the_stacks(pruned, report, prune_stack_by_stack(model, source, targets, keep=0.5,
-                                                                       target="ffn", method="asym"))
+    return model, [{**b, "decoder_input_ids": t} for b, t in zip(source, targets, strict=True)], source, targets
+
+
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_the_whole_model_is_pruned_stack_by_stack(name: str) -> None:
+    """Oracle, in seq mode (every statistic from the pruned network): the encoder pruned on its inputs, then the
+    decoder on its tokens with the pruned encoder's states (the documented manual route)."""
+    model, whole, source, targets = _whole(name)
+    options = dict(keep=0.5, target="ffn", method="seq", weighting="none")
+    pruned, report = prune_transformer(model, whole, **options)
+    assert_pruned_like_the_stacks(pruned, report, prune_stack_by_stack(model, source, targets, **options))
     assert len(report.units) == 2 * LAYERS and report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("method", ["asym", "layer"])
+@pytest.mark.parametrize("name", ["t5", "umt5"])
+def test_the_decoder_targets_come_from_the_unpruned_encoder(name: str, method: str) -> None:
+    """The decoder's targets come from the original network (its decoder on the unpruned encoder's states), its
+    inputs from the pruned network in asym mode, from the original in layer mode: each decoder ``wo`` is least
+    squares (no intercept: T5 has no biases) of the unpruned model's ``wo`` outputs on those inputs."""
+    model, whole, _, _ = _whole(name)
+    pruned, report = prune_transformer(model, whole, keep=0.5, target="ffn", method=method, ridge=0.0,
+                                       weighting="none", residual=False)
+    assert wo(pruned.decoder.block[0]).bias is None
+    consumer = f"layer.{len(model.decoder.block[0].layer) - 1}.DenseReluDense.wo"
+    err, apart = assert_decoder_refit_aims_at_the_original(model, pruned, whole, report, consumer, method)
+    assert apart > max(1e-4, 100 * err)
