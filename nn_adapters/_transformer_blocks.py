@@ -1184,7 +1184,15 @@ class _HFLlamaBlock(_HFBlock):
                 setattr(sa, attr, count)
 
     def _qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The rows to keep of each projection in :attr:`QKV`, given the kept query rows and key (= value) rows."""
+        """The rows to keep of each projection in :attr:`QKV`, given the kept query rows (the output projection's
+        kept columns) and key (= value) rows. A gated query (Qwen3-Next, Qwen3.5: ``q_proj`` yields each head's
+        ``head_dim`` queries then its ``head_dim`` output gates, ``attn * sigmoid(gate)`` before ``o_proj``) keeps
+        both halves of each kept head's rows."""
+        query = getattr(_get(self.module, self.SA), self.QKV[0])
+        if query.out_features == 2 * self.out_proj.in_features:
+            head, col = q_rows // self.head_dim, q_rows % self.head_dim
+            start = 2 * self.head_dim * head + col
+            q_rows = torch.sort(torch.cat([start, start + self.head_dim])).values
         return q_rows, kv_rows, kv_rows
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
@@ -1867,11 +1875,16 @@ class _NoHeads:
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        ffn = (cls.UP, cls.DOWN) + ((cls.GATE,) if cls.GATE else ())  # type: ignore[attr-defined]
         return (isinstance(getattr(module, cls.OPERATOR, None), nn.Module)
                 and _get(module, cls.SA) is None  # type: ignore[attr-defined]
-                and all(isinstance(_get(module, p), nn.Linear) for p in ffn)
+                and cls._has_ffn(module)
                 and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))  # type: ignore[attr-defined]
+
+    @classmethod
+    def _has_ffn(cls, module: nn.Module) -> bool:
+        """Whether ``module`` holds the FFN parts of the attention layers' adapter."""
+        ffn = (cls.UP, cls.DOWN) + ((cls.GATE,) if cls.GATE else ())  # type: ignore[attr-defined]
+        return all(isinstance(_get(module, p), nn.Linear) for p in ffn)
 
     @property
     def num_heads(self) -> int:
@@ -1903,6 +1916,30 @@ class _HFLfm2ConvBlock(_NoHeads, _HFLfm2Block):
 
     kind = "hf_lfm2_conv"
     OPERATOR = "conv"
+
+
+class _HFLinearAttentionBlock(_NoHeads, _HFLlamaBlock):
+    """Qwen3.5's and OLMo Hybrid's layers with a linear attention (``linear_attn``: a gated DeltaNet) in place of
+    the softmax attention: the gated FFN of :class:`_HFLlamaBlock`, no heads. Qwen3.5's attention layers are
+    Llama-style with a gated query (see :meth:`_HFLlamaBlock._qkv_rows`)."""
+
+    kind = "hf_linear_attn"
+    OPERATOR = "linear_attn"
+
+
+class _HFLinearAttentionMoEBlock(_NoHeads, _HFMoEBlock):
+    """Qwen3-Next's and Qwen3.5-MoE's layers with a linear attention (``linear_attn``) in place of the softmax
+    attention: the mixture of experts (and gated shared expert) of :class:`_HFMoEBlock`, no heads."""
+
+    kind = "hf_linear_attn_moe"
+    OPERATOR = "linear_attn"
+
+    @classmethod
+    def _has_ffn(cls, module: nn.Module) -> bool:
+        ex = _get(module, cls.EXPERTS)
+        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
+                and cls._expert_layout(gu, dn))
 
 
 class _HFGraniteHybridBlock(_FusedGateUp):
@@ -2663,7 +2700,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridBlock,
-    _HFGraniteHybridMambaBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
+    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFHyperCLOVAXBlock,
+    _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
     _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
     _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
     _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,

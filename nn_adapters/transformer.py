@@ -48,6 +48,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,10 @@ class TransformerPruneReport:
     spec : dict
         The pruned sizes (per block: intermediate size, heads, head size, and the layout a reload needs), as
         :func:`save_pruned` writes them and :func:`load_pruned` applies them.
+    skipped : list of (str, str)
+        Layers of a stack of blocks (a ``ModuleList`` holding recognised blocks) that are not recognised
+        themselves, with why: they are left whole (a hybrid model's layers of an unsupported kind). Also said by a
+        ``UserWarning`` during the call.
     """
 
     method: str
@@ -210,6 +215,7 @@ class TransformerPruneReport:
     wall_time: float = 0.0
     spec: dict[str, Any] = field(default_factory=dict)
     allocation: str = "uniform"
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -243,6 +249,8 @@ class TransformerPruneReport:
                 err += f" (held-out est. {u.cv_relative_error:.4f}, ridge {u.ridge:.0e} by cv)"
             stage = u.stage if u.expert is None else f"{u.stage}[{u.expert}]"
             lines.append(f"  {u.block:<28} {stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
+        for name, why in self.skipped:
+            lines.append(f"  skipped {name}: {why}")
         return "\n".join(lines)
 
 
@@ -1119,12 +1127,13 @@ def prune_transformer(
 def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[str | int, float], t_start: float, *,
                  target: str, method: str, reweight: bool, seed: int | None, propagation: str, ridge: float | str,
                  refit_prior: str, rule: str, residual: bool, weighting: str, allocation: str, min_keep: float,
-                 executor: Executor | None, original_data: list[Any] | None = None
+                 executor: Executor | None, original_data: list[Any] | None = None, stack: bool = False
                  ) -> tuple[nn.Module, TransformerPruneReport]:
     """:func:`prune_transformer` after its arguments are checked. ``original_data``: the original network's own
     calibration batches where they differ from ``calibration_data`` (a decoder's, whose encoder states come from
     the unpruned encoder there and from the pruned one in ``calibration_data``): the original blocks' forwards
-    (the targets of asym mode, the statistics of layer mode) read their context from those."""
+    (the targets of asym mode, the statistics of layer mode) read their context from those. ``stack``: ``model``
+    is one stack of an encoder-decoder, whose unrecognised layers the whole model's call has reported."""
     mode = method if method in GREEDY_METHODS else propagation
     needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
     stages = ["heads", "ffn"] if target == "all" else [target]
@@ -1139,18 +1148,19 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
                          "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
                          "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, "
-                         "MiniCPM3; LFM2, Granite 4.0 hybrid; Gemma 2/3, "
+                         "MiniCPM3; LFM2, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next; Gemma 2/3, "
                          "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
                          "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. "
                          "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
                          "other models.")
+    skipped = [] if stack else _unrecognised_layers(work, blocks)
     pair = _encoder_decoder_stacks(work, blocks)
     if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states
         options = dict(target=target, method=method, reweight=reweight, seed=seed, propagation=propagation,
                        ridge=ridge, refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
                        allocation=allocation, min_keep=min_keep, executor=executor)
-        return _prune_encoder_decoder(model, work, blocks, pair, calibration_data, keep, options, t_start)
+        return _prune_encoder_decoder(model, work, blocks, pair, calibration_data, keep, options, t_start, skipped)
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(b.gated for b in blocks)
     if "ffn" in stages:
@@ -1173,7 +1183,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=None if seed is None else int(seed),
                                     propagation=None if method in GREEDY_METHODS else propagation,
-                                    params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation)
+                                    params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation,
+                                    skipped=skipped)
     budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages}
                for f, blk in zip(fractions, blocks, strict=True)]
     for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
@@ -1218,10 +1229,14 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
                 if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
                                                                        equal_nan=True):
+                    others = [n for n, _ in skipped if n.rpartition(".")[0] == oblk.name.rpartition(".")[0]]
+                    between = (f" Its stack also holds layers that are not recognised ({', '.join(others[:4])}"
+                               f"{', ...' if len(others) > 4 else ''}): a hybrid model's layers of an unsupported "
+                               "kind cannot be stepped over." if others else "")
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported; the "
                                      "model's forward must also be deterministic (ViTMAE's random masking: pass a "
-                                     f"fixed noise= in the batches).{stacks_note}")
+                                     f"fixed noise= in the batches).{between}{stacks_note}")
                 full = all(budgets[i][s] >= _unit_columns(s, blk)[0] for s in per_block[i]) and (
                     "shared" not in budgets[i] or budgets[i]["shared"] >= blk.shared.ffn_units)
                 if full and (not reweight or (refit_prior == "original" and (mode != "asym" or not changed))):
@@ -1275,6 +1290,31 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     return work, report
 
 
+def _unrecognised_layers(model: nn.Module, blocks: list[_Block]) -> list[tuple[str, str]]:
+    """The layers left whole because they are not recognised, though they sit in a stack of blocks (a
+    ``ModuleList`` holding recognised blocks), each with why; said by a ``UserWarning``. A hybrid model whose
+    other layers are of a kind the adapter does not know (a state-space or linear-attention layer without a
+    recognised FFN) is pruned in its recognised layers only, which the caller should know."""
+    found = {b.name for b in blocks}
+    stacks = {b.name.rpartition(".")[0] for b in blocks}
+    skipped = []
+    for path in sorted(stacks):
+        stack = model.get_submodule(path) if path else model
+        if not isinstance(stack, nn.ModuleList):
+            continue
+        for i, layer in enumerate(stack):
+            name = f"{path}.{i}" if path else str(i)
+            if name not in found:
+                skipped.append((name, f"{type(layer).__name__} is not a transformer block the adapter recognises "
+                                      "(left whole)"))
+    if skipped:
+        warnings.warn(f"{len(skipped)} of the {len(skipped) + len(blocks)} layers of the model's stacks of blocks "
+                      f"are not recognised and are left whole: {', '.join(n for n, _ in skipped[:4])}"
+                      f"{', ...' if len(skipped) > 4 else ''} ({skipped[0][1].partition(' is ')[0]}); the others "
+                      "are pruned. See report.skipped.", UserWarning, stacklevel=4)
+    return skipped
+
+
 def _encoder_decoder_stacks(model: nn.Module, blocks: list[_Block]) -> tuple[str, str] | None:
     """The paths of the encoder and the decoder of an encoder-decoder model (its ``get_encoder()`` and
     ``get_decoder()``: two disjoint submodules that hold every block between them, some each), or ``None``."""
@@ -1326,7 +1366,8 @@ def _stack_batches(model: nn.Module, path: str, batches: list[Any]) -> list[dict
 
 def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Block], stacks: tuple[str, str],
                            calibration_data: Any, keep: float | Mapping[str | int, float], options: dict[str, Any],
-                           t_start: float) -> tuple[nn.Module, TransformerPruneReport]:
+                           t_start: float, skipped: list[tuple[str, str]]
+                           ) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune an encoder-decoder model stack by stack: the encoder on the inputs the model hands it, then the
     decoder on the inputs it hands the decoder with the pruned encoder in place (its pruned blocks' cross-attention
     reads the pruned encoder's states, which their refit then adapts to), while the decoder's original blocks read
@@ -1350,7 +1391,7 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
                 for o, c in zip(original, stack_batches, strict=True)):
             own = original
         pruned, rep = _prune_model(model.get_submodule(path), stack_batches, part, time.perf_counter(),
-                                   original_data=own, **options)
+                                   original_data=own, stack=True, **options)
         for b, _ in inside:
             _set(work, b.name, pruned.get_submodule(b.name[len(path) + 1:]))
         reports.append((path, rep))
@@ -1365,7 +1406,7 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
         n_tokens=sum(rep.n_tokens for _, rep in reports),
         n_padding_excluded=sum(rep.n_padding_excluded for _, rep in reports),
         block_forwards=sum(rep.block_forwards for _, rep in reports), n_blocks=len(blocks),
-        spec=make_spec(work), allocation=first.allocation)
+        spec=make_spec(work), allocation=first.allocation, skipped=skipped)
     report.wall_time = time.perf_counter() - t_start
     return work, report
 

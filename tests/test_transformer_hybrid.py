@@ -1,7 +1,8 @@
 """Transformer pruning of hybrid stacks (transformers 5): LFM2 (gated short-convolution layers and attention layers,
-FFN ``feed_forward.{w1, w3, w2}``) and Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp``
-with gate and up fused in ``input_linear``, outputs times ``residual_multiplier``): the FFN of every layer, the heads
-of the attention layers only; tiny randomly initialised models (no download).
+FFN ``feed_forward.{w1, w3, w2}``), Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp``
+with gate and up fused in ``input_linear``, outputs times ``residual_multiplier``) and Qwen3.5 (gated-DeltaNet
+layers and attention layers with a gated query): the FFN of every layer, the heads of the attention layers only;
+tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the down projection (of the output projection for
 heads) set to zero, no refit; numpy.linalg.lstsq on the down projection's input captured with a hook (the refit);
@@ -33,6 +34,10 @@ FAMILIES = {
              "feed_forward.w2", "self_attn.out_proj"),
     "granite4": ("GraniteMoeHybrid", ["mamba", "attention", "mamba", "attention"],
                  ("hf_granite_hybrid_mamba", "hf_granite_hybrid"), "shared_mlp.output_linear", "self_attn.o_proj"),
+    # Qwen3.5 (dense): gated-DeltaNet layers and attention layers whose query projection also yields each head's
+    # output gate (2 head_dim rows a head)
+    "qwen3_5": ("Qwen3_5Text", ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                ("hf_linear_attn", "hf_llama"), "mlp.down_proj", "self_attn.o_proj"),
 }
 
 
@@ -45,24 +50,32 @@ def build(name: str, lm: bool = False, experts: int = 0) -> nn.Module:
               bos_token_id=1, eos_token_id=2, layer_types=types)
     if name == "lfm2":
         kw.update(block_auto_adjust_ff_dim=False)
+    elif name == "qwen3_5":
+        kw.update(head_dim=HEAD_DIM, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=4,
+                  linear_value_head_dim=4)
     else:
         kw.update(shared_intermediate_size=INTER, num_local_experts=experts, num_experts_per_tok=2, mamba_n_heads=4,
                   mamba_d_head=8, mamba_expand=2, mamba_d_state=8, mamba_n_groups=1, residual_multiplier=0.5)
     torch.manual_seed(0)
-    model = getattr(transformers, prefix + ("ForCausalLM" if lm else "Model"))(
+    model = getattr(transformers, prefix.removesuffix("Text") + "ForCausalLM" if lm else prefix + "Model")(
         getattr(transformers, prefix + "Config")(**kw))
     return scale_matrices(model, 5.0)  # larger weights: pruning visibly changes the outputs
 
 
+def has_heads(layer_type: str) -> bool:
+    """Whether a layer of that type has softmax-attention heads (a linear attention has none)."""
+    return layer_type in ("attention", "full_attention")
+
+
 def attention_layers(name: str) -> set[str]:
-    return {f"layers.{i}" for i, t in enumerate(FAMILIES[name][1]) if "attention" in t}
+    return {f"layers.{i}" for i, t in enumerate(FAMILIES[name][1]) if has_heads(t)}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_blocks_are_found(name: str) -> None:
     kinds = [b.kind for b in find_blocks(build(name))]
     operator, attention = FAMILIES[name][2]
-    assert kinds == [attention if "attention" in t else operator for t in FAMILIES[name][1]]
+    assert kinds == [attention if has_heads(t) else operator for t in FAMILIES[name][1]]
 
 
 @pytest.mark.parametrize("target", ["ffn", "heads", "all"])
@@ -113,7 +126,7 @@ def test_save_reload_and_generation(tmp_path, name: str) -> None:
     model = build(name, lm=True)
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
     assert [b["num_heads"] for b in report.spec["blocks"]] == [
-        HEADS // 2 if "attention" in t else 0 for t in FAMILIES[name][1]]
+        HEADS // 2 if has_heads(t) else 0 for t in FAMILIES[name][1]]
     save_pruned(pruned, tmp_path / "m")
     again = load_pruned(tmp_path / "m")
     prompt = torch.tensor([[3, 7, 11, 5]])

@@ -11,6 +11,7 @@ refit), and the saved and reloaded model's outputs.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -544,3 +545,48 @@ def test_modernbert_layers_get_masks_of_their_own() -> None:
         for h in handles:
             h.remove()
     assert len(masks) == LAYERS and not torch.equal(masks[0], masks[1])
+
+
+class _Mixer(nn.Module):
+    """A layer the adapter does not recognise, called like an encoder layer (a stand-in for a hybrid model's
+    state-space or linear-attention layer): ``x + tanh(linear(x))``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        return src + torch.tanh(self.mix(src))
+
+
+def _encoder_with_a_mixer(at: int) -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False).eval()
+    encoder.layers[at] = _Mixer(HIDDEN)
+    return encoder
+
+
+def test_unrecognised_layers_after_the_blocks_are_left_whole_and_reported() -> None:
+    encoder, x = _encoder_with_a_mixer(2), torch.randn(4, 6, HIDDEN)
+    with pytest.warns(UserWarning, match=r"1 of the 3 layers .* not recognised and are left whole: layers\.2 "
+                                         r"\(_Mixer\)"):
+        pruned, report = prune_transformer(encoder, [x], keep=0.5)
+    assert report.skipped == [("layers.2", "_Mixer is not a transformer block the adapter recognises (left whole)")]
+    assert [u.block for u in report.units] == ["layers.0", "layers.1"]
+    assert pruned.layers[2].mix.weight.equal(encoder.layers[2].mix.weight)
+    assert "skipped layers.2: _Mixer" in report.summary()
+    assert report.to_dict()["skipped"] == [("layers.2", report.skipped[0][1])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stack whose layers are all recognised says nothing
+        assert prune_transformer(nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(HIDDEN, HEADS, dim_feedforward=INTER, batch_first=True, dropout=0.0),
+            num_layers=2, enable_nested_tensor=False).eval(), [x], keep=0.5)[1].skipped == []
+
+
+def test_an_unrecognised_layer_between_blocks_is_named_in_the_refusal() -> None:
+    encoder, x = _encoder_with_a_mixer(1), torch.randn(4, 6, HIDDEN)
+    with pytest.warns(UserWarning, match="not recognised"), pytest.raises(
+            ValueError, match=r"'layers\.2' does not receive the previous block's output.*holds layers that are not "
+                              r"recognised \(layers\.1\)"):
+        prune_transformer(encoder, [x], keep=0.5)

@@ -31,13 +31,20 @@ HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4,
 FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
-            "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2"}
+            "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "qwen3_next": "Qwen3Next",
+            "qwen3_5_moe": "Qwen3_5MoeText"}
+#: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
+#: each with a mixture and a gated shared expert
+SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
+LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
+              linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
 #: mixture, outside it: kept whole)
 GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
 #: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size; the others: one shared
 #: expert of moe_intermediate_size, HunYuan's of intermediate_size).
-SHARED = {"qwen2_moe": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER, "ernie4_5_moe": INTER}
+SHARED = {"qwen2_moe": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER, "ernie4_5_moe": INTER,
+          "qwen3_next": 8, "qwen3_5_moe": 8}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
@@ -51,9 +58,9 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0,
         moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1,
-        **(GRANITE if name.startswith("granite") else {}), **extra)
+        **(GRANITE if name.startswith("granite") else {}), **(LINEAR if name in SHARED_LINEAR else {}), **extra)
     torch.manual_seed(seed)
-    model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
+    model = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM" if lm else cls + "Model")(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
         for p in model.parameters():
             if p.dim() >= 2:
@@ -66,12 +73,13 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
 
 
 def experts_of(model: nn.Module) -> list[nn.Module]:
-    return [b.experts for b in find_blocks(model) if b.kind == "hf_moe"]
+    return [b.experts for b in find_blocks(model) if b.kind in ("hf_moe", "hf_linear_attn_moe")]
 
 
 def shared_of(model: nn.Module) -> list[nn.Module]:
     """The shared-expert MLPs, block by block."""
-    return [b.shared.module for b in find_blocks(model) if b.kind == "hf_moe" and b.shared is not None]
+    return [b.shared.module for b in find_blocks(model)
+            if b.kind in ("hf_moe", "hf_linear_attn_moe") and b.shared is not None]
 
 
 def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -353,6 +361,44 @@ def test_heads_under_one_query_key_norm_over_every_head_are_refused(name: str) -
             prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="heads",
                               method=method, reweight=reweight)
     prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="ffn")
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_moe"])
+def test_linear_attention_layers_and_gated_attention_heads(tmp_path, name: str) -> None:
+    """Qwen3-Next / Qwen3.5-MoE: the linear-attention layer's experts are pruned like the attention layer's; only
+    the attention layer loses heads, whose query projection yields each head's queries then its output gates
+    (``2 head_dim`` rows a head). Oracle: removing key/value groups without refit equals zeroing their query heads'
+    columns of ``o_proj`` in the unpruned model; the pruned model reloads and generates with its caches."""
+    model = build(name, lm=True)
+    assert [b.kind for b in find_blocks(model)] == ["hf_linear_attn_moe", "hf_moe"]
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude", reweight=False)
+    (unit,) = report.units
+    assert unit.block == "model.layers.1" and unit.n_units == KV_HEADS and unit.n_kept == 1
+    group, head_dim = HEADS // KV_HEADS, HIDDEN // HEADS
+    attention = pruned.model.layers[1].self_attn
+    assert attention.q_proj.out_features == 2 * attention.o_proj.in_features == 2 * group * head_dim
+    zeroed = copy.deepcopy(model)
+    gone = sorted(set(range(KV_HEADS)) - set(unit.kept))
+    with torch.no_grad():
+        zeroed.model.layers[1].self_attn.o_proj.weight[:, [g * group * head_dim + i for g in gone
+                                                           for i in range(group * head_dim)]] = 0.0
+        for b in batches:
+            mask = b["attention_mask"].bool()
+            got, want = pruned(**b).logits[mask], zeroed(**b).logits[mask]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(got, model(**b).logits[mask], atol=1e-3)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="all")
+    assert [(u.block, u.stage) for u in report.units if u.stage == "heads"] == [("model.layers.1", "heads")]
+    assert sum(u.stage == "ffn" for u in report.units) == 2 * (EXPERTS + 1)  # every expert and the shared one
+    save_pruned(pruned, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(pruned.generate(prompt, use_cache=True, **kw), pruned.generate(prompt, use_cache=False,
+                                                                                           **kw))
 
 
 @pytest.mark.parametrize("method", ["asym", "wanda", "random"])
