@@ -512,6 +512,11 @@ class _Block:
         """Columns of the output projection's input per attention unit (consecutive, unit-major)."""
         return self.head_dim
 
+    @property
+    def value_dim(self) -> int:
+        """Width of one head's values, i.e. of its output-projection columns: ``head_dim`` in most layouts."""
+        return self.head_dim
+
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:  # pragma: no cover - abstract
         """Keep attention units ``keep`` (sorted); new output-projection weights (out, kept columns) if given."""
@@ -685,7 +690,7 @@ class _HFBlock(_Block):
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
         """Give the block the shapes of a pruned one (weights to be loaded from a state dict); ``num_heads`` counts
         query heads. A checkpoint with fewer heads is refused where head pruning is (it could not run)."""
-        per_unit = self.head_unit_width // self.head_dim
+        per_unit = self.head_unit_width // self.value_dim
         if num_heads % per_unit:
             raise ValueError(f"block {self.name!r}: {num_heads} query heads are not whole attention units of "
                              f"{per_unit} heads: the spec does not come from this architecture")
@@ -1160,8 +1165,15 @@ class _HFLlamaBlock(_HFBlock):
         return int(getattr(_get(self.module, self.SA), "num_key_value_groups", 1))
 
     @property
+    def value_dim(self) -> int:
+        """Width of one head's values and output-projection columns: the attention's ``v_head_dim`` where it has
+        one (MiMo-V2-Flash: values narrower than queries and keys), else ``head_dim``."""
+        v = getattr(_get(self.module, self.SA), "v_head_dim", None)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else self.head_dim
+
+    @property
     def num_heads(self) -> int:
-        return int(self.out_proj.in_features) // self.head_dim
+        return int(self.out_proj.in_features) // self.value_dim
 
     @property
     def head_units(self) -> int:
@@ -1169,31 +1181,39 @@ class _HFLlamaBlock(_HFBlock):
 
     @property
     def head_unit_width(self) -> int:
-        return self.kv_groups * self.head_dim
+        return self.kv_groups * self.value_dim
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        """Keep the key/value groups ``keep``: their key and value heads, their query heads and the output
-        projection's columns of those query heads."""
+        """Keep the key/value groups ``keep``: their key and value heads, their query heads (and their sink
+        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, one per query head) and the output projection's columns
+        of those query heads."""
         keep = keep.to(self.out_proj.weight.device)
-        q_rows = _head_rows(keep, self.head_unit_width)
-        self._cut_attention(self._qkv_rows(q_rows, _head_rows(keep, self.head_dim)), q_rows, out_weight, out_bias)
-        sa, groups = _get(self.module, self.SA), int(keep.numel())
+        sa = _get(self.module, self.SA)
+        sinks = getattr(sa, "sinks", None)
+        rows = self._qkv_rows(_head_rows(keep, self.kv_groups * self.head_dim), _head_rows(keep, self.head_dim),
+                              _head_rows(keep, self.value_dim))
+        self._cut_attention(rows, _head_rows(keep, self.head_unit_width), out_weight, out_bias)
+        if isinstance(sinks, nn.Parameter):
+            heads = _head_rows(keep.to(sinks.device), self.kv_groups)  # the query heads of the kept groups
+            sa.sinks = nn.Parameter(sinks.detach()[heads].clone(), requires_grad=sinks.requires_grad)
+        groups = int(keep.numel())
         for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
             if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
                 setattr(sa, attr, count)
 
-    def _qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The rows to keep of each projection in :attr:`QKV`, given the kept query rows (the output projection's
-        kept columns) and key (= value) rows. A gated query (Qwen3-Next, Qwen3.5: ``q_proj`` yields each head's
-        ``head_dim`` queries then its ``head_dim`` output gates, ``attn * sigmoid(gate)`` before ``o_proj``) keeps
-        both halves of each kept head's rows."""
+    def _qkv_rows(self, q_rows: torch.Tensor, k_rows: torch.Tensor,
+                  v_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows to keep of each projection in :attr:`QKV`, given the kept query, key and value rows (``head_dim``
+        rows a query or key head, :attr:`value_dim` a value head). A gated query (Qwen3-Next, Qwen3.5: ``q_proj``
+        yields each head's ``head_dim`` queries then its ``head_dim`` output gates, ``attn * sigmoid(gate)`` before
+        ``o_proj``) keeps both halves of each kept head's rows."""
         query = getattr(_get(self.module, self.SA), self.QKV[0])
-        if query.out_features == 2 * self.out_proj.in_features:
+        if query.out_features == 2 * self.num_heads * self.head_dim:
             head, col = q_rows // self.head_dim, q_rows % self.head_dim
             start = 2 * self.head_dim * head + col
             q_rows = torch.sort(torch.cat([start, start + self.head_dim])).values
-        return q_rows, kv_rows, kv_rows
+        return q_rows, k_rows, v_rows
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
         super().set_ffn(producers, down)
@@ -1301,9 +1321,10 @@ class _HFPhi3Block(_FusedGateUp):
         q, kv = self._widths()
         return [weight[:q], weight[q:q + kv], weight[q + kv:]]
 
-    def _qkv_rows(self, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _qkv_rows(self, q_rows: torch.Tensor, k_rows: torch.Tensor,
+                  v_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, kv = self._widths()
-        return (torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),)
+        return (torch.cat([q_rows, q + k_rows, q + kv + v_rows]),)
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
@@ -1668,13 +1689,6 @@ class _HFGptOssBlock(_HFMoEBlock):
         if hasattr(ex, "intermediate_size"):
             ex.intermediate_size = int(keep.shape[1])
 
-    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
-                     out_bias: torch.Tensor | None = None) -> None:
-        """:meth:`_HFLlamaBlock.shrink_heads`, and the kept query heads' sink logits."""
-        sa = _get(self.module, self.SA)
-        heads = _head_rows(keep.to(sa.sinks.device), self.kv_groups)  # the query heads of the kept groups
-        super().shrink_heads(keep, out_weight, out_bias)
-        sa.sinks = nn.Parameter(sa.sinks.detach()[heads].clone(), requires_grad=sa.sinks.requires_grad)
 
 
 class _HFLlama4Block(_HFLlamaBlock):

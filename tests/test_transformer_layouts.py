@@ -336,13 +336,6 @@ def _tiny(cls: str, config: str, **kw) -> nn.Module:
     (lambda: _tiny("GroupViTTextModel", "GroupViTTextConfig", vocab_size=VOCAB, max_position_embeddings=32),
      {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
      "fails once a head is removed"),
-    # MiMo-V2-Flash: values and output-projection columns of another head width (v_head_dim) than queries and
-    # keys (head_dim): cutting a head's rows as if all were head_dim wide fails before any forward
-    (lambda: _tiny("MiMoV2FlashModel", "MiMoV2FlashConfig", vocab_size=VOCAB, num_key_value_heads=2, head_dim=4,
-                   v_head_dim=8, moe_intermediate_size=INTER, n_routed_experts=4, num_experts_per_tok=2,
-                   max_position_embeddings=32),
-     {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
-     r"fails once a head is removed \(IndexError"),
     # MLCD: the output projection reads (tokens, batch, features)
     (lambda: _tiny("MLCDVisionModel", "MLCDVisionConfig", image_size=16, patch_size=4),
      {"pixel_values": torch.randn(4, 3, 16, 16)}, r"does not have the \(batch, tokens\) = \(4, 17\) layout"),
@@ -590,3 +583,22 @@ def test_an_unrecognised_layer_between_blocks_is_named_in_the_refusal() -> None:
             ValueError, match=r"'layers\.2' does not receive the previous block's output.*holds layers that are not "
                               r"recognised \(layers\.1\)"):
         prune_transformer(encoder, [x], keep=0.5)
+
+
+def test_heads_whose_rows_cannot_be_cut_are_refused_with_the_reason(monkeypatch) -> None:
+    """Cutting a head's rows can fail before any forward (projections of other widths than the layout assumes, as
+    MiMo-V2-Flash's values were before ``v_head_dim`` was read): the first-batch check says so in a ValueError
+    that names the block and the failure, not with the bare IndexError."""
+    from nn_adapters import _transformer_blocks
+
+    model = _tiny("LlamaModel", "LlamaConfig", vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=32)
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    prune_transformer(model, [batch], keep=0.5, target="heads")  # the real layout is pruned
+
+    def uncuttable(self, keep, out_weight=None, out_bias=None):
+        raise IndexError("index 16 is out of bounds for dimension 0 with size 16")
+
+    monkeypatch.setattr(_transformer_blocks._HFLlamaBlock, "shrink_heads", uncuttable)
+    with pytest.raises(ValueError, match=r"block 'layers\.0' \(LlamaDecoderLayer\) has the parts of a hf_llama "
+                                         r"block, but it fails once a head is removed \(IndexError: index 16"):
+        prune_transformer(model, [batch], keep=0.5, target="heads")
