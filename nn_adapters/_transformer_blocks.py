@@ -1941,19 +1941,24 @@ class _HFLinearAttentionBlock(_NoHeads, _HFLlamaBlock):
     OPERATOR = "linear_attn"
 
 
-class _HFLinearAttentionMoEBlock(_NoHeads, _HFMoEBlock):
+class _NoHeadsMoE(_NoHeads):
+    """:class:`_NoHeads` for a layer whose FFN is a mixture of experts in the layout of the :class:`_HFMoEBlock`
+    subclass it is mixed into."""
+
+    @classmethod
+    def _has_ffn(cls, module: nn.Module) -> bool:
+        ex = _get(module, cls.EXPERTS)  # type: ignore[attr-defined]
+        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
+                and cls._expert_layout(gu, dn))  # type: ignore[attr-defined]
+
+
+class _HFLinearAttentionMoEBlock(_NoHeadsMoE, _HFMoEBlock):
     """Qwen3-Next's and Qwen3.5-MoE's layers with a linear attention (``linear_attn``) in place of the softmax
     attention: the mixture of experts (and gated shared expert) of :class:`_HFMoEBlock`, no heads."""
 
     kind = "hf_linear_attn_moe"
     OPERATOR = "linear_attn"
-
-    @classmethod
-    def _has_ffn(cls, module: nn.Module) -> bool:
-        ex = _get(module, cls.EXPERTS)
-        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
-        return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
-                and cls._expert_layout(gu, dn))
 
 
 class _HFGraniteHybridBlock(_FusedGateUp):
@@ -1983,6 +1988,41 @@ class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
     :class:`_HFGraniteHybridBlock`, no heads."""
 
     kind = "hf_granite_hybrid_mamba"
+    OPERATOR = "mamba"
+
+
+class _HFJambaBlock(_HFLlamaBlock):
+    """Jamba's attention layers with a dense FFN (``JambaAttentionDecoderLayer``): the Llama attention, the gated
+    FFN ``feed_forward.{gate,up,down}_proj``, RMS norms ``input_layernorm`` / ``pre_ff_layernorm``, pre-norm."""
+
+    kind = "hf_jamba"
+    GATE, UP, DOWN = "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"
+    RESID_FFN = ("pre_ff_layernorm", 0)  # x + feed_forward(pre_ff_layernorm(x))
+
+
+class _HFJambaMoEBlock(_HFMoEBlock):
+    """Jamba's attention layers with a mixture of experts (``feed_forward``: ``JambaSparseMoeBlock``, experts
+    ``gate_up_proj`` ``(E, 2 I, H)`` / ``down_proj`` ``(E, H, I)`` as :class:`_HFMoEBlock`'s, no shared expert)."""
+
+    kind = "hf_jamba_moe"
+    EXPERTS, MLP = "feed_forward.experts", "feed_forward"
+    RESID_FFN = ("pre_ff_layernorm", 0)
+    SHARED: tuple[str, ...] = ()
+    SHARED_GATE = None
+
+
+class _HFJambaMambaBlock(_NoHeads, _HFJambaBlock):
+    """Jamba's Mamba layers with a dense FFN (``JambaMambaDecoderLayer``): the FFN of :class:`_HFJambaBlock`, no
+    heads."""
+
+    kind = "hf_jamba_mamba"
+    OPERATOR = "mamba"
+
+
+class _HFJambaMambaMoEBlock(_NoHeadsMoE, _HFJambaMoEBlock):
+    """Jamba's Mamba layers with a mixture of experts: the experts of :class:`_HFJambaMoEBlock`, no heads."""
+
+    kind = "hf_jamba_mamba_moe"
     OPERATOR = "mamba"
 
 
@@ -2714,7 +2754,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridBlock,
-    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFHyperCLOVAXBlock,
+    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFHyperCLOVAXBlock,
     _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
     _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
     _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,

@@ -1,8 +1,8 @@
 """Transformer pruning of hybrid stacks (transformers 5): LFM2 (gated short-convolution layers and attention layers,
 FFN ``feed_forward.{w1, w3, w2}``), Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp``
 with gate and up fused in ``input_linear``, outputs times ``residual_multiplier``) and Qwen3.5 (gated-DeltaNet
-layers and attention layers with a gated query): the FFN of every layer, the heads of the attention layers only;
-tiny randomly initialised models (no download).
+layers and attention layers with a gated query) and Jamba (Mamba layers and attention layers): the FFN of every
+layer, the heads of the attention layers only; tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the down projection (of the output projection for
 heads) set to zero, no refit; numpy.linalg.lstsq on the down projection's input captured with a hook (the refit);
@@ -38,6 +38,10 @@ FAMILIES = {
     # output gate (2 head_dim rows a head)
     "qwen3_5": ("Qwen3_5Text", ["linear_attention", "full_attention", "linear_attention", "full_attention"],
                 ("hf_linear_attn", "hf_llama"), "mlp.down_proj", "self_attn.o_proj"),
+    # Jamba with dense FFNs (its mixtures: test_transformer_moe.py): Mamba layers and attention layers, FFN
+    # feed_forward.{gate,up,down}_proj after pre_ff_layernorm
+    "jamba": ("Jamba", ["mamba", "attention", "mamba", "attention"], ("hf_jamba_mamba", "hf_jamba"),
+              "feed_forward.down_proj", "self_attn.o_proj"),
 }
 
 
@@ -50,6 +54,10 @@ def build(name: str, lm: bool = False, experts: int = 0) -> nn.Module:
               bos_token_id=1, eos_token_id=2, layer_types=types)
     if name == "lfm2":
         kw.update(block_auto_adjust_ff_dim=False)
+    elif name == "jamba":  # attention in every second layer, from the second; no experts
+        del kw["layer_types"]  # a property of its config, read from the period and offset
+        kw.update(attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4, mamba_d_conv=4,
+                  mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
     elif name == "qwen3_5":
         kw.update(head_dim=HEAD_DIM, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=4,
                   linear_value_head_dim=4)

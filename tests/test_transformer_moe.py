@@ -32,10 +32,15 @@ FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Mo
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
             "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "qwen3_next": "Qwen3Next",
-            "qwen3_5_moe": "Qwen3_5MoeText"}
+            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba"}
 #: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
 #: each with a mixture and a gated shared expert
 SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
+#: Jamba: a Mamba layer then an attention layer, both with a mixture (no shared expert)
+JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
+             mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
+#: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
+MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
@@ -58,14 +63,15 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0,
         moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1,
-        **(GRANITE if name.startswith("granite") else {}), **(LINEAR if name in SHARED_LINEAR else {}), **extra)
+        **(GRANITE if name.startswith("granite") else {}), **(LINEAR if name in SHARED_LINEAR else {}),
+        **(JAMBA if name == "jamba" else {}), **extra)
     torch.manual_seed(seed)
     model = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM" if lm else cls + "Model")(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(10.0)
-    if not any(b.kind == "hf_moe" for b in find_blocks(model)):
+    if not any(b.kind in MOE_KINDS for b in find_blocks(model)):
         # transformers 4 keeps lists of expert modules; 5 stores every family here as 3D tensors
         assert int(transformers.__version__.split(".")[0]) < 5, f"{cls}'s mixture is not recognised"
         pytest.skip(f"transformers {transformers.__version__} does not store {cls}'s experts as 3D tensors")
@@ -73,13 +79,13 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
 
 
 def experts_of(model: nn.Module) -> list[nn.Module]:
-    return [b.experts for b in find_blocks(model) if b.kind in ("hf_moe", "hf_linear_attn_moe")]
+    return [b.experts for b in find_blocks(model) if b.kind in MOE_KINDS]
 
 
 def shared_of(model: nn.Module) -> list[nn.Module]:
     """The shared-expert MLPs, block by block."""
     return [b.shared.module for b in find_blocks(model)
-            if b.kind in ("hf_moe", "hf_linear_attn_moe") and b.shared is not None]
+            if b.kind in MOE_KINDS and b.shared is not None]
 
 
 def hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
