@@ -116,6 +116,21 @@ def run_hooked(models: list[nn.Module], batches: list[dict[str, torch.Tensor]], 
             h.remove()
 
 
+def assert_reloads_and_generates(pruned: nn.Module, path) -> None:
+    """``pruned`` (a causal LM) saved at ``path`` and reloaded gives the same logits, and its greedy generation
+    gives the same tokens with and without its key/value (and recurrent-state) cache."""
+    from nn_adapters.transformer import load_pruned, save_pruned
+
+    save_pruned(pruned, path)
+    again = load_pruned(path)
+    prompt = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
+        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(pruned.generate(prompt, use_cache=True, **kw), pruned.generate(prompt, use_cache=False,
+                                                                                           **kw))
+
+
 def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt: torch.Tensor,
                                   new_tokens: int = 6) -> None:
     """Greedy generation with the key/value cache gives the same tokens from both causal LMs."""

@@ -17,11 +17,17 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches, real_token_states, scale_matrices
+from _torch_helpers import (
+    assert_reloads_and_generates,
+    captured_input,
+    ragged_token_batches,
+    real_token_states,
+    scale_matrices,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
-from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+from nn_adapters.transformer import prune_transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,14 +141,7 @@ def test_save_reload_and_generation(tmp_path, name: str) -> None:
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
     assert [b["num_heads"] for b in report.spec["blocks"]] == [
         HEADS // 2 if has_heads(t) else 0 for t in FAMILIES[name][1]]
-    save_pruned(pruned, tmp_path / "m")
-    again = load_pruned(tmp_path / "m")
-    prompt = torch.tensor([[3, 7, 11, 5]])
-    with torch.no_grad():
-        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
-        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-        with_cache = pruned.generate(prompt, use_cache=True, **kw)
-        assert torch.equal(with_cache, pruned.generate(prompt, use_cache=False, **kw))
+    assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
 def test_granite_with_experts_prunes_heads_and_refuses_its_ffn() -> None:

@@ -16,11 +16,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import ragged_token_batches, real_token_states, run_hooked, scale_matrices
+from _torch_helpers import (
+    assert_reloads_and_generates,
+    ragged_token_batches,
+    real_token_states,
+    run_hooked,
+    scale_matrices,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
-from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+from nn_adapters.transformer import prune_transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,12 +141,5 @@ def test_asym_expert_targets_are_the_original_expert_on_the_original_input() -> 
 def test_save_reload_and_generation(tmp_path) -> None:
     model = build(lm=True)
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
-    save_pruned(pruned, tmp_path / "m")
-    again = load_pruned(tmp_path / "m")
-    prompt = torch.tensor([[3, 7, 11, 5]])
-    with torch.no_grad():
-        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
-        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-        with_cache = pruned.generate(prompt, use_cache=True, **kw)
-        assert torch.equal(with_cache, pruned.generate(prompt, use_cache=False, **kw))
+    assert_reloads_and_generates(pruned, tmp_path / "m")
     assert report.spec["blocks"][1]["shared_intermediate_size"] == INTER // 2  # the shared expert: INTER wide

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import ragged_token_batches, run_hooked
+from _torch_helpers import assert_reloads_and_generates, ragged_token_batches, run_hooked
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -397,14 +397,7 @@ def test_linear_attention_layers_and_gated_attention_heads(tmp_path, name: str) 
     pruned, report = prune_transformer(model, batches, keep=0.5, target="all")
     assert [(u.block, u.stage) for u in report.units if u.stage == "heads"] == [("model.layers.1", "heads")]
     assert sum(u.stage == "ffn" for u in report.units) == 2 * (EXPERTS + 1)  # every expert and the shared one
-    save_pruned(pruned, tmp_path / "m")
-    again = load_pruned(tmp_path / "m")
-    prompt = torch.tensor([[3, 7, 11, 5]])
-    with torch.no_grad():
-        torch.testing.assert_close(again(prompt).logits, pruned(prompt).logits, atol=1e-5, rtol=1e-5)
-        kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-        assert torch.equal(pruned.generate(prompt, use_cache=True, **kw), pruned.generate(prompt, use_cache=False,
-                                                                                           **kw))
+    assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
 @pytest.mark.parametrize("method", ["asym", "wanda", "random"])
