@@ -591,14 +591,14 @@ def test_heads_whose_rows_cannot_be_cut_are_refused_with_the_reason(monkeypatch)
     that names the block and the failure, not with the bare IndexError."""
     from nn_adapters import _transformer_blocks
 
-    model = _tiny("LlamaModel", "LlamaConfig", vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=32)
+    model = _tiny("BertModel", "BertConfig", vocab_size=VOCAB)
     batch = {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     prune_transformer(model, [batch], keep=0.5, target="heads")  # the real layout is pruned
 
     def uncuttable(self, keep, out_weight=None, out_bias=None):
         raise IndexError("index 16 is out of bounds for dimension 0 with size 16")
 
-    monkeypatch.setattr(_transformer_blocks._HFLlamaBlock, "shrink_heads", uncuttable)
-    with pytest.raises(ValueError, match=r"block 'layers\.0' \(LlamaDecoderLayer\) has the parts of a hf_llama "
+    monkeypatch.setattr(_transformer_blocks._HFBertBlock, "shrink_heads", uncuttable)
+    with pytest.raises(ValueError, match=r"block 'encoder\.layer\.0' \(BertLayer\) has the parts of a hf_bert "
                                          r"block, but it fails once a head is removed \(IndexError: index 16"):
         prune_transformer(model, [batch], keep=0.5, target="heads")
