@@ -1879,6 +1879,36 @@ class _HFLfm2Block(_HFLlamaBlock):
     RESID_FFN = ("ffn_norm", 0)  # x + feed_forward(ffn_norm(x))
 
 
+class _HFLfm3Block(_HFLfm2Block):
+    """LFM3's attention layers (``Lfm3DecoderLayer`` with ``is_attention_layer``): LFM2's layout with the attention
+    output ``self_attn.o_proj``, per-head ``q_norm`` / ``k_norm``, a sigmoid output gate per query head
+    (``self_attn.g_proj``: one row a head, ``attn * sigmoid(g_proj(x))`` before ``o_proj``; kept with its head)
+    and, with the config's ``use_sandwich_norm``, RMS norms on the attention and FFN outputs before the residual
+    sums (``post_operator_norm`` / ``post_ffn_norm``, identities otherwise; :meth:`output_norm`)."""
+
+    kind = "hf_lfm3"
+    OUT = "self_attn.o_proj"
+    PLAIN = _HFLlamaBlock.PLAIN | {"g_proj"}
+    OUT_NORMS = {"heads": "post_operator_norm", "ffn": "post_ffn_norm"}
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return super().matches(module) and all(isinstance(_get(module, p), nn.Module) for p in cls.OUT_NORMS.values())
+
+    def output_norm(self, stage: str) -> nn.Module | None:
+        norm = _get(self.module, self.OUT_NORMS[stage])
+        return None if isinstance(norm, nn.Identity) else norm
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        gate = getattr(sa, "g_proj", None)
+        heads = _head_rows(keep.to(self.out_proj.weight.device), self.kv_groups)  # the kept groups' query heads
+        super().shrink_heads(keep, out_weight, out_bias)
+        if isinstance(gate, nn.Linear):
+            sa.g_proj = _linear_like(gate, weight_of(gate)[heads], None if gate.bias is None else gate.bias[heads])
+
+
 class _NoHeads:
     """A hybrid stack's layer without attention (a convolution or a state-space layer in its place, ``OPERATOR``),
     mixed into the adapter of the stack's attention layers: its FFN is pruned, it has no heads (the "heads" stage
@@ -1959,6 +1989,17 @@ class _HFLinearAttentionMoEBlock(_NoHeadsMoE, _HFMoEBlock):
 
     kind = "hf_linear_attn_moe"
     OPERATOR = "linear_attn"
+
+
+class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
+    """LFM3's convolution layers: the FFN (and its output norm) of :class:`_HFLfm3Block`, no heads."""
+
+    kind = "hf_lfm3_conv"
+    OPERATOR = "conv"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return _NoHeads.matches.__func__(cls, module) and isinstance(_get(module, cls.OUT_NORMS["ffn"]), nn.Module)
 
 
 class _HFGraniteHybridBlock(_FusedGateUp):
@@ -2100,7 +2141,6 @@ class _HFOlmo2Block(_HFGemma2Block):
     RESID_FFN = ("mlp", 0)  # x + post_feedforward_layernorm(mlp(x))
     REQUIRED = ()
     FORBIDDEN = ("input_layernorm", "pre_feedforward_layernorm")
-
 
 
 class _HFGlm4Block(_FusedGateUp, _HFGemma2Block):
@@ -2753,7 +2793,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridBlock,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
+    _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
     _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFHyperCLOVAXBlock,
     _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,

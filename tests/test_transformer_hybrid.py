@@ -1,8 +1,9 @@
 """Transformer pruning of hybrid stacks (transformers 5): LFM2 (gated short-convolution layers and attention layers,
-FFN ``feed_forward.{w1, w3, w2}``), Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp``
-with gate and up fused in ``input_linear``, outputs times ``residual_multiplier``) and Qwen3.5 (gated-DeltaNet
-layers and attention layers with a gated query) and Jamba (Mamba layers and attention layers): the FFN of every
-layer, the heads of the attention layers only; tiny randomly initialised models (no download).
+FFN ``feed_forward.{w1, w3, w2}``), LFM3 (LFM2's with a per-head output gate and, optionally, norms on the
+sublayers' outputs), Granite 4.0 hybrid (Mamba-2 layers and attention layers, FFN ``shared_mlp`` with gate and up
+fused in ``input_linear``, outputs times ``residual_multiplier``), Qwen3.5 (gated-DeltaNet layers and attention
+layers with a gated query) and Jamba (Mamba layers and attention layers): the FFN of every layer, the heads of the
+attention layers only; tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the down projection (of the output projection for
 heads) set to zero, no refit; numpy.linalg.lstsq on the down projection's input captured with a hook (the refit);
@@ -40,6 +41,10 @@ FAMILIES = {
              "feed_forward.w2", "self_attn.out_proj"),
     "granite4": ("GraniteMoeHybrid", ["mamba", "attention", "mamba", "attention"],
                  ("hf_granite_hybrid_mamba", "hf_granite_hybrid"), "shared_mlp.output_linear", "self_attn.o_proj"),
+    # LFM3: LFM2's layers with a sigmoid output gate per query head (g_proj) and, by default, RMS norms on the
+    # sublayers' outputs (use_sandwich_norm; FAMILIES builds it without, see test_lfm3_sandwich_norms)
+    "lfm3": ("Lfm3", ["conv", "full_attention", "conv", "full_attention"], ("hf_lfm3_conv", "hf_lfm3"),
+             "feed_forward.w2", "self_attn.o_proj"),
     # Qwen3.5 (dense): gated-DeltaNet layers and attention layers whose query projection also yields each head's
     # output gate (2 head_dim rows a head)
     "qwen3_5": ("Qwen3_5Text", ["linear_attention", "full_attention", "linear_attention", "full_attention"],
@@ -51,7 +56,7 @@ FAMILIES = {
 }
 
 
-def build(name: str, lm: bool = False, experts: int = 0) -> nn.Module:
+def build(name: str, lm: bool = False, experts: int = 0, sandwich: bool = False) -> nn.Module:
     prefix, types = FAMILIES[name][:2]
     if not hasattr(transformers, prefix + "Config"):
         pytest.skip(f"transformers {transformers.__version__} has no {prefix}")
@@ -60,6 +65,8 @@ def build(name: str, lm: bool = False, experts: int = 0) -> nn.Module:
               bos_token_id=1, eos_token_id=2, layer_types=types)
     if name == "lfm2":
         kw.update(block_auto_adjust_ff_dim=False)
+    elif name == "lfm3":
+        kw.update(head_dim=HEAD_DIM, use_attention_gate=True, use_sandwich_norm=sandwich)
     elif name == "jamba":  # attention in every second layer, from the second; no experts
         del kw["layer_types"]  # a property of its config, read from the period and offset
         kw.update(attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=4, mamba_d_conv=4,
@@ -150,3 +157,36 @@ def test_granite_with_experts_prunes_heads_and_refuses_its_ffn() -> None:
         prune_transformer(model, batches, keep=0.5, target="ffn")
     _, report = prune_transformer(model, batches, keep=0.5, target="heads")
     assert {u.block for u in report.units} == attention_layers("granite4")
+
+
+@pytest.mark.parametrize("method", ["magnitude", "asym"])
+def test_lfm3_sandwich_norms_and_head_gates(tmp_path, method: str) -> None:
+    """LFM3 with its default RMS norms on the sublayers' outputs: without refit, pruning equals zeroing the removed
+    units' consumer columns of the unpruned model (each kept query head keeps its row of the output gate g_proj);
+    with the asym refit the model runs, reloads and generates with its caches."""
+    model, batches = build("lfm3", lm=True, sandwich=True), ragged_token_batches(VOCAB)
+    assert [b.kind for b in find_blocks(model)] == ["hf_lfm3_conv", "hf_lfm3"] * 2
+    assert all(not isinstance(b.output_norm("ffn"), nn.Identity) and b.output_norm("ffn") is not None
+               for b in find_blocks(model))
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="all", method=method,
+                                       reweight=method == "asym")
+    for u in report.units:
+        if u.stage == "heads":
+            heads = [g * GROUP + j for g in u.kept for j in range(GROUP)]
+            gate = pruned.get_submodule(u.block).self_attn.g_proj
+            assert gate.weight.equal(model.get_submodule(u.block).self_attn.g_proj.weight[heads])
+    if method == "magnitude":
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            for u in report.units:
+                gone = sorted(set(range(u.n_units)) - set(u.kept))
+                layer = zeroed.get_submodule(u.block)
+                if u.stage == "ffn":
+                    layer.feed_forward.w2.weight[:, gone] = 0.0
+                else:
+                    cols = [(g * GROUP + j) * HEAD_DIM + i for g in gone for j in range(GROUP) for i in range(HEAD_DIM)]
+                    layer.self_attn.o_proj.weight[:, cols] = 0.0
+            for b in batches:
+                mask = b["attention_mask"].bool()
+                torch.testing.assert_close(pruned(**b).logits[mask], zeroed(**b).logits[mask], atol=1e-4, rtol=1e-4)
+    assert_reloads_and_generates(pruned, tmp_path / "m")
