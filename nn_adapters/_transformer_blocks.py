@@ -1999,7 +1999,7 @@ class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return _NoHeads.matches.__func__(cls, module) and isinstance(_get(module, cls.OUT_NORMS["ffn"]), nn.Module)
+        return super().matches(module) and isinstance(_get(module, cls.OUT_NORMS["ffn"]), nn.Module)
 
 
 class _HFGraniteHybridBlock(_FusedGateUp):
