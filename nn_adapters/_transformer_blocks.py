@@ -1186,8 +1186,8 @@ class _HFLlamaBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         """Keep the key/value groups ``keep``: their key and value heads, their query heads (and their sink
-        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, one per query head) and the output projection's columns
-        of those query heads."""
+        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, one per query head; their rows of per-head query and key
+        norm weights, Cohere's qk-norm) and the output projection's columns of those query heads."""
         keep = keep.to(self.out_proj.weight.device)
         sa = _get(self.module, self.SA)
         sinks = getattr(sa, "sinks", None)
@@ -1197,6 +1197,14 @@ class _HFLlamaBlock(_HFBlock):
         if isinstance(sinks, nn.Parameter):
             heads = _head_rows(keep.to(sinks.device), self.kv_groups)  # the query heads of the kept groups
             sa.sinks = nn.Parameter(sinks.detach()[heads].clone(), requires_grad=sinks.requires_grad)
+        # query and key norms with weights of their own per head (Cohere's qk-norm: (heads, head_dim)); a norm
+        # shared by the heads ((head_dim,)) stays as it is
+        for part, kept in (("q_norm", _head_rows(keep, self.kv_groups)), ("k_norm", keep)):
+            norm = getattr(sa, part, None)
+            for name, p in list(getattr(norm, "_parameters", {}).items()):
+                if isinstance(p, nn.Parameter) and p.dim() == 2:
+                    setattr(norm, name, nn.Parameter(p.detach()[kept.to(p.device)].clone(),
+                                                     requires_grad=p.requires_grad))
         groups = int(keep.numel())
         for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
             if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)

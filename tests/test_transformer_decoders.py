@@ -49,6 +49,8 @@ LAYOUTS = {
     "neox_seq": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
     "phi": ("hf_phi", "mlp.fc2", "self_attn.dense", False, ()),
     "cohere": ("hf_cohere", "mlp.down_proj", "self_attn.o_proj", False, ()),
+    # Command R+: query and key LayerNorms with weights of their own per head, (heads, head_dim)
+    "cohere_qk": ("hf_cohere", "mlp.down_proj", "self_attn.o_proj", False, ()),
     "starcoder2": ("hf_starcoder2", "mlp.c_proj", "self_attn.o_proj", False, ()),
     "gptneo": ("hf_gpt_neo", "mlp.c_proj", "attn.attention.out_proj", False, ("num_heads",)),
     "bloom": ("hf_bloom", "mlp.dense_4h_to_h", "self_attention.dense", False, ("num_heads",)),
@@ -64,10 +66,10 @@ LAYOUTS = {
     "stablelm_par": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
-GROUP = {"falcon": 2}
+GROUP = {"falcon": 2, "cohere_qk": 2}
 NAMES = list(LAYOUTS)
 # attention and FFN summed in parallel into the block output
-PARALLEL = ["gptj", "neox", "phi", "cohere", "falcon", "falcon_mqa", "stablelm_par"]
+PARALLEL = ["gptj", "neox", "phi", "cohere", "cohere_qk", "falcon", "falcon_mqa", "stablelm_par"]
 
 
 def inter(name: str) -> int:
@@ -94,11 +96,12 @@ def config(name: str) -> transformers.PretrainedConfig:
                                           num_attention_heads=HEADS, intermediate_size=INTER,
                                           max_position_embeddings=32, use_parallel_residual=name == "neox",
                                           bos_token_id=1, eos_token_id=2)
-    if name in ("cohere", "starcoder2"):
-        cfg = transformers.CohereConfig if name == "cohere" else transformers.Starcoder2Config
+    if name in ("cohere", "cohere_qk", "starcoder2"):
+        cfg = transformers.Starcoder2Config if name == "starcoder2" else transformers.CohereConfig
+        qk = dict(use_qk_norm=True) if name == "cohere_qk" else {}
         return cfg(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                   num_key_value_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32, pad_token_id=0,
-                   bos_token_id=1, eos_token_id=2)
+                   num_key_value_heads=HEADS // GROUP.get(name, 1), intermediate_size=INTER, max_position_embeddings=32,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **qk)
     if name == "gptneo":  # a global and a local (windowed) attention layer
         return transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                                          intermediate_size=INTER, attention_types=[[["global", "local"], 1]],
@@ -158,6 +161,11 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
                 p.mul_(8.0)
             elif p.dim() == 1 and name != "opt_nobias":
                 p.normal_(0.0, 0.3)
+        if name == "cohere_qk":  # distinct rows of the per-head norm weights, so that the kept rows matter
+            for layer in (model.layers if hasattr(model, "layers") else model.model.layers):
+                for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                    if norm is not None:
+                        norm.weight.normal_(1.0, 0.5)
     return model
 
 
@@ -170,7 +178,7 @@ def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, 
         return target
     if name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE):
         match = r"fails once a head is removed.*target='ffn'"
-    elif name in ("phi", "cohere", "starcoder2") and LEGACY_ATTENTION:
+    elif name in ("phi", "cohere", "cohere_qk", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
     else:
         return target
