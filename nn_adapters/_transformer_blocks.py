@@ -2048,6 +2048,11 @@ class _HFJambaBlock(_HFLlamaBlock):
     GATE, UP, DOWN = "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"
     RESID_FFN = ("pre_ff_layernorm", 0)  # x + feed_forward(pre_ff_layernorm(x))
 
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        # Falcon-H1's layers have the same part names with a Mamba mixer beside the attention: not this layout
+        return super().matches(module) and _get(module, "mamba") is None
+
 
 class _HFJambaMoEBlock(_HFMoEBlock):
     """Jamba's attention layers with a mixture of experts (``feed_forward``: ``JambaSparseMoeBlock``, experts
@@ -2058,6 +2063,10 @@ class _HFJambaMoEBlock(_HFMoEBlock):
     RESID_FFN = ("pre_ff_layernorm", 0)
     SHARED: tuple[str, ...] = ()
     SHARED_GATE = None
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return super().matches(module) and _get(module, "mamba") is None  # as _HFJambaBlock's
 
 
 class _HFJambaMambaBlock(_NoHeads, _HFJambaBlock):

@@ -83,6 +83,13 @@ def build(name: str, lm: bool = False, experts: int = 0, sandwich: bool = False)
     return scale_matrices(model, 5.0)  # larger weights: pruning visibly changes the outputs
 
 
+def _get_path(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def has_heads(layer_type: str) -> bool:
     """Whether a layer of that type has softmax-attention heads (a linear attention has none)."""
     return layer_type in ("attention", "full_attention")
@@ -190,3 +197,17 @@ def test_lfm3_sandwich_norms_and_head_gates(tmp_path, method: str) -> None:
                 mask = b["attention_mask"].bool()
                 torch.testing.assert_close(pruned(**b).logits[mask], zeroed(**b).logits[mask], atol=1e-4, rtol=1e-4)
     assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+def test_falcon_h1_layers_are_not_taken_for_jamba() -> None:
+    """Falcon-H1's layers carry Jamba's part names (self_attn, feed_forward, pre_ff_layernorm) with a Mamba mixer
+    run beside the attention and multipliers on every branch: another layout, not recognised."""
+    if not hasattr(transformers, "FalconH1Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no Falcon-H1")
+    model = transformers.FalconH1Model(transformers.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, max_position_embeddings=32))
+    layer = model.layers[0]
+    assert all(_get_path(layer, p) is not None for p in ("self_attn", "mamba", "feed_forward.down_proj",
+                                                          "pre_ff_layernorm"))
+    assert find_blocks(model) == []
