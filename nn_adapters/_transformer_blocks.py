@@ -1186,25 +1186,28 @@ class _HFLlamaBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         """Keep the key/value groups ``keep``: their key and value heads, their query heads (and their sink
-        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, one per query head; their rows of per-head query and key
-        norm weights, Cohere's qk-norm) and the output projection's columns of those query heads."""
+        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, and their rows of LFM3's output gate ``g_proj``, one per
+        query head; their rows of per-head query and key norm weights, Cohere's qk-norm) and the output
+        projection's columns of those query heads."""
         keep = keep.to(self.out_proj.weight.device)
         sa = _get(self.module, self.SA)
-        sinks = getattr(sa, "sinks", None)
+        heads = _head_rows(keep, self.kv_groups)  # the query heads of the kept groups
+        n_heads = self.num_heads  # before the cut
         rows = self._qkv_rows(_head_rows(keep, self.kv_groups * self.head_dim), _head_rows(keep, self.head_dim),
                               _head_rows(keep, self.value_dim))
         self._cut_attention(rows, _head_rows(keep, self.head_unit_width), out_weight, out_bias)
-        if isinstance(sinks, nn.Parameter):
-            heads = _head_rows(keep.to(sinks.device), self.kv_groups)  # the query heads of the kept groups
-            sa.sinks = nn.Parameter(sinks.detach()[heads].clone(), requires_grad=sinks.requires_grad)
-        # query and key norms with weights of their own per head (Cohere's qk-norm: (heads, head_dim)); a norm
-        # shared by the heads ((head_dim,)) stays as it is
-        for part, kept in (("q_norm", _head_rows(keep, self.kv_groups)), ("k_norm", keep)):
-            norm = getattr(sa, part, None)
-            for name, p in list(getattr(norm, "_parameters", {}).items()):
-                if isinstance(p, nn.Parameter) and p.dim() == 2:
-                    setattr(norm, name, nn.Parameter(p.detach()[kept.to(p.device)].clone(),
-                                                     requires_grad=p.requires_grad))
+        gate = getattr(sa, "g_proj", None)
+        if isinstance(gate, nn.Linear) and gate.out_features == n_heads:
+            sa.g_proj = _linear_like(gate, weight_of(gate)[heads], None if gate.bias is None else gate.bias[heads])
+        # parameters with a row per head: sinks (one per query head), query and key norms with weights of their own
+        # per head (Cohere's qk-norm: (heads, head_dim)); a norm shared by the heads ((head_dim,)) stays as it is
+        per_head = [(sa, "sinks", heads)] + [(norm, name, kept) for part, kept in (("q_norm", heads), ("k_norm", keep))
+                                             if (norm := getattr(sa, part, None)) is not None
+                                             for name, p in norm.named_parameters(recurse=False) if p.dim() == 2]
+        for owner, name, kept in per_head:
+            p = getattr(owner, name, None)
+            if isinstance(p, nn.Parameter):
+                setattr(owner, name, nn.Parameter(p.detach()[kept.to(p.device)].clone(), requires_grad=p.requires_grad))
         groups = int(keep.numel())
         for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
             if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
@@ -1890,7 +1893,8 @@ class _HFLfm2Block(_HFLlamaBlock):
 class _HFLfm3Block(_HFLfm2Block):
     """LFM3's attention layers (``Lfm3DecoderLayer`` with ``is_attention_layer``): LFM2's layout with the attention
     output ``self_attn.o_proj``, per-head ``q_norm`` / ``k_norm``, a sigmoid output gate per query head
-    (``self_attn.g_proj``: one row a head, ``attn * sigmoid(g_proj(x))`` before ``o_proj``; kept with its head)
+    (``self_attn.g_proj``: one row a head, ``attn * sigmoid(g_proj(x))`` before ``o_proj``; its rows go with the
+    heads, :meth:`_HFLlamaBlock.shrink_heads`)
     and, with the config's ``use_sandwich_norm``, RMS norms on the attention and FFN outputs before the residual
     sums (``post_operator_norm`` / ``post_ffn_norm``, identities otherwise; :meth:`output_norm`)."""
 
@@ -1906,15 +1910,6 @@ class _HFLfm3Block(_HFLfm2Block):
     def output_norm(self, stage: str) -> nn.Module | None:
         norm = _get(self.module, self.OUT_NORMS[stage])
         return None if isinstance(norm, nn.Identity) else norm
-
-    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
-                     out_bias: torch.Tensor | None = None) -> None:
-        sa = _get(self.module, self.SA)
-        gate = getattr(sa, "g_proj", None)
-        heads = _head_rows(keep.to(self.out_proj.weight.device), self.kv_groups)  # the kept groups' query heads
-        super().shrink_heads(keep, out_weight, out_bias)
-        if isinstance(gate, nn.Linear):
-            sa.g_proj = _linear_like(gate, weight_of(gate)[heads], None if gate.bias is None else gate.bias[heads])
 
 
 class _NoHeads:

@@ -1124,6 +1124,11 @@ def prune_transformer(
                         executor=executor)
 
 
+def _needs_data(method: str, reweight: bool, allocation: str) -> bool:
+    """Whether pruning with these options reads calibration statistics (else only the layouts are checked)."""
+    return method in GREEDY_METHODS or bool(reweight) or method == "wanda" or allocation != "uniform"
+
+
 def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[str | int, float], t_start: float, *,
                  target: str, method: str, reweight: bool, seed: int | None, propagation: str, ridge: float | str,
                  refit_prior: str, rule: str, residual: bool, weighting: str, allocation: str, min_keep: float,
@@ -1135,7 +1140,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     (the targets of asym mode, the statistics of layer mode) read their context from those. ``stack``: ``model``
     is one stack of an encoder-decoder, whose unrecognised layers the whole model's call has reported."""
     mode = method if method in GREEDY_METHODS else propagation
-    needs_data = method in GREEDY_METHODS or reweight or method == "wanda" or allocation != "uniform"
+    needs_data = _needs_data(method, reweight, allocation)
     stages = ["heads", "ffn"] if target == "all" else [target]
 
     work = working_copy(model)
@@ -1206,10 +1211,10 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     with torch.no_grad(), OrderedJobs(executor) as jobs:
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
-            own = None if original_data is None else _batches(original_data, float_dtype(model))
-            orig_blocks, cache, chain, called = _original_blocks(model, batches if own is None else own,
-                                                                 "heads" in stages, stacks_note, counter, gated,
-                                                                 bool(crossable), None if own is None else batches)
+            originals = None if original_data is None else _batches(original_data, float_dtype(model))
+            orig_blocks, cache, chain, called = _original_blocks(
+                model, batches if originals is None else originals, "heads" in stages, stacks_note, counter, gated,
+                bool(crossable), None if originals is None else batches)
             per_block = [_with_cross(stages, b, called) for b in blocks]
             _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
@@ -1378,20 +1383,19 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
     batches = None if calibration_data is None else _batches(calibration_data, float_dtype(model))
     # the decoder's calls in the unpruned model (work is still unpruned): its original blocks read those encoder
     # states (asym targets, layer-mode statistics), its pruned blocks the pruned encoder's
-    original = None if batches is None else _stack_batches(work, stacks[1], batches)
+    needs = _needs_data(options["method"], options["reweight"], options["allocation"])
+    original = None if batches is None or not needs else _stack_batches(work, stacks[1], batches)
     reports = []
     for path in stacks:
         inside = [(b, f) for b, f in zip(blocks, fractions, strict=True) if b.name.startswith(path + ".")]
         part: float | dict[str, float] = ({b.name[len(path) + 1:]: f for b, f in inside}
                                           if isinstance(keep, Mapping) else float(keep))
         stack_batches = None if batches is None else _stack_batches(work, path, batches)
-        own = None
-        if path == stacks[1] and original is not None and stack_batches is not None and not all(
-                o.keys() == c.keys() and all(_same_argument(o[k], c[k]) for k in o)
-                for o, c in zip(original, stack_batches, strict=True)):
-            own = original
+        differ = path == stacks[1] and original is not None and stack_batches is not None and not all(
+            o.keys() == c.keys() and all(_same_argument(o[k], c[k]) for k in o)
+            for o, c in zip(original, stack_batches, strict=True))
         pruned, rep = _prune_model(model.get_submodule(path), stack_batches, part, time.perf_counter(),
-                                   original_data=own, stack=True, **options)
+                                   original_data=original if differ else None, stack=True, **options)
         for b, _ in inside:
             _set(work, b.name, pruned.get_submodule(b.name[len(path) + 1:]))
         reports.append((path, rep))

@@ -142,9 +142,10 @@ def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt
 
 def prune_stack_by_stack(model: nn.Module, source: list[dict[str, torch.Tensor]], targets: list[torch.Tensor],
                          **options) -> tuple[tuple[nn.Module, object], tuple[nn.Module, object]]:
-    """The documented manual route for an encoder-decoder model (the oracle of whole-model pruning): prune
-    ``model.encoder`` on the source batches, then ``model.decoder`` on the target tokens with the pruned encoder's
-    states (and the source mask); returns ``(pruned encoder, report), (pruned decoder, report)``."""
+    """The documented manual route for an encoder-decoder model (the oracle of whole-model pruning in seq mode,
+    whose statistics all come from the pruned network): prune ``model.encoder`` on the source batches, then
+    ``model.decoder`` on the target tokens with the pruned encoder's states (and the source mask); returns
+    ``(pruned encoder, report), (pruned decoder, report)``."""
     from nn_adapters.transformer import prune_transformer
 
     enc = prune_transformer(model.encoder, source, **options)
