@@ -35,6 +35,11 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     transformers >= 5).
 ``_TorchEncoderBlock``
     :class:`torch.nn.TransformerEncoderLayer`, post-LN or pre-LN (``norm_first=True``).
+Hybrid stacks
+    The layers of LFM2/LFM3, Granite 4.0 hybrid, Qwen3.5 / Qwen3-Next, Jamba and NemotronH: a block without heads
+    (``_NoHeads``: a convolution, Mamba or linear-attention layer with an FFN) or without an FFN (``_NoFFN``:
+    NemotronH's attention layers); a layer of a stack that is not recognised at all sits between blocks as an
+    ``OpaqueLayer``, run as it is (:func:`link_opaque_layers`).
 
 Units: an FFN unit is one intermediate neuron, i.e. one column of the down projection's input and one row of
 every producer (``up``, or ``gate`` and ``up`` in a gated FFN); an attention unit is one head, i.e. ``head_dim``
@@ -527,6 +532,11 @@ class _Block:
     cross: _Block | None = None
     #: Whether the block has attention heads (a hybrid model's convolution layers have none: no "heads" stage).
     has_heads = True
+    #: Whether the block has an FFN (NemotronH's attention layers have none: no "ffn" stage).
+    has_ffn = True
+    #: The layers of the block's stack between the previous block and this one that the adapter does not recognise
+    #: (:class:`OpaqueLayer`, run as they are), set by :func:`link_opaque_layers`; empty for most models.
+    before: tuple[OpaqueLayer, ...] = ()
 
     def spec(self) -> dict[str, Any]:
         out = {"name": self.name, "kind": self.kind, "intermediate_size": self.ffn_units,
@@ -1355,20 +1365,21 @@ class _HFGlmBlock(_FusedGateUp):
 class _SharedExpert(_Block):
     """The shared expert of a mixture of experts (Qwen2-MoE ``shared_expert``, GLM-4-MoE, ERNIE 4.5, EXAONE and
     dots.llm1 ``shared_experts``, HunYuan ``shared_mlp``): a dense gated FFN ``down(act(gate(x)) * up(x))`` of
-    ``nn.Linear`` layers that every token passes through, its output added to the routed experts' sum, times
-    ``sigmoid(shared_expert_gate(x))`` in Qwen2-MoE (:meth:`_HFMoEBlock.shared_factor`). ``module`` is the shared
-    MLP itself; only the FFN interface of :class:`_Block` is used (its ``shrink_ffn``, magnitude and Wanda-style
-    scores)."""
+    ``nn.Linear`` layers (or a plain one, ``down(act(up(x)))``: NemotronH) that every token passes through, its
+    output added to the routed experts' sum, times ``sigmoid(shared_expert_gate(x))`` in Qwen2-MoE
+    (:meth:`_HFMoEBlock.shared_factor`). ``module`` is the shared MLP itself; only the FFN interface of
+    :class:`_Block` is used (its ``shrink_ffn``, magnitude and Wanda-style scores)."""
 
     kind = "hf_moe_shared"
 
     @staticmethod
     def looks_like(module: nn.Module) -> bool:
-        """Whether ``module`` is the gated FFN this adapter models."""
-        parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        return (all(isinstance(p, nn.Linear) for p in parts) and callable(_activation(module))
-                and parts[0].out_features == parts[1].out_features == parts[2].in_features
-                and parts[0].in_features == parts[1].in_features)
+        """Whether ``module`` is the gated (or plain) FFN this adapter models."""
+        gate, up, down = (getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+        return (isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(_activation(module))
+                and up.out_features == down.in_features
+                and (gate is None or (isinstance(gate, nn.Linear) and gate.out_features == up.out_features
+                                      and gate.in_features == up.in_features)))
 
     @property
     def up(self) -> nn.Linear:
@@ -1380,18 +1391,23 @@ class _SharedExpert(_Block):
 
     @property
     def producers(self) -> list[nn.Linear]:
-        return [self.module.gate_proj, self.module.up_proj]
+        gate = getattr(self.module, "gate_proj", None)
+        return [self.module.up_proj] if gate is None else [gate, self.module.up_proj]
 
     def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
-        self.module.gate_proj, self.module.up_proj = producers
+        if len(producers) == 2:
+            self.module.gate_proj = producers[0]
+        self.module.up_proj = producers[-1]
         self.module.down_proj = down
         if isinstance(getattr(self.module, "intermediate_size", None), int):
             self.module.intermediate_size = down.in_features
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The intermediate activations ``act(gate(x)) * up(x)`` on the token rows ``x``."""
+        """The intermediate activations ``act(gate(x)) * up(x)`` (``act(up(x))``: a plain FFN) on the token rows
+        ``x``."""
         m = self.module
-        return _activation(m)(m.gate_proj(x)) * m.up_proj(x)
+        gate = getattr(m, "gate_proj", None)
+        return _activation(m)(m.up_proj(x)) if gate is None else _activation(m)(gate(x)) * m.up_proj(x)
 
 
 def _activation(mlp: nn.Module) -> Any:
@@ -1424,6 +1440,8 @@ class _HFMoEBlock(_HFLlamaBlock):
     #: Where a shared expert lives, and the per-token gate of its output (Qwen2-MoE), if any.
     SHARED: tuple[str, ...] = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
     SHARED_GATE: str | None = "mlp.shared_expert_gate"
+    #: The experts' parameters (3D tensors) the adapter models: their producer, then their consumer.
+    EXPERT_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 
     @staticmethod
     def _expert_layout(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -1486,9 +1504,10 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     def prepare_ffn(self) -> None:
         ex = self.experts
-        extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in ("gate_up_proj", "down_proj"))
+        extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in self.EXPERT_PARAMS)
         if extra or not callable(getattr(ex, "act_fn", None)):
-            what = f"parameters besides gate_up_proj and down_proj ({', '.join(extra)})" if extra else "no act_fn"
+            what = (f"parameters besides {' and '.join(self.EXPERT_PARAMS)} ({', '.join(extra)})" if extra
+                    else "no act_fn")
             raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have {what}, which the "
                              "expert adapter does not model; this model's FFN cannot be pruned by the transformer "
                              "adapter (prune target='heads').")
@@ -2077,6 +2096,204 @@ class _HFJambaMambaMoEBlock(_NoHeadsMoE, _HFJambaMoEBlock):
 
     kind = "hf_jamba_mamba_moe"
     OPERATOR = "mamba"
+
+
+class _NoFFN:
+    """A hybrid stack's attention layer without an FFN (NemotronH: one mixer per layer, attention in some, an FFN
+    in others), mixed into the adapter of a Llama-style attention: its heads are pruned, it has no FFN (the "ffn"
+    stage skips it; its spec records ``intermediate_size`` 0)."""
+
+    has_ffn = False
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)  # type: ignore[attr-defined]
+        return (isinstance(sa, nn.Module)
+                and all(isinstance(getattr(sa, n, None), nn.Linear) for n in cls.QKV)  # type: ignore[attr-defined]
+                and isinstance(_get(module, cls.OUT), nn.Linear)  # type: ignore[attr-defined]
+                and isinstance(getattr(sa, cls.HEAD_SIZE, None), int)  # type: ignore[attr-defined]
+                and not any(isinstance(m, nn.Linear) for n, m in sa.named_children()
+                            if n not in cls.QKV and n != cls.OUT.rpartition(".")[2])  # type: ignore[attr-defined]
+                and cls._operator_only(module))
+
+    @classmethod
+    def _operator_only(cls, module: nn.Module) -> bool:
+        """Whether ``module`` holds nothing besides the attention and its norm (no FFN of some other layout)."""
+        return {n for n, _ in module.named_children()} == {cls.SA.partition(".")[0],  # type: ignore[attr-defined]
+                                                           cls.RESID_FFN[0]}  # type: ignore[attr-defined]
+
+    def heads_sum_input(self) -> tuple[nn.Module, int] | None:
+        """None: the attention's residual sum is the block output (no FFN after it)."""
+        return None
+
+    @property
+    def ffn_units(self) -> int:
+        return 0
+
+    @property
+    def producers(self) -> list[nn.Linear]:
+        return []
+
+    @property
+    def gated(self) -> bool:
+        return False
+
+    def prepare_ffn(self) -> None:
+        """No FFN: nothing to prepare."""
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        if keep.numel():
+            raise ValueError(f"block {self.name!r} has no FFN")  # type: ignore[attr-defined]
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        if num_heads < self.num_heads:  # type: ignore[attr-defined]
+            self.prepare_heads()  # type: ignore[attr-defined]
+        self.shrink_heads(torch.arange(num_heads // self.kv_groups))  # type: ignore[attr-defined]
+
+
+class _HFNemotronHAttentionBlock(_NoFFN, _HFLlamaBlock):
+    """NemotronH's (Nemotron-H, Nemotron Nano 2 and 3) attention layers (``NemotronHBlock`` whose ``mixer`` is a
+    ``NemotronHAttention``: ``x + mixer(norm(x))``, grouped-query attention without position embeddings): the heads
+    of :class:`_HFLlamaBlock`, no FFN. Its Mamba-2 layers are run as they are (:class:`OpaqueLayer`)."""
+
+    kind = "hf_nemotron_h_attn"
+    SA, OUT = "mixer", "mixer.o_proj"
+    RESID_FFN = ("norm", 0)
+
+
+class _HFNemotronHMLPBlock(_NoHeads, _HFLlamaPlainBlock):
+    """NemotronH's FFN layers (``NemotronHBlock`` whose ``mixer`` is a ``NemotronHMLP``: ``x + mixer(norm(x))``,
+    ``mixer.down_proj(relu(mixer.up_proj(h))^2)``): the plain FFN of :class:`_HFLlamaPlainBlock`, no heads."""
+
+    kind = "hf_nemotron_h_mlp"
+    OPERATOR = "mixer"
+    UP, DOWN = "mixer.up_proj", "mixer.down_proj"
+    RESID_FFN = ("norm", 0)  # the block input: the residual of x + mixer(norm(x))
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return super().matches(module) and {n for n, _ in module.named_children()} == {"mixer", "norm"} and {
+            n for n, m in module.mixer.named_children() if isinstance(m, nn.Linear)} == {"up_proj", "down_proj"}
+
+
+class _HFNemotronHMoEBlock(_NoHeads, _HFMoEBlock):
+    """NemotronH's mixture-of-experts layers (``NemotronHBlock`` whose ``mixer`` is a ``NemotronHMoE``:
+    ``x + mixer(norm(x))``; Nemotron 3 Nano): plain experts ``mixer.experts.up_proj`` ``(E, I, H)`` and
+    ``down_proj`` ``(E, H, I)``, each expert ``down_e(relu(up_e(x))^2)``, the routing-weighted sum plus the plain
+    shared expert ``mixer.shared_experts``; the mixture of :class:`_HFMoEBlock` otherwise, no heads. A mixture
+    whose experts run in a latent space (``fc1_latent_proj`` / ``fc2_latent_proj``) is refused."""
+
+    kind = "hf_nemotron_h_moe"
+    OPERATOR = "mixer"
+    EXPERTS, MLP = "mixer.experts", "mixer"
+    SHARED: tuple[str, ...] = ("mixer.shared_experts",)
+    SHARED_GATE = None
+    RESID_FFN = ("norm", 0)
+    FFN_PARTS = 1
+    EXPERT_PARAMS = ("up_proj", "down_proj")
+
+    @staticmethod
+    def _expert_layout(up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Whether the experts' tensors have this layout's shapes: ``(E, I, H)`` and ``(E, H, I)``."""
+        return up.shape[0] == down.shape[0] and up.shape[1] == down.shape[2] and up.shape[2] == down.shape[1]
+
+    @classmethod
+    def _has_ffn(cls, module: nn.Module) -> bool:
+        ex = _get(module, cls.EXPERTS)
+        up, dn = getattr(ex, "up_proj", None), getattr(ex, "down_proj", None)
+        return (isinstance(up, nn.Parameter) and isinstance(dn, nn.Parameter) and up.dim() == dn.dim() == 3
+                and cls._expert_layout(up, dn))
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return super().matches(module) and {n for n, _ in module.named_children()} == {"mixer", "norm"}
+
+    @property
+    def gated(self) -> bool:
+        return False
+
+    def prepare_ffn(self) -> None:
+        mixer = _get(self.module, self.MLP)
+        latent = [n for n in ("fc1_latent_proj", "fc2_latent_proj")
+                  if not isinstance(getattr(mixer, n, None), (nn.Identity, type(None)))]
+        if latent:
+            raise ValueError(f"block {self.name!r}: its experts run in a latent space ({', '.join(latent)} around "
+                             "them), which the expert adapter does not model; this model's mixtures cannot be "
+                             "pruned by the transformer adapter (its dense FFN layers and heads can: pass keep= a "
+                             "mapping without these blocks, or target='heads').")
+        super().prepare_ffn()
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s intermediate activations ``act(up(x))`` on the token rows ``x``."""
+        return self.experts.act_fn(F.linear(x, self.experts.up_proj[e]))
+
+    def expert_magnitude(self, e: int) -> torch.Tensor:
+        """Per neuron of expert ``e``: the sum of the squared L2 norms of its up row and down column (float64)."""
+        ex = self.experts
+        return ex.up_proj[e].detach().double().pow(2).sum(1) + ex.down_proj[e].detach().double().pow(2).sum(0)
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)`` sorted rows, or one row for every expert); new
+        down weights ``(E, H, k)`` if given."""
+        ex = self.experts
+        up, dn = ex.up_proj, ex.down_proj
+        keep = keep.to(dn.device)
+        if keep.dim() == 1:
+            keep = keep.expand(dn.shape[0], -1)
+        new_up = torch.stack([up[e, keep[e]] for e in range(up.shape[0])])
+        new_dn = (torch.stack([dn[e][:, keep[e]] for e in range(dn.shape[0])]) if down_weight is None
+                  else down_weight.to(device=dn.device, dtype=dn.dtype))
+        ex.up_proj = nn.Parameter(new_up.detach().clone(), requires_grad=up.requires_grad)
+        ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
+        if hasattr(ex, "intermediate_dim"):
+            ex.intermediate_dim = int(keep.shape[1])
+
+
+class OpaqueLayer(_Block):
+    """A layer of a stack of blocks that the adapter does not recognise (a hybrid model's Mamba or linear-attention
+    layer without an FFN it knows): never pruned, run as it is between the blocks it sits between, with the
+    arguments the model called it with (its hidden states first; the first output where it returns several)."""
+
+    kind = "opaque"
+    has_heads = has_ffn = False
+
+    def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        out = self.module(x, *ctx["args"], **ctx["kwargs"])
+        if isinstance(out, torch.Tensor):
+            return out
+        first = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else None
+        if not isinstance(first, torch.Tensor):
+            raise ValueError(f"layer {self.name!r} ({type(self.module).__name__}), which the pruner runs as it is "
+                             f"between the blocks it prunes, returns {type(out).__name__}, not the hidden states "
+                             "(a tensor, or a tuple that starts with them)")
+        return first
+
+
+def link_opaque_layers(model: nn.Module, blocks: list[_Block]) -> list[tuple[str, nn.Module]]:
+    """Set each block's :attr:`_Block.before`: the layers of its stack (the ``ModuleList`` that holds it) between
+    the previous block of that stack and itself that are not blocks. Returns every layer of the stacks that is not
+    a block, ``(name, module)`` in order (also those before the first block or after the last of a stack, which the
+    pruning never runs)."""
+    found = {b.name: b for b in blocks}
+    others: list[tuple[str, nn.Module]] = []
+    for path in sorted({b.name.rpartition(".")[0] for b in blocks}):
+        stack = model.get_submodule(path) if path else model
+        if not isinstance(stack, nn.ModuleList):
+            continue
+        pending: list[OpaqueLayer] = []
+        seen_block = False
+        for i, layer in enumerate(stack):
+            name = f"{path}.{i}" if path else str(i)
+            if name in found:
+                if seen_block:
+                    found[name].before = tuple(pending)
+                pending, seen_block = [], True
+            else:
+                others.append((name, layer))
+                pending.append(OpaqueLayer(name, layer))
+    return others
 
 
 class _ScaledNorm(nn.Module):
@@ -2808,7 +3025,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFHyperCLOVAXBlock,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
+    _HFNemotronHMoEBlock,
+    _HFHyperCLOVAXBlock,
     _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
     _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
     _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,

@@ -78,6 +78,7 @@ from ._stats import stats_device as _stats_device
 from ._stats import update_folds as _update_folds
 from ._transformer_blocks import (
     BLOCK_OUTPUT,
+    OpaqueLayer,
     PrunedMultiheadAttention,
     _Block,
     _get,
@@ -86,6 +87,7 @@ from ._transformer_blocks import (
     disable_nested_fast_path,
     find_blocks,
     leading_input,
+    link_opaque_layers,
     weight_of,
 )
 from .io import attn_implementation_of, restore_attn_implementation
@@ -1153,13 +1155,14 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
                          "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
                          "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, "
-                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba; Gemma 2/3, "
-                         "OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, "
-                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, NemotronH; "
+                         "Gemma 2/3, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, "
+                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. "
                          "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
                          "other models.")
-    skipped = [] if stack else _unrecognised_layers(work, blocks)
+    others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
+    skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)
     if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states
         options = dict(target=target, method=method, reweight=reweight, seed=seed, propagation=propagation,
@@ -1231,13 +1234,18 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             changed = original_data is not None
             for i, blk in enumerate(blocks):
                 oblk = orig_blocks[i]
+                if oblk.before:  # unrecognised layers between the previous block and this one: run as they are
+                    same = xp is xo  # no change yet: the pruned network's inputs are the original's
+                    xo = _step_over(oblk, xo, cache, counter, original=True)
+                    if mode != "layer":
+                        xp = xo if same else _step_over(blk, xp, cache, counter, original=False)
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
                 if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
                                                                        equal_nan=True):
-                    others = [n for n, _ in skipped if n.rpartition(".")[0] == oblk.name.rpartition(".")[0]]
-                    between = (f" Its stack also holds layers that are not recognised ({', '.join(others[:4])}"
-                               f"{', ...' if len(others) > 4 else ''}): a hybrid model's layers of an unsupported "
-                               "kind cannot be stepped over." if others else "")
+                    steps = [s.name for s in oblk.before]
+                    between = (f" The layers between it and the previous block ({', '.join(steps[:4])}"
+                               f"{', ...' if len(steps) > 4 else ''}) are not recognised and were run as they are, "
+                               "with the arguments the model called them with." if steps else "")
                     raise ValueError(f"block {oblk.name!r} does not receive the previous block's output: only "
                                      "blocks applied one after another (an encoder stack) are supported; the "
                                      "model's forward must also be deterministic (ViTMAE's random masking: pass a "
@@ -1295,25 +1303,16 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     return work, report
 
 
-def _unrecognised_layers(model: nn.Module, blocks: list[_Block]) -> list[tuple[str, str]]:
-    """The layers left whole because they are not recognised, though they sit in a stack of blocks (a
-    ``ModuleList`` holding recognised blocks), each with why; said by a ``UserWarning``. A hybrid model whose
-    other layers are of a kind the adapter does not know (a state-space or linear-attention layer without a
-    recognised FFN) is pruned in its recognised layers only, which the caller should know."""
-    found = {b.name for b in blocks}
-    stacks = {b.name.rpartition(".")[0] for b in blocks}
-    skipped = []
-    for path in sorted(stacks):
-        stack = model.get_submodule(path) if path else model
-        if not isinstance(stack, nn.ModuleList):
-            continue
-        for i, layer in enumerate(stack):
-            name = f"{path}.{i}" if path else str(i)
-            if name not in found:
-                skipped.append((name, f"{type(layer).__name__} is not a transformer block the adapter recognises "
-                                      "(left whole)"))
+def _unrecognised_layers(others: list[tuple[str, nn.Module]], n_blocks: int) -> list[tuple[str, str]]:
+    """The layers left whole because they are not recognised, though they sit in a stack of blocks (``others``, a
+    ``ModuleList`` holding recognised blocks: :func:`link_opaque_layers`), each with why; said by a
+    ``UserWarning``. A hybrid model whose other layers are of a kind the adapter does not know (a state-space or
+    linear-attention layer without a recognised FFN) is pruned in its recognised layers only, the others run as
+    they are between them, which the caller should know."""
+    skipped = [(name, f"{type(layer).__name__} is not a transformer block the adapter recognises (left whole)")
+               for name, layer in others]
     if skipped:
-        warnings.warn(f"{len(skipped)} of the {len(skipped) + len(blocks)} layers of the model's stacks of blocks "
+        warnings.warn(f"{len(skipped)} of the {len(skipped) + n_blocks} layers of the model's stacks of blocks "
                       f"are not recognised and are left whole: {', '.join(n for n, _ in skipped[:4])}"
                       f"{', ...' if len(skipped) > 4 else ''} ({skipped[0][1].partition(' is ')[0]}); the others "
                       "are pruned. See report.skipped.", UserWarning, stacklevel=5)
@@ -1438,7 +1437,8 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
     xo = [c["x"] for c in cache]
     curves: dict[str, list[tuple[int, np.ndarray]]] = {}
     for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
-        xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
+        xo_next, side = _original_pass(oblk, stages, "layer", _step_over(oblk, xo, cache, counter, original=True),
+                                       cache, counter, False, weighting)
         for s in stages:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
@@ -1458,6 +1458,17 @@ def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]
     return block.forward(x, ctx.get("per_block", {}).get(block.name, ctx))
 
 
+def _step_over(block: _Block, xs: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int], *,
+               original: bool) -> list[torch.Tensor]:
+    """The inputs of ``block`` from the previous block's outputs ``xs`` (one per cached batch): through the
+    unrecognised layers between the two (:attr:`_Block.before`), run as they are in the original network's call
+    context (``original``) or the pruned network's."""
+    for layer in block.before:
+        xs = [_fwd(layer, x, _original_context(c) if original else c["ctx"], counter)
+              for x, c in zip(xs, cache, strict=True)]
+    return xs
+
+
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
                      gated: bool = False, cross: bool = False, pruned_batches: list[Any] | None = None
                      ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor], set[str]]:
@@ -1473,6 +1484,9 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
     block's context there and ``"octx"`` the original network's (see :func:`_original_context`)."""
     orig = working_copy(model)
     orig_blocks = find_blocks(orig)
+    link_opaque_layers(orig, orig_blocks)
+    # the blocks and the unrecognised layers between them, in the order they run
+    members = [m for b in orig_blocks for m in (*b.before, b)]
     crossing = [b for b in orig_blocks if b.cross is not None] if heads and cross else []
     if heads:
         for blk in orig_blocks:
@@ -1487,13 +1501,14 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
                for b in crossing]
     try:
         try:
-            chain, contexts = _capture_chain(orig, orig_blocks, batches[0])
+            inputs, contexts = _capture_chain(orig, members, batches[0])
         finally:
             for h in handles:
                 h.remove()
-        counter[0] += len(orig_blocks)  # that full forward ran every block once
-        own = _own_arguments(orig, orig_blocks, batches[0], contexts, stacks_note)
-        cache = _capture_first_block(orig, orig_blocks[0], batches, orig_blocks if own else None)
+        counter[0] += len(members)  # that full forward ran every block (and layer between them) once
+        chain = [x for m, x in zip(members, inputs, strict=True) if not isinstance(m, OpaqueLayer)]
+        own = _own_arguments(orig, members, batches[0], contexts, stacks_note)
+        cache = _capture_first_block(orig, orig_blocks[0], batches, members if own else None)
         if heads:
             _check_head_layouts(orig_blocks, chain, cache[0]["ctx"], counter)
             _check_head_layouts([b.cross for b in crossing if b.name in called],
@@ -1503,7 +1518,7 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
             _check_ffn_units(orig_blocks, chain, cache[0]["ctx"], counter)
         if pruned_batches is not None:
             for entry, seen in zip(cache, _capture_first_block(orig, orig_blocks[0], pruned_batches,
-                                                               orig_blocks if own else None), strict=True):
+                                                               members if own else None), strict=True):
                 if not (torch.equal(entry["valid"], seen["valid"]) and torch.equal(entry["x"], seen["x"])):
                     raise ValueError("the decoder's first block receives other tokens or inputs with the pruned "
                                      "encoder than with the unpruned one: an encoder-decoder whose decoder inputs "
@@ -1522,8 +1537,11 @@ def _original_context(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _with_cross(stages: list[str], blk: _Block, called: set[str]) -> list[str]:
     """The stages of ``blk``: ``stages`` without ``"heads"`` for a block without attention (a hybrid model's
-    convolution layer), and with its cross-attention's heads (``"cross"``) after the self-attention's where heads
-    are pruned and the layer's cross-attention is called (``called``, see :func:`_original_blocks`)."""
+    convolution layer), without ``"ffn"`` for a block without an FFN (NemotronH's attention layers), and with its
+    cross-attention's heads (``"cross"``) after the self-attention's where heads are pruned and the layer's
+    cross-attention is called (``called``, see :func:`_original_blocks`)."""
+    if not blk.has_ffn:
+        stages = [s for s in stages if s != "ffn"]
     if not blk.has_heads:
         return [s for s in stages if s != "heads"]
     if "heads" not in stages or blk.name not in called:
@@ -1893,7 +1911,7 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         return  # the sum is the block output by construction: _check_branch_sum checks that it is one
     if "sum_" + stage in got:
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
-    elif stage == "ffn":
+    elif stage == "ffn" or not block.has_ffn:  # the last sublayer: its sum is the block output
         seen = _rows(out, valid, block.batch_first("block"))
     else:
         return
@@ -1902,7 +1920,7 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
     tol = 1e-4 * (1.0 + float(seen.abs().max()))
     if seen.shape != total.shape or not torch.allclose(total.to(seen.dtype), seen, rtol=1e-4, atol=tol):
         where = "the input of the LayerNorm after it" if block.post_norm(stage_name) is not None else (
-            "the block output" if stage == "ffn" else "the residual stream entering the FFN")
+            "the block output" if stage == "ffn" or not block.has_ffn else "the residual stream entering the FFN")
         consumer = "down projection" if stage == "ffn" else "attention output projection"
         raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
                          f"block but does not compute like one: its {consumer}'s output plus the residual is not "
@@ -2215,8 +2233,8 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[st
 
 def _expert_magnitude(blk: _Block, e: int) -> np.ndarray:
     """Torch-Pruning-style importance of expert ``e``'s neurons: the mean of the squared L2 norms of the unit's
-    gate row, up row and down column (as :func:`_magnitude_scores` for a dense gated FFN)."""
-    return (blk.expert_magnitude(e) / 3).cpu().numpy()
+    gate row (if gated), up row and down column (as :func:`_magnitude_scores` for a dense FFN)."""
+    return (blk.expert_magnitude(e) / (blk.FFN_PARTS + 1)).cpu().numpy()
 
 
 def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: dict[str, int],

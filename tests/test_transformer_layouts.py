@@ -577,11 +577,49 @@ def test_unrecognised_layers_after_the_blocks_are_left_whole_and_reported() -> N
             num_layers=2, enable_nested_tensor=False).eval(), [x], keep=0.5)[1].skipped == []
 
 
-def test_an_unrecognised_layer_between_blocks_is_named_in_the_refusal() -> None:
+@pytest.mark.parametrize("method", ["asym", "layer"])
+def test_an_unrecognised_layer_between_blocks_is_run_as_it_is(method: str) -> None:
+    """The block after an unrecognised layer is pruned on what really reaches it: the refit of its FFN is the least
+    squares fit (with an intercept: ``linear2`` has a bias) of the UNPRUNED model's ``linear2`` outputs on the
+    ``linear2`` inputs (kept neurons) captured by a hook in a forward of the pruned model (asym) or of the unpruned
+    model (layer), both forwards running the mixer between the blocks as the model does."""
+    from _torch_helpers import captured_input
+
     encoder, x = _encoder_with_a_mixer(1), torch.randn(4, 6, HIDDEN)
+    with pytest.warns(UserWarning, match=r"not recognised and are left whole: layers\.1 \(_Mixer\)"):
+        pruned, report = prune_transformer(encoder, [x[:2], x[2:]], keep=0.5, target="ffn", method=method,
+                                           ridge=0.0, weighting="none", residual=False)
+    assert [u.block for u in report.units] == ["layers.0", "layers.2"]
+    assert report.skipped == [("layers.1", "_Mixer is not a transformer block the adapter recognises (left whole)")]
+    assert pruned.layers[1].mix.weight.equal(encoder.layers[1].mix.weight)
+    unit = report.units[1]
+    mine, theirs = pruned.layers[2].linear2, encoder.layers[2].linear2
+    seen = captured_input(encoder, theirs, x).reshape(-1, INTER)
+    a = captured_input(pruned, mine, x).reshape(-1, unit.n_kept) if method == "asym" else seen[:, unit.kept]
+    with torch.no_grad():
+        y = theirs(seen).double().numpy()
+    design = np.hstack([a.double().numpy(), np.ones((len(a), 1))])
+    want = np.linalg.lstsq(design, y, rcond=None)[0]
+    got = np.vstack([mine.weight.detach().double().numpy().T, mine.bias.detach().double().numpy()])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+    # the mixer matters: without it, the second block's inputs (and so its fit) would be others
+    assert not np.allclose(captured_input(encoder, encoder.layers[1], x).numpy(),
+                           captured_input(encoder, encoder.layers[2], x).numpy(), atol=1e-3)
+
+
+class _NoisyMixer(_Mixer):
+    """An unrecognised layer whose output is not a function of its input (noise added at every call)."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        return super().forward(src) + 0.1 * torch.randn_like(src)
+
+
+def test_an_unrecognised_layer_between_blocks_that_does_not_chain_is_named_in_the_refusal() -> None:
+    encoder, x = _encoder_with_a_mixer(1), torch.randn(4, 6, HIDDEN)
+    encoder.layers[1] = _NoisyMixer(HIDDEN)
     with pytest.warns(UserWarning, match="not recognised"), pytest.raises(
-            ValueError, match=r"'layers\.2' does not receive the previous block's output.*holds layers that are not "
-                              r"recognised \(layers\.1\)"):
+            ValueError, match=r"'layers\.2' does not receive the previous block's output.*The layers between it and "
+                              r"the previous block \(layers\.1\) are not recognised and were run as they are"):
         prune_transformer(encoder, [x], keep=0.5)
 
 
