@@ -2013,6 +2013,21 @@ class _HFLinearAttentionMoEBlock(_NoHeadsMoE, _HFMoEBlock):
     OPERATOR = "linear_attn"
 
 
+class _HFMiniMaxLightningBlock(_NoHeadsMoE, _HFMoEBlock):
+    """MiniMax's (MiniMax-Text-01) layers with a lightning attention (``self_attn``: a linear attention with fused
+    ``qkv_proj``, ``output_gate`` and ``out_proj``, no heads the adapter prunes) in place of the softmax attention:
+    the mixture of experts of :class:`_HFMoEBlock`, no heads."""
+
+    kind = "hf_minimax_lightning"
+    OPERATOR = "self_attn"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.OPERATOR)
+        return (all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("qkv_proj", "out_proj", "output_gate"))
+                and cls._has_ffn(module) and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+
+
 class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
     """LFM3's convolution layers: the FFN (and its output norm) of :class:`_HFLfm3Block`, no heads."""
 
@@ -3024,7 +3039,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridBlock,
-    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
+    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
+    _HFJambaBlock, _HFJambaMoEBlock,
     _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
     _HFNemotronHMoEBlock,
     _HFHyperCLOVAXBlock,

@@ -31,7 +31,7 @@ HIDDEN, HEADS, KV_HEADS, INTER, EXPERTS, TOP_K, LAYERS, VOCAB = 16, 4, 2, 24, 4,
 FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
-            "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "qwen3_next": "Qwen3Next",
+            "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "minimax": "MiniMax", "qwen3_next": "Qwen3Next",
             "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba"}
 #: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
 #: each with a mixture and a gated shared expert
@@ -40,7 +40,7 @@ SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
 JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
 #: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
-MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe")
+MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
@@ -479,3 +479,15 @@ def test_one_experts_statistics_are_held_at_a_time(monkeypatch, method: str) -> 
     _, report = prune_transformer(build("qwen2_moe"), ragged_token_batches(VOCAB), keep=0.5, method=method)
     assert sum(isinstance(u.expert, int) and u.relative_error is not None for u in report.units) > LAYERS
     assert peak[0] == 1
+
+
+def test_minimax_lightning_attention_layers_prune_their_experts(tmp_path) -> None:
+    """MiniMax alternates softmax-attention layers and lightning-attention layers (a linear attention, no heads),
+    each with a mixture: both kinds' experts lose neurons (the zeroed-columns oracle of the first test covers the
+    weights); the pruned model reloads and generates the same tokens with and without its cache."""
+    model = build("minimax", lm=True)
+    assert [b.kind for b in find_blocks(model)] == ["hf_moe", "hf_minimax_lightning"]
+    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="ffn")
+    assert report.skipped == []
+    assert {u.block for u in report.units} == {"model.layers.0", "model.layers.1"}
+    assert_reloads_and_generates(pruned, tmp_path / "m")
