@@ -1832,8 +1832,10 @@ class _LatentAttention:
     SA, OUT = "self_attn", "self_attn.o_proj"
     QKV = ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     HEAD_SIZE, N_HEADS = "v_head_dim", "num_heads"
+    #: ``g_proj``: a sigmoid output gate per head (Ring-linear's ``BailingHybridAttention``: ``attn * sigmoid(
+    #: g_proj(x))`` before ``o_proj``, one row a head), whose rows go with their heads
     PLAIN = frozenset({"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_layernorm", "dropout",
-                       "rotary_emb"})
+                       "rotary_emb", "g_proj"})
     LEGACY = ()  # the head count is kept in step; the functional check on the first batch confirms the layout
 
     @classmethod
@@ -1869,9 +1871,12 @@ class _LatentAttention:
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         """Keep heads ``keep``: their rows of the query projection and of ``kv_b_proj``, their columns of
-        ``o_proj`` (or ``out_weight``)."""
+        ``o_proj`` (or ``out_weight``), their rows of a per-head output gate ``g_proj``."""
         sa = _get(self.module, self.SA)
         keep = keep.to(self.out_proj.weight.device)
+        gate = getattr(sa, "g_proj", None)
+        if isinstance(gate, nn.Linear) and gate.out_features == self.num_heads:
+            sa.g_proj = _linear_like(gate, weight_of(gate)[keep], None if gate.bias is None else gate.bias[keep])
         for name, width in self._head_widths():
             lin, rows = getattr(sa, name), _head_rows(keep, width)
             setattr(sa, name, _linear_like(lin, weight_of(lin)[rows], None if lin.bias is None else lin.bias[rows]))
@@ -2026,6 +2031,38 @@ class _HFMiniMaxLightningBlock(_NoHeadsMoE, _HFMoEBlock):
         sa = _get(module, cls.OPERATOR)
         return (all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("qkv_proj", "out_proj", "output_gate"))
                 and cls._has_ffn(module) and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+
+
+class _DeltaAttention(_NoHeads):
+    """A layer whose ``self_attn`` is a gated delta-rule linear attention (Kimi Linear's KDA, Ring-linear's
+    ``BailingHybridDeltaAttention``: query/key/value projections through a short convolution ``conv1d``, a
+    ``forget_gate`` and a ``b_proj`` beta, its own recurrent state), mixed into the adapter of the layer's FFN: the
+    FFN is pruned, the linear attention is kept whole (no "heads" stage; its spec records ``num_heads`` 0)."""
+
+    OPERATOR = "self_attn"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.OPERATOR)
+        return (isinstance(getattr(sa, "conv1d", None), nn.Conv1d)
+                and isinstance(getattr(sa, "b_proj", None), nn.Linear)
+                and isinstance(getattr(sa, "forget_gate", None), nn.Module) and cls._has_ffn(module)
+                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))  # type: ignore[attr-defined]
+
+
+class _HFDeltaAttentionBlock(_DeltaAttention, _HFLlamaBlock):
+    """Kimi Linear's and Ring-linear's (``BailingHybrid``) delta-attention layers with a dense gated FFN (``mlp``,
+    Llama's): the FFN of :class:`_HFLlamaBlock`, no heads. Their full-attention layers are latent attention
+    (``hf_mla`` / ``hf_mla_moe``)."""
+
+    kind = "hf_delta_attn"
+
+
+class _HFDeltaAttentionMoEBlock(_DeltaAttention, _NoHeadsMoE, _HFMoEBlock):
+    """Kimi Linear's and Ring-linear's delta-attention layers with a mixture of experts (and shared expert) in
+    :class:`_HFMoEBlock`'s layout, no heads."""
+
+    kind = "hf_delta_attn_moe"
 
 
 class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
@@ -3040,6 +3077,7 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
+    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
     _HFJambaBlock, _HFJambaMoEBlock,
     _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
     _HFNemotronHMoEBlock,

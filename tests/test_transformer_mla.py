@@ -160,3 +160,64 @@ def test_save_reload_and_generation(tmp_path) -> None:
         with_cache = pruned.generate(prompt, **kw)
         assert torch.equal(with_cache, pruned.generate(prompt, **{**kw, "use_cache": False}))
     assert with_cache.shape[1] == prompt.shape[1] + 5
+
+
+#: Hybrids of gated delta-rule linear attention and latent attention: Kimi Linear (KDA) and Ring-linear
+#: (``BailingHybrid``, whose latent attention gates each head's output by sigmoid(g_proj(x)), one row a head)
+DELTA = {"kimi_linear": "KimiLinear", "bailing_hybrid": "BailingHybrid"}
+
+
+def build_delta(name: str, experts: bool, lm: bool = False) -> nn.Module:
+    cls = DELTA[name]
+    if not hasattr(transformers, cls + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    cfg = getattr(transformers, cls + "Config")(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, intermediate_size=INTER, moe_intermediate_size=8, num_experts=EXPERTS,
+        num_experts_per_token=2, num_expert_group=1, topk_group=1, kv_lora_rank=8, qk_rope_head_dim=QK_ROPE,
+        qk_nope_head_dim=QK_NOPE, v_head_dim=V_HEAD, qk_head_dim=QK_NOPE + QK_ROPE, head_dim=V_HEAD,
+        linear_head_dim=4, linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2,
+        mlp_layer_types=["dense"] + ["sparse" if experts else "dense"] * 3, first_k_dense_replace=1,
+        layer_group_size=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls + ("ForCausalLM" if lm else "Model"))(cfg).eval()
+    return scale_matrices(model, 5.0)
+
+
+@pytest.mark.parametrize("name", list(DELTA))
+def test_delta_attention_layers_keep_their_heads_and_the_latent_attention_loses_heads(name: str) -> None:
+    """The linear-attention layers (``hf_delta_attn``) have their FFN pruned and no heads; the latent-attention
+    layers lose heads (with Ring-linear's output-gate rows). Oracle: no refit equals zeroing the removed heads'
+    ``o_proj`` columns and the removed neurons' ``down_proj`` columns of the unpruned model."""
+    model, batches = build_delta(name, experts=False), ragged_token_batches(VOCAB)
+    assert [b.kind for b in find_blocks(model)] == ["hf_delta_attn", "hf_mla"] * 2
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="all", method="magnitude", reweight=False)
+    assert report.skipped == []
+    assert sorted((u.block, u.stage) for u in report.units) == sorted(
+        [(f"layers.{i}", "ffn") for i in range(4)] + [("layers.1", "heads"), ("layers.3", "heads")])
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            layer = zeroed.get_submodule(u.block)
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            if u.stage == "ffn":
+                layer.mlp.down_proj.weight[:, gone] = 0.0
+            else:
+                layer.self_attn.o_proj.weight[:, [h * V_HEAD + i for h in gone for i in range(V_HEAD)]] = 0.0
+    gate = getattr(pruned.layers[1].self_attn, "g_proj", None)
+    assert gate is None or gate.out_features == HEADS // 2
+    for b in batches:
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(DELTA))
+def test_delta_attention_hybrids_with_experts_reload_and_generate(tmp_path, name: str) -> None:
+    from _torch_helpers import assert_reloads_and_generates
+
+    model = build_delta(name, experts=True, lm=True)
+    assert [b.kind for b in find_blocks(model)] == ["hf_delta_attn", "hf_mla_moe", "hf_delta_attn_moe",
+                                                    "hf_mla_moe"]
+    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
+    assert [b["num_heads"] for b in report.spec["blocks"]] == [0, HEADS // 2, 0, HEADS // 2]
+    assert_reloads_and_generates(pruned, tmp_path / "m")
