@@ -2120,6 +2120,34 @@ class _HFJambaBlock(_HFLlamaBlock):
         return super().matches(module) and _get(module, "mamba") is None
 
 
+class _HFFalconH1Block(_HFJambaBlock):
+    """Falcon-H1's layers (``FalconH1DecoderLayer``): a Mamba-2 mixer (``mamba``) and the Llama attention run in
+    parallel on the normalised input, their outputs times ``ssm_out_multiplier`` / ``attn_out_multiplier`` summed
+    into the residual; then Jamba's gated FFN ``feed_forward.{gate,up,down}_proj`` after ``pre_ff_layernorm``, its
+    gate input times ``gate_multiplier`` (inside the activation: a unit is still row ``i`` of gate and up) and its
+    output times ``down_multiplier`` (read as an output scale). FFN only: the attention's residual also holds the
+    Mamba branch, which the head adapter does not model, so ``target="heads"`` is refused."""
+
+    kind = "hf_falcon_h1"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (super(_HFJambaBlock, cls).matches(module) and isinstance(_get(module, "mamba"), nn.Module)
+                and isinstance(getattr(_get(module, "feed_forward"), "down_multiplier", None), (int, float)))
+
+    def prepare_heads(self) -> None:
+        raise ValueError(f"block {self.name!r}: Falcon-H1's attention runs in parallel with a Mamba mixer whose "
+                         "output joins the same residual sum, which head pruning does not model; prune "
+                         "target='ffn' on this model.")
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        """The FFN's ``down_multiplier`` as a per-channel factor (``None`` where it is 1)."""
+        m = _get(self.module, "feed_forward").down_multiplier
+        if stage != "ffn" or m == 1:
+            return None
+        return torch.full((self.down.out_features,), float(m), dtype=self.down.weight.dtype)
+
+
 class _HFJambaMoEBlock(_HFMoEBlock):
     """Jamba's attention layers with a mixture of experts (``feed_forward``: ``JambaSparseMoeBlock``, experts
     ``gate_up_proj`` ``(E, 2 I, H)`` / ``down_proj`` ``(E, H, I)`` as :class:`_HFMoEBlock`'s, no shared expert)."""
@@ -3078,7 +3106,7 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
     _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
-    _HFJambaBlock, _HFJambaMoEBlock,
+    _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
     _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
     _HFNemotronHMoEBlock,
     _HFHyperCLOVAXBlock,

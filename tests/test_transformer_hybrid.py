@@ -192,15 +192,43 @@ def test_lfm3_sandwich_norms_and_head_gates(tmp_path, method: str) -> None:
     assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
-def test_falcon_h1_layers_are_not_taken_for_jamba() -> None:
-    """Falcon-H1's layers carry Jamba's part names (self_attn, feed_forward, pre_ff_layernorm) with a Mamba mixer
-    run beside the attention and multipliers on every branch: another layout, not recognised."""
+def build_falcon_h1(lm: bool = False) -> nn.Module:
     if not hasattr(transformers, "FalconH1Config"):
         pytest.skip(f"transformers {transformers.__version__} has no Falcon-H1")
-    model = transformers.FalconH1Model(transformers.FalconH1Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, max_position_embeddings=32))
-    layer = model.layers[0]  # the part names (get_submodule raises on a missing one)
-    for part in ("self_attn", "mamba", "feed_forward.down_proj", "pre_ff_layernorm"):
-        layer.get_submodule(part)
-    assert find_blocks(model) == []
+    torch.manual_seed(0)
+    cfg = transformers.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, max_position_embeddings=32,
+        mamba_d_ssm=16, mamba_n_heads=4, mamba_d_head=4, mamba_d_state=8, mamba_chunk_size=8, pad_token_id=0,
+        mlp_multipliers=[0.7, 1.3], ssm_out_multiplier=0.5, attention_out_multiplier=0.8)
+    return scale_matrices((transformers.FalconH1ForCausalLM if lm else transformers.FalconH1Model)(cfg), 3.0)
+
+
+def test_falcon_h1_ffn_is_pruned_and_its_heads_refused(tmp_path) -> None:
+    """Falcon-H1's layers carry Jamba's part names with a Mamba mixer run beside the attention and multipliers on
+    every branch: their own kind. The FFN (gate input times gate_multiplier, output times down_multiplier = 1.3
+    here) is pruned; oracles: no refit equals zeroing the removed neurons' down columns; the layer-mode refit is
+    least squares on the captured down inputs (the multiplier scales every target column alike); reload and
+    generation. The heads are refused (the Mamba branch shares their residual sum)."""
+    model, batches = build_falcon_h1(), ragged_token_batches(VOCAB)
+    assert [b.kind for b in find_blocks(model)] == ["hf_falcon_h1"] * 3
+    with pytest.raises(ValueError, match=r"'layers\.0': Falcon-H1's attention runs in parallel with a Mamba mixer.*"
+                                         r"target='ffn'"):
+        prune_transformer(model, batches, keep=0.5, target="heads")
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="magnitude", reweight=False)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            zeroed.get_submodule(u.block).feed_forward.down_proj.weight[:, sorted(set(range(INTER)) - set(u.kept))] = 0
+    for b in batches:
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="layer", ridge=0.0, weighting="none")
+    for u in report.units:
+        down = model.get_submodule(u.block).feed_forward.down_proj
+        a = torch.cat([captured_input(model, down, b)[b["attention_mask"].bool()] for b in batches]).double().numpy()
+        want = np.linalg.lstsq(a[:, u.kept], a @ down.weight.detach().double().numpy().T, rcond=None)[0].T
+        got = pruned.get_submodule(u.block).feed_forward.down_proj.weight.detach().double().numpy()
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
+    lm, _ = prune_transformer(build_falcon_h1(lm=True), batches, keep=0.5)
+    assert_reloads_and_generates(lm, tmp_path / "m")
