@@ -1131,7 +1131,10 @@ class _HFLlamaBlock(_HFBlock):
     HEAD_SIZE, N_HEADS, ALL_HEADS = "head_dim", "", None
     #: q_norm / k_norm (Qwen3) normalise each head over head_dim, shared by all heads; rotary_emb (transformers 4)
     #: holds no weights.
-    PLAIN = frozenset({"dropout", "rotary_emb", "q_norm", "k_norm"})
+    PLAIN = frozenset({"dropout", "rotary_emb", "q_norm", "k_norm", "g_proj", "gate_proj"})
+    #: Output gates of the attention (``attn * f(gate(x))`` before ``o_proj``), whose rows :meth:`shrink_heads` cuts
+    #: with their heads; the unit-removal check on the first batch confirms the layout.
+    OUTPUT_GATES = ("g_proj", "gate_proj")
     #: Attributes of the attentions of transformers before the attention refactor of 4.48, which reshape their
     #: output to the model width and size their views by these per-module head counts.
     LEGACY = ("num_heads", "hidden_size")
@@ -1196,9 +1199,10 @@ class _HFLlamaBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         """Keep the key/value groups ``keep``: their key and value heads, their query heads (and their sink
-        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``, and their rows of LFM3's output gate ``g_proj``, one per
-        query head; their rows of per-head query and key norm weights, Cohere's qk-norm) and the output
-        projection's columns of those query heads."""
+        logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``; their rows of an output gate, ``g_proj`` or ``gate_proj``
+        inside the attention, one row per query head (LFM3, Laguna) or one per output channel (Laguna); their
+        rows of per-head query and key norm weights, Cohere's qk-norm) and the output projection's columns of those
+        query heads."""
         keep = keep.to(self.out_proj.weight.device)
         sa = _get(self.module, self.SA)
         heads = _head_rows(keep, self.kv_groups)  # the query heads of the kept groups
@@ -1206,14 +1210,17 @@ class _HFLlamaBlock(_HFBlock):
         rows = self._qkv_rows(_head_rows(keep, self.kv_groups * self.head_dim), _head_rows(keep, self.head_dim),
                               _head_rows(keep, self.value_dim))
         self._cut_attention(rows, _head_rows(keep, self.head_unit_width), out_weight, out_bias)
-        gate = getattr(sa, "g_proj", None)
-        if isinstance(gate, nn.Linear) and gate.out_features == n_heads:
-            sa.g_proj = _linear_like(gate, weight_of(gate)[heads], None if gate.bias is None else gate.bias[heads])
+        for name in self.OUTPUT_GATES:  # attn * f(gate(x)) before o_proj: per query head, or per output channel
+            gate = getattr(sa, name, None)
+            if isinstance(gate, nn.Linear) and gate.out_features in (n_heads, n_heads * self.value_dim):
+                r = heads if gate.out_features == n_heads else _head_rows(heads, self.value_dim)
+                setattr(sa, name, _linear_like(gate, weight_of(gate)[r], None if gate.bias is None else gate.bias[r]))
         # parameters with a row per head: sinks (one per query head), query and key norms with weights of their own
         # per head (Cohere's qk-norm: (heads, head_dim)); a norm shared by the heads ((head_dim,)) stays as it is
-        per_head = [(sa, "sinks", heads)] + [(norm, name, kept) for part, kept in (("q_norm", heads), ("k_norm", keep))
-                                             if (norm := getattr(sa, part, None)) is not None
-                                             for name, p in norm.named_parameters(recurse=False) if p.dim() == 2]
+        norms = [(norm, name, kept) for part, kept in (("q_norm", heads), ("k_norm", keep))
+                 if (norm := getattr(sa, part, None)) is not None
+                 for name, p in norm.named_parameters(recurse=False) if p.dim() == 2]
+        per_head = [(sa, "sinks", heads), *norms]
         for owner, name, kept in per_head:
             p = getattr(owner, name, None)
             if isinstance(p, nn.Parameter):
@@ -1924,7 +1931,6 @@ class _HFLfm3Block(_HFLfm2Block):
 
     kind = "hf_lfm3"
     OUT = "self_attn.o_proj"
-    PLAIN = _HFLlamaBlock.PLAIN | {"g_proj"}
     OUT_NORMS = {"heads": "post_operator_norm", "ffn": "post_ffn_norm"}
 
     @classmethod

@@ -106,3 +106,42 @@ def test_save_reload_and_generation(tmp_path) -> None:
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
     assert [b["num_heads"] for b in report.spec["blocks"]] == [HEADS // 2, HEADS // 2, HEADS // 2]
     assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+@pytest.mark.parametrize("gating", ["per-head", "per-element"])
+def test_attention_output_gates_go_with_their_heads(tmp_path, gating: str) -> None:
+    """Laguna gates the attention output before o_proj by softplus(g_proj(x)): one row a query head ("per-head")
+    or one row an output channel ("per-element"); a removed key/value group takes its query heads' gate rows with
+    it. Oracle: no refit equals the unpruned model with the group's o_proj columns zeroed; reload and generation."""
+    if not hasattr(transformers, "LagunaConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Laguna")
+    cfg = transformers.LagunaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, moe_intermediate_size=8,
+        shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2, gating=gating,
+        num_attention_heads_per_layer=[HEADS, HEADS], mlp_layer_types=["dense", "sparse"], pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LagunaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    gate_rows = HEADS if gating == "per-head" else HEADS * HEAD_DIM
+    assert model.model.layers[0].self_attn.g_proj.out_features == gate_rows
+    batches = ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
+                                       reweight=False)
+    zeroed = copy.deepcopy(model)
+    group = HEADS // KV_HEADS
+    with torch.no_grad():
+        for u in report.units:
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            cols = [(g * group + j) * HEAD_DIM + i for g in gone for j in range(group) for i in range(HEAD_DIM)]
+            zeroed.get_submodule(u.block).self_attn.o_proj.weight[:, cols] = 0.0
+    assert [pruned.get_submodule(u.block).self_attn.g_proj.out_features for u in report.units] == [gate_rows // 2] * 2
+    for b in batches:
+        mask = b["attention_mask"].bool()
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(**b).logits[mask], zeroed(**b).logits[mask], atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(pruned(**b).logits[mask], model(**b).logits[mask], atol=1e-3)
+    assert_reloads_and_generates(pruned, tmp_path / "m")
