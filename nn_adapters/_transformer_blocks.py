@@ -395,6 +395,17 @@ class _Block:
         in DINOv2 and CaiT), or ``None``."""
         return None
 
+    def last_sum_probe(self) -> tuple[nn.Module, int] | None:
+        """(module, positional index) whose input is the residual sum of the block's last sublayer, where the block
+        does more after it (Gemma 4's per-layer input, added after the FFN's sum); ``None``: the block output, over
+        :meth:`output_factor`."""
+        return None
+
+    def output_factor(self) -> torch.Tensor | None:
+        """A factor the block multiplies its output by after its last residual sum (Gemma 4's ``layer_scalar``), or
+        ``None``."""
+        return None
+
     def output_norm(self, stage: str) -> nn.Module | None:
         """The RMS norm applied to the stage's consumer output before the residual sum (the "sandwich" norms of
         Gemma 2 and 3, OLMo 2: ``x + post_feedforward_layernorm(mlp(x))``), or ``None``."""
@@ -673,7 +684,7 @@ class _HFBlock(_Block):
 
     def qkv_weights(self) -> list[torch.Tensor]:
         sa = _get(self.module, self.SA)
-        return [getattr(sa, n).weight for n in self.QKV]
+        return [getattr(sa, n).weight for n in self.QKV if getattr(sa, n) is not None]
 
     def _cut_attention(self, rows: tuple[torch.Tensor, ...], cols: torch.Tensor, out_weight: torch.Tensor | None,
                        out_bias: torch.Tensor | None) -> None:
@@ -682,6 +693,8 @@ class _HFBlock(_Block):
         sa = _get(self.module, self.SA)
         for name, r in zip(self.QKV, rows, strict=True):
             lin = getattr(sa, name)
+            if lin is None:  # a projection the layer does without (Gemma 4's values taken from the keys)
+                continue
             setattr(sa, name, _linear_like(lin, weight_of(lin)[r], None if lin.bias is None else lin.bias[r]))
         out = self.out_proj
         w = weight_of(out)[:, cols] if out_weight is None else out_weight
@@ -1131,7 +1144,7 @@ class _HFLlamaBlock(_HFBlock):
     HEAD_SIZE, N_HEADS, ALL_HEADS = "head_dim", "", None
     #: q_norm / k_norm (Qwen3) normalise each head over head_dim, shared by all heads; rotary_emb (transformers 4)
     #: holds no weights.
-    PLAIN = frozenset({"dropout", "rotary_emb", "q_norm", "k_norm", "g_proj", "gate_proj"})
+    PLAIN = frozenset({"dropout", "rotary_emb", "q_norm", "k_norm", "v_norm", "g_proj", "gate_proj"})
     #: Output gates of the attention (``attn * f(gate(x))`` before ``o_proj``), whose rows :meth:`shrink_heads` cuts
     #: with their heads; the unit-removal check on the first batch confirms the layout.
     OUTPUT_GATES = ("g_proj", "gate_proj")
@@ -1163,7 +1176,7 @@ class _HFLlamaBlock(_HFBlock):
             raise ValueError(f"block {self.name!r}: {type(sa).__name__} in transformers {version} keeps per-module "
                              f"head counts ({', '.join(legacy)}) and reshapes the attention output to the model "
                              f"width, so heads cannot be removed from it. Prune target='ffn' on this model.{hint}")
-        for part in ("q_norm", "k_norm"):  # OLMo 2 / 3, OLMoE, FlexOlmo, MiniMax-M2: one norm over every head
+        for part in ("q_norm", "k_norm", "v_norm"):  # OLMo 2 / 3, OLMoE, FlexOlmo, MiniMax-M2: one over every head
             weight = getattr(getattr(sa, part, None), "weight", None)
             if isinstance(weight, torch.Tensor) and weight.shape[-1] != self.head_dim:
                 raise ValueError(f"block {self.name!r}: {type(sa).__name__}'s q_norm / k_norm normalise the "
@@ -2445,6 +2458,57 @@ class _HFGemma2Block(_HFLlamaBlock):
         return _get(self.module, self.OUT_NORMS[stage])
 
 
+class _HFGemma4Block(_HFGemma2Block):
+    """Gemma 4 text decoder layers (``Gemma4TextDecoderLayer``): Gemma 2's sandwich norms and parts, per-head
+    ``q_norm`` / ``k_norm`` and a weightless ``v_norm``, then, after the FFN's residual sum, the per-layer input of
+    the E models (``per_layer_input_gate`` ... ``post_per_layer_input_norm``, added as another residual term) and a
+    multiplication by ``layer_scalar``. The global layers may take their values from the keys (``attention_k_eq_v``:
+    no ``v_proj``; a key/value group is then its key rows). Refused: the FFN of the layers with a mixture of
+    experts beside the MLP (``enable_moe_block``: their heads are pruned), and models whose later layers reuse
+    earlier layers' keys and values (``num_kv_shared_layers``)."""
+
+    kind = "hf_gemma4"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        if not isinstance(getattr(module, "layer_scalar", None), torch.Tensor) or sa is None:
+            return False
+        shared = bool(getattr(sa, "is_kv_shared_layer", False))  # no key/value projections of its own
+        return (isinstance(getattr(sa, "q_proj", None), nn.Linear) and isinstance(_get(module, cls.OUT), nn.Linear)
+                and (shared or isinstance(getattr(sa, "k_proj", None), nn.Linear))
+                and (shared or isinstance(getattr(sa, "v_proj", None), nn.Linear)
+                     or (getattr(sa, "v_proj", 0) is None and getattr(sa, "use_alternative_attention", False)))
+                and all(isinstance(_get(module, p), nn.Linear) for p in (cls.GATE, cls.UP, cls.DOWN))
+                and all(isinstance(_get(module, p), nn.Module) for p in (*cls.OUT_NORMS.values(), *cls.REQUIRED)))
+
+    def _refuse_shared_keys_and_values(self) -> None:
+        sa = _get(self.module, self.SA)
+        if getattr(sa, "is_kv_shared_layer", False) or getattr(sa, "store_full_length_kv", False):
+            raise ValueError(f"block {self.name!r}: this Gemma 4 model's later layers reuse the keys and values of "
+                             "earlier layers (num_kv_shared_layers > 0), which the pruner's layer-by-layer replay "
+                             "does not model; it cannot be pruned by the transformer adapter.")
+
+    def prepare_ffn(self) -> None:
+        self._refuse_shared_keys_and_values()
+        if getattr(self.module, "enable_moe_block", False):
+            raise ValueError(f"block {self.name!r}: its FFN is an MLP and a mixture of experts in parallel "
+                             "(enable_moe_block), which the transformer adapter does not prune together; prune "
+                             "target='heads' on this model.")
+        super().prepare_ffn()
+
+    def prepare_heads(self) -> None:
+        self._refuse_shared_keys_and_values()
+        super().prepare_heads()
+
+    def last_sum_probe(self) -> tuple[nn.Module, int] | None:
+        gate = getattr(self.module, "per_layer_input_gate", None)
+        return (gate, 0) if isinstance(gate, nn.Module) else None
+
+    def output_factor(self) -> torch.Tensor | None:
+        return self.module.layer_scalar.detach()
+
+
 class _HFOlmo2Block(_HFGemma2Block):
     """OLMo 2 and 3, EXAONE 4 decoder layers (``Olmo2DecoderLayer``...): norms after the sublayers only, ``x +
     post_attention_layernorm(attn(x))`` then ``x + post_feedforward_layernorm(mlp(x))``, with the Llama parts.
@@ -3107,7 +3171,8 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
     _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
-    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma2Block,
+    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma4Block,
+    _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,

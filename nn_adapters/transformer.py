@@ -1156,7 +1156,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
                          "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, "
                          "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
-                         "NemotronH, Kimi Linear; Gemma 2/3, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX "
+                         "NemotronH, Kimi Linear; Gemma 2/3/4, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX "
                          "(Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and "
                          "torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
                          "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
@@ -1890,7 +1890,8 @@ def _inverse_gain(block: _Block, stage: str, like: torch.Tensor,
 
 def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Module, int]]:
     """Where each stage's residual sum ``consumer output + residual`` should reappear: the input of the LayerNorm
-    after it (post-LN), the residual input of the FFN (pre-LN attention), or the block output (pre-LN FFN)."""
+    after it (post-LN), the residual input of the FFN (pre-LN attention), or the block output (pre-LN FFN; or the
+    input of :meth:`_Block.last_sum_probe` where the block does more after its last sum)."""
     probes = {}
     for s in stages:
         view, role = _view(block, s)
@@ -1899,6 +1900,8 @@ def _layout_probes(block: _Block, stages: list[str]) -> dict[str, tuple[nn.Modul
             probes["sum_" + s] = (norm, 0)
         elif role == "heads" and view.heads_sum_input() is not None:
             probes["sum_" + s] = view.heads_sum_input()
+        elif (role == "ffn" or not view.has_ffn) and view.last_sum_probe() is not None:
+            probes["sum_" + s] = view.last_sum_probe()
     return probes
 
 
@@ -1911,8 +1914,9 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         return  # the sum is the block output by construction: _check_branch_sum checks that it is one
     if "sum_" + stage in got:
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
-    elif stage == "ffn" or not block.has_ffn:  # the last sublayer: its sum is the block output
-        seen = _rows(out, valid, block.batch_first("block"))
+    elif stage == "ffn" or not block.has_ffn:  # the last sublayer: its sum is the block output (over its factor)
+        factor = block.output_factor()
+        seen = _rows(out if factor is None else out / factor.to(out.dtype), valid, block.batch_first("block"))
     else:
         return
     if not (torch.isfinite(seen).all() and torch.isfinite(total).all()):

@@ -40,18 +40,22 @@ GROUP = HEADS // KV_HEADS
 FAMILIES = {"gemma2": ("Gemma2", "hf_gemma2", True), "gemma3": ("Gemma3Text", "hf_gemma2", True),
             "olmo2": ("Olmo2", "hf_olmo2", False), "olmo3": ("Olmo3", "hf_olmo2", False),
             "exaone4": ("Exaone4", "hf_olmo2", False), "glm4": ("Glm4", "hf_glm4", False),
-            "hyperclovax": ("HyperCLOVAX", "hf_hyperclovax", False)}
+            "hyperclovax": ("HyperCLOVAX", "hf_hyperclovax", False), "gemma4": ("Gemma4Text", "hf_gemma4", False)}
 #: HyperCLOVAX multiplies each normalised sublayer output by residual_multiplier before its sum
 MULTIPLIER = {"hyperclovax": 0.5}
 NAMES = list(FAMILIES)
 # OLMo normalises queries and keys over all heads together: its heads are refused
-HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4", "hyperclovax"]
+HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4", "hyperclovax", "gemma4"]
 # the layer's norm after the attention, its norm after the FFN, and the module whose input is the FFN's residual
 NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
          "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
          "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm"),
          "hyperclovax": ("post_norm1", "post_norm2", "post_attention_layernorm")}
-NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"])
+NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"], gemma4=NORMS["gemma2"])
+#: Gemma 4: a per-layer input added after the FFN's sum (the E models' ``hidden_size_per_layer_input``), the
+#: layer's output times ``layer_scalar`` (LAYER_SCALAR here), the global layers' head_dim set to the sliding ones'
+GEMMA4 = {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 4, "global_head_dim": HEAD_DIM}
+LAYER_SCALAR = 0.7
 
 
 def _cls(name: str, suffix: str) -> type:
@@ -73,6 +77,8 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
         extra = {}
     if name in MULTIPLIER:
         extra = {"residual_multiplier": MULTIPLIER[name], "use_post_norm": True}
+    if name == "gemma4":
+        extra.update(GEMMA4)
     cfg = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
@@ -84,6 +90,9 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
                 p.mul_(8.0)
             else:  # the norms' weights: gains 1 + w (Gemma) or w around 1
                 p.normal_(0.0 if FAMILIES[name][2] else 1.0, 0.3)
+        for layer in layers(model):
+            if hasattr(layer, "layer_scalar"):
+                layer.layer_scalar.fill_(LAYER_SCALAR)
     return model
 
 
@@ -277,3 +286,76 @@ def test_magnitude_scores_read_the_down_projection_through_the_norm_gains() -> N
         layer.post_feedforward_layernorm.weight[1] = 0.0
     _, report = prune_transformer(model, data, keep={0: 22 / 24}, target="ffn", method="magnitude", reweight=False)
     assert 0 not in report.units[0].kept and 1 in report.units[0].kept
+
+
+def _gemma4(**extra) -> nn.Module:
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    options = {"num_hidden_layers": LAYERS, "layer_types": ["sliding_attention", "full_attention"] * (LAYERS // 2),
+               **GEMMA4, **extra}
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, sliding_window=4, **options)
+    torch.manual_seed(0)
+    model = transformers.Gemma4TextModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0) if p.dim() == 2 else p.normal_(1.0, 0.3)
+        for layer in model.layers:
+            layer.layer_scalar.fill_(LAYER_SCALAR)
+    return model
+
+
+def test_gemma4_global_layers_with_values_from_the_keys_lose_key_rows() -> None:
+    """``attention_k_eq_v``: the global layer has no v_proj, its values are its keys (after their norms); a removed
+    key/value group takes its key rows (which are its values) and its query heads. Oracle: no refit equals the
+    unpruned model with the removed groups' o_proj columns zeroed."""
+    model, data = _gemma4(attention_k_eq_v=True, num_global_key_value_heads=KV_HEADS), batches()
+    assert model.layers[1].self_attn.v_proj is None
+    assert [b.kind for b in find_blocks(model)] == ["hf_gemma4"] * LAYERS
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="magnitude", reweight=False)
+    assert pruned.layers[1].self_attn.k_proj.out_features == KV_HEADS // 2 * HEAD_DIM
+    assert pruned.layers[1].self_attn.v_proj is None
+    masked = zeroed_original(model, report)
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(masked, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
+
+
+def test_gemma4_refusals_name_their_reason() -> None:
+    """The FFN of layers with a mixture of experts beside the MLP is refused (their heads are pruned); a model whose
+    later layers reuse earlier layers' keys and values is refused."""
+    model, data = _gemma4(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=8), batches()
+    with pytest.raises(ValueError, match=r"'layers\.0': its FFN is an MLP and a mixture of experts in parallel "
+                                         r"\(enable_moe_block\).*target='heads'"):
+        prune_transformer(model, data, keep=0.5, target="ffn")
+    assert {u.stage for u in prune_transformer(model, data, keep=0.5, target="heads")[1].units} == {"heads"}
+    model = _gemma4(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                    num_kv_shared_layers=2)
+    for target in ("ffn", "heads"):
+        with pytest.raises(ValueError, match=r"reuse the keys and values of earlier layers \(num_kv_shared_layers"):
+            prune_transformer(model, data, keep=0.5, target=target)
+
+
+@pytest.mark.parametrize("method", ["asym", "layer"])
+def test_gemma4_without_per_layer_inputs_reads_the_ffn_sum_through_the_layer_scalar(method: str) -> None:
+    """Without per-layer inputs (the larger Gemma 4 models), the FFN's residual sum is the layer's output divided by
+    ``layer_scalar`` (0.7 here): the first-batch layout check accepts the layer (a check that ignored the scalar
+    would refuse it), and the refit is the norm-weighted least squares of the layer-mode oracle above."""
+    model, data = _gemma4(hidden_size_per_layer_input=0), batches()
+    assert not hasattr(model.layers[0], "per_layer_input_gate")
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method=method, ridge=0.0,
+                                       weighting="none")
+    assert [u.stage for u in report.units] == ["ffn"] * LAYERS
+    if method == "layer":
+        for i, layer in enumerate(model.layers):
+            down, norm = layer.mlp.down_proj, layer.post_feedforward_layernorm
+            a = torch.cat([captured_input(model, down, b)[b["attention_mask"].bool()] for b in data]).double().numpy()
+            w = down.weight.detach().double().numpy().T
+            y = a @ w
+            s = 1.0 / np.sqrt((y ** 2).mean(1) + eps(norm))
+            kept = report.units[i].kept
+            sol = np.linalg.lstsq(s[:, None] * a[:, kept], s[:, None] * (y - a[:, kept] @ w[kept]), rcond=None)[0]
+            np.testing.assert_allclose(pruned.layers[i].mlp.down_proj.weight.detach().double().numpy().T,
+                                       w[kept] + sol, atol=2e-4, rtol=1e-3)
