@@ -2,7 +2,9 @@
 and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and after the sublayers, gated FFN,
 grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
 experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer), GPT-OSS-style
-(``--arch gptoss``) and Llama-4-style (``--arch llama4``) decoders trained here on text, without fine-tuning; and
+(``--arch gptoss``), Llama-4-style (``--arch llama4``) and NemotronH-style (``--arch nemotron_h``: one mixer a layer,
+Mamba-2, attention or a ReLU^2 FFN; the pruner runs the Mamba layers as they are between the blocks it prunes)
+decoders trained here on text, without fine-tuning; and
 encoder-decoders (``--arch mbart``: BART family, pre-LN; ``--arch t5``: Flan-T5-style), whose encoder reads the first
 half of each window and whose decoder continues it (the perplexity is the decoder's, on the second half).
 
@@ -19,7 +21,8 @@ seen by the pruner) and the KL divergence of the pruned model's next-byte distri
 (label-free fidelity). Prints means over seeds and RATIOS of the perplexity increase (pruned / unpruned - 1) against
 the baselines measured in the same run. All figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4 mbart t5]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4 nemotron_h
+      mbart t5]
       [--targets ffn heads] [--keep 0.5 0.25] [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
@@ -131,6 +134,16 @@ def build(arch: str) -> torch.nn.Module:
                                             attention_chunk_size=WINDOW, pad_token_id=0, bos_token_id=10,
                                             eos_token_id=10)
         return transformers.Llama4ForCausalLM(cfg)
+    if arch == "nemotron_h":
+        # NemotronH: Mamba-2, attention (no position embeddings, grouped-query) and ReLU^2 FFN layers, one mixer
+        # each, x + mixer(norm(x)); two of each (LAYERS attention and FFN layers between them)
+        cfg = transformers.NemotronHConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                           layers_block_type=["mamba", "attention", "mlp"] * (LAYERS // 2),
+                                           num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
+                                           head_dim=WIDTH // HEADS, intermediate_size=FFN, mamba_num_heads=8,
+                                           mamba_head_dim=WIDTH // 4, n_groups=1, ssm_state_size=32, chunk_size=16,
+                                           pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.NemotronHForCausalLM(cfg)
     cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                                      use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
@@ -211,7 +224,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"],
-                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4", *SEQ2SEQ])
+                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4", "nemotron_h", *SEQ2SEQ])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")

@@ -27,7 +27,9 @@ Modes (``method``):
 
 Block inputs are cached once (the first block's inputs, from one forward pass of the model per batch) and
 propagated block by block through the original and the pruned blocks: a bounded number of block forwards per
-block, ``O(L)`` in total, never a full-model forward per layer.
+block, ``O(L)`` in total, never a full-model forward per layer. Layers of the stack that are not recognised
+(a hybrid model's Mamba layers) are run as they are between the blocks, with the arguments the model called them
+with, and reported in :attr:`TransformerPruneReport.skipped`.
 
 Baselines under the same API (selection only; the refit, if ``reweight=True``, uses the statistics of the
 ``propagation`` mode, ``"asym"`` by default): ``"magnitude"`` (Torch-Pruning-style group L2 norm of the unit's
@@ -197,8 +199,9 @@ class TransformerPruneReport:
         :func:`save_pruned` writes them and :func:`load_pruned` applies them.
     skipped : list of (str, str)
         Layers of a stack of blocks (a ``ModuleList`` holding recognised blocks) that are not recognised
-        themselves, with why: they are left whole (a hybrid model's layers of an unsupported kind). Also said by a
-        ``UserWarning`` during the call.
+        themselves, with why: they are left whole (a hybrid model's layers of an unsupported kind) and, between
+        blocks, run as they are to propagate the calibration inputs. Also said by a ``UserWarning`` during the
+        call.
     """
 
     method: str
