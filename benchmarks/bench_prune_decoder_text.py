@@ -135,11 +135,11 @@ def build(arch: str) -> torch.nn.Module:
                                             eos_token_id=10)
         return transformers.Llama4ForCausalLM(cfg)
     if arch == "nemotron_h":
-        # NemotronH: Mamba-2, attention (no position embeddings, grouped-query) and ReLU^2 FFN layers, one mixer
-        # each, x + mixer(norm(x)); two of each (LAYERS attention and FFN layers between them)
+        # NemotronH: Mamba-2, attention (no position embeddings; 4 heads, each its own keys and values) and ReLU^2
+        # FFN layers, one mixer each, x + mixer(norm(x)); two of each (the pruner steps over the second Mamba)
         cfg = transformers.NemotronHConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                            layers_block_type=["mamba", "attention", "mlp"] * (LAYERS // 2),
-                                           num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
+                                           num_attention_heads=HEADS, num_key_value_heads=HEADS,
                                            head_dim=WIDTH // HEADS, intermediate_size=FFN, mamba_num_heads=8,
                                            mamba_head_dim=WIDTH // 4, n_groups=1, ssm_state_size=32, chunk_size=16,
                                            pad_token_id=0, bos_token_id=10, eos_token_id=10)

@@ -2245,11 +2245,6 @@ class _NoFFN:
         if keep.numel():
             raise ValueError(f"block {self.name!r} has no FFN")  # type: ignore[attr-defined]
 
-    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        if num_heads < self.num_heads:  # type: ignore[attr-defined]
-            self.prepare_heads()  # type: ignore[attr-defined]
-        self.shrink_heads(torch.arange(num_heads // self.kv_groups))  # type: ignore[attr-defined]
-
 
 class _HFNemotronHAttentionBlock(_NoFFN, _HFLlamaBlock):
     """NemotronH's (Nemotron-H, Nemotron Nano 2 and 3) attention layers (``NemotronHBlock`` whose ``mixer`` is a
