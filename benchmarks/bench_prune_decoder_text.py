@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import time
 
 import numpy as np
@@ -183,6 +184,8 @@ def trained(arch: str, text: torch.Tensor, steps: int, retrain: bool) -> tuple[t
     model = train(arch, text, steps)
     took = time.perf_counter() - t0
     try:
+        if path.exists():  # --retrain: the new model replaces the cached one
+            shutil.rmtree(path)
         save_pruned(model, path)
     except OSError as exc:  # read-only home: run without the cache
         print(f"could not cache the model at {path}: {exc}")
