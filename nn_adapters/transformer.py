@@ -29,7 +29,7 @@ Block inputs are cached once (the first block's inputs, from one forward pass of
 propagated block by block through the original and the pruned blocks: a bounded number of block forwards per
 block, ``O(L)`` in total, never a full-model forward per layer. Layers of the stack that are not recognised
 (a hybrid model's Mamba layers) are run as they are between the blocks, with the arguments the model called them
-with, and reported in :attr:`TransformerPruneReport.skipped`.
+with, and reported in the report's ``skipped``.
 
 Baselines under the same API (selection only; the refit, if ``reweight=True``, uses the statistics of the
 ``propagation`` mode, ``"asym"`` by default): ``"magnitude"`` (Torch-Pruning-style group L2 norm of the unit's
