@@ -2098,8 +2098,8 @@ class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
 class _HFGraniteHybridBlock(_FusedGateUp):
     """Granite 4.0 hybrid decoder layers with attention (``GraniteMoeHybridDecoderLayer``): the Llama attention,
     the FFN ``shared_mlp`` (``input_linear``: gate and up fused in halves; ``output_linear``), both sublayers'
-    outputs times ``residual_multiplier`` before the residual sums. The variants with a mixture of experts
-    (``block_sparse_moe`` beside ``shared_mlp``) have their heads pruned; their FFN is refused."""
+    outputs times ``residual_multiplier`` before the residual sums. The variants with a mixture of experts beside
+    ``shared_mlp`` are :class:`_HFGraniteHybridMoEBlock`."""
 
     kind = "hf_granite_hybrid"
     UP, DOWN = "shared_mlp.input_linear", "shared_mlp.output_linear"
@@ -2109,19 +2109,32 @@ class _HFGraniteHybridBlock(_FusedGateUp):
         # the hybrid's layers hold a ``mamba`` attribute (None in the attention layers); GraniteMoE-Shared's do not
         return hasattr(module, "mamba") and super().matches(module)
 
-    def prepare_ffn(self) -> None:
-        if _get(self.module, "block_sparse_moe") is not None:
-            raise ValueError(f"block {self.name!r}: its FFN is a mixture of experts (block_sparse_moe) beside the "
-                             "dense shared_mlp, which the transformer adapter does not prune together; prune "
-                             "target='heads' on this model.")
-        super().prepare_ffn()
-
 
 class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
     """Granite 4.0 hybrid layers with a Mamba-2 mixer (``mamba``) in place of the attention: the FFN of
     :class:`_HFGraniteHybridBlock`, no heads."""
 
     kind = "hf_granite_hybrid_mamba"
+    OPERATOR = "mamba"
+
+
+class _HFGraniteHybridMoEBlock(_HFGraniteMoEBlock):
+    """Granite 4.0 hybrid layers with attention and a mixture of experts (``block_sparse_moe`` beside the dense
+    ``shared_mlp``, both reading the normalised input, their sum times ``residual_multiplier``; Granite 4.0 H Tiny
+    and Small): the experts are pruned as GraniteMoE's, ``shared_mlp`` is kept whole, as GraniteMoE-Shared's."""
+
+    kind = "hf_granite_hybrid_moe"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return hasattr(module, "mamba") and super().matches(module)
+
+
+class _HFGraniteHybridMambaMoEBlock(_NoHeadsMoE, _HFGraniteHybridMoEBlock):
+    """Granite 4.0 hybrid layers with a Mamba-2 mixer and a mixture of experts: the experts of
+    :class:`_HFGraniteHybridMoEBlock`, no heads."""
+
+    kind = "hf_granite_hybrid_mamba_moe"
     OPERATOR = "mamba"
 
 
@@ -3169,7 +3182,7 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma4Block,
     _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
-    _HFGraniteHybridBlock,
+    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
     _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
     _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
