@@ -1607,16 +1607,17 @@ class _HFMoEBlock(_HFLlamaBlock):
         """Keep, in expert ``e``, its neurons ``keep[e]`` (``keep``: ``(E, k)`` sorted rows, or one row ``(k,)`` for
         every expert); new down weights ``(E, H, k)`` if given (the experts have no bias)."""
         ex = self.experts
-        gu, dn = ex.gate_up_proj, ex.down_proj
+        producer = self.EXPERT_PARAMS[0]  # gate_up_proj: the gate rows, then the up rows; a plain up_proj
+        gu, dn = getattr(ex, producer), ex.down_proj
         keep = keep.to(dn.device)
         if keep.dim() == 1:
             keep = keep.expand(dn.shape[0], -1)
         units = dn.shape[2]
-        rows = torch.cat([keep, keep + units], dim=1)  # the gate half, then the up half
+        rows = torch.cat([keep + part * units for part in range(self.FFN_PARTS)], dim=1)
         new_gu = torch.stack([gu[e, rows[e]] for e in range(gu.shape[0])])
         new_dn = (torch.stack([dn[e][:, keep[e]] for e in range(dn.shape[0])]) if down_weight is None
                   else down_weight.to(device=dn.device, dtype=dn.dtype))
-        ex.gate_up_proj = nn.Parameter(new_gu.detach().clone(), requires_grad=gu.requires_grad)
+        setattr(ex, producer, nn.Parameter(new_gu.detach().clone(), requires_grad=gu.requires_grad))
         ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
         if hasattr(ex, "intermediate_dim"):
             ex.intermediate_dim = int(keep.shape[1])
@@ -2095,7 +2096,16 @@ class _HFLfm3ConvBlock(_NoHeads, _HFLfm3Block):
         return super().matches(module) and isinstance(_get(module, cls.OUT_NORMS["ffn"]), nn.Module)
 
 
-class _HFGraniteHybridBlock(_FusedGateUp):
+class _GraniteHybrid:
+    """Mixed into the Granite 4.0 hybrid adapters: the hybrid's layers hold a ``mamba`` attribute (None in the
+    attention layers), GraniteMoE's and GraniteMoE-Shared's do not."""
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return hasattr(module, "mamba") and super().matches(module)  # type: ignore[misc]
+
+
+class _HFGraniteHybridBlock(_GraniteHybrid, _FusedGateUp):
     """Granite 4.0 hybrid decoder layers with attention (``GraniteMoeHybridDecoderLayer``): the Llama attention,
     the FFN ``shared_mlp`` (``input_linear``: gate and up fused in halves; ``output_linear``), both sublayers'
     outputs times ``residual_multiplier`` before the residual sums. The variants with a mixture of experts beside
@@ -2103,11 +2113,6 @@ class _HFGraniteHybridBlock(_FusedGateUp):
 
     kind = "hf_granite_hybrid"
     UP, DOWN = "shared_mlp.input_linear", "shared_mlp.output_linear"
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        # the hybrid's layers hold a ``mamba`` attribute (None in the attention layers); GraniteMoE-Shared's do not
-        return hasattr(module, "mamba") and super().matches(module)
 
 
 class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
@@ -2118,16 +2123,12 @@ class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
     OPERATOR = "mamba"
 
 
-class _HFGraniteHybridMoEBlock(_HFGraniteMoEBlock):
+class _HFGraniteHybridMoEBlock(_GraniteHybrid, _HFGraniteMoEBlock):
     """Granite 4.0 hybrid layers with attention and a mixture of experts (``block_sparse_moe`` beside the dense
     ``shared_mlp``, both reading the normalised input, their sum times ``residual_multiplier``; Granite 4.0 H Tiny
     and Small): the experts are pruned as GraniteMoE's, ``shared_mlp`` is kept whole, as GraniteMoE-Shared's."""
 
     kind = "hf_granite_hybrid_moe"
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return hasattr(module, "mamba") and super().matches(module)
 
 
 class _HFGraniteHybridMambaMoEBlock(_NoHeadsMoE, _HFGraniteHybridMoEBlock):
@@ -2339,23 +2340,6 @@ class _HFNemotronHMoEBlock(_NoHeads, _HFMoEBlock):
         """Per neuron of expert ``e``: the sum of the squared L2 norms of its up row and down column (float64)."""
         ex = self.experts
         return ex.up_proj[e].detach().double().pow(2).sum(1) + ex.down_proj[e].detach().double().pow(2).sum(0)
-
-    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
-                   down_bias: torch.Tensor | None = None) -> None:
-        """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)`` sorted rows, or one row for every expert); new
-        down weights ``(E, H, k)`` if given."""
-        ex = self.experts
-        up, dn = ex.up_proj, ex.down_proj
-        keep = keep.to(dn.device)
-        if keep.dim() == 1:
-            keep = keep.expand(dn.shape[0], -1)
-        new_up = torch.stack([up[e, keep[e]] for e in range(up.shape[0])])
-        new_dn = (torch.stack([dn[e][:, keep[e]] for e in range(dn.shape[0])]) if down_weight is None
-                  else down_weight.to(device=dn.device, dtype=dn.dtype))
-        ex.up_proj = nn.Parameter(new_up.detach().clone(), requires_grad=up.requires_grad)
-        ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
-        if hasattr(ex, "intermediate_dim"):
-            ex.intermediate_dim = int(keep.shape[1])
 
 
 class OpaqueLayer(_Block):
