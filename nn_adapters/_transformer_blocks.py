@@ -1430,9 +1430,51 @@ class _SharedExpert(_Block):
         return _activation(m)(m.up_proj(x)) if gate is None else _activation(m)(gate(x)) * m.up_proj(x)
 
 
+class _FusedSharedExpert(_SharedExpert):
+    """A shared expert whose gate and up projections are fused in one ``input_linear`` (its output's halves: the
+    gate's, then the up's; ``output_linear`` the down projection): GraniteMoE-Shared's and Granite 4.0 H's
+    ``shared_mlp``, which sits beside the mixture module (:attr:`_HFMoEBlock.SHARED_OUTSIDE`). Unit ``i`` is rows
+    ``i`` and ``I + i`` of ``input_linear``."""
+
+    kind = "hf_moe_shared_fused"
+    FFN_PARTS = 2
+
+    @staticmethod
+    def looks_like(module: nn.Module) -> bool:
+        """Whether ``module`` is the fused gated FFN this adapter models."""
+        inp, out = getattr(module, "input_linear", None), getattr(module, "output_linear", None)
+        return (isinstance(inp, nn.Linear) and isinstance(out, nn.Linear) and callable(_activation(module))
+                and inp.out_features == 2 * out.in_features)
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.module.input_linear
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.module.output_linear
+
+    @property
+    def producers(self) -> list[nn.Linear]:
+        return [self.module.input_linear]
+
+    def set_ffn(self, producers: list[nn.Linear], down: nn.Linear) -> None:
+        self.module.input_linear, self.module.output_linear = producers[0], down
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The intermediate activations ``act(gate) * up`` of the two halves of ``input_linear(x)``."""
+        gate, up = self.module.input_linear(x).chunk(2, dim=-1)
+        return _activation(self.module)(gate) * up
+
+
+def _shared_expert(name: str, module: nn.Module) -> _SharedExpert:
+    """The shared-expert adapter of ``module``: fused (``input_linear``) or not."""
+    return (_FusedSharedExpert if _FusedSharedExpert.looks_like(module) else _SharedExpert)(name, module)
+
+
 def _activation(mlp: nn.Module) -> Any:
-    """A gated MLP's activation (``act_fn``, or Llama 4's ``activation_fn``), or ``None``."""
-    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    """A gated MLP's activation (``act_fn``, Llama 4's ``activation_fn``, Granite's ``activation``), or ``None``."""
+    return getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "activation", None)
 
 
 class _HFMoEBlock(_HFLlamaBlock):
@@ -1460,6 +1502,10 @@ class _HFMoEBlock(_HFLlamaBlock):
     #: Where a shared expert lives, and the per-token gate of its output (Qwen2-MoE), if any.
     SHARED: tuple[str, ...] = ("mlp.shared_expert", "mlp.shared_experts", "mlp.shared_mlp")
     SHARED_GATE: str | None = "mlp.shared_expert_gate"
+    #: Whether the shared expert sits beside the mixture module rather than inside it (GraniteMoE-Shared's and
+    #: Granite 4.0 H's ``shared_mlp``: the layer adds the two outputs): the mixture module's output is then the
+    #: experts' alone, and the shared expert must read the experts' input (both checked on the first batch).
+    SHARED_OUTSIDE = False
     #: The experts' parameters (3D tensors) the adapter models: their producer, then their consumer.
     EXPERT_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 
@@ -1513,7 +1559,7 @@ class _HFMoEBlock(_HFLlamaBlock):
         for path in self.SHARED:
             m = _get(self.module, path)
             if isinstance(m, nn.Module):
-                return _SharedExpert(f"{self.name}.{path}", m)
+                return _shared_expert(f"{self.name}.{path}", m)
         return None
 
     def shared_factor(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -1533,11 +1579,12 @@ class _HFMoEBlock(_HFLlamaBlock):
                              "adapter (prune target='heads').")
         shared = self.shared
         gate = None if self.SHARED_GATE is None else _get(self.module, self.SHARED_GATE)
-        if shared is not None and not _SharedExpert.looks_like(shared.module):
+        if shared is not None and not type(shared).looks_like(shared.module):
             raise ValueError(f"block {self.name!r}: its shared expert {shared.name!r} "
                              f"({type(shared.module).__name__}) is not a gated FFN of gate_proj, up_proj and "
-                             "down_proj Linear layers with an act_fn, the layout the expert adapter models; this "
-                             "model's FFN cannot be pruned by the transformer adapter (prune target='heads').")
+                             "down_proj Linear layers (or input_linear and output_linear) with an act_fn, the layout "
+                             "the expert adapter models; this model's FFN cannot be pruned by the transformer "
+                             "adapter (prune target='heads').")
         if gate is not None and not (isinstance(gate, nn.Linear) and gate.out_features == 1 and shared is not None):
             raise ValueError(f"block {self.name!r}: its shared_expert_gate ({type(gate).__name__}) is not a Linear "
                              "layer with one output gating a shared expert, the layout the expert adapter models; "
@@ -1629,7 +1676,7 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     @staticmethod
     def _shared_prunable(shared: _SharedExpert | None) -> bool:
-        return shared is not None and _SharedExpert.looks_like(shared.module)
+        return shared is not None and type(shared).looks_like(shared.module)
 
     def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
         problem = super().extra_sizes_problem(spec)
@@ -1830,13 +1877,14 @@ class _HFLlama4MoEBlock(_HFMoEBlock):
 class _HFGraniteMoEBlock(_HFMoEBlock):
     """GraniteMoE decoder layers (and GraniteMoE-Shared's): the mixture of :class:`_HFMoEBlock` under the name
     ``block_sparse_moe``, whose output (like the attention's) is scaled by ``residual_multiplier`` before the
-    residual sum. GraniteMoE-Shared's ``shared_mlp``, beside the mixture in the layer (a fused ``input_linear``),
-    is kept whole."""
+    residual sum. GraniteMoE-Shared's ``shared_mlp``, beside the mixture in the layer (gate and up fused in
+    ``input_linear``: :class:`_FusedSharedExpert`), is pruned as a shared expert by the same fraction."""
 
     MLP = "block_sparse_moe"
     EXPERTS = "block_sparse_moe.experts"
-    SHARED = ()
+    SHARED = ("shared_mlp",)
     SHARED_GATE = None
+    SHARED_OUTSIDE = True
 
 
 class _LatentAttention:
@@ -2126,7 +2174,7 @@ class _HFGraniteHybridMambaBlock(_NoHeads, _HFGraniteHybridBlock):
 class _HFGraniteHybridMoEBlock(_GraniteHybrid, _HFGraniteMoEBlock):
     """Granite 4.0 hybrid layers with attention and a mixture of experts (``block_sparse_moe`` beside the dense
     ``shared_mlp``, both reading the normalised input, their sum times ``residual_multiplier``; Granite 4.0 H Tiny
-    and Small): the experts are pruned as GraniteMoE's, ``shared_mlp`` is kept whole, as GraniteMoE-Shared's."""
+    and Small): the experts and ``shared_mlp`` are pruned as GraniteMoE-Shared's."""
 
     kind = "hf_granite_hybrid_moe"
 

@@ -2045,6 +2045,7 @@ class _ExpertCapture:
         self.blk = blk
         self.seen: list[tuple[Any, ...]] = []
         self.ffn: list[Any] = []
+        self.shared_in: list[Any] = []
         self.handles: list[Any] = []
 
     def __enter__(self) -> _ExpertCapture:
@@ -2066,6 +2067,10 @@ class _ExpertCapture:
             self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
         if isinstance(mlp, nn.Module):
             self.handles.append(mlp.register_forward_hook(lambda _m, _a, out: self.ffn.append(out)))
+        shared = self.blk.shared if self.blk.SHARED_OUTSIDE else None
+        if shared is not None:  # beside the mixture: what it reads, checked against the experts' input
+            self.handles.append(shared.module.register_forward_pre_hook(
+                lambda _m, args: self.shared_in.append(args[0] if args else None)))
         return self
 
     @staticmethod
@@ -2088,9 +2093,11 @@ class _ExpertCapture:
     def take(self, outputs: bool = True) -> dict[str, torch.Tensor | None]:
         """The record of the forward just run, the tokens flattened to rows: ``x`` (the experts' input), ``idx``
         (routed experts), ``w`` (routing weights), ``out`` (the experts' output) and ``ffn_out`` (the mixture
-        module's output, ``None`` if the block has none); the two outputs only if ``outputs`` (else ``None``)."""
-        seen, ffn = self.seen, self.ffn
-        self.seen, self.ffn = [], []
+        module's output, ``None`` if the block has none); the two outputs only if ``outputs`` (else ``None``); and
+        ``shared_x``, the input of a shared expert beside the mixture module (:attr:`_HFMoEBlock.SHARED_OUTSIDE`),
+        or ``None``."""
+        seen, ffn, shared_in = self.seen, self.ffn, self.shared_in
+        self.seen, self.ffn, self.shared_in = [], [], []
         if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
             raise ValueError(f"block {self.blk.name!r}: its experts module was called {len(seen)} times per block "
                              "forward, or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture "
@@ -2099,8 +2106,10 @@ class _ExpertCapture:
         xs, idx, w, e_out = seen[0]
         if not outputs:
             e_out = ffn_out = None
+        sx = shared_in[0] if len(shared_in) == 1 and isinstance(shared_in[0], torch.Tensor) else None
         return {"x": xs, "idx": idx, "w": w, "out": e_out,
-                "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None}
+                "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None,
+                "shared_x": None if sx is None else sx.reshape(-1, sx.shape[-1])}
 
 
 def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
@@ -2147,12 +2156,19 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
                          "routing-weighted sum of act(gate(x)) * up(x) through each expert's down projection that "
                          "the expert adapter assumes; this model's FFN cannot be pruned by the transformer adapter "
                          "(prune target='heads').")
+    if blk.shared is not None and blk.SHARED_OUTSIDE:
+        sx = call.get("shared_x")
+        if sx is None or sx.shape != x.shape or not torch.equal(sx, x):
+            raise ValueError(f"block {blk.name!r}: its shared expert {blk.shared.name!r} beside the mixture module "
+                             "does not read (once) the input the experts read, as the expert adapter assumes; this "
+                             "model's FFN cannot be pruned by the transformer adapter (prune target='heads').")
     if ffn_out is None:
         return
-    total = out.double() if blk.shared is None else out.double() + _shared_out(blk, x).double()
+    inside = blk.shared is not None and not blk.SHARED_OUTSIDE  # a shared expert inside the mixture module
+    total = out.double() + _shared_out(blk, x).double() if inside else out.double()
     tol = rel * (1.0 + float(ffn_out.detach().abs().max()))
     if total.shape != ffn_out.shape or not torch.allclose(total, ffn_out.double(), rtol=rel, atol=tol):
-        shared = blk.shared
+        shared = blk.shared if inside else None
         what = "the experts' output" if shared is None else (
             f"the experts' output plus its shared expert's ({shared.name.rsplit('.', 1)[-1]}) output"
             + (" times sigmoid(shared_expert_gate(x))" if blk.shared_factor(x[:1]) is not None else ""))

@@ -151,28 +151,33 @@ def test_save_reload_and_generation(tmp_path, name: str) -> None:
     assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
-def test_granite_with_experts_prunes_the_experts_and_keeps_the_shared_mlp(tmp_path) -> None:
+def test_granite_with_experts_prunes_the_experts_and_the_shared_mlp(tmp_path) -> None:
     """Granite 4.0 H with a mixture beside the dense shared_mlp in every layer (Mamba and attention): each expert
-    loses half of its neurons, shared_mlp stays whole (as GraniteMoE-Shared's). Oracles: no refit equals the
-    unpruned model with the removed neurons' down columns zeroed expert by expert; reload and generation."""
+    and shared_mlp (gate and up fused in input_linear) lose half of their neurons. Oracles: no refit equals the
+    unpruned model with the removed neurons' down columns (output_linear's for shared_mlp) zeroed; reload and
+    generation."""
     model, batches = build("granite4", experts=4), ragged_token_batches(VOCAB)
     assert [b.kind for b in find_blocks(model)] == ["hf_granite_hybrid_mamba_moe", "hf_granite_hybrid_moe"] * 2
     pruned, report = prune_transformer(model, batches, keep=0.5, target="all", method="magnitude", reweight=False)
     assert {u.block for u in report.units if u.stage == "heads"} == attention_layers("granite4")
     experts = [u for u in report.units if u.stage == "ffn"]
-    assert sorted({u.expert for u in experts}) == [0, 1, 2, 3] and len(experts) == 4 * len(FAMILIES["granite4"][1])
+    assert sorted({str(u.expert) for u in experts}) == ["0", "1", "2", "3", "shared"]
+    assert len(experts) == 5 * len(FAMILIES["granite4"][1])
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for u in report.units:
             layer = zeroed.get_submodule(u.block)
             gone = sorted(set(range(u.n_units)) - set(u.kept))
-            if u.stage == "ffn":
+            if u.expert == "shared":
+                layer.shared_mlp.output_linear.weight[:, gone] = 0.0
+            elif u.stage == "ffn":
                 layer.block_sparse_moe.experts.down_proj[u.expert][:, gone] = 0.0
             else:
                 cols = [(g * GROUP + j) * HEAD_DIM + i for g in gone for j in range(GROUP) for i in range(HEAD_DIM)]
                 layer.self_attn.o_proj.weight[:, cols] = 0.0
     for a, b in zip(pruned.layers, model.layers, strict=True):
-        assert a.shared_mlp.output_linear.weight.equal(b.shared_mlp.output_linear.weight)
+        assert a.shared_mlp.output_linear.in_features == b.shared_mlp.output_linear.in_features // 2
+        assert a.shared_mlp.input_linear.out_features == b.shared_mlp.input_linear.out_features // 2
         assert a.block_sparse_moe.experts.down_proj.shape[2] == b.block_sparse_moe.experts.down_proj.shape[2] // 2
     for b in batches:
         torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)

@@ -44,12 +44,12 @@ MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
-#: mixture, outside it: kept whole)
+#: mixture, outside it, gate and up fused: pruned as a shared expert)
 GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
-#: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size; the others: one shared
-#: expert of moe_intermediate_size, HunYuan's of intermediate_size).
-SHARED = {"qwen2_moe": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER, "ernie4_5_moe": INTER,
-          "qwen3_next": 8, "qwen3_5_moe": 8}
+#: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size, GraniteMoE-Shared:
+#: shared_intermediate_size; the others: one shared expert of moe_intermediate_size, HunYuan's of intermediate_size).
+SHARED = {"qwen2_moe": 8, "granitemoeshared": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER,
+          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
@@ -80,6 +80,15 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
 
 def experts_of(model: nn.Module) -> list[nn.Module]:
     return [b.experts for b in find_blocks(model) if b.kind in MOE_KINDS]
+
+
+def shared_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
+    """A shared expert's gate rows, up rows and down projection: gate_proj / up_proj / down_proj, or the two halves
+    of a fused input_linear and output_linear (GraniteMoE-Shared's shared_mlp)."""
+    if hasattr(mlp, "input_linear"):
+        half = mlp.input_linear.out_features // 2
+        return mlp.input_linear.weight[:half], mlp.input_linear.weight[half:], mlp.output_linear
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj
 
 
 def shared_of(model: nn.Module) -> list[nn.Module]:
@@ -127,15 +136,16 @@ def test_without_refit_equals_the_model_with_removed_columns_zeroed(name: str) -
                 ex.down_proj[u.expert][:, gone] = 0.0
         for mlp, u in zip(shared_of(zeroed), shared, strict=True):
             # magnitude: the largest mean squared norm of gate row, up row and down column
-            score = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
-                     + mlp.down_proj.weight.pow(2).sum(0))
+            gate, up, down = shared_weights(mlp)
+            score = gate.pow(2).sum(1) + up.pow(2).sum(1) + down.weight.pow(2).sum(0)
             assert u.kept == sorted(torch.argsort(score, descending=True)[:n_shared // 2].tolist())
-            mlp.down_proj.weight[:, sorted(set(range(n_shared)) - set(u.kept))] = 0.0
+            down.weight[:, sorted(set(range(n_shared)) - set(u.kept))] = 0.0
     for ex in experts_of(pruned):
         assert tuple(ex.gate_up_proj.shape) == (EXPERTS, INTER, HIDDEN)
         assert tuple(ex.down_proj.shape) == (EXPERTS, HIDDEN, INTER // 2)
     for mlp in shared_of(pruned):
-        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == n_shared // 2
+        gate, up, down = shared_weights(mlp)
+        assert gate.shape[0] == up.shape[0] == down.in_features == n_shared // 2
     for b in batches:
         mask = b["attention_mask"].bool()
         torch.testing.assert_close(hidden(pruned, b)[mask], hidden(zeroed, b)[mask], atol=1e-4, rtol=1e-4)
@@ -285,8 +295,8 @@ def shared_calls(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> li
 def shared_rows(mlp: nn.Module, x: torch.Tensor) -> np.ndarray:
     """The shared expert's intermediate activations, written out: silu(x W_gate^T) * (x W_up^T), float64."""
     x64 = x.double()
-    return (F.silu(x64 @ mlp.gate_proj.weight.detach().double().T)
-            * (x64 @ mlp.up_proj.weight.detach().double().T)).numpy()
+    gate, up, _ = shared_weights(mlp)
+    return (F.silu(x64 @ gate.detach().double().T) * (x64 @ up.detach().double().T)).numpy()
 
 
 @pytest.mark.parametrize("mode", ["layer", "asym"])
@@ -491,3 +501,41 @@ def test_minimax_lightning_attention_layers_prune_their_experts(tmp_path) -> Non
     assert report.skipped == []
     assert {u.block for u in report.units} == {"model.layers.0", "model.layers.1"}
     assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+def test_shared_mlp_beside_the_mixture_is_refitted_as_a_fused_shared_expert() -> None:
+    """GraniteMoE-Shared adds shared_mlp(x) (gate and up fused in input_linear) to the mixture module's output,
+    outside it: asym refits its output_linear by least squares on every real token of the unpruned model's output
+    (written out from the two halves of input_linear) on the pruned model's input, read by a hook on shared_mlp."""
+    model = build("granitemoeshared")
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="asym", ridge=0.0)
+    layer = LAYERS - 1
+    mlp_o, mlp_p = shared_of(model)[layer], shared_of(pruned)[layer]
+    seen: dict[str, list[torch.Tensor]] = {"o": [], "p": []}
+    handles = [m.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach().reshape(-1, HIDDEN)))
+               for k, m in (("o", mlp_o), ("p", mlp_p))]
+    run_hooked([model, pruned], batches, handles)
+    rows, targets = [], []
+    for x_o, x_p, b in zip(seen["o"], seen["p"], batches, strict=True):
+        real = b["attention_mask"].bool().reshape(-1)
+        rows.append(shared_rows(mlp_o, x_p[real]))
+        targets.append(shared_rows(mlp_o, x_o[real]) @ mlp_o.output_linear.weight.detach().double().numpy().T)
+    a, y = np.concatenate(rows), np.concatenate(targets)
+    unit = next(u for u in report.units if u.expert == "shared" and u.block.endswith(f".{layer}"))
+    assert unit.n_kept == SHARED["granitemoeshared"] // 2 == mlp_p.output_linear.in_features
+    want = np.linalg.lstsq(a[:, unit.kept], y, rcond=None)[0].T
+    np.testing.assert_allclose(mlp_p.output_linear.weight.detach().double().numpy(), want, rtol=1e-3, atol=1e-3)
+    half = mlp_o.input_linear.out_features // 2
+    torch.testing.assert_close(mlp_p.input_linear.weight, mlp_o.input_linear.weight[unit.kept + [half + j for j in
+                                                                                                  unit.kept]])
+    assert not torch.allclose(seen["o"][0], seen["p"][0], atol=1e-3)  # the premise: asym's inputs differ
+
+
+def test_a_shared_mlp_that_reads_another_input_than_the_experts_is_refused() -> None:
+    model = build("granitemoeshared")
+    for mlp in shared_of(model):
+        mlp.register_forward_pre_hook(lambda _m, args: (args[0] * 1.5,))
+    with pytest.raises(ValueError, match=r"shared expert .*shared_mlp' beside the mixture module does not read "
+                                         r"\(once\) the input the experts read"):
+        prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="ffn")
