@@ -815,9 +815,10 @@ def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
     return per_col.reshape(block.head_units, block.head_unit_width).sum(1)
 
 
-def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Block]) -> list[float]:
+def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Block],
+                     unrecognised: tuple[str, ...] = ()) -> list[float]:
     """The kept fraction of every block: ``keep`` itself, or from ``{block name or index: fraction}`` (blocks not
-    named keep every unit)."""
+    named keep every unit; an index counts the blocks, not the ``unrecognised`` layers of their stacks)."""
     if not isinstance(keep, Mapping):
         return [float(keep)] * len(blocks)
     names = [b.name for b in blocks]
@@ -828,6 +829,10 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
             i = int(key)
         elif isinstance(key, str) and key in names:
             i = names.index(key)
+        elif key in unrecognised:
+            raise ValueError(f"keep names {key!r}, a layer the adapter does not recognise: it is run as it is, not "
+                             f"pruned (see report.skipped); name blocks from {names} or index them "
+                             f"0..{len(blocks) - 1}")
         else:
             raise ValueError(f"keep names an unknown block {key!r}: use a block name from {names} or an index "
                              f"0..{len(blocks) - 1}")
@@ -995,14 +1000,16 @@ def prune_transformer(
         the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
-        ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data.
-        A dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only);
-        blocks it does not name keep every unit. A block that keeps every unit is still refitted where the refit
-        can change it: in ``asym`` mode after a changed block (the refit then compensates the error arriving from
-        the pruned blocks before it), or with ``refit_prior="zero"``. Where the refit would return its trained
-        weights exactly (``reweight=False``, or ``refit_prior="original"`` with the block's inputs those of the
-        original network, or in ``seq`` mode whose targets are the block's own outputs) it is left as it is and
-        its statistics are not gathered: pruning only the last blocks costs little for the blocks before them.
+        ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A
+        dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only); blocks
+        it does not name keep every unit. An index counts the recognised blocks (those of ``report.units``), not the
+        layers of a hybrid stack that are run as they are (``report.skipped``). A block that keeps every unit is
+        still refitted where the refit can change it: in ``asym`` mode after a changed block (the refit then
+        compensates the error arriving from the pruned blocks before it), or with ``refit_prior="zero"``. Where the
+        refit would return its trained weights exactly (``reweight=False``, or ``refit_prior="original"`` with the
+        block's inputs those of the original network, or in ``seq`` mode whose targets are the block's own outputs)
+        it is left as it is and its statistics are not gathered: pruning only the last blocks costs little for the
+        blocks before them.
     target : {"ffn", "heads", "all"}
         Which units to prune. ``"heads"`` includes the heads of a BART-family decoder layer's cross-attention
         (stage ``"cross"``). With ``"all"`` the heads of a block are pruned first, then its FFN sees the pruned
@@ -1189,7 +1196,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
                          f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
                          "keeps the same fraction of its neurons), or target='heads'.")
-    fractions = _block_fractions(keep, blocks)
+    fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
     keep = {b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep)
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=None if seed is None else int(seed),

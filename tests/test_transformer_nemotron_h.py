@@ -266,3 +266,16 @@ def test_an_attention_layer_whose_output_is_not_the_residual_sum_is_refused() ->
     with pytest.raises(ValueError, match=r"'layers\.4' .* attention output projection's output plus the residual is "
                                          r"not the block output"):
         prune_transformer(model, batches, keep=0.5, target="heads")
+
+
+@pytest.mark.filterwarnings("ignore:.*not recognised")
+def test_keep_by_block_counts_the_blocks_and_refuses_a_mamba_layer() -> None:
+    """An index of ``keep`` counts the recognised blocks (layers 1, 2, 4, 5 here), not the Mamba layers between
+    them; naming a Mamba layer says that it is not pruned."""
+    model, batches = build(DENSE), ragged_token_batches(VOCAB, n_batches=2)
+    _, report = prune_transformer(model, batches, keep={2: 0.5}, target="all")
+    assert [(u.block, u.n_kept < u.n_units) for u in report.units] == [
+        ("layers.1", False), ("layers.2", False), ("layers.4", True), ("layers.5", False)]
+    with pytest.raises(ValueError, match=r"keep names 'layers\.3', a layer the adapter does not recognise: it is "
+                                         r"run as it is, not pruned"):
+        prune_transformer(model, batches, keep={"layers.3": 0.5})
