@@ -2,7 +2,8 @@
 and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and after the sublayers, gated FFN,
 grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
 experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer), GPT-OSS-style
-(``--arch gptoss``), Llama-4-style (``--arch llama4``) and NemotronH-style (``--arch nemotron_h``: one mixer a layer,
+(``--arch gptoss``), Llama-4-style (``--arch llama4``), Gemma-4-style (``--arch gemma4``: Gemma 3's layout with
+per-layer inputs and a layer scalar) and NemotronH-style (``--arch nemotron_h``: one mixer a layer,
 Mamba-2, attention or a ReLU^2 FFN; the pruner runs the Mamba layers as they are between the blocks it prunes)
 decoders trained here on text, without fine-tuning; and
 encoder-decoders (``--arch mbart``: BART family, pre-LN; ``--arch t5``: Flan-T5-style), whose encoder reads the first
@@ -21,8 +22,8 @@ seen by the pruner) and the KL divergence of the pruned model's next-byte distri
 (label-free fidelity). Prints means over seeds and RATIOS of the perplexity increase (pruned / unpruned - 1) against
 the baselines measured in the same run. All figures are empirical estimates on this data (no guarantee is involved).
 
-Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 qwen2moe gptoss llama4 nemotron_h
-      mbart t5]
+Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 gemma4 qwen2moe gptoss llama4
+      nemotron_h mbart t5]
       [--targets ffn heads] [--keep 0.5 0.25] [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
@@ -105,6 +106,18 @@ def build(arch: str) -> torch.nn.Module:
                                             layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
                                             pad_token_id=0, bos_token_id=10, eos_token_id=10)
         return transformers.Gemma3ForCausalLM(cfg)
+    if arch == "gemma4":
+        # Gemma 4's text decoder: Gemma 3's layout with per-layer inputs (the E models' PLE, width 16), a weightless
+        # value norm, each layer's output times layer_scalar; three sliding-window layers and a global one
+        cfg = transformers.Gemma4TextConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                            num_hidden_layers=LAYERS, num_attention_heads=2 * HEADS,
+                                            num_key_value_heads=HEADS, head_dim=WIDTH // (2 * HEADS),
+                                            global_head_dim=WIDTH // (2 * HEADS), intermediate_size=FFN,
+                                            sliding_window=16, vocab_size_per_layer_input=256,
+                                            hidden_size_per_layer_input=16,
+                                            layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
+                                            pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.Gemma4ForCausalLM(cfg)
     if arch == "qwen2moe":
         # every layer a mixture: 8 routed experts of FFN // 4 neurons (top 2) and a shared expert of FFN // 2
         # behind its sigmoid gate, as Qwen2-MoE / Qwen1.5-MoE
@@ -227,7 +240,8 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"],
-                    choices=["gpt2", "pythia", "gemma3", "qwen2moe", "gptoss", "llama4", "nemotron_h", *SEQ2SEQ])
+                    choices=["gpt2", "pythia", "gemma3", "gemma4", "qwen2moe", "gptoss", "llama4", "nemotron_h",
+                             *SEQ2SEQ])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")
