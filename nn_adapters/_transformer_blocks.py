@@ -1543,7 +1543,8 @@ class _HFMoEBlock(_HFLlamaBlock):
 
     @property
     def gated(self) -> bool:
-        return True
+        """Whether an expert's unit is a gate row and an up row (not for plain experts, ``FFN_PARTS`` 1)."""
+        return self.FFN_PARTS > 1
 
     @property
     def up(self) -> nn.Linear:
@@ -2014,10 +2015,14 @@ class _NoHeads:
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return (isinstance(getattr(module, cls.OPERATOR, None), nn.Module)
-                and _get(module, cls.SA) is None  # type: ignore[attr-defined]
-                and cls._has_ffn(module)
+        return (cls._has_operator(module) and cls._has_ffn(module)
                 and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))  # type: ignore[attr-defined]
+
+    @classmethod
+    def _has_operator(cls, module: nn.Module) -> bool:
+        """Whether ``module`` holds the operator that stands in for the attention (``OPERATOR``, no attention)."""
+        return (isinstance(getattr(module, cls.OPERATOR, None), nn.Module)
+                and _get(module, cls.SA) is None)  # type: ignore[attr-defined]
 
     @classmethod
     def _has_ffn(cls, module: nn.Module) -> bool:
@@ -2073,7 +2078,7 @@ class _NoHeadsMoE(_NoHeads):
     @classmethod
     def _has_ffn(cls, module: nn.Module) -> bool:
         ex = _get(module, cls.EXPERTS)  # type: ignore[attr-defined]
-        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        gu, dn = (getattr(ex, n, None) for n in cls.EXPERT_PARAMS)  # type: ignore[attr-defined]
         return (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3
                 and cls._expert_layout(gu, dn))  # type: ignore[attr-defined]
 
@@ -2095,10 +2100,9 @@ class _HFMiniMaxLightningBlock(_NoHeadsMoE, _HFMoEBlock):
     OPERATOR = "self_attn"
 
     @classmethod
-    def matches(cls, module: nn.Module) -> bool:
+    def _has_operator(cls, module: nn.Module) -> bool:
         sa = _get(module, cls.OPERATOR)
-        return (all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("qkv_proj", "out_proj", "output_gate"))
-                and cls._has_ffn(module) and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+        return all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("qkv_proj", "out_proj", "output_gate"))
 
 
 class _DeltaAttention(_NoHeads):
@@ -2110,12 +2114,11 @@ class _DeltaAttention(_NoHeads):
     OPERATOR = "self_attn"
 
     @classmethod
-    def matches(cls, module: nn.Module) -> bool:
+    def _has_operator(cls, module: nn.Module) -> bool:
         sa = _get(module, cls.OPERATOR)
         return (isinstance(getattr(sa, "conv1d", None), nn.Conv1d)
                 and isinstance(getattr(sa, "b_proj", None), nn.Linear)
-                and isinstance(getattr(sa, "forget_gate", None), nn.Module) and cls._has_ffn(module)
-                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))  # type: ignore[attr-defined]
+                and isinstance(getattr(sa, "forget_gate", None), nn.Module))
 
 
 class _HFDeltaAttentionBlock(_DeltaAttention, _HFLlamaBlock):
@@ -2333,7 +2336,7 @@ class _HFNemotronHMLPBlock(_NoHeads, _HFLlamaPlainBlock):
             n for n, m in module.mixer.named_children() if isinstance(m, nn.Linear)} == {"up_proj", "down_proj"}
 
 
-class _HFNemotronHMoEBlock(_NoHeads, _HFMoEBlock):
+class _HFNemotronHMoEBlock(_NoHeadsMoE, _HFMoEBlock):
     """NemotronH's mixture-of-experts layers (``NemotronHBlock`` whose ``mixer`` is a ``NemotronHMoE``:
     ``x + mixer(norm(x))``; Nemotron 3 Nano): plain experts ``mixer.experts.up_proj`` ``(E, I, H)`` and
     ``down_proj`` ``(E, H, I)``, each expert ``down_e(relu(up_e(x))^2)``, the routing-weighted sum plus the plain
@@ -2355,19 +2358,8 @@ class _HFNemotronHMoEBlock(_NoHeads, _HFMoEBlock):
         return up.shape[0] == down.shape[0] and up.shape[1] == down.shape[2] and up.shape[2] == down.shape[1]
 
     @classmethod
-    def _has_ffn(cls, module: nn.Module) -> bool:
-        ex = _get(module, cls.EXPERTS)
-        up, dn = getattr(ex, "up_proj", None), getattr(ex, "down_proj", None)
-        return (isinstance(up, nn.Parameter) and isinstance(dn, nn.Parameter) and up.dim() == dn.dim() == 3
-                and cls._expert_layout(up, dn))
-
-    @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return super().matches(module) and {n for n, _ in module.named_children()} == {"mixer", "norm"}
-
-    @property
-    def gated(self) -> bool:
-        return False
 
     def prepare_ffn(self) -> None:
         mixer = _get(self.module, self.MLP)
