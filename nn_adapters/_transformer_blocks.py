@@ -2495,9 +2495,12 @@ class _HFGemma4Block(_HFGemma2Block):
     ``q_norm`` / ``k_norm`` and a weightless ``v_norm``, then, after the FFN's residual sum, the per-layer input of
     the E models (``per_layer_input_gate`` ... ``post_per_layer_input_norm``, added as another residual term) and a
     multiplication by ``layer_scalar``. The global layers may take their values from the keys (``attention_k_eq_v``:
-    no ``v_proj``; a key/value group is then its key rows). Refused: the FFN of the layers with a mixture of
-    experts beside the MLP (``enable_moe_block``: their heads are pruned), and models whose later layers reuse
-    earlier layers' keys and values (``num_kv_shared_layers``)."""
+    no ``v_proj``; a key/value group is then its key rows). In the E models the last layers reuse the keys and
+    values of the last earlier layer of their type (``num_kv_shared_layers``; handed on in ``shared_kv_states``,
+    which the pruner gives each network it runs, see :data:`nn_adapters.transformer.STREAM_STATES`), and may have
+    an FFN twice as wide (``use_double_wide_mlp``): their FFNs are pruned, but not the heads of the layers that
+    share keys and values (the reused groups would have to go in every layer at once). Refused too: the FFN of
+    the layers with a mixture of experts beside the MLP (``enable_moe_block``: their heads are pruned)."""
 
     kind = "hf_gemma4"
 
@@ -2514,15 +2517,7 @@ class _HFGemma4Block(_HFGemma2Block):
                 and all(isinstance(_get(module, p), nn.Linear) for p in (cls.GATE, cls.UP, cls.DOWN))
                 and all(isinstance(_get(module, p), nn.Module) for p in (*cls.OUT_NORMS.values(), *cls.REQUIRED)))
 
-    def _refuse_shared_keys_and_values(self) -> None:
-        sa = _get(self.module, self.SA)
-        if getattr(sa, "is_kv_shared_layer", False) or getattr(sa, "store_full_length_kv", False):
-            raise ValueError(f"block {self.name!r}: this Gemma 4 model's later layers reuse the keys and values of "
-                             "earlier layers (num_kv_shared_layers > 0), which the pruner's layer-by-layer replay "
-                             "does not model; it cannot be pruned by the transformer adapter.")
-
     def prepare_ffn(self) -> None:
-        self._refuse_shared_keys_and_values()
         if getattr(self.module, "enable_moe_block", False):
             raise ValueError(f"block {self.name!r}: its FFN is an MLP and a mixture of experts in parallel "
                              "(enable_moe_block), which the transformer adapter does not prune together; prune "
@@ -2530,8 +2525,19 @@ class _HFGemma4Block(_HFGemma2Block):
         super().prepare_ffn()
 
     def prepare_heads(self) -> None:
-        self._refuse_shared_keys_and_values()
+        sa = _get(self.module, self.SA)
+        if getattr(sa, "is_kv_shared_layer", False) or getattr(sa, "store_full_length_kv", False):
+            raise ValueError(f"block {self.name!r}: its attention shares its keys and values with other layers (a "
+                             "Gemma 4 model with num_kv_shared_layers > 0: later layers reuse them), so its "
+                             "key/value groups cannot be removed from one layer alone: prune target='ffn' on this "
+                             "model.")
         super().prepare_heads()
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        if getattr(_get(self.module, self.SA), "is_kv_shared_layer", False) and num_heads == self.num_heads:
+            self.shrink_ffn(torch.arange(intermediate_size))  # no key/value projections to cut
+            return
+        super().set_sizes(intermediate_size, num_heads)
 
     def last_sum_probe(self) -> tuple[nn.Module, int] | None:
         gate = getattr(self.module, "per_layer_input_gate", None)

@@ -567,8 +567,8 @@ def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], b
             raise _StopForward
 
     _run_hooked(model, batch, [(first.module, change)] + [(b.module, partial(record, blk=b)) for b in later])
-    for b in later:
-        if not _same_value(again.get(b.name), seen.get(b.name)):
+    for b in later:  # the stores the blocks write (STREAM_STATES) change with them, and are replayed as such
+        if not _same_value(_without_stream_states(again.get(b.name)), _without_stream_states(seen.get(b.name))):
             raise ValueError(f"block {b.name!r} ({type(b.module).__name__}) receives arguments that change with the "
                              "hidden states of the blocks before it, and the pruner would replay those of the "
                              "unpruned model: this model is not supported by the transformer adapter.")
@@ -583,9 +583,52 @@ def _same_value(a: Any, b: Any) -> bool:
     return _same_argument(a, b)
 
 
+#: Keyword arguments of block calls that hold a store which the blocks of one forward write and later blocks read:
+#: Gemma 4's ``shared_kv_states``, where the last layers that compute their own keys and values leave them for the
+#: later layers (``num_kv_shared_layers``) to reuse. Such a store is not an argument to replay as captured: the
+#: blocks that write it are replayed before those that read it, and the pruned network, from its first changed
+#: block on, writes and reads its own (:func:`_own_stream_states`).
+STREAM_STATES = frozenset({"shared_kv_states"})
+
+
 def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """A block call's arguments besides its input, as :meth:`_Block.forward` replays them (caches dropped)."""
     return {"args": tuple(_no_cache(a) for a in args[1:]), "kwargs": {k: _no_cache(v, k) for k, v in kwargs.items()}}
+
+
+def _without_stream_states(ctx: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A captured context without its :data:`STREAM_STATES` (for comparisons)."""
+    if ctx is None:
+        return None
+    return {**ctx, "kwargs": {k: v for k, v in ctx["kwargs"].items() if k not in STREAM_STATES}}
+
+
+def _own_stream_states(cache: list[dict[str, Any]]) -> None:
+    """Give the pruned network its own stores (:data:`STREAM_STATES`), as the original network's hold them now.
+
+    Until a block changes, the pruned network is the original one and both run with the same context (and the
+    same stores: the pruned network does not rerun the unchanged blocks, whose writes it reads). From the first
+    changed block on, each writes its own: called then, each cached batch's ``"ctx"`` becomes a copy holding
+    copies of the stores (the original network keeps its context as ``"octx"``)."""
+    for entry in cache:
+        if "octx" in entry:  # already apart (a decoder's, whose encoder states differ)
+            continue
+        ctx, memo = entry["ctx"], {}
+        if not any(c["kwargs"].get(k) is not None for c in (ctx, *ctx.get("per_block", {}).values())
+                   for k in STREAM_STATES):
+            continue
+
+        def own(c: dict[str, Any], memo: dict[int, Any] = memo) -> dict[str, Any]:
+            kw = dict(c["kwargs"])
+            for k in STREAM_STATES & kw.keys():
+                if kw[k] is not None:  # one copy per store: the blocks of one forward share theirs
+                    kw[k] = memo.setdefault(id(kw[k]), copy.copy(kw[k]))
+            return {**c, "kwargs": kw}
+
+        mine = own(ctx)
+        if "per_block" in ctx:
+            mine["per_block"] = {n: own(c) for n, c in ctx["per_block"].items()}
+        entry.update(octx=ctx, ctx=mine)
 
 
 def _no_cache(value: Any, name: str = "") -> Any:
@@ -1269,6 +1312,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                     jobs.then(partial(_report_unchanged, report, blk, per_block[i], bool(reweight),
                                       time.perf_counter() - t0))
                 else:
+                    if not changed:  # the pruned network departs from the original here: its own stores
+                        _own_stream_states(cache)
                     changed = True
                     xo_next = _prune_block(blk, oblk, per_block[i], mode, method, bool(reweight), budgets[i],
                                            _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,

@@ -199,24 +199,32 @@ def test_asym_refit_aims_at_the_original_sum_through_the_norm(name: str) -> None
     model, data = build(name), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
                                        weighting="none")
-    last, last_p = layers(model)[-1], layers(pruned)[-1]
+    drift = assert_asym_ffn_refit(name, model, pruned, data, LAYERS - 1, report.units[-1].kept)
+    assert drift > 1e-3  # the first block was pruned: there is a drift to carry back
+
+
+def assert_asym_ffn_refit(name: str, model: nn.Module, pruned: nn.Module, data: list[dict[str, torch.Tensor]],
+                          index: int, kept: list[int]) -> float:
+    """Layer ``index``'s down projection in ``pruned`` is the asym refit of its kept columns ``kept`` (see
+    test_asym_refit_aims_at_the_original_sum_through_the_norm), read with hooks in both models' forwards; returns
+    the largest drift of the FFN's residual input, ``max |r_o - r_p|``."""
+    orig, mine = layers(model)[index], layers(pruned)[index]
     res = NORMS[name][2]
     seen: dict[str, list[torch.Tensor]] = {"y_o": [], "r_o": [], "r_p": [], "a_p": []}
-    hooks = [last.mlp.down_proj.register_forward_hook(lambda _m, _a, o: seen["y_o"].append(o)),
-             last.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_o"].append(a[0])),
-             last_p.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_p"].append(a[0])),
-             last_p.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    hooks = [orig.mlp.down_proj.register_forward_hook(lambda _m, _a, o: seen["y_o"].append(o)),
+             orig.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_o"].append(a[0])),
+             mine.get_submodule(res).register_forward_pre_hook(lambda _m, a: seen["r_p"].append(a[0])),
+             mine.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
     run_hooked([model, pruned], data, hooks)
     y_o, r_o, r_p, a_p = (token_rows(data, seen[k]) for k in ("y_o", "r_o", "r_p", "a_p"))
-    norm = last.get_submodule(NORMS[name][1])
+    norm = orig.get_submodule(NORMS[name][1])
     s = 1.0 / np.sqrt((y_o ** 2).mean(1) + eps(norm))
     target = y_o + (r_o - r_p) / (s[:, None] * gains(name, norm)[None, :])
-    kept = report.units[-1].kept
-    w_kept = last.mlp.down_proj.weight.detach().double().numpy().T[kept]
-    assert np.abs(r_o - r_p).max() > 1e-3  # the first block was pruned: there is a drift to carry back
+    w_kept = orig.mlp.down_proj.weight.detach().double().numpy().T[kept]
     sol = np.linalg.lstsq(s[:, None] * a_p, s[:, None] * (target - a_p @ w_kept), rcond=None)[0]
-    new = last_p.mlp.down_proj.weight.detach().double().numpy().T
+    new = mine.mlp.down_proj.weight.detach().double().numpy().T
     np.testing.assert_allclose(new, w_kept + sol, atol=2e-4, rtol=1e-3)
+    return float(np.abs(r_o - r_p).max())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -288,7 +296,7 @@ def test_magnitude_scores_read_the_down_projection_through_the_norm_gains() -> N
     assert 0 not in report.units[0].kept and 1 in report.units[0].kept
 
 
-def _gemma4(**extra) -> nn.Module:
+def _gemma4(head: bool = False, **extra) -> nn.Module:
     if not hasattr(transformers, "Gemma4TextConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
     options = {"num_hidden_layers": LAYERS, "layer_types": ["sliding_attention", "full_attention"] * (LAYERS // 2),
@@ -298,11 +306,11 @@ def _gemma4(**extra) -> nn.Module:
         num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, sliding_window=4, **options)
     torch.manual_seed(0)
-    model = transformers.Gemma4TextModel(cfg).eval()
+    model = (transformers.Gemma4ForCausalLM if head else transformers.Gemma4TextModel)(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0) if p.dim() == 2 else p.normal_(1.0, 0.3)
-        for layer in model.layers:
+        for layer in layers(model):
             layer.layer_scalar.fill_(LAYER_SCALAR)
     return model
 
@@ -324,18 +332,61 @@ def test_gemma4_global_layers_with_values_from_the_keys_lose_key_rows() -> None:
 
 
 def test_gemma4_refusals_name_their_reason() -> None:
-    """The FFN of layers with a mixture of experts beside the MLP is refused (their heads are pruned); a model whose
-    later layers reuse earlier layers' keys and values is refused."""
+    """The FFN of layers with a mixture of experts beside the MLP is refused (their heads are pruned)."""
     model, data = _gemma4(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=8), batches()
     with pytest.raises(ValueError, match=r"'layers\.0': its FFN is an MLP and a mixture of experts in parallel "
                                          r"\(enable_moe_block\).*target='heads'"):
         prune_transformer(model, data, keep=0.5, target="ffn")
     assert {u.stage for u in prune_transformer(model, data, keep=0.5, target="heads")[1].units} == {"heads"}
-    model = _gemma4(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                    num_kv_shared_layers=2)
-    for target in ("ffn", "heads"):
-        with pytest.raises(ValueError, match=r"reuse the keys and values of earlier layers \(num_kv_shared_layers"):
+
+
+def _kv_shared(head: bool = False, types: tuple[str, ...] = ("sliding_attention", "full_attention") * 2
+               ) -> nn.Module:
+    """A Gemma 4 E-style model whose last two layers reuse the keys and values of the last earlier layer of their
+    type (layers 0 and 1 here) and have an FFN twice as wide; with ``head``, the causal LM around it."""
+    return _gemma4(head, num_hidden_layers=len(types), layer_types=list(types), num_kv_shared_layers=2,
+                   use_double_wide_mlp=True)
+
+
+def test_gemma4_shared_keys_and_values_without_refit_is_the_original_with_the_removed_units_zeroed(tmp_path) -> None:
+    """The FFNs of the layers that hand on and that reuse keys and values are pruned (the wide ones too), and the
+    pruned causal LM computes and generates (with its cache) what the unpruned one does with the removed units'
+    down-projection columns zeroed; it reloads. Their heads are refused: a reused key/value group would have to go
+    in every layer that reads it."""
+    model, data = _kv_shared(head=True), batches()
+    assert [(a.is_kv_shared_layer, a.store_full_length_kv) for a in (m.self_attn for m in layers(model))] == [
+        (False, True), (False, True), (True, False), (True, False)]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="wanda", reweight=False)
+    assert [(u.n_units, u.n_kept) for u in report.units] == [(INTER, INTER // 2)] * 2 + [(2 * INTER, INTER)] * 2
+    masked = zeroed_original(model, report)
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(pruned(**b).logits, masked(**b).logits, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
+    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
+    save_pruned(pruned, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "m")(**data[0]).logits, pruned(**data[0]).logits,
+                                   atol=1e-6, rtol=1e-6)
+    for target in ("heads", "all"):
+        with pytest.raises(ValueError, match=r"'model\.layers\.0': its attention shares its keys and values with "
+                                             r"other layers.*num_kv_shared_layers > 0.*target='ffn'"):
             prune_transformer(model, data, keep=0.5, target=target)
+
+
+@pytest.mark.parametrize("types", [("sliding_attention", "full_attention") * 2, ("full_attention",) * 4])
+def test_gemma4_shared_keys_and_values_asym_refit_reads_the_pruned_networks_own(types: tuple[str, ...]) -> None:
+    """asym with shared keys and values: the layers that reuse them must read, in the pruned network, the keys and
+    values its own (pruned) earlier layers computed, and in the original network the original ones. Oracle: every
+    layer's down projection is the asym refit of test_asym_refit_aims_at_the_original_sum_through_the_norm, with
+    ``y_o``, ``r_o`` read from the unpruned model's forward and ``r_p``, the inputs ``a_p`` from the pruned model's
+    forward (the model itself hands each layer its keys and values there). With one layer type (second case) the
+    layers take no arguments of their own."""
+    model, data = _kv_shared(types=types), batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none")
+    drifts = [assert_asym_ffn_refit("gemma4", model, pruned, data, i, u.kept) for i, u in enumerate(report.units)]
+    assert drifts[3] > 1e-3  # the premise: the last layer's residual drifted, through the keys and values it reuses
 
 
 @pytest.mark.parametrize("method", ["asym", "layer"])
