@@ -961,6 +961,23 @@ class _HFModernBertBlock(_HFBlock):
         self._cut_attention((_three_block_rows(rows, width),), rows, out_weight, out_bias)
 
 
+class _HFModernBertDecoderBlock(_HFModernBertBlock):
+    """ModernBERT decoder layers (``ModernBertDecoderLayer``: the Ettin decoders): the encoder's layout and FFN,
+    causal, with the query, key and value projections apart (``attn.{q,k,v}_proj``, one row block per head) and
+    a key/value cache; sliding-window and global layers, each replayed with its own arguments."""
+
+    kind = "hf_modernbert_decoder"
+    QKV = ("q_proj", "k_proj", "v_proj")
+    N_HEADS, ALL_HEADS = "num_heads", "all_head_size"
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        return _HFBlock.qkv_weights(self)
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        _HFBlock.shrink_heads(self, keep, out_weight, out_bias)
+
+
 class _HFDistilBertBlock(_HFBlock):
     """DistilBERT (``TransformerBlock``): ``attention.{q,k,v,out}_lin``, ``ffn.lin1/lin2``, post-LN."""
 
@@ -3207,22 +3224,18 @@ class _TorchEncoderBlock(_Block):
 
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
-    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock,
-    _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block,
-    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block, _HFGemma4Block,
-    _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
-    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
+    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
+    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
+    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block,
+    _HFGemma4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock,
+    _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
-    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
-    _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
-    _HFNemotronHMoEBlock,
-    _HFHyperCLOVAXBlock,
-    _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock,
-    _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
-    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
+    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
+    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -1201,19 +1201,18 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     work = working_copy(model)
     blocks = find_blocks(work)
     if not blocks:
-        raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style "
-                         "BertLayer and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, "
-                         "DistilBERT, ViT, DINOv2, CLIP, ModernBERT), BART-family layers (BART, mBART, Marian, "
-                         "Pegasus, Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, "
-                         "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
-                         "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 "
-                         "MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, "
-                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
-                         "NemotronH, Kimi Linear; Gemma 2/3/4, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX "
-                         "(Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and "
-                         "torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
-                         "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
-                         "other models.")
+        raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, DistilBERT, ViT, "
+                         "DINOv2, CLIP, ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, Pegasus, "
+                         "Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
+                         "Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
+                         "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
+                         "GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, "
+                         "LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear; "
+                         "Gemma 2/3/4, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, "
+                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
+                         "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)

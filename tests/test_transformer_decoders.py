@@ -64,6 +64,8 @@ LAYOUTS = {
     "mpt": ("hf_mpt", "ffn.down_proj", "attn.out_proj", False, ("n_heads",)),
     "stablelm": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
     "stablelm_par": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
+    # the ModernBERT decoder (Ettin): a sliding-window and a global layer, ModernBERT's FFN (Wi's two halves)
+    "modernbertdec": ("hf_modernbert_decoder", "mlp.Wo", "attn.Wo", False, ("num_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
 GROUP = {"falcon": 2, "cohere_qk": 2}
@@ -131,6 +133,11 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                         apply_residual_connection_post_layernorm=name == "bloom_post",
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "modernbertdec":
+        return transformers.ModernBertDecoderConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            intermediate_size=INTER, max_position_embeddings=32, layer_types=["sliding_attention", "full_attention"],
+            local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
     if name == "phi":
         return transformers.PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                       num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32,
@@ -147,13 +154,16 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
           "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM"),
           "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM"), "mpt": ("MptModel", "MptForCausalLM"),
-          "stablelm": ("StableLmModel", "StableLmForCausalLM")}
+          "stablelm": ("StableLmModel", "StableLmForCausalLM"),
+          "modernbertdec": ("ModernBertDecoderModel", "ModernBertDecoderForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
     """A tiny model of the layout (``head``: the causal LM, else the bare decoder)."""
     torch.manual_seed(seed)
     cls = FAMILY[name.split("_")[0]][int(head)]
+    if not hasattr(transformers, cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
     model = getattr(transformers, cls)(config(name)).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
         for p in model.parameters():
@@ -205,7 +215,8 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "BloomModel": "h", "BloomForCausalLM": "transformer.h", "FalconModel": "h",
                "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h",
                "MptModel": "blocks", "MptForCausalLM": "transformer.blocks", "StableLmModel": "layers",
-               "StableLmForCausalLM": "model.layers"}
+               "StableLmForCausalLM": "model.layers", "ModernBertDecoderModel": "layers",
+               "ModernBertDecoderForCausalLM": "model.layers"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -358,7 +369,8 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
-                                  "bloom", "falcon", "falcon_mqa", "bigcode", "mpt", "stablelm_par"])
+                                  "bloom", "falcon", "falcon_mqa", "bigcode", "mpt", "stablelm_par",
+                                  "modernbertdec"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
@@ -467,6 +479,23 @@ def test_a_parallel_look_alike_that_scales_a_branch_is_refused() -> None:
     assert [b.kind for b in find_blocks(model)] == ["hf_gptj"] * LAYERS
     with pytest.raises(ValueError, match="down projection's output is not added straight to the block output"):
         prune_transformer(model, data, keep=0.5, target="ffn", method="asym")
+
+
+def test_modernbert_decoder_magnitude_head_scores_read_the_separate_value_rows() -> None:
+    """The ModernBERT decoder keeps its queries, keys and values apart (the encoder fuses them in Wqkv): a head whose
+    value rows are large is kept though its query and key rows and output columns are the smallest; a head small
+    in all four (but larger than those of the first) goes."""
+    model, data = build("modernbertdec"), batches(n_batches=1)
+    attn = layers(model)[0].attn
+    with torch.no_grad():
+        for head, small in ((0, 1e-3), (1, 2e-3)):
+            rows = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                lin.weight[rows] = small
+            attn.Wo.weight[:, rows] = small
+        attn.v_proj.weight[:HEAD_DIM] = 1e3
+    _, report = prune_transformer(model, data, keep={0: 0.75}, target="heads", method="magnitude", reweight=False)
+    assert 0 in report.units[0].kept and 1 not in report.units[0].kept
 
 
 def test_multi_query_magnitude_scores_leave_the_shared_key_and_value_out() -> None:
