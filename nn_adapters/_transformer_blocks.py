@@ -1586,6 +1586,12 @@ class _HFMoEBlock(_HFLlamaBlock):
         gate = None if self.SHARED_GATE is None else _get(self.module, self.SHARED_GATE)
         return None if gate is None else torch.sigmoid(gate(x))
 
+    def mixture_factor(self) -> float:
+        """The number the mixture module multiplies the experts' sum plus the shared expert's output by (1; Cohere's
+        average of the two, 0.5). A constant factor on a whole regression changes no refit: only the first-batch
+        check of the mixture's output reads it."""
+        return 1.0
+
     def prepare_ffn(self) -> None:
         ex = self.experts
         extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in self.EXPERT_PARAMS)
@@ -2673,6 +2679,22 @@ class _HFCohereBlock(_ParallelBranches, _HFLlamaBlock):
     RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
 
 
+class _HFCohere2MoEBlock(_ParallelBranches, _HFMoEBlock):
+    """Cohere's mixture-of-experts decoder layers (``Cohere2MoeDecoderLayer``): Cohere's parallel layout, ``x +
+    attn(norm(x)) + moe(norm(x))`` with one LayerNorm ``input_layernorm``, the experts in transformers 5's 3D
+    tensors (``mlp.experts``) and, where ``num_shared_experts`` > 0, a shared expert ``mlp.shared_experts`` added to
+    the experts' sum or averaged with it (``shared_expert_combination_strategy="average"``: the mixture returns half
+    the sum, :meth:`mixture_factor`)."""
+
+    kind = "hf_cohere2_moe"
+    RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
+
+    def mixture_factor(self) -> float:
+        mlp = _get(self.module, self.MLP)
+        average = getattr(mlp, "shared_expert_combination_strategy", "sum") == "average"
+        return 0.5 if average and self.shared is not None else 1.0
+
+
 class _HFGPTNeoBlock(_HFBlock):
     """GPT-Neo (``GPTNeoBlock``): ``attn.attention.{q,k,v,out}_proj``, ``mlp.c_fc / c_proj``, ``ln_1 / ln_2``,
     pre-LN; global and local (windowed) attention layers alike (a local layer applies its window itself)."""
@@ -3226,7 +3248,8 @@ class _TorchEncoderBlock(_Block):
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
-    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFGlm4Block,
+    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
+    _HFGlm4Block,
     _HFGemma4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock,
     _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
     _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,

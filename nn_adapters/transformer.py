@@ -1207,12 +1207,12 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
                          "Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
                          "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
-                         "GraniteMoE, GPT-OSS, Llama 4; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, "
-                         "LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear; "
-                         "Gemma 2/3/4, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, BLOOM, "
-                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
-                         "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
-                         "convolution pairs of other models.")
+                         "GraniteMoE, GPT-OSS, Llama 4, Cohere2-MoE; latent attention: DeepSeek-V2/V3, Mistral 4, "
+                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, "
+                         "Kimi Linear; Gemma 2/3/4, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Phi, "
+                         "BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the "
+                         "table of docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the "
+                         "Linear and convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)
@@ -2216,13 +2216,14 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
     if ffn_out is None:
         return
     inside = blk.shared is not None and not blk.SHARED_OUTSIDE  # a shared expert inside the mixture module
-    total = out.double() + _shared_out(blk, x).double() if inside else out.double()
+    total = (out.double() + _shared_out(blk, x).double() if inside else out.double()) * blk.mixture_factor()
     tol = rel * (1.0 + float(ffn_out.detach().abs().max()))
     if total.shape != ffn_out.shape or not torch.allclose(total, ffn_out.double(), rtol=rel, atol=tol):
         shared = blk.shared if inside else None
         what = "the experts' output" if shared is None else (
             f"the experts' output plus its shared expert's ({shared.name.rsplit('.', 1)[-1]}) output"
-            + (" times sigmoid(shared_expert_gate(x))" if blk.shared_factor(x[:1]) is not None else ""))
+            + (" times sigmoid(shared_expert_gate(x))" if blk.shared_factor(x[:1]) is not None else "")
+            + ("" if blk.mixture_factor() == 1 else f", times {blk.mixture_factor():g}"))
         raise ValueError(f"block {blk.name!r}: its mixture module ({type(_get(blk.module, blk.MLP)).__name__}) "
                          f"does not return {what}, as the expert adapter assumes; this model's FFN cannot be "
                          "pruned by the transformer adapter (prune target='heads').")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import assert_reloads_and_generates, ragged_token_batches, run_hooked
+from _torch_helpers import assert_reloads_and_generates, ragged_token_batches, run_hooked, token_rows
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -32,7 +32,7 @@ FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Mo
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
             "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "minimax": "MiniMax", "qwen3_next": "Qwen3Next",
-            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba"}
+            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba", "cohere2_moe": "Cohere2Moe"}
 #: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
 #: each with a mixture and a gated shared expert
 SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
@@ -40,7 +40,8 @@ SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
 JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
 #: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
-MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning")
+MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning",
+             "hf_cohere2_moe")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
@@ -49,22 +50,23 @@ GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
 #: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size, GraniteMoE-Shared:
 #: shared_intermediate_size; the others: one shared expert of moe_intermediate_size, HunYuan's of intermediate_size).
 SHARED = {"qwen2_moe": 8, "granitemoeshared": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER,
-          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8}
+          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8, "cohere2_moe": INTER}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
     cls = FAMILIES[name]
     if not hasattr(transformers, cls + "Config"):
         pytest.skip(f"transformers {transformers.__version__} has no {cls}")
-    cfg = getattr(transformers, cls + "Config")(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER, moe_intermediate_size=INTER,
-        shared_expert_intermediate_size=8, num_local_experts=EXPERTS, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
-        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, n_routed_experts=EXPERTS, moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0,
-        moe_layer_start_index=0, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1,
+    cfg = getattr(transformers, cls + "Config")(**{
+        **dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=INTER,
+               moe_intermediate_size=INTER, shared_expert_intermediate_size=8, num_local_experts=EXPERTS,
+               num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[],
+               max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_routed_experts=EXPERTS,
+               moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0, moe_layer_start_index=0,
+               n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1),
         **(GRANITE if name.startswith("granite") else {}), **(LINEAR if name in SHARED_LINEAR else {}),
-        **(JAMBA if name == "jamba" else {}), **extra)
+        **(JAMBA if name == "jamba" else {}), **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, cls.removesuffix("Text") + "ForCausalLM" if lm else cls + "Model")(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
@@ -187,8 +189,10 @@ def test_layer_refit_is_routing_weighted_lstsq_per_expert() -> None:
                 rel=1e-4, abs=1e-8)
 
 
-def test_asym_targets_are_the_original_experts_on_the_original_inputs() -> None:
-    model = build("mixtral")
+@pytest.mark.parametrize("name", ["mixtral", "cohere2_moe"])
+def test_asym_targets_are_the_original_experts_on_the_original_inputs(name: str) -> None:
+    """(Cohere2-MoE: attention and mixture in parallel, its shared expert averaged with the experts' sum.)"""
+    model = build(name)
     batches = ragged_token_batches(VOCAB, n_batches=6)
     pruned, report = prune_transformer(model, batches, keep=0.5, method="asym", ridge=0.0)
     # the last block: inputs and routing of the pruned network (its first block pruned), targets of the original
@@ -243,11 +247,12 @@ def test_an_expert_no_token_reaches_keeps_its_largest_neurons_and_weights() -> N
         torch.testing.assert_close(mine, down[:, u.kept])
 
 
-def test_save_reload_and_generation(tmp_path) -> None:
-    model = build("mixtral", lm=True)
+@pytest.mark.parametrize(("name", "kind"), [("mixtral", "hf_moe"), ("cohere2_moe", "hf_cohere2_moe")])
+def test_save_reload_and_generation(tmp_path, name: str, kind: str) -> None:
+    model = build(name, lm=True)
     batches = ragged_token_batches(VOCAB)
     pruned, report = prune_transformer(model, batches, keep=0.5, target="all")
-    assert report.spec["blocks"][0]["kind"] == "hf_moe" and report.spec["blocks"][0]["experts"] == EXPERTS
+    assert report.spec["blocks"][0]["kind"] == kind and report.spec["blocks"][0]["experts"] == EXPERTS
     save_pruned(pruned, tmp_path / "m")
     again = load_pruned(tmp_path / "m")
     prompt = torch.tensor([[3, 7, 11, 5]])
@@ -539,3 +544,49 @@ def test_a_shared_mlp_that_reads_another_input_than_the_experts_is_refused() -> 
     with pytest.raises(ValueError, match=r"shared expert .*shared_mlp' beside the mixture module does not read "
                                          r"\(once\) the input the experts read"):
         prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5, target="ffn")
+
+
+@pytest.mark.parametrize("strategy", ["average", "sum"])
+def test_cohere2_moe_without_a_shared_expert_returns_the_experts_sum_whatever_the_strategy(strategy: str) -> None:
+    """Cohere2-MoE's mixture averages its experts' sum with a shared expert's output only where it has one (the
+    released configuration has none, with the strategy "average"): pruned without refit, the experts' removed
+    columns zeroed in the unpruned model give the same outputs."""
+    model = build("cohere2_moe", num_shared_experts=0, shared_expert_combination_strategy=strategy)
+    assert find_blocks(model)[0].shared is None
+    batches = ragged_token_batches(VOCAB, n_batches=2)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="wanda", reweight=False)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for ex, layer in zip(experts_of(zeroed), range(LAYERS), strict=True):
+            for u in report.units[layer * EXPERTS:(layer + 1) * EXPERTS]:
+                ex.down_proj[u.expert][:, sorted(set(range(INTER)) - set(u.kept))] = 0.0
+    for b in batches:
+        mask = b["attention_mask"].bool()
+        torch.testing.assert_close(hidden(pruned, b)[mask], hidden(zeroed, b)[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_cohere2_moe_parallel_heads_asym_refit_aims_at_the_original_output_minus_the_pruned_residual() -> None:
+    """Cohere2-MoE adds attention and mixture in parallel, ``x + attn(norm(x)) + moe(norm(x))``: asym refits the
+    last block's o_proj toward the original block output minus what the pruned network adds besides the attention
+    (its block input and its mixture's output), read with hooks from the final models (ridge 0, no weighting)."""
+    model = build("cohere2_moe")
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="asym", ridge=0.0,
+                                       weighting="none")
+    last, last_p = model.layers[-1], pruned.layers[-1]
+    seen: dict[str, list[torch.Tensor]] = {"out_o": [], "x_p": [], "moe_p": [], "a_p": []}
+    hooks = [last.register_forward_hook(lambda _m, _a, o: seen["out_o"].append(o[0] if isinstance(o, tuple) else o)),
+             last_p.register_forward_pre_hook(lambda _m, a, k: seen["x_p"].append(a[0] if a else k["hidden_states"]),
+                                              with_kwargs=True),
+             last_p.mlp.register_forward_hook(lambda _m, _a, o: seen["moe_p"].append(o)),
+             last_p.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    run_hooked([model, pruned], batches, hooks)
+    target = token_rows(batches, seen["out_o"]) - token_rows(batches, seen["x_p"]) - token_rows(batches, seen["moe_p"])
+    a = token_rows(batches, seen["a_p"])
+    width = HEADS // KV_HEADS * (HIDDEN // HEADS)  # a unit: one key/value group's query heads
+    cols = [u * width + j for u in report.units[-1].kept for j in range(width)]
+    w_kept = last.self_attn.o_proj.weight.detach().double().numpy().T[cols]
+    want = w_kept + np.linalg.lstsq(a, target - a @ w_kept, rcond=None)[0]
+    np.testing.assert_allclose(last_p.self_attn.o_proj.weight.detach().double().numpy().T, want, atol=2e-4,
+                               rtol=1e-3)
+    assert np.abs(token_rows(batches, seen["x_p"]) - token_rows(batches, seen["out_o"])).max() > 1e-3
