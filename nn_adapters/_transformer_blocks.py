@@ -2487,15 +2487,10 @@ class _HFHyperCLOVAXBlock(_HFLlamaBlock):
         return None if self.output_norm(stage) is not None else super().output_scale(stage)
 
 
-class _HFGemma2Block(_HFLlamaBlock):
-    """Gemma 2 and Gemma 3 decoder layers (``Gemma2DecoderLayer``, ``Gemma3DecoderLayer``): the Llama parts with
-    "sandwich" RMS norms, ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then ``x +
-    post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``. The consumer output is normalised before the
-    residual sum (:meth:`output_norm`), which the refit's targets and weights account for. Their layers alternate
-    sliding-window and global attention, each type with its mask and rotary tables: every layer is replayed with
-    its own arguments."""
+class _SandwichNorms:
+    """Norms applied to the attention's and the FFN's outputs before their residual sums (:attr:`OUT_NORMS`, read
+    by :meth:`output_norm`), which the refit's targets and weights account for."""
 
-    kind = "hf_gemma2"
     RESID_FFN = ("pre_feedforward_layernorm", 0)  # x + post_ffn_norm(mlp(pre_feedforward_layernorm(x)))
     #: The norms applied to the attention and FFN outputs before their residual sums.
     OUT_NORMS = {"heads": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"}
@@ -2505,12 +2500,46 @@ class _HFGemma2Block(_HFLlamaBlock):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return (super().matches(module)
+        return (super().matches(module)  # type: ignore[misc]
                 and all(isinstance(_get(module, p), nn.Module) for p in (*cls.OUT_NORMS.values(), *cls.REQUIRED))
                 and not any(_get(module, p) is not None for p in cls.FORBIDDEN))
 
     def output_norm(self, stage: str) -> nn.Module | None:
-        return _get(self.module, self.OUT_NORMS[stage])
+        return _get(self.module, self.OUT_NORMS[stage])  # type: ignore[attr-defined]
+
+
+class _HFGemma2Block(_SandwichNorms, _HFLlamaBlock):
+    """Gemma 2 and Gemma 3 decoder layers (``Gemma2DecoderLayer``, ``Gemma3DecoderLayer``): the Llama parts with
+    "sandwich" RMS norms, ``x + post_attention_layernorm(attn(input_layernorm(x)))`` then ``x +
+    post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``. The consumer output is normalised before the
+    residual sum (:meth:`output_norm`), which the refit's targets and weights account for. Their layers alternate
+    sliding-window and global attention, each type with its mask and rotary tables: every layer is replayed with
+    its own arguments."""
+
+    kind = "hf_gemma2"
+
+
+class _HFAfmoeBlock(_HFGemma2Block):
+    """Arcee's AFMoE dense decoder layers (``AfmoeDecoderLayer``, the Trinity models' first layers): Gemma 2's
+    sandwich norms under other names (``pre_mlp_layernorm`` / ``post_mlp_layernorm``), an attention output gate
+    per channel (``self_attn.gate_proj``, cut with its heads) and per-head query and key norms."""
+
+    kind = "hf_afmoe"
+    RESID_FFN = ("pre_mlp_layernorm", 0)
+    OUT_NORMS = {"heads": "post_attention_layernorm", "ffn": "post_mlp_layernorm"}
+    REQUIRED = ("input_layernorm", "pre_mlp_layernorm")
+
+
+class _HFAfmoeMoEBlock(_SandwichNorms, _HFMoEBlock):
+    """AFMoE's mixture-of-experts layers: :class:`_HFAfmoeBlock`'s norms and attention, the FFN a mixture in
+    transformers 5's layout (``mlp.experts``; sigmoid routing with a bias that only picks the experts) with a
+    shared expert ``mlp.shared_experts``. Each expert is fitted to its own output (see :class:`_HFMoEBlock`), not
+    through the norm after the mixture."""
+
+    kind = "hf_afmoe_moe"
+    RESID_FFN = _HFAfmoeBlock.RESID_FFN
+    OUT_NORMS = _HFAfmoeBlock.OUT_NORMS
+    REQUIRED = _HFAfmoeBlock.REQUIRED
 
 
 class _HFGemma4Block(_HFGemma2Block):
@@ -3249,16 +3278,15 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
     _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block,
-    _HFGemma4Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock,
-    _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
-    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
-    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
-    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
-    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
-    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFGlm4Block, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
+    _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
+    _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
+    _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock,
+    _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
+    _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
+    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

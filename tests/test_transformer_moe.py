@@ -32,7 +32,7 @@ FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Mo
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
             "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "minimax": "MiniMax", "qwen3_next": "Qwen3Next",
-            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba", "cohere2_moe": "Cohere2Moe"}
+            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba", "cohere2_moe": "Cohere2Moe", "afmoe": "Afmoe"}
 #: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
 #: each with a mixture and a gated shared expert
 SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
@@ -41,7 +41,7 @@ JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, 
              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
 #: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
 MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning",
-             "hf_cohere2_moe")
+             "hf_cohere2_moe", "hf_afmoe_moe")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
@@ -50,7 +50,7 @@ GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
 #: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size, GraniteMoE-Shared:
 #: shared_intermediate_size; the others: one shared expert of moe_intermediate_size, HunYuan's of intermediate_size).
 SHARED = {"qwen2_moe": 8, "granitemoeshared": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER,
-          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8, "cohere2_moe": INTER}
+          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8, "cohere2_moe": INTER, "afmoe": INTER}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
@@ -64,7 +64,7 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
                num_experts=EXPERTS, num_experts_per_tok=TOP_K, decoder_sparse_step=1, mlp_only_layers=[],
                max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, n_routed_experts=EXPERTS,
                moe_num_experts=EXPERTS, moe_k=TOP_K, first_k_dense_replace=0, moe_layer_start_index=0,
-               n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1),
+               n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, num_dense_layers=0),
         **(GRANITE if name.startswith("granite") else {}), **(LINEAR if name in SHARED_LINEAR else {}),
         **(JAMBA if name == "jamba" else {}), **extra})
     torch.manual_seed(seed)
@@ -73,6 +73,9 @@ def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(10.0)
+        for m in model.modules():  # AFMoE initialises its router to zero: every token to the same experts
+            if type(m).__name__ == "AfmoeTokenChoiceRouter":
+                m.gate.weight.normal_(0.0, 0.3)
     if not any(b.kind in MOE_KINDS for b in find_blocks(model)):
         # transformers 4 keeps lists of expert modules; 5 stores every family here as 3D tensors
         assert int(transformers.__version__.split(".")[0]) < 5, f"{cls}'s mixture is not recognised"
@@ -189,9 +192,10 @@ def test_layer_refit_is_routing_weighted_lstsq_per_expert() -> None:
                 rel=1e-4, abs=1e-8)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "cohere2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "cohere2_moe", "afmoe"])
 def test_asym_targets_are_the_original_experts_on_the_original_inputs(name: str) -> None:
-    """(Cohere2-MoE: attention and mixture in parallel, its shared expert averaged with the experts' sum.)"""
+    """(Cohere2-MoE: attention and mixture in parallel, its shared expert averaged with the experts' sum; AFMoE:
+    norms before and after the mixture, sigmoid routing.)"""
     model = build(name)
     batches = ragged_token_batches(VOCAB, n_batches=6)
     pruned, report = prune_transformer(model, batches, keep=0.5, method="asym", ridge=0.0)
@@ -247,7 +251,8 @@ def test_an_expert_no_token_reaches_keeps_its_largest_neurons_and_weights() -> N
         torch.testing.assert_close(mine, down[:, u.kept])
 
 
-@pytest.mark.parametrize(("name", "kind"), [("mixtral", "hf_moe"), ("cohere2_moe", "hf_cohere2_moe")])
+@pytest.mark.parametrize(("name", "kind"), [("mixtral", "hf_moe"), ("cohere2_moe", "hf_cohere2_moe"),
+                                          ("afmoe", "hf_afmoe_moe")])
 def test_save_reload_and_generation(tmp_path, name: str, kind: str) -> None:
     model = build(name, lm=True)
     batches = ragged_token_batches(VOCAB)

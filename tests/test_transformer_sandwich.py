@@ -2,8 +2,8 @@
 Gemma 2 and 3 (``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``, "sandwich" norms, with
 sliding-window and global layers), OLMo 2 and 3 and EXAONE 4 (``x + post_feedforward_layernorm(mlp(x))``), GLM-4
 (Gemma 2's order under other names, gate and up fused), HyperCLOVAX (``x + m * post_norm(mlp(norm(x)))``, "peri-LN"
-norms and a residual multiplier ``m``). Tiny randomly initialised models (no download); skipped where the installed
-transformers lacks the family.
+norms and a residual multiplier ``m``), Gemma 4 and AFMoE (Gemma 2's order under other names). Tiny randomly
+initialised models (no download); skipped where the installed transformers lacks the family.
 
 Oracles: the unpruned model with the removed units' consumer columns zeroed (also in greedy generation with the
 key/value cache), weighted least squares (numpy.linalg.lstsq) on activations captured with hooks in the models'
@@ -40,17 +40,19 @@ GROUP = HEADS // KV_HEADS
 FAMILIES = {"gemma2": ("Gemma2", "hf_gemma2", True), "gemma3": ("Gemma3Text", "hf_gemma2", True),
             "olmo2": ("Olmo2", "hf_olmo2", False), "olmo3": ("Olmo3", "hf_olmo2", False),
             "exaone4": ("Exaone4", "hf_olmo2", False), "glm4": ("Glm4", "hf_glm4", False),
-            "hyperclovax": ("HyperCLOVAX", "hf_hyperclovax", False), "gemma4": ("Gemma4Text", "hf_gemma4", False)}
+            "hyperclovax": ("HyperCLOVAX", "hf_hyperclovax", False), "gemma4": ("Gemma4Text", "hf_gemma4", False),
+            "afmoe": ("Afmoe", "hf_afmoe", False)}
 #: HyperCLOVAX multiplies each normalised sublayer output by residual_multiplier before its sum
 MULTIPLIER = {"hyperclovax": 0.5}
 NAMES = list(FAMILIES)
 # OLMo normalises queries and keys over all heads together: its heads are refused
-HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4", "hyperclovax", "gemma4"]
+HEADS_OK = ["gemma2", "gemma3", "exaone4", "glm4", "hyperclovax", "gemma4", "afmoe"]
 # the layer's norm after the attention, its norm after the FFN, and the module whose input is the FFN's residual
 NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm"),
          "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
          "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm"),
-         "hyperclovax": ("post_norm1", "post_norm2", "post_attention_layernorm")}
+         "hyperclovax": ("post_norm1", "post_norm2", "post_attention_layernorm"),
+         "afmoe": ("post_attention_layernorm", "post_mlp_layernorm", "pre_mlp_layernorm")}
 NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"], gemma4=NORMS["gemma2"])
 #: Gemma 4: a per-layer input added after the FFN's sum (the E models' ``hidden_size_per_layer_input``), the
 #: layer's output times ``layer_scalar`` (LAYER_SCALAR here), the global layers' head_dim set to the sliding ones'
@@ -79,6 +81,8 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
         extra = {"residual_multiplier": MULTIPLIER[name], "use_post_norm": True}
     if name == "gemma4":
         extra.update(GEMMA4)
+    if name == "afmoe":  # the dense layers of AFMoE (its mixtures: test_transformer_moe.py)
+        extra.update(num_dense_layers=LAYERS)
     cfg = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
@@ -172,6 +176,13 @@ def test_layer_refit_is_least_squares_weighted_by_the_norm_after_the_consumer(na
     if stage == "heads" and name not in HEADS_OK:
         pytest.skip("OLMo's heads are refused")
     model, data = build(name), batches()
+    assert_layer_refit_through_the_norm(name, model, data, stage)
+
+
+def assert_layer_refit_through_the_norm(name: str, model: nn.Module, data: list[dict[str, torch.Tensor]],
+                                        stage: str) -> None:
+    """Layer mode (ridge 0, no LayerNorm weighting) refits every layer's consumer of ``stage`` by the least squares
+    weighted by the norm after it (the oracle of the test above)."""
     pruned, report = prune_transformer(model, data, keep=0.5, target=stage, method="layer", ridge=0.0,
                                        weighting="none")
     for i, layer in enumerate(layers(model)):
@@ -187,6 +198,25 @@ def test_layer_refit_is_least_squares_weighted_by_the_norm_after_the_consumer(na
         new_consumer = (layers(pruned)[i].mlp.down_proj if stage == "ffn" else layers(pruned)[i].self_attn.o_proj)
         np.testing.assert_allclose(new_consumer.weight.detach().double().numpy().T, w[kept] + sol, atol=2e-4,
                                    rtol=1e-3)
+
+
+def test_afmoe_mixture_layers_refit_their_heads_through_the_norm_after_the_attention() -> None:
+    """AFMoE's later layers hold a mixture of experts (with its norms around it, as the dense layers' FFN): their
+    heads are refitted through the norm after the attention like the dense layers' (their experts:
+    test_transformer_moe.py)."""
+    cfg = transformers.AfmoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, moe_intermediate_size=8, num_experts=4,
+        num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=32, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2) if hasattr(transformers, "AfmoeConfig") else pytest.skip("no AFMoE")
+    torch.manual_seed(0)
+    model = transformers.AfmoeModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0) if p.dim() >= 2 else p.normal_(1.0, 0.3)
+    assert [b.kind for b in find_blocks(model)] == ["hf_afmoe", "hf_afmoe_moe"]
+    assert_layer_refit_through_the_norm("afmoe", model, batches(), "heads")
 
 
 @pytest.mark.parametrize("name", NAMES)
