@@ -1823,20 +1823,9 @@ class _HFLlama4Block(_HFLlamaBlock):
     PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
 
 
-class _HFLlama4MoEBlock(_HFMoEBlock):
-    """Llama 4's mixture-of-experts layers (``Llama4TextMoe``): the attention of :class:`_HFLlama4Block`; a router
-    whose sigmoid scores (zero outside each token's top experts) multiply the experts' input, every expert run on
-    every token (``experts(x * s)``, batched matrix products), the outputs summed as they are; experts stored
-    ``gate_up_proj`` ``(E, H, 2I)`` (gate columns, then up columns) and ``down_proj`` ``(E, I, H)``; a shared
-    expert ``shared_expert`` (Llama 4's MLP, its activation ``activation_fn``) added without a gate. An expert's
-    regression rows are the tokens routed to it, on their scaled inputs, unweighted."""
-
-    kind = "hf_llama4_moe"
-    EXPERTS, MLP = "feed_forward.experts", "feed_forward"
-    SHARED: tuple[str, ...] = ("feed_forward.shared_expert",)
-    SHARED_GATE = None
-    PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
-    scores_on_input = True
+class _TransposedExperts:
+    """Experts stored transposed, ``gate_up_proj`` ``(E, H, 2I)`` (the gate columns, then the up columns) and
+    ``down_proj`` ``(E, I, H)``, without biases (Llama 4, Aria): the layout methods of :class:`_HFMoEBlock`."""
 
     @staticmethod
     def _expert_layout(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -1844,37 +1833,29 @@ class _HFLlama4MoEBlock(_HFMoEBlock):
         return (gate_up.shape[0] == down.shape[0] and gate_up.shape[2] == 2 * down.shape[1]
                 and gate_up.shape[1] == down.shape[2])
 
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return isinstance(_get(module, cls.MLP + ".router"), nn.Linear) and super().matches(module)
-
     @property
     def ffn_units(self) -> int:
-        return int(self.experts.down_proj.shape[1])
-
-    @property
-    def unit_multiple(self) -> int:
-        return 1  # batched matrix products: any intermediate size runs
+        return int(self.experts.down_proj.shape[1])  # type: ignore[attr-defined]
 
     def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        ex, units = self.experts, self.ffn_units
+        ex, units = self.experts, self.ffn_units  # type: ignore[attr-defined]
         gate_up = x @ ex.gate_up_proj[e]
         return ex.act_fn(gate_up[..., :units]) * gate_up[..., units:]
 
     def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.experts.down_proj[e]
+        return h @ self.experts.down_proj[e]  # type: ignore[attr-defined]
 
     def expert_down_weight(self, e: int) -> torch.Tensor:
-        return self.experts.down_proj[e].t()
+        return self.experts.down_proj[e].t()  # type: ignore[attr-defined]
 
     def expert_magnitude(self, e: int) -> torch.Tensor:
-        ex, units = self.experts, self.ffn_units
+        ex, units = self.experts, self.ffn_units  # type: ignore[attr-defined]
         gu = ex.gate_up_proj[e].detach().double().pow(2).sum(0).view(2, units).sum(0)
         return gu + ex.down_proj[e].detach().double().pow(2).sum(1)
 
     def zero_ffn_unit(self, unit: int) -> None:
-        self.experts.down_proj[:, unit, :] = 0.0
-        shared = self.shared
+        self.experts.down_proj[:, unit, :] = 0.0  # type: ignore[attr-defined]
+        shared = self.shared  # type: ignore[attr-defined]
         if shared is not None:
             shared.zero_ffn_unit(unit)
 
@@ -1882,7 +1863,7 @@ class _HFLlama4MoEBlock(_HFMoEBlock):
                    down_bias: torch.Tensor | None = None) -> None:
         """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)``, or ``(k,)`` for every expert); new down
         weights ``(E, H, k)`` (``(out, in)``, stored transposed) if given."""
-        ex = self.experts
+        ex = self.experts  # type: ignore[attr-defined]
         gu, dn = ex.gate_up_proj, ex.down_proj
         keep = keep.to(dn.device)
         if keep.dim() == 1:
@@ -1893,9 +1874,45 @@ class _HFLlama4MoEBlock(_HFMoEBlock):
                   else down_weight.transpose(1, 2).to(device=dn.device, dtype=dn.dtype))
         ex.gate_up_proj = nn.Parameter(new_gu.detach().clone(), requires_grad=gu.requires_grad)
         ex.down_proj = nn.Parameter(new_dn.detach().clone(), requires_grad=dn.requires_grad)
-        for attr in ("expert_dim", "intermediate_size"):
+        for attr in ("expert_dim", "intermediate_size", "intermediate_dim"):
             if isinstance(getattr(ex, attr, None), int):
                 setattr(ex, attr, int(keep.shape[1]))
+
+
+class _HFLlama4MoEBlock(_TransposedExperts, _HFMoEBlock):
+    """Llama 4's mixture-of-experts layers (``Llama4TextMoe``): the attention of :class:`_HFLlama4Block`; a router
+    whose sigmoid scores (zero outside each token's top experts) multiply the experts' input, every expert run on
+    every token (``experts(x * s)``, batched matrix products), the outputs summed as they are; experts stored
+    transposed (:class:`_TransposedExperts`); a shared expert ``shared_expert`` (Llama 4's MLP, its activation
+    ``activation_fn``) added without a gate. An expert's regression rows are the tokens routed to it, on their
+    scaled inputs, unweighted."""
+
+    kind = "hf_llama4_moe"
+    EXPERTS, MLP = "feed_forward.experts", "feed_forward"
+    SHARED: tuple[str, ...] = ("feed_forward.shared_expert",)
+    SHARED_GATE = None
+    PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
+    scores_on_input = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(_get(module, cls.MLP + ".router"), nn.Linear) and super().matches(module)
+
+    @property
+    def unit_multiple(self) -> int:
+        return 1  # batched matrix products: any intermediate size runs
+
+
+class _HFAriaMoEBlock(_TransposedExperts, _HFMoEBlock):
+    """Aria's text decoder layers (``AriaTextDecoderLayer``): the Llama attention, the FFN a mixture of experts
+    stored transposed (:class:`_TransposedExperts`, the routing weights on their outputs) and shared experts
+    ``mlp.shared_experts`` (one gated FFN) added to their sum."""
+
+    kind = "hf_aria_moe"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(_get(module, cls.MLP + ".router"), nn.Module) and super().matches(module)
 
 
 class _HFGraniteMoEBlock(_HFMoEBlock):
@@ -3284,9 +3301,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
     _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock,
     _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
-    _HFLlama4MoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
-    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock,
+    _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
+    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 
