@@ -1912,7 +1912,9 @@ class _HFAriaMoEBlock(_TransposedExperts, _HFMoEBlock):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return isinstance(_get(module, cls.MLP + ".router"), nn.Module) and super().matches(module)
+        ex = _get(module, cls.EXPERTS)  # GPT-OSS's experts have these shapes too, and biases
+        return (isinstance(_get(module, cls.MLP + ".router"), nn.Module) and isinstance(ex, nn.Module)
+                and {n for n, _ in ex.named_parameters()} == set(cls.EXPERT_PARAMS) and super().matches(module))
 
 
 class _HFGraniteMoEBlock(_HFMoEBlock):
