@@ -2824,6 +2824,21 @@ class _HFGPTNeoXBlock(_FusedQKVByHead):
         return super().residual_input(stage)
 
 
+class _HFPersimmonBlock(_FusedQKVByHead):
+    """Persimmon (``PersimmonDecoderLayer``, also Fuyu's language model): ``self_attn.query_key_value`` fused head
+    by head (sized by the attention's ``num_heads``, which follows the heads), per-head query and key LayerNorms
+    shared by the heads, ``self_attn.dense``, the plain squared-ReLU FFN ``mlp.dense_h_to_4h / dense_4h_to_h``,
+    LayerNorms ``input_layernorm`` / ``post_attention_layernorm``, pre-LN, sequential."""
+
+    kind = "hf_persimmon"
+    SA, QKV, OUT = "self_attn", ("query_key_value",), "self_attn.dense"
+    UP, DOWN = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
+    NORM_HEADS = NORM_FFN = "-"
+    RESID_FFN = ("post_attention_layernorm", 0)  # x + mlp(post_attention_layernorm(x))
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
+    PLAIN = frozenset({"attention_dropout", "rotary_emb", "q_layernorm", "k_layernorm"})
+
+
 class _HFBloomBlock(_FusedQKVByHead):
     """BLOOM (``BloomBlock``): ``self_attention.query_key_value`` (fused head by head), ``self_attention.dense``,
     ``mlp.dense_h_to_4h / dense_4h_to_h``, pre-LN. The attention and the MLP add their residual themselves
@@ -3305,7 +3320,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
     _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock,
     _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
-    _HFGPTNeoXBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
+    _TorchEncoderBlock,
 )
 
 

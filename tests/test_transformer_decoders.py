@@ -66,6 +66,8 @@ LAYOUTS = {
     "stablelm_par": ("hf_stablelm", "mlp.down_proj", "self_attn.o_proj", False, ("num_heads",)),
     # the ModernBERT decoder (Ettin): a sliding-window and a global layer, ModernBERT's FFN (Wi's two halves)
     "modernbertdec": ("hf_modernbert_decoder", "mlp.Wo", "attn.Wo", False, ("num_heads",)),
+    # Persimmon (Fuyu's language model): query, key and value fused head by head, per-head LayerNorms
+    "persimmon": ("hf_persimmon", "mlp.dense_4h_to_h", "self_attn.dense", False, ("num_heads",)),
 }
 #: query heads per attention unit (Falcon's new architecture: a key/value group of two query heads)
 GROUP = {"falcon": 2, "cohere_qk": 2}
@@ -133,6 +135,11 @@ def config(name: str) -> transformers.PretrainedConfig:
         return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                         apply_residual_connection_post_layernorm=name == "bloom_post",
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "persimmon":
+        return transformers.PersimmonConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                            num_attention_heads=HEADS, intermediate_size=INTER,
+                                            max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2)
     if name == "modernbertdec":
         return transformers.ModernBertDecoderConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -155,7 +162,8 @@ FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJF
           "bloom": ("BloomModel", "BloomForCausalLM"), "falcon": ("FalconModel", "FalconForCausalLM"),
           "bigcode": ("GPTBigCodeModel", "GPTBigCodeForCausalLM"), "mpt": ("MptModel", "MptForCausalLM"),
           "stablelm": ("StableLmModel", "StableLmForCausalLM"),
-          "modernbertdec": ("ModernBertDecoderModel", "ModernBertDecoderForCausalLM")}
+          "modernbertdec": ("ModernBertDecoderModel", "ModernBertDecoderForCausalLM"),
+          "persimmon": ("PersimmonModel", "PersimmonForCausalLM")}
 
 
 def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
@@ -183,10 +191,12 @@ def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, 
     """``target``, or where the attention cannot lose heads, the refusal checked and what remains to prune ("ffn",
     or ``None`` for ``target="heads"``): Falcon-RW (ALiBi slopes built by the model for all its heads and folded
     into the mask), Phi, Cohere and StarCoder2 before transformers 4.48 and GPTBigCode without multi-query in older
-    releases (their attention reshapes its output to the model width)."""
+    releases (their attention reshapes its output to the model width; Persimmon's too before 4.48, which the
+    first-batch check finds)."""
     if target == "ffn":
         return target
-    if name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE):
+    if name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE) or (name == "persimmon" and
+                                                                           LEGACY_ATTENTION):
         match = r"fails once a head is removed.*target='ffn'"
     elif name in ("phi", "cohere", "cohere_qk", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
@@ -216,7 +226,8 @@ LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel"
                "FalconForCausalLM": "transformer.h", "GPTBigCodeModel": "h", "GPTBigCodeForCausalLM": "transformer.h",
                "MptModel": "blocks", "MptForCausalLM": "transformer.blocks", "StableLmModel": "layers",
                "StableLmForCausalLM": "model.layers", "ModernBertDecoderModel": "layers",
-               "ModernBertDecoderForCausalLM": "model.layers"}
+               "ModernBertDecoderForCausalLM": "model.layers", "PersimmonModel": "layers",
+               "PersimmonForCausalLM": "model.layers"}
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -370,7 +381,7 @@ def test_asym_with_refit_beats_magnitude_without_refit(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["opt", "opt_post", "gpt2", "gptj", "neox", "phi", "cohere", "starcoder2", "gptneo",
                                   "bloom", "falcon", "falcon_mqa", "bigcode", "mpt", "stablelm_par",
-                                  "modernbertdec"])
+                                  "modernbertdec", "persimmon"])
 def test_save_and_reload(tmp_path, name: str) -> None:
     model, data = build(name), batches()
     target = heads_target(name, "all", model, data)
