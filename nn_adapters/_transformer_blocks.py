@@ -2642,6 +2642,18 @@ class _HFGlm4Block(_FusedGateUp, _HFGemma2Block):
     REQUIRED = ("input_layernorm",)
 
 
+class _HFKolibri1Block(_SandwichNorms, _HFMoEBlock):
+    """Kolibri1 decoder layers (``Kolibri1DecoderLayer``): GLM-4's sandwich norms (``post_self_attn_layernorm``
+    after the attention, ``post_attention_layernorm`` before the FFN, ``post_mlp_layernorm`` after it) around a
+    mixture of experts in transformers 5's layout with shared experts; per-head query and key norms. The heads'
+    refit reads the norm after the attention; each expert is fitted to its own output (see :class:`_HFMoEBlock`)."""
+
+    kind = "hf_kolibri1"
+    RESID_FFN = _HFGlm4Block.RESID_FFN
+    OUT_NORMS = {"heads": "post_self_attn_layernorm", "ffn": "post_mlp_layernorm"}
+    REQUIRED = ("input_layernorm",)
+
+
 class _ParallelBranches(_HFBlock):
     """Attention and FFN read one norm and are summed in parallel, ``x + attn(norm(x)) + mlp(norm(x))`` (GPT-J,
     Phi, Cohere): no norm between the two sums, and each branch's residual is the block output minus that branch."""
@@ -3312,8 +3324,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
     _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFGlm4Block, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block,
+    _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
     _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
     _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
     _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock,

@@ -32,7 +32,8 @@ FAMILIES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Mo
             "phimoe": "Phimoe", "hunyuan_v1_moe": "HunYuanMoEV1", "glm4_moe": "Glm4Moe", "exaone_moe": "ExaoneMoe",
             "ernie4_5_moe": "Ernie4_5_Moe", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
             "flex_olmo": "FlexOlmo", "minimax_m2": "MiniMaxM2", "minimax": "MiniMax", "qwen3_next": "Qwen3Next",
-            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba", "cohere2_moe": "Cohere2Moe", "afmoe": "Afmoe"}
+            "qwen3_5_moe": "Qwen3_5MoeText", "jamba": "Jamba", "cohere2_moe": "Cohere2Moe", "afmoe": "Afmoe",
+            "kolibri1": "Kolibri1"}
 #: Qwen3-Next and Qwen3.5-MoE: a linear-attention layer (gated DeltaNet, no heads) then a gated-attention layer,
 #: each with a mixture and a gated shared expert
 SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
@@ -41,7 +42,7 @@ JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, 
              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
 #: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
 MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning",
-             "hf_cohere2_moe", "hf_afmoe_moe")
+             "hf_cohere2_moe", "hf_afmoe_moe", "hf_kolibri1")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
 #: GraniteMoE scales the mixture's output by residual_multiplier (GraniteMoE-Shared adds a shared_mlp beside the
@@ -50,7 +51,8 @@ GRANITE = {"residual_multiplier": 0.22, "shared_intermediate_size": 8}
 #: Shared-expert neurons of the tiny models (Qwen2-MoE: shared_expert_intermediate_size, GraniteMoE-Shared:
 #: shared_intermediate_size; the others: one shared expert of moe_intermediate_size, HunYuan's of intermediate_size).
 SHARED = {"qwen2_moe": 8, "granitemoeshared": 8, "hunyuan_v1_moe": INTER, "glm4_moe": INTER, "exaone_moe": INTER,
-          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8, "cohere2_moe": INTER, "afmoe": INTER}
+          "ernie4_5_moe": INTER, "qwen3_next": 8, "qwen3_5_moe": 8, "cohere2_moe": INTER, "afmoe": INTER,
+          "kolibri1": 8}
 
 
 def build(name: str, seed: int = 0, lm: bool = False, **extra) -> nn.Module:

@@ -52,7 +52,8 @@ NORMS = {"gemma2": ("post_attention_layernorm", "post_feedforward_layernorm", "p
          "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm", "mlp"),
          "glm4": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm"),
          "hyperclovax": ("post_norm1", "post_norm2", "post_attention_layernorm"),
-         "afmoe": ("post_attention_layernorm", "post_mlp_layernorm", "pre_mlp_layernorm")}
+         "afmoe": ("post_attention_layernorm", "post_mlp_layernorm", "pre_mlp_layernorm"),
+         "kolibri1": ("post_self_attn_layernorm", "post_mlp_layernorm", "post_attention_layernorm")}
 NORMS.update(gemma3=NORMS["gemma2"], olmo3=NORMS["olmo2"], exaone4=NORMS["olmo2"], gemma4=NORMS["gemma2"])
 #: Gemma 4: a per-layer input added after the FFN's sum (the E models' ``hidden_size_per_layer_input``), the
 #: layer's output times ``layer_scalar`` (LAYER_SCALAR here), the global layers' head_dim set to the sliding ones'
@@ -200,23 +201,28 @@ def assert_layer_refit_through_the_norm(name: str, model: nn.Module, data: list[
                                    rtol=1e-3)
 
 
-def test_afmoe_mixture_layers_refit_their_heads_through_the_norm_after_the_attention() -> None:
-    """AFMoE's later layers hold a mixture of experts (with its norms around it, as the dense layers' FFN): their
-    heads are refitted through the norm after the attention like the dense layers' (their experts:
-    test_transformer_moe.py)."""
-    cfg = transformers.AfmoeConfig(
+@pytest.mark.parametrize(("name", "kinds"), [("afmoe", ["hf_afmoe", "hf_afmoe_moe"]),
+                                           ("kolibri1", ["hf_kolibri1"] * LAYERS)])
+def test_mixture_layers_refit_their_heads_through_the_norm_after_the_attention(name: str, kinds: list[str]) -> None:
+    """Sandwich norms around a mixture of experts: AFMoE's later layers (its first, dense, as above), Kolibri1's
+    layers (GLM-4's norm names): their heads are refitted through the norm after the attention like the dense
+    layers' (their experts: test_transformer_moe.py)."""
+    cls = {"afmoe": "Afmoe", "kolibri1": "Kolibri1"}[name]
+    if not hasattr(transformers, cls + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}")
+    cfg = getattr(transformers, cls + "Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, moe_intermediate_size=8, num_experts=4,
-        num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=32, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2) if hasattr(transformers, "AfmoeConfig") else pytest.skip("no AFMoE")
+        num_local_experts=4, num_experts_per_tok=2, num_shared_experts=1, shared_expert_intermediate_size=8,
+        num_dense_layers=1, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.AfmoeModel(cfg).eval()
+    model = getattr(transformers, cls + "Model")(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0) if p.dim() >= 2 else p.normal_(1.0, 0.3)
-    assert [b.kind for b in find_blocks(model)] == ["hf_afmoe", "hf_afmoe_moe"]
-    assert_layer_refit_through_the_norm("afmoe", model, batches(), "heads")
+    assert [b.kind for b in find_blocks(model)] == kinds
+    assert_layer_refit_through_the_norm(name, model, batches(), "heads")
 
 
 @pytest.mark.parametrize("name", NAMES)
