@@ -1523,6 +1523,9 @@ class _HFMoEBlock(_HFLlamaBlock):
     #: Granite 4.0 H's ``shared_mlp``: the layer adds the two outputs): the mixture module's output is then the
     #: experts' alone, and the shared expert must read the experts' input (both checked on the first batch).
     SHARED_OUTSIDE = False
+    #: Whether that shared expert beside the mixture reads an input of its own (Gemma 4's MLP, after another norm
+    #: than the experts'): its regression rows are then its own captured input.
+    SHARED_OWN_INPUT = False
     #: The experts' parameters (3D tensors) the adapter models: their producer, then their consumer.
     EXPERT_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 
@@ -2589,9 +2592,9 @@ class _HFGemma4Block(_HFGemma2Block):
                 and all(isinstance(_get(module, p), nn.Module) for p in (*cls.OUT_NORMS.values(), *cls.REQUIRED)))
 
     def prepare_ffn(self) -> None:
-        if getattr(self.module, "enable_moe_block", False):
+        if getattr(self.module, "enable_moe_block", False):  # its experts are not in transformers 5's layout
             raise ValueError(f"block {self.name!r}: its FFN is an MLP and a mixture of experts in parallel "
-                             "(enable_moe_block), which the transformer adapter does not prune together; prune "
+                             "(enable_moe_block) whose experts the transformer adapter does not recognise; prune "
                              "target='heads' on this model.")
         super().prepare_ffn()
 
@@ -2616,6 +2619,33 @@ class _HFGemma4Block(_HFGemma2Block):
 
     def output_factor(self) -> torch.Tensor | None:
         return self.module.layer_scalar.detach()
+
+
+class _HFGemma4MoEBlock(_HFGemma4Block, _HFMoEBlock):
+    """Gemma 4 layers with a mixture of experts beside the MLP (``enable_moe_block``: the 26B-A4B model), with
+    :class:`_HFGemma4Block`'s attention, norms and layer scalar: ``x + post_feedforward_layernorm(
+    post_feedforward_layernorm_1(mlp(pre_feedforward_layernorm(x))) + post_feedforward_layernorm_2(experts(
+    pre_feedforward_layernorm_2(x))))``, the router reading ``x``. The experts (transformers 5's 3D layout) each keep
+    ``keep`` of their neurons; the MLP, read by every token, is pruned by the same fraction as a shared expert on
+    its own input (:attr:`_HFMoEBlock.SHARED_OWN_INPUT`). Each is fitted to its own output, as every mixture's
+    experts are, not through the norms after them."""
+
+    kind = "hf_gemma4_moe"
+    EXPERTS = "experts"
+    MLP = "-"  # no mixture module: the layer combines the MLP's and the experts' outputs itself
+    SHARED: tuple[str, ...] = ("mlp",)
+    SHARED_GATE = None
+    SHARED_OUTSIDE = True
+    SHARED_OWN_INPUT = True
+    prepare_ffn = _HFMoEBlock.prepare_ffn
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        ex = _get(module, cls.EXPERTS)
+        gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+        return (bool(getattr(module, "enable_moe_block", False)) and isinstance(gu, nn.Parameter)
+                and isinstance(dn, nn.Parameter) and gu.dim() == dn.dim() == 3 and cls._expert_layout(gu, dn)
+                and _SharedExpert.looks_like(_get(module, "mlp")) and _HFGemma4Block.matches(module))
 
 
 class _HFOlmo2Block(_HFGemma2Block):
@@ -3324,16 +3354,16 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
     _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
     _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block,
-    _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
-    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
-    _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock,
-    _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock,
-    _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block,
-    _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock,
-    _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock,
-    _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
-    _TorchEncoderBlock,
+    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
+    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
+    _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock,
+    _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock,
+    _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
+    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock,
+    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

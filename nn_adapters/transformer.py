@@ -2208,7 +2208,7 @@ def _check_experts_sum(blk: _Block, call: dict[str, torch.Tensor | None]) -> Non
                          "routing-weighted sum of act(gate(x)) * up(x) through each expert's down projection that "
                          "the expert adapter assumes; this model's FFN cannot be pruned by the transformer adapter "
                          "(prune target='heads').")
-    if blk.shared is not None and blk.SHARED_OUTSIDE:
+    if blk.shared is not None and blk.SHARED_OUTSIDE and not blk.SHARED_OWN_INPUT:
         sx = call.get("shared_x")
         if sx is None or sx.shape != x.shape or not torch.equal(sx, x):
             raise ValueError(f"block {blk.name!r}: its shared expert {blk.shared.name!r} beside the mixture module "
@@ -2291,13 +2291,14 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[st
 
     shared, shared_stats = src.shared, None
     if shared is not None:
+        own = "shared_x" if blk.SHARED_OWN_INPUT else "x"  # the shared expert's input: its own, or the experts'
         for b, call in enumerate(mine):
             rows = cache[b]["valid"].reshape(-1).to(call["x"].device)
-            xs = call["x"][rows]
+            xs = call[own][rows]
             a = shared.hidden(xs)
             if mode == "asym":
                 o_shared = oblk.shared
-                y = o_shared.down(o_shared.hidden(orig_calls[b]["x"][rows]))
+                y = o_shared.down(o_shared.hidden(orig_calls[b][own][rows]))
             else:
                 y = shared.down(a)
             c = src.shared_factor(xs)

@@ -14,6 +14,7 @@ sqrt(mean(y_t^2) + eps)``, gains read from the norm's weight), the saved and rel
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -367,13 +368,90 @@ def test_gemma4_global_layers_with_values_from_the_keys_lose_key_rows() -> None:
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
 
 
-def test_gemma4_refusals_name_their_reason() -> None:
-    """The FFN of layers with a mixture of experts beside the MLP is refused (their heads are pruned)."""
-    model, data = _gemma4(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=8), batches()
+MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}
+
+
+def test_gemma4_mixture_layers_prune_experts_and_mlp_without_refit_as_the_zeroed_original(tmp_path) -> None:
+    """Gemma 4's layers with experts beside the MLP (the 26B-A4B model): each expert keeps its own half of its
+    neurons and the MLP keeps half of its own (a shared expert on its own input); without refit the pruned causal
+    LM is the unpruned one with the removed neurons' down columns zeroed (experts: (E, H, I) tensors), also in
+    generation with the cache, and reloads; the heads are pruned too."""
+    model, data = _gemma4(True, **MOE), batches()
+    assert [b.kind for b in find_blocks(model)] == ["hf_gemma4_moe"] * LAYERS
+    pruned, report = prune_transformer(model, data, keep=0.5, target="all", method="wanda", reweight=False)
+    ffn = [u for u in report.units if u.stage == "ffn"]
+    assert [(u.expert, u.n_units, u.n_kept) for u in ffn] == [
+        *[(e, 8, 4) for e in range(4)], ("shared", INTER, INTER // 2)] * LAYERS
+    # the heads and the MLP (the expert "shared") as in a dense layer; then each expert's (E, H, I) down columns
+    masked = zeroed_original(model, SimpleNamespace(units=[u for u in report.units if u.expert in (None, "shared")]))
+    with torch.no_grad():
+        for u in ffn:
+            if isinstance(u.expert, int):
+                gone = sorted(set(range(u.n_units)) - set(u.kept))
+                layers(masked)[int(u.block.rpartition(".")[2])].experts.down_proj[u.expert][:, gone] = 0.0
+        for b in data:
+            torch.testing.assert_close(pruned(**b).logits, masked(**b).logits, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
+    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
+    save_pruned(pruned, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "m")(**data[0]).logits, pruned(**data[0]).logits,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_gemma4_mixture_layers_asym_refits_read_their_own_inputs() -> None:
+    """asym in the last mixture layer: the MLP's down projection is the least squares fit of the unpruned MLP on
+    the unpruned model's MLP input, from its kept activations on the pruned model's MLP input (its own input,
+    after pre_feedforward_layernorm, not the experts', after pre_feedforward_layernorm_2), every real token
+    unweighted; an expert's, the routing-weighted fit of the unpruned expert on its tokens' original inputs.
+    Hooks read every input in the models' own forwards."""
+    model, data = _gemma4(**MOE), batches(n_batches=6)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0)
+    orig, mine = layers(model)[-1], layers(pruned)[-1]
+    seen: dict[str, list] = {"mlp_o": [], "mlp_p": [], "ex_o": [], "ex_p": []}
+    hooks = [orig.mlp.register_forward_pre_hook(lambda _m, a: seen["mlp_o"].append(a[0])),
+             mine.mlp.register_forward_pre_hook(lambda _m, a: seen["mlp_p"].append(a[0])),
+             orig.experts.register_forward_pre_hook(lambda _m, a: seen["ex_o"].append(a[0])),
+             mine.experts.register_forward_pre_hook(lambda _m, a: seen["ex_p"].append(a))]
+    run_hooked([model, pruned], data, hooks)
+
+    def hidden(mlp: nn.Module, x: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(x)
+        return (mlp.act_fn(x @ mlp.gate_proj.weight.double().T) * (x @ mlp.up_proj.weight.double().T)).numpy()
+
+    unit = next(u for u in report.units if u.expert == "shared" and u.block.endswith(f".{LAYERS - 1}"))
+    with torch.no_grad():
+        a = hidden(orig.mlp, token_rows(data, seen["mlp_p"]))[:, unit.kept]
+        y = hidden(orig.mlp, token_rows(data, seen["mlp_o"])) @ orig.mlp.down_proj.weight.double().numpy().T
+    want = np.linalg.lstsq(a, y, rcond=None)[0].T
+    np.testing.assert_allclose(mine.mlp.down_proj.weight.double().detach().numpy(), want, atol=2e-4, rtol=1e-3)
+    e = 1
+    rows, targets, weights = [], [], []
+    for x_o, (x_p, idx, w), b in zip(seen["ex_o"], seen["ex_p"], data, strict=True):
+        real = b["attention_mask"].bool().reshape(-1)
+        tok, slot = ((idx == e) & real[:, None]).nonzero(as_tuple=True)
+        gu, dn = orig.experts.gate_up_proj[e].detach().double(), orig.experts.down_proj[e].detach().double()
+        act = orig.experts.act_fn
+        rows.append((act(x_p[tok].double() @ gu[:8].T) * (x_p[tok].double() @ gu[8:].T)).numpy())
+        targets.append(((act(x_o[tok].double() @ gu[:8].T) * (x_o[tok].double() @ gu[8:].T)) @ dn.T).numpy())
+        weights.append(w[tok, slot].double().abs().numpy())
+    a, y, sw = np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
+    kept = next(u for u in report.units if u.expert == e and u.block.endswith(f".{LAYERS - 1}")).kept
+    want = np.linalg.lstsq(a[:, kept] * sw[:, None], y * sw[:, None], rcond=None)[0].T
+    np.testing.assert_allclose(mine.experts.down_proj[e].detach().double().numpy(), want, atol=2e-4, rtol=1e-3)
+    assert not np.allclose(token_rows(data, seen["mlp_o"]), token_rows(data, seen["mlp_p"]), atol=1e-3)
+
+
+def test_gemma4_mixture_of_another_expert_layout_is_refused() -> None:
+    """Experts beside the MLP that are not transformers 5's 3D tensors: the FFN is refused with the reason, and
+    the heads are still pruned."""
+    model, data = _gemma4(**MOE), batches()
+    for layer in model.layers:
+        layer.experts = nn.Linear(HIDDEN, HIDDEN)  # not the layout of a mixture
+    assert [b.kind for b in find_blocks(model)] == ["hf_gemma4"] * LAYERS
     with pytest.raises(ValueError, match=r"'layers\.0': its FFN is an MLP and a mixture of experts in parallel "
-                                         r"\(enable_moe_block\).*target='heads'"):
+                                         r"\(enable_moe_block\) whose experts.*target='heads'"):
         prune_transformer(model, data, keep=0.5, target="ffn")
-    assert {u.stage for u in prune_transformer(model, data, keep=0.5, target="heads")[1].units} == {"heads"}
 
 
 def _kv_shared(head: bool = False, types: tuple[str, ...] = ("sliding_attention", "full_attention") * 2
