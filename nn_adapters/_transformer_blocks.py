@@ -380,6 +380,11 @@ class _Block:
         (the parallel attention and FFN of GPT-J, GPT-NeoX and Phi)."""
         return None
 
+    def residual_scale(self, stage: str) -> float | None:
+        """A number the residual read at :meth:`residual_input` is multiplied by before the stage's sum (MiniMax's
+        ``attn_alpha_factor``), or ``None``."""
+        return None
+
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
         """The LayerNorm applied right after the stage's residual sum (post-LN), or ``None`` (pre-LN)."""
         return None
@@ -2136,6 +2141,33 @@ class _HFLinearAttentionMoEBlock(_NoHeadsMoE, _HFMoEBlock):
     OPERATOR = "linear_attn"
 
 
+class _HFMiniMaxBlock(_HFMoEBlock):
+    """MiniMax's (MiniMax-Text-01, MiniMax-M1) softmax-attention layers: the Llama attention and the mixture of
+    :class:`_HFMoEBlock`, in DeepNorm's order: ``h = input_layernorm(x)``, ``h' = post_attention_layernorm(a_1 h +
+    b_1 attn(h))``, output ``a_2 h' + b_2 moe(h')``. The heads' residual is the attention's input times ``a_1``
+    (``attn_alpha_factor``, :meth:`residual_scale`) and their output scale ``b_1`` (``attn_beta_factor``)."""
+
+    kind = "hf_minimax"
+    FACTORS = ("attn_alpha_factor", "attn_beta_factor", "mlp_alpha_factor", "mlp_beta_factor")
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (all(isinstance(getattr(module, f, None), (int, float)) for f in cls.FACTORS)
+                and super().matches(module))
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | None:
+        return (_get(self.module, self.SA), 0) if stage == "heads" else super().residual_input(stage)
+
+    def residual_scale(self, stage: str) -> float | None:
+        return float(self.module.attn_alpha_factor) if stage == "heads" else None
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        if stage != "heads":
+            return None
+        out = self.out_proj
+        return torch.full((out.out_features,), float(self.module.attn_beta_factor), dtype=out.weight.dtype)
+
+
 class _HFMiniMaxLightningBlock(_NoHeadsMoE, _HFMoEBlock):
     """MiniMax's (MiniMax-Text-01) layers with a lightning attention (``self_attn``: a linear attention with fused
     ``qkv_proj``, ``output_gate`` and ``out_proj``, no heads the adapter prunes) in place of the softmax attention:
@@ -3357,13 +3389,13 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
-    _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFDeltaAttentionBlock,
-    _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock,
-    _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
-    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock,
-    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
+    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
+    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
+    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
+    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

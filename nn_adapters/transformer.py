@@ -1765,13 +1765,14 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
     straight into the block output)."""
     view, role = _view(block, stage)
     entry = view.residual_input(role)
-    if entry is None:
-        return _rows(x, valid, block.batch_first("block"))
     if entry == BLOCK_OUTPUT:
         if out is None:
             raise RuntimeError("the block output is needed for the residual of a parallel branch")
         return _rows(out, valid, block.batch_first("block")) - y.to(out.dtype)
-    return _rows(got["res_" + stage], valid, view.batch_first(role))
+    res = (_rows(x, valid, block.batch_first("block")) if entry is None
+           else _rows(got["res_" + stage], valid, view.batch_first(role)))
+    scale = view.residual_scale(role)
+    return res if scale is None else res * scale
 
 
 def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, Any]:

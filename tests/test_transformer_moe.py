@@ -41,7 +41,7 @@ SHARED_LINEAR = ("qwen3_next", "qwen3_5_moe")
 JAMBA = dict(expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
              mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)
 #: the kinds of the layers whose FFN is a mixture in the layout of _HFMoEBlock
-MOE_KINDS = ("hf_moe", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning",
+MOE_KINDS = ("hf_moe", "hf_minimax", "hf_linear_attn_moe", "hf_jamba_moe", "hf_jamba_mamba_moe", "hf_minimax_lightning",
              "hf_cohere2_moe", "hf_afmoe_moe", "hf_kolibri1")
 LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=2,
               linear_key_head_dim=4, linear_value_head_dim=4)
@@ -508,11 +508,60 @@ def test_minimax_lightning_attention_layers_prune_their_experts(tmp_path) -> Non
     each with a mixture: both kinds' experts lose neurons (the zeroed-columns oracle of the first test covers the
     weights); the pruned model reloads and generates the same tokens with and without its cache."""
     model = build("minimax", lm=True)
-    assert [b.kind for b in find_blocks(model)] == ["hf_moe", "hf_minimax_lightning"]
+    assert [b.kind for b in find_blocks(model)] == ["hf_minimax", "hf_minimax_lightning"]
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="ffn")
     assert report.skipped == []
     assert {u.block for u in report.units} == {"model.layers.0", "model.layers.1"}
     assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+#: MiniMax's DeepNorm-style factors: h' = post_attention_layernorm(a_1 h + b_1 attn(h)), h = input_layernorm(x)
+MINIMAX = {"layer_types": ["full_attention"] * LAYERS, "full_attn_alpha_factor": 0.7, "full_attn_beta_factor": 1.3}
+
+
+def test_minimax_heads_without_refit_are_the_model_with_removed_columns_zeroed(tmp_path) -> None:
+    """MiniMax's softmax-attention layers lose key/value groups; the pruned causal LM is the unpruned one with the
+    removed heads' o_proj columns zeroed, reloads and generates with and without its cache."""
+    model, batches = build("minimax", lm=True, **MINIMAX), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
+                                       reweight=False)
+    zeroed = copy.deepcopy(model)
+    width = HEADS // KV_HEADS * (HIDDEN // HEADS)
+    with torch.no_grad():
+        for u in report.units:
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            zeroed.get_submodule(u.block).self_attn.o_proj.weight[:, [g * width + j for g in gone
+                                                                     for j in range(width)]] = 0.0
+        for b in batches:
+            torch.testing.assert_close(pruned(**b).logits, zeroed(**b).logits, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
+    assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+def test_minimax_asym_heads_refit_aims_at_the_original_sum_over_the_output_factor() -> None:
+    """asym refits the last layer's o_proj toward ``(s_o - a_1 h_p) / b_1``: the unpruned layer's sum entering
+    post_attention_layernorm minus the pruned network's residual (its attention input times a_1), over b_1, from
+    the kept columns of the pruned network's o_proj input; read with hooks from the final models (ridge 0)."""
+    model, batches = build("minimax", **MINIMAX), ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="asym", ridge=0.0,
+                                       weighting="none")
+    last, last_p = model.layers[-1], pruned.layers[-1]
+    seen: dict[str, list[torch.Tensor]] = {"s_o": [], "h_o": [], "h_p": [], "a_p": []}
+    hooks = [last.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: seen["s_o"].append(a[0])),
+             *(attn.register_forward_pre_hook(lambda _m, a, k, key=key: seen[key].append(
+                 a[0] if a else k["hidden_states"]), with_kwargs=True)
+               for attn, key in ((last.self_attn, "h_o"), (last_p.self_attn, "h_p"))),
+             last_p.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    run_hooked([model, pruned], batches, hooks)
+    s_o, h_p, a = (token_rows(batches, seen[k]) for k in ("s_o", "h_p", "a_p"))
+    target = (s_o - 0.7 * h_p) / 1.3
+    width = HEADS // KV_HEADS * (HIDDEN // HEADS)
+    cols = [u * width + j for u in report.units[-1].kept for j in range(width)]
+    w_kept = last.self_attn.o_proj.weight.detach().double().numpy().T[cols]
+    want = w_kept + np.linalg.lstsq(a, target - a @ w_kept, rcond=None)[0]
+    np.testing.assert_allclose(last_p.self_attn.o_proj.weight.detach().double().numpy().T, want, atol=2e-4,
+                               rtol=1e-3)
+    assert not np.allclose(h_p, token_rows(batches, seen["h_o"]), atol=1e-3)  # the first layer's pruning shows
 
 
 def test_shared_mlp_beside_the_mixture_is_refitted_as_a_fused_shared_expert() -> None:
