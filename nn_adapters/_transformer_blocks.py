@@ -2121,6 +2121,31 @@ class _HFLinearAttentionBlock(_NoHeads, _HFLlamaBlock):
     OPERATOR = "linear_attn"
 
 
+class _HFRecurrentGemmaBlock(_HFLlamaBlock):
+    """RecurrentGemma's (Griffin's) attention layers (``RecurrentGemmaDecoderLayer`` with a local attention as its
+    ``temporal_block``: Llama projections, multi-query, ``o_proj`` with a bias), the gated FFN ``mlp_block.{gate,
+    up,down}_proj`` (GELU, biases), RMS norms ``temporal_pre_norm`` / ``channel_pre_norm``, pre-norm."""
+
+    kind = "hf_recurrent_gemma"
+    SA, OUT = "temporal_block", "temporal_block.o_proj"
+    GATE, UP, DOWN = "mlp_block.gate_proj", "mlp_block.up_proj", "mlp_block.down_proj"
+    RESID_FFN = ("channel_pre_norm", 0)  # x + mlp_block(channel_pre_norm(x))
+
+
+class _HFRecurrentGemmaRecurrentBlock(_NoHeads, _HFRecurrentGemmaBlock):
+    """RecurrentGemma's recurrent layers (an RG-LRU ``temporal_block`` with ``linear_x``, ``linear_y``,
+    ``conv_1d``, ``rg_lru``, ``linear_out``): the FFN of :class:`_HFRecurrentGemmaBlock`, no heads."""
+
+    kind = "hf_recurrent_gemma_rec"
+    OPERATOR = "temporal_block"
+
+    @classmethod
+    def _has_operator(cls, module: nn.Module) -> bool:
+        op = _get(module, cls.OPERATOR)
+        return (isinstance(getattr(op, "rg_lru", None), nn.Module)
+                and all(isinstance(getattr(op, n, None), nn.Linear) for n in ("linear_x", "linear_y", "linear_out")))
+
+
 class _NoHeadsMoE(_NoHeads):
     """:class:`_NoHeads` for a layer whose FFN is a mixture of experts in the layout of the :class:`_HFMoEBlock`
     subclass it is mixed into."""
@@ -3389,13 +3414,13 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
     _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
     _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
-    _HFLinearAttentionBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
-    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
-    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
-    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
-    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
-    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
+    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
+    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
+    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
+    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
+    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
+    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 
