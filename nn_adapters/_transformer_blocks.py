@@ -50,6 +50,7 @@ query heads that read it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -352,6 +353,16 @@ def _three_block_rows(rows: torch.Tensor, width: int) -> torch.Tensor:
 BLOCK_OUTPUT = "block output"
 
 
+@dataclasses.dataclass(frozen=True)
+class BranchSum:
+    """:meth:`_Block.residual_input` of a stage whose output (times its output scale) is summed with other branches
+    and the block input into the input ``index`` of ``module``, read there: the residual is that sum minus the
+    stage's output (Falcon-H1's attention, beside its Mamba mixer, before the FFN)."""
+
+    module: nn.Module
+    index: int = 0
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads in a head-major projection."""
     return (heads.view(-1, 1) * head_dim + torch.arange(head_dim, device=heads.device).view(1, -1)).reshape(-1)
@@ -377,7 +388,8 @@ class _Block:
         """(module, positional index) whose input is the residual stream that the stage's consumer output is
         added to; ``None``: the block input itself (the case of the attention stage); :data:`BLOCK_OUTPUT`: the
         stage's output is summed straight into the block output, and the residual is the block output minus it
-        (the parallel attention and FFN of GPT-J, GPT-NeoX and Phi)."""
+        (the parallel attention and FFN of GPT-J, GPT-NeoX and Phi); a :class:`BranchSum`: the residual is the
+        input it names minus the stage's output."""
         return None
 
     def residual_scale(self, stage: str) -> float | None:
@@ -2311,27 +2323,29 @@ class _HFFalconH1Block(_HFJambaBlock):
     parallel on the normalised input, their outputs times ``ssm_out_multiplier`` / ``attn_out_multiplier`` summed
     into the residual; then Jamba's gated FFN ``feed_forward.{gate,up,down}_proj`` after ``pre_ff_layernorm``, its
     gate input times ``gate_multiplier`` (inside the activation: a unit is still row ``i`` of gate and up) and its
-    output times ``down_multiplier`` (read as an output scale). FFN only: the attention's residual also holds the
-    Mamba branch, which the head adapter does not model, so ``target="heads"`` is refused."""
+    output times ``down_multiplier`` (read as an output scale). The heads' residual is the sum entering the FFN's
+    norm minus the attention's output, which holds the Mamba branch (:class:`BranchSum`)."""
 
     kind = "hf_falcon_h1"
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return (super(_HFJambaBlock, cls).matches(module) and isinstance(_get(module, "mamba"), nn.Module)
-                and isinstance(getattr(_get(module, "feed_forward"), "down_multiplier", None), (int, float)))
+                and isinstance(getattr(_get(module, "feed_forward"), "down_multiplier", None), (int, float))
+                and isinstance(getattr(module, "attn_out_multiplier", None), (int, float)))
 
-    def prepare_heads(self) -> None:
-        raise ValueError(f"block {self.name!r}: Falcon-H1's attention runs in parallel with a Mamba mixer whose "
-                         "output joins the same residual sum, which head pruning does not model; prune "
-                         "target='ffn' on this model.")
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | BranchSum | None:
+        """The heads' residual: the sum entering ``pre_ff_layernorm`` (block input, Mamba branch, attention) minus
+        the attention's output (:class:`BranchSum`)."""
+        entry = super().residual_input("ffn")
+        return BranchSum(*entry) if stage == "heads" and isinstance(entry, tuple) else super().residual_input(stage)
 
     def output_scale(self, stage: str) -> torch.Tensor | None:
-        """The FFN's ``down_multiplier`` as a per-channel factor (``None`` where it is 1)."""
-        m = _get(self.module, "feed_forward").down_multiplier
-        if stage != "ffn" or m == 1:
-            return None
-        return torch.full((self.down.out_features,), float(m), dtype=self.down.weight.dtype)
+        """The FFN's ``down_multiplier`` and the attention's ``attn_out_multiplier`` as per-channel factors
+        (``None`` where 1)."""
+        m = _get(self.module, "feed_forward").down_multiplier if stage == "ffn" else self.module.attn_out_multiplier
+        lin = self.down if stage == "ffn" else self.out_proj
+        return None if m == 1 else torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
 
 
 class _HFJambaMoEBlock(_HFMoEBlock):

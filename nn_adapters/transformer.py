@@ -80,6 +80,7 @@ from ._stats import stats_device as _stats_device
 from ._stats import update_folds as _update_folds
 from ._transformer_blocks import (
     BLOCK_OUTPUT,
+    BranchSum,
     OpaqueLayer,
     PrunedMultiheadAttention,
     _Block,
@@ -799,10 +800,16 @@ def _view(block: _Block, stage: str) -> tuple[_Block, str]:
     return (block.cross, "heads") if stage == "cross" else (block, stage)
 
 
-def _residual_entry(block: _Block, stage: str) -> tuple[nn.Module, int] | str | None:
+def _residual_entry(block: _Block, stage: str) -> tuple[nn.Module, int] | str | BranchSum | None:
     """:meth:`_Block.residual_input` of ``stage`` (through :func:`_view`)."""
     view, role = _view(block, stage)
     return view.residual_input(role)
+
+
+def _is_branch(entry: Any) -> bool:
+    """Whether a :meth:`_Block.residual_input` says the residual is a sum minus the stage's output (a parallel
+    branch: the block output, or a :class:`BranchSum`)."""
+    return entry == BLOCK_OUTPUT or isinstance(entry, BranchSum)
 
 
 def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | None]:
@@ -1680,33 +1687,39 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
 
 
 def _check_branch_sum(blk: _Block, stage: str, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> None:
-    """A stage whose output is taken to be summed straight into the block output (parallel attention and FFN):
-    zeroing its consumer's columns of the first unit must change the block output by exactly the change of the
-    consumer output (times the layer scale, if any), checked on the first batch with two forwards of a copy.
-    A look-alike that normalises, scales or feeds the branch on (a sequential block) is refused."""
+    """A stage whose output is taken to be summed straight into the block output (parallel attention and FFN), or
+    into the input a :class:`BranchSum` names: zeroing its consumer's columns of the first unit must change that
+    sum by exactly the change of the consumer output (times the layer scale, if any), checked on the first batch
+    with two forwards of a copy. A look-alike that normalises, scales or feeds the branch on (a sequential block)
+    is refused."""
     if x.is_floating_point() and torch.finfo(x.dtype).bits < 32:  # compare in float32, as _check_unit_removal
         x, ctx = x.float(), _cast_floats(ctx, torch.float32)
     probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
     consumer = _consumer(probe, stage)
+    entry = _residual_entry(probe, stage)
+    at = {"sum": (entry.module, entry.index)} if isinstance(entry, BranchSum) else {}  # else the block output
     width = 1 if stage == "ffn" else probe.head_unit_width
     with torch.no_grad():
-        before, got = capture_inputs({stage: consumer}, lambda: _fwd(probe, x, ctx, counter))
+        before, got = capture_inputs({stage: consumer, **at}, lambda: _fwd(probe, x, ctx, counter))
         w = weight_of(consumer)
         change = -(got[stage][..., :width] @ w[:, :width].T)
         lam = _layer_scale(probe, stage, change)[0]
         if lam is not None:
             change = change * lam
         w[:, :width] = 0.0
-        after = _fwd(probe, x, ctx, counter)
+        after, again = capture_inputs(at, lambda: _fwd(probe, x, ctx, counter))
+    if at:
+        before, after = got["sum"], again["sum"]
     seen = after - before
     change = change.reshape(seen.shape) if change.numel() == seen.numel() else change
     tol = 1e-4 * (1.0 + float(before.nan_to_num().abs().max()))
     if change.shape != seen.shape or not torch.allclose(seen, change, rtol=1e-4, atol=tol, equal_nan=True):
         consumer_name = "down projection" if stage == "ffn" else "attention output projection"
+        where = "the input of " + type(entry.module).__name__ if at else "the block output"
         raise ValueError(f"block {blk.name!r} ({type(blk.module).__name__}) has the layout of a {blk.kind} block "
                          f"but does not compute like one: its {consumer_name}'s output is not added straight to "
-                         "the block output (a norm, scale or later sublayer after it?), so the refit would aim at "
-                         "the wrong target. This model is not supported by the transformer adapter.")
+                         f"{where} (a norm, scale or later sublayer after it?), so the refit would aim at the wrong "
+                         "target. This model is not supported by the transformer adapter.")
 
 
 def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any
@@ -1769,6 +1782,9 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
         if out is None:
             raise RuntimeError("the block output is needed for the residual of a parallel branch")
         return _rows(out, valid, block.batch_first("block")) - y.to(out.dtype)
+    if isinstance(entry, BranchSum):  # the sum the branch enters, minus the branch
+        total = _rows(got["res_" + stage], valid, block.batch_first("block"))
+        return total - y.to(total.dtype)
     res = (_rows(x, valid, block.batch_first("block")) if entry is None
            else _rows(got["res_" + stage], valid, view.batch_first(role)))
     scale = view.residual_scale(role)
@@ -1780,7 +1796,9 @@ def _capture_map(block: _Block, stages: list[str], residual: bool) -> dict[str, 
     if residual:
         for s in stages:
             entry = _residual_entry(block, s)
-            if entry is not None and entry != BLOCK_OUTPUT:
+            if isinstance(entry, BranchSum):
+                mods["res_" + s] = (entry.module, entry.index)
+            elif entry is not None and entry != BLOCK_OUTPUT:
                 mods["res_" + s] = entry
     return mods
 
@@ -1845,7 +1863,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 total = y_sum + res  # the residual sum the stage's output enters
             if b == 0:
                 _check_layout(oblk, s, total, got, out, valid)
-                if view.residual_input(role) == BLOCK_OUTPUT:
+                if _is_branch(view.residual_input(role)):
                     _check_branch_sum(oblk, s, xo[b], _original_context(cache[b]), counter)
             w = scale = None
             if weighting:
@@ -1966,8 +1984,8 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
     """Refuse a block whose forward does not add the stage's consumer output to the residual it is recognised by
     (a look-alike layout with a layer scale, a gate or another sum), checked on the first batch."""
     block, stage_name = _view(block, stage)
-    if block.residual_input(stage_name) == BLOCK_OUTPUT:
-        return  # the sum is the block output by construction: _check_branch_sum checks that it is one
+    if _is_branch(block.residual_input(stage_name)):
+        return  # the sum is read where it is, by construction: _check_branch_sum checks that it is one
     if "sum_" + stage in got:
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
     elif stage == "ffn" or not block.has_ffn:  # the last sublayer: its sum is the block output (over its factor)
@@ -2015,7 +2033,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
         t0 = t0s[s] if mode == "layer" else time.perf_counter()
         if mode != "layer":
             mods = _capture_map(blk, [s], residual)
-            from_output = residual and _residual_entry(blk, s) == BLOCK_OUTPUT  # needs the whole block run
+            from_output = residual and _is_branch(_residual_entry(blk, s))  # needs the run past the consumer
             for b in range(n_b):
                 valid = cache[b]["valid"]
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),

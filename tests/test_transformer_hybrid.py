@@ -23,7 +23,9 @@ from _torch_helpers import (
     captured_input,
     ragged_token_batches,
     real_token_states,
+    run_hooked,
     scale_matrices,
+    token_rows,
 )
 from torch import nn
 
@@ -231,17 +233,14 @@ def build_falcon_h1(lm: bool = False) -> nn.Module:
     return scale_matrices((transformers.FalconH1ForCausalLM if lm else transformers.FalconH1Model)(cfg), 3.0)
 
 
-def test_falcon_h1_ffn_is_pruned_and_its_heads_refused(tmp_path) -> None:
+def test_falcon_h1_ffn_is_pruned(tmp_path) -> None:
     """Falcon-H1's layers carry Jamba's part names with a Mamba mixer run beside the attention and multipliers on
     every branch: their own kind. The FFN (gate input times gate_multiplier, output times down_multiplier = 1.3
     here) is pruned; oracles: no refit equals zeroing the removed neurons' down columns; the layer-mode refit is
     least squares on the captured down inputs (the multiplier scales every target column alike); reload and
-    generation. The heads are refused (the Mamba branch shares their residual sum)."""
+    generation of a model pruned with target="all"."""
     model, batches = build_falcon_h1(), ragged_token_batches(VOCAB)
     assert [b.kind for b in find_blocks(model)] == ["hf_falcon_h1"] * 3
-    with pytest.raises(ValueError, match=r"'layers\.0': Falcon-H1's attention runs in parallel with a Mamba mixer.*"
-                                         r"target='ffn'"):
-        prune_transformer(model, batches, keep=0.5, target="heads")
     pruned, report = prune_transformer(model, batches, keep=0.5, method="magnitude", reweight=False)
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
@@ -257,5 +256,47 @@ def test_falcon_h1_ffn_is_pruned_and_its_heads_refused(tmp_path) -> None:
         want = np.linalg.lstsq(a[:, u.kept], a @ down.weight.detach().double().numpy().T, rcond=None)[0].T
         got = pruned.get_submodule(u.block).feed_forward.down_proj.weight.detach().double().numpy()
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
-    lm, _ = prune_transformer(build_falcon_h1(lm=True), batches, keep=0.5)
+    lm, report = prune_transformer(build_falcon_h1(lm=True), batches, keep=0.5, target="all")
+    assert {u.stage for u in report.units} == {"heads", "ffn"}
     assert_reloads_and_generates(lm, tmp_path / "m")
+
+
+def test_falcon_h1_heads_refit_aims_past_the_mamba_branch_beside_them() -> None:
+    """Falcon-H1 adds ``m_ssm mamba(h) + m_attn attn(h)`` to the block input before the FFN's norm: the heads'
+    residual is that sum minus the attention's output (the block input and the Mamba branch). Without refit the
+    pruned model is the unpruned one with the removed key/value groups' o_proj columns zeroed; asym refits the last
+    layer's o_proj toward ``o_o + (r_o - r_p) / m_attn`` (``r = s - m_attn o``, ``s`` the input of
+    pre_ff_layernorm, ``o`` the o_proj output), read with hooks from the final models (ridge 0)."""
+    model, batches = build_falcon_h1(), ragged_token_batches(VOCAB, n_batches=6)
+    width = HEADS // KV_HEADS * HEAD_DIM
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
+                                       reweight=False)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            zeroed.get_submodule(u.block).self_attn.o_proj.weight[:, [g * width + j for g in gone
+                                                                     for j in range(width)]] = 0.0
+    for b in batches:
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="asym", ridge=0.0,
+                                       weighting="none")
+    last, last_p = model.layers[-1], pruned.layers[-1]
+    m = float(last.attn_out_multiplier)
+    seen: dict[str, list[torch.Tensor]] = {"s_o": [], "o_o": [], "s_p": [], "o_p": [], "a_p": []}
+    hooks = [last.pre_ff_layernorm.register_forward_pre_hook(lambda _m, a: seen["s_o"].append(a[0])),
+             last.self_attn.o_proj.register_forward_hook(lambda _m, _a, o: seen["o_o"].append(o)),
+             last_p.pre_ff_layernorm.register_forward_pre_hook(lambda _m, a: seen["s_p"].append(a[0])),
+             last_p.self_attn.o_proj.register_forward_hook(lambda _m, _a, o: seen["o_p"].append(o)),
+             last_p.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: seen["a_p"].append(a[0]))]
+    run_hooked([model, pruned], batches, hooks)
+    s_o, o_o, s_p, o_p, a = (token_rows(batches, seen[k]) for k in ("s_o", "o_o", "s_p", "o_p", "a_p"))
+    r_o, r_p = s_o - m * o_o, s_p - m * o_p
+    target = o_o + (r_o - r_p) / m
+    cols = [u * width + j for u in report.units[-1].kept for j in range(width)]
+    w_kept = last.self_attn.o_proj.weight.detach().double().numpy().T[cols]
+    want = w_kept + np.linalg.lstsq(a, target - a @ w_kept, rcond=None)[0]
+    np.testing.assert_allclose(last_p.self_attn.o_proj.weight.detach().double().numpy().T, want, atol=2e-4,
+                               rtol=1e-3)
+    assert np.abs(r_o - r_p).max() > 1e-3  # the first layers' pruning moved the residual, Mamba branch included
