@@ -131,6 +131,19 @@ def assert_reloads_and_generates(pruned: nn.Module, path) -> None:
                                                                                            **kw))
 
 
+def zeroed_heads(model: nn.Module, report, width: int, out_proj: str = "self_attn.o_proj") -> nn.Module:
+    """A copy of ``model`` with the output-projection columns of the attention units ``report`` removed set to zero
+    (``width`` columns a unit: a key/value group's query heads); what pruning heads without a refit must give."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            if u.stage == "heads":
+                gone = sorted(set(range(u.n_units)) - set(u.kept))
+                proj = zeroed.get_submodule(u.block).get_submodule(out_proj)
+                proj.weight[:, [g * width + j for g in gone for j in range(width)]] = 0.0
+    return zeroed
+
+
 def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt: torch.Tensor,
                                   new_tokens: int = 6) -> None:
     """Greedy generation with the key/value cache gives the same tokens from both causal LMs."""

@@ -26,6 +26,7 @@ from _torch_helpers import (
     run_hooked,
     scale_matrices,
     token_rows,
+    zeroed_heads,
 )
 from torch import nn
 
@@ -271,12 +272,7 @@ def test_falcon_h1_heads_refit_aims_past_the_mamba_branch_beside_them() -> None:
     width = HEADS // KV_HEADS * HEAD_DIM
     pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
                                        reweight=False)
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for u in report.units:
-            gone = sorted(set(range(u.n_units)) - set(u.kept))
-            zeroed.get_submodule(u.block).self_attn.o_proj.weight[:, [g * width + j for g in gone
-                                                                     for j in range(width)]] = 0.0
+    zeroed = zeroed_heads(model, report, width)
     for b in batches:
         torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(real_token_states(pruned, b), real_token_states(model, b), atol=1e-3)

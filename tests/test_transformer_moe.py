@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _torch_helpers import assert_reloads_and_generates, ragged_token_batches, run_hooked, token_rows
+from _torch_helpers import (
+    assert_reloads_and_generates,
+    ragged_token_batches,
+    run_hooked,
+    token_rows,
+    zeroed_heads,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -525,13 +531,8 @@ def test_minimax_heads_without_refit_are_the_model_with_removed_columns_zeroed(t
     model, batches = build("minimax", lm=True, **MINIMAX), ragged_token_batches(VOCAB)
     pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude",
                                        reweight=False)
-    zeroed = copy.deepcopy(model)
-    width = HEADS // KV_HEADS * (HIDDEN // HEADS)
+    zeroed = zeroed_heads(model, report, HEADS // KV_HEADS * (HIDDEN // HEADS))
     with torch.no_grad():
-        for u in report.units:
-            gone = sorted(set(range(u.n_units)) - set(u.kept))
-            zeroed.get_submodule(u.block).self_attn.o_proj.weight[:, [g * width + j for g in gone
-                                                                     for j in range(width)]] = 0.0
         for b in batches:
             torch.testing.assert_close(pruned(**b).logits, zeroed(**b).logits, atol=1e-4, rtol=1e-4)
             assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import assert_reloads_and_generates, captured_input, ragged_token_batches
+from _torch_helpers import assert_reloads_and_generates, captured_input, ragged_token_batches, scale_matrices
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -34,12 +34,8 @@ def build(lm: bool = False) -> nn.Module:
         num_key_value_heads=1, intermediate_size=2 * INTER, lru_width=HIDDEN, attention_window_size=8,
         block_types=TYPES, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = (transformers.RecurrentGemmaForCausalLM if lm else transformers.RecurrentGemmaModel)(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so that pruning visibly changes the outputs
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model
+    return scale_matrices((transformers.RecurrentGemmaForCausalLM if lm else transformers.RecurrentGemmaModel)(cfg),
+                          3.0)  # larger weights (the conv1d's too): pruning visibly changes the outputs
 
 
 def layers(model: nn.Module) -> nn.ModuleList:

@@ -368,6 +368,21 @@ def test_gemma4_global_layers_with_values_from_the_keys_lose_key_rows() -> None:
         assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
 
 
+def assert_like_the_zeroed_model_and_reloads(model: nn.Module, pruned: nn.Module, masked: nn.Module,
+                                             data: list[dict[str, torch.Tensor]], tmp_path) -> None:
+    """The pruned causal LM computes the logits of ``masked`` (the unpruned model with the removed units' consumer
+    columns zeroed) and not those of ``model``, generates the same tokens with the cache, and reloads."""
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(pruned(**b).logits, masked(**b).logits, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
+    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
+    save_pruned(pruned, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "m")(**data[0]).logits, pruned(**data[0]).logits,
+                                   atol=1e-6, rtol=1e-6)
+
+
 MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8}
 
 
@@ -389,14 +404,7 @@ def test_gemma4_mixture_layers_prune_experts_and_mlp_without_refit_as_the_zeroed
             if isinstance(u.expert, int):
                 gone = sorted(set(range(u.n_units)) - set(u.kept))
                 layers(masked)[int(u.block.rpartition(".")[2])].experts.down_proj[u.expert][:, gone] = 0.0
-        for b in data:
-            torch.testing.assert_close(pruned(**b).logits, masked(**b).logits, atol=1e-4, rtol=1e-4)
-            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
-    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
-    save_pruned(pruned, tmp_path / "m")
-    with torch.no_grad():
-        torch.testing.assert_close(load_pruned(tmp_path / "m")(**data[0]).logits, pruned(**data[0]).logits,
-                                   atol=1e-6, rtol=1e-6)
+    assert_like_the_zeroed_model_and_reloads(model, pruned, masked, data, tmp_path)
 
 
 def test_gemma4_mixture_layers_asym_refits_read_their_own_inputs() -> None:
@@ -472,16 +480,7 @@ def test_gemma4_shared_keys_and_values_without_refit_is_the_original_with_the_re
         (False, True), (False, True), (True, False), (True, False)]
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="wanda", reweight=False)
     assert [(u.n_units, u.n_kept) for u in report.units] == [(INTER, INTER // 2)] * 2 + [(2 * INTER, INTER)] * 2
-    masked = zeroed_original(model, report)
-    with torch.no_grad():
-        for b in data:
-            torch.testing.assert_close(pruned(**b).logits, masked(**b).logits, atol=1e-5, rtol=1e-5)
-            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-3)
-    assert_same_greedy_generation(pruned, masked, data[0]["input_ids"][:1, :6], new_tokens=8)
-    save_pruned(pruned, tmp_path / "m")
-    with torch.no_grad():
-        torch.testing.assert_close(load_pruned(tmp_path / "m")(**data[0]).logits, pruned(**data[0]).logits,
-                                   atol=1e-6, rtol=1e-6)
+    assert_like_the_zeroed_model_and_reloads(model, pruned, zeroed_original(model, report), data, tmp_path)
     for target in ("heads", "all"):
         with pytest.raises(ValueError, match=r"'model\.layers\.0': its attention shares its keys and values with "
                                              r"other layers.*num_kv_shared_layers > 0.*target='ffn'"):
