@@ -3,8 +3,9 @@ and FFN) and, on request, Gemma-3-style (``--arch gemma3``: RMS norms before and
 grouped-query attention, sliding-window and global layers) and Qwen2-MoE-style (``--arch qwen2moe``: a mixture of 8
 experts of 128 neurons, top-2 routing, and a gated shared expert of 256 in every layer), GPT-OSS-style
 (``--arch gptoss``), Llama-4-style (``--arch llama4``), Gemma-4-style (``--arch gemma4``: Gemma 3's layout with
-per-layer inputs and a layer scalar) and NemotronH-style (``--arch nemotron_h``: one mixer a layer,
-Mamba-2, attention or a ReLU^2 FFN; the pruner runs the Mamba layers as they are between the blocks it prunes)
+per-layer inputs and a layer scalar), NemotronH-style (``--arch nemotron_h``: one mixer a layer,
+Mamba-2, attention or a ReLU^2 FFN; the pruner runs the Mamba layers as they are between the blocks it prunes) and
+Falcon-H1-style (``--arch falcon_h1``: a Mamba-2 mixer beside the attention in every layer, then a gated FFN)
 decoders trained here on text, without fine-tuning; and
 encoder-decoders (``--arch mbart``: BART family, pre-LN; ``--arch t5``: Flan-T5-style), whose encoder reads the first
 half of each window and whose decoder continues it (the perplexity is the decoder's, on the second half).
@@ -23,7 +24,7 @@ seen by the pruner) and the KL divergence of the pruned model's next-byte distri
 the baselines measured in the same run. All figures are empirical estimates on this data (no guarantee is involved).
 
 Run:  python benchmarks/bench_prune_decoder_text.py [--arch gpt2 pythia gemma3 gemma4 qwen2moe gptoss llama4
-      nemotron_h mbart t5]
+      nemotron_h falcon_h1 mbart t5]
       [--targets ffn heads] [--keep 0.5 0.25] [--seeds 3] [--calib 128] [--steps 1000] [--retrain]
 """
 
@@ -158,6 +159,16 @@ def build(arch: str) -> torch.nn.Module:
                                            mamba_head_dim=WIDTH // 4, n_groups=1, ssm_state_size=32, chunk_size=16,
                                            pad_token_id=0, bos_token_id=10, eos_token_id=10)
         return transformers.NemotronHForCausalLM(cfg)
+    if arch == "falcon_h1":
+        # Falcon-H1: in every layer a Mamba-2 mixer and the attention (4 heads, 2 key/value groups) run in parallel
+        # on the normalised input, summed into the residual, then a gated FFN
+        cfg = transformers.FalconH1Config(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
+                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          num_key_value_heads=HEADS // 2, head_dim=WIDTH // HEADS,
+                                          intermediate_size=FFN, mamba_d_ssm=WIDTH, mamba_n_heads=8,
+                                          mamba_d_head=WIDTH // 8, mamba_d_state=32, mamba_chunk_size=16,
+                                          pad_token_id=0, bos_token_id=10, eos_token_id=10)
+        return transformers.FalconH1ForCausalLM(cfg)
     cfg = transformers.GPTNeoXConfig(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                                      use_parallel_residual=True, bos_token_id=10, eos_token_id=10)
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "pythia"],
                     choices=["gpt2", "pythia", "gemma3", "gemma4", "qwen2moe", "gptoss", "llama4", "nemotron_h",
-                             *SEQ2SEQ])
+                             "falcon_h1", *SEQ2SEQ])
     ap.add_argument("--targets", nargs="+", default=["ffn", "heads"], choices=["ffn", "heads"])
     ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25],
                     help="fractions of units kept (default: 0.5 0.25)")

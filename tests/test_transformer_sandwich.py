@@ -487,16 +487,21 @@ def test_gemma4_shared_keys_and_values_without_refit_is_the_original_with_the_re
             prune_transformer(model, data, keep=0.5, target=target)
 
 
-@pytest.mark.parametrize("types", [("sliding_attention", "full_attention") * 2, ("full_attention",) * 4])
-def test_gemma4_shared_keys_and_values_asym_refit_reads_the_pruned_networks_own(types: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("types", "keep"), [(("sliding_attention", "full_attention") * 2, 0.5),
+                                           (("full_attention",) * 4, 0.5),
+                                           (("sliding_attention", "full_attention") * 2, {0: 1.0, 2: 0.5, 3: 0.5})])
+def test_gemma4_shared_keys_and_values_asym_refit_reads_the_pruned_networks_own(types: tuple[str, ...],
+                                                                               keep: float | dict) -> None:
     """asym with shared keys and values: the layers that reuse them must read, in the pruned network, the keys and
     values its own (pruned) earlier layers computed, and in the original network the original ones. Oracle: every
     layer's down projection is the asym refit of test_asym_refit_aims_at_the_original_sum_through_the_norm, with
     ``y_o``, ``r_o`` read from the unpruned model's forward and ``r_p``, the inputs ``a_p`` from the pruned model's
     forward (the model itself hands each layer its keys and values there). With one layer type (second case) the
-    layers take no arguments of their own."""
+    layers take no arguments of their own. In the third, the first layer keeps every neuron (left as it is) and the
+    second is not pruned (keep absent: 1): the pruned network departs from the original at a layer that reads the
+    keys and values its first layers handed on unchanged."""
     model, data = _kv_shared(types=types), batches()
-    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+    pruned, report = prune_transformer(model, data, keep=keep, target="ffn", method="asym", ridge=0.0,
                                        weighting="none")
     drifts = [assert_asym_ffn_refit("gemma4", model, pruned, data, i, u.kept) for i, u in enumerate(report.units)]
     assert drifts[3] > 1e-3  # the premise: the last layer's residual drifted, through the keys and values it reuses
