@@ -160,11 +160,12 @@ def build(arch: str) -> torch.nn.Module:
                                            pad_token_id=0, bos_token_id=10, eos_token_id=10)
         return transformers.NemotronHForCausalLM(cfg)
     if arch == "falcon_h1":
-        # Falcon-H1: in every layer a Mamba-2 mixer and the attention (4 heads, 2 key/value groups) run in parallel
-        # on the normalised input, summed into the residual, then a gated FFN
+        # Falcon-H1: in every layer a Mamba-2 mixer and the attention (4 heads, each its own keys and values, so
+        # that 50% and 75% of the heads removed differ) run in parallel on the normalised input, summed into the
+        # residual, then a gated FFN
         cfg = transformers.FalconH1Config(vocab_size=256, max_position_embeddings=WINDOW, hidden_size=WIDTH,
                                           num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                          num_key_value_heads=HEADS // 2, head_dim=WIDTH // HEADS,
+                                          num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
                                           intermediate_size=FFN, mamba_d_ssm=WIDTH, mamba_n_heads=8,
                                           mamba_d_head=WIDTH // 8, mamba_d_state=32, mamba_chunk_size=16,
                                           pad_token_id=0, bos_token_id=10, eos_token_id=10)
