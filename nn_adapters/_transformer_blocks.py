@@ -2644,8 +2644,9 @@ class _HFGemma4Block(_HFGemma2Block):
     values of the last earlier layer of their type (``num_kv_shared_layers``; handed on in ``shared_kv_states``,
     which the pruner gives each network it runs, see :data:`nn_adapters.transformer.STREAM_STATES`), and may have
     an FFN twice as wide (``use_double_wide_mlp``): their FFNs are pruned, but not the heads of the layers that
-    share keys and values (the reused groups would have to go in every layer at once). Refused too: the FFN of
-    the layers with a mixture of experts beside the MLP (``enable_moe_block``: their heads are pruned)."""
+    share keys and values (the reused groups would have to go in every layer at once). Layers with a mixture of
+    experts beside the MLP (``enable_moe_block``) are :class:`_HFGemma4MoEBlock`'s; where their experts are not in
+    transformers 5's layout, their FFN is refused here (their heads are pruned)."""
 
     kind = "hf_gemma4"
 
