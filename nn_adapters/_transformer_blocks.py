@@ -1937,6 +1937,118 @@ class _HFAriaMoEBlock(_TransposedExperts, _HFMoEBlock):
                 and {n for n, _ in ex.named_parameters()} == set(cls.EXPERT_PARAMS) and super().matches(module))
 
 
+class _HFDbrxBlock(_HFMoEBlock):
+    """DBRX (``DbrxBlock``): ``norm_attn_norm`` holds the LayerNorms ``norm_1`` / ``norm_2`` and the attention
+    ``attn`` (query, key and value fused in ``Wqkv``: every query head's rows, then the key heads', then the value
+    heads' (grouped-query); clipped to ``clip_qkv``; ``out_proj``), then the mixture ``ffn``: a router and experts
+    whose gate, up and down weights are stored flat, ``experts.mlp.w1`` / ``v1`` / ``w2`` of ``(E I, H)`` (expert
+    ``e``: rows ``e I`` to ``(e + 1) I - 1``; its output ``(act(x w1_e^T) * (x v1_e^T)) w2_e``). The attention
+    splits ``Wqkv``'s output by its ``hidden_size`` and ``num_key_value_heads``, which follow the heads."""
+
+    kind = "hf_dbrx"
+    SA, QKV, OUT = "norm_attn_norm.attn", ("Wqkv",), "norm_attn_norm.attn.out_proj"
+    RESID_FFN = ("norm_attn_norm.norm_2", 0)  # x + ffn(norm_2(x)), the attention's sum entering norm_2
+    EXPERTS, MLP = "ffn.experts", "ffn"
+    SHARED: tuple[str, ...] = ()
+    SHARED_GATE = None
+    EXPERT_PARAMS = ("mlp.w1", "mlp.v1", "mlp.w2")
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa, ex = _get(module, cls.SA), _get(module, cls.EXPERTS)
+        flat = [getattr(_get(ex, "mlp"), n, None) for n in ("w1", "v1", "w2")]
+        return (isinstance(getattr(sa, "Wqkv", None), nn.Linear) and isinstance(_get(module, cls.OUT), nn.Linear)
+                and all(isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape == flat[0].shape for w in flat)
+                and isinstance(getattr(ex, "ffn_hidden_size", None), int)
+                and isinstance(getattr(ex, "num_experts", None), int)
+                and flat[0].shape[0] == ex.ffn_hidden_size * ex.num_experts
+                and isinstance(_get(module, cls.RESID_FFN[0]), nn.LayerNorm))
+
+    # --- attention: Wqkv's three blocks of unequal widths -----------------------------------------------------
+    def prepare_heads(self) -> None:
+        _HFBlock.prepare_heads(self)  # hidden_size and num_key_value_heads are kept in step by shrink_heads
+
+    def _qkv_blocks(self) -> tuple[int, int]:
+        sa = _get(self.module, self.SA)
+        return int(sa.num_heads) * self.head_dim, int(sa.num_key_value_heads) * self.head_dim
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        q, kv = self._qkv_blocks()
+        w = weight_of(_get(self.module, self.SA).Wqkv)
+        return [w[:q], w[q:q + kv], w[q + kv:]]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        """Keep the key/value groups ``keep``: their query heads' rows of the query block, their rows of the key
+        and value blocks, and the output projection's columns of their query heads."""
+        keep = keep.to(self.out_proj.weight.device)
+        sa = _get(self.module, self.SA)
+        q, kv = self._qkv_blocks()
+        q_rows = _head_rows(keep, self.kv_groups * self.head_dim)
+        kv_rows = _head_rows(keep, self.head_dim)
+        self._cut_attention((torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),), q_rows, out_weight, out_bias)
+        groups = int(keep.numel())
+        sa.num_heads, sa.num_key_value_heads = groups * self.kv_groups, groups
+        sa.hidden_size = groups * self.kv_groups * self.head_dim
+
+    # --- experts: flat (E I, H) weights ------------------------------------------------------------------------
+    def _flat(self, name: str) -> torch.Tensor:
+        """Expert weights ``name`` (``w1``, ``v1``, ``w2``) as ``(E, I, H)`` (a view)."""
+        w = getattr(self.experts.mlp, name)
+        return w.view(self.n_experts, -1, w.shape[-1])
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.experts.num_experts)
+
+    @property
+    def ffn_units(self) -> int:
+        return int(self.experts.ffn_hidden_size)
+
+    def prepare_ffn(self) -> None:
+        ex = self.experts
+        extra = sorted(n for n, _ in ex.named_parameters(recurse=True) if n not in self.EXPERT_PARAMS)
+        if extra or not callable(getattr(ex.mlp, "activation_fn", None)):
+            raise ValueError(f"block {self.name!r}: its experts ({type(ex).__name__}) have "
+                             + (f"parameters besides w1, v1 and w2 ({', '.join(extra)})" if extra else
+                                "no activation_fn") + ", which the expert adapter does not model; this model's FFN "
+                             "cannot be pruned by the transformer adapter (prune target='heads').")
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts.mlp.activation_fn(x @ self._flat("w1")[e].T) * (x @ self._flat("v1")[e].T)
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return h @ self._flat("w2")[e]
+
+    def expert_down_weight(self, e: int) -> torch.Tensor:
+        return self._flat("w2")[e].t()
+
+    def expert_magnitude(self, e: int) -> torch.Tensor:
+        return sum(self._flat(n)[e].detach().double().pow(2).sum(1) for n in ("w1", "v1", "w2"))
+
+    def zero_ffn_unit(self, unit: int) -> None:
+        self._flat("w2")[:, unit, :] = 0.0
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)``, or ``(k,)`` for every expert): their rows of
+        w1, v1 and w2; new down weights ``(E, H, k)`` (``(out, in)``; stored as w2's rows) if given."""
+        mlp, n = self.experts.mlp, self.n_experts
+        keep = keep.to(mlp.w2.device)
+        if keep.dim() == 1:
+            keep = keep.expand(n, -1)
+        k = int(keep.shape[1])
+        new = {name: torch.stack([self._flat(name)[e][keep[e]] for e in range(n)]) for name in ("w1", "v1", "w2")}
+        if down_weight is not None:
+            new["w2"] = down_weight.transpose(1, 2).to(device=mlp.w2.device, dtype=mlp.w2.dtype)
+        for name, value in new.items():
+            old = getattr(mlp, name)
+            setattr(mlp, name, nn.Parameter(value.reshape(n * k, -1).detach().clone(), requires_grad=old.requires_grad))
+        self.experts.ffn_hidden_size = k
+        if isinstance(getattr(mlp, "ffn_hidden_size", None), int):
+            mlp.ffn_hidden_size = k
+
+
 class _HFGraniteMoEBlock(_HFMoEBlock):
     """GraniteMoE decoder layers (and GraniteMoE-Shared's): the mixture of :class:`_HFMoEBlock` under the name
     ``block_sparse_moe``, whose output (like the attention's) is scaled by ``residual_multiplier`` before the
@@ -3433,9 +3545,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
     _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
     _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
-    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
-    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
-    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
+    _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -1214,8 +1214,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
                          "Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
                          "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
-                         "GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE; latent attention: DeepSeek-V2/V3, Mistral "
-                         "4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
+                         "GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, "
+                         "Mistral 4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
                          "NemotronH, Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, "
                          "GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
                          "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
@@ -2175,6 +2175,7 @@ class _ExpertCapture:
                              "of experts is not supported by the transformer adapter (prune target='heads').")
         ffn_out = ffn[0][0] if len(ffn) == 1 and isinstance(ffn[0], tuple) else ffn[0] if len(ffn) == 1 else None
         xs, idx, w, e_out = seen[0]
+        xs, e_out = xs.reshape(-1, xs.shape[-1]), e_out.reshape(-1, e_out.shape[-1])  # DBRX's come (batch, tokens, H)
         if not outputs:
             e_out = ffn_out = None
         sx = shared_in[0] if len(shared_in) == 1 and isinstance(shared_in[0], torch.Tensor) else None
@@ -2283,7 +2284,7 @@ def _expert_stats(blk: _Block, oblk: _Block, mode: str, orig_calls: list[dict[st
                 _fwd(blk, xp[b], cache[b]["ctx"], counter)
             mine.append(cap.take(outputs=False))
     src = oblk if mode == "layer" else blk
-    device = _stats_device(blk.experts.down_proj.device)
+    device = _stats_device(next(blk.experts.parameters()).device)
     folds = []
     for c in cache:
         rows = torch.zeros(c["valid"].numel(), dtype=torch.long, device=c["valid"].device)
