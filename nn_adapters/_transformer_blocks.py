@@ -2754,7 +2754,7 @@ class _HFGemma4Block(_HFGemma2Block):
     multiplication by ``layer_scalar``. The global layers may take their values from the keys (``attention_k_eq_v``:
     no ``v_proj``; a key/value group is then its key rows). In the E models the last layers reuse the keys and
     values of the last earlier layer of their type (``num_kv_shared_layers``; handed on in ``shared_kv_states``,
-    which the pruner gives each network it runs, see :data:`nn_adapters.transformer.STREAM_STATES`), and may have
+    which the pruner gives each network it runs, see ``_STREAM_STATES`` in nn_adapters/transformer.py), and may have
     an FFN twice as wide (``use_double_wide_mlp``): their FFNs are pruned, but not the heads of the layers that
     share keys and values (the reused groups would have to go in every layer at once). Layers with a mixture of
     experts beside the MLP (``enable_moe_block``) are :class:`_HFGemma4MoEBlock`'s; where their experts are not in
@@ -2961,7 +2961,7 @@ class _HFCohere2MoEBlock(_ParallelBranches, _HFMoEBlock):
     the sum, :meth:`mixture_factor`)."""
 
     kind = "hf_cohere2_moe"
-    RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; the residual is read from the output
+    RESID_FFN = _HFCohereBlock.RESID_FFN
 
     def mixture_factor(self) -> float:
         mlp = _get(self.module, self.MLP)

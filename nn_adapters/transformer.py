@@ -568,7 +568,7 @@ def _check_own_arguments(model: nn.Module, first: _Block, later: list[_Block], b
             raise _StopForward
 
     _run_hooked(model, batch, [(first.module, change)] + [(b.module, partial(record, blk=b)) for b in later])
-    for b in later:  # the stores the blocks write (STREAM_STATES) change with them, and are replayed as such
+    for b in later:  # the stores the blocks write (_STREAM_STATES) change with them, and are replayed as such
         if not _same_value(_without_stream_states(again.get(b.name)), _without_stream_states(seen.get(b.name))):
             raise ValueError(f"block {b.name!r} ({type(b.module).__name__}) receives arguments that change with the "
                              "hidden states of the blocks before it, and the pruner would replay those of the "
@@ -589,7 +589,7 @@ def _same_value(a: Any, b: Any) -> bool:
 #: later layers (``num_kv_shared_layers``) to reuse. Such a store is not an argument to replay as captured: the
 #: blocks that write it are replayed before those that read it, and the pruned network, from its first changed
 #: block on, writes and reads its own (:func:`_own_stream_states`).
-STREAM_STATES = frozenset({"shared_kv_states"})
+_STREAM_STATES = frozenset({"shared_kv_states"})
 
 
 def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -598,14 +598,14 @@ def _context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _without_stream_states(ctx: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A captured context without its :data:`STREAM_STATES` (for comparisons)."""
+    """A captured context without its :data:`_STREAM_STATES` (for comparisons)."""
     if ctx is None:
         return None
-    return {**ctx, "kwargs": {k: v for k, v in ctx["kwargs"].items() if k not in STREAM_STATES}}
+    return {**ctx, "kwargs": {k: v for k, v in ctx["kwargs"].items() if k not in _STREAM_STATES}}
 
 
 def _own_stream_states(cache: list[dict[str, Any]]) -> None:
-    """Give the pruned network its own stores (:data:`STREAM_STATES`), as the original network's hold them now.
+    """Give the pruned network its own stores (:data:`_STREAM_STATES`), as the original network's hold them now.
 
     Until a block changes, the pruned network is the original one and both run with the same context (and the
     same stores: the pruned network does not rerun the unchanged blocks, whose writes it reads). From the first
@@ -616,12 +616,12 @@ def _own_stream_states(cache: list[dict[str, Any]]) -> None:
             continue
         ctx, memo = entry["ctx"], {}
         if not any(c["kwargs"].get(k) is not None for c in (ctx, *ctx.get("per_block", {}).values())
-                   for k in STREAM_STATES):
+                   for k in _STREAM_STATES):
             continue
 
         def own(c: dict[str, Any], memo: dict[int, Any] = memo) -> dict[str, Any]:
             kw = dict(c["kwargs"])
-            for k in STREAM_STATES & kw.keys():
+            for k in _STREAM_STATES & kw.keys():
                 if kw[k] is not None:  # one copy per store: the blocks of one forward share theirs
                     kw[k] = memo.setdefault(id(kw[k]), copy.copy(kw[k]))
             return {**c, "kwargs": kw}

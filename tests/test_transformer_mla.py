@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import captured_input, ragged_token_batches, real_token_states, scale_matrices
+from _torch_helpers import captured_input, ragged_token_batches, real_token_states, scale_matrices, zeroed_heads
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -195,15 +195,11 @@ def test_delta_attention_layers_keep_their_heads_and_the_latent_attention_loses_
     assert report.skipped == []
     assert sorted((u.block, u.stage) for u in report.units) == sorted(
         [(f"layers.{i}", "ffn") for i in range(4)] + [("layers.1", "heads"), ("layers.3", "heads")])
-    zeroed = copy.deepcopy(model)
+    zeroed = zeroed_heads(model, report, V_HEAD)
     with torch.no_grad():
-        for u in report.units:
-            layer = zeroed.get_submodule(u.block)
+        for u in (u for u in report.units if u.stage == "ffn"):
             gone = sorted(set(range(u.n_units)) - set(u.kept))
-            if u.stage == "ffn":
-                layer.mlp.down_proj.weight[:, gone] = 0.0
-            else:
-                layer.self_attn.o_proj.weight[:, [h * V_HEAD + i for h in gone for i in range(V_HEAD)]] = 0.0
+            zeroed.get_submodule(u.block).mlp.down_proj.weight[:, gone] = 0.0
     gate = getattr(pruned.layers[1].self_attn, "g_proj", None)
     assert gate is None or gate.out_features == HEADS // 2
     for b in batches:
