@@ -7,7 +7,9 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     Hugging Face encoder layers, each described by the paths of its parts: ``_HFBertBlock`` (BERT, RoBERTa,
     ELECTRA, MiniLM and other ``BertLayer`` look-alikes: ``attention.self.{query,key,value}``,
     ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; post-LN, or pre-LN as in MegatronBERT),
-    ``_HFMPNetBlock`` (MPNet, with its per-head relative position bias), ``_HFDistilBertBlock`` (DistilBERT),
+    ``_HFDebertaV2Block`` (DeBERTa-v2/v3) and ``_HFDebertaBlock`` (DeBERTa v1: query, key and value fused head by
+    head), ``_HFLongformerBlock`` (Longformer: the FFN), ``_HFMPNetBlock`` (MPNet, with its per-head relative
+    position bias), ``_HFDistilBertBlock`` (DistilBERT),
     ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales), their
     ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
@@ -756,12 +758,91 @@ class _HFBertBlock(_HFBlock):
 class _HFDebertaV2Block(_HFBertBlock):
     """DeBERTa-v2 and v3 (``DebertaV2Layer``): BERT's layout with ``attention.self.{query,key,value}_proj``. The
     relative-position terms project the shared position embeddings through the same query and key projections
-    (``share_att_key``, DeBERTa-v3's setting), so they lose the removed heads' rows with them; separate
-    ``pos_key_proj`` / ``pos_query_proj`` are refused for heads (the FFN is pruned)."""
+    (``share_att_key``, DeBERTa-v3's setting), so they lose the removed heads' rows with them; without
+    ``share_att_key``, through projections of their own, ``pos_key_proj`` / ``pos_query_proj``, with one row block
+    of ``head_dim`` per head, which lose the same rows."""
 
     kind = "hf_deberta_v2"
     QKV = ("query_proj", "key_proj", "value_proj")
-    PLAIN = frozenset({"dropout", "pos_dropout"})
+    #: Projections of the relative embeddings with one row block of ``head_dim`` per head.
+    POS_PROJ: tuple[str, ...] = ("pos_key_proj", "pos_query_proj")
+    PLAIN = frozenset({"dropout", "pos_dropout", *POS_PROJ})
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        self._cut_position_projections(keep)
+
+    def _cut_position_projections(self, keep: torch.Tensor) -> None:
+        """Keep the rows of the heads ``keep`` in the projections of the relative embeddings the layer has."""
+        sa = _get(self.module, self.SA)
+        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        for name in self.POS_PROJ:
+            lin = getattr(sa, name, None)
+            if isinstance(lin, nn.Linear):
+                setattr(sa, name, _linear_like(lin, weight_of(lin)[rows], None if lin.bias is None else lin.bias[rows]))
+
+
+class _HFDebertaBlock(_HFDebertaV2Block):
+    """DeBERTa (v1, ``DebertaLayer``, e.g. microsoft/deberta-base): BERT's layout with the query, key and value
+    fused head by head in ``attention.self.in_proj`` (rows ``3 h d ... 3 (h + 1) d - 1`` are head ``h``'s query,
+    key and value rows, as its ``transpose_for_scores(in_proj(x)).chunk(3, -1)`` reads them), without a bias: the
+    query and value biases are the parameters ``q_bias`` and ``v_bias`` (one block of ``d`` per head), and the
+    relative-position projections of the shared relative embeddings, ``pos_proj`` (content-to-position keys) and
+    ``pos_q_proj`` (position-to-content queries), have one row block per head. Its LayerNorms are
+    ``DebertaLayerNorm`` (a LayerNorm computed in float32, ``variance_epsilon``). Talking heads
+    (``talking_head``: ``head_logits_proj`` and ``head_weights_proj`` mix the heads' scores) are refused for heads."""
+
+    kind = "hf_deberta"
+    QKV = ("in_proj",)
+    POS_PROJ = ("pos_proj", "pos_q_proj")
+    PLAIN = frozenset({"dropout", "pos_dropout", *POS_PROJ})
+    #: The query's and the value's biases (``in_proj`` has none), one block of ``head_dim`` per head.
+    HEAD_BIASES = ("q_bias", "v_bias")
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        return (super().matches(module) and type(_get(module, cls.NORM_FFN)).__name__ == "DebertaLayerNorm"
+                and all(isinstance(getattr(sa, n, None), nn.Parameter) for n in cls.HEAD_BIASES))
+
+    def post_norm(self, stage: str) -> nn.Module | None:
+        return _get(self.module, self.NORM_FFN if stage == "ffn" else self.NORM_HEADS)
+
+    def prepare_heads(self) -> None:
+        sa = _get(self.module, self.SA)
+        if any(getattr(sa, n, None) is not None for n in ("head_logits_proj", "head_weights_proj")):
+            raise ValueError(f"block {self.name!r}: its attention uses talking heads (head_logits_proj / "
+                             "head_weights_proj mix the heads' attention scores), so a head cannot be removed "
+                             "without changing the others; prune target='ffn' on this model.")
+        super().prepare_heads()
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        sa = _get(self.module, self.SA)
+        keep = keep.to(self.out_proj.weight.device)
+        rows = _head_rows(keep, self.head_dim)
+        self._cut_attention((_head_rows(keep, 3 * self.head_dim),), rows, out_weight, out_bias)
+        for name in self.HEAD_BIASES:
+            p = getattr(sa, name)
+            setattr(sa, name, nn.Parameter(p.detach()[rows.to(p.device)].clone(), requires_grad=p.requires_grad))
+        self._cut_position_projections(keep)
+        sa.num_attention_heads = int(keep.numel())
+        sa.all_head_size = int(keep.numel()) * self.head_dim
+
+
+class _HFLongformerBlock(_HFBertBlock):
+    """Longformer (``LongformerLayer``): BERT's layout, its attention keeping ``num_heads`` / ``head_dim`` and extra
+    projections for the global tokens (``{query,key,value}_global``). The FFN is pruned; heads are refused: the
+    attention reshapes its output to the width of its input (``embed_dim``), which fewer heads cannot fill."""
+
+    kind = "hf_longformer"
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", None
+
+    def prepare_heads(self) -> None:
+        raise ValueError(f"block {self.name!r}: {type(_get(self.module, self.SA)).__name__} reshapes its output to "
+                         "the model width, which fewer heads cannot fill, so heads cannot be removed from it; prune "
+                         "target='ffn' on this model.")
 
 
 class _PerHeadBias(_HFBlock):
@@ -3535,19 +3616,20 @@ class _TorchEncoderBlock(_Block):
 
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
-    _HFBertBlock, _HFDebertaV2Block, _HFMPNetBlock, _HFDistilBertBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
-    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
-    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
-    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
-    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
-    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
-    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
-    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
-    _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFBertBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock, _HFDistilBertBlock,
+    _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock,
+    _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
+    _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block,
+    _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock,
+    _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
+    _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
+    _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
+    _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
+    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock,
+    _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
+    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
+    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -428,10 +428,28 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
                              "and the calibration batches carry none under 'attention_mask', so padding tokens "
                              "cannot be told apart from real ones. Pass dict batches with an 'attention_mask' entry "
                              "(1 for real tokens, 0 for padding), as a tokenizer returns them.")
+    if valid.shape[0] == b and valid.shape[1] < t:
+        valid = _padded_by_model(valid, ctx, t)
     if tuple(valid.shape) != (b, t):
         raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
                          f"(batch {b}, tokens {t})")
     return valid.to(x.device)
+
+
+def _padded_by_model(valid: torch.Tensor, ctx: dict[str, Any], t: int) -> torch.Tensor:
+    """The batch's padding mask ``valid`` extended to a block input of ``t`` tokens, where the model pads the
+    sequence itself (Longformer, to a multiple of its attention window): accepted only when the block's own
+    attention-mask argument, 2-D ``(batch, tokens)`` and additive (negative for padding, as Longformer's), agrees
+    with ``valid`` on its tokens and hides every added one; otherwise ``valid`` is returned as it is (and refused)."""
+    m = ctx["kwargs"].get("attention_mask")
+    if not (isinstance(m, torch.Tensor) and m.dim() == 2 and tuple(m.shape) == (valid.shape[0], t)
+            and m.is_floating_point()):
+        return valid
+    real = (m >= 0).cpu()  # Longformer: 0 for local attention, positive for global, a large negative for padding
+    n = valid.shape[1]
+    if bool((real[:, :n] == valid.cpu()).all()) and not bool(real[:, n:].any()):
+        return real
+    return valid
 
 
 #: A float key padding mask is added to the attention scores: a value at or below this one hides the token (its
@@ -1029,14 +1047,14 @@ def prune_transformer(
     ----------
     model : torch.nn.Module
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
-        (BERT-style ``BertLayer`` and look-alikes, DeBERTa-v2/v3, MPNet, DistilBERT, ViT, DINOv2, CLIP), Llama-style
-        decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups;
-        Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for;
-        mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and
-        GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and
-        MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2
-        (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode
-        (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
+        (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), MPNet, DistilBERT, ViT, DINOv2,
+        CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as
+        key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
+        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared
+        expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
+        attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, GPT-NeoX (Pythia),
+        Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
         :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
         holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
@@ -1209,16 +1227,16 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
-                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa-v2/v3, MPNet, DistilBERT, ViT, "
-                         "DINOv2, CLIP, ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, Pegasus, "
-                         "Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, "
-                         "Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
-                         "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
-                         "GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, "
-                         "Mistral 4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
-                         "NemotronH, Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, "
-                         "GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
-                         "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, MPNet, "
+                         "DistilBERT, ViT, DINOv2, CLIP, ModernBERT and its decoder), BART-family layers (BART, mBART, "
+                         "Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, "
+                         "Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of "
+                         "experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, "
+                         "EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: "
+                         "DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, "
+                         "Jamba, Falcon-H1, NemotronH, Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo "
+                         "2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, "
+                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
@@ -1772,7 +1790,7 @@ def _consumer(block: _Block, stage: str) -> nn.Linear:
 
 
 def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: torch.Tensor,
-                   valid: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+                   valid: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
     """Rows of the residual stream that the stage's consumer output is added to (``out``: the block output,
     ``y``: the consumer output rows, times the layer scale if any; read where the stage's output is summed
     straight into the block output)."""
@@ -1781,12 +1799,16 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
     if entry == BLOCK_OUTPUT:
         if out is None:
             raise RuntimeError("the block output is needed for the residual of a parallel branch")
-        return _rows(out, valid, block.batch_first("block")) - y.to(out.dtype)
-    if isinstance(entry, BranchSum):  # the sum the branch enters, minus the branch
-        total = _rows(got["res_" + stage], valid, block.batch_first("block"))
-        return total - y.to(total.dtype)
-    res = (_rows(x, valid, block.batch_first("block")) if entry is None
-           else _rows(got["res_" + stage], valid, view.batch_first(role)))
+        res = _rows(out, valid, block.batch_first("block"))
+    elif isinstance(entry, BranchSum):  # the sum the branch enters, minus the branch
+        res = _rows(got["res_" + stage], valid, block.batch_first("block"))
+    else:
+        res = (_rows(x, valid, block.batch_first("block")) if entry is None
+               else _rows(got["res_" + stage], valid, view.batch_first(role)))
+    if y is not None and res.shape != y.shape:  # the consumer's output is not even as wide as the stream (MobileBERT)
+        _refuse_layout(view, role, stage)
+    if entry == BLOCK_OUTPUT or isinstance(entry, BranchSum):
+        return res - y.to(res.dtype)
     scale = view.residual_scale(role)
     return res if scale is None else res * scale
 
@@ -1815,7 +1837,8 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
     norm = view.post_norm(role)
     if norm is None:
         return None, None
-    var = z.double().var(dim=1, unbiased=False) + norm.eps
+    eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon  # DeBERTa's LayerNorm
+    var = z.double().var(dim=1, unbiased=False) + eps
     scale = None
     if norm.weight is not None:
         g = norm.weight.detach().double().abs().cpu()
@@ -1997,14 +2020,19 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         return  # NaN / inf activations are reported, with the layer, by the statistics
     tol = 1e-4 * (1.0 + float(seen.abs().max()))
     if seen.shape != total.shape or not torch.allclose(total.to(seen.dtype), seen, rtol=1e-4, atol=tol):
-        where = "the input of the LayerNorm after it" if block.post_norm(stage_name) is not None else (
-            "the block output" if stage == "ffn" or not block.has_ffn else "the residual stream entering the FFN")
-        consumer = "down projection" if stage == "ffn" else "attention output projection"
-        raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
-                         f"block but does not compute like one: its {consumer}'s output plus the residual is not "
-                         f"{where} (an extra layer scale, gate or sum in its forward, or another token layout?), so "
-                         "the refit would aim at the wrong target. This model is not supported by the transformer "
-                         "adapter.")
+        _refuse_layout(block, stage_name, stage)
+
+
+def _refuse_layout(block: _Block, stage_name: str, stage: str) -> None:
+    """Raise the ``ValueError`` of a block that has a known layout but does not compute like it."""
+    where = "the input of the LayerNorm after it" if block.post_norm(stage_name) is not None else (
+        "the block output" if stage == "ffn" or not block.has_ffn else "the residual stream entering the FFN")
+    consumer = "down projection" if stage == "ffn" else "attention output projection"
+    raise ValueError(f"block {block.name!r} ({type(block.module).__name__}) has the layout of a {block.kind} "
+                     f"block but does not compute like one: its {consumer}'s output plus the residual is not "
+                     f"{where} (an extra layer scale, gate or sum in its forward, or another token layout?), so "
+                     "the refit would aim at the wrong target. This model is not supported by the transformer "
+                     "adapter.")
 
 
 def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method: str, reweight: bool,

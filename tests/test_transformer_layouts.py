@@ -1,5 +1,5 @@
-"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, DeBERTa-v3, MPNet, ViT, CLIP (text
-and vision towers) and ModernBERT (fused query/key/value, gated FFN fused in ``mlp.Wi``, sliding-window and
+"""Transformer pruning on the Hugging Face layouts besides BERT: DistilBERT, DeBERTa (v1 and v3), MPNet, ViT, CLIP
+(text and vision towers) and ModernBERT (fused query/key/value, gated FFN fused in ``mlp.Wi``, sliding-window and
 global layers), tiny randomly initialised models (no download).
 
 Oracles: the unpruned model with the removed units' columns of the consumer set to zero (pruning without refit
@@ -40,6 +40,19 @@ LAYOUTS = {
                                                         max_relative_positions=16, norm_rel_ebd="layer_norm",
                                                         position_biased_input=False),
                    "DebertaV2Model", "hf_deberta_v2", "output.dense", "attention.output.dense", True),
+    # DeBERTa-v2 without share_att_key: the positions go through pos_key_proj / pos_query_proj, one row block per head
+    "deberta_v2": (lambda: transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                        num_attention_heads=HEADS, intermediate_size=INTER,
+                                                        relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                        share_att_key=False, max_relative_positions=16),
+                   "DebertaV2Model", "hf_deberta_v2", "output.dense", "attention.output.dense", True),
+    # DeBERTa (v1): query, key and value fused head by head, their biases apart, content-to-position and
+    # position-to-content projections of the relative embeddings, float32 LayerNorms of its own
+    "deberta": (lambda: transformers.DebertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                   num_attention_heads=HEADS, intermediate_size=INTER,
+                                                   relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                                   max_relative_positions=16, max_position_embeddings=32),
+                "DebertaModel", "hf_deberta", "output.dense", "attention.output.dense", True),
     "mpnet": (lambda: transformers.MPNetConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                                num_attention_heads=HEADS, intermediate_size=INTER,
                                                max_position_embeddings=40),
@@ -95,6 +108,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
         for name_, p in model.named_parameters():  # layer scales of several sizes (they start at 1)
             if name_.endswith("lambda1"):
                 p.copy_(torch.linspace(0.2, 2.0, p.numel())[torch.randperm(p.numel())])
+            if name_.endswith(("q_bias", "v_bias")):  # DeBERTa's per-head biases (they start at 0)
+                p.normal_()
     return model
 
 
@@ -310,6 +325,20 @@ def test_look_alike_layers_that_compute_otherwise_are_refused(target: str) -> No
             prune_transformer(vit, vit_data, keep=0.5, target="heads")
 
 
+@pytest.mark.parametrize("target", ["ffn", "heads"])
+def test_mobilebert_whose_sublayers_leave_the_residual_width_is_refused(target: str) -> None:
+    """MobileBERT has BERT's part names, but its attention output and FFN write into a bottleneck narrower than the
+    residual stream, so a consumer's output cannot even be added to the residual it is recognised by: a ValueError
+    naming the layout, not an error from inside the shape arithmetic."""
+    torch.manual_seed(0)
+    model = transformers.MobileBertModel(transformers.MobileBertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, embedding_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32)).eval()
+    consumer = "down projection" if target == "ffn" else "attention output projection"
+    with pytest.raises(ValueError, match=f"MobileBertLayer.*does not compute like one: its {consumer}'s output"):
+        prune_transformer(model, batches("mpnet"), keep=0.5, target=target)
+
+
 def test_mpnet_calibrated_on_token_ids_alone() -> None:
     # The per-head position bias the encoder passes to every layer is (batch, heads, tokens, tokens), the shape of
     # an attention mask: it was read as one, and every token counted as padding.
@@ -509,20 +538,48 @@ def test_dinov2_baselines_score_the_weights_times_the_layer_scale(method: str) -
     assert sorted(report.units[0].kept) == want
 
 
-def test_deberta_with_separate_position_projections_prunes_its_ffn_and_refuses_heads() -> None:
-    """DeBERTa-v2 without share_att_key projects the positions through pos_key_proj / pos_query_proj, laid out by
-    head too: not shrunk by the adapter, so head pruning is refused with what to do; the FFN is pruned."""
+def test_deberta_refit_weighs_tokens_through_its_own_layernorm() -> None:
+    """DeBERTa's LayerNorm after the FFN's sum is a module of its own (DebertaLayerNorm, ``variance_epsilon``): the
+    LayerNorm weighting must read it like nn.LayerNorm, i.e. the refit is least squares with token ``t`` weighted by
+    ``1 / (var_t(sum) + eps)``, written out here from activations hooked in the model's forward."""
+    model, data = build("deberta"), batches("deberta")
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="layernorm")
+    for i, block in enumerate(blocks_of(model)):
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hook = block.output.register_forward_pre_hook(
+            lambda _m, args, seen=seen: seen.append((args[0].detach(), args[1].detach())))
+        try:
+            for b in data:
+                model(**b)
+        finally:
+            hook.remove()
+        A = torch.cat([real(b, a) for b, (a, _) in zip(data, seen, strict=True)]).double().numpy()
+        R = torch.cat([real(b, r) for b, (_, r) in zip(data, seen, strict=True)]).double().numpy()
+        W, bias = block.output.dense.weight.detach().double().numpy(), block.output.dense.bias.detach().double().numpy()
+        Y = A @ W.T
+        w = 1.0 / ((Y + bias + R).var(axis=1) + block.output.LayerNorm.variance_epsilon)
+        kept = report.units[i].kept
+        design = np.hstack([A[:, kept], np.ones((len(A), 1))]) * np.sqrt(w)[:, None]
+        sol = np.linalg.lstsq(design, Y * np.sqrt(w)[:, None], rcond=None)[0]
+        new = blocks_of(pruned)[i].output.dense
+        np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
+        np.testing.assert_allclose(new.bias.detach().double().numpy(), bias + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+def test_deberta_talking_heads_are_refused_for_heads() -> None:
+    """DeBERTa's talking heads mix the heads' attention scores (head_logits_proj, head_weights_proj): a head cannot
+    go alone, so head pruning is refused with what to do, and the FFN is pruned."""
     torch.manual_seed(0)
-    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                       num_attention_heads=HEADS, intermediate_size=INTER, relative_attention=True,
-                                       pos_att_type=["p2c", "c2p"], share_att_key=False, max_relative_positions=16)
-    model = transformers.DebertaV2Model(cfg).eval()
-    data = batches("distilbert")
-    with pytest.raises(ValueError, match=r"pos_key_proj, pos_query_proj.*target='ffn'"):
+    cfg = transformers.DebertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=INTER, talking_head=True)
+    model = transformers.DebertaModel(cfg).eval()
+    data = batches("deberta")
+    with pytest.raises(ValueError, match=r"talking heads.*target='ffn'"):
         prune_transformer(model, data, keep=0.5, target="heads")
-    pruned, report = prune_transformer(model, data, keep=1.0, target="ffn", reweight=False)
-    for b in data:
-        torch.testing.assert_close(out(pruned, b), out(model, b), atol=1e-5, rtol=1e-5)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", reweight=False)
+    assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
+    assert report.params_after < report.params_before
 
 
 def test_modernbert_layers_get_masks_of_their_own() -> None:
