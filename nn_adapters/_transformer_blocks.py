@@ -19,6 +19,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     residual multiplier read as an output scale), ``_HFMoEBlock`` (its mixture-of-experts look-alikes, experts as 3D
     tensors: Mixtral, Qwen2/3-MoE...), ``_HFLlamaPlainBlock`` and its renamings ``_HFApertusBlock``,
     ``_HFNanoChatBlock`` (Llama's attention with a plain FFN: Nemotron, Arcee, Jais 2, Apertus, NanoChat),
+    ``_HFGteBlock`` and ``_HFJinaV3Block`` (the Llama parts post-LN, BERT's order: GTE v1.5, Nomic Embed, Jina
+    Embeddings v3), ``_HFEsmcBlock`` (ESM C: each sublayer's output divided by ``scaling_factor``),
     ``_HFGemma2Block`` and ``_HFOlmo2Block`` (its look-alikes with RMS norms after the attention and the FFN, read
     by :meth:`_Block.output_norm`: Gemma 2 and 3; OLMo 2 and 3, EXAONE 4), ``_HFPhi3Block`` (Phi-3: query, key
     and value fused in ``qkv_proj``, gate and up in ``gate_up_proj``), ``_HFGlmBlock`` and ``_HFGlm4Block`` (GLM
@@ -1394,6 +1396,25 @@ class _HFLlamaBlock(_HFBlock):
         return torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
 
 
+class _HFEsmcBlock(_HFLlamaBlock):
+    """ESM C protein encoder layers (``EsmcLayer``): Llama's parts with LayerNorms, each sublayer's output divided
+    by ``scaling_factor`` (``sqrt(num_hidden_layers / 36)``, ESM3's residue scaling) before its residual sum, read as
+    the output scale ``1 / scaling_factor``. Its ``q_norm`` / ``k_norm`` normalise all heads together, so heads are
+    refused (by :meth:`_HFLlamaBlock.prepare_heads`)."""
+
+    kind = "hf_esmc"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        d = getattr(module, "scaling_factor", None)
+        return (type(module).__name__ == "EsmcLayer" and isinstance(d, (int, float)) and not isinstance(d, bool)
+                and d > 0 and super().matches(module))
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        lin = self.down if stage == "ffn" else self.out_proj
+        return torch.full((lin.out_features,), 1.0 / float(self.module.scaling_factor), dtype=lin.weight.dtype)
+
+
 class _HFLlamaPlainBlock(_HFLlamaBlock):
     """Llama's attention and norms with a plain FFN, ``mlp.down_proj(act(mlp.up_proj(x)))`` (Nemotron and the
     Minitron models, Arcee, Jais 2; ReLU^2 activations): unit ``i`` is row ``i`` of ``up_proj``."""
@@ -1413,6 +1434,37 @@ class _HFNanoChatBlock(_HFLlamaPlainBlock):
     """NanoChat decoder layers: the plain FFN of :class:`_HFLlamaPlainBlock` as ``mlp.fc1`` / ``mlp.fc2``."""
 
     UP, DOWN = "mlp.fc1", "mlp.fc2"
+
+
+class _PostLNSums:
+    """Encoder layers with Llama's attention parts but BERT's order: a LayerNorm after each residual sum (post-LN),
+    ``h = post_attention_layernorm(x + attn(x))``, ``post_mlp_layernorm(h + mlp(h))``, no norm before the
+    sublayers; mixed into the Llama adapter of the layer's FFN. The refit weighs tokens and channels through those
+    LayerNorms, as BERT's."""
+
+    NORM_HEADS, NORM_FFN = "post_attention_layernorm", "post_mlp_layernorm"
+    RESID_FFN = ("mlp", 0)  # h + mlp(h): the FFN's residual is its own input
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (isinstance(getattr(module, cls.NORM_FFN, None), nn.LayerNorm)
+                and isinstance(getattr(module, cls.NORM_HEADS, None), nn.LayerNorm)
+                and getattr(module, "input_layernorm", None) is None
+                and super().matches(module))  # type: ignore[misc]
+
+
+class _HFGteBlock(_PostLNSums, _HFLlamaBlock):
+    """GTE v1.5 / mGTE (``GteLayer``) and Nomic Embed (``NomicBertLayer``): post-LN encoder layers
+    (:class:`_PostLNSums`) with Llama's attention and gated FFN ``mlp.{gate,up,down}_proj``."""
+
+    kind = "hf_gte"
+
+
+class _HFJinaV3Block(_PostLNSums, _HFNanoChatBlock):
+    """Jina Embeddings v3 (``JinaEmbeddingsV3Layer``): post-LN encoder layers (:class:`_PostLNSums`) with Llama's
+    attention and a plain FFN ``mlp.fc1`` / ``mlp.fc2``."""
+
+    kind = "hf_jina_v3"
 
 
 class _FusedGateUp(_HFLlamaBlock):
@@ -2842,6 +2894,9 @@ class _HFGemma4Block(_HFGemma2Block):
     transformers 5's layout, their FFN is refused here (their heads are pruned)."""
 
     kind = "hf_gemma4"
+    #: The first module of the per-layer input's term, whose input is the FFN's residual sum: Gemma 4's gate, or
+    #: EmbeddingGemma 2's ``ple_block`` (the whole term in one module).
+    PER_LAYER_INPUT = ("per_layer_input_gate", "ple_block")
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -2879,8 +2934,11 @@ class _HFGemma4Block(_HFGemma2Block):
         super().set_sizes(intermediate_size, num_heads)
 
     def last_sum_probe(self) -> tuple[nn.Module, int] | None:
-        gate = getattr(self.module, "per_layer_input_gate", None)
-        return (gate, 0) if isinstance(gate, nn.Module) else None
+        for name in self.PER_LAYER_INPUT:
+            first = getattr(self.module, name, None)
+            if isinstance(first, nn.Module):
+                return first, 0
+        return None
 
     def output_factor(self) -> torch.Tensor | None:
         return self.module.layer_scalar.detach()
@@ -3626,10 +3684,11 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
     _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
     _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
-    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFLlamaBlock,
-    _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
-    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
-    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
+    _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock,
+    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 
