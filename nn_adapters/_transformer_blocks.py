@@ -10,7 +10,8 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     ``_HFDebertaV2Block`` (DeBERTa-v2/v3) and ``_HFDebertaBlock`` (DeBERTa v1: query, key and value fused head by
     head), ``_HFLongformerBlock`` (Longformer: the FFN), ``_HFMPNetBlock`` (MPNet, with its per-head relative
     position bias), ``_HFDistilBertBlock`` (DistilBERT),
-    ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales), their
+    ``_HFViTBlock`` (ViT / DeiT, pre-LN), ``_HFDinov2Block`` (DINOv2, pre-LN with layer scales; DINOv3's
+    ``_HFDinov3Block`` with rotary embeddings), their
     ``query/key/value`` + ``attention.output.dense`` counterparts ``_HFViTLegacyBlock`` and ``_HFDinov2LegacyBlock``
     (the layouts of transformers 4 and of 5 before 5.9 and 5.18) and ``_HFCLIPBlock`` (CLIP / SigLIP-style text and
     vision towers, pre-LN; heads only with a transformers whose attention reshapes to its own width),
@@ -963,6 +964,36 @@ class _HFViTBlock(_HFPreLNProjBlock):
     RESID_FFN = ("layernorm_after", 0)  # x + mlp(layernorm_after(x))
 
 
+class _HFBeitBlock(_HFViTBlock):
+    """BEiT layers in transformers 5's layout (``BeitLayer``: ViT's parts ``attention.{q,k,v,o}_proj``,
+    ``mlp.fc1/fc2``, ``layernorm_before/after``, pre-LN), whose layer scales are the layer's own parameters
+    ``lambda_1`` / ``lambda_2`` (a plain 1.0 where ``layer_scale_init_value`` is 0), and whose relative position
+    bias, where the layer has one (``relative_position_bias``: a table of one column per head, added to the
+    attention scores), loses the removed heads' columns. A bias shared by all layers
+    (``use_shared_relative_position_bias``, built by the model with every head) cannot lose heads in one layer:
+    the first-batch head check refuses it."""
+
+    kind = "hf_beit"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (hasattr(module, "lambda_1") and hasattr(module, "lambda_2")
+                and hasattr(module, "relative_position_bias") and super().matches(module))
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        lam = getattr(self.module, "lambda_2" if stage == "ffn" else "lambda_1")
+        return lam.detach() if isinstance(lam, torch.Tensor) else None
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        bias = self.module.relative_position_bias
+        if bias is not None:
+            table = bias.relative_position_bias_table
+            bias.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
+                                                             requires_grad=table.requires_grad)
+
+
 class _HFViTLegacyBlock(_HFBlock):
     """ViT, DeiT and look-alikes in the layout of transformers < 5.9 (``ViTLayer``: ``attention.attention.{query,
     key,value}``, ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, pre-LN), where the FFN's
@@ -992,6 +1023,22 @@ class _HFDinov2LegacyBlock(_HFDinov2Block):
 
     SA, QKV, OUT = "attention.attention", ("query", "key", "value"), "attention.output.dense"
     HEAD_SIZE, ALL_HEADS = "attention_head_size", "all_head_size"
+
+
+class _HFDinov3Block(_HFDinov2Block):
+    """DINOv3 ViT layers (``DINOv3ViTLayer``): DINOv2's order, norms and layer scales with rotary position
+    embeddings, the attention's head count in ``num_heads`` and the FFN ``mlp.up_proj`` / ``mlp.down_proj``."""
+
+    kind = "hf_dinov3"
+    UP, DOWN = "mlp.up_proj", "mlp.down_proj"
+    N_HEADS = "num_heads"
+
+
+class _HFDinov3GatedBlock(_HFDinov3Block):
+    """DINOv3 ViT layers with the gated FFN (``use_gated_mlp``, the 7B model): ``mlp.down_proj(act(mlp.gate_proj(x))
+    * mlp.up_proj(x))``."""
+
+    GATE = "mlp.gate_proj"
 
 
 def _transformers_version() -> str:
@@ -3675,20 +3722,20 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock, _HFDistilBertBlock,
-    _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFCLIPBlock, _HFModernBertBlock,
-    _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock,
-    _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block,
-    _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock,
-    _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
-    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
-    _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
-    _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
-    _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
-    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
-    _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock,
-    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFBeitBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock,
+    _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
+    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
+    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
+    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
+    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
+    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
+    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
+    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
+    _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock,
+    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
+    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

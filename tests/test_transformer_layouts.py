@@ -68,6 +68,20 @@ LAYOUTS = {
     "dinov2": (lambda: transformers.Dinov2Config(image_size=16, patch_size=4, hidden_size=HIDDEN,
                                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, mlp_ratio=2),
                "Dinov2Model", "hf_dinov2", "mlp.fc2", "attention.o_proj|attention.output.dense", False),
+    # DINOv3: DINOv2's layer scales with rotary embeddings, register tokens, the FFN up_proj / down_proj or gated
+    "dinov3": (lambda: transformers.DINOv3ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                    num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                    intermediate_size=INTER, num_register_tokens=2),
+               "DINOv3ViTModel", "hf_dinov3", "mlp.down_proj", "attention.o_proj", False),
+    "dinov3_gated": (lambda: transformers.DINOv3ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                          intermediate_size=INTER, use_gated_mlp=True),
+                     "DINOv3ViTModel", "hf_dinov3", "mlp.down_proj", "attention.o_proj", False),
+    # BEiT (transformers 5's layout): layer scales lambda_1 / lambda_2, a relative position bias table per layer
+    "beit": (lambda: transformers.BeitConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=HEADS, intermediate_size=INTER,
+                                             layer_scale_init_value=0.1, use_relative_position_bias=True),
+             "BeitModel", "hf_beit", "mlp.fc2", "attention.o_proj", False),
     "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                            num_attention_heads=HEADS, intermediate_size=INTER),
             "ViTModel", "hf_vit", "mlp.fc2|output.dense", "attention.o_proj|attention.output.dense", False),
@@ -99,6 +113,8 @@ def target_for(name: str, target: str, model: nn.Module, data: list[dict[str, to
 def build(name: str, seed: int = 0) -> nn.Module:
     if not hasattr(transformers, LAYOUTS[name][1]):
         pytest.skip(f"transformers {transformers.__version__} has no {LAYOUTS[name][1]}")
+    if name == "beit" and TRANSFORMERS_4:
+        pytest.skip("BEiT in transformers 4 has another layout (its FFN output module without the residual)")
     torch.manual_seed(seed)
     cfg = LAYOUTS[name][0]()
     model = getattr(transformers, LAYOUTS[name][1])(cfg).eval()
@@ -106,9 +122,9 @@ def build(name: str, seed: int = 0) -> nn.Module:
         for p in model.parameters():
             p.mul_(3.0) if p.dim() == 2 else None
         for name_, p in model.named_parameters():  # layer scales of several sizes (they start at 1)
-            if name_.endswith("lambda1"):
+            if name_.endswith(("lambda1", "lambda_1", "lambda_2")):
                 p.copy_(torch.linspace(0.2, 2.0, p.numel())[torch.randperm(p.numel())])
-            if name_.endswith(("q_bias", "v_bias")):  # DeBERTa's per-head biases (they start at 0)
+            if name_.endswith(("q_bias", "v_bias", "relative_position_bias_table")):  # (DeBERTa, BEiT) start at 0
                 p.normal_()
     return model
 
@@ -358,9 +374,6 @@ def _tiny(cls: str, config: str, **kw) -> nn.Module:
 
 
 @pytest.mark.parametrize(("model", "batch", "match"), [
-    # BEiT: a per-head relative position bias held by the layer, outside the attention
-    (lambda: _tiny("BeitModel", "BeitConfig", image_size=16, patch_size=4, use_relative_position_bias=True),
-     {"pixel_values": torch.randn(2, 3, 16, 16)}, "fails once a head is removed"),
     # GroupViT text: the attention reshapes its output to the model width
     (lambda: _tiny("GroupViTTextModel", "GroupViTTextConfig", vocab_size=VOCAB, max_position_embeddings=32),
      {"input_ids": torch.randint(3, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)},
@@ -371,9 +384,6 @@ def _tiny(cls: str, config: str, **kw) -> nn.Module:
 ])
 def test_look_alike_attentions_are_refused_for_heads(model, batch, match) -> None:
     m = model()
-    if type(m).__name__ == "BeitModel" and TRANSFORMERS_4:  # its FFN output module takes no residual: not ViT's
-        assert not find_blocks(m)                              # layout there
-        return
     assert find_blocks(m)  # recognised by their parts...
     for method, reweight in (("magnitude", False), ("asym", True)):  # ...whether or not the pruning needs data
         if match.startswith("does not have") and not reweight:
@@ -536,6 +546,25 @@ def test_dinov2_baselines_score_the_weights_times_the_layer_scale(method: str) -
     assert want != sorted(torch.argsort(raw, descending=True)[: n // 2].tolist())  # the scale matters here
     _, report = prune_transformer(model, data, keep={0: 0.5}, target="ffn", method=method, reweight=False)
     assert sorted(report.units[0].kept) == want
+
+
+def test_beit_with_a_relative_position_bias_shared_by_all_layers_refuses_heads() -> None:
+    """The model builds one bias of every head for all layers (use_shared_relative_position_bias): one layer cannot
+    lose heads, which the first-batch head check finds; the FFN is pruned."""
+    torch.manual_seed(0)
+    model = transformers.BeitModel(transformers.BeitConfig(
+        image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=INTER, use_shared_relative_position_bias=True)).eval()
+    if TRANSFORMERS_4:  # its FFN output module takes no residual there: not ViT's layout, not recognised
+        assert not find_blocks(model)
+        return
+    with torch.no_grad():
+        model.shared_position_bias.relative_position_bias_table.normal_()
+    data = batches("beit")
+    with pytest.raises(ValueError, match=r"fails once a head is removed.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target="heads")
+    _, report = prune_transformer(model, data, keep=0.5, target="ffn")
+    assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
 
 
 def test_deberta_refit_weighs_tokens_through_its_own_layernorm() -> None:
