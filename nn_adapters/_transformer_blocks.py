@@ -27,6 +27,7 @@ module type), so that :mod:`nn_adapters.transformer` only orchestrates:
     and value fused in ``qkv_proj``, gate and up in ``gate_up_proj``), ``_HFGlmBlock`` and ``_HFGlm4Block`` (GLM
     and GLM-4: gate and up fused; GLM-4 with norms after the sublayers),
     ``_HFBartBlock`` (BART-family encoder and decoder layers, post-LN or pre-LN as their forward reads),
+    ``_HFWav2Vec2Block`` (wav2vec 2.0-family speech encoder layers, post-LN or pre-LN),
     ``_HFOPTBlock`` (OPT decoders, pre-LN or post-LN, the FFN on flattened tokens), ``_HFGPT2Block`` (GPT-2:
     ``Conv1D`` projections with ``(in, out)`` weights, query/key/value fused in ``attn.c_attn``), and the
     parallel-residual decoders ``_HFGPTJBlock`` (GPT-J), ``_HFGPTNeoXBlock`` (GPT-NeoX / Pythia, query/key/value
@@ -1207,6 +1208,56 @@ class _HFBartBlock(_HFBlock):
                 or not isinstance(_get(self.module, view.NORM_HEADS), nn.LayerNorm)):
             return None
         return view
+
+
+class _HFWav2Vec2Block(_HFBlock):
+    """wav2vec 2.0-family encoder layers (``Wav2Vec2EncoderLayer``: wav2vec 2.0, HuBERT, Data2Vec-audio,
+    UniSpeech, SEW): ``attention.{q,k,v,out}_proj``, ``layer_norm``, the FFN ``feed_forward.intermediate_dense`` /
+    ``output_dense``, ``final_layer_norm``. Post-LN in the base models (``layer_norm(x + attn(x))``, then
+    ``final_layer_norm(h + ffn(h))``); pre-LN in the ``StableLayerNorm`` layers of the large ones (``x +
+    attn(layer_norm(x))``, then ``h + ffn(final_layer_norm(h))``), read from the order of the calls in the layer's
+    forward and checked on the first batch. The attention reshapes to ``embed_dim`` in transformers 4, which
+    therefore follows the heads."""
+
+    kind = "hf_wav2vec2"
+    SA, QKV, OUT = "attention", ("q_proj", "k_proj", "v_proj"), "attention.out_proj"
+    UP, DOWN = "feed_forward.intermediate_dense", "feed_forward.output_dense"
+    NORM_HEADS, NORM_FFN = "layer_norm", "final_layer_norm"
+    RESID_FFN = ("feed_forward", 0)
+    N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "embed_dim"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (all(isinstance(_get(module, p), nn.LayerNorm) for p in (cls.NORM_HEADS, cls.NORM_FFN))
+                and _wav2vec2_pre_ln(type(module)) is not None and super().matches(module))
+
+    def _pre_ln(self) -> bool:
+        return bool(_wav2vec2_pre_ln(type(self.module)))
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        return None if self._pre_ln() else super().post_norm(stage)
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage != "ffn":
+            return None
+        return (self.module.final_layer_norm if self._pre_ln() else self.module.feed_forward, 0)
+
+
+def _wav2vec2_pre_ln(cls: type[nn.Module]) -> bool | None:
+    """Whether a wav2vec 2.0-style layer's forward normalises before its attention (``self.layer_norm(`` called
+    before ``self.attention(``: pre-LN) or after (post-LN), read from the first ``forward`` along the MRO that makes
+    both calls; ``None`` where none does (confirmed on the first batch like every layout)."""
+    for klass in cls.__mro__:
+        if "forward" not in vars(klass):
+            continue
+        try:
+            src = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return None
+        norm, attn = src.find("self.layer_norm("), src.find("self.attention(")
+        if norm >= 0 and attn >= 0:
+            return norm < attn
+    return None
 
 
 class _HFBartCrossAttention(_HFBartBlock):
@@ -3724,18 +3775,18 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock, _HFDistilBertBlock,
     _HFBeitBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock,
     _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
-    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
-    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
-    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
-    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
-    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
-    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
-    _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock,
-    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
-    _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock,
-    _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock,
+    _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock,
+    _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock,
+    _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
+    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock,
+    _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock,
+    _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock,
+    _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
+    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock,
+    _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
+    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
+    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

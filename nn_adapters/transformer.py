@@ -405,35 +405,57 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
                              "other way round: pass (mask == 0).long() for it.")
         valid = m != 0
     else:
-        valid = torch.ones(b, t, dtype=torch.bool)
-        # the block's attention-mask argument (Hugging Face layers take it by that name or right after the hidden
-        # states), not other 4-D arguments such as MPNet's per-head position bias
-        for m in (ctx["kwargs"].get("attention_mask"), ctx["args"][0] if ctx["args"] else None):
-            # A (batch, 1 or heads, queries, tokens) attention mask built by the model from a mask the batch passes
-            # under another name. Padding the block hides must not enter the statistics: read it when every query
-            # row hides the same tokens (a padding mask), else refuse.
-            if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == b and m.shape[-1] == t):
-                continue
-            keep = m if m.dtype == torch.bool else m == 0
-            if bool(keep.all()):
-                continue
-            if bool((keep == keep[:, :1, :1, :]).all()):
-                valid = keep[:, 0, 0, :].cpu()
-                break
-            banded = _causal_band_tokens(keep)
-            if banded is not None:
-                valid = banded.cpu()
-                break
-            raise ValueError("the transformer blocks receive an attention mask that is not a plain padding mask, "
-                             "and the calibration batches carry none under 'attention_mask', so padding tokens "
-                             "cannot be told apart from real ones. Pass dict batches with an 'attention_mask' entry "
-                             "(1 for real tokens, 0 for padding), as a tokenizer returns them.")
-    if valid.shape[0] == b and valid.shape[1] < t:
-        valid = _padded_by_model(valid, ctx, t)
+        own = _block_padding(ctx, b, t)
+        valid = torch.ones(b, t, dtype=torch.bool) if own is None else own
+    if valid.shape[0] == b and valid.shape[1] != t:
+        # a mask over the model's inputs rather than the blocks' tokens: audio samples before the feature encoder, or
+        # a sequence the model pads further itself (Longformer); the blocks' own mask tells their padding
+        if valid.shape[1] < t:
+            valid = _padded_by_model(valid, ctx, t)
+        if valid.shape[1] != t:
+            own = _block_padding(ctx, b, t)
+            if own is not None:
+                valid = own
+            elif bool(valid.all()):  # no padding in the batch, and none in the blocks
+                valid = torch.ones(b, t, dtype=torch.bool)
     if tuple(valid.shape) != (b, t):
         raise ValueError(f"padding mask of shape {tuple(valid.shape)} does not match the block input "
-                         f"(batch {b}, tokens {t})")
+                         f"(batch {b}, tokens {t}), and the blocks receive no padding mask of their own to read the "
+                         "padded tokens from. Pass an 'attention_mask' of (batch, tokens) for the blocks' tokens, or "
+                         "batches without padding.")
     return valid.to(x.device)
+
+
+def _block_padding(ctx: dict[str, Any], b: int, t: int) -> torch.Tensor | None:
+    """The real tokens according to the (batch, 1 or heads, queries, tokens) attention mask a block receives (or a
+    (batch, tokens) one of integers, 1 for real tokens), or ``None`` where it receives none, or one that hides
+    nothing.
+
+    The model builds it from a mask the batch passes under another name, or over its inputs rather than the
+    blocks' tokens (audio samples). Padding the block hides must not enter the statistics: the mask is read when
+    every query row hides the same tokens (a padding mask) or a causal band, else refused."""
+    # the block's attention-mask argument (Hugging Face layers take it by that name or right after the hidden
+    # states), not other 4-D arguments such as MPNet's per-head position bias
+    named = ctx["kwargs"].get("attention_mask")
+    if (isinstance(named, torch.Tensor) and tuple(named.shape) == (b, t) and not named.is_floating_point()
+            and bool(((named == 0) | (named == 1)).all())):
+        return (named != 0).cpu()  # a (batch, tokens) mask of 1 for real tokens, by name (WavLM's layers get one)
+    for m in (named, ctx["args"][0] if ctx["args"] else None):
+        if not (isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[0] == b and m.shape[-1] == t):
+            continue
+        keep = m if m.dtype == torch.bool else m == 0
+        if bool(keep.all()):
+            continue
+        if bool((keep == keep[:, :1, :1, :]).all()):
+            return keep[:, 0, 0, :].cpu()
+        banded = _causal_band_tokens(keep)
+        if banded is not None:
+            return banded.cpu()
+        raise ValueError("the transformer blocks receive an attention mask that is not a plain padding mask, "
+                         "and the calibration batches carry none under 'attention_mask' for their tokens, so padding "
+                         "tokens cannot be told apart from real ones. Pass dict batches with an 'attention_mask' "
+                         "entry (1 for real tokens, 0 for padding), as a tokenizer returns them.")
+    return None
 
 
 def _padded_by_model(valid: torch.Tensor, ctx: dict[str, Any], t: int) -> torch.Tensor:
@@ -1063,7 +1085,9 @@ def prune_transformer(
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
         ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
         (a tokenizer's ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the
-        statistics. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
+        statistics; where the mask covers the model's inputs rather than the blocks' tokens (audio samples before a
+        speech encoder's feature encoder, or a sequence the model pads further, as Longformer), the padding is read
+        from the mask the model hands its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
         (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit layout on
         the first batch.
     keep : float or dict
@@ -1228,18 +1252,19 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, MPNet, "
-                         "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, ViT, BEiT, "
-                         "DINOv2, DINOv3, CLIP, ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, "
-                         "Pegasus, Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, "
-                         "Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
-                         "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
-                         "GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, "
-                         "Mistral 4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
-                         "NemotronH, Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, "
-                         "GPT-2, GPT-J, GPT-Neo, GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
-                         "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
-                         "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
-                         "convolution pairs of other models.")
+                         "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
+                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, CLIP, ModernBERT and its decoder), BART-family "
+                         "layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder layers "
+                         "(Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, "
+                         "StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, "
+                         "OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, "
+                         "Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, "
+                         "Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
+                         "RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, GPT-Neo, "
+                         "GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and "
+                         "torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
+                         "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
+                         "other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)
