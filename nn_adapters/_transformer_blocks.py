@@ -1494,6 +1494,18 @@ class _HFLlamaBlock(_HFBlock):
         return torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
 
 
+class _HFAimv2Block(_HFLlamaBlock):
+    """AIMv2 encoder layers (``Aimv2EncoderLayer``, vision and text towers): Llama's pre-norm layout under other
+    names, ``attention.{q,k,v,out}_proj``, the gated FFN ``ffn.{gate,up,down}_proj``, RMS norms ``rms_norm1`` /
+    ``rms_norm2``; the attention's head count in ``num_heads``."""
+
+    kind = "hf_aimv2"
+    SA, OUT = "attention", "attention.out_proj"
+    GATE, UP, DOWN = "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"
+    RESID_FFN = ("rms_norm2", 0)  # x + ffn(rms_norm2(x))
+    N_HEADS = "num_heads"
+
+
 class _HFEsmcBlock(_HFLlamaBlock):
     """ESM C protein encoder layers (``EsmcLayer``): Llama's parts with LayerNorms, each sublayer's output divided
     by ``scaling_factor`` (``sqrt(num_hidden_layers / 36)``, ESM3's residue scaling) before its residual sum, read as
@@ -3783,10 +3795,10 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock,
     _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock,
     _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
-    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFLlamaBlock,
-    _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock,
-    _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock,
-    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block,
+    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
+    _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

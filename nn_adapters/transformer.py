@@ -1082,14 +1082,13 @@ def prune_transformer(
         holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
         modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
-        Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the
-        ``attention_mask`` marks padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays
-        (a tokenizer's ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the
-        statistics; where the mask covers the model's inputs rather than the blocks' tokens (audio samples before a
-        speech encoder's feature encoder, or a sequence the model pads further, as Longformer), the padding is read
-        from the mask the model hands its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
-        (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit layout on
-        the first batch.
+        Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the ``attention_mask`` marks
+        padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
+        ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the statistics; where the mask
+        covers the model's inputs rather than the blocks' tokens (audio samples before a speech encoder's feature
+        encoder, or a sequence the model pads further, as Longformer), the padding is read from the mask the model hands
+        its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data (``None`` is
+        then accepted); head pruning and gated FFN pruning always check each block's unit layout on the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A
@@ -1253,9 +1252,9 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, MPNet, "
                          "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
-                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, CLIP, ModernBERT and its decoder), BART-family "
-                         "layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder layers "
-                         "(Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, "
+                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, CLIP, ModernBERT and its decoder), "
+                         "BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder "
+                         "layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, "
                          "StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, "
                          "OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, "
                          "Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, "

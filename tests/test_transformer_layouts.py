@@ -82,6 +82,11 @@ LAYOUTS = {
                                              num_attention_heads=HEADS, intermediate_size=INTER,
                                              layer_scale_init_value=0.1, use_relative_position_bias=True),
              "BeitModel", "hf_beit", "mlp.fc2", "attention.o_proj", False),
+    # AIMv2: Llama's pre-norm layout under other names (attention.*, ffn.*, rms_norm1/2), gated FFN
+    "aimv2": (lambda: transformers.Aimv2VisionConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                     num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                     intermediate_size=INTER, mlp_bias=True, qkv_bias=True),
+              "Aimv2VisionModel", "hf_aimv2", "ffn.down_proj", "attention.out_proj", False),
     "vit": (lambda: transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                            num_attention_heads=HEADS, intermediate_size=INTER),
             "ViTModel", "hf_vit", "mlp.fc2|output.dense", "attention.o_proj|attention.output.dense", False),
