@@ -1997,6 +1997,23 @@ class _HFGptOssBlock(_HFMoEBlock):
     SHARED = ()
     SHARED_GATE = None
 
+    @property
+    def concatenated(self) -> bool:
+        """Whether ``gate_up_proj``'s columns are every gate column, then every up column (the experts' gate split
+        by ``chunk(2, dim=-1)``, as the OpenAI privacy filter's), rather than interleaved (GPT-OSS's ``[..., ::2]``);
+        read from the source of the experts' ``_apply_gate`` and confirmed by the first-batch unit check."""
+        try:
+            src = inspect.getsource(type(self.experts)._apply_gate)
+        except (OSError, TypeError):
+            return False
+        return ".chunk(2" in src and "::2]" not in src
+
+    def mixture_factor(self) -> float:
+        """The OpenAI privacy filter's mixture multiplies the experts' sum by its ``num_experts`` (the experts per
+        token); GPT-OSS's by nothing."""
+        n = getattr(_get(self.module, self.MLP), "num_experts", None) if self.concatenated else None
+        return float(n) if isinstance(n, int) and not isinstance(n, bool) else 1.0
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         sa = _get(module, cls.SA)
@@ -2044,7 +2061,8 @@ class _HFGptOssBlock(_HFMoEBlock):
 
     def expert_magnitude(self, e: int) -> torch.Tensor:
         ex = self.experts
-        gu = ex.gate_up_proj[e].detach().double().pow(2).sum(0).view(self.ffn_units, 2).sum(1)
+        gu = ex.gate_up_proj[e].detach().double().pow(2).sum(0)
+        gu = gu.view(2, self.ffn_units).sum(0) if self.concatenated else gu.view(self.ffn_units, 2).sum(1)
         return gu + ex.down_proj[e].detach().double().pow(2).sum(1)
 
     def zero_ffn_unit(self, unit: int) -> None:
@@ -2059,7 +2077,10 @@ class _HFGptOssBlock(_HFMoEBlock):
         keep = keep.to(dn.device)
         if keep.dim() == 1:
             keep = keep.expand(dn.shape[0], -1)
-        cols = torch.stack([2 * keep, 2 * keep + 1], dim=-1).flatten(1)  # gate and up columns, interleaved
+        if self.concatenated:  # the gate columns, then the up columns
+            cols = torch.cat([keep, keep + self.ffn_units], dim=-1)
+        else:  # gate and up columns, interleaved
+            cols = torch.stack([2 * keep, 2 * keep + 1], dim=-1).flatten(1)
         new = {
             "gate_up_proj": torch.stack([ex.gate_up_proj[e][:, cols[e]] for e in range(dn.shape[0])]),
             "gate_up_proj_bias": torch.stack([ex.gate_up_proj_bias[e][cols[e]] for e in range(dn.shape[0])]),

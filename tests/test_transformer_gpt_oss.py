@@ -140,3 +140,83 @@ def test_save_reload_and_generation(tmp_path) -> None:
         kw = {"max_new_tokens": 5, "do_sample": False, "use_cache": True, "pad_token_id": 0}
         with_cache = pruned.generate(prompt, **kw)
         assert torch.equal(with_cache, pruned.generate(prompt, **{**kw, "use_cache": False}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The OpenAI privacy filter: a bidirectional encoder with GPT-OSS's experts, their gate and up columns concatenated
+# (every gate column, then every up column) rather than interleaved, the mixture's output times its experts per token
+
+
+def build_privacy_filter() -> nn.Module:
+    if not hasattr(transformers, "OpenAIPrivacyFilterModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no OpenAIPrivacyFilterModel")
+    cfg = transformers.OpenAIPrivacyFilterConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, num_local_experts=EXPERTS,
+        num_experts_per_tok=2, max_position_embeddings=32, sliding_window=4, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.OpenAIPrivacyFilterModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    assert [b.kind for b in find_blocks(model)] == ["hf_gpt_oss"] * LAYERS
+    return model
+
+
+def concatenated_swiglu_rows(ex: nn.Module, e: int, x: torch.Tensor) -> np.ndarray:
+    """The privacy filter's expert activations, written out: gate the first half of ``x W + b``, up the second."""
+    z = x.double() @ ex.gate_up_proj[e].detach().double() + ex.gate_up_proj_bias[e].detach().double()
+    gate, up = z[:, :INTER].clamp(max=ex.limit), z[:, INTER:].clamp(-ex.limit, ex.limit)
+    return ((up + 1.0) * gate * torch.sigmoid(ex.alpha * gate)).numpy()
+
+
+def test_privacy_filter_without_refit_equals_the_model_with_removed_neurons_zeroed() -> None:
+    model, batches = build_privacy_filter(), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="magnitude", reweight=False)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            ex = zeroed.layers[int(u.block.rpartition(".")[2])].mlp.experts
+            gu = ex.gate_up_proj[u.expert]
+            score = gu[:, :INTER].pow(2).sum(0) + gu[:, INTER:].pow(2).sum(0) + ex.down_proj[u.expert].pow(2).sum(1)
+            assert u.kept == sorted(torch.argsort(score, descending=True)[:INTER // 2].tolist())
+            ex.down_proj[u.expert][sorted(set(range(INTER)) - set(u.kept)), :] = 0.0
+    for b in batches:
+        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
+
+
+def test_privacy_filter_layer_refit_is_routing_weighted_lstsq_on_the_concatenated_layout() -> None:
+    model = build_privacy_filter()
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer", ridge=0.0)
+    for layer, (lo, lp) in enumerate(zip(model.layers, pruned.layers, strict=True)):
+        ex_o, ex_p = lo.mlp.experts, lp.mlp.experts
+        seen: list[tuple] = []
+        handle = ex_o.register_forward_pre_hook(
+            lambda _m, args, seen=seen: seen.append(tuple(a.detach() for a in args[:3])))
+        run_hooked([model], batches, [handle])
+        for e in range(EXPERTS):
+            rows, weights = [], []
+            for (x, idx, w), b in zip(seen, batches, strict=True):
+                tok, slot = ((idx == e) & b["attention_mask"].bool().reshape(-1)[:, None]).nonzero(as_tuple=True)
+                rows.append(concatenated_swiglu_rows(ex_o, e, x[tok]))
+                weights.append(w[tok, slot].double().abs().numpy())
+            a, sw = np.concatenate(rows), np.concatenate(weights)
+            y = a @ ex_o.down_proj[e].detach().double().numpy() + ex_o.down_proj_bias[e].detach().double().numpy()
+            unit = next(u for u in report.units if u.expert == e and u.block.endswith(f".{layer}"))
+            design = np.hstack([a[:, unit.kept], np.ones((len(a), 1))]) * sw[:, None]
+            sol = np.linalg.lstsq(design, y * sw[:, None], rcond=None)[0]
+            np.testing.assert_allclose(ex_p.down_proj[e].detach().double().numpy(), sol[:-1], rtol=1e-3, atol=1e-3)
+            cols = list(unit.kept) + [INTER + j for j in unit.kept]
+            torch.testing.assert_close(ex_p.gate_up_proj[e], ex_o.gate_up_proj[e][:, cols])
+            torch.testing.assert_close(ex_p.gate_up_proj_bias[e], ex_o.gate_up_proj_bias[e][cols])
+
+
+def test_privacy_filter_save_and_reload(tmp_path) -> None:
+    model, batches = build_privacy_filter(), ragged_token_batches(VOCAB)
+    pruned, _ = prune_transformer(model, batches, keep=0.5, target="all")
+    save_pruned(pruned, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    for b in batches:
+        torch.testing.assert_close(hidden(back, b), hidden(pruned, b), atol=1e-5, rtol=1e-5)
