@@ -3266,6 +3266,21 @@ class _HFGPTJBlock(_ParallelBranches, _HFBlock):
     PLAIN = frozenset({"attn_dropout", "resid_dropout"})
 
 
+class _HFCodeGenBlock(_HFGPTJBlock):
+    """CodeGen (``CodeGenBlock``): GPT-J's parallel block with query, key and value fused in ``attn.qkv_proj`` in
+    the layout of its 4-way model parallelism (``mp_num = 4`` fixed in its forward: four equal row blocks, each
+    holding a quarter of the heads' queries, values and keys). The FFN is pruned; heads are refused, since every
+    quarter would have to lose the same number of heads."""
+
+    kind = "hf_codegen"
+    QKV = ("qkv_proj",)
+
+    def prepare_heads(self) -> None:
+        raise ValueError(f"block {self.name!r}: CodeGen's attention splits its fused qkv_proj into 4 equal model-"
+                         "parallel blocks of heads (mp_num = 4 in its forward), so heads cannot be removed one by one; "
+                         "prune target='ffn' on this model.")
+
+
 class _FusedQKVByHead(_PerHeadBias):
     """A query/key/value projection fused head by head (``QKV[0]``; head ``h`` owns rows ``3 h d ... 3 (h + 1) d -
     1``: its query, key and value, ``d = head_dim``), as in GPT-NeoX and BLOOM; the attention's head count
@@ -3818,8 +3833,9 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
     _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block,
     _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
-    _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock,
+    _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
+    _TorchEncoderBlock,
 )
 
 

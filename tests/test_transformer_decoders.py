@@ -45,6 +45,8 @@ LAYOUTS = {
     "opt_nobias": ("hf_opt", "fc2", "self_attn.out_proj", False, ("num_heads",)),
     "gpt2": ("hf_gpt2", "mlp.c_proj", "attn.c_proj", True, ("num_heads",)),
     "gptj": ("hf_gptj", "mlp.fc_out", "attn.out_proj", False, ("num_attention_heads",)),
+    # CodeGen: GPT-J's parallel block, query, key and value fused in 4 model-parallel blocks (heads refused)
+    "codegen": ("hf_codegen", "mlp.fc_out", "attn.out_proj", False, ("num_attention_heads",)),
     "neox": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
     "neox_seq": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
     "phi": ("hf_phi", "mlp.fc2", "self_attn.dense", False, ()),
@@ -73,7 +75,7 @@ LAYOUTS = {
 GROUP = {"falcon": 2, "cohere_qk": 2}
 NAMES = list(LAYOUTS)
 # attention and FFN summed in parallel into the block output
-PARALLEL = ["gptj", "neox", "phi", "cohere", "cohere_qk", "falcon", "falcon_mqa", "stablelm_par"]
+PARALLEL = ["gptj", "codegen", "neox", "phi", "cohere", "cohere_qk", "falcon", "falcon_mqa", "stablelm_par"]
 
 
 def inter(name: str) -> int:
@@ -95,6 +97,9 @@ def config(name: str) -> transformers.PretrainedConfig:
     if name == "gptj":
         return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
                                        n_positions=32, rotary_dim=2, bos_token_id=1, eos_token_id=2)
+    if name == "codegen":
+        return transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
+                                          n_positions=32, rotary_dim=2, bos_token_id=1, eos_token_id=2)
     if name.startswith("neox"):
         return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                           num_attention_heads=HEADS, intermediate_size=INTER,
@@ -156,6 +161,7 @@ def config(name: str) -> transformers.PretrainedConfig:
 
 
 FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJForCausalLM"),
+          "codegen": ("CodeGenModel", "CodeGenForCausalLM"),
           "neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"), "phi": ("PhiModel", "PhiForCausalLM"),
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
@@ -190,14 +196,16 @@ def build(name: str, seed: int = 0, head: bool = False) -> nn.Module:
 def heads_target(name: str, target: str, model: nn.Module, data: list[dict[str, torch.Tensor]]) -> str | None:
     """``target``, or where the attention cannot lose heads, the refusal checked and what remains to prune ("ffn",
     or ``None`` for ``target="heads"``): Falcon-RW (ALiBi slopes built by the model for all its heads and folded
-    into the mask), Phi, Cohere and StarCoder2 before transformers 4.48 and GPTBigCode without multi-query in older
-    releases (their attention reshapes its output to the model width; Persimmon's too before 4.48, which the
-    first-batch check finds)."""
+    into the mask), CodeGen (heads fused in 4 model-parallel blocks), Phi, Cohere and StarCoder2 before
+    transformers 4.48 and GPTBigCode without multi-query in older releases (their attention reshapes its output to
+    the model width; Persimmon's too before 4.48, which the first-batch check finds)."""
     if target == "ffn":
         return target
     if name == "falcon_rw" or (name == "bigcode_mha" and LEGACY_BIGCODE) or (name == "persimmon" and
                                                                            LEGACY_ATTENTION):
         match = r"fails once a head is removed.*target='ffn'"
+    elif name == "codegen":
+        match = r"4 equal model-parallel blocks of heads.*target='ffn'"
     elif name in ("phi", "cohere", "cohere_qk", "starcoder2") and LEGACY_ATTENTION:
         match = r"reshapes the attention output to the model width.*target='ffn'"
     else:
@@ -218,7 +226,8 @@ def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel": "h", "GPTJForCausalLM":
-               "transformer.h", "GPTNeoXModel": "layers", "GPTNeoXForCausalLM": "gpt_neox.layers", "PhiModel": "layers",
+               "transformer.h", "CodeGenModel": "h", "CodeGenForCausalLM": "transformer.h", "GPTNeoXModel": "layers",
+               "GPTNeoXForCausalLM": "gpt_neox.layers", "PhiModel": "layers",
                "PhiForCausalLM": "model.layers", "OPTModel": "decoder.layers", "OPTForCausalLM": "model.decoder.layers",
                "CohereModel": "layers", "CohereForCausalLM": "model.layers", "Starcoder2Model": "layers",
                "Starcoder2ForCausalLM": "model.layers", "GPTNeoModel": "h", "GPTNeoForCausalLM": "transformer.h",
