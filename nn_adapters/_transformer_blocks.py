@@ -2500,6 +2500,16 @@ class _HFLfm2ConvBlock(_NoHeads, _HFLfm2Block):
     OPERATOR = "conv"
 
 
+class _HFFNetBlock(_NoHeads, _HFBertBlock):
+    """FNet (``FNetLayer``): a parameter-free Fourier transform over tokens and features in place of the attention
+    (``fourier``, with its LayerNorm after the residual sum), then BERT's FFN ``intermediate.dense`` /
+    ``output.dense`` and ``output.LayerNorm``, post-LN: the FFN is pruned, there are no heads. FNet takes no attention
+    mask, so every position of a batch (padding included, which it mixes into the others) is a row."""
+
+    kind = "hf_fnet"
+    OPERATOR = "fourier"
+
+
 class _HFLinearAttentionBlock(_NoHeads, _HFLlamaBlock):
     """Qwen3.5's and OLMo Hybrid's layers with a linear attention (``linear_attn``: a gated DeltaNet) in place of
     the softmax attention: the gated FFN of :class:`_HFLlamaBlock`, no heads. Qwen3.5's attention layers are
@@ -3820,22 +3830,22 @@ class _TorchEncoderBlock(_Block):
 
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
-    _HFBertBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock, _HFDistilBertBlock,
-    _HFBeitBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock,
-    _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock,
-    _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock,
-    _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock,
-    _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock,
-    _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock,
-    _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock,
-    _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock,
-    _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock,
-    _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock,
-    _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block,
-    _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock,
-    _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock,
-    _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block,
-    _TorchEncoderBlock,
+    _HFBertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock,
+    _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock,
+    _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock,
+    _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock,
+    _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block,
+    _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock,
+    _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock,
+    _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
+    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
+    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock,
+    _HFAimv2Block, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock,
+    _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

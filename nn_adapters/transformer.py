@@ -1250,7 +1250,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
-                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, MPNet, "
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, FNet, MPNet, "
                          "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
                          "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, CLIP, ModernBERT and its decoder), "
                          "BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder "
@@ -1272,6 +1272,11 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                        ridge=ridge, refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
                        allocation=allocation, min_keep=min_keep, executor=executor)
         return _prune_encoder_decoder(model, work, blocks, pair, calibration_data, keep, options, t_start, skipped)
+    for stage, has, what, other in (("heads", "has_heads", "attention heads", "ffn"),
+                                    ("ffn", "has_ffn", "FFN", "heads")):
+        if stages == [stage] and not any(getattr(b, has) for b in blocks):
+            raise ValueError(f"target={stage!r}, but no block of this model has {what} (its blocks are "
+                             f"{', '.join(sorted({b.kind for b in blocks}))}): prune target={other!r}.")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     gated = "ffn" in stages and any(b.gated for b in blocks)
     if "ffn" in stages:
