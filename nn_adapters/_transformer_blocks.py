@@ -1984,6 +1984,16 @@ class _HFMoEBlock(_HFLlamaBlock):
             shared.shrink_ffn(torch.arange(int(n)))
 
 
+@functools.cache
+def _gate_up_concatenated(cls: type[nn.Module]) -> bool:
+    """See :attr:`_HFGptOssBlock.concatenated` (read once per experts class)."""
+    try:
+        src = inspect.getsource(cls._apply_gate)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return ".chunk(2" in src and "::2]" not in src
+
+
 class _HFGptOssBlock(_HFMoEBlock):
     """GPT-OSS decoder layers: Llama-style attention with a learned sink logit per query head (``self_attn.sinks``,
     kept with its head) and a mixture of experts of another layout than :class:`_HFMoEBlock`'s: transposed
@@ -2002,11 +2012,7 @@ class _HFGptOssBlock(_HFMoEBlock):
         """Whether ``gate_up_proj``'s columns are every gate column, then every up column (the experts' gate split
         by ``chunk(2, dim=-1)``, as the OpenAI privacy filter's), rather than interleaved (GPT-OSS's ``[..., ::2]``);
         read from the source of the experts' ``_apply_gate`` and confirmed by the first-batch unit check."""
-        try:
-            src = inspect.getsource(type(self.experts)._apply_gate)
-        except (OSError, TypeError):
-            return False
-        return ".chunk(2" in src and "::2]" not in src
+        return _gate_up_concatenated(type(self.experts))
 
     def mixture_factor(self) -> float:
         """The OpenAI privacy filter's mixture multiplies the experts' sum by its ``num_experts`` (the experts per
