@@ -1138,12 +1138,18 @@ class _HFDistilBertBlock(_HFBlock):
     N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
 
 
-@functools.cache
 def _norm_first(cls: type[nn.Module]) -> bool | None:
-    """Whether the layer's forward calls ``self.final_layer_norm`` before ``self.fc1`` (pre-LN) or after (post-LN),
-    read from the source of the first ``forward`` along the class's MRO that makes both calls (a subclass may
-    delegate to its parent's); ``None`` where none does. The functional layout check on the first batch then
-    confirms the reading (a wrong one is refused, never used)."""
+    """Whether the layer's forward calls ``self.final_layer_norm`` before ``self.fc1`` (pre-LN) or after (post-LN);
+    ``None`` where no forward of the class makes both calls (see :func:`_called_before`)."""
+    return _called_before(cls, "self.final_layer_norm(", "self.fc1(")
+
+
+@functools.cache
+def _called_before(cls: type[nn.Module], first: str, second: str) -> bool | None:
+    """Whether the source of the first ``forward`` along the class's MRO that contains both calls ``first`` and
+    ``second`` has ``first`` before ``second`` (a subclass may delegate to its parent's); ``None`` where none does.
+    Used to read a layer's norm order; the functional layout check on the first batch then confirms the reading (a
+    wrong one is refused, never used)."""
     for klass in cls.__mro__:
         if "forward" not in vars(klass):
             continue
@@ -1151,9 +1157,9 @@ def _norm_first(cls: type[nn.Module]) -> bool | None:
             src = inspect.getsource(vars(klass)["forward"])
         except (OSError, TypeError):
             return None
-        norm, fc1 = src.find("self.final_layer_norm("), src.find("self.fc1(")
-        if norm >= 0 and fc1 >= 0:
-            return norm < fc1
+        a, b = src.find(first), src.find(second)
+        if a >= 0 and b >= 0:
+            return a < b
     return None
 
 
@@ -1244,20 +1250,9 @@ class _HFWav2Vec2Block(_HFBlock):
 
 
 def _wav2vec2_pre_ln(cls: type[nn.Module]) -> bool | None:
-    """Whether a wav2vec 2.0-style layer's forward normalises before its attention (``self.layer_norm(`` called
-    before ``self.attention(``: pre-LN) or after (post-LN), read from the first ``forward`` along the MRO that makes
-    both calls; ``None`` where none does (confirmed on the first batch like every layout)."""
-    for klass in cls.__mro__:
-        if "forward" not in vars(klass):
-            continue
-        try:
-            src = inspect.getsource(vars(klass)["forward"])
-        except (OSError, TypeError):
-            return None
-        norm, attn = src.find("self.layer_norm("), src.find("self.attention(")
-        if norm >= 0 and attn >= 0:
-            return norm < attn
-    return None
+    """Whether a wav2vec 2.0-style layer's forward calls ``self.layer_norm`` before ``self.attention`` (pre-LN) or
+    after (post-LN); ``None`` where no forward of the class makes both calls (see :func:`_called_before`)."""
+    return _called_before(cls, "self.layer_norm(", "self.attention(")
 
 
 class _HFBartCrossAttention(_HFBartBlock):

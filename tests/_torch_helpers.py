@@ -144,6 +144,18 @@ def zeroed_heads(model: nn.Module, report, width: int, out_proj: str = "self_att
     return zeroed
 
 
+def zeroed_ffn(model: nn.Module, report, down: str) -> nn.Module:
+    """A copy of ``model`` with the down-projection columns (``down``: its path inside a block) of the FFN neurons
+    ``report`` removed set to zero; what pruning the FFN without a refit must give."""
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            if u.stage == "ffn":
+                gone = sorted(set(range(u.n_units)) - set(u.kept))
+                zeroed.get_submodule(u.block).get_submodule(down).weight[:, gone] = 0.0
+    return zeroed
+
+
 def assert_same_greedy_generation(model: nn.Module, reference: nn.Module, prompt: torch.Tensor,
                                   new_tokens: int = 6) -> None:
     """Greedy generation with the key/value cache gives the same tokens from both causal LMs."""

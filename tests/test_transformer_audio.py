@@ -11,12 +11,10 @@ reloaded model's outputs.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import run_hooked, scale_matrices, zeroed_heads
+from _torch_helpers import run_hooked, scale_matrices, zeroed_ffn, zeroed_heads
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -103,11 +101,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(sta
     if target == "heads":
         zeroed = zeroed_heads(model, report, HEAD_DIM, out_proj="attention.out_proj")
     else:
-        zeroed = copy.deepcopy(model)
-        with torch.no_grad():
-            for u in report.units:
-                gone = sorted(set(range(u.n_units)) - set(u.kept))
-                zeroed.get_submodule(u.block).feed_forward.output_dense.weight[:, gone] = 0.0
+        zeroed = zeroed_ffn(model, report, "feed_forward.output_dense")
     assert [u.n_kept for u in report.units] == [INTER // 2 if target == "ffn" else HEADS // 2] * LAYERS
     for b in batches:
         torch.testing.assert_close(states(pruned, b), states(zeroed, b), atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import ragged_token_batches, real_token_states, run_hooked, scale_matrices, zeroed_heads
+from _torch_helpers import ragged_token_batches, real_token_states, run_hooked, scale_matrices, zeroed_ffn, zeroed_heads
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -97,11 +97,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
         groups = HEADS // MODELS[name][1].get("num_key_value_heads", HEADS)
         zeroed = zeroed_heads(model, report, groups * HEAD_DIM)
     else:
-        zeroed = copy.deepcopy(model)
-        with torch.no_grad():
-            for u in report.units:
-                gone = sorted(set(range(u.n_units)) - set(u.kept))
-                zeroed.get_submodule(u.block).get_submodule(MODELS[name][4]).weight[:, gone] = 0.0
+        zeroed = zeroed_ffn(model, report, MODELS[name][4])
     assert [u.stage for u in report.units] == [target] * len(model.layers)
     assert report.params_after < report.params_before
     for b in batches:

@@ -89,10 +89,11 @@ def test_without_refit_equals_the_model_with_removed_units_zeroed(target: str) -
         assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
 
 
-def test_layer_refit_is_routing_weighted_lstsq_with_the_bias() -> None:
-    model = build()
-    batches = ragged_token_batches(VOCAB, n_batches=6)
-    pruned, report = prune_transformer(model, batches, keep=0.5, method="layer", ridge=0.0)
+def assert_routing_weighted_refits(model: nn.Module, pruned: nn.Module, report, batches, activations,
+                                   columns) -> None:
+    """Every expert's down projection is the lstsq fit with an intercept on its activations written out by
+    ``activations(experts, e, x)``, on the real tokens the router sends it (read with a hook on the experts module),
+    rows weighted by the routing weights; the kept neurons keep the gate and up columns ``columns(kept)``."""
     for layer, (lo, lp) in enumerate(zip(model.layers, pruned.layers, strict=True)):
         ex_o, ex_p = lo.mlp.experts, lp.mlp.experts
         seen: list[tuple] = []
@@ -103,7 +104,7 @@ def test_layer_refit_is_routing_weighted_lstsq_with_the_bias() -> None:
             rows, weights = [], []
             for (x, idx, w), b in zip(seen, batches, strict=True):
                 tok, slot = ((idx == e) & b["attention_mask"].bool().reshape(-1)[:, None]).nonzero(as_tuple=True)
-                rows.append(swiglu_rows(ex_o, e, x[tok]))
+                rows.append(activations(ex_o, e, x[tok]))
                 weights.append(w[tok, slot].double().abs().numpy())
             a, sw = np.concatenate(rows), np.concatenate(weights)
             y = a @ ex_o.down_proj[e].detach().double().numpy() + ex_o.down_proj_bias[e].detach().double().numpy()
@@ -113,9 +114,17 @@ def test_layer_refit_is_routing_weighted_lstsq_with_the_bias() -> None:
             np.testing.assert_allclose(ex_p.down_proj[e].detach().double().numpy(), sol[:-1], rtol=1e-3, atol=1e-3)
             np.testing.assert_allclose(ex_p.down_proj_bias[e].detach().double().numpy(), sol[-1], rtol=1e-3,
                                        atol=1e-3)
-            cols = sorted({2 * j + p for j in unit.kept for p in (0, 1)})
+            cols = columns(unit.kept)
             torch.testing.assert_close(ex_p.gate_up_proj[e], ex_o.gate_up_proj[e][:, cols])
             torch.testing.assert_close(ex_p.gate_up_proj_bias[e], ex_o.gate_up_proj_bias[e][cols])
+
+
+def test_layer_refit_is_routing_weighted_lstsq_with_the_bias() -> None:
+    model = build()
+    batches = ragged_token_batches(VOCAB, n_batches=6)
+    pruned, report = prune_transformer(model, batches, keep=0.5, method="layer", ridge=0.0)
+    assert_routing_weighted_refits(model, pruned, report, batches, swiglu_rows,
+                                   lambda kept: sorted({2 * j + p for j in kept for p in (0, 1)}))
 
 
 def test_kept_neurons_follow_the_grouped_mm_alignment() -> None:
@@ -190,27 +199,8 @@ def test_privacy_filter_layer_refit_is_routing_weighted_lstsq_on_the_concatenate
     model = build_privacy_filter()
     batches = ragged_token_batches(VOCAB, n_batches=6)
     pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer", ridge=0.0)
-    for layer, (lo, lp) in enumerate(zip(model.layers, pruned.layers, strict=True)):
-        ex_o, ex_p = lo.mlp.experts, lp.mlp.experts
-        seen: list[tuple] = []
-        handle = ex_o.register_forward_pre_hook(
-            lambda _m, args, seen=seen: seen.append(tuple(a.detach() for a in args[:3])))
-        run_hooked([model], batches, [handle])
-        for e in range(EXPERTS):
-            rows, weights = [], []
-            for (x, idx, w), b in zip(seen, batches, strict=True):
-                tok, slot = ((idx == e) & b["attention_mask"].bool().reshape(-1)[:, None]).nonzero(as_tuple=True)
-                rows.append(concatenated_swiglu_rows(ex_o, e, x[tok]))
-                weights.append(w[tok, slot].double().abs().numpy())
-            a, sw = np.concatenate(rows), np.concatenate(weights)
-            y = a @ ex_o.down_proj[e].detach().double().numpy() + ex_o.down_proj_bias[e].detach().double().numpy()
-            unit = next(u for u in report.units if u.expert == e and u.block.endswith(f".{layer}"))
-            design = np.hstack([a[:, unit.kept], np.ones((len(a), 1))]) * sw[:, None]
-            sol = np.linalg.lstsq(design, y * sw[:, None], rcond=None)[0]
-            np.testing.assert_allclose(ex_p.down_proj[e].detach().double().numpy(), sol[:-1], rtol=1e-3, atol=1e-3)
-            cols = list(unit.kept) + [INTER + j for j in unit.kept]
-            torch.testing.assert_close(ex_p.gate_up_proj[e], ex_o.gate_up_proj[e][:, cols])
-            torch.testing.assert_close(ex_p.gate_up_proj_bias[e], ex_o.gate_up_proj_bias[e][cols])
+    assert_routing_weighted_refits(model, pruned, report, batches, concatenated_swiglu_rows,
+                                   lambda kept: list(kept) + [INTER + j for j in kept])
 
 
 def test_privacy_filter_save_and_reload(tmp_path) -> None:

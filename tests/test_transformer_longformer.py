@@ -10,12 +10,10 @@ positions the model appended left out); the saved and reloaded model's outputs.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import ragged_token_batches, scale_matrices
+from _torch_helpers import ragged_token_batches, scale_matrices, zeroed_ffn
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -69,11 +67,7 @@ def test_blocks_are_found_and_the_model_pads_past_the_batch_mask() -> None:
 def test_pruning_the_ffn_without_refit_is_the_original_with_the_removed_neurons_zeroed(global_tokens: bool) -> None:
     model, batches = build(), data(global_tokens)
     pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="magnitude", reweight=False)
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for u in report.units:
-            gone = sorted(set(range(u.n_units)) - set(u.kept))
-            zeroed.get_submodule(u.block).output.dense.weight[:, gone] = 0.0
+    zeroed = zeroed_ffn(model, report, "output.dense")
     assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
     for b in batches:
         torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-5, rtol=1e-5)
