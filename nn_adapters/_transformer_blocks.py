@@ -3346,6 +3346,33 @@ class _HFGPTNeoXBlock(_FusedQKVByHead):
         return super().residual_input(stage)
 
 
+class _HFGPTNeoXJapaneseBlock(_HFGPTNeoXBlock):
+    """GPT-NeoX-Japanese (``GPTNeoXJapaneseLayer``, rinna's and ABEJA's models): GPT-NeoX's parts, one after the
+    other, without biases; the attention returns its output projection's bias apart (``dense_bias``, in the last
+    layer only), added with the residual. The heads' residual is therefore read as the sum entering
+    ``post_attention_layernorm`` minus the output projection's output (:class:`BranchSum`), which carries that bias."""
+
+    kind = "hf_gpt_neox_japanese"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        qkv, dense = getattr(sa, "query_key_value", None), getattr(sa, "dense", None)
+        return (
+            not hasattr(module, "use_parallel_residual") and hasattr(sa, "dense_bias")
+            and isinstance(qkv, nn.Linear) and isinstance(dense, nn.Linear)
+            and isinstance(getattr(sa, "head_size", None), int)
+            and qkv.out_features == 3 * dense.in_features and dense.in_features % sa.head_size == 0
+            and all(isinstance(_get(module, p), nn.Linear) for p in (cls.UP, cls.DOWN))
+            and all(isinstance(_get(module, p), nn.LayerNorm) for p in ("input_layernorm", "post_attention_layernorm"))
+        )
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | str | BranchSum | None:
+        if stage == "ffn":
+            return (self.module.post_attention_layernorm, 0)
+        return BranchSum(self.module.post_attention_layernorm, 0)
+
+
 class _HFPersimmonBlock(_FusedQKVByHead):
     """Persimmon (``PersimmonDecoderLayer``, also Fuyu's language model): ``self_attn.query_key_value`` fused head
     by head (sized by the attention's ``num_heads``, which follows the heads), per-head query and key LayerNorms
@@ -3845,8 +3872,8 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock,
     _HFAimv2Block, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock,
     _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock,
+    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

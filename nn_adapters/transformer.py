@@ -1261,10 +1261,10 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, "
                          "Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
                          "RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, CodeGen, "
-                         "GPT-Neo, GPT-NeoX (Pythia), Persimmon, Phi, BLOOM, Falcon, GPTBigCode (StarCoder), MPT) and "
-                         "torch.nn.TransformerEncoderLayer; see the table of docs/transformer.rst. "
-                         "nn_adapters.prune(model, data, target='layers') prunes the Linear and convolution pairs of "
-                         "other models.")
+                         "GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
+                         "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
+                         "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)

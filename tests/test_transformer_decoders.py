@@ -49,6 +49,8 @@ LAYOUTS = {
     "codegen": ("hf_codegen", "mlp.fc_out", "attn.out_proj", False, ("num_attention_heads",)),
     "neox": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
     "neox_seq": ("hf_gpt_neox", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
+    # GPT-NeoX-Japanese: sequential, no biases but the last layer's dense_bias, returned apart by the attention
+    "neoxja": ("hf_gpt_neox_japanese", "mlp.dense_4h_to_h", "attention.dense", False, ("num_attention_heads",)),
     "phi": ("hf_phi", "mlp.fc2", "self_attn.dense", False, ()),
     "cohere": ("hf_cohere", "mlp.down_proj", "self_attn.o_proj", False, ()),
     # Command R+: query and key LayerNorms with weights of their own per head, (heads, head_dim)
@@ -79,7 +81,9 @@ PARALLEL = ["gptj", "codegen", "neox", "phi", "cohere", "cohere_qk", "falcon", "
 
 
 def inter(name: str) -> int:
-    """FFN width of the tiny model (BLOOM's, Falcon's and MPT's are 4x the model width)."""
+    """FFN width of the tiny model (BLOOM's, Falcon's and MPT's are 4x the model width, GPT-NeoX-Japanese's 2x)."""
+    if name == "neoxja":
+        return 2 * HIDDEN
     return 4 * HIDDEN if name.startswith(("bloom", "falcon", "mpt")) else INTER
 KIND = {name: v[0] for name, v in LAYOUTS.items()}
 
@@ -97,6 +101,10 @@ def config(name: str) -> transformers.PretrainedConfig:
     if name == "gptj":
         return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
                                        n_positions=32, rotary_dim=2, bos_token_id=1, eos_token_id=2)
+    if name == "neoxja":
+        return transformers.GPTNeoXJapaneseConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                  num_attention_heads=HEADS, intermediate_multiple_size=2,
+                                                  max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
     if name == "codegen":
         return transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER,
                                           n_positions=32, rotary_dim=2, bos_token_id=1, eos_token_id=2)
@@ -162,6 +170,7 @@ def config(name: str) -> transformers.PretrainedConfig:
 
 FAMILY = {"gpt2": ("GPT2Model", "GPT2LMHeadModel"), "gptj": ("GPTJModel", "GPTJForCausalLM"),
           "codegen": ("CodeGenModel", "CodeGenForCausalLM"),
+          "neoxja": ("GPTNeoXJapaneseModel", "GPTNeoXJapaneseForCausalLM"),
           "neox": ("GPTNeoXModel", "GPTNeoXForCausalLM"), "phi": ("PhiModel", "PhiForCausalLM"),
           "opt": ("OPTModel", "OPTForCausalLM"), "cohere": ("CohereModel", "CohereForCausalLM"),
           "starcoder2": ("Starcoder2Model", "Starcoder2ForCausalLM"), "gptneo": ("GPTNeoModel", "GPTNeoForCausalLM"),
@@ -227,6 +236,7 @@ def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 LAYER_PATHS = {"GPT2Model": "h", "GPT2LMHeadModel": "transformer.h", "GPTJModel": "h", "GPTJForCausalLM":
                "transformer.h", "CodeGenModel": "h", "CodeGenForCausalLM": "transformer.h", "GPTNeoXModel": "layers",
+               "GPTNeoXJapaneseModel": "layers", "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese.layers",
                "GPTNeoXForCausalLM": "gpt_neox.layers", "PhiModel": "layers",
                "PhiForCausalLM": "model.layers", "OPTModel": "decoder.layers", "OPTForCausalLM": "model.decoder.layers",
                "CohereModel": "layers", "CohereForCausalLM": "model.layers", "Starcoder2Model": "layers",
@@ -471,6 +481,38 @@ def test_parallel_asym_refit_aims_at_the_original_output_minus_the_pruned_residu
     assert (new.bias is None) == (not has_bias)
     if has_bias:
         np.testing.assert_allclose(new.bias.detach().double().numpy(), sol[-1], atol=2e-4, rtol=1e-3)
+
+
+def test_gpt_neox_japanese_asym_heads_refit_reads_the_residual_past_the_separate_bias() -> None:
+    """GPT-NeoX-Japanese's last attention returns its output projection's bias apart (``dense_bias``), added with the
+    residual: the heads' asym target is the original sum entering post_attention_layernorm minus the pruned
+    network's residual-and-bias, i.e. ``y_o + x_o - x_p`` (the bias cancels), least squares without an intercept
+    (``dense`` has no bias), written out from hooks on the original and on the pruned model up to that layer."""
+    model, data = build("neoxja"), batches()
+    last = layers(model)[-1]
+    assert isinstance(last.attention.dense_bias, torch.Tensor) and last.attention.dense_bias.abs().sum() > 0
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="asym", ridge=0.0,
+                                       weighting="none")
+    mixed = copy.deepcopy(pruned)  # the pruned network up to the last layer, then the original last layer
+    mixed.layers[-1] = last
+    seen: dict[str, list[torch.Tensor]] = {"x_o": [], "a_o": [], "x_p": [], "a_p": []}
+
+    def grab(key: str):
+        return lambda _m, a, k: seen[key].append(a[0] if a else k["hidden_states"])
+
+    hooks = [last.register_forward_pre_hook(grab("x_o"), with_kwargs=True),
+             last.attention.dense.register_forward_pre_hook(grab("a_o"), with_kwargs=True)]
+    run_hooked([model], data, hooks)
+    hooks = [last.register_forward_pre_hook(grab("x_p"), with_kwargs=True),
+             last.attention.dense.register_forward_pre_hook(grab("a_p"), with_kwargs=True)]
+    run_hooked([mixed], data, hooks)
+    W = last.attention.dense.weight.detach().double().numpy()
+    target = (token_rows(data, seen["a_o"]) @ W.T + token_rows(data, seen["x_o"]) - token_rows(data, seen["x_p"]))
+    cols = [h * HEAD_DIM + i for h in report.units[-1].kept for i in range(HEAD_DIM)]
+    sol = np.linalg.lstsq(token_rows(data, seen["a_p"])[:, cols], target, rcond=None)[0]
+    new = layers(pruned)[-1].attention.dense
+    assert new.bias is None
+    np.testing.assert_allclose(new.weight.detach().double().numpy(), sol.T, atol=2e-4, rtol=1e-3)
 
 
 class _ScaledParallelBlock(nn.Module):
