@@ -1222,8 +1222,9 @@ class _HFWav2Vec2Block(_HFBlock):
     ``output_dense``, ``final_layer_norm``. Post-LN in the base models (``layer_norm(x + attn(x))``, then
     ``final_layer_norm(h + ffn(h))``); pre-LN in the ``StableLayerNorm`` layers of the large ones (``x +
     attn(layer_norm(x))``, then ``h + ffn(final_layer_norm(h))``), read from the order of the calls in the layer's
-    forward and checked on the first batch. The attention reshapes to ``embed_dim`` in transformers 4, which
-    therefore follows the heads."""
+    forward and checked on the first batch; MMS's language adapters (``adapter_layer``, added after the FFN's sum)
+    are run as they are, the FFN's sum read at their input. The attention reshapes to ``embed_dim`` in transformers
+    4, which therefore follows the heads."""
 
     kind = "hf_wav2vec2"
     SA, QKV, OUT = "attention", ("q_proj", "k_proj", "v_proj"), "attention.out_proj"
@@ -1247,6 +1248,11 @@ class _HFWav2Vec2Block(_HFBlock):
         if stage != "ffn":
             return None
         return (self.module.final_layer_norm if self._pre_ln() else self.module.feed_forward, 0)
+
+    def last_sum_probe(self) -> tuple[nn.Module, int] | None:
+        # MMS's attention adapters (adapter_attn_dim): x + adapter_layer(x) after the FFN's sum
+        adapter = getattr(self.module, "adapter_layer", None)
+        return (adapter, 0) if isinstance(adapter, nn.Module) else None
 
 
 def _wav2vec2_pre_ln(cls: type[nn.Module]) -> bool | None:

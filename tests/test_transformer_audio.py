@@ -26,11 +26,11 @@ HIDDEN, HEADS, INTER, LAYERS, HEAD_DIM = 16, 4, 24, 2, 4
 SAMPLES = (800, 500, 300)  # per clip of a batch; 48, 30 and 17 frames
 
 
-def build(cls: str = "Wav2Vec2", stable: bool = False) -> nn.Module:
+def build(cls: str = "Wav2Vec2", stable: bool = False, **extra) -> nn.Module:
     cfg = getattr(transformers, cls + "Config")(
         hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
         conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2, do_stable_layer_norm=stable, feat_extract_norm="layer")
+        num_conv_pos_embedding_groups=2, do_stable_layer_norm=stable, feat_extract_norm="layer", **extra)
     torch.manual_seed(0)
     model = scale_matrices(getattr(transformers, cls + "Model")(cfg), 2.0)
     with torch.no_grad():  # LayerNorms away from their initial 1 / 0, so that the weighting visibly matters
@@ -138,6 +138,19 @@ def test_post_ln_refit_is_lstsq_on_the_real_frames_weighted_through_the_layernor
         np.testing.assert_allclose(new.weight.detach().double().numpy(), sol[:-1].T, atol=2e-4, rtol=1e-3)
         np.testing.assert_allclose(new.bias.detach().double().numpy(),
                                    consumer.bias.detach().double().numpy() + sol[-1], atol=2e-4, rtol=1e-3)
+
+
+def test_mms_language_adapters_after_the_ffn_are_run_as_they_are() -> None:
+    """MMS (adapter_attn_dim) adds ``h + adapter_layer(h)`` after the FFN's sum: the FFN is pruned, its sum read at
+    the adapter's input, and pruning without refit is the model with the removed columns zeroed."""
+    model, batches = build(stable=True, adapter_attn_dim=8), clips()
+    assert model.encoder.layers[0].adapter_layer is not None
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="magnitude", reweight=False)
+    zeroed = zeroed_ffn(model, report, "feed_forward.output_dense")
+    for b in batches:
+        torch.testing.assert_close(states(pruned, b), states(zeroed, b), atol=1e-5, rtol=1e-5)
+    _, report = prune_transformer(model, batches, keep=0.5, target="all")
+    assert [u.stage for u in report.units] == ["heads", "ffn"] * LAYERS
 
 
 def test_a_sample_mask_with_padding_needs_the_blocks_to_receive_a_mask() -> None:
