@@ -460,15 +460,20 @@ def _block_padding(ctx: dict[str, Any], b: int, t: int) -> torch.Tensor | None:
 
 def _padded_by_model(valid: torch.Tensor, ctx: dict[str, Any], t: int) -> torch.Tensor:
     """The batch's padding mask ``valid`` extended to a block input of ``t`` tokens, where the model pads the
-    sequence itself (Longformer, to a multiple of its attention window): accepted only when the block's own
-    attention-mask argument, 2-D ``(batch, tokens)`` and additive (negative for padding, as Longformer's), agrees
-    with ``valid`` on its tokens and hides every added one; otherwise ``valid`` is returned as it is (and refused)."""
+    sequence itself (Longformer to a multiple of its attention window, BigBird's block-sparse attention to a multiple
+    of its block size): accepted only when the block's own mask agrees with ``valid`` on its tokens and hides every
+    added one, otherwise ``valid`` is returned as it is (and refused). The block's mask is Longformer's 2-D additive
+    ``attention_mask`` (0 for local attention, positive for global, a large negative for padding) or BigBird's
+    ``to_mask`` ``(batch, 1, 1, tokens)`` of 1 for real tokens and 0 for padding."""
+    b, n = valid.shape
     m = ctx["kwargs"].get("attention_mask")
-    if not (isinstance(m, torch.Tensor) and m.dim() == 2 and tuple(m.shape) == (valid.shape[0], t)
-            and m.is_floating_point()):
+    to = ctx["kwargs"].get("to_mask")
+    if isinstance(m, torch.Tensor) and tuple(m.shape) == (b, t) and m.is_floating_point():
+        real = (m >= 0).cpu()
+    elif isinstance(to, torch.Tensor) and tuple(to.shape) == (b, 1, 1, t) and bool(((to == 0) | (to == 1)).all()):
+        real = (to[:, 0, 0, :] != 0).cpu()
+    else:
         return valid
-    real = (m >= 0).cpu()  # Longformer: 0 for local attention, positive for global, a large negative for padding
-    n = valid.shape[1]
     if bool((real[:, :n] == valid.cpu()).all()) and not bool(real[:, n:].any()):
         return real
     return valid
@@ -1087,9 +1092,10 @@ def prune_transformer(
         padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
         ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the statistics; where the mask
         covers the model's inputs rather than the blocks' tokens (audio samples before a speech encoder's feature
-        encoder, or a sequence the model pads further, as Longformer), the padding is read from the mask the model hands
-        its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data (``None`` is
-        then accepted); head pruning and gated FFN pruning always check each block's unit layout on the first batch.
+        encoder, or a sequence the model pads further, as Longformer and BigBird), the padding is read from the mask the
+        model hands its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
+        (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit layout on the
+        first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A

@@ -1,11 +1,12 @@
-"""Transformer pruning of Longformer (``LongformerLayer``): BERT's layout, an attention over sliding windows and
-global tokens that reshapes its output to the model width, and a model that pads the sequence itself to a multiple
-of its attention window, so that its blocks see more tokens than the batch's attention mask covers. Tiny randomly
-initialised models (no download).
+"""Transformer pruning of models that pad the sequence themselves, so that their blocks see more tokens than the
+batch's attention mask covers: Longformer (``LongformerLayer``: BERT's layout, an attention over sliding windows and
+global tokens that reshapes its output to the model width, the sequence padded to a multiple of its attention
+window) and BigBird's block-sparse attention (padded to a multiple of its block size). Tiny randomly initialised
+models (no download).
 
-Oracles: the unpruned model with the removed neurons' down-projection columns zeroed (no refit); numpy.linalg.lstsq
-on the down projection's inputs hooked in the model's forward, on the real tokens only (the batch's mask, the
-positions the model appended left out); the saved and reloaded model's outputs.
+Oracles: the unpruned model with the removed neurons' down-projection columns (heads' output-projection columns)
+zeroed (no refit); numpy.linalg.lstsq on the down projection's inputs hooked in the model's forward, on the real
+tokens only (the batch's mask, the positions the model appended left out); the saved and reloaded model's outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import ragged_token_batches, scale_matrices, zeroed_ffn
+from _torch_helpers import ragged_token_batches, scale_matrices, zeroed_ffn, zeroed_heads
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -131,3 +132,43 @@ def test_a_block_input_longer_than_the_mask_needs_the_block_to_hide_the_added_to
     for bad in ([0.0, 0.0, -1e4, 0.0], [0.0, -1e4, -1e4, -1e4], [0.0, 0.0, 0.0, -1e4]):
         with pytest.raises(ValueError, match=r"padding mask of shape \(1, 3\) does not match the block input"):
             _token_mask(batch, block, x, ctx(bad))
+
+
+def build_bigbird() -> nn.Module:
+    cfg = transformers.BigBirdConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=128,
+                                     pad_token_id=0, attention_type="block_sparse", block_size=4, num_random_blocks=2)
+    torch.manual_seed(0)
+    return scale_matrices(transformers.BigBirdModel(cfg), 3.0)
+
+
+def long_batches() -> list[dict[str, torch.Tensor]]:
+    """Clips of 50, 40 and 30 real tokens in batches of 50 (BigBird pads them to 52, a multiple of its block size)."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(2):
+        mask = (torch.arange(50).view(1, -1) < torch.tensor([50, 40, 30]).view(-1, 1)).long()
+        out.append({"input_ids": torch.randint(3, VOCAB, (3, 50), generator=g) * mask, "attention_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("target", ["ffn", "heads"])
+def test_bigbird_block_sparse_pads_past_the_mask_and_prunes_like_the_zeroed_model(target: str) -> None:
+    model, batches = build_bigbird(), long_batches()
+    seen = []
+    h = model.encoder.layer[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        hidden(model, batches[0])
+    finally:
+        h.remove()
+    assert seen == [52]  # the premise: the blocks see the padded sequence
+    _, report = prune_transformer(model, batches, keep=0.5, target=target)  # reads statistics: counts the tokens
+    assert (report.n_tokens, report.n_padding_excluded) == (2 * 120, 2 * (3 * 52 - 120))
+    pruned, report = prune_transformer(model, batches, keep=0.5, target=target, method="magnitude", reweight=False)
+    if target == "ffn":
+        zeroed = zeroed_ffn(model, report, "output.dense")
+    else:
+        zeroed = zeroed_heads(model, report, HIDDEN // HEADS, out_proj="attention.output.dense")
+    for b in batches:
+        torch.testing.assert_close(hidden(pruned, b), hidden(zeroed, b), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(hidden(pruned, b), hidden(model, b), atol=1e-3)
