@@ -988,11 +988,7 @@ class _HFBeitBlock(_HFViTBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         super().shrink_heads(keep, out_weight, out_bias)
-        bias = self.module.relative_position_bias
-        if bias is not None:
-            table = bias.relative_position_bias_table
-            bias.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
-                                                             requires_grad=table.requires_grad)
+        _keep_bias_table_columns(self.module.relative_position_bias, keep)
 
 
 class _HFViTLegacyBlock(_HFBlock):
@@ -1005,6 +1001,40 @@ class _HFViTLegacyBlock(_HFBlock):
     UP, DOWN = "intermediate.dense", "output.dense"
     NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
     RESID_FFN = ("output", 1)  # ViTOutput.forward(hidden_states, input_tensor): dense(hidden_states) + input_tensor
+
+
+class _HFBeitLegacyBlock(_HFViTLegacyBlock):
+    """BEiT's older layout (``BeitLayer`` of transformers 4; ``Data2VecVisionLayer`` still in 5): ViT's older part
+    names, pre-LN, but the FFN's output module adds no residual (``x + lambda_2 * output(intermediate(
+    layernorm_after(x)))``), layer scales ``lambda_1`` / ``lambda_2`` (``None`` where ``layer_scale_init_value`` is
+    0), and the relative position bias, where a layer has its own, inside the self-attention
+    (``attention.attention.relative_position_bias``, a table of one column per head, which loses the removed heads'
+    columns)."""
+
+    kind = "hf_beit"
+    RESID_FFN = ("layernorm_after", 0)  # x + lambda_2 * output(intermediate(layernorm_after(x)))
+    PLAIN = frozenset({"dropout", "relative_position_bias"})
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return hasattr(module, "lambda_1") and hasattr(module, "lambda_2") and super().matches(module)
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        lam = getattr(self.module, "lambda_2" if stage == "ffn" else "lambda_1")
+        return lam.detach() if isinstance(lam, torch.Tensor) else None
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        _keep_bias_table_columns(getattr(_get(self.module, self.SA), "relative_position_bias", None), keep)
+
+
+def _keep_bias_table_columns(bias: nn.Module | None, keep: torch.Tensor) -> None:
+    """Keep the columns ``keep`` of a relative position bias's table of one column per head (BEiT), if there is one."""
+    table = getattr(bias, "relative_position_bias_table", None)
+    if isinstance(table, nn.Parameter):
+        bias.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
+                                                         requires_grad=table.requires_grad)
 
 
 class _HFDinov2Block(_HFPreLNProjBlock):
@@ -3865,21 +3895,21 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFViTBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock,
-    _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock,
-    _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock,
-    _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock,
-    _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block,
-    _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock,
-    _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock,
-    _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
-    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
-    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock,
-    _HFAimv2Block, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock,
-    _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock,
-    _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock,
-    _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block,
+    _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock,
+    _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block,
+    _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock,
+    _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
+    _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
+    _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
+    _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
+    _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
+    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
+    _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock,
+    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
+    _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock,
+    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

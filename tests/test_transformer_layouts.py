@@ -77,11 +77,18 @@ LAYOUTS = {
                                                           num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                                           intermediate_size=INTER, use_gated_mlp=True),
                      "DINOv3ViTModel", "hf_dinov3", "mlp.down_proj", "attention.o_proj", False),
-    # BEiT (transformers 5's layout): layer scales lambda_1 / lambda_2, a relative position bias table per layer
+    # BEiT: layer scales lambda_1 / lambda_2, a relative position bias table per layer (transformers 5's layout, or
+    # the older one of transformers 4)
     "beit": (lambda: transformers.BeitConfig(image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                              num_attention_heads=HEADS, intermediate_size=INTER,
                                              layer_scale_init_value=0.1, use_relative_position_bias=True),
-             "BeitModel", "hf_beit", "mlp.fc2", "attention.o_proj", False),
+             "BeitModel", "hf_beit", "mlp.fc2|output.dense", "attention.o_proj|attention.output.dense", False),
+    # Data2Vec-vision: BEiT's older layout (that of transformers 4's BEiT), the bias table inside the attention
+    "data2vec_vision": (lambda: transformers.Data2VecVisionConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
+                                                                  num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                                                  intermediate_size=INTER, layer_scale_init_value=0.1,
+                                                                  use_relative_position_bias=True),
+                        "Data2VecVisionModel", "hf_beit", "output.dense", "attention.output.dense", False),
     # AIMv2: Llama's pre-norm layout under other names (attention.*, ffn.*, rms_norm1/2), gated FFN
     "aimv2": (lambda: transformers.Aimv2VisionConfig(image_size=16, patch_size=4, hidden_size=HIDDEN,
                                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -118,8 +125,6 @@ def target_for(name: str, target: str, model: nn.Module, data: list[dict[str, to
 def build(name: str, seed: int = 0) -> nn.Module:
     if not hasattr(transformers, LAYOUTS[name][1]):
         pytest.skip(f"transformers {transformers.__version__} has no {LAYOUTS[name][1]}")
-    if name == "beit" and TRANSFORMERS_4:
-        pytest.skip("BEiT in transformers 4 has another layout (its FFN output module without the residual)")
     torch.manual_seed(seed)
     cfg = LAYOUTS[name][0]()
     model = getattr(transformers, LAYOUTS[name][1])(cfg).eval()
@@ -555,16 +560,14 @@ def test_dinov2_baselines_score_the_weights_times_the_layer_scale(method: str) -
 
 def test_beit_with_a_relative_position_bias_shared_by_all_layers_refuses_heads() -> None:
     """The model builds one bias of every head for all layers (use_shared_relative_position_bias): one layer cannot
-    lose heads, which the first-batch head check finds; the FFN is pruned."""
+    lose heads, which the first-batch head check finds; the FFN is pruned (either layout of BEiT)."""
     torch.manual_seed(0)
     model = transformers.BeitModel(transformers.BeitConfig(
         image_size=16, patch_size=4, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=INTER, use_shared_relative_position_bias=True)).eval()
-    if TRANSFORMERS_4:  # its FFN output module takes no residual there: not ViT's layout, not recognised
-        assert not find_blocks(model)
-        return
     with torch.no_grad():
-        model.shared_position_bias.relative_position_bias_table.normal_()
+        shared = getattr(model, "shared_position_bias", None) or model.encoder.relative_position_bias  # 5 / 4
+        shared.relative_position_bias_table.normal_()
     data = batches("beit")
     with pytest.raises(ValueError, match=r"fails once a head is removed.*target='ffn'"):
         prune_transformer(model, data, keep=0.5, target="heads")
