@@ -407,6 +407,11 @@ def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any])
     else:
         own = _block_padding(ctx, b, t)
         valid = torch.ones(b, t, dtype=torch.bool) if own is None else own
+    if b != t and tuple(valid.shape) == (t, b):
+        raise ValueError(f"the blocks receive their hidden states as (tokens, batch, features), {tuple(x.shape)}, "
+                         f"while the batch's padding mask is (batch, tokens), {tuple(valid.shape)}: this model lays "
+                         f"its tokens out otherwise than the {block.kind} adapter assumes, and is not supported by "
+                         "the transformer adapter.")
     if valid.shape[0] == b and valid.shape[1] != t:
         # a mask over the model's inputs rather than the blocks' tokens: audio samples before the feature encoder, or
         # a sequence the model pads further itself (Longformer); the blocks' own mask tells their padding

@@ -575,6 +575,19 @@ def test_beit_with_a_relative_position_bias_shared_by_all_layers_refuses_heads()
     assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
 
 
+def test_blocks_that_take_their_tokens_first_are_refused_with_the_reason() -> None:
+    """FSMT's layers have BART's parts but take (tokens, batch, features): the batch's (batch, tokens) mask cannot
+    be laid on them, which the refusal says (rather than a shape mismatch without a reason)."""
+    torch.manual_seed(0)
+    model = transformers.FSMTModel(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS,
+        decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTER,
+        decoder_ffn_dim=INTER, max_position_embeddings=32, pad_token_id=0)).eval()
+    data = [dict(b, decoder_input_ids=b["input_ids"][:, :6]) for b in batches("mpnet", n_batches=2)]
+    with pytest.raises(ValueError, match=r"\(tokens, batch, features\), \(10, 6, 16\).*is not supported"):
+        prune_transformer(model, data, keep=0.5, target="ffn")
+
+
 def test_deberta_refit_weighs_tokens_through_its_own_layernorm() -> None:
     """DeBERTa's LayerNorm after the FFN's sum is a module of its own (DebertaLayerNorm, ``variance_epsilon``): the
     LayerNorm weighting must read it like nn.LayerNorm, i.e. the refit is least squares with token ``t`` weighted by
