@@ -1168,12 +1168,6 @@ class _HFDistilBertBlock(_HFBlock):
     N_HEADS, ALL_HEADS, CHUNK = "n_heads", "dim", "ffn"
 
 
-def _norm_first(cls: type[nn.Module]) -> bool | None:
-    """Whether the layer's forward calls ``self.final_layer_norm`` before ``self.fc1`` (pre-LN) or after (post-LN);
-    ``None`` where no forward of the class makes both calls (see :func:`_called_before`)."""
-    return _called_before(cls, "self.final_layer_norm(", "self.fc1(")
-
-
 @functools.cache
 def _called_before(cls: type[nn.Module], first: str, second: str) -> bool | None:
     """Whether the source of the first ``forward`` along the class's MRO that contains both calls ``first`` and
@@ -1193,7 +1187,32 @@ def _called_before(cls: type[nn.Module], first: str, second: str) -> bool | None
     return None
 
 
-class _HFBartBlock(_HFBlock):
+class _NormOrderRead(_HFBlock):
+    """A layer that exists pre-LN and post-LN under the same part names, told apart by the order of two calls in its
+    forward (:attr:`ORDER`: the first before the second means pre-LN; read by :func:`_called_before` and confirmed on
+    the first batch). Post-LN, the norms after the sums weigh the refit and the FFN's residual is its own input (that
+    of :attr:`FFN_INPUT`); pre-LN, the FFN's residual is the input of ``final_layer_norm``."""
+
+    ORDER: tuple[str, str]
+    FFN_INPUT: str
+
+    @classmethod
+    def _norm_order_known(cls, module: nn.Module) -> bool:
+        return _called_before(type(module), *cls.ORDER) is not None
+
+    def _pre_ln(self) -> bool:
+        return bool(_called_before(type(self.module), *self.ORDER))
+
+    def post_norm(self, stage: str) -> nn.LayerNorm | None:
+        return None if self._pre_ln() else super().post_norm(stage)
+
+    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
+        if stage != "ffn":
+            return None
+        return (self.module.final_layer_norm if self._pre_ln() else _get(self.module, self.FFN_INPUT), 0)
+
+
+class _HFBartBlock(_NormOrderRead):
     """BART-family layers, encoder or decoder: ``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
     ``fc1 / fc2``, ``final_layer_norm``. Post-LN in BART, Marian and PLBart; pre-LN in mBART, Pegasus, M2M100 /
     NLLB, Blenderbot, Whisper, XGLM and BioGPT (read from the order of the calls in the layer's forward, then
@@ -1208,26 +1227,16 @@ class _HFBartBlock(_HFBlock):
     RESID_FFN = ("final_layer_norm", 0)  # pre-LN: x + fc2(act(fc1(final_layer_norm(x))))
     N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "embed_dim"
 
+    ORDER, FFN_INPUT = ("self.final_layer_norm(", "self.fc1("), "fc1"  # post-LN: final_layer_norm(x + fc2(..fc1(x)))
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return (all(isinstance(_get(module, p), nn.LayerNorm) for p in (cls.NORM_HEADS, cls.NORM_FFN))
                 and cls._norm_order_known(module) and super().matches(module))
 
-    @staticmethod
-    def _norm_order_known(module: nn.Module) -> bool:
-        return not hasattr(module, "do_layer_norm_before") and _norm_first(type(module)) is not None
-
-    def _pre_ln(self) -> bool:
-        return bool(_norm_first(type(self.module)))
-
-    def post_norm(self, stage: str) -> nn.LayerNorm | None:
-        return None if self._pre_ln() else super().post_norm(stage)
-
-    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
-        if stage != "ffn":
-            return None
-        # post-LN: final_layer_norm(x + fc2(act(fc1(x)))), the FFN input is the residual
-        return (self.module.final_layer_norm if self._pre_ln() else self.module.fc1, 0)
+    @classmethod
+    def _norm_order_known(cls, module: nn.Module) -> bool:
+        return not hasattr(module, "do_layer_norm_before") and super()._norm_order_known(module)  # OPT's: its own
 
     def heads_sum_input(self) -> tuple[nn.Module, int] | None:
         # a pre-LN decoder layer's cross-attention comes between: x + self_attn(.) enters encoder_attn_layer_norm
@@ -1246,7 +1255,7 @@ class _HFBartBlock(_HFBlock):
         return view
 
 
-class _HFWav2Vec2Block(_HFBlock):
+class _HFWav2Vec2Block(_NormOrderRead):
     """wav2vec 2.0-family encoder layers (``Wav2Vec2EncoderLayer``: wav2vec 2.0, HuBERT, Data2Vec-audio,
     UniSpeech, SEW): ``attention.{q,k,v,out}_proj``, ``layer_norm``, the FFN ``feed_forward.intermediate_dense`` /
     ``output_dense``, ``final_layer_norm``. Post-LN in the base models (``layer_norm(x + attn(x))``, then
@@ -1263,32 +1272,17 @@ class _HFWav2Vec2Block(_HFBlock):
     RESID_FFN = ("feed_forward", 0)
     N_HEADS, HEAD_SIZE, ALL_HEADS = "num_heads", "head_dim", "embed_dim"
 
+    ORDER, FFN_INPUT = ("self.layer_norm(", "self.attention("), "feed_forward"
+
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return (all(isinstance(_get(module, p), nn.LayerNorm) for p in (cls.NORM_HEADS, cls.NORM_FFN))
-                and _wav2vec2_pre_ln(type(module)) is not None and super().matches(module))
-
-    def _pre_ln(self) -> bool:
-        return bool(_wav2vec2_pre_ln(type(self.module)))
-
-    def post_norm(self, stage: str) -> nn.LayerNorm | None:
-        return None if self._pre_ln() else super().post_norm(stage)
-
-    def residual_input(self, stage: str) -> tuple[nn.Module, int] | None:
-        if stage != "ffn":
-            return None
-        return (self.module.final_layer_norm if self._pre_ln() else self.module.feed_forward, 0)
+                and cls._norm_order_known(module) and super().matches(module))
 
     def last_sum_probe(self) -> tuple[nn.Module, int] | None:
         # MMS's attention adapters (adapter_attn_dim): x + adapter_layer(x) after the FFN's sum
         adapter = getattr(self.module, "adapter_layer", None)
         return (adapter, 0) if isinstance(adapter, nn.Module) else None
-
-
-def _wav2vec2_pre_ln(cls: type[nn.Module]) -> bool | None:
-    """Whether a wav2vec 2.0-style layer's forward calls ``self.layer_norm`` before ``self.attention`` (pre-LN) or
-    after (post-LN); ``None`` where no forward of the class makes both calls (see :func:`_called_before`)."""
-    return _called_before(cls, "self.layer_norm(", "self.attention(")
 
 
 class _HFBartCrossAttention(_HFBartBlock):
