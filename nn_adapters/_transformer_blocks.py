@@ -1531,6 +1531,26 @@ class _HFAimv2Block(_HFLlamaBlock):
     N_HEADS = "num_heads"
 
 
+class _HFPixtralBlock(_HFLlamaBlock):
+    """Pixtral's vision encoder layers (``PixtralAttentionLayer``, Mistral's vision towers): Llama's pre-norm layout
+    under other names, ``attention.{q,k,v,o}_proj``, the gated FFN ``feed_forward.{gate,up,down}_proj``, RMS norms
+    ``attention_norm`` / ``ffn_norm``; the images of a batch packed in one sequence under a block-diagonal mask."""
+
+    kind = "hf_pixtral"
+    SA, OUT = "attention", "attention.o_proj"
+    GATE, UP, DOWN = "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"
+    RESID_FFN = ("ffn_norm", 0)  # x + feed_forward(ffn_norm(x))
+    N_HEADS = "num_heads"
+    #: Its attention sizes its views by ``num_heads`` (kept in step with the heads) and reshapes its output to its
+    #: own width, so the legacy refusal of :class:`_HFLlamaBlock` does not apply.
+    LEGACY = ()
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        _get(self.module, self.SA).num_heads = int(keep.numel())
+
+
 class _HFEsmcBlock(_HFLlamaBlock):
     """ESM C protein encoder layers (``EsmcLayer``): Llama's parts with LayerNorms, each sublayer's output divided
     by ``scaling_factor`` (``sqrt(num_hidden_layers / 36)``, ESM3's residue scaling) before its residual sum, read as
@@ -3900,10 +3920,11 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
     _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
     _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
-    _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock,
-    _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock,
-    _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock,
-    _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
+    _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
+    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
+    _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -438,7 +438,8 @@ def _block_padding(ctx: dict[str, Any], b: int, t: int) -> torch.Tensor | None:
 
     The model builds it from a mask the batch passes under another name, or over its inputs rather than the
     blocks' tokens (audio samples). Padding the block hides must not enter the statistics: the mask is read when
-    every query row hides the same tokens (a padding mask) or a causal band, else refused."""
+    every query row hides the same tokens (a padding mask), or each real token sees a run of real tokens around
+    itself (causal, a sliding window, block-diagonal segments), else refused."""
     # the block's attention-mask argument (Hugging Face layers take it by that name or right after the hidden
     # states), not other 4-D arguments such as MPNet's per-head position bias
     named = ctx["kwargs"].get("attention_mask")
@@ -513,11 +514,12 @@ def _some_values(values: torch.Tensor) -> str:
 
 
 def _causal_band_tokens(keep: torch.Tensor) -> torch.Tensor | None:
-    """The real tokens of a decoder's ``(batch, heads, queries, tokens)`` boolean attention mask, or ``None``.
+    """The real tokens of a ``(batch, heads, queries, tokens)`` boolean attention mask, or ``None``.
 
     A real query attends to itself, so the diagonal marks the real tokens; the mask is read only when every head
-    sees the same tokens and each real query sees exactly a run of real tokens ending at itself: everything before
-    it (causal) or its last few (a sliding window). Padded queries' rows are not read. Any other mask gives
+    sees the same tokens and each real query sees exactly a run of real tokens around itself: everything before it
+    (a decoder's causal mask), its last few (a sliding window), or its own segment (a block-diagonal mask, as
+    Pixtral's over the images it packs in one sequence). Padded queries' rows are not read. Any other mask gives
     ``None`` (the caller refuses it).
     """
     b, _, tq, t = keep.shape
@@ -527,7 +529,8 @@ def _causal_band_tokens(keep: torch.Tensor) -> torch.Tensor | None:
     valid = k.diagonal(dim1=1, dim2=2)
     pos = torch.arange(t, device=k.device)
     first = k.to(torch.int8).argmax(-1)  # the first key each query sees
-    band = (pos.view(1, 1, t) >= first.unsqueeze(-1)) & (pos.view(1, 1, t) <= pos.view(1, t, 1))
+    last = t - 1 - k.flip(-1).to(torch.int8).argmax(-1)  # and the last
+    band = (pos.view(1, 1, t) >= first.unsqueeze(-1)) & (pos.view(1, 1, t) <= last.unsqueeze(-1))
     rows = valid.unsqueeze(-1)
     if bool(((k != band) & rows).any()) or bool((band & rows & ~valid.unsqueeze(1)).any()):
         return None
@@ -1081,12 +1084,12 @@ def prune_transformer(
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT, the
         sentence embedders GTE, Nomic Embed, Jina Embeddings v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family
-        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, CLIP), Llama-style decoder layers (Llama, Mistral, Qwen2,
-        Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4,
-        whose norms after the attention and the FFN the refit accounts for; mixtures of experts stored as 3D tensors,
-        such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep``
-        of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder
-        layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay
+        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP), Llama-style decoder layers (Llama, Mistral,
+        Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and
+        EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures of experts stored as 3D
+        tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep
+        ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and
+        decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay
         ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and
         MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer`
         blocks (post-LN or ``norm_first=True``); the table of :doc:`/transformer` lists the layouts. An encoder-decoder
@@ -1264,7 +1267,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, FNet, MPNet, "
                          "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
-                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, CLIP, ModernBERT and its decoder), "
+                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, ModernBERT and its decoder), "
                          "BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder "
                          "layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, "
                          "StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, "

@@ -251,8 +251,8 @@ def test_sliding_window_batches_without_a_mask_are_all_real_tokens(attn: str) ->
 
 
 def test_causal_band_masks_give_the_real_tokens() -> None:
-    """Masks built here from the definition (left or right padding, causal or sliding window): the real tokens are
-    read back; a mask that is neither is not read."""
+    """Masks built here from the definition (left or right padding, causal or sliding window, or block-diagonal
+    segments): the real tokens are read back; a mask that is none of these is not read."""
     from nn_adapters.transformer import _causal_band_tokens
 
     t = 7
@@ -269,6 +269,16 @@ def test_causal_band_masks_give_the_real_tokens() -> None:
     holes = torch.ones(t, t, dtype=torch.bool).tril()
     holes[5, 2] = False  # a real query that skips a real key inside its window
     assert _causal_band_tokens(holes.view(1, 1, t, t)) is None
+    # a block-diagonal mask (segments packed in one sequence, each token seeing its own segment), padding after them
+    segment = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    for real in ([1] * 7, [1, 1, 1, 1, 1, 0, 0]):
+        r = torch.tensor(real, dtype=torch.bool)
+        mask = (segment.view(t, 1) == segment.view(1, t)) & r.view(1, t) & r.view(t, 1)
+        got = _causal_band_tokens(mask.view(1, 1, t, t))
+        assert got is not None and got.tolist() == [r.tolist()]
+    skipped = (segment.view(t, 1) == segment.view(1, t)).clone()
+    skipped[3, 4] = False  # a query that skips a key inside its own segment's run
+    assert _causal_band_tokens(skipped.view(1, 1, t, t)) is None
 
 
 def test_bf16_llama_is_not_refused_by_rounding() -> None:
