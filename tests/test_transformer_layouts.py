@@ -585,6 +585,40 @@ def test_beit_with_a_relative_position_bias_shared_by_all_layers_refuses_heads()
     assert [u.n_kept for u in report.units] == [INTER // 2] * LAYERS
 
 
+def test_siglip2_patch_padding_is_read_from_the_blocks_mask() -> None:
+    """SigLIP 2 (NaFlex) takes images as patch sequences padded to a common length, with ``pixel_attention_mask``
+    marking the real patches (a name the pruner does not read): the padded patches are left out of the statistics
+    through the mask the model hands its blocks, and pruning without refit is the model with the removed columns
+    zeroed, on the real patches."""
+    if not hasattr(transformers, "Siglip2VisionModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Siglip2VisionModel")
+    torch.manual_seed(0)
+    model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER,
+        num_patches=16, patch_size=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    real = torch.tensor([16, 12, 9])
+    data = [{"pixel_values": torch.randn(3, 16, 48, generator=g),
+             "pixel_attention_mask": (torch.arange(16).view(1, -1) < real.view(-1, 1)).long(),
+             "spatial_shapes": torch.tensor([[4, 4], [3, 4], [3, 3]])} for _ in range(2)]
+    _, report = prune_transformer(model, data, keep=0.5, target="all")
+    assert (report.n_tokens, report.n_padding_excluded) == (2 * 37, 2 * (48 - 37))
+    for target, path in (("ffn", "mlp.fc2"), ("heads", "self_attn.out_proj")):
+        pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="magnitude", reweight=False)
+        zeroed = copy.deepcopy(model)
+        hd = HIDDEN // HEADS
+        for u in report.units:
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            cols = gone if target == "ffn" else [h * hd + i for h in gone for i in range(hd)]
+            with torch.no_grad():
+                zeroed.get_submodule(u.block).get_submodule(path).weight[:, cols] = 0.0
+        for b in data:
+            mask = b["pixel_attention_mask"].bool()
+            with torch.no_grad():
+                got, want = pruned(**b).last_hidden_state[mask], zeroed(**b).last_hidden_state[mask]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_that_take_their_tokens_first_are_refused_with_the_reason() -> None:
     """FSMT's layers have BART's parts but take (tokens, batch, features): the batch's (batch, tokens) mask cannot
     be laid on them, which the refusal says (rather than a shape mismatch without a reason)."""
