@@ -319,6 +319,12 @@ def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
     return new
 
 
+def _sliced_parameter(p: nn.Parameter, index: torch.Tensor, dim: int = 0) -> nn.Parameter:
+    """A new parameter holding the entries ``index`` of ``p`` along ``dim`` (a per-head bias, sink or bias-table
+    column), with ``p``'s device, dtype and ``requires_grad``."""
+    return nn.Parameter(p.detach().index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
+
+
 def _same_grad_flags(new: nn.Module, old: nn.Module) -> None:
     """Give ``new``'s parameters the ``requires_grad`` of ``old``'s parameters of the same name (frozen stay frozen),
     and ``new`` the hooks of ``old``."""
@@ -829,7 +835,7 @@ class _HFDebertaBlock(_HFDebertaV2Block):
         self._cut_attention((_head_rows(keep, 3 * self.head_dim),), rows, out_weight, out_bias)
         for name in self.HEAD_BIASES:
             p = getattr(sa, name)
-            setattr(sa, name, nn.Parameter(p.detach()[rows.to(p.device)].clone(), requires_grad=p.requires_grad))
+            setattr(sa, name, _sliced_parameter(p, rows))
         self._cut_position_projections(keep)
         sa.num_attention_heads = int(keep.numel())
         sa.all_head_size = int(keep.numel()) * self.head_dim
@@ -1033,8 +1039,7 @@ def _keep_bias_table_columns(bias: nn.Module | None, keep: torch.Tensor) -> None
     """Keep the columns ``keep`` of a relative position bias's table of one column per head (BEiT), if there is one."""
     table = getattr(bias, "relative_position_bias_table", None)
     if isinstance(table, nn.Parameter):
-        bias.relative_position_bias_table = nn.Parameter(table.detach()[:, keep.to(table.device)].clone(),
-                                                         requires_grad=table.requires_grad)
+        bias.relative_position_bias_table = _sliced_parameter(table, keep, dim=1)
 
 
 class _HFDinov2Block(_HFPreLNProjBlock):
@@ -1477,7 +1482,7 @@ class _HFLlamaBlock(_HFBlock):
         for owner, name, kept in per_head:
             p = getattr(owner, name, None)
             if isinstance(p, nn.Parameter):
-                setattr(owner, name, nn.Parameter(p.detach()[kept.to(p.device)].clone(), requires_grad=p.requires_grad))
+                setattr(owner, name, _sliced_parameter(p, kept))
         groups = int(keep.numel())
         for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
             if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)

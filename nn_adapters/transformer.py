@@ -1852,7 +1852,7 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
                else _rows(got["res_" + stage], valid, view.batch_first(role)))
     if y is not None and res.shape != y.shape:  # the consumer's output is not even as wide as the stream (MobileBERT)
         _refuse_layout(view, role, stage)
-    if entry == BLOCK_OUTPUT or isinstance(entry, BranchSum):
+    if _is_branch(entry):
         return res - y.to(res.dtype)
     scale = view.residual_scale(role)
     return res if scale is None else res * scale
