@@ -1009,6 +1009,42 @@ class _HFViTLegacyBlock(_HFBlock):
     RESID_FFN = ("output", 1)  # ViTOutput.forward(hidden_states, input_tensor): dense(hidden_states) + input_tensor
 
 
+class _Windowed:
+    """Swin's layers (Swin, Donut's and MaskFormer's Swin, CLAP's audio encoder): ViT's pre-LN parts, with the
+    attention computed in windows of the stage's token grid, shifted every other layer (``SwinLayer``; the layer
+    has ``set_shift_and_window_size``). The FFN acts on each token and is pruned like ViT's. Heads are refused:
+    the attention sees the tokens regrouped into (padded) windows and adds a relative position bias per head,
+    which head pruning does not read. The stages of the encoder are linked through their patch merging (see
+    ``_link_stages`` in :mod:`nn_adapters.transformer`)."""
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (callable(getattr(module, "maybe_pad", None)) and hasattr(module, "shift_size")
+                and hasattr(module, "window_size") and super().matches(module))  # type: ignore[misc]
+
+    def prepare_heads(self) -> None:
+        raise ValueError(f"block {self.name!r} ({type(self.module).__name__}) computes its attention in shifted "  # type: ignore[attr-defined]
+                         "windows of the token grid, with a relative position bias per head: head pruning does "
+                         "not support it; prune target='ffn' on this model.")
+
+
+class _HFSwinBlock(_Windowed, _HFViTBlock):
+    """Swin layers in transformers 5's layout (``SwinLayer``: ``attention.{q,k,v,o}_proj``, ``intermediate`` /
+    ``output``, ``layernorm_before/after``): see :class:`_Windowed`."""
+
+    kind = "hf_swin"
+
+
+class _HFSwinLegacyBlock(_Windowed, _HFViTLegacyBlock):
+    """Swin layers in the older layout (``attention.self.{query,key,value}``, ``attention.output.dense``; the
+    residual added by the layer: ``x + output(intermediate(layernorm_after(x)))``): Donut's and MaskFormer's Swin,
+    CLAP's audio encoder, Swin in transformers 4. See :class:`_Windowed`."""
+
+    kind = "hf_swin"
+    SA = "attention.self"
+    RESID_FFN = ("layernorm_after", 0)
+
+
 class _HFBeitLegacyBlock(_HFViTLegacyBlock):
     """BEiT's older layout (``BeitLayer`` of transformers 4; ``Data2VecVisionLayer`` still in 5): ViT's older part
     names, pre-LN, but the FFN's output module adds no residual (``x + lambda_2 * output(intermediate(
@@ -3914,12 +3950,12 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock,
-    _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block,
-    _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock,
-    _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
-    _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSwinBlock, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock,
+    _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock,
+    _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block,
+    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block,
+    _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block,
+    _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
     _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
     _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
     _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,

@@ -1054,6 +1054,31 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
         seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) if bool(real[i].any()) else 0
                                for i in range(valid.shape[0])], dtype=torch.long, device=valid.device)
         c["fold"] = seq[:, None].expand_as(valid)[valid]  # on the model's device, as the statistics
+        c["seq_fold"] = seq
+
+
+def _match_tokens(cache: list[dict[str, Any]], xs: list[torch.Tensor], block: _Block) -> None:
+    """Make each cached batch's token mask and folds fit ``block``'s inputs ``xs``: between the stages of a
+    hierarchical encoder (see :func:`_link_stages`) the number of tokens changes. Every token of a batch without
+    padding is real at every stage, each in its sequence's fold; a padded batch keeps its mask only where the count
+    does not change, since which merged token is padding is not known."""
+    dim = 1 if block.batch_first("block") else 0
+    for c, x in zip(cache, xs, strict=True):
+        t = x.shape[dim]
+        if c["valid"].shape[1] == t:
+            continue
+        first = c.setdefault("first_tokens", (c["valid"], c["fold"]))
+        if first[0].shape[1] == t:
+            c["valid"], c["fold"] = first
+        elif bool(first[0].all()):
+            c["valid"] = torch.ones(first[0].shape[0], t, dtype=torch.bool, device=first[0].device)
+            c["fold"] = c["seq_fold"][:, None].expand(-1, t).reshape(-1)
+        else:
+            raise ValueError(f"block {block.name!r} receives {t} tokens per sequence, the first block "
+                             f"{first[0].shape[1]} (a hierarchical encoder merges tokens between its stages), and "
+                             "the calibration batches have padding, whose place among the merged tokens is not "
+                             "known: calibrate on batches without padding (images of one size, or sequences of "
+                             "one length).")
 
 
 @outside_inference_mode
@@ -1084,17 +1109,18 @@ def prune_transformer(
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT, the
         sentence embedders GTE, Nomic Embed, Jina Embeddings v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family
-        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP), Llama-style decoder layers (Llama, Mistral,
-        Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and
-        EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures of experts stored as 3D
-        tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep
-        ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and
-        decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay
-        ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and
-        MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer`
-        blocks (post-LN or ``norm_first=True``); the table of :doc:`/transformer` lists the layouts. An encoder-decoder
-        model (its ``get_encoder()`` and ``get_decoder()`` holding every block) is pruned stack by stack: the encoder,
-        then the decoder on the pruned encoder's states. Not modified (a deep copy is pruned).
+        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP; Swin (FFN), its stages linked through the
+        patch merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads
+        pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the
+        FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
+        shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
+        attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
+        GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads:
+        transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``);
+        the table of :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
+        ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
+        encoder's states. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the ``attention_mask`` marks
         padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
@@ -1267,11 +1293,11 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, FNet, MPNet, "
                          "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
-                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, ModernBERT and its decoder), "
-                         "BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, decoder "
-                         "layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, "
-                         "StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, "
-                         "OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, "
+                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, ModernBERT and its "
+                         "decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, "
+                         "decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, "
+                         "Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, "
+                         "PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, "
                          "Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, "
                          "Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
                          "RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, CodeGen, "
@@ -1341,6 +1367,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             orig_blocks, cache, chain, called = _original_blocks(
                 model, batches if originals is None else originals, "heads" in stages, stacks_note, counter, gated,
                 bool(crossable), None if originals is None else batches)
+            for blk, oblk in zip(blocks, orig_blocks, strict=True):  # the layers between stages, in this copy
+                blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name)) for o in oblk.before)
             per_block = [_with_cross(stages, b, called) for b in blocks]
             _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
@@ -1362,6 +1390,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                     xo = _step_over(oblk, xo, cache, counter, original=True)
                     if mode != "layer":
                         xp = xo if same else _step_over(blk, xp, cache, counter, original=False)
+                _match_tokens(cache, xo, oblk)  # the masks of this stage (the first's after an error-curve pass)
                 scale = float(chain[i].nan_to_num().abs().max()) + 1.0
                 if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
                                                                        equal_nan=True):
@@ -1562,8 +1591,9 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
     xo = [c["x"] for c in cache]
     curves: dict[str, list[tuple[int, np.ndarray]]] = {}
     for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
-        xo_next, side = _original_pass(oblk, stages, "layer", _step_over(oblk, xo, cache, counter, original=True),
-                                       cache, counter, False, weighting)
+        xo = _step_over(oblk, xo, cache, counter, original=True)
+        _match_tokens(cache, xo, oblk)
+        xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
         for s in stages:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
@@ -1610,6 +1640,7 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
     orig = working_copy(model)
     orig_blocks = find_blocks(orig)
     link_opaque_layers(orig, orig_blocks)
+    _link_stages(orig, orig_blocks, batches[0])
     # the blocks and the unrecognised layers between them, in the order they run
     members = [m for b in orig_blocks for m in (*b.before, b)]
     crossing = [b for b in orig_blocks if b.cross is not None] if heads and cross else []
@@ -1801,6 +1832,91 @@ def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any
         for h in handles:
             h.remove()
     return [got[str(i)] for i in range(len(blocks))], contexts[:len(blocks)]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a layer hands on: ``value`` itself, or the first element of a tuple or model output."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    return value[0] if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor) else None
+
+
+def _link_stages(model: nn.Module, blocks: list[_Block], batch: Any) -> None:
+    """Link consecutive stacks of blocks through the layers that run between them, as a hierarchical vision
+    encoder does (Swin: each stage's blocks, then its patch merging, which hands a quarter of the tokens, twice as
+    wide, to the next stage's blocks). Those layers become the next stack's first block's :attr:`_Block.before`,
+    run as they are, like the unrecognised layers inside a stack.
+
+    Read from one forward of ``model`` on ``batch``: the modules called, whole, after the last block of a stack has
+    returned and before the first block of the next is called (the outermost of them; not those that enclose the
+    next stack). They are linked only where they form a chain: the first one takes the last block's output, each
+    next one the previous one's output, and the next stack's first block the last one's. Otherwise (two towers of
+    CLIP, run one after the other on their own inputs; a stage boundary computed outside modules) nothing is linked
+    and the blocks' chaining check refuses the model as before."""
+    starts = [i for i in range(1, len(blocks))
+              if blocks[i].name.rpartition(".")[0] != blocks[i - 1].name.rpartition(".")[0] and not blocks[i].before]
+    if not starts:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    inside = tuple(b.name + "." for b in blocks)
+    watch = [m for n, m in model.named_modules() if n and not n.startswith(inside)
+             and n not in {b.name for b in blocks}]
+    ends = {id(blocks[i - 1].module): i for i in starts}
+    begins = {id(blocks[i].module): i for i in starts}
+    # per boundary: the last block's output, then (module, "in" / "out", first tensor) in call order, then the
+    # next block's input; None once the next stack began before the last block returned
+    seen: dict[int, list[Any]] = {}
+    open_at: list[int | None] = [None]
+
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        i = begins.get(id(m))
+        if i is not None:
+            if open_at[0] == i:
+                first = leading_input(m, args, kwargs)[0]
+                seen[i].append(first[0] if first else None)
+            open_at[0] = None
+            return
+        if open_at[0] is not None:
+            first = leading_input(m, args, kwargs)[0]
+            seen[open_at[0]].append((m, "in", first[0] if first else None))
+
+    def post(m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        i = ends.get(id(m))
+        if i is not None:
+            seen[i] = [_first_tensor(out)]
+            open_at[0] = i
+        elif open_at[0] is not None:
+            seen[open_at[0]].append((m, "out", _first_tensor(out)))
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in {*watch, *(b.module for b in blocks)}]
+    handles += [m.register_forward_hook(post) for m in {*watch, *(blocks[i - 1].module for i in starts)}]
+    try:
+        _call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, events in seen.items():
+        if len(events) < 2 or not isinstance(events[-1], torch.Tensor):
+            continue  # the next stack was not called after this one
+        x, steps, opened = events[0], [], []
+        for m, what, t in events[1:-1]:
+            if what == "in":
+                opened.append((m, t))
+            elif opened and opened[-1][0] is m:
+                m_in, t_in = opened.pop()
+                if not opened:  # an outermost module, called whole between the stacks
+                    steps.append((m_in, t_in, t))
+        chained = x is not None and all(isinstance(t_in, torch.Tensor) and isinstance(t_out, torch.Tensor)
+                                        for _, t_in, t_out in steps)
+        for _, t_in, t_out in steps if chained else ():
+            if t_in.shape != x.shape or not torch.equal(t_in, x):
+                chained = False
+                break
+            x = t_out
+        if chained and steps and x.shape == events[-1].shape and torch.equal(x, events[-1]):
+            blocks[i].before = tuple(OpaqueLayer(names[id(m)], m) for m, _, _ in steps)
 
 
 def _own_arguments(model: nn.Module, blocks: list[_Block], batch: Any, contexts: list[dict[str, Any]],

@@ -1,0 +1,271 @@
+"""Hierarchical encoders: stacks of blocks linked by layers that change the number of tokens between them (Swin's
+patch merging: a quarter of the tokens, twice as wide, for the next stage), tiny randomly initialised models.
+
+Oracles: the unpruned model with the removed neurons' down-projection columns set to zero (pruning without refit
+must give exactly its outputs, stage after stage), numpy.linalg.lstsq on the down projections' inputs hooked in the
+models' own forwards (layer mode: the unpruned model's; asym mode: the pruned model's, aimed at the unpruned
+model's outputs), the saved and reloaded model's outputs, and hand-built two-stage models of torch encoder layers
+whose stage boundary is a module, a functional reshape or a mask the merged tokens cannot inherit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+from tests._torch_helpers import captured_input, zeroed_ffn
+
+transformers = pytest.importorskip("transformers")
+
+# three stages of 16x16, 8x8 and 4x4 tokens (windows of 4x4: shifted in the first two stages); widths 8, 16, 32
+SWIN = dict(image_size=32, patch_size=2, embed_dim=8, depths=[2, 1, 1], num_heads=[1, 2, 4], window_size=4)
+
+# name -> (model class, config class, config, path of the FFN's down projection in a block ("a|b": "a" if the block
+# has it, else "b"), input name)
+MODELS = {
+    "swin": ("SwinModel", "SwinConfig", SWIN, "mlp.fc2|output.dense", "pixel_values"),
+    "donut_swin": ("DonutSwinModel", "DonutSwinConfig", SWIN, "output.dense", "pixel_values"),
+    # a grid of 6x6 tokens, padded to windows of 4x4 inside the first stage's layers, then 3x3
+    "maskformer_swin": ("MaskFormerSwinModel", "MaskFormerSwinConfig",
+                        dict(SWIN, image_size=24, patch_size=4, depths=[2, 2], num_heads=[1, 2]), "output.dense",
+                        "pixel_values"),
+    # CLAP's audio encoder (HTS-AT): Swin stages over a mel spectrogram
+    "clap_audio": ("ClapAudioModel", "ClapAudioConfig",
+                   dict(depths=[1, 1], num_attention_heads=[2, 4], hidden_size=32, patch_embeds_hidden_size=16,
+                        spec_size=64, window_size=4, num_mel_bins=16, patch_stride=[4, 4]),
+                   "output.dense", "input_features"),
+}
+
+
+def build(name: str) -> nn.Module:
+    model_cls, config_cls, config = MODELS[name][:3]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} exports no {model_cls}")
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
+
+
+def batches(name: str, n_batches: int = 2) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    if MODELS[name][4] == "input_features":
+        return [{"input_features": torch.randn(3, 1, 64, 16, generator=g)} for _ in range(n_batches)]
+    size = 24 if name == "maskformer_swin" else SWIN["image_size"]
+    return [{"pixel_values": torch.randn(3, 3, size, size, generator=g)} for _ in range(n_batches)]
+
+
+def down_path(name: str, block: nn.Module) -> str:
+    first, _, other = MODELS[name][3].partition("|")
+    try:
+        block.get_submodule(first)
+        return first
+    except AttributeError:
+        return other
+
+
+def out(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    return [b.module for b in find_blocks(model)]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_stage_is_pruned_and_without_refit_equals_the_zeroed_model(name: str) -> None:
+    """The FFNs of every stage are pruned (the stages after the first calibrated on the tokens the patch merging
+    hands on): without refit, the pruned model is the unpruned one with the removed neurons' columns zeroed."""
+    model, data = build(name), batches(name)
+    blocks = find_blocks(model)
+    assert {b.kind for b in blocks} == {"hf_swin"} and len({b.name.rpartition(".")[0] for b in blocks}) >= 2
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", reweight=False)
+    widths = [b.down.in_features for b in blocks]
+    assert [u.block for u in report.units] == [b.name for b in blocks]
+    assert [(u.n_units, u.n_kept) for u in report.units] == [(w, w // 2) for w in widths]
+    zeroed = zeroed_ffn(model, report, down_path(name, blocks_of(model)[0]))
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(zeroed, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
+    tokens = int(sum(captured_input(model, blocks_of(model)[0], b).shape[:2].numel() for b in data))
+    assert (report.n_tokens, report.n_padding_excluded) == (tokens, 0)  # counted at the first stage
+
+
+def fitted(layer: nn.Linear) -> np.ndarray:
+    w = layer.weight.detach().double().numpy().T
+    return w if layer.bias is None else np.vstack([w, layer.bias.detach().double().numpy()])
+
+
+def lstsq(a: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    a64 = a.double().numpy()
+    return np.linalg.lstsq(np.hstack([a64, np.ones((len(a64), 1))]), y.double().numpy(), rcond=None)[0]
+
+
+@pytest.mark.parametrize("name", ["swin", "donut_swin", "maskformer_swin"])
+def test_layer_mode_refit_is_lstsq_on_each_stage_tokens(name: str) -> None:
+    """Layer mode: each block's refit is least squares of its down projection's outputs on the kept neurons'
+    activations, over every token of its own stage (hooked in the unpruned model's forward)."""
+    model, data = build(name), batches(name)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="none")
+    for unit, block, new in zip(report.units, blocks_of(model), blocks_of(pruned), strict=True):
+        down = block.get_submodule(down_path(name, block))
+        with torch.no_grad():
+            a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data])
+            want = lstsq(a[:, unit.kept], down(a))
+        np.testing.assert_allclose(fitted(new.get_submodule(down_path(name, new))), want, atol=2e-4, rtol=1e-3)
+
+
+def test_asym_refit_reads_each_stage_from_the_pruned_stages_before() -> None:
+    """Asym mode: a later stage's refit fits the unpruned model's down-projection outputs on the activations of
+    the pruned model, whose earlier stages (and patch merging) are pruned; they differ from the unpruned model's."""
+    model, data = build("swin"), batches("swin")
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none", residual=False)
+    names = [b.name for b in find_blocks(model)]
+    apart = 0.0
+    for unit, name in zip(report.units, names, strict=True):
+        path = f"{name}.{down_path('swin', model.get_submodule(name))}"
+        mine, theirs = pruned.get_submodule(path), model.get_submodule(path)
+        with torch.no_grad():
+            seen = torch.cat([captured_input(model, theirs, b).reshape(-1, theirs.in_features) for b in data])
+            a = torch.cat([captured_input(pruned, mine, b).reshape(-1, mine.in_features) for b in data])
+            want = lstsq(a, theirs(seen))
+            apart = max(apart, float(np.abs(lstsq(seen[:, unit.kept], theirs(seen)) - want).max()))
+        np.testing.assert_allclose(fitted(mine), want, atol=2e-4, rtol=1e-3)
+    assert apart > 1e-3  # the pruned network's activations are not the unpruned one's
+
+
+def test_error_curve_allocation_and_a_saved_model(tmp_path) -> None:
+    """The error-curve allocation runs the unpruned stages first (their token counts change), then the pruning
+    from the first stage again; the total kept is the uniform one. The pruned model saves and reloads."""
+    model, data = build("swin"), batches("swin")
+    _, uniform = prune_transformer(model, data, keep=0.5, target="ffn")
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", allocation="error-curve")
+    assert sum(u.n_kept for u in report.units) == sum(u.n_kept for u in uniform.units)
+    assert [u.n_kept for u in report.units] != [u.n_kept for u in uniform.units]
+    assert report.params_after < report.params_before
+    save_pruned(pruned, tmp_path / "swin")
+    again = load_pruned(tmp_path / "swin", build("swin"))
+    for b in data:
+        torch.testing.assert_close(out(again, b), out(pruned, b))
+
+
+def test_merged_tokens_keep_their_image_cross_validation_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit's ridge is cross-validated over folds of whole images (dealt round-robin: image ``i`` of the
+    calibration set in fold ``i mod 5``); every token of a later stage, and every row of its statistics, stays in
+    its image's fold."""
+    import nn_adapters.transformer as tr
+
+    seen: list[tuple[int, torch.Tensor]] = []
+    update = tr._Stats.update
+
+    def spy(self, a, y, w, fold):  # noqa: ANN001, ANN202
+        seen.append((a.shape[0], fold.clone()))
+        return update(self, a, y, w, fold)
+
+    monkeypatch.setattr(tr._Stats, "update", spy)
+    model, data = build("swin"), batches("swin")
+    prune_transformer(model, data, keep=0.5, target="ffn", method="layer")
+    blocks = blocks_of(model)
+    assert len(seen) == len(blocks) * len(data)
+    for i, (rows, fold) in enumerate(seen):
+        block, b = blocks[i // len(data)], i % len(data)
+        tokens = captured_input(model, block, data[b]).shape[1]
+        images = torch.arange(3 * b, 3 * b + 3) % tr.CV_FOLDS
+        assert rows == 3 * tokens
+        assert torch.equal(fold.cpu(), images.repeat_interleave(tokens))
+
+
+def test_heads_are_refused_with_the_reason() -> None:
+    model, data = build("swin"), batches("swin")
+    with pytest.raises(ValueError, match=r"shifted windows.*target='ffn'"):
+        prune_transformer(model, data, keep=0.5, target="heads")
+
+
+class Merge(nn.Module):
+    """Neighbouring tokens concatenated and projected: half the tokens, twice as wide."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * width, 2 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return self.proj(x.reshape(b, t // 2, 2 * d))
+
+
+class TwoStages(nn.Module):
+    """Two stacks of torch encoder layers (width 8, then 16); between them a merging module, or (``functional``)
+    the same reshape written in the forward, outside any module."""
+
+    def __init__(self, functional: bool = False) -> None:
+        super().__init__()
+        self.functional = functional
+        self.stage0 = nn.ModuleList(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+                                    for _ in range(2))
+        self.merge = Merge(8)
+        self.stage1 = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True)
+                                    for _ in range(2))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.stage0:
+            x = layer(x, src_key_padding_mask=mask)
+        b, t, d = x.shape
+        x = x.reshape(b, t // 2, 2 * d) if self.functional else self.merge(x)
+        for layer in self.stage1:
+            x = layer(x)
+        return x
+
+
+def two_stage_batches(mask: bool = False) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(3):
+        batch = {"x": torch.randn(4, 8, 8, generator=g)}
+        if mask:
+            batch["mask"] = torch.arange(8).view(1, -1) >= torch.tensor([8, 6, 8, 4]).view(-1, 1)
+        out.append(batch)
+    return out
+
+
+def test_stages_linked_by_a_module_are_pruned_like_swin() -> None:
+    """Any model: the module between two stacks whose output is the next stack's input is run as it is; both
+    stages' FFNs are pruned (zeroed-model oracle without refit; lstsq on the stage's tokens in layer mode)."""
+    torch.manual_seed(0)
+    model, data = TwoStages().eval(), two_stage_batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", reweight=False)
+    assert [(u.n_units, u.n_kept) for u in report.units] == [(16, 8), (16, 8), (24, 12), (24, 12)]
+    zeroed = zeroed_ffn(model, report, "linear2")
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(pruned(**b), zeroed(**b), atol=1e-5, rtol=1e-5)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       weighting="none")
+    for unit in report.units:
+        down = model.get_submodule(unit.block).linear2
+        with torch.no_grad():
+            a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data])
+            want = lstsq(a[:, unit.kept], down(a))
+        np.testing.assert_allclose(fitted(pruned.get_submodule(unit.block).linear2), want, atol=2e-4, rtol=1e-3)
+
+
+def test_padding_cannot_cross_a_merge_and_a_functional_boundary_is_refused() -> None:
+    """A padded batch whose token count changes between stages: which merged token is padding is not known, so it
+    is refused with what to pass. A boundary computed outside modules is not linked: the stacks do not chain."""
+    torch.manual_seed(0)
+    model = TwoStages().eval()
+    with pytest.raises(ValueError, match=r"receives 4 tokens per sequence, the first block 8.*without padding"):
+        prune_transformer(model, two_stage_batches(mask=True), keep=0.5, target="ffn")
+    functional = TwoStages(functional=True).eval()
+    with pytest.raises(ValueError, match=r"does not receive the previous block's output"):
+        prune_transformer(functional, two_stage_batches(), keep=0.5, target="ffn")
+    # the caller's model is untouched
+    before = copy.deepcopy(model.state_dict())
+    prune_transformer(model, two_stage_batches(), keep=0.5, target="ffn")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
