@@ -1045,6 +1045,25 @@ class _HFSwinLegacyBlock(_Windowed, _HFViTLegacyBlock):
     RESID_FFN = ("layernorm_after", 0)
 
 
+class _HFSwinv2Block(_Windowed, _HFViTLegacyBlock):
+    """Swin V2 layers (``Swinv2Layer``: Swin's older part names, cosine attention with a continuous position bias)
+    in "res-post-norm" order: ``x + layernorm_before(attn(x))``, then ``x + layernorm_after(output(intermediate(x)))``.
+    The FFN reads the residual stream itself and a LayerNorm normalises its output before the sum, which the
+    refit accounts for (see ``_centres`` in :mod:`nn_adapters.transformer`). See :class:`_Windowed`."""
+
+    kind = "hf_swinv2"
+    SA = "attention.self"
+    RESID_FFN = ("intermediate", 0)  # the FFN's input is the residual stream
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = _get(module, cls.SA)
+        return hasattr(sa, "continuous_position_bias_mlp") and super().matches(module)
+
+    def output_norm(self, stage: str) -> nn.Module | None:
+        return self.module.layernorm_after if stage == "ffn" else self.module.layernorm_before
+
+
 class _HFBeitLegacyBlock(_HFViTLegacyBlock):
     """BEiT's older layout (``BeitLayer`` of transformers 4; ``Data2VecVisionLayer`` still in 5): ViT's older part
     names, pre-LN, but the FFN's output module adds no residual (``x + lambda_2 * output(intermediate(
@@ -3950,7 +3969,7 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFSwinBlock, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock,
     _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock,
     _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block,
     _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block,

@@ -2066,7 +2066,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 if s not in side["stats"]:
                     side["stats"][s] = _Stats(a.shape[1], y.shape[1], side["col_scale"][s], CV_FOLDS,
                                               _stats_device(_consumer(oblk, s).weight.device))
-                side["stats"][s].update(a, y, w, cache[b]["fold"])
+                side["stats"][s].update(a, _centred(oblk, s, y), w, cache[b]["fold"])
             else:
                 # the consumer output that would give the original sum on the pruned network's residual, which is
                 # then subtracted: (original sum - residual) / lambda with a layer scale; in float64, as the
@@ -2096,10 +2096,30 @@ def _layer_scale(block: _Block, stage: str, like: torch.Tensor) -> tuple[torch.T
 _GAIN_PROBE = 1e3
 
 
+def _centres(norm: nn.Module | None) -> bool:
+    """Whether the norm after a consumer subtracts each token's mean (a LayerNorm: Swin V2's). Its output depends
+    on the consumer output only through the centred part, ``P y = y - mean(y)``, as ``g * P y / s + b``: the
+    targets of that consumer are centred (:func:`_centred`) and the rest is read as an RMS norm's."""
+    return isinstance(norm, nn.LayerNorm)
+
+
+def _centred(block: _Block, stage: str, y: torch.Tensor) -> torch.Tensor:
+    """The consumer targets ``y`` (rows) centred per token where the norm after the consumer is a LayerNorm (see
+    :func:`_centres`): the fitted outputs are then centred too, and the selection objective weighs only what
+    reaches the norm's output. The refit's least squares acts on each output column alike, so it commutes with
+    the centring: the refitted layer normalises to what the fit of the uncentred targets would."""
+    view, role = _view(block, stage)
+    return y - y.mean(dim=1, keepdim=True) if _centres(view.output_norm(role)) else y
+
+
 def _norm_gains(norm: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
     """The ``width`` per-channel gains ``g`` (float64) of an RMS norm ``N(y) = g * y / sqrt(mean(y^2) + eps)``
     placed after a consumer, however the norm parametrizes them (Gemma's ``1 + weight``, OLMo's ``weight``); the
-    probe row takes ``like``'s device and floating dtype."""
+    probe row takes ``like``'s device and floating dtype. A LayerNorm's are its weight (ones without one)."""
+    if _centres(norm):
+        w = norm.weight
+        return (torch.ones(width, dtype=torch.float64, device=like.device) if w is None
+                else w.detach().double().reshape(-1).to(like.device))
     dtype = like.dtype if like.is_floating_point() else torch.float32
     probe = torch.full((1, width), _GAIN_PROBE, dtype=dtype, device=like.device)
     return norm(probe).detach().double().reshape(-1)
@@ -2109,12 +2129,17 @@ def _token_scales(block: _Block, stage: str, y: torch.Tensor, out: torch.Tensor,
                   check: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of the norm after the stage's consumer on the rows ``y`` (its output ``out``): per token
     ``s_t`` and per channel ``g`` (float64), with ``out_t = s_t * g * y_t`` (``s_t = 1 / rms(y_t)``), ``s_t`` fitted
-    by least squares per row. With ``check`` (the first batch), a norm that is not of that form (a LayerNorm that
-    subtracts the mean, a bias) is refused. A row with ``g * y_t = 0`` gets the largest factor of the others."""
+    by least squares per row. A LayerNorm is read the same way on the centred rows, its bias apart:
+    ``out_t - b = s_t * g * (y_t - mean(y_t))`` (see :func:`_centres`). With ``check`` (the first batch), a norm
+    of neither form (another bias or offset) is refused. A row with ``g * y_t = 0`` gets the largest factor of the
+    others."""
     view, role = _view(block, stage)
-    g = _norm_gains(view.output_norm(role), y.shape[1], y)
-    gy = y.detach().double() * g.to(y.device)
+    norm = view.output_norm(role)
+    g = _norm_gains(norm, y.shape[1], y)
+    gy = _centred(block, stage, y.detach().double()) * g.to(y.device)
     out64 = out.detach().double()
+    if _centres(norm) and norm.bias is not None:
+        out64 = out64 - norm.bias.detach().double().to(out64.device)
     den = gy.pow(2).sum(1)
     ok = den > 0
     scales = torch.where(ok, (out64 * gy).sum(1) / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
@@ -2124,9 +2149,10 @@ def _token_scales(block: _Block, stage: str, y: torch.Tensor, out: torch.Tensor,
         if bool((err > tol * out64.norm(dim=1) + 1e-12).any()) or bool((scales[ok] <= 0).any()):
             name = "FFN" if stage == "ffn" else "attention"
             raise ValueError(f"block {block.name!r} ({type(block.module).__name__}): the norm after its {name} output "
-                             f"({type(block.output_norm(stage)).__name__}) is not an RMS norm (a per-token scale "
-                             "times per-channel gains, without mean subtraction or bias), which the refit's targets "
-                             "assume. This model is not supported by the transformer adapter.")
+                             f"({type(block.output_norm(stage)).__name__}) is neither an RMS norm (a per-token "
+                             "scale times per-channel gains, without mean subtraction or bias) nor an "
+                             "nn.LayerNorm, which the refit's targets assume. This model is not supported by the "
+                             "transformer adapter.")
     fill = scales[ok].max() if bool(ok.any()) else torch.ones((), dtype=scales.dtype, device=scales.device)
     return torch.where(ok, scales, fill), g
 
@@ -2243,7 +2269,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 if s not in stats:
                     stats[s] = _Stats(a.shape[1], y.shape[1], col_scale[s], CV_FOLDS,
                                       _stats_device(_consumer(blk, s).weight.device))
-                stats[s].update(a, y, row_w[s][b], cache[b]["fold"])
+                stats[s].update(a, _centred(blk, s, y), row_w[s][b], cache[b]["fold"])
             targets[s] = []
         _apply_selection(blk, s, method, reweight, budgets[s], stats[s], ridge, rule, rng, report, t0, jobs)
     return xo_next
@@ -2266,7 +2292,9 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     else:
         chosen = rng.choice(n_units, size=k, replace=False)
     problem = None if stats is None or jobs.executor is None else stats.problem()
-    w_orig = weight_of(consumer).detach().double().cpu().numpy() if reweight and ridge.prior else None
+    w_orig = None
+    if reweight and ridge.prior:  # the trained weights, centred like the targets where a LayerNorm follows
+        w_orig = _centred(blk, stage, weight_of(consumer).detach().double().T).T.cpu().numpy()
     t_here = time.perf_counter() - t0
 
     def use(out: tuple[np.ndarray, tuple | None, float]) -> None:

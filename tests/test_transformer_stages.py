@@ -1,10 +1,12 @@
 """Hierarchical encoders: stacks of blocks linked by layers that change the number of tokens between them (Swin's
-patch merging: a quarter of the tokens, twice as wide, for the next stage), tiny randomly initialised models.
+patch merging: a quarter of the tokens, twice as wide, for the next stage), tiny randomly initialised models; and
+Swin V2's LayerNorms after the FFN's output.
 
 Oracles: the unpruned model with the removed neurons' down-projection columns set to zero (pruning without refit
 must give exactly its outputs, stage after stage), numpy.linalg.lstsq on the down projections' inputs hooked in the
 models' own forwards (layer mode: the unpruned model's; asym mode: the pruned model's, aimed at the unpruned
-model's outputs), the saved and reloaded model's outputs, and hand-built two-stage models of torch encoder layers
+model's outputs; Swin V2: weighted least squares written from the first-order change of a LayerNorm's output),
+the saved and reloaded model's outputs, and hand-built two-stage models of torch encoder layers
 whose stage boundary is a module, a functional reshape or a mask the merged tokens cannot inherit.
 """
 
@@ -35,6 +37,8 @@ MODELS = {
     "maskformer_swin": ("MaskFormerSwinModel", "MaskFormerSwinConfig",
                         dict(SWIN, image_size=24, patch_size=4, depths=[2, 2], num_heads=[1, 2]), "output.dense",
                         "pixel_values"),
+    # Swin V2: LayerNorms after the attention's and the FFN's outputs ("res-post-norm")
+    "swinv2": ("Swinv2Model", "Swinv2Config", SWIN, "output.dense", "pixel_values"),
     # CLAP's audio encoder (HTS-AT): Swin stages over a mel spectrogram
     "clap_audio": ("ClapAudioModel", "ClapAudioConfig",
                    dict(depths=[1, 1], num_attention_heads=[2, 4], hidden_size=32, patch_embeds_hidden_size=16,
@@ -83,7 +87,8 @@ def test_every_stage_is_pruned_and_without_refit_equals_the_zeroed_model(name: s
     hands on): without refit, the pruned model is the unpruned one with the removed neurons' columns zeroed."""
     model, data = build(name), batches(name)
     blocks = find_blocks(model)
-    assert {b.kind for b in blocks} == {"hf_swin"} and len({b.name.rpartition(".")[0] for b in blocks}) >= 2
+    assert {b.kind for b in blocks} == {"hf_swinv2" if name == "swinv2" else "hf_swin"}
+    assert len({b.name.rpartition(".")[0] for b in blocks}) >= 2
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", reweight=False)
     widths = [b.down.in_features for b in blocks]
     assert [u.block for u in report.units] == [b.name for b in blocks]
@@ -119,6 +124,88 @@ def test_layer_mode_refit_is_lstsq_on_each_stage_tokens(name: str) -> None:
             a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data])
             want = lstsq(a[:, unit.kept], down(a))
         np.testing.assert_allclose(fitted(new.get_submodule(down_path(name, new))), want, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_swinv2_refit_is_weighted_through_the_layernorm_after_the_ffn(ridge: float) -> None:
+    """Swin V2's FFN output goes through a LayerNorm before the sum: ``x + LN(y)``, ``LN(y) = g * (y - mean(y)) /
+    sqrt(var(y) + eps) + b``. To first order an error ``e`` in ``y`` moves the sum by ``g * (e - mean(e)) /
+    sqrt(var(y_t) + eps)``, so the layer-mode refit is least squares on token ``t`` weighted by
+    ``1 / (var(y_t) + eps)`` (no other weighting asked). Written out here without a ridge: the weighted lstsq of
+    the unpruned model's outputs on the kept neurons' activations, whose LayerNorm outputs the pruned layer must
+    reproduce (the mean of a token's outputs does not reach the sum). With a ridge toward the trained weights, and
+    without: the reported relative error is that of the LayerNorm's first-order change, the centred, ``g``-scaled
+    residual of the pruned layer's outputs (the part of the trained weights that only moves a token's mean does not
+    count)."""
+    model, data = build("swinv2"), batches("swinv2")
+    with torch.no_grad():  # gains and biases of their own (a fresh LayerNorm has ones and zeros)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=ridge,
+                                       weighting="none")
+    for unit, block, new in zip(report.units, blocks_of(model), blocks_of(pruned), strict=True):
+        down, norm = block.output.dense, block.layernorm_after
+        with torch.no_grad():
+            a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data]).double()
+            y = down(a.float()).double()
+            w = 1.0 / (y.var(dim=1, unbiased=False) + norm.eps)
+            a_k = a[:, unit.kept]
+            mine = new.output.dense(a_k.float())
+            if ridge == 0.0:
+                design = torch.cat([a_k, torch.ones(len(a), 1, dtype=torch.float64)], dim=1) * w.sqrt()[:, None]
+                sol = torch.linalg.lstsq(design, y * w.sqrt()[:, None]).solution
+                torch.testing.assert_close(norm(mine), norm((a_k @ sol[:-1] + sol[-1]).float()), atol=1e-4,
+                                           rtol=1e-4)
+            g = norm.weight.double()
+            z = (y - y.mean(dim=1, keepdim=True)) * g
+            err = (y - mine.double()) * g
+            err = err - (err / g).mean(dim=1, keepdim=True) * g  # centred before the gains: g * P(y - mine)
+            spread = z - (w[:, None] * z).sum(0) / w.sum()
+            rel = float((w[:, None] * err.square()).sum() / (w[:, None] * spread.square()).sum())
+        assert unit.relative_error == pytest.approx(rel, rel=1e-3, abs=1e-6)
+
+
+def test_swinv2_asym_refit_aims_at_the_unpruned_sums() -> None:
+    """Asym mode with the residual compensated (the default): the FFN of Swin V2 should give the unpruned model's
+    sum ``x + LN(y)`` on the pruned model's residual ``x'``; to first order its output should move by
+    ``(x - x') * sqrt(var(y_t) + eps) / g``. Written out: the least squares of that target on the pruned model's
+    activations, tokens weighted by ``1 / (var(y_t) + eps)``, whose LayerNorm outputs the pruned layer
+    reproduces."""
+    model, data = build("swinv2"), batches("swinv2")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
+                                       weighting="none")
+    for unit, block, new in zip(report.units, blocks_of(model), blocks_of(pruned), strict=True):
+        down, norm, mine = block.output.dense, block.layernorm_after, new.output.dense
+        with torch.no_grad():
+            def rows(net: nn.Module, module: nn.Module) -> torch.Tensor:
+                return torch.cat([captured_input(net, module, b).reshape(-1, module.in_features)
+                                  for b in data]).double()
+
+            y = down(rows(model, down).float()).double()
+            x, x_p = rows(model, block.intermediate.dense), rows(pruned, new.intermediate.dense)
+            a = rows(pruned, mine)
+            sd = (y.var(dim=1, unbiased=False) + norm.eps).sqrt()
+            target = y + (x - x_p) * sd[:, None] / norm.weight.double()
+            design = torch.cat([a, torch.ones(len(a), 1, dtype=torch.float64)], dim=1) / sd[:, None]
+            sol = torch.linalg.lstsq(design, target / sd[:, None]).solution
+            assert float((x - x_p).abs().max()) > 1e-3 or block is blocks_of(model)[0]
+            torch.testing.assert_close(norm(mine(a.float())), norm((a @ sol[:-1] + sol[-1]).float()), atol=2e-4,
+                                       rtol=1e-4)
+            # the reported error: of the centred, g-scaled targets (what reaches the LayerNorm's output)
+            g, w = norm.weight.double(), sd.square().reciprocal()
+            z = (target - target.mean(dim=1, keepdim=True)) * g
+            e = target - mine(a.float()).double()
+            e = (e - e.mean(dim=1, keepdim=True)) * g
+            spread = z - (w[:, None] * z).sum(0) / w.sum()
+            rel = float((w[:, None] * e.square()).sum() / (w[:, None] * spread.square()).sum())
+        assert unit.relative_error == pytest.approx(rel, rel=1e-3, abs=1e-6)
 
 
 def test_asym_refit_reads_each_stage_from_the_pruned_stages_before() -> None:
