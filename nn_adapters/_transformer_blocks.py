@@ -60,6 +60,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -447,6 +448,12 @@ class _Block:
     def batch_first(self, stage: str = "block") -> bool:
         """Whether tensors of ``stage`` ("block", "ffn" or "heads") are laid out (batch, tokens, features)."""
         return True
+
+    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        """The input ``t`` of the stage's consumer, as captured in a forward with the call context ``ctx``, laid
+        out like the block's tokens (:meth:`batch_first`): ``t`` itself, except where the block regroups its tokens
+        before the consumer (Swin's windows: :class:`_Windowed`)."""
+        return t
 
     # --- FFN -----------------------------------------------------------------------------------------------
     @property
@@ -1010,12 +1017,19 @@ class _HFViTLegacyBlock(_HFBlock):
 
 
 class _Windowed:
-    """Swin's layers (Swin, Donut's and MaskFormer's Swin, CLAP's audio encoder): ViT's pre-LN parts, with the
-    attention computed in windows of the stage's token grid, shifted every other layer (``SwinLayer``; the layer
-    has ``set_shift_and_window_size``). The FFN acts on each token and is pruned like ViT's. Heads are refused:
-    the attention sees the tokens regrouped into (padded) windows and adds a relative position bias per head,
-    which head pruning does not read. The stages of the encoder are linked through their patch merging (see
-    ``_link_stages`` in :mod:`nn_adapters.transformer`)."""
+    """Swin's layers (Swin, Donut's and MaskFormer's Swin, CLAP's audio encoder; Swin V2): ViT's pre-LN parts, with
+    the attention computed in windows of the stage's token grid, shifted every other layer (``SwinLayer``: the layer
+    has ``window_size``, ``shift_size`` and ``maybe_pad``). The FFN acts on each token and is pruned like ViT's. The
+    attention's output projection sees the tokens regrouped: the grid padded to whole windows, rolled by the shift,
+    cut into windows (``(batch * windows, window tokens, features)``); :meth:`consumer_rows` puts its input rows
+    back in token order, without the padding, by running the layer's own padding and its module's
+    ``window_partition`` on the grid of token numbers (which the first batch's layout check confirms: the projected
+    rows plus the residual must give the sum the layer computes). Each head's relative position bias (a table
+    column, or Swin V2's continuous bias and logit scale) goes with the head. The stages of the encoder are
+    linked through their patch merging (see ``_link_stages`` in :mod:`nn_adapters.transformer`)."""
+
+    module: nn.Module
+    name: str
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -1023,37 +1037,81 @@ class _Windowed:
                 and hasattr(module, "window_size") and super().matches(module))  # type: ignore[misc]
 
     def prepare_heads(self) -> None:
-        raise ValueError(f"block {self.name!r} ({type(self.module).__name__}) computes its attention in shifted "  # type: ignore[attr-defined]
-                         "windows of the token grid, with a relative position bias per head: head pruning does "
-                         "not support it; prune target='ffn' on this model.")
+        if not callable(getattr(sys.modules.get(type(self.module).__module__), "window_partition", None)):
+            raise ValueError(f"block {self.name!r} ({type(self.module).__name__}) computes its attention in shifted "
+                             "windows of the token grid, and its module has no window_partition function to read "
+                             "the windows' token order from: head pruning does not support it; prune target='ffn' "
+                             "on this model.")
+        super().prepare_heads()  # type: ignore[misc]
+
+    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        if stage != "heads":
+            return t
+        dims = ctx["args"][0] if ctx["args"] else ctx["kwargs"]["input_dimensions"]
+        height, width = int(dims[0]), int(dims[1])
+        index = self._window_order(height, width).to(t.device)
+        batch = t.shape[0] * t.shape[1] // index.numel()
+        rows = t.reshape(batch, index.numel(), t.shape[-1])
+        real = index >= 0
+        out = rows.new_empty(batch, height * width, t.shape[-1])
+        out[:, index[real]] = rows[:, real]
+        return out
+
+    def _window_order(self, height: int, width: int) -> torch.Tensor:
+        """For each row of the windows the layer cuts from a ``height x width`` grid, the number of its token in
+        the grid (row-major), or -1 for a padding position: the layer's padding, shift and partition applied to
+        the grid of token numbers."""
+        grid = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width, 1)
+        padded = self.module.maybe_pad(grid, height, width)[0]
+        shift = int(self.module.shift_size)
+        if shift > 0:
+            padded = torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2))
+        partition = sys.modules[type(self.module).__module__].window_partition
+        return partition(padded, self.module.window_size).reshape(-1).round().long() - 1
 
 
 class _HFSwinBlock(_Windowed, _HFViTBlock):
-    """Swin layers in transformers 5's layout (``SwinLayer``: ``attention.{q,k,v,o}_proj``, ``intermediate`` /
-    ``output``, ``layernorm_before/after``): see :class:`_Windowed`."""
+    """Swin layers in transformers 5's layout (``SwinLayer``: ``attention.{q,k,v,o}_proj`` and the relative
+    position bias table ``attention.relative_position_bias``, ``mlp.fc1/fc2``, ``layernorm_before/after``): see
+    :class:`_Windowed`."""
 
     kind = "hf_swin"
+    PLAIN = frozenset({"dropout", "relative_position_bias"})
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        _keep_bias_table_columns(self.module.attention.relative_position_bias, keep)
 
 
 class _HFSwinLegacyBlock(_Windowed, _HFViTLegacyBlock):
-    """Swin layers in the older layout (``attention.self.{query,key,value}``, ``attention.output.dense``; the
-    residual added by the layer: ``x + output(intermediate(layernorm_after(x)))``): Donut's and MaskFormer's Swin,
-    CLAP's audio encoder, Swin in transformers 4. See :class:`_Windowed`."""
+    """Swin layers in the older layout (``attention.self.{query,key,value}`` with the bias table
+    ``relative_position_bias_table`` beside them, ``attention.output.dense``; the residual added by the layer:
+    ``x + output(intermediate(layernorm_after(x)))``): Donut's and MaskFormer's Swin, CLAP's audio encoder, Swin
+    in transformers 4. See :class:`_Windowed`."""
 
     kind = "hf_swin"
     SA = "attention.self"
     RESID_FFN = ("layernorm_after", 0)
 
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        _keep_bias_table_columns(_get(self.module, self.SA), keep)
+
 
 class _HFSwinv2Block(_Windowed, _HFViTLegacyBlock):
     """Swin V2 layers (``Swinv2Layer``: Swin's older part names, cosine attention with a continuous position bias)
     in "res-post-norm" order: ``x + layernorm_before(attn(x))``, then ``x + layernorm_after(output(intermediate(x)))``.
-    The FFN reads the residual stream itself and a LayerNorm normalises its output before the sum, which the
-    refit accounts for (see ``_centres`` in :mod:`nn_adapters.transformer`). See :class:`_Windowed`."""
+    The sublayers read the residual stream itself and a LayerNorm normalises their outputs before the sums, which
+    the refit accounts for (see ``_centres`` in :mod:`nn_adapters.transformer`). A head's part of the position bias
+    is its output of the bias network (``continuous_position_bias_mlp``'s last layer: one row per head) and its
+    ``logit_scale``. See :class:`_Windowed`."""
 
     kind = "hf_swinv2"
     SA = "attention.self"
     RESID_FFN = ("intermediate", 0)  # the FFN's input is the residual stream
+    PLAIN = frozenset({"dropout", "continuous_position_bias_mlp"})
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -1062,6 +1120,16 @@ class _HFSwinv2Block(_Windowed, _HFViTLegacyBlock):
 
     def output_norm(self, stage: str) -> nn.Module | None:
         return self.module.layernorm_after if stage == "ffn" else self.module.layernorm_before
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        super().shrink_heads(keep, out_weight, out_bias)
+        sa = _get(self.module, self.SA)
+        last = sa.continuous_position_bias_mlp[-1]
+        keep = keep.to(last.weight.device)
+        sa.continuous_position_bias_mlp[-1] = _linear_like(last, last.weight[keep],
+                                                           None if last.bias is None else last.bias[keep])
+        sa.logit_scale = _sliced_parameter(sa.logit_scale, keep)
 
 
 class _HFBeitLegacyBlock(_HFViTLegacyBlock):

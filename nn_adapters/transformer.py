@@ -1109,10 +1109,10 @@ def prune_transformer(
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT, the
         sentence embedders GTE, Nomic Embed, Jina Embeddings v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family
-        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP; Swin (FFN), its stages linked through the
-        patch merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads
-        pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the
-        FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
+        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP; Swin and Swin V2, their stages linked through
+        the patch merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM:
+        heads pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and
+        the FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
         shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
         attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
         Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
@@ -1608,9 +1608,15 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
     return out
 
 
+def _own_context(block: _Block, ctx: dict[str, Any]) -> dict[str, Any]:
+    """The call context of ``block`` in a cached batch's context ``ctx``: its own arguments where the blocks take
+    arguments of their own (see :func:`_capture_first_block`), else ``ctx``."""
+    return ctx.get("per_block", {}).get(block.name, ctx)
+
+
 def _fwd(block: _Block, x: torch.Tensor, ctx: dict[str, Any], counter: list[int]) -> torch.Tensor:
     counter[0] += 1
-    return block.forward(x, ctx.get("per_block", {}).get(block.name, ctx))
+    return block.forward(x, _own_context(block, ctx))
 
 
 def _step_over(block: _Block, xs: list[torch.Tensor], cache: list[dict[str, Any]], counter: list[int], *,
@@ -2034,7 +2040,8 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         valid = cache[b]["valid"]
         for s in stages:
             view, role = _view(oblk, s)
-            a = _rows(got[s], valid, view.batch_first(role))
+            a = _rows(view.consumer_rows(role, got[s], _own_context(oblk, _original_context(cache[b]))), valid,
+                      view.batch_first(role))
             y = orig_mods[s](a)
             lam = _layer_scale(oblk, s, y)[0]
             norm = view.output_norm(role)
@@ -2253,7 +2260,9 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 valid = cache[b]["valid"]
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
                                             stop=blk.single_call() and not from_output)
-                a = _rows(got[s], valid, blk.batch_first(s))
+                view, role = _view(blk, s)
+                a = _rows(view.consumer_rows(role, got[s], _own_context(blk, cache[b]["ctx"])), valid,
+                          blk.batch_first(s))
                 if mode == "asym":
                     y = targets[s][b]
                     if residual:

@@ -25,8 +25,9 @@ from tests._torch_helpers import captured_input, zeroed_ffn
 
 transformers = pytest.importorskip("transformers")
 
-# three stages of 16x16, 8x8 and 4x4 tokens (windows of 4x4: shifted in the first two stages); widths 8, 16, 32
-SWIN = dict(image_size=32, patch_size=2, embed_dim=8, depths=[2, 1, 1], num_heads=[1, 2, 4], window_size=4)
+# three stages of 16x16, 8x8 and 4x4 tokens (windows of 4x4, shifted in the first stage's second layer); widths 8, 16,
+# 32; heads of width 4, 8, 8
+SWIN = dict(image_size=32, patch_size=2, embed_dim=8, depths=[2, 1, 1], num_heads=[2, 2, 4], window_size=4)
 
 # name -> (model class, config class, config, path of the FFN's down projection in a block ("a|b": "a" if the block
 # has it, else "b"), input name)
@@ -53,6 +54,19 @@ def build(name: str) -> nn.Module:
         pytest.skip(f"transformers {transformers.__version__} exports no {model_cls}")
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
+
+
+def random_norms(model: nn.Module) -> nn.Module:
+    """LayerNorms with gains and biases of their own (a fresh one has ones and zeros), and Swin V2's attention
+    logit scales different per head (a fresh one has ``log(10)`` everywhere)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+            if isinstance(getattr(m, "logit_scale", None), nn.Parameter):
+                m.logit_scale.uniform_(0.5, 3.0)
+    return model
 
 
 def batches(name: str, n_batches: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -137,12 +151,7 @@ def test_swinv2_refit_is_weighted_through_the_layernorm_after_the_ffn(ridge: flo
     without: the reported relative error is that of the LayerNorm's first-order change, the centred, ``g``-scaled
     residual of the pruned layer's outputs (the part of the trained weights that only moves a token's mean does not
     count)."""
-    model, data = build("swinv2"), batches("swinv2")
-    with torch.no_grad():  # gains and biases of their own (a fresh LayerNorm has ones and zeros)
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    model, data = random_norms(build("swinv2")), batches("swinv2")
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=ridge,
                                        weighting="none")
     for unit, block, new in zip(report.units, blocks_of(model), blocks_of(pruned), strict=True):
@@ -173,12 +182,7 @@ def test_swinv2_asym_refit_aims_at_the_unpruned_sums() -> None:
     ``(x - x') * sqrt(var(y_t) + eps) / g``. Written out: the least squares of that target on the pruned model's
     activations, tokens weighted by ``1 / (var(y_t) + eps)``, whose LayerNorm outputs the pruned layer
     reproduces."""
-    model, data = build("swinv2"), batches("swinv2")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
+    model, data = random_norms(build("swinv2")), batches("swinv2")
     pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="asym", ridge=0.0,
                                        weighting="none")
     for unit, block, new in zip(report.units, blocks_of(model), blocks_of(pruned), strict=True):
@@ -269,9 +273,136 @@ def test_merged_tokens_keep_their_image_cross_validation_fold(monkeypatch: pytes
         assert torch.equal(fold.cpu(), images.repeat_interleave(tokens))
 
 
-def test_heads_are_refused_with_the_reason() -> None:
-    model, data = build("swin"), batches("swin")
-    with pytest.raises(ValueError, match=r"shifted windows.*target='ffn'"):
+# per model: the attention output projection in a block, the module whose input is the attention's residual sum,
+# and the norm between the projection and that sum (Swin V2's) or None
+HEAD_PARTS = {"swin": ("attention.o_proj|attention.output.dense", "layernorm_after", None),
+              "donut_swin": ("attention.output.dense", "layernorm_after", None),
+              "maskformer_swin": ("attention.output.dense", "layernorm_after", None),
+              "swinv2": ("attention.output.dense", "intermediate", "layernorm_before")}
+
+
+def part(block: nn.Module, path: str) -> nn.Module:
+    for p in path.split("|"):
+        try:
+            return block.get_submodule(p)
+        except AttributeError:
+            continue
+    raise AttributeError(path)
+
+
+def window_calls(model: nn.Module, data: list[dict[str, torch.Tensor]], name: str) -> list[list[dict]]:
+    """Per block, per batch: what the model's own forward hands its attention (the window rows), the output
+    projection's input, the block's input and arguments, and the input of the module that reads the attention's
+    residual sum."""
+    out_path, sum_path, _ = HEAD_PARTS[name]
+    found = []
+    for blk in find_blocks(model):
+        block = blk.module
+        calls: list[dict] = []
+        hooks = [block.register_forward_pre_hook(
+                     lambda _m, args, kwargs, calls=calls: calls.append({"x": args[0].detach(), "args": args[1:],
+                                                                         "kwargs": kwargs}), with_kwargs=True),
+                 part(block, "attention").register_forward_pre_hook(
+                     lambda _m, args, calls=calls: calls[-1].update(attn_in=args[0].detach())),
+                 part(block, out_path).register_forward_pre_hook(
+                     lambda _m, args, calls=calls: calls[-1].update(o_in=args[0].detach())),
+                 part(block, sum_path).register_forward_pre_hook(
+                     lambda _m, args, calls=calls: calls[-1].update(sum=args[0].detach()))]
+        try:
+            with torch.no_grad():
+                for b in data:
+                    model(**b)
+        finally:
+            for h in hooks:
+                h.remove()
+        found.append((blk, calls))
+    return found
+
+
+@pytest.mark.parametrize("name", list(HEAD_PARTS))
+def test_window_rows_are_put_back_in_token_order(name: str) -> None:
+    """The attention's output projection sees the tokens regrouped into (shifted, padded) windows; the adapter puts
+    its input rows back in token order. Oracle, from the model's own forward: projected and put back, they are
+    the attention's output per token, i.e. the residual sum the layer computes minus the block's input (through the
+    LayerNorm after the attention in Swin V2)."""
+    model = random_norms(build(name))
+    data = batches(name, n_batches=1)
+    out_path, _, norm_path = HEAD_PARTS[name]
+    for blk, calls in window_calls(model, data, name):
+        call = calls[0]
+        ctx = {"args": call["args"], "kwargs": call["kwargs"]}
+        rows = blk.consumer_rows("heads", call["o_in"], ctx)
+        assert rows.shape[:2] == call["x"].shape[:2]
+        with torch.no_grad():
+            y = part(blk.module, out_path)(rows)
+            if norm_path is not None:
+                y = part(blk.module, norm_path)(y)
+        torch.testing.assert_close(call["x"] + y, call["sum"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(HEAD_PARTS))
+def test_heads_without_refit_equal_the_zeroed_model(name: str) -> None:
+    """Heads pruned in every stage without refit: the model with the removed heads' output-projection columns set
+    to zero (each head's position bias goes with it)."""
+    model, data = random_norms(build(name)), batches(name)
+    blocks = find_blocks(model)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="asym", reweight=False)
+    assert [(u.n_units, u.n_kept) for u in report.units] == [(b.num_heads, max(1, b.num_heads // 2)) for b in blocks]
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u, blk in zip(report.units, blocks, strict=True):
+            proj = part(zeroed.get_submodule(u.block), HEAD_PARTS[name][0])
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            proj.weight[:, [g * blk.head_dim + j for g in gone for j in range(blk.head_dim)]] = 0.0
+    for b in data:
+        torch.testing.assert_close(out(pruned, b), out(zeroed, b), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out(pruned, b), out(model, b), atol=1e-3)
+    assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("name", ["swin", "maskformer_swin", "swinv2"])
+def test_heads_layer_refit_is_lstsq_on_the_windows_real_rows(name: str) -> None:
+    """Layer mode: the output projection's refit is least squares over the window rows of real tokens (the rows
+    of padding positions, whose attention input is exactly zero, left out; MaskFormer's 6x6 grid is padded to
+    windows of 4x4): the rows' order does not matter to least squares. Through Swin V2's LayerNorm, each row
+    weighs ``1 / (var(y) + eps)``."""
+    model, data = random_norms(build(name)), batches(name)
+    out_path, _, norm_path = HEAD_PARTS[name]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="layer", ridge=0.0,
+                                       weighting="none")
+    padded = False
+    for unit, (blk, calls) in zip(report.units, window_calls(model, data, name), strict=True):
+        proj = part(blk.module, out_path)
+        real = torch.cat([c["attn_in"].reshape(-1, c["attn_in"].shape[-1]).abs().sum(1) > 0 for c in calls])
+        padded |= not bool(real.all())
+        a = torch.cat([c["o_in"].reshape(-1, proj.in_features) for c in calls])[real].double()
+        cols = [h * blk.head_dim + j for h in unit.kept for j in range(blk.head_dim)]
+        with torch.no_grad():
+            y = proj(a.float()).double()
+        w = torch.ones(len(a), dtype=torch.float64)
+        if norm_path is not None:
+            w = 1.0 / (y.var(dim=1, unbiased=False) + part(blk.module, norm_path).eps)
+        design = torch.cat([a[:, cols], torch.ones(len(a), 1, dtype=torch.float64)], dim=1) * w.sqrt()[:, None]
+        sol = torch.linalg.lstsq(design, y * w.sqrt()[:, None]).solution
+        new = part(pruned.get_submodule(unit.block), out_path)
+        with torch.no_grad():
+            mine, want = new(a[:, cols].float()).double(), a[:, cols] @ sol[:-1] + sol[-1]
+        if norm_path is not None:  # the mean of a row does not reach the LayerNorm's output
+            mine, want = mine - mine.mean(1, keepdim=True), want - want.mean(1, keepdim=True)
+        # the fitted outputs (a head of width 8 reads a LayerNorm of width 8, whose outputs span 7 dimensions: the
+        # weights are not unique there, the least-squares outputs are)
+        torch.testing.assert_close(mine, want, atol=2e-4, rtol=1e-3)
+    assert padded == (name == "maskformer_swin")
+
+
+def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The windows' token order is read with the model module's own ``window_partition``: without it, heads are
+    refused with the reason (the FFN is still pruned)."""
+    import sys
+
+    model, data = build("swin"), batches("swin", n_batches=1)
+    monkeypatch.delattr(sys.modules[type(find_blocks(model)[0].module).__module__], "window_partition")
+    with pytest.raises(ValueError, match=r"no window_partition function.*target='ffn'"):
         prune_transformer(model, data, keep=0.5, target="heads")
 
 
