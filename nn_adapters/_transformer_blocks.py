@@ -772,6 +772,20 @@ class _HFBertBlock(_HFBlock):
     PLAIN = frozenset({"dropout", "distance_embedding"})
 
 
+class _HFAlbertBlock(_HFBlock):
+    """ALBERT's layer (``AlbertLayer``): BERT's post-LN order under other names, ``attention.{query,key,value,
+    dense}`` and ``attention.LayerNorm``, FFN ``ffn`` / ``ffn_output``, ``full_layer_layer_norm``. The model
+    applies one such layer (per group) to its own outputs ``num_hidden_layers`` times: see :attr:`_Block.calls`
+    and ``layer`` mode's shared statistics in :mod:`nn_adapters.transformer`."""
+
+    kind = "hf_albert"
+    SA, QKV, OUT = "attention", ("query", "key", "value"), "attention.dense"
+    UP, DOWN = "ffn", "ffn_output"
+    NORM_HEADS, NORM_FFN = "attention.LayerNorm", "full_layer_layer_norm"
+    RESID_FFN = ("ffn", 0)  # full_layer_layer_norm(ffn_output(act(ffn(a))) + a)
+    PLAIN = frozenset({"attention_dropout", "output_dropout", "LayerNorm"})
+
+
 class _HFDebertaV2Block(_HFBertBlock):
     """DeBERTa-v2 and v3 (``DebertaV2Layer``): BERT's layout with ``attention.self.{query,key,value}_proj``. The
     relative-position terms project the shared position embeddings through the same query and key projections
@@ -4036,7 +4050,7 @@ class _TorchEncoderBlock(_Block):
 
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
-    _HFBertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
+    _HFBertBlock, _HFAlbertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
     _HFDistilBertBlock, _HFBeitBlock, _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock,
     _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock,
     _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block,

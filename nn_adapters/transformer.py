@@ -51,6 +51,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
@@ -1107,20 +1108,21 @@ def prune_transformer(
     ----------
     model : torch.nn.Module
         A model containing a stack of transformer blocks applied one after another: Hugging Face encoder layers
-        (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT, the
-        sentence embedders GTE, Nomic Embed, Jina Embeddings v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family
-        speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP; Swin and Swin V2, their stages linked through
-        the patch merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM:
-        heads pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and
-        the FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
-        shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
-        attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
-        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
-        GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads:
-        transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``);
-        the table of :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
-        ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
-        encoder's states. Not modified (a deep copy is pruned).
+        (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT,
+        ALBERT (layer mode: its layer is shared by the calls), the sentence embedders GTE, Nomic Embed, Jina Embeddings
+        v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2,
+        Pixtral, CLIP; Swin and Swin V2, their stages linked through the patch merging), Llama-style decoder layers
+        (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2 and 3,
+        OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures of
+        experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE,
+        whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3),
+        BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its
+        ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM, Falcon,
+        GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
+        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
+        :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
+        holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
+        modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the ``attention_mask`` marks
         padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
@@ -1291,15 +1293,15 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     blocks = find_blocks(work)
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
-                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; DeBERTa v1-v3, Longformer, FNet, MPNet, "
-                         "DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec 2.0, "
-                         "HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, ModernBERT and its "
-                         "decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 blocks, "
-                         "decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, Nemotron, "
-                         "Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, Qwen2/3-MoE, "
-                         "PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama 4, Aria, "
-                         "Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, LFM3, "
-                         "Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
+                         "and look-alikes such as RoBERTa, ELECTRA, MiniLM; ALBERT; DeBERTa v1-v3, Longformer, FNet, "
+                         "MPNet, DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec "
+                         "2.0, HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, ModernBERT and "
+                         "its decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 "
+                         "blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, "
+                         "Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, "
+                         "Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama "
+                         "4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, "
+                         "LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
                          "RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, CodeGen, "
                          "GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
                          "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
@@ -1364,12 +1366,16 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         if needs_data:
             batches = _batches(calibration_data, float_dtype(model))
             originals = None if original_data is None else _batches(original_data, float_dtype(model))
-            orig_blocks, cache, chain, called = _original_blocks(
+            orig_blocks, cache, chain_calls, called = _original_blocks(
                 model, batches if originals is None else originals, "heads" in stages, stacks_note, counter, gated,
                 bool(crossable), None if originals is None else batches)
             for blk, oblk in zip(blocks, orig_blocks, strict=True):  # the layers between stages, in this copy
                 blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name)) for o in oblk.before)
             per_block = [_with_cross(stages, b, called) for b in blocks]
+            uses = Counter(i for i, _ in chain_calls)  # a block called several times: one pruning for all calls
+            if len(uses) < len(chain_calls):
+                _check_shared_options(blocks[next(i for i, n in uses.items() if n > 1)], mode, allocation)
+            shared: dict[int, dict[str, _Stats]] = {}  # their statistics, gathered over the calls so far
             _assign_folds(cache, blocks[0])
             report.n_tokens = int(sum(int(c["valid"].sum()) for c in cache))
             report.n_padding_excluded = int(sum(c["valid"].numel() for c in cache)) - report.n_tokens
@@ -1383,17 +1389,18 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             # has an earlier block (or the encoder whose states it reads) been changed? then asym-mode inputs differ
             # from the original's
             changed = original_data is not None
-            for i, blk in enumerate(blocks):
-                oblk = orig_blocks[i]
+            for j, (i, x_call) in enumerate(chain_calls):
+                blk, oblk = blocks[i], orig_blocks[i]
+                uses[i] -= 1  # the calls of this block still to come after this one
                 if oblk.before:  # unrecognised layers between the previous block and this one: run as they are
                     same = xp is xo  # no change yet: the pruned network's inputs are the original's
                     xo = _step_over(oblk, xo, cache, counter, original=True)
                     if mode != "layer":
                         xp = xo if same else _step_over(blk, xp, cache, counter, original=False)
                 _match_tokens(cache, xo, oblk)  # the masks of this stage (the first's after an error-curve pass)
-                scale = float(chain[i].nan_to_num().abs().max()) + 1.0
-                if xo[0].shape != chain[i].shape or not torch.allclose(xo[0], chain[i], rtol=1e-4, atol=1e-5 * scale,
-                                                                       equal_nan=True):
+                scale = float(x_call.nan_to_num().abs().max()) + 1.0
+                if xo[0].shape != x_call.shape or not torch.allclose(xo[0], x_call, rtol=1e-4, atol=1e-5 * scale,
+                                                                     equal_nan=True):
                     steps = [s.name for s in oblk.before]
                     between = (f" The layers between it and the previous block ({', '.join(steps[:4])}"
                                f"{', ...' if len(steps) > 4 else ''}) are not recognised and were run as they are, "
@@ -1408,8 +1415,18 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                     # keeps every unit and its refit would return the trained weights exactly: leave it as it is
                     t0 = time.perf_counter()
                     xo_next = [_fwd(oblk, xo[b], _original_context(cache[b]), counter) for b in range(len(cache))]
-                    jobs.then(partial(_report_unchanged, report, blk, per_block[i], bool(reweight),
-                                      time.perf_counter() - t0))
+                    if uses[i] == 0:
+                        jobs.then(partial(_report_unchanged, report, blk, per_block[i], bool(reweight),
+                                          time.perf_counter() - t0))
+                elif i in shared or uses[i] > 0:  # layer mode: this call's statistics join the block's others
+                    t0 = time.perf_counter()
+                    xo_next, side = _original_pass(oblk, per_block[i], "layer", xo, cache, counter, False,
+                                                   weighting == "layernorm", stats=shared.setdefault(i, {}))
+                    if uses[i] == 0:  # its last call: one selection and refit for all of them
+                        for s in per_block[i]:
+                            _apply_selection(blk, s, method, bool(reweight), budgets[i][s], side["stats"][s],
+                                             _Ridge(ridge, refit_prior == "original"), rule, rng, report, t0, jobs)
+                        del shared[i]
                 else:
                     if not changed:  # the pruned network departs from the original here: its own stores
                         _own_stream_states(cache)
@@ -1417,7 +1434,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                     xo_next = _prune_block(blk, oblk, per_block[i], mode, method, bool(reweight), budgets[i],
                                            _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,
                                            counter, report, bool(residual), weighting == "layernorm", jobs)
-                if mode != "layer" and i + 1 < len(blocks):  # pruned-network inputs of the next block
+                if mode != "layer" and j + 1 < len(chain_calls):  # pruned-network inputs of the next block
                     xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
                                                       for b in range(len(cache))]
                 xo = xo_next
@@ -1663,12 +1680,16 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
                for b in crossing]
     try:
         try:
-            inputs, contexts = _capture_chain(orig, members, batches[0])
+            inputs, contexts, calls = _capture_chain(orig, members, batches[0])
         finally:
             for h in handles:
                 h.remove()
-        counter[0] += len(members)  # that full forward ran every block (and layer between them) once
+        counter[0] += len(calls)  # that full forward ran every block (and layer between them)
         chain = [x for m, x in zip(members, inputs, strict=True) if not isinstance(m, OpaqueLayer)]
+        index = {id(b): i for i, b in enumerate(orig_blocks)}
+        # the blocks' calls in order: a block called several times (a shared layer) comes back with each input
+        block_calls = [(index[id(members[m])], x) for m, x, _ in calls if not isinstance(members[m], OpaqueLayer)]
+        _check_shared_calls(members, calls)
         own = _own_arguments(orig, members, batches[0], contexts, stacks_note)
         cache = _capture_first_block(orig, orig_blocks[0], batches, members if own else None)
         if heads:
@@ -1688,7 +1709,38 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
                 entry.update(octx=entry["ctx"], ctx=seen["ctx"])
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-    return orig_blocks, cache, chain, called
+    return orig_blocks, cache, block_calls, called
+
+
+def _check_shared_options(blk: _Block, mode: str, allocation: str) -> None:
+    """Refuse the options that have no meaning for a block the model calls several times (see
+    :func:`_check_shared_calls`): in ``asym`` and ``seq`` modes its later calls would read a pruned network that
+    contains the block being pruned; the error-curve allocation compares blocks called once."""
+    if mode != "layer":
+        raise ValueError(f"block {blk.name!r} is called several times in one forward of the model (a layer shared "
+                         "by the stack, as ALBERT's): it is pruned once for all its calls, from the unpruned "
+                         "network's statistics of every call, which is layer mode: pass method='layer' (or, for a "
+                         "baseline, propagation='layer').")
+    if allocation != "uniform":
+        raise ValueError(f"block {blk.name!r} is called several times in one forward of the model: "
+                         f"allocation={allocation!r} is not supported there; pass allocation='uniform'.")
+
+
+def _check_shared_calls(members: list[_Block], calls: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> None:
+    """A block the model calls several times in one forward (ALBERT's layer, applied ``num_hidden_layers`` times
+    to its own outputs) is pruned once for all its calls, from the statistics of every call (``layer`` mode; see
+    :func:`_prune_model`). Refused here where that is not what the model does: a layer between blocks called
+    several times, or a block called with other arguments than at its first call."""
+    seen: dict[int, dict[str, Any]] = {}
+    for m, _, ctx in calls:
+        if m in seen and isinstance(members[m], OpaqueLayer):
+            raise ValueError(f"layer {members[m].name!r}, between transformer blocks, is called several times in "
+                             "one forward of the model: this structure is not supported")
+        if m in seen and not _same_value(ctx, seen[m]):
+            raise ValueError(f"block {members[m].name!r} is called several times in one forward of the model, "
+                             "with other arguments at each call: a block shared by several calls is pruned for "
+                             "all of them only where they differ by their hidden states alone")
+        seen.setdefault(m, ctx)
 
 
 def _original_context(entry: dict[str, Any]) -> dict[str, Any]:
@@ -1823,21 +1875,32 @@ def _check_branch_sum(blk: _Block, stage: str, x: torch.Tensor, ctx: dict[str, A
 
 
 def _capture_chain(model: nn.Module, blocks: list[_Block], batch: Any
-                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[tuple[int, torch.Tensor, dict[str, Any]]]]:
     """The input and the call context (the other arguments) of every block in one full forward of ``model`` on
-    one batch, to check that the blocks chain and whether they share their arguments."""
-    contexts: list[dict[str, Any]] = []
+    one batch, to check that the blocks chain and whether they share their arguments; and every call, in the order
+    of the forward: ``(index in blocks, input, context)``. A block the model calls several times (ALBERT's shared
+    layer) is represented by its first call in the first two lists."""
+    calls: list[tuple[int, torch.Tensor, dict[str, Any]]] = []
 
-    def hook(_m: nn.Module, args: tuple, kwargs: dict, blk: _Block) -> None:
-        contexts.append(_context(*_block_call(blk, args, kwargs)))
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, i: int, blk: _Block) -> None:
+        args, kwargs = _block_call(blk, args, kwargs)
+        calls.append((i, args[0].detach(), _context(args, kwargs)))
 
-    handles = [b.module.register_forward_pre_hook(partial(hook, blk=b), with_kwargs=True) for b in blocks]
+    handles = [b.module.register_forward_pre_hook(partial(hook, i=i, blk=b), with_kwargs=True)
+               for i, b in enumerate(blocks)]
     try:
-        _, got = capture_inputs({str(i): b.module for i, b in enumerate(blocks)}, lambda: _call_model(model, batch))
+        _call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return [got[str(i)] for i in range(len(blocks))], contexts[:len(blocks)]
+    first: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for i, x, ctx in calls:
+        first.setdefault(i, (x, ctx))
+    missing = [b.name for i, b in enumerate(blocks) if i not in first]
+    if missing:
+        raise ValueError(f"the model's forward on the first calibration batch never calls {missing[0]!r}: its "
+                         "structure is not supported")
+    return [first[i][0] for i in range(len(blocks))], [first[i][1] for i in range(len(blocks))], calls
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -2015,20 +2078,22 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
 
 def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Tensor],
                    cache: list[dict[str, Any]], counter: list[int], residual: bool,
-                   weighting: bool, experts: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   weighting: bool, experts: bool = False, stats: dict[str, _Stats] | None = None
+                   ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens. With
     ``experts`` (a mixture-of-experts block), ``side["experts"]`` holds :class:`_ExpertCapture` records of the same
     forwards, the experts' and mixture's outputs for the first batch only (its checks), and, in ``seq`` mode, only
-    the first batch's record (``None`` for the others: seq mode reads the pruned network's)."""
+    the first batch's record (``None`` for the others: seq mode reads the pruned network's). Layer mode adds to
+    ``stats`` where given (a block called several times: the statistics of its calls so far)."""
     need_res = residual or weighting
     orig_mods = _capture_map(oblk, stages, need_res)
     # the layout check reads the residual and the sums on the first batch only
     first_mods = {**_capture_map(oblk, stages, True), **_layout_probes(oblk, stages)}
     xo_next: list[torch.Tensor] = []
-    side: dict[str, Any] = {"stats": {}, "targets": {s: [] for s in stages}, "row_w": {s: [] for s in stages},
-                            "col_scale": {s: None for s in stages}, "norm_scales": {s: [] for s in stages},
-                            "experts": []}
+    side: dict[str, Any] = {"stats": {} if stats is None else stats, "targets": {s: [] for s in stages},
+                            "row_w": {s: [] for s in stages}, "col_scale": {s: None for s in stages},
+                            "norm_scales": {s: [] for s in stages}, "experts": []}
     for b in range(len(cache)):
         with _ExpertCapture(oblk) if experts else contextlib.nullcontext() as cap:
             out, got = capture_inputs(first_mods if b == 0 else orig_mods,

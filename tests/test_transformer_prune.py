@@ -990,7 +990,7 @@ def test_bad_data_and_models() -> None:
     with pytest.raises(ValueError, match="no transformer block"):
         prune_transformer(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)])
 
-    class Shared(nn.Module):  # one block applied twice: not a stack of blocks
+    class Shared(nn.Module):  # one block applied twice: one pruning for both calls, in layer mode only
         def __init__(self) -> None:
             super().__init__()
             self.a = tel_model(norm_first=False).layers[0]
@@ -999,8 +999,10 @@ def test_bad_data_and_models() -> None:
             return self.a(self.a(src, src_key_padding_mask=src_key_padding_mask),
                           src_key_padding_mask=src_key_padding_mask)
 
-    with pytest.raises(ValueError, match="applied one after another"):
+    with pytest.raises(ValueError, match="called several times.*method='layer'"):
         prune_transformer(Shared().eval(), tel_batches(n_batches=1), keep=0.5)
+    _, report = prune_transformer(Shared().eval(), tel_batches(n_batches=1), keep=0.5, method="layer")
+    assert [u.block for u in report.units] == ["a"]
     batch = token_batches(1)[0]
     with pytest.raises(ValueError, match="no real token"):
         prune_transformer(tiny_bert(), [{"input_ids": batch["input_ids"],

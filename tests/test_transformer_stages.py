@@ -395,6 +395,18 @@ def test_heads_layer_refit_is_lstsq_on_the_windows_real_rows(name: str) -> None:
     assert padded == (name == "maskformer_swin")
 
 
+@pytest.mark.parametrize("name", ["swin", "donut_swin", "swinv2"])
+def test_heads_and_ffn_pruned_model_saves_and_reloads(name: str, tmp_path) -> None:
+    """Heads and FFN pruned in every stage: the saved model reloads into the unpruned architecture (position bias
+    tables, Swin V2's bias network and logit scales cut to the kept heads) and computes the same outputs."""
+    model, data = random_norms(build(name)), batches(name)
+    pruned, _ = prune_transformer(model, data, keep=0.5, target="all")
+    save_pruned(pruned, tmp_path / name)
+    again = load_pruned(tmp_path / name, build(name))
+    for b in data:
+        torch.testing.assert_close(out(again, b), out(pruned, b))
+
+
 def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     """The windows' token order is read with the model module's own ``window_partition``: without it, heads are
     refused with the reason (the FFN is still pruned)."""
