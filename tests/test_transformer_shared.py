@@ -9,8 +9,6 @@ only), and the saved and reloaded model's outputs.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
 from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+from tests._torch_helpers import zeroed_ffn, zeroed_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,16 +104,7 @@ def test_without_refit_equals_the_zeroed_model(grouping: str) -> None:
     consumer columns zeroed, at every call."""
     model, data = build(grouping), batches()
     pruned, report = prune_transformer(model, data, keep=0.5, target="all", method="layer", reweight=False)
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for u in report.units:
-            layer = zeroed.get_submodule(u.block)
-            gone = sorted(set(range(u.n_units)) - set(u.kept))
-            if u.stage == "ffn":
-                layer.ffn_output.weight[:, gone] = 0.0
-            else:
-                hd = HIDDEN // HEADS
-                layer.attention.dense.weight[:, [g * hd + j for g in gone for j in range(hd)]] = 0.0
+    zeroed = zeroed_heads(zeroed_ffn(model, report, "ffn_output"), report, HIDDEN // HEADS, "attention.dense")
     assert sorted((u.stage, u.n_kept) for u in report.units) == sorted(
         [("ffn", INTER // 2), ("heads", HEADS // 2)] * len(find_blocks(model)))
     for b in data:
