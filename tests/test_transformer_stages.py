@@ -407,6 +407,41 @@ def test_heads_and_ffn_pruned_model_saves_and_reloads(name: str, tmp_path) -> No
         torch.testing.assert_close(out(again, b), out(pruned, b))
 
 
+def test_donut_encoder_decoder_is_pruned_stage_by_stage_then_the_decoder() -> None:
+    """Donut (VisionEncoderDecoder: Donut's Swin encoder, an mBART decoder): the encoder's stages, linked through
+    their patch merging, then the decoder on the pruned encoder's states, in one call; without refit the logits
+    are those of the unpruned model with every removed unit's consumer columns zeroed (FFN and heads of the
+    encoder's stages; FFN, self- and cross-attention heads of the decoder)."""
+    enc = transformers.DonutSwinConfig(**SWIN)
+    dec = transformers.MBartConfig(vocab_size=50, d_model=32, decoder_layers=2, encoder_layers=2,
+                                   decoder_attention_heads=4, encoder_attention_heads=4, decoder_ffn_dim=48,
+                                   encoder_ffn_dim=48, max_position_embeddings=64, is_decoder=True,
+                                   add_cross_attention=True)
+    torch.manual_seed(0)
+    model = transformers.VisionEncoderDecoderModel(
+        transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+             "decoder_input_ids": torch.randint(3, 50, (2, 6), generator=g)} for _ in range(2)]
+    pruned, report = prune_transformer(model, data, keep=0.5, target="all", method="asym", reweight=False)
+    assert {(u.block.split(".")[0], u.stage) for u in report.units} == {
+        ("encoder", "ffn"), ("encoder", "heads"), ("decoder", "ffn"), ("decoder", "heads"), ("decoder", "cross")}
+    paths = {("encoder", "ffn"): "output.dense", ("encoder", "heads"): "attention.output.dense",
+             ("decoder", "ffn"): "fc2", ("decoder", "heads"): "self_attn.out_proj",
+             ("decoder", "cross"): "encoder_attn.out_proj"}
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for u in report.units:
+            proj = zeroed.get_submodule(u.block).get_submodule(paths[u.block.split(".")[0], u.stage])
+            width = 1 if u.stage == "ffn" else proj.in_features // u.n_units
+            gone = sorted(set(range(u.n_units)) - set(u.kept))
+            proj.weight[:, [g * width + j for g in gone for j in range(width)]] = 0.0
+    with torch.no_grad():
+        for b in data:
+            torch.testing.assert_close(pruned(**b).logits, zeroed(**b).logits, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-4)
+
+
 def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     """The windows' token order is read with the model module's own ``window_partition``: without it, heads are
     refused with the reason (the FFN is still pruned)."""
