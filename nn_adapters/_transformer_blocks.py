@@ -1061,7 +1061,11 @@ class _Windowed:
     def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         if stage != "heads":
             return t
-        dims = ctx["args"][0] if ctx["args"] else ctx["kwargs"]["input_dimensions"]
+        dims = ctx["args"][0] if ctx["args"] else ctx["kwargs"].get("input_dimensions")
+        if not (isinstance(dims, (tuple, list)) and len(dims) >= 2):
+            raise ValueError(f"block {self.name!r} ({type(self.module).__name__}) is not called with the size of its "
+                             f"token grid (input_dimensions, got {type(dims).__name__}), from which the order of its "
+                             "windows' tokens is read: head pruning does not support it; prune target='ffn'.")
         height, width = int(dims[0]), int(dims[1])
         index = self._window_order(height, width).to(t.device)
         batch = t.shape[0] * t.shape[1] // index.numel()

@@ -442,6 +442,14 @@ def test_donut_encoder_decoder_is_pruned_stage_by_stage_then_the_decoder() -> No
             assert not torch.allclose(pruned(**b).logits, model(**b).logits, atol=1e-4)
 
 
+def test_window_rows_need_the_grid_size() -> None:
+    """The windows' token order is read from the grid size the layer is called with; a call without it is refused
+    with the reason, not a KeyError."""
+    blk = find_blocks(build("swin"))[0]
+    with pytest.raises(ValueError, match=r"input_dimensions.*target='ffn'"):
+        blk.consumer_rows("heads", torch.zeros(4, 16, 8), {"args": (), "kwargs": {}})
+
+
 def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     """The windows' token order is read with the model module's own ``window_partition``: without it, heads are
     refused with the reason (the FFN is still pruned)."""
