@@ -480,6 +480,13 @@ class _Block:
         return len(self.producers) * self.FFN_PARTS > 1
 
     @property
+    def ffn_units_checked(self) -> bool:
+        """Whether the FFN's unit layout is checked on the first batch (removing a unit must equal zeroing its
+        down-projection column): a gated FFN, or one with per-unit parts between its projections (SegFormer's
+        depthwise convolution)."""
+        return self.gated
+
+    @property
     def ffn_units(self) -> int:
         """Number of FFN units (columns of the down projection's input)."""
         return int(weight_of(self.up).shape[0]) // self.FFN_PARTS
@@ -653,6 +660,21 @@ class _HFBlock(_Block):
 
     def single_call(self) -> bool:
         return not getattr(_get(self.module, self.CHUNK), "chunk_size_feed_forward", 0)
+
+    @property
+    def ffn_units_checked(self) -> bool:
+        """Also where the FFN's container (the module holding both projections, ``mlp``) has parts with
+        parameters besides them, which may act on the units between the projections (SegFormer's depthwise
+        convolution, a norm over the intermediate features): the first batch's check then says whether a unit
+        can be removed alone."""
+        if not self.has_ffn or self.moe or not (isinstance(self.UP, str) and isinstance(self.DOWN, str)):
+            return self.has_ffn and self.gated
+        parent = self.UP.rpartition(".")[0]
+        container = _get(self.module, parent) if parent and parent == self.DOWN.rpartition(".")[0] else None
+        if self.gated or container is None:
+            return self.gated
+        known = {id(p) for p in self.producers} | {id(self.down)}
+        return any(id(c) not in known and any(True for _ in c.parameters()) for c in container.children())
 
     def post_norm(self, stage: str) -> nn.LayerNorm | None:
         norm = _get(self.module, self.NORM_FFN if stage == "ffn" else self.NORM_HEADS)
@@ -1028,6 +1050,55 @@ class _HFViTLegacyBlock(_HFBlock):
     UP, DOWN = "intermediate.dense", "output.dense"
     NORM_HEADS = NORM_FFN = "-"  # pre-LN: no LayerNorm after the sums
     RESID_FFN = ("output", 1)  # ViTOutput.forward(hidden_states, input_tensor): dense(hidden_states) + input_tensor
+
+
+class _HFSegformerBlock(_HFViTBlock):
+    """SegFormer's (Mix Transformer) layers in transformers 5's layout (``SegformerLayer``): ViT's pre-LN parts,
+    the keys and values computed from a spatially reduced copy of the tokens (``attention.sequence_reduction``: a
+    strided convolution and a LayerNorm over the model width, before the projections, which head pruning leaves as
+    they are), and a Mix-FFN whose units pass through a depthwise 3x3 convolution before the activation
+    (``mlp.dwconv``): unit ``i`` is row ``i`` of ``mlp.fc1``, channel ``i`` of the convolution and column ``i`` of
+    ``mlp.fc2``, which the first batch's unit-removal check confirms. The stages are linked through their patch
+    embeddings, which read the tokens laid out as an image (see ``_link_stages`` in :mod:`nn_adapters.transformer`).
+    """
+
+    kind = "hf_segformer"
+    PLAIN = frozenset({"dropout", "sequence_reduction"})
+    DWCONV = "mlp.dwconv"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        conv = cls._conv_of(module)
+        up = _get(module, cls.UP)
+        return (conv is not None and isinstance(up, nn.Linear) and conv.groups == conv.in_channels
+                == conv.out_channels == up.out_features and super().matches(module))
+
+    @classmethod
+    def _conv_of(cls, module: nn.Module) -> nn.Conv2d | None:
+        part = _get(module, cls.DWCONV)
+        conv = getattr(part, "dwconv", part)
+        return conv if isinstance(conv, nn.Conv2d) else None
+
+    def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None) -> None:
+        conv = self._conv_of(self.module)
+        super().shrink_ffn(keep, down_weight, down_bias)
+        keep = keep.to(conv.weight.device)
+        n = int(keep.numel())
+        new = nn.Conv2d(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
+                        bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
+                        dtype=conv.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight[keep])
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias[keep])
+        new.train(conv.training)
+        _same_grad_flags(new, conv)
+        part = _get(self.module, self.DWCONV)
+        if part is conv:
+            _set(self.module, self.DWCONV, new)
+        else:
+            part.dwconv = new
 
 
 class _Windowed:
@@ -3084,12 +3155,27 @@ class _HFNemotronHMoEBlock(_NoHeadsMoE, _HFMoEBlock):
 class OpaqueLayer(_Block):
     """A layer of a stack of blocks that the adapter does not recognise (a hybrid model's Mamba or linear-attention
     layer without an FFN it knows): never pruned, run as it is between the blocks it sits between, with the
-    arguments the model called it with (its hidden states first; the first output where it returns several)."""
+    arguments the model called it with (its hidden states first; the first output where it returns several).
+
+    ``grid``: the layer reads the tokens laid out as an image, ``(batch, features, height, width)``, which the
+    model made of the previous layer's ``(batch, height * width, features)`` output outside any module (SegFormer's
+    stages); ``forward`` lays them out so first."""
 
     kind = "opaque"
     has_heads = has_ffn = False
 
+    def __init__(self, name: str, module: nn.Module, grid: tuple[int, int] | None = None) -> None:
+        super().__init__(name, module)
+        self.grid = grid
+
     def forward(self, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        if self.grid is not None:
+            h, w = self.grid
+            if x.dim() != 3 or x.shape[1] != h * w:
+                raise ValueError(f"layer {self.name!r} reads the tokens as an image of {h}x{w}, the size of the first "
+                                 f"calibration batch's, but receives {tuple(x.shape)}: calibrate on images of one "
+                                 "size")
+            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
         out = self.module(x, *ctx["args"], **ctx["kwargs"])
         if isinstance(out, torch.Tensor):
             return out
@@ -4055,19 +4141,19 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFAlbertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock,
-    _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock,
-    _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block,
-    _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block,
-    _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block,
-    _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
-    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
-    _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
-    _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
-    _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
-    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
-    _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
-    _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSegformerBlock, _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock,
+    _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block,
+    _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block,
+    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
+    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
+    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
+    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
+    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
+    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
+    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
+    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
+    _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock,
+    _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
     _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
     _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
     _HFT5Block, _TorchEncoderBlock,

@@ -1111,10 +1111,10 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT,
         ALBERT (layer mode: its layer is shared by the calls), the sentence embedders GTE, Nomic Embed, Jina Embeddings
         v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2,
-        Pixtral, CLIP; Swin and Swin V2, their stages linked through the patch merging), Llama-style decoder layers
-        (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2 and 3,
-        OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures of
-        experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE,
+        Pixtral, CLIP; Swin, Swin V2 and SegFormer, their stages linked through the patch merging), Llama-style decoder
+        layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2
+        and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures
+        of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE,
         whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3),
         BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its
         ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM, Falcon,
@@ -1295,16 +1295,16 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; ALBERT; DeBERTa v1-v3, Longformer, FNet, "
                          "MPNet, DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec "
-                         "2.0, HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, ModernBERT and "
-                         "its decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), T5 "
-                         "blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, Granite, "
-                         "Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: Mixtral, "
-                         "Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, GPT-OSS, Llama "
-                         "4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, MiniCPM3; LFM2, "
-                         "LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, Kimi Linear, "
-                         "RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, CodeGen, "
-                         "GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, Falcon, GPTBigCode "
-                         "(StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "2.0, HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, SegFormer, "
+                         "ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, "
+                         "XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, "
+                         "Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: "
+                         "Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, "
+                         "GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, "
+                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, "
+                         "Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, "
+                         "CodeGen, GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, Falcon, "
+                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
@@ -1321,7 +1321,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             raise ValueError(f"target={stage!r}, but no block of this model has {what} (its blocks are "
                              f"{', '.join(sorted({b.kind for b in blocks}))}): prune target={other!r}.")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
-    gated = "ffn" in stages and any(b.gated for b in blocks)
+    gated = "ffn" in stages and any(b.ffn_units_checked for b in blocks)
     if "ffn" in stages:
         for blk in blocks:
             blk.prepare_ffn()
@@ -1370,7 +1370,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                 model, batches if originals is None else originals, "heads" in stages, stacks_note, counter, gated,
                 bool(crossable), None if originals is None else batches)
             for blk, oblk in zip(blocks, orig_blocks, strict=True):  # the layers between stages, in this copy
-                blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name)) for o in oblk.before)
+                blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name), o.grid) for o in oblk.before)
             per_block = [_with_cross(stages, b, called) for b in blocks]
             uses = Counter(i for i, _ in chain_calls)  # a block called several times: one pruning for all calls
             if len(uses) < len(chain_calls):
@@ -1781,7 +1781,7 @@ def _check_ffn_units(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict
     (an FFN that mixes the intermediate features before the down projection), checked on one batch: without its
     first unit, the shrunk block must compute what the block computes with that unit's down column zeroed."""
     for blk, x in zip(blocks, inputs, strict=True):
-        if blk.gated and blk.ffn_units >= 2:
+        if blk.ffn_units_checked and blk.ffn_units >= 2:
             _check_unit_removal(blk, x, ctx, counter, "ffn")
 
 
@@ -1970,22 +1970,38 @@ def _link_stages(model: nn.Module, blocks: list[_Block], batch: Any) -> None:
         if len(events) < 2 or not isinstance(events[-1], torch.Tensor):
             continue  # the next stack was not called after this one
         x, steps, opened = events[0], [], []
+        # modules entered here that do not return before the next stack begins enclose it (its stage): see through
+        closing = {id(m) for m, what, _ in events[1:-1] if what == "out"}
         for m, what, t in events[1:-1]:
             if what == "in":
                 opened.append((m, t))
             elif opened and opened[-1][0] is m:
                 m_in, t_in = opened.pop()
-                if not opened:  # an outermost module, called whole between the stacks
+                if not any(id(o) in closing for o, _ in opened):  # outermost: called whole between the stacks
                     steps.append((m_in, t_in, t))
         chained = x is not None and all(isinstance(t_in, torch.Tensor) and isinstance(t_out, torch.Tensor)
                                         for _, t_in, t_out in steps)
-        for _, t_in, t_out in steps if chained else ():
-            if t_in.shape != x.shape or not torch.equal(t_in, x):
+        layers = []
+        for m, t_in, t_out in steps if chained else ():
+            grid = _as_grid(x, t_in)
+            if grid is None and (t_in.shape != x.shape or not torch.equal(t_in, x)):
                 chained = False
                 break
+            layers.append(OpaqueLayer(names[id(m)], m, grid))
             x = t_out
         if chained and steps and x.shape == events[-1].shape and torch.equal(x, events[-1]):
-            blocks[i].before = tuple(OpaqueLayer(names[id(m)], m) for m, _, _ in steps)
+            blocks[i].before = tuple(layers)
+
+
+def _as_grid(x: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
+    """``(height, width)`` where ``image`` is the tokens ``x`` laid out as an image (``(batch, height * width,
+    features)`` as ``(batch, features, height, width)``), as SegFormer's stages hand them on; else ``None``."""
+    if x.dim() != 3 or image.dim() != 4 or x.shape[0] != image.shape[0] or x.shape[2] != image.shape[1]:
+        return None
+    if x.shape[1] != image.shape[2] * image.shape[3]:
+        return None
+    laid = x.transpose(1, 2).reshape(image.shape)
+    return (int(image.shape[2]), int(image.shape[3])) if torch.equal(laid, image) else None
 
 
 def _own_arguments(model: nn.Module, blocks: list[_Block], batch: Any, contexts: list[dict[str, Any]],

@@ -21,7 +21,7 @@ from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
 from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
-from tests._torch_helpers import captured_input, zeroed_ffn
+from tests._torch_helpers import captured_input, zeroed_ffn, zeroed_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -459,6 +459,78 @@ def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delattr(sys.modules[type(find_blocks(model)[0].module).__module__], "window_partition")
     with pytest.raises(ValueError, match=r"no window_partition function.*target='ffn'"):
         prune_transformer(model, data, keep=0.5, target="heads")
+
+
+def segformer() -> nn.Module:
+    """A tiny SegFormer (Mix Transformer) encoder: two stages of 2 layers, widths 16 and 32, 1 and 2 heads, keys and
+    values spatially reduced in the first stage; patch embeddings of stride 4 then 2 on 32x32 images."""
+    if not hasattr(transformers, "SegformerModel"):
+        pytest.skip("no SegformerModel")
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2],
+                                       mlp_ratios=[2, 2])
+    model = random_norms(transformers.SegformerModel(cfg).eval())
+    if {b.kind for b in find_blocks(model)} != {"hf_segformer"}:
+        pytest.skip(f"transformers {transformers.__version__}: SegFormer in an older layout")
+    return model
+
+
+def segformer_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [{"pixel_values": torch.randn(3, 3, 32, 32, generator=g)} for _ in range(2)]
+
+
+@pytest.mark.parametrize("target", ["ffn", "heads"])
+def test_segformer_stages_are_pruned_through_their_depthwise_convolutions(target: str) -> None:
+    """SegFormer's stages hand their tokens on as an image to the next stage's patch embedding (a reshape outside
+    any module, read as such from the first batch); its Mix-FFN passes each unit through a depthwise convolution,
+    which loses the removed units' channels. Without refit: the zeroed model, on every stage's output; with the
+    layer-mode refit: lstsq on the down projection's inputs of each stage."""
+    model, data = segformer(), segformer_batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="asym", reweight=False)
+    assert [u.block for u in report.units] == [b.name for b in find_blocks(model)]
+    zeroed = (zeroed_ffn(model, report, "mlp.fc2") if target == "ffn"
+              else zeroed_heads(model, report, 16, "attention.o_proj"))
+    with torch.no_grad():
+        for b in data:
+            mine, want = pruned(**b, output_hidden_states=True), zeroed(**b, output_hidden_states=True)
+            for got, ref in zip(mine.hidden_states, want.hidden_states, strict=True):
+                torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(mine.last_hidden_state, model(**b).last_hidden_state, atol=1e-4)
+    if target == "ffn":
+        pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                           weighting="none")
+        for unit in report.units:
+            down = model.get_submodule(unit.block).mlp.fc2
+            with torch.no_grad():
+                a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data])
+                want = lstsq(a[:, unit.kept], down(a))
+            np.testing.assert_allclose(fitted(pruned.get_submodule(unit.block).mlp.fc2), want, atol=2e-4,
+                                       rtol=1e-3)
+
+
+def test_segformer_look_alike_whose_ffn_mixes_its_units_is_refused() -> None:
+    """A Mix-FFN whose convolution mixes the intermediate channels (not depthwise) is not SegFormer's: the block is
+    read as ViT's, and the first batch's unit-removal check, run because the FFN holds a part with parameters
+    between its projections, refuses it instead of pruning it wrongly."""
+    model = segformer()
+    with torch.no_grad():
+        for blk in find_blocks(model):
+            conv = blk.module.mlp.dwconv.dwconv
+            blk.module.mlp.dwconv.dwconv = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1)
+    assert {b.kind for b in find_blocks(model)} == {"hf_vit"}
+    with pytest.raises(ValueError, match="fails once an FFN unit is removed|an FFN unit"):
+        prune_transformer(model, segformer_batches(), keep=0.5, target="ffn")
+
+
+def test_segformer_images_of_another_size_are_refused() -> None:
+    """The reshape between stages is read on the first batch; a later batch of another image size is refused
+    with what to pass."""
+    data = segformer_batches()
+    data.append({"pixel_values": torch.randn(2, 3, 48, 48)})
+    with pytest.raises(ValueError, match="images of one size"):
+        prune_transformer(segformer(), data, keep=0.5, target="ffn")
 
 
 class Merge(nn.Module):
