@@ -1052,26 +1052,22 @@ class _HFViTLegacyBlock(_HFBlock):
     RESID_FFN = ("output", 1)  # ViTOutput.forward(hidden_states, input_tensor): dense(hidden_states) + input_tensor
 
 
-class _HFSegformerBlock(_HFViTBlock):
-    """SegFormer's (Mix Transformer) layers in transformers 5's layout (``SegformerLayer``): ViT's pre-LN parts,
-    the keys and values computed from a spatially reduced copy of the tokens (``attention.sequence_reduction``: a
-    strided convolution and a LayerNorm over the model width, before the projections, which head pruning leaves as
-    they are), and a Mix-FFN whose units pass through a depthwise 3x3 convolution before the activation
-    (``mlp.dwconv``): unit ``i`` is row ``i`` of ``mlp.fc1``, channel ``i`` of the convolution and column ``i`` of
-    ``mlp.fc2``, which the first batch's unit-removal check confirms. The stages are linked through their patch
-    embeddings, which read the tokens laid out as an image (see ``_link_stages`` in :mod:`nn_adapters.transformer`).
-    """
+class _DepthwiseFFN:
+    """An FFN whose units pass through a depthwise convolution between the up projection and the activation (the
+    Mix-FFN of SegFormer and PVT v2, ``DWCONV``: a module holding an ``nn.Conv2d`` with one group per channel):
+    unit ``i`` is row ``i`` of the up projection, channel ``i`` of the convolution and column ``i`` of the down
+    projection, which the first batch's unit-removal check confirms (see ``_HFBlock.ffn_units_checked``)."""
 
-    kind = "hf_segformer"
-    PLAIN = frozenset({"dropout", "sequence_reduction"})
-    DWCONV = "mlp.dwconv"
+    DWCONV: str
+    UP: str
+    module: nn.Module
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         conv = cls._conv_of(module)
         up = _get(module, cls.UP)
         return (conv is not None and isinstance(up, nn.Linear) and conv.groups == conv.in_channels
-                == conv.out_channels == up.out_features and super().matches(module))
+                == conv.out_channels == up.out_features and super().matches(module))  # type: ignore[misc]
 
     @classmethod
     def _conv_of(cls, module: nn.Module) -> nn.Conv2d | None:
@@ -1082,7 +1078,7 @@ class _HFSegformerBlock(_HFViTBlock):
     def shrink_ffn(self, keep: torch.Tensor, down_weight: torch.Tensor | None = None,
                    down_bias: torch.Tensor | None = None) -> None:
         conv = self._conv_of(self.module)
-        super().shrink_ffn(keep, down_weight, down_bias)
+        super().shrink_ffn(keep, down_weight, down_bias)  # type: ignore[misc]
         keep = keep.to(conv.weight.device)
         n = int(keep.numel())
         new = nn.Conv2d(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
@@ -1099,6 +1095,51 @@ class _HFSegformerBlock(_HFViTBlock):
             _set(self.module, self.DWCONV, new)
         else:
             part.dwconv = new
+
+
+class _HFSegformerBlock(_DepthwiseFFN, _HFViTBlock):
+    """SegFormer's (Mix Transformer) layers in transformers 5's layout (``SegformerLayer``): ViT's pre-LN parts,
+    the keys and values computed from a spatially reduced copy of the tokens (``attention.sequence_reduction``: a
+    strided convolution and a LayerNorm over the model width, before the projections, which head pruning leaves as
+    they are), and a Mix-FFN (``mlp.fc1``, ``mlp.dwconv``, ``mlp.fc2``: :class:`_DepthwiseFFN`). The stages are
+    linked through their patch embeddings, which read the tokens laid out as an image (see ``_link_stages`` in
+    :mod:`nn_adapters.transformer`)."""
+
+    kind = "hf_segformer"
+    PLAIN = frozenset({"dropout", "sequence_reduction"})
+    DWCONV = "mlp.dwconv"
+
+
+class _HFPvtBlock(_HFBlock):
+    """PVT's layers (``PvtLayer``): BERT's older part names in a pre-LN layer, ``attention.self.{query,key,value}``
+    with keys and values from a spatially reduced copy of the tokens (``sequence_reduction``, ``layer_norm``: over
+    the model width, before the projections), ``attention.output.dense``, ``mlp.dense1 / dense2``,
+    ``layer_norm_1 / layer_norm_2``. The stages are linked like SegFormer's."""
+
+    kind = "hf_pvt"
+    SA, QKV, OUT = "attention.self", ("query", "key", "value"), "attention.output.dense"
+    UP, DOWN = "mlp.dense1", "mlp.dense2"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("layer_norm_2", 0)
+    PLAIN = frozenset({"dropout", "sequence_reduction", "layer_norm"})
+
+
+class _HFPvtV2Block(_DepthwiseFFN, _HFBlock):
+    """PVT v2's layers (``PvtV2BlockLayer``): ``attention.{query,key,value,proj}`` with keys and values from a
+    spatially reduced copy of the tokens, ``layer_norm_1 / layer_norm_2`` (pre-LN), and a Mix-FFN ``mlp.dense1``,
+    ``mlp.dwconv``, ``mlp.dense2`` (:class:`_DepthwiseFFN`). The FFN is pruned; heads are refused: the attention
+    reshapes its output to the model width. The stages are linked like SegFormer's."""
+
+    kind = "hf_pvt_v2"
+    SA, QKV, OUT = "attention", ("query", "key", "value"), "attention.proj"
+    UP, DOWN = "mlp.dense1", "mlp.dense2"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("layer_norm_2", 0)
+    DWCONV = "mlp.dwconv"
+
+    def prepare_heads(self) -> None:
+        raise ValueError(f"block {self.name!r} ({type(self.module).__name__}): PVT v2's attention reshapes its output "
+                         "to the model width, which fewer heads cannot fill; prune target='ffn' on this model.")
 
 
 class _Windowed:
@@ -4141,22 +4182,22 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFAlbertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFSegformerBlock, _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock,
-    _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block,
-    _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block,
-    _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock,
-    _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block,
-    _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock,
-    _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock,
-    _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock,
-    _HFMiniMaxLightningBlock, _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock,
-    _HFJambaMoEBlock, _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock,
-    _HFNemotronHMLPBlock, _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock,
-    _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock,
-    _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
-    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
-    _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
-    _HFT5Block, _TorchEncoderBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSegformerBlock, _HFPvtBlock, _HFPvtV2Block, _HFSwinBlock, _HFSwinv2Block,
+    _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock,
+    _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock,
+    _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock,
+    _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock,
+    _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block,
+    _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock,
+    _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock,
+    _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
+    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
+    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
+    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock,
+    _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock,
+    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
+    _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock,
+    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
 )
 
 

@@ -1111,14 +1111,14 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT,
         ALBERT (layer mode: its layer is shared by the calls), the sentence embedders GTE, Nomic Embed, Jina Embeddings
         v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2,
-        Pixtral, CLIP; Swin, Swin V2 and SegFormer, their stages linked through the patch merging), Llama-style decoder
-        layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups; Gemma 2
-        and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for; mixtures
-        of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and GLM-4-MoE,
-        whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and MiniCPM3),
-        BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2 (its
-        ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM, Falcon,
-        GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
+        Pixtral, CLIP; Swin, Swin V2, SegFormer and PVT, their stages linked through the patch merging), Llama-style
+        decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups;
+        Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for;
+        mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and
+        GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and
+        MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2
+        (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM,
+        Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
         :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
         :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
         holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not

@@ -461,37 +461,61 @@ def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch)
         prune_transformer(model, data, keep=0.5, target="heads")
 
 
-def segformer() -> nn.Module:
-    """A tiny SegFormer (Mix Transformer) encoder: two stages of 2 layers, widths 16 and 32, 1 and 2 heads, keys and
-    values spatially reduced in the first stage; patch embeddings of stride 4 then 2 on 32x32 images."""
-    if not hasattr(transformers, "SegformerModel"):
-        pytest.skip("no SegformerModel")
+# name -> (model class, config class, config, kind, FFN down projection, attention output projection or None where
+# heads are refused): pyramid encoders whose stages hand their tokens on as an image to the next patch embedding
+PYRAMIDS = {
+    # SegFormer (Mix Transformer): two stages of 2 layers, widths 16 and 32, 1 and 2 heads, keys and values
+    # spatially reduced in the first stage, a depthwise convolution in the FFN; 32x32 images
+    "segformer": ("SegformerModel", "SegformerConfig",
+                  dict(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                       patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+                  "hf_segformer", "mlp.fc2", "attention.o_proj"),
+    # PVT v2: the same with BERT-like names; its attention reshapes to the model width (heads refused)
+    "pvt_v2": ("PvtV2Model", "PvtV2Config",
+               dict(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                    patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+               "hf_pvt_v2", "mlp.dense2", None),
+    # PVT (v1): a plain FFN, a class token added in the last stage
+    "pvt": ("PvtModel", "PvtConfig",
+            dict(image_size=32, num_encoder_blocks=2, depths=[2, 2], sequence_reduction_ratios=[2, 1],
+                 hidden_sizes=[16, 32], patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2],
+                 mlp_ratios=[2, 2]),
+            "hf_pvt", "mlp.dense2", "attention.output.dense"),
+}
+
+
+def pyramid(name: str) -> nn.Module:
+    model_cls, config_cls, config, kind = PYRAMIDS[name][:4]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} exports no {model_cls}")
     torch.manual_seed(0)
-    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
-                                       patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2],
-                                       mlp_ratios=[2, 2])
-    model = random_norms(transformers.SegformerModel(cfg).eval())
-    if {b.kind for b in find_blocks(model)} != {"hf_segformer"}:
-        pytest.skip(f"transformers {transformers.__version__}: SegFormer in an older layout")
+    model = random_norms(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval())
+    if {b.kind for b in find_blocks(model)} != {kind}:
+        pytest.skip(f"transformers {transformers.__version__}: {model_cls} in another layout")
     return model
 
 
-def segformer_batches() -> list[dict[str, torch.Tensor]]:
+def pyramid_batches() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     return [{"pixel_values": torch.randn(3, 3, 32, 32, generator=g)} for _ in range(2)]
 
 
-@pytest.mark.parametrize("target", ["ffn", "heads"])
-def test_segformer_stages_are_pruned_through_their_depthwise_convolutions(target: str) -> None:
-    """SegFormer's stages hand their tokens on as an image to the next stage's patch embedding (a reshape outside
-    any module, read as such from the first batch); its Mix-FFN passes each unit through a depthwise convolution,
-    which loses the removed units' channels. Without refit: the zeroed model, on every stage's output; with the
-    layer-mode refit: lstsq on the down projection's inputs of each stage."""
-    model, data = segformer(), segformer_batches()
+@pytest.mark.parametrize(("name", "target"), [(n, t) for n in PYRAMIDS for t in ("ffn", "heads")])
+def test_pyramid_stages_are_pruned_through_their_patch_embeddings(name: str, target: str) -> None:
+    """The stages hand their tokens on as an image to the next stage's patch embedding (a reshape outside any
+    module, read as such from the first batch); a Mix-FFN passes each unit through a depthwise convolution, which
+    loses the removed units' channels. Without refit: the zeroed model, on every stage's output; with the
+    layer-mode refit: lstsq on the down projection's inputs of each stage. PVT v2's heads are refused."""
+    model, data = pyramid(name), pyramid_batches()
+    down_path, out_path = PYRAMIDS[name][4:]
+    if target == "heads" and out_path is None:
+        with pytest.raises(ValueError, match=r"reshapes its output to the model width.*target='ffn'"):
+            prune_transformer(model, data, keep=0.5, target="heads")
+        return
     pruned, report = prune_transformer(model, data, keep=0.5, target=target, method="asym", reweight=False)
     assert [u.block for u in report.units] == [b.name for b in find_blocks(model)]
-    zeroed = (zeroed_ffn(model, report, "mlp.fc2") if target == "ffn"
-              else zeroed_heads(model, report, 16, "attention.o_proj"))
+    zeroed = (zeroed_ffn(model, report, down_path) if target == "ffn"
+              else zeroed_heads(model, report, 16, out_path))
     with torch.no_grad():
         for b in data:
             mine, want = pruned(**b, output_hidden_states=True), zeroed(**b, output_hidden_states=True)
@@ -502,35 +526,35 @@ def test_segformer_stages_are_pruned_through_their_depthwise_convolutions(target
         pruned, report = prune_transformer(model, data, keep=0.5, target="ffn", method="layer", ridge=0.0,
                                            weighting="none")
         for unit in report.units:
-            down = model.get_submodule(unit.block).mlp.fc2
+            down = model.get_submodule(unit.block).get_submodule(down_path)
             with torch.no_grad():
                 a = torch.cat([captured_input(model, down, b).reshape(-1, down.in_features) for b in data])
                 want = lstsq(a[:, unit.kept], down(a))
-            np.testing.assert_allclose(fitted(pruned.get_submodule(unit.block).mlp.fc2), want, atol=2e-4,
-                                       rtol=1e-3)
+            np.testing.assert_allclose(fitted(pruned.get_submodule(unit.block).get_submodule(down_path)), want,
+                                       atol=2e-4, rtol=1e-3)
 
 
 def test_segformer_look_alike_whose_ffn_mixes_its_units_is_refused() -> None:
     """A Mix-FFN whose convolution mixes the intermediate channels (not depthwise) is not SegFormer's: the block is
     read as ViT's, and the first batch's unit-removal check, run because the FFN holds a part with parameters
     between its projections, refuses it instead of pruning it wrongly."""
-    model = segformer()
+    model = pyramid("segformer")
     with torch.no_grad():
         for blk in find_blocks(model):
             conv = blk.module.mlp.dwconv.dwconv
             blk.module.mlp.dwconv.dwconv = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1)
     assert {b.kind for b in find_blocks(model)} == {"hf_vit"}
     with pytest.raises(ValueError, match="fails once an FFN unit is removed|an FFN unit"):
-        prune_transformer(model, segformer_batches(), keep=0.5, target="ffn")
+        prune_transformer(model, pyramid_batches(), keep=0.5, target="ffn")
 
 
 def test_segformer_images_of_another_size_are_refused() -> None:
     """The reshape between stages is read on the first batch; a later batch of another image size is refused
     with what to pass."""
-    data = segformer_batches()
+    data = pyramid_batches()
     data.append({"pixel_values": torch.randn(2, 3, 48, 48)})
     with pytest.raises(ValueError, match="images of one size"):
-        prune_transformer(segformer(), data, keep=0.5, target="ffn")
+        prune_transformer(pyramid("segformer"), data, keep=0.5, target="ffn")
 
 
 class Merge(nn.Module):
