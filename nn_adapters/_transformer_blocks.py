@@ -449,10 +449,10 @@ class _Block:
         """Whether tensors of ``stage`` ("block", "ffn" or "heads") are laid out (batch, tokens, features)."""
         return True
 
-    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        """The input ``t`` of the stage's consumer, as captured in a forward with the call context ``ctx``, laid
-        out like the block's tokens (:meth:`batch_first`): ``t`` itself, except where the block regroups its tokens
-        before the consumer (Swin's windows: :class:`_Windowed`)."""
+    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        """The input ``t`` of the stage's consumer, as captured in a forward of the block on ``x`` with the call
+        context ``ctx``, laid out like the block's tokens (:meth:`batch_first`): ``t`` itself, except where the
+        block regroups its tokens before the consumer (windows: :class:`_Windowed`, :class:`_HFSamVisionBlock`)."""
         return t
 
     # --- FFN -----------------------------------------------------------------------------------------------
@@ -1170,7 +1170,7 @@ class _Windowed:
                              "on this model.")
         super().prepare_heads()  # type: ignore[misc]
 
-    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         if stage != "heads":
             return t
         dims = ctx["args"][0] if ctx["args"] else ctx["kwargs"].get("input_dimensions")
@@ -1179,13 +1179,7 @@ class _Windowed:
                              f"token grid (input_dimensions, got {type(dims).__name__}), from which the order of its "
                              "windows' tokens is read: head pruning does not support it; prune target='ffn'.")
         height, width = int(dims[0]), int(dims[1])
-        index = self._window_order(height, width).to(t.device)
-        batch = t.shape[0] * t.shape[1] // index.numel()
-        rows = t.reshape(batch, index.numel(), t.shape[-1])
-        real = index >= 0
-        out = rows.new_empty(batch, height * width, t.shape[-1])
-        out[:, index[real]] = rows[:, real]
-        return out
+        return _tokens_in_order(t, self._window_order(height, width), height * width)
 
     def _window_order(self, height: int, width: int) -> torch.Tensor:
         """For each row of the windows the layer cuts from a ``height x width`` grid, the number of its token in
@@ -1198,6 +1192,69 @@ class _Windowed:
             padded = torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2))
         partition = sys.modules[type(self.module).__module__].window_partition
         return partition(padded, self.module.window_size).reshape(-1).round().long() - 1
+
+
+def _tokens_in_order(t: torch.Tensor, index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Rows of windows ``t`` (``(batch * windows, ..., features)``, each sample's windows together) put back in
+    token order, ``(batch, n_tokens, features)``: ``index`` gives, for each row of one sample's windows, the number
+    of its token, or -1 for a padding position (left out)."""
+    index = index.to(t.device)
+    batch = t.numel() // t.shape[-1] // index.numel()
+    rows = t.reshape(batch, index.numel(), t.shape[-1])
+    real = index >= 0
+    out = rows.new_empty(batch, n_tokens, t.shape[-1])
+    out[:, index[real]] = rows[:, real]
+    return out
+
+
+class _HFSamVisionBlock(_HFBlock):
+    """The image encoder's layers of SAM (``SamVisionLayer``; SAM-HQ's alike): a ViT whose tokens are a ``(batch,
+    height, width, features)`` grid, pre-LN (``layer_norm1 / layer_norm2``), query, key and value fused in
+    ``attn.qkv`` (all queries, then all keys, then all values, head by head), ``attn.proj``, ``mlp.lin1 / lin2``;
+    most layers attend within windows of the grid (``window_size``, the grid padded to whole windows), a few
+    globally. The decomposed relative positions (``rel_pos_h / rel_pos_w``) are ``head_dim`` wide, shared by the
+    heads. The output projection's input rows of a windowed layer are put back in token order by running the
+    layer's own ``window_partition`` on the grid of token numbers (confirmed by the first batch's layout check)."""
+
+    kind = "hf_sam_vision"
+    SA, QKV, OUT = "attn", ("qkv",), "attn.proj"
+    UP, DOWN = "mlp.lin1", "mlp.lin2"
+    NORM_HEADS = NORM_FFN = "-"  # pre-LN
+    RESID_FFN = ("layer_norm2", 0)
+    ALL_HEADS = None
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        sa = getattr(module, "attn", None)
+        return (callable(getattr(module, "window_partition", None)) and isinstance(getattr(module, "window_size",
+                                                                                           None), int)
+                and isinstance(getattr(sa, "qkv", None), nn.Linear) and isinstance(getattr(sa, "proj", None), nn.Linear)
+                and isinstance(getattr(sa, "num_attention_heads", None), int)
+                and sa.qkv.out_features % (3 * sa.num_attention_heads) == 0
+                and all(isinstance(_get(module, p), nn.Linear) for p in (cls.UP, cls.DOWN))
+                and isinstance(getattr(module, "layer_norm2", None), nn.Module))
+
+    @property
+    def head_dim(self) -> int:
+        sa = self.module.attn
+        return int(sa.qkv.out_features) // (3 * int(sa.num_attention_heads))
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        keep = keep.to(self.out_proj.weight.device)
+        width = self.num_heads * self.head_dim
+        rows = _head_rows(keep, self.head_dim)
+        self._cut_attention((torch.cat([rows, rows + width, rows + 2 * width]),), rows, out_weight, out_bias)
+        self.module.attn.num_attention_heads = int(keep.numel())
+
+    def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        size = int(self.module.window_size)
+        if stage != "heads" or size <= 0:
+            return t
+        height, width = int(x.shape[1]), int(x.shape[2])
+        grid = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width, 1)
+        order = self.module.window_partition(grid, size)[0].reshape(-1).round().long() - 1
+        return _tokens_in_order(t, order, height * width)
 
 
 class _HFSwinBlock(_Windowed, _HFViTBlock):
@@ -4182,22 +4239,23 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFAlbertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFSegformerBlock, _HFPvtBlock, _HFPvtV2Block, _HFSwinBlock, _HFSwinv2Block,
-    _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block, _HFDinov2LegacyBlock,
-    _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock, _HFModernBertDecoderBlock, _HFOPTBlock,
-    _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block, _HFStableLmBlock, _HFVaultGemmaBlock,
-    _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock, _HFGemma4Block, _HFAfmoeBlock,
-    _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block, _HFGlmBlock, _HFLfm3Block,
-    _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock, _HFGraniteHybridMambaMoEBlock,
-    _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock, _HFRecurrentGemmaRecurrentBlock,
-    _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock, _HFMiniMaxBlock,
-    _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock, _HFFalconH1Block,
-    _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock, _HFNemotronHMoEBlock,
-    _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock, _HFJinaV3Block, _HFEsmcBlock,
-    _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock, _HFDbrxBlock, _HFGraniteMoEBlock,
-    _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock, _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock,
-    _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock, _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock,
-    _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock, _HFT5Block, _TorchEncoderBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSamVisionBlock, _HFSegformerBlock, _HFPvtBlock, _HFPvtV2Block, _HFSwinBlock,
+    _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block,
+    _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock,
+    _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block,
+    _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock,
+    _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,
+    _HFGlmBlock, _HFLfm3Block, _HFLfm3ConvBlock, _HFLfm2Block, _HFLfm2ConvBlock, _HFGraniteHybridMoEBlock,
+    _HFGraniteHybridMambaMoEBlock, _HFGraniteHybridBlock, _HFGraniteHybridMambaBlock, _HFLinearAttentionBlock,
+    _HFRecurrentGemmaRecurrentBlock, _HFRecurrentGemmaBlock, _HFLinearAttentionMoEBlock, _HFMiniMaxLightningBlock,
+    _HFMiniMaxBlock, _HFDeltaAttentionBlock, _HFDeltaAttentionMoEBlock, _HFJambaBlock, _HFJambaMoEBlock,
+    _HFFalconH1Block, _HFJambaMambaBlock, _HFJambaMambaMoEBlock, _HFNemotronHAttentionBlock, _HFNemotronHMLPBlock,
+    _HFNemotronHMoEBlock, _HFHyperCLOVAXBlock, _HFLlama4Block, _HFLlama4MoEBlock, _HFAriaMoEBlock, _HFGteBlock,
+    _HFJinaV3Block, _HFEsmcBlock, _HFAimv2Block, _HFPixtralBlock, _HFLlamaBlock, _HFMoEBlock, _HFGptOssBlock,
+    _HFDbrxBlock, _HFGraniteMoEBlock, _HFMLABlock, _HFMLAMoEBlock, _HFLlamaPlainBlock, _HFApertusBlock,
+    _HFNanoChatBlock, _HFPhiBlock, _HFGPTJBlock, _HFCodeGenBlock, _HFGPTNeoBlock, _HFGPTNeoXBlock,
+    _HFGPTNeoXJapaneseBlock, _HFPersimmonBlock, _HFBloomBlock, _HFFalconBlock, _HFGPTBigCodeBlock, _HFMptBlock,
+    _HFT5Block, _TorchEncoderBlock,
 )
 
 

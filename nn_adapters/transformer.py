@@ -385,7 +385,7 @@ def _call_model(model: nn.Module, batch: Any) -> Any:
 def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     """(batch, tokens) bool mask of real (non-padding) tokens of a captured block input."""
     bf = block.batch_first("block")
-    b, t = (x.shape[0], x.shape[1]) if bf else (x.shape[1], x.shape[0])
+    b, t = (x.shape[0], x.shape[1:-1].numel()) if bf else (x.shape[1], x.shape[0])  # a grid: its tokens
     inner = batch[0] if isinstance(batch, (tuple, list)) else batch
     if ctx["kwargs"].get("src_key_padding_mask") is not None:
         # the padding mask a torch.nn.TransformerEncoderLayer's attention applies: the model's own reading of the
@@ -717,6 +717,8 @@ def _rows(t: torch.Tensor, valid: torch.Tensor, batch_first: bool) -> torch.Tens
         t = t.reshape(*lead, t.shape[1])
     if not batch_first:
         t = t.transpose(0, 1)
+    elif t.dim() > 3 and t.shape[0] == valid.shape[0] and t.shape[1:-1].numel() == valid.shape[1]:
+        t = t.flatten(1, -2)  # a grid of tokens, (batch, height, width, features) (SAM's image encoder)
     if t.dim() < 3 or tuple(t.shape[:2]) != tuple(valid.shape):
         raise ValueError(f"an activation of shape {tuple(t.shape)} inside a transformer block does not have the "
                          f"(batch, tokens) = {tuple(valid.shape)} layout the block adapter assumes (e.g. an "
@@ -1049,7 +1051,7 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
     dealer = FoldDealer(CV_FOLDS)
     for c in cache:
         valid = c["valid"]
-        rows = (c["x"] if bf else c["x"].transpose(0, 1)).detach().cpu()
+        rows = (c["x"].flatten(1, -2) if bf else c["x"].transpose(0, 1)).detach().cpu()
         real = valid.cpu()
         # a sequence without real tokens (all padding) has no rows: it is not dealt, so that it shifts no fold
         seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) if bool(real[i].any()) else 0
@@ -1063,9 +1065,9 @@ def _match_tokens(cache: list[dict[str, Any]], xs: list[torch.Tensor], block: _B
     hierarchical encoder (see :func:`_link_stages`) the number of tokens changes. Every token of a batch without
     padding is real at every stage, each in its sequence's fold; a padded batch keeps its mask only where the count
     does not change, since which merged token is padding is not known."""
-    dim = 1 if block.batch_first("block") else 0
+    bf = block.batch_first("block")
     for c, x in zip(cache, xs, strict=True):
-        t = x.shape[dim]
+        t = x.shape[1:-1].numel() if bf else x.shape[0]
         if c["valid"].shape[1] == t:
             continue
         first = c.setdefault("first_tokens", (c["valid"], c["fold"]))
@@ -1111,18 +1113,18 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT,
         ALBERT (layer mode: its layer is shared by the calls), the sentence embedders GTE, Nomic Embed, Jina Embeddings
         v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2,
-        Pixtral, CLIP; Swin, Swin V2, SegFormer and PVT, their stages linked through the patch merging), Llama-style
-        decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned as key/value groups;
-        Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the refit accounts for;
-        mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared expert, Qwen2-MoE and
-        GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent attention, DeepSeek-V2/V3 and
-        MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus, Whisper, XGLM...), OPT, GPT-2
-        (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN), GPT-NeoX (Pythia), Phi, BLOOM,
-        Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads: transformers >= 5), LFM2 or
-        :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``); the table of
-        :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and ``get_decoder()``
-        holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned encoder's states. Not
-        modified (a deep copy is pruned).
+        Pixtral, CLIP; SAM's image encoder; Swin, Swin V2, SegFormer and PVT, their stages linked through the patch
+        merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned
+        as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
+        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared
+        expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
+        attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
+        GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads:
+        transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``);
+        the table of :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
+        ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
+        encoder's states. Not modified (a deep copy is pruned).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the ``attention_mask`` marks
         padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
@@ -2121,8 +2123,8 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         valid = cache[b]["valid"]
         for s in stages:
             view, role = _view(oblk, s)
-            a = _rows(view.consumer_rows(role, got[s], _own_context(oblk, _original_context(cache[b]))), valid,
-                      view.batch_first(role))
+            a = _rows(view.consumer_rows(role, got[s], _own_context(oblk, _original_context(cache[b])), xo[b]),
+                      valid, view.batch_first(role))
             y = orig_mods[s](a)
             lam = _layer_scale(oblk, s, y)[0]
             norm = view.output_norm(role)
@@ -2342,7 +2344,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 out_p, got = capture_inputs(mods, lambda b=b: _fwd(blk, xp[b], cache[b]["ctx"], counter),
                                             stop=blk.single_call() and not from_output)
                 view, role = _view(blk, s)
-                a = _rows(view.consumer_rows(role, got[s], _own_context(blk, cache[b]["ctx"])), valid,
+                a = _rows(view.consumer_rows(role, got[s], _own_context(blk, cache[b]["ctx"]), xp[b]), valid,
                           blk.batch_first(s))
                 if mode == "asym":
                     y = targets[s][b]

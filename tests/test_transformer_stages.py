@@ -331,7 +331,7 @@ def test_window_rows_are_put_back_in_token_order(name: str) -> None:
     for blk, calls in window_calls(model, data, name):
         call = calls[0]
         ctx = {"args": call["args"], "kwargs": call["kwargs"]}
-        rows = blk.consumer_rows("heads", call["o_in"], ctx)
+        rows = blk.consumer_rows("heads", call["o_in"], ctx, call["x"])
         assert rows.shape[:2] == call["x"].shape[:2]
         with torch.no_grad():
             y = part(blk.module, out_path)(rows)
@@ -447,7 +447,7 @@ def test_window_rows_need_the_grid_size() -> None:
     with the reason, not a KeyError."""
     blk = find_blocks(build("swin"))[0]
     with pytest.raises(ValueError, match=r"input_dimensions.*target='ffn'"):
-        blk.consumer_rows("heads", torch.zeros(4, 16, 8), {"args": (), "kwargs": {}})
+        blk.consumer_rows("heads", torch.zeros(4, 16, 8), {"args": (), "kwargs": {}}, torch.zeros(1, 64, 8))
 
 
 def test_heads_need_the_models_window_partition(monkeypatch: pytest.MonkeyPatch) -> None:
