@@ -4259,12 +4259,19 @@ _BLOCK_KINDS: tuple[type[_Block], ...] = (
 )
 
 
+#: Parts of a layer that make it none of the known layouts, whatever else it has: Gemma 3n's AltUp (``altup``)
+#: carries several residual streams through the layer at once, stacked in its hidden states.
+_NOT_A_BLOCK = ("altup",)
+
+
 def find_blocks(model: nn.Module) -> list[_Block]:
     """Transformer blocks of ``model`` in registration order (blocks nested in a block are not searched)."""
     blocks: list[_Block] = []
     taken: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
+            continue
+        if any(isinstance(getattr(module, part, None), nn.Module) for part in _NOT_A_BLOCK):
             continue
         for kind in _BLOCK_KINDS:
             if kind.matches(module):

@@ -529,3 +529,22 @@ def test_gemma4_without_per_layer_inputs_reads_the_ffn_sum_through_the_layer_sca
             sol = np.linalg.lstsq(s[:, None] * a[:, kept], s[:, None] * (y - a[:, kept] @ w[kept]), rcond=None)[0]
             np.testing.assert_allclose(pruned.layers[i].mlp.down_proj.weight.detach().double().numpy().T,
                                        w[kept] + sol, atol=2e-4, rtol=1e-3)
+
+
+def test_gemma3n_layers_carrying_several_streams_are_not_blocks() -> None:
+    """Gemma 3n's layers have Gemma 2's parts and norms, but carry several residual streams at once (AltUp, stacked
+    in their hidden states): no layout reads them, so the model is refused as having no transformer block (it was
+    read as Gemma 2's, then failed on the stacked streams with a misleading padding message)."""
+    if not hasattr(transformers, "Gemma3nForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 3n")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3nTextConfig(
+        vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, hidden_size=HIDDEN, hidden_size_per_layer_input=4,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4, intermediate_size=24,
+        max_position_embeddings=32, laurel_rank=2, altup_num_inputs=2, num_kv_shared_layers=0,
+        activation_sparsity_pattern=[0.0, 0.0], layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8)
+    model = transformers.Gemma3nForCausalLM(cfg).eval()
+    assert find_blocks(model) == []
+    with pytest.raises(ValueError, match="no transformer block found"):
+        prune_transformer(model, batches(n_batches=1), keep=0.5, target="ffn")
