@@ -449,6 +449,12 @@ class _Block:
         """Whether tensors of ``stage`` ("block", "ffn" or "heads") are laid out (batch, tokens, features)."""
         return True
 
+    def token_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's input or output ``x`` as ``(batch, tokens, features)`` where the block is batch first: a grid of
+        tokens ``(batch, height, width, features)`` (SAM's image encoder) flattened; blocks that take their grid
+        channels first (ViTDet) say so here."""
+        return x.flatten(1, -2) if self.batch_first("block") and x.dim() > 3 else x
+
     def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         """The input ``t`` of the stage's consumer, as captured in a forward of the block on ``x`` with the call
         context ``ctx``, laid out like the block's tokens (:meth:`batch_first`): ``t`` itself, except where the
@@ -1221,23 +1227,28 @@ class _HFSamVisionBlock(_HFBlock):
     UP, DOWN = "mlp.lin1", "mlp.lin2"
     NORM_HEADS = NORM_FFN = "-"  # pre-LN
     RESID_FFN = ("layer_norm2", 0)
-    ALL_HEADS = None
+    N_HEADS, ALL_HEADS = "num_attention_heads", None
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        sa = getattr(module, "attn", None)
-        return (callable(getattr(module, "window_partition", None)) and isinstance(getattr(module, "window_size",
-                                                                                           None), int)
+        sa = _get(module, cls.SA)
+        n = getattr(sa, cls.N_HEADS, None)
+        return (cls._partition(module) is not None and isinstance(getattr(module, "window_size", None), int)
                 and isinstance(getattr(sa, "qkv", None), nn.Linear) and isinstance(getattr(sa, "proj", None), nn.Linear)
-                and isinstance(getattr(sa, "num_attention_heads", None), int)
-                and sa.qkv.out_features % (3 * sa.num_attention_heads) == 0
+                and isinstance(n, int) and n > 0 and sa.qkv.out_features % (3 * n) == 0
                 and all(isinstance(_get(module, p), nn.Linear) for p in (cls.UP, cls.DOWN))
-                and isinstance(getattr(module, "layer_norm2", None), nn.Module))
+                and isinstance(_get(module, cls.RESID_FFN[0]), nn.Module))
+
+    @staticmethod
+    def _partition(module: nn.Module) -> Callable[..., Any] | None:
+        """The layer's window partition: its own method (SAM)."""
+        part = getattr(module, "window_partition", None)
+        return part if callable(part) else None
 
     @property
     def head_dim(self) -> int:
-        sa = self.module.attn
-        return int(sa.qkv.out_features) // (3 * int(sa.num_attention_heads))
+        sa = _get(self.module, self.SA)
+        return int(sa.qkv.out_features) // (3 * int(getattr(sa, self.N_HEADS)))
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
@@ -1245,16 +1256,46 @@ class _HFSamVisionBlock(_HFBlock):
         width = self.num_heads * self.head_dim
         rows = _head_rows(keep, self.head_dim)
         self._cut_attention((torch.cat([rows, rows + width, rows + 2 * width]),), rows, out_weight, out_bias)
-        self.module.attn.num_attention_heads = int(keep.numel())
+        setattr(_get(self.module, self.SA), self.N_HEADS, int(keep.numel()))
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid's height and width, from the block's input (channels last)."""
+        return int(x.shape[1]), int(x.shape[2])
 
     def consumer_rows(self, stage: str, t: torch.Tensor, ctx: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         size = int(self.module.window_size)
         if stage != "heads" or size <= 0:
             return t
-        height, width = int(x.shape[1]), int(x.shape[2])
+        height, width = self._grid(x)
         grid = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width, 1)
-        order = self.module.window_partition(grid, size)[0].reshape(-1).round().long() - 1
+        order = self._partition(self.module)(grid, size)[0].reshape(-1).round().long() - 1
         return _tokens_in_order(t, order, height * width)
+
+
+class _HFVitDetBlock(_HFSamVisionBlock):
+    """ViTDet's layers (``VitDetLayer``, also VitMatte's backbone): SAM's image encoder layer under other names
+    (``attention.qkv`` / ``attention.proj``, ``attention.num_heads``, ``norm1 / norm2``, ``mlp.fc1 / fc2``), its
+    windows cut by its module's ``window_partition``, and its grid taken and handed on channels first, ``(batch,
+    features, height, width)`` (:meth:`token_view`). A layer with a convolutional residual block after its sums
+    (``use_residual_block``) fails the first batch's layout check and is refused."""
+
+    kind = "hf_vitdet"
+    SA, OUT = "attention", "attention.proj"
+    UP, DOWN = "mlp.fc1", "mlp.fc2"
+    RESID_FFN = ("norm2", 0)
+    N_HEADS = "num_heads"
+
+    @staticmethod
+    def _partition(module: nn.Module) -> Callable[..., Any] | None:
+        """The window partition of the layer's module (a function there, ViTDet's)."""
+        part = getattr(sys.modules.get(type(module).__module__), "window_partition", None)
+        return part if callable(part) else None
+
+    def token_view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        return int(x.shape[2]), int(x.shape[3])
 
 
 class _HFSwinBlock(_Windowed, _HFViTBlock):
@@ -4239,9 +4280,9 @@ class _TorchEncoderBlock(_Block):
 
 _BLOCK_KINDS: tuple[type[_Block], ...] = (
     _HFBertBlock, _HFAlbertBlock, _HFFNetBlock, _HFDebertaBlock, _HFDebertaV2Block, _HFLongformerBlock, _HFMPNetBlock,
-    _HFDistilBertBlock, _HFBeitBlock, _HFSamVisionBlock, _HFSegformerBlock, _HFPvtBlock, _HFPvtV2Block, _HFSwinBlock,
-    _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock, _HFDinov2Block,
-    _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock,
+    _HFDistilBertBlock, _HFBeitBlock, _HFSamVisionBlock, _HFVitDetBlock, _HFSegformerBlock, _HFPvtBlock, _HFPvtV2Block,
+    _HFSwinBlock, _HFSwinv2Block, _HFSwinLegacyBlock, _HFViTBlock, _HFBeitLegacyBlock, _HFViTLegacyBlock,
+    _HFDinov2Block, _HFDinov2LegacyBlock, _HFDinov3GatedBlock, _HFDinov3Block, _HFCLIPBlock, _HFModernBertBlock,
     _HFModernBertDecoderBlock, _HFOPTBlock, _HFBartBlock, _HFWav2Vec2Block, _HFGPT2Block, _HFStarcoder2Block,
     _HFStableLmBlock, _HFVaultGemmaBlock, _HFCohereBlock, _HFCohere2MoEBlock, _HFGlm4Block, _HFGemma4MoEBlock,
     _HFGemma4Block, _HFAfmoeBlock, _HFAfmoeMoEBlock, _HFKolibri1Block, _HFGemma2Block, _HFOlmo2Block, _HFPhi3Block,

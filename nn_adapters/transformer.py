@@ -385,7 +385,7 @@ def _call_model(model: nn.Module, batch: Any) -> Any:
 def _token_mask(batch: Any, block: _Block, x: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
     """(batch, tokens) bool mask of real (non-padding) tokens of a captured block input."""
     bf = block.batch_first("block")
-    b, t = (x.shape[0], x.shape[1:-1].numel()) if bf else (x.shape[1], x.shape[0])  # a grid: its tokens
+    b, t = block.token_view(x).shape[:2] if bf else (x.shape[1], x.shape[0])  # a grid: its tokens
     inner = batch[0] if isinstance(batch, (tuple, list)) else batch
     if ctx["kwargs"].get("src_key_padding_mask") is not None:
         # the padding mask a torch.nn.TransformerEncoderLayer's attention applies: the model's own reading of the
@@ -1051,7 +1051,7 @@ def _assign_folds(cache: list[dict[str, Any]], block: _Block) -> None:
     dealer = FoldDealer(CV_FOLDS)
     for c in cache:
         valid = c["valid"]
-        rows = (c["x"].flatten(1, -2) if bf else c["x"].transpose(0, 1)).detach().cpu()
+        rows = (block.token_view(c["x"]) if bf else c["x"].transpose(0, 1)).detach().cpu()
         real = valid.cpu()
         # a sequence without real tokens (all padding) has no rows: it is not dealt, so that it shifts no fold
         seq = torch.as_tensor([dealer.fold(rows[i][real[i]]) if bool(real[i].any()) else 0
@@ -1067,7 +1067,7 @@ def _match_tokens(cache: list[dict[str, Any]], xs: list[torch.Tensor], block: _B
     does not change, since which merged token is padding is not known."""
     bf = block.batch_first("block")
     for c, x in zip(cache, xs, strict=True):
-        t = x.shape[1:-1].numel() if bf else x.shape[0]
+        t = block.token_view(x).shape[1] if bf else x.shape[0]
         if c["valid"].shape[1] == t:
             continue
         first = c.setdefault("first_tokens", (c["valid"], c["fold"]))
@@ -1113,11 +1113,11 @@ def prune_transformer(
         (BERT-style ``BertLayer`` and look-alikes, DeBERTa v1-v3, Longformer (FFN), FNet (FFN), MPNet, DistilBERT,
         ALBERT (layer mode: its layer is shared by the calls), the sentence embedders GTE, Nomic Embed, Jina Embeddings
         v3 and EmbeddingGemma 2, ESM C (FFN), wav2vec 2.0-family speech encoders, ViT, BEiT, DINOv2, DINOv3, AIMv2,
-        Pixtral, CLIP; SAM's image encoder; Swin, Swin V2, SegFormer and PVT, their stages linked through the patch
-        merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads pruned
-        as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the FFN the
-        refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a shared
-        expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
+        Pixtral, CLIP; SAM's image encoder, ViTDet; Swin, Swin V2, SegFormer and PVT, their stages linked through the
+        patch merging), Llama-style decoder layers (Llama, Mistral, Qwen2, Qwen3, Cohere, StarCoder2, StableLM: heads
+        pruned as key/value groups; Gemma 2 and 3, OLMo 2 and 3 and EXAONE 4, whose norms after the attention and the
+        FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
+        shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
         attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
         Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
         GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads:
@@ -1297,16 +1297,16 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; ALBERT; DeBERTa v1-v3, Longformer, FNet, "
                          "MPNet, DistilBERT, GTE, Nomic Embed, Jina Embeddings v3, EmbeddingGemma 2, ESM C, wav2vec "
-                         "2.0, HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, Swin, SegFormer, "
-                         "ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, Pegasus, Whisper, "
-                         "XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, Qwen3, Phi-3, GLM, "
-                         "Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in transformers 5: "
-                         "Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, GraniteMoE, "
-                         "GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, Mistral 4, "
-                         "MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, NemotronH, "
-                         "Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, GPT-2, GPT-J, "
-                         "CodeGen, GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, Falcon, "
-                         "GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
+                         "2.0, HuBERT, WavLM, ViT, BEiT, DINOv2, DINOv3, AIMv2, Pixtral, CLIP, SAM, ViTDet, Swin, "
+                         "SegFormer, PVT, ModernBERT and its decoder), BART-family layers (BART, mBART, Marian, "
+                         "Pegasus, Whisper, XGLM...), T5 blocks, decoder layers (Llama-style: Llama, Mistral, Qwen2, "
+                         "Qwen3, Phi-3, GLM, Granite, Nemotron, Cohere, StarCoder2, StableLM; mixtures of experts in "
+                         "transformers 5: Mixtral, Qwen2/3-MoE, PhiMoE, OLMoE, GLM-4-MoE, ERNIE 4.5 MoE, EXAONE-MoE, "
+                         "GraniteMoE, GPT-OSS, Llama 4, Aria, Cohere2-MoE, DBRX; latent attention: DeepSeek-V2/V3, "
+                         "Mistral 4, MiniCPM3; LFM2, LFM3, Granite 4.0 hybrid, Qwen3.5, Qwen3-Next, Jamba, Falcon-H1, "
+                         "NemotronH, Kimi Linear, RecurrentGemma; Gemma 2/3/4, AFMoE, Kolibri1, OLMo 2, GLM-4; OPT, "
+                         "GPT-2, GPT-J, CodeGen, GPT-Neo, GPT-NeoX (Pythia), GPT-NeoX-Japanese, Persimmon, Phi, BLOOM, "
+                         "Falcon, GPTBigCode (StarCoder), MPT) and torch.nn.TransformerEncoderLayer; see the table of "
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
@@ -2047,11 +2047,11 @@ def _residual_rows(block: _Block, stage: str, got: dict[str, torch.Tensor], x: t
     if entry == BLOCK_OUTPUT:
         if out is None:
             raise RuntimeError("the block output is needed for the residual of a parallel branch")
-        res = _rows(out, valid, block.batch_first("block"))
+        res = _rows(block.token_view(out), valid, block.batch_first("block"))
     elif isinstance(entry, BranchSum):  # the sum the branch enters, minus the branch
         res = _rows(got["res_" + stage], valid, block.batch_first("block"))
     else:
-        res = (_rows(x, valid, block.batch_first("block")) if entry is None
+        res = (_rows(block.token_view(x), valid, block.batch_first("block")) if entry is None
                else _rows(got["res_" + stage], valid, view.batch_first(role)))
     if y is not None and res.shape != y.shape:  # the consumer's output is not even as wide as the stream (MobileBERT)
         _refuse_layout(view, role, stage)
@@ -2290,7 +2290,8 @@ def _check_layout(block: _Block, stage: str, total: torch.Tensor, got: dict[str,
         seen = _rows(got["sum_" + stage], valid, block.batch_first("block"))
     elif stage == "ffn" or not block.has_ffn:  # the last sublayer: its sum is the block output (over its factor)
         factor = block.output_factor()
-        seen = _rows(out if factor is None else out / factor.to(out.dtype), valid, block.batch_first("block"))
+        seen = _rows(block.token_view(out if factor is None else out / factor.to(out.dtype)), valid,
+                     block.batch_first("block"))
     else:
         return
     if not (torch.isfinite(seen).all() and torch.isfinite(total).all()):
