@@ -17,7 +17,7 @@ from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
 from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
-from tests._torch_helpers import zeroed_ffn, zeroed_heads
+from tests._torch_helpers import run_hooked, zeroed_ffn, zeroed_heads
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,12 +81,7 @@ def calls(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> list[tuple[o
                      lambda _m, args, seen=seen: seen[-1].update(o_in=args[0].detach())),
                  layer.layer_norm2.register_forward_pre_hook(
                      lambda _m, args, seen=seen: seen[-1].update(sum=args[0].detach()))]
-        try:
-            for b in data:
-                out(model, b)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_hooked([model], data, hooks)
         found.append((blk, seen))
     return found
 
@@ -198,12 +193,7 @@ def test_vitdet_channels_first_grid_without_refit_equals_the_zeroed_model(target
         hooks = [consumer.register_forward_pre_hook(lambda _m, args, seen=seen: seen.append(args[0].detach())),
                  layer.attention.register_forward_pre_hook(
                      lambda _m, args, rows_of=rows_of: rows_of.append(args[0].detach()))]
-        try:
-            for b in data:
-                out(model, b)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_hooked([model], data, hooks)
         real = torch.cat([r.reshape(-1, HIDDEN).abs().sum(1) > 0 for r in rows_of])
         a = torch.cat([s.reshape(-1, consumer.in_features) for s in seen])
         a = (a[real] if target == "heads" else a).double()
