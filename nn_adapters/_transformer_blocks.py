@@ -803,8 +803,9 @@ class _HFBertBlock(_HFBlock):
 class _HFAlbertBlock(_HFBlock):
     """ALBERT's layer (``AlbertLayer``): BERT's post-LN order under other names, ``attention.{query,key,value,
     dense}`` and ``attention.LayerNorm``, FFN ``ffn`` / ``ffn_output``, ``full_layer_layer_norm``. The model
-    applies one such layer (per group) to its own outputs ``num_hidden_layers`` times: see :attr:`_Block.calls`
-    and ``layer`` mode's shared statistics in :mod:`nn_adapters.transformer`."""
+    applies one such layer (per group) to its own outputs ``num_hidden_layers`` times: it is pruned once for all
+    its calls, from the statistics of every call, in ``layer`` mode (see ``_check_shared_calls`` in
+    :mod:`nn_adapters.transformer`)."""
 
     kind = "hf_albert"
     SA, QKV, OUT = "attention", ("query", "key", "value"), "attention.dense"
@@ -1020,7 +1021,22 @@ class _HFViTBlock(_HFPreLNProjBlock):
     RESID_FFN = ("layernorm_after", 0)  # x + mlp(layernorm_after(x))
 
 
-class _HFBeitBlock(_HFViTBlock):
+class _BeitLambdas:
+    """BEiT's layer scales, the layer's own ``lambda_1`` (attention) and ``lambda_2`` (FFN): per-channel factors of
+    the consumer outputs before the sums (a plain 1.0 where ``layer_scale_init_value`` is 0), in either layout."""
+
+    module: nn.Module
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return hasattr(module, "lambda_1") and hasattr(module, "lambda_2") and super().matches(module)  # type: ignore[misc]
+
+    def output_scale(self, stage: str) -> torch.Tensor | None:
+        lam = getattr(self.module, "lambda_2" if stage == "ffn" else "lambda_1")
+        return lam.detach() if isinstance(lam, torch.Tensor) else None
+
+
+class _HFBeitBlock(_BeitLambdas, _HFViTBlock):
     """BEiT layers in transformers 5's layout (``BeitLayer``: ViT's parts ``attention.{q,k,v,o}_proj``,
     ``mlp.fc1/fc2``, ``layernorm_before/after``, pre-LN), whose layer scales are the layer's own parameters
     ``lambda_1`` / ``lambda_2`` (a plain 1.0 where ``layer_scale_init_value`` is 0), and whose relative position
@@ -1033,12 +1049,7 @@ class _HFBeitBlock(_HFViTBlock):
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        return (hasattr(module, "lambda_1") and hasattr(module, "lambda_2")
-                and hasattr(module, "relative_position_bias") and super().matches(module))
-
-    def output_scale(self, stage: str) -> torch.Tensor | None:
-        lam = getattr(self.module, "lambda_2" if stage == "ffn" else "lambda_1")
-        return lam.detach() if isinstance(lam, torch.Tensor) else None
+        return hasattr(module, "relative_position_bias") and super().matches(module)
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
@@ -1184,27 +1195,26 @@ class _Windowed:
             raise ValueError(f"block {self.name!r} ({type(self.module).__name__}) is not called with the size of its "
                              f"token grid (input_dimensions, got {type(dims).__name__}), from which the order of its "
                              "windows' tokens is read: head pruning does not support it; prune target='ffn'.")
-        height, width = int(dims[0]), int(dims[1])
-        return _tokens_in_order(t, self._window_order(height, width), height * width)
+        return _tokens_in_order(t, int(dims[0]), int(dims[1]), self._cut_windows)
 
-    def _window_order(self, height: int, width: int) -> torch.Tensor:
-        """For each row of the windows the layer cuts from a ``height x width`` grid, the number of its token in
-        the grid (row-major), or -1 for a padding position: the layer's padding, shift and partition applied to
-        the grid of token numbers."""
-        grid = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width, 1)
-        padded = self.module.maybe_pad(grid, height, width)[0]
+    def _cut_windows(self, grid: torch.Tensor) -> torch.Tensor:
+        """The windows the layer cuts from a ``(1, height, width, 1)`` grid: its padding, shift and partition."""
+        padded = self.module.maybe_pad(grid, grid.shape[1], grid.shape[2])[0]
         shift = int(self.module.shift_size)
         if shift > 0:
             padded = torch.roll(padded, shifts=(-shift, -shift), dims=(1, 2))
-        partition = sys.modules[type(self.module).__module__].window_partition
-        return partition(padded, self.module.window_size).reshape(-1).round().long() - 1
+        return sys.modules[type(self.module).__module__].window_partition(padded, self.module.window_size)
 
 
-def _tokens_in_order(t: torch.Tensor, index: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Rows of windows ``t`` (``(batch * windows, ..., features)``, each sample's windows together) put back in
-    token order, ``(batch, n_tokens, features)``: ``index`` gives, for each row of one sample's windows, the number
-    of its token, or -1 for a padding position (left out)."""
-    index = index.to(t.device)
+def _tokens_in_order(t: torch.Tensor, height: int, width: int,
+                     cut: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Rows of windows ``t`` (``(batch * windows, ..., features)``, each sample's windows together) put back in the
+    order of the ``height x width`` grid of tokens they were cut from, ``(batch, height * width, features)``, without
+    the padding positions. ``cut`` is the layer's own cutting (padding, shift, partition) of a ``(1, height, width,
+    1)`` grid: run on the grid of token numbers, it tells each window row's token (0 for padding)."""
+    n_tokens = height * width
+    grid = torch.arange(1, n_tokens + 1, dtype=torch.float64).view(1, height, width, 1)
+    index = (cut(grid).reshape(-1).round().long() - 1).to(t.device)
     batch = t.numel() // t.shape[-1] // index.numel()
     rows = t.reshape(batch, index.numel(), t.shape[-1])
     real = index >= 0
@@ -1266,10 +1276,8 @@ class _HFSamVisionBlock(_HFBlock):
         size = int(self.module.window_size)
         if stage != "heads" or size <= 0:
             return t
-        height, width = self._grid(x)
-        grid = torch.arange(1, height * width + 1, dtype=torch.float64).view(1, height, width, 1)
-        order = self._partition(self.module)(grid, size)[0].reshape(-1).round().long() - 1
-        return _tokens_in_order(t, order, height * width)
+        partition = self._partition(self.module)
+        return _tokens_in_order(t, *self._grid(x), lambda grid: partition(grid, size)[0])
 
 
 class _HFVitDetBlock(_HFSamVisionBlock):
@@ -1360,7 +1368,7 @@ class _HFSwinv2Block(_Windowed, _HFViTLegacyBlock):
         sa.logit_scale = _sliced_parameter(sa.logit_scale, keep)
 
 
-class _HFBeitLegacyBlock(_HFViTLegacyBlock):
+class _HFBeitLegacyBlock(_BeitLambdas, _HFViTLegacyBlock):
     """BEiT's older layout (``BeitLayer`` of transformers 4; ``Data2VecVisionLayer`` still in 5): ViT's older part
     names, pre-LN, but the FFN's output module adds no residual (``x + lambda_2 * output(intermediate(
     layernorm_after(x)))``), layer scales ``lambda_1`` / ``lambda_2`` (``None`` where ``layer_scale_init_value`` is
@@ -1371,14 +1379,6 @@ class _HFBeitLegacyBlock(_HFViTLegacyBlock):
     kind = "hf_beit"
     RESID_FFN = ("layernorm_after", 0)  # x + lambda_2 * output(intermediate(layernorm_after(x)))
     PLAIN = frozenset({"dropout", "relative_position_bias"})
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return hasattr(module, "lambda_1") and hasattr(module, "lambda_2") and super().matches(module)
-
-    def output_scale(self, stage: str) -> torch.Tensor | None:
-        lam = getattr(self.module, "lambda_2" if stage == "ffn" else "lambda_1")
-        return lam.detach() if isinstance(lam, torch.Tensor) else None
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:

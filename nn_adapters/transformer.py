@@ -1131,9 +1131,9 @@ def prune_transformer(
         ``return_tensors="np"``) are copied into tensors. Padding tokens never enter the statistics; where the mask
         covers the model's inputs rather than the blocks' tokens (audio samples before a speech encoder's feature
         encoder, or a sequence the model pads further, as Longformer and BigBird), the padding is read from the mask the
-        model hands its blocks. Only magnitude or random pruning of plain (not gated) FFNs without refit reads no data
-        (``None`` is then accepted); head pruning and gated FFN pruning always check each block's unit layout on the
-        first batch.
+        model hands its blocks. Only magnitude or random pruning of plain FFNs without refit reads no data (``None``
+        is then accepted); head pruning and the pruning of gated FFNs, or of FFNs with other parts between their
+        projections (SegFormer's convolution), always check each block's unit layout on the first batch.
     keep : float or dict
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A
@@ -1323,7 +1323,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             raise ValueError(f"target={stage!r}, but no block of this model has {what} (its blocks are "
                              f"{', '.join(sorted({b.kind for b in blocks}))}): prune target={other!r}.")
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
-    gated = "ffn" in stages and any(b.ffn_units_checked for b in blocks)
+    check_units = "ffn" in stages and any(b.ffn_units_checked for b in blocks)
     if "ffn" in stages:
         for blk in blocks:
             blk.prepare_ffn()
@@ -1369,8 +1369,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             batches = _batches(calibration_data, float_dtype(model))
             originals = None if original_data is None else _batches(original_data, float_dtype(model))
             orig_blocks, cache, chain_calls, called = _original_blocks(
-                model, batches if originals is None else originals, "heads" in stages, stacks_note, counter, gated,
-                bool(crossable), None if originals is None else batches)
+                model, batches if originals is None else originals, "heads" in stages, stacks_note, counter,
+                check_units, bool(crossable), None if originals is None else batches)
             for blk, oblk in zip(blocks, orig_blocks, strict=True):  # the layers between stages, in this copy
                 blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name), o.grid) for o in oblk.before)
             per_block = [_with_cross(stages, b, called) for b in blocks]
@@ -1441,14 +1441,14 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                                                       for b in range(len(cache))]
                 xo = xo_next
         else:
-            if "heads" in stages or gated:  # unit layouts are checked on the first batch, whatever the method
+            if "heads" in stages or check_units:  # unit layouts are checked on the first batch, whatever the method
                 if calibration_data is None or (isinstance(calibration_data, (list, tuple)) and not calibration_data):
                     what = "head pruning checks each block's head layout" if "heads" in stages else (
-                        "gated FFN pruning checks each block's FFN unit layout")
+                        "this FFN's pruning checks each block's FFN unit layout")
                     raise ValueError(f"{what} on one calibration batch, also with method={method!r} and "
                                      "reweight=False: pass at least one batch")
                 called = _original_blocks(model, _batches(calibration_data, float_dtype(model))[:1],
-                                          "heads" in stages, stacks_note, counter, gated, bool(crossable))[3]
+                                          "heads" in stages, stacks_note, counter, check_units, bool(crossable))[3]
             else:
                 called = set()
             for i, blk in enumerate(blocks):
@@ -1650,14 +1650,15 @@ def _step_over(block: _Block, xs: list[torch.Tensor], cache: list[dict[str, Any]
 
 
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
-                     gated: bool = False, cross: bool = False, pruned_batches: list[Any] | None = None
-                     ) -> tuple[list[_Block], list[dict[str, Any]], list[torch.Tensor], set[str]]:
-    """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the
-    first block's cached inputs for ``batches``, every block's input on the first batch (one full forward, which
-    also checks that the blocks chain and, with ``heads``, their head layout; with ``gated``, the FFN unit layout
-    of the blocks whose FFN has several producers), and, with ``cross``, the names of the decoder layers whose
-    cross-attention that forward called (their cross-attention's head layout checked too): a decoder run without
-    encoder states skips it, and its heads are then left as they are.
+                     check_units: bool = False, cross: bool = False, pruned_batches: list[Any] | None = None
+                     ) -> tuple[list[_Block], list[dict[str, Any]], list[tuple[int, torch.Tensor]], set[str]]:
+    """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the first
+    block's cached inputs for ``batches``, every block call on the first batch in the forward's order (the block's
+    index and its input: a block the model calls several times comes back with each call; one full forward, which
+    also checks that the blocks chain and, with ``heads``, their head layout; with ``check_units``, the FFN unit
+    layout of the blocks that ask for it, :attr:`_Block.ffn_units_checked`), and, with ``cross``, the names of the
+    decoder layers whose cross-attention that forward called (their cross-attention's head layout checked too): a
+    decoder run without encoder states skips it, and its heads are then left as they are.
 
     With ``pruned_batches`` (the pruned network's batches, one per batch of ``batches``: a decoder's calls with
     the pruned encoder's states, its first block's inputs the same), each cached entry's ``"ctx"`` is the first
@@ -1699,7 +1700,7 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
             _check_head_layouts([b.cross for b in crossing if b.name in called],
                                 [x for b, x in zip(orig_blocks, chain, strict=True) if b.name in called],
                                 cache[0]["ctx"], counter)
-        if gated:
+        if check_units:
             _check_ffn_units(orig_blocks, chain, cache[0]["ctx"], counter)
         if pruned_batches is not None:
             for entry, seen in zip(cache, _capture_first_block(orig, orig_blocks[0], pruned_batches,
@@ -1779,8 +1780,9 @@ def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: d
 
 def _check_ffn_units(blocks: list[_Block], inputs: list[torch.Tensor], ctx: dict[str, Any],
                      counter: list[int]) -> None:
-    """Refuse gated FFNs whose units are not one row of every producer and one column of the down projection
-    (an FFN that mixes the intermediate features before the down projection), checked on one batch: without its
+    """Refuse FFNs (gated, or with other parts between their projections) whose units are not one row of every
+    producer and one column of the down projection (an FFN that mixes the intermediate features before the down
+    projection), checked on one batch: without its
     first unit, the shrunk block must compute what the block computes with that unit's down column zeroed."""
     for blk, x in zip(blocks, inputs, strict=True):
         if blk.ffn_units_checked and blk.ffn_units >= 2:

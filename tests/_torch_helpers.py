@@ -116,6 +116,16 @@ def run_hooked(models: list[nn.Module], batches: list[dict[str, torch.Tensor]], 
             h.remove()
 
 
+def hooked_rows(model: nn.Module, batches: list[dict[str, torch.Tensor]], module: nn.Module,
+                rows: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """The first input of ``module`` in the model's forward on each batch, reduced to its real rows by
+    ``rows(batch, input)`` (real tokens, real frames...) and stacked, in float64."""
+    seen: list[torch.Tensor] = []
+    h = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    run_hooked([model], batches, [h])
+    return torch.cat([rows(b, a) for a, b in zip(seen, batches, strict=True)]).double().numpy()
+
+
 def assert_reloads_and_generates(pruned: nn.Module, path) -> None:
     """``pruned`` (a causal LM) saved at ``path`` and reloaded gives the same logits, and its greedy generation
     gives the same tokens with and without its key/value (and recurrent-state) cache."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import run_hooked, scale_matrices, zeroed_ffn, zeroed_heads
+from _torch_helpers import hooked_rows, scale_matrices, zeroed_ffn, zeroed_heads
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -109,10 +109,8 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(sta
 
 
 def _captured(model: nn.Module, batches: list[dict[str, torch.Tensor]], module: nn.Module) -> np.ndarray:
-    seen: list[torch.Tensor] = []
-    h = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    run_hooked([model], batches, [h])
-    return torch.cat([frames(model, b, a) for a, b in zip(seen, batches, strict=True)]).double().numpy()
+    """The real frames' rows of ``module``'s first input over ``batches``."""
+    return hooked_rows(model, batches, module, lambda b, a: frames(model, b, a))
 
 
 @pytest.mark.parametrize("stage", ["ffn", "heads"])

@@ -18,7 +18,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import ragged_token_batches, real_token_states, run_hooked, scale_matrices, zeroed_ffn, zeroed_heads
+from _torch_helpers import (
+    hooked_rows,
+    ragged_token_batches,
+    real_token_states,
+    scale_matrices,
+    zeroed_ffn,
+    zeroed_heads,
+)
 from torch import nn
 
 from nn_adapters._transformer_blocks import find_blocks
@@ -107,10 +114,7 @@ def test_pruning_without_refit_is_the_original_with_the_removed_units_zeroed(nam
 
 def _captured(model: nn.Module, batches: list[dict[str, torch.Tensor]], module: nn.Module) -> np.ndarray:
     """The real tokens' rows of ``module``'s first input over ``batches``."""
-    seen: list[torch.Tensor] = []
-    h = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    run_hooked([model], batches, [h])
-    return torch.cat([a[b["attention_mask"].bool()] for a, b in zip(seen, batches, strict=True)]).double().numpy()
+    return hooked_rows(model, batches, module, lambda b, a: a[b["attention_mask"].bool()])
 
 
 @pytest.mark.parametrize("stage", ["ffn", "heads"])

@@ -362,7 +362,7 @@ def test_gated_ffn_that_mixes_its_units_is_refused() -> None:
     for method in ("asym", "magnitude"):
         with pytest.raises(ValueError, match="does not act like zeroing column 0 of its down projection"):
             prune_transformer(model, data, keep=0.5, target="ffn", method=method, reweight=False)
-    with pytest.raises(ValueError, match="gated FFN pruning checks each block's FFN unit layout on one calibration"):
+    with pytest.raises(ValueError, match="FFN's pruning checks each block's FFN unit layout on one calibration"):
         prune_transformer(model, None, keep=0.5, target="ffn", method="magnitude", reweight=False)
 
 
