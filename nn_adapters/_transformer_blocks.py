@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._experts import drop_experts
 from ._modes import HOOK_DICTS
 
 __all__ = ["PrunedMultiheadAttention"]
@@ -2357,6 +2358,34 @@ class _HFMoEBlock(_HFLlamaBlock):
         if hasattr(ex, "intermediate_dim"):
             ex.intermediate_dim = int(keep.shape[1])
 
+    #: Whether whole experts can be removed (``target="experts"``): their parameters all have the experts first
+    #: (DBRX's do not), and the routing weights multiply the experts' outputs (not Llama 4's inputs).
+    experts_droppable = True
+
+    #: Where the router may live (the first module found): the mixture module's ``gate`` or ``router``.
+    ROUTERS: tuple[str, ...] | None = None
+
+    @property
+    def router(self) -> nn.Module | None:
+        """The mixture's router (:attr:`ROUTERS`), or ``None``."""
+        for path in self.ROUTERS or (f"{self.MLP}.gate", f"{self.MLP}.router"):
+            m = _get(self.module, path)
+            if isinstance(m, nn.Module):
+                return m
+        return None
+
+    def drop_experts(self, keep: torch.Tensor) -> None:
+        """Keep only the experts ``keep`` (sorted indices): their rows of the experts' tensors and of the router's
+        (its weight, bias and per-expert buffers such as a score-correction bias), the mixture module's own
+        per-expert tensors (AFMoE's expert bias), and every count of experts in those modules (``num_experts``)."""
+        n, mlp, router = self.n_experts, _get(self.module, self.MLP), self.router
+        keep = keep.to(torch.long)
+        drop_experts(self.experts, n, keep)
+        if router is not None:
+            drop_experts(router, n, keep)
+        if isinstance(mlp, nn.Module):
+            drop_experts(mlp, n, keep, recurse=False)
+
     def spec(self) -> dict[str, Any]:
         shared = self.shared
         extra = {"shared_intermediate_size": shared.ffn_units} if self._shared_prunable(shared) else {}
@@ -2371,6 +2400,10 @@ class _HFMoEBlock(_HFLlamaBlock):
         n, shared = spec.get("shared_intermediate_size"), self.shared
         if problem is not None:
             return problem
+        n_exp = spec.get("experts")
+        if n_exp is not None and not (isinstance(n_exp, int) and not isinstance(n_exp, bool)
+                                      and 1 <= n_exp <= self.n_experts):
+            return f"the spec has experts={n_exp!r}, the model's block {self.n_experts}"
         if n is None or (self._shared_prunable(shared) and isinstance(n, int) and not isinstance(n, bool)
                          and 1 <= n <= shared.ffn_units):
             return None
@@ -2383,6 +2416,9 @@ class _HFMoEBlock(_HFLlamaBlock):
         n, shared = spec.get("shared_intermediate_size"), self.shared
         if n is not None and shared is not None:
             shared.shrink_ffn(torch.arange(int(n)))
+        n_exp = spec.get("experts")
+        if n_exp is not None and n_exp < self.n_experts:  # whole experts removed: the weights are loaded after
+            self.drop_experts(torch.arange(int(n_exp)))
 
 
 @functools.cache
@@ -2584,6 +2620,7 @@ class _HFLlama4MoEBlock(_TransposedExperts, _HFMoEBlock):
     SHARED_GATE = None
     PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
     scores_on_input = True
+    experts_droppable = False
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -2623,6 +2660,7 @@ class _HFDbrxBlock(_HFMoEBlock):
     SHARED: tuple[str, ...] = ()
     SHARED_GATE = None
     EXPERT_PARAMS = ("mlp.w1", "mlp.v1", "mlp.w2")
+    experts_droppable = False
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -3519,6 +3557,7 @@ class _HFGemma4MoEBlock(_HFGemma4Block, _HFMoEBlock):
     kind = "hf_gemma4_moe"
     EXPERTS = "experts"
     MLP = "-"  # no mixture module: the layer combines the MLP's and the experts' outputs itself
+    ROUTERS = ("router",)
     SHARED: tuple[str, ...] = ("mlp",)
     SHARED_GATE = None
     SHARED_OUTSIDE = True

@@ -71,6 +71,7 @@ from submod._validation import rng_from_seed
 
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
+from ._experts import ExpertOutputs, RestrictedRouter, search_kept, sorted_routing
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
@@ -110,7 +111,7 @@ __all__ = [
 
 GREEDY_METHODS = ("asym", "seq", "layer")
 BASELINE_METHODS = ("magnitude", "wanda", "random")
-_TARGETS = ("ffn", "heads", "all")
+_TARGETS = ("ffn", "heads", "all", "experts")
 #: Relative ridge of the greedy selection when ``ridge="cv"`` (the cross-validated ridge is the refit's): on
 #: all-MiniLM-L6-v2 the units selected at this ridge on the calibration sentences did as well on held-out
 #: sentences as units selected on those sentences themselves; the refit is what needs the held-out choice.
@@ -137,8 +138,10 @@ class UnitRecord:
     block : str
         The block's module name (e.g. ``"encoder.layer.3"``).
     stage : str
-        ``"ffn"`` (the intermediate neurons), ``"heads"`` (the attention heads) or ``"cross"`` (the heads of a
-        decoder layer's cross-attention).
+        ``"ffn"`` (the intermediate neurons), ``"heads"`` (the attention heads), ``"cross"`` (the heads of a
+        decoder layer's cross-attention) or ``"experts"`` (a mixture's whole experts, ``target="experts"``: units
+        are experts, ``relative_error`` is the squared error of the mixture's routed output on the calibration
+        tokens over the target's energy, without refit).
     n_units, n_kept : int
         Units of the stage before pruning, and kept.
     kept : list of int
@@ -156,6 +159,10 @@ class UnitRecord:
         In a mixture-of-experts FFN, the expert this record is about (one record per expert, and one with
         ``"shared"`` for the shared expert of a mixture that has one; ``n_units`` and ``n_kept`` count that
         expert's neurons); ``None`` elsewhere.
+    search : str or None
+        For ``stage="experts"`` with a greedy method: ``"exhaustive"`` (every kept set was tried: the kept experts
+        minimise the error on the calibration tokens) or ``"greedy"`` (backward elimination, above
+        ``nn_adapters._experts.EXHAUSTIVE_LIMIT`` kept sets); ``None`` elsewhere.
     """
 
     block: str
@@ -168,6 +175,7 @@ class UnitRecord:
     ridge: float | None = None
     cv_relative_error: float | None = None
     expert: int | str | None = None
+    search: str | None = None
 
 
 @dataclass
@@ -255,7 +263,8 @@ class TransformerPruneReport:
             if u.cv_relative_error is not None:
                 err += f" (held-out est. {u.cv_relative_error:.4f}, ridge {u.ridge:.0e} by cv)"
             stage = u.stage if u.expert is None else f"{u.stage}[{u.expert}]"
-            lines.append(f"  {u.block:<28} {stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}")
+            how = "" if u.search is None else f" ({u.search})"
+            lines.append(f"  {u.block:<28} {stage:<5} kept {u.n_kept:>5}/{u.n_units:<5} rel.err {err}{how}")
         for name, why in self.skipped:
             lines.append(f"  skipped {name}: {why}")
         return "\n".join(lines)
@@ -872,6 +881,8 @@ def _unit_columns(stage: str, block: _Block) -> tuple[int, list[np.ndarray] | No
     block, stage = _view(block, stage)
     if stage == "ffn":
         return block.ffn_units, None
+    if stage == "experts":
+        return block.n_experts, None
     d, h = block.head_unit_width, block.head_units
     return h, [np.arange(u * d, (u + 1) * d) for u in range(h)]
 
@@ -1146,10 +1157,20 @@ def prune_transformer(
         block's inputs those of the original network, or in ``seq`` mode whose targets are the block's own outputs)
         it is left as it is and its statistics are not gathered: pruning only the last blocks costs little for the
         blocks before them.
-    target : {"ffn", "heads", "all"}
+    target : {"ffn", "heads", "all", "experts"}
         Which units to prune. ``"heads"`` includes the heads of a BART-family decoder layer's cross-attention
         (stage ``"cross"``). With ``"all"`` the heads of a block are pruned first, then its FFN sees the pruned
-        attention.
+        attention. ``"experts"``: whole experts of every mixture of experts (``keep`` is the fraction of its
+        routed experts kept, at least the number each token is routed to; other blocks and shared experts are left
+        as they are). The router loses the removed experts' rows and routes every token among the kept ones, as
+        its forward does; nothing is refitted. The greedy methods keep the set that minimises the squared error of
+        the mixture's routed output on the calibration tokens (the network and target of the mode, as for the
+        neurons), trying every kept set when there are at most 512 (an optimum for that objective), else removing
+        experts one at a time (backward elimination); ``"magnitude"`` keeps the experts of largest weight norm,
+        ``"wanda"`` those of largest routed output mass ``sum_t w_t ||expert(x_t)||``. Always reads the calibration
+        data; the router must return the routing its experts receive and run on fewer experts (checked; refused
+        otherwise, e.g. DeepSeek-V3's group-limited routing with groups left too small). See
+        :ref:`expert-pruning`.
     method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
         Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
         The MLP/CNN path's names ``"weight_norm"`` and ``"act_norm"``, the paper's class names
@@ -1288,7 +1309,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     (the targets of asym mode, the statistics of layer mode) read their context from those. ``stack``: ``model``
     is one stack of an encoder-decoder, whose unrecognised layers the whole model's call has reported."""
     mode = method if method in GREEDY_METHODS else propagation
-    needs_data = _needs_data(method, reweight, allocation)
+    needs_data = _needs_data(method, reweight, allocation) or target == "experts"  # the routing is checked
     stages = ["heads", "ffn"] if target == "all" else [target]
 
     work = working_copy(model)
@@ -1322,6 +1343,21 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         if stages == [stage] and not any(getattr(b, has) for b in blocks):
             raise ValueError(f"target={stage!r}, but no block of this model has {what} (its blocks are "
                              f"{', '.join(sorted({b.kind for b in blocks}))}): prune target={other!r}.")
+    if stages == ["experts"]:
+        if not any(b.moe for b in blocks):
+            raise ValueError(f"target='experts', but no block of this model is a mixture of experts (its blocks "
+                             f"are {', '.join(sorted({b.kind for b in blocks}))}): prune target='ffn'.")
+        if allocation != "uniform":
+            raise ValueError(f"allocation={allocation!r} is not supported with target='experts': pass "
+                             "allocation='uniform' (every mixture keeps the same fraction of its experts)")
+        for blk in blocks:
+            if blk.moe and not blk.experts_droppable:
+                raise ValueError(f"block {blk.name!r} ({blk.kind}): whole experts of this mixture cannot be removed "
+                                 "(its experts' parameters are not stored expert by expert, or its routing scores "
+                                 "scale the experts' inputs); prune the neurons of every expert instead "
+                                 "(target='ffn').")
+            if blk.moe:
+                blk.prepare_ffn()  # the experts' layout, which their outputs are computed from
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
     check_units = "ffn" in stages and any(b.ffn_units_checked for b in blocks)
     if "ffn" in stages:
@@ -1346,8 +1382,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                                     propagation=None if method in GREEDY_METHODS else propagation,
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation,
                                     skipped=skipped)
-    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages}
-               for f, blk in zip(fractions, blocks, strict=True)]
+    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages
+                if s != "experts" or blk.moe} for f, blk in zip(fractions, blocks, strict=True)]
     for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
         if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the same fraction
             budget["shared"] = _n_keep(f, blk.shared.ffn_units)
@@ -1373,7 +1409,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                 check_units, bool(crossable), None if originals is None else batches)
             for blk, oblk in zip(blocks, orig_blocks, strict=True):  # the layers between stages, in this copy
                 blk.before = tuple(OpaqueLayer(o.name, work.get_submodule(o.name), o.grid) for o in oblk.before)
-            per_block = [_with_cross(stages, b, called) for b in blocks]
+            per_block = [[s for s in _with_cross(stages, b, called) if s != "experts" or b.moe] for b in blocks]
             uses = Counter(i for i, _ in chain_calls)  # a block called several times: one pruning for all calls
             if len(uses) < len(chain_calls):
                 _check_shared_options(blocks[next(i for i, n in uses.items() if n > 1)], mode, allocation)
@@ -2327,12 +2363,17 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     # one forward of the original block per batch: its outputs, the consumer targets (asym) or the consumer inputs
     # and targets (layer), and the LayerNorm weights of the tokens
     t0s = {s: time.perf_counter() for s in stages}
-    dense = [s for s in stages if not (s == "ffn" and blk.moe)]
+    dense = [s for s in stages if not (s == "ffn" and blk.moe) and s != "experts"]
     xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting,
                                    experts=len(dense) < len(stages))
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
+        if s == "experts":  # whole experts: the routed sum of the kept ones (no refit)
+            t0 = time.perf_counter()
+            _prune_experts(blk, oblk, mode, method, budgets[s], side["experts"], xo if mode == "layer" else xp,
+                           cache, counter, rng, report, t0)
+            continue
         if s not in dense:  # the experts of a mixture, after the heads of the same block
             t0 = time.perf_counter()
             expert_stats = _expert_stats(blk, oblk, mode, side["experts"], xp, cache, counter)
@@ -2429,6 +2470,7 @@ class _ExpertCapture:
         self.seen: list[tuple[Any, ...]] = []
         self.ffn: list[Any] = []
         self.shared_in: list[Any] = []
+        self.router_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self.handles: list[Any] = []
 
     def __enter__(self) -> _ExpertCapture:
@@ -2450,6 +2492,10 @@ class _ExpertCapture:
             self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
         if isinstance(mlp, nn.Module):
             self.handles.append(mlp.register_forward_hook(lambda _m, _a, out: self.ffn.append(out)))
+        router = self.blk.router
+        if router is not None:  # what the router is called with (whole-expert pruning calls it again)
+            self.handles.append(router.register_forward_pre_hook(
+                lambda _m, args, kwargs: self.router_calls.append((args, kwargs)), with_kwargs=True))
         shared = self.blk.shared if self.blk.SHARED_OUTSIDE else None
         if shared is not None:  # beside the mixture: what it reads, checked against the experts' input
             self.handles.append(shared.module.register_forward_pre_hook(
@@ -2478,9 +2524,9 @@ class _ExpertCapture:
         (routed experts), ``w`` (routing weights), ``out`` (the experts' output) and ``ffn_out`` (the mixture
         module's output, ``None`` if the block has none); the two outputs only if ``outputs`` (else ``None``); and
         ``shared_x``, the input of a shared expert beside the mixture module (:attr:`_HFMoEBlock.SHARED_OUTSIDE`),
-        or ``None``."""
-        seen, ffn, shared_in = self.seen, self.ffn, self.shared_in
-        self.seen, self.ffn, self.shared_in = [], [], []
+        or ``None``; ``router``, the ``(args, kwargs)`` the router was called with (``None`` unless called once)."""
+        seen, ffn, shared_in, router_calls = self.seen, self.ffn, self.shared_in, self.router_calls
+        self.seen, self.ffn, self.shared_in, self.router_calls = [], [], [], []
         if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
             raise ValueError(f"block {self.blk.name!r}: its experts module was called {len(seen)} times per block "
                              "forward, or not with (hidden_states, top_k_index, top_k_weights) tensors: this mixture "
@@ -2493,7 +2539,8 @@ class _ExpertCapture:
         sx = shared_in[0] if len(shared_in) == 1 and isinstance(shared_in[0], torch.Tensor) else None
         return {"x": xs, "idx": idx, "w": w, "out": e_out,
                 "ffn_out": ffn_out.reshape(-1, ffn_out.shape[-1]) if isinstance(ffn_out, torch.Tensor) else None,
-                "shared_x": None if sx is None else sx.reshape(-1, sx.shape[-1])}
+                "shared_x": None if sx is None else sx.reshape(-1, sx.shape[-1]),
+                "router": router_calls[0] if len(router_calls) == 1 else None}
 
 
 def _routed(idx: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, e: int
@@ -2708,6 +2755,115 @@ def _apply_expert_selection(blk: _Block, method: str, reweight: bool, budgets: d
     if shared is not None and k_shared is not None:  # a dense gated FFN: the dense stage's selection and refit
         _apply_selection(shared, "ffn", method, reweight, k_shared, shared_stats, ridge, rule, rng, report,
                          time.perf_counter(), jobs, owner=blk.name, expert="shared")
+
+
+def _real_rows(calls: list[dict[str, Any]], cache: list[dict[str, Any]], key: str) -> torch.Tensor:
+    """The real tokens' rows of ``key`` (``"x"``, ``"idx"``, ``"w"``) of a mixture's records, batch after batch."""
+    return torch.cat([call[key][c["valid"].reshape(-1).to(call[key].device)] for call, c in zip(calls, cache)])
+
+
+def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[str, Any]]) -> RestrictedRouter:
+    """The router of ``blk`` restricted to kept sets of experts, called on the real tokens of every batch at once
+    (the router input of each record, its real rows; a 3D input as one sequence); refused if the router is not
+    called once per forward with a token per row, or does not return the routing the experts module receives."""
+    refuse = (f"block {blk.name!r}: its mixture's router ({type(blk.router).__name__}) ")
+    fix = " prune the neurons of every expert instead (target='ffn')."
+    if blk.router is None or any(c["router"] is None for c in calls):
+        raise ValueError(f"block {blk.name!r}: no router module (mlp.gate or mlp.router) called once per forward was "
+                         f"found, which whole-expert pruning calls again on the kept experts' rows;{fix}")
+    parts = []
+    for call, c in zip(calls, cache):
+        first = call["router"][0][0] if call["router"][0] else None
+        if not isinstance(first, torch.Tensor) or first.reshape(-1, first.shape[-1]).shape[0] != c["valid"].numel():
+            raise ValueError(f"{refuse}is not called with one row per token as its first argument, which "
+                             f"whole-expert pruning assumes;{fix}")
+        parts.append(first.reshape(-1, first.shape[-1])[c["valid"].reshape(-1).to(first.device)])
+    rows = torch.cat(parts)
+    args, kwargs = calls[0]["router"]
+    route = RestrictedRouter(blk.router, blk.n_experts, (rows.unsqueeze(0) if args[0].dim() == 3 else rows,
+                                                         *args[1:]), kwargs)
+    try:
+        w, idx = route(torch.arange(blk.n_experts))
+    except ValueError:
+        w = idx = None
+    want_w, want_idx = sorted_routing(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
+    if idx is not None:
+        w, idx = sorted_routing(w, idx)
+    if idx is None or idx.shape != want_idx.shape or not torch.equal(idx.to(want_idx.device), want_idx) or not (
+            torch.allclose(w.double().to(want_w.device), want_w.double(), rtol=1e-5, atol=1e-6)):
+        raise ValueError(f"{refuse}does not return the (weights, experts) its experts module receives (the "
+                         f"mixture changes the routing after the router), which whole-expert pruning assumes;{fix}")
+    return route
+
+
+def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, k: int,
+                   orig_calls: list[dict[str, Any] | None], xs: list[torch.Tensor], cache: list[dict[str, Any]],
+                   counter: list[int], rng: np.random.Generator, report: TransformerPruneReport, t0: float) -> None:
+    """Remove whole experts of a mixture, keeping ``k`` (see :mod:`nn_adapters._experts`): the kept set that
+    minimises the routed output's error on the calibration tokens (greedy methods; the inputs ``xs`` of the
+    network of ``mode``, the targets of :func:`_expert_stats`'s modes), or the ``k`` experts of largest weight norm
+    (``magnitude``), of largest routed output mass ``sum_t w_t ||y_e(x_t)||`` (``wanda``), or at random. The router
+    loses the removed experts' rows and renormalises over the kept ones as its forward does; no weight is refitted.
+    The pruned layer is checked on the first batch against the routed sum the selection computed."""
+    n_exp = blk.n_experts
+    _check_experts_sum(oblk, orig_calls[0])
+    if mode == "layer":
+        calls = orig_calls
+    else:
+        calls = []
+        for b in range(len(cache)):
+            with _ExpertCapture(blk) as cap:
+                _fwd(blk, xs[b], cache[b]["ctx"], counter)
+            calls.append(cap.take(outputs=False))
+    route = _expert_router(blk, calls, cache)
+    top_k = int(calls[0]["idx"].shape[1])
+    if k < top_k:
+        raise ValueError(f"block {blk.name!r}: keep leaves {k} of its {n_exp} experts, fewer than the {top_k} each "
+                         f"token is routed to: pass keep >= {top_k / n_exp:.4g}")
+    outs = ExpertOutputs(blk, _real_rows(calls, cache, "x"))
+    if mode == "asym":  # the original mixture's routed output on the original network's tokens
+        target = ExpertOutputs(oblk, _real_rows(orig_calls, cache, "x")).mixture(
+            _real_rows(orig_calls, cache, "w"), _real_rows(orig_calls, cache, "idx"))
+    else:
+        target = outs.mixture(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
+    energy = float(target.square().sum())
+
+    def error(keep: torch.Tensor) -> float:
+        return float((target - outs.mixture(*route(keep))).square().sum())
+
+    how = None
+    if method in GREEDY_METHODS:
+        try:
+            kept, err, how = search_kept(error, n_exp, k)
+        except ValueError as exc:  # a router that cannot work on fewer experts (grouped routing)
+            raise ValueError(f"block {blk.name!r}: {exc}; prune the neurons of every expert instead "
+                             "(target='ffn'), or keep more experts.") from exc
+    else:
+        if method == "magnitude":
+            score = np.array([float(blk.expert_magnitude(e).sum()) for e in range(n_exp)])
+        elif method == "wanda":
+            idx, w = _real_rows(calls, cache, "idx"), _real_rows(calls, cache, "w")
+            mass = (outs.gather(idx).norm(dim=2) * w.double()).reshape(-1)
+            score = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(), mass.cpu()).numpy()
+        else:
+            score = rng.permutation(n_exp).astype(float)
+        kept = np.sort(np.argsort(-score, kind="stable")[:k])
+        err = error(torch.as_tensor(kept))
+    keep = torch.as_tensor(kept, dtype=torch.long)
+    blk.drop_experts(keep)
+    n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum selected on
+    with _ExpertCapture(blk) as cap:
+        _fwd(blk, xs[0], cache[0]["ctx"] if mode != "layer" else _original_context(cache[0]), counter)
+    got = cap.take()["out"][cache[0]["valid"].reshape(-1).to(outs.x.device)].double()
+    want = outs.mixture(*route(keep))[:n0]
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1.0 + float(want.abs().max()))):
+        raise ValueError(f"block {blk.name!r}: with experts removed, its mixture ({type(blk.experts).__name__}) does "
+                         "not compute the routed sum of the kept experts (a count of experts the adapter did not "
+                         "update, or routing that depends on the number of experts, such as grouped routing); "
+                         "prune the neurons of every expert instead (target='ffn').")
+    report.units.append(UnitRecord(block=blk.name, stage="experts", n_units=n_exp, n_kept=int(keep.numel()),
+                                   kept=[int(e) for e in kept], relative_error=err / energy if energy > 0 else 0.0,
+                                   time_s=time.perf_counter() - t0, search=how))
 
 
 def _columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

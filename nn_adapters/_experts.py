@@ -1,0 +1,190 @@
+"""Whole-expert pruning of mixture-of-experts layers (``prune_transformer(..., target="experts")``).
+
+A mixture's output on a token ``x`` is ``sum_j w_j y_{e_j}(x)`` over the experts ``e_j`` its router picks, with
+routing weights ``w_j``. Removing experts removes their rows of the router, so every token is routed among the
+experts kept: the routing changes, and the experts' weights do not. The experts kept in a layer are chosen to
+minimise the routed output's squared error on the calibration tokens,
+
+    err(K) = sum_t || T_t - sum_j w_j^K(x_t) y_{e_j^K(x_t)}(x_t) ||^2,
+
+where ``(e^K, w^K)`` is the routing of the router restricted to the kept set ``K`` (computed by the model's own
+router on its kept rows, so the objective is exactly what the pruned layer computes) and ``T_t`` the target of
+the pruning mode: the original mixture's routed output on the original network's token (``layer``, ``asym``), or
+on the pruned network's (``seq``). This is the reconstruction criterion of Lu et al. (2024), "Not All Experts are
+Equal: Efficient Expert Pruning and Skipping for Mixture-of-Experts Large Language Models" (ACL), who enumerate
+every kept set; here every kept set is enumerated when there are at most :data:`EXHAUSTIVE_LIMIT` of them (the
+kept set is then optimal for the objective on the calibration tokens), and otherwise experts are removed one at a
+time, each time the one whose removal increases the error least (backward elimination; no guarantee: ``err`` is
+not known to be supermodular, as routing couples the experts).
+
+The experts' outputs are computed once per (token, expert) pair that some routing needs, and cached; a kept set's
+error then costs one router call on the calibration tokens and a weighted sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Kept sets are enumerated when there are at most this many (e.g. every choice of 4, or of 6, of 8 experts).
+EXHAUSTIVE_LIMIT = 512
+
+
+def _is_expert_count(name: str, module: nn.Module) -> bool:
+    """Whether integer attribute ``name`` of ``module`` counts its experts (and so changes with their number)."""
+    return "expert" in name or (isinstance(module, nn.Linear) and name == "out_features")
+
+
+def _expert_dim(t: torch.Tensor | None, n_experts: int) -> int | None:
+    """The dimension of ``t`` that runs over the experts: the first if it has ``n_experts`` entries, else the last
+    if every other one has a single entry (ERNIE 4.5's ``(1, E)`` score-correction bias); ``None`` otherwise."""
+    if t is None or t.dim() == 0:
+        return None
+    if t.shape[0] == n_experts:
+        return 0
+    if t.shape[-1] == n_experts and all(n == 1 for n in t.shape[:-1]):
+        return t.dim() - 1
+    return None
+
+
+def drop_experts(module: nn.Module, n_experts: int, keep: torch.Tensor, recurse: bool = True) -> None:
+    """Keep only experts ``keep`` (sorted original indices) in ``module``, in place: every parameter and buffer
+    with a dimension over the experts (:func:`_expert_dim`) loses the other experts' entries, and every integer
+    attribute counting the experts (``num_experts``, ``n_routed_experts``, a router Linear's ``out_features``)
+    becomes ``len(keep)``; with ``recurse``, in the submodules of ``module`` too."""
+    subs = list(module.modules()) if recurse else [module]
+    for sub in subs:
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                dim = _expert_dim(t, n_experts)
+                if dim is None:
+                    continue
+                rows = t.detach().index_select(dim, keep.to(t.device)).clone()
+                store[name] = nn.Parameter(rows, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else rows
+        for name, value in list(vars(sub).items()):
+            if type(value) is int and value == n_experts and _is_expert_count(name, sub):
+                setattr(sub, name, len(keep))
+
+
+def routing_of(out: Any, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(weights, experts)`` of a router's output: the tuple's integer tensor ``(n_tokens, k)`` and the
+    floating tensor of the same shape (the last one); ``None`` if the output has no such pair."""
+    if not isinstance(out, (tuple, list)):
+        return None
+    ints = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
+            and t.shape[0] == n_tokens and t.dtype != torch.bool]
+    if len(ints) != 1:
+        return None
+    idx = ints[0]
+    floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == idx.shape]
+    return (floats[-1], idx) if floats else None
+
+
+def sorted_routing(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing with each token's experts in increasing order (routings compared as sets)."""
+    idx_s, order = idx.sort(dim=1)
+    return w.gather(1, order), idx_s
+
+
+class ExpertOutputs:
+    """The outputs ``y_e(x_t)`` of the experts of ``blk`` on the token rows ``x``, computed on demand for the
+    (token, expert) pairs asked for and cached (float64)."""
+
+    def __init__(self, blk: Any, x: torch.Tensor) -> None:
+        self.blk, self.x = blk, x
+        self.slot = torch.full((x.shape[0], blk.n_experts), -1, dtype=torch.long, device=x.device)
+        self.buf = torch.empty(0, x.shape[1], dtype=torch.float64, device=x.device)
+        self.n = 0
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(tokens, k, H)``: the outputs of the experts ``idx`` ``(tokens, k)`` (original indices) on the tokens."""
+        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+        missing = self.slot[rows, idx] < 0
+        if bool(missing.any()):
+            tok, e = rows[missing], idx[missing]
+            pairs = torch.unique(e * idx.shape[0] + tok)  # each missing pair once
+            tok, e = pairs % idx.shape[0], pairs // idx.shape[0]
+            need = self.n + tok.numel()
+            if need > self.buf.shape[0]:
+                grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.x.shape[1], dtype=torch.float64,
+                                    device=self.x.device)
+                grown[:self.n] = self.buf[:self.n]
+                self.buf = grown
+            for ex in torch.unique(e).tolist():
+                t = tok[e == ex]
+                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.x[t]))
+                self.buf[self.n:self.n + t.numel()] = y.double()
+                self.slot[t, ex] = torch.arange(self.n, self.n + t.numel(), device=t.device)
+                self.n += t.numel()
+        return self.buf[self.slot[rows, idx]]
+
+    def mixture(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``(tokens, H)``: the routed sum ``sum_j w_j y_{idx_j}`` (float64)."""
+        return (self.gather(idx) * w.double().unsqueeze(2)).sum(1)
+
+
+class RestrictedRouter:
+    """Calls a mixture's router restricted to a kept set of experts, as the pruned layer would: a copy of the
+    router whose per-expert rows are cut (:func:`drop_experts`), called with the router's recorded arguments (its
+    per-expert tensor arguments, such as AFMoE's expert bias, cut the same way); the experts it returns are
+    mapped back to the original indices."""
+
+    def __init__(self, router: nn.Module, n_experts: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.router, self.n_experts, self.args, self.kwargs = router, n_experts, args, kwargs
+
+    def _cut(self, value: Any, keep: torch.Tensor) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == self.n_experts:
+            return value[keep.to(value.device)]
+        return value
+
+    def __call__(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, experts)`` ``(tokens, k)`` of the routing among experts ``keep`` (sorted)."""
+        r = self.router
+        if keep.numel() < self.n_experts:  # a copy with the kept rows: the router itself stays whole
+            r = copy.deepcopy(r)
+            drop_experts(r, self.n_experts, keep)
+        args = [self._cut(a, keep) for a in self.args]
+        kwargs = {k: self._cut(v, keep) for k, v in self.kwargs.items()}
+        n_tokens = self.args[0].reshape(-1, self.args[0].shape[-1]).shape[0]
+        try:
+            out = r(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever the model's router raises, said with its reason
+            raise ValueError(f"the router cannot route among {keep.numel()} of its {self.n_experts} experts "
+                             f"({type(exc).__name__}: {exc})") from exc
+        got = routing_of(out, n_tokens)
+        if got is None:
+            raise ValueError("the router's output has no (weights, experts) pair")
+        w, idx = got
+        return w, keep.to(idx.device)[idx]
+
+
+def search_kept(error: Any, n_experts: int, n_keep: int) -> tuple[np.ndarray, float, str]:
+    """The kept set of ``n_keep`` experts minimising ``error(keep)`` (``keep``: a sorted long tensor): every set
+    when there are at most :data:`EXHAUSTIVE_LIMIT`, else backward elimination. Returns the kept experts (sorted),
+    their error and how they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the
+    lexicographically smallest removal)."""
+    everything = np.arange(n_experts)
+    if n_keep >= n_experts:
+        return everything, float(error(torch.as_tensor(everything))), "exhaustive"
+    if math.comb(n_experts, n_keep) <= EXHAUSTIVE_LIMIT:
+        best, best_err = None, math.inf
+        for removed in itertools.combinations(range(n_experts), n_experts - n_keep):
+            keep = np.setdiff1d(everything, removed)
+            err = float(error(torch.as_tensor(keep)))
+            if err < best_err:
+                best, best_err = keep, err
+        return best, best_err, "exhaustive"
+    kept = list(range(n_experts))
+    err_now = math.inf
+    while len(kept) > n_keep:
+        errs = [float(error(torch.as_tensor([e for e in kept if e != j]))) for j in kept]
+        i = int(np.argmin(errs))
+        err_now = errs[i]
+        del kept[i]
+    return np.asarray(kept), err_now, "greedy"

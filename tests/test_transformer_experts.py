@@ -1,0 +1,347 @@
+"""Whole-expert pruning of mixture-of-experts layers (``prune_transformer(..., target="experts")``): each mixture
+keeps a fraction of its experts, the router loses the others' rows and routes every token among the kept ones;
+tiny randomly initialised models (no download).
+
+Oracles: Mixtral's mixture written out here in float64 (softmax of the router logits of the kept experts, top-k,
+renormalised, the experts' SwiGLU), which the pruned model must compute, and from which the error of every kept set
+is enumerated (the optimum the exhaustive search must find) or removed expert by expert (the backward elimination
+the greedy search must reproduce); the experts modules' outputs read with hooks in the original and pruned models
+(the reported error, for every family); weight norms and routed output masses computed here (the baselines); the
+saved and reloaded model and greedy generation with and without the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _torch_helpers import assert_reloads_and_generates, ragged_token_batches, run_hooked
+from test_transformer_moe import FAMILIES, VOCAB
+from test_transformer_moe import build as build_moe
+from torch import nn
+
+import nn_adapters._experts as experts_mod
+from nn_adapters._transformer_blocks import find_blocks
+from nn_adapters.transformer import apply_spec, make_spec, prune_transformer
+
+transformers = pytest.importorskip("transformers")
+
+EIGHT = dict(num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8)
+
+
+def mixtral(lm: bool = False) -> nn.Module:
+    return build_moe("mixtral", lm=lm, **EIGHT)
+
+
+def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    return ragged_token_batches(VOCAB, n_batches=n, b=4, t=9, seed=3)
+
+
+def moe_blocks(model: nn.Module) -> list:
+    return [b for b in find_blocks(model) if b.moe]
+
+
+def real(batch: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The real tokens' rows of a (batch, tokens, H) or (tokens, H) tensor of a batch."""
+    return x.reshape(-1, x.shape[-1])[batch["attention_mask"].reshape(-1).bool()]
+
+
+def mlp_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[np.ndarray]:
+    """Per mixture block, the real tokens' rows of its mixture module's input (float64)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in moe_blocks(model)]
+    handles = [b.module.mlp.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach()))
+               for i, b in enumerate(moe_blocks(model))]
+    run_hooked([model], batches, handles)
+    return [torch.cat([real(bt, x) for bt, x in zip(batches, xs, strict=True)]).double().numpy() for xs in seen]
+
+
+def mixture(x: np.ndarray, mlp: nn.Module, keep: list[int] | np.ndarray, top_k: int = 2) -> np.ndarray:
+    """Mixtral's mixture restricted to the experts ``keep``, written out: the softmax of the kept experts' router
+    logits, the top ``top_k``, renormalised, times each chosen expert's ``down(silu(gate x) * up x)``."""
+    keep = np.asarray(keep)
+    w_r = mlp.gate.weight.detach().double().numpy()[keep]
+    gate_up = mlp.experts.gate_up_proj.detach().double().numpy()[keep]
+    down = mlp.experts.down_proj.detach().double().numpy()[keep]
+    logits = x @ w_r.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+    w = np.take_along_axis(p, top, 1)
+    w /= w.sum(1, keepdims=True)
+    half = gate_up.shape[1] // 2
+    out = np.zeros_like(x)
+    for j in range(top_k):
+        for e in np.unique(top[:, j]):
+            t = top[:, j] == e
+            h = F.silu(torch.from_numpy(x[t] @ gate_up[e, :half].T)).numpy() * (x[t] @ gate_up[e, half:].T)
+            out[t] += w[t, j:j + 1] * (h @ down[e].T)
+    return out
+
+
+def set_errors(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int) -> dict[tuple[int, ...], float]:
+    """The squared error of every kept set of ``n_keep`` experts."""
+    n = mlp.experts.down_proj.shape[0]
+    return {keep: float(((target - mixture(x, mlp, keep)) ** 2).sum())
+            for keep in itertools.combinations(range(n), n_keep)}
+
+
+def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int) -> tuple[list[int], float]:
+    """Remove, one at a time, the expert whose removal leaves the smallest error."""
+    kept = list(range(mlp.experts.down_proj.shape[0]))
+    err = 0.0
+    while len(kept) > n_keep:
+        errs = [float(((target - mixture(x, mlp, [e for e in kept if e != j])) ** 2).sum()) for j in kept]
+        err = min(errs)
+        kept.remove(kept[errs.index(err)])
+    return kept, err
+
+
+def test_the_pruned_model_routes_among_the_kept_experts() -> None:
+    """The pruned model is the original one whose mixtures are Mixtral's mixture over the kept experts only."""
+    model, batches = mixtral(), data()
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts")
+    kept = [u.kept for u in report.units]
+    assert [(u.stage, u.n_units, u.n_kept, len(u.kept)) for u in report.units] == [("experts", 8, 4, 4)] * 2
+    assert [b.n_experts for b in moe_blocks(pruned)] == [4, 4]
+    reference = copy.deepcopy(model)
+    for blk, keep in zip(moe_blocks(reference), kept, strict=True):
+        mlp = blk.module.mlp
+        mlp.register_forward_hook(lambda m, args, _out, keep=keep: torch.from_numpy(mixture(
+            args[0].reshape(-1, args[0].shape[-1]).double().numpy(), m, keep)).float().reshape(args[0].shape))
+    with torch.no_grad():
+        for b in batches:
+            got, want = pruned(**b).last_hidden_state, reference(**b).last_hidden_state
+            torch.testing.assert_close(real(b, got), real(b, want), atol=1e-4, rtol=1e-4)
+    assert report.params_after < report.params_before
+
+
+def test_layer_mode_finds_the_best_kept_set_of_every_mixture() -> None:
+    """8 experts, 4 kept: all 70 kept sets are tried; the kept set of each block is the one of least error on the
+    original network's tokens, and the reported relative error is that error over the target's energy."""
+    model, batches = mixtral(), data()
+    _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
+        target = mixture(x, blk.module.mlp, range(8))
+        errs = set_errors(x, target, blk.module.mlp, 4)
+        best = min(errs, key=errs.get)
+        assert u.search == "exhaustive"
+        assert tuple(u.kept) == best
+        assert u.relative_error == pytest.approx(errs[best] / float((target ** 2).sum()), rel=1e-4)
+        assert sorted(errs.values())[1] > errs[best] * (1 + 1e-6)  # no tie: the optimum is unique
+
+
+def test_above_the_enumeration_limit_experts_are_removed_one_at_a_time(monkeypatch) -> None:
+    """With enumeration off, the kept set is backward elimination's (written out here), and its error is at least
+    the optimum over every kept set."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    model, batches = mixtral(), data()
+    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer")
+    for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
+        mlp = blk.module.mlp
+        target = mixture(x, mlp, range(8))
+        kept, err = backward_elimination(x, target, mlp, 3)
+        assert u.search == "greedy" and u.n_kept == 3
+        assert u.kept == sorted(kept)
+        energy = float((target ** 2).sum())
+        assert u.relative_error == pytest.approx(err / energy, rel=1e-4)
+        assert u.relative_error >= min(set_errors(x, target, mlp, 3).values()) / energy * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["asym", "seq"])
+def test_later_blocks_route_the_pruned_networks_tokens(mode: str) -> None:
+    """The second mixture's kept set is the best one for the tokens of the network pruned before it (its mixture
+    input in the pruned model), against the original mixture on the original tokens (asym) or the unpruned
+    mixture on the same tokens (seq)."""
+    model, batches = mixtral(), data()
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method=mode)
+    mlp = moe_blocks(model)[1].module.mlp
+    x_orig, x_pruned = mlp_inputs(model, batches)[1], mlp_inputs(pruned, batches)[1]
+    assert not np.allclose(x_orig, x_pruned)
+    target = mixture(x_orig, mlp, range(8)) if mode == "asym" else mixture(x_pruned, mlp, range(8))
+    errs = set_errors(x_pruned, target, mlp, 4)
+    best = min(errs, key=errs.get)
+    assert tuple(report.units[1].kept) == best
+    assert report.units[1].relative_error == pytest.approx(errs[best] / float((target ** 2).sum()), rel=1e-4)
+
+
+def expert_outputs(model: nn.Module, batches: list[dict[str, torch.Tensor]], block: int) -> np.ndarray:
+    """The real tokens' rows of what the experts module of the ``block``-th mixture returns (float64)."""
+    experts = moe_blocks(model)[block].experts
+    seen: list[torch.Tensor] = []
+    handle = experts.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+    run_hooked([model], batches, [handle])
+    return torch.cat([real(b, y) for b, y in zip(batches, seen, strict=True)]).double().numpy()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str) -> None:
+    """Every family: the first mixture reads the same tokens in both models, so its reported relative error is
+    the squared change of its experts' output on the real tokens (padding excluded) over the original's energy;
+    and the pruned model keeps half of every mixture's experts."""
+    model = build_moe(name, **EIGHT)
+    batches = data()
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    n = moe_blocks(model)[0].n_experts
+    assert [b.n_experts for b in moe_blocks(pruned)] == [n // 2] * len(moe_blocks(model))
+    before, after = expert_outputs(model, batches, 0), expert_outputs(pruned, batches, 0)
+    first = report.units[0]
+    assert first.block == moe_blocks(model)[0].name and first.stage == "experts"
+    assert first.relative_error == pytest.approx(float(((before - after) ** 2).sum() / (before ** 2).sum()),
+                                                 rel=1e-3, abs=1e-7)
+
+
+def gpt_oss(lm: bool = False) -> nn.Module:
+    from test_transformer_gpt_oss import build
+    return build(lm=lm)
+
+
+def gemma4(lm: bool = False) -> nn.Module:
+    from test_transformer_sandwich import MOE, _gemma4
+    return _gemma4(lm, **MOE)
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: build_moe("mixtral", lm=True, **EIGHT), id="mixtral"),
+    pytest.param(lambda: build_moe("qwen2_moe", lm=True, **EIGHT), id="qwen2_moe-shared"),
+    pytest.param(lambda: build_moe("ernie4_5_moe", lm=True, **EIGHT), id="ernie-1xE-bias"),
+    pytest.param(lambda: build_moe("afmoe", lm=True, **EIGHT), id="afmoe-expert-bias-argument"),
+    pytest.param(lambda: build_moe("glm4_moe", lm=True, **EIGHT), id="glm4_moe-sigmoid"),
+    pytest.param(lambda: gpt_oss(True), id="gpt_oss-biases"),
+    pytest.param(lambda: gemma4(True), id="gemma4-router-outside"),
+])
+def test_save_reload_and_generation(tmp_path, make) -> None:
+    model = make()
+    pruned, report = prune_transformer(model, data(2), keep=0.5, target="experts")
+    assert all(u.n_kept == u.n_units // 2 for u in report.units)
+    assert all(w["experts"] == u.n_kept for w, u in zip(
+        [w for w in report.spec["blocks"] if "experts" in w], report.units, strict=True))
+    assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+def test_baselines_pick_by_weight_norm_routed_mass_or_seed() -> None:
+    model, batches = mixtral(), data()
+    blocks = moe_blocks(model)
+    _, mag = prune_transformer(model, batches, keep=0.5, target="experts", method="magnitude")
+    for u, blk in zip(mag.units, blocks, strict=True):
+        ex = blk.experts
+        norm = (ex.gate_up_proj.detach().double() ** 2).sum((1, 2)) + (ex.down_proj.detach().double() ** 2).sum((1, 2))
+        assert u.kept == sorted(torch.argsort(norm, descending=True)[:4].tolist())
+    for keep in (0.25, 0.5, 0.75):  # the top 2, 4 and 6 of the ranking
+        pruned, wanda = prune_transformer(model, batches, keep=keep, target="experts", method="wanda")
+        # each block's tokens in the network pruned before it (asym propagation, the default)
+        for u, x, blk in zip(wanda.units, mlp_inputs(pruned, batches), blocks, strict=True):
+            mlp = blk.module.mlp
+            mass = [float(np.linalg.norm(mixture(x, mlp, [e], top_k=1), axis=1)
+                          @ np.where(top_e(x, mlp) == e, routed_weights(x, mlp), 0.0).sum(1)) for e in range(8)]
+            assert u.kept == sorted(np.argsort(mass)[::-1][:round(8 * keep)].tolist())
+    runs = [prune_transformer(model, batches, keep=0.5, target="experts", method="random", seed=s)[1] for s in
+            (0, 0, 1, 2)]
+    assert [u.kept for u in runs[0].units] == [u.kept for u in runs[1].units]
+    assert len({tuple(tuple(u.kept) for u in r.units) for r in runs}) > 1
+
+
+def routed_weights(x: np.ndarray, mlp: nn.Module) -> np.ndarray:
+    """Mixtral's top-2 routing weights of every token (renormalised softmax)."""
+    logits = x @ mlp.gate.weight.detach().double().numpy().T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    top = np.argsort(-p, axis=1, kind="stable")[:, :2]
+    w = np.take_along_axis(p, top, 1)
+    return w / w.sum(1, keepdims=True)
+
+
+def top_e(x: np.ndarray, mlp: nn.Module) -> np.ndarray:
+    logits = x @ mlp.gate.weight.detach().double().numpy().T
+    return np.argsort(-logits, axis=1, kind="stable")[:, :2]
+
+
+def test_keeping_every_expert_changes_nothing_and_the_input_model_is_untouched() -> None:
+    model, batches = mixtral(), data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, report = prune_transformer(model, batches, keep=1.0, target="experts")
+    assert [(u.n_kept, u.relative_error) for u in report.units] == [(8, 0.0), (8, 0.0)]
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(pruned(**b).last_hidden_state, model(**b).last_hidden_state)
+    prune_transformer(model, batches, keep=0.5, target="experts")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_keeping_fewer_experts_than_a_token_is_routed_to_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"keep leaves 1 of its 8 experts, fewer than the 2 .* pass keep >= 0\.25"):
+        prune_transformer(mixtral(), data(1), keep=0.1, target="experts")
+
+
+def test_models_without_mixtures_and_unsupported_options_are_refused() -> None:
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="no block of this model is a mixture of experts .* target='ffn'"):
+        prune_transformer(transformers.LlamaModel(cfg).eval(), data(1), target="experts")
+    with pytest.raises(ValueError, match="allocation='error-curve' is not supported with target='experts'"):
+        prune_transformer(mixtral(), data(1), target="experts", allocation="error-curve")
+
+
+@pytest.mark.parametrize("module", ["test_transformer_dbrx", "test_transformer_llama4"])
+def test_mixtures_whose_experts_cannot_be_removed_are_refused(module: str) -> None:
+    """DBRX stores its experts flat, Llama 4 scales the experts' inputs by the scores."""
+    build = __import__(module).build
+    with pytest.raises(ValueError, match="whole experts of this mixture cannot be removed .*target='ffn'"):
+        prune_transformer(build(), data(1), keep=0.5, target="experts")
+
+
+def test_grouped_routing_that_cannot_run_on_fewer_experts_is_refused() -> None:
+    """DeepSeek-V3's group-limited routing scores each group by its two best experts: four groups of two lose it
+    with half of the experts removed."""
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=24, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=0, n_group=4, topk_group=2, q_lora_rank=8, kv_lora_rank=8,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3Model(cfg).eval()
+    with pytest.raises(ValueError, match=r"block 'layers\.0': the router cannot route among 4 of its 8 experts"):
+        prune_transformer(model, data(1), keep=0.5, target="experts")
+
+
+def test_a_mixture_that_changes_the_routing_after_its_router_is_refused() -> None:
+    """A mixture module that halves the router's weights before its experts see them."""
+    model = mixtral()
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, w, idx = self.gate(x)
+        return self.experts(x, idx, w * 0.5).reshape(hidden_states.shape)
+
+    for blk in moe_blocks(model):
+        blk.module.mlp.forward = types.MethodType(forward, blk.module.mlp)
+    with pytest.raises(ValueError, match=r"does not return the \(weights, experts\) its experts module receives"):
+        prune_transformer(model, data(1), keep=0.5, target="experts")
+
+
+def test_a_spec_with_more_experts_than_the_model_is_refused() -> None:
+    model = mixtral()
+    pruned, _ = prune_transformer(model, data(1), keep=0.5, target="experts")
+    spec = make_spec(pruned)
+    apply_spec(mixtral(), spec)  # the pruned sizes apply to a fresh model
+    spec["blocks"][0]["experts"] = 9
+    with pytest.raises(ValueError, match="the spec has experts=9, the model's block 8"):
+        apply_spec(mixtral(), spec)
+
+
+def test_a_removal_that_disagrees_with_the_selection_fails_the_first_batch_check(monkeypatch) -> None:
+    """The safety net for a layout the adapter gets wrong: experts cut unlike the router's rows (here the experts
+    module keeps other experts than the router) make the pruned mixture compute another sum than the one
+    selected, which the first batch shows."""
+    from nn_adapters import _transformer_blocks as tb
+
+    def misaligned(self, keep: torch.Tensor) -> None:
+        experts_mod.drop_experts(self.experts, self.n_experts, keep.flip(0))
+        experts_mod.drop_experts(self.router, self.n_experts, keep)
+
+    monkeypatch.setattr(tb._HFMoEBlock, "drop_experts", misaligned)
+    with pytest.raises(ValueError, match="with experts removed, its mixture .* does not compute the routed sum"):
+        prune_transformer(mixtral(), data(1), keep=0.5, target="experts")
