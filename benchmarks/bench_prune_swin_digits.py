@@ -29,7 +29,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nn_adapters.digits import accuracy, cache_dir, load_digits_split  # noqa: E402
+from _train import train, trained  # noqa: E402
+
+from nn_adapters.digits import accuracy, load_digits_split  # noqa: E402
 from nn_adapters.transformer import prune_transformer  # noqa: E402
 
 # label -> (method, reweight, extra options)
@@ -62,48 +64,6 @@ class SwinDigits(nn.Module):
         return self.net(pixel_values=x).logits
 
 
-def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int = 60, lr: float = 2e-3) -> nn.Module:
-    """Cross-entropy training in place (AdamW, weight decay 0.05, one-cycle schedule, batches of 64 shuffled with
-    seed 0); the model is returned in eval mode."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    per_epoch = (len(X) + 63) // 64
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.1)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(X), generator=g)
-        for i in range(0, len(X), 64):
-            idx = order[i:i + 64]
-            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-    return model.eval()
-
-
-def trained(arch: str, Xtr: torch.Tensor, ytr: torch.Tensor, retrain: bool) -> tuple[nn.Module, str]:
-    """The trained network, from the cache (a state dict, loaded with ``weights_only``) or trained now and cached
-    atomically."""
-    torch.manual_seed(0)
-    model = SwinDigits(arch)
-    path = cache_dir() / f"digits_{arch}-e32-d22-adamw60-seed0.pt"
-    if path.exists() and not retrain:
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval(), "cached"
-    t0 = time.perf_counter()
-    train(model, Xtr, ytr)
-    took = time.perf_counter() - t0
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache: run without it
-        print(f"could not cache the model at {path}: {exc}")
-    return model.eval(), f"trained in {took:.0f}s"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -117,7 +77,9 @@ def main() -> None:
           f"{len(Xtr)} training / {len(Xte)} test images; {args.calib} calibration images; {args.seeds} seeds; "
           "no fine-tuning")
     for arch in args.arch:
-        model, how = trained(arch, Xtr, ytr, args.retrain)
+        torch.manual_seed(0)
+        model, how = trained(SwinDigits(arch), f"digits_{arch}-e32-d22-adamw60-seed0.pt",
+                             lambda m: train(m, Xtr, ytr), args.retrain)
         base = accuracy(model, Xte, yte)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"\n{arch}: {n_params} parameters ({how}); unpruned test accuracy {100 * base:.2f}%")

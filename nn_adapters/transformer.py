@@ -1170,7 +1170,7 @@ def prune_transformer(
         ``"wanda"`` those of largest routed output mass ``sum_t w_t ||expert(x_t)||``. Always reads the calibration
         data; the router must return the routing its experts receive and run on fewer experts (checked; refused
         otherwise, e.g. DeepSeek-V3's group-limited routing with groups left too small). See
-        :ref:`expert-pruning`.
+        :ref:`whole-expert pruning <expert-pruning>`.
     method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
         Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
         The MLP/CNN path's names ``"weight_norm"`` and ``"act_norm"``, the paper's class names
