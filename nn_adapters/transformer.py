@@ -141,7 +141,7 @@ class UnitRecord:
         ``"ffn"`` (the intermediate neurons), ``"heads"`` (the attention heads), ``"cross"`` (the heads of a
         decoder layer's cross-attention) or ``"experts"`` (a mixture's whole experts, ``target="experts"``: units
         are experts, ``relative_error`` is the squared error of the mixture's routed output on the calibration
-        tokens over the target's energy, without refit).
+        tokens over the target's energy, after the refit with ``reweight=True``).
     n_units, n_kept : int
         Units of the stage before pruning, and kept.
     kept : list of int
@@ -1163,14 +1163,15 @@ def prune_transformer(
         attention. ``"experts"``: whole experts of every mixture of experts (``keep`` is the fraction of its
         routed experts kept, at least the number each token is routed to; other blocks and shared experts are left
         as they are). The router loses the removed experts' rows and routes every token among the kept ones, as
-        its forward does; nothing is refitted. The greedy methods keep the set that minimises the squared error of
-        the mixture's routed output on the calibration tokens (the network and target of the mode, as for the
-        neurons), trying every kept set when there are at most 512 (an optimum for that objective), else removing
-        experts one at a time (backward elimination); ``"magnitude"`` keeps the experts of largest weight norm,
-        ``"wanda"`` those of largest routed output mass ``sum_t w_t ||expert(x_t)||``. Always reads the calibration
-        data; the router must return the routing its experts receive and run on fewer experts (checked; refused
-        otherwise, e.g. DeepSeek-V3's group-limited routing with groups left too small). See
-        :ref:`whole-expert pruning <expert-pruning>`.
+        its forward does. The greedy methods keep the set that minimises the squared error of the mixture's routed
+        output on the calibration tokens (the network and target of the mode, as for the neurons), trying every
+        kept set when there are at most 512 (an optimum for that objective), else removing experts one at a time
+        (backward elimination); ``"magnitude"`` keeps the experts of largest weight norm, ``"wanda"`` those of
+        largest routed output mass ``sum_t w_t ||expert(x_t)||``. With ``reweight``, the kept experts' down
+        projections are then refitted jointly to the same target (block coordinate passes, ``ridge`` and
+        ``refit_prior`` as for the neurons). Always reads the calibration data; the router must return the
+        routing its experts receive and run on fewer experts (checked; refused otherwise, e.g. DeepSeek-V3's
+        group-limited routing with groups left too small). See :ref:`whole-expert pruning <expert-pruning>`.
     method : {"asym", "seq", "layer", "magnitude", "wanda", "random"}
         Greedy forward selection (:meth:`submod.SparseRegression.greedy_path`) in the given mode, or a baseline.
         The MLP/CNN path's names ``"weight_norm"`` and ``"act_norm"``, the paper's class names
@@ -2371,8 +2372,8 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     for s in stages:
         if s == "experts":  # whole experts: the routed sum of the kept ones (no refit)
             t0 = time.perf_counter()
-            _prune_experts(blk, oblk, mode, method, budgets[s], side["experts"], xo if mode == "layer" else xp,
-                           cache, counter, rng, report, t0)
+            _prune_experts(blk, oblk, mode, method, reweight, ridge, budgets[s], side["experts"],
+                           xo if mode == "layer" else xp, cache, counter, rng, report, t0)
             continue
         if s not in dense:  # the experts of a mixture, after the heads of the same block
             t0 = time.perf_counter()
@@ -2796,15 +2797,16 @@ def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[st
     return route
 
 
-def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, k: int,
+def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: bool, ridge: _Ridge, k: int,
                    orig_calls: list[dict[str, Any] | None], xs: list[torch.Tensor], cache: list[dict[str, Any]],
                    counter: list[int], rng: np.random.Generator, report: TransformerPruneReport, t0: float) -> None:
     """Remove whole experts of a mixture, keeping ``k`` (see :mod:`nn_adapters._experts`): the kept set that
     minimises the routed output's error on the calibration tokens (greedy methods; the inputs ``xs`` of the
     network of ``mode``, the targets of :func:`_expert_stats`'s modes), or the ``k`` experts of largest weight norm
     (``magnitude``), of largest routed output mass ``sum_t w_t ||y_e(x_t)||`` (``wanda``), or at random. The router
-    loses the removed experts' rows and renormalises over the kept ones as its forward does; no weight is refitted.
-    The pruned layer is checked on the first batch against the routed sum the selection computed."""
+    loses the removed experts' rows and routes among the kept ones as its forward does; with ``reweight``, the
+    kept experts' down projections are then refitted to the target (:func:`_refit_experts`). The pruned layer is
+    checked on the first batch against the routed sum computed here."""
     n_exp = blk.n_experts
     _check_experts_sum(oblk, orig_calls[0])
     if mode == "layer":
@@ -2850,12 +2852,21 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, k: int,
         kept = np.sort(np.argsort(-score, kind="stable")[:k])
         err = error(torch.as_tensor(kept))
     keep = torch.as_tensor(kept, dtype=torch.long)
+    w_k, idx_k = route(keep)
+    routed = outs.mixture(w_k, idx_k)
+    if reweight:
+        folds = torch.cat([c["fold"] for c in cache])
+        down, routed = _refit_experts(blk, keep, outs.x, w_k, torch.searchsorted(keep.to(idx_k.device), idx_k),
+                                      target, folds, ridge)
+        err = float((target - routed).square().sum())
     blk.drop_experts(keep)
-    n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum selected on
+    if reweight:
+        blk.shrink_ffn(torch.arange(blk.ffn_units), *down)
+    n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum found here
     with _ExpertCapture(blk) as cap:
         _fwd(blk, xs[0], cache[0]["ctx"] if mode != "layer" else _original_context(cache[0]), counter)
     got = cap.take()["out"][cache[0]["valid"].reshape(-1).to(outs.x.device)].double()
-    want = outs.mixture(*route(keep))[:n0]
+    want = routed[:n0]
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1.0 + float(want.abs().max()))):
         raise ValueError(f"block {blk.name!r}: with experts removed, its mixture ({type(blk.experts).__name__}) does "
                          "not compute the routed sum of the kept experts (a count of experts the adapter did not "
@@ -2864,6 +2875,59 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, k: int,
     report.units.append(UnitRecord(block=blk.name, stage="experts", n_units=n_exp, n_kept=int(keep.numel()),
                                    kept=[int(e) for e in kept], relative_error=err / energy if energy > 0 else 0.0,
                                    time_s=time.perf_counter() - t0, search=how))
+
+
+#: Passes of the whole-expert refit: each refits every kept expert once, given the others' current weights.
+EXPERT_REFIT_PASSES = 2
+
+
+def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
+                   target: torch.Tensor, folds: torch.Tensor, ridge: _Ridge
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """Refit the down projections (and biases) of the experts ``keep`` of ``blk`` so that the mixture's routed
+    output on the token rows ``x`` (routed to the kept experts' positions ``pos`` in ``keep``, with weights ``w``)
+    approaches ``target``. Returns the new down weights ``(len(keep), H, I)`` and biases ``(len(keep), H)`` (or
+    ``None``), as :meth:`_HFMoEBlock.shrink_ffn` takes them, and the refitted routed output (float64).
+
+    The joint least-squares problem over every kept expert couples the experts that share a token; it is solved by
+    block coordinate descent (:data:`EXPERT_REFIT_PASSES` passes over the experts): expert ``e``'s down projection
+    is the weighted ridge fit, on the tokens routed to it, of ``(T_t - others_t) / w_te`` (rows weighted by
+    ``w_te^2``), where ``others_t`` is what the token's other experts add with their current weights: each step
+    minimises the joint squared error over that expert's weights (with the ridge of :meth:`_Problem.refit`: ``"cv"``
+    over the calibration sentences, toward the trained weights with ``refit_prior="original"``)."""
+    ids, units = keep.tolist(), blk.ffn_units
+    weight = [blk.expert_down_weight(e).detach().double().T.cpu().numpy() for e in ids]  # (I, H)
+    bias = [None if not blk.experts_bias else blk.expert_down_bias(e).detach().double().cpu().numpy() for e in ids]
+    prior = [m.copy() for m in weight] if ridge.prior else None
+    hits = [(pos == e).nonzero(as_tuple=True) for e in range(len(ids))]
+    device = _stats_device(next(blk.experts.parameters()).device)
+    contrib = torch.zeros(*pos.shape, x.shape[1], dtype=torch.float64, device=x.device)
+
+    def out(e: int, tok: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        y = blk.expert_hidden(ids[e], x[tok]).double() @ torch.as_tensor(weight[e], device=x.device)
+        if bias[e] is not None:
+            y = y + torch.as_tensor(bias[e], device=x.device)
+        return y * w[tok, slot].double().unsqueeze(1)
+
+    for e, (tok, slot) in enumerate(hits):
+        contrib[tok, slot] = out(e, tok, slot)
+    total = contrib.sum(1)
+    for _ in range(EXPERT_REFIT_PASSES):
+        for e, (tok, slot) in enumerate(hits):
+            if tok.numel() == 0:  # no calibration token reaches it: its trained weights
+                continue
+            we = w[tok, slot].double()
+            rest = target[tok] - total[tok] + contrib[tok, slot]
+            stats = _Stats(units, x.shape[1], None, CV_FOLDS, device)
+            stats.update(blk.expert_hidden(ids[e], x[tok]), rest / we.unsqueeze(1), we.square(), folds[tok.cpu()])
+            fit = stats.refit(np.arange(units), ridge.value, None if prior is None else prior[e], blk.experts_bias)
+            weight[e], bias[e] = fit[0], fit[1]
+            new = out(e, tok, slot)
+            total[tok] += new - contrib[tok, slot]
+            contrib[tok, slot] = new
+    down = (torch.stack([torch.as_tensor(m.T) for m in weight]),
+            torch.stack([torch.as_tensor(v) for v in bias]) if blk.experts_bias else None)
+    return down, total
 
 
 def _columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

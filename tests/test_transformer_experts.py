@@ -102,9 +102,10 @@ def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_ke
 
 
 def test_the_pruned_model_routes_among_the_kept_experts() -> None:
-    """The pruned model is the original one whose mixtures are Mixtral's mixture over the kept experts only."""
+    """Without refit, the pruned model is the original one whose mixtures are Mixtral's mixture over the kept
+    experts only."""
     model, batches = mixtral(), data()
-    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts")
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", reweight=False)
     kept = [u.kept for u in report.units]
     assert [(u.stage, u.n_units, u.n_kept, len(u.kept)) for u in report.units] == [("experts", 8, 4, 4)] * 2
     assert [b.n_experts for b in moe_blocks(pruned)] == [4, 4]
@@ -124,7 +125,7 @@ def test_layer_mode_finds_the_best_kept_set_of_every_mixture() -> None:
     """8 experts, 4 kept: all 70 kept sets are tried; the kept set of each block is the one of least error on the
     original network's tokens, and the reported relative error is that error over the target's energy."""
     model, batches = mixtral(), data()
-    _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer", reweight=False)
     for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
         target = mixture(x, blk.module.mlp, range(8))
         errs = set_errors(x, target, blk.module.mlp, 4)
@@ -140,7 +141,7 @@ def test_above_the_enumeration_limit_experts_are_removed_one_at_a_time(monkeypat
     the optimum over every kept set."""
     monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
     model, batches = mixtral(), data()
-    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer")
+    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer", reweight=False)
     for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
         mlp = blk.module.mlp
         target = mixture(x, mlp, range(8))
@@ -158,7 +159,7 @@ def test_later_blocks_route_the_pruned_networks_tokens(mode: str) -> None:
     input in the pruned model), against the original mixture on the original tokens (asym) or the unpruned
     mixture on the same tokens (seq)."""
     model, batches = mixtral(), data()
-    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method=mode)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method=mode, reweight=False)
     mlp = moe_blocks(model)[1].module.mlp
     x_orig, x_pruned = mlp_inputs(model, batches)[1], mlp_inputs(pruned, batches)[1]
     assert not np.allclose(x_orig, x_pruned)
@@ -178,12 +179,30 @@ def expert_outputs(model: nn.Module, batches: list[dict[str, torch.Tensor]], blo
     return torch.cat([real(b, y) for b, y in zip(batches, seen, strict=True)]).double().numpy()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+def gpt_oss(lm: bool = False) -> nn.Module:
+    from test_transformer_gpt_oss import build
+    return build(lm=lm)
+
+
+def gemma4(lm: bool = False) -> nn.Module:
+    from test_transformer_sandwich import MOE, _gemma4
+    return _gemma4(lm, **MOE)
+
+
+def mla_moe() -> nn.Module:
+    from test_transformer_mla import build
+    return build("deepseek_v3")
+
+
+OTHERS = {"gpt_oss": lambda: gpt_oss(), "gemma4": lambda: gemma4(), "deepseek_v3": mla_moe}
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
 def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str) -> None:
-    """Every family: the first mixture reads the same tokens in both models, so its reported relative error is
-    the squared change of its experts' output on the real tokens (padding excluded) over the original's energy;
-    and the pruned model keeps half of every mixture's experts."""
-    model = build_moe(name, **EIGHT)
+    """Every family: the first mixture reads the same tokens in both models, so its reported relative error (after
+    the refit) is the squared change of its experts' output on the real tokens (padding excluded) over the
+    original's energy; and the pruned model keeps half of every mixture's experts."""
+    model = OTHERS[name]() if name in OTHERS else build_moe(name, **EIGHT)
     batches = data()
     pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
     n = moe_blocks(model)[0].n_experts
@@ -193,16 +212,6 @@ def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str) -> Non
     assert first.block == moe_blocks(model)[0].name and first.stage == "experts"
     assert first.relative_error == pytest.approx(float(((before - after) ** 2).sum() / (before ** 2).sum()),
                                                  rel=1e-3, abs=1e-7)
-
-
-def gpt_oss(lm: bool = False) -> nn.Module:
-    from test_transformer_gpt_oss import build
-    return build(lm=lm)
-
-
-def gemma4(lm: bool = False) -> nn.Module:
-    from test_transformer_sandwich import MOE, _gemma4
-    return _gemma4(lm, **MOE)
 
 
 @pytest.mark.parametrize("make", [
@@ -345,3 +354,80 @@ def test_a_removal_that_disagrees_with_the_selection_fails_the_first_batch_check
     monkeypatch.setattr(tb._HFMoEBlock, "drop_experts", misaligned)
     with pytest.raises(ValueError, match="with experts removed, its mixture .* does not compute the routed sum"):
         prune_transformer(mixtral(), data(1), keep=0.5, target="experts")
+
+
+def joint_refit(x: np.ndarray, target: np.ndarray, mlp: nn.Module, keep: list[int]) -> np.ndarray:
+    """The kept experts' down projections ``(len(keep), H, I)`` of least squared error of the routed sum on the
+    tokens ``x`` (Mixtral's routing among ``keep``), solved jointly by numpy.linalg.lstsq: token ``t`` routed to
+    kept expert ``e`` with weight ``w`` contributes ``w * h_e(x_t)`` to expert ``e``'s block of columns."""
+    keep = np.asarray(keep)
+    gate_up = mlp.experts.gate_up_proj.detach().double().numpy()[keep]
+    half = gate_up.shape[1] // 2
+    logits = x @ mlp.gate.weight.detach().double().numpy()[keep].T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    top = np.argsort(-p, axis=1, kind="stable")[:, :2]
+    w = np.take_along_axis(p, top, 1)
+    w /= w.sum(1, keepdims=True)
+    design = np.zeros((x.shape[0], len(keep) * half))
+    for j in range(2):
+        for e in range(len(keep)):
+            t = top[:, j] == e
+            h = F.silu(torch.from_numpy(x[t] @ gate_up[e, :half].T)).numpy() * (x[t] @ gate_up[e, half:].T)
+            design[t, e * half:(e + 1) * half] += w[t, j:j + 1] * h
+    assert np.linalg.matrix_rank(design) == design.shape[1]  # a unique solution
+    solution = np.linalg.lstsq(design, target, rcond=None)[0]
+    return solution.reshape(len(keep), half, -1).transpose(0, 2, 1)
+
+
+def test_the_refit_converges_to_the_joint_least_squares_of_the_kept_experts(monkeypatch) -> None:
+    """Without a ridge and with many passes, the block coordinate refit reaches the joint least-squares down
+    projections of the kept experts (written out with lstsq), and the reported error is theirs."""
+    monkeypatch.setattr("nn_adapters.transformer.EXPERT_REFIT_PASSES", 400)
+    model, batches = mixtral(), data(10)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer", ridge=0.0)
+    for u, blk, new, x in zip(report.units, moe_blocks(model), moe_blocks(pruned), mlp_inputs(model, batches),
+                              strict=True):
+        target = mixture(x, blk.module.mlp, range(8))
+        want = joint_refit(x, target, blk.module.mlp, u.kept)
+        got = new.experts.down_proj.detach().double().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+        refitted = mixture(x, _with_down(blk.module.mlp, u.kept, want), range(4))
+        assert u.relative_error == pytest.approx(float(((target - refitted) ** 2).sum() / (target ** 2).sum()),
+                                                 rel=1e-3)
+
+
+def _with_down(mlp: nn.Module, keep: list[int], down: np.ndarray) -> nn.Module:
+    """A copy of Mixtral's mixture module with only the experts ``keep``, their down projections ``down``."""
+    m = copy.deepcopy(mlp)
+    with torch.no_grad():
+        m.gate.weight = nn.Parameter(m.gate.weight[keep])
+        m.experts.gate_up_proj = nn.Parameter(m.experts.gate_up_proj[keep])
+        m.experts.down_proj = nn.Parameter(torch.from_numpy(down).float())
+    return m
+
+
+@pytest.mark.parametrize("mode", ["layer", "asym"])
+def test_each_refit_pass_lowers_the_error(monkeypatch, mode: str) -> None:
+    """Each step of the refit minimises the joint squared error over one expert's weights (no ridge): the error
+    never rises from pass to pass, starting from the removal's."""
+    errors = []
+    for passes in range(4):
+        monkeypatch.setattr("nn_adapters.transformer.EXPERT_REFIT_PASSES", passes)
+        _, report = prune_transformer(mixtral(), data(), keep=0.25, target="experts", method=mode, ridge=0.0,
+                                      reweight=passes > 0)
+        errors.append([u.relative_error for u in report.units])
+    first = np.array(errors)[:, 0]  # the first block: the same tokens whatever the passes
+    assert np.all(np.diff(first) <= 1e-9) and first[-1] < 0.9 * first[0]
+
+
+def test_a_strong_ridge_pulls_the_refit_toward_the_trained_weights_or_toward_zero() -> None:
+    model, batches = mixtral(), data()
+    for prior in ("original", "zero"):
+        pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", ridge=1e6, refit_prior=prior)
+        for u, blk, new in zip(report.units, moe_blocks(model), moe_blocks(pruned), strict=True):
+            trained = blk.experts.down_proj.detach()[u.kept]
+            got = new.experts.down_proj.detach()
+            if prior == "original":
+                torch.testing.assert_close(got, trained, rtol=0, atol=1e-3 * float(trained.abs().max()))
+            else:
+                assert float(got.norm()) < 0.01 * float(trained.norm())
