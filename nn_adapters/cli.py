@@ -70,9 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="greedy selection (asym, seq, layer; default asym) or a baseline; magnitude and wanda are the "
                          "transformer path's names of weight_norm and act_norm, accepted on both paths; actgrad uses "
                          "labels")
-    pr.add_argument("--target", choices=("ffn", "heads", "all", "layers"), default=None,
+    pr.add_argument("--target", choices=("ffn", "heads", "all", "experts", "layers"), default=None,
                     help="what to prune: a transformer's FFN neurons, attention heads or both (default for models "
-                         "with transformer blocks: ffn), or layers: the layer pairs found by tracing, whatever "
+                         "with transformer blocks: ffn), whole experts of its mixtures of experts (experts), or "
+                         "layers: the layer pairs found by tracing, whatever "
                          "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs); also "
                          "with --compare")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")

@@ -327,12 +327,12 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     seed : int, default 0
         Seed of the random baseline (the other methods are deterministic).
     target : str, optional
-        Transformer target (``"ffn"``, ``"heads"``, ``"all"``); given, or for models that hold a transformer block
-        the transformer adapter recognises (BERT-style, ViT, ``nn.TransformerEncoderLayer``...), the call is
-        delegated to :func:`nn_adapters.transformer.prune_transformer`. ``"layers"`` keeps the call here: the layer
-        pairs found by tracing are pruned whatever blocks the model holds (a hybrid such as MobileViT, whose
-        transformer blocks the transformer adapter refuses: its convolutions and the MLPs of its transformer
-        blocks are pairs here).
+        Transformer target (``"ffn"``, ``"heads"``, ``"all"``, ``"experts"``: whole experts of mixtures of
+        experts); given, or for models that hold a transformer block the transformer adapter recognises
+        (BERT-style, ViT, ``nn.TransformerEncoderLayer``...), the call is delegated to
+        :func:`nn_adapters.transformer.prune_transformer`. ``"layers"`` keeps the call here: the layer pairs found
+        by tracing are pruned whatever blocks the model holds (a hybrid such as MobileViT, whose transformer blocks
+        the transformer adapter refuses: its convolutions and the MLPs of its transformer blocks are pairs here).
     allocation : {"uniform", "error-curve"}
         How ``compression`` is split between layers (see :mod:`nn_adapters.budget`); ``"error"`` is accepted for
         ``"error-curve"`` (its earlier spelling here). For transformers it is passed on, as are ``ridge`` and

@@ -431,3 +431,16 @@ def test_a_strong_ridge_pulls_the_refit_toward_the_trained_weights_or_toward_zer
                 torch.testing.assert_close(got, trained, rtol=0, atol=1e-3 * float(trained.abs().max()))
             else:
                 assert float(got.norm()) < 0.01 * float(trained.norm())
+
+
+def test_layer_mode_on_an_executor_gives_the_serial_result() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, batches = mixtral(), data()
+    serial, a = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    with ThreadPoolExecutor(2) as pool:
+        parallel, b = prune_transformer(model, batches, keep=0.5, target="experts", method="layer", executor=pool)
+    assert [(u.block, u.kept, u.relative_error) for u in a.units] == [(u.block, u.kept, u.relative_error)
+                                                                     for u in b.units]
+    for p, q in zip(serial.parameters(), parallel.parameters(), strict=True):
+        assert torch.equal(p, q)
