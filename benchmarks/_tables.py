@@ -20,3 +20,14 @@ def print_accuracy_table(acc: Mapping[tuple[str, float], Sequence[float]], label
         print(f"{label:<{width}}" + "".join(f"{100 * mean[(label, c)]:>{column - 7}.1f} +-"
                                            f"{100 * std[(label, c)]:>4.1f}" for c in compressions))
     return mean, std, head
+
+
+def print_method_rows(acc: Mapping[str, Sequence[float]], secs: Mapping[str, Sequence[float]], ours: str,
+                      baselines: Iterable[str], width: int) -> None:
+    """One row per label: test accuracy in % as mean +- std over seeds and the mean pruning time; then ``ours``'s
+    mean accuracy as a ratio to each baseline's (the same run)."""
+    for label, a in acc.items():
+        print(f"    {label:<{width}}{100 * np.mean(a):7.2f} +- {100 * np.std(a):5.2f}   "
+              f"(pruning {np.mean(secs[label]):.2f} s)")
+    ratios = ", ".join(f"{np.mean(acc[ours]) / np.mean(acc[b]):.3f}x {b}" for b in baselines)
+    print(f"    {ours} / baselines (mean accuracy ratios, same run): {ratios}")

@@ -3,7 +3,9 @@ repository root)."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -56,3 +58,51 @@ def trained(model: nn.Module, name: str, fit: Callable[[nn.Module], nn.Module], 
     except OSError as exc:  # a read-only cache: run without it
         print(f"could not cache the model at {path}: {exc}")
     return model.eval(), f"trained in {took:.0f}s"
+
+
+def prune_over_seeds(model: nn.Module, data: tuple[torch.Tensor, ...], seeds: int, n_calib: int,
+                     runs: dict[str, dict]) -> tuple[dict[str, list[float]], dict[str, list[float]], list]:
+    """Prune ``model`` with each of ``runs`` (label -> keyword arguments of
+    :func:`nn_adapters.transformer.prune_transformer`) from ``n_calib`` training images drawn by each seed
+    (batches of 50; the seed is passed on too), and measure the test accuracy. ``data``: the digits split
+    ``(X_train, y_train, X_test, y_test)``. Returns the accuracies and the pruning seconds per label (one per seed)
+    and every report."""
+    from nn_adapters.digits import accuracy
+    from nn_adapters.transformer import prune_transformer
+
+    Xtr, _, Xte, yte = data
+    acc: dict[str, list[float]] = {label: [] for label in runs}
+    secs: dict[str, list[float]] = {label: [] for label in runs}
+    reports = []
+    for seed in range(seeds):
+        idx = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))[:n_calib]
+        calib = [Xtr[idx[i:i + 50]] for i in range(0, len(idx), 50)]
+        for label, options in runs.items():
+            t0 = time.perf_counter()
+            pruned, report = prune_transformer(model, calib, seed=seed, **options)
+            secs[label].append(time.perf_counter() - t0)
+            acc[label].append(accuracy(pruned, Xte, yte))
+            reports.append(report)
+    return acc, secs, reports
+
+
+def digits_setup(description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                 ) -> tuple[argparse.Namespace, tuple[torch.Tensor, ...]]:
+    """The command line of a digits pruning benchmark (``--seeds``, ``--calib``, ``--retrain`` and those
+    ``add_arguments`` adds), torch's threads (at most 2), the digits split ``(X_train, y_train, X_test, y_test)``,
+    and the header line saying so."""
+    from nn_adapters.digits import load_digits_split
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--calib", type=int, default=100)
+    parser.add_argument("--retrain", action="store_true")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    data = load_digits_split()
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}; digits "
+          f"{len(data[0])} training / {len(data[2])} test images; {args.calib} calibration images; {args.seeds} "
+          "seeds; no fine-tuning")
+    return args, data

@@ -18,10 +18,7 @@ Run:  python benchmarks/bench_prune_experts_digits.py [--seeds 5] [--calib 100]
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +27,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _train import train, trained  # noqa: E402
+from _tables import print_method_rows  # noqa: E402
+from _train import digits_setup, prune_over_seeds, train, trained  # noqa: E402
 
-from nn_adapters.digits import accuracy, load_digits_split  # noqa: E402
-from nn_adapters.transformer import prune_transformer  # noqa: E402
+from nn_adapters.digits import accuracy  # noqa: E402
 
 # label -> (method, reweight)
 METHODS = {"asym + refit": ("asym", True), "layer + refit": ("layer", True), "magnitude + refit": ("magnitude", True),
@@ -83,16 +80,7 @@ def routing_shares(model: nn.Module, X: torch.Tensor) -> list[np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--calib", type=int, default=100)
-    parser.add_argument("--retrain", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    Xtr, ytr, Xte, yte = load_digits_split()
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}; digits "
-          f"{len(Xtr)} training / {len(Xte)} test images; {args.calib} calibration images; {args.seeds} seeds; "
-          "no fine-tuning")
+    args, (Xtr, ytr, Xte, yte) = digits_setup(__doc__.splitlines()[0])
     torch.manual_seed(0)
     model, how = trained(MixtralDigits(), "digits_mixtral-e8k2-h32-adamw60-seed0.pt",
                          lambda m: train(m, Xtr, ytr, lr=3e-3, extra_loss=balance_loss), args.retrain)
@@ -104,31 +92,15 @@ def main() -> None:
         print(f"  layer {i}: share of routings per expert on the test images: "
               + " ".join(f"{s:.2f}" for s in share))
     for keep in KEEPS:
-        acc: dict[str, list[float]] = {label: [] for label in METHODS}
-        secs: dict[str, list[float]] = {label: [] for label in METHODS}
-        params, search = 0, set()
-        for seed in range(args.seeds):
-            idx = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))[:args.calib]
-            calib = [Xtr[idx[i:i + 50]] for i in range(0, len(idx), 50)]
-            for label, (method, reweight) in METHODS.items():
-                t0 = time.perf_counter()
-                pruned, report = prune_transformer(model, calib, keep=keep, target="experts", method=method,
-                                                   reweight=reweight, seed=seed)
-                secs[label].append(time.perf_counter() - t0)
-                acc[label].append(accuracy(pruned, Xte, yte))
-                params = report.params_after
-                search |= {u.search for u in report.units if u.search}
+        runs = {label: {"keep": keep, "target": "experts", "method": method, "reweight": reweight}
+                for label, (method, reweight) in METHODS.items()}
+        acc, secs, reports = prune_over_seeds(model, (Xtr, ytr, Xte, yte), args.seeds, args.calib, runs)
+        search = sorted({u.search for r in reports for u in r.units if u.search})
+        params = reports[-1].params_after
         print(f"\n  keep {round(keep * EXPERTS)} of {EXPERTS} experts per mixture: {params} parameters "
-              f"({n_params / params:.2f}x fewer; search: {', '.join(sorted(search))}); test accuracy %, mean +- std "
-              "over seeds")
-        for label in METHODS:
-            a = np.array(acc[label])
-            print(f"    {label:<20}{100 * a.mean():7.2f} +- {100 * a.std():5.2f}   "
-                  f"(pruning {np.mean(secs[label]):.2f} s)")
-        ours = np.array(acc["asym + refit"])
-        ratios = ", ".join(f"{ours.mean() / np.mean(acc[b]):.3f}x {b}" for b in BASELINES)
-        print(f"    asym + refit / baselines (mean accuracy ratios, same run): {ratios}")
-
+              f"({n_params / params:.2f}x fewer; search: {', '.join(search)}); test accuracy %, mean +- std over "
+              "seeds")
+        print_method_rows(acc, secs, "asym + refit", BASELINES, 20)
 
 if __name__ == "__main__":
     main()

@@ -17,22 +17,18 @@ Run:  python benchmarks/bench_prune_swin_digits.py [--seeds 5] [--calib 100] [--
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _train import train, trained  # noqa: E402
+from _tables import print_method_rows  # noqa: E402
+from _train import digits_setup, prune_over_seeds, train, trained  # noqa: E402
 
-from nn_adapters.digits import accuracy, load_digits_split  # noqa: E402
-from nn_adapters.transformer import prune_transformer  # noqa: E402
+from nn_adapters.digits import accuracy  # noqa: E402
 
 # label -> (method, reweight, extra options)
 METHODS = {
@@ -65,17 +61,8 @@ class SwinDigits(nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--calib", type=int, default=100)
-    parser.add_argument("--arch", nargs="+", default=["swin", "swinv2"], choices=["swin", "swinv2"])
-    parser.add_argument("--retrain", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    Xtr, ytr, Xte, yte = load_digits_split()
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}; digits "
-          f"{len(Xtr)} training / {len(Xte)} test images; {args.calib} calibration images; {args.seeds} seeds; "
-          "no fine-tuning")
+    args, (Xtr, ytr, Xte, yte) = digits_setup(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--arch", nargs="+", default=["swin", "swinv2"], choices=["swin", "swinv2"]))
     for arch in args.arch:
         torch.manual_seed(0)
         model, how = trained(SwinDigits(arch), f"digits_{arch}-e32-d22-adamw60-seed0.pt",
@@ -84,29 +71,13 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"\n{arch}: {n_params} parameters ({how}); unpruned test accuracy {100 * base:.2f}%")
         for target in ("ffn", "heads", "all"):
-            acc: dict[str, list[float]] = {label: [] for label in METHODS}
-            secs: dict[str, list[float]] = {label: [] for label in METHODS}
-            params = 0
-            for seed in range(args.seeds):
-                idx = torch.randperm(len(Xtr), generator=torch.Generator().manual_seed(seed))[:args.calib]
-                calib = [Xtr[idx[i:i + 50]] for i in range(0, len(idx), 50)]
-                for label, (method, reweight, extra) in METHODS.items():
-                    t0 = time.perf_counter()
-                    pruned, report = prune_transformer(model, calib, keep=0.5, target=target, method=method,
-                                                       reweight=reweight, seed=seed, **extra)
-                    secs[label].append(time.perf_counter() - t0)
-                    acc[label].append(accuracy(pruned, Xte, yte))
-                    params = report.params_after
+            runs = {label: {"keep": 0.5, "target": target, "method": method, "reweight": reweight, **extra}
+                    for label, (method, reweight, extra) in METHODS.items()}
+            acc, secs, reports = prune_over_seeds(model, (Xtr, ytr, Xte, yte), args.seeds, args.calib, runs)
+            params = reports[-1].params_after
             print(f"\n  target={target}, keep 50% in every stage: {params} parameters "
                   f"({n_params / params:.2f}x fewer); test accuracy %, mean +- std over seeds")
-            for label in METHODS:
-                a = np.array(acc[label])
-                print(f"    {label:<24}{100 * a.mean():7.2f} +- {100 * a.std():4.2f}   "
-                      f"(pruning {np.mean(secs[label]):.2f} s)")
-            ours = np.array(acc["asym (greedy, refit)"])
-            ratios = ", ".join(f"{ours.mean() / np.mean(acc[b]):.3f}x {b}" for b in BASELINES)
-            print(f"    asym / baselines (mean accuracy ratios, same run): {ratios}")
-
+            print_method_rows(acc, secs, "asym (greedy, refit)", BASELINES, 24)
 
 if __name__ == "__main__":
     main()
