@@ -102,14 +102,18 @@ class ExpertOutputs:
         self.buf = torch.empty(0, x.shape[1], dtype=torch.float64, device=x.device)
         self.n = 0
 
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """``(tokens, k, H)``: the outputs of the experts ``idx`` ``(tokens, k)`` (original indices) on the tokens."""
-        rows = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+    def gather(self, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``(m, k, H)``: the outputs of the experts ``idx`` ``(m, k)`` (original indices) on the token rows
+        ``tokens`` ``(m,)`` (all of them, in order, by default)."""
+        if tokens is None:
+            tokens = torch.arange(idx.shape[0], device=idx.device)
+        rows = tokens.unsqueeze(1).expand_as(idx)
         missing = self.slot[rows, idx] < 0
         if bool(missing.any()):
+            n_tok = self.x.shape[0]
             tok, e = rows[missing], idx[missing]
-            pairs = torch.unique(e * idx.shape[0] + tok)  # each missing pair once
-            tok, e = pairs % idx.shape[0], pairs // idx.shape[0]
+            pairs = torch.unique(e * n_tok + tok)  # each missing pair once
+            tok, e = pairs % n_tok, pairs // n_tok
             need = self.n + tok.numel()
             if need > self.buf.shape[0]:
                 grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.x.shape[1], dtype=torch.float64,
@@ -122,11 +126,42 @@ class ExpertOutputs:
                 self.buf[self.n:self.n + t.numel()] = y.double()
                 self.slot[t, ex] = torch.arange(self.n, self.n + t.numel(), device=t.device)
                 self.n += t.numel()
-        return self.buf[self.slot[rows, idx]]
+        pos = self.slot[rows, idx]
+        return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)
 
-    def mixture(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``(tokens, H)``: the routed sum ``sum_j w_j y_{idx_j}`` (float64)."""
-        return (self.gather(idx) * w.double().unsqueeze(2)).sum(1)
+    def mixture(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``(m, H)``: the routed sum ``sum_j w_j y_{idx_j}`` on the token rows ``tokens`` (all by default;
+        float64)."""
+        return torch.bmm(w.double().unsqueeze(1), self.gather(idx, tokens)).squeeze(1)
+
+
+class RoutedError:
+    """The squared error ``||T_t - sum_j w_j y_{e_j}(x_t)||^2`` per token of the routing among kept sets of
+    experts (``route``: a :class:`RestrictedRouter`; ``outs``: the experts' outputs on the tokens; ``target``:
+    ``T``). A kept set's state is its routing and per-token errors; :meth:`moved` computes another set's from a
+    state, recomputing the routed sum only on the tokens whose routing changed (removing an expert from a
+    renormalised top-k router changes only the tokens routed to it)."""
+
+    def __init__(self, route: RestrictedRouter, outs: ExpertOutputs, target: torch.Tensor) -> None:
+        self.route, self.outs, self.target = route, outs, target
+
+    def _sq(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.target[tokens] - self.outs.mixture(w, idx, tokens)).square().sum(1)
+
+    def state(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weights, experts, per-token squared errors)`` of the kept set ``keep``."""
+        w, idx = self.route(keep)
+        return w, idx, self._sq(w, idx, torch.arange(idx.shape[0], device=idx.device))
+
+    def moved(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keep: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The state of ``keep`` from the state ``base`` of another kept set."""
+        w, idx = self.route(keep)
+        changed = ((idx != base[1]) | (w != base[0])).any(1).nonzero().squeeze(1)
+        sq = base[2].clone()
+        if changed.numel():
+            sq[changed] = self._sq(w[changed], idx[changed], changed)
+        return w, idx, sq
 
 
 class RestrictedRouter:
@@ -164,27 +199,28 @@ class RestrictedRouter:
         return w, keep.to(idx.device)[idx]
 
 
-def search_kept(error: Any, n_experts: int, n_keep: int) -> tuple[np.ndarray, float, str]:
-    """The kept set of ``n_keep`` experts minimising ``error(keep)`` (``keep``: a sorted long tensor): every set
-    when there are at most :data:`EXHAUSTIVE_LIMIT`, else backward elimination. Returns the kept experts (sorted),
-    their error and how they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the
-    lexicographically smallest removal)."""
+def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.ndarray, float, str]:
+    """The kept set of ``n_keep`` experts of least routed error: every set when there are at most
+    :data:`EXHAUSTIVE_LIMIT`, else backward elimination. Returns the kept experts (sorted), their error and how
+    they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the lexicographically
+    smallest removal)."""
     everything = np.arange(n_experts)
+    full = errors.state(torch.as_tensor(everything))
     if n_keep >= n_experts:
-        return everything, float(error(torch.as_tensor(everything))), "exhaustive"
+        return everything, float(full[2].sum()), "exhaustive"
     if math.comb(n_experts, n_keep) <= EXHAUSTIVE_LIMIT:
-        best, best_err = None, math.inf
+        best, best_err = everything, math.inf
         for removed in itertools.combinations(range(n_experts), n_experts - n_keep):
             keep = np.setdiff1d(everything, removed)
-            err = float(error(torch.as_tensor(keep)))
+            err = float(errors.moved(full, torch.as_tensor(keep))[2].sum())
             if err < best_err:
                 best, best_err = keep, err
         return best, best_err, "exhaustive"
-    kept = list(range(n_experts))
-    err_now = math.inf
+    kept, state = list(range(n_experts)), full
     while len(kept) > n_keep:
-        errs = [float(error(torch.as_tensor([e for e in kept if e != j]))) for j in kept]
+        states = [errors.moved(state, torch.as_tensor([e for e in kept if e != j])) for j in kept]
+        errs = [float(st[2].sum()) for st in states]
         i = int(np.argmin(errs))
-        err_now = errs[i]
-        del kept[i]
-    return np.asarray(kept), err_now, "greedy"
+        state = states[i]
+        del kept[i], states
+    return np.asarray(kept), float(state[2].sum()), "greedy"

@@ -71,7 +71,7 @@ from submod._validation import rng_from_seed
 
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
-from ._experts import ExpertOutputs, RestrictedRouter, search_kept, sorted_routing
+from ._experts import ExpertOutputs, RestrictedRouter, RoutedError, search_kept, sorted_routing
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
@@ -2830,13 +2830,11 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         target = outs.mixture(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
     energy = float(target.square().sum())
 
-    def error(keep: torch.Tensor) -> float:
-        return float((target - outs.mixture(*route(keep))).square().sum())
-
+    errors = RoutedError(route, outs, target)
     how = None
     if method in GREEDY_METHODS:
         try:
-            kept, err, how = search_kept(error, n_exp, k)
+            kept, err, how = search_kept(errors, n_exp, k)
         except ValueError as exc:  # a router that cannot work on fewer experts (grouped routing)
             raise ValueError(f"block {blk.name!r}: {exc}; prune the neurons of every expert instead "
                              "(target='ffn'), or keep more experts.") from exc
@@ -2850,7 +2848,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         else:
             score = rng.permutation(n_exp).astype(float)
         kept = np.sort(np.argsort(-score, kind="stable")[:k])
-        err = error(torch.as_tensor(kept))
+        err = float(errors.state(torch.as_tensor(kept))[2].sum())
     keep = torch.as_tensor(kept, dtype=torch.long)
     w_k, idx_k = route(keep)
     routed = outs.mixture(w_k, idx_k)
