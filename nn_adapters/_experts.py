@@ -34,6 +34,10 @@ from torch import nn
 
 #: Kept sets are enumerated when there are at most this many (e.g. every choice of 4, or of 6, of 8 experts).
 EXHAUSTIVE_LIMIT = 512
+#: Whether backward elimination first tries each candidate on the tokens routed to the removed expert alone (see
+#: :func:`search_kept`); ``False`` routes every token for every candidate (the baseline of
+#: ``benchmarks/bench_expert_search.py``).
+LOCAL_SEARCH = True
 
 
 def _is_expert_count(name: str, module: nn.Module) -> bool:
@@ -163,6 +167,20 @@ class RoutedError:
             sq[changed] = self._sq(w[changed], idx[changed], changed)
         return w, idx, sq
 
+    def without(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keep: torch.Tensor, removed: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The state of ``keep``, the experts of ``base`` but ``removed``, assuming that only the tokens routed to
+        ``removed`` change their routing (the router is called on those alone): exact for a router whose routing
+        of a token depends only on its own experts' scores, such as a renormalised top-k (see
+        :func:`search_kept`)."""
+        tokens = (base[1] == removed).any(1).nonzero().squeeze(1)
+        w, idx, sq = base[0].clone(), base[1].clone(), base[2].clone()
+        if tokens.numel():
+            w_t, idx_t = self.route(keep, tokens)
+            w[tokens], idx[tokens] = w_t.to(w.dtype), idx_t
+            sq[tokens] = self._sq(w_t, idx_t, tokens)
+        return w, idx, sq
+
 
 class RestrictedRouter:
     """Calls a mixture's router restricted to a kept set of experts, as the pruned layer would: a copy of the
@@ -178,15 +196,20 @@ class RestrictedRouter:
             return value[keep.to(value.device)]
         return value
 
-    def __call__(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights, experts)`` ``(tokens, k)`` of the routing among experts ``keep`` (sorted)."""
+    def __call__(self, keep: torch.Tensor, tokens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, experts)`` ``(m, k)`` of the routing among experts ``keep`` (sorted) of the token rows
+        ``tokens`` (all by default)."""
         r = self.router
         if keep.numel() < self.n_experts:  # a copy with the kept rows: the router itself stays whole
             r = copy.deepcopy(r)
             drop_experts(r, self.n_experts, keep)
-        args = [self._cut(a, keep) for a in self.args]
+        first = self.args[0]
+        if tokens is not None:  # the rows asked for, in the layout recorded
+            first = first.reshape(-1, first.shape[-1])[tokens].reshape(*first.shape[:-2], -1, first.shape[-1])
+        args = [self._cut(a, keep) for a in (first, *self.args[1:])]
         kwargs = {k: self._cut(v, keep) for k, v in self.kwargs.items()}
-        n_tokens = self.args[0].reshape(-1, self.args[0].shape[-1]).shape[0]
+        n_tokens = first.reshape(-1, first.shape[-1]).shape[0]
         try:
             out = r(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever the model's router raises, said with its reason
@@ -203,7 +226,15 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
     """The kept set of ``n_keep`` experts of least routed error: every set when there are at most
     :data:`EXHAUSTIVE_LIMIT`, else backward elimination. Returns the kept experts (sorted), their error and how
     they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the lexicographically
-    smallest removal)."""
+    smallest removal).
+
+    Backward elimination first evaluates each candidate removal on the tokens routed to the removed expert alone
+    (:meth:`RoutedError.without`: one router call on about ``k / E`` of the tokens instead of all of them), and
+    checks at every step, by routing every token for the removal chosen, that no other token's routing changed
+    (the same experts, weights equal up to rounding);
+    the first time one did (a softmax over all the experts without renormalisation, group-limited routing), the
+    step is redone, and the rest of the search, with every token routed for every candidate. Each step's state
+    is the exact routing of every token."""
     everything = np.arange(n_experts)
     full = errors.state(torch.as_tensor(everything))
     if n_keep >= n_experts:
@@ -216,11 +247,21 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
             if err < best_err:
                 best, best_err = keep, err
         return best, best_err, "exhaustive"
-    kept, state = list(range(n_experts)), full
+    kept, state, local = list(range(n_experts)), full, LOCAL_SEARCH
     while len(kept) > n_keep:
-        states = [errors.moved(state, torch.as_tensor([e for e in kept if e != j])) for j in kept]
-        errs = [float(st[2].sum()) for st in states]
-        i = int(np.argmin(errs))
-        state = states[i]
-        del kept[i], states
+        others = [torch.as_tensor([e for e in kept if e != j]) for j in kept]
+        if local:  # each candidate re-routes only the tokens routed to the expert it removes
+            errs = [float(errors.without(state, keep, j)[2].sum()) for j, keep in zip(kept, others)]
+            i = int(np.argmin(errs))
+            chosen = errors.without(state, others[i], kept[i])
+            exact = errors.moved(state, others[i])  # every token re-routed: were the others left as they were?
+            local = bool(torch.equal(exact[1], chosen[1]) and torch.allclose(exact[0], chosen[0], rtol=1e-5,
+                                                                                atol=1e-7))
+        if not local:  # a router that re-routes other tokens too: every token for every candidate, from now on
+            states = [errors.moved(state, keep) for keep in others]
+            i = int(np.argmin([float(st[2].sum()) for st in states]))
+            exact = states[i]
+            del states
+        state = exact
+        del kept[i]
     return np.asarray(kept), float(state[2].sum()), "greedy"

@@ -60,9 +60,11 @@ def mlp_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list
     return [torch.cat([real(bt, x) for bt, x in zip(batches, xs, strict=True)]).double().numpy() for xs in seen]
 
 
-def mixture(x: np.ndarray, mlp: nn.Module, keep: list[int] | np.ndarray, top_k: int = 2) -> np.ndarray:
+def mixture(x: np.ndarray, mlp: nn.Module, keep: list[int] | np.ndarray, top_k: int = 2,
+            renormalise: bool = True) -> np.ndarray:
     """Mixtral's mixture restricted to the experts ``keep``, written out: the softmax of the kept experts' router
-    logits, the top ``top_k``, renormalised, times each chosen expert's ``down(silu(gate x) * up x)``."""
+    logits, the top ``top_k``, renormalised (not: Qwen2-MoE's default), times each chosen expert's
+    ``down(silu(gate x) * up x)``."""
     keep = np.asarray(keep)
     w_r = mlp.gate.weight.detach().double().numpy()[keep]
     gate_up = mlp.experts.gate_up_proj.detach().double().numpy()[keep]
@@ -72,7 +74,8 @@ def mixture(x: np.ndarray, mlp: nn.Module, keep: list[int] | np.ndarray, top_k: 
     p /= p.sum(1, keepdims=True)
     top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
     w = np.take_along_axis(p, top, 1)
-    w /= w.sum(1, keepdims=True)
+    if renormalise:
+        w /= w.sum(1, keepdims=True)
     half = gate_up.shape[1] // 2
     out = np.zeros_like(x)
     for j in range(top_k):
@@ -90,12 +93,14 @@ def set_errors(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int) -
             for keep in itertools.combinations(range(n), n_keep)}
 
 
-def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int) -> tuple[list[int], float]:
+def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int,
+                         renormalise: bool = True) -> tuple[list[int], float]:
     """Remove, one at a time, the expert whose removal leaves the smallest error."""
     kept = list(range(mlp.experts.down_proj.shape[0]))
     err = 0.0
     while len(kept) > n_keep:
-        errs = [float(((target - mixture(x, mlp, [e for e in kept if e != j])) ** 2).sum()) for j in kept]
+        errs = [float(((target - mixture(x, mlp, [e for e in kept if e != j], renormalise=renormalise)) ** 2).sum())
+                for j in kept]
         err = min(errs)
         kept.remove(kept[errs.index(err)])
     return kept, err
@@ -153,6 +158,45 @@ def test_above_the_enumeration_limit_experts_are_removed_one_at_a_time(monkeypat
         assert u.relative_error >= min(set_errors(x, target, mlp, 3).values()) / energy * (1 - 1e-6)
 
 
+def test_a_renormalised_router_is_searched_on_the_tokens_of_the_removed_expert(monkeypatch) -> None:
+    """Mixtral's routing renormalises over each token's own top-2: a candidate removal re-routes only the tokens
+    routed to the removed expert, so backward elimination calls the router on those (about a quarter of the tokens
+    with 8 experts, top-2) for every candidate, and on every token once per step (the check)."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    routed: list[int] = []
+    call = experts_mod.RestrictedRouter.__call__
+
+    def counting(self, keep, tokens=None):
+        routed.append(self.args[0].reshape(-1, self.args[0].shape[-1]).shape[0] if tokens is None else len(tokens))
+        return call(self, keep, tokens)
+
+    monkeypatch.setattr(experts_mod.RestrictedRouter, "__call__", counting)
+    model, batches = mixtral(), data()
+    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer", reweight=False)
+    n_tokens = max(routed)
+    steps, candidates = 5, sum(range(4, 9))  # 8 -> 3 experts: 8 + 7 + 6 + 5 + 4 candidate removals
+    full_calls = sum(1 for r in routed if r == n_tokens)
+    assert full_calls <= 3 * len(report.units) + steps * len(report.units)  # the checks, first states, final routing
+    local = [r for r in routed if r < n_tokens]
+    assert len(local) >= candidates * len(report.units) - 2  # a candidate whose expert routes every token: full
+    assert sum(local) < 0.5 * n_tokens * candidates * len(report.units)
+
+
+def test_a_router_that_reroutes_every_token_is_searched_on_every_token(monkeypatch) -> None:
+    """Qwen2-MoE's default routing (softmax over the kept experts, top-2, not renormalised) changes every token's
+    weights when any expert goes: backward elimination must route every token for every candidate (the search
+    notices it at its first step), and its kept set is the one written out here."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    model, batches = build_moe("qwen2_moe", norm_topk_prob=False, **EIGHT), data()
+    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer", reweight=False)
+    for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
+        mlp = blk.module.mlp
+        target = mixture(x, mlp, range(8), renormalise=False)
+        kept, err = backward_elimination(x, target, mlp, 3, renormalise=False)
+        assert u.search == "greedy" and u.kept == sorted(kept)
+        assert u.relative_error == pytest.approx(err / float((target ** 2).sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["asym", "seq"])
 def test_later_blocks_route_the_pruned_networks_tokens(mode: str) -> None:
     """The second mixture's kept set is the best one for the tokens of the network pruned before it (its mixture
@@ -197,14 +241,16 @@ def mla_moe() -> nn.Module:
 OTHERS = {"gpt_oss": lambda: gpt_oss(), "gemma4": lambda: gemma4(), "deepseek_v3": mla_moe}
 
 
+@pytest.mark.parametrize("reweight", [True, False])
 @pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
-def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str) -> None:
-    """Every family: the first mixture reads the same tokens in both models, so its reported relative error (after
-    the refit) is the squared change of its experts' output on the real tokens (padding excluded) over the
-    original's energy; and the pruned model keeps half of every mixture's experts."""
+def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str, reweight: bool) -> None:
+    """Every family: the first mixture reads the same tokens in both models, so its reported relative error (the
+    search's, or after the refit) is the squared change of its experts' output on the real tokens (padding
+    excluded) over the original's energy; and the pruned model keeps half of every mixture's experts."""
     model = OTHERS[name]() if name in OTHERS else build_moe(name, **EIGHT)
     batches = data()
-    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer",
+                                       reweight=reweight)
     n = moe_blocks(model)[0].n_experts
     assert [b.n_experts for b in moe_blocks(pruned)] == [n // 2] * len(moe_blocks(model))
     before, after = expert_outputs(model, batches, 0), expert_outputs(pruned, batches, 0)
