@@ -2370,7 +2370,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
-        if s == "experts":  # whole experts: the routed sum of the kept ones (no refit)
+        if s == "experts":  # whole experts: the routed sum of the kept ones
             t0 = time.perf_counter()
             _prune_experts(blk, oblk, mode, method, reweight, ridge, budgets[s], side["experts"],
                            xo if mode == "layer" else xp, cache, counter, rng, report, t0)
@@ -2897,7 +2897,8 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
     weight = [blk.expert_down_weight(e).detach().double().T.cpu().numpy() for e in ids]  # (I, H)
     bias = [None if not blk.experts_bias else blk.expert_down_bias(e).detach().double().cpu().numpy() for e in ids]
     prior = [m.copy() for m in weight] if ridge.prior else None
-    hits = [(pos == e).nonzero(as_tuple=True) for e in range(len(ids))]
+    # a token routed with weight 0 adds nothing to the objective (its row's weight is w^2): left out
+    hits = [((pos == e) & (w != 0)).nonzero(as_tuple=True) for e in range(len(ids))]
     device = _stats_device(next(blk.experts.parameters()).device)
     contrib = torch.zeros(*pos.shape, x.shape[1], dtype=torch.float64, device=x.device)
 

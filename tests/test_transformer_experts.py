@@ -490,3 +490,24 @@ def test_layer_mode_on_an_executor_gives_the_serial_result() -> None:
                                                                      for u in b.units]
     for p, q in zip(serial.parameters(), parallel.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_tokens_routed_with_weight_zero_leave_the_refit_alone() -> None:
+    """A routing weight of 0 (a saturated softmax, a sigmoid score at 0) gives its token's row the weight 0: the
+    refit is the one without that token, not a division by zero."""
+    from nn_adapters.transformer import _refit_experts, _Ridge
+
+    blk = moe_blocks(mixtral())[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g)
+    pos = torch.stack([torch.arange(40) % 2, 2 + torch.arange(40) % 2], dim=1)  # experts 0/1 and 2/3
+    w = torch.rand(40, 2, generator=g)
+    target = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    keep, folds, ridge = torch.arange(4), torch.arange(40) % 5, _Ridge(1e-3, True)
+    zero = w.clone()
+    zero[0] = 0.0  # token 0 routed to experts 0 and 2, both with weight 0
+    (down, _), _ = _refit_experts(blk, keep, x, zero, pos, target, folds, ridge)
+    rows = torch.arange(1, 40)
+    (down_without, _), _ = _refit_experts(blk, keep, x[rows], w[rows], pos[rows], target[rows], folds[rows], ridge)
+    assert torch.isfinite(down).all()
+    torch.testing.assert_close(down, down_without)
