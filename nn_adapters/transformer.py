@@ -2863,9 +2863,11 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
     n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum found here
     with _ExpertCapture(blk) as cap:
         _fwd(blk, xs[0], cache[0]["ctx"] if mode != "layer" else _original_context(cache[0]), counter)
-    got = cap.take()["out"][cache[0]["valid"].reshape(-1).to(outs.x.device)].double()
+    out = cap.take()["out"]
+    got = out[cache[0]["valid"].reshape(-1).to(outs.x.device)].double()
     want = routed[:n0]
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1.0 + float(want.abs().max()))):
+    rel = 1e-4 if torch.finfo(out.dtype).bits >= 32 else 3e-2  # half precision: as _check_experts_sum
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=rel, atol=rel * (1.0 + float(want.abs().max()))):
         raise ValueError(f"block {blk.name!r}: with experts removed, its mixture ({type(blk.experts).__name__}) does "
                          "not compute the routed sum of the kept experts (a count of experts the adapter did not "
                          "update, or routing that depends on the number of experts, such as grouped routing); "

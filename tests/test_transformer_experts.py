@@ -511,3 +511,14 @@ def test_tokens_routed_with_weight_zero_leave_the_refit_alone() -> None:
     (down_without, _), _ = _refit_experts(blk, keep, x[rows], w[rows], pos[rows], target[rows], folds[rows], ridge)
     assert torch.isfinite(down).all()
     torch.testing.assert_close(down, down_without)
+
+
+def test_a_bfloat16_mixture_is_pruned_in_its_dtype() -> None:
+    """The first-batch check allows half precision's rounding (the experts sum in bfloat16); the refitted weights
+    are stored in the model's dtype."""
+    model = mixtral(lm=True).to(torch.bfloat16)
+    pruned, report = prune_transformer(model, data(2), keep=0.5, target="experts")
+    assert [u.n_kept for u in report.units] == [4, 4]
+    assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(pruned(torch.tensor([[3, 7, 11, 5]])).logits).all()
