@@ -139,18 +139,89 @@ class ExpertOutputs:
         return torch.bmm(w.double().unsqueeze(1), self.gather(idx, tokens)).squeeze(1)
 
 
+class PairProducts:
+    """Per token ``t``, the inner products ``<T_t, y_e(x_t)>`` and ``<y_e(x_t), y_f(x_t)>`` of the target and the
+    outputs of the experts ``e``, ``f`` it has been routed to by some kept set so far, computed once (from
+    :class:`ExpertOutputs`) when an expert is first asked for on the token; the squared error of any routing among
+    those experts is then ``||T_t||^2 - 2 sum_j w_j <T_t, y_j> + sum_jl w_j w_l <y_j, y_l>``: ``k^2`` numbers a
+    token, whatever the hidden width. Each token's experts have local slots ``0, 1, ...`` (grown as needed)."""
+
+    CHUNK = 1024  # new (token, expert) pairs whose products are computed at once: memory CHUNK x slots x H
+
+    def __init__(self, outs: ExpertOutputs, target: torch.Tensor) -> None:
+        n, dev = target.shape[0], target.device
+        self.outs, self.target = outs, target
+        self.tt = target.square().sum(1)
+        self.local = torch.full((n, outs.blk.n_experts), -1, dtype=torch.long, device=dev)
+        self.count = torch.zeros(n, dtype=torch.long, device=dev)
+        self._alloc(8)
+
+    def _alloc(self, width: int) -> None:
+        """(Re)allocate the per-token tables for ``width`` local slots, keeping what they hold."""
+        n, dev, old = self.tt.shape[0], self.tt.device, getattr(self, "rows", None)
+        rows = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        a = torch.zeros(n, width, dtype=torch.float64, device=dev)
+        g = torch.zeros(n, width, width, dtype=torch.float64, device=dev)
+        if old is not None:
+            w0 = old.shape[1]
+            rows[:, :w0], a[:, :w0], g[:, :w0, :w0] = old, self.a, self.g
+        self.rows, self.a, self.g = rows, a, g
+
+    def _add(self, tokens: torch.Tensor, idx: torch.Tensor) -> None:
+        """Give every (token, expert) pair of ``tokens`` ``(m,)`` and ``idx`` ``(m, k)`` without one a local slot,
+        and compute its products with the target and with every expert of the token."""
+        pair_tok = tokens.unsqueeze(1).expand_as(idx)
+        missing = self.local[pair_tok, idx] < 0
+        if not bool(missing.any()):
+            return
+        n = self.tt.shape[0]
+        code = torch.unique(idx[missing] * n + pair_tok[missing])  # each new pair once, sorted by expert then token
+        tok, e = code % n, code // n
+        self.outs.gather(e.unsqueeze(1), tok)  # the experts' outputs of the new pairs, computed and cached
+        order = torch.argsort(tok, stable=True)
+        tok, e = tok[order], e[order]
+        first = torch.searchsorted(tok, tok)  # the rank of each new pair among its token's new pairs
+        slot = self.count[tok] + torch.arange(tok.numel(), device=tok.device) - first
+        self.count.index_add_(0, tok, torch.ones_like(tok))
+        if int(self.count.max()) > self.rows.shape[1]:
+            self._alloc(max(int(self.count.max()), 2 * self.rows.shape[1]))
+        self.local[tok, e] = slot
+        self.rows[tok, slot] = self.outs.slot[tok, e]
+        buf = self.outs.buf
+        for c in range(0, tok.numel(), self.CHUNK):
+            t, s = tok[c:c + self.CHUNK], slot[c:c + self.CHUNK]
+            y = buf[self.rows[t, s]]  # (c, H)
+            self.a[t, s] = (self.target[t] * y).sum(1)
+            rows = self.rows[t]  # (c, slots): every expert of the token so far, -1 for none
+            prod = torch.einsum("ch,csh->cs", y, buf[rows.clamp_min(0)]) * (rows >= 0)
+            self.g[t, s] = prod
+            self.g[t, :, s] = prod
+
+    def squared_errors(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(m,)``: ``||T_t - sum_j w_j y_{idx_j}(x_t)||^2`` for the token rows ``tokens`` (float64, >= 0)."""
+        self._add(tokens, idx)
+        loc = self.local[tokens.unsqueeze(1), idx]  # (m, k)
+        t = tokens.unsqueeze(1)
+        a = self.a[t, loc]
+        g = self.g[t.unsqueeze(2), loc.unsqueeze(2), loc.unsqueeze(1)]  # (m, k, k)
+        wd = w.double()
+        err = self.tt[tokens] - 2.0 * (wd * a).sum(1) + torch.einsum("mk,mkl,ml->m", wd, g, wd)
+        return err.clamp_min(0.0)
+
+
 class RoutedError:
     """The squared error ``||T_t - sum_j w_j y_{e_j}(x_t)||^2`` per token of the routing among kept sets of
     experts (``route``: a :class:`RestrictedRouter`; ``outs``: the experts' outputs on the tokens; ``target``:
-    ``T``). A kept set's state is its routing and per-token errors; :meth:`moved` computes another set's from a
-    state, recomputing the routed sum only on the tokens whose routing changed (removing an expert from a
-    renormalised top-k router changes only the tokens routed to it)."""
+    ``T``), from the inner products of :class:`PairProducts`. A kept set's state is its routing and per-token
+    errors; :meth:`moved` computes another set's from a state, recomputing the errors only of the tokens whose
+    routing changed."""
 
     def __init__(self, route: RestrictedRouter, outs: ExpertOutputs, target: torch.Tensor) -> None:
         self.route, self.outs, self.target = route, outs, target
+        self.products = PairProducts(outs, target)
 
     def _sq(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return (self.target[tokens] - self.outs.mixture(w, idx, tokens)).square().sum(1)
+        return self.products.squared_errors(w, idx, tokens)
 
     def state(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weights, experts, per-token squared errors)`` of the kept set ``keep``."""

@@ -522,3 +522,23 @@ def test_a_bfloat16_mixture_is_pruned_in_its_dtype() -> None:
     assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(pruned(torch.tensor([[3, 7, 11, 5]])).logits).all()
+
+
+def test_the_pair_products_give_every_routings_squared_error() -> None:
+    """The search's errors from inner products (``||T||^2 - 2 w.a + w^T G w``) equal the squared error of the
+    routed sum computed directly, for routings that reach every one of 16 experts on each token (the per-token
+    tables grow past their first 8 slots), asked for in any order and on any subset of the tokens."""
+    blk = moe_blocks(build_moe("mixtral", num_local_experts=16, num_experts=16, n_routed_experts=16,
+                               moe_num_experts=16))[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 16, generator=g)
+    target = torch.randn(30, 16, generator=g, dtype=torch.float64)
+    outs = experts_mod.ExpertOutputs(blk, x)
+    products = experts_mod.PairProducts(outs, target)
+    for step in range(12):
+        tokens = torch.randperm(30, generator=g)[:20] if step % 2 else torch.arange(30)
+        idx = torch.stack([torch.randperm(16, generator=g)[:3] for _ in tokens])
+        w = torch.rand(len(tokens), 3, generator=g)
+        want = (target[tokens] - outs.mixture(w, idx, tokens)).square().sum(1)
+        torch.testing.assert_close(products.squared_errors(w, idx, tokens), want, rtol=1e-9, atol=1e-9)
+    assert products.rows.shape[1] > 8 and int(products.count.max()) > 8
