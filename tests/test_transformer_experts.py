@@ -542,3 +542,14 @@ def test_the_pair_products_give_every_routings_squared_error() -> None:
         want = (target[tokens] - outs.mixture(w, idx, tokens)).square().sum(1)
         torch.testing.assert_close(products.squared_errors(w, idx, tokens), want, rtol=1e-9, atol=1e-9)
     assert products.rows.shape[1] > 8 and int(products.count.max()) > 8
+
+
+def test_experts_then_their_neurons_prune_save_and_reload(tmp_path) -> None:
+    """Whole experts removed, then half of the kept experts' neurons: the second call reads the pruned mixtures,
+    and the saved model's spec rebuilds both cuts."""
+    model, batches = mixtral(lm=True), data(2)
+    fewer, _ = prune_transformer(model, batches, keep=0.5, target="experts")
+    smaller, report = prune_transformer(fewer, batches, keep=0.5, target="ffn")
+    assert [(w["experts"], w["intermediate_size"]) for w in report.spec["blocks"]] == [(4, 12), (4, 12)]
+    assert [(u.expert, u.n_units, u.n_kept) for u in report.units] == [(e, 24, 12) for e in range(4)] * 2
+    assert_reloads_and_generates(smaller, tmp_path / "m")
