@@ -17,8 +17,9 @@ kept set is then optimal for the objective on the calibration tokens), and other
 time, each time the one whose removal increases the error least (backward elimination; no guarantee: ``err`` is
 not known to be supermodular, as routing couples the experts).
 
-The experts' outputs are computed once per (token, expert) pair that some routing needs, and cached; a kept set's
-error then costs one router call on the calibration tokens and a weighted sum.
+The experts' outputs are computed once per (token, expert) pair that some routing needs, and cached with their
+inner products (:class:`PairProducts`); a kept set's error then costs one router call and ``k^2`` numbers per token
+whose routing it changes (:func:`search_kept`).
 """
 
 from __future__ import annotations
@@ -302,10 +303,9 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
     Backward elimination first evaluates each candidate removal on the tokens routed to the removed expert alone
     (:meth:`RoutedError.without`: one router call on about ``k / E`` of the tokens instead of all of them), and
     checks at every step, by routing every token for the removal chosen, that no other token's routing changed
-    (the same experts, weights equal up to rounding);
-    the first time one did (a softmax over all the experts without renormalisation, group-limited routing), the
-    step is redone, and the rest of the search, with every token routed for every candidate. Each step's state
-    is the exact routing of every token."""
+    (the same experts, weights equal up to rounding); the first time one did (a softmax over all the experts
+    without renormalisation, group-limited routing), the step is redone, and the rest of the search, with every
+    token routed for every candidate. Each step's state is the exact routing of every token."""
     everything = np.arange(n_experts)
     full = errors.state(torch.as_tensor(everything))
     if n_keep >= n_experts:
