@@ -128,7 +128,7 @@ class ExpertOutputs:
             for ex in torch.unique(e).tolist():
                 t = tok[e == ex]
                 y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.x[t]))
-                self.buf[self.n:self.n + t.numel()] = y.double()
+                self.buf[self.n:self.n + t.numel()] = y.detach().double()
                 self.slot[t, ex] = torch.arange(self.n, self.n + t.numel(), device=t.device)
                 self.n += t.numel()
         pos = self.slot[rows, idx]
@@ -311,15 +311,31 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
     if n_keep >= n_experts:
         return everything, float(full[2].sum()), "exhaustive"
     if math.comb(n_experts, n_keep) <= EXHAUSTIVE_LIMIT:
-        best, best_err = everything, math.inf
-        for removed in itertools.combinations(range(n_experts), n_experts - n_keep):
-            keep = np.setdiff1d(everything, removed)
-            err = float(errors.moved(full, torch.as_tensor(keep))[2].sum())
-            if err < best_err:
-                best, best_err = keep, err
-        return best, best_err, "exhaustive"
+        return (*_best_of_size(errors, full, n_experts, n_keep), "exhaustive")
+    kept, err = elimination_path(errors, full, n_experts, n_keep)[-1]
+    return kept, err, "greedy"
+
+
+def _best_of_size(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_experts: int,
+                  n_keep: int) -> tuple[np.ndarray, float]:
+    """The kept set of ``n_keep`` experts of least error, every one tried (the first found on ties)."""
+    everything = np.arange(n_experts)
+    best, best_err = everything, math.inf
+    for removed in itertools.combinations(range(n_experts), n_experts - n_keep):
+        keep = np.setdiff1d(everything, removed)
+        err = float(errors.moved(full, torch.as_tensor(keep))[2].sum())
+        if err < best_err:
+            best, best_err = keep, err
+    return best, best_err
+
+
+def elimination_path(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_experts: int,
+                     n_min: int) -> list[tuple[np.ndarray, float]]:
+    """Backward elimination from every expert (state ``full``) down to ``n_min`` kept: the kept experts and their
+    error after each removal (``n_experts - n_min`` entries; see :func:`search_kept`)."""
     kept, state, local = list(range(n_experts)), full, LOCAL_SEARCH
-    while len(kept) > n_keep:
+    path: list[tuple[np.ndarray, float]] = []
+    while len(kept) > n_min:
         others = [torch.as_tensor([e for e in kept if e != j]) for j in kept]
         if local:  # each candidate re-routes only the tokens routed to the expert it removes
             errs = [float(errors.without(state, keep, j)[2].sum()) for j, keep in zip(kept, others)]
@@ -335,4 +351,26 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
             del states
         state = exact
         del kept[i]
-    return np.asarray(kept), float(state[2].sum()), "greedy"
+        path.append((np.asarray(kept), float(state[2].sum())))
+    return path
+
+
+def error_curve(errors: RoutedError, n_experts: int, n_min: int) -> np.ndarray:
+    """``curve[m]``: the least routed error found with ``m`` experts kept, ``m = n_min..n_experts`` (every kept set
+    of that size tried where there are at most :data:`EXHAUSTIVE_LIMIT`, else backward elimination's, which is
+    run once for all sizes); below ``n_min`` (fewer experts than a token is routed to) a steep line, so that an
+    allocation never goes there: what ``allocation="error-curve"`` splits the kept experts with."""
+    everything = np.arange(n_experts)
+    full = errors.state(torch.as_tensor(everything))
+    curve = np.empty(n_experts + 1)
+    curve[n_experts] = float(full[2].sum())
+    path = None
+    for m in range(n_experts - 1, n_min - 1, -1):
+        if math.comb(n_experts, m) <= EXHAUSTIVE_LIMIT:
+            curve[m] = _best_of_size(errors, full, n_experts, m)[1]
+        else:
+            path = path or elimination_path(errors, full, n_experts, n_min)
+            curve[m] = path[n_experts - m - 1][1]
+    step = (float(curve[n_min:].max()) + 1.0) * 1e6
+    curve[:n_min] = curve[n_min] + step * np.arange(n_min, 0, -1)
+    return curve

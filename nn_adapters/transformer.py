@@ -72,6 +72,7 @@ from submod._validation import rng_from_seed
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
 from ._experts import ExpertOutputs, RestrictedRouter, RoutedError, search_kept, sorted_routing
+from ._experts import error_curve as expert_error_curve
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
@@ -1348,9 +1349,6 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         if not any(b.moe for b in blocks):
             raise ValueError(f"target='experts', but no block of this model is a mixture of experts (its blocks "
                              f"are {', '.join(sorted({b.kind for b in blocks}))}): prune target='ffn'.")
-        if allocation != "uniform":
-            raise ValueError(f"allocation={allocation!r} is not supported with target='experts': pass "
-                             "allocation='uniform' (every mixture keeps the same fraction of its experts)")
         for blk in blocks:
             if blk.moe and not blk.experts_droppable:
                 raise ValueError(f"block {blk.name!r} ({blk.kind}): whole experts of this mixture cannot be removed "
@@ -1645,21 +1643,29 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
     """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``), stage
     by stage over the blocks that have it (``per_block``: each block's stages)."""
     xo = [c["x"] for c in cache]
-    curves: dict[str, list[tuple[int, np.ndarray]]] = {}
+    curves: dict[str, list[tuple[int, np.ndarray, int]]] = {}  # per stage: (block, curve, least kept count)
     for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
         xo = _step_over(oblk, xo, cache, counter, original=True)
         _match_tokens(cache, xo, oblk)
-        xo_next, side = _original_pass(oblk, stages, "layer", xo, cache, counter, False, weighting)
-        for s in stages:
+        dense = [s for s in stages if s != "experts"]
+        xo_next, side = _original_pass(oblk, dense, "layer", xo, cache, counter, False, weighting,
+                                       experts=len(dense) < len(stages))
+        for s in dense:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
-            curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors))
+            curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors, 1))
+        if len(dense) < len(stages):  # whole experts: the least routed error of each number of experts kept
+            calls = side["experts"]
+            _check_experts_sum(oblk, calls[0])
+            top_k = int(calls[0]["idx"].shape[1])
+            errors = _routed_error(oblk, oblk, "layer", calls, calls, cache)
+            curves.setdefault("experts", []).append((i, expert_error_curve(errors, oblk.n_experts, top_k), top_k))
         xo = xo_next
     out: list[dict[str, int]] = [dict(u) for u in uniform]
     for s, found in curves.items():
-        ks = [uniform[i][s] for i, _ in found]
-        floors = [min(k, max(1, math.ceil(min_keep * (len(c) - 1)))) for k, (_, c) in zip(ks, found, strict=True)]
-        for (i, _), k in zip(found, allocate_units([c for _, c in found], sum(ks), floors), strict=True):
+        ks = [uniform[i][s] for i, _, _ in found]
+        floors = [min(k, max(lo, math.ceil(min_keep * (len(c) - 1)))) for k, (_, c, lo) in zip(ks, found, strict=True)]
+        for (i, _, _), k in zip(found, allocate_units([c for _, c, _ in found], sum(ks), floors), strict=True):
             out[i][s] = int(k)
     return out
 
@@ -2797,6 +2803,20 @@ def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[st
     return route
 
 
+def _routed_error(blk: _Block, oblk: _Block, mode: str, calls: list[dict[str, Any]],
+                  orig_calls: list[dict[str, Any] | None], cache: list[dict[str, Any]]) -> RoutedError:
+    """The routed error of kept sets of the experts of ``blk`` on the real tokens of ``calls`` (the records of the
+    network of ``mode``), against the target of ``mode``: the original mixture's routed output on the original
+    network's tokens (``orig_calls``) in ``asym`` mode, the unpruned mixture's on the same tokens otherwise."""
+    outs = ExpertOutputs(blk, _real_rows(calls, cache, "x"))
+    if mode == "asym":  # the original mixture's routed output on the original network's tokens
+        target = ExpertOutputs(oblk, _real_rows(orig_calls, cache, "x")).mixture(
+            _real_rows(orig_calls, cache, "w"), _real_rows(orig_calls, cache, "idx"))
+    else:
+        target = outs.mixture(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
+    return RoutedError(_expert_router(blk, calls, cache), outs, target)
+
+
 def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: bool, ridge: _Ridge, k: int,
                    orig_calls: list[dict[str, Any] | None], xs: list[torch.Tensor], cache: list[dict[str, Any]],
                    counter: list[int], rng: np.random.Generator, report: TransformerPruneReport, t0: float) -> None:
@@ -2817,20 +2837,13 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
             with _ExpertCapture(blk) as cap:
                 _fwd(blk, xs[b], cache[b]["ctx"], counter)
             calls.append(cap.take(outputs=False))
-    route = _expert_router(blk, calls, cache)
+    errors = _routed_error(blk, oblk, mode, calls, orig_calls, cache)
+    route, outs, target = errors.route, errors.outs, errors.target
     top_k = int(calls[0]["idx"].shape[1])
     if k < top_k:
         raise ValueError(f"block {blk.name!r}: keep leaves {k} of its {n_exp} experts, fewer than the {top_k} each "
                          f"token is routed to: pass keep >= {top_k / n_exp:.4g}")
-    outs = ExpertOutputs(blk, _real_rows(calls, cache, "x"))
-    if mode == "asym":  # the original mixture's routed output on the original network's tokens
-        target = ExpertOutputs(oblk, _real_rows(orig_calls, cache, "x")).mixture(
-            _real_rows(orig_calls, cache, "w"), _real_rows(orig_calls, cache, "idx"))
-    else:
-        target = outs.mixture(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
     energy = float(target.square().sum())
-
-    errors = RoutedError(route, outs, target)
     how = None
     if method in GREEDY_METHODS:
         try:

@@ -27,7 +27,7 @@ from torch import nn
 
 import nn_adapters._experts as experts_mod
 from nn_adapters._transformer_blocks import find_blocks
-from nn_adapters.transformer import apply_spec, make_spec, prune_transformer
+from nn_adapters.transformer import allocate_units, apply_spec, make_spec, prune_transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,8 +94,9 @@ def set_errors(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int) -
 
 
 def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_keep: int,
-                         renormalise: bool = True) -> tuple[list[int], float]:
-    """Remove, one at a time, the expert whose removal leaves the smallest error."""
+                         renormalise: bool = True, path: list | None = None) -> tuple[list[int], float]:
+    """Remove, one at a time, the expert whose removal leaves the smallest error (each step's kept experts and
+    error appended to ``path`` if given)."""
     kept = list(range(mlp.experts.down_proj.shape[0]))
     err = 0.0
     while len(kept) > n_keep:
@@ -103,6 +104,8 @@ def backward_elimination(x: np.ndarray, target: np.ndarray, mlp: nn.Module, n_ke
                 for j in kept]
         err = min(errs)
         kept.remove(kept[errs.index(err)])
+        if path is not None:
+            path.append((tuple(kept), err))
     return kept, err
 
 
@@ -331,13 +334,74 @@ def test_keeping_fewer_experts_than_a_token_is_routed_to_is_refused() -> None:
         prune_transformer(mixtral(), data(1), keep=0.1, target="experts")
 
 
-def test_models_without_mixtures_and_unsupported_options_are_refused() -> None:
+def test_models_without_mixtures_are_refused() -> None:
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="no block of this model is a mixture of experts .* target='ffn'"):
         prune_transformer(transformers.LlamaModel(cfg).eval(), data(1), target="experts")
-    with pytest.raises(ValueError, match="allocation='error-curve' is not supported with target='experts'"):
-        prune_transformer(mixtral(), data(1), target="experts", allocation="error-curve")
+
+
+@pytest.mark.parametrize("limit", [512, 0])
+@pytest.mark.parametrize("keep", [0.375, 0.5])
+def test_error_curve_allocation_splits_the_experts_by_their_error_curves(monkeypatch, keep: float,
+                                                                         limit: int) -> None:
+    """allocation="error-curve": the same total of kept experts as uniform, split by marginal allocation over each
+    mixture's curve of least routed error per number kept (every kept set tried here, on the original network's
+    tokens; never fewer than the 2 a token is routed to); each mixture then keeps its best set of that size. The
+    first mixture's outputs are shrunk so that the split is not the uniform one. Enumeration off (``limit`` 0):
+    the curve and the kept sets are backward elimination's."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", limit)
+    model, batches = mixtral(), data()
+    with torch.no_grad():  # the first mixture's errors 100x smaller: the second one deserves more experts
+        moe_blocks(model)[0].experts.down_proj.mul_(0.1)
+    _, report = prune_transformer(model, batches, keep=keep, target="experts", method="layer", reweight=False,
+                                  allocation="error-curve")
+    curves, best = [], []
+    for blk, x in zip(moe_blocks(model), mlp_inputs(model, batches), strict=True):
+        target = mixture(x, blk.module.mlp, range(8))
+        if limit:
+            errs = {m: set_errors(x, target, blk.module.mlp, m) for m in range(2, 9)}
+            found = {m: (min(e, key=e.get), min(e.values())) for m, e in errs.items()}
+        else:
+            path: list = []
+            backward_elimination(x, target, blk.module.mlp, 2, path=path)
+            found = {8: (tuple(range(8)), 0.0), **{8 - j - 1: (tuple(sorted(k)), e) for j, (k, e) in enumerate(path)}}
+        curve = np.array([0.0, 0.0] + [found[m][1] for m in range(2, 9)])
+        curve[:2] = curve[2] + 1e9 * np.array([2.0, 1.0]) * (curve.max() + 1)
+        curves.append(curve)
+        best.append({m: found[m][0] for m in found})
+    total = 2 * round(8 * keep)
+    counts = allocate_units(curves, total, [2, 2]).tolist()
+    assert [u.n_kept for u in report.units] == counts and sum(counts) == total and counts[1] > counts[0]
+    assert [tuple(u.kept) for u in report.units] == [best[i][m] for i, m in enumerate(counts)]
+    assert report.allocation == "error-curve"
+
+
+@pytest.mark.parametrize("limit", [512, 0])
+def test_an_expert_error_curve_holds_the_least_error_found_per_count(monkeypatch, limit: int) -> None:
+    """From the routed count up, the curve is the least error over every kept set of each size (enumeration on) or
+    backward elimination's path (off; on these tokens the path is not optimal at 2, 4 and 5 kept); below it, the
+    curve falls faster than anywhere above, so that its lower convex hull passes through the routed count and an
+    allocation's floor there is never undercut."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", limit)
+    model, batches = mixtral(), ragged_token_batches(VOCAB, n_batches=3, b=4, t=9, seed=9)
+    blk, x = moe_blocks(model)[0], mlp_inputs(model, batches)[0]
+    mlp = blk.module.mlp
+    target = mixture(x, mlp, range(8))
+    outs = experts_mod.ExpertOutputs(blk, torch.from_numpy(x).float())
+    router = experts_mod.RestrictedRouter(mlp.gate, 8, (torch.from_numpy(x).float(),), {})
+    with torch.no_grad():  # as inside prune_transformer
+        curve = experts_mod.error_curve(experts_mod.RoutedError(router, outs, torch.from_numpy(target)), 8, 2)
+    path: list = []
+    backward_elimination(x, target, mlp, 2, path=path)
+    greedy = {8 - j - 1: e for j, (_, e) in enumerate(path)}
+    for m in range(2, 8):
+        want = min(set_errors(x, target, mlp, m).values()) if limit else greedy[m]
+        assert curve[m] == pytest.approx(want, rel=1e-5)
+    assert any(greedy[m] > min(set_errors(x, target, mlp, m).values()) * 1.001 for m in (2, 4, 5))
+    drops = -np.diff(curve)
+    assert curve[8] == pytest.approx(0.0, abs=1e-6)
+    assert drops[0] > drops[2:].max() and drops[1] > drops[2:].max()
 
 
 @pytest.mark.parametrize("module", ["test_transformer_dbrx", "test_transformer_llama4"])
