@@ -9,7 +9,8 @@ dict). Each mixture then keeps 6, 4 or 2 of its 8 experts (``target="experts"``,
 from ``--calib`` unlabeled calibration images drawn from the training split by each seed: the greedy methods
 (asym, layer: the kept set of least routed-output error on the calibration tokens, every kept set tried) and the
 baselines (weight magnitude; routed output mass, ``method="wanda"``; random), each with the kept experts' down
-projections refitted (the default) and some without (``reweight=False``). Accuracy on the 360 test images,
+projections refitted (the default) and some without (``reweight=False``); asym also with the kept experts split
+between the two mixtures by their error curves (``allocation="error-curve"``). Accuracy on the 360 test images,
 which nothing is tuned on: mean +- std over seeds, and asym's accuracy as a RATIO to each baseline measured in the
 same run; also how often each expert is routed to. Empirical estimates on one trained network.
 
@@ -32,8 +33,9 @@ from _train import digits_setup, prune_over_seeds, train, trained  # noqa: E402
 
 from nn_adapters.digits import accuracy  # noqa: E402
 
-# label -> (method, reweight)
-METHODS = {"asym + refit": ("asym", True), "layer + refit": ("layer", True), "magnitude + refit": ("magnitude", True),
+# label -> (method, reweight[, allocation])
+METHODS = {"asym + refit": ("asym", True), "asym + refit, curve": ("asym", True, "error-curve"),
+           "layer + refit": ("layer", True), "magnitude + refit": ("magnitude", True),
            "wanda + refit": ("wanda", True), "random + refit": ("random", True), "asym, no refit": ("asym", False),
            "magnitude, no refit": ("magnitude", False), "wanda, no refit": ("wanda", False),
            "random, no refit": ("random", False)}
@@ -92,8 +94,8 @@ def main() -> None:
         print(f"  layer {i}: share of routings per expert on the test images: "
               + " ".join(f"{s:.2f}" for s in share))
     for keep in KEEPS:
-        runs = {label: {"keep": keep, "target": "experts", "method": method, "reweight": reweight}
-                for label, (method, reweight) in METHODS.items()}
+        runs = {label: {"keep": keep, "target": "experts", "method": run[0], "reweight": run[1],
+                        "allocation": run[2] if len(run) > 2 else "uniform"} for label, run in METHODS.items()}
         acc, secs, reports = prune_over_seeds(model, (Xtr, ytr, Xte, yte), args.seeds, args.calib, runs)
         search = sorted({u.search for r in reports for u in r.units if u.search})
         params = reports[-1].params_after

@@ -1213,7 +1213,10 @@ def prune_transformer(
         per-block error curves: a first pass over the original network computes, per block and stage, the
         layer-mode statistics (``weighting`` applied, absolute errors so that blocks are comparable) and one
         nested greedy path over all units, whose prefix errors give the error of every kept size. Costs one
-        extra forward of each original block per batch, one more Gram matrix and one greedy path per block.
+        extra forward of each original block per batch, one more Gram matrix and one greedy path per block. With
+        ``target="experts"``, the kept experts are split between the mixtures from each one's least routed error
+        per number of experts kept (never fewer than it routes each token to). Refused for the neurons of
+        mixtures of experts (``target="ffn"``).
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
