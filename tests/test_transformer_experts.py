@@ -241,9 +241,21 @@ def mla_moe() -> nn.Module:
     return build("deepseek_v3")
 
 
-OTHERS = {"gpt_oss": lambda: gpt_oss(), "gemma4": lambda: gemma4(), "deepseek_v3": mla_moe}
+def nemotron_h() -> nn.Module:
+    from test_transformer_nemotron_h import build
+    return build()
 
 
+def granite_hybrid() -> nn.Module:
+    from test_transformer_hybrid import build
+    return build("granite4", experts=4)
+
+
+OTHERS = {"gpt_oss": lambda: gpt_oss(), "gemma4": lambda: gemma4(), "deepseek_v3": mla_moe,
+          "nemotron_h": nemotron_h, "granite4_hybrid": granite_hybrid}
+
+
+@pytest.mark.filterwarnings("ignore:.*layers of the model's stacks of blocks are not recognised:UserWarning")
 @pytest.mark.parametrize("reweight", [True, False])
 @pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
 def test_the_reported_error_is_what_the_pruned_mixture_changes(name: str, reweight: bool) -> None:
