@@ -219,10 +219,7 @@ class RoutedError:
 
     def __init__(self, route: RestrictedRouter, outs: ExpertOutputs, target: torch.Tensor) -> None:
         self.route, self.outs, self.target = route, outs, target
-        self.products = PairProducts(outs, target)
-
-    def _sq(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.products.squared_errors(w, idx, tokens)
+        self._sq = PairProducts(outs, target).squared_errors
 
     def state(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weights, experts, per-token squared errors)`` of the kept set ``keep``."""

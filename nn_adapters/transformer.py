@@ -1652,7 +1652,7 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
         _match_tokens(cache, xo, oblk)
         dense = [s for s in stages if s != "experts"]
         xo_next, side = _original_pass(oblk, dense, "layer", xo, cache, counter, False, weighting,
-                                       experts=len(dense) < len(stages))
+                                       experts=len(dense) < len(stages), router=len(dense) < len(stages))
         for s in dense:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
@@ -2144,12 +2144,13 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
 
 def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Tensor],
                    cache: list[dict[str, Any]], counter: list[int], residual: bool,
-                   weighting: bool, experts: bool = False, stats: dict[str, _Stats] | None = None
-                   ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   weighting: bool, experts: bool = False, stats: dict[str, _Stats] | None = None,
+                   router: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens. With
     ``experts`` (a mixture-of-experts block), ``side["experts"]`` holds :class:`_ExpertCapture` records of the same
-    forwards, the experts' and mixture's outputs for the first batch only (its checks), and, in ``seq`` mode, only
+    forwards (with the router's arguments if ``router``: whole-expert pruning), the experts' and mixture's
+    outputs for the first batch only (its checks), and, in ``seq`` mode, only
     the first batch's record (``None`` for the others: seq mode reads the pruned network's). Layer mode adds to
     ``stats`` where given (a block called several times: the statistics of its calls so far)."""
     need_res = residual or weighting
@@ -2161,7 +2162,7 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                             "row_w": {s: [] for s in stages}, "col_scale": {s: None for s in stages},
                             "norm_scales": {s: [] for s in stages}, "experts": []}
     for b in range(len(cache)):
-        with _ExpertCapture(oblk) if experts else contextlib.nullcontext() as cap:
+        with _ExpertCapture(oblk, router) if experts else contextlib.nullcontext() as cap:
             out, got = capture_inputs(first_mods if b == 0 else orig_mods,
                                       lambda b=b: _fwd(oblk, xo[b], _original_context(cache[b]), counter))
         if experts:
@@ -2375,7 +2376,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     t0s = {s: time.perf_counter() for s in stages}
     dense = [s for s in stages if not (s == "ffn" and blk.moe) and s != "experts"]
     xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting,
-                                   experts=len(dense) < len(stages))
+                                   experts=len(dense) < len(stages), router="experts" in stages)
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
@@ -2475,8 +2476,8 @@ class _ExpertCapture:
     the whole mixture module (``mlp``) returns, during block forwards; :meth:`take` hands over one forward's record.
     """
 
-    def __init__(self, blk: _Block) -> None:
-        self.blk = blk
+    def __init__(self, blk: _Block, router: bool = False) -> None:
+        self.blk, self.router = blk, router
         self.seen: list[tuple[Any, ...]] = []
         self.ffn: list[Any] = []
         self.shared_in: list[Any] = []
@@ -2502,7 +2503,7 @@ class _ExpertCapture:
             self.handles.append(self.blk.experts.register_forward_hook(hook, with_kwargs=True))
         if isinstance(mlp, nn.Module):
             self.handles.append(mlp.register_forward_hook(lambda _m, _a, out: self.ffn.append(out)))
-        router = self.blk.router
+        router = self.blk.router if self.router else None
         if router is not None:  # what the router is called with (whole-expert pruning calls it again)
             self.handles.append(router.register_forward_pre_hook(
                 lambda _m, args, kwargs: self.router_calls.append((args, kwargs)), with_kwargs=True))
@@ -2534,7 +2535,8 @@ class _ExpertCapture:
         (routed experts), ``w`` (routing weights), ``out`` (the experts' output) and ``ffn_out`` (the mixture
         module's output, ``None`` if the block has none); the two outputs only if ``outputs`` (else ``None``); and
         ``shared_x``, the input of a shared expert beside the mixture module (:attr:`_HFMoEBlock.SHARED_OUTSIDE`),
-        or ``None``; ``router``, the ``(args, kwargs)`` the router was called with (``None`` unless called once)."""
+        or ``None``; ``router``, the ``(args, kwargs)`` the router was called with when recorded (``router=True``;
+        ``None`` otherwise, or unless called once)."""
         seen, ffn, shared_in, router_calls = self.seen, self.ffn, self.shared_in, self.router_calls
         self.seen, self.ffn, self.shared_in, self.router_calls = [], [], [], []
         if len(seen) != 1 or not all(isinstance(t, torch.Tensor) for t in seen[0]):
@@ -2837,7 +2839,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
     else:
         calls = []
         for b in range(len(cache)):
-            with _ExpertCapture(blk) as cap:
+            with _ExpertCapture(blk, router=True) as cap:
                 _fwd(blk, xs[b], cache[b]["ctx"], counter)
             calls.append(cap.take(outputs=False))
     errors = _routed_error(blk, oblk, mode, calls, orig_calls, cache)
