@@ -1,15 +1,15 @@
-"""Whole-expert pruning of wide mixtures: the backward-elimination search's time, local against full evaluation.
+"""Whole-expert pruning of wide mixtures: the backward-elimination search's time, batched against local and full.
 
 A randomly initialised Qwen3-MoE (``transformers``, nothing downloaded; hidden width 256 (``--hidden``), 2 layers,
 experts of 128 neurons, top-8 routing renormalised over each token's experts) with 64 and 128 experts per layer
-keeps half of them
-(``target="experts"``, layer mode, no refit: the search alone, ``EXHAUSTIVE_LIMIT`` far exceeded) from 16
-sequences of 128 random tokens (2048 tokens). The search evaluates each candidate removal by re-routing only the
-tokens routed to the removed expert (the default, checked at every step against routing every token) or, as the
-baseline measured in the same run, by routing every token for every candidate (``LOCAL_SEARCH = False``). Prints
-the wall time of each and the ratio, and checks that both keep the same experts with the same error.
+keeps half of them (``target="experts"``, layer mode, no refit: the search alone, ``EXHAUSTIVE_LIMIT`` far
+exceeded) from 16 sequences of 128 random tokens (2048 tokens). The search evaluates a step's candidate removals
+all at once from one routing of every token among one more expert (``SEARCH = "batched"``, the default), or, the
+baselines measured in the same run, by calling the router for each candidate on the tokens routed to the removed
+expert (``"local"``) or on every token (``"full"``). Prints the wall time of each, the ratios, and checks that all
+keep the same experts with the same error (up to the float32 rounding of the experts' outputs).
 
-Run:  python benchmarks/bench_expert_search.py [--experts 64 128] [--hidden 256]
+Run:  python benchmarks/bench_expert_search.py [--experts 64 128] [--hidden 256] [--searches full local batched]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--hidden", type=int, default=256, help="hidden width (default 256)")
+    parser.add_argument("--searches", nargs="+", default=["full", "local", "batched"],
+                        choices=["full", "local", "batched"], help="searches timed; ratios against the last one")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     g = torch.Generator().manual_seed(0)
@@ -52,17 +54,22 @@ def main() -> None:
     for n in args.experts:
         model = model_with(n, args.hidden)
         times, kept = {}, {}
-        for local in (False, True):
-            experts.LOCAL_SEARCH = local
+        for search in args.searches:
+            experts.SEARCH = search
             t0 = time.perf_counter()
             _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer",
                                           reweight=False)
-            times[local] = time.perf_counter() - t0
-            kept[local] = [(u.kept, round(u.relative_error, 9)) for u in report.units]
-        experts.LOCAL_SEARCH = True
-        same = "same kept experts and errors" if kept[True] == kept[False] else "DIFFERENT kept experts"
-        print(f"{n} experts: full evaluation {times[False]:.1f} s, local {times[True]:.1f} s: "
-              f"{times[False] / times[True]:.1f}x faster ({same})")
+            times[search] = time.perf_counter() - t0
+            kept[search] = [(u.kept, u.relative_error) for u in report.units]
+        experts.SEARCH = "batched"
+        ref = kept[args.searches[-1]]
+        same = all([k for k, _ in got] == [k for k, _ in ref] and all(
+            abs(e - f) <= 1e-6 * abs(f) for (_, e), (_, f) in zip(got, ref)) for got in kept.values())
+        cells = ", ".join(f"{s} {times[s]:.1f} s" for s in args.searches)
+        base = args.searches[-1]
+        ratios = ", ".join(f"{s} {times[s] / times[base]:.1f}x" for s in args.searches[:-1])
+        print(f"{n} experts: {cells}; {base} faster than {ratios} "
+              f"({'same kept experts and errors' if same else 'DIFFERENT kept experts or errors'})")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ not known to be supermodular, as routing couples the experts).
 
 The experts' outputs are computed once per (token, expert) pair that some routing needs, and cached with their
 inner products (:class:`PairProducts`); a kept set's error then costs one router call and ``k^2`` numbers per token
-whose routing it changes (:func:`search_kept`).
+whose routing it changes, and a step of backward elimination, for a router that renormalises over each token's
+top-k, one router call for all its candidates (:func:`search_kept`).
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ from torch import nn
 
 #: Kept sets are enumerated when there are at most this many (e.g. every choice of 4, or of 6, of 8 experts).
 EXHAUSTIVE_LIMIT = 512
-#: Whether backward elimination first tries each candidate on the tokens routed to the removed expert alone (see
-#: :func:`search_kept`); ``False`` routes every token for every candidate (the baseline of
-#: ``benchmarks/bench_expert_search.py``).
-LOCAL_SEARCH = True
+#: How backward elimination evaluates a step's candidate removals (see :func:`search_kept`): ``"batched"`` (all of
+#: them at once, from one routing among one more expert per token), ``"local"`` (the router called for each
+#: candidate on the tokens routed to the removed expert) or ``"full"`` (the router called for each candidate on
+#: every token); the search falls back from one to the next when its check fails. ``"local"`` and ``"full"`` are
+#: the baselines of ``benchmarks/bench_expert_search.py``.
+SEARCH = "batched"
+#: Rows (token, removed expert) whose routings' errors are computed at once by the batched search: memory about
+#: ``CANDIDATE_CHUNK * k * k * 24`` bytes.
+CANDIDATE_CHUNK = 65536
 
 
 def _is_expert_count(name: str, module: nn.Module) -> bool:
@@ -95,6 +101,32 @@ def sorted_routing(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
     """The routing with each token's experts in increasing order (routings compared as sets)."""
     idx_s, order = idx.sort(dim=1)
     return w.gather(1, order), idx_s
+
+
+def same_routing(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether routings ``a`` and ``b`` (``(weights, experts)``, ``(m, k)``) send every token to the same experts
+    with the same weights, up to the rounding of the weights' dtype (in any order)."""
+    (wa, ia), (wb, ib) = sorted_routing(*a), sorted_routing(*b)
+    if ia.shape != ib.shape or not torch.equal(ia, ib.to(ia.device)):
+        return False
+    eps = max(torch.finfo(wa.dtype).eps, torch.finfo(wb.dtype).eps)
+    return bool(torch.allclose(wa.double(), wb.double().to(wa.device), rtol=max(1e-5, 4 * eps), atol=max(1e-7, eps)))
+
+
+def drop_column(w: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rule: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing ``(weights, experts)`` ``(m, k)`` of rows ``(m, k + 1)`` without each row's column ``pos``
+    ``(m,)``: the other weights as they are (``rule="keep"``), or scaled to the row's total weight
+    (``"rescale"``: a router that renormalises its weights over each token's experts, times a constant)."""
+    k = idx.shape[1] - 1
+    cols = torch.arange(k, device=idx.device).expand(idx.shape[0], k)
+    cols = cols + (cols >= pos.unsqueeze(1))
+    wd = w.double()
+    out = wd.gather(1, cols)
+    if rule == "rescale":
+        total = wd.sum(1)
+        out = out * (total / (total - wd.gather(1, pos.unsqueeze(1)).squeeze(1))).unsqueeze(1)
+    return out.to(w.dtype), idx.gather(1, cols)
 
 
 class ExpertOutputs:
@@ -251,6 +283,68 @@ class RoutedError:
         return w, idx, sq
 
 
+    def extended(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keep: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """The routing of every token among the experts ``keep`` of the state ``base`` to one more expert than
+        ``base``'s (its router with its top-k one larger), and the rule of :func:`drop_column` that gives
+        ``base``'s routing back when each token's extra expert is dropped: ``(weights, experts, rule)``, or
+        ``None`` where there is none (no top-k attribute, a token's experts not among its extended ones, neither
+        rule), that is where the router does not rank the experts by a score of their own."""
+        n, k = base[1].shape
+        try:
+            w2, idx2 = self.route(keep, top_k=(k, k + 1))
+        except ValueError:
+            return None
+        if idx2.shape != (n, k + 1):
+            return None
+        idx2 = idx2.to(base[1].device)
+        in_base = (idx2.unsqueeze(2) == base[1].unsqueeze(1)).any(2)  # (n, k + 1)
+        if not bool((in_base.sum(1) == k).all()):
+            return None
+        extra = (~in_base).to(torch.int8).argmax(1)
+        for rule in ("rescale", "keep"):
+            if same_routing(drop_column(w2, idx2, extra, rule), base[:2]):
+                return w2, idx2, rule
+        return None
+
+    def removal_deltas(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       ext: tuple[torch.Tensor, torch.Tensor, str]) -> torch.Tensor:
+        """``(E,)`` float64: for each expert ``j``, the change of the summed squared error when ``j`` is removed
+        from the kept set of state ``base``, each token routed to ``j`` re-routed as ``ext`` (:meth:`extended`)
+        without ``j``, the others left as they are: every candidate removal of a step at once, ``k`` routings a
+        token, in chunks of :data:`CANDIDATE_CHUNK`; ``+inf`` where a routing's error is not finite."""
+        w2, idx2, rule = ext
+        n, k = base[1].shape
+        pos = (base[1].unsqueeze(2) == idx2.unsqueeze(1)).to(torch.int8).argmax(2).reshape(-1)  # (n k,)
+        tok = torch.arange(n, device=idx2.device).repeat_interleave(k)
+        removed = base[1].reshape(-1)
+        delta = torch.zeros(self.route.n_experts, dtype=torch.float64, device=idx2.device)
+        for c in range(0, n * k, CANDIDATE_CHUNK):
+            t = tok[c:c + CANDIDATE_CHUNK]
+            w, idx = drop_column(w2[t], idx2[t], pos[c:c + CANDIDATE_CHUNK], rule)
+            delta.index_add_(0, removed[c:c + CANDIDATE_CHUNK], self._sq(w, idx, t) - base[2][t])
+        return torch.where(torch.isfinite(delta), delta, torch.inf)
+
+    def predicted(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  ext: tuple[torch.Tensor, torch.Tensor, str], removed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing of every token that :meth:`removal_deltas` assumed for the removal of ``removed``, and
+        the token rows it changed: ``(weights, experts, rows)``."""
+        w2, idx2, rule = ext
+        rows = (base[1] == removed).any(1).nonzero().squeeze(1)
+        w, idx = base[0].clone(), base[1].clone()
+        if rows.numel():
+            w_r, idx_r = drop_column(w2[rows], idx2[rows], (idx2[rows] == removed).to(torch.int8).argmax(1), rule)
+            w[rows], idx[rows] = w_r.to(w.dtype), idx_r
+        return w, idx, rows
+
+
+def _is_top_k(name: str) -> bool:
+    """Whether integer attribute ``name`` of a router can be the number of experts it routes each token to."""
+    return ("top" in name or "per_tok" in name or name in ("k", "moe_k", "n_activated_experts")) and (
+        "group" not in name)
+
+
 class RestrictedRouter:
     """Calls a mixture's router restricted to a kept set of experts, as the pruned layer would: a copy of the
     router whose per-expert rows are cut (:func:`drop_experts`), called with the router's recorded arguments (its
@@ -265,14 +359,23 @@ class RestrictedRouter:
             return value[keep.to(value.device)]
         return value
 
-    def __call__(self, keep: torch.Tensor, tokens: torch.Tensor | None = None
+    def __call__(self, keep: torch.Tensor, tokens: torch.Tensor | None = None, top_k: tuple[int, int] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights, experts)`` ``(m, k)`` of the routing among experts ``keep`` (sorted) of the token rows
-        ``tokens`` (all by default)."""
+        ``tokens`` (all by default). With ``top_k=(k, k2)``, a copy whose integer attributes equal to ``k`` and
+        named as a top-k (``top_k``, ``num_experts_per_tok``...) are ``k2`` routes each token to ``k2`` experts;
+        a ``ValueError`` if the router has no such attribute."""
         r = self.router
-        if keep.numel() < self.n_experts:  # a copy with the kept rows: the router itself stays whole
+        if keep.numel() < self.n_experts or top_k is not None:  # a copy: the router itself stays whole
             r = copy.deepcopy(r)
             drop_experts(r, self.n_experts, keep)
+        if top_k is not None:
+            found = [(sub, name) for sub in r.modules() for name, v in vars(sub).items()
+                     if type(v) is int and v == top_k[0] and _is_top_k(name)]
+            if not found:
+                raise ValueError(f"the router has no attribute holding its top-k ({top_k[0]})")
+            for sub, name in found:
+                setattr(sub, name, top_k[1])
         first = self.args[0]
         if tokens is not None:  # the rows asked for, in the layout recorded
             first = first.reshape(-1, first.shape[-1])[tokens].reshape(*first.shape[:-2], -1, first.shape[-1])
@@ -297,12 +400,25 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
     they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the lexicographically
     smallest removal).
 
-    Backward elimination first evaluates each candidate removal on the tokens routed to the removed expert alone
-    (:meth:`RoutedError.without`: one router call on about ``k / E`` of the tokens instead of all of them), and
-    checks at every step, by routing every token for the removal chosen, that no other token's routing changed
-    (the same experts, weights equal up to rounding); the first time one did (a softmax over all the experts
-    without renormalisation, group-limited routing), the step is redone, and the rest of the search, with every
-    token routed for every candidate. Each step's state is the exact routing of every token."""
+    Backward elimination evaluates a step's candidate removals all at once where it can (:data:`SEARCH`
+    ``"batched"``): a router that ranks the experts by a score of their own and renormalises the weights over each
+    token's experts (Mixtral, Qwen3-MoE with ``norm_topk_prob``, DeepSeek-V3, GPT-OSS...) routes a token whose
+    expert ``j`` is removed to its other experts and the next one in its ranking, with the weights rescaled to the
+    same total; so one call of the router, with its top-k one larger (:meth:`RoutedError.extended`), gives every
+    candidate's routing of every token (:func:`drop_column`), and their errors are computed together
+    (:meth:`RoutedError.removal_deltas`): no call per candidate. Whether the router is of that kind is checked:
+    dropping each token's extra expert must give the current routing back (which also tells whether the weights are
+    rescaled or kept as they are, as sigmoid scores without renormalisation are), at the first step every
+    candidate's routing must be the router's own (called on the tokens routed to the removed expert), and at every
+    step the removal chosen is routed on every token and compared. The first time a check fails (no top-k attribute
+    on the router: Gemma 4's is in its config; a softmax over all the kept experts without renormalisation:
+    Qwen2-MoE's and OLMoE's default; PhiMoE's sparsemixer) the search goes on evaluating each candidate on the
+    tokens routed to the removed expert alone (``"local"``: one router call on about ``k / E`` of the tokens),
+    checking at every step, by routing every token for the removal chosen, that no other token's routing changed;
+    the first time one did (a softmax over all the experts without renormalisation, group-limited routing), the
+    step is redone, and the rest of the search, with every token routed for every candidate (``"full"``). Each
+    step's state is the exact routing of every token, and the kept set's error is exact.
+    """
     everything = np.arange(n_experts)
     full = errors.state(torch.as_tensor(everything))
     if n_keep >= n_experts:
@@ -330,18 +446,34 @@ def elimination_path(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor
                      n_min: int) -> list[tuple[np.ndarray, float]]:
     """Backward elimination from every expert (state ``full``) down to ``n_min`` kept: the kept experts and their
     error after each removal (``n_experts - n_min`` entries; see :func:`search_kept`)."""
-    kept, state, local = list(range(n_experts)), full, LOCAL_SEARCH
+    kept, state, mode, verified = list(range(n_experts)), full, SEARCH, False
     path: list[tuple[np.ndarray, float]] = []
     while len(kept) > n_min:
         others = [torch.as_tensor([e for e in kept if e != j]) for j in kept]
-        if local:  # each candidate re-routes only the tokens routed to the expert it removes
+        if mode == "batched":  # every candidate at once, from the routing among one more expert per token
+            ext = errors.extended(state, torch.as_tensor(kept))
+            if ext is not None and not verified:  # the first step: each candidate's routing from the router too
+                verified = True
+                for j, keep in zip(kept, others):
+                    w, idx, rows = errors.predicted(state, ext, j)
+                    if rows.numel() and not same_routing(errors.route(keep, rows), (w[rows], idx[rows])):
+                        ext = None
+                        break
+            if ext is None:
+                mode = "local"
+            else:
+                i = int(np.argmin(errors.removal_deltas(state, ext)[torch.as_tensor(kept)].cpu().numpy()))
+                exact = errors.moved(state, others[i])  # every token re-routed: as the step assumed?
+                if not same_routing(exact[:2], errors.predicted(state, ext, kept[i])[:2]):
+                    mode = "local"
+        if mode == "local":  # each candidate re-routes only the tokens routed to the expert it removes
             errs = [float(errors.without(state, keep, j)[2].sum()) for j, keep in zip(kept, others)]
             i = int(np.argmin(errs))
             chosen = errors.without(state, others[i], kept[i])
             exact = errors.moved(state, others[i])  # every token re-routed: were the others left as they were?
-            local = bool(torch.equal(exact[1], chosen[1]) and torch.allclose(exact[0], chosen[0], rtol=1e-5,
-                                                                                atol=1e-7))
-        if not local:  # a router that re-routes other tokens too: every token for every candidate, from now on
+            if not (torch.equal(exact[1], chosen[1]) and torch.allclose(exact[0], chosen[0], rtol=1e-5, atol=1e-7)):
+                mode = "full"
+        if mode == "full":  # a router that re-routes other tokens too: every token for every candidate, from now on
             states = [errors.moved(state, keep) for keep in others]
             i = int(np.argmin([float(st[2].sum()) for st in states]))
             exact = states[i]

@@ -161,21 +161,30 @@ def test_above_the_enumeration_limit_experts_are_removed_one_at_a_time(monkeypat
         assert u.relative_error >= min(set_errors(x, target, mlp, 3).values()) / energy * (1 - 1e-6)
 
 
-def test_a_renormalised_router_is_searched_on_the_tokens_of_the_removed_expert(monkeypatch) -> None:
-    """Mixtral's routing renormalises over each token's own top-2: a candidate removal re-routes only the tokens
-    routed to the removed expert, so backward elimination calls the router on those (about a quarter of the tokens
-    with 8 experts, top-2) for every candidate, and on every token once per step (the check)."""
-    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
-    routed: list[int] = []
+def counting_router_calls(monkeypatch) -> list[tuple[int, int | None]]:
+    """Record each call of the restricted router: (tokens routed, top-k asked for or None)."""
+    routed: list[tuple[int, int | None]] = []
     call = experts_mod.RestrictedRouter.__call__
 
-    def counting(self, keep, tokens=None):
-        routed.append(self.args[0].reshape(-1, self.args[0].shape[-1]).shape[0] if tokens is None else len(tokens))
-        return call(self, keep, tokens)
+    def counting(self, keep, tokens=None, top_k=None):
+        n = self.args[0].reshape(-1, self.args[0].shape[-1]).shape[0] if tokens is None else len(tokens)
+        routed.append((n, None if top_k is None else top_k[1]))
+        return call(self, keep, tokens, top_k)
 
     monkeypatch.setattr(experts_mod.RestrictedRouter, "__call__", counting)
+    return routed
+
+
+def test_a_renormalised_router_is_searched_on_the_tokens_of_the_removed_expert(monkeypatch) -> None:
+    """Mixtral's routing renormalises over each token's own top-2: a candidate removal re-routes only the tokens
+    routed to the removed expert, so the local search calls the router on those (about a quarter of the tokens
+    with 8 experts, top-2) for every candidate, and on every token once per step (the check)."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    monkeypatch.setattr(experts_mod, "SEARCH", "local")
+    calls = counting_router_calls(monkeypatch)
     model, batches = mixtral(), data()
     _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer", reweight=False)
+    routed = [n for n, _ in calls]
     n_tokens = max(routed)
     steps, candidates = 5, sum(range(4, 9))  # 8 -> 3 experts: 8 + 7 + 6 + 5 + 4 candidate removals
     full_calls = sum(1 for r in routed if r == n_tokens)
@@ -183,6 +192,47 @@ def test_a_renormalised_router_is_searched_on_the_tokens_of_the_removed_expert(m
     local = [r for r in routed if r < n_tokens]
     assert len(local) >= candidates * len(report.units) - 2  # a candidate whose expert routes every token: full
     assert sum(local) < 0.5 * n_tokens * candidates * len(report.units)
+
+
+def test_a_renormalised_router_is_searched_batched_after_its_first_step(monkeypatch) -> None:
+    """The default search evaluates a step's candidates at once, from the routing to top-3 among the kept experts:
+    the router is called per candidate at the first step alone (to check the batched routings), then twice a step
+    (the top-3 routing and the check of the removal chosen); its kept sets are the local search's and the backward
+    elimination written out here, for Mixtral (softmax renormalised) and for Qwen3-MoE with and without
+    renormalisation (the ``rescale`` and ``keep`` rules; Qwen3-MoE without it re-routes every token: not batched)."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    routed = counting_router_calls(monkeypatch)
+    model, batches = mixtral(), data()
+    _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer", reweight=False)
+    n_tokens = max(n for n, _ in routed)
+    steps, first = 5, 8  # 8 -> 3 experts; the first step's 8 candidates routed one by one
+    assert sum(1 for _, k in routed if k == 3) == steps * len(report.units)
+    per_candidate = [n for n, k in routed if k is None and n < n_tokens]
+    assert len(per_candidate) <= first * len(report.units)
+    for u, blk, x in zip(report.units, moe_blocks(model), mlp_inputs(model, batches), strict=True):
+        target = mixture(x, blk.module.mlp, range(8))
+        assert u.kept == sorted(backward_elimination(x, target, blk.module.mlp, 3)[0])
+    for norm in (True, False):
+        model = build_moe("qwen3_moe", norm_topk_prob=norm, **EIGHT)
+        got = {}
+        for search in ("batched", "local", "full"):
+            monkeypatch.setattr(experts_mod, "SEARCH", search)
+            routed.clear()
+            _, report = prune_transformer(model, batches, keep=0.375, target="experts", method="layer",
+                                          reweight=False)
+            got[search] = [(u.kept, u.relative_error) for u in report.units]
+            if search == "batched":
+                calls = list(routed)
+        for search in ("local", "full"):  # the same kept sets; errors up to float32 rounding (the experts' outputs
+            # are computed in float32 on batches of tokens that differ between the searches)
+            assert [kept for kept, _ in got[search]] == [kept for kept, _ in got["batched"]]
+            assert [e for _, e in got[search]] == pytest.approx([e for _, e in got["batched"]], rel=1e-6)
+        n_tokens = max(n for n, _ in calls)
+        per_candidate = [n for n, k in calls if k is None and n < n_tokens]
+        if norm:  # per candidate at the first step alone
+            assert len(per_candidate) <= first * len(report.units)
+        else:  # the first step's check fails: every token for every candidate (after that step's local search)
+            assert sum(1 for n, k in calls if k is None and n == n_tokens) >= sum(range(4, 9)) * len(report.units)
 
 
 def test_a_router_that_reroutes_every_token_is_searched_on_every_token(monkeypatch) -> None:
@@ -629,3 +679,105 @@ def test_experts_then_their_neurons_prune_save_and_reload(tmp_path) -> None:
     assert [(w["experts"], w["intermediate_size"]) for w in report.spec["blocks"]] == [(4, 12), (4, 12)]
     assert [(u.expert, u.n_units, u.n_kept) for u in report.units] == [(e, 24, 12) for e in range(4)] * 2
     assert_reloads_and_generates(smaller, tmp_path / "m")
+
+
+class ToyRouter(nn.Module):
+    """A router written here: scores of the experts' rows (softmax, or sigmoid), the top ``top_k`` of them, then
+    renormalised over the token's experts or not, times ``scale``; returns (scores, weights, experts)."""
+
+    def __init__(self, n: int, h: int, top_k: int, kind: str, renormalise: bool, scale: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, h, generator=torch.Generator().manual_seed(n),
+                                               dtype=torch.float64), requires_grad=False)
+        self.top_k, self.num_experts, self.kind, self.renormalise, self.scale = top_k, n, kind, renormalise, scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = x @ self.weight.T
+        p = logits.softmax(-1) if self.kind == "softmax" else logits.sigmoid()
+        w, idx = p.topk(self.top_k, dim=-1)
+        if self.renormalise:
+            w = w / w.sum(-1, keepdim=True)
+        return logits, w * self.scale, idx
+
+
+def toy_errors(router: nn.Module, n_tokens: int = 200, h: int = 6) -> experts_mod.RoutedError:
+    """The routed error of ``router``'s experts, each a fixed random linear map (``tanh`` first), on random tokens,
+    against a random target (float64 throughout)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n_tokens, h, generator=g, dtype=torch.float64)
+    maps = torch.randn(router.num_experts, h, h, generator=g, dtype=torch.float64)
+    blk = types.SimpleNamespace(n_experts=router.num_experts, expert_hidden=lambda e, rows: rows.tanh(),
+                                expert_out=lambda e, hid: hid @ maps[e])
+    target = torch.randn(n_tokens, h, generator=g, dtype=torch.float64)
+    route = experts_mod.RestrictedRouter(router, router.num_experts, (x,), {})
+    return experts_mod.RoutedError(route, experts_mod.ExpertOutputs(blk, x), target)
+
+
+@pytest.mark.parametrize(("kind", "renormalise", "scale", "rule"), [
+    ("softmax", True, 1.0, "rescale"), ("softmax", True, 2.5, "rescale"), ("sigmoid", True, 1.0, "rescale"),
+    ("sigmoid", False, 2.5, "keep")])
+def test_every_candidate_removals_error_at_once_equals_routing_each_one(kind: str, renormalise: bool, scale: float,
+                                                                         rule: str) -> None:
+    """A router that ranks the experts by their own scores (top-3 of 12): the batched search's change of error for
+    each candidate removal, from the routing to top-4 alone, equals the router called on the kept experts but
+    that one (every token), at several kept sets; the weights' rule is the one the router's definition implies
+    (renormalised, times a constant: rescale; sigmoid scores as they are: keep)."""
+    errors = toy_errors(ToyRouter(12, 6, 3, kind, renormalise, scale))
+    kept = list(range(12))
+    for drop in (None, 4, 9, 0):
+        if drop is not None:
+            kept.remove(drop)
+        keep = torch.as_tensor(kept)
+        state = errors.state(keep)
+        ext = errors.extended(state, keep)
+        assert ext is not None and ext[2] == rule
+        deltas = errors.removal_deltas(state, ext)
+        for j in kept:
+            want = float(errors.state(torch.as_tensor([e for e in kept if e != j]))[2].sum() - state[2].sum())
+            assert float(deltas[j]) == pytest.approx(want, rel=1e-9, abs=1e-12 * float(state[2].sum()))
+
+
+def test_a_router_whose_weights_depend_on_every_kept_expert_is_not_batched(monkeypatch) -> None:
+    """Softmax over the kept experts without renormalisation: removing an expert changes every token's weights,
+    which the batched search's first-step check sees; the search then routes every token for every candidate,
+    and keeps what the full search keeps; without a top-k attribute the batched search is not tried at all."""
+    monkeypatch.setattr(experts_mod, "SEARCH", "batched")
+    calls = counting_router_calls(monkeypatch)
+    errors = toy_errors(ToyRouter(10, 6, 2, "softmax", renormalise=False))
+    full = errors.state(torch.arange(10))
+    path = experts_mod.elimination_path(errors, full, 10, 4)
+    assert sum(1 for n, k in calls if k is None and n == 200) >= sum(range(5, 10))  # full from the second step
+    monkeypatch.setattr(experts_mod, "SEARCH", "full")
+    want = experts_mod.elimination_path(errors, full, 10, 4)
+    assert [list(k) for k, _ in path] == [list(k) for k, _ in want]
+    router = ToyRouter(10, 6, 2, "softmax", renormalise=True)
+    router.k_best = router.__dict__.pop("top_k")
+    monkeypatch.setattr(ToyRouter, "forward", lambda self, x: (x, *(x @ self.weight.T).softmax(-1).topk(
+        self.k_best, dim=-1)))
+    errors = toy_errors(router)
+    assert errors.extended(errors.state(torch.arange(10)), torch.arange(10)) is None
+
+
+@pytest.mark.filterwarnings("ignore:.*layers of the model's stacks of blocks are not recognised:UserWarning")
+@pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
+def test_every_family_batched_search_keeps_what_routing_every_token_keeps(monkeypatch, name: str) -> None:
+    """Every family, backward elimination to half of the experts: the default search keeps the experts that
+    routing every token for every candidate keeps, with the same error (float32 rounding of the experts' outputs
+    apart); where the router renormalises each token's top-k (Mixtral, GPT-OSS's softmax of its top-k, DeepSeek-V3
+    and ERNIE 4.5 with norm_topk_prob) its steps are batched."""
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
+    batched = []
+    deltas = experts_mod.RoutedError.removal_deltas
+    monkeypatch.setattr(experts_mod.RoutedError, "removal_deltas",
+                        lambda self, *a: batched.append(1) or deltas(self, *a))
+    model = OTHERS[name]() if name in OTHERS else build_moe(name, **EIGHT)
+    got = {}
+    for search in ("batched", "full"):
+        monkeypatch.setattr(experts_mod, "SEARCH", search)
+        _, report = prune_transformer(model, data(), keep=0.5, target="experts", method="layer", reweight=False)
+        got[search] = [(u.kept, u.relative_error) for u in report.units]
+    assert [k for k, _ in got["batched"]] == [k for k, _ in got["full"]]
+    assert [e for _, e in got["batched"]] == pytest.approx([e for _, e in got["full"]], rel=1e-6)
+    n = moe_blocks(model)[0].n_experts
+    if name in ("mixtral", "gpt_oss", "deepseek_v3", "ernie4_5_moe"):
+        assert len(batched) == (n - n // 2) * len(report.units)
