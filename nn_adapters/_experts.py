@@ -83,6 +83,24 @@ def drop_experts(module: nn.Module, n_experts: int, keep: torch.Tensor, recurse:
                 setattr(sub, name, len(keep))
 
 
+def sync_expert_count(model: nn.Module, mixtures: list[nn.Module], before: int, after: int) -> list[str]:
+    """Outside the modules ``mixtures`` (whose own counts :func:`drop_experts` set), set every integer attribute of
+    ``model``'s modules that counts the experts (``"expert"`` in its name, not a top-k or a shared or grouped
+    count) and equals ``before`` to ``after``: the ``num_experts`` of a Hugging Face ``...ForCausalLM``, which its
+    load-balancing loss (``output_router_logits=True``) reads. Returns the attributes set (``"path.name"``)."""
+    inside = {id(m) for mix in mixtures for m in mix.modules()}
+    done = []
+    for path, sub in model.named_modules():
+        if id(sub) in inside:
+            continue
+        for name, value in list(vars(sub).items()):
+            if type(value) is int and value == before and "expert" in name and not any(
+                    w in name for w in ("per_tok", "top", "shared", "group")):
+                setattr(sub, name, after)
+                done.append(f"{path}.{name}" if path else name)
+    return done
+
+
 def routing_of(out: Any, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(weights, experts)`` of a router's output: the tuple's integer tensor ``(n_tokens, k)`` and the
     floating tensor of the same shape (the last one); ``None`` if the output has no such pair."""
@@ -131,12 +149,14 @@ def drop_column(w: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rule: str
 
 class ExpertOutputs:
     """The outputs ``y_e(x_t)`` of the experts of ``blk`` on the token rows ``x``, computed on demand for the
-    (token, expert) pairs asked for and cached (float64)."""
+    (token, expert) pairs asked for and cached in the dtype the experts compute them in (no rounding: float32 for a
+    float32 model, half the memory of float64; read as float64)."""
 
     def __init__(self, blk: Any, x: torch.Tensor) -> None:
         self.blk, self.x = blk, x
         self.slot = torch.full((x.shape[0], blk.n_experts), -1, dtype=torch.long, device=x.device)
-        self.buf = torch.empty(0, x.shape[1], dtype=torch.float64, device=x.device)
+        self.buf = torch.empty(0, x.shape[1], dtype=x.dtype if x.is_floating_point() else torch.float64,
+                               device=x.device)
         self.n = 0
 
     def gather(self, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,18 +173,20 @@ class ExpertOutputs:
             tok, e = pairs % n_tok, pairs // n_tok
             need = self.n + tok.numel()
             if need > self.buf.shape[0]:
-                grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.x.shape[1], dtype=torch.float64,
+                grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.x.shape[1], dtype=self.buf.dtype,
                                     device=self.x.device)
                 grown[:self.n] = self.buf[:self.n]
                 self.buf = grown
             for ex in torch.unique(e).tolist():
                 t = tok[e == ex]
-                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.x[t]))
-                self.buf[self.n:self.n + t.numel()] = y.detach().double()
+                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.x[t])).detach()
+                if torch.promote_types(y.dtype, self.buf.dtype) != self.buf.dtype:  # wider than the buffer
+                    self.buf = self.buf.to(torch.promote_types(y.dtype, self.buf.dtype))
+                self.buf[self.n:self.n + t.numel()] = y
                 self.slot[t, ex] = torch.arange(self.n, self.n + t.numel(), device=t.device)
                 self.n += t.numel()
         pos = self.slot[rows, idx]
-        return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1)
+        return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1).double()
 
     def mixture(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``(m, H)``: the routed sum ``sum_j w_j y_{idx_j}`` on the token rows ``tokens`` (all by default;
@@ -223,10 +245,10 @@ class PairProducts:
         buf = self.outs.buf
         for c in range(0, tok.numel(), self.CHUNK):
             t, s = tok[c:c + self.CHUNK], slot[c:c + self.CHUNK]
-            y = buf[self.rows[t, s]]  # (c, H)
+            y = buf[self.rows[t, s]].double()  # (c, H)
             self.a[t, s] = (self.target[t] * y).sum(1)
             rows = self.rows[t]  # (c, slots): every expert of the token so far, -1 for none
-            prod = torch.einsum("ch,csh->cs", y, buf[rows.clamp_min(0)]) * (rows >= 0)
+            prod = torch.einsum("ch,csh->cs", y, buf[rows.clamp_min(0)].double()) * (rows >= 0)
             self.g[t, s] = prod
             self.g[t, :, s] = prod
 

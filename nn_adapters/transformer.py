@@ -71,7 +71,7 @@ from submod._validation import rng_from_seed
 
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
-from ._experts import ExpertOutputs, RestrictedRouter, RoutedError, search_kept, sorted_routing
+from ._experts import ExpertOutputs, RestrictedRouter, RoutedError, search_kept, sorted_routing, sync_expert_count
 from ._experts import error_curve as expert_error_curve
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
@@ -1319,6 +1319,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
 
     work = working_copy(model)
     blocks = find_blocks(work)
+    experts_before = {b.n_experts for b in blocks if b.moe}
     if not blocks:
         raise ValueError("no transformer block found: supported are Hugging Face encoder layers (BERT-style BertLayer "
                          "and look-alikes such as RoBERTa, ELECTRA, MiniLM; ALBERT; DeBERTa v1-v3, Longformer, FNet, "
@@ -1506,6 +1507,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         for blk in crossable:
             blk.cross.unprepare_heads()
         disable_nested_fast_path(work, like=model)
+    if "experts" in stages:
+        _sync_expert_counts(work, experts_before)
     copy_modes(model, work)  # the caller's train/eval mode, module by module
     report.params_after = _n_params(work)
     report.block_forwards = counter[0]
@@ -2978,6 +2981,18 @@ def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bi
     return kept, fit, time.perf_counter() - t0
 
 
+def _sync_expert_counts(model: nn.Module, before: set[int]) -> None:
+    """Where every mixture of ``model`` had ``before`` experts and now has the same smaller number, the model's
+    own count of experts outside the mixtures follows (:func:`~nn_adapters._experts.sync_expert_count`: what the
+    load-balancing loss of training with ``output_router_logits=True`` reads). Mixtures left with different numbers
+    (``allocation="error-curve"``) leave it as it was: that loss concatenates the layers' router logits, which then
+    have different widths, so it cannot be computed."""
+    moe = [b for b in find_blocks(model) if b.moe]
+    after = {b.n_experts for b in moe}
+    if len(before) == 1 and len(after) == 1 and after != before:
+        sync_expert_count(model, [b.module for b in moe], next(iter(before)), next(iter(after)))
+
+
 def _n_params(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
@@ -3049,10 +3064,12 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
         problem = b.extra_sizes_problem(w)
         if problem is not None:
             raise ValueError(f"block {b.name}: {problem}: {origin}")
+    experts_before = {b.n_experts for b in blocks if b.moe}
     with torch.no_grad():
         for b, w in zip(blocks, wanted, strict=True):
             b.set_sizes(int(w["intermediate_size"]), int(w["num_heads"]))
             b.set_extra_sizes(w)
+    _sync_expert_counts(model, experts_before)
     disable_nested_fast_path(model)
     return model
 

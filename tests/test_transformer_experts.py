@@ -668,6 +668,11 @@ def test_the_pair_products_give_every_routings_squared_error() -> None:
         want = (target[tokens] - outs.mixture(w, idx, tokens)).square().sum(1)
         torch.testing.assert_close(products.squared_errors(w, idx, tokens), want, rtol=1e-9, atol=1e-9)
     assert products.rows.shape[1] > 8 and int(products.count.max()) > 8
+    # the experts' outputs are held as the experts compute them (float32 here), read as float64
+    assert outs.buf.dtype == torch.float32
+    idx = torch.tensor([[0, 5, 15]] * 30)
+    want = torch.stack([blk.expert_out(e, blk.expert_hidden(e, x)).detach().double() for e in (0, 5, 15)], 1)
+    torch.testing.assert_close(outs.gather(idx), want, rtol=1e-6, atol=1e-6)
 
 
 def test_experts_then_their_neurons_prune_save_and_reload(tmp_path) -> None:
@@ -781,3 +786,46 @@ def test_every_family_batched_search_keeps_what_routing_every_token_keeps(monkey
     n = moe_blocks(model)[0].n_experts
     if name in ("mixtral", "gpt_oss", "deepseek_v3", "ernie4_5_moe"):
         assert len(batched) == (n - n // 2) * len(report.units)
+
+
+def switch_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> float:
+    """The load-balancing loss of the Switch Transformer (Fedus et al., 2022), as Mixtral's model card trains with
+    it, written out: over the tokens of every layer, ``E * sum_e P_e * n_e / N``, ``P_e`` the mean softmax
+    probability of expert ``e``, ``n_e`` the tokens whose top-k includes it, ``E`` the router's width."""
+    logits = torch.cat([r.detach().reshape(-1, r.shape[-1]) for r in router_logits]).double().numpy()
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+    n_e = np.bincount(top.reshape(-1), minlength=p.shape[1])
+    return float(p.shape[1] * (p.mean(0) * n_e / p.shape[0]).sum())
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "olmoe", "jamba", "gpt_oss"])
+def test_the_pruned_model_trains_with_its_load_balancing_loss(tmp_path, name: str) -> None:
+    """Training with ``output_router_logits=True`` after whole-expert pruning: the loss counts the kept experts
+    (the Switch loss over the pruned routers' logits, written out here, as the unpruned model's is over all of
+    them), before and after a save and reload; mixtures left with different numbers of experts leave the model's
+    count as it was (that loss concatenates the layers' logits and cannot be computed)."""
+    from nn_adapters.transformer import load_pruned, save_pruned
+
+    model = gpt_oss(lm=True) if name == "gpt_oss" else build_moe(name, lm=True, **EIGHT)
+    n = moe_blocks(model)[0].n_experts
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    top_k = int(model.config.num_experts_per_tok)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert float(out.aux_loss) == pytest.approx(switch_balance_loss(out.router_logits, top_k), rel=1e-5)
+    pruned, _ = prune_transformer(model, data(), keep=0.5, target="experts")
+    save_pruned(pruned, tmp_path / "m")
+    for m in (pruned, load_pruned(tmp_path / "m")):
+        m.train()
+        out = m(input_ids=ids, labels=ids, output_router_logits=True)
+        assert all(r.shape[-1] == n // 2 for r in out.router_logits)
+        assert float(out.aux_loss.detach()) == pytest.approx(switch_balance_loss(out.router_logits, top_k), rel=1e-5)
+        out.loss.backward()  # a training step's gradients
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad and p.dim() == 3)
+    assert model.num_experts == n  # the input model is untouched
+    if name == "mixtral":
+        uneven = {moe_blocks(model)[0].name: 0.25, moe_blocks(model)[1].name: 0.5}
+        pruned, _ = prune_transformer(model, data(), keep=uneven, target="experts")
+        assert [b.n_experts for b in moe_blocks(pruned)] == [2, 4] and pruned.num_experts == n
