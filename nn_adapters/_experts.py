@@ -103,16 +103,40 @@ def sync_expert_count(model: nn.Module, mixtures: list[nn.Module], before: int, 
 
 def routing_of(out: Any, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``(weights, experts)`` of a router's output: the tuple's integer tensor ``(n_tokens, k)`` and the
-    floating tensor of the same shape (the last one); ``None`` if the output has no such pair."""
+    floating tensor of the same shape (the last one); else, from a router that returns dense scores (Llama 4: a
+    ``(n_tokens, E)`` tensor, its first such, positive on each token's ``k`` experts and zero elsewhere), those
+    experts and scores (:func:`compact_routing`); ``None`` if the output has neither."""
     if not isinstance(out, (tuple, list)):
         return None
     ints = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
             and t.shape[0] == n_tokens and t.dtype != torch.bool]
+    if not ints:
+        dense = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
+                 and t.shape[0] == n_tokens]
+        if not dense or bool((dense[0] < 0).any()):
+            return None
+        scores = dense[0]
+        experts = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+        return compact_routing(scores, torch.where(scores > 0, experts, torch.full_like(experts, -1)))
     if len(ints) != 1:
         return None
     idx = ints[0]
     floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == idx.shape]
     return (floats[-1], idx) if floats else None
+
+
+def compact_routing(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A routing recorded densely, ``(n_tokens, E)`` with expert ``-1`` (Llama 4's records: every expert, the
+    unrouted ones marked), as ``(weights, experts)`` ``(n_tokens, k)`` of the routed ones, in increasing expert
+    order; the routing as it is if no expert is marked; ``None`` if the tokens have different numbers of experts."""
+    routed = idx >= 0
+    if bool(routed.all()):
+        return w, idx
+    k = routed.sum(1)
+    if idx.shape[0] and bool((k != k[0]).any()):
+        return None
+    cols = torch.argsort((~routed).to(torch.int8), dim=1, stable=True)[:, :int(k[0]) if idx.shape[0] else 0]
+    return w.gather(1, cols), idx.gather(1, cols)
 
 
 def sorted_routing(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,10 +174,15 @@ def drop_column(w: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rule: str
 class ExpertOutputs:
     """The outputs ``y_e(x_t)`` of the experts of ``blk`` on the token rows ``x``, computed on demand for the
     (token, expert) pairs asked for and cached in the dtype the experts compute them in (no rounding: float32 for a
-    float32 model, half the memory of float64; read as float64)."""
+    float32 model, half the memory of float64; read as float64).
 
-    def __init__(self, blk: Any, x: torch.Tensor) -> None:
-        self.blk, self.x = blk, x
+    With ``scale`` (``(n_tokens, E)``: a router whose score multiplies the expert's input, Llama 4's), the output of
+    a pair is ``y_e(s_te x_t)``, ``s_te`` the score the router gives expert ``e`` on token ``t`` when it routes the
+    token there (the same whichever other experts it routes to, or are kept); a routed sum then adds the outputs
+    with weight 1 (:meth:`out_weights`)."""
+
+    def __init__(self, blk: Any, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        self.blk, self.x, self.scale = blk, x, scale
         self.slot = torch.full((x.shape[0], blk.n_experts), -1, dtype=torch.long, device=x.device)
         self.buf = torch.empty(0, x.shape[1], dtype=x.dtype if x.is_floating_point() else torch.float64,
                                device=x.device)
@@ -179,7 +208,8 @@ class ExpertOutputs:
                 self.buf = grown
             for ex in torch.unique(e).tolist():
                 t = tok[e == ex]
-                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.x[t])).detach()
+                x_t = self.x[t] if self.scale is None else self.x[t] * self.scale[t, ex].to(self.x.dtype).unsqueeze(1)
+                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, x_t)).detach()
                 if torch.promote_types(y.dtype, self.buf.dtype) != self.buf.dtype:  # wider than the buffer
                     self.buf = self.buf.to(torch.promote_types(y.dtype, self.buf.dtype))
                 self.buf[self.n:self.n + t.numel()] = y
@@ -188,10 +218,15 @@ class ExpertOutputs:
         pos = self.slot[rows, idx]
         return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1).double()
 
+    def out_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """The weights of the experts' outputs in a routed sum of routing weights ``w``: ``w``, or ones where the
+        routing weights scale the experts' inputs (``scale``)."""
+        return w if self.scale is None else torch.ones_like(w)
+
     def mixture(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``(m, H)``: the routed sum ``sum_j w_j y_{idx_j}`` on the token rows ``tokens`` (all by default;
-        float64)."""
-        return torch.bmm(w.double().unsqueeze(1), self.gather(idx, tokens)).squeeze(1)
+        float64; the weights :meth:`out_weights`)."""
+        return torch.bmm(self.out_weights(w).double().unsqueeze(1), self.gather(idx, tokens)).squeeze(1)
 
 
 class PairProducts:
@@ -273,7 +308,11 @@ class RoutedError:
 
     def __init__(self, route: RestrictedRouter, outs: ExpertOutputs, target: torch.Tensor) -> None:
         self.route, self.outs, self.target = route, outs, target
-        self._sq = PairProducts(outs, target).squared_errors
+        self._products = PairProducts(outs, target).squared_errors
+
+    def _sq(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The squared errors of the routing ``(w, idx)`` on the token rows ``tokens``."""
+        return self._products(self.outs.out_weights(w), idx, tokens)
 
     def state(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weights, experts, per-token squared errors)`` of the kept set ``keep``."""

@@ -2359,7 +2359,7 @@ class _HFMoEBlock(_HFLlamaBlock):
             ex.intermediate_dim = int(keep.shape[1])
 
     #: Whether whole experts can be removed (``target="experts"``): their parameters all have the experts first
-    #: (DBRX's do not), and the routing weights multiply the experts' outputs (not Llama 4's inputs).
+    #: (DBRX's do not).
     experts_droppable = True
 
     #: Where the router may live (the first module found): the mixture module's ``gate`` or ``router``.
@@ -2620,7 +2620,6 @@ class _HFLlama4MoEBlock(_TransposedExperts, _HFMoEBlock):
     SHARED_GATE = None
     PLAIN = _HFLlamaBlock.PLAIN | {"qk_norm"}
     scores_on_input = True
-    experts_droppable = False
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:

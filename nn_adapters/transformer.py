@@ -71,7 +71,15 @@ from submod._validation import rng_from_seed
 
 from ._data import FoldDealer, _from_numpy, float_dtype
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
-from ._experts import ExpertOutputs, RestrictedRouter, RoutedError, search_kept, sorted_routing, sync_expert_count
+from ._experts import (
+    ExpertOutputs,
+    RestrictedRouter,
+    RoutedError,
+    compact_routing,
+    search_kept,
+    sorted_routing,
+    sync_expert_count,
+)
 from ._experts import error_curve as expert_error_curve
 from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
@@ -1356,9 +1364,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         for blk in blocks:
             if blk.moe and not blk.experts_droppable:
                 raise ValueError(f"block {blk.name!r} ({blk.kind}): whole experts of this mixture cannot be removed "
-                                 "(its experts' parameters are not stored expert by expert, or its routing scores "
-                                 "scale the experts' inputs); prune the neurons of every expert instead "
-                                 "(target='ffn').")
+                                 "(its experts' parameters are not stored expert by expert); prune the neurons of "
+                                 "every expert instead (target='ffn').")
             if blk.moe:
                 blk.prepare_ffn()  # the experts' layout, which their outputs are computed from
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
@@ -1663,7 +1670,7 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
         if len(dense) < len(stages):  # whole experts: the least routed error of each number of experts kept
             calls = side["experts"]
             _check_experts_sum(oblk, calls[0])
-            top_k = int(calls[0]["idx"].shape[1])
+            top_k = int(_routing_rows(oblk, calls, cache)[1].shape[1])
             errors = _routed_error(oblk, oblk, "layer", calls, calls, cache)
             curves.setdefault("experts", []).append((i, expert_error_curve(errors, oblk.n_experts, top_k), top_k))
         xo = xo_next
@@ -2801,7 +2808,7 @@ def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[st
         w, idx = route(torch.arange(blk.n_experts))
     except ValueError:
         w = idx = None
-    want_w, want_idx = sorted_routing(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
+    want_w, want_idx = sorted_routing(*_routing_rows(blk, calls, cache))
     if idx is not None:
         w, idx = sorted_routing(w, idx)
     if idx is None or idx.shape != want_idx.shape or not torch.equal(idx.to(want_idx.device), want_idx) or not (
@@ -2811,18 +2818,59 @@ def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[st
     return route
 
 
+def _routing_rows(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[str, Any]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing ``(weights, experts)`` ``(n, k)`` of the real tokens of a mixture's records (Llama 4's, recorded
+    over every expert, compacted to the routed ones)."""
+    got = compact_routing(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
+    if got is None:
+        raise ValueError(f"block {blk.name!r}: its router sends the tokens to different numbers of experts, which "
+                         "whole-expert pruning does not model; prune the neurons of every expert instead "
+                         "(target='ffn').")
+    return got
+
+
+def _expert_outputs(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[str, Any]],
+                    route: RestrictedRouter) -> ExpertOutputs:
+    """The experts' outputs of ``blk`` on the real tokens of ``calls``. Where the routing scores scale the experts'
+    inputs (Llama 4), the score of every expert on every token, read from ``route`` routing each token to every
+    expert, is what scales a pair's input; refused unless it gives the recorded routing's scores (a router whose
+    score of an expert depends on the others it picks)."""
+    x = _real_rows(calls, cache, "x")
+    if not blk.scores_on_input:
+        return ExpertOutputs(blk, x)
+    w, idx = _routing_rows(blk, calls, cache)
+    every = torch.arange(blk.n_experts)
+    try:
+        w_all, idx_all = route(every, top_k=(idx.shape[1], blk.n_experts))
+    except ValueError:
+        w_all = idx_all = None
+    scale = None
+    if idx_all is not None and idx_all.shape == (x.shape[0], blk.n_experts):
+        scale = torch.zeros(idx_all.shape, dtype=w_all.dtype, device=x.device)
+        scale.scatter_(1, idx_all.to(x.device), w_all.to(x.device))
+    if scale is None or not torch.allclose(scale.gather(1, idx.to(x.device)).double(), w.double().to(x.device),
+                                           rtol=1e-5, atol=1e-6):
+        raise ValueError(f"block {blk.name!r}: its router's score of an expert, which scales the expert's input, "
+                         "could not be read for every expert on every token (no top-k attribute, or a score that "
+                         "depends on the other experts picked); prune the neurons of every expert instead "
+                         "(target='ffn').")
+    return ExpertOutputs(blk, x, scale)
+
+
 def _routed_error(blk: _Block, oblk: _Block, mode: str, calls: list[dict[str, Any]],
                   orig_calls: list[dict[str, Any] | None], cache: list[dict[str, Any]]) -> RoutedError:
     """The routed error of kept sets of the experts of ``blk`` on the real tokens of ``calls`` (the records of the
     network of ``mode``), against the target of ``mode``: the original mixture's routed output on the original
     network's tokens (``orig_calls``) in ``asym`` mode, the unpruned mixture's on the same tokens otherwise."""
-    outs = ExpertOutputs(blk, _real_rows(calls, cache, "x"))
+    route = _expert_router(blk, calls, cache)
+    outs = _expert_outputs(blk, calls, cache, route)
     if mode == "asym":  # the original mixture's routed output on the original network's tokens
-        target = ExpertOutputs(oblk, _real_rows(orig_calls, cache, "x")).mixture(
-            _real_rows(orig_calls, cache, "w"), _real_rows(orig_calls, cache, "idx"))
+        orig = _expert_outputs(oblk, orig_calls, cache, _expert_router(oblk, orig_calls, cache))
+        target = orig.mixture(*_routing_rows(oblk, orig_calls, cache))
     else:
-        target = outs.mixture(_real_rows(calls, cache, "w"), _real_rows(calls, cache, "idx"))
-    return RoutedError(_expert_router(blk, calls, cache), outs, target)
+        target = outs.mixture(*_routing_rows(blk, calls, cache))
+    return RoutedError(route, outs, target)
 
 
 def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: bool, ridge: _Ridge, k: int,
@@ -2847,7 +2895,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
             calls.append(cap.take(outputs=False))
     errors = _routed_error(blk, oblk, mode, calls, orig_calls, cache)
     route, outs, target = errors.route, errors.outs, errors.target
-    top_k = int(calls[0]["idx"].shape[1])
+    top_k = int(_routing_rows(blk, calls, cache)[1].shape[1])
     if k < top_k:
         raise ValueError(f"block {blk.name!r}: keep leaves {k} of its {n_exp} experts, fewer than the {top_k} each "
                          f"token is routed to: pass keep >= {top_k / n_exp:.4g}")
@@ -2863,8 +2911,8 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         if method == "magnitude":
             score = np.array([float(blk.expert_magnitude(e).sum()) for e in range(n_exp)])
         elif method == "wanda":
-            idx, w = _real_rows(calls, cache, "idx"), _real_rows(calls, cache, "w")
-            mass = (outs.gather(idx).norm(dim=2) * w.double()).reshape(-1)
+            w, idx = _routing_rows(blk, calls, cache)
+            mass = (outs.gather(idx).norm(dim=2) * outs.out_weights(w).double()).reshape(-1)
             score = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(), mass.cpu()).numpy()
         else:
             score = rng.permutation(n_exp).astype(float)
@@ -2876,7 +2924,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
     if reweight:
         folds = torch.cat([c["fold"] for c in cache])
         down, routed = _refit_experts(blk, keep, outs.x, w_k, torch.searchsorted(keep.to(idx_k.device), idx_k),
-                                      target, folds, ridge)
+                                      target, folds, ridge, outs.scale)
         err = float((target - routed).square().sum())
     blk.drop_experts(keep)
     if reweight:
@@ -2903,7 +2951,7 @@ EXPERT_REFIT_PASSES = 2
 
 
 def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
-                   target: torch.Tensor, folds: torch.Tensor, ridge: _Ridge
+                   target: torch.Tensor, folds: torch.Tensor, ridge: _Ridge, scale: torch.Tensor | None = None
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """Refit the down projections (and biases) of the experts ``keep`` of ``blk`` so that the mixture's routed
     output on the token rows ``x`` (routed to the kept experts' positions ``pos`` in ``keep``, with weights ``w``)
@@ -2915,8 +2963,17 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
     is the weighted ridge fit, on the tokens routed to it, of ``(T_t - others_t) / w_te`` (rows weighted by
     ``w_te^2``), where ``others_t`` is what the token's other experts add with their current weights: each step
     minimises the joint squared error over that expert's weights (with the ridge of :meth:`_Problem.refit`: ``"cv"``
-    over the calibration sentences, toward the trained weights with ``refit_prior="original"``)."""
+    over the calibration sentences, toward the trained weights with ``refit_prior="original"``). With ``scale``
+    (``(n, E)``, Llama 4: :class:`~nn_adapters._experts.ExpertOutputs`), expert ``e`` reads ``scale_te x_t`` and
+    its output is added with weight 1."""
     ids, units = keep.tolist(), blk.ffn_units
+    if scale is not None:
+        w = torch.ones_like(w)
+
+    def hidden(e: int, tok: torch.Tensor) -> torch.Tensor:
+        rows = x[tok] if scale is None else x[tok] * scale[tok, ids[e]].to(x.dtype).unsqueeze(1)
+        return blk.expert_hidden(ids[e], rows)
+
     weight = [blk.expert_down_weight(e).detach().double().T.cpu().numpy() for e in ids]  # (I, H)
     bias = [None if not blk.experts_bias else blk.expert_down_bias(e).detach().double().cpu().numpy() for e in ids]
     prior = [m.copy() for m in weight] if ridge.prior else None
@@ -2926,7 +2983,7 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
     contrib = torch.zeros(*pos.shape, x.shape[1], dtype=torch.float64, device=x.device)
 
     def out(e: int, tok: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        y = blk.expert_hidden(ids[e], x[tok]).double() @ torch.as_tensor(weight[e], device=x.device)
+        y = hidden(e, tok).double() @ torch.as_tensor(weight[e], device=x.device)
         if bias[e] is not None:
             y = y + torch.as_tensor(bias[e], device=x.device)
         return y * w[tok, slot].double().unsqueeze(1)
@@ -2941,7 +2998,7 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
             we = w[tok, slot].double()
             rest = target[tok] - total[tok] + contrib[tok, slot]
             stats = _Stats(units, x.shape[1], None, CV_FOLDS, device)
-            stats.update(blk.expert_hidden(ids[e], x[tok]), rest / we.unsqueeze(1), we.square(), folds[tok.cpu()])
+            stats.update(hidden(e, tok), rest / we.unsqueeze(1), we.square(), folds[tok.cpu()])
             fit = stats.refit(np.arange(units), ridge.value, None if prior is None else prior[e], blk.experts_bias)
             weight[e], bias[e] = fit[0], fit[1]
             new = out(e, tok, slot)

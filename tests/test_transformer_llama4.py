@@ -11,6 +11,7 @@ each expert (read with hooks); the saved and reloaded model's outputs; greedy ge
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -34,13 +35,13 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, DENSE, EXPERTS, VOCAB = 16, 4, 2, 4, 2
 GROUP = HEADS // KV_HEADS
 
 
-def build(lm: bool = False) -> nn.Module:
+def build(lm: bool = False, experts: int = EXPERTS, top_k: int = 1) -> nn.Module:
     if int(transformers.__version__.split(".")[0]) < 5 or not hasattr(transformers, "Llama4TextConfig"):
         pytest.skip(f"transformers {transformers.__version__}: Llama 4 experts of another layout")
     cfg = transformers.Llama4TextConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, intermediate_size_mlp=DENSE,
         num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        num_local_experts=EXPERTS, num_experts_per_tok=1, interleave_moe_layer_step=2, max_position_embeddings=32,
+        num_local_experts=experts, num_experts_per_tok=top_k, interleave_moe_layer_step=2, max_position_embeddings=32,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_chunk_size=16)
     torch.manual_seed(0)
     model = (transformers.Llama4ForCausalLM if lm else transformers.Llama4TextModel)(cfg).eval()
@@ -143,3 +144,86 @@ def test_save_reload_and_generation(tmp_path) -> None:
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="all")
     assert_reloads_and_generates(pruned, tmp_path / "m")
     assert report.spec["blocks"][1]["shared_intermediate_size"] == INTER // 2  # the shared expert: INTER wide
+
+
+def llama4_mixture(x: np.ndarray, ff: nn.Module, keep: list[int] | tuple[int, ...], top_k: int) -> np.ndarray:
+    """Llama 4's routed sum restricted to the experts ``keep``, written out in float64: the router's logits of the
+    kept experts, each token's top ``top_k``, their sigmoid scores multiplying the token before the expert's
+    ``down(silu(gate x) * up x)`` (experts stored transposed), the outputs added as they are."""
+    keep = np.asarray(keep)
+    logits = x @ ff.router.weight.detach().double().numpy()[keep].T
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    out = np.zeros_like(x)
+    gu, dn = ff.experts.gate_up_proj.detach().double().numpy(), ff.experts.down_proj.detach().double().numpy()
+    for t in range(x.shape[0]):
+        for j in top[t]:
+            e = keep[j]
+            z = (x[t] / (1.0 + np.exp(-logits[t, j]))) @ gu[e]
+            h = F.silu(torch.from_numpy(z[:INTER])).numpy() * z[INTER:]
+            out[t] += h @ dn[e]
+    return out
+
+
+def moe_inputs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
+    """The real tokens' rows of the mixture layer's input (float64)."""
+    seen: list[torch.Tensor] = []
+    hook = model.layers[1].feed_forward.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, HIDDEN)))
+    run_hooked([model], batches, [hook])
+    return torch.cat([x[b["attention_mask"].bool().reshape(-1)] for x, b in zip(seen, batches, strict=True)]
+                     ).double().numpy()
+
+
+def backward_elimination(err, n: int, n_keep: int) -> tuple[int, ...]:
+    """Remove, one at a time, the expert whose removal leaves the least ``err(kept)``."""
+    kept = tuple(range(n))
+    while len(kept) > n_keep:
+        kept = min((tuple(e for e in kept if e != j) for j in kept), key=err)
+    return kept
+
+
+@pytest.mark.parametrize(("experts", "top_k", "limit"), [(4, 1, 512), (6, 2, 512), (6, 2, 0), (8, 1, 0)])
+def test_whole_experts_minimise_the_routed_error_of_inputs_scaled_by_the_scores(monkeypatch, experts: int,
+                                                                               top_k: int, limit: int) -> None:
+    """Whole experts of Llama 4's mixture: the router loses the removed experts' rows and scores the kept ones, the
+    scores multiply the experts' inputs (an expert's output on a token depends on its own score alone, the same
+    whichever experts are kept). The kept set is the optimum over every kept set of Llama 4's routed sum written
+    out here (enumeration), or backward elimination over it (``EXHAUSTIVE_LIMIT`` 0), the reported error that
+    sum's; the pruned model's experts compute that sum, and the refit lowers the error."""
+    import nn_adapters._experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", limit)
+    model, batches = build(experts=experts, top_k=top_k), ragged_token_batches(VOCAB, n_batches=4)
+    ff = model.layers[1].feed_forward
+    x = moe_inputs(model, batches)
+    target = llama4_mixture(x, ff, range(experts), top_k)
+    energy = float((target ** 2).sum())
+    cache: dict[tuple[int, ...], float] = {}
+
+    def err(keep: tuple[int, ...]) -> float:
+        if keep not in cache:
+            cache[keep] = float(((target - llama4_mixture(x, ff, keep, top_k)) ** 2).sum())
+        return cache[keep]
+
+    n_keep = experts // 2
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer", reweight=False)
+    (u,) = report.units
+    want = (min(itertools.combinations(range(experts), n_keep), key=err) if limit
+            else backward_elimination(err, experts, n_keep))
+    assert u.search == ("exhaustive" if limit else "greedy") and tuple(u.kept) == want
+    assert u.relative_error == pytest.approx(err(want) / energy, rel=1e-4)
+    ff_p = pruned.layers[1].feed_forward
+    assert ff_p.router.weight.shape[0] == ff_p.experts.gate_up_proj.shape[0] == n_keep
+    seen: list[torch.Tensor] = []
+    hook = ff_p.experts.register_forward_hook(lambda _m, _a, out: seen.append(out.reshape(n_keep, -1, HIDDEN).sum(0)))
+    run_hooked([pruned], batches, [hook])
+    got = torch.cat([y[b["attention_mask"].bool().reshape(-1)] for y, b in zip(seen, batches, strict=True)])
+    np.testing.assert_allclose(got.double().numpy(), llama4_mixture(x, ff, want, top_k), rtol=1e-4, atol=1e-4)
+    _, refit = prune_transformer(model, batches, keep=0.5, target="experts", method="layer")
+    assert refit.units[0].kept == u.kept and refit.units[0].relative_error < u.relative_error
+
+
+def test_whole_experts_save_reload_and_generation(tmp_path) -> None:
+    model = build(lm=True, experts=6, top_k=2)
+    pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="experts")
+    assert report.spec["blocks"][1]["experts"] == 3
+    assert_reloads_and_generates(pruned, tmp_path / "m")
