@@ -343,7 +343,6 @@ class RoutedError:
             sq[tokens] = self._sq(w_t, idx_t, tokens)
         return w, idx, sq
 
-
     def extended(self, base: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keep: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         """The routing of every token among the experts ``keep`` of the state ``base`` to one more expert than
