@@ -103,6 +103,10 @@ def main() -> None:
               f"({n_params / params:.2f}x fewer; search: {', '.join(search)}); test accuracy %, mean +- std over "
               "seeds")
         print_method_rows(acc, secs, "asym + refit", BASELINES, 20)
+        curve = list(METHODS).index("asym + refit, curve")
+        splits = sorted({tuple(u.n_kept for u in r.units) for r in reports[curve::len(METHODS)]})
+        print("    experts kept per mixture by the error-curve allocation (over seeds): "
+              + ", ".join(" + ".join(map(str, split)) for split in splits))
 
 if __name__ == "__main__":
     main()
