@@ -45,6 +45,12 @@ SEARCH = "batched"
 #: Rows (token, removed expert) whose routings' errors are computed at once by the batched search: memory about
 #: ``CANDIDATE_CHUNK * k * k * 24`` bytes.
 CANDIDATE_CHUNK = 65536
+#: Whether the enumeration of kept sets routes them all at once from each token's ranking of every expert (see
+#: :func:`search_kept`); ``False`` calls the router on every kept set (the baseline of
+#: ``benchmarks/bench_expert_search.py --enumerate``).
+BATCHED_ENUMERATION = True
+#: (kept set, token, ranked expert) entries the batched enumeration holds at once.
+ENUMERATION_CHUNK = 1 << 22
 
 
 def _is_expert_count(name: str, module: nn.Module) -> bool:
@@ -169,6 +175,22 @@ def drop_column(w: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, rule: str
         total = wd.sum(1)
         out = out * (total / (total - wd.gather(1, pos.unsqueeze(1)).squeeze(1))).unsqueeze(1)
     return out.to(w.dtype), idx.gather(1, cols)
+
+
+def first_kept(w: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor, k: int, rule: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's routing among the kept sets ``kept`` (``(c, E)`` bool) from its ranking of experts ``(w, idx)``
+    ``(n, R)`` (the router's order): its first ``k`` ranked experts that are kept, their weights as they are
+    (``rule="keep"``) or scaled to the ranking's total weight (``"rescale"``, see :func:`drop_column`):
+    ``(weights, experts)`` ``(c, n, k)``."""
+    c, (n, r) = kept.shape[0], idx.shape
+    inside = kept[:, idx.to(kept.device)]  # (c, n, R): whether each ranked expert is kept
+    cols = torch.argsort((~inside).to(torch.int8), dim=2, stable=True)[..., :k]  # the first k kept, in rank order
+    wd = w.double().unsqueeze(0).expand(c, n, r)
+    out = wd.gather(2, cols)
+    if rule == "rescale":
+        out = out * (w.double().sum(1).unsqueeze(0) / out.sum(2)).unsqueeze(2)
+    return out.to(w.dtype), idx.unsqueeze(0).expand(c, n, r).gather(2, cols)
 
 
 class ExpertOutputs:
@@ -399,6 +421,53 @@ class RoutedError:
         return w, idx, rows
 
 
+    def ranking(self, full: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """Each token's ranking of every expert, ``(weights, experts, rule)`` ``(n, E)``: the router (all experts
+        kept) with its top-k raised to every expert, in its own order or else by decreasing weight, whichever, with
+        a rule of :func:`drop_column`, gives the routing of state ``full`` back from its first ``k``; ``None`` if
+        none does (cached)."""
+        if not hasattr(self, "_ranking"):
+            self._ranking = None
+            n, k = full[1].shape
+            every = torch.arange(self.route.n_experts)
+            try:
+                w, idx = self.route(every, top_k=(k, self.route.n_experts))
+            except ValueError:
+                w = idx = None
+            if idx is not None and idx.shape == (n, self.route.n_experts):
+                idx = idx.to(full[1].device)
+                by_weight = w.argsort(dim=1, descending=True, stable=True)
+                for ww, ii in ((w, idx), (w.gather(1, by_weight), idx.gather(1, by_weight.to(idx.device)))):
+                    kept = torch.ones(1, self.route.n_experts, dtype=torch.bool, device=ii.device)
+                    rule = next((r for r in ("rescale", "keep")
+                                 if same_routing(tuple(t[0] for t in first_kept(ww, ii, kept, k, r)), full[:2])),
+                                None)
+                    if rule is not None:
+                        self._ranking = (ww, ii, rule)
+                        break
+        return self._ranking
+
+    def subset_errors(self, rank: tuple[torch.Tensor, torch.Tensor, str], keeps: torch.Tensor, k: int
+                      ) -> torch.Tensor:
+        """``(c,)`` float64: the summed squared error of each kept set ``keeps`` ``(c, m)``, every token routed to
+        its first ``k`` kept experts of its ranking ``rank`` (:meth:`ranking`), in chunks of
+        :data:`ENUMERATION_CHUNK` entries; ``+inf`` where not finite."""
+        w, idx, rule = rank
+        n, e = idx.shape
+        kept = torch.zeros(keeps.shape[0], e, dtype=torch.bool, device=idx.device)
+        kept.scatter_(1, keeps.to(idx.device), True)
+        step = max(1, ENUMERATION_CHUNK // max(1, n * e))
+        out = torch.empty(keeps.shape[0], dtype=torch.float64, device=idx.device)
+        tokens = torch.arange(n, device=idx.device)
+        for c in range(0, keeps.shape[0], step):
+            wk, ik = first_kept(w, idx, kept[c:c + step], k, rule)
+            m = wk.shape[0]
+            sq = self._sq(wk.reshape(m * n, k), ik.reshape(m * n, k), tokens.repeat(m))
+            out[c:c + m] = sq.view(m, n).sum(1)
+        return torch.where(torch.isfinite(out), out, torch.inf)
+
+
 def _is_top_k(name: str) -> bool:
     """Whether integer attribute ``name`` of a router can be the number of experts it routes each token to."""
     return ("top" in name or "per_tok" in name or name in ("k", "moe_k", "n_activated_experts")) and (
@@ -456,9 +525,10 @@ class RestrictedRouter:
 
 def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.ndarray, float, str]:
     """The kept set of ``n_keep`` experts of least routed error: every set when there are at most
-    :data:`EXHAUSTIVE_LIMIT`, else backward elimination. Returns the kept experts (sorted), their error and how
-    they were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the lexicographically
-    smallest removal).
+    :data:`EXHAUSTIVE_LIMIT` (all routed at once from each token's ranking where the router allows it:
+    :func:`_best_of_size`), else backward elimination. Returns the kept experts (sorted), their error and how they
+    were found (``"exhaustive"`` or ``"greedy"``). Ties go to the set found first (the lexicographically smallest
+    removal).
 
     Backward elimination evaluates a step's candidate removals all at once where it can (:data:`SEARCH`
     ``"batched"``): a router that ranks the experts by a score of their own and renormalises the weights over each
@@ -491,11 +561,31 @@ def search_kept(errors: RoutedError, n_experts: int, n_keep: int) -> tuple[np.nd
 
 def _best_of_size(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n_experts: int,
                   n_keep: int) -> tuple[np.ndarray, float]:
-    """The kept set of ``n_keep`` experts of least error, every one tried (the first found on ties)."""
+    """The kept set of ``n_keep`` experts of least error, every one tried (the first found on ties): all at once
+    from each token's ranking (:meth:`RoutedError.ranking`, :meth:`RoutedError.subset_errors`) where the router
+    has one, checked on a few kept sets and on the one chosen against the router's own routing; else (or if a
+    check fails) the router called on each kept set."""
     everything = np.arange(n_experts)
+    combos = [np.setdiff1d(everything, removed)
+              for removed in itertools.combinations(range(n_experts), n_experts - n_keep)]
+    rank = errors.ranking(full) if BATCHED_ENUMERATION else None
+    if rank is not None:
+        k = full[1].shape[1]
+        keeps = torch.as_tensor(np.stack(combos))
+
+        def assumed(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # the routing assumed for kept set i
+            kept = torch.zeros(1, n_experts, dtype=torch.bool, device=rank[1].device)
+            w, idx = first_kept(rank[0], rank[1], kept.index_fill_(1, keeps[i].to(kept.device), True), k, rank[2])
+            return w[0], idx[0]
+
+        sample = sorted({0, len(combos) // 3, 2 * len(combos) // 3, len(combos) - 1})
+        if all(same_routing(errors.route(keeps[i]), assumed(i)) for i in sample):
+            i = int(np.argmin(errors.subset_errors(rank, keeps, k).cpu().numpy()))
+            exact = errors.moved(full, keeps[i])  # the router's own routing of the set chosen
+            if same_routing(exact[:2], assumed(i)):
+                return combos[i], float(exact[2].sum())
     best, best_err = everything, math.inf
-    for removed in itertools.combinations(range(n_experts), n_experts - n_keep):
-        keep = np.setdiff1d(everything, removed)
+    for keep in combos:
         err = float(errors.moved(full, torch.as_tensor(keep))[2].sum())
         if err < best_err:
             best, best_err = keep, err

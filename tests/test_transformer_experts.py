@@ -768,7 +768,8 @@ def test_every_family_batched_search_keeps_what_routing_every_token_keeps(monkey
     """Every family, backward elimination to half of the experts: the default search keeps the experts that
     routing every token for every candidate keeps, with the same error (float32 rounding of the experts' outputs
     apart); where the router renormalises each token's top-k (Mixtral, GPT-OSS's softmax of its top-k, DeepSeek-V3
-    and ERNIE 4.5 with norm_topk_prob) its steps are batched."""
+    and ERNIE 4.5 with norm_topk_prob) its steps are batched. Likewise the enumeration of every kept set keeps
+    what routing each set with the router keeps."""
     monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 0)
     batched = []
     deltas = experts_mod.RoutedError.removal_deltas
@@ -785,6 +786,13 @@ def test_every_family_batched_search_keeps_what_routing_every_token_keeps(monkey
     n = moe_blocks(model)[0].n_experts
     if name in ("mixtral", "gpt_oss", "deepseek_v3", "ernie4_5_moe"):
         assert len(batched) == (n - n // 2) * len(report.units)
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", 512)  # every kept set: at once, or the router on each
+    for batched_sets in (True, False):
+        monkeypatch.setattr(experts_mod, "BATCHED_ENUMERATION", batched_sets)
+        _, report = prune_transformer(model, data(), keep=0.5, target="experts", method="layer", reweight=False)
+        got[batched_sets] = [(u.kept, u.relative_error) for u in report.units]
+    assert [k for k, _ in got[True]] == [k for k, _ in got[False]]
+    assert [e for _, e in got[True]] == pytest.approx([e for _, e in got[False]], rel=1e-6)
 
 
 def switch_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> float:
@@ -828,3 +836,38 @@ def test_the_pruned_model_trains_with_its_load_balancing_loss(tmp_path, name: st
         uneven = {moe_blocks(model)[0].name: 0.25, moe_blocks(model)[1].name: 0.5}
         pruned, _ = prune_transformer(model, data(), keep=uneven, target="experts")
         assert [b.n_experts for b in moe_blocks(pruned)] == [2, 4] and pruned.num_experts == n
+
+
+@pytest.mark.parametrize(("kind", "renormalise", "scale"), [
+    ("softmax", True, 1.0), ("softmax", True, 2.5), ("sigmoid", True, 1.0), ("sigmoid", False, 2.5)])
+def test_every_kept_sets_error_at_once_equals_routing_each_one(monkeypatch, kind: str, renormalise: bool,
+                                                              scale: float) -> None:
+    """A router that ranks the experts by their own scores (top-3 of 7): the batched enumeration's error of every
+    kept set of 4, from each token's ranking of the 7 experts alone, equals the router called on that set; the
+    kept set and error it returns are those of trying each set with the router."""
+    errors = toy_errors(ToyRouter(7, 6, 3, kind, renormalise, scale))
+    full = errors.state(torch.arange(7))
+    rank = errors.ranking(full)
+    assert rank is not None
+    keeps = torch.as_tensor(list(itertools.combinations(range(7), 4)))
+    want = torch.stack([errors.state(keep)[2].sum() for keep in keeps])
+    torch.testing.assert_close(errors.subset_errors(rank, keeps, 3), want, rtol=1e-9, atol=1e-9)
+    got = experts_mod._best_of_size(errors, full, 7, 4)
+    monkeypatch.setattr(experts_mod, "BATCHED_ENUMERATION", False)
+    kept, err = experts_mod._best_of_size(errors, full, 7, 4)
+    assert list(got[0]) == list(kept) == list(keeps[int(want.argmin())]) and got[1] == pytest.approx(err, rel=1e-12)
+
+
+def test_an_enumeration_whose_weights_depend_on_every_kept_expert_routes_each_set(monkeypatch) -> None:
+    """Softmax over the kept experts without renormalisation: each token's ranking gives the full set's routing
+    back, but not a smaller set's weights, which the check of a few sets against the router sees: every kept set
+    is then routed by the router, and the result is the per-set search's."""
+    errors = toy_errors(ToyRouter(7, 6, 2, "softmax", renormalise=False))
+    full = errors.state(torch.arange(7))
+    assert errors.ranking(full) is not None  # the full set's routing is recovered ...
+    calls = counting_router_calls(monkeypatch)
+    got = experts_mod._best_of_size(errors, full, 7, 4)
+    assert sum(1 for _, k in calls if k is None) >= 35  # ... but every one of the 35 kept sets is routed
+    monkeypatch.setattr(experts_mod, "BATCHED_ENUMERATION", False)
+    want = experts_mod._best_of_size(errors, full, 7, 4)
+    assert list(got[0]) == list(want[0]) and got[1] == want[1]
