@@ -293,8 +293,10 @@ def _check_args(model: Any, keep: Any, target: Any, method: Any, propagation: An
     for f in (keep.values() if isinstance(keep, Mapping) else [keep]):
         if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (0.0 < float(f) <= 1.0):
             raise ValueError(f"keep must be a fraction in (0, 1] of the units kept in every block, or a dict "
-                             f"{{block name or index: fraction}}, got {keep!r}; e.g. keep=0.5 removes half of the "
-                             "neurons, keep={'encoder.layer.5': 0.75} prunes only that block")
+                             f"{{block name or index: fraction}} or {{stage: fraction}}, got {keep!r}; e.g. keep=0.5 "
+                             "removes half of the neurons, keep={'encoder.layer.5': 0.75} prunes only that block, "
+                             "keep={'heads': 0.75, 'ffn': 0.5} (target='all') a quarter of the heads and half of "
+                             "the neurons")
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     m = canonical_method(method, {})
@@ -945,8 +947,8 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
                      unrecognised: tuple[str, ...] = ()) -> list[float]:
     """The kept fraction of every block: ``keep`` itself, or from ``{block name or index: fraction}`` (blocks not
     named keep every unit; an index counts the blocks, not the ``unrecognised`` layers of their stacks)."""
-    if not isinstance(keep, Mapping):
-        return [float(keep)] * len(blocks)
+    if not isinstance(keep, Mapping) or all(k in _STAGE_KEYS for k in keep):  # one fraction, or one per stage
+        return [1.0 if isinstance(keep, Mapping) else float(keep)] * len(blocks)
     names = [b.name for b in blocks]
     out = [1.0] * len(blocks)
     seen: set[int] = set()
@@ -967,6 +969,41 @@ def _block_fractions(keep: float | Mapping[str | int, float], blocks: list[_Bloc
         seen.add(i)
         out[i] = float(f)
     return out
+
+
+#: The stages a ``keep`` dict may name (``cross``: a decoder layer's cross-attention heads, as ``heads`` unless named;
+#: ``shared``: a mixture's shared experts, as ``ffn`` unless named), and the targets that prune each.
+_STAGE_KEYS = {"heads": ("heads", "all"), "cross": ("heads", "all"), "ffn": ("ffn", "all"),
+               "shared": ("ffn", "all"), "experts": ("experts",)}
+
+
+def _stage_keep(keep: Any, target: str) -> dict[str, float] | None:
+    """``keep`` as ``{stage: fraction}`` if it is a dict of stage names (:data:`_STAGE_KEYS`), else ``None``;
+    refused if it mixes stages with blocks, or names a stage ``target`` does not prune."""
+    if not isinstance(keep, Mapping) or not keep:
+        return None
+    stages = [k for k in keep if isinstance(k, str) and k in _STAGE_KEYS]
+    if not stages:
+        return None
+    if len(stages) < len(keep):
+        raise ValueError(f"keep mixes stages ({', '.join(map(repr, stages))}) with blocks "
+                         f"({', '.join(repr(k) for k in keep if k not in stages)}): give a fraction per stage, or "
+                         "per block, not both")
+    for k in stages:
+        if target not in _STAGE_KEYS[k]:
+            raise ValueError(f"keep names stage {k!r}, which target={target!r} does not prune: pass "
+                             f"target={_STAGE_KEYS[k][-1]!r}, or leave {k!r} out")
+    return {k: float(f) for k, f in keep.items()}
+
+
+def _stage_fraction(stage_keep: dict[str, float] | None, block_fraction: float, stage: str) -> float:
+    """The fraction of ``stage``'s units a block keeps: its block's, or from ``{stage: fraction}`` (a stage not
+    named keeps every unit; ``cross`` follows ``heads`` and ``shared`` follows ``ffn`` unless named)."""
+    if stage_keep is None:
+        return block_fraction
+    if stage not in stage_keep:
+        stage = {"cross": "heads", "shared": "ffn"}.get(stage, stage)
+    return stage_keep.get(stage, 1.0)
 
 
 def _n_keep(keep: float, n_units: int, multiple: int = 1) -> int:
@@ -1158,14 +1195,18 @@ def prune_transformer(
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A
         dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only); blocks
-        it does not name keep every unit. An index counts the recognised blocks (those of ``report.units``), not the
-        layers of a hybrid stack that are run as they are (``report.skipped``). A block that keeps every unit is
-        still refitted where the refit can change it: in ``asym`` mode after a changed block (the refit then
-        compensates the error arriving from the pruned blocks before it), or with ``refit_prior="zero"``. Where the
-        refit would return its trained weights exactly (``reweight=False``, or ``refit_prior="original"`` with the
-        block's inputs those of the original network, or in ``seq`` mode whose targets are the block's own outputs)
-        it is left as it is and its statistics are not gathered: pruning only the last blocks costs little for the
-        blocks before them.
+        it does not name keep every unit. A dict of stages ``{"heads": 0.75, "ffn": 0.5}`` sets the fraction stage
+        by stage in every block (with ``target="all"``: a quarter of the heads and half of the neurons go; any
+        allocation): ``"heads"``, ``"ffn"``, ``"experts"``, ``"cross"`` (a decoder layer's cross-attention heads, as
+        ``"heads"`` unless named) and ``"shared"`` (a mixture's shared experts, as ``"ffn"`` unless named); a stage
+        of the target it does not name keeps every unit. An index counts the recognised blocks (those of
+        ``report.units``), not the layers of a hybrid stack that are run as they are (``report.skipped``). A block
+        that keeps every unit is still refitted where the refit can change it: in ``asym`` mode after a changed
+        block (the refit then compensates the error arriving from the pruned blocks before it), or with
+        ``refit_prior="zero"``. Where the refit would return its trained weights exactly (``reweight=False``, or
+        ``refit_prior="original"`` with the block's inputs those of the original network, or in ``seq`` mode whose
+        targets are the block's own outputs) it is left as it is and its statistics are not gathered: pruning only
+        the last blocks costs little for the blocks before them.
     target : {"ffn", "heads", "all", "experts"}
         Which units to prune. ``"heads"`` includes the heads of a BART-family decoder layer's cross-attention
         (stage ``"cross"``). With ``"all"`` the heads of a block are pruned first, then its FFN sees the pruned
@@ -1292,9 +1333,9 @@ def prune_transformer(
             or not (0.0 < float(min_keep) <= 1.0)):
         raise ValueError(f"min_keep must be a fraction in (0, 1] (the per-block floor of allocation='error-curve'), "
                          f"got {min_keep!r}; e.g. min_keep=0.1")
-    if isinstance(keep, Mapping) and allocation != "uniform":
+    if isinstance(keep, Mapping) and _stage_keep(keep, target) is None and allocation != "uniform":
         raise ValueError("keep given per block (a dict) fixes the allocation: use allocation='uniform', or a single "
-                         "keep fraction with allocation='error-curve'")
+                         "keep fraction (or one per stage) with allocation='error-curve'")
     mode = method if method in GREEDY_METHODS else propagation
     check_executor(executor)
     if executor is not None and mode != "layer":
@@ -1386,19 +1427,22 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
                          "keeps the same fraction of its neurons), or target='heads'.")
     fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
-    keep = {b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep)
+    stage_keep = _stage_keep(keep, target)
+    keep = (stage_keep if stage_keep is not None else {b.name: f for b, f in zip(blocks, fractions, strict=True)}
+            if isinstance(keep, Mapping) else float(keep))
     report = TransformerPruneReport(method=method, target=target, keep=keep, reweight=bool(reweight),
                                     seed=None if seed is None else int(seed),
                                     propagation=None if method in GREEDY_METHODS else propagation,
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation,
                                     skipped=skipped)
-    budgets = [{s: _n_keep(f, _unit_columns(s, blk)[0], blk.unit_multiple if s == "ffn" else 1) for s in stages
+    budgets = [{s: _n_keep(_stage_fraction(stage_keep, f, s), _unit_columns(s, blk)[0],
+                           blk.unit_multiple if s == "ffn" else 1) for s in stages
                 if s != "experts" or blk.moe} for f, blk in zip(fractions, blocks, strict=True)]
     for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
-        if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the same fraction
-            budget["shared"] = _n_keep(f, blk.shared.ffn_units)
-        if blk in crossable:  # the cross-attention's heads: the same fraction as the self-attention's
-            budget["cross"] = _n_keep(f, _unit_columns("cross", blk)[0])
+        if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the FFN's fraction
+            budget["shared"] = _n_keep(_stage_fraction(stage_keep, f, "shared"), blk.shared.ffn_units)
+        if blk in crossable:  # the cross-attention's heads: the self-attention's fraction
+            budget["cross"] = _n_keep(_stage_fraction(stage_keep, f, "cross"), _unit_columns("cross", blk)[0])
     rng = np.random.default_rng(seed)
     counter = [0]
 
@@ -1608,7 +1652,8 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
     reports = []
     for path in stacks:
         inside = [(b, f) for b, f in zip(blocks, fractions, strict=True) if b.name.startswith(path + ".")]
-        part: float | dict[str, float] = ({b.name[len(path) + 1:]: f for b, f in inside}
+        part: float | dict[str, float] = (dict(keep) if _stage_keep(keep, options["target"]) is not None
+                                          else {b.name[len(path) + 1:]: f for b, f in inside}
                                           if isinstance(keep, Mapping) else float(keep))
         stack_batches = None if batches is None else _stack_batches(work, path, batches)
         differ = path == stacks[1] and original is not None and stack_batches is not None and not all(
@@ -1623,7 +1668,8 @@ def _prune_encoder_decoder(model: nn.Module, work: nn.Module, blocks: list[_Bloc
     first = reports[0][1]
     report = TransformerPruneReport(
         method=first.method, target=first.target,
-        keep={b.name: f for b, f in zip(blocks, fractions, strict=True)} if isinstance(keep, Mapping) else float(keep),
+        keep=(_stage_keep(keep, first.target) or {b.name: f for b, f in zip(blocks, fractions, strict=True)})
+        if isinstance(keep, Mapping) else float(keep),
         reweight=first.reweight, seed=first.seed, propagation=first.propagation,
         units=[dataclasses.replace(u, block=f"{path}.{u.block}") for path, rep in reports for u in rep.units],
         params_before=_n_params(model), params_after=_n_params(work),
