@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from submod.cli import seed_arg
 
@@ -48,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grp.add_argument("--keep", type=float, nargs="+", metavar="F",
                      help="fraction of units kept in every prunable layer, e.g. 0.5 (for transformers: of the FFN "
                           "neurons of every block; required there); several values with --compare")
+    pr.add_argument("--keep-stage", nargs="+", metavar="STAGE=F", default=None,
+                    help="transformers: the fraction kept of a stage, replacing --keep for it, e.g. --target all "
+                         "--keep 0.5 --keep-stage heads=0.75 (half of the FFN neurons, three quarters of the heads); "
+                         "stages heads, ffn, experts, cross (cross-attention heads, default: as heads) and shared "
+                         "(shared experts, default: as ffn)")
     pr.add_argument("--compare", action="store_true",
                     help="what submod demo does, for your model: prune with every method (or --methods) at every "
                          "budget, evaluate each pruned model on the eval loader (required), print the table and "
@@ -86,7 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "of error-curve)")
     pr.add_argument("--seed", type=seed_arg, default=0,
                     help="seed of --method random (the other methods are deterministic; default 0)")
-    pr.add_argument("--out", default="pruned_model.pt", help="where to save the pruned model (default pruned_model.pt)")
+    pr.add_argument("--out", default=None,
+                    help="where to save the pruned model: a file (default pruned_model.pt), or, for a transformer "
+                         "whose heads or experts are pruned (--target heads, all or experts, or a mixture of "
+                         "experts), a new directory (default pruned_model) written by "
+                         "nn_adapters.transformer.save_pruned")
     pr.add_argument("--progress", action="store_true", help="show a progress bar")
     pr.add_argument("--workers", type=int, default=1,
                     help="with --method layer: worker processes for the layers' selection and refit (default 1: "
@@ -199,7 +209,8 @@ def _prune_once(args: argparse.Namespace) -> int:
                              "are for --compare "
                              "(prune with each and compare them); without it give one budget and --method.")
     keep = None if args.keep is None else args.keep[0]
-    compression = 4.0 if args.compression is None and keep is None else (
+    stage_keep = _stage_keep_arg(args.keep_stage)
+    compression = 4.0 if args.compression is None and keep is None and not stage_keep else (
         None if args.compression is None else args.compression[0])
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}.")
@@ -208,9 +219,22 @@ def _prune_once(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers {args.workers} needs --method layer: with --method {method} every layer's "
                          "statistics come from the network pruned before it, so the layers are pruned one after "
                          "another.")
-    check_file_path(args.out, "--out")  # found now, not after the pruning
     model, calib, *rest = _load_user(args.spec)
     transformer = _is_transformer(model, args.target)
+    as_directory = transformer and _saved_as_directory(model, args.target)
+    out = args.out if args.out is not None else "pruned_model" if as_directory else "pruned_model.pt"
+    if as_directory:  # found now, not after the pruning
+        _check_new_directory(out)
+    else:
+        check_file_path(out, "--out")
+    if stage_keep:
+        if not transformer:
+            raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
+                             "by its layer pairs: pass --keep or --compression.")
+        # the stages of the target not named keep --keep's fraction (every unit without --keep)
+        named = {"all": ("heads", "ffn"), "heads": ("heads",), "experts": ("experts",)}.get(args.target or "ffn",
+                                                                                           ("ffn",))
+        keep = {**{s: keep for s in named if keep is not None}, **stage_keep}
     if keep is None and transformer:  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
@@ -235,9 +259,52 @@ def _prune_once(args: argparse.Namespace) -> int:
     if rest:
         after = _eval_accuracy(pruned, rest[0])
         print(f"accuracy on the evaluation loader: {100 * before:.2f}% -> {100 * after:.2f}% (no fine-tuning)")
-    path = save_pruned(pruned, Path(args.out))
-    print(f"saved the pruned model to {path} (load with nn_adapters.load_pruned(path, base_model=...))")
+    if as_directory:
+        from .transformer import save_pruned as save_directory
+
+        path = save_directory(pruned, Path(out))
+        print(f"saved the pruned model to {path} (load with nn_adapters.transformer.load_pruned(path, model), model "
+              "an unpruned instance; a Hugging Face model is built from its config.json without one)")
+    else:
+        path = save_pruned(pruned, Path(out))
+        print(f"saved the pruned model to {path} (load with nn_adapters.load_pruned(path, base_model=...))")
     return 0
+
+
+_STAGES = ("heads", "ffn", "experts", "cross", "shared")
+
+
+def _saved_as_directory(model: Any, target: str | None) -> bool:
+    """Whether the pruned transformer is saved by nn_adapters.transformer.save_pruned (a directory): its heads or
+    experts are pruned, or it holds a mixture of experts, whose sizes the single-file format does not record."""
+    from ._transformer_blocks import find_blocks
+
+    return target in ("heads", "all", "experts") or any(b.moe for b in find_blocks(model))
+
+
+def _check_new_directory(out: str) -> None:
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"--out {out}: a transformer whose heads or experts are pruned is saved as a directory "
+                         "(nn_adapters.transformer.save_pruned); name a new or empty directory.")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {path.parent} does not exist; create it first.")
+
+
+def _stage_keep_arg(values: list[str] | None) -> dict[str, float]:
+    """``--keep-stage heads=0.75 ffn=0.5`` as ``{"heads": 0.75, "ffn": 0.5}`` (checked by prune_transformer)."""
+    out: dict[str, float] = {}
+    for item in values or []:
+        stage, sep, frac = item.partition("=")
+        try:
+            value = float(frac)
+        except ValueError:
+            value = None
+        if not sep or value is None or stage in out or stage not in _STAGES:
+            raise ValueError(f"--keep-stage {item}: give each stage once as STAGE=FRACTION, the stage one of "
+                             f"{', '.join(_STAGES)}, e.g. heads=0.75")
+        out[stage] = value
+    return out
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -249,6 +316,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
+    if args.keep_stage:
+        raise ValueError("--keep-stage is for a plain prune: --compare sweeps the --keep fractions of every stage "
+                         "together; prune once without --compare.")
     if (args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight
             or args.weighting is not None):
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "

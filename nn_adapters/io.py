@@ -106,8 +106,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     A model wrapped by ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is saved as the model
     it wraps (the layer names :func:`load_pruned` rebuilds; wrap the loaded model again). A transformer whose
     attention heads were pruned (``torch.nn.TransformerEncoderLayer``, or a Hugging Face model whose blocks have
-    fewer heads than its config) is refused: this format records no head counts; use
-    :func:`nn_adapters.transformer.save_pruned`.
+    fewer heads than its config) or that holds a mixture of experts is refused: this format records no head counts
+    and no experts' tensors; use :func:`nn_adapters.transformer.save_pruned`.
 
     Parameters
     ----------
@@ -149,6 +149,15 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
                          f"{' ...' if len(heads) > 3 else ''}), whose sizes this format does not record, so "
                          "load_pruned could not rebuild them; save it with nn_adapters.transformer.save_pruned(model, "
                          "directory) and read it back with nn_adapters.transformer.load_pruned(directory, model).")
+    from ._transformer_blocks import find_blocks
+
+    moe = [b.name for b in find_blocks(model) if b.moe]
+    if moe:
+        raise ValueError(f"{type(model).__name__} has mixtures of experts ({', '.join(moe[:3])}"
+                         f"{' ...' if len(moe) > 3 else ''}), whose experts' tensors (their number and neurons) this "
+                         "format does not record, so load_pruned could not rebuild them; save it with "
+                         "nn_adapters.transformer.save_pruned(model, directory) and read it back with "
+                         "nn_adapters.transformer.load_pruned(directory, model).")
     path = check_file_path(path)
     spec = architecture_spec(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -528,3 +528,74 @@ def test_cli_prune_evaluates_numpy_batches_as_it_calibrates_on_them(tmp_path, mo
     assert args.func(args) == 0
     saved = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert [r["label"] for r in saved["rows"]] == ["asym"]
+
+
+def test_cli_prune_keeps_a_fraction_per_stage(tmp_path, monkeypatch, capsys):
+    """--keep-stage heads=0.5 with --target all --keep 0.75: half of the heads and three quarters of the FFN neurons
+    go in every block (the saved model's sizes); malformed, unknown or MLP stages are refused in one line."""
+    from submod.cli import main
+
+    (tmp_path / "smods.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)\n"
+        "    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()\n"
+        "    return enc, [torch.randn(4, 6, 16) for _ in range(3)]\n"
+        "def mlp():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "    return net, [torch.randn(16, 4)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["prune", "smods:build", "--target", "all", "--keep", "0.75", "--keep-stage", "heads=0.5",
+                 "--out", "sdir"]) == 0  # heads pruned: saved as a directory
+    import smods
+
+    from nn_adapters.transformer import load_pruned
+    back = load_pruned(tmp_path / "sdir", smods.build()[0])
+    assert [(layer.linear1.out_features, layer.self_attn.num_heads) for layer in back.layers] == [(24, 2), (24, 2)]
+    capsys.readouterr()
+    for bad in (["smods:build", "--keep-stage", "heads"], ["smods:build", "--keep-stage", "attn=0.5"],
+                ["smods:build", "--keep-stage", "heads=0.5", "heads=0.25"], ["smods:mlp", "--keep-stage", "ffn=0.5"],
+                ["smods:build", "--keep-stage", "heads=0.5"]):  # heads with the default target ffn
+        assert main(["prune", *bad, "--out", "bad.pt"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--keep-stage" in err or "target='all'" in err), err
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_cli_saves_pruned_heads_and_experts_as_a_directory_that_loads(tmp_path, monkeypatch, capsys):
+    """A transformer whose heads or experts are pruned, or that holds a mixture of experts, is saved by
+    nn_adapters.transformer.save_pruned (a directory, default ./pruned_model; a Hugging Face model loads from its
+    config.json and computes what the pruned model computed), which the single-file format refuses up front; an
+    --out that is a file is refused before pruning."""
+    from nn_adapters.transformer import load_pruned
+    from submod.cli import main
+
+    (tmp_path / "moemods.py").write_text(
+        "import torch, transformers\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24,\n"
+        "                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,\n"
+        "                                     num_local_experts=8, num_experts_per_tok=2)\n"
+        "    model = transformers.MixtralForCausalLM(cfg).eval()\n"
+        "    return model, [{'input_ids': torch.randint(0, 50, (4, 12))} for _ in range(2)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "taken").write_text("x")
+    assert main(["prune", "moemods:build", "--target", "experts", "--keep", "0.5", "--out", "taken"]) == 2
+    assert "new or empty directory" in capsys.readouterr().err
+    assert main(["prune", "moemods:build", "--target", "experts", "--keep", "0.5"]) == 0
+    assert "transformer.load_pruned" in capsys.readouterr().out
+    import moemods
+    model, data = moemods.build()
+    pruned, _ = nna.prune(model, data, keep=0.5, target="experts")
+    back = load_pruned(tmp_path / "pruned_model")
+    assert [layer.mlp.experts.down_proj.shape[0] for layer in back.model.layers] == [4, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(back(data[0]["input_ids"]).logits, pruned(data[0]["input_ids"]).logits)
+    with pytest.raises(ValueError, match="mixtures of experts .* nn_adapters.transformer.save_pruned"):
+        nna.save_pruned(pruned, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
