@@ -566,12 +566,14 @@ def _best_of_size(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor, t
     has one, checked on a few kept sets and on the one chosen against the router's own routing; else (or if a
     check fails) the router called on each kept set."""
     everything = np.arange(n_experts)
-    combos = [np.setdiff1d(everything, removed)
-              for removed in itertools.combinations(range(n_experts), n_experts - n_keep)]
+    removed = np.array(list(itertools.combinations(range(n_experts), n_experts - n_keep)), dtype=np.int64)
+    mask = np.ones((len(removed), n_experts), dtype=bool)
+    mask[np.arange(len(removed))[:, None], removed.reshape(len(removed), -1)] = False
+    combos = everything[None, :].repeat(len(removed), 0)[mask].reshape(len(removed), n_keep)  # in removal order
     rank = errors.ranking(full) if BATCHED_ENUMERATION else None
     if rank is not None:
         k = full[1].shape[1]
-        keeps = torch.as_tensor(np.stack(combos))
+        keeps = torch.as_tensor(combos)
 
         def assumed(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # the routing assumed for kept set i
             kept = torch.zeros(1, n_experts, dtype=torch.bool, device=rank[1].device)
@@ -598,33 +600,36 @@ def elimination_path(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor
     error after each removal (``n_experts - n_min`` entries; see :func:`search_kept`)."""
     kept, state, mode, verified = list(range(n_experts)), full, SEARCH, False
     path: list[tuple[np.ndarray, float]] = []
+
+    def others(i: int) -> torch.Tensor:  # the kept experts but the i-th
+        return torch.as_tensor(kept[:i] + kept[i + 1:])
+
     while len(kept) > n_min:
-        others = [torch.as_tensor([e for e in kept if e != j]) for j in kept]
         if mode == "batched":  # every candidate at once, from the routing among one more expert per token
             ext = errors.extended(state, torch.as_tensor(kept))
             if ext is not None and not verified:  # the first step: each candidate's routing from the router too
                 verified = True
-                for j, keep in zip(kept, others):
+                for c, j in enumerate(kept):
                     w, idx, rows = errors.predicted(state, ext, j)
-                    if rows.numel() and not same_routing(errors.route(keep, rows), (w[rows], idx[rows])):
+                    if rows.numel() and not same_routing(errors.route(others(c), rows), (w[rows], idx[rows])):
                         ext = None
                         break
             if ext is None:
                 mode = "local"
             else:
                 i = int(np.argmin(errors.removal_deltas(state, ext)[torch.as_tensor(kept)].cpu().numpy()))
-                exact = errors.moved(state, others[i])  # every token re-routed: as the step assumed?
+                exact = errors.moved(state, others(i))  # every token re-routed: as the step assumed?
                 if not same_routing(exact[:2], errors.predicted(state, ext, kept[i])[:2]):
                     mode = "local"
         if mode == "local":  # each candidate re-routes only the tokens routed to the expert it removes
-            errs = [float(errors.without(state, keep, j)[2].sum()) for j, keep in zip(kept, others)]
+            errs = [float(errors.without(state, others(c), j)[2].sum()) for c, j in enumerate(kept)]
             i = int(np.argmin(errs))
-            chosen = errors.without(state, others[i], kept[i])
-            exact = errors.moved(state, others[i])  # every token re-routed: were the others left as they were?
+            chosen = errors.without(state, others(i), kept[i])
+            exact = errors.moved(state, others(i))  # every token re-routed: were the others left as they were?
             if not (torch.equal(exact[1], chosen[1]) and torch.allclose(exact[0], chosen[0], rtol=1e-5, atol=1e-7)):
                 mode = "full"
         if mode == "full":  # a router that re-routes other tokens too: every token for every candidate, from now on
-            states = [errors.moved(state, keep) for keep in others]
+            states = [errors.moved(state, others(c)) for c in range(len(kept))]
             i = int(np.argmin([float(st[2].sum()) for st in states]))
             exact = states[i]
             del states
