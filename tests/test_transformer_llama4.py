@@ -227,3 +227,20 @@ def test_whole_experts_save_reload_and_generation(tmp_path) -> None:
     pruned, report = prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="experts")
     assert report.spec["blocks"][1]["experts"] == 3
     assert_reloads_and_generates(pruned, tmp_path / "m")
+
+
+def test_scores_that_depend_on_the_other_experts_picked_are_refused(monkeypatch) -> None:
+    """A router whose dense scores are renormalised over the experts it picks (not Llama 4's own sigmoid): an
+    expert's score, which scales its input, then depends on the others picked, so it cannot be read for every
+    expert at once, and whole-expert pruning is refused (the neurons of the experts can still be pruned)."""
+    def renormalised(self, hidden_states):
+        logits = torch.nn.functional.linear(hidden_states, self.weight)
+        top, idx = torch.topk(logits, self.top_k, dim=1)
+        scores = torch.zeros_like(logits).scatter_(1, idx, top.softmax(dim=1))
+        return scores, logits
+
+    model = build(experts=6, top_k=2)
+    monkeypatch.setattr(type(model.layers[1].feed_forward.router), "forward", renormalised)
+    with pytest.raises(ValueError, match="score of an expert.*target='ffn'"):
+        prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="experts")
+    prune_transformer(model, ragged_token_batches(VOCAB), keep=0.5, target="ffn")
