@@ -91,3 +91,18 @@ def test_error_curve_allocation_keeps_each_stages_total() -> None:
 def test_bad_stage_fractions_are_refused(keep: dict, target: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         prune_transformer(tiny_bert(), token_batches(), keep=keep, target=target)
+
+
+@pytest.mark.parametrize(("keep", "want"), [({"ffn": 0.5}, 4), ({"ffn": 0.5, "shared": 0.25}, 2)])
+def test_shared_experts_follow_the_ffn_unless_named(keep: dict[str, float], want: int) -> None:
+    """Qwen2-MoE's shared expert (8 neurons): the FFN's fraction unless "shared" is named; the routed experts keep
+    the FFN's."""
+    from _torch_helpers import ragged_token_batches
+    from test_transformer_moe import EXPERTS, INTER, VOCAB, build
+
+    _, report = prune_transformer(build("qwen2_moe"), ragged_token_batches(VOCAB), keep=keep, target="ffn",
+                                  method="magnitude", reweight=False)
+    shared = [u.n_kept for u in report.units if u.expert == "shared"]
+    routed = [u.n_kept for u in report.units if isinstance(u.expert, int)]
+    assert shared == [want] * len(shared) and shared
+    assert routed == [INTER // 2] * len(routed) and len(routed) == EXPERTS * len(shared)
