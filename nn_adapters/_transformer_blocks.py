@@ -2358,10 +2358,6 @@ class _HFMoEBlock(_HFLlamaBlock):
         if hasattr(ex, "intermediate_dim"):
             ex.intermediate_dim = int(keep.shape[1])
 
-    #: Whether whole experts can be removed (``target="experts"``): their parameters all have the experts first
-    #: (DBRX's do not).
-    experts_droppable = True
-
     #: Where the router may live (the first module found): the mixture module's ``gate`` or ``router``.
     ROUTERS: tuple[str, ...] | None = None
 
@@ -2373,6 +2369,12 @@ class _HFMoEBlock(_HFLlamaBlock):
             if isinstance(m, nn.Module):
                 return m
         return None
+
+    @property
+    def routing(self) -> nn.Module | None:
+        """What whole-expert pruning calls, with the router's arguments, for the ``(weights, experts)`` the experts
+        receive: the router itself (DBRX: with its mixture's routing function after it)."""
+        return self.router
 
     def drop_experts(self, keep: torch.Tensor) -> None:
         """Keep only the experts ``keep`` (sorted indices): their rows of the experts' tensors and of the router's
@@ -2644,6 +2646,20 @@ class _HFAriaMoEBlock(_TransposedExperts, _HFMoEBlock):
                 and {n for n, _ in ex.named_parameters()} == set(cls.EXPERT_PARAMS) and super().matches(module))
 
 
+class _RoutedBy(nn.Module):
+    """A router followed by the routing function of the module that calls it (``function(self, logits)``, reading
+    the attributes ``attrs`` of that module, copied here), as one module returning what the function returns."""
+
+    def __init__(self, router: nn.Module, function: Any, attrs: dict[str, Any]) -> None:
+        super().__init__()
+        self.router, self._function = router, function
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self, self.router(*args, **kwargs))
+
+
 class _HFDbrxBlock(_HFMoEBlock):
     """DBRX (``DbrxBlock``): ``norm_attn_norm`` holds the LayerNorms ``norm_1`` / ``norm_2`` and the attention
     ``attn`` (query, key and value fused in ``Wqkv``: every query head's rows, then the key heads', then the value
@@ -2659,7 +2675,7 @@ class _HFDbrxBlock(_HFMoEBlock):
     SHARED: tuple[str, ...] = ()
     SHARED_GATE = None
     EXPERT_PARAMS = ("mlp.w1", "mlp.v1", "mlp.w2")
-    experts_droppable = False
+    ROUTERS = ("ffn.router",)
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -2700,6 +2716,32 @@ class _HFDbrxBlock(_HFMoEBlock):
         sa.hidden_size = groups * self.kv_groups * self.head_dim
 
     # --- experts: flat (E I, H) weights ------------------------------------------------------------------------
+    @property
+    def routing(self) -> nn.Module | None:
+        """The router (``ffn.router``, which returns logits) followed by the mixture's own
+        ``route_tokens_to_experts`` (softmax, top-k, weights normalised by their p-norm), as one module."""
+        router, ffn = self.router, _get(self.module, self.MLP)
+        if router is None or not callable(getattr(type(ffn), "route_tokens_to_experts", None)):
+            return router
+        return _RoutedBy(router, type(ffn).route_tokens_to_experts,
+                         {n: getattr(ffn, n) for n in ("top_k", "moe_normalize_expert_weights") if hasattr(ffn, n)})
+
+    def drop_experts(self, keep: torch.Tensor) -> None:
+        """Keep only the experts ``keep`` (sorted): their rows ``e I ... (e + 1) I - 1`` of w1, v1 and w2, the
+        router's rows, and the counts of experts (``num_experts``, ``moe_num_experts``)."""
+        mlp, n, k = self.experts.mlp, self.n_experts, int(keep.numel())
+        keep = keep.to(torch.long)
+        for name in ("w1", "v1", "w2"):
+            old = getattr(mlp, name)
+            rows = self._flat(name).index_select(0, keep.to(old.device)).reshape(-1, old.shape[-1])
+            setattr(mlp, name, nn.Parameter(rows.detach().clone(), requires_grad=old.requires_grad))
+        if self.router is not None:
+            drop_experts(self.router, n, keep)
+        for sub in (self.experts, mlp):
+            for name in ("num_experts", "moe_num_experts"):
+                if getattr(sub, name, None) == n:
+                    setattr(sub, name, k)
+
     def _flat(self, name: str) -> torch.Tensor:
         """Expert weights ``name`` (``w1``, ``v1``, ``w2``) as ``(E, I, H)`` (a view)."""
         w = getattr(self.experts.mlp, name)

@@ -1403,10 +1403,6 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             raise ValueError(f"target='experts', but no block of this model is a mixture of experts (its blocks "
                              f"are {', '.join(sorted({b.kind for b in blocks}))}): prune target='ffn'.")
         for blk in blocks:
-            if blk.moe and not blk.experts_droppable:
-                raise ValueError(f"block {blk.name!r} ({blk.kind}): whole experts of this mixture cannot be removed "
-                                 "(its experts' parameters are not stored expert by expert); prune the neurons of "
-                                 "every expert instead (target='ffn').")
             if blk.moe:
                 blk.prepare_ffn()  # the experts' layout, which their outputs are computed from
     # an FFN with several producers (gate and up) has its unit layout checked like the heads
@@ -2848,7 +2844,7 @@ def _expert_router(blk: _Block, calls: list[dict[str, Any]], cache: list[dict[st
         parts.append(first.reshape(-1, first.shape[-1])[c["valid"].reshape(-1).to(first.device)])
     rows = torch.cat(parts)
     args, kwargs = calls[0]["router"]
-    route = RestrictedRouter(blk.router, blk.n_experts, (rows.unsqueeze(0) if args[0].dim() == 3 else rows,
+    route = RestrictedRouter(blk.routing, blk.n_experts, (rows.unsqueeze(0) if args[0].dim() == 3 else rows,
                                                          *args[1:]), kwargs)
     try:
         w, idx = route(torch.arange(blk.n_experts))

@@ -13,6 +13,7 @@ the cache.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -149,3 +150,66 @@ def test_save_reload_and_generation(tmp_path) -> None:
     pruned, report = prune_transformer(build(lm=True), ragged_token_batches(VOCAB), keep=0.5, target="all")
     assert report.spec["blocks"][0]["kind"] == "hf_dbrx"
     assert_reloads_and_generates(copy.deepcopy(pruned), tmp_path / "m")
+
+
+def dbrx_mixture(x: np.ndarray, ffn: nn.Module, keep: tuple[int, ...], top_k: int = 2) -> np.ndarray:
+    """DBRX's routed sum restricted to the experts ``keep``, written out in float64: the softmax of the kept
+    experts' router logits, the top ``top_k``, divided by their sum (``moe_normalize_expert_weights=1``: their
+    1-norm), times each chosen expert's ``(silu(x w1^T) * (x v1^T)) w2`` (flat weights, ``INTER`` rows an expert)."""
+    keep = np.asarray(keep)
+    logits = x @ ffn.router.layer.weight.detach().double().numpy()[keep].T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+    w = np.take_along_axis(p, top, 1)
+    w /= w.sum(1, keepdims=True)
+    w1, v1, w2 = (per_expert(getattr(ffn.experts.mlp, n)).detach().double().numpy() for n in ("w1", "v1", "w2"))
+    out = np.zeros_like(x)
+    for j in range(top_k):
+        for e in np.unique(top[:, j]):
+            t, ex = top[:, j] == e, keep[e]
+            h = F.silu(torch.from_numpy(x[t] @ w1[ex].T)).numpy() * (x[t] @ v1[ex].T)
+            out[t] += w[t, j:j + 1] * (h @ w2[ex])
+    return out
+
+
+@pytest.mark.parametrize("limit", [512, 0])
+def test_whole_experts_minimise_dbrxs_routed_error(monkeypatch, limit: int) -> None:
+    """Whole experts of DBRX (flat expert weights, the routing in the mixture's route_tokens_to_experts): the kept
+    pair of each mixture is the optimum over every pair of DBRX's routed sum written out here (or backward
+    elimination's with enumeration off), its reported error that sum's, and the pruned model's experts compute it
+    (their rows of w1, v1, w2 and of the router kept)."""
+    import nn_adapters._experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "EXHAUSTIVE_LIMIT", limit)
+    model, batches = build(), ragged_token_batches(VOCAB)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="experts", method="layer", reweight=False)
+    for i, (u, block) in enumerate(zip(report.units, blocks(model), strict=True)):
+        ffn = block.ffn
+        x = torch.cat([captured_input(model, ffn, b).reshape(*b["attention_mask"].shape, -1)[
+            b["attention_mask"].bool()] for b in batches]).double().numpy()
+        target = dbrx_mixture(x, ffn, tuple(range(EXPERTS)))
+        errs = {keep: float(((target - dbrx_mixture(x, ffn, keep)) ** 2).sum())
+                for keep in itertools.combinations(range(EXPERTS), 2)}
+        if limit:
+            want = min(errs, key=errs.get)
+        else:
+            three = min((tuple(e for e in range(EXPERTS) if e != j) for j in range(EXPERTS)),
+                        key=lambda k: float(((target - dbrx_mixture(x, ffn, k)) ** 2).sum()))
+            want = min((tuple(e for e in three if e != j) for j in three), key=errs.get)
+        assert tuple(u.kept) == want and u.search == ("exhaustive" if limit else "greedy")
+        assert u.relative_error == pytest.approx(errs[want] / float((target ** 2).sum()), rel=1e-4)
+        mlp_p = blocks(pruned)[i].ffn
+        assert mlp_p.router.layer.out_features == mlp_p.experts.num_experts == 2
+        if i == 0:  # the first mixture reads the same tokens in both models
+            seen: list[torch.Tensor] = []
+            hook = mlp_p.experts.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out))
+            run_hooked([pruned], batches, [hook])
+            got = torch.cat([y[b["attention_mask"].bool()] for y, b in zip(seen, batches, strict=True)])
+            np.testing.assert_allclose(got.double().numpy(), dbrx_mixture(x, ffn, want), rtol=1e-4, atol=1e-4)
+
+
+def test_whole_experts_save_reload_and_generation(tmp_path) -> None:
+    pruned, report = prune_transformer(build(lm=True), ragged_token_batches(VOCAB), keep=0.5, target="experts")
+    assert [w["experts"] for w in report.spec["blocks"]] == [2, 2] and pruned.num_experts == 2
+    assert_reloads_and_generates(pruned, tmp_path / "m")

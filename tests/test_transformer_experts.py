@@ -301,8 +301,13 @@ def granite_hybrid() -> nn.Module:
     return build("granite4", experts=4)
 
 
+def dbrx() -> nn.Module:
+    from test_transformer_dbrx import build
+    return build()
+
+
 OTHERS = {"gpt_oss": lambda: gpt_oss(), "gemma4": lambda: gemma4(), "deepseek_v3": mla_moe,
-          "nemotron_h": nemotron_h, "granite4_hybrid": granite_hybrid}
+          "nemotron_h": nemotron_h, "granite4_hybrid": granite_hybrid, "dbrx": dbrx}
 
 
 @pytest.mark.filterwarnings("ignore:.*layers of the model's stacks of blocks are not recognised:UserWarning")
@@ -464,13 +469,6 @@ def test_an_expert_error_curve_holds_the_least_error_found_per_count(monkeypatch
     drops = -np.diff(curve)
     assert curve[8] == pytest.approx(0.0, abs=1e-6)
     assert drops[0] > drops[2:].max() and drops[1] > drops[2:].max()
-
-
-def test_mixtures_whose_experts_cannot_be_removed_are_refused() -> None:
-    """DBRX stores its experts flat (Llama 4, whose scores scale the experts' inputs: test_transformer_llama4)."""
-    build = __import__("test_transformer_dbrx").build
-    with pytest.raises(ValueError, match="whole experts of this mixture cannot be removed .*target='ffn'"):
-        prune_transformer(build(), data(1), keep=0.5, target="experts")
 
 
 def test_grouped_routing_that_cannot_run_on_fewer_experts_is_refused() -> None:
