@@ -3562,7 +3562,10 @@ class _HFGemma4Block(_HFGemma2Block):
 
     def prepare_heads(self) -> None:
         sa = _get(self.module, self.SA)
-        if getattr(sa, "is_kv_shared_layer", False) or getattr(sa, "store_full_length_kv", False):
+        # a layer that stores its keys and values for later layers: transformers >= 5.24 marks the last layer of
+        # each type so even when no layer reuses them (num_kv_shared_layers == 0)
+        reused = getattr(getattr(sa, "config", None), "num_kv_shared_layers", 1) != 0
+        if getattr(sa, "is_kv_shared_layer", False) or (getattr(sa, "store_full_length_kv", False) and reused):
             raise ValueError(f"block {self.name!r}: its attention shares its keys and values with other layers (a "
                              "Gemma 4 model with num_kv_shared_layers > 0: later layers reuse them), so its "
                              "key/value groups cannot be removed from one layer alone: prune target='ffn' on this "
