@@ -230,8 +230,7 @@ class ExpertOutputs:
                 self.buf = grown
             for ex in torch.unique(e).tolist():
                 t = tok[e == ex]
-                x_t = self.x[t] if self.scale is None else self.x[t] * self.scale[t, ex].to(self.x.dtype).unsqueeze(1)
-                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, x_t)).detach()
+                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.inputs(ex, t))).detach()
                 if torch.promote_types(y.dtype, self.buf.dtype) != self.buf.dtype:  # wider than the buffer
                     self.buf = self.buf.to(torch.promote_types(y.dtype, self.buf.dtype))
                 self.buf[self.n:self.n + t.numel()] = y
@@ -239,6 +238,12 @@ class ExpertOutputs:
                 self.n += t.numel()
         pos = self.slot[rows, idx]
         return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1).double()
+
+    def inputs(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
+        """What ``expert`` reads on the token rows ``tokens``: the rows, times its scores where they scale the
+        experts' inputs (``scale``)."""
+        x = self.x[tokens]
+        return x if self.scale is None else x * self.scale[tokens, expert].to(x.dtype).unsqueeze(1)
 
     def out_weights(self, w: torch.Tensor) -> torch.Tensor:
         """The weights of the experts' outputs in a routed sum of routing weights ``w``: ``w``, or ones where the
@@ -420,7 +425,6 @@ class RoutedError:
             w[rows], idx[rows] = w_r.to(w.dtype), idx_r
         return w, idx, rows
 
-
     def ranking(self, full: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         """Each token's ranking of every expert, ``(weights, experts, rule)`` ``(n, E)``: the router (all experts
@@ -566,10 +570,8 @@ def _best_of_size(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor, t
     has one, checked on a few kept sets and on the one chosen against the router's own routing; else (or if a
     check fails) the router called on each kept set."""
     everything = np.arange(n_experts)
-    removed = np.array(list(itertools.combinations(range(n_experts), n_experts - n_keep)), dtype=np.int64)
-    mask = np.ones((len(removed), n_experts), dtype=bool)
-    mask[np.arange(len(removed))[:, None], removed.reshape(len(removed), -1)] = False
-    combos = everything[None, :].repeat(len(removed), 0)[mask].reshape(len(removed), n_keep)  # in removal order
+    # every kept set, in the lexicographic order of the sets removed (the reverse of the kept sets' order)
+    combos = np.array(list(itertools.combinations(range(n_experts), n_keep))[::-1], dtype=np.int64)
     rank = errors.ranking(full) if BATCHED_ENUMERATION else None
     if rank is not None:
         k = full[1].shape[1]
@@ -626,7 +628,7 @@ def elimination_path(errors: RoutedError, full: tuple[torch.Tensor, torch.Tensor
             i = int(np.argmin(errs))
             chosen = errors.without(state, others(i), kept[i])
             exact = errors.moved(state, others(i))  # every token re-routed: were the others left as they were?
-            if not (torch.equal(exact[1], chosen[1]) and torch.allclose(exact[0], chosen[0], rtol=1e-5, atol=1e-7)):
+            if not same_routing(exact[:2], chosen[:2]):
                 mode = "full"
         if mode == "full":  # a router that re-routes other tokens too: every token for every candidate, from now on
             states = [errors.moved(state, others(c)) for c in range(len(kept))]

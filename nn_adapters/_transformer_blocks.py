@@ -2727,20 +2727,16 @@ class _HFDbrxBlock(_HFMoEBlock):
                          {n: getattr(ffn, n) for n in ("top_k", "moe_normalize_expert_weights") if hasattr(ffn, n)})
 
     def drop_experts(self, keep: torch.Tensor) -> None:
-        """Keep only the experts ``keep`` (sorted): their rows ``e I ... (e + 1) I - 1`` of w1, v1 and w2, the
-        router's rows, and the counts of experts (``num_experts``, ``moe_num_experts``)."""
-        mlp, n, k = self.experts.mlp, self.n_experts, int(keep.numel())
-        keep = keep.to(torch.long)
-        for name in ("w1", "v1", "w2"):
+        """Keep only the experts ``keep`` (sorted): their rows ``e I ... (e + 1) I - 1`` of w1, v1 and w2 (cut
+        here, before the counts change), then the router's rows and the counts of experts as in every mixture."""
+        mlp, keep = self.experts.mlp, keep.to(torch.long)
+        rows = {name: self._flat(name).index_select(0, keep.to(getattr(mlp, name).device))
+                for name in ("w1", "v1", "w2")}
+        super().drop_experts(keep)
+        for name, value in rows.items():
             old = getattr(mlp, name)
-            rows = self._flat(name).index_select(0, keep.to(old.device)).reshape(-1, old.shape[-1])
-            setattr(mlp, name, nn.Parameter(rows.detach().clone(), requires_grad=old.requires_grad))
-        if self.router is not None:
-            drop_experts(self.router, n, keep)
-        for sub in (self.experts, mlp):
-            for name in ("num_experts", "moe_num_experts"):
-                if getattr(sub, name, None) == n:
-                    setattr(sub, name, k)
+            setattr(mlp, name, nn.Parameter(value.reshape(-1, old.shape[-1]).detach().clone(),
+                                            requires_grad=old.requires_grad))
 
     def _flat(self, name: str) -> torch.Tensor:
         """Expert weights ``name`` (``w1``, ``v1``, ``w2``) as ``(E, I, H)`` (a view)."""

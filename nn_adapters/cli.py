@@ -197,7 +197,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_once(args: argparse.Namespace) -> int:
-    from submod._atomic import check_file_path
+    from submod._atomic import check_dir_path, check_file_path
 
     from . import prune, save_pruned
     from .pruning import _is_transformer
@@ -223,10 +223,8 @@ def _prune_once(args: argparse.Namespace) -> int:
     transformer = _is_transformer(model, args.target)
     as_directory = transformer and _saved_as_directory(model, args.target)
     out = args.out if args.out is not None else "pruned_model" if as_directory else "pruned_model.pt"
-    if as_directory:  # found now, not after the pruning
-        _check_new_directory(out)
-    else:
-        check_file_path(out, "--out")
+    # found now, not after the pruning (a transformer whose heads or experts go is saved as a directory)
+    (check_dir_path if as_directory else check_file_path)(out, "--out")
     if stage_keep:
         if not transformer:
             raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
@@ -280,15 +278,6 @@ def _saved_as_directory(model: Any, target: str | None) -> bool:
     from ._transformer_blocks import find_blocks
 
     return target in ("heads", "all", "experts") or any(b.moe for b in find_blocks(model))
-
-
-def _check_new_directory(out: str) -> None:
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"--out {out}: a transformer whose heads or experts are pruned is saved as a directory "
-                         "(nn_adapters.transformer.save_pruned); name a new or empty directory.")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {out}: the directory {path.parent} does not exist; create it first.")
 
 
 def _stage_keep_arg(values: list[str] | None) -> dict[str, float]:

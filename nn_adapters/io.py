@@ -136,28 +136,24 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> Path:
     from ._transformer_blocks import PrunedMultiheadAttention
 
     model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
+    from ._transformer_blocks import find_blocks
+
+    blocks = find_blocks(model)
     heads = [n for n, m in model.named_modules() if isinstance(m, PrunedMultiheadAttention)]
     config_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
     if isinstance(config_heads, int) and not isinstance(config_heads, bool):
         # Hugging Face attention keeps its head count in attributes (num_attention_heads, all_head_size) that
         # this format does not record either: the loaded model would keep the config's count
-        from ._transformer_blocks import find_blocks
-
-        heads += [b.name for b in find_blocks(model) if b.num_heads != config_heads]
-    if heads:
-        raise ValueError(f"{type(model).__name__} has attention modules with pruned heads ({', '.join(heads[:3])}"
-                         f"{' ...' if len(heads) > 3 else ''}), whose sizes this format does not record, so "
-                         "load_pruned could not rebuild them; save it with nn_adapters.transformer.save_pruned(model, "
-                         "directory) and read it back with nn_adapters.transformer.load_pruned(directory, model).")
-    from ._transformer_blocks import find_blocks
-
-    moe = [b.name for b in find_blocks(model) if b.moe]
-    if moe:
-        raise ValueError(f"{type(model).__name__} has mixtures of experts ({', '.join(moe[:3])}"
-                         f"{' ...' if len(moe) > 3 else ''}), whose experts' tensors (their number and neurons) this "
-                         "format does not record, so load_pruned could not rebuild them; save it with "
-                         "nn_adapters.transformer.save_pruned(model, directory) and read it back with "
-                         "nn_adapters.transformer.load_pruned(directory, model).")
+        heads += [b.name for b in blocks if b.num_heads != config_heads]
+    for what, names in (("attention modules with pruned heads", heads),
+                        ("mixtures of experts (the number and neurons of their experts)", [b.name for b in blocks
+                                                                                           if b.moe])):
+        if names:
+            raise ValueError(f"{type(model).__name__} has {what} ({', '.join(names[:3])}"
+                             f"{' ...' if len(names) > 3 else ''}), whose sizes this format does not record, so "
+                             "load_pruned could not rebuild them; save it with nn_adapters.transformer.save_pruned("
+                             "model, directory) and read it back with nn_adapters.transformer.load_pruned(directory, "
+                             "model).")
     path = check_file_path(path)
     spec = architecture_spec(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -65,7 +65,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import submod.sparse_regression
-from submod._atomic import dir_mode
+from submod._atomic import check_dir_path, dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 from submod._validation import rng_from_seed
 
@@ -1308,6 +1308,12 @@ def prune_transformer(
     >>> _, report = prune_transformer(model, [x], keep={1: 0.25})
     >>> [b["intermediate_size"] for b in report.spec["blocks"]]
     [32, 8]
+
+    Per stage (here: a quarter of the heads and three quarters of the neurons go, in every block):
+
+    >>> _, report = prune_transformer(model, [x], keep={"heads": 0.75, "ffn": 0.25}, target="all")
+    >>> [(b["num_heads"], b["intermediate_size"]) for b in report.spec["blocks"]]
+    [(3, 8), (3, 8)]
 
     In layer mode the blocks' selection and refit can run on an executor, with the same result:
 
@@ -2937,7 +2943,8 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
             calls.append(cap.take(outputs=False))
     errors = _routed_error(blk, oblk, mode, calls, orig_calls, cache)
     route, outs, target = errors.route, errors.outs, errors.target
-    top_k = int(_routing_rows(blk, calls, cache)[1].shape[1])
+    w_rec, idx_rec = _routing_rows(blk, calls, cache)
+    top_k = int(idx_rec.shape[1])
     if k < top_k:
         raise ValueError(f"block {blk.name!r}: keep leaves {k} of its {n_exp} experts, fewer than the {top_k} each "
                          f"token is routed to: pass keep >= {top_k / n_exp:.4g}")
@@ -2953,9 +2960,9 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         if method == "magnitude":
             score = np.array([float(blk.expert_magnitude(e).sum()) for e in range(n_exp)])
         elif method == "wanda":
-            w, idx = _routing_rows(blk, calls, cache)
-            mass = (outs.gather(idx).norm(dim=2) * outs.out_weights(w).double()).reshape(-1)
-            score = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(), mass.cpu()).numpy()
+            mass = (outs.gather(idx_rec).norm(dim=2) * outs.out_weights(w_rec).double()).reshape(-1)
+            score = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx_rec.reshape(-1).cpu(),
+                                                                       mass.cpu()).numpy()
         else:
             score = rng.permutation(n_exp).astype(float)
         kept = np.sort(np.argsort(-score, kind="stable")[:k])
@@ -2966,7 +2973,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
     if reweight:
         folds = torch.cat([c["fold"] for c in cache])
         down, routed = _refit_experts(blk, keep, outs.x, w_k, torch.searchsorted(keep.to(idx_k.device), idx_k),
-                                      target, folds, ridge, outs.scale)
+                                      target, folds, ridge, outs)
         err = float((target - routed).square().sum())
     blk.drop_experts(keep)
     if reweight:
@@ -2993,7 +3000,7 @@ EXPERT_REFIT_PASSES = 2
 
 
 def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
-                   target: torch.Tensor, folds: torch.Tensor, ridge: _Ridge, scale: torch.Tensor | None = None
+                   target: torch.Tensor, folds: torch.Tensor, ridge: _Ridge, outs: ExpertOutputs | None = None
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """Refit the down projections (and biases) of the experts ``keep`` of ``blk`` so that the mixture's routed
     output on the token rows ``x`` (routed to the kept experts' positions ``pos`` in ``keep``, with weights ``w``)
@@ -3005,16 +3012,16 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
     is the weighted ridge fit, on the tokens routed to it, of ``(T_t - others_t) / w_te`` (rows weighted by
     ``w_te^2``), where ``others_t`` is what the token's other experts add with their current weights: each step
     minimises the joint squared error over that expert's weights (with the ridge of :meth:`_Problem.refit`: ``"cv"``
-    over the calibration sentences, toward the trained weights with ``refit_prior="original"``). With ``scale``
-    (``(n, E)``, Llama 4: :class:`~nn_adapters._experts.ExpertOutputs`), expert ``e`` reads ``scale_te x_t`` and
-    its output is added with weight 1."""
+    over the calibration sentences, toward the trained weights with ``refit_prior="original"``). With ``outs``
+    (the :class:`~nn_adapters._experts.ExpertOutputs` of the rows ``x``), each expert reads what it reads there
+    and its output is weighted as there (Llama 4: the rows scaled by its scores, the output added with weight 1).
+    """
     ids, units = keep.tolist(), blk.ffn_units
-    if scale is not None:
-        w = torch.ones_like(w)
+    if outs is not None:
+        w = outs.out_weights(w)
 
     def hidden(e: int, tok: torch.Tensor) -> torch.Tensor:
-        rows = x[tok] if scale is None else x[tok] * scale[tok, ids[e]].to(x.dtype).unsqueeze(1)
-        return blk.expert_hidden(ids[e], rows)
+        return blk.expert_hidden(ids[e], x[tok] if outs is None else outs.inputs(ids[e], tok))
 
     weight = [blk.expert_down_weight(e).detach().double().T.cpu().numpy() for e in ids]  # (I, H)
     bias = [None if not blk.experts_bias else blk.expert_down_bias(e).detach().double().cpu().numpy() for e in ids]
@@ -3208,9 +3215,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     (8, 1)
     """
     model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target} exists and is not an empty directory: choose a new path")
+    target = check_dir_path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

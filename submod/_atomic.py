@@ -61,6 +61,31 @@ def check_file_path(path: str | os.PathLike[str], what: str = "path", example: s
     return path
 
 
+def check_dir_path(path: str | os.PathLike[str], what: str = "directory") -> Path:
+    """``path`` as a ``Path`` if a new directory can be written there (it does not exist, or is an empty
+    directory; missing parents are made by the writer), else a ``ValueError`` that says why (``what`` names it).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = (pathlib.Path(d) / "taken").write_text("x")
+    ...     check_dir_path(pathlib.Path(d) / "taken", "--out")
+    Traceback (most recent call last):
+    ...
+    ValueError: --out '.../taken' exists and is not an empty directory: choose a new path.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{what} {str(path)!r} exists and is not an empty directory: choose a new path.")
+    above = path.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{what} {str(path)!r} lies under {str(above)!r}, which is a file, not a directory.")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temporary file name next to ``path``; on normal exit move it to ``path``, else delete it.

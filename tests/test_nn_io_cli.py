@@ -586,7 +586,7 @@ def test_cli_saves_pruned_heads_and_experts_as_a_directory_that_loads(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "taken").write_text("x")
     assert main(["prune", "moemods:build", "--target", "experts", "--keep", "0.5", "--out", "taken"]) == 2
-    assert "new or empty directory" in capsys.readouterr().err
+    assert "not an empty directory" in capsys.readouterr().err
     assert main(["prune", "moemods:build", "--target", "experts", "--keep", "0.5"]) == 0
     assert "transformer.load_pruned" in capsys.readouterr().out
     import moemods
