@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="transformers: the fraction kept of a stage, replacing --keep for it, e.g. --target all "
                          "--keep 0.5 --keep-stage heads=0.75 (half of the FFN neurons, three quarters of the heads); "
                          "stages heads, ffn, experts, cross (cross-attention heads, default: as heads) and shared "
-                         "(shared experts, default: as ffn)")
+                         "(shared experts, default: as ffn); with --compare, fixed while --keep is swept over "
+                         "the other stages")
     pr.add_argument("--compare", action="store_true",
                     help="what submod demo does, for your model: prune with every method (or --methods) at every "
                          "budget, evaluate each pruned model on the eval loader (required), print the table and "
@@ -229,10 +230,9 @@ def _prune_once(args: argparse.Namespace) -> int:
         if not transformer:
             raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
                              "by its layer pairs: pass --keep or --compression.")
-        # the stages of the target not named keep --keep's fraction (every unit without --keep)
-        named = {"all": ("heads", "ffn"), "heads": ("heads",), "experts": ("experts",)}.get(args.target or "ffn",
-                                                                                           ("ffn",))
-        keep = {**{s: keep for s in named if keep is not None}, **stage_keep}
+        from .transformer import with_stage_keep
+
+        keep = with_stage_keep(keep, stage_keep, args.target)  # the stages not named keep --keep's fraction
     if keep is None and transformer:  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
@@ -305,9 +305,6 @@ def _run_compare(args: argparse.Namespace) -> int:
     if args.method is not None:  # it would be ignored: every method (or those of --methods) runs
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
-    if args.keep_stage:
-        raise ValueError("--keep-stage is for a plain prune: --compare sweeps the --keep fractions of every stage "
-                         "together; prune once without --compare.")
     if (args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight
             or args.weighting is not None):
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
@@ -337,8 +334,13 @@ def _run_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from "
                              f"{', '.join(dict.fromkeys(m for _, m, _ in table))}.")
         methods = [row for row in table if row[1] in wanted]
+    stage_keep = _stage_keep_arg(args.keep_stage)
+    if stage_keep and budget != "keep":
+        raise ValueError("--keep-stage fixes the fraction kept in a stage of transformer blocks while --compare "
+                         "sweeps --keep over the others; this model is compared by --compression: drop "
+                         "--keep-stage.")
     result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed,
-                             calib_sizes=args.calib, target=args.target)
+                             calib_sizes=args.calib, target=args.target, stage_keep=stage_keep or None)
     files = write_comparison(result, args.report_dir, title=f"Pruning comparison: {args.spec}")
     print(f"wrote {files['report']}, {files['plot']}, {files['json']}")
     return 0

@@ -31,7 +31,7 @@ from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
 from .demo import DEMO_METHODS, _plot_accuracy, _refuse_repeats, _render_table, _write_atomic, measure_latency
 from .pruning import _is_transformer, prune
-from .transformer import _cast_floats, _numpy_to_tensors
+from .transformer import _cast_floats, _numpy_to_tensors, _stage_keep, with_stage_keep
 
 __all__ = ["TRANSFORMER_METHODS", "compare_methods", "format_comparison", "write_comparison"]
 
@@ -165,7 +165,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                     budgets: Sequence[float] = (2, 4, 8, 16), *, budget: str = "compression",
                     methods: Sequence[tuple[str, str, bool]] | None = None, seed: int = 0,
                     calib_sizes: Sequence[int] | None = None, target: str | None = None,
-                    verbose: bool = True) -> dict:
+                    stage_keep: Mapping[str, float] | None = None, verbose: bool = True) -> dict:
     """Prune ``model`` with every method at every budget and measure each pruned model on ``eval_data``.
 
     Parameters
@@ -196,6 +196,11 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         Passed to :func:`nn_adapters.prune`: a transformer's ``"ffn"`` (its default), ``"heads"`` or ``"all"``, or
         ``"layers"``: the layer pairs found by tracing, for a hybrid such as MobileViT or SegFormer whose blocks the
         transformer adapter recognises but refuses (compared as an MLP/CNN: compressions, the demo's methods).
+    stage_keep : dict of str to float, optional
+        Transformers, ``budget="keep"``: fractions held fixed for the stages named (``{"heads": 0.75}``; the stages
+        of :func:`nn_adapters.transformer.prune_transformer`'s per-stage ``keep``), while each budget is the
+        fraction kept in the other stages ``target`` prunes (the FFN for ``target="all"`` here). Recorded in the
+        result.
     verbose : bool
         Print progress and the table.
 
@@ -205,7 +210,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         ``dense`` (unpruned accuracy, params, FLOPs, latency), ``rows`` (one dict per pruning: number of
         calibration samples ``n_calib``, budget, label, method, accuracy, agreement with the unpruned model's
         predictions, params, achieved compression, FLOPs, latency, pruning time, kept units per layer or block),
-        ``budget``, ``skipped`` (methods left out, why).
+        ``budget``, ``stage_keep``, ``skipped`` (methods left out, why).
 
     Examples
     --------
@@ -227,6 +232,13 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     transformer = _is_transformer(model, target)
     budgets = [float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in budgets]
     _check_budgets(budgets, budget, transformer)
+    if stage_keep is not None:
+        if not transformer or budget != "keep":
+            raise ValueError("stage_keep fixes the fraction kept in stages of transformer blocks while the keep "
+                             "fractions are swept over the others: it needs a model with transformer blocks and "
+                             "budget='keep'; drop stage_keep.")
+        stage_keep = {str(s): float(f) for s, f in stage_keep.items()}
+        _stage_keep(with_stage_keep(budgets[0], stage_keep, target), target or "ffn")  # refused before pruning
     dtype = float_dtype(model)
     if transformer:  # token batches (dicts) are passed on as they are; read a one-shot iterator once
         calib = list(calibration_data) if isinstance(calibration_data, Iterable) and not isinstance(
@@ -260,7 +272,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         for b in budgets:
             start = len(rows)
             for label, method, reweight in methods:
-                kwargs = {"compression": b} if budget == "compression" else {"keep": b}
+                kwargs = {"compression": b} if budget == "compression" else {
+                    "keep": b if stage_keep is None else with_stage_keep(b, stage_keep, target)}
                 if target is not None:
                     kwargs["target"] = target
                 t0 = time.perf_counter()
@@ -283,7 +296,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                 best = max(rows[start:], key=lambda r: r["accuracy"])
                 where = "" if n is None else f"{n} samples, "
                 print(f"  {where}{budget} {b:g}: best {best['label']} {100 * best['accuracy']:.1f}%")
-    result = {"budget": budget, "dense": dense, "rows": rows, "skipped": skipped,
+    result = {"budget": budget, "stage_keep": stage_keep, "dense": dense, "rows": rows, "skipped": skipped,
               "n_calibration_batches": len(calib) if isinstance(calib, list) else None,
               "n_eval_predictions": sum(p.numel() for p in base)}
     if verbose:
@@ -319,6 +332,9 @@ def _markdown(result: dict, title: str) -> str:
              "a method that uses labels.", "",
              f"Unpruned: accuracy {100 * d['accuracy']:.1f}%, {d['params']} parameters{flops}, latency "
              f"{1e3 * d['latency_s']:.2f} ms for the first evaluation batch.", "",
+             *([f"Fixed per stage: {', '.join(f'{s} keeps {f:g}' for s, f in result['stage_keep'].items())}; "
+                "each keep fraction below is that of the other stages pruned.", ""]
+               if result.get("stage_keep") else []),
              "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for n in dict.fromkeys(r["n_calib"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["n_calib"] == n]

@@ -996,6 +996,16 @@ def _stage_keep(keep: Any, target: str) -> dict[str, float] | None:
     return {k: float(f) for k, f in keep.items()}
 
 
+def with_stage_keep(fraction: float | None, stage_keep: Mapping[str, float], target: str | None
+                    ) -> dict[str, float]:
+    """The per-stage ``keep`` of :func:`prune_transformer` for ``fraction`` in every stage that ``target`` (default
+    ``"ffn"``) prunes (the heads and the FFN for ``"all"``) and ``stage_keep``'s fraction in the stages it names:
+    what the CLI's ``--keep F --keep-stage STAGE=G`` asks for. Without ``fraction`` the stages not named keep
+    every unit."""
+    swept = {"all": ("heads", "ffn"), "heads": ("heads",), "experts": ("experts",)}.get(target or "ffn", ("ffn",))
+    return {**{s: float(fraction) for s in swept if fraction is not None}, **stage_keep}
+
+
 def _stage_fraction(stage_keep: dict[str, float] | None, block_fraction: float, stage: str) -> float:
     """The fraction of ``stage``'s units a block keeps: its block's, or from ``{stage: fraction}`` (a stage not
     named keeps every unit; ``cross`` follows ``heads`` and ``shared`` follows ``ffn`` unless named)."""

@@ -256,3 +256,73 @@ def test_evaluation_data_that_is_not_batches_is_refused():
     net, (x, _) = _net(), _data(2)
     with pytest.raises(ValueError, match="iterable of \\(inputs, labels\\) batches.*got Tensor"):
         compare_methods(net, x[:50], x[50:], budgets=[2], verbose=False)
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_a_stage_held_fixed_while_the_keep_fraction_of_the_others_is_swept():
+    """stage_keep={"heads": 0.5} with target="all": at each budget b the heads keep half and the FFN keeps b, the
+    same pruned models as nna.prune with keep={"heads": 0.5, "ffn": b} (their accuracies computed here by hand);
+    a stage the target does not prune, an MLP, or compression budgets are refused before any pruning."""
+    torch.manual_seed(0)
+    model = _EncoderClassifier().eval()
+    x = torch.randn(40, 6, 16)
+    y = torch.randint(0, 3, (40,))
+    calib, evals = [x[:24]], [(x[24:], y[24:])]
+    methods = [("asym", "asym", True), ("magnitude (no refit)", "magnitude", False)]
+    res = compare_methods(model, calib, evals, budgets=[0.75, 0.5], budget="keep", methods=methods,
+                          target="all", stage_keep={"heads": 0.5}, verbose=False)
+    assert res["stage_keep"] == {"heads": 0.5}
+    assert [(r["keep"], r["label"]) for r in res["rows"]] == [(b, lab) for b in (0.75, 0.5) for lab, _, _ in methods]
+    for r in res["rows"]:
+        pruned, _ = nna.prune(model, calib, keep={"heads": 0.5, "ffn": r["keep"]}, target="all",
+                              method=r["method"], reweight=r["reweight"])
+        assert [(lay.linear1.out_features, lay.self_attn.num_heads) for lay in pruned.encoder.layers] == [
+            (round(32 * r["keep"]), 2)] * 2
+        with torch.no_grad():
+            want = float((pruned(x[24:]).argmax(1) == y[24:]).double().mean())
+        assert r["accuracy"] == pytest.approx(want)
+        assert r["params"] == sum(p.numel() for p in pruned.parameters())
+    with pytest.raises(ValueError, match="stage 'experts', which target='all' does not prune"):
+        compare_methods(model, calib, evals, budgets=[0.5], budget="keep", target="all",
+                        stage_keep={"experts": 0.5}, verbose=False)
+    net, (xm, ym) = _net(), _data(2)
+    for kwargs in ({"budget": "keep", "budgets": [0.5]}, {"budgets": [2.0]}):
+        with pytest.raises(ValueError, match="transformer blocks and budget='keep'; drop stage_keep"):
+            compare_methods(net, xm[:50], [(xm[50:], ym[50:])], stage_keep={"ffn": 0.5}, verbose=False, **kwargs)
+
+
+def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
+    """--compare --target all --keep 0.75 0.5 --keep-stage heads=0.5: the report says which stage is fixed and
+    the rows keep half of the heads; with an MLP's --compression budgets --keep-stage is refused."""
+    (tmp_path / "encmods.py").write_text(
+        "import torch\n"
+        "from test_nn_compare import _EncoderClassifier\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    x, y = torch.randn(40, 6, 16), torch.randint(0, 3, (40,))\n"
+        "    return _EncoderClassifier().eval(), [x[:24]], [(x[24:], y[24:])]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.chdir(tmp_path)
+    args = _parser().parse_args(["prune", "encmods:build", "--compare", "--target", "all", "--keep", "0.75", "0.5",
+                                 "--keep-stage", "heads=0.5", "--methods", "asym", "--report-dir", "rep"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert saved["stage_keep"] == {"heads": 0.5}
+    assert [r["kept"] for r in saved["rows"]] == [[2, 24, 2, 24], [2, 16, 2, 16]]
+    assert "Fixed per stage: heads keeps 0.5;" in (tmp_path / "rep" / "report.md").read_text()
+    spec = _user_module(tmp_path, monkeypatch)
+    args = _parser().parse_args(["prune", spec, "--compare", "--keep-stage", "ffn=0.5", "--report-dir", "rep2"])
+    with pytest.raises(ValueError, match="drop --keep-stage"):
+        args.func(args)
+    assert not (tmp_path / "rep2").exists()
