@@ -230,9 +230,9 @@ def _prune_once(args: argparse.Namespace) -> int:
         if not transformer:
             raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
                              "by its layer pairs: pass --keep or --compression.")
-        from .transformer import with_stage_keep
+        from .transformer import _with_stage_keep
 
-        keep = with_stage_keep(keep, stage_keep, args.target)  # the stages not named keep --keep's fraction
+        keep = _with_stage_keep(keep, stage_keep, args.target)  # the stages not named keep --keep's fraction
     if keep is None and transformer:  # before the default --compression 4 is blamed on the user
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
                          "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "

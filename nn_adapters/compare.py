@@ -31,7 +31,7 @@ from ._modes import eval_mode
 from .budget import UnreachableCompressionError, count_flops
 from .demo import DEMO_METHODS, _plot_accuracy, _refuse_repeats, _render_table, _write_atomic, measure_latency
 from .pruning import _is_transformer, prune
-from .transformer import _cast_floats, _numpy_to_tensors, _stage_keep, with_stage_keep
+from .transformer import _cast_floats, _numpy_to_tensors, _stage_keep, _with_stage_keep
 
 __all__ = ["TRANSFORMER_METHODS", "compare_methods", "format_comparison", "write_comparison"]
 
@@ -238,7 +238,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                              "fractions are swept over the others: it needs a model with transformer blocks and "
                              "budget='keep'; drop stage_keep.")
         stage_keep = {str(s): float(f) for s, f in stage_keep.items()}
-        _stage_keep(with_stage_keep(budgets[0], stage_keep, target), target or "ffn")  # refused before pruning
+        _stage_keep(_with_stage_keep(budgets[0], stage_keep, target), target or "ffn")  # refused before pruning
     dtype = float_dtype(model)
     if transformer:  # token batches (dicts) are passed on as they are; read a one-shot iterator once
         calib = list(calibration_data) if isinstance(calibration_data, Iterable) and not isinstance(
@@ -273,7 +273,7 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
             start = len(rows)
             for label, method, reweight in methods:
                 kwargs = {"compression": b} if budget == "compression" else {
-                    "keep": b if stage_keep is None else with_stage_keep(b, stage_keep, target)}
+                    "keep": b if stage_keep is None else _with_stage_keep(b, stage_keep, target)}
                 if target is not None:
                     kwargs["target"] = target
                 t0 = time.perf_counter()

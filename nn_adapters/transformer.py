@@ -996,7 +996,7 @@ def _stage_keep(keep: Any, target: str) -> dict[str, float] | None:
     return {k: float(f) for k, f in keep.items()}
 
 
-def with_stage_keep(fraction: float | None, stage_keep: Mapping[str, float], target: str | None
+def _with_stage_keep(fraction: float | None, stage_keep: Mapping[str, float], target: str | None
                     ) -> dict[str, float]:
     """The per-stage ``keep`` of :func:`prune_transformer` for ``fraction`` in every stage that ``target`` (default
     ``"ffn"``) prunes (the heads and the FFN for ``"all"``) and ``stage_keep``'s fraction in the stages it names:
