@@ -76,11 +76,13 @@ def lstsq_fit(A, Y, cols, intercept=False):
     return (coef[:-1], coef[-1]) if intercept else (coef, None)
 
 
-def brute_forward(A, Y, groups, k, ridge=0.0, intercept=False, rule="greedy"):
-    """Forward selection with one lstsq per candidate per step (the definition of the greedy / OMP rules)."""
+def brute_forward(A, Y, groups, k, ridge=0.0, intercept=False, rule="greedy", parts=None, quota=None):
+    """Forward selection with one lstsq per candidate per step (the definition of the greedy / OMP rules); with
+    ``parts`` (a label per unit), at most ``quota`` units of each label."""
     chosen: list[int] = []
     cols: list[int] = []
     for _ in range(k):
+        full = set() if parts is None else {p for p in set(parts) if sum(parts[c] == p for c in chosen) >= quota}
         base = lstsq_value(A, Y, cols, ridge, intercept)
         scores = np.full(len(groups), -np.inf)
         if rule == "omp":
@@ -88,7 +90,7 @@ def brute_forward(A, Y, groups, k, ridge=0.0, intercept=False, rule="greedy"):
             R = T - X @ np.linalg.lstsq(X, T, rcond=None)[0] if X.shape[1] else Y
             R = R[:A.shape[0]]
         for u, g in enumerate(groups):
-            if u in chosen:
+            if u in chosen or (parts is not None and parts[u] in full):
                 continue
             if rule == "greedy":
                 scores[u] = lstsq_value(A, Y, cols + list(g), ridge, intercept) - base
@@ -223,6 +225,51 @@ def test_greedy_path_equals_brute_force_forward_regression(inst):
     np.testing.assert_allclose(path.gains, np.diff(want), rtol=0, atol=2 * tol)
     np.testing.assert_allclose(path.errors, y2 - np.array(want), rtol=0, atol=tol)
     np.testing.assert_allclose(path.relative_errors, (y2 - np.array(want)) / y2, rtol=0, atol=tol / y2)
+
+
+@SETTINGS
+@given(instances(kinds=("random", "correlated")))
+def test_greedy_path_under_a_partition_matroid_equals_brute_force(inst):
+    """Under PartitionMatroid(parts, quota) the path picks, at each step, the unit of largest exact gain among
+    those whose part is not full (brute force with one lstsq per candidate); it fills every part to its quota
+    when k is the matroid's rank; a k beyond the rank, another constraint or labels of the wrong length are
+    refused."""
+    A, Y, groups, ridge, intercept, mode, block, seed = inst
+    f = build(A, Y, groups, ridge, intercept, mode, block)
+    if f.n < 2:
+        return
+    rng = np.random.default_rng(seed)
+    parts = rng.integers(0, 2, size=f.n)
+    parts[:2] = [0, 1]  # both parts present
+    quota = int(rng.integers(1, 3))
+    c = submod.PartitionMatroid(parts, quota)
+    rank = sum(min(int((parts == p).sum()), quota) for p in (0, 1))
+    path = f.greedy_path(rank, constraint=c)
+    units = [list(g) for g in f.groups]
+    assert path.selected.tolist() == brute_forward(A, Y, units, rank, ridge, intercept, parts=parts.tolist(),
+                                                   quota=quota)
+    assert all((parts[path.selected] == p).sum() == min((parts == p).sum(), quota) for p in (0, 1))
+    want = [lstsq_value(A, Y, list(f.columns_of(path.selected[:t])), ridge, intercept) for t in range(rank + 1)]
+    np.testing.assert_allclose(path.values, want, rtol=0,
+                               atol=path_atol(A, Y, f.columns_of(path.selected), ridge, intercept))
+    if rank < f.n:
+        with pytest.raises(ValueError, match=f"exceeds what the constraint allows \\({rank} units"):
+            f.greedy_path(rank + 1, constraint=c)
+    with pytest.raises(ValueError, match="must be a submod.PartitionMatroid; got Knapsack"):
+        f.greedy_path(1, constraint=submod.Knapsack(np.ones(f.n), 1.0))
+    with pytest.raises(ValueError, match="one label per element"):
+        f.greedy_path(1, constraint=submod.PartitionMatroid(parts[:-1], quota))
+
+
+def test_greedy_path_under_a_loose_partition_matroid_is_the_plain_path():
+    """A quota no part reaches changes nothing: the same picks and values as without the constraint."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((40, 8))
+    f = SparseRegression(A, A @ rng.standard_normal((8, 3)) + 0.1 * rng.standard_normal((40, 3)))
+    plain = f.greedy_path(5)
+    loose = f.greedy_path(5, constraint=submod.PartitionMatroid(np.arange(8) % 2, 5))
+    assert loose.selected.tolist() == plain.selected.tolist()
+    np.testing.assert_allclose(loose.values, plain.values, rtol=1e-12, atol=1e-12)
 
 
 @SETTINGS
