@@ -64,6 +64,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -572,6 +573,15 @@ class _Block:
     def head_units(self) -> int:
         """Number of attention units: heads, or key/value groups under grouped-query attention."""
         return self.num_heads
+
+    #: The attention units fall into this many equal consecutive parts, each of which must keep as many units
+    #: (CodeGen's model-parallel blocks of its fused projection): units are kept in multiples of it, selected under
+    #: a partition matroid (at most ``k / head_parts`` from each part).
+    head_parts = 1
+
+    def head_part_labels(self) -> np.ndarray:
+        """The part (``0 .. head_parts - 1``) of every attention unit (see :attr:`head_parts`)."""
+        return np.arange(self.head_units) // (self.head_units // self.head_parts)
 
     @property
     def head_unit_width(self) -> int:
@@ -3779,17 +3789,63 @@ class _HFGPTJBlock(_ParallelBranches, _HFBlock):
 
 class _HFCodeGenBlock(_HFGPTJBlock):
     """CodeGen (``CodeGenBlock``): GPT-J's parallel block with query, key and value fused in ``attn.qkv_proj`` in
-    the layout of its 4-way model parallelism (``mp_num = 4`` fixed in its forward: four equal row blocks, each
-    holding a quarter of the heads' queries, values and keys). The FFN is pruned; heads are refused, since every
-    quarter would have to lose the same number of heads."""
+    the layout of its 4-way model parallelism (``mp_num = 4``: four equal row blocks, block ``p`` holding the
+    queries, then the values, then the keys of heads ``p H/4 ... (p + 1) H/4 - 1``; the attention output, and so
+    the output projection's columns, in head order). Every block must keep as many heads (the forward splits the
+    projection into 4 equal blocks): heads are kept in multiples of 4, at most a quarter from each block
+    (:attr:`head_parts`); the attention's ``embed_dim`` (which sizes the blocks) and head count follow."""
 
     kind = "hf_codegen"
     QKV = ("qkv_proj",)
 
-    def prepare_heads(self) -> None:
-        raise ValueError(f"block {self.name!r}: CodeGen's attention splits its fused qkv_proj into 4 equal model-"
-                         "parallel blocks of heads (mp_num = 4 in its forward), so heads cannot be removed one by one; "
-                         "prune target='ffn' on this model.")
+    @property
+    def head_parts(self) -> int:
+        return int(getattr(_get(self.module, self.SA), "mp_num", 4))
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.out_proj.in_features) // self.head_dim
+
+    def _qkv_rows(self, keep: torch.Tensor, by_head: bool) -> torch.Tensor:
+        """The rows of ``qkv_proj`` of the heads ``keep`` (sorted, as many in every block): in the fused layout
+        (block by block, then queries, values, keys) or, with ``by_head``, head by head (each head's query,
+        value and key rows together)."""
+        parts, per, d = self.head_parts, self.num_heads // self.head_parts, self.head_dim
+        block, local = keep // per, keep % per
+        if not by_head and bool((torch.bincount(block, minlength=parts) != keep.numel() // parts).any()):
+            raise ValueError(f"block {self.name!r}: CodeGen keeps as many heads in each of its {parts} model-parallel "
+                             f"blocks; got heads {keep.tolist()}")
+        sub = torch.arange(3, device=keep.device).view(1, 3, 1)  # query, value, key
+        start = block.view(-1, 1, 1) * 3 * per * d + sub * per * d + local.view(-1, 1, 1) * d  # (heads, 3, 1)
+        rows = start + torch.arange(d, device=keep.device).view(1, 1, -1)  # (heads, 3, d)
+        if by_head:
+            return rows.reshape(-1)
+        # block-major, then query / value / key, then the block's kept heads in order
+        return rows.view(parts, -1, 3, d).permute(0, 2, 1, 3).reshape(-1)
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        """``qkv_proj``'s weight with each head's rows together (what the magnitude score reads head by head)."""
+        w = _get(self.module, self.SA).qkv_proj.weight
+        return [w[self._qkv_rows(torch.arange(self.num_heads, device=w.device), by_head=True)]]
+
+    def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
+                     out_bias: torch.Tensor | None = None) -> None:
+        keep = keep.to(self.out_proj.weight.device)
+        self._cut_attention((self._qkv_rows(keep, by_head=False),), _head_rows(keep, self.head_dim), out_weight,
+                            out_bias)
+        sa = _get(self.module, self.SA)
+        sa.num_attention_heads = int(keep.numel())
+        sa.embed_dim = int(keep.numel()) * self.head_dim
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        """As :meth:`_HFBlock.set_sizes`, the heads kept spread evenly over the model-parallel blocks."""
+        parts, per = self.head_parts, self.num_heads // self.head_parts
+        if num_heads % parts:
+            raise ValueError(f"block {self.name!r}: {num_heads} heads cannot be spread evenly over CodeGen's "
+                             f"{parts} model-parallel blocks: the spec does not come from this architecture")
+        self.shrink_ffn(torch.arange(intermediate_size))
+        if num_heads < self.num_heads:
+            self.shrink_heads((torch.arange(parts).view(-1, 1) * per + torch.arange(num_heads // parts)).reshape(-1))
 
 
 class _FusedQKVByHead(_PerHeadBias):

@@ -65,6 +65,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import submod.sparse_regression
+from submod import PartitionMatroid
 from submod._atomic import check_dir_path, dir_mode
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 from submod._validation import rng_from_seed
@@ -96,6 +97,7 @@ from ._transformer_blocks import (
     PrunedMultiheadAttention,
     _Block,
     _get,
+    _head_rows,
     _set,
     capture_inputs,
     disable_nested_fast_path,
@@ -932,6 +934,16 @@ def _magnitude_scores(stage: str, block: _Block) -> np.ndarray:
         return (s / 4).numpy()
 
 
+def _top_units(scores: np.ndarray, k: int, parts: np.ndarray | None = None) -> np.ndarray:
+    """The ``k`` units of largest score (ties to the lower index); with ``parts`` (a label ``0 .. P - 1`` per
+    unit), the ``k / P`` of largest score in each part."""
+    if parts is None:
+        return np.argsort(-scores, kind="stable")[:k]
+    order = np.lexsort((-scores, parts))  # by part, then by decreasing score (stable: ties to the lower index)
+    rank = np.arange(order.size) - np.searchsorted(parts[order], parts[order])
+    return np.sort(order[rank < k // (int(parts.max()) + 1)])
+
+
 def _wanda_scores(stage: str, block: _Block, stats: _Stats) -> np.ndarray:
     """Wanda-style structured score: sum over the unit's consumer weights of |W_ij| * ||X_j||_2 (``W`` as it acts
     on the residual stream: times a layer scale, if any)."""
@@ -1186,7 +1198,7 @@ def prune_transformer(
         FFN the refit accounts for; mixtures of experts stored as 3D tensors, such as Mixtral, Qwen3-MoE and, with a
         shared expert, Qwen2-MoE and GLM-4-MoE, whose experts each keep ``keep`` of their neurons; decoders with latent
         attention, DeepSeek-V2/V3 and MiniCPM3), BART-family encoder and decoder layers (BART, mBART, Marian, Pegasus,
-        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen (FFN),
+        Whisper, XGLM...), OPT, GPT-2 (its ``Conv1D`` projections stay ``Conv1D``), GPT-Neo, GPT-J, CodeGen,
         GPT-NeoX (Pythia), Phi, BLOOM, Falcon, GPTBigCode (StarCoder) and MPT decoder layers, T5 blocks (heads:
         transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``);
         the table of :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
@@ -1275,7 +1287,8 @@ def prune_transformer(
         extra forward of each original block per batch, one more Gram matrix and one greedy path per block. With
         ``target="experts"``, the kept experts are split between the mixtures from each one's least routed error
         per number of experts kept (never fewer than it routes each token to). Refused for the neurons of
-        mixtures of experts (``target="ffn"``).
+        mixtures of experts (``target="ffn"``), and for heads that must be kept evenly over model-parallel blocks
+        (CodeGen's: its heads are kept in multiples of 4, as many from each block).
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
@@ -1438,6 +1451,11 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
                          f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
                          "keeps the same fraction of its neurons), or target='heads'.")
+    if allocation != "uniform" and "heads" in stages and any(b.head_parts > 1 for b in blocks):
+        blk = next(b for b in blocks if b.head_parts > 1)
+        raise ValueError(f"allocation={allocation!r} is not supported for heads that must be kept evenly over "
+                         f"{blk.head_parts} model-parallel blocks (block {blk.name!r}): pass allocation='uniform', or "
+                         "target='ffn'.")
     fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
     stage_keep = _stage_keep(keep, target)
     keep = (stage_keep if stage_keep is not None else {b.name: f for b, f in zip(blocks, fractions, strict=True)}
@@ -1448,7 +1466,7 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                                     params_before=_n_params(model), n_blocks=len(blocks), allocation=allocation,
                                     skipped=skipped)
     budgets = [{s: _n_keep(_stage_fraction(stage_keep, f, s), _unit_columns(s, blk)[0],
-                           blk.unit_multiple if s == "ffn" else 1) for s in stages
+                           {"ffn": blk.unit_multiple, "heads": blk.head_parts}.get(s, 1)) for s in stages
                 if s != "experts" or blk.moe} for f, blk in zip(fractions, blocks, strict=True)]
     for f, blk, budget in zip(fractions, blocks, budgets, strict=True):
         if "ffn" in stages and blk.moe and blk.shared is not None:  # a shared expert: the FFN's fraction
@@ -1888,7 +1906,7 @@ def _check_head_layouts(blocks: list[_Block], inputs: list[torch.Tensor], ctx: d
     head, the shrunk block must compute what the block computes with that head's output-projection columns
     zeroed."""
     for blk, x in zip(blocks, inputs, strict=True):
-        if blk.head_units >= 2:
+        if blk.head_units >= 2 * blk.head_parts:  # a unit of each part can go (with one a part: never)
             _check_unit_removal(blk, x, ctx, counter, "heads")
 
 
@@ -1937,10 +1955,12 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
         probe.for_probe()
         try:  # cutting the unit's rows (projections of other widths than assumed) or the forward may fail
             with torch.no_grad():
+                if stage == "heads":  # the first unit of each part (of the only part, for most blocks)
+                    first = np.flatnonzero(np.diff(probe.head_part_labels(), prepend=-1))
                 if stage == "heads" and shrink:
-                    probe.shrink_heads(torch.arange(1, probe.head_units))
+                    probe.shrink_heads(torch.as_tensor(np.setdiff1d(np.arange(probe.head_units), first)))
                 elif stage == "heads":
-                    weight_of(probe.out_proj)[:, :probe.head_unit_width] = 0.0
+                    weight_of(probe.out_proj)[:, _head_rows(torch.as_tensor(first), probe.head_unit_width)] = 0.0
                 elif shrink:
                     probe.drop_first_ffn_unit()
                 else:
@@ -2498,14 +2518,17 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
     and ``expert`` where given: a mixture's shared expert, pruned as a dense FFN)."""
     n_units, groups = _unit_columns(stage, blk)
     consumer = _consumer(blk, stage)
+    parts = blk.head_part_labels() if stage == "heads" and blk.head_parts > 1 else None
     if method in GREEDY_METHODS:
         chosen = np.arange(n_units) if k >= n_units else None  # every unit kept: nothing to select
     elif method == "magnitude":
-        chosen = np.argsort(-_magnitude_scores(stage, blk), kind="stable")[:k]
+        chosen = _top_units(_magnitude_scores(stage, blk), k, parts)
     elif method == "wanda":
-        chosen = np.argsort(-_wanda_scores(stage, blk, stats), kind="stable")[:k]
-    else:
+        chosen = _top_units(_wanda_scores(stage, blk, stats), k, parts)
+    elif parts is None:
         chosen = rng.choice(n_units, size=k, replace=False)
+    else:
+        chosen = _top_units(rng.permutation(n_units).astype(float), k, parts)
     problem = None if stats is None or jobs.executor is None else stats.problem()
     w_orig = None
     if reweight and ridge.prior:  # the trained weights, centred like the targets where a LayerNorm follows
@@ -2532,7 +2555,7 @@ def _apply_selection(blk: _Block, stage: str, method: str, reweight: bool, k: in
 
     jobs.add(f"the selection and refit of block {blk.name!r} ({stage})", _stage_job,
              (stats if problem is None else problem, groups, consumer.bias is not None, k, chosen, reweight, ridge,
-              rule, w_orig), use)
+              rule, w_orig, parts), use)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -3074,8 +3097,9 @@ def _columns(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bias: bool, k: int,
                chosen: np.ndarray | None, reweight: bool, ridge: _Ridge, rule: str,
-               weight: np.ndarray | None) -> tuple[np.ndarray, tuple | None, float]:
-    """The numerical work of one stage: the greedy selection of ``k`` units (unless ``chosen`` is given) and the
+               weight: np.ndarray | None, parts: np.ndarray | None = None) -> tuple[np.ndarray, tuple | None, float]:
+    """The numerical work of one stage: the greedy selection of ``k`` units (unless ``chosen`` is given; with
+    ``parts``, a part label per unit, as many from each part: greedy under a partition matroid) and the
     refit toward ``weight`` (the consumer's original weights, ``(out, in)``, or ``None`` for ordinary ridge).
     Returns the kept units (sorted), :meth:`_Problem.refit`'s result (``None`` without ``reweight``) and the
     seconds it took.
@@ -3088,7 +3112,8 @@ def _stage_job(problem: _Problem | None, groups: list[np.ndarray] | None, has_bi
     if problem is not None and (reweight or chosen is None):
         f = problem.objective(ridge.selection, groups, has_bias)
     if chosen is None:
-        chosen = np.asarray(f.greedy_path(k, rule=rule).selected[:k], dtype=np.int64)
+        constraint = None if parts is None else PartitionMatroid(parts, k // (int(parts.max()) + 1))
+        chosen = np.asarray(f.greedy_path(k, rule=rule, constraint=constraint).selected[:k], dtype=np.int64)
     kept = np.sort(chosen)
     fit = None
     if reweight:
