@@ -56,6 +56,7 @@ query heads that read it).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -378,6 +379,16 @@ class BranchSum:
     index: int = 0
 
 
+#: While ``prune_transformer(..., head_unit="query")`` runs: Llama-style attentions with grouped-query attention
+#: lose query heads, as many in every key/value group, their key and value heads kept, instead of whole groups (read
+#: by :meth:`_HFLlamaBlock.prepare_heads`, which marks the attention module it prepares with :data:`_QUERY_MARK`).
+QUERY_HEADS: contextvars.ContextVar[bool] = contextvars.ContextVar("submod_query_heads", default=False)
+_QUERY_MARK = "_submod_query_heads"
+#: The query heads per key/value head of an attention when it was first prepared for head pruning (its groups as
+#: trained, or as loaded), recorded on the module by :meth:`_HFLlamaBlock.prepare_heads`.
+_GROUPS_MARK = "_submod_trained_kv_groups"
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Row (or column) indices of the given heads in a head-major projection."""
     return (heads.view(-1, 1) * head_dim + torch.arange(head_dim, device=heads.device).view(1, -1)).reshape(-1)
@@ -548,6 +559,10 @@ class _Block:
         have = "no cross-attention" if cross is None else f"a cross-attention of {cross.num_heads} heads"
         return f"the spec has cross_num_heads={n!r}, the model's block {have}"
 
+    def plan_sizes(self, spec: Mapping[str, Any]) -> None:
+        """Read what :meth:`set_sizes` needs from the block's spec beyond its two sizes (called just before it;
+        here: nothing)."""
+
     def set_extra_sizes(self, spec: Mapping[str, Any]) -> None:
         """Apply those sizes (checked by :meth:`extra_sizes_problem`)."""
         n, cross = spec.get("cross_num_heads"), self.cross
@@ -575,9 +590,12 @@ class _Block:
         return self.num_heads
 
     #: The attention units fall into this many equal consecutive parts, each of which must keep as many units
-    #: (CodeGen's model-parallel blocks of its fused projection): units are kept in multiples of it, selected under
-    #: a partition matroid (at most ``k / head_parts`` from each part).
+    #: (CodeGen's model-parallel blocks of its fused projection; the key/value groups when query heads are pruned,
+    #: :data:`QUERY_HEADS`): units are kept in multiples of it, selected under a partition matroid (at most
+    #: ``k / head_parts`` from each part).
     head_parts = 1
+    #: Whether the attention units are query heads within key/value groups (see :data:`QUERY_HEADS`).
+    query_heads = False
 
     def head_part_labels(self) -> np.ndarray:
         """The part (``0 .. head_parts - 1``) of every attention unit (see :attr:`head_parts`)."""
@@ -1740,7 +1758,10 @@ class _HFLlamaBlock(_HFBlock):
     read it (one head each without grouped-query attention), i.e. ``num_key_value_groups * head_dim``
     consecutive columns of ``o_proj``'s input. Removing whole groups keeps ``num_key_value_groups`` and
     ``head_dim``, the only head bookkeeping these attentions hold; the shared ``config`` is not changed (a
-    pruned checkpoint records each layer's sizes in the pruning spec).
+    pruned checkpoint records each layer's sizes in the pruning spec). With :data:`QUERY_HEADS`
+    (``head_unit="query"``) the units are the query heads, ``head_dim`` columns each, and every group keeps as
+    many (:attr:`head_parts`: the groups), its key and value heads kept: ``num_key_value_groups`` becomes the
+    query heads kept per group.
     """
 
     kind = "hf_llama"
@@ -1758,6 +1779,9 @@ class _HFLlamaBlock(_HFBlock):
     #: Attributes of the attentions of transformers before the attention refactor of 4.48, which reshape their
     #: output to the model width and size their views by these per-module head counts.
     LEGACY = ("num_heads", "hidden_size")
+    #: Whether the block can lose query heads within its key/value groups (``head_unit="query"``); ``False`` where a
+    #: subclass lays out or shares its heads otherwise.
+    QUERY_HEADS_OK = True
 
     def prepare_ffn(self) -> None:
         mlp = _get(self.module, self.DOWN.rpartition(".")[0])  # the FFN module (mlp, feed_forward...)
@@ -1791,6 +1815,23 @@ class _HFLlamaBlock(_HFBlock):
                                  f"head's {self.head_dim}), so removing a head would change every other head's "
                                  "attention. Prune target='ffn' on this model.")
         super().prepare_heads()
+        if not hasattr(sa, _GROUPS_MARK):  # the groups as built, which a spec compares with (see spec)
+            setattr(sa, _GROUPS_MARK, self.kv_groups)
+        # unmarked where it cannot: prune_transformer then refuses the groups with head_unit="query"
+        setattr(sa, _QUERY_MARK, QUERY_HEADS.get() and self.kv_groups > 1 and self.QUERY_HEADS_OK)
+
+    @property
+    def query_heads(self) -> bool:
+        return bool(getattr(_get(self.module, self.SA), _QUERY_MARK, False))
+
+    @property
+    def head_parts(self) -> int:
+        return self.num_heads // self.kv_groups if self.query_heads else 1
+
+    def qkv_weights(self) -> list[torch.Tensor]:
+        if self.query_heads:  # a unit is a query head: its query rows (the key and value heads stay)
+            return [getattr(_get(self.module, self.SA), self.QKV[0]).weight]
+        return super().qkv_weights()
 
     @property
     def kv_groups(self) -> int:
@@ -1810,11 +1851,11 @@ class _HFLlamaBlock(_HFBlock):
 
     @property
     def head_units(self) -> int:
-        return self.num_heads // self.kv_groups
+        return self.num_heads if self.query_heads else self.num_heads // self.kv_groups
 
     @property
     def head_unit_width(self) -> int:
-        return self.kv_groups * self.value_dim
+        return self.value_dim if self.query_heads else self.kv_groups * self.value_dim
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
@@ -1822,14 +1863,23 @@ class _HFLlamaBlock(_HFBlock):
         logits, GPT-OSS's and MiMo-V2-Flash's ``sinks``; their rows of an output gate, ``g_proj`` or ``gate_proj``
         inside the attention, one row per query head (LFM3, Laguna) or one per output channel (Laguna); their
         rows of per-head query and key norm weights, Cohere's qk-norm) and the output projection's columns of those
-        query heads."""
+        query heads. With :attr:`query_heads`, ``keep`` are query heads, as many in every group, and every key
+        and value head stays."""
         keep = keep.to(self.out_proj.weight.device)
         sa = _get(self.module, self.SA)
-        heads = _head_rows(keep, self.kv_groups)  # the query heads of the kept groups
-        n_heads = self.num_heads  # before the cut
-        rows = self._qkv_rows(_head_rows(keep, self.kv_groups * self.head_dim), _head_rows(keep, self.head_dim),
-                              _head_rows(keep, self.value_dim))
-        self._cut_attention(rows, _head_rows(keep, self.head_unit_width), out_weight, out_bias)
+        n_heads, groups = self.num_heads, self.kv_groups  # before the cut
+        n_kv = n_heads // groups
+        if self.query_heads:
+            per = int(keep.numel()) // n_kv
+            if bool((torch.bincount(keep // groups, minlength=n_kv) != per).any()) or per * n_kv != keep.numel():
+                raise ValueError(f"block {self.name!r}: its query heads are kept as many in each of its {n_kv} "
+                                 f"key/value groups; got heads {keep.tolist()}")
+            heads, kv = keep, torch.arange(n_kv, device=keep.device)
+        else:
+            per, heads, kv = groups, _head_rows(keep, groups), keep  # the query heads of the kept groups
+        rows = self._qkv_rows(_head_rows(heads, self.head_dim), _head_rows(kv, self.head_dim),
+                              _head_rows(kv, self.value_dim))
+        self._cut_attention(rows, _head_rows(heads, self.value_dim), out_weight, out_bias)
         for name in self.OUTPUT_GATES:  # attn * f(gate(x)) before o_proj: per query head, or per output channel
             gate = getattr(sa, name, None)
             if isinstance(gate, nn.Linear) and gate.out_features in (n_heads, n_heads * self.value_dim):
@@ -1837,7 +1887,7 @@ class _HFLlamaBlock(_HFBlock):
                 setattr(sa, name, _linear_like(gate, weight_of(gate)[r], None if gate.bias is None else gate.bias[r]))
         # parameters with a row per head: sinks (one per query head), query and key norms with weights of their own
         # per head (Cohere's qk-norm: (heads, head_dim)); a norm shared by the heads ((head_dim,)) stays as it is
-        norms = [(norm, name, kept) for part, kept in (("q_norm", heads), ("k_norm", keep))
+        norms = [(norm, name, kept) for part, kept in (("q_norm", heads), ("k_norm", kv))
                  if (norm := getattr(sa, part, None)) is not None
                  for name, p in norm.named_parameters(recurse=False) if p.dim() == 2]
         per_head = [(sa, "sinks", heads), *norms]
@@ -1845,8 +1895,8 @@ class _HFLlamaBlock(_HFBlock):
             p = getattr(owner, name, None)
             if isinstance(p, nn.Parameter):
                 setattr(owner, name, _sliced_parameter(p, kept))
-        groups = int(keep.numel())
-        for attr, count in (("num_attention_heads", groups * self.kv_groups), ("num_key_value_heads", groups)):
+        for attr, count in (("num_attention_heads", int(heads.numel())), ("num_key_value_heads", int(kv.numel())),
+                            ("num_key_value_groups", per)):
             if isinstance(getattr(sa, attr, None), int):  # kept in step where the attention holds them (EXAONE 4)
                 setattr(sa, attr, count)
 
@@ -1870,7 +1920,46 @@ class _HFLlamaBlock(_HFBlock):
             mlp.intermediate_size = int(down.in_features)
 
     def spec(self) -> dict[str, Any]:
-        return {**super().spec(), "num_key_value_heads": self.head_units}
+        out = {**super().spec(), "num_key_value_heads": self.num_heads // self.kv_groups}
+        if self.kv_groups != self._trained_kv_groups():  # query heads removed within the groups
+            out["num_key_value_groups"] = self.kv_groups
+        return out
+
+    def _trained_kv_groups(self) -> int:
+        """Query heads per key/value head when the attention was first prepared for head pruning (recorded on it
+        then, :data:`_GROUPS_MARK`), or the current count if it never was."""
+        return int(getattr(_get(self.module, self.SA), _GROUPS_MARK, self.kv_groups))
+
+    def plan_sizes(self, spec: Mapping[str, Any]) -> None:
+        self._spec_groups = spec.get("num_key_value_groups")
+
+    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        problem = super().extra_sizes_problem(spec)
+        g = spec.get("num_key_value_groups")
+        if problem is not None or g is None:
+            return problem
+        n_kv, kv = self.num_heads // self.kv_groups, spec.get("num_key_value_heads")
+        if (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.kv_groups
+                or not isinstance(kv, int) or not 1 <= kv <= n_kv or spec["num_heads"] != g * kv):
+            return (f"the spec has num_key_value_groups={g!r}, num_key_value_heads={kv!r} and num_heads="
+                    f"{spec['num_heads']!r}, the model's block {n_kv} key/value heads of {self.kv_groups} query heads")
+        return None
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        """As :meth:`_HFBlock.set_sizes`; a spec whose query heads were removed within the key/value groups
+        (``num_key_value_groups``, read by :meth:`plan_sizes`) keeps the first ones of every group, then the
+        first ``num_heads / num_key_value_groups`` groups."""
+        groups = getattr(self, "_spec_groups", None)
+        if groups is None or groups == self.kv_groups:
+            super().set_sizes(intermediate_size, num_heads)
+            return
+        self.prepare_heads()
+        sa = _get(self.module, self.SA)
+        setattr(sa, _QUERY_MARK, True)
+        n_kv = self.num_heads // self.kv_groups
+        self.shrink_heads((torch.arange(n_kv).view(-1, 1) * self.kv_groups + torch.arange(groups)).reshape(-1))
+        setattr(sa, _QUERY_MARK, False)  # then whole groups, where some went too
+        super().set_sizes(intermediate_size, num_heads)
 
     def output_scale(self, stage: str) -> torch.Tensor | None:
         """Granite's ``residual_multiplier`` (MiniCPM3's ``residual_scale``), a number the layer multiplies both
@@ -1902,6 +1991,8 @@ class _HFPixtralBlock(_HFLlamaBlock):
     """Pixtral's vision encoder layers (``PixtralAttentionLayer``, Mistral's vision towers): Llama's pre-norm layout
     under other names, ``attention.{q,k,v,o}_proj``, the gated FFN ``feed_forward.{gate,up,down}_proj``, RMS norms
     ``attention_norm`` / ``ffn_norm``; the images of a batch packed in one sequence under a block-diagonal mask."""
+
+    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
 
     kind = "hf_pixtral"
     SA, OUT = "attention", "attention.o_proj"
@@ -2038,6 +2129,8 @@ class _HFPhi3Block(_FusedGateUp):
     head_dim``, read from the config every layer shares: an attention that loses heads gets an
     :class:`OwnHeadCounts` view of it with its head counts, so the other layers and the model's config are
     unchanged and every other setting still comes from the shared config."""
+
+    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
 
     kind = "hf_phi3"
     QKV = ("qkv_proj",)
@@ -2677,6 +2770,8 @@ class _HFDbrxBlock(_HFMoEBlock):
     whose gate, up and down weights are stored flat, ``experts.mlp.w1`` / ``v1`` / ``w2`` of ``(E I, H)`` (expert
     ``e``: rows ``e I`` to ``(e + 1) I - 1``; its output ``(act(x w1_e^T) * (x v1_e^T)) w2_e``). The attention
     splits ``Wqkv``'s output by its ``hidden_size`` and ``num_key_value_heads``, which follow the heads."""
+
+    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
 
     kind = "hf_dbrx"
     SA, QKV, OUT = "norm_attn_norm.attn", ("Wqkv",), "norm_attn_norm.attn.out_proj"
@@ -3541,6 +3636,8 @@ class _HFGemma4Block(_HFGemma2Block):
     experts beside the MLP (``enable_moe_block``) are :class:`_HFGemma4MoEBlock`'s; where their experts are not in
     transformers 5's layout, their FFN is refused here (their heads are pruned)."""
 
+    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
+
     kind = "hf_gemma4"
     #: The first module of the per-layer input's term, whose input is the FFN's residual sum: Gemma 4's gate, or
     #: EmbeddingGemma 2's ``ple_block`` (the whole term in one module).
@@ -3696,6 +3793,8 @@ class _HFStableLmBlock(_HFLlamaBlock):
     attention and FFN one after the other or in parallel (``use_parallel_residual``). Its attention sizes its views
     by ``num_heads`` and ``num_key_value_heads``, which follow the removed key/value groups (so do ``hidden_size``
     where it is kept); per-head query/key norms (``qk_layernorm``) are refused for heads."""
+
+    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
 
     kind = "hf_stablelm"
     RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; residual_input says where it is read

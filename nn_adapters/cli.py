@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "layers: the layer pairs found by tracing, whatever "
                          "blocks the model holds (a hybrid such as MobileViT; the default for MLPs and CNNs); also "
                          "with --compare")
+    pr.add_argument("--head-unit", choices=("group", "query"), default=None,
+                    help="transformers with grouped-query attention, with --target heads or all: remove whole "
+                         "key/value groups (group, the default) or query heads, as many in every group (query); "
+                         "also with --compare")
     pr.add_argument("--no-reweight", action="store_true", help="keep the original weights (no least-squares refit)")
     pr.add_argument("--weighting", choices=("none", "output", "layernorm"), default=None,
                     help="how each layer's least-squares rows are weighted (nn_adapters.prune weighting=): MLP/CNN "
@@ -252,7 +256,7 @@ def _prune_once(args: argparse.Namespace) -> int:
         pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
                                reweight=not args.no_reweight, seed=args.seed, target=args.target,
                                allocation=args.allocation, progress=args.progress, executor=pool,
-                               weighting=args.weighting)
+                               weighting=args.weighting, **_head_unit_arg(args, transformer))
     print(report.summary())
     if rest:
         after = _eval_accuracy(pruned, rest[0])
@@ -278,6 +282,16 @@ def _saved_as_directory(model: Any, target: str | None) -> bool:
     from ._transformer_blocks import find_blocks
 
     return target in ("heads", "all", "experts") or any(b.moe for b in find_blocks(model))
+
+
+def _head_unit_arg(args: argparse.Namespace, transformer: bool) -> dict[str, str]:
+    """``--head-unit`` as the ``head_unit`` keyword of the transformer path (none when not given)."""
+    if args.head_unit is None:
+        return {}
+    if not transformer:
+        raise ValueError("--head-unit chooses the attention unit of transformer blocks; this model is pruned by its "
+                         "layer pairs: drop --head-unit.")
+    return {"head_unit": args.head_unit}
 
 
 def _stage_keep_arg(values: list[str] | None) -> dict[str, float]:
@@ -340,7 +354,8 @@ def _run_compare(args: argparse.Namespace) -> int:
                          "sweeps --keep over the others; this model is compared by --compression: drop "
                          "--keep-stage.")
     result = compare_methods(model, calib, rest[0], budgets, budget=budget, methods=methods, seed=args.seed,
-                             calib_sizes=args.calib, target=args.target, stage_keep=stage_keep or None)
+                             calib_sizes=args.calib, target=args.target, stage_keep=stage_keep or None,
+                             **_head_unit_arg(args, transformer))
     files = write_comparison(result, args.report_dir, title=f"Pruning comparison: {args.spec}")
     print(f"wrote {files['report']}, {files['plot']}, {files['json']}")
     return 0

@@ -165,7 +165,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                     budgets: Sequence[float] = (2, 4, 8, 16), *, budget: str = "compression",
                     methods: Sequence[tuple[str, str, bool]] | None = None, seed: int = 0,
                     calib_sizes: Sequence[int] | None = None, target: str | None = None,
-                    stage_keep: Mapping[str, float] | None = None, verbose: bool = True) -> dict:
+                    stage_keep: Mapping[str, float] | None = None, head_unit: str | None = None,
+                    verbose: bool = True) -> dict:
     """Prune ``model`` with every method at every budget and measure each pruned model on ``eval_data``.
 
     Parameters
@@ -201,6 +202,9 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         of :func:`nn_adapters.transformer.prune_transformer`'s per-stage ``keep``), while each budget is the
         fraction kept in the other stages ``target`` prunes (the FFN for ``target="all"`` here). Recorded in the
         result.
+    head_unit : {"group", "query"}, optional
+        Transformers: passed to :func:`nn_adapters.transformer.prune_transformer` (the attention unit under
+        grouped-query attention; default there ``"group"``).
     verbose : bool
         Print progress and the table.
 
@@ -232,6 +236,9 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
     transformer = _is_transformer(model, target)
     budgets = [float(b) if isinstance(b, numbers.Real) and not isinstance(b, bool) else b for b in budgets]
     _check_budgets(budgets, budget, transformer)
+    if head_unit is not None and not transformer:
+        raise ValueError("head_unit chooses the attention unit of transformer blocks; this model is pruned by its "
+                         "layer pairs: drop head_unit.")
     if stage_keep is not None:
         if not transformer or budget != "keep":
             raise ValueError("stage_keep fixes the fraction kept in stages of transformer blocks while the keep "
@@ -276,6 +283,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
                     "keep": b if stage_keep is None else _with_stage_keep(b, stage_keep, target)}
                 if target is not None:
                     kwargs["target"] = target
+                if head_unit is not None:
+                    kwargs["head_unit"] = head_unit
                 t0 = time.perf_counter()
                 try:
                     pruned, rep = prune(model, batches, method=method, reweight=reweight, seed=seed, **kwargs)

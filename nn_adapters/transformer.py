@@ -92,6 +92,7 @@ from ._stats import stats_device as _stats_device
 from ._stats import update_folds as _update_folds
 from ._transformer_blocks import (
     BLOCK_OUTPUT,
+    QUERY_HEADS,
     BranchSum,
     OpaqueLayer,
     PrunedMultiheadAttention,
@@ -129,7 +130,9 @@ _TARGETS = ("ffn", "heads", "all", "experts")
 SELECTION_RIDGE = 1e-4
 SPEC_FILE = "submod_pruning.json"
 _SPEC_FORMAT = "submod.transformer-pruning"
-_SPEC_VERSION = 1
+#: The newest spec format this release reads: 2 records ``num_key_value_groups`` for the Llama-style blocks whose
+#: query heads were removed within their groups (``head_unit="query"``); a spec without one is written as 1.
+_SPEC_VERSION = 2
 
 
 @dataclass
@@ -1182,6 +1185,7 @@ def prune_transformer(
     allocation: str = "uniform",
     min_keep: float = 0.1,
     executor: Executor | None = None,
+    head_unit: str = "group",
 ) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune FFN neurons and/or attention heads of every transformer block; return a smaller copy.
 
@@ -1292,6 +1296,14 @@ def prune_transformer(
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
+    head_unit : {"group", "query"}, default "group"
+        The attention unit of decoders with grouped-query attention (Llama-style layers: Llama, Mistral, Qwen2/3,
+        the mixtures of experts...). ``"group"``: a key/value head and the query heads that read it go together
+        (the key/value cache shrinks too). ``"query"``: query heads, as many kept in every group (their number
+        rounded up to a multiple of the groups; greedy under a partition matroid, the baselines' best of each
+        group), every key and value head kept: finer steps, no smaller cache. Blocks without grouped-query
+        attention are the same either way; a block with key/value groups that cannot lose query heads alone is
+        refused with ``"query"``.
     executor : concurrent.futures.Executor, optional
         Runs the stages' selection and refit in parallel in layer mode (``method="layer"``, or a baseline with
         ``propagation="layer"``), where every block's statistics come from the original network: a
@@ -1370,10 +1382,17 @@ def prune_transformer(
     if executor is not None and mode != "layer":
         raise ValueError(f"with {mode!r} statistics {LAYER_ONLY}: pass method='layer' (propagation='layer' for a "
                          "baseline), or no executor.")
-    return _prune_model(model, calibration_data, keep, t_start, target=target, method=method, reweight=reweight,
-                        seed=seed, propagation=propagation, ridge=ridge, refit_prior=refit_prior, rule=rule,
-                        residual=residual, weighting=weighting, allocation=allocation, min_keep=min_keep,
-                        executor=executor)
+    if head_unit not in ("group", "query"):
+        raise ValueError(f"head_unit must be 'group' (a key/value head and its query heads) or 'query' (query "
+                         f"heads, as many in every group), got {head_unit!r}")
+    token = QUERY_HEADS.set(head_unit == "query")  # read where the blocks' attentions are prepared
+    try:
+        return _prune_model(model, calibration_data, keep, t_start, target=target, method=method,
+                            reweight=reweight, seed=seed, propagation=propagation, ridge=ridge,
+                            refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
+                            allocation=allocation, min_keep=min_keep, executor=executor)
+    finally:
+        QUERY_HEADS.reset(token)
 
 
 def _needs_data(method: str, reweight: bool, allocation: str) -> bool:
@@ -1444,6 +1463,10 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     if "heads" in stages:
         for blk in blocks:
             blk.prepare_heads()
+            if QUERY_HEADS.get() and blk.has_heads and blk.head_unit_width > blk.value_dim and not blk.query_heads:
+                raise ValueError(f"block {blk.name!r} ({blk.kind}): its attention units are key/value groups of "
+                                 f"{blk.head_unit_width // blk.value_dim} query heads, which cannot be removed "
+                                 "alone; pass head_unit='group'.")
         for blk in crossable:
             blk.cross.prepare_heads()
         disable_nested_fast_path(work)
@@ -3150,8 +3173,9 @@ def _n_params(model: nn.Module) -> int:
 
 def make_spec(model: nn.Module) -> dict[str, Any]:
     """The per-block sizes of a (pruned) model: what :func:`load_pruned` applies to a freshly built model."""
-    spec: dict[str, Any] = {"format": _SPEC_FORMAT, "version": _SPEC_VERSION,
-                            "blocks": [b.spec() for b in find_blocks(model)]}
+    blocks = [b.spec() for b in find_blocks(model)]
+    version = 2 if any("num_key_value_groups" in b for b in blocks) else 1
+    spec: dict[str, Any] = {"format": _SPEC_FORMAT, "version": version, "blocks": blocks}
     impl = attn_implementation_of(model)  # config.json does not keep it: without it a reload gets the default
     if impl is not None:
         spec["attn_implementation"] = impl
@@ -3179,8 +3203,8 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
         what = spec.get("format") if isinstance(spec, Mapping) else type(spec).__name__
         raise ValueError(f"not a pruning spec (format {what!r}); expected {_SPEC_FORMAT!r}, as save_pruned writes")
     if not isinstance(spec.get("version"), int) or spec["version"] > _SPEC_VERSION:
-        raise ValueError(f"pruning spec version {spec.get('version')!r}: this release reads version {_SPEC_VERSION}; "
-                         "load it with the release that saved it")
+        raise ValueError(f"pruning spec version {spec.get('version')!r}: this release reads versions 1 to "
+                         f"{_SPEC_VERSION}; load it with the release that saved it")
     if not blocks_ok:
         raise ValueError(f"damaged pruning spec: it must list blocks, each with {', '.join(_SPEC_KEYS[:2])} and "
                          f"integer {', '.join(_SPEC_KEYS[2:])}")
@@ -3208,6 +3232,7 @@ def apply_spec(model: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
     experts_before = {b.n_experts for b in blocks if b.moe}
     with torch.no_grad():
         for b, w in zip(blocks, wanted, strict=True):
+            b.plan_sizes(w)
             b.set_sizes(int(w["intermediate_size"]), int(w["num_heads"]))
             b.set_extra_sizes(w)
     _sync_expert_counts(model, experts_before)

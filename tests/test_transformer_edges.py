@@ -181,7 +181,7 @@ def test_loading_into_a_model_of_another_size_names_the_mismatch(saved, model, m
     (lambda s: "{oops", r"submod_pruning\.json is not valid JSON"),
     (lambda s: s.replace('"num_heads": 2', '"num_heads": 9', 1), r"num_heads=9, the model's block 4"),
     (lambda s: s.replace('"intermediate_size": 16', '"intermediate_size": "16"', 1), "damaged pruning spec"),
-    (lambda s: s.replace('"version": 1', '"version": 2'), "version 2: this release reads version 1"),
+    (lambda s: s.replace('"version": 1', '"version": 3'), "version 3: this release reads versions 1 to 2"),
     (lambda s: "[]", "not a pruning spec"),
 ])
 def test_damaged_or_foreign_specs_are_refused_with_the_reason(saved, edit, match: str) -> None:

@@ -1,0 +1,233 @@
+"""Query heads of Llama-style decoders with grouped-query attention (``head_unit="query"``): the units are query
+heads, as many kept in every key/value group, every key and value head kept (``num_key_value_groups`` becomes the
+query heads kept per group).
+
+Oracles: the original model with the removed query heads' ``o_proj`` columns zeroed (what removing them must give
+without a refit), forward selection under the per-group quota written out with one lstsq per candidate on the
+hooked rows of ``o_proj``, the query rows' and output columns' norms written out for the magnitude baseline, and
+pruning with ``head_unit="group"`` where there are no groups."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _torch_helpers import assert_reloads_and_generates, hooked_rows, ragged_token_batches, zeroed_heads
+
+from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN, HEADS, KV, LAYERS, HEAD_DIM = 40, 32, 8, 2, 2, 4
+GROUPS = HEADS // KV
+
+
+def build(name: str = "llama", kv: int = KV) -> torch.nn.Module:
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=kv, max_position_embeddings=32, head_dim=HEAD_DIM,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = {"llama": lambda: transformers.LlamaConfig(**common),
+           "qwen3": lambda: transformers.Qwen3Config(**common),  # q_norm / k_norm over head_dim, shared by the heads
+           "cohere_qk": lambda: transformers.CohereConfig(**common, use_qk_norm=True),  # a norm weight per head
+           "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+           "gpt_oss": lambda: transformers.GptOssConfig(**{**common, "intermediate_size": 16}, num_local_experts=4,
+                                                        num_experts_per_tok=2, sliding_window=4,
+                                                        layer_types=["sliding_attention", "full_attention"]),
+           }[name]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger weights than the default init, so that the heads differ visibly
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+        for layer in model.model.layers:  # distinct per-head parameters, so that the kept rows matter
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None and norm.weight.dim() == 2:
+                    norm.weight.normal_(1.0, 0.5)
+            sinks = getattr(layer.self_attn, "sinks", None)
+            if sinks is not None:
+                sinks.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    return ragged_token_batches(VOCAB, n)
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+def balanced(kept: list[int], per: int) -> bool:
+    return np.bincount(np.asarray(kept) // GROUPS, minlength=KV).tolist() == [per] * KV
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "cohere_qk", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("method", ["asym", "layer", "magnitude", "wanda", "random"])
+def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method: str) -> None:
+    """Without refit the pruned model computes the original with the removed query heads' o_proj columns zeroed;
+    every group keeps 2 of its 4 query heads, the key and value projections are untouched, and the attention's
+    counts follow (num_key_value_groups 2)."""
+    model, batches = build(name), data()
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method=method, reweight=False,
+                                       head_unit="query")
+    units = [u for u in report.units if u.stage == "heads"]
+    assert all(u.n_units == HEADS and u.n_kept == HEADS // 2 and balanced(u.kept, GROUPS // 2) for u in units)
+    zeroed = zeroed_heads(model, report, HEAD_DIM)
+    for b in batches:
+        torch.testing.assert_close(logits(pruned, b), logits(zeroed, b), atol=1e-4, rtol=1e-4)
+    for old, new in zip(model.model.layers, pruned.model.layers, strict=True):
+        sa = new.self_attn
+        assert sa.num_key_value_groups == GROUPS // 2 and sa.o_proj.in_features == HEADS // 2 * HEAD_DIM
+        torch.testing.assert_close(sa.k_proj.weight, old.self_attn.k_proj.weight)
+        torch.testing.assert_close(sa.v_proj.weight, old.self_attn.v_proj.weight)
+
+
+def test_layer_mode_selection_is_forward_selection_under_the_group_quota() -> None:
+    """Layer mode, ridge 0: the first block's query heads are those of forward selection with at most 2 heads from
+    each group, on o_proj's hooked input rows (real tokens) with its unpruned output as target (one lstsq per
+    candidate); 3 of 4 (keep 0.75) likewise."""
+    model, batches = build(), data(4)
+    first = model.model.layers[0].self_attn.o_proj
+    a = hooked_rows(model, batches, first, lambda b, x: x[b["attention_mask"].bool()])
+    y = a @ first.weight.detach().double().numpy().T
+
+    def value(heads: list[int]) -> float:
+        cols = np.concatenate([np.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
+        m = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+        return float((y ** 2).sum() - ((y - a[:, cols] @ m) ** 2).sum())
+
+    for keep, per in ((0.5, 2), (0.75, 3)):
+        _, report = prune_transformer(model, batches, keep=keep, target="heads", method="layer", reweight=False,
+                                      ridge=0.0, head_unit="query")
+        chosen: list[int] = []
+        for _ in range(KV * per):
+            full = {g for g in range(KV) if sum(h // GROUPS == g for h in chosen) >= per}
+            gains = {h: value([*chosen, h]) for h in range(HEADS) if h not in chosen and h // GROUPS not in full}
+            chosen.append(max(gains, key=lambda h: (gains[h], -h)))
+        assert report.units[0].kept == sorted(chosen)
+
+
+def test_magnitude_ranks_the_query_heads_within_each_group() -> None:
+    """The magnitude score of a query head reads its query rows and its o_proj columns (the shared key and value
+    heads stay); the 2 best of each group are kept."""
+    model, batches = build(), data(2)
+    _, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude", reweight=False,
+                                  head_unit="query")
+    for layer, u in zip(model.model.layers, report.units, strict=True):
+        q, o = layer.self_attn.q_proj.weight.detach().double(), layer.self_attn.o_proj.weight.detach().double()
+        score = np.array([float(q[h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()
+                                + o[:, h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()) for h in range(HEADS)])
+        want = sorted(g * GROUPS + i for g in range(KV) for i in np.argsort(-score[g * GROUPS:(g + 1) * GROUPS])[:2])
+        assert u.kept == want
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+def test_refit_reload_and_generation(tmp_path, name: str) -> None:
+    """asym with refit is closer to the original than without; the pruned model's spec (version 2) records the
+    groups' query heads, it reloads from its config with the same logits and generates with its cache; a spec of
+    whole groups removed stays version 1."""
+    model, batches = build(name), data(4)
+    errs = []
+    for reweight in (False, True):
+        pruned, _ = prune_transformer(model, batches, keep=0.5, target="heads", reweight=reweight, head_unit="query")
+        errs.append(sum(float((logits(pruned, b) - logits(model, b)).square().sum()) for b in batches))
+    assert errs[1] < errs[0]
+    assert_reloads_and_generates(pruned, tmp_path / "q")
+    spec = json.loads((tmp_path / "q" / "submod_pruning.json").read_text())
+    assert spec["version"] == 2 and [(b["num_heads"], b["num_key_value_heads"], b["num_key_value_groups"])
+                                     for b in spec["blocks"]] == [(4, 2, 2)] * LAYERS
+    again = load_pruned(tmp_path / "q", build(name))
+    assert [layer.self_attn.num_key_value_groups for layer in again.model.layers] == [2, 2]
+    _, report = prune_transformer(model, batches, keep=0.5, target="heads")
+    assert report.spec["version"] == 1 and all("num_key_value_groups" not in b for b in report.spec["blocks"])
+
+
+def test_query_heads_then_whole_groups(tmp_path) -> None:
+    """A model whose query heads were pruned can lose whole groups next (head_unit="group": each group has 2 query
+    heads left): the result is the original with both removals' o_proj columns zeroed, and it reloads (its
+    spec keeps the groups' query heads against the trained 4)."""
+    model, batches = build(), data(3)
+    once, first = prune_transformer(model, batches, keep=0.5, target="heads", method="wanda", reweight=False,
+                                    head_unit="query")
+    twice, second = prune_transformer(once, batches, keep=0.5, target="heads", method="wanda", reweight=False)
+    kept_groups = [u.kept for u in second.units]
+    assert all(len(k) == 1 for k in kept_groups)
+    zeroed = zeroed_heads(model, first, HEAD_DIM)
+    with torch.no_grad():
+        for layer, u1, groups in zip(zeroed.model.layers, first.units, kept_groups, strict=True):
+            gone = [h for i, h in enumerate(u1.kept) if i // 2 not in groups]  # the query heads of removed groups
+            for h in gone:
+                layer.self_attn.o_proj.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0.0
+    for b in batches:
+        torch.testing.assert_close(logits(twice, b), logits(zeroed, b), atol=1e-4, rtol=1e-4)
+    save_pruned(twice, tmp_path / "t")
+    again = load_pruned(tmp_path / "t", build())
+    assert [(s.num_key_value_groups, s.k_proj.out_features) for s in (la.self_attn for la in again.model.layers)] \
+        == [(2, HEAD_DIM)] * LAYERS
+    torch.testing.assert_close(logits(again, batches[0]), logits(twice, batches[0]))
+
+
+def test_without_groups_query_and_group_units_are_the_same() -> None:
+    """With as many key/value heads as query heads there are no groups: both units give the same model."""
+    model, batches = build(kv=HEADS), data(2)
+    a, ra = prune_transformer(model, batches, keep=0.5, target="all", head_unit="query")
+    b, rb = prune_transformer(model, batches, keep=0.5, target="all", head_unit="group")
+    assert [u.kept for u in ra.units] == [u.kept for u in rb.units]
+    torch.testing.assert_close(logits(a, batches[0]), logits(b, batches[0]))
+
+
+def test_refusals() -> None:
+    """An unknown unit, a block whose query heads cannot go alone (StableLM, Phi-3's fused projection, Falcon's
+    key/value groups) and the error-curve allocation of such heads are refused with the fix."""
+    model, batches = build(), data(2)
+    with pytest.raises(ValueError, match="head_unit must be 'group' .* or 'query'"):
+        prune_transformer(model, batches, keep=0.5, target="heads", head_unit="queries")
+    with pytest.raises(ValueError, match="allocation='uniform', or target='ffn'"):
+        prune_transformer(model, batches, keep=0.5, target="heads", head_unit="query", allocation="error-curve")
+    stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
+        num_key_value_heads=KV, max_position_embeddings=32)).eval()
+    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
+        num_key_value_heads=KV, max_position_embeddings=32, pad_token_id=0)).eval()
+    for model in (stablelm, phi3):
+        with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
+                                             "pass head_unit='group'"):
+            prune_transformer(model, batches, keep=0.5, target="heads", head_unit="query")
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS, num_kv_heads=KV,
+        new_decoder_architecture=True)).eval()
+    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone"):
+        prune_transformer(falcon, batches, keep=0.5, target="heads", head_unit="query")
+    prune_transformer(falcon, batches, keep=0.5, target="heads")  # whole groups, as before
+
+
+def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
+    """submod prune --target heads --head-unit query saves a model whose groups keep half of their query heads
+    (the reloaded attention's counts); with an MLP --head-unit is refused in one line."""
+    from submod.cli import main
+
+    (tmp_path / "qmods.py").write_text(
+        "import torch\n"
+        "from test_transformer_query_heads import build, data\n"
+        "def llama():\n"
+        "    return build(), data(2)\n"
+        "def mlp():\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "    return net, [torch.randn(16, 4)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "qmods:llama", "--target", "heads", "--keep", "0.5", "--head-unit", "query",
+                 "--out", "q"]) == 0
+    again = load_pruned(tmp_path / "q")
+    assert [(la.self_attn.num_key_value_groups, la.self_attn.k_proj.out_features) for la in again.model.layers] == [
+        (2, KV * HEAD_DIM)] * LAYERS
+    capsys.readouterr()
+    assert main(["prune", "qmods:mlp", "--keep", "0.5", "--head-unit", "query", "--out", "m.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --head-unit" in err
