@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -321,3 +322,12 @@ def assert_save_load_round_trip(pruned: nn.Module, base: nn.Module, x: torch.Ten
     assert [tuple(p.shape) for p in back.parameters()] == [tuple(p.shape) for p in pruned.parameters()]
     with torch.no_grad():
         torch.testing.assert_close(back(x), pruned(x), rtol=0, atol=0)
+
+
+def user_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    """Write ``source`` as the module ``name`` in ``tmp_path``, importable (with the tests' own modules, which it
+    may import) from the working directory ``tmp_path``: a user's ``module:function`` for the CLI."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.chdir(tmp_path)

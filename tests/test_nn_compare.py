@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from _torch_helpers import user_module
 from torch import nn
 
 import nn_adapters as nna
@@ -304,16 +305,13 @@ def test_a_stage_held_fixed_while_the_keep_fraction_of_the_others_is_swept():
 def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
     """--compare --target all --keep 0.75 0.5 --keep-stage heads=0.5: the report says which stage is fixed and
     the rows keep half of the heads; with an MLP's --compression budgets --keep-stage is refused."""
-    (tmp_path / "encmods.py").write_text(
+    user_module(tmp_path, monkeypatch, "encmods",
         "import torch\n"
         "from test_nn_compare import _EncoderClassifier\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
         "    x, y = torch.randn(40, 6, 16), torch.randint(0, 3, (40,))\n"
         "    return _EncoderClassifier().eval(), [x[:24]], [(x[24:], y[24:])]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
-    monkeypatch.chdir(tmp_path)
     args = _parser().parse_args(["prune", "encmods:build", "--compare", "--target", "all", "--keep", "0.75", "0.5",
                                  "--keep-stage", "heads=0.5", "--methods", "asym", "--report-dir", "rep"])
     assert args.func(args) == 0

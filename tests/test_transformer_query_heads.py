@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import assert_reloads_and_generates, hooked_rows, ragged_token_batches, zeroed_heads
+from _torch_helpers import assert_reloads_and_generates, hooked_rows, ragged_token_batches, user_module, zeroed_heads
 
 from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
 
@@ -211,7 +211,7 @@ def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
     (the reloaded attention's counts); with an MLP --head-unit is refused in one line."""
     from submod.cli import main
 
-    (tmp_path / "qmods.py").write_text(
+    user_module(tmp_path, monkeypatch, "qmods",
         "import torch\n"
         "from test_transformer_query_heads import build, data\n"
         "def llama():\n"
@@ -219,9 +219,6 @@ def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
         "def mlp():\n"
         "    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
         "    return net, [torch.randn(16, 4)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
-    monkeypatch.chdir(tmp_path)
     assert main(["prune", "qmods:llama", "--target", "heads", "--keep", "0.5", "--head-unit", "query",
                  "--out", "q"]) == 0
     again = load_pruned(tmp_path / "q")
