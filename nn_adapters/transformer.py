@@ -1477,8 +1477,9 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     if allocation != "uniform" and "heads" in stages and any(b.head_parts > 1 for b in blocks):
         blk = next(b for b in blocks if b.head_parts > 1)
         raise ValueError(f"allocation={allocation!r} is not supported for heads that must be kept evenly over "
-                         f"{blk.head_parts} model-parallel blocks (block {blk.name!r}): pass allocation='uniform', or "
-                         "target='ffn'.")
+                         f"{blk.head_parts} parts (block {blk.name!r}: CodeGen's model-parallel blocks, or the "
+                         "key/value groups with head_unit='query'): pass allocation='uniform', or target='ffn' (or "
+                         "head_unit='group' for the groups).")
     fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
     stage_keep = _stage_keep(keep, target)
     keep = (stage_keep if stage_keep is not None else {b.name: f for b, f in zip(blocks, fractions, strict=True)}
