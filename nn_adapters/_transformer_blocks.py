@@ -2128,20 +2128,21 @@ class _HFPhi3Block(_FusedGateUp):
     gate and up fused in ``mlp.gate_up_proj``. The attention finds its key rows at ``config.num_attention_heads *
     head_dim``, read from the config every layer shares: an attention that loses heads gets an
     :class:`OwnHeadCounts` view of it with its head counts, so the other layers and the model's config are
-    unchanged and every other setting still comes from the shared config."""
-
-    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
+    unchanged and every other setting still comes from the shared config. Query heads go alone with
+    ``head_unit="query"`` as in the other Llama-style layers (their rows of the first block of ``qkv_proj``)."""
 
     kind = "hf_phi3"
     QKV = ("qkv_proj",)
 
     def _widths(self) -> tuple[int, int]:
         """Rows of ``qkv_proj`` holding the queries, and the keys (as many hold the values)."""
-        return self.num_heads * self.head_dim, self.head_units * self.head_dim
+        return self.num_heads * self.head_dim, self.num_heads // self.kv_groups * self.head_dim
 
     def qkv_weights(self) -> list[torch.Tensor]:
         weight = weight_of(_get(self.module, self.SA).qkv_proj)
         q, kv = self._widths()
+        if self.query_heads:  # a unit is a query head: its query rows (the key and value heads stay)
+            return [weight[:q]]
         return [weight[:q], weight[q:q + kv], weight[q + kv:]]
 
     def _qkv_rows(self, q_rows: torch.Tensor, k_rows: torch.Tensor,
@@ -2153,8 +2154,8 @@ class _HFPhi3Block(_FusedGateUp):
                      out_bias: torch.Tensor | None = None) -> None:
         super().shrink_heads(keep, out_weight, out_bias)
         sa = _get(self.module, self.SA)
-        if hasattr(getattr(sa, "config", None), "num_attention_heads"):
-            sa.config = OwnHeadCounts(sa.config, int(keep.numel()) * self.kv_groups, int(keep.numel()))
+        if hasattr(getattr(sa, "config", None), "num_attention_heads"):  # the counts after the cut
+            sa.config = OwnHeadCounts(sa.config, self.num_heads, self.num_heads // self.kv_groups)
 
 
 class _HFGlmBlock(_FusedGateUp):

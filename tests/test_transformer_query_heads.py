@@ -30,6 +30,7 @@ def build(name: str = "llama", kv: int = KV) -> torch.nn.Module:
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = {"llama": lambda: transformers.LlamaConfig(**common),
            "qwen3": lambda: transformers.Qwen3Config(**common),  # q_norm / k_norm over head_dim, shared by the heads
+           "phi3": lambda: transformers.Phi3Config(**common),  # query, key and value fused in qkv_proj
            "cohere_qk": lambda: transformers.CohereConfig(**common, use_qk_norm=True),  # a norm weight per head
            "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
            "gpt_oss": lambda: transformers.GptOssConfig(**{**common, "intermediate_size": 16}, num_local_experts=4,
@@ -56,6 +57,13 @@ def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
     return ragged_token_batches(VOCAB, n)
 
 
+def key_value_weights(attn: torch.nn.Module) -> torch.Tensor:
+    """The key and value rows of an attention (Phi-3: the rows of its fused qkv_proj after the queries')."""
+    if hasattr(attn, "qkv_proj"):
+        return attn.qkv_proj.weight[attn.o_proj.in_features:]
+    return torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+
+
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits[batch["attention_mask"].bool()]
@@ -65,7 +73,7 @@ def balanced(kept: list[int], per: int) -> bool:
     return np.bincount(np.asarray(kept) // GROUPS, minlength=KV).tolist() == [per] * KV
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "cohere_qk", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "cohere_qk", "mixtral", "gpt_oss"])
 @pytest.mark.parametrize("method", ["asym", "layer", "magnitude", "wanda", "random"])
 def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method: str) -> None:
     """Without refit the pruned model computes the original with the removed query heads' o_proj columns zeroed;
@@ -82,8 +90,7 @@ def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method:
     for old, new in zip(model.model.layers, pruned.model.layers, strict=True):
         sa = new.self_attn
         assert sa.num_key_value_groups == GROUPS // 2 and sa.o_proj.in_features == HEADS // 2 * HEAD_DIM
-        torch.testing.assert_close(sa.k_proj.weight, old.self_attn.k_proj.weight)
-        torch.testing.assert_close(sa.v_proj.weight, old.self_attn.v_proj.weight)
+        torch.testing.assert_close(key_value_weights(sa), key_value_weights(old.self_attn))
 
 
 def test_layer_mode_selection_is_forward_selection_under_the_group_quota() -> None:
@@ -111,21 +118,29 @@ def test_layer_mode_selection_is_forward_selection_under_the_group_quota() -> No
         assert report.units[0].kept == sorted(chosen)
 
 
-def test_magnitude_ranks_the_query_heads_within_each_group() -> None:
-    """The magnitude score of a query head reads its query rows and its o_proj columns (the shared key and value
-    heads stay); the 2 best of each group are kept."""
-    model, batches = build(), data(2)
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_magnitude_ranks_the_query_heads_within_each_group(name: str) -> None:
+    """The magnitude score of a query head reads its query rows (Phi-3: the first rows of qkv_proj) and its o_proj
+    columns (the shared key and value heads stay); the 2 best of each group are kept."""
+    model, batches = build(name), data(2)
+    with torch.no_grad():  # large key and value rows of unequal norms: they must not enter any query head's score
+        for layer in model.model.layers:
+            sa = layer.self_attn
+            kv = sa.qkv_proj.weight[HEADS * HEAD_DIM:] if name == "phi3" else sa.k_proj.weight
+            kv.mul_(torch.arange(1, kv.shape[0] + 1, dtype=kv.dtype).flip(0).view(-1, 1) * 10.0)
     _, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude", reweight=False,
                                   head_unit="query")
     for layer, u in zip(model.model.layers, report.units, strict=True):
-        q, o = layer.self_attn.q_proj.weight.detach().double(), layer.self_attn.o_proj.weight.detach().double()
+        sa = layer.self_attn
+        q = (sa.qkv_proj.weight[:HEADS * HEAD_DIM] if name == "phi3" else sa.q_proj.weight).detach().double()
+        o = sa.o_proj.weight.detach().double()
         score = np.array([float(q[h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()
                                 + o[:, h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()) for h in range(HEADS)])
         want = sorted(g * GROUPS + i for g in range(KV) for i in np.argsort(-score[g * GROUPS:(g + 1) * GROUPS])[:2])
         assert u.kept == want
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "gpt_oss"])
 def test_refit_reload_and_generation(tmp_path, name: str) -> None:
     """asym with refit is closer to the original than without; the pruned model's spec (version 2) records the
     groups' query heads, it reloads from its config with the same logits and generates with its cache; a spec of
@@ -181,8 +196,8 @@ def test_without_groups_query_and_group_units_are_the_same() -> None:
 
 
 def test_refusals() -> None:
-    """An unknown unit, a block whose query heads cannot go alone (StableLM, Phi-3's fused projection, Falcon's
-    key/value groups) and the error-curve allocation of such heads are refused with the fix."""
+    """An unknown unit, a block whose query heads cannot go alone (StableLM, Falcon's key/value groups) and the
+    error-curve allocation of such heads are refused with the fix."""
     model, batches = build(), data(2)
     with pytest.raises(ValueError, match="head_unit must be 'group' .* or 'query'"):
         prune_transformer(model, batches, keep=0.5, target="heads", head_unit="queries")
@@ -191,13 +206,9 @@ def test_refusals() -> None:
     stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
         num_key_value_heads=KV, max_position_embeddings=32)).eval()
-    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
-        num_key_value_heads=KV, max_position_embeddings=32, pad_token_id=0)).eval()
-    for model in (stablelm, phi3):
-        with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
-                                             "pass head_unit='group'"):
-            prune_transformer(model, batches, keep=0.5, target="heads", head_unit="query")
+    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
+                                         "pass head_unit='group'"):
+        prune_transformer(stablelm, batches, keep=0.5, target="heads", head_unit="query")
     falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS, num_kv_heads=KV,
         new_decoder_architecture=True)).eval()
