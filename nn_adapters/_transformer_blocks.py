@@ -785,9 +785,9 @@ class _HFBlock(_Block):
         give it ``out_weight`` and ``out_bias``)."""
         sa = _get(self.module, self.SA)
         for name, r in zip(self.QKV, rows, strict=True):
-            lin = getattr(sa, name)
-            if lin is None:  # a projection the layer does without (Gemma 4's values taken from the keys)
-                continue
+            lin = getattr(sa, name, None)
+            if lin is None:  # a projection the layer does without (Gemma 4's values taken from the keys, or its
+                continue  # layers that reuse an earlier layer's keys and values)
             setattr(sa, name, _linear_like(lin, weight_of(lin)[r], None if lin.bias is None else lin.bias[r]))
         out = self.out_proj
         w = weight_of(out)[:, cols] if out_weight is None else out_weight
@@ -1953,9 +1953,12 @@ class _HFLlamaBlock(_HFBlock):
         if groups is None or groups == self.kv_groups:
             super().set_sizes(intermediate_size, num_heads)
             return
-        self.prepare_heads()
+        token = QUERY_HEADS.set(True)
+        try:
+            self.prepare_heads()
+        finally:
+            QUERY_HEADS.reset(token)
         sa = _get(self.module, self.SA)
-        setattr(sa, _QUERY_MARK, True)
         n_kv = self.num_heads // self.kv_groups
         self.shrink_heads((torch.arange(n_kv).view(-1, 1) * self.kv_groups + torch.arange(groups)).reshape(-1))
         setattr(sa, _QUERY_MARK, False)  # then whole groups, where some went too
@@ -3632,12 +3635,11 @@ class _HFGemma4Block(_HFGemma2Block):
     no ``v_proj``; a key/value group is then its key rows). In the E models the last layers reuse the keys and
     values of the last earlier layer of their type (``num_kv_shared_layers``; handed on in ``shared_kv_states``,
     which the pruner gives each network it runs, see ``_STREAM_STATES`` in nn_adapters/transformer.py), and may have
-    an FFN twice as wide (``use_double_wide_mlp``): their FFNs are pruned, but not the heads of the layers that
-    share keys and values (the reused groups would have to go in every layer at once). Layers with a mixture of
-    experts beside the MLP (``enable_moe_block``) are :class:`_HFGemma4MoEBlock`'s; where their experts are not in
-    transformers 5's layout, their FFN is refused here (their heads are pruned)."""
-
-    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
+    an FFN twice as wide (``use_double_wide_mlp``): their FFNs are pruned, and their query heads with
+    ``head_unit="query"`` (the keys and values, reused, stay), but not their key/value groups (a reused group would
+    have to go in every layer at once). Layers with a mixture of experts beside the MLP (``enable_moe_block``) are
+    :class:`_HFGemma4MoEBlock`'s; where their experts are not in transformers 5's layout, their FFN is refused here
+    (their heads are pruned)."""
 
     kind = "hf_gemma4"
     #: The first module of the per-layer input's term, whose input is the FFN's residual sum: Gemma 4's gate, or
@@ -3669,11 +3671,12 @@ class _HFGemma4Block(_HFGemma2Block):
         # a layer that stores its keys and values for later layers: transformers >= 5.24 marks the last layer of
         # each type so even when no layer reuses them (num_kv_shared_layers == 0)
         reused = getattr(getattr(sa, "config", None), "num_kv_shared_layers", 1) != 0
-        if getattr(sa, "is_kv_shared_layer", False) or (getattr(sa, "store_full_length_kv", False) and reused):
+        sharing = getattr(sa, "is_kv_shared_layer", False) or (getattr(sa, "store_full_length_kv", False) and reused)
+        if sharing and not (QUERY_HEADS.get() and self.kv_groups > 1):  # query heads alone leave the keys and values
             raise ValueError(f"block {self.name!r}: its attention shares its keys and values with other layers (a "
                              "Gemma 4 model with num_kv_shared_layers > 0: later layers reuse them), so its "
                              "key/value groups cannot be removed from one layer alone: prune target='ffn' on this "
-                             "model.")
+                             "model, or its query heads alone (head_unit='query').")
         super().prepare_heads()
 
     def set_sizes(self, intermediate_size: int, num_heads: int) -> None:

@@ -125,15 +125,16 @@ def eps(norm: nn.Module) -> float:
     return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", None)))
 
 
-def zeroed_original(model: nn.Module, report) -> nn.Module:
+def zeroed_original(model: nn.Module, report, width: int = GROUP * HEAD_DIM) -> nn.Module:
+    """The unpruned model with the removed units' consumer columns zeroed (``width`` columns an attention unit: a
+    key/value group's query heads by default, ``HEAD_DIM`` for query heads)."""
     masked = copy.deepcopy(model)
     for unit in report.units:
         layer = layers(masked)[int(unit.block.rpartition(".")[2])]
         gone = sorted(set(range(unit.n_units)) - set(unit.kept))
         if unit.stage == "ffn":
             consumer, cols = layer.mlp.down_proj, gone
-        else:  # a unit is a key/value group: its query heads' columns of o_proj
-            width = GROUP * HEAD_DIM
+        else:  # an attention unit: its columns of o_proj
             consumer, cols = layer.self_attn.o_proj, [u * width + i for u in gone for i in range(width)]
         with torch.no_grad():
             consumer.weight[:, cols] = 0.0
@@ -486,6 +487,29 @@ def test_gemma4_shared_keys_and_values_without_refit_is_the_original_with_the_re
         with pytest.raises(ValueError, match=r"'model\.layers\.0': its attention shares its keys and values with "
                                              r"other layers.*num_kv_shared_layers > 0.*target='ffn'"):
             prune_transformer(model, data, keep=0.5, target=target)
+
+
+def test_gemma4_layers_sharing_keys_and_values_lose_query_heads(tmp_path) -> None:
+    """With head_unit="query" the layers that hand on and that reuse keys and values lose query heads (as many in
+    every group; their keys and values, and so what the later layers read, stay): without refit the pruned causal
+    LM computes and generates what the unpruned one does with the removed heads' o_proj columns zeroed, and
+    reloads; with refit (asym, the FFN too) it is closer to the original than without."""
+    model, data = _kv_shared(head=True), batches()
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", method="wanda", reweight=False,
+                                       head_unit="query")
+    assert [(u.n_units, u.n_kept) for u in report.units] == [(HEADS, HEADS // 2)] * 4
+    assert all(np.bincount(np.asarray(u.kept) // GROUP).tolist() == [GROUP // 2] * KV_HEADS for u in report.units)
+    assert_like_the_zeroed_model_and_reloads(model, pruned, zeroed_original(model, report, HEAD_DIM), data, tmp_path)
+    for a, b in zip(layers(model), layers(pruned), strict=True):
+        if not a.self_attn.is_kv_shared_layer:
+            torch.testing.assert_close(b.self_attn.k_proj.weight, a.self_attn.k_proj.weight)
+    errs = []
+    for reweight in (False, True):
+        p, _ = prune_transformer(model, data, keep=0.5, target="all", reweight=reweight, head_unit="query")
+        with torch.no_grad():
+            errs.append(sum(float((p(**b).logits - model(**b).logits)[b["attention_mask"].bool()].square().sum())
+                            for b in data))
+    assert errs[1] < errs[0]
 
 
 @pytest.mark.parametrize(("types", "keep"), [(("sliding_attention", "full_attention") * 2, 0.5),
