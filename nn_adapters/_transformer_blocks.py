@@ -3905,10 +3905,6 @@ class _HFCodeGenBlock(_HFGPTJBlock):
     def head_parts(self) -> int:
         return int(getattr(_get(self.module, self.SA), "mp_num", 4))
 
-    @property
-    def num_heads(self) -> int:
-        return int(self.out_proj.in_features) // self.head_dim
-
     def _qkv_rows(self, keep: torch.Tensor, by_head: bool) -> torch.Tensor:
         """The rows of ``qkv_proj`` of the heads ``keep`` (sorted, as many in every block): in the fused layout
         (block by block, then queries, values, keys) or, with ``by_head``, head by head (each head's query,

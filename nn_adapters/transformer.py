@@ -1017,7 +1017,7 @@ def _with_stage_keep(fraction: float | None, stage_keep: Mapping[str, float], ta
     ``"ffn"``) prunes (the heads and the FFN for ``"all"``) and ``stage_keep``'s fraction in the stages it names:
     what the CLI's ``--keep F --keep-stage STAGE=G`` asks for. Without ``fraction`` the stages not named keep
     every unit."""
-    swept = {"all": ("heads", "ffn"), "heads": ("heads",), "experts": ("experts",)}.get(target or "ffn", ("ffn",))
+    swept = [s for s in ("heads", "ffn", "experts") if (target or "ffn") in _STAGE_KEYS[s]]
     return {**{s: float(fraction) for s in swept if fraction is not None}, **stage_keep}
 
 
@@ -1974,13 +1974,13 @@ def _check_unit_removal(blk: _Block, x: torch.Tensor, ctx: dict[str, Any], count
         # in half precision, the rounding of the two computations alone can exceed the tolerance: compare in float32
         x, ctx = x.float(), _cast_floats(ctx, torch.float32)
     outs = []
+    # the first head unit of each part (of the only part, for most blocks)
+    first = np.flatnonzero(np.diff(blk.head_part_labels(), prepend=-1)) if stage == "heads" else None
     for shrink in (False, True):
         probe = type(blk)(blk.name, copy.deepcopy(blk.module).to(x.dtype))
         probe.for_probe()
         try:  # cutting the unit's rows (projections of other widths than assumed) or the forward may fail
             with torch.no_grad():
-                if stage == "heads":  # the first unit of each part (of the only part, for most blocks)
-                    first = np.flatnonzero(np.diff(probe.head_part_labels(), prepend=-1))
                 if stage == "heads" and shrink:
                     probe.shrink_heads(torch.as_tensor(np.setdiff1d(np.arange(probe.head_units), first)))
                 elif stage == "heads":

@@ -631,7 +631,7 @@ class SparseRegression(SetFunction):
                 values[t + 1] = state.value
                 kept_counts[t + 1] = len(state.kept)
         return RegressionPath(self, selected, values, np.array(state.kept, dtype=np.int64), kept_counts, rule,
-                              n_useful)
+                              n_useful, constraint)
 
 
 # ---------------------------------------------------------------------------------------------- the path
@@ -665,6 +665,9 @@ class RegressionPath:
         ``"greedy"`` or ``"omp"``.
     n_useful : int
         Number of leading picks made while a unit with a non-degenerate column was available.
+    constraint : PartitionMatroid or None
+        The constraint the picks were made under (:meth:`SparseRegression.greedy_path`), or ``None``: with one,
+        the cardinality case's ``1 - exp(-gamma)`` bound and the path bounds of ``verification`` do not apply.
     """
 
     objective: SparseRegression
@@ -674,6 +677,7 @@ class RegressionPath:
     kept_counts: np.ndarray
     rule: str
     n_useful: int
+    constraint: PartitionMatroid | None = None
     gains: np.ndarray = field(init=False)
     errors: np.ndarray = field(init=False)
     relative_errors: np.ndarray = field(init=False)

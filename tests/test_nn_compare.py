@@ -87,19 +87,20 @@ def test_unlabeled_calibration_leaves_out_the_labelled_baseline():
     assert {"asym", "seq", "layer", "random", "weight_norm", "act_norm"} <= {r["method"] for r in res["rows"]}
 
 
+class _EncoderClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
 def test_a_transformer_is_compared_over_keep_fractions():
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.head(self.encoder(x).mean(1))
-
     torch.manual_seed(0)
-    model = Classifier().eval()
+    model = _EncoderClassifier().eval()
     x = torch.randn(40, 6, 16)
     y = torch.randint(0, 3, (40,))
     res = compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[0.5], budget="keep",
@@ -259,17 +260,6 @@ def test_evaluation_data_that_is_not_batches_is_refused():
         compare_methods(net, x[:50], x[50:], budgets=[2], verbose=False)
 
 
-class _EncoderClassifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.encoder(x).mean(1))
-
-
 def test_a_stage_held_fixed_while_the_keep_fraction_of_the_others_is_swept():
     """stage_keep={"heads": 0.5} with target="all": at each budget b the heads keep half and the FFN keeps b, the
     same pruned models as nna.prune with keep={"heads": 0.5, "ffn": b} (their accuracies computed here by hand);
@@ -300,6 +290,8 @@ def test_a_stage_held_fixed_while_the_keep_fraction_of_the_others_is_swept():
     for kwargs in ({"budget": "keep", "budgets": [0.5]}, {"budgets": [2.0]}):
         with pytest.raises(ValueError, match="transformer blocks and budget='keep'; drop stage_keep"):
             compare_methods(net, xm[:50], [(xm[50:], ym[50:])], stage_keep={"ffn": 0.5}, verbose=False, **kwargs)
+    with pytest.raises(ValueError, match="attention unit of transformer blocks.*drop head_unit"):
+        compare_methods(net, xm[:50], [(xm[50:], ym[50:])], budgets=[2.0], head_unit="query", verbose=False)
 
 
 def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):

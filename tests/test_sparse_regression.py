@@ -245,6 +245,7 @@ def test_greedy_path_under_a_partition_matroid_equals_brute_force(inst):
     c = submod.PartitionMatroid(parts, quota)
     rank = sum(min(int((parts == p).sum()), quota) for p in (0, 1))
     path = f.greedy_path(rank, constraint=c)
+    assert path.constraint is c and f.greedy_path(1).constraint is None
     units = [list(g) for g in f.groups]
     assert path.selected.tolist() == brute_forward(A, Y, units, rank, ridge, intercept, parts=parts.tolist(),
                                                    quota=quota)

@@ -14,7 +14,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _torch_helpers import assert_reloads_and_generates, hooked_rows, ragged_token_batches, zeroed_heads
+from _torch_helpers import (
+    assert_reloads_and_generates,
+    hooked_rows,
+    ragged_token_batches,
+    real_token_states,
+    zeroed_heads,
+)
 
 from nn_adapters.transformer import load_pruned, prune_transformer, save_pruned
 
@@ -49,11 +55,6 @@ def head_rows(h: int) -> list[int]:
     return [p * 3 * local + part * local + i * HEAD_DIM + j for part in range(3) for j in range(HEAD_DIM)]
 
 
-def out(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).last_hidden_state[batch["attention_mask"].bool()]
-
-
 def balanced(kept: list[int], per_part: int) -> bool:
     return np.bincount(np.asarray(kept) // PER, minlength=PARTS).tolist() == [per_part] * PARTS
 
@@ -70,7 +71,7 @@ def test_heads_are_kept_evenly_and_act_as_the_zeroed_original(method: str, keep:
     assert len(heads) == LAYERS and all(u.n_kept == PARTS * per_part and balanced(u.kept, per_part) for u in heads)
     zeroed = zeroed_heads(model, report, HEAD_DIM, out_proj="attn.out_proj")
     for b in data:
-        torch.testing.assert_close(out(pruned, b), out(zeroed, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(real_token_states(pruned, b), real_token_states(zeroed, b), atol=1e-5, rtol=1e-5)
     for layer in blocks(pruned):
         attn = layer.attn
         assert attn.num_attention_heads * HEAD_DIM == attn.embed_dim == attn.out_proj.in_features
@@ -141,7 +142,8 @@ def test_the_refit_lowers_the_error_and_the_model_reloads_and_generates(tmp_path
     errs = []
     for reweight in (False, True):
         pruned, _ = prune_transformer(base, data, keep=0.5, target="all", method="asym", reweight=reweight)
-        errs.append(sum(float((out(pruned, b) - out(base, b)).square().sum()) for b in data))
+        errs.append(sum(float((real_token_states(pruned, b) - real_token_states(base, b)).square().sum())
+                        for b in data))
     assert errs[1] < errs[0]
     pruned, report = prune_transformer(model, data, keep=0.5, target="all", method="asym")
     assert all(balanced(u.kept, 2) for u in report.units if u.stage == "heads")
