@@ -17,9 +17,10 @@ kept set is then optimal for the objective on the calibration tokens), and other
 time, each time the one whose removal increases the error least (backward elimination; no guarantee: ``err`` is
 not known to be supermodular, as routing couples the experts).
 
-The experts' outputs are computed once per (token, expert) pair that some routing needs, and cached with their
-inner products (:class:`PairProducts`); a kept set's error then costs one router call and ``k^2`` numbers per token
-whose routing it changes, and a step of backward elimination, for a router that renormalises over each token's
+The experts' outputs are computed for the (token, expert) pairs that some routing needs, cached up to
+:data:`OUTPUT_CACHE_BYTES` (past it, computed again when needed), and their inner products kept per token
+(:class:`PairProducts`); a kept set's error then costs one router call and ``k^2`` numbers per token whose routing
+it changes, and a step of backward elimination, for a router that renormalises over each token's
 top-k, one router call for all its candidates (:func:`search_kept`).
 """
 
@@ -51,6 +52,13 @@ CANDIDATE_CHUNK = 65536
 BATCHED_ENUMERATION = True
 #: (kept set, token, ranked expert) entries the batched enumeration holds at once.
 ENUMERATION_CHUNK = 1 << 22
+#: Bytes of experts' outputs (one row of the hidden width per token and expert) :class:`ExpertOutputs` keeps; the
+#: outputs past it are computed again when needed. With the whole search's outputs cached (about ``k + 5`` per
+#: token for backward elimination), no output is computed twice; the bound keeps a long calibration run's memory
+#: from growing with its tokens (hidden 2048, float32: 1 GiB holds about 16 outputs of 8,000 tokens).
+OUTPUT_CACHE_BYTES = 1 << 30
+#: Bytes of float64 experts' outputs gathered at once by the chunked reads (routed sums, norms, pair products).
+GATHER_CHUNK_BYTES = 64 << 20
 
 
 def _is_expert_count(name: str, module: nn.Module) -> bool:
@@ -195,49 +203,84 @@ def first_kept(w: torch.Tensor, idx: torch.Tensor, kept: torch.Tensor, k: int, r
 
 class ExpertOutputs:
     """The outputs ``y_e(x_t)`` of the experts of ``blk`` on the token rows ``x``, computed on demand for the
-    (token, expert) pairs asked for and cached in the dtype the experts compute them in (no rounding: float32 for a
-    float32 model, half the memory of float64; read as float64).
+    (token, expert) pairs asked for, and cached up to :data:`OUTPUT_CACHE_BYTES` (``cache_bytes``) in the dtype
+    the experts compute them in (no rounding: float32 for a float32 model, half the memory of float64; read as
+    float64). Past that bound, an output is computed again each time it is needed (the values are the same): the
+    memory does not grow with the number of calibration tokens beyond the per-token tables (an index of ``E``
+    integers a token), whatever the hidden width. ``computed`` counts the outputs computed (one per token and
+    expert each time).
 
     With ``scale`` (``(n_tokens, E)``: a router whose score multiplies the expert's input, Llama 4's), the output of
     a pair is ``y_e(s_te x_t)``, ``s_te`` the score the router gives expert ``e`` on token ``t`` when it routes the
     token there (the same whichever other experts it routes to, or are kept); a routed sum then adds the outputs
     with weight 1 (:meth:`out_weights`)."""
 
-    def __init__(self, blk: Any, x: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    def __init__(self, blk: Any, x: torch.Tensor, scale: torch.Tensor | None = None,
+                 cache_bytes: int | None = None) -> None:
         self.blk, self.x, self.scale = blk, x, scale
+        self.cache_bytes = OUTPUT_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.slot = torch.full((x.shape[0], blk.n_experts), -1, dtype=torch.long, device=x.device)
         self.buf = torch.empty(0, x.shape[1], dtype=x.dtype if x.is_floating_point() else torch.float64,
                                device=x.device)
-        self.n = 0
+        self.n = self.computed = 0
+
+    def _store(self, tok: torch.Tensor, e: torch.Tensor, y: torch.Tensor) -> None:
+        """Cache the outputs ``y`` of the pairs ``(tok, e)`` (each new), as many as fit in the bound."""
+        if torch.promote_types(y.dtype, self.buf.dtype) != self.buf.dtype:  # wider than the buffer
+            self.buf = self.buf.to(torch.promote_types(y.dtype, self.buf.dtype))
+        row_bytes = self.x.shape[1] * self.buf.element_size()
+        room = max(0, self.cache_bytes // max(1, row_bytes) - self.n)
+        m = min(room, tok.numel())
+        if m == 0:
+            return
+        need = self.n + m
+        if need > self.buf.shape[0]:
+            cap = max(1, self.cache_bytes // max(1, row_bytes))
+            grown = torch.empty(min(cap, max(need, 2 * self.buf.shape[0])), self.x.shape[1], dtype=self.buf.dtype,
+                                device=self.x.device)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:need] = y[:m]
+        self.slot[tok[:m], e[:m]] = torch.arange(self.n, need, device=self.slot.device)
+        self.n = need
 
     def gather(self, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``(m, k, H)``: the outputs of the experts ``idx`` ``(m, k)`` (original indices) on the token rows
-        ``tokens`` ``(m,)`` (all of them, in order, by default)."""
+        """``(m, k, H)`` float64: the outputs of the experts ``idx`` ``(m, k)`` (original indices) on the token
+        rows ``tokens`` ``(m,)`` (all of them, in order, by default); those not cached are computed (once each)
+        and cached as far as the bound allows. Its result is as large as asked for: callers over many tokens ask
+        in chunks (:meth:`mixture`, :meth:`norms`)."""
         if tokens is None:
             tokens = torch.arange(idx.shape[0], device=idx.device)
         rows = tokens.unsqueeze(1).expand_as(idx)
-        missing = self.slot[rows, idx] < 0
-        if bool(missing.any()):
-            n_tok = self.x.shape[0]
-            tok, e = rows[missing], idx[missing]
-            pairs = torch.unique(e * n_tok + tok)  # each missing pair once
-            tok, e = pairs % n_tok, pairs // n_tok
-            need = self.n + tok.numel()
-            if need > self.buf.shape[0]:
-                grown = torch.empty(max(need, 2 * self.buf.shape[0]), self.x.shape[1], dtype=self.buf.dtype,
-                                    device=self.x.device)
-                grown[:self.n] = self.buf[:self.n]
-                self.buf = grown
-            for ex in torch.unique(e).tolist():
-                t = tok[e == ex]
-                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.inputs(ex, t))).detach()
-                if torch.promote_types(y.dtype, self.buf.dtype) != self.buf.dtype:  # wider than the buffer
-                    self.buf = self.buf.to(torch.promote_types(y.dtype, self.buf.dtype))
-                self.buf[self.n:self.n + t.numel()] = y
-                self.slot[t, ex] = torch.arange(self.n, self.n + t.numel(), device=t.device)
-                self.n += t.numel()
         pos = self.slot[rows, idx]
-        return self.buf.index_select(0, pos.reshape(-1)).view(*pos.shape, -1).double()
+        out = torch.empty(*idx.shape, self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        hit = pos >= 0
+        if bool(hit.any()):
+            out[hit] = self.buf.index_select(0, pos[hit]).double()
+        miss = ~hit
+        if bool(miss.any()):
+            n_tok = self.x.shape[0]
+            pairs, inverse = torch.unique(idx[miss] * n_tok + rows[miss], return_inverse=True)  # each pair once
+            tok, e = pairs % n_tok, pairs // n_tok
+            fresh = None
+            for ex in torch.unique(e).tolist():
+                sel = (e == ex).nonzero().squeeze(1)
+                y = self.blk.expert_out(ex, self.blk.expert_hidden(ex, self.inputs(ex, tok[sel]))).detach()
+                if fresh is None:
+                    fresh = torch.empty(pairs.numel(), self.x.shape[1], dtype=y.dtype, device=self.x.device)
+                elif torch.promote_types(y.dtype, fresh.dtype) != fresh.dtype:
+                    fresh = fresh.to(torch.promote_types(y.dtype, fresh.dtype))
+                fresh[sel] = y
+            self.computed += pairs.numel()
+            self._store(tok, e, fresh)
+            out[miss] = fresh.double()[inverse]
+        return out
+
+    def _chunk(self, k: int) -> int:
+        """Token rows whose ``(rows, k, H)`` float64 outputs take about :data:`GATHER_CHUNK_BYTES`."""
+        return max(1, GATHER_CHUNK_BYTES // max(1, 8 * k * self.x.shape[1]))
 
     def inputs(self, expert: int, tokens: torch.Tensor) -> torch.Tensor:
         """What ``expert`` reads on the token rows ``tokens``: the rows, times its scores where they scale the
@@ -252,18 +295,35 @@ class ExpertOutputs:
 
     def mixture(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``(m, H)``: the routed sum ``sum_j w_j y_{idx_j}`` on the token rows ``tokens`` (all by default;
-        float64; the weights :meth:`out_weights`)."""
-        return torch.bmm(self.out_weights(w).double().unsqueeze(1), self.gather(idx, tokens)).squeeze(1)
+        float64; the weights :meth:`out_weights`), in chunks of tokens."""
+        if tokens is None:
+            tokens = torch.arange(idx.shape[0], device=idx.device)
+        wd = self.out_weights(w).double()
+        out = torch.empty(idx.shape[0], self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        step = self._chunk(idx.shape[1])
+        for c in range(0, idx.shape[0], step):
+            s = slice(c, c + step)
+            out[s] = torch.bmm(wd[s].unsqueeze(1), self.gather(idx[s], tokens[s])).squeeze(1)
+        return out
+
+    def norms(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(n, k)`` float64: the norms ``||y_{idx_tj}(x_t)||`` of the experts ``idx`` ``(n, k)`` on every token
+        row, in chunks of tokens."""
+        out = torch.empty(idx.shape, dtype=torch.float64, device=self.x.device)
+        step = self._chunk(idx.shape[1])
+        for c in range(0, idx.shape[0], step):
+            tokens = torch.arange(c, min(c + step, idx.shape[0]), device=idx.device)
+            out[c:c + step] = self.gather(idx[c:c + step], tokens).norm(dim=2)
+        return out
 
 
 class PairProducts:
     """Per token ``t``, the inner products ``<T_t, y_e(x_t)>`` and ``<y_e(x_t), y_f(x_t)>`` of the target and the
-    outputs of the experts ``e``, ``f`` it has been routed to by some kept set so far, computed once (from
+    outputs of the experts ``e``, ``f`` it has been routed to by some kept set so far, computed (from
     :class:`ExpertOutputs`) when an expert is first asked for on the token; the squared error of any routing among
     those experts is then ``||T_t||^2 - 2 sum_j w_j <T_t, y_j> + sum_jl w_j w_l <y_j, y_l>``: ``k^2`` numbers a
-    token, whatever the hidden width. Each token's experts have local slots ``0, 1, ...`` (grown as needed)."""
-
-    CHUNK = 1024  # new (token, expert) pairs whose products are computed at once: memory CHUNK x slots x H
+    token, whatever the hidden width. Each token's experts have local slots ``0, 1, ...`` (grown as needed), and
+    ``experts[t, s]`` is the expert of slot ``s`` (``-1`` for none)."""
 
     def __init__(self, outs: ExpertOutputs, target: torch.Tensor) -> None:
         n, dev = target.shape[0], target.device
@@ -275,18 +335,19 @@ class PairProducts:
 
     def _alloc(self, width: int) -> None:
         """(Re)allocate the per-token tables for ``width`` local slots, keeping what they hold."""
-        n, dev, old = self.tt.shape[0], self.tt.device, getattr(self, "rows", None)
-        rows = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        n, dev, old = self.tt.shape[0], self.tt.device, getattr(self, "experts", None)
+        experts = torch.full((n, width), -1, dtype=torch.long, device=dev)
         a = torch.zeros(n, width, dtype=torch.float64, device=dev)
         g = torch.zeros(n, width, width, dtype=torch.float64, device=dev)
         if old is not None:
             w0 = old.shape[1]
-            rows[:, :w0], a[:, :w0], g[:, :w0, :w0] = old, self.a, self.g
-        self.rows, self.a, self.g = rows, a, g
+            experts[:, :w0], a[:, :w0], g[:, :w0, :w0] = old, self.a, self.g
+        self.experts, self.a, self.g = experts, a, g
 
     def _add(self, tokens: torch.Tensor, idx: torch.Tensor) -> None:
         """Give every (token, expert) pair of ``tokens`` ``(m,)`` and ``idx`` ``(m, k)`` without one a local slot,
-        and compute its products with the target and with every expert of the token."""
+        and compute the products of every token that got one (with the target, and between all its experts) from
+        its experts' outputs, in chunks of tokens."""
         pair_tok = tokens.unsqueeze(1).expand_as(idx)
         missing = self.local[pair_tok, idx] < 0
         if not bool(missing.any()):
@@ -294,25 +355,25 @@ class PairProducts:
         n = self.tt.shape[0]
         code = torch.unique(idx[missing] * n + pair_tok[missing])  # each new pair once, sorted by expert then token
         tok, e = code % n, code // n
-        self.outs.gather(e.unsqueeze(1), tok)  # the experts' outputs of the new pairs, computed and cached
         order = torch.argsort(tok, stable=True)
         tok, e = tok[order], e[order]
         first = torch.searchsorted(tok, tok)  # the rank of each new pair among its token's new pairs
         slot = self.count[tok] + torch.arange(tok.numel(), device=tok.device) - first
         self.count.index_add_(0, tok, torch.ones_like(tok))
-        if int(self.count.max()) > self.rows.shape[1]:
-            self._alloc(max(int(self.count.max()), 2 * self.rows.shape[1]))
+        if int(self.count.max()) > self.experts.shape[1]:
+            self._alloc(max(int(self.count.max()), 2 * self.experts.shape[1]))
         self.local[tok, e] = slot
-        self.rows[tok, slot] = self.outs.slot[tok, e]
-        buf = self.outs.buf
-        for c in range(0, tok.numel(), self.CHUNK):
-            t, s = tok[c:c + self.CHUNK], slot[c:c + self.CHUNK]
-            y = buf[self.rows[t, s]].double()  # (c, H)
-            self.a[t, s] = (self.target[t] * y).sum(1)
-            rows = self.rows[t]  # (c, slots): every expert of the token so far, -1 for none
-            prod = torch.einsum("ch,csh->cs", y, buf[rows.clamp_min(0)].double()) * (rows >= 0)
-            self.g[t, s] = prod
-            self.g[t, :, s] = prod
+        self.experts[tok, slot] = e
+        grown = torch.unique_consecutive(tok)
+        width = int(self.count[grown].max())
+        step = self.outs._chunk(width)
+        for c in range(0, grown.numel(), step):
+            t = grown[c:c + step]
+            ex = self.experts[t, :width]
+            used = ex >= 0
+            y = self.outs.gather(torch.where(used, ex, ex[:, :1]), t) * used.unsqueeze(2)  # (c, width, H)
+            self.a[t, :width] = torch.bmm(y, self.target[t].unsqueeze(2)).squeeze(2)
+            self.g[t, :width, :width] = torch.bmm(y, y.transpose(1, 2))
 
     def squared_errors(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(m,)``: ``||T_t - sum_j w_j y_{idx_j}(x_t)||^2`` for the token rows ``tokens`` (float64, >= 0)."""

@@ -1290,9 +1290,11 @@ def prune_transformer(
         nested greedy path over all units, whose prefix errors give the error of every kept size. Costs one
         extra forward of each original block per batch, one more Gram matrix and one greedy path per block. With
         ``target="experts"``, the kept experts are split between the mixtures from each one's least routed error
-        per number of experts kept (never fewer than it routes each token to). Refused for the neurons of
-        mixtures of experts (``target="ffn"``), and for heads that must be kept evenly over model-parallel blocks
-        (CodeGen's: its heads are kept in multiples of 4, as many from each block).
+        per number of experts kept (never fewer than it routes each token to). Heads kept evenly over parts
+        (CodeGen's model-parallel blocks; query heads over key/value groups, ``head_unit="query"``) are split in
+        steps of one head a part, from each block's curve of greedy errors under the per-part quota (one path per
+        quota: ``q`` heads from each part, ``q = 1..`` heads a part); refused where blocks have different numbers
+        of parts. Refused for the neurons of mixtures of experts (``target="ffn"``).
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
@@ -1474,12 +1476,6 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
                          f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
                          "keeps the same fraction of its neurons), or target='heads'.")
-    if allocation != "uniform" and "heads" in stages and any(b.head_parts > 1 for b in blocks):
-        blk = next(b for b in blocks if b.head_parts > 1)
-        raise ValueError(f"allocation={allocation!r} is not supported for heads that must be kept evenly over "
-                         f"{blk.head_parts} parts (block {blk.name!r}: CodeGen's model-parallel blocks, or the "
-                         "key/value groups with head_unit='query'): pass allocation='uniform', or target='ffn' (or "
-                         "head_unit='group' for the groups).")
     fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
     stage_keep = _stage_keep(keep, target)
     keep = (stage_keep if stage_keep is not None else {b.name: f for b, f in zip(blocks, fractions, strict=True)}
@@ -1756,7 +1752,8 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
     """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``), stage
     by stage over the blocks that have it (``per_block``: each block's stages)."""
     xo = [c["x"] for c in cache]
-    curves: dict[str, list[tuple[int, np.ndarray, int]]] = {}  # per stage: (block, curve, least kept count)
+    # per stage: (block, curve, least kept count, step): curve[m] the error with m steps of `step` units kept
+    curves: dict[str, list[tuple[int, np.ndarray, int, int]]] = {}
     for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
         xo = _step_over(oblk, xo, cache, counter, original=True)
         _match_tokens(cache, xo, oblk)
@@ -1766,21 +1763,46 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
         for s in dense:
             n_units, groups = _unit_columns(s, oblk)
             f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
-            curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors, 1))
+            if s == "heads" and oblk.head_parts > 1:  # heads kept evenly over parts: a curve per kept count a part
+                curves.setdefault(s, []).append((i, _balanced_curve(f, oblk.head_part_labels(), rule), 1,
+                                                 oblk.head_parts))
+            else:
+                curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors, 1, 1))
         if len(dense) < len(stages):  # whole experts: the least routed error of each number of experts kept
             calls = side["experts"]
             _check_experts_sum(oblk, calls[0])
             top_k = int(_routing_rows(oblk, calls, cache)[1].shape[1])
             errors = _routed_error(oblk, oblk, "layer", calls, calls, cache)
-            curves.setdefault("experts", []).append((i, expert_error_curve(errors, oblk.n_experts, top_k), top_k))
+            curves.setdefault("experts", []).append((i, expert_error_curve(errors, oblk.n_experts, top_k), top_k,
+                                                     1))
         xo = xo_next
     out: list[dict[str, int]] = [dict(u) for u in uniform]
     for s, found in curves.items():
-        ks = [uniform[i][s] for i, _, _ in found]
-        floors = [min(k, max(lo, math.ceil(min_keep * (len(c) - 1)))) for k, (_, c, lo) in zip(ks, found, strict=True)]
-        for (i, _, _), k in zip(found, allocate_units([c for _, c, _ in found], sum(ks), floors), strict=True):
-            out[i][s] = int(k)
+        steps = sorted({step for *_, step in found})
+        if len(steps) > 1:  # marginal allocation trades units one for one
+            raise ValueError(f"allocation='error-curve' cannot split the {s} of blocks kept in steps of "
+                             f"{' and '.join(map(str, steps))} units (the parts their heads are kept evenly over) "
+                             "between them: pass allocation='uniform'.")
+        step = steps[0]
+        ks = [uniform[i][s] // step for i, *_ in found]
+        floors = [min(k, max(lo, math.ceil(math.ceil(min_keep * (len(c) - 1) * step) / step)))
+                  for k, (_, c, lo, _) in zip(ks, found, strict=True)]
+        for (i, *_), k in zip(found, allocate_units([c for _, c, _, _ in found], sum(ks), floors), strict=True):
+            out[i][s] = int(k) * step
     return out
+
+
+def _balanced_curve(f: submod.sparse_regression.SparseRegression, labels: np.ndarray, rule: str) -> np.ndarray:
+    """``curve[q]``: the error of the greedy selection of ``q`` units from each part (``labels``: each unit's part,
+    every part of the same size), ``q = 0..`` units a part: one greedy path under the partition matroid of quota
+    ``q`` for each (they are not nested)."""
+    n_parts = int(labels.max()) + 1
+    per = labels.size // n_parts
+    curve = np.empty(per + 1)
+    curve[0] = f.y_norm2
+    for q in range(1, per + 1):
+        curve[q] = f.greedy_path(q * n_parts, rule=rule, constraint=PartitionMatroid(labels, q)).errors[-1]
+    return curve
 
 
 def _own_context(block: _Block, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -3017,7 +3039,7 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         if method == "magnitude":
             score = np.array([float(blk.expert_magnitude(e).sum()) for e in range(n_exp)])
         elif method == "wanda":
-            mass = (outs.gather(idx_rec).norm(dim=2) * outs.out_weights(w_rec).double()).reshape(-1)
+            mass = (outs.norms(idx_rec) * outs.out_weights(w_rec).double()).reshape(-1)
             score = torch.zeros(n_exp, dtype=torch.float64).index_add_(0, idx_rec.reshape(-1).cpu(),
                                                                        mass.cpu()).numpy()
         else:
@@ -3026,16 +3048,17 @@ def _prune_experts(blk: _Block, oblk: _Block, mode: str, method: str, reweight: 
         err = float(errors.state(torch.as_tensor(kept))[2].sum())
     keep = torch.as_tensor(kept, dtype=torch.long)
     w_k, idx_k = route(keep)
-    routed = outs.mixture(w_k, idx_k)
+    n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum found here
     if reweight:
         folds = torch.cat([c["fold"] for c in cache])
         down, routed = _refit_experts(blk, keep, outs.x, w_k, torch.searchsorted(keep.to(idx_k.device), idx_k),
                                       target, folds, ridge, outs)
-        err = float((target - routed).square().sum())
+        err = float((target - routed).square_().sum())
+    else:
+        routed = outs.mixture(w_k[:n0], idx_k[:n0])
     blk.drop_experts(keep)
     if reweight:
         blk.shrink_ffn(torch.arange(blk.ffn_units), *down)
-    n0 = int(cache[0]["valid"].sum())  # the pruned layer on the first batch computes the routed sum found here
     with _ExpertCapture(blk) as cap:
         _fwd(blk, xs[0], cache[0]["ctx"] if mode != "layer" else _original_context(cache[0]), counter)
     out = cap.take()["out"]
@@ -3086,30 +3109,32 @@ def _refit_experts(blk: _Block, keep: torch.Tensor, x: torch.Tensor, w: torch.Te
     # a token routed with weight 0 adds nothing to the objective (its row's weight is w^2): left out
     hits = [((pos == e) & (w != 0)).nonzero(as_tuple=True) for e in range(len(ids))]
     device = _stats_device(next(blk.experts.parameters()).device)
-    contrib = torch.zeros(*pos.shape, x.shape[1], dtype=torch.float64, device=x.device)
 
-    def out(e: int, tok: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        y = hidden(e, tok).double() @ torch.as_tensor(weight[e], device=x.device)
+    def out(e: int, h: torch.Tensor, tok: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s weighted output on its tokens ``tok`` (slots ``slot``) from its hidden rows ``h``."""
+        y = h.double() @ torch.as_tensor(weight[e], device=x.device)
         if bias[e] is not None:
             y = y + torch.as_tensor(bias[e], device=x.device)
         return y * w[tok, slot].double().unsqueeze(1)
 
+    # the routed sum; each expert's share is computed again when it is refitted (one expert's tokens at a time:
+    # nothing of tokens x top-k x hidden is held)
+    total = torch.zeros(pos.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
     for e, (tok, slot) in enumerate(hits):
-        contrib[tok, slot] = out(e, tok, slot)
-    total = contrib.sum(1)
+        total.index_add_(0, tok, out(e, hidden(e, tok), tok, slot))
     for _ in range(EXPERT_REFIT_PASSES):
         for e, (tok, slot) in enumerate(hits):
             if tok.numel() == 0:  # no calibration token reaches it: its trained weights
                 continue
+            h = hidden(e, tok)
+            share = out(e, h, tok, slot)
             we = w[tok, slot].double()
-            rest = target[tok] - total[tok] + contrib[tok, slot]
+            rest = target[tok] - total[tok] + share
             stats = _Stats(units, x.shape[1], None, CV_FOLDS, device)
-            stats.update(hidden(e, tok), rest / we.unsqueeze(1), we.square(), folds[tok.cpu()])
+            stats.update(h, rest / we.unsqueeze(1), we.square(), folds[tok.cpu()])
             fit = stats.refit(np.arange(units), ridge.value, None if prior is None else prior[e], blk.experts_bias)
             weight[e], bias[e] = fit[0], fit[1]
-            new = out(e, tok, slot)
-            total[tok] += new - contrib[tok, slot]
-            contrib[tok, slot] = new
+            total.index_add_(0, tok, out(e, h, tok, slot) - share)
     down = (torch.stack([torch.as_tensor(m.T) for m in weight]),
             torch.stack([torch.as_tensor(v) for v in bias]) if blk.experts_bias else None)
     return down, total

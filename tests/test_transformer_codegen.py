@@ -153,14 +153,22 @@ def test_the_refit_lowers_the_error_and_the_model_reloads_and_generates(tmp_path
     assert [layer.attn.num_attention_heads for layer in blocks(again)] == [8, 8]
 
 
-def test_uneven_heads_and_the_error_curve_allocation_are_refused() -> None:
-    """A head set that is not spread evenly cannot be cut (the forward would split the heads wrongly); the
-    error-curve allocation, which picks any count per block, is refused for such heads with the fix."""
-    model, data = build(), ragged_token_batches(VOCAB, 2)
+def test_uneven_heads_are_refused() -> None:
+    """A head set that is not spread evenly cannot be cut (the forward would split the heads wrongly)."""
     from nn_adapters._transformer_blocks import find_blocks
 
-    blk = find_blocks(copy.deepcopy(model))[0]
+    blk = find_blocks(copy.deepcopy(build()))[0]
     with pytest.raises(ValueError, match="as many heads in each of its 4 model-parallel blocks"):
         blk.shrink_heads(torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match="allocation=.uniform., or target=.ffn."):
-        prune_transformer(model, data, keep=0.5, target="heads", allocation="error-curve")
+
+
+def test_the_error_curve_allocation_keeps_heads_in_steps_of_one_a_block(tmp_path) -> None:
+    """allocation="error-curve": the same total as uniform (16 of 32 heads), each layer's count a multiple of 4
+    spread evenly over the 4 model-parallel blocks, and the pruned model reloads and generates."""
+    model, data = build(lm=True), ragged_token_batches(VOCAB, 3)
+    pruned, report = prune_transformer(model, data, keep=0.5, target="heads", allocation="error-curve")
+    counts = [u.n_kept for u in report.units]
+    assert sum(counts) == 2 * HEADS // 2 and all(c % PARTS == 0 and c >= PARTS for c in counts)
+    assert all(balanced(u.kept, u.n_kept // PARTS) for u in report.units)
+    assert [layer.attn.num_attention_heads for layer in blocks(pruned)] == counts
+    assert_reloads_and_generates(pruned, tmp_path / "lm")

@@ -647,29 +647,52 @@ def test_a_bfloat16_mixture_is_pruned_in_its_dtype() -> None:
         assert torch.isfinite(pruned(torch.tensor([[3, 7, 11, 5]])).logits).all()
 
 
-def test_the_pair_products_give_every_routings_squared_error() -> None:
+@pytest.mark.parametrize("cache_rows", [None, 0, 50])
+def test_the_pair_products_give_every_routings_squared_error(cache_rows) -> None:
     """The search's errors from inner products (``||T||^2 - 2 w.a + w^T G w``) equal the squared error of the
     routed sum computed directly, for routings that reach every one of 16 experts on each token (the per-token
-    tables grow past their first 8 slots), asked for in any order and on any subset of the tokens."""
+    tables grow past their first 8 slots), asked for in any order and on any subset of the tokens; the same with
+    the experts' outputs cached without bound (each computed once), not at all, or up to 50 of them (the cache
+    never holds more)."""
     blk = moe_blocks(build_moe("mixtral", num_local_experts=16, num_experts=16, n_routed_experts=16,
                                moe_num_experts=16))[0]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(30, 16, generator=g)
     target = torch.randn(30, 16, generator=g, dtype=torch.float64)
-    outs = experts_mod.ExpertOutputs(blk, x)
+    outs = experts_mod.ExpertOutputs(blk, x, cache_bytes=None if cache_rows is None else cache_rows * 16 * 4)
     products = experts_mod.PairProducts(outs, target)
+    asked = set()
     for step in range(12):
         tokens = torch.randperm(30, generator=g)[:20] if step % 2 else torch.arange(30)
         idx = torch.stack([torch.randperm(16, generator=g)[:3] for _ in tokens])
+        asked |= {(int(t), int(e)) for t, row in zip(tokens, idx) for e in row}
         w = torch.rand(len(tokens), 3, generator=g)
-        want = (target[tokens] - outs.mixture(w, idx, tokens)).square().sum(1)
-        torch.testing.assert_close(products.squared_errors(w, idx, tokens), want, rtol=1e-9, atol=1e-9)
-    assert products.rows.shape[1] > 8 and int(products.count.max()) > 8
+        want = torch.stack([(target[t] - sum(float(w[i, j]) * blk.expert_out(int(e), blk.expert_hidden(
+            int(e), x[t:t + 1])).detach().double()[0] for j, e in enumerate(idx[i]))).square().sum()
+            for i, t in enumerate(tokens.tolist())])  # float32 experts, one token at a time: their rounding
+        torch.testing.assert_close(products.squared_errors(w, idx, tokens), want, rtol=1e-5, atol=1e-5)
+        assert outs.n <= (len(asked) if cache_rows is None else cache_rows)
+        assert outs.buf.shape[0] * outs.buf.element_size() * 16 <= outs.cache_bytes or cache_rows is None
+    assert products.experts.shape[1] > 8 and int(products.count.max()) > 8
+    if cache_rows is None:  # every output computed once
+        assert outs.computed == outs.n == len(asked)
+    else:  # those that did not fit, again when a token's products grew
+        assert outs.n == min(cache_rows, len(asked)) and outs.computed > len(asked)
     # the experts' outputs are held as the experts compute them (float32 here), read as float64
     assert outs.buf.dtype == torch.float32
     idx = torch.tensor([[0, 5, 15]] * 30)
     want = torch.stack([blk.expert_out(e, blk.expert_hidden(e, x)).detach().double() for e in (0, 5, 15)], 1)
     torch.testing.assert_close(outs.gather(idx), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outs.norms(idx), want.norm(dim=2), rtol=1e-6, atol=1e-6)
+    weights = torch.rand(30, 3, generator=g)
+    torch.testing.assert_close(outs.mixture(weights, idx), (want * weights.double().unsqueeze(2)).sum(1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_a_negative_cache_bound_is_refused() -> None:
+    blk = moe_blocks(build_moe("mixtral"))[0]
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        experts_mod.ExpertOutputs(blk, torch.zeros(3, 16), cache_bytes=-1)
 
 
 def test_experts_then_their_neurons_prune_save_and_reload(tmp_path) -> None:
@@ -869,3 +892,33 @@ def test_an_enumeration_whose_weights_depend_on_every_kept_expert_routes_each_se
     monkeypatch.setattr(experts_mod, "BATCHED_ENUMERATION", False)
     want = experts_mod._best_of_size(errors, full, 7, 4)
     assert list(got[0]) == list(want[0]) and got[1] == want[1]
+
+
+@pytest.mark.parametrize("method", ["asym", "wanda"])
+def test_the_cache_bound_and_the_chunks_change_nothing_but_the_work(monkeypatch, method: str) -> None:
+    """Pruning 16-expert mixtures (backward elimination, with the refit) with the experts' outputs not cached at
+    all and read 80 outputs at a time keeps the same experts with the same errors and gives the same model as
+    with the default bound; and no read of the experts' outputs ever asks for more tokens than its chunk."""
+    model, batches = build_moe("mixtral", **{k: 16 for k in EIGHT}), data(2)
+    _, ref = prune_transformer(model, batches, keep=0.5, target="experts", method=method)
+    want = prune_transformer(model, batches, keep=0.5, target="experts", method=method)[0]
+    assert {u.search for u in ref.units} == ({"greedy"} if method == "asym" else {None})
+    monkeypatch.setattr(experts_mod, "OUTPUT_CACHE_BYTES", 0)
+    monkeypatch.setattr(experts_mod, "GATHER_CHUNK_BYTES", 8 * 16 * 80)  # 80 float64 outputs of width 16
+    gather = experts_mod.ExpertOutputs.gather
+    widest = []
+
+    def checked(self, idx, tokens=None):
+        assert self.n == 0 and self.x.shape[1] == 16
+        widest.append(idx.numel())
+        return gather(self, idx, tokens)
+
+    monkeypatch.setattr(experts_mod.ExpertOutputs, "gather", checked)
+    got, report = prune_transformer(model, batches, keep=0.5, target="experts", method=method)
+    assert widest and max(widest) <= 80
+    assert [u.kept for u in report.units] == [u.kept for u in ref.units]
+    assert [u.relative_error for u in report.units] == pytest.approx([u.relative_error for u in ref.units],
+                                                                     rel=1e-6)
+    ids = torch.tensor([[3, 7, 11, 5, 2, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).last_hidden_state, want(ids).last_hidden_state, rtol=1e-5, atol=1e-6)

@@ -93,6 +93,23 @@ def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method:
         torch.testing.assert_close(key_value_weights(sa), key_value_weights(old.self_attn))
 
 
+def quota_selection(a: np.ndarray, y: np.ndarray, per: int) -> list[int]:
+    """Forward selection of query heads (columns of ``a``, HEAD_DIM each) with at most ``per`` from each group, the
+    largest explained energy of ``y`` first (one lstsq per candidate; ties to the lower head)."""
+    chosen: list[int] = []
+    for _ in range(KV * per):
+        full = {g for g in range(KV) if sum(h // GROUPS == g for h in chosen) >= per}
+        gains = {h: explained(a, y, [*chosen, h]) for h in range(HEADS) if h not in chosen and h // GROUPS not in full}
+        chosen.append(max(gains, key=lambda h: (gains[h], -h)))
+    return chosen
+
+
+def explained(a: np.ndarray, y: np.ndarray, heads: list[int]) -> float:
+    cols = np.concatenate([np.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
+    m = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+    return float((y ** 2).sum() - ((y - a[:, cols] @ m) ** 2).sum())
+
+
 def test_layer_mode_selection_is_forward_selection_under_the_group_quota() -> None:
     """Layer mode, ridge 0: the first block's query heads are those of forward selection with at most 2 heads from
     each group, on o_proj's hooked input rows (real tokens) with its unpruned output as target (one lstsq per
@@ -101,21 +118,45 @@ def test_layer_mode_selection_is_forward_selection_under_the_group_quota() -> No
     first = model.model.layers[0].self_attn.o_proj
     a = hooked_rows(model, batches, first, lambda b, x: x[b["attention_mask"].bool()])
     y = a @ first.weight.detach().double().numpy().T
-
-    def value(heads: list[int]) -> float:
-        cols = np.concatenate([np.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
-        m = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
-        return float((y ** 2).sum() - ((y - a[:, cols] @ m) ** 2).sum())
-
     for keep, per in ((0.5, 2), (0.75, 3)):
         _, report = prune_transformer(model, batches, keep=keep, target="heads", method="layer", reweight=False,
                                       ridge=0.0, head_unit="query")
-        chosen: list[int] = []
-        for _ in range(KV * per):
-            full = {g for g in range(KV) if sum(h // GROUPS == g for h in chosen) >= per}
-            gains = {h: value([*chosen, h]) for h in range(HEADS) if h not in chosen and h // GROUPS not in full}
-            chosen.append(max(gains, key=lambda h: (gains[h], -h)))
-        assert report.units[0].kept == sorted(chosen)
+        assert report.units[0].kept == sorted(quota_selection(a, y, per))
+
+
+def test_the_error_curve_allocation_splits_query_heads_a_head_per_group_at_a_time(monkeypatch, tmp_path) -> None:
+    """allocation="error-curve" with query heads: each layer's curve is the error of forward selection with ``q``
+    heads from each group (written out with lstsq on o_proj's hooked rows of the original model, ``q = 0..4``); the
+    layers keep ``2 q`` heads, ``q`` from each group, with the counts that marginal allocation gives for those
+    curves (the same total as uniform); and the model, its layers now with different query heads per group, reloads
+    and generates."""
+    import nn_adapters.transformer as tr
+
+    model, batches = build(), data(4)
+    seen = []
+    allocate = tr.allocate_units
+    monkeypatch.setattr(tr, "allocate_units", lambda c, total, floors: seen.append(c) or allocate(c, total, floors))
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method="layer", reweight=False,
+                                       ridge=0.0, head_unit="query", allocation="error-curve", min_keep=0.25)
+    want = []
+    for layer in model.model.layers:
+        o_proj = layer.self_attn.o_proj
+        a = hooked_rows(model, batches, o_proj, lambda b, x: x[b["attention_mask"].bool()])
+        y = a @ o_proj.weight.detach().double().numpy().T
+        energy = float((y ** 2).sum())
+        want.append([energy] + [energy - explained(a, y, quota_selection(a, y, q)) for q in range(1, GROUPS + 1)])
+    assert len(seen) == 1
+    np.testing.assert_allclose(np.array(seen[0]), np.array(want), rtol=1e-6, atol=1e-9 * max(map(max, want)))
+    steps = allocate([np.array(c) for c in want], LAYERS * GROUPS // 2, [1] * LAYERS)
+    assert [u.n_kept for u in report.units] == [KV * int(q) for q in steps]
+    assert all(balanced(u.kept, int(q)) for u, q in zip(report.units, steps))
+    for u, layer in zip(report.units, model.model.layers):
+        o_proj = layer.self_attn.o_proj
+        a = hooked_rows(model, batches, o_proj, lambda b, x: x[b["attention_mask"].bool()])
+        assert sorted(u.kept) == sorted(quota_selection(a, a @ o_proj.weight.detach().double().numpy().T,
+                                                        u.n_kept // KV))
+    assert [layer.self_attn.num_key_value_groups for layer in pruned.model.layers] == [int(q) for q in steps]
+    assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
 @pytest.mark.parametrize("name", ["llama", "phi3"])
@@ -196,13 +237,11 @@ def test_without_groups_query_and_group_units_are_the_same() -> None:
 
 
 def test_refusals() -> None:
-    """An unknown unit, a block whose query heads cannot go alone (StableLM, Falcon's key/value groups) and the
-    error-curve allocation of such heads are refused with the fix."""
+    """An unknown unit and a block whose query heads cannot go alone (StableLM, Falcon's key/value groups) are
+    refused with the fix."""
     model, batches = build(), data(2)
     with pytest.raises(ValueError, match="head_unit must be 'group' .* or 'query'"):
         prune_transformer(model, batches, keep=0.5, target="heads", head_unit="queries")
-    with pytest.raises(ValueError, match="allocation=.uniform., or target=.ffn."):
-        prune_transformer(model, batches, keep=0.5, target="heads", head_unit="query", allocation="error-curve")
     stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
         num_key_value_heads=KV, max_position_embeddings=32)).eval()
@@ -239,3 +278,15 @@ def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
     assert main(["prune", "qmods:mlp", "--keep", "0.5", "--head-unit", "query", "--out", "m.pt"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "drop --head-unit" in err
+
+
+def test_the_error_curve_allocation_refuses_layers_with_different_numbers_of_groups() -> None:
+    """After the first layer lost a key/value group, its query heads come in steps of 1 and the second layer's in
+    steps of 2: marginal allocation cannot trade them, and says so with the fix."""
+    model, batches = build(), data(2)
+    fewer, _ = prune_transformer(model, batches, keep={0: 0.5, 1: 1.0}, target="heads")
+    assert [layer.self_attn.k_proj.out_features // HEAD_DIM for layer in fewer.model.layers] == [1, 2]
+    with pytest.raises(ValueError, match="cannot split the heads of blocks kept in steps of 1 and 2 units .*"
+                                         "pass allocation='uniform'"):
+        prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query", allocation="error-curve")
+    prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query")  # uniform: each its own steps
