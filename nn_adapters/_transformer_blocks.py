@@ -1815,7 +1815,13 @@ class _HFLlamaBlock(_HFBlock):
                                  f"head's {self.head_dim}), so removing a head would change every other head's "
                                  "attention. Prune target='ffn' on this model.")
         super().prepare_heads()
-        if not hasattr(sa, _GROUPS_MARK):  # the groups as built, which a spec compares with (see spec)
+        self._mark_head_units()
+
+    def _mark_head_units(self) -> None:
+        """Record on the attention the key/value groups as first prepared (which a spec compares with, see
+        :meth:`spec`) and whether its units are query heads (``head_unit="query"``: :data:`QUERY_HEADS`)."""
+        sa = _get(self.module, self.SA)
+        if not hasattr(sa, _GROUPS_MARK):
             setattr(sa, _GROUPS_MARK, self.kv_groups)
         # unmarked where it cannot: prune_transformer then refuses the groups with head_unit="query"
         setattr(sa, _QUERY_MARK, QUERY_HEADS.get() and self.kv_groups > 1 and self.QUERY_HEADS_OK)
@@ -1871,10 +1877,7 @@ class _HFLlamaBlock(_HFBlock):
         n_kv = n_heads // groups
         if self.query_heads:
             per = int(keep.numel()) // n_kv
-            if bool((torch.bincount(keep // groups, minlength=n_kv) != per).any()) or per * n_kv != keep.numel():
-                raise ValueError(f"block {self.name!r}: its query heads are kept as many in each of its {n_kv} "
-                                 f"key/value groups; got heads {keep.tolist()}")
-            heads, kv = keep, torch.arange(n_kv, device=keep.device)
+            heads, kv = _balanced_query_heads(self, keep, n_kv), torch.arange(n_kv, device=keep.device)
         else:
             per, heads, kv = groups, _head_rows(keep, groups), keep  # the query heads of the kept groups
         rows = self._qkv_rows(_head_rows(heads, self.head_dim), _head_rows(kv, self.head_dim),
@@ -1976,6 +1979,16 @@ class _HFLlamaBlock(_HFBlock):
         lin = _get(self.module, self.DOWN) if stage == "ffn" and self.DOWN else None
         lin = lin if isinstance(lin, nn.Linear) else self.out_proj  # a layer without attention has a down projection
         return torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
+
+
+def _balanced_query_heads(blk: _HFLlamaBlock, keep: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``keep``, query heads of ``blk`` kept within its ``n_kv`` key/value groups; a ``ValueError`` unless every
+    group keeps as many."""
+    groups, per = blk.kv_groups, int(keep.numel()) // n_kv
+    if bool((torch.bincount(keep // groups, minlength=n_kv) != per).any()) or per * n_kv != keep.numel():
+        raise ValueError(f"block {blk.name!r}: its query heads are kept as many in each of its {n_kv} key/value "
+                         f"groups; got heads {keep.tolist()}")
+    return keep
 
 
 class _HFAimv2Block(_HFLlamaBlock):
@@ -2775,8 +2788,6 @@ class _HFDbrxBlock(_HFMoEBlock):
     ``e``: rows ``e I`` to ``(e + 1) I - 1``; its output ``(act(x w1_e^T) * (x v1_e^T)) w2_e``). The attention
     splits ``Wqkv``'s output by its ``hidden_size`` and ``num_key_value_heads``, which follow the heads."""
 
-    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
-
     kind = "hf_dbrx"
     SA, QKV, OUT = "norm_attn_norm.attn", ("Wqkv",), "norm_attn_norm.attn.out_proj"
     RESID_FFN = ("norm_attn_norm.norm_2", 0)  # x + ffn(norm_2(x)), the attention's sum entering norm_2
@@ -2800,6 +2811,7 @@ class _HFDbrxBlock(_HFMoEBlock):
     # --- attention: Wqkv's three blocks of unequal widths -----------------------------------------------------
     def prepare_heads(self) -> None:
         _HFBlock.prepare_heads(self)  # hidden_size and num_key_value_heads are kept in step by shrink_heads
+        self._mark_head_units()
 
     def _qkv_blocks(self) -> tuple[int, int]:
         sa = _get(self.module, self.SA)
@@ -2808,21 +2820,29 @@ class _HFDbrxBlock(_HFMoEBlock):
     def qkv_weights(self) -> list[torch.Tensor]:
         q, kv = self._qkv_blocks()
         w = weight_of(_get(self.module, self.SA).Wqkv)
+        if self.query_heads:  # a unit is a query head: its query rows (the key and value heads stay)
+            return [w[:q]]
         return [w[:q], w[q:q + kv], w[q + kv:]]
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         """Keep the key/value groups ``keep``: their query heads' rows of the query block, their rows of the key
-        and value blocks, and the output projection's columns of their query heads."""
+        and value blocks, and the output projection's columns of their query heads. With :attr:`query_heads`,
+        ``keep`` are query heads, as many in every group: their query rows, every key and value row."""
         keep = keep.to(self.out_proj.weight.device)
         sa = _get(self.module, self.SA)
         q, kv = self._qkv_blocks()
-        q_rows = _head_rows(keep, self.kv_groups * self.head_dim)
-        kv_rows = _head_rows(keep, self.head_dim)
+        n_kv = int(sa.num_key_value_heads)
+        if self.query_heads:
+            heads, kept_kv = _balanced_query_heads(self, keep, n_kv), torch.arange(n_kv, device=keep.device)
+        else:
+            heads, kept_kv = _head_rows(keep, self.kv_groups), keep
+        q_rows = _head_rows(heads, self.head_dim)
+        kv_rows = _head_rows(kept_kv, self.head_dim)
         self._cut_attention((torch.cat([q_rows, q + kv_rows, q + kv + kv_rows]),), q_rows, out_weight, out_bias)
-        groups = int(keep.numel())
-        sa.num_heads, sa.num_key_value_heads = groups * self.kv_groups, groups
-        sa.hidden_size = groups * self.kv_groups * self.head_dim
+        sa.num_heads, sa.num_key_value_heads = int(heads.numel()), int(kept_kv.numel())
+        sa.num_key_value_groups = sa.num_heads // sa.num_key_value_heads
+        sa.hidden_size = sa.num_heads * self.head_dim
 
     # --- experts: flat (E I, H) weights ------------------------------------------------------------------------
     @property
@@ -3795,14 +3815,14 @@ class _HFStarcoder2Block(_HFLlamaBlock):
 class _HFStableLmBlock(_HFLlamaBlock):
     """StableLM (``StableLmDecoderLayer``): the Llama-style attention and gated FFN with LayerNorms, pre-LN, the
     attention and FFN one after the other or in parallel (``use_parallel_residual``). Its attention sizes its views
-    by ``num_heads`` and ``num_key_value_heads``, which follow the removed key/value groups (so do ``hidden_size``
-    where it is kept); per-head query/key norms (``qk_layernorm``) are refused for heads."""
-
-    QUERY_HEADS_OK = False  # heads laid out or shared otherwise (see shrink_heads)
+    by ``num_heads`` and ``num_key_value_heads``, which follow the removed key/value groups or query heads (so do
+    ``hidden_size`` where it is kept); its per-head query and key LayerNorms (``qk_layernorm``: ``q_layernorm`` /
+    ``k_layernorm``, a LayerNorm for each head in ``norms``) lose the removed heads' norms."""
 
     kind = "hf_stablelm"
     RESID_FFN = ("input_layernorm", 0)  # what the layout is recognised by; residual_input says where it is read
-    PLAIN = _HFLlamaBlock.PLAIN | {"attention_dropout"}  # transformers 4 holds the dropout as a module
+    # transformers 4 holds the dropout as a module; the per-head norms are cut by shrink_heads
+    PLAIN = _HFLlamaBlock.PLAIN | {"attention_dropout", "q_layernorm", "k_layernorm"}
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -3815,15 +3835,29 @@ class _HFStableLmBlock(_HFLlamaBlock):
 
     def prepare_heads(self) -> None:
         _HFBlock.prepare_heads(self)  # the head counts it keeps are updated below, not refused
+        sa = _get(self.module, self.SA)
+        for part, count in (("q_layernorm", self.num_heads), ("k_layernorm", self.num_heads // self.kv_groups)):
+            norms = getattr(getattr(sa, part, None), "norms", None)
+            if getattr(sa, part, None) is not None and (not isinstance(norms, nn.ModuleList) or len(norms) != count):
+                raise ValueError(f"block {self.name!r}: its {part} is not one norm for each of its {count} heads; "
+                                 "prune target='ffn' on this model.")
+        self._mark_head_units()
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        groups = self.kv_groups
+        groups, n_kv, query = self.kv_groups, self.num_heads // self.kv_groups, self.query_heads
         super().shrink_heads(keep, out_weight, out_bias)
-        sa, kept = _get(self.module, self.SA), int(keep.numel())
-        sa.num_key_value_heads, sa.num_heads = kept, kept * groups
+        sa, kept = _get(self.module, self.SA), [int(h) for h in keep]
+        heads = kept if query else [g * groups + j for g in kept for j in range(groups)]
+        kv = list(range(n_kv)) if query else kept
+        for part, rows in (("q_layernorm", heads), ("k_layernorm", kv)):
+            per_head = getattr(sa, part, None)
+            if per_head is not None:  # checked by prepare_heads: a LayerNorm for each head
+                per_head.norms = nn.ModuleList([per_head.norms[h] for h in rows])
+                per_head.num_heads = len(rows)
+        sa.num_key_value_heads, sa.num_heads = len(kv), len(heads)
         if hasattr(sa, "hidden_size"):
-            sa.hidden_size = kept * groups * self.head_dim
+            sa.hidden_size = len(heads) * self.head_dim
 
 
 class _HFVaultGemmaBlock(_HFLlamaBlock):

@@ -36,6 +36,13 @@ def build(name: str = "llama", kv: int = KV) -> torch.nn.Module:
            "gpt_oss": lambda: transformers.GptOssConfig(**{**common, "intermediate_size": 16}, num_local_experts=4,
                                                         num_experts_per_tok=2, sliding_window=4,
                                                         layer_types=["sliding_attention", "full_attention"]),
+           "stablelm": lambda: transformers.StableLmConfig(**common),
+           # a LayerNorm for each query and each key head, in parallel with the FFN
+           "stablelm_qk": lambda: transformers.StableLmConfig(**common, qk_layernorm=True, use_parallel_residual=True),
+           "dbrx": lambda: transformers.DbrxConfig(  # query, key and value fused in Wqkv: queries first
+               d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, max_seq_len=32, vocab_size=VOCAB, pad_token_id=0,
+               attn_config={"kv_n_heads": kv, "rope_theta": 10000.0, "clip_qkv": 8.0},
+               ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}),
            }[name]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -43,14 +50,35 @@ def build(name: str = "llama", kv: int = KV) -> torch.nn.Module:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
-        for layer in model.model.layers:  # distinct per-head parameters, so that the kept rows matter
-            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+        for layer in layers(model):  # distinct per-head parameters, so that the kept rows matter
+            sa = attention(layer)
+            for norm in (getattr(sa, "q_norm", None), getattr(sa, "k_norm", None)):
                 if norm is not None and norm.weight.dim() == 2:
                     norm.weight.normal_(1.0, 0.5)
-            sinks = getattr(layer.self_attn, "sinks", None)
+            for per_head in (getattr(sa, "q_layernorm", None), getattr(sa, "k_layernorm", None)):
+                for norm in [] if per_head is None else per_head.norms:
+                    norm.weight.normal_(1.0, 0.5)
+            sinks = getattr(sa, "sinks", None)
             if sinks is not None:
                 sinks.normal_(0.0, 1.0)
     return model.eval()
+
+
+def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.transformer.blocks if hasattr(model, "transformer") else model.model.layers
+
+
+def attention(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.norm_attn_norm.attn if hasattr(layer, "norm_attn_norm") else layer.self_attn
+
+
+def out_proj(sa: torch.nn.Module) -> torch.nn.Linear:
+    return sa.out_proj if hasattr(sa, "out_proj") else sa.o_proj
+
+
+def out_path(model: torch.nn.Module) -> str:
+    """The output projection's path in a layer."""
+    return "norm_attn_norm.attn.out_proj" if hasattr(model, "transformer") else "self_attn.o_proj"
 
 
 def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -58,10 +86,13 @@ def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
 
 
 def key_value_weights(attn: torch.nn.Module) -> torch.Tensor:
-    """The key and value rows of an attention (Phi-3: the rows of its fused qkv_proj after the queries')."""
-    if hasattr(attn, "qkv_proj"):
-        return attn.qkv_proj.weight[attn.o_proj.in_features:]
-    return torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+    """The key and value rows of an attention (Phi-3, DBRX: the rows of its fused projection after the queries'),
+    and the weights of its per-key-head norms (StableLM's qk_layernorm)."""
+    fused = getattr(attn, "qkv_proj", None) or getattr(attn, "Wqkv", None)
+    rows = (fused.weight[out_proj(attn).in_features:] if fused is not None
+            else torch.cat([attn.k_proj.weight, attn.v_proj.weight]))
+    norms = getattr(attn, "k_layernorm", None)
+    return rows if norms is None else torch.cat([rows.reshape(-1), *(n.weight for n in norms.norms)])
 
 
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,7 +104,8 @@ def balanced(kept: list[int], per: int) -> bool:
     return np.bincount(np.asarray(kept) // GROUPS, minlength=KV).tolist() == [per] * KV
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "cohere_qk", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "cohere_qk", "mixtral", "gpt_oss", "stablelm",
+                                  "stablelm_qk", "dbrx"])
 @pytest.mark.parametrize("method", ["asym", "layer", "magnitude", "wanda", "random"])
 def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method: str) -> None:
     """Without refit the pruned model computes the original with the removed query heads' o_proj columns zeroed;
@@ -84,13 +116,13 @@ def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method:
                                        head_unit="query")
     units = [u for u in report.units if u.stage == "heads"]
     assert all(u.n_units == HEADS and u.n_kept == HEADS // 2 and balanced(u.kept, GROUPS // 2) for u in units)
-    zeroed = zeroed_heads(model, report, HEAD_DIM)
+    zeroed = zeroed_heads(model, report, HEAD_DIM, out_path(model))
     for b in batches:
         torch.testing.assert_close(logits(pruned, b), logits(zeroed, b), atol=1e-4, rtol=1e-4)
-    for old, new in zip(model.model.layers, pruned.model.layers, strict=True):
-        sa = new.self_attn
-        assert sa.num_key_value_groups == GROUPS // 2 and sa.o_proj.in_features == HEADS // 2 * HEAD_DIM
-        torch.testing.assert_close(key_value_weights(sa), key_value_weights(old.self_attn))
+    for old, new in zip(layers(model), layers(pruned), strict=True):
+        sa = attention(new)
+        assert sa.num_key_value_groups == GROUPS // 2 and out_proj(sa).in_features == HEADS // 2 * HEAD_DIM
+        torch.testing.assert_close(key_value_weights(sa), key_value_weights(attention(old)))
 
 
 def quota_selection(a: np.ndarray, y: np.ndarray, per: int) -> list[int]:
@@ -159,29 +191,34 @@ def test_the_error_curve_allocation_splits_query_heads_a_head_per_group_at_a_tim
     assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "dbrx"])
 def test_magnitude_ranks_the_query_heads_within_each_group(name: str) -> None:
-    """The magnitude score of a query head reads its query rows (Phi-3: the first rows of qkv_proj) and its o_proj
-    columns (the shared key and value heads stay); the 2 best of each group are kept."""
+    """The magnitude score of a query head reads its query rows (Phi-3, DBRX: the first rows of the fused
+    projection) and its output projection's columns (the shared key and value heads stay); the 2 best of each
+    group are kept."""
     model, batches = build(name), data(2)
+
+    def fused(sa: torch.nn.Module) -> torch.nn.Linear | None:
+        return getattr(sa, "qkv_proj", None) or getattr(sa, "Wqkv", None)
+
     with torch.no_grad():  # large key and value rows of unequal norms: they must not enter any query head's score
-        for layer in model.model.layers:
-            sa = layer.self_attn
-            kv = sa.qkv_proj.weight[HEADS * HEAD_DIM:] if name == "phi3" else sa.k_proj.weight
+        for layer in layers(model):
+            sa = attention(layer)
+            kv = fused(sa).weight[HEADS * HEAD_DIM:] if fused(sa) is not None else sa.k_proj.weight
             kv.mul_(torch.arange(1, kv.shape[0] + 1, dtype=kv.dtype).flip(0).view(-1, 1) * 10.0)
     _, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude", reweight=False,
                                   head_unit="query")
-    for layer, u in zip(model.model.layers, report.units, strict=True):
-        sa = layer.self_attn
-        q = (sa.qkv_proj.weight[:HEADS * HEAD_DIM] if name == "phi3" else sa.q_proj.weight).detach().double()
-        o = sa.o_proj.weight.detach().double()
+    for layer, u in zip(layers(model), report.units, strict=True):
+        sa = attention(layer)
+        q = (fused(sa).weight[:HEADS * HEAD_DIM] if fused(sa) is not None else sa.q_proj.weight).detach().double()
+        o = out_proj(sa).weight.detach().double()
         score = np.array([float(q[h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()
                                 + o[:, h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()) for h in range(HEADS)])
         want = sorted(g * GROUPS + i for g in range(KV) for i in np.argsort(-score[g * GROUPS:(g + 1) * GROUPS])[:2])
         assert u.kept == want
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3", "gpt_oss"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "gpt_oss", "stablelm_qk", "dbrx"])
 def test_refit_reload_and_generation(tmp_path, name: str) -> None:
     """asym with refit is closer to the original than without; the pruned model's spec (version 2) records the
     groups' query heads, it reloads from its config with the same logits and generates with its cache; a spec of
@@ -197,7 +234,7 @@ def test_refit_reload_and_generation(tmp_path, name: str) -> None:
     assert spec["version"] == 2 and [(b["num_heads"], b["num_key_value_heads"], b["num_key_value_groups"])
                                      for b in spec["blocks"]] == [(4, 2, 2)] * LAYERS
     again = load_pruned(tmp_path / "q", build(name))
-    assert [layer.self_attn.num_key_value_groups for layer in again.model.layers] == [2, 2]
+    assert [attention(layer).num_key_value_groups for layer in layers(again)] == [2, 2]
     _, report = prune_transformer(model, batches, keep=0.5, target="heads")
     assert report.spec["version"] == 1 and all("num_key_value_groups" not in b for b in report.spec["blocks"])
 
@@ -237,21 +274,16 @@ def test_without_groups_query_and_group_units_are_the_same() -> None:
 
 
 def test_refusals() -> None:
-    """An unknown unit and a block whose query heads cannot go alone (StableLM, Falcon's key/value groups) are
-    refused with the fix."""
+    """An unknown unit and a block whose query heads cannot go alone (Falcon's key/value groups) are refused with
+    the fix."""
     model, batches = build(), data(2)
     with pytest.raises(ValueError, match="head_unit must be 'group' .* or 'query'"):
         prune_transformer(model, batches, keep=0.5, target="heads", head_unit="queries")
-    stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=1, num_attention_heads=HEADS,
-        num_key_value_heads=KV, max_position_embeddings=32)).eval()
-    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
-                                         "pass head_unit='group'"):
-        prune_transformer(stablelm, batches, keep=0.5, target="heads", head_unit="query")
     falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS, num_kv_heads=KV,
         new_decoder_architecture=True)).eval()
-    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone"):
+    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
+                                         "pass head_unit='group'"):
         prune_transformer(falcon, batches, keep=0.5, target="heads", head_unit="query")
     prune_transformer(falcon, batches, keep=0.5, target="heads")  # whole groups, as before
 
@@ -290,3 +322,20 @@ def test_the_error_curve_allocation_refuses_layers_with_different_numbers_of_gro
                                          "pass allocation='uniform'"):
         prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query", allocation="error-curve")
     prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query")  # uniform: each its own steps
+
+
+@pytest.mark.parametrize("method", ["asym", "magnitude"])
+def test_stablelm_per_head_norms_follow_whole_groups_too(tmp_path, method: str) -> None:
+    """StableLM with a LayerNorm for each query and key head (qk_layernorm), whole key/value groups removed: the
+    zeroed original without refit, the kept groups' query and key norms kept (in order), and the model reloads."""
+    model, batches = build("stablelm_qk"), data()
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="heads", method=method, reweight=False)
+    zeroed = zeroed_heads(model, report, GROUPS * HEAD_DIM)
+    for b in batches:
+        torch.testing.assert_close(logits(pruned, b), logits(zeroed, b), atol=1e-4, rtol=1e-4)
+    for u, old, new in zip(report.units, layers(model), layers(pruned), strict=True):
+        (g,) = u.kept  # one of the 2 groups
+        for part, heads in (("q_layernorm", range(g * GROUPS, (g + 1) * GROUPS)), ("k_layernorm", [g])):
+            got = [n.weight for n in getattr(new.self_attn, part).norms]
+            torch.testing.assert_close(got, [getattr(old.self_attn, part).norms[h].weight for h in heads])
+    assert_reloads_and_generates(pruned, tmp_path / "g")
