@@ -1290,11 +1290,15 @@ def prune_transformer(
         nested greedy path over all units, whose prefix errors give the error of every kept size. Costs one
         extra forward of each original block per batch, one more Gram matrix and one greedy path per block. With
         ``target="experts"``, the kept experts are split between the mixtures from each one's least routed error
-        per number of experts kept (never fewer than it routes each token to). Heads kept evenly over parts
-        (CodeGen's model-parallel blocks; query heads over key/value groups, ``head_unit="query"``) are split in
-        steps of one head a part, from each block's curve of greedy errors under the per-part quota (one path per
-        quota: ``q`` heads from each part, ``q = 1..`` heads a part); refused where blocks have different numbers
-        of parts. Refused for the neurons of mixtures of experts (``target="ffn"``).
+        per number of experts kept (never fewer than it routes each token to). The experts of a mixture keep as
+        many neurons each (``target="ffn"``): a mixture's curve is the sum of its experts' greedy curves (one path
+        per expert), split in steps of one neuron an expert (of its unit multiple, where the experts' layout asks
+        for one), its shared expert's neurons as a stage of their own. Heads kept evenly over parts (CodeGen's
+        model-parallel blocks; query heads over key/value groups, ``head_unit="query"``) are split in steps of
+        one head a part, from each block's curve of greedy errors under the per-part quota (one path per quota:
+        ``q`` heads from each part, ``q = 1..`` heads a part). Units are traded only between blocks where they
+        are of the same kind: dense FFNs beside mixtures (DeepSeek's first layers), or heads over different
+        numbers of parts, are split among their own kind, each kind keeping its uniform total.
     min_keep : float
         ``allocation="error-curve"`` only: every block keeps at least ``ceil(min_keep * n)`` units of each stage
         (capped at its uniform count), in (0, 1].
@@ -1472,10 +1476,6 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
         for blk in crossable:
             blk.cross.prepare_heads()
         disable_nested_fast_path(work)
-    if allocation != "uniform" and "ffn" in stages and any(b.moe for b in blocks):
-        raise ValueError(f"allocation={allocation!r} is not supported for a mixture-of-experts FFN (block "
-                         f"{next(b.name for b in blocks if b.moe)!r}): pass allocation='uniform' (every expert "
-                         "keeps the same fraction of its neurons), or target='heads'.")
     fractions = _block_fractions(keep, blocks, tuple(n for n, _ in others))
     stage_keep = _stage_keep(keep, target)
     keep = (stage_keep if stage_keep is not None else {b.name: f for b, f in zip(blocks, fractions, strict=True)}
@@ -1750,46 +1750,73 @@ def _error_curve_budgets(orig_blocks: list[_Block], per_block: list[list[str]], 
                          cache: list[dict[str, Any]], counter: list[int], ridge: float | str, rule: str,
                          weighting: bool, min_keep: float) -> list[dict[str, int]]:
     """Per-block kept counts from the error curves of the original network (``allocation="error-curve"``), stage
-    by stage over the blocks that have it (``per_block``: each block's stages)."""
+    by stage over the blocks that have it (``per_block``: each block's stages), among the blocks whose units are of
+    the same kind (:class:`_Curve`), each kind keeping its uniform total."""
     xo = [c["x"] for c in cache]
-    # per stage: (block, curve, least kept count, step): curve[m] the error with m steps of `step` units kept
-    curves: dict[str, list[tuple[int, np.ndarray, int, int]]] = {}
+    sel = _Ridge(ridge, False).selection
+    curves: dict[str, list[_Curve]] = {}
     for i, (oblk, stages) in enumerate(zip(orig_blocks, per_block, strict=True)):
         xo = _step_over(oblk, xo, cache, counter, original=True)
         _match_tokens(cache, xo, oblk)
-        dense = [s for s in stages if s != "experts"]
+        moe_ffn = oblk.moe and "ffn" in stages
+        dense = [s for s in stages if s != "experts" and not (s == "ffn" and oblk.moe)]
+        captured = moe_ffn or "experts" in stages
         xo_next, side = _original_pass(oblk, dense, "layer", xo, cache, counter, False, weighting,
-                                       experts=len(dense) < len(stages), router=len(dense) < len(stages))
+                                       experts=captured, router="experts" in stages)
         for s in dense:
             n_units, groups = _unit_columns(s, oblk)
-            f = side["stats"][s].objective(_Ridge(ridge, False).selection, groups, _consumer(oblk, s).bias is not None)
+            f = side["stats"][s].objective(sel, groups, _consumer(oblk, s).bias is not None)
             if s == "heads" and oblk.head_parts > 1:  # heads kept evenly over parts: a curve per kept count a part
-                curves.setdefault(s, []).append((i, _balanced_curve(f, oblk.head_part_labels(), rule), 1,
-                                                 oblk.head_parts))
+                curves.setdefault(s, []).append(_Curve(i, _balanced_curve(f, oblk.head_part_labels(), rule), 1,
+                                                       oblk.head_parts, f"heads over {oblk.head_parts} parts"))
             else:
-                curves.setdefault(s, []).append((i, f.greedy_path(n_units, rule=rule).errors, 1, 1))
-        if len(dense) < len(stages):  # whole experts: the least routed error of each number of experts kept
+                curves.setdefault(s, []).append(_Curve(i, f.greedy_path(n_units, rule=rule).errors))
+        if moe_ffn:  # every expert keeps as many neurons: the experts' curves summed, in steps of the unit multiple
+            per_expert, shared_stats = _expert_stats(oblk, oblk, "layer", side["experts"], xo, cache, counter)
+            total = np.zeros(oblk.ffn_units + 1)
+            for e in range(oblk.n_experts):
+                st = per_expert(e)  # one expert's statistics at a time; None: no token reaches it, no error
+                if st is not None:
+                    total += st.objective(sel, None, oblk.experts_bias).greedy_path(oblk.ffn_units, rule=rule).errors
+            step = oblk.unit_multiple
+            curves.setdefault("ffn", []).append(_Curve(i, total[::step], 1, step,
+                                                       f"neurons of {oblk.n_experts} experts"))
+            if shared_stats is not None and "shared" in uniform[i]:
+                f = shared_stats.objective(sel, None, _consumer(oblk.shared, "ffn").bias is not None)
+                curves.setdefault("shared", []).append(_Curve(i, f.greedy_path(oblk.shared.ffn_units,
+                                                                               rule=rule).errors))
+        if "experts" in stages:  # whole experts: the least routed error of each number of experts kept
             calls = side["experts"]
             _check_experts_sum(oblk, calls[0])
             top_k = int(_routing_rows(oblk, calls, cache)[1].shape[1])
             errors = _routed_error(oblk, oblk, "layer", calls, calls, cache)
-            curves.setdefault("experts", []).append((i, expert_error_curve(errors, oblk.n_experts, top_k), top_k,
-                                                     1))
+            curves.setdefault("experts", []).append(_Curve(i, expert_error_curve(errors, oblk.n_experts, top_k),
+                                                           top_k))
         xo = xo_next
     out: list[dict[str, int]] = [dict(u) for u in uniform]
     for s, found in curves.items():
-        steps = sorted({step for *_, step in found})
-        if len(steps) > 1:  # marginal allocation trades units one for one
-            raise ValueError(f"allocation='error-curve' cannot split the {s} of blocks kept in steps of "
-                             f"{' and '.join(map(str, steps))} units (the parts their heads are kept evenly over) "
-                             "between them: pass allocation='uniform'.")
-        step = steps[0]
-        ks = [uniform[i][s] // step for i, *_ in found]
-        floors = [min(k, max(lo, math.ceil(math.ceil(min_keep * (len(c) - 1) * step) / step)))
-                  for k, (_, c, lo, _) in zip(ks, found, strict=True)]
-        for (i, *_), k in zip(found, allocate_units([c for _, c, _, _ in found], sum(ks), floors), strict=True):
-            out[i][s] = int(k) * step
+        for kind in dict.fromkeys((c.step, c.kind) for c in found):  # marginal allocation trades like for like
+            same = [c for c in found if (c.step, c.kind) == kind]
+            ks = [uniform[c.block][s] // c.step for c in same]
+            floors = [min(k, max(c.least, math.ceil(math.ceil(min_keep * (len(c.errors) - 1) * c.step) / c.step)))
+                      for k, c in zip(ks, same, strict=True)]
+            for c, k in zip(same, allocate_units([c.errors for c in same], sum(ks), floors), strict=True):
+                out[c.block][s] = int(k) * c.step
     return out
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """A block's error curve for the error-curve allocation: ``errors[m]``, the error with ``m`` steps of ``step``
+    units kept; ``least``, the fewest steps allowed; ``kind``, what a unit is (blocks are traded against each other
+    only within a stage, step and kind: a dense FFN's neuron and a neuron of each of 8 experts, or heads kept over
+    different numbers of parts, do not cost the same)."""
+
+    block: int
+    errors: np.ndarray
+    least: int = 1
+    step: int = 1
+    kind: str = "units"
 
 
 def _balanced_curve(f: submod.sparse_regression.SparseRegression, labels: np.ndarray, rule: str) -> np.ndarray:

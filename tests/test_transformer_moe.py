@@ -14,6 +14,7 @@ expert), the saved and reloaded model's outputs, and greedy generation. Transfor
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -293,10 +294,88 @@ def test_experts_computing_something_else_are_refused() -> None:
         prune_transformer(model, ragged_token_batches(VOCAB, n_batches=1), keep=0.5)
 
 
-def test_error_curve_allocation_is_refused_for_experts() -> None:
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        prune_transformer(build("mixtral"), ragged_token_batches(VOCAB, n_batches=1), keep=0.5,
-                          allocation="error-curve")
+def forward_selection_errors(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``errors[m]``: the least-squares residual of ``y`` on the ``m`` columns of ``a`` that forward selection picks
+    (each step the column whose addition leaves the smallest residual, one lstsq per candidate; ties to the lower
+    column)."""
+    def residual(cols: list[int]) -> float:
+        m = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+        return float(((y - a[:, cols] @ m) ** 2).sum())
+
+    chosen: list[int] = []
+    errors = [float((y ** 2).sum())]
+    for _ in range(a.shape[1]):
+        res = {j: residual([*chosen, j]) for j in range(a.shape[1]) if j not in chosen}
+        chosen.append(min(res, key=lambda j: (res[j], j)))
+        errors.append(res[chosen[-1]])
+    return np.array(errors)
+
+
+@pytest.mark.parametrize(("implementation", "step"), [(None, 4), ("eager", 1)])
+def test_error_curve_allocation_of_the_experts_neurons(monkeypatch, implementation: str | None, step: int) -> None:
+    """allocation="error-curve" on Mixtral's experts: a mixture's curve is the sum over its experts of forward
+    selection's error on the expert's routing-weighted rows (written out with lstsq) at every number of neurons an
+    expert keeps, in steps of 4 neurons where grouped_mm needs them aligned (float32: 16 bytes), else of 1; the
+    layers keep the counts that marginal allocation gives for those curves (the same total as uniform), every
+    expert of a layer as many."""
+    import nn_adapters.transformer as tr
+
+    extra = {} if implementation is None else {"experts_implementation": implementation}
+    model, batches = build("mixtral", **extra), ragged_token_batches(VOCAB, n_batches=6)
+    with torch.no_grad():  # the second layer's experts' errors 16x larger: it should get more neurons
+        experts_of(model)[1].down_proj.mul_(4.0)
+    seen = []
+    allocate = tr.allocate_units
+    monkeypatch.setattr(tr, "allocate_units", lambda c, total, floors: seen.append(c) or allocate(c, total, floors))
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer", ridge=0.0,
+                                       allocation="error-curve", min_keep=0.25)
+    want = []
+    for ex in experts_of(model):
+        calls = routed_calls(model, ex, batches)
+        curve = np.zeros(INTER + 1)
+        for e in range(EXPERTS):
+            rows, targets = [], []
+            for (x, idx, w), b in zip(calls, batches, strict=True):
+                real = b["attention_mask"].bool().reshape(-1)
+                tok, slot = ((idx == e) & real[:, None]).nonzero(as_tuple=True)
+                h = silu_hidden(ex.gate_up_proj[e].detach(), x[tok])
+                sw = w[tok, slot].double().abs().numpy()[:, None]
+                rows.append(h * sw)
+                targets.append(h @ ex.down_proj[e].detach().double().numpy().T * sw)
+            curve += forward_selection_errors(np.concatenate(rows), np.concatenate(targets))
+        want.append(curve[::step])
+    assert len(seen) == 1
+    np.testing.assert_allclose(np.array(seen[0]), np.array(want), rtol=1e-5, atol=1e-8 * float(np.max(want)))
+    counts = step * allocate(want, LAYERS * INTER // 2 // step, [math.ceil(math.ceil(0.25 * INTER) / step)] * LAYERS)
+    kept = [[u.n_kept for u in report.units if u.stage == "ffn" and u.block.endswith(f".{i}")] for i in range(LAYERS)]
+    assert kept == [[int(c)] * EXPERTS for c in counts] and counts[1] > counts[0]
+    assert [int(ex.down_proj.shape[-1]) for ex in experts_of(pruned)] == [int(c) for c in counts]
+
+
+def test_error_curve_allocation_trades_like_for_like(monkeypatch) -> None:
+    """GLM-4-MoE with a dense first layer, then two mixtures with a shared expert: the dense layer's neurons, the
+    experts' neurons (one in every expert) and the shared experts' neurons are allocated among their own kind,
+    each kind keeping its uniform total."""
+    import nn_adapters.transformer as tr
+
+    model, batches = build("glm4_moe", first_k_dense_replace=1, num_hidden_layers=3), ragged_token_batches(VOCAB, 4)
+    groups = []
+    allocate = tr.allocate_units
+    monkeypatch.setattr(tr, "allocate_units",
+                        lambda c, total, floors: groups.append(len(c)) or allocate(c, total, floors))
+    _, uniform = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer")
+    _, curve = prune_transformer(model, batches, keep=0.5, target="ffn", method="layer", allocation="error-curve",
+                                 min_keep=0.25)
+    assert sorted(groups) == [1, 2, 2]  # the dense layer alone, the experts, the shared experts
+
+    def kept(report, shared: bool) -> list[int]:
+        """Per layer: the shared expert's count, or the dense FFN's or first expert's (every expert keeps as many)."""
+        return [u.n_kept for u in report.units if u.expert == "shared" if shared] or [
+            u.n_kept for u in report.units if u.expert in (None, 0)]
+
+    for shared in (False, True):
+        assert sum(kept(curve, shared)) == sum(kept(uniform, shared))
+    assert kept(curve, False)[0] == kept(uniform, False)[0]  # the dense layer: alone of its kind
 
 
 def shared_calls(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:

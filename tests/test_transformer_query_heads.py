@@ -24,8 +24,8 @@ VOCAB, HIDDEN, HEADS, KV, LAYERS, HEAD_DIM = 40, 32, 8, 2, 2, 4
 GROUPS = HEADS // KV
 
 
-def build(name: str = "llama", kv: int = KV) -> torch.nn.Module:
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=LAYERS,
+def build(name: str = "llama", kv: int = KV, n_layers: int = LAYERS) -> torch.nn.Module:
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=24, num_hidden_layers=n_layers,
                   num_attention_heads=HEADS, num_key_value_heads=kv, max_position_embeddings=32, head_dim=HEAD_DIM,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = {"llama": lambda: transformers.LlamaConfig(**common),
@@ -312,16 +312,33 @@ def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
     assert err.count("\n") == 1 and "drop --head-unit" in err
 
 
-def test_the_error_curve_allocation_refuses_layers_with_different_numbers_of_groups() -> None:
-    """After the first layer lost a key/value group, its query heads come in steps of 1 and the second layer's in
-    steps of 2: marginal allocation cannot trade them, and says so with the fix."""
-    model, batches = build(), data(2)
-    fewer, _ = prune_transformer(model, batches, keep={0: 0.5, 1: 1.0}, target="heads")
-    assert [layer.self_attn.k_proj.out_features // HEAD_DIM for layer in fewer.model.layers] == [1, 2]
-    with pytest.raises(ValueError, match="cannot split the heads of blocks kept in steps of 1 and 2 units .*"
-                                         "pass allocation='uniform'"):
-        prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query", allocation="error-curve")
-    prune_transformer(fewer, batches, keep=0.5, target="heads", head_unit="query")  # uniform: each its own steps
+def test_the_error_curve_allocation_trades_heads_only_between_layers_of_as_many_groups(monkeypatch) -> None:
+    """After the first of 3 layers lost a key/value group, its query heads come one at a time and the other two
+    layers' a head per group (2) at a time: the first keeps its uniform count, the other two split their uniform
+    total by marginal allocation over their quota curves (forward selection under the quota, written out with
+    lstsq, on the pruned model's o_proj rows)."""
+    import nn_adapters.transformer as tr
+
+    model, batches = build(n_layers=3), data(4)
+    fewer, _ = prune_transformer(model, batches, keep={0: 0.5, 1: 1.0, 2: 1.0}, target="heads")
+    assert [layer.self_attn.k_proj.out_features // HEAD_DIM for layer in fewer.model.layers] == [1, 2, 2]
+    seen = []
+    allocate = tr.allocate_units
+    monkeypatch.setattr(tr, "allocate_units", lambda c, total, floors: seen.append(c) or allocate(c, total, floors))
+    _, report = prune_transformer(fewer, batches, keep=0.5, target="heads", method="layer", reweight=False,
+                                  ridge=0.0, head_unit="query", allocation="error-curve", min_keep=0.25)
+    assert len(seen) == 2 and [len(c) for c in seen] == [1, 2]  # the first layer alone, then the other two
+    want = []
+    for layer in fewer.model.layers[1:]:
+        o_proj = layer.self_attn.o_proj
+        a = hooked_rows(fewer, batches, o_proj, lambda b, x: x[b["attention_mask"].bool()])
+        y = a @ o_proj.weight.detach().double().numpy().T
+        energy = float((y ** 2).sum())
+        want.append([energy] + [energy - explained(a, y, quota_selection(a, y, q)) for q in range(1, GROUPS + 1)])
+    np.testing.assert_allclose(np.array(seen[1]), np.array(want), rtol=1e-6, atol=1e-9 * max(map(max, want)))
+    steps = allocate([np.array(c) for c in want], GROUPS, [1, 1])
+    assert [u.n_kept for u in report.units] == [2] + [KV * int(q) for q in steps]
+    assert all(balanced(u.kept, int(q)) for u, q in zip(report.units[1:], steps))
 
 
 @pytest.mark.parametrize("method", ["asym", "magnitude"])
