@@ -364,16 +364,23 @@ class PairProducts:
             self._alloc(max(int(self.count.max()), 2 * self.experts.shape[1]))
         self.local[tok, e] = slot
         self.experts[tok, slot] = e
-        grown = torch.unique_consecutive(tok)
-        width = int(self.count[grown].max())
+        grown, n_new = torch.unique_consecutive(tok, return_counts=True)
+        width, new_width = int(self.count[grown].max()), int(n_new.max())
         step = self.outs._chunk(width)
         for c in range(0, grown.numel(), step):
             t = grown[c:c + step]
             ex = self.experts[t, :width]
             used = ex >= 0
             y = self.outs.gather(torch.where(used, ex, ex[:, :1]), t) * used.unsqueeze(2)  # (c, width, H)
-            self.a[t, :width] = torch.bmm(y, self.target[t].unsqueeze(2)).squeeze(2)
-            self.g[t, :width, :width] = torch.bmm(y, y.transpose(1, 2))
+            # the token's new slots (its last n_new ones; padded with its last slot), against all its slots
+            new = (self.count[t] - n_new[c:c + step]).unsqueeze(1) + torch.arange(new_width, device=t.device)
+            new = torch.minimum(new, (self.count[t] - 1).unsqueeze(1))
+            y_new = y.gather(1, new.unsqueeze(2).expand(-1, -1, y.shape[2]))  # (c, new_width, H)
+            prod = torch.bmm(y_new, y.transpose(1, 2))  # (c, new_width, width)
+            rows = t.unsqueeze(1).expand_as(new)
+            self.a[rows, new] = torch.bmm(y_new, self.target[t].unsqueeze(2)).squeeze(2)
+            self.g[rows, new, :width] = prod
+            self.g[rows.unsqueeze(2), torch.arange(width, device=t.device), new.unsqueeze(2)] = prod
 
     def squared_errors(self, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``(m,)``: ``||T_t - sum_j w_j y_{idx_j}(x_t)||^2`` for the token rows ``tokens`` (float64, >= 0)."""
