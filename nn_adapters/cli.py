@@ -44,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("spec", help="module:function, e.g. mymodels:build")
     grp = pr.add_mutually_exclusive_group()
     grp.add_argument("--compression", type=float, nargs="+", metavar="C",
-                     help="whole-network parameter compression of an MLP/CNN, e.g. 4 (the default when --keep is "
-                          "not given); several values with --compare (default there 2 4 8 16)")
+                     help="whole-network parameter compression, e.g. 4 (the default for an MLP/CNN when --keep is "
+                          "not given; for transformers the largest fraction kept in every block that reaches it); "
+                          "several values with --compare (MLP/CNN; default there 2 4 8 16)")
     grp.add_argument("--keep", type=float, nargs="+", metavar="F",
                      help="fraction of units kept in every prunable layer, e.g. 0.5 (for transformers: of the FFN "
                           "neurons of every block; required there); several values with --compare")
@@ -234,13 +235,16 @@ def _prune_once(args: argparse.Namespace) -> int:
         if not transformer:
             raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
                              "by its layer pairs: pass --keep or --compression.")
+        if args.compression is not None:
+            raise ValueError("--keep-stage fixes the fraction kept of a stage; --compression finds one fraction for "
+                             "every stage: pass one of them.")
         from .transformer import _with_stage_keep
 
         keep = _with_stage_keep(keep, stage_keep, args.target)  # the stages not named keep --keep's fraction
-    if keep is None and transformer:  # before the default --compression 4 is blamed on the user
+    if keep is None and transformer and args.compression is None:  # the MLP/CNN default --compression 4 is not
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
-                         "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block); --compression (a "
-                         "whole-network parameter ratio) applies to MLPs and CNNs.")
+                         "(e.g. --keep 0.5, the fraction of FFN neurons kept in every block) or --compression (e.g. "
+                         "--compression 1.5, the whole model's parameters before / after).")
     if keep is not None and args.allocation != "uniform" and not transformer:
         raise ValueError(f"--allocation {args.allocation} splits a --compression budget between the layers of an "
                          "MLP/CNN; with --keep every layer keeps that fraction. Pass --compression, or drop "

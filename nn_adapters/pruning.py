@@ -308,7 +308,9 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         those without a default, the same in every batch (see "Models with several inputs" in
         :doc:`nn_adapters`). Tensor batches for such a model are refused with a ``ValueError`` that says so.
     compression : float, optional
-        Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0.
+        Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0. For
+        transformers, the largest fraction kept in every block that reaches it (see ``compression`` of
+        :func:`nn_adapters.transformer.prune_transformer`).
     keep : float or dict, optional
         Fraction of units kept in every prunable layer (or per pair name / producer name, either producer of
         gated units, layers not named keeping every unit; for transformers per block name or index, see
@@ -446,9 +448,6 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     if _is_transformer(model, target):
         from . import transformer
 
-        if compression is not None:
-            raise ValueError("transformer pruning takes keep= (fraction of FFN neurons or heads kept per block), not "
-                             "compression=; pass e.g. keep=0.5.")
         unsupported = [name for name, value, default in (("pairs", pairs, None), ("loss_fn", loss_fn, None),
                                                            ("progress", progress, False), ("verify", verify, False),
                                                            ("se_bias_correction", se_bias_correction, True))
@@ -462,6 +461,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                  "pass one of them.")
         if keep is not None:
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
+        if compression is not None:
+            kwargs["compression"] = compression  # the fraction kept that reaches it, one for every block
         if weighting is not None:
             kwargs["weighting"] = weighting
         try:

@@ -1170,7 +1170,7 @@ def _match_tokens(cache: list[dict[str, Any]], xs: list[torch.Tensor], block: _B
 def prune_transformer(
     model: nn.Module,
     calibration_data: Any,
-    keep: float | Mapping[str | int, float] = 0.5,
+    keep: float | Mapping[str | int, float] | None = None,
     target: str = "ffn",
     method: str = "asym",
     reweight: bool = True,
@@ -1186,6 +1186,7 @@ def prune_transformer(
     min_keep: float = 0.1,
     executor: Executor | None = None,
     head_unit: str = "group",
+    compression: float | None = None,
 ) -> tuple[nn.Module, TransformerPruneReport]:
     """Prune FFN neurons and/or attention heads of every transformer block; return a smaller copy.
 
@@ -1217,7 +1218,7 @@ def prune_transformer(
         model hands its blocks. Only magnitude or random pruning of plain FFNs without refit reads no data (``None``
         is then accepted); head pruning and the pruning of gated FFNs, or of FFNs with other parts between their
         projections (SegFormer's convolution), always check each block's unit layout on the first batch.
-    keep : float or dict
+    keep : float or dict, default 0.5
         Fraction in (0, 1] of the units kept in every block (at least one unit is kept); with
         ``allocation="error-curve"``, the total over the blocks is the same and its split is chosen from data. A
         dict ``{block name or index: fraction}`` sets the fraction block by block (uniform allocation only); blocks
@@ -1310,6 +1311,17 @@ def prune_transformer(
         group), every key and value head kept: finer steps, no smaller cache. Blocks without grouped-query
         attention are the same either way; a block with key/value groups that cannot lose query heads alone is
         refused with ``"query"``.
+    compression : float, optional
+        Instead of ``keep``: the whole model's parameter compression (parameters before / after, > 1) to reach by
+        pruning the stages of ``target``, with one fraction kept in every block and stage: the largest fraction
+        that removes enough. Each block kind's parameters per unit (a neuron with its rows and column, a head or
+        key/value group with its rows of the query, key and value projections and its output columns, a neuron in
+        every expert, an expert) are measured by cutting one unit (one a part where heads are kept evenly) from a
+        copy of the block, so the count is exact for the uniform allocation (``report.compression``: the ratio
+        reached); ``allocation="error-curve"`` keeps the same number of units of each kind and so the same count
+        where the blocks of a kind are alike. Refused if even one unit a stage would not reach it (the message gives
+        the largest reachable); a ``UserWarning`` if the pruned model falls short (a cross-attention that the
+        calibration batches never call keeps its heads).
     executor : concurrent.futures.Executor, optional
         Runs the stages' selection and refit in parallel in layer mode (``method="layer"``, or a baseline with
         ``propagation="layer"``), where every block's statistics come from the original network: a
@@ -1366,6 +1378,15 @@ def prune_transformer(
     True
     """
     t_start = time.perf_counter()
+    if compression is not None:
+        if keep is not None:
+            raise ValueError("pass keep= (the fraction of units kept in every block) or compression= (the whole "
+                             "model's parameters before / after), not both")
+        if (isinstance(compression, bool) or not isinstance(compression, numbers.Real)
+                or not math.isfinite(compression) or not compression > 1.0):
+            raise ValueError(f"compression must be a finite number > 1 (the model's parameters before / after "
+                             f"pruning), got {compression!r}; e.g. compression=1.5")
+    keep = 0.5 if keep is None else keep
     method, propagation = _check_args(model, keep, target, method, propagation, ridge)
     if refit_prior not in ("original", "zero"):
         raise ValueError(f"refit_prior must be 'original' (shrink the refit toward the trained weights) or 'zero' "
@@ -1393,12 +1414,100 @@ def prune_transformer(
                          f"heads, as many in every group), got {head_unit!r}")
     token = QUERY_HEADS.set(head_unit == "query")  # read where the blocks' attentions are prepared
     try:
-        return _prune_model(model, calibration_data, keep, t_start, target=target, method=method,
-                            reweight=reweight, seed=seed, propagation=propagation, ridge=ridge,
-                            refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
-                            allocation=allocation, min_keep=min_keep, executor=executor)
+        pruned, report = _prune_model(model, calibration_data, keep, t_start, target=target, method=method,
+                                      reweight=reweight, seed=seed, propagation=propagation, ridge=ridge,
+                                      refit_prior=refit_prior, rule=rule, residual=residual, weighting=weighting,
+                                      allocation=allocation, min_keep=min_keep, executor=executor,
+                                      compression=compression)
     finally:
         QUERY_HEADS.reset(token)
+    if compression is not None and report.compression < compression * (1.0 - 1e-12):
+        warnings.warn(f"compression={compression:g} was asked for, the pruned model reaches {report.compression:.4g} "
+                      "(a cross-attention not called on the calibration batches keeps its heads, or blocks of one "
+                      "kind of different sizes under allocation='error-curve'); pass a larger compression.",
+                      UserWarning, stacklevel=2)
+    return pruned, report
+
+
+def _fraction_for_compression(model: nn.Module, blocks: list[_Block], stages: list[str], compression: float) -> float:
+    """The largest fraction that, kept in every block and stage, leaves at most ``params / compression`` parameters
+    of ``model`` (``_n_keep`` rounding, as the budgets are): from each stage's parameters per unit
+    (:func:`_unit_cost`, measured once per block kind and shape)."""
+    costs, memo = [], {}
+    for blk in blocks:
+        for stage in _cost_stages(blk, stages):
+            key = (type(blk), stage, tuple((n, tuple(p.shape)) for n, p in blk.module.named_parameters()))
+            if key not in memo:
+                memo[key] = _unit_cost(blk, stage)
+            costs.append(memo[key])
+    before = _n_params(model)
+
+    def ratio(f: float) -> float:
+        after = before - sum(c * (n - _n_keep(f, n, m)) for n, m, c in costs)
+        return before / after if after > 0 else math.inf
+
+    if ratio(0.0) < compression:
+        raise ValueError(f"compression={compression:g} is out of reach by pruning target's stages "
+                         f"({', '.join(stages)}): keeping one unit of each stage in every block gives "
+                         f"{ratio(0.0):.4g}x; pass compression <= {ratio(0.0):.4g}"
+                         f"{'' if stages == ['heads', 'ffn'] else ', or a target that prunes more (target=all)'}.")
+    lo, hi = 0.0, 1.0  # ratio(lo) reaches the compression, ratio(hi) does not (ratio(1) = 1)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ratio(mid) >= compression else (lo, mid)
+    return lo
+
+
+def _cost_stages(blk: _Block, stages: list[str]) -> list[str]:
+    """The stages of ``blk`` that pruning ``stages`` cuts: its heads and a decoder layer's cross-attention heads,
+    its FFN (a mixture's experts' neurons) and a mixture's shared expert, or its whole experts."""
+    out = []
+    if "heads" in stages and blk.has_heads:
+        out += ["heads"] + (["cross"] if blk.cross is not None else [])
+    if "ffn" in stages and blk.has_ffn:
+        out += ["ffn"] + (["shared"] if blk.moe and blk.shared is not None else [])
+    if "experts" in stages and blk.moe:
+        out.append("experts")
+    return out
+
+
+def _unit_cost(blk: _Block, stage: str) -> tuple[int, int, float]:
+    """``(units, multiple, parameters per unit)`` of ``stage`` of ``blk``: a copy of the block, prepared as the
+    pruning prepares it, loses one unit (one of each part where heads are kept evenly over parts), and the
+    parameters it loses are counted (rows, columns, per-head norms and biases alike)."""
+    probe = type(blk)(blk.name, copy.deepcopy(blk.module))
+    multiple = blk.unit_multiple  # the block's own (a probe runs its experts with the eager loop: any count)
+    probe.for_probe()
+    before = _n_params(probe.module)
+    try:
+        with torch.no_grad():
+            if stage in ("heads", "cross"):
+                view = probe if stage == "heads" else probe.cross
+                view.prepare_heads()
+                n, m = view.head_units, view.head_parts
+                first = np.flatnonzero(np.diff(view.head_part_labels(), prepend=-1))
+                if n > m:
+                    view.shrink_heads(torch.as_tensor(np.setdiff1d(np.arange(n), first)))
+                removed = len(first)
+            elif stage == "shared":
+                view = probe.shared
+                n, m, removed = view.ffn_units, 1, 1
+                if n > 1:
+                    view.shrink_ffn(torch.arange(1, n))
+            elif stage == "experts":
+                probe.prepare_ffn()
+                n, m, removed = probe.n_experts, 1, 1
+                if n > 1:
+                    probe.drop_experts(torch.arange(1, n))
+            else:  # a dense FFN, or one neuron of every expert of a mixture
+                probe.prepare_ffn()
+                n, m, removed = probe.ffn_units, multiple, 1
+                if n > m:
+                    probe.shrink_ffn(torch.arange(1, n))
+    except ValueError as exc:
+        raise ValueError(f"compression= cannot count what a unit of block {blk.name!r} ({stage}) holds: {exc}; "
+                         "pass keep= instead") from exc
+    return n, m, (before - _n_params(probe.module)) / removed
 
 
 def _needs_data(method: str, reweight: bool, allocation: str) -> bool:
@@ -1409,8 +1518,8 @@ def _needs_data(method: str, reweight: bool, allocation: str) -> bool:
 def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[str | int, float], t_start: float, *,
                  target: str, method: str, reweight: bool, seed: int | None, propagation: str, ridge: float | str,
                  refit_prior: str, rule: str, residual: bool, weighting: str, allocation: str, min_keep: float,
-                 executor: Executor | None, original_data: list[Any] | None = None, stack: bool = False
-                 ) -> tuple[nn.Module, TransformerPruneReport]:
+                 executor: Executor | None, original_data: list[Any] | None = None, stack: bool = False,
+                 compression: float | None = None) -> tuple[nn.Module, TransformerPruneReport]:
     """:func:`prune_transformer` after its arguments are checked. ``original_data``: the original network's own
     calibration batches where they differ from ``calibration_data`` (a decoder's, whose encoder states come from
     the unpruned encoder there and from the pruned one in ``calibration_data``): the original blocks' forwards
@@ -1440,6 +1549,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
+    if compression is not None:  # the one fraction of every block and stage that reaches it
+        keep = _fraction_for_compression(model, blocks, stages, float(compression))
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)
     if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states

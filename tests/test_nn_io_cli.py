@@ -333,9 +333,10 @@ def test_save_pruned_of_a_wrapped_model_loads_back(tmp_path, wrap):
     torch.testing.assert_close(back(x), expected, rtol=0, atol=0)
 
 
-def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypatch, capsys):
-    """Without --keep the CLI's default --compression 4 must not be blamed on the user: a transformer is refused
-    with --keep named (and no 'compression=' the user never passed); with --keep it prunes and saves."""
+def test_cli_prune_transformer_asks_for_keep_or_compression(tmp_path, monkeypatch, capsys):
+    """Without --keep the CLI's default --compression 4 (an MLP/CNN's) must not be blamed on the user: a transformer
+    is refused with --keep and --compression named (and no 'compression=' the user never passed); with --keep it
+    prunes and saves; with --compression 1.2 it keeps the one fraction that reaches it."""
     from submod.cli import main
 
     (tmp_path / "tmods.py").write_text(
@@ -349,12 +350,17 @@ def test_cli_prune_transformer_asks_for_keep_not_compression(tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["prune", "tmods:build", "--out", "t.pt"]) == 2
     err = capsys.readouterr().err
-    assert "--keep" in err and "compression=" not in err and err.count("\n") == 1
+    assert "--keep" in err and "--compression 1.5" in err and "compression=" not in err and err.count("\n") == 1
     assert not (tmp_path / "t.pt").exists()
     assert main(["prune", "tmods:build", "--keep", "0.5", "--out", "t.pt"]) == 0
     import tmods
     back = nna.load_pruned(tmp_path / "t.pt", tmods.build()[0])
     assert [layer.linear1.out_features for layer in back.layers] == [16, 16]
+    assert main(["prune", "tmods:build", "--compression", "1.2", "--out", "c.pt"]) == 0
+    original = tmods.build()[0]
+    back = nna.load_pruned(tmp_path / "c.pt", tmods.build()[0])
+    ratio = sum(p.numel() for p in original.parameters()) / sum(p.numel() for p in back.parameters())
+    assert ratio >= 1.2 and len({layer.linear1.out_features for layer in back.layers}) == 1
 
 
 def test_cli_prune_target_chooses_the_transformer_blocks_or_the_layer_pairs(tmp_path, monkeypatch, capsys):
