@@ -338,9 +338,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     transformer = _is_transformer(model, args.target)
     if args.keep is not None:
         budget, budgets = "keep", args.keep
-    elif transformer:
+    elif transformer and args.compression is None:
         raise ValueError(f"{type(model).__name__} holds transformer blocks, which are pruned per block: pass --keep "
-                         "with the fractions to compare (e.g. --keep 0.75 0.5 0.25).")
+                         "with the fractions to compare (e.g. --keep 0.75 0.5 0.25), or --compression with the "
+                         "whole model's parameter ratios (e.g. --compression 1.25 1.5 2).")
     else:
         budget, budgets = "compression", args.compression or [2.0, 4.0, 8.0, 16.0]
     methods = None

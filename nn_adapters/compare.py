@@ -1,7 +1,7 @@
 """Compare every pruning method on a user's model: ``submod prune MODULE:FUNCTION --compare``.
 
 What ``submod demo`` does for the digits CNN, for any model that :func:`nn_adapters.prune` handles: prune it at
-each budget (whole-network parameter compressions for an MLP/CNN, keep fractions for either kind) with the
+each budget (whole-network parameter compressions or keep fractions) with the
 submodular methods and the baselines, from the user's calibration batches and without fine-tuning; evaluate every
 pruned model on the user's evaluation batches; and write a table, a plot of accuracy against the budget and a
 Markdown report (all files written atomically).
@@ -147,16 +147,14 @@ def _calibration_subsets(batches: list[tuple[torch.Tensor, torch.Tensor | None]]
 def _check_budgets(budgets: Sequence[float], budget: str, transformer: bool) -> None:
     if budget not in ("compression", "keep"):
         raise ValueError(f"budget must be 'compression' or 'keep'; got {budget!r}.")
-    if transformer and budget == "compression":
-        raise ValueError("the model holds transformer blocks, which are pruned per block: compare keep fractions "
-                         "(--keep 0.75 0.5 0.25), not whole-network compressions.")
     if not len(budgets):
         raise ValueError("give at least one budget, e.g. --compression 2 4 8 16 or --keep 0.75 0.5.")
     for b in budgets:
         ok = (not isinstance(b, bool) and isinstance(b, numbers.Real) and math.isfinite(b)
-              and (b >= 1 if budget == "compression" else 0 < b <= 1))
+              and ((b > 1 if transformer else b >= 1) if budget == "compression" else 0 < b <= 1))
         if not ok:
-            want = "numbers >= 1 (e.g. 2 4 8 16)" if budget == "compression" else "fractions in (0, 1] (e.g. 0.5)"
+            want = ("fractions in (0, 1] (e.g. 0.5)" if budget == "keep" else "numbers > 1 (e.g. 1.25 1.5 2)"
+                    if transformer else "numbers >= 1 (e.g. 2 4 8 16)")
             raise ValueError(f"{budget} values must be {want}; got {b!r}.")
     _refuse_repeats("budgets", budgets)
 
@@ -181,8 +179,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         wherever a tensor is, as in the calibration data); the model must return class
         scores (a tensor, or an output with ``.logits``) whose argmax over the last dim is compared with the labels.
     budgets : sequence of float
-        Whole-network parameter compressions (``budget="compression"``, MLP/CNN only) or keep fractions
-        (``budget="keep"``).
+        Whole-network parameter compressions (``budget="compression"``; for transformers, each the one fraction
+        kept in every block that reaches it, > 1) or keep fractions (``budget="keep"``).
     budget : {"compression", "keep"}
     methods : list of (label, method, reweight), optional
         Default: :data:`nn_adapters.demo.DEMO_METHODS` for an MLP/CNN (ActGrad only with labelled calibration

@@ -470,7 +470,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                                                  reweight=reweight, seed=seed, ridge=ridge, refit_prior=refit_prior,
                                                  allocation=allocation, executor=executor, **kwargs)
         except ValueError as exc:
-            if target is not None:
+            if target is not None or isinstance(exc, _budget.UnreachableCompressionError):  # not the detection's
                 raise
             raise ValueError(f"{exc} (The model was taken for a transformer because it holds blocks of a layout the "
                              "transformer adapter knows; to prune the layer pairs found by tracing instead, its "

@@ -107,6 +107,7 @@ from ._transformer_blocks import (
     link_opaque_layers,
     weight_of,
 )
+from .budget import UnreachableCompressionError
 from .io import attn_implementation_of, restore_attn_implementation
 
 __all__ = [
@@ -1447,10 +1448,11 @@ def _fraction_for_compression(model: nn.Module, blocks: list[_Block], stages: li
         return before / after if after > 0 else math.inf
 
     if ratio(0.0) < compression:
-        raise ValueError(f"compression={compression:g} is out of reach by pruning target's stages "
-                         f"({', '.join(stages)}): keeping one unit of each stage in every block gives "
-                         f"{ratio(0.0):.4g}x; pass compression <= {ratio(0.0):.4g}"
-                         f"{'' if stages == ['heads', 'ffn'] else ', or a target that prunes more (target=all)'}.")
+        most = math.floor(ratio(0.0) * 1000) / 1000  # rounded down: the value printed is reachable
+        raise UnreachableCompressionError(
+            f"compression={compression:g} is out of reach by pruning target's stages ({', '.join(stages)}): keeping "
+            f"one unit of each stage in every block gives {ratio(0.0):.6g}x; pass compression <= {most:g}"
+            f"{'' if stages == ['heads', 'ffn'] else ', or a target that prunes more (target=all)'}.", most)
     lo, hi = 0.0, 1.0  # ratio(lo) reaches the compression, ratio(hi) does not (ratio(1) = 1)
     for _ in range(60):
         mid = 0.5 * (lo + hi)

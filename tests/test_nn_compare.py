@@ -108,8 +108,30 @@ def test_a_transformer_is_compared_over_keep_fractions():
                           verbose=False)
     assert [r["label"] for r in res["rows"]] == ["asym", "magnitude (no refit)"]
     assert all(r["kept"] == [16, 16] and r["flops"] is None for r in res["rows"])  # 32 FFN neurons per block
-    with pytest.raises(ValueError, match="compare keep fractions"):
-        compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[2.0], verbose=False)
+
+
+def test_a_transformer_is_compared_over_compressions():
+    """Each compression prunes the one fraction of the FFN neurons kept in every block that reaches it (the rows'
+    parameters counted from the pruned models); one out of reach is left out with the largest reachable; a
+    transformer's compression must exceed 1."""
+    torch.manual_seed(0)
+    model = _EncoderClassifier().eval()
+    x = torch.randn(40, 6, 16)
+    y = torch.randint(0, 3, (40,))
+    dense = sum(p.numel() for p in model.parameters())
+    res = compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[1.1, 1.3, 5.0],
+                          methods=[("asym", "asym", True), ("magnitude (no refit)", "magnitude", False)],
+                          verbose=False)
+    assert [(r["compression"], r["label"]) for r in res["rows"]] == [
+        (c, m) for c in (1.1, 1.3) for m in ("asym", "magnitude (no refit)")]
+    for r in res["rows"]:
+        assert dense / r["params"] >= r["compression"] and len(set(r["kept"])) == 1
+        # one neuron more in every block would miss it (each neuron: a row of linear1 with its bias, a column of
+        # linear2)
+        assert dense / (r["params"] + 2 * (16 + 1 + 16)) < r["compression"]
+    assert [why.startswith("not reachable: at most") for _, why in res["skipped"]] == [True, True]
+    with pytest.raises(ValueError, match=r"numbers > 1 \(e.g. 1.25 1.5 2\)"):
+        compare_methods(model, [x[:24]], [(x[24:], y[24:])], budgets=[1.0], verbose=False)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -316,3 +338,24 @@ def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="drop --keep-stage"):
         args.func(args)
     assert not (tmp_path / "rep2").exists()
+
+
+def test_cli_compare_a_transformer_over_compressions(tmp_path, monkeypatch):
+    """--compare --compression 1.1 1.3 on a transformer: one row a compression, each pruned model (counted) at or
+    past it; without --keep or --compression the message names both."""
+    user_module(tmp_path, monkeypatch, "encmods2",
+        "import torch\n"
+        "from test_nn_compare import _EncoderClassifier\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    x, y = torch.randn(40, 6, 16), torch.randint(0, 3, (40,))\n"
+        "    return _EncoderClassifier().eval(), [x[:24]], [(x[24:], y[24:])]\n")
+    args = _parser().parse_args(["prune", "encmods2:build", "--compare", "--compression", "1.1", "1.3", "--methods",
+                                 "asym", "--report-dir", "rep"])
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert saved["budget"] == "compression" and [r["compression"] for r in saved["rows"]] == [1.1, 1.3]
+    assert all(saved["dense"]["params"] / r["params"] >= r["compression"] for r in saved["rows"])
+    args = _parser().parse_args(["prune", "encmods2:build", "--compare", "--report-dir", "rep2"])
+    with pytest.raises(ValueError, match="pass --keep .* or --compression"):
+        args.func(args)

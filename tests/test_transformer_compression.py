@@ -8,6 +8,7 @@ same counts as ``compression=c``."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from _torch_helpers import ragged_token_batches
 
 import nn_adapters as nna
+from nn_adapters.budget import UnreachableCompressionError
 from nn_adapters.transformer import prune_transformer
 
 transformers = pytest.importorskip("transformers")
@@ -116,9 +118,11 @@ def test_compression_refusals() -> None:
     # one key/value group of 2, one neuron of 24 in each layer: the most that pruning the heads alone can give
     most = n_params(model) / n_params(prune_transformer(model, batches, keep=0.01, target="heads",
                                                         method="random", reweight=False)[0])
-    with pytest.raises(ValueError, match=f"out of reach .* gives {most:.4g}x; pass compression <= {most:.4g}, or a "
-                                         "target that prunes more"):
+    shown = math.floor(most * 1000) / 1000  # rounded down: reachable
+    with pytest.raises(UnreachableCompressionError, match=f"out of reach .* gives {most:.6g}x; pass compression <= "
+                                                          f"{shown:g}, or a target that prunes more") as err:
         prune_transformer(model, batches, compression=most * 1.01, target="heads")
+    assert err.value.most == shown
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reached exactly: no warning
         prune_transformer(model, batches, compression=most, target="heads", method="random", reweight=False)
