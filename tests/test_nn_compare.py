@@ -316,16 +316,21 @@ def test_a_stage_held_fixed_while_the_keep_fraction_of_the_others_is_swept():
         compare_methods(net, xm[:50], [(xm[50:], ym[50:])], budgets=[2.0], head_unit="query", verbose=False)
 
 
-def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
-    """--compare --target all --keep 0.75 0.5 --keep-stage heads=0.5: the report says which stage is fixed and
-    the rows keep half of the heads; with an MLP's --compression budgets --keep-stage is refused."""
-    user_module(tmp_path, monkeypatch, "encmods",
+def _encoder_module(tmp_path, monkeypatch, name: str) -> None:
+    """A user module ``name`` whose ``build()`` returns the encoder classifier, calibration and evaluation batches."""
+    user_module(tmp_path, monkeypatch, name,
         "import torch\n"
         "from test_nn_compare import _EncoderClassifier\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
         "    x, y = torch.randn(40, 6, 16), torch.randint(0, 3, (40,))\n"
         "    return _EncoderClassifier().eval(), [x[:24]], [(x[24:], y[24:])]\n")
+
+
+def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
+    """--compare --target all --keep 0.75 0.5 --keep-stage heads=0.5: the report says which stage is fixed and
+    the rows keep half of the heads; with an MLP's --compression budgets --keep-stage is refused."""
+    _encoder_module(tmp_path, monkeypatch, "encmods")
     args = _parser().parse_args(["prune", "encmods:build", "--compare", "--target", "all", "--keep", "0.75", "0.5",
                                  "--keep-stage", "heads=0.5", "--methods", "asym", "--report-dir", "rep"])
     assert args.func(args) == 0
@@ -343,13 +348,7 @@ def test_cli_compare_with_a_stage_held_fixed(tmp_path, monkeypatch):
 def test_cli_compare_a_transformer_over_compressions(tmp_path, monkeypatch):
     """--compare --compression 1.1 1.3 on a transformer: one row a compression, each pruned model (counted) at or
     past it; without --keep or --compression the message names both."""
-    user_module(tmp_path, monkeypatch, "encmods2",
-        "import torch\n"
-        "from test_nn_compare import _EncoderClassifier\n"
-        "def build():\n"
-        "    torch.manual_seed(0)\n"
-        "    x, y = torch.randn(40, 6, 16), torch.randint(0, 3, (40,))\n"
-        "    return _EncoderClassifier().eval(), [x[:24]], [(x[24:], y[24:])]\n")
+    _encoder_module(tmp_path, monkeypatch, "encmods2")
     args = _parser().parse_args(["prune", "encmods2:build", "--compare", "--compression", "1.1", "1.3", "--methods",
                                  "asym", "--report-dir", "rep"])
     assert args.func(args) == 0
