@@ -1318,7 +1318,7 @@ def prune_transformer(
         that removes enough. Each block kind's parameters per unit (a neuron with its rows and column, a head or
         key/value group with its rows of the query, key and value projections and its output columns, a neuron in
         every expert, an expert) are measured by cutting one unit (one a part where heads are kept evenly) from a
-        copy of the block, so the count is exact for the uniform allocation (``report.compression``: the ratio
+        copy of the block that holds shapes only (``meta`` tensors), so the count is exact for the uniform allocation (``report.compression``: the ratio
         reached); ``allocation="error-curve"`` keeps the same number of units of each kind and so the same count
         where the blocks of a kind are alike. Refused if even one unit a stage would not reach it (the message gives
         the largest reachable); a ``UserWarning`` if the pruned model falls short (a cross-attention that the
@@ -1476,8 +1476,28 @@ def _cost_stages(blk: _Block, stages: list[str]) -> list[str]:
 def _unit_cost(blk: _Block, stage: str) -> tuple[int, int, float]:
     """``(units, multiple, parameters per unit)`` of ``stage`` of ``blk``: a copy of the block, prepared as the
     pruning prepares it, loses one unit (one of each part where heads are kept evenly over parts), and the
-    parameters it loses are counted (rows, columns, per-head norms and biases alike)."""
-    probe = type(blk)(blk.name, copy.deepcopy(blk.module))
+    parameters it loses are counted (rows, columns, per-head norms and biases alike). The copy holds its tensors on
+    the ``meta`` device (shapes only, no memory); a block whose cut reads values is copied whole."""
+    try:
+        return _cut_one_unit(blk, stage, _shape_copy(blk.module))
+    except Exception:  # noqa: BLE001 - a cut that reads the weights' values: the same on a real copy
+        return _cut_one_unit(blk, stage, copy.deepcopy(blk.module))
+
+
+def _shape_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are ``meta`` tensors of the same shapes (tied ones
+    stay tied)."""
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _cut_one_unit(blk: _Block, stage: str, module: nn.Module) -> tuple[int, int, float]:
+    """:func:`_unit_cost` on ``module``, a copy of ``blk``'s module."""
+    probe = type(blk)(blk.name, module)
     multiple = blk.unit_multiple  # the block's own (a probe runs its experts with the eager loop: any count)
     probe.for_probe()
     before = _n_params(probe.module)

@@ -135,3 +135,22 @@ def test_the_fraction_found_is_recorded() -> None:
     counts = {u.n_kept for u in report.units}
     assert len(counts) == 1 and counts == {round(report.keep * 24) or 1}
     assert np.isclose(report.to_dict()["compression"], report.compression)
+
+
+@pytest.mark.parametrize(("build", "target"), [(llama, "all"), (qwen2_moe, "ffn"), (qwen2_moe, "experts"),
+                                               (bart, "all")])
+def test_the_units_are_counted_on_copies_without_memory(monkeypatch, build, target: str) -> None:
+    """The copies that lose one unit hold meta tensors (shapes only): none falls back to a copy of the weights."""
+    import nn_adapters.transformer as tr
+
+    devices = []
+    cut = tr._cut_one_unit
+
+    def spy(blk, stage, module):
+        devices.append(next(module.parameters()).device.type)
+        return cut(blk, stage, module)
+
+    monkeypatch.setattr(tr, "_cut_one_unit", spy)
+    model = build()
+    prune_transformer(model, batches_for(model), compression=1.05, target=target, method="random", reweight=False)
+    assert devices and set(devices) == {"meta"}
