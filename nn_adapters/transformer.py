@@ -1314,14 +1314,14 @@ def prune_transformer(
         refused with ``"query"``.
     compression : float, optional
         Instead of ``keep``: the whole model's parameter compression (parameters before / after, > 1) to reach by
-        pruning the stages of ``target``, with one fraction kept in every block and stage: the largest fraction
-        that removes enough. Each block kind's parameters per unit (a neuron with its rows and column, a head or
-        key/value group with its rows of the query, key and value projections and its output columns, a neuron in
-        every expert, an expert) are measured by cutting one unit (one a part where heads are kept evenly) from a
-        copy of the block that holds shapes only (``meta`` tensors), so the count is exact for the uniform allocation (``report.compression``: the ratio
-        reached); ``allocation="error-curve"`` keeps the same number of units of each kind and so the same count
-        where the blocks of a kind are alike. Refused if even one unit a stage would not reach it (the message gives
-        the largest reachable); a ``UserWarning`` if the pruned model falls short (a cross-attention that the
+        pruning the stages of ``target``, with one fraction kept in every block and stage: the largest fraction that
+        removes enough. Each block kind's parameters per unit (a neuron with its rows and column, a head or key/value
+        group with its rows of the query, key and value projections and its output columns, a neuron in every expert, an
+        expert) are measured by cutting one unit (one a part where heads are kept evenly) from a copy of the block that
+        holds shapes only (``meta`` tensors), so the count is exact for the uniform allocation (``report.compression``:
+        the ratio reached); ``allocation="error-curve"`` keeps the same number of units of each kind and so the same
+        count where the blocks of a kind are alike. Refused if even one unit a stage would not reach it (the message
+        gives the largest reachable); a ``UserWarning`` if the pruned model falls short (a cross-attention that the
         calibration batches never call keeps its heads).
     executor : concurrent.futures.Executor, optional
         Runs the stages' selection and refit in parallel in layer mode (``method="layer"``, or a baseline with
