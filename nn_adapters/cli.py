@@ -236,7 +236,7 @@ def _prune_once(args: argparse.Namespace) -> int:
             raise ValueError("--keep-stage names stages of transformer blocks (heads, ffn, ...); this model is pruned "
                              "by its layer pairs: pass --keep or --compression.")
         if args.compression is not None:
-            raise ValueError("--keep-stage fixes the fraction kept of a stage; --compression finds one fraction for "
+            raise ValueError("--keep-stage fixes the fraction kept of a stage; --compression finds the fractions of "
                              "every stage: pass one of them.")
         from .transformer import _with_stage_keep
 

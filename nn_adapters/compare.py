@@ -179,8 +179,8 @@ def compare_methods(model: nn.Module, calibration_data: object, eval_data: Itera
         wherever a tensor is, as in the calibration data); the model must return class
         scores (a tensor, or an output with ``.logits``) whose argmax over the last dim is compared with the labels.
     budgets : sequence of float
-        Whole-network parameter compressions (``budget="compression"``; for transformers, each the one fraction
-        kept in every block that reaches it, > 1) or keep fractions (``budget="keep"``).
+        Whole-network parameter compressions (``budget="compression"``; for transformers, each the largest fraction
+        kept in every block that reaches it, a stage's slack filled, > 1) or keep fractions (``budget="keep"``).
     budget : {"compression", "keep"}
     methods : list of (label, method, reweight), optional
         Default: :data:`nn_adapters.demo.DEMO_METHODS` for an MLP/CNN (ActGrad only with labelled calibration

@@ -309,7 +309,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         :doc:`nn_adapters`). Tensor batches for such a model are refused with a ``ValueError`` that says so.
     compression : float, optional
         Whole-network parameter compression (params before / after >= compression), e.g. 2.0 ... 32.0. For
-        transformers, the largest fraction kept in every block that reaches it (see ``compression`` of
+        transformers, the largest fraction kept in every block that reaches it, a coarse stage's slack filled by
+        the others (see ``compression`` of
         :func:`nn_adapters.transformer.prune_transformer`).
     keep : float or dict, optional
         Fraction of units kept in every prunable layer (or per pair name / producer name, either producer of
@@ -462,7 +463,7 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         if keep is not None:
             kwargs["keep"] = keep  # else prune_transformer's default (half of the units)
         if compression is not None:
-            kwargs["compression"] = compression  # the fraction kept that reaches it, one for every block
+            kwargs["compression"] = compression  # the fractions kept that reach it, the same in every block
         if weighting is not None:
             kwargs["weighting"] = weighting
         try:

@@ -43,6 +43,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import numbers
@@ -1314,15 +1315,17 @@ def prune_transformer(
         refused with ``"query"``.
     compression : float, optional
         Instead of ``keep``: the whole model's parameter compression (parameters before / after, > 1) to reach by
-        pruning the stages of ``target``, with one fraction kept in every block and stage: the largest fraction that
-        removes enough. Each block kind's parameters per unit (a neuron with its rows and column, a head or key/value
-        group with its rows of the query, key and value projections and its output columns, a neuron in every expert, an
-        expert) are measured by cutting one unit (one a part where heads are kept evenly) from a copy of the block that
-        holds shapes only (``meta`` tensors), so the count is exact for the uniform allocation (``report.compression``:
-        the ratio reached); ``allocation="error-curve"`` keeps the same number of units of each kind and so the same
-        count where the blocks of a kind are alike. Refused if even one unit a stage would not reach it (the message
-        gives the largest reachable); a ``UserWarning`` if the pruned model falls short (a cross-attention that the
-        calibration batches never call keeps its heads).
+        pruning the stages of ``target``: the largest fraction that, kept in every block and stage, removes enough;
+        where several stages are pruned and a coarse one's last step removes more than needed, each stage in turn
+        then keeps the largest fraction (at least that one) that still reaches it (``report.keep``: ``{stage:
+        fraction}``), so that no stage can keep one more step. Each block kind's parameters per unit (a neuron with
+        its rows and column, a head or key/value group with its rows of the query, key and value projections and its
+        output columns, a neuron in every expert, an expert) are measured by cutting one unit (one a part where heads
+        are kept evenly) from a copy of the block that holds shapes only (``meta`` tensors), so the count is exact
+        for the uniform allocation (``report.compression``: the ratio reached); ``allocation="error-curve"`` keeps
+        the same number of units of each kind and so the same count where the blocks of a kind are alike. Refused
+        if even one unit a stage would not reach it (the message gives the largest reachable); a ``UserWarning`` if
+        the pruned model falls short (a cross-attention that the calibration batches never call keeps its heads).
     executor : concurrent.futures.Executor, optional
         Runs the stages' selection and refit in parallel in layer mode (``method="layer"``, or a baseline with
         ``propagation="layer"``), where every block's statistics come from the original network: a
@@ -1438,34 +1441,72 @@ def prune_transformer(
     return pruned, report
 
 
-def _fraction_for_compression(model: nn.Module, blocks: list[_Block], stages: list[str], compression: float) -> float:
-    """The largest fraction that, kept in every block and stage, leaves at most ``params / compression`` parameters
-    of ``model`` (``_n_keep`` rounding, as the budgets are): from each stage's parameters per unit
-    (:func:`_unit_cost`, measured once per block kind and shape)."""
+def _keep_for_compression(model: nn.Module, blocks: list[_Block], stages: list[str],
+                          compression: float) -> float | dict[str, float]:
+    """The ``keep`` of :func:`prune_transformer` that leaves at most ``params / compression`` parameters of
+    ``model`` (``_n_keep`` rounding, as the budgets are), from each stage's parameters per unit (:func:`_unit_cost`,
+    measured once per block kind and shape).
+
+    First the largest fraction ``f`` that, kept in every block and stage, gets there. Where several stages are pruned
+    (heads and FFN, a decoder's cross-attention, a mixture's shared expert), a coarse stage's last step can remove
+    more than needed (one key/value group of two); the slack is then filled: each stage in turn keeps the largest
+    fraction (at least ``f``) that still reaches the compression, in the order of stages that keeps the most
+    parameters. No stage keeps less than at ``f`` and none can keep one more step: the result is ``{stage:
+    fraction}`` where that changes a count, else ``f``."""
     costs, memo = [], {}
     for blk in blocks:
         for stage in _cost_stages(blk, stages):
             key = (type(blk), stage, tuple((n, tuple(p.shape)) for n, p in blk.module.named_parameters()))
             if key not in memo:
                 memo[key] = _unit_cost(blk, stage)
-            costs.append(memo[key])
-    before = _n_params(model)
+            costs.append((stage, *memo[key]))
+    return _compression_fractions(costs, _n_params(model), compression, stages)
 
-    def ratio(f: float) -> float:
-        after = before - sum(c * (n - _n_keep(f, n, m)) for n, m, c in costs)
-        return before / after if after > 0 else math.inf
 
-    if ratio(0.0) < compression:
-        most = math.floor(ratio(0.0) * 1000) / 1000  # rounded down: the value printed is reachable
+def _compression_fractions(costs: list[tuple[str, int, int, float]], before: int, compression: float,
+                           stages: list[str]) -> float | dict[str, float]:
+    """:func:`_keep_for_compression` from ``costs``, ``(stage, units, multiple, parameters per unit)`` of every
+    block's stages, and ``before``, the model's parameters: arithmetic only."""
+    budget = before / compression
+    alike = Counter(costs)  # blocks of one kind and shape: one term
+
+    def removed(fractions: Mapping[str, float]) -> float:
+        return sum(times * c * (n - _n_keep(fractions[s], n, m)) for (s, n, m, c), times in alike.items())
+
+    def reaches(fractions: Mapping[str, float]) -> bool:
+        return before - removed(fractions) <= budget * (1.0 + 1e-12)
+
+    def largest(fractions: dict[str, float], names: Iterable[str], lo: float) -> float:
+        """The largest fraction >= ``lo`` of the stages ``names`` (all at once), the others as in ``fractions``, that
+        reaches the compression (``lo`` itself is known to)."""
+        def at(f: float) -> dict[str, float]:
+            return {**fractions, **dict.fromkeys(names, f)}
+        if reaches(at(1.0)):
+            return 1.0
+        hi = 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if reaches(at(mid)) else (lo, mid)
+        return lo
+
+    keys = list(dict.fromkeys(s for s, *_ in costs))
+    if not reaches(dict.fromkeys(keys, 0.0)):
+        after = before - removed(dict.fromkeys(keys, 0.0))
+        ratio = before / after if after > 0 else math.inf
+        most = math.floor(ratio * 1000) / 1000  # rounded down: the value printed is reachable
         raise UnreachableCompressionError(
             f"compression={compression:g} is out of reach by pruning target's stages ({', '.join(stages)}): keeping "
-            f"one unit of each stage in every block gives {ratio(0.0):.6g}x; pass compression <= {most:g}"
+            f"one unit of each stage in every block gives {ratio:.6g}x; pass compression <= {most:g}"
             f"{'' if stages == ['heads', 'ffn'] else ', or a target that prunes more (target=all)'}.", most)
-    lo, hi = 0.0, 1.0  # ratio(lo) reaches the compression, ratio(hi) does not (ratio(1) = 1)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if ratio(mid) >= compression else (lo, mid)
-    return lo
+    uniform = largest({}, keys, 0.0)
+    best, best_removed = None, removed(dict.fromkeys(keys, uniform))
+    for order in itertools.permutations(keys):  # at most 4 stages: 24 orders of arithmetic
+        fractions = dict.fromkeys(keys, uniform)
+        for s in order:
+            fractions[s] = largest(fractions, [s], uniform)
+        if removed(fractions) < best_removed:
+            best, best_removed = fractions, removed(fractions)
+    return uniform if best is None else best
 
 
 def _cost_stages(blk: _Block, stages: list[str]) -> list[str]:
@@ -1590,8 +1631,8 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                          "docs/transformer.rst. nn_adapters.prune(model, data, target='layers') prunes the Linear and "
                          "convolution pairs of other models.")
     others = link_opaque_layers(work, blocks)  # the layers between blocks that are run as they are
-    if compression is not None:  # the one fraction of every block and stage that reaches it
-        keep = _fraction_for_compression(model, blocks, stages, float(compression))
+    if compression is not None:  # the fractions of every block (one for all stages, or one a stage) that reach it
+        keep = _keep_for_compression(model, blocks, stages, float(compression))
     skipped = [] if stack else _unrecognised_layers(others, len(blocks))
     pair = _encoder_decoder_stacks(work, blocks)
     if pair is not None:  # T5, BART, Whisper...: the encoder, then the decoder on the pruned encoder's states
