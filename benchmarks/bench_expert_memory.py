@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _memory import peak_mib, run_child, same_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,25 +55,19 @@ def child(args: argparse.Namespace) -> None:
     n_seq = args.tokens[0] // 256
     batches = [{"input_ids": torch.randint(0, 1000, (min(8, n_seq - b), 256), generator=g)}
                for b in range(0, n_seq, 8)]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mib()
     t0 = time.perf_counter()
     _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="asym")
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mib": (peak - before) / 1024, "seconds": seconds,
+    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds,
                       "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}))
 
 
 def run(src: Path, args: argparse.Namespace, tokens: int, cache_mib: float | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--tokens", str(tokens), "--hidden", str(args.hidden),
-           "--experts", str(args.experts)]
+    argv = ["--tokens", str(tokens), "--hidden", str(args.hidden), "--experts", str(args.experts)]
     if cache_mib is not None:
-        cmd += ["--cache-mib", str(cache_mib)]
-    env = dict(os.environ, PYTHONPATH=str(src))
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise SystemExit(f"{src} (cache {cache_mib} MiB) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        argv += ["--cache-mib", str(cache_mib)]
+    return run_child(__file__, src, argv, f"cache {cache_mib} MiB")
 
 
 def main() -> None:
@@ -99,9 +93,7 @@ def main() -> None:
         runs["bounded cache"] = run(ROOT, args, tokens, args.cache_mib)
         runs["no cache"] = run(ROOT, args, tokens, 0)
         ref = runs["bounded cache"]
-        same = all(r["kept"] == ref["kept"] and all(abs(a - b) <= 1e-5 * max(abs(b), 1e-12)
-                                                    for a, b in zip(r["errors"], ref["errors"]))
-                   for r in runs.values())
+        same = same_results([ref, *runs.values()])
         cells = "; ".join(f"{name} {r['mib']:.0f} MiB, {r['seconds']:.1f} s" for name, r in runs.items())
         ratios = ", ".join(f"{name} {r['mib'] / max(ref['mib'], 1):.2f}x memory, "
                            f"{r['seconds'] / ref['seconds']:.2f}x time"

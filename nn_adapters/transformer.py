@@ -1719,8 +1719,10 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
             if allocation == "error-curve":
                 budgets = _error_curve_budgets(orig_blocks, per_block, budgets, cache, counter, ridge, rule,
                                                weighting == "layernorm", float(min_keep))
-            xo = [c["x"] for c in cache]
-            xp = [c["x"] for c in cache]
+            # the first block's inputs, held from now on by these lists only (each list drops a batch's states as
+            # it moves on to the next block's)
+            xo = [c.pop("x") for c in cache]
+            xp = list(xo)
             # has an earlier block (or the encoder whose states it reads) been changed? then asym-mode inputs differ
             # from the original's
             changed = original_data is not None
@@ -1770,8 +1772,14 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
                                            _Ridge(ridge, refit_prior == "original"), rule, rng, xo, xp, cache,
                                            counter, report, bool(residual), weighting == "layernorm", jobs)
                 if mode != "layer" and j + 1 < len(chain_calls):  # pruned-network inputs of the next block
-                    xp = xo_next if not changed else [_fwd(blk, xp[b], cache[b]["ctx"], counter)
-                                                      for b in range(len(cache))]
+                    if not changed:
+                        xp = xo_next
+                    else:  # batch by batch in place: one batch's states of the two blocks held at a time
+                        if xp is xo:
+                            xp = list(xp)
+                        xo = xo_next  # the original network's inputs of this block go first
+                        for b in range(len(cache)):
+                            xp[b] = _fwd(blk, xp[b], cache[b]["ctx"], counter)
                 xo = xo_next
         else:
             if "heads" in stages or check_units:  # unit layouts are checked on the first batch, whatever the method
@@ -2499,19 +2507,25 @@ def _norm_weights(block: _Block, stage: str, z: torch.Tensor) -> tuple[torch.Ten
 def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Tensor],
                    cache: list[dict[str, Any]], counter: list[int], residual: bool,
                    weighting: bool, experts: bool = False, stats: dict[str, _Stats] | None = None,
-                   router: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                   router: bool = False, in_place: bool = False) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """One forward of the original block per batch: its outputs (the next block's inputs) and, per stage, either
     the layer-mode statistics (``mode == "layer"``) or the targets and LayerNorm weights of the tokens. With
     ``experts`` (a mixture-of-experts block), ``side["experts"]`` holds :class:`_ExpertCapture` records of the same
     forwards (with the router's arguments if ``router``: whole-expert pruning), the experts' and mixture's
     outputs for the first batch only (its checks), and, in ``seq`` mode, only
     the first batch's record (``None`` for the others: seq mode reads the pruned network's). Layer mode adds to
-    ``stats`` where given (a block called several times: the statistics of its calls so far)."""
+    ``stats`` where given (a block called several times: the statistics of its calls so far). With ``in_place``
+    each batch's outputs replace its inputs in ``xo`` (returned as the outputs) once the batch is done, so that the
+    inputs of the batches done can go (the asym and seq modes read them no more).
+
+    The targets of the asym mode are kept in float64 where they add the residual stream (the original residual sum,
+    from which the pruned network's residual is subtracted later: the residual can be much larger than the
+    consumer's output), else in the consumer output's dtype (read back in float64, the same values)."""
     need_res = residual or weighting
     orig_mods = _capture_map(oblk, stages, need_res)
     # the layout check reads the residual and the sums on the first batch only
     first_mods = {**_capture_map(oblk, stages, True), **_layout_probes(oblk, stages)}
-    xo_next: list[torch.Tensor] = []
+    xo_next: list[torch.Tensor] = xo if in_place else []
     side: dict[str, Any] = {"stats": {} if stats is None else stats, "targets": {s: [] for s in stages},
                             "row_w": {s: [] for s in stages}, "col_scale": {s: None for s in stages},
                             "norm_scales": {s: [] for s in stages}, "experts": []}
@@ -2522,7 +2536,6 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
         if experts:
             record = cap.take(outputs=b == 0)
             side["experts"].append(record if b == 0 or mode != "seq" else None)
-        xo_next.append(out)
         valid = cache[b]["valid"]
         for s in stages:
             view, role = _view(oblk, s)
@@ -2564,10 +2577,15 @@ def _original_pass(oblk: _Block, stages: list[str], mode: str, xo: list[torch.Te
                 # the consumer output that would give the original sum on the pruned network's residual, which is
                 # then subtracted: (original sum - residual) / lambda with a layer scale; in float64, as the
                 # residual can be much larger than y (and 1 / lambda larger still)
-                y64 = y.double()
-                inv = _inverse_gain(oblk, s, y, norm_scales)
-                side["targets"][s].append((y64 + res.double() * (1.0 if inv is None else inv)) if residual else y64)
+                if mode == "asym":  # (seq mode's targets come from the pruned network)
+                    inv = _inverse_gain(oblk, s, y, norm_scales)
+                    side["targets"][s].append((y.double() + res.double() * (1.0 if inv is None else inv))
+                                              if residual else y)
                 side["row_w"][s].append(w)
+        if in_place:
+            xo_next[b] = out
+        else:
+            xo_next.append(out)
     return xo_next, side
 
 
@@ -2729,8 +2747,11 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
     # and targets (layer), and the LayerNorm weights of the tokens
     t0s = {s: time.perf_counter() for s in stages}
     dense = [s for s in stages if not (s == "ffn" and blk.moe) and s != "experts"]
+    # in asym and seq modes the original network's inputs are not read after this pass: each batch's outputs take
+    # its inputs' place in ``xo`` (unless the pruned network reads the same list: no block changed before)
     xo_next, side = _original_pass(oblk, dense, mode, xo, cache, counter, residual, weighting,
-                                   experts=len(dense) < len(stages), router="experts" in stages)
+                                   experts=len(dense) < len(stages), router="experts" in stages,
+                                   in_place=mode != "layer" and xp is not xo)
     stats: dict[str, _Stats] = side["stats"]
     targets, row_w, col_scale = side["targets"], side["row_w"], side["col_scale"]
     for s in stages:
@@ -2756,7 +2777,7 @@ def _prune_block(blk: _Block, oblk: _Block, stages: list[str], mode: str, method
                 a = _rows(view.consumer_rows(role, got[s], _own_context(blk, cache[b]["ctx"]), xp[b]), valid,
                           blk.batch_first(s))
                 if mode == "asym":
-                    y = targets[s][b]
+                    y, targets[s][b] = targets[s][b].double(), None  # each batch's targets go once read
                     if residual:
                         y_p = None
                         if from_output:

@@ -1,0 +1,101 @@
+"""Pruning a dense decoder: peak memory and time against the number of calibration tokens.
+
+A randomly initialised Llama (``transformers``, nothing downloaded; hidden width 1024 (``--hidden``), 4 layers, 16
+query heads of 64 over 4 key/value heads, FFN 2816) keeps half of the units of ``--target`` (``ffn`` by default;
+``all``: key/value groups too) with ``--method`` (``asym`` by default, with the refit) from ``--tokens``
+calibration tokens (sequences of 256 random tokens, 8 a batch). Each run is a fresh process, so that its peak
+resident memory is its own; the figure printed is the peak during the pruning minus the peak before it (model,
+data). The statistics (Gram matrices per block and stage, their cross-validation folds) take the same memory
+whatever the number of tokens; what grows with the tokens is what the sequential modes cache: every calibration
+token's hidden state at a block's input, in the original and in the pruned network, and the targets of asym mode.
+The growth per token is the slope between the first two token counts.
+
+With ``--baseline-src DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/old 170c940``) that
+code is measured in the same run, each token count right before this checkout's, and the kept units and errors
+are checked to be the same.
+
+Run:  python benchmarks/bench_dense_memory.py [--tokens 4096 16384] [--hidden 1024] [--target ffn|heads|all]
+          [--method asym|seq|layer|...] [--baseline-src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from _memory import peak_mib, run_child, same_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(args: argparse.Namespace) -> None:
+    """One pruning run in this process; prints a JSON line (peak memory in MiB, seconds, kept units, errors)."""
+    import torch
+    import transformers
+
+    from nn_adapters.transformer import prune_transformer
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                                   num_hidden_layers=4, num_attention_heads=args.hidden // 64,
+                                   num_key_value_heads=args.hidden // 256, head_dim=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    n_seq = args.tokens[0] // 256
+    batches = [{"input_ids": torch.randint(0, 1000, (min(8, n_seq - b), 256), generator=g)}
+               for b in range(0, n_seq, 8)]
+    before = peak_mib()
+    t0 = time.perf_counter()
+    _, report = prune_transformer(model, batches, keep=0.5, target=args.target, method=args.method)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds,
+                      "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--target", default="ffn")
+    parser.add_argument("--method", default="asym")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="a checkout of earlier code, measured in the same run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(f"python {sys.version.split()[0]}; Llama, hidden width {args.hidden}, 4 layers; keep half of "
+          f"target={args.target!r}, method={args.method!r}; peak memory during the pruning (MiB) and wall time")
+    srcs = {"this checkout": ROOT} if args.baseline_src is None else {
+        "baseline": args.baseline_src.resolve(), "this checkout": ROOT}
+    runs: dict[str, list[dict]] = {name: [] for name in srcs}
+    for tokens in args.tokens:
+        for name, src in srcs.items():
+            argv = ["--tokens", str(tokens), "--hidden", str(args.hidden), "--target", args.target,
+                    "--method", args.method]
+            runs[name].append(run_child(__file__, src, argv, f"{tokens} tokens"))
+        here = [r[-1] for r in runs.values()]
+        cells = "; ".join(f"{name} {r[-1]['mib']:.0f} MiB, {r[-1]['seconds']:.1f} s" for name, r in runs.items())
+        check = "" if len(here) < 2 else (" (same kept units and errors)" if same_results(here)
+                                          else " (DIFFERENT kept units or errors)")
+        print(f"{tokens} tokens: {cells}{check}")
+    if len(args.tokens) >= 2:
+        span = args.tokens[1] - args.tokens[0]
+        growth = {name: (r[1]["mib"] - r[0]["mib"]) * 1024 / span for name, r in runs.items()}
+        line = ", ".join(f"{name} {kib:.1f} KiB" for name, kib in growth.items())
+        print(f"growth a token between {args.tokens[0]} and {args.tokens[1]} tokens: {line}")
+        if "baseline" in runs:
+            old, new = runs["baseline"][-1], runs["this checkout"][-1]
+            print(f"baseline / this checkout: {growth['baseline'] / growth['this checkout']:.2f}x the growth a "
+                  f"token, {old['mib'] / new['mib']:.2f}x the peak at {args.tokens[-1]} tokens, "
+                  f"{old['seconds'] / new['seconds']:.2f}x the time")
+
+
+if __name__ == "__main__":
+    main()
