@@ -8,13 +8,14 @@ resident memory is its own; the figure printed is the peak during the pruning mi
 data). The statistics (Gram matrices per block and stage, their cross-validation folds) take the same memory
 whatever the number of tokens; what grows with the tokens is what the sequential modes cache: every calibration
 token's hidden state at a block's input, in the original and in the pruned network, and the targets of asym mode.
-The growth per token is the slope between the first two token counts.
+The growth per token is the least-squares slope over the token counts given (noisy by a few KiB a token: the
+allocator's peaks are not exactly reproducible).
 
 With ``--baseline-src DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/old 170c940``) that
 code is measured in the same run, each token count right before this checkout's, and the kept units and errors
 are checked to be the same.
 
-Run:  python benchmarks/bench_dense_memory.py [--tokens 4096 16384] [--hidden 1024] [--target ffn|heads|all]
+Run:  python benchmarks/bench_dense_memory.py [--tokens 4096 8192 16384] [--hidden 1024] [--target ffn|heads|all]
           [--method asym|seq|layer|...] [--baseline-src DIR]
 """
 
@@ -53,13 +54,20 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     _, report = prune_transformer(model, batches, keep=0.5, target=args.target, method=args.method)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds,
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds, "model_mib": weights,
                       "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}))
+
+
+def slope(x: list[int], y: list[float]) -> float:
+    """The least-squares slope of ``y`` against ``x``."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sum((a - mx) ** 2 for a in x)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--target", default="ffn")
     parser.add_argument("--method", default="asym")
@@ -85,11 +93,11 @@ def main() -> None:
         check = "" if len(here) < 2 else (" (same kept units and errors)" if same_results(here)
                                           else " (DIFFERENT kept units or errors)")
         print(f"{tokens} tokens: {cells}{check}")
+    print(f"the model's weights: {runs['this checkout'][0]['model_mib']:.0f} MiB")
     if len(args.tokens) >= 2:
-        span = args.tokens[1] - args.tokens[0]
-        growth = {name: (r[1]["mib"] - r[0]["mib"]) * 1024 / span for name, r in runs.items()}
+        growth = {name: slope(args.tokens, [x["mib"] * 1024 for x in r]) for name, r in runs.items()}
         line = ", ".join(f"{name} {kib:.1f} KiB" for name, kib in growth.items())
-        print(f"growth a token between {args.tokens[0]} and {args.tokens[1]} tokens: {line}")
+        print(f"growth a token (least squares over {', '.join(map(str, args.tokens))} tokens): {line}")
         if "baseline" in runs:
             old, new = runs["baseline"][-1], runs["this checkout"][-1]
             print(f"baseline / this checkout: {growth['baseline'] / growth['this checkout']:.2f}x the growth a "

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy", "outside_inference_mode", "unwrap", "wrapper_hint",
-           "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+__all__ = ["eval_mode", "copy_modes", "working_copy", "shared_copy", "TensorGuard", "outside_inference_mode",
+           "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -60,6 +60,28 @@ def copy_modes(src: nn.Module, dst: nn.Module) -> None:
         m.training = flags.get(name, src.training)
 
 
+def _refuse_masks(model: nn.Module) -> None:
+    """Refuse a model that carries :mod:`torch.nn.utils.prune` masks (see :func:`working_copy`)."""
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                tensor = getattr(hook, "_tensor_name", "weight")
+                raise ValueError(f"module {name or type(model).__name__!r} carries a torch.nn.utils.prune mask on "
+                                 f"{tensor!r}; make it permanent first with torch.nn.utils.prune.remove(module, "
+                                 f"{tensor!r}) (structured pruning then shrinks the masked weights like any other).")
+
+
+def _deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` in eval mode, or the error of :func:`working_copy`."""
+    try:
+        return copy.deepcopy(model, memo).eval()
+    except RuntimeError as exc:
+        raise ValueError(f"could not copy {type(model).__name__} to prune it ({exc}). If it uses "
+                         "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
+                         "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
+                         ) from exc
+
+
 def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode (pruning never touches the caller's model), or a clear error when it cannot be
     copied or pruned.
@@ -69,20 +91,43 @@ def working_copy(model: nn.Module) -> nn.Module:
     old ``torch.nn.utils.weight_norm`` / ``spectral_norm``, whose derived weight refuses ``deepcopy``. The user's
     forward hooks are copied with the model: they run during calibration, as part of the model's function.
     """
-    for name, m in model.named_modules():
-        for hook in m._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                tensor = getattr(hook, "_tensor_name", "weight")
-                raise ValueError(f"module {name or type(model).__name__!r} carries a torch.nn.utils.prune mask on "
-                                 f"{tensor!r}; make it permanent first with torch.nn.utils.prune.remove(module, "
-                                 f"{tensor!r}) (structured pruning then shrinks the masked weights like any other).")
-    try:
-        return copy.deepcopy(model).eval()
-    except RuntimeError as exc:
-        raise ValueError(f"could not copy {type(model).__name__} to prune it ({exc}). If it uses "
-                         "torch.nn.utils.weight_norm or spectral_norm, remove them first (torch.nn.utils."
-                         "remove_weight_norm / remove_spectral_norm); pruning never modifies the model in place."
-                         ) from exc
+    _refuse_masks(model)
+    return _deep_copy(model)
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) are its own but whose
+    parameters and buffers are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
+    copy of its weights. Its modules may be replaced or given new tensors; its tensors must not be written (see
+    :class:`TensorGuard`). Refused as :func:`working_copy` refuses."""
+    _refuse_masks(model)
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return _deep_copy(model, memo)
+
+
+class TensorGuard:
+    """What a model's parameters and buffers are now (storage, dtype, shape, device, and the version counter that
+    every in-place write bumps); :meth:`check` raises if one of them has changed since. Pruning reads the caller's
+    tensors through :func:`shared_copy`: this is how the tests see that it never writes them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        self._seen = {id(t): (name, t, self._state(t)) for name, t in named if t is not None}
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> tuple[Any, ...]:
+        try:
+            version = t._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter (and cannot be written outside it)
+            version = None
+        return (version, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` (a bug of this library, not of the caller) if a tensor was changed."""
+        for name, t, state in self._seen.values():
+            if self._state(t) != state:
+                raise RuntimeError(f"internal error: pruning changed the caller's tensor {name!r} in place (the "
+                                   "model is not what it was); please report this, with the model's type")
 
 
 def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:

@@ -83,7 +83,7 @@ from ._experts import (
     sync_expert_count,
 )
 from ._experts import error_curve as expert_error_curve
-from ._modes import copy_modes, outside_inference_mode, unwrap, working_copy
+from ._modes import TensorGuard, copy_modes, outside_inference_mode, shared_copy, unwrap, working_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -1425,6 +1425,7 @@ def prune_transformer(
         raise ValueError(f"head_unit must be 'group' (a key/value head and its query heads) or 'query' (query "
                          f"heads, as many in every group), got {head_unit!r}")
     token = QUERY_HEADS.set(head_unit == "query")  # read where the blocks' attentions are prepared
+    guard = TensorGuard(model)  # the original network is run on the caller's own tensors: never written
     try:
         pruned, report = _prune_model(model, calibration_data, keep, t_start, target=target, method=method,
                                       reweight=reweight, seed=seed, propagation=propagation, ridge=ridge,
@@ -1433,6 +1434,7 @@ def prune_transformer(
                                       compression=compression)
     finally:
         QUERY_HEADS.reset(token)
+    guard.check()
     if compression is not None and report.compression < compression * (1.0 - 1e-12):
         warnings.warn(f"compression={compression:g} was asked for, the pruned model reaches {report.compression:.4g} "
                       "(a cross-attention not called on the calibration batches keeps its heads, or blocks of one "
@@ -2058,8 +2060,9 @@ def _step_over(block: _Block, xs: list[torch.Tensor], cache: list[dict[str, Any]
 def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_note: str, counter: list[int],
                      check_units: bool = False, cross: bool = False, pruned_batches: list[Any] | None = None
                      ) -> tuple[list[_Block], list[dict[str, Any]], list[tuple[int, torch.Tensor]], set[str]]:
-    """A working copy of the unpruned model's blocks (attention prepared for head pruning when ``heads``), the first
-    block's cached inputs for ``batches``, every block call on the first batch in the forward's order (the block's
+    """A copy of the unpruned model's blocks that reads the caller's weights (:func:`shared_copy`; attention
+    prepared for head pruning when ``heads``), the first block's cached inputs for ``batches``, every block call
+    on the first batch in the forward's order (the block's
     index and its input: a block the model calls several times comes back with each call; one full forward, which
     also checks that the blocks chain and, with ``heads``, their head layout; with ``check_units``, the FFN unit
     layout of the blocks that ask for it, :attr:`_Block.ffn_units_checked`), and, with ``cross``, the names of the
@@ -2069,7 +2072,7 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
     With ``pruned_batches`` (the pruned network's batches, one per batch of ``batches``: a decoder's calls with
     the pruned encoder's states, its first block's inputs the same), each cached entry's ``"ctx"`` is the first
     block's context there and ``"octx"`` the original network's (see :func:`_original_context`)."""
-    orig = working_copy(model)
+    orig = shared_copy(model)  # the caller's weights, read only: no second copy of them
     orig_blocks = find_blocks(orig)
     link_opaque_layers(orig, orig_blocks)
     _link_stages(orig, orig_blocks, batches[0])

@@ -1,0 +1,106 @@
+"""The unpruned network that ``prune_transformer`` runs (targets of asym mode, statistics of layer mode) reads the
+caller's own weights: :func:`nn_adapters._modes.shared_copy` copies the modules, not the tensors, and
+:class:`nn_adapters._modes.TensorGuard` checks after every pruning that none of the caller's tensors was written
+(every ``prune_transformer`` call in the test suite runs that check).
+
+Oracles: tensor identity and storage pointers; torch's version counter, bumped by any in-place write; the kept units
+and weights of a pruning against those of the same pruning with a private deep copy of the original network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _torch_helpers import ragged_token_batches
+from torch import nn
+
+import nn_adapters._modes as modes
+import nn_adapters.transformer as tr
+from nn_adapters._modes import TensorGuard, shared_copy
+from nn_adapters.transformer import prune_transformer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 40
+
+
+def llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_the_copy_shares_tensors_not_modules() -> None:
+    model = llama().train()
+    twin = shared_copy(model)
+    assert not twin.training and model.training  # the copy is in eval mode, the caller's model as it was
+    for (name, p), (name2, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert name == name2 and p is q
+    for (_, b), (_, c) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+        assert b is c
+    assert twin.model.layers[0] is not model.model.layers[0] and twin.config is not model.config
+    twin.model.layers[0].mlp.down_proj = nn.Linear(24, 32, bias=False)  # a module replaced in the copy only
+    assert isinstance(model.model.layers[0].mlp.down_proj.weight, nn.Parameter)
+    assert model.model.layers[0].mlp.down_proj is not twin.model.layers[0].mlp.down_proj
+
+
+def test_the_guard_sees_in_place_writes_and_swapped_storage() -> None:
+    model = llama()
+    guard = TensorGuard(model)
+    guard.check()  # nothing changed
+    twin = shared_copy(model)
+    twin.model.layers[1].mlp.up_proj = nn.Linear(32, 12, bias=False)  # the copy's own module: not the caller's
+    guard.check()
+    with torch.no_grad():
+        twin.model.layers[0].mlp.up_proj.weight[0, 0] += 0.0  # written through the copy: the caller's tensor
+    with pytest.raises(RuntimeError, match="internal error: .*'model.layers.0.mlp.up_proj.weight'"):
+        guard.check()
+    model = llama()
+    guard = TensorGuard(model)
+    model.model.norm.weight.data = torch.ones(32)  # the same values, another storage
+    with pytest.raises(RuntimeError, match="'model.norm.weight'"):
+        guard.check()
+
+
+@pytest.mark.parametrize(("target", "method"), [("ffn", "asym"), ("all", "asym"), ("all", "layer"),
+                                                ("all", "seq")])
+def test_pruning_reads_the_callers_tensors_and_gives_what_a_private_copy_gives(monkeypatch, target: str,
+                                                                                method: str) -> None:
+    model = llama()
+    batches = ragged_token_batches(VOCAB, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = []
+
+    def spy(m: nn.Module) -> nn.Module:
+        twin = shared_copy(m)
+        copies.append(twin)
+        return twin
+
+    monkeypatch.setattr(tr, "shared_copy", spy)
+    pruned, report = prune_transformer(model, batches, keep=0.5, target=target, method=method)
+    assert len(copies) == 1
+    assert all(p is q for p, q in zip(model.parameters(), copies[0].parameters(), strict=True))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model as it was
+
+    monkeypatch.setattr(tr, "shared_copy", modes.working_copy)  # the earlier way: a deep copy of the weights
+    alone, report_alone = prune_transformer(model, batches, keep=0.5, target=target, method=method)
+    assert [u.kept for u in report.units] == [u.kept for u in report_alone.units]
+    for (k, v), (k2, w) in zip(pruned.state_dict().items(), alone.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, w)
+
+
+def test_a_write_into_the_callers_weights_during_pruning_is_reported(monkeypatch) -> None:
+    """Mutation check of the guard in place: a (simulated) bug that writes an original block's weight in place."""
+    model = llama()
+    original_pass = tr._original_pass
+
+    def writing_pass(oblk, *args, **kwargs):
+        with torch.no_grad():
+            oblk.module.mlp.up_proj.weight.mul_(1.0)  # the same values, written
+        return original_pass(oblk, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "_original_pass", writing_pass)
+    with pytest.raises(RuntimeError, match="internal error: pruning changed the caller's tensor "
+                                           "'model.layers.0.mlp.up_proj.weight'"):
+        prune_transformer(model, ragged_token_batches(VOCAB, 2), keep=0.5)
