@@ -1748,7 +1748,92 @@ class _HFGPT2Block(_HFBlock):
         sa.split_size = int(keep.numel()) * self.head_dim
 
 
-class _HFLlamaBlock(_HFBlock):
+class _QueryHeadUnits:
+    """Attention units of a block with key/value groups (grouped-query attention): a whole group (a key/value head
+    and the query heads that read it) by default, or, with :data:`QUERY_HEADS` (``head_unit="query"``), the query
+    heads, as many kept in every group (:attr:`head_parts`: the groups), every key and value head kept. A pruning
+    spec records the query heads kept per group (``num_key_value_groups``, spec version 2) where they changed.
+
+    Mixed in before :class:`_HFBlock` by blocks that define ``kv_groups`` (query heads per key/value head),
+    ``num_heads``, ``value_dim``, :data:`QUERY_HEADS_OK` and a ``shrink_heads`` that keeps query heads when
+    :attr:`query_heads` is set (Llama-style layers, Falcon's new decoder architecture)."""
+
+    #: Whether the block can lose query heads within its key/value groups (``head_unit="query"``); ``False`` where a
+    #: subclass lays out or shares its heads otherwise.
+    QUERY_HEADS_OK = True
+
+    def _mark_head_units(self) -> None:
+        """Record on the attention the key/value groups as first prepared (which a spec compares with, see
+        :meth:`spec`) and whether its units are query heads (``head_unit="query"``: :data:`QUERY_HEADS`)."""
+        sa = _get(self.module, self.SA)
+        if not hasattr(sa, _GROUPS_MARK):
+            setattr(sa, _GROUPS_MARK, self.kv_groups)
+        # unmarked where it cannot: prune_transformer then refuses the groups with head_unit="query"
+        setattr(sa, _QUERY_MARK, QUERY_HEADS.get() and self.kv_groups > 1 and self.QUERY_HEADS_OK)
+
+    @property
+    def query_heads(self) -> bool:
+        return bool(getattr(_get(self.module, self.SA), _QUERY_MARK, False))
+
+    @property
+    def head_parts(self) -> int:
+        return self.num_heads // self.kv_groups if self.query_heads else 1
+
+    @property
+    def head_units(self) -> int:
+        return self.num_heads if self.query_heads else self.num_heads // self.kv_groups
+
+    @property
+    def head_unit_width(self) -> int:
+        return self.value_dim if self.query_heads else self.kv_groups * self.value_dim
+
+    def spec(self) -> dict[str, Any]:
+        out = {**super().spec(), "num_key_value_heads": self.num_heads // self.kv_groups}
+        if self.kv_groups != self._trained_kv_groups():  # query heads removed within the groups
+            out["num_key_value_groups"] = self.kv_groups
+        return out
+
+    def _trained_kv_groups(self) -> int:
+        """Query heads per key/value head when the attention was first prepared for head pruning (recorded on it
+        then, :data:`_GROUPS_MARK`), or the current count if it never was."""
+        return int(getattr(_get(self.module, self.SA), _GROUPS_MARK, self.kv_groups))
+
+    def plan_sizes(self, spec: Mapping[str, Any]) -> None:
+        self._spec_groups = spec.get("num_key_value_groups")
+
+    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
+        problem = super().extra_sizes_problem(spec)
+        g = spec.get("num_key_value_groups")
+        if problem is not None or g is None:
+            return problem
+        n_kv, kv = self.num_heads // self.kv_groups, spec.get("num_key_value_heads")
+        if (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.kv_groups
+                or not isinstance(kv, int) or not 1 <= kv <= n_kv or spec["num_heads"] != g * kv):
+            return (f"the spec has num_key_value_groups={g!r}, num_key_value_heads={kv!r} and num_heads="
+                    f"{spec['num_heads']!r}, the model's block {n_kv} key/value heads of {self.kv_groups} query heads")
+        return None
+
+    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
+        """As :meth:`_HFBlock.set_sizes`; a spec whose query heads were removed within the key/value groups
+        (``num_key_value_groups``, read by :meth:`plan_sizes`) keeps the first ones of every group, then the
+        first ``num_heads / num_key_value_groups`` groups."""
+        groups = getattr(self, "_spec_groups", None)
+        if groups is None or groups == self.kv_groups:
+            super().set_sizes(intermediate_size, num_heads)
+            return
+        token = QUERY_HEADS.set(True)
+        try:
+            self.prepare_heads()
+        finally:
+            QUERY_HEADS.reset(token)
+        sa = _get(self.module, self.SA)
+        n_kv = self.num_heads // self.kv_groups
+        self.shrink_heads((torch.arange(n_kv).view(-1, 1) * self.kv_groups + torch.arange(groups)).reshape(-1))
+        setattr(sa, _QUERY_MARK, False)  # then whole groups, where some went too
+        super().set_sizes(intermediate_size, num_heads)
+
+
+class _HFLlamaBlock(_QueryHeadUnits, _HFBlock):
     """Llama-style decoder layers (``LlamaDecoderLayer`` and look-alikes with the same parts: Mistral, Qwen2,
     Qwen3...): ``self_attn.{q,k,v,o}_proj``, the gated FFN ``mlp.{gate,up,down}_proj`` (``down(act(gate(x)) *
     up(x))``: unit ``i`` is row ``i`` of gate and up), RMSNorms ``input_layernorm`` / ``post_attention_layernorm``,
@@ -1779,10 +1864,6 @@ class _HFLlamaBlock(_HFBlock):
     #: Attributes of the attentions of transformers before the attention refactor of 4.48, which reshape their
     #: output to the model width and size their views by these per-module head counts.
     LEGACY = ("num_heads", "hidden_size")
-    #: Whether the block can lose query heads within its key/value groups (``head_unit="query"``); ``False`` where a
-    #: subclass lays out or shares its heads otherwise.
-    QUERY_HEADS_OK = True
-
     def prepare_ffn(self) -> None:
         mlp = _get(self.module, self.DOWN.rpartition(".")[0])  # the FFN module (mlp, feed_forward...)
         tp = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
@@ -1817,23 +1898,6 @@ class _HFLlamaBlock(_HFBlock):
         super().prepare_heads()
         self._mark_head_units()
 
-    def _mark_head_units(self) -> None:
-        """Record on the attention the key/value groups as first prepared (which a spec compares with, see
-        :meth:`spec`) and whether its units are query heads (``head_unit="query"``: :data:`QUERY_HEADS`)."""
-        sa = _get(self.module, self.SA)
-        if not hasattr(sa, _GROUPS_MARK):
-            setattr(sa, _GROUPS_MARK, self.kv_groups)
-        # unmarked where it cannot: prune_transformer then refuses the groups with head_unit="query"
-        setattr(sa, _QUERY_MARK, QUERY_HEADS.get() and self.kv_groups > 1 and self.QUERY_HEADS_OK)
-
-    @property
-    def query_heads(self) -> bool:
-        return bool(getattr(_get(self.module, self.SA), _QUERY_MARK, False))
-
-    @property
-    def head_parts(self) -> int:
-        return self.num_heads // self.kv_groups if self.query_heads else 1
-
     def qkv_weights(self) -> list[torch.Tensor]:
         if self.query_heads:  # a unit is a query head: its query rows (the key and value heads stay)
             return [getattr(_get(self.module, self.SA), self.QKV[0]).weight]
@@ -1854,14 +1918,6 @@ class _HFLlamaBlock(_HFBlock):
     @property
     def num_heads(self) -> int:
         return int(self.out_proj.in_features) // self.value_dim
-
-    @property
-    def head_units(self) -> int:
-        return self.num_heads if self.query_heads else self.num_heads // self.kv_groups
-
-    @property
-    def head_unit_width(self) -> int:
-        return self.value_dim if self.query_heads else self.kv_groups * self.value_dim
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
@@ -1922,51 +1978,6 @@ class _HFLlamaBlock(_HFBlock):
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = int(down.in_features)
 
-    def spec(self) -> dict[str, Any]:
-        out = {**super().spec(), "num_key_value_heads": self.num_heads // self.kv_groups}
-        if self.kv_groups != self._trained_kv_groups():  # query heads removed within the groups
-            out["num_key_value_groups"] = self.kv_groups
-        return out
-
-    def _trained_kv_groups(self) -> int:
-        """Query heads per key/value head when the attention was first prepared for head pruning (recorded on it
-        then, :data:`_GROUPS_MARK`), or the current count if it never was."""
-        return int(getattr(_get(self.module, self.SA), _GROUPS_MARK, self.kv_groups))
-
-    def plan_sizes(self, spec: Mapping[str, Any]) -> None:
-        self._spec_groups = spec.get("num_key_value_groups")
-
-    def extra_sizes_problem(self, spec: Mapping[str, Any]) -> str | None:
-        problem = super().extra_sizes_problem(spec)
-        g = spec.get("num_key_value_groups")
-        if problem is not None or g is None:
-            return problem
-        n_kv, kv = self.num_heads // self.kv_groups, spec.get("num_key_value_heads")
-        if (not isinstance(g, int) or isinstance(g, bool) or not 1 <= g <= self.kv_groups
-                or not isinstance(kv, int) or not 1 <= kv <= n_kv or spec["num_heads"] != g * kv):
-            return (f"the spec has num_key_value_groups={g!r}, num_key_value_heads={kv!r} and num_heads="
-                    f"{spec['num_heads']!r}, the model's block {n_kv} key/value heads of {self.kv_groups} query heads")
-        return None
-
-    def set_sizes(self, intermediate_size: int, num_heads: int) -> None:
-        """As :meth:`_HFBlock.set_sizes`; a spec whose query heads were removed within the key/value groups
-        (``num_key_value_groups``, read by :meth:`plan_sizes`) keeps the first ones of every group, then the
-        first ``num_heads / num_key_value_groups`` groups."""
-        groups = getattr(self, "_spec_groups", None)
-        if groups is None or groups == self.kv_groups:
-            super().set_sizes(intermediate_size, num_heads)
-            return
-        token = QUERY_HEADS.set(True)
-        try:
-            self.prepare_heads()
-        finally:
-            QUERY_HEADS.reset(token)
-        sa = _get(self.module, self.SA)
-        n_kv = self.num_heads // self.kv_groups
-        self.shrink_heads((torch.arange(n_kv).view(-1, 1) * self.kv_groups + torch.arange(groups)).reshape(-1))
-        setattr(sa, _QUERY_MARK, False)  # then whole groups, where some went too
-        super().set_sizes(intermediate_size, num_heads)
-
     def output_scale(self, stage: str) -> torch.Tensor | None:
         """Granite's ``residual_multiplier`` (MiniCPM3's ``residual_scale``), a number the layer multiplies both
         sublayers' outputs by before their residual sums (``x + attn(...) * m``; 0.22 in Granite 3), as a
@@ -1981,7 +1992,7 @@ class _HFLlamaBlock(_HFBlock):
         return torch.full((lin.out_features,), float(m), dtype=lin.weight.dtype)
 
 
-def _balanced_query_heads(blk: _HFLlamaBlock, keep: torch.Tensor, n_kv: int) -> torch.Tensor:
+def _balanced_query_heads(blk: _QueryHeadUnits, keep: torch.Tensor, n_kv: int) -> torch.Tensor:
     """``keep``, query heads of ``blk`` kept within its ``n_kv`` key/value groups; a ``ValueError`` unless every
     group keeps as many."""
     groups, per = blk.kv_groups, int(keep.numel()) // n_kv
@@ -4101,12 +4112,13 @@ class _HFBloomBlock(_FusedQKVByHead):
         return (self.module.post_attention_layernorm, 0)  # the attention output, residual included
 
 
-class _HFFalconBlock(_HFBlock):
+class _HFFalconBlock(_QueryHeadUnits, _HFBlock):
     """Falcon (``FalconDecoderLayer``): the fused ``self_attention.query_key_value``, ``self_attention.dense``,
     ``mlp.dense_h_to_4h / dense_4h_to_h``, pre-LN. Attention and FFN run in parallel (the new decoder architecture of
     Falcon-40B/180B, or ``parallel_attn`` as in Falcon-7B) or one after the other. The fused projection holds, by
     layout: key/value groups, each its query heads then its key and value head (new architecture; a unit is a
-    group); all query heads then one shared key and value head (``multi_query``; a unit is a query head, the shared
+    group, or with ``head_unit="query"`` a query head, as many kept in every group: see :class:`_QueryHeadUnits`);
+    all query heads then one shared key and value head (``multi_query``; a unit is a query head, the shared
     rows stay); or query, key and value head by head (a unit is a head). Falcon-RW's ALiBi slopes are built for all
     heads and folded into the attention mask as well: its heads are refused by the head-layout check."""
 
@@ -4140,16 +4152,24 @@ class _HFFalconBlock(_HFBlock):
         return bool(_get(self.module, self.SA).new_decoder_architecture)
 
     @property
-    def head_units(self) -> int:
-        return int(_get(self.module, self.SA).num_kv_heads) if self._grouped else self.num_heads
+    def kv_groups(self) -> int:
+        """Query heads per key/value head in the new architecture's groups (1 otherwise: a unit is a head)."""
+        return self.num_heads // int(_get(self.module, self.SA).num_kv_heads) if self._grouped else 1
 
     @property
-    def head_unit_width(self) -> int:
-        return self.num_heads // self.head_units * self.head_dim
+    def QUERY_HEADS_OK(self) -> bool:  # noqa: N802 - the class attribute of the other blocks
+        return self._grouped
+
+    def prepare_heads(self) -> None:
+        super().prepare_heads()
+        self._mark_head_units()
 
     def qkv_weights(self) -> list[torch.Tensor]:
         sa = _get(self.module, self.SA)
         w = sa.query_key_value.weight
+        if self.query_heads:  # each group's query rows, group by group (its key and value rows stay)
+            per = self.kv_groups
+            return [w.view(int(sa.num_kv_heads), per + 2, self.head_dim, -1)[:, :per].reshape(-1, w.shape[-1])]
         # multi-query: the shared key and value rows belong to no head
         return [w[:self.num_heads * self.head_dim]] if sa.multi_query and not self._grouped else [w]
 
@@ -4158,7 +4178,14 @@ class _HFFalconBlock(_HFBlock):
         sa = _get(self.module, self.SA)
         keep = keep.to(self.out_proj.weight.device)
         d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
-        if self._grouped:  # per group: its query heads, then its key and value heads
+        if self.query_heads:  # query heads, as many in every group: their rows, every key and value head's
+            n_kv, per = int(sa.num_kv_heads), self.kv_groups
+            heads = _balanced_query_heads(self, keep, n_kv)
+            groups = torch.arange(n_kv, device=keep.device) * (per + 2)
+            slots = torch.cat([heads // per * (per + 2) + heads % per, groups + per, groups + per + 1])
+            rows, cols = _head_rows(torch.sort(slots).values, d), _head_rows(heads, d)
+            sa.num_heads = kept
+        elif self._grouped:  # per group: its query heads, then its key and value heads
             per = n // int(sa.num_kv_heads)
             rows, cols = _head_rows(keep, (per + 2) * d), _head_rows(keep, per * d)
             sa.num_kv_heads, sa.num_heads = kept, kept * per

@@ -1307,12 +1307,12 @@ def prune_transformer(
         (capped at its uniform count), in (0, 1].
     head_unit : {"group", "query"}, default "group"
         The attention unit of decoders with grouped-query attention (Llama-style layers: Llama, Mistral, Qwen2/3,
-        the mixtures of experts...). ``"group"``: a key/value head and the query heads that read it go together
-        (the key/value cache shrinks too). ``"query"``: query heads, as many kept in every group (their number
-        rounded up to a multiple of the groups; greedy under a partition matroid, the baselines' best of each
-        group), every key and value head kept: finer steps, no smaller cache. Blocks without grouped-query
-        attention are the same either way; a block with key/value groups that cannot lose query heads alone is
-        refused with ``"query"``.
+        the mixtures of experts...; Falcon's new decoder architecture). ``"group"``: a key/value head and the query
+        heads that read it go together (the key/value cache shrinks too). ``"query"``: query heads, as many kept in
+        every group (their number rounded up to a multiple of the groups; greedy under a partition matroid, the
+        baselines' best of each group), every key and value head kept: finer steps, no smaller cache. Blocks
+        without grouped-query attention are the same either way; a block with key/value groups that cannot lose
+        query heads alone is refused with ``"query"``.
     compression : float, optional
         Instead of ``keep``: the whole model's parameter compression (parameters before / after, > 1) to reach by
         pruning the stages of ``target``: the largest fraction that, kept in every block and stage, removes enough;

@@ -1,6 +1,6 @@
-"""Query heads of Llama-style decoders with grouped-query attention (``head_unit="query"``): the units are query
-heads, as many kept in every key/value group, every key and value head kept (``num_key_value_groups`` becomes the
-query heads kept per group).
+"""Query heads of Llama-style decoders with grouped-query attention, and of Falcon's new decoder architecture
+(``head_unit="query"``): the units are query heads, as many kept in every key/value group, every key and value head
+kept (``num_key_value_groups``, or Falcon's ``num_heads / num_kv_heads``, becomes the query heads kept per group).
 
 Oracles: the original model with the removed query heads' ``o_proj`` columns zeroed (what removing them must give
 without a refit), forward selection under the per-group quota written out with one lstsq per candidate on the
@@ -43,6 +43,10 @@ def build(name: str = "llama", kv: int = KV, n_layers: int = LAYERS) -> torch.nn
                d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, max_seq_len=32, vocab_size=VOCAB, pad_token_id=0,
                attn_config={"kv_n_heads": kv, "rope_theta": 10000.0, "clip_qkv": 8.0},
                ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}),
+           # query_key_value holds, group by group, the group's query heads then its key and its value head
+           "falcon": lambda: transformers.FalconConfig(
+               vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=n_layers, num_attention_heads=HEADS,
+               num_kv_heads=kv, new_decoder_architecture=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),
            }[name]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
@@ -65,20 +69,39 @@ def build(name: str = "llama", kv: int = KV, n_layers: int = LAYERS) -> torch.nn
 
 
 def layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.transformer.blocks if hasattr(model, "transformer") else model.model.layers
+    if hasattr(model, "transformer"):  # DBRX's blocks, Falcon's h
+        return getattr(model.transformer, "blocks", None) or model.transformer.h
+    return model.model.layers
 
 
 def attention(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.norm_attn_norm.attn if hasattr(layer, "norm_attn_norm") else layer.self_attn
+    if hasattr(layer, "norm_attn_norm"):
+        return layer.norm_attn_norm.attn
+    return getattr(layer, "self_attention", None) or layer.self_attn
 
 
 def out_proj(sa: torch.nn.Module) -> torch.nn.Linear:
-    return sa.out_proj if hasattr(sa, "out_proj") else sa.o_proj
+    return getattr(sa, "out_proj", None) or getattr(sa, "dense", None) or sa.o_proj
 
 
 def out_path(model: torch.nn.Module) -> str:
     """The output projection's path in a layer."""
-    return "norm_attn_norm.attn.out_proj" if hasattr(model, "transformer") else "self_attn.o_proj"
+    if hasattr(model, "transformer"):
+        return "self_attention.dense" if hasattr(model.transformer, "h") else "norm_attn_norm.attn.out_proj"
+    return "self_attn.o_proj"
+
+
+def groups_of(sa: torch.nn.Module) -> int:
+    """Query heads per key/value head of an attention."""
+    return sa.num_heads // sa.num_kv_heads if hasattr(sa, "num_kv_heads") else sa.num_key_value_groups
+
+
+def falcon_rows(sa: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the query rows and of the key and value rows of Falcon's query_key_value, ``(groups, heads, d,
+    hidden)``: group by group, its query heads, then its key and its value head."""
+    per = sa.num_heads // sa.num_kv_heads
+    w = sa.query_key_value.weight.view(sa.num_kv_heads, per + 2, sa.head_dim, -1)
+    return w[:, :per], w[:, per:]
 
 
 def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -88,6 +111,8 @@ def data(n: int = 3) -> list[dict[str, torch.Tensor]]:
 def key_value_weights(attn: torch.nn.Module) -> torch.Tensor:
     """The key and value rows of an attention (Phi-3, DBRX: the rows of its fused projection after the queries'),
     and the weights of its per-key-head norms (StableLM's qk_layernorm)."""
+    if hasattr(attn, "query_key_value"):
+        return falcon_rows(attn)[1]
     fused = getattr(attn, "qkv_proj", None) or getattr(attn, "Wqkv", None)
     rows = (fused.weight[out_proj(attn).in_features:] if fused is not None
             else torch.cat([attn.k_proj.weight, attn.v_proj.weight]))
@@ -105,7 +130,7 @@ def balanced(kept: list[int], per: int) -> bool:
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "cohere_qk", "mixtral", "gpt_oss", "stablelm",
-                                  "stablelm_qk", "dbrx"])
+                                  "stablelm_qk", "dbrx", "falcon"])
 @pytest.mark.parametrize("method", ["asym", "layer", "magnitude", "wanda", "random"])
 def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method: str) -> None:
     """Without refit the pruned model computes the original with the removed query heads' o_proj columns zeroed;
@@ -121,7 +146,7 @@ def test_query_heads_go_evenly_and_act_as_the_zeroed_original(name: str, method:
         torch.testing.assert_close(logits(pruned, b), logits(zeroed, b), atol=1e-4, rtol=1e-4)
     for old, new in zip(layers(model), layers(pruned), strict=True):
         sa = attention(new)
-        assert sa.num_key_value_groups == GROUPS // 2 and out_proj(sa).in_features == HEADS // 2 * HEAD_DIM
+        assert groups_of(sa) == GROUPS // 2 and out_proj(sa).in_features == HEADS // 2 * HEAD_DIM
         torch.testing.assert_close(key_value_weights(sa), key_value_weights(attention(old)))
 
 
@@ -191,11 +216,11 @@ def test_the_error_curve_allocation_splits_query_heads_a_head_per_group_at_a_tim
     assert_reloads_and_generates(pruned, tmp_path / "m")
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3", "dbrx"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "dbrx", "falcon"])
 def test_magnitude_ranks_the_query_heads_within_each_group(name: str) -> None:
     """The magnitude score of a query head reads its query rows (Phi-3, DBRX: the first rows of the fused
-    projection) and its output projection's columns (the shared key and value heads stay); the 2 best of each
-    group are kept."""
+    projection; Falcon: the first rows of each group's) and its output projection's columns (the shared key and
+    value heads stay); the 2 best of each group are kept."""
     model, batches = build(name), data(2)
 
     def fused(sa: torch.nn.Module) -> torch.nn.Linear | None:
@@ -204,13 +229,19 @@ def test_magnitude_ranks_the_query_heads_within_each_group(name: str) -> None:
     with torch.no_grad():  # large key and value rows of unequal norms: they must not enter any query head's score
         for layer in layers(model):
             sa = attention(layer)
+            if hasattr(sa, "query_key_value"):
+                kv = falcon_rows(sa)[1]
+                kv.mul_(torch.arange(1, kv[0].numel() // kv.shape[-1] + 1, dtype=kv.dtype).flip(0).view(
+                    1, 2, HEAD_DIM, 1) * 10.0)
+                continue
             kv = fused(sa).weight[HEADS * HEAD_DIM:] if fused(sa) is not None else sa.k_proj.weight
             kv.mul_(torch.arange(1, kv.shape[0] + 1, dtype=kv.dtype).flip(0).view(-1, 1) * 10.0)
     _, report = prune_transformer(model, batches, keep=0.5, target="heads", method="magnitude", reweight=False,
                                   head_unit="query")
     for layer, u in zip(layers(model), report.units, strict=True):
         sa = attention(layer)
-        q = (fused(sa).weight[:HEADS * HEAD_DIM] if fused(sa) is not None else sa.q_proj.weight).detach().double()
+        q = (falcon_rows(sa)[0].reshape(HEADS * HEAD_DIM, -1) if hasattr(sa, "query_key_value")
+             else fused(sa).weight[:HEADS * HEAD_DIM] if fused(sa) is not None else sa.q_proj.weight).detach().double()
         o = out_proj(sa).weight.detach().double()
         score = np.array([float(q[h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()
                                 + o[:, h * HEAD_DIM:(h + 1) * HEAD_DIM].pow(2).sum()) for h in range(HEADS)])
@@ -218,7 +249,7 @@ def test_magnitude_ranks_the_query_heads_within_each_group(name: str) -> None:
         assert u.kept == want
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3", "gpt_oss", "stablelm_qk", "dbrx"])
+@pytest.mark.parametrize("name", ["llama", "phi3", "gpt_oss", "stablelm_qk", "dbrx", "falcon"])
 def test_refit_reload_and_generation(tmp_path, name: str) -> None:
     """asym with refit is closer to the original than without; the pruned model's spec (version 2) records the
     groups' query heads, it reloads from its config with the same logits and generates with its cache; a spec of
@@ -234,7 +265,7 @@ def test_refit_reload_and_generation(tmp_path, name: str) -> None:
     assert spec["version"] == 2 and [(b["num_heads"], b["num_key_value_heads"], b["num_key_value_groups"])
                                      for b in spec["blocks"]] == [(4, 2, 2)] * LAYERS
     again = load_pruned(tmp_path / "q", build(name))
-    assert [attention(layer).num_key_value_groups for layer in layers(again)] == [2, 2]
+    assert [groups_of(attention(layer)) for layer in layers(again)] == [2, 2]
     _, report = prune_transformer(model, batches, keep=0.5, target="heads")
     assert report.spec["version"] == 1 and all("num_key_value_groups" not in b for b in report.spec["blocks"])
 
@@ -274,18 +305,20 @@ def test_without_groups_query_and_group_units_are_the_same() -> None:
 
 
 def test_refusals() -> None:
-    """An unknown unit and a block whose query heads cannot go alone (Falcon's key/value groups) are refused with
-    the fix."""
+    """An unknown unit and a block whose query heads cannot go alone are refused with the fix (every block with
+    key/value groups can lose query heads now: one is made unable to, as a block laid out otherwise would be)."""
+    import nn_adapters._transformer_blocks as tb
+
     model, batches = build(), data(2)
     with pytest.raises(ValueError, match="head_unit must be 'group' .* or 'query'"):
         prune_transformer(model, batches, keep=0.5, target="heads", head_unit="queries")
-    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS, num_kv_heads=KV,
-        new_decoder_architecture=True)).eval()
-    with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
-                                         "pass head_unit='group'"):
-        prune_transformer(falcon, batches, keep=0.5, target="heads", head_unit="query")
-    prune_transformer(falcon, batches, keep=0.5, target="heads")  # whole groups, as before
+    falcon = build("falcon", n_layers=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tb._HFFalconBlock, "QUERY_HEADS_OK", False)
+        with pytest.raises(ValueError, match="key/value groups of 4 query heads, which cannot be removed alone; "
+                                             "pass head_unit='group'"):
+            prune_transformer(falcon, batches, keep=0.5, target="heads", head_unit="query")
+        prune_transformer(falcon, batches, keep=0.5, target="heads")  # whole groups
 
 
 def test_cli_head_unit(tmp_path, monkeypatch, capsys) -> None:
