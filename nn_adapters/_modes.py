@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy", "shared_copy", "TensorGuard", "outside_inference_mode",
-           "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
+__all__ = ["eval_mode", "copy_modes", "working_copy", "shared_copy", "own_tensors", "TensorGuard",
+           "outside_inference_mode", "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -98,11 +98,27 @@ def working_copy(model: nn.Module) -> nn.Module:
 def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) are its own but whose
     parameters and buffers are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
-    copy of its weights. Its modules may be replaced or given new tensors; its tensors must not be written (see
-    :class:`TensorGuard`). Refused as :func:`working_copy` refuses."""
+    copy of its weights, or a model to prune whose blocks get tensors of their own as they shrink (the rest copied
+    at the end by :func:`own_tensors`). Its modules may be replaced or given new tensors; its tensors must not be
+    written (see :class:`TensorGuard`). Refused as :func:`working_copy` refuses."""
     _refuse_masks(model)
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return _deep_copy(model, memo)
+
+
+def own_tensors(model_copy: nn.Module, original: nn.Module) -> None:
+    """Give ``model_copy`` (made by :func:`shared_copy` of ``original``) copies of the parameters and buffers it
+    still shares with ``original``, in place: afterwards the two share no tensor (tensors tied within the copy stay
+    tied; a parameter stays a parameter of its class, with its ``requires_grad``)."""
+    shared = {id(t) for t in (*original.parameters(), *original.buffers())}
+    memo: dict[int, Any] = {}
+    for module in model_copy.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and id(t) in shared:
+                    if id(t) not in memo:
+                        memo[id(t)] = copy.deepcopy(t)
+                    store[name] = memo[id(t)]
 
 
 class TensorGuard:

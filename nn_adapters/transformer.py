@@ -83,7 +83,7 @@ from ._experts import (
     sync_expert_count,
 )
 from ._experts import error_curve as expert_error_curve
-from ._modes import TensorGuard, copy_modes, outside_inference_mode, shared_copy, unwrap, working_copy
+from ._modes import TensorGuard, copy_modes, outside_inference_mode, own_tensors, shared_copy, unwrap
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -1434,6 +1434,7 @@ def prune_transformer(
                                       compression=compression)
     finally:
         QUERY_HEADS.reset(token)
+    own_tensors(pruned, model)  # what was not pruned (embeddings, norms, the stages not pruned): copied now
     guard.check()
     if compression is not None and report.compression < compression * (1.0 - 1e-12):
         warnings.warn(f"compression={compression:g} was asked for, the pruned model reaches {report.compression:.4g} "
@@ -1613,7 +1614,9 @@ def _prune_model(model: nn.Module, calibration_data: Any, keep: float | Mapping[
     needs_data = _needs_data(method, reweight, allocation) or target == "experts"  # the routing is checked
     stages = ["heads", "ffn"] if target == "all" else [target]
 
-    work = working_copy(model)
+    # the pruned model reads the caller's tensors until its blocks get their own as they shrink (prune_transformer
+    # copies what is still shared at the end): the peak holds the caller's weights and the pruned ones, not a copy
+    work = shared_copy(model)
     blocks = find_blocks(work)
     experts_before = {b.n_experts for b in blocks if b.moe}
     if not blocks:

@@ -1,10 +1,12 @@
 """The unpruned network that ``prune_transformer`` runs (targets of asym mode, statistics of layer mode) reads the
-caller's own weights: :func:`nn_adapters._modes.shared_copy` copies the modules, not the tensors, and
-:class:`nn_adapters._modes.TensorGuard` checks after every pruning that none of the caller's tensors was written
-(every ``prune_transformer`` call in the test suite runs that check).
+caller's own weights, and so does the model being pruned until its blocks shrink:
+:func:`nn_adapters._modes.shared_copy` copies the modules, not the tensors; :func:`nn_adapters._modes.own_tensors`
+gives the pruned model copies of what it still shares at the end; :class:`nn_adapters._modes.TensorGuard` checks
+after every pruning that none of the caller's tensors was written (every ``prune_transformer`` call in the test
+suite runs that check).
 
 Oracles: tensor identity and storage pointers; torch's version counter, bumped by any in-place write; the kept units
-and weights of a pruning against those of the same pruning with a private deep copy of the original network."""
+and weights of a pruning against those of the same pruning with private deep copies (the earlier way)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 import nn_adapters._modes as modes
 import nn_adapters.transformer as tr
-from nn_adapters._modes import TensorGuard, shared_copy
+from nn_adapters._modes import TensorGuard, own_tensors, shared_copy
 from nn_adapters.transformer import prune_transformer
 
 transformers = pytest.importorskip("transformers")
@@ -43,6 +45,31 @@ def test_the_copy_shares_tensors_not_modules() -> None:
     twin.model.layers[0].mlp.down_proj = nn.Linear(24, 32, bias=False)  # a module replaced in the copy only
     assert isinstance(model.model.layers[0].mlp.down_proj.weight, nn.Parameter)
     assert model.model.layers[0].mlp.down_proj is not twin.model.layers[0].mlp.down_proj
+
+
+def storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
+def test_own_tensors_copies_what_is_still_shared_and_keeps_ties() -> None:
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.lm_head.weight.requires_grad_(False)  # (tied: the embedding's too)
+    twin = shared_copy(model)
+    new_down = nn.Parameter(torch.randn(32, 24))
+    twin.model.layers[0].mlp.down_proj.weight = new_down  # what a pruning gives a shrunk layer
+    own_tensors(twin, model)
+    assert not storages(twin) & storages(model)
+    assert twin.model.layers[0].mlp.down_proj.weight is new_down  # its own already: left as it is
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight  # still tied, to one copy
+    assert isinstance(twin.lm_head.weight, nn.Parameter) and not twin.lm_head.weight.requires_grad
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        if "down_proj" not in name:
+            assert torch.equal(p, q)
+    for (_, b), (_, c) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+        assert torch.equal(b, c) and b.data_ptr() != c.data_ptr()
 
 
 def test_the_guard_sees_in_place_writes_and_swapped_storage() -> None:
@@ -79,9 +106,10 @@ def test_pruning_reads_the_callers_tensors_and_gives_what_a_private_copy_gives(m
 
     monkeypatch.setattr(tr, "shared_copy", spy)
     pruned, report = prune_transformer(model, batches, keep=0.5, target=target, method=method)
-    assert len(copies) == 1
-    assert all(p is q for p, q in zip(model.parameters(), copies[0].parameters(), strict=True))
+    assert len(copies) == 2  # the model being pruned, then the unpruned network that it is compared with
+    assert all(p is q for p, q in zip(model.parameters(), copies[1].parameters(), strict=True))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model as it was
+    assert not storages(pruned) & storages(model)  # the pruned model holds its own tensors, even those not pruned
 
     monkeypatch.setattr(tr, "shared_copy", modes.working_copy)  # the earlier way: a deep copy of the weights
     alone, report_alone = prune_transformer(model, batches, keep=0.5, target=target, method=method)
