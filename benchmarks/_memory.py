@@ -3,12 +3,25 @@ own), which prints one JSON line; the code measured is that of the checkout on i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+
+def parser(doc: str, tokens: list[int]) -> argparse.ArgumentParser:
+    """The options both memory benchmarks take: ``--tokens`` (default ``tokens``), ``--hidden``, ``--baseline-src``
+    and the hidden ``--child`` of the measured runs."""
+    out = argparse.ArgumentParser(description=doc.splitlines()[0])
+    out.add_argument("--tokens", type=int, nargs="+", default=tokens)
+    out.add_argument("--hidden", type=int, default=1024)
+    out.add_argument("--baseline-src", type=Path, default=None,
+                     help="a checkout of earlier code, measured in the same run")
+    out.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return out
 
 
 def peak_mib() -> float:
@@ -24,6 +37,29 @@ def run_child(script: str, src: Path, argv: list[str], what: str) -> dict:
     if out.returncode:
         raise SystemExit(f"{src} ({what}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_pruning(model, tokens: int, **options) -> dict:
+    """Prune ``model`` (``prune_transformer(model, batches, keep=0.5, **options)``) from ``tokens`` calibration tokens
+    (sequences of 256 random token ids below 1000, 8 a batch): the peak memory it added (MiB), its wall time, the
+    model's weights (MiB) and the kept units and errors of its report."""
+    import time
+
+    import torch
+
+    from nn_adapters.transformer import prune_transformer
+
+    g = torch.Generator().manual_seed(0)
+    n_seq = tokens // 256
+    batches = [{"input_ids": torch.randint(0, 1000, (min(8, n_seq - b), 256), generator=g)}
+               for b in range(0, n_seq, 8)]
+    before = peak_mib()
+    t0 = time.perf_counter()
+    _, report = prune_transformer(model, batches, keep=0.5, **options)
+    seconds = time.perf_counter() - t0
+    return {"mib": peak_mib() - before, "seconds": seconds,
+            "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+            "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}
 
 
 def same_results(runs: list[dict], rtol: float = 1e-5) -> bool:

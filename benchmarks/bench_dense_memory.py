@@ -25,10 +25,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from _memory import peak_mib, run_child, same_results
+from _memory import measure_pruning, parser, run_child, same_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,25 +37,13 @@ def child(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    from nn_adapters.transformer import prune_transformer
-
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                                    num_hidden_layers=4, num_attention_heads=args.hidden // 64,
                                    num_key_value_heads=args.hidden // 256, head_dim=64)
     torch.manual_seed(0)
     model = transformers.LlamaModel(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    n_seq = args.tokens[0] // 256
-    batches = [{"input_ids": torch.randint(0, 1000, (min(8, n_seq - b), 256), generator=g)}
-               for b in range(0, n_seq, 8)]
-    before = peak_mib()
-    t0 = time.perf_counter()
-    _, report = prune_transformer(model, batches, keep=0.5, target=args.target, method=args.method)
-    seconds = time.perf_counter() - t0
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds, "model_mib": weights,
-                      "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}))
+    print(json.dumps(measure_pruning(model, args.tokens[0], target=args.target, method=args.method)))
 
 
 def slope(x: list[int], y: list[float]) -> float:
@@ -66,15 +53,10 @@ def slope(x: list[int], y: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--target", default="ffn")
-    parser.add_argument("--method", default="asym")
-    parser.add_argument("--baseline-src", type=Path, default=None,
-                        help="a checkout of earlier code, measured in the same run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    options = parser(__doc__, [4096, 8192, 16384])
+    options.add_argument("--target", default="ffn")
+    options.add_argument("--method", default="asym")
+    args = options.parse_args()
     if args.child:
         child(args)
         return

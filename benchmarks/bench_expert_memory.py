@@ -23,10 +23,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from _memory import peak_mib, run_child, same_results
+from _memory import measure_pruning, parser, run_child, same_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +36,6 @@ def child(args: argparse.Namespace) -> None:
     import transformers
 
     import nn_adapters._experts as experts
-    from nn_adapters.transformer import prune_transformer
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.cache_mib is not None:
@@ -51,16 +49,7 @@ def child(args: argparse.Namespace) -> None:
                                       norm_topk_prob=True)
     torch.manual_seed(0)
     model = transformers.Qwen3MoeModel(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    n_seq = args.tokens[0] // 256
-    batches = [{"input_ids": torch.randint(0, 1000, (min(8, n_seq - b), 256), generator=g)}
-               for b in range(0, n_seq, 8)]
-    before = peak_mib()
-    t0 = time.perf_counter()
-    _, report = prune_transformer(model, batches, keep=0.5, target="experts", method="asym")
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"mib": peak_mib() - before, "seconds": seconds,
-                      "kept": [u.kept for u in report.units], "errors": [u.relative_error for u in report.units]}))
+    print(json.dumps(measure_pruning(model, args.tokens[0], target="experts", method="asym")))
 
 
 def run(src: Path, args: argparse.Namespace, tokens: int, cache_mib: float | None) -> dict:
@@ -71,16 +60,11 @@ def run(src: Path, args: argparse.Namespace, tokens: int, cache_mib: float | Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--cache-mib", type=float, default=None,
-                        help="the cache's bound in MiB (default: the library's)")
-    parser.add_argument("--baseline-src", type=Path, default=None,
-                        help="a checkout of earlier code, measured in the same run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    options = parser(__doc__, [4096, 16384])
+    options.add_argument("--experts", type=int, default=64)
+    options.add_argument("--cache-mib", type=float, default=None,
+                         help="the cache's bound in MiB (default: the library's)")
+    args = options.parse_args()
     if args.child:
         child(args)
         return
