@@ -2065,8 +2065,8 @@ def _original_blocks(model: nn.Module, batches: list[Any], heads: bool, stacks_n
                      ) -> tuple[list[_Block], list[dict[str, Any]], list[tuple[int, torch.Tensor]], set[str]]:
     """A copy of the unpruned model's blocks that reads the caller's weights (:func:`shared_copy`; attention
     prepared for head pruning when ``heads``), the first block's cached inputs for ``batches``, every block call
-    on the first batch in the forward's order (the block's
-    index and its input: a block the model calls several times comes back with each call; one full forward, which
+    on the first batch in the forward's order (the block's index and its input: a block the model calls several
+    times comes back with each call; one full forward, which
     also checks that the blocks chain and, with ``heads``, their head layout; with ``check_units``, the FFN unit
     layout of the blocks that ask for it, :attr:`_Block.ffn_units_checked`), and, with ``cross``, the names of the
     decoder layers whose cross-attention that forward called (their cross-attention's head layout checked too): a

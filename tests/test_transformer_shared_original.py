@@ -132,3 +132,22 @@ def test_a_write_into_the_callers_weights_during_pruning_is_reported(monkeypatch
     with pytest.raises(RuntimeError, match="internal error: pruning changed the caller's tensor "
                                            "'model.layers.0.mlp.up_proj.weight'"):
         prune_transformer(model, ragged_token_batches(VOCAB, 2), keep=0.5)
+
+
+def test_an_encoder_decoder_pruned_stack_by_stack_holds_tensors_of_its_own() -> None:
+    """BART, pruned stack by stack (each stack's pruning copies its modules again): the result shares no tensor
+    with the caller's model, which is as it was; tied embeddings stay tied in the result."""
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=20,
+                                  decoder_ffn_dim=20, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    batches = [{**b, "decoder_input_ids": b["input_ids"][:, :5]} for b in ragged_token_batches(VOCAB, 2)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, report = prune_transformer(model, batches, keep=0.5, target="all")
+    assert {u.block.split(".")[1] for u in report.units} == {"encoder", "decoder"}
+    assert not storages(pruned) & storages(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    shared = pruned.model.shared.weight
+    assert pruned.model.encoder.embed_tokens.weight is shared and pruned.lm_head.weight is shared
