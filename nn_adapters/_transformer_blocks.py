@@ -1864,6 +1864,7 @@ class _HFLlamaBlock(_QueryHeadUnits, _HFBlock):
     #: Attributes of the attentions of transformers before the attention refactor of 4.48, which reshape their
     #: output to the model width and size their views by these per-module head counts.
     LEGACY = ("num_heads", "hidden_size")
+
     def prepare_ffn(self) -> None:
         mlp = _get(self.module, self.DOWN.rpartition(".")[0])  # the FFN module (mlp, feed_forward...)
         tp = getattr(getattr(mlp, "config", None), "pretraining_tp", 1)
@@ -4186,7 +4187,7 @@ class _HFFalconBlock(_QueryHeadUnits, _HFBlock):
             rows, cols = _head_rows(torch.sort(slots).values, d), _head_rows(heads, d)
             sa.num_heads = kept
         elif self._grouped:  # per group: its query heads, then its key and value heads
-            per = n // int(sa.num_kv_heads)
+            per = self.kv_groups
             rows, cols = _head_rows(keep, (per + 2) * d), _head_rows(keep, per * d)
             sa.num_kv_heads, sa.num_heads = kept, kept * per
         elif sa.multi_query:
