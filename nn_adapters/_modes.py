@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "working_copy", "shared_copy", "own_tensors", "TensorGuard",
+__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "TensorGuard",
            "outside_inference_mode", "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -61,7 +61,7 @@ def copy_modes(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _refuse_masks(model: nn.Module) -> None:
-    """Refuse a model that carries :mod:`torch.nn.utils.prune` masks (see :func:`working_copy`)."""
+    """Refuse a model that carries :mod:`torch.nn.utils.prune` masks (see :func:`shared_copy`)."""
     for name, m in model.named_modules():
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, torch_prune.BasePruningMethod):
@@ -72,7 +72,8 @@ def _refuse_masks(model: nn.Module) -> None:
 
 
 def _deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """``copy.deepcopy(model, memo)`` in eval mode, or the error of :func:`working_copy`."""
+    """``copy.deepcopy(model, memo)`` in eval mode, or a clear error when it cannot be copied (see
+    :func:`shared_copy`)."""
     try:
         return copy.deepcopy(model, memo).eval()
     except RuntimeError as exc:
@@ -82,25 +83,18 @@ def _deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
                          ) from exc
 
 
-def working_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode (pruning never touches the caller's model), or a clear error when it cannot be
-    copied or pruned.
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) are its own but whose
+    parameters and buffers are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
+    copy of its weights, or a model to prune whose blocks get tensors of their own as they shrink (the rest copied
+    at the end by :func:`own_tensors`). Its modules may be replaced or given new tensors; its tensors must not be
+    written (see :class:`TensorGuard`).
 
     Refused with the fix named: masks of :mod:`torch.nn.utils.prune` (their ``weight`` is recomputed from
     ``weight_orig * weight_mask`` by a hook, so shrinking ``weight`` would be undone at the next forward) and the
     old ``torch.nn.utils.weight_norm`` / ``spectral_norm``, whose derived weight refuses ``deepcopy``. The user's
     forward hooks are copied with the model: they run during calibration, as part of the model's function.
     """
-    _refuse_masks(model)
-    return _deep_copy(model)
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) are its own but whose
-    parameters and buffers are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
-    copy of its weights, or a model to prune whose blocks get tensors of their own as they shrink (the rest copied
-    at the end by :func:`own_tensors`). Its modules may be replaced or given new tensors; its tensors must not be
-    written (see :class:`TensorGuard`). Refused as :func:`working_copy` refuses."""
     _refuse_masks(model)
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return _deep_copy(model, memo)

@@ -45,7 +45,7 @@ from . import _conv
 from . import budget as _budget
 from ._data import as_batches, batch_len, call, float_dtype, n_samples, sample_folds, sample_shape, take
 from ._executor import LAYER_ONLY, OrderedJobs, check_executor
-from ._modes import copy_modes, outside_inference_mode, working_copy
+from ._modes import TensorGuard, copy_modes, outside_inference_mode, own_tensors, shared_copy
 from ._names import canonical_allocation, canonical_method
 from ._sensitivity import OutputSensitivity, output_row_weights
 from ._stats import CV_FOLDS, EXACT_PRIOR_RTOL, FoldStats, PairStats, capture_hooks, slice_units
@@ -288,7 +288,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     Parameters
     ----------
     model : torch.nn.Module
-        The trained network. It is never modified (a deep copy is pruned).
+        The trained network. It is never modified: its modules are copied, its tensors read, never written (nor
+        their ``.grad``); the pruned model holds tensors of its own.
     calibration_data : tensor or iterable of batches
         Inputs, an ``(inputs, labels)`` pair of tensors, or an iterable of batches (tensors or ``(inputs, labels)``;
         numpy arrays are accepted wherever a tensor is;
@@ -500,7 +501,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     batches = as_batches(calibration_data, device=device, dtype=float_dtype(model), model=model)
-    orig, work = working_copy(model), working_copy(model)
+    # the unpruned network and the model being pruned read the caller's tensors (no copy of the weights): the
+    # shrinking gives the pruned modules tensors of their own, the rest is copied at the end (own_tensors)
+    orig, work = shared_copy(model), shared_copy(model)
+    guard = TensorGuard(model)
     x0 = batches[0][0]
     keywords = list(x0) if isinstance(x0, Mapping) else None  # dict batches: model(**batch) with these keys
 
@@ -652,6 +656,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     for note in dict.fromkeys(notes):  # once each (the error-curve allocation's statistics say it too)
         warnings.warn(note, UserWarning, stacklevel=3)  # the caller of prune, past outside_inference_mode
     copy_modes(model, work)
+    own_tensors(work, model)
+    guard.check()
     report = PruneReport(
         method=method, reweight=bool(reweight), labelled=method in LABELLED_METHODS, statistics=stats_mode,
         allocation="keep" if keep is not None else allocation, n_samples=n_samples(batches),
@@ -896,6 +902,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
     loss_fn = loss_fn or F.cross_entropy
     acc = {p.name: torch.zeros(p.n_units, dtype=torch.float64) for p in pairs}
     handles = []
+    watched: list[torch.Tensor] = []  # this batch's consumer inputs: the loss is differentiated for them only
 
     def make_hook(p: PrunablePair) -> Callable:
         def pre(_m: nn.Module, inp: tuple) -> tuple | None:
@@ -924,6 +931,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
                 acc[p.name] += s.cpu()
 
             x.register_hook(grad_hook)
+            watched.append(x)
             return (x, *inp[1:]) if swapped else None
         return pre
 
@@ -932,6 +940,7 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
             handles.append(model.get_submodule(p.consumer).register_forward_pre_hook(make_hook(p)))
         with torch.enable_grad():
             for i, (x, y) in enumerate(batches):
+                watched.clear()
                 out = call(model, x)
                 try:
                     loss = loss_fn(out, y)
@@ -947,13 +956,16 @@ def _actgrad_scores(model: nn.Module, pairs: list[PrunablePair], batches: list,
                                      f"returned {tuple(loss.shape) if isinstance(loss, torch.Tensor) else loss!r} "
                                      "(a loss with reduction='none'?).")
                 # loss_fn returns the batch mean (as F.cross_entropy does): times the batch size, each sample's
-                # gradient counts once whatever the batching
-                (loss.reshape(()) * batch_len(x)).backward()
+                # gradient counts once whatever the batching. Differentiated for the consumers' inputs only (their
+                # hooks read the gradient): no parameter's .grad is written, and ``model`` shares the caller's.
+                if not loss.requires_grad:
+                    raise ValueError("method='actgrad': the loss does not depend on the prunable layers' inputs "
+                                     "through autograd (is the model's output detached, or computed under "
+                                     "torch.no_grad() in its forward?); ActGrad needs the loss's gradient at them.")
+                torch.autograd.grad(loss.reshape(()) * batch_len(x), watched, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-        for prm in model.parameters():
-            prm.grad = None
     return {k: v.numpy() for k, v in acc.items()}
 
 
@@ -1012,6 +1024,7 @@ def _run_staged(groups: list[tuple[fx.GraphModule, list]], orig: nn.Module, work
                 for b, x in enumerate(inputs):
                     st.update(x, targets[b] if need_orig else None)
             idx = decide(i, p, st)
+            del stats[p.name], st  # decided: its statistics (float64 Gram matrices, per fold) are not read again
             at = [_send(step, idx) for step in steps]
     if any(a is not None for a in at):
         raise ValueError(f"the graphs traced for batches of different sizes reach different consumers. {SHAPE_REMEDY}")

@@ -1210,7 +1210,7 @@ def prune_transformer(
         transformers >= 5), LFM2 or :class:`torch.nn.TransformerEncoderLayer` blocks (post-LN or ``norm_first=True``);
         the table of :doc:`/transformer` lists the layouts. An encoder-decoder model (its ``get_encoder()`` and
         ``get_decoder()`` holding every block) is pruned stack by stack: the encoder, then the decoder on the pruned
-        encoder's states. Not modified (a deep copy is pruned).
+        encoder's states. Not modified (its modules are copied, its tensors read; the result holds its own).
     calibration_data : batch or iterable of batches
         Unlabeled inputs: dicts of tensors passed as keyword arguments (tokenizer outputs; the ``attention_mask`` marks
         padding), tensors, or ``(inputs, labels)`` pairs (labels ignored); numpy arrays (a tokenizer's
@@ -1341,7 +1341,7 @@ def prune_transformer(
     Returns
     -------
     pruned : torch.nn.Module
-        A physically smaller deep copy, in the input model's training mode.
+        A physically smaller copy (sharing no tensor with ``model``), in the input model's training mode.
     report : TransformerPruneReport
         Kept units per block, relative reconstruction errors, parameter counts, timings and the pruning spec
         used by :func:`save_pruned`/:func:`load_pruned`.

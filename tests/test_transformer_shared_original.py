@@ -10,12 +10,13 @@ and weights of a pruning against those of the same pruning with private deep cop
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _torch_helpers import ragged_token_batches
 from torch import nn
 
-import nn_adapters._modes as modes
 import nn_adapters.transformer as tr
 from nn_adapters._modes import TensorGuard, own_tensors, shared_copy
 from nn_adapters.transformer import prune_transformer
@@ -111,7 +112,7 @@ def test_pruning_reads_the_callers_tensors_and_gives_what_a_private_copy_gives(m
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model as it was
     assert not storages(pruned) & storages(model)  # the pruned model holds its own tensors, even those not pruned
 
-    monkeypatch.setattr(tr, "shared_copy", modes.working_copy)  # the earlier way: a deep copy of the weights
+    monkeypatch.setattr(tr, "shared_copy", lambda m: copy.deepcopy(m).eval())  # the earlier way: deep copies
     alone, report_alone = prune_transformer(model, batches, keep=0.5, target=target, method=method)
     assert [u.kept for u in report.units] == [u.kept for u in report_alone.units]
     for (k, v), (k2, w) in zip(pruned.state_dict().items(), alone.state_dict().items(), strict=True):

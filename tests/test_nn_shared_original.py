@@ -1,0 +1,149 @@
+"""MLP/CNN pruning (``nna.prune`` on layer pairs) reads the caller's own tensors: the unpruned network and the model
+being pruned are :func:`nn_adapters._modes.shared_copy` copies (modules copied, tensors shared); the shrinking gives
+the pruned layers tensors of their own, :func:`nn_adapters._modes.own_tensors` copies the rest at the end, and
+:class:`nn_adapters._modes.TensorGuard` checks after every pruning that no tensor of the caller's was written.
+ActGrad differentiates the loss for the consumers' inputs only, so that the caller's ``.grad`` stay as they were.
+
+Oracles: storage pointers and object identity; torch's version counter; the caller's ``.grad`` set beforehand;
+the kept units and weights of the same pruning on private deep copies (the earlier way)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import nn_adapters as nna
+import nn_adapters.pruning as pruning
+from nn_adapters import zoo
+from nn_adapters._modes import shared_copy
+
+
+def storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    net = zoo.digits_cnn()
+    for m in net.modules():  # running statistics that are not the defaults: a BatchNorm copied or shrunk wrongly shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)) for _ in range(2)]
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
+
+
+@pytest.mark.parametrize("method", nna.METHODS)
+def test_pruning_reads_the_callers_tensors_and_gives_what_private_copies_give(monkeypatch, method: str) -> None:
+    net = cnn()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    grads = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():  # the caller's own gradients (a training step in progress): kept
+        p.grad = grads[n].clone()
+    copies = []
+
+    def spy(m: nn.Module) -> nn.Module:
+        twin = shared_copy(m)
+        copies.append(twin)
+        return twin
+
+    monkeypatch.setattr(pruning, "shared_copy", spy)
+    pruned, report = nna.prune(net, data(), compression=3.0, method=method, seed=0)
+    assert len(copies) == 2  # the unpruned network and the model being pruned: no deep copy of the weights
+    assert all(p is q for p, q in zip(net.parameters(), copies[0].parameters(), strict=True))
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in net.named_parameters())
+    assert not storages(pruned) & storages(net)  # the result holds its own tensors, the unpruned layers' too
+    assert all(p.grad is None for p in pruned.parameters())
+
+    monkeypatch.setattr(pruning, "shared_copy", private_copy)  # the earlier way: deep copies of the weights
+    alone, report_alone = nna.prune(net, data(), compression=3.0, method=method, seed=0)
+    assert [r.kept_units for r in report.layers] == [r.kept_units for r in report_alone.layers]
+    for (k, v), (k2, w) in zip(pruned.state_dict().items(), alone.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, w)
+
+
+def test_tied_weights_stay_tied_and_are_not_the_callers() -> None:
+    """A weight shared by two layers that are not pruned (the first and the last Linear of a square MLP): one copy in
+    the result, tied as in the caller's model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
+                        nn.Linear(6, 6))
+    net[6].weight = net[0].weight
+    frozen = net[0].weight
+    pruned, report = nna.prune(net, torch.randn(64, 6), keep=0.5, method="asym", pairs=[nna.Pair("2", "4")])
+    assert [len(r.kept_units) for r in report.layers] == [6]
+    assert pruned[6].weight is pruned[0].weight and pruned[0].weight is not frozen
+    assert torch.equal(pruned[0].weight, frozen) and not storages(pruned) & storages(net)
+
+
+def test_a_write_into_the_callers_weights_during_pruning_is_reported(monkeypatch) -> None:
+    """Mutation check of the guard in place: a (simulated) shrink that writes the producer's weight in place before
+    it replaces it."""
+    keep_producer_side = pruning.keep_producer_side
+
+    def writing(model: nn.Module, pair, idx: torch.Tensor) -> None:
+        with torch.no_grad():
+            model.get_submodule(pair.producer).weight.mul_(1.0)  # the same values, written
+        keep_producer_side(model, pair, idx)
+
+    monkeypatch.setattr(pruning, "keep_producer_side", writing)
+    with pytest.raises(RuntimeError, match=r"internal error: pruning changed the caller's tensor '\w+\.weight'"):
+        nna.prune(cnn(), data(), keep=0.5, method="layer")
+
+
+def test_actgrad_refuses_a_loss_that_autograd_cannot_reach() -> None:
+    class Detached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).detach()
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    with pytest.raises(ValueError, match="actgrad': the loss does not depend on the prunable layers' inputs"):
+        nna.prune(Detached(), batches, keep=0.5, method="actgrad")
+
+
+@pytest.mark.parametrize("method", ["asym", "seq"])
+def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, method: str) -> None:
+    """The statistics of a pruned layer are dropped before the next layer's are gathered: at each layer's selection
+    only its own statistics are alive (weak references, after a garbage collection)."""
+    alive: list[weakref.ref] = []
+    seen: list[int] = []
+
+    class Tracked(pruning.PairStats):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            alive.append(weakref.ref(self))
+
+    pair_job = pruning._pair_job
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        seen.append(sum(r() is not None for r in alive))
+        return pair_job(*args, **kwargs)
+
+    monkeypatch.setattr(pruning, "PairStats", Tracked)
+    monkeypatch.setattr(pruning, "_pair_job", counting)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 2))
+    _, report = nna.prune(net, torch.randn(64, 5), keep=0.5, method=method)
+    assert len(report.layers) == 3 and len(alive) == 3
+    assert seen == [1, 1, 1]
