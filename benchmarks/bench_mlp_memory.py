@@ -1,19 +1,20 @@
 """Pruning a wide MLP's layer pairs (``nna.prune``): peak memory and time, this checkout against an earlier one.
 
-A randomly initialised MLP (``--width`` 2048 by default, ``--depth`` 8 Linear layers with ReLU between them, 117 MiB
+A randomly initialised MLP (``--width`` 2048 by default, ``--depth`` 8 Linear layers with ReLU between them, 128 MiB
 of float32 weights) keeps half of the units of every hidden layer with ``--method`` (``asym`` by default, with the
-refit) from ``--samples`` random calibration inputs (256 a batch). Each run is a fresh process, so that its peak
-resident memory is its own; the figure printed is the peak during the pruning minus the peak before it (model,
-data). What the pruning holds: the float64 statistics of each layer pair (Gram matrices, independent of the number
-of samples), the cached inputs of the sequential modes, the networks it runs (the unpruned one and the one being
-pruned) and the pruned model it returns.
+refit) from ``--samples`` random calibration inputs (256 a batch); with ``--compression C`` the network is pruned
+to ``C`` times fewer parameters instead, the layers' budgets set by the error-curve allocation. Each run is a fresh
+process, so that its peak resident memory is its own; the figure printed is the peak during the pruning minus the
+peak before it (model, data). What the pruning holds: the float64 statistics of each layer pair (Gram matrices,
+independent of the number of samples), the cached inputs of the sequential modes, the networks it runs (the
+unpruned one and the one being pruned) and the pruned model it returns.
 
 With ``--baseline-src DIR`` (a checkout of an earlier commit, e.g. ``git worktree add /tmp/old 09556bc``, where
 both networks were deep copies of the caller's weights) that code is measured in the same run, right before this
 checkout's, and the kept units and errors are checked to be the same.
 
 Run:  python benchmarks/bench_mlp_memory.py [--width 2048] [--depth 8] [--samples 4096] [--method asym]
-          [--baseline-src DIR]
+          [--compression C] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def child(args: argparse.Namespace) -> None:
     batches = [torch.randn(min(256, args.samples - b), args.width, generator=g) for b in range(0, args.samples, 256)]
     before = peak_mib()
     t0 = time.perf_counter()
-    _, report = nna.prune(model, batches, keep=0.5, method=args.method, seed=0)
+    budget = {"keep": 0.5} if args.compression is None else {"compression": args.compression,
+                                                              "allocation": "error-curve"}
+    _, report = nna.prune(model, batches, method=args.method, seed=0, **budget)
     print(json.dumps({"mib": peak_mib() - before, "seconds": time.perf_counter() - t0,
                       "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                       "kept": [r.kept_units for r in report.layers],
@@ -60,6 +63,7 @@ def main() -> None:
     options.add_argument("--depth", type=int, default=8)
     options.add_argument("--samples", type=int, default=4096)
     options.add_argument("--method", default="asym")
+    options.add_argument("--compression", type=float, default=None)
     options.add_argument("--baseline-src", type=Path, default=None,
                          help="a checkout of earlier code, measured in the same run")
     options.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -67,12 +71,14 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"python {sys.version.split()[0]}; MLP of {args.depth} Linear layers of width {args.width}; keep half of "
-          f"every hidden layer, method={args.method!r}, {args.samples} samples; peak memory during the pruning")
+    budget = ("keep half of every hidden layer" if args.compression is None
+              else f"compression={args.compression:g} (error-curve allocation)")
+    print(f"python {sys.version.split()[0]}; MLP of {args.depth} Linear layers of width {args.width}; {budget}, "
+          f"method={args.method!r}, {args.samples} samples; peak memory during the pruning")
     srcs = {"this checkout": ROOT} if args.baseline_src is None else {
         "baseline": args.baseline_src.resolve(), "this checkout": ROOT}
     argv = ["--width", str(args.width), "--depth", str(args.depth), "--samples", str(args.samples),
-            "--method", args.method]
+            "--method", args.method] + ([] if args.compression is None else ["--compression", str(args.compression)])
     runs = {name: run_child(__file__, src, argv, name) for name, src in srcs.items()}
     for name, r in runs.items():
         print(f"{name}: {r['mib']:.0f} MiB, {r['seconds']:.1f} s")

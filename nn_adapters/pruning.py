@@ -578,6 +578,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
             jobs.finish()
         ks = _budget.error_allocation(pm, [np.asarray(full_paths[p.name].relative_errors, dtype=np.float64)
                                            for p in found], compression)
+        if stats_mode != "layer":
+            layer_stats = None  # the allocation's only: seq and asym gather their own, one layer at a time
 
     scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
     rng = np.random.default_rng(seed)

@@ -121,9 +121,11 @@ def test_actgrad_refuses_a_loss_that_autograd_cannot_reach() -> None:
 
 
 @pytest.mark.parametrize("method", ["asym", "seq"])
-def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, method: str) -> None:
+@pytest.mark.parametrize("budget", [{"keep": 0.5}, {"compression": 1.6, "allocation": "error-curve"}])
+def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, method: str, budget: dict) -> None:
     """The statistics of a pruned layer are dropped before the next layer's are gathered: at each layer's selection
-    only its own statistics are alive (weak references, after a garbage collection)."""
+    only its own statistics are alive (weak references, after a garbage collection); the error-curve allocation's
+    layer statistics (every layer's, from the original network) are dropped once the budgets are set."""
     alive: list[weakref.ref] = []
     seen: list[int] = []
 
@@ -144,6 +146,6 @@ def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, meth
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                         nn.Linear(16, 2))
-    _, report = nna.prune(net, torch.randn(64, 5), keep=0.5, method=method)
-    assert len(report.layers) == 3 and len(alive) == 3
+    _, report = nna.prune(net, torch.randn(64, 5), method=method, **budget)
+    assert len(report.layers) == 3 and len(alive) == (6 if "allocation" in budget else 3)
     assert seen == [1, 1, 1]

@@ -11,7 +11,6 @@ they are) and still reach ``c``."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 
@@ -204,8 +203,8 @@ def test_the_units_are_counted_on_copies_without_memory(monkeypatch, build, targ
 def fill_oracle(costs, before: int, compression: float) -> tuple[float, float]:
     """Brute force over the kept counts that a fraction can give (the jumps of ``round(f n)`` and one fraction inside
     each interval between them): the parameters removed by the largest uniform fraction that reaches ``compression``,
-    and by the best of the stage-by-stage fills above it (each stage in turn at its largest fraction that still
-    reaches it, every order of the stages tried)."""
+    and the fewest removed by any fractions, one for each stage, none below that uniform one, that reach it (every
+    combination of the stages' candidate fractions, as one array of sums)."""
     from nn_adapters.transformer import _n_keep
 
     keys = list(dict.fromkeys(s for s, *_ in costs))
@@ -223,14 +222,14 @@ def fill_oracle(costs, before: int, compression: float) -> tuple[float, float]:
         return before - removed(fractions) <= before / compression * (1 + 1e-12)
 
     uniform = next(f for f in candidates(keys) if reaches(dict.fromkeys(keys, f)))
-    best = removed(dict.fromkeys(keys, uniform))
-    for order in itertools.permutations(keys):
-        fractions = dict.fromkeys(keys, uniform)
-        for s in order:
-            fractions[s] = next(f for f in candidates([s]) if f <= uniform or reaches({**fractions, s: f}))
-            fractions[s] = max(fractions[s], uniform)
-        best = min(best, removed(fractions))
-    return removed(dict.fromkeys(keys, uniform)), best
+    per_stage = [np.array([sum(c * (n - _n_keep(f, n, m)) for s2, n, m, c in costs if s2 == s)
+                           for f in [*[f for f in candidates([s]) if f > uniform], uniform]]) for s in keys]
+    total = per_stage[0]
+    for more in per_stage[1:]:
+        total = np.add.outer(total, more)
+    total = total.ravel()
+    feasible = total[before - total <= before / compression * (1 + 1e-12)]
+    return removed(dict.fromkeys(keys, uniform)), float(feasible.min())
 
 
 unit_costs = st.lists(st.tuples(st.sampled_from(["heads", "ffn", "shared"]), st.integers(1, 12),
