@@ -39,6 +39,7 @@ Large Language Models": ``|W| * ||X||`` summed over the unit's consumer weights)
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -1316,9 +1317,9 @@ def prune_transformer(
     compression : float, optional
         Instead of ``keep``: the whole model's parameter compression (parameters before / after, > 1) to reach by
         pruning the stages of ``target``: the largest fraction that, kept in every block and stage, removes enough;
-        where several stages are pruned and a coarse one's last step removes more than needed, each stage in turn
-        then keeps the largest fraction (at least that one) that still reaches it (``report.keep``: ``{stage:
-        fraction}``), so that no stage can keep one more step. Each block kind's parameters per unit (a neuron with
+        where several stages are pruned and a coarse one's last step removes more than needed, each stage then
+        keeps a fraction of its own (at least that one), chosen by an exact search to keep the most parameters that
+        still reach it (``report.keep``: ``{stage: fraction}``). Each block kind's parameters per unit (a neuron with
         its rows and column, a head or key/value group with its rows of the query, key and value projections and its
         output columns, a neuron in every expert, an expert) are measured by cutting one unit (one a part where heads
         are kept evenly) from a copy of the block that holds shapes only (``meta`` tensors), so the count is exact
@@ -1452,10 +1453,10 @@ def _keep_for_compression(model: nn.Module, blocks: list[_Block], stages: list[s
 
     First the largest fraction ``f`` that, kept in every block and stage, gets there. Where several stages are pruned
     (heads and FFN, a decoder's cross-attention, a mixture's shared expert), a coarse stage's last step can remove
-    more than needed (one key/value group of two); the slack is then filled: each stage in turn keeps the largest
-    fraction (at least ``f``) that still reaches the compression, in the order of stages that keeps the most
-    parameters. No stage keeps less than at ``f`` and none can keep one more step: the result is ``{stage:
-    fraction}`` where that changes a count, else ``f``."""
+    more than needed (one key/value group of two); the slack is then filled: each stage keeps a fraction of its own
+    (at least ``f``), the fractions that keep the most parameters and still reach the compression
+    (:func:`_fewest_removed`, seeded by raising the stages one at a time, each to its largest fraction that still
+    reaches it, in every order). The result is ``{stage: fraction}`` where that changes a count, else ``f``."""
     costs, memo = [], {}
     for blk in blocks:
         for stage in _cost_stages(blk, stages):
@@ -1464,6 +1465,12 @@ def _keep_for_compression(model: nn.Module, blocks: list[_Block], stages: list[s
                 memo[key] = _unit_cost(blk, stage)
             costs.append((stage, *memo[key]))
     return _compression_fractions(costs, _n_params(model), compression, stages)
+
+
+#: Most settings (one kept count per stage) that the exact search of :func:`_fewest_removed` visits for
+#: ``compression=``: far more than a model's stages give (a setting per jump of each stage's counts above the common
+#: fraction); beyond it the best found so far stands.
+FILL_NODES = 200_000
 
 
 def _compression_fractions(costs: list[tuple[str, int, int, float]], before: int, compression: float,
@@ -1509,7 +1516,58 @@ def _compression_fractions(costs: list[tuple[str, int, int, float]], before: int
             fractions[s] = largest(fractions, [s], uniform)
         if removed(fractions) < best_removed:
             best, best_removed = fractions, removed(fractions)
+    exact = _fewest_removed(alike, keys, uniform, before - budget * (1.0 + 1e-12), best_removed)
+    if exact is not None and reaches(exact) and removed(exact) < best_removed:
+        best = dict(exact)
+        for s in keys:  # each stage's largest fraction of its count (no larger count can reach: not optimal else)
+            best[s] = largest(best, [s], best[s])
     return uniform if best is None else best
+
+
+def _fewest_removed(alike: Mapping[tuple[str, int, int, float], int], keys: list[str], lo: float, need: float,
+                    bound: float) -> dict[str, float] | None:
+    """The fractions, one per stage of ``keys`` and none below ``lo``, that remove the fewest parameters while
+    removing at least ``need``, if fewer than ``bound``; else ``None``.
+
+    Each stage's settings are the distinct removals that its fractions in ``[lo, 1]`` give (fractions at the jumps of
+    ``round(f n)`` and between them, the largest kept for each removal); the search is branch and bound over one
+    setting per stage (the stage with most settings last, found by bisection), the lightest settings first: a
+    setting is skipped when the later stages cannot make up the rest even at their heaviest, and the loop stops
+    where the sum reaches the best found. Exact unless it visits :data:`FILL_NODES` settings, where the best found
+    so far is returned (the caller keeps the stage-by-stage fill's when that is better)."""
+    levels: dict[str, tuple[list[float], list[float]]] = {}
+    for s in keys:
+        terms = [(n, m, times * c) for (stage, n, m, c), times in alike.items() if stage == s]
+        points = sorted({lo, 1.0} | {(k + 0.5) / n for n, _, _ in terms for k in range(n) if lo < (k + 0.5) / n < 1})
+        middles = {0.5 * (a + b) for a, b in zip(points[:-1], points[1:], strict=False)}
+        first: dict[float, float] = {}
+        for f in sorted({*points, *middles}, reverse=True):  # the largest fraction of each removal comes first
+            first.setdefault(sum(w * (n - _n_keep(f, n, m)) for n, m, w in terms), f)
+        by_removal = sorted(first.items())
+        levels[s] = ([r for r, _ in by_removal], [f for _, f in by_removal])
+    order = sorted(keys, key=lambda s: len(levels[s][0]))
+    heaviest = [0.0] * (len(order) + 1)  # what the stages from i on remove at the most (all at ``lo``)
+    for i in range(len(order) - 1, -1, -1):
+        heaviest[i] = heaviest[i + 1] + levels[order[i]][0][-1]
+    best: dict[str, float] | None = None
+    best_removed, visited = bound, 0
+
+    def visit(i: int, total: float, chosen: dict[str, float]) -> None:
+        nonlocal best, best_removed, visited
+        removals, fractions = levels[order[i]]
+        start = bisect.bisect_left(removals, need - total - heaviest[i + 1])
+        if i == len(order) - 1:
+            if start < len(removals) and total + removals[start] < best_removed:
+                best, best_removed = {**chosen, order[i]: fractions[start]}, total + removals[start]
+            return
+        for j in range(start, len(removals)):
+            if total + removals[j] >= best_removed or visited >= FILL_NODES:
+                break
+            visited += 1
+            visit(i + 1, total + removals[j], {**chosen, order[i]: fractions[j]})
+
+    visit(0, 0.0, {})
+    return best
 
 
 def _cost_stages(blk: _Block, stages: list[str]) -> list[str]:

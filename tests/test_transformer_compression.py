@@ -1,6 +1,6 @@
 """``prune_transformer(..., compression=c)``: the largest fraction kept in every block and stage that brings the
 model's parameters to at most ``1 / c`` of what they were, then the slack that a coarse stage's last step leaves
-filled stage by stage.
+filled: each stage keeps a fraction of its own, the most parameters that still reach ``c`` (an exact search).
 
 Oracle: the pruned models themselves. Every fraction at which some stage's kept count changes is a jump of
 ``round(f n)``, at ``(k + 1/2) / n``; one fraction inside each interval between jumps is pruned (random units, no
@@ -222,18 +222,75 @@ def fill_oracle(costs, before: int, compression: float) -> tuple[float, float]:
         return before - removed(fractions) <= before / compression * (1 + 1e-12)
 
     uniform = next(f for f in candidates(keys) if reaches(dict.fromkeys(keys, f)))
-    per_stage = [np.array([sum(c * (n - _n_keep(f, n, m)) for s2, n, m, c in costs if s2 == s)
-                           for f in [*[f for f in candidates([s]) if f > uniform], uniform]]) for s in keys]
+    need = before - before / compression * (1 + 1e-12)
+    return removed(dict.fromkeys(keys, uniform)), fewest_oracle(costs, uniform, need)
+
+
+def fewest_oracle(costs, lo: float, need: float) -> float:
+    """The fewest parameters removed, at least ``need``, by fractions (one per stage, none below ``lo``) of
+    ``costs``: every combination of the stages' fractions at the jumps of ``round(f n)`` above ``lo`` and between
+    them, summed as one array (``inf`` if none removes ``need``)."""
+    from nn_adapters.transformer import _n_keep
+
+    per_stage = []
+    for s in dict.fromkeys(s for s, *_ in costs):
+        points = sorted({lo, 1.0} | {(k + 0.5) / n for s2, n, _, _ in costs if s2 == s for k in range(n)
+                                     if lo < (k + 0.5) / n < 1})
+        fractions = set(points) | {0.5 * (a + b) for a, b in zip(points[:-1], points[1:], strict=True)}
+        per_stage.append(np.array([sum(c * (n - _n_keep(f, n, m)) for s2, n, m, c in costs if s2 == s)
+                                   for f in fractions]))
     total = per_stage[0]
     for more in per_stage[1:]:
         total = np.add.outer(total, more)
     total = total.ravel()
-    feasible = total[before - total <= before / compression * (1 + 1e-12)]
-    return removed(dict.fromkeys(keys, uniform)), float(feasible.min())
+    feasible = total[total >= need]
+    return float(feasible.min()) if feasible.size else math.inf
 
 
 unit_costs = st.lists(st.tuples(st.sampled_from(["heads", "ffn", "shared"]), st.integers(1, 12),
                                 st.sampled_from([1, 2, 4]), st.integers(1, 40)), min_size=1, max_size=6)
+
+
+MADE_UP = [("shared", 10, 1, 5.0), ("heads", 5, 1, 9.0), ("shared", 1, 1, 7.0), ("ffn", 7, 4, 38.0)]
+
+
+@pytest.mark.parametrize(("nodes", "kept"), [
+    (None, [("shared", 9), ("heads", 4), ("shared", 1), ("ffn", 4)]),
+    (0, [("shared", 7), ("heads", 5), ("shared", 1), ("ffn", 4)]),
+])
+def test_the_fill_is_exact_where_stage_by_stage_is_not(monkeypatch, nodes: int | None, kept: list) -> None:
+    """Made-up costs, 535 parameters to bring to 408 (at least 127 removed). Without the FFN's 3 neurons (it keeps 4
+    of 7, a multiple of 4: 114 parameters) the most the others can remove is 9 x 5 + 4 x 9 = 81, so they go; the
+    other 13 come cheapest as one shared neuron (5) and one head (9): 128 removed, not three shared neurons (15:
+    what raising the stages one at a time gives, in every order) nor two heads (18). With the search stopped at
+    once (FILL_NODES = 0) the stage-by-stage fill stands."""
+    import nn_adapters.transformer as tr
+
+    if nodes is not None:
+        monkeypatch.setattr(tr, "FILL_NODES", nodes)
+    fractions = tr._compression_fractions(MADE_UP, 535, 535 / 408, ["ffn"])
+    assert [(s, tr._n_keep(fractions[s], n, m)) for s, n, m, _ in MADE_UP] == kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(costs=st.lists(st.tuples(st.sampled_from(["heads", "cross", "ffn", "shared"]), st.integers(1, 12),
+                                st.sampled_from([1, 2, 4]), st.integers(1, 40)), min_size=1, max_size=8),
+       lo=st.floats(0.0, 1.0), share=st.floats(0.0, 1.0))
+def test_the_exact_search_against_brute_force(costs, lo: float, share: float) -> None:
+    """:func:`nn_adapters.transformer._fewest_removed` alone (no bound, no stage-by-stage fill to fall back on): the
+    fewest parameters removed, at least a share of the most that fractions above ``lo`` can remove."""
+    from collections import Counter
+
+    from nn_adapters.transformer import _fewest_removed, _n_keep
+
+    costs = [(s, n, min(m, n), float(c)) for s, n, m, c in costs]
+    keys = list(dict.fromkeys(s for s, *_ in costs))
+    most = sum(c * (n - _n_keep(lo, n, m)) for _, n, m, c in costs)
+    need = share * most
+    got = _fewest_removed(Counter(costs), keys, lo, need, math.inf)
+    assert got is not None and set(got) == set(keys) and all(f >= lo for f in got.values())
+    removed = sum(c * (n - _n_keep(got[s], n, m)) for s, n, m, c in costs)
+    assert removed >= need - 1e-9 and removed == pytest.approx(fewest_oracle(costs, lo, need))
 
 
 @settings(max_examples=200, deadline=None)
