@@ -13,8 +13,11 @@ With ``--baseline-src DIR`` (a checkout of an earlier commit, e.g. ``git worktre
 both networks were deep copies of the caller's weights) that code is measured in the same run, right before this
 checkout's, and the kept units and errors are checked to be the same.
 
+With ``--stats-memory-gib G`` this checkout is also run with ``stats_memory=G`` GiB (layer-wise statistics gathered
+in groups of layers that fit, one pass over the calibration data per group) and compared with its one-pass run.
+
 Run:  python benchmarks/bench_mlp_memory.py [--width 2048] [--depth 8] [--samples 4096] [--method asym]
-          [--compression C] [--baseline-src DIR]
+          [--compression C] [--stats-memory-gib G] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     budget = {"keep": 0.5} if args.compression is None else {"compression": args.compression,
                                                               "allocation": "error-curve"}
+    if args.stats_memory_gib is not None:
+        budget["stats_memory"] = int(args.stats_memory_gib * 2**30)
     _, report = nna.prune(model, batches, method=args.method, seed=0, **budget)
     print(json.dumps({"mib": peak_mib() - before, "seconds": time.perf_counter() - t0,
                       "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
@@ -64,6 +69,8 @@ def main() -> None:
     options.add_argument("--samples", type=int, default=4096)
     options.add_argument("--method", default="asym")
     options.add_argument("--compression", type=float, default=None)
+    options.add_argument("--stats-memory-gib", type=float, default=None,
+                         help="also measure this checkout with stats_memory= this many GiB")
     options.add_argument("--baseline-src", type=Path, default=None,
                          help="a checkout of earlier code, measured in the same run")
     options.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -80,9 +87,17 @@ def main() -> None:
     argv = ["--width", str(args.width), "--depth", str(args.depth), "--samples", str(args.samples),
             "--method", args.method] + ([] if args.compression is None else ["--compression", str(args.compression)])
     runs = {name: run_child(__file__, src, argv, name) for name, src in srcs.items()}
+    if args.stats_memory_gib is not None:
+        limited = f"this checkout, stats_memory={args.stats_memory_gib:g} GiB"
+        runs[limited] = run_child(__file__, ROOT, [*argv, "--stats-memory-gib", str(args.stats_memory_gib)], limited)
     for name, r in runs.items():
         print(f"{name}: {r['mib']:.0f} MiB, {r['seconds']:.1f} s")
     print(f"the model's weights: {runs['this checkout']['model_mib']:.0f} MiB")
+    if args.stats_memory_gib is not None:
+        one, parts = runs["this checkout"], runs[limited]
+        same = "same" if same_results([parts, one]) else "DIFFERENT"
+        print(f"one pass / stats_memory={args.stats_memory_gib:g} GiB: {one['mib'] / parts['mib']:.2f}x the peak, "
+              f"{one['seconds'] / parts['seconds']:.2f}x the time; {same} kept units and errors")
     if "baseline" in runs:
         old, new = runs["baseline"], runs["this checkout"]
         same = "same" if same_results([new, old]) else "DIFFERENT"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import multiprocessing
 import os
 import sys
@@ -107,6 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--workers", type=int, default=1,
                     help="with --method layer: worker processes for the layers' selection and refit (default 1: "
                     "all in this process; the executor= of nn_adapters.prune)")
+    pr.add_argument("--stats-memory-gib", type=float, default=None,
+                    help="MLP/CNN, layer-wise statistics (--method layer, the error-curve allocation): the most GiB "
+                         "of statistics held at once, the layers gathered in groups that fit, one pass over the "
+                         "calibration data each (the stats_memory= of nn_adapters.prune; default: all in one pass)")
     pr.set_defaults(func=_run_prune)
 
 
@@ -227,6 +232,14 @@ def _prune_once(args: argparse.Namespace) -> int:
                          "another.")
     model, calib, *rest = _load_user(args.spec)
     transformer = _is_transformer(model, args.target)
+    stats_memory = None
+    if args.stats_memory_gib is not None:
+        if transformer:
+            raise ValueError("--stats-memory-gib bounds the layer-wise statistics of MLP/CNN pruning; a transformer is "
+                             "pruned block by block, one block's statistics at a time: drop --stats-memory-gib.")
+        if not (args.stats_memory_gib > 0 and math.isfinite(args.stats_memory_gib)):
+            raise ValueError(f"--stats-memory-gib must be a number of GiB > 0; got {args.stats_memory_gib}.")
+        stats_memory = max(1, int(args.stats_memory_gib * 2**30))
     as_directory = transformer and _saved_as_directory(model, args.target)
     out = args.out if args.out is not None else "pruned_model" if as_directory else "pruned_model.pt"
     # found now, not after the pruning (a transformer whose heads or experts go is saved as a directory)
@@ -260,7 +273,8 @@ def _prune_once(args: argparse.Namespace) -> int:
         pruned, report = prune(model, calib, compression=compression, keep=keep, method=method,
                                reweight=not args.no_reweight, seed=args.seed, target=args.target,
                                allocation=args.allocation, progress=args.progress, executor=pool,
-                               weighting=args.weighting, **_head_unit_arg(args, transformer))
+                               weighting=args.weighting, **_head_unit_arg(args, transformer),
+                               **({} if stats_memory is None else {"stats_memory": stats_memory}))
     print(report.summary())
     if rest:
         after = _eval_accuracy(pruned, rest[0])
@@ -324,10 +338,11 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
     if (args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight
-            or args.weighting is not None):
+            or args.weighting is not None or args.stats_memory_gib is not None):
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
                          "demo does, uniform allocation, default weighting, one process); drop --workers, "
-                         "--progress, --allocation, --weighting and --no-reweight, or prune once without --compare.")
+                         "--progress, --allocation, --weighting, --stats-memory-gib and --no-reweight, or prune once "
+                         "without --compare.")
     args.keep = _distinct("prune", "--keep", args.keep)
     args.compression = _distinct("prune", "--compression", args.compression)
     args.calib = _distinct("prune", "--calib", args.calib)

@@ -26,10 +26,11 @@ calibration set at the current frontier of the graph.
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 import warnings
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -282,7 +283,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
           pairs: Sequence[Pair | tuple] | None = None, ridge: float | str = "cv", refit_from: str = "asym",
           refit_prior: str = "original", weighting: str | None = None, loss_fn: Callable | None = None,
           progress: bool = False, verify: bool = False, se_bias_correction: bool = True,
-          executor: Executor | None = None, **kwargs: object) -> tuple[nn.Module, PruneReport]:
+          executor: Executor | None = None, stats_memory: int | None = None,
+          **kwargs: object) -> tuple[nn.Module, PruneReport]:
     """Prune a PyTorch model from a few unlabeled samples; return a new, physically smaller model and a report.
 
     Parameters
@@ -414,6 +416,14 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
         (``ValueError``). A job that fails raises a ``RuntimeError`` naming its layer, with the worker's error as
         its cause. Every job runs with one BLAS thread. On the CPU prefer processes to threads, which share one
         BLAS; see :ref:`parallel-layers` for what it costs and when it pays off.
+    stats_memory : int, optional
+        Most bytes of float64 statistics that layer-wise statistics hold at once (``method="layer"``, baselines with
+        ``refit_from="layer"``, and the error-curve allocation's, whatever the method): a layer's take
+        ``(folds + 1) * (d * d + d * m) * 8`` bytes (``d`` the consumer's input columns, ``m`` its outputs, ``folds``
+        5 with ``ridge="cv"``, else 0). The layers are then gathered in groups that fit, in layer order, one
+        forward pass over the calibration data per group, each group's statistics dropped once its layers are
+        decided (a layer larger than the limit forms a group of its own). The result is the same as in one pass.
+        ``None`` (default): every layer in one pass. ``seq`` and ``asym`` hold one layer's at a time anyway.
 
     Returns
     -------
@@ -452,7 +462,8 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
 
         unsupported = [name for name, value, default in (("pairs", pairs, None), ("loss_fn", loss_fn, None),
                                                            ("progress", progress, False), ("verify", verify, False),
-                                                           ("se_bias_correction", se_bias_correction, True))
+                                                           ("se_bias_correction", se_bias_correction, True),
+                                                           ("stats_memory", stats_memory, None))
                        if value is not default]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)} apply to MLP/CNN pruning only; transformer pruning "
@@ -492,6 +503,10 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
                          f"output's sensitivity to them) for MLP/CNN pruning; got {weighting!r}.")
     if not isinstance(se_bias_correction, bool):
         raise ValueError(f"se_bias_correction must be True or False; got {se_bias_correction!r}.")
+    if stats_memory is not None and (isinstance(stats_memory, bool) or not isinstance(stats_memory, numbers.Real)
+                                     or not stats_memory > 0 or not math.isfinite(stats_memory)):
+        raise ValueError(f"stats_memory must be a number of bytes > 0 (e.g. 4 * 2**30 for 4 GiB), or None for every "
+                         f"layer's statistics in one pass; got {stats_memory!r}.")
     check_executor(executor)
     stats_mode = method if method in SUBMODULAR_METHODS else refit_from
     if executor is not None and stats_mode != "layer":
@@ -557,9 +572,19 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     notes: list[str] = []  # warnings, raised once the model is built (so that they point at the caller)
     consumers = {p.name: p.consumer for p in found}
 
-    def sensitivity() -> OutputSensitivity | None:
-        """A fresh source of the output-sensitivity row weights (``weighting="output"``), else ``None``."""
-        return OutputSensitivity(orig, consumers, seed) if weighting == "output" else None
+    def sensitivity(names: Iterable[str] | None = None) -> OutputSensitivity | None:
+        """A fresh source of the output-sensitivity row weights (``weighting="output"``) of the pairs ``names``
+        (default all), else ``None``."""
+        if weighting != "output":
+            return None
+        return OutputSensitivity(orig, consumers if names is None else {n: consumers[n] for n in names}, seed)
+
+    passes = _stat_passes(found, work, folds, stats_memory)
+
+    def gather(group: list[int]) -> dict[str, PairStats]:
+        """LayerInChange statistics of the pairs ``group`` (indices into ``found``), in one forward pass."""
+        chosen = [found[i] for i in group]
+        return _layer_stats(orig, chosen, batches, progress, folds, sensitivity(p.name for p in chosen), notes)
     pm = _budget.ParamModel(work, found, adds_bias=reweight, adds_se_bias=se_bias_correction)
     layer_stats: dict[str, PairStats] | None = None
     full_paths: dict[str, _Path] = {}
@@ -568,18 +593,21 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     elif allocation == "uniform":
         ks = _budget.uniform_counts(pm, compression)
     else:
-        layer_stats = _layer_stats(orig, found, batches, progress, folds, sensitivity(), notes)
         sel_ridge = FALLBACK_RIDGE if ridge == "cv" else float(ridge)
-        with OrderedJobs(executor) as jobs:
-            for p in found:
-                jobs.add(f"the greedy path of pair {p.name}", _greedy,
-                         (_shipped(layer_stats[p.name], executor, merged=True), sel_ridge, p.n_units),
-                         partial(full_paths.__setitem__, p.name))
-            jobs.finish()
+        for group in passes:
+            layer_stats = None  # the previous group's go before the next group's are gathered
+            layer_stats = gather(group)
+            with OrderedJobs(executor) as jobs:
+                for i in group:
+                    p = found[i]
+                    jobs.add(f"the greedy path of pair {p.name}", _greedy,
+                             (_shipped(layer_stats[p.name], executor, merged=True), sel_ridge, p.n_units),
+                             partial(full_paths.__setitem__, p.name))
+                jobs.finish()
         ks = _budget.error_allocation(pm, [np.asarray(full_paths[p.name].relative_errors, dtype=np.float64)
                                            for p in found], compression)
-        if stats_mode != "layer":
-            layer_stats = None  # the allocation's only: seq and asym gather their own, one layer at a time
+        if stats_mode != "layer" or len(passes) > 1:
+            layer_stats = None  # seq and asym gather their own, one layer at a time; layer mode, group by group
 
     scores = _actgrad_scores(orig, found, batches, loss_fn) if method == "actgrad" else None
     rng = np.random.default_rng(seed)
@@ -637,14 +665,17 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
 
     try:
         if stats_mode == "layer":
-            if layer_stats is None:
-                layer_stats = _layer_stats(orig, found, batches, progress, folds, sensitivity(), notes)
-            with OrderedJobs(executor) as jobs:
-                for i, p in enumerate(found):
-                    st = layer_stats[p.name]
-                    jobs.add(f"the selection and refit of pair {p.name}", _pair_job,
-                             job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
-                jobs.finish()
+            for group in passes:
+                if layer_stats is None:
+                    layer_stats = gather(group)
+                with OrderedJobs(executor) as jobs:
+                    for i in group:
+                        p = found[i]
+                        st = layer_stats[p.name]
+                        jobs.add(f"the selection and refit of pair {p.name}", _pair_job,
+                                 job_args(i, p, st, _shipped(st, executor)), partial(apply, i, p, st))
+                    jobs.finish()
+                layer_stats = st = None  # decided: the next group's statistics take their place
         else:
             groups = _graph_groups(gm, work, keywords, batches, found)
             row_weights = None
@@ -731,6 +762,25 @@ def _verify(f: object, k: int, energy: float | None = None) -> dict[str, tuple]:
     if dec.preconditions:
         out["preconditions"] = ("; ".join(dec.preconditions), "n/a")
     return out
+
+
+def _stat_passes(pairs: list[PrunablePair], model: nn.Module, folds: int, limit: float | None) -> list[list[int]]:
+    """The pairs (indices, in order) whose LayerInChange statistics are gathered together, in one forward pass:
+    all of them without ``limit``, else consecutive groups whose statistics (``folds`` accumulators and their merge,
+    each ``d x d + d x m`` float64) take at most ``limit`` bytes, a pair larger than that alone."""
+    if limit is None:
+        return [list(range(len(pairs)))]
+    groups: list[list[int]] = []
+    used = math.inf
+    for i, p in enumerate(pairs):
+        m, d = _conv.weight_matrix(model.get_submodule(p.consumer)).shape
+        size = (folds + (folds > 1)) * (d * d + d * m) * 8
+        if used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
 
 
 def _layer_stats(orig: nn.Module, pairs: list[PrunablePair], batches: list, progress: bool,

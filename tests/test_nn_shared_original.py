@@ -9,8 +9,10 @@ the kept units and weights of the same pruning on private deep copies (the earli
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import sys
 import weakref
 
 import pytest
@@ -149,3 +151,138 @@ def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, meth
     _, report = nna.prune(net, torch.randn(64, 5), method=method, **budget)
     assert len(report.layers) == 3 and len(alive) == (6 if "allocation" in budget else 3)
     assert seen == [1, 1, 1]
+
+
+def stats_bytes(net: nn.Module, consumers: list[str], folds: int = 5) -> list[int]:
+    """What each pair's statistics take, by the formula of ``stats_memory``'s documentation (``folds`` 0 without
+    cross-validation)."""
+    out = []
+    for name in consumers:
+        w = net.get_submodule(name).weight
+        m, d = w.shape[0], w[0].numel()
+        out.append((folds + 1) * (d * d + d * m) * 8)
+    return out
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "layer", "keep": 0.5},
+    {"method": "layer", "compression": 2.5, "allocation": "error-curve"},
+    {"method": "asym", "compression": 2.5, "allocation": "error-curve"},
+    {"method": "act_norm", "keep": 0.5, "refit_from": "layer"},
+    {"method": "layer", "keep": 0.5, "weighting": "output"},
+    {"method": "layer", "keep": 0.5, "ridge": 1e-3},
+])
+def test_layer_statistics_in_passes_give_what_one_pass_gives(monkeypatch, options: dict) -> None:
+    """The digits CNN's three pairs (consumers conv2, fc1, fc2) under a limit that fits two of them: two forward
+    passes over the calibration data, never more than one group's statistics alive, the same pruned model."""
+    net, batches = cnn(), data()
+    one, report_one = nna.prune(net, batches, seed=0, **options)
+    consumers = [p.consumer for p in nna.find_pairs(net, batches[0][0][:2])[0]]
+    sizes = stats_bytes(net, consumers, 0 if "ridge" in options else 5)  # a fixed ridge: one accumulator
+    assert len(sizes) == 3
+    limit = max(sizes[0] + sizes[1], sizes[1] + sizes[2])
+    assert sum(sizes) > limit  # consecutive groups, in layer order: the first two, then the third
+
+    calls, alive, seen, before_pass = [], [], [], []
+    forward = pruning._layer_stats
+
+    def counting_stats(orig, pairs, *args, **kwargs):
+        gc.collect()
+        before_pass.append(sum(r() is not None for r in alive))
+        calls.append([p.consumer for p in pairs])
+        return forward(orig, pairs, *args, **kwargs)
+
+    class Tracked(pruning.PairStats):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            alive.append(weakref.ref(self))
+
+    pair_job = pruning._pair_job
+
+    def counting_job(*args, **kwargs):
+        gc.collect()
+        seen.append(sum(r() is not None for r in alive))
+        return pair_job(*args, **kwargs)
+
+    monkeypatch.setattr(pruning, "_layer_stats", counting_stats)
+    monkeypatch.setattr(pruning, "PairStats", Tracked)
+    monkeypatch.setattr(pruning, "_pair_job", counting_job)
+    parts, report_parts = nna.prune(net, batches, seed=0, stats_memory=limit, **options)
+    groups = [consumers[:2], consumers[2:]]
+    layerwise = options["method"] == "layer" or options.get("refit_from") == "layer"
+    curve = options.get("allocation") == "error-curve"
+    assert calls == groups * (curve + layerwise)  # a pass per group for the allocation, again for the decisions
+    assert set(before_pass) == {0}  # a group's statistics are gone before the next group's are gathered
+    assert max(seen) <= 2
+    assert [r.kept_units for r in report_parts.layers] == [r.kept_units for r in report_one.layers]
+    for (k, v), (k2, w) in zip(one.state_dict().items(), parts.state_dict().items(), strict=True):
+        assert k == k2 and torch.allclose(v, w, rtol=1e-5, atol=1e-6), k
+
+
+def test_stats_memory_in_passes_on_an_executor() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    net, batches = cnn(), data()
+    one, report_one = nna.prune(net, batches, keep=0.5, method="layer")
+    with ThreadPoolExecutor(2) as pool:
+        parts, report = nna.prune(net, batches, keep=0.5, method="layer", executor=pool, stats_memory=1)
+    assert [r.kept_units for r in report.layers] == [r.kept_units for r in report_one.layers]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(one.parameters(), parts.parameters(),
+                                                                            strict=True))
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "4GB", float("inf"), float("nan")])
+def test_stats_memory_refusals(bad) -> None:
+    with pytest.raises(ValueError, match="stats_memory must be a number of bytes > 0"):
+        nna.prune(cnn(), data(), keep=0.5, method="layer", stats_memory=bad)
+
+
+def test_cli_stats_memory(tmp_path, monkeypatch) -> None:
+    """``submod prune --stats-memory-gib`` passes the limit on in bytes (the same model as without it, a pass per
+    layer at a limit below every layer's statistics); refused for --compare, for a transformer and when not > 0."""
+    from nn_adapters.cli import register
+
+    (tmp_path / "memmodels.py").write_text(
+        "import torch\nfrom nn_adapters import zoo\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return zoo.mlp(12, [24, 16], 4), [torch.randn(200, 12)]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    prune = nna.prune
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stats_memory"))
+        return prune(*args, **kwargs)
+
+    monkeypatch.setattr(nna, "prune", spy)
+
+    def main(argv: list[str]) -> int:
+        parser = argparse.ArgumentParser(prog="submod")
+        register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    for extra, out in (([], "one.pt"), (["--stats-memory-gib", "1e-9"], "passes.pt")):
+        assert main(["prune", "memmodels:build", "--keep", "0.5", "--method", "layer", "--out", out, *extra]) == 0
+    assert seen == [None, 1]  # 1e-9 GiB: about one byte, every layer alone
+    base = sys.modules["memmodels"].build()[0]
+    one, passes = (nna.load_pruned(tmp_path / f, base_model=base) for f in ("one.pt", "passes.pt"))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(one.parameters(), passes.parameters(),
+                                                                            strict=True))
+    with pytest.raises(ValueError, match="must be a number of GiB > 0"):
+        main(["prune", "memmodels:build", "--method", "layer", "--stats-memory-gib", "0"])
+    with pytest.raises(ValueError, match="drop --workers, --progress, --allocation, --weighting, --stats-memory-gib"):
+        main(["prune", "memmodels:build", "--compare", "--stats-memory-gib", "1"])
+
+
+def test_stats_memory_is_for_layer_pairs_only() -> None:
+    transformers = pytest.importorskip("transformers")
+    from _torch_helpers import ragged_token_batches
+
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    model = transformers.LlamaModel(cfg).eval()
+    with pytest.raises(ValueError, match="stats_memory apply to MLP/CNN pruning only"):
+        nna.prune(model, ragged_token_batches(40, 2), keep=0.5, stats_memory=2**30)
