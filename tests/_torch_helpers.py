@@ -331,3 +331,19 @@ def user_module(tmp_path, monkeypatch, name: str, source: str) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     monkeypatch.chdir(tmp_path)
+
+
+def spy_shared_copies(monkeypatch, module: object) -> list[nn.Module]:
+    """Make ``module.shared_copy`` record the copies it makes (:func:`nn_adapters._modes.shared_copy`, monkeypatched
+    for the test); returns the list they are appended to."""
+    from nn_adapters._modes import shared_copy
+
+    copies: list[nn.Module] = []
+
+    def spy(m: nn.Module) -> nn.Module:
+        twin = shared_copy(m)
+        copies.append(twin)
+        return twin
+
+    monkeypatch.setattr(module, "shared_copy", spy)
+    return copies

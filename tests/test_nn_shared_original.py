@@ -17,12 +17,12 @@ import weakref
 
 import pytest
 import torch
+from _torch_helpers import spy_shared_copies
 from torch import nn
 
 import nn_adapters as nna
 import nn_adapters.pruning as pruning
 from nn_adapters import zoo
-from nn_adapters._modes import shared_copy
 
 
 def storages(model: nn.Module) -> set[int]:
@@ -44,6 +44,34 @@ def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)) for _ in range(2)]
 
 
+class StatsTracker:
+    """Counts the layer statistics (``PairStats``) alive, by weak references after a garbage collection: at each
+    layer's selection (``at_selection``) and whenever :meth:`alive` is called."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.refs: list[weakref.ref] = []
+        self.at_selection: list[int] = []
+        refs = self.refs
+
+        class Tracked(pruning.PairStats):
+            def __init__(inner, *args, **kwargs) -> None:  # noqa: N805 - the tracker's self is the outer one
+                super().__init__(*args, **kwargs)
+                refs.append(weakref.ref(inner))
+
+        pair_job = pruning._pair_job
+
+        def counting(*args, **kwargs):
+            self.at_selection.append(self.alive())
+            return pair_job(*args, **kwargs)
+
+        monkeypatch.setattr(pruning, "PairStats", Tracked)
+        monkeypatch.setattr(pruning, "_pair_job", counting)
+
+    def alive(self) -> int:
+        gc.collect()
+        return sum(r() is not None for r in self.refs)
+
+
 def private_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
@@ -55,14 +83,7 @@ def test_pruning_reads_the_callers_tensors_and_gives_what_private_copies_give(mo
     grads = {n: torch.randn_like(p) for n, p in net.named_parameters()}
     for n, p in net.named_parameters():  # the caller's own gradients (a training step in progress): kept
         p.grad = grads[n].clone()
-    copies = []
-
-    def spy(m: nn.Module) -> nn.Module:
-        twin = shared_copy(m)
-        copies.append(twin)
-        return twin
-
-    monkeypatch.setattr(pruning, "shared_copy", spy)
+    copies = spy_shared_copies(monkeypatch, pruning)
     pruned, report = nna.prune(net, data(), compression=3.0, method=method, seed=0)
     assert len(copies) == 2  # the unpruned network and the model being pruned: no deep copy of the weights
     assert all(p is q for p, q in zip(net.parameters(), copies[0].parameters(), strict=True))
@@ -128,29 +149,13 @@ def test_sequential_modes_hold_one_layers_statistics_at_a_time(monkeypatch, meth
     """The statistics of a pruned layer are dropped before the next layer's are gathered: at each layer's selection
     only its own statistics are alive (weak references, after a garbage collection); the error-curve allocation's
     layer statistics (every layer's, from the original network) are dropped once the budgets are set."""
-    alive: list[weakref.ref] = []
-    seen: list[int] = []
-
-    class Tracked(pruning.PairStats):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            alive.append(weakref.ref(self))
-
-    pair_job = pruning._pair_job
-
-    def counting(*args, **kwargs):
-        gc.collect()
-        seen.append(sum(r() is not None for r in alive))
-        return pair_job(*args, **kwargs)
-
-    monkeypatch.setattr(pruning, "PairStats", Tracked)
-    monkeypatch.setattr(pruning, "_pair_job", counting)
+    tracker = StatsTracker(monkeypatch)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                         nn.Linear(16, 2))
     _, report = nna.prune(net, torch.randn(64, 5), method=method, **budget)
-    assert len(report.layers) == 3 and len(alive) == (6 if "allocation" in budget else 3)
-    assert seen == [1, 1, 1]
+    assert len(report.layers) == 3 and len(tracker.refs) == (6 if "allocation" in budget else 3)
+    assert tracker.at_selection == [1, 1, 1]
 
 
 def stats_bytes(net: nn.Module, consumers: list[str], folds: int = 5) -> list[int]:
@@ -183,37 +188,23 @@ def test_layer_statistics_in_passes_give_what_one_pass_gives(monkeypatch, option
     limit = max(sizes[0] + sizes[1], sizes[1] + sizes[2])
     assert sum(sizes) > limit  # consecutive groups, in layer order: the first two, then the third
 
-    calls, alive, seen, before_pass = [], [], [], []
+    calls, before_pass = [], []
+    tracker = StatsTracker(monkeypatch)
     forward = pruning._layer_stats
 
     def counting_stats(orig, pairs, *args, **kwargs):
-        gc.collect()
-        before_pass.append(sum(r() is not None for r in alive))
+        before_pass.append(tracker.alive())
         calls.append([p.consumer for p in pairs])
         return forward(orig, pairs, *args, **kwargs)
 
-    class Tracked(pruning.PairStats):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            alive.append(weakref.ref(self))
-
-    pair_job = pruning._pair_job
-
-    def counting_job(*args, **kwargs):
-        gc.collect()
-        seen.append(sum(r() is not None for r in alive))
-        return pair_job(*args, **kwargs)
-
     monkeypatch.setattr(pruning, "_layer_stats", counting_stats)
-    monkeypatch.setattr(pruning, "PairStats", Tracked)
-    monkeypatch.setattr(pruning, "_pair_job", counting_job)
     parts, report_parts = nna.prune(net, batches, seed=0, stats_memory=limit, **options)
     groups = [consumers[:2], consumers[2:]]
     layerwise = options["method"] == "layer" or options.get("refit_from") == "layer"
     curve = options.get("allocation") == "error-curve"
     assert calls == groups * (curve + layerwise)  # a pass per group for the allocation, again for the decisions
     assert set(before_pass) == {0}  # a group's statistics are gone before the next group's are gathered
-    assert max(seen) <= 2
+    assert max(tracker.at_selection) <= 2
     assert [r.kept_units for r in report_parts.layers] == [r.kept_units for r in report_one.layers]
     for (k, v), (k2, w) in zip(one.state_dict().items(), parts.state_dict().items(), strict=True):
         assert k == k2 and torch.allclose(v, w, rtol=1e-5, atol=1e-6), k

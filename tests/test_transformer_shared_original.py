@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from _torch_helpers import ragged_token_batches
+from _torch_helpers import ragged_token_batches, spy_shared_copies
 from torch import nn
 
 import nn_adapters.transformer as tr
@@ -98,14 +98,7 @@ def test_pruning_reads_the_callers_tensors_and_gives_what_a_private_copy_gives(m
     model = llama()
     batches = ragged_token_batches(VOCAB, 2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    copies = []
-
-    def spy(m: nn.Module) -> nn.Module:
-        twin = shared_copy(m)
-        copies.append(twin)
-        return twin
-
-    monkeypatch.setattr(tr, "shared_copy", spy)
+    copies = spy_shared_copies(monkeypatch, tr)
     pruned, report = prune_transformer(model, batches, keep=0.5, target=target, method=method)
     assert len(copies) == 2  # the model being pruned, then the unpruned network that it is compared with
     assert all(p is q for p, q in zip(model.parameters(), copies[1].parameters(), strict=True))
