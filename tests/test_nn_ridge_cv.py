@@ -218,6 +218,26 @@ def test_verify_labels_every_number_and_the_bound_holds():
     assert all(lay.verification is None and lay.error_curve is None for lay in rep.layers)
 
 
+def test_verify_covers_wide_layers_and_says_why_it_skips(monkeypatch):
+    """A layer of 100 units is verified (the bound holds on it); a convolution's objective counts 9 columns a channel
+    against the limit, and a layer over it says so."""
+    pytest.importorskip("verification")
+    import nn_adapters.pruning as pruning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 100), nn.ReLU(), nn.Linear(100, 3)).eval()
+    _, rep = nna.prune(net, torch.randn(300, 6), keep=0.5, method="asym", verify=True)
+    v = rep.layers[0].verification
+    assert "skipped" not in v and v["rel_err_at_k"][0] <= v["bound_rel_err_at_k"][0] + 1e-12
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    x = torch.randn(40, 1, 6, 6)
+    for limit, skipped in ((71, True), (72, False)):
+        monkeypatch.setattr(pruning, "VERIFY_MAX_COLUMNS", limit)
+        _, rep = nna.prune(conv, x, keep=0.5, method="layer", verify=True)
+        v = rep.layers[0].verification
+        assert (v.get("skipped") == ("72 columns > 71", "n/a")) == skipped and ("lambda_min" in v) != skipped
+
+
 def test_verify_lists_dead_and_duplicate_units_with_the_default_ridge():
     """With ridge="cv" (the default) the selection has a ridge; the dead and the duplicated unit must still be
     reported among the preconditions."""
