@@ -84,11 +84,12 @@ def _deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) are its own but whose
-    parameters and buffers are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
+    """A copy of ``model`` in eval mode whose modules (and their Python state: configs, hooks) and buffers are its
+    own but whose parameters are ``model``'s tensors: the unpruned network, run and hooked as it is, without a second
     copy of its weights, or a model to prune whose blocks get tensors of their own as they shrink (the rest copied
-    at the end by :func:`own_tensors`). Its modules may be replaced or given new tensors; its tensors must not be
-    written (see :class:`TensorGuard`).
+    at the end by :func:`own_tensors`). Its modules may be replaced or given new tensors; its parameters must not be
+    written (see :class:`TensorGuard`). Buffers are copied (running statistics, masks, counters: small): a forward
+    that updates its own buffers in place (a call counter, a cache) updates the copy's, as on a deep copy.
 
     Refused with the fix named: masks of :mod:`torch.nn.utils.prune` (their ``weight`` is recomputed from
     ``weight_orig * weight_mask`` by a hook, so shrinking ``weight`` would be undone at the next forward) and the
@@ -96,7 +97,7 @@ def shared_copy(model: nn.Module) -> nn.Module:
     forward hooks are copied with the model: they run during calibration, as part of the model's function.
     """
     _refuse_masks(model)
-    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
     return _deep_copy(model, memo)
 
 
@@ -133,11 +134,14 @@ class TensorGuard:
         return (version, t.data_ptr(), t.dtype, tuple(t.shape), t.device)
 
     def check(self) -> None:
-        """Raise ``RuntimeError`` (a bug of this library, not of the caller) if a tensor was changed."""
+        """Raise ``RuntimeError`` if a tensor was changed (a bug of this library, or a model that writes its own
+        parameters in place when it runs)."""
         for name, t, state in self._seen.values():
             if self._state(t) != state:
                 raise RuntimeError(f"internal error: pruning changed the caller's tensor {name!r} in place (the "
-                                   "model is not what it was); please report this, with the model's type")
+                                   "model is not what it was). Pruning reads the caller's parameters without "
+                                   "copying them: a forward or hook of the model's own that writes a parameter in "
+                                   "place would do this; otherwise please report it, with the model's type")
 
 
 def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:

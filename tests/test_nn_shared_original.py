@@ -277,3 +277,25 @@ def test_stats_memory_is_for_layer_pairs_only() -> None:
     model = transformers.LlamaModel(cfg).eval()
     with pytest.raises(ValueError, match="stats_memory apply to MLP/CNN pruning only"):
         nna.prune(model, ragged_token_batches(40, 2), keep=0.5, stats_memory=2**30)
+
+
+def test_a_forward_that_updates_a_buffer_in_place_updates_the_copys() -> None:
+    """A model whose forward counts its calls in a buffer, in place: pruned as on deep copies (every method), the
+    caller's counter untouched."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Counting().eval()
+    batches = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+    for method in ("asym", "layer", "actgrad"):
+        pruned, _ = nna.prune(model, batches, keep=0.5, method=method)
+        assert int(model.calls) == 0 and pruned.body[0].out_features == 4

@@ -41,7 +41,7 @@ def test_the_copy_shares_tensors_not_modules() -> None:
     for (name, p), (name2, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
         assert name == name2 and p is q
     for (_, b), (_, c) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
-        assert b is c
+        assert b is not c and torch.equal(b, c)  # buffers are copied: a forward may update its own
     assert twin.model.layers[0] is not model.model.layers[0] and twin.config is not model.config
     twin.model.layers[0].mlp.down_proj = nn.Linear(24, 32, bias=False)  # a module replaced in the copy only
     assert isinstance(model.model.layers[0].mlp.down_proj.weight, nn.Parameter)
@@ -71,6 +71,22 @@ def test_own_tensors_copies_what_is_still_shared_and_keeps_ties() -> None:
             assert torch.equal(p, q)
     for (_, b), (_, c) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
         assert torch.equal(b, c) and b.data_ptr() != c.data_ptr()
+
+
+def test_a_forward_that_updates_a_buffer_in_place_updates_the_copys() -> None:
+    """A model whose forward writes a buffer of its own in place (a call counter, through a hook): pruning runs it
+    on copies of its buffers, as it did on deep copies; the caller's buffer stays as it was."""
+    model = llama()
+    mlp = model.model.layers[0].mlp
+    mlp.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def count(m: nn.Module, args: tuple) -> None:
+        m.calls.add_(1)
+
+    mlp.register_forward_pre_hook(count)
+    pruned, _ = prune_transformer(model, ragged_token_batches(VOCAB, 2), keep=0.5, method="asym")
+    assert int(model.model.layers[0].mlp.calls) == 0
+    assert int(pruned.model.layers[0].mlp.calls) > 0  # the copy's: counted its calls
 
 
 def test_the_guard_sees_in_place_writes_and_swapped_storage() -> None:
