@@ -3635,8 +3635,10 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     ``model``: an unpruned instance of the original architecture (required for plain torch models; for Hugging
     Face models it is built from ``config.json`` when omitted, and optional top-level parts absent from the saved
     weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``). It is copied,
-    never modified (the original trained model may be passed): the copy is shrunk to the saved sizes
-    (``apply_spec``) and then receives the saved weights (strict: every tensor must match). No arbitrary
+    never modified (the original trained model may be passed): the copy, whose parameters are shapes only (``meta``
+    tensors, no memory; its buffers are real copies), is shrunk to the saved sizes (``apply_spec``) and then
+    receives the saved tensors (strict: every tensor must match; tied weights are tied again). A block whose
+    shrinking reads weight values (CodeGen's heads) is shrunk on a full copy instead. No arbitrary
     pickle is executed. A Hugging Face model gets back the attention implementation it was saved with
     (``"eager"``, ``"sdpa"``, ...: the spec records it, as ``config.json`` does not), unless
     ``attn_implementation`` names another. See :func:`save_pruned` for an example.
@@ -3682,7 +3684,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an unpruned torch.nn.Module of the original architecture; got "
                              f"{type(model).__name__}")
-        model = copy.deepcopy(model)  # the caller's instance (possibly the trained original) stays as it is
+        # the caller's instance (possibly the trained original) stays as it is; its weights are not copied: the
+        # saved ones replace them (buffers are, as a fresh build would compute them)
+        original, model = model, _weightless_copy(model)
         _check_config(src, model)
     else:
         if not (src / "config.json").is_file():
@@ -3708,7 +3712,14 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
             raise ValueError(f"building {archs[0]} with attn_implementation={impl!r} failed ({exc}): install what "
                              "it needs, or pass another attn_implementation= ('sdpa' or 'eager').") from exc
     restore_attn_implementation(model, saved_impl, attn_implementation, spec_path)
-    apply_spec(model, spec)
+    try:
+        apply_spec(model, spec)
+    except (NotImplementedError, RuntimeError):  # a block whose shrinking reads weight values, not on meta tensors
+        if built_here:
+            raise
+        model = copy.deepcopy(original)  # (CodeGen's heads, kept as many in each model-parallel part): real copy
+        restore_attn_implementation(model, saved_impl, attn_implementation, spec_path)
+        apply_spec(model, spec)
     if (src / "weights.pt").is_file():
         state = torch.load(src / "weights.pt", weights_only=True, map_location="cpu")
     else:
@@ -3730,11 +3741,24 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # the saved precision (e.g. float64), not the default of a freshly built model
         model.to(dtypes.pop())
+    weightless = any(p.is_meta for p in model.parameters())
+    if weightless:  # the saved tensors become the parameters (in the model's dtypes, as a copy into them would be)
+        ties = _tie_groups(model)
+        own = model.state_dict(keep_vars=True)
+        for key, t in state.items():
+            if key in own and own[key] is not None and own[key].shape != t.shape:
+                raise ValueError(f"saved weights do not fit the model: size mismatch for {key}: {tuple(t.shape)} in "
+                                 f"the file, {tuple(own[key].shape)} in the model. Pass an unpruned instance of the "
+                                 "pruned model's origin (the same configuration).")
+            if key in own and own[key] is not None and t.dtype != own[key].dtype:
+                state[key] = t.to(own[key].dtype)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=weightless)
     except RuntimeError as exc:  # tensors of other shapes: another model width, vocabulary, ...
         raise ValueError(f"saved weights do not fit the model: {exc}. Pass an unpruned instance of the pruned "
                          "model's origin (the same configuration).") from exc
+    if weightless:
+        _retie(model, ties)
     tied = _tied_keys(model)
     unrecorded = [k for k in missing if _is_kept_heads(model, k)]  # a save that predates the kept_heads buffer
     for k in unrecorded:  # the module does not know which original heads it kept: masks must be for its own heads
@@ -3744,7 +3768,42 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise ValueError(f"saved weights do not fit the model: nothing was loaded into {empty[:5]}. Pass an "
+                         "unpruned instance of the pruned model's origin (the same configuration).")
     return model.eval()
+
+
+def _weightless_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are ``meta`` tensors of the same shapes, dtypes and
+    ``requires_grad`` (no memory; tied ones stay tied) and whose buffers are real copies: what
+    :func:`load_pruned` shrinks and then gives the saved weights."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The places (module, attribute) of every parameter held in more than one place (tied weights)."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[tuple[nn.Module, str]]]) -> None:
+    """After ``load_state_dict(assign=True)``, which gives each loaded name a tensor of its own: every place of a
+    tied group (:func:`_tie_groups`) holds the one loaded tensor again (tied weights are saved once)."""
+    for group in groups:
+        loaded = [m._parameters[n] for m, n in group if not m._parameters[n].is_meta]
+        if loaded:
+            for m, n in group:
+                m._parameters[n] = loaded[0]
 
 
 #: Hugging Face configuration entries that change what a model computes without changing any weight's shape: a

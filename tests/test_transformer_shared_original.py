@@ -161,3 +161,61 @@ def test_an_encoder_decoder_pruned_stack_by_stack_holds_tensors_of_its_own() -> 
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     shared = pruned.model.shared.weight
     assert pruned.model.encoder.embed_tokens.weight is shared and pruned.lm_head.weight is shared
+
+
+def loading_routes(monkeypatch) -> list[bool]:
+    """Record, for every ``apply_spec`` call, whether the model it shrinks holds shape-only (meta) parameters."""
+    routes: list[bool] = []
+    apply_spec = tr.apply_spec
+
+    def spy(model: nn.Module, spec):
+        routes.append(any(p.is_meta for p in model.parameters()))
+        return apply_spec(model, spec)
+
+    monkeypatch.setattr(tr, "apply_spec", spy)
+    return routes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loading_from_an_instance_copies_no_weight_of_it(monkeypatch, tmp_path, tied: bool) -> None:
+    """``load_pruned(directory, model)`` shrinks a copy of ``model`` whose parameters are shapes only, then gives it
+    the saved tensors: the loaded model computes what the pruned one did (tied embeddings tied again, rotary
+    buffers real), holds no tensor of the caller's and none on the meta device; the caller's model is as it was."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    batches = ragged_token_batches(VOCAB, 2)
+    pruned, _ = prune_transformer(model, batches, keep=0.5, target="all")
+    tr.save_pruned(pruned, tmp_path / "m")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    routes = loading_routes(monkeypatch)
+    loaded = tr.load_pruned(tmp_path / "m", model)
+    assert routes == [True]
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    assert not storages(loaded) & storages(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(loaded(**b).logits, pruned(**b).logits, rtol=0, atol=0)
+
+
+def test_a_block_whose_shrinking_reads_weights_is_loaded_from_a_real_copy(monkeypatch, tmp_path) -> None:
+    """CodeGen's head pruning checks the kept heads' parts by value (as many in each model-parallel part): it
+    cannot run on meta tensors, so the loading copies the instance as it did before, with the same result."""
+    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=8, n_inner=24, rotary_dim=4,
+                                     n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.CodeGenModel(cfg).eval()
+    batches = ragged_token_batches(VOCAB, 2)
+    pruned, _ = prune_transformer(model, batches, keep=0.5, target="all")
+    tr.save_pruned(pruned, tmp_path / "m")
+    routes = loading_routes(monkeypatch)
+    loaded = tr.load_pruned(tmp_path / "m", model)
+    assert routes == [True, False]
+    assert not storages(loaded) & storages(model)
+    with torch.no_grad():
+        for b in batches:
+            torch.testing.assert_close(loaded(**b).last_hidden_state, pruned(**b).last_hidden_state, rtol=0, atol=0)
