@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "TensorGuard",
+__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "weightless_copy", "TensorGuard",
            "outside_inference_mode", "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -114,6 +114,18 @@ def own_tensors(model_copy: nn.Module, original: nn.Module) -> None:
                     if id(t) not in memo:
                         memo[id(t)] = copy.deepcopy(t)
                     store[name] = memo[id(t)]
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are ``meta`` tensors of the same shapes, dtypes and
+    ``requires_grad`` (no memory; tied ones stay tied) and whose buffers are real copies: what the loaders of pruned
+    models resize and then give the saved tensors (``load_state_dict(..., assign=True)``), so that loading from the
+    trained original does not hold a second copy of its weights."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 class TensorGuard:

@@ -17,7 +17,6 @@ half-written file.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from submod._atomic import atomic_path, check_file_path
 
 from . import _conv, zoo
-from ._modes import unwrap
+from ._modes import unwrap, weightless_copy
 from .pairs import _NORM_MODULES  # normalisation layers whose entries follow a producer's channels
 
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
@@ -215,7 +214,8 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     ----------
     path : path-like
     base_model : nn.Module, optional
-        An instance of the unpruned architecture (copied, never modified). Not needed for zoo models.
+        An instance of the unpruned architecture (copied, never modified; the copy's parameters are shapes only until
+        the saved tensors take their places, so its weights are not copied). Not needed for zoo models.
     map_location : str or torch.device
     attn_implementation : str, optional
         Hugging Face models: the attention implementation of the loaded model (``"eager"``, ``"sdpa"``, ...).
@@ -239,7 +239,7 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     if spec.get("format") != FORMAT:
         raise ValueError(f"{path} has format {spec.get('format')!r}; this version reads {FORMAT!r}.")
     if base_model is not None:
-        model = copy.deepcopy(base_model)
+        model = weightless_copy(base_model)  # shapes only: the saved tensors take the parameters' places below
     elif spec.get("builder"):
         model = zoo.build(spec["builder"]["name"], **spec["builder"]["kwargs"])
     else:

@@ -84,7 +84,7 @@ from ._experts import (
     sync_expert_count,
 )
 from ._experts import error_curve as expert_error_curve
-from ._modes import TensorGuard, copy_modes, outside_inference_mode, own_tensors, shared_copy, unwrap
+from ._modes import TensorGuard, copy_modes, outside_inference_mode, own_tensors, shared_copy, unwrap, weightless_copy
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -3686,7 +3686,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
                              f"{type(model).__name__}")
         # the caller's instance (possibly the trained original) stays as it is; its weights are not copied: the
         # saved ones replace them (buffers are, as a fresh build would compute them)
-        original, model = model, _weightless_copy(model)
+        original, model = model, weightless_copy(model)
         _check_config(src, model)
     else:
         if not (src / "config.json").is_file():
@@ -3773,17 +3773,6 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: nothing was loaded into {empty[:5]}. Pass an "
                          "unpruned instance of the pruned model's origin (the same configuration).")
     return model.eval()
-
-
-def _weightless_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters are ``meta`` tensors of the same shapes, dtypes and
-    ``requires_grad`` (no memory; tied ones stay tied) and whose buffers are real copies: what
-    :func:`load_pruned` shrinks and then gives the saved weights."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    return copy.deepcopy(model, memo)
 
 
 def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:

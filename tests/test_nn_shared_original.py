@@ -299,3 +299,42 @@ def test_a_forward_that_updates_a_buffer_in_place_updates_the_copys() -> None:
     for method in ("asym", "layer", "actgrad"):
         pruned, _ = nna.prune(model, batches, keep=0.5, method=method)
         assert int(model.calls) == 0 and pruned.body[0].out_features == 4
+
+
+def test_loading_from_a_base_model_copies_no_weight_of_it(monkeypatch, tmp_path) -> None:
+    """``nna.load_pruned(path, base_model=...)`` resizes a copy of ``base_model`` whose parameters are shapes only and
+    gives it the saved tensors: the loaded model computes what the pruned one did (a tied pair of layers tied again,
+    BatchNorm statistics loaded), holds no tensor of the caller's and none on the meta device; the base model is as
+    it was."""
+    import nn_adapters.io as nio
+
+    net = cnn()
+    pruned, _ = nna.prune(net, data(), keep=0.5, method="asym")
+    nna.save_pruned(pruned, tmp_path / "cnn.pt")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    resize = nio._resize
+
+    def spy(model: nn.Module, name: str, shape: dict) -> None:
+        seen.append(all(p.is_meta for p in model.parameters()))
+        resize(model, name, shape)
+
+    monkeypatch.setattr(nio, "_resize", spy)
+    loaded = nna.load_pruned(tmp_path / "cnn.pt", base_model=net)
+    assert seen and all(seen)
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    assert not storages(loaded) & storages(net)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    x = data()[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(),
+                         nn.Linear(6, 6))
+    tied[6].weight = tied[0].weight
+    small, _ = nna.prune(tied, torch.randn(64, 6), keep=0.5, method="asym", pairs=[nna.Pair("2", "4")])
+    nna.save_pruned(small, tmp_path / "tied.pt")
+    back = nna.load_pruned(tmp_path / "tied.pt", base_model=tied)
+    assert back[6].weight is back[0].weight and not back[0].weight.is_meta
+    assert torch.equal(back[0].weight, small[0].weight) and back[2].out_features == 6
