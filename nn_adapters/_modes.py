@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "weightless_copy", "TensorGuard",
+__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "weightless_copy", "tie_groups", "tie_again",
+           "TensorGuard",
            "outside_inference_mode", "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -116,16 +117,40 @@ def own_tensors(model_copy: nn.Module, original: nn.Module) -> None:
                     store[name] = memo[id(t)]
 
 
-def weightless_copy(model: nn.Module) -> nn.Module:
+def weightless_copy(model: nn.Module, buffers: bool = False) -> nn.Module:
     """A deep copy of ``model`` whose parameters are ``meta`` tensors of the same shapes, dtypes and
-    ``requires_grad`` (no memory; tied ones stay tied) and whose buffers are real copies: what the loaders of pruned
-    models resize and then give the saved tensors (``load_state_dict(..., assign=True)``), so that loading from the
-    trained original does not hold a second copy of its weights."""
+    ``requires_grad`` (no memory; tied ones stay tied); its buffers are real copies, or ``meta`` too with
+    ``buffers=True``. The loaders of pruned models resize it and then give it the saved tensors
+    (``load_state_dict(..., assign=True)`` and :func:`tie_again`), so that loading from the trained original does
+    not hold a second copy of its weights; counting the parameters a unit holds needs shapes only
+    (``buffers=True``)."""
     memo: dict[int, Any] = {}
-    for p in model.parameters():
-        if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for t in (*model.parameters(), *(model.buffers() if buffers else ())):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+def tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """The places (module, attribute) of every parameter held in more than one place (tied weights)."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def tie_again(groups: list[list[tuple[nn.Module, str]]]) -> None:
+    """After ``load_state_dict(assign=True)``, which gives each loaded name a tensor of its own (or leaves a tied name
+    that was not saved as it was): every place of a tied group (:func:`tie_groups`, taken before the loading) holds
+    one loaded tensor again, the first that is not a ``meta`` tensor."""
+    for group in groups:
+        loaded = [m._parameters[n] for m, n in group if not m._parameters[n].is_meta]
+        if loaded:
+            for m, n in group:
+                m._parameters[n] = loaded[0]
 
 
 class TensorGuard:

@@ -27,7 +27,7 @@ from torch import nn
 from submod._atomic import atomic_path, check_file_path
 
 from . import _conv, zoo
-from ._modes import unwrap, weightless_copy
+from ._modes import tie_again, tie_groups, unwrap, weightless_copy
 from .pairs import _NORM_MODULES  # normalisation layers whose entries follow a producer's channels
 
 __all__ = ["save_pruned", "load_pruned", "architecture_spec"]
@@ -248,12 +248,7 @@ def load_pruned(path: str | os.PathLike, base_model: nn.Module | None = None,
     restore_attn_implementation(model, spec.get("attn_implementation"), attn_implementation, path)
     for name, shape in spec["shapes"].items():
         _resize(model, name, shape)
-    tied: dict[int, list[str]] = {}  # parameters shared by several layers (weight tying), which pruning leaves alone
-    for name, prm in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(prm), []).append(name)
+    ties = tie_groups(model)  # parameters shared by several layers (weight tying), which pruning leaves alone
     model.load_state_dict(data["state_dict"], strict=True, assign=True)  # keeps the saved dtypes (e.g. float64)
-    for names in tied.values():  # assign=True gives each name its own parameter: tie them again
-        for name in names[1:]:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, model.get_parameter(names[0]))
+    tie_again(ties)  # assign=True gives each name its own parameter
     return model.to(map_location).eval()

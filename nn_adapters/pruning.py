@@ -455,6 +455,13 @@ def prune(model: nn.Module, calibration_data: object, compression: float | None 
     True
     >>> all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(serial.parameters(), parallel.parameters()))
     True
+
+    ``stats_memory`` bounds what those statistics hold at once (here one layer's: two passes over the data), with
+    the same result:
+
+    >>> bounded, rep_bounded = nna.prune(net, x, keep=0.5, method="layer", stats_memory=1)
+    >>> [r.kept_units for r in rep_bounded.layers] == [r.kept_units for r in rep.layers]
+    True
     """
     allocation = canonical_allocation(allocation)
     rng_from_seed(seed)  # refused now, not by numpy after the statistics, in a message that names no argument

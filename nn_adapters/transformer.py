@@ -84,7 +84,17 @@ from ._experts import (
     sync_expert_count,
 )
 from ._experts import error_curve as expert_error_curve
-from ._modes import TensorGuard, copy_modes, outside_inference_mode, own_tensors, shared_copy, unwrap, weightless_copy
+from ._modes import (
+    TensorGuard,
+    copy_modes,
+    outside_inference_mode,
+    own_tensors,
+    shared_copy,
+    tie_again,
+    tie_groups,
+    unwrap,
+    weightless_copy,
+)
 from ._names import canonical_allocation, canonical_method
 from ._stats import CV_FOLDS, CV_GRID
 from ._stats import cv_ridge as _cv_ridge
@@ -1589,20 +1599,9 @@ def _unit_cost(blk: _Block, stage: str) -> tuple[int, int, float]:
     parameters it loses are counted (rows, columns, per-head norms and biases alike). The copy holds its tensors on
     the ``meta`` device (shapes only, no memory); a block whose cut reads values is copied whole."""
     try:
-        return _cut_one_unit(blk, stage, _shape_copy(blk.module))
+        return _cut_one_unit(blk, stage, weightless_copy(blk.module, buffers=True))
     except Exception:  # noqa: BLE001 - a cut that reads the weights' values: the same on a real copy
         return _cut_one_unit(blk, stage, copy.deepcopy(blk.module))
-
-
-def _shape_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers are ``meta`` tensors of the same shapes (tied ones
-    stay tied)."""
-    memo: dict[int, Any] = {}
-    for t in (*module.parameters(), *module.buffers()):
-        if id(t) not in memo:
-            meta = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(module, memo)
 
 
 def _cut_one_unit(blk: _Block, stage: str, module: nn.Module) -> tuple[int, int, float]:
@@ -3743,22 +3742,16 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         model.to(dtypes.pop())
     weightless = any(p.is_meta for p in model.parameters())
     if weightless:  # the saved tensors become the parameters (in the model's dtypes, as a copy into them would be)
-        ties = _tie_groups(model)
+        ties = tie_groups(model)
         own = model.state_dict(keep_vars=True)
-        for key, t in state.items():
-            if key in own and own[key] is not None and own[key].shape != t.shape:
-                raise ValueError(f"saved weights do not fit the model: size mismatch for {key}: {tuple(t.shape)} in "
-                                 f"the file, {tuple(own[key].shape)} in the model. Pass an unpruned instance of the "
-                                 "pruned model's origin (the same configuration).")
-            if key in own and own[key] is not None and t.dtype != own[key].dtype:
-                state[key] = t.to(own[key].dtype)
+        state = {k: t.to(own[k].dtype) if k in own else t for k, t in state.items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=weightless)
     except RuntimeError as exc:  # tensors of other shapes: another model width, vocabulary, ...
         raise ValueError(f"saved weights do not fit the model: {exc}. Pass an unpruned instance of the pruned "
                          "model's origin (the same configuration).") from exc
     if weightless:
-        _retie(model, ties)
+        tie_again(ties)
     tied = _tied_keys(model)
     unrecorded = [k for k in missing if _is_kept_heads(model, k)]  # a save that predates the kept_heads buffer
     for k in unrecorded:  # the module does not know which original heads it kept: masks must be for its own heads
@@ -3773,26 +3766,6 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: nothing was loaded into {empty[:5]}. Pass an "
                          "unpruned instance of the pruned model's origin (the same configuration).")
     return model.eval()
-
-
-def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """The places (module, attribute) of every parameter held in more than one place (tied weights)."""
-    places: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                places.setdefault(id(p), []).append((module, name))
-    return [group for group in places.values() if len(group) > 1]
-
-
-def _retie(model: nn.Module, groups: list[list[tuple[nn.Module, str]]]) -> None:
-    """After ``load_state_dict(assign=True)``, which gives each loaded name a tensor of its own: every place of a
-    tied group (:func:`_tie_groups`) holds the one loaded tensor again (tied weights are saved once)."""
-    for group in groups:
-        loaded = [m._parameters[n] for m, n in group if not m._parameters[n].is_meta]
-        if loaded:
-            for m, n in group:
-                m._parameters[n] = loaded[0]
 
 
 #: Hugging Face configuration entries that change what a model computes without changing any weight's shape: a
