@@ -18,10 +18,21 @@ def parser(doc: str, tokens: list[int]) -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(description=doc.splitlines()[0])
     out.add_argument("--tokens", type=int, nargs="+", default=tokens)
     out.add_argument("--hidden", type=int, default=1024)
-    out.add_argument("--baseline-src", type=Path, default=None,
-                     help="a checkout of earlier code, measured in the same run")
-    out.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return out
+    return baseline_options(out)
+
+
+def baseline_options(options: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of a benchmark that measures this checkout against another in fresh processes:
+    ``--baseline-src DIR`` and the hidden ``--child`` of the measured runs."""
+    options.add_argument("--baseline-src", type=Path, default=None,
+                         help="a checkout of earlier code, measured in the same run")
+    options.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return options
+
+
+def sources(baseline: Path | None, root: Path) -> dict[str, Path]:
+    """The checkouts measured: ``baseline`` (when given) then this one (``root``), by the names the tables print."""
+    return {"this checkout": root} if baseline is None else {"baseline": baseline.resolve(), "this checkout": root}
 
 
 def peak_mib() -> float:

@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from _memory import measure_pruning, parser, run_child, same_results
+from _memory import measure_pruning, parser, run_child, same_results, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,7 @@ def main() -> None:
         return
     print(f"python {sys.version.split()[0]}; Llama, hidden width {args.hidden}, 4 layers; keep half of "
           f"target={args.target!r}, method={args.method!r}; peak memory during the pruning (MiB) and wall time")
-    srcs = {"this checkout": ROOT} if args.baseline_src is None else {
-        "baseline": args.baseline_src.resolve(), "this checkout": ROOT}
+    srcs = sources(args.baseline_src, ROOT)
     runs: dict[str, list[dict]] = {name: [] for name in srcs}
     for tokens in args.tokens:
         for name, src in srcs.items():

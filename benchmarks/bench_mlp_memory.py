@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from _memory import peak_mib, run_child, same_results
+from _memory import baseline_options, peak_mib, run_child, same_results, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +71,7 @@ def main() -> None:
     options.add_argument("--compression", type=float, default=None)
     options.add_argument("--stats-memory-gib", type=float, default=None,
                          help="also measure this checkout with stats_memory= this many GiB")
-    options.add_argument("--baseline-src", type=Path, default=None,
-                         help="a checkout of earlier code, measured in the same run")
-    options.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = options.parse_args()
+    args = baseline_options(options).parse_args()
     if args.child:
         child(args)
         return
@@ -82,8 +79,7 @@ def main() -> None:
               else f"compression={args.compression:g} (error-curve allocation)")
     print(f"python {sys.version.split()[0]}; MLP of {args.depth} Linear layers of width {args.width}; {budget}, "
           f"method={args.method!r}, {args.samples} samples; peak memory during the pruning")
-    srcs = {"this checkout": ROOT} if args.baseline_src is None else {
-        "baseline": args.baseline_src.resolve(), "this checkout": ROOT}
+    srcs = sources(args.baseline_src, ROOT)
     argv = ["--width", str(args.width), "--depth", str(args.depth), "--samples", str(args.samples),
             "--method", args.method] + ([] if args.compression is None else ["--compression", str(args.compression)])
     runs = {name: run_child(__file__, src, argv, name) for name, src in srcs.items()}

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "weightless_copy", "tie_groups", "tie_again",
-           "TensorGuard",
+__all__ = ["eval_mode", "copy_modes", "shared_copy", "own_tensors", "weightless_copy", "meta_parameters",
+           "tie_groups", "tie_again", "TensorGuard",
            "outside_inference_mode", "unwrap", "wrapper_hint", "FORWARD_HOOK_DICTS", "HOOK_DICTS"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -130,6 +130,33 @@ def weightless_copy(model: nn.Module, buffers: bool = False) -> nn.Module:
             meta = torch.empty_like(t, device="meta")
             memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Within the block, every parameter a module registers becomes a ``meta`` tensor (its shape, dtype and
+    ``requires_grad``; no memory, and initialising it computes nothing); buffers are made as usual. Building a model
+    from its configuration inside the block costs its buffers only (rotary frequencies, position ids), which is
+    what loading saved weights into it with ``load_state_dict(..., assign=True)`` needs.
+
+    Modules register parameters through ``torch.nn.Module.register_parameter`` (``module.weight = Parameter(...)``
+    calls it), which the block replaces for the whole process: modules built by other threads meanwhile get
+    ``meta`` parameters too. A real tensor a module allocates for a parameter is dropped as soon as it is
+    registered, so the peak is one such tensor. Subclasses of ``Parameter`` (lazy or quantised ones) are left
+    real.
+    """
+    register = nn.Module.register_parameter
+
+    def register_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if type(param) is nn.Parameter and not param.is_meta:  # subclasses (lazy, quantised) are left as they are
+            param = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:

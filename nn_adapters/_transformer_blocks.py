@@ -158,9 +158,10 @@ class PrunedMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported "
                              "for head pruning; prune target='ffn' instead")
-        new = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None,
-                  batch_first=mha.batch_first, dropout=mha.dropout, out_bias=mha.out_proj.bias is not None)
-        new.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        new = _uninitialised(lambda: cls(mha.embed_dim, mha.num_heads, mha.head_dim,
+                                         bias=mha.in_proj_bias is not None, batch_first=mha.batch_first,
+                                         dropout=mha.dropout, out_bias=mha.out_proj.bias is not None),
+                             mha.in_proj_weight)
         with torch.no_grad():
             new.in_proj_weight.copy_(mha.in_proj_weight)
             if new.in_proj_bias is not None:
@@ -300,17 +301,26 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def _uninitialised(build: Callable[[], nn.Module], like: torch.Tensor) -> nn.Module:
+    """``build()``, a new module whose tensors are about to be overwritten, with uninitialised tensors on the device
+    and in the dtype of ``like``: built on ``meta`` (its random initialisation computes nothing) and then given
+    empty storage (``to_empty``); shapes only where ``like`` is a ``meta`` tensor. Initialising a layer the size of
+    an LLM's FFN costs a fraction of a second and writes all of its memory for nothing."""
+    with torch.device("meta"):
+        new = build()
+    return new.to(dtype=like.dtype).to_empty(device=like.device)
+
+
 def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A new layer of ``old``'s kind (``nn.Linear``, or a GPT-2 ``Conv1D``) with the given weight (out, in) and
     bias, on the old one's device and dtype (a ``Conv1D`` always has a bias: zeros where none is given)."""
     conv1d = is_conv1d(old)
     if conv1d:
-        new = type(old)(weight.shape[0], weight.shape[1])
+        new = _uninitialised(lambda: type(old)(weight.shape[0], weight.shape[1]), old.weight)
         if bias is None:
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     else:
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    new.to(device=old.weight.device, dtype=old.weight.dtype)
+        new = _uninitialised(lambda: nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), old.weight)
     with torch.no_grad():
         weight_of(new).copy_(weight.to(old.weight.dtype))
         if bias is not None:
@@ -323,10 +333,18 @@ def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
     return new
 
 
+def _index_to(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``index`` (kept units, heads or rows) on the device of the tensor ``like`` it selects from; left where it is
+    when ``like`` is a ``meta`` tensor (a shape-only model being resized by the loaders): an index on ``meta`` would
+    lose its values, which the checks of a kept set (as many heads in each group) read, and a ``meta`` tensor can
+    be indexed by a CPU one."""
+    return index if like.is_meta else index.to(like.device)
+
+
 def _sliced_parameter(p: nn.Parameter, index: torch.Tensor, dim: int = 0) -> nn.Parameter:
     """A new parameter holding the entries ``index`` of ``p`` along ``dim`` (a per-head bias, sink or bias-table
     column), with ``p``'s device, dtype and ``requires_grad``."""
-    return nn.Parameter(p.detach().index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
+    return nn.Parameter(p.detach().index_select(dim, _index_to(index, p)).clone(), requires_grad=p.requires_grad)
 
 
 def _same_grad_flags(new: nn.Module, old: nn.Module) -> None:
@@ -523,7 +541,7 @@ class _Block:
                    down_bias: torch.Tensor | None = None) -> None:
         """Keep intermediate neurons ``keep`` (sorted); new down weights (out, len(keep)) if given."""
         down = self.down
-        keep = keep.to(down.weight.device)
+        keep = _index_to(keep, down.weight)
         rows = self.ffn_rows(keep)
         new = [_linear_like(p, weight_of(p)[rows], None if p.bias is None else p.bias[rows]) for p in self.producers]
         w = weight_of(down)[:, keep] if down_weight is None else down_weight
@@ -797,7 +815,7 @@ class _HFBlock(_Block):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        rows = _head_rows(_index_to(keep, self.out_proj.weight), self.head_dim)
         self._cut_attention((rows, rows, rows), rows, out_weight, out_bias)
         setattr(sa, self.N_HEADS, int(keep.numel()))
         if self.ALL_HEADS is not None and hasattr(sa, self.ALL_HEADS):
@@ -865,7 +883,7 @@ class _HFDebertaV2Block(_HFBertBlock):
     def _cut_position_projections(self, keep: torch.Tensor) -> None:
         """Keep the rows of the heads ``keep`` in the projections of the relative embeddings the layer has."""
         sa = _get(self.module, self.SA)
-        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        rows = _head_rows(_index_to(keep, self.out_proj.weight), self.head_dim)
         for name in self.POS_PROJ:
             lin = getattr(sa, name, None)
             if isinstance(lin, nn.Linear):
@@ -909,7 +927,7 @@ class _HFDebertaBlock(_HFDebertaV2Block):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         rows = _head_rows(keep, self.head_dim)
         self._cut_attention((_head_rows(keep, 3 * self.head_dim),), rows, out_weight, out_bias)
         for name in self.HEAD_BIASES:
@@ -955,7 +973,7 @@ class _PerHeadBias(_HFBlock):
         held = getattr(sa, "kept_heads", None)
         if bias is None or (held is None and heads.numel() == n_before):
             return  # no such bias, or every head kept: the layer stays as it was
-        heads = heads.to(device=self.out_proj.weight.device, dtype=torch.long)
+        heads = _index_to(heads, self.out_proj.weight).long()
         sa.register_buffer("kept_heads", heads.clone() if held is None else held[heads])
         sa.head_bias = bias
         if not any(h is _per_head_bias for h in sa._forward_pre_hooks.values()):
@@ -1125,11 +1143,11 @@ class _DepthwiseFFN:
                    down_bias: torch.Tensor | None = None) -> None:
         conv = self._conv_of(self.module)
         super().shrink_ffn(keep, down_weight, down_bias)  # type: ignore[misc]
-        keep = keep.to(conv.weight.device)
+        keep = _index_to(keep, conv.weight)
         n = int(keep.numel())
-        new = nn.Conv2d(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups=n,
-                        bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device,
-                        dtype=conv.weight.dtype)
+        new = _uninitialised(lambda: nn.Conv2d(n, n, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                               groups=n, bias=conv.bias is not None, padding_mode=conv.padding_mode),
+                             conv.weight)
         with torch.no_grad():
             new.weight.copy_(conv.weight[keep])
             if conv.bias is not None:
@@ -1291,7 +1309,7 @@ class _HFSamVisionBlock(_HFBlock):
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         width = self.num_heads * self.head_dim
         rows = _head_rows(keep, self.head_dim)
         self._cut_attention((torch.cat([rows, rows + width, rows + 2 * width]),), rows, out_weight, out_bias)
@@ -1391,7 +1409,7 @@ class _HFSwinv2Block(_Windowed, _HFViTLegacyBlock):
         super().shrink_heads(keep, out_weight, out_bias)
         sa = _get(self.module, self.SA)
         last = sa.continuous_position_bias_mlp[-1]
-        keep = keep.to(last.weight.device)
+        keep = _index_to(keep, last.weight)
         sa.continuous_position_bias_mlp[-1] = _linear_like(last, last.weight[keep],
                                                            None if last.bias is None else last.bias[keep])
         sa.logit_scale = _sliced_parameter(sa.logit_scale, keep)
@@ -1520,7 +1538,7 @@ class _HFModernBertBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         width = self.num_heads * self.head_dim
-        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        rows = _head_rows(_index_to(keep, self.out_proj.weight), self.head_dim)
         self._cut_attention((_three_block_rows(rows, width),), rows, out_weight, out_bias)
 
 
@@ -1742,7 +1760,7 @@ class _HFGPT2Block(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        rows = _head_rows(keep.to(self.out_proj.weight.device), self.head_dim)
+        rows = _head_rows(_index_to(keep, self.out_proj.weight), self.head_dim)
         self._cut_attention((_three_block_rows(rows, int(sa.split_size)),), rows, out_weight, out_bias)
         sa.num_heads = int(keep.numel())
         sa.split_size = int(keep.numel()) * self.head_dim
@@ -1928,7 +1946,7 @@ class _HFLlamaBlock(_QueryHeadUnits, _HFBlock):
         rows of per-head query and key norm weights, Cohere's qk-norm) and the output projection's columns of those
         query heads. With :attr:`query_heads`, ``keep`` are query heads, as many in every group, and every key
         and value head stays."""
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         sa = _get(self.module, self.SA)
         n_heads, groups = self.num_heads, self.kv_groups  # before the cut
         n_kv = n_heads // groups
@@ -2477,7 +2495,7 @@ class _HFMoEBlock(_HFLlamaBlock):
         ex = self.experts
         producer = self.EXPERT_PARAMS[0]  # gate_up_proj: the gate rows, then the up rows; a plain up_proj
         gu, dn = getattr(ex, producer), ex.down_proj
-        keep = keep.to(dn.device)
+        keep = _index_to(keep, dn)
         if keep.dim() == 1:
             keep = keep.expand(dn.shape[0], -1)
         units = dn.shape[2]
@@ -2651,7 +2669,7 @@ class _HFGptOssBlock(_HFMoEBlock):
         weights ``(E, H, k)`` (``(out, in)``, stored transposed) and biases ``(E, H)`` if given."""
         ex = self.experts
         dn = ex.down_proj
-        keep = keep.to(dn.device)
+        keep = _index_to(keep, dn)
         if keep.dim() == 1:
             keep = keep.expand(dn.shape[0], -1)
         if self.concatenated:  # the gate columns, then the up columns
@@ -2726,7 +2744,7 @@ class _TransposedExperts:
         weights ``(E, H, k)`` (``(out, in)``, stored transposed) if given."""
         ex = self.experts  # type: ignore[attr-defined]
         gu, dn = ex.gate_up_proj, ex.down_proj
-        keep = keep.to(dn.device)
+        keep = _index_to(keep, dn)
         if keep.dim() == 1:
             keep = keep.expand(dn.shape[0], -1)
         cols = torch.cat([keep, keep + dn.shape[1]], dim=1)  # the gate columns, then the up columns
@@ -2841,7 +2859,7 @@ class _HFDbrxBlock(_HFMoEBlock):
         """Keep the key/value groups ``keep``: their query heads' rows of the query block, their rows of the key
         and value blocks, and the output projection's columns of their query heads. With :attr:`query_heads`,
         ``keep`` are query heads, as many in every group: their query rows, every key and value row."""
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         sa = _get(self.module, self.SA)
         q, kv = self._qkv_blocks()
         n_kv = int(sa.num_key_value_heads)
@@ -2871,7 +2889,7 @@ class _HFDbrxBlock(_HFMoEBlock):
         """Keep only the experts ``keep`` (sorted): their rows ``e I ... (e + 1) I - 1`` of w1, v1 and w2 (cut
         here, before the counts change), then the router's rows and the counts of experts as in every mixture."""
         mlp, keep = self.experts.mlp, keep.to(torch.long)
-        rows = {name: self._flat(name).index_select(0, keep.to(getattr(mlp, name).device))
+        rows = {name: self._flat(name).index_select(0, _index_to(keep, getattr(mlp, name)))
                 for name in ("w1", "v1", "w2")}
         super().drop_experts(keep)
         for name, value in rows.items():
@@ -2921,7 +2939,7 @@ class _HFDbrxBlock(_HFMoEBlock):
         """Keep, in expert ``e``, its neurons ``keep[e]`` (``(E, k)``, or ``(k,)`` for every expert): their rows of
         w1, v1 and w2; new down weights ``(E, H, k)`` (``(out, in)``; stored as w2's rows) if given."""
         mlp, n = self.experts.mlp, self.n_experts
-        keep = keep.to(mlp.w2.device)
+        keep = _index_to(keep, mlp.w2)
         if keep.dim() == 1:
             keep = keep.expand(n, -1)
         k = int(keep.shape[1])
@@ -3004,7 +3022,7 @@ class _LatentAttention:
         """Keep heads ``keep``: their rows of the query projection and of ``kv_b_proj``, their columns of
         ``o_proj`` (or ``out_weight``), their rows of a per-head output gate ``g_proj``."""
         sa = _get(self.module, self.SA)
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         gate = getattr(sa, "g_proj", None)
         if isinstance(gate, nn.Linear) and gate.out_features == self.num_heads:
             sa.g_proj = _linear_like(gate, weight_of(gate)[keep], None if gate.bias is None else gate.bias[keep])
@@ -3975,7 +3993,7 @@ class _HFCodeGenBlock(_HFGPTJBlock):
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         self._cut_attention((self._qkv_rows(keep, by_head=False),), _head_rows(keep, self.head_dim), out_weight,
                             out_bias)
         sa = _get(self.module, self.SA)
@@ -4004,7 +4022,7 @@ class _FusedQKVByHead(_PerHeadBias):
 
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         n_before = self.num_heads
         self._cut_attention((_head_rows(keep, 3 * self.head_dim),), _head_rows(keep, self.head_dim), out_weight,
                             out_bias)
@@ -4177,7 +4195,7 @@ class _HFFalconBlock(_QueryHeadUnits, _HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
         if self.query_heads:  # query heads, as many in every group: their rows, every key and value head's
             n_kv, per = int(sa.num_kv_heads), self.kv_groups
@@ -4233,7 +4251,7 @@ class _HFGPTBigCodeBlock(_HFBlock):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         d, n, kept = self.head_dim, self.num_heads, int(keep.numel())
         cols = _head_rows(keep, d)
         if sa.multi_query:
@@ -4270,7 +4288,7 @@ class _HFMptBlock(_PerHeadBias):
     def shrink_heads(self, keep: torch.Tensor, out_weight: torch.Tensor | None = None,
                      out_bias: torch.Tensor | None = None) -> None:
         sa = _get(self.module, self.SA)
-        keep = keep.to(self.out_proj.weight.device)
+        keep = _index_to(keep, self.out_proj.weight)
         rows, n_before = _head_rows(keep, self.head_dim), self.num_heads
         self._cut_attention((_three_block_rows(rows, n_before * self.head_dim),), rows, out_weight, out_bias)
         sa.n_heads = int(keep.numel())
@@ -4343,7 +4361,7 @@ class _HFT5Block(_HFBlock):
         held = getattr(sa, "kept_heads", None)
         if held is None and keep.numel() == n_before:
             return  # every head kept: the attention stays as it was
-        keep = keep.to(device=self.out_proj.weight.device, dtype=torch.long)
+        keep = _index_to(keep, self.out_proj.weight).long()
         kept = keep.clone() if held is None else held[keep]
         table = getattr(sa, "relative_attention_bias", None)
         if "position_bias" not in inspect.signature(type(sa).forward).parameters:
@@ -4512,9 +4530,10 @@ class _TorchEncoderBlock(_Block):
         if (not isinstance(att, PrunedMultiheadAttention) or att.inner_dim != att.embed_dim
                 or (att.in_proj_bias is None) != (att.out_proj.bias is None)):
             return  # heads were removed (or the biases differ): nn.MultiheadAttention cannot express it
-        mha = nn.MultiheadAttention(att.embed_dim, att.num_heads, dropout=att.dropout,
-                                    bias=att.in_proj_bias is not None, batch_first=att.batch_first)
-        mha.to(device=att.in_proj_weight.device, dtype=att.in_proj_weight.dtype)
+        mha = _uninitialised(lambda: nn.MultiheadAttention(att.embed_dim, att.num_heads, dropout=att.dropout,
+                                                           bias=att.in_proj_bias is not None,
+                                                           batch_first=att.batch_first),
+                             att.in_proj_weight)
         with torch.no_grad():
             mha.in_proj_weight.copy_(att.in_proj_weight)
             mha.out_proj.weight.copy_(att.out_proj.weight)
@@ -4539,13 +4558,14 @@ class _TorchEncoderBlock(_Block):
         self.prepare_heads()
         att = self.module.self_attn
         d = att.head_dim
-        rows = _head_rows(keep.to(att.in_proj_weight.device), d)
+        rows = _head_rows(_index_to(keep, att.in_proj_weight), d)
         inner = att.inner_dim
         all_rows = torch.cat([rows, rows + inner, rows + 2 * inner])
-        new = PrunedMultiheadAttention(att.embed_dim, int(keep.numel()), d, bias=att.in_proj_bias is not None,
-                                       batch_first=att.batch_first, dropout=att.dropout,
-                                       out_bias=att.out_proj.bias is not None)
-        new.to(device=att.in_proj_weight.device, dtype=att.in_proj_weight.dtype)
+        new = _uninitialised(lambda: PrunedMultiheadAttention(att.embed_dim, int(keep.numel()), d,
+                                                              bias=att.in_proj_bias is not None,
+                                                              batch_first=att.batch_first, dropout=att.dropout,
+                                                              out_bias=att.out_proj.bias is not None),
+                             att.in_proj_weight)
         with torch.no_grad():
             new.in_proj_weight.copy_(att.in_proj_weight[all_rows])
             if new.in_proj_bias is not None:
@@ -4554,7 +4574,7 @@ class _TorchEncoderBlock(_Block):
         w = out.weight[:, rows] if out_weight is None else out_weight
         b = out.bias if out_weight is None else out_bias
         new.out_proj = _linear_like(out, w, b)
-        keep = keep.to(device=att.in_proj_weight.device, dtype=torch.long)
+        keep = _index_to(keep, att.in_proj_weight).long()
         held = att.kept_heads if att.kept_heads is not None else torch.arange(att.num_heads, device=keep.device)
         new.original_num_heads = att.original_num_heads
         new.kept_heads = held[keep].clone()

@@ -87,6 +87,7 @@ from ._experts import error_curve as expert_error_curve
 from ._modes import (
     TensorGuard,
     copy_modes,
+    meta_parameters,
     outside_inference_mode,
     own_tensors,
     shared_copy,
@@ -3634,11 +3635,13 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     ``model``: an unpruned instance of the original architecture (required for plain torch models; for Hugging
     Face models it is built from ``config.json`` when omitted, and optional top-level parts absent from the saved
     weights, such as the pooler of ``BertModel(add_pooling_layer=False)``, are set to ``None``). It is copied,
-    never modified (the original trained model may be passed): the copy, whose parameters are shapes only (``meta``
-    tensors, no memory; its buffers are real copies), is shrunk to the saved sizes (``apply_spec``) and then
-    receives the saved tensors (strict: every tensor must match; tied weights are tied again). A block whose
-    shrinking reads weight values (CodeGen's heads) is shrunk on a full copy instead. No arbitrary
-    pickle is executed. A Hugging Face model gets back the attention implementation it was saved with
+    never modified (the original trained model may be passed). The copy, or the build from ``config.json``, has
+    parameters that are shapes only (``meta`` tensors: no memory, no random initialisation; its buffers are real,
+    copied or computed as usual); it is shrunk to the saved sizes (``apply_spec``) and then receives the saved
+    tensors (strict: every tensor must match; tied weights are tied again), so the peak memory is about the saved
+    weights. A construction or a block shrinking that reads weight values falls back to real weights (a full copy
+    of ``model``, or a randomly initialised build). No arbitrary pickle is executed. A Hugging Face model gets
+    back the attention implementation it was saved with
     (``"eager"``, ``"sdpa"``, ...: the spec records it, as ``config.json`` does not), unless
     ``attn_implementation`` names another. See :func:`save_pruned` for an example.
 
@@ -3686,6 +3689,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         # the caller's instance (possibly the trained original) stays as it is; its weights are not copied: the
         # saved ones replace them (buffers are, as a fresh build would compute them)
         original, model = model, weightless_copy(model)
+        rebuild: Callable[[], nn.Module] | None = partial(copy.deepcopy, original)
         _check_config(src, model)
     else:
         if not (src / "config.json").is_file():
@@ -3704,7 +3708,10 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         if isinstance(impl, str):  # built with it: older transformers releases cannot switch a built model
             config._attn_implementation = impl
         try:
-            model = model_cls(config)
+            model = _build_weightless(model_cls, config)
+            rebuild = None if model is None else partial(model_cls, config)
+            if model is None:  # its construction reads parameter values: a full, randomly initialised build
+                model = model_cls(config)
         except (ImportError, ValueError) as exc:
             if not isinstance(impl, str):
                 raise
@@ -3714,9 +3721,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
     try:
         apply_spec(model, spec)
     except (NotImplementedError, RuntimeError):  # a block whose shrinking reads weight values, not on meta tensors
-        if built_here:
+        if rebuild is None:
             raise
-        model = copy.deepcopy(original)  # (CodeGen's heads, kept as many in each model-parallel part): real copy
+        model = rebuild()  # (a block adapter whose resizing reads weight values): real weights, copied or built
         restore_attn_implementation(model, saved_impl, attn_implementation, spec_path)
         apply_spec(model, spec)
     if (src / "weights.pt").is_file():
@@ -3775,6 +3782,21 @@ _COMPUTE_KEYS = ("hidden_act", "hidden_activation", "activation_function", "acti
                  "rope_scaling", "is_decoder", "pre_norm", "sinusoidal_pos_embds", "qkv_bias", "scale_embedding")
 
 
+def _build_weightless(model_cls: type, config: Any) -> nn.Module | None:
+    """``model_cls(config)`` with ``meta`` parameters (:func:`~nn_adapters._modes.meta_parameters`: no memory for
+    the weights and no time spent initialising them, the buffers computed as usual), or ``None`` when that build
+    fails or leaves a buffer on ``meta`` (a construction that reads parameter values): the caller then builds the
+    model with real weights."""
+    try:
+        with meta_parameters():
+            model = model_cls(config)
+    except (NotImplementedError, RuntimeError):  # e.g. .item() of a meta tensor while initialising
+        return None
+    if any(b.is_meta for b in model.buffers()):
+        return None
+    return model
+
+
 def _check_config(src: Path, model: nn.Module) -> None:
     """Refuse a Hugging Face ``model`` whose configuration computes differently from the saved ``config.json``
     (another activation, normalisation epsilon, position embedding...): the weights would load and the outputs
@@ -3802,12 +3824,14 @@ def _is_kept_heads(model: nn.Module, key: str) -> bool:
 
 
 def _tied_keys(model: nn.Module) -> set[str]:
-    """Parameter names that share storage with an earlier parameter (tied weights are saved once)."""
-    seen: dict[int, str] = {}
+    """Parameter names that share storage with an earlier parameter (tied weights are saved once); ``meta``
+    parameters, which have no storage, are tied when they are the same tensor."""
+    seen: dict[tuple[bool, int], str] = {}
     tied: set[str] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
+        key = (p.is_meta, id(p) if p.is_meta else p.data_ptr())
+        if key in seen:
             tied.add(name)
         else:
-            seen[p.data_ptr()] = name
+            seen[key] = name
     return tied

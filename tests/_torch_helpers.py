@@ -347,3 +347,19 @@ def spy_shared_copies(monkeypatch, module: object) -> list[nn.Module]:
 
     monkeypatch.setattr(module, "shared_copy", spy)
     return copies
+
+
+def shrink_routes(monkeypatch) -> list[bool]:
+    """Record, for every ``apply_spec`` call of the transformer loader (``load_pruned``), whether the model it
+    shrinks holds shape-only (``meta``) parameters."""
+    import nn_adapters.transformer as tr
+
+    routes: list[bool] = []
+    apply_spec = tr.apply_spec
+
+    def spy(model: nn.Module, spec):
+        routes.append(any(p.is_meta for p in model.parameters()))
+        return apply_spec(model, spec)
+
+    monkeypatch.setattr(tr, "apply_spec", spy)
+    return routes
