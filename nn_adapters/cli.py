@@ -104,6 +104,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "whose heads or experts are pruned (--target heads, all or experts, or a mixture of "
                          "experts), a new directory (default pruned_model) written by "
                          "nn_adapters.transformer.save_pruned")
+    pr.add_argument("--export-pretrained", action="store_true",
+                    help="a Hugging Face transformer pruned uniformly (--keep): save --out as a standard checkpoint "
+                         "(config.json with the pruned sizes) that from_pretrained loads, checked by loading it "
+                         "(nn_adapters.transformer.export_pretrained); refused with the reason where the config "
+                         "cannot express the pruned sizes")
     pr.add_argument("--progress", action="store_true", help="show a progress bar")
     pr.add_argument("--workers", type=int, default=1,
                     help="with --method layer: worker processes for the layers' selection and refit (default 1: "
@@ -240,7 +245,11 @@ def _prune_once(args: argparse.Namespace) -> int:
         if not (args.stats_memory_gib > 0 and math.isfinite(args.stats_memory_gib)):
             raise ValueError(f"--stats-memory-gib must be a number of GiB > 0; got {args.stats_memory_gib}.")
         stats_memory = max(1, int(args.stats_memory_gib * 2**30))
-    as_directory = transformer and _saved_as_directory(model, args.target)
+    if args.export_pretrained and not (transformer and hasattr(model, "save_pretrained")
+                                       and hasattr(model, "config")):
+        raise ValueError("--export-pretrained writes a Hugging Face checkpoint; this model is not a transformers "
+                         "model with transformer blocks: drop --export-pretrained.")
+    as_directory = transformer and (args.export_pretrained or _saved_as_directory(model, args.target))
     out = args.out if args.out is not None else "pruned_model" if as_directory else "pruned_model.pt"
     # found now, not after the pruning (a transformer whose heads or experts go is saved as a directory)
     (check_dir_path if as_directory else check_file_path)(out, "--out")
@@ -279,7 +288,13 @@ def _prune_once(args: argparse.Namespace) -> int:
     if rest:
         after = _eval_accuracy(pruned, rest[0])
         print(f"accuracy on the evaluation loader: {100 * before:.2f}% -> {100 * after:.2f}% (no fine-tuning)")
-    if as_directory:
+    if args.export_pretrained:
+        from .transformer import export_pretrained
+
+        path = export_pretrained(pruned, Path(out))
+        print(f"saved the pruned model to {path} as a standard checkpoint (load with {type(model).__name__}"
+              ".from_pretrained(path), checked)")
+    elif as_directory:
         from .transformer import save_pruned as save_directory
 
         path = save_directory(pruned, Path(out))
@@ -338,11 +353,11 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method} names the one method of a plain prune; --compare prunes with every "
                          f"method, or with those of --methods (e.g. --methods {args.method}).")
     if (args.workers != 1 or args.progress or args.allocation != "uniform" or args.no_reweight
-            or args.weighting is not None or args.stats_memory_gib is not None):
+            or args.weighting is not None or args.stats_memory_gib is not None or args.export_pretrained):
         raise ValueError("--compare prunes with every method's own settings (each with and without refit as the "
-                         "demo does, uniform allocation, default weighting, one process); drop --workers, "
-                         "--progress, --allocation, --weighting, --stats-memory-gib and --no-reweight, or prune once "
-                         "without --compare.")
+                         "demo does, uniform allocation, default weighting, one process) and saves no model; drop "
+                         "--workers, --progress, --allocation, --weighting, --stats-memory-gib, --export-pretrained "
+                         "and --no-reweight, or prune once without --compare.")
     args.keep = _distinct("prune", "--keep", args.keep)
     args.compression = _distinct("prune", "--compression", args.compression)
     args.calib = _distinct("prune", "--calib", args.calib)

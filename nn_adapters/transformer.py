@@ -49,8 +49,6 @@ import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -68,7 +66,7 @@ from torch.nn.utils import parametrize
 
 import submod.sparse_regression
 from submod import PartitionMatroid
-from submod._atomic import check_dir_path, dir_mode
+from submod._atomic import atomic_dir
 from submod._sr_threads import one_blas_thread as _one_blas_thread
 from submod._validation import rng_from_seed
 
@@ -129,6 +127,7 @@ __all__ = [
     "UnitRecord",
     "save_pruned",
     "load_pruned",
+    "export_pretrained",
     "PrunedMultiheadAttention",
     "GREEDY_METHODS",
     "BASELINE_METHODS",
@@ -3606,11 +3605,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     (8, 1)
     """
     model = unwrap(model)  # a wrapper's prefix (_orig_mod., module.) would not match the model load_pruned builds
-    target = check_dir_path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        os.chmod(tmp, dir_mode())  # mkdtemp makes it owner-only; give it a plain mkdir's permissions
+    with atomic_dir(directory) as tmp:
         if hasattr(model, "save_pretrained") and hasattr(model, "config"):
             # transformers 5 renames some models' weights back to their legacy names on saving (ViT's
             # attention.q_proj -> attention.attention.query) unless told not to; load_pruned reads the module names
@@ -3619,13 +3614,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         else:
             torch.save(model.state_dict(), tmp / "weights.pt")
         (tmp / SPEC_FILE).write_text(json.dumps(make_spec(model), indent=1))
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(directory)
 
 
 def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = None, *,
@@ -3773,6 +3762,246 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         raise ValueError(f"saved weights do not fit the model: nothing was loaded into {empty[:5]}. Pass an "
                          "unpruned instance of the pruned model's origin (the same configuration).")
     return model.eval()
+
+
+#: The Hugging Face configuration entries that may hold each size of a block's spec (:func:`make_spec`), by the
+#: spec's name: the ones of a model's configuration that hold the unpruned size are given the pruned one.
+_CONFIG_SIZE_KEYS = {
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+                          "moe_intermediate_size", "ffn_hidden_size"),
+    "num_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+                  "decoder_attention_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "shared_intermediate_size": ("shared_expert_intermediate_size",),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+}
+#: Entries that may be ``None`` in a configuration, meaning a size derived from others (GPT-2's ``n_inner``: 4 x
+#: the width): given the pruned size when no entry holds the unpruned one.
+_DERIVED_SIZE_KEYS = {"intermediate_size": ("n_inner",)}
+
+
+def export_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
+                      example_inputs: Mapping[str, Any] | None = None) -> Path:
+    """Save a pruned Hugging Face model as a standard checkpoint that ``from_pretrained`` reads, when its
+    configuration can express the pruned sizes.
+
+    :func:`save_pruned` keeps the unpruned ``config.json`` and a spec of per-block sizes that only
+    :func:`load_pruned` reads, since blocks may keep different numbers of units. When every block that had a size
+    keeps the same pruned size (a uniform ``keep=``, as in most published pruned checkpoints), the configuration can
+    say so instead: this writes the weights (``save_pretrained``) with a ``config.json`` whose entries that held the
+    unpruned sizes hold the pruned ones (``intermediate_size`` or its model's name for it: ``n_inner``, ``ffn_dim``,
+    ``d_ff``, ``encoder_ffn_dim``...; ``num_attention_heads`` and ``num_key_value_heads`` or theirs; the experts'
+    counts and sizes), so that ``AutoModel.from_pretrained(directory)`` and the tools built on it load the pruned
+    model as it is.
+
+    Before the directory is moved into place, the export is checked by loading it the way a user would
+    (``type(model).from_pretrained``): no weight may be missing, unexpected or of another shape; every weight must
+    equal the pruned model's; every number the modules hold (head counts and dimensions, scalings, sizes) must be
+    the pruned model's; and both models must give the same outputs on ``example_inputs`` (default: a batch of
+    random token ids, images or waveforms built from the configuration, by the model's main input). Each check
+    that fails is a ``ValueError`` naming what differs, and nothing is left on disk. That load costs the pruned
+    model's memory once more. Optional parts the model was built without (the pooler of
+    ``BertModel(add_pooling_layer=False)``) are not recorded by the config: load with the same argument.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A pruned Hugging Face model (``transformers.PreTrainedModel``), or a wrapper of one.
+    directory : path-like
+        A new or empty directory.
+    example_inputs : mapping, optional
+        Keyword arguments of the model's forward for the output comparison (e.g. one calibration batch); needed
+        where no probe batch can be built (a model whose main input is not token ids, ``pixel_values`` or
+        ``input_values``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
+
+    Raises
+    ------
+    ValueError
+        A model that is not a Hugging Face model; blocks that keep different numbers of units where their unpruned
+        sizes were the same (non-uniform pruning: use :func:`save_pruned`); a configuration with no entry for a
+        pruned size, or whose model computes sizes its own way (BERT derives the head width from the model width
+        and head count, so its heads cannot be pruned in a standard checkpoint; FFN sizes can); a per-block record
+        the standard model has no place for (MPNet's kept heads); any failed check above.
+
+    Examples
+    --------
+    >>> import tempfile, torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    ...                                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    >>> small, _ = prune_transformer(model, [{"input_ids": ids}], keep=0.5, target="all", method="magnitude")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = export_pretrained(small, d + "/llama-half")
+    ...     back = transformers.AutoModelForCausalLM.from_pretrained(d + "/llama-half")
+    >>> back.config.intermediate_size, back.config.num_attention_heads, back.config.num_key_value_heads
+    (24, 2, 1)
+    """
+    model = unwrap(model)
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config") and hasattr(model, "from_pretrained")):
+        raise ValueError(f"export_pretrained writes Hugging Face checkpoints; {type(model).__name__} is not a "
+                         "transformers model: save it with save_pruned and load it with load_pruned")
+    changes = _pruned_config_entries(model)
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        config = copy.deepcopy(model.config)  # (save_pretrained has recorded the architecture in it)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        config.save_pretrained(tmp)
+        _check_export(model, tmp, example_inputs)
+    return Path(directory)
+
+
+def _pruned_config_entries(model: nn.Module) -> dict[str, int]:
+    """The configuration entries of ``model`` (a pruned Hugging Face model, whose ``config`` still holds the unpruned
+    sizes) that must change for its architecture to be built at the pruned sizes, with their new values."""
+    unpruned = _build_weightless(type(model), model.config)
+    if unpruned is None:
+        unpruned = weightless_copy(type(model)(model.config))
+    before = {b["name"]: b for b in make_spec(unpruned)["blocks"]}
+    after = make_spec(model)["blocks"]
+    sizes: dict[str, dict[int, dict[int, list[str]]]] = {}  # quantity -> unpruned size -> pruned size -> blocks
+    for block in after:
+        was = before.get(block["name"])
+        if was is None:
+            raise ValueError(f"block {block['name']} is not a block of the architecture its config builds: the "
+                             "model's structure was changed beyond pruning; save it with save_pruned")
+        for key in _CONFIG_SIZE_KEYS:
+            if key in block and key in was and block[key] != was[key]:
+                sizes.setdefault(key, {}).setdefault(int(was[key]), {}).setdefault(int(block[key]), []).append(
+                    block["name"])
+    config, changes = model.config, {}
+    for key, by_size in sizes.items():
+        for old, new in by_size.items():
+            if len(new) > 1:
+                kept = "; ".join(f"{n} in {', '.join(blocks[:3])}{'...' if len(blocks) > 3 else ''}"
+                                 for n, blocks in sorted(new.items()))
+                raise ValueError(f"blocks with {key}={old} keep different sizes ({kept}): a config has one "
+                                 "size for all of them. Prune with a uniform keep= (allocation='uniform'), or save "
+                                 "with save_pruned and load with load_pruned")
+            (value,) = new
+            entries = [k for k in _CONFIG_SIZE_KEYS[key] if getattr(config, k, None) == old
+                       and not isinstance(getattr(config, k), bool)]
+            entries = entries or [k for k in _DERIVED_SIZE_KEYS.get(key, ()) if hasattr(config, k)
+                                  and getattr(config, k) is None]
+            if not entries:
+                raise ValueError(f"{type(config).__name__} has no entry that holds {key}={old} (looked for "
+                                 f"{', '.join(_CONFIG_SIZE_KEYS[key])}): the pruned size cannot be written in a "
+                                 "standard config. Save with save_pruned and load with load_pruned")
+            for k in entries:
+                if changes.get(k, value) != value:
+                    raise ValueError(f"the config entry {k} would need two values ({changes[k]} and {value}): save "
+                                     "with save_pruned and load with load_pruned")
+                changes[k] = value
+    return changes
+
+
+def _check_export(model: nn.Module, directory: Path, example_inputs: Mapping[str, Any] | None) -> None:
+    """Load ``directory`` as a user would and refuse (``ValueError``) anything that is not ``model``: weights
+    missing, unexpected, of other shapes or values; other numbers held by the modules; other outputs."""
+    import transformers
+
+    why = ("the standard config cannot express this pruned model (a model that derives its head width from the model "
+           "width and head count, as BERT, GPT-2 and BART do, cannot be given fewer heads of the same width in its "
+           "config: prune target='ffn' for a standard checkpoint); save it with save_pruned and load it with "
+           "load_pruned")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the loading report of a failed check is the error raised here
+    try:
+        impl = attn_implementation_of(model)
+        loaded, info = type(model).from_pretrained(directory, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                   **({"attn_implementation": impl} if impl else {}))
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"the exported checkpoint does not load ({exc}): {why}") from exc
+    finally:
+        transformers.logging.set_verbosity(level)
+    # optional top-level parts the pruned model was built without (BertModel(add_pooling_layer=False)): the config
+    # does not record that, the user passes the same argument to from_pretrained
+    missing = list(info.get("missing_keys", ()))
+    info = {**info, "missing_keys": [k for k in missing if getattr(model, k.split(".")[0], 0) is not None]}
+    problems = {k: sorted(map(_loading_entry, v)) for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:4])}{', ...' if len(v) > 4 else ''}"
+                         for k, v in problems.items())
+        raise ValueError(f"loading the exported checkpoint with from_pretrained reports {what}: {why}")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    loaded = (loaded.to(dtypes.pop()) if len(dtypes) == 1 else loaded).eval()
+    have, want = loaded.state_dict(), model.state_dict()
+    differ = [k for k, t in want.items() if k not in have or have[k].shape != t.shape or not torch.equal(have[k], t)]
+    if differ:
+        raise ValueError(f"the exported checkpoint loads other weights for {differ[:4]}: {why}")
+    numbers = _module_numbers(loaded)
+    differ = [f"{name} ({mine!r} pruned, {numbers.get(name)!r} loaded)" for name, mine in _module_numbers(model).items()
+              if numbers.get(name, mine) != mine]
+    if differ:
+        raise ValueError(f"the exported checkpoint builds modules that hold other numbers: {', '.join(differ[:4])}: "
+                         f"{why}")
+    inputs = dict(example_inputs) if example_inputs is not None else _probe_inputs(model)
+    with torch.no_grad():
+        try:
+            want_out = _first_tensor(model(**inputs))
+        except Exception as exc:  # noqa: BLE001 - any failure: the probe batch does not fit this model
+            raise ValueError(f"the pruned model does not run on the probe batch ({type(exc).__name__}: {exc}): pass "
+                             "example_inputs= (keyword arguments of its forward, e.g. one calibration batch)") from exc
+        got = _first_tensor(loaded(**inputs))
+    if want_out is None:
+        raise ValueError("the model's output holds no tensor first (logits or hidden states) to compare")
+    eps = torch.finfo(want_out.dtype).eps if want_out.is_floating_point() else 0.0
+    tol = 64 * eps * (1.0 + float(want_out.abs().max())) if want_out.numel() else 0.0
+    if got is None or got.shape != want_out.shape or not torch.allclose(got, want_out, rtol=0.0, atol=tol,
+                                                                        equal_nan=True):
+        raise ValueError(f"the exported checkpoint computes other outputs than the pruned model: {why}")
+
+
+def _loading_entry(entry: Any) -> str:
+    """One entry of ``from_pretrained``'s loading report: a weight's name, or (name, saved shape, built shape)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        return f"{entry[0]} (saved {list(entry[1])}, built {list(entry[2])})"
+    return str(entry)
+
+
+def _module_numbers(model: nn.Module) -> dict[str, Any]:
+    """Every public number, flag or tuple of numbers that a module of ``model`` holds as an attribute (head counts,
+    head dimensions, scalings, sizes), by ``module.attribute``; the train/eval flag aside."""
+    out: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training":
+                continue
+            if isinstance(value, (bool, int, float)) or (
+                    isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)):
+                out[f"{name}.{key}" if name else key] = value
+    return out
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A small batch for ``model``'s forward, built from its configuration by its main input: token ids (and
+    decoder token ids for an encoder-decoder), images or waveforms; ``ValueError`` for other inputs."""
+    config, main = model.config, getattr(model, "main_input_name", "input_ids")
+    gen = torch.Generator().manual_seed(0)
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        if vocab < 2:
+            raise ValueError("the model's config has no vocabulary size for a probe batch: pass example_inputs=")
+        ids = torch.randint(0, vocab, (2, 12), generator=gen)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = ids[:, :6]
+        return out
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        return {"pixel_values": torch.randn(2, int(getattr(config, "num_channels", 3)), h, w, generator=gen)}
+    if main == "input_values":
+        return {"input_values": torch.randn(2, 4000, generator=gen)}
+    raise ValueError(f"no probe batch can be built for a model whose main input is {main!r}: pass example_inputs= "
+                     "(keyword arguments of its forward, e.g. one calibration batch)")
 
 
 #: Hugging Face configuration entries that change what a model computes without changing any weight's shape: a

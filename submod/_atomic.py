@@ -9,6 +9,7 @@ the owner-only ``0o600`` of :func:`tempfile.mkstemp`.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,3 +111,32 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], what: str = "directory") -> Iterator[Path]:
+    """Yield a new temporary directory next to ``path`` (checked first by :func:`check_dir_path`; ``what`` names it
+    in the error); on normal exit move it to ``path`` (an empty directory there is replaced), else delete it with
+    what was written in it: nothing half-written is left.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with atomic_dir(os.path.join(d, "model")) as tmp:
+    ...     _ = (tmp / "weights.txt").write_text("done")
+    >>> os.listdir(d), os.listdir(os.path.join(d, "model"))
+    (['model'], ['weights.txt'])
+    """
+    final = check_dir_path(path, what)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        os.chmod(tmp, dir_mode())  # mkdtemp makes it owner-only; give it a plain mkdir's permissions
+        yield tmp
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

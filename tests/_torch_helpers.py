@@ -363,3 +363,17 @@ def shrink_routes(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(tr, "apply_spec", spy)
     return routes
+
+
+#: Source of a user module for ``submod prune moemods:build``: a small random Mixtral (2 layers, 8 experts of 24
+#: neurons, 2 routed a token) and two batches of token ids, the same in every call.
+MIXTRAL_USER_MODULE = (
+    "import torch, transformers\n"
+    "def build():\n"
+    "    torch.manual_seed(0)\n"
+    "    cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24,\n"
+    "                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,\n"
+    "                                     num_local_experts=8, num_experts_per_tok=2)\n"
+    "    model = transformers.MixtralForCausalLM(cfg).eval()\n"
+    "    g = torch.Generator().manual_seed(1)\n"
+    "    return model, [{'input_ids': torch.randint(0, 50, (4, 12), generator=g)} for _ in range(2)]\n")

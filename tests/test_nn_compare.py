@@ -209,7 +209,10 @@ def test_cli_compare_prints_the_table_and_writes_the_report(tmp_path, monkeypatc
     (["--compare", "--calib", "101"], "integers from 1 to 100"),
     (["--compare", "--methods", "bogus"], "unknown bogus"),
     (["--compare", "--no-reweight"],
-     "drop --workers, --progress, --allocation, --weighting, --stats-memory-gib and --no-reweight"),
+     "drop --workers, --progress, --allocation, --weighting, --stats-memory-gib, --export-pretrained and "
+     "--no-reweight"),
+    (["--compare", "--export-pretrained"], "saves no model; drop .*--export-pretrained"),
+    (["--export-pretrained"], "not a transformers model with transformer blocks: drop --export-pretrained"),
     (["--compare", "--weighting", "output"], "drop --workers, --progress, --allocation, --weighting"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--keep", "0.5", "--allocation", "error-curve"], "--allocation error-curve splits a --compression budget"),

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _torch_helpers import MIXTRAL_USER_MODULE
 from torch import nn
 
 import nn_adapters as nna
@@ -579,15 +580,7 @@ def test_cli_saves_pruned_heads_and_experts_as_a_directory_that_loads(tmp_path, 
     from nn_adapters.transformer import load_pruned
     from submod.cli import main
 
-    (tmp_path / "moemods.py").write_text(
-        "import torch, transformers\n"
-        "def build():\n"
-        "    torch.manual_seed(0)\n"
-        "    cfg = transformers.MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24,\n"
-        "                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,\n"
-        "                                     num_local_experts=8, num_experts_per_tok=2)\n"
-        "    model = transformers.MixtralForCausalLM(cfg).eval()\n"
-        "    return model, [{'input_ids': torch.randint(0, 50, (4, 12))} for _ in range(2)]\n")
+    (tmp_path / "moemods.py").write_text(MIXTRAL_USER_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "taken").write_text("x")
