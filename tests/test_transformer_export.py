@@ -16,6 +16,9 @@ from torch import nn
 from nn_adapters.transformer import export_pretrained, load_pruned, prune_transformer, save_pruned
 
 transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:  # (CI runs a few other files with transformers 4.40 too)
+    pytest.skip("these tests prune Llama's key/value groups and query heads, Mixtral's experts and T5's heads, and "
+                "read the model-level rotary embedding: transformers >= 5", allow_module_level=True)
 
 VOCAB = 40
 

@@ -24,6 +24,9 @@ from nn_adapters._modes import meta_parameters
 from nn_adapters.transformer import prune_transformer
 
 transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:  # (CI runs a few other files with transformers 4.40 too)
+    pytest.skip("these tests prune Llama's key/value groups and query heads, Mixtral's experts and T5's heads, and "
+                "read the model-level rotary embedding: transformers >= 5", allow_module_level=True)
 
 VOCAB = 40
 
