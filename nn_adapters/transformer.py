@@ -3768,7 +3768,7 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
 #: spec's name: the ones of a model's configuration that hold the unpruned size are given the pruned one.
 _CONFIG_SIZE_KEYS = {
     "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
-                          "moe_intermediate_size", "ffn_hidden_size"),
+                          "moe_intermediate_size", "ffn_hidden_size", "hidden_dim"),
     "num_heads": ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
                   "decoder_attention_heads"),
     "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
@@ -3898,6 +3898,11 @@ def _pruned_config_entries(model: nn.Module) -> dict[str, int]:
                     raise ValueError(f"the config entry {k} would need two values ({changes[k]} and {value}): save "
                                      "with save_pruned and load with load_pruned")
                 changes[k] = value
+    head_dims = {int(b["head_dim"]) for b in after if "head_dim" in b}
+    if "num_heads" in sizes and len(head_dims) == 1 and getattr(config, "head_dim", None) is None:
+        # a model that derives the head width from the width and the head count unless the config states it (Phi-3):
+        # state it (a model that ignores it is refused by the checks of the export)
+        changes["head_dim"] = head_dims.pop()
     return changes
 
 

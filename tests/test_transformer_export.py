@@ -99,10 +99,11 @@ def test_blocks_of_different_sizes_are_refused(tmp_path) -> None:
     assert_same_outputs(load_pruned(tmp_path / "m"), pruned, batches)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bart", "t5", "mixtral", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "bart", "t5", "mixtral", "vit", "distilbert"])
 def test_other_architectures_name_their_sizes_their_own_way(tmp_path, name: str) -> None:
     """GPT-2's n_inner (None: 4 x width, given the pruned size), BART's encoder_ffn_dim / decoder_ffn_dim (two
-    unpruned sizes, each to its own), T5's d_ff, Mixtral's per-expert intermediate_size, ViT (probe images)."""
+    unpruned sizes, each to its own), T5's d_ff, Mixtral's per-expert intermediate_size, ViT (probe images),
+    DistilBERT's hidden_dim."""
     gen = torch.Generator().manual_seed(3)
     ids = [{"input_ids": torch.randint(3, VOCAB, (4, 10), generator=gen)} for _ in range(2)]
     torch.manual_seed(0)
@@ -124,6 +125,10 @@ def test_other_architectures_name_their_sizes_their_own_way(tmp_path, name: str)
             vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32))
         batches, key, want = ids, "intermediate_size", 12
+    elif name == "distilbert":
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(vocab_size=VOCAB, dim=16, hidden_dim=24,
+                                                                           n_layers=2, n_heads=2))
+        batches, key, want = ids, "hidden_dim", 12
     else:
         model = transformers.ViTModel(transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                              intermediate_size=20, image_size=8, patch_size=4),
@@ -235,3 +240,18 @@ def test_a_loader_that_changes_a_weight_silently_is_caught(monkeypatch, tmp_path
     with pytest.raises(ValueError, match=r"loads other weights for \['model\.layers\.0\.mlp\.up_proj\.weight'\]"):
         export_pretrained(pruned, tmp_path / "m")
     assert nothing_left(tmp_path)
+
+
+def test_a_head_width_the_config_did_not_state_is_stated(tmp_path) -> None:
+    """Phi-3 derives its head width from the width and the head count unless the config states ``head_dim``: with
+    fewer heads the export states it (8), and transformers' loader builds the pruned attention."""
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model, batches = transformers.Phi3ForCausalLM(cfg).eval(), ragged_token_batches(VOCAB, 2)
+    assert getattr(model.config, "head_dim", None) is None
+    pruned, _ = prune_transformer(model, batches, keep=0.5, target="all")
+    saved = json.loads((export_pretrained(pruned, tmp_path / "phi3") / "config.json").read_text())
+    assert (saved["head_dim"], saved["num_attention_heads"], saved["num_key_value_heads"]) == (8, 2, 1)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phi3").eval()
+    assert_same_outputs(back, pruned, batches)
