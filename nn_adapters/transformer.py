@@ -85,6 +85,7 @@ from ._experts import error_curve as expert_error_curve
 from ._modes import (
     TensorGuard,
     copy_modes,
+    eval_mode,
     meta_parameters,
     outside_inference_mode,
     own_tensors,
@@ -3697,10 +3698,9 @@ def load_pruned(directory: str | os.PathLike[str], model: nn.Module | None = Non
         if isinstance(impl, str):  # built with it: older transformers releases cannot switch a built model
             config._attn_implementation = impl
         try:
-            model = _build_weightless(model_cls, config)
-            rebuild = None if model is None else partial(model_cls, config)
-            if model is None:  # its construction reads parameter values: a full, randomly initialised build
-                model = model_cls(config)
+            model = _build_from_config(model_cls, config)
+            # a weightless build that cannot be shrunk is built again with real weights below
+            rebuild = partial(model_cls, config) if any(p.is_meta for p in model.parameters()) else None
         except (ImportError, ValueError) as exc:
             if not isinstance(impl, str):
                 raise
@@ -3846,6 +3846,9 @@ def export_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config") and hasattr(model, "from_pretrained")):
         raise ValueError(f"export_pretrained writes Hugging Face checkpoints; {type(model).__name__} is not a "
                          "transformers model: save it with save_pruned and load it with load_pruned")
+    if example_inputs is not None and not isinstance(example_inputs, Mapping):
+        raise ValueError(f"example_inputs must be a mapping of the model's forward arguments (e.g. one calibration "
+                         f"batch, {{'input_ids': ..., 'attention_mask': ...}}); got {type(example_inputs).__name__}")
     changes = _pruned_config_entries(model)
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp)
@@ -3860,10 +3863,7 @@ def export_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
 def _pruned_config_entries(model: nn.Module) -> dict[str, int]:
     """The configuration entries of ``model`` (a pruned Hugging Face model, whose ``config`` still holds the unpruned
     sizes) that must change for its architecture to be built at the pruned sizes, with their new values."""
-    unpruned = _build_weightless(type(model), model.config)
-    if unpruned is None:
-        unpruned = weightless_copy(type(model)(model.config))
-    before = {b["name"]: b for b in make_spec(unpruned)["blocks"]}
+    before = {b["name"]: b for b in make_spec(_build_from_config(type(model), model.config))["blocks"]}
     after = make_spec(model)["blocks"]
     sizes: dict[str, dict[int, dict[int, list[str]]]] = {}  # quantity -> unpruned size -> pruned size -> blocks
     for block in after:
@@ -3948,7 +3948,7 @@ def _check_export(model: nn.Module, directory: Path, example_inputs: Mapping[str
         raise ValueError(f"the exported checkpoint builds modules that hold other numbers: {', '.join(differ[:4])}: "
                          f"{why}")
     inputs = dict(example_inputs) if example_inputs is not None else _probe_inputs(model)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # (dropout off; every module's own mode given back)
         try:
             want_out = _first_tensor(model(**inputs))
         except Exception as exc:  # noqa: BLE001 - any failure: the probe batch does not fit this model
@@ -4016,19 +4016,17 @@ _COMPUTE_KEYS = ("hidden_act", "hidden_activation", "activation_function", "acti
                  "rope_scaling", "is_decoder", "pre_norm", "sinusoidal_pos_embds", "qkv_bias", "scale_embedding")
 
 
-def _build_weightless(model_cls: type, config: Any) -> nn.Module | None:
+def _build_from_config(model_cls: type, config: Any) -> nn.Module:
     """``model_cls(config)`` with ``meta`` parameters (:func:`~nn_adapters._modes.meta_parameters`: no memory for
-    the weights and no time spent initialising them, the buffers computed as usual), or ``None`` when that build
-    fails or leaves a buffer on ``meta`` (a construction that reads parameter values): the caller then builds the
-    model with real weights."""
+    the weights and no time spent initialising them, the buffers computed as usual); built with real, randomly
+    initialised weights instead when that build fails or leaves a buffer on ``meta`` (a construction that reads
+    parameter values)."""
     try:
         with meta_parameters():
             model = model_cls(config)
     except (NotImplementedError, RuntimeError):  # e.g. .item() of a meta tensor while initialising
-        return None
-    if any(b.is_meta for b in model.buffers()):
-        return None
-    return model
+        return model_cls(config)
+    return model_cls(config) if any(b.is_meta for b in model.buffers()) else model
 
 
 def _check_config(src: Path, model: nn.Module) -> None:

@@ -157,6 +157,8 @@ def test_a_buffer_the_checkpoint_does_not_carry_is_caught_by_the_outputs(tmp_pat
 def test_inputs_that_cannot_be_probed_and_models_that_are_not_hugging_face_are_refused(tmp_path) -> None:
     model, batches = llama(), ragged_token_batches(VOCAB, 2)
     pruned, _ = prune_transformer(model, batches, keep=0.5, target="ffn")
+    with pytest.raises(ValueError, match="example_inputs must be a mapping .* got list"):
+        export_pretrained(pruned, tmp_path / "m", example_inputs=[batches[0]["input_ids"]])
     pruned.main_input_name = "input_features"  # as Whisper's: no probe batch is built for it
     with pytest.raises(ValueError, match="example_inputs="):
         export_pretrained(pruned, tmp_path / "m")
@@ -255,3 +257,18 @@ def test_a_head_width_the_config_did_not_state_is_stated(tmp_path) -> None:
     assert (saved["head_dim"], saved["num_attention_heads"], saved["num_key_value_heads"]) == (8, 2, 1)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "phi3").eval()
     assert_same_outputs(back, pruned, batches)
+
+
+def test_the_outputs_are_compared_in_eval_mode_and_the_models_modes_kept(tmp_path) -> None:
+    """A pruned model left in train mode (dropout on) is compared without dropout, and gets its modes back: the
+    attention's dropout module stays in eval mode as the user set it."""
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=20, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    torch.manual_seed(0)
+    model, batches = transformers.BertModel(cfg).eval(), ragged_token_batches(VOCAB, 2)
+    pruned, _ = prune_transformer(model, batches, keep=0.5, target="ffn")
+    pruned.train()
+    pruned.encoder.layer[0].attention.self.dropout.eval()
+    export_pretrained(pruned, tmp_path / "m")
+    assert pruned.training and not pruned.encoder.layer[0].attention.self.dropout.training
+    assert pruned.encoder.layer[1].output.dropout.training

@@ -91,9 +91,12 @@ class _ReadsItsWeight(nn.Module):
 
 @pytest.mark.parametrize("how", ["buffer", "value"])
 def test_a_construction_that_reads_weights_is_built_with_real_weights(how: str) -> None:
-    assert tr._build_weightless(_ReadsItsWeight, how) is None
-    built = tr._build_weightless(nn.LayerNorm, 3)  # (a config of one number: the class is called with it)
-    assert built is not None and built.weight.is_meta and built.weight.shape == (3,)
+    real = tr._build_from_config(_ReadsItsWeight, how)
+    assert not any(t.is_meta for t in (*real.parameters(), *real.buffers()))
+    if how == "buffer":  # the buffer computed from the real weights, as a plain build computes it
+        torch.testing.assert_close(real.scale, real.weight.detach().abs().amax(dim=1))
+    built = tr._build_from_config(nn.LayerNorm, 3)  # (a config of one number: the class is called with it)
+    assert built.weight.is_meta and built.weight.shape == (3,)
 
 
 # --- load_pruned(directory): built from config.json ----------------------------------------------------------------
@@ -104,8 +107,8 @@ def test_a_model_built_from_its_config_holds_no_weights_before_loading(monkeypat
     pruned, _ = prune_transformer(model, batches, keep=0.5, target="all")
     tr.save_pruned(pruned, tmp_path / "m")
     built: list[nn.Module] = []
-    build = tr._build_weightless
-    monkeypatch.setattr(tr, "_build_weightless", lambda cls, cfg: built.append(build(cls, cfg)) or built[-1])
+    build = tr._build_from_config
+    monkeypatch.setattr(tr, "_build_from_config", lambda cls, cfg: built.append(build(cls, cfg)) or built[-1])
     routes = shrink_routes(monkeypatch)
     loaded = tr.load_pruned(tmp_path / "m")
     assert routes == [True] and len(built) == 1
